@@ -1,0 +1,124 @@
+//! Human durations in the policy file: `90s`, `15m`, `1h30m`, `2d`, or a bare number of seconds.
+
+use std::{fmt, time::Duration};
+
+use serde::{Deserialize, Deserializer, de};
+
+/// A duration read from the policy file. Kept as whole seconds: every duration stepgate compares
+/// against a JWT claim (`auth_time`, `exp`) is in whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub u64);
+
+impl Seconds {
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if s == 0 {
+            return write!(f, "0s");
+        }
+        let (d, h, m, sec) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
+        for (n, unit) in [(d, "d"), (h, "h"), (m, "m"), (sec, "s")] {
+            if n > 0 {
+                write!(f, "{n}{unit}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `15m`, `1h30m`, `45s`, `2d` or `900`.
+pub fn parse(text: &str) -> Result<Seconds, String> {
+    let text = text.trim();
+    let bad = || format!("expected a duration like 15m, 1h30m or 90s, got {text:?}");
+    if text.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(Seconds(n));
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            digits.push(ch);
+            continue;
+        }
+        let unit = match ch {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() {
+        return Err(bad());
+    }
+    Ok(Seconds(total))
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 15m, 1h30m or 90s")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                Ok(Seconds(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(Seconds)
+                    .map_err(|_| E::custom(format!("expected a non-negative duration, got {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+                parse(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_combinations() {
+        assert_eq!(parse("15m"), Ok(Seconds(900)));
+        assert_eq!(parse("1h30m"), Ok(Seconds(5400)));
+        assert_eq!(parse("2d"), Ok(Seconds(172_800)));
+        assert_eq!(parse("45s"), Ok(Seconds(45)));
+        assert_eq!(parse("300"), Ok(Seconds(300)));
+    }
+
+    #[test]
+    fn rejects_words_and_dangling_numbers() {
+        assert!(parse("fifteen").unwrap_err().contains("\"fifteen\""));
+        assert!(parse("15").is_ok());
+        assert!(parse("1h30").is_err());
+        assert!(parse("").is_err());
+        assert!(parse("-5m").is_err());
+        assert!(parse("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn displays_compactly() {
+        assert_eq!(Seconds(5400).to_string(), "1h30m");
+        assert_eq!(Seconds(900).to_string(), "15m");
+        assert_eq!(Seconds(0).to_string(), "0s");
+    }
+}

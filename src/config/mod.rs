@@ -1,0 +1,109 @@
+//! Loading the policy file: YAML → [`schema::PolicyFile`], with errors that name the field path.
+//!
+//! Turning a `PolicyFile` into something that can be served is `policy::compile`; both report
+//! problems as a [`ConfigError`], so a user sees `rules[2].require.max_age: …` whichever step failed.
+
+pub mod duration;
+pub mod schema;
+
+use std::{fmt, path::Path};
+
+pub use schema::PolicyFile;
+
+/// A policy that cannot be served, with the field path of the first problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// Dotted path to the offending field, e.g. `rules[2].require.max_age`; empty for the file itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Parses policy YAML text.
+pub fn parse(text: &str) -> Result<PolicyFile, ConfigError> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, err.into_inner().to_string())
+    })
+}
+
+/// Reads and parses a policy file.
+pub fn load(path: &Path) -> Result<PolicyFile, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+issuers:
+  - id: demo
+    issuer: https://idp.example
+    jwks_file: keys.json
+    audiences: [api://x]
+rules:
+  - id: all
+    match: { path: "/**" }
+"#;
+
+    #[test]
+    fn minimal_policy_gets_defaults() {
+        let file = parse(MINIMAL).unwrap();
+        assert_eq!(file.realm, "stepgate");
+        assert_eq!(file.issuers[0].leeway.0, 60);
+        assert_eq!(file.issuers[0].algorithms, vec!["RS256"]);
+        assert_eq!(file.limits.max_token_bytes, 16 * 1024);
+        assert_eq!(file.default, schema::DefaultAction::Deny);
+        assert_eq!(file.rules[0].matchers.0.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_path() {
+        let text = MINIMAL.replace("match:", "requires: {}\n    match:");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "rules[0]");
+        assert!(err.message.contains("unknown field `requires`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let text = format!("{MINIMAL}    require: {{ max_age: fifteen }}\n");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "rules[0].require.max_age");
+        assert!(err.message.contains("\"fifteen\""), "{err}");
+    }
+
+    #[test]
+    fn match_accepts_a_list_and_keeps_inner_paths() {
+        let text = MINIMAL.replace(
+            "match: { path: \"/**\" }",
+            "match:\n      - { operation: a }\n      - { methodz: [GET] }",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "rules[0].match[1]");
+        assert!(err.message.contains("unknown field `methodz`"), "{err}");
+    }
+}

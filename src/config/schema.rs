@@ -1,0 +1,295 @@
+//! The policy file as written: serde types that mirror the YAML one to one.
+//!
+//! Every struct denies unknown fields, because a misspelt key (`requires:` for `require:`) that were
+//! silently ignored would weaken a policy without anyone noticing. Meaning is checked later, in
+//! `policy::compile`, which reports errors with the same field paths.
+
+use std::{collections::BTreeMap, fmt, marker::PhantomData};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, value::MapAccessDeserializer, value::SeqAccessDeserializer},
+};
+
+use super::duration::Seconds;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// `realm` of the `WWW-Authenticate: Bearer realm="…"` challenge sent when no token is presented.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub auth_contexts: BTreeMap<String, AuthContextConfig>,
+    pub rules: Vec<RuleConfig>,
+    /// What happens when no rule matches.
+    #[serde(default)]
+    pub default: DefaultAction,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+fn default_realm() -> String {
+    "stepgate".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Short name used in rules, logs and metrics.
+    pub id: String,
+    /// Exact `iss` value of the tokens.
+    pub issuer: String,
+    /// Where the signing keys are published; fetched at start-up and refreshed every `jwks_refresh`.
+    pub jwks_uri: Option<String>,
+    /// A local JWKS file (relative paths are resolved against the policy file's folder).
+    pub jwks_file: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh: Seconds,
+    /// Accepted `aud` values; a token must carry at least one.
+    pub audiences: Vec<String>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Clock-skew tolerance for `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway: Seconds,
+    /// How a missing authentication is challenged: `entra`, `rfc9470` or `deny`.
+    #[serde(default)]
+    pub challenge: ChallengeStyleConfig,
+    /// Entra ID challenge parameters (only with `challenge: entra`).
+    #[serde(default)]
+    pub entra: EntraConfig,
+}
+
+fn default_jwks_refresh() -> Seconds {
+    Seconds(3600)
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".to_owned()]
+}
+fn default_leeway() -> Seconds {
+    Seconds(60)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeStyleConfig {
+    Entra,
+    #[default]
+    Rfc9470,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// `authorization_uri` of the claims challenge. Microsoft's clients expect the v1 authorize path
+    /// of the cloud's authority, e.g. `https://login.microsoftonline.us/common/oauth2/authorize`.
+    #[serde(default = "default_authorization_uri")]
+    pub authorization_uri: String,
+    /// `realm` of the claims challenge: empty for the common endpoint, or the tenant.
+    #[serde(default)]
+    pub realm: String,
+    /// The API's own client id, added as `client_id` to the challenge (Microsoft samples do; MSAL
+    /// ignores it). Optional.
+    pub client_id: Option<String>,
+}
+
+impl Default for EntraConfig {
+    fn default() -> Self {
+        Self {
+            authorization_uri: default_authorization_uri(),
+            realm: String::new(),
+            client_id: None,
+        }
+    }
+}
+
+fn default_authorization_uri() -> String {
+    "https://login.microsoftonline.com/common/oauth2/authorize".to_owned()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthContextConfig {
+    #[serde(default)]
+    pub description: String,
+    /// Freshness every rule requiring this context demands of `auth_time`.
+    pub max_age: Option<Seconds>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub id: String,
+    #[serde(default)]
+    pub description: String,
+    /// One matcher or a list of matchers; the rule applies when any of them matches.
+    #[serde(rename = "match")]
+    pub matchers: OneOrMany<MatcherConfig>,
+    /// Restrict the rule to tokens from these issuer ids. Tokens of other issuers get DENY.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Let requests through without a token (health checks, public pages). A presented token is
+    /// still verified: an invalid one is refused.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    #[serde(default)]
+    pub require: RequireConfig,
+    #[serde(default)]
+    pub escalate: Vec<EscalationConfig>,
+}
+
+/// All fields present must match (AND). Empty matches everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatcherConfig {
+    /// Logical operation name of a `Decide` call; `*` matches any run of characters.
+    pub operation: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub host: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path glob: `*` matches within one segment, `**` any number of segments.
+    pub path: Option<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// gRPC service (`package.Service`) and optional method, matched against `/package.Service/Method`.
+    pub grpc: Option<GrpcMatcherConfig>,
+    /// CEL condition over `request` and `claims`.
+    pub when: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMatcherConfig {
+    pub service: String,
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireConfig {
+    /// A valid token is always required unless the rule allows anonymous access; stating it is
+    /// documentation. `false` is refused: use `allow_anonymous`.
+    pub authenticated: Option<bool>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub auth_contexts: Vec<String>,
+    /// Acceptable `acr` values, most preferred first.
+    #[serde(default)]
+    pub acr: Vec<String>,
+    /// `amr` values the token must all carry.
+    #[serde(default)]
+    pub amr: Vec<String>,
+    pub max_age: Option<Seconds>,
+    /// Claim equality: the claim must equal the value (or contain it, when the claim is an array).
+    /// A list of values means any of them.
+    #[serde(default)]
+    pub claims: BTreeMap<String, serde_json::Value>,
+    /// CEL condition that must hold; when false the request is denied (403).
+    pub when: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationConfig {
+    /// CEL condition; when true, `require` is added to the rule's requirement.
+    pub when: String,
+    pub require: RequireConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    /// Requests no rule matches are denied (403, reason `no_matching_rule`).
+    #[default]
+    Deny,
+    /// Requests no rule matches are allowed with any valid token.
+    AllowAuthenticated,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Headers set on allowed requests: header name → principal field (`subject`, `issuer`,
+    /// `issuer_id`, `tenant`, `client_id`, `acrs`, `acr`, `amr`, `scopes`, `roles`, `auth_time`,
+    /// `rule`) or `claim:<name>`.
+    #[serde(default = "default_identity_headers")]
+    pub identity_headers: BTreeMap<String, String>,
+    /// Remove the `Authorization` header before the request goes upstream (Envoy only).
+    #[serde(default)]
+    pub remove_authorization: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            identity_headers: default_identity_headers(),
+            remove_authorization: false,
+        }
+    }
+}
+
+fn default_identity_headers() -> BTreeMap<String, String> {
+    [
+        ("x-stepgate-subject", "subject"),
+        ("x-stepgate-tenant", "tenant"),
+        ("x-stepgate-auth-contexts", "acrs"),
+        ("x-stepgate-rule", "rule"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Tokens longer than this are refused before any parsing.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_token_bytes: default_max_token_bytes(),
+        }
+    }
+}
+
+fn default_max_token_bytes() -> usize {
+    16 * 1024
+}
+
+/// `match: {…}` or `match: [{…}, {…}]`. Hand-written rather than `#[serde(untagged)]` so that an
+/// error inside an entry keeps its message and field path.
+#[derive(Debug, Clone)]
+pub struct OneOrMany<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visitor<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a matcher or a list of matchers")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(|one| OneOrMany(vec![one]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(SeqAccessDeserializer::new(seq)).map(OneOrMany)
+            }
+        }
+        deserializer.deserialize_any(Visitor(PhantomData))
+    }
+}

@@ -1,0 +1,573 @@
+//! The engine: `decide(policy, request, now) → Decision`.
+//!
+//! Order (each step may end the evaluation):
+//! 1. credential shape and path: malformed → 400 `invalid_request`;
+//! 2. token verification: invalid → 401 `invalid_token` (a presented token is always verified, even
+//!    on anonymous routes);
+//! 3. rule matching, first match wins; a condition that cannot be evaluated denies;
+//! 4. no token → 401 with a bare `Bearer realm` (nothing about the route is revealed);
+//! 5. requirement = the rule's + every escalation whose condition holds (or cannot be evaluated:
+//!    failing towards the stronger requirement);
+//! 6. authorization (issuer, scopes, roles, claims, `when`) → 403 `insufficient_scope`;
+//! 7. authentication (auth contexts, acr, amr, max_age) → STEP_UP in the issuer's challenge style,
+//!    or DENY where the caller cannot step up.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{Decision, ExplainStep, Outcome, Reason, StepUp};
+use crate::{
+    challenge,
+    identity::{self, ChallengeStyle, Credential, CredentialProblem, VerifiedToken, fingerprint},
+    policy::{
+        ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
+        condition::{CelInput, Condition},
+    },
+    request::{AccessRequest, path},
+};
+
+/// Decides one request at unix time `now`.
+pub fn decide(policy: &Policy, request: &AccessRequest, now: i64) -> Decision {
+    let mut run = Run {
+        policy,
+        explain: request.explain.then(Vec::new),
+        fingerprint: None,
+    };
+    run.evaluate(request, now)
+}
+
+struct Run<'p> {
+    policy: &'p Policy,
+    explain: Option<Vec<ExplainStep>>,
+    fingerprint: Option<String>,
+}
+
+/// The requirement in force after escalations, borrowed from the policy where possible.
+#[derive(Default)]
+struct Effective<'p> {
+    scopes: Vec<&'p str>,
+    roles: Vec<&'p str>,
+    claims: Vec<&'p ClaimRequirement>,
+    conditions: Vec<&'p Condition>,
+    auth_contexts: Vec<&'p str>,
+    acr: Vec<&'p str>,
+    amr: Vec<&'p str>,
+    max_age: Option<u64>,
+}
+
+impl<'p> Effective<'p> {
+    fn add(&mut self, r: &'p Requirement) {
+        fn union<'a>(into: &mut Vec<&'a str>, from: &'a [String]) {
+            for v in from {
+                if !into.contains(&v.as_str()) {
+                    into.push(v);
+                }
+            }
+        }
+        union(&mut self.scopes, &r.scopes);
+        union(&mut self.roles, &r.roles);
+        union(&mut self.auth_contexts, &r.auth_contexts);
+        union(&mut self.amr, &r.amr);
+        self.claims.extend(&r.claims);
+        self.conditions.extend(&r.when);
+        // An escalation's acr list replaces the rule's: it names the stronger levels.
+        if !r.acr.is_empty() {
+            self.acr = r.acr.iter().map(String::as_str).collect();
+        }
+        self.max_age = match (self.max_age, r.max_age) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+impl<'p> Run<'p> {
+    fn step(&mut self, stage: &'static str, detail: impl FnOnce() -> String) {
+        if let Some(steps) = &mut self.explain {
+            steps.push(ExplainStep {
+                stage,
+                detail: detail(),
+            });
+        }
+    }
+
+    fn evaluate(&mut self, request: &AccessRequest, now: i64) -> Decision {
+        let policy = self.policy;
+        let realm = policy.realm.as_str();
+
+        // 1. Credential shape and path.
+        let mut credential = request.credential.credential();
+        if request.http.as_ref().is_some_and(|h| h.has_query_token())
+            && !matches!(credential, Credential::Missing)
+        {
+            credential = Credential::Malformed(CredentialProblem::MultipleCredentials);
+        }
+        if let Credential::Malformed(problem) = credential {
+            self.step("credential", || problem.describe().to_owned());
+            let www = challenge::invalid_request(realm, problem.describe());
+            return self.deny(400, problem.into(), problem.describe(), None, Some(www));
+        }
+        let normalized = match request.http.as_ref().map(|h| path::normalize(&h.target)) {
+            None => None,
+            Some(Ok((path, _query))) => Some(path),
+            Some(Err(problem)) => {
+                self.step("credential", || problem.describe().to_owned());
+                let www = challenge::invalid_request(realm, problem.describe());
+                return self.deny(400, Reason::InvalidPath, problem.describe(), None, Some(www));
+            }
+        };
+
+        // 2. Token.
+        let token = match credential {
+            Credential::Bearer(raw) => {
+                self.fingerprint = Some(fingerprint(raw));
+                match identity::verify(raw, &policy.issuers, policy.max_token_bytes, now) {
+                    Ok(token) => {
+                        self.step("token", || {
+                            format!("valid token from issuer {:?} for subject {:?}", token.issuer.id, token.principal.subject)
+                        });
+                        Some(token)
+                    }
+                    Err(err) => {
+                        let message = err.to_string();
+                        self.step("token", || message.clone());
+                        let www = challenge::invalid_token(realm, &message);
+                        return self.deny(401, (&err).into(), &message, None, Some(www));
+                    }
+                }
+            }
+            Credential::Missing => {
+                self.step("credential", || "no credential presented".to_owned());
+                None
+            }
+            Credential::Malformed(_) => unreachable!("handled above"),
+        };
+
+        // 3. Rule.
+        let input = CelInput::new(
+            &policy.cel,
+            request,
+            normalized.as_deref(),
+            token.as_ref().map(|t| &t.claims),
+            now,
+        );
+        let rule = match self.find_rule(request, normalized.as_deref(), &input) {
+            Ok(rule) => rule,
+            Err((rule, message)) => {
+                self.step("match", || message.clone());
+                return self.deny(403, Reason::ConditionError, &message, Some(rule), None);
+            }
+        };
+        let Some(rule) = rule else {
+            self.step("default", || format!("no rule matched; default is {:?}", policy.default));
+            return match (policy.default, token) {
+                (_, None) => self.token_missing(),
+                (DefaultAction::Deny, Some(token)) => {
+                    let message = "no rule matches this request and the policy denies by default";
+                    let mut d = self.deny(403, Reason::NoMatchingRule, message, None, None);
+                    d.principal = Some(token.principal);
+                    d
+                }
+                (DefaultAction::AllowAuthenticated, Some(token)) => {
+                    self.allow(Reason::DefaultAllowed, None, Some(&token))
+                }
+            };
+        };
+        self.step("match", || format!("rule {:?}", rule.id));
+
+        if rule.allow_anonymous {
+            return self.allow(Reason::AnonymousAllowed, Some(rule), token.as_ref());
+        }
+        // 4. Anonymous on a protected route: reveal nothing about the route.
+        let Some(token) = token.as_ref() else {
+            return self.token_missing();
+        };
+
+        // 5. Requirement with escalations.
+        let mut effective = Effective::default();
+        effective.add(&rule.require);
+        for escalation in &rule.escalate {
+            match escalation.when.evaluate(&input) {
+                Ok(true) => {
+                    self.step("escalate", || format!("{:?} holds", escalation.when.source));
+                    effective.add(&escalation.require);
+                }
+                Ok(false) => self.step("escalate", || format!("{:?} does not hold", escalation.when.source)),
+                Err(message) => {
+                    self.step("escalate", || format!("{message}; escalating (fail closed)"));
+                    effective.add(&escalation.require);
+                }
+            }
+        }
+
+        // 6. Authorization.
+        if let Some(denied) = self.authorize(rule, token, &effective, &input) {
+            return denied;
+        }
+        // 7. Authentication strength.
+        self.authenticate(rule, token, &effective, now)
+    }
+
+    /// First rule with a matching matcher. A condition error denies (returning the rule): skipping
+    /// the rule could let a later, weaker rule decide.
+    fn find_rule(
+        &self,
+        request: &AccessRequest,
+        path: Option<&str>,
+        input: &CelInput<'_>,
+    ) -> Result<Option<&'p Rule>, (&'p Rule, String)> {
+        for rule in &self.policy.rules {
+            for matcher in &rule.matchers {
+                match matches(matcher, request, path, input) {
+                    Ok(true) => return Ok(Some(rule)),
+                    Ok(false) => {}
+                    Err(message) => return Err((rule, message)),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn authorize(
+        &mut self,
+        rule: &'p Rule,
+        token: &VerifiedToken,
+        effective: &Effective<'p>,
+        input: &CelInput<'_>,
+    ) -> Option<Decision> {
+        let realm = self.policy.realm.as_str();
+        let p = &token.principal;
+        if !rule.issuers.is_empty() && !rule.issuers.contains(&token.issuer.id) {
+            let message = "the access token issuer is not accepted for this resource";
+            self.step("require", || format!("issuer {:?} not in {:?}", token.issuer.id, rule.issuers));
+            let www = challenge::invalid_token(realm, message);
+            return Some(self.deny_with(401, Reason::IssuerNotAccepted, message, rule, token, Some(www)));
+        }
+        let missing: Vec<String> = effective
+            .scopes
+            .iter()
+            .filter(|s| !p.scopes.iter().any(|have| have == *s))
+            .map(|s| s.to_string())
+            .collect();
+        if !missing.is_empty() {
+            let message = format!("missing scope {}", missing.join(" "));
+            self.step("require", || message.clone());
+            let required: Vec<String> = effective.scopes.iter().map(|s| s.to_string()).collect();
+            let www = challenge::insufficient_scope(realm, &message, &required);
+            return Some(self.deny_with(403, Reason::MissingScope, &message, rule, token, Some(www)));
+        }
+        if let Some(role) = effective.roles.iter().find(|r| !p.roles.iter().any(|have| have == *r)) {
+            let message = format!("missing role {role}");
+            self.step("require", || message.clone());
+            let www = challenge::insufficient_scope(realm, &message, &[]);
+            return Some(self.deny_with(403, Reason::MissingRole, &message, rule, token, Some(www)));
+        }
+        if let Some(c) = effective.claims.iter().find(|c| !claim_matches(&token.claims, c)) {
+            let message = format!("claim {} does not have a required value", c.claim);
+            self.step("require", || message.clone());
+            let www = challenge::insufficient_scope(realm, &message, &[]);
+            return Some(self.deny_with(403, Reason::ClaimMismatch, &message, rule, token, Some(www)));
+        }
+        for condition in &effective.conditions {
+            let (reason, message) = match condition.evaluate(input) {
+                Ok(true) => continue,
+                Ok(false) => (Reason::ConditionFailed, format!("condition {:?} does not hold", condition.source)),
+                Err(message) => (Reason::ConditionError, message),
+            };
+            self.step("require", || message.clone());
+            let www = challenge::insufficient_scope(realm, &message, &[]);
+            return Some(self.deny_with(403, reason, &message, rule, token, Some(www)));
+        }
+        None
+    }
+
+    fn authenticate(
+        &mut self,
+        rule: &'p Rule,
+        token: &VerifiedToken,
+        effective: &Effective<'p>,
+        now: i64,
+    ) -> Decision {
+        let p = &token.principal;
+        let missing_contexts: Vec<String> = effective
+            .auth_contexts
+            .iter()
+            .filter(|c| !p.acrs.iter().any(|have| have == *c))
+            .map(|c| c.to_string())
+            .collect();
+        let acr_ok = effective.acr.is_empty() || p.acr.as_deref().is_some_and(|acr| effective.acr.contains(&acr));
+        let missing_amr: Vec<&str> = effective
+            .amr
+            .iter()
+            .copied()
+            .filter(|m| !p.amr.iter().any(|have| have == m))
+            .collect();
+        let age = effective.max_age.map(|max| (max, p.auth_time.map(|t| now - t)));
+
+        let unmet = if let Some(first) = missing_contexts.first() {
+            Some((Reason::MissingAuthContext, format!("authentication context {first} is required")))
+        } else if !acr_ok {
+            Some((
+                Reason::AcrNotAccepted,
+                format!("authentication level {} is required", effective.acr.join(" or ")),
+            ))
+        } else if !missing_amr.is_empty() {
+            Some((Reason::MissingAmr, format!("authentication method {} is required", missing_amr.join(", "))))
+        } else {
+            match age {
+                Some((max, None)) => Some((
+                    Reason::AuthTimeMissing,
+                    format!("a sign-in within {max} seconds is required and the token has no auth_time"),
+                )),
+                Some((max, Some(age))) if age > max as i64 => Some((
+                    Reason::AuthTooOld,
+                    format!("a sign-in within {max} seconds is required; the last was {age} seconds ago"),
+                )),
+                _ => None,
+            }
+        };
+        let Some((reason, message)) = unmet else {
+            return self.allow(Reason::Allowed, Some(rule), Some(token));
+        };
+        self.step("require", || message.clone());
+
+        let style = token.issuer.challenge;
+        let mut step_up = StepUp {
+            style: style.as_str(),
+            auth_contexts: effective.auth_contexts.iter().map(|s| s.to_string()).collect(),
+            missing_auth_contexts: missing_contexts.clone(),
+            acr_values: effective.acr.iter().map(|s| s.to_string()).collect(),
+            max_age: effective.max_age,
+            amr: effective.amr.iter().map(|s| s.to_string()).collect(),
+            claims: None,
+        };
+        if p.app_only {
+            let message = format!("{message}, and an application token has no user to step up");
+            self.step("challenge", || "application token: cannot step up".to_owned());
+            let mut d = self.deny_with(403, Reason::AppOnlyToken, &message, rule, token, None);
+            d.step_up = Some(step_up);
+            return d;
+        }
+        match style {
+            ChallengeStyle::Entra => {
+                // Ask for the first missing context; when all are present but the sign-in is too old
+                // or too weak, ask again for the first required one (its Conditional Access policy
+                // carries the sign-in frequency).
+                let Some(context) = missing_contexts.first().or(step_up.auth_contexts.first()).cloned() else {
+                    self.step("challenge", || "an Entra claims challenge can only request an authentication context".to_owned());
+                    let message = format!("{message}, which the issuer's challenge style cannot request");
+                    return self.deny_with(403, Reason::StepUpNotExpressible, &message, rule, token, None);
+                };
+                let json = challenge::entra_claims_request(&context);
+                let b64 = challenge::encode_claims(&json);
+                step_up.claims = Some((json, b64.clone()));
+                if !token.client_is_challenge_capable() {
+                    self.step("challenge", || "client did not declare cp1 in xms_cc: no claims challenge".to_owned());
+                    let message = format!("{message}, and the client cannot handle a claims challenge (xms_cc lacks cp1)");
+                    let mut d = self.deny_with(403, Reason::ClientNotCapable, &message, rule, token, None);
+                    d.step_up = Some(step_up);
+                    return d;
+                }
+                let www = challenge::entra_claims(&token.issuer.entra, &b64);
+                self.step("challenge", || format!("Entra claims challenge for {context}"));
+                self.step_up(reason, &message, rule, token, www, step_up)
+            }
+            ChallengeStyle::Rfc9470 => {
+                let www = challenge::insufficient_user_authentication(
+                    &self.policy.realm,
+                    &message,
+                    &step_up.acr_values,
+                    step_up.max_age,
+                );
+                self.step("challenge", || "RFC 9470 insufficient_user_authentication".to_owned());
+                self.step_up(reason, &message, rule, token, www, step_up)
+            }
+            ChallengeStyle::Deny => {
+                self.step("challenge", || "issuer configured to deny instead of challenging".to_owned());
+                let mut d = self.deny_with(403, reason, &message, rule, token, None);
+                d.step_up = Some(step_up);
+                d
+            }
+        }
+    }
+
+    fn token_missing(&mut self) -> Decision {
+        let message = "an access token is required";
+        let www = challenge::no_token(&self.policy.realm);
+        self.deny(401, Reason::TokenMissing, message, None, Some(www))
+    }
+
+    fn base(&mut self, outcome: Outcome, reason: Reason, message: &str, status: u16) -> Decision {
+        Decision {
+            outcome,
+            reason,
+            message: message.to_owned(),
+            rule: None,
+            http_status: status,
+            www_authenticate: None,
+            step_up: None,
+            principal: None,
+            identity_headers: Vec::new(),
+            token_fingerprint: self.fingerprint.take(),
+            explain: self.explain.take().unwrap_or_default(),
+        }
+    }
+
+    fn deny(
+        &mut self,
+        status: u16,
+        reason: Reason,
+        message: &str,
+        rule: Option<&Rule>,
+        www: Option<String>,
+    ) -> Decision {
+        let mut d = self.base(Outcome::Deny, reason, message, status);
+        d.rule = rule.map(|r| Arc::clone(&r.id));
+        d.www_authenticate = www;
+        d
+    }
+
+    fn deny_with(
+        &mut self,
+        status: u16,
+        reason: Reason,
+        message: &str,
+        rule: &Rule,
+        token: &VerifiedToken,
+        www: Option<String>,
+    ) -> Decision {
+        let mut d = self.deny(status, reason, message, Some(rule), www);
+        d.principal = Some(token.principal.clone());
+        d
+    }
+
+    fn step_up(
+        &mut self,
+        reason: Reason,
+        message: &str,
+        rule: &Rule,
+        token: &VerifiedToken,
+        www: String,
+        step_up: StepUp,
+    ) -> Decision {
+        let mut d = self.base(Outcome::StepUp, reason, message, 401);
+        d.rule = Some(Arc::clone(&rule.id));
+        d.www_authenticate = Some(www);
+        d.step_up = Some(step_up);
+        d.principal = Some(token.principal.clone());
+        d
+    }
+
+    fn allow(&mut self, reason: Reason, rule: Option<&Rule>, token: Option<&VerifiedToken>) -> Decision {
+        let message = match reason {
+            Reason::AnonymousAllowed => "the route allows anonymous access",
+            Reason::DefaultAllowed => "no rule matched; the policy allows any valid token by default",
+            _ => "the token meets every requirement",
+        };
+        self.step("decision", || message.to_owned());
+        let mut d = self.base(Outcome::Allow, reason, message, 200);
+        d.rule = rule.map(|r| Arc::clone(&r.id));
+        if let Some(token) = token {
+            d.identity_headers = identity_headers(self.policy, rule, token);
+            d.principal = Some(token.principal.clone());
+        } else if let Some(rule) = rule {
+            d.identity_headers = self
+                .policy
+                .upstream
+                .identity_headers
+                .iter()
+                .filter(|(_, source)| *source == HeaderSource::Rule)
+                .map(|(name, _)| (name.clone(), rule.id.to_string()))
+                .collect();
+        }
+        d
+    }
+}
+
+fn matches(
+    m: &Matcher,
+    request: &AccessRequest,
+    path: Option<&str>,
+    input: &CelInput<'_>,
+) -> Result<bool, String> {
+    if let Some(op) = &m.operation
+        && !request.operation.as_deref().is_some_and(|o| op.matches(o))
+    {
+        return Ok(false);
+    }
+    let http = request.http.as_ref();
+    if !m.methods.is_empty() && !http.is_some_and(|h| m.methods.contains(&h.method)) {
+        return Ok(false);
+    }
+    if !m.hosts.is_empty() && !http.is_some_and(|h| m.hosts.iter().any(|w| w.matches(&h.host))) {
+        return Ok(false);
+    }
+    if !m.paths.is_empty() && !path.is_some_and(|p| m.paths.iter().any(|g| g.matches(p))) {
+        return Ok(false);
+    }
+    if let Some(grpc) = &m.grpc {
+        let Some((service, method)) = path.and_then(|p| p.strip_prefix('/')?.split_once('/')) else {
+            return Ok(false);
+        };
+        if method.contains('/') || !grpc.service.matches(service) {
+            return Ok(false);
+        }
+        if grpc.method.as_ref().is_some_and(|w| !w.matches(method)) {
+            return Ok(false);
+        }
+    }
+    match &m.when {
+        None => Ok(true),
+        Some(condition) => condition.evaluate(input),
+    }
+}
+
+/// The claim equals one of the values, or (for an array claim) contains one of them.
+fn claim_matches(claims: &serde_json::Map<String, Value>, requirement: &ClaimRequirement) -> bool {
+    match claims.get(&requirement.claim) {
+        None => false,
+        Some(Value::Array(items)) => items.iter().any(|item| requirement.any_of.contains(item)),
+        Some(value) => requirement.any_of.contains(value),
+    }
+}
+
+fn identity_headers(policy: &Policy, rule: Option<&Rule>, token: &VerifiedToken) -> Vec<(String, String)> {
+    let p = &token.principal;
+    let join = |v: &[String]| (!v.is_empty()).then(|| v.join(" "));
+    policy
+        .upstream
+        .identity_headers
+        .iter()
+        .filter_map(|(name, source)| {
+            let value = match source {
+                HeaderSource::Subject => Some(p.subject.clone()).filter(|s| !s.is_empty()),
+                HeaderSource::Issuer => Some(p.issuer.clone()),
+                HeaderSource::IssuerId => Some(p.issuer_id.clone()),
+                HeaderSource::Tenant => p.tenant.clone(),
+                HeaderSource::ClientId => p.client_id.clone(),
+                HeaderSource::Acrs => join(&p.acrs),
+                HeaderSource::Acr => p.acr.clone(),
+                HeaderSource::Amr => join(&p.amr),
+                HeaderSource::Scopes => join(&p.scopes),
+                HeaderSource::Roles => join(&p.roles),
+                HeaderSource::AuthTime => p.auth_time.map(|t| t.to_string()),
+                HeaderSource::Rule => rule.map(|r| r.id.to_string()),
+                HeaderSource::Claim(claim) => match token.claims.get(claim) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    Some(Value::Bool(b)) => Some(b.to_string()),
+                    Some(Value::Array(items)) => {
+                        let words: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+                        (!words.is_empty()).then(|| words.join(" "))
+                    }
+                    _ => None,
+                },
+            }?;
+            // Header values from token claims: keep them printable so a hostile claim cannot inject
+            // a header line or be refused by the proxy.
+            let value: String = value.chars().filter(|c| !c.is_control()).collect();
+            Some((name.clone(), value))
+        })
+        .collect()
+}

@@ -1,0 +1,74 @@
+//! Decisions: the outcome, its reason, and everything a front door needs to render it.
+//!
+//! [`decide`] is the whole engine: credential → token → rule → requirement → outcome. It is pure:
+//! no I/O, no clock (`now` is an argument), no wire types. Both front doors call it and only it.
+
+mod evaluate;
+mod reason;
+
+use std::sync::Arc;
+
+pub use evaluate::decide;
+pub use reason::Reason;
+
+use crate::identity::Principal;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    StepUp,
+    Deny,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::StepUp => "STEP_UP",
+            Self::Deny => "DENY",
+        }
+    }
+}
+
+/// The structured form of a step-up challenge.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepUp {
+    pub style: &'static str,
+    pub auth_contexts: Vec<String>,
+    pub missing_auth_contexts: Vec<String>,
+    pub acr_values: Vec<String>,
+    pub max_age: Option<u64>,
+    pub amr: Vec<String>,
+    /// Entra claims request (minified JSON) and its base64 form.
+    pub claims: Option<(String, String)>,
+}
+
+/// One step of an evaluation, for `explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplainStep {
+    pub stage: &'static str,
+    pub detail: String,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub reason: Reason,
+    pub message: String,
+    pub rule: Option<Arc<str>>,
+    pub http_status: u16,
+    pub www_authenticate: Option<String>,
+    pub step_up: Option<StepUp>,
+    pub principal: Option<Principal>,
+    /// Headers for the upstream (ALLOW only).
+    pub identity_headers: Vec<(String, String)>,
+    pub token_fingerprint: Option<String>,
+    pub explain: Vec<ExplainStep>,
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        self.outcome == Outcome::Allow
+    }
+}

@@ -1,0 +1,147 @@
+//! Reason codes: stable, machine-readable, one per distinct cause. They travel in responses, logs,
+//! Envoy dynamic metadata and metrics labels, so renaming one is a breaking change.
+
+use crate::identity::{CredentialProblem, TokenError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    // ALLOW
+    Allowed,
+    AnonymousAllowed,
+    DefaultAllowed,
+    // 400
+    MultipleCredentials,
+    MalformedAuthorization,
+    InvalidPath,
+    // 401 without a usable token
+    TokenMissing,
+    TokenTooLarge,
+    TokenMalformed,
+    TokenHeaderForbidden,
+    TokenUnverifiable,
+    AlgorithmNotAllowed,
+    IssuerUnknown,
+    UnknownKid,
+    KeyMismatch,
+    SignatureInvalid,
+    TokenExpired,
+    TokenNotYetValid,
+    AudienceMismatch,
+    ClaimInvalid,
+    IssuerNotAccepted,
+    // 403
+    MissingScope,
+    MissingRole,
+    ClaimMismatch,
+    ConditionFailed,
+    ConditionError,
+    NoMatchingRule,
+    ClientNotCapable,
+    AppOnlyToken,
+    StepUpNotExpressible,
+    // STEP_UP (or 403 where the issuer cannot challenge)
+    MissingAuthContext,
+    AcrNotAccepted,
+    MissingAmr,
+    AuthTimeMissing,
+    AuthTooOld,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        use Reason::*;
+        match self {
+            Allowed => "allowed",
+            AnonymousAllowed => "anonymous_allowed",
+            DefaultAllowed => "default_allowed",
+            MultipleCredentials => "multiple_credentials",
+            MalformedAuthorization => "malformed_authorization",
+            InvalidPath => "invalid_path",
+            TokenMissing => "token_missing",
+            TokenTooLarge => "token_too_large",
+            TokenMalformed => "token_malformed",
+            TokenHeaderForbidden => "token_header_forbidden",
+            TokenUnverifiable => "token_unverifiable",
+            AlgorithmNotAllowed => "algorithm_not_allowed",
+            IssuerUnknown => "issuer_unknown",
+            UnknownKid => "unknown_kid",
+            KeyMismatch => "key_mismatch",
+            SignatureInvalid => "signature_invalid",
+            TokenExpired => "token_expired",
+            TokenNotYetValid => "token_not_yet_valid",
+            AudienceMismatch => "audience_mismatch",
+            ClaimInvalid => "claim_invalid",
+            IssuerNotAccepted => "issuer_not_accepted",
+            MissingScope => "missing_scope",
+            MissingRole => "missing_role",
+            ClaimMismatch => "claim_mismatch",
+            ConditionFailed => "condition_failed",
+            ConditionError => "condition_error",
+            NoMatchingRule => "no_matching_rule",
+            ClientNotCapable => "client_not_capable",
+            AppOnlyToken => "app_only_token",
+            StepUpNotExpressible => "step_up_not_expressible",
+            MissingAuthContext => "missing_auth_context",
+            AcrNotAccepted => "acr_not_accepted",
+            MissingAmr => "missing_amr",
+            AuthTimeMissing => "auth_time_missing",
+            AuthTooOld => "auth_too_old",
+        }
+    }
+
+    /// Every reason, for documentation and exhaustive tests.
+    pub const ALL: [Reason; 35] = {
+        use Reason::*;
+        [
+            Allowed, AnonymousAllowed, DefaultAllowed, MultipleCredentials, MalformedAuthorization,
+            InvalidPath, TokenMissing, TokenTooLarge, TokenMalformed, TokenHeaderForbidden,
+            TokenUnverifiable, AlgorithmNotAllowed, IssuerUnknown, UnknownKid, KeyMismatch,
+            SignatureInvalid, TokenExpired, TokenNotYetValid, AudienceMismatch, ClaimInvalid,
+            IssuerNotAccepted, MissingScope, MissingRole, ClaimMismatch, ConditionFailed,
+            ConditionError, NoMatchingRule, ClientNotCapable, AppOnlyToken, StepUpNotExpressible,
+            MissingAuthContext, AcrNotAccepted, MissingAmr, AuthTimeMissing, AuthTooOld,
+        ]
+    };
+}
+
+impl From<&TokenError> for Reason {
+    fn from(err: &TokenError) -> Self {
+        match err {
+            TokenError::TooLarge { .. } => Reason::TokenTooLarge,
+            TokenError::Malformed(_) => Reason::TokenMalformed,
+            TokenError::ForbiddenHeader(_) => Reason::TokenHeaderForbidden,
+            TokenError::Unverifiable => Reason::TokenUnverifiable,
+            TokenError::AlgorithmNotAllowed(_) => Reason::AlgorithmNotAllowed,
+            TokenError::IssuerUnknown => Reason::IssuerUnknown,
+            TokenError::UnknownKey => Reason::UnknownKid,
+            TokenError::KeyMismatch => Reason::KeyMismatch,
+            TokenError::SignatureInvalid => Reason::SignatureInvalid,
+            TokenError::Expired => Reason::TokenExpired,
+            TokenError::NotYetValid => Reason::TokenNotYetValid,
+            TokenError::AudienceMismatch => Reason::AudienceMismatch,
+            TokenError::ClaimInvalid(_) => Reason::ClaimInvalid,
+        }
+    }
+}
+
+impl From<CredentialProblem> for Reason {
+    fn from(problem: CredentialProblem) -> Self {
+        match problem {
+            CredentialProblem::MultipleCredentials => Reason::MultipleCredentials,
+            _ => Reason::MalformedAuthorization,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let codes: HashSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len());
+        assert!(codes.iter().all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_')));
+    }
+}

@@ -1,0 +1,117 @@
+//! Finding the bearer token in a request (RFC 6750 §2.1).
+//!
+//! Envoy joins repeated headers with commas, so two `Authorization` headers arrive as one value
+//! `Bearer a,Bearer b`; a token itself never contains a comma or a space, which makes both shapes of
+//! "more than one credential" detectable from the value alone.
+
+/// What the request carries in place of a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// No `Authorization` header (or an empty one) and no token.
+    Missing,
+    /// Exactly one bearer token.
+    Bearer(&'a str),
+    /// Something unusable: more than one credential, another scheme, an empty token, bad bytes.
+    Malformed(CredentialProblem),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialProblem {
+    /// Two tokens (two headers, or a header plus a token field).
+    MultipleCredentials,
+    /// Not the `Bearer` scheme (e.g. `Basic`), or no scheme at all.
+    UnsupportedScheme,
+    /// `Bearer` with nothing, or with more than one word, after it.
+    MalformedBearer,
+    /// The header value is not valid UTF-8 / contains control characters.
+    InvalidBytes,
+}
+
+impl CredentialProblem {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::MultipleCredentials => "more than one credential was presented",
+            Self::UnsupportedScheme => "the Authorization header does not use the Bearer scheme",
+            Self::MalformedBearer => "the Authorization header does not hold exactly one bearer token",
+            Self::InvalidBytes => "the Authorization header contains invalid bytes",
+        }
+    }
+}
+
+/// Reads the credential from an `Authorization` header value.
+pub fn from_authorization(value: &str) -> Credential<'_> {
+    let value = value.trim_matches([' ', '\t']);
+    if value.is_empty() {
+        return Credential::Missing;
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Credential::Malformed(CredentialProblem::InvalidBytes);
+    }
+    if value.contains(',') {
+        return Credential::Malformed(CredentialProblem::MultipleCredentials);
+    }
+    let Some((scheme, rest)) = value.split_once([' ', '\t']) else {
+        return Credential::Malformed(if value.eq_ignore_ascii_case("bearer") {
+            CredentialProblem::MalformedBearer
+        } else {
+            CredentialProblem::UnsupportedScheme
+        });
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Credential::Malformed(CredentialProblem::UnsupportedScheme);
+    }
+    let token = rest.trim_matches([' ', '\t']);
+    if token.is_empty() || token.contains([' ', '\t']) {
+        return Credential::Malformed(CredentialProblem::MalformedBearer);
+    }
+    Credential::Bearer(token)
+}
+
+/// Reads the credential from a bare token field (the `Decide` RPC's `token`).
+pub fn from_token(token: &str) -> Credential<'_> {
+    let token = token.trim_matches([' ', '\t']);
+    if token.is_empty() {
+        Credential::Missing
+    } else if token.chars().any(|c| c.is_control() || c == ' ' || c == ',') {
+        Credential::Malformed(CredentialProblem::MalformedBearer)
+    } else {
+        Credential::Bearer(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Credential::*;
+    use CredentialProblem::*;
+
+    #[test]
+    fn reads_one_bearer_token_case_insensitively() {
+        assert_eq!(from_authorization("Bearer abc.def.ghi"), Bearer("abc.def.ghi"));
+        assert_eq!(from_authorization("bearer   abc"), Bearer("abc"));
+        assert_eq!(from_authorization("BEARER abc "), Bearer("abc"));
+    }
+
+    #[test]
+    fn empty_header_is_missing() {
+        assert_eq!(from_authorization(""), Missing);
+        assert_eq!(from_authorization("   "), Missing);
+        assert_eq!(from_token(""), Missing);
+    }
+
+    #[test]
+    fn two_headers_joined_by_envoy_are_refused() {
+        assert_eq!(from_authorization("Bearer a,Bearer b"), Malformed(MultipleCredentials));
+        assert_eq!(from_authorization("Bearer a, Basic b"), Malformed(MultipleCredentials));
+    }
+
+    #[test]
+    fn other_schemes_and_shapes_are_refused() {
+        assert_eq!(from_authorization("Basic dXNlcjpwYXNz"), Malformed(UnsupportedScheme));
+        assert_eq!(from_authorization("abc.def.ghi"), Malformed(UnsupportedScheme));
+        assert_eq!(from_authorization("Bearer"), Malformed(MalformedBearer));
+        assert_eq!(from_authorization("Bearer a b"), Malformed(MalformedBearer));
+        assert_eq!(from_authorization("Bearer a\u{0}b"), Malformed(InvalidBytes));
+        assert_eq!(from_token("a b"), Malformed(MalformedBearer));
+    }
+}

@@ -1,0 +1,19 @@
+//! Identity: who is calling, established from the bearer token.
+//!
+//! `bearer` finds the token, `token` verifies it against an issuer's keys (`jwks`, `issuer`),
+//! `claims` reads the principal, `keys` loads and refreshes key sets in the background. Nothing here
+//! knows about rules or outcomes.
+
+pub mod bearer;
+pub mod claims;
+pub mod fingerprint;
+pub mod issuer;
+pub mod jwks;
+pub mod keys;
+pub mod token;
+
+pub use bearer::{Credential, CredentialProblem};
+pub use claims::Principal;
+pub use fingerprint::fingerprint;
+pub use issuer::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource};
+pub use token::{TokenError, VerifiedToken, verify};

@@ -1,0 +1,211 @@
+//! JWT access-token verification: structure, header hygiene, issuer, key, signature, time, audience.
+//!
+//! stepgate parses the compact JWS itself and asks jsonwebtoken (aws-lc) only to check the
+//! signature. That keeps every refusal distinguishable (an expired token is not a bad signature), lets
+//! `now` be passed in, and makes a claim of the wrong JSON type an answer rather than a panic.
+//! Order matters: nothing in a token's payload is trusted before its signature is verified, except
+//! `iss`, which only selects whose keys to try.
+
+use std::sync::Arc;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
+
+use super::{
+    claims::{Principal, read_principal},
+    issuer::{Issuer, Issuers},
+};
+
+/// A token whose signature, issuer, audience and lifetime were checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub issuer: Arc<Issuer>,
+    pub principal: Principal,
+    /// Client capabilities (`xms_cc`), lower-cased.
+    pub client_capabilities: Vec<String>,
+    /// Every claim, for claim-equality requirements and CEL conditions.
+    pub claims: Map<String, Value>,
+}
+
+impl VerifiedToken {
+    /// Entra: the client declared it can handle claims challenges (`xms_cc` ∋ `cp1`).
+    pub fn client_is_challenge_capable(&self) -> bool {
+        self.client_capabilities.iter().any(|c| c == "cp1")
+    }
+}
+
+/// Why a token was refused. Every variant is an `invalid_token` (401) answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token is {len} bytes, over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("the access token is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("the access token header carries {0:?}, which is never accepted")]
+    ForbiddenHeader(String),
+    #[error("the access token carries a nonce header and cannot be verified (a Microsoft Graph token?)")]
+    Unverifiable,
+    #[error("the access token algorithm {0} is not allowed")]
+    AlgorithmNotAllowed(String),
+    #[error("the access token issuer is not trusted")]
+    IssuerUnknown,
+    #[error("the access token signing key is unknown")]
+    UnknownKey,
+    #[error("the access token signing key does not fit its algorithm")]
+    KeyMismatch,
+    #[error("the access token signature is invalid")]
+    SignatureInvalid,
+    #[error("the access token expired")]
+    Expired,
+    #[error("the access token is not valid yet")]
+    NotYetValid,
+    #[error("the access token is not meant for this audience")]
+    AudienceMismatch,
+    #[error("the access token claim {0:?} is missing or has the wrong type")]
+    ClaimInvalid(&'static str),
+}
+
+/// Header parameters stepgate understands; a `crit` naming anything is refused (RFC 7515 §4.1.11:
+/// a recipient must reject extensions it does not understand, and stepgate understands none).
+const FORBIDDEN_HEADERS: [&str; 3] = ["jku", "x5u", "jwk"];
+
+/// Verifies `token` against the configured issuers at unix time `now`.
+pub fn verify(
+    token: &str,
+    issuers: &Issuers,
+    max_bytes: usize,
+    now: i64,
+) -> Result<VerifiedToken, TokenError> {
+    if token.len() > max_bytes {
+        return Err(TokenError::TooLarge {
+            len: token.len(),
+            max: max_bytes,
+        });
+    }
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed("expected three dot-separated segments"));
+    };
+    if signature_b64.is_empty() {
+        return Err(TokenError::Malformed("the signature segment is empty"));
+    }
+    let header = decode_json_object(header_b64).ok_or(TokenError::Malformed("bad header segment"))?;
+    let alg_name = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(TokenError::Malformed("the header has no alg"))?;
+    for name in FORBIDDEN_HEADERS {
+        if header.contains_key(name) {
+            return Err(TokenError::ForbiddenHeader(name.to_owned()));
+        }
+    }
+    if header.contains_key("crit") {
+        return Err(TokenError::ForbiddenHeader("crit".to_owned()));
+    }
+    if header.contains_key("nonce") {
+        return Err(TokenError::Unverifiable);
+    }
+    let alg: Algorithm = alg_name
+        .parse()
+        .map_err(|_| TokenError::AlgorithmNotAllowed(alg_name.chars().take(16).collect()))?;
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(kid)) => Some(kid.as_str()),
+        Some(_) => return Err(TokenError::Malformed("the header kid is not a string")),
+    };
+
+    let claims = decode_json_object(payload_b64).ok_or(TokenError::Malformed("bad payload segment"))?;
+    let iss = claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .ok_or(TokenError::IssuerUnknown)?;
+    let issuer = issuers.by_iss(iss).ok_or(TokenError::IssuerUnknown)?;
+    if !issuer.algorithms.contains(&alg) {
+        return Err(TokenError::AlgorithmNotAllowed(alg_name.to_owned()));
+    }
+
+    let keys = issuer.keys();
+    let key = keys.find(kid).ok_or(TokenError::UnknownKey)?;
+    if !key.kind.fits(alg) || key.alg.is_some_and(|key_alg| key_alg != alg) {
+        return Err(TokenError::KeyMismatch);
+    }
+    if key.issuer.as_deref().is_some_and(|key_iss| key_iss != iss) {
+        return Err(TokenError::KeyMismatch);
+    }
+    let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
+    match jsonwebtoken::crypto::verify(signature_b64, signed.as_bytes(), &key.key, alg) {
+        Ok(true) => {}
+        Ok(false) => return Err(TokenError::SignatureInvalid),
+        Err(_) => return Err(TokenError::Malformed("bad signature segment")),
+    }
+
+    check_lifetime(&claims, issuer.leeway as i64, now)?;
+    check_audience(&claims, &issuer.audiences)?;
+    let principal = read_principal(issuer, &claims)?;
+    let client_capabilities = super::claims::string_list(&claims, "xms_cc")
+        .map_err(|_| TokenError::ClaimInvalid("xms_cc"))?
+        .into_iter()
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    Ok(VerifiedToken {
+        issuer: Arc::clone(issuer),
+        principal,
+        client_capabilities,
+        claims,
+    })
+}
+
+fn decode_json_object(segment: &str) -> Option<Map<String, Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+/// A NumericDate (RFC 7519 §2): a JSON number of seconds, possibly with a fraction.
+pub(super) fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, TokenError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+            .map(Some)
+            .ok_or(TokenError::ClaimInvalid(name)),
+        Some(_) => Err(TokenError::ClaimInvalid(name)),
+    }
+}
+
+fn check_lifetime(claims: &Map<String, Value>, leeway: i64, now: i64) -> Result<(), TokenError> {
+    let exp = numeric_date(claims, "exp")?.ok_or(TokenError::ClaimInvalid("exp"))?;
+    if now > exp.saturating_add(leeway) {
+        return Err(TokenError::Expired);
+    }
+    if let Some(nbf) = numeric_date(claims, "nbf")?
+        && now < nbf.saturating_sub(leeway)
+    {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
+}
+
+fn check_audience(claims: &Map<String, Value>, audiences: &[String]) -> Result<(), TokenError> {
+    let accepted = |aud: &str| audiences.iter().any(|a| a == aud);
+    match claims.get("aud") {
+        Some(Value::String(aud)) if accepted(aud) => Ok(()),
+        Some(Value::Array(list)) => {
+            let mut matched = false;
+            for aud in list {
+                let aud = aud.as_str().ok_or(TokenError::ClaimInvalid("aud"))?;
+                matched |= accepted(aud);
+            }
+            if matched { Ok(()) } else { Err(TokenError::AudienceMismatch) }
+        }
+        Some(Value::String(_)) => Err(TokenError::AudienceMismatch),
+        None => Err(TokenError::AudienceMismatch),
+        Some(_) => Err(TokenError::ClaimInvalid("aud")),
+    }
+}

@@ -1,0 +1,13 @@
+//! stepgate: step-up authentication decisions for Envoy ext_authz and any gRPC caller.
+//!
+//! The pipeline is the module tree: `request` (one normalised view of a call) → `identity` (the
+//! verified token) → `policy` (compiled rules) → `decision` (the pure engine) → `challenge`
+//! (`WWW-Authenticate`). `server` holds the two thin front doors; `config` loads the policy file.
+//! See ARCHITECTURE.md for the map and its invariants.
+
+pub mod challenge;
+pub mod config;
+pub mod decision;
+pub mod identity;
+pub mod policy;
+pub mod request;

@@ -1,0 +1,529 @@
+//! Policy file → [`Policy`]: every reference resolved and every value checked, with the field path
+//! of the first problem. Key sets are not loaded here (that is I/O, done by `identity::keys`).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use jsonwebtoken::Algorithm;
+
+use super::{
+    AuthContext, ClaimRequirement, DefaultAction, Escalation, GrpcMatcher, HeaderSource, Matcher,
+    Policy, Requirement, Rule, Upstream,
+    condition::{self, Condition},
+    pattern::{PathGlob, Wildcard},
+};
+use crate::{
+    config::{
+        ConfigError,
+        schema::{self, ChallengeStyleConfig, PolicyFile},
+    },
+    identity::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource},
+};
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T> {
+    Err(ConfigError::new(path, message))
+}
+
+/// Compiles a parsed policy file. `base_dir` resolves relative `jwks_file` paths.
+pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
+    let cel = condition::environment();
+    let issuers = compile_issuers(&file.issuers, base_dir)?;
+    let auth_contexts = compile_auth_contexts(&file.auth_contexts)?;
+    let mut rules = Vec::with_capacity(file.rules.len());
+    let mut seen = HashSet::new();
+    for (i, rule) in file.rules.iter().enumerate() {
+        let path = format!("rules[{i}]");
+        let compiled = compile_rule(rule, &path, &cel, &issuers, &auth_contexts)?;
+        if !seen.insert(compiled.id.clone()) {
+            return err(format!("{path}.id"), format!("duplicate rule id {:?}", rule.id));
+        }
+        rules.push(compiled);
+    }
+    if rules.is_empty() {
+        return err("rules", "at least one rule is required");
+    }
+    if file.limits.max_token_bytes == 0 || file.limits.max_token_bytes > 1024 * 1024 {
+        return err("limits.max_token_bytes", "must be between 1 and 1048576");
+    }
+    Ok(Policy {
+        realm: check_quotable(&file.realm, "realm")?,
+        issuers,
+        auth_contexts,
+        rules,
+        default: match file.default {
+            schema::DefaultAction::Deny => DefaultAction::Deny,
+            schema::DefaultAction::AllowAuthenticated => DefaultAction::AllowAuthenticated,
+        },
+        upstream: compile_upstream(&file.upstream)?,
+        max_token_bytes: file.limits.max_token_bytes,
+        cel,
+    })
+}
+
+/// Values that end up inside a quoted `WWW-Authenticate` parameter may not break out of it.
+fn check_quotable(value: &str, path: &str) -> Result<String> {
+    if value.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        return err(path, "must not contain quotes, backslashes or control characters");
+    }
+    Ok(value.to_owned())
+}
+
+fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<Issuers> {
+    if configs.is_empty() {
+        return err("issuers", "at least one issuer is required");
+    }
+    let mut ids = HashSet::new();
+    let mut iss_values = HashSet::new();
+    let mut issuers = Vec::new();
+    for (i, c) in configs.iter().enumerate() {
+        let path = format!("issuers[{i}]");
+        if !is_identifier(&c.id) {
+            return err(format!("{path}.id"), format!("expected letters, digits, - or _, got {:?}", c.id));
+        }
+        if !ids.insert(c.id.as_str()) {
+            return err(format!("{path}.id"), format!("duplicate issuer id {:?}", c.id));
+        }
+        if c.issuer.is_empty() {
+            return err(format!("{path}.issuer"), "must not be empty");
+        }
+        if !iss_values.insert(c.issuer.as_str()) {
+            return err(format!("{path}.issuer"), format!("issuer {:?} is configured twice", c.issuer));
+        }
+        let key_source = match (&c.jwks_uri, &c.jwks_file) {
+            (Some(uri), None) => KeySource::Uri(check_jwks_uri(uri, &format!("{path}.jwks_uri"))?),
+            (None, Some(file)) => KeySource::File(base_dir.join(file)),
+            (Some(_), Some(_)) => return err(&path, "set jwks_uri or jwks_file, not both"),
+            (None, None) => return err(&path, "one of jwks_uri or jwks_file is required"),
+        };
+        if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
+            return err(format!("{path}.audiences"), "list at least one non-empty audience");
+        }
+        let mut algorithms = Vec::new();
+        for (j, name) in c.algorithms.iter().enumerate() {
+            algorithms.push(parse_algorithm(name, &format!("{path}.algorithms[{j}]"))?);
+        }
+        if algorithms.is_empty() {
+            return err(format!("{path}.algorithms"), "list at least one algorithm");
+        }
+        if c.jwks_refresh.0 < 60 {
+            return err(format!("{path}.jwks_refresh"), "must be at least 1m");
+        }
+        if c.leeway.0 > 600 {
+            return err(format!("{path}.leeway"), "must be at most 10m");
+        }
+        let entra = EntraChallenge {
+            authorization_uri: check_quotable(&c.entra.authorization_uri, &format!("{path}.entra.authorization_uri"))?,
+            realm: check_quotable(&c.entra.realm, &format!("{path}.entra.realm"))?,
+            client_id: c
+                .entra
+                .client_id
+                .as_deref()
+                .map(|id| check_quotable(id, &format!("{path}.entra.client_id")))
+                .transpose()?,
+        };
+        let challenge = match c.challenge {
+            ChallengeStyleConfig::Entra => ChallengeStyle::Entra,
+            ChallengeStyleConfig::Rfc9470 => ChallengeStyle::Rfc9470,
+            ChallengeStyleConfig::Deny => ChallengeStyle::Deny,
+        };
+        issuers.push(Arc::new(Issuer::new(
+            c.id.clone(),
+            c.issuer.clone(),
+            c.audiences.clone(),
+            algorithms,
+            c.leeway.0,
+            challenge,
+            entra,
+            key_source,
+            Duration::from_secs(c.jwks_refresh.0),
+        )));
+    }
+    Ok(Issuers::new(issuers))
+}
+
+fn check_jwks_uri(uri: &str, path: &str) -> Result<String> {
+    let parsed = reqwest::Url::parse(uri).map_err(|e| ConfigError::new(path, format!("not a URL: {e}")))?;
+    let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+    match parsed.scheme() {
+        "https" => Ok(uri.to_owned()),
+        "http" if loopback => Ok(uri.to_owned()),
+        _ => err(path, "must be an https URL (plain http is allowed for localhost only)"),
+    }
+}
+
+fn parse_algorithm(name: &str, path: &str) -> Result<Algorithm> {
+    if name.eq_ignore_ascii_case("none") {
+        return err(path, "\"none\" is never allowed");
+    }
+    let alg: Algorithm = name
+        .parse()
+        .map_err(|_| ConfigError::new(path, format!("unknown algorithm {name:?}")))?;
+    if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        return err(
+            path,
+            format!("{name} is a shared-secret algorithm; stepgate verifies with published public keys only"),
+        );
+    }
+    Ok(alg)
+}
+
+/// Entra authentication context ids: `c1` … `c99`.
+pub(crate) fn is_auth_context_id(id: &str) -> bool {
+    let Some(n) = id.strip_prefix('c').or_else(|| id.strip_prefix('C')) else {
+        return false;
+    };
+    !n.starts_with('0') && n.parse::<u8>().is_ok_and(|n| (1..=99).contains(&n))
+}
+
+fn compile_auth_contexts(
+    configs: &BTreeMap<String, schema::AuthContextConfig>,
+) -> Result<BTreeMap<String, AuthContext>> {
+    let mut out = BTreeMap::new();
+    for (id, c) in configs {
+        if !is_auth_context_id(id) {
+            return err(format!("auth_contexts.{id}"), "an authentication context id is c1 … c99");
+        }
+        let id = id.to_ascii_lowercase();
+        let context = AuthContext {
+            id: id.clone(),
+            description: c.description.clone(),
+            max_age: c.max_age.map(|s| s.0),
+        };
+        if out.insert(id.clone(), context).is_some() {
+            return err(format!("auth_contexts.{id}"), "declared twice (ids are case-insensitive)");
+        }
+    }
+    Ok(out)
+}
+
+fn compile_rule(
+    rule: &schema::RuleConfig,
+    path: &str,
+    cel: &Arc<cel::Env>,
+    issuers: &Issuers,
+    auth_contexts: &BTreeMap<String, AuthContext>,
+) -> Result<Rule> {
+    if !is_identifier(&rule.id) {
+        return err(format!("{path}.id"), format!("expected letters, digits, -, _ or ., got {:?}", rule.id));
+    }
+    if rule.matchers.0.is_empty() {
+        return err(format!("{path}.match"), "list at least one matcher");
+    }
+    let mut matchers = Vec::new();
+    for (i, m) in rule.matchers.0.iter().enumerate() {
+        let mpath = if rule.matchers.0.len() == 1 {
+            format!("{path}.match")
+        } else {
+            format!("{path}.match[{i}]")
+        };
+        matchers.push(compile_matcher(m, &mpath, cel)?);
+    }
+    for (i, id) in rule.issuers.iter().enumerate() {
+        if issuers.by_id(id).is_none() {
+            return err(format!("{path}.issuers[{i}]"), format!("no issuer has id {id:?}"));
+        }
+    }
+    let require = compile_requirement(&rule.require, &format!("{path}.require"), cel, auth_contexts)?;
+    if rule.allow_anonymous && (!require.is_empty() || !rule.escalate.is_empty()) {
+        return err(
+            format!("{path}.allow_anonymous"),
+            "a rule that allows anonymous access cannot also require or escalate anything",
+        );
+    }
+    let mut escalate = Vec::new();
+    for (i, e) in rule.escalate.iter().enumerate() {
+        let epath = format!("{path}.escalate[{i}]");
+        let when = Condition::compile(cel, &e.when).map_err(|m| ConfigError::new(format!("{epath}.when"), m))?;
+        let require = compile_requirement(&e.require, &format!("{epath}.require"), cel, auth_contexts)?;
+        if require.is_empty() {
+            return err(format!("{epath}.require"), "an escalation must require something");
+        }
+        escalate.push(Escalation { when, require });
+    }
+    Ok(Rule {
+        id: Arc::from(rule.id.as_str()),
+        description: rule.description.clone(),
+        matchers,
+        issuers: rule.issuers.clone(),
+        allow_anonymous: rule.allow_anonymous,
+        require,
+        escalate,
+    })
+}
+
+fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -> Result<Matcher> {
+    let mut methods = Vec::new();
+    for (i, method) in m.methods.iter().enumerate() {
+        if method.is_empty() || !method.chars().all(|c| c.is_ascii_alphabetic()) {
+            return err(format!("{path}.methods[{i}]"), format!("not an HTTP method: {method:?}"));
+        }
+        methods.push(method.to_ascii_uppercase());
+    }
+    let hosts: Vec<Wildcard> = m
+        .host
+        .iter()
+        .chain(&m.hosts)
+        .map(|h| Wildcard::new(&h.to_ascii_lowercase()))
+        .collect();
+    let mut paths = Vec::new();
+    for (i, glob) in m.path.iter().chain(&m.paths).enumerate() {
+        let field = if m.path.is_some() && i == 0 {
+            format!("{path}.path")
+        } else {
+            format!("{path}.paths[{}]", i - usize::from(m.path.is_some()))
+        };
+        paths.push(PathGlob::new(glob).map_err(|msg| ConfigError::new(field, msg))?);
+    }
+    let grpc = match &m.grpc {
+        None => None,
+        Some(g) => {
+            if g.service.is_empty() || g.service.contains('/') {
+                return err(format!("{path}.grpc.service"), "expected a full service name like pkg.Service");
+            }
+            if g.method.as_deref().is_some_and(|m| m.is_empty() || m.contains('/')) {
+                return err(format!("{path}.grpc.method"), "expected a method name like Transfer");
+            }
+            Some(GrpcMatcher {
+                service: Wildcard::new(&g.service),
+                method: g.method.as_deref().map(Wildcard::new),
+            })
+        }
+    };
+    if let Some(op) = &m.operation
+        && op.is_empty()
+    {
+        return err(format!("{path}.operation"), "must not be empty");
+    }
+    let when = m
+        .when
+        .as_deref()
+        .map(|w| Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg)))
+        .transpose()?;
+    Ok(Matcher {
+        operation: m.operation.as_deref().map(Wildcard::new),
+        methods,
+        hosts,
+        paths,
+        grpc,
+        when,
+    })
+}
+
+fn compile_requirement(
+    r: &schema::RequireConfig,
+    path: &str,
+    cel: &Arc<cel::Env>,
+    declared: &BTreeMap<String, AuthContext>,
+) -> Result<Requirement> {
+    if r.authenticated == Some(false) {
+        return err(
+            format!("{path}.authenticated"),
+            "a valid token is always required; use allow_anonymous: true on the rule for public routes",
+        );
+    }
+    let mut auth_contexts = Vec::new();
+    for (i, id) in r.auth_contexts.iter().enumerate() {
+        let field = format!("{path}.auth_contexts[{i}]");
+        if !is_auth_context_id(id) {
+            return err(field, format!("an authentication context id is c1 … c99, got {id:?}"));
+        }
+        let id = id.to_ascii_lowercase();
+        if !declared.contains_key(&id) {
+            return err(field, format!("{id} is not declared under auth_contexts"));
+        }
+        if !auth_contexts.contains(&id) {
+            auth_contexts.push(id);
+        }
+    }
+    for (field, values) in [("scopes", &r.scopes), ("roles", &r.roles), ("acr", &r.acr), ("amr", &r.amr)] {
+        for (i, v) in values.iter().enumerate() {
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+                return err(
+                    format!("{path}.{field}[{i}]"),
+                    format!("must be a non-empty value without spaces or quotes, got {v:?}"),
+                );
+            }
+        }
+    }
+    if r.max_age == Some(crate::config::duration::Seconds(0)) {
+        return err(format!("{path}.max_age"), "must be at least 1s");
+    }
+    let mut claims = Vec::new();
+    for (name, expected) in &r.claims {
+        let any_of = match expected {
+            serde_json::Value::Array(values) => values.clone(),
+            serde_json::Value::Object(_) | serde_json::Value::Null => {
+                return err(format!("{path}.claims.{name}"), "expected a string, number, boolean or a list of them");
+            }
+            scalar => vec![scalar.clone()],
+        };
+        if any_of.is_empty() || any_of.iter().any(|v| v.is_object() || v.is_array() || v.is_null()) {
+            return err(format!("{path}.claims.{name}"), "expected a string, number, boolean or a list of them");
+        }
+        claims.push(ClaimRequirement {
+            claim: name.clone(),
+            any_of,
+        });
+    }
+    let when = r
+        .when
+        .as_deref()
+        .map(|w| Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg)))
+        .transpose()?;
+    // A context's own max_age applies wherever the context is required.
+    let context_max_age = auth_contexts.iter().filter_map(|id| declared[id].max_age).min();
+    let max_age = match (r.max_age.map(|s| s.0), context_max_age) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Requirement {
+        scopes: r.scopes.clone(),
+        roles: r.roles.clone(),
+        claims,
+        when,
+        auth_contexts,
+        acr: r.acr.clone(),
+        amr: r.amr.clone(),
+        max_age,
+    })
+}
+
+fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
+    let mut identity_headers = Vec::new();
+    for (name, source) in &u.identity_headers {
+        let path = format!("upstream.identity_headers.{name}");
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid_name {
+            return err(path, "header names are lower-case letters, digits and -");
+        }
+        if matches!(name.as_str(), "authorization" | "host" | "connection" | "te" | "transfer-encoding" | "content-length") {
+            return err(path, format!("{name} cannot carry identity"));
+        }
+        let source = match source.as_str() {
+            "subject" => HeaderSource::Subject,
+            "issuer" => HeaderSource::Issuer,
+            "issuer_id" => HeaderSource::IssuerId,
+            "tenant" => HeaderSource::Tenant,
+            "client_id" => HeaderSource::ClientId,
+            "acrs" => HeaderSource::Acrs,
+            "acr" => HeaderSource::Acr,
+            "amr" => HeaderSource::Amr,
+            "scopes" => HeaderSource::Scopes,
+            "roles" => HeaderSource::Roles,
+            "auth_time" => HeaderSource::AuthTime,
+            "rule" => HeaderSource::Rule,
+            other => match other.strip_prefix("claim:") {
+                Some(claim) if !claim.is_empty() => HeaderSource::Claim(claim.to_owned()),
+                _ => {
+                    return err(
+                        path,
+                        format!(
+                            "unknown source {other:?}; expected subject, issuer, issuer_id, tenant, client_id, \
+                             acrs, acr, amr, scopes, roles, auth_time, rule or claim:<name>"
+                        ),
+                    );
+                }
+            },
+        };
+        identity_headers.push((name.clone(), source));
+    }
+    Ok(Upstream {
+        identity_headers,
+        remove_authorization: u.remove_authorization,
+    })
+}
+
+fn is_identifier(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const BASE: &str = r#"
+issuers:
+  - id: demo
+    issuer: https://idp.example
+    jwks_file: keys.json
+    audiences: [api://x]
+auth_contexts:
+  c1: { description: MFA }
+  c2: { description: Compliant device, max_age: 10m }
+rules:
+  - id: wire
+    match: { operation: payments.wire_transfer }
+    require: { auth_contexts: [c1, c2], max_age: 15m }
+"#;
+
+    fn compile_text(text: &str) -> Result<Policy> {
+        compile(&config::parse(text)?, Path::new("/etc/stepgate"))
+    }
+
+    #[test]
+    fn context_max_age_tightens_the_rule() {
+        let policy = compile_text(BASE).unwrap();
+        assert_eq!(policy.rules[0].require.max_age, Some(600));
+        assert_eq!(
+            policy.issuers.by_id("demo").unwrap().key_source,
+            KeySource::File("/etc/stepgate/keys.json".into())
+        );
+    }
+
+    #[test]
+    fn undeclared_auth_context_is_refused_with_path() {
+        let e = compile_text(&BASE.replace("[c1, c2]", "[c1, c7]")).err().unwrap();
+        assert_eq!(e.path, "rules[0].require.auth_contexts[1]");
+        let e = compile_text(&BASE.replace("[c1, c2]", "[c100]")).err().unwrap();
+        assert!(e.message.contains("c1 … c99"), "{e}");
+    }
+
+    #[test]
+    fn dangerous_algorithms_are_refused() {
+        let text = BASE.replace("audiences: [api://x]", "audiences: [api://x]\n    algorithms: [RS256, HS256]");
+        let e = compile_text(&text).err().unwrap();
+        assert_eq!(e.path, "issuers[0].algorithms[1]");
+        let e = compile_text(&text.replace("HS256", "none")).err().unwrap();
+        assert!(e.message.contains("never allowed"));
+    }
+
+    #[test]
+    fn bad_cel_is_refused_at_load() {
+        let text = format!("{BASE}    escalate:\n      - when: 'request.attributes.amount >'\n        require: {{ auth_contexts: [c2] }}\n");
+        let e = compile_text(&text).err().unwrap();
+        assert_eq!(e.path, "rules[0].escalate[0].when");
+    }
+
+    #[test]
+    fn plain_http_jwks_only_for_localhost() {
+        let text = BASE.replace("jwks_file: keys.json", "jwks_uri: http://idp.example/keys");
+        assert_eq!(compile_text(&text).err().unwrap().path, "issuers[0].jwks_uri");
+        assert!(compile_text(&BASE.replace("jwks_file: keys.json", "jwks_uri: http://127.0.0.1:9/keys")).is_ok());
+    }
+
+    #[test]
+    fn auth_context_ids_are_c1_to_c99() {
+        for ok in ["c1", "c25", "c99", "C7"] {
+            assert!(is_auth_context_id(ok), "{ok}");
+        }
+        for bad in ["c0", "c100", "c01", "cp1", "1", "c", "c-1"] {
+            assert!(!is_auth_context_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn anonymous_rules_cannot_require() {
+        let text = BASE.replace("    require:", "    allow_anonymous: true\n    require:");
+        assert_eq!(compile_text(&text).err().unwrap().path, "rules[0].allow_anonymous");
+    }
+}

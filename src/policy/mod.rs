@@ -1,0 +1,152 @@
+//! The compiled policy: what `evaluate` reads on every request.
+//!
+//! A `Policy` is built once from the policy file by [`compile`] (patterns prepared, CEL parsed,
+//! issuers resolved, every reference checked) and is immutable afterwards; a reload builds a new one
+//! and swaps it in whole. A policy that does not compile is never served.
+
+mod compile;
+pub mod condition;
+pub mod pattern;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+pub use compile::compile;
+use condition::Condition;
+use pattern::{PathGlob, Wildcard};
+
+use crate::identity::Issuers;
+
+pub struct Policy {
+    pub realm: String,
+    pub issuers: Issuers,
+    pub auth_contexts: BTreeMap<String, AuthContext>,
+    pub rules: Vec<Rule>,
+    pub default: DefaultAction,
+    pub upstream: Upstream,
+    pub max_token_bytes: usize,
+    pub cel: Arc<cel::Env>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthContext {
+    pub id: String,
+    pub description: String,
+    pub max_age: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultAction {
+    Deny,
+    AllowAuthenticated,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub id: Arc<str>,
+    pub description: String,
+    /// The rule applies when any matcher matches.
+    pub matchers: Vec<Matcher>,
+    /// Issuer ids whose tokens the rule accepts; empty means any configured issuer.
+    pub issuers: Vec<String>,
+    pub allow_anonymous: bool,
+    pub require: Requirement,
+    pub escalate: Vec<Escalation>,
+}
+
+/// Every present field must match.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    pub operation: Option<Wildcard>,
+    pub methods: Vec<String>,
+    pub hosts: Vec<Wildcard>,
+    pub paths: Vec<PathGlob>,
+    pub grpc: Option<GrpcMatcher>,
+    pub when: Option<Condition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcMatcher {
+    pub service: Wildcard,
+    pub method: Option<Wildcard>,
+}
+
+/// What a token must show. Authorization parts (scopes, roles, claims, `when`) refuse with 403;
+/// authentication parts (auth contexts, acr, amr, max age) ask for a step-up.
+#[derive(Debug, Default)]
+pub struct Requirement {
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    pub claims: Vec<ClaimRequirement>,
+    pub when: Option<Condition>,
+    pub auth_contexts: Vec<String>,
+    pub acr: Vec<String>,
+    pub amr: Vec<String>,
+    pub max_age: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimRequirement {
+    pub claim: String,
+    /// Any of these values satisfies the requirement.
+    pub any_of: Vec<serde_json::Value>,
+}
+
+#[derive(Debug)]
+pub struct Escalation {
+    pub when: Condition,
+    pub require: Requirement,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub identity_headers: Vec<(String, HeaderSource)>,
+    pub remove_authorization: bool,
+}
+
+/// Where an identity header's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderSource {
+    Subject,
+    Issuer,
+    IssuerId,
+    Tenant,
+    ClientId,
+    Acrs,
+    Acr,
+    Amr,
+    Scopes,
+    Roles,
+    AuthTime,
+    Rule,
+    Claim(String),
+}
+
+impl Requirement {
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+            && self.roles.is_empty()
+            && self.claims.is_empty()
+            && self.when.is_none()
+            && self.auth_contexts.is_empty()
+            && self.acr.is_empty()
+            && self.amr.is_empty()
+            && self.max_age.is_none()
+    }
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("realm", &self.realm)
+            .field("issuers", &self.issuers)
+            .field("rules", &self.rules)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| &*r.id == id)
+    }
+}

@@ -1,0 +1,145 @@
+//! The small pattern languages of matchers, compiled once at load: `*` wildcards for operations and
+//! hosts, and segment globs (`*` within a segment, `**` across segments) for paths.
+
+/// A pattern where `*` matches any run of characters (including none). No other metacharacters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wildcard {
+    parts: Vec<String>,
+    exact: bool,
+}
+
+impl Wildcard {
+    pub fn new(pattern: &str) -> Self {
+        Self {
+            parts: pattern.split('*').map(str::to_owned).collect(),
+            exact: !pattern.contains('*'),
+        }
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        if self.exact {
+            return self.parts[0] == text;
+        }
+        let (first, rest) = self.parts.split_first().expect("split yields at least one part");
+        let Some(mut remaining) = text.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        let (last, middle) = rest.split_last().expect("a pattern with * has two parts or more");
+        for part in middle {
+            match remaining.find(part.as_str()) {
+                Some(i) => remaining = &remaining[i + part.len()..],
+                None => return false,
+            }
+        }
+        remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Wild(Wildcard),
+    /// `**`: zero or more whole segments.
+    Any,
+}
+
+/// A path glob such as `/payments/*/approve` or `/admin/**`, matched segment by segment against a
+/// normalised path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathGlob {
+    segments: Vec<Segment>,
+}
+
+impl PathGlob {
+    /// Compiles a glob. Errors are user-facing.
+    pub fn new(glob: &str) -> Result<Self, String> {
+        if !glob.starts_with('/') {
+            return Err(format!("a path must start with /, got {glob:?}"));
+        }
+        if glob.contains(['?', '#']) {
+            return Err(format!("a path glob never contains ? or #: the query is not matched, got {glob:?}"));
+        }
+        let mut segments = Vec::new();
+        for s in glob.split('/').filter(|s| !s.is_empty()) {
+            segments.push(match s {
+                "**" => Segment::Any,
+                s if s.contains("**") => {
+                    return Err(format!("** must be a whole segment (like /a/**/b), got {glob:?}"));
+                }
+                s if s.contains('*') => Segment::Wild(Wildcard::new(s)),
+                s => Segment::Literal(s.to_owned()),
+            });
+        }
+        Ok(Self { segments })
+    }
+
+    pub fn matches(&self, normalized_path: &str) -> bool {
+        let path: Vec<&str> = normalized_path.split('/').filter(|s| !s.is_empty()).collect();
+        match_segments(&self.segments, &path)
+    }
+}
+
+fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
+        Some((segment, rest)) => match path.split_first() {
+            None => false,
+            Some((first, tail)) => {
+                let ok = match segment {
+                    Segment::Literal(lit) => lit == first,
+                    Segment::Wild(w) => w.matches(first),
+                    Segment::Any => unreachable!("handled above"),
+                };
+                ok && match_segments(rest, tail)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matches_runs() {
+        let w = Wildcard::new("payments.*");
+        assert!(w.matches("payments.wire_transfer"));
+        assert!(w.matches("payments."));
+        assert!(!w.matches("payment.x"));
+        assert!(Wildcard::new("*.example.com").matches("api.example.com"));
+        assert!(!Wildcard::new("*.example.com").matches("example.com"));
+        assert!(Wildcard::new("a*b*c").matches("aXXbYYc"));
+        assert!(!Wildcard::new("a*b*c").matches("aXXcYYb"));
+        assert!(Wildcard::new("*").matches(""));
+        assert!(!Wildcard::new("ab*ba").matches("aba"));
+    }
+
+    #[test]
+    fn path_globs_match_segments() {
+        let admin = PathGlob::new("/admin/**").unwrap();
+        assert!(admin.matches("/admin"));
+        assert!(admin.matches("/admin/users/42"));
+        assert!(!admin.matches("/administrator"));
+        let all = PathGlob::new("/**").unwrap();
+        assert!(all.matches("/"));
+        assert!(all.matches("/x/y"));
+        let one = PathGlob::new("/payments/*/approve").unwrap();
+        assert!(one.matches("/payments/42/approve"));
+        assert!(!one.matches("/payments/approve"));
+        assert!(!one.matches("/payments/4/2/approve"));
+        let mid = PathGlob::new("/a/**/z").unwrap();
+        assert!(mid.matches("/a/z") && mid.matches("/a/b/c/z") && !mid.matches("/a/b"));
+        let exact = PathGlob::new("/payments/wire").unwrap();
+        assert!(exact.matches("/payments/wire") && exact.matches("/payments/wire/"));
+        assert!(!exact.matches("/payments/wire/x"));
+        assert!(PathGlob::new("/v1/*.json").unwrap().matches("/v1/a.json"));
+    }
+
+    #[test]
+    fn bad_globs_are_refused() {
+        assert!(PathGlob::new("admin/**").is_err());
+        assert!(PathGlob::new("/a**").is_err());
+        assert!(PathGlob::new("/a?b=1").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! `AccessRequest`: the one normalised view of a request, whichever door it came through.
+//!
+//! The ext_authz adapter and the `Decide` adapter each build one of these and nothing else; the
+//! engine never sees a wire type. Header names are lower-case here.
+
+pub mod path;
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::identity::{Credential, CredentialProblem, bearer};
+
+/// Which front door a request came through (for logs and metrics only: it never changes a decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Check,
+    Decide,
+    Offline,
+}
+
+impl Door {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Decide => "decide",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// The credential as presented, before any parsing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PresentedCredential {
+    #[default]
+    None,
+    /// A bare token (the `Decide` `token` field).
+    Token(String),
+    /// An `Authorization` header value.
+    Authorization(String),
+    /// Something that is refused before any parsing: two headers, non-UTF-8 bytes.
+    Unusable(CredentialProblem),
+}
+
+impl PresentedCredential {
+    pub fn credential(&self) -> Credential<'_> {
+        match self {
+            Self::None => Credential::Missing,
+            Self::Token(token) => bearer::from_token(token),
+            Self::Authorization(value) => bearer::from_authorization(value),
+            Self::Unusable(problem) => Credential::Malformed(*problem),
+        }
+    }
+}
+
+/// HTTP attributes of the request being authorised.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpAttributes {
+    /// Upper-case method.
+    pub method: String,
+    /// Host without port, lower-case.
+    pub host: String,
+    /// Request target as sent (path and query).
+    pub target: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// One request to decide.
+#[derive(Debug, Clone, Default)]
+pub struct AccessRequest {
+    pub credential: PresentedCredential,
+    pub operation: Option<String>,
+    pub http: Option<HttpAttributes>,
+    /// Free-form attributes for CEL conditions (`request.attributes`).
+    pub attributes: Map<String, Value>,
+    /// Where Envoy's `context_extensions` land, also visible to CEL as `request.context`.
+    pub context: Map<String, Value>,
+    pub explain: bool,
+}
+
+impl HttpAttributes {
+    pub fn new(method: &str, authority: &str, target: &str, headers: HashMap<String, String>) -> Self {
+        Self {
+            method: method.to_ascii_uppercase(),
+            host: host_without_port(authority),
+            target: target.to_owned(),
+            headers,
+        }
+    }
+
+    /// Whether the query string carries an RFC 6750 `access_token` parameter.
+    pub fn has_query_token(&self) -> bool {
+        let query = match self.target.split_once('?') {
+            Some((_, q)) => q,
+            None => return false,
+        };
+        query
+            .split('&')
+            .any(|pair| pair.split('=').next() == Some("access_token"))
+    }
+}
+
+fn host_without_port(authority: &str) -> String {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) { h } else { authority }
+        })
+    };
+    host.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_loses_port_and_case() {
+        assert_eq!(host_without_port("API.example.com:8443"), "api.example.com");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+        assert_eq!(host_without_port("example.com"), "example.com");
+    }
+
+    #[test]
+    fn finds_access_token_query_parameter() {
+        let http = |t: &str| HttpAttributes::new("GET", "h", t, HashMap::new());
+        assert!(http("/a?x=1&access_token=abc").has_query_token());
+        assert!(!http("/a?my_access_token=abc").has_query_token());
+        assert!(!http("/a").has_query_token());
+    }
+}

@@ -1,0 +1,130 @@
+//! The path rules match against: the request target without its query, with dot segments removed,
+//! repeated slashes merged and percent-encoded unreserved characters decoded (RFC 3986 §6.2.2).
+//!
+//! Matching the path exactly as sent would let `/public/../admin` or `/%61dmin` slip past an
+//! `/admin/**` rule while the upstream, which normalises, serves `/admin`. Encoded slashes and
+//! backslashes have no single meaning across servers, so such paths are refused outright.
+
+/// Why a path could not be normalised safely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathProblem {
+    /// `%2F`, `%5C` or a raw backslash: upstreams disagree about what they mean.
+    AmbiguousSeparator,
+    /// A `%` not followed by two hex digits, or bytes that are not UTF-8 once decoded.
+    BadEncoding,
+    /// Not origin-form (`/…`).
+    NotAbsolute,
+}
+
+impl PathProblem {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::AmbiguousSeparator => "the path contains an encoded slash or a backslash",
+            Self::BadEncoding => "the path has invalid percent-encoding",
+            Self::NotAbsolute => "the path does not start with /",
+        }
+    }
+}
+
+/// Splits a request target into its normalised path (for matching) and its raw query.
+pub fn normalize(target: &str) -> Result<(String, &str), PathProblem> {
+    let (path, query) = match target.find(['?', '#']) {
+        Some(i) => (&target[..i], target[i + 1..].split('#').next().unwrap_or("")),
+        None => (target, ""),
+    };
+    if !path.starts_with('/') {
+        return Err(PathProblem::NotAbsolute);
+    }
+    if path.contains('\\') {
+        return Err(PathProblem::AmbiguousSeparator);
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (decoded.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    Ok((out, query))
+}
+
+/// Decodes `%XX` escapes of unreserved characters and keeps other escapes as they are (upper-cased),
+/// so that `%61` and `a` compare equal but `%3F` stays distinct from `?`.
+fn decode_unreserved(path: &str) -> Result<String, PathProblem> {
+    if !path.contains('%') {
+        return Ok(path.to_owned());
+    }
+    let bytes = path.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let hex = bytes.get(i + 1..i + 3).ok_or(PathProblem::BadEncoding)?;
+        let text = std::str::from_utf8(hex).map_err(|_| PathProblem::BadEncoding)?;
+        let byte = u8::from_str_radix(text, 16).map_err(|_| PathProblem::BadEncoding)?;
+        match byte {
+            b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
+            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
+            _ => out.extend_from_slice(format!("%{byte:02X}").as_bytes()),
+        }
+        i += 3;
+    }
+    String::from_utf8(out).map_err(|_| PathProblem::BadEncoding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(target: &str) -> String {
+        normalize(target).unwrap().0
+    }
+
+    #[test]
+    fn strips_the_query_and_keeps_it() {
+        assert_eq!(normalize("/payments/wire?dry_run=1"), Ok(("/payments/wire".to_owned(), "dry_run=1")));
+        assert_eq!(normalize("/a#frag"), Ok(("/a".to_owned(), "")));
+    }
+
+    #[test]
+    fn removes_dot_segments_and_merges_slashes() {
+        assert_eq!(path("/public/../admin/users"), "/admin/users");
+        assert_eq!(path("//admin//./users/"), "/admin/users/");
+        assert_eq!(path("/../../etc"), "/etc");
+        assert_eq!(path("/"), "/");
+        assert_eq!(path("/.."), "/");
+    }
+
+    #[test]
+    fn decodes_unreserved_escapes_only() {
+        assert_eq!(path("/%61dmin"), "/admin");
+        assert_eq!(path("/%2e%2e/admin"), "/admin");
+        assert_eq!(path("/a%3fb"), "/a%3Fb");
+    }
+
+    #[test]
+    fn refuses_ambiguous_or_broken_paths() {
+        assert_eq!(normalize("/admin%2Fusers"), Err(PathProblem::AmbiguousSeparator));
+        assert_eq!(normalize("/admin%5cusers"), Err(PathProblem::AmbiguousSeparator));
+        assert_eq!(normalize("/admin\\users"), Err(PathProblem::AmbiguousSeparator));
+        assert_eq!(normalize("/a%zz"), Err(PathProblem::BadEncoding));
+        assert_eq!(normalize("/a%"), Err(PathProblem::BadEncoding));
+        assert_eq!(normalize("admin"), Err(PathProblem::NotAbsolute));
+    }
+}
