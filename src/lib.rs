@@ -8,6 +8,7 @@
 pub mod challenge;
 pub mod config;
 pub mod decision;
+pub mod demo;
 pub mod identity;
 pub mod policy;
 pub mod request;

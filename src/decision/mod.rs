@@ -5,6 +5,8 @@
 
 mod evaluate;
 mod reason;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 

@@ -1,0 +1,119 @@
+//! Demo tokens: minting signed JWTs with the demo keys under `examples/demo-keys/`, for
+//! `stepgate token`, the README's walkthrough and the tests. Nothing in the serving path uses this.
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Map, Value, json};
+
+/// Issuer and audience of the bundled demo policy (`examples/stepgate.yaml`).
+pub const DEMO_ENTRA_ISSUER: &str = "https://login.demo.stepgate.invalid/entra/v2.0";
+pub const DEMO_OIDC_ISSUER: &str = "https://login.demo.stepgate.invalid/oidc";
+pub const DEMO_AUDIENCE: &str = "api://stepgate-demo";
+pub const DEMO_RSA_KID: &str = "stepgate-demo-rsa-1";
+pub const DEMO_EC_KID: &str = "stepgate-demo-ec-1";
+
+/// The claims of a token to mint. `Default` gives an Entra-style user token issued now.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    pub issuer: String,
+    pub audience: String,
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub acrs: Vec<String>,
+    pub acr: Option<String>,
+    pub amr: Vec<String>,
+    /// Seconds before `now` at which the user signed in; `None` leaves `auth_time` out.
+    pub auth_age: Option<i64>,
+    pub xms_cc: Vec<String>,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    /// Seconds the token lives from `now` (negative mints an expired token).
+    pub lifetime: i64,
+    pub extra: Map<String, Value>,
+}
+
+impl Default for TokenSpec {
+    fn default() -> Self {
+        Self {
+            issuer: DEMO_ENTRA_ISSUER.to_owned(),
+            audience: DEMO_AUDIENCE.to_owned(),
+            subject: "alice".to_owned(),
+            tenant: Some("72f988bf-86f1-41af-91ab-2d7cd011db47".to_owned()),
+            client_id: Some("demo-client".to_owned()),
+            acrs: Vec::new(),
+            acr: None,
+            amr: vec!["pwd".to_owned()],
+            auth_age: Some(0),
+            xms_cc: Vec::new(),
+            scopes: vec!["user_impersonation".to_owned()],
+            roles: Vec::new(),
+            lifetime: 3600,
+            extra: Map::new(),
+        }
+    }
+}
+
+impl TokenSpec {
+    /// The claims set at unix time `now`.
+    pub fn claims(&self, now: i64) -> Value {
+        let mut claims = json!({
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": self.subject,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.lifetime,
+        });
+        let map = claims.as_object_mut().expect("a JSON object literal");
+        let mut put = |k: &str, v: Value| {
+            map.insert(k.to_owned(), v);
+        };
+        if let Some(t) = &self.tenant {
+            put("tid", json!(t));
+        }
+        if let Some(c) = &self.client_id {
+            put("azp", json!(c));
+        }
+        if !self.acrs.is_empty() {
+            put("acrs", json!(self.acrs));
+        }
+        if let Some(a) = &self.acr {
+            put("acr", json!(a));
+        }
+        if !self.amr.is_empty() {
+            put("amr", json!(self.amr));
+        }
+        if let Some(age) = self.auth_age {
+            put("auth_time", json!(now - age));
+        }
+        if !self.xms_cc.is_empty() {
+            put("xms_cc", json!(self.xms_cc));
+        }
+        if !self.scopes.is_empty() {
+            put("scp", json!(self.scopes.join(" ")));
+        }
+        if !self.roles.is_empty() {
+            put("roles", json!(self.roles));
+        }
+        for (k, v) in &self.extra {
+            map.insert(k.clone(), v.clone());
+        }
+        claims
+    }
+}
+
+/// Signs `claims` with a PEM private key (RSA or EC, PKCS#8) under `kid`.
+pub fn sign(claims: &Value, key_pem: &[u8], alg: Algorithm, kid: &str) -> Result<String, String> {
+    let key = match alg {
+        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => {
+            EncodingKey::from_rsa_pem(key_pem)
+        }
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(key_pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(key_pem),
+        _ => return Err(format!("{alg:?} is not an asymmetric algorithm")),
+    }
+    .map_err(|e| format!("cannot read the private key: {e}"))?;
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &key).map_err(|e| format!("cannot sign: {e}"))
+}
