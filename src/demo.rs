@@ -105,9 +105,12 @@ impl TokenSpec {
 /// Signs `claims` with a PEM private key (RSA or EC, PKCS#8) under `kid`.
 pub fn sign(claims: &Value, key_pem: &[u8], alg: Algorithm, kid: &str) -> Result<String, String> {
     let key = match alg {
-        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => {
-            EncodingKey::from_rsa_pem(key_pem)
-        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(key_pem),
         Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(key_pem),
         Algorithm::EdDSA => EncodingKey::from_ed_pem(key_pem),
         _ => return Err(format!("{alg:?} is not an asymmetric algorithm")),

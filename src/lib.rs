@@ -5,6 +5,7 @@
 //! (`WWW-Authenticate`). `server` holds the two thin front doors; `config` loads the policy file.
 //! See ARCHITECTURE.md for the map and its invariants.
 
+pub mod api;
 pub mod challenge;
 pub mod config;
 pub mod decision;
@@ -12,3 +13,5 @@ pub mod demo;
 pub mod identity;
 pub mod policy;
 pub mod request;
+pub mod server;
+pub mod telemetry;

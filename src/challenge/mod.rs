@@ -61,7 +61,9 @@ pub fn entra_claims(entra: &EntraChallenge, claims_base64: &str) -> String {
     if let Some(client_id) = &entra.client_id {
         value.push_str(&format!(", client_id=\"{client_id}\""));
     }
-    value.push_str(&format!(", error=\"insufficient_claims\", claims=\"{claims_base64}\""));
+    value.push_str(&format!(
+        ", error=\"insufficient_claims\", claims=\"{claims_base64}\""
+    ));
     value
 }
 
@@ -108,7 +110,10 @@ mod tests {
     #[test]
     fn microsofts_own_claims_example_encodes_exactly() {
         let json = entra_claims_request("c1");
-        assert_eq!(json, r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#);
+        assert_eq!(
+            json,
+            r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#
+        );
         assert_eq!(
             encode_claims(&json),
             "eyJhY2Nlc3NfdG9rZW4iOnsiYWNycyI6eyJlc3NlbnRpYWwiOnRydWUsInZhbHVlIjoiYzEifX19"
@@ -135,7 +140,10 @@ mod tests {
         // c25's request is 58 bytes: standard base64 pads it.
         let b64 = encode_claims(&entra_claims_request("c25"));
         assert!(b64.ends_with('='), "{b64}");
-        assert_eq!(STANDARD.decode(&b64).unwrap(), entra_claims_request("c25").as_bytes());
+        assert_eq!(
+            STANDARD.decode(&b64).unwrap(),
+            entra_claims_request("c25").as_bytes()
+        );
     }
 
     #[test]
@@ -146,7 +154,11 @@ mod tests {
             "Bearer realm=\"example\", error=\"invalid_token\", error_description=\"The access token expired\""
         );
         assert_eq!(
-            insufficient_scope("api", "missing scope", &["payments.write".into(), "openid".into()]),
+            insufficient_scope(
+                "api",
+                "missing scope",
+                &["payments.write".into(), "openid".into()]
+            ),
             "Bearer realm=\"api\", error=\"insufficient_scope\", error_description=\"missing scope\", scope=\"payments.write openid\""
         );
     }
@@ -173,6 +185,9 @@ mod tests {
     #[test]
     fn descriptions_cannot_break_out_of_quotes() {
         let v = invalid_request("r", "bad \"quote\" \\ and\nnewline é");
-        assert_eq!(v, "Bearer realm=\"r\", error=\"invalid_request\", error_description=\"bad 'quote' ' and?newline ?\"");
+        assert_eq!(
+            v,
+            "Bearer realm=\"r\", error=\"invalid_request\", error_description=\"bad 'quote' ' and?newline ?\""
+        );
     }
 }

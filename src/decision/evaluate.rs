@@ -114,7 +114,13 @@ impl<'p> Run<'p> {
             Some(Err(problem)) => {
                 self.step("credential", || problem.describe().to_owned());
                 let www = challenge::invalid_request(realm, problem.describe());
-                return self.deny(400, Reason::InvalidPath, problem.describe(), None, Some(www));
+                return self.deny(
+                    400,
+                    Reason::InvalidPath,
+                    problem.describe(),
+                    None,
+                    Some(www),
+                );
             }
         };
 
@@ -125,7 +131,10 @@ impl<'p> Run<'p> {
                 match identity::verify(raw, &policy.issuers, policy.max_token_bytes, now) {
                     Ok(token) => {
                         self.step("token", || {
-                            format!("valid token from issuer {:?} for subject {:?}", token.issuer.id, token.principal.subject)
+                            format!(
+                                "valid token from issuer {:?} for subject {:?}",
+                                token.issuer.id, token.principal.subject
+                            )
                         });
                         Some(token)
                     }
@@ -160,7 +169,9 @@ impl<'p> Run<'p> {
             }
         };
         let Some(rule) = rule else {
-            self.step("default", || format!("no rule matched; default is {:?}", policy.default));
+            self.step("default", || {
+                format!("no rule matched; default is {:?}", policy.default)
+            });
             return match (policy.default, token) {
                 (_, None) => self.token_missing(),
                 (DefaultAction::Deny, Some(token)) => {
@@ -193,9 +204,13 @@ impl<'p> Run<'p> {
                     self.step("escalate", || format!("{:?} holds", escalation.when.source));
                     effective.add(&escalation.require);
                 }
-                Ok(false) => self.step("escalate", || format!("{:?} does not hold", escalation.when.source)),
+                Ok(false) => self.step("escalate", || {
+                    format!("{:?} does not hold", escalation.when.source)
+                }),
                 Err(message) => {
-                    self.step("escalate", || format!("{message}; escalating (fail closed)"));
+                    self.step("escalate", || {
+                        format!("{message}; escalating (fail closed)")
+                    });
                     effective.add(&escalation.require);
                 }
             }
@@ -240,9 +255,18 @@ impl<'p> Run<'p> {
         let p = &token.principal;
         if !rule.issuers.is_empty() && !rule.issuers.contains(&token.issuer.id) {
             let message = "the access token issuer is not accepted for this resource";
-            self.step("require", || format!("issuer {:?} not in {:?}", token.issuer.id, rule.issuers));
+            self.step("require", || {
+                format!("issuer {:?} not in {:?}", token.issuer.id, rule.issuers)
+            });
             let www = challenge::invalid_token(realm, message);
-            return Some(self.deny_with(401, Reason::IssuerNotAccepted, message, rule, token, Some(www)));
+            return Some(self.deny_with(
+                401,
+                Reason::IssuerNotAccepted,
+                message,
+                rule,
+                token,
+                Some(www),
+            ));
         }
         let missing: Vec<String> = effective
             .scopes
@@ -255,24 +279,56 @@ impl<'p> Run<'p> {
             self.step("require", || message.clone());
             let required: Vec<String> = effective.scopes.iter().map(|s| s.to_string()).collect();
             let www = challenge::insufficient_scope(realm, &message, &required);
-            return Some(self.deny_with(403, Reason::MissingScope, &message, rule, token, Some(www)));
+            return Some(self.deny_with(
+                403,
+                Reason::MissingScope,
+                &message,
+                rule,
+                token,
+                Some(www),
+            ));
         }
-        if let Some(role) = effective.roles.iter().find(|r| !p.roles.iter().any(|have| have == *r)) {
+        if let Some(role) = effective
+            .roles
+            .iter()
+            .find(|r| !p.roles.iter().any(|have| have == *r))
+        {
             let message = format!("missing role {role}");
             self.step("require", || message.clone());
             let www = challenge::insufficient_scope(realm, &message, &[]);
-            return Some(self.deny_with(403, Reason::MissingRole, &message, rule, token, Some(www)));
+            return Some(self.deny_with(
+                403,
+                Reason::MissingRole,
+                &message,
+                rule,
+                token,
+                Some(www),
+            ));
         }
-        if let Some(c) = effective.claims.iter().find(|c| !claim_matches(&token.claims, c)) {
+        if let Some(c) = effective
+            .claims
+            .iter()
+            .find(|c| !claim_matches(&token.claims, c))
+        {
             let message = format!("claim {} does not have a required value", c.claim);
             self.step("require", || message.clone());
             let www = challenge::insufficient_scope(realm, &message, &[]);
-            return Some(self.deny_with(403, Reason::ClaimMismatch, &message, rule, token, Some(www)));
+            return Some(self.deny_with(
+                403,
+                Reason::ClaimMismatch,
+                &message,
+                rule,
+                token,
+                Some(www),
+            ));
         }
         for condition in &effective.conditions {
             let (reason, message) = match condition.evaluate(input) {
                 Ok(true) => continue,
-                Ok(false) => (Reason::ConditionFailed, format!("condition {:?} does not hold", condition.source)),
+                Ok(false) => (
+                    Reason::ConditionFailed,
+                    format!("condition {:?} does not hold", condition.source),
+                ),
                 Err(message) => (Reason::ConditionError, message),
             };
             self.step("require", || message.clone());
@@ -296,33 +352,54 @@ impl<'p> Run<'p> {
             .filter(|c| !p.acrs.iter().any(|have| have == *c))
             .map(|c| c.to_string())
             .collect();
-        let acr_ok = effective.acr.is_empty() || p.acr.as_deref().is_some_and(|acr| effective.acr.contains(&acr));
+        let acr_ok = effective.acr.is_empty()
+            || p.acr
+                .as_deref()
+                .is_some_and(|acr| effective.acr.contains(&acr));
         let missing_amr: Vec<&str> = effective
             .amr
             .iter()
             .copied()
             .filter(|m| !p.amr.iter().any(|have| have == m))
             .collect();
-        let age = effective.max_age.map(|max| (max, p.auth_time.map(|t| now - t)));
+        let age = effective
+            .max_age
+            .map(|max| (max, p.auth_time.map(|t| now - t)));
 
         let unmet = if let Some(first) = missing_contexts.first() {
-            Some((Reason::MissingAuthContext, format!("authentication context {first} is required")))
+            Some((
+                Reason::MissingAuthContext,
+                format!("authentication context {first} is required"),
+            ))
         } else if !acr_ok {
             Some((
                 Reason::AcrNotAccepted,
-                format!("authentication level {} is required", effective.acr.join(" or ")),
+                format!(
+                    "authentication level {} is required",
+                    effective.acr.join(" or ")
+                ),
             ))
         } else if !missing_amr.is_empty() {
-            Some((Reason::MissingAmr, format!("authentication method {} is required", missing_amr.join(", "))))
+            Some((
+                Reason::MissingAmr,
+                format!(
+                    "authentication method {} is required",
+                    missing_amr.join(", ")
+                ),
+            ))
         } else {
             match age {
                 Some((max, None)) => Some((
                     Reason::AuthTimeMissing,
-                    format!("a sign-in within {max} seconds is required and the token has no auth_time"),
+                    format!(
+                        "a sign-in within {max} seconds is required and the token has no auth_time"
+                    ),
                 )),
                 Some((max, Some(age))) if age > max as i64 => Some((
                     Reason::AuthTooOld,
-                    format!("a sign-in within {max} seconds is required; the last was {age} seconds ago"),
+                    format!(
+                        "a sign-in within {max} seconds is required; the last was {age} seconds ago"
+                    ),
                 )),
                 _ => None,
             }
@@ -335,7 +412,11 @@ impl<'p> Run<'p> {
         let style = token.issuer.challenge;
         let mut step_up = StepUp {
             style: style.as_str(),
-            auth_contexts: effective.auth_contexts.iter().map(|s| s.to_string()).collect(),
+            auth_contexts: effective
+                .auth_contexts
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             missing_auth_contexts: missing_contexts.clone(),
             acr_values: effective.acr.iter().map(|s| s.to_string()).collect(),
             max_age: effective.max_age,
@@ -344,7 +425,9 @@ impl<'p> Run<'p> {
         };
         if p.app_only {
             let message = format!("{message}, and an application token has no user to step up");
-            self.step("challenge", || "application token: cannot step up".to_owned());
+            self.step("challenge", || {
+                "application token: cannot step up".to_owned()
+            });
             let mut d = self.deny_with(403, Reason::AppOnlyToken, &message, rule, token, None);
             d.step_up = Some(step_up);
             return d;
@@ -354,23 +437,45 @@ impl<'p> Run<'p> {
                 // Ask for the first missing context; when all are present but the sign-in is too old
                 // or too weak, ask again for the first required one (its Conditional Access policy
                 // carries the sign-in frequency).
-                let Some(context) = missing_contexts.first().or(step_up.auth_contexts.first()).cloned() else {
-                    self.step("challenge", || "an Entra claims challenge can only request an authentication context".to_owned());
-                    let message = format!("{message}, which the issuer's challenge style cannot request");
-                    return self.deny_with(403, Reason::StepUpNotExpressible, &message, rule, token, None);
+                let Some(context) = missing_contexts
+                    .first()
+                    .or(step_up.auth_contexts.first())
+                    .cloned()
+                else {
+                    self.step("challenge", || {
+                        "an Entra claims challenge can only request an authentication context"
+                            .to_owned()
+                    });
+                    let message =
+                        format!("{message}, which the issuer's challenge style cannot request");
+                    return self.deny_with(
+                        403,
+                        Reason::StepUpNotExpressible,
+                        &message,
+                        rule,
+                        token,
+                        None,
+                    );
                 };
                 let json = challenge::entra_claims_request(&context);
                 let b64 = challenge::encode_claims(&json);
                 step_up.claims = Some((json, b64.clone()));
                 if !token.client_is_challenge_capable() {
-                    self.step("challenge", || "client did not declare cp1 in xms_cc: no claims challenge".to_owned());
-                    let message = format!("{message}, and the client cannot handle a claims challenge (xms_cc lacks cp1)");
-                    let mut d = self.deny_with(403, Reason::ClientNotCapable, &message, rule, token, None);
+                    self.step("challenge", || {
+                        "client did not declare cp1 in xms_cc: no claims challenge".to_owned()
+                    });
+                    let message = format!(
+                        "{message}, and the client cannot handle a claims challenge (xms_cc lacks cp1)"
+                    );
+                    let mut d =
+                        self.deny_with(403, Reason::ClientNotCapable, &message, rule, token, None);
                     d.step_up = Some(step_up);
                     return d;
                 }
                 let www = challenge::entra_claims(&token.issuer.entra, &b64);
-                self.step("challenge", || format!("Entra claims challenge for {context}"));
+                self.step("challenge", || {
+                    format!("Entra claims challenge for {context}")
+                });
                 self.step_up(reason, &message, rule, token, www, step_up)
             }
             ChallengeStyle::Rfc9470 => {
@@ -380,11 +485,15 @@ impl<'p> Run<'p> {
                     &step_up.acr_values,
                     step_up.max_age,
                 );
-                self.step("challenge", || "RFC 9470 insufficient_user_authentication".to_owned());
+                self.step("challenge", || {
+                    "RFC 9470 insufficient_user_authentication".to_owned()
+                });
                 self.step_up(reason, &message, rule, token, www, step_up)
             }
             ChallengeStyle::Deny => {
-                self.step("challenge", || "issuer configured to deny instead of challenging".to_owned());
+                self.step("challenge", || {
+                    "issuer configured to deny instead of challenging".to_owned()
+                });
                 let mut d = self.deny_with(403, reason, &message, rule, token, None);
                 d.step_up = Some(step_up);
                 d
@@ -459,10 +568,17 @@ impl<'p> Run<'p> {
         d
     }
 
-    fn allow(&mut self, reason: Reason, rule: Option<&Rule>, token: Option<&VerifiedToken>) -> Decision {
+    fn allow(
+        &mut self,
+        reason: Reason,
+        rule: Option<&Rule>,
+        token: Option<&VerifiedToken>,
+    ) -> Decision {
         let message = match reason {
             Reason::AnonymousAllowed => "the route allows anonymous access",
-            Reason::DefaultAllowed => "no rule matched; the policy allows any valid token by default",
+            Reason::DefaultAllowed => {
+                "no rule matched; the policy allows any valid token by default"
+            }
             _ => "the token meets every requirement",
         };
         self.step("decision", || message.to_owned());
@@ -507,7 +623,8 @@ fn matches(
         return Ok(false);
     }
     if let Some(grpc) = &m.grpc {
-        let Some((service, method)) = path.and_then(|p| p.strip_prefix('/')?.split_once('/')) else {
+        let Some((service, method)) = path.and_then(|p| p.strip_prefix('/')?.split_once('/'))
+        else {
             return Ok(false);
         };
         if method.contains('/') || !grpc.service.matches(service) {
@@ -532,7 +649,11 @@ fn claim_matches(claims: &serde_json::Map<String, Value>, requirement: &ClaimReq
     }
 }
 
-fn identity_headers(policy: &Policy, rule: Option<&Rule>, token: &VerifiedToken) -> Vec<(String, String)> {
+fn identity_headers(
+    policy: &Policy,
+    rule: Option<&Rule>,
+    token: &VerifiedToken,
+) -> Vec<(String, String)> {
     let p = &token.principal;
     let join = |v: &[String]| (!v.is_empty()).then(|| v.join(" "));
     policy

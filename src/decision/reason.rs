@@ -93,13 +93,41 @@ impl Reason {
     pub const ALL: [Reason; 35] = {
         use Reason::*;
         [
-            Allowed, AnonymousAllowed, DefaultAllowed, MultipleCredentials, MalformedAuthorization,
-            InvalidPath, TokenMissing, TokenTooLarge, TokenMalformed, TokenHeaderForbidden,
-            TokenUnverifiable, AlgorithmNotAllowed, IssuerUnknown, UnknownKid, KeyMismatch,
-            SignatureInvalid, TokenExpired, TokenNotYetValid, AudienceMismatch, ClaimInvalid,
-            IssuerNotAccepted, MissingScope, MissingRole, ClaimMismatch, ConditionFailed,
-            ConditionError, NoMatchingRule, ClientNotCapable, AppOnlyToken, StepUpNotExpressible,
-            MissingAuthContext, AcrNotAccepted, MissingAmr, AuthTimeMissing, AuthTooOld,
+            Allowed,
+            AnonymousAllowed,
+            DefaultAllowed,
+            MultipleCredentials,
+            MalformedAuthorization,
+            InvalidPath,
+            TokenMissing,
+            TokenTooLarge,
+            TokenMalformed,
+            TokenHeaderForbidden,
+            TokenUnverifiable,
+            AlgorithmNotAllowed,
+            IssuerUnknown,
+            UnknownKid,
+            KeyMismatch,
+            SignatureInvalid,
+            TokenExpired,
+            TokenNotYetValid,
+            AudienceMismatch,
+            ClaimInvalid,
+            IssuerNotAccepted,
+            MissingScope,
+            MissingRole,
+            ClaimMismatch,
+            ConditionFailed,
+            ConditionError,
+            NoMatchingRule,
+            ClientNotCapable,
+            AppOnlyToken,
+            StepUpNotExpressible,
+            MissingAuthContext,
+            AcrNotAccepted,
+            MissingAmr,
+            AuthTimeMissing,
+            AuthTooOld,
         ]
     };
 }
@@ -142,6 +170,10 @@ mod tests {
     fn codes_are_unique_snake_case() {
         let codes: HashSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(codes.len(), Reason::ALL.len());
-        assert!(codes.iter().all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_')));
+        assert!(
+            codes
+                .iter()
+                .all(|c| c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'))
+        );
     }
 }

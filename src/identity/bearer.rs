@@ -32,7 +32,9 @@ impl CredentialProblem {
         match self {
             Self::MultipleCredentials => "more than one credential was presented",
             Self::UnsupportedScheme => "the Authorization header does not use the Bearer scheme",
-            Self::MalformedBearer => "the Authorization header does not hold exactly one bearer token",
+            Self::MalformedBearer => {
+                "the Authorization header does not hold exactly one bearer token"
+            }
             Self::InvalidBytes => "the Authorization header contains invalid bytes",
         }
     }
@@ -72,7 +74,10 @@ pub fn from_token(token: &str) -> Credential<'_> {
     let token = token.trim_matches([' ', '\t']);
     if token.is_empty() {
         Credential::Missing
-    } else if token.chars().any(|c| c.is_control() || c == ' ' || c == ',') {
+    } else if token
+        .chars()
+        .any(|c| c.is_control() || c == ' ' || c == ',')
+    {
         Credential::Malformed(CredentialProblem::MalformedBearer)
     } else {
         Credential::Bearer(token)
@@ -87,7 +92,10 @@ mod tests {
 
     #[test]
     fn reads_one_bearer_token_case_insensitively() {
-        assert_eq!(from_authorization("Bearer abc.def.ghi"), Bearer("abc.def.ghi"));
+        assert_eq!(
+            from_authorization("Bearer abc.def.ghi"),
+            Bearer("abc.def.ghi")
+        );
         assert_eq!(from_authorization("bearer   abc"), Bearer("abc"));
         assert_eq!(from_authorization("BEARER abc "), Bearer("abc"));
     }
@@ -101,17 +109,32 @@ mod tests {
 
     #[test]
     fn two_headers_joined_by_envoy_are_refused() {
-        assert_eq!(from_authorization("Bearer a,Bearer b"), Malformed(MultipleCredentials));
-        assert_eq!(from_authorization("Bearer a, Basic b"), Malformed(MultipleCredentials));
+        assert_eq!(
+            from_authorization("Bearer a,Bearer b"),
+            Malformed(MultipleCredentials)
+        );
+        assert_eq!(
+            from_authorization("Bearer a, Basic b"),
+            Malformed(MultipleCredentials)
+        );
     }
 
     #[test]
     fn other_schemes_and_shapes_are_refused() {
-        assert_eq!(from_authorization("Basic dXNlcjpwYXNz"), Malformed(UnsupportedScheme));
-        assert_eq!(from_authorization("abc.def.ghi"), Malformed(UnsupportedScheme));
+        assert_eq!(
+            from_authorization("Basic dXNlcjpwYXNz"),
+            Malformed(UnsupportedScheme)
+        );
+        assert_eq!(
+            from_authorization("abc.def.ghi"),
+            Malformed(UnsupportedScheme)
+        );
         assert_eq!(from_authorization("Bearer"), Malformed(MalformedBearer));
         assert_eq!(from_authorization("Bearer a b"), Malformed(MalformedBearer));
-        assert_eq!(from_authorization("Bearer a\u{0}b"), Malformed(InvalidBytes));
+        assert_eq!(
+            from_authorization("Bearer a\u{0}b"),
+            Malformed(InvalidBytes)
+        );
         assert_eq!(from_token("a b"), Malformed(MalformedBearer));
     }
 }

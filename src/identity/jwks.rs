@@ -70,8 +70,8 @@ pub struct JwksError(pub String);
 impl KeySet {
     /// Parses a JWKS document. Returns the usable keys and one note per skipped key.
     pub fn parse(json: &[u8]) -> Result<(KeySet, Vec<String>), JwksError> {
-        let doc: Value = serde_json::from_slice(json)
-            .map_err(|e| JwksError(format!("not valid JSON: {e}")))?;
+        let doc: Value =
+            serde_json::from_slice(json).map_err(|e| JwksError(format!("not valid JSON: {e}")))?;
         let keys = doc
             .get("keys")
             .and_then(Value::as_array)
@@ -114,7 +114,9 @@ impl KeySet {
         match kid {
             Some(kid) => self.by_kid.get(kid),
             None if self.anonymous.len() == 1 => self.anonymous.first(),
-            None if self.anonymous.is_empty() && self.by_kid.len() == 1 => self.by_kid.values().next(),
+            None if self.anonymous.is_empty() && self.by_kid.len() == 1 => {
+                self.by_kid.values().next()
+            }
             None => None,
         }
     }
@@ -188,13 +190,20 @@ mod tests {
 
     #[test]
     fn finds_keys_by_kid() {
-        let doc = format!(r#"{{"keys":[{},{}]}}"#, rsa("a", ""), rsa("b", r#","alg":"RS256""#));
+        let doc = format!(
+            r#"{{"keys":[{},{}]}}"#,
+            rsa("a", ""),
+            rsa("b", r#","alg":"RS256""#)
+        );
         let (set, notes) = KeySet::parse(doc.as_bytes()).unwrap();
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(set.len(), 2);
         assert_eq!(set.find(Some("b")).unwrap().alg, Some(Algorithm::RS256));
         assert!(set.find(Some("c")).is_none());
-        assert!(set.find(None).is_none(), "two keys: a token without kid is ambiguous");
+        assert!(
+            set.find(None).is_none(),
+            "two keys: a token without kid is ambiguous"
+        );
     }
 
     #[test]

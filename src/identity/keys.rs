@@ -75,7 +75,9 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("GET {uri}: {e}"))?
     {
         if body.len() + chunk.len() > MAX_JWKS_BYTES {
-            return Err(format!("GET {uri}: key set larger than {MAX_JWKS_BYTES} bytes"));
+            return Err(format!(
+                "GET {uri}: key set larger than {MAX_JWKS_BYTES} bytes"
+            ));
         }
         body.extend_from_slice(&chunk);
     }
@@ -100,7 +102,11 @@ pub async fn load_all(issuers: &[Arc<Issuer>], http: &reqwest::Client) -> Vec<St
 }
 
 /// Refreshes each issuer's keys on its interval until `stop` changes. One task per issuer.
-pub fn spawn_refresh(issuers: Vec<Arc<Issuer>>, http: reqwest::Client, stop: watch::Receiver<bool>) {
+pub fn spawn_refresh(
+    issuers: Vec<Arc<Issuer>>,
+    http: reqwest::Client,
+    stop: watch::Receiver<bool>,
+) {
     for issuer in issuers {
         let http = http.clone();
         let mut stop = stop.clone();
@@ -116,7 +122,9 @@ pub fn spawn_refresh(issuers: Vec<Arc<Issuer>>, http: reqwest::Client, stop: wat
                     _ = stop.changed() => return,
                 }
                 match load(&issuer, &http).await {
-                    Ok(count) => tracing::debug!(issuer = %issuer.id, keys = count, "refreshed signing keys"),
+                    Ok(count) => {
+                        tracing::debug!(issuer = %issuer.id, keys = count, "refreshed signing keys")
+                    }
                     Err(err) => tracing::warn!(
                         issuer = %issuer.id, error = %err,
                         kept = issuer.keys().len(),

@@ -44,7 +44,9 @@ pub enum TokenError {
     Malformed(&'static str),
     #[error("the access token header carries {0:?}, which is never accepted")]
     ForbiddenHeader(String),
-    #[error("the access token carries a nonce header and cannot be verified (a Microsoft Graph token?)")]
+    #[error(
+        "the access token carries a nonce header and cannot be verified (a Microsoft Graph token?)"
+    )]
     Unverifiable,
     #[error("the access token algorithm {0} is not allowed")]
     AlgorithmNotAllowed(String),
@@ -87,12 +89,15 @@ pub fn verify(
     let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed("expected three dot-separated segments"));
+        return Err(TokenError::Malformed(
+            "expected three dot-separated segments",
+        ));
     };
     if signature_b64.is_empty() {
         return Err(TokenError::Malformed("the signature segment is empty"));
     }
-    let header = decode_json_object(header_b64).ok_or(TokenError::Malformed("bad header segment"))?;
+    let header =
+        decode_json_object(header_b64).ok_or(TokenError::Malformed("bad header segment"))?;
     let alg_name = header
         .get("alg")
         .and_then(Value::as_str)
@@ -117,7 +122,8 @@ pub fn verify(
         Some(_) => return Err(TokenError::Malformed("the header kid is not a string")),
     };
 
-    let claims = decode_json_object(payload_b64).ok_or(TokenError::Malformed("bad payload segment"))?;
+    let claims =
+        decode_json_object(payload_b64).ok_or(TokenError::Malformed("bad payload segment"))?;
     let iss = claims
         .get("iss")
         .and_then(Value::as_str)
@@ -167,12 +173,19 @@ fn decode_json_object(segment: &str) -> Option<Map<String, Value>> {
 }
 
 /// A NumericDate (RFC 7519 §2): a JSON number of seconds, possibly with a fraction.
-pub(super) fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, TokenError> {
+pub(super) fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<i64>, TokenError> {
     match claims.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.floor() as i64)
+            })
             .map(Some)
             .ok_or(TokenError::ClaimInvalid(name)),
         Some(_) => Err(TokenError::ClaimInvalid(name)),
@@ -202,7 +215,11 @@ fn check_audience(claims: &Map<String, Value>, audiences: &[String]) -> Result<(
                 let aud = aud.as_str().ok_or(TokenError::ClaimInvalid("aud"))?;
                 matched |= accepted(aud);
             }
-            if matched { Ok(()) } else { Err(TokenError::AudienceMismatch) }
+            if matched {
+                Ok(())
+            } else {
+                Err(TokenError::AudienceMismatch)
+            }
         }
         Some(Value::String(_)) => Err(TokenError::AudienceMismatch),
         None => Err(TokenError::AudienceMismatch),

@@ -41,7 +41,10 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         let path = format!("rules[{i}]");
         let compiled = compile_rule(rule, &path, &cel, &issuers, &auth_contexts)?;
         if !seen.insert(compiled.id.clone()) {
-            return err(format!("{path}.id"), format!("duplicate rule id {:?}", rule.id));
+            return err(
+                format!("{path}.id"),
+                format!("duplicate rule id {:?}", rule.id),
+            );
         }
         rules.push(compiled);
     }
@@ -68,8 +71,14 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
 
 /// Values that end up inside a quoted `WWW-Authenticate` parameter may not break out of it.
 fn check_quotable(value: &str, path: &str) -> Result<String> {
-    if value.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
-        return err(path, "must not contain quotes, backslashes or control characters");
+    if value
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return err(
+            path,
+            "must not contain quotes, backslashes or control characters",
+        );
     }
     Ok(value.to_owned())
 }
@@ -84,16 +93,25 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
     for (i, c) in configs.iter().enumerate() {
         let path = format!("issuers[{i}]");
         if !is_identifier(&c.id) {
-            return err(format!("{path}.id"), format!("expected letters, digits, - or _, got {:?}", c.id));
+            return err(
+                format!("{path}.id"),
+                format!("expected letters, digits, - or _, got {:?}", c.id),
+            );
         }
         if !ids.insert(c.id.as_str()) {
-            return err(format!("{path}.id"), format!("duplicate issuer id {:?}", c.id));
+            return err(
+                format!("{path}.id"),
+                format!("duplicate issuer id {:?}", c.id),
+            );
         }
         if c.issuer.is_empty() {
             return err(format!("{path}.issuer"), "must not be empty");
         }
         if !iss_values.insert(c.issuer.as_str()) {
-            return err(format!("{path}.issuer"), format!("issuer {:?} is configured twice", c.issuer));
+            return err(
+                format!("{path}.issuer"),
+                format!("issuer {:?} is configured twice", c.issuer),
+            );
         }
         let key_source = match (&c.jwks_uri, &c.jwks_file) {
             (Some(uri), None) => KeySource::Uri(check_jwks_uri(uri, &format!("{path}.jwks_uri"))?),
@@ -102,7 +120,10 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             (None, None) => return err(&path, "one of jwks_uri or jwks_file is required"),
         };
         if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
-            return err(format!("{path}.audiences"), "list at least one non-empty audience");
+            return err(
+                format!("{path}.audiences"),
+                "list at least one non-empty audience",
+            );
         }
         let mut algorithms = Vec::new();
         for (j, name) in c.algorithms.iter().enumerate() {
@@ -118,7 +139,10 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             return err(format!("{path}.leeway"), "must be at most 10m");
         }
         let entra = EntraChallenge {
-            authorization_uri: check_quotable(&c.entra.authorization_uri, &format!("{path}.entra.authorization_uri"))?,
+            authorization_uri: check_quotable(
+                &c.entra.authorization_uri,
+                &format!("{path}.entra.authorization_uri"),
+            )?,
             realm: check_quotable(&c.entra.realm, &format!("{path}.entra.realm"))?,
             client_id: c
                 .entra
@@ -148,12 +172,16 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
 }
 
 fn check_jwks_uri(uri: &str, path: &str) -> Result<String> {
-    let parsed = reqwest::Url::parse(uri).map_err(|e| ConfigError::new(path, format!("not a URL: {e}")))?;
+    let parsed =
+        reqwest::Url::parse(uri).map_err(|e| ConfigError::new(path, format!("not a URL: {e}")))?;
     let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
     match parsed.scheme() {
         "https" => Ok(uri.to_owned()),
         "http" if loopback => Ok(uri.to_owned()),
-        _ => err(path, "must be an https URL (plain http is allowed for localhost only)"),
+        _ => err(
+            path,
+            "must be an https URL (plain http is allowed for localhost only)",
+        ),
     }
 }
 
@@ -167,7 +195,9 @@ fn parse_algorithm(name: &str, path: &str) -> Result<Algorithm> {
     if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
         return err(
             path,
-            format!("{name} is a shared-secret algorithm; stepgate verifies with published public keys only"),
+            format!(
+                "{name} is a shared-secret algorithm; stepgate verifies with published public keys only"
+            ),
         );
     }
     Ok(alg)
@@ -187,7 +217,10 @@ fn compile_auth_contexts(
     let mut out = BTreeMap::new();
     for (id, c) in configs {
         if !is_auth_context_id(id) {
-            return err(format!("auth_contexts.{id}"), "an authentication context id is c1 … c99");
+            return err(
+                format!("auth_contexts.{id}"),
+                "an authentication context id is c1 … c99",
+            );
         }
         let id = id.to_ascii_lowercase();
         let context = AuthContext {
@@ -196,7 +229,10 @@ fn compile_auth_contexts(
             max_age: c.max_age.map(|s| s.0),
         };
         if out.insert(id.clone(), context).is_some() {
-            return err(format!("auth_contexts.{id}"), "declared twice (ids are case-insensitive)");
+            return err(
+                format!("auth_contexts.{id}"),
+                "declared twice (ids are case-insensitive)",
+            );
         }
     }
     Ok(out)
@@ -210,7 +246,10 @@ fn compile_rule(
     auth_contexts: &BTreeMap<String, AuthContext>,
 ) -> Result<Rule> {
     if !is_identifier(&rule.id) {
-        return err(format!("{path}.id"), format!("expected letters, digits, -, _ or ., got {:?}", rule.id));
+        return err(
+            format!("{path}.id"),
+            format!("expected letters, digits, -, _ or ., got {:?}", rule.id),
+        );
     }
     if rule.matchers.0.is_empty() {
         return err(format!("{path}.match"), "list at least one matcher");
@@ -226,10 +265,18 @@ fn compile_rule(
     }
     for (i, id) in rule.issuers.iter().enumerate() {
         if issuers.by_id(id).is_none() {
-            return err(format!("{path}.issuers[{i}]"), format!("no issuer has id {id:?}"));
+            return err(
+                format!("{path}.issuers[{i}]"),
+                format!("no issuer has id {id:?}"),
+            );
         }
     }
-    let require = compile_requirement(&rule.require, &format!("{path}.require"), cel, auth_contexts)?;
+    let require = compile_requirement(
+        &rule.require,
+        &format!("{path}.require"),
+        cel,
+        auth_contexts,
+    )?;
     if rule.allow_anonymous && (!require.is_empty() || !rule.escalate.is_empty()) {
         return err(
             format!("{path}.allow_anonymous"),
@@ -239,10 +286,15 @@ fn compile_rule(
     let mut escalate = Vec::new();
     for (i, e) in rule.escalate.iter().enumerate() {
         let epath = format!("{path}.escalate[{i}]");
-        let when = Condition::compile(cel, &e.when).map_err(|m| ConfigError::new(format!("{epath}.when"), m))?;
-        let require = compile_requirement(&e.require, &format!("{epath}.require"), cel, auth_contexts)?;
+        let when = Condition::compile(cel, &e.when)
+            .map_err(|m| ConfigError::new(format!("{epath}.when"), m))?;
+        let require =
+            compile_requirement(&e.require, &format!("{epath}.require"), cel, auth_contexts)?;
         if require.is_empty() {
-            return err(format!("{epath}.require"), "an escalation must require something");
+            return err(
+                format!("{epath}.require"),
+                "an escalation must require something",
+            );
         }
         escalate.push(Escalation { when, require });
     }
@@ -261,7 +313,10 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
     let mut methods = Vec::new();
     for (i, method) in m.methods.iter().enumerate() {
         if method.is_empty() || !method.chars().all(|c| c.is_ascii_alphabetic()) {
-            return err(format!("{path}.methods[{i}]"), format!("not an HTTP method: {method:?}"));
+            return err(
+                format!("{path}.methods[{i}]"),
+                format!("not an HTTP method: {method:?}"),
+            );
         }
         methods.push(method.to_ascii_uppercase());
     }
@@ -284,10 +339,19 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
         None => None,
         Some(g) => {
             if g.service.is_empty() || g.service.contains('/') {
-                return err(format!("{path}.grpc.service"), "expected a full service name like pkg.Service");
+                return err(
+                    format!("{path}.grpc.service"),
+                    "expected a full service name like pkg.Service",
+                );
             }
-            if g.method.as_deref().is_some_and(|m| m.is_empty() || m.contains('/')) {
-                return err(format!("{path}.grpc.method"), "expected a method name like Transfer");
+            if g.method
+                .as_deref()
+                .is_some_and(|m| m.is_empty() || m.contains('/'))
+            {
+                return err(
+                    format!("{path}.grpc.method"),
+                    "expected a method name like Transfer",
+                );
             }
             Some(GrpcMatcher {
                 service: Wildcard::new(&g.service),
@@ -303,7 +367,9 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
     let when = m
         .when
         .as_deref()
-        .map(|w| Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg)))
+        .map(|w| {
+            Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg))
+        })
         .transpose()?;
     Ok(Matcher {
         operation: m.operation.as_deref().map(Wildcard::new),
@@ -331,7 +397,10 @@ fn compile_requirement(
     for (i, id) in r.auth_contexts.iter().enumerate() {
         let field = format!("{path}.auth_contexts[{i}]");
         if !is_auth_context_id(id) {
-            return err(field, format!("an authentication context id is c1 … c99, got {id:?}"));
+            return err(
+                field,
+                format!("an authentication context id is c1 … c99, got {id:?}"),
+            );
         }
         let id = id.to_ascii_lowercase();
         if !declared.contains_key(&id) {
@@ -341,9 +410,17 @@ fn compile_requirement(
             auth_contexts.push(id);
         }
     }
-    for (field, values) in [("scopes", &r.scopes), ("roles", &r.roles), ("acr", &r.acr), ("amr", &r.amr)] {
+    for (field, values) in [
+        ("scopes", &r.scopes),
+        ("roles", &r.roles),
+        ("acr", &r.acr),
+        ("amr", &r.amr),
+    ] {
         for (i, v) in values.iter().enumerate() {
-            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+            if v.is_empty()
+                || v.chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+            {
                 return err(
                     format!("{path}.{field}[{i}]"),
                     format!("must be a non-empty value without spaces or quotes, got {v:?}"),
@@ -359,12 +436,22 @@ fn compile_requirement(
         let any_of = match expected {
             serde_json::Value::Array(values) => values.clone(),
             serde_json::Value::Object(_) | serde_json::Value::Null => {
-                return err(format!("{path}.claims.{name}"), "expected a string, number, boolean or a list of them");
+                return err(
+                    format!("{path}.claims.{name}"),
+                    "expected a string, number, boolean or a list of them",
+                );
             }
             scalar => vec![scalar.clone()],
         };
-        if any_of.is_empty() || any_of.iter().any(|v| v.is_object() || v.is_array() || v.is_null()) {
-            return err(format!("{path}.claims.{name}"), "expected a string, number, boolean or a list of them");
+        if any_of.is_empty()
+            || any_of
+                .iter()
+                .any(|v| v.is_object() || v.is_array() || v.is_null())
+        {
+            return err(
+                format!("{path}.claims.{name}"),
+                "expected a string, number, boolean or a list of them",
+            );
         }
         claims.push(ClaimRequirement {
             claim: name.clone(),
@@ -374,10 +461,15 @@ fn compile_requirement(
     let when = r
         .when
         .as_deref()
-        .map(|w| Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg)))
+        .map(|w| {
+            Condition::compile(cel, w).map_err(|msg| ConfigError::new(format!("{path}.when"), msg))
+        })
         .transpose()?;
     // A context's own max_age applies wherever the context is required.
-    let context_max_age = auth_contexts.iter().filter_map(|id| declared[id].max_age).min();
+    let context_max_age = auth_contexts
+        .iter()
+        .filter_map(|id| declared[id].max_age)
+        .min();
     let max_age = match (r.max_age.map(|s| s.0), context_max_age) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -399,11 +491,16 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
     for (name, source) in &u.identity_headers {
         let path = format!("upstream.identity_headers.{name}");
         let valid_name = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !valid_name {
             return err(path, "header names are lower-case letters, digits and -");
         }
-        if matches!(name.as_str(), "authorization" | "host" | "connection" | "te" | "transfer-encoding" | "content-length") {
+        if matches!(
+            name.as_str(),
+            "authorization" | "host" | "connection" | "te" | "transfer-encoding" | "content-length"
+        ) {
             return err(path, format!("{name} cannot carry identity"));
         }
         let source = match source.as_str() {
@@ -443,7 +540,9 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
 fn is_identifier(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -482,15 +581,22 @@ rules:
 
     #[test]
     fn undeclared_auth_context_is_refused_with_path() {
-        let e = compile_text(&BASE.replace("[c1, c2]", "[c1, c7]")).err().unwrap();
+        let e = compile_text(&BASE.replace("[c1, c2]", "[c1, c7]"))
+            .err()
+            .unwrap();
         assert_eq!(e.path, "rules[0].require.auth_contexts[1]");
-        let e = compile_text(&BASE.replace("[c1, c2]", "[c100]")).err().unwrap();
+        let e = compile_text(&BASE.replace("[c1, c2]", "[c100]"))
+            .err()
+            .unwrap();
         assert!(e.message.contains("c1 … c99"), "{e}");
     }
 
     #[test]
     fn dangerous_algorithms_are_refused() {
-        let text = BASE.replace("audiences: [api://x]", "audiences: [api://x]\n    algorithms: [RS256, HS256]");
+        let text = BASE.replace(
+            "audiences: [api://x]",
+            "audiences: [api://x]\n    algorithms: [RS256, HS256]",
+        );
         let e = compile_text(&text).err().unwrap();
         assert_eq!(e.path, "issuers[0].algorithms[1]");
         let e = compile_text(&text.replace("HS256", "none")).err().unwrap();
@@ -499,7 +605,9 @@ rules:
 
     #[test]
     fn bad_cel_is_refused_at_load() {
-        let text = format!("{BASE}    escalate:\n      - when: 'request.attributes.amount >'\n        require: {{ auth_contexts: [c2] }}\n");
+        let text = format!(
+            "{BASE}    escalate:\n      - when: 'request.attributes.amount >'\n        require: {{ auth_contexts: [c2] }}\n"
+        );
         let e = compile_text(&text).err().unwrap();
         assert_eq!(e.path, "rules[0].escalate[0].when");
     }
@@ -507,8 +615,16 @@ rules:
     #[test]
     fn plain_http_jwks_only_for_localhost() {
         let text = BASE.replace("jwks_file: keys.json", "jwks_uri: http://idp.example/keys");
-        assert_eq!(compile_text(&text).err().unwrap().path, "issuers[0].jwks_uri");
-        assert!(compile_text(&BASE.replace("jwks_file: keys.json", "jwks_uri: http://127.0.0.1:9/keys")).is_ok());
+        assert_eq!(
+            compile_text(&text).err().unwrap().path,
+            "issuers[0].jwks_uri"
+        );
+        assert!(
+            compile_text(
+                &BASE.replace("jwks_file: keys.json", "jwks_uri: http://127.0.0.1:9/keys")
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -524,6 +640,9 @@ rules:
     #[test]
     fn anonymous_rules_cannot_require() {
         let text = BASE.replace("    require:", "    allow_anonymous: true\n    require:");
-        assert_eq!(compile_text(&text).err().unwrap().path, "rules[0].allow_anonymous");
+        assert_eq!(
+            compile_text(&text).err().unwrap().path,
+            "rules[0].allow_anonymous"
+        );
     }
 }

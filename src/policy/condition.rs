@@ -92,17 +92,34 @@ impl<'a> CelInput<'a> {
             let to_cel = |json: Json| cel::to_value(json).unwrap_or(Value::Null);
             let mut request = Map::new();
             let r = self.request;
-            request.insert("operation".into(), r.operation.clone().unwrap_or_default().into());
+            request.insert(
+                "operation".into(),
+                r.operation.clone().unwrap_or_default().into(),
+            );
             let http = r.http.as_ref();
-            request.insert("method".into(), http.map(|h| h.method.clone()).unwrap_or_default().into());
-            request.insert("host".into(), http.map(|h| h.host.clone()).unwrap_or_default().into());
-            request.insert("path".into(), self.normalized_path.unwrap_or_default().into());
+            request.insert(
+                "method".into(),
+                http.map(|h| h.method.clone()).unwrap_or_default().into(),
+            );
+            request.insert(
+                "host".into(),
+                http.map(|h| h.host.clone()).unwrap_or_default().into(),
+            );
+            request.insert(
+                "path".into(),
+                self.normalized_path.unwrap_or_default().into(),
+            );
             let query = http
                 .and_then(|h| h.target.split_once('?').map(|(_, q)| q.to_owned()))
                 .unwrap_or_default();
             request.insert("query".into(), query.into());
             let headers: Map<String, Json> = http
-                .map(|h| h.headers.iter().map(|(k, v)| (k.clone(), Json::from(v.as_str()))).collect())
+                .map(|h| {
+                    h.headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
+                        .collect()
+                })
                 .unwrap_or_default();
             request.insert("headers".into(), Json::Object(headers));
             request.insert("attributes".into(), Json::Object(r.attributes.clone()));
@@ -136,26 +153,69 @@ mod tests {
 
     #[test]
     fn compares_attribute_numbers_of_either_kind() {
-        assert_eq!(eval("request.attributes.amount > 10000", json!({"amount": 25000.0}), json!({})), Ok(true));
-        assert_eq!(eval("request.attributes.amount > 10000", json!({"amount": 500}), json!({})), Ok(false));
+        assert_eq!(
+            eval(
+                "request.attributes.amount > 10000",
+                json!({"amount": 25000.0}),
+                json!({})
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                "request.attributes.amount > 10000",
+                json!({"amount": 500}),
+                json!({})
+            ),
+            Ok(false)
+        );
     }
 
     #[test]
     fn reads_claims_and_operation() {
         let claims = json!({"amr": ["pwd", "mfa"], "tid": "t1"});
-        assert_eq!(eval("'mfa' in claims.amr && claims.tid == 't1'", json!({}), claims.clone()), Ok(true));
-        assert_eq!(eval("request.operation.startsWith('payments.')", json!({}), claims), Ok(true));
+        assert_eq!(
+            eval(
+                "'mfa' in claims.amr && claims.tid == 't1'",
+                json!({}),
+                claims.clone()
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                "request.operation.startsWith('payments.')",
+                json!({}),
+                claims
+            ),
+            Ok(true)
+        );
     }
 
     #[test]
     fn missing_attribute_is_an_error_and_has_guards_it() {
         assert!(eval("request.attributes.amount > 1", json!({}), json!({})).is_err());
-        assert_eq!(eval("has(request.attributes.amount) && request.attributes.amount > 1", json!({}), json!({})), Ok(false));
+        assert_eq!(
+            eval(
+                "has(request.attributes.amount) && request.attributes.amount > 1",
+                json!({}),
+                json!({})
+            ),
+            Ok(false)
+        );
     }
 
     #[test]
     fn non_boolean_result_and_syntax_errors_are_errors() {
-        assert!(eval("1 + 1", json!({}), json!({})).unwrap_err().contains("not a boolean"));
-        assert!(eval("request.(", json!({}), json!({})).unwrap_err().contains("invalid CEL"));
+        assert!(
+            eval("1 + 1", json!({}), json!({}))
+                .unwrap_err()
+                .contains("not a boolean")
+        );
+        assert!(
+            eval("request.(", json!({}), json!({}))
+                .unwrap_err()
+                .contains("invalid CEL")
+        );
     }
 }

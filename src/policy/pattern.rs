@@ -4,6 +4,7 @@
 /// A pattern where `*` matches any run of characters (including none). No other metacharacters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wildcard {
+    source: String,
     parts: Vec<String>,
     exact: bool,
 }
@@ -11,20 +12,30 @@ pub struct Wildcard {
 impl Wildcard {
     pub fn new(pattern: &str) -> Self {
         Self {
+            source: pattern.to_owned(),
             parts: pattern.split('*').map(str::to_owned).collect(),
             exact: !pattern.contains('*'),
         }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
     }
 
     pub fn matches(&self, text: &str) -> bool {
         if self.exact {
             return self.parts[0] == text;
         }
-        let (first, rest) = self.parts.split_first().expect("split yields at least one part");
+        let (first, rest) = self
+            .parts
+            .split_first()
+            .expect("split yields at least one part");
         let Some(mut remaining) = text.strip_prefix(first.as_str()) else {
             return false;
         };
-        let (last, middle) = rest.split_last().expect("a pattern with * has two parts or more");
+        let (last, middle) = rest
+            .split_last()
+            .expect("a pattern with * has two parts or more");
         for part in middle {
             match remaining.find(part.as_str()) {
                 Some(i) => remaining = &remaining[i + part.len()..],
@@ -47,6 +58,7 @@ enum Segment {
 /// normalised path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathGlob {
+    source: String,
     segments: Vec<Segment>,
 }
 
@@ -57,24 +69,38 @@ impl PathGlob {
             return Err(format!("a path must start with /, got {glob:?}"));
         }
         if glob.contains(['?', '#']) {
-            return Err(format!("a path glob never contains ? or #: the query is not matched, got {glob:?}"));
+            return Err(format!(
+                "a path glob never contains ? or #: the query is not matched, got {glob:?}"
+            ));
         }
         let mut segments = Vec::new();
         for s in glob.split('/').filter(|s| !s.is_empty()) {
             segments.push(match s {
                 "**" => Segment::Any,
                 s if s.contains("**") => {
-                    return Err(format!("** must be a whole segment (like /a/**/b), got {glob:?}"));
+                    return Err(format!(
+                        "** must be a whole segment (like /a/**/b), got {glob:?}"
+                    ));
                 }
                 s if s.contains('*') => Segment::Wild(Wildcard::new(s)),
                 s => Segment::Literal(s.to_owned()),
             });
         }
-        Ok(Self { segments })
+        Ok(Self {
+            source: glob.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
     }
 
     pub fn matches(&self, normalized_path: &str) -> bool {
-        let path: Vec<&str> = normalized_path.split('/').filter(|s| !s.is_empty()).collect();
+        let path: Vec<&str> = normalized_path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
         match_segments(&self.segments, &path)
     }
 }
@@ -82,7 +108,9 @@ impl PathGlob {
 fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
-        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
+        Some((Segment::Any, rest)) => {
+            (0..=path.len()).any(|skip| match_segments(rest, &path[skip..]))
+        }
         Some((segment, rest)) => match path.split_first() {
             None => false,
             Some((first, tail)) => {

@@ -79,7 +79,12 @@ pub struct AccessRequest {
 }
 
 impl HttpAttributes {
-    pub fn new(method: &str, authority: &str, target: &str, headers: HashMap<String, String>) -> Self {
+    pub fn new(
+        method: &str,
+        authority: &str,
+        target: &str,
+        headers: HashMap<String, String>,
+    ) -> Self {
         Self {
             method: method.to_ascii_uppercase(),
             host: host_without_port(authority),
@@ -106,7 +111,11 @@ fn host_without_port(authority: &str) -> String {
         rest.split(']').next().unwrap_or(rest)
     } else {
         authority.rsplit_once(':').map_or(authority, |(h, port)| {
-            if port.chars().all(|c| c.is_ascii_digit()) { h } else { authority }
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
         })
     };
     host.to_ascii_lowercase()

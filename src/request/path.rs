@@ -29,7 +29,10 @@ impl PathProblem {
 /// Splits a request target into its normalised path (for matching) and its raw query.
 pub fn normalize(target: &str) -> Result<(String, &str), PathProblem> {
     let (path, query) = match target.find(['?', '#']) {
-        Some(i) => (&target[..i], target[i + 1..].split('#').next().unwrap_or("")),
+        Some(i) => (
+            &target[..i],
+            target[i + 1..].split('#').next().unwrap_or(""),
+        ),
         None => (target, ""),
     };
     if !path.starts_with('/') {
@@ -98,7 +101,10 @@ mod tests {
 
     #[test]
     fn strips_the_query_and_keeps_it() {
-        assert_eq!(normalize("/payments/wire?dry_run=1"), Ok(("/payments/wire".to_owned(), "dry_run=1")));
+        assert_eq!(
+            normalize("/payments/wire?dry_run=1"),
+            Ok(("/payments/wire".to_owned(), "dry_run=1"))
+        );
         assert_eq!(normalize("/a#frag"), Ok(("/a".to_owned(), "")));
     }
 
@@ -120,9 +126,18 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_or_broken_paths() {
-        assert_eq!(normalize("/admin%2Fusers"), Err(PathProblem::AmbiguousSeparator));
-        assert_eq!(normalize("/admin%5cusers"), Err(PathProblem::AmbiguousSeparator));
-        assert_eq!(normalize("/admin\\users"), Err(PathProblem::AmbiguousSeparator));
+        assert_eq!(
+            normalize("/admin%2Fusers"),
+            Err(PathProblem::AmbiguousSeparator)
+        );
+        assert_eq!(
+            normalize("/admin%5cusers"),
+            Err(PathProblem::AmbiguousSeparator)
+        );
+        assert_eq!(
+            normalize("/admin\\users"),
+            Err(PathProblem::AmbiguousSeparator)
+        );
         assert_eq!(normalize("/a%zz"), Err(PathProblem::BadEncoding));
         assert_eq!(normalize("/a%"), Err(PathProblem::BadEncoding));
         assert_eq!(normalize("admin"), Err(PathProblem::NotAbsolute));

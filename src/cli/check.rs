@@ -1,0 +1,168 @@
+//! `stepgate check`: validate a policy and print what was compiled.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use stepgate::{
+    identity::{KeySource, jwks::KeySet},
+    policy::{DefaultAction, Matcher, Policy, Requirement},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Policy file (YAML).
+    #[arg(long, short, env = "STEPGATE_CONFIG")]
+    config: PathBuf,
+}
+
+pub fn run(args: CheckArgs) -> ExitCode {
+    let policy = match super::load_policy(&args.config) {
+        Ok(p) => p,
+        Err(err) => return super::config_error(&args.config, &err),
+    };
+    // Local key files are part of the configuration: check them too.
+    for issuer in policy.issuers.iter() {
+        if let KeySource::File(path) = &issuer.key_source {
+            let problem = match std::fs::read(path) {
+                Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+                Ok(bytes) => match KeySet::parse(&bytes) {
+                    Err(e) => Some(format!("{}: {e}", path.display())),
+                    Ok((set, _)) if set.is_empty() => {
+                        Some(format!("{}: no usable signing key", path.display()))
+                    }
+                    Ok(_) => None,
+                },
+            };
+            if let Some(problem) = problem {
+                eprintln!(
+                    "stepgate: invalid policy {}: issuers.{}.jwks_file: {problem}",
+                    args.config.display(),
+                    issuer.id
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    print!("{}", describe(&policy));
+    ExitCode::SUCCESS
+}
+
+fn describe(policy: &Policy) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!(
+        "policy OK: {} issuer(s), {} rule(s), default {}",
+        policy.issuers.iter().count(),
+        policy.rules.len(),
+        match policy.default {
+            DefaultAction::Deny => "deny",
+            DefaultAction::AllowAuthenticated => "allow_authenticated",
+        }
+    ));
+    line("issuers:".into());
+    for i in policy.issuers.iter() {
+        let keys = match &i.key_source {
+            KeySource::File(p) => format!("jwks_file {}", p.display()),
+            KeySource::Uri(u) => format!("jwks_uri {u}"),
+        };
+        let algs: Vec<String> = i.algorithms.iter().map(|a| format!("{a:?}")).collect();
+        line(format!(
+            "  {:<12} {} aud={} alg={} challenge={} leeway={}s {keys}",
+            i.id,
+            i.issuer,
+            i.audiences.join(","),
+            algs.join(","),
+            i.challenge.as_str(),
+            i.leeway
+        ));
+    }
+    if !policy.auth_contexts.is_empty() {
+        line("auth contexts:".into());
+        for c in policy.auth_contexts.values() {
+            let age = c
+                .max_age
+                .map(|s| format!(" (max_age {s}s)"))
+                .unwrap_or_default();
+            line(format!("  {:<4} {}{age}", c.id, c.description));
+        }
+    }
+    line("rules (first match wins):".into());
+    for (n, r) in policy.rules.iter().enumerate() {
+        line(format!("  {}. {}", n + 1, r.id));
+        for m in &r.matchers {
+            line(format!("     match   {}", matcher(m)));
+        }
+        if !r.issuers.is_empty() {
+            line(format!("     issuers {}", r.issuers.join(", ")));
+        }
+        if r.allow_anonymous {
+            line("     allow   anonymous".into());
+        } else {
+            line(format!("     require {}", requirement(&r.require)));
+        }
+        for e in &r.escalate {
+            line(format!(
+                "     escalate when {} → {}",
+                e.when.source,
+                requirement(&e.require)
+            ));
+        }
+    }
+    out
+}
+
+fn matcher(m: &Matcher) -> String {
+    let mut parts = Vec::new();
+    if let Some(op) = &m.operation {
+        parts.push(format!("operation={}", op.as_str()));
+    }
+    if !m.methods.is_empty() {
+        parts.push(format!("methods={}", m.methods.join(",")));
+    }
+    if !m.hosts.is_empty() {
+        let hosts: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
+        parts.push(format!("hosts={}", hosts.join(",")));
+    }
+    if !m.paths.is_empty() {
+        let paths: Vec<&str> = m.paths.iter().map(|p| p.as_str()).collect();
+        parts.push(format!("path={}", paths.join(",")));
+    }
+    if let Some(g) = &m.grpc {
+        let method = g.method.as_ref().map_or("*", |w| w.as_str());
+        parts.push(format!("grpc={}/{method}", g.service.as_str()));
+    }
+    if let Some(w) = &m.when {
+        parts.push(format!("when {}", w.source));
+    }
+    if parts.is_empty() {
+        "everything".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn requirement(r: &Requirement) -> String {
+    let mut parts = vec!["valid token".to_owned()];
+    let mut list = |name: &str, v: &[String]| {
+        if !v.is_empty() {
+            parts.push(format!("{name}=[{}]", v.join(", ")));
+        }
+    };
+    list("scopes", &r.scopes);
+    list("roles", &r.roles);
+    list("auth_contexts", &r.auth_contexts);
+    list("acr", &r.acr);
+    list("amr", &r.amr);
+    if let Some(age) = r.max_age {
+        parts.push(format!("max_age={age}s"));
+    }
+    for c in &r.claims {
+        parts.push(format!("claim {}∈{:?}", c.claim, c.any_of));
+    }
+    if let Some(w) = &r.when {
+        parts.push(format!("when {}", w.source));
+    }
+    parts.join(", ")
+}

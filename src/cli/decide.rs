@@ -1,0 +1,218 @@
+//! `stepgate decide`: one decision, from a running server (`--server`) or offline (`--config`),
+//! printed as JSON (the `DecideResponse` fields).
+
+use std::{collections::HashMap, path::PathBuf, process::ExitCode};
+
+use prost_types::{Struct, Value, value::Kind};
+use stepgate::{
+    api::v1::{
+        DecideRequest, DecideResponse, HttpRequest, decide_request::Credential,
+        decision_service_client::DecisionServiceClient,
+    },
+    decision,
+    identity::keys,
+    server::{
+        authorizer::unix_now,
+        decide::{access_request, decide_response},
+    },
+};
+
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    /// Address of a running stepgate, e.g. http://127.0.0.1:50051.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    server: Option<String>,
+    /// Evaluate offline against this policy file instead of asking a server.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The raw access token.
+    #[arg(long, conflicts_with = "authorization")]
+    token: Option<String>,
+    /// The raw Authorization header value ("Bearer …").
+    #[arg(long)]
+    authorization: Option<String>,
+    /// Operation name, e.g. payments.wire_transfer.
+    #[arg(long, default_value = "")]
+    operation: String,
+    /// HTTP method (with --path).
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP request path (and query).
+    #[arg(long)]
+    path: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    /// Attribute for conditions, as name=JSON (e.g. --attr amount=25000).
+    #[arg(long = "attr", value_parser = parse_attr)]
+    attributes: Vec<(String, serde_json::Value)>,
+    /// Include the evaluation steps.
+    #[arg(long)]
+    explain: bool,
+}
+
+fn parse_attr(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (name, value) = text.split_once('=').ok_or("expected name=JSON")?;
+    let value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((name.to_owned(), value))
+}
+
+pub fn run(args: DecideArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stepgate decide: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let request = build_request(&args);
+        let response = match (&args.server, &args.config) {
+            (Some(server), _) => ask(server, request).await,
+            (None, Some(config)) => offline(config, request).await,
+            (None, None) => unreachable!("clap requires one of --server and --config"),
+        };
+        match response {
+            Ok(response) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&to_json(&response)).expect("JSON of plain data")
+                );
+                ExitCode::SUCCESS
+            }
+            Err((code, message)) => {
+                eprintln!("stepgate decide: {message}");
+                ExitCode::from(code)
+            }
+        }
+    })
+}
+
+fn build_request(args: &DecideArgs) -> DecideRequest {
+    let credential = match (&args.token, &args.authorization) {
+        (Some(t), _) => Some(Credential::Token(t.clone())),
+        (None, Some(a)) => Some(Credential::Authorization(a.clone())),
+        (None, None) => None,
+    };
+    let http = (args.path.is_some() || args.method.is_some()).then(|| HttpRequest {
+        method: args.method.clone().unwrap_or_else(|| "GET".to_owned()),
+        host: args.host.clone().unwrap_or_default(),
+        path: args.path.clone().unwrap_or_else(|| "/".to_owned()),
+        headers: HashMap::new(),
+    });
+    let attributes = (!args.attributes.is_empty()).then(|| Struct {
+        fields: args
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    });
+    DecideRequest {
+        credential,
+        operation: args.operation.clone(),
+        http,
+        attributes,
+        explain: args.explain,
+    }
+}
+
+async fn ask(server: &str, request: DecideRequest) -> Result<DecideResponse, (u8, String)> {
+    let mut client = DecisionServiceClient::connect(server.to_owned())
+        .await
+        .map_err(|e| (1, format!("cannot connect to {server}: {e}")))?;
+    client
+        .decide(request)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| (1, format!("{}: {}", s.code(), s.message())))
+}
+
+async fn offline(
+    config: &std::path::Path,
+    request: DecideRequest,
+) -> Result<DecideResponse, (u8, String)> {
+    let policy = super::load_policy(config)
+        .map_err(|e| (2, format!("invalid policy {}: {e}", config.display())))?;
+    let issuers: Vec<_> = policy.issuers.iter().cloned().collect();
+    for issuer in &issuers {
+        keys::load(issuer, &keys::http_client())
+            .await
+            .map_err(|e| (1, format!("issuer {}: {e}", issuer.id)))?;
+    }
+    let access = access_request(request).map_err(|s| (2, s.message().to_owned()))?;
+    Ok(decide_response(&decision::decide(
+        &policy,
+        &access,
+        unix_now(),
+    )))
+}
+
+fn json_to_value(v: &serde_json::Value) -> Value {
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// The response as JSON with proto field names (and the outcome as its short name).
+fn to_json(r: &DecideResponse) -> serde_json::Value {
+    let outcome = match r.outcome() {
+        stepgate::api::v1::Outcome::Allow => "ALLOW",
+        stepgate::api::v1::Outcome::StepUp => "STEP_UP",
+        stepgate::api::v1::Outcome::Deny => "DENY",
+        stepgate::api::v1::Outcome::Unspecified => "UNSPECIFIED",
+    };
+    let mut out = serde_json::json!({
+        "outcome": outcome,
+        "rule": r.rule,
+        "reason": r.reason,
+        "message": r.message,
+        "http_status": r.http_status,
+        "www_authenticate": r.www_authenticate,
+        "identity_headers": r.identity_headers,
+        "token_fingerprint": r.token_fingerprint,
+    });
+    if let Some(s) = &r.step_up {
+        out["step_up"] = serde_json::json!({
+            "challenge_style": s.challenge_style,
+            "auth_contexts": s.auth_contexts,
+            "missing_auth_contexts": s.missing_auth_contexts,
+            "acr_values": s.acr_values,
+            "max_age_seconds": s.max_age_seconds,
+            "amr": s.amr,
+            "claims": s.claims,
+            "claims_base64": s.claims_base64,
+        });
+    }
+    if let Some(p) = &r.principal {
+        out["principal"] = serde_json::json!({
+            "issuer_id": p.issuer_id, "issuer": p.issuer, "subject": p.subject, "tenant": p.tenant,
+            "client_id": p.client_id, "acrs": p.acrs, "acr": p.acr, "amr": p.amr,
+            "auth_time": p.auth_time, "scopes": p.scopes, "roles": p.roles, "app_only": p.app_only,
+            "expires_at": p.expires_at,
+        });
+    }
+    if !r.explain.is_empty() {
+        out["explain"] = r
+            .explain
+            .iter()
+            .map(|s| serde_json::json!({"stage": s.stage, "detail": s.detail}))
+            .collect();
+    }
+    out
+}

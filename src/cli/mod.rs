@@ -1,0 +1,121 @@
+//! Command-line interface. Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or
+//! arguments.
+
+mod check;
+mod decide;
+mod token;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use stepgate::{
+    config::{self, ConfigError, duration},
+    policy::{self, Policy},
+    server::{self, ServeOptions},
+    telemetry::{self, LogFormat},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stepgate",
+    version,
+    about = "Step-up authentication decisions for Envoy ext_authz and any gRPC caller"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve ext_authz Check, Decide, gRPC health and reflection on one port.
+    Serve(ServeArgs),
+    /// Validate a policy file and print its compiled rules.
+    Check(check::CheckArgs),
+    /// Mint a demo token signed with a demo key (for trying stepgate out; never for production).
+    Token(token::TokenArgs),
+    /// Ask a running server for a decision, or evaluate one offline with --config. Prints JSON.
+    Decide(decide::DecideArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Policy file (YAML).
+    #[arg(long, short, env = "STEPGATE_CONFIG")]
+    config: PathBuf,
+    /// Address of the gRPC listener.
+    #[arg(long, env = "STEPGATE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[arg(long, env = "STEPGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level or filter (RUST_LOG takes precedence).
+    #[arg(long, env = "STEPGATE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// On SIGTERM, how long to report NOT_SERVING before closing the listener (e.g. 5s).
+    #[arg(long, env = "STEPGATE_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    drain_delay: Duration,
+    /// Worker threads (default: the CPUs available to the process).
+    #[arg(long, env = "STEPGATE_WORKERS")]
+    workers: Option<usize>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    duration::parse(text).map(|s| s.as_duration())
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Check(args) => check::run(args),
+        Command::Token(args) => token::run(args),
+        Command::Decide(args) => decide::run(args),
+    }
+}
+
+/// Loads and compiles a policy file, or explains on stderr why not.
+pub(crate) fn load_policy(path: &std::path::Path) -> Result<Policy, ConfigError> {
+    let file = config::load(path)?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    policy::compile(&file, base)
+}
+
+pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCode {
+    eprintln!("stepgate: invalid policy {}: {err}", path.display());
+    ExitCode::from(2)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    telemetry::init(args.log_format, &args.log_level);
+    let policy = match load_policy(&args.config) {
+        Ok(policy) => policy,
+        Err(err) => {
+            tracing::error!(config = %args.config.display(), field = %err.path, "invalid policy: {err}");
+            return config_error(&args.config, &err);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = args.workers {
+        runtime.worker_threads(workers.max(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("stepgate: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = ServeOptions {
+        config: args.config,
+        listen: args.listen,
+        drain_delay: args.drain_delay,
+    };
+    match runtime.block_on(server::run(options, policy)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("stepgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The shared state behind both front doors: the current policy snapshot, swapped whole on reload.
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    decision::{self, Decision},
+    policy::Policy,
+    request::{AccessRequest, Door},
+    telemetry,
+};
+
+/// Decides requests against the current policy. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Authorizer {
+    policy: ArcSwap<Policy>,
+}
+
+impl Authorizer {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self {
+            policy: ArcSwap::new(policy),
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    pub fn replace(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
+    }
+
+    /// Decides and logs one request.
+    pub fn decide(&self, request: &AccessRequest, door: Door) -> Decision {
+        let started = Instant::now();
+        let policy = self.policy.load();
+        let decision = decision::decide(&policy, request, unix_now());
+        telemetry::log_decision(door, &decision, started.elapsed());
+        decision
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,169 @@
+//! `stepgate.v1.DecisionService/Decide`: a thin adapter from `DecideRequest` to `AccessRequest` and
+//! from `Decision` back to `DecideResponse`. Policy outcomes are OK responses; only an unusable
+//! request is a gRPC error.
+
+use std::{collections::HashMap, sync::Arc};
+
+use prost_types::{Struct, value::Kind};
+use serde_json::{Map, Number, Value};
+use tonic::{Request, Response, Status};
+
+use super::authorizer::Authorizer;
+use crate::{
+    api::v1::{
+        self, DecideRequest, DecideResponse, decide_request,
+        decision_service_server::DecisionService,
+    },
+    decision::{Decision, Outcome},
+    identity::CredentialProblem,
+    request::{AccessRequest, Door, HttpAttributes, PresentedCredential},
+};
+
+#[derive(Debug, Clone)]
+pub struct Decide {
+    authorizer: Arc<Authorizer>,
+}
+
+impl Decide {
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+#[tonic::async_trait]
+impl DecisionService for Decide {
+    async fn decide(
+        &self,
+        request: Request<DecideRequest>,
+    ) -> Result<Response<DecideResponse>, Status> {
+        let access = access_request(request.into_inner())?;
+        let decision = self.authorizer.decide(&access, Door::Decide);
+        Ok(Response::new(decide_response(&decision)))
+    }
+}
+
+/// Reads a `DecideRequest`. Errors are `INVALID_ARGUMENT` with a message naming the field.
+pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
+    let operation = Some(request.operation).filter(|o| !o.is_empty());
+    let http = request.http.map(|h| {
+        let headers: HashMap<String, String> = h
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let method = if h.method.is_empty() {
+            "GET"
+        } else {
+            &h.method
+        };
+        HttpAttributes::new(method, &h.host, &h.path, headers)
+    });
+    if operation.is_none() && http.is_none() {
+        return Err(Status::invalid_argument(
+            "set operation, http, or both: there is nothing to match a rule against",
+        ));
+    }
+    if let Some(http) = &http
+        && !http.target.starts_with('/')
+    {
+        return Err(Status::invalid_argument("http.path must start with /"));
+    }
+    let header_value = http
+        .as_ref()
+        .and_then(|h| h.headers.get("authorization").cloned());
+    let credential = match (request.credential, header_value) {
+        (None, None) => PresentedCredential::None,
+        (None, Some(value)) => PresentedCredential::Authorization(value),
+        (Some(decide_request::Credential::Token(token)), header) => {
+            if header.is_some_and(|h| !h.trim().ends_with(token.trim()) || token.trim().is_empty())
+            {
+                PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
+            } else {
+                PresentedCredential::Token(token)
+            }
+        }
+        (Some(decide_request::Credential::Authorization(value)), header) => {
+            if header.is_some_and(|h| h != value) {
+                PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
+            } else {
+                PresentedCredential::Authorization(value)
+            }
+        }
+    };
+    Ok(AccessRequest {
+        credential,
+        operation,
+        http,
+        attributes: request.attributes.map(struct_to_json).unwrap_or_default(),
+        context: Map::new(),
+        explain: request.explain,
+    })
+}
+
+pub fn decide_response(d: &Decision) -> DecideResponse {
+    DecideResponse {
+        outcome: match d.outcome {
+            Outcome::Allow => v1::Outcome::Allow,
+            Outcome::StepUp => v1::Outcome::StepUp,
+            Outcome::Deny => v1::Outcome::Deny,
+        } as i32,
+        rule: d.rule.as_deref().unwrap_or_default().to_owned(),
+        reason: d.reason.as_str().to_owned(),
+        message: d.message.clone(),
+        http_status: u32::from(d.http_status),
+        www_authenticate: d.www_authenticate.clone().unwrap_or_default(),
+        step_up: d.step_up.as_ref().map(|s| v1::StepUpRequirement {
+            auth_contexts: s.auth_contexts.clone(),
+            missing_auth_contexts: s.missing_auth_contexts.clone(),
+            acr_values: s.acr_values.clone(),
+            max_age_seconds: s.max_age.unwrap_or_default(),
+            amr: s.amr.clone(),
+            claims: s.claims.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+            claims_base64: s.claims.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
+            challenge_style: s.style.to_owned(),
+        }),
+        principal: d.principal.as_ref().map(|p| v1::Principal {
+            issuer_id: p.issuer_id.clone(),
+            issuer: p.issuer.clone(),
+            subject: p.subject.clone(),
+            tenant: p.tenant.clone().unwrap_or_default(),
+            client_id: p.client_id.clone().unwrap_or_default(),
+            acrs: p.acrs.clone(),
+            acr: p.acr.clone().unwrap_or_default(),
+            amr: p.amr.clone(),
+            auth_time: p.auth_time.unwrap_or_default(),
+            scopes: p.scopes.clone(),
+            roles: p.roles.clone(),
+            app_only: p.app_only,
+            expires_at: p.expires_at,
+        }),
+        identity_headers: d.identity_headers.iter().cloned().collect(),
+        explain: d
+            .explain
+            .iter()
+            .map(|s| v1::ExplainStep {
+                stage: s.stage.to_owned(),
+                detail: s.detail.clone(),
+            })
+            .collect(),
+        token_fingerprint: d.token_fingerprint.clone().unwrap_or_default(),
+    }
+}
+
+fn struct_to_json(s: Struct) -> Map<String, Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: prost_types::Value) -> Value {
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::NumberValue(n)) => Number::from_f64(n).map_or(Value::Null, Value::Number),
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
+    }
+}

@@ -1,0 +1,297 @@
+//! Envoy ext_authz v3 `Check`: a thin adapter from `CheckRequest` to `AccessRequest` and from
+//! `Decision` back to `CheckResponse`.
+//!
+//! Every policy outcome, denials included, is an OK gRPC response: a gRPC error tells Envoy that
+//! the authorizer failed, and Envoy then applies `failure_mode_allow`. Denials carry their HTTP
+//! status explicitly (Envoy would send 403 for an unset one).
+
+use std::{collections::HashMap, sync::Arc};
+
+use envoy_types::{
+    ext_authz::v3::pb::{
+        Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+        HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    },
+    pb::google::{
+        protobuf::{Struct, Value, value::Kind},
+        rpc,
+    },
+};
+use tonic::{Request, Response, Status};
+
+use super::authorizer::Authorizer;
+use crate::{
+    decision::{Decision, Outcome},
+    identity::CredentialProblem,
+    request::{AccessRequest, Door, HttpAttributes, PresentedCredential},
+};
+
+/// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
+const OK: i32 = 0;
+const INVALID_ARGUMENT: i32 = 3;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
+
+/// The `envoy.service.auth.v3.Authorization` service.
+#[derive(Debug, Clone)]
+pub struct ExtAuthz {
+    authorizer: Arc<Authorizer>,
+}
+
+impl ExtAuthz {
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let access = access_request(request.get_ref());
+        let decision = self.authorizer.decide(&access, Door::Check);
+        let policy = self.authorizer.policy();
+        let configured: Vec<&str> = policy
+            .upstream
+            .identity_headers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        Ok(Response::new(check_response(
+            &decision,
+            &configured,
+            policy.upstream.remove_authorization,
+        )))
+    }
+}
+
+/// Reads a `CheckRequest` into the engine's view. Headers come from `headers` or, when Envoy sets
+/// `encode_raw_headers`, from `header_map` (raw bytes, duplicates as separate entries).
+pub fn access_request(check: &CheckRequest) -> AccessRequest {
+    let attributes = check.attributes.as_ref();
+    let http = attributes
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
+    let mut headers: HashMap<String, String> = HashMap::new();
+    let mut credential = PresentedCredential::None;
+    if let Some(http) = http {
+        for (key, value) in &http.headers {
+            headers.insert(key.to_ascii_lowercase(), value.clone());
+        }
+        let mut authorization_entries = 0;
+        for entry in http.header_map.iter().flat_map(|m| &m.headers) {
+            let key = entry.key.to_ascii_lowercase();
+            let value = if entry.raw_value.is_empty() {
+                Some(entry.value.clone())
+            } else {
+                String::from_utf8(entry.raw_value.clone()).ok()
+            };
+            if key == "authorization" {
+                authorization_entries += 1;
+                if value.is_none() {
+                    credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
+                }
+            }
+            let value =
+                value.unwrap_or_else(|| String::from_utf8_lossy(&entry.raw_value).into_owned());
+            headers
+                .entry(key)
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(&value);
+                })
+                .or_insert(value);
+        }
+        if authorization_entries > 1 {
+            credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
+        }
+    }
+    if credential == PresentedCredential::None
+        && let Some(value) = headers.get("authorization")
+    {
+        credential = PresentedCredential::Authorization(value.clone());
+    }
+    let http = http.map(|h| {
+        let method = if h.method.is_empty() {
+            headers.get(":method").cloned().unwrap_or_default()
+        } else {
+            h.method.clone()
+        };
+        let host = if h.host.is_empty() {
+            headers.get(":authority").cloned().unwrap_or_default()
+        } else {
+            h.host.clone()
+        };
+        let path = if h.path.is_empty() {
+            headers.get(":path").cloned().unwrap_or_default()
+        } else {
+            h.path.clone()
+        };
+        HttpAttributes::new(&method, &host, &path, headers.clone())
+    });
+    let context: serde_json::Map<String, serde_json::Value> = attributes
+        .map(|a| {
+            a.context_extensions
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let operation = context
+        .get("operation")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    AccessRequest {
+        credential,
+        operation,
+        http,
+        attributes: serde_json::Map::new(),
+        context,
+        explain: false,
+    }
+}
+
+/// Renders a decision for Envoy. `configured_headers` are the identity header names of the policy:
+/// those the decision does not set are removed, so a client cannot smuggle its own
+/// `x-stepgate-subject` to the upstream.
+pub fn check_response(
+    decision: &Decision,
+    configured_headers: &[&str],
+    remove_authorization: bool,
+) -> CheckResponse {
+    let metadata = Some(dynamic_metadata(decision));
+    if decision.outcome == Outcome::Allow {
+        let headers = decision
+            .identity_headers
+            .iter()
+            .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+            .collect();
+        let mut headers_to_remove: Vec<String> = configured_headers
+            .iter()
+            .filter(|name| {
+                !decision
+                    .identity_headers
+                    .iter()
+                    .any(|(set, _)| set == *name)
+            })
+            .map(|name| name.to_string())
+            .collect();
+        if remove_authorization {
+            headers_to_remove.push("authorization".to_owned());
+        }
+        return CheckResponse {
+            status: Some(rpc::Status {
+                code: OK,
+                message: String::new(),
+                details: Vec::new(),
+            }),
+            dynamic_metadata: metadata,
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove,
+                ..Default::default()
+            })),
+        };
+    }
+    let code = match decision.http_status {
+        400 => INVALID_ARGUMENT,
+        401 => UNAUTHENTICATED,
+        _ => PERMISSION_DENIED,
+    };
+    let mut headers = vec![header(
+        "content-type",
+        "application/json",
+        HeaderAppendAction::OverwriteIfExistsOrAdd,
+    )];
+    if let Some(www) = &decision.www_authenticate {
+        headers.push(header(
+            "www-authenticate",
+            www,
+            HeaderAppendAction::OverwriteIfExistsOrAdd,
+        ));
+    }
+    CheckResponse {
+        status: Some(rpc::Status {
+            code,
+            message: decision.reason.as_str().to_owned(),
+            details: Vec::new(),
+        }),
+        dynamic_metadata: metadata,
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(decision.http_status),
+            }),
+            headers,
+            body: denial_body(decision),
+        })),
+    }
+}
+
+/// `{"error": …, "reason": …, "rule": …, "message": …}`; `error` is the OAuth error code of the
+/// challenge when there is one.
+pub fn denial_body(decision: &Decision) -> String {
+    let error = decision
+        .www_authenticate
+        .as_deref()
+        .and_then(|www| www.split("error=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or(match decision.outcome {
+            Outcome::StepUp => "insufficient_user_authentication",
+            _ if decision.http_status == 401 => "unauthorized",
+            _ => "access_denied",
+        });
+    serde_json::json!({
+        "error": error,
+        "reason": decision.reason.as_str(),
+        "rule": decision.rule.as_deref(),
+        "message": decision.message,
+    })
+    .to_string()
+}
+
+fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            raw_value: Vec::new(),
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    }
+}
+
+/// Fields for Envoy's access log and later filters, under `envoy.filters.http.ext_authz`.
+fn dynamic_metadata(decision: &Decision) -> Struct {
+    let mut fields = HashMap::new();
+    let mut put = |k: &str, v: String| {
+        fields.insert(
+            k.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(v)),
+            },
+        );
+    };
+    put("stepgate.outcome", decision.outcome.as_str().to_owned());
+    put("stepgate.reason", decision.reason.as_str().to_owned());
+    put(
+        "stepgate.rule",
+        decision.rule.as_deref().unwrap_or_default().to_owned(),
+    );
+    if let Some(fp) = &decision.token_fingerprint {
+        put("stepgate.token", fp.clone());
+    }
+    if let Some(p) = &decision.principal {
+        put("stepgate.subject", p.subject.clone());
+        put("stepgate.issuer", p.issuer_id.clone());
+        if let Some(tid) = &p.tenant {
+            put("stepgate.tenant", tid.clone());
+        }
+        if !p.acrs.is_empty() {
+            put("stepgate.auth_contexts", p.acrs.join(" "));
+        }
+    }
+    Struct { fields }
+}

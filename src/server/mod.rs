@@ -1,0 +1,155 @@
+//! The gRPC server: ext_authz `Check`, `Decide`, gRPC health and reflection on one port; key
+//! refresh and policy reload in the background; graceful shutdown.
+
+pub mod authorizer;
+pub mod decide;
+pub mod ext_authz;
+mod reload;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+pub use authorizer::Authorizer;
+
+use crate::{
+    api::{self, v1::decision_service_server::DecisionServiceServer},
+    identity::keys,
+    policy::Policy,
+};
+
+/// How `stepgate serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    /// Time between reporting NOT_SERVING and closing the listener on shutdown, so that load
+    /// balancers stop sending new calls first.
+    pub drain_delay: Duration,
+}
+
+/// Serves until SIGTERM or SIGINT. `policy` is the already compiled policy of `options.config`.
+pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
+    let http = keys::http_client();
+    let issuers: Vec<_> = policy.issuers.iter().cloned().collect();
+    let without_keys = keys::load_all(&issuers, &http).await;
+    if !without_keys.is_empty() {
+        tracing::warn!(
+            issuers = ?without_keys,
+            "serving without keys for some issuers: their tokens are refused (unknown_kid) and health \
+             reports NOT_SERVING until the keys load"
+        );
+    }
+    let authorizer = Arc::new(Authorizer::new(Arc::new(policy)));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let refresh_stop = reload::spawn(
+        Arc::clone(&authorizer),
+        options.config.clone(),
+        http.clone(),
+        stop_rx.clone(),
+    );
+    keys::spawn_refresh(issuers, http, refresh_stop);
+    tokio::spawn(report_readiness(
+        Arc::clone(&authorizer),
+        health.clone(),
+        stop_rx.clone(),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let local = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(addr = %local, "stepgate listening on {local}");
+
+    let shutdown = shutdown(health, options.drain_delay, stop_tx);
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AuthorizationServer::new(ext_authz::ExtAuthz::new(
+            Arc::clone(&authorizer),
+        )))
+        .add_service(DecisionServiceServer::new(decide::Decide::new(authorizer)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server failed")?;
+    tracing::info!("stepgate stopped");
+    Ok(())
+}
+
+/// SERVING once every issuer of the current policy has keys; NOT_SERVING otherwise.
+async fn report_readiness(
+    authorizer: Arc<Authorizer>,
+    health: HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        let ready = authorizer
+            .policy()
+            .issuers
+            .iter()
+            .all(|i| !i.keys().is_empty());
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_all(&health, status).await;
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    for service in [
+        "",
+        "envoy.service.auth.v3.Authorization",
+        "stepgate.v1.DecisionService",
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT after health went NOT_SERVING and the drain delay passed; the
+/// server then stops accepting and lets in-flight calls finish.
+async fn shutdown(health: HealthReporter, drain_delay: Duration, stop: watch::Sender<bool>) {
+    wait_for_signal().await;
+    tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+    let _ = stop.send(true);
+    set_all(&health, ServingStatus::NotServing).await;
+    tokio::time::sleep(drain_delay).await;
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,80 @@
+//! Policy reload on SIGHUP: a new policy is compiled and given keys beside the old one, and swapped
+//! in only when it is complete. A policy that does not compile is logged with its field path and
+//! the old one keeps serving.
+
+use std::{path::PathBuf, sync::Arc};
+
+use tokio::sync::watch;
+
+use super::Authorizer;
+use crate::{config, identity::keys, policy};
+
+/// Starts the reload task. Returns the stop signal for the current key-refresh tasks; each
+/// successful reload stops those and starts refresh tasks for the new issuers.
+pub fn spawn(
+    authorizer: Arc<Authorizer>,
+    config_path: PathBuf,
+    http: reqwest::Client,
+    stop: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (refresh_tx, refresh_rx) = watch::channel(false);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut refresh_tx = refresh_tx;
+        let mut stop = stop;
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install a SIGHUP handler: policy reload disabled");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = stop.changed() => {
+                    let _ = refresh_tx.send(true);
+                    return;
+                }
+            }
+            match reload(&authorizer, &config_path, &http).await {
+                Ok(issuers) => {
+                    let _ = refresh_tx.send(true);
+                    let (tx, rx) = watch::channel(false);
+                    refresh_tx = tx;
+                    keys::spawn_refresh(issuers, http.clone(), rx);
+                }
+                Err(err) => tracing::error!(
+                    config = %config_path.display(),
+                    error = %err,
+                    "policy reload refused; the previous policy keeps serving"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (authorizer, config_path, http, stop, refresh_tx);
+    refresh_rx
+}
+
+async fn reload(
+    authorizer: &Authorizer,
+    path: &std::path::Path,
+    http: &reqwest::Client,
+) -> Result<Vec<Arc<crate::identity::Issuer>>, config::ConfigError> {
+    let file = config::load(path)?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let fresh = policy::compile(&file, base)?;
+    let old = authorizer.policy();
+    // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
+    for issuer in fresh.issuers.iter() {
+        if let Some(previous) = old.issuers.by_iss(&issuer.issuer)
+            && previous.key_source == issuer.key_source
+        {
+            issuer.set_keys((*previous.keys()).clone());
+        }
+    }
+    let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();
+    keys::load_all(&issuers, http).await;
+    authorizer.replace(Arc::new(fresh));
+    tracing::info!(config = %path.display(), rules = authorizer.policy().rules.len(), "policy reloaded");
+    Ok(issuers)
+}

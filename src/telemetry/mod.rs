@@ -1,0 +1,55 @@
+//! Logs: set-up, and the one line every decision writes.
+//!
+//! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
+
+use std::time::Duration;
+
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::{decision::Decision, request::Door};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level` (e.g. `stepgate=debug`).
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+}
+
+/// Logs one decision at `info` (allow) or `info`/`warn` (deny on a verified token).
+pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
+    let principal = decision.principal.as_ref();
+    tracing::info!(
+        target: "stepgate::decision",
+        door = door.as_str(),
+        outcome = decision.outcome.as_str(),
+        rule = decision.rule.as_deref().unwrap_or(""),
+        reason = decision.reason.as_str(),
+        status = decision.http_status,
+        subject = principal.map_or("", |p| p.subject.as_str()),
+        issuer = principal.map_or("", |p| p.issuer_id.as_str()),
+        token = decision.token_fingerprint.as_deref().unwrap_or(""),
+        micros = elapsed.as_micros() as u64,
+        "{}", decision.message
+    );
+}
