@@ -84,7 +84,7 @@ rules:
     fn unknown_key_is_an_error_with_its_path() {
         let text = MINIMAL.replace("match:", "requires: {}\n    match:");
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.path, "rules[0]");
+        assert_eq!(err.path, "rules[0].requires");
         assert!(err.message.contains("unknown field `requires`"), "{err}");
     }
 
@@ -103,7 +103,7 @@ rules:
             "match:\n      - { operation: a }\n      - { methodz: [GET] }",
         );
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.path, "rules[0].match[1]");
+        assert_eq!(err.path, "rules[0].match[1].methodz");
         assert!(err.message.contains("unknown field `methodz`"), "{err}");
     }
 }

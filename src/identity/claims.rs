@@ -29,21 +29,22 @@ pub struct Principal {
     pub expires_at: i64,
 }
 
-/// Reads a claim that may be a string, a space-separated string or an array of strings.
-pub fn string_list(claims: &Map<String, Value>, name: &str) -> Result<Vec<String>, ()> {
+/// Reads a claim that may be a string, a space-separated string or an array of strings. `None`
+/// when the claim has another JSON type.
+pub fn string_list(claims: &Map<String, Value>, name: &str) -> Option<Vec<String>> {
     match claims.get(name) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(s.split_ascii_whitespace().map(str::to_owned).collect()),
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::String(s)) => Some(s.split_ascii_whitespace().map(str::to_owned).collect()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or(()))
+            .map(|v| v.as_str().map(str::to_owned))
             .collect(),
-        Some(_) => Err(()),
+        Some(_) => None,
     }
 }
 
 fn list(claims: &Map<String, Value>, name: &'static str) -> Result<Vec<String>, TokenError> {
-    string_list(claims, name).map_err(|_| TokenError::ClaimInvalid(name))
+    string_list(claims, name).ok_or(TokenError::ClaimInvalid(name))
 }
 
 fn string(claims: &Map<String, Value>, name: &'static str) -> Result<Option<String>, TokenError> {

@@ -152,7 +152,7 @@ pub fn verify(
     check_audience(&claims, &issuer.audiences)?;
     let principal = read_principal(issuer, &claims)?;
     let client_capabilities = super::claims::string_list(&claims, "xms_cc")
-        .map_err(|_| TokenError::ClaimInvalid("xms_cc"))?
+        .ok_or(TokenError::ClaimInvalid("xms_cc"))?
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
         .collect();

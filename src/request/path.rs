@@ -28,13 +28,8 @@ impl PathProblem {
 
 /// Splits a request target into its normalised path (for matching) and its raw query.
 pub fn normalize(target: &str) -> Result<(String, &str), PathProblem> {
-    let (path, query) = match target.find(['?', '#']) {
-        Some(i) => (
-            &target[..i],
-            target[i + 1..].split('#').next().unwrap_or(""),
-        ),
-        None => (target, ""),
-    };
+    let target = target.split('#').next().unwrap_or(target);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
         return Err(PathProblem::NotAbsolute);
     }
