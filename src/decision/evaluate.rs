@@ -165,6 +165,11 @@ impl<'p> Run<'p> {
             Ok(rule) => rule,
             Err((rule, message)) => {
                 self.step("match", || message.clone());
+                // Without a token, say only that one is needed: the condition (and the rule) may
+                // well be about claims, and nothing about a route is revealed to anonymous callers.
+                if token.is_none() {
+                    return self.token_missing();
+                }
                 return self.deny(403, Reason::ConditionError, &message, Some(rule), None);
             }
         };
@@ -432,30 +437,45 @@ impl<'p> Run<'p> {
             d.step_up = Some(step_up);
             return d;
         }
+        // A challenge the client can never satisfy makes it loop: refuse instead. An Entra claims
+        // challenge can request an authentication context (and, by asking for one again, a fresh
+        // sign-in), not an `acr` or `amr`; an RFC 9470 challenge cannot request a context.
+        let expressible = match style {
+            ChallengeStyle::Entra => {
+                !missing_contexts.is_empty()
+                    || (!step_up.auth_contexts.is_empty()
+                        && matches!(reason, Reason::AuthTooOld | Reason::AuthTimeMissing))
+            }
+            ChallengeStyle::Rfc9470 => missing_contexts.is_empty(),
+            ChallengeStyle::Deny => true,
+        };
+        if !expressible {
+            self.step("challenge", || {
+                format!("a {} challenge cannot request this", style.as_str())
+            });
+            let message = format!("{message}, which the issuer's challenge style cannot request");
+            let mut d = self.deny_with(
+                403,
+                Reason::StepUpNotExpressible,
+                &message,
+                rule,
+                token,
+                None,
+            );
+            d.step_up = Some(step_up);
+            return d;
+        }
         match style {
             ChallengeStyle::Entra => {
-                // Ask for the first missing context; when all are present but the sign-in is too old
-                // or too weak, ask again for the first required one (its Conditional Access policy
-                // carries the sign-in frequency).
+                // Ask for the first missing context; when all are present but the sign-in is too
+                // old, ask again for the first required one (its Conditional Access policy carries
+                // the sign-in frequency).
                 let Some(context) = missing_contexts
                     .first()
                     .or(step_up.auth_contexts.first())
                     .cloned()
                 else {
-                    self.step("challenge", || {
-                        "an Entra claims challenge can only request an authentication context"
-                            .to_owned()
-                    });
-                    let message =
-                        format!("{message}, which the issuer's challenge style cannot request");
-                    return self.deny_with(
-                        403,
-                        Reason::StepUpNotExpressible,
-                        &message,
-                        rule,
-                        token,
-                        None,
-                    );
+                    unreachable!("an expressible Entra challenge names a context");
                 };
                 let json = challenge::entra_claims_request(&context);
                 let b64 = challenge::encode_claims(&json);

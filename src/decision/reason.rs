@@ -17,6 +17,7 @@ pub enum Reason {
     TokenMissing,
     TokenTooLarge,
     TokenMalformed,
+    TokenTypeInvalid,
     TokenHeaderForbidden,
     TokenUnverifiable,
     AlgorithmNotAllowed,
@@ -60,6 +61,7 @@ impl Reason {
             TokenMissing => "token_missing",
             TokenTooLarge => "token_too_large",
             TokenMalformed => "token_malformed",
+            TokenTypeInvalid => "token_type_invalid",
             TokenHeaderForbidden => "token_header_forbidden",
             TokenUnverifiable => "token_unverifiable",
             AlgorithmNotAllowed => "algorithm_not_allowed",
@@ -90,7 +92,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 35] = {
+    pub const ALL: [Reason; 36] = {
         use Reason::*;
         [
             Allowed,
@@ -102,6 +104,7 @@ impl Reason {
             TokenMissing,
             TokenTooLarge,
             TokenMalformed,
+            TokenTypeInvalid,
             TokenHeaderForbidden,
             TokenUnverifiable,
             AlgorithmNotAllowed,
@@ -148,6 +151,7 @@ impl From<&TokenError> for Reason {
             TokenError::NotYetValid => Reason::TokenNotYetValid,
             TokenError::AudienceMismatch => Reason::AudienceMismatch,
             TokenError::ClaimInvalid(_) => Reason::ClaimInvalid,
+            TokenError::WrongType(_) => Reason::TokenTypeInvalid,
         }
     }
 }

@@ -66,6 +66,8 @@ pub enum TokenError {
     AudienceMismatch,
     #[error("the access token claim {0:?} is missing or has the wrong type")]
     ClaimInvalid(&'static str),
+    #[error("the token type {0:?} is not an access token")]
+    WrongType(String),
 }
 
 /// Header parameters stepgate understands; a `crit` naming anything is refused (RFC 7515 §4.1.11:
@@ -113,6 +115,7 @@ pub fn verify(
     if header.contains_key("nonce") {
         return Err(TokenError::Unverifiable);
     }
+    check_type(header.get("typ"))?;
     let alg: Algorithm = alg_name
         .parse()
         .map_err(|_| TokenError::AlgorithmNotAllowed(alg_name.chars().take(16).collect()))?;
@@ -151,6 +154,12 @@ pub fn verify(
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
     let principal = read_principal(issuer, &claims)?;
+    if principal
+        .auth_time
+        .is_some_and(|t| t > now.saturating_add(issuer.leeway as i64))
+    {
+        return Err(TokenError::ClaimInvalid("auth_time"));
+    }
     let client_capabilities = super::claims::string_list(&claims, "xms_cc")
         .ok_or(TokenError::ClaimInvalid("xms_cc"))?
         .into_iter()
@@ -162,6 +171,21 @@ pub fn verify(
         client_capabilities,
         claims,
     })
+}
+
+/// `typ` is optional; when present it must name a JWT access token (`JWT`, or RFC 9068's
+/// `at+jwt`, as a media type and case-insensitively). Logout tokens, DPoP proofs, SETs and other
+/// JWTs signed by the same keys are refused.
+fn check_type(typ: Option<&Value>) -> Result<(), TokenError> {
+    let Some(typ) = typ else { return Ok(()) };
+    let name = typ
+        .as_str()
+        .ok_or(TokenError::Malformed("the header typ is not a string"))?;
+    let lower = name.to_ascii_lowercase();
+    match lower.strip_prefix("application/").unwrap_or(&lower) {
+        "jwt" | "at+jwt" => Ok(()),
+        _ => Err(TokenError::WrongType(name.chars().take(32).collect())),
+    }
 }
 
 fn decode_json_object(segment: &str) -> Option<Map<String, Value>> {

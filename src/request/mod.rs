@@ -99,10 +99,31 @@ impl HttpAttributes {
             Some((_, q)) => q,
             None => return false,
         };
-        query
-            .split('&')
-            .any(|pair| pair.split('=').next() == Some("access_token"))
+        query.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
+        })
     }
+}
+
+/// Decodes `%XX` escapes (and `+`); `None` when the name has none or they are broken.
+fn percent_decode(text: &str) -> Option<String> {
+    if !text.contains(['%', '+']) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn host_without_port(authority: &str) -> String {
@@ -137,6 +158,8 @@ mod tests {
         let http = |t: &str| HttpAttributes::new("GET", "h", t, HashMap::new());
         assert!(http("/a?x=1&access_token=abc").has_query_token());
         assert!(!http("/a?my_access_token=abc").has_query_token());
+        assert!(http("/a?%61ccess_token=abc").has_query_token());
+        assert!(http("/a?access%5Ftoken=abc").has_query_token());
         assert!(!http("/a").has_query_token());
     }
 }

@@ -1,0 +1,514 @@
+//! Shared helpers for the black-box tests: the real `stepgate` binary as a child process, demo
+//! tokens minted in-process, temporary policy files and Envoy-shaped `CheckRequest`s.
+//!
+//! Each test binary compiles this module separately; not every binary uses every helper.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use envoy_types::{
+    ext_authz::v3::pb::CheckRequest,
+    pb::envoy::{
+        config::core::v3::{HeaderMap, HeaderValue},
+        service::auth::v3::{
+            AttributeContext,
+            attribute_context::{HttpRequest as EnvoyHttpRequest, Request as EnvoyRequest},
+        },
+    },
+};
+use jsonwebtoken::Algorithm;
+use stepgate::demo::{self, TokenSpec};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// How long a server may take to log its listening line, and then to report SERVING.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Paths and policies
+// ---------------------------------------------------------------------------------------------
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_stepgate")
+}
+
+pub fn demo_policy_path() -> PathBuf {
+    manifest_dir().join("examples/stepgate.yaml")
+}
+
+pub fn demo_keys_dir() -> PathBuf {
+    manifest_dir().join("examples/demo-keys")
+}
+
+pub fn jwks_path() -> PathBuf {
+    demo_keys_dir().join("jwks.json")
+}
+
+/// The demo policy's text with `jwks_file` pointing at the absolute path of the demo JWKS, so a
+/// copy works from any folder.
+pub fn demo_policy_text() -> String {
+    let text = std::fs::read_to_string(demo_policy_path()).expect("reading examples/stepgate.yaml");
+    let replaced = text.replace(
+        "jwks_file: demo-keys/jwks.json",
+        &format!("jwks_file: {}", jwks_path().display()),
+    );
+    assert_ne!(
+        replaced, text,
+        "examples/stepgate.yaml no longer has `jwks_file: demo-keys/jwks.json`; update the tests"
+    );
+    replaced
+}
+
+/// `text` with `from` replaced by `to`, failing loudly when `from` is not there (so a changed demo
+/// policy cannot silently turn a test into a no-op).
+pub fn edit(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "the policy text no longer contains {from:?}; update the test"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// The wire-transfer rule's requirement line in the demo policy.
+pub const WIRE_REQUIRE: &str = "require: { auth_contexts: [c1], max_age: 15m }";
+
+/// A policy file in its own temporary folder, removed on drop.
+#[derive(Debug)]
+pub struct TempPolicy {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl TempPolicy {
+    pub fn new(name: &str, text: &str) -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "stepgate-test-{}-{}-{nanos}-{name}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
+        let path = dir.join("policy.yaml");
+        let policy = Self { dir, path };
+        policy.write(text);
+        policy
+    }
+
+    /// Replaces the file's content (write to a sibling, then rename: a reader never sees half).
+    pub fn write(&self, text: &str) {
+        let tmp = self.dir.join("policy.yaml.tmp");
+        std::fs::write(&tmp, text).expect("writing a policy file");
+        std::fs::rename(&tmp, &self.path).expect("renaming a policy file");
+    }
+}
+
+impl Drop for TempPolicy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------------------------
+
+/// Every token minted by this test binary, so log tests can check none of them leaked.
+static MINTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs() as i64
+}
+
+/// Signs `spec` at the real current time with the demo key for `alg` (RS256 or ES256).
+pub fn mint_with(spec: &TokenSpec, alg: Algorithm) -> String {
+    let (file, kid) = match alg {
+        Algorithm::ES256 => ("demo-ec-private.pem", demo::DEMO_EC_KID),
+        Algorithm::RS256 => ("demo-rsa-private.pem", demo::DEMO_RSA_KID),
+        other => panic!("no demo key for {other:?}"),
+    };
+    let pem = std::fs::read(demo_keys_dir().join(file)).expect("reading a demo private key");
+    let token = demo::sign(&spec.claims(unix_now()), &pem, alg, kid).expect("signing a demo token");
+    MINTED.lock().unwrap().push(token.clone());
+    token
+}
+
+pub fn mint(spec: &TokenSpec) -> String {
+    mint_with(spec, Algorithm::RS256)
+}
+
+pub fn minted_tokens() -> Vec<String> {
+    MINTED.lock().unwrap().clone()
+}
+
+/// An Entra-style user token (demo-entra issuer) with the given `acrs` and `xms_cc`.
+pub fn entra(acrs: &[&str], xms_cc: &[&str]) -> TokenSpec {
+    TokenSpec {
+        acrs: acrs.iter().map(|s| s.to_string()).collect(),
+        xms_cc: xms_cc.iter().map(|s| s.to_string()).collect(),
+        ..TokenSpec::default()
+    }
+}
+
+/// A token of the standards-based demo issuer (demo-oidc).
+pub fn oidc(roles: &[&str], acr: Option<&str>, amr: &[&str]) -> TokenSpec {
+    TokenSpec {
+        issuer: demo::DEMO_OIDC_ISSUER.to_owned(),
+        roles: roles.iter().map(|s| s.to_string()).collect(),
+        acr: acr.map(str::to_owned),
+        amr: amr.iter().map(|s| s.to_string()).collect(),
+        ..TokenSpec::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server process
+// ---------------------------------------------------------------------------------------------
+
+/// A running `stepgate serve`. Its stderr is drained into `logs` by a background thread; the process
+/// is killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `stepgate serve --config <policy> --listen 127.0.0.1:0 --log-format json`, waits for
+    /// the listening log line and then for gRPC health SERVING.
+    pub async fn start(policy: &Path) -> Self {
+        let server = Self::spawn(policy);
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts the process and waits for its listening line only (no health check).
+    pub fn spawn(policy: &Path) -> Self {
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(policy)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .env_remove("STEPGATE_LOG_LEVEL")
+            .env_remove("STEPGATE_DRAIN_DELAY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the stepgate binary");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = mpsc::channel::<u16>();
+        {
+            let logs = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stderr);
+                let mut port_tx = Some(port_tx);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                    if port_tx.is_some()
+                        && let Some(port) = listening_port(&line)
+                    {
+                        let _ = port_tx.take().unwrap().send(port);
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        match port_rx.recv_timeout(STARTUP_DEADLINE) {
+            Ok(port) => Self { child, port, logs },
+            Err(why) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                // Let the reader thread collect what is left.
+                std::thread::sleep(Duration::from_millis(100));
+                let captured = logs.lock().unwrap().join("\n");
+                panic!(
+                    "stepgate serve --config {} did not log `stepgate listening on` ({}; exit \
+                     status {status:?}). Captured stderr:\n{captured}",
+                    policy.display(),
+                    match why {
+                        mpsc::RecvTimeoutError::Timeout =>
+                            format!("nothing within {STARTUP_DEADLINE:?}"),
+                        mpsc::RecvTimeoutError::Disconnected => "stderr closed".to_owned(),
+                    }
+                );
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A fresh gRPC channel (one per test: a channel belongs to the runtime that made it).
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("a valid URL")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.url(), self.logs_text()))
+    }
+
+    /// Waits until gRPC health reports SERVING for the whole server and for the decision service
+    /// (set by the readiness task once keys are loaded). Polls; fails after the startup deadline.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        let mut last = String::new();
+        loop {
+            match self.health().await {
+                Ok(true) => return,
+                Ok(false) => last = "NOT_SERVING".to_owned(),
+                Err(e) => last = e,
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "stepgate on port {} did not report SERVING within {STARTUP_DEADLINE:?} \
+                     (last: {last}). Captured stderr:\n{}",
+                    self.port,
+                    self.logs_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn health(&self) -> Result<bool, String> {
+        let channel = Endpoint::from_shared(self.url())
+            .expect("a valid URL")
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = HealthClient::new(channel);
+        for service in ["", "stepgate.v1.DecisionService"] {
+            let status = client
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .map_err(|s| format!("health {service:?}: {s}"))?
+                .into_inner()
+                .status;
+            if status != ServingStatus::Serving as i32 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// All stderr lines captured so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn logs_text(&self) -> String {
+        self.logs().join("\n")
+    }
+
+    /// The captured lines that parse as JSON objects.
+    pub fn json_logs(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.is_object())
+            .collect()
+    }
+
+    /// Polls the captured JSON log lines until one satisfies `pred`; `None` after `timeout`.
+    pub async fn wait_for_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.json_logs().into_iter().find(|v| pred(v)) {
+                return Some(line);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal with the `kill` command (`TERM`, `HUP`, …).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} {} failed: {status}", self.pid());
+    }
+
+    /// Polls `try_wait` until the process exits; `None` if it is still running at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait on the server") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The port of a JSON log line whose message contains `stepgate listening on`.
+fn listening_port(line: &str) -> Option<u16> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let message = value.get("message")?.as_str()?;
+    let (_, rest) = message.split_once("stepgate listening on")?;
+    rest.trim().rsplit_once(':')?.1.trim().parse().ok()
+}
+
+/// One demo-policy server shared by the tests of a binary that run at the same time. Each test
+/// holds an `Arc`; when the last holder drops it the process is killed (statics are never dropped,
+/// so a plain `OnceLock<Server>` would leak the process), and the next caller starts a new one.
+pub async fn shared_server() -> Arc<Server> {
+    static SHARED: Mutex<Weak<Server>> = Mutex::new(Weak::new());
+    let server = {
+        let mut slot = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.upgrade() {
+            Some(server) => server,
+            None => {
+                let server = Arc::new(Server::spawn(&demo_policy_path()));
+                *slot = Arc::downgrade(&server);
+                server
+            }
+        }
+    };
+    server.wait_ready().await;
+    server
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy-shaped requests
+// ---------------------------------------------------------------------------------------------
+
+/// A `CheckRequest` as Envoy sends it with `encode_raw_headers: false`: lower-case header keys,
+/// pseudo-headers included, `method`/`host`/`path` set.
+pub fn envoy_check(
+    method: &str,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> CheckRequest {
+    let mut map: HashMap<String, String> = HashMap::new();
+    map.insert(":authority".into(), authority.into());
+    map.insert(":method".into(), method.into());
+    map.insert(":path".into(), path.into());
+    map.insert(":scheme".into(), "http".into());
+    map.insert("x-request-id".into(), "3c1c5b1e-0000-4000-8000-000000000000".into());
+    for (k, v) in headers {
+        map.insert(k.to_ascii_lowercase(), v.to_string());
+    }
+    let is_grpc = map
+        .get("content-type")
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(EnvoyRequest {
+                time: None,
+                http: Some(EnvoyHttpRequest {
+                    id: "1234567890".into(),
+                    method: method.into(),
+                    headers: map,
+                    path: path.into(),
+                    host: authority.into(),
+                    scheme: "http".into(),
+                    protocol: if is_grpc { "HTTP/2" } else { "HTTP/1.1" }.into(),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The same request as Envoy sends it with `encode_raw_headers: true`: every header an entry of
+/// `header_map` with `raw_value` bytes (and `value` empty), the `headers` map empty.
+pub fn to_header_map_shape(request: &CheckRequest) -> CheckRequest {
+    let mut out = request.clone();
+    let http = out
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("an http request");
+    let mut entries: Vec<HeaderValue> = http
+        .headers
+        .drain()
+        .map(|(key, value)| HeaderValue {
+            key,
+            value: String::new(),
+            raw_value: value.into_bytes(),
+        })
+        .collect();
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    http.header_map = Some(HeaderMap { headers: entries });
+    out
+}
+
+/// Adds one raw `header_map` entry (switching the request to the `header_map` shape first).
+pub fn with_raw_header(request: &CheckRequest, key: &str, raw: &[u8]) -> CheckRequest {
+    let mut out = to_header_map_shape(request);
+    out.attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .and_then(|h| h.header_map.as_mut())
+        .expect("a header map")
+        .headers
+        .push(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value: raw.to_vec(),
+        });
+    out
+}
