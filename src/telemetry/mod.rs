@@ -2,7 +2,7 @@
 //!
 //! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
 
-use std::time::Duration;
+use std::{io::IsTerminal, time::Duration};
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -22,7 +22,11 @@ pub fn init(format: LogFormat, level: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Json => registry
             .with(

@@ -289,7 +289,7 @@ impl Server {
     /// (set by the readiness task once keys are loaded). Polls; fails after the startup deadline.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
-        let mut last = String::new();
+        let mut last;
         loop {
             match self.health().await {
                 Ok(true) => return,

@@ -1,0 +1,1037 @@
+//! Black-box tests of the real `stepgate serve` over gRPC: Envoy ext_authz `Check` and
+//! `stepgate.v1.DecisionService/Decide` decide the same way, headers cannot be smuggled upstream,
+//! decision logs never carry tokens, reflection, and graceful shutdown.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use common::{
+    Server, demo_policy_path, entra, envoy_check, mint, mint_with, minted_tokens, oidc,
+    shared_server, to_header_map_shape, with_raw_header,
+};
+use envoy_types::{
+    ext_authz::v3::pb::{CheckRequest, CheckResponse, HeaderAppendAction, HttpResponse},
+    pb::envoy::service::auth::v3::authorization_client::AuthorizationClient,
+};
+use jsonwebtoken::Algorithm;
+use sha2::{Digest as _, Sha256};
+use stepgate::{
+    api::v1::{
+        DecideRequest, DecideResponse, HttpRequest, Outcome, decide_request::Credential,
+        decision_service_client::DecisionServiceClient,
+    },
+    demo::TokenSpec,
+};
+use tonic::{Code, transport::Channel};
+
+/// The identity headers configured in examples/stepgate.yaml (`upstream.identity_headers`).
+const IDENTITY_HEADERS: [&str; 4] = [
+    "x-stepgate-subject",
+    "x-stepgate-tenant",
+    "x-stepgate-auth-contexts",
+    "x-stepgate-rule",
+];
+
+/// Entra claims request for authentication context c1 (what the challenge's `claims` encodes).
+const C1_CLAIMS: &str = r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: &'static str,
+    method: &'static str,
+    authority: &'static str,
+    path: &'static str,
+    /// Request headers besides the pseudo-headers (lower-case keys).
+    headers: Vec<(String, String)>,
+    /// `operation` of the Decide request (Check has none: Envoy sends http attributes only).
+    operation: &'static str,
+    expect: Expect,
+}
+
+#[derive(Debug, Clone)]
+struct Expect {
+    outcome: Outcome,
+    http_status: u32,
+    /// `CheckResponse.status.code` (google.rpc.Code).
+    check_code: i32,
+    reason: &'static str,
+    /// "" when no rule decided.
+    rule: &'static str,
+    /// Substrings the `WWW-Authenticate` value must contain; `None`: no header at all.
+    www: Option<Vec<String>>,
+    /// Identity headers expected on ALLOW (a subset check).
+    identity: Vec<(&'static str, &'static str)>,
+}
+
+fn bearer(token: &str) -> Vec<(String, String)> {
+    vec![("authorization".to_owned(), format!("Bearer {token}"))]
+}
+
+fn claims_b64() -> String {
+    base64::engine::general_purpose::STANDARD.encode(C1_CLAIMS)
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let valid = mint(&TokenSpec::default());
+    let valid_es256 = mint_with(&TokenSpec::default(), Algorithm::ES256);
+    let capable_no_c1 = mint(&entra(&[], &["cp1"]));
+    let not_capable = mint(&entra(&[], &[]));
+    let with_c1 = mint(&entra(&["c1"], &["cp1"]));
+    let admin_no_acr = mint(&oidc(&["Admin"], None, &["pwd", "mfa"]));
+    let oidc_no_role = mint(&oidc(&[], Some("phr"), &["mfa"]));
+    let expired = mint(&TokenSpec {
+        lifetime: -3600,
+        ..TokenSpec::default()
+    });
+    let second = mint(&TokenSpec {
+        subject: "bob".into(),
+        ..TokenSpec::default()
+    });
+    let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let s = |v: &[&str]| Some(v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+
+    vec![
+        Scenario {
+            name: "no token on an ordinary route",
+            method: "GET",
+            authority: "api.example.com",
+            path: "/accounts",
+            headers: vec![],
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Deny,
+                http_status: 401,
+                check_code: 16,
+                reason: "token_missing",
+                rule: "",
+                www: s(&["Bearer", "realm=\"stepgate-demo\""]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "valid RS256 token on an ordinary route",
+            method: "GET",
+            authority: "api.example.com",
+            path: "/accounts",
+            headers: bearer(&valid),
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Allow,
+                http_status: 200,
+                check_code: 0,
+                reason: "allowed",
+                rule: "everything-else",
+                www: None,
+                identity: vec![
+                    ("x-stepgate-subject", "alice"),
+                    ("x-stepgate-tenant", tenant),
+                    ("x-stepgate-rule", "everything-else"),
+                ],
+            },
+        },
+        Scenario {
+            name: "valid ES256 token on an ordinary route",
+            method: "GET",
+            authority: "api.example.com:8443",
+            path: "/accounts?page=2",
+            headers: bearer(&valid_es256),
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Allow,
+                http_status: 200,
+                check_code: 0,
+                reason: "allowed",
+                rule: "everything-else",
+                www: None,
+                identity: vec![("x-stepgate-subject", "alice")],
+            },
+        },
+        Scenario {
+            name: "wire transfer, cp1 client without c1: Entra claims challenge",
+            method: "POST",
+            authority: "api.example.com",
+            path: "/payments/wire",
+            headers: bearer(&capable_no_c1),
+            operation: "payments.wire_transfer",
+            expect: Expect {
+                outcome: Outcome::StepUp,
+                http_status: 401,
+                check_code: 16,
+                reason: "missing_auth_context",
+                rule: "wire-transfer",
+                www: Some(vec![
+                    "Bearer".into(),
+                    "error=\"insufficient_claims\"".into(),
+                    format!("claims=\"{}\"", claims_b64()),
+                    "authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\""
+                        .into(),
+                ]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "wire transfer, client without cp1: 403 client_not_capable",
+            method: "POST",
+            authority: "api.example.com",
+            path: "/payments/wire",
+            headers: bearer(&not_capable),
+            operation: "payments.wire_transfer",
+            expect: Expect {
+                outcome: Outcome::Deny,
+                http_status: 403,
+                check_code: 7,
+                reason: "client_not_capable",
+                rule: "wire-transfer",
+                www: None,
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "wire transfer with c1: allowed",
+            method: "POST",
+            authority: "api.example.com",
+            path: "/payments/wire",
+            headers: bearer(&with_c1),
+            operation: "payments.wire_transfer",
+            expect: Expect {
+                outcome: Outcome::Allow,
+                http_status: 200,
+                check_code: 0,
+                reason: "allowed",
+                rule: "wire-transfer",
+                www: None,
+                identity: vec![
+                    ("x-stepgate-subject", "alice"),
+                    ("x-stepgate-auth-contexts", "c1"),
+                    ("x-stepgate-rule", "wire-transfer"),
+                ],
+            },
+        },
+        Scenario {
+            name: "admin route, oidc token without acr: RFC 9470 step-up",
+            method: "GET",
+            authority: "admin.example.com",
+            path: "/admin/users",
+            headers: bearer(&admin_no_acr),
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::StepUp,
+                http_status: 401,
+                check_code: 16,
+                reason: "acr_not_accepted",
+                rule: "admin",
+                www: s(&[
+                    "Bearer",
+                    "error=\"insufficient_user_authentication\"",
+                    "acr_values=\"urn:okta:loa:2fa:any phr\"",
+                    "max_age=3600",
+                ]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "admin route, token without the Admin role: 403",
+            method: "GET",
+            authority: "admin.example.com",
+            path: "/admin/users",
+            headers: bearer(&oidc_no_role),
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Deny,
+                http_status: 403,
+                check_code: 7,
+                reason: "missing_role",
+                rule: "admin",
+                www: s(&["Bearer", "error=\"insufficient_scope\""]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "expired token: 401 invalid_token",
+            method: "GET",
+            authority: "api.example.com",
+            path: "/accounts",
+            headers: bearer(&expired),
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Deny,
+                http_status: 401,
+                check_code: 16,
+                reason: "token_expired",
+                rule: "",
+                www: s(&["Bearer", "error=\"invalid_token\""]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "gRPC upstream call Payments/Transfer matches wire-transfer",
+            method: "POST",
+            authority: "payments.internal:50051",
+            path: "/demo.payments.v1.Payments/Transfer",
+            headers: {
+                let mut h = bearer(&capable_no_c1);
+                h.push(("content-type".into(), "application/grpc".into()));
+                h.push(("te".into(), "trailers".into()));
+                h
+            },
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::StepUp,
+                http_status: 401,
+                check_code: 16,
+                reason: "missing_auth_context",
+                rule: "wire-transfer",
+                www: Some(vec![
+                    "error=\"insufficient_claims\"".into(),
+                    format!("claims=\"{}\"", claims_b64()),
+                ]),
+                identity: vec![],
+            },
+        },
+        Scenario {
+            name: "two Authorization values joined by a comma: 400",
+            method: "GET",
+            authority: "api.example.com",
+            path: "/accounts",
+            headers: vec![(
+                "authorization".into(),
+                format!("Bearer {valid},Bearer {second}"),
+            )],
+            operation: "",
+            expect: Expect {
+                outcome: Outcome::Deny,
+                http_status: 400,
+                check_code: 3,
+                reason: "multiple_credentials",
+                rule: "",
+                www: s(&["Bearer", "error=\"invalid_request\""]),
+                identity: vec![],
+            },
+        },
+    ]
+}
+
+impl Scenario {
+    fn check_request(&self) -> CheckRequest {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        envoy_check(self.method, self.authority, self.path, &headers)
+    }
+
+    /// The same HTTP attributes (headers as Envoy would send them) plus the operation.
+    fn decide_request(&self) -> DecideRequest {
+        let check = self.check_request();
+        let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+        DecideRequest {
+            credential: None,
+            operation: self.operation.to_owned(),
+            http: Some(HttpRequest {
+                method: http.method,
+                host: http.host,
+                path: http.path,
+                headers: http.headers,
+            }),
+            attributes: None,
+            explain: false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading responses
+// ---------------------------------------------------------------------------------------------
+
+/// A `CheckResponse` reduced to what Envoy acts on, in a comparable form.
+#[derive(Debug, Clone, PartialEq)]
+struct CheckView {
+    code: i32,
+    allowed: bool,
+    http_status: u32,
+    /// Denied: response headers. Allowed: headers set on the upstream request.
+    headers: BTreeMap<String, String>,
+    /// Append actions of those headers.
+    actions: BTreeMap<String, i32>,
+    headers_to_remove: BTreeSet<String>,
+    body: Option<serde_json::Value>,
+}
+
+fn view(response: &CheckResponse) -> CheckView {
+    let code = response.status.as_ref().map_or(-1, |s| s.code);
+    let mut v = CheckView {
+        code,
+        allowed: false,
+        http_status: 0,
+        headers: BTreeMap::new(),
+        actions: BTreeMap::new(),
+        headers_to_remove: BTreeSet::new(),
+        body: None,
+    };
+    let options = match &response.http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            v.allowed = true;
+            v.http_status = 200;
+            v.headers_to_remove = ok.headers_to_remove.iter().cloned().collect();
+            &ok.headers
+        }
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            v.http_status = denied.status.as_ref().map_or(0, |s| s.code as u32);
+            v.body = Some(serde_json::from_str(&denied.body).unwrap_or_else(|e| {
+                panic!("denial body is not JSON ({e}): {:?}", denied.body)
+            }));
+            &denied.headers
+        }
+        other => panic!("CheckResponse without an ok or denied response ({other:?}): {response:?}"),
+    };
+    for option in options {
+        let header = option.header.as_ref().expect("HeaderValueOption.header");
+        #[allow(deprecated)]
+        let append = option.append.as_ref().is_some_and(|b| b.value);
+        assert!(
+            !append,
+            "deprecated `append: true` set on {}: {option:?}",
+            header.key
+        );
+        let value = if header.raw_value.is_empty() {
+            header.value.clone()
+        } else {
+            String::from_utf8(header.raw_value.clone()).expect("UTF-8 raw_value")
+        };
+        let previous = v.headers.insert(header.key.to_ascii_lowercase(), value);
+        assert!(previous.is_none(), "header {} set twice", header.key);
+        v.actions
+            .insert(header.key.to_ascii_lowercase(), option.append_action);
+    }
+    v
+}
+
+struct Clients {
+    check: AuthorizationClient<Channel>,
+    decide: DecisionServiceClient<Channel>,
+}
+
+impl Clients {
+    async fn new(server: &Server) -> Self {
+        let channel = server.channel().await;
+        Self {
+            check: AuthorizationClient::new(channel.clone()),
+            decide: DecisionServiceClient::new(channel),
+        }
+    }
+
+    async fn check(&mut self, request: CheckRequest) -> CheckResponse {
+        match self.check.check(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => panic!("Check returned a gRPC error (Envoy would treat it as an outage): {status:?}"),
+        }
+    }
+
+    async fn decide(&mut self, request: DecideRequest) -> DecideResponse {
+        match self.decide.decide(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => panic!("Decide returned a gRPC error for a policy decision: {status:?}"),
+        }
+    }
+}
+
+/// Differences between what Check answered and what Decide answered for the same request.
+fn compare_doors(check: &CheckView, decide: &DecideResponse) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut differ = |what: &str, c: String, d: String| {
+        if c != d {
+            problems.push(format!("{what}: Check {c} vs Decide {d}"));
+        }
+    };
+    let decide_outcome = decide.outcome();
+    differ(
+        "allowed",
+        check.allowed.to_string(),
+        (decide_outcome == Outcome::Allow).to_string(),
+    );
+    differ(
+        "http status",
+        check.http_status.to_string(),
+        decide.http_status.to_string(),
+    );
+    let expected_code = match (decide_outcome, decide.http_status) {
+        (Outcome::Allow, _) => 0,
+        (_, 400) => 3,
+        (_, 401) => 16,
+        _ => 7,
+    };
+    differ(
+        "CheckResponse.status.code",
+        check.code.to_string(),
+        expected_code.to_string(),
+    );
+    if check.allowed {
+        let decided: BTreeMap<String, String> = decide
+            .identity_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        differ(
+            "identity headers",
+            format!("{:?}", check.headers),
+            format!("{decided:?}"),
+        );
+    } else {
+        let www = if decide.www_authenticate.is_empty() {
+            None
+        } else {
+            Some(decide.www_authenticate.clone())
+        };
+        differ(
+            "www-authenticate",
+            format!("{:?}", check.headers.get("www-authenticate")),
+            format!("{www:?}"),
+        );
+        differ(
+            "content-type",
+            format!("{:?}", check.headers.get("content-type")),
+            format!("{:?}", Some("application/json")),
+        );
+        let body = check.body.as_ref().expect("a denial body");
+        for key in ["error", "reason", "rule"] {
+            if body.get(key).is_none() {
+                problems.push(format!("denial body lacks `{key}`: {body}"));
+            }
+        }
+        if !body["error"].as_str().is_some_and(|e| !e.is_empty()) {
+            problems.push(format!("denial body `error` is not a non-empty string: {body}"));
+        }
+        problems.extend(
+            [
+                (
+                    "body.reason",
+                    body["reason"].as_str().unwrap_or("<none>"),
+                    decide.reason.as_str(),
+                ),
+                (
+                    "body.rule",
+                    body["rule"].as_str().unwrap_or(""),
+                    decide.rule.as_str(),
+                ),
+            ]
+            .into_iter()
+            .filter(|(_, c, d)| c != d)
+            .map(|(what, c, d)| format!("{what}: Check {c:?} vs Decide {d:?}")),
+        );
+    }
+    problems
+}
+
+/// Differences between a Decide answer and the scenario's expectation.
+fn against_expectation(e: &Expect, d: &DecideResponse, check: &CheckView) -> Vec<String> {
+    let mut problems = Vec::new();
+    if d.outcome() != e.outcome {
+        problems.push(format!("outcome {:?}, expected {:?}", d.outcome(), e.outcome));
+    }
+    if d.http_status != e.http_status {
+        problems.push(format!("http_status {}, expected {}", d.http_status, e.http_status));
+    }
+    if check.code != e.check_code {
+        problems.push(format!("Check status.code {}, expected {}", check.code, e.check_code));
+    }
+    if d.reason != e.reason {
+        problems.push(format!("reason {:?}, expected {:?}", d.reason, e.reason));
+    }
+    if d.rule != e.rule {
+        problems.push(format!("rule {:?}, expected {:?}", d.rule, e.rule));
+    }
+    match &e.www {
+        None if !d.www_authenticate.is_empty() => problems.push(format!(
+            "unexpected www_authenticate {:?}",
+            d.www_authenticate
+        )),
+        None => {}
+        Some(parts) => {
+            for part in parts {
+                if !d.www_authenticate.contains(part.as_str()) {
+                    problems.push(format!(
+                        "www_authenticate {:?} lacks {part:?}",
+                        d.www_authenticate
+                    ));
+                }
+            }
+        }
+    }
+    for (name, value) in &e.identity {
+        if d.identity_headers.get(*name).map(String::as_str) != Some(*value) {
+            problems.push(format!(
+                "identity header {name}: {:?}, expected {value:?}",
+                d.identity_headers.get(*name)
+            ));
+        }
+    }
+    problems
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn check_and_decide_give_the_same_decision_for_every_scenario() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let mut failures = Vec::new();
+    for scenario in scenarios() {
+        let check = view(&clients.check(scenario.check_request()).await);
+        let decide = clients.decide(scenario.decide_request()).await;
+        let mut problems = compare_doors(&check, &decide);
+        problems.extend(against_expectation(&scenario.expect, &decide, &check));
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}:\n    {}\n    Check: {check:?}\n    Decide: {decide:?}",
+                scenario.name,
+                problems.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn step_up_details_in_decide_match_the_challenges() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let by_name = |name: &str| {
+        scenarios()
+            .into_iter()
+            .find(|s| s.name.starts_with(name))
+            .unwrap()
+    };
+
+    let entra = clients
+        .decide(by_name("wire transfer, cp1").decide_request())
+        .await;
+    let step_up = entra.step_up.expect("step_up on an Entra STEP_UP");
+    assert_eq!(step_up.challenge_style, "entra");
+    assert_eq!(step_up.missing_auth_contexts, vec!["c1"]);
+    assert_eq!(step_up.claims, C1_CLAIMS);
+    assert_eq!(step_up.claims_base64, claims_b64());
+
+    let rfc = clients
+        .decide(by_name("admin route, oidc").decide_request())
+        .await;
+    let step_up = rfc.step_up.expect("step_up on an RFC 9470 STEP_UP");
+    assert_eq!(step_up.challenge_style, "rfc9470");
+    assert_eq!(step_up.acr_values, vec!["urn:okta:loa:2fa:any", "phr"]);
+    assert_eq!(step_up.max_age_seconds, 3600);
+    assert!(step_up.claims.is_empty(), "no Entra claims for an RFC 9470 issuer");
+
+    let not_capable = clients
+        .decide(by_name("wire transfer, client without cp1").decide_request())
+        .await;
+    assert!(
+        not_capable.step_up.is_some(),
+        "client_not_capable carries the requirement so a service can explain it"
+    );
+}
+
+#[tokio::test]
+async fn header_map_shape_gives_the_same_decision_as_the_headers_shape() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let mut failures = Vec::new();
+    for scenario in scenarios() {
+        let plain = scenario.check_request();
+        let raw = to_header_map_shape(&plain);
+        assert!(
+            raw.attributes.as_ref().unwrap().request.as_ref().unwrap().http.as_ref().unwrap().headers.is_empty()
+        );
+        let a = view(&clients.check(plain).await);
+        let b = view(&clients.check(raw).await);
+        if a != b {
+            failures.push(format!(
+                "{}:\n    headers:    {a:?}\n    header_map: {b:?}",
+                scenario.name
+            ));
+        }
+        if a.http_status != scenario.expect.http_status {
+            failures.push(format!(
+                "{}: status {} expected {}",
+                scenario.name, a.http_status, scenario.expect.http_status
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn two_authorization_entries_in_header_map_are_refused_as_multiple_credentials() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let first = mint(&TokenSpec::default());
+    let second = mint(&TokenSpec {
+        subject: "bob".into(),
+        ..TokenSpec::default()
+    });
+    let base = envoy_check("GET", "api.example.com", "/accounts", &[]);
+    for (a, b) in [(&first, &second), (&first, &first)] {
+        let request = with_raw_header(&base, "authorization", format!("Bearer {a}").as_bytes());
+        let request = with_raw_header(&request, "authorization", format!("Bearer {b}").as_bytes());
+        let v = view(&clients.check(request).await);
+        assert!(!v.allowed, "two authorization entries must not be allowed: {v:?}");
+        assert_eq!(v.http_status, 400, "{v:?}");
+        assert_eq!(v.code, 3, "{v:?}");
+        assert_eq!(v.body.as_ref().unwrap()["reason"], "multiple_credentials", "{v:?}");
+        assert!(
+            v.headers
+                .get("www-authenticate")
+                .is_some_and(|w| w.contains("invalid_request")),
+            "{v:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn non_utf8_authorization_bytes_are_denied_and_the_server_keeps_answering() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let base = envoy_check("GET", "api.example.com", "/accounts", &[]);
+
+    for raw in [
+        &b"Bearer \xff\xfe\xfd"[..],
+        &b"\xc3\x28"[..],
+        &b"Bearer abc\x80def.ghi.jkl"[..],
+    ] {
+        let request = with_raw_header(&base, "authorization", raw);
+        let v = view(&clients.check(request).await);
+        assert!(!v.allowed, "{raw:?}: {v:?}");
+        assert_eq!(v.http_status, 400, "{raw:?}: {v:?}");
+        assert_eq!(v.code, 3, "{raw:?}: {v:?}");
+    }
+
+    // Non-UTF-8 bytes in some other header do not break a valid request.
+    let token = mint(&TokenSpec::default());
+    let request = with_raw_header(
+        &envoy_check(
+            "GET",
+            "api.example.com",
+            "/accounts",
+            &[("authorization", &format!("Bearer {token}"))],
+        ),
+        "x-odd",
+        b"\xff\x00\xfe",
+    );
+    let v = view(&clients.check(request).await);
+    assert!(v.allowed, "{v:?}");
+
+    // Still serving afterwards, on a fresh connection too.
+    let mut fresh = Clients::new(&server).await;
+    let v = view(
+        &fresh
+            .check(envoy_check(
+                "GET",
+                "api.example.com",
+                "/accounts",
+                &[("authorization", &format!("Bearer {token}"))],
+            ))
+            .await,
+    );
+    assert!(v.allowed, "{v:?}");
+}
+
+/// Every configured identity header is either set (overwriting what the client sent) or removed.
+fn assert_no_identity_header_passes_through(v: &CheckView, context: &str) {
+    for name in IDENTITY_HEADERS {
+        let set = v.headers.contains_key(name);
+        let removed = v.headers_to_remove.contains(name);
+        assert!(
+            set || removed,
+            "{context}: {name} is neither set nor removed, so a client's value reaches the upstream: {v:?}"
+        );
+        if set {
+            assert_eq!(
+                v.actions[name],
+                HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                "{context}: {name} must overwrite the client's value: {v:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_supplied_identity_headers_cannot_reach_the_upstream() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let no_tid = mint(&TokenSpec {
+        tenant: None,
+        ..TokenSpec::default()
+    });
+    let smuggled = [
+        ("x-stepgate-subject", "mallory"),
+        ("x-stepgate-tenant", "evil-tenant"),
+        ("x-stepgate-auth-contexts", "c1 c2 c3"),
+        ("x-stepgate-rule", "admin"),
+    ];
+
+    // A token without `tid`: subject overwritten, tenant and auth contexts removed.
+    let auth = format!("Bearer {no_tid}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend(smuggled);
+    let request = envoy_check("GET", "api.example.com", "/accounts", &headers);
+    for (shape, request) in [
+        ("headers", request.clone()),
+        ("header_map", to_header_map_shape(&request)),
+    ] {
+        let v = view(&clients.check(request).await);
+        assert!(v.allowed, "{shape}: {v:?}");
+        assert_eq!(v.headers.get("x-stepgate-subject").map(String::as_str), Some("alice"));
+        assert!(
+            v.headers_to_remove.contains("x-stepgate-tenant"),
+            "{shape}: no tid, so x-stepgate-tenant must be removed: {v:?}"
+        );
+        assert!(!v.headers.contains_key("x-stepgate-tenant"), "{shape}: {v:?}");
+        assert_no_identity_header_passes_through(&v, shape);
+    }
+
+    // An anonymous route: no subject at all, so the client's must be removed.
+    let request = envoy_check("GET", "api.example.com", "/healthz", &smuggled);
+    let v = view(&clients.check(request).await);
+    assert!(v.allowed, "anonymous health route: {v:?}");
+    assert!(
+        v.headers_to_remove.contains("x-stepgate-subject"),
+        "anonymous: x-stepgate-subject must be removed: {v:?}"
+    );
+    assert_no_identity_header_passes_through(&v, "anonymous");
+}
+
+#[tokio::test]
+async fn denials_are_ok_grpc_responses_never_grpc_errors() {
+    let server = shared_server().await;
+    let channel = server.channel().await;
+    let mut check = AuthorizationClient::new(channel.clone());
+    let mut decide = DecisionServiceClient::new(channel);
+    let mut denials = 0;
+    for scenario in scenarios() {
+        let c = check.check(scenario.check_request()).await;
+        assert!(c.is_ok(), "{}: Check error {:?}", scenario.name, c.err());
+        let d = decide.decide(scenario.decide_request()).await;
+        assert!(d.is_ok(), "{}: Decide error {:?}", scenario.name, d.err());
+        if scenario.expect.outcome != Outcome::Allow {
+            denials += 1;
+        }
+    }
+    // Malformed bytes too.
+    let request = with_raw_header(
+        &envoy_check("GET", "api.example.com", "/accounts", &[]),
+        "authorization",
+        b"\xff",
+    );
+    assert!(check.check(request).await.is_ok());
+    // An empty CheckRequest (no attributes at all) is still a decision, not an error.
+    let empty = check.check(CheckRequest::default()).await;
+    assert!(empty.is_ok(), "empty CheckRequest: {:?}", empty.err());
+    assert!(
+        matches!(
+            empty.unwrap().into_inner().http_response,
+            Some(HttpResponse::DeniedResponse(_))
+        ),
+        "an empty CheckRequest must be denied"
+    );
+    assert!(denials >= 5, "the scenarios must include denials");
+}
+
+#[tokio::test]
+async fn decision_log_line_has_outcome_reason_rule_and_fingerprint_but_never_the_token() {
+    let server = shared_server().await;
+    let mut clients = Clients::new(&server).await;
+    let subject = format!("log-probe-{}", std::process::id());
+    let token = mint(&TokenSpec {
+        subject: subject.clone(),
+        xms_cc: vec!["cp1".into()],
+        ..TokenSpec::default()
+    });
+    let decided = clients
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.clone())),
+            operation: "payments.wire_transfer".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(decided.outcome(), Outcome::StepUp);
+    let fingerprint = decided.token_fingerprint.clone();
+    let digest = Sha256::digest(token.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(fingerprint, hex[..12], "fingerprint = first 12 hex digits of SHA-256");
+
+    let check = view(
+        &clients
+            .check(envoy_check(
+                "POST",
+                "api.example.com",
+                "/payments/wire",
+                &[("authorization", &format!("Bearer {token}"))],
+            ))
+            .await,
+    );
+    assert_eq!(check.http_status, 401);
+
+    for door in ["decide", "check"] {
+        let line = server
+            .wait_for_log(Duration::from_secs(10), |v| {
+                v["token"] == fingerprint.as_str() && v["door"] == door
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "no decision log line with token={fingerprint} door={door}:\n{}",
+                    server.logs_text()
+                )
+            });
+        assert_eq!(line["outcome"], "STEP_UP", "{line}");
+        assert_eq!(line["reason"], "missing_auth_context", "{line}");
+        assert_eq!(line["rule"], "wire-transfer", "{line}");
+        assert_eq!(line["subject"], subject.as_str(), "{line}");
+        assert_eq!(line["status"], 401, "{line}");
+    }
+
+    let logs = server.logs_text();
+    for minted in minted_tokens().iter().chain([&token]) {
+        let signature = minted.rsplit('.').next().unwrap();
+        assert!(
+            !logs.contains(minted.as_str()),
+            "a raw token appears in the logs"
+        );
+        assert!(
+            !logs.contains(signature),
+            "a token's signature segment appears in the logs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn decide_without_operation_or_http_is_invalid_argument() {
+    let server = shared_server().await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    for request in [
+        DecideRequest::default(),
+        DecideRequest {
+            credential: Some(Credential::Token(mint(&TokenSpec::default()))),
+            ..Default::default()
+        },
+    ] {
+        let status = client
+            .decide(request)
+            .await
+            .expect_err("nothing to match a rule against");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn decide_with_explain_returns_the_evaluation_steps() {
+    let server = shared_server().await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let token = mint(&entra(&[], &["cp1"]));
+    let request = DecideRequest {
+        credential: Some(Credential::Token(token)),
+        operation: "payments.wire_transfer".into(),
+        ..Default::default()
+    };
+    let plain = client.decide(request.clone()).await.unwrap().into_inner();
+    assert!(plain.explain.is_empty(), "no steps without explain: {plain:?}");
+
+    let explained = client
+        .decide(DecideRequest {
+            explain: true,
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stages: Vec<&str> = explained.explain.iter().map(|s| s.stage.as_str()).collect();
+    for stage in ["token", "match", "require", "challenge"] {
+        assert!(stages.contains(&stage), "stage {stage} missing from {stages:?}");
+    }
+    assert!(
+        explained
+            .explain
+            .iter()
+            .any(|s| s.detail.contains("wire-transfer")),
+        "{:?}",
+        explained.explain
+    );
+    assert_eq!(explained.outcome(), plain.outcome(), "explain never changes the answer");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_decision_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = shared_server().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("a reflection response")
+        .expect("a reflection response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a list-services response: {response:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"stepgate.v1.DecisionService"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test]
+async fn sigterm_shuts_the_server_down_gracefully_with_success() {
+    let mut server = Server::start(&demo_policy_path()).await;
+    // One real call first, so the server is demonstrably in its serving loop.
+    let mut clients = Clients::new(&server).await;
+    let answer = clients
+        .decide(DecideRequest {
+            operation: "payments.wire_transfer".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(answer.reason, "token_missing");
+    drop(clients);
+
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "stepgate still running 15 s after SIGTERM:\n{}",
+                server.logs_text()
+            )
+        });
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status:?}\n{}",
+        server.logs_text()
+    );
+    let stopped = server
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"].as_str().is_some_and(|m| m.contains("stepgate stopped"))
+        })
+        .await;
+    assert!(stopped.is_some(), "no `stepgate stopped` line:\n{}", server.logs_text());
+}
