@@ -387,9 +387,10 @@ fn view(response: &CheckResponse) -> CheckView {
         }
         Some(HttpResponse::DeniedResponse(denied)) => {
             v.http_status = denied.status.as_ref().map_or(0, |s| s.code as u32);
-            v.body = Some(serde_json::from_str(&denied.body).unwrap_or_else(|e| {
-                panic!("denial body is not JSON ({e}): {:?}", denied.body)
-            }));
+            v.body =
+                Some(serde_json::from_str(&denied.body).unwrap_or_else(|e| {
+                    panic!("denial body is not JSON ({e}): {:?}", denied.body)
+                }));
             &denied.headers
         }
         other => panic!("CheckResponse without an ok or denied response ({other:?}): {response:?}"),
@@ -433,7 +434,9 @@ impl Clients {
     async fn check(&mut self, request: CheckRequest) -> CheckResponse {
         match self.check.check(request).await {
             Ok(r) => r.into_inner(),
-            Err(status) => panic!("Check returned a gRPC error (Envoy would treat it as an outage): {status:?}"),
+            Err(status) => panic!(
+                "Check returned a gRPC error (Envoy would treat it as an outage): {status:?}"
+            ),
         }
     }
 
@@ -509,7 +512,9 @@ fn compare_doors(check: &CheckView, decide: &DecideResponse) -> Vec<String> {
             }
         }
         if !body["error"].as_str().is_some_and(|e| !e.is_empty()) {
-            problems.push(format!("denial body `error` is not a non-empty string: {body}"));
+            problems.push(format!(
+                "denial body `error` is not a non-empty string: {body}"
+            ));
         }
         problems.extend(
             [
@@ -536,13 +541,23 @@ fn compare_doors(check: &CheckView, decide: &DecideResponse) -> Vec<String> {
 fn against_expectation(e: &Expect, d: &DecideResponse, check: &CheckView) -> Vec<String> {
     let mut problems = Vec::new();
     if d.outcome() != e.outcome {
-        problems.push(format!("outcome {:?}, expected {:?}", d.outcome(), e.outcome));
+        problems.push(format!(
+            "outcome {:?}, expected {:?}",
+            d.outcome(),
+            e.outcome
+        ));
     }
     if d.http_status != e.http_status {
-        problems.push(format!("http_status {}, expected {}", d.http_status, e.http_status));
+        problems.push(format!(
+            "http_status {}, expected {}",
+            d.http_status, e.http_status
+        ));
     }
     if check.code != e.check_code {
-        problems.push(format!("Check status.code {}, expected {}", check.code, e.check_code));
+        problems.push(format!(
+            "Check status.code {}, expected {}",
+            check.code, e.check_code
+        ));
     }
     if d.reason != e.reason {
         problems.push(format!("reason {:?}, expected {:?}", d.reason, e.reason));
@@ -630,7 +645,10 @@ async fn step_up_details_in_decide_match_the_challenges() {
     assert_eq!(step_up.challenge_style, "rfc9470");
     assert_eq!(step_up.acr_values, vec!["urn:okta:loa:2fa:any", "phr"]);
     assert_eq!(step_up.max_age_seconds, 3600);
-    assert!(step_up.claims.is_empty(), "no Entra claims for an RFC 9470 issuer");
+    assert!(
+        step_up.claims.is_empty(),
+        "no Entra claims for an RFC 9470 issuer"
+    );
 
     let not_capable = clients
         .decide(by_name("wire transfer, client without cp1").decide_request())
@@ -650,7 +668,17 @@ async fn header_map_shape_gives_the_same_decision_as_the_headers_shape() {
         let plain = scenario.check_request();
         let raw = to_header_map_shape(&plain);
         assert!(
-            raw.attributes.as_ref().unwrap().request.as_ref().unwrap().http.as_ref().unwrap().headers.is_empty()
+            raw.attributes
+                .as_ref()
+                .unwrap()
+                .request
+                .as_ref()
+                .unwrap()
+                .http
+                .as_ref()
+                .unwrap()
+                .headers
+                .is_empty()
         );
         let a = view(&clients.check(plain).await);
         let b = view(&clients.check(raw).await);
@@ -684,10 +712,17 @@ async fn two_authorization_entries_in_header_map_are_refused_as_multiple_credent
         let request = with_raw_header(&base, "authorization", format!("Bearer {a}").as_bytes());
         let request = with_raw_header(&request, "authorization", format!("Bearer {b}").as_bytes());
         let v = view(&clients.check(request).await);
-        assert!(!v.allowed, "two authorization entries must not be allowed: {v:?}");
+        assert!(
+            !v.allowed,
+            "two authorization entries must not be allowed: {v:?}"
+        );
         assert_eq!(v.http_status, 400, "{v:?}");
         assert_eq!(v.code, 3, "{v:?}");
-        assert_eq!(v.body.as_ref().unwrap()["reason"], "multiple_credentials", "{v:?}");
+        assert_eq!(
+            v.body.as_ref().unwrap()["reason"],
+            "multiple_credentials",
+            "{v:?}"
+        );
         assert!(
             v.headers
                 .get("www-authenticate")
@@ -790,12 +825,18 @@ async fn client_supplied_identity_headers_cannot_reach_the_upstream() {
     ] {
         let v = view(&clients.check(request).await);
         assert!(v.allowed, "{shape}: {v:?}");
-        assert_eq!(v.headers.get("x-stepgate-subject").map(String::as_str), Some("alice"));
+        assert_eq!(
+            v.headers.get("x-stepgate-subject").map(String::as_str),
+            Some("alice")
+        );
         assert!(
             v.headers_to_remove.contains("x-stepgate-tenant"),
             "{shape}: no tid, so x-stepgate-tenant must be removed: {v:?}"
         );
-        assert!(!v.headers.contains_key("x-stepgate-tenant"), "{shape}: {v:?}");
+        assert!(
+            !v.headers.contains_key("x-stepgate-tenant"),
+            "{shape}: {v:?}"
+        );
         assert_no_identity_header_passes_through(&v, shape);
     }
 
@@ -867,7 +908,11 @@ async fn decision_log_line_has_outcome_reason_rule_and_fingerprint_but_never_the
     let fingerprint = decided.token_fingerprint.clone();
     let digest = Sha256::digest(token.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(fingerprint, hex[..12], "fingerprint = first 12 hex digits of SHA-256");
+    assert_eq!(
+        fingerprint,
+        hex[..12],
+        "fingerprint = first 12 hex digits of SHA-256"
+    );
 
     let check = view(
         &clients
@@ -944,7 +989,10 @@ async fn decide_with_explain_returns_the_evaluation_steps() {
         ..Default::default()
     };
     let plain = client.decide(request.clone()).await.unwrap().into_inner();
-    assert!(plain.explain.is_empty(), "no steps without explain: {plain:?}");
+    assert!(
+        plain.explain.is_empty(),
+        "no steps without explain: {plain:?}"
+    );
 
     let explained = client
         .decide(DecideRequest {
@@ -956,7 +1004,10 @@ async fn decide_with_explain_returns_the_evaluation_steps() {
         .into_inner();
     let stages: Vec<&str> = explained.explain.iter().map(|s| s.stage.as_str()).collect();
     for stage in ["token", "match", "require", "challenge"] {
-        assert!(stages.contains(&stage), "stage {stage} missing from {stages:?}");
+        assert!(
+            stages.contains(&stage),
+            "stage {stage} missing from {stages:?}"
+        );
     }
     assert!(
         explained
@@ -966,7 +1017,11 @@ async fn decide_with_explain_returns_the_evaluation_steps() {
         "{:?}",
         explained.explain
     );
-    assert_eq!(explained.outcome(), plain.outcome(), "explain never changes the answer");
+    assert_eq!(
+        explained.outcome(),
+        plain.outcome(),
+        "explain never changes the answer"
+    );
 }
 
 #[tokio::test]
@@ -1030,8 +1085,14 @@ async fn sigterm_shuts_the_server_down_gracefully_with_success() {
     );
     let stopped = server
         .wait_for_log(Duration::from_secs(5), |v| {
-            v["message"].as_str().is_some_and(|m| m.contains("stepgate stopped"))
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("stepgate stopped"))
         })
         .await;
-    assert!(stopped.is_some(), "no `stepgate stopped` line:\n{}", server.logs_text());
+    assert!(
+        stopped.is_some(),
+        "no `stepgate stopped` line:\n{}",
+        server.logs_text()
+    );
 }

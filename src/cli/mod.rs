@@ -54,6 +54,9 @@ struct ServeArgs {
     /// On SIGTERM, how long to report NOT_SERVING before closing the listener (e.g. 5s).
     #[arg(long, env = "STEPGATE_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
     drain_delay: Duration,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9464. Off by default.
+    #[arg(long, env = "STEPGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Worker threads (default: the CPUs available to the process).
     #[arg(long, env = "STEPGATE_WORKERS")]
     workers: Option<usize>,
@@ -109,6 +112,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         config: args.config,
         listen: args.listen,
         drain_delay: args.drain_delay,
+        metrics_listen: args.metrics_listen,
     };
     match runtime.block_on(server::run(options, policy)) {
         Ok(()) => ExitCode::SUCCESS,

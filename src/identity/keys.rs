@@ -32,6 +32,16 @@ pub fn http_client() -> reqwest::Client {
 
 /// Reads the issuer's key set from its source and installs it. Returns the number of keys.
 pub async fn load(issuer: &Issuer, http: &reqwest::Client) -> Result<usize, String> {
+    let result = load_inner(issuer, http).await;
+    crate::telemetry::metrics::global().record_key_load(
+        &issuer.id,
+        result.as_ref().copied().map_err(|_| ()),
+        crate::server::authorizer::unix_now(),
+    );
+    result
+}
+
+async fn load_inner(issuer: &Issuer, http: &reqwest::Client) -> Result<usize, String> {
     let bytes = match &issuer.key_source {
         KeySource::File(path) => tokio::fs::read(path)
             .await

@@ -20,6 +20,7 @@ use crate::{
     api::{self, v1::decision_service_server::DecisionServiceServer},
     identity::keys,
     policy::Policy,
+    telemetry::metrics,
 };
 
 /// How `stepgate serve` runs.
@@ -30,6 +31,8 @@ pub struct ServeOptions {
     /// Time between reporting NOT_SERVING and closing the listener on shutdown, so that load
     /// balancers stop sending new calls first.
     pub drain_delay: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` turns them off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Serves until SIGTERM or SIGINT. `policy` is the already compiled policy of `options.config`.
@@ -66,6 +69,15 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+
+    if let Some(addr) = options.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
+        tokio::spawn(metrics::serve(listener));
+    }
 
     let listener = TcpListener::bind(options.listen)
         .await

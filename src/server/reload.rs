@@ -35,7 +35,9 @@ pub fn spawn(
                     return;
                 }
             }
-            match reload(&authorizer, &config_path, &http).await {
+            let result = reload(&authorizer, &config_path, &http).await;
+            crate::telemetry::metrics::global().record_reload(result.is_ok());
+            match result {
                 Ok(issuers) => {
                     let _ = refresh_tx.send(true);
                     let (tx, rx) = watch::channel(false);

@@ -2,6 +2,8 @@
 //!
 //! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
 
+pub mod metrics;
+
 use std::{io::IsTerminal, time::Duration};
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -40,8 +42,14 @@ pub fn init(format: LogFormat, level: &str) {
     }
 }
 
-/// Logs one decision at `info` (allow) or `info`/`warn` (deny on a verified token).
+/// Logs one decision and counts it in the metrics.
 pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
+    metrics::global().record_decision(
+        door.as_str(),
+        decision.outcome.as_str(),
+        decision.reason.as_str(),
+        elapsed,
+    );
     let principal = decision.principal.as_ref();
     tracing::info!(
         target: "stepgate::decision",

@@ -374,7 +374,11 @@ impl Server {
             .arg(self.pid().to_string())
             .status()
             .expect("running kill");
-        assert!(status.success(), "kill -{name} {} failed: {status}", self.pid());
+        assert!(
+            status.success(),
+            "kill -{name} {} failed: {status}",
+            self.pid()
+        );
     }
 
     /// Polls `try_wait` until the process exits; `None` if it is still running at the deadline.
@@ -444,7 +448,10 @@ pub fn envoy_check(
     map.insert(":method".into(), method.into());
     map.insert(":path".into(), path.into());
     map.insert(":scheme".into(), "http".into());
-    map.insert("x-request-id".into(), "3c1c5b1e-0000-4000-8000-000000000000".into());
+    map.insert(
+        "x-request-id".into(),
+        "3c1c5b1e-0000-4000-8000-000000000000".into(),
+    );
     for (k, v) in headers {
         map.insert(k.to_ascii_lowercase(), v.to_string());
     }
@@ -491,7 +498,13 @@ pub fn to_header_map_shape(request: &CheckRequest) -> CheckRequest {
         })
         .collect();
     entries.sort_by(|a, b| a.key.cmp(&b.key));
-    http.header_map = Some(HeaderMap { headers: entries });
+    // Keep entries already in header_map (a request already in this shape).
+    http.header_map
+        .get_or_insert_with(|| HeaderMap {
+            headers: Vec::new(),
+        })
+        .headers
+        .extend(entries);
     out
 }
 

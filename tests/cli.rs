@@ -1,0 +1,273 @@
+//! The `stepgate` command line, run as a child process: `check`, `serve` with a bad policy,
+//! `token`, and `decide` offline and against a live server.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Server, TempPolicy, WIRE_REQUIRE, bin, demo_policy_path, demo_policy_text, edit};
+
+fn stepgate(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(common::manifest_dir())
+        .env_remove("STEPGATE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running the stepgate binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Rule ids of a policy file, read from the YAML itself (so the test follows the demo policy).
+fn rule_ids(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    yaml["rules"]
+        .as_sequence()
+        .expect("rules is a list")
+        .iter()
+        .map(|r| r["id"].as_str().expect("rule id").to_owned())
+        .collect()
+}
+
+fn mint_cli(extra: &[&str]) -> String {
+    let mut args = vec!["token"];
+    args.extend_from_slice(extra);
+    let out = stepgate(&args);
+    assert!(out.status.success(), "stepgate token: {}", describe(&out));
+    let token = text(&out.stdout).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "not a compact JWS: {token:?}");
+    token
+}
+
+fn decide_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["decide"];
+    all.extend_from_slice(args);
+    let out = stepgate(&all);
+    assert!(out.status.success(), "stepgate decide: {}", describe(&out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("decide printed no JSON ({e}): {}", describe(&out)))
+}
+
+fn offline(token: &str, operation: &str) -> serde_json::Value {
+    let config = demo_policy_path();
+    decide_json(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--token",
+        token,
+        "--operation",
+        operation,
+    ])
+}
+
+#[test]
+fn check_accepts_the_demo_policy_and_prints_every_rule() {
+    let path = demo_policy_path();
+    let out = stepgate(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let ids = rule_ids(&path);
+    assert!(ids.len() >= 5, "the demo policy has its five rules: {ids:?}");
+    for id in &ids {
+        assert!(stdout.contains(id.as_str()), "rule {id} not printed:\n{stdout}");
+    }
+    assert!(stdout.contains("policy OK"), "{stdout}");
+}
+
+/// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
+const BAD_POLICIES: [(&str, &str, &str, &str); 3] = [
+    (
+        "unknown-key",
+        "requires: { auth_contexts: [c1], max_age: 15m }",
+        "rules[1]",
+        "requires",
+    ),
+    (
+        "bad-duration",
+        "require: { auth_contexts: [c1], max_age: fifteen }",
+        "rules[1].require.max_age",
+        "fifteen",
+    ),
+    (
+        "undeclared-context",
+        "require: { auth_contexts: [c7], max_age: 15m }",
+        "rules[1].require.auth_contexts[0]",
+        "c7",
+    ),
+];
+
+#[test]
+fn check_rejects_bad_policies_with_exit_code_2_and_the_field_path() {
+    for (name, replacement, field, word) in BAD_POLICIES {
+        let policy = TempPolicy::new(name, &edit(&demo_policy_text(), WIRE_REQUIRE, replacement));
+        let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", describe(&out));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(field), "{name}: stderr lacks {field}:\n{stderr}");
+        assert!(stderr.contains(word), "{name}: stderr lacks {word}:\n{stderr}");
+        assert!(
+            !text(&out.stdout).contains("policy OK"),
+            "{name}: {}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn check_of_a_missing_file_exits_2() {
+    let out = stepgate(&["check", "--config", "/nonexistent/stepgate-policy.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("/nonexistent/stepgate-policy.yaml"));
+}
+
+#[test]
+fn serve_with_a_bad_policy_exits_2_and_names_the_field() {
+    for (name, replacement, field, _) in BAD_POLICIES {
+        let policy = TempPolicy::new(name, &edit(&demo_policy_text(), WIRE_REQUIRE, replacement));
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&policy.path)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting stepgate serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: stepgate serve with an invalid policy kept running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(status.code(), Some(2), "{name}: {}", describe(&out));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(field), "{name}: stderr lacks {field}:\n{stderr}");
+    }
+}
+
+#[test]
+fn token_and_offline_decide_give_step_up_then_allow_for_a_wire_transfer() {
+    let without_c1 = mint_cli(&["--xms-cc", "cp1"]);
+    let step_up = offline(&without_c1, "payments.wire_transfer");
+    assert_eq!(step_up["outcome"], "STEP_UP", "{step_up:#}");
+    assert_eq!(step_up["rule"], "wire-transfer");
+    assert_eq!(step_up["http_status"], 401);
+    assert!(
+        step_up["www_authenticate"]
+            .as_str()
+            .is_some_and(|w| w.contains("insufficient_claims")),
+        "{step_up:#}"
+    );
+    assert_eq!(step_up["step_up"]["missing_auth_contexts"][0], "c1");
+
+    let with_c1 = mint_cli(&["--xms-cc", "cp1", "--acrs", "c1"]);
+    let allow = offline(&with_c1, "payments.wire_transfer");
+    assert_eq!(allow["outcome"], "ALLOW", "{allow:#}");
+    assert_eq!(allow["identity_headers"]["x-stepgate-auth-contexts"], "c1");
+
+    let not_capable = mint_cli(&[]);
+    let deny = offline(&not_capable, "payments.wire_transfer");
+    assert_eq!(deny["outcome"], "DENY", "{deny:#}");
+    assert_eq!(deny["reason"], "client_not_capable");
+
+    let old_sign_in = mint_cli(&["--xms-cc", "cp1", "--acrs", "c1", "--auth-age", "20m"]);
+    let too_old = offline(&old_sign_in, "payments.wire_transfer");
+    assert_eq!(too_old["outcome"], "STEP_UP", "{too_old:#}");
+    assert_eq!(too_old["reason"], "auth_too_old");
+}
+
+#[test]
+fn offline_decide_with_explain_prints_the_steps() {
+    let token = mint_cli(&["--issuer", "oidc", "--roles", "Admin"]);
+    let config = demo_policy_path();
+    let out = decide_json(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--token",
+        &token,
+        "--operation",
+        "admin.users",
+        "--explain",
+    ]);
+    assert_eq!(out["outcome"], "STEP_UP", "{out:#}");
+    assert_eq!(out["rule"], "admin");
+    let stages: Vec<&str> = out["explain"]
+        .as_array()
+        .expect("explain steps")
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert!(stages.contains(&"match") && stages.contains(&"challenge"), "{stages:?}");
+}
+
+#[tokio::test]
+async fn decide_against_a_live_server_matches_offline() {
+    let server = Server::start(&demo_policy_path()).await;
+    let url = server.url();
+    let cases = [
+        (mint_cli(&["--xms-cc", "cp1"]), "payments.wire_transfer", "STEP_UP"),
+        (mint_cli(&["--xms-cc", "cp1", "--acrs", "c1"]), "payments.wire_transfer", "ALLOW"),
+        (mint_cli(&[]), "payments.wire_transfer", "DENY"),
+        (mint_cli(&["--issuer", "oidc", "--roles", "Admin"]), "admin.users", "STEP_UP"),
+        (mint_cli(&["--claim", "exp=1000000000"]), "accounts.list", "DENY"),
+    ];
+    for (token, operation, expected) in &cases {
+        let local = offline(token, operation);
+        let live = decide_json(&["--server", &url, "--token", token, "--operation", operation]);
+        assert_eq!(live["outcome"], *expected, "{operation}: {live:#}");
+        for field in [
+            "outcome",
+            "rule",
+            "reason",
+            "http_status",
+            "www_authenticate",
+            "identity_headers",
+            "token_fingerprint",
+            "step_up",
+        ] {
+            assert_eq!(
+                live[field], local[field],
+                "{operation} ({expected}): `{field}` differs between --server and --config"
+            );
+        }
+    }
+}
+
+#[test]
+fn decide_against_an_unreachable_server_fails_with_exit_code_1() {
+    // Port 1 on loopback: nothing listens there.
+    let out = stepgate(&[
+        "decide",
+        "--server",
+        "http://127.0.0.1:1",
+        "--operation",
+        "payments.wire_transfer",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+}
