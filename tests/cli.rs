@@ -85,9 +85,15 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let stdout = text(&out.stdout);
     let ids = rule_ids(&path);
-    assert!(ids.len() >= 5, "the demo policy has its five rules: {ids:?}");
+    assert!(
+        ids.len() >= 5,
+        "the demo policy has its five rules: {ids:?}"
+    );
     for id in &ids {
-        assert!(stdout.contains(id.as_str()), "rule {id} not printed:\n{stdout}");
+        assert!(
+            stdout.contains(id.as_str()),
+            "rule {id} not printed:\n{stdout}"
+        );
     }
     assert!(stdout.contains("policy OK"), "{stdout}");
 }
@@ -121,8 +127,14 @@ fn check_rejects_bad_policies_with_exit_code_2_and_the_field_path() {
         let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(2), "{name}: {}", describe(&out));
         let stderr = text(&out.stderr);
-        assert!(stderr.contains(field), "{name}: stderr lacks {field}:\n{stderr}");
-        assert!(stderr.contains(word), "{name}: stderr lacks {word}:\n{stderr}");
+        assert!(
+            stderr.contains(field),
+            "{name}: stderr lacks {field}:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(word),
+            "{name}: stderr lacks {word}:\n{stderr}"
+        );
         assert!(
             !text(&out.stdout).contains("policy OK"),
             "{name}: {}",
@@ -166,7 +178,10 @@ fn serve_with_a_bad_policy_exits_2_and_names_the_field() {
         let out = child.wait_with_output().unwrap();
         assert_eq!(status.code(), Some(2), "{name}: {}", describe(&out));
         let stderr = text(&out.stderr);
-        assert!(stderr.contains(field), "{name}: stderr lacks {field}:\n{stderr}");
+        assert!(
+            stderr.contains(field),
+            "{name}: stderr lacks {field}:\n{stderr}"
+        );
     }
 }
 
@@ -222,7 +237,10 @@ fn offline_decide_with_explain_prints_the_steps() {
         .iter()
         .filter_map(|s| s["stage"].as_str())
         .collect();
-    assert!(stages.contains(&"match") && stages.contains(&"challenge"), "{stages:?}");
+    assert!(
+        stages.contains(&"match") && stages.contains(&"challenge"),
+        "{stages:?}"
+    );
 }
 
 #[tokio::test]
@@ -230,11 +248,27 @@ async fn decide_against_a_live_server_matches_offline() {
     let server = Server::start(&demo_policy_path()).await;
     let url = server.url();
     let cases = [
-        (mint_cli(&["--xms-cc", "cp1"]), "payments.wire_transfer", "STEP_UP"),
-        (mint_cli(&["--xms-cc", "cp1", "--acrs", "c1"]), "payments.wire_transfer", "ALLOW"),
+        (
+            mint_cli(&["--xms-cc", "cp1"]),
+            "payments.wire_transfer",
+            "STEP_UP",
+        ),
+        (
+            mint_cli(&["--xms-cc", "cp1", "--acrs", "c1"]),
+            "payments.wire_transfer",
+            "ALLOW",
+        ),
         (mint_cli(&[]), "payments.wire_transfer", "DENY"),
-        (mint_cli(&["--issuer", "oidc", "--roles", "Admin"]), "admin.users", "STEP_UP"),
-        (mint_cli(&["--claim", "exp=1000000000"]), "accounts.list", "DENY"),
+        (
+            mint_cli(&["--issuer", "oidc", "--roles", "Admin"]),
+            "admin.users",
+            "STEP_UP",
+        ),
+        (
+            mint_cli(&["--claim", "exp=1000000000"]),
+            "accounts.list",
+            "DENY",
+        ),
     ];
     for (token, operation, expected) in &cases {
         let local = offline(token, operation);
@@ -270,4 +304,31 @@ fn decide_against_an_unreachable_server_fails_with_exit_code_1() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(out.stdout.is_empty(), "{}", describe(&out));
+}
+
+#[test]
+#[ignore = "BUG: the field path is printed twice (`rules[1].require.max_age: rules[1].require.max_age: \
+            expected a duration …`): the message carries serde_yaml_ng's own path prefix on top of \
+            ConfigError's; README documents it once"]
+fn check_error_names_the_field_path_once_as_documented() {
+    let policy = TempPolicy::new(
+        "readme-format",
+        &edit(
+            &demo_policy_text(),
+            WIRE_REQUIRE,
+            "require: { auth_contexts: [c1], max_age: fifteen }",
+        ),
+    );
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("rules[1].require.max_age: expected a duration"),
+        "not the README's format:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("rules[1].require.max_age").count(),
+        1,
+        "field path repeated:\n{stderr}"
+    );
 }

@@ -79,7 +79,11 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
         "the refusal must name the field path: {refused}"
     );
     let after_bad = wire_transfer(&mut client, &token).await;
-    assert_eq!(after_bad.outcome(), Outcome::StepUp, "old policy keeps deciding");
+    assert_eq!(
+        after_bad.outcome(),
+        Outcome::StepUp,
+        "old policy keeps deciding"
+    );
     assert_eq!(after_bad.rule, "wire-transfer");
 
     // 2. A compile error (undeclared auth context): refused as well.
@@ -97,7 +101,11 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
         "the refusal must name the field path: {refused}"
     );
     let still = wire_transfer(&mut client, &token).await;
-    assert_eq!(still.outcome(), Outcome::StepUp, "old policy keeps deciding");
+    assert_eq!(
+        still.outcome(),
+        Outcome::StepUp,
+        "old policy keeps deciding"
+    );
 
     // 3. A valid change: wire transfers no longer need c1.
     policy.write(&edit(&original, WIRE_REQUIRE, "require: { max_age: 15m }"));

@@ -124,6 +124,11 @@ impl<'a> CelInput<'a> {
             request.insert("headers".into(), Json::Object(headers));
             request.insert("attributes".into(), Json::Object(r.attributes.clone()));
             request.insert("context".into(), Json::Object(r.context.clone()));
+            let source = r.source.clone().unwrap_or_default();
+            request.insert(
+                "source".into(),
+                serde_json::json!({"address": source.address, "principal": source.principal}),
+            );
             ctx.add_variable_from_value(VARIABLES[0], to_cel(Json::Object(request)));
             let claims = self.claims.cloned().unwrap_or_default();
             ctx.add_variable_from_value(VARIABLES[1], to_cel(Json::Object(claims)));
@@ -202,6 +207,31 @@ mod tests {
                 json!({})
             ),
             Ok(false)
+        );
+    }
+
+    #[test]
+    fn source_peer_is_visible_and_empty_without_one() {
+        assert_eq!(
+            eval("request.source.principal == ''", json!({}), json!({})),
+            Ok(true)
+        );
+        let env = environment();
+        let condition = Condition::compile(
+            &env,
+            "request.source.principal.startsWith('spiffe://cluster.local/ns/payments/')",
+        )
+        .unwrap();
+        let request = AccessRequest {
+            source: Some(crate::request::Peer {
+                address: "10.0.0.7".into(),
+                principal: "spiffe://cluster.local/ns/payments/sa/api".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            condition.evaluate(&CelInput::new(&env, &request, None, None, 0)),
+            Ok(true)
         );
     }
 

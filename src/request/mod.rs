@@ -65,6 +65,15 @@ pub struct HttpAttributes {
     pub headers: HashMap<String, String>,
 }
 
+/// A network peer of the request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// IP address (without port).
+    pub address: String,
+    /// Identity from the peer certificate (URI SAN, e.g. `spiffe://cluster.local/ns/a/sa/b`).
+    pub principal: String,
+}
+
 /// One request to decide.
 #[derive(Debug, Clone, Default)]
 pub struct AccessRequest {
@@ -75,6 +84,9 @@ pub struct AccessRequest {
     pub attributes: Map<String, Value>,
     /// Where Envoy's `context_extensions` land, also visible to CEL as `request.context`.
     pub context: Map<String, Value>,
+    /// The downstream peer as Envoy saw it (CEL `request.source`): with mTLS in a mesh, its
+    /// `principal` is the workload's SPIFFE id.
+    pub source: Option<Peer>,
     pub explain: bool,
 }
 

@@ -5,7 +5,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 
 use crate::{
     decision::{self, Decision},
@@ -35,13 +35,14 @@ impl Authorizer {
         self.policy.store(policy);
     }
 
-    /// Decides and logs one request.
-    pub fn decide(&self, request: &AccessRequest, door: Door) -> Decision {
+    /// Decides and logs one request. Returns the policy snapshot it was decided under, so that the
+    /// response is rendered with the same policy even if a reload lands meanwhile.
+    pub fn decide(&self, request: &AccessRequest, door: Door) -> (Decision, Guard<Arc<Policy>>) {
         let started = Instant::now();
         let policy = self.policy.load();
         let decision = decision::decide(&policy, request, unix_now());
         telemetry::log_decision(door, &decision, started.elapsed());
-        decision
+        (decision, policy)
     }
 }
 

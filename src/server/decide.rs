@@ -37,7 +37,7 @@ impl DecisionService for Decide {
         request: Request<DecideRequest>,
     ) -> Result<Response<DecideResponse>, Status> {
         let access = access_request(request.into_inner())?;
-        let decision = self.authorizer.decide(&access, Door::Decide);
+        let (decision, _) = self.authorizer.decide(&access, Door::Decide);
         Ok(Response::new(decide_response(&decision)))
     }
 }
@@ -96,6 +96,7 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         http,
         attributes: request.attributes.map(struct_to_json).unwrap_or_default(),
         context: Map::new(),
+        source: None,
         explain: request.explain,
     })
 }

@@ -8,9 +8,12 @@
 use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::{
-    ext_authz::v3::pb::{
-        Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-        HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    ext_authz::v3::{
+        CheckRequestExt,
+        pb::{
+            Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+            HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+        },
     },
     pb::google::{
         protobuf::{Struct, Value, value::Kind},
@@ -23,7 +26,8 @@ use super::authorizer::Authorizer;
 use crate::{
     decision::{Decision, Outcome},
     identity::CredentialProblem,
-    request::{AccessRequest, Door, HttpAttributes, PresentedCredential},
+    policy::Upstream,
+    request::{AccessRequest, Door, HttpAttributes, Peer, PresentedCredential},
 };
 
 /// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
@@ -51,19 +55,8 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let access = access_request(request.get_ref());
-        let decision = self.authorizer.decide(&access, Door::Check);
-        let policy = self.authorizer.policy();
-        let configured: Vec<&str> = policy
-            .upstream
-            .identity_headers
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        Ok(Response::new(check_response(
-            &decision,
-            &configured,
-            policy.upstream.remove_authorization,
-        )))
+        let (decision, policy) = self.authorizer.decide(&access, Door::Check);
+        Ok(Response::new(check_response(&decision, &policy.upstream)))
     }
 }
 
@@ -143,24 +136,24 @@ pub fn access_request(check: &CheckRequest) -> AccessRequest {
         .get("operation")
         .and_then(|v| v.as_str())
         .map(str::to_owned);
+    let source = attributes.and_then(|a| a.source.as_ref()).map(|peer| Peer {
+        address: check.get_client_address().cloned().unwrap_or_default(),
+        principal: peer.principal.clone(),
+    });
     AccessRequest {
         credential,
         operation,
         http,
         attributes: serde_json::Map::new(),
         context,
+        source,
         explain: false,
     }
 }
 
-/// Renders a decision for Envoy. `configured_headers` are the identity header names of the policy:
-/// those the decision does not set are removed, so a client cannot smuggle its own
-/// `x-stepgate-subject` to the upstream.
-pub fn check_response(
-    decision: &Decision,
-    configured_headers: &[&str],
-    remove_authorization: bool,
-) -> CheckResponse {
+/// Renders a decision for Envoy. Identity headers of the policy that the decision does not set are
+/// removed, so a client cannot smuggle its own `x-stepgate-subject` to the upstream.
+pub fn check_response(decision: &Decision, upstream: &Upstream) -> CheckResponse {
     let metadata = Some(dynamic_metadata(decision));
     if decision.outcome == Outcome::Allow {
         let headers = decision
@@ -168,17 +161,19 @@ pub fn check_response(
             .iter()
             .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
             .collect();
-        let mut headers_to_remove: Vec<String> = configured_headers
+        let mut headers_to_remove: Vec<String> = upstream
+            .identity_headers
             .iter()
+            .map(|(name, _)| name)
             .filter(|name| {
                 !decision
                     .identity_headers
                     .iter()
                     .any(|(set, _)| set == *name)
             })
-            .map(|name| name.to_string())
+            .cloned()
             .collect();
-        if remove_authorization {
+        if upstream.remove_authorization {
             headers_to_remove.push("authorization".to_owned());
         }
         return CheckResponse {
