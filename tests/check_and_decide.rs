@@ -511,7 +511,7 @@ fn compare_doors(check: &CheckView, decide: &DecideResponse) -> Vec<String> {
                 problems.push(format!("denial body lacks `{key}`: {body}"));
             }
         }
-        if !body["error"].as_str().is_some_and(|e| !e.is_empty()) {
+        if body["error"].as_str().is_none_or(|e| e.is_empty()) {
             problems.push(format!(
                 "denial body `error` is not a non-empty string: {body}"
             ));

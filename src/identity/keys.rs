@@ -94,11 +94,23 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
     Ok(body)
 }
 
-/// Loads every issuer's keys once, logging each result. Returns the ids of issuers left without keys.
+/// Loads every issuer's keys once, all issuers at the same time, logging each result. Returns the
+/// ids of issuers left without keys.
 pub async fn load_all(issuers: &[Arc<Issuer>], http: &reqwest::Client) -> Vec<String> {
-    let mut without_keys = Vec::new();
+    let mut loads = tokio::task::JoinSet::new();
     for issuer in issuers {
-        match load(issuer, http).await {
+        let (issuer, http) = (Arc::clone(issuer), http.clone());
+        loads.spawn(async move {
+            let result = load(&issuer, &http).await;
+            (issuer, result)
+        });
+    }
+    let mut without_keys = Vec::new();
+    while let Some(joined) = loads.join_next().await {
+        let Ok((issuer, result)) = joined else {
+            continue;
+        };
+        match result {
             Ok(count) => tracing::info!(issuer = %issuer.id, keys = count, "loaded signing keys"),
             Err(err) => {
                 tracing::error!(issuer = %issuer.id, error = %err, "could not load signing keys");
@@ -108,6 +120,7 @@ pub async fn load_all(issuers: &[Arc<Issuer>], http: &reqwest::Client) -> Vec<St
             }
         }
     }
+    without_keys.sort();
     without_keys
 }
 
