@@ -307,9 +307,6 @@ fn decide_against_an_unreachable_server_fails_with_exit_code_1() {
 }
 
 #[test]
-#[ignore = "BUG: the field path is printed twice (`rules[1].require.max_age: rules[1].require.max_age: \
-            expected a duration …`): the message carries serde_yaml_ng's own path prefix on top of \
-            ConfigError's; README documents it once"]
 fn check_error_names_the_field_path_once_as_documented() {
     let policy = TempPolicy::new(
         "readme-format",

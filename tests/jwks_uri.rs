@@ -116,7 +116,7 @@ async fn keys_are_fetched_from_the_jwks_uri_before_serving() {
     assert_eq!(response.reason, "allowed", "{response:?}");
     let oidc_token = decide(&server, &mint(&common::oidc(&[], None, &[]))).await;
     assert_eq!(
-        unknown_issuer.rule, "wire-transfer",
+        oidc_token.rule, "wire-transfer",
         "the oidc issuer's keys came from the same URI"
     );
 }

@@ -42,7 +42,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
             }
         }
     }
-    print!("{}", describe(&policy));
+    super::print_stdout(&describe(&policy));
     ExitCode::SUCCESS
 }
 

@@ -77,10 +77,10 @@ pub fn run(args: DecideArgs) -> ExitCode {
         };
         match response {
             Ok(response) => {
-                println!(
-                    "{}",
+                super::print_stdout(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&to_json(&response)).expect("JSON of plain data")
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err((code, message)) => {

@@ -82,6 +82,14 @@ pub(crate) fn load_policy(path: &std::path::Path) -> Result<Policy, ConfigError>
     policy::compile(&file, base)
 }
 
+/// Writes command output to stdout. A closed pipe (`stepgate decide … | head`) is not an error
+/// worth a panic: the reader has what it wanted.
+pub(crate) fn print_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCode {
     eprintln!("stepgate: invalid policy {}: {err}", path.display());
     ExitCode::from(2)

@@ -72,7 +72,7 @@ fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
 pub fn run(args: TokenArgs) -> ExitCode {
     match mint(args) {
         Ok(token) => {
-            println!("{token}");
+            super::print_stdout(&format!("{token}\n"));
             ExitCode::SUCCESS
         }
         Err(err) => {

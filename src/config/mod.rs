@@ -43,7 +43,15 @@ pub fn parse(text: &str) -> Result<PolicyFile, ConfigError> {
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ConfigError::new(path, err.into_inner().to_string())
+        let message = err.into_inner().to_string();
+        // serde_yaml_ng prefixes its own (shorter or equal) path; ours is the precise one.
+        let message = match message.split_once(": ") {
+            Some((prefix, rest)) if !prefix.is_empty() && path.starts_with(prefix) => {
+                rest.to_owned()
+            }
+            _ => message,
+        };
+        ConfigError::new(path, message)
     })
 }
 
@@ -94,6 +102,10 @@ rules:
         let err = parse(&text).unwrap_err();
         assert_eq!(err.path, "rules[0].require.max_age");
         assert!(err.message.contains("\"fifteen\""), "{err}");
+        assert!(
+            err.message.starts_with("expected a duration"),
+            "the path is not repeated: {err}"
+        );
     }
 
     #[test]

@@ -161,7 +161,8 @@ impl<'p> Run<'p> {
             token.as_ref().map(|t| &t.claims),
             now,
         );
-        let rule = match self.find_rule(request, normalized.as_deref(), &input) {
+        let lowered = normalized.as_deref().map(str::to_ascii_lowercase);
+        let rule = match self.find_rule(request, lowered.as_deref(), &input) {
             Ok(rule) => rule,
             Err((rule, message)) => {
                 self.step("match", || message.clone());
@@ -229,8 +230,8 @@ impl<'p> Run<'p> {
         self.authenticate(rule, token, &effective, now)
     }
 
-    /// First rule with a matching matcher. A condition error denies (returning the rule): skipping
-    /// the rule could let a later, weaker rule decide.
+    /// First rule with a matching matcher (`path` is normalised and lower-cased). A condition error
+    /// denies (returning the rule): skipping the rule could let a later, weaker rule decide.
     fn find_rule(
         &self,
         request: &AccessRequest,

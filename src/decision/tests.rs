@@ -1891,3 +1891,20 @@ rules:
     expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
     assert!(d.www_authenticate.is_none());
 }
+
+#[test]
+fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
+    let token = bearer(&rs256(&entra_user(&[])));
+    for target in [
+        "/PAYMENTS/wire",
+        "/payments/wire;jsessionid=1",
+        "/payments;x=1/wire",
+        "/x/..;/payments/wire",
+    ] {
+        let d = decide_http(&token, "POST", target);
+        assert_eq!(rule(&d), Some("wire-transfer"), "{target}");
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    }
+    let d = decide_http(&token, "POST", "/payments/wire%00");
+    expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
+}

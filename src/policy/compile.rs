@@ -354,8 +354,8 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
                 );
             }
             Some(GrpcMatcher {
-                service: Wildcard::new(&g.service),
-                method: g.method.as_deref().map(Wildcard::new),
+                service: Wildcard::ignoring_case(&g.service),
+                method: g.method.as_deref().map(Wildcard::ignoring_case),
             })
         }
     };

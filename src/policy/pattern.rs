@@ -18,6 +18,15 @@ impl Wildcard {
         }
     }
 
+    /// A wildcard that matches ASCII-lower-cased text (the caller lowers the text); `as_str` keeps
+    /// the pattern as written.
+    pub fn ignoring_case(pattern: &str) -> Self {
+        Self {
+            source: pattern.to_owned(),
+            ..Self::new(&pattern.to_ascii_lowercase())
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.source
     }
@@ -55,7 +64,8 @@ enum Segment {
 }
 
 /// A path glob such as `/payments/*/approve` or `/admin/**`, matched segment by segment against a
-/// normalised path.
+/// normalised, ASCII-lower-cased path: upstreams such as ASP.NET Core route paths regardless of
+/// case, so `/ADMIN` must not slip past an `/admin/**` rule (matching more is the safe direction).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathGlob {
     source: String,
@@ -74,7 +84,8 @@ impl PathGlob {
             ));
         }
         let mut segments = Vec::new();
-        for s in glob.split('/').filter(|s| !s.is_empty()) {
+        let lower = glob.to_ascii_lowercase();
+        for s in lower.split('/').filter(|s| !s.is_empty()) {
             segments.push(match s {
                 "**" => Segment::Any,
                 s if s.contains("**") => {
@@ -162,6 +173,11 @@ mod tests {
         assert!(exact.matches("/payments/wire") && exact.matches("/payments/wire/"));
         assert!(!exact.matches("/payments/wire/x"));
         assert!(PathGlob::new("/v1/*.json").unwrap().matches("/v1/a.json"));
+        let upper = PathGlob::new("/Admin/**").unwrap();
+        assert!(upper.matches("/admin/x"), "patterns are lowered too");
+        assert_eq!(upper.as_str(), "/Admin/**");
+        assert!(Wildcard::ignoring_case("pkg.Svc").matches("pkg.svc"));
+        assert_eq!(Wildcard::ignoring_case("pkg.Svc").as_str(), "pkg.Svc");
     }
 
     #[test]

@@ -1,15 +1,19 @@
-//! The path rules match against: the request target without its query, with dot segments removed,
-//! repeated slashes merged and percent-encoded unreserved characters decoded (RFC 3986 §6.2.2).
+//! The path rules match against: the request target without its query, with percent-encoded
+//! unreserved characters decoded, path parameters (`;…`) cut from each segment, dot segments removed
+//! and repeated slashes merged (RFC 3986 §6.2.2).
 //!
-//! Matching the path exactly as sent would let `/public/../admin` or `/%61dmin` slip past an
-//! `/admin/**` rule while the upstream, which normalises, serves `/admin`. Encoded slashes and
-//! backslashes have no single meaning across servers, so such paths are refused outright.
+//! Matching the path exactly as sent would let `/public/../admin`, `/%61dmin` or `/admin;x=1` slip
+//! past an `/admin/**` rule while the upstream, which normalises (Tomcat and Spring drop `;…`
+//! parameters, and treat `..;` as `..`), serves `/admin`. Encoded slashes, backslashes and control
+//! characters have no single meaning across servers, so such paths are refused outright.
 
 /// Why a path could not be normalised safely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathProblem {
     /// `%2F`, `%5C` or a raw backslash: upstreams disagree about what they mean.
     AmbiguousSeparator,
+    /// A control character, raw or encoded (`%00`, `%0A`, …).
+    ControlCharacter,
     /// A `%` not followed by two hex digits, or bytes that are not UTF-8 once decoded.
     BadEncoding,
     /// Not origin-form (`/…`).
@@ -20,6 +24,7 @@ impl PathProblem {
     pub fn describe(self) -> &'static str {
         match self {
             Self::AmbiguousSeparator => "the path contains an encoded slash or a backslash",
+            Self::ControlCharacter => "the path contains a control character",
             Self::BadEncoding => "the path has invalid percent-encoding",
             Self::NotAbsolute => "the path does not start with /",
         }
@@ -36,9 +41,13 @@ pub fn normalize(target: &str) -> Result<(String, &str), PathProblem> {
     if path.contains('\\') {
         return Err(PathProblem::AmbiguousSeparator);
     }
+    if path.chars().any(|c| c.is_control()) {
+        return Err(PathProblem::ControlCharacter);
+    }
     let decoded = decode_unreserved(path)?;
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or(segment);
         match segment {
             "" | "." => {}
             ".." => {
@@ -78,6 +87,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathProblem> {
         let byte = u8::from_str_radix(text, 16).map_err(|_| PathProblem::BadEncoding)?;
         match byte {
             b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
+            b if b.is_ascii_control() => return Err(PathProblem::ControlCharacter),
             b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
             _ => out.extend_from_slice(format!("%{byte:02X}").as_bytes()),
         }
@@ -120,7 +130,21 @@ mod tests {
     }
 
     #[test]
+    fn cuts_path_parameters_like_servlet_containers() {
+        assert_eq!(path("/payments/wire;x=1"), "/payments/wire");
+        assert_eq!(path("/payments;x=1/wire"), "/payments/wire");
+        assert_eq!(path("/public/..;/admin"), "/admin");
+        assert_eq!(path("/a;jsessionid=1/"), "/a/");
+    }
+
+    #[test]
     fn refuses_ambiguous_or_broken_paths() {
+        assert_eq!(
+            normalize("/payments/wire%00"),
+            Err(PathProblem::ControlCharacter)
+        );
+        assert_eq!(normalize("/a%0a"), Err(PathProblem::ControlCharacter));
+        assert_eq!(normalize("/a\u{7f}"), Err(PathProblem::ControlCharacter));
         assert_eq!(
             normalize("/admin%2Fusers"),
             Err(PathProblem::AmbiguousSeparator)

@@ -51,7 +51,11 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Signal handlers are installed before the listening line is logged, so a signal sent right
+    // after it is handled rather than killing the process.
+    let signals = Signals::install().context("installing signal handlers")?;
     let refresh_stop = reload::spawn(
+        signals.hangup,
         Arc::clone(&authorizer),
         options.config.clone(),
         http.clone(),
@@ -86,7 +90,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(addr = %local, "stepgate listening on {local}");
 
-    let shutdown = shutdown(health, options.drain_delay, stop_tx);
+    let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
@@ -143,25 +147,69 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
 
 /// Resolves on SIGTERM or SIGINT after health went NOT_SERVING and the drain delay passed; the
 /// server then stops accepting and lets in-flight calls finish.
-async fn shutdown(health: HealthReporter, drain_delay: Duration, stop: watch::Sender<bool>) {
-    wait_for_signal().await;
+async fn shutdown(
+    terminate: Terminate,
+    health: HealthReporter,
+    drain_delay: Duration,
+    stop: watch::Sender<bool>,
+) {
+    terminate.wait().await;
     tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
     let _ = stop.send(true);
     set_all(&health, ServingStatus::NotServing).await;
     tokio::time::sleep(drain_delay).await;
 }
 
+/// The process signals stepgate handles, registered up front.
+struct Signals {
+    terminate: Terminate,
+    hangup: reload::Hangup,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: Terminate {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: Terminate,
+            hangup: (),
+        })
+    }
+}
+
 #[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+struct Terminate {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Terminate {
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+struct Terminate;
+
+#[cfg(not(unix))]
+impl Terminate {
+    async fn wait(self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -9,9 +9,16 @@ use tokio::sync::watch;
 use super::Authorizer;
 use crate::{config, identity::keys, policy};
 
+/// The SIGHUP stream (nothing where there are no signals).
+#[cfg(unix)]
+pub type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+pub type Hangup = ();
+
 /// Starts the reload task. Returns the stop signal for the current key-refresh tasks; each
 /// successful reload stops those and starts refresh tasks for the new issuers.
 pub fn spawn(
+    hangup: Hangup,
     authorizer: Arc<Authorizer>,
     config_path: PathBuf,
     http: reqwest::Client,
@@ -20,13 +27,9 @@ pub fn spawn(
     let (refresh_tx, refresh_rx) = watch::channel(false);
     #[cfg(unix)]
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
         let mut refresh_tx = refresh_tx;
         let mut stop = stop;
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot install a SIGHUP handler: policy reload disabled");
-            return;
-        };
+        let mut hup = hangup;
         loop {
             tokio::select! {
                 _ = hup.recv() => {}
@@ -46,6 +49,7 @@ pub fn spawn(
                 }
                 Err(err) => tracing::error!(
                     config = %config_path.display(),
+                    field = %err.path,
                     error = %err,
                     "policy reload refused; the previous policy keeps serving"
                 ),
@@ -53,7 +57,7 @@ pub fn spawn(
         }
     });
     #[cfg(not(unix))]
-    let _ = (authorizer, config_path, http, stop, refresh_tx);
+    let _ = (hangup, authorizer, config_path, http, stop, refresh_tx);
     refresh_rx
 }
 
