@@ -489,6 +489,12 @@ fn compare_doors(check: &CheckView, decide: &DecideResponse) -> Vec<String> {
             format!("{:?}", check.headers),
             format!("{decided:?}"),
         );
+        let to_remove: BTreeSet<String> = decide.headers_to_remove.iter().cloned().collect();
+        differ(
+            "headers to remove",
+            format!("{:?}", check.headers_to_remove),
+            format!("{to_remove:?}"),
+        );
     } else {
         let www = if decide.www_authenticate.is_empty() {
             None

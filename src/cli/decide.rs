@@ -143,11 +143,8 @@ async fn offline(
             .map_err(|e| (1, format!("issuer {}: {e}", issuer.id)))?;
     }
     let access = access_request(request).map_err(|s| (2, s.message().to_owned()))?;
-    Ok(decide_response(&decision::decide(
-        &policy,
-        &access,
-        unix_now(),
-    )))
+    let decision = decision::decide(&policy, &access, unix_now());
+    Ok(decide_response(&decision, &policy.upstream))
 }
 
 fn json_to_value(v: &serde_json::Value) -> Value {
@@ -185,6 +182,7 @@ fn to_json(r: &DecideResponse) -> serde_json::Value {
         "http_status": r.http_status,
         "www_authenticate": r.www_authenticate,
         "identity_headers": r.identity_headers,
+        "headers_to_remove": r.headers_to_remove,
         "token_fingerprint": r.token_fingerprint,
     });
     if let Some(s) = &r.step_up {

@@ -121,6 +121,24 @@ pub enum HeaderSource {
     Claim(String),
 }
 
+impl Upstream {
+    /// Headers to strip from an allowed request: configured identity headers the decision did not
+    /// set, and `authorization` when configured.
+    pub fn headers_to_remove(&self, set: &[(String, String)]) -> Vec<String> {
+        let mut remove: Vec<String> = self
+            .identity_headers
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| !set.iter().any(|(s, _)| s == *name))
+            .cloned()
+            .collect();
+        if self.remove_authorization {
+            remove.push("authorization".to_owned());
+        }
+        remove
+    }
+}
+
 impl Requirement {
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty()

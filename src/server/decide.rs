@@ -16,6 +16,7 @@ use crate::{
     },
     decision::{Decision, Outcome},
     identity::CredentialProblem,
+    policy::Upstream,
     request::{AccessRequest, Door, HttpAttributes, PresentedCredential},
 };
 
@@ -37,8 +38,8 @@ impl DecisionService for Decide {
         request: Request<DecideRequest>,
     ) -> Result<Response<DecideResponse>, Status> {
         let access = access_request(request.into_inner())?;
-        let (decision, _) = self.authorizer.decide(&access, Door::Decide);
-        Ok(Response::new(decide_response(&decision)))
+        let (decision, policy) = self.authorizer.decide(&access, Door::Decide);
+        Ok(Response::new(decide_response(&decision, &policy.upstream)))
     }
 }
 
@@ -101,8 +102,13 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
     })
 }
 
-pub fn decide_response(d: &Decision) -> DecideResponse {
+pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
     DecideResponse {
+        headers_to_remove: if d.is_allow() {
+            upstream.headers_to_remove(&d.identity_headers)
+        } else {
+            Vec::new()
+        },
         outcome: match d.outcome {
             Outcome::Allow => v1::Outcome::Allow,
             Outcome::StepUp => v1::Outcome::StepUp,

@@ -161,21 +161,7 @@ pub fn check_response(decision: &Decision, upstream: &Upstream) -> CheckResponse
             .iter()
             .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
             .collect();
-        let mut headers_to_remove: Vec<String> = upstream
-            .identity_headers
-            .iter()
-            .map(|(name, _)| name)
-            .filter(|name| {
-                !decision
-                    .identity_headers
-                    .iter()
-                    .any(|(set, _)| set == *name)
-            })
-            .cloned()
-            .collect();
-        if upstream.remove_authorization {
-            headers_to_remove.push("authorization".to_owned());
-        }
+        let headers_to_remove = upstream.headers_to_remove(&decision.identity_headers);
         return CheckResponse {
             status: Some(rpc::Status {
                 code: OK,

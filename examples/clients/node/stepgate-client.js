@@ -1,0 +1,200 @@
+// A minimal Node caller of stepgate's `stepgate.v1.DecisionService/Decide` RPC.
+//
+// A Node web service that is not behind Envoy asks stepgate, for each request it serves, whether
+// that request may go ahead with the authentication its access token carries, and answers the way
+// stepgate says:
+//
+//   const stepgate = createClient('127.0.0.1:50051');      // one client for the whole process
+//
+//   async function handle(req, res) {                      // node:http
+//     const reply = await authorize(stepgate, {
+//       authorization: req.headers.authorization,
+//       operation: 'payments.wire_transfer',
+//       attributes: { amount: 25000 },
+//     });
+//     if (reply.status !== 200) {                          // 401 / 403 / 400 / 503, as is
+//       res.writeHead(reply.status, reply.headers).end(reply.body);
+//       return;
+//     }
+//     const upstream = Object.fromEntries(Object.entries(req.headers)
+//       .filter(([name]) => !name.startsWith('x-stepgate-')));
+//     Object.assign(upstream, reply.headers);              // the verified identity
+//     await callUpstream(req, upstream);
+//   }
+//
+// The proto is loaded from `proto/` of this repository at run time, so nothing generated is
+// committed and the client cannot drift from the proto it is shipped with.
+
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** `proto/` of the stepgate checkout this file lives in; override with STEPGATE_PROTO_DIR. */
+export const PROTO_DIR = process.env.STEPGATE_PROTO_DIR || path.resolve(here, '../../../proto');
+
+/**
+ * How proto-loader maps messages to plain objects. keepCase: field names exactly as in the proto
+ * (`http_status`, `www_authenticate`); longs as Number (the int64/uint64 fields are seconds, far
+ * below 2^53); enums as their names (`OUTCOME_ALLOW`); defaults so absent fields read as
+ * ''/0/[]/{} rather than undefined; oneofs so a message says which credential field is set.
+ */
+export const LOADER_OPTIONS = {
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR], // google/protobuf/struct.proto comes with protobufjs
+};
+
+const definition = protoLoader.loadSync('stepgate/v1/decision.proto', LOADER_OPTIONS);
+const { DecisionService } = grpc.loadPackageDefinition(definition).stepgate.v1;
+
+export const ALLOW = 'OUTCOME_ALLOW';
+export const STEP_UP = 'OUTCOME_STEP_UP';
+export const DENY = 'OUTCOME_DENY';
+
+/**
+ * Authorization sits in the request path: a slow stepgate must not hang the service. When the
+ * deadline passes the call fails with DEADLINE_EXCEEDED and the request is refused (fail closed).
+ */
+export const DEFAULT_TIMEOUT_MS = 2000;
+
+/** A DecisionService client. Create one per process and reuse it: it keeps the connection. */
+export function createClient(target, credentials = grpc.credentials.createInsecure()) {
+  return new DecisionService(target, credentials);
+}
+
+/**
+ * A plain object as a `google.protobuf.Struct` in proto-loader's object form. proto-loader does
+ * not convert well-known types: `{amount: 25000}` must be sent as
+ * `{fields: {amount: {numberValue: 25000}}}`. The Struct types come from protobufjs's bundled
+ * definitions, whose field names are camelCase even with keepCase: true. A key it does not know
+ * (`number_value`) is dropped silently and stepgate sees `amount: null` — so build Structs only
+ * through here.
+ */
+export function toStruct(object) {
+  return {
+    fields: Object.fromEntries(Object.entries(object).map(([key, value]) => [key, toValue(value)])),
+  };
+}
+
+function toValue(value) {
+  if (value === null || value === undefined) return { nullValue: 'NULL_VALUE' };
+  if (Array.isArray(value)) return { listValue: { values: value.map(toValue) } };
+  switch (typeof value) {
+    case 'number':
+      return { numberValue: value }; // stepgate's conditions see every number as a double
+    case 'string':
+      return { stringValue: value };
+    case 'boolean':
+      return { boolValue: value };
+    case 'object':
+      return { structValue: toStruct(value) };
+    default:
+      throw new TypeError(`cannot send a ${typeof value} in a google.protobuf.Struct`);
+  }
+}
+
+/**
+ * Asks stepgate for a decision; resolves to the DecideResponse as a plain object.
+ *
+ * Pass the client's `Authorization` header value untouched as `authorization` rather than
+ * extracting the token yourself: stepgate then also catches a wrong scheme or two credentials
+ * (400 invalid_request). Use `token` only when you hold a bare token.
+ *
+ * `operation` names what is being attempted (`payments.wire_transfer`) for rules with an
+ * `operation` matcher; `method`/`path`/`host`/`headers` describe the HTTP request so route rules
+ * apply. At least one of the two is required. `attributes` is a plain object for the policy's
+ * conditions, sent as a Struct.
+ *
+ * Every policy outcome, DENY included, is an OK gRPC status: read `outcome`. The promise rejects
+ * with a gRPC error (`err.code`, `err.details`) when the request was unusable (INVALID_ARGUMENT)
+ * or stepgate could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...); the caller must treat that
+ * as "not allowed" — `authorize` does.
+ */
+export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } = {}) {
+  const { authorization, token, operation = '', method, path: target, host, headers } = request;
+  const { attributes, explain = false } = request;
+  if (authorization !== undefined && token !== undefined) {
+    return Promise.reject(new TypeError('pass authorization or token, not both (they are one oneof)'));
+  }
+  const message = { operation, explain };
+  if (authorization !== undefined) message.authorization = authorization;
+  if (token !== undefined) message.token = token;
+  // `http` is a message: merely present (even empty) it is validated, so set it only when used.
+  if ([method, target, host, headers].some((v) => v !== undefined)) {
+    message.http = { method: method ?? '', path: target ?? '', host: host ?? '', headers: headers ?? {} };
+  }
+  if (attributes !== undefined) message.attributes = toStruct(attributes);
+  return new Promise((resolve, reject) => {
+    client.Decide(message, { deadline: Date.now() + timeoutMs }, (error, response) =>
+      error ? reject(error) : resolve(response),
+    );
+  });
+}
+
+/**
+ * The reply when stepgate could not be asked, or refused the question: the request must not go
+ * ahead, and the client learns nothing about the policy or the error. 503: the fault is ours.
+ */
+export function failClosed() {
+  return {
+    status: 503,
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ error: 'temporarily_unavailable', reason: 'authorization_unavailable' }),
+  };
+}
+
+/**
+ * Maps a Decide response (or the error the call failed with) to the service's HTTP reply
+ * `{status, headers, body}`.
+ *
+ * ALLOW: status 200, `headers` are the identity headers to *add to the upstream request*, body
+ * null. Before adding them, drop any header of the same family the client sent (every
+ * `x-stepgate-*`): stepgate returns only the headers it sets, so a configured one it leaves unset
+ * (no `tid` in the token, say) would otherwise reach the upstream with the client's value.
+ *
+ * STEP_UP / DENY: `http_status` as is, and `www-authenticate` when stepgate gives one — it is the
+ * challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it must
+ * be passed through byte for byte. The JSON body mirrors the one stepgate's Envoy door sends:
+ * `{error, reason, rule, message}`.
+ *
+ * Anything else — an Error, or an outcome this client does not know — fails closed (503).
+ */
+export function toHttpReply(response) {
+  if (!response || response instanceof Error) return failClosed();
+  if (response.outcome === ALLOW) {
+    return { status: 200, headers: { ...response.identity_headers }, body: null };
+  }
+  if (response.outcome !== STEP_UP && response.outcome !== DENY) return failClosed();
+  const headers = { 'content-type': 'application/json' };
+  if (response.www_authenticate) headers['www-authenticate'] = response.www_authenticate;
+  const body = {
+    error: oauthError(response),
+    reason: response.reason,
+    rule: response.rule || null,
+    message: response.message,
+  };
+  return { status: response.http_status || 403, headers, body: JSON.stringify(body) };
+}
+
+/** `decide` + `toHttpReply` in one call; never rejects, failing closed on any gRPC error. */
+export async function authorize(client, request, options) {
+  try {
+    return toHttpReply(await decide(client, request, options));
+  } catch (error) {
+    return toHttpReply(error);
+  }
+}
+
+/** The challenge's OAuth `error` code, or a generic one when there is no challenge. */
+function oauthError(response) {
+  const match = /\berror="([^"]*)"/.exec(response.www_authenticate);
+  if (match) return match[1];
+  if (response.outcome === STEP_UP) return 'insufficient_user_authentication';
+  return response.http_status === 401 ? 'unauthorized' : 'access_denied';
+}

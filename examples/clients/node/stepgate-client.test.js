@@ -1,0 +1,320 @@
+// Live tests of stepgate-client.js against the real stepgate binary and the demo policy.
+//
+// `before` starts `$STEPGATE_BIN serve` on an ephemeral port and waits for gRPC health SERVING;
+// `after` stops it. Tokens are minted with `$STEPGATE_BIN token`.
+
+import assert from 'node:assert/strict';
+import { execFileSync, spawn } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { once } from 'node:events';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import {
+  ALLOW, DENY, STEP_UP, authorize, createClient, decide, failClosed, toHttpReply, toStruct,
+} from './stepgate-client.js';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const CONFIG = path.join(REPO, 'examples/stepgate.yaml');
+const START_DEADLINE_MS = 15_000;
+
+const WIRE = 'payments.wire_transfer';
+const C1_CLAIMS = { access_token: { acrs: { essential: true, value: 'c1' } } };
+const C1_CLAIMS_B64 = 'eyJhY2Nlc3NfdG9rZW4iOnsiYWNycyI6eyJlc3NlbnRpYWwiOnRydWUsInZhbHVlIjoiYzEifX19';
+const ENTRA_CHALLENGE_PREFIX =
+  'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", ' +
+  'error="insufficient_claims", claims="';
+const DEMO_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
+
+// grpc.health.v1.Health/Check, enough of it to ask for readiness (grpc-js ships no health proto).
+const HEALTH = grpc.loadPackageDefinition(protoLoader.fromJSON({
+  nested: { grpc: { nested: { health: { nested: { v1: { nested: {
+    HealthCheckRequest: { fields: { service: { type: 'string', id: 1 } } },
+    HealthCheckResponse: {
+      fields: { status: { type: 'ServingStatus', id: 1 } },
+      nested: { ServingStatus: { values: { UNKNOWN: 0, SERVING: 1, NOT_SERVING: 2, SERVICE_UNKNOWN: 3 } } },
+    },
+    Health: { methods: { Check: { requestType: 'HealthCheckRequest', responseType: 'HealthCheckResponse' } } },
+  } } } } } } },
+}, { enums: String })).grpc.health.v1;
+
+function stepgateBin() {
+  const hint = 'build it with `cargo build` and set STEPGATE_BIN=target/debug/stepgate, or run ./scripts/test';
+  const bin = process.env.STEPGATE_BIN;
+  if (!bin) throw new Error(`STEPGATE_BIN is not set: ${hint}`);
+  const resolved = path.resolve(bin);
+  try {
+    accessSync(resolved, constants.X_OK);
+  } catch {
+    throw new Error(`STEPGATE_BIN=${resolved} is not an executable file: ${hint}`);
+  }
+  return resolved;
+}
+
+/** A demo token from `stepgate token ...args`. */
+function mint(...args) {
+  return execFileSync(stepgateBin(), ['token', ...args], { cwd: REPO, encoding: 'utf8', timeout: 30_000 }).trim();
+}
+
+/** Resolves to the address from stepgate's `stepgate listening on …` JSON log line on stderr. */
+function listeningAddress(child, log) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`stepgate did not start listening in time:\n${log.join('\n')}`)),
+      START_DEADLINE_MS,
+    );
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`stepgate exited (${code ?? signal}) before listening:\n${log.join('\n')}`));
+    });
+    // stepgate logs every decision to stderr: the interface keeps draining it so the pipe never fills.
+    createInterface({ input: child.stderr }).on('line', (line) => {
+      log.push(line);
+      let message = '';
+      try {
+        message = JSON.parse(line).message ?? '';
+      } catch {
+        return;
+      }
+      const match = /stepgate listening on (\S+)/.exec(message);
+      if (match) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    });
+  });
+}
+
+async function waitServing(address, log) {
+  const health = new HEALTH.Health(address, grpc.credentials.createInsecure());
+  try {
+    const deadline = Date.now() + START_DEADLINE_MS;
+    while (Date.now() < deadline) {
+      const status = await new Promise((resolve) => {
+        health.Check({ service: 'stepgate.v1.DecisionService' }, { deadline: Date.now() + 1000 },
+          (error, response) => resolve(error ? null : response.status));
+      });
+      if (status === 'SERVING') return;
+      await sleep(50);
+    }
+    throw new Error(`stepgate did not report SERVING in time:\n${log.join('\n')}`);
+  } finally {
+    health.close();
+  }
+}
+
+// Counted as a failure (the suite's `before` failing only cancels its tests) with the reason.
+test('STEPGATE_BIN names the stepgate binary', () => {
+  stepgateBin();
+});
+
+describe('stepgate Decide (live)', () => {
+  let child;
+  let client;
+  const log = [];
+  const killOnExit = () => child?.kill('SIGKILL'); // if the runner dies before `after`
+
+  before(async () => {
+    child = spawn(stepgateBin(), ['serve', '--config', CONFIG, '--listen', '127.0.0.1:0', '--log-format', 'json'], {
+      cwd: REPO,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    process.once('exit', killOnExit);
+    const address = await listeningAddress(child, log);
+    await waitServing(address, log);
+    client = createClient(address);
+  });
+
+  after(async () => {
+    client?.close();
+    if (child && child.exitCode === null && child.signalCode === null) {
+      const exited = once(child, 'exit');
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    process.off('exit', killOnExit);
+  });
+
+  // --- decide ------------------------------------------------------------------------------------
+
+  test('ALLOW: wire transfer with c1', async () => {
+    const token = mint('--acrs', 'c1', '--xms-cc', 'cp1');
+    const r = await decide(client, { authorization: `Bearer ${token}`, operation: WIRE });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [ALLOW, 'wire-transfer', 'allowed', 200]);
+    assert.equal(r.www_authenticate, '');
+    assert.deepEqual(r.identity_headers, {
+      'x-stepgate-subject': 'alice',
+      'x-stepgate-tenant': DEMO_TENANT,
+      'x-stepgate-auth-contexts': 'c1',
+      'x-stepgate-rule': 'wire-transfer',
+    });
+    assert.deepEqual([r.principal.issuer_id, r.principal.subject, r.principal.acrs], ['demo-entra', 'alice', ['c1']]);
+    assert.equal(typeof r.principal.expires_at, 'number');
+    assert.equal(r.step_up, null);
+    assert.match(r.token_fingerprint, /^[0-9a-f]{12}$/);
+  });
+
+  test('STEP_UP: Entra claims challenge for c1', async () => {
+    const r = await decide(client, { token: mint('--xms-cc', 'cp1'), operation: WIRE });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [STEP_UP, 'wire-transfer', 'missing_auth_context', 401]);
+    assert.equal(r.www_authenticate, `${ENTRA_CHALLENGE_PREFIX}${C1_CLAIMS_B64}"`);
+    assert.deepEqual(JSON.parse(r.step_up.claims), C1_CLAIMS);
+    assert.equal(Buffer.from(r.step_up.claims_base64, 'base64').toString(), r.step_up.claims);
+    assert.equal(r.step_up.challenge_style, 'entra');
+    assert.deepEqual(r.step_up.auth_contexts, ['c1']);
+    assert.deepEqual(r.step_up.missing_auth_contexts, ['c1']);
+    assert.equal(r.step_up.max_age_seconds, 900);
+    assert.deepEqual(r.identity_headers, {});
+  });
+
+  test('DENY: no token is a bare 401', async () => {
+    const r = await decide(client, { operation: WIRE });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [DENY, '', 'token_missing', 401]);
+    assert.equal(r.www_authenticate, 'Bearer realm="stepgate-demo"');
+    assert.equal(r.principal, null);
+    assert.equal(r.step_up, null);
+    assert.equal(r.token_fingerprint, '');
+  });
+
+  test('DENY: a client without cp1 cannot step up', async () => {
+    const r = await decide(client, { token: mint(), operation: WIRE });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [DENY, 'wire-transfer', 'client_not_capable', 403]);
+    assert.equal(r.www_authenticate, '');
+    assert.deepEqual(r.step_up.missing_auth_contexts, ['c1']);
+    assert.equal(r.principal.subject, 'alice');
+  });
+
+  test('STEP_UP: RFC 9470 challenge on an admin route', async () => {
+    const token = mint('--issuer', 'oidc', '--roles', 'Admin'); // password only, no acr
+    const r = await decide(client, { method: 'GET', path: '/admin/users', headers: { authorization: `Bearer ${token}` } });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [STEP_UP, 'admin', 'acr_not_accepted', 401]);
+    assert.equal(r.www_authenticate,
+      'Bearer realm="stepgate-demo", error="insufficient_user_authentication", ' +
+      'error_description="authentication level urn:okta:loa:2fa:any or phr is required", ' +
+      'acr_values="urn:okta:loa:2fa:any phr", max_age=3600');
+    assert.equal(r.step_up.challenge_style, 'rfc9470');
+    assert.deepEqual(r.step_up.acr_values, ['urn:okta:loa:2fa:any', 'phr']);
+    assert.equal(r.step_up.max_age_seconds, 3600);
+    assert.deepEqual(r.step_up.amr, ['mfa']);
+    assert.deepEqual([r.step_up.claims, r.step_up.claims_base64], ['', '']);
+  });
+
+  test('ALLOW: RFC 9470 token after step-up', async () => {
+    const token = mint('--issuer', 'oidc', '--roles', 'Admin', '--acr', 'urn:okta:loa:2fa:any', '--amr', 'pwd,mfa');
+    const r = await decide(client, { authorization: `Bearer ${token}`, method: 'GET', path: '/admin/users' });
+    assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [ALLOW, 'admin', 'allowed', 200]);
+    assert.equal(r.principal.issuer_id, 'demo-oidc');
+    assert.equal(r.identity_headers['x-stepgate-rule'], 'admin');
+  });
+
+  for (const [amount, outcome, missing] of [[5000, ALLOW, []], [25000, STEP_UP, ['c2']]]) {
+    test(`risk escalation: amount ${amount} -> ${outcome}`, async () => {
+      const token = mint('--acrs', 'c1', '--xms-cc', 'cp1');
+      const r = await decide(client, { token, operation: WIRE, attributes: { amount, currency: 'EUR' } });
+      assert.deepEqual([r.outcome, r.rule], [outcome, 'wire-transfer']);
+      assert.deepEqual(r.step_up?.missing_auth_contexts ?? [], missing);
+      if (outcome === STEP_UP) {
+        assert.deepEqual(r.step_up.auth_contexts, ['c1', 'c2']);
+        assert.deepEqual(JSON.parse(r.step_up.claims), { access_token: { acrs: { essential: true, value: 'c2' } } });
+        assert.ok(r.www_authenticate.endsWith(`claims="${r.step_up.claims_base64}"`));
+      }
+    });
+  }
+
+  test('toStruct builds a google.protobuf.Struct', () => {
+    assert.deepEqual(toStruct({ amount: 25000, currency: 'EUR', managed: true, tags: ['a'], extra: { n: null } }), {
+      fields: {
+        amount: { numberValue: 25000 },
+        currency: { stringValue: 'EUR' },
+        managed: { boolValue: true },
+        tags: { listValue: { values: [{ stringValue: 'a' }] } },
+        extra: { structValue: { fields: { n: { nullValue: 'NULL_VALUE' } } } },
+      },
+    });
+  });
+
+  test('neither operation nor http is INVALID_ARGUMENT', async () => {
+    await assert.rejects(decide(client, {}), (error) => {
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(error.details, /set operation, http, or both/);
+      return true;
+    });
+  });
+
+  // --- toHttpReply / authorize ---------------------------------------------------------------------
+
+  test('reply: ALLOW forwards identity headers upstream', async () => {
+    const token = mint('--acrs', 'c1', '--xms-cc', 'cp1');
+    const reply = await authorize(client, { authorization: `Bearer ${token}`, operation: WIRE });
+    assert.equal(reply.status, 200);
+    assert.equal(reply.body, null);
+    assert.equal(reply.headers['x-stepgate-subject'], 'alice');
+    assert.equal(reply.headers['x-stepgate-auth-contexts'], 'c1');
+    assert.equal(reply.headers['www-authenticate'], undefined);
+  });
+
+  test('reply: STEP_UP is 401 with the claims challenge', async () => {
+    const reply = await authorize(client, { token: mint('--xms-cc', 'cp1'), operation: WIRE });
+    assert.equal(reply.status, 401);
+    assert.deepEqual(reply.headers, {
+      'content-type': 'application/json',
+      'www-authenticate': `${ENTRA_CHALLENGE_PREFIX}${C1_CLAIMS_B64}"`,
+    });
+    assert.deepEqual(JSON.parse(reply.body), {
+      error: 'insufficient_claims',
+      reason: 'missing_auth_context',
+      rule: 'wire-transfer',
+      message: 'authentication context c1 is required',
+    });
+  });
+
+  test('reply: no token is a bare 401', async () => {
+    const reply = await authorize(client, { operation: WIRE });
+    assert.equal(reply.status, 401);
+    assert.equal(reply.headers['www-authenticate'], 'Bearer realm="stepgate-demo"');
+    const body = JSON.parse(reply.body);
+    assert.deepEqual([body.error, body.reason, body.rule], ['unauthorized', 'token_missing', null]);
+  });
+
+  test('reply: client_not_capable is 403 without a challenge', async () => {
+    const reply = await authorize(client, { token: mint(), operation: WIRE });
+    assert.equal(reply.status, 403);
+    assert.deepEqual(reply.headers, { 'content-type': 'application/json' });
+    const body = JSON.parse(reply.body);
+    assert.deepEqual([body.error, body.reason, body.rule], ['access_denied', 'client_not_capable', 'wire-transfer']);
+  });
+
+  test('reply: RFC 9470 step-up', async () => {
+    const token = mint('--issuer', 'oidc', '--roles', 'Admin');
+    const reply = await authorize(client, { token, method: 'DELETE', path: '/admin/users/7' });
+    assert.equal(reply.status, 401);
+    assert.ok(reply.headers['www-authenticate'].includes('acr_values="urn:okta:loa:2fa:any phr", max_age=3600'));
+    assert.equal(JSON.parse(reply.body).error, 'insufficient_user_authentication');
+  });
+
+  test('reply: INVALID_ARGUMENT fails closed', async () => {
+    const reply = await authorize(client, {});
+    assert.deepEqual(reply, failClosed());
+    assert.equal(reply.status, 503);
+  });
+
+  test('reply: an unreachable stepgate fails closed', async () => {
+    const dead = createClient('127.0.0.1:1'); // nothing listens on port 1
+    try {
+      assert.equal((await authorize(dead, { operation: WIRE }, { timeoutMs: 2000 })).status, 503);
+    } finally {
+      dead.close();
+    }
+  });
+
+  test('reply: an unknown outcome fails closed', () => {
+    assert.equal(toHttpReply({ outcome: 'OUTCOME_UNSPECIFIED', http_status: 0 }).status, 503);
+    assert.equal(toHttpReply(undefined).status, 503);
+  });
+});

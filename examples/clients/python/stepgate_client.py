@@ -1,0 +1,194 @@
+"""A minimal Python caller of stepgate's ``stepgate.v1.DecisionService/Decide`` RPC.
+
+A Python web service that is *not* behind Envoy asks stepgate, for each request it serves, whether
+that request may go ahead with the authentication its access token carries, and answers the way
+stepgate says::
+
+    channel = grpc.insecure_channel("127.0.0.1:50051")      # one channel for the whole process
+
+    def handle(method, path, headers):
+        reply = authorize(channel, authorization=headers.get("authorization"),
+                          operation="payments.wire_transfer", attributes={"amount": 25000})
+        if reply.status != 200:
+            return reply                                      # 401 / 403 / 400 / 503, as is
+        upstream = {k: v for k, v in headers.items() if not k.lower().startswith("x-stepgate-")}
+        upstream.update(reply.headers)                        # the verified identity
+        return call_upstream(method, path, upstream)
+
+The stubs are generated from ``proto/`` of this repository when this module is first imported (into
+a temporary folder), so no generated code is committed and the client can never drift from the
+proto it is shipped with. A real service would generate them at build time instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from importlib import import_module, resources
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import grpc
+from grpc_tools import protoc
+
+#: ``proto/`` of the stepgate checkout this file lives in; override with ``STEPGATE_PROTO_DIR``.
+PROTO_DIR = Path(os.environ.get("STEPGATE_PROTO_DIR") or Path(__file__).resolve().parents[3] / "proto")
+PROTO_FILE = "stepgate/v1/decision.proto"
+
+#: Authorization sits in the request path: a slow stepgate must not hang the service. On expiry the
+#: call fails with DEADLINE_EXCEEDED and the request is refused (fail closed).
+DEFAULT_TIMEOUT_SECONDS = 2.0
+
+
+def _generate_stubs() -> tuple[Any, Any]:
+    """Runs protoc (bundled with grpcio-tools) on ``decision.proto`` and imports the result.
+
+    The output goes to a private temporary folder, put first on ``sys.path`` because the generated
+    ``decision_pb2_grpc`` imports ``stepgate.v1.decision_pb2`` by its package path. The folder is
+    removed when the interpreter exits.
+    """
+    out = Path(tempfile.mkdtemp(prefix="stepgate-stubs-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    well_known = resources.files("grpc_tools") / "_proto"  # google/protobuf/struct.proto
+    status = protoc.main([
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        PROTO_FILE,
+    ])
+    if status != 0:
+        raise ImportError(f"protoc failed ({status}) on {PROTO_DIR / PROTO_FILE}")
+    sys.path.insert(0, str(out))
+    return import_module("stepgate.v1.decision_pb2"), import_module("stepgate.v1.decision_pb2_grpc")
+
+
+decision_pb2, decision_pb2_grpc = _generate_stubs()
+DecideRequest = decision_pb2.DecideRequest
+DecideResponse = decision_pb2.DecideResponse
+ALLOW, STEP_UP, DENY = decision_pb2.OUTCOME_ALLOW, decision_pb2.OUTCOME_STEP_UP, decision_pb2.OUTCOME_DENY
+
+
+def decide(
+    channel: grpc.Channel,
+    *,
+    authorization: str | None = None,
+    token: str | None = None,
+    operation: str = "",
+    method: str | None = None,
+    path: str | None = None,
+    host: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    explain: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> DecideResponse:
+    """Asks stepgate for a decision and returns the ``DecideResponse`` as is.
+
+    Pass the client's ``Authorization`` header value untouched as ``authorization`` rather than
+    extracting the token yourself: stepgate then also catches a wrong scheme or two credentials
+    (``400 invalid_request``). Use ``token`` only when you hold a bare token.
+
+    ``operation`` names what is being attempted (``payments.wire_transfer``) for rules with an
+    ``operation`` matcher; ``method``/``path``/``host``/``headers`` describe the HTTP request so
+    route rules apply. At least one of the two is required. ``attributes`` is a plain dict sent
+    as a ``google.protobuf.Struct`` for the policy's conditions (numbers arrive as doubles).
+
+    Every policy outcome, DENY included, is an OK gRPC status: read ``outcome``. A gRPC error
+    (``grpc.RpcError``) means the request to stepgate was unusable (INVALID_ARGUMENT) or stepgate
+    could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...); it is raised, and the caller must treat
+    it as "not allowed" -- ``authorize`` does.
+    """
+    if authorization is not None and token is not None:
+        raise ValueError("pass authorization or token, not both (they are one oneof)")
+    request = DecideRequest(operation=operation, explain=explain)
+    if authorization is not None:
+        request.authorization = authorization
+    if token is not None:
+        request.token = token
+    # `http` is a message: merely present (even empty) it is validated, so set it only when used.
+    if method is not None or path is not None or host is not None or headers:
+        request.http.method = method or ""
+        request.http.path = path or ""
+        request.http.host = host or ""
+        request.http.headers.update(headers or {})
+    if attributes:
+        request.attributes.update(attributes)
+    return decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=timeout)
+
+
+class HttpReply(NamedTuple):
+    """What the web service does with a decision.
+
+    ``status == 200``: the request proceeds; ``headers`` are the identity headers to *add to the
+    upstream request* (the verified subject, auth contexts, ...) and ``body`` is None.
+    Otherwise: answer the client with ``status``, the response ``headers`` and the JSON ``body``.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | None
+
+
+def fail_closed() -> HttpReply:
+    """The reply when stepgate could not be asked, or refused the question: the request must not go
+    ahead, and the client learns nothing about the policy or the error. 503: the fault is ours."""
+    body = {"error": "temporarily_unavailable", "reason": "authorization_unavailable"}
+    return HttpReply(503, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
+    """Maps a Decide answer (or the gRPC error raised instead of one) to the service's HTTP reply.
+
+    ALLOW: 200 and ``identity_headers`` for the upstream. Before adding them the service must drop
+    any header of the same family the *client* sent (e.g. every ``x-stepgate-*``): stepgate returns
+    only the headers it sets, so a configured header it leaves unset (no ``tid`` in the token, say)
+    would otherwise reach the upstream with the client's value.
+
+    STEP_UP / DENY: ``http_status`` as is, and ``WWW-Authenticate`` when stepgate gives one -- it is
+    the challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it
+    must be passed through byte for byte. The body mirrors the one stepgate's Envoy door sends:
+    ``{"error", "reason", "rule", "message"}``.
+
+    Anything else -- a gRPC error, or an outcome this client does not know -- fails closed (503).
+    """
+    if isinstance(response, grpc.RpcError) or not isinstance(response, DecideResponse):
+        return fail_closed()
+    if response.outcome == ALLOW:
+        return HttpReply(200, dict(response.identity_headers), None)
+    if response.outcome not in (STEP_UP, DENY):
+        return fail_closed()
+    headers = {"content-type": "application/json"}
+    if response.www_authenticate:
+        headers["www-authenticate"] = response.www_authenticate
+    body = {
+        "error": _oauth_error(response),
+        "reason": response.reason,
+        "rule": response.rule or None,
+        "message": response.message,
+    }
+    return HttpReply(response.http_status or 403, headers, json.dumps(body).encode())
+
+
+def authorize(channel: grpc.Channel, **request: Any) -> HttpReply:
+    """``decide`` + ``to_http_reply`` in one call, failing closed on any gRPC error."""
+    try:
+        return to_http_reply(decide(channel, **request))
+    except grpc.RpcError as error:
+        return to_http_reply(error)
+
+
+def _oauth_error(response: DecideResponse) -> str:
+    """The challenge's OAuth ``error`` code, or a generic one when there is no challenge."""
+    match = re.search(r'\berror="([^"]*)"', response.www_authenticate)
+    if match:
+        return match.group(1)
+    if response.outcome == STEP_UP:
+        return "insufficient_user_authentication"
+    return "unauthorized" if response.http_status == 401 else "access_denied"

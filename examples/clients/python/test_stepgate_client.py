@@ -1,0 +1,295 @@
+"""Live tests of stepgate_client against the real stepgate binary and the demo policy.
+
+The session fixture starts ``$STEPGATE_BIN serve`` on an ephemeral port and stops it at the end;
+tokens are minted with ``$STEPGATE_BIN token``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import stepgate_client as sg
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIG = REPO / "examples" / "stepgate.yaml"
+START_DEADLINE_SECONDS = 15
+
+WIRE = "payments.wire_transfer"
+C1_CLAIMS = {"access_token": {"acrs": {"essential": True, "value": "c1"}}}
+C1_CLAIMS_B64 = "eyJhY2Nlc3NfdG9rZW4iOnsiYWNycyI6eyJlc3NlbnRpYWwiOnRydWUsInZhbHVlIjoiYzEifX19"
+ENTRA_CHALLENGE_PREFIX = (
+    'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
+    'error="insufficient_claims", claims="'
+)
+
+
+@pytest.fixture(scope="session")
+def stepgate_bin() -> str:
+    path = os.environ.get("STEPGATE_BIN")
+    hint = "build it with `cargo build` and set STEPGATE_BIN=target/debug/stepgate, or run ./scripts/test"
+    if not path:
+        pytest.fail(f"STEPGATE_BIN is not set: {hint}", pytrace=False)
+    path = str(Path(path).resolve())
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"STEPGATE_BIN={path} is not an executable file: {hint}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def channel(stepgate_bin):
+    """A channel to a stepgate started for this test session, SERVING before the first test."""
+    proc = subprocess.Popen(
+        [stepgate_bin, "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # stepgate logs every decision to stderr: keep draining it, or a full pipe would block it.
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def drain():
+        for line in proc.stderr:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    ch = None
+    try:
+        address = _listening_address(lines, log)
+        ch = grpc.insecure_channel(address)
+        _wait_serving(ch, log)
+        yield ch
+    finally:
+        if ch is not None:
+            ch.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _listening_address(lines: queue.Queue, log: list[str]) -> str:
+    deadline = time.monotonic() + START_DEADLINE_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            pytest.fail("stepgate exited before listening:\n" + "".join(log), pytrace=False)
+        try:
+            message = json.loads(line).get("message", "")
+        except ValueError:
+            continue
+        if match := re.search(r"stepgate listening on (\S+)", message):
+            return match.group(1)
+    pytest.fail("stepgate did not log `stepgate listening on` in time:\n" + "".join(log), pytrace=False)
+
+
+def _wait_serving(ch: grpc.Channel, log: list[str]) -> None:
+    health = health_pb2_grpc.HealthStub(ch)
+    request = health_pb2.HealthCheckRequest(service="stepgate.v1.DecisionService")
+    deadline = time.monotonic() + START_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if health.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    pytest.fail("stepgate did not report SERVING in time:\n" + "".join(log), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def mint(stepgate_bin):
+    """mint("--acrs", "c1", ...) -> a demo token from `stepgate token`."""
+
+    def mint(*args: str) -> str:
+        done = subprocess.run([stepgate_bin, "token", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"stepgate token {' '.join(args)} failed: {done.stderr}"
+        return done.stdout.strip()
+
+    return mint
+
+
+# --- Decide ---------------------------------------------------------------------------------------
+
+
+def test_allow_wire_transfer_with_c1(channel, mint):
+    token = mint("--acrs", "c1", "--xms-cc", "cp1")
+    r = sg.decide(channel, authorization=f"Bearer {token}", operation=WIRE)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.ALLOW, "wire-transfer", "allowed", 200)
+    assert r.www_authenticate == ""
+    assert dict(r.identity_headers) == {
+        "x-stepgate-subject": "alice",
+        "x-stepgate-tenant": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "x-stepgate-auth-contexts": "c1",
+        "x-stepgate-rule": "wire-transfer",
+    }
+    assert (r.principal.issuer_id, r.principal.subject, list(r.principal.acrs)) == ("demo-entra", "alice", ["c1"])
+    assert not r.HasField("step_up")
+    assert re.fullmatch(r"[0-9a-f]{12}", r.token_fingerprint)
+
+
+def test_step_up_entra_claims_challenge(channel, mint):
+    token = mint("--xms-cc", "cp1")
+    r = sg.decide(channel, token=token, operation=WIRE)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.STEP_UP, "wire-transfer", "missing_auth_context", 401)
+    assert r.www_authenticate == ENTRA_CHALLENGE_PREFIX + C1_CLAIMS_B64 + '"'
+    assert json.loads(r.step_up.claims) == C1_CLAIMS
+    assert base64.b64decode(r.step_up.claims_base64).decode() == r.step_up.claims
+    assert r.step_up.challenge_style == "entra"
+    assert list(r.step_up.auth_contexts) == ["c1"]
+    assert list(r.step_up.missing_auth_contexts) == ["c1"]
+    assert r.step_up.max_age_seconds == 900
+    assert dict(r.identity_headers) == {}
+
+
+def test_deny_without_token(channel):
+    r = sg.decide(channel, operation=WIRE)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.DENY, "", "token_missing", 401)
+    assert r.www_authenticate == 'Bearer realm="stepgate-demo"'
+    assert not r.HasField("principal")
+    assert not r.HasField("step_up")
+    assert r.token_fingerprint == ""
+
+
+def test_deny_client_not_capable(channel, mint):
+    token = mint()  # no xms_cc: the client cannot handle a claims challenge
+    r = sg.decide(channel, token=token, operation=WIRE)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.DENY, "wire-transfer", "client_not_capable", 403)
+    assert r.www_authenticate == ""
+    assert list(r.step_up.missing_auth_contexts) == ["c1"]  # what is missing, for the service to explain
+    assert r.principal.subject == "alice"
+
+
+def test_rfc9470_step_up_on_admin_route(channel, mint):
+    token = mint("--issuer", "oidc", "--roles", "Admin")  # password only, no acr
+    r = sg.decide(channel, method="GET", path="/admin/users", headers={"authorization": f"Bearer {token}"})
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.STEP_UP, "admin", "acr_not_accepted", 401)
+    assert r.www_authenticate == (
+        'Bearer realm="stepgate-demo", error="insufficient_user_authentication", '
+        'error_description="authentication level urn:okta:loa:2fa:any or phr is required", '
+        'acr_values="urn:okta:loa:2fa:any phr", max_age=3600'
+    )
+    assert r.step_up.challenge_style == "rfc9470"
+    assert list(r.step_up.acr_values) == ["urn:okta:loa:2fa:any", "phr"]
+    assert r.step_up.max_age_seconds == 3600
+    assert list(r.step_up.amr) == ["mfa"]
+    assert (r.step_up.claims, r.step_up.claims_base64) == ("", "")
+
+
+def test_rfc9470_allow_after_step_up(channel, mint):
+    token = mint("--issuer", "oidc", "--roles", "Admin", "--acr", "urn:okta:loa:2fa:any", "--amr", "pwd,mfa")
+    r = sg.decide(channel, authorization=f"Bearer {token}", method="GET", path="/admin/users")
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.ALLOW, "admin", "allowed", 200)
+    assert r.principal.issuer_id == "demo-oidc"
+    assert r.identity_headers["x-stepgate-rule"] == "admin"
+
+
+@pytest.mark.parametrize(
+    ("amount", "outcome", "missing"),
+    [(5000, sg.ALLOW, []), (25000, sg.STEP_UP, ["c2"])],
+)
+def test_risk_escalation_by_amount(channel, mint, amount, outcome, missing):
+    token = mint("--acrs", "c1", "--xms-cc", "cp1")
+    r = sg.decide(channel, token=token, operation=WIRE, attributes={"amount": amount, "currency": "EUR"})
+    assert (r.outcome, r.rule) == (outcome, "wire-transfer")
+    assert list(r.step_up.missing_auth_contexts) == missing
+    if outcome == sg.STEP_UP:
+        assert list(r.step_up.auth_contexts) == ["c1", "c2"]
+        assert json.loads(r.step_up.claims) == {"access_token": {"acrs": {"essential": True, "value": "c2"}}}
+        assert r.www_authenticate.endswith(f'claims="{r.step_up.claims_base64}"')
+
+
+def test_invalid_request_is_a_grpc_error(channel):
+    with pytest.raises(grpc.RpcError) as raised:
+        sg.decide(channel)  # neither operation nor http: nothing to match a rule against
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "set operation, http, or both" in raised.value.details()
+
+
+# --- to_http_reply / authorize ----------------------------------------------------------------------
+
+
+def test_reply_allow_forwards_identity_headers(channel, mint):
+    reply = sg.authorize(channel, authorization=f"Bearer {mint('--acrs', 'c1', '--xms-cc', 'cp1')}", operation=WIRE)
+    assert reply.status == 200
+    assert reply.body is None
+    assert reply.headers["x-stepgate-subject"] == "alice"
+    assert reply.headers["x-stepgate-auth-contexts"] == "c1"
+    assert "www-authenticate" not in reply.headers
+
+
+def test_reply_step_up_is_401_with_challenge(channel, mint):
+    reply = sg.authorize(channel, token=mint("--xms-cc", "cp1"), operation=WIRE)
+    assert reply.status == 401
+    assert reply.headers == {
+        "content-type": "application/json",
+        "www-authenticate": ENTRA_CHALLENGE_PREFIX + C1_CLAIMS_B64 + '"',
+    }
+    assert json.loads(reply.body) == {
+        "error": "insufficient_claims",
+        "reason": "missing_auth_context",
+        "rule": "wire-transfer",
+        "message": "authentication context c1 is required",
+    }
+
+
+def test_reply_deny_token_missing_is_bare_401(channel):
+    reply = sg.authorize(channel, operation=WIRE)
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"] == 'Bearer realm="stepgate-demo"'
+    body = json.loads(reply.body)
+    assert (body["error"], body["reason"], body["rule"]) == ("unauthorized", "token_missing", None)
+
+
+def test_reply_deny_client_not_capable_is_403_without_challenge(channel, mint):
+    reply = sg.authorize(channel, token=mint(), operation=WIRE)
+    assert reply.status == 403
+    assert reply.headers == {"content-type": "application/json"}
+    body = json.loads(reply.body)
+    assert (body["error"], body["reason"], body["rule"]) == ("access_denied", "client_not_capable", "wire-transfer")
+
+
+def test_reply_rfc9470_step_up(channel, mint):
+    reply = sg.authorize(channel, token=mint("--issuer", "oidc", "--roles", "Admin"), method="DELETE", path="/admin/users/7")
+    assert reply.status == 401
+    assert 'acr_values="urn:okta:loa:2fa:any phr", max_age=3600' in reply.headers["www-authenticate"]
+    assert json.loads(reply.body)["error"] == "insufficient_user_authentication"
+
+
+def test_reply_fails_closed_on_invalid_argument(channel):
+    reply = sg.authorize(channel)  # INVALID_ARGUMENT from stepgate
+    assert reply == sg.fail_closed()
+    assert reply.status == 503
+    assert "x-stepgate-subject" not in reply.headers
+
+
+def test_reply_fails_closed_when_stepgate_is_unreachable():
+    with grpc.insecure_channel("127.0.0.1:1") as dead:  # nothing listens on port 1
+        reply = sg.authorize(dead, operation=WIRE, timeout=2)
+    assert reply.status == 503
+
+
+def test_reply_fails_closed_on_unknown_outcome():
+    assert sg.to_http_reply(sg.DecideResponse()).status == 503  # OUTCOME_UNSPECIFIED
+    assert sg.to_http_reply(None).status == 503
