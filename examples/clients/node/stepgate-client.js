@@ -154,9 +154,11 @@ export function failClosed() {
  * `{status, headers, body}`.
  *
  * ALLOW: status 200, `headers` are the identity headers to *add to the upstream request*, body
- * null. Before adding them, drop any header of the same family the client sent (every
- * `x-stepgate-*`): stepgate returns only the headers it sets, so a configured one it leaves unset
- * (no `tid` in the token, say) would otherwise reach the upstream with the client's value.
+ * null. Before adding them, drop any header of the same family the client sent: stepgate sets only
+ * the headers it has values for, so a configured one it leaves unset (no `tid` in the token, say)
+ * would otherwise reach the upstream with the client's value. `response.headers_to_remove` names
+ * exactly those (plus `authorization` when the policy says so); dropping every `x-stepgate-*`, as
+ * the example above does, is the simplest equivalent.
  *
  * STEP_UP / DENY: `http_status` as is, and `www-authenticate` when stepgate gives one — it is the
  * challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it must

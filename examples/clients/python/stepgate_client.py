@@ -147,9 +147,11 @@ def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
     """Maps a Decide answer (or the gRPC error raised instead of one) to the service's HTTP reply.
 
     ALLOW: 200 and ``identity_headers`` for the upstream. Before adding them the service must drop
-    any header of the same family the *client* sent (e.g. every ``x-stepgate-*``): stepgate returns
-    only the headers it sets, so a configured header it leaves unset (no ``tid`` in the token, say)
-    would otherwise reach the upstream with the client's value.
+    any header of the same family the *client* sent: stepgate sets only the headers it has values
+    for, so a configured header it leaves unset (no ``tid`` in the token, say) would otherwise reach
+    the upstream with the client's value. ``response.headers_to_remove`` names exactly those (plus
+    ``authorization`` when the policy says so); dropping the whole ``x-stepgate-*`` family, as the
+    module example does, is the simplest equivalent.
 
     STEP_UP / DENY: ``http_status`` as is, and ``WWW-Authenticate`` when stepgate gives one -- it is
     the challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it
