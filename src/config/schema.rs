@@ -227,6 +227,15 @@ pub struct UpstreamConfig {
     /// Remove the `Authorization` header before the request goes upstream (Envoy only).
     #[serde(default)]
     pub remove_authorization: bool,
+    /// Envoy's `max_headers_count` for the listener (its default is 100). An allowed request whose
+    /// headers plus the identity headers would exceed it is answered 431 instead of the 500 Envoy
+    /// would send. 0 turns the check off.
+    #[serde(default = "default_max_request_headers")]
+    pub max_request_headers: usize,
+}
+
+fn default_max_request_headers() -> usize {
+    100
 }
 
 impl Default for UpstreamConfig {
@@ -234,6 +243,7 @@ impl Default for UpstreamConfig {
         Self {
             identity_headers: default_identity_headers(),
             remove_authorization: false,
+            max_request_headers: default_max_request_headers(),
         }
     }
 }

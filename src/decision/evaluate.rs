@@ -34,7 +34,55 @@ pub fn decide(policy: &Policy, request: &AccessRequest, now: i64) -> Decision {
         explain: request.explain.then(Vec::new),
         fingerprint: None,
     };
-    run.evaluate(request, now)
+    let decision = run.evaluate(request, now);
+    fit_proxy_header_limit(policy, request, decision)
+}
+
+/// Envoy refuses (500) an allowed request once the headers stepgate adds push it over its
+/// `max_headers_count`; a clear 431 is the better answer. Only `Check` requests carry a count.
+fn fit_proxy_header_limit(
+    policy: &Policy,
+    request: &AccessRequest,
+    mut decision: Decision,
+) -> Decision {
+    let limit = policy.upstream.max_request_headers;
+    let (Some(count), Some(http)) = (request.proxy_header_count, request.http.as_ref()) else {
+        return decision;
+    };
+    if !decision.is_allow() || limit == 0 {
+        return decision;
+    }
+    let present = |name: &str| http.headers.contains_key(name);
+    let added = decision
+        .identity_headers
+        .iter()
+        .filter(|(name, _)| !present(name))
+        .count();
+    let removed = policy
+        .upstream
+        .headers_to_remove(&decision.identity_headers)
+        .iter()
+        .filter(|name| present(name))
+        .count();
+    if count + added <= limit + removed {
+        return decision;
+    }
+    let message = format!(
+        "the request has {count} headers; with stepgate's {added} identity headers it would exceed \
+         the proxy's limit of {limit}"
+    );
+    if request.explain {
+        decision.explain.push(ExplainStep {
+            stage: "decision",
+            detail: message.clone(),
+        });
+    }
+    decision.outcome = Outcome::Deny;
+    decision.reason = Reason::TooManyHeaders;
+    decision.http_status = 431;
+    decision.message = message;
+    decision.identity_headers.clear();
+    decision
 }
 
 struct Run<'p> {

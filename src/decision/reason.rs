@@ -13,6 +13,8 @@ pub enum Reason {
     MultipleCredentials,
     MalformedAuthorization,
     InvalidPath,
+    // 431
+    TooManyHeaders,
     // 401 without a usable token
     TokenMissing,
     TokenTooLarge,
@@ -58,6 +60,7 @@ impl Reason {
             MultipleCredentials => "multiple_credentials",
             MalformedAuthorization => "malformed_authorization",
             InvalidPath => "invalid_path",
+            TooManyHeaders => "too_many_headers",
             TokenMissing => "token_missing",
             TokenTooLarge => "token_too_large",
             TokenMalformed => "token_malformed",
@@ -92,7 +95,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 36] = {
+    pub const ALL: [Reason; 37] = {
         use Reason::*;
         [
             Allowed,
@@ -101,6 +104,7 @@ impl Reason {
             MultipleCredentials,
             MalformedAuthorization,
             InvalidPath,
+            TooManyHeaders,
             TokenMissing,
             TokenTooLarge,
             TokenMalformed,

@@ -1908,3 +1908,34 @@ fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
     let d = decide_http(&token, "POST", "/payments/wire%00");
     expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
 }
+
+#[test]
+fn allowed_request_that_would_overflow_the_proxy_header_limit_gets_431() {
+    let policy = demo_policy();
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    let with_count = |count: usize| AccessRequest {
+        proxy_header_count: Some(count),
+        ..http_request(&token, "GET", "/accounts")
+    };
+    // subject, tenant, auth contexts and rule: four identity headers are added.
+    let d = decide(&policy, &with_count(96), NOW);
+    assert_eq!(d.outcome, Outcome::Allow, "96 + 4 fits a limit of 100");
+    let d = decide(&policy, &with_count(97), NOW);
+    expect(&d, Outcome::Deny, 431, Reason::TooManyHeaders);
+    assert!(d.identity_headers.is_empty());
+    // Denials add nothing, and Decide calls carry no count.
+    let anonymous = AccessRequest {
+        proxy_header_count: Some(99),
+        ..http_request("", "GET", "/accounts")
+    };
+    expect(
+        &decide(&policy, &anonymous, NOW),
+        Outcome::Deny,
+        401,
+        Reason::TokenMissing,
+    );
+    assert_eq!(
+        decide(&policy, &http_request(&token, "GET", "/accounts"), NOW).outcome,
+        Outcome::Allow
+    );
+}

@@ -534,6 +534,7 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
     Ok(Upstream {
         identity_headers,
         remove_authorization: u.remove_authorization,
+        max_request_headers: u.max_request_headers,
     })
 }
 

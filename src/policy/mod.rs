@@ -101,6 +101,8 @@ pub struct Escalation {
 pub struct Upstream {
     pub identity_headers: Vec<(String, HeaderSource)>,
     pub remove_authorization: bool,
+    /// The proxy's header-count limit (0: unchecked).
+    pub max_request_headers: usize,
 }
 
 /// Where an identity header's value comes from.

@@ -87,6 +87,9 @@ pub struct AccessRequest {
     /// The downstream peer as Envoy saw it (CEL `request.source`): with mTLS in a mesh, its
     /// `principal` is the workload's SPIFFE id.
     pub source: Option<Peer>,
+    /// How many header entries the proxy holds for this request (Envoy `Check` only, pseudo-headers
+    /// included): with the policy's `max_request_headers`, whether identity headers still fit.
+    pub proxy_header_count: Option<usize>,
     pub explain: bool,
 }
 

@@ -98,6 +98,7 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         attributes: request.attributes.map(struct_to_json).unwrap_or_default(),
         context: Map::new(),
         source: None,
+        proxy_header_count: None,
         explain: request.explain,
     })
 }

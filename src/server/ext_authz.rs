@@ -34,6 +34,7 @@ use crate::{
 const OK: i32 = 0;
 const INVALID_ARGUMENT: i32 = 3;
 const PERMISSION_DENIED: i32 = 7;
+const RESOURCE_EXHAUSTED: i32 = 8;
 const UNAUTHENTICATED: i32 = 16;
 
 /// The `envoy.service.auth.v3.Authorization` service.
@@ -67,6 +68,7 @@ pub fn access_request(check: &CheckRequest) -> AccessRequest {
     let http = attributes
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref());
+    let http_request = http;
     let mut headers: HashMap<String, String> = HashMap::new();
     let mut credential = PresentedCredential::None;
     if let Some(http) = http {
@@ -147,6 +149,10 @@ pub fn access_request(check: &CheckRequest) -> AccessRequest {
         attributes: serde_json::Map::new(),
         context,
         source,
+        proxy_header_count: http_request.map(|h| match &h.header_map {
+            Some(map) if !map.headers.is_empty() => map.headers.len(),
+            _ => h.headers.len(),
+        }),
         explain: false,
     }
 }
@@ -179,6 +185,7 @@ pub fn check_response(decision: &Decision, upstream: &Upstream) -> CheckResponse
     let code = match decision.http_status {
         400 => INVALID_ARGUMENT,
         401 => UNAUTHENTICATED,
+        431 => RESOURCE_EXHAUSTED,
         _ => PERMISSION_DENIED,
     };
     let mut headers = vec![header(

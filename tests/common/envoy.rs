@@ -360,6 +360,8 @@ impl Envoy {
 
     async fn try_start(example: &str, ports: Ports) -> Result<Self, StartError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let binary = envoy_binary();
+        let config = render_config(example, ports);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -369,11 +371,9 @@ impl Envoy {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("creating a temporary folder");
-        let config = render_config(example, ports);
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, &config).expect("writing the Envoy config");
 
-        let binary = envoy_binary();
         let mut child = Command::new(&binary)
             .arg("-c")
             .arg(&config_path)
@@ -392,7 +392,10 @@ impl Envoy {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}. {SETUP_HINT}", binary.display()));
+            .unwrap_or_else(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!("starting {}: {e}. {SETUP_HINT}", binary.display())
+            });
         let stdout = drain(child.stdout.take().expect("piped stdout"));
         let stderr = drain(child.stderr.take().expect("piped stderr"));
         let envoy = Self {
