@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use stepgate::{
-    identity::{KeySource, jwks::KeySet},
+    identity::{KeySource, issuer::Tenants, jwks::KeySet},
     policy::{DefaultAction, Matcher, Policy, Requirement},
 };
 
@@ -66,6 +66,15 @@ fn describe(policy: &Policy) -> String {
         let keys = match &i.key_source {
             KeySource::File(p) => format!("jwks_file {}", p.display()),
             KeySource::Uri(u) => format!("jwks_uri {u}"),
+            KeySource::Discovery(u) => format!("discovery {u}"),
+        };
+        let keys = match &i.tenants {
+            Tenants::NotApplicable => keys,
+            Tenants::Any => format!("{keys} tenants=any"),
+            Tenants::Only(t) => format!(
+                "{keys} tenants={}",
+                t.iter().cloned().collect::<Vec<_>>().join(",")
+            ),
         };
         let algs: Vec<String> = i.algorithms.iter().map(|a| format!("{a:?}")).collect();
         line(format!(

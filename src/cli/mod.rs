@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use stepgate::{
     config::{self, ConfigError, duration},
     policy::{self, Policy},
-    server::{self, ServeOptions},
+    server::{self, ReadyWhen, ServeOptions},
     telemetry::{self, LogFormat},
 };
 
@@ -57,6 +57,14 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9464. Off by default.
     #[arg(long, env = "STEPGATE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// When gRPC health reports SERVING: all-issuers have keys, any-issuer has keys, or always.
+    #[arg(
+        long,
+        env = "STEPGATE_READY_WHEN",
+        value_enum,
+        default_value = "all-issuers"
+    )]
+    ready_when: ReadyWhen,
     /// Worker threads (default: the CPUs available to the process).
     #[arg(long, env = "STEPGATE_WORKERS")]
     workers: Option<usize>,
@@ -121,6 +129,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         drain_delay: args.drain_delay,
         metrics_listen: args.metrics_listen,
+        ready_when: args.ready_when,
     };
     match runtime.block_on(server::run(options, policy)) {
         Ok(()) => ExitCode::SUCCESS,

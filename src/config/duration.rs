@@ -31,28 +31,47 @@ impl fmt::Display for Seconds {
     }
 }
 
-/// Parses `15m`, `1h30m`, `45s`, `2d` or `900`.
+/// Parses `15m`, `1h30m`, `45s`, `2d` or `900` into whole seconds.
 pub fn parse(text: &str) -> Result<Seconds, String> {
+    let millis = parse_millis(text)?;
+    if millis % 1000 != 0 {
+        return Err(format!("expected whole seconds, got {:?}", text.trim()));
+    }
+    Ok(Seconds(millis / 1000))
+}
+
+/// Parses a duration that may be shorter than a second: `250ms`, `1s500ms`, `15m`, or a bare number
+/// of seconds.
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    parse_millis(text).map(Duration::from_millis)
+}
+
+fn parse_millis(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let bad = || format!("expected a duration like 15m, 1h30m or 90s, got {text:?}");
+    let bad = || format!("expected a duration like 15m, 1h30m, 90s or 250ms, got {text:?}");
     if text.is_empty() {
         return Err(bad());
     }
     if let Ok(n) = text.parse::<u64>() {
-        return Ok(Seconds(n));
+        return n.checked_mul(1000).ok_or_else(bad);
     }
     let mut total: u64 = 0;
     let mut digits = String::new();
-    for ch in text.chars() {
+    let mut chars = text.chars().peekable();
+    while let Some(ch) = chars.next() {
         if ch.is_ascii_digit() {
             digits.push(ch);
             continue;
         }
         let unit = match ch {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
             _ => return Err(bad()),
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -65,7 +84,35 @@ pub fn parse(text: &str) -> Result<Seconds, String> {
     if !digits.is_empty() {
         return Err(bad());
     }
-    Ok(Seconds(total))
+    Ok(total)
+}
+
+/// A duration read from the policy file with millisecond precision (timeouts, waits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span(pub Duration);
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Span;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 250ms, 30s or 5m")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Span, E> {
+                Ok(Span(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Span, E> {
+                u64::try_from(v)
+                    .map(|v| Span(Duration::from_secs(v)))
+                    .map_err(|_| E::custom(format!("expected a non-negative duration, got {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Span, E> {
+                parse_span(v).map(Span).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl<'de> Deserialize<'de> for Seconds {
@@ -113,6 +160,16 @@ mod tests {
         assert!(parse("").is_err());
         assert!(parse("-5m").is_err());
         assert!(parse("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn spans_take_milliseconds() {
+        assert_eq!(parse_span("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_span("1s500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_span("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_span("3"), Ok(Duration::from_secs(3)));
+        assert!(parse("250ms").unwrap_err().contains("whole seconds"));
+        assert!(parse_span("5x").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{
     de::{self, value::MapAccessDeserializer, value::SeqAccessDeserializer},
 };
 
-use super::duration::Seconds;
+use super::duration::{Seconds, Span};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,14 +41,27 @@ fn default_realm() -> String {
 pub struct IssuerConfig {
     /// Short name used in rules, logs and metrics.
     pub id: String,
-    /// Exact `iss` value of the tokens.
+    /// Exact `iss` value of the tokens; `{tenantid}` stands for any tenant GUID (Entra
+    /// multi-tenant, with `tenants` or `any_tenant`). May be left out with `discovery_url`.
+    #[serde(default)]
     pub issuer: String,
-    /// Where the signing keys are published; fetched at start-up and refreshed every `jwks_refresh`.
+    /// OIDC discovery document (`…/.well-known/openid-configuration`): `issuer` and `jwks_uri`
+    /// are read from it.
+    pub discovery_url: Option<String>,
+    /// Where the signing keys are published; fetched at start-up and refreshed in the background.
     pub jwks_uri: Option<String>,
     /// A local JWKS file (relative paths are resolved against the policy file's folder).
     pub jwks_file: Option<String>,
-    #[serde(default = "default_jwks_refresh")]
-    pub jwks_refresh: Seconds,
+    /// Key refresh and on-demand fetch timing.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Tenant ids accepted by a `{tenantid}` issuer.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Accept every tenant of a `{tenantid}` issuer (an explicit switch: multi-tenant apps usually
+    /// want a list).
+    #[serde(default)]
+    pub any_tenant: bool,
     /// Accepted `aud` values; a token must carry at least one.
     pub audiences: Vec<String>,
     #[serde(default = "default_algorithms")]
@@ -64,8 +77,60 @@ pub struct IssuerConfig {
     pub entra: EntraConfig,
 }
 
-fn default_jwks_refresh() -> Seconds {
+/// When keys are fetched. Defaults suit Entra ID, Okta, Keycloak and Auth0 alike.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Refresh interval when the key-set response has no `Cache-Control: max-age`.
+    #[serde(default = "default_refresh")]
+    pub refresh: Seconds,
+    /// Bounds on an interval taken from `max-age`.
+    #[serde(default = "default_min_refresh")]
+    pub min_refresh: Seconds,
+    #[serde(default = "default_max_refresh")]
+    pub max_refresh: Seconds,
+    /// How long the last good key set is kept while refreshes fail; then it is dropped.
+    #[serde(default = "default_max_stale")]
+    pub max_stale: Seconds,
+    /// At most one on-demand fetch per this period for tokens with an unknown `kid`.
+    #[serde(default = "default_unknown_kid_cooldown")]
+    pub unknown_kid_cooldown: Seconds,
+    /// How long a request with an unknown `kid` waits for that fetch (keep it well under Envoy's
+    /// ext_authz timeout).
+    #[serde(default = "default_unknown_kid_wait")]
+    pub unknown_kid_wait: Span,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            refresh: default_refresh(),
+            min_refresh: default_min_refresh(),
+            max_refresh: default_max_refresh(),
+            max_stale: default_max_stale(),
+            unknown_kid_cooldown: default_unknown_kid_cooldown(),
+            unknown_kid_wait: default_unknown_kid_wait(),
+        }
+    }
+}
+
+fn default_refresh() -> Seconds {
     Seconds(3600)
+}
+fn default_min_refresh() -> Seconds {
+    Seconds(300)
+}
+fn default_max_refresh() -> Seconds {
+    Seconds(86_400)
+}
+fn default_max_stale() -> Seconds {
+    Seconds(86_400)
+}
+fn default_unknown_kid_cooldown() -> Seconds {
+    Seconds(30)
+}
+fn default_unknown_kid_wait() -> Span {
+    Span(std::time::Duration::from_millis(100))
 }
 fn default_algorithms() -> Vec<String> {
     vec!["RS256".to_owned()]

@@ -190,7 +190,15 @@ impl<'p> Run<'p> {
                         let message = err.to_string();
                         self.step("token", || message.clone());
                         let www = challenge::invalid_token(realm, &message);
-                        return self.deny(401, (&err).into(), &message, None, Some(www));
+                        let mut d = self.deny(401, (&err).into(), &message, None, Some(www));
+                        if let identity::TokenError::UnknownKey {
+                            issuer,
+                            kid: Some(kid),
+                        } = err
+                        {
+                            d.unknown_key = Some((issuer, kid));
+                        }
+                        return d;
                     }
                 }
             }
@@ -589,6 +597,7 @@ impl<'p> Run<'p> {
             identity_headers: Vec::new(),
             token_fingerprint: self.fingerprint.take(),
             explain: self.explain.take().unwrap_or_default(),
+            unknown_key: None,
         }
     }
 

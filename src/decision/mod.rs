@@ -67,6 +67,9 @@ pub struct Decision {
     pub identity_headers: Vec<(String, String)>,
     pub token_fingerprint: Option<String>,
     pub explain: Vec<ExplainStep>,
+    /// Set when the token was refused only because its issuer's keys lack its `kid`: (issuer id,
+    /// kid). The server may fetch the keys once and decide again; the engine does no I/O itself.
+    pub unknown_key: Option<(String, String)>,
 }
 
 impl Decision {

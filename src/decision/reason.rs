@@ -32,6 +32,8 @@ pub enum Reason {
     AudienceMismatch,
     ClaimInvalid,
     IssuerNotAccepted,
+    TenantMismatch,
+    TenantNotAllowed,
     // 403
     MissingScope,
     MissingRole,
@@ -77,6 +79,8 @@ impl Reason {
             AudienceMismatch => "audience_mismatch",
             ClaimInvalid => "claim_invalid",
             IssuerNotAccepted => "issuer_not_accepted",
+            TenantMismatch => "tenant_mismatch",
+            TenantNotAllowed => "tenant_not_allowed",
             MissingScope => "missing_scope",
             MissingRole => "missing_role",
             ClaimMismatch => "claim_mismatch",
@@ -95,7 +99,7 @@ impl Reason {
     }
 
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 37] = {
+    pub const ALL: [Reason; 39] = {
         use Reason::*;
         [
             Allowed,
@@ -121,6 +125,8 @@ impl Reason {
             AudienceMismatch,
             ClaimInvalid,
             IssuerNotAccepted,
+            TenantMismatch,
+            TenantNotAllowed,
             MissingScope,
             MissingRole,
             ClaimMismatch,
@@ -148,7 +154,9 @@ impl From<&TokenError> for Reason {
             TokenError::Unverifiable => Reason::TokenUnverifiable,
             TokenError::AlgorithmNotAllowed(_) => Reason::AlgorithmNotAllowed,
             TokenError::IssuerUnknown => Reason::IssuerUnknown,
-            TokenError::UnknownKey => Reason::UnknownKid,
+            TokenError::UnknownKey { .. } => Reason::UnknownKid,
+            TokenError::TenantMismatch => Reason::TenantMismatch,
+            TokenError::TenantNotAllowed => Reason::TenantNotAllowed,
             TokenError::KeyMismatch => Reason::KeyMismatch,
             TokenError::SignatureInvalid => Reason::SignatureInvalid,
             TokenError::Expired => Reason::TokenExpired,

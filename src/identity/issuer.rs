@@ -1,11 +1,16 @@
 //! A configured token issuer: what its tokens must look like and the keys that verify them.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use jsonwebtoken::Algorithm;
 
-use super::jwks::KeySet;
+use super::{jwks::KeySet, keys::FetchControl};
 
 /// How a missing or too-old authentication is answered for this issuer's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,48 +47,148 @@ pub struct EntraChallenge {
 pub enum KeySource {
     File(PathBuf),
     Uri(String),
+    /// An OIDC discovery document (`…/.well-known/openid-configuration`) naming `issuer` and
+    /// `jwks_uri`.
+    Discovery(String),
 }
 
-/// One issuer. Its key set is swapped atomically by the background refresher; a request reads the
-/// current set without waiting.
-#[derive(Debug)]
-pub struct Issuer {
+impl KeySource {
+    /// Whether keys can be fetched again on demand (an unknown `kid`).
+    pub fn is_remote(&self) -> bool {
+        !matches!(self, Self::File(_))
+    }
+}
+
+/// The `iss` an issuer accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssuerName {
+    /// Exactly this value.
+    Exact(String),
+    /// Entra multi-tenant: `https://login.microsoftonline.com/{tenantid}/v2.0` — a tenant GUID in
+    /// place of `{tenantid}`, which must equal the token's `tid`.
+    Template { prefix: String, suffix: String },
+    /// Learned from the discovery document at start-up (nothing matches before that).
+    Discovered,
+}
+
+impl IssuerName {
+    pub const TENANT_PLACEHOLDER: &'static str = "{tenantid}";
+
+    pub fn parse(text: &str) -> Self {
+        match text.split_once(Self::TENANT_PLACEHOLDER) {
+            Some((prefix, suffix)) => Self::Template {
+                prefix: prefix.to_owned(),
+                suffix: suffix.to_owned(),
+            },
+            None if text.is_empty() => Self::Discovered,
+            None => Self::Exact(text.to_owned()),
+        }
+    }
+}
+
+/// Which tenants a templated (multi-tenant) issuer accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tenants {
+    /// Single-tenant issuer: no tenant check beyond the exact `iss`.
+    NotApplicable,
+    /// These tenant ids (lower-case GUIDs).
+    Only(BTreeSet<String>),
+    /// Any tenant (an explicit switch in the policy).
+    Any,
+}
+
+/// When keys are fetched and for how long they are trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTiming {
+    /// Refresh interval when the response carries no usable `Cache-Control: max-age`.
+    pub refresh: Duration,
+    /// Bounds on a `max-age`-derived interval.
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    /// How long the last good key set is kept while refreshes fail.
+    pub max_stale: Duration,
+    /// At most one on-demand fetch per this period (an unknown `kid`), failures included.
+    pub unknown_kid_cooldown: Duration,
+    /// How long a request with an unknown `kid` waits for that fetch.
+    pub unknown_kid_wait: Duration,
+}
+
+impl Default for KeyTiming {
+    fn default() -> Self {
+        Self {
+            refresh: Duration::from_secs(3600),
+            min_refresh: Duration::from_secs(300),
+            max_refresh: Duration::from_secs(86_400),
+            max_stale: Duration::from_secs(86_400),
+            unknown_kid_cooldown: Duration::from_secs(30),
+            unknown_kid_wait: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Everything configured about an issuer (what `policy::compile` produces).
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
     pub id: String,
+    /// The `issuer` as written in the policy (may hold `{tenantid}`, or be empty with discovery).
     pub issuer: String,
+    pub tenants: Tenants,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
-    pub refresh: Duration,
+    pub timing: KeyTiming,
+}
+
+/// One issuer: its settings and its current keys. The key set is swapped atomically by the
+/// background refresher; a request reads the current set without waiting.
+#[derive(Debug)]
+pub struct Issuer {
+    pub id: String,
+    /// The `issuer` as written in the policy.
+    pub issuer: String,
+    pub name: IssuerName,
+    pub tenants: Tenants,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: u64,
+    pub challenge: ChallengeStyle,
+    pub entra: EntraChallenge,
+    pub key_source: KeySource,
+    pub timing: KeyTiming,
     keys: ArcSwap<KeySet>,
+    /// `issuer` and `jwks_uri` from the discovery document, once read.
+    discovered: ArcSwapOption<Discovered>,
+    pub(crate) fetch: FetchControl,
+}
+
+/// What an OIDC discovery document said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub issuer: String,
+    pub name: IssuerName,
+    pub jwks_uri: String,
 }
 
 impl Issuer {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: String,
-        issuer: String,
-        audiences: Vec<String>,
-        algorithms: Vec<Algorithm>,
-        leeway: u64,
-        challenge: ChallengeStyle,
-        entra: EntraChallenge,
-        key_source: KeySource,
-        refresh: Duration,
-    ) -> Self {
+    pub fn new(settings: IssuerSettings) -> Self {
         Self {
-            id,
-            issuer,
-            audiences,
-            algorithms,
-            leeway,
-            challenge,
-            entra,
-            key_source,
-            refresh,
+            name: IssuerName::parse(&settings.issuer),
+            id: settings.id,
+            issuer: settings.issuer,
+            tenants: settings.tenants,
+            audiences: settings.audiences,
+            algorithms: settings.algorithms,
+            leeway: settings.leeway,
+            challenge: settings.challenge,
+            entra: settings.entra,
+            key_source: settings.key_source,
+            timing: settings.timing,
             keys: ArcSwap::from_pointee(KeySet::default()),
+            discovered: ArcSwapOption::empty(),
+            fetch: FetchControl::default(),
         }
     }
 
@@ -94,29 +199,86 @@ impl Issuer {
     pub fn set_keys(&self, keys: KeySet) {
         self.keys.store(Arc::new(keys));
     }
+
+    pub fn discovered(&self) -> Option<Arc<Discovered>> {
+        self.discovered.load_full()
+    }
+
+    pub fn set_discovered(&self, discovered: Discovered) {
+        self.discovered.store(Some(Arc::new(discovered)));
+    }
+
+    /// Whether a token's `iss` names this issuer. For a template, also returns the tenant id the
+    /// `iss` carries (lower-case).
+    pub fn matches_iss(&self, iss: &str) -> Option<Option<String>> {
+        match &self.name {
+            IssuerName::Discovered => self.discovered.load().as_ref()?.name.matches(iss),
+            name => name.matches(iss),
+        }
+    }
 }
 
-/// All issuers of a policy, looked up by the token's exact `iss`.
+impl IssuerName {
+    fn matches(&self, iss: &str) -> Option<Option<String>> {
+        match self {
+            Self::Exact(exact) => (exact == iss).then_some(None),
+            Self::Template { prefix, suffix } => {
+                let tenant = iss
+                    .strip_prefix(prefix.as_str())?
+                    .strip_suffix(suffix.as_str())?;
+                is_guid(tenant).then(|| Some(tenant.to_ascii_lowercase()))
+            }
+            Self::Discovered => None,
+        }
+    }
+}
+
+/// A GUID in its 8-4-4-4-12 hex form.
+pub fn is_guid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// All issuers of a policy. A token's `iss` selects one by hash lookup for exact issuers, and by
+/// a scan of the few templated or discovered ones otherwise — never by trying keys.
 #[derive(Debug, Default)]
 pub struct Issuers {
-    by_iss: HashMap<String, Arc<Issuer>>,
+    exact: HashMap<String, Arc<Issuer>>,
+    patterned: Vec<Arc<Issuer>>,
     in_order: Vec<Arc<Issuer>>,
 }
 
 impl Issuers {
     pub fn new(issuers: Vec<Arc<Issuer>>) -> Self {
-        let by_iss = issuers
-            .iter()
-            .map(|i| (i.issuer.clone(), Arc::clone(i)))
-            .collect();
+        let mut exact = HashMap::new();
+        let mut patterned = Vec::new();
+        for issuer in &issuers {
+            match &issuer.name {
+                IssuerName::Exact(iss) => {
+                    exact.insert(iss.clone(), Arc::clone(issuer));
+                }
+                _ => patterned.push(Arc::clone(issuer)),
+            }
+        }
         Self {
-            by_iss,
+            exact,
+            patterned,
             in_order: issuers,
         }
     }
 
-    pub fn by_iss(&self, iss: &str) -> Option<&Arc<Issuer>> {
-        self.by_iss.get(iss)
+    /// The issuer a token's `iss` names, with the tenant a templated `iss` carries.
+    pub fn by_iss(&self, iss: &str) -> Option<(&Arc<Issuer>, Option<String>)> {
+        if let Some(issuer) = self.exact.get(iss) {
+            return Some((issuer, None));
+        }
+        self.patterned
+            .iter()
+            .find_map(|issuer| issuer.matches_iss(iss).map(|tenant| (issuer, tenant)))
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Issuer>> {
@@ -125,5 +287,72 @@ impl Issuers {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Issuer>> {
         self.in_order.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer(text: &str) -> Issuer {
+        Issuer::new(IssuerSettings {
+            id: "t".into(),
+            issuer: text.into(),
+            tenants: Tenants::Any,
+            audiences: vec!["a".into()],
+            algorithms: vec![Algorithm::RS256],
+            leeway: 60,
+            challenge: ChallengeStyle::Entra,
+            entra: EntraChallenge {
+                authorization_uri: String::new(),
+                realm: String::new(),
+                client_id: None,
+            },
+            key_source: KeySource::Uri("https://x".into()),
+            timing: KeyTiming::default(),
+        })
+    }
+
+    const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+    #[test]
+    fn templates_match_a_guid_tenant_only() {
+        let i = issuer("https://login.microsoftonline.com/{tenantid}/v2.0");
+        let iss = format!("https://login.microsoftonline.com/{TID}/v2.0");
+        assert_eq!(i.matches_iss(&iss), Some(Some(TID.to_owned())));
+        assert_eq!(
+            i.matches_iss("https://login.microsoftonline.com/common/v2.0"),
+            None
+        );
+        assert_eq!(
+            i.matches_iss(&format!("https://login.microsoftonline.com/{TID}/v2.0/x")),
+            None
+        );
+        let v1 = issuer("https://sts.windows.net/{tenantid}/");
+        assert!(
+            v1.matches_iss(&format!("https://sts.windows.net/{TID}/"))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn discovered_issuers_match_only_once_discovered() {
+        let i = issuer("");
+        assert_eq!(i.matches_iss("https://idp.example"), None);
+        i.set_discovered(Discovered {
+            issuer: "https://idp.example".into(),
+            name: IssuerName::parse("https://idp.example"),
+            jwks_uri: "https://idp.example/keys".into(),
+        });
+        assert_eq!(i.matches_iss("https://idp.example"), Some(None));
+    }
+
+    #[test]
+    fn guids_are_8_4_4_4_12_hex() {
+        assert!(is_guid(TID));
+        assert!(is_guid(&TID.to_uppercase()));
+        assert!(!is_guid("common"));
+        assert!(!is_guid("72f988bf-86f1-41af-91ab-2d7cd011db4"));
+        assert!(!is_guid("72f988bf-86f1-41af-91ab-2d7cd011db47-"));
     }
 }

@@ -1,52 +1,152 @@
-//! Loading issuers' key sets, at start-up and then periodically in the background.
+//! Issuers' key sets over time: discovery, loading at start-up, background refresh, on-demand
+//! fetches for an unknown `kid`, and stale-if-error.
 //!
-//! A refresh that fails, or that returns no usable key, never replaces a set that has keys: an
-//! identity-provider blip must not become an outage. Requests never wait on this module.
+//! The failures this module exists to prevent are the common ones of token-verifying proxies: a
+//! rotation that rejects every new token until the next scheduled refresh, an unknown-`kid` flood
+//! that hammers the identity provider, and an identity-provider blip that becomes an outage. So:
+//! - a refresh that fails, or returns no usable key, never replaces a good set; the good set is kept
+//!   until `max_stale` has passed since the last success, and only then dropped (fail closed);
+//! - an unknown `kid` triggers one shared fetch (single flight) at most once per `cooldown` per
+//!   issuer, failures included, and a request waits for it at most `unknown_kid_wait`;
+//! - kids found unknown after such a fetch are remembered for a cooldown (negative cache), so a
+//!   flood of random kids costs neither fetches nor waits.
+//!
+//! Requests never wait on this module except for that one bounded wait.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
 
+use dashmap::DashMap;
+use serde_json::Value;
 use tokio::sync::watch;
 
 use super::{
-    issuer::{Issuer, KeySource},
+    issuer::{Discovered, Issuer, IssuerName, KeySource},
     jwks::KeySet,
 };
+use crate::telemetry::metrics;
 
-/// Largest JWKS document accepted (Entra's common key set is about 10 KiB).
-const MAX_JWKS_BYTES: usize = 1024 * 1024;
-/// How soon a failed or empty load is retried.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
+/// Largest JWKS or discovery document accepted (Entra's common key set is about 10 KiB).
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// First retry after a failed load; doubles per consecutive failure, up to the refresh interval.
+const FIRST_RETRY: Duration = Duration::from_secs(15);
+/// Bound of the negative cache of unknown kids; past it the cache is cleared (a flood of random
+/// kids must not grow memory).
+const MAX_UNKNOWN_KIDS: usize = 4096;
 /// `kid` prefix of the keys shipped under `examples/` for demos.
 pub const DEMO_KID_PREFIX: &str = "stepgate-demo";
 
-/// An HTTP client suitable for fetching key sets: bounded time, no redirects to other schemes.
+/// The HTTP client for discovery and key sets: bounded time, few redirects, rustls.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::limited(3))
-        .user_agent(concat!("stepgate/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("a reqwest client with static settings always builds")
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .user_agent(concat!("stepgate/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("a reqwest client with static settings always builds")
+        })
+        .clone()
 }
 
-/// Reads the issuer's key set from its source and installs it. Returns the number of keys.
-pub async fn load(issuer: &Issuer, http: &reqwest::Client) -> Result<usize, String> {
-    let result = load_inner(issuer, http).await;
-    crate::telemetry::metrics::global().record_key_load(
-        &issuer.id,
-        result.as_ref().copied().map_err(|_| ()),
-        crate::server::authorizer::unix_now(),
-    );
+/// Per-issuer coordination of fetches.
+#[derive(Debug)]
+pub struct FetchControl {
+    state: Mutex<FetchState>,
+    /// Bumped when an on-demand fetch finishes (whatever its result); waiters watch it.
+    finished: watch::Sender<u64>,
+    /// Kids looked for and not found after a fetch, with when.
+    unknown_kids: DashMap<String, Instant>,
+}
+
+#[derive(Debug, Default)]
+struct FetchState {
+    on_demand_in_flight: bool,
+    last_on_demand: Option<Instant>,
+    last_success: Option<Instant>,
+    consecutive_failures: u32,
+}
+
+impl Default for FetchControl {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(FetchState::default()),
+            finished: watch::Sender::new(0),
+            unknown_kids: DashMap::new(),
+        }
+    }
+}
+
+impl FetchControl {
+    fn state(&self) -> std::sync::MutexGuard<'_, FetchState> {
+        // A panic while holding this lock cannot leave the state inconsistent: recover it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A successful load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    pub keys: usize,
+    /// `Cache-Control: max-age` of the key-set response.
+    pub max_age: Option<Duration>,
+}
+
+/// Reads the issuer's key set from its source (running discovery first when configured) and
+/// installs it. A failure or an empty set leaves the current keys in place.
+pub async fn load(issuer: &Issuer, http: &reqwest::Client) -> Result<Loaded, String> {
+    let result = load_inner(issuer, http, true).await;
+    record(issuer, &result);
     result
 }
 
-async fn load_inner(issuer: &Issuer, http: &reqwest::Client) -> Result<usize, String> {
-    let bytes = match &issuer.key_source {
-        KeySource::File(path) => tokio::fs::read(path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+fn record(issuer: &Issuer, result: &Result<Loaded, String>) {
+    let now = crate::server::authorizer::unix_now();
+    metrics::global().record_key_load(
+        &issuer.id,
+        result.as_ref().map(|l| l.keys).map_err(|_| ()),
+        now,
+    );
+    let mut state = issuer.fetch.state();
+    match result {
+        Ok(_) => {
+            state.last_success = Some(Instant::now());
+            state.consecutive_failures = 0;
+        }
+        Err(_) => state.consecutive_failures = state.consecutive_failures.saturating_add(1),
+    }
+}
+
+async fn load_inner(
+    issuer: &Issuer,
+    http: &reqwest::Client,
+    discover: bool,
+) -> Result<Loaded, String> {
+    let (bytes, max_age) = match &issuer.key_source {
+        KeySource::File(path) => {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            (bytes, None)
+        }
         KeySource::Uri(uri) => fetch(http, uri).await?,
+        KeySource::Discovery(url) => {
+            let known = issuer.discovered();
+            let discovered = match known {
+                Some(d) if !discover => d,
+                _ => {
+                    let d = Arc::new(discover_issuer(issuer, http, url).await?);
+                    issuer.set_discovered((*d).clone());
+                    d
+                }
+            };
+            fetch(http, &discovered.jwks_uri).await?
+        }
     };
     let (set, notes) = KeySet::parse(&bytes).map_err(|e| format!("unusable key set: {e}"))?;
     for note in notes {
@@ -63,12 +163,50 @@ async fn load_inner(issuer: &Issuer, http: &reqwest::Client) -> Result<usize, St
             issuer.issuer
         );
     }
-    let count = set.len();
+    let keys = set.len();
     issuer.set_keys(set);
-    Ok(count)
+    Ok(Loaded { keys, max_age })
 }
 
-async fn fetch(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
+/// Reads `issuer` and `jwks_uri` from an OIDC discovery document and checks them against the
+/// policy.
+async fn discover_issuer(
+    issuer: &Issuer,
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<Discovered, String> {
+    let (bytes, _) = fetch(http, url).await?;
+    let doc: Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not valid JSON: {e}"))?;
+    let field = |name: &str| {
+        doc.get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{url}: the discovery document has no {name:?}"))
+    };
+    let (discovered_issuer, jwks_uri) = (field("issuer")?, field("jwks_uri")?);
+    if !matches!(issuer.name, IssuerName::Discovered) && discovered_issuer != issuer.issuer {
+        return Err(format!(
+            "{url}: the discovery document names issuer {discovered_issuer:?}, the policy {:?}",
+            issuer.issuer
+        ));
+    }
+    let parsed =
+        reqwest::Url::parse(&jwks_uri).map_err(|e| format!("{url}: jwks_uri {jwks_uri:?}: {e}"))?;
+    let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+        return Err(format!("{url}: jwks_uri {jwks_uri:?} is not https"));
+    }
+    Ok(Discovered {
+        name: IssuerName::parse(&discovered_issuer),
+        issuer: discovered_issuer,
+        jwks_uri,
+    })
+}
+
+/// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.
+async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
     let mut response = http
         .get(uri)
         .header("accept", "application/json")
@@ -78,20 +216,59 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<Vec<u8>, String> {
     if !response.status().is_success() {
         return Err(format!("GET {uri}: HTTP {}", response.status()));
     }
+    let max_age = response
+        .headers()
+        .get_all("cache-control")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(max_age);
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));
+    }
     let mut body = Vec::new();
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|e| format!("GET {uri}: {e}"))?
     {
-        if body.len() + chunk.len() > MAX_JWKS_BYTES {
-            return Err(format!(
-                "GET {uri}: key set larger than {MAX_JWKS_BYTES} bytes"
-            ));
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, max_age))
+}
+
+/// `max-age=N` from a `Cache-Control` value (`no-store`/`no-cache` count as 0).
+fn max_age(value: &str) -> Option<Duration> {
+    value.split(',').map(str::trim).find_map(|directive| {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        let seconds = lower.strip_prefix("max-age=")?.trim_matches('"');
+        seconds.parse::<u64>().ok().map(Duration::from_secs)
+    })
+}
+
+/// How long to wait before the next scheduled refresh.
+fn next_refresh(issuer: &Issuer, result: &Result<Loaded, String>) -> Duration {
+    let timing = &issuer.timing;
+    match result {
+        Ok(Loaded {
+            max_age: Some(age), ..
+        }) => (*age).clamp(timing.min_refresh, timing.max_refresh),
+        Ok(_) => timing.refresh,
+        Err(_) => {
+            let failures = issuer.fetch.state().consecutive_failures.max(1);
+            FIRST_RETRY
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(timing.refresh)
+        }
+    }
 }
 
 /// Loads every issuer's keys once, all issuers at the same time, logging each result. Returns the
@@ -102,29 +279,42 @@ pub async fn load_all(issuers: &[Arc<Issuer>], http: &reqwest::Client) -> Vec<St
         let (issuer, http) = (Arc::clone(issuer), http.clone());
         loads.spawn(async move {
             let result = load(&issuer, &http).await;
-            (issuer, result)
+            log_load(&issuer, &result);
+            issuer
         });
     }
     let mut without_keys = Vec::new();
     while let Some(joined) = loads.join_next().await {
-        let Ok((issuer, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(count) => tracing::info!(issuer = %issuer.id, keys = count, "loaded signing keys"),
-            Err(err) => {
-                tracing::error!(issuer = %issuer.id, error = %err, "could not load signing keys");
-                if issuer.keys().is_empty() {
-                    without_keys.push(issuer.id.clone());
-                }
-            }
+        if let Ok(issuer) = joined
+            && issuer.keys().is_empty()
+        {
+            without_keys.push(issuer.id.clone());
         }
     }
     without_keys.sort();
     without_keys
 }
 
-/// Refreshes each issuer's keys on its interval until `stop` changes. One task per issuer.
+fn log_load(issuer: &Issuer, result: &Result<Loaded, String>) {
+    match result {
+        Ok(loaded) => tracing::info!(
+            issuer = %issuer.id,
+            keys = loaded.keys,
+            max_age = ?loaded.max_age,
+            "loaded signing keys"
+        ),
+        Err(err) => tracing::error!(
+            issuer = %issuer.id,
+            error = %err,
+            kept = issuer.keys().len(),
+            "could not load signing keys; keeping the last good key set"
+        ),
+    }
+}
+
+/// Refreshes each issuer's keys until `stop` changes: on the interval the responses' `max-age`
+/// suggests (bounded), sooner with backoff after a failure, and drops a key set that could not be
+/// refreshed for `max_stale`. One task per issuer.
 pub fn spawn_refresh(
     issuers: Vec<Arc<Issuer>>,
     http: reqwest::Client,
@@ -134,27 +324,151 @@ pub fn spawn_refresh(
         let http = http.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            let mut wait = if issuer.keys().is_empty() {
+                FIRST_RETRY.min(issuer.timing.refresh)
+            } else {
+                issuer.timing.refresh
+            };
             loop {
-                let wait = if issuer.keys().is_empty() {
-                    RETRY_AFTER_FAILURE.min(issuer.refresh)
-                } else {
-                    issuer.refresh
-                };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return,
                 }
-                match load(&issuer, &http).await {
-                    Ok(count) => {
-                        tracing::debug!(issuer = %issuer.id, keys = count, "refreshed signing keys")
-                    }
-                    Err(err) => tracing::warn!(
-                        issuer = %issuer.id, error = %err,
-                        kept = issuer.keys().len(),
-                        "key refresh failed; keeping the last good key set"
-                    ),
-                }
+                let result = load(&issuer, &http).await;
+                log_load(&issuer, &result);
+                expire_stale(&issuer);
+                wait = next_refresh(&issuer, &result);
             }
         });
+    }
+}
+
+/// Drops the key set once the last successful load is older than `max_stale`: trusting keys an
+/// identity provider may long have revoked is worse than refusing tokens.
+fn expire_stale(issuer: &Issuer) {
+    let last_success = issuer.fetch.state().last_success;
+    let stale = last_success.is_none_or(|at| at.elapsed() > issuer.timing.max_stale);
+    if stale && !issuer.keys().is_empty() && issuer.key_source.is_remote() {
+        tracing::error!(
+            issuer = %issuer.id,
+            max_stale = ?issuer.timing.max_stale,
+            "signing keys could not be refreshed for longer than max_stale; dropping them"
+        );
+        issuer.set_keys(KeySet::default());
+    }
+}
+
+/// What an unknown-`kid` request got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKid {
+    /// The keys now hold the kid: decide again.
+    Found,
+    /// Not there (after a fetch, during the cooldown, or remembered as unknown).
+    Absent,
+    /// The fetch did not finish within `unknown_kid_wait`.
+    TimedOut,
+}
+
+impl UnknownKid {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Found => "found",
+            Self::Absent => "absent",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Handles a token whose `kid` the issuer's keys lack: starts (or joins) the one shared fetch, at
+/// most once per cooldown, and waits for it at most `unknown_kid_wait`.
+pub async fn resolve_unknown_kid(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
+    let outcome = resolve(issuer, kid).await;
+    metrics::global().record_unknown_kid(&issuer.id, outcome.label());
+    outcome
+}
+
+async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
+    if !issuer.key_source.is_remote() {
+        return UnknownKid::Absent;
+    }
+    let control = &issuer.fetch;
+    let cooldown = issuer.timing.unknown_kid_cooldown;
+    if control
+        .unknown_kids
+        .get(kid)
+        .is_some_and(|seen| seen.elapsed() < cooldown)
+    {
+        return UnknownKid::Absent;
+    }
+    let mut finished = control.finished.subscribe();
+    let start = {
+        let mut state = control.state();
+        if state.on_demand_in_flight {
+            false
+        } else if state
+            .last_on_demand
+            .is_some_and(|at| at.elapsed() < cooldown)
+        {
+            drop(state);
+            remember_unknown(control, kid);
+            return UnknownKid::Absent;
+        } else {
+            state.on_demand_in_flight = true;
+            state.last_on_demand = Some(Instant::now());
+            true
+        }
+    };
+    if start {
+        // The fetch runs in its own task: a request that stops waiting must not cancel it.
+        let issuer = Arc::clone(issuer);
+        tokio::spawn(async move {
+            let result = load_inner(&issuer, &http_client(), false).await;
+            record(&issuer, &result);
+            match &result {
+                Ok(loaded) => {
+                    tracing::info!(issuer = %issuer.id, keys = loaded.keys, "fetched signing keys for an unknown kid")
+                }
+                Err(err) => {
+                    tracing::warn!(issuer = %issuer.id, error = %err, "fetch for an unknown kid failed; keeping the last good key set")
+                }
+            }
+            issuer.fetch.state().on_demand_in_flight = false;
+            issuer.fetch.finished.send_modify(|n| *n += 1);
+        });
+    }
+    match tokio::time::timeout(issuer.timing.unknown_kid_wait, finished.changed()).await {
+        Err(_) => UnknownKid::TimedOut,
+        Ok(_) if issuer.keys().find(Some(kid)).is_some() => UnknownKid::Found,
+        Ok(_) => {
+            remember_unknown(control, kid);
+            UnknownKid::Absent
+        }
+    }
+}
+
+fn remember_unknown(control: &FetchControl, kid: &str) {
+    if control.unknown_kids.len() >= MAX_UNKNOWN_KIDS {
+        control.unknown_kids.clear();
+    }
+    control.unknown_kids.insert(kid.to_owned(), Instant::now());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_max_age_from_cache_control() {
+        assert_eq!(
+            max_age("public, max-age=3600"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            max_age("max-age=\"60\", must-revalidate"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=soon"), None);
     }
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::{
     claims::{Principal, read_principal},
-    issuer::{Issuer, Issuers},
+    issuer::{Issuer, Issuers, Tenants},
 };
 
 /// A token whose signature, issuer, audience and lifetime were checked.
@@ -53,7 +53,15 @@ pub enum TokenError {
     #[error("the access token issuer is not trusted")]
     IssuerUnknown,
     #[error("the access token signing key is unknown")]
-    UnknownKey,
+    UnknownKey {
+        /// Id of the issuer whose keys lack it, and the token's `kid`: enough to fetch again.
+        issuer: String,
+        kid: Option<String>,
+    },
+    #[error("the access token tenant does not match its issuer")]
+    TenantMismatch,
+    #[error("the access token tenant is not allowed")]
+    TenantNotAllowed,
     #[error("the access token signing key does not fit its algorithm")]
     KeyMismatch,
     #[error("the access token signature is invalid")]
@@ -131,18 +139,29 @@ pub fn verify(
         .get("iss")
         .and_then(Value::as_str)
         .ok_or(TokenError::IssuerUnknown)?;
-    let issuer = issuers.by_iss(iss).ok_or(TokenError::IssuerUnknown)?;
+    let (issuer, iss_tenant) = issuers.by_iss(iss).ok_or(TokenError::IssuerUnknown)?;
     if !issuer.algorithms.contains(&alg) {
         return Err(TokenError::AlgorithmNotAllowed(alg_name.to_owned()));
     }
 
     let keys = issuer.keys();
-    let key = keys.find(kid).ok_or(TokenError::UnknownKey)?;
+    let key = keys.find(kid).ok_or_else(|| TokenError::UnknownKey {
+        issuer: issuer.id.clone(),
+        kid: kid.map(str::to_owned),
+    })?;
     if !key.kind.fits(alg) || key.alg.is_some_and(|key_alg| key_alg != alg) {
         return Err(TokenError::KeyMismatch);
     }
-    if key.issuer.as_deref().is_some_and(|key_iss| key_iss != iss) {
-        return Err(TokenError::KeyMismatch);
+    // Entra publishes an `issuer` per key (a `{tenantid}` template in multi-tenant key sets): a
+    // key only verifies tokens of that issuer.
+    if let Some(key_iss) = key.issuer.as_deref() {
+        let expected = match &iss_tenant {
+            Some(tenant) => key_iss.replace(super::issuer::IssuerName::TENANT_PLACEHOLDER, tenant),
+            None => key_iss.to_owned(),
+        };
+        if !expected.eq_ignore_ascii_case(iss) {
+            return Err(TokenError::KeyMismatch);
+        }
     }
     let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
     match jsonwebtoken::crypto::verify(signature_b64, signed.as_bytes(), &key.key, alg) {
@@ -151,6 +170,7 @@ pub fn verify(
         Err(_) => return Err(TokenError::Malformed("bad signature segment")),
     }
 
+    check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
     let principal = read_principal(issuer, &claims)?;
@@ -213,6 +233,29 @@ pub(super) fn numeric_date(
             .map(Some)
             .ok_or(TokenError::ClaimInvalid(name)),
         Some(_) => Err(TokenError::ClaimInvalid(name)),
+    }
+}
+
+/// Multi-tenant issuers: the tenant in `iss` must be the token's `tid`, and an allowed one.
+fn check_tenant(
+    issuer: &Issuer,
+    iss_tenant: Option<&str>,
+    claims: &Map<String, Value>,
+) -> Result<(), TokenError> {
+    let Some(tenant) = iss_tenant else {
+        return Ok(());
+    };
+    let tid = match claims.get("tid") {
+        Some(Value::String(tid)) => tid,
+        Some(_) => return Err(TokenError::ClaimInvalid("tid")),
+        None => return Err(TokenError::TenantMismatch),
+    };
+    if !super::issuer::is_guid(tid) || !tid.eq_ignore_ascii_case(tenant) {
+        return Err(TokenError::TenantMismatch);
+    }
+    match &issuer.tenants {
+        Tenants::Only(allowed) if !allowed.contains(tenant) => Err(TokenError::TenantNotAllowed),
+        _ => Ok(()),
     }
 }
 

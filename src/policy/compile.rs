@@ -2,7 +2,7 @@
 //! of the first problem. Key sets are not loaded here (that is I/O, done by `identity::keys`).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     path::Path,
     sync::Arc,
     time::Duration,
@@ -21,7 +21,10 @@ use crate::{
         ConfigError,
         schema::{self, ChallengeStyleConfig, PolicyFile},
     },
-    identity::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource},
+    identity::{
+        ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource,
+        issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
+    },
 };
 
 type Result<T> = std::result::Result<T, ConfigError>;
@@ -104,21 +107,40 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
                 format!("duplicate issuer id {:?}", c.id),
             );
         }
-        if c.issuer.is_empty() {
-            return err(format!("{path}.issuer"), "must not be empty");
+        let key_source = match (&c.jwks_uri, &c.jwks_file, &c.discovery_url) {
+            (Some(uri), None, None) => {
+                KeySource::Uri(check_https_url(uri, &format!("{path}.jwks_uri"))?)
+            }
+            (None, Some(file), None) => KeySource::File(base_dir.join(file)),
+            (None, None, Some(url)) => {
+                KeySource::Discovery(check_https_url(url, &format!("{path}.discovery_url"))?)
+            }
+            (None, None, None) => {
+                return err(
+                    &path,
+                    "one of discovery_url, jwks_uri or jwks_file is required",
+                );
+            }
+            _ => {
+                return err(
+                    &path,
+                    "set only one of discovery_url, jwks_uri and jwks_file",
+                );
+            }
+        };
+        if c.issuer.is_empty() && !matches!(key_source, KeySource::Discovery(_)) {
+            return err(
+                format!("{path}.issuer"),
+                "required unless discovery_url is set (then it is read from the discovery document)",
+            );
         }
-        if !iss_values.insert(c.issuer.as_str()) {
+        if !c.issuer.is_empty() && !iss_values.insert(c.issuer.as_str()) {
             return err(
                 format!("{path}.issuer"),
                 format!("issuer {:?} is configured twice", c.issuer),
             );
         }
-        let key_source = match (&c.jwks_uri, &c.jwks_file) {
-            (Some(uri), None) => KeySource::Uri(check_jwks_uri(uri, &format!("{path}.jwks_uri"))?),
-            (None, Some(file)) => KeySource::File(base_dir.join(file)),
-            (Some(_), Some(_)) => return err(&path, "set jwks_uri or jwks_file, not both"),
-            (None, None) => return err(&path, "one of jwks_uri or jwks_file is required"),
-        };
+        let tenants = compile_tenants(c, &path)?;
         if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
             return err(
                 format!("{path}.audiences"),
@@ -132,9 +154,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
         if algorithms.is_empty() {
             return err(format!("{path}.algorithms"), "list at least one algorithm");
         }
-        if c.jwks_refresh.0 < 60 {
-            return err(format!("{path}.jwks_refresh"), "must be at least 1m");
-        }
+        let timing = compile_key_timing(&c.keys, &format!("{path}.keys"))?;
         if c.leeway.0 > 600 {
             return err(format!("{path}.leeway"), "must be at most 10m");
         }
@@ -156,22 +176,23 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             ChallengeStyleConfig::Rfc9470 => ChallengeStyle::Rfc9470,
             ChallengeStyleConfig::Deny => ChallengeStyle::Deny,
         };
-        issuers.push(Arc::new(Issuer::new(
-            c.id.clone(),
-            c.issuer.clone(),
-            c.audiences.clone(),
+        issuers.push(Arc::new(Issuer::new(IssuerSettings {
+            id: c.id.clone(),
+            issuer: c.issuer.clone(),
+            tenants,
+            audiences: c.audiences.clone(),
             algorithms,
-            c.leeway.0,
+            leeway: c.leeway.0,
             challenge,
             entra,
             key_source,
-            Duration::from_secs(c.jwks_refresh.0),
-        )));
+            timing,
+        })));
     }
     Ok(Issuers::new(issuers))
 }
 
-fn check_jwks_uri(uri: &str, path: &str) -> Result<String> {
+fn check_https_url(uri: &str, path: &str) -> Result<String> {
     let parsed =
         reqwest::Url::parse(uri).map_err(|e| ConfigError::new(path, format!("not a URL: {e}")))?;
     let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
@@ -183,6 +204,82 @@ fn check_jwks_uri(uri: &str, path: &str) -> Result<String> {
             "must be an https URL (plain http is allowed for localhost only)",
         ),
     }
+}
+
+/// `{tenantid}` issuers need an explicit tenant policy; other issuers must not have one.
+fn compile_tenants(c: &schema::IssuerConfig, path: &str) -> Result<Tenants> {
+    let placeholders = c.issuer.matches(IssuerName::TENANT_PLACEHOLDER).count();
+    if placeholders == 0 {
+        if !c.tenants.is_empty() || c.any_tenant {
+            return err(
+                format!("{path}.tenants"),
+                "tenants and any_tenant apply only to an issuer with {tenantid}",
+            );
+        }
+        return Ok(Tenants::NotApplicable);
+    }
+    if placeholders > 1 {
+        return err(format!("{path}.issuer"), "{tenantid} may appear once");
+    }
+    match (c.tenants.is_empty(), c.any_tenant) {
+        (true, false) => err(
+            format!("{path}.tenants"),
+            "a {tenantid} issuer accepts tokens of many tenants: list them in tenants, or set any_tenant: true",
+        ),
+        (false, true) => err(
+            format!("{path}.any_tenant"),
+            "set tenants or any_tenant, not both",
+        ),
+        (true, true) => Ok(Tenants::Any),
+        (false, false) => {
+            let mut allowed = BTreeSet::new();
+            for (i, tenant) in c.tenants.iter().enumerate() {
+                if !is_guid(tenant) {
+                    return err(
+                        format!("{path}.tenants[{i}]"),
+                        format!("a tenant id is a GUID, got {tenant:?}"),
+                    );
+                }
+                allowed.insert(tenant.to_ascii_lowercase());
+            }
+            Ok(Tenants::Only(allowed))
+        }
+    }
+}
+
+fn compile_key_timing(k: &schema::KeysConfig, path: &str) -> Result<KeyTiming> {
+    if k.refresh.0 < 60 {
+        return err(format!("{path}.refresh"), "must be at least 1m");
+    }
+    if k.min_refresh.0 < 10 || k.min_refresh > k.max_refresh {
+        return err(
+            format!("{path}.min_refresh"),
+            "must be at least 10s and at most max_refresh",
+        );
+    }
+    if k.max_stale < k.refresh {
+        return err(format!("{path}.max_stale"), "must be at least refresh");
+    }
+    if k.unknown_kid_cooldown.0 < 1 {
+        return err(
+            format!("{path}.unknown_kid_cooldown"),
+            "must be at least 1s",
+        );
+    }
+    if k.unknown_kid_wait.0 > Duration::from_secs(5) {
+        return err(
+            format!("{path}.unknown_kid_wait"),
+            "must be at most 5s (Envoy's ext_authz timeout is usually far less)",
+        );
+    }
+    Ok(KeyTiming {
+        refresh: k.refresh.as_duration(),
+        min_refresh: k.min_refresh.as_duration(),
+        max_refresh: k.max_refresh.as_duration(),
+        max_stale: k.max_stale.as_duration(),
+        unknown_kid_cooldown: k.unknown_kid_cooldown.as_duration(),
+        unknown_kid_wait: k.unknown_kid_wait.0,
+    })
 }
 
 fn parse_algorithm(name: &str, path: &str) -> Result<Algorithm> {

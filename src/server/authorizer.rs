@@ -9,6 +9,7 @@ use arc_swap::{ArcSwap, Guard};
 
 use crate::{
     decision::{self, Decision},
+    identity::keys::{self, UnknownKid},
     policy::Policy,
     request::{AccessRequest, Door},
     telemetry,
@@ -35,12 +36,24 @@ impl Authorizer {
         self.policy.store(policy);
     }
 
-    /// Decides and logs one request. Returns the policy snapshot it was decided under, so that the
-    /// response is rendered with the same policy even if a reload lands meanwhile.
-    pub fn decide(&self, request: &AccessRequest, door: Door) -> (Decision, Guard<Arc<Policy>>) {
+    /// Decides and logs one request. A token refused only for an unknown `kid` gets one bounded
+    /// wait for a shared key fetch and, if the key arrived, a second decision. Returns the policy
+    /// snapshot it was decided under, so that the response is rendered with the same policy even
+    /// if a reload lands meanwhile.
+    pub async fn decide(
+        &self,
+        request: &AccessRequest,
+        door: Door,
+    ) -> (Decision, Guard<Arc<Policy>>) {
         let started = Instant::now();
         let policy = self.policy.load();
-        let decision = decision::decide(&policy, request, unix_now());
+        let mut decision = decision::decide(&policy, request, unix_now());
+        if let Some((issuer_id, kid)) = &decision.unknown_key
+            && let Some(issuer) = policy.issuers.by_id(issuer_id)
+            && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
+        {
+            decision = decision::decide(&policy, request, unix_now());
+        }
         telemetry::log_decision(door, &decision, started.elapsed());
         (decision, policy)
     }

@@ -38,7 +38,7 @@ impl DecisionService for Decide {
         request: Request<DecideRequest>,
     ) -> Result<Response<DecideResponse>, Status> {
         let access = access_request(request.into_inner())?;
-        let (decision, policy) = self.authorizer.decide(&access, Door::Decide);
+        let (decision, policy) = self.authorizer.decide(&access, Door::Decide).await;
         Ok(Response::new(decide_response(&decision, &policy.upstream)))
     }
 }

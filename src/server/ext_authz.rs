@@ -56,7 +56,7 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let access = access_request(request.get_ref());
-        let (decision, policy) = self.authorizer.decide(&access, Door::Check);
+        let (decision, policy) = self.authorizer.decide(&access, Door::Check).await;
         Ok(Response::new(check_response(&decision, &policy.upstream)))
     }
 }

@@ -33,6 +33,18 @@ pub struct ServeOptions {
     pub drain_delay: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None` turns them off.
     pub metrics_listen: Option<SocketAddr>,
+    pub ready_when: ReadyWhen,
+}
+
+/// When gRPC health reports SERVING.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadyWhen {
+    /// Every issuer has keys (the default: no issuer's users are refused because of a cold start).
+    AllIssuers,
+    /// At least one issuer has keys (for deployments where one identity provider may be down).
+    AnyIssuer,
+    /// As soon as the server listens (tokens of issuers without keys are refused meanwhile).
+    Always,
 }
 
 /// Serves until SIGTERM or SIGINT. `policy` is the already compiled policy of `options.config`.
@@ -64,6 +76,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     keys::spawn_refresh(issuers, http, refresh_stop);
     tokio::spawn(report_readiness(
         Arc::clone(&authorizer),
+        options.ready_when,
         health.clone(),
         stop_rx.clone(),
     ));
@@ -106,30 +119,35 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SERVING once every issuer of the current policy has keys; NOT_SERVING otherwise.
+/// SERVING once the issuers of the current policy have keys as `ready_when` asks; NOT_SERVING
+/// otherwise (also later, if keys are dropped after `max_stale`).
 async fn report_readiness(
     authorizer: Arc<Authorizer>,
+    ready_when: ReadyWhen,
     health: HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
     loop {
-        let ready = authorizer
-            .policy()
-            .issuers
-            .iter()
-            .all(|i| !i.keys().is_empty());
+        let policy = authorizer.policy();
+        let mut with_keys = policy.issuers.iter().map(|i| !i.keys().is_empty());
+        let ready = match ready_when {
+            ReadyWhen::AllIssuers => with_keys.all(|has| has),
+            ReadyWhen::AnyIssuer => with_keys.any(|has| has),
+            ReadyWhen::Always => true,
+        };
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
+            tracing::info!(ready, "health {status:?}");
             set_all(&health, status).await;
             last = Some(ready);
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stop.changed() => return,
         }
     }

@@ -72,10 +72,14 @@ async fn reload(
     let old = authorizer.policy();
     // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
     for issuer in fresh.issuers.iter() {
-        if let Some(previous) = old.issuers.by_iss(&issuer.issuer)
+        if let Some(previous) = old.issuers.by_id(&issuer.id)
+            && previous.issuer == issuer.issuer
             && previous.key_source == issuer.key_source
         {
             issuer.set_keys((*previous.keys()).clone());
+            if let Some(discovered) = previous.discovered() {
+                issuer.set_discovered((*discovered).clone());
+            }
         }
     }
     let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();

@@ -30,6 +30,7 @@ pub struct Metrics {
     key_loads: DashMap<(String, &'static str), AtomicU64>,
     keys: DashMap<String, IssuerKeys>,
     reloads: DashMap<&'static str, AtomicU64>,
+    unknown_kids: DashMap<(String, &'static str), AtomicU64>,
 }
 
 #[derive(Default)]
@@ -78,6 +79,14 @@ impl Metrics {
             entry.count.store(count as u64, Relaxed);
             entry.last_success_unix.store(now_unix, Relaxed);
         }
+    }
+
+    /// A request with an unknown `kid` and what came of it (`found`, `absent`, `timed_out`).
+    pub fn record_unknown_kid(&self, issuer: &str, outcome: &'static str) {
+        self.unknown_kids
+            .entry((issuer.to_owned(), outcome))
+            .or_default()
+            .fetch_add(1, Relaxed);
     }
 
     pub fn record_reload(&self, ok: bool) {
@@ -167,6 +176,20 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "stepgate_key_last_success_timestamp_seconds{{issuer=\"{issuer}\"}} {at}"
+            );
+        }
+        out.push_str("# HELP stepgate_unknown_kid_total Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found.\n");
+        out.push_str("# TYPE stepgate_unknown_kid_total counter\n");
+        let mut rows: Vec<_> = self
+            .unknown_kids
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Relaxed)))
+            .collect();
+        rows.sort();
+        for ((issuer, outcome), n) in rows {
+            let _ = writeln!(
+                out,
+                "stepgate_unknown_kid_total{{issuer=\"{issuer}\",outcome=\"{outcome}\"}} {n}"
             );
         }
         out.push_str("# HELP stepgate_policy_reloads_total Policy reloads by result.\n");
