@@ -89,6 +89,9 @@ pub struct KeysConfig {
     pub min_refresh: Seconds,
     #[serde(default = "default_max_refresh")]
     pub max_refresh: Seconds,
+    /// First retry after a failed load; it doubles with each further failure, up to `refresh`.
+    #[serde(default = "default_retry")]
+    pub retry: Seconds,
     /// How long the last good key set is kept while refreshes fail; then it is dropped.
     #[serde(default = "default_max_stale")]
     pub max_stale: Seconds,
@@ -107,6 +110,7 @@ impl Default for KeysConfig {
             refresh: default_refresh(),
             min_refresh: default_min_refresh(),
             max_refresh: default_max_refresh(),
+            retry: default_retry(),
             max_stale: default_max_stale(),
             unknown_kid_cooldown: default_unknown_kid_cooldown(),
             unknown_kid_wait: default_unknown_kid_wait(),
@@ -122,6 +126,9 @@ fn default_min_refresh() -> Seconds {
 }
 fn default_max_refresh() -> Seconds {
     Seconds(86_400)
+}
+fn default_retry() -> Seconds {
+    Seconds(15)
 }
 fn default_max_stale() -> Seconds {
     Seconds(86_400)

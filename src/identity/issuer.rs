@@ -105,6 +105,8 @@ pub struct KeyTiming {
     /// Bounds on a `max-age`-derived interval.
     pub min_refresh: Duration,
     pub max_refresh: Duration,
+    /// First retry after a failure (doubling up to `refresh`).
+    pub retry: Duration,
     /// How long the last good key set is kept while refreshes fail.
     pub max_stale: Duration,
     /// At most one on-demand fetch per this period (an unknown `kid`), failures included.
@@ -119,6 +121,7 @@ impl Default for KeyTiming {
             refresh: Duration::from_secs(3600),
             min_refresh: Duration::from_secs(300),
             max_refresh: Duration::from_secs(86_400),
+            retry: Duration::from_secs(15),
             max_stale: Duration::from_secs(86_400),
             unknown_kid_cooldown: Duration::from_secs(30),
             unknown_kid_wait: Duration::from_millis(100),

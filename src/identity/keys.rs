@@ -23,15 +23,13 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::{
-    issuer::{Discovered, Issuer, IssuerName, KeySource},
+    issuer::{Discovered, Issuer, IssuerName, KeySource, KeyTiming},
     jwks::KeySet,
 };
 use crate::telemetry::metrics;
 
 /// Largest JWKS or discovery document accepted (Entra's common key set is about 10 KiB).
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-/// First retry after a failed load; doubles per consecutive failure, up to the refresh interval.
-const FIRST_RETRY: Duration = Duration::from_secs(15);
 /// Bound of the negative cache of unknown kids; past it the cache is cleared (a flood of random
 /// kids must not grow memory).
 const MAX_UNKNOWN_KIDS: usize = 4096;
@@ -70,6 +68,8 @@ struct FetchState {
     last_on_demand: Option<Instant>,
     last_success: Option<Instant>,
     consecutive_failures: u32,
+    /// The interval the last load suggests for the next scheduled refresh.
+    next_refresh: Option<Duration>,
 }
 
 impl Default for FetchControl {
@@ -120,6 +120,11 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>) {
         }
         Err(_) => state.consecutive_failures = state.consecutive_failures.saturating_add(1),
     }
+    state.next_refresh = Some(next_refresh(
+        &issuer.timing,
+        state.consecutive_failures,
+        result,
+    ));
 }
 
 async fn load_inner(
@@ -254,20 +259,18 @@ fn max_age(value: &str) -> Option<Duration> {
     })
 }
 
-/// How long to wait before the next scheduled refresh.
-fn next_refresh(issuer: &Issuer, result: &Result<Loaded, String>) -> Duration {
-    let timing = &issuer.timing;
+/// How long to wait before the next scheduled refresh: the response's `max-age` within bounds,
+/// or `refresh`; after failures, `retry` doubling per failure up to `refresh`.
+fn next_refresh(timing: &KeyTiming, failures: u32, result: &Result<Loaded, String>) -> Duration {
     match result {
         Ok(Loaded {
             max_age: Some(age), ..
         }) => (*age).clamp(timing.min_refresh, timing.max_refresh),
         Ok(_) => timing.refresh,
-        Err(_) => {
-            let failures = issuer.fetch.state().consecutive_failures.max(1);
-            FIRST_RETRY
-                .saturating_mul(1 << (failures - 1).min(16))
-                .min(timing.refresh)
-        }
+        Err(_) => timing
+            .retry
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(timing.refresh),
     }
 }
 
@@ -324,12 +327,12 @@ pub fn spawn_refresh(
         let http = http.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let mut wait = if issuer.keys().is_empty() {
-                FIRST_RETRY.min(issuer.timing.refresh)
-            } else {
-                issuer.timing.refresh
-            };
             loop {
+                let wait = issuer
+                    .fetch
+                    .state()
+                    .next_refresh
+                    .unwrap_or(issuer.timing.retry);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return,
@@ -337,7 +340,6 @@ pub fn spawn_refresh(
                 let result = load(&issuer, &http).await;
                 log_load(&issuer, &result);
                 expire_stale(&issuer);
-                wait = next_refresh(&issuer, &result);
             }
         });
     }
@@ -456,6 +458,28 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_refresh_follows_max_age_within_bounds_and_backs_off_after_failures() {
+        let t = KeyTiming::default();
+        let ok = |age: Option<u64>| -> Result<Loaded, String> {
+            Ok(Loaded {
+                keys: 1,
+                max_age: age.map(Duration::from_secs),
+            })
+        };
+        assert_eq!(
+            next_refresh(&t, 0, &ok(Some(7200))),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(next_refresh(&t, 0, &ok(Some(5))), t.min_refresh);
+        assert_eq!(next_refresh(&t, 0, &ok(Some(10_000_000))), t.max_refresh);
+        assert_eq!(next_refresh(&t, 0, &ok(None)), t.refresh);
+        let failed = Err("down".to_owned());
+        assert_eq!(next_refresh(&t, 1, &failed), t.retry);
+        assert_eq!(next_refresh(&t, 3, &failed), t.retry * 4);
+        assert_eq!(next_refresh(&t, 30, &failed), t.refresh);
+    }
 
     #[test]
     fn reads_max_age_from_cache_control() {

@@ -257,6 +257,12 @@ fn compile_key_timing(k: &schema::KeysConfig, path: &str) -> Result<KeyTiming> {
             "must be at least 10s and at most max_refresh",
         );
     }
+    if k.retry.0 < 1 || k.retry > k.refresh {
+        return err(
+            format!("{path}.retry"),
+            "must be at least 1s and at most refresh",
+        );
+    }
     if k.max_stale < k.refresh {
         return err(format!("{path}.max_stale"), "must be at least refresh");
     }
@@ -276,6 +282,7 @@ fn compile_key_timing(k: &schema::KeysConfig, path: &str) -> Result<KeyTiming> {
         refresh: k.refresh.as_duration(),
         min_refresh: k.min_refresh.as_duration(),
         max_refresh: k.max_refresh.as_duration(),
+        retry: k.retry.as_duration(),
         max_stale: k.max_stale.as_duration(),
         unknown_kid_cooldown: k.unknown_kid_cooldown.as_duration(),
         unknown_kid_wait: k.unknown_kid_wait.0,
