@@ -43,18 +43,11 @@ pub struct DecideArgs {
     #[arg(long)]
     host: Option<String>,
     /// Attribute for conditions, as name=JSON (e.g. --attr amount=25000).
-    #[arg(long = "attr", value_parser = parse_attr)]
+    #[arg(long = "attr", value_parser = super::parse_name_json)]
     attributes: Vec<(String, serde_json::Value)>,
     /// Include the evaluation steps.
     #[arg(long)]
     explain: bool,
-}
-
-fn parse_attr(text: &str) -> Result<(String, serde_json::Value), String> {
-    let (name, value) = text.split_once('=').ok_or("expected name=JSON")?;
-    let value =
-        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
-    Ok((name.to_owned(), value))
 }
 
 pub fn run(args: DecideArgs) -> ExitCode {

@@ -70,6 +70,14 @@ struct ServeArgs {
     workers: Option<usize>,
 }
 
+/// `name=JSON` (a value that is not JSON is taken as a string), for `--claim` and `--attr`.
+pub(crate) fn parse_name_json(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (name, value) = text.split_once('=').ok_or("expected name=JSON")?;
+    let value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((name.to_owned(), value))
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     duration::parse(text).map(|s| s.as_duration())
 }

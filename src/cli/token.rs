@@ -49,7 +49,7 @@ pub struct TokenArgs {
     #[arg(long, default_value = "1h")]
     ttl: String,
     /// Extra claims as name=JSON (e.g. --claim idtyp='"app"' --claim level=3).
-    #[arg(long = "claim", value_parser = parse_claim)]
+    #[arg(long = "claim", value_parser = super::parse_name_json)]
     claims: Vec<(String, serde_json::Value)>,
     /// RS256 (demo RSA key) or ES256 (demo EC key).
     #[arg(long, default_value = "RS256")]
@@ -60,13 +60,6 @@ pub struct TokenArgs {
     /// Key id for the header. Default: the demo key's.
     #[arg(long)]
     kid: Option<String>,
-}
-
-fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
-    let (name, value) = text.split_once('=').ok_or("expected name=JSON")?;
-    let value =
-        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
-    Ok((name.to_owned(), value))
 }
 
 pub fn run(args: TokenArgs) -> ExitCode {

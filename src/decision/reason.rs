@@ -3,146 +3,73 @@
 
 use crate::identity::{CredentialProblem, TokenError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    // ALLOW
-    Allowed,
-    AnonymousAllowed,
-    DefaultAllowed,
-    // 400
-    MultipleCredentials,
-    MalformedAuthorization,
-    InvalidPath,
-    // 431
-    TooManyHeaders,
-    // 401 without a usable token
-    TokenMissing,
-    TokenTooLarge,
-    TokenMalformed,
-    TokenTypeInvalid,
-    TokenHeaderForbidden,
-    TokenUnverifiable,
-    AlgorithmNotAllowed,
-    IssuerUnknown,
-    UnknownKid,
-    KeyMismatch,
-    SignatureInvalid,
-    TokenExpired,
-    TokenNotYetValid,
-    AudienceMismatch,
-    ClaimInvalid,
-    IssuerNotAccepted,
-    TenantMismatch,
-    TenantNotAllowed,
-    // 403
-    MissingScope,
-    MissingRole,
-    ClaimMismatch,
-    ConditionFailed,
-    ConditionError,
-    NoMatchingRule,
-    ClientNotCapable,
-    AppOnlyToken,
-    StepUpNotExpressible,
-    // STEP_UP (or 403 where the issuer cannot challenge)
-    MissingAuthContext,
-    AcrNotAccepted,
-    MissingAmr,
-    AuthTimeMissing,
-    AuthTooOld,
+/// Declares the enum, its codes and the list of all reasons from one table.
+macro_rules! reasons {
+    ($($variant:ident => $code:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($variant,)*
+        }
+
+        impl Reason {
+            /// Every reason, for documentation and exhaustive tests.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $code,)*
+                }
+            }
+        }
+    };
 }
 
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        use Reason::*;
-        match self {
-            Allowed => "allowed",
-            AnonymousAllowed => "anonymous_allowed",
-            DefaultAllowed => "default_allowed",
-            MultipleCredentials => "multiple_credentials",
-            MalformedAuthorization => "malformed_authorization",
-            InvalidPath => "invalid_path",
-            TooManyHeaders => "too_many_headers",
-            TokenMissing => "token_missing",
-            TokenTooLarge => "token_too_large",
-            TokenMalformed => "token_malformed",
-            TokenTypeInvalid => "token_type_invalid",
-            TokenHeaderForbidden => "token_header_forbidden",
-            TokenUnverifiable => "token_unverifiable",
-            AlgorithmNotAllowed => "algorithm_not_allowed",
-            IssuerUnknown => "issuer_unknown",
-            UnknownKid => "unknown_kid",
-            KeyMismatch => "key_mismatch",
-            SignatureInvalid => "signature_invalid",
-            TokenExpired => "token_expired",
-            TokenNotYetValid => "token_not_yet_valid",
-            AudienceMismatch => "audience_mismatch",
-            ClaimInvalid => "claim_invalid",
-            IssuerNotAccepted => "issuer_not_accepted",
-            TenantMismatch => "tenant_mismatch",
-            TenantNotAllowed => "tenant_not_allowed",
-            MissingScope => "missing_scope",
-            MissingRole => "missing_role",
-            ClaimMismatch => "claim_mismatch",
-            ConditionFailed => "condition_failed",
-            ConditionError => "condition_error",
-            NoMatchingRule => "no_matching_rule",
-            ClientNotCapable => "client_not_capable",
-            AppOnlyToken => "app_only_token",
-            StepUpNotExpressible => "step_up_not_expressible",
-            MissingAuthContext => "missing_auth_context",
-            AcrNotAccepted => "acr_not_accepted",
-            MissingAmr => "missing_amr",
-            AuthTimeMissing => "auth_time_missing",
-            AuthTooOld => "auth_too_old",
-        }
-    }
-
-    /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 39] = {
-        use Reason::*;
-        [
-            Allowed,
-            AnonymousAllowed,
-            DefaultAllowed,
-            MultipleCredentials,
-            MalformedAuthorization,
-            InvalidPath,
-            TooManyHeaders,
-            TokenMissing,
-            TokenTooLarge,
-            TokenMalformed,
-            TokenTypeInvalid,
-            TokenHeaderForbidden,
-            TokenUnverifiable,
-            AlgorithmNotAllowed,
-            IssuerUnknown,
-            UnknownKid,
-            KeyMismatch,
-            SignatureInvalid,
-            TokenExpired,
-            TokenNotYetValid,
-            AudienceMismatch,
-            ClaimInvalid,
-            IssuerNotAccepted,
-            TenantMismatch,
-            TenantNotAllowed,
-            MissingScope,
-            MissingRole,
-            ClaimMismatch,
-            ConditionFailed,
-            ConditionError,
-            NoMatchingRule,
-            ClientNotCapable,
-            AppOnlyToken,
-            StepUpNotExpressible,
-            MissingAuthContext,
-            AcrNotAccepted,
-            MissingAmr,
-            AuthTimeMissing,
-            AuthTooOld,
-        ]
-    };
+reasons! {
+    // ALLOW
+    Allowed => "allowed",
+    AnonymousAllowed => "anonymous_allowed",
+    DefaultAllowed => "default_allowed",
+    // 400
+    MultipleCredentials => "multiple_credentials",
+    MalformedAuthorization => "malformed_authorization",
+    InvalidPath => "invalid_path",
+    // 431
+    TooManyHeaders => "too_many_headers",
+    // 401 without a usable token
+    TokenMissing => "token_missing",
+    TokenTooLarge => "token_too_large",
+    TokenMalformed => "token_malformed",
+    TokenTypeInvalid => "token_type_invalid",
+    TokenHeaderForbidden => "token_header_forbidden",
+    TokenUnverifiable => "token_unverifiable",
+    AlgorithmNotAllowed => "algorithm_not_allowed",
+    IssuerUnknown => "issuer_unknown",
+    UnknownKid => "unknown_kid",
+    KeyMismatch => "key_mismatch",
+    SignatureInvalid => "signature_invalid",
+    TokenExpired => "token_expired",
+    TokenNotYetValid => "token_not_yet_valid",
+    AudienceMismatch => "audience_mismatch",
+    ClaimInvalid => "claim_invalid",
+    IssuerNotAccepted => "issuer_not_accepted",
+    TenantMismatch => "tenant_mismatch",
+    TenantNotAllowed => "tenant_not_allowed",
+    // 403
+    MissingScope => "missing_scope",
+    MissingRole => "missing_role",
+    ClaimMismatch => "claim_mismatch",
+    ConditionFailed => "condition_failed",
+    ConditionError => "condition_error",
+    NoMatchingRule => "no_matching_rule",
+    ClientNotCapable => "client_not_capable",
+    AppOnlyToken => "app_only_token",
+    StepUpNotExpressible => "step_up_not_expressible",
+    // STEP_UP (or 403 where the issuer cannot challenge)
+    MissingAuthContext => "missing_auth_context",
+    AcrNotAccepted => "acr_not_accepted",
+    MissingAmr => "missing_amr",
+    AuthTimeMissing => "auth_time_missing",
+    AuthTooOld => "auth_too_old",
 }
 
 impl From<&TokenError> for Reason {
@@ -181,6 +108,15 @@ impl From<CredentialProblem> for Reason {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn every_reason_is_documented_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        for reason in Reason::ALL {
+            let code = format!("`{}`", reason.as_str());
+            assert!(readme.contains(&code), "README.md does not document {code}");
+        }
+    }
 
     #[test]
     fn codes_are_unique_snake_case() {

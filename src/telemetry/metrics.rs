@@ -99,62 +99,44 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str(
-            "# HELP stepgate_decisions_total Decisions by front door, outcome and reason.\n",
+        family(
+            &mut out,
+            "stepgate_decisions_total",
+            "Decisions by front door, outcome and reason.",
+            &self.decisions,
+            |(door, outcome, reason)| {
+                format!("door=\"{door}\",outcome=\"{outcome}\",reason=\"{reason}\"")
+            },
         );
-        out.push_str("# TYPE stepgate_decisions_total counter\n");
-        let mut rows: Vec<_> = self
-            .decisions
-            .iter()
-            .map(|e| (*e.key(), e.value().load(Relaxed)))
-            .collect();
-        rows.sort();
-        for ((door, outcome, reason), n) in rows {
-            let _ = writeln!(
-                out,
-                "stepgate_decisions_total{{door=\"{door}\",outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
-            );
-        }
-        out.push_str(
-            "# HELP stepgate_decision_duration_seconds Time to decide, from request to decision.\n",
+        header(
+            &mut out,
+            "stepgate_decision_duration_seconds",
+            "histogram",
+            "Time to decide, from request to decision.",
         );
-        out.push_str("# TYPE stepgate_decision_duration_seconds histogram\n");
         for (bound, bucket) in LATENCY_BOUNDS_MICROS.iter().zip(&self.latency_buckets) {
+            let le = *bound as f64 / 1e6;
             let _ = writeln!(
                 out,
-                "stepgate_decision_duration_seconds_bucket{{le=\"{}\"}} {}",
-                *bound as f64 / 1e6,
+                "stepgate_decision_duration_seconds_bucket{{le=\"{le}\"}} {}",
                 bucket.load(Relaxed)
             );
         }
         let count = self.latency_count.load(Relaxed);
+        let sum = self.latency_sum_micros.load(Relaxed) as f64 / 1e6;
         let _ = writeln!(
             out,
             "stepgate_decision_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
         );
-        let _ = writeln!(
-            out,
-            "stepgate_decision_duration_seconds_sum {}",
-            self.latency_sum_micros.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "stepgate_decision_duration_seconds_sum {sum}");
         let _ = writeln!(out, "stepgate_decision_duration_seconds_count {count}");
-
-        out.push_str("# HELP stepgate_key_loads_total Key-set loads (start-up and refresh) per issuer and result.\n");
-        out.push_str("# TYPE stepgate_key_loads_total counter\n");
-        let mut rows: Vec<_> = self
-            .key_loads
-            .iter()
-            .map(|e| (e.key().clone(), e.value().load(Relaxed)))
-            .collect();
-        rows.sort();
-        for ((issuer, result), n) in rows {
-            let _ = writeln!(
-                out,
-                "stepgate_key_loads_total{{issuer=\"{issuer}\",result=\"{result}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP stepgate_keys Signing keys currently loaded per issuer.\n");
-        out.push_str("# TYPE stepgate_keys gauge\n");
+        family(
+            &mut out,
+            "stepgate_key_loads_total",
+            "Key-set loads (start-up, refresh and on-demand) per issuer and result.",
+            &self.key_loads,
+            |(issuer, result)| format!("issuer=\"{issuer}\",result=\"{result}\""),
+        );
         let mut keys: Vec<_> = self
             .keys
             .iter()
@@ -167,46 +149,65 @@ impl Metrics {
             })
             .collect();
         keys.sort();
+        header(
+            &mut out,
+            "stepgate_keys",
+            "gauge",
+            "Signing keys currently loaded per issuer.",
+        );
         for (issuer, count, _) in &keys {
             let _ = writeln!(out, "stepgate_keys{{issuer=\"{issuer}\"}} {count}");
         }
-        out.push_str("# HELP stepgate_key_last_success_timestamp_seconds Unix time of the last successful key load per issuer.\n");
-        out.push_str("# TYPE stepgate_key_last_success_timestamp_seconds gauge\n");
+        header(
+            &mut out,
+            "stepgate_key_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful key load per issuer.",
+        );
         for (issuer, _, at) in &keys {
             let _ = writeln!(
                 out,
                 "stepgate_key_last_success_timestamp_seconds{{issuer=\"{issuer}\"}} {at}"
             );
         }
-        out.push_str("# HELP stepgate_unknown_kid_total Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found.\n");
-        out.push_str("# TYPE stepgate_unknown_kid_total counter\n");
-        let mut rows: Vec<_> = self
-            .unknown_kids
-            .iter()
-            .map(|e| (e.key().clone(), e.value().load(Relaxed)))
-            .collect();
-        rows.sort();
-        for ((issuer, outcome), n) in rows {
-            let _ = writeln!(
-                out,
-                "stepgate_unknown_kid_total{{issuer=\"{issuer}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP stepgate_policy_reloads_total Policy reloads by result.\n");
-        out.push_str("# TYPE stepgate_policy_reloads_total counter\n");
-        let mut rows: Vec<_> = self
-            .reloads
-            .iter()
-            .map(|e| (*e.key(), e.value().load(Relaxed)))
-            .collect();
-        rows.sort();
-        for (result, n) in rows {
-            let _ = writeln!(
-                out,
-                "stepgate_policy_reloads_total{{result=\"{result}\"}} {n}"
-            );
-        }
+        family(
+            &mut out,
+            "stepgate_unknown_kid_total",
+            "Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found.",
+            &self.unknown_kids,
+            |(issuer, outcome)| format!("issuer=\"{issuer}\",outcome=\"{outcome}\""),
+        );
+        family(
+            &mut out,
+            "stepgate_policy_reloads_total",
+            "Policy reloads by result.",
+            &self.reloads,
+            |result| format!("result=\"{result}\""),
+        );
         out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter family: one line per label set, sorted for stable output.
+fn family<K: Clone + Ord + std::hash::Hash + Eq>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counters: &DashMap<K, AtomicU64>,
+    labels: impl Fn(&K) -> String,
+) {
+    header(out, name, "counter", help);
+    let mut rows: Vec<(K, u64)> = counters
+        .iter()
+        .map(|e| (e.key().clone(), e.value().load(Relaxed)))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, n) in rows {
+        let _ = writeln!(out, "{name}{{{}}} {n}", labels(&key));
     }
 }
 
