@@ -338,14 +338,30 @@ pub struct LimitsConfig {
     /// Tokens longer than this are refused before any parsing.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// Verified tokens remembered (0 turns the cache off).
+    #[serde(default = "default_token_cache_entries")]
+    pub token_cache_entries: u64,
+    /// Longest a verified token is remembered (and never past its `exp`).
+    #[serde(default = "default_token_cache_ttl")]
+    pub token_cache_ttl: Seconds,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_token_bytes: default_max_token_bytes(),
+            token_cache_entries: default_token_cache_entries(),
+            token_cache_ttl: default_token_cache_ttl(),
         }
     }
+}
+
+fn default_token_cache_entries() -> u64 {
+    100_000
+}
+
+fn default_token_cache_ttl() -> Seconds {
+    Seconds(3600)
 }
 
 fn default_max_token_bytes() -> usize {

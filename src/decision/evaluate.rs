@@ -19,7 +19,9 @@ use serde_json::Value;
 use super::{Decision, ExplainStep, Outcome, Reason, StepUp};
 use crate::{
     challenge,
-    identity::{self, ChallengeStyle, Credential, CredentialProblem, VerifiedToken, fingerprint},
+    identity::{
+        self, ChallengeStyle, Credential, CredentialProblem, VerifiedToken, fingerprint_of,
+    },
     policy::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
         condition::{CelInput, Condition},
@@ -175,8 +177,12 @@ impl<'p> Run<'p> {
         // 2. Token.
         let token = match credential {
             Credential::Bearer(raw) => {
-                self.fingerprint = Some(fingerprint(raw));
-                match identity::verify(raw, &policy.issuers, policy.max_token_bytes, now) {
+                let (digest, verified) =
+                    policy
+                        .token_cache
+                        .verify(raw, &policy.issuers, policy.max_token_bytes, now);
+                self.fingerprint = Some(fingerprint_of(&digest));
+                match verified {
                     Ok(token) => {
                         self.step("token", || {
                             format!(
@@ -239,7 +245,7 @@ impl<'p> Run<'p> {
                 (DefaultAction::Deny, Some(token)) => {
                     let message = "no rule matches this request and the policy denies by default";
                     let mut d = self.deny(403, Reason::NoMatchingRule, message, None, None);
-                    d.principal = Some(token.principal);
+                    d.principal = Some(token.principal.clone());
                     d
                 }
                 (DefaultAction::AllowAuthenticated, Some(token)) => {
@@ -250,7 +256,7 @@ impl<'p> Run<'p> {
         self.step("match", || format!("rule {:?}", rule.id));
 
         if rule.allow_anonymous {
-            return self.allow(Reason::AnonymousAllowed, Some(rule), token.as_ref());
+            return self.allow(Reason::AnonymousAllowed, Some(rule), token.as_deref());
         }
         // 4. Anonymous on a protected route: reveal nothing about the route.
         let Some(token) = token.as_ref() else {

@@ -5,7 +5,11 @@ use sha2::{Digest, Sha256};
 
 /// The first 12 hex digits of the token's SHA-256.
 pub fn fingerprint(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
+    fingerprint_of(&Sha256::digest(token.as_bytes()).into())
+}
+
+/// The fingerprint from an already computed SHA-256 of the token.
+pub fn fingerprint_of(digest: &[u8; 32]) -> String {
     digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -8,6 +8,7 @@ use std::{collections::HashMap, fmt};
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// Which algorithms a key can verify, from its `kty` (and `crv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct VerificationKey {
     /// Entra publishes an `issuer` per key; a key that states one only verifies that issuer's tokens.
     pub issuer: Option<String>,
     pub key: DecodingKey,
+    /// SHA-256 of the public key material: the same key across refreshes, a different one when a
+    /// `kid` is reused for a new key.
+    pub material: [u8; 32],
 }
 
 impl fmt::Debug for VerificationKey {
@@ -169,7 +173,13 @@ fn parse_key(jwk: &Value) -> Result<VerificationKey, String> {
             Some(alg)
         }
     };
+    let mut material = Sha256::new();
+    for part in ["kty", "crv", "n", "e", "x", "y"] {
+        material.update(field(part).unwrap_or_default().as_bytes());
+        material.update([0]);
+    }
     Ok(VerificationKey {
+        material: material.finalize().into(),
         kid: field("kid").map(str::to_owned),
         kind,
         alg,

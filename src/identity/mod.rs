@@ -5,6 +5,7 @@
 //! knows about rules or outcomes.
 
 pub mod bearer;
+pub mod cache;
 pub mod claims;
 pub mod fingerprint;
 pub mod issuer;
@@ -13,7 +14,8 @@ pub mod keys;
 pub mod token;
 
 pub use bearer::{Credential, CredentialProblem};
+pub use cache::TokenCache;
 pub use claims::Principal;
-pub use fingerprint::fingerprint;
+pub use fingerprint::{fingerprint, fingerprint_of};
 pub use issuer::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource};
 pub use token::{TokenError, VerifiedToken, verify};

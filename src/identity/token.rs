@@ -21,6 +21,10 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
     pub issuer: Arc<Issuer>,
+    /// The header's `kid` and the material of the key that verified the signature (the
+    /// verified-token cache serves the token only while that key is still published).
+    pub kid: Option<String>,
+    pub key_material: [u8; 32],
     pub principal: Principal,
     /// Client capabilities (`xms_cc`), lower-cased.
     pub client_capabilities: Vec<String>,
@@ -187,6 +191,8 @@ pub fn verify(
         .collect();
     Ok(VerifiedToken {
         issuer: Arc::clone(issuer),
+        kid: kid.map(str::to_owned),
+        key_material: key.material,
         principal,
         client_capabilities,
         claims,

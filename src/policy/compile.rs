@@ -22,7 +22,7 @@ use crate::{
         schema::{self, ChallengeStyleConfig, PolicyFile},
     },
     identity::{
-        ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource,
+        ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
     },
 };
@@ -69,6 +69,10 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         upstream: compile_upstream(&file.upstream)?,
         max_token_bytes: file.limits.max_token_bytes,
         cel,
+        token_cache: TokenCache::new(
+            file.limits.token_cache_entries,
+            file.limits.token_cache_ttl.as_duration(),
+        ),
     })
 }
 

@@ -14,7 +14,7 @@ pub use compile::compile;
 use condition::Condition;
 use pattern::{PathGlob, Wildcard};
 
-use crate::identity::Issuers;
+use crate::identity::{Issuers, TokenCache};
 
 pub struct Policy {
     pub realm: String,
@@ -25,6 +25,8 @@ pub struct Policy {
     pub upstream: Upstream,
     pub max_token_bytes: usize,
     pub cel: Arc<cel::Env>,
+    /// Tokens verified under this policy (a reload starts a new cache).
+    pub token_cache: TokenCache,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

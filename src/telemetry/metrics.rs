@@ -31,6 +31,7 @@ pub struct Metrics {
     keys: DashMap<String, IssuerKeys>,
     reloads: DashMap<&'static str, AtomicU64>,
     unknown_kids: DashMap<(String, &'static str), AtomicU64>,
+    token_cache: DashMap<&'static str, AtomicU64>,
 }
 
 #[derive(Default)]
@@ -85,6 +86,14 @@ impl Metrics {
     pub fn record_unknown_kid(&self, issuer: &str, outcome: &'static str) {
         self.unknown_kids
             .entry((issuer.to_owned(), outcome))
+            .or_default()
+            .fetch_add(1, Relaxed);
+    }
+
+    /// A verified-token cache event: `hit`, `miss` or `evicted`.
+    pub fn record_token_cache(&self, event: &'static str) {
+        self.token_cache
+            .entry(event)
             .or_default()
             .fetch_add(1, Relaxed);
     }
@@ -176,6 +185,13 @@ impl Metrics {
             "Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found.",
             &self.unknown_kids,
             |(issuer, outcome)| format!("issuer=\"{issuer}\",outcome=\"{outcome}\""),
+        );
+        family(
+            &mut out,
+            "stepgate_token_cache_total",
+            "Verified-token cache lookups (hit, miss) and evictions (size or time).",
+            &self.token_cache,
+            |event| format!("event=\"{event}\""),
         );
         family(
             &mut out,
