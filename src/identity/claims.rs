@@ -77,7 +77,8 @@ pub(super) fn read_principal(
         || subject.is_empty();
     Ok(Principal {
         issuer_id: issuer.id.clone(),
-        issuer: issuer.issuer.clone(),
+        // The token's own `iss` (for a `{tenantid}` or discovered issuer the policy text is not it).
+        issuer: string(claims, "iss")?.unwrap_or_default(),
         subject,
         tenant: string(claims, "tid")?,
         client_id,
