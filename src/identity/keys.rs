@@ -144,11 +144,26 @@ async fn load_inner(
             let known = issuer.discovered();
             let discovered = match known {
                 Some(d) if !discover => d,
-                _ => {
-                    let d = Arc::new(discover_issuer(issuer, http, url).await?);
-                    issuer.set_discovered((*d).clone());
-                    d
-                }
+                known => match discover_issuer(issuer, http, url).await {
+                    Ok(d) => {
+                        issuer.set_discovered(d.clone());
+                        Arc::new(d)
+                    }
+                    // The discovery document being down says nothing about the keys: keep using
+                    // the jwks_uri it named last time.
+                    Err(err) => match known {
+                        Some(d) => {
+                            tracing::warn!(
+                                issuer = %issuer.id,
+                                error = %err,
+                                jwks_uri = %d.jwks_uri,
+                                "discovery failed; using the jwks_uri it named before"
+                            );
+                            d
+                        }
+                        None => return Err(err),
+                    },
+                },
             };
             fetch(http, &discovered.jwks_uri).await?
         }
@@ -165,7 +180,7 @@ async fn load_inner(
             issuer = %issuer.id,
             "DEMO KEY IN USE: issuer {:?} trusts the demo signing key shipped with stepgate; \
              anyone can mint tokens for it. Never use this configuration in production.",
-            issuer.issuer
+            issuer.id
         );
     }
     let keys = set.len();
@@ -393,6 +408,11 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
     if !issuer.key_source.is_remote() {
         return UnknownKid::Absent;
     }
+    // The key may have arrived between the request's decision and now.
+    let present = || issuer.keys().find(Some(kid)).is_some();
+    if present() {
+        return UnknownKid::Found;
+    }
     let control = &issuer.fetch;
     let cooldown = issuer.timing.unknown_kid_cooldown;
     if control
@@ -412,6 +432,10 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
             .is_some_and(|at| at.elapsed() < cooldown)
         {
             drop(state);
+            // A fetch may have finished just now, with this key.
+            if present() {
+                return UnknownKid::Found;
+            }
             remember_unknown(control, kid);
             return UnknownKid::Absent;
         } else {
@@ -440,7 +464,7 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
     }
     match tokio::time::timeout(issuer.timing.unknown_kid_wait, finished.changed()).await {
         Err(_) => UnknownKid::TimedOut,
-        Ok(_) if issuer.keys().find(Some(kid)).is_some() => UnknownKid::Found,
+        Ok(_) if present() => UnknownKid::Found,
         Ok(_) => {
             remember_unknown(control, kid);
             UnknownKid::Absent

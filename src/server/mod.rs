@@ -61,6 +61,8 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     }
     let authorizer = Arc::new(Authorizer::new(Arc::new(policy)));
     let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts the server as SERVING; nothing is ready until the readiness task says so.
+    set_all(&health, ServingStatus::NotServing).await;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Signal handlers are installed before the listening line is logged, so a signal sent right
