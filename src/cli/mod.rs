@@ -65,7 +65,8 @@ struct ServeArgs {
         default_value = "all-issuers"
     )]
     ready_when: ReadyWhen,
-    /// Worker threads (default: the CPUs available to the process).
+    /// Worker threads (default: the CPUs available to the process, cgroup quota and affinity
+    /// included).
     #[arg(long, env = "STEPGATE_WORKERS")]
     workers: Option<usize>,
 }
@@ -120,11 +121,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return config_error(&args.config, &err);
         }
     };
+    // The CPUs this process may use (cgroup quota and affinity included), unless overridden.
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    tracing::info!(workers, "starting the runtime");
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(workers) = args.workers {
-        runtime.worker_threads(workers.max(1));
-    }
+    runtime.enable_all().worker_threads(workers.max(1));
     let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(err) => {

@@ -108,6 +108,11 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Envoy multiplexes many Checks over few connections: a roomy connection window and a
+        // stream limit that still bounds one misbehaving client.
+        .initial_connection_window_size(Some(1024 * 1024))
+        .initial_stream_window_size(Some(256 * 1024))
+        .max_concurrent_streams(Some(1024))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AuthorizationServer::new(ext_authz::ExtAuthz::new(
