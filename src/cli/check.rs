@@ -109,13 +109,16 @@ fn describe(policy: &Policy) -> String {
         if r.allow_anonymous {
             line("     allow   anonymous".into());
         } else {
-            line(format!("     require {}", requirement(&r.require)));
+            line(format!(
+                "     require valid token{}",
+                requirement(&r.require)
+            ));
         }
         for e in &r.escalate {
             line(format!(
-                "     escalate when {} → {}",
+                "     escalate when {} → also{}",
                 e.when.source,
-                requirement(&e.require)
+                requirement(&e.require).trim_start_matches(',')
             ));
         }
     }
@@ -152,8 +155,9 @@ fn matcher(m: &Matcher) -> String {
     }
 }
 
+/// `, scopes=[…], auth_contexts=[…], …` (empty when the requirement states nothing).
 fn requirement(r: &Requirement) -> String {
-    let mut parts = vec!["valid token".to_owned()];
+    let mut parts = Vec::new();
     let mut list = |name: &str, v: &[String]| {
         if !v.is_empty() {
             parts.push(format!("{name}=[{}]", v.join(", ")));
@@ -173,5 +177,5 @@ fn requirement(r: &Requirement) -> String {
     if let Some(w) = &r.when {
         parts.push(format!("when {}", w.source));
     }
-    parts.join(", ")
+    parts.iter().map(|p| format!(", {p}")).collect()
 }
