@@ -14,6 +14,19 @@ use crate::request::AccessRequest;
 pub struct Condition {
     pub source: String,
     program: Program,
+    uses: Uses,
+}
+
+/// Which variables (and whether `request.headers`) an expression reads: only those are converted
+/// to CEL values for it, since converting all claims and headers costs far more than evaluating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Uses {
+    request: bool,
+    /// Decided from the source text: a field can only be read by naming it. An expression that
+    /// builds the name at run time sees no headers, and fails closed.
+    headers: bool,
+    claims: bool,
+    now: bool,
 }
 
 impl std::fmt::Debug for Condition {
@@ -22,26 +35,40 @@ impl std::fmt::Debug for Condition {
     }
 }
 
-const VARIABLES: [&str; 3] = ["request", "claims", "now"];
-
 impl Condition {
-    /// Parses `source`. A syntax error, or a condition that references none of the variables, is
-    /// refused with a user-facing message.
+    /// Parses `source`. A syntax error is refused with a user-facing message.
     pub fn compile(env: &Env, source: &str) -> Result<Self, String> {
         let program = env
             .compile(source)
             .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
+        let references = program.references();
+        let uses = Uses {
+            request: references.has_variable("request"),
+            headers: source.contains("headers"),
+            claims: references.has_variable("claims"),
+            now: references.has_variable("now"),
+        };
         Ok(Self {
             source: source.to_owned(),
             program,
+            uses,
         })
     }
 
     /// Evaluates to a boolean. Any error, or a non-boolean result, is an `Err` with a message; the
     /// caller decides what failing closed means at its place.
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
-        let ctx = input.context();
-        match self.program.execute(ctx) {
+        let mut ctx = Context::with_env(Arc::clone(input.env));
+        if self.uses.request {
+            ctx.add_variable_from_value("request", input.request(self.uses.headers));
+        }
+        if self.uses.claims {
+            ctx.add_variable_from_value("claims", input.claims());
+        }
+        if self.uses.now {
+            ctx.add_variable_from_value("now", Value::Int(input.now));
+        }
+        match self.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!(
                 "{:?} evaluated to {:?}, not a boolean",
@@ -58,14 +85,17 @@ pub fn environment() -> Arc<Env> {
     Arc::new(Env::stdlib())
 }
 
-/// The variables of one evaluation, converted to CEL values at most once, on first use.
+/// The variables of one evaluation, each converted to a CEL value at most once, on first use
+/// (CEL values share their contents, so handing one to several evaluations is cheap).
 pub struct CelInput<'a> {
     env: &'a Arc<Env>,
     request: &'a AccessRequest,
     normalized_path: Option<&'a str>,
     claims: Option<&'a Map<String, Json>>,
     now: i64,
-    context: OnceCell<Context<'static, 'static>>,
+    request_value: OnceCell<Value>,
+    request_with_headers: OnceCell<Value>,
+    claims_value: OnceCell<Value>,
 }
 
 impl<'a> CelInput<'a> {
@@ -82,60 +112,61 @@ impl<'a> CelInput<'a> {
             normalized_path,
             claims,
             now,
-            context: OnceCell::new(),
+            request_value: OnceCell::new(),
+            request_with_headers: OnceCell::new(),
+            claims_value: OnceCell::new(),
         }
     }
 
-    fn context(&self) -> &Context<'static, 'static> {
-        self.context.get_or_init(|| {
-            let mut ctx = Context::with_env(Arc::clone(self.env));
-            let to_cel = |json: Json| cel::to_value(json).unwrap_or(Value::Null);
-            let mut request = Map::new();
-            let r = self.request;
-            request.insert(
-                "operation".into(),
-                r.operation.clone().unwrap_or_default().into(),
-            );
-            let http = r.http.as_ref();
-            request.insert(
-                "method".into(),
-                http.map(|h| h.method.clone()).unwrap_or_default().into(),
-            );
-            request.insert(
-                "host".into(),
-                http.map(|h| h.host.clone()).unwrap_or_default().into(),
-            );
-            request.insert(
-                "path".into(),
-                self.normalized_path.unwrap_or_default().into(),
-            );
-            let query = http
-                .and_then(|h| h.target.split_once('?').map(|(_, q)| q.to_owned()))
-                .unwrap_or_default();
-            request.insert("query".into(), query.into());
-            let headers: Map<String, Json> = http
-                .map(|h| {
-                    h.headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            request.insert("headers".into(), Json::Object(headers));
-            request.insert("attributes".into(), Json::Object(r.attributes.clone()));
-            request.insert("context".into(), Json::Object(r.context.clone()));
-            let source = r.source.clone().unwrap_or_default();
-            request.insert(
-                "source".into(),
-                serde_json::json!({"address": source.address, "principal": source.principal}),
-            );
-            ctx.add_variable_from_value(VARIABLES[0], to_cel(Json::Object(request)));
-            let claims = self.claims.cloned().unwrap_or_default();
-            ctx.add_variable_from_value(VARIABLES[1], to_cel(Json::Object(claims)));
-            ctx.add_variable_from_value(VARIABLES[2], Value::Int(self.now));
-            ctx
-        })
+    fn claims(&self) -> Value {
+        self.claims_value
+            .get_or_init(|| to_cel(Json::Object(self.claims.cloned().unwrap_or_default())))
+            .clone()
     }
+
+    fn request(&self, with_headers: bool) -> Value {
+        let cell = if with_headers {
+            &self.request_with_headers
+        } else {
+            &self.request_value
+        };
+        cell.get_or_init(|| to_cel(Json::Object(self.request_map(with_headers))))
+            .clone()
+    }
+
+    fn request_map(&self, with_headers: bool) -> Map<String, Json> {
+        let r = self.request;
+        let http = r.http.as_ref();
+        let text = |value: Option<&str>| Json::from(value.unwrap_or_default());
+        let mut request = Map::new();
+        request.insert("operation".into(), text(r.operation.as_deref()));
+        request.insert("method".into(), text(http.map(|h| h.method.as_str())));
+        request.insert("host".into(), text(http.map(|h| h.host.as_str())));
+        request.insert("path".into(), text(self.normalized_path));
+        let query = http.and_then(|h| h.target.split_once('?').map(|(_, q)| q));
+        request.insert("query".into(), text(query));
+        let headers: Map<String, Json> = match http {
+            Some(h) if with_headers => h
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
+                .collect(),
+            _ => Map::new(),
+        };
+        request.insert("headers".into(), Json::Object(headers));
+        request.insert("attributes".into(), Json::Object(r.attributes.clone()));
+        request.insert("context".into(), Json::Object(r.context.clone()));
+        let source = r.source.clone().unwrap_or_default();
+        request.insert(
+            "source".into(),
+            serde_json::json!({"address": source.address, "principal": source.principal}),
+        );
+        request
+    }
+}
+
+fn to_cel(json: Json) -> Value {
+    cel::to_value(json).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
@@ -233,6 +264,27 @@ mod tests {
             condition.evaluate(&CelInput::new(&env, &request, None, None, 0)),
             Ok(true)
         );
+    }
+
+    #[test]
+    fn headers_and_claims_are_converted_only_for_expressions_that_read_them() {
+        let env = environment();
+        let mut headers = std::collections::HashMap::new();
+        headers.insert("x-device".to_owned(), "managed".to_owned());
+        let request = AccessRequest {
+            http: Some(crate::request::HttpAttributes::new(
+                "GET", "h", "/a", headers,
+            )),
+            ..Default::default()
+        };
+        let claims = json!({"tid": "t1"}).as_object().unwrap().clone();
+        let input = CelInput::new(&env, &request, Some("/a"), Some(&claims), 5);
+        let reads = |src: &str| Condition::compile(&env, src).unwrap().evaluate(&input);
+        assert_eq!(reads("request.path == '/a'"), Ok(true));
+        assert!(input.request_with_headers.get().is_none() && input.claims_value.get().is_none());
+        assert_eq!(reads("request.headers['x-device'] == 'managed'"), Ok(true));
+        assert_eq!(reads("claims.tid == 't1' && now == 5"), Ok(true));
+        assert!(input.request_with_headers.get().is_some() && input.claims_value.get().is_some());
     }
 
     #[test]
