@@ -1,0 +1,146 @@
+//! The benchmark's transport floor: an Envoy ext_authz v3 `Authorization` server that answers every
+//! `Check` with `OK` at once, without looking at the request.
+//!
+//! It runs the same stack as stepgate (tokio multi-thread runtime with one worker per available CPU,
+//! tonic 0.14, envoy-types 0.7, TCP_NODELAY, the same HTTP/2 settings), so the difference between the two under the same load is what stepgate's decision
+//! costs. `bench/run` starts it pinned to one core and waits for the `listening on ADDR` line.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use envoy_types::{
+    ext_authz::v3::pb::{
+        Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse,
+        OkHttpResponse,
+    },
+    pb::google::{
+        protobuf::{Struct, Value, value::Kind},
+        rpc,
+    },
+};
+use tokio::net::TcpListener;
+use tonic::{
+    Request, Response, Status,
+    transport::{Server, server::TcpIncoming},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "empty-authz",
+    about = "ext_authz v3 server that answers OK at once"
+)]
+struct Args {
+    /// Address to listen on (port 0 picks a free one; the `listening on` line tells which).
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// Worker threads (default: the CPUs available to the process, as stepgate).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Pad the answer with this many bytes of dynamic metadata (0: the empty answer). With about
+    /// 400 the answer is as large as stepgate's ALLOW, to tell the cost of the bytes on the wire
+    /// from the cost of the decision.
+    #[arg(long, default_value_t = 0)]
+    metadata_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Empty {
+    response: CheckResponse,
+}
+
+#[tonic::async_trait]
+impl Authorization for Empty {
+    async fn check(
+        &self,
+        _request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.response.clone()))
+    }
+}
+
+/// `CheckResponse{status: OK, ok_response: default}`, with `metadata_bytes` of padding in
+/// `dynamic_metadata` when asked.
+fn ok_response(metadata_bytes: usize) -> CheckResponse {
+    let dynamic_metadata = (metadata_bytes > 0).then(|| Struct {
+        fields: [(
+            "padding".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("x".repeat(metadata_bytes))),
+            },
+        )]
+        .into(),
+    });
+    CheckResponse {
+        status: Some(rpc::Status::default()),
+        dynamic_metadata,
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    // As stepgate: one worker per CPU available to the process (affinity included).
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().worker_threads(workers.max(1));
+    let result = runtime
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(serve(args.listen, ok_response(args.metadata_bytes))));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("empty-authz: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(addr: SocketAddr, response: CheckResponse) -> Result<(), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    eprintln!("listening on {local}");
+    // The same HTTP/2 settings as stepgate's server (src/server/mod.rs), so that only the
+    // decision differs.
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .initial_connection_window_size(Some(1024 * 1024))
+        .initial_stream_window_size(Some(256 * 1024))
+        .max_concurrent_streams(Some(1024))
+        .add_service(AuthorizationServer::new(Empty { response }))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| format!("server failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_ok_with_a_default_ok_response() {
+        let response = ok_response(0);
+        assert_eq!(response.status.map(|s| s.code), Some(0));
+        assert!(response.dynamic_metadata.is_none());
+        assert!(matches!(
+            response.http_response,
+            Some(HttpResponse::OkResponse(ref ok)) if *ok == OkHttpResponse::default()
+        ));
+    }
+
+    #[test]
+    fn padding_grows_the_encoded_answer() {
+        use prost::Message as _;
+        let plain = ok_response(0).encoded_len();
+        let padded = ok_response(400).encoded_len();
+        assert!(plain < 16, "{plain}");
+        assert!((400..440).contains(&padded), "{padded}");
+    }
+}

@@ -1,0 +1,669 @@
+//! `loadgen report`: turns the JSON files of one `bench/run` into `bench/results/<date>.md` — the
+//! table of runs, memory, the issue's targets with PASS/MISS, and ratios against the baseline.
+//!
+//! Input files (in one folder): `run-*.json` (a `RunReport` each, rows in file-name order),
+//! `verify-*.json` (a `VerifyCost` each) and `mem-*.json` (a `MemPoint` each). Rows are found by
+//! label: `empty`, `a`, `b-rs256`, `empty-open`, `a-open`, `rss-100k-fill`, `rss-100k-steady`, and
+//! the memory point `stepgate-start`. Other rows (peers such as Cerbos, or Envoy) are listed in
+//! the table and the ratios without a target of their own.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    stats::{RunReport, fmt_ms, fmt_rps},
+    verify::VerifyCost,
+};
+
+/// Other CPU use (in cores) above which a row is reported as disturbed.
+pub const OTHER_CPU_WARNING: f64 = 0.10;
+
+/// A server's memory at one point (`loadgen mem`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemPoint {
+    pub label: String,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Input {
+    pub title: String,
+    /// `key: value` lines for the header (commit, machine, settings, …).
+    pub meta: Vec<(String, String)>,
+    pub runs: Vec<RunReport>,
+    pub verifies: Vec<VerifyCost>,
+    pub memory: Vec<MemPoint>,
+}
+
+/// Reads the files of one run from `dir`.
+pub fn load(dir: &Path) -> Result<Input, String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    let mut input = Input::default();
+    for name in names {
+        let path = dir.join(&name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let bad = |e: serde_json::Error| format!("{}: {e}", path.display());
+        if name.starts_with("run-") {
+            input.runs.push(serde_json::from_str(&text).map_err(bad)?);
+        } else if name.starts_with("verify-") {
+            input
+                .verifies
+                .push(serde_json::from_str(&text).map_err(bad)?);
+        } else if name.starts_with("mem-") {
+            input.memory.push(serde_json::from_str(&text).map_err(bad)?);
+        }
+    }
+    Ok(input)
+}
+
+/// One line of the "Targets" section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    pub limit: String,
+    /// `None`: not measured in this run.
+    pub pass: Option<bool>,
+    pub note: String,
+}
+
+impl Target {
+    fn missing(name: &str, limit: &str, what: &str) -> Self {
+        Self {
+            name: name.into(),
+            measured: "—".into(),
+            limit: limit.into(),
+            pass: None,
+            note: format!("not measured ({what} missing)"),
+        }
+    }
+
+    pub fn verdict(&self) -> &'static str {
+        match self.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        }
+    }
+}
+
+impl Input {
+    pub fn run(&self, label: &str) -> Option<&RunReport> {
+        self.runs.iter().find(|r| r.label == label)
+    }
+
+    pub fn memory_point(&self, label: &str) -> Option<&MemPoint> {
+        self.memory.iter().find(|m| m.label == label)
+    }
+
+    pub fn verify(&self, algorithm: &str) -> Option<&VerifyCost> {
+        self.verifies.iter().find(|v| v.algorithm == algorithm)
+    }
+
+    /// The issue's targets, in its order.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        let empty = self.run("empty");
+        let a = self.run("a");
+
+        // (a) cached-token throughput.
+        let name = "(a) cached-token Check throughput ≥ 0.85 × empty server's";
+        match (a, empty) {
+            (Some(a), Some(e)) if e.throughput_rps > 0.0 => {
+                let ratio = a.throughput_rps / e.throughput_rps;
+                let mut note = format!(
+                    "{} vs {} req/s",
+                    fmt_rps(a.throughput_rps),
+                    fmt_rps(e.throughput_rps)
+                );
+                if let Some(cpu) = e.server.map(|s| s.cpu_utilization)
+                    && cpu < 0.9
+                {
+                    let _ = write!(
+                        note,
+                        "; the empty server used only {:.0} % of its core: the generator limited \
+                         it, so this ratio flatters stepgate — compare CPU µs/req",
+                        cpu * 100.0
+                    );
+                }
+                out.push(Target {
+                    name: name.into(),
+                    measured: format!("{ratio:.3}×"),
+                    limit: "≥ 0.850×".into(),
+                    pass: Some(ratio >= 0.85),
+                    note,
+                });
+            }
+            _ => out.push(Target::missing(name, "≥ 0.850×", "rows a and empty")),
+        }
+
+        // (a) open-loop latency at half the empty server's max rate.
+        let (a_open, e_open) = (self.run("a-open"), self.run("empty-open"));
+        let name = "(a) open loop at ½ empty max rate: p50 ≤ empty p50 + 0.05 ms";
+        match (a_open, e_open) {
+            (Some(a), Some(e)) => {
+                let limit = e.latency_ms.p50 + 0.05;
+                out.push(Target {
+                    name: name.into(),
+                    measured: format!("{} ms", fmt_ms(a.latency_ms.p50)),
+                    limit: format!("≤ {} ms", fmt_ms(limit)),
+                    pass: Some(a.latency_ms.p50 <= limit),
+                    note: format!(
+                        "empty p50 {} ms at {} req/s{}",
+                        fmt_ms(e.latency_ms.p50),
+                        fmt_rps(e.rate.unwrap_or_default()),
+                        overload_note(a, self.run("a"))
+                    ),
+                });
+            }
+            _ => out.push(Target::missing(name, "—", "rows a-open and empty-open")),
+        }
+        let name = "(a) open loop at ½ empty max rate: p99 ≤ 1.25 × empty p99";
+        match (a_open, e_open) {
+            (Some(a), Some(e)) => {
+                let limit = e.latency_ms.p99 * 1.25;
+                out.push(Target {
+                    name: name.into(),
+                    measured: format!("{} ms", fmt_ms(a.latency_ms.p99)),
+                    limit: format!("≤ {} ms", fmt_ms(limit)),
+                    pass: Some(a.latency_ms.p99 <= limit),
+                    note: format!(
+                        "empty p99 {} ms; ratio {:.2}×{}",
+                        fmt_ms(e.latency_ms.p99),
+                        a.latency_ms.p99 / e.latency_ms.p99.max(1e-9),
+                        overload_note(a, self.run("a"))
+                    ),
+                });
+            }
+            _ => out.push(Target::missing(name, "—", "rows a-open and empty-open")),
+        }
+
+        // (b) uncached RS256 CPU per request.
+        let name = "(b) uncached RS256 CPU/req ≤ empty CPU/req + 1.3 × one RSA-2048 verify";
+        let cpu = |r: Option<&RunReport>| r.and_then(|r| r.server).map(|s| s.cpu_us_per_request);
+        match (cpu(self.run("b-rs256")), cpu(empty), self.verify("RS256")) {
+            (Some(b), Some(e), Some(v)) => {
+                let limit = e + 1.3 * v.us_per_verify;
+                out.push(Target {
+                    name: name.into(),
+                    measured: format!("{b:.1} µs"),
+                    limit: format!("≤ {limit:.1} µs"),
+                    pass: Some(b <= limit),
+                    note: format!(
+                        "empty {e:.1} µs + 1.3 × {:.1} µs; stepgate's cost above the floor is {:.2} verifies",
+                        v.us_per_verify,
+                        (b - e) / v.us_per_verify
+                    ),
+                });
+            }
+            _ => out.push(Target::missing(
+                name,
+                "—",
+                "rows b-rs256 and empty, or the RS256 verify",
+            )),
+        }
+
+        // Memory.
+        let name = "RSS after start ≤ 32 MiB";
+        match self.memory_point("stepgate-start") {
+            Some(m) => out.push(Target {
+                name: name.into(),
+                measured: format!("{:.1} MiB", m.rss_mib),
+                limit: "≤ 32 MiB".into(),
+                pass: Some(m.rss_mib <= 32.0),
+                note: String::new(),
+            }),
+            None => out.push(Target::missing(
+                name,
+                "≤ 32 MiB",
+                "memory point stepgate-start",
+            )),
+        }
+        let fill = self.run("rss-100k-fill");
+        let steady = self.run("rss-100k-steady");
+        let name = "RSS with 100 000 distinct cached tokens ≤ 96 MiB";
+        let after_fill = fill.and_then(|f| f.server).map(|s| s.rss_mib_after);
+        match (after_fill, fill) {
+            (Some(rss), Some(f)) => out.push(Target {
+                name: name.into(),
+                measured: format!("{rss:.1} MiB"),
+                limit: "≤ 96 MiB".into(),
+                pass: Some(rss <= 96.0 && f.errors == 0),
+                note: format!(
+                    "after {} distinct tokens (peak {:.1} MiB)",
+                    f.generator.sent_total,
+                    f.server.map_or(0.0, |s| s.peak_rss_mib)
+                ),
+            }),
+            _ => out.push(Target::missing(name, "≤ 96 MiB", "row rss-100k-fill")),
+        }
+        let name = "… and flat (±5 %) over a steady run";
+        match (after_fill, steady) {
+            (Some(base), Some(s)) if !s.rss_samples_mib.is_empty() => {
+                let (dev, lo, hi) = deviation(base, &s.rss_samples_mib);
+                out.push(Target {
+                    name: name.into(),
+                    measured: format!("{:+.1} %", dev * 100.0),
+                    limit: "within ±5 %".into(),
+                    pass: Some(dev.abs() <= 0.05),
+                    note: format!(
+                        "{} samples over {:.0} s: {lo:.1}–{hi:.1} MiB against {base:.1} MiB after the fill",
+                        s.rss_samples_mib.len(),
+                        s.seconds
+                    ),
+                });
+            }
+            _ => out.push(Target::missing(name, "within ±5 %", "row rss-100k-steady")),
+        }
+        out
+    }
+}
+
+/// When an open-loop row's rate is at or above the closed-loop maximum of the same server, the
+/// server was overloaded: its queue (and latency) grew for the whole run.
+fn overload_note(open: &RunReport, closed: Option<&RunReport>) -> String {
+    let busy = open.server.map_or(0.0, |s| s.cpu_utilization);
+    match (open.rate, closed) {
+        (Some(rate), Some(c)) if rate >= c.throughput_rps * 0.95 => format!(
+            "; stepgate's own max is {} req/s, so this rate overloads it (latency is queueing)",
+            fmt_rps(c.throughput_rps)
+        ),
+        // Unbatched (open-loop) requests cost more CPU each than closed-loop ones.
+        (Some(_), _) if busy >= 0.9 => format!(
+            "; stepgate used {:.0} % of its core at this rate: saturated, the latency is mostly queueing",
+            busy * 100.0
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The largest relative deviation of `samples` from `base` (signed), and their range.
+pub fn deviation(base: f64, samples: &[f64]) -> (f64, f64, f64) {
+    let lo = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (d_lo, d_hi) = ((lo - base) / base, (hi - base) / base);
+    let dev = if d_hi.abs() >= d_lo.abs() { d_hi } else { d_lo };
+    (dev, lo, hi)
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(|| "—".into(), f)
+}
+
+/// The whole Markdown document.
+pub fn render(input: &Input) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}\n", input.title);
+    for (k, v) in &input.meta {
+        let _ = writeln!(md, "- **{k}**: {v}");
+    }
+    if !input.verifies.is_empty() {
+        let list: Vec<String> = input
+            .verifies
+            .iter()
+            .map(|v| format!("{} {:.1} µs", v.algorithm, v.us_per_verify))
+            .collect();
+        let _ = writeln!(
+            md,
+            "- **one signature verify** (jsonwebtoken 11 / aws-lc, as stepgate calls it, pinned like \
+             the server): {}",
+            list.join(", ")
+        );
+    }
+
+    md.push_str("\n## Results\n\n");
+    md.push_str(
+        "Closed loop rows are maximum throughput; open loop rows are a fixed, evenly paced rate with \
+         latency measured from each request's intended send time. Server CPU and RSS come from \
+         `/proc` over the measured window; \"CPU %\" is the server's share of its one core (≈ 100 % \
+         when the server, not the generator, is the bottleneck). \"Other CPU %\" is the machine's CPU \
+         time used by neither the server nor the generator (other processes, and interrupt time \
+         charged to neither), in % of one core: a few % is normal, more means the row was \
+         disturbed.\n\n",
+    );
+    md.push_str(
+        "| scenario | server | mode | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | \
+         server CPU µs/req | server CPU % | peak RSS MiB | errors | other CPU % |\n",
+    );
+    md.push_str("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    for r in &input.runs {
+        let l = &r.latency_ms;
+        let mode = match r.rate {
+            Some(rate) => format!("open @{}/s", fmt_rps(rate)),
+            None => format!("closed ×{}", r.concurrency),
+        };
+        let mut flags = String::new();
+        if r.generator.in_flight_cap_hits > 0 {
+            flags.push_str(" ⚠ server overloaded");
+        } else if r.generator.fell_behind {
+            flags.push_str(" ⚠ generator fell behind");
+        }
+        if r.generator.payloads_repeated && r.scenario.starts_with("b-") {
+            flags.push_str(" ⚠ tokens repeated");
+        }
+        let _ = writeln!(
+            md,
+            "| {} — {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            r.label,
+            r.title,
+            flags,
+            r.target,
+            mode,
+            fmt_rps(r.throughput_rps),
+            fmt_ms(l.p50),
+            fmt_ms(l.p90),
+            fmt_ms(l.p99),
+            fmt_ms(l.p999),
+            fmt_ms(l.max),
+            opt(r.server.map(|s| s.cpu_us_per_request), |v| format!(
+                "{v:.1}"
+            )),
+            opt(r.server.map(|s| s.cpu_utilization), |v| format!(
+                "{:.0}",
+                v * 100.0
+            )),
+            opt(r.server.map(|s| s.peak_rss_mib), |v| format!("{v:.1}")),
+            r.errors,
+            r.interference.other_cpu_utilization * 100.0,
+        );
+    }
+
+    if !input.memory.is_empty() {
+        md.push_str("\n## Memory\n\n| point | RSS MiB | peak RSS MiB |\n|---|--:|--:|\n");
+        for m in &input.memory {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} |",
+                m.label, m.rss_mib, m.peak_rss_mib
+            );
+        }
+        for label in ["rss-100k-fill", "rss-100k-steady"] {
+            if let Some(r) = input.run(label)
+                && let Some(s) = r.server
+            {
+                let _ = writeln!(
+                    md,
+                    "| {label} (end) | {:.1} | {:.1} |",
+                    s.rss_mib_after, s.peak_rss_mib
+                );
+            }
+        }
+    }
+
+    md.push_str(
+        "\n## Targets\n\n| target | measured | limit | result | note |\n|---|--:|--:|---|---|\n",
+    );
+    for t in input.targets() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | **{}** | {} |",
+            t.name,
+            t.measured,
+            t.limit,
+            t.verdict(),
+            t.note
+        );
+    }
+
+    let pairs: Vec<(&RunReport, &RunReport)> = [
+        ("empty-open", "a-open"),
+        ("empty-open-half-a", "a-open-half-a"),
+    ]
+    .iter()
+    .filter_map(|(e, a)| input.run(e).zip(input.run(a)))
+    .collect();
+    if !pairs.is_empty() {
+        md.push_str(
+            "\n## Open-loop latency against the empty server at the same rate\n\n\
+             | rate req/s | empty p50 ms | stepgate p50 ms | p50 difference ms | empty p99 ms | stepgate p99 ms | p99 ratio | stepgate CPU % |\n\
+             |--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for (e, a) in pairs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:+.3} | {} | {} | {:.2}× | {} |",
+                fmt_rps(a.rate.unwrap_or_default()),
+                fmt_ms(e.latency_ms.p50),
+                fmt_ms(a.latency_ms.p50),
+                a.latency_ms.p50 - e.latency_ms.p50,
+                fmt_ms(e.latency_ms.p99),
+                fmt_ms(a.latency_ms.p99),
+                a.latency_ms.p99 / e.latency_ms.p99.max(1e-9),
+                opt(a.server.map(|s| s.cpu_utilization), |v| format!(
+                    "{:.0}",
+                    v * 100.0
+                )),
+            );
+        }
+    }
+
+    if let Some(empty) = input.run("empty") {
+        md.push_str(
+            "\n## Ratios against the empty server\n\nThroughput as a share of the empty server's \
+             closed-loop maximum; CPU per request as a multiple of the empty server's, and the \
+             decision's own cost (CPU µs/req above the empty server's), also counted in RS256 \
+             verifies.\n\n| scenario | req/s ratio | CPU/req ratio | decision cost µs/req | in RS256 verifies |\n|---|--:|--:|--:|--:|\n",
+        );
+        let e_cpu = empty.server.map(|s| s.cpu_us_per_request);
+        let verify = input.verify("RS256").map(|v| v.us_per_verify);
+        for r in input
+            .runs
+            .iter()
+            .filter(|r| r.rate.is_none() && r.label != "empty")
+        {
+            let cpu = r.server.map(|s| s.cpu_us_per_request);
+            let extra = cpu.zip(e_cpu).map(|(c, e)| c - e);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                r.label,
+                if empty.throughput_rps > 0.0 {
+                    format!("{:.3}", r.throughput_rps / empty.throughput_rps)
+                } else {
+                    "—".into()
+                },
+                opt(cpu.zip(e_cpu).map(|(c, e)| c / e), |v| format!("{v:.2}×")),
+                opt(extra, |v| format!("{v:.1}")),
+                opt(extra.zip(verify).map(|(x, v)| x / v), |v| format!("{v:.2}")),
+            );
+        }
+    }
+
+    let mut warnings = Vec::new();
+    for r in &input.runs {
+        if r.errors > 0 {
+            warnings.push(format!(
+                "{}: {} errors (wrong or failed answers) — its numbers do not count. First: {}",
+                r.label,
+                r.errors,
+                r.error_samples.first().map_or("", String::as_str)
+            ));
+        }
+        if r.generator.in_flight_cap_hits > 0 {
+            warnings.push(format!(
+                "{}: the server fell behind the schedule: {} requests were unanswered at once (the \
+                 cap), so sends waited ({} due requests never sent, send lag p99 {} ms); latencies \
+                 still count from the intended send times",
+                r.label,
+                r.generator.max_in_flight,
+                r.generator.unsent,
+                fmt_ms(r.generator.send_lag_p99_ms),
+            ));
+        } else if r.generator.fell_behind {
+            warnings.push(format!(
+                "{}: the generator fell behind its schedule (send lag p99 {} ms, max {} ms, {} unsent): \
+                 part of the latency is the generator's",
+                r.label,
+                fmt_ms(r.generator.send_lag_p99_ms),
+                fmt_ms(r.generator.send_lag_max_ms),
+                r.generator.unsent,
+            ));
+        }
+        if r.interference.other_cpu_utilization > OTHER_CPU_WARNING
+            || r.interference.steal_seconds > 0.02 * r.seconds
+        {
+            warnings.push(format!(
+                "{}: something else used {:.0} % of a core during the window (hypervisor steal {:.2} s): \
+                 the row was disturbed; run again on a quiet machine",
+                r.label,
+                r.interference.other_cpu_utilization * 100.0,
+                r.interference.steal_seconds
+            ));
+        }
+        if r.generator.payloads_repeated && r.scenario.starts_with("b-") {
+            warnings.push(format!(
+                "{}: sent {} requests with {} distinct payloads, so tokens repeated and the cache \
+                 may have helped",
+                r.label, r.generator.sent_total, r.generator.distinct_payloads
+            ));
+        }
+    }
+    if !warnings.is_empty() {
+        md.push_str("\n## Warnings\n\n");
+        for w in warnings {
+            let _ = writeln!(md, "- {w}");
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Percentiles, ServerCost};
+
+    fn run(label: &str, rps: f64, cpu_us: f64, p50: f64, p99: f64) -> RunReport {
+        RunReport {
+            label: label.into(),
+            title: label.into(),
+            throughput_rps: rps,
+            concurrency: 32,
+            latency_ms: Percentiles {
+                p50,
+                p99,
+                ..Default::default()
+            },
+            server: Some(ServerCost {
+                cpu_us_per_request: cpu_us,
+                cpu_utilization: 0.99,
+                rss_mib_after: 40.0,
+                peak_rss_mib: 41.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn input() -> Input {
+        let mut a_open = run("a-open", 20_000.0, 30.0, 0.110, 0.50);
+        a_open.rate = Some(20_000.0);
+        let mut e_open = run("empty-open", 20_000.0, 20.0, 0.080, 0.40);
+        e_open.rate = Some(20_000.0);
+        let mut steady = run("rss-100k-steady", 30_000.0, 30.0, 1.0, 2.0);
+        steady.rss_samples_mib = vec![40.0, 41.0, 39.5];
+        Input {
+            title: "t".into(),
+            meta: vec![("commit".into(), "abc".into())],
+            runs: vec![
+                run("empty", 40_000.0, 24.0, 0.8, 1.5),
+                run("a", 35_000.0, 28.0, 0.9, 1.7),
+                run("b-rs256", 15_000.0, 60.0, 2.0, 3.0),
+                e_open,
+                a_open,
+                run("rss-100k-fill", 15_000.0, 60.0, 2.0, 3.0),
+                steady,
+            ],
+            verifies: vec![VerifyCost {
+                algorithm: "RS256".into(),
+                iterations: 64,
+                seconds: 1.0,
+                us_per_verify: 25.0,
+            }],
+            memory: vec![MemPoint {
+                label: "stepgate-start".into(),
+                rss_mib: 12.0,
+                peak_rss_mib: 12.5,
+            }],
+        }
+    }
+
+    #[test]
+    fn targets_are_computed_from_the_rows() {
+        let targets = input().targets();
+        let verdicts: Vec<_> = targets.iter().map(|t| t.verdict()).collect();
+        // 35k/40k = 0.875 ≥ 0.85; p50 0.110 ≤ 0.130; p99 0.50 ≤ 0.50; 60 ≤ 24 + 32.5;
+        // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %.
+        assert_eq!(
+            verdicts,
+            ["PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS"]
+        );
+        assert_eq!(targets[0].measured, "0.875×");
+        assert_eq!(targets[3].limit, "≤ 56.5 µs");
+        assert_eq!(targets[6].measured, "+2.5 %");
+    }
+
+    #[test]
+    fn missing_rows_are_not_measured_rather_than_passed() {
+        let targets = Input::default().targets();
+        assert!(targets.iter().all(|t| t.pass.is_none()));
+    }
+
+    #[test]
+    fn an_unsaturated_baseline_is_called_out() {
+        let mut i = input();
+        i.runs[0].server.as_mut().unwrap().cpu_utilization = 0.6;
+        assert!(i.targets()[0].note.contains("generator limited"));
+    }
+
+    #[test]
+    fn the_document_has_the_table_targets_and_ratios() {
+        let mut i = input();
+        i.runs[1].errors = 3;
+        i.runs[1].error_samples = vec!["expected OK, got code 16".into()];
+        let md = render(&i);
+        assert!(md.starts_with("# t\n"));
+        assert!(md.contains("| a — a | "));
+        assert!(md.contains("| 35,000 | 0.900 | "));
+        assert!(md.contains("**MISS**"));
+        assert!(md.contains("| a | 0.875 | 1.17× | 4.0 | 0.16 |"));
+        assert!(md.contains("a: 3 errors"));
+        assert!(md.contains("| stepgate-start | 12.0 | 12.5 |"));
+    }
+
+    #[test]
+    fn a_disturbed_row_is_reported() {
+        let mut i = input();
+        i.runs[2].interference.other_cpu_utilization = 0.35;
+        let md = render(&i);
+        assert!(md.contains("b-rs256: something else used 35 % of a core"));
+        assert!(!md.contains("a: something else"));
+    }
+
+    #[test]
+    fn an_overloaded_server_is_not_blamed_on_the_generator() {
+        let mut i = input();
+        let open = i.runs.iter_mut().find(|r| r.label == "a-open").unwrap();
+        open.generator.in_flight_cap_hits = 10;
+        open.generator.fell_behind = true;
+        open.generator.max_in_flight = 20_000;
+        let md = render(&i);
+        assert!(md.contains("a-open: the server fell behind the schedule: 20000 requests"));
+        assert!(md.contains("⚠ server overloaded"));
+        assert!(!md.contains("generator fell behind"));
+    }
+
+    #[test]
+    fn deviation_is_the_largest_signed_departure() {
+        assert_eq!(deviation(100.0, &[101.0, 97.0]), (-0.03, 97.0, 101.0));
+        assert_eq!(deviation(100.0, &[104.0, 99.0]), (0.04, 99.0, 104.0));
+    }
+}

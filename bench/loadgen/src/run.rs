@@ -1,0 +1,461 @@
+//! The two load shapes.
+//!
+//! - **Closed loop** (max throughput): `concurrency` workers, each sending its next request as soon
+//!   as the previous one is answered.
+//! - **Open loop** (fixed rate): requests are sent on an even schedule (`pacing`), each in its own
+//!   task whatever the server is doing, and latency is measured from the intended send time.
+//!
+//! Both measure a window after a warm-up: server CPU and memory from `/proc` at its start and end,
+//! latencies and errors of the requests started in it.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use tokio::{
+    sync::Notify,
+    task::JoinSet,
+    time::{sleep_until, timeout},
+};
+
+use crate::{
+    grpc::Workload,
+    pacing::{Schedule, Wait, wait_for},
+    procfs::{self, ProcSample},
+    stats::{Recorder, new_histogram},
+};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Stop after this many requests in all (warm-up included), e.g. one per distinct token.
+    pub max_requests: Option<u64>,
+    pub server_pid: Option<u32>,
+    /// Sample the server's RSS this often during the measured window.
+    pub rss_every: Option<Duration>,
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct Measured {
+    pub recorder: Recorder,
+    pub window: Duration,
+    pub server_before: Option<ProcSample>,
+    pub server_after: Option<ProcSample>,
+    pub generator_cpu: Duration,
+    /// CPU time of the whole machine (all processes, interrupts) and time stolen by the
+    /// hypervisor over the window: what the server and the generator did not use was used by
+    /// something else, which disturbs the measurement.
+    pub machine_busy: Duration,
+    pub machine_steal: Duration,
+    /// Open loop: send lag against the schedule (ns).
+    pub send_lag: Option<Histogram<u64>>,
+    pub unsent: u64,
+    /// Open loop: times the in-flight cap made the dispatcher wait.
+    pub capped: u64,
+    pub max_in_flight: u64,
+    pub sent_total: u64,
+    pub rss_samples_kib: Vec<u64>,
+}
+
+fn server_sample(pid: Option<u32>) -> Result<Option<ProcSample>, String> {
+    pid.map(procfs::sample).transpose()
+}
+
+/// The counters read at the start and the end of the measured window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mark {
+    server: Option<ProcSample>,
+    generator: Duration,
+    machine: procfs::MachineCpu,
+}
+
+impl Mark {
+    fn take(server_pid: Option<u32>) -> Result<Self, String> {
+        Ok(Self {
+            server: server_sample(server_pid)?,
+            generator: procfs::own_cpu(),
+            machine: procfs::machine_cpu().unwrap_or_default(),
+        })
+    }
+}
+
+struct Shared {
+    next: AtomicU64,
+    limit: u64,
+    stop: AtomicBool,
+    measuring: AtomicBool,
+}
+
+/// Closed loop with `concurrency` workers.
+pub async fn closed_loop(
+    workload: Arc<Workload>,
+    concurrency: usize,
+    options: &RunOptions,
+) -> Result<Measured, String> {
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        limit: options.max_requests.unwrap_or(u64::MAX),
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(false),
+    });
+    let mut recorder = Recorder::default();
+    let warm_end = Instant::now() + options.warmup;
+    let mut finished = false;
+    let mut before = Mark::default();
+    let mut window_start = Instant::now();
+    if options.warmup.is_zero() {
+        // Measure from the very first request (the workers have not run yet).
+        before = Mark::take(options.server_pid)?;
+        window_start = Instant::now();
+        shared.measuring.store(true, Ordering::Relaxed);
+    }
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        workers.spawn(worker(Arc::clone(&workload), Arc::clone(&shared)));
+    }
+    while !finished && !options.warmup.is_zero() {
+        tokio::select! {
+            _ = sleep_until(warm_end.into()) => break,
+            joined = workers.join_next() => match joined {
+                Some(r) => { r.map_err(|e| format!("worker failed: {e}"))?; }
+                None => finished = true,
+            },
+        }
+    }
+    if !options.warmup.is_zero() {
+        before = Mark::take(options.server_pid)?;
+        window_start = Instant::now();
+        shared.measuring.store(true, Ordering::Relaxed);
+    }
+
+    let end = window_start + options.duration;
+    let mut rss_samples_kib = Vec::new();
+    let mut next_rss = options.rss_every.map(|every| window_start + every);
+    let mut stopped = false;
+    while !finished {
+        tokio::select! {
+            _ = sleep_until(end.into()), if !stopped => {
+                stopped = true;
+                shared.stop.store(true, Ordering::Relaxed);
+            }
+            _ = sleep_until(next_rss.unwrap_or(end).into()), if next_rss.is_some() && !stopped => {
+                if let Some(s) = server_sample(options.server_pid)? {
+                    rss_samples_kib.push(s.rss_kib);
+                }
+                next_rss = next_rss.zip(options.rss_every).map(|(t, every)| t + every);
+            }
+            joined = workers.join_next() => match joined {
+                Some(r) => recorder.merge(&r.map_err(|e| format!("worker failed: {e}"))?),
+                None => finished = true,
+            },
+        }
+    }
+    let window = window_start.elapsed();
+    let after = Mark::take(options.server_pid)?;
+    Ok(Measured {
+        recorder,
+        window,
+        server_before: before.server,
+        server_after: after.server,
+        generator_cpu: after.generator.saturating_sub(before.generator),
+        machine_busy: after.machine.busy.saturating_sub(before.machine.busy),
+        machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
+        send_lag: None,
+        unsent: 0,
+        capped: 0,
+        max_in_flight: concurrency as u64,
+        sent_total: shared.next.load(Ordering::Relaxed).min(shared.limit),
+        rss_samples_kib,
+    })
+}
+
+async fn worker(workload: Arc<Workload>, shared: Arc<Shared>) -> Recorder {
+    let mut recorder = Recorder::default();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let seq = shared.next.fetch_add(1, Ordering::Relaxed);
+        if seq >= shared.limit {
+            break;
+        }
+        let measured = shared.measuring.load(Ordering::Relaxed);
+        let sent = Instant::now();
+        let result = workload.call(seq).await;
+        if measured {
+            recorder.record(sent.elapsed(), result);
+        }
+    }
+    recorder
+}
+
+/// Open loop at `rate` requests per second, at most `max_in_flight` unanswered at once.
+pub async fn open_loop(
+    workload: Arc<Workload>,
+    rate: f64,
+    max_in_flight: u64,
+    options: &RunOptions,
+) -> Result<Measured, String> {
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(Notify::new());
+    let limit = options.max_requests.unwrap_or(u64::MAX);
+
+    // Start a little in the future so that the first sends are not already late.
+    let start = Instant::now() + Duration::from_millis(5);
+    let schedule = Schedule::new(start, rate);
+    let warm_end = start + options.warmup;
+    let end = warm_end + options.duration;
+    // A generator this far behind its schedule gives up sending (and reports what it did not send).
+    let give_up = end + Duration::from_secs(1);
+
+    let mut send_lag = new_histogram();
+    let mut measuring: Option<(Instant, Mark)> = None;
+    let mut rss_samples_kib = Vec::new();
+    let mut next_rss: Option<Instant> = None;
+    let mut max_seen = 0u64;
+    let mut capped = 0u64;
+    let mut k = 0u64;
+    let mut gave_up = false;
+    while k < limit {
+        let due = schedule.intended(k);
+        if due >= end {
+            break;
+        }
+        let now = Instant::now();
+        match wait_for(due, now) {
+            Wait::Send => {}
+            Wait::Sleep(until) => {
+                sleep_until(until.into()).await;
+                continue;
+            }
+            Wait::Spin => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
+        if now > give_up {
+            gave_up = true;
+            break;
+        }
+        if measuring.is_none() && due >= warm_end {
+            measuring = Some((Instant::now(), Mark::take(options.server_pid)?));
+            next_rss = options.rss_every.map(|every| Instant::now() + every);
+        }
+        if let (Some(at), Some(every)) = (next_rss, options.rss_every)
+            && now >= at
+        {
+            if let Some(s) = server_sample(options.server_pid)? {
+                rss_samples_kib.push(s.rss_kib);
+            }
+            next_rss = Some(at + every);
+        }
+        while in_flight.load(Ordering::Relaxed) >= max_in_flight {
+            capped += 1;
+            let _ = timeout(Duration::from_millis(10), answered.notified()).await;
+        }
+        let measured = measuring.is_some();
+        if measured {
+            send_lag.saturating_record((Instant::now() - due).as_nanos() as u64);
+        }
+        let current = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        max_seen = max_seen.max(current);
+        let (workload, recorder, in_flight, answered) = (
+            Arc::clone(&workload),
+            Arc::clone(&recorder),
+            Arc::clone(&in_flight),
+            Arc::clone(&answered),
+        );
+        tokio::spawn(async move {
+            let result = workload.call(k).await;
+            // From the intended send time: a stall delays every request due during it.
+            let latency = Instant::now() - due;
+            if measured {
+                recorder
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(latency, result);
+            }
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            answered.notify_one();
+        });
+        k += 1;
+    }
+    let due_total = schedule.due_by(end - start).min(limit);
+    let unsent = if gave_up {
+        due_total.saturating_sub(k)
+    } else {
+        0
+    };
+    // Let the requests in flight finish (a stalled server gets 30 s).
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_deadline {
+        let _ = timeout(Duration::from_millis(5), answered.notified()).await;
+    }
+    let still = in_flight.load(Ordering::Relaxed);
+    let mut recorder = Arc::try_unwrap(recorder)
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_else(|shared| shared.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    for _ in 0..still {
+        recorder.error("no answer within 30 s after the run".into());
+    }
+    let Some((window_start, before)) = measuring else {
+        return Err("the run ended before the warm-up did: nothing was measured".into());
+    };
+    let window = window_start.elapsed();
+    let after = Mark::take(options.server_pid)?;
+    Ok(Measured {
+        recorder,
+        window,
+        server_before: before.server,
+        server_after: after.server,
+        generator_cpu: after.generator.saturating_sub(before.generator),
+        machine_busy: after.machine.busy.saturating_sub(before.machine.busy),
+        machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
+        send_lag: Some(send_lag),
+        unsent,
+        capped,
+        max_in_flight: max_seen,
+        sent_total: k,
+        rss_samples_kib,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine against an in-process ext_authz server that answers OK: short runs that check
+    //! the mechanics (counting, pacing, validation, /proc sampling), not performance.
+
+    use envoy_types::{
+        ext_authz::v3::pb::{
+            Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse,
+            OkHttpResponse,
+        },
+        pb::google::rpc,
+    };
+    use tokio::net::TcpListener;
+    use tonic::{
+        Request, Response, Status,
+        transport::{Server, server::TcpIncoming},
+    };
+
+    use super::*;
+    use crate::{
+        grpc,
+        scenario::{self, Rpc, Scenario},
+    };
+
+    struct Ok200;
+
+    #[tonic::async_trait]
+    impl Authorization for Ok200 {
+        async fn check(
+            &self,
+            _request: Request<CheckRequest>,
+        ) -> Result<Response<CheckResponse>, Status> {
+            Ok(Response::new(CheckResponse {
+                status: Some(rpc::Status::default()),
+                dynamic_metadata: None,
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            }))
+        }
+    }
+
+    async fn serve() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .add_service(AuthorizationServer::new(Ok200))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    async fn workload(target: &str, scenario: Scenario, payloads: usize) -> Arc<Workload> {
+        let channels = grpc::connect(target, 2).await.unwrap();
+        let payloads = (0..payloads)
+            .map(|i| scenario::encode(Rpc::Check, &scenario.call(), &format!("tok{i}")))
+            .collect();
+        Arc::new(Workload::new(
+            channels,
+            Rpc::Check,
+            payloads,
+            scenario.expect(),
+        ))
+    }
+
+    fn options(duration_ms: u64) -> RunOptions {
+        RunOptions {
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(duration_ms),
+            max_requests: None,
+            server_pid: Some(std::process::id()),
+            rss_every: Some(Duration::from_millis(50)),
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_loop_counts_answers_and_samples_the_server() {
+        let target = serve().await;
+        let m = closed_loop(workload(&target, Scenario::A, 1).await, 4, &options(200))
+            .await
+            .unwrap();
+        assert!(m.recorder.ok > 0, "{m:?}");
+        assert_eq!(m.recorder.errors, 0, "{:?}", m.recorder.error_samples);
+        assert!(m.window >= Duration::from_millis(200));
+        let (before, after) = (m.server_before.unwrap(), m.server_after.unwrap());
+        assert!(after.cpu >= before.cpu);
+        assert!(!m.rss_samples_kib.is_empty());
+    }
+
+    #[tokio::test]
+    async fn wrong_answers_are_errors() {
+        let target = serve().await;
+        // Scenario c expects a STEP_UP; an OK answer is wrong.
+        let m = closed_loop(workload(&target, Scenario::C, 1).await, 2, &options(100))
+            .await
+            .unwrap();
+        assert_eq!(m.recorder.ok, 0);
+        assert!(m.recorder.errors > 0);
+        assert!(m.recorder.error_samples[0].contains("expected a denied response"));
+    }
+
+    #[tokio::test]
+    async fn max_requests_sends_each_payload_once() {
+        let target = serve().await;
+        let mut opts = options(5_000);
+        opts.max_requests = Some(300);
+        opts.warmup = Duration::ZERO;
+        let m = closed_loop(workload(&target, Scenario::A, 300).await, 8, &opts)
+            .await
+            .unwrap();
+        assert_eq!(m.sent_total, 300);
+        assert_eq!(m.recorder.requests(), 300);
+        // It stopped when the payloads ran out, long before the duration.
+        assert!(m.window < Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn open_loop_holds_its_rate() {
+        let target = serve().await;
+        let m = open_loop(
+            workload(&target, Scenario::A, 1).await,
+            2_000.0,
+            1_000,
+            &options(500),
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.recorder.errors, 0, "{:?}", m.recorder.error_samples);
+        // 2 000/s over 0.5 s: about 1 000 measured requests, however fast the server answers.
+        let n = m.recorder.requests();
+        assert!((900..=1_100).contains(&n), "{n} requests");
+        assert_eq!(m.unsent, 0);
+        assert!(m.send_lag.is_some());
+    }
+}

@@ -1,0 +1,631 @@
+//! The benchmark scenarios: which token, which request, and which answer is the right one.
+//!
+//! Every response is checked against the scenario's expectation, and a mismatch is an error: a
+//! server that answers wrongly (or a baseline that cannot answer the scenario) cannot look fast.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use envoy_types::{
+    ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse},
+    pb::envoy::{
+        config::core::v3::{
+            Address, SocketAddress, address::Address as AddressKind, socket_address::PortSpecifier,
+        },
+        service::auth::v3::{
+            AttributeContext,
+            attribute_context::{HttpRequest as EnvoyHttpRequest, Peer, Request as EnvoyRequest},
+        },
+    },
+};
+use jsonwebtoken::Algorithm;
+use prost::Message as _;
+use stepgate::{
+    api::v1::{DecideRequest, DecideResponse, HttpRequest, Outcome, decide_request},
+    demo::TokenSpec,
+};
+
+/// Which RPC carries the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Rpc {
+    /// `envoy.service.auth.v3.Authorization/Check`, shaped as Envoy sends it.
+    Check,
+    /// `stepgate.v1.DecisionService/Decide`.
+    Decide,
+}
+
+impl Rpc {
+    pub fn path(self) -> &'static str {
+        match self {
+            Rpc::Check => "/envoy.service.auth.v3.Authorization/Check",
+            Rpc::Decide => "/stepgate.v1.DecisionService/Decide",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rpc::Check => "check",
+            Rpc::Decide => "decide",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Allowed request, the same token every time (the verified-token cache answers).
+    #[value(name = "a")]
+    A,
+    /// Allowed requests, a distinct RS256 token each (every one is verified).
+    #[value(name = "b-rs256")]
+    BRs256,
+    /// Allowed requests, a distinct ES256 token each.
+    #[value(name = "b-es256")]
+    BEs256,
+    /// Wire transfer without MFA from a capable client: STEP_UP with the Entra claims challenge.
+    #[value(name = "c")]
+    C,
+    /// A token whose signature does not verify: 401 signature_invalid (never cached).
+    #[value(name = "d-badsig")]
+    DBadsig,
+    /// An expired token: 401 token_expired.
+    #[value(name = "d-expired")]
+    DExpired,
+    /// Decide for a 25 000 wire transfer: the CEL escalation adds c2, so STEP_UP for c2.
+    #[value(name = "e")]
+    E,
+    /// 100 000 distinct RS256 tokens (as b-rs256): fills the token cache for the memory target.
+    #[value(name = "rss-100k")]
+    Rss100k,
+}
+
+/// The answer a scenario must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Allow,
+    /// STEP_UP with the Entra claims challenge for `missing`.
+    StepUp {
+        missing: &'static str,
+    },
+    Deny {
+        status: u32,
+        reason: &'static str,
+    },
+}
+
+/// Where a scenario's token(s) come from.
+#[derive(Debug, Clone)]
+pub enum TokenPlan {
+    /// One token, sent with every request.
+    One {
+        spec: TokenSpec,
+        alg: Algorithm,
+        tamper: bool,
+    },
+    /// Distinct tokens cycled (minted, or read from `--tokens`).
+    Distinct { spec: TokenSpec, alg: Algorithm },
+}
+
+/// The request a scenario sends, before it is shaped for an RPC.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: &'static str,
+    pub host: &'static str,
+    pub path: &'static str,
+    /// Decide only: the operation and the attributes.
+    pub operation: Option<&'static str>,
+    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub const HOST: &str = "api.bench.stepgate.invalid";
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::A => "a",
+            Scenario::BRs256 => "b-rs256",
+            Scenario::BEs256 => "b-es256",
+            Scenario::C => "c",
+            Scenario::DBadsig => "d-badsig",
+            Scenario::DExpired => "d-expired",
+            Scenario::E => "e",
+            Scenario::Rss100k => "rss-100k",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Scenario::A => "Check, ALLOW, same token (cached)",
+            Scenario::BRs256 => "Check, ALLOW, distinct RS256 token per request",
+            Scenario::BEs256 => "Check, ALLOW, distinct ES256 token per request",
+            Scenario::C => "Check, STEP_UP with Entra claims challenge",
+            Scenario::DBadsig => "Check, 401 bad signature",
+            Scenario::DExpired => "Check, 401 expired token",
+            Scenario::E => "Decide, CEL escalation (amount 25000) → STEP_UP c2",
+            Scenario::Rss100k => "Check, 100 000 distinct RS256 tokens (cache fill)",
+        }
+    }
+
+    pub fn default_rpc(self) -> Rpc {
+        match self {
+            Scenario::E => Rpc::Decide,
+            _ => Rpc::Check,
+        }
+    }
+
+    pub fn tokens(self) -> TokenPlan {
+        let user = TokenSpec::default;
+        let one = |spec: TokenSpec| TokenPlan::One {
+            spec,
+            alg: Algorithm::RS256,
+            tamper: false,
+        };
+        match self {
+            Scenario::A => one(user()),
+            Scenario::BRs256 | Scenario::Rss100k => TokenPlan::Distinct {
+                spec: user(),
+                alg: Algorithm::RS256,
+            },
+            Scenario::BEs256 => TokenPlan::Distinct {
+                spec: user(),
+                alg: Algorithm::ES256,
+            },
+            // A password-only sign-in from a client that handles claims challenges.
+            Scenario::C => one(TokenSpec {
+                xms_cc: vec!["cp1".into()],
+                ..user()
+            }),
+            Scenario::DBadsig => TokenPlan::One {
+                spec: user(),
+                alg: Algorithm::RS256,
+                tamper: true,
+            },
+            // Expired an hour ago: far beyond the 60 s leeway.
+            Scenario::DExpired => one(TokenSpec {
+                lifetime: -3600,
+                ..user()
+            }),
+            // MFA done (c1), but not the compliant device (c2) the large amount escalates to.
+            Scenario::E => one(TokenSpec {
+                acrs: vec!["c1".into()],
+                xms_cc: vec!["cp1".into()],
+                ..user()
+            }),
+        }
+    }
+
+    pub fn call(self) -> Call {
+        let get = Call {
+            method: "GET",
+            host: HOST,
+            path: "/api/orders/42?expand=items",
+            operation: None,
+            attributes: None,
+        };
+        match self {
+            Scenario::C => Call {
+                method: "POST",
+                path: "/payments/wire",
+                ..get
+            },
+            Scenario::E => {
+                let mut attributes = serde_json::Map::new();
+                attributes.insert("amount".into(), serde_json::json!(25000));
+                attributes.insert("currency".into(), serde_json::json!("EUR"));
+                Call {
+                    method: "POST",
+                    path: "/payments/wire",
+                    operation: Some("payments.wire_transfer"),
+                    attributes: Some(attributes),
+                    ..get
+                }
+            }
+            _ => get,
+        }
+    }
+
+    pub fn expect(self) -> Expect {
+        match self {
+            Scenario::A | Scenario::BRs256 | Scenario::BEs256 | Scenario::Rss100k => Expect::Allow,
+            Scenario::C => Expect::StepUp { missing: "c1" },
+            Scenario::DBadsig => Expect::Deny {
+                status: 401,
+                reason: "signature_invalid",
+            },
+            Scenario::DExpired => Expect::Deny {
+                status: 401,
+                reason: "token_expired",
+            },
+            Scenario::E => Expect::StepUp { missing: "c2" },
+        }
+    }
+
+    /// Whether the scenario can be sent over `rpc`.
+    pub fn supports(self, rpc: Rpc) -> Result<(), String> {
+        match (self, rpc) {
+            (Scenario::E, Rpc::Check) => {
+                Err("scenario e needs --rpc decide: request attributes exist only in Decide".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The encoded request for `token`.
+pub fn encode(rpc: Rpc, call: &Call, token: &str) -> Bytes {
+    match rpc {
+        Rpc::Check => envoy_check(call, token).encode_to_vec().into(),
+        Rpc::Decide => decide_request(call, token).encode_to_vec().into(),
+    }
+}
+
+/// A `CheckRequest` as Envoy sends it (`encode_raw_headers: false`): lower-case header keys with
+/// the pseudo-headers, the usual proxy headers, source and destination peers.
+pub fn envoy_check(call: &Call, token: &str) -> CheckRequest {
+    let mut headers: HashMap<String, String> = HashMap::new();
+    let mut put = |k: &str, v: &str| {
+        headers.insert(k.to_owned(), v.to_owned());
+    };
+    put(":authority", call.host);
+    put(":method", call.method);
+    put(":path", call.path);
+    put(":scheme", "https");
+    put("authorization", &format!("Bearer {token}"));
+    put("accept", "application/json");
+    put("user-agent", "bench-client/1.0");
+    put("x-forwarded-proto", "https");
+    put("x-request-id", "3c1c5b1e-9d2f-4b8a-8000-000000000042");
+    if call.method == "POST" {
+        put("content-type", "application/json");
+        put("content-length", "64");
+    }
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(AddressKind::SocketAddress(SocketAddress {
+                address: ip.to_owned(),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 51234)),
+            destination: Some(peer("10.1.0.10", 8443)),
+            request: Some(EnvoyRequest {
+                time: None,
+                http: Some(EnvoyHttpRequest {
+                    id: "9114224365146203311".into(),
+                    method: call.method.into(),
+                    headers,
+                    path: call.path.into(),
+                    host: call.host.into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A `DecideRequest`: the token, and the operation with attributes or the HTTP request.
+pub fn decide_request(call: &Call, token: &str) -> DecideRequest {
+    DecideRequest {
+        credential: Some(decide_request::Credential::Token(token.to_owned())),
+        operation: call.operation.unwrap_or_default().to_owned(),
+        http: call.operation.is_none().then(|| HttpRequest {
+            method: call.method.into(),
+            host: call.host.into(),
+            path: call.path.into(),
+            headers: HashMap::new(),
+        }),
+        attributes: call.attributes.as_ref().map(to_struct),
+        explain: false,
+    }
+}
+
+fn to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    use prost_types::{Value, value::Kind};
+    fn value(v: &serde_json::Value) -> Value {
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
+        };
+        Value { kind: Some(kind) }
+    }
+    prost_types::Struct {
+        fields: map.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+    }
+}
+
+/// gRPC codes Envoy's ext_authz maps denials from (google.rpc.Code).
+const OK: i32 = 0;
+const INVALID_ARGUMENT: i32 = 3;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
+
+/// Checks an encoded response of `rpc` against `expect`.
+pub fn validate(rpc: Rpc, expect: Expect, body: &[u8]) -> Result<(), String> {
+    match rpc {
+        Rpc::Check => {
+            let response = CheckResponse::decode(body)
+                .map_err(|e| format!("undecodable CheckResponse: {e}"))?;
+            validate_check(expect, &response)
+        }
+        Rpc::Decide => {
+            let response = DecideResponse::decode(body)
+                .map_err(|e| format!("undecodable DecideResponse: {e}"))?;
+            validate_decide(expect, &response)
+        }
+    }
+}
+
+pub fn validate_check(expect: Expect, response: &CheckResponse) -> Result<(), String> {
+    let (code, message) = response
+        .status
+        .as_ref()
+        .map_or((OK, ""), |s| (s.code, s.message.as_str()));
+    let got = || format!("code {code} ({message})");
+    match expect {
+        Expect::Allow => match (&response.http_response, code) {
+            (Some(HttpResponse::OkResponse(_)), OK) => Ok(()),
+            _ => Err(format!("expected OK, got {}", got())),
+        },
+        Expect::StepUp { .. } | Expect::Deny { .. } => {
+            let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
+                return Err(format!("expected a denied response, got {}", got()));
+            };
+            let status = denied.status.as_ref().map_or(0, |s| s.code);
+            let www = denied
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .find(|h| h.key.eq_ignore_ascii_case("www-authenticate"))
+                .map(|h| h.value.as_str());
+            match expect {
+                Expect::StepUp { .. } => {
+                    if code != UNAUTHENTICATED || status != 401 {
+                        return Err(format!(
+                            "expected 401 STEP_UP, got HTTP {status}, {}",
+                            got()
+                        ));
+                    }
+                    if message != "missing_auth_context" {
+                        return Err(format!("expected missing_auth_context, got {message}"));
+                    }
+                    match www {
+                        Some(w)
+                            if w.contains("error=\"insufficient_claims\"")
+                                && w.contains("claims=\"") =>
+                        {
+                            Ok(())
+                        }
+                        other => Err(format!("expected an Entra claims challenge, got {other:?}")),
+                    }
+                }
+                Expect::Deny {
+                    status: want,
+                    reason,
+                } => {
+                    let want_code = match want {
+                        400 => INVALID_ARGUMENT,
+                        401 => UNAUTHENTICATED,
+                        _ => PERMISSION_DENIED,
+                    };
+                    if code != want_code || status as u32 != want || message != reason {
+                        return Err(format!(
+                            "expected HTTP {want} {reason}, got HTTP {status}, {}",
+                            got()
+                        ));
+                    }
+                    if want == 401 && www.is_none() {
+                        return Err("a 401 without WWW-Authenticate".into());
+                    }
+                    Ok(())
+                }
+                Expect::Allow => unreachable!(),
+            }
+        }
+    }
+}
+
+pub fn validate_decide(expect: Expect, response: &DecideResponse) -> Result<(), String> {
+    let outcome = response.outcome();
+    let got = || {
+        format!(
+            "{} {} ({})",
+            outcome.as_str_name(),
+            response.http_status,
+            response.reason
+        )
+    };
+    match expect {
+        Expect::Allow if outcome == Outcome::Allow && response.http_status == 200 => Ok(()),
+        Expect::StepUp { missing } => {
+            if outcome != Outcome::StepUp || response.http_status != 401 {
+                return Err(format!("expected STEP_UP 401, got {}", got()));
+            }
+            if !response
+                .www_authenticate
+                .contains("error=\"insufficient_claims\"")
+            {
+                return Err(format!(
+                    "expected an Entra claims challenge, got {:?}",
+                    response.www_authenticate
+                ));
+            }
+            let missing_ok = response
+                .step_up
+                .as_ref()
+                .is_some_and(|s| s.missing_auth_contexts == [missing]);
+            if missing_ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "expected missing auth context {missing}, got {:?}",
+                    response.step_up.as_ref().map(|s| &s.missing_auth_contexts)
+                ))
+            }
+        }
+        Expect::Deny { status, reason }
+            if outcome == Outcome::Deny
+                && response.http_status == status
+                && response.reason == reason =>
+        {
+            Ok(())
+        }
+        _ => Err(format!("expected {expect:?}, got {}", got())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::{
+        ext_authz::v3::pb::{
+            DeniedHttpResponse, HeaderValue, HeaderValueOption, HttpStatus, OkHttpResponse,
+        },
+        pb::google::rpc,
+    };
+    use stepgate::api::v1::StepUpRequirement;
+
+    use super::*;
+
+    fn denied(code: i32, message: &str, status: i32, www: Option<&str>) -> CheckResponse {
+        CheckResponse {
+            status: Some(rpc::Status {
+                code,
+                message: message.into(),
+                details: vec![],
+            }),
+            dynamic_metadata: None,
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: status }),
+                headers: www
+                    .map(|w| HeaderValueOption {
+                        header: Some(HeaderValue {
+                            key: "www-authenticate".into(),
+                            value: w.into(),
+                            raw_value: vec![],
+                        }),
+                        ..Default::default()
+                    })
+                    .into_iter()
+                    .collect(),
+                body: String::new(),
+            })),
+        }
+    }
+
+    const ENTRA: &str = "Bearer realm=\"\", authorization_uri=\"x\", error=\"insufficient_claims\", claims=\"eyJ9\"";
+
+    #[test]
+    fn check_answers_are_validated() {
+        let ok = CheckResponse {
+            status: Some(rpc::Status::default()),
+            dynamic_metadata: None,
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+        };
+        assert_eq!(validate_check(Expect::Allow, &ok), Ok(()));
+        assert!(validate_check(Expect::StepUp { missing: "c1" }, &ok).is_err());
+
+        let step_up = denied(16, "missing_auth_context", 401, Some(ENTRA));
+        assert_eq!(
+            validate_check(Expect::StepUp { missing: "c1" }, &step_up),
+            Ok(())
+        );
+        assert!(validate_check(Expect::Allow, &step_up).is_err());
+        let rfc9470 = denied(
+            16,
+            "missing_auth_context",
+            401,
+            Some("Bearer error=\"insufficient_user_authentication\""),
+        );
+        assert!(validate_check(Expect::StepUp { missing: "c1" }, &rfc9470).is_err());
+
+        let bad_sig = Expect::Deny {
+            status: 401,
+            reason: "signature_invalid",
+        };
+        let www = "Bearer realm=\"r\", error=\"invalid_token\"";
+        assert_eq!(
+            validate_check(bad_sig, &denied(16, "signature_invalid", 401, Some(www))),
+            Ok(())
+        );
+        assert!(validate_check(bad_sig, &denied(16, "token_expired", 401, Some(www))).is_err());
+        assert!(validate_check(bad_sig, &denied(16, "signature_invalid", 401, None)).is_err());
+        assert!(validate_check(bad_sig, &denied(7, "signature_invalid", 403, Some(www))).is_err());
+    }
+
+    #[test]
+    fn decide_answers_are_validated() {
+        let step_up = DecideResponse {
+            outcome: Outcome::StepUp as i32,
+            http_status: 401,
+            reason: "missing_auth_context".into(),
+            www_authenticate: ENTRA.into(),
+            step_up: Some(StepUpRequirement {
+                missing_auth_contexts: vec!["c2".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate_decide(Expect::StepUp { missing: "c2" }, &step_up),
+            Ok(())
+        );
+        // Without the escalation the missing context would be c1.
+        assert!(validate_decide(Expect::StepUp { missing: "c1" }, &step_up).is_err());
+        assert!(validate_decide(Expect::Allow, &step_up).is_err());
+        let allow = DecideResponse {
+            outcome: Outcome::Allow as i32,
+            http_status: 200,
+            ..Default::default()
+        };
+        assert_eq!(validate_decide(Expect::Allow, &allow), Ok(()));
+        let deny = DecideResponse {
+            outcome: Outcome::Deny as i32,
+            http_status: 401,
+            reason: "token_expired".into(),
+            ..Default::default()
+        };
+        let expired = Expect::Deny {
+            status: 401,
+            reason: "token_expired",
+        };
+        assert_eq!(validate_decide(expired, &deny), Ok(()));
+        assert!(validate_decide(Expect::Allow, &deny).is_err());
+    }
+
+    #[test]
+    fn requests_are_shaped_per_rpc() {
+        let check = envoy_check(&Scenario::C.call(), "tok");
+        let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(http.method, "POST");
+        assert_eq!(http.path, "/payments/wire");
+        assert_eq!(http.headers["authorization"], "Bearer tok");
+        assert_eq!(http.headers[":path"], "/payments/wire");
+
+        let decide = decide_request(&Scenario::E.call(), "tok");
+        assert_eq!(decide.operation, "payments.wire_transfer");
+        assert!(decide.http.is_none());
+        let amount = &decide.attributes.unwrap().fields["amount"];
+        assert_eq!(
+            amount.kind,
+            Some(prost_types::value::Kind::NumberValue(25000.0))
+        );
+
+        let decide_a = decide_request(&Scenario::A.call(), "tok");
+        assert_eq!(decide_a.http.unwrap().path, "/api/orders/42?expand=items");
+        assert!(Scenario::E.supports(Rpc::Check).is_err());
+        assert!(Scenario::A.supports(Rpc::Decide).is_ok());
+        assert!(!encode(Rpc::Check, &Scenario::A.call(), "t").is_empty());
+    }
+}

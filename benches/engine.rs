@@ -1,0 +1,173 @@
+//! Micro-benchmarks of the engine, so that a regression shows without a load run:
+//! `cargo bench --bench engine` (CI runs each once in test mode through `cargo test --benches`).
+//!
+//! - `decide/*`: the whole `decide()` for a request shaped like an Envoy `Check` — cached and
+//!   uncached token verification (RS256, ES256), a step-up with the Entra claims challenge, a
+//!   `Decide` call with a CEL escalation;
+//! - `verify/*`: token verification alone;
+//! - `challenge/*`: `WWW-Authenticate` rendering.
+
+use std::{collections::HashMap, hint::black_box, path::Path};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use stepgate::{
+    challenge,
+    decision::{Outcome, decide},
+    demo::{self, DEMO_EC_KID, DEMO_RSA_KID, TokenSpec},
+    identity::{EntraChallenge, jwks::KeySet, verify},
+    policy::Policy,
+    request::{AccessRequest, HttpAttributes, PresentedCredential},
+};
+
+const NOW: i64 = 1_800_000_000;
+const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
+
+fn policy(extra: &str) -> Policy {
+    let text =
+        std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap() + extra;
+    let file = stepgate::config::parse(&text).unwrap();
+    let policy = stepgate::policy::compile(&file, &Path::new(MANIFEST).join("examples")).unwrap();
+    let jwks = std::fs::read(format!("{MANIFEST}/examples/demo-keys/jwks.json")).unwrap();
+    for issuer in policy.issuers.iter() {
+        issuer.set_keys(KeySet::parse(&jwks).unwrap().0);
+    }
+    policy
+}
+
+fn token(spec: &TokenSpec, alg: Algorithm) -> String {
+    let (file, kid) = match alg {
+        Algorithm::ES256 => ("demo-ec-private.pem", DEMO_EC_KID),
+        _ => ("demo-rsa-private.pem", DEMO_RSA_KID),
+    };
+    let pem = std::fs::read(format!("{MANIFEST}/examples/demo-keys/{file}")).unwrap();
+    demo::sign(&spec.claims(NOW), &pem, alg, kid).unwrap()
+}
+
+/// An Envoy-shaped request: method, authority, path and a handful of headers.
+fn check_request(token: &str, method: &str, path: &str) -> AccessRequest {
+    let mut headers = HashMap::new();
+    for (k, v) in [
+        (":authority", "api.example.com"),
+        (":method", method),
+        (":path", path),
+        (":scheme", "https"),
+        ("user-agent", "bench"),
+        ("x-request-id", "6b1f0c5e-5d8e-4d1a-9c71-0d6a8f0e2f11"),
+    ] {
+        headers.insert(k.to_owned(), v.to_owned());
+    }
+    headers.insert("authorization".to_owned(), format!("Bearer {token}"));
+    AccessRequest {
+        credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+        http: Some(HttpAttributes::new(
+            method,
+            "api.example.com",
+            path,
+            headers,
+        )),
+        proxy_header_count: Some(7),
+        ..AccessRequest::default()
+    }
+}
+
+fn decide_benches(c: &mut Criterion) {
+    let cached = policy("");
+    let uncached = policy("\nlimits: { token_cache_entries: 0 }\n");
+    let user = TokenSpec {
+        acrs: vec!["c1".into()],
+        xms_cc: vec!["cp1".into()],
+        ..TokenSpec::default()
+    };
+    let rs256 = token(&user, Algorithm::RS256);
+    let es256 = token(&user, Algorithm::ES256);
+    let allow = check_request(&rs256, "GET", "/accounts/42");
+    let allow_es = check_request(&es256, "GET", "/accounts/42");
+    assert_eq!(decide(&cached, &allow, NOW).outcome, Outcome::Allow);
+    assert_eq!(decide(&uncached, &allow_es, NOW).outcome, Outcome::Allow);
+
+    let mut group = c.benchmark_group("decide");
+    group.bench_function("check_allow_cached_token", |b| {
+        b.iter(|| decide(&cached, black_box(&allow), NOW))
+    });
+    group.bench_function("check_allow_uncached_rs256", |b| {
+        b.iter(|| decide(&uncached, black_box(&allow), NOW))
+    });
+    group.bench_function("check_allow_uncached_es256", |b| {
+        b.iter(|| decide(&uncached, black_box(&allow_es), NOW))
+    });
+
+    let weak = token(
+        &TokenSpec {
+            xms_cc: vec!["cp1".into()],
+            ..TokenSpec::default()
+        },
+        Algorithm::RS256,
+    );
+    let step_up = check_request(&weak, "POST", "/payments/wire");
+    assert_eq!(decide(&cached, &step_up, NOW).outcome, Outcome::StepUp);
+    group.bench_function("check_step_up_entra_challenge", |b| {
+        b.iter(|| decide(&cached, black_box(&step_up), NOW))
+    });
+
+    let escalation = AccessRequest {
+        credential: PresentedCredential::Token(rs256.clone()),
+        operation: Some("payments.wire_transfer".into()),
+        attributes: json!({"amount": 25000.0}).as_object().unwrap().clone(),
+        ..AccessRequest::default()
+    };
+    assert_eq!(decide(&cached, &escalation, NOW).outcome, Outcome::StepUp);
+    group.bench_function("decide_cel_escalation", |b| {
+        b.iter(|| decide(&cached, black_box(&escalation), NOW))
+    });
+
+    let mut bad = rs256.clone();
+    bad.pop();
+    bad.push(if rs256.ends_with('A') { 'B' } else { 'A' });
+    let invalid = check_request(&bad, "GET", "/accounts/42");
+    assert_eq!(decide(&cached, &invalid, NOW).outcome, Outcome::Deny);
+    group.bench_function("check_deny_bad_signature", |b| {
+        b.iter(|| decide(&cached, black_box(&invalid), NOW))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("verify");
+    group.bench_function("rs256", |b| {
+        b.iter(|| verify(black_box(&rs256), &uncached.issuers, 16_384, NOW))
+    });
+    group.bench_function("es256", |b| {
+        b.iter(|| verify(black_box(&es256), &uncached.issuers, 16_384, NOW))
+    });
+    group.finish();
+}
+
+fn challenge_benches(c: &mut Criterion) {
+    let entra = EntraChallenge {
+        authorization_uri: "https://login.microsoftonline.com/common/oauth2/authorize".into(),
+        realm: String::new(),
+        client_id: None,
+    };
+    let acr = vec!["urn:okta:loa:2fa:any".to_owned(), "phr".to_owned()];
+    let mut group = c.benchmark_group("challenge");
+    group.bench_function("entra_claims", |b| {
+        b.iter(|| {
+            let json = challenge::entra_claims_request(black_box("c1"));
+            challenge::entra_claims(&entra, &challenge::encode_claims(&json))
+        })
+    });
+    group.bench_function("rfc9470", |b| {
+        b.iter(|| {
+            challenge::insufficient_user_authentication(
+                black_box("api"),
+                "a sign-in within 900 seconds is required",
+                &acr,
+                Some(900),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decide_benches, challenge_benches);
+criterion_main!(benches);
