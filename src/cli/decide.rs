@@ -3,7 +3,6 @@
 
 use std::{collections::HashMap, path::PathBuf, process::ExitCode};
 
-use prost_types::{Struct, Value, value::Kind};
 use stepgate::{
     api::v1::{
         DecideRequest, DecideResponse, HttpRequest, decide_request::Credential,
@@ -96,13 +95,8 @@ fn build_request(args: &DecideArgs) -> DecideRequest {
         path: args.path.clone().unwrap_or_else(|| "/".to_owned()),
         headers: HashMap::new(),
     });
-    let attributes = (!args.attributes.is_empty()).then(|| Struct {
-        fields: args
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
-    });
+    let attributes = (!args.attributes.is_empty())
+        .then(|| stepgate::api::json_to_struct(&args.attributes.iter().cloned().collect()));
     DecideRequest {
         credential,
         operation: args.operation.clone(),
@@ -138,25 +132,6 @@ async fn offline(
     let access = access_request(request).map_err(|s| (2, s.message().to_owned()))?;
     let decision = decision::decide(&policy, &access, unix_now());
     Ok(decide_response(&decision, &policy.upstream))
-}
-
-fn json_to_value(v: &serde_json::Value) -> Value {
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(Struct {
-            fields: o
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        }),
-    };
-    Value { kind: Some(kind) }
 }
 
 /// The response as JSON with proto field names (and the outcome as its short name).

@@ -4,15 +4,17 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use prost_types::{Struct, value::Kind};
-use serde_json::{Map, Number, Value};
+use serde_json::Map;
 use tonic::{Request, Response, Status};
 
 use super::authorizer::Authorizer;
 use crate::{
-    api::v1::{
-        self, DecideRequest, DecideResponse, decide_request,
-        decision_service_server::DecisionService,
+    api::{
+        self,
+        v1::{
+            self, DecideRequest, DecideResponse, decide_request,
+            decision_service_server::DecisionService,
+        },
     },
     decision::{Decision, Outcome},
     identity::CredentialProblem,
@@ -95,7 +97,10 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         credential,
         operation,
         http,
-        attributes: request.attributes.map(struct_to_json).unwrap_or_default(),
+        attributes: request
+            .attributes
+            .map(api::struct_to_json)
+            .unwrap_or_default(),
         context: Map::new(),
         source: None,
         proxy_header_count: None,
@@ -155,23 +160,5 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             })
             .collect(),
         token_fingerprint: d.token_fingerprint.clone().unwrap_or_default(),
-    }
-}
-
-fn struct_to_json(s: Struct) -> Map<String, Value> {
-    s.fields
-        .into_iter()
-        .map(|(k, v)| (k, value_to_json(v)))
-        .collect()
-}
-
-fn value_to_json(v: prost_types::Value) -> Value {
-    match v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::NumberValue(n)) => Number::from_f64(n).map_or(Value::Null, Value::Number),
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
     }
 }

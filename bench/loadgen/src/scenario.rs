@@ -321,28 +321,8 @@ pub fn decide_request(call: &Call, token: &str) -> DecideRequest {
             path: call.path.into(),
             headers: HashMap::new(),
         }),
-        attributes: call.attributes.as_ref().map(to_struct),
+        attributes: call.attributes.as_ref().map(stepgate::api::json_to_struct),
         explain: false,
-    }
-}
-
-fn to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-    use prost_types::{Value, value::Kind};
-    fn value(v: &serde_json::Value) -> Value {
-        let kind = match v {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-                values: a.iter().map(value).collect(),
-            }),
-            serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
-        };
-        Value { kind: Some(kind) }
-    }
-    prost_types::Struct {
-        fields: map.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
     }
 }
 
