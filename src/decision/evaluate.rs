@@ -540,8 +540,16 @@ impl<'p> Run<'p> {
                 else {
                     unreachable!("an expressible Entra challenge names a context");
                 };
-                let json = challenge::entra_claims_request(&context);
-                let b64 = challenge::encode_claims(&json);
+                // Every required context is declared (checked at load), so its claims request
+                // was rendered then.
+                let (json, b64) = match self.policy.auth_contexts.get(&context) {
+                    Some(c) => (c.claims_request.clone(), c.claims_base64.clone()),
+                    None => {
+                        let json = challenge::entra_claims_request(&context);
+                        let b64 = challenge::encode_claims(&json);
+                        (json, b64)
+                    }
+                };
                 step_up.claims = Some((json, b64.clone()));
                 if !token.client_is_challenge_capable() {
                     self.step("challenge", || {

@@ -332,10 +332,13 @@ fn compile_auth_contexts(
             );
         }
         let id = id.to_ascii_lowercase();
+        let claims_request = crate::challenge::entra_claims_request(&id);
         let context = AuthContext {
             id: id.clone(),
             description: c.description.clone(),
             max_age: c.max_age.map(|s| s.0),
+            claims_base64: crate::challenge::encode_claims(&claims_request),
+            claims_request,
         };
         if out.insert(id.clone(), context).is_some() {
             return err(

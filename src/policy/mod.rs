@@ -34,6 +34,10 @@ pub struct AuthContext {
     pub id: String,
     pub description: String,
     pub max_age: Option<u64>,
+    /// The Entra claims request asking for this context (minified JSON) and its base64 form,
+    /// rendered once at load rather than on every step-up.
+    pub claims_request: String,
+    pub claims_base64: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
