@@ -2,6 +2,7 @@
 //! refresh and policy reload in the background; graceful shutdown.
 
 pub mod authorizer;
+mod conn;
 pub mod decide;
 pub mod ext_authz;
 mod reload;
@@ -11,6 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::StreamExt as _;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -102,7 +104,9 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|accepted| accepted.map(conn::Batched));
     tracing::info!(addr = %local, "stepgate listening on {local}");
 
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
