@@ -113,11 +113,12 @@ pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCod
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    telemetry::init(args.log_format, &args.log_level);
+    let logs = telemetry::init(args.log_format, &args.log_level);
     let policy = match load_policy(&args.config) {
         Ok(policy) => policy,
         Err(err) => {
             tracing::error!(config = %args.config.display(), field = %err.path, "invalid policy: {err}");
+            logs.flush();
             return config_error(&args.config, &err);
         }
     };
@@ -131,6 +132,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(err) => {
+            logs.flush();
             eprintln!("stepgate: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
         }
@@ -146,6 +148,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
+            logs.flush();
             eprintln!("stepgate: {err:#}");
             ExitCode::FAILURE
         }

@@ -3,10 +3,13 @@
 //! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
 
 pub mod metrics;
+mod writer;
 
 use std::{io::IsTerminal, time::Duration};
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+pub use writer::LogGuard;
 
 use crate::{decision::Decision, request::Door};
 
@@ -18,8 +21,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides `level` (e.g. `stepgate=debug`).
-pub fn init(format: LogFormat, level: &str) {
+/// Installs the global subscriber, writing to stderr through a buffer (see [`writer`]). `RUST_LOG`
+/// overrides `level` (e.g. `stepgate=debug`). Keep the guard until the process ends: dropping it
+/// writes the lines still buffered.
+pub fn init(format: LogFormat, level: &str) -> LogGuard {
+    let (stderr, guard) = writer::BufferedStderr::start();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
@@ -27,7 +33,7 @@ pub fn init(format: LogFormat, level: &str) {
             .with(
                 fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr),
+                    .with_writer(stderr.clone()),
             )
             .init(),
         LogFormat::Json => registry
@@ -36,10 +42,11 @@ pub fn init(format: LogFormat, level: &str) {
                     .json()
                     .flatten_event(true)
                     .with_current_span(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(stderr),
             )
             .init(),
     }
+    guard
 }
 
 /// Logs one decision and counts it in the metrics.
@@ -58,8 +65,8 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         rule = decision.rule.as_deref().unwrap_or(""),
         reason = decision.reason.as_str(),
         status = decision.http_status,
-        subject = principal.map_or("", |p| p.subject.as_str()),
-        issuer = principal.map_or("", |p| p.issuer_id.as_str()),
+        subject = principal.map_or("", |p| &*p.subject),
+        issuer = principal.map_or("", |p| &*p.issuer_id),
         token = decision.token_fingerprint.as_deref().unwrap_or(""),
         micros = elapsed.as_micros() as u64,
         "{}", decision.message
