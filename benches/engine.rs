@@ -16,7 +16,7 @@ use stepgate::{
     challenge,
     decision::{Outcome, decide},
     demo::{self, DEMO_EC_KID, DEMO_RSA_KID, TokenSpec},
-    identity::{EntraChallenge, jwks::KeySet, verify},
+    identity::{EntraChallenge, KeepClaims, intern::Interner, jwks::KeySet, verify},
     policy::Policy,
     request::{AccessRequest, HttpAttributes, PresentedCredential},
 };
@@ -133,11 +133,30 @@ fn decide_benches(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("verify");
+    let (keep, interner) = (KeepClaims::Named(Box::new([])), Interner::default());
     group.bench_function("rs256", |b| {
-        b.iter(|| verify(black_box(&rs256), &uncached.issuers, 16_384, NOW))
+        b.iter(|| {
+            verify(
+                black_box(&rs256),
+                &uncached.issuers,
+                16_384,
+                NOW,
+                &keep,
+                &interner,
+            )
+        })
     });
     group.bench_function("es256", |b| {
-        b.iter(|| verify(black_box(&es256), &uncached.issuers, 16_384, NOW))
+        b.iter(|| {
+            verify(
+                black_box(&es256),
+                &uncached.issuers,
+                16_384,
+                NOW,
+                &keep,
+                &interner,
+            )
+        })
     });
     group.finish();
 }

@@ -339,7 +339,7 @@ impl<'p> Run<'p> {
         let missing: Vec<String> = effective
             .scopes
             .iter()
-            .filter(|s| !p.scopes.iter().any(|have| have == *s))
+            .filter(|s| !p.scopes.iter().any(|have| **have == ***s))
             .map(|s| s.to_string())
             .collect();
         if !missing.is_empty() {
@@ -359,7 +359,7 @@ impl<'p> Run<'p> {
         if let Some(role) = effective
             .roles
             .iter()
-            .find(|r| !p.roles.iter().any(|have| have == *r))
+            .find(|r| !p.roles.iter().any(|have| **have == ***r))
         {
             let message = format!("missing role {role}");
             self.step("require", || message.clone());
@@ -417,7 +417,7 @@ impl<'p> Run<'p> {
         let missing_contexts: Vec<String> = effective
             .auth_contexts
             .iter()
-            .filter(|c| !p.acrs.iter().any(|have| have == *c))
+            .filter(|c| !p.acrs.iter().any(|have| **have == ***c))
             .map(|c| c.to_string())
             .collect();
         let acr_ok = effective.acr.is_empty()
@@ -428,7 +428,7 @@ impl<'p> Run<'p> {
             .amr
             .iter()
             .copied()
-            .filter(|m| !p.amr.iter().any(|have| have == m))
+            .filter(|m| !p.amr.iter().any(|have| **have == **m))
             .collect();
         let age = effective
             .max_age
@@ -747,20 +747,21 @@ fn identity_headers(
     token: &VerifiedToken,
 ) -> Vec<(String, String)> {
     let p = &token.principal;
-    let join = |v: &[String]| (!v.is_empty()).then(|| v.join(" "));
+    let join = |v: &[Arc<str>]| (!v.is_empty()).then(|| v.join(" "));
+    let shared = |v: &Option<Arc<str>>| v.as_deref().map(str::to_owned);
     policy
         .upstream
         .identity_headers
         .iter()
         .filter_map(|(name, source)| {
             let value = match source {
-                HeaderSource::Subject => Some(p.subject.clone()).filter(|s| !s.is_empty()),
-                HeaderSource::Issuer => Some(p.issuer.clone()),
-                HeaderSource::IssuerId => Some(p.issuer_id.clone()),
-                HeaderSource::Tenant => p.tenant.clone(),
-                HeaderSource::ClientId => p.client_id.clone(),
+                HeaderSource::Subject => Some(p.subject.to_string()).filter(|s| !s.is_empty()),
+                HeaderSource::Issuer => Some(p.issuer.to_string()),
+                HeaderSource::IssuerId => Some(p.issuer_id.to_string()),
+                HeaderSource::Tenant => shared(&p.tenant),
+                HeaderSource::ClientId => shared(&p.client_id),
                 HeaderSource::Acrs => join(&p.acrs),
-                HeaderSource::Acr => p.acr.clone(),
+                HeaderSource::Acr => shared(&p.acr),
                 HeaderSource::Amr => join(&p.amr),
                 HeaderSource::Scopes => join(&p.scopes),
                 HeaderSource::Roles => join(&p.roles),
@@ -779,7 +780,11 @@ fn identity_headers(
             }?;
             // Header values from token claims: keep them printable so a hostile claim cannot inject
             // a header line or be refused by the proxy.
-            let value: String = value.chars().filter(|c| !c.is_control()).collect();
+            let value = if value.contains(char::is_control) {
+                value.chars().filter(|c| !c.is_control()).collect()
+            } else {
+                value
+            };
             Some((name.clone(), value))
         })
         .collect()

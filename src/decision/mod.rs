@@ -62,7 +62,7 @@ pub struct Decision {
     pub http_status: u16,
     pub www_authenticate: Option<String>,
     pub step_up: Option<StepUp>,
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
     /// Headers for the upstream (ALLOW only).
     pub identity_headers: Vec<(String, String)>,
     pub token_fingerprint: Option<String>,

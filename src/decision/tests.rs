@@ -20,7 +20,7 @@ use crate::{
         self, DEMO_AUDIENCE, DEMO_EC_KID, DEMO_ENTRA_ISSUER, DEMO_OIDC_ISSUER, DEMO_RSA_KID,
         TokenSpec,
     },
-    identity::{CredentialProblem, jwks::KeySet},
+    identity::{CredentialProblem, KeepClaims, jwks::KeySet},
     policy::Policy,
     request::{AccessRequest, HttpAttributes, PresentedCredential},
 };
@@ -718,10 +718,7 @@ fn step_up_when_auth_context_missing_and_client_is_capable() {
         r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#
     );
     assert_eq!(b64, C1_CLAIMS_B64);
-    assert_eq!(
-        d.principal.as_ref().map(|p| p.subject.as_str()),
-        Some("alice")
-    );
+    assert_eq!(d.principal.as_ref().map(|p| &*p.subject), Some("alice"));
     assert!(
         d.identity_headers.is_empty(),
         "identity headers are for ALLOW only"
@@ -1937,5 +1934,30 @@ fn allowed_request_that_would_overflow_the_proxy_header_limit_gets_431() {
     assert_eq!(
         decide(&policy, &http_request(&token, "GET", "/accounts"), NOW).outcome,
         Outcome::Allow
+    );
+}
+
+#[test]
+fn cached_tokens_keep_only_the_claims_the_policy_reads() {
+    // The demo policy reads nothing beyond the principal.
+    assert_eq!(
+        demo_policy().token_cache.keeps(),
+        &KeepClaims::Named(Box::new([]))
+    );
+    // CEL may read any claim.
+    assert_eq!(
+        compile_policy(INLINE_POLICY).token_cache.keeps(),
+        &KeepClaims::All
+    );
+    // Claim requirements and claim headers name theirs.
+    let rules_at = INLINE_POLICY.find("rules:").unwrap();
+    let named = format!(
+        "{}upstream:\n  identity_headers:\n    x-department: claim:department\n\
+         rules:\n  - id: tenant-bound\n    match: {{ operation: tenant }}\n    require: {{ claims: {{ tid: [contoso] }} }}\n",
+        &INLINE_POLICY[..rules_at]
+    );
+    assert_eq!(
+        compile_policy(&named).token_cache.keeps(),
+        &KeepClaims::Named(vec!["department".to_owned(), "tid".to_owned()].into())
     );
 }

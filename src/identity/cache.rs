@@ -7,49 +7,75 @@
 //! signing key is still in the issuer's key set: when a key is removed from the JWKS, the tokens it
 //! signed stop verifying at once. One cache per policy: a reload starts afresh, because issuers,
 //! audiences or leeway may have changed.
+//!
+//! The structure is small on purpose, since 100 000 cached tokens must fit in well under 100 MiB:
+//! [`SHARDS`] mutex-guarded shards, each a hash map from digest to a slot in a ring that a CLOCK
+//! hand sweeps to evict (an entry used since the hand last passed gets a second chance; expired
+//! ones go first). About 100 bytes per entry besides the verified token itself, no background
+//! task, and a hit is one uncontended lock, one probe and an `Arc` clone. The digest is already
+//! uniformly random, so its bytes are the hash (no SipHash per lookup); a caller choosing tokens to
+//! collide gains nothing, since only tokens with a valid signature are ever inserted.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hash, Hasher},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
-use moka::{notification::RemovalCause, sync::Cache};
 use sha2::{Digest, Sha256};
 
 use super::{
+    intern::Interner,
     issuer::Issuers,
-    token::{TokenError, VerifiedToken, verify},
+    token::{KeepClaims, TokenError, VerifiedToken, verify},
 };
 use crate::telemetry::metrics;
 
 /// SHA-256 of a token.
 pub type TokenDigest = [u8; 32];
 
+/// Upper bound of shards (fewer for small caches, so that the bound in entries stays exact).
+pub const SHARDS: usize = 64;
+
 /// A cache of verified tokens (or a pass-through when built with zero entries).
 pub struct TokenCache {
-    cache: Option<Cache<TokenDigest, Arc<VerifiedToken>>>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Entries per shard; the shards together hold at most the configured number.
+    shard_capacity: usize,
+    ttl_secs: i64,
+    /// The raw claims this policy reads; the rest are not kept (see [`KeepClaims`]).
+    keep: KeepClaims,
+    /// Shared copies of the claim values tokens repeat.
+    interner: Interner,
 }
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
-            .field("entries", &self.cache.as_ref().map(Cache::entry_count))
+            .field("entries", &self.entry_count())
+            .field("capacity", &(self.shards.len() * self.shard_capacity))
             .finish()
     }
 }
 
 impl TokenCache {
-    /// A cache of at most `max_entries` tokens, each kept at most `ttl`. Zero entries: no cache.
-    pub fn new(max_entries: u64, ttl: Duration) -> Self {
-        let cache = (max_entries > 0).then(|| {
-            Cache::builder()
-                .max_capacity(max_entries)
-                .time_to_live(ttl)
-                .eviction_listener(|_, _, cause| {
-                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
-                        metrics::global().record_token_cache("evicted");
-                    }
-                })
-                .build()
-        });
-        Self { cache }
+    /// A cache of at most `max_entries` tokens, each kept at most `ttl`, with the raw claims
+    /// `keep` selects. Zero entries: no cache.
+    pub fn new(max_entries: u64, ttl: Duration, keep: KeepClaims) -> Self {
+        let max_entries = usize::try_from(max_entries).unwrap_or(usize::MAX);
+        // At least 256 entries per shard (or one shard), never more shards than SHARDS.
+        let shards = (max_entries / 256).clamp(1, SHARDS);
+        let shard_capacity = max_entries / shards;
+        Self {
+            shards: (0..if max_entries == 0 { 0 } else { shards })
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
+            shard_capacity,
+            ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            keep,
+            interner: Interner::default(),
+        }
     }
 
     /// Verifies `token` at `now`, from the cache when it was verified before (and is still within
@@ -63,39 +89,224 @@ impl TokenCache {
         now: i64,
     ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>) {
         let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
-        let Some(cache) = &self.cache else {
-            return (digest, verify(token, issuers, max_bytes, now).map(Arc::new));
-        };
-        if let Some(hit) = cache.get(&digest) {
-            if still_valid(&hit, now) {
+        if self.shards.is_empty() {
+            return (
+                digest,
+                verify(token, issuers, max_bytes, now, &self.keep, &self.interner).map(Arc::new),
+            );
+        }
+        let shard = &self.shards[shard_index(&digest, self.shards.len())];
+        match lock(shard).get(&digest, now) {
+            Lookup::Hit(hit) => {
                 metrics::global().record_token_cache("hit");
                 return (digest, Ok(hit));
             }
-            cache.invalidate(&digest);
+            Lookup::Dropped => metrics::global().record_token_cache("evicted"),
+            Lookup::Miss => {}
         }
         metrics::global().record_token_cache("miss");
-        let result = verify(token, issuers, max_bytes, now).map(Arc::new);
+        let result =
+            verify(token, issuers, max_bytes, now, &self.keep, &self.interner).map(Arc::new);
         if let Ok(verified) = &result {
-            cache.insert(digest, Arc::clone(verified));
+            let leeway = i64::try_from(verified.issuer.leeway).unwrap_or(i64::MAX);
+            let expires_at = verified
+                .principal
+                .expires_at
+                .saturating_add(leeway)
+                .min(now.saturating_add(self.ttl_secs));
+            let evicted = lock(shard).insert(
+                digest,
+                Arc::clone(verified),
+                expires_at,
+                self.shard_capacity,
+                now,
+            );
+            for _ in 0..evicted {
+                metrics::global().record_token_cache("evicted");
+            }
         }
         (digest, result)
     }
 
+    /// The raw claims verified tokens keep for this policy.
+    pub fn keeps(&self) -> &KeepClaims {
+        &self.keep
+    }
+
+    /// Tokens held now.
     pub fn entry_count(&self) -> u64 {
-        self.cache.as_ref().map_or(0, Cache::entry_count)
+        self.shards.iter().map(|s| lock(s).map.len() as u64).sum()
     }
 }
 
-/// A cached verification holds while the token has not expired (with the issuer's leeway) and
-/// its signing key is still in the issuer's current key set.
-fn still_valid(token: &VerifiedToken, now: i64) -> bool {
-    let leeway = token.issuer.leeway as i64;
-    now <= token.principal.expires_at.saturating_add(leeway)
-        && token
-            .issuer
-            .keys()
-            .find(token.kid.as_deref())
-            .is_some_and(|key| key.material == token.key_material)
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // The shard's invariants hold between statements; a panic elsewhere cannot break them.
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn shard_index(digest: &TokenDigest, shards: usize) -> usize {
+    // Bytes 8..16: independent of the bytes the shard's map hashes on.
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&digest[8..16]);
+    (u64::from_le_bytes(bytes) % shards as u64) as usize
+}
+
+/// One shard: digest → slot, and the ring of slots the CLOCK hand sweeps.
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Key, u32, BuildHasherDefault<KeyHasher>>,
+    slots: Vec<Slot>,
+    /// Slots emptied by expiry or invalidation, reused before the hand evicts anything.
+    free: Vec<u32>,
+    hand: usize,
+}
+
+struct Slot {
+    key: Key,
+    /// `None` when the slot is free.
+    token: Option<Arc<VerifiedToken>>,
+    /// Unix seconds after which the entry is not served: `exp` + leeway, capped by the TTL.
+    expires_at: i64,
+    /// Used since the CLOCK hand last passed.
+    referenced: bool,
+}
+
+enum Lookup {
+    Hit(Arc<VerifiedToken>),
+    Miss,
+    /// There was an entry, expired or signed by a key no longer published: removed.
+    Dropped,
+}
+
+impl Shard {
+    fn get(&mut self, digest: &TokenDigest, now: i64) -> Lookup {
+        let key = Key(*digest);
+        let Some(&index) = self.map.get(&key) else {
+            return Lookup::Miss;
+        };
+        let slot = &mut self.slots[index as usize];
+        if let Some(token) = &slot.token
+            && now <= slot.expires_at
+            && key_still_published(token)
+        {
+            slot.referenced = true;
+            return Lookup::Hit(Arc::clone(token));
+        }
+        // The caller verifies the token again (and learns why it no longer holds).
+        self.remove(index as usize);
+        Lookup::Dropped
+    }
+
+    /// Inserts (or replaces) an entry; returns how many entries were evicted to make room.
+    fn insert(
+        &mut self,
+        digest: TokenDigest,
+        token: Arc<VerifiedToken>,
+        expires_at: i64,
+        capacity: usize,
+        now: i64,
+    ) -> usize {
+        let key = Key(digest);
+        if let Some(&index) = self.map.get(&key) {
+            // Two requests verified the same new token at once: keep the later one.
+            let slot = &mut self.slots[index as usize];
+            slot.token = Some(token);
+            slot.expires_at = expires_at;
+            return 0;
+        }
+        let mut evicted = 0;
+        let index = if let Some(index) = self.free.pop() {
+            index as usize
+        } else if self.slots.len() < capacity {
+            self.slots.push(Slot {
+                key,
+                token: None,
+                expires_at,
+                referenced: false,
+            });
+            self.slots.len() - 1
+        } else {
+            evicted = 1;
+            self.evict(now)
+        };
+        let slot = &mut self.slots[index];
+        *slot = Slot {
+            key,
+            token: Some(token),
+            expires_at,
+            referenced: false,
+        };
+        self.map.insert(key, index as u32);
+        evicted
+    }
+
+    /// Advances the CLOCK hand to a victim (expired, or not used since the hand last passed),
+    /// removes it and returns its now free slot. Terminates within two turns of the ring.
+    fn evict(&mut self, now: i64) -> usize {
+        loop {
+            let index = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            let slot = &mut self.slots[index];
+            if slot.token.is_some() && slot.referenced && now <= slot.expires_at {
+                slot.referenced = false;
+                continue;
+            }
+            self.remove(index);
+            // `remove` put it on the free list; take it back.
+            self.free.pop();
+            return index;
+        }
+    }
+
+    fn remove(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        if slot.token.take().is_some() {
+            self.map.remove(&slot.key);
+            self.free.push(index as u32);
+        }
+    }
+}
+
+/// A cached verification is served only while its signing key is still in the issuer's current
+/// key set (the same material, under the same `kid`).
+fn key_still_published(token: &VerifiedToken) -> bool {
+    token
+        .issuer
+        .keys()
+        .find(token.kid.as_deref())
+        .is_some_and(|key| key.material == token.key_material)
+}
+
+/// A digest as a map key, hashed by its own first eight bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key(TokenDigest);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(bytes));
+    }
+}
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `Key`; anything else still hashes deterministically.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +351,7 @@ mod tests {
     #[test]
     fn second_verification_is_served_from_the_cache() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600));
+        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         let (d1, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
         let (d2, second) = cache.verify(&t, &p.issuers, 16_384, NOW);
@@ -154,19 +365,18 @@ mod tests {
     #[test]
     fn failures_are_never_cached() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600));
+        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
         let mut t = token("alice");
         t.pop();
         t.push('A');
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_err());
-        cache.cache.as_ref().unwrap().run_pending_tasks();
         assert_eq!(cache.entry_count(), 0);
     }
 
     #[test]
     fn a_cached_token_expires_with_its_exp() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600));
+        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
         let later = NOW + 3600 + 61;
@@ -179,7 +389,7 @@ mod tests {
     #[test]
     fn removing_the_signing_key_from_the_jwks_stops_serving_its_tokens() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600));
+        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
         let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
@@ -196,7 +406,7 @@ mod tests {
     #[test]
     fn the_cache_is_bounded_in_entries() {
         let p = policy();
-        let cache = TokenCache::new(10, Duration::from_secs(600));
+        let cache = TokenCache::new(10, Duration::from_secs(600), KeepClaims::All);
         for i in 0..100 {
             assert!(
                 cache
@@ -205,14 +415,139 @@ mod tests {
                     .is_ok()
             );
         }
-        cache.cache.as_ref().unwrap().run_pending_tasks();
         assert!(cache.entry_count() <= 10, "{} entries", cache.entry_count());
+    }
+
+    #[test]
+    fn the_bound_is_exact_for_any_size() {
+        for max in [1, 10, 255, 256, 1000, 100_000, 100_001] {
+            let cache = TokenCache::new(max, Duration::from_secs(600), KeepClaims::All);
+            let capacity = cache.shards.len() * cache.shard_capacity;
+            assert!(capacity as u64 <= max, "{max}: capacity {capacity}");
+            assert!(
+                capacity as u64 * 100 >= max * 99,
+                "{max}: capacity {capacity} wastes room"
+            );
+            assert!(cache.shards.len() <= SHARDS);
+        }
+    }
+
+    fn verified(p: &Policy, subject: &str) -> Arc<VerifiedToken> {
+        Arc::new(
+            verify(
+                &token(subject),
+                &p.issuers,
+                16_384,
+                NOW,
+                &KeepClaims::All,
+                &Interner::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_clock_evicts_entries_not_used_since_its_last_pass() {
+        let p = policy();
+        let token = verified(&p, "alice");
+        let mut shard = Shard::default();
+        for i in 0..4u8 {
+            assert_eq!(
+                shard.insert([i; 32], Arc::clone(&token), NOW + 60, 4, NOW),
+                0
+            );
+        }
+        // Entry 0 and 2 are used; inserting a fifth evicts 1, the first one unused.
+        assert!(matches!(shard.get(&[0; 32], NOW), Lookup::Hit(_)));
+        assert!(matches!(shard.get(&[2; 32], NOW), Lookup::Hit(_)));
+        assert_eq!(
+            shard.insert([9; 32], Arc::clone(&token), NOW + 60, 4, NOW),
+            1
+        );
+        assert!(matches!(shard.get(&[1; 32], NOW), Lookup::Miss));
+        for kept in [0, 2, 3, 9] {
+            assert!(
+                matches!(shard.get(&[kept; 32], NOW), Lookup::Hit(_)),
+                "{kept}"
+            );
+        }
+        assert_eq!(shard.map.len(), 4);
+    }
+
+    #[test]
+    fn expired_entries_are_dropped_and_their_slots_reused() {
+        let p = policy();
+        let token = verified(&p, "alice");
+        let mut shard = Shard::default();
+        shard.insert([1; 32], Arc::clone(&token), NOW + 10, 2, NOW);
+        shard.insert([2; 32], Arc::clone(&token), NOW + 100, 2, NOW);
+        assert!(matches!(shard.get(&[1; 32], NOW + 11), Lookup::Dropped));
+        assert!(matches!(shard.get(&[1; 32], NOW + 11), Lookup::Miss));
+        // The freed slot takes the next entry: nothing evicted, no growth.
+        assert_eq!(
+            shard.insert([3; 32], Arc::clone(&token), NOW + 100, 2, NOW),
+            0
+        );
+        assert_eq!(shard.slots.len(), 2);
+        assert!(matches!(shard.get(&[2; 32], NOW + 11), Lookup::Hit(_)));
+        assert!(matches!(shard.get(&[3; 32], NOW + 11), Lookup::Hit(_)));
+    }
+
+    #[test]
+    fn an_entry_is_never_served_past_the_ttl() {
+        let p = policy();
+        let cache = TokenCache::new(100, Duration::from_secs(30), KeepClaims::All);
+        let t = token("alice");
+        let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (_, within) = cache.verify(&t, &p.issuers, 16_384, NOW + 30);
+        assert!(Arc::ptr_eq(
+            first.as_ref().unwrap(),
+            within.as_ref().unwrap()
+        ));
+        let (_, after) = cache.verify(&t, &p.issuers, 16_384, NOW + 31);
+        assert!(
+            !Arc::ptr_eq(first.as_ref().unwrap(), after.as_ref().unwrap()),
+            "verified again after the TTL"
+        );
+    }
+
+    #[test]
+    fn only_the_claims_the_policy_reads_are_kept() {
+        let p = policy();
+        let t = token("alice");
+        let named = KeepClaims::Named(vec!["tid".to_owned(), "absent".to_owned()].into());
+        let kept = verify(&t, &p.issuers, 16_384, NOW, &named, &Interner::default()).unwrap();
+        assert_eq!(kept.claims.keys().collect::<Vec<_>>(), ["tid"]);
+        let none = verify(
+            &t,
+            &p.issuers,
+            16_384,
+            NOW,
+            &KeepClaims::Named(Box::new([])),
+            &Interner::default(),
+        )
+        .unwrap();
+        assert!(none.claims.is_empty());
+        assert_eq!(
+            none.principal, kept.principal,
+            "the principal is read before selecting"
+        );
+        let all = verify(
+            &t,
+            &p.issuers,
+            16_384,
+            NOW,
+            &KeepClaims::All,
+            &Interner::default(),
+        )
+        .unwrap();
+        assert!(all.claims.contains_key("sub") && all.claims.contains_key("exp"));
     }
 
     #[test]
     fn zero_entries_turns_the_cache_off() {
         let p = policy();
-        let cache = TokenCache::new(0, Duration::from_secs(600));
+        let cache = TokenCache::new(0, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
         let (_, second) = cache.verify(&t, &p.issuers, 16_384, NOW);

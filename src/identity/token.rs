@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use super::{
     claims::{Principal, read_principal},
+    intern::Interner,
     issuer::{Issuer, Issuers, Tenants},
 };
 
@@ -23,19 +24,42 @@ pub struct VerifiedToken {
     pub issuer: Arc<Issuer>,
     /// The header's `kid` and the material of the key that verified the signature (the
     /// verified-token cache serves the token only while that key is still published).
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub key_material: [u8; 32],
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     /// Client capabilities (`xms_cc`), lower-cased.
-    pub client_capabilities: Vec<String>,
-    /// Every claim, for claim-equality requirements and CEL conditions.
+    pub client_capabilities: Arc<[Arc<str>]>,
+    /// The claims the policy reads beyond the principal (claim requirements, `claim:` identity
+    /// headers, CEL conditions), as selected by [`KeepClaims`]; empty when it reads none.
     pub claims: Map<String, Value>,
+}
+
+/// Which raw claims a verified token keeps. A parsed claim map costs 2–4 KiB per token (most of a
+/// cached token's memory), and most policies read a few named claims or none beyond the principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepClaims {
+    /// Every claim: a CEL condition reads `claims` (and may read any of them).
+    All,
+    /// Only these claims (possibly none).
+    Named(Box<[String]>),
+}
+
+impl KeepClaims {
+    fn select(&self, mut claims: Map<String, Value>) -> Map<String, Value> {
+        match self {
+            KeepClaims::All => claims,
+            KeepClaims::Named(names) => names
+                .iter()
+                .filter_map(|name| Some((name.clone(), claims.remove(name)?)))
+                .collect(),
+        }
+    }
 }
 
 impl VerifiedToken {
     /// Entra: the client declared it can handle claims challenges (`xms_cc` ∋ `cp1`).
     pub fn client_is_challenge_capable(&self) -> bool {
-        self.client_capabilities.iter().any(|c| c == "cp1")
+        self.client_capabilities.iter().any(|c| &**c == "cp1")
     }
 }
 
@@ -92,6 +116,8 @@ pub fn verify(
     issuers: &Issuers,
     max_bytes: usize,
     now: i64,
+    keep: &KeepClaims,
+    interner: &Interner,
 ) -> Result<VerifiedToken, TokenError> {
     if token.len() > max_bytes {
         return Err(TokenError::TooLarge {
@@ -177,25 +203,25 @@ pub fn verify(
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
-    let principal = read_principal(issuer, &claims)?;
+    let principal = read_principal(issuer, &claims, interner)?;
     if principal
         .auth_time
         .is_some_and(|t| t > now.saturating_add(issuer.leeway as i64))
     {
         return Err(TokenError::ClaimInvalid("auth_time"));
     }
-    let client_capabilities = super::claims::string_list(&claims, "xms_cc")
+    let client_capabilities: Vec<String> = super::claims::string_list(&claims, "xms_cc")
         .ok_or(TokenError::ClaimInvalid("xms_cc"))?
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
         .collect();
     Ok(VerifiedToken {
         issuer: Arc::clone(issuer),
-        kid: kid.map(str::to_owned),
+        kid: kid.map(|kid| interner.string(kid)),
         key_material: key.material,
-        principal,
-        client_capabilities,
-        claims,
+        principal: Arc::new(principal),
+        client_capabilities: interner.list(client_capabilities.iter().map(String::as_str)),
+        claims: keep.select(claims),
     })
 }
 

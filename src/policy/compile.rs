@@ -22,7 +22,7 @@ use crate::{
         schema::{self, ChallengeStyleConfig, PolicyFile},
     },
     identity::{
-        ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource, TokenCache,
+        ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
     },
 };
@@ -57,6 +57,14 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     if file.limits.max_token_bytes == 0 || file.limits.max_token_bytes > 1024 * 1024 {
         return err("limits.max_token_bytes", "must be between 1 and 1048576");
     }
+    if file.limits.token_cache_entries > 100_000_000 {
+        return err(
+            "limits.token_cache_entries",
+            "must be at most 100000000 (about 1 KiB of memory each)",
+        );
+    }
+    let upstream = compile_upstream(&file.upstream)?;
+    let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
         realm: check_quotable(&file.realm, "realm")?,
         issuers,
@@ -66,14 +74,52 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
             schema::DefaultAction::Deny => DefaultAction::Deny,
             schema::DefaultAction::AllowAuthenticated => DefaultAction::AllowAuthenticated,
         },
-        upstream: compile_upstream(&file.upstream)?,
+        upstream,
         max_token_bytes: file.limits.max_token_bytes,
         cel,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
             file.limits.token_cache_ttl.as_duration(),
+            keep_claims,
         ),
     })
+}
+
+/// The raw claims a verified token must keep for this policy: all of them when a CEL condition
+/// reads `claims`, else those named by claim requirements and `claim:` identity headers.
+fn claims_read(rules: &[Rule], upstream: &Upstream) -> KeepClaims {
+    let requirements = || {
+        rules.iter().flat_map(|rule| {
+            std::iter::once(&rule.require).chain(rule.escalate.iter().map(|e| &e.require))
+        })
+    };
+    let conditions = rules
+        .iter()
+        .flat_map(|rule| rule.matchers.iter().filter_map(|m| m.when.as_ref()))
+        .chain(requirements().filter_map(|r| r.when.as_ref()))
+        .chain(
+            rules
+                .iter()
+                .flat_map(|r| r.escalate.iter().map(|e| &e.when)),
+        );
+    if conditions.into_iter().any(Condition::reads_claims) {
+        return KeepClaims::All;
+    }
+    let mut names: Vec<String> = requirements()
+        .flat_map(|r| r.claims.iter().map(|c| c.claim.clone()))
+        .chain(
+            upstream
+                .identity_headers
+                .iter()
+                .filter_map(|(_, source)| match source {
+                    HeaderSource::Claim(claim) => Some(claim.clone()),
+                    _ => None,
+                }),
+        )
+        .collect();
+    names.sort();
+    names.dedup();
+    KeepClaims::Named(names.into())
 }
 
 /// Values that end up inside a quoted `WWW-Authenticate` parameter may not break out of it.

@@ -55,6 +55,11 @@ impl Condition {
         })
     }
 
+    /// Whether the expression reads the `claims` variable.
+    pub fn reads_claims(&self) -> bool {
+        self.uses.claims
+    }
+
     /// Evaluates to a boolean. Any error, or a non-boolean result, is an `Err` with a message; the
     /// caller decides what failing closed means at its place.
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {

@@ -136,17 +136,17 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             challenge_style: s.style.to_owned(),
         }),
         principal: d.principal.as_ref().map(|p| v1::Principal {
-            issuer_id: p.issuer_id.clone(),
-            issuer: p.issuer.clone(),
-            subject: p.subject.clone(),
-            tenant: p.tenant.clone().unwrap_or_default(),
-            client_id: p.client_id.clone().unwrap_or_default(),
-            acrs: p.acrs.clone(),
-            acr: p.acr.clone().unwrap_or_default(),
-            amr: p.amr.clone(),
+            issuer_id: p.issuer_id.to_string(),
+            issuer: p.issuer.to_string(),
+            subject: p.subject.to_string(),
+            tenant: p.tenant.as_deref().unwrap_or_default().to_owned(),
+            client_id: p.client_id.as_deref().unwrap_or_default().to_owned(),
+            acrs: strings(&p.acrs),
+            acr: p.acr.as_deref().unwrap_or_default().to_owned(),
+            amr: strings(&p.amr),
             auth_time: p.auth_time.unwrap_or_default(),
-            scopes: p.scopes.clone(),
-            roles: p.roles.clone(),
+            scopes: strings(&p.scopes),
+            roles: strings(&p.roles),
             app_only: p.app_only,
             expires_at: p.expires_at,
         }),
@@ -161,4 +161,8 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             .collect(),
         token_fingerprint: d.token_fingerprint.clone().unwrap_or_default(),
     }
+}
+
+fn strings(values: &[Arc<str>]) -> Vec<String> {
+    values.iter().map(|v| v.to_string()).collect()
 }

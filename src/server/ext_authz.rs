@@ -272,10 +272,10 @@ fn dynamic_metadata(decision: &Decision) -> Struct {
         put("stepgate.token", fp.clone());
     }
     if let Some(p) = &decision.principal {
-        put("stepgate.subject", p.subject.clone());
-        put("stepgate.issuer", p.issuer_id.clone());
+        put("stepgate.subject", p.subject.to_string());
+        put("stepgate.issuer", p.issuer_id.to_string());
         if let Some(tid) = &p.tenant {
-            put("stepgate.tenant", tid.clone());
+            put("stepgate.tenant", tid.to_string());
         }
         if !p.acrs.is_empty() {
             put("stepgate.auth_contexts", p.acrs.join(" "));
