@@ -126,9 +126,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    tracing::info!(workers, "starting the runtime");
+    tracing::info!(
+        workers,
+        lifo_slot = !cfg!(tokio_unstable),
+        "starting the runtime"
+    );
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().worker_threads(workers.max(1));
+    // A finished Check then queues its connection's write behind the other ready Checks instead
+    // of running it next, so their answers leave in one write (see .cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
     let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(err) => {

@@ -55,42 +55,49 @@ impl Authorization for ExtAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let access = access_request(request.get_ref());
+        let access = access_request(request.into_inner());
         let (decision, policy) = self.authorizer.decide(&access, Door::Check).await;
         Ok(Response::new(check_response(&decision, &policy.upstream)))
     }
 }
 
-/// Reads a `CheckRequest` into the engine's view. Headers come from `headers` or, when Envoy sets
-/// `encode_raw_headers`, from `header_map` (raw bytes, duplicates as separate entries).
-pub fn access_request(check: &CheckRequest) -> AccessRequest {
-    let attributes = check.attributes.as_ref();
-    let http = attributes
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref());
-    let http_request = http;
-    let mut headers: HashMap<String, String> = HashMap::new();
+/// Reads a `CheckRequest` into the engine's view, moving its strings rather than copying them.
+/// Headers come from `headers` or, when Envoy sets `encode_raw_headers`, from `header_map` (raw
+/// bytes, duplicates as separate entries).
+pub fn access_request(mut check: CheckRequest) -> AccessRequest {
+    let client_address = check.get_client_address().cloned();
+    let attributes = check.attributes.take().unwrap_or_default();
+    let http = attributes.request.and_then(|r| r.http);
     let mut credential = PresentedCredential::None;
-    if let Some(http) = http {
-        for (key, value) in &http.headers {
-            headers.insert(key.to_ascii_lowercase(), value.clone());
+    let mut proxy_header_count = None;
+    let http = http.map(|h| {
+        let raw_entries = h.header_map.map(|m| m.headers).unwrap_or_default();
+        proxy_header_count = Some(if raw_entries.is_empty() {
+            h.headers.len()
+        } else {
+            raw_entries.len()
+        });
+        let mut headers: HashMap<String, String> =
+            HashMap::with_capacity(h.headers.len() + raw_entries.len());
+        for (key, value) in h.headers {
+            headers.insert(lower_case(key), value);
         }
         let mut authorization_entries = 0;
-        for entry in http.header_map.iter().flat_map(|m| &m.headers) {
-            let key = entry.key.to_ascii_lowercase();
+        for entry in raw_entries {
+            let key = lower_case(entry.key);
             let value = if entry.raw_value.is_empty() {
-                Some(entry.value.clone())
+                Ok(entry.value)
             } else {
-                String::from_utf8(entry.raw_value.clone()).ok()
+                String::from_utf8(entry.raw_value)
+                    .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
             };
             if key == "authorization" {
                 authorization_entries += 1;
-                if value.is_none() {
+                if value.is_err() {
                     credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
                 }
             }
-            let value =
-                value.unwrap_or_else(|| String::from_utf8_lossy(&entry.raw_value).into_owned());
+            let value = value.unwrap_or_else(|lossy| lossy);
             headers
                 .entry(key)
                 .and_modify(|v| {
@@ -102,45 +109,35 @@ pub fn access_request(check: &CheckRequest) -> AccessRequest {
         if authorization_entries > 1 {
             credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
         }
-    }
-    if credential == PresentedCredential::None
-        && let Some(value) = headers.get("authorization")
-    {
-        credential = PresentedCredential::Authorization(value.clone());
-    }
-    let http = http.map(|h| {
-        let method = if h.method.is_empty() {
-            headers.get(":method").cloned().unwrap_or_default()
-        } else {
-            h.method.clone()
+        if credential == PresentedCredential::None
+            && let Some(value) = headers.get("authorization")
+        {
+            credential = PresentedCredential::Authorization(value.clone());
+        }
+        let pseudo = |given: String, name: &str| {
+            if given.is_empty() {
+                headers.get(name).cloned().unwrap_or_default()
+            } else {
+                given
+            }
         };
-        let host = if h.host.is_empty() {
-            headers.get(":authority").cloned().unwrap_or_default()
-        } else {
-            h.host.clone()
-        };
-        let path = if h.path.is_empty() {
-            headers.get(":path").cloned().unwrap_or_default()
-        } else {
-            h.path.clone()
-        };
-        HttpAttributes::new(&method, &host, &path, headers.clone())
+        let method = pseudo(h.method, ":method");
+        let host = pseudo(h.host, ":authority");
+        let path = pseudo(h.path, ":path");
+        HttpAttributes::new(&method, &host, &path, headers)
     });
     let context: serde_json::Map<String, serde_json::Value> = attributes
-        .map(|a| {
-            a.context_extensions
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect()
-        })
-        .unwrap_or_default();
+        .context_extensions
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
     let operation = context
         .get("operation")
         .and_then(|v| v.as_str())
         .map(str::to_owned);
-    let source = attributes.and_then(|a| a.source.as_ref()).map(|peer| Peer {
-        address: check.get_client_address().cloned().unwrap_or_default(),
-        principal: peer.principal.clone(),
+    let source = attributes.source.map(|peer| Peer {
+        address: client_address.unwrap_or_default(),
+        principal: peer.principal,
     });
     AccessRequest {
         credential,
@@ -149,12 +146,17 @@ pub fn access_request(check: &CheckRequest) -> AccessRequest {
         attributes: serde_json::Map::new(),
         context,
         source,
-        proxy_header_count: http_request.map(|h| match &h.header_map {
-            Some(map) if !map.headers.is_empty() => map.headers.len(),
-            _ => h.headers.len(),
-        }),
+        proxy_header_count,
         explain: false,
     }
+}
+
+/// Envoy sends header names in lower case (HTTP/2 requires it); anything else is folded here.
+fn lower_case(mut name: String) -> String {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.make_ascii_lowercase();
+    }
+    name
 }
 
 /// Renders a decision for Envoy. Identity headers of the policy that the decision does not set are

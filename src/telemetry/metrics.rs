@@ -54,15 +54,15 @@ impl Metrics {
         reason: &'static str,
         elapsed: Duration,
     ) {
-        self.decisions
-            .entry((door, outcome, reason))
-            .or_default()
-            .fetch_add(1, Relaxed);
+        increment(&self.decisions, (door, outcome, reason));
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-        for (bound, bucket) in LATENCY_BOUNDS_MICROS.iter().zip(&self.latency_buckets) {
-            if micros <= *bound {
-                bucket.fetch_add(1, Relaxed);
-            }
+        // One bucket per decision (the smallest bound that holds it); `/metrics` renders the
+        // cumulative counts Prometheus expects.
+        if let Some(bucket) = LATENCY_BOUNDS_MICROS
+            .iter()
+            .position(|bound| micros <= *bound)
+        {
+            self.latency_buckets[bucket].fetch_add(1, Relaxed);
         }
         self.latency_count.fetch_add(1, Relaxed);
         self.latency_sum_micros.fetch_add(micros, Relaxed);
@@ -92,10 +92,7 @@ impl Metrics {
 
     /// A verified-token cache event: `hit`, `miss` or `evicted`.
     pub fn record_token_cache(&self, event: &'static str) {
-        self.token_cache
-            .entry(event)
-            .or_default()
-            .fetch_add(1, Relaxed);
+        increment(&self.token_cache, event);
     }
 
     pub fn record_reload(&self, ok: bool) {
@@ -123,12 +120,13 @@ impl Metrics {
             "histogram",
             "Time to decide, from request to decision.",
         );
+        let mut cumulative = 0;
         for (bound, bucket) in LATENCY_BOUNDS_MICROS.iter().zip(&self.latency_buckets) {
             let le = *bound as f64 / 1e6;
+            cumulative += bucket.load(Relaxed);
             let _ = writeln!(
                 out,
-                "stepgate_decision_duration_seconds_bucket{{le=\"{le}\"}} {}",
-                bucket.load(Relaxed)
+                "stepgate_decision_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
             );
         }
         let count = self.latency_count.load(Relaxed);
@@ -206,6 +204,16 @@ impl Metrics {
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Adds one to a labelled counter: a shared (read) lock when the label set exists, which is every
+/// time but the first, so concurrent requests do not serialise on a shard's write lock.
+fn increment<K: std::hash::Hash + Eq>(counters: &DashMap<K, AtomicU64>, key: K) {
+    if let Some(counter) = counters.get(&key) {
+        counter.fetch_add(1, Relaxed);
+        return;
+    }
+    counters.entry(key).or_default().fetch_add(1, Relaxed);
 }
 
 /// A counter family: one line per label set, sorted for stable output.
