@@ -2,12 +2,18 @@
 //!
 //! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
 
+mod line;
 pub mod metrics;
 mod writer;
 
-use std::{io::IsTerminal, time::Duration};
+use std::{
+    cell::RefCell,
+    io::{IsTerminal, Write as _},
+    sync::OnceLock,
+    time::{Duration, SystemTime},
+};
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, fmt, fmt::MakeWriter as _, prelude::*};
 
 pub use writer::LogGuard;
 
@@ -20,6 +26,10 @@ pub enum LogFormat {
     /// One JSON object per line, for log pipelines.
     Json,
 }
+
+/// Set by [`init`] with `--log-format json`: decision lines are then formatted by [`line`] and
+/// appended to the same buffer as every other line.
+static JSON_DECISIONS: OnceLock<writer::BufferedStderr> = OnceLock::new();
 
 /// Installs the global subscriber, writing to stderr through a buffer (see [`writer`]). `RUST_LOG`
 /// overrides `level` (e.g. `stepgate=debug`). Keep the guard until the process ends: dropping it
@@ -42,9 +52,12 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
                     .json()
                     .flatten_event(true)
                     .with_current_span(false)
-                    .with_writer(stderr),
+                    .with_writer(stderr.clone()),
             )
             .init(),
+    }
+    if format == LogFormat::Json {
+        let _ = JSON_DECISIONS.set(stderr);
     }
     guard
 }
@@ -57,18 +70,44 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         decision.reason.as_str(),
         elapsed,
     );
+    if !tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO) {
+        return;
+    }
     let principal = decision.principal.as_ref();
+    let fields = line::DecisionLine {
+        message: &decision.message,
+        door: door.as_str(),
+        outcome: decision.outcome.as_str(),
+        rule: decision.rule.as_deref().unwrap_or(""),
+        reason: decision.reason.as_str(),
+        status: decision.http_status,
+        subject: principal.map_or("", |p| &*p.subject),
+        issuer: principal.map_or("", |p| &*p.issuer_id),
+        token: decision.token_fingerprint.as_deref().unwrap_or(""),
+        micros: elapsed.as_micros() as u64,
+    };
+    if let Some(out) = JSON_DECISIONS.get() {
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        LINE.with_borrow_mut(|text| {
+            text.clear();
+            fields.write_json(SystemTime::now(), text);
+            let _ = out.make_writer().write_all(text.as_bytes());
+        });
+        return;
+    }
     tracing::info!(
         target: "stepgate::decision",
-        door = door.as_str(),
-        outcome = decision.outcome.as_str(),
-        rule = decision.rule.as_deref().unwrap_or(""),
-        reason = decision.reason.as_str(),
-        status = decision.http_status,
-        subject = principal.map_or("", |p| &*p.subject),
-        issuer = principal.map_or("", |p| &*p.issuer_id),
-        token = decision.token_fingerprint.as_deref().unwrap_or(""),
-        micros = elapsed.as_micros() as u64,
-        "{}", decision.message
+        door = fields.door,
+        outcome = fields.outcome,
+        rule = fields.rule,
+        reason = fields.reason,
+        status = fields.status,
+        subject = fields.subject,
+        issuer = fields.issuer,
+        token = fields.token,
+        micros = fields.micros,
+        "{}", fields.message
     );
 }

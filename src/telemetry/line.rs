@@ -1,0 +1,180 @@
+//! The JSON decision line, written without going through tracing's formatter.
+//!
+//! With `--log-format json` every decision is one line in the same shape tracing-subscriber's JSON
+//! layer writes (`timestamp`, `level`, `message`, the fields, `target`). Formatting it through
+//! tracing's visitor costs about 3 µs, a tenth of a cached ALLOW; writing the fixed fields directly
+//! costs a fraction of that. The text format still goes through tracing.
+
+use std::{
+    fmt::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+/// The fields of one decision line.
+pub struct DecisionLine<'a> {
+    pub message: &'a str,
+    pub door: &'a str,
+    pub outcome: &'a str,
+    pub rule: &'a str,
+    pub reason: &'a str,
+    pub status: u16,
+    pub subject: &'a str,
+    pub issuer: &'a str,
+    pub token: &'a str,
+    pub micros: u64,
+}
+
+impl DecisionLine<'_> {
+    /// Appends the line, newline included, to `out`.
+    pub fn write_json(&self, now: SystemTime, out: &mut String) {
+        out.push_str("{\"timestamp\":\"");
+        rfc3339_micros(now, out);
+        out.push_str("\",\"level\":\"INFO\",\"message\":");
+        string(self.message, out);
+        for (name, value) in [
+            ("door", self.door),
+            ("outcome", self.outcome),
+            ("rule", self.rule),
+            ("reason", self.reason),
+        ] {
+            field(name, value, out);
+        }
+        let _ = write!(out, ",\"status\":{}", self.status);
+        for (name, value) in [
+            ("subject", self.subject),
+            ("issuer", self.issuer),
+            ("token", self.token),
+        ] {
+            field(name, value, out);
+        }
+        let _ = write!(
+            out,
+            ",\"micros\":{},\"target\":\"stepgate::decision\"}}",
+            self.micros
+        );
+        out.push('\n');
+    }
+}
+
+fn field(name: &str, value: &str, out: &mut String) {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":");
+    string(value, out);
+}
+
+/// A JSON string literal (RFC 8259 escaping: quote, backslash, control characters).
+fn string(value: &str, out: &mut String) {
+    out.push('"');
+    let mut rest = value;
+    while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        out.push_str(&rest[..at]);
+        let c = rest.as_bytes()[at];
+        match c {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            _ => {
+                let _ = write!(out, "\\u{c:04x}");
+            }
+        }
+        rest = &rest[at + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as tracing-subscriber writes its timestamps.
+fn rfc3339_micros(now: SystemTime, out: &mut String) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since.subsec_micros()
+    );
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day): the well-known
+/// era-based conversion (400-year eras of 146 097 days).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn line(subject: &str) -> DecisionLine<'_> {
+        DecisionLine {
+            message: "the token meets every requirement",
+            door: "check",
+            outcome: "ALLOW",
+            rule: "everything-else",
+            reason: "allowed",
+            status: 200,
+            subject,
+            issuer: "demo-entra",
+            token: "63b30f33c31d",
+            micros: 5,
+        }
+    }
+
+    #[test]
+    fn the_line_is_json_with_every_field() {
+        let at = UNIX_EPOCH + Duration::new(1_795_855_181, 902_257_123);
+        let mut out = String::new();
+        line("alice").write_json(at, &mut out);
+        assert!(out.ends_with("}\n"));
+        assert_eq!(
+            out,
+            "{\"timestamp\":\"2026-11-28T08:39:41.902257Z\",\"level\":\"INFO\",\
+             \"message\":\"the token meets every requirement\",\"door\":\"check\",\
+             \"outcome\":\"ALLOW\",\"rule\":\"everything-else\",\"reason\":\"allowed\",\
+             \"status\":200,\"subject\":\"alice\",\"issuer\":\"demo-entra\",\
+             \"token\":\"63b30f33c31d\",\"micros\":5,\"target\":\"stepgate::decision\"}\n"
+        );
+    }
+
+    #[test]
+    fn hostile_values_stay_inside_their_string() {
+        let subject = "a\"b\\c\nd\u{1}e\u{7f}é";
+        let mut out = String::new();
+        line(subject).write_json(SystemTime::now(), &mut out);
+        let parsed: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(parsed["subject"], subject);
+        assert_eq!(out.lines().count(), 1, "one line whatever the subject");
+    }
+
+    #[test]
+    fn dates_match_the_calendar() {
+        for (days, date) in [
+            (0, (1970, 1, 1)),
+            (59, (1970, 3, 1)),
+            (11_016, (2000, 2, 29)),
+            (20_785, (2026, 11, 28)),
+            (-1, (1969, 12, 31)),
+            (2_932_896, (9999, 12, 31)),
+        ] {
+            assert_eq!(civil_from_days(days), date, "{days}");
+        }
+    }
+}
