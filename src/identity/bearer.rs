@@ -46,11 +46,11 @@ pub fn from_authorization(value: &str) -> Credential<'_> {
     if value.is_empty() {
         return Credential::Missing;
     }
-    if value.chars().any(|c| c.is_control()) {
-        return Credential::Malformed(CredentialProblem::InvalidBytes);
-    }
-    if value.contains(',') {
-        return Credential::Malformed(CredentialProblem::MultipleCredentials);
+    // One pass over the bytes (a token is ~1 KiB and this runs on every request).
+    match scan(value) {
+        Scan::Control => return Credential::Malformed(CredentialProblem::InvalidBytes),
+        Scan::Comma => return Credential::Malformed(CredentialProblem::MultipleCredentials),
+        Scan::Clean => {}
     }
     let Some((scheme, rest)) = value.split_once([' ', '\t']) else {
         return Credential::Malformed(if value.eq_ignore_ascii_case("bearer") {
@@ -63,13 +63,35 @@ pub fn from_authorization(value: &str) -> Credential<'_> {
         return Credential::Malformed(CredentialProblem::UnsupportedScheme);
     }
     let token = rest.trim_matches([' ', '\t']);
-    if token.is_empty() || token.contains([' ', '\t']) {
+    if token.is_empty() || token.bytes().any(|b| b == b' ' || b == b'\t') {
         return Credential::Malformed(CredentialProblem::MalformedBearer);
     }
     Credential::Bearer(token)
 }
 
 /// Reads the credential from a bare token field (the `Decide` RPC's `token`).
+enum Scan {
+    Clean,
+    /// A control character (`char::is_control`: C0, DEL or C1), which wins over a comma.
+    Control,
+    Comma,
+}
+
+fn scan(value: &str) -> Scan {
+    let bytes = value.as_bytes();
+    let mut comma = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            0x00..=0x1f | 0x7f => return Scan::Control,
+            // U+0080..U+009F are encoded as C2 80..C2 9F.
+            0xc2 if matches!(bytes.get(i + 1), Some(0x80..=0x9f)) => return Scan::Control,
+            b',' => comma = true,
+            _ => {}
+        }
+    }
+    if comma { Scan::Comma } else { Scan::Clean }
+}
+
 pub fn from_token(token: &str) -> Credential<'_> {
     let token = token.trim_matches([' ', '\t']);
     if token.is_empty() {
@@ -98,6 +120,24 @@ mod tests {
         );
         assert_eq!(from_authorization("bearer   abc"), Bearer("abc"));
         assert_eq!(from_authorization("BEARER abc "), Bearer("abc"));
+    }
+
+    #[test]
+    fn the_byte_scan_agrees_with_char_is_control() {
+        for c in ('\0'..='\u{3000}').chain(['\u{fffd}', '\u{10ffff}']) {
+            let value = format!("Bearer a{c}b");
+            let expected = if c.is_control() {
+                Malformed(InvalidBytes)
+            } else if c == ',' {
+                Malformed(MultipleCredentials)
+            } else if c == ' ' || c == '\t' {
+                Malformed(MalformedBearer)
+            } else {
+                Bearer(&value[7..])
+            };
+            assert_eq!(from_authorization(&value), expected, "{:?}", c);
+        }
+        assert_eq!(from_authorization("Bearer a,\u{85}"), Malformed(InvalidBytes));
     }
 
     #[test]
