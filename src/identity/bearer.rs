@@ -137,7 +137,10 @@ mod tests {
             };
             assert_eq!(from_authorization(&value), expected, "{:?}", c);
         }
-        assert_eq!(from_authorization("Bearer a,\u{85}"), Malformed(InvalidBytes));
+        assert_eq!(
+            from_authorization("Bearer a,\u{85}"),
+            Malformed(InvalidBytes)
+        );
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! encryption key, an unknown curve, a symmetric secret) is skipped with a note, so that an identity
 //! provider adding a key type stepgate does not know cannot take every other key down with it.
 
-use std::{collections::HashMap, fmt};
+use std::{collections::HashMap, fmt, sync::Arc};
 
+use aws_lc_rs::signature::{self as lc, ParsedPublicKey, RsaPublicKeyComponents};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -42,6 +44,10 @@ pub struct VerificationKey {
     /// Entra publishes an `issuer` per key; a key that states one only verifies that issuer's tokens.
     pub issuer: Option<String>,
     pub key: DecodingKey,
+    /// The key parsed once for its usual algorithm (RS256 for RSA unless the key states another,
+    /// ES256/ES384 for EC), so that a verification does not rebuild it from `n`/`e` or `x`/`y`
+    /// every time; other algorithms go through `key`.
+    pub prepared: Option<Arc<PreparedKey>>,
     /// SHA-256 of the public key material: the same key across refreshes, a different one when a
     /// `kid` is reused for a new key.
     pub material: [u8; 32],
@@ -56,6 +62,63 @@ impl fmt::Debug for VerificationKey {
             .field("issuer", &self.issuer)
             .finish_non_exhaustive()
     }
+}
+
+/// A key parsed for one algorithm.
+pub struct PreparedKey {
+    pub alg: Algorithm,
+    key: ParsedPublicKey,
+}
+
+impl PreparedKey {
+    /// Checks a JWS signature (base64url) over `signed`: `Some(false)` for a wrong signature,
+    /// `None` for a segment that is not base64url.
+    pub fn verify(&self, signed: &[u8], signature_b64: &str) -> Option<bool> {
+        let signature = URL_SAFE_NO_PAD.decode(signature_b64).ok()?;
+        Some(self.key.verify_sig(signed, &signature).is_ok())
+    }
+}
+
+fn prepare(kind: KeyKind, stated: Option<Algorithm>, jwk: &Value) -> Option<Arc<PreparedKey>> {
+    let bytes = |name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+    };
+    let (alg, key) = match kind {
+        KeyKind::Rsa => {
+            let alg = stated.unwrap_or(Algorithm::RS256);
+            let params = match alg {
+                Algorithm::RS256 => &lc::RSA_PKCS1_2048_8192_SHA256,
+                Algorithm::RS384 => &lc::RSA_PKCS1_2048_8192_SHA384,
+                Algorithm::RS512 => &lc::RSA_PKCS1_2048_8192_SHA512,
+                Algorithm::PS256 => &lc::RSA_PSS_2048_8192_SHA256,
+                Algorithm::PS384 => &lc::RSA_PSS_2048_8192_SHA384,
+                Algorithm::PS512 => &lc::RSA_PSS_2048_8192_SHA512,
+                _ => return None,
+            };
+            let (n, e) = (bytes("n")?, bytes("e")?);
+            let components = RsaPublicKeyComponents { n: &n, e: &e };
+            (alg, components.to_parsed_public_key(params).ok()?)
+        }
+        KeyKind::EcP256 | KeyKind::EcP384 => {
+            let (alg, params, len): (_, &'static dyn lc::VerificationAlgorithm, _) =
+                if kind == KeyKind::EcP256 {
+                    (Algorithm::ES256, &lc::ECDSA_P256_SHA256_FIXED, 32)
+                } else {
+                    (Algorithm::ES384, &lc::ECDSA_P384_SHA384_FIXED, 48)
+                };
+            let (x, y) = (bytes("x")?, bytes("y")?);
+            if x.len() != len || y.len() != len {
+                return None;
+            }
+            // An uncompressed point: 0x04 || x || y.
+            let point: Vec<u8> = [&[4u8][..], &x, &y].concat();
+            (alg, ParsedPublicKey::new(params, point).ok()?)
+        }
+        KeyKind::Ed25519 => return None,
+    };
+    Some(Arc::new(PreparedKey { alg, key }))
 }
 
 /// The keys of one issuer at one moment. Immutable: a refresh builds a new set and swaps it in.
@@ -179,6 +242,7 @@ fn parse_key(jwk: &Value) -> Result<VerificationKey, String> {
         material.update([0]);
     }
     Ok(VerificationKey {
+        prepared: prepare(kind, alg, jwk),
         material: material.finalize().into(),
         kid: field("kid").map(str::to_owned),
         kind,
@@ -196,6 +260,66 @@ mod tests {
 
     fn rsa(kid: &str, extra: &str) -> String {
         format!(r#"{{"kty":"RSA","kid":"{kid}","n":"{RSA_N}","e":"AQAB"{extra}}}"#)
+    }
+
+    /// Signs `message` with a demo key, as a JWS signature segment.
+    fn demo_signature(alg: Algorithm, message: &str) -> String {
+        let (file, key) = match alg {
+            Algorithm::RS256 => ("demo-rsa-private.pem", "rsa"),
+            _ => ("demo-ec-private.pem", "ec"),
+        };
+        let pem = std::fs::read(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo-keys/").to_owned() + file,
+        )
+        .unwrap();
+        let key = if key == "rsa" {
+            jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()
+        } else {
+            jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap()
+        };
+        jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg).unwrap()
+    }
+
+    #[test]
+    fn published_keys_are_parsed_once_and_verify_like_jsonwebtoken() {
+        let jwks = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/demo-keys/jwks.json"
+        ))
+        .unwrap();
+        let (set, _) = KeySet::parse(&jwks).unwrap();
+        for (kid, alg) in [
+            ("stepgate-demo-rsa-1", Algorithm::RS256),
+            ("stepgate-demo-ec-1", Algorithm::ES256),
+        ] {
+            let key = set.find(Some(kid)).unwrap();
+            let prepared = key.prepared.as_deref().expect("prepared");
+            assert_eq!(prepared.alg, alg);
+            let good = demo_signature(alg, "header.payload");
+            let mut bad = good.clone();
+            let last = bad.pop().unwrap();
+            bad.push(if last == 'A' { 'B' } else { 'A' });
+            for (message, signature) in [
+                ("header.payload", good.as_str()),
+                ("header.payloaX", good.as_str()),
+                ("header.payload", bad.as_str()),
+            ] {
+                let ours = prepared.verify(message.as_bytes(), signature);
+                let theirs =
+                    jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.key, alg);
+                assert_eq!(ours, theirs.ok(), "{kid} {message} {signature}");
+            }
+            assert!(prepared.verify(b"header.payload", &good).unwrap());
+            assert!(prepared.verify(b"header.payload", "not base64!").is_none());
+        }
+    }
+
+    #[test]
+    fn a_key_stating_another_rsa_algorithm_is_prepared_for_it() {
+        let doc = format!(r#"{{"keys":[{}]}}"#, rsa("ps", r#","alg":"PS384""#));
+        let (set, _) = KeySet::parse(doc.as_bytes()).unwrap();
+        let prepared = set.find(Some("ps")).unwrap().prepared.as_deref().unwrap();
+        assert_eq!(prepared.alg, Algorithm::PS384);
     }
 
     #[test]

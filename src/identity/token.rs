@@ -194,10 +194,14 @@ pub fn verify(
         }
     }
     let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
-    match jsonwebtoken::crypto::verify(signature_b64, signed.as_bytes(), &key.key, alg) {
-        Ok(true) => {}
-        Ok(false) => return Err(TokenError::SignatureInvalid),
-        Err(_) => return Err(TokenError::Malformed("bad signature segment")),
+    let checked = match key.prepared.as_deref().filter(|p| p.alg == alg) {
+        Some(prepared) => prepared.verify(signed.as_bytes(), signature_b64),
+        None => jsonwebtoken::crypto::verify(signature_b64, signed.as_bytes(), &key.key, alg).ok(),
+    };
+    match checked {
+        Some(true) => {}
+        Some(false) => return Err(TokenError::SignatureInvalid),
+        None => return Err(TokenError::Malformed("bad signature segment")),
     }
 
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
