@@ -63,7 +63,10 @@ pub fn from_authorization(value: &str) -> Credential<'_> {
         return Credential::Malformed(CredentialProblem::UnsupportedScheme);
     }
     let token = rest.trim_matches([' ', '\t']);
-    if token.is_empty() || token.bytes().any(|b| b == b' ' || b == b'\t') {
+    let blank = token
+        .bytes()
+        .fold(false, |seen, b| seen | (b == b' ') | (b == b'\t'));
+    if token.is_empty() || blank {
         return Credential::Malformed(CredentialProblem::MalformedBearer);
     }
     Credential::Bearer(token)
@@ -79,6 +82,13 @@ enum Scan {
 
 fn scan(value: &str) -> Scan {
     let bytes = value.as_bytes();
+    // A branch-free pass the compiler vectorises; nearly every header has nothing to report.
+    let suspect = bytes.iter().fold(false, |seen, &b| {
+        seen | (b < 0x20) | (b == 0x7f) | (b == 0xc2) | (b == b',')
+    });
+    if !suspect {
+        return Scan::Clean;
+    }
     let mut comma = false;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
