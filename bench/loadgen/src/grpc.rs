@@ -71,7 +71,10 @@ impl Workload {
         assert!(!channels.is_empty() && !payloads.is_empty());
         Self {
             clients: channels.into_iter().map(Grpc::new).collect(),
-            path: PathAndQuery::from_static(rpc.path()),
+            path: PathAndQuery::from_static(
+                rpc.grpc_path()
+                    .expect("a gRPC workload needs a gRPC method (not --rpc http)"),
+            ),
             rpc,
             payloads,
             expect,
@@ -96,6 +99,12 @@ impl Workload {
             .await
             .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?;
         validate(self.rpc, self.expect, response.get_ref())
+    }
+}
+
+impl crate::run::Driver for Workload {
+    fn call(&self, seq: u64) -> impl Future<Output = Result<(), String>> + Send {
+        Workload::call(self, seq)
     }
 }
 

@@ -1,8 +1,10 @@
 //! The benchmark load generator of stepgate (`bench/run` drives it; `bench/README.md` explains the
-//! scenarios). The binary is `src/main.rs`; everything it measures or computes lives here so that
+//! scenarios): gRPC to stepgate, the empty server and Cerbos, HTTP to Envoy. The binary is `src/main.rs`; everything it measures or computes lives here so that
 //! the pure parts are unit-tested.
 
+pub mod cerbos;
 pub mod grpc;
+pub mod http;
 pub mod pacing;
 pub mod procfs;
 pub mod report;

@@ -3,6 +3,7 @@
 //! readiness, reading memory, timing one verify, writing the report).
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
     sync::Arc,
@@ -13,9 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use jsonwebtoken::Algorithm;
 use loadgen::{
     grpc::{self, Workload},
+    http::{self, HttpWorkload},
     parse_duration, procfs,
     report::{self, MemPoint},
-    run::{self, Measured, RunOptions},
+    run::{self, Driver, Measured, RunOptions},
     scenario::{self, Rpc, Scenario, TokenPlan},
     stats::{GeneratorStats, Interference, Percentiles, RunReport, ServerCost},
     tokens, verify,
@@ -25,7 +27,8 @@ use stepgate::demo::TokenSpec;
 #[derive(Debug, Parser)]
 #[command(
     name = "loadgen",
-    about = "Load generator for stepgate's benchmark: gRPC Check and Decide, closed and open loop",
+    about = "Load generator for stepgate's benchmark: gRPC Check and Decide, Cerbos CheckResources, \
+             HTTP through Envoy; closed and open loop",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     args_override_self = true
@@ -49,6 +52,28 @@ enum Command {
     Verify(VerifyArgs),
     /// Write the Markdown report of a bench/run from its JSON files.
     Report(ReportArgs),
+    /// Serve the upstream of the Envoy rows: an empty 200 to every request (HTTP/1.1 keep-alive).
+    Upstream(UpstreamArgs),
+    /// Wait until a URL answers 200 to GET (e.g. Envoy's admin /ready).
+    WaitHttp(WaitHttpArgs),
+    /// Print a loopback TCP port that is free now (for peers that need a fixed port).
+    FreePort,
+}
+
+#[derive(Debug, Args)]
+struct UpstreamArgs {
+    /// Address to listen on (port 0: any free port; the line `upstream listening on ADDR` on
+    /// stderr tells which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+struct WaitHttpArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -74,10 +99,12 @@ struct RunArgs {
     /// What to send (see bench/README.md).
     #[arg(long, value_enum, default_value = "a")]
     scenario: Scenario,
-    /// The RPC (default: check, except decide for scenario e).
+    /// The RPC (default: check; decide for scenario e; http for scenario f). `cerbos` sends
+    /// Cerbos's CheckResources; `http` sends HTTP/1.1 GETs with the bearer token (to Envoy).
     #[arg(long, value_enum)]
     rpc: Option<Rpc>,
-    /// HTTP/2 connections; requests go to them in turn.
+    /// HTTP/2 connections; requests go to them in turn (gRPC only: HTTP/1.1 opens keep-alive
+    /// connections as the requests in flight need them).
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Closed loop: requests in flight at once.
@@ -224,6 +251,16 @@ fn main() -> ExitCode {
             std::fs::write(&a.out, report::render(&input))
                 .map_err(|e| format!("writing {}: {e}", a.out.display()))
         }),
+        Some(Command::Upstream(a)) => {
+            runtime(1).and_then(|rt| rt.block_on(http::serve_upstream(a.listen)))
+        }
+        Some(Command::WaitHttp(a)) => {
+            runtime(1).and_then(|rt| rt.block_on(http::wait_ok(&a.url, a.timeout)))
+        }
+        Some(Command::FreePort) => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| println!("{}", a.port()))
+            .map_err(|e| format!("binding 127.0.0.1:0: {e}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -329,14 +366,16 @@ fn run_load(args: RunArgs) -> Result<(), String> {
     };
     let rt = runtime(threads)?;
     let measured = rt.block_on(async {
-        let channels = grpc::connect(&target, args.connections).await?;
-        let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
-        let distinct = workload.distinct_payloads();
-        let measured = match args.rate {
-            Some(rate) => run::open_loop(workload, rate, args.max_in_flight, &options).await?,
-            None => run::closed_loop(workload, args.concurrency, &options).await?,
-        };
-        Ok::<_, String>((measured, distinct))
+        if rpc == Rpc::Http {
+            let workload = Arc::new(HttpWorkload::new(&target, &call, payloads)?);
+            let distinct = workload.distinct_payloads();
+            Ok::<_, String>((drive(workload, &args, &options).await?, distinct))
+        } else {
+            let channels = grpc::connect(&target, args.connections).await?;
+            let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
+            let distinct = workload.distinct_payloads();
+            Ok((drive(workload, &args, &options).await?, distinct))
+        }
     })?;
     let report = build_report(&args, &target, scenario, rpc, measured.0, measured.1);
     eprintln!("{}", report.summary());
@@ -351,6 +390,18 @@ fn run_load(args: RunArgs) -> Result<(), String> {
         return Err("no request was measured".into());
     }
     Ok(())
+}
+
+/// The closed or the open loop, whatever carries the requests.
+async fn drive<W: Driver>(
+    workload: Arc<W>,
+    args: &RunArgs,
+    options: &RunOptions,
+) -> Result<Measured, String> {
+    match args.rate {
+        Some(rate) => run::open_loop(workload, rate, args.max_in_flight, options).await,
+        None => run::closed_loop(workload, args.concurrency, options).await,
+    }
 }
 
 fn build_report(

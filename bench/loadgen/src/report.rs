@@ -3,9 +3,10 @@
 //!
 //! Input files (in one folder): `run-*.json` (a `RunReport` each, rows in file-name order),
 //! `verify-*.json` (a `VerifyCost` each) and `mem-*.json` (a `MemPoint` each). Rows are found by
-//! label: `empty`, `a`, `b-rs256`, `empty-open`, `a-open`, `rss-100k-fill`, `rss-100k-steady`, and
-//! the memory point `stepgate-start`. Other rows (peers such as Cerbos, or Envoy) are listed in
-//! the table and the ratios without a target of their own.
+//! label: `empty`, `a`, `b-rs256`, `empty-open`, `a-open`, `rss-100k-fill`, `rss-100k-steady`,
+//! the peer `cerbos-a`, the Envoy pair `f-envoy-only` / `f-envoy-stepgate`, and the memory point
+//! `stepgate-start`. Other rows are listed in the table and the ratios without a target of their
+//! own.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -85,6 +86,29 @@ impl Target {
             pass: None,
             note: format!("not measured ({what} missing)"),
         }
+    }
+
+    /// A comparison that cannot count because a row it needs had wrong or failed answers.
+    fn invalid(name: &str, limit: String, rows: &[&RunReport]) -> Option<Self> {
+        let bad: Vec<String> = rows
+            .iter()
+            .filter(|r| r.errors > 0)
+            .map(|r| {
+                format!(
+                    "{} had {} errors ({})",
+                    r.label,
+                    r.errors,
+                    r.error_samples.first().map_or("", String::as_str)
+                )
+            })
+            .collect();
+        (!bad.is_empty()).then(|| Self {
+            name: name.into(),
+            measured: "—".into(),
+            limit,
+            pass: None,
+            note: format!("not comparable: {}", bad.join("; ")),
+        })
     }
 
     pub fn verdict(&self) -> &'static str {
@@ -264,7 +288,146 @@ impl Input {
             }
             _ => out.push(Target::missing(name, "within ±5 %", "row rss-100k-steady")),
         }
+
+        self.cerbos_targets(&mut out);
+        self.envoy_targets(&mut out);
         out
+    }
+
+    /// stepgate's cached-token row against Cerbos's with the same token (Cerbos's default
+    /// verified-JWT cache helps it the same way), both closed loop at the same pinning.
+    fn cerbos_targets(&self, out: &mut Vec<Target>) {
+        const WHAT: &str = "stepgate (a) vs Cerbos (its default JWT cache)";
+        let pair = self.run("a").zip(self.run("cerbos-a"));
+        let cpu = |r: &RunReport| r.server.map(|s| s.cpu_us_per_request);
+
+        let name = format!("{WHAT}: throughput ≥ 10 × Cerbos's");
+        match pair {
+            Some((a, c)) if c.throughput_rps > 0.0 => {
+                let invalid = Target::invalid(&name, "≥ 10×".into(), &[a, c]);
+                out.push(invalid.unwrap_or_else(|| {
+                    let ratio = a.throughput_rps / c.throughput_rps;
+                    let mut note = format!(
+                        "{} vs {} req/s",
+                        fmt_rps(a.throughput_rps),
+                        fmt_rps(c.throughput_rps)
+                    );
+                    if let Some(busy) = a.server.map(|s| s.cpu_utilization)
+                        && busy < 0.9
+                    {
+                        let _ = write!(
+                            note,
+                            "; stepgate used only {:.0} % of its core (the generator set the pace), \
+                             so this ratio understates it — compare CPU µs/req",
+                            busy * 100.0
+                        );
+                    }
+                    Target {
+                        name: name.clone(),
+                        measured: format!("{ratio:.1}×"),
+                        limit: "≥ 10×".into(),
+                        pass: Some(ratio >= 10.0),
+                        note,
+                    }
+                }));
+            }
+            _ => out.push(Target::missing(&name, "≥ 10×", "rows a and cerbos-a")),
+        }
+
+        let name = format!("{WHAT}: CPU per request ≤ 1/10 of Cerbos's");
+        match pair.and_then(|(a, c)| Some((a, c, cpu(a)?, cpu(c)?))) {
+            Some((a, c, a_cpu, c_cpu)) if a_cpu > 0.0 => {
+                let limit = c_cpu / 10.0;
+                let invalid = Target::invalid(&name, format!("≤ {limit:.1} µs"), &[a, c]);
+                out.push(invalid.unwrap_or_else(|| Target {
+                    name: name.clone(),
+                    measured: format!("{a_cpu:.1} µs"),
+                    limit: format!("≤ {limit:.1} µs"),
+                    pass: Some(a_cpu <= limit),
+                    note: format!(
+                        "Cerbos {c_cpu:.1} µs/req: stepgate uses 1/{:.1} of it",
+                        c_cpu / a_cpu
+                    ),
+                }));
+            }
+            _ => out.push(Target::missing(
+                &name,
+                "—",
+                "server CPU of rows a and cerbos-a",
+            )),
+        }
+
+        let name = format!("{WHAT}: lower p99");
+        match pair {
+            Some((a, c)) => {
+                let limit = format!("< {} ms", fmt_ms(c.latency_ms.p99));
+                let invalid = Target::invalid(&name, limit.clone(), &[a, c]);
+                out.push(invalid.unwrap_or_else(|| Target {
+                    name: name.clone(),
+                    measured: format!("{} ms", fmt_ms(a.latency_ms.p99)),
+                    limit,
+                    pass: Some(a.latency_ms.p99 < c.latency_ms.p99),
+                    note: format!(
+                        "closed loop, {} in flight each: at each server's own maximum (p50 {} vs {} ms)",
+                        a.concurrency,
+                        fmt_ms(a.latency_ms.p50),
+                        fmt_ms(c.latency_ms.p50)
+                    ),
+                }));
+            }
+            None => out.push(Target::missing(&name, "—", "rows a and cerbos-a")),
+        }
+    }
+
+    /// What asking stepgate adds to a request through Envoy: the same open-loop rate through
+    /// Envoy without and with the ext_authz filter.
+    fn envoy_targets(&self, out: &mut Vec<Target>) {
+        let pair = self.run("f-envoy-only").zip(self.run("f-envoy-stepgate"));
+        for (quantile, limit_ms) in [("p50", 0.25), ("p99", 1.0)] {
+            let name = format!(
+                "(f) latency Envoy adds with stepgate vs without, open loop: {quantile} ≤ +{limit_ms} ms"
+            );
+            let limit = format!("≤ +{limit_ms:.2} ms");
+            let Some((only, with)) = pair else {
+                out.push(Target::missing(
+                    &name,
+                    &limit,
+                    "rows f-envoy-only and f-envoy-stepgate",
+                ));
+                continue;
+            };
+            if let Some(t) = Target::invalid(&name, limit.clone(), &[only, with]) {
+                out.push(t);
+                continue;
+            }
+            let pick = |r: &RunReport| match quantile {
+                "p50" => r.latency_ms.p50,
+                _ => r.latency_ms.p99,
+            };
+            let added = pick(with) - pick(only);
+            let mut note = format!(
+                "{} ms with vs {} ms without, at {} req/s",
+                fmt_ms(pick(with)),
+                fmt_ms(pick(only)),
+                fmt_rps(with.rate.unwrap_or(with.throughput_rps))
+            );
+            if only.rate != with.rate {
+                let _ = write!(note, "; the two rows ran at different rates");
+            }
+            if only.generator.fell_behind || with.generator.fell_behind {
+                let _ = write!(
+                    note,
+                    "; the generator fell behind its schedule in one row (see Warnings)"
+                );
+            }
+            out.push(Target {
+                name,
+                measured: format!("{added:+.3} ms"),
+                limit,
+                pass: Some(added <= limit_ms),
+                note,
+            });
+        }
     }
 }
 
@@ -314,8 +477,8 @@ pub fn render(input: &Input) -> String {
             .collect();
         let _ = writeln!(
             md,
-            "- **one signature verify** (jsonwebtoken 11 / aws-lc, as stepgate calls it, pinned like \
-             the server): {}",
+            "- **one signature verify** (aws-lc with the key parsed once, as stepgate verifies, pinned \
+             like the server): {}",
             list.join(", ")
         );
     }
@@ -444,6 +607,43 @@ pub fn render(input: &Input) -> String {
                 )),
             );
         }
+    }
+
+    if let (Some(only), Some(with)) = (input.run("f-envoy-only"), input.run("f-envoy-stepgate")) {
+        md.push_str(
+            "\n## HTTP through Envoy, without and with stepgate (ext_authz)\n\n\
+             Open loop, the same rate and token; latency from each request's intended send time, \
+             measured by the client (Envoy, then the upstream).\n\n\
+             | rate req/s | | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | Envoy CPU µs/req |\n\
+             |--:|---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        let line = |md: &mut String, what: &str, r: &RunReport| {
+            let l = &r.latency_ms;
+            let _ = writeln!(
+                md,
+                "| {} | {what} | {} | {} | {} | {} | {} | {} |",
+                fmt_rps(r.rate.unwrap_or(r.throughput_rps)),
+                fmt_ms(l.p50),
+                fmt_ms(l.p90),
+                fmt_ms(l.p99),
+                fmt_ms(l.p999),
+                fmt_ms(l.max),
+                opt(r.server.map(|s| s.cpu_us_per_request), |v| format!(
+                    "{v:.1}"
+                )),
+            );
+        };
+        line(&mut md, "Envoy only", only);
+        line(&mut md, "Envoy + stepgate", with);
+        let (a, b) = (&only.latency_ms, &with.latency_ms);
+        let _ = writeln!(
+            md,
+            "| | **added by stepgate** | {:+.3} | {:+.3} | {:+.3} | {:+.3} | | |",
+            b.p50 - a.p50,
+            b.p90 - a.p90,
+            b.p99 - a.p99,
+            b.p999 - a.p999,
+        );
     }
 
     if let Some(empty) = input.run("empty") {
@@ -601,10 +801,13 @@ mod tests {
         let targets = input().targets();
         let verdicts: Vec<_> = targets.iter().map(|t| t.verdict()).collect();
         // 35k/40k = 0.875 ≥ 0.85; p50 0.110 ≤ 0.130; p99 0.50 ≤ 0.50; 60 ≤ 24 + 32.5;
-        // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %.
+        // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %; no Cerbos or Envoy rows.
         assert_eq!(
             verdicts,
-            ["PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS"]
+            [
+                "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
+                "n/a"
+            ]
         );
         assert_eq!(targets[0].measured, "0.875×");
         assert_eq!(targets[3].limit, "≤ 56.5 µs");
@@ -659,6 +862,100 @@ mod tests {
         assert!(md.contains("a-open: the server fell behind the schedule: 20000 requests"));
         assert!(md.contains("⚠ server overloaded"));
         assert!(!md.contains("generator fell behind"));
+    }
+
+    fn target<'a>(targets: &'a [Target], starts: &str) -> Vec<&'a Target> {
+        targets
+            .iter()
+            .filter(|t| t.name.starts_with(starts))
+            .collect()
+    }
+
+    #[test]
+    fn stepgate_is_compared_with_cerbos() {
+        let mut i = input();
+        // a: 35 000 req/s, 28 µs/req, p99 1.7 ms.
+        i.runs.push(run("cerbos-a", 3_000.0, 300.0, 9.0, 20.0));
+        let targets = i.targets();
+        let cerbos = target(&targets, "stepgate (a) vs Cerbos");
+        let verdicts: Vec<_> = cerbos.iter().map(|t| t.verdict()).collect();
+        // 35k/3k = 11.7 ≥ 10; 28 ≤ 300/10; 1.7 < 20.
+        assert_eq!(verdicts, ["PASS", "PASS", "PASS"]);
+        assert_eq!(cerbos[0].measured, "11.7×");
+        assert_eq!(cerbos[1].limit, "≤ 30.0 µs");
+        assert!(cerbos[1].note.contains("1/10.7"), "{}", cerbos[1].note);
+        assert_eq!(cerbos[2].limit, "< 20.0 ms");
+
+        // A faster, leaner Cerbos: 35k/4k = 8.75 < 10; 28 > 250/10; p99 1.7 ≥ 1.5.
+        let c = i.runs.iter_mut().find(|r| r.label == "cerbos-a").unwrap();
+        *c = run("cerbos-a", 4_000.0, 250.0, 0.9, 1.5);
+        let targets = i.targets();
+        let verdicts: Vec<_> = target(&targets, "stepgate (a) vs Cerbos")
+            .iter()
+            .map(|t| t.verdict())
+            .collect();
+        assert_eq!(verdicts, ["MISS", "MISS", "MISS"]);
+
+        // When the generator, not stepgate, set the pace, the throughput ratio says so.
+        let a = i.runs.iter_mut().find(|r| r.label == "a").unwrap();
+        a.server.as_mut().unwrap().cpu_utilization = 0.5;
+        let note = &i.targets()[7].note;
+        assert!(
+            note.ends_with(
+                "stepgate used only 50 % of its core (the generator set the pace), so \
+             this ratio understates it — compare CPU µs/req"
+            ),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn a_cerbos_row_with_wrong_answers_does_not_count() {
+        let mut i = input();
+        let mut c = run("cerbos-a", 3_000.0, 300.0, 9.0, 20.0);
+        c.errors = 12;
+        c.error_samples = vec!["expected EFFECT_ALLOW for read, got EFFECT_DENY".into()];
+        i.runs.push(c);
+        let targets = i.targets();
+        let cerbos = target(&targets, "stepgate (a) vs Cerbos");
+        assert_eq!(cerbos.len(), 3);
+        for t in cerbos {
+            assert_eq!(t.pass, None, "{t:?}");
+            assert!(
+                t.note
+                    .contains("cerbos-a had 12 errors (expected EFFECT_ALLOW")
+            );
+        }
+    }
+
+    #[test]
+    fn envoy_latency_is_the_difference_of_the_two_rows() {
+        let mut i = input();
+        let mut only = run("f-envoy-only", 1_000.0, 90.0, 0.30, 0.80);
+        only.rate = Some(1_000.0);
+        let mut with = run("f-envoy-stepgate", 1_000.0, 120.0, 0.45, 2.0);
+        with.rate = Some(1_000.0);
+        i.runs.push(only);
+        i.runs.push(with);
+        let targets = i.targets();
+        let f = target(&targets, "(f)");
+        assert_eq!(f.len(), 2);
+        // p50 +0.15 ≤ 0.25; p99 +1.2 > 1.
+        assert_eq!((f[0].verdict(), f[1].verdict()), ("PASS", "MISS"));
+        assert_eq!(f[0].measured, "+0.150 ms");
+        assert_eq!(f[1].measured, "+1.200 ms");
+        assert_eq!(f[1].limit, "≤ +1.00 ms");
+        assert!(f[0].note.contains("at 1,000 req/s"), "{}", f[0].note);
+        let md = render(&i);
+        assert!(md.contains("## HTTP through Envoy, without and with stepgate"));
+        assert!(md.contains("| 1,000 | Envoy + stepgate | 0.450 |"), "{md}");
+        assert!(md.contains("| | **added by stepgate** | +0.150 |"));
+
+        // An error in either row makes the comparison void.
+        let with = i.runs.iter_mut().find(|r| r.label == "f-envoy-stepgate");
+        with.unwrap().errors = 1;
+        let targets = i.targets();
+        assert!(target(&targets, "(f)").iter().all(|t| t.pass.is_none()));
     }
 
     #[test]

@@ -24,11 +24,16 @@ use tokio::{
 };
 
 use crate::{
-    grpc::Workload,
     pacing::{Schedule, Wait, wait_for},
     procfs::{self, ProcSample},
     stats::{Recorder, new_histogram},
 };
+
+/// What sends request number `seq` and checks its answer: gRPC (`grpc::Workload`) or HTTP
+/// (`http::HttpWorkload`). The loops below are the same for both.
+pub trait Driver: Send + Sync + 'static {
+    fn call(&self, seq: u64) -> impl Future<Output = Result<(), String>> + Send;
+}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -94,8 +99,8 @@ struct Shared {
 }
 
 /// Closed loop with `concurrency` workers.
-pub async fn closed_loop(
-    workload: Arc<Workload>,
+pub async fn closed_loop<W: Driver>(
+    workload: Arc<W>,
     concurrency: usize,
     options: &RunOptions,
 ) -> Result<Measured, String> {
@@ -176,7 +181,7 @@ pub async fn closed_loop(
     })
 }
 
-async fn worker(workload: Arc<Workload>, shared: Arc<Shared>) -> Recorder {
+async fn worker<W: Driver>(workload: Arc<W>, shared: Arc<Shared>) -> Recorder {
     let mut recorder = Recorder::default();
     while !shared.stop.load(Ordering::Relaxed) {
         let seq = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -194,8 +199,8 @@ async fn worker(workload: Arc<Workload>, shared: Arc<Shared>) -> Recorder {
 }
 
 /// Open loop at `rate` requests per second, at most `max_in_flight` unanswered at once.
-pub async fn open_loop(
-    workload: Arc<Workload>,
+pub async fn open_loop<W: Driver>(
+    workload: Arc<W>,
     rate: f64,
     max_in_flight: u64,
     options: &RunOptions,
@@ -345,7 +350,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        grpc,
+        grpc::{self, Workload},
         scenario::{self, Rpc, Scenario},
     };
 

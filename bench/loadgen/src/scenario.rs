@@ -25,20 +25,29 @@ use stepgate::{
     demo::TokenSpec,
 };
 
-/// Which RPC carries the request.
+use crate::cerbos;
+
+/// What carries the request: a gRPC method, or plain HTTP (through Envoy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Rpc {
     /// `envoy.service.auth.v3.Authorization/Check`, shaped as Envoy sends it.
     Check,
     /// `stepgate.v1.DecisionService/Decide`.
     Decide,
+    /// Cerbos's `cerbos.svc.v1.CerbosService/CheckResources`, the token in `aux_data.jwt`.
+    Cerbos,
+    /// An HTTP/1.1 request with `Authorization: Bearer …` (to Envoy); 200 is the right answer.
+    Http,
 }
 
 impl Rpc {
-    pub fn path(self) -> &'static str {
+    /// The gRPC method path (`None` for HTTP).
+    pub fn grpc_path(self) -> Option<&'static str> {
         match self {
-            Rpc::Check => "/envoy.service.auth.v3.Authorization/Check",
-            Rpc::Decide => "/stepgate.v1.DecisionService/Decide",
+            Rpc::Check => Some("/envoy.service.auth.v3.Authorization/Check"),
+            Rpc::Decide => Some("/stepgate.v1.DecisionService/Decide"),
+            Rpc::Cerbos => Some(cerbos::CHECK_RESOURCES_PATH),
+            Rpc::Http => None,
         }
     }
 
@@ -46,6 +55,8 @@ impl Rpc {
         match self {
             Rpc::Check => "check",
             Rpc::Decide => "decide",
+            Rpc::Cerbos => "cerbos",
+            Rpc::Http => "http",
         }
     }
 }
@@ -76,6 +87,9 @@ pub enum Scenario {
     /// 100 000 distinct RS256 tokens (as b-rs256): fills the token cache for the memory target.
     #[value(name = "rss-100k")]
     Rss100k,
+    /// HTTP GET through Envoy with scenario a's token: 200 from the upstream.
+    #[value(name = "f")]
+    F,
 }
 
 /// The answer a scenario must get.
@@ -129,6 +143,7 @@ impl Scenario {
             Scenario::DExpired => "d-expired",
             Scenario::E => "e",
             Scenario::Rss100k => "rss-100k",
+            Scenario::F => "f",
         }
     }
 
@@ -142,12 +157,14 @@ impl Scenario {
             Scenario::DExpired => "Check, 401 expired token",
             Scenario::E => "Decide, CEL escalation (amount 25000) → STEP_UP c2",
             Scenario::Rss100k => "Check, 100 000 distinct RS256 tokens (cache fill)",
+            Scenario::F => "HTTP GET through Envoy, same token as a, 200 expected",
         }
     }
 
     pub fn default_rpc(self) -> Rpc {
         match self {
             Scenario::E => Rpc::Decide,
+            Scenario::F => Rpc::Http,
             _ => Rpc::Check,
         }
     }
@@ -160,7 +177,7 @@ impl Scenario {
             tamper: false,
         };
         match self {
-            Scenario::A => one(user()),
+            Scenario::A | Scenario::F => one(user()),
             Scenario::BRs256 | Scenario::Rss100k => TokenPlan::Distinct {
                 spec: user(),
                 alg: Algorithm::RS256,
@@ -225,7 +242,9 @@ impl Scenario {
 
     pub fn expect(self) -> Expect {
         match self {
-            Scenario::A | Scenario::BRs256 | Scenario::BEs256 | Scenario::Rss100k => Expect::Allow,
+            Scenario::A | Scenario::BRs256 | Scenario::BEs256 | Scenario::Rss100k | Scenario::F => {
+                Expect::Allow
+            }
             Scenario::C => Expect::StepUp { missing: "c1" },
             Scenario::DBadsig => Expect::Deny {
                 status: 401,
@@ -242,19 +261,31 @@ impl Scenario {
     /// Whether the scenario can be sent over `rpc`.
     pub fn supports(self, rpc: Rpc) -> Result<(), String> {
         match (self, rpc) {
-            (Scenario::E, Rpc::Check) => {
+            (Scenario::E, Rpc::Decide) | (Scenario::F, Rpc::Http) => Ok(()),
+            (Scenario::E, _) => {
                 Err("scenario e needs --rpc decide: request attributes exist only in Decide".into())
             }
+            (Scenario::F, _) => {
+                Err("scenario f is HTTP through Envoy (--rpc http); use scenario a for gRPC".into())
+            }
+            // The Cerbos policy and the plain HTTP upstream model the ordinary ALLOW only.
+            (_, Rpc::Cerbos | Rpc::Http) if self.expect() != Expect::Allow => Err(format!(
+                "--rpc {} sends allowed requests only (scenarios a, b-*, rss-100k, f), not {}",
+                rpc.as_str(),
+                self.name()
+            )),
             _ => Ok(()),
         }
     }
 }
 
-/// The encoded request for `token`.
+/// The encoded request for `token`; for HTTP, the `Authorization` header value.
 pub fn encode(rpc: Rpc, call: &Call, token: &str) -> Bytes {
     match rpc {
         Rpc::Check => envoy_check(call, token).encode_to_vec().into(),
         Rpc::Decide => decide_request(call, token).encode_to_vec().into(),
+        Rpc::Cerbos => cerbos::encode(call, token),
+        Rpc::Http => format!("Bearer {token}").into(),
     }
 }
 
@@ -332,9 +363,12 @@ const INVALID_ARGUMENT: i32 = 3;
 const PERMISSION_DENIED: i32 = 7;
 const UNAUTHENTICATED: i32 = 16;
 
-/// Checks an encoded response of `rpc` against `expect`.
+/// Checks an encoded gRPC response of `rpc` against `expect` (HTTP answers are checked by their
+/// status in `http::check_status`).
 pub fn validate(rpc: Rpc, expect: Expect, body: &[u8]) -> Result<(), String> {
     match rpc {
+        Rpc::Cerbos => cerbos::validate(expect, body),
+        Rpc::Http => Err("an HTTP answer is checked by its status, not as a gRPC body".into()),
         Rpc::Check => {
             let response = CheckResponse::decode(body)
                 .map_err(|e| format!("undecodable CheckResponse: {e}"))?;
@@ -607,5 +641,28 @@ mod tests {
         assert!(Scenario::E.supports(Rpc::Check).is_err());
         assert!(Scenario::A.supports(Rpc::Decide).is_ok());
         assert!(!encode(Rpc::Check, &Scenario::A.call(), "t").is_empty());
+        assert_eq!(
+            &encode(Rpc::Http, &Scenario::F.call(), "t")[..],
+            b"Bearer t"
+        );
+    }
+
+    #[test]
+    fn peers_and_http_take_allowed_scenarios_only() {
+        for ok in [Scenario::A, Scenario::BRs256, Scenario::BEs256] {
+            assert_eq!(ok.supports(Rpc::Cerbos), Ok(()));
+            assert_eq!(ok.supports(Rpc::Http), Ok(()));
+        }
+        assert_eq!(Scenario::F.default_rpc(), Rpc::Http);
+        assert_eq!(Scenario::F.supports(Rpc::Http), Ok(()));
+        assert!(Scenario::F.supports(Rpc::Check).is_err());
+        assert!(Scenario::C.supports(Rpc::Cerbos).is_err());
+        assert!(Scenario::DBadsig.supports(Rpc::Http).is_err());
+        assert!(Scenario::E.supports(Rpc::Cerbos).is_err());
+        assert_eq!(Rpc::Http.grpc_path(), None);
+        assert_eq!(
+            Rpc::Cerbos.grpc_path(),
+            Some("/cerbos.svc.v1.CerbosService/CheckResources")
+        );
     }
 }
