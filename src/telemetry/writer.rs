@@ -23,6 +23,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 pub const WAKE_AT: usize = 64 * 1024;
 /// Pending bytes at which the logging thread writes synchronously.
 pub const BACKPRESSURE_AT: usize = 4 * 1024 * 1024;
+/// Capacity a buffer keeps after a burst: the memory a burst took is given back.
+pub const RETAIN: usize = 4 * WAKE_AT;
 
 #[derive(Default)]
 struct Shared {
@@ -54,6 +56,7 @@ impl Shared {
         // stderr failing (closed pipe) must not take the service down; the lines are lost.
         let _ = out.write_all(spare).and_then(|()| out.flush());
         spare.clear();
+        spare.shrink_to(RETAIN);
     }
 }
 

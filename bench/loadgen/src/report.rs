@@ -13,7 +13,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    stats::{RunReport, fmt_ms, fmt_rps},
+    stats::{Percentiles, RunReport, fmt_ms, fmt_rps},
     verify::VerifyCost,
 };
 
@@ -274,16 +274,28 @@ impl Input {
         match (after_fill, steady) {
             (Some(base), Some(s)) if !s.rss_samples_mib.is_empty() => {
                 let (dev, lo, hi) = deviation(base, &s.rss_samples_mib);
+                let mut note = format!(
+                    "{} samples over {:.0} s: {lo:.1}–{hi:.1} MiB against {base:.1} MiB after the fill",
+                    s.rss_samples_mib.len(),
+                    s.seconds
+                );
+                // Tells a one-time step at the start (allocator warm-up) from growth: the spread
+                // of the samples after the first 10 s, against the first of them.
+                if let Some(later) = s.rss_samples_mib.get(10..).filter(|l| l.len() >= 10) {
+                    let (drift, lo, hi) = deviation(later[0], later);
+                    let _ = write!(
+                        note,
+                        "; after the first 10 s: {lo:.1}–{hi:.1} MiB ({:+.1} % from {:.1} MiB)",
+                        drift * 100.0,
+                        later[0]
+                    );
+                }
                 out.push(Target {
                     name: name.into(),
                     measured: format!("{:+.1} %", dev * 100.0),
                     limit: "within ±5 %".into(),
                     pass: Some(dev.abs() <= 0.05),
-                    note: format!(
-                        "{} samples over {:.0} s: {lo:.1}–{hi:.1} MiB against {base:.1} MiB after the fill",
-                        s.rss_samples_mib.len(),
-                        s.seconds
-                    ),
+                    note,
                 });
             }
             _ => out.push(Target::missing(name, "within ±5 %", "row rss-100k-steady")),
@@ -413,6 +425,16 @@ impl Input {
             );
             if only.rate != with.rate {
                 let _ = write!(note, "; the two rows ran at different rates");
+            }
+            if let Some(empty) = self.run("f-envoy-empty").filter(|e| e.errors == 0) {
+                let _ = write!(
+                    note,
+                    "; with the empty ext_authz server instead of stepgate {} ms, so the ext_authz \
+                     call itself adds {:+.3} ms and stepgate's decision {:+.3} ms",
+                    fmt_ms(pick(empty)),
+                    pick(empty) - pick(only),
+                    pick(with) - pick(empty)
+                );
             }
             if only.generator.fell_behind || with.generator.fell_behind {
                 let _ = write!(
@@ -634,16 +656,45 @@ pub fn render(input: &Input) -> String {
             );
         };
         line(&mut md, "Envoy only", only);
+        let empty = input.run("f-envoy-empty");
+        if let Some(empty) = empty {
+            line(
+                &mut md,
+                "Envoy + empty ext_authz server (diagnostic)",
+                empty,
+            );
+        }
         line(&mut md, "Envoy + stepgate", with);
-        let (a, b) = (&only.latency_ms, &with.latency_ms);
-        let _ = writeln!(
-            md,
-            "| | **added by stepgate** | {:+.3} | {:+.3} | {:+.3} | {:+.3} | | |",
-            b.p50 - a.p50,
-            b.p90 - a.p90,
-            b.p99 - a.p99,
-            b.p999 - a.p999,
+        let added = |md: &mut String, what: &str, a: &Percentiles, b: &Percentiles| {
+            let _ = writeln!(
+                md,
+                "| | **{what}** | {:+.3} | {:+.3} | {:+.3} | {:+.3} | | |",
+                b.p50 - a.p50,
+                b.p90 - a.p90,
+                b.p99 - a.p99,
+                b.p999 - a.p999,
+            );
+        };
+        added(
+            &mut md,
+            "added by stepgate",
+            &only.latency_ms,
+            &with.latency_ms,
         );
+        if let Some(empty) = empty {
+            added(
+                &mut md,
+                "added by the ext_authz call itself (empty server)",
+                &only.latency_ms,
+                &empty.latency_ms,
+            );
+            added(
+                &mut md,
+                "stepgate over the empty server",
+                &empty.latency_ms,
+                &with.latency_ms,
+            );
+        }
     }
 
     if let Some(empty) = input.run("empty") {
@@ -950,6 +1001,25 @@ mod tests {
         assert!(md.contains("## HTTP through Envoy, without and with stepgate"));
         assert!(md.contains("| 1,000 | Envoy + stepgate | 0.450 |"), "{md}");
         assert!(md.contains("| | **added by stepgate** | +0.150 |"));
+
+        // With the diagnostic row, the added latency splits into the call and the decision.
+        let mut empty = run("f-envoy-empty", 1_000.0, 110.0, 0.40, 1.0);
+        empty.rate = Some(1_000.0);
+        i.runs.push(empty);
+        let targets = i.targets();
+        let f = target(&targets, "(f)");
+        assert!(
+            f[0].note.contains(
+                "the ext_authz call itself adds +0.100 ms and stepgate's decision +0.050 ms"
+            ),
+            "{}",
+            f[0].note
+        );
+        let md = render(&i);
+        assert!(
+            md.contains("| | **stepgate over the empty server** | +0.050 |"),
+            "{md}"
+        );
 
         // An error in either row makes the comparison void.
         let with = i.runs.iter_mut().find(|r| r.label == "f-envoy-stepgate");
