@@ -4,8 +4,9 @@
 //! in the profile: the largest cost of a cached ALLOW after the network). Here the request path
 //! only copies the formatted line into memory; the writer thread sends what accumulated every
 //! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`. Nothing is dropped: when
-//! the buffer holds [`BACKPRESSURE_AT`] bytes (stderr blocked or too slow) the logging thread
-//! writes the buffer itself, so a stuck log pipe slows decisions rather than losing audit lines.
+//! the buffer would pass [`BACKPRESSURE_AT`] bytes (stderr blocked or the writer without CPU) the
+//! logging thread writes the buffer itself, so a stuck log pipe slows decisions rather than losing
+//! audit lines.
 //! [`LogGuard`] flushes what is left when the process ends.
 
 use std::{
@@ -21,10 +22,9 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Pending bytes that wake the writer thread early.
 pub const WAKE_AT: usize = 64 * 1024;
-/// Pending bytes at which the logging thread writes synchronously.
-pub const BACKPRESSURE_AT: usize = 4 * 1024 * 1024;
-/// Capacity a buffer keeps after a burst: the memory a burst took is given back.
-pub const RETAIN: usize = 4 * WAKE_AT;
+/// Pending bytes at which the logging thread writes synchronously. Both buffers are allocated
+/// at this size once and never grow past it (no reallocation churn, a fixed 2 MiB).
+pub const BACKPRESSURE_AT: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct Shared {
@@ -32,10 +32,18 @@ struct Shared {
     wake: Condvar,
 }
 
-#[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
     closed: bool,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self {
+            bytes: Vec::with_capacity(BACKPRESSURE_AT),
+            closed: false,
+        }
+    }
 }
 
 impl Shared {
@@ -56,7 +64,6 @@ impl Shared {
         // stderr failing (closed pipe) must not take the service down; the lines are lost.
         let _ = out.write_all(spare).and_then(|()| out.flush());
         spare.clear();
-        spare.shrink_to(RETAIN);
     }
 }
 
@@ -97,7 +104,7 @@ impl BufferedStderr {
 
 fn write_loop(shared: &Shared) {
     lowest_priority();
-    let mut spare = Vec::with_capacity(WAKE_AT);
+    let mut spare = Vec::with_capacity(BACKPRESSURE_AT);
     let stderr = io::stderr();
     loop {
         let closed = {
@@ -163,13 +170,16 @@ impl Write for LineWriter<'_> {
             drop(pending);
             return io::stderr().lock().write(buf);
         }
+        if pending.bytes.len() + buf.len() > BACKPRESSURE_AT {
+            // The writer thread is behind (stderr blocked, or no idle CPU for it): write here,
+            // holding the lock, so that other loggers wait too instead of the buffer growing.
+            let _ = io::stderr().lock().write_all(&pending.bytes);
+            pending.bytes.clear();
+        }
         pending.bytes.extend_from_slice(buf);
         let len = pending.bytes.len();
         drop(pending);
-        if len >= BACKPRESSURE_AT {
-            self.shared
-                .drain_to(&mut io::stderr().lock(), &mut Vec::new());
-        } else if len >= WAKE_AT {
+        if len >= WAKE_AT {
             self.shared.wake.notify_one();
         }
         Ok(buf.len())
