@@ -33,20 +33,6 @@ pub struct Principal {
     pub expires_at: i64,
 }
 
-/// Reads a claim that may be a string, a space-separated string or an array of strings. `None`
-/// when the claim has another JSON type.
-pub fn string_list(claims: &Map<String, Value>, name: &str) -> Option<Vec<String>> {
-    match claims.get(name) {
-        None | Some(Value::Null) => Some(Vec::new()),
-        Some(Value::String(s)) => Some(s.split_ascii_whitespace().map(str::to_owned).collect()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        Some(_) => None,
-    }
-}
-
 fn list(
     claims: &Map<String, Value>,
     name: &'static str,
@@ -56,8 +42,9 @@ fn list(
     Ok(interner.list(values))
 }
 
-/// Like [`string_list`], borrowing.
-fn str_list<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<Vec<&'a str>> {
+/// Reads a claim that may be a string, a space-separated string or an array of strings. `None`
+/// when the claim has another JSON type.
+pub fn str_list<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<Vec<&'a str>> {
     match claims.get(name) {
         None | Some(Value::Null) => Some(Vec::new()),
         Some(Value::String(s)) => Some(s.split_ascii_whitespace().collect()),

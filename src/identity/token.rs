@@ -214,7 +214,7 @@ pub fn verify(
     {
         return Err(TokenError::ClaimInvalid("auth_time"));
     }
-    let client_capabilities: Vec<String> = super::claims::string_list(&claims, "xms_cc")
+    let client_capabilities: Vec<String> = super::claims::str_list(&claims, "xms_cc")
         .ok_or(TokenError::ClaimInvalid("xms_cc"))?
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
