@@ -5,7 +5,7 @@
 //! only copies the formatted line into memory; the writer thread sends what accumulated every
 //! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`. Nothing is dropped: when
 //! the buffer would pass [`BACKPRESSURE_AT`] bytes (stderr blocked or the writer without CPU) the
-//! logging thread writes the buffer itself, so a stuck log pipe slows decisions rather than losing
+//! logging thread writes the buffer itself (also once a line has waited [`MAX_DELAY`]), so a stuck log pipe slows decisions rather than losing
 //! audit lines.
 //! [`LogGuard`] flushes what is left when the process ends.
 
@@ -13,13 +13,16 @@ use std::{
     io::{self, Write},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Longest time a line waits in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Longest a line may wait when the writer thread gets no CPU: the next line logged after that
+/// writes the buffer itself.
+pub const MAX_DELAY: Duration = Duration::from_millis(250);
 /// Pending bytes that wake the writer thread early.
 pub const WAKE_AT: usize = 64 * 1024;
 /// Pending bytes at which the logging thread writes synchronously. Both buffers are allocated
@@ -34,6 +37,8 @@ struct Shared {
 
 struct Pending {
     bytes: Vec<u8>,
+    /// When the oldest pending byte was added.
+    since: Option<Instant>,
     closed: bool,
 }
 
@@ -41,6 +46,7 @@ impl Default for Pending {
     fn default() -> Self {
         Self {
             bytes: Vec::with_capacity(BACKPRESSURE_AT),
+            since: None,
             closed: false,
         }
     }
@@ -60,6 +66,7 @@ impl Shared {
                 return;
             }
             std::mem::swap(&mut pending.bytes, spare);
+            pending.since = None;
         }
         // stderr failing (closed pipe) must not take the service down; the lines are lost.
         let _ = out.write_all(spare).and_then(|()| out.flush());
@@ -124,17 +131,19 @@ fn write_loop(shared: &Shared) {
     }
 }
 
-/// Runs this thread under `SCHED_IDLE` (Linux): it writes when the CPU has nothing else to do, so
-/// a flush never delays a request on a busy core (measured through Envoy: the decision line's
-/// flushes were most of stepgate's p99 at 1000 req/s). When requests leave no idle time, the
-/// buffer reaches [`BACKPRESSURE_AT`] and the request threads write it themselves.
+/// Gives this thread the lowest normal priority (nice 19, Linux): it still runs within a few
+/// milliseconds on a busy core, but a flush rarely delays a request (measured through Envoy: the
+/// decision line's flushes were most of stepgate's p99 at 1000 req/s). `SCHED_IDLE` was tried
+/// and starves the writer whenever other processes keep the core busy.
 fn lowest_priority() {
     #[cfg(target_os = "linux")]
     {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `sched_setscheduler` with pid 0 changes only the calling thread and reads
-        // `param`, which lives for the whole call. A failure leaves the normal priority.
-        let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        // SAFETY: `gettid` has no preconditions; `setpriority` on this thread's id changes only
+        // its own nice value. A failure leaves the normal priority.
+        unsafe {
+            let tid = libc::gettid();
+            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
     }
 }
 
@@ -170,11 +179,16 @@ impl Write for LineWriter<'_> {
             drop(pending);
             return io::stderr().lock().write(buf);
         }
-        if pending.bytes.len() + buf.len() > BACKPRESSURE_AT {
-            // The writer thread is behind (stderr blocked, or no idle CPU for it): write here,
-            // holding the lock, so that other loggers wait too instead of the buffer growing.
+        let overdue = pending.since.is_some_and(|t| t.elapsed() > MAX_DELAY);
+        if overdue || pending.bytes.len() + buf.len() > BACKPRESSURE_AT {
+            // The writer thread is behind (stderr blocked, or no CPU for it): write here, holding
+            // the lock, so that other loggers wait too instead of the buffer growing.
             let _ = io::stderr().lock().write_all(&pending.bytes);
             pending.bytes.clear();
+            pending.since = None;
+        }
+        if pending.bytes.is_empty() {
+            pending.since = Some(Instant::now());
         }
         pending.bytes.extend_from_slice(buf);
         let len = pending.bytes.len();
