@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
-
 use super::{
-    intern::Interner,
+    intern::Tables,
     issuer::{ChallengeStyle, Issuer},
+    segments::{Claims, Raw},
     token::{TokenError, numeric_date},
 };
 
@@ -34,59 +33,55 @@ pub struct Principal {
 }
 
 fn list(
-    claims: &Map<String, Value>,
+    value: Option<&Raw>,
     name: &'static str,
-    interner: &Interner,
+    interner: &mut Tables,
 ) -> Result<Arc<[Arc<str>]>, TokenError> {
-    let values = str_list(claims, name).ok_or(TokenError::ClaimInvalid(name))?;
+    let values = str_list(value).ok_or(TokenError::ClaimInvalid(name))?;
     Ok(interner.list(values))
 }
 
 /// Reads a claim that may be a string, a space-separated string or an array of strings. `None`
 /// when the claim has another JSON type.
-pub fn str_list<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<Vec<&'a str>> {
-    match claims.get(name) {
-        None | Some(Value::Null) => Some(Vec::new()),
-        Some(Value::String(s)) => Some(s.split_ascii_whitespace().collect()),
-        Some(Value::Array(items)) => items.iter().map(Value::as_str).collect(),
+pub fn str_list<'a>(value: Option<&'a Raw>) -> Option<Vec<&'a str>> {
+    match value {
+        None | Some(Raw::Null) => Some(Vec::new()),
+        Some(Raw::Str(s)) => Some(s.split_ascii_whitespace().collect()),
+        Some(Raw::StrList(items)) => Some(items.iter().map(|item| &**item).collect()),
         Some(_) => None,
     }
 }
 
-fn str<'a>(
-    claims: &'a Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<&'a str>, TokenError> {
-    match claims.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
+fn str<'a>(value: Option<&'a Raw>, name: &'static str) -> Result<Option<&'a str>, TokenError> {
+    match value {
+        None | Some(Raw::Null) => Ok(None),
+        Some(Raw::Str(s)) => Ok(Some(s)),
         Some(_) => Err(TokenError::ClaimInvalid(name)),
     }
 }
 
 pub(super) fn read_principal(
     issuer: &Issuer,
-    claims: &Map<String, Value>,
-    interner: &Interner,
+    claims: &Claims,
+    interner: &mut Tables,
 ) -> Result<Principal, TokenError> {
-    let shared = |value: Option<&str>| value.map(|v| interner.string(v));
-    let subject = str(claims, "sub")?.unwrap_or_default();
-    let client_id = match str(claims, "azp")? {
+    let subject = str(claims.sub.as_ref(), "sub")?.unwrap_or_default();
+    let client_id = match str(claims.azp.as_ref(), "azp")? {
         Some(id) => Some(id),
-        None => match str(claims, "appid")? {
+        None => match str(claims.appid.as_ref(), "appid")? {
             Some(id) => Some(id),
-            None => str(claims, "client_id")?,
+            None => str(claims.client_id.as_ref(), "client_id")?,
         },
     };
-    let mut scope_values = str_list(claims, "scp").ok_or(TokenError::ClaimInvalid("scp"))?;
-    scope_values.extend(str_list(claims, "scope").ok_or(TokenError::ClaimInvalid("scope"))?);
-    let has_delegated_scope = claims.contains_key("scp") || claims.contains_key("scope");
-    let idtyp = str(claims, "idtyp")?;
+    let mut scope_values = str_list(claims.scp.as_ref()).ok_or(TokenError::ClaimInvalid("scp"))?;
+    scope_values.extend(str_list(claims.scope.as_ref()).ok_or(TokenError::ClaimInvalid("scope"))?);
+    let has_delegated_scope = claims.scp.is_some() || claims.scope.is_some();
+    let idtyp = str(claims.idtyp.as_ref(), "idtyp")?;
     // Entra: delegated (user) tokens always carry `scp`; application tokens carry only `roles`.
     let app_only = idtyp == Some("app")
         || (issuer.challenge == ChallengeStyle::Entra && !has_delegated_scope)
         || subject.is_empty();
-    let acrs: Vec<String> = str_list(claims, "acrs")
+    let acrs: Vec<String> = str_list(claims.acrs.as_ref())
         .ok_or(TokenError::ClaimInvalid("acrs"))?
         .into_iter()
         .map(str::to_ascii_lowercase)
@@ -94,17 +89,17 @@ pub(super) fn read_principal(
     Ok(Principal {
         issuer_id: interner.string(&issuer.id),
         // The token's own `iss` (for a `{tenantid}` or discovered issuer the policy text is not it).
-        issuer: interner.string(str(claims, "iss")?.unwrap_or_default()),
+        issuer: interner.string(str(claims.iss.as_ref(), "iss")?.unwrap_or_default()),
         subject: Arc::from(subject),
-        tenant: shared(str(claims, "tid")?),
-        client_id: shared(client_id),
+        tenant: str(claims.tid.as_ref(), "tid")?.map(|tid| interner.string(tid)),
+        client_id: client_id.map(|id| interner.string(id)),
         acrs: interner.list(acrs.iter().map(String::as_str)),
-        acr: shared(str(claims, "acr")?),
-        amr: list(claims, "amr", interner)?,
-        auth_time: numeric_date(claims, "auth_time")?,
+        acr: str(claims.acr.as_ref(), "acr")?.map(|acr| interner.string(acr)),
+        amr: list(claims.amr.as_ref(), "amr", interner)?,
+        auth_time: numeric_date(claims.auth_time.as_ref(), "auth_time")?,
         scopes: interner.list(scope_values),
-        roles: list(claims, "roles", interner)?,
+        roles: list(claims.roles.as_ref(), "roles", interner)?,
         app_only,
-        expires_at: numeric_date(claims, "exp")?.unwrap_or_default(),
+        expires_at: numeric_date(claims.exp.as_ref(), "exp")?.unwrap_or_default(),
     })
 }

@@ -8,42 +8,54 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
+
+use foldhash::fast::RandomState;
 
 /// Distinct strings (and, separately, lists) kept shared.
 pub const MAX_VALUES: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct Interner {
-    strings: Mutex<HashSet<Arc<str>>>,
-    lists: Mutex<HashSet<Arc<[Arc<str>]>>>,
+    tables: Mutex<Tables>,
+}
+
+/// The shared values, locked once for all the values of a token.
+#[derive(Debug, Default)]
+pub struct Tables {
+    strings: HashSet<Arc<str>, RandomState>,
+    lists: HashSet<Arc<[Arc<str>]>, RandomState>,
 }
 
 impl Interner {
+    pub fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Tables {
     /// The shared copy of `value` (made and remembered on first sight, while there is room).
-    pub fn string(&self, value: &str) -> Arc<str> {
-        let mut strings = self.strings.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(shared) = strings.get(value) {
+    pub fn string(&mut self, value: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(value) {
             return Arc::clone(shared);
         }
         let shared: Arc<str> = Arc::from(value);
-        if strings.len() < MAX_VALUES {
-            strings.insert(Arc::clone(&shared));
+        if self.strings.len() < MAX_VALUES {
+            self.strings.insert(Arc::clone(&shared));
         }
         shared
     }
 
     /// The shared copy of a list, its items shared too.
-    pub fn list<'a>(&self, values: impl IntoIterator<Item = &'a str>) -> Arc<[Arc<str>]> {
+    pub fn list<'a>(&mut self, values: impl IntoIterator<Item = &'a str>) -> Arc<[Arc<str>]> {
         let items: Vec<Arc<str>> = values.into_iter().map(|v| self.string(v)).collect();
-        let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(shared) = lists.get(items.as_slice()) {
+        if let Some(shared) = self.lists.get(items.as_slice()) {
             return Arc::clone(shared);
         }
         let shared: Arc<[Arc<str>]> = items.into();
-        if lists.len() < MAX_VALUES {
-            lists.insert(Arc::clone(&shared));
+        if self.lists.len() < MAX_VALUES {
+            self.lists.insert(Arc::clone(&shared));
         }
         shared
     }
@@ -56,6 +68,7 @@ mod tests {
     #[test]
     fn equal_values_share_one_copy() {
         let interner = Interner::default();
+        let mut interner = interner.lock();
         let a = interner.string("https://issuer.example");
         let b = interner.string(&String::from("https://issuer.example"));
         assert!(Arc::ptr_eq(&a, &b));
@@ -75,10 +88,11 @@ mod tests {
     #[test]
     fn the_table_is_bounded() {
         let interner = Interner::default();
+        let mut interner = interner.lock();
         for i in 0..MAX_VALUES + 100 {
             assert_eq!(&*interner.string(&format!("v{i}")), format!("v{i}"));
         }
-        assert_eq!(interner.strings.lock().unwrap().len(), MAX_VALUES);
+        assert_eq!(interner.strings.len(), MAX_VALUES);
         let late = format!("v{}", MAX_VALUES + 1);
         assert!(
             !Arc::ptr_eq(&interner.string(&late), &interner.string(&late)),

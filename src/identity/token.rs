@@ -1,7 +1,7 @@
 //! JWT access-token verification: structure, header hygiene, issuer, key, signature, time, audience.
 //!
-//! stepgate parses the compact JWS itself and asks jsonwebtoken (aws-lc) only to check the
-//! signature. That keeps every refusal distinguishable (an expired token is not a bad signature), lets
+//! stepgate parses the compact JWS itself (in one pass, see [`super::segments`]) and asks aws-lc
+//! only to check the signature. That keeps every refusal distinguishable (an expired token is not a bad signature), lets
 //! `now` be passed in, and makes a claim of the wrong JSON type an answer rather than a panic.
 //! Order matters: nothing in a token's payload is trusted before its signature is verified, except
 //! `iss`, which only selects whose keys to try.
@@ -13,9 +13,10 @@ use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
 use super::{
-    claims::{Principal, read_principal},
+    claims::{Principal, read_principal, str_list},
     intern::Interner,
     issuer::{Issuer, Issuers, Tenants},
+    segments::{self, Claims, Raw},
 };
 
 /// A token whose signature, issuer, audience and lifetime were checked.
@@ -45,13 +46,10 @@ pub enum KeepClaims {
 }
 
 impl KeepClaims {
-    fn select(&self, mut claims: Map<String, Value>) -> Map<String, Value> {
+    pub fn wants(&self, claim: &str) -> bool {
         match self {
-            KeepClaims::All => claims,
-            KeepClaims::Named(names) => names
-                .iter()
-                .filter_map(|name| Some((name.clone(), claims.remove(name)?)))
-                .collect(),
+            KeepClaims::All => true,
+            KeepClaims::Named(names) => names.iter().any(|name| name == claim),
         }
     }
 }
@@ -106,10 +104,6 @@ pub enum TokenError {
     WrongType(String),
 }
 
-/// Header parameters stepgate understands; a `crit` naming anything is refused (RFC 7515 §4.1.11:
-/// a recipient must reject extensions it does not understand, and stepgate understands none).
-const FORBIDDEN_HEADERS: [&str; 3] = ["jku", "x5u", "jwk"];
-
 /// Verifies `token` against the configured issuers at unix time `now`.
 pub fn verify(
     token: &str,
@@ -136,38 +130,51 @@ pub fn verify(
     if signature_b64.is_empty() {
         return Err(TokenError::Malformed("the signature segment is empty"));
     }
+    let header_bytes =
+        decode_segment(header_b64).ok_or(TokenError::Malformed("bad header segment"))?;
     let header =
-        decode_json_object(header_b64).ok_or(TokenError::Malformed("bad header segment"))?;
+        segments::header(&header_bytes).ok_or(TokenError::Malformed("bad header segment"))?;
     let alg_name = header
-        .get("alg")
-        .and_then(Value::as_str)
+        .alg
+        .as_ref()
+        .and_then(Raw::as_str)
         .ok_or(TokenError::Malformed("the header has no alg"))?;
-    for name in FORBIDDEN_HEADERS {
-        if header.contains_key(name) {
+    // A key the token names itself (`jku`, `x5u`, `jwk`) would let it pick its own verifier; a
+    // `crit` naming anything is refused (RFC 7515 §4.1.11: a recipient must reject extensions it
+    // does not understand, and stepgate understands none).
+    for (present, name) in [
+        (header.jku, "jku"),
+        (header.x5u, "x5u"),
+        (header.jwk, "jwk"),
+    ] {
+        if present {
             return Err(TokenError::ForbiddenHeader(name.to_owned()));
         }
     }
-    if header.contains_key("crit") {
+    if header.crit {
         return Err(TokenError::ForbiddenHeader("crit".to_owned()));
     }
-    if header.contains_key("nonce") {
+    if header.nonce {
         return Err(TokenError::Unverifiable);
     }
-    check_type(header.get("typ"))?;
+    check_type(header.typ.as_ref())?;
     let alg: Algorithm = alg_name
         .parse()
         .map_err(|_| TokenError::AlgorithmNotAllowed(alg_name.chars().take(16).collect()))?;
-    let kid = match header.get("kid") {
+    let kid = match &header.kid {
         None => None,
-        Some(Value::String(kid)) => Some(kid.as_str()),
+        Some(Raw::Str(kid)) => Some(&**kid),
         Some(_) => return Err(TokenError::Malformed("the header kid is not a string")),
     };
 
-    let claims =
-        decode_json_object(payload_b64).ok_or(TokenError::Malformed("bad payload segment"))?;
+    let payload_bytes =
+        decode_segment(payload_b64).ok_or(TokenError::Malformed("bad payload segment"))?;
+    let claims = segments::claims(&payload_bytes, keep)
+        .ok_or(TokenError::Malformed("bad payload segment"))?;
     let iss = claims
-        .get("iss")
-        .and_then(Value::as_str)
+        .iss
+        .as_ref()
+        .and_then(Raw::as_str)
         .ok_or(TokenError::IssuerUnknown)?;
     let (issuer, iss_tenant) = issuers.by_iss(iss).ok_or(TokenError::IssuerUnknown)?;
     if !issuer.algorithms.contains(&alg) {
@@ -207,14 +214,15 @@ pub fn verify(
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
-    let principal = read_principal(issuer, &claims, interner)?;
+    let mut interner = interner.lock();
+    let principal = read_principal(issuer, &claims, &mut interner)?;
     if principal
         .auth_time
         .is_some_and(|t| t > now.saturating_add(issuer.leeway as i64))
     {
         return Err(TokenError::ClaimInvalid("auth_time"));
     }
-    let client_capabilities: Vec<String> = super::claims::str_list(&claims, "xms_cc")
+    let client_capabilities: Vec<String> = str_list(claims.xms_cc.as_ref())
         .ok_or(TokenError::ClaimInvalid("xms_cc"))?
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
@@ -225,14 +233,14 @@ pub fn verify(
         key_material: key.material,
         principal: Arc::new(principal),
         client_capabilities: interner.list(client_capabilities.iter().map(String::as_str)),
-        claims: keep.select(claims),
+        claims: claims.kept,
     })
 }
 
 /// `typ` is optional; when present it must name a JWT access token (`JWT`, or RFC 9068's
 /// `at+jwt`, as a media type and case-insensitively). Logout tokens, DPoP proofs, SETs and other
 /// JWTs signed by the same keys are refused.
-fn check_type(typ: Option<&Value>) -> Result<(), TokenError> {
+fn check_type(typ: Option<&Raw>) -> Result<(), TokenError> {
     let Some(typ) = typ else { return Ok(()) };
     let name = typ
         .as_str()
@@ -244,22 +252,18 @@ fn check_type(typ: Option<&Value>) -> Result<(), TokenError> {
     }
 }
 
-fn decode_json_object(segment: &str) -> Option<Map<String, Value>> {
-    let bytes = URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')).ok()?;
-    match serde_json::from_slice(&bytes).ok()? {
-        Value::Object(map) => Some(map),
-        _ => None,
-    }
+fn decode_segment(segment: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')).ok()
 }
 
 /// A NumericDate (RFC 7519 §2): a JSON number of seconds, possibly with a fraction.
 pub(super) fn numeric_date(
-    claims: &Map<String, Value>,
+    value: Option<&Raw>,
     name: &'static str,
 ) -> Result<Option<i64>, TokenError> {
-    match claims.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
+    match value {
+        None | Some(Raw::Null) => Ok(None),
+        Some(Raw::Num(n)) => n
             .as_i64()
             .or_else(|| {
                 n.as_f64()
@@ -276,13 +280,13 @@ pub(super) fn numeric_date(
 fn check_tenant(
     issuer: &Issuer,
     iss_tenant: Option<&str>,
-    claims: &Map<String, Value>,
+    claims: &Claims,
 ) -> Result<(), TokenError> {
     let Some(tenant) = iss_tenant else {
         return Ok(());
     };
-    let tid = match claims.get("tid") {
-        Some(Value::String(tid)) => tid,
+    let tid = match &claims.tid {
+        Some(Raw::Str(tid)) => tid,
         Some(_) => return Err(TokenError::ClaimInvalid("tid")),
         None => return Err(TokenError::TenantMismatch),
     };
@@ -295,12 +299,12 @@ fn check_tenant(
     }
 }
 
-fn check_lifetime(claims: &Map<String, Value>, leeway: i64, now: i64) -> Result<(), TokenError> {
-    let exp = numeric_date(claims, "exp")?.ok_or(TokenError::ClaimInvalid("exp"))?;
+fn check_lifetime(claims: &Claims, leeway: i64, now: i64) -> Result<(), TokenError> {
+    let exp = numeric_date(claims.exp.as_ref(), "exp")?.ok_or(TokenError::ClaimInvalid("exp"))?;
     if now > exp.saturating_add(leeway) {
         return Err(TokenError::Expired);
     }
-    if let Some(nbf) = numeric_date(claims, "nbf")?
+    if let Some(nbf) = numeric_date(claims.nbf.as_ref(), "nbf")?
         && now < nbf.saturating_sub(leeway)
     {
         return Err(TokenError::NotYetValid);
@@ -308,24 +312,12 @@ fn check_lifetime(claims: &Map<String, Value>, leeway: i64, now: i64) -> Result<
     Ok(())
 }
 
-fn check_audience(claims: &Map<String, Value>, audiences: &[String]) -> Result<(), TokenError> {
+fn check_audience(claims: &Claims, audiences: &[String]) -> Result<(), TokenError> {
     let accepted = |aud: &str| audiences.iter().any(|a| a == aud);
-    match claims.get("aud") {
-        Some(Value::String(aud)) if accepted(aud) => Ok(()),
-        Some(Value::Array(list)) => {
-            let mut matched = false;
-            for aud in list {
-                let aud = aud.as_str().ok_or(TokenError::ClaimInvalid("aud"))?;
-                matched |= accepted(aud);
-            }
-            if matched {
-                Ok(())
-            } else {
-                Err(TokenError::AudienceMismatch)
-            }
-        }
-        Some(Value::String(_)) => Err(TokenError::AudienceMismatch),
-        None => Err(TokenError::AudienceMismatch),
+    match &claims.aud {
+        Some(Raw::Str(aud)) if accepted(aud) => Ok(()),
+        Some(Raw::StrList(list)) if list.iter().any(|aud| accepted(aud)) => Ok(()),
+        Some(Raw::Str(_) | Raw::StrList(_)) | None => Err(TokenError::AudienceMismatch),
         Some(_) => Err(TokenError::ClaimInvalid("aud")),
     }
 }
