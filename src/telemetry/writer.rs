@@ -39,6 +39,9 @@ struct Pending {
     bytes: Vec<u8>,
     /// When the oldest pending byte was added.
     since: Option<Instant>,
+    /// The writer was woken for these bytes: a condvar notify is a syscall every time, so the
+    /// lines after [`WAKE_AT`] do not repeat it while the writer waits for CPU.
+    woken: bool,
     closed: bool,
 }
 
@@ -47,6 +50,7 @@ impl Default for Pending {
         Self {
             bytes: Vec::with_capacity(BACKPRESSURE_AT),
             since: None,
+            woken: false,
             closed: false,
         }
     }
@@ -67,6 +71,7 @@ impl Shared {
             }
             std::mem::swap(&mut pending.bytes, spare);
             pending.since = None;
+            pending.woken = false;
         }
         // stderr failing (closed pipe) must not take the service down; the lines are lost.
         let _ = out.write_all(spare).and_then(|()| out.flush());
@@ -186,14 +191,16 @@ impl Write for LineWriter<'_> {
             let _ = io::stderr().lock().write_all(&pending.bytes);
             pending.bytes.clear();
             pending.since = None;
+            pending.woken = false;
         }
         if pending.bytes.is_empty() {
             pending.since = Some(Instant::now());
         }
         pending.bytes.extend_from_slice(buf);
-        let len = pending.bytes.len();
+        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
+        pending.woken |= wake;
         drop(pending);
-        if len >= WAKE_AT {
+        if wake {
             self.shared.wake.notify_one();
         }
         Ok(buf.len())
@@ -236,6 +243,24 @@ mod tests {
         shared.drain_to(&mut out, &mut Vec::new());
         assert_eq!(out, b"one\ntwo\n");
         assert!(pending(&writer).is_empty(), "drained bytes are gone");
+    }
+
+    #[test]
+    fn a_full_buffer_wakes_the_writer_once_until_it_drains() {
+        let shared = Arc::new(Shared::default());
+        let writer = BufferedStderr {
+            shared: Arc::clone(&shared),
+        };
+        let line = vec![b'x'; 1000];
+        while shared.lock().bytes.len() < WAKE_AT - line.len() {
+            writer.make_writer().write_all(&line).unwrap();
+        }
+        assert!(!shared.lock().woken, "below WAKE_AT the timer flushes");
+        writer.make_writer().write_all(&line).unwrap();
+        writer.make_writer().write_all(&line).unwrap();
+        assert!(shared.lock().woken, "woken once at WAKE_AT");
+        shared.drain_to(&mut Vec::new(), &mut Vec::new());
+        assert!(!shared.lock().woken, "the next fill wakes it again");
     }
 
     #[test]
