@@ -329,3 +329,18 @@ fn check_error_names_the_field_path_once_as_documented() {
         "field path repeated:\n{stderr}"
     );
 }
+
+/// Transparent huge pages would turn a few touched bytes of the allocator's 2 MiB-aligned arenas
+/// into whole 2 MiB pages of RSS; the server turns them off for itself (`PR_SET_THP_DISABLE`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_runs_with_transparent_huge_pages_disabled() {
+    let server = Server::start(&demo_policy_path()).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("reading the server's /proc status");
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .expect("/proc/PID/status has a THP_enabled line (Linux 5.0 and later)");
+    assert_eq!(thp.trim(), "0", "{status}");
+}
