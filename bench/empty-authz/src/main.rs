@@ -5,7 +5,10 @@
 //! tonic 0.14, envoy-types 0.7, TCP_NODELAY, the same HTTP/2 settings), so the difference between the two under the same load is what stepgate's decision
 //! costs. `bench/run` starts it pinned to one core and waits for the `listening on ADDR` line.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use clap::Parser;
 use envoy_types::{
@@ -41,11 +44,17 @@ struct Args {
     /// from the cost of the decision.
     #[arg(long, default_value_t = 0)]
     metadata_bytes: usize,
+    /// Keep the CPU busy this many microseconds on each Check before answering (0: none). With
+    /// the cost of one signature verify, the row shows what the transport alone costs at the
+    /// lower rate of a server that verifies every token (fewer answers share each system call).
+    #[arg(long, default_value_t = 0.0)]
+    busy_micros: f64,
 }
 
 #[derive(Debug, Default)]
 struct Empty {
     response: CheckResponse,
+    busy: Duration,
 }
 
 #[tonic::async_trait]
@@ -54,7 +63,19 @@ impl Authorization for Empty {
         &self,
         _request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        busy_for(self.busy);
         Ok(Response::new(self.response.clone()))
+    }
+}
+
+/// Spins (no sleep: the point is to use the CPU) for `busy`.
+fn busy_for(busy: Duration) {
+    if busy.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    while start.elapsed() < busy {
+        std::hint::spin_loop();
     }
 }
 
@@ -85,10 +106,18 @@ fn main() -> std::process::ExitCode {
     });
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().worker_threads(workers.max(1));
-    let result = runtime
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-        .and_then(|rt| rt.block_on(serve(args.listen, ok_response(args.metadata_bytes))));
+    let result = Duration::try_from_secs_f64(args.busy_micros / 1e6)
+        .map_err(|_| format!("--busy-micros {}: expected a number ≥ 0", args.busy_micros))
+        .and_then(|busy| {
+            let service = Empty {
+                response: ok_response(args.metadata_bytes),
+                busy,
+            };
+            let rt = runtime
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            rt.block_on(serve(args.listen, service))
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -98,7 +127,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(addr: SocketAddr, response: CheckResponse) -> Result<(), String> {
+async fn serve(addr: SocketAddr, service: Empty) -> Result<(), String> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -112,7 +141,7 @@ async fn serve(addr: SocketAddr, response: CheckResponse) -> Result<(), String> 
         .initial_connection_window_size(Some(1024 * 1024))
         .initial_stream_window_size(Some(256 * 1024))
         .max_concurrent_streams(Some(1024))
-        .add_service(AuthorizationServer::new(Empty { response }))
+        .add_service(AuthorizationServer::new(service))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -133,6 +162,13 @@ mod tests {
             response.http_response,
             Some(HttpResponse::OkResponse(ref ok)) if *ok == OkHttpResponse::default()
         ));
+    }
+
+    #[test]
+    fn busy_time_is_spent_before_answering() {
+        let start = Instant::now();
+        busy_for(Duration::from_millis(5));
+        assert!(start.elapsed() >= Duration::from_millis(5));
     }
 
     #[test]

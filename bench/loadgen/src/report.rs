@@ -217,16 +217,26 @@ impl Input {
         match (cpu(self.run("b-rs256")), cpu(empty), self.verify("RS256")) {
             (Some(b), Some(e), Some(v)) => {
                 let limit = e + 1.3 * v.us_per_verify;
+                let mut note = format!(
+                    "empty {e:.1} µs + 1.3 × {:.1} µs; stepgate's cost above the floor is {:.2} verifies",
+                    v.us_per_verify,
+                    (b - e) / v.us_per_verify
+                );
+                if let Some(busy) = cpu(self.run("empty-busy")) {
+                    note.push_str(&format!(
+                        "; the empty server busy one verify per Check costs {busy:.1} µs, so \
+                         {:.1} µs of that is the transport at the lower rate and {:.1} µs \
+                         stepgate's own",
+                        busy - e - v.us_per_verify,
+                        b - busy
+                    ));
+                }
                 out.push(Target {
                     name: name.into(),
                     measured: format!("{b:.1} µs"),
                     limit: format!("≤ {limit:.1} µs"),
                     pass: Some(b <= limit),
-                    note: format!(
-                        "empty {e:.1} µs + 1.3 × {:.1} µs; stepgate's cost above the floor is {:.2} verifies",
-                        v.us_per_verify,
-                        (b - e) / v.us_per_verify
-                    ),
+                    note,
                 });
             }
             _ => out.push(Target::missing(
@@ -920,6 +930,23 @@ mod tests {
             .iter()
             .filter(|t| t.name.starts_with(starts))
             .collect()
+    }
+
+    #[test]
+    fn the_busy_empty_server_splits_the_uncached_cost() {
+        let mut i = input();
+        let note = |i: &Input| target(&i.targets(), "(b) uncached")[0].note.clone();
+        assert!(!note(&i).contains("busy"), "no empty-busy row, no split");
+        // empty 24, verify 25, busy 52: 3 µs transport; b 60: 8 µs stepgate's own.
+        i.runs.push(run("empty-busy", 16_000.0, 52.0, 2.0, 3.0));
+        assert!(
+            note(&i).ends_with(
+                "the empty server busy one verify per Check costs 52.0 µs, so 3.0 µs of that \
+                 is the transport at the lower rate and 8.0 µs stepgate's own"
+            ),
+            "{}",
+            note(&i)
+        );
     }
 
     #[test]
