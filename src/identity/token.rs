@@ -1,8 +1,9 @@
 //! JWT access-token verification: structure, header hygiene, issuer, key, signature, time, audience.
 //!
 //! stepgate parses the compact JWS itself (in one pass, see [`super::segments`]) and asks aws-lc
-//! only to check the signature. That keeps every refusal distinguishable (an expired token is not a bad signature), lets
-//! `now` be passed in, and makes a claim of the wrong JSON type an answer rather than a panic.
+//! only to check the signature. That keeps every refusal distinguishable (an expired token is not
+//! a bad signature), lets `now` be passed in, and makes a claim of the wrong JSON type an answer
+//! rather than a panic.
 //! Order matters: nothing in a token's payload is trusted before its signature is verified, except
 //! `iss`, which only selects whose keys to try.
 
@@ -214,8 +215,9 @@ pub fn verify(
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
-    let mut interner = interner.lock();
-    let principal = read_principal(issuer, &claims, &mut interner)?;
+    // One lock for all the values this token shares with others.
+    let mut shared = interner.lock();
+    let principal = read_principal(issuer, &claims, &mut shared)?;
     if principal
         .auth_time
         .is_some_and(|t| t > now.saturating_add(issuer.leeway as i64))
@@ -229,10 +231,10 @@ pub fn verify(
         .collect();
     Ok(VerifiedToken {
         issuer: Arc::clone(issuer),
-        kid: kid.map(|kid| interner.string(kid)),
+        kid: kid.map(|kid| shared.string(kid)),
         key_material: key.material,
         principal: Arc::new(principal),
-        client_capabilities: interner.list(client_capabilities.iter().map(String::as_str)),
+        client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,
     })
 }

@@ -5,9 +5,9 @@
 //! only copies the formatted line into memory; the writer thread sends what accumulated every
 //! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`. Nothing is dropped: when
 //! the buffer would pass [`BACKPRESSURE_AT`] bytes (stderr blocked or the writer without CPU) the
-//! logging thread writes the buffer itself (also once a line has waited [`MAX_DELAY`]), so a stuck log pipe slows decisions rather than losing
-//! audit lines.
-//! [`LogGuard`] flushes what is left when the process ends.
+//! logging thread writes the buffer itself (also once a line has waited [`MAX_DELAY`]), so a stuck
+//! log pipe slows decisions rather than losing audit lines. [`LogGuard`] flushes what is left when
+//! the process ends.
 
 use std::{
     io::{self, Write},

@@ -1,9 +1,10 @@
 //! The benchmark's transport floor: an Envoy ext_authz v3 `Authorization` server that answers every
 //! `Check` with `OK` at once, without looking at the request.
 //!
-//! It runs the same stack as stepgate (tokio multi-thread runtime with one worker per available CPU,
-//! tonic 0.14, envoy-types 0.7, TCP_NODELAY, the same HTTP/2 settings), so the difference between the two under the same load is what stepgate's decision
-//! costs. `bench/run` starts it pinned to one core and waits for the `listening on ADDR` line.
+//! It runs the same stack as stepgate (tokio multi-thread runtime with one worker per available
+//! CPU, tonic 0.14, envoy-types 0.7, TCP_NODELAY, the same HTTP/2 settings), so the difference
+//! between the two under the same load is what stepgate's decision costs. `bench/run` starts it
+//! pinned to one core and waits for the `listening on ADDR` line.
 
 use std::{
     net::SocketAddr,
