@@ -8,9 +8,16 @@ pub fn fingerprint(token: &str) -> String {
     fingerprint_of(&Sha256::digest(token.as_bytes()).into())
 }
 
-/// The fingerprint from an already computed SHA-256 of the token.
+/// The fingerprint from an already computed SHA-256 of the token (one per decision: written
+/// without the formatting machinery).
 pub fn fingerprint_of(digest: &[u8; 32]) -> String {
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(12);
+    for byte in &digest[..6] {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -19,5 +26,12 @@ mod tests {
     fn is_twelve_hex_digits_of_sha256() {
         // sha256("abc") = ba7816bf8f01cfea...
         assert_eq!(super::fingerprint("abc"), "ba7816bf8f01");
+    }
+
+    #[test]
+    fn every_nibble_is_a_lower_case_hex_digit() {
+        let mut digest = [0u8; 32];
+        digest[..6].copy_from_slice(&[0x00, 0x0f, 0xf0, 0xa5, 0x5a, 0xff]);
+        assert_eq!(super::fingerprint_of(&digest), "000ff0a55aff");
     }
 }

@@ -39,7 +39,8 @@ impl DecisionLine<'_> {
         ] {
             field(name, value, out);
         }
-        let _ = write!(out, ",\"status\":{}", self.status);
+        out.push_str(",\"status\":");
+        digits(u64::from(self.status), 1, out);
         for (name, value) in [
             ("subject", self.subject),
             ("issuer", self.issuer),
@@ -47,12 +48,9 @@ impl DecisionLine<'_> {
         ] {
             field(name, value, out);
         }
-        let _ = write!(
-            out,
-            ",\"micros\":{},\"target\":\"stepgate::decision\"}}",
-            self.micros
-        );
-        out.push('\n');
+        out.push_str(",\"micros\":");
+        digits(self.micros, 1, out);
+        out.push_str(",\"target\":\"stepgate::decision\"}\n");
     }
 }
 
@@ -92,14 +90,35 @@ fn rfc3339_micros(now: SystemTime, out: &mut String) {
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let of_day = secs % 86_400;
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since.subsec_micros()
-    );
+    // By hand rather than `write!`: the formatting machinery was a visible share of the line.
+    digits(year.max(0) as u64, 4, out);
+    for (separator, value) in [
+        ('-', u64::from(month)),
+        ('-', u64::from(day)),
+        ('T', of_day / 3600),
+        (':', of_day / 60 % 60),
+        (':', of_day % 60),
+    ] {
+        out.push(separator);
+        digits(value, 2, out);
+    }
+    out.push('.');
+    digits(u64::from(since.subsec_micros()), 6, out);
+    out.push('Z');
+}
+
+/// `value` in decimal, left-padded with zeros to at least `width` digits.
+fn digits(mut value: u64, width: usize, out: &mut String) {
+    let mut buf = [b'0'; 20];
+    let mut start = buf.len();
+    while value > 0 {
+        start -= 1;
+        buf[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    start = start.min(buf.len() - width.clamp(1, buf.len()));
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or_default());
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day): the well-known
@@ -136,6 +155,20 @@ mod tests {
             token: "63b30f33c31d",
             micros: 5,
         }
+    }
+
+    #[test]
+    fn numbers_are_decimal_and_zero_padded_to_their_width() {
+        let render = |value, width| {
+            let mut out = String::new();
+            digits(value, width, &mut out);
+            out
+        };
+        assert_eq!(render(0, 1), "0");
+        assert_eq!(render(7, 2), "07");
+        assert_eq!(render(123, 2), "123");
+        assert_eq!(render(42, 6), "000042");
+        assert_eq!(render(u64::MAX, 1), u64::MAX.to_string());
     }
 
     #[test]
