@@ -488,10 +488,12 @@ async fn idp_down_later_keeps_verifying_with_the_cached_keys_while_retrying() {
         Some(ServingStatus::Serving as i32),
         "cached keys keep the server ready"
     );
-    let logs = server.logs_text();
     assert!(
-        logs.contains("keeping the last good key set") && logs.contains("503"),
-        "the failed refreshes are logged with their cause:\n{logs}"
+        server
+            .wait_for_text(EVENT_DEADLINE, &["keeping the last good key set", "503"])
+            .await,
+        "the failed refreshes are logged with their cause:\n{}",
+        server.logs_text()
     );
 }
 
@@ -523,10 +525,15 @@ async fn malformed_key_set_is_a_failed_refresh_and_the_keys_are_kept() {
         &decide(&server, &channel, &token).await,
         "after malformed refreshes",
     );
-    let logs = server.logs_text();
     assert!(
-        logs.contains("unusable key set") && logs.contains("keeping the last good key set"),
-        "the malformed key set is logged as a failed load:\n{logs}"
+        server
+            .wait_for_text(
+                EVENT_DEADLINE,
+                &["unusable key set", "keeping the last good key set"]
+            )
+            .await,
+        "the malformed key set is logged as a failed load:\n{}",
+        server.logs_text()
     );
 
     // An empty key set is no better: with max_stale 1h the keys stay.
@@ -600,8 +607,8 @@ async fn emptied_key_set_keeps_the_old_keys_until_max_stale_then_refuses_and_rep
     .await;
     assert!(
         server
-            .logs_text()
-            .contains("longer than max_stale; dropping them"),
+            .wait_for_text(EVENT_DEADLINE, &["longer than max_stale; dropping them"])
+            .await,
         "dropping the keys is logged:\n{}",
         tail(&server.logs_text())
     );

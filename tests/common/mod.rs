@@ -349,6 +349,22 @@ impl Server {
             .collect()
     }
 
+    /// Polls the captured log text until it contains every one of `needles` (log lines reach
+    /// stderr through a buffer, up to 20 ms after the event); false after `timeout`.
+    pub async fn wait_for_text(&self, timeout: Duration, needles: &[&str]) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.logs_text();
+            if needles.iter().all(|needle| logs.contains(needle)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls the captured JSON log lines until one satisfies `pred`; `None` after `timeout`.
     pub async fn wait_for_log(
         &self,
