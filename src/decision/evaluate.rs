@@ -321,7 +321,7 @@ impl<'p> Run<'p> {
     ) -> Option<Decision> {
         let realm = self.policy.realm.as_str();
         let p = &token.principal;
-        if !rule.issuers.is_empty() && !rule.issuers.contains(&token.issuer.id) {
+        if !rule.issuers.is_empty() && !rule.issuers.iter().any(|id| *id == *token.issuer.id) {
             let message = "the access token issuer is not accepted for this resource";
             self.step("require", || {
                 format!("issuer {:?} not in {:?}", token.issuer.id, rule.issuers)

@@ -320,7 +320,7 @@ fn demo_policy_has_one_issuer_per_challenge_style_with_keys_installed() {
     let styles: Vec<_> = policy
         .issuers
         .iter()
-        .map(|i| (i.id.as_str(), i.challenge.as_str()))
+        .map(|i| (&*i.id, i.challenge.as_str()))
         .collect();
     assert_eq!(
         styles,

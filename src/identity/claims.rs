@@ -87,7 +87,7 @@ pub(super) fn read_principal(
         .map(str::to_ascii_lowercase)
         .collect();
     Ok(Principal {
-        issuer_id: interner.string(&issuer.id),
+        issuer_id: Arc::clone(&issuer.id),
         // The token's own `iss` (for a `{tenantid}` or discovered issuer the policy text is not it).
         issuer: interner.string(str(claims.iss.as_ref(), "iss")?.unwrap_or_default()),
         subject: Arc::from(subject),

@@ -149,7 +149,8 @@ pub struct IssuerSettings {
 /// background refresher; a request reads the current set without waiting.
 #[derive(Debug)]
 pub struct Issuer {
-    pub id: String,
+    /// Shared: every verified token's principal names it (cloning is a reference count).
+    pub id: Arc<str>,
     /// The `issuer` as written in the policy.
     pub issuer: String,
     pub name: IssuerName,
@@ -179,7 +180,7 @@ impl Issuer {
     pub fn new(settings: IssuerSettings) -> Self {
         Self {
             name: IssuerName::parse(&settings.issuer),
-            id: settings.id,
+            id: settings.id.into(),
             issuer: settings.issuer,
             tenants: settings.tenants,
             audiences: settings.audiences,
@@ -285,7 +286,7 @@ impl Issuers {
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Issuer>> {
-        self.in_order.iter().find(|i| i.id == id)
+        self.in_order.iter().find(|i| &*i.id == id)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Issuer>> {

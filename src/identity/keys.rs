@@ -306,7 +306,7 @@ pub async fn load_all(issuers: &[Arc<Issuer>], http: &reqwest::Client) -> Vec<St
         if let Ok(issuer) = joined
             && issuer.keys().is_empty()
         {
-            without_keys.push(issuer.id.clone());
+            without_keys.push(issuer.id.to_string());
         }
     }
     without_keys.sort();

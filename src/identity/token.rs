@@ -184,7 +184,7 @@ pub fn verify(
 
     let keys = issuer.keys();
     let key = keys.find(kid).ok_or_else(|| TokenError::UnknownKey {
-        issuer: issuer.id.clone(),
+        issuer: issuer.id.to_string(),
         kid: kid.map(str::to_owned),
     })?;
     if !key.kind.fits(alg) || key.alg.is_some_and(|key_alg| key_alg != alg) {

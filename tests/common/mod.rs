@@ -352,17 +352,15 @@ impl Server {
     /// Polls the captured log text until it contains every one of `needles` (log lines reach
     /// stderr through a buffer, up to 20 ms after the event); false after `timeout`.
     pub async fn wait_for_text(&self, timeout: Duration, needles: &[&str]) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let logs = self.logs_text();
-            if needles.iter().all(|needle| logs.contains(needle)) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.poll_logs(timeout, |server| {
+            let logs = server.logs_text();
+            needles
+                .iter()
+                .all(|needle| logs.contains(needle))
+                .then_some(())
+        })
+        .await
+        .is_some()
     }
 
     /// Polls the captured JSON log lines until one satisfies `pred`; `None` after `timeout`.
@@ -371,10 +369,23 @@ impl Server {
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
+        self.poll_logs(timeout, |server| {
+            server.json_logs().into_iter().find(|v| pred(v))
+        })
+        .await
+    }
+
+    /// Checks the captured logs every 20 ms until `found` returns something; `None` after
+    /// `timeout`.
+    async fn poll_logs<T>(
+        &self,
+        timeout: Duration,
+        found: impl Fn(&Self) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.json_logs().into_iter().find(|v| pred(v)) {
-                return Some(line);
+            if let Some(hit) = found(self) {
+                return Some(hit);
             }
             if Instant::now() > deadline {
                 return None;

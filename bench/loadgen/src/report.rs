@@ -241,13 +241,14 @@ impl Input {
                     (b - e) / v.us_per_verify
                 );
                 if let Some(busy) = cpu(self.run("empty-busy")) {
-                    note.push_str(&format!(
+                    let _ = write!(
+                        note,
                         "; the empty server busy one verify per Check costs {busy:.1} µs, so \
                          {:.1} µs of that is the transport at the lower rate and {:.1} µs \
                          stepgate's own",
                         busy - e - v.us_per_verify,
                         b - busy
-                    ));
+                    );
                 }
                 out.push(Target {
                     name: name.into(),
