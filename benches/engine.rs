@@ -4,6 +4,8 @@
 //! - `decide/*`: the whole `decide()` for a request shaped like an Envoy `Check` — cached and
 //!   uncached token verification (RS256, ES256), a step-up with the Entra claims challenge, a
 //!   `Decide` call with a CEL escalation;
+//! - `check/*`: the whole `Check` path minus the transport — an encoded Envoy `CheckRequest`
+//!   decoded, read into an `AccessRequest`, decided, rendered as a `CheckResponse` and encoded;
 //! - `verify/*`: token verification alone;
 //! - `challenge/*`: `WWW-Authenticate` rendering.
 
@@ -188,5 +190,88 @@ fn challenge_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decide_benches, challenge_benches);
+/// The bytes of a `CheckRequest` as Envoy sends it (`encode_raw_headers: false`): pseudo-headers,
+/// the usual proxy headers, the token, source and destination peers.
+fn envoy_check_bytes(token: &str, method: &str, path: &str) -> Vec<u8> {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address, SocketAddress, address::Address as AddressKind, socket_address::PortSpecifier,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest,
+        attribute_context::{HttpRequest, Peer, Request},
+    };
+    use prost::Message as _;
+    let headers = [
+        (":authority", "api.example.com"),
+        (":method", method),
+        (":path", path),
+        (":scheme", "https"),
+        ("authorization", &format!("Bearer {token}")),
+        ("accept", "application/json"),
+        ("user-agent", "bench-client/1.0"),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "3c1c5b1e-9d2f-4b8a-8000-000000000042"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(AddressKind::SocketAddress(SocketAddress {
+                address: ip.to_owned(),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 51234)),
+            destination: Some(peer("10.1.0.10", 8443)),
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: "9114224365146203311".into(),
+                    method: method.into(),
+                    headers,
+                    path: path.into(),
+                    host: "api.example.com".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+fn check_benches(c: &mut Criterion) {
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+    use prost::Message as _;
+    use stepgate::server::{answer::CheckAnswer, ext_authz::access_request};
+    let policy = std::sync::Arc::new(policy(""));
+    let user = TokenSpec {
+        acrs: vec!["c1".into()],
+        xms_cc: vec!["cp1".into()],
+        ..TokenSpec::default()
+    };
+    let allow = envoy_check_bytes(&token(&user, Algorithm::RS256), "GET", "/accounts/42");
+    let check = |bytes: &[u8]| {
+        let request = access_request(CheckRequest::decode(bytes).unwrap());
+        let decision = decide(&policy, &request, NOW);
+        let answer = CheckAnswer::new(decision, std::sync::Arc::clone(&policy));
+        (answer.decision().outcome, answer.encode_to_vec())
+    };
+    assert_eq!(check(&allow).0, Outcome::Allow);
+    let mut group = c.benchmark_group("check");
+    group.bench_function("allow_cached_token", |b| {
+        b.iter(|| check(black_box(&allow)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decide_benches, check_benches, challenge_benches);
 criterion_main!(benches);

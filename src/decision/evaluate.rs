@@ -12,7 +12,7 @@
 //! 7. authentication (auth contexts, acr, amr, max_age) → STEP_UP in the issuer's challenge style,
 //!    or DENY where the caller cannot step up.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use serde_json::Value;
 
@@ -63,7 +63,6 @@ fn fit_proxy_header_limit(
     let removed = policy
         .upstream
         .headers_to_remove(&decision.identity_headers)
-        .iter()
         .filter(|name| present(name))
         .count();
     if count + added <= limit + removed {
@@ -223,7 +222,13 @@ impl<'p> Run<'p> {
             token.as_ref().map(|t| &t.claims),
             now,
         );
-        let lowered = normalized.as_deref().map(str::to_ascii_lowercase);
+        let lowered = normalized.as_deref().map(|path| {
+            if path.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(path.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(path)
+            }
+        });
         let rule = match self.find_rule(request, lowered.as_deref(), &input) {
             Ok(rule) => rule,
             Err((rule, message)) => {

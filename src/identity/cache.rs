@@ -30,7 +30,7 @@ use super::{
     issuer::Issuers,
     token::{KeepClaims, TokenError, VerifiedToken, verify},
 };
-use crate::telemetry::metrics;
+use crate::telemetry::metrics::{self, CacheEvent};
 
 /// SHA-256 of a token.
 pub type TokenDigest = [u8; 32];
@@ -98,13 +98,13 @@ impl TokenCache {
         let shard = &self.shards[shard_index(&digest, self.shards.len())];
         match lock(shard).get(&digest, now) {
             Lookup::Hit(hit) => {
-                metrics::global().record_token_cache("hit");
+                metrics::global().record_token_cache(CacheEvent::Hit);
                 return (digest, Ok(hit));
             }
-            Lookup::Dropped => metrics::global().record_token_cache("evicted"),
+            Lookup::Dropped => metrics::global().record_token_cache(CacheEvent::Evicted),
             Lookup::Miss => {}
         }
-        metrics::global().record_token_cache("miss");
+        metrics::global().record_token_cache(CacheEvent::Miss);
         let result =
             verify(token, issuers, max_bytes, now, &self.keep, &self.interner).map(Arc::new);
         if let Ok(verified) = &result {
@@ -122,7 +122,7 @@ impl TokenCache {
                 now,
             );
             for _ in 0..evicted {
-                metrics::global().record_token_cache("evicted");
+                metrics::global().record_token_cache(CacheEvent::Evicted);
             }
         }
         (digest, result)

@@ -132,18 +132,15 @@ pub enum HeaderSource {
 impl Upstream {
     /// Headers to strip from an allowed request: configured identity headers the decision did not
     /// set, and `authorization` when configured.
-    pub fn headers_to_remove(&self, set: &[(String, String)]) -> Vec<String> {
-        let mut remove: Vec<String> = self
-            .identity_headers
+    pub fn headers_to_remove<'a>(
+        &'a self,
+        set: &'a [(String, String)],
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        self.identity_headers
             .iter()
-            .map(|(name, _)| name)
-            .filter(|name| !set.iter().any(|(s, _)| s == *name))
-            .cloned()
-            .collect();
-        if self.remove_authorization {
-            remove.push("authorization".to_owned());
-        }
-        remove
+            .map(|(name, _)| name.as_str())
+            .filter(|name| !set.iter().any(|(s, _)| s == name))
+            .chain(self.remove_authorization.then_some("authorization"))
     }
 }
 

@@ -108,29 +108,38 @@ impl PathGlob {
     }
 
     pub fn matches(&self, normalized_path: &str) -> bool {
-        let path: Vec<&str> = normalized_path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .collect();
-        match_segments(&self.segments, &path)
+        // The segments are walked in place (no list per request and rule).
+        match_segments(
+            &self.segments,
+            normalized_path.split('/').filter(|s| !s.is_empty()),
+        )
     }
 }
 
-fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
+/// Whether the path segments left in `path` match `pattern`; `**` tries every number of segments.
+fn match_segments<'a>(
+    pattern: &[Segment],
+    mut path: impl Iterator<Item = &'a str> + Clone,
+) -> bool {
     match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => {
-            (0..=path.len()).any(|skip| match_segments(rest, &path[skip..]))
-        }
-        Some((segment, rest)) => match path.split_first() {
+        None => path.next().is_none(),
+        Some((Segment::Any, rest)) => loop {
+            if match_segments(rest, path.clone()) {
+                return true;
+            }
+            if path.next().is_none() {
+                return false;
+            }
+        },
+        Some((segment, rest)) => match path.next() {
             None => false,
-            Some((first, tail)) => {
+            Some(first) => {
                 let ok = match segment {
                     Segment::Literal(lit) => lit == first,
                     Segment::Wild(w) => w.matches(first),
                     Segment::Any => unreachable!("handled above"),
                 };
-                ok && match_segments(rest, tail)
+                ok && match_segments(rest, path)
             }
         },
     }

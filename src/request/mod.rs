@@ -94,16 +94,19 @@ pub struct AccessRequest {
 }
 
 impl HttpAttributes {
+    /// `method` and `target` are taken as they are when owned (no copy); the method is upper-cased.
     pub fn new(
-        method: &str,
+        method: impl Into<String>,
         authority: &str,
-        target: &str,
+        target: impl Into<String>,
         headers: HashMap<String, String>,
     ) -> Self {
+        let mut method = method.into();
+        method.make_ascii_uppercase();
         Self {
-            method: method.to_ascii_uppercase(),
+            method,
             host: host_without_port(authority),
-            target: target.to_owned(),
+            target: target.into(),
             headers,
         }
     }

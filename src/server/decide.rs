@@ -111,7 +111,10 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
 pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
     DecideResponse {
         headers_to_remove: if d.is_allow() {
-            upstream.headers_to_remove(&d.identity_headers)
+            upstream
+                .headers_to_remove(&d.identity_headers)
+                .map(str::to_owned)
+                .collect()
         } else {
             Vec::new()
         },

@@ -1,43 +1,35 @@
 //! Envoy ext_authz v3 `Check`: a thin adapter from `CheckRequest` to `AccessRequest` and from
-//! `Decision` back to `CheckResponse`.
+//! `Decision` back to a `CheckResponse` (encoded by [`CheckAnswer`]).
 //!
 //! Every policy outcome, denials included, is an OK gRPC response: a gRPC error tells Envoy that
 //! the authorizer failed, and Envoy then applies `failure_mode_allow`. Denials carry their HTTP
 //! status explicitly (Envoy would send 403 for an unset one).
+//!
+//! The service is written out here rather than taken from envoy-types' generated
+//! `AuthorizationServer`, whose handler must return envoy-types' own `CheckResponse`: stepgate
+//! answers with [`CheckAnswer`], the same message encoded straight from the decision.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{convert::Infallible, sync::Arc};
 
-use envoy_types::{
-    ext_authz::v3::{
-        CheckRequestExt,
-        pb::{
-            Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-            HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
-        },
-    },
-    pb::google::{
-        protobuf::{Struct, Value, value::Kind},
-        rpc,
-    },
+use arc_swap::Guard;
+use envoy_types::ext_authz::v3::{CheckRequestExt, pb::CheckRequest};
+use tonic::{
+    Request, Response, Status,
+    body::Body,
+    codegen::{BoxFuture, Context, Poll, Service, http},
+    server::{Grpc, NamedService, UnaryService},
 };
-use tonic::{Request, Response, Status};
+use tonic_prost::ProstCodec;
 
-use super::authorizer::Authorizer;
+use super::{answer::CheckAnswer, authorizer::Authorizer};
 use crate::{
-    decision::{Decision, Outcome},
     identity::CredentialProblem,
-    policy::Upstream,
     request::{AccessRequest, Door, HttpAttributes, Peer, PresentedCredential},
 };
 
-/// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
-const OK: i32 = 0;
-const INVALID_ARGUMENT: i32 = 3;
-const PERMISSION_DENIED: i32 = 7;
-const RESOURCE_EXHAUSTED: i32 = 8;
-const UNAUTHENTICATED: i32 = 16;
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-/// The `envoy.service.auth.v3.Authorization` service.
+/// The `envoy.service.auth.v3.Authorization` service (its one method, `Check`).
 #[derive(Debug, Clone)]
 pub struct ExtAuthz {
     authorizer: Arc<Authorizer>,
@@ -49,15 +41,48 @@ impl ExtAuthz {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthz {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let access = access_request(request.into_inner());
-        let (decision, policy) = self.authorizer.decide(&access, Door::Check).await;
-        Ok(Response::new(check_response(&decision, &policy.upstream)))
+impl NamedService for ExtAuthz {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+impl Service<http::Request<Body>> for ExtAuthz {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let check = Check(Arc::clone(&self.authorizer));
+        Box::pin(async move {
+            let mut grpc = Grpc::new(ProstCodec::<CheckAnswer, CheckRequest>::default());
+            Ok(grpc.unary(check, request).await)
+        })
+    }
+}
+
+/// One `Check` call: decide, log, answer.
+struct Check(Arc<Authorizer>);
+
+impl UnaryService<CheckRequest> for Check {
+    type Response = CheckAnswer;
+    type Future = BoxFuture<Response<CheckAnswer>, Status>;
+
+    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+        let authorizer = Arc::clone(&self.0);
+        Box::pin(async move {
+            let access = access_request(request.into_inner());
+            let (decision, policy) = authorizer.decide(&access, Door::Check).await;
+            Ok(Response::new(CheckAnswer::new(
+                decision,
+                Guard::into_inner(policy),
+            )))
+        })
     }
 }
 
@@ -77,11 +102,17 @@ pub fn access_request(mut check: CheckRequest) -> AccessRequest {
         } else {
             raw_entries.len()
         });
-        let mut headers: HashMap<String, String> =
-            HashMap::with_capacity(h.headers.len() + raw_entries.len());
-        for (key, value) in h.headers {
-            headers.insert(lower_case(key), value);
-        }
+        // Envoy sends lower-case names (HTTP/2 requires them), so the decoded map is kept as it
+        // is rather than rebuilt; a name in another case makes it fold them all.
+        let mut headers = if h.headers.keys().any(|k| has_upper_case(k)) {
+            h.headers
+                .into_iter()
+                .map(|(key, value)| (lower_case(key), value))
+                .collect()
+        } else {
+            h.headers
+        };
+        headers.reserve(raw_entries.len());
         let mut authorization_entries = 0;
         for entry in raw_entries {
             let key = lower_case(entry.key);
@@ -124,7 +155,7 @@ pub fn access_request(mut check: CheckRequest) -> AccessRequest {
         let method = pseudo(h.method, ":method");
         let host = pseudo(h.host, ":authority");
         let path = pseudo(h.path, ":path");
-        HttpAttributes::new(&method, &host, &path, headers)
+        HttpAttributes::new(method, &host, path, headers)
     });
     let context: serde_json::Map<String, serde_json::Value> = attributes
         .context_extensions
@@ -153,135 +184,12 @@ pub fn access_request(mut check: CheckRequest) -> AccessRequest {
 
 /// Envoy sends header names in lower case (HTTP/2 requires it); anything else is folded here.
 fn lower_case(mut name: String) -> String {
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+    if has_upper_case(&name) {
         name.make_ascii_lowercase();
     }
     name
 }
 
-/// Renders a decision for Envoy. Identity headers of the policy that the decision does not set are
-/// removed, so a client cannot smuggle its own `x-stepgate-subject` to the upstream.
-pub fn check_response(decision: &Decision, upstream: &Upstream) -> CheckResponse {
-    let metadata = Some(dynamic_metadata(decision));
-    if decision.outcome == Outcome::Allow {
-        let headers = decision
-            .identity_headers
-            .iter()
-            .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
-            .collect();
-        let headers_to_remove = upstream.headers_to_remove(&decision.identity_headers);
-        return CheckResponse {
-            status: Some(rpc::Status {
-                code: OK,
-                message: String::new(),
-                details: Vec::new(),
-            }),
-            dynamic_metadata: metadata,
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers,
-                headers_to_remove,
-                ..Default::default()
-            })),
-        };
-    }
-    let code = match decision.http_status {
-        400 => INVALID_ARGUMENT,
-        401 => UNAUTHENTICATED,
-        431 => RESOURCE_EXHAUSTED,
-        _ => PERMISSION_DENIED,
-    };
-    let mut headers = vec![header(
-        "content-type",
-        "application/json",
-        HeaderAppendAction::OverwriteIfExistsOrAdd,
-    )];
-    if let Some(www) = &decision.www_authenticate {
-        headers.push(header(
-            "www-authenticate",
-            www,
-            HeaderAppendAction::OverwriteIfExistsOrAdd,
-        ));
-    }
-    CheckResponse {
-        status: Some(rpc::Status {
-            code,
-            message: decision.reason.as_str().to_owned(),
-            details: Vec::new(),
-        }),
-        dynamic_metadata: metadata,
-        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus {
-                code: i32::from(decision.http_status),
-            }),
-            headers,
-            body: denial_body(decision),
-        })),
-    }
-}
-
-/// `{"error": …, "reason": …, "rule": …, "message": …}`; `error` is the OAuth error code of the
-/// challenge when there is one.
-pub fn denial_body(decision: &Decision) -> String {
-    let error = decision
-        .www_authenticate
-        .as_deref()
-        .and_then(|www| www.split("error=\"").nth(1))
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or(match decision.outcome {
-            Outcome::StepUp => "insufficient_user_authentication",
-            _ if decision.http_status == 401 => "unauthorized",
-            _ => "access_denied",
-        });
-    serde_json::json!({
-        "error": error,
-        "reason": decision.reason.as_str(),
-        "rule": decision.rule.as_deref(),
-        "message": decision.message,
-    })
-    .to_string()
-}
-
-fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            raw_value: Vec::new(),
-        }),
-        append_action: action as i32,
-        ..Default::default()
-    }
-}
-
-/// Fields for Envoy's access log and later filters, under `envoy.filters.http.ext_authz`.
-fn dynamic_metadata(decision: &Decision) -> Struct {
-    let mut fields = HashMap::new();
-    let mut put = |k: &str, v: String| {
-        fields.insert(
-            k.to_owned(),
-            Value {
-                kind: Some(Kind::StringValue(v)),
-            },
-        );
-    };
-    put("stepgate.outcome", decision.outcome.as_str().to_owned());
-    put("stepgate.reason", decision.reason.as_str().to_owned());
-    put(
-        "stepgate.rule",
-        decision.rule.as_deref().unwrap_or_default().to_owned(),
-    );
-    if let Some(fp) = &decision.token_fingerprint {
-        put("stepgate.token", fp.clone());
-    }
-    if let Some(p) = &decision.principal {
-        put("stepgate.subject", p.subject.to_string());
-        put("stepgate.issuer", p.issuer_id.to_string());
-        if let Some(tid) = &p.tenant {
-            put("stepgate.tenant", tid.to_string());
-        }
-        if !p.acrs.is_empty() {
-            put("stepgate.auth_contexts", p.acrs.join(" "));
-        }
-    }
-    Struct { fields }
+fn has_upper_case(name: &str) -> bool {
+    name.bytes().any(|b| b.is_ascii_uppercase())
 }

@@ -1,6 +1,7 @@
 //! The gRPC server: ext_authz `Check`, `Decide`, gRPC health and reflection on one port; key
 //! refresh and policy reload in the background; graceful shutdown.
 
+pub mod answer;
 pub mod authorizer;
 mod conn;
 pub mod decide;
@@ -10,7 +11,6 @@ mod reload;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::StreamExt as _;
 use tonic::transport::{Server, server::TcpIncoming};
@@ -119,9 +119,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .max_concurrent_streams(Some(1024))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AuthorizationServer::new(ext_authz::ExtAuthz::new(
-            Arc::clone(&authorizer),
-        )))
+        .add_service(ext_authz::ExtAuthz::new(Arc::clone(&authorizer)))
         .add_service(DecisionServiceServer::new(decide::Decide::new(authorizer)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -1,8 +1,9 @@
 //! Prometheus metrics: decisions by door, outcome and reason; decision latency; key loads per
 //! issuer; policy reloads. Served as text on `--metrics-listen` (`GET /metrics`).
 //!
-//! Counters live in one process-wide registry of atomics: recording is a map lookup and an atomic
-//! add, and the label sets are bounded (reasons are a closed enum, issuers come from the policy).
+//! Counters live in one process-wide registry of atomics, and the label sets are bounded (reasons
+//! are a closed enum, issuers come from the policy). The per-request counters (decisions, token
+//! cache events) are fixed arrays indexed by their enums: one atomic add, no hashing and no lock.
 
 use std::{
     fmt::Write as _,
@@ -16,14 +17,48 @@ use std::{
 
 use dashmap::DashMap;
 
+use crate::{
+    decision::{Outcome, Reason},
+    request::Door,
+};
+
+const DOORS: [Door; 3] = [Door::Check, Door::Decide, Door::Offline];
+const OUTCOMES: [Outcome; 3] = [Outcome::Allow, Outcome::StepUp, Outcome::Deny];
+
+/// A verified-token cache event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheEvent {
+    Hit,
+    Miss,
+    /// Removed before its time: the cache was full, or its signing key left the issuer's key set.
+    Evicted,
+}
+
+impl CacheEvent {
+    const ALL: [CacheEvent; 3] = [Self::Evicted, Self::Hit, Self::Miss];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Evicted => "evicted",
+        }
+    }
+}
+
+/// Where the counter of (door, outcome, reason) sits in [`Metrics::decisions`].
+fn decision_slot(door: Door, outcome: Outcome, reason: Reason) -> usize {
+    ((door as usize * OUTCOMES.len()) + outcome as usize) * Reason::ALL.len() + reason as usize
+}
+
 /// Upper bounds of the latency histogram, in microseconds.
 const LATENCY_BOUNDS_MICROS: [u64; 12] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
-#[derive(Default)]
 pub struct Metrics {
-    decisions: DashMap<(&'static str, &'static str, &'static str), AtomicU64>,
+    /// One counter per (door, outcome, reason), at [`decision_slot`].
+    decisions: Box<[AtomicU64]>,
     latency_buckets: [AtomicU64; LATENCY_BOUNDS_MICROS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -31,7 +66,25 @@ pub struct Metrics {
     keys: DashMap<String, IssuerKeys>,
     reloads: DashMap<&'static str, AtomicU64>,
     unknown_kids: DashMap<(String, &'static str), AtomicU64>,
-    token_cache: DashMap<&'static str, AtomicU64>,
+    /// One counter per [`CacheEvent`], by discriminant.
+    token_cache: [AtomicU64; CacheEvent::ALL.len()],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let slots = DOORS.len() * OUTCOMES.len() * Reason::ALL.len();
+        Self {
+            decisions: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_micros: AtomicU64::new(0),
+            key_loads: DashMap::new(),
+            keys: DashMap::new(),
+            reloads: DashMap::new(),
+            unknown_kids: DashMap::new(),
+            token_cache: Default::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -47,14 +100,8 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    pub fn record_decision(
-        &self,
-        door: &'static str,
-        outcome: &'static str,
-        reason: &'static str,
-        elapsed: Duration,
-    ) {
-        increment(&self.decisions, (door, outcome, reason));
+    pub fn record_decision(&self, door: Door, outcome: Outcome, reason: Reason, elapsed: Duration) {
+        self.decisions[decision_slot(door, outcome, reason)].fetch_add(1, Relaxed);
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
         // One bucket per decision (the smallest bound that holds it); `/metrics` renders the
         // cumulative counts Prometheus expects.
@@ -90,9 +137,8 @@ impl Metrics {
             .fetch_add(1, Relaxed);
     }
 
-    /// A verified-token cache event: `hit`, `miss` or `evicted`.
-    pub fn record_token_cache(&self, event: &'static str) {
-        increment(&self.token_cache, event);
+    pub fn record_token_cache(&self, event: CacheEvent) {
+        self.token_cache[event as usize].fetch_add(1, Relaxed);
     }
 
     pub fn record_reload(&self, ok: bool) {
@@ -105,14 +151,28 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        family(
+        // Label sets in sorted order, as the map-backed families below; only those seen so far.
+        let mut decisions: Vec<(Door, Outcome, Reason)> = DOORS
+            .iter()
+            .flat_map(|&d| OUTCOMES.iter().map(move |&o| (d, o)))
+            .flat_map(|(d, o)| Reason::ALL.iter().map(move |&r| (d, o, r)))
+            .collect();
+        decisions.sort_by_key(|(d, o, r)| (d.as_str(), o.as_str(), r.as_str()));
+        fixed_family(
             &mut out,
             "stepgate_decisions_total",
             "Decisions by front door, outcome and reason.",
-            &self.decisions,
-            |(door, outcome, reason)| {
-                format!("door=\"{door}\",outcome=\"{outcome}\",reason=\"{reason}\"")
-            },
+            decisions.into_iter().map(|(door, outcome, reason)| {
+                (
+                    format!(
+                        "door=\"{}\",outcome=\"{}\",reason=\"{}\"",
+                        door.as_str(),
+                        outcome.as_str(),
+                        reason.as_str()
+                    ),
+                    &self.decisions[decision_slot(door, outcome, reason)],
+                )
+            }),
         );
         header(
             &mut out,
@@ -184,12 +244,16 @@ impl Metrics {
             &self.unknown_kids,
             |(issuer, outcome)| format!("issuer=\"{issuer}\",outcome=\"{outcome}\""),
         );
-        family(
+        fixed_family(
             &mut out,
             "stepgate_token_cache_total",
             "Verified-token cache lookups (hit, miss) and evictions (size or time).",
-            &self.token_cache,
-            |event| format!("event=\"{event}\""),
+            CacheEvent::ALL.iter().map(|&event| {
+                (
+                    format!("event=\"{}\"", event.as_str()),
+                    &self.token_cache[event as usize],
+                )
+            }),
         );
         family(
             &mut out,
@@ -206,14 +270,21 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// Adds one to a labelled counter: a shared (read) lock when the label set exists, which is every
-/// time but the first, so concurrent requests do not serialise on a shard's write lock.
-fn increment<K: std::hash::Hash + Eq>(counters: &DashMap<K, AtomicU64>, key: K) {
-    if let Some(counter) = counters.get(&key) {
-        counter.fetch_add(1, Relaxed);
-        return;
+/// A counter family of fixed label sets, given in output order: one line per label set counted at
+/// least once.
+fn fixed_family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counters: impl Iterator<Item = (String, &'a AtomicU64)>,
+) {
+    header(out, name, "counter", help);
+    for (labels, counter) in counters {
+        let n = counter.load(Relaxed);
+        if n > 0 {
+            let _ = writeln!(out, "{name}{{{labels}}} {n}");
+        }
     }
-    counters.entry(key).or_default().fetch_add(1, Relaxed);
 }
 
 /// A counter family: one line per label set, sorted for stable output.
@@ -279,22 +350,32 @@ mod tests {
     #[test]
     fn renders_recorded_decisions_and_latency() {
         let m = Metrics::default();
-        m.record_decision("check", "DENY", "token_missing", Duration::from_micros(40));
-        m.record_decision("check", "DENY", "token_missing", Duration::from_micros(400));
+        let missing = (Door::Check, Outcome::Deny, Reason::TokenMissing);
+        m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(40));
+        m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(400));
+        m.record_decision(
+            Door::Offline,
+            Outcome::Allow,
+            Reason::Allowed,
+            Duration::ZERO,
+        );
+        m.record_token_cache(CacheEvent::Miss);
+        m.record_token_cache(CacheEvent::Hit);
+        m.record_token_cache(CacheEvent::Hit);
         m.record_key_load("demo", Ok(2), 1_700_000_000);
         m.record_key_load("demo", Err(()), 1_700_000_100);
         let text = m.render();
         assert!(text.contains("stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\"} 2"), "{text}");
         assert!(
-            text.contains("stepgate_decision_duration_seconds_bucket{le=\"0.00005\"} 1"),
+            text.contains("stepgate_decision_duration_seconds_bucket{le=\"0.00005\"} 2"),
             "{text}"
         );
         assert!(
-            text.contains("stepgate_decision_duration_seconds_bucket{le=\"0.0005\"} 2"),
+            text.contains("stepgate_decision_duration_seconds_bucket{le=\"0.0005\"} 3"),
             "{text}"
         );
         assert!(
-            text.contains("stepgate_decision_duration_seconds_count 2"),
+            text.contains("stepgate_decision_duration_seconds_count 3"),
             "{text}"
         );
         assert!(
@@ -302,6 +383,28 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("stepgate_keys{issuer=\"demo\"} 2"), "{text}");
+        // Only the label sets counted, each once: distinct slots for distinct triples.
+        let decisions: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("stepgate_decisions_total{"))
+            .collect();
+        assert_eq!(
+            decisions,
+            [
+                "stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\"} 2",
+                "stepgate_decisions_total{door=\"offline\",outcome=\"ALLOW\",reason=\"allowed\"} 1",
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_token_cache_total{event=\"hit\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_token_cache_total{event=\"miss\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("event=\"evicted\""), "{text}");
         assert!(
             text.contains(
                 "stepgate_key_last_success_timestamp_seconds{issuer=\"demo\"} 1700000000"

@@ -64,12 +64,7 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
 
 /// Logs one decision and counts it in the metrics.
 pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
-    metrics::global().record_decision(
-        door.as_str(),
-        decision.outcome.as_str(),
-        decision.reason.as_str(),
-        elapsed,
-    );
+    metrics::global().record_decision(door, decision.outcome, decision.reason, elapsed);
     if !tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO) {
         return;
     }
