@@ -252,7 +252,7 @@ fn check_benches(c: &mut Criterion) {
     use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
     use prost::Message as _;
     use stepgate::server::{answer::CheckAnswer, ext_authz::access_request};
-    let policy = std::sync::Arc::new(policy(""));
+    let policy = policy("");
     let user = TokenSpec {
         acrs: vec!["c1".into()],
         xms_cc: vec!["cp1".into()],
@@ -262,7 +262,7 @@ fn check_benches(c: &mut Criterion) {
     let check = |bytes: &[u8]| {
         let request = access_request(CheckRequest::decode(bytes).unwrap());
         let decision = decide(&policy, &request, NOW);
-        let answer = CheckAnswer::new(decision, std::sync::Arc::clone(&policy));
+        let answer = CheckAnswer::new(decision, &policy);
         (answer.decision().outcome, answer.encode_to_vec())
     };
     assert_eq!(check(&allow).0, Outcome::Allow);

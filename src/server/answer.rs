@@ -18,8 +18,10 @@
 //!   content type and, when there is a challenge, `www-authenticate`), `body` (3, JSON).
 //! - `dynamic_metadata` (4, `google.protobuf.Struct`): `stepgate.*` string fields.
 //!
-//! Like prost, it leaves out scalar fields that hold their default (0, empty string). Tests decode
-//! the bytes with envoy-types' own `CheckResponse`.
+//! Like prost, it leaves out scalar fields that hold their default (0, empty string). The bytes are
+//! written in one pass into one buffer when the answer is made: a nested message gets a one-byte
+//! length that is widened in place in the rare case its body reaches 128 bytes. Tests decode the
+//! bytes with envoy-types' own `CheckResponse`.
 
 use std::sync::Arc;
 
@@ -27,7 +29,7 @@ use envoy_types::ext_authz::v3::pb::HeaderAppendAction;
 use prost::{
     DecodeError,
     bytes::{Buf, BufMut},
-    encoding::{DecodeContext, WireType, encode_varint, encoded_len_varint, skip_field},
+    encoding::{DecodeContext, WireType, encode_varint, skip_field},
 };
 
 use crate::{
@@ -46,71 +48,29 @@ const UNAUTHENTICATED: u64 = 16;
 #[derive(Debug)]
 pub struct CheckAnswer {
     decision: Decision,
-    /// The policy the decision was made under: it names the identity headers to remove.
-    policy: Arc<Policy>,
-    /// The JSON body of a denial (empty for ALLOW).
-    body: String,
+    /// The encoded `CheckResponse`.
+    bytes: Vec<u8>,
 }
 
 impl CheckAnswer {
-    pub fn new(decision: Decision, policy: Arc<Policy>) -> Self {
-        let body = if decision.is_allow() {
-            String::new()
-        } else {
-            denial_body(&decision)
-        };
+    /// Encodes `decision`, made under `policy` (which names the identity headers to remove).
+    pub fn new(decision: Decision, policy: &Policy) -> Self {
+        let mut out = Out(Vec::with_capacity(512));
+        write(&mut out, &decision, policy);
         Self {
             decision,
-            policy,
-            body,
+            bytes: out.0,
         }
     }
 
     pub fn decision(&self) -> &Decision {
         &self.decision
     }
-
-    fn write(&self, s: &mut dyn Sink) {
-        let d = &self.decision;
-        let code = match (d.outcome, d.http_status) {
-            (Outcome::Allow, _) => OK,
-            (_, 400) => INVALID_ARGUMENT,
-            (_, 401) => UNAUTHENTICATED,
-            (_, 431) => RESOURCE_EXHAUSTED,
-            _ => PERMISSION_DENIED,
-        };
-        message(s, 1, &|s| {
-            uint(s, 1, code);
-            if code != OK {
-                string(s, 2, d.reason.as_str());
-            }
-        });
-        if d.is_allow() {
-            message(s, 3, &|s| {
-                for (name, value) in &d.identity_headers {
-                    header_option(s, 2, name, value);
-                }
-                for name in self.policy.upstream.headers_to_remove(&d.identity_headers) {
-                    string(s, 5, name);
-                }
-            });
-        } else {
-            message(s, 2, &|s| {
-                message(s, 1, &|s| uint(s, 1, u64::from(d.http_status)));
-                header_option(s, 2, "content-type", "application/json");
-                if let Some(www) = &d.www_authenticate {
-                    header_option(s, 2, "www-authenticate", www);
-                }
-                string(s, 3, &self.body);
-            });
-        }
-        message(s, 4, &|s| dynamic_metadata(s, d));
-    }
 }
 
 impl prost::Message for CheckAnswer {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.write(&mut Write(buf));
+        buf.put_slice(&self.bytes);
     }
 
     fn merge_field(
@@ -124,45 +84,68 @@ impl prost::Message for CheckAnswer {
     }
 
     fn encoded_len(&self) -> usize {
-        let mut count = Count(0);
-        self.write(&mut count);
-        count.0
+        self.bytes.len()
     }
 
-    fn clear(&mut self) {}
+    fn clear(&mut self) {
+        self.bytes.clear();
+    }
+}
+
+fn write(out: &mut Out, d: &Decision, policy: &Policy) {
+    let code = match (d.outcome, d.http_status) {
+        (Outcome::Allow, _) => OK,
+        (_, 400) => INVALID_ARGUMENT,
+        (_, 401) => UNAUTHENTICATED,
+        (_, 431) => RESOURCE_EXHAUSTED,
+        _ => PERMISSION_DENIED,
+    };
+    out.message(1, |out| {
+        out.uint(1, code);
+        if code != OK {
+            out.string(2, d.reason.as_str());
+        }
+    });
+    if d.is_allow() {
+        out.message(3, |out| {
+            for (name, value) in &d.identity_headers {
+                out.header_option(2, name, value);
+            }
+            for name in policy.upstream.headers_to_remove(&d.identity_headers) {
+                out.string(5, name);
+            }
+        });
+    } else {
+        out.message(2, |out| {
+            out.message(1, |out| out.uint(1, u64::from(d.http_status)));
+            out.header_option(2, "content-type", "application/json");
+            if let Some(www) = &d.www_authenticate {
+                out.header_option(2, "www-authenticate", www);
+            }
+            out.string(3, &denial_body(d));
+        });
+    }
+    out.message(4, |out| dynamic_metadata(out, d));
 }
 
 /// Fields for Envoy's access log and later filters, under `envoy.filters.http.ext_authz`.
-fn dynamic_metadata(s: &mut dyn Sink, d: &Decision) {
-    text_field(s, "stepgate.outcome", d.outcome.as_str());
-    text_field(s, "stepgate.reason", d.reason.as_str());
-    text_field(s, "stepgate.rule", d.rule.as_deref().unwrap_or_default());
+fn dynamic_metadata(out: &mut Out, d: &Decision) {
+    out.text_field("stepgate.outcome", d.outcome.as_str());
+    out.text_field("stepgate.reason", d.reason.as_str());
+    out.text_field("stepgate.rule", d.rule.as_deref().unwrap_or_default());
     if let Some(fingerprint) = &d.token_fingerprint {
-        text_field(s, "stepgate.token", fingerprint);
+        out.text_field("stepgate.token", fingerprint);
     }
     if let Some(p) = &d.principal {
-        text_field(s, "stepgate.subject", &p.subject);
-        text_field(s, "stepgate.issuer", &p.issuer_id);
+        out.text_field("stepgate.subject", &p.subject);
+        out.text_field("stepgate.issuer", &p.issuer_id);
         if let Some(tenant) = &p.tenant {
-            text_field(s, "stepgate.tenant", tenant);
+            out.text_field("stepgate.tenant", tenant);
         }
         if !p.acrs.is_empty() {
-            field(s, "stepgate.auth_contexts", &|s| words(s, 3, &p.acrs));
+            out.field("stepgate.auth_contexts", |out| out.words(3, &p.acrs));
         }
     }
-}
-
-/// One entry of a `Struct`'s `fields` map (1): the key (1) and a `Value` (2).
-fn field(s: &mut dyn Sink, key: &str, value: &dyn Fn(&mut dyn Sink)) {
-    message(s, 1, &|s| {
-        string(s, 1, key);
-        message(s, 2, value);
-    });
-}
-
-/// A `fields` entry whose `Value` is a `string_value` (3): a oneof, written even when empty.
-fn text_field(s: &mut dyn Sink, key: &str, text: &str) {
-    field(s, key, &|s| string(s, 3, text));
 }
 
 /// `{"error": …, "reason": …, "rule": …, "message": …}`; `error` is the OAuth error code of the
@@ -187,86 +170,83 @@ pub fn denial_body(decision: &Decision) -> String {
     .to_string()
 }
 
-/// `HeaderValueOption{header: HeaderValue{key, value}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}`.
-fn header_option(s: &mut dyn Sink, tag: u32, key: &str, value: &str) {
-    message(s, tag, &|s| {
-        message(s, 1, &|s| {
-            string(s, 1, key);
-            string(s, 2, value);
-        });
-        uint(s, 3, HeaderAppendAction::OverwriteIfExistsOrAdd as u64);
-    });
-}
+/// Protobuf fields appended to a buffer.
+struct Out(Vec<u8>);
 
-/// Where an answer goes: into the buffer, or only counted (for length prefixes).
-trait Sink {
-    fn put(&mut self, bytes: &[u8]);
-    fn varint(&mut self, value: u64);
-}
-
-struct Count(usize);
-
-impl Sink for Count {
-    fn put(&mut self, bytes: &[u8]) {
-        self.0 += bytes.len();
+impl Out {
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        encode_varint((u64::from(tag) << 3) | wire_type as u64, &mut self.0);
     }
 
-    fn varint(&mut self, value: u64) {
-        self.0 += encoded_len_varint(value);
-    }
-}
-
-struct Write<'a, B>(&'a mut B);
-
-impl<B: BufMut> Sink for Write<'_, B> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.0.put_slice(bytes);
-    }
-
-    fn varint(&mut self, value: u64) {
-        encode_varint(value, self.0);
-    }
-}
-
-fn key(s: &mut dyn Sink, tag: u32, wire_type: WireType) {
-    s.varint((u64::from(tag) << 3) | wire_type as u64);
-}
-
-/// A varint field, left out when 0 (the proto3 default).
-fn uint(s: &mut dyn Sink, tag: u32, value: u64) {
-    if value != 0 {
-        key(s, tag, WireType::Varint);
-        s.varint(value);
-    }
-}
-
-/// A string field, written even when empty (callers leave out defaults themselves).
-fn string(s: &mut dyn Sink, tag: u32, value: &str) {
-    key(s, tag, WireType::LengthDelimited);
-    s.varint(value.len() as u64);
-    s.put(value.as_bytes());
-}
-
-/// Words joined by single spaces, as one string field, without joining them first.
-fn words(s: &mut dyn Sink, tag: u32, words: &[Arc<str>]) {
-    let len = words.iter().map(|w| w.len()).sum::<usize>() + words.len().saturating_sub(1);
-    key(s, tag, WireType::LengthDelimited);
-    s.varint(len as u64);
-    for (i, word) in words.iter().enumerate() {
-        if i > 0 {
-            s.put(b" ");
+    /// A varint field, left out when 0 (the proto3 default).
+    fn uint(&mut self, tag: u32, value: u64) {
+        if value != 0 {
+            self.key(tag, WireType::Varint);
+            encode_varint(value, &mut self.0);
         }
-        s.put(word.as_bytes());
     }
-}
 
-/// A nested message: its length (counted first), then its fields.
-fn message(s: &mut dyn Sink, tag: u32, body: &dyn Fn(&mut dyn Sink)) {
-    let mut count = Count(0);
-    body(&mut count);
-    key(s, tag, WireType::LengthDelimited);
-    s.varint(count.0 as u64);
-    body(s);
+    /// A string field, written even when empty (callers leave out defaults themselves).
+    fn string(&mut self, tag: u32, value: &str) {
+        self.key(tag, WireType::LengthDelimited);
+        encode_varint(value.len() as u64, &mut self.0);
+        self.0.extend_from_slice(value.as_bytes());
+    }
+
+    /// Words joined by single spaces, as one string field, without joining them first.
+    fn words(&mut self, tag: u32, words: &[Arc<str>]) {
+        let len = words.iter().map(|w| w.len()).sum::<usize>() + words.len().saturating_sub(1);
+        self.key(tag, WireType::LengthDelimited);
+        encode_varint(len as u64, &mut self.0);
+        for (i, word) in words.iter().enumerate() {
+            if i > 0 {
+                self.0.push(b' ');
+            }
+            self.0.extend_from_slice(word.as_bytes());
+        }
+    }
+
+    /// A nested message: a length byte, the fields, then the length written in (widened to a
+    /// longer varint, moving the fields, when they took 128 bytes or more).
+    fn message(&mut self, tag: u32, body: impl FnOnce(&mut Self)) {
+        self.key(tag, WireType::LengthDelimited);
+        let at = self.0.len();
+        self.0.push(0);
+        body(self);
+        let len = self.0.len() - at - 1;
+        if len < 0x80 {
+            self.0[at] = len as u8;
+        } else {
+            let mut prefix = Vec::with_capacity(10);
+            encode_varint(len as u64, &mut prefix);
+            self.0.splice(at..=at, prefix);
+        }
+    }
+
+    /// `HeaderValueOption{header: HeaderValue{key, value}, append_action:
+    /// OVERWRITE_IF_EXISTS_OR_ADD}`.
+    fn header_option(&mut self, tag: u32, key: &str, value: &str) {
+        self.message(tag, |out| {
+            out.message(1, |out| {
+                out.string(1, key);
+                out.string(2, value);
+            });
+            out.uint(3, HeaderAppendAction::OverwriteIfExistsOrAdd as u64);
+        });
+    }
+
+    /// One entry of a `Struct`'s `fields` map (1): the key (1) and a `Value` (2).
+    fn field(&mut self, key: &str, value: impl FnOnce(&mut Self)) {
+        self.message(1, |out| {
+            out.string(1, key);
+            out.message(2, value);
+        });
+    }
+
+    /// A `fields` entry whose `Value` is a `string_value` (3): a oneof, written even when empty.
+    fn text_field(&mut self, key: &str, text: &str) {
+        self.field(key, |out| out.string(3, text));
+    }
 }
 
 #[cfg(test)]
@@ -329,7 +309,7 @@ mod tests {
 
     /// Encodes, checks the announced length, and decodes with envoy-types' own message.
     fn decoded(decision: Decision, policy: Arc<Policy>) -> CheckResponse {
-        let answer = CheckAnswer::new(decision, policy);
+        let answer = CheckAnswer::new(decision, &policy);
         let bytes = answer.encode_to_vec();
         assert_eq!(answer.encoded_len(), bytes.len());
         CheckResponse::decode(bytes.as_slice()).expect("envoy-types decodes the answer")

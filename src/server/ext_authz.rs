@@ -11,7 +11,6 @@
 
 use std::{convert::Infallible, sync::Arc};
 
-use arc_swap::Guard;
 use envoy_types::ext_authz::v3::{CheckRequestExt, pb::CheckRequest};
 use tonic::{
     Request, Response, Status,
@@ -78,10 +77,7 @@ impl UnaryService<CheckRequest> for Check {
         Box::pin(async move {
             let access = access_request(request.into_inner());
             let (decision, policy) = authorizer.decide(&access, Door::Check).await;
-            Ok(Response::new(CheckAnswer::new(
-                decision,
-                Guard::into_inner(policy),
-            )))
+            Ok(Response::new(CheckAnswer::new(decision, &policy)))
         })
     }
 }
