@@ -190,64 +190,6 @@ fn challenge_benches(c: &mut Criterion) {
     group.finish();
 }
 
-/// The bytes of a `CheckRequest` as Envoy sends it (`encode_raw_headers: false`): pseudo-headers,
-/// the usual proxy headers, the token, source and destination peers.
-fn envoy_check_bytes(token: &str, method: &str, path: &str) -> Vec<u8> {
-    use envoy_types::pb::envoy::config::core::v3::{
-        Address, SocketAddress, address::Address as AddressKind, socket_address::PortSpecifier,
-    };
-    use envoy_types::pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest,
-        attribute_context::{HttpRequest, Peer, Request},
-    };
-    use prost::Message as _;
-    let headers = [
-        (":authority", "api.example.com"),
-        (":method", method),
-        (":path", path),
-        (":scheme", "https"),
-        ("authorization", &format!("Bearer {token}")),
-        ("accept", "application/json"),
-        ("user-agent", "bench-client/1.0"),
-        ("x-forwarded-proto", "https"),
-        ("x-request-id", "3c1c5b1e-9d2f-4b8a-8000-000000000042"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let peer = |ip: &str, port: u32| Peer {
-        address: Some(Address {
-            address: Some(AddressKind::SocketAddress(SocketAddress {
-                address: ip.to_owned(),
-                port_specifier: Some(PortSpecifier::PortValue(port)),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    };
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(peer("10.1.2.3", 51234)),
-            destination: Some(peer("10.1.0.10", 8443)),
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "9114224365146203311".into(),
-                    method: method.into(),
-                    headers,
-                    path: path.into(),
-                    host: "api.example.com".into(),
-                    scheme: "https".into(),
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
-    .encode_to_vec()
-}
-
 fn check_benches(c: &mut Criterion) {
     use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
     use prost::Message as _;
@@ -258,7 +200,13 @@ fn check_benches(c: &mut Criterion) {
         xms_cc: vec!["cp1".into()],
         ..TokenSpec::default()
     };
-    let allow = envoy_check_bytes(&token(&user, Algorithm::RS256), "GET", "/accounts/42");
+    let allow = demo::envoy_check_request(
+        "GET",
+        "api.example.com",
+        "/accounts/42",
+        &token(&user, Algorithm::RS256),
+    )
+    .encode_to_vec();
     let check = |bytes: &[u8]| {
         let request = access_request(CheckRequest::decode(bytes).unwrap());
         let decision = decide(&policy, &request, NOW);

@@ -1,6 +1,21 @@
 //! Demo tokens: minting signed JWTs with the demo keys under `examples/demo-keys/`, for
-//! `stepgate token`, the README's walkthrough and the tests. Nothing in the serving path uses this.
+//! `stepgate token`, the README's walkthrough and the tests; and an Envoy-shaped `CheckRequest`
+//! for the benchmarks. Nothing in the serving path uses this.
 
+use std::collections::HashMap;
+
+use envoy_types::{
+    ext_authz::v3::pb::CheckRequest,
+    pb::envoy::{
+        config::core::v3::{
+            Address, SocketAddress, address::Address as AddressKind, socket_address::PortSpecifier,
+        },
+        service::auth::v3::{
+            AttributeContext,
+            attribute_context::{HttpRequest as EnvoyHttpRequest, Peer, Request as EnvoyRequest},
+        },
+    },
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value, json};
 
@@ -119,4 +134,57 @@ pub fn sign(claims: &Value, key_pem: &[u8], alg: Algorithm, kid: &str) -> Result
     let mut header = Header::new(alg);
     header.kid = Some(kid.to_owned());
     jsonwebtoken::encode(&header, claims, &key).map_err(|e| format!("cannot sign: {e}"))
+}
+
+/// A `CheckRequest` as Envoy sends it (`encode_raw_headers: false`): lower-case header keys with
+/// the pseudo-headers, the usual proxy headers, the bearer token, source and destination peers.
+/// The benchmark's load generator and micro-benchmarks send this.
+pub fn envoy_check_request(method: &str, host: &str, path: &str, token: &str) -> CheckRequest {
+    let mut headers: HashMap<String, String> = HashMap::new();
+    let mut put = |k: &str, v: &str| {
+        headers.insert(k.to_owned(), v.to_owned());
+    };
+    put(":authority", host);
+    put(":method", method);
+    put(":path", path);
+    put(":scheme", "https");
+    put("authorization", &format!("Bearer {token}"));
+    put("accept", "application/json");
+    put("user-agent", "bench-client/1.0");
+    put("x-forwarded-proto", "https");
+    put("x-request-id", "3c1c5b1e-9d2f-4b8a-8000-000000000042");
+    if method == "POST" {
+        put("content-type", "application/json");
+        put("content-length", "64");
+    }
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(AddressKind::SocketAddress(SocketAddress {
+                address: ip.to_owned(),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 51234)),
+            destination: Some(peer("10.1.0.10", 8443)),
+            request: Some(EnvoyRequest {
+                time: None,
+                http: Some(EnvoyHttpRequest {
+                    id: "9114224365146203311".into(),
+                    method: method.into(),
+                    headers,
+                    path: path.into(),
+                    host: host.into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
 }

@@ -6,23 +6,12 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use envoy_types::{
-    ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse},
-    pb::envoy::{
-        config::core::v3::{
-            Address, SocketAddress, address::Address as AddressKind, socket_address::PortSpecifier,
-        },
-        service::auth::v3::{
-            AttributeContext,
-            attribute_context::{HttpRequest as EnvoyHttpRequest, Peer, Request as EnvoyRequest},
-        },
-    },
-};
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use jsonwebtoken::Algorithm;
 use prost::Message as _;
 use stepgate::{
     api::v1::{DecideRequest, DecideResponse, HttpRequest, Outcome, decide_request},
-    demo::TokenSpec,
+    demo::{TokenSpec, envoy_check_request},
 };
 
 use crate::cerbos;
@@ -289,56 +278,9 @@ pub fn encode(rpc: Rpc, call: &Call, token: &str) -> Bytes {
     }
 }
 
-/// A `CheckRequest` as Envoy sends it (`encode_raw_headers: false`): lower-case header keys with
-/// the pseudo-headers, the usual proxy headers, source and destination peers.
+/// A `CheckRequest` as Envoy sends it (see [`stepgate::demo::envoy_check_request`]).
 pub fn envoy_check(call: &Call, token: &str) -> CheckRequest {
-    let mut headers: HashMap<String, String> = HashMap::new();
-    let mut put = |k: &str, v: &str| {
-        headers.insert(k.to_owned(), v.to_owned());
-    };
-    put(":authority", call.host);
-    put(":method", call.method);
-    put(":path", call.path);
-    put(":scheme", "https");
-    put("authorization", &format!("Bearer {token}"));
-    put("accept", "application/json");
-    put("user-agent", "bench-client/1.0");
-    put("x-forwarded-proto", "https");
-    put("x-request-id", "3c1c5b1e-9d2f-4b8a-8000-000000000042");
-    if call.method == "POST" {
-        put("content-type", "application/json");
-        put("content-length", "64");
-    }
-    let peer = |ip: &str, port: u32| Peer {
-        address: Some(Address {
-            address: Some(AddressKind::SocketAddress(SocketAddress {
-                address: ip.to_owned(),
-                port_specifier: Some(PortSpecifier::PortValue(port)),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    };
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(peer("10.1.2.3", 51234)),
-            destination: Some(peer("10.1.0.10", 8443)),
-            request: Some(EnvoyRequest {
-                time: None,
-                http: Some(EnvoyHttpRequest {
-                    id: "9114224365146203311".into(),
-                    method: call.method.into(),
-                    headers,
-                    path: call.path.into(),
-                    host: call.host.into(),
-                    scheme: "https".into(),
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    envoy_check_request(call.method, call.host, call.path, token)
 }
 
 /// A `DecideRequest`: the token, and the operation with attributes or the HTTP request.
