@@ -189,3 +189,92 @@ fn lower_case(mut name: String) -> String {
 fn has_upper_case(name: &str) -> bool {
     name.bytes().any(|b| b.is_ascii_uppercase())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext,
+        attribute_context::{HttpRequest, Request as EnvoyRequest},
+    };
+
+    use super::*;
+
+    fn check_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
+        let headers: HashMap<String, String> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(EnvoyRequest {
+                    time: None,
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/accounts/42".into(),
+                        host: "api.example.com:443".into(),
+                        headers,
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn lower_case_header_names_are_taken_as_decoded() {
+        let access = access_request(check_with_headers(&[
+            ("authorization", "Bearer abc"),
+            ("x-request-id", "1"),
+        ]));
+        let http = access.http.expect("http attributes");
+        assert_eq!(http.headers.len(), 2);
+        assert_eq!(http.headers["x-request-id"], "1");
+        assert_eq!(
+            (http.method.as_str(), http.host.as_str()),
+            ("GET", "api.example.com")
+        );
+        assert_eq!(http.target, "/accounts/42");
+        assert_eq!(
+            access.credential,
+            PresentedCredential::Authorization("Bearer abc".into())
+        );
+        assert_eq!(access.proxy_header_count, Some(2));
+    }
+
+    #[test]
+    fn header_names_in_another_case_are_folded() {
+        let access = access_request(check_with_headers(&[
+            ("Authorization", "Bearer abc"),
+            ("X-Request-Id", "1"),
+        ]));
+        let http = access.http.expect("http attributes");
+        let mut names: Vec<&str> = http.headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["authorization", "x-request-id"]);
+        assert_eq!(
+            access.credential,
+            PresentedCredential::Authorization("Bearer abc".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn other_methods_of_the_service_are_unimplemented() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let yaml = std::fs::read_to_string(dir.join("stepgate.yaml")).unwrap();
+        let policy = crate::policy::compile(&crate::config::parse(&yaml).unwrap(), &dir).unwrap();
+        let mut service = ExtAuthz::new(Arc::new(Authorizer::new(Arc::new(policy))));
+        let request = http::Request::builder()
+            .uri("/envoy.service.auth.v3.Authorization/Report")
+            .body(Body::empty())
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"12"[..]),
+            "{response:?}"
+        );
+    }
+}
