@@ -217,9 +217,11 @@ impl Out {
         if len < 0x80 {
             self.0[at] = len as u8;
         } else {
-            let mut prefix = Vec::with_capacity(10);
-            encode_varint(len as u64, &mut prefix);
-            self.0.splice(at..=at, prefix);
+            let mut prefix = [0u8; 10];
+            let mut rest = &mut prefix[..];
+            encode_varint(len as u64, &mut rest);
+            let width = 10 - rest.len();
+            self.0.splice(at..=at, prefix[..width].iter().copied());
         }
     }
 
