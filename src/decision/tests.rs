@@ -5,7 +5,7 @@
 //! asserts the outcome, HTTP status, reason code and (where the protocol fixes it) the exact
 //! `WWW-Authenticate` value.
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use base64::{
     Engine,
@@ -20,8 +20,11 @@ use crate::{
         self, DEMO_AUDIENCE, DEMO_EC_KID, DEMO_ENTRA_ISSUER, DEMO_OIDC_ISSUER, DEMO_RSA_KID,
         TokenSpec,
     },
-    identity::{CredentialProblem, KeepClaims, jwks::KeySet},
-    policy::Policy,
+    identity::{CredentialProblem, KeepClaims},
+    policy::{
+        Policy,
+        testing::{DEMO_POLICY, compile_policy, demo_file},
+    },
     request::{AccessRequest, HttpAttributes, PresentedCredential},
 };
 
@@ -31,7 +34,6 @@ use crate::{
 
 /// The one clock of every test.
 const NOW: i64 = 1_800_000_000;
-const DEMO_POLICY: &str = include_str!("../../examples/stepgate.yaml");
 /// An empty credential: `decide_op`/`decide_http` then present no token at all.
 const NO_TOKEN: &str = "";
 const REALM_ONLY: &str = "Bearer realm=\"stepgate-demo\"";
@@ -39,32 +41,6 @@ const ENTRA_AUTHORIZE: &str = "https://login.microsoftonline.com/common/oauth2/a
 /// base64 of `{"access_token":{"acrs":{"essential":true,"value":"c1"}}}` (Microsoft's own example).
 const C1_CLAIMS_B64: &str =
     "eyJhY2Nlc3NfdG9rZW4iOnsiYWNycyI6eyJlc3NlbnRpYWwiOnRydWUsInZhbHVlIjoiYzEifX19";
-
-fn demo_file(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/demo-keys")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-/// Compiles policy YAML (relative key files resolve under `examples/`) and installs the demo key
-/// set for every issuer, synchronously.
-fn compile_policy(yaml: &str) -> Policy {
-    let file = crate::config::parse(yaml).unwrap_or_else(|e| panic!("policy does not parse: {e}"));
-    let policy = crate::policy::compile(
-        &file,
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")),
-    )
-    .unwrap_or_else(|e| panic!("policy does not compile: {e}"));
-    let jwks = demo_file("jwks.json");
-    for issuer in policy.issuers.iter() {
-        let (set, notes) = KeySet::parse(&jwks).expect("the demo key set parses");
-        assert!(notes.is_empty(), "demo keys skipped: {notes:?}");
-        assert_eq!(set.len(), 2, "the demo set holds one RSA and one EC key");
-        issuer.set_keys(set);
-    }
-    policy
-}
 
 fn demo_policy() -> Policy {
     compile_policy(DEMO_POLICY)

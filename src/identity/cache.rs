@@ -311,36 +311,25 @@ impl Hasher for KeyHasher {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use jsonwebtoken::Algorithm;
 
     use super::*;
     use crate::{
         demo::{self, DEMO_RSA_KID, TokenSpec},
         identity::jwks::KeySet,
-        policy::Policy,
+        policy::{
+            Policy,
+            testing::{DEMO_POLICY, compile_policy, demo_file},
+        },
     };
 
     const NOW: i64 = 1_800_000_000;
-    const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
-
     fn policy() -> Policy {
-        let text = std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap();
-        let file = crate::config::parse(&text).unwrap();
-        let policy = crate::policy::compile(&file, &Path::new(MANIFEST).join("examples")).unwrap();
-        let jwks = std::fs::read(format!("{MANIFEST}/examples/demo-keys/jwks.json")).unwrap();
-        for issuer in policy.issuers.iter() {
-            issuer.set_keys(KeySet::parse(&jwks).unwrap().0);
-        }
-        policy
+        compile_policy(DEMO_POLICY)
     }
 
     fn token(subject: &str) -> String {
-        let pem = std::fs::read(format!(
-            "{MANIFEST}/examples/demo-keys/demo-rsa-private.pem"
-        ))
-        .unwrap();
+        let pem = demo_file("demo-rsa-private.pem");
         let spec = TokenSpec {
             subject: subject.to_owned(),
             ..TokenSpec::default()

@@ -7,6 +7,8 @@
 mod compile;
 pub mod condition;
 pub mod pattern;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::{collections::BTreeMap, sync::Arc};
 

@@ -262,16 +262,16 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::{decision::Reason, identity::Principal};
+    use crate::{
+        decision::Reason,
+        identity::Principal,
+        policy::testing::{DEMO_POLICY, compile_policy},
+    };
 
     /// The demo policy (identity headers `x-stepgate-*`), also removing `authorization`.
     fn policy() -> Arc<Policy> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-        let yaml = std::fs::read_to_string(dir.join("stepgate.yaml"))
-            .unwrap()
-            .replace("remove_authorization: false", "remove_authorization: true");
-        let file = crate::config::parse(&yaml).unwrap();
-        Arc::new(crate::policy::compile(&file, &dir).unwrap())
+        let yaml = DEMO_POLICY.replace("remove_authorization: false", "remove_authorization: true");
+        Arc::new(compile_policy(&yaml))
     }
 
     fn decision(outcome: Outcome, reason: Reason, http_status: u16) -> Decision {

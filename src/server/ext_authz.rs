@@ -200,6 +200,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::policy::testing::{DEMO_POLICY, compile_policy};
 
     fn check_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
         let headers: HashMap<String, String> = headers
@@ -262,9 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_methods_of_the_service_are_unimplemented() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-        let yaml = std::fs::read_to_string(dir.join("stepgate.yaml")).unwrap();
-        let policy = crate::policy::compile(&crate::config::parse(&yaml).unwrap(), &dir).unwrap();
+        let policy = compile_policy(DEMO_POLICY);
         let mut service = ExtAuthz::new(Arc::new(Authorizer::new(Arc::new(policy))));
         let request = http::Request::builder()
             .uri("/envoy.service.auth.v3.Authorization/Report")
