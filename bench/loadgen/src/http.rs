@@ -225,6 +225,7 @@ mod tests {
             duration: Duration::from_millis(300),
             max_requests: None,
             server_pid: None,
+            peer_pids: Vec::new(),
             rss_every: None,
         };
         let m = open_loop(workload, 1_000.0, 1_000, &options).await.unwrap();

@@ -134,6 +134,11 @@ struct RunArgs {
     /// Read the server's CPU time and memory from /proc/PID.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A process that serves the load with the server (repeatable): the upstream or the
+    /// ext_authz server behind Envoy. Its CPU time is reported as the peers' rather than as
+    /// another process's disturbing the row.
+    #[arg(long = "peer-pid")]
+    peer_pids: Vec<u32>,
     /// Sample the server's RSS this often during the measured window (needs --server-pid).
     #[arg(long, value_parser = parse_duration)]
     rss_every: Option<Duration>,
@@ -362,6 +367,7 @@ fn run_load(args: RunArgs) -> Result<(), String> {
         duration: args.duration,
         max_requests: args.max_requests,
         server_pid: args.server_pid,
+        peer_pids: args.peer_pids.clone(),
         rss_every: args.rss_every,
     };
     let rt = runtime(threads)?;
@@ -487,13 +493,12 @@ fn build_report(
             sent_total: m.sent_total,
         },
         interference: {
-            let server_cpu = server.map_or(0.0, |s| s.cpu_seconds);
-            let other = (m.machine_busy.as_secs_f64() - server_cpu - m.generator_cpu.as_secs_f64())
-                .max(0.0);
+            let other = m.others_cpu.as_secs_f64();
             Interference {
                 other_cpu_seconds: other,
                 other_cpu_utilization: other / seconds.max(1e-9),
                 steal_seconds: m.machine_steal.as_secs_f64(),
+                peers_cpu_seconds: m.peers_cpu.as_secs_f64(),
             }
         },
         rss_samples_mib: m

@@ -9,6 +9,7 @@
 //! latencies and errors of the requests started in it.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -42,6 +43,9 @@ pub struct RunOptions {
     /// Stop after this many requests in all (warm-up included), e.g. one per distinct token.
     pub max_requests: Option<u64>,
     pub server_pid: Option<u32>,
+    /// Processes that serve the load with the server (the upstream and the ext_authz server
+    /// behind Envoy): their CPU time is reported apart, not counted as another process's.
+    pub peer_pids: Vec<u32>,
     /// Sample the server's RSS this often during the measured window.
     pub rss_every: Option<Duration>,
 }
@@ -54,11 +58,13 @@ pub struct Measured {
     pub server_before: Option<ProcSample>,
     pub server_after: Option<ProcSample>,
     pub generator_cpu: Duration,
-    /// CPU time of the whole machine (all processes, interrupts) and time stolen by the
-    /// hypervisor over the window: what the server and the generator did not use was used by
-    /// something else, which disturbs the measurement.
-    pub machine_busy: Duration,
+    /// CPU time of every process but the server, its peers and the generator (kernel threads
+    /// included), and the time stolen by the hypervisor over the window: something else running
+    /// disturbs the measurement.
+    pub others_cpu: Duration,
     pub machine_steal: Duration,
+    /// CPU time of the `peer_pids` over the window.
+    pub peers_cpu: Duration,
     /// Open loop: send lag against the schedule (ns).
     pub send_lag: Option<Histogram<u64>>,
     pub unsent: u64,
@@ -74,20 +80,39 @@ fn server_sample(pid: Option<u32>) -> Result<Option<ProcSample>, String> {
 }
 
 /// The counters read at the start and the end of the measured window.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Mark {
     server: Option<ProcSample>,
     generator: Duration,
+    peers: Duration,
+    processes: HashMap<u32, u64>,
     machine: procfs::MachineCpu,
 }
 
 impl Mark {
-    fn take(server_pid: Option<u32>) -> Result<Self, String> {
+    fn take(options: &RunOptions) -> Result<Self, String> {
+        let mut peers = Duration::ZERO;
+        for &pid in &options.peer_pids {
+            peers += procfs::sample(pid)
+                .map_err(|e| format!("peer process {pid}: {e}"))?
+                .cpu;
+        }
         Ok(Self {
-            server: server_sample(server_pid)?,
+            server: server_sample(options.server_pid)?,
             generator: procfs::own_cpu(),
+            peers,
+            processes: procfs::processes_cpu_ticks(),
             machine: procfs::machine_cpu().unwrap_or_default(),
         })
+    }
+
+    /// What everything but the server, its peers and the generator used from `self` to `after`.
+    fn others_until(&self, after: &Mark, options: &RunOptions) -> Duration {
+        let mut exclude = options.peer_pids.clone();
+        exclude.extend(options.server_pid);
+        exclude.push(std::process::id());
+        let ticks = procfs::others_ticks(&self.processes, &after.processes, &exclude);
+        procfs::ticks_to_duration(ticks, procfs::clock_ticks_per_second())
     }
 }
 
@@ -117,7 +142,7 @@ pub async fn closed_loop<W: Driver>(
     let mut window_start = Instant::now();
     if options.warmup.is_zero() {
         // Measure from the very first request (the workers have not run yet).
-        before = Mark::take(options.server_pid)?;
+        before = Mark::take(options)?;
         window_start = Instant::now();
         shared.measuring.store(true, Ordering::Relaxed);
     }
@@ -135,7 +160,7 @@ pub async fn closed_loop<W: Driver>(
         }
     }
     if !options.warmup.is_zero() {
-        before = Mark::take(options.server_pid)?;
+        before = Mark::take(options)?;
         window_start = Instant::now();
         shared.measuring.store(true, Ordering::Relaxed);
     }
@@ -163,15 +188,16 @@ pub async fn closed_loop<W: Driver>(
         }
     }
     let window = window_start.elapsed();
-    let after = Mark::take(options.server_pid)?;
+    let after = Mark::take(options)?;
     Ok(Measured {
         recorder,
         window,
         server_before: before.server,
         server_after: after.server,
         generator_cpu: after.generator.saturating_sub(before.generator),
-        machine_busy: after.machine.busy.saturating_sub(before.machine.busy),
+        others_cpu: before.others_until(&after, options),
         machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
+        peers_cpu: after.peers.saturating_sub(before.peers),
         send_lag: None,
         unsent: 0,
         capped: 0,
@@ -248,7 +274,7 @@ pub async fn open_loop<W: Driver>(
             break;
         }
         if measuring.is_none() && due >= warm_end {
-            measuring = Some((Instant::now(), Mark::take(options.server_pid)?));
+            measuring = Some((Instant::now(), Mark::take(options)?));
             next_rss = options.rss_every.map(|every| Instant::now() + every);
         }
         if let (Some(at), Some(every)) = (next_rss, options.rss_every)
@@ -312,15 +338,16 @@ pub async fn open_loop<W: Driver>(
         return Err("the run ended before the warm-up did: nothing was measured".into());
     };
     let window = window_start.elapsed();
-    let after = Mark::take(options.server_pid)?;
+    let after = Mark::take(options)?;
     Ok(Measured {
         recorder,
         window,
         server_before: before.server,
         server_after: after.server,
         generator_cpu: after.generator.saturating_sub(before.generator),
-        machine_busy: after.machine.busy.saturating_sub(before.machine.busy),
+        others_cpu: before.others_until(&after, options),
         machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
+        peers_cpu: after.peers.saturating_sub(before.peers),
         send_lag: Some(send_lag),
         unsent,
         capped,
@@ -400,6 +427,7 @@ mod tests {
             duration: Duration::from_millis(duration_ms),
             max_requests: None,
             server_pid: Some(std::process::id()),
+            peer_pids: Vec::new(),
             rss_every: Some(Duration::from_millis(50)),
         }
     }
@@ -416,6 +444,32 @@ mod tests {
         let (before, after) = (m.server_before.unwrap(), m.server_after.unwrap());
         assert!(after.cpu >= before.cpu);
         assert!(!m.rss_samples_kib.is_empty());
+    }
+
+    #[tokio::test]
+    async fn peer_processes_are_measured_apart() {
+        let target = serve().await;
+        // The server under test runs in this process: as a peer, its CPU is the peers'.
+        let mut with_peer = options(300);
+        with_peer.peer_pids = vec![std::process::id()];
+        let m = closed_loop(workload(&target, Scenario::A, 1).await, 4, &with_peer)
+            .await
+            .unwrap();
+        assert!(m.peers_cpu > Duration::ZERO, "{m:?}");
+        assert_eq!(
+            closed_loop(workload(&target, Scenario::A, 1).await, 4, &options(300))
+                .await
+                .unwrap()
+                .peers_cpu,
+            Duration::ZERO
+        );
+        // A peer that is gone fails the run rather than counting as idle.
+        let mut gone = options(100);
+        gone.peer_pids = vec![u32::MAX];
+        let err = closed_loop(workload(&target, Scenario::A, 1).await, 4, &gone)
+            .await
+            .unwrap_err();
+        assert!(err.contains(&format!("peer process {}", u32::MAX)), "{err}");
     }
 
     #[tokio::test]

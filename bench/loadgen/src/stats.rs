@@ -136,14 +136,18 @@ pub struct GeneratorStats {
     pub sent_total: u64,
 }
 
-/// The rest of the machine over the window: CPU used by neither the server nor the generator
-/// (other processes; also interrupt time not charged to either), and hypervisor steal.
+/// The rest of the machine over the window: CPU used by neither the server, its peers nor the
+/// generator (other processes; also interrupt time not charged to any), and hypervisor steal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Interference {
     pub other_cpu_seconds: f64,
     /// `other_cpu_seconds` per wall second (1.0 = a whole core).
     pub other_cpu_utilization: f64,
     pub steal_seconds: f64,
+    /// CPU time of the processes serving the load with the server (`--peer-pid`): the upstream
+    /// and the ext_authz server behind Envoy. Not part of `other_cpu_seconds`.
+    #[serde(default)]
+    pub peers_cpu_seconds: f64,
 }
 
 /// The JSON document of one run (`loadgen --json`).
