@@ -81,7 +81,7 @@ fn fit_proxy_header_limit(
     decision.outcome = Outcome::Deny;
     decision.reason = Reason::TooManyHeaders;
     decision.http_status = 431;
-    decision.message = message;
+    decision.message = message.into();
     decision.identity_headers.clear();
     decision
 }
@@ -603,11 +603,17 @@ impl<'p> Run<'p> {
         self.deny(401, Reason::TokenMissing, message, None, Some(www))
     }
 
-    fn base(&mut self, outcome: Outcome, reason: Reason, message: &str, status: u16) -> Decision {
+    fn base(
+        &mut self,
+        outcome: Outcome,
+        reason: Reason,
+        message: impl Into<Cow<'static, str>>,
+        status: u16,
+    ) -> Decision {
         Decision {
             outcome,
             reason,
-            message: message.to_owned(),
+            message: message.into(),
             rule: None,
             http_status: status,
             www_authenticate: None,
@@ -628,7 +634,7 @@ impl<'p> Run<'p> {
         rule: Option<&Rule>,
         www: Option<String>,
     ) -> Decision {
-        let mut d = self.base(Outcome::Deny, reason, message, status);
+        let mut d = self.base(Outcome::Deny, reason, message.to_owned(), status);
         d.rule = rule.map(|r| Arc::clone(&r.id));
         d.www_authenticate = www;
         d
@@ -657,7 +663,7 @@ impl<'p> Run<'p> {
         www: String,
         step_up: StepUp,
     ) -> Decision {
-        let mut d = self.base(Outcome::StepUp, reason, message, 401);
+        let mut d = self.base(Outcome::StepUp, reason, message.to_owned(), 401);
         d.rule = Some(Arc::clone(&rule.id));
         d.www_authenticate = Some(www);
         d.step_up = Some(step_up);
@@ -691,7 +697,7 @@ impl<'p> Run<'p> {
                 .identity_headers
                 .iter()
                 .filter(|(_, source)| *source == HeaderSource::Rule)
-                .map(|(name, _)| (name.clone(), rule.id.to_string()))
+                .map(|(name, _)| (Arc::clone(name), Arc::clone(&rule.id)))
                 .collect();
         }
         d
@@ -750,35 +756,39 @@ fn identity_headers(
     policy: &Policy,
     rule: Option<&Rule>,
     token: &VerifiedToken,
-) -> Vec<(String, String)> {
+) -> Vec<(Arc<str>, Arc<str>)> {
     let p = &token.principal;
-    let join = |v: &[Arc<str>]| (!v.is_empty()).then(|| v.join(" "));
-    let shared = |v: &Option<Arc<str>>| v.as_deref().map(str::to_owned);
+    // A list of one (the usual `acrs`, `amr` or `roles`) is shared rather than joined anew.
+    let join = |v: &[Arc<str>]| match v {
+        [] => None,
+        [one] => Some(Arc::clone(one)),
+        many => Some(Arc::from(many.join(" "))),
+    };
     policy
         .upstream
         .identity_headers
         .iter()
         .filter_map(|(name, source)| {
-            let value = match source {
-                HeaderSource::Subject => Some(p.subject.to_string()).filter(|s| !s.is_empty()),
-                HeaderSource::Issuer => Some(p.issuer.to_string()),
-                HeaderSource::IssuerId => Some(p.issuer_id.to_string()),
-                HeaderSource::Tenant => shared(&p.tenant),
-                HeaderSource::ClientId => shared(&p.client_id),
+            let value: Arc<str> = match source {
+                HeaderSource::Subject => Some(Arc::clone(&p.subject)).filter(|s| !s.is_empty()),
+                HeaderSource::Issuer => Some(Arc::clone(&p.issuer)),
+                HeaderSource::IssuerId => Some(Arc::clone(&p.issuer_id)),
+                HeaderSource::Tenant => p.tenant.clone(),
+                HeaderSource::ClientId => p.client_id.clone(),
                 HeaderSource::Acrs => join(&p.acrs),
-                HeaderSource::Acr => shared(&p.acr),
+                HeaderSource::Acr => p.acr.clone(),
                 HeaderSource::Amr => join(&p.amr),
                 HeaderSource::Scopes => join(&p.scopes),
                 HeaderSource::Roles => join(&p.roles),
-                HeaderSource::AuthTime => p.auth_time.map(|t| t.to_string()),
-                HeaderSource::Rule => rule.map(|r| r.id.to_string()),
+                HeaderSource::AuthTime => p.auth_time.map(|t| Arc::from(t.to_string())),
+                HeaderSource::Rule => rule.map(|r| Arc::clone(&r.id)),
                 HeaderSource::Claim(claim) => match token.claims.get(claim) {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(Value::Number(n)) => Some(n.to_string()),
-                    Some(Value::Bool(b)) => Some(b.to_string()),
+                    Some(Value::String(s)) => Some(Arc::from(s.as_str())),
+                    Some(Value::Number(n)) => Some(Arc::from(n.to_string())),
+                    Some(Value::Bool(b)) => Some(Arc::from(b.to_string())),
                     Some(Value::Array(items)) => {
                         let words: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
-                        (!words.is_empty()).then(|| words.join(" "))
+                        (!words.is_empty()).then(|| Arc::from(words.join(" ")))
                     }
                     _ => None,
                 },
@@ -786,11 +796,16 @@ fn identity_headers(
             // Header values from token claims: keep them printable so a hostile claim cannot inject
             // a header line or be refused by the proxy.
             let value = if value.contains(char::is_control) {
-                value.chars().filter(|c| !c.is_control()).collect()
+                Arc::from(
+                    value
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .collect::<String>(),
+                )
             } else {
                 value
             };
-            Some((name.clone(), value))
+            Some((Arc::clone(name), value))
         })
         .collect()
 }

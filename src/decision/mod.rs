@@ -8,7 +8,7 @@ mod reason;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 pub use evaluate::decide;
 pub use reason::Reason;
@@ -57,14 +57,15 @@ pub struct ExplainStep {
 pub struct Decision {
     pub outcome: Outcome,
     pub reason: Reason,
-    pub message: String,
+    pub message: Cow<'static, str>,
     pub rule: Option<Arc<str>>,
     pub http_status: u16,
     pub www_authenticate: Option<String>,
     pub step_up: Option<StepUp>,
     pub principal: Option<Arc<Principal>>,
-    /// Headers for the upstream (ALLOW only).
-    pub identity_headers: Vec<(String, String)>,
+    /// Headers for the upstream (ALLOW only). Names and most values are shared with the policy
+    /// and the cached token, so an ALLOW copies no string to carry them.
+    pub identity_headers: Vec<(Arc<str>, Arc<str>)>,
     pub token_fingerprint: Option<String>,
     pub explain: Vec<ExplainStep>,
     /// Set when the token was refused only because its issuer's keys lack its `kid`: (issuer id,

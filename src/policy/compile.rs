@@ -687,7 +687,7 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
                 }
             },
         };
-        identity_headers.push((name.clone(), source));
+        identity_headers.push((Arc::from(name.as_str()), source));
     }
     Ok(Upstream {
         identity_headers,

@@ -107,7 +107,8 @@ pub struct Escalation {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    pub identity_headers: Vec<(String, HeaderSource)>,
+    /// Header name (shared with every decision that sets it) and where its value comes from.
+    pub identity_headers: Vec<(Arc<str>, HeaderSource)>,
     pub remove_authorization: bool,
     /// The proxy's header-count limit (0: unchecked).
     pub max_request_headers: usize,
@@ -136,12 +137,12 @@ impl Upstream {
     /// set, and `authorization` when configured.
     pub fn headers_to_remove<'a>(
         &'a self,
-        set: &'a [(String, String)],
+        set: &'a [(Arc<str>, Arc<str>)],
     ) -> impl Iterator<Item = &'a str> + 'a {
         self.identity_headers
             .iter()
-            .map(|(name, _)| name.as_str())
-            .filter(|name| !set.iter().any(|(s, _)| s == name))
+            .map(|(name, _)| &**name)
+            .filter(|name| !set.iter().any(|(s, _)| &**s == *name))
             .chain(self.remove_authorization.then_some("authorization"))
     }
 }

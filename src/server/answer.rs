@@ -278,7 +278,7 @@ mod tests {
         Decision {
             outcome,
             reason,
-            message: "why".to_owned(),
+            message: "why".into(),
             rule: Some("payments".into()),
             http_status,
             www_authenticate: None,
@@ -342,8 +342,8 @@ mod tests {
         d.principal = Some(principal(Some("t1"), &["c1", "c2"]));
         d.token_fingerprint = Some("sha256:abcd".to_owned());
         d.identity_headers = vec![
-            ("x-stepgate-subject".to_owned(), "alice".to_owned()),
-            ("x-stepgate-auth-contexts".to_owned(), "c1 c2".to_owned()),
+            (Arc::from("x-stepgate-subject"), Arc::from("alice")),
+            (Arc::from("x-stepgate-auth-contexts"), Arc::from("c1 c2")),
         ];
         let set = d.identity_headers.clone();
         let response = decoded(d, Arc::clone(&policy));
@@ -365,7 +365,7 @@ mod tests {
         assert_eq!(
             headers,
             set.iter()
-                .map(|(k, v)| (k.clone(), v.clone(), overwrite))
+                .map(|(k, v)| (k.to_string(), v.to_string(), overwrite))
                 .collect::<Vec<_>>()
         );
         let expected_removed: Vec<&str> = policy.upstream.headers_to_remove(&set).collect();
@@ -469,7 +469,10 @@ mod tests {
     #[test]
     fn long_fields_get_multi_byte_length_prefixes() {
         let mut d = decision(Outcome::Allow, Reason::Allowed, 200);
-        d.identity_headers = vec![("x-stepgate-subject".to_owned(), "r".repeat(70_000))];
+        d.identity_headers = vec![(
+            Arc::from("x-stepgate-subject"),
+            Arc::from("r".repeat(70_000)),
+        )];
         let response = decoded(d, policy());
         let Some(HttpResponse::OkResponse(ok)) = &response.http_response else {
             panic!("not an ok_response");

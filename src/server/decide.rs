@@ -125,7 +125,7 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
         } as i32,
         rule: d.rule.as_deref().unwrap_or_default().to_owned(),
         reason: d.reason.as_str().to_owned(),
-        message: d.message.clone(),
+        message: d.message.to_string(),
         http_status: u32::from(d.http_status),
         www_authenticate: d.www_authenticate.clone().unwrap_or_default(),
         step_up: d.step_up.as_ref().map(|s| v1::StepUpRequirement {
@@ -153,7 +153,11 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             app_only: p.app_only,
             expires_at: p.expires_at,
         }),
-        identity_headers: d.identity_headers.iter().cloned().collect(),
+        identity_headers: d
+            .identity_headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
         explain: d
             .explain
             .iter()
