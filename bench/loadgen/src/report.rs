@@ -183,6 +183,17 @@ impl Input {
         Some(judged)
     }
 
+    /// "X vs Y req/s" for two judged rows (label, name in the note, the row), with each run's
+    /// throughput when they were repeated.
+    fn throughput_note(&self, [(la, na, a), (lb, nb, b)]: [(&str, &str, &RunReport); 2]) -> String {
+        format!(
+            "{} vs {} req/s{}",
+            fmt_rps(a.throughput_rps),
+            fmt_rps(b.throughput_rps),
+            self.repeats_note(&[(la, na), (lb, nb)], |r| fmt_rps(r.throughput_rps))
+        )
+    }
+
     /// "; medians of N alternating runs (stepgate …; empty …)" for targets judged on repeated rows,
     /// listing each run's figure; empty when every row ran once.
     fn repeats_note(&self, rows: &[(&str, &str)], figure: impl Fn(&RunReport) -> String) -> String {
@@ -232,14 +243,8 @@ impl Input {
                 let invalid = Target::invalid(name, "≥ 0.850×".into(), &[a, e]);
                 out.push(invalid.unwrap_or_else(|| {
                     let ratio = a.throughput_rps / e.throughput_rps;
-                    let mut note = format!(
-                        "{} vs {} req/s{}",
-                        fmt_rps(a.throughput_rps),
-                        fmt_rps(e.throughput_rps),
-                        self.repeats_note(&[("a", "stepgate"), ("empty", "empty")], |r| {
-                            fmt_rps(r.throughput_rps)
-                        })
-                    );
+                    let mut note =
+                        self.throughput_note([("a", "stepgate", a), ("empty", "empty", e)]);
                     if let Some(cpu) = e.server.map(|s| s.cpu_utilization)
                         && cpu < 0.9
                     {
@@ -268,7 +273,7 @@ impl Input {
         for (quantile, limit_text) in [("p50", "empty p50 + 0.05 ms"), ("p99", "1.25 × empty p99")]
         {
             let name = format!("(a) open loop at ½ empty max rate: {quantile} ≤ {limit_text}");
-            let (Some(a), Some(e)) = (&a_open, &e_open) else {
+            let (Some(a_run), Some(e)) = (&a_open, &e_open) else {
                 out.push(Target::missing(&name, "—", "rows a-open and empty-open"));
                 continue;
             };
@@ -276,7 +281,7 @@ impl Input {
                 "p50" => r.latency_ms.p50,
                 _ => r.latency_ms.p99,
             };
-            let (measured, base) = (pick(a), pick(e));
+            let (measured, base) = (pick(a_run), pick(e));
             let (limit, what) = match quantile {
                 "p50" => (
                     base + 0.05,
@@ -297,7 +302,7 @@ impl Input {
             };
             let limit_ms = format!("≤ {} ms", fmt_ms(limit));
             out.push(
-                Target::invalid(&name, limit_ms.clone(), &[a, e]).unwrap_or_else(|| Target {
+                Target::invalid(&name, limit_ms.clone(), &[a_run, e]).unwrap_or_else(|| Target {
                     name: name.clone(),
                     measured: format!("{} ms", fmt_ms(measured)),
                     limit: limit_ms,
@@ -305,7 +310,7 @@ impl Input {
                     note: format!(
                         "{what}{}{}",
                         self.repeats_note(&open_rows, |r| fmt_ms(pick(r))),
-                        overload_note(a, self.judged("a").as_ref())
+                        overload_note(a_run, a)
                     ),
                 }),
             );
@@ -378,7 +383,7 @@ impl Input {
             _ => out.push(Target::missing(name, "within ±5 %", "row rss-100k-steady")),
         }
 
-        self.cerbos_targets(&mut out);
+        self.cerbos_targets(a, &mut out);
         self.envoy_targets(&mut out);
         out
     }
@@ -428,10 +433,10 @@ impl Input {
 
     /// stepgate's cached-token row against Cerbos's with the same token (Cerbos's default
     /// verified-JWT cache helps it the same way), both closed loop at the same pinning.
-    fn cerbos_targets(&self, out: &mut Vec<Target>) {
+    fn cerbos_targets(&self, a: Option<&RunReport>, out: &mut Vec<Target>) {
         const WHAT: &str = "stepgate (a) vs Cerbos (its default JWT cache)";
-        let (a, cerbos) = (self.judged("a"), self.judged("cerbos-a"));
-        let pair = a.as_ref().zip(cerbos.as_ref());
+        let cerbos = self.judged("cerbos-a");
+        let pair = a.zip(cerbos.as_ref());
         let cpu = |r: &RunReport| r.server.map(|s| s.cpu_us_per_request);
 
         let name = format!("{WHAT}: throughput ≥ 10 × Cerbos's");
@@ -440,14 +445,8 @@ impl Input {
                 let invalid = Target::invalid(&name, "≥ 10×".into(), &[a, c]);
                 out.push(invalid.unwrap_or_else(|| {
                     let ratio = a.throughput_rps / c.throughput_rps;
-                    let mut note = format!(
-                        "{} vs {} req/s{}",
-                        fmt_rps(a.throughput_rps),
-                        fmt_rps(c.throughput_rps),
-                        self.repeats_note(&[("a", "stepgate"), ("cerbos-a", "Cerbos")], |r| {
-                            fmt_rps(r.throughput_rps)
-                        })
-                    );
+                    let mut note =
+                        self.throughput_note([("a", "stepgate", a), ("cerbos-a", "Cerbos", c)]);
                     if let Some(busy) = a.server.map(|s| s.cpu_utilization)
                         && busy < 0.9
                     {
