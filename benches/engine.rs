@@ -9,7 +9,7 @@
 //! - `verify/*`: token verification alone;
 //! - `challenge/*`: `WWW-Authenticate` rendering.
 
-use std::{collections::HashMap, hint::black_box, path::Path};
+use std::{hint::black_box, path::Path};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::Algorithm;
@@ -20,7 +20,7 @@ use stepgate::{
     demo::{self, DEMO_EC_KID, DEMO_RSA_KID, TokenSpec},
     identity::{EntraChallenge, KeepClaims, intern::Interner, jwks::KeySet, verify},
     policy::Policy,
-    request::{AccessRequest, HttpAttributes, PresentedCredential},
+    request::{AccessRequest, Headers, HttpAttributes, PresentedCredential},
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -49,7 +49,7 @@ fn token(spec: &TokenSpec, alg: Algorithm) -> String {
 
 /// An Envoy-shaped request: method, authority, path and a handful of headers.
 fn check_request(token: &str, method: &str, path: &str) -> AccessRequest {
-    let mut headers = HashMap::new();
+    let mut headers = Headers::default();
     for (k, v) in [
         (":authority", "api.example.com"),
         (":method", method),
@@ -191,9 +191,10 @@ fn challenge_benches(c: &mut Criterion) {
 }
 
 fn check_benches(c: &mut Criterion) {
-    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
     use prost::Message as _;
-    use stepgate::server::{answer::CheckAnswer, ext_authz::access_request};
+    use stepgate::server::{
+        answer::CheckAnswer, check_request::CheckRequest, ext_authz::access_request,
+    };
     let policy = policy("");
     let user = TokenSpec {
         acrs: vec!["c1".into()],
@@ -207,16 +208,32 @@ fn check_benches(c: &mut Criterion) {
         &token(&user, Algorithm::RS256),
     )
     .encode_to_vec();
-    let check = |bytes: &[u8]| {
-        let request = access_request(CheckRequest::decode(bytes).unwrap());
+    let allow_frame = bytes::Bytes::from(allow.clone());
+    let check = |frame: bytes::Bytes| {
+        let request = access_request(CheckRequest::decode(frame).unwrap());
         let decision = decide(&policy, &request, NOW);
         let answer = CheckAnswer::new(decision, &policy);
         (answer.decision().outcome, answer.encode_to_vec())
     };
-    assert_eq!(check(&allow).0, Outcome::Allow);
+    assert_eq!(check(allow_frame.clone()).0, Outcome::Allow);
     let mut group = c.benchmark_group("check");
     group.bench_function("allow_cached_token", |b| {
-        b.iter(|| check(black_box(&allow)))
+        b.iter(|| check(black_box(allow_frame.clone())))
+    });
+    // The transport floor's share of the same work: decode, drop, answer an empty OK.
+    group.bench_function("floor_decode_answer_ok", |b| {
+        b.iter(|| {
+            let request = envoy_types::pb::envoy::service::auth::v3::CheckRequest::decode(
+                black_box(&allow[..]),
+            )
+            .unwrap();
+            drop(black_box(request));
+            envoy_types::pb::envoy::service::auth::v3::CheckResponse {
+                status: Some(Default::default()),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        })
     });
     group.finish();
 }

@@ -146,7 +146,7 @@ impl<'p> Run<'p> {
         let realm = policy.realm.as_str();
 
         // 1. Credential shape and path.
-        let mut credential = request.credential.credential();
+        let mut credential = request.credential();
         if request.http.as_ref().is_some_and(|h| h.has_query_token())
             && !matches!(credential, Credential::Missing)
         {

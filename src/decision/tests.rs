@@ -5,7 +5,7 @@
 //! asserts the outcome, HTTP status, reason code and (where the protocol fixes it) the exact
 //! `WWW-Authenticate` value.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use base64::{
     Engine,
@@ -25,7 +25,7 @@ use crate::{
         Policy,
         testing::{DEMO_POLICY, compile_policy, demo_file},
     },
-    request::{AccessRequest, HttpAttributes, PresentedCredential},
+    request::{AccessRequest, Headers, HttpAttributes, PresentedCredential},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ fn http_request(authorization: &str, method: &str, target: &str) -> AccessReques
             method,
             "api.example.com:443",
             target,
-            HashMap::new(),
+            Headers::default(),
         )),
         ..AccessRequest::default()
     }

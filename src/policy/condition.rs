@@ -154,7 +154,7 @@ impl<'a> CelInput<'a> {
             Some(h) if with_headers => h
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
+                .map(|(k, v)| (k.to_owned(), Json::from(v)))
                 .collect(),
             _ => Map::new(),
         };
@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn headers_and_claims_are_converted_only_for_expressions_that_read_them() {
         let env = environment();
-        let mut headers = std::collections::HashMap::new();
+        let mut headers = crate::request::Headers::default();
         headers.insert("x-device".to_owned(), "managed".to_owned());
         let request = AccessRequest {
             http: Some(crate::request::HttpAttributes::new(

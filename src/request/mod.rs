@@ -3,11 +3,12 @@
 //! The ext_authz adapter and the `Decide` adapter each build one of these and nothing else; the
 //! engine never sees a wire type. Header names are lower-case here.
 
+mod headers;
 pub mod path;
 
-use std::collections::HashMap;
-
 use serde_json::{Map, Value};
+
+pub use headers::Headers;
 
 use crate::identity::{Credential, CredentialProblem, bearer};
 
@@ -38,19 +39,11 @@ pub enum PresentedCredential {
     Token(String),
     /// An `Authorization` header value.
     Authorization(String),
+    /// The request's own `authorization` header (`http.headers`), read where it is rather than
+    /// copied (an Envoy `Check`).
+    AuthorizationHeader,
     /// Something that is refused before any parsing: two headers, non-UTF-8 bytes.
     Unusable(CredentialProblem),
-}
-
-impl PresentedCredential {
-    pub fn credential(&self) -> Credential<'_> {
-        match self {
-            Self::None => Credential::Missing,
-            Self::Token(token) => bearer::from_token(token),
-            Self::Authorization(value) => bearer::from_authorization(value),
-            Self::Unusable(problem) => Credential::Malformed(*problem),
-        }
-    }
 }
 
 /// HTTP attributes of the request being authorised.
@@ -62,7 +55,7 @@ pub struct HttpAttributes {
     pub host: String,
     /// Request target as sent (path and query).
     pub target: String,
-    pub headers: HashMap<String, String>,
+    pub headers: Headers,
 }
 
 /// A network peer of the request.
@@ -93,13 +86,30 @@ pub struct AccessRequest {
     pub explain: bool,
 }
 
+impl AccessRequest {
+    /// The credential the request presents, parsed as far as its shape.
+    pub fn credential(&self) -> Credential<'_> {
+        match &self.credential {
+            PresentedCredential::None => Credential::Missing,
+            PresentedCredential::Token(token) => bearer::from_token(token),
+            PresentedCredential::Authorization(value) => bearer::from_authorization(value),
+            PresentedCredential::AuthorizationHeader => self
+                .http
+                .as_ref()
+                .and_then(|h| h.headers.get("authorization"))
+                .map_or(Credential::Missing, bearer::from_authorization),
+            PresentedCredential::Unusable(problem) => Credential::Malformed(*problem),
+        }
+    }
+}
+
 impl HttpAttributes {
     /// `method` and `target` are taken as they are when owned (no copy); the method is upper-cased.
     pub fn new(
         method: impl Into<String>,
         authority: &str,
         target: impl Into<String>,
-        headers: HashMap<String, String>,
+        headers: Headers,
     ) -> Self {
         let mut method = method.into();
         method.make_ascii_uppercase();
@@ -173,7 +183,7 @@ mod tests {
 
     #[test]
     fn finds_access_token_query_parameter() {
-        let http = |t: &str| HttpAttributes::new("GET", "h", t, HashMap::new());
+        let http = |t: &str| HttpAttributes::new("GET", "h", t, Headers::default());
         assert!(http("/a?x=1&access_token=abc").has_query_token());
         assert!(!http("/a?my_access_token=abc").has_query_token());
         assert!(http("/a?%61ccess_token=abc").has_query_token());

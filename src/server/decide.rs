@@ -2,7 +2,7 @@
 //! from `Decision` back to `DecideResponse`. Policy outcomes are OK responses; only an unusable
 //! request is a gRPC error.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use serde_json::Map;
 use tonic::{Request, Response, Status};
@@ -19,7 +19,7 @@ use crate::{
     decision::{Decision, Outcome},
     identity::CredentialProblem,
     policy::Upstream,
-    request::{AccessRequest, Door, HttpAttributes, PresentedCredential},
+    request::{AccessRequest, Door, Headers, HttpAttributes, PresentedCredential},
 };
 
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ impl DecisionService for Decide {
 pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
     let operation = Some(request.operation).filter(|o| !o.is_empty());
     let http = request.http.map(|h| {
-        let headers: HashMap<String, String> = h
+        let headers: Headers = h
             .headers
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
@@ -73,7 +73,7 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
     }
     let header_value = http
         .as_ref()
-        .and_then(|h| h.headers.get("authorization").cloned());
+        .and_then(|h| h.headers.get("authorization").map(str::to_owned));
     let credential = match (request.credential, header_value) {
         (None, None) => PresentedCredential::None,
         (None, Some(value)) => PresentedCredential::Authorization(value),

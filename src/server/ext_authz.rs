@@ -1,26 +1,30 @@
-//! Envoy ext_authz v3 `Check`: a thin adapter from `CheckRequest` to `AccessRequest` and from
-//! `Decision` back to a `CheckResponse` (encoded by [`CheckAnswer`]).
+//! Envoy ext_authz v3 `Check`: a thin adapter from `CheckRequest` (decoded as the fields it reads,
+//! see [`check_request`](super::check_request)) to `AccessRequest`, and from `Decision` back to a
+//! `CheckResponse` (encoded by [`CheckAnswer`]).
 //!
 //! Every policy outcome, denials included, is an OK gRPC response: a gRPC error tells Envoy that
 //! the authorizer failed, and Envoy then applies `failure_mode_allow`. Denials carry their HTTP
 //! status explicitly (Envoy would send 403 for an unset one).
 //!
 //! The service is written out here rather than taken from envoy-types' generated
-//! `AuthorizationServer`, whose handler must return envoy-types' own `CheckResponse`: stepgate
-//! answers with [`CheckAnswer`], the same message encoded straight from the decision.
+//! `AuthorizationServer`, whose handler must take envoy-types' own `CheckRequest` and return its
+//! own `CheckResponse`: stepgate reads the request through its narrower view and answers with
+//! [`CheckAnswer`], the same message encoded straight from the decision.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, convert::Infallible, sync::Arc};
 
-use envoy_types::ext_authz::v3::{CheckRequestExt, pb::CheckRequest};
 use tonic::{
     Request, Response, Status,
     body::Body,
     codegen::{BoxFuture, Context, Poll, Service, http},
     server::{Grpc, NamedService, UnaryService},
 };
-use tonic_prost::ProstCodec;
 
-use super::{answer::CheckAnswer, authorizer::Authorizer};
+use super::{
+    answer::CheckAnswer,
+    authorizer::Authorizer,
+    check_request::{CheckCodec, CheckRequest},
+};
 use crate::{
     identity::CredentialProblem,
     request::{AccessRequest, Door, HttpAttributes, Peer, PresentedCredential},
@@ -59,7 +63,7 @@ impl Service<http::Request<Body>> for ExtAuthz {
         }
         let check = Check(Arc::clone(&self.authorizer));
         Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::<CheckAnswer, CheckRequest>::default());
+            let mut grpc = Grpc::new(CheckCodec);
             Ok(grpc.unary(check, request).await)
         })
     }
@@ -82,89 +86,71 @@ impl UnaryService<CheckRequest> for Check {
     }
 }
 
-/// Reads a `CheckRequest` into the engine's view, moving its strings rather than copying them.
-/// Headers come from `headers` or, when Envoy sets `encode_raw_headers`, from `header_map` (raw
-/// bytes, duplicates as separate entries).
-pub fn access_request(mut check: CheckRequest) -> AccessRequest {
-    let client_address = check.get_client_address().cloned();
-    let attributes = check.attributes.take().unwrap_or_default();
-    let http = attributes.request.and_then(|r| r.http);
-    let mut credential = PresentedCredential::None;
-    let mut proxy_header_count = None;
-    let http = http.map(|h| {
-        let raw_entries = h.header_map.map(|m| m.headers).unwrap_or_default();
-        proxy_header_count = Some(if raw_entries.is_empty() {
-            h.headers.len()
-        } else {
-            raw_entries.len()
-        });
-        // Envoy sends lower-case names (HTTP/2 requires them), so the decoded map is kept as it
-        // is rather than rebuilt; a name in another case makes it fold them all.
-        let mut headers = if h.headers.keys().any(|k| has_upper_case(k)) {
-            h.headers
-                .into_iter()
-                .map(|(key, value)| (lower_case(key), value))
-                .collect()
-        } else {
-            h.headers
-        };
-        headers.reserve(raw_entries.len());
-        let mut authorization_entries = 0;
-        for entry in raw_entries {
-            let key = lower_case(entry.key);
-            let value = if entry.raw_value.is_empty() {
-                Ok(entry.value)
-            } else {
-                String::from_utf8(entry.raw_value)
-                    .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-            };
-            if key == "authorization" {
-                authorization_entries += 1;
-                if value.is_err() {
-                    credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
-                }
-            }
-            let value = value.unwrap_or_else(|lossy| lossy);
-            headers
-                .entry(key)
-                .and_modify(|v| {
-                    v.push(',');
-                    v.push_str(&value);
-                })
-                .or_insert(value);
-        }
-        if authorization_entries > 1 {
-            credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
-        }
-        if credential == PresentedCredential::None
-            && let Some(value) = headers.get("authorization")
-        {
-            credential = PresentedCredential::Authorization(value.clone());
-        }
-        let pseudo = |given: String, name: &str| {
-            if given.is_empty() {
-                headers.get(name).cloned().unwrap_or_default()
-            } else {
-                given
-            }
-        };
-        let method = pseudo(h.method, ":method");
-        let host = pseudo(h.host, ":authority");
-        let path = pseudo(h.path, ":path");
-        HttpAttributes::new(method, &host, path, headers)
+/// Reads a `CheckRequest` into the engine's view. The headers stay where they were decoded
+/// (see [`Headers`]); with Envoy's `encode_raw_headers`, they come from `header_map` instead (raw
+/// bytes, a repeated name as separate entries, joined here with `,`). More than one
+/// `authorization` entry, in either field or in any case, makes the credential unusable rather
+/// than picking one.
+pub fn access_request(check: CheckRequest) -> AccessRequest {
+    let source = check.source.is_some().then(|| Peer {
+        address: check.source_address().unwrap_or_default().to_owned(),
+        principal: check.source_principal().unwrap_or_default().to_owned(),
     });
-    let context: serde_json::Map<String, serde_json::Value> = attributes
-        .context_extensions
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
+    let context: serde_json::Map<String, serde_json::Value> = check
+        .context_extensions()
+        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
         .collect();
     let operation = context
         .get("operation")
         .and_then(|v| v.as_str())
         .map(str::to_owned);
-    let source = attributes.source.map(|peer| Peer {
-        address: client_address.unwrap_or_default(),
-        principal: peer.principal,
+    let mut credential = PresentedCredential::None;
+    let mut proxy_header_count = None;
+    let raw_header_count = check.raw_header_count();
+    let (method, host, path) = (
+        check.method().to_owned(),
+        check.host().to_owned(),
+        check.path().to_owned(),
+    );
+    let raw_headers = (raw_header_count > 0).then(|| joined_raw_headers(&check));
+    let http = check.http.map(|h| {
+        let mut headers = h.headers;
+        let mut authorization_entries = headers.count("authorization");
+        proxy_header_count = Some(if raw_header_count == 0 {
+            headers.len()
+        } else {
+            raw_header_count
+        });
+        if let Some(raw) = raw_headers {
+            authorization_entries += raw.authorization_entries;
+            if raw.authorization_not_utf8 {
+                credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
+            }
+            for (name, value) in raw.entries {
+                // A name in both fields (not something Envoy sends) gets both values.
+                let value = match headers.get(&name) {
+                    Some(earlier) => format!("{earlier},{value}"),
+                    None => value,
+                };
+                headers.insert(name, value);
+            }
+        }
+        if authorization_entries > 1 {
+            credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
+        } else if authorization_entries == 1 && credential == PresentedCredential::None {
+            credential = PresentedCredential::AuthorizationHeader;
+        }
+        let pseudo = |given: String, name: &str| {
+            if given.is_empty() {
+                headers.get(name).unwrap_or_default().to_owned()
+            } else {
+                given
+            }
+        };
+        let method = pseudo(method, ":method");
+        let host = pseudo(host, ":authority");
+        let path = pseudo(path, ":path");
+        HttpAttributes::new(method, &host, path, headers)
     });
     AccessRequest {
         credential,
@@ -178,16 +164,45 @@ pub fn access_request(mut check: CheckRequest) -> AccessRequest {
     }
 }
 
-/// Envoy sends header names in lower case (HTTP/2 requires it); anything else is folded here.
-fn lower_case(mut name: String) -> String {
-    if has_upper_case(&name) {
-        name.make_ascii_lowercase();
-    }
-    name
+/// `header_map`'s entries with each name once (lower case), repeated names' values joined with
+/// `,` in the order given; bytes that are not UTF-8 are replaced (U+FFFD).
+struct RawHeaders {
+    entries: Vec<(String, String)>,
+    authorization_entries: usize,
+    authorization_not_utf8: bool,
 }
 
-fn has_upper_case(name: &str) -> bool {
-    name.bytes().any(|b| b.is_ascii_uppercase())
+fn joined_raw_headers(check: &CheckRequest) -> RawHeaders {
+    let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut joined = RawHeaders {
+        entries: Vec::with_capacity(check.raw_header_count()),
+        authorization_entries: 0,
+        authorization_not_utf8: false,
+    };
+    for raw in check.raw_headers() {
+        let name = raw.key.to_ascii_lowercase();
+        let value = if raw.raw_value.is_empty() {
+            Cow::Borrowed(raw.value)
+        } else {
+            String::from_utf8_lossy(raw.raw_value)
+        };
+        if name == "authorization" {
+            joined.authorization_entries += 1;
+            joined.authorization_not_utf8 |= std::str::from_utf8(raw.raw_value).is_err();
+        }
+        match index.get(&name) {
+            Some(&at) => {
+                let earlier = &mut joined.entries[at].1;
+                earlier.push(',');
+                earlier.push_str(&value);
+            }
+            None => {
+                index.insert(name.clone(), joined.entries.len());
+                joined.entries.push((name, value.into_owned()));
+            }
+        }
+    }
+    joined
 }
 
 #[cfg(test)]
@@ -199,15 +214,35 @@ mod tests {
         attribute_context::{HttpRequest, Request as EnvoyRequest},
     };
 
+    use envoy_types::pb::envoy::{
+        config::core::v3::{HeaderMap, HeaderValue},
+        service::auth::v3::CheckRequest as EnvoyCheckRequest,
+    };
+    use prost::Message as _;
+
     use super::*;
     use crate::policy::testing::{DEMO_POLICY, compile_policy};
 
-    fn check_with_headers(headers: &[(&str, &str)]) -> CheckRequest {
+    /// What stepgate reads from the request as envoy-types encodes it.
+    fn access(check: EnvoyCheckRequest) -> AccessRequest {
+        let bytes = check.encode_to_vec();
+        access_request(CheckRequest::decode(bytes.into()).expect("decodes"))
+    }
+
+    /// The bearer token the request presents, if its credential is usable.
+    fn bearer(access: &AccessRequest) -> Option<&str> {
+        match access.credential() {
+            crate::identity::Credential::Bearer(token) => Some(token),
+            _ => None,
+        }
+    }
+
+    fn check_with_headers(headers: &[(&str, &str)]) -> EnvoyCheckRequest {
         let headers: HashMap<String, String> = headers
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        CheckRequest {
+        EnvoyCheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(EnvoyRequest {
                     time: None,
@@ -226,38 +261,181 @@ mod tests {
 
     #[test]
     fn lower_case_header_names_are_taken_as_decoded() {
-        let access = access_request(check_with_headers(&[
+        let access = access(check_with_headers(&[
             ("authorization", "Bearer abc"),
             ("x-request-id", "1"),
         ]));
-        let http = access.http.expect("http attributes");
+        let http = access.http.as_ref().expect("http attributes");
         assert_eq!(http.headers.len(), 2);
-        assert_eq!(http.headers["x-request-id"], "1");
+        assert_eq!(http.headers.get("x-request-id"), Some("1"));
         assert_eq!(
             (http.method.as_str(), http.host.as_str()),
             ("GET", "api.example.com")
         );
         assert_eq!(http.target, "/accounts/42");
-        assert_eq!(
-            access.credential,
-            PresentedCredential::Authorization("Bearer abc".into())
-        );
+        assert_eq!(access.credential, PresentedCredential::AuthorizationHeader);
+        assert_eq!(bearer(&access), Some("abc"));
         assert_eq!(access.proxy_header_count, Some(2));
     }
 
     #[test]
     fn header_names_in_another_case_are_folded() {
-        let access = access_request(check_with_headers(&[
+        let access = access(check_with_headers(&[
             ("Authorization", "Bearer abc"),
             ("X-Request-Id", "1"),
         ]));
-        let http = access.http.expect("http attributes");
-        let mut names: Vec<&str> = http.headers.keys().map(String::as_str).collect();
+        let http = access.http.as_ref().expect("http attributes");
+        let mut names: Vec<&str> = http.headers.iter().map(|(name, _)| name).collect();
         names.sort_unstable();
         assert_eq!(names, ["authorization", "x-request-id"]);
+        assert_eq!(access.credential, PresentedCredential::AuthorizationHeader);
+        assert_eq!(bearer(&access), Some("abc"));
+    }
+
+    /// `check_with_headers`, its headers sent as Envoy's `encode_raw_headers` does.
+    fn check_with_raw_headers(headers: &[(&str, &[u8])]) -> EnvoyCheckRequest {
+        let mut check = check_with_headers(&[]);
+        let http = check
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("http");
+        http.header_map = Some(HeaderMap {
+            headers: headers
+                .iter()
+                .map(|(key, raw)| HeaderValue {
+                    key: (*key).to_owned(),
+                    value: String::new(),
+                    raw_value: raw.to_vec(),
+                })
+                .collect(),
+        });
+        check
+    }
+
+    #[test]
+    fn raw_headers_are_joined_and_counted_per_entry() {
+        let access = access(check_with_raw_headers(&[
+            ("authorization", b"Bearer abc"),
+            ("x-forwarded-for", b"10.0.0.1"),
+            ("X-Forwarded-For", b"10.0.0.2"),
+        ]));
+        let http = access.http.as_ref().expect("http attributes");
+        assert_eq!(
+            http.headers.get("x-forwarded-for"),
+            Some("10.0.0.1,10.0.0.2")
+        );
+        assert_eq!(access.proxy_header_count, Some(3));
+        assert_eq!(access.credential, PresentedCredential::AuthorizationHeader);
+        assert_eq!(bearer(&access), Some("abc"));
+    }
+
+    #[test]
+    fn two_authorization_entries_make_the_credential_unusable() {
+        let raw = access(check_with_raw_headers(&[
+            ("authorization", b"Bearer abc"),
+            ("authorization", b"Bearer def"),
+        ]));
+        let folded = access(check_with_headers(&[
+            ("authorization", "Bearer abc"),
+            ("Authorization", "Bearer def"),
+        ]));
+        for access in [raw, folded] {
+            assert_eq!(
+                access.credential,
+                PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
+            );
+        }
+    }
+
+    #[test]
+    fn an_authorization_value_that_is_not_utf8_is_unusable() {
+        let access = access(check_with_raw_headers(&[("authorization", b"Bearer \xff")]));
         assert_eq!(
             access.credential,
-            PresentedCredential::Authorization("Bearer abc".into())
+            PresentedCredential::Unusable(CredentialProblem::InvalidBytes)
+        );
+    }
+
+    #[test]
+    fn pseudo_headers_stand_in_for_missing_attributes() {
+        let mut check = check_with_headers(&[
+            (":method", "delete"),
+            (":authority", "Admin.Example.com:8443"),
+            (":path", "/users/7"),
+        ]);
+        let http = check
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("http");
+        (http.method, http.host, http.path) = Default::default();
+        let http = access(check).http.expect("http attributes");
+        assert_eq!(
+            (
+                http.method.as_str(),
+                http.host.as_str(),
+                http.target.as_str()
+            ),
+            ("DELETE", "admin.example.com", "/users/7")
+        );
+    }
+
+    #[test]
+    fn source_context_and_operation_are_read() {
+        let mut check = demo_check();
+        check
+            .attributes
+            .as_mut()
+            .expect("attributes")
+            .context_extensions
+            .insert("operation".into(), "payments.transfer".into());
+        let access = access(check);
+        assert_eq!(access.operation.as_deref(), Some("payments.transfer"));
+        assert_eq!(
+            access.context.get("operation").and_then(|v| v.as_str()),
+            Some("payments.transfer")
+        );
+        let source = access.source.expect("source");
+        assert_eq!(source.address, "10.1.2.3");
+    }
+
+    fn demo_check() -> EnvoyCheckRequest {
+        crate::demo::envoy_check_request("GET", "api.example.com", "/accounts/42", "t")
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_protobuf_is_an_invalid_argument() {
+        let policy = compile_policy(DEMO_POLICY);
+        let mut service = ExtAuthz::new(Arc::new(Authorizer::new(Arc::new(policy))));
+        // One gRPC frame (uncompressed, 2 bytes): field 1, length 5, with nothing after.
+        let frame: &[u8] = &[0, 0, 0, 0, 2, 0x0a, 0x05];
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(CHECK_PATH)
+            .header("content-type", "application/grpc")
+            .body(Body::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(frame),
+            )))
+            .unwrap();
+        let response = service.call(request).await.unwrap();
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"3"[..]),
+            "{response:?}"
+        );
+        let message = response
+            .headers()
+            .get("grpc-message")
+            .expect("grpc-message");
+        assert!(
+            message
+                .to_str()
+                .unwrap()
+                .contains("runs%20past%20the%20end"),
+            "{message:?}"
         );
     }
 

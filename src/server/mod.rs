@@ -3,6 +3,7 @@
 
 pub mod answer;
 pub mod authorizer;
+pub mod check_request;
 mod conn;
 pub mod decide;
 pub mod ext_authz;
