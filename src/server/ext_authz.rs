@@ -112,7 +112,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         check.host().to_owned(),
         check.path().to_owned(),
     );
-    let raw_headers = (raw_header_count > 0).then(|| joined_raw_headers(&check));
+    let raw_headers = (raw_header_count > 0).then(|| with_raw_headers(&check));
     let http = check.http.map(|h| {
         let mut headers = h.headers;
         let mut authorization_entries = headers.count("authorization");
@@ -122,18 +122,11 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
             raw_header_count
         });
         if let Some(raw) = raw_headers {
-            authorization_entries += raw.authorization_entries;
+            authorization_entries = raw.authorization_entries;
             if raw.authorization_not_utf8 {
                 credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
             }
-            for (name, value) in raw.entries {
-                // A name in both fields (not something Envoy sends) gets both values.
-                let value = match headers.get(&name) {
-                    Some(earlier) => format!("{earlier},{value}"),
-                    None => value,
-                };
-                headers.insert(name, value);
-            }
+            headers = raw.entries.into_iter().collect();
         }
         if authorization_entries > 1 {
             credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
@@ -164,21 +157,36 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
     }
 }
 
-/// `header_map`'s entries with each name once (lower case), repeated names' values joined with
-/// `,` in the order given; bytes that are not UTF-8 are replaced (U+FFFD).
+/// The headers when `header_map` is set: each name once (lower case), with the `headers` map's
+/// value (if a client sent both fields; Envoy sends one) and then `header_map`'s values in the
+/// order given, joined with `,`. Raw bytes that are not UTF-8 are replaced (U+FFFD). Built with
+/// one hash index, so that no input makes it quadratic.
 struct RawHeaders {
     entries: Vec<(String, String)>,
+    /// `authorization` entries in both fields.
     authorization_entries: usize,
     authorization_not_utf8: bool,
 }
 
-fn joined_raw_headers(check: &CheckRequest) -> RawHeaders {
+fn with_raw_headers(check: &CheckRequest) -> RawHeaders {
     let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut joined = RawHeaders {
         entries: Vec::with_capacity(check.raw_header_count()),
         authorization_entries: 0,
         authorization_not_utf8: false,
     };
+    let map = check.http.iter().flat_map(|h| h.headers.iter());
+    for (name, value) in map {
+        joined.authorization_entries += usize::from(name == "authorization");
+        match index.get(name) {
+            // The map's own repeated key: the last value, as in a protobuf map.
+            Some(&at) => value.clone_into(&mut joined.entries[at].1),
+            None => {
+                index.insert(name.to_owned(), joined.entries.len());
+                joined.entries.push((name.to_owned(), value.to_owned()));
+            }
+        }
+    }
     for raw in check.raw_headers() {
         let name = raw.key.to_ascii_lowercase();
         let value = if raw.raw_value.is_empty() {
@@ -332,6 +340,26 @@ mod tests {
     }
 
     #[test]
+    fn a_name_in_both_header_fields_gets_both_values() {
+        let mut check = check_with_raw_headers(&[("x-forwarded-for", b"10.0.0.2")]);
+        let http = check
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("http");
+        http.headers
+            .insert("x-forwarded-for".into(), "10.0.0.1".into());
+        http.headers
+            .insert("authorization".into(), "Bearer abc".into());
+        let access = access(check);
+        let headers = &access.http.as_ref().expect("http attributes").headers;
+        assert_eq!(headers.get("x-forwarded-for"), Some("10.0.0.1,10.0.0.2"));
+        assert_eq!(headers.count("x-forwarded-for"), 1);
+        assert_eq!(bearer(&access), Some("abc"));
+    }
+
+    #[test]
     fn two_authorization_entries_make_the_credential_unusable() {
         let raw = access(check_with_raw_headers(&[
             ("authorization", b"Bearer abc"),
@@ -341,7 +369,17 @@ mod tests {
             ("authorization", "Bearer abc"),
             ("Authorization", "Bearer def"),
         ]));
-        for access in [raw, folded] {
+        let mut both_fields = check_with_raw_headers(&[("authorization", b"Bearer abc")]);
+        both_fields
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("http")
+            .headers
+            .insert("authorization".into(), "Bearer abc".into());
+        let both_fields = access(both_fields);
+        for access in [raw, folded, both_fields] {
             assert_eq!(
                 access.credential,
                 PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
