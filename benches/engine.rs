@@ -5,7 +5,9 @@
 //!   uncached token verification (RS256, ES256), a step-up with the Entra claims challenge, a
 //!   `Decide` call with a CEL escalation;
 //! - `check/*`: the whole `Check` path minus the transport — an encoded Envoy `CheckRequest`
-//!   decoded, read into an `AccessRequest`, decided, rendered as a `CheckResponse` and encoded;
+//!   decoded, read into an `AccessRequest`, decided, rendered as a `CheckResponse` and encoded
+//!   (`allow_cached_token`), against the empty server's share of the same work: envoy-types'
+//!   decoding and an empty OK answer (`floor_decode_answer_ok`);
 //! - `verify/*`: token verification alone;
 //! - `challenge/*`: `WWW-Authenticate` rendering.
 
