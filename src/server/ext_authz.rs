@@ -300,15 +300,19 @@ mod tests {
         assert_eq!(bearer(&access), Some("abc"));
     }
 
-    /// `check_with_headers`, its headers sent as Envoy's `encode_raw_headers` does.
-    fn check_with_raw_headers(headers: &[(&str, &[u8])]) -> EnvoyCheckRequest {
-        let mut check = check_with_headers(&[]);
-        let http = check
+    fn http_of(check: &mut EnvoyCheckRequest) -> &mut HttpRequest {
+        check
             .attributes
             .as_mut()
             .and_then(|a| a.request.as_mut())
             .and_then(|r| r.http.as_mut())
-            .expect("http");
+            .expect("http")
+    }
+
+    /// `check_with_headers`, its headers sent as Envoy's `encode_raw_headers` does.
+    fn check_with_raw_headers(headers: &[(&str, &[u8])]) -> EnvoyCheckRequest {
+        let mut check = check_with_headers(&[]);
+        let http = http_of(&mut check);
         http.header_map = Some(HeaderMap {
             headers: headers
                 .iter()
@@ -342,12 +346,7 @@ mod tests {
     #[test]
     fn a_name_in_both_header_fields_gets_both_values() {
         let mut check = check_with_raw_headers(&[("x-forwarded-for", b"10.0.0.2")]);
-        let http = check
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .expect("http");
+        let http = http_of(&mut check);
         http.headers
             .insert("x-forwarded-for".into(), "10.0.0.1".into());
         http.headers
@@ -370,12 +369,7 @@ mod tests {
             ("Authorization", "Bearer def"),
         ]));
         let mut both_fields = check_with_raw_headers(&[("authorization", b"Bearer abc")]);
-        both_fields
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .expect("http")
+        http_of(&mut both_fields)
             .headers
             .insert("authorization".into(), "Bearer abc".into());
         let both_fields = access(both_fields);
@@ -403,12 +397,7 @@ mod tests {
             (":authority", "Admin.Example.com:8443"),
             (":path", "/users/7"),
         ]);
-        let http = check
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .expect("http");
+        let http = http_of(&mut check);
         (http.method, http.host, http.path) = Default::default();
         let http = access(check).http.expect("http attributes");
         assert_eq!(
