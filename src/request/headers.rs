@@ -184,9 +184,14 @@ impl PartialEq for Headers {
 
 impl Eq for Headers {}
 
+/// Credentials are shown as `<redacted>`: a debug print of a request must not leak its token.
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.iter()).finish()
+        let shown = self.iter().map(|(name, value)| match name {
+            "authorization" | "proxy-authorization" | "cookie" => (name, "<redacted>"),
+            _ => (name, value),
+        });
+        f.debug_map().entries(shown).finish()
     }
 }
 
@@ -242,6 +247,24 @@ mod tests {
             format!("{headers:?}"),
             r#"{"x-id": "7", "content-type": "text/plain"}"#
         );
+    }
+
+    #[test]
+    fn a_debug_print_does_not_show_credentials() {
+        let headers: Headers = [
+            ("Authorization", "Bearer secret-token"),
+            ("cookie", "session=secret"),
+            ("x-a", "1"),
+        ]
+        .into_iter()
+        .collect();
+        let shown = format!("{headers:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains(r#""authorization": "<redacted>""#),
+            "{shown}"
+        );
+        assert!(shown.contains(r#""x-a": "1""#), "{shown}");
     }
 
     #[test]
