@@ -433,6 +433,10 @@ mod tests {
         crate::demo::envoy_check_request("GET", "api.example.com", "/accounts/42", "t")
     }
 
+    fn grpc_status(response: &http::Response<Body>) -> Option<&[u8]> {
+        response.headers().get("grpc-status").map(|v| v.as_bytes())
+    }
+
     #[tokio::test]
     async fn a_request_that_is_not_protobuf_is_an_invalid_argument() {
         let policy = compile_policy(DEMO_POLICY);
@@ -448,11 +452,7 @@ mod tests {
             )))
             .unwrap();
         let response = service.call(request).await.unwrap();
-        assert_eq!(
-            response.headers().get("grpc-status").map(|v| v.as_bytes()),
-            Some(&b"3"[..]),
-            "{response:?}"
-        );
+        assert_eq!(grpc_status(&response), Some(&b"3"[..]), "{response:?}");
         let message = response
             .headers()
             .get("grpc-message")
@@ -475,10 +475,6 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let response = service.call(request).await.unwrap();
-        assert_eq!(
-            response.headers().get("grpc-status").map(|v| v.as_bytes()),
-            Some(&b"12"[..]),
-            "{response:?}"
-        );
+        assert_eq!(grpc_status(&response), Some(&b"12"[..]), "{response:?}");
     }
 }
