@@ -49,11 +49,8 @@ impl DecisionService for Decide {
 pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
     let operation = Some(request.operation).filter(|o| !o.is_empty());
     let http = request.http.map(|h| {
-        let headers: Headers = h
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
+        // `Headers` folds the names to lower case.
+        let headers: Headers = h.headers.into_iter().collect();
         let method = if h.method.is_empty() {
             "GET"
         } else {

@@ -114,20 +114,20 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
     );
     let raw_headers = (raw_header_count > 0).then(|| with_raw_headers(&check));
     let http = check.http.map(|h| {
-        let mut headers = h.headers;
-        let mut authorization_entries = headers.count("authorization");
-        proxy_header_count = Some(if raw_header_count == 0 {
-            headers.len()
-        } else {
-            raw_header_count
-        });
-        if let Some(raw) = raw_headers {
-            authorization_entries = raw.authorization_entries;
-            if raw.authorization_not_utf8 {
-                credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
+        let (headers, authorization_entries) = match raw_headers {
+            None => {
+                proxy_header_count = Some(h.headers.len());
+                let count = h.headers.count("authorization");
+                (h.headers, count)
             }
-            headers = raw.entries.into_iter().collect();
-        }
+            Some(raw) => {
+                proxy_header_count = Some(raw_header_count);
+                if raw.authorization_not_utf8 {
+                    credential = PresentedCredential::Unusable(CredentialProblem::InvalidBytes);
+                }
+                (raw.entries.into_iter().collect(), raw.authorization_entries)
+            }
+        };
         if authorization_entries > 1 {
             credential = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
         } else if authorization_entries == 1 && credential == PresentedCredential::None {
