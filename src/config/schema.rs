@@ -304,6 +304,19 @@ pub struct UpstreamConfig {
     /// would send. 0 turns the check off.
     #[serde(default = "default_max_request_headers")]
     pub max_request_headers: usize,
+    /// What path parameters (`/a;x=1/b`) mean to the upstream: `refuse` (the default: servers read
+    /// them differently, so such a path is `invalid_path`) or `strip` (a servlet container, which
+    /// cuts them from each segment; rules then match the path without them).
+    #[serde(default)]
+    pub path_parameters: PathParametersConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PathParametersConfig {
+    #[default]
+    Refuse,
+    Strip,
 }
 
 fn default_max_request_headers() -> usize {
@@ -316,6 +329,7 @@ impl Default for UpstreamConfig {
             identity_headers: default_identity_headers(),
             remove_authorization: false,
             max_request_headers: default_max_request_headers(),
+            path_parameters: PathParametersConfig::default(),
         }
     }
 }

@@ -157,7 +157,11 @@ impl<'p> Run<'p> {
             let www = challenge::invalid_request(realm, problem.describe());
             return self.deny(400, problem.into(), problem.describe(), None, Some(www));
         }
-        let normalized = match request.http.as_ref().map(|h| path::normalize(&h.target)) {
+        let normalized = match request
+            .http
+            .as_ref()
+            .map(|h| path::normalize(&h.target, policy.upstream.path_parameters))
+        {
             None => None,
             Some(Ok((path, _query))) => Some(path),
             Some(Err(problem)) => {
@@ -435,9 +439,11 @@ impl<'p> Run<'p> {
             .copied()
             .filter(|m| !p.amr.iter().any(|have| **have == **m))
             .collect();
+        // `auth_time` is within 1970..=9999 (checked when the token was verified); saturating
+        // all the same, since a wrapped age would pass any `max_age`.
         let age = effective
             .max_age
-            .map(|max| (max, p.auth_time.map(|t| now - t)));
+            .map(|max| (max, p.auth_time.map(|t| now.saturating_sub(t))));
 
         let unmet = if let Some(first) = missing_contexts.first() {
             Some((
@@ -468,7 +474,7 @@ impl<'p> Run<'p> {
                         "a sign-in within {max} seconds is required and the token has no auth_time"
                     ),
                 )),
-                Some((max, Some(age))) if age > max as i64 => Some((
+                Some((max, Some(age))) if age > i64::try_from(max).unwrap_or(i64::MAX) => Some((
                     Reason::AuthTooOld,
                     format!(
                         "a sign-in within {max} seconds is required; the last was {age} seconds ago"

@@ -99,7 +99,7 @@ pub enum TokenError {
     NotYetValid,
     #[error("the access token is not meant for this audience")]
     AudienceMismatch,
-    #[error("the access token claim {0:?} is missing or has the wrong type")]
+    #[error("the access token claim {0:?} is missing, of the wrong type or out of range")]
     ClaimInvalid(&'static str),
     #[error("the token type {0:?} is not an access token")]
     WrongType(String),
@@ -258,24 +258,29 @@ fn decode_segment(segment: &str) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')).ok()
 }
 
-/// A NumericDate (RFC 7519 §2): a JSON number of seconds, possibly with a fraction.
+/// The latest NumericDate accepted, 9999-12-31T23:59:59Z: any later value (and any before 1970)
+/// is not a time an identity provider issues, and only invites arithmetic overflow downstream.
+pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
+
+/// A NumericDate (RFC 7519 §2): a JSON number of seconds since 1970, possibly with a fraction,
+/// within `0..=MAX_NUMERIC_DATE`.
 pub(super) fn numeric_date(
     value: Option<&Raw>,
     name: &'static str,
 ) -> Result<Option<i64>, TokenError> {
-    match value {
-        None | Some(Raw::Null) => Ok(None),
-        Some(Raw::Num(n)) => n
-            .as_i64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.is_finite())
-                    .map(|f| f.floor() as i64)
-            })
-            .map(Some)
-            .ok_or(TokenError::ClaimInvalid(name)),
-        Some(_) => Err(TokenError::ClaimInvalid(name)),
-    }
+    let seconds = match value {
+        None | Some(Raw::Null) => return Ok(None),
+        Some(Raw::Num(n)) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| (0.0..=MAX_NUMERIC_DATE as f64).contains(f))
+                .map(|f| f.floor() as i64)
+        }),
+        Some(_) => None,
+    };
+    seconds
+        .filter(|s| (0..=MAX_NUMERIC_DATE).contains(s))
+        .map(Some)
+        .ok_or(TokenError::ClaimInvalid(name))
 }
 
 /// Multi-tenant issuers: the tenant in `iss` must be the token's `tid`, and an allowed one.

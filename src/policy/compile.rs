@@ -25,6 +25,7 @@ use crate::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
     },
+    request::path::PathParameters,
 };
 
 type Result<T> = std::result::Result<T, ConfigError>;
@@ -693,6 +694,10 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
         identity_headers,
         remove_authorization: u.remove_authorization,
         max_request_headers: u.max_request_headers,
+        path_parameters: match u.path_parameters {
+            schema::PathParametersConfig::Refuse => PathParameters::Refuse,
+            schema::PathParametersConfig::Strip => PathParameters::Strip,
+        },
     })
 }
 

@@ -16,7 +16,10 @@ pub use compile::compile;
 use condition::Condition;
 use pattern::{PathGlob, Wildcard};
 
-use crate::identity::{Issuers, TokenCache};
+use crate::{
+    identity::{Issuers, TokenCache},
+    request::path::PathParameters,
+};
 
 pub struct Policy {
     pub realm: String,
@@ -112,6 +115,8 @@ pub struct Upstream {
     pub remove_authorization: bool,
     /// The proxy's header-count limit (0: unchecked).
     pub max_request_headers: usize,
+    /// Whether the upstream cuts path parameters (`;…`) or they are refused.
+    pub path_parameters: PathParameters,
 }
 
 /// Where an identity header's value comes from.

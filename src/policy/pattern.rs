@@ -116,32 +116,58 @@ impl PathGlob {
     }
 }
 
-/// Whether the path segments left in `path` match `pattern`; `**` tries every number of segments.
+/// Whether the path segments in `path` match `pattern`, in at most (segments × pattern length)
+/// segment comparisons whatever the pattern: the classic wildcard match, with `**` as the star.
+///
+/// A `**` first matches no segment; on a later mismatch the most recent `**` takes one more
+/// segment and matching resumes after it. Earlier `**`s never need to be revisited: whatever
+/// they would take, the most recent one can take instead. A recursive search that tries every
+/// split of every `**` is exponential in their number (`/**/a/**/a/**/z` against `/a/a/…/a`),
+/// and rules are matched before a token is asked for.
 fn match_segments<'a>(
     pattern: &[Segment],
     mut path: impl Iterator<Item = &'a str> + Clone,
 ) -> bool {
-    match pattern.split_first() {
-        None => path.next().is_none(),
-        Some((Segment::Any, rest)) => loop {
-            if match_segments(rest, path.clone()) {
-                return true;
+    let mut at = 0;
+    // After the most recent `**`: the pattern index to resume at and the path it resumes on.
+    let mut resume = None;
+    loop {
+        let mut ahead = path.clone();
+        let Some(segment) = ahead.next() else {
+            // The path is used up: what is left of the pattern must match nothing.
+            return pattern[at..].iter().all(|s| matches!(s, Segment::Any));
+        };
+        match pattern.get(at) {
+            Some(Segment::Any) => {
+                at += 1;
+                resume = Some((at, path.clone()));
+                continue;
             }
-            if path.next().is_none() {
-                return false;
+            Some(one) if one.matches(segment) => {
+                at += 1;
+                path = ahead;
+                continue;
             }
-        },
-        Some((segment, rest)) => match path.next() {
-            None => false,
-            Some(first) => {
-                let ok = match segment {
-                    Segment::Literal(lit) => lit == first,
-                    Segment::Wild(w) => w.matches(first),
-                    Segment::Any => unreachable!("handled above"),
-                };
-                ok && match_segments(rest, path)
-            }
-        },
+            _ => {}
+        }
+        let Some((after_any, from)) = &mut resume else {
+            return false;
+        };
+        // The `**` takes one more segment.
+        from.next();
+        at = *after_any;
+        path = from.clone();
+    }
+}
+
+impl Segment {
+    /// Whether this one-segment pattern matches `segment` (never called on `**`).
+    fn matches(&self, segment: &str) -> bool {
+        match self {
+            Segment::Literal(lit) => lit == segment,
+            Segment::Wild(w) => w.matches(segment),
+            Segment::Any => true,
+        }
     }
 }
 
@@ -187,6 +213,21 @@ mod tests {
         assert_eq!(upper.as_str(), "/Admin/**");
         assert!(Wildcard::ignoring_case("pkg.Svc").matches("pkg.svc"));
         assert_eq!(Wildcard::ignoring_case("pkg.Svc").as_str(), "pkg.Svc");
+    }
+
+    #[test]
+    fn many_double_stars_match_in_polynomial_time() {
+        // Exponential for a search that tries every split: 1500 segments, three `**`.
+        let glob = PathGlob::new("/**/a/**/a/**/z").unwrap();
+        let path = "/a".repeat(1500);
+        assert!(!glob.matches(&path));
+        assert!(glob.matches(&format!("{path}/z")));
+        let glob = PathGlob::new("/**/a*/**/*b/**").unwrap();
+        assert!(glob.matches("/x/ay/y/xb"));
+        assert!(!glob.matches("/x/ay/y/xc"));
+        assert!(PathGlob::new("/**/**").unwrap().matches("/"));
+        assert!(PathGlob::new("/a/**/**/b").unwrap().matches("/a/b"));
+        assert!(!PathGlob::new("/a/**/b/**").unwrap().matches("/a/c"));
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub enum PresentedCredential {
 pub struct HttpAttributes {
     /// Upper-case method.
     pub method: String,
-    /// Host without port, lower-case.
+    /// Host without port or trailing dot, lower-case.
     pub host: String,
     /// Request target as sent (path and query).
     pub target: String,
@@ -154,6 +154,9 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The host, lower-case, without its port or a trailing dot: `Admin.Example.com.:443` and
+/// `admin.example.com` name the same host (the dot marks a fully qualified name, and every
+/// resolver and virtual-host match treats both alike), so host rules must see one spelling.
 fn host_without_port(authority: &str) -> String {
     let host = if let Some(rest) = authority.strip_prefix('[') {
         // IPv6 literal: keep the brackets' content.
@@ -167,7 +170,7 @@ fn host_without_port(authority: &str) -> String {
             }
         })
     };
-    host.to_ascii_lowercase()
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -179,6 +182,11 @@ mod tests {
         assert_eq!(host_without_port("API.example.com:8443"), "api.example.com");
         assert_eq!(host_without_port("[::1]:80"), "::1");
         assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("Admin.Example.com."), "admin.example.com");
+        assert_eq!(
+            host_without_port("admin.example.com.:8443"),
+            "admin.example.com"
+        );
     }
 
     #[test]

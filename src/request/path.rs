@@ -1,11 +1,25 @@
-//! The path rules match against: the request target without its query, with percent-encoded
-//! unreserved characters decoded, path parameters (`;…`) cut from each segment, dot segments removed
-//! and repeated slashes merged (RFC 3986 §6.2.2).
+//! The path rules match against: the request target without its query, percent-escapes decoded,
+//! repeated slashes merged, and nothing left that two servers could read differently.
 //!
-//! Matching the path exactly as sent would let `/public/../admin`, `/%61dmin` or `/admin;x=1` slip
-//! past an `/admin/**` rule while the upstream, which normalises (Tomcat and Spring drop `;…`
-//! parameters, and treat `..;` as `..`), serves `/admin`. Encoded slashes, backslashes and control
-//! characters have no single meaning across servers, so such paths are refused outright.
+//! A path is decided once by stepgate and served once by the upstream, and the two must agree on
+//! what it names. Servers disagree on a few spellings, and an authorizer that picks one reading
+//! lets an attacker pick the other: Tomcat and Spring treat `/admin/..;/healthz` as `/healthz`,
+//! while Go, Node and nginx see a segment `..;` under `/admin`. So what has no single meaning is
+//! refused (`400 invalid_path`), the way Spring Security's `StrictHttpFirewall` and Envoy's
+//! `path_with_escaped_slashes_action: REJECT_REQUEST` refuse it:
+//! - dot segments (`.`, `..`) in any spelling: `%2e%2e`, `..;x`. Clients remove them before
+//!   sending (RFC 3986 §5.2.4), so only a crafted request carries one, and upstreams differ on
+//!   whether they resolve it (nginx, Go and Tomcat do; Node and Express route the raw path);
+//! - encoded slashes and backslashes (`%2F`, `%5C`, `\`) and encoded percent signs (`%25`, which a
+//!   server that decodes twice reads as an escape);
+//! - control characters, raw or encoded, broken escapes, and bytes that are not UTF-8 once decoded;
+//! - path parameters (`;…`): servlet containers cut them from a segment, other servers keep them as
+//!   part of its name. With `upstream.path_parameters: strip` (an upstream that is a servlet
+//!   container) they are cut, as that upstream does, and a segment that is nothing but parameters
+//!   is still refused.
+//!
+//! Every other escape is decoded (`%61` is `a`, `%C3%A9` is `é`), except those of `?`, `#` and
+//! `;`, which would change the path's structure; they stay escaped, in upper case.
 
 use std::borrow::Cow;
 
@@ -18,6 +32,12 @@ pub enum PathProblem {
     ControlCharacter,
     /// A `%` not followed by two hex digits, or bytes that are not UTF-8 once decoded.
     BadEncoding,
+    /// `%25`: a server that decodes twice reads what follows as another escape.
+    EncodedPercent,
+    /// A `.` or `..` segment, in any spelling.
+    DotSegment,
+    /// Path parameters (`;…`), which servers read differently.
+    Parameters,
     /// Not origin-form (`/…`).
     NotAbsolute,
 }
@@ -28,14 +48,30 @@ impl PathProblem {
             Self::AmbiguousSeparator => "the path contains an encoded slash or a backslash",
             Self::ControlCharacter => "the path contains a control character",
             Self::BadEncoding => "the path has invalid percent-encoding",
+            Self::EncodedPercent => "the path contains an encoded percent sign",
+            Self::DotSegment => "the path contains a . or .. segment",
+            Self::Parameters => "the path contains path parameters (;)",
             Self::NotAbsolute => "the path does not start with /",
         }
     }
 }
 
+/// What path parameters (`;…` in a segment) mean to the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PathParameters {
+    /// Refused: the upstream may read them either way.
+    #[default]
+    Refuse,
+    /// Cut from each segment, as servlet containers (Tomcat, Jetty, Spring) do.
+    Strip,
+}
+
 /// Splits a request target into its normalised path (for matching) and its raw query. A path
 /// already in normal form (the usual case) is borrowed, not copied.
-pub fn normalize(target: &str) -> Result<(Cow<'_, str>, &str), PathProblem> {
+pub fn normalize(
+    target: &str,
+    parameters: PathParameters,
+) -> Result<(Cow<'_, str>, &str), PathProblem> {
     let target = target.split('#').next().unwrap_or(target);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
@@ -47,32 +83,36 @@ pub fn normalize(target: &str) -> Result<(Cow<'_, str>, &str), PathProblem> {
     if path.contains('\\') {
         return Err(PathProblem::AmbiguousSeparator);
     }
-    if path.chars().any(|c| c.is_control()) {
+    if path.chars().any(char::is_control) {
         return Err(PathProblem::ControlCharacter);
     }
-    Ok((Cow::Owned(resolve(path)?), query))
+    Ok((Cow::Owned(resolve(path, parameters)?), query))
 }
 
-/// Decodes unreserved escapes, cuts path parameters, removes dot segments and merges slashes.
-fn resolve(path: &str) -> Result<String, PathProblem> {
-    let decoded = decode_unreserved(path)?;
-    let mut segments: Vec<&str> = Vec::new();
+/// Decodes escapes, refuses what is ambiguous, cuts parameters (when stripping) and merges slashes.
+fn resolve(path: &str, parameters: PathParameters) -> Result<String, PathProblem> {
+    let decoded = decode(path)?;
+    let mut out = String::with_capacity(decoded.len());
     for segment in decoded.split('/') {
-        let segment = segment.split(';').next().unwrap_or(segment);
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
+        let name = match segment.split_once(';') {
+            None => segment,
+            Some(_) if parameters == PathParameters::Refuse => {
+                return Err(PathProblem::Parameters);
             }
-            s => segments.push(s),
+            // Nothing but parameters: Tomcat drops the segment, other servers keep it.
+            Some(("", _)) => return Err(PathProblem::Parameters),
+            Some((name, _)) => name,
+        };
+        match name {
+            "" => {}
+            "." | ".." => return Err(PathProblem::DotSegment),
+            name => {
+                out.push('/');
+                out.push_str(name);
+            }
         }
     }
-    let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    if out.is_empty() || (decoded.ends_with('/') && !segments.is_empty()) {
+    if out.is_empty() || decoded.ends_with('/') {
         out.push('/');
     }
     Ok(out)
@@ -96,11 +136,11 @@ fn is_normal(path: &str) -> bool {
     true
 }
 
-/// Decodes `%XX` escapes of unreserved characters and keeps other escapes as they are (upper-cased),
-/// so that `%61` and `a` compare equal but `%3F` stays distinct from `?`.
-fn decode_unreserved(path: &str) -> Result<String, PathProblem> {
+/// Decodes `%XX` escapes, except those of `?`, `#` and `;` (kept, upper-cased): they would change
+/// the path's structure. Refuses escapes of separators, control characters and `%`.
+fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
     if !path.contains('%') {
-        return Ok(path.to_owned());
+        return Ok(Cow::Borrowed(path));
     }
     let bytes = path.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
@@ -111,61 +151,136 @@ fn decode_unreserved(path: &str) -> Result<String, PathProblem> {
             i += 1;
             continue;
         }
-        let hex = bytes.get(i + 1..i + 3).ok_or(PathProblem::BadEncoding)?;
-        let text = std::str::from_utf8(hex).map_err(|_| PathProblem::BadEncoding)?;
-        let byte = u8::from_str_radix(text, 16).map_err(|_| PathProblem::BadEncoding)?;
+        let byte = match bytes.get(i + 1..i + 3) {
+            Some(&[high, low]) => hex(high)
+                .zip(hex(low))
+                .map(|(h, l)| h << 4 | l)
+                .ok_or(PathProblem::BadEncoding)?,
+            _ => return Err(PathProblem::BadEncoding),
+        };
         match byte {
             b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
+            b'%' => return Err(PathProblem::EncodedPercent),
             b if b.is_ascii_control() => return Err(PathProblem::ControlCharacter),
-            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
-            _ => out.extend_from_slice(format!("%{byte:02X}").as_bytes()),
+            b'?' | b'#' | b';' => out.extend_from_slice(&[
+                b'%',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 15)],
+            ]),
+            b => out.push(b),
         }
         i += 3;
     }
-    String::from_utf8(out).map_err(|_| PathProblem::BadEncoding)
+    let text = String::from_utf8(out).map_err(|_| PathProblem::BadEncoding)?;
+    // A decoded C1 control (U+0080..U+009F, `%C2%80`…) is as unwelcome as a raw one.
+    if text.chars().any(char::is_control) {
+        return Err(PathProblem::ControlCharacter);
+    }
+    Ok(Cow::Owned(text))
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use PathParameters::{Refuse, Strip};
+
     fn path(target: &str) -> String {
-        normalize(target).unwrap().0.into_owned()
+        normalize(target, Refuse).unwrap().0.into_owned()
+    }
+
+    fn problem(target: &str) -> PathProblem {
+        normalize(target, Refuse).expect_err(target)
     }
 
     #[test]
     fn strips_the_query_and_keeps_it() {
         assert_eq!(
-            normalize("/payments/wire?dry_run=1"),
+            normalize("/payments/wire?dry_run=1", Refuse),
             Ok((Cow::Borrowed("/payments/wire"), "dry_run=1"))
         );
-        assert_eq!(normalize("/a#frag"), Ok((Cow::Borrowed("/a"), "")));
+        assert_eq!(normalize("/a#frag", Refuse), Ok((Cow::Borrowed("/a"), "")));
         // Only a path that needs rewriting is copied.
-        assert!(matches!(normalize("/a/./b").unwrap().0, Cow::Owned(p) if p == "/a/b"));
+        assert!(matches!(normalize("//a/b", Refuse).unwrap().0, Cow::Owned(p) if p == "/a/b"));
     }
 
     #[test]
-    fn removes_dot_segments_and_merges_slashes() {
-        assert_eq!(path("/public/../admin/users"), "/admin/users");
-        assert_eq!(path("//admin//./users/"), "/admin/users/");
-        assert_eq!(path("/../../etc"), "/etc");
+    fn merges_slashes_and_keeps_a_trailing_one() {
+        assert_eq!(path("//admin//users/"), "/admin/users/");
         assert_eq!(path("/"), "/");
-        assert_eq!(path("/.."), "/");
+        assert_eq!(path("//"), "/");
+        assert_eq!(path("/a//"), "/a/");
     }
 
     #[test]
-    fn decodes_unreserved_escapes_only() {
+    fn decodes_every_escape_but_those_that_change_the_structure() {
         assert_eq!(path("/%61dmin"), "/admin");
-        assert_eq!(path("/%2e%2e/admin"), "/admin");
-        assert_eq!(path("/a%3fb"), "/a%3Fb");
+        assert_eq!(path("/caf%C3%A9"), "/café");
+        assert_eq!(path("/caf%c3%a9"), path("/café"));
+        assert_eq!(path("/a%2ab%40c%20d"), "/a*b@c d");
+        assert_eq!(path("/a%3fb%23c%3bd"), "/a%3Fb%23c%3Bd");
     }
 
     #[test]
-    fn cuts_path_parameters_like_servlet_containers() {
-        assert_eq!(path("/payments/wire;x=1"), "/payments/wire");
-        assert_eq!(path("/payments;x=1/wire"), "/payments/wire");
-        assert_eq!(path("/public/..;/admin"), "/admin");
-        assert_eq!(path("/a;jsessionid=1/"), "/a/");
+    fn ordinary_names_with_dots_are_not_dot_segments() {
+        for ok in ["/.well-known/jwks", "/a..b", "/...", "/a/.b/c.", "/v1.2/x"] {
+            assert_eq!(path(ok), ok, "{ok}");
+        }
+        assert_eq!(path("/%2e%2e%2e"), "/...");
+    }
+
+    #[test]
+    fn dot_segments_are_refused_in_every_spelling() {
+        for target in [
+            "/public/../admin",
+            "/a/./b",
+            "/..",
+            "/.",
+            "/a/..",
+            "/%2e%2e/admin",
+            "/%2E./admin",
+            "/.%2e/admin",
+            "/admin/%2e/x",
+        ] {
+            assert_eq!(problem(target), PathProblem::DotSegment, "{target}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_are_refused_unless_the_upstream_strips_them() {
+        for target in [
+            "/admin/..;/healthz",
+            "/admin/.;/x",
+            "/admin/%2e%2e;/healthz",
+            "/x/;/..",
+            "/payments/wire;x=1",
+            "/a;jsessionid=1/",
+        ] {
+            assert_eq!(problem(target), PathProblem::Parameters, "{target}");
+        }
+        let strip = |t: &str| normalize(t, Strip).map(|(p, _)| p.into_owned());
+        assert_eq!(strip("/payments/wire;x=1").as_deref(), Ok("/payments/wire"));
+        assert_eq!(strip("/payments;x=1/wire").as_deref(), Ok("/payments/wire"));
+        assert_eq!(strip("/a;jsessionid=1/").as_deref(), Ok("/a/"));
+        // What Tomcat reads as `..` (or as nothing) is refused all the same.
+        assert_eq!(strip("/admin/..;/healthz"), Err(PathProblem::DotSegment));
+        assert_eq!(strip("/admin/%2e%2e;/x"), Err(PathProblem::DotSegment));
+        assert_eq!(strip("/admin/.;x/y"), Err(PathProblem::DotSegment));
+        assert_eq!(strip("/x/;/.."), Err(PathProblem::Parameters));
+        assert_eq!(strip("/;x/admin"), Err(PathProblem::Parameters));
+        // An escaped semicolon is part of the name for every server.
+        assert_eq!(path("/a%3Bb"), "/a%3Bb");
     }
 
     #[test]
@@ -184,7 +299,7 @@ mod tests {
         paths.dedup();
         for p in &paths {
             if is_normal(p) {
-                assert_eq!(resolve(p).as_deref(), Ok(p.as_str()), "{p:?}");
+                assert_eq!(resolve(p, Refuse).as_deref(), Ok(p.as_str()), "{p:?}");
             }
         }
         assert!(is_normal("/payments/wire"));
@@ -196,26 +311,25 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_or_broken_paths() {
-        assert_eq!(
-            normalize("/payments/wire%00"),
-            Err(PathProblem::ControlCharacter)
-        );
-        assert_eq!(normalize("/a%0a"), Err(PathProblem::ControlCharacter));
-        assert_eq!(normalize("/a\u{7f}"), Err(PathProblem::ControlCharacter));
-        assert_eq!(
-            normalize("/admin%2Fusers"),
-            Err(PathProblem::AmbiguousSeparator)
-        );
-        assert_eq!(
-            normalize("/admin%5cusers"),
-            Err(PathProblem::AmbiguousSeparator)
-        );
-        assert_eq!(
-            normalize("/admin\\users"),
-            Err(PathProblem::AmbiguousSeparator)
-        );
-        assert_eq!(normalize("/a%zz"), Err(PathProblem::BadEncoding));
-        assert_eq!(normalize("/a%"), Err(PathProblem::BadEncoding));
-        assert_eq!(normalize("admin"), Err(PathProblem::NotAbsolute));
+        for (target, expected) in [
+            ("/payments/wire%00", PathProblem::ControlCharacter),
+            ("/a%0a", PathProblem::ControlCharacter),
+            ("/a\u{7f}", PathProblem::ControlCharacter),
+            ("/a%C2%85", PathProblem::ControlCharacter),
+            ("/admin%2Fusers", PathProblem::AmbiguousSeparator),
+            ("/admin%5cusers", PathProblem::AmbiguousSeparator),
+            ("/admin\\users", PathProblem::AmbiguousSeparator),
+            ("/a%252e%252e/x", PathProblem::EncodedPercent),
+            ("/a%zz", PathProblem::BadEncoding),
+            ("/a%", PathProblem::BadEncoding),
+            ("/a%4", PathProblem::BadEncoding),
+            ("/a%ff", PathProblem::BadEncoding),
+            ("/a%C3", PathProblem::BadEncoding),
+            ("/a%+1", PathProblem::BadEncoding),
+            ("admin", PathProblem::NotAbsolute),
+            ("", PathProblem::NotAbsolute),
+        ] {
+            assert_eq!(normalize(target, Refuse), Err(expected), "{target:?}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::{
         },
     },
     decision::{Decision, Outcome},
-    identity::CredentialProblem,
+    identity::{Credential, CredentialProblem, bearer},
     policy::Upstream,
     request::{AccessRequest, Door, Headers, HttpAttributes, PresentedCredential},
 };
@@ -75,11 +75,17 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         (None, None) => PresentedCredential::None,
         (None, Some(value)) => PresentedCredential::Authorization(value),
         (Some(decide_request::Credential::Token(token)), header) => {
-            if header.is_some_and(|h| !h.trim().ends_with(token.trim()) || token.trim().is_empty())
-            {
-                PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
-            } else {
+            // The same token in the field and in the header is one credential; anything else in
+            // the header (another token, another scheme, a token this one merely ends) is two.
+            let same = |header: &str| match bearer::from_authorization(header) {
+                Credential::Missing => true,
+                Credential::Bearer(in_header) => in_header == token,
+                Credential::Malformed(_) => false,
+            };
+            if header.as_deref().is_none_or(same) {
                 PresentedCredential::Token(token)
+            } else {
+                PresentedCredential::Unusable(CredentialProblem::MultipleCredentials)
             }
         }
         (Some(decide_request::Credential::Authorization(value)), header) => {
@@ -169,4 +175,50 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
 
 fn strings(values: &[Arc<str>]) -> Vec<String> {
     values.iter().map(|v| v.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credential(token: &str, authorization: Option<&str>) -> PresentedCredential {
+        let request = DecideRequest {
+            credential: Some(decide_request::Credential::Token(token.to_owned())),
+            operation: "op".to_owned(),
+            http: authorization.map(|value| v1::HttpRequest {
+                method: "GET".to_owned(),
+                path: "/".to_owned(),
+                headers: [("Authorization".to_owned(), value.to_owned())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        access_request(request)
+            .expect("a usable request")
+            .credential
+    }
+
+    #[test]
+    fn a_token_field_and_an_authorization_header_must_hold_the_same_token() {
+        let two = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);
+        let one = PresentedCredential::Token("abc.def.ghi".to_owned());
+        assert_eq!(credential("abc.def.ghi", None), one);
+        assert_eq!(credential("abc.def.ghi", Some("Bearer abc.def.ghi")), one);
+        assert_eq!(
+            credential("abc.def.ghi", Some("  bearer   abc.def.ghi ")),
+            one
+        );
+        assert_eq!(credential("abc.def.ghi", Some("")), one);
+        for header in [
+            "Bearer xabc.def.ghi",
+            "Bearer other abc.def.ghi",
+            "Basic abc.def.ghi",
+            "abc.def.ghi",
+            "Bearer abc.def.ghi,Bearer abc.def.ghi",
+        ] {
+            assert_eq!(credential("abc.def.ghi", Some(header)), two, "{header}");
+        }
+        assert_eq!(credential("def.ghi", Some("Bearer abc.def.ghi")), two);
+        assert_eq!(credential("", Some("Bearer abc.def.ghi")), two);
+    }
 }
