@@ -498,6 +498,75 @@ async fn idp_down_later_keeps_verifying_with_the_cached_keys_while_retrying() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reload_during_an_idp_outage_keeps_the_keys_until_max_stale() {
+    const MAX_STALE_SECS: u64 = 6;
+    let idp = Idp::start().await;
+    let iss = "https://idp.lifecycle.test/reload-outage";
+    let policy = policy(
+        "reload-outage",
+        &format!(
+            "    jwks_uri: {}\n    issuer: {iss}\n    keys: {{ refresh: 5s, min_refresh: 1s, retry: 1s, max_stale: {MAX_STALE_SECS}s }}",
+            idp.jwks_uri()
+        ),
+    );
+    let server = Server::start(&policy.path).await;
+    let loaded = Instant::now();
+    let channel = server.channel().await;
+    let token = mint(&spec(iss));
+    assert_allowed(&server, &decide(&server, &channel, &token).await, "before");
+
+    idp.set_keys_mode(Mode::Unavailable);
+    let seen = server.logs().len();
+    server.signal("HUP");
+    let deadline = Instant::now() + EVENT_DEADLINE;
+    while !server.logs()[seen..]
+        .iter()
+        .any(|l| l.contains("policy reloaded"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no reload within {EVENT_DEADLINE:?} of SIGHUP:\n{}",
+            tail(&server.logs_text())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The reload's own load failed; then the first retry (1 s later) failed too. Before the key
+    // state was carried over, that retry found no last success and dropped the keys.
+    assert!(
+        idp.wait_for_requests(KEYS_PATH, Mode::Unavailable, 2, EVENT_DEADLINE)
+            .await,
+        "stepgate retried the key set after the reload (saw {} failed fetches)",
+        idp.requests_in(KEYS_PATH, Mode::Unavailable)
+    );
+    assert_allowed(
+        &server,
+        &decide(&server, &channel, &token).await,
+        "after a reload and a failed retry during the outage",
+    );
+    assert_eq!(
+        health(&server).await,
+        Some(ServingStatus::Serving as i32),
+        "the carried-over keys keep the server ready\n{}",
+        tail(&server.logs_text())
+    );
+    // max_stale still counts from the last success before the reload.
+    let refused = wait_reason(
+        &server,
+        &channel,
+        &token,
+        "unknown_kid",
+        "keys dropped after max_stale",
+    )
+    .await;
+    assert!(
+        refused - loaded >= Duration::from_secs(MAX_STALE_SECS),
+        "the keys were dropped {:?} after they loaded, before max_stale ({MAX_STALE_SECS}s)\n{}",
+        refused - loaded,
+        tail(&server.logs_text())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn malformed_key_set_is_a_failed_refresh_and_the_keys_are_kept() {
     let idp = Idp::start().await;
     let iss = "https://idp.lifecycle.test/malformed";

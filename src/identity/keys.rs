@@ -87,6 +87,31 @@ impl FetchControl {
         // A panic while holding this lock cannot leave the state inconsistent: recover it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Takes over the history of the same issuer in the policy being replaced (when the last
+    /// success was, the failures since, when to refresh next), along with its keys: without it a
+    /// reload during an identity-provider outage would make the carried-over keys look never
+    /// loaded, and the first failed retry would drop them as stale.
+    pub(crate) fn inherit(&self, previous: &FetchControl) {
+        let previous = previous.state();
+        let mut state = self.state();
+        state.last_success = previous.last_success;
+        state.consecutive_failures = previous.consecutive_failures;
+        state.next_refresh = previous.next_refresh;
+        state.last_on_demand = previous.last_on_demand;
+    }
+}
+
+/// Marks an issuer's on-demand fetch as running; whatever ends it (success, failure, a panic, the
+/// task dropped at shutdown), dropping the mark frees the issuer for the next one and wakes the
+/// requests waiting for it.
+struct OnDemandFetch(Arc<Issuer>);
+
+impl Drop for OnDemandFetch {
+    fn drop(&mut self) {
+        self.0.fetch.state().on_demand_in_flight = false;
+        self.0.fetch.finished.send_modify(|n| *n += 1);
+    }
 }
 
 /// A successful load.
@@ -446,10 +471,11 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
     };
     if start {
         // The fetch runs in its own task: a request that stops waiting must not cancel it.
-        let issuer = Arc::clone(issuer);
+        let in_flight = OnDemandFetch(Arc::clone(issuer));
         tokio::spawn(async move {
-            let result = load_inner(&issuer, &http_client(), false).await;
-            record(&issuer, &result);
+            let issuer = &in_flight.0;
+            let result = load_inner(issuer, &http_client(), false).await;
+            record(issuer, &result);
             match &result {
                 Ok(loaded) => {
                     tracing::info!(issuer = %issuer.id, keys = loaded.keys, "fetched signing keys for an unknown kid")
@@ -458,8 +484,7 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
                     tracing::warn!(issuer = %issuer.id, error = %err, "fetch for an unknown kid failed; keeping the last good key set")
                 }
             }
-            issuer.fetch.state().on_demand_in_flight = false;
-            issuer.fetch.finished.send_modify(|n| *n += 1);
+            drop(in_flight);
         });
     }
     match tokio::time::timeout(issuer.timing.unknown_kid_wait, finished.changed()).await {
@@ -503,6 +528,73 @@ mod tests {
         assert_eq!(next_refresh(&t, 1, &failed), t.retry);
         assert_eq!(next_refresh(&t, 3, &failed), t.retry * 4);
         assert_eq!(next_refresh(&t, 30, &failed), t.refresh);
+    }
+
+    fn remote_issuer(uri: String, timing: KeyTiming) -> Arc<Issuer> {
+        use super::super::issuer::{ChallengeStyle, EntraChallenge, IssuerSettings, Tenants};
+        Arc::new(Issuer::new(IssuerSettings {
+            id: "remote".into(),
+            issuer: "https://idp.example".into(),
+            tenants: Tenants::NotApplicable,
+            audiences: vec!["api".into()],
+            algorithms: vec![jsonwebtoken::Algorithm::RS256],
+            leeway: 60,
+            challenge: ChallengeStyle::Rfc9470,
+            entra: EntraChallenge {
+                authorization_uri: String::new(),
+                realm: String::new(),
+                client_id: None,
+            },
+            key_source: KeySource::Uri(uri),
+            timing,
+        }))
+    }
+
+    #[test]
+    fn an_on_demand_fetch_cut_short_still_frees_the_issuer_for_the_next_one() {
+        // A listener that never accepts: the fetch connects and then waits for an answer.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}/keys", silent.local_addr().unwrap());
+        let issuer = remote_issuer(
+            uri,
+            KeyTiming {
+                unknown_kid_cooldown: Duration::ZERO,
+                unknown_kid_wait: Duration::from_millis(50),
+                ..KeyTiming::default()
+            },
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(resolve_unknown_kid(&issuer, "new-kid"));
+        assert_eq!(outcome, UnknownKid::TimedOut);
+        assert!(issuer.fetch.state().on_demand_in_flight, "still fetching");
+        // Shutting the runtime down drops the fetch's task mid-flight.
+        drop(runtime);
+        assert!(
+            !issuer.fetch.state().on_demand_in_flight,
+            "the issuer would never fetch on demand again"
+        );
+    }
+
+    #[test]
+    fn a_reloaded_issuer_inherits_when_its_keys_last_loaded() {
+        let timing = KeyTiming::default();
+        let old = remote_issuer("https://idp.example/keys".into(), timing.clone());
+        let loaded_at = Instant::now() - Duration::from_secs(60);
+        {
+            let mut state = old.fetch.state();
+            state.last_success = Some(loaded_at);
+            state.consecutive_failures = 3;
+            state.next_refresh = Some(Duration::from_secs(4));
+        }
+        let fresh = remote_issuer("https://idp.example/keys".into(), timing);
+        fresh.fetch.inherit(&old.fetch);
+        let state = fresh.fetch.state();
+        assert_eq!(state.last_success, Some(loaded_at));
+        assert_eq!(state.consecutive_failures, 3);
+        assert_eq!(state.next_refresh, Some(Duration::from_secs(4)));
     }
 
     #[test]

@@ -77,6 +77,7 @@ async fn reload(
             && previous.key_source == issuer.key_source
         {
             issuer.set_keys((*previous.keys()).clone());
+            issuer.fetch.inherit(&previous.fetch);
             if let Some(discovered) = previous.discovered() {
                 issuer.set_discovered((*discovered).clone());
             }
