@@ -69,6 +69,12 @@ pub struct IssuerConfig {
     /// Clock-skew tolerance for `exp` and `nbf`.
     #[serde(default = "default_leeway")]
     pub leeway: Seconds,
+    /// Refuse tokens that carry an ID token's own members (`nonce`, `at_hash`, `c_hash`): an ID
+    /// token is meant for the client, and passes as an access token wherever the API's audience
+    /// equals the client's id (one Entra app registration for both). `false` only for an identity
+    /// provider that puts them into access tokens.
+    #[serde(default = "default_true")]
+    pub refuse_id_tokens: bool,
     /// How a missing authentication is challenged: `entra`, `rfc9470` or `deny`.
     #[serde(default)]
     pub challenge: ChallengeStyleConfig,
@@ -141,6 +147,9 @@ fn default_unknown_kid_wait() -> Span {
 }
 fn default_algorithms() -> Vec<String> {
     vec!["RS256".to_owned()]
+}
+fn default_true() -> bool {
+    true
 }
 fn default_leeway() -> Seconds {
     Seconds(60)

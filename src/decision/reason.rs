@@ -90,7 +90,7 @@ impl From<&TokenError> for Reason {
             TokenError::NotYetValid => Reason::TokenNotYetValid,
             TokenError::AudienceMismatch => Reason::AudienceMismatch,
             TokenError::ClaimInvalid(_) => Reason::ClaimInvalid,
-            TokenError::WrongType(_) => Reason::TokenTypeInvalid,
+            TokenError::WrongType(_) | TokenError::IdToken => Reason::TokenTypeInvalid,
         }
     }
 }

@@ -1723,6 +1723,139 @@ fn garbage_segments_are_token_malformed() {
     }
 }
 
+/// A compact JWS over these exact header and payload bytes, each segment base64url-encoded with
+/// `pad` appended, correctly signed with the demo RSA key.
+fn sign_bytes(header: &[u8], payload: &[u8], pad: &str) -> String {
+    let message = format!(
+        "{}{pad}.{}{pad}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(payload)
+    );
+    let signature =
+        jsonwebtoken::crypto::sign(message.as_bytes(), &rsa_key(), Algorithm::RS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+#[test]
+fn validly_signed_tokens_spelled_loosely_are_malformed() {
+    let header = format!(r#"{{"alg":"RS256","kid":"{DEMO_RSA_KID}"}}"#);
+    let payload = entra_user(&["c1"]).claims(NOW).to_string();
+    // The strict spelling of the same token is fine.
+    let strict = sign_bytes(header.as_bytes(), payload.as_bytes(), "");
+    expect(&decide_token(&strict), Outcome::Allow, 200, Reason::Allowed);
+
+    let with = |member: &str| payload.replacen('{', &format!("{{{member},"), 1);
+    let mut cases = vec![
+        // base64 padding, which RFC 7515 §2 leaves out, on a signed segment ...
+        (
+            "padded segments",
+            sign_bytes(
+                b"{\"alg\":\"RS256\",\"kid\":\"stepgate-demo-rsa-1\"}",
+                payload.as_bytes(),
+                "=",
+            ),
+        ),
+        // ... and on the signature.
+        ("padded signature", format!("{strict}=")),
+        (
+            "a raw control character",
+            sign_bytes(
+                header.as_bytes(),
+                with("\"x\":\"\u{fffd}\"")
+                    .replace('\u{fffd}', "\u{1}")
+                    .as_bytes(),
+                "",
+            ),
+        ),
+        (
+            "repeated name",
+            sign_bytes(header.as_bytes(), with(r#""sub":"mallory""#).as_bytes(), ""),
+        ),
+        (
+            "repeated header name",
+            sign_bytes(
+                header.replacen('{', r#"{"alg":"none","#, 1).as_bytes(),
+                payload.as_bytes(),
+                "",
+            ),
+        ),
+        (
+            "repeated nested name",
+            sign_bytes(
+                header.as_bytes(),
+                with(r#""ext":{"a":1,"a":2}"#).as_bytes(),
+                "",
+            ),
+        ),
+        (
+            "lone surrogate",
+            sign_bytes(header.as_bytes(), with(r#""x":"\udc00""#).as_bytes(), ""),
+        ),
+    ];
+    let mut raw = with(r#""x":"??""#).into_bytes();
+    let at = raw.windows(2).position(|w| w == b"??").unwrap();
+    raw[at..at + 2].copy_from_slice(&[0xc0, 0xaf]);
+    cases.push(("overlong UTF-8", sign_bytes(header.as_bytes(), &raw, "")));
+    raw[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+    cases.push((
+        "bytes that are not UTF-8",
+        sign_bytes(header.as_bytes(), &raw, ""),
+    ));
+    let mut raw_header = header.clone().into_bytes();
+    raw_header.splice(1..1, *b"\"x\":\"\xed\xa0\x80\",");
+    cases.push((
+        "a surrogate in the header",
+        sign_bytes(&raw_header, payload.as_bytes(), ""),
+    ));
+    for (what, token) in cases {
+        let d = decide_token(&token);
+        assert_eq!(
+            (d.outcome, d.http_status, d.reason),
+            (Outcome::Deny, 401, Reason::TokenMalformed),
+            "{what}: {d:#?}"
+        );
+    }
+}
+
+#[test]
+fn id_tokens_are_refused_unless_the_issuer_allows_their_members() {
+    let spec = entra_user(&["c1"]);
+    for member in [
+        json!({"nonce": "n-0S6_WzA2Mj"}),
+        json!({"at_hash": "77QmUPtjPfzWtF2AnpK9RQ"}),
+        json!({"c_hash": "LDktKdoQak3Pk0cnXxCltA"}),
+    ] {
+        let token = sign_claims(&claims_with(&spec, member.clone()));
+        let d = decide_token(&token);
+        expect(&d, Outcome::Deny, 401, Reason::TokenTypeInvalid);
+        assert!(
+            d.message.contains("an ID token is not an access token"),
+            "{}",
+            d.message
+        );
+        let opted_out = compile_policy(&DEMO_POLICY.replacen(
+            "    challenge: entra\n",
+            "    challenge: entra\n    refuse_id_tokens: false\n",
+            1,
+        ));
+        let d = decide(
+            &opted_out,
+            &op_request(&token, "inventory.list", json!({})),
+            NOW,
+        );
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
+    // A forged one is a bad signature first: nothing in an unverified payload is believed.
+    let token = sign_claims(&claims_with(&spec, json!({"nonce": "n"})));
+    let (body, _) = token.rsplit_once('.').unwrap();
+    expect(
+        &decide_token(&format!("{body}.{}", URL_SAFE_NO_PAD.encode([7u8; 256]))),
+        Outcome::Deny,
+        401,
+        Reason::SignatureInvalid,
+    );
+}
+
 #[test]
 fn oversized_token_is_refused_before_parsing() {
     let mut spec = entra_user(&[]);

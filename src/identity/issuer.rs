@@ -139,6 +139,8 @@ pub struct IssuerSettings {
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
+    /// Refuse tokens carrying an ID token's own members (`nonce`, `at_hash`, `c_hash`).
+    pub refuse_id_tokens: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -158,6 +160,7 @@ pub struct Issuer {
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
+    pub refuse_id_tokens: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -186,6 +189,7 @@ impl Issuer {
             audiences: settings.audiences,
             algorithms: settings.algorithms,
             leeway: settings.leeway,
+            refuse_id_tokens: settings.refuse_id_tokens,
             challenge: settings.challenge,
             entra: settings.entra,
             key_source: settings.key_source,
@@ -306,6 +310,7 @@ mod tests {
             audiences: vec!["a".into()],
             algorithms: vec![Algorithm::RS256],
             leeway: 60,
+            refuse_id_tokens: true,
             challenge: ChallengeStyle::Entra,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -191,10 +191,17 @@ impl KeySet {
 
 fn parse_key(jwk: &Value) -> Result<VerificationKey, String> {
     let field = |name: &str| jwk.get(name).and_then(Value::as_str);
-    if let Some(usage) = field("use")
-        && usage != "sig"
-    {
-        return Err(format!("use is {usage:?}, not \"sig\""));
+    // RFC 7517 §4.2–4.3: a key published for something else (encryption, signing only) is not
+    // a verification key, whichever of the two members says so.
+    match jwk.get("use") {
+        None => {}
+        Some(Value::String(usage)) if usage == "sig" => {}
+        Some(other) => return Err(format!("use is {other}, not \"sig\"")),
+    }
+    match jwk.get("key_ops") {
+        None => {}
+        Some(Value::Array(ops)) if ops.iter().any(|op| op == "verify") => {}
+        Some(other) => return Err(format!("key_ops {other} does not include \"verify\"")),
     }
     let kty = field("kty").ok_or("no kty")?;
     let (kind, key) = match kty {
@@ -353,6 +360,25 @@ mod tests {
         assert_eq!(set.kids().collect::<Vec<_>>(), vec!["good"]);
         assert_eq!(notes.len(), 4, "{notes:?}");
         assert_eq!(set.find(None).unwrap().kid.as_deref(), Some("good"));
+    }
+
+    #[test]
+    fn use_and_key_ops_are_honoured_when_present() {
+        let doc = format!(
+            r#"{{"keys":[{},{},{},{},{},{},{}]}}"#,
+            rsa("sig", r#","use":"sig""#),
+            rsa("verify", r#","key_ops":["verify"]"#),
+            rsa("both", r#","use":"sig","key_ops":["sign","verify"]"#),
+            rsa("sign-only", r#","key_ops":["sign"]"#),
+            rsa("encrypt", r#","key_ops":["encrypt","wrapKey"]"#),
+            rsa("ops-not-a-list", r#","key_ops":"verify""#),
+            rsa("use-not-a-string", r#","use":["sig"]"#),
+        );
+        let (set, notes) = KeySet::parse(doc.as_bytes()).unwrap();
+        let mut kids: Vec<&str> = set.kids().collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["both", "sig", "verify"]);
+        assert_eq!(notes.len(), 4, "{notes:?}");
     }
 
     #[test]

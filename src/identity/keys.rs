@@ -539,6 +539,7 @@ mod tests {
             audiences: vec!["api".into()],
             algorithms: vec![jsonwebtoken::Algorithm::RS256],
             leeway: 60,
+            refuse_id_tokens: true,
             challenge: ChallengeStyle::Rfc9470,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

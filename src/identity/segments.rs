@@ -5,15 +5,22 @@
 //! the rest of the decision put together. Here each member is matched by name as it streams past:
 //! a claim stepgate reads is kept as a [`Raw`] value borrowed from the decoded bytes, a claim the
 //! policy keeps (see [`KeepClaims`]) is parsed into a `serde_json::Value`, and anything else is
-//! skipped without allocating. The reading stays as strict as a full parse: the segment must be
-//! one JSON object with nothing after it, and a repeated member takes its last value, as a map
-//! would.
+//! walked without allocating.
+//!
+//! The reading is stricter than a map: what two JSON libraries would read differently is
+//! refused (RFC 8725 §3.2, RFC 7515 §5.2, RFC 8259 §4 and §8.1). The segment must be exactly one
+//! JSON object; a member name that repeats, at any depth, makes it invalid (one library keeps the
+//! first value, another the last); and every string, also in members stepgate skips, must be
+//! valid UTF-8 without lone surrogate escapes. serde_json's own `IgnoredAny` skips a string
+//! without looking inside it, so skipped members are walked by [`Strict`] instead, which
+//! decodes every string (borrowed where it has no escapes: no allocation) and checks every
+//! object's names.
 
 use std::{borrow::Cow, fmt};
 
 use serde::{
     Deserialize, Deserializer,
-    de::{IgnoredAny, MapAccess, SeqAccess, Visitor},
+    de::{self, MapAccess, SeqAccess, Visitor},
 };
 use serde_json::{Map, Number, Value};
 
@@ -90,11 +97,18 @@ pub struct Claims<'a> {
     pub auth_time: Option<Raw<'a>>,
     pub roles: Option<Raw<'a>>,
     pub xms_cc: Option<Raw<'a>>,
+    /// An ID token's own members (`nonce`, `at_hash`, `c_hash`) are present.
+    pub id_token_members: bool,
     /// The claims [`KeepClaims`] selects, as parsed JSON.
     pub kept: Map<String, Value>,
 }
 
 impl<'a> Claims<'a> {
+    /// OpenID Connect Core §2 and §3.1.3.6: members only an ID token carries.
+    fn id_token_member(&mut self, name: &str) -> Option<&mut bool> {
+        matches!(name, "nonce" | "at_hash" | "c_hash").then_some(&mut self.id_token_members)
+    }
+
     fn slot(&mut self, name: &str) -> Option<&mut Option<Raw<'a>>> {
         Some(match name {
             "iss" => &mut self.iss,
@@ -213,9 +227,136 @@ impl<'de> Visitor<'de> for RawVisitor {
         }
         Ok(items.map_or(Raw::Other, Raw::StrList))
     }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Strict.visit_map(map).map(|Strict| Raw::Other)
+    }
+}
+
+// === impl Strict ===
+
+/// Any JSON value, walked and dropped: every string decoded (and so checked), every object's
+/// member names checked for repeats. Allocates only for the names of nested objects.
+struct Strict;
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Strict)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Raw::Other)
+        let mut names = Names::default();
+        while let Some(CowStr(name)) = map.next_key()? {
+            names.push(name.clone());
+            map.next_value::<Strict>()?;
+        }
+        names.check()?;
+        Ok(Strict)
+    }
+}
+
+/// A `serde_json::Value` whose objects, at every depth, have no repeated member name (a kept
+/// claim the policy reads, where `Value` itself would keep the last of two).
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+        impl<'de> Visitor<'de> for ValueVisitor {
+            type Value = StrictValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::Null))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(StrictValue(
+                    Number::from_f64(v).map_or(Value::Null, Value::Number),
+                ))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::String(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(StrictValue(Value::String(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(StrictValue(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(StrictValue(Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut object = Map::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    let StrictValue(value) = map.next_value()?;
+                    if object.insert(name, value).is_some() {
+                        return Err(de::Error::custom("a member name repeats"));
+                    }
+                }
+                Ok(StrictValue(Value::Object(object)))
+            }
+        }
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+/// The member names of one object, checked for repeats once the object has been read: sorting a
+/// few borrowed names costs less than hashing each one, and stays O(n log n) for a hostile many.
+#[derive(Default)]
+struct Names<'a>(Vec<Cow<'a, str>>);
+
+impl<'a> Names<'a> {
+    /// `name` is a clone of the key read: borrowed from the segment unless it had escapes.
+    fn push(&mut self, name: Cow<'a, str>) {
+        self.0.push(name);
+    }
+
+    fn check<E: de::Error>(mut self) -> Result<(), E> {
+        self.0.sort_unstable();
+        if self.0.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(E::custom("a member name repeats"));
+        }
+        Ok(())
     }
 }
 
@@ -229,7 +370,9 @@ impl<'de> Visitor<'de> for HeaderVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut header = Header::default();
+        let mut names = Names::default();
         while let Some(CowStr(name)) = map.next_key()? {
+            names.push(name.clone());
             let slot = match &*name {
                 "alg" => &mut header.alg,
                 "typ" => &mut header.typ,
@@ -244,12 +387,13 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                         _ => &mut false,
                     };
                     *flag = true;
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Strict>()?;
                     continue;
                 }
             };
             *slot = Some(map.next_value()?);
         }
+        names.check()?;
         Ok(header)
     }
 }
@@ -266,9 +410,14 @@ impl<'de> Visitor<'de> for ClaimsVisitor<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut claims = Claims::default();
+        let mut names = Names::default();
         while let Some(CowStr(name)) = map.next_key()? {
+            names.push(name.clone());
+            if let Some(flag) = claims.id_token_member(&name) {
+                *flag = true;
+            }
             if self.keep.wants(&name) {
-                let value: Value = map.next_value()?;
+                let StrictValue(value) = map.next_value()?;
                 if let Some(slot) = claims.slot(&name) {
                     *slot = Some(Raw::from_value(&value));
                 }
@@ -276,9 +425,10 @@ impl<'de> Visitor<'de> for ClaimsVisitor<'_> {
             } else if let Some(slot) = claims.slot(&name) {
                 *slot = Some(map.next_value()?);
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Strict>()?;
             }
         }
+        names.check()?;
         Ok(claims)
     }
 }
@@ -315,12 +465,153 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_member_takes_its_last_value_as_a_map_would() {
-        let c = all(r#"{"sub":"first","sub":"second","tid":1,"tid":"t"}"#);
-        assert_eq!(c.sub.as_ref().and_then(Raw::as_str), Some("second"));
-        assert_eq!(c.tid.as_ref().and_then(Raw::as_str), Some("t"));
-        assert_eq!(c.kept.get("sub"), Some(&Value::from("second")));
-        assert_eq!(c.kept.len(), 2);
+    fn a_member_name_that_repeats_at_any_depth_is_refused() {
+        let keep_none = KeepClaims::Named(Box::new([]));
+        let keep_ext = KeepClaims::Named(vec!["ext".to_owned()].into());
+        for json in [
+            r#"{"sub":"first","sub":"second"}"#,
+            r#"{"other":1,"other":2}"#,
+            r#"{"sub":"a","\u0073ub":"b"}"#,
+            r#"{"ext":{"role":"user","role":"admin"}}"#,
+            r#"{"ext":[{"a":1,"a":1}]}"#,
+            r#"{"roles":[{"x":1,"x":2}]}"#,
+            r#"{"aud":{"a":1,"a":2}}"#,
+        ] {
+            for keep in [&KeepClaims::All, &keep_none, &keep_ext] {
+                assert!(claims(json.as_bytes(), keep).is_none(), "{json} {keep:?}");
+            }
+            assert!(header(json.as_bytes()).is_none(), "{json}");
+        }
+        assert!(header(br#"{"alg":"RS256","alg":"none"}"#).is_none());
+        assert!(header(br#"{"kid":"a","x":{"y":1,"y":2}}"#).is_none());
+        // The same name in two different objects is no repeat.
+        assert!(all(r#"{"a":{"x":1},"b":{"x":1},"x":2}"#).kept.len() == 3);
+    }
+
+    #[test]
+    fn strings_are_checked_even_in_members_that_are_skipped() {
+        let keep_none = KeepClaims::Named(Box::new([]));
+        let bad: [&[u8]; 6] = [
+            b"{\"skipped\":\"\xff\"}",
+            // An overlong encoding of "/" (C0 AF) and of NUL (C0 80).
+            b"{\"skipped\":\"\xc0\xaf\"}",
+            b"{\"skipped\":[\"\xc0\x80\"]}",
+            b"{\"skipped\":{\"\xed\xa0\x80\":1}}",
+            // A lone surrogate, escaped.
+            b"{\"skipped\":\"\\ud800\"}",
+            b"{\"nonce\":\"\\udfff\"}",
+        ];
+        for json in bad {
+            for keep in [&KeepClaims::All, &keep_none] {
+                assert!(
+                    claims(json, keep).is_none(),
+                    "{} {keep:?}",
+                    String::from_utf8_lossy(json)
+                );
+            }
+            assert!(header(json).is_none(), "{}", String::from_utf8_lossy(json));
+            assert!(
+                serde_json::from_slice::<Value>(json).is_err(),
+                "serde_json agrees"
+            );
+        }
+    }
+
+    #[test]
+    fn id_token_members_are_noted() {
+        for member in ["nonce", "at_hash", "c_hash"] {
+            let json = format!(r#"{{"sub":"s","{member}":"x"}}"#);
+            assert!(all(&json).id_token_members, "{member}");
+        }
+        assert!(!all(r#"{"sub":"s","nonces":1}"#).id_token_members);
+    }
+
+    /// What serde_json makes of the same bytes, when they are one valid JSON object whose member
+    /// names are distinct at every depth: `Value` keeps the last of a repeated name, so the
+    /// members are counted in a second pass of serde_json's own and compared with what it kept.
+    fn reference(bytes: &[u8]) -> Option<Map<String, Value>> {
+        /// Members at every depth, as serde_json reads them (repeats included).
+        struct Members(usize);
+        impl<'de> Deserialize<'de> for Members {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Count;
+                impl<'de> Visitor<'de> for Count {
+                    type Value = Members;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("any JSON value")
+                    }
+                    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Members, A::Error> {
+                        let mut n = 0;
+                        while let Some((_, Members(inner))) = m.next_entry::<String, Members>()? {
+                            n += 1 + inner;
+                        }
+                        Ok(Members(n))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Members, A::Error> {
+                        let mut n = 0;
+                        while let Some(Members(inner)) = s.next_element()? {
+                            n += inner;
+                        }
+                        Ok(Members(n))
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                    fn visit_unit<E>(self) -> Result<Members, E> {
+                        Ok(Members(0))
+                    }
+                }
+                d.deserialize_any(Count)
+            }
+        }
+        fn kept(value: &Value) -> usize {
+            match value {
+                Value::Object(map) => map.len() + map.values().map(kept).sum::<usize>(),
+                Value::Array(items) => items.iter().map(kept).sum(),
+                _ => 0,
+            }
+        }
+        let value: Value = serde_json::from_slice(bytes).ok()?;
+        let Members(read) = serde_json::from_slice(bytes).ok()?;
+        match value {
+            Value::Object(map) if read == kept(&Value::Object(map.clone())) => Some(map),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn reads_what_serde_json_reads_and_refuses_what_it_refuses_or_would_merge() {
+        let cases = [
+            r#"{"iss":"https://i","sub":"s","aud":["a"],"exp":1,"ext":{"a":[1,{"b":null}]}}"#,
+            r#"{"sub":"a","sub":"b"}"#,
+            r#"{"x":{"k":1,"k":2}}"#,
+            r#"{"x":[{"k":1},{"k":2}]}"#,
+            r#"{"sub":"\u00e9\ud83d\ude00"}"#,
+            r#"{"sub":"\ud83d"}"#,
+            r#"{"n":1e400}"#,
+            r#"{"n":-0.0,"m":18446744073709551615,"o":-9223372036854775808}"#,
+            r#"[]"#,
+            r#"{"a":1} "#,
+            r#"{"a":1}{}"#,
+            "{\"a\":\"\t\"}",
+        ];
+        for json in cases {
+            let expected = reference(json.as_bytes());
+            let ours = claims(json.as_bytes(), &KeepClaims::All).map(|c| c.kept);
+            assert_eq!(ours, expected, "{json}");
+        }
     }
 
     #[test]

@@ -234,6 +234,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             audiences: c.audiences.clone(),
             algorithms,
             leeway: c.leeway.0,
+            refuse_id_tokens: c.refuse_id_tokens,
             challenge,
             entra,
             key_source,
