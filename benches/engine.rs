@@ -212,7 +212,7 @@ fn check_benches(c: &mut Criterion) {
     .encode_to_vec();
     let allow_frame = bytes::Bytes::from(allow.clone());
     let check = |frame: bytes::Bytes| {
-        let request = access_request(CheckRequest::decode(frame).unwrap());
+        let request = access_request(CheckRequest::decode(frame, policy.header_limits).unwrap());
         let decision = decide(&policy, &request, NOW);
         let answer = CheckAnswer::new(decision, &policy);
         (answer.decision().outcome, answer.encode_to_vec())

@@ -10,6 +10,8 @@ pub mod challenge;
 pub mod config;
 pub mod decision;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod policy;
 pub mod request;

@@ -27,7 +27,7 @@ use stepgate::{
     },
     demo::TokenSpec,
 };
-use tonic::{Code, transport::Channel};
+use tonic::transport::Channel;
 
 /// The identity headers configured in examples/stepgate.yaml (`upstream.identity_headers`).
 const IDENTITY_HEADERS: [&str; 4] = [
@@ -966,7 +966,7 @@ async fn decision_log_line_has_outcome_reason_rule_and_fingerprint_but_never_the
 }
 
 #[tokio::test]
-async fn decide_without_operation_or_http_is_invalid_argument() {
+async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
     let server = shared_server().await;
     let mut client = DecisionServiceClient::new(server.channel().await);
     for request in [
@@ -976,11 +976,24 @@ async fn decide_without_operation_or_http_is_invalid_argument() {
             ..Default::default()
         },
     ] {
-        let status = client
+        let response = client
             .decide(request)
             .await
-            .expect_err("nothing to match a rule against");
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            .expect("an answer, not a gRPC error")
+            .into_inner();
+        assert_eq!(
+            (
+                response.outcome(),
+                response.http_status,
+                response.reason.as_str()
+            ),
+            (Outcome::Deny, 400, "malformed_request"),
+            "{response:?}"
+        );
+        assert!(
+            response.message.contains("set operation, http, or both"),
+            "{response:?}"
+        );
     }
 }
 

@@ -10,6 +10,7 @@ use stepgate::{
     },
     decision,
     identity::keys,
+    request::RequestProblem,
     server::{
         authorizer::unix_now,
         decide::{access_request, decide_response},
@@ -129,7 +130,10 @@ async fn offline(
             .await
             .map_err(|e| (1, format!("issuer {}: {e}", issuer.id)))?;
     }
-    let access = access_request(request).map_err(|s| (2, s.message().to_owned()))?;
+    let access = access_request(request, policy.header_limits);
+    if let Some(problem @ RequestProblem::NothingToMatch) = &access.problem {
+        return Err((2, problem.describe()));
+    }
     let decision = decision::decide(&policy, &access, unix_now());
     Ok(decide_response(&decision, &policy.upstream))
 }

@@ -7,11 +7,11 @@ mod token;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, builder::TypedValueParser as _};
 use stepgate::{
     config::{self, ConfigError, duration},
     policy::{self, Policy},
-    server::{self, ReadyWhen, ServeOptions},
+    server::{self, ReadyWhen, ServeOptions, TransportLimits},
     telemetry::{self, LogFormat},
 };
 
@@ -69,6 +69,21 @@ struct ServeArgs {
     /// included).
     #[arg(long, env = "STEPGATE_WORKERS")]
     workers: Option<usize>,
+    /// Largest request message read, in bytes (a larger Check is answered 413).
+    #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
+          value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
+    max_message_bytes: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long, env = "STEPGATE_MAX_CONCURRENT_STREAMS", default_value_t = TransportLimits::default().max_concurrent_streams,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
+    /// Open gRPC connections; more clients wait in the listen backlog.
+    #[arg(long, env = "STEPGATE_MAX_CONNECTIONS", default_value_t = TransportLimits::default().max_connections,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_connections: usize,
+    /// Longest a call may take, reading its request included (e.g. 5s).
+    #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    request_timeout: Duration,
 }
 
 /// `name=JSON` (a value that is not JSON is taken as a string), for `--claim` and `--attr`.
@@ -81,6 +96,13 @@ pub(crate) fn parse_name_json(text: &str) -> Result<(String, serde_json::Value),
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     duration::parse(text).map(|s| s.as_duration())
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("must be longer than 0s".to_owned()),
+        d => Ok(d),
+    }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -151,6 +173,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         drain_delay: args.drain_delay,
         metrics_listen: args.metrics_listen,
         ready_when: args.ready_when,
+        limits: TransportLimits {
+            max_message_bytes: args.max_message_bytes,
+            max_concurrent_streams: args.max_concurrent_streams,
+            max_connections: args.max_connections,
+            request_timeout: args.request_timeout,
+        },
     };
     match runtime.block_on(server::run(options, policy)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -367,6 +367,20 @@ pub struct LimitsConfig {
     /// Longest a verified token is remembered (and never past its `exp`).
     #[serde(default = "default_token_cache_ttl")]
     pub token_cache_ttl: Seconds,
+    /// Header entries a request may carry (pseudo-headers and repeats included); more is 431.
+    #[serde(default = "default_max_header_count")]
+    pub max_header_count: usize,
+    /// Bytes of all header names and values together; more is 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+fn default_max_header_count() -> usize {
+    crate::request::HeaderLimits::DEFAULT.max_count
+}
+
+fn default_max_header_bytes() -> usize {
+    crate::request::HeaderLimits::DEFAULT.max_bytes
 }
 
 impl Default for LimitsConfig {
@@ -375,6 +389,8 @@ impl Default for LimitsConfig {
             max_token_bytes: default_max_token_bytes(),
             token_cache_entries: default_token_cache_entries(),
             token_cache_ttl: default_token_cache_ttl(),
+            max_header_count: default_max_header_count(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }

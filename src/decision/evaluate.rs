@@ -1,7 +1,8 @@
 //! The engine: `decide(policy, request, now) → Decision`.
 //!
 //! Order (each step may end the evaluation):
-//! 1. credential shape and path: malformed → 400 `invalid_request`;
+//! 1. content, credential shape and path: unusable → 400 `invalid_request` (431 past a header
+//!    limit);
 //! 2. token verification: invalid → 401 `invalid_token` (a presented token is always verified, even
 //!    on anonymous routes);
 //! 3. rule matching, first match wins; a condition that cannot be evaluated denies;
@@ -26,7 +27,7 @@ use crate::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
         condition::{CelInput, Condition},
     },
-    request::{AccessRequest, path},
+    request::{AccessRequest, RequestProblem, path},
 };
 
 /// Decides one request at unix time `now`.
@@ -145,7 +146,21 @@ impl<'p> Run<'p> {
         let policy = self.policy;
         let realm = policy.realm.as_str();
 
-        // 1. Credential shape and path.
+        // 1. Content, credential shape and path.
+        if let Some(problem) = &request.problem {
+            let message = problem.describe();
+            self.step("request", || message.clone());
+            let (status, reason) = match problem {
+                RequestProblem::NotUtf8(RequestProblem::PATH_FIELD) => (400, Reason::InvalidPath),
+                RequestProblem::NotUtf8(_)
+                | RequestProblem::NothingToMatch
+                | RequestProblem::TooManyEntries(_) => (400, Reason::MalformedRequest),
+                RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
+                RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
+            };
+            let www = (status == 400).then(|| challenge::invalid_request(realm, &message));
+            return self.deny(status, reason, &message, None, www);
+        }
         let mut credential = request.credential();
         if request.http.as_ref().is_some_and(|h| h.has_query_token())
             && !matches!(credential, Credential::Missing)

@@ -77,4 +77,32 @@ impl Decision {
     pub fn is_allow(&self) -> bool {
         self.outcome == Outcome::Allow
     }
+
+    /// A denial made without the engine: for a request that failed before or while it was
+    /// decided (a panic, a frame over the size limit). Nothing about the request is in it.
+    pub fn refusal(http_status: u16, reason: Reason, message: &'static str) -> Self {
+        Self {
+            outcome: Outcome::Deny,
+            reason,
+            message: Cow::Borrowed(message),
+            rule: None,
+            http_status,
+            www_authenticate: None,
+            step_up: None,
+            principal: None,
+            identity_headers: Vec::new(),
+            token_fingerprint: None,
+            explain: Vec::new(),
+            unknown_key: None,
+        }
+    }
+
+    /// stepgate failed to decide (a bug): `500 internal_error`, failing closed.
+    pub fn internal_error() -> Self {
+        Self::refusal(
+            500,
+            Reason::InternalError,
+            "stepgate failed to decide this request; it is refused",
+        )
+    }
 }

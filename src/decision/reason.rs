@@ -33,8 +33,13 @@ reasons! {
     MultipleCredentials => "multiple_credentials",
     MalformedAuthorization => "malformed_authorization",
     InvalidPath => "invalid_path",
-    // 431
+    MalformedRequest => "malformed_request",
+    // 413, 431
+    RequestTooLarge => "request_too_large",
     TooManyHeaders => "too_many_headers",
+    HeadersTooLarge => "headers_too_large",
+    // 500: stepgate itself failed (a bug), and fails closed
+    InternalError => "internal_error",
     // 401 without a usable token
     TokenMissing => "token_missing",
     TokenTooLarge => "token_too_large",

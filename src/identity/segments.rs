@@ -48,7 +48,7 @@ impl Raw<'_> {
     }
 
     /// The same value for a claim that was also parsed into a [`Value`] (kept for the policy).
-    fn from_value(value: &Value) -> Raw<'static> {
+    pub(crate) fn from_value(value: &Value) -> Raw<'static> {
         match value {
             Value::Null => Raw::Null,
             Value::String(s) => Raw::Str(Cow::Owned(s.clone())),
@@ -109,7 +109,8 @@ impl<'a> Claims<'a> {
         matches!(name, "nonce" | "at_hash" | "c_hash").then_some(&mut self.id_token_members)
     }
 
-    fn slot(&mut self, name: &str) -> Option<&mut Option<Raw<'a>>> {
+    /// The slot of a claim stepgate reads, by name.
+    pub(crate) fn slot(&mut self, name: &str) -> Option<&mut Option<Raw<'a>>> {
         Some(match name {
             "iss" => &mut self.iss,
             "sub" => &mut self.sub,
@@ -526,71 +527,6 @@ mod tests {
         assert!(!all(r#"{"sub":"s","nonces":1}"#).id_token_members);
     }
 
-    /// What serde_json makes of the same bytes, when they are one valid JSON object whose member
-    /// names are distinct at every depth: `Value` keeps the last of a repeated name, so the
-    /// members are counted in a second pass of serde_json's own and compared with what it kept.
-    fn reference(bytes: &[u8]) -> Option<Map<String, Value>> {
-        /// Members at every depth, as serde_json reads them (repeats included).
-        struct Members(usize);
-        impl<'de> Deserialize<'de> for Members {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct Count;
-                impl<'de> Visitor<'de> for Count {
-                    type Value = Members;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str("any JSON value")
-                    }
-                    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Members, A::Error> {
-                        let mut n = 0;
-                        while let Some((_, Members(inner))) = m.next_entry::<String, Members>()? {
-                            n += 1 + inner;
-                        }
-                        Ok(Members(n))
-                    }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Members, A::Error> {
-                        let mut n = 0;
-                        while let Some(Members(inner)) = s.next_element()? {
-                            n += inner;
-                        }
-                        Ok(Members(n))
-                    }
-                    fn visit_bool<E>(self, _: bool) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                    fn visit_i64<E>(self, _: i64) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                    fn visit_u64<E>(self, _: u64) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                    fn visit_f64<E>(self, _: f64) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                    fn visit_str<E>(self, _: &str) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                    fn visit_unit<E>(self) -> Result<Members, E> {
-                        Ok(Members(0))
-                    }
-                }
-                d.deserialize_any(Count)
-            }
-        }
-        fn kept(value: &Value) -> usize {
-            match value {
-                Value::Object(map) => map.len() + map.values().map(kept).sum::<usize>(),
-                Value::Array(items) => items.iter().map(kept).sum(),
-                _ => 0,
-            }
-        }
-        let value: Value = serde_json::from_slice(bytes).ok()?;
-        let Members(read) = serde_json::from_slice(bytes).ok()?;
-        match value {
-            Value::Object(map) if read == kept(&Value::Object(map.clone())) => Some(map),
-            _ => None,
-        }
-    }
-
     #[test]
     fn reads_what_serde_json_reads_and_refuses_what_it_refuses_or_would_merge() {
         let cases = [
@@ -608,7 +544,7 @@ mod tests {
             "{\"a\":\"\t\"}",
         ];
         for json in cases {
-            let expected = reference(json.as_bytes());
+            let expected = crate::fuzzing::jws::reference(json.as_bytes());
             let ours = claims(json.as_bytes(), &KeepClaims::All).map(|c| c.kept);
             assert_eq!(ours, expected, "{json}");
         }

@@ -25,7 +25,7 @@ use crate::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
     },
-    request::path::PathParameters,
+    request::{HeaderLimits, path::PathParameters},
 };
 
 type Result<T> = std::result::Result<T, ConfigError>;
@@ -64,6 +64,12 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
             "must be at most 100000000 (about 1 KiB of memory each)",
         );
     }
+    if file.limits.max_header_count == 0 {
+        return err("limits.max_header_count", "must be at least 1");
+    }
+    if file.limits.max_header_bytes < 1024 {
+        return err("limits.max_header_bytes", "must be at least 1024");
+    }
     let upstream = compile_upstream(&file.upstream)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
@@ -77,6 +83,10 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         },
         upstream,
         max_token_bytes: file.limits.max_token_bytes,
+        header_limits: HeaderLimits {
+            max_count: file.limits.max_header_count,
+            max_bytes: file.limits.max_header_bytes,
+        },
         cel,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,

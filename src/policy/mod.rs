@@ -18,7 +18,7 @@ use pattern::{PathGlob, Wildcard};
 
 use crate::{
     identity::{Issuers, TokenCache},
-    request::path::PathParameters,
+    request::{HeaderLimits, path::PathParameters},
 };
 
 pub struct Policy {
@@ -29,6 +29,8 @@ pub struct Policy {
     pub default: DefaultAction,
     pub upstream: Upstream,
     pub max_token_bytes: usize,
+    /// Bounds on a request's headers; past them the request is answered 431.
+    pub header_limits: HeaderLimits,
     pub cel: Arc<cel::Env>,
     /// Tokens verified under this policy (a reload starts a new cache).
     pub token_cache: TokenCache,

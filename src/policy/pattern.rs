@@ -5,7 +5,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wildcard {
     source: String,
-    parts: Vec<String>,
+    /// The literal runs between `*`s (one part when there is none).
+    pub(crate) parts: Vec<String>,
     exact: bool,
 }
 
@@ -108,12 +109,38 @@ impl PathGlob {
     }
 
     pub fn matches(&self, normalized_path: &str) -> bool {
+        self.matches_counting(normalized_path).0
+    }
+
+    /// Whether the path matches, and how many segment comparisons that took (for the bound the
+    /// fuzz target checks).
+    pub(crate) fn matches_counting(&self, normalized_path: &str) -> (bool, usize) {
+        let mut steps = 0;
         // The segments are walked in place (no list per request and rule).
-        match_segments(
+        let matched = match_segments(
             &self.segments,
             normalized_path.split('/').filter(|s| !s.is_empty()),
-        )
+            &mut steps,
+        );
+        (matched, steps)
     }
+
+    /// The segments of the glob, for building the same pattern as a regex.
+    pub(crate) fn segments(&self) -> impl Iterator<Item = GlobSegment<'_>> {
+        self.segments.iter().map(|segment| match segment {
+            Segment::Literal(lit) => GlobSegment::Literal(lit),
+            Segment::Wild(w) => GlobSegment::Wild(&w.parts),
+            Segment::Any => GlobSegment::Any,
+        })
+    }
+}
+
+/// One segment of a [`PathGlob`], as [`PathGlob::segments`] shows it.
+pub(crate) enum GlobSegment<'a> {
+    Literal(&'a str),
+    /// The literal runs between `*`s.
+    Wild(&'a [String]),
+    Any,
 }
 
 /// Whether the path segments in `path` match `pattern`, in at most (segments × pattern length)
@@ -127,6 +154,7 @@ impl PathGlob {
 fn match_segments<'a>(
     pattern: &[Segment],
     mut path: impl Iterator<Item = &'a str> + Clone,
+    steps: &mut usize,
 ) -> bool {
     let mut at = 0;
     // After the most recent `**`: the pattern index to resume at and the path it resumes on.
@@ -137,6 +165,7 @@ fn match_segments<'a>(
             // The path is used up: what is left of the pattern must match nothing.
             return pattern[at..].iter().all(|s| matches!(s, Segment::Any));
         };
+        *steps += 1;
         match pattern.get(at) {
             Some(Segment::Any) => {
                 at += 1;

@@ -30,6 +30,72 @@ impl Door {
     }
 }
 
+/// Bounds on a request's headers (`limits.max_header_count`, `limits.max_header_bytes`). The
+/// defaults admit what Envoy admits with its own defaults (100 headers, 60 KiB), with room for the
+/// headers Envoy adds itself before asking (`x-request-id`, `x-forwarded-*`, `x-envoy-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// Header entries, pseudo-headers and repeated names included.
+    pub max_count: usize,
+    /// Bytes of every name and value together.
+    pub max_bytes: usize,
+}
+
+impl HeaderLimits {
+    pub const DEFAULT: Self = Self {
+        max_count: 128,
+        max_bytes: 96 * 1024,
+    };
+    /// No bound (tests and tools that read any request).
+    pub const UNLIMITED: Self = Self {
+        max_count: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why a request cannot be decided on its content. The engine answers it before anything else:
+/// `400` for content that is not what its field must hold, `431` past a header limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestProblem {
+    /// A field that must be text is not UTF-8 (named as in the protobuf message).
+    NotUtf8(&'static str),
+    /// A `Decide` call that names neither an operation nor an HTTP request.
+    NothingToMatch,
+    /// More header entries than [`HeaderLimits::max_count`].
+    TooManyHeaders { count: usize, limit: usize },
+    /// Header names and values longer than [`HeaderLimits::max_bytes`] together.
+    HeadersTooLarge { bytes: usize, limit: usize },
+    /// More entries in a map stepgate reads (`context_extensions`) than it keeps.
+    TooManyEntries(&'static str),
+}
+
+impl RequestProblem {
+    /// The field a `NotUtf8` problem names, for a path: it is answered as `invalid_path`.
+    pub const PATH_FIELD: &'static str = "attributes.request.http.path";
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::NotUtf8(field) => format!("{field} is not valid UTF-8"),
+            Self::NothingToMatch => {
+                "set operation, http, or both: there is nothing to match a rule against".to_owned()
+            }
+            Self::TooManyHeaders { count, limit } => {
+                format!("the request has {count} headers, over the limit of {limit}")
+            }
+            Self::HeadersTooLarge { bytes, limit } => {
+                format!("the request's headers take {bytes} bytes, over the limit of {limit}")
+            }
+            Self::TooManyEntries(field) => format!("{field} has too many entries"),
+        }
+    }
+}
+
 /// The credential as presented, before any parsing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum PresentedCredential {
@@ -84,6 +150,8 @@ pub struct AccessRequest {
     /// included): with the policy's `max_request_headers`, whether identity headers still fit.
     pub proxy_header_count: Option<usize>,
     pub explain: bool,
+    /// Set when the content cannot be decided on: the answer is a 400 or 431 denial.
+    pub problem: Option<RequestProblem>,
 }
 
 impl AccessRequest {

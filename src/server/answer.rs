@@ -42,6 +42,7 @@ const OK: u64 = 0;
 const INVALID_ARGUMENT: u64 = 3;
 const PERMISSION_DENIED: u64 = 7;
 const RESOURCE_EXHAUSTED: u64 = 8;
+const INTERNAL: u64 = 13;
 const UNAUTHENTICATED: u64 = 16;
 
 /// A decision as the `CheckResponse` Envoy receives. Encode-only: decoding one skips every field.
@@ -97,7 +98,8 @@ fn write(out: &mut Out, d: &Decision, policy: &Policy) {
         (Outcome::Allow, _) => OK,
         (_, 400) => INVALID_ARGUMENT,
         (_, 401) => UNAUTHENTICATED,
-        (_, 431) => RESOURCE_EXHAUSTED,
+        (_, 413 | 431) => RESOURCE_EXHAUSTED,
+        (_, 500) => INTERNAL,
         _ => PERMISSION_DENIED,
     };
     out.message(1, |out| {

@@ -11,7 +11,7 @@ use crate::{
     decision::{self, Decision},
     identity::keys::{self, UnknownKid},
     policy::Policy,
-    request::{AccessRequest, Door},
+    request::{AccessRequest, Door, HeaderLimits},
     telemetry,
 };
 
@@ -36,6 +36,11 @@ impl Authorizer {
         self.policy.store(policy);
     }
 
+    /// The current policy's bounds on a request's headers.
+    pub fn header_limits(&self) -> HeaderLimits {
+        self.policy.load().header_limits
+    }
+
     /// Decides and logs one request. A token refused only for an unknown `kid` gets one bounded
     /// wait for a shared key fetch and, if the key arrived, a second decision. Returns the policy
     /// snapshot it was decided under, so that the response is rendered with the same policy even
@@ -56,6 +61,35 @@ impl Authorizer {
         }
         telemetry::log_decision(door, &decision, started.elapsed());
         (decision, policy)
+    }
+}
+
+impl Authorizer {
+    /// Answers a call that failed while it was being decided (a panic, caught at its front door):
+    /// a `500 internal_error` denial, logged and counted like any decision.
+    pub fn failed(
+        &self,
+        door: Door,
+        started: Instant,
+        panic: &str,
+    ) -> (Decision, Guard<Arc<Policy>>) {
+        tracing::error!(
+            door = door.as_str(),
+            panic,
+            "deciding a request panicked; it is refused (500 internal_error)"
+        );
+        self.refused(door, started, Decision::internal_error())
+    }
+
+    /// Logs and counts a denial made without the engine (see [`Decision::refusal`]).
+    pub fn refused(
+        &self,
+        door: Door,
+        started: Instant,
+        decision: Decision,
+    ) -> (Decision, Guard<Arc<Policy>>) {
+        telemetry::log_decision(door, &decision, started.elapsed());
+        (decision, self.policy.load())
     }
 }
 

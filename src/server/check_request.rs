@@ -13,18 +13,25 @@
 //!   is merged (its fields are read in order into the same place);
 //! - a `oneof` keeps its last member (`Address`: a later `pipe` replaces a socket address);
 //! - a map entry is a message `{key = 1, value = 2}`, either part may be absent (empty);
-//! - a field read as a `string` must be UTF-8, or the request is refused;
 //! - a field not read is skipped without being checked, so a request whose unread fields are
 //!   malformed inside (say, non-UTF-8 bytes in `destination.principal`) is decided on the fields
 //!   that are read. Its framing (tags, lengths) must still be sound.
 //!
 //! Groups (wire types 3 and 4, deprecated since proto2, absent from these protos) are refused.
+//!
+//! Only a frame that is not protobuf is an error (a gRPC `INVALID_ARGUMENT`, which Envoy treats
+//! as the authorizer failing). Content that protobuf frames correctly but that cannot be decided
+//! on is a [`RequestProblem`] the engine answers with a denial, so that `failure_mode_allow`
+//! never lets it through: a field read as a `string` that is not UTF-8, and headers past the
+//! [`HeaderLimits`]. Past a limit, entries are counted but no longer kept, so that memory stays
+//! bounded by the limits rather than by the frame (a 4 MiB frame of 2-byte header entries would
+//! otherwise cost about 16 times its size).
 //! The field numbers are those of `envoy/service/auth/v3/external_auth.proto`,
 //! `envoy/service/auth/v3/attribute_context.proto`, `envoy/config/core/v3/address.proto` and
 //! `envoy/config/core/v3/base.proto`. The tests encode envoy-types' own messages, with every field
 //! set, and compare what both decoders read.
 
-use std::ops::Range;
+use std::{cell::Cell, ops::Range};
 
 use bytes::{Buf as _, Bytes};
 use tonic::{
@@ -34,7 +41,11 @@ use tonic::{
 use tonic_prost::ProstEncoder;
 
 use super::answer::CheckAnswer;
-use crate::request::Headers;
+use crate::request::{HeaderLimits, Headers, RequestProblem};
+
+/// `context_extensions` entries kept: Envoy's come from route configuration (a handful); more is
+/// a caller that is not Envoy.
+const MAX_CONTEXT_EXTENSIONS: usize = 64;
 
 /// The fields of a `CheckRequest` that stepgate reads.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +57,43 @@ pub struct CheckRequest {
     pub source: Option<Peer>,
     /// `attributes.context_extensions`, entries in the order given.
     context_extensions: Vec<(Range<usize>, Range<usize>)>,
+    /// Why the content cannot be decided on, if it cannot.
+    pub problem: Option<RequestProblem>,
+    headers: HeaderTally,
+}
+
+/// Header entries and bytes seen, against the limits.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeaderTally {
+    limits: HeaderLimits,
+    count: usize,
+    bytes: usize,
+}
+
+impl HeaderTally {
+    /// Counts one entry of `bytes`; whether it is still within the limits (and so kept).
+    fn admit(&mut self, bytes: usize) -> bool {
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.count <= self.limits.max_count && self.bytes <= self.limits.max_bytes
+    }
+
+    fn problem(&self) -> Option<RequestProblem> {
+        let limits = self.limits;
+        if self.count > limits.max_count {
+            Some(RequestProblem::TooManyHeaders {
+                count: self.count,
+                limit: limits.max_count,
+            })
+        } else if self.bytes > limits.max_bytes {
+            Some(RequestProblem::HeadersTooLarge {
+                bytes: self.bytes,
+                limit: limits.max_bytes,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// `AttributeContext.HttpRequest`: strings are positions in the request's buffer.
@@ -95,18 +143,23 @@ pub struct RawHeaderRef<'a> {
 }
 
 impl CheckRequest {
-    /// Reads a serialized `CheckRequest`.
+    /// Reads a serialized `CheckRequest`, keeping headers within `limits`. Content that cannot
+    /// be decided on is noted in [`CheckRequest::problem`], not refused.
     ///
     /// # Errors
-    /// When the bytes are not a well-formed protobuf message, or a field read as a string is not
-    /// UTF-8; the message names the field.
-    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+    /// When the bytes are not a well-formed protobuf message; the message names the field.
+    pub fn decode(buf: Bytes, limits: HeaderLimits) -> Result<Self, DecodeError> {
         let mut request = Self {
             buf,
+            headers: HeaderTally {
+                limits,
+                ..HeaderTally::default()
+            },
             ..Self::default()
         };
         let buf = request.buf.clone();
-        let mut reader = Reader::new(&buf, 0..buf.len());
+        let not_utf8 = Cell::new(None);
+        let mut reader = Reader::new(&buf, 0..buf.len(), &not_utf8);
         while let Some((field, wire)) = reader.key()? {
             match field {
                 1 => {
@@ -116,6 +169,11 @@ impl CheckRequest {
                 _ => reader.skip(wire)?,
             }
         }
+        request.problem = not_utf8
+            .get()
+            .map(RequestProblem::NotUtf8)
+            .or(request.problem.take())
+            .or_else(|| request.headers.problem());
         Ok(request)
     }
 
@@ -132,10 +190,15 @@ impl CheckRequest {
                     self.request(request)?;
                 }
                 10 => {
-                    let entry = reader.message(wire, "attributes.context_extensions")?;
-                    let (key, value) =
-                        map_entry(entry, "attributes.context_extensions", Reader::string)?;
-                    self.context_extensions.push((key, value));
+                    const FIELD: &str = "attributes.context_extensions";
+                    let entry = reader.message(wire, FIELD)?;
+                    let (key, value) = map_entry(entry, FIELD, Reader::string)?;
+                    if self.context_extensions.len() < MAX_CONTEXT_EXTENSIONS {
+                        self.context_extensions.push((key, value));
+                    } else {
+                        self.problem
+                            .get_or_insert(RequestProblem::TooManyEntries(FIELD));
+                    }
                 }
                 _ => reader.skip(wire)?,
             }
@@ -154,7 +217,7 @@ impl CheckRequest {
                         headers: Headers::in_buffer(buf, 16),
                         ..HttpRequest::default()
                     });
-                    read_http(http, target)?;
+                    read_http(http, target, &mut self.headers)?;
                 }
                 _ => reader.skip(wire)?,
             }
@@ -163,7 +226,8 @@ impl CheckRequest {
     }
 
     fn text(&self, range: &Range<usize>) -> &str {
-        // Every range kept was checked to be UTF-8 by `Reader::string`.
+        // Every range kept was checked to be UTF-8 by `Reader::string` (one that was not is kept
+        // as an empty range, and noted).
         std::str::from_utf8(&self.buf[range.clone()]).unwrap_or_default()
     }
 
@@ -264,8 +328,12 @@ fn read_address(mut reader: Reader<'_>, address: &mut Address) -> Result<(), Dec
 }
 
 /// `AttributeContext.HttpRequest`: `method` = 2, `headers` = 3, `path` = 4, `host` = 5,
-/// `header_map` = 13.
-fn read_http(mut reader: Reader<'_>, http: &mut HttpRequest) -> Result<(), DecodeError> {
+/// `header_map` = 13. Header entries of both kinds count against one tally.
+fn read_http(
+    mut reader: Reader<'_>,
+    http: &mut HttpRequest,
+    tally: &mut HeaderTally,
+) -> Result<(), DecodeError> {
     const HEADERS: &str = "attributes.request.http.headers";
     while let Some((field, wire)) = reader.key()? {
         match field {
@@ -274,11 +342,11 @@ fn read_http(mut reader: Reader<'_>, http: &mut HttpRequest) -> Result<(), Decod
                 let entry = reader.message(wire, HEADERS)?;
                 // Bytes here: `Headers::push` checks them as UTF-8 (once).
                 let (key, value) = map_entry(entry, HEADERS, Reader::bytes)?;
-                http.headers
-                    .push(key, value)
-                    .map_err(|_| DecodeError::not_utf8(HEADERS))?;
+                if tally.admit(key.len() + value.len()) && http.headers.push(key, value).is_err() {
+                    reader.not_utf8(HEADERS);
+                }
             }
-            4 => http.path = reader.string(wire, "attributes.request.http.path")?,
+            4 => http.path = reader.string(wire, RequestProblem::PATH_FIELD)?,
             5 => http.host = reader.string(wire, "attributes.request.http.host")?,
             13 => {
                 let mut map = reader.message(wire, "attributes.request.http.header_map")?;
@@ -286,7 +354,11 @@ fn read_http(mut reader: Reader<'_>, http: &mut HttpRequest) -> Result<(), Decod
                     match field {
                         1 => {
                             let value = map.message(wire, "header_map.headers")?;
-                            http.raw_headers.push(raw_header(value)?);
+                            let raw = raw_header(value)?;
+                            let bytes = raw.key.len() + raw.value.len() + raw.raw_value.len();
+                            if tally.admit(bytes) {
+                                http.raw_headers.push(raw);
+                            }
                         }
                         _ => map.skip(wire)?,
                     }
@@ -317,7 +389,7 @@ fn raw_header(mut reader: Reader<'_>) -> Result<RawHeader, DecodeError> {
 fn map_entry<'a>(
     mut reader: Reader<'a>,
     map: &'static str,
-    read: fn(&mut Reader<'a>, Wire, &str) -> Result<Range<usize>, DecodeError>,
+    read: fn(&mut Reader<'a>, Wire, &'static str) -> Result<Range<usize>, DecodeError>,
 ) -> Result<(Range<usize>, Range<usize>), DecodeError> {
     let (mut key, mut value) = (0..0, 0..0);
     while let Some((field, wire)) = reader.key()? {
@@ -343,11 +415,6 @@ pub struct DecodeError(Box<String>);
 
 /// Built only on the error path, so kept out of line.
 impl DecodeError {
-    #[cold]
-    fn not_utf8(field: &str) -> Self {
-        Self::new(format!("{field}: a string that is not UTF-8"))
-    }
-
     #[cold]
     fn bad_key(key: u64) -> Self {
         match key & 7 {
@@ -389,17 +456,28 @@ enum Wire {
 }
 
 /// Reads one message's fields: `rest` is what is left of it, `at` where `rest` starts in the
-/// whole request (ranges handed out are positions in the request).
+/// whole request (ranges handed out are positions in the request). `not_utf8`, shared by the
+/// readers of one request, names the first field read as a string that was not UTF-8.
 struct Reader<'a> {
     rest: &'a [u8],
     at: usize,
+    not_utf8: &'a Cell<Option<&'static str>>,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], range: Range<usize>) -> Self {
+    fn new(buf: &'a [u8], range: Range<usize>, not_utf8: &'a Cell<Option<&'static str>>) -> Self {
         Self {
             at: range.start,
             rest: &buf[range],
+            not_utf8,
+        }
+    }
+
+    /// Notes `field` as not UTF-8 (unless an earlier field was).
+    #[cold]
+    fn not_utf8(&self, field: &'static str) {
+        if self.not_utf8.get().is_none() {
+            self.not_utf8.set(Some(field));
         }
     }
 
@@ -479,20 +557,25 @@ impl<'a> Reader<'a> {
         Ok(Reader {
             rest: bytes,
             at: range.start,
+            not_utf8: self.not_utf8,
         })
     }
 
-    /// A `string` field: its range, checked to be UTF-8.
+    /// A `string` field: its range, checked to be UTF-8. One that is not is noted and read as
+    /// empty: the request is then answered as unusable, whatever else it holds.
     #[inline]
-    fn string(&mut self, wire: Wire, field: &str) -> Result<Range<usize>, DecodeError> {
+    fn string(&mut self, wire: Wire, field: &'static str) -> Result<Range<usize>, DecodeError> {
         let (range, bytes) = self.len_delimited_field(wire, field)?;
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::not_utf8(field))?;
+        if std::str::from_utf8(bytes).is_err() {
+            self.not_utf8(field);
+            return Ok(range.start..range.start);
+        }
         Ok(range)
     }
 
     /// A `bytes` field: its range.
     #[inline]
-    fn bytes(&mut self, wire: Wire, field: &str) -> Result<Range<usize>, DecodeError> {
+    fn bytes(&mut self, wire: Wire, field: &'static str) -> Result<Range<usize>, DecodeError> {
         Ok(self.len_delimited_field(wire, field)?.0)
     }
 
@@ -524,9 +607,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The `Check` method's codec: [`CheckRequest`] in, [`CheckAnswer`] out (prost encodes it).
+/// The `Check` method's codec: [`CheckRequest`] in (headers within the current policy's limits),
+/// [`CheckAnswer`] out (prost encodes it).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CheckCodec;
+pub struct CheckCodec(pub HeaderLimits);
 
 impl Codec for CheckCodec {
     type Encode = CheckAnswer;
@@ -539,13 +623,13 @@ impl Codec for CheckCodec {
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        CheckDecoder
+        CheckDecoder(self.0)
     }
 }
 
 /// Takes the gRPC frame's bytes (no copy when the frame arrived whole) and reads them.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CheckDecoder;
+pub struct CheckDecoder(HeaderLimits);
 
 impl Decoder for CheckDecoder {
     type Item = CheckRequest;
@@ -553,7 +637,7 @@ impl Decoder for CheckDecoder {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckRequest>, Status> {
         let bytes = src.copy_to_bytes(src.remaining());
-        CheckRequest::decode(bytes)
+        CheckRequest::decode(bytes, self.0)
             .map(Some)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }

@@ -1,13 +1,15 @@
 //! `stepgate.v1.DecisionService/Decide`: a thin adapter from `DecideRequest` to `AccessRequest` and
-//! from `Decision` back to `DecideResponse`. Policy outcomes are OK responses; only an unusable
-//! request is a gRPC error.
+//! from `Decision` back to `DecideResponse`. Every request that arrives as a `DecideRequest` is
+//! answered with a decision, an unusable one too (a `400` denial naming what is wrong), and so is
+//! a panic while deciding (`500 internal_error`): a gRPC error means stepgate itself could not
+//! answer, and a caller may treat that differently.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use serde_json::Map;
 use tonic::{Request, Response, Status};
 
-use super::authorizer::Authorizer;
+use super::{authorizer::Authorizer, catch_panic::catch_panic};
 use crate::{
     api::{
         self,
@@ -19,7 +21,10 @@ use crate::{
     decision::{Decision, Outcome},
     identity::{Credential, CredentialProblem, bearer},
     policy::Upstream,
-    request::{AccessRequest, Door, Headers, HttpAttributes, PresentedCredential},
+    request::{
+        AccessRequest, Door, HeaderLimits, Headers, HttpAttributes, PresentedCredential,
+        RequestProblem,
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -39,16 +44,41 @@ impl DecisionService for Decide {
         &self,
         request: Request<DecideRequest>,
     ) -> Result<Response<DecideResponse>, Status> {
-        let access = access_request(request.into_inner())?;
-        let (decision, policy) = self.authorizer.decide(&access, Door::Decide).await;
-        Ok(Response::new(decide_response(&decision, &policy.upstream)))
+        let started = Instant::now();
+        let authorizer = &self.authorizer;
+        let response = catch_panic(Box::pin(async {
+            let access = access_request(request.into_inner(), authorizer.header_limits());
+            let (decision, policy) = authorizer.decide(&access, Door::Decide).await;
+            decide_response(&decision, &policy.upstream)
+        }))
+        .await
+        .unwrap_or_else(|panic: String| {
+            let (decision, policy) = authorizer.failed(Door::Decide, started, &panic);
+            decide_response(&decision, &policy.upstream)
+        });
+        Ok(Response::new(response))
     }
 }
 
-/// Reads a `DecideRequest`. Errors are `INVALID_ARGUMENT` with a message naming the field.
-pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
+/// Reads a `DecideRequest`. What cannot be decided on (neither an operation nor an HTTP request,
+/// headers past `limits`) is noted as the request's problem, answered with a denial.
+pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessRequest {
     let operation = Some(request.operation).filter(|o| !o.is_empty());
+    let mut problem = None;
     let http = request.http.map(|h| {
+        let count = h.headers.len();
+        let bytes: usize = h.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if count > limits.max_count {
+            problem = Some(RequestProblem::TooManyHeaders {
+                count,
+                limit: limits.max_count,
+            });
+        } else if bytes > limits.max_bytes {
+            problem = Some(RequestProblem::HeadersTooLarge {
+                bytes,
+                limit: limits.max_bytes,
+            });
+        }
         // `Headers` folds the names to lower case.
         let headers: Headers = h.headers.into_iter().collect();
         let method = if h.method.is_empty() {
@@ -59,14 +89,7 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         HttpAttributes::new(method, &h.host, &h.path, headers)
     });
     if operation.is_none() && http.is_none() {
-        return Err(Status::invalid_argument(
-            "set operation, http, or both: there is nothing to match a rule against",
-        ));
-    }
-    if let Some(http) = &http
-        && !http.target.starts_with('/')
-    {
-        return Err(Status::invalid_argument("http.path must start with /"));
+        problem = Some(RequestProblem::NothingToMatch);
     }
     let header_value = http
         .as_ref()
@@ -96,7 +119,7 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
             }
         }
     };
-    Ok(AccessRequest {
+    AccessRequest {
         credential,
         operation,
         http,
@@ -108,7 +131,8 @@ pub fn access_request(request: DecideRequest) -> Result<AccessRequest, Status> {
         source: None,
         proxy_header_count: None,
         explain: request.explain,
-    })
+        problem,
+    }
 }
 
 pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
@@ -193,9 +217,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        access_request(request)
-            .expect("a usable request")
-            .credential
+        access_request(request, HeaderLimits::DEFAULT).credential
     }
 
     #[test]

@@ -11,10 +11,10 @@
 //! own `CheckResponse`: stepgate reads the request through its narrower view and answers with
 //! [`CheckAnswer`], the same message encoded straight from the decision.
 
-use std::{borrow::Cow, collections::HashMap, convert::Infallible, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, convert::Infallible, sync::Arc, time::Instant};
 
 use tonic::{
-    Request, Response, Status,
+    Code, Request, Response, Status,
     body::Body,
     codegen::{BoxFuture, Context, Poll, Service, http},
     server::{Grpc, NamedService, UnaryService},
@@ -23,11 +23,13 @@ use tonic::{
 use super::{
     answer::CheckAnswer,
     authorizer::Authorizer,
+    catch_panic::catch_panic,
     check_request::{CheckCodec, CheckRequest},
 };
 use crate::{
+    decision::{Decision, Reason},
     identity::CredentialProblem,
-    request::{AccessRequest, Door, HttpAttributes, Peer, PresentedCredential},
+    request::{AccessRequest, Door, HeaderLimits, HttpAttributes, Peer, PresentedCredential},
 };
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -36,11 +38,16 @@ const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 #[derive(Debug, Clone)]
 pub struct ExtAuthz {
     authorizer: Arc<Authorizer>,
+    /// Largest `CheckRequest` frame read; a larger one is answered 413 without being read.
+    max_message_bytes: usize,
 }
 
 impl ExtAuthz {
-    pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self { authorizer }
+    pub fn new(authorizer: Arc<Authorizer>, max_message_bytes: usize) -> Self {
+        Self {
+            authorizer,
+            max_message_bytes,
+        }
     }
 }
 
@@ -61,15 +68,57 @@ impl Service<http::Request<Body>> for ExtAuthz {
         if request.uri().path() != CHECK_PATH {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let check = Check(Arc::clone(&self.authorizer));
+        let authorizer = Arc::clone(&self.authorizer);
+        let max_message_bytes = self.max_message_bytes;
         Box::pin(async move {
-            let mut grpc = Grpc::new(CheckCodec);
-            Ok(grpc.unary(check, request).await)
+            let started = Instant::now();
+            let check = Check(Arc::clone(&authorizer));
+            let mut grpc = Grpc::new(CheckCodec(authorizer.header_limits()))
+                .max_decoding_message_size(max_message_bytes);
+            let response = grpc.unary(check, request).await;
+            // tonic refuses a frame over the limit before reading it, as OUT_OF_RANGE: a gRPC
+            // error, which Envoy's `failure_mode_allow` would let through. Answer a denial.
+            if grpc_status(&response) == Some(Code::OutOfRange) {
+                let refusal = Decision::refusal(
+                    413,
+                    Reason::RequestTooLarge,
+                    "the CheckRequest is larger than stepgate reads (--max-message-bytes)",
+                );
+                let (decision, policy) = authorizer.refused(Door::Check, started, refusal);
+                return Ok(answer_without_request(CheckAnswer::new(decision, &policy)).await);
+            }
+            Ok(response)
         })
     }
 }
 
-/// One `Check` call: decide, log, answer.
+fn grpc_status(response: &http::Response<Body>) -> Option<Code> {
+    let value = response.headers().get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(value.parse().ok()?))
+}
+
+/// An OK gRPC response carrying `answer`, made by tonic as for any call (a request whose frame
+/// is an empty message stands in for the one that could not be read).
+async fn answer_without_request(answer: CheckAnswer) -> http::Response<Body> {
+    struct Canned(Option<CheckAnswer>);
+    impl UnaryService<CheckRequest> for Canned {
+        type Response = CheckAnswer;
+        type Future = std::future::Ready<Result<Response<CheckAnswer>, Status>>;
+        fn call(&mut self, _: Request<CheckRequest>) -> Self::Future {
+            let answer = self.0.take().expect("one call per request");
+            std::future::ready(Ok(Response::new(answer)))
+        }
+    }
+    const EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
+    let empty = http::Request::new(Body::new(http_body_util::Full::new(
+        bytes::Bytes::from_static(EMPTY_MESSAGE),
+    )));
+    Grpc::new(CheckCodec(HeaderLimits::UNLIMITED))
+        .unary(Canned(Some(answer)), empty)
+        .await
+}
+
+/// One `Check` call: decide, log, answer; a panic on the way is answered `500 internal_error`.
 struct Check(Arc<Authorizer>);
 
 impl UnaryService<CheckRequest> for Check {
@@ -79,9 +128,18 @@ impl UnaryService<CheckRequest> for Check {
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
         let authorizer = Arc::clone(&self.0);
         Box::pin(async move {
-            let access = access_request(request.into_inner());
-            let (decision, policy) = authorizer.decide(&access, Door::Check).await;
-            Ok(Response::new(CheckAnswer::new(decision, &policy)))
+            let started = Instant::now();
+            let answer = catch_panic(Box::pin(async {
+                let access = access_request(request.into_inner());
+                let (decision, policy) = authorizer.decide(&access, Door::Check).await;
+                CheckAnswer::new(decision, &policy)
+            }))
+            .await
+            .unwrap_or_else(|panic: String| {
+                let (decision, policy) = authorizer.failed(Door::Check, started, &panic);
+                CheckAnswer::new(decision, &policy)
+            });
+            Ok(Response::new(answer))
         })
     }
 }
@@ -154,6 +212,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         source,
         proxy_header_count,
         explain: false,
+        problem: check.problem,
     }
 }
 
@@ -224,7 +283,7 @@ mod tests {
 
     use envoy_types::pb::envoy::{
         config::core::v3::{HeaderMap, HeaderValue},
-        service::auth::v3::CheckRequest as EnvoyCheckRequest,
+        service::auth::v3::{CheckRequest as EnvoyCheckRequest, CheckResponse},
     };
     use prost::Message as _;
 
@@ -234,7 +293,7 @@ mod tests {
     /// What stepgate reads from the request as envoy-types encodes it.
     fn access(check: EnvoyCheckRequest) -> AccessRequest {
         let bytes = check.encode_to_vec();
-        access_request(CheckRequest::decode(bytes.into()).expect("decodes"))
+        access_request(CheckRequest::decode(bytes.into(), HeaderLimits::DEFAULT).expect("decodes"))
     }
 
     /// The bearer token the request presents, if its credential is usable.
@@ -433,14 +492,100 @@ mod tests {
         crate::demo::envoy_check_request("GET", "api.example.com", "/accounts/42", "t")
     }
 
-    fn grpc_status(response: &http::Response<Body>) -> Option<&[u8]> {
+    fn status_header(response: &http::Response<Body>) -> Option<&[u8]> {
         response.headers().get("grpc-status").map(|v| v.as_bytes())
+    }
+
+    fn service(max_message_bytes: usize) -> ExtAuthz {
+        let policy = compile_policy(DEMO_POLICY);
+        ExtAuthz::new(
+            Arc::new(Authorizer::new(Arc::new(policy))),
+            max_message_bytes,
+        )
+    }
+
+    fn check_call(frame: Vec<u8>) -> http::Request<Body> {
+        http::Request::builder()
+            .method("POST")
+            .uri(CHECK_PATH)
+            .header("content-type", "application/grpc")
+            .body(Body::new(http_body_util::Full::new(bytes::Bytes::from(
+                frame,
+            ))))
+            .unwrap()
+    }
+
+    /// The `CheckResponse` of a successful call, and its trailers' `grpc-status`.
+    async fn answered(response: http::Response<Body>) -> (String, CheckResponse) {
+        use http_body_util::BodyExt as _;
+        assert_eq!(status_header(&response), None, "{response:?}");
+        let collected = response.into_body().collect().await.expect("a body");
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = collected.to_bytes();
+        let message = CheckResponse::decode(&bytes[5..]).expect("a CheckResponse");
+        (status, message)
+    }
+
+    /// A gRPC frame (uncompressed) around `message`.
+    fn frame(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((message.len() as u32).to_be_bytes());
+        out.extend(message);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_size_limit_is_a_413_denial_not_a_grpc_error() {
+        let big = check_with_headers(&[("x-filler", &"f".repeat(5000))]).encode_to_vec();
+        let response = service(4096).call(check_call(frame(&big))).await.unwrap();
+        let (status, answer) = answered(response).await;
+        assert_eq!(status, "0");
+        assert_eq!(answer.status.as_ref().map(|s| s.code), Some(8));
+        let denied = answer.http_response.expect("a denial");
+        let envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::DeniedResponse(
+            denied,
+        ) = denied
+        else {
+            panic!("not a denial: {denied:?}");
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(413));
+        assert!(denied.body.contains("request_too_large"), "{}", denied.body);
+        // Under the limit, the same request is decided.
+        let response = service(64 * 1024)
+            .call(check_call(frame(&big)))
+            .await
+            .unwrap();
+        let (_, answer) = answered(response).await;
+        assert_eq!(answer.status.map(|s| s.code), Some(16), "no token: 401");
+    }
+
+    #[tokio::test]
+    async fn content_that_is_not_utf8_is_a_400_denial_not_a_grpc_error() {
+        let mut check = check_with_headers(&[]);
+        http_of(&mut check).path = "/x".into();
+        let mut bytes = check.encode_to_vec();
+        let at = bytes.windows(2).position(|w| w == b"/x").unwrap();
+        bytes[at + 1] = 0xff;
+        let response = service(64 * 1024)
+            .call(check_call(frame(&bytes)))
+            .await
+            .unwrap();
+        let (status, answer) = answered(response).await;
+        assert_eq!(status, "0");
+        assert_eq!(answer.status.as_ref().map(|s| s.code), Some(3));
+        assert_eq!(
+            answer.status.map(|s| s.message).as_deref(),
+            Some("invalid_path")
+        );
     }
 
     #[tokio::test]
     async fn a_request_that_is_not_protobuf_is_an_invalid_argument() {
-        let policy = compile_policy(DEMO_POLICY);
-        let mut service = ExtAuthz::new(Arc::new(Authorizer::new(Arc::new(policy))));
+        let mut service = service(4 * 1024 * 1024);
         // One gRPC frame (uncompressed, 2 bytes): field 1, length 5, with nothing after.
         let frame: &[u8] = &[0, 0, 0, 0, 2, 0x0a, 0x05];
         let request = http::Request::builder()
@@ -452,7 +597,7 @@ mod tests {
             )))
             .unwrap();
         let response = service.call(request).await.unwrap();
-        assert_eq!(grpc_status(&response), Some(&b"3"[..]), "{response:?}");
+        assert_eq!(status_header(&response), Some(&b"3"[..]), "{response:?}");
         let message = response
             .headers()
             .get("grpc-message")
@@ -468,13 +613,12 @@ mod tests {
 
     #[tokio::test]
     async fn other_methods_of_the_service_are_unimplemented() {
-        let policy = compile_policy(DEMO_POLICY);
-        let mut service = ExtAuthz::new(Arc::new(Authorizer::new(Arc::new(policy))));
+        let mut service = service(4 * 1024 * 1024);
         let request = http::Request::builder()
             .uri("/envoy.service.auth.v3.Authorization/Report")
             .body(Body::empty())
             .unwrap();
         let response = service.call(request).await.unwrap();
-        assert_eq!(grpc_status(&response), Some(&b"12"[..]), "{response:?}");
+        assert_eq!(status_header(&response), Some(&b"12"[..]), "{response:?}");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod answer;
 pub mod authorizer;
+mod catch_panic;
 pub mod check_request;
 mod conn;
 pub mod decide;
@@ -13,8 +14,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::StreamExt as _;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use authorizer::Authorizer;
@@ -37,6 +37,33 @@ pub struct ServeOptions {
     /// Where to serve Prometheus metrics (`GET /metrics`); `None` turns them off.
     pub metrics_listen: Option<SocketAddr>,
     pub ready_when: ReadyWhen,
+    pub limits: TransportLimits,
+}
+
+/// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
+/// transport (a `Check` frame over the size is answered `413` instead, see `ext_authz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Largest request message read (`Check` and `Decide`).
+    pub max_message_bytes: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// Open connections; further clients wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Longest a call may take, reading its request included (a client's shorter `grpc-timeout`
+    /// wins); past it the call ends with `CANCELLED`.
+    pub request_timeout: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            max_connections: 10_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// When gRPC health reports SERVING.
@@ -105,23 +132,31 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|accepted| accepted.map(conn::Batched));
+    let limits = options.limits;
+    let incoming = conn::incoming(listener, limits.max_connections);
     tracing::info!(addr = %local, "stepgate listening on {local}");
 
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // Envoy multiplexes many Checks over few connections: a roomy connection window and a
         // stream limit that still bounds one misbehaving client.
         .initial_connection_window_size(Some(1024 * 1024))
         .initial_stream_window_size(Some(256 * 1024))
-        .max_concurrent_streams(Some(1024))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_max_header_list_size(Some(64 * 1024))
+        .timeout(limits.request_timeout)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ext_authz::ExtAuthz::new(Arc::clone(&authorizer)))
-        .add_service(DecisionServiceServer::new(decide::Decide::new(authorizer)))
+        .add_service(ext_authz::ExtAuthz::new(
+            Arc::clone(&authorizer),
+            limits.max_message_bytes,
+        ))
+        .add_service(
+            DecisionServiceServer::new(decide::Decide::new(authorizer))
+                .max_decoding_message_size(limits.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("gRPC server failed")?;

@@ -68,6 +68,8 @@ pub struct Metrics {
     unknown_kids: DashMap<(String, &'static str), AtomicU64>,
     /// One counter per [`CacheEvent`], by discriminant.
     token_cache: [AtomicU64; CacheEvent::ALL.len()],
+    grpc_connections: AtomicI64,
+    accept_errors: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,8 @@ impl Default for Metrics {
             reloads: DashMap::new(),
             unknown_kids: DashMap::new(),
             token_cache: Default::default(),
+            grpc_connections: AtomicI64::new(0),
+            accept_errors: AtomicU64::new(0),
         }
     }
 }
@@ -139,6 +143,18 @@ impl Metrics {
 
     pub fn record_token_cache(&self, event: CacheEvent) {
         self.token_cache[event as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.grpc_connections.fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.grpc_connections.fetch_sub(1, Relaxed);
+    }
+
+    pub fn record_accept_error(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
     }
 
     pub fn record_reload(&self, ok: bool) {

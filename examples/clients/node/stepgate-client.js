@@ -111,10 +111,11 @@ function toValue(value) {
  * apply. At least one of the two is required. `attributes` is a plain object for the policy's
  * conditions, sent as a Struct.
  *
- * Every policy outcome, DENY included, is an OK gRPC status: read `outcome`. The promise rejects
- * with a gRPC error (`err.code`, `err.details`) when the request was unusable (INVALID_ARGUMENT)
- * or stepgate could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...); the caller must treat that
- * as "not allowed" — `authorize` does.
+ * Every request is answered with an OK gRPC status: read `outcome`. That holds for DENY, for a
+ * request stepgate cannot decide on (`400 malformed_request`: neither operation nor http) and for
+ * a failure inside stepgate (`500 internal_error`). The promise rejects with a gRPC error
+ * (`err.code`, `err.details`) only when stepgate could not answer at all (UNAVAILABLE,
+ * DEADLINE_EXCEEDED, ...); the caller must treat that as "not allowed" — `authorize` does.
  */
 export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } = {}) {
   const { authorization, token, operation = '', method, path: target, host, headers } = request;

@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import {
-  ALLOW, DENY, STEP_UP, authorize, createClient, decide, failClosed, toHttpReply, toStruct,
+  ALLOW, DENY, STEP_UP, authorize, createClient, decide, toHttpReply, toStruct,
 } from './stepgate-client.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -239,12 +239,10 @@ describe('stepgate Decide (live)', () => {
     });
   });
 
-  test('neither operation nor http is INVALID_ARGUMENT', async () => {
-    await assert.rejects(decide(client, {}), (error) => {
-      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
-      assert.match(error.details, /set operation, http, or both/);
-      return true;
-    });
+  test('neither operation nor http is a 400 denial, not a gRPC error', async () => {
+    const r = await decide(client, {});
+    assert.deepEqual([r.outcome, r.http_status, r.reason], [DENY, 400, 'malformed_request']);
+    assert.match(r.message, /set operation, http, or both/);
   });
 
   // --- toHttpReply / authorize ---------------------------------------------------------------------
@@ -298,10 +296,10 @@ describe('stepgate Decide (live)', () => {
     assert.equal(JSON.parse(reply.body).error, 'insufficient_user_authentication');
   });
 
-  test('reply: INVALID_ARGUMENT fails closed', async () => {
+  test('reply: an unusable request is 400', async () => {
     const reply = await authorize(client, {});
-    assert.deepEqual(reply, failClosed());
-    assert.equal(reply.status, 503);
+    assert.equal(reply.status, 400);
+    assert.equal(JSON.parse(reply.body).reason, 'malformed_request');
   });
 
   test('reply: an unreachable stepgate fails closed', async () => {

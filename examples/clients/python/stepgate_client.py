@@ -100,10 +100,11 @@ def decide(
     route rules apply. At least one of the two is required. ``attributes`` is a plain dict sent
     as a ``google.protobuf.Struct`` for the policy's conditions (numbers arrive as doubles).
 
-    Every policy outcome, DENY included, is an OK gRPC status: read ``outcome``. A gRPC error
-    (``grpc.RpcError``) means the request to stepgate was unusable (INVALID_ARGUMENT) or stepgate
-    could not answer (UNAVAILABLE, DEADLINE_EXCEEDED, ...); it is raised, and the caller must treat
-    it as "not allowed" -- ``authorize`` does.
+    Every request is answered with an OK gRPC status: read ``outcome``. That holds for DENY, for a
+    request stepgate cannot decide on (``400 malformed_request``: neither operation nor http) and
+    for a failure inside stepgate (``500 internal_error``). A gRPC error (``grpc.RpcError``) means
+    stepgate could not answer at all (UNAVAILABLE, DEADLINE_EXCEEDED, ...); it is raised, and the
+    caller must treat it as "not allowed" -- ``authorize`` does.
     """
     if authorization is not None and token is not None:
         raise ValueError("pass authorization or token, not both (they are one oneof)")

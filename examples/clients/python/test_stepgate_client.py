@@ -220,11 +220,10 @@ def test_risk_escalation_by_amount(channel, mint, amount, outcome, missing):
         assert r.www_authenticate.endswith(f'claims="{r.step_up.claims_base64}"')
 
 
-def test_invalid_request_is_a_grpc_error(channel):
-    with pytest.raises(grpc.RpcError) as raised:
-        sg.decide(channel)  # neither operation nor http: nothing to match a rule against
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "set operation, http, or both" in raised.value.details()
+def test_unusable_request_is_a_400_denial_not_a_grpc_error(channel):
+    r = sg.decide(channel)  # neither operation nor http: nothing to match a rule against
+    assert (r.outcome, r.http_status, r.reason) == (sg.DENY, 400, "malformed_request")
+    assert "set operation, http, or both" in r.message
 
 
 # --- to_http_reply / authorize ----------------------------------------------------------------------
@@ -277,10 +276,10 @@ def test_reply_rfc9470_step_up(channel, mint):
     assert json.loads(reply.body)["error"] == "insufficient_user_authentication"
 
 
-def test_reply_fails_closed_on_invalid_argument(channel):
-    reply = sg.authorize(channel)  # INVALID_ARGUMENT from stepgate
-    assert reply == sg.fail_closed()
-    assert reply.status == 503
+def test_reply_to_an_unusable_request_is_400(channel):
+    reply = sg.authorize(channel)  # neither operation nor http
+    assert reply.status == 400
+    assert json.loads(reply.body)["reason"] == "malformed_request"
     assert "x-stepgate-subject" not in reply.headers
 
 

@@ -3,7 +3,7 @@
 //! merges), for every truncation, and for random corruptions (where the decoder must never panic
 //! and may only refuse what prost refuses too).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use envoy_types::pb::envoy::{
     config::core::v3::{
@@ -18,114 +18,11 @@ use envoy_types::pb::envoy::{
 use prost::Message as _;
 
 use super::*;
+use crate::fuzzing::check_request::{check as agree, ours, theirs};
 
-/// What stepgate reads, as plain values, for comparing the two decoders.
-#[derive(Debug, PartialEq, Eq)]
-struct Read {
-    http: Option<ReadHttp>,
-    source: Option<(Option<String>, String)>,
-    context: BTreeMap<String, String>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct ReadHttp {
-    method: String,
-    path: String,
-    host: String,
-    /// `None` when two names differ only in case (prost keeps both, stepgate folds them).
-    headers: Option<BTreeMap<String, String>>,
-    raw: Vec<(String, String, Vec<u8>)>,
-}
-
-fn ours(request: &CheckRequest) -> Read {
-    let http = request.http.as_ref().map(|h| ReadHttp {
-        method: request.method().to_owned(),
-        path: request.path().to_owned(),
-        host: request.host().to_owned(),
-        headers: Some(
-            h.headers
-                .iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        ),
-        raw: request
-            .raw_headers()
-            .map(|r| (r.key.to_owned(), r.value.to_owned(), r.raw_value.to_vec()))
-            .collect(),
-    });
-    Read {
-        http,
-        source: request.source.as_ref().map(|_| {
-            (
-                request.source_address().map(str::to_owned),
-                request.source_principal().unwrap_or_default().to_owned(),
-            )
-        }),
-        context: request
-            .context_extensions()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-    }
-}
-
-fn theirs(request: &EnvoyCheckRequest) -> Read {
-    let attributes = request.attributes.clone().unwrap_or_default();
-    let http = attributes.request.and_then(|r| r.http).map(|h| {
-        let folded: BTreeMap<String, String> = h
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-            .collect();
-        ReadHttp {
-            method: h.method,
-            path: h.path,
-            host: h.host,
-            headers: (folded.len() == h.headers.len()).then_some(folded),
-            raw: h
-                .header_map
-                .map(|m| m.headers)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| (r.key, r.value, r.raw_value))
-                .collect(),
-        }
-    });
-    let source = attributes.source.map(|peer| {
-        let ip = match peer.address.and_then(|a| a.address) {
-            Some(EnvoyAddressKind::SocketAddress(socket)) => Some(socket.address),
-            _ => None,
-        };
-        (ip, peer.principal)
-    });
-    Read {
-        http,
-        source,
-        context: attributes.context_extensions.into_iter().collect(),
-    }
-}
-
-/// Both decoders on `bytes`: equal reads when both accept; stepgate refuses only what prost
-/// refuses too (groups aside, which stepgate refuses everywhere); never a panic.
-fn agree(bytes: &[u8]) {
-    let envoy = EnvoyCheckRequest::decode(bytes);
-    match (CheckRequest::decode(Bytes::copy_from_slice(bytes)), envoy) {
-        (Ok(ours_request), Ok(envoy)) => {
-            let (mut a, b) = (ours(&ours_request), theirs(&envoy));
-            // Where prost kept two names that fold together, compare everything but the headers.
-            if let (Some(h), Some(t)) = (&mut a.http, &b.http)
-                && t.headers.is_none()
-            {
-                h.headers = None;
-            }
-            assert_eq!(a, b, "bytes {bytes:02x?}");
-        }
-        (Ok(_), Err(_)) => {} // an unread field prost refused
-        (Err(e), Ok(_)) => assert!(
-            e.to_string().contains("groups are not used here"),
-            "refused what prost accepts: {e}, bytes {bytes:02x?}"
-        ),
-        (Err(_), Err(_)) => {}
-    }
+/// Reads `bytes` with no header limits.
+fn decode(bytes: impl Into<Bytes>) -> Result<CheckRequest, DecodeError> {
+    CheckRequest::decode(bytes.into(), HeaderLimits::UNLIMITED)
 }
 
 fn socket(ip: &str) -> EnvoyAddress {
@@ -196,7 +93,7 @@ fn full_request() -> EnvoyCheckRequest {
 fn every_field_read_agrees_with_envoy_types() {
     let envoy = full_request();
     let bytes = envoy.encode_to_vec();
-    let request = CheckRequest::decode(Bytes::from(bytes.clone())).expect("decodes");
+    let request = decode(bytes.clone()).expect("decodes");
     assert_eq!(request.method(), "POST");
     assert_eq!(request.path(), "/accounts/42?x=1");
     assert_eq!(request.host(), "api.example.com:443");
@@ -222,7 +119,7 @@ fn every_field_read_agrees_with_envoy_types() {
 
 #[test]
 fn an_empty_request_reads_as_nothing() {
-    let request = CheckRequest::decode(Bytes::new()).expect("decodes");
+    let request = decode(Bytes::new()).expect("decodes");
     assert!(request.http.is_none() && request.source.is_none());
     assert_eq!(
         (request.method(), request.path(), request.host()),
@@ -253,7 +150,7 @@ fn a_later_address_of_another_kind_replaces_the_socket_address() {
         with_address(pipe.clone()).encode_to_vec(),
     ]
     .concat();
-    let request = CheckRequest::decode(socket_then_pipe.clone().into()).expect("decodes");
+    let request = decode(socket_then_pipe.clone()).expect("decodes");
     assert_eq!(request.source_address(), None);
     agree(&socket_then_pipe);
     let pipe_then_socket = [
@@ -261,7 +158,7 @@ fn a_later_address_of_another_kind_replaces_the_socket_address() {
         with_address(socket("10.1.2.4")).encode_to_vec(),
     ]
     .concat();
-    let request = CheckRequest::decode(pipe_then_socket.clone().into()).expect("decodes");
+    let request = decode(pipe_then_socket.clone()).expect("decodes");
     assert_eq!(request.source_address(), Some("10.1.2.4"));
     agree(&pipe_then_socket);
 }
@@ -284,7 +181,7 @@ fn a_repeated_header_name_keeps_its_last_value() {
         .encode_to_vec()
     };
     let bytes = [one("first"), one("second")].concat();
-    let request = CheckRequest::decode(bytes.clone().into()).expect("decodes");
+    let request = decode(bytes.clone()).expect("decodes");
     let headers = &request.http.as_ref().expect("http").headers;
     assert_eq!(headers.get("x-a"), Some("second"));
     assert_eq!(headers.count("x-a"), 2);
@@ -297,21 +194,17 @@ fn unread_fields_are_not_checked() {
     let http = [0x0a, 0x02, 0xff, 0xfe, 0x12, 0x03, b'G', b'E', b'T'];
     let bytes = nest(&[1, 4, 2], &http);
     assert!(EnvoyCheckRequest::decode(&bytes[..]).is_err());
-    let request = CheckRequest::decode(bytes.into()).expect("decodes");
+    let request = decode(bytes).expect("decodes");
     assert_eq!(request.method(), "GET");
 }
 
 #[test]
-fn malformed_read_fields_are_refused_with_their_name() {
+fn malformed_frames_are_refused_with_the_field_named() {
     let refused = |http: &[u8]| {
-        CheckRequest::decode(nest(&[1, 4, 2], http).into())
+        decode(nest(&[1, 4, 2], http))
             .expect_err("refused")
             .to_string()
     };
-    // `method` not UTF-8.
-    assert!(refused(&[0x12, 0x02, 0xff, 0xfe]).contains("attributes.request.http.method"));
-    // A header name not UTF-8 (map entry {key = 1: ff}).
-    assert!(refused(&[0x1a, 0x03, 0x0a, 0x01, 0xff]).contains("headers"));
     // `path` as a varint.
     assert!(refused(&[0x20, 0x01]).contains("attributes.request.http.path: wire type Varint"));
     // A length past the end.
@@ -328,6 +221,137 @@ fn malformed_read_fields_are_refused_with_their_name() {
     );
     // Field number 0.
     assert!(refused(&[0x02, 0x00]).contains("invalid field number 0"));
+}
+
+#[test]
+fn text_that_is_not_utf8_is_a_problem_to_answer_not_a_refused_frame() {
+    let problem = |http: &[u8]| {
+        decode(nest(&[1, 4, 2], http))
+            .expect("a well-formed frame reads")
+            .problem
+    };
+    let not_utf8 = |field| Some(RequestProblem::NotUtf8(field));
+    // `method` not UTF-8.
+    assert_eq!(
+        problem(&[0x12, 0x02, 0xff, 0xfe]),
+        not_utf8("attributes.request.http.method")
+    );
+    // `path`: answered as an invalid path.
+    assert_eq!(
+        problem(&[0x22, 0x02, b'/', 0xff]),
+        not_utf8(RequestProblem::PATH_FIELD)
+    );
+    // A header name, then a value, not UTF-8 (map entry {key = 1, value = 2}).
+    assert_eq!(
+        problem(&[0x1a, 0x03, 0x0a, 0x01, 0xff]),
+        not_utf8("attributes.request.http.headers")
+    );
+    assert_eq!(
+        problem(&[0x1a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, 0xc0]),
+        not_utf8("attributes.request.http.headers")
+    );
+    // The first such field is the one named; the fields after it are still read.
+    let request = decode(nest(
+        &[1, 4, 2],
+        &[0x12, 0x01, 0xff, 0x22, 0x01, 0xfe, 0x2a, 0x01, b'h'],
+    ))
+    .unwrap();
+    assert_eq!(request.problem, not_utf8("attributes.request.http.method"));
+    assert_eq!(
+        (request.method(), request.path(), request.host()),
+        ("", "", "h")
+    );
+}
+
+/// A request whose `headers` map holds `count` entries `x-<i>: <value>`.
+fn with_headers(count: usize, value: &str) -> Vec<u8> {
+    EnvoyCheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(EnvoyRequest {
+                time: None,
+                http: Some(EnvoyHttp {
+                    headers: (0..count)
+                        .map(|i| (format!("x-{i}"), value.to_owned()))
+                        .collect(),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn headers_past_the_limits_are_counted_not_kept() {
+    let limits = HeaderLimits {
+        max_count: 10,
+        max_bytes: 1024,
+    };
+    let read = |bytes: Vec<u8>| CheckRequest::decode(bytes.into(), limits).expect("reads");
+    let within = read(with_headers(10, "v"));
+    assert_eq!(within.problem, None);
+    assert_eq!(within.http.as_ref().unwrap().headers.len(), 10);
+
+    let many = read(with_headers(5000, "v"));
+    assert_eq!(
+        many.problem,
+        Some(RequestProblem::TooManyHeaders {
+            count: 5000,
+            limit: 10
+        })
+    );
+    assert_eq!(
+        many.http.as_ref().unwrap().headers.len(),
+        10,
+        "no more kept"
+    );
+
+    let large = read(with_headers(3, &"v".repeat(600)));
+    assert!(
+        matches!(
+            large.problem,
+            Some(RequestProblem::HeadersTooLarge { bytes, limit: 1024 }) if bytes > 1800
+        ),
+        "{:?}",
+        large.problem
+    );
+    assert_eq!(large.http.as_ref().unwrap().headers.len(), 1);
+
+    // `header_map` entries count against the same limits.
+    let mut raw = full_request();
+    let http = raw.attributes.as_mut().unwrap().request.as_mut().unwrap();
+    http.http.as_mut().unwrap().header_map = Some(HeaderMap {
+        headers: (0..20)
+            .map(|i| HeaderValue {
+                key: format!("x-{i}"),
+                value: String::new(),
+                raw_value: b"v".to_vec(),
+            })
+            .collect(),
+    });
+    let raw = read(raw.encode_to_vec());
+    assert!(matches!(
+        raw.problem,
+        Some(RequestProblem::TooManyHeaders { count: 23, .. })
+    ));
+    assert!(raw.raw_header_count() + raw.http.as_ref().unwrap().headers.len() <= 10);
+}
+
+#[test]
+fn context_extensions_past_what_is_kept_are_a_problem() {
+    let mut request = full_request();
+    request.attributes.as_mut().unwrap().context_extensions = (0..MAX_CONTEXT_EXTENSIONS + 1)
+        .map(|i| (format!("k{i}"), "v".to_owned()))
+        .collect();
+    let read = decode(request.encode_to_vec()).unwrap();
+    assert_eq!(
+        read.problem,
+        Some(RequestProblem::TooManyEntries(
+            "attributes.context_extensions"
+        ))
+    );
+    assert_eq!(read.context_extensions().count(), MAX_CONTEXT_EXTENSIONS);
 }
 
 /// `inner` as the content of the message at `path` (field numbers, outermost first), each level

@@ -1,0 +1,108 @@
+//! Path normalisation (`request::path`) by its properties, as there is no library to compare
+//! with: a normalised path is in normal form (normalising it again changes nothing), holds no
+//! ambiguous segment (no `.`, `..`, parameters, repeated slash, encoded separator or percent),
+//! never climbs above the root, and means what the request meant: fully decoded, it is the
+//! request's path fully decoded, slashes merged (and, when stripping, parameters cut).
+
+use crate::request::path::{PathParameters, normalize};
+
+pub fn check(bytes: &[u8]) {
+    let Ok(target) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    let refused = normalize(target, PathParameters::Refuse);
+    let stripped = normalize(target, PathParameters::Strip);
+    if let Ok((path, query)) = &refused {
+        assert_eq!(
+            stripped.as_ref().map(|(p, q)| (p.as_ref(), *q)),
+            Ok((path.as_ref(), *query)),
+            "a path without parameters reads the same in both modes: {target:?}"
+        );
+    }
+    for (parameters, result) in [
+        (PathParameters::Refuse, refused),
+        (PathParameters::Strip, stripped),
+    ] {
+        let Ok((path, query)) = result else {
+            continue;
+        };
+        assert!(path.starts_with('/'), "{target:?} → {path:?}");
+        assert_eq!(
+            normalize(&path, parameters).map(|(p, q)| (p.into_owned(), q)),
+            Ok((path.to_string(), "")),
+            "normalising {target:?} → {path:?} again changes it"
+        );
+        assert!(!path.contains("//"), "{target:?} → {path:?}");
+        assert!(
+            !path.contains(['\\', ';', '?', '#']),
+            "{target:?} → {path:?}"
+        );
+        assert!(!path.chars().any(char::is_control), "{target:?} → {path:?}");
+        assert!(
+            path.split('/').all(|s| s != "." && s != ".."),
+            "a dot segment survives: {target:?} → {path:?}"
+        );
+        for (at, _) in path.match_indices('%') {
+            let escape = &path[at..(at + 3).min(path.len())];
+            assert!(
+                matches!(escape, "%3F" | "%23" | "%3B"),
+                "escape {escape:?} survives: {target:?} → {path:?}"
+            );
+        }
+        let original = target.split('#').next().unwrap_or(target);
+        let (original, expected_query) = original.split_once('?').unwrap_or((original, ""));
+        assert_eq!(query, expected_query, "{target:?}");
+        assert_eq!(
+            decode_all(&path),
+            meaning(original, parameters == PathParameters::Strip),
+            "normalising changed what {target:?} names: {path:?}"
+        );
+    }
+}
+
+/// What `path` names once every escape is decoded: segments (parameters cut when `strip`),
+/// empty ones dropped, a trailing slash kept.
+fn meaning(path: &str, strip: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for segment in path.split('/') {
+        let name = if strip {
+            segment.split(';').next().unwrap_or(segment)
+        } else {
+            segment
+        };
+        if !name.is_empty() {
+            out.push(b'/');
+            out.extend(decode_all(name));
+        }
+    }
+    if out.is_empty() || path.ends_with('/') {
+        out.push(b'/');
+    }
+    out
+}
+
+/// Every `%XX` escape decoded (the rest as it is).
+fn decode_all(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes.get(i + 1..i + 3).and_then(|hex| {
+            let hex = std::str::from_utf8(hex).ok()?;
+            hex.bytes()
+                .all(|b| b.is_ascii_hexdigit())
+                .then(|| u8::from_str_radix(hex, 16).ok())?
+        });
+        match (bytes[i], escape) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
