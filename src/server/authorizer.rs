@@ -19,12 +19,26 @@ use crate::{
 #[derive(Debug)]
 pub struct Authorizer {
     policy: ArcSwap<Policy>,
+    /// `decision::decide`; tests put an engine that fails in its place.
+    engine: Engine,
 }
+
+type Engine = fn(&Policy, &AccessRequest, i64) -> Decision;
 
 impl Authorizer {
     pub fn new(policy: Arc<Policy>) -> Self {
         Self {
             policy: ArcSwap::new(policy),
+            engine: decision::decide,
+        }
+    }
+
+    /// An authorizer deciding with `engine` (a test's stand-in for a bug in the engine).
+    #[cfg(test)]
+    pub(crate) fn with_engine(policy: Arc<Policy>, engine: Engine) -> Self {
+        Self {
+            policy: ArcSwap::new(policy),
+            engine,
         }
     }
 
@@ -52,12 +66,12 @@ impl Authorizer {
     ) -> (Decision, Guard<Arc<Policy>>) {
         let started = Instant::now();
         let policy = self.policy.load();
-        let mut decision = decision::decide(&policy, request, unix_now());
+        let mut decision = (self.engine)(&policy, request, unix_now());
         if let Some((issuer_id, kid)) = &decision.unknown_key
             && let Some(issuer) = policy.issuers.by_id(issuer_id)
             && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
         {
-            decision = decision::decide(&policy, request, unix_now());
+            decision = (self.engine)(&policy, request, unix_now());
         }
         telemetry::log_decision(door, &decision, started.elapsed());
         (decision, policy)

@@ -220,6 +220,33 @@ mod tests {
         access_request(request, HeaderLimits::DEFAULT).credential
     }
 
+    #[tokio::test]
+    async fn a_panic_while_deciding_is_a_500_denial_not_a_grpc_error() {
+        use crate::policy::testing::{DEMO_POLICY, compile_policy};
+        let policy = Arc::new(compile_policy(DEMO_POLICY));
+        let broken = |_: &crate::policy::Policy, _: &AccessRequest, _: i64| -> Decision {
+            panic!("a bug in the engine")
+        };
+        let decide = Decide::new(Arc::new(Authorizer::with_engine(policy, broken)));
+        let request = Request::new(DecideRequest {
+            operation: "payments.wire_transfer".to_owned(),
+            ..Default::default()
+        });
+        let response = DecisionService::decide(&decide, request)
+            .await
+            .expect("an answer")
+            .into_inner();
+        assert_eq!(
+            (
+                response.outcome(),
+                response.http_status,
+                response.reason.as_str()
+            ),
+            (v1::Outcome::Deny, 500, "internal_error")
+        );
+        assert!(response.principal.is_none() && response.identity_headers.is_empty());
+    }
+
     #[test]
     fn a_token_field_and_an_authorization_header_must_hold_the_same_token() {
         let two = PresentedCredential::Unusable(CredentialProblem::MultipleCredentials);

@@ -29,7 +29,10 @@ use super::{
 use crate::{
     decision::{Decision, Reason},
     identity::CredentialProblem,
-    request::{AccessRequest, Door, HeaderLimits, HttpAttributes, Peer, PresentedCredential},
+    request::{
+        AccessRequest, Door, HeaderLimits, HttpAttributes, Peer, PresentedCredential,
+        RequestProblem,
+    },
 };
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -171,6 +174,13 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         check.path().to_owned(),
     );
     let raw_headers = (raw_header_count > 0).then(|| with_raw_headers(&check));
+    // Envoy shows a path byte that is not UTF-8 as `!` in `path` (and in `headers`) but forwards
+    // the byte itself upstream: the path stepgate would decide is not the one served. Only the
+    // raw `:path` tells; a request whose pseudo-header bytes are not text is not decided.
+    let mut problem = check.problem;
+    if let Some(field) = raw_headers.as_ref().and_then(|raw| raw.pseudo_not_utf8) {
+        problem.get_or_insert(RequestProblem::NotUtf8(field));
+    }
     let http = check.http.map(|h| {
         let (headers, authorization_entries) = match raw_headers {
             None => {
@@ -212,7 +222,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         source,
         proxy_header_count,
         explain: false,
-        problem: check.problem,
+        problem,
     }
 }
 
@@ -225,6 +235,8 @@ struct RawHeaders {
     /// `authorization` entries in both fields.
     authorization_entries: usize,
     authorization_not_utf8: bool,
+    /// The first pseudo-header whose raw bytes are not UTF-8 (as the field it stands for).
+    pseudo_not_utf8: Option<&'static str>,
 }
 
 fn with_raw_headers(check: &CheckRequest) -> RawHeaders {
@@ -233,6 +245,7 @@ fn with_raw_headers(check: &CheckRequest) -> RawHeaders {
         entries: Vec::with_capacity(check.raw_header_count()),
         authorization_entries: 0,
         authorization_not_utf8: false,
+        pseudo_not_utf8: None,
     };
     let map = check.http.iter().flat_map(|h| h.headers.iter());
     for (name, value) in map {
@@ -253,9 +266,22 @@ fn with_raw_headers(check: &CheckRequest) -> RawHeaders {
         } else {
             String::from_utf8_lossy(raw.raw_value)
         };
-        if name == "authorization" {
-            joined.authorization_entries += 1;
-            joined.authorization_not_utf8 |= std::str::from_utf8(raw.raw_value).is_err();
+        let not_utf8 = || std::str::from_utf8(raw.raw_value).is_err();
+        match name.as_str() {
+            "authorization" => {
+                joined.authorization_entries += 1;
+                joined.authorization_not_utf8 |= not_utf8();
+            }
+            ":path" | ":authority" | ":method"
+                if joined.pseudo_not_utf8.is_none() && not_utf8() =>
+            {
+                joined.pseudo_not_utf8 = Some(match name.as_str() {
+                    ":path" => RequestProblem::PATH_FIELD,
+                    ":authority" => "attributes.request.http.header_map[:authority]",
+                    _ => "attributes.request.http.header_map[:method]",
+                });
+            }
+            _ => {}
         }
         match index.get(&name) {
             Some(&at) => {
@@ -441,6 +467,27 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_path_that_is_not_utf8_is_an_invalid_path_whatever_path_says() {
+        // What Envoy sends for a request line `GET /a\xffb`: `path` with `!`, `:path` raw.
+        let mut check = check_with_raw_headers(&[(":path", b"/a\xffb"), ("x-odd", b"\xff")]);
+        http_of(&mut check).path = "/a!b".into();
+        let access = access(check);
+        assert_eq!(
+            access.problem,
+            Some(RequestProblem::NotUtf8(RequestProblem::PATH_FIELD))
+        );
+        // Other headers' odd bytes are only replaced.
+        let access = access_of_raw(&[(":path", b"/ab"), ("x-odd", b"\xff")]);
+        assert_eq!(access.problem, None);
+        let http = access.http.expect("http attributes");
+        assert_eq!(http.headers.get("x-odd"), Some("\u{fffd}"));
+    }
+
+    fn access_of_raw(headers: &[(&str, &[u8])]) -> AccessRequest {
+        access(check_with_raw_headers(headers))
+    }
+
+    #[test]
     fn an_authorization_value_that_is_not_utf8_is_unusable() {
         let access = access(check_with_raw_headers(&[("authorization", b"Bearer \xff")]));
         assert_eq!(
@@ -609,6 +656,31 @@ mod tests {
                 .contains("runs%20past%20the%20end"),
             "{message:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_deciding_is_a_500_denial_not_a_reset_stream() {
+        let policy = Arc::new(compile_policy(DEMO_POLICY));
+        let broken = |_: &crate::policy::Policy, _: &AccessRequest, _: i64| -> Decision {
+            let none: Option<Decision> = None;
+            none.expect("a bug in the engine")
+        };
+        let mut service =
+            ExtAuthz::new(Arc::new(Authorizer::with_engine(policy, broken)), 64 * 1024);
+        let request = check_call(frame(&demo_check().encode_to_vec()));
+        let (status, answer) = answered(service.call(request).await.unwrap()).await;
+        assert_eq!(status, "0");
+        let code = answer.status.as_ref().map(|s| (s.code, s.message.as_str()));
+        assert_eq!(code, Some((13, "internal_error")));
+        let Some(
+            envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::DeniedResponse(
+                denied,
+            ),
+        ) = answer.http_response
+        else {
+            panic!("not a denial");
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(500));
     }
 
     #[tokio::test]

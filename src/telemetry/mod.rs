@@ -59,7 +59,27 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
     if format == LogFormat::Json {
         let _ = JSON_DECISIONS.set(stderr);
     }
+    log_panics();
     guard
+}
+
+/// Panics are logged as log lines (through the same buffer, never written to stderr by the
+/// thread that panicked, which could block on a full pipe), with where they happened. The front
+/// doors answer the request that panicked themselves (`500 internal_error`).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic without a message");
+        tracing::error!(location, "panic: {message}");
+    }));
 }
 
 /// Logs one decision and counts it in the metrics.
