@@ -85,6 +85,8 @@ async fn reload(
     }
     let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();
     keys::load_all(&issuers, http).await;
+    let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
+    crate::telemetry::metrics::global().retain_issuers(&ids);
     authorizer.replace(Arc::new(fresh));
     tracing::info!(config = %path.display(), rules = authorizer.policy().rules.len(), "policy reloaded");
     Ok(issuers)

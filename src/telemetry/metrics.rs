@@ -6,7 +6,6 @@
 //! cache events) are fixed arrays indexed by their enums: one atomic add, no hashing and no lock.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         OnceLock,
@@ -16,6 +15,12 @@ use std::{
 };
 
 use dashmap::DashMap;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet, prometheus_text},
+    metrics::MetricType,
+    registry::Registry,
+};
 
 use crate::{
     decision::{Outcome, Reason},
@@ -70,6 +75,7 @@ pub struct Metrics {
     token_cache: [AtomicU64; CacheEvent::ALL.len()],
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
+    log_lines_dropped: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -87,6 +93,7 @@ impl Default for Metrics {
             token_cache: Default::default(),
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
+            log_lines_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -153,6 +160,14 @@ impl Metrics {
         self.grpc_connections.fetch_sub(1, Relaxed);
     }
 
+    pub fn record_log_line_dropped(&self) {
+        self.log_lines_dropped.fetch_add(1, Relaxed);
+    }
+
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.log_lines_dropped.load(Relaxed)
+    }
+
     pub fn record_accept_error(&self) {
         self.accept_errors.fetch_add(1, Relaxed);
     }
@@ -164,180 +179,272 @@ impl Metrics {
             .fetch_add(1, Relaxed);
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// Forgets the per-issuer series of issuers the current policy no longer has (after a
+    /// reload): a gauge of a removed issuer would otherwise report its last value forever.
+    pub fn retain_issuers(&self, current: &[&str]) {
+        let kept = |issuer: &str| current.contains(&issuer);
+        self.keys.retain(|issuer, _| kept(issuer));
+        self.key_loads.retain(|(issuer, _), _| kept(issuer));
+        self.unknown_kids.retain(|(issuer, _), _| kept(issuer));
+    }
+
+    /// The Prometheus text exposition (format 0.0.4), written by `prometheus-client`, which
+    /// escapes label values and help texts.
+    pub fn render(&'static self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exposition(self)));
         let mut out = String::new();
-        // Label sets in sorted order, as the map-backed families below; only those seen so far.
+        // Writing to a `String` cannot fail.
+        let _ = prometheus_text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The registry's atomics, read at each scrape into `prometheus-client`'s encoder.
+#[derive(Debug)]
+struct Exposition(&'static Metrics);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = self.0;
+        // Label sets in sorted order; only those counted at least once.
         let mut decisions: Vec<(Door, Outcome, Reason)> = DOORS
             .iter()
             .flat_map(|&d| OUTCOMES.iter().map(move |&o| (d, o)))
             .flat_map(|(d, o)| Reason::ALL.iter().map(move |&r| (d, o, r)))
             .collect();
         decisions.sort_by_key(|(d, o, r)| (d.as_str(), o.as_str(), r.as_str()));
-        fixed_family(
-            &mut out,
-            "stepgate_decisions_total",
-            "Decisions by front door, outcome and reason.",
-            decisions.into_iter().map(|(door, outcome, reason)| {
-                (
-                    format!(
-                        "door=\"{}\",outcome=\"{}\",reason=\"{}\"",
-                        door.as_str(),
-                        outcome.as_str(),
-                        reason.as_str()
-                    ),
-                    &self.decisions[decision_slot(door, outcome, reason)],
-                )
-            }),
-        );
-        header(
-            &mut out,
-            "stepgate_decision_duration_seconds",
-            "histogram",
-            "Time to decide, from request to decision.",
-        );
-        let mut cumulative = 0;
-        for (bound, bucket) in LATENCY_BOUNDS_MICROS.iter().zip(&self.latency_buckets) {
-            let le = *bound as f64 / 1e6;
-            cumulative += bucket.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "stepgate_decision_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
+        let mut family = encoder.encode_descriptor(
+            "stepgate_decisions",
+            "Decisions by front door, outcome and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (door, outcome, reason) in decisions {
+            let n = m.decisions[decision_slot(door, outcome, reason)].load(Relaxed);
+            if n > 0 {
+                let labels = [
+                    ("door", door.as_str()),
+                    ("outcome", outcome.as_str()),
+                    ("reason", reason.as_str()),
+                ];
+                counter(&mut family, &labels, n)?;
+            }
         }
-        let count = self.latency_count.load(Relaxed);
-        let sum = self.latency_sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "stepgate_decision_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(out, "stepgate_decision_duration_seconds_sum {sum}");
-        let _ = writeln!(out, "stepgate_decision_duration_seconds_count {count}");
-        family(
-            &mut out,
-            "stepgate_key_loads_total",
-            "Key-set loads (start-up, refresh and on-demand) per issuer and result.",
-            &self.key_loads,
-            |(issuer, result)| format!("issuer=\"{issuer}\",result=\"{result}\""),
-        );
-        let mut keys: Vec<_> = self
+
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_MICROS
+            .iter()
+            .zip(&m.latency_buckets)
+            .map(|(bound, n)| (*bound as f64 / 1e6, n.load(Relaxed)))
+            .collect();
+        encoder
+            .encode_descriptor(
+                "stepgate_decision_duration_seconds",
+                "Time to decide, from request to decision",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                m.latency_sum_micros.load(Relaxed) as f64 / 1e6,
+                m.latency_count.load(Relaxed),
+                &buckets,
+                None,
+            )?;
+
+        let mut family = encoder.encode_descriptor(
+            "stepgate_key_loads",
+            "Key-set loads (start-up, refresh and on-demand) per issuer and result",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((issuer, result), n) in sorted(&m.key_loads) {
+            counter(
+                &mut family,
+                &[("issuer", issuer.as_str()), ("result", result)],
+                n,
+            )?;
+        }
+
+        let mut keys: Vec<(String, u64, i64)> = m
             .keys
             .iter()
             .map(|e| {
-                (
-                    e.key().clone(),
-                    e.count.load(Relaxed),
-                    e.last_success_unix.load(Relaxed),
-                )
+                let keys = e.value();
+                let (count, at) = (
+                    keys.count.load(Relaxed),
+                    keys.last_success_unix.load(Relaxed),
+                );
+                (e.key().clone(), count, at)
             })
             .collect();
         keys.sort();
-        header(
-            &mut out,
+        let mut family = encoder.encode_descriptor(
             "stepgate_keys",
-            "gauge",
-            "Signing keys currently loaded per issuer.",
-        );
+            "Signing keys currently loaded per issuer",
+            None,
+            MetricType::Gauge,
+        )?;
         for (issuer, count, _) in &keys {
-            let _ = writeln!(out, "stepgate_keys{{issuer=\"{issuer}\"}} {count}");
+            gauge(&mut family, &[("issuer", issuer.as_str())], *count as i64)?;
         }
-        header(
-            &mut out,
+        let mut family = encoder.encode_descriptor(
             "stepgate_key_last_success_timestamp_seconds",
-            "gauge",
-            "Unix time of the last successful key load per issuer.",
-        );
+            "Unix time of the last successful key load per issuer",
+            None,
+            MetricType::Gauge,
+        )?;
         for (issuer, _, at) in &keys {
-            let _ = writeln!(
-                out,
-                "stepgate_key_last_success_timestamp_seconds{{issuer=\"{issuer}\"}} {at}"
-            );
+            gauge(&mut family, &[("issuer", issuer.as_str())], *at)?;
         }
-        family(
-            &mut out,
-            "stepgate_unknown_kid_total",
-            "Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found.",
-            &self.unknown_kids,
-            |(issuer, outcome)| format!("issuer=\"{issuer}\",outcome=\"{outcome}\""),
-        );
-        fixed_family(
-            &mut out,
-            "stepgate_token_cache_total",
-            "Verified-token cache lookups (hit, miss) and evictions (size or time).",
-            CacheEvent::ALL.iter().map(|&event| {
-                (
-                    format!("event=\"{}\"", event.as_str()),
-                    &self.token_cache[event as usize],
-                )
-            }),
-        );
-        family(
-            &mut out,
-            "stepgate_policy_reloads_total",
-            "Policy reloads by result.",
-            &self.reloads,
-            |result| format!("result=\"{result}\""),
-        );
-        out
+
+        let mut family = encoder.encode_descriptor(
+            "stepgate_unknown_kid",
+            "Tokens with a kid the issuer's keys lacked, by what an on-demand fetch found",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((issuer, outcome), n) in sorted(&m.unknown_kids) {
+            counter(
+                &mut family,
+                &[("issuer", issuer.as_str()), ("outcome", outcome)],
+                n,
+            )?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "stepgate_token_cache",
+            "Verified-token cache lookups (hit, miss) and evictions (size or time)",
+            None,
+            MetricType::Counter,
+        )?;
+        for event in CacheEvent::ALL {
+            let n = m.token_cache[event as usize].load(Relaxed);
+            if n > 0 {
+                counter(&mut family, &[("event", event.as_str())], n)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "stepgate_policy_reloads",
+            "Policy reloads by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in sorted(&m.reloads) {
+            counter(&mut family, &[("result", result)], n)?;
+        }
+
+        for (name, help, value) in [
+            (
+                "stepgate_log_lines_dropped",
+                "Log lines dropped because stderr did not take them",
+                &m.log_lines_dropped,
+            ),
+            (
+                "stepgate_grpc_accept_errors",
+                "Failed accepts on the gRPC listener (out of file descriptors, aborted connections)",
+                &m.accept_errors,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&value.load(Relaxed), None)?;
+        }
+        encoder
+            .encode_descriptor(
+                "stepgate_grpc_connections",
+                "Open connections on the gRPC listener",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&m.grpc_connections.load(Relaxed))?;
+        Ok(())
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+fn counter(
+    family: &mut MetricEncoder<'_>,
+    labels: &[(&str, &str)],
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    family
+        .encode_family(&labels)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
 }
 
-/// A counter family of fixed label sets, given in output order: one line per label set counted at
-/// least once.
-fn fixed_family<'a>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    counters: impl Iterator<Item = (String, &'a AtomicU64)>,
-) {
-    header(out, name, "counter", help);
-    for (labels, counter) in counters {
-        let n = counter.load(Relaxed);
-        if n > 0 {
-            let _ = writeln!(out, "{name}{{{labels}}} {n}");
-        }
-    }
+fn gauge(
+    family: &mut MetricEncoder<'_>,
+    labels: &[(&str, &str)],
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    family.encode_family(&labels)?.encode_gauge(&value)
 }
 
-/// A counter family: one line per label set, sorted for stable output.
-fn family<K: Clone + Ord + std::hash::Hash + Eq>(
-    out: &mut String,
-    name: &str,
-    help: &str,
+/// A map's counters by key, sorted for stable output.
+fn sorted<K: Clone + Ord + std::hash::Hash + Eq>(
     counters: &DashMap<K, AtomicU64>,
-    labels: impl Fn(&K) -> String,
-) {
-    header(out, name, "counter", help);
+) -> Vec<(K, u64)> {
     let mut rows: Vec<(K, u64)> = counters
         .iter()
         .map(|e| (e.key().clone(), e.value().load(Relaxed)))
         .collect();
     rows.sort_by(|a, b| a.0.cmp(&b.0));
-    for (key, n) in rows {
-        let _ = writeln!(out, "{name}{{{}}} {n}", labels(&key));
-    }
+    rows
 }
 
-/// Serves `GET /metrics` (and 404 for anything else) on `addr` until the task is dropped.
+/// Bounds of the `/metrics` listener: an anonymous client may hold at most this much of it.
+mod listener_limits {
+    use std::time::Duration;
+
+    /// Connections served at once; more wait in the listen backlog, costing nothing.
+    pub const CONNECTIONS: usize = 64;
+    /// Time for a client to send its request head (slowloris).
+    pub const HEADER_READ: Duration = Duration::from_secs(5);
+    /// Longest a connection lives, whatever it does (one scrape takes milliseconds).
+    pub const CONNECTION: Duration = Duration::from_secs(30);
+    /// Pause after a failed accept (out of file descriptors), instead of a busy loop.
+    pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+}
+
+/// Serves `GET /metrics` (and 404 for anything else) on `listener` until the task is dropped.
+///
+/// Anyone who can reach the port can connect, so it is bounded like the gRPC listener: at most
+/// [`listener_limits::CONNECTIONS`] served at once, each given
+/// [`listener_limits::HEADER_READ`] for its request head and [`listener_limits::CONNECTION`] in
+/// all, one request per connection; accept errors pause instead of spinning. Idle or slow
+/// clients then hold a few sockets and no CPU, and `Check` on the other port does not notice.
 pub async fn serve(listener: tokio::net::TcpListener) {
     use http_body_util::Full;
     use hyper::{Response, body::Bytes, server::conn::http1, service::service_fn};
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::sync::Semaphore;
 
+    let slots = std::sync::Arc::new(Semaphore::new(listener_limits::CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let slot = std::sync::Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                tokio::time::sleep(listener_limits::ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(
                 |request: hyper::Request<hyper::body::Incoming>| async move {
                     let response = if request.uri().path() == "/metrics" {
                         Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .header("content-type", prometheus_text::CONTENT_TYPE)
                             .body(Full::new(Bytes::from(global().render())))
                     } else {
                         Response::builder()
@@ -347,9 +454,13 @@ pub async fn serve(listener: tokio::net::TcpListener) {
                     Ok::<_, hyper::http::Error>(response.expect("static response parts are valid"))
                 },
             );
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(listener_limits::HEADER_READ)
+                .keep_alive(false)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(listener_limits::CONNECTION, connection).await;
         });
     }
 }
@@ -365,7 +476,7 @@ mod tests {
 
     #[test]
     fn renders_recorded_decisions_and_latency() {
-        let m = Metrics::default();
+        let m: &'static Metrics = Box::leak(Box::default());
         let missing = (Door::Check, Outcome::Deny, Reason::TokenMissing);
         m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(40));
         m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(400));
@@ -383,7 +494,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\"} 2"), "{text}");
         assert!(
-            text.contains("stepgate_decision_duration_seconds_bucket{le=\"0.00005\"} 2"),
+            text.contains("stepgate_decision_duration_seconds_bucket{le=\"5e-05\"} 2"),
             "{text}"
         );
         assert!(
@@ -427,5 +538,21 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(
+            text.contains("# TYPE stepgate_log_lines_dropped_total counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn issuers_a_reload_removed_leave_the_exposition() {
+        let m: &'static Metrics = Box::leak(Box::default());
+        m.record_key_load("kept", Ok(1), 1);
+        m.record_key_load("gone", Ok(3), 1);
+        m.record_unknown_kid("gone", "absent");
+        m.retain_issuers(&["kept"]);
+        let text = m.render();
+        assert!(text.contains("stepgate_keys{issuer=\"kept\"} 1"), "{text}");
+        assert!(!text.contains("gone"), "{text}");
     }
 }

@@ -3,55 +3,65 @@
 //! Writing one line per decision straight to stderr costs a `write` syscall per request (5–14 µs
 //! in the profile: the largest cost of a cached ALLOW after the network). Here the request path
 //! only copies the formatted line into memory; the writer thread sends what accumulated every
-//! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`. Nothing is dropped: when
-//! the buffer would pass [`BACKPRESSURE_AT`] bytes (stderr blocked or the writer without CPU) the
-//! logging thread writes the buffer itself (also once a line has waited [`MAX_DELAY`]), so a stuck
-//! log pipe slows decisions rather than losing audit lines. [`LogGuard`] flushes what is left when
-//! the process ends.
+//! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`.
+//!
+//! The request path never waits for stderr. When the buffer holds [`CAPACITY`] bytes (stderr
+//! blocked: a log shipper that stopped reading, a full pipe; or the writer without CPU), further
+//! lines are dropped and counted (`stepgate_log_lines_dropped_total`), as Envoy's access logs and
+//! OPA's decision logs do, and a line saying how many went missing is written once stderr takes
+//! lines again. The alternative, a worker writing the buffer itself, let one stuck pipe stall
+//! every worker holding the lock: every decision, and health with them. [`LogGuard`] flushes what
+//! is left when the process ends, waiting a bounded time for a blocked stderr.
 
 use std::{
     io::{self, Write},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Longest time a line waits in memory.
+use super::metrics;
+
+/// Longest a line waits in memory while stderr takes lines.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
-/// Longest a line may wait when the writer thread gets no CPU: the next line logged after that
-/// writes the buffer itself.
-pub const MAX_DELAY: Duration = Duration::from_millis(250);
 /// Pending bytes that wake the writer thread early.
 pub const WAKE_AT: usize = 64 * 1024;
-/// Pending bytes at which the logging thread writes synchronously. Both buffers are allocated
-/// at this size once and never grow past it (no reallocation churn, a fixed 2 MiB).
-pub const BACKPRESSURE_AT: usize = 1024 * 1024;
+/// Pending bytes past which lines are dropped. Both buffers are allocated at this size once and
+/// never grow past it (no reallocation churn, a fixed 2 MiB).
+pub const CAPACITY: usize = 1024 * 1024;
+/// How long the end of the process waits for the last lines to be written to a blocked stderr.
+pub const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Notified when the writer thread has ended.
+    done: Condvar,
 }
 
 struct Pending {
     bytes: Vec<u8>,
-    /// When the oldest pending byte was added.
-    since: Option<Instant>,
     /// The writer was woken for these bytes: a condvar notify is a syscall every time, so the
     /// lines after [`WAKE_AT`] do not repeat it while the writer waits for CPU.
     woken: bool,
+    /// Lines dropped since the writer last said so.
+    dropped: u64,
     closed: bool,
+    /// The writer thread has ended (or never started).
+    finished: bool,
 }
 
 impl Default for Pending {
     fn default() -> Self {
         Self {
-            bytes: Vec::with_capacity(BACKPRESSURE_AT),
-            since: None,
+            bytes: Vec::with_capacity(CAPACITY),
             woken: false,
+            dropped: 0,
             closed: false,
+            finished: false,
         }
     }
 }
@@ -62,20 +72,39 @@ impl Shared {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes what is pending and writes it to `out`, outside the lock.
-    fn drain_to(&self, out: &mut impl Write, spare: &mut Vec<u8>) {
-        {
+    /// Takes what is pending and writes it to `out`, outside the lock. Returns how many lines
+    /// had been dropped before these were taken.
+    fn drain_to(&self, out: &mut impl Write, spare: &mut Vec<u8>) -> u64 {
+        let dropped = {
             let mut pending = self.lock();
-            if pending.bytes.is_empty() {
-                return;
-            }
             std::mem::swap(&mut pending.bytes, spare);
-            pending.since = None;
             pending.woken = false;
+            std::mem::take(&mut pending.dropped)
+        };
+        if !spare.is_empty() {
+            // stderr failing (closed pipe) must not take the service down; the lines are lost.
+            let _ = out.write_all(spare).and_then(|()| out.flush());
+            spare.clear();
         }
-        // stderr failing (closed pipe) must not take the service down; the lines are lost.
-        let _ = out.write_all(spare).and_then(|()| out.flush());
-        spare.clear();
+        dropped
+    }
+
+    /// Appends one line, or drops it when the buffer is full. Never waits for stderr.
+    fn append(&self, line: &[u8]) {
+        let mut pending = self.lock();
+        if pending.bytes.len() + line.len() > CAPACITY {
+            pending.dropped += 1;
+            drop(pending);
+            metrics::global().record_log_line_dropped();
+            return;
+        }
+        pending.bytes.extend_from_slice(line);
+        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
+        pending.woken |= wake;
+        drop(pending);
+        if wake {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -103,7 +132,9 @@ impl BufferedStderr {
             .spawn(move || write_loop(&worker))
             .ok();
         if thread.is_none() {
-            shared.lock().closed = true;
+            let mut pending = shared.lock();
+            pending.closed = true;
+            pending.finished = true;
         }
         (
             Self {
@@ -116,7 +147,7 @@ impl BufferedStderr {
 
 fn write_loop(shared: &Shared) {
     lowest_priority();
-    let mut spare = Vec::with_capacity(BACKPRESSURE_AT);
+    let mut spare = Vec::with_capacity(CAPACITY);
     let stderr = io::stderr();
     loop {
         let closed = {
@@ -129,8 +160,17 @@ fn write_loop(shared: &Shared) {
                 .unwrap_or_else(PoisonError::into_inner);
             pending.closed
         };
-        shared.drain_to(&mut stderr.lock(), &mut spare);
+        let dropped = shared.drain_to(&mut stderr.lock(), &mut spare);
+        if dropped > 0 {
+            // Through the buffer like any line (this thread holds no lock here).
+            tracing::warn!(
+                dropped,
+                "log lines were dropped: stderr did not take them for a while"
+            );
+        }
         if closed {
+            shared.lock().finished = true;
+            shared.done.notify_all();
             return;
         }
     }
@@ -153,7 +193,8 @@ fn lowest_priority() {
 }
 
 impl LogGuard {
-    /// Writes everything logged so far (e.g. before printing an error straight to stderr).
+    /// Writes everything logged so far (e.g. before printing an error straight to stderr), if
+    /// the writer thread is done or stderr takes it.
     pub fn flush(&self) {
         self.shared
             .drain_to(&mut io::stderr().lock(), &mut Vec::new());
@@ -161,13 +202,23 @@ impl LogGuard {
 }
 
 impl Drop for LogGuard {
+    /// Stops the writer thread after it wrote what is pending; waits for it at most
+    /// [`EXIT_WAIT`]: a stderr nobody reads must not keep the process from ending.
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
+        let mut pending = self.shared.lock();
+        pending.closed = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        let (pending, _) = self
+            .shared
+            .done
+            .wait_timeout_while(pending, EXIT_WAIT, |p| !p.finished)
+            .unwrap_or_else(PoisonError::into_inner);
+        let finished = pending.finished;
+        drop(pending);
+        if let (true, Some(thread)) = (finished, self.thread.take()) {
             let _ = thread.join();
+            self.flush();
         }
-        self.flush();
     }
 }
 
@@ -178,31 +229,13 @@ pub struct LineWriter<'a> {
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut pending = self.shared.lock();
-        if pending.closed {
-            // No writer thread (any more): write through.
-            drop(pending);
+        let closed = self.shared.lock().closed;
+        if closed {
+            // The process is ending and the writer thread stops: what is still logged goes
+            // straight to stderr.
             return io::stderr().lock().write(buf);
         }
-        let overdue = pending.since.is_some_and(|t| t.elapsed() > MAX_DELAY);
-        if overdue || pending.bytes.len() + buf.len() > BACKPRESSURE_AT {
-            // The writer thread is behind (stderr blocked, or no CPU for it): write here, holding
-            // the lock, so that other loggers wait too instead of the buffer growing.
-            let _ = io::stderr().lock().write_all(&pending.bytes);
-            pending.bytes.clear();
-            pending.since = None;
-            pending.woken = false;
-        }
-        if pending.bytes.is_empty() {
-            pending.since = Some(Instant::now());
-        }
-        pending.bytes.extend_from_slice(buf);
-        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
-        pending.woken |= wake;
-        drop(pending);
-        if wake {
-            self.shared.wake.notify_one();
-        }
+        self.shared.append(buf);
         Ok(buf.len())
     }
 
@@ -229,12 +262,17 @@ mod tests {
         writer.shared.lock().bytes.clone()
     }
 
-    #[test]
-    fn lines_wait_in_the_buffer_in_order() {
+    fn writer() -> (Arc<Shared>, BufferedStderr) {
         let shared = Arc::new(Shared::default());
         let writer = BufferedStderr {
             shared: Arc::clone(&shared),
         };
+        (shared, writer)
+    }
+
+    #[test]
+    fn lines_wait_in_the_buffer_in_order() {
+        let (shared, writer) = writer();
         writer.make_writer().write_all(b"one\n").unwrap();
         writer.make_writer().write_all(b"two\n").unwrap();
         assert_eq!(pending(&writer), b"one\ntwo\n");
@@ -247,10 +285,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_wakes_the_writer_once_until_it_drains() {
-        let shared = Arc::new(Shared::default());
-        let writer = BufferedStderr {
-            shared: Arc::clone(&shared),
-        };
+        let (shared, writer) = writer();
         let line = vec![b'x'; 1000];
         while shared.lock().bytes.len() < WAKE_AT - line.len() {
             writer.make_writer().write_all(&line).unwrap();
@@ -264,12 +299,35 @@ mod tests {
     }
 
     #[test]
+    fn past_the_capacity_lines_are_dropped_and_counted_not_written_here() {
+        let (shared, writer) = writer();
+        let line = vec![b'x'; 1000];
+        let before = crate::telemetry::metrics::global().log_lines_dropped();
+        // Nothing drains: the buffer fills, then lines are dropped, and no call blocks.
+        for _ in 0..2 * CAPACITY / line.len() {
+            writer.make_writer().write_all(&line).unwrap();
+        }
+        let kept = shared.lock().bytes.len();
+        assert!(kept <= CAPACITY && kept > CAPACITY - line.len(), "{kept}");
+        let dropped = shared.lock().dropped;
+        assert_eq!(
+            dropped as usize,
+            2 * CAPACITY / line.len() - CAPACITY / line.len()
+        );
+        assert!(crate::telemetry::metrics::global().log_lines_dropped() >= before + dropped);
+        // The writer learns how many went missing once, when it next drains.
+        assert_eq!(shared.drain_to(&mut Vec::new(), &mut Vec::new()), dropped);
+        assert_eq!(shared.drain_to(&mut Vec::new(), &mut Vec::new()), 0);
+    }
+
+    #[test]
     fn the_guard_flushes_and_stops_the_thread() {
         let (writer, guard) = BufferedStderr::start();
         writer.make_writer().write_all(b"").unwrap();
         assert!(guard.thread.is_some(), "the writer thread started");
         drop(guard);
         assert!(writer.shared.lock().closed, "closed after the guard");
+        assert!(writer.shared.lock().finished, "the thread ended");
         assert!(pending(&writer).is_empty(), "nothing left behind");
     }
 }

@@ -194,6 +194,21 @@ pub struct Server {
     child: Child,
     pub port: u16,
     logs: Arc<Mutex<Vec<String>>>,
+    /// `--metrics-listen`'s port, when the spawn asked for metrics.
+    pub metrics_port: Option<u16>,
+}
+
+/// How [`Server::spawn_with`] runs the process, beyond the defaults of [`Server::spawn`].
+#[derive(Debug, Clone, Default)]
+pub struct Spawn {
+    /// Extra `serve` arguments.
+    pub args: Vec<String>,
+    /// Serve metrics on an ephemeral port (`Server::metrics_port`).
+    pub metrics: bool,
+    /// After the listening line, stop reading stderr (the pipe stays open and fills up).
+    pub stop_reading_stderr: bool,
+    /// The process's limit of open files (`RLIMIT_NOFILE`).
+    pub max_open_files: Option<u64>,
 }
 
 impl Server {
@@ -207,24 +222,53 @@ impl Server {
 
     /// Starts the process and waits for its listening line only (no health check).
     pub fn spawn(policy: &Path) -> Self {
-        let mut child = Command::new(bin())
+        Self::spawn_with(policy, Spawn::default())
+    }
+
+    /// Starts `serve` as [`Server::spawn`] does, with `spawn`'s arguments and conditions;
+    /// waits for its listening line only.
+    pub fn spawn_with(policy: &Path, spawn: Spawn) -> Self {
+        let mut command = Command::new(bin());
+        command
             .arg("serve")
             .arg("--config")
             .arg(policy)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(&spawn.args)
             .env_remove("RUST_LOG")
             .env_remove("STEPGATE_LOG_LEVEL")
             .env_remove("STEPGATE_DRAIN_DELAY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the stepgate binary");
+            .stderr(Stdio::piped());
+        if spawn.metrics {
+            command.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        if let Some(limit) = spawn.max_open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: `setrlimit` is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("starting the stepgate binary");
         let stderr = child.stderr.take().expect("piped stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let metrics_port = Arc::new(Mutex::new(None));
         let (port_tx, port_rx) = mpsc::channel::<u16>();
         {
             let logs = Arc::clone(&logs);
+            let metrics_port = Arc::clone(&metrics_port);
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stderr);
                 let mut port_tx = Some(port_tx);
@@ -236,17 +280,33 @@ impl Server {
                         Ok(_) => {}
                     }
                     let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-                    if port_tx.is_some()
-                        && let Some(port) = listening_port(&line)
-                    {
-                        let _ = port_tx.take().unwrap().send(port);
+                    if let Some(port) = port_in(&line, "metrics listening on") {
+                        *metrics_port.lock().unwrap() = Some(port);
                     }
-                    logs.lock().unwrap().push(line);
+                    let listening = port_tx.is_some() && listening_port(&line).is_some();
+                    logs.lock().unwrap().push(line.clone());
+                    if listening {
+                        let _ = port_tx.take().unwrap().send(listening_port(&line).unwrap());
+                        if spawn.stop_reading_stderr {
+                            // Hold the pipe open, unread, for the rest of the test binary.
+                            loop {
+                                std::thread::park();
+                            }
+                        }
+                    }
                 }
             });
         }
         match port_rx.recv_timeout(STARTUP_DEADLINE) {
-            Ok(port) => Self { child, port, logs },
+            Ok(port) => {
+                let metrics_port = *metrics_port.lock().unwrap();
+                Self {
+                    child,
+                    port,
+                    logs,
+                    metrics_port,
+                }
+            }
             Err(why) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
@@ -432,10 +492,22 @@ impl Drop for Server {
 
 /// The port of a JSON log line whose message contains `stepgate listening on`.
 fn listening_port(line: &str) -> Option<u16> {
+    port_in(line, "stepgate listening on")
+}
+
+/// The port of the address that follows `after` in a JSON log line's message.
+fn port_in(line: &str, after: &str) -> Option<u16> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let message = value.get("message")?.as_str()?;
-    let (_, rest) = message.split_once("stepgate listening on")?;
-    rest.trim().rsplit_once(':')?.1.trim().parse().ok()
+    let (_, rest) = message.split_once(after)?;
+    let digits: String = rest
+        .trim()
+        .rsplit_once(':')?
+        .1
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// One demo-policy server shared by the tests of a binary that run at the same time. Each test
