@@ -3,6 +3,7 @@
 //! Turning a `PolicyFile` into something that can be served is `policy::compile`; both report
 //! problems as a [`ConfigError`], so a user sees `rules[2].require.max_age: …` whichever step failed.
 
+pub mod byte_size;
 pub mod duration;
 pub mod schema;
 

@@ -11,7 +11,10 @@ use serde::{
     de::{self, value::MapAccessDeserializer, value::SeqAccessDeserializer},
 };
 
-use super::duration::{Seconds, Span};
+use super::{
+    byte_size::ByteSize,
+    duration::{Seconds, Span},
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -364,6 +367,9 @@ pub struct LimitsConfig {
     /// Verified tokens remembered (0 turns the cache off).
     #[serde(default = "default_token_cache_entries")]
     pub token_cache_entries: u64,
+    /// Memory the verified-token cache may take, estimated per token (a size like 128MiB).
+    #[serde(default = "default_token_cache_bytes")]
+    pub token_cache_bytes: ByteSize,
     /// Longest a verified token is remembered (and never past its `exp`).
     #[serde(default = "default_token_cache_ttl")]
     pub token_cache_ttl: Seconds,
@@ -388,6 +394,7 @@ impl Default for LimitsConfig {
         Self {
             max_token_bytes: default_max_token_bytes(),
             token_cache_entries: default_token_cache_entries(),
+            token_cache_bytes: default_token_cache_bytes(),
             token_cache_ttl: default_token_cache_ttl(),
             max_header_count: default_max_header_count(),
             max_header_bytes: default_max_header_bytes(),
@@ -397,6 +404,10 @@ impl Default for LimitsConfig {
 
 fn default_token_cache_entries() -> u64 {
     100_000
+}
+
+fn default_token_cache_bytes() -> ByteSize {
+    ByteSize(128 * 1024 * 1024)
 }
 
 fn default_token_cache_ttl() -> Seconds {

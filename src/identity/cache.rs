@@ -1,8 +1,10 @@
 //! The verified-token cache: a session reuses its access token for many requests, and Envoy asks
 //! stepgate about every one of them, so a signature verified once is remembered.
 //!
-//! Bounded in entries (an unbounded JWT cache is a known out-of-memory attack) and in time (until
-//! the token's `exp`, and at most `ttl`); keyed by the SHA-256 of the token, so the cache holds no
+//! Bounded in entries and in bytes (an unbounded JWT cache is a known out-of-memory attack: with a
+//! CEL condition reading `claims`, every cached token keeps its whole payload, and 100 000 tokens
+//! of 8 KiB of claims would be a gigabyte), and in time (until the token's `exp`, and at most
+//! `ttl`); keyed by the SHA-256 of the token, so the cache holds no
 //! bearer credential; only successful verifications are cached. An entry is served only while its
 //! signing key is still in the issuer's key set: when a key is removed from the JWKS, the tokens it
 //! signed stop verifying at once. One cache per policy: a reload starts afresh, because issuers,
@@ -43,6 +45,8 @@ pub struct TokenCache {
     shards: Box<[Mutex<Shard>]>,
     /// Entries per shard; the shards together hold at most the configured number.
     shard_capacity: usize,
+    /// Estimated bytes per shard ([`entry_bytes`]); the shards together hold at most the budget.
+    shard_bytes: usize,
     ttl_secs: i64,
     /// The raw claims this policy reads; the rest are not kept (see [`KeepClaims`]).
     keep: KeepClaims,
@@ -60,10 +64,12 @@ impl std::fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
-    /// A cache of at most `max_entries` tokens, each kept at most `ttl`, with the raw claims
-    /// `keep` selects. Zero entries: no cache.
-    pub fn new(max_entries: u64, ttl: Duration, keep: KeepClaims) -> Self {
+    /// A cache of at most `max_entries` tokens taking at most `max_bytes` (estimated, see
+    /// [`entry_bytes`]), each kept at most `ttl`, with the raw claims `keep` selects. Zero
+    /// entries: no cache.
+    pub fn new(max_entries: u64, max_bytes: u64, ttl: Duration, keep: KeepClaims) -> Self {
         let max_entries = usize::try_from(max_entries).unwrap_or(usize::MAX);
+        let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
         // At least 256 entries per shard (or one shard), never more shards than SHARDS.
         let shards = (max_entries / 256).clamp(1, SHARDS);
         let shard_capacity = max_entries / shards;
@@ -72,6 +78,7 @@ impl TokenCache {
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
             shard_capacity,
+            shard_bytes: max_bytes / shards,
             ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             keep,
             interner: Interner::default(),
@@ -114,11 +121,16 @@ impl TokenCache {
                 .expires_at
                 .saturating_add(leeway)
                 .min(now.saturating_add(self.ttl_secs));
+            let bytes = entry_bytes(verified);
             let evicted = lock(shard).insert(
                 digest,
                 Arc::clone(verified),
                 expires_at,
-                self.shard_capacity,
+                Room {
+                    entries: self.shard_capacity,
+                    bytes: self.shard_bytes,
+                },
+                bytes,
                 now,
             );
             for _ in 0..evicted {
@@ -136,6 +148,104 @@ impl TokenCache {
     /// Tokens held now.
     pub fn entry_count(&self) -> u64 {
         self.shards.iter().map(|s| lock(s).map.len() as u64).sum()
+    }
+
+    /// Estimated bytes the tokens held now take ([`entry_bytes`]).
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| lock(s).bytes as u64).sum()
+    }
+}
+
+impl Drop for TokenCache {
+    /// A reload replaces the policy and its cache: what this one held leaves the gauges.
+    fn drop(&mut self) {
+        let (entries, bytes) = self.shards.iter().fold((0, 0), |(e, b), shard| {
+            let shard = lock(shard);
+            (e + shard.map.len(), b + shard.bytes)
+        });
+        metrics::global().token_cache_changed(-(entries as i64), -(bytes as i64));
+    }
+}
+
+/// What a shard may hold.
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    entries: usize,
+    bytes: usize,
+}
+
+/// An estimate, on the high side, of the memory a cached token takes: the entry in its shard,
+/// the verified token and its principal, and what it holds alone (values shared with other
+/// tokens through the interner are not counted: a few thousand of them serve every token). The
+/// claims kept for the policy dominate when a CEL condition reads `claims`.
+pub fn entry_bytes(token: &VerifiedToken) -> usize {
+    /// Per heap allocation: the allocator's header and rounding, taken generously.
+    const ALLOCATION: usize = 16;
+    let own_str = |s: &Arc<str>| {
+        if Arc::strong_count(s) == 1 {
+            s.len() + ALLOCATION
+        } else {
+            0
+        }
+    };
+    let own_list = |list: &Arc<[Arc<str>]>| {
+        if Arc::strong_count(list) == 1 {
+            list.len() * size_of::<Arc<str>>()
+                + ALLOCATION
+                + list.iter().map(own_str).sum::<usize>()
+        } else {
+            0
+        }
+    };
+    let p = &token.principal;
+    let principal = size_of::<super::Principal>()
+        + ALLOCATION
+        + own_str(&p.subject)
+        + [&p.tenant, &p.client_id, &p.acr]
+            .into_iter()
+            .flatten()
+            .map(own_str)
+            .sum::<usize>()
+        + [&p.acrs, &p.amr, &p.scopes, &p.roles]
+            .into_iter()
+            .map(own_list)
+            .sum::<usize>();
+    // The slot, the map entry (a digest and an index, with the table's slack) and the token.
+    let entry = size_of::<Slot>() + 2 * (size_of::<Key>() + size_of::<u32>()) + 1;
+    entry
+        + size_of::<VerifiedToken>()
+        + ALLOCATION
+        + principal
+        + own_list(&token.client_capabilities)
+        + map_bytes(&token.claims)
+}
+
+/// Heap bytes of a JSON object (`serde_json` with `preserve_order`: an index map).
+fn map_bytes(map: &serde_json::Map<String, serde_json::Value>) -> usize {
+    if map.is_empty() {
+        return 0;
+    }
+    // Entries (hash, key, value) in one vector, and the index table beside it.
+    let entry = size_of::<u64>() + size_of::<String>() + size_of::<serde_json::Value>();
+    2 * 16
+        + map.len() * (entry + 2 * size_of::<usize>())
+        + map
+            .iter()
+            .map(|(key, value)| key.len() + value_bytes(value))
+            .sum::<usize>()
+}
+
+fn value_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => s.capacity() + 16,
+        Value::Array(items) => {
+            items.capacity() * size_of::<Value>()
+                + 16
+                + items.iter().map(value_bytes).sum::<usize>()
+        }
+        Value::Object(map) => map_bytes(map),
     }
 }
 
@@ -159,6 +269,8 @@ struct Shard {
     /// Slots emptied by expiry or invalidation, reused before the hand evicts anything.
     free: Vec<u32>,
     hand: usize,
+    /// Estimated bytes of the tokens held ([`entry_bytes`]).
+    bytes: usize,
 }
 
 struct Slot {
@@ -169,6 +281,8 @@ struct Slot {
     expires_at: i64,
     /// Used since the CLOCK hand last passed.
     referenced: bool,
+    /// The token's [`entry_bytes`].
+    bytes: u32,
 }
 
 enum Lookup {
@@ -197,64 +311,83 @@ impl Shard {
         Lookup::Dropped
     }
 
-    /// Inserts (or replaces) an entry; returns how many entries were evicted to make room.
+    /// Inserts (or replaces) an entry taking `bytes`; returns how many entries were evicted to
+    /// make room. An entry larger than the shard's byte room is not kept at all.
     fn insert(
         &mut self,
         digest: TokenDigest,
         token: Arc<VerifiedToken>,
         expires_at: i64,
-        capacity: usize,
+        room: Room,
+        bytes: usize,
         now: i64,
     ) -> usize {
         let key = Key(digest);
+        if bytes > room.bytes {
+            return 0;
+        }
+        let bytes_u32 = u32::try_from(bytes).unwrap_or(u32::MAX);
         if let Some(&index) = self.map.get(&key) {
             // Two requests verified the same new token at once: keep the later one.
             let slot = &mut self.slots[index as usize];
+            self.bytes = self.bytes - slot.bytes as usize + bytes;
+            metrics::global().token_cache_changed(0, bytes as i64 - i64::from(slot.bytes));
             slot.token = Some(token);
             slot.expires_at = expires_at;
+            slot.bytes = bytes_u32;
             return 0;
         }
         let mut evicted = 0;
+        while self.bytes + bytes > room.bytes {
+            self.evict(now);
+            evicted += 1;
+        }
         let index = if let Some(index) = self.free.pop() {
             index as usize
-        } else if self.slots.len() < capacity {
+        } else if self.slots.len() < room.entries {
             self.slots.push(Slot {
                 key,
                 token: None,
                 expires_at,
                 referenced: false,
+                bytes: 0,
             });
             self.slots.len() - 1
         } else {
-            evicted = 1;
-            self.evict(now)
+            evicted += 1;
+            self.evict(now);
+            self.free.pop().expect("eviction freed a slot") as usize
         };
-        let slot = &mut self.slots[index];
-        *slot = Slot {
+        self.slots[index] = Slot {
             key,
             token: Some(token),
             expires_at,
             referenced: false,
+            bytes: bytes_u32,
         };
         self.map.insert(key, index as u32);
+        self.bytes += bytes;
+        metrics::global().token_cache_changed(1, bytes as i64);
         evicted
     }
 
-    /// Advances the CLOCK hand to a victim (expired, or not used since the hand last passed),
-    /// removes it and returns its now free slot. Terminates within two turns of the ring.
-    fn evict(&mut self, now: i64) -> usize {
+    /// Advances the CLOCK hand to a victim (expired, or not used since the hand last passed) and
+    /// removes it, its slot going to the free list. Terminates within two turns of the ring;
+    /// called only while the shard holds a token.
+    fn evict(&mut self, now: i64) {
         loop {
             let index = self.hand;
             self.hand = (self.hand + 1) % self.slots.len();
             let slot = &mut self.slots[index];
-            if slot.token.is_some() && slot.referenced && now <= slot.expires_at {
+            if slot.token.is_none() {
+                continue;
+            }
+            if slot.referenced && now <= slot.expires_at {
                 slot.referenced = false;
                 continue;
             }
             self.remove(index);
-            // `remove` put it on the free list; take it back.
-            self.free.pop();
-            return index;
+            return;
         }
     }
 
@@ -263,6 +396,8 @@ impl Shard {
         if slot.token.take().is_some() {
             self.map.remove(&slot.key);
             self.free.push(index as u32);
+            self.bytes -= slot.bytes as usize;
+            metrics::global().token_cache_changed(-1, -i64::from(slot.bytes));
         }
     }
 }
@@ -324,6 +459,15 @@ mod tests {
     };
 
     const NOW: i64 = 1_800_000_000;
+    const MIB_64: u64 = 64 << 20;
+
+    /// Room for `n` entries, bytes aside.
+    fn entries(n: usize) -> Room {
+        Room {
+            entries: n,
+            bytes: usize::MAX,
+        }
+    }
     fn policy() -> Policy {
         compile_policy(DEMO_POLICY)
     }
@@ -340,7 +484,7 @@ mod tests {
     #[test]
     fn second_verification_is_served_from_the_cache() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         let (d1, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
         let (d2, second) = cache.verify(&t, &p.issuers, 16_384, NOW);
@@ -354,7 +498,7 @@ mod tests {
     #[test]
     fn failures_are_never_cached() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let mut t = token("alice");
         t.pop();
         t.push('A');
@@ -365,7 +509,7 @@ mod tests {
     #[test]
     fn a_cached_token_expires_with_its_exp() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
         let later = NOW + 3600 + 61;
@@ -378,7 +522,7 @@ mod tests {
     #[test]
     fn removing_the_signing_key_from_the_jwks_stops_serving_its_tokens() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
         let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
@@ -395,7 +539,7 @@ mod tests {
     #[test]
     fn the_cache_is_bounded_in_entries() {
         let p = policy();
-        let cache = TokenCache::new(10, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(10, MIB_64, Duration::from_secs(600), KeepClaims::All);
         for i in 0..100 {
             assert!(
                 cache
@@ -410,7 +554,7 @@ mod tests {
     #[test]
     fn the_bound_is_exact_for_any_size() {
         for max in [1, 10, 255, 256, 1000, 100_000, 100_001] {
-            let cache = TokenCache::new(max, Duration::from_secs(600), KeepClaims::All);
+            let cache = TokenCache::new(max, MIB_64, Duration::from_secs(600), KeepClaims::All);
             let capacity = cache.shards.len() * cache.shard_capacity;
             assert!(capacity as u64 <= max, "{max}: capacity {capacity}");
             assert!(
@@ -442,7 +586,7 @@ mod tests {
         let mut shard = Shard::default();
         for i in 0..4u8 {
             assert_eq!(
-                shard.insert([i; 32], Arc::clone(&token), NOW + 60, 4, NOW),
+                shard.insert([i; 32], Arc::clone(&token), NOW + 60, entries(4), 100, NOW),
                 0
             );
         }
@@ -450,7 +594,7 @@ mod tests {
         assert!(matches!(shard.get(&[0; 32], NOW), Lookup::Hit(_)));
         assert!(matches!(shard.get(&[2; 32], NOW), Lookup::Hit(_)));
         assert_eq!(
-            shard.insert([9; 32], Arc::clone(&token), NOW + 60, 4, NOW),
+            shard.insert([9; 32], Arc::clone(&token), NOW + 60, entries(4), 100, NOW),
             1
         );
         assert!(matches!(shard.get(&[1; 32], NOW), Lookup::Miss));
@@ -468,13 +612,13 @@ mod tests {
         let p = policy();
         let token = verified(&p, "alice");
         let mut shard = Shard::default();
-        shard.insert([1; 32], Arc::clone(&token), NOW + 10, 2, NOW);
-        shard.insert([2; 32], Arc::clone(&token), NOW + 100, 2, NOW);
+        shard.insert([1; 32], Arc::clone(&token), NOW + 10, entries(2), 100, NOW);
+        shard.insert([2; 32], Arc::clone(&token), NOW + 100, entries(2), 100, NOW);
         assert!(matches!(shard.get(&[1; 32], NOW + 11), Lookup::Dropped));
         assert!(matches!(shard.get(&[1; 32], NOW + 11), Lookup::Miss));
         // The freed slot takes the next entry: nothing evicted, no growth.
         assert_eq!(
-            shard.insert([3; 32], Arc::clone(&token), NOW + 100, 2, NOW),
+            shard.insert([3; 32], Arc::clone(&token), NOW + 100, entries(2), 100, NOW),
             0
         );
         assert_eq!(shard.slots.len(), 2);
@@ -485,7 +629,7 @@ mod tests {
     #[test]
     fn an_entry_is_never_served_past_the_ttl() {
         let p = policy();
-        let cache = TokenCache::new(100, Duration::from_secs(30), KeepClaims::All);
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(30), KeepClaims::All);
         let t = token("alice");
         let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
         let (_, within) = cache.verify(&t, &p.issuers, 16_384, NOW + 30);
@@ -533,10 +677,117 @@ mod tests {
         assert!(all.claims.contains_key("sub") && all.claims.contains_key("exp"));
     }
 
+    /// A token whose payload carries `kib` KiB of claims.
+    fn large_token(subject: &str, kib: usize) -> String {
+        let pem = demo_file("demo-rsa-private.pem");
+        let mut spec = TokenSpec {
+            subject: subject.to_owned(),
+            ..TokenSpec::default()
+        };
+        spec.extra.insert(
+            "profile".into(),
+            serde_json::json!(
+                (0..kib)
+                    .map(|i| format!("{i:04}{}", "x".repeat(1020)))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        demo::sign(&spec.claims(NOW), &pem, Algorithm::RS256, DEMO_RSA_KID).unwrap()
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes_whatever_the_tokens_carry() {
+        let p = policy();
+        let budget = 1 << 20;
+        let cache = TokenCache::new(100_000, budget, Duration::from_secs(600), KeepClaims::All);
+        let mut sizes = Vec::new();
+        for i in 0..400 {
+            let (_, verified) = cache.verify(
+                &large_token(&format!("user{i}"), 8),
+                &p.issuers,
+                65_536,
+                NOW,
+            );
+            sizes.push(entry_bytes(&verified.unwrap()));
+        }
+        let held = cache.bytes();
+        assert!(
+            held <= budget,
+            "{held} bytes held over a budget of {budget}"
+        );
+        let smallest = *sizes.iter().min().unwrap() as u64;
+        assert!(
+            smallest > 8 * 1024,
+            "8 KiB of claims counted as {smallest} bytes"
+        );
+        assert!(
+            cache.entry_count() * smallest <= budget && cache.entry_count() > 0,
+            "{} entries",
+            cache.entry_count()
+        );
+        // Small tokens fill the same budget with many more entries.
+        let small = TokenCache::new(100_000, budget, Duration::from_secs(600), KeepClaims::All);
+        for i in 0..400 {
+            assert!(
+                small
+                    .verify(&token(&format!("u{i}")), &p.issuers, 16_384, NOW)
+                    .1
+                    .is_ok()
+            );
+        }
+        assert!(
+            small.entry_count() > 3 * cache.entry_count(),
+            "{} small entries against {} large",
+            small.entry_count(),
+            cache.entry_count()
+        );
+        assert!(small.bytes() <= budget);
+    }
+
+    #[test]
+    fn a_token_larger_than_a_shard_holds_is_verified_but_not_cached() {
+        let p = policy();
+        let cache = TokenCache::new(10, 4096, Duration::from_secs(600), KeepClaims::All);
+        let t = large_token("alice", 8);
+        assert!(cache.verify(&t, &p.issuers, 65_536, NOW).1.is_ok());
+        assert_eq!((cache.entry_count(), cache.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn only_the_claims_kept_are_counted() {
+        let p = policy();
+        let t = large_token("alice", 8);
+        let all = verify(
+            &t,
+            &p.issuers,
+            65_536,
+            NOW,
+            &KeepClaims::All,
+            &Interner::default(),
+        )
+        .unwrap();
+        let none = verify(
+            &t,
+            &p.issuers,
+            65_536,
+            NOW,
+            &KeepClaims::Named(Box::new([])),
+            &Interner::default(),
+        )
+        .unwrap();
+        assert!(
+            entry_bytes(&all) > 8 * 1024 + entry_bytes(&none),
+            "{} vs {}",
+            entry_bytes(&all),
+            entry_bytes(&none)
+        );
+        assert!(entry_bytes(&none) < 1024, "{}", entry_bytes(&none));
+    }
+
     #[test]
     fn zero_entries_turns_the_cache_off() {
         let p = policy();
-        let cache = TokenCache::new(0, Duration::from_secs(600), KeepClaims::All);
+        let cache = TokenCache::new(0, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
         let (_, second) = cache.verify(&t, &p.issuers, 16_384, NOW);

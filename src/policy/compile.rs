@@ -64,6 +64,12 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
             "must be at most 100000000 (about 1 KiB of memory each)",
         );
     }
+    if file.limits.token_cache_bytes.0 < 1024 * 1024 && file.limits.token_cache_entries > 0 {
+        return err(
+            "limits.token_cache_bytes",
+            "must be at least 1MiB (or turn the cache off with token_cache_entries: 0)",
+        );
+    }
     if file.limits.max_header_count == 0 {
         return err("limits.max_header_count", "must be at least 1");
     }
@@ -90,6 +96,7 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         cel,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
+            file.limits.token_cache_bytes.0,
             file.limits.token_cache_ttl.as_duration(),
             keep_claims,
         ),

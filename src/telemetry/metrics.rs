@@ -76,6 +76,8 @@ pub struct Metrics {
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     log_lines_dropped: AtomicU64,
+    token_cache_entries: AtomicI64,
+    token_cache_bytes: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -94,6 +96,8 @@ impl Default for Metrics {
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
+            token_cache_entries: AtomicI64::new(0),
+            token_cache_bytes: AtomicI64::new(0),
         }
     }
 }
@@ -158,6 +162,12 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.grpc_connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Tokens entered (+) or left (−) a verified-token cache, and their estimated bytes.
+    pub fn token_cache_changed(&self, entries: i64, bytes: i64) {
+        self.token_cache_entries.fetch_add(entries, Relaxed);
+        self.token_cache_bytes.fetch_add(bytes, Relaxed);
     }
 
     pub fn record_log_line_dropped(&self) {
@@ -356,14 +366,27 @@ impl Collector for Exposition {
                 .encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&value.load(Relaxed), None)?;
         }
-        encoder
-            .encode_descriptor(
+        for (name, help, value) in [
+            (
                 "stepgate_grpc_connections",
                 "Open connections on the gRPC listener",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&m.grpc_connections.load(Relaxed))?;
+                &m.grpc_connections,
+            ),
+            (
+                "stepgate_token_cache_entries",
+                "Verified tokens cached",
+                &m.token_cache_entries,
+            ),
+            (
+                "stepgate_token_cache_bytes",
+                "Estimated memory of the verified tokens cached (bounded by limits.token_cache_bytes)",
+                &m.token_cache_bytes,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value.load(Relaxed))?;
+        }
         Ok(())
     }
 }
