@@ -180,3 +180,47 @@ fn kept(request: &CheckRequest) -> (usize, usize) {
         .sum::<usize>();
     (count, bytes)
 }
+
+/// Starting points for the fuzzer: requests as Envoy sends them (merged headers and the raw
+/// header map, with and without a token), one with every field read, and two concatenated.
+pub fn seeds() -> Vec<Vec<u8>> {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln";
+    let allow = crate::demo::envoy_check_request("GET", "api.example.com", "/accounts/42", token);
+    let post =
+        crate::demo::envoy_check_request("POST", "api.example.com:443", "/payments/wire?x=1", "");
+    let mut raw = allow.clone();
+    let http = raw
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("http attributes");
+    let headers = std::mem::take(&mut http.headers);
+    http.header_map = Some(HeaderMap {
+        headers: headers
+            .into_iter()
+            .map(|(key, value)| HeaderValue {
+                key,
+                value: String::new(),
+                raw_value: value.into_bytes(),
+            })
+            .collect(),
+    });
+    let mut context = post.clone();
+    context
+        .attributes
+        .as_mut()
+        .expect("attributes")
+        .context_extensions
+        .insert("operation".into(), "payments.wire_transfer".into());
+    let merged = [allow.encode_to_vec(), context.encode_to_vec()].concat();
+    vec![
+        allow.encode_to_vec(),
+        post.encode_to_vec(),
+        raw.encode_to_vec(),
+        context.encode_to_vec(),
+        merged,
+        Vec::new(),
+    ]
+}

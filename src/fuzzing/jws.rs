@@ -140,3 +140,42 @@ pub fn reference(bytes: &[u8]) -> Option<Map<String, Value>> {
         _ => None,
     }
 }
+
+/// Starting points for the fuzzer: the header and payloads of real-looking tokens, and the
+/// spellings that must be refused (a repeated name, an escaped one, a lone surrogate).
+pub fn seeds() -> Vec<Vec<u8>> {
+    let entra = crate::demo::TokenSpec {
+        acrs: vec!["c1".into()],
+        xms_cc: vec!["cp1".into()],
+        auth_age: Some(60),
+        ..crate::demo::TokenSpec::default()
+    };
+    let oidc = crate::demo::TokenSpec {
+        issuer: crate::demo::DEMO_OIDC_ISSUER.to_owned(),
+        acr: Some("urn:okta:loa:2fa:any".into()),
+        amr: vec!["pwd".into(), "mfa".into()],
+        roles: vec!["Admin".into()],
+        ..crate::demo::TokenSpec::default()
+    };
+    let mut seeds: Vec<Vec<u8>> = [entra, oidc]
+        .iter()
+        .map(|spec| spec.claims(1_800_000_000).to_string().into_bytes())
+        .collect();
+    seeds.extend(
+        [
+            r#"{"alg":"RS256","kid":"stepgate-demo-rsa-1","typ":"at+jwt"}"#,
+            r#"{"alg":"ES256","kid":"k","crit":["exp"],"jku":"https://x"}"#,
+            r#"{"sub":"a","sub":"b"}"#,
+            r#"{"s\u0075b":"a","sub":"b"}"#,
+            r#"{"ext":{"roles":["a",{"x":[1,2.5e3,-0,null,true]}],"nested":{"k":"\ud83d\ude00"}}}"#,
+            r#"{"x":"\ud800"}"#,
+            r#"{"nonce":"n","at_hash":"h","exp":1.5e9,"nbf":-1,"aud":["a","b"]}"#,
+            "{} ",
+            "[]",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec()),
+    );
+    seeds.push(b"{\"x\":\"\xc0\xaf\"}".to_vec());
+    seeds
+}

@@ -13,15 +13,38 @@ pub mod path;
 pub mod pattern;
 pub mod policy;
 
-/// One invariant: panics when `bytes` break it.
-pub type Check = fn(&[u8]);
+/// One fuzz target: its name (`fuzz/fuzz_targets/<name>.rs`, corpus `fuzz/corpus/<name>/`), the
+/// invariant (panics when bytes break it) and the inputs its corpus starts from.
+pub struct Target {
+    pub name: &'static str,
+    pub check: fn(&[u8]),
+    pub seeds: fn() -> Vec<Vec<u8>>,
+}
 
-/// The fuzz targets, by name: what `fuzz/fuzz_targets/<name>.rs` calls and what the corpus under
-/// `fuzz/corpus/<name>/` is replayed against.
-pub const TARGETS: &[(&str, Check)] = &[
-    ("check_request", check_request::check),
-    ("jws", jws::check),
-    ("path", path::check),
-    ("pattern", pattern::check),
-    ("policy", policy::check),
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "check_request",
+        check: check_request::check,
+        seeds: check_request::seeds,
+    },
+    Target {
+        name: "jws",
+        check: jws::check,
+        seeds: jws::seeds,
+    },
+    Target {
+        name: "path",
+        check: path::check,
+        seeds: path::seeds,
+    },
+    Target {
+        name: "pattern",
+        check: pattern::check,
+        seeds: pattern::seeds,
+    },
+    Target {
+        name: "policy",
+        check: policy::check,
+        seeds: policy::seeds,
+    },
 ];

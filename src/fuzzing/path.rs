@@ -106,3 +106,24 @@ fn decode_all(text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Starting points for the fuzzer: ordinary paths and the spellings servers read differently.
+pub fn seeds() -> Vec<Vec<u8>> {
+    [
+        "/",
+        "/payments/wire?dry_run=1#f",
+        "//admin//users/",
+        "/%61dmin/%C3%A9t%c3%a9",
+        "/admin/..;/healthz",
+        "/x/;/../y",
+        "/a/%2e%2e/b",
+        "/a;jsessionid=1/b;x=2",
+        "/a%2Fb%5c%25%3F%23%3B",
+        "/a%00%0a%C2%85",
+        "/.well-known/a..b/...",
+        "admin",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}

@@ -69,3 +69,23 @@ fn check_glob(pattern: &str, path: &str) {
         "glob {pattern:?} on {path:?} (regex {expression:?})"
     );
 }
+
+/// Starting points for the fuzzer: globs and wildcards of the demo policy, and the double-star
+/// patterns a backtracking matcher takes exponential time on.
+pub fn seeds() -> Vec<Vec<u8>> {
+    let slow = format!("/**/a/**/a/**/z\n{}", "/a".repeat(40));
+    [
+        "/admin/**\n/admin/users/42",
+        "/payments/*/approve\n/payments/42/approve",
+        "/customers/*/pii\n/customers/7/pii/",
+        "/v1/*.json\n/v1/a.json",
+        "*.example.com\napi.example.com",
+        "payments.*\npayments.wire_transfer",
+        "a*b*c\naXXcYYbZZc",
+        "/**\n/",
+        slow.as_str(),
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
