@@ -121,12 +121,29 @@ impl Stack {
     /// `policy` (or the demo policy) behind `examples/envoy/<example>`; returns once an anonymous
     /// request gets stepgate's 401 through Envoy.
     async fn start_with(example: &str, policy: Option<TempPolicy>) -> Self {
+        Self::start_configured(example, policy, &[], None).await
+    }
+
+    /// The demo policy behind `examples/envoy/<example>` with `edits` made to Envoy's config.
+    async fn start_edited(example: &str, edits: &[(&str, &str)]) -> Self {
+        Self::start_configured(example, None, edits, None).await
+    }
+
+    /// `policy` behind `examples/envoy/<example>` with `edits`, and Envoy's upstream on
+    /// `upstream` (the echo's port when `None`).
+    async fn start_configured(
+        example: &str,
+        policy: Option<TempPolicy>,
+        edits: &[(&str, &str)],
+        upstream: Option<u16>,
+    ) -> Self {
         let path = policy
             .as_ref()
             .map_or_else(demo_policy_path, |p| p.path.clone());
         let server = Server::start(&path).await;
         let echo = Echo::start().await;
-        let envoy = Envoy::start(example, server.port, echo.port).await;
+        let upstream = upstream.unwrap_or(echo.port);
+        let envoy = Envoy::start_edited(example, server.port, upstream, edits).await;
         let stack = Self {
             envoy,
             echo,
@@ -1144,4 +1161,206 @@ async fn requests_near_envoys_header_limit_get_200_or_431_never_a_5xx() {
         statuses.iter().map(rank).is_sorted(),
         "allowed, then stepgate's 431, then Envoy's: {statuses:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and bytes that servers read differently
+// ---------------------------------------------------------------------------------------------
+
+/// Envoy as shipped normalises paths; without it (Envoy's default) it routes and forwards the
+/// path as sent.
+const NO_PATH_NORMALISATION: (&str, &str) = ("normalize_path: true", "normalize_path: false");
+const FAIL_OPEN: (&str, &str) = ("failure_mode_allow: false", "failure_mode_allow: true");
+
+/// `/admin/..;/healthz` is `/healthz` to Tomcat and Spring and `/admin/..;/healthz` (served from
+/// `/admin`) to Go, Node and nginx: whichever way Envoy is set up, it never reaches the upstream
+/// as a path under `/admin` without a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_with_dot_parameter_segments_never_reaches_admin_without_a_token() {
+    for edits in [&[][..], &[NO_PATH_NORMALISATION][..]] {
+        let stack = Stack::start_edited(ENVOY_YAML, edits).await;
+        for (i, path) in [
+            "/admin/..;/healthz",
+            "/admin/.;/healthz",
+            "/admin/%2e%2e;/healthz",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let case = format!("dot-params-{i}");
+            let reply = stack.send(&case, Method::GET, path, HeaderMap::new()).await;
+            let under_admin: Vec<String> = stack
+                .upstream(&case)
+                .into_iter()
+                .map(|r| r.path)
+                .filter(|p| p.to_ascii_lowercase().starts_with("/admin"))
+                .collect();
+            assert!(
+                under_admin.is_empty(),
+                "{path} (edits {edits:?}) reached the upstream as {under_admin:?}: {reply:?}\n{}",
+                stack.diagnostics()
+            );
+            if !edits.is_empty() {
+                // Forwarded as sent, so stepgate refuses it rather than decide on one reading.
+                assert_eq!(
+                    reply.status,
+                    400,
+                    "{path}: {reply:?}\n{}",
+                    stack.diagnostics()
+                );
+            }
+        }
+    }
+}
+
+/// Sends GET `path` (raw bytes) over HTTP/2 to Envoy with the `h2` library of the project's
+/// .venv (no URL can hold a raw 0xFF); the status Envoy answered.
+fn raw_h2_get(port: u16, path: &[u8], headers: &[(&str, &str)]) -> String {
+    let python = common::manifest_dir().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "the raw HTTP/2 requests need the project's .venv with h2: run ./scripts/setup-peers"
+    );
+    let hex: String = path.iter().map(|b| format!("{b:02x}")).collect();
+    let output = std::process::Command::new(python)
+        .arg(common::manifest_dir().join("tests/raw_h2_request.py"))
+        .arg(port.to_string())
+        .arg(hex)
+        .args(headers.iter().map(|(k, v)| format!("{k}={v}")))
+        .output()
+        .expect("running tests/raw_h2_request.py");
+    assert!(
+        output.status.success(),
+        "tests/raw_h2_request.py failed (is h2 in .venv? run ./scripts/setup-peers): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// `tests/lenient_upstream.py`: an upstream that serves raw path bytes (as Go, Node and Python's
+/// servers do; the hyper echo refuses them), recording each request line by its case.
+struct LenientUpstream {
+    child: std::process::Child,
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LenientUpstream {
+    fn start() -> Self {
+        use std::io::BufRead as _;
+        let python = common::manifest_dir().join(".venv/bin/python");
+        assert!(
+            python.is_file(),
+            "the lenient upstream needs the project's .venv: run ./scripts/setup-peers"
+        );
+        let mut child = std::process::Command::new(python)
+            .arg(common::manifest_dir().join("tests/lenient_upstream.py"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting tests/lenient_upstream.py");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let port = lines
+            .next()
+            .and_then(Result::ok)
+            .and_then(|l| l.strip_prefix("port ")?.parse().ok())
+            .expect("the lenient upstream prints its port");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, port, seen }
+    }
+
+    /// The request lines (hex) served for `case`.
+    fn served(&self, case: &str) -> Vec<String> {
+        let prefix = format!("request {case} ");
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for LenientUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `failure_mode_allow: true` an error from stepgate lets the request through, so a path
+/// byte stepgate cannot read must be a denial. Envoy shows stepgate a non-UTF-8 path byte as `!`
+/// (or, normalising, as `%FF`) but forwards the byte itself, and an upstream such as Go's, Node's
+/// or Python's serves it: with or without a token, it is refused, never a 200.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_failure_mode_allow_a_raw_non_utf8_path_byte_is_never_200() {
+    let token = format!("Bearer {}", mint(&TokenSpec::default()));
+    let upstream = LenientUpstream::start();
+    for (example, edits) in [
+        (ENVOY_YAML, &[FAIL_OPEN][..]),
+        (ENVOY_RAW_HEADERS_YAML, &[FAIL_OPEN][..]),
+        (
+            ENVOY_RAW_HEADERS_YAML,
+            &[FAIL_OPEN, NO_PATH_NORMALISATION][..],
+        ),
+    ] {
+        let stack = Stack::start_configured(example, None, edits, Some(upstream.port)).await;
+        let port = stack.envoy.ports.listener;
+        for (i, path) in [&b"/a\xffb"[..], b"/accounts/\xff", b"/healthz\xc0\xaf"]
+            .into_iter()
+            .enumerate()
+        {
+            for authorization in [None, Some(token.as_str())] {
+                let case = format!("raw-byte-{i}-{}-{}", authorization.is_some(), edits.len());
+                let mut headers = vec![(CASE.to_owned(), case.clone())];
+                headers.extend(authorization.map(|a| ("authorization".to_owned(), a.to_owned())));
+                let status = tokio::task::spawn_blocking({
+                    let path = path.to_vec();
+                    move || {
+                        let headers: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        raw_h2_get(port, &path, &headers)
+                    }
+                })
+                .await
+                .unwrap();
+                assert_ne!(
+                    status,
+                    "200",
+                    "{example} {edits:?}: {path:?} (token: {}) got 200\n{}",
+                    authorization.is_some(),
+                    stack.diagnostics()
+                );
+                assert!(
+                    upstream.served(&case).is_empty(),
+                    "{example} {edits:?}: {path:?} was served upstream: {:?}",
+                    upstream.served(&case)
+                );
+            }
+        }
+    }
+    // The upstream does serve what stepgate allows.
+    let stack = Stack::start_configured(ENVOY_YAML, None, &[FAIL_OPEN], Some(upstream.port)).await;
+    let status = tokio::task::spawn_blocking({
+        let port = stack.envoy.ports.listener;
+        let token = token.clone();
+        move || {
+            raw_h2_get(
+                port,
+                b"/accounts/42",
+                &[(CASE, "raw-plain"), ("authorization", &token)],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, "200");
+    assert_eq!(upstream.served("raw-plain").len(), 1);
 }

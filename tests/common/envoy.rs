@@ -341,6 +341,17 @@ impl Envoy {
     /// Starts Envoy on `examples/envoy/<example>` with its stepgate cluster at `stepgate_port` and
     /// its upstream clusters at `upstream_port`; returns once admin `/ready` says `LIVE`.
     pub async fn start(example: &str, stepgate_port: u16, upstream_port: u16) -> Self {
+        Self::start_edited(example, stepgate_port, upstream_port, &[]).await
+    }
+
+    /// As [`Envoy::start`], with each `(from, to)` of `edits` replaced in the example's text
+    /// (every `from` must be there: a changed example cannot silently skip an edit).
+    pub async fn start_edited(
+        example: &str,
+        stepgate_port: u16,
+        upstream_port: u16,
+        edits: &[(&str, &str)],
+    ) -> Self {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             let ports = Ports {
@@ -349,7 +360,7 @@ impl Envoy {
                 stepgate: stepgate_port,
                 upstream: upstream_port,
             };
-            match Self::try_start(example, ports).await {
+            match Self::try_start(example, ports, edits).await {
                 Ok(envoy) => return envoy,
                 Err(StartError::PortTaken(_)) if attempt < ATTEMPTS => continue,
                 Err(StartError::PortTaken(why) | StartError::Fatal(why)) => panic!("{why}"),
@@ -358,10 +369,21 @@ impl Envoy {
         unreachable!()
     }
 
-    async fn try_start(example: &str, ports: Ports) -> Result<Self, StartError> {
+    async fn try_start(
+        example: &str,
+        ports: Ports,
+        edits: &[(&str, &str)],
+    ) -> Result<Self, StartError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let binary = envoy_binary();
-        let config = render_config(example, ports);
+        let mut config = render_config(example, ports);
+        for (from, to) in edits {
+            assert!(
+                config.contains(from),
+                "examples/envoy/{example} no longer contains {from:?}; update the test"
+            );
+            config = config.replace(from, to);
+        }
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
