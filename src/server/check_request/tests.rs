@@ -236,6 +236,11 @@ fn text_that_is_not_utf8_is_a_problem_to_answer_not_a_refused_frame() {
         problem(&[0x12, 0x02, 0xff, 0xfe]),
         not_utf8("attributes.request.http.method")
     );
+    // `host` not UTF-8.
+    assert_eq!(
+        problem(&[0x2a, 0x01, 0xff]),
+        not_utf8("attributes.request.http.host")
+    );
     // `path`: answered as an invalid path.
     assert_eq!(
         problem(&[0x22, 0x02, b'/', 0xff]),
