@@ -292,6 +292,39 @@ async fn a_client_holding_every_connection_slot_delays_new_clients_until_it_lets
     assert!(answered >= released);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_never_speak_lose_their_slot_after_the_handshake_timeout() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: ["--max-connections", "2", "--handshake-timeout", "1s"]
+                .map(str::to_owned)
+                .to_vec(),
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let token = mint(&TokenSpec::default());
+    let mut hogs: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.port)).expect("connecting"))
+        .collect();
+    // Without giving anything back, the idle connections are closed and a real client served.
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect_lazy();
+    assert_eq!(check(&channel, allowed_check(&token)).await, Ok(200));
+    for hog in &mut hogs {
+        // The server's HTTP/2 preface, then the end of the connection.
+        hog.set_read_timeout(Some(CALL_DEADLINE)).unwrap();
+        let mut received = Vec::new();
+        let end = hog.read_to_end(&mut received);
+        assert!(
+            end.is_ok() || end.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "an idle connection was left open"
+        );
+    }
+}
+
 #[tokio::test]
 async fn requests_past_the_size_and_header_limits_are_413_and_431_denials() {
     let server = Server::spawn_with(

@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Longest a call may take, reading its request included (e.g. 5s).
     #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
+    /// Time a new connection has to send its first bytes before it is closed (e.g. 10s).
+    #[arg(long, env = "STEPGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    handshake_timeout: Duration,
 }
 
 /// `name=JSON` (a value that is not JSON is taken as a string), for `--claim` and `--attr`.
@@ -178,6 +181,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             max_concurrent_streams: args.max_concurrent_streams,
             max_connections: args.max_connections,
             request_timeout: args.request_timeout,
+            handshake_timeout: args.handshake_timeout,
         },
     };
     match runtime.block_on(server::run(options, policy)) {

@@ -2,7 +2,9 @@
 //! wrapped so that HTTP/2 batches small answers into one write.
 //!
 //! [`incoming`] accepts only while fewer than `--max-connections` are open; past that, new
-//! clients wait in the kernel's listen backlog until one closes. When `accept` fails because the
+//! clients wait in the kernel's listen backlog until one closes. A connection that sends nothing
+//! within `--handshake-timeout` is closed: otherwise idle sockets, which cost an attacker nothing,
+//! could hold every slot and keep Envoy from reconnecting. When `accept` fails because the
 //! process or the system is out of file descriptors (`EMFILE`, `ENFILE`), the listener stays
 //! readable and every retry fails at once: retrying without a pause would spin a core and starve
 //! the calls in flight, so it pauses first.
@@ -28,6 +30,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::Sleep,
 };
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
@@ -39,9 +42,14 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// At most one warning per this period about failing accepts (they are also counted).
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The listener's connections, at most `max` open at once (see the module docs). The accept loop
-/// runs in its own task and ends, closing the listener, when the stream is dropped.
-pub fn incoming(listener: TcpListener, max: usize) -> impl Stream<Item = io::Result<Batched>> {
+/// The listener's connections, at most `max` open at once, each closed if it sends nothing within
+/// `handshake_timeout` (see the module docs). The accept loop runs in its own task and ends,
+/// closing the listener, when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    max: usize,
+    handshake_timeout: Duration,
+) -> impl Stream<Item = io::Result<Batched>> {
     let (accepted, stream) = mpsc::channel(1);
     let slots = Arc::new(Semaphore::new(max.max(1)));
     tokio::spawn(async move {
@@ -58,7 +66,7 @@ pub fn incoming(listener: TcpListener, max: usize) -> impl Stream<Item = io::Res
             match connection {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = Batched::new(stream, slot);
+                    let connection = Batched::new(stream, slot, handshake_timeout);
                     if accepted.send(Ok(connection)).await.is_err() {
                         return;
                     }
@@ -84,14 +92,17 @@ pub fn incoming(listener: TcpListener, max: usize) -> impl Stream<Item = io::Res
 pub struct Batched {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Until the first bytes arrive: when the connection is closed if none have.
+    first_bytes_by: Option<Pin<Box<Sleep>>>,
 }
 
 impl Batched {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit) -> Self {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, handshake_timeout: Duration) -> Self {
         metrics::global().connection_opened();
         Self {
             stream,
             _slot: slot,
+            first_bytes_by: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
         }
     }
 }
@@ -116,7 +127,21 @@ impl AsyncRead for Batched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Some(deadline) = &mut self.first_bytes_by {
+            match read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes_by = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing within the handshake timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 

@@ -53,6 +53,8 @@ pub struct TransportLimits {
     /// Longest a call may take, reading its request included (a client's shorter `grpc-timeout`
     /// wins); past it the call ends with `CANCELLED`.
     pub request_timeout: Duration,
+    /// Time a new connection has to send its first bytes before it is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for TransportLimits {
@@ -62,6 +64,7 @@ impl Default for TransportLimits {
             max_concurrent_streams: 1024,
             max_connections: 10_000,
             request_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -133,7 +136,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
     let limits = options.limits;
-    let incoming = conn::incoming(listener, limits.max_connections);
+    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout);
     tracing::info!(addr = %local, "stepgate listening on {local}");
 
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
