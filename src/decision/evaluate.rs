@@ -632,18 +632,9 @@ impl<'p> Run<'p> {
         status: u16,
     ) -> Decision {
         Decision {
-            outcome,
-            reason,
-            message: message.into(),
-            rule: None,
-            http_status: status,
-            www_authenticate: None,
-            step_up: None,
-            principal: None,
-            identity_headers: Vec::new(),
             token_fingerprint: self.fingerprint.take(),
             explain: self.explain.take().unwrap_or_default(),
-            unknown_key: None,
+            ..Decision::new(outcome, reason, message, status)
         }
     }
 

@@ -78,13 +78,17 @@ impl Decision {
         self.outcome == Outcome::Allow
     }
 
-    /// A denial made without the engine: for a request that failed before or while it was
-    /// decided (a panic, a frame over the size limit). Nothing about the request is in it.
-    pub fn refusal(http_status: u16, reason: Reason, message: &'static str) -> Self {
+    /// A decision with its outcome, reason, message and status, and nothing else yet.
+    pub fn new(
+        outcome: Outcome,
+        reason: Reason,
+        message: impl Into<Cow<'static, str>>,
+        http_status: u16,
+    ) -> Self {
         Self {
-            outcome: Outcome::Deny,
+            outcome,
             reason,
-            message: Cow::Borrowed(message),
+            message: message.into(),
             rule: None,
             http_status,
             www_authenticate: None,
@@ -95,6 +99,12 @@ impl Decision {
             explain: Vec::new(),
             unknown_key: None,
         }
+    }
+
+    /// A denial made without the engine: for a request that failed before or while it was
+    /// decided (a panic, a frame over the size limit). Nothing about the request is in it.
+    pub fn refusal(http_status: u16, reason: Reason, message: &'static str) -> Self {
+        Self::new(Outcome::Deny, reason, message, http_status)
     }
 
     /// stepgate failed to decide (a bug): `500 internal_error`, failing closed.

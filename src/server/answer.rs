@@ -278,18 +278,8 @@ mod tests {
 
     fn decision(outcome: Outcome, reason: Reason, http_status: u16) -> Decision {
         Decision {
-            outcome,
-            reason,
-            message: "why".into(),
             rule: Some("payments".into()),
-            http_status,
-            www_authenticate: None,
-            step_up: None,
-            principal: None,
-            identity_headers: Vec::new(),
-            token_fingerprint: None,
-            explain: Vec::new(),
-            unknown_key: None,
+            ..Decision::new(outcome, reason, "why", http_status)
         }
     }
 
