@@ -40,6 +40,22 @@ fn policy(extra: &str) -> Policy {
     policy
 }
 
+/// A rule with many `**`, which a backtracking matcher takes exponential time on.
+const GLOB_WORST_RULE: &str = "  - id: glob-worst\n    match: { path: \"/**/a/**/a/**/z\" }\n    require: { authenticated: true }\n";
+
+/// The demo policy with `rule` (YAML, indented as a list item) before its own rules.
+fn policy_with_rule(rule: &str) -> Policy {
+    let text = std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap();
+    let text = text.replacen("rules:", &format!("rules:\n{rule}"), 1);
+    let file = stepgate::config::parse(&text).unwrap();
+    let policy = stepgate::policy::compile(&file, &Path::new(MANIFEST).join("examples")).unwrap();
+    let jwks = std::fs::read(format!("{MANIFEST}/examples/demo-keys/jwks.json")).unwrap();
+    for issuer in policy.issuers.iter() {
+        issuer.set_keys(KeySet::parse(&jwks).unwrap().0);
+    }
+    policy
+}
+
 fn token(spec: &TokenSpec, alg: Algorithm) -> String {
     let (file, kid) = match alg {
         Algorithm::ES256 => ("demo-ec-private.pem", DEMO_EC_KID),
@@ -221,6 +237,41 @@ fn check_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("check");
     group.bench_function("allow_cached_token", |b| {
         b.iter(|| check(black_box(allow_frame.clone())))
+    });
+    // The worst case of path globs (a rule `/**/a/**/a/**/z` before the demo policy's, a path of
+    // 1500 segments), anonymous, against the same server's plain path: within 2×.
+    let globbed = policy_with_rule(GLOB_WORST_RULE);
+    let anonymous = |path: &str| {
+        let mut request = demo::envoy_check_request("GET", "api.example.com", path, "");
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.headers.remove("authorization");
+        bytes::Bytes::from(request.encode_to_vec())
+    };
+    let check_anonymous = |frame: bytes::Bytes| {
+        let request = access_request(CheckRequest::decode(frame, globbed.header_limits).unwrap());
+        let decision = decide(&globbed, &request, NOW);
+        CheckAnswer::new(decision, &globbed).encode_to_vec()
+    };
+    let plain = anonymous("/accounts/42");
+    let worst = anonymous(&"/a".repeat(1500));
+    for frame in [&plain, &worst] {
+        let request =
+            access_request(CheckRequest::decode(frame.clone(), globbed.header_limits).unwrap());
+        assert_eq!(
+            decide(&globbed, &request, NOW).reason.as_str(),
+            "token_missing"
+        );
+    }
+    group.bench_function("anonymous_plain_path", |b| {
+        b.iter(|| check_anonymous(black_box(plain.clone())))
+    });
+    group.bench_function("anonymous_glob_worst_case", |b| {
+        b.iter(|| check_anonymous(black_box(worst.clone())))
     });
     // The transport floor's share of the same work: decode, drop, answer an empty OK.
     group.bench_function("floor_decode_answer_ok", |b| {

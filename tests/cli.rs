@@ -99,7 +99,7 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
 }
 
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
-const BAD_POLICIES: [(&str, &str, &str, &str); 3] = [
+const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (
         "unknown-key",
         "requires: { auth_contexts: [c1], max_age: 15m }",
@@ -117,6 +117,13 @@ const BAD_POLICIES: [(&str, &str, &str, &str); 3] = [
         "require: { auth_contexts: [c7], max_age: 15m }",
         "rules[1].require.auth_contexts[0]",
         "c7",
+    ),
+    // Deeper than CEL's parser can take on a thread's stack: refused, not a crash.
+    (
+        "deep-condition",
+        "require: { auth_contexts: [c1], when: '((((((((((((((((((((((((((((((((((((((((true))))))))))))))))))))))))))))))))))))))' }",
+        "rules[1].require.when",
+        "nested 40 levels deep",
     ),
 ];
 

@@ -34,8 +34,34 @@ fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T> {
     Err(ConfigError::new(path, message))
 }
 
-/// Compiles a parsed policy file. `base_dir` resolves relative `jwks_file` paths.
+/// Stack of the thread a policy is compiled on: CEL's parser recurses with large frames (about
+/// 150 KiB per level of nesting in a debug build), and a reload runs on a runtime worker whose
+/// stack is 2 MiB.
+const COMPILE_STACK: usize = 64 * 1024 * 1024;
+
+/// Compiles a parsed policy file. `base_dir` resolves relative `jwks_file` paths. Runs on a
+/// thread of its own with a large stack ([`COMPILE_STACK`]); a panic while compiling is an error,
+/// not a crash, so a reload keeps serving the running policy.
 pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
+    std::thread::scope(|scope| {
+        let compiling = std::thread::Builder::new()
+            .name("stepgate-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn_scoped(scope, || compile_here(file, base_dir));
+        match compiling {
+            Ok(thread) => thread.join().unwrap_or_else(|_| {
+                err(
+                    "",
+                    "the policy could not be compiled (an internal error; see the log)",
+                )
+            }),
+            // No thread to be had: compile here.
+            Err(_) => compile_here(file, base_dir),
+        }
+    })
+}
+
+fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let cel = condition::environment();
     let issuers = compile_issuers(&file.issuers, base_dir)?;
     let auth_contexts = compile_auth_contexts(&file.auth_contexts)?;

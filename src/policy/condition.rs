@@ -35,9 +35,22 @@ impl std::fmt::Debug for Condition {
     }
 }
 
+/// Deepest nesting of brackets in a condition. cel-rust's parser recurses per level with large
+/// frames (several KiB each in a release build) and accepts about 96; real conditions use a
+/// handful, and a limit well below keeps parsing and evaluating within any thread's stack.
+pub const MAX_NESTING: usize = 32;
+
 impl Condition {
-    /// Parses `source`. A syntax error is refused with a user-facing message.
+    /// Parses `source`. A syntax error, or nesting deeper than [`MAX_NESTING`], is refused with a
+    /// user-facing message.
     pub fn compile(env: &Env, source: &str) -> Result<Self, String> {
+        let depth = nesting(source);
+        if depth > MAX_NESTING {
+            return Err(format!(
+                "the CEL expression is nested {depth} levels deep, more than {MAX_NESTING}: \
+                 split it into simpler conditions"
+            ));
+        }
         let program = env
             .compile(source)
             .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
@@ -174,6 +187,30 @@ fn to_cel(json: Json) -> Value {
     cel::to_value(json).unwrap_or(Value::Null)
 }
 
+/// The deepest nesting of `(`, `[` and `{` in a CEL source, outside string literals.
+fn nesting(source: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut chars = source.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(' | '[' | '{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (None, ')' | ']' | '}') => depth = depth.saturating_sub(1),
+            (None, _) => {}
+        }
+    }
+    deepest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +327,31 @@ mod tests {
         assert_eq!(reads("request.headers['x-device'] == 'managed'"), Ok(true));
         assert_eq!(reads("claims.tid == 't1' && now == 5"), Ok(true));
         assert!(input.request_with_headers.get().is_some() && input.claims_value.get().is_some());
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_refused_before_parsing() {
+        let env = environment();
+        let deep = |n: usize| format!("{}1{} == 1", "(".repeat(n), ")".repeat(n));
+        // Parsing the deepest accepted nesting takes more than a test thread's stack in a debug
+        // build: the policy compiler gives it a thread of its own, as here.
+        let accepted = std::thread::Builder::new()
+            .stack_size(64 << 20)
+            .spawn({
+                let (env, source) = (Arc::clone(&env), deep(MAX_NESTING));
+                move || Condition::compile(&env, &source).is_ok()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(accepted);
+        let refused = Condition::compile(&env, &deep(MAX_NESTING + 1)).unwrap_err();
+        assert!(refused.contains("nested 33 levels deep"), "{refused}");
+        // Brackets inside string literals are text, not nesting.
+        let quoted = format!("'{}' == \"{}\"", "(".repeat(40), "[\\\"".repeat(40));
+        assert_eq!(nesting(&quoted), 0);
+        assert!(Condition::compile(&env, &quoted).is_ok());
+        assert_eq!(nesting("a[b[c]] && f((1))"), 2);
     }
 
     #[test]

@@ -71,6 +71,9 @@ enum Segment {
 pub struct PathGlob {
     source: String,
     segments: Vec<Segment>,
+    /// Where the segments after the last `**` begin (0 without `**`): those must match the
+    /// path's last segments, one each, which is checked first, from the end.
+    tail: usize,
 }
 
 impl PathGlob {
@@ -98,9 +101,14 @@ impl PathGlob {
                 s => Segment::Literal(s.to_owned()),
             });
         }
+        let tail = segments
+            .iter()
+            .rposition(|s| matches!(s, Segment::Any))
+            .map_or(0, |last_any| last_any + 1);
         Ok(Self {
             source: glob.to_owned(),
             segments,
+            tail,
         })
     }
 
@@ -116,12 +124,27 @@ impl PathGlob {
     /// fuzz target checks).
     pub(crate) fn matches_counting(&self, normalized_path: &str) -> (bool, usize) {
         let mut steps = 0;
-        // The segments are walked in place (no list per request and rule).
-        let matched = match_segments(
-            &self.segments,
-            normalized_path.split('/').filter(|s| !s.is_empty()),
-            &mut steps,
-        );
+        if self.tail == 0 {
+            // No `**`: one pass, segment against segment.
+            let matched = match_segments(&self.segments, segments(normalized_path), &mut steps);
+            return (matched, steps);
+        }
+        // With `**`: the segments after the last one must be the path's last segments. Checking
+        // them first, from the end, settles most paths at once (`/**/z` on a long path without
+        // `z` at its end), and leaves a pattern that ends in `**` for the rest.
+        let (head, tail) = self.segments.split_at(self.tail);
+        let mut rest = normalized_path;
+        for segment in tail.iter().rev() {
+            steps += 1;
+            let trimmed = rest.trim_end_matches('/');
+            let (before, last) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+            if last.is_empty() || !segment.matches(last) {
+                return (false, steps);
+            }
+            rest = before;
+        }
+        // The segments walked in place (no list per request and rule).
+        let matched = match_segments(head, segments(rest), &mut steps);
         (matched, steps)
     }
 
@@ -167,6 +190,10 @@ fn match_segments<'a>(
         };
         *steps += 1;
         match pattern.get(at) {
+            // Nothing but `**` left: it takes the rest of the path, whatever that is.
+            Some(Segment::Any) if pattern[at..].iter().all(|s| matches!(s, Segment::Any)) => {
+                return true;
+            }
             Some(Segment::Any) => {
                 at += 1;
                 resume = Some((at, path.clone()));
@@ -187,6 +214,11 @@ fn match_segments<'a>(
         at = *after_any;
         path = from.clone();
     }
+}
+
+/// The non-empty segments of a path, in order.
+fn segments(path: &str) -> impl Iterator<Item = &str> + Clone {
+    path.split('/').filter(|s| !s.is_empty())
 }
 
 impl Segment {
