@@ -162,6 +162,25 @@ pub async fn run_upstream(listener: TcpListener) {
     }
 }
 
+/// The body of `url` fetched with GET, which must answer 200 within `timeout` (stepgate's
+/// Prometheus `/metrics`).
+pub async fn get_text(url: &str, timeout: Duration) -> Result<String, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("invalid URL {url}: {e}"))?;
+    let response = tokio::time::timeout(timeout, client().get(uri))
+        .await
+        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("GET {url}: HTTP {}", response.status()));
+    }
+    let body = tokio::time::timeout(timeout, response.into_body().collect())
+        .await
+        .map_err(|_| format!("{url} did not send its body within {timeout:?}"))?
+        .map_err(|e| format!("reading {url}: {e}"))?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| format!("{url} answered a body that is not UTF-8"))
+}
+
 /// Polls `url` with GET until it answers 200 (Envoy's admin `/ready` does once it is LIVE).
 pub async fn wait_ok(url: &str, timeout: Duration) -> Result<(), String> {
     let uri: Uri = url

@@ -16,7 +16,7 @@ use loadgen::{
     grpc::{self, Workload},
     http::{self, HttpWorkload},
     parse_duration, procfs,
-    report::{self, MemPoint},
+    report::{self, CacheGauges, MemPoint},
     run::{self, Driver, Measured, RunOptions},
     scenario::{self, Rpc, Scenario, TokenPlan},
     stats::{GeneratorStats, Interference, Percentiles, RunReport, ServerCost},
@@ -42,7 +42,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Mint distinct valid demo tokens into a file, one per line (for b-* and rss-100k).
+    /// Mint distinct valid demo tokens into a file, one per line (for b-*, rss-100k and rss-8k).
     Mint(MintArgs),
     /// Wait until a server reports gRPC health SERVING.
     WaitReady(WaitArgs),
@@ -176,6 +176,9 @@ struct MintArgs {
     /// Token lifetime.
     #[arg(long, default_value = "1440m", value_parser = parse_duration)]
     lifetime: Duration,
+    /// Add a claim `profile` of this many characters to every token (8192 for scenario rss-8k).
+    #[arg(long, default_value_t = 0)]
+    claim_bytes: usize,
     /// Signing threads (default: the CPUs available).
     #[arg(long)]
     threads: Option<usize>,
@@ -200,6 +203,10 @@ struct MemArgs {
     pid: u32,
     #[arg(long, default_value = "server")]
     label: String,
+    /// Also read stepgate's token-cache gauges from its Prometheus endpoint, e.g.
+    /// http://127.0.0.1:9464/metrics (`serve --metrics-listen`).
+    #[arg(long)]
+    metrics_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -239,13 +246,7 @@ fn main() -> ExitCode {
         Some(Command::Mint(a)) => mint(a),
         Some(Command::WaitReady(a)) => runtime(1)
             .and_then(|rt| rt.block_on(grpc::wait_serving(&a.target, &a.service, a.timeout))),
-        Some(Command::Mem(a)) => procfs::sample(a.pid).and_then(|s| {
-            print_json(&MemPoint {
-                label: a.label,
-                rss_mib: procfs::kib_to_mib(s.rss_kib),
-                peak_rss_mib: procfs::kib_to_mib(s.hwm_kib),
-            })
-        }),
+        Some(Command::Mem(a)) => mem_point(a).and_then(|m| print_json(&m)),
         Some(Command::Verify(a)) => {
             let keys = a.keys_dir.unwrap_or_else(tokens::default_keys_dir);
             verify::measure(&keys, a.alg.into(), a.duration).and_then(|c| print_json(&c))
@@ -274,6 +275,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn mem_point(args: MemArgs) -> Result<MemPoint, String> {
+    let sample = procfs::sample(args.pid)?;
+    let token_cache = match &args.metrics_url {
+        Some(url) => {
+            let text = runtime(1)?.block_on(http::get_text(url, Duration::from_secs(5)))?;
+            Some(CacheGauges::parse(&text)?)
+        }
+        None => None,
+    };
+    Ok(MemPoint {
+        label: args.label,
+        rss_mib: procfs::kib_to_mib(sample.rss_kib),
+        peak_rss_mib: procfs::kib_to_mib(sample.hwm_kib),
+        token_cache,
+    })
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
@@ -310,7 +328,14 @@ fn mint(args: MintArgs) -> Result<(), String> {
     };
     let started = Instant::now();
     let threads = args.threads.unwrap_or_else(available_cpus);
-    let minted = tokens::mint_distinct(&keys, &spec, args.alg.into(), args.count, threads)?;
+    let minted = tokens::mint_distinct(
+        &keys,
+        &spec,
+        args.alg.into(),
+        args.count,
+        args.claim_bytes,
+        threads,
+    )?;
     tokens::write_token_file(&args.out, &minted)?;
     eprintln!(
         "minted {} {:?} tokens into {} in {:.1} s",
@@ -339,6 +364,7 @@ fn run_load(args: RunArgs) -> Result<(), String> {
 
     // Every request body is built and encoded once, before the load starts.
     let payloads: Vec<bytes::Bytes> = match scenario.tokens() {
+        TokenPlan::None => vec![scenario::encode_anonymous(rpc, &call)?],
         TokenPlan::One { spec, alg, tamper } => {
             let token = tokens::mint(&keys, &spec, alg)?;
             let token = if tamper {
@@ -348,16 +374,35 @@ fn run_load(args: RunArgs) -> Result<(), String> {
             };
             vec![scenario::encode(rpc, &call, &token)]
         }
-        TokenPlan::Distinct { spec, alg } => {
+        TokenPlan::Distinct {
+            spec,
+            alg,
+            claim_bytes,
+        } => {
             let list = match &args.tokens {
-                Some(path) => tokens::read_token_file(path)?,
+                Some(path) => {
+                    let list = tokens::read_token_file(path)?;
+                    // A file of ordinary tokens would make a fat-token row measure nothing.
+                    let payload = tokens::payload_bytes(&list[0]).unwrap_or(0);
+                    if payload < claim_bytes {
+                        return Err(format!(
+                            "{}: its first token carries {payload} bytes of claims; scenario {} \
+                             needs over {claim_bytes} (loadgen mint --claim-bytes {claim_bytes})",
+                            path.display(),
+                            scenario.name()
+                        ));
+                    }
+                    list
+                }
                 None => {
                     eprintln!("minting {} distinct {alg:?} tokens…", args.distinct);
-                    tokens::mint_distinct(&keys, &spec, alg, args.distinct, threads)?
+                    tokens::mint_distinct(&keys, &spec, alg, args.distinct, claim_bytes, threads)?
                 }
             };
-            list.iter()
-                .map(|t| scenario::encode(rpc, &call, t))
+            // Each token is dropped once encoded: with 8 KiB of claims, the tokens and their
+            // requests are over a gigabyte each.
+            list.into_iter()
+                .map(|t| scenario::encode(rpc, &call, &t))
                 .collect()
         }
     };

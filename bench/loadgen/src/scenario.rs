@@ -3,7 +3,7 @@
 //! Every response is checked against the scenario's expectation, and a mismatch is an error: a
 //! server that answers wrongly (or a baseline that cannot answer the scenario) cannot look fast.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock};
 
 use bytes::Bytes;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
@@ -79,7 +79,24 @@ pub enum Scenario {
     /// HTTP GET through Envoy with scenario a's token: 200 from the upstream.
     #[value(name = "f")]
     F,
+    /// GET /accounts/42 without a token: 401 token_missing once a rule matches (row g-glob-plain).
+    #[value(name = "g-plain")]
+    GPlain,
+    /// GET of 1500 `/a` segments without a token, against bench/policies/glob-worst.yaml's
+    /// `/**/a/**/a/**/z`: the path matcher's worst case, then 401 token_missing (row g-glob-worst).
+    #[value(name = "g-worst")]
+    GWorst,
+    /// 100 000 distinct RS256 tokens with 8 KiB of claims each, against a policy whose CEL reads
+    /// `claims` (every cached token keeps them): the cache's byte budget (row rss-8k-fill).
+    #[value(name = "rss-8k")]
+    Rss8k,
 }
+
+/// Scenario g-worst's path: `/a` 1500 times (3000 bytes).
+pub static WORST_GLOB_PATH: LazyLock<String> = LazyLock::new(|| "/a".repeat(1500));
+
+/// Bytes of the extra claim (`profile`) each token of scenario rss-8k carries.
+pub const RSS_8K_CLAIM_BYTES: usize = 8192;
 
 /// The answer a scenario must get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,14 +115,21 @@ pub enum Expect {
 /// Where a scenario's token(s) come from.
 #[derive(Debug, Clone)]
 pub enum TokenPlan {
+    /// No credential at all: no `Authorization` header (Check), no token (Decide).
+    None,
     /// One token, sent with every request.
     One {
         spec: TokenSpec,
         alg: Algorithm,
         tamper: bool,
     },
-    /// Distinct tokens cycled (minted, or read from `--tokens`).
-    Distinct { spec: TokenSpec, alg: Algorithm },
+    /// Distinct tokens cycled (minted, or read from `--tokens`), each with an extra `profile`
+    /// claim of `claim_bytes` characters when that is not 0 (`tokens::distinct_claims`).
+    Distinct {
+        spec: TokenSpec,
+        alg: Algorithm,
+        claim_bytes: usize,
+    },
 }
 
 /// The request a scenario sends, before it is shaped for an RPC.
@@ -133,6 +157,9 @@ impl Scenario {
             Scenario::E => "e",
             Scenario::Rss100k => "rss-100k",
             Scenario::F => "f",
+            Scenario::GPlain => "g-plain",
+            Scenario::GWorst => "g-worst",
+            Scenario::Rss8k => "rss-8k",
         }
     }
 
@@ -147,6 +174,13 @@ impl Scenario {
             Scenario::E => "Decide, CEL escalation (amount 25000) → STEP_UP c2",
             Scenario::Rss100k => "Check, 100 000 distinct RS256 tokens (cache fill)",
             Scenario::F => "HTTP GET through Envoy, same token as a, 200 expected",
+            Scenario::GPlain => "Check GET /accounts/42, no token: 401 token_missing",
+            Scenario::GWorst => {
+                "Check GET /a × 1500 (glob worst case), no token: 401 token_missing"
+            }
+            Scenario::Rss8k => {
+                "Check, 100 000 distinct RS256 tokens with 8 KiB of claims (cache fill)"
+            }
         }
     }
 
@@ -170,11 +204,19 @@ impl Scenario {
             Scenario::BRs256 | Scenario::Rss100k => TokenPlan::Distinct {
                 spec: user(),
                 alg: Algorithm::RS256,
+                claim_bytes: 0,
             },
             Scenario::BEs256 => TokenPlan::Distinct {
                 spec: user(),
                 alg: Algorithm::ES256,
+                claim_bytes: 0,
             },
+            Scenario::Rss8k => TokenPlan::Distinct {
+                spec: user(),
+                alg: Algorithm::RS256,
+                claim_bytes: RSS_8K_CLAIM_BYTES,
+            },
+            Scenario::GPlain | Scenario::GWorst => TokenPlan::None,
             // A password-only sign-in from a client that handles claims challenges.
             Scenario::C => one(TokenSpec {
                 xms_cc: vec!["cp1".into()],
@@ -213,6 +255,14 @@ impl Scenario {
                 path: "/payments/wire",
                 ..get
             },
+            Scenario::GPlain => Call {
+                path: "/accounts/42",
+                ..get
+            },
+            Scenario::GWorst => Call {
+                path: WORST_GLOB_PATH.as_str(),
+                ..get
+            },
             Scenario::E => {
                 let mut attributes = serde_json::Map::new();
                 attributes.insert("amount".into(), serde_json::json!(25000));
@@ -231,9 +281,12 @@ impl Scenario {
 
     pub fn expect(self) -> Expect {
         match self {
-            Scenario::A | Scenario::BRs256 | Scenario::BEs256 | Scenario::Rss100k | Scenario::F => {
-                Expect::Allow
-            }
+            Scenario::A
+            | Scenario::BRs256
+            | Scenario::BEs256
+            | Scenario::Rss100k
+            | Scenario::Rss8k
+            | Scenario::F => Expect::Allow,
             Scenario::C => Expect::StepUp { missing: "c1" },
             Scenario::DBadsig => Expect::Deny {
                 status: 401,
@@ -244,6 +297,11 @@ impl Scenario {
                 reason: "token_expired",
             },
             Scenario::E => Expect::StepUp { missing: "c2" },
+            // No token: whatever rule matches (the catch-all here), only a token is asked for.
+            Scenario::GPlain | Scenario::GWorst => Expect::Deny {
+                status: 401,
+                reason: "token_missing",
+            },
         }
     }
 
@@ -278,9 +336,40 @@ pub fn encode(rpc: Rpc, call: &Call, token: &str) -> Bytes {
     }
 }
 
+/// The encoded request without any credential ([`TokenPlan::None`]): Check and Decide only (the
+/// Cerbos request and the HTTP rows model an authenticated call).
+pub fn encode_anonymous(rpc: Rpc, call: &Call) -> Result<Bytes, String> {
+    match rpc {
+        Rpc::Check => Ok(envoy_check_anonymous(call).encode_to_vec().into()),
+        Rpc::Decide => {
+            let mut request = decide_request(call, "");
+            request.credential = None;
+            Ok(request.encode_to_vec().into())
+        }
+        Rpc::Cerbos | Rpc::Http => Err(format!(
+            "--rpc {} always sends a token; requests without one go over check or decide",
+            rpc.as_str()
+        )),
+    }
+}
+
 /// A `CheckRequest` as Envoy sends it (see [`stepgate::demo::envoy_check_request`]).
 pub fn envoy_check(call: &Call, token: &str) -> CheckRequest {
     envoy_check_request(call.method, call.host, call.path, token)
+}
+
+/// [`envoy_check`] for a request that carries no `Authorization` header at all.
+pub fn envoy_check_anonymous(call: &Call) -> CheckRequest {
+    let mut check = envoy_check(call, "");
+    if let Some(http) = check
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    {
+        http.headers.remove("authorization");
+    }
+    check
 }
 
 /// A `DecideRequest`: the token, and the operation with attributes or the HTTP request.
@@ -587,6 +676,63 @@ mod tests {
             &encode(Rpc::Http, &Scenario::F.call(), "t")[..],
             b"Bearer t"
         );
+    }
+
+    #[test]
+    fn glob_rows_send_no_token_and_expect_token_missing() {
+        for scenario in [Scenario::GPlain, Scenario::GWorst] {
+            assert!(matches!(scenario.tokens(), TokenPlan::None));
+            let check =
+                CheckRequest::decode(&encode_anonymous(Rpc::Check, &scenario.call()).unwrap()[..])
+                    .unwrap();
+            let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+            assert_eq!(http.method, "GET");
+            assert!(!http.headers.contains_key("authorization"), "{scenario:?}");
+            assert_eq!(http.headers[":path"], http.path);
+            let decide = DecideRequest::decode(
+                &encode_anonymous(Rpc::Decide, &scenario.call()).unwrap()[..],
+            )
+            .unwrap();
+            assert_eq!(decide.credential, None);
+            assert!(encode_anonymous(Rpc::Cerbos, &scenario.call()).is_err());
+            assert!(scenario.supports(Rpc::Cerbos).is_err());
+            assert!(scenario.supports(Rpc::Http).is_err());
+        }
+        assert_eq!(Scenario::GPlain.call().path, "/accounts/42");
+        let worst = Scenario::GWorst.call().path;
+        assert_eq!(worst.len(), 3000);
+        assert_eq!(worst.split('/').filter(|s| *s == "a").count(), 1500);
+        assert!(
+            !worst.ends_with("/z"),
+            "the glob /**/a/**/a/**/z must not match"
+        );
+
+        let missing = Scenario::GWorst.expect();
+        let www = "Bearer realm=\"stepgate-demo\"";
+        assert_eq!(
+            validate_check(missing, &denied(16, "token_missing", 401, Some(www))),
+            Ok(())
+        );
+        // Another denial (the glob rule's own answer would still be token_missing; a 403 or
+        // another reason is a wrong policy or server).
+        assert!(validate_check(missing, &denied(7, "no_matching_rule", 403, None)).is_err());
+        assert!(validate_check(missing, &denied(16, "token_malformed", 401, Some(www))).is_err());
+    }
+
+    #[test]
+    fn the_8k_scenario_mints_fat_distinct_tokens() {
+        let TokenPlan::Distinct {
+            alg, claim_bytes, ..
+        } = Scenario::Rss8k.tokens()
+        else {
+            panic!("rss-8k sends distinct tokens");
+        };
+        assert_eq!((alg, claim_bytes), (Algorithm::RS256, 8192));
+        assert_eq!(Scenario::Rss8k.expect(), Expect::Allow);
+        assert!(matches!(
+            Scenario::Rss100k.tokens(),
+            TokenPlan::Distinct { claim_bytes: 0, .. }
+        ));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! files so that several runs can send the same set.
 
 use std::{
+    io::BufRead as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use base64::Engine as _;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 use stepgate::demo::{self, TokenSpec};
@@ -41,12 +43,14 @@ pub fn mint(keys_dir: &Path, spec: &TokenSpec, alg: Algorithm) -> Result<String,
 }
 
 /// `count` distinct valid tokens (subjects `user-0`, `user-1`, … and a `jti` each), signed on
-/// `threads` threads. `spec` gives the other claims.
+/// `threads` threads. `spec` gives the other claims; `claim_bytes` other than 0 adds a `profile`
+/// claim of that many characters ([`distinct_claims`]).
 pub fn mint_distinct(
     keys_dir: &Path,
     spec: &TokenSpec,
     alg: Algorithm,
     count: usize,
+    claim_bytes: usize,
     threads: usize,
 ) -> Result<Vec<String>, String> {
     let (pem, kid) = demo_key(keys_dir, alg)?;
@@ -61,7 +65,7 @@ pub fn mint_distinct(
                     let range = (t * chunk)..((t + 1) * chunk).min(count);
                     range
                         .map(|i| {
-                            let claims = distinct_claims(spec, i, now);
+                            let claims = distinct_claims(spec, i, now, claim_bytes);
                             demo::sign(&claims, pem, alg, kid)
                         })
                         .collect::<Result<Vec<_>, _>>()
@@ -83,13 +87,36 @@ pub fn mint_distinct(
     Ok(tokens)
 }
 
-/// The claims of the `i`-th distinct token.
-pub fn distinct_claims(spec: &TokenSpec, i: usize, now: i64) -> serde_json::Value {
+/// The claims of the `i`-th distinct token. `claim_bytes` other than 0 adds a claim `profile`, a
+/// string of exactly that many ASCII characters, distinct per token (as an identity provider's
+/// group lists or custom attributes would be), so that a server keeping whole payloads keeps that
+/// much more per token.
+pub fn distinct_claims(
+    spec: &TokenSpec,
+    i: usize,
+    now: i64,
+    claim_bytes: usize,
+) -> serde_json::Value {
     let mut spec = spec.clone();
     spec.subject = format!("user-{i}");
     spec.extra
         .insert("jti".into(), json!(format!("bench-{now}-{i}")));
+    if claim_bytes > 0 {
+        let unit = format!("group-{i}-of-bench-user;");
+        let mut profile = unit.repeat(claim_bytes.div_ceil(unit.len()));
+        profile.truncate(claim_bytes);
+        spec.extra.insert("profile".into(), json!(profile));
+    }
     spec.claims(now)
+}
+
+/// Bytes of a token's JSON payload (its middle part, decoded), or `None` when it is not a JWS.
+pub fn payload_bytes(token: &str) -> Option<usize> {
+    let payload = token.split('.').nth(1)?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .map(|p| p.len())
 }
 
 /// The same token with one character of its signature changed: it parses, and its signature does
@@ -115,15 +142,18 @@ pub fn write_token_file(path: &Path, tokens: &[String]) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("renaming to {}: {e}", path.display()))
 }
 
+/// The tokens of a file, line by line (a file of 100 000 fat tokens is over a gigabyte: it is not
+/// read whole first).
 pub fn read_token_file(path: &Path) -> Result<Vec<String>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut tokens = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let token = line.trim();
+        if !token.is_empty() {
+            tokens.push(token.to_owned());
+        }
+    }
     if tokens.is_empty() {
         return Err(format!("{} holds no tokens", path.display()));
     }
@@ -141,6 +171,7 @@ mod tests {
             &TokenSpec::default(),
             Algorithm::ES256,
             7,
+            0,
             3,
         )
         .expect("minting");
@@ -150,6 +181,32 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), 7);
         assert!(tokens.iter().all(|t| t.split('.').count() == 3));
+    }
+
+    #[test]
+    fn fat_tokens_carry_their_claim_and_fit_the_servers_limit() {
+        let tokens = mint_distinct(
+            &default_keys_dir(),
+            &TokenSpec::default(),
+            Algorithm::RS256,
+            2,
+            8192,
+            2,
+        )
+        .expect("minting");
+        assert_ne!(tokens[0], tokens[1]);
+        for token in &tokens {
+            let payload = payload_bytes(token).unwrap();
+            assert!((8192..9000).contains(&payload), "{payload} bytes of claims");
+            // stepgate refuses tokens over limits.max_token_bytes (16 KiB by default).
+            assert!(token.len() < 16 * 1024, "{} bytes", token.len());
+        }
+        let claims = distinct_claims(&TokenSpec::default(), 3, 0, 100);
+        assert_eq!(claims["profile"].as_str().unwrap().len(), 100);
+        assert!(claims["profile"].as_str().unwrap().starts_with("group-3-"));
+        assert!(distinct_claims(&TokenSpec::default(), 3, 0, 0)["profile"].is_null());
+        assert_eq!(payload_bytes("aGVhZA.Ym9keQ.c2ln"), Some(4));
+        assert_eq!(payload_bytes("not a token"), None);
     }
 
     #[test]
