@@ -325,6 +325,56 @@ async fn rotation_to_a_new_key_costs_one_fetch_for_50_concurrent_requests_and_fa
     );
 }
 
+/// `--request-timeout` bounds a call whatever it waits for: here a fetch for an unknown `kid`
+/// that the identity provider answers after 20 s, while the policy lets a request wait for it
+/// up to 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_waiting_longer_than_the_request_timeout_ends_at_it() {
+    let idp = Idp::start().await;
+    let policy = policy(
+        "request-timeout",
+        &format!(
+            "    jwks_uri: {}\n    issuer: https://idp.lifecycle.test/timeout\n    keys: {{ unknown_kid_wait: 5s }}",
+            idp.jwks_uri()
+        ),
+    );
+    let server = Server::spawn_with(
+        &policy.path,
+        common::Spawn {
+            args: vec!["--request-timeout".into(), "500ms".into()],
+            ..common::Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let channel = server.channel().await;
+    idp.set_keys_mode(Mode::Slow(Duration::from_secs(20)));
+    let token = sign_rs256_with_kid(
+        &spec("https://idp.lifecycle.test/timeout"),
+        &rsa_pem(),
+        &random_kid(),
+    );
+    let started = Instant::now();
+    let answer = try_decide(&channel, &token).await;
+    let took = started.elapsed();
+    let error = answer.expect_err("the call outlived its deadline");
+    assert!(
+        error.contains("Cancelled") || error.contains("Timeout"),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the call took {took:?}: --request-timeout 500ms did not end it before the 5 s wait"
+    );
+    // The server is fine afterwards.
+    idp.set_keys_mode(Mode::Normal);
+    let known = mint(&spec("https://idp.lifecycle.test/timeout"));
+    assert_allowed(
+        &server,
+        &decide(&server, &channel, &known).await,
+        "afterwards",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_kid_flood_costs_at_most_one_fetch_per_cooldown_and_no_request_hangs() {
     let idp = Idp::start().await;

@@ -81,7 +81,7 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_CONNECTIONS", default_value_t = TransportLimits::default().max_connections,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     max_connections: usize,
-    /// Longest a call may take, reading its request included (e.g. 5s).
+    /// Longest a call may take, reading its request included (e.g. 5s, 750ms).
     #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
     /// Time a new connection has to send its first bytes before it is closed (e.g. 10s).
@@ -101,8 +101,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     duration::parse(text).map(|s| s.as_duration())
 }
 
+/// A duration above zero, milliseconds allowed (`500ms`, `5s`).
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    match parse_duration(text)? {
+    match duration::parse_span(text)? {
         Duration::ZERO => Err("must be longer than 0s".to_owned()),
         d => Ok(d),
     }
