@@ -28,10 +28,18 @@ use stepgate::{
 const NOW: i64 = 1_800_000_000;
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 
+/// The demo policy with `extra` appended, compiled, its issuers given the demo keys.
 fn policy(extra: &str) -> Policy {
-    let text =
-        std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap() + extra;
-    let file = stepgate::config::parse(&text).unwrap();
+    compiled(&(demo_policy_text() + extra))
+}
+
+fn demo_policy_text() -> String {
+    std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap()
+}
+
+/// Policy YAML (relative key files resolve under `examples/`), compiled, with the demo keys.
+fn compiled(text: &str) -> Policy {
+    let file = stepgate::config::parse(text).unwrap();
     let policy = stepgate::policy::compile(&file, &Path::new(MANIFEST).join("examples")).unwrap();
     let jwks = std::fs::read(format!("{MANIFEST}/examples/demo-keys/jwks.json")).unwrap();
     for issuer in policy.issuers.iter() {
@@ -45,15 +53,7 @@ const GLOB_WORST_RULE: &str = "  - id: glob-worst\n    match: { path: \"/**/a/**
 
 /// The demo policy with `rule` (YAML, indented as a list item) before its own rules.
 fn policy_with_rule(rule: &str) -> Policy {
-    let text = std::fs::read_to_string(format!("{MANIFEST}/examples/stepgate.yaml")).unwrap();
-    let text = text.replacen("rules:", &format!("rules:\n{rule}"), 1);
-    let file = stepgate::config::parse(&text).unwrap();
-    let policy = stepgate::policy::compile(&file, &Path::new(MANIFEST).join("examples")).unwrap();
-    let jwks = std::fs::read(format!("{MANIFEST}/examples/demo-keys/jwks.json")).unwrap();
-    for issuer in policy.issuers.iter() {
-        issuer.set_keys(KeySet::parse(&jwks).unwrap().0);
-    }
-    policy
+    compiled(&demo_policy_text().replacen("rules:", &format!("rules:\n{rule}"), 1))
 }
 
 fn token(spec: &TokenSpec, alg: Algorithm) -> String {
