@@ -115,11 +115,14 @@ mod tests {
     use std::collections::HashSet;
 
     #[test]
-    fn every_reason_is_documented_in_the_readme() {
-        let readme = include_str!("../../README.md");
+    fn every_reason_is_documented_in_the_policy_reference() {
+        let reference = include_str!("../../docs/policy.md");
         for reason in Reason::ALL {
             let code = format!("`{}`", reason.as_str());
-            assert!(readme.contains(&code), "README.md does not document {code}");
+            assert!(
+                reference.contains(&code),
+                "docs/policy.md does not document {code}"
+            );
         }
     }
 
