@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, TempPolicy, WIRE_REQUIRE, demo_policy_text, edit, entra, mint};
+use common::{Server, Spawn, TempPolicy, WIRE_REQUIRE, demo_policy_text, edit, entra, mint};
 use stepgate::api::v1::{
     DecideRequest, DecideResponse, Outcome, decide_request::Credential,
     decision_service_client::DecisionServiceClient,
@@ -57,7 +57,15 @@ async fn hup_and_wait(server: &Server, seen: usize, wanted: &str) -> serde_json:
 async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_change() {
     let original = demo_policy_text();
     let policy = TempPolicy::new("reload", &original);
-    let server = Server::start(&policy.path).await;
+    // SIGHUP alone: the file watch is off, so each reload below is the signal's.
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--watch-config".into(), "false".into()],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
     let mut client = DecisionServiceClient::new(server.channel().await);
     let token = mint(&entra(&[], &["cp1"]));
 
@@ -134,4 +142,149 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
     let other = mint(&entra(&["c1"], &["cp1"]));
     let other = wire_transfer(&mut client, &other).await;
     assert_eq!(other.outcome(), Outcome::Allow, "{other:?}");
+}
+
+/// A folder laid out as Kubernetes mounts a ConfigMap: `policy.yaml` → `..data/policy.yaml`,
+/// `..data` → `..<version>`; an update writes a new version folder and swaps `..data` to it with
+/// one rename, as the kubelet does, then removes the old version.
+struct ConfigMapFolder {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl ConfigMapFolder {
+    fn new(text: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "stepgate-configmap-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut folder = Self { dir, version: 0 };
+        folder.update(text);
+        std::os::unix::fs::symlink("..data/policy.yaml", folder.path()).unwrap();
+        folder
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.join("policy.yaml")
+    }
+
+    fn update(&mut self, text: &str) {
+        let old = format!("..v{}", self.version);
+        self.version += 1;
+        let new = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&new)).unwrap();
+        std::fs::write(self.dir.join(&new).join("policy.yaml"), text).unwrap();
+        std::os::unix::fs::symlink(&new, self.dir.join("..data_tmp")).unwrap();
+        std::fs::rename(self.dir.join("..data_tmp"), self.dir.join("..data")).unwrap();
+        let _ = std::fs::remove_dir_all(self.dir.join(old));
+    }
+}
+
+impl Drop for ConfigMapFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configmap_update_reloads_under_load_without_a_failed_call_and_a_broken_one_is_refused() {
+    let original = demo_policy_text();
+    let mut folder = ConfigMapFolder::new(&original);
+    let server = Server::start(&folder.path()).await;
+    let channel = server.channel().await;
+    let token = mint(&entra(&["c1"], &["cp1"]));
+
+    // Load: Decide calls back to back on four tasks until told to stop; every answer counted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (channel, token, stop) = (channel.clone(), token.clone(), std::sync::Arc::clone(&stop));
+        load.spawn(async move {
+            let mut client = DecisionServiceClient::new(channel);
+            let (mut answered, mut failed) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client
+                    .decide(DecideRequest {
+                        credential: Some(Credential::Token(token.clone())),
+                        operation: "payments.wire_transfer".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => answered += 1,
+                    Err(status) => failed.push(status.to_string()),
+                }
+            }
+            (answered, failed)
+        });
+    }
+    let mut client = DecisionServiceClient::new(channel.clone());
+    assert_eq!(
+        wire_transfer(&mut client, &token).await.outcome(),
+        Outcome::Allow
+    );
+
+    // A valid update: wire transfers now need c2 too. No signal: the swap alone reloads.
+    folder.update(&edit(
+        &original,
+        WIRE_REQUIRE,
+        "require: { auth_contexts: [c1, c2], max_age: 15m }",
+    ));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = wire_transfer(&mut client, &token).await;
+        if now.outcome() == Outcome::StepUp {
+            assert_eq!(now.step_up.unwrap().missing_auth_contexts, ["c2"]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ConfigMap update was not applied within 15 s:\n{}",
+            server.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A broken update: refused with its field path, and the policy in force keeps deciding.
+    folder.update(&edit(
+        &original,
+        WIRE_REQUIRE,
+        "require: { auth_contexts: [c1], max_age: fifteen }",
+    ));
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(15),
+                &[
+                    "policy reload refused",
+                    "rules[1].require.max_age",
+                    "the file changed"
+                ]
+            )
+            .await,
+        "the broken update was not refused:\n{}",
+        server.logs_text()
+    );
+    let still = wire_transfer(&mut client, &token).await;
+    assert_eq!(still.outcome(), Outcome::StepUp, "{still:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut answered, mut failed) = (0, Vec::new());
+    while let Some(done) = load.join_next().await {
+        let (a, f) = done.unwrap();
+        answered += a;
+        failed.extend(f);
+    }
+    assert!(answered > 100, "only {answered} calls under load");
+    assert!(
+        failed.is_empty(),
+        "{} calls failed during the reloads: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
 }

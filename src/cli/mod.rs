@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Longest a call may take, reading its request included (e.g. 5s, 750ms).
     #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
+    /// Reload the policy when its file changes (a ConfigMap update, a save), besides on SIGHUP.
+    #[arg(long, env = "STEPGATE_WATCH_CONFIG", default_value_t = true, action = clap::ArgAction::Set)]
+    watch_config: bool,
     /// Time a new connection has to send its first bytes before it is closed (e.g. 10s).
     #[arg(long, env = "STEPGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     handshake_timeout: Duration,
@@ -177,6 +180,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         drain_delay: args.drain_delay,
         metrics_listen: args.metrics_listen,
         ready_when: args.ready_when,
+        watch_config: args.watch_config,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub ready_when: ReadyWhen,
     pub limits: TransportLimits,
+    /// Reload the policy when its file changes (besides SIGHUP).
+    pub watch_config: bool,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -106,6 +108,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         Arc::clone(&authorizer),
         options.config.clone(),
         http.clone(),
+        options.watch_config,
         stop_rx.clone(),
     );
     keys::spawn_refresh(issuers, http, refresh_stop);

@@ -78,6 +78,8 @@ pub struct Metrics {
     log_lines_dropped: AtomicU64,
     token_cache_entries: AtomicI64,
     token_cache_bytes: AtomicI64,
+    /// The policy in force: 1 at start, one more per successful reload.
+    policy_generation: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -98,6 +100,7 @@ impl Default for Metrics {
             log_lines_dropped: AtomicU64::new(0),
             token_cache_entries: AtomicI64::new(0),
             token_cache_bytes: AtomicI64::new(0),
+            policy_generation: AtomicI64::new(1),
         }
     }
 }
@@ -183,6 +186,9 @@ impl Metrics {
     }
 
     pub fn record_reload(&self, ok: bool) {
+        if ok {
+            self.policy_generation.fetch_add(1, Relaxed);
+        }
         self.reloads
             .entry(if ok { "success" } else { "failure" })
             .or_default()
@@ -382,11 +388,23 @@ impl Collector for Exposition {
                 "Estimated memory of the verified tokens cached (bounded by limits.token_cache_bytes)",
                 &m.token_cache_bytes,
             ),
+            (
+                "stepgate_policy_generation",
+                "The policy in force: 1 at start, one more per successful reload",
+                &m.policy_generation,
+            ),
         ] {
             encoder
                 .encode_descriptor(name, help, None, MetricType::Gauge)?
                 .encode_gauge(&value.load(Relaxed))?;
         }
+        let mut info = encoder.encode_descriptor(
+            "stepgate_build_info",
+            "The running build (always 1; the version is a label)",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(&mut info, &[("version", env!("CARGO_PKG_VERSION"))], 1)?;
         Ok(())
     }
 }
@@ -563,6 +581,17 @@ mod tests {
         );
         assert!(
             text.contains("# TYPE stepgate_log_lines_dropped_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("stepgate_policy_generation 1"), "{text}");
+        m.record_reload(true);
+        m.record_reload(false);
+        assert!(m.render().contains("stepgate_policy_generation 2"));
+        assert!(
+            text.contains(&format!(
+                "stepgate_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
             "{text}"
         );
     }
