@@ -8,6 +8,7 @@ pub mod check_request;
 mod conn;
 pub mod decide;
 pub mod ext_authz;
+mod files;
 mod reload;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

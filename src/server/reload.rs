@@ -1,32 +1,17 @@
-//! Policy reload: on SIGHUP, and when the policy file changes. A new policy is compiled and given
-//! keys beside the old one, and swapped in only when it is complete. A policy that does not
-//! compile is logged with its field path and counted, and the old one keeps serving.
-//!
-//! The file's folder is watched (inotify, through the `notify` crate) rather than the file:
-//! editors replace a file by renaming another over it, and Kubernetes updates a mounted ConfigMap
-//! by swapping the `..data` symlink its files point through, so the file itself never changes in
-//! place. Events are debounced ([`DEBOUNCE`]); what decides a reload is the file's content, read
-//! through every link, differing from the content last loaded (or last refused). The content is
-//! also compared every [`RECHECK`], for file systems whose events do not arrive (some network and
-//! overlay mounts), and when no watcher can be made at all.
+//! Policy reload: on SIGHUP, and when the policy file changes (watched as [`super::files`] describes).
+//! A new policy is compiled and given keys beside the old one, and swapped in only when it is
+//! complete. A policy that does not compile is logged with its field path and counted, and the
+//! old one keeps serving.
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
-use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::Authorizer;
+use super::{Authorizer, files::FileWatch};
 use crate::{config, identity::keys, policy, telemetry::metrics};
-
-/// Quiet time after a file event before the file is read: a ConfigMap update or an editor's save
-/// is several events.
-pub const DEBOUNCE: Duration = Duration::from_millis(250);
-/// How often the content is compared even without an event.
-pub const RECHECK: Duration = Duration::from_secs(10);
 
 /// The SIGHUP stream (nothing where there are no signals).
 #[cfg(unix)]
@@ -46,36 +31,26 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let (refresh_tx, refresh_rx) = watch::channel(false);
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    // Kept alive for as long as the task runs: dropping it stops the watching.
-    let watcher = watch_file.then(|| watch_folder(&config_path, changed_tx));
+    let mut file = if watch_file {
+        FileWatch::new(vec![config_path.clone()], "policy file")
+    } else {
+        FileWatch::disabled()
+    };
     tokio::spawn(async move {
-        let _watcher = watcher;
         let mut refresh_tx = refresh_tx;
         let mut hup = hangup;
-        let mut loaded = content_digest(&config_path);
-        let mut recheck = tokio::time::interval(RECHECK);
-        recheck.tick().await;
         loop {
-            let forced = tokio::select! {
-                () = hangup_signal(&mut hup) => true,
-                Some(()) = changed.recv() => {
-                    // More events of the same change: wait until they stop.
-                    while tokio::time::timeout(DEBOUNCE, changed.recv()).await.is_ok_and(|e| e.is_some()) {}
-                    false
+            let why = tokio::select! {
+                () = hangup_signal(&mut hup) => {
+                    file.mark_seen();
+                    "SIGHUP"
                 }
-                _ = recheck.tick(), if watch_file => false,
+                () = file.changed() => "the file changed",
                 _ = stop.changed() => {
                     let _ = refresh_tx.send(true);
                     return;
                 }
             };
-            let now = content_digest(&config_path);
-            if !forced && now == loaded {
-                continue;
-            }
-            loaded = now;
-            let why = if forced { "SIGHUP" } else { "the file changed" };
             let result = reload(&authorizer, &config_path, &http, why).await;
             metrics::global().record_reload(result.is_ok());
             match result {
@@ -109,45 +84,6 @@ async fn hangup_signal(hup: &mut Hangup) {
 #[cfg(not(unix))]
 async fn hangup_signal(_: &mut Hangup) {
     std::future::pending::<()>().await;
-}
-
-/// Watches the folder holding `path`; each event sends on `changed` (dropped while one waits).
-/// `None`, with a warning, when the folder cannot be watched: the periodic comparison remains.
-fn watch_folder(path: &Path, changed: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let watched = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = changed.try_send(());
-        }
-    })
-    .and_then(|mut watcher| {
-        watcher
-            .watch(&folder, notify::RecursiveMode::NonRecursive)
-            .map(|()| watcher)
-    });
-    match watched {
-        Ok(watcher) => Some(watcher),
-        Err(error) => {
-            tracing::warn!(
-                folder = %folder.display(),
-                %error,
-                every = ?RECHECK,
-                "cannot watch the policy file's folder; its content is compared periodically, and SIGHUP reloads"
-            );
-            None
-        }
-    }
-}
-
-/// SHA-256 of the file's content (through every link), or `None` when it cannot be read.
-fn content_digest(path: &Path) -> Option<[u8; 32]> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| Sha256::digest(bytes).into())
 }
 
 async fn reload(

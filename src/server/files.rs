@@ -1,0 +1,186 @@
+//! Watching files that stepgate reloads: the policy, and the TLS certificate, key and client CA.
+//!
+//! Each file's folder is watched (inotify, through the `notify` crate) rather than the file:
+//! editors replace a file by renaming another over it, and Kubernetes updates a mounted ConfigMap
+//! or Secret by swapping the `..data` symlink its files point through, so the file itself never
+//! changes in place. Events are debounced ([`DEBOUNCE`]); what counts as a change is the files'
+//! content, read through every link, differing from the content last seen. The content is also
+//! compared every [`RECHECK`], for file systems whose events do not arrive (some network and
+//! overlay mounts), and when no watcher can be made at all.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+use tokio::{sync::mpsc, time::Interval};
+
+/// Quiet time after a file event before the files are read: a ConfigMap update or an editor's
+/// save is several events.
+pub const DEBOUNCE: Duration = Duration::from_millis(250);
+/// How often the content is compared even without an event.
+pub const RECHECK: Duration = Duration::from_secs(10);
+
+/// A set of files whose content is watched for changes.
+pub struct FileWatch {
+    paths: Vec<PathBuf>,
+    /// Digest of the content last seen (`None`: some file could not be read).
+    seen: Option<[u8; 32]>,
+    events: mpsc::Receiver<()>,
+    recheck: Option<Interval>,
+    // Kept alive for as long as the watch: dropping it stops the watching.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl FileWatch {
+    /// Watches `paths` (`what` names them in the warning when their folders cannot be watched).
+    /// The content as it is now counts as seen.
+    pub fn new(paths: Vec<PathBuf>, what: &str) -> Self {
+        let (tx, events) = mpsc::channel(1);
+        let watcher = watch_folders(&paths, tx, what);
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.reset();
+        Self {
+            seen: digest(&paths),
+            paths,
+            events,
+            recheck: Some(recheck),
+            _watcher: watcher,
+        }
+    }
+
+    /// A watch that never reports a change.
+    pub fn disabled() -> Self {
+        let (_, events) = mpsc::channel(1);
+        Self {
+            paths: Vec::new(),
+            seen: None,
+            events,
+            recheck: None,
+            _watcher: None,
+        }
+    }
+
+    /// Resolves once the content differs from what was last seen (which it then becomes).
+    /// Cancel-safe: dropped half-way, nothing is marked seen.
+    pub async fn changed(&mut self) {
+        loop {
+            let Some(recheck) = &mut self.recheck else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                Some(()) = self.events.recv() => {
+                    // More events of the same change: wait until they stop.
+                    while tokio::time::timeout(DEBOUNCE, self.events.recv())
+                        .await
+                        .is_ok_and(|event| event.is_some())
+                    {}
+                }
+                _ = recheck.tick() => {}
+            }
+            let now = digest(&self.paths);
+            if now != self.seen {
+                self.seen = now;
+                return;
+            }
+        }
+    }
+
+    /// Counts the content as it is now as seen (after a reload that another trigger started).
+    pub fn mark_seen(&mut self) {
+        if self.recheck.is_some() {
+            self.seen = digest(&self.paths);
+        }
+    }
+}
+
+/// Watches the folders holding `paths`; each event sends on `changed` (dropped while one waits).
+/// `None`, with a warning, when a folder cannot be watched: the periodic comparison remains.
+fn watch_folders(
+    paths: &[PathBuf],
+    changed: mpsc::Sender<()>,
+    what: &str,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let folders: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = changed.try_send(());
+            }
+        }) {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                warn_unwatched(what, None, &error);
+                return None;
+            }
+        };
+    for folder in &folders {
+        if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+            warn_unwatched(what, Some(folder), &error);
+            return None;
+        }
+    }
+    Some(watcher)
+}
+
+fn warn_unwatched(what: &str, folder: Option<&Path>, error: &notify::Error) {
+    tracing::warn!(
+        folder = %folder.map(|f| f.display().to_string()).unwrap_or_default(),
+        %error,
+        every = ?RECHECK,
+        "cannot watch the {what}'s folder; its content is compared periodically"
+    );
+}
+
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// SHA-256 over the files' contents (through every link), or `None` when one cannot be read.
+fn digest(paths: &[PathBuf]) -> Option<[u8; 32]> {
+    let mut hash = Sha256::new();
+    for path in paths {
+        let bytes = std::fs::read(path).ok()?;
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    }
+    Some(hash.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_symlink_swap_is_a_change_and_rewriting_the_same_content_is_not() {
+        let dir = std::env::temp_dir().join(format!("stepgate-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("v1")).unwrap();
+        std::fs::create_dir_all(dir.join("v2")).unwrap();
+        std::fs::write(dir.join("v1/a.pem"), "one").unwrap();
+        std::fs::write(dir.join("v2/a.pem"), "two").unwrap();
+        std::os::unix::fs::symlink("v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/a.pem", dir.join("a.pem")).unwrap();
+        let mut watch = FileWatch::new(vec![dir.join("a.pem")], "test file");
+
+        // The same content written again: no change within a few debounce periods.
+        std::fs::write(dir.join("v1/a.pem"), "one").unwrap();
+        let same = tokio::time::timeout(DEBOUNCE * 4, watch.changed()).await;
+        assert!(same.is_err(), "unchanged content was reported as a change");
+
+        // The ConfigMap-style swap: a new link renamed over `..data`.
+        std::os::unix::fs::symlink("v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("the swap was not seen within 5 s");
+        assert_eq!(watch.seen, digest(&[dir.join("a.pem")]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
