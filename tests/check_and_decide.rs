@@ -11,8 +11,8 @@ use std::{
 
 use base64::Engine as _;
 use common::{
-    Server, demo_policy_path, entra, envoy_check, mint, mint_with, minted_tokens, oidc,
-    shared_server, to_header_map_shape, with_raw_header,
+    Server, Spawn, TempPolicy, demo_policy_path, demo_policy_text, entra, envoy_check, mint,
+    mint_with, minted_tokens, oidc, shared_server, to_header_map_shape, with_raw_header,
 };
 use envoy_types::{
     ext_authz::v3::pb::{CheckRequest, CheckResponse, HeaderAppendAction, HttpResponse},
@@ -27,7 +27,7 @@ use stepgate::{
     },
     demo::TokenSpec,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 /// The identity headers configured in examples/stepgate.yaml (`upstream.identity_headers`).
 const IDENTITY_HEADERS: [&str; 4] = [
@@ -997,22 +997,20 @@ async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
     }
 }
 
-#[tokio::test]
-async fn decide_with_explain_returns_the_evaluation_steps() {
-    let server = shared_server().await;
-    let mut client = DecisionServiceClient::new(server.channel().await);
-    let token = mint(&entra(&[], &["cp1"]));
+/// The demo policy with `explain` enabled for callers on the admin listener.
+fn policy_explaining_to_the_admin_listener() -> TempPolicy {
+    let text = demo_policy_text() + "\nexplain: { enabled: true, admin_listener: true }\n";
+    TempPolicy::new("explain", &text)
+}
+
+async fn decide_explained(channel: Channel, token: &str) -> (DecideResponse, DecideResponse) {
+    let mut client = DecisionServiceClient::new(channel);
     let request = DecideRequest {
-        credential: Some(Credential::Token(token)),
+        credential: Some(Credential::Token(token.to_owned())),
         operation: "payments.wire_transfer".into(),
         ..Default::default()
     };
     let plain = client.decide(request.clone()).await.unwrap().into_inner();
-    assert!(
-        plain.explain.is_empty(),
-        "no steps without explain: {plain:?}"
-    );
-
     let explained = client
         .decide(DecideRequest {
             explain: true,
@@ -1021,6 +1019,68 @@ async fn decide_with_explain_returns_the_evaluation_steps() {
         .await
         .unwrap()
         .into_inner();
+    (plain, explained)
+}
+
+#[tokio::test]
+async fn decide_explains_only_to_the_callers_the_policy_names() {
+    let token = mint(&entra(&[], &["cp1"]));
+
+    // The demo policy leaves `explain` off: a caller asking gets one step saying so, no rule.
+    let shared = shared_server().await;
+    let (plain, refused) = decide_explained(shared.channel().await, &token).await;
+    assert!(
+        plain.explain.is_empty(),
+        "no steps without explain: {plain:?}"
+    );
+    assert_eq!(refused.explain.len(), 1, "{refused:?}");
+    assert_eq!(refused.explain[0].stage, "explain");
+    assert!(
+        refused.explain[0].detail.contains("not permitted"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.outcome(),
+        plain.outcome(),
+        "explain never changes the answer"
+    );
+    assert_eq!(refused.reason, plain.reason);
+
+    // Enabled for the admin listener: refused on the main one, the whole trace on the admin one.
+    let policy = policy_explaining_to_the_admin_listener();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let (_, on_main) = decide_explained(server.channel().await, &token).await;
+    assert_eq!(
+        on_main
+            .explain
+            .iter()
+            .map(|s| s.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["explain"],
+        "{on_main:?}"
+    );
+    let admin = Endpoint::from_shared(format!("http://127.0.0.1:{admin_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connecting to the admin listener: {e}\n{}",
+                server.logs_text()
+            )
+        });
+    let (plain, explained) = decide_explained(admin, &token).await;
     let stages: Vec<&str> = explained.explain.iter().map(|s| s.stage.as_str()).collect();
     for stage in ["token", "match", "require", "challenge"] {
         assert!(
@@ -1041,6 +1101,24 @@ async fn decide_with_explain_returns_the_evaluation_steps() {
         plain.outcome(),
         "explain never changes the answer"
     );
+}
+
+#[tokio::test]
+async fn a_policy_enabling_explain_for_nobody_is_refused() {
+    let text = demo_policy_text() + "\nexplain: { enabled: true }\n";
+    let policy = TempPolicy::new("explain-nobody", &text);
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&policy.path)
+        .output()
+        .expect("running stepgate check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("explain"),
+        "the field path is named: {stderr}"
+    );
+    assert!(stderr.contains("client_sans"), "{stderr}");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, builder::TypedValueParser as _};
 use stepgate::{
     config::{self, ConfigError, duration},
     policy::{self, Policy},
-    server::{self, ReadyWhen, ServeOptions, TransportLimits},
+    server::{self, ReadyWhen, ServeOptions, TlsSettings, TransportLimits},
     telemetry::{self, LogFormat},
 };
 
@@ -87,9 +87,35 @@ struct ServeArgs {
     /// Reload the policy when its file changes (a ConfigMap update, a save), besides on SIGHUP.
     #[arg(long, env = "STEPGATE_WATCH_CONFIG", default_value_t = true, action = clap::ArgAction::Set)]
     watch_config: bool,
-    /// Time a new connection has to send its first bytes before it is closed (e.g. 10s).
+    /// Time a new connection has to send its first bytes, or finish its TLS handshake, before it
+    /// is closed (e.g. 10s).
     #[arg(long, env = "STEPGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     handshake_timeout: Duration,
+    /// Serve TLS on the gRPC listeners with this certificate chain (PEM); reloaded when it changes.
+    #[arg(long, env = "STEPGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "STEPGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require a client certificate issued by one of these CAs (PEM bundle).
+    #[arg(long, env = "STEPGATE_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// With --client-ca: accept only client certificates naming one of these subject alternative
+    /// names (DNS name, URI such as a SPIFFE ID, or IP address; exact match). Repeatable.
+    #[arg(
+        long,
+        env = "STEPGATE_CLIENT_SAN",
+        value_delimiter = ',',
+        requires = "client_ca"
+    )]
+    client_san: Vec<String>,
+    /// A second gRPC listener (same services and transport), for operators: the policy's
+    /// `explain.admin_listener` allows `explain` on it. Keep it on loopback or a private network.
+    #[arg(long, env = "STEPGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Serve gRPC server reflection (lets grpcurl list and describe the services).
+    #[arg(long, env = "STEPGATE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    reflection: bool,
 }
 
 /// `name=JSON` (a value that is not JSON is taken as a string), for `--claim` and `--attr`.
@@ -181,6 +207,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         metrics_listen: args.metrics_listen,
         ready_when: args.ready_when,
         watch_config: args.watch_config,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| TlsSettings {
+                cert,
+                key,
+                client_ca: args.client_ca,
+                client_sans: args.client_san,
+            }),
+        admin_listen: args.admin_listen,
+        reflection: args.reflection,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

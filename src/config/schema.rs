@@ -33,6 +33,25 @@ pub struct PolicyFile {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Who may ask `Decide` for an `explain` trace (it reveals rules and conditions).
+    #[serde(default)]
+    pub explain: ExplainConfig,
+}
+
+/// `explain` on `Decide`: off unless enabled, and then only for the callers named here (either
+/// way). `stepgate decide --config` (offline, reading the file) always explains.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Callers over mutual TLS whose client certificate names one of these subject alternative
+    /// names (exact match: DNS name, URI such as a SPIFFE ID, or IP address).
+    #[serde(default)]
+    pub client_sans: Vec<String>,
+    /// Callers on the `--admin-listen` listener.
+    #[serde(default)]
+    pub admin_listener: bool,
 }
 
 fn default_realm() -> String {

@@ -11,8 +11,8 @@ use std::{
 use jsonwebtoken::Algorithm;
 
 use super::{
-    AuthContext, ClaimRequirement, DefaultAction, Escalation, GrpcMatcher, HeaderSource, Matcher,
-    Policy, Requirement, Rule, Upstream,
+    AuthContext, ClaimRequirement, DefaultAction, Escalation, ExplainAccess, GrpcMatcher,
+    HeaderSource, Matcher, Policy, Requirement, Rule, Upstream,
     condition::{self, Condition},
     pattern::{PathGlob, Wildcard},
 };
@@ -103,6 +103,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         return err("limits.max_header_bytes", "must be at least 1024");
     }
     let upstream = compile_upstream(&file.upstream)?;
+    let explain = compile_explain(&file.explain)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
         realm: check_quotable(&file.realm, "realm")?,
@@ -120,12 +121,36 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
             max_bytes: file.limits.max_header_bytes,
         },
         cel,
+        explain,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
             file.limits.token_cache_bytes.0,
             file.limits.token_cache_ttl.as_duration(),
             keep_claims,
         ),
+    })
+}
+
+fn compile_explain(config: &schema::ExplainConfig) -> Result<ExplainAccess> {
+    if config.enabled && config.client_sans.is_empty() && !config.admin_listener {
+        return err(
+            "explain",
+            "enabled, but for nobody: name the callers with client_sans (mutual TLS) or \
+             admin_listener: true (--admin-listen)",
+        );
+    }
+    for (i, san) in config.client_sans.iter().enumerate() {
+        if san.trim().is_empty() || san.trim() != san {
+            return err(
+                format!("explain.client_sans[{i}]"),
+                "must be a subject alternative name without surrounding spaces",
+            );
+        }
+    }
+    Ok(ExplainAccess {
+        enabled: config.enabled,
+        client_sans: config.client_sans.clone(),
+        admin_listener: config.admin_listener,
     })
 }
 

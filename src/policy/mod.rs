@@ -32,6 +32,8 @@ pub struct Policy {
     /// Bounds on a request's headers; past them the request is answered 431.
     pub header_limits: HeaderLimits,
     pub cel: Arc<cel::Env>,
+    /// Who may ask `Decide` for an `explain` trace.
+    pub explain: ExplainAccess,
     /// Tokens verified under this policy (a reload starts a new cache).
     pub token_cache: TokenCache,
 }
@@ -164,6 +166,25 @@ impl Requirement {
             && self.acr.is_empty()
             && self.amr.is_empty()
             && self.max_age.is_none()
+    }
+}
+
+/// Who may ask `Decide` for an `explain` trace: nobody unless enabled, then only the callers
+/// named, by the client certificate's subject alternative names or by the listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExplainAccess {
+    pub enabled: bool,
+    pub client_sans: Vec<String>,
+    pub admin_listener: bool,
+}
+
+impl ExplainAccess {
+    /// Whether a caller on `admin_listener` (or not) with these verified client certificate
+    /// names may have an explain trace.
+    pub fn permits(&self, on_admin_listener: bool, client_sans: &[String]) -> bool {
+        self.enabled
+            && ((self.admin_listener && on_admin_listener)
+                || client_sans.iter().any(|san| self.client_sans.contains(san)))
     }
 }
 

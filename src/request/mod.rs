@@ -13,7 +13,7 @@ pub use headers::Headers;
 use crate::identity::{Credential, CredentialProblem, bearer};
 
 /// Which front door a request came through (for logs and metrics only: it never changes a decision).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Door {
     Check,
     Decide,

@@ -1,5 +1,5 @@
-//! Accepted connections: at most so many at once, accept errors without a busy loop, and each
-//! wrapped so that HTTP/2 batches small answers into one write.
+//! Accepted connections: at most so many at once, accept errors without a busy loop, TLS when
+//! configured, and each wrapped so that HTTP/2 batches small answers into one write.
 //!
 //! [`incoming`] accepts only while fewer than `--max-connections` are open; past that, new
 //! clients wait in the kernel's listen backlog until one closes. A connection that sends nothing
@@ -8,6 +8,11 @@
 //! process or the system is out of file descriptors (`EMFILE`, `ENFILE`), the listener stays
 //! readable and every retry fails at once: retrying without a pause would spin a core and starve
 //! the calls in flight, so it pauses first.
+//!
+//! With TLS, each handshake runs in its own task (a slow client must not hold up the accept loop),
+//! holding its connection slot and bounded by `--handshake-timeout`. What the handshake
+//! established (the client certificate's names) travels with the connection as [`PeerInfo`],
+//! which each call finds in its request extensions.
 //!
 //! h2 copies a DATA frame into its write buffer only if the payload is below a threshold: 256
 //! bytes when the socket says it supports vectored writes, 1024 bytes when it does not. A larger
@@ -20,10 +25,14 @@
 
 use std::{
     io,
+    net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
@@ -32,9 +41,11 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Sleep,
 };
+use tokio_rustls::server::TlsStream;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
+use super::tls::{self, ClientIdentity, Tls};
 use crate::telemetry::metrics;
 
 /// Pause after an accept error, so that running out of descriptors does not become a busy loop.
@@ -42,14 +53,48 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// At most one warning per this period about failing accepts (they are also counted).
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `--listen`.
+    Main,
+    /// `--admin-listen`: where the policy may allow `explain`.
+    Admin,
+}
+
+/// What is known of a connection's peer; tonic puts it in each call's request extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    pub listener: ListenerKind,
+    /// With mutual TLS: the verified client certificate's names.
+    pub client: Option<Arc<ClientIdentity>>,
+}
+
+/// How a listener accepts connections.
+#[derive(Debug, Clone)]
+pub struct AcceptOptions {
+    /// Most connections open at once (handshakes in progress included).
+    pub max: usize,
+    /// Time for a client to send its first bytes, or to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    pub tls: Option<Arc<Tls>>,
+    pub kind: ListenerKind,
+}
+
 /// The listener's connections, at most `max` open at once, each closed if it sends nothing within
 /// `handshake_timeout` (see the module docs). The accept loop runs in its own task and ends,
 /// closing the listener, when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    max: usize,
-    handshake_timeout: Duration,
+    options: AcceptOptions,
 ) -> impl Stream<Item = io::Result<Batched>> {
+    let AcceptOptions {
+        max,
+        handshake_timeout,
+        tls,
+        kind,
+    } = options;
     let (accepted, stream) = mpsc::channel(1);
     let slots = Arc::new(Semaphore::new(max.max(1)));
     tokio::spawn(async move {
@@ -64,12 +109,40 @@ pub fn incoming(
                 () = accepted.closed() => return,
             };
             match connection {
-                Ok((stream, _)) => {
+                Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = Batched::new(stream, slot, handshake_timeout);
-                    if accepted.send(Ok(connection)).await.is_err() {
-                        return;
-                    }
+                    let peer = PeerInfo {
+                        remote: Some(remote),
+                        listener: kind,
+                        client: None,
+                    };
+                    let Some(tls) = &tls else {
+                        let connection =
+                            Batched::new(Io::Plain(stream), slot, Some(handshake_timeout), peer);
+                        if accepted.send(Ok(connection)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    };
+                    let acceptor = tls.acceptor();
+                    let mutual = tls.mutual();
+                    let accepted = accepted.clone();
+                    tokio::spawn(async move {
+                        let handshake =
+                            tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                        let stream = match handshake.await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => return handshake_failed(remote, &error.to_string()),
+                            Err(_) => return handshake_failed(remote, "timed out"),
+                        };
+                        let peer = PeerInfo {
+                            client: mutual
+                                .then(|| Arc::new(tls::client_identity(stream.get_ref().1))),
+                            ..peer
+                        };
+                        let connection = Batched::new(Io::Tls(Box::new(stream)), slot, None, peer);
+                        let _ = accepted.send(Ok(connection)).await;
+                    });
                 }
                 Err(error) => {
                     metrics::global().record_accept_error();
@@ -86,23 +159,57 @@ pub fn incoming(
     ReceiverStream::new(stream)
 }
 
-/// A TCP connection that reports `is_write_vectored() == false` (see the module docs), holding
-/// one of the listener's connection slots until it closes.
+/// Counts a failed TLS handshake, and says so at most once per [`ACCEPT_ERROR_LOG_EVERY`] (a
+/// client can fail handshakes as fast as it can connect).
+fn handshake_failed(remote: SocketAddr, error: &str) {
+    static LAST_WARNED_SECS: AtomicU64 = AtomicU64::new(0);
+    metrics::global().record_tls_handshake_error();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED_SECS.load(Ordering::Relaxed);
+    if now >= last + ACCEPT_ERROR_LOG_EVERY.as_secs()
+        && LAST_WARNED_SECS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(%remote, error, "TLS handshake failed (later failures within 10 s are only counted)");
+    } else {
+        tracing::debug!(%remote, error, "TLS handshake failed");
+    }
+}
+
+/// The byte stream under a connection.
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection that reports `is_write_vectored() == false` (see the module docs), holding one
+/// of the listener's connection slots until it closes.
 #[derive(Debug)]
 pub struct Batched {
-    stream: TcpStream,
+    io: Io,
+    peer: PeerInfo,
     _slot: OwnedSemaphorePermit,
     /// Until the first bytes arrive: when the connection is closed if none have.
     first_bytes_by: Option<Pin<Box<Sleep>>>,
 }
 
 impl Batched {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, handshake_timeout: Duration) -> Self {
+    fn new(
+        io: Io,
+        slot: OwnedSemaphorePermit,
+        first_bytes_within: Option<Duration>,
+        peer: PeerInfo,
+    ) -> Self {
         metrics::global().connection_opened();
         Self {
-            stream,
+            io,
+            peer,
             _slot: slot,
-            first_bytes_by: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            first_bytes_by: first_bytes_within.map(|d| Box::pin(tokio::time::sleep(d))),
         }
     }
 }
@@ -114,10 +221,23 @@ impl Drop for Batched {
 }
 
 impl Connected for Batched {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.peer.clone()
+    }
+}
+
+impl Io {
+    fn read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -128,7 +248,7 @@ impl AsyncRead for Batched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = Pin::new(&mut self.io).read(cx, buf);
         if let Some(deadline) = &mut self.first_bytes_by {
             match read {
                 Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes_by = None,
@@ -151,15 +271,24 @@ impl AsyncWrite for Batched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 
     // `poll_write_vectored` keeps its default (write the first non-empty slice), which h2 never

@@ -9,7 +9,11 @@ use std::{sync::Arc, time::Instant};
 use serde_json::Map;
 use tonic::{Request, Response, Status};
 
-use super::{authorizer::Authorizer, catch_panic::catch_panic};
+use super::{
+    authorizer::Authorizer,
+    catch_panic::catch_panic,
+    conn::{ListenerKind, PeerInfo},
+};
 use crate::{
     api::{
         self,
@@ -26,6 +30,11 @@ use crate::{
         RequestProblem,
     },
 };
+
+/// The one explain step a caller the policy does not name gets instead of the trace.
+pub const EXPLAIN_REFUSED: &str = "not permitted for this caller: the policy's `explain` section \
+                                   names who may ask (client_sans over mutual TLS, or \
+                                   admin_listener: true for --admin-listen)";
 
 #[derive(Debug, Clone)]
 pub struct Decide {
@@ -46,10 +55,27 @@ impl DecisionService for Decide {
     ) -> Result<Response<DecideResponse>, Status> {
         let started = Instant::now();
         let authorizer = &self.authorizer;
+        let explain_permitted = request.get_ref().explain && {
+            let peer = request.extensions().get::<PeerInfo>();
+            let on_admin = peer.is_some_and(|p| p.listener == ListenerKind::Admin);
+            let sans = peer
+                .and_then(|p| p.client.as_deref())
+                .map_or(&[][..], |c| &c.sans[..]);
+            authorizer.policy().explain.permits(on_admin, sans)
+        };
         let response = catch_panic(Box::pin(async {
-            let access = access_request(request.into_inner(), authorizer.header_limits());
+            let mut access = access_request(request.into_inner(), authorizer.header_limits());
+            let refused = access.explain && !explain_permitted;
+            access.explain &= explain_permitted;
             let (decision, policy) = authorizer.decide(&access, Door::Decide).await;
-            decide_response(&decision, &policy.upstream)
+            let mut response = decide_response(&decision, &policy.upstream);
+            if refused {
+                response.explain = vec![v1::ExplainStep {
+                    stage: "explain".to_owned(),
+                    detail: EXPLAIN_REFUSED.to_owned(),
+                }];
+            }
+            response
         }))
         .await
         .unwrap_or_else(|panic: String| {

@@ -10,15 +10,19 @@ pub mod decide;
 pub mod ext_authz;
 mod files;
 mod reload;
+pub mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use authorizer::Authorizer;
+pub use conn::{ListenerKind, PeerInfo};
+pub use tls::TlsSettings;
 
 use crate::{
     api::{self, v1::decision_service_server::DecisionServiceServer},
@@ -41,6 +45,12 @@ pub struct ServeOptions {
     pub limits: TransportLimits,
     /// Reload the policy when its file changes (besides SIGHUP).
     pub watch_config: bool,
+    /// TLS (and mutual TLS) on the gRPC listeners; `None`: plaintext.
+    pub tls: Option<TlsSettings>,
+    /// A second gRPC listener, where the policy may allow `explain`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve gRPC server reflection.
+    pub reflection: bool,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -120,11 +130,26 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let reflection = if options.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .context("building the reflection service")?,
+        )
+    } else {
+        None
+    };
+
+    let tls = match options.tls {
+        Some(settings) => {
+            let tls = tls::Tls::load(settings).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            tls.spawn_reload(stop_rx.clone());
+            Some(tls)
+        }
+        None => None,
+    };
 
     if let Some(addr) = options.metrics_listen {
         let listener = metrics::bind(addr)
@@ -135,13 +160,38 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(listener));
     }
 
+    let limits = options.limits;
+    let accept = |kind| conn::AcceptOptions {
+        max: limits.max_connections,
+        handshake_timeout: limits.handshake_timeout,
+        tls: tls.clone(),
+        kind,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
-    let limits = options.limits;
-    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout);
-    tracing::info!(addr = %local, "stepgate listening on {local}");
+    let main = conn::incoming(listener, accept(ListenerKind::Main));
+    let admin = match options.admin_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(addr = %local, "admin listener on {scheme}://{local}");
+            Box::pin(conn::incoming(listener, accept(ListenerKind::Admin)))
+                as std::pin::Pin<Box<dyn tokio_stream::Stream<Item = _> + Send>>
+        }
+        None => Box::pin(tokio_stream::pending()),
+    };
+    let incoming = main.merge(admin);
+    tracing::info!(
+        addr = %local,
+        tls = tls.is_some(),
+        mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
+        "stepgate listening on {local}"
+    );
 
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
     Server::builder()
@@ -155,7 +205,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .http2_max_header_list_size(Some(64 * 1024))
         .timeout(limits.request_timeout)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(ext_authz::ExtAuthz::new(
             Arc::clone(&authorizer),
             limits.max_message_bytes,

@@ -113,6 +113,8 @@ async fn reload(
     keys::load_all(&issuers, http).await;
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
+    let rules: Vec<&str> = fresh.rules.iter().map(|r| &*r.id).collect();
+    metrics::global().retain_rules(&rules);
     authorizer.replace(Arc::new(fresh));
     tracing::info!(
         config = %path.display(),

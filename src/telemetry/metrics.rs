@@ -1,14 +1,17 @@
-//! Prometheus metrics: decisions by door, outcome and reason; decision latency; key loads per
-//! issuer; policy reloads. Served as text on `--metrics-listen` (`GET /metrics`).
+//! Prometheus metrics: decisions by door, outcome, reason and rule; step-ups by rule and auth
+//! context; decision latency; key loads per issuer; policy reloads. Served as text on
+//! `--metrics-listen` (`GET /metrics`).
 //!
 //! Counters live in one process-wide registry of atomics, and the label sets are bounded (reasons
-//! are a closed enum, issuers come from the policy). The per-request counters (decisions, token
-//! cache events) are fixed arrays indexed by their enums: one atomic add, no hashing and no lock.
+//! are a closed enum; issuers, rules and auth contexts come from the policy, and a reload forgets
+//! the series of those it removed). A decision costs one lookup of its rule's row (a short string
+//! hashed with foldhash, a shard read lock) and one atomic add into a fixed array indexed by the
+//! (door, outcome, reason) enums.
 
 use std::{
     net::SocketAddr,
     sync::{
-        OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -23,9 +26,17 @@ use prometheus_client::{
 };
 
 use crate::{
-    decision::{Outcome, Reason},
+    decision::{Outcome, Reason, StepUp},
     request::Door,
 };
+
+type FastMap<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
+/// (door, rule id, auth context or acr value) of a step-up counter.
+type StepUpKey = (Door, Arc<str>, Arc<str>);
+
+/// The `rule` label of a decision no rule matched (the policy's `default`, or a refusal before
+/// matching, such as a missing token).
+const NO_RULE: &str = "";
 
 const DOORS: [Door; 3] = [Door::Check, Door::Decide, Door::Offline];
 const OUTCOMES: [Outcome; 3] = [Outcome::Allow, Outcome::StepUp, Outcome::Deny];
@@ -56,14 +67,22 @@ fn decision_slot(door: Door, outcome: Outcome, reason: Reason) -> usize {
     ((door as usize * OUTCOMES.len()) + outcome as usize) * Reason::ALL.len() + reason as usize
 }
 
+fn decision_row() -> Box<[AtomicU64]> {
+    let slots = DOORS.len() * OUTCOMES.len() * Reason::ALL.len();
+    (0..slots).map(|_| AtomicU64::new(0)).collect()
+}
+
 /// Upper bounds of the latency histogram, in microseconds.
 const LATENCY_BOUNDS_MICROS: [u64; 12] = [
     25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
 pub struct Metrics {
-    /// One counter per (door, outcome, reason), at [`decision_slot`].
-    decisions: Box<[AtomicU64]>,
+    /// Per rule id ([`NO_RULE`] for none): one counter per (door, outcome, reason), at
+    /// [`decision_slot`].
+    decisions: FastMap<Arc<str>, Box<[AtomicU64]>>,
+    /// STEP_UP decisions by (door, rule id, auth context or acr value asked for).
+    step_ups: FastMap<StepUpKey, AtomicU64>,
     latency_buckets: [AtomicU64; LATENCY_BOUNDS_MICROS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -80,13 +99,17 @@ pub struct Metrics {
     token_cache_bytes: AtomicI64,
     /// The policy in force: 1 at start, one more per successful reload.
     policy_generation: AtomicI64,
+    tls_reloads: DashMap<&'static str, AtomicU64>,
+    tls_handshake_errors: AtomicU64,
+    /// The serving certificate's `notAfter` (Unix seconds); 0 without TLS (not exported then).
+    tls_certificate_expiry: AtomicI64,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let slots = DOORS.len() * OUTCOMES.len() * Reason::ALL.len();
         Self {
-            decisions: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            decisions: FastMap::default(),
+            step_ups: FastMap::default(),
             latency_buckets: Default::default(),
             latency_count: AtomicU64::new(0),
             latency_sum_micros: AtomicU64::new(0),
@@ -101,6 +124,9 @@ impl Default for Metrics {
             token_cache_entries: AtomicI64::new(0),
             token_cache_bytes: AtomicI64::new(0),
             policy_generation: AtomicI64::new(1),
+            tls_reloads: DashMap::new(),
+            tls_handshake_errors: AtomicU64::new(0),
+            tls_certificate_expiry: AtomicI64::new(0),
         }
     }
 }
@@ -118,8 +144,25 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
-    pub fn record_decision(&self, door: Door, outcome: Outcome, reason: Reason, elapsed: Duration) {
-        self.decisions[decision_slot(door, outcome, reason)].fetch_add(1, Relaxed);
+    pub fn record_decision(
+        &self,
+        door: Door,
+        outcome: Outcome,
+        reason: Reason,
+        rule: Option<&Arc<str>>,
+        elapsed: Duration,
+    ) {
+        let slot = decision_slot(door, outcome, reason);
+        let name = rule.map_or(NO_RULE, |r| &**r);
+        match self.decisions.get(name) {
+            Some(row) => {
+                row[slot].fetch_add(1, Relaxed);
+            }
+            None => {
+                let key: Arc<str> = rule.map_or_else(|| Arc::from(NO_RULE), Arc::clone);
+                self.decisions.entry(key).or_insert_with(decision_row)[slot].fetch_add(1, Relaxed);
+            }
+        }
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
         // One bucket per decision (the smallest bound that holds it); `/metrics` renders the
         // cumulative counts Prometheus expects.
@@ -131,6 +174,29 @@ impl Metrics {
         }
         self.latency_count.fetch_add(1, Relaxed);
         self.latency_sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    /// A STEP_UP: one count per auth context it asks for (Entra `acrs`), else per `acr` value
+    /// asked for, else one with an empty `auth_context` (a freshness-only challenge, `max_age`).
+    pub fn record_step_up(&self, door: Door, rule: Option<&Arc<str>>, step_up: &StepUp) {
+        let rule: Arc<str> = rule.map_or_else(|| Arc::from(NO_RULE), Arc::clone);
+        let asked = if step_up.auth_contexts.is_empty() {
+            &step_up.acr_values
+        } else {
+            &step_up.auth_contexts
+        };
+        let count = |context: &str| {
+            self.step_ups
+                .entry((door, Arc::clone(&rule), Arc::from(context)))
+                .or_default()
+                .fetch_add(1, Relaxed);
+        };
+        if asked.is_empty() {
+            count("");
+        }
+        for context in asked {
+            count(context);
+        }
     }
 
     /// One key-set load for `issuer`: `Some(keys)` on success.
@@ -185,6 +251,21 @@ impl Metrics {
         self.accept_errors.fetch_add(1, Relaxed);
     }
 
+    pub fn record_tls_reload(&self, ok: bool) {
+        self.tls_reloads
+            .entry(if ok { "success" } else { "failure" })
+            .or_default()
+            .fetch_add(1, Relaxed);
+    }
+
+    pub fn record_tls_handshake_error(&self) {
+        self.tls_handshake_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn set_tls_certificate_expiry(&self, not_after_unix: i64) {
+        self.tls_certificate_expiry.store(not_after_unix, Relaxed);
+    }
+
     pub fn record_reload(&self, ok: bool) {
         if ok {
             self.policy_generation.fetch_add(1, Relaxed);
@@ -202,6 +283,13 @@ impl Metrics {
         self.keys.retain(|issuer, _| kept(issuer));
         self.key_loads.retain(|(issuer, _), _| kept(issuer));
         self.unknown_kids.retain(|(issuer, _), _| kept(issuer));
+    }
+
+    /// Forgets the per-rule series of rules the current policy no longer has (after a reload).
+    pub fn retain_rules(&self, current: &[&str]) {
+        let kept = |rule: &str| rule == NO_RULE || current.contains(&rule);
+        self.decisions.retain(|rule, _| kept(rule));
+        self.step_ups.retain(|(_, rule, _), _| kept(rule));
     }
 
     /// The Prometheus text exposition (format 0.0.4), written by `prometheus-client`, which
@@ -230,28 +318,62 @@ impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = self.0;
         // Label sets in sorted order; only those counted at least once.
-        let mut decisions: Vec<(Door, Outcome, Reason)> = DOORS
+        let mut triples: Vec<(Door, Outcome, Reason)> = DOORS
             .iter()
             .flat_map(|&d| OUTCOMES.iter().map(move |&o| (d, o)))
             .flat_map(|(d, o)| Reason::ALL.iter().map(move |&r| (d, o, r)))
             .collect();
-        decisions.sort_by_key(|(d, o, r)| (d.as_str(), o.as_str(), r.as_str()));
+        triples.sort_by_key(|(d, o, r)| (d.as_str(), o.as_str(), r.as_str()));
+        let mut rows: Vec<(Arc<str>, Vec<u64>)> = m
+            .decisions
+            .iter()
+            .map(|row| {
+                let counts = row.value().iter().map(|n| n.load(Relaxed)).collect();
+                (Arc::clone(row.key()), counts)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         let mut family = encoder.encode_descriptor(
             "stepgate_decisions",
-            "Decisions by front door, outcome and reason",
+            "Decisions by front door, outcome, reason and rule (empty: no rule matched)",
             None,
             MetricType::Counter,
         )?;
-        for (door, outcome, reason) in decisions {
-            let n = m.decisions[decision_slot(door, outcome, reason)].load(Relaxed);
-            if n > 0 {
-                let labels = [
-                    ("door", door.as_str()),
-                    ("outcome", outcome.as_str()),
-                    ("reason", reason.as_str()),
-                ];
-                counter(&mut family, &labels, n)?;
+        for (door, outcome, reason) in triples {
+            for (rule, counts) in &rows {
+                let n = counts[decision_slot(door, outcome, reason)];
+                if n > 0 {
+                    let labels = [
+                        ("door", door.as_str()),
+                        ("outcome", outcome.as_str()),
+                        ("reason", reason.as_str()),
+                        ("rule", rule),
+                    ];
+                    counter(&mut family, &labels, n)?;
+                }
             }
+        }
+
+        let mut step_ups: Vec<(StepUpKey, u64)> = m
+            .step_ups
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Relaxed)))
+            .collect();
+        step_ups
+            .sort_by(|(a, _), (b, _)| (a.0.as_str(), &a.1, &a.2).cmp(&(b.0.as_str(), &b.1, &b.2)));
+        let mut family = encoder.encode_descriptor(
+            "stepgate_step_ups",
+            "STEP_UP decisions by front door, rule and the auth context (or acr) asked for",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((door, rule, context), n) in &step_ups {
+            let labels = [
+                ("door", door.as_str()),
+                ("rule", &**rule),
+                ("auth_context", &**context),
+            ];
+            counter(&mut family, &labels, *n)?;
         }
 
         let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_MICROS
@@ -354,6 +476,35 @@ impl Collector for Exposition {
         )?;
         for (result, n) in sorted(&m.reloads) {
             counter(&mut family, &[("result", result)], n)?;
+        }
+
+        let expiry = m.tls_certificate_expiry.load(Relaxed);
+        if expiry != 0 {
+            let mut family = encoder.encode_descriptor(
+                "stepgate_tls_reloads",
+                "Reloads of the gRPC listener's TLS files by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for (result, n) in sorted(&m.tls_reloads) {
+                counter(&mut family, &[("result", result)], n)?;
+            }
+            encoder
+                .encode_descriptor(
+                    "stepgate_tls_handshake_errors",
+                    "TLS handshakes on the gRPC listener that failed or timed out (mTLS refusals included)",
+                    None,
+                    MetricType::Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, u64>(&m.tls_handshake_errors.load(Relaxed), None)?;
+            encoder
+                .encode_descriptor(
+                    "stepgate_tls_certificate_expiry_timestamp_seconds",
+                    "notAfter of the certificate the gRPC listener serves (Unix time)",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&expiry)?;
         }
 
         for (name, help, value) in [
@@ -519,12 +670,26 @@ mod tests {
     fn renders_recorded_decisions_and_latency() {
         let m: &'static Metrics = Box::leak(Box::default());
         let missing = (Door::Check, Outcome::Deny, Reason::TokenMissing);
-        m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(40));
-        m.record_decision(missing.0, missing.1, missing.2, Duration::from_micros(400));
+        m.record_decision(
+            missing.0,
+            missing.1,
+            missing.2,
+            None,
+            Duration::from_micros(40),
+        );
+        m.record_decision(
+            missing.0,
+            missing.1,
+            missing.2,
+            None,
+            Duration::from_micros(400),
+        );
+        let payments: Arc<str> = Arc::from("payments");
         m.record_decision(
             Door::Offline,
             Outcome::Allow,
             Reason::Allowed,
+            Some(&payments),
             Duration::ZERO,
         );
         m.record_token_cache(CacheEvent::Miss);
@@ -533,7 +698,7 @@ mod tests {
         m.record_key_load("demo", Ok(2), 1_700_000_000);
         m.record_key_load("demo", Err(()), 1_700_000_100);
         let text = m.render();
-        assert!(text.contains("stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\"} 2"), "{text}");
+        assert!(text.contains("stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\",rule=\"\"} 2"), "{text}");
         assert!(
             text.contains("stepgate_decision_duration_seconds_bucket{le=\"5e-05\"} 2"),
             "{text}"
@@ -559,8 +724,8 @@ mod tests {
         assert_eq!(
             decisions,
             [
-                "stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\"} 2",
-                "stepgate_decisions_total{door=\"offline\",outcome=\"ALLOW\",reason=\"allowed\"} 1",
+                "stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"token_missing\",rule=\"\"} 2",
+                "stepgate_decisions_total{door=\"offline\",outcome=\"ALLOW\",reason=\"allowed\",rule=\"payments\"} 1",
             ],
             "{text}"
         );
@@ -606,5 +771,69 @@ mod tests {
         let text = m.render();
         assert!(text.contains("stepgate_keys{issuer=\"kept\"} 1"), "{text}");
         assert!(!text.contains("gone"), "{text}");
+    }
+
+    fn step_up(auth_contexts: &[&str], acr_values: &[&str]) -> StepUp {
+        StepUp {
+            style: "entra",
+            auth_contexts: auth_contexts.iter().map(|s| s.to_string()).collect(),
+            missing_auth_contexts: Vec::new(),
+            acr_values: acr_values.iter().map(|s| s.to_string()).collect(),
+            max_age: None,
+            amr: Vec::new(),
+            claims: None,
+        }
+    }
+
+    #[test]
+    fn step_ups_count_per_rule_and_auth_context_and_leave_with_their_rule() {
+        let m: &'static Metrics = Box::leak(Box::default());
+        let wire: Arc<str> = Arc::from("wire-transfer");
+        let admin: Arc<str> = Arc::from("admin");
+        m.record_step_up(Door::Check, Some(&wire), &step_up(&["c1", "c2"], &[]));
+        m.record_step_up(Door::Check, Some(&wire), &step_up(&["c1"], &[]));
+        m.record_step_up(Door::Decide, Some(&admin), &step_up(&[], &["phr"]));
+        m.record_step_up(Door::Decide, Some(&admin), &step_up(&[], &[]));
+        let text = m.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("stepgate_step_ups_total{"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "stepgate_step_ups_total{door=\"check\",rule=\"wire-transfer\",auth_context=\"c1\"} 2",
+                "stepgate_step_ups_total{door=\"check\",rule=\"wire-transfer\",auth_context=\"c2\"} 1",
+                "stepgate_step_ups_total{door=\"decide\",rule=\"admin\",auth_context=\"\"} 1",
+                "stepgate_step_ups_total{door=\"decide\",rule=\"admin\",auth_context=\"phr\"} 1",
+            ],
+            "{text}"
+        );
+
+        m.record_decision(
+            Door::Check,
+            Outcome::StepUp,
+            Reason::MissingAuthContext,
+            Some(&wire),
+            Duration::ZERO,
+        );
+        m.record_decision(
+            Door::Check,
+            Outcome::Deny,
+            Reason::TokenMissing,
+            None,
+            Duration::ZERO,
+        );
+        m.retain_rules(&["admin"]);
+        let text = m.render();
+        assert!(!text.contains("wire-transfer"), "{text}");
+        assert!(
+            text.contains("rule=\"admin\",auth_context=\"phr\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("reason=\"token_missing\",rule=\"\"} 1"),
+            "{text}"
+        );
     }
 }

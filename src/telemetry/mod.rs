@@ -84,7 +84,17 @@ fn log_panics() {
 
 /// Logs one decision and counts it in the metrics.
 pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
-    metrics::global().record_decision(door, decision.outcome, decision.reason, elapsed);
+    let m = metrics::global();
+    m.record_decision(
+        door,
+        decision.outcome,
+        decision.reason,
+        decision.rule.as_ref(),
+        elapsed,
+    );
+    if let Some(step_up) = &decision.step_up {
+        m.record_step_up(door, decision.rule.as_ref(), step_up);
+    }
     if !tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO) {
         return;
     }
