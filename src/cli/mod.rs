@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, builder::TypedValueParser as _};
 use stepgate::{
     config::{self, ConfigError, duration},
+    identity::keys,
     policy::{self, Policy},
     server::{self, ReadyWhen, ServeOptions, TlsSettings, TransportLimits},
     telemetry::{self, LogFormat},
@@ -113,6 +114,10 @@ struct ServeArgs {
     /// `explain.admin_listener` allows `explain` on it. Keep it on loopback or a private network.
     #[arg(long, env = "STEPGATE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// CAs (PEM bundle) to trust, besides the bundled web roots, for every identity provider
+    /// without its own `ca_file`: an internal IdP behind a private or corporate CA.
+    #[arg(long, env = "STEPGATE_IDP_CA")]
+    idp_ca: Option<PathBuf>,
     /// Serve gRPC server reflection (lets grpcurl list and describe the services).
     #[arg(long, env = "STEPGATE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     reflection: bool,
@@ -169,6 +174,21 @@ pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCod
 
 fn serve(args: ServeArgs) -> ExitCode {
     let logs = telemetry::init(args.log_format, &args.log_level);
+    if let Some(path) = &args.idp_ca {
+        let roots = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| keys::parse_ca_bundle(&pem));
+        match roots {
+            Ok(roots) => {
+                keys::trust_extra_roots(roots);
+            }
+            Err(err) => {
+                logs.flush();
+                eprintln!("stepgate: --idp-ca {}: {err}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     let policy = match load_policy(&args.config) {
         Ok(policy) => policy,
         Err(err) => {

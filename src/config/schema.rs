@@ -103,6 +103,11 @@ pub struct IssuerConfig {
     /// Entra ID challenge parameters (only with `challenge: entra`).
     #[serde(default)]
     pub entra: EntraConfig,
+    /// PEM bundle of the CAs that sign this identity provider's https certificates (relative to
+    /// the policy file). It replaces the bundled web roots for this issuer's discovery and key
+    /// fetches: an IdP behind a private CA, and only that CA trusted for it.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// When keys are fetched. Defaults suit Entra ID, Okta, Keycloak and Auth0 alike.

@@ -145,6 +145,9 @@ pub struct IssuerSettings {
     pub entra: EntraChallenge,
     pub key_source: KeySource,
     pub timing: KeyTiming,
+    /// The HTTP client for this issuer's discovery and keys when it trusts its own CAs
+    /// (`ca_file`); `None`: the shared client.
+    pub http: Option<reqwest::Client>,
 }
 
 /// One issuer: its settings and its current keys. The key set is swapped atomically by the
@@ -165,6 +168,8 @@ pub struct Issuer {
     pub entra: EntraChallenge,
     pub key_source: KeySource,
     pub timing: KeyTiming,
+    /// See [`IssuerSettings::http`].
+    pub http: Option<reqwest::Client>,
     keys: ArcSwap<KeySet>,
     /// `issuer` and `jwks_uri` from the discovery document, once read.
     discovered: ArcSwapOption<Discovered>,
@@ -194,6 +199,7 @@ impl Issuer {
             entra: settings.entra,
             key_source: settings.key_source,
             timing: settings.timing,
+            http: settings.http,
             keys: ArcSwap::from_pointee(KeySet::default()),
             discovered: ArcSwapOption::empty(),
             fetch: FetchControl::default(),
@@ -319,6 +325,7 @@ mod tests {
             },
             key_source: KeySource::Uri("https://x".into()),
             timing: KeyTiming::default(),
+            http: None,
         })
     }
 

@@ -36,20 +36,59 @@ const MAX_UNKNOWN_KIDS: usize = 4096;
 /// `kid` prefix of the keys shipped under `examples/` for demos.
 pub const DEMO_KID_PREFIX: &str = "stepgate-demo";
 
-/// The HTTP client for discovery and key sets: bounded time, few redirects, rustls.
+/// CAs trusted besides the bundled web roots by the shared client (`--idp-ca`).
+static EXTRA_ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
+
+/// The HTTP client for discovery and key sets: bounded time, few redirects, rustls, the bundled
+/// web roots and those of `--idp-ca`.
 pub fn http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::limited(3))
-                .user_agent(concat!("stepgate/", env!("CARGO_PKG_VERSION")))
+            let mut builder = client_builder();
+            for root in EXTRA_ROOTS.get().into_iter().flatten() {
+                builder = builder.add_root_certificate(root.clone());
+            }
+            builder
                 .build()
-                .expect("a reqwest client with static settings always builds")
+                .expect("a reqwest client with static settings and parsed roots builds")
         })
         .clone()
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .user_agent(concat!("stepgate/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The CAs of a PEM bundle; an error says what is wrong (no certificate, a malformed one).
+pub fn parse_ca_bundle(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
+    let roots = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    if roots.is_empty() {
+        return Err("holds no PEM certificate".to_owned());
+    }
+    Ok(roots)
+}
+
+/// Makes the shared client trust `roots` too. Call before its first use (at start-up); returns
+/// false when it is too late.
+pub fn trust_extra_roots(roots: Vec<reqwest::Certificate>) -> bool {
+    EXTRA_ROOTS.set(roots).is_ok()
+}
+
+/// A client that trusts only `roots`, for an issuer with its own `ca_file`.
+pub fn client_trusting_only(roots: Vec<reqwest::Certificate>) -> Result<reqwest::Client, String> {
+    let mut builder = client_builder().tls_built_in_root_certs(false);
+    for root in roots {
+        builder = builder.add_root_certificate(root);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
 }
 
 /// Per-issuer coordination of fetches.
@@ -157,6 +196,7 @@ async fn load_inner(
     http: &reqwest::Client,
     discover: bool,
 ) -> Result<Loaded, String> {
+    let http = issuer.http.as_ref().unwrap_or(http);
     let (bytes, max_age) = match &issuer.key_source {
         KeySource::File(path) => {
             let bytes = tokio::fs::read(path)
@@ -250,6 +290,22 @@ async fn discover_issuer(
     })
 }
 
+/// An error and its causes, `: `-separated: reqwest's own message is only "error sending
+/// request", and the cause (a refused certificate, a refused connection) is what an operator needs.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.
 async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
     let mut response = http
@@ -257,7 +313,7 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Dur
         .header("accept", "application/json")
         .send()
         .await
-        .map_err(|e| format!("GET {uri}: {e}"))?;
+        .map_err(|e| format!("GET {uri}: {}", with_causes(&e)))?;
     if !response.status().is_success() {
         return Err(format!("GET {uri}: HTTP {}", response.status()));
     }
@@ -277,7 +333,7 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Dur
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("GET {uri}: {e}"))?
+        .map_err(|e| format!("GET {uri}: {}", with_causes(&e)))?
     {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));
@@ -548,6 +604,7 @@ mod tests {
             },
             key_source: KeySource::Uri(uri),
             timing,
+            http: None,
         }))
     }
 

@@ -24,6 +24,7 @@ use crate::{
     identity::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
+        keys,
     },
     request::{HeaderLimits, path::PathParameters},
 };
@@ -295,6 +296,25 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             ChallengeStyleConfig::Rfc9470 => ChallengeStyle::Rfc9470,
             ChallengeStyleConfig::Deny => ChallengeStyle::Deny,
         };
+        let http = match &c.ca_file {
+            None => None,
+            Some(_) if matches!(key_source, KeySource::File(_)) => {
+                return err(
+                    format!("{path}.ca_file"),
+                    "only with jwks_uri or discovery_url (jwks_file reads no https)",
+                );
+            }
+            Some(file) => {
+                let at = format!("{path}.ca_file");
+                let file = base_dir.join(file);
+                let pem = std::fs::read(&file).map_err(|e| {
+                    ConfigError::new(&at, format!("cannot read {}: {e}", file.display()))
+                })?;
+                let roots = keys::parse_ca_bundle(&pem)
+                    .map_err(|e| ConfigError::new(&at, format!("{}: {e}", file.display())))?;
+                Some(keys::client_trusting_only(roots).map_err(|e| ConfigError::new(&at, e))?)
+            }
+        };
         issuers.push(Arc::new(Issuer::new(IssuerSettings {
             id: c.id.clone(),
             issuer: c.issuer.clone(),
@@ -307,6 +327,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             entra,
             key_source,
             timing,
+            http,
         })));
     }
     Ok(Issuers::new(issuers))

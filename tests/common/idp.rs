@@ -13,6 +13,8 @@
 //! [`rsa_jwk`] (`stepgate-demo-rsa-1`) and [`ec_jwk`] (`stepgate-demo-ec-1`), taken one by one
 //! from `examples/demo-keys/jwks.json`.
 //!
+//! [`Idp::start_tls`] serves the same over https, with a certificate the test makes (a private CA).
+//!
 //! Declared from a test file with `#[path = "common/idp.rs"] mod idp;` (next to `mod common;`).
 #![allow(dead_code)]
 
@@ -79,6 +81,8 @@ struct State {
 #[derive(Debug)]
 pub struct Idp {
     pub addr: SocketAddr,
+    /// `http`, or `https` when started with [`Idp::start_tls`].
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
 }
@@ -87,12 +91,22 @@ impl Idp {
     /// Starts on `127.0.0.1:<ephemeral>` publishing the demo RSA key, both paths normal, issuer
     /// `http://127.0.0.1:<port>`, no `Cache-Control`.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// As [`Idp::start`], over https with `tls`'s certificate: issuer `https://127.0.0.1:<port>`.
+    pub async fn start_tls(tls: tokio_rustls::TlsAcceptor) -> Self {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding the identity provider");
         let addr = listener.local_addr().expect("the IdP address");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(Mutex::new(State {
-            issuer: format!("http://{addr}"),
+            issuer: format!("{scheme}://{addr}"),
             jwks: jwks(&[rsa_jwk()]).to_string(),
             cache_control: None,
             discovery_mode: Mode::Normal,
@@ -107,15 +121,31 @@ impl Idp {
                     continue;
                 };
                 let state = Arc::clone(&shared);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| answer(req, Arc::clone(&state), addr));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let service =
+                        service_fn(move |req| answer(req, Arc::clone(&state), scheme, addr));
+                    let http = http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            // A client that refused the certificate: counted by nobody, as
+                            // with a real IdP.
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
-        Self { addr, state, task }
+        Self {
+            addr,
+            scheme,
+            state,
+            task,
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -128,7 +158,7 @@ impl Idp {
 
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub fn discovery_url(&self) -> String {
@@ -237,6 +267,7 @@ impl Drop for Idp {
 async fn answer(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
+    scheme: &str,
     addr: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -246,7 +277,7 @@ async fn answer(
         let (mode, body) = match path.as_str() {
             DISCOVERY_PATH => (
                 s.discovery_mode,
-                json!({ "issuer": s.issuer, "jwks_uri": format!("http://{addr}{KEYS_PATH}") })
+                json!({ "issuer": s.issuer, "jwks_uri": format!("{scheme}://{addr}{KEYS_PATH}") })
                     .to_string(),
             ),
             KEYS_PATH => (s.keys_mode, s.jwks.clone()),
