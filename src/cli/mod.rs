@@ -118,6 +118,11 @@ struct ServeArgs {
     /// without its own `ca_file`: an internal IdP behind a private or corporate CA.
     #[arg(long, env = "STEPGATE_IDP_CA")]
     idp_ca: Option<PathBuf>,
+    /// Export OpenTelemetry traces to this OTLP/gRPC endpoint (e.g. http://otel-collector:4317).
+    /// Traces are also on when OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_TRACES_SAMPLER is set; off otherwise.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Serve gRPC server reflection (lets grpcurl list and describe the services).
     #[arg(long, env = "STEPGATE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     reflection: bool,
@@ -238,6 +243,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }),
         admin_listen: args.admin_listen,
         reflection: args.reflection,
+        otlp_endpoint: args.otlp_endpoint,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

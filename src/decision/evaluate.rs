@@ -36,6 +36,7 @@ pub fn decide(policy: &Policy, request: &AccessRequest, now: i64) -> Decision {
         policy,
         explain: request.explain.then(Vec::new),
         fingerprint: None,
+        token_cached: None,
     };
     let decision = run.evaluate(request, now);
     fit_proxy_header_limit(policy, request, decision)
@@ -91,6 +92,7 @@ struct Run<'p> {
     policy: &'p Policy,
     explain: Option<Vec<ExplainStep>>,
     fingerprint: Option<String>,
+    token_cached: Option<bool>,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
@@ -195,11 +197,12 @@ impl<'p> Run<'p> {
         // 2. Token.
         let token = match credential {
             Credential::Bearer(raw) => {
-                let (digest, verified) =
+                let (digest, verified, cached) =
                     policy
                         .token_cache
                         .verify(raw, &policy.issuers, policy.max_token_bytes, now);
                 self.fingerprint = Some(fingerprint_of(&digest));
+                self.token_cached = Some(cached);
                 match verified {
                     Ok(token) => {
                         self.step("token", || {
@@ -633,6 +636,7 @@ impl<'p> Run<'p> {
     ) -> Decision {
         Decision {
             token_fingerprint: self.fingerprint.take(),
+            token_cached: self.token_cached,
             explain: self.explain.take().unwrap_or_default(),
             ..Decision::new(outcome, reason, message, status)
         }

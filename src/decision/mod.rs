@@ -67,6 +67,9 @@ pub struct Decision {
     /// and the cached token, so an ALLOW copies no string to carry them.
     pub identity_headers: Vec<(Arc<str>, Arc<str>)>,
     pub token_fingerprint: Option<String>,
+    /// Whether the token's verification came from the verified-token cache (`None`: no token
+    /// was verified). For traces.
+    pub token_cached: Option<bool>,
     pub explain: Vec<ExplainStep>,
     /// Set when the token was refused only because its issuer's keys lack its `kid`: (issuer id,
     /// kid). The server may fetch the keys once and decide again; the engine does no I/O itself.
@@ -96,6 +99,7 @@ impl Decision {
             principal: None,
             identity_headers: Vec::new(),
             token_fingerprint: None,
+            token_cached: None,
             explain: Vec::new(),
             unknown_key: None,
         }

@@ -94,19 +94,20 @@ impl TokenCache {
         issuers: &Issuers,
         max_bytes: usize,
         now: i64,
-    ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>) {
+    ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>, bool) {
         let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
         if self.shards.is_empty() {
             return (
                 digest,
                 verify(token, issuers, max_bytes, now, &self.keep, &self.interner).map(Arc::new),
+                false,
             );
         }
         let shard = &self.shards[shard_index(&digest, self.shards.len())];
         match lock(shard).get(&digest, now) {
             Lookup::Hit(hit) => {
                 metrics::global().record_token_cache(CacheEvent::Hit);
-                return (digest, Ok(hit));
+                return (digest, Ok(hit), true);
             }
             Lookup::Dropped => metrics::global().record_token_cache(CacheEvent::Evicted),
             Lookup::Miss => {}
@@ -137,7 +138,7 @@ impl TokenCache {
                 metrics::global().record_token_cache(CacheEvent::Evicted);
             }
         }
-        (digest, result)
+        (digest, result, false)
     }
 
     /// The raw claims verified tokens keep for this policy.
@@ -492,13 +493,14 @@ mod tests {
         let p = policy();
         let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
-        let (d1, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
-        let (d2, second) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (d1, first, from_cache_first) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (d2, second, from_cache_second) = cache.verify(&t, &p.issuers, 16_384, NOW);
         assert_eq!(d1, d2);
         assert!(
             Arc::ptr_eq(&first.unwrap(), &second.unwrap()),
             "the same verified token"
         );
+        assert!(!from_cache_first && from_cache_second, "a miss, then a hit");
     }
 
     #[test]
@@ -637,13 +639,13 @@ mod tests {
         let p = policy();
         let cache = TokenCache::new(100, MIB_64, Duration::from_secs(30), KeepClaims::All);
         let t = token("alice");
-        let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
-        let (_, within) = cache.verify(&t, &p.issuers, 16_384, NOW + 30);
+        let (_, first, _) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (_, within, _) = cache.verify(&t, &p.issuers, 16_384, NOW + 30);
         assert!(Arc::ptr_eq(
             first.as_ref().unwrap(),
             within.as_ref().unwrap()
         ));
-        let (_, after) = cache.verify(&t, &p.issuers, 16_384, NOW + 31);
+        let (_, after, _) = cache.verify(&t, &p.issuers, 16_384, NOW + 31);
         assert!(
             !Arc::ptr_eq(first.as_ref().unwrap(), after.as_ref().unwrap()),
             "verified again after the TTL"
@@ -708,7 +710,7 @@ mod tests {
         let cache = TokenCache::new(100_000, budget, Duration::from_secs(600), KeepClaims::All);
         let mut sizes = Vec::new();
         for i in 0..400 {
-            let (_, verified) = cache.verify(
+            let (_, verified, _) = cache.verify(
                 &large_token(&format!("user{i}"), 8),
                 &p.issuers,
                 65_536,
@@ -795,8 +797,8 @@ mod tests {
         let p = policy();
         let cache = TokenCache::new(0, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
-        let (_, first) = cache.verify(&t, &p.issuers, 16_384, NOW);
-        let (_, second) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (_, first, _) = cache.verify(&t, &p.issuers, 16_384, NOW);
+        let (_, second, _) = cache.verify(&t, &p.issuers, 16_384, NOW);
         assert!(!Arc::ptr_eq(&first.unwrap(), &second.unwrap()));
     }
 }

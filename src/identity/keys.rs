@@ -26,7 +26,7 @@ use super::{
     issuer::{Discovered, Issuer, IssuerName, KeySource, KeyTiming},
     jwks::KeySet,
 };
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, traces};
 
 /// Largest JWKS or discovery document accepted (Entra's common key set is about 10 KiB).
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -164,12 +164,27 @@ pub struct Loaded {
 /// Reads the issuer's key set from its source (running discovery first when configured) and
 /// installs it. A failure or an empty set leaves the current keys in place.
 pub async fn load(issuer: &Issuer, http: &reqwest::Client) -> Result<Loaded, String> {
+    let span = key_load_span(issuer, "refresh");
     let result = load_inner(issuer, http, true).await;
-    record(issuer, &result);
+    record(issuer, &result, span);
     result
 }
 
-fn record(issuer: &Issuer, result: &Result<Loaded, String>) {
+fn key_load_span(issuer: &Issuer, why: &'static str) -> traces::WorkSpan {
+    traces::start_work(
+        "stepgate key load",
+        vec![
+            opentelemetry::KeyValue::new("stepgate.issuer_id", issuer.id.to_string()),
+            opentelemetry::KeyValue::new("stepgate.trigger", why),
+        ],
+    )
+}
+
+fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::WorkSpan) {
+    if let Err(err) = result {
+        span.failed(err);
+    }
+    drop(span);
     let now = crate::server::authorizer::unix_now();
     metrics::global().record_key_load(
         &issuer.id,
@@ -530,8 +545,9 @@ async fn resolve(issuer: &Arc<Issuer>, kid: &str) -> UnknownKid {
         let in_flight = OnDemandFetch(Arc::clone(issuer));
         tokio::spawn(async move {
             let issuer = &in_flight.0;
+            let span = key_load_span(issuer, "unknown_kid");
             let result = load_inner(issuer, &http_client(), false).await;
-            record(issuer, &result);
+            record(issuer, &result, span);
             match &result {
                 Ok(loaded) => {
                     tracing::info!(issuer = %issuer.id, keys = loaded.keys, "fetched signing keys for an unknown kid")

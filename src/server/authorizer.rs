@@ -6,13 +6,14 @@ use std::{
 };
 
 use arc_swap::{ArcSwap, Guard};
+use opentelemetry::trace::SpanContext;
 
 use crate::{
     decision::{self, Decision},
     identity::keys::{self, UnknownKid},
     policy::Policy,
     request::{AccessRequest, Door, HeaderLimits},
-    telemetry,
+    telemetry::{self, traces},
 };
 
 /// Decides requests against the current policy. Cheap to share (`Arc`).
@@ -64,6 +65,18 @@ impl Authorizer {
         request: &AccessRequest,
         door: Door,
     ) -> (Decision, Guard<Arc<Policy>>) {
+        self.decide_traced(request, door, None).await
+    }
+
+    /// [`Authorizer::decide`], in a trace span under `parent` (the caller's span) when traces
+    /// are on.
+    pub async fn decide_traced(
+        &self,
+        request: &AccessRequest,
+        door: Door,
+        parent: Option<SpanContext>,
+    ) -> (Decision, Guard<Arc<Policy>>) {
+        let span = traces::start_decision(door, parent);
         let started = Instant::now();
         let policy = self.policy.load();
         let mut decision = (self.engine)(&policy, request, unix_now());
@@ -74,6 +87,7 @@ impl Authorizer {
             decision = (self.engine)(&policy, request, unix_now());
         }
         telemetry::log_decision(door, &decision, started.elapsed());
+        span.end(door, &decision);
         (decision, policy)
     }
 }

@@ -29,6 +29,7 @@ use crate::{
         AccessRequest, Door, HeaderLimits, Headers, HttpAttributes, PresentedCredential,
         RequestProblem,
     },
+    telemetry::traces,
 };
 
 /// The one explain step a caller the policy does not name gets instead of the trace.
@@ -63,11 +64,15 @@ impl DecisionService for Decide {
                 .map_or(&[][..], |c| &c.sans[..]);
             authorizer.policy().explain.permits(on_admin, sans)
         };
+        let metadata = request.metadata();
+        let parent = traces::parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()));
         let response = catch_panic(Box::pin(async {
             let mut access = access_request(request.into_inner(), authorizer.header_limits());
             let refused = access.explain && !explain_permitted;
             access.explain &= explain_permitted;
-            let (decision, policy) = authorizer.decide(&access, Door::Decide).await;
+            let (decision, policy) = authorizer
+                .decide_traced(&access, Door::Decide, parent)
+                .await;
             let mut response = decide_response(&decision, &policy.upstream);
             if refused {
                 response.explain = vec![v1::ExplainStep {

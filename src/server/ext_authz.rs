@@ -33,6 +33,7 @@ use crate::{
         AccessRequest, Door, HeaderLimits, HttpAttributes, Peer, PresentedCredential,
         RequestProblem,
     },
+    telemetry::traces,
 };
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -133,8 +134,18 @@ impl UnaryService<CheckRequest> for Check {
         Box::pin(async move {
             let started = Instant::now();
             let answer = catch_panic(Box::pin(async {
+                // Envoy puts its ext_authz span in the call's gRPC metadata; the CheckRequest's
+                // headers hold the client's own (an older hop), the fallback.
+                let metadata = request.metadata();
+                let from_metadata =
+                    traces::parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()));
                 let access = access_request(request.into_inner());
-                let (decision, policy) = authorizer.decide(&access, Door::Check).await;
+                let parent = from_metadata.or_else(|| {
+                    let headers = &access.http.as_ref()?.headers;
+                    traces::parent(|name| headers.get(name))
+                });
+                let (decision, policy) =
+                    authorizer.decide_traced(&access, Door::Check, parent).await;
                 CheckAnswer::new(decision, &policy)
             }))
             .await

@@ -28,7 +28,7 @@ use crate::{
     api::{self, v1::decision_service_server::DecisionServiceServer},
     identity::keys,
     policy::Policy,
-    telemetry::metrics,
+    telemetry::{metrics, traces},
 };
 
 /// How `stepgate serve` runs.
@@ -51,6 +51,9 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Serve gRPC server reflection.
     pub reflection: bool,
+    /// Export traces to this OTLP/gRPC endpoint (the standard `OTEL_*` variables also turn
+    /// traces on; see [`crate::telemetry::traces`]).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -95,6 +98,15 @@ pub enum ReadyWhen {
 
 /// Serves until SIGTERM or SIGINT. `policy` is the already compiled policy of `options.config`.
 pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
+    if traces::init(options.otlp_endpoint.as_deref()).map_err(|e| anyhow::anyhow!(e))? {
+        tracing::info!(
+            endpoint = options
+                .otlp_endpoint
+                .as_deref()
+                .unwrap_or("(from OTEL_* variables)"),
+            "exporting traces over OTLP/gRPC"
+        );
+    }
     let http = keys::http_client();
     let issuers: Vec<_> = policy.issuers.iter().cloned().collect();
     let without_keys = keys::load_all(&issuers, &http).await;
@@ -217,6 +229,8 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("gRPC server failed")?;
+    // The batch exporter blocks while it sends what is pending.
+    let _ = tokio::task::spawn_blocking(traces::shutdown).await;
     tracing::info!("stepgate stopped");
     Ok(())
 }

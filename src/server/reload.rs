@@ -11,7 +11,12 @@ use std::{
 use tokio::sync::watch;
 
 use super::{Authorizer, files::FileWatch};
-use crate::{config, identity::keys, policy, telemetry::metrics};
+use crate::{
+    config,
+    identity::keys,
+    policy,
+    telemetry::{metrics, traces},
+};
 
 /// The SIGHUP stream (nothing where there are no signals).
 #[cfg(unix)]
@@ -51,7 +56,15 @@ pub fn spawn(
                     return;
                 }
             };
+            let mut span = traces::start_work(
+                "stepgate policy reload",
+                vec![opentelemetry::KeyValue::new("stepgate.trigger", why)],
+            );
             let result = reload(&authorizer, &config_path, &http, why).await;
+            if let Err(err) = &result {
+                span.failed(&err.to_string());
+            }
+            drop(span);
             metrics::global().record_reload(result.is_ok());
             match result {
                 Ok(issuers) => {

@@ -4,6 +4,7 @@
 
 mod line;
 pub mod metrics;
+pub mod traces;
 mod writer;
 
 use std::{
