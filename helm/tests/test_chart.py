@@ -1,0 +1,857 @@
+"""The Helm chart helm/stepgate, rendered by Helm 4 itself (helm-python-sdk), for each values file
+under helm/tests/values/:
+
+- `helm lint --strict` passes and the chart renders as `helm template` renders it;
+- every rendered object validates with kubernetes-validate (strict: an unknown field fails),
+  except the CRDs it has no schema for (cert-manager's Certificate, the Prometheus Operator's
+  ServiceMonitor), whose fields are checked here against the CRDs' field lists;
+- the policy in the rendered ConfigMap passes the real `stepgate check`;
+- the pods meet the restricted Pod Security Standard, the probes, ports, mounts and grace period
+  agree with stepgate's flags, and NOTES.txt's Istio provider and Envoy cluster point at the
+  release's Service (the Envoy cluster is validated by the real Envoy);
+- a misspelt value is refused by the values schema, naming the key, and inconsistent values by
+  the templates, saying what to change.
+
+Run: .venv/bin/python -m pytest -q helm/tests (requirements: helm/tests/requirements.txt; the
+stepgate binary from STEPGATE_BIN, default target/debug/stepgate; Envoy from STEPGATE_ENVOY,
+default .venv/bin/envoy).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import chart_render
+from chart_render import CHART, REPO, HelmError, Rendered
+
+VALUES_DIR = Path(__file__).resolve().parent / "values"
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+GRPC_PORT = 50051
+METRICS_PORT = 9464
+
+
+@dataclass(frozen=True)
+class Case:
+    values_file: str
+    kinds: frozenset[str]
+    api_versions: tuple[str, ...] = ()
+    hooks: frozenset[str] = frozenset({"Pod"})
+    tls: bool = False
+    mutual_tls: bool = False
+
+
+BASE = frozenset({"ServiceAccount", "ConfigMap", "Service", "Deployment"})
+CASES = {
+    "default": Case("default.yaml", BASE),
+    "ha": Case("ha.yaml", BASE | {"HorizontalPodAutoscaler", "PodDisruptionBudget"}),
+    "tls-secret": Case("tls-secret.yaml", BASE, hooks=frozenset(), tls=True, mutual_tls=True),
+    "tls-cert-manager": Case("tls-cert-manager.yaml", BASE | {"Certificate"}, hooks=frozenset(), tls=True),
+    "service-monitor": Case("service-monitor.yaml", BASE | {"ServiceMonitor"}, api_versions=(SERVICE_MONITOR_API,)),
+    "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}),
+    "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
+    "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
+}
+WITH_RENDERED_POLICY = [name for name in CASES if name != "existing-configmap"]
+WITH_TEST_POD = [name for name, case in CASES.items() if not case.tls]
+
+# The fields of Istio's EnvoyExternalAuthorizationGrpcProvider (istio/api mesh/v1alpha1/config.proto).
+GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "statusOnError", "includeRequestBodyInCheck"}
+
+# What kubernetes-validate has no schema for, and the fields their CRDs define (cert-manager v1
+# Certificate spec; Prometheus Operator v1 ServiceMonitor spec and Endpoint).
+CRD_KINDS = {("cert-manager.io/v1", "Certificate"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CERTIFICATE_SPEC_FIELDS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses",
+    "encodeUsagesInRequest", "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject",
+    "nameConstraints", "otherNames", "privateKey", "renewBefore", "renewBeforePercentage",
+    "revisionHistoryLimit", "secretName", "secretTemplate", "signatureAlgorithm", "subject", "uris",
+    "usages",
+}
+CERTIFICATE_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+}
+SERVICE_MONITOR_SPEC_FIELDS = {
+    "attachMetadata", "bodySizeLimit", "convertClassicHistogramsToNHCB", "endpoints",
+    "fallbackScrapeProtocol", "jobLabel", "keepDroppedTargets", "labelLimit", "labelNameLengthLimit",
+    "labelValueLengthLimit", "namespaceSelector", "nativeHistogramBucketLimit",
+    "nativeHistogramMinBucketFactor", "podTargetLabels", "sampleLimit", "scrapeClass",
+    "scrapeClassicHistograms", "scrapeProtocols", "selector", "selectorMechanism",
+    "serviceDiscoveryRole", "targetLabels", "targetLimit",
+}
+SERVICE_MONITOR_ENDPOINT_FIELDS = {
+    "authorization", "basicAuth", "bearerTokenFile", "bearerTokenSecret", "enableHttp2",
+    "filterRunning", "followRedirects", "honorLabels", "honorTimestamps", "interval",
+    "metricRelabelings", "noProxy", "oauth2", "params", "path", "port", "proxyConnectHeader",
+    "proxyFromEnvironment", "proxyUrl", "relabelings", "scheme", "scrapeTimeout", "targetPort",
+    "tlsConfig", "trackTimestampsStaleness",
+}
+# The Prometheus Operator's Duration pattern.
+PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def case_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((VALUES_DIR / CASES[name].values_file).read_text(encoding="utf-8")) or {}
+
+
+@functools.cache
+def rendered(name: str) -> Rendered:
+    case = CASES[name]
+    return chart_render.template(case_values(name), api_versions=list(case.api_versions))
+
+
+def fullname(r: Rendered) -> str:
+    return r.one("Deployment")["metadata"]["name"]
+
+
+def pod_spec(r: Rendered) -> dict:
+    return r.one("Deployment")["spec"]["template"]["spec"]
+
+
+def container(r: Rendered) -> dict:
+    containers = pod_spec(r)["containers"]
+    assert [c["name"] for c in containers] == ["stepgate"]
+    return containers[0]
+
+
+def arg_value(args: list[str], flag: str) -> str:
+    values = arg_values(args, flag)
+    assert len(values) == 1, f"{flag} appears {len(values)} times in {args}"
+    return values[0]
+
+
+def arg_values(args: list[str], flag: str) -> list[str]:
+    found = []
+    for i, arg in enumerate(args):
+        if arg == flag:
+            assert i + 1 < len(args), f"{flag} has no value"
+            found.append(args[i + 1])
+        elif arg.startswith(flag + "="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
+def port_of(address: str) -> tuple[str, int]:
+    m = re.fullmatch(r"\[?([^\]]*)\]?:(\d+)", address)
+    assert m, f"not host:port: {address!r}"
+    return m.group(1), int(m.group(2))
+
+
+def seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", duration)
+    assert m, f"not a duration: {duration!r}"
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)]
+
+
+def service_port(r: Rendered, name: str) -> dict:
+    ports = [p for p in r.one("Service")["spec"]["ports"] if p["name"] == name]
+    assert len(ports) == 1, f"the Service needs one port named {name!r}"
+    return ports[0]
+
+
+def container_port(c: dict, name: str) -> int:
+    ports = [p["containerPort"] for p in c.get("ports", []) if p["name"] == name]
+    assert len(ports) == 1, f"the container needs one port named {name!r}"
+    return ports[0]
+
+
+def mount_for(r: Rendered, path: str) -> tuple[dict, dict]:
+    """The volume mount holding `path` in the stepgate container, and its volume."""
+    volumes = {v["name"]: v for v in pod_spec(r).get("volumes", [])}
+    for mount in container(r).get("volumeMounts", []):
+        if Path(path).parent == Path(mount["mountPath"]):
+            return mount, volumes[mount["name"]]
+    raise AssertionError(f"no volume is mounted at {Path(path).parent}")
+
+
+def rendered_policy(r: Rendered) -> str:
+    config = arg_value(container(r)["args"], "--config")
+    mount, volume = mount_for(r, config)
+    name = volume["configMap"]["name"]
+    maps = [d for d in r.of_kind("ConfigMap") if d["metadata"]["name"] == name]
+    assert len(maps) == 1, f"ConfigMap {name!r} is not rendered"
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+    key = items.get(Path(config).name, Path(config).name)
+    return maps[0]["data"][key]
+
+
+def notes_snippet(notes: str, first_line: str) -> Any:
+    """The YAML block of NOTES.txt that starts with `first_line`, indented by four spaces."""
+    lines = notes.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == "    " + first_line]
+    assert len(starts) == 1, f"NOTES.txt has {len(starts)} blocks starting {first_line!r}:\n{notes}"
+    block = []
+    for line in lines[starts[0]:]:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return yaml.safe_load("\n".join(block))
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart and its schema
+
+
+def test_chart_app_version_is_the_crate_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    cargo = tomllib.loads((REPO / "Cargo.toml").read_text(encoding="utf-8"))
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == cargo["package"]["version"], (
+        "Chart.yaml appVersion must be the stepgate version in Cargo.toml (the image tag it deploys)"
+    )
+
+
+def test_every_values_file_is_a_case():
+    files = {p.name for p in VALUES_DIR.glob("*.yaml")}
+    assert files == {c.values_file for c in CASES.values()}
+
+
+def test_helm_is_embedded():
+    # No helm binary is used: the library reports the Helm SDK compiled into it.
+    _, sdk = chart_render.sdk_versions()
+    assert re.fullmatch(r"v4\.\d+\.\d+", sdk), sdk
+
+
+def _open_objects(schema: dict, node: Any, path: str, found: list[str]) -> None:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return  # definitions are walked on their own
+        is_object = node.get("type") == "object" or "properties" in node
+        # The policy's sections are stepgate's own document: `stepgate check` and stepgate's
+        # start-up refuse unknown fields there (every struct of src/config/schema.rs denies them).
+        inside_policy = path.startswith("/properties/policy/properties/")
+        if is_object and not inside_policy:
+            extra = node.get("additionalProperties")
+            if extra is not False and not isinstance(extra, dict):
+                found.append(path or "/")
+        for key, child in node.items():
+            if key in ("properties", "definitions"):
+                for name, sub in child.items():
+                    _open_objects(schema, sub, f"{path}/{key}/{name}", found)
+            elif key in ("items", "additionalProperties"):
+                _open_objects(schema, child, f"{path}/{key}", found)
+
+
+def test_values_schema_closes_every_object():
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    open_objects: list[str] = []
+    _open_objects(schema, schema, "", open_objects)
+    assert not open_objects, f"objects that accept unknown keys: {open_objects}"
+
+
+def policy_file_fields() -> set[str]:
+    """The top-level keys of the policy file: the fields of `PolicyFile` in src/config/schema.rs."""
+    source = (REPO / "src" / "config" / "schema.rs").read_text(encoding="utf-8")
+    body = re.search(r"pub struct PolicyFile \{(.*?)\n\}", source, re.S)
+    assert body, "src/config/schema.rs has no `pub struct PolicyFile`"
+    fields, rename = set(), None
+    for line in body.group(1).splitlines():
+        if m := re.search(r'#\[serde\(.*\brename\s*=\s*"([^"]+)"', line):
+            rename = m.group(1)
+        elif m := re.match(r"\s*pub\s+(?:r#)?(\w+)\s*:", line):
+            fields.add(rename or m.group(1))
+            rename = None
+    return fields
+
+
+def test_policy_sections_in_the_schema_are_the_policy_file_fields():
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    assert set(schema["properties"]["policy"]["properties"]) == policy_file_fields(), (
+        "values.schema.json's `policy` sections must be exactly the policy file's top-level keys"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Each values file: lint, render, validate
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_lint_passes(name):
+    assert chart_render.lint(case_values(name)) == []
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_renders_the_expected_objects(name):
+    r = rendered(name)
+    assert {d["kind"] for d in r.manifests} == CASES[name].kinds
+    assert {d["kind"] for d in r.hooks} == CASES[name].hooks
+    dashboard_namespace = case_values(name).get("dashboard", {}).get("namespace") or r.namespace
+    for doc in r.all():
+        meta = doc["metadata"]
+        expected = dashboard_namespace if meta["name"].endswith("-dashboard") else r.namespace
+        assert meta["namespace"] == expected, meta["name"]
+        assert meta["labels"]["app.kubernetes.io/instance"] == r.release
+
+
+def kubernetes_versions() -> list[str]:
+    floor = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))["kubeVersion"]
+    m = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", floor)
+    assert m, f"kubeVersion {floor!r} is not of the form >=X.Y.Z-0"
+    return [m.group(1), "1.34.0", kubernetes_validate.latest_version()]
+
+
+@pytest.mark.parametrize("version", kubernetes_versions())
+@pytest.mark.parametrize("name", CASES)
+def test_objects_validate_with_kubernetes_validate(name, version):
+    errors = []
+    for doc in rendered(name).all():
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue  # test_custom_resources_use_only_crd_fields
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{doc['apiVersion']} {doc['kind']}: no such API in Kubernetes {version}")
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(map(str, e.path))
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {e.message}")
+    assert not errors, f"invalid against Kubernetes {version}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("name", ["tls-cert-manager", "service-monitor"])
+def test_custom_resources_use_only_crd_fields(name):
+    r = rendered(name)
+    custom = [d for d in r.manifests if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert custom, "the case renders no custom resource"
+    for doc in custom:
+        assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+        assert set(doc["metadata"]) <= {"name", "namespace", "labels", "annotations"}
+        spec = doc["spec"]
+        if doc["kind"] == "Certificate":
+            assert set(spec) <= CERTIFICATE_SPEC_FIELDS, set(spec) - CERTIFICATE_SPEC_FIELDS
+            assert spec["secretName"] and spec["issuerRef"]["name"]
+            assert set(spec["issuerRef"]) <= {"name", "kind", "group"}
+            assert set(spec["usages"]) <= CERTIFICATE_USAGES
+            assert set(spec["privateKey"]) <= {"algorithm", "encoding", "rotationPolicy", "size"}
+            assert spec["privateKey"]["algorithm"] in {"RSA", "ECDSA", "Ed25519"}
+            assert spec["privateKey"]["rotationPolicy"] in {"Never", "Always"}
+            assert GO_DURATION.match(spec["duration"]) and GO_DURATION.match(spec["renewBefore"])
+            assert all(isinstance(n, str) and n for n in spec["dnsNames"])
+        else:
+            assert set(spec) <= SERVICE_MONITOR_SPEC_FIELDS, set(spec) - SERVICE_MONITOR_SPEC_FIELDS
+            for endpoint in spec["endpoints"]:
+                assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT_FIELDS
+                assert PROMETHEUS_DURATION.match(endpoint["interval"])
+                assert PROMETHEUS_DURATION.match(endpoint["scrapeTimeout"])
+                assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+
+
+@pytest.mark.parametrize("name", WITH_RENDERED_POLICY)
+def test_rendered_policy_passes_stepgate_check(name, stepgate_bin, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(rendered_policy(rendered(name)), encoding="utf-8")
+    result = subprocess.run(
+        [stepgate_bin, "check", "--config", str(policy)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"stepgate check exited {result.returncode}:\n{result.stderr}{result.stdout}"
+    assert result.stdout.startswith("policy OK"), result.stdout
+
+
+def test_default_policy_sets_only_lists():
+    # Helm merges a user's map into the default map key by key, but replaces lists: a default
+    # section that is a map (auth_contexts, upstream, limits) would leak into every user's policy.
+    default = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["policy"]
+    assert all(isinstance(section, list) for section in default.values()), default
+
+
+def test_rendered_policy_is_the_values_policy_and_nothing_more():
+    r = rendered("network-policy")
+    assert yaml.safe_load(rendered_policy(r)) == case_values("network-policy")["policy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """Where a pod spec breaks the restricted Pod Security Standard (Kubernetes 1.25+)."""
+    problems = []
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(host):
+            problems.append(host)
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= allowed:
+            problems.append(f"volume {volume['name']}: {kinds - allowed}")
+    pod = spec.get("securityContext", {})
+    if pod.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if not (sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod.get("runAsUser")) == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile {seccomp}")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {caps['add']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_pods_meet_the_restricted_pod_security_standard(name):
+    r = rendered(name)
+    specs = [("Deployment", pod_spec(r))] + [(f"hook {d['metadata']['name']}", d["spec"]) for d in r.hooks]
+    for what, spec in specs:
+        assert restricted_violations(spec) == [], what
+        assert spec["automountServiceAccountToken"] is False, what
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, what
+    assert pod_spec(r)["securityContext"]["runAsUser"] == 65532
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_service_account_has_no_api_token(name):
+    r = rendered(name)
+    account = r.one("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    assert pod_spec(r)["serviceAccountName"] == account["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_listeners_match_the_service_and_container_ports(name):
+    r = rendered(name)
+    c = container(r)
+    assert c["args"][0] == "serve"
+    host, port = port_of(arg_value(c["args"], "--listen"))
+    assert host in ("0.0.0.0", "::"), "stepgate listens on loopback unless told otherwise"
+    grpc = service_port(r, "grpc")
+    assert grpc["appProtocol"] == "grpc" and grpc["port"] == GRPC_PORT
+    assert container_port(c, grpc["targetPort"]) == port
+    _, metrics = port_of(arg_value(c["args"], "--metrics-listen"))
+    http_metrics = service_port(r, "http-metrics")
+    assert http_metrics["port"] == METRICS_PORT
+    assert container_port(c, http_metrics["targetPort"]) == metrics
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_selectors_pick_stepgate_pods_and_not_the_test_pod(name):
+    r = rendered(name)
+    deployment = r.one("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = [deployment["spec"]["selector"]["matchLabels"], r.one("Service")["spec"]["selector"]]
+    selectors += [d["spec"]["selector"]["matchLabels"] for d in r.of_kind("PodDisruptionBudget")]
+    selectors += [d["spec"]["podSelector"]["matchLabels"] for d in r.of_kind("NetworkPolicy")]
+    for constraint in pod_spec(r).get("topologySpreadConstraints", []):
+        selectors.append(constraint["labelSelector"]["matchLabels"])
+    for selector in selectors:
+        assert selector and selector.items() <= labels.items()
+        for hook in r.hooks:
+            assert not selector.items() <= hook["metadata"]["labels"].items(), "the Service would route to the test pod"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_probes_use_grpc_health_or_tcp_with_tls(name):
+    r = rendered(name)
+    c = container(r)
+    _, listen = port_of(arg_value(c["args"], "--listen"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if CASES[name].tls:
+            # The kubelet's gRPC probe cannot do TLS.
+            assert c[probe]["tcpSocket"] == {"port": "grpc"}, probe
+        else:
+            assert c[probe]["grpc"] == {"port": listen, "service": ""}, probe
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, (
+        "the start-up probe must wait minutes for a slow identity provider, not seconds"
+    )
+    liveness = c["livenessProbe"]
+    drain = seconds(arg_value(c["args"], "--drain-delay"))
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_grace_period_covers_the_drain_and_the_last_call(name):
+    r = rendered(name)
+    args = container(r)["args"]
+    drain = seconds(arg_value(args, "--drain-delay"))
+    request = seconds(arg_value(args, "--request-timeout"))
+    assert pod_spec(r)["terminationGracePeriodSeconds"] > drain + request
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_policy_and_certificates_are_mounted_as_directories(name):
+    r = rendered(name)
+    c = container(r)
+    for mount in c["volumeMounts"]:
+        assert "subPath" not in mount, "a subPath mount never sees ConfigMap or Secret updates"
+        assert mount["readOnly"] is True
+    _, volume = mount_for(r, arg_value(c["args"], "--config"))
+    assert "configMap" in volume
+    assert arg_value(c["args"], "--watch-config") == "true"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resources_and_spread_are_set(name):
+    r = rendered(name)
+    resources = container(r)["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+    keys = {t["topologyKey"] for t in pod_spec(r)["topologySpreadConstraints"]}
+    assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    expected = case_values(name).get("topologySpread", {}).get("whenUnsatisfiable", "ScheduleAnyway")
+    assert {t["whenUnsatisfiable"] for t in pod_spec(r)["topologySpreadConstraints"]} == {expected}
+
+
+def run_with_chart_args(stepgate_bin: str, args: list[str], env: dict[str, str], files: dict[str, Path]) -> str:
+    """Starts stepgate with the chart's arguments, file and address flags pointed at local ones;
+    returns its log up to the line saying it listens."""
+    local = {"--listen": "127.0.0.1:0", "--metrics-listen": "127.0.0.1:0", "--admin-listen": "127.0.0.1:0"}
+    local.update({flag: str(path) for flag, path in files.items()})
+    command = list(args)
+    for i, arg in enumerate(command[:-1]):
+        if arg in local:
+            command[i + 1] = local[arg]
+    proc = subprocess.Popen(
+        [stepgate_bin, *command], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    log: list[str] = []
+    timer = threading.Timer(20, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stderr:
+            log.append(line)
+            if "stepgate listening on" in line:
+                break
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+    return "".join(log)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stepgate_starts_with_the_charts_arguments(name, stepgate_bin, make_certificate, tmp_path):
+    # Every flag and value the chart passes must be one the binary takes: a misspelt flag only
+    # shows in the cluster, as a pod that exits at once. Paths and addresses become local ones;
+    # the policy is the demo policy, whose keys are files (the chart's would be fetched).
+    policy = tmp_path / "policy.yaml"
+    demo = (REPO / "examples" / "stepgate.yaml").read_text(encoding="utf-8")
+    policy.write_text(demo.replace("demo-keys/jwks.json", str(REPO / "examples" / "demo-keys" / "jwks.json")), encoding="utf-8")
+    cert, key = make_certificate(tmp_path, "tls", "localhost")
+    c = container(rendered(name))
+    env = {"PATH": os.environ.get("PATH", "")}
+    for variable in c.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+    if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # discard: nothing leaves the machine
+    log = run_with_chart_args(
+        stepgate_bin, c["args"], env,
+        {"--config": policy, "--tls-cert": cert, "--tls-key": key, "--client-ca": cert},
+    )
+    assert "stepgate listening on" in log, f"stepgate did not start with {c['args']}:\n{log}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What each values file turns on
+
+
+def test_ha_scales_on_cpu_and_keeps_drains_possible():
+    r = rendered("ha")
+    deployment = r.one("Deployment")
+    assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+    hpa = r.one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": fullname(r)}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 10)
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["averageUtilization"] == 60
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+
+
+def test_default_is_two_replicas_without_autoscaler_or_budget():
+    r = rendered("default")
+    assert r.one("Deployment")["spec"]["replicas"] == 2
+    assert r.one("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_tls_from_a_secret_with_mutual_tls():
+    r = rendered("tls-secret")
+    c = container(r)
+    args = c["args"]
+    cert, key, ca = (arg_value(args, f) for f in ("--tls-cert", "--tls-key", "--client-ca"))
+    _, tls_volume = mount_for(r, cert)
+    assert tls_volume["secret"]["secretName"] == "stepgate-serving"
+    assert {i["key"] for i in tls_volume["secret"]["items"]} == {"tls.crt", "tls.key"}
+    assert mount_for(r, key)[1] == tls_volume
+    assert (Path(cert).name, Path(key).name) == ("tls.crt", "tls.key")
+    _, ca_volume = mount_for(r, ca)
+    assert ca_volume["secret"]["secretName"] == "envoy-client-ca" and Path(ca).name == "ca.crt"
+    assert arg_values(args, "--client-san") == [
+        "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+    ]
+    assert not r.hooks
+    assert "`helm test` is not available with TLS on" in r.notes
+
+
+def test_tls_from_cert_manager():
+    r = rendered("tls-cert-manager")
+    certificate = r.one("Certificate")
+    spec = certificate["spec"]
+    _, volume = mount_for(r, arg_value(container(r)["args"], "--tls-cert"))
+    assert spec["secretName"] == volume["secret"]["secretName"] == f"{fullname(r)}-tls"
+    assert spec["issuerRef"] == {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    service = r.one("Service")["metadata"]["name"]
+    assert f"{service}.{r.namespace}.svc.cluster.local" in spec["dnsNames"]
+    assert {service, f"{service}.{r.namespace}", f"{service}.{r.namespace}.svc", "stepgate.example.internal"} <= set(spec["dnsNames"])
+    assert "server auth" in spec["usages"]
+    assert "--client-ca" not in container(r)["args"]
+
+
+def test_service_monitor_only_where_the_cluster_serves_its_api():
+    r = rendered("service-monitor")
+    monitor = r.one("ServiceMonitor")
+    service = r.one("Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [r.namespace]}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http-metrics"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+    without_api = chart_render.template(case_values("service-monitor"))
+    assert not without_api.of_kind("ServiceMonitor")
+    assert "serves no monitoring.coreos.com/v1" in without_api.notes
+
+
+def test_dashboard_configmap_holds_the_chart_dashboard():
+    r = rendered("service-monitor")
+    [dashboard] = [d for d in r.of_kind("ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Security"}
+    on_disk = json.loads((CHART / "dashboards" / "stepgate.json").read_text(encoding="utf-8"))
+    assert json.loads(dashboard["data"]["stepgate.json"]) == on_disk
+
+
+def test_existing_policy_configmap_is_mounted_and_none_is_rendered():
+    r = rendered("existing-configmap")
+    assert not r.of_kind("ConfigMap")
+    _, volume = mount_for(r, arg_value(container(r)["args"], "--config"))
+    assert volume["configMap"]["name"] == "payments-stepgate-policy"
+    assert volume["configMap"]["items"] == [{"key": "policy.yaml", "path": "policy.yaml"}]
+
+
+def test_network_policy_lets_in_only_the_named_namespaces():
+    r = rendered("network-policy")
+    policy = r.one("NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    namespaces = [
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in grpc_rule["from"]
+        if "namespaceSelector" in p
+    ]
+    assert namespaces == ["istio-system", "payments"]
+    [test_pod] = r.hooks
+    pods = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
+    assert len(pods) == 1 and pods[0].items() <= test_pod["metadata"]["labels"].items()
+    assert all(set(p) == {"namespaceSelector"} or set(p) == {"podSelector"} for p in grpc_rule["from"])
+    assert metrics_rule == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": "http-metrics", "protocol": "TCP"}],
+    }
+
+
+def env_of(r: Rendered) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(r).get("env", [])}
+
+
+def test_tracing_admin_listener_and_escape_hatches():
+    r = rendered("tracing-and-extras")
+    env = env_of(r)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    assert env["RUST_BACKTRACE"] == "1" and env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert "STEPGATE_WORKERS" not in env
+    args = container(r)["args"]
+    assert args[-2:] == ["--max-connections", "20000"], "extraArgs come last, after the chart's flags"
+    assert arg_value(args, "--admin-listen") == "127.0.0.1:50052"
+    assert arg_value(args, "--reflection") == "false"
+    assert arg_value(args, "--log-format") == "text"
+
+
+def test_no_tracing_without_an_endpoint():
+    env = env_of(rendered("default"))
+    assert not [name for name in env if name.startswith("OTEL_")]
+    assert env == {"STEPGATE_WORKERS": "2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# NOTES.txt and `helm test`
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_notes_istio_provider_points_at_the_service(name):
+    r = rendered(name)
+    mesh = notes_snippet(r.notes, "meshConfig:")
+    [entry] = mesh["meshConfig"]["extensionProviders"]
+    provider = entry["envoyExtAuthzGrpc"]
+    assert set(provider) <= GRPC_PROVIDER_FIELDS
+    service = r.one("Service")["metadata"]["name"]
+    assert provider["service"] == f"{service}.{r.namespace}.svc.cluster.local"
+    assert provider["port"] == service_port(r, "grpc")["port"] == GRPC_PORT
+    assert provider["failOpen"] is False and provider["statusOnError"] == "503"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_notes_envoy_cluster_is_valid_envoy_config(name, envoy_bin, make_certificate, tmp_path):
+    r = rendered(name)
+    clusters = notes_snippet(r.notes, "clusters:")["clusters"]
+    [cluster] = clusters
+    service = r.one("Service")["metadata"]["name"]
+    fqdn = f"{service}.{r.namespace}.svc.cluster.local"
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": fqdn, "port_value": GRPC_PORT}
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"], "gRPC needs HTTP/2"
+    tls = cluster.get("transport_socket")
+    assert (tls is not None) == CASES[name].tls
+    if tls:
+        context = tls["typed_config"]
+        assert context["sni"] == fqdn
+        has_client_cert = "tls_certificates" in context["common_tls_context"]
+        assert has_client_cert == CASES[name].mutual_tls
+
+    # The files the snippet names, so that Envoy can load them.
+    make_certificate(tmp_path, "ca", "ca.test")
+    make_certificate(tmp_path, "client", "envoy.test")
+    text = yaml.safe_dump({"static_resources": {"clusters": clusters}}).replace("/etc/envoy/stepgate/", f"{tmp_path}/")
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(text, encoding="utf-8")
+    result = subprocess.run(
+        [envoy_bin, "--mode", "validate", "-c", str(bootstrap), "--log-level", "error"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, f"Envoy refuses the cluster:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("name", WITH_TEST_POD)
+def test_helm_test_pod_calls_decide_through_the_service(name):
+    r = rendered(name)
+    [pod] = r.hooks
+    assert pod["kind"] == "Pod"
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    [c] = pod["spec"]["containers"]
+    assert c["image"] == container(r)["image"], "the test runs stepgate's own image (distroless: no shell)"
+    assert c["args"][0] == "decide"
+    host, port = port_of(arg_value(c["args"], "--server").removeprefix("http://"))
+    service = r.one("Service")["metadata"]["name"]
+    assert host == f"{service}.{r.namespace}.svc" and port == service_port(r, "grpc")["port"]
+    assert "helm test" in r.notes
+
+
+def test_names_follow_the_release():
+    r = chart_render.template({}, release="edge", namespace="authz")
+    assert fullname(r) == r.one("Service")["metadata"]["name"] == "edge-stepgate"
+    provider = notes_snippet(r.notes, "meshConfig:")["meshConfig"]["extensionProviders"][0]
+    assert provider["envoyExtAuthzGrpc"]["service"] == "edge-stepgate.authz.svc.cluster.local"
+    [pod] = r.hooks
+    assert arg_value(pod["spec"]["containers"][0]["args"], "--server") == "http://edge-stepgate.authz.svc:50051"
+    _, volume = mount_for(r, arg_value(container(r)["args"], "--config"))
+    assert volume["configMap"]["name"] == "edge-stepgate-policy" == r.one("ConfigMap")["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+
+
+TYPOS = [
+    ({"replicaCuont": 3}, "replicaCuont"),
+    ({"tls": {"secretNme": "stepgate-tls"}}, "secretNme"),
+    ({"tls": {"certManager": {"issuerRef": {"nmae": "internal-ca"}}}}, "nmae"),
+    ({"probes": {"startup": {"failureTreshold": 10}}}, "failureTreshold"),
+    ({"extraEnv": [{"name": "A", "vaule": "1"}]}, "vaule"),
+    ({"policy": {"rule": []}}, "rule"),
+]
+
+
+@pytest.mark.parametrize(("values", "key"), TYPOS, ids=[k for _, k in TYPOS])
+def test_misspelt_value_is_refused_by_template_and_lint(values, key):
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    message = str(refused.value)
+    assert "schema" in message and repr(key) in message, message
+    findings = chart_render.lint(values)
+    assert any(repr(key) in f for f in findings), findings
+
+
+WRONG_TYPES = [
+    ({"replicaCount": "three"}, "replicaCount"),
+    ({"readyWhen": "sometimes"}, "readyWhen"),
+    ({"tls": {"enabled": "yes"}}, "enabled"),
+    ({"tracing": {"sampler": "often"}}, "sampler"),
+    ({"image": {"digest": "latest"}}, "digest"),
+]
+
+
+@pytest.mark.parametrize(("values", "key"), WRONG_TYPES, ids=[k for _, k in WRONG_TYPES])
+def test_value_of_the_wrong_type_is_refused(values, key):
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "schema" in str(refused.value) and key in str(refused.value)
+
+
+INCONSISTENT = [
+    ({"drainDelaySeconds": 60}, "must exceed drainDelaySeconds"),
+    ({"tls": {"enabled": True}}, "tls.secretName"),
+    ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "issuerRef.name"),
+    ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "needs tls.enabled"),
+    ({"tls": {"enabled": True, "secretName": "s", "clientSANs": ["a"]}}, "tls.clientCA.enabled"),
+    ({"networkPolicy": {"enabled": True}}, "networkPolicy.grpcNamespaces"),
+    ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node could ever be drained"),
+    ({"podDisruptionBudget": {"enabled": True, "minAvailable": None}}, "set minAvailable or maxUnavailable"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
+    ({"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled"),
+    ({"policy": None}, "set policy"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), INCONSISTENT, ids=[m for _, m in INCONSISTENT])
+def test_inconsistent_values_are_refused_with_what_to_change(values, message):
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert message in str(refused.value)
+
+
+def test_grace_period_follows_the_drain_delay():
+    r = chart_render.template({"drainDelaySeconds": 20, "requestTimeoutSeconds": 2})
+    assert pod_spec(r)["terminationGracePeriodSeconds"] == 20 + 2 + 5
+    assert arg_value(container(r)["args"], "--drain-delay") == "20s"
