@@ -351,3 +351,34 @@ async fn serve_runs_with_transparent_huge_pages_disabled() {
         .expect("/proc/PID/status has a THP_enabled line (Linux 5.0 and later)");
     assert_eq!(thp.trim(), "0", "{status}");
 }
+
+/// `stepgate health` exits 0 printing SERVING for a ready server, and 1 when nothing listens.
+#[tokio::test]
+async fn health_reports_a_ready_server_and_fails_without_one() {
+    let server = common::shared_server().await;
+    let out = Command::new(bin())
+        .args(["health", "--server", &server.url()])
+        .output()
+        .expect("running stepgate health");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let out = Command::new(bin())
+        .args([
+            "health",
+            "--server",
+            &format!("http://{closed}"),
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .expect("running stepgate health");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{out:?}"
+    );
+}

@@ -19,9 +19,11 @@ use stepgate::{
 
 #[derive(Debug, clap::Args)]
 pub struct DecideArgs {
-    /// Address of a running stepgate, e.g. http://127.0.0.1:50051.
+    /// Address of a running stepgate, e.g. http://127.0.0.1:50051 (https:// with --ca).
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     server: Option<String>,
+    #[command(flatten)]
+    tls: super::connect::ClientTlsArgs,
     /// Evaluate offline against this policy file instead of asking a server.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -64,7 +66,7 @@ pub fn run(args: DecideArgs) -> ExitCode {
     runtime.block_on(async move {
         let request = build_request(&args);
         let response = match (&args.server, &args.config) {
-            (Some(server), _) => ask(server, request).await,
+            (Some(server), _) => ask(server, &args.tls, request).await,
             (None, Some(config)) => offline(config, request).await,
             (None, None) => unreachable!("clap requires one of --server and --config"),
         };
@@ -107,10 +109,15 @@ fn build_request(args: &DecideArgs) -> DecideRequest {
     }
 }
 
-async fn ask(server: &str, request: DecideRequest) -> Result<DecideResponse, (u8, String)> {
-    let mut client = DecisionServiceClient::connect(server.to_owned())
+async fn ask(
+    server: &str,
+    tls: &super::connect::ClientTlsArgs,
+    request: DecideRequest,
+) -> Result<DecideResponse, (u8, String)> {
+    let channel = super::connect::channel(server, tls, std::time::Duration::from_secs(10))
         .await
-        .map_err(|e| (1, format!("cannot connect to {server}: {e}")))?;
+        .map_err(|e| (1, e))?;
+    let mut client = DecisionServiceClient::new(channel);
     client
         .decide(request)
         .await

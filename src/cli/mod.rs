@@ -2,7 +2,9 @@
 //! arguments.
 
 mod check;
+mod connect;
 mod decide;
+mod health;
 mod token;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -37,6 +39,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Ask a running server for a decision, or evaluate one offline with --config. Prints JSON.
     Decide(decide::DecideArgs),
+    /// Ask a running server's gRPC health (exit 0 when SERVING): for exec probes over TLS.
+    Health(health::HealthArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Token(args) => token::run(args),
         Command::Decide(args) => decide::run(args),
+        Command::Health(args) => health::run(args),
     }
 }
 
@@ -225,6 +230,24 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = args
+        .tls_cert
+        .zip(args.tls_key)
+        .map(|(cert, key)| TlsSettings {
+            cert,
+            key,
+            client_ca: args.client_ca,
+            client_sans: args.client_san,
+        });
+    // Refused like a bad policy (exit 2), before anything listens; the server loads them again.
+    if let Some(settings) = &tls
+        && let Err(err) = server::tls::Tls::load(settings.clone())
+    {
+        tracing::error!("TLS: {err}");
+        logs.flush();
+        eprintln!("stepgate: TLS: {err}");
+        return ExitCode::from(2);
+    }
     let options = ServeOptions {
         config: args.config,
         listen: args.listen,
@@ -232,15 +255,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         metrics_listen: args.metrics_listen,
         ready_when: args.ready_when,
         watch_config: args.watch_config,
-        tls: args
-            .tls_cert
-            .zip(args.tls_key)
-            .map(|(cert, key)| TlsSettings {
-                cert,
-                key,
-                client_ca: args.client_ca,
-                client_sans: args.client_san,
-            }),
+        tls,
         admin_listen: args.admin_listen,
         reflection: args.reflection,
         otlp_endpoint: args.otlp_endpoint,

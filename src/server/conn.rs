@@ -140,7 +140,15 @@ pub fn incoming(
                                 .then(|| Arc::new(tls::client_identity(stream.get_ref().1))),
                             ..peer
                         };
-                        let connection = Batched::new(Io::Tls(Box::new(stream)), slot, None, peer);
+                        // The same deadline again for the first decrypted bytes (the HTTP/2
+                        // preface): a client that completes the handshake and then says nothing
+                        // must not keep its slot.
+                        let connection = Batched::new(
+                            Io::Tls(Box::new(stream)),
+                            slot,
+                            Some(handshake_timeout),
+                            peer,
+                        );
                         let _ = accepted.send(Ok(connection)).await;
                     });
                 }

@@ -348,10 +348,17 @@ impl Server {
     /// Waits until gRPC health reports SERVING for the whole server and for the decision service
     /// (set by the readiness task once keys are loaded). Polls; fails after the startup deadline.
     pub async fn wait_ready(&self) {
+        self.wait_ready_at(Endpoint::from_shared(self.url()).expect("a valid URL"))
+            .await;
+    }
+
+    /// As [`Server::wait_ready`], asking through `endpoint` (one with TLS settings, for a server
+    /// started with `--tls-cert`).
+    pub async fn wait_ready_at(&self, endpoint: Endpoint) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         let mut last;
         loop {
-            match self.health().await {
+            match self.health(&endpoint).await {
                 Ok(true) => return,
                 Ok(false) => last = "NOT_SERVING".to_owned(),
                 Err(e) => last = e,
@@ -368,12 +375,8 @@ impl Server {
         }
     }
 
-    async fn health(&self) -> Result<bool, String> {
-        let channel = Endpoint::from_shared(self.url())
-            .expect("a valid URL")
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn health(&self, endpoint: &Endpoint) -> Result<bool, String> {
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = HealthClient::new(channel);
         for service in ["", "stepgate.v1.DecisionService"] {
             let status = client

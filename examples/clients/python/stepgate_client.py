@@ -4,7 +4,7 @@ A Python web service that is *not* behind Envoy asks stepgate, for each request 
 that request may go ahead with the authentication its access token carries, and answers the way
 stepgate says::
 
-    channel = grpc.insecure_channel("127.0.0.1:50051")      # one channel for the whole process
+    channel = connect("127.0.0.1:50051")                    # one channel for the whole process
 
     def handle(method, path, headers):
         reply = authorize(channel, authorization=headers.get("authorization"),
@@ -14,6 +14,12 @@ stepgate says::
         upstream = {k: v for k, v in headers.items() if not k.lower().startswith("x-stepgate-")}
         upstream.update(reply.headers)                        # the verified identity
         return call_upstream(method, path, upstream)
+
+Over TLS (stepgate ``--tls-cert``), verify stepgate against your CA; for mutual TLS (stepgate
+``--client-ca``), present a client certificate as well::
+
+    channel = connect("stepgate.stepgate.svc:50051", ca_file="/etc/stepgate-ca/ca.crt",
+                      cert_file="/etc/tls/tls.crt", key_file="/etc/tls/tls.key")
 
 The stubs are generated from ``proto/`` of this repository when this module is first imported (into
 a temporary folder), so no generated code is committed and the client can never drift from the
@@ -31,7 +37,7 @@ import sys
 import tempfile
 from importlib import import_module, resources
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import grpc
 from grpc_tools import protoc
@@ -73,6 +79,55 @@ decision_pb2, decision_pb2_grpc = _generate_stubs()
 DecideRequest = decision_pb2.DecideRequest
 DecideResponse = decision_pb2.DecideResponse
 ALLOW, STEP_UP, DENY = decision_pb2.OUTCOME_ALLOW, decision_pb2.OUTCOME_STEP_UP, decision_pb2.OUTCOME_DENY
+
+
+def connect(
+    target: str,
+    *,
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    server_name: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A channel to stepgate at ``target`` (``host:port``). Make one and share it: it reconnects
+    by itself, and every call multiplexes over its connection.
+
+    - Neither ``ca_file`` nor ``cert_file``: plaintext, for a stepgate on loopback or behind a mesh
+      that encrypts for it.
+    - ``ca_file``: TLS, stepgate's certificate verified against the CAs of that PEM bundle (the CA
+      that issued stepgate's ``--tls-cert``).
+    - ``cert_file`` and ``key_file`` as well: mutual TLS, presenting that client certificate (PEM
+      chain and key) to a stepgate started with ``--client-ca``. With ``--client-san``, the
+      certificate must name one of the listed subject alternative names. Without ``ca_file``,
+      stepgate is verified against gRPC's default roots.
+    - ``server_name``: the name stepgate's certificate is checked for when ``target`` does not carry
+      it (an IP address, a load balancer's name); TLS only.
+
+    The files are read once. When your client certificate is rotated, make a new channel (stepgate
+    reloads its own files by itself: open channels keep working, new connections get the new
+    certificate). A refused handshake (no or wrong client certificate, an untrusted server) is not
+    an answer: the call raises ``grpc.RpcError`` (UNAVAILABLE), and ``authorize`` fails closed.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("pass cert_file and key_file together (the client certificate and its key)")
+    if ca_file is None and cert_file is None:
+        if server_name is not None:
+            raise ValueError("server_name applies to TLS only: pass ca_file (or cert_file and key_file)")
+        return grpc.insecure_channel(target, options=list(options))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(key_file),
+        certificate_chain=_read(cert_file),
+    )
+    options = list(options)
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
 
 def decide(

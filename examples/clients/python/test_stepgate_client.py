@@ -1,16 +1,19 @@
 """Live tests of stepgate_client against the real stepgate binary and the demo policy.
 
-The session fixture starts ``$STEPGATE_BIN serve`` on an ephemeral port and stops it at the end;
-tokens are minted with ``$STEPGATE_BIN token``.
+The session fixtures start ``$STEPGATE_BIN serve`` on ephemeral ports (plaintext, TLS, mutual TLS)
+and stop them at the end; tokens are minted with ``$STEPGATE_BIN token``, and the certificates of
+the TLS tests are made with the ``openssl`` command into a temporary folder.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -29,6 +32,10 @@ START_DEADLINE_SECONDS = 15
 WIRE = "payments.wire_transfer"
 C1_CLAIMS = {"access_token": {"acrs": {"essential": True, "value": "c1"}}}
 C1_CLAIMS_B64 = "eyJhY2Nlc3NfdG9rZW4iOnsiYWNycyI6eyJlc3NlbnRpYWwiOnRydWUsInZhbHVlIjoiYzEifX19"
+#: The client identity of the mutual TLS tests, and the one stepgate is told to accept.
+CLIENT_SPIFFE_ID = "spiffe://cluster.local/ns/payments/sa/api"
+#: A client identity of the same CA that stepgate is not told to accept.
+OTHER_SPIFFE_ID = "spiffe://cluster.local/ns/default/sa/web"
 ENTRA_CHALLENGE_PREFIX = (
     'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
     'error="insufficient_claims", claims="'
@@ -49,9 +56,17 @@ def stepgate_bin() -> str:
 
 @pytest.fixture(scope="session")
 def channel(stepgate_bin):
-    """A channel to a stepgate started for this test session, SERVING before the first test."""
+    """A plaintext channel to a stepgate started for this test session, SERVING before the first test."""
+    with _serve(stepgate_bin) as (_, ch):
+        yield ch
+
+
+@contextlib.contextmanager
+def _serve(stepgate_bin: str, *args: str, connect=sg.connect):
+    """Runs ``stepgate serve`` on the demo policy with ``args``; yields its address and a channel
+    made by ``connect(address)`` once that channel reports SERVING; stops the server at the end."""
     proc = subprocess.Popen(
-        [stepgate_bin, "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json"],
+        [stepgate_bin, "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json", *args],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -72,9 +87,9 @@ def channel(stepgate_bin):
     ch = None
     try:
         address = _listening_address(lines, log)
-        ch = grpc.insecure_channel(address)
+        ch = connect(address)
         _wait_serving(ch, log)
-        yield ch
+        yield address, ch
     finally:
         if ch is not None:
             ch.close()
@@ -128,6 +143,90 @@ def mint(stepgate_bin):
         return done.stdout.strip()
 
     return mint
+
+
+# --- TLS fixtures ---------------------------------------------------------------------------------
+
+#: The openssl configuration of the test certificates: a CA, stepgate's certificate (valid for
+#: localhost and 127.0.0.1) and client certificates naming CLIENT_SPIFFE_ID and OTHER_SPIFFE_ID.
+OPENSSL_CNF = f"""
+[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = URI:{CLIENT_SPIFFE_ID}
+authorityKeyIdentifier = keyid
+[other]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = URI:{OTHER_SPIFFE_ID}
+authorityKeyIdentifier = keyid
+"""
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A throwaway CA, stepgate's certificate and two client certificates (PEM files, EC P-256), by name."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("the TLS tests make their certificates with the `openssl` command: install OpenSSL", pytrace=False)
+    out = tmp_path_factory.mktemp("pki")
+    (out / "openssl.cnf").write_text(OPENSSL_CNF)
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], cwd=out, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"openssl {' '.join(args)} failed: {done.stderr}"
+
+    def key(name: str) -> None:
+        run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key")
+
+    key("ca")
+    run("req", "-new", "-x509", "-key", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=stepgate test CA",
+        "-config", "openssl.cnf", "-extensions", "ca")
+    for name, cn in (("server", "localhost"), ("client", "payments-api"), ("other", "web")):
+        key(name)
+        run("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", "-config", "openssl.cnf")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial",
+            str(int.from_bytes(os.urandom(8), "big")), "-days", "2", "-out", f"{name}.crt",
+            "-extfile", "openssl.cnf", "-extensions", name)
+    return {path.name: path for path in out.iterdir() if path.suffix in (".crt", ".key")}
+
+
+@pytest.fixture(scope="session")
+def tls_address(stepgate_bin, pki) -> str:
+    """The address of a stepgate serving TLS (no client certificate asked for)."""
+    args = ("--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]))
+    with _serve(stepgate_bin, *args, connect=lambda address: sg.connect(address, ca_file=pki["ca.crt"])) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="session")
+def mtls_address(stepgate_bin, pki) -> str:
+    """The address of a stepgate requiring a client certificate of the test CA naming CLIENT_SPIFFE_ID."""
+    args = (
+        "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]),
+        "--client-ca", str(pki["ca.crt"]), "--client-san", CLIENT_SPIFFE_ID,
+    )
+
+    def connect(address: str) -> grpc.Channel:
+        return sg.connect(address, ca_file=pki["ca.crt"], cert_file=pki["client.crt"], key_file=pki["client.key"])
+
+    with _serve(stepgate_bin, *args, connect=connect) as (address, _):
+        yield address
 
 
 # --- Decide ---------------------------------------------------------------------------------------
@@ -292,3 +391,60 @@ def test_reply_fails_closed_when_stepgate_is_unreachable():
 def test_reply_fails_closed_on_unknown_outcome():
     assert sg.to_http_reply(sg.DecideResponse()).status == 503  # OUTCOME_UNSPECIFIED
     assert sg.to_http_reply(None).status == 503
+
+
+# --- TLS and mutual TLS ---------------------------------------------------------------------------
+
+
+def test_decide_over_tls(tls_address, pki, mint):
+    with sg.connect(tls_address, ca_file=pki["ca.crt"]) as ch:
+        r = sg.decide(ch, token=mint("--acrs", "c1", "--xms-cc", "cp1"), operation=WIRE)
+        assert (r.outcome, r.rule, r.http_status) == (sg.ALLOW, "wire-transfer", 200)
+        assert sg.authorize(ch, operation=WIRE).status == 401  # stepgate's answer, not a failure
+
+
+def test_tls_checks_the_server_name(tls_address, pki, mint):
+    # The certificate names localhost and 127.0.0.1: another name for the same address is refused,
+    # and server_name says which name to check when the target does not carry it.
+    port = tls_address.rsplit(":", 1)[1]
+    with sg.connect(tls_address, ca_file=pki["ca.crt"], server_name="stepgate.example.com") as ch:
+        with pytest.raises(grpc.RpcError) as error:
+            sg.decide(ch, operation=WIRE, timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    with sg.connect(f"127.0.0.1:{port}", ca_file=pki["ca.crt"], server_name="localhost") as ch:
+        assert sg.decide(ch, token=mint(), operation="accounts.read").outcome == sg.ALLOW
+
+
+def test_plaintext_client_against_tls_fails_closed(tls_address):
+    with sg.connect(tls_address) as ch:
+        assert sg.authorize(ch, operation=WIRE, timeout=5).status == 503
+
+
+def test_decide_over_mutual_tls(mtls_address, pki, mint):
+    with sg.connect(mtls_address, ca_file=pki["ca.crt"], cert_file=pki["client.crt"], key_file=pki["client.key"]) as ch:
+        r = sg.decide(ch, token=mint("--acrs", "c1", "--xms-cc", "cp1"), operation=WIRE)
+        assert (r.outcome, r.rule, r.http_status) == (sg.ALLOW, "wire-transfer", 200)
+
+
+def test_mutual_tls_without_a_client_certificate_fails_closed(mtls_address, pki):
+    with sg.connect(mtls_address, ca_file=pki["ca.crt"]) as ch:
+        with pytest.raises(grpc.RpcError) as error:
+            sg.decide(ch, operation=WIRE, timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sg.authorize(ch, operation=WIRE, timeout=5).status == 503
+
+
+def test_mutual_tls_refuses_a_client_certificate_not_on_client_san(mtls_address, pki):
+    # Of the right CA, but naming OTHER_SPIFFE_ID, which --client-san does not list.
+    with sg.connect(mtls_address, ca_file=pki["ca.crt"], cert_file=pki["other.crt"], key_file=pki["other.key"]) as ch:
+        with pytest.raises(grpc.RpcError) as error:
+            sg.decide(ch, operation=WIRE, timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sg.authorize(ch, operation=WIRE, timeout=5).status == 503
+
+
+def test_connect_refuses_half_a_client_identity(pki):
+    with pytest.raises(ValueError, match="together"):
+        sg.connect("127.0.0.1:1", ca_file=pki["ca.crt"], cert_file=pki["client.crt"])
+    with pytest.raises(ValueError, match="TLS only"):
+        sg.connect("127.0.0.1:1", server_name="localhost")

@@ -1,0 +1,79 @@
+//! The gRPC channel of the client commands (`decide --server`, `health`): plaintext for
+//! `http://`, TLS for `https://` trusting only the CA bundle given (`--ca`), with an optional
+//! client certificate for a server that requires mutual TLS.
+
+use std::{path::PathBuf, time::Duration};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How to reach a server over TLS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientTlsArgs {
+    /// With an https:// server: the CA bundle (PEM) its certificate must chain to.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a server that requires mutual TLS (with --key).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name the server certificate must carry, when it differs from the URL's host (e.g.
+    /// the Service name while connecting to 127.0.0.1 inside the pod).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+}
+
+/// Connects to `server` (`http://host:port` or `https://host:port`) within `timeout`.
+pub async fn channel(
+    server: &str,
+    tls: &ClientTlsArgs,
+    timeout: Duration,
+) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| format!("{server:?} is not a URL: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let https = server.starts_with("https://");
+    if https {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let ca = tls.ca.as_ref().ok_or_else(|| {
+            format!("{server} is https: give the CA bundle its certificate chains to (--ca)")
+        })?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &tls.tls_server_name {
+            config = config.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("TLS settings: {e}"))?;
+    } else if tls.ca.is_some() || tls.cert.is_some() {
+        return Err(format!(
+            "--ca and --cert are for an https:// server, not {server}"
+        ));
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {server}: {}", with_causes(&e)))
+}
+
+/// An error and its causes: tonic's own message is only "transport error".
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
