@@ -23,5 +23,62 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    // Reflection for `Check` too: envoy-types ships Envoy's protos (and their imports) in its
+    // package; compiled here into a second descriptor set, so `grpcurl list` shows
+    // `envoy.service.auth.v3.Authorization` and `describe` works without a local copy.
+    let envoy = envoy_types_protos()?;
+    let includes = [
+        "data-plane-api",
+        "googleapis",
+        "protoc-gen-validate",
+        "xds",
+        "cel-spec",
+    ]
+    .map(|dir| envoy.join(dir));
+    let envoy_fds = protox::compile(["envoy/service/auth/v3/external_auth.proto"], includes)?;
+    fs::write(
+        out_dir.join("envoy_auth_descriptor.bin"),
+        envoy_fds.encode_to_vec(),
+    )?;
     Ok(())
+}
+
+/// The `proto` folder of the envoy-types package this build uses, found with `cargo metadata`
+/// (the registry, a vendor folder or a git checkout alike).
+fn envoy_types_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        // Only the packages of this target, which the build has downloaded.
+        .args(["--filter-platform", &env::var("TARGET")?])
+        .arg("--manifest-path")
+        .arg(PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("Cargo.toml"))
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let text = String::from_utf8(output.stdout)?;
+    // The package object `{"name":"envoy-types", …, "manifest_path":"…/Cargo.toml", …}`.
+    let package = text
+        .find("{\"name\":\"envoy-types\",\"version\":")
+        .ok_or("cargo metadata lists no envoy-types package")?;
+    let key = "\"manifest_path\":\"";
+    let start = text[package..]
+        .find(key)
+        .ok_or("envoy-types has no manifest_path")?
+        + package;
+    let manifest = text[start + key.len()..]
+        .split('"')
+        .next()
+        .map(PathBuf::from);
+    manifest
+        .and_then(|manifest| manifest.parent().map(|dir| dir.join("proto")))
+        .filter(|dir| dir.is_dir())
+        .ok_or_else(|| "the envoy-types package's proto folder was not found".into())
 }

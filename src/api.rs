@@ -9,6 +9,11 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/stepgate_descriptor.bin"));
 
+/// Encoded `FileDescriptorSet` of `envoy.service.auth.v3` and its imports (from the protos the
+/// envoy-types package ships), so reflection describes `Check` too.
+pub const ENVOY_AUTH_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_auth_descriptor.bin"));
+
 /// JSON object → `google.protobuf.Struct` (numbers become doubles, as Struct has no integers).
 pub fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     use prost_types::{ListValue, Value, value::Kind};

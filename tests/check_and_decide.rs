@@ -1121,34 +1121,105 @@ async fn a_policy_enabling_explain_for_nobody_is_refused() {
     assert!(stderr.contains("client_sans"), "{stderr}");
 }
 
-#[tokio::test]
-async fn reflection_lists_the_decision_service() {
+/// One reflection request on `channel`: its response, or the gRPC status of the call.
+async fn reflect(
+    channel: Channel,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> Result<tonic_reflection::pb::v1::server_reflection_response::MessageResponse, tonic::Status> {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let server = shared_server().await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
     let mut responses = client
         .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .expect("reflection call")
+        .await?
         .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("a reflection response")
-        .expect("a reflection response");
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("not a list-services response: {response:?}");
+    let response = responses.message().await?.expect("a reflection response");
+    Ok(response.message_response.expect("a reflection answer"))
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_decide_and_check_and_can_be_turned_off() {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = shared_server().await;
+    let listed = reflect(
+        server.channel().await,
+        MessageRequest::ListServices(String::new()),
+    )
+    .await
+    .expect("reflection answers");
+    let MessageResponse::ListServicesResponse(list) = listed else {
+        panic!("not a list-services response: {listed:?}");
     };
     let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"stepgate.v1.DecisionService"), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    for service in [
+        "stepgate.v1.DecisionService",
+        "envoy.service.auth.v3.Authorization",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&service), "{service} missing from {names:?}");
+    }
+
+    // `grpcurl describe envoy.service.auth.v3.Authorization`: the file that defines it, with
+    // its Check method, and the files it imports on request.
+    let described = reflect(
+        server.channel().await,
+        MessageRequest::FileContainingSymbol("envoy.service.auth.v3.Authorization".into()),
+    )
+    .await
+    .expect("reflection answers");
+    let MessageResponse::FileDescriptorResponse(files) = described else {
+        panic!("not a file-descriptor response: {described:?}");
+    };
+    let files: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(&bytes[..]).expect("a descriptor"))
+        .collect();
+    let auth = files
+        .iter()
+        .find(|f| f.name() == "envoy/service/auth/v3/external_auth.proto")
+        .unwrap_or_else(|| panic!("{:?}", files.iter().map(|f| f.name()).collect::<Vec<_>>()));
+    let methods: Vec<&str> = auth.service[0].method.iter().map(|m| m.name()).collect();
+    assert_eq!(methods, ["Check"]);
+    // Each file it imports is served by name, as grpcurl then asks.
+    for dependency in &auth.dependency {
+        let answer = reflect(
+            server.channel().await,
+            MessageRequest::FileByFilename(dependency.clone()),
+        )
+        .await
+        .expect("reflection answers");
+        assert!(
+            matches!(answer, MessageResponse::FileDescriptorResponse(ref f) if !f.file_descriptor_proto.is_empty()),
+            "{dependency}: {answer:?}"
+        );
+    }
+
+    let quiet = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: vec!["--reflection".into(), "false".into()],
+            ..Spawn::default()
+        },
+    );
+    quiet.wait_ready().await;
+    let refused = reflect(
+        quiet.channel().await,
+        MessageRequest::ListServices(String::new()),
+    )
+    .await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().code(),
+        tonic::Code::Unimplemented
+    );
 }
 
 #[tokio::test]

@@ -146,6 +146,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         Some(
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(api::ENVOY_AUTH_FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .build_v1()
                 .context("building the reflection service")?,

@@ -5,6 +5,7 @@
 pub mod cerbos;
 pub mod grpc;
 pub mod http;
+pub mod otlp;
 pub mod pacing;
 pub mod procfs;
 pub mod report;

@@ -58,11 +58,21 @@ enum Command {
     WaitHttp(WaitHttpArgs),
     /// Print a loopback TCP port that is free now (for peers that need a fixed port).
     FreePort,
+    /// Serve an OTLP/gRPC trace receiver that counts the spans it is sent (row a-traced).
+    OtlpSink(OtlpSinkArgs),
 }
 
 #[derive(Debug, Args)]
 struct UpstreamArgs {
     /// Address to listen on (port 0: any free port; the line `upstream listening on ADDR` on
+    /// stderr tells which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+struct OtlpSinkArgs {
+    /// Address to listen on (port 0: any free port; the line `otlp sink listening on ADDR` on
     /// stderr tells which).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -262,6 +272,9 @@ fn main() -> ExitCode {
         }
         Some(Command::WaitHttp(a)) => {
             runtime(1).and_then(|rt| rt.block_on(http::wait_ok(&a.url, a.timeout)))
+        }
+        Some(Command::OtlpSink(a)) => {
+            runtime(1).and_then(|rt| rt.block_on(loadgen::otlp::serve(a.listen)))
         }
         Some(Command::FreePort) => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

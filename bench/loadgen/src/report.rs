@@ -431,6 +431,31 @@ impl Input {
         self.envoy_targets(&mut out);
         out.push(self.glob_target());
         out.push(self.cache_budget_target());
+
+        // Traces: row a with 10 % of the decisions traced and exported.
+        let name = "(traces) cached Check, traces on at 10 % sampling ≥ 0.80 × empty server's";
+        match (
+            self.judged("a-traced").as_ref(),
+            self.judged("empty").as_ref(),
+        ) {
+            (Some(t), Some(e)) if e.throughput_rps > 0.0 => {
+                let invalid = Target::invalid(name, "≥ 0.800×".into(), &[t, e]);
+                out.push(invalid.unwrap_or_else(|| {
+                    let ratio = t.throughput_rps / e.throughput_rps;
+                    Target {
+                        name: name.into(),
+                        measured: format!("{ratio:.3}×"),
+                        limit: "≥ 0.800×".into(),
+                        pass: Some(ratio >= 0.80),
+                        note: self.throughput_note([
+                            ("a-traced", "stepgate traced", t),
+                            ("empty", "empty", e),
+                        ]),
+                    }
+                }));
+            }
+            _ => out.push(Target::missing(name, "≥ 0.800×", "rows a-traced and empty")),
+        }
         out
     }
 
@@ -1212,17 +1237,32 @@ mod tests {
         let targets = input().targets();
         let verdicts: Vec<_> = targets.iter().map(|t| t.verdict()).collect();
         // 35k/40k = 0.875 ≥ 0.85; p50 0.110 ≤ 0.130; p99 0.50 ≤ 0.50; 60 ≤ 24 + 32.5;
-        // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %; no Cerbos, Envoy, glob or 8 KiB rows.
+        // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %; no Cerbos, Envoy, glob, 8 KiB or
+        // traced rows.
         assert_eq!(
             verdicts,
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
         assert_eq!(targets[3].limit, "≤ 56.5 µs");
         assert_eq!(targets[6].measured, "+2.5 %");
+    }
+
+    #[test]
+    fn the_traced_row_is_judged_against_the_empty_server() {
+        let mut i = input();
+        i.runs.push(run("a-traced", 33_000.0, 29.0, 0.9, 1.7));
+        let traced = i.targets().pop().unwrap();
+        assert!(traced.name.starts_with("(traces)"), "{}", traced.name);
+        assert_eq!(
+            (traced.measured.as_str(), traced.pass),
+            ("0.825×", Some(true))
+        );
+        i.runs.last_mut().unwrap().throughput_rps = 31_000.0;
+        assert_eq!(i.targets().pop().unwrap().pass, Some(false), "0.775 < 0.80");
     }
 
     #[test]
