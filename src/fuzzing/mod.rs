@@ -1,12 +1,14 @@
 //! The invariants of stepgate's hand-written parsers, as functions of arbitrary bytes that panic
 //! when one is broken. Each parser is held to a twin: the maintained library it replaces on the
 //! request path (prost for the `CheckRequest` reader, serde_json for the JWS reader, a regex for
-//! path globs), or a property where there is no library (path normalisation, the policy loader).
+//! path globs and for the B3 trace headers), or a property where there is no library (path
+//! normalisation, the policy loader).
 //!
 //! Three callers share them: the cargo-fuzz targets under `fuzz/` (libFuzzer, nightly), the test
 //! that replays every committed corpus entry and crash on stable (`tests/fuzz_corpus.rs`), and the
 //! proptest properties beside it. Not part of the service: nothing on the request path calls them.
 
+pub mod b3;
 pub mod check_request;
 pub mod jws;
 pub mod path;
@@ -22,6 +24,11 @@ pub struct Target {
 }
 
 pub const TARGETS: &[Target] = &[
+    Target {
+        name: "b3",
+        check: b3::check,
+        seeds: b3::seeds,
+    },
     Target {
         name: "check_request",
         check: check_request::check,

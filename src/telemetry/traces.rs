@@ -138,7 +138,7 @@ pub fn parent<'h>(get: impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> 
 }
 
 /// A B3 parent: the single `b3` header, else `x-b3-traceid` and `x-b3-spanid`.
-fn b3<'h>(get: &impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> {
+pub fn b3<'h>(get: &impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> {
     let (trace, span, sampled) = match get("b3") {
         Some(single) => parse_b3_single(single)?,
         None => {
