@@ -14,6 +14,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
+    // One TLS crypto provider for every rustls user in the process (the OTLP exporter's and the
+    // client commands' tonic channels among them): aws-lc, as for tokens and the listener. Both
+    // aws-lc and ring are compiled in (reqwest brings ring), so rustls cannot pick one itself.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = cli::Cli::parse();
     cli::run(args)
 }

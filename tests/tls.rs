@@ -1292,6 +1292,23 @@ async fn the_health_and_decide_commands_speak_mutual_tls() {
         assert!(stderr.starts_with("stepgate health: "), "{what}: {stderr}");
     }
 
+    // A peer that accepts and never speaks: the check gives up (2 × --timeout) instead of
+    // hanging a probe. The listener stays open, unread, for the whole call.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a silent listener");
+    let silent_url = format!("https://{}", silent.local_addr().unwrap());
+    let (code, stdout, stderr) = run(&[
+        "health",
+        "--server",
+        &silent_url,
+        "--ca",
+        arg(&ca_file),
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("stepgate health: "), "{stderr}");
+    drop(silent);
+
     let token = wire_token();
     let mut decide = vec!["decide", "--server", &https, "--token", &token];
     decide.extend(["--operation", "payments.wire_transfer"]);

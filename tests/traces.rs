@@ -100,12 +100,23 @@ impl TraceService for Receiver {
 
 impl Receiver {
     async fn start() -> (Self, SocketAddr) {
+        Self::start_with(None).await
+    }
+
+    /// As [`Receiver::start`], over TLS with `identity` (a certificate for 127.0.0.1).
+    async fn start_with(identity: Option<tonic::transport::Identity>) -> (Self, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let receiver = Self::default();
         let service = TraceServiceServer::new(receiver.clone());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(identity) = identity {
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .expect("a TLS configuration");
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await
@@ -150,6 +161,72 @@ fn stepgate_with_traces(receiver: SocketAddr) -> Server {
             ..Spawn::default()
         },
     )
+}
+
+/// A collector behind a private CA: an https endpoint, trusted through the standard
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`, with the endpoint and sampler from the standard variables
+/// too (no flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_collector_over_tls_trusting_its_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    // The receiver's TLS (tonic, rustls): aws-lc, as stepgate itself installs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+    let (receiver, addr) = Receiver::start_with(Some(identity)).await;
+
+    let ca_file = std::env::temp_dir().join(format!("stepgate-otlp-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            env: vec![
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                    format!("https://{addr}"),
+                ),
+                (
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE".into(),
+                    ca_file.display().to_string(),
+                ),
+                ("OTEL_TRACES_SAMPLER".into(), "always_on".into()),
+                ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+            ],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let token = mint(&oidc(&[], None, &[]));
+    DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.clone())),
+            operation: "reports.read".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers");
+    let span = receiver
+        .wait_for("a decision span over TLS", |spans| {
+            spans
+                .iter()
+                .find(|r| r.service == "stepgate" && r.span.name == "stepgate Decide")
+                .cloned()
+        })
+        .await;
+    assert!(
+        span.span.parent_span_id.is_empty(),
+        "a root: no parent was sent"
+    );
+    assert_eq!(span.attribute("stepgate.outcome").as_deref(), Some("ALLOW"));
+    assert_no_token(&receiver.spans(), &token);
+    let _ = std::fs::remove_file(&ca_file);
 }
 
 /// Envoy's example config with its OpenTelemetry tracer on, every request sampled, exporting to

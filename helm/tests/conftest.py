@@ -60,3 +60,63 @@ def make_certificate():
         return cert, key
 
     return make
+
+
+# The certificate usages of a cert-manager Certificate that become extended key usages.
+EXTENDED_KEY_USAGES = {"server auth": "serverAuth", "client auth": "clientAuth"}
+
+
+class Pki:
+    """Throwaway certificate authorities and the certificates they issue, with the openssl CLI:
+    what cert-manager (or whoever fills the Secrets) would put in a cluster."""
+
+    def __init__(self, openssl: str, directory: Path):
+        self.openssl, self.directory = openssl, directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run([self.openssl, *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"openssl {' '.join(args)}:\n{result.stderr}"
+
+    def ca(self, name: str) -> tuple[Path, Path]:
+        """A self-signed P-256 CA: (certificate, key)."""
+        cert, key = self.directory / f"{name}.crt", self.directory / f"{name}.key"
+        self._run(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )
+        return cert, key
+
+    def issue(self, ca: tuple[Path, Path], name: str, sans: list[str], usages: list[str]) -> tuple[Path, Path]:
+        """A P-256 end-entity certificate from `ca`: (certificate, key). `sans` as openssl writes
+        them (DNS:…, URI:…); `usages` as extended key usages (serverAuth, clientAuth)."""
+        assert sans and usages
+        cert, key = self.directory / f"{name}.crt", self.directory / f"{name}.key"
+        csr, extensions = self.directory / f"{name}.csr", self.directory / f"{name}.ext"
+        extensions.write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            f"extendedKeyUsage={','.join(usages)}\n"
+            f"subjectAltName={','.join(sans)}\n",
+            encoding="utf-8",
+        )
+        self._run(
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",
+        )
+        self._run(
+            "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-set_serial",
+            str(int.from_bytes(os.urandom(8), "big")), "-days", "2", "-extfile", str(extensions),
+            "-out", str(cert),
+        )
+        return cert, key
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.fail("openssl is missing (it makes the test certificates): apt-get install openssl", pytrace=False)
+    return Pki(openssl, tmp_path / "pki")

@@ -9,6 +9,9 @@ under helm/tests/values/:
 - the pods meet the restricted Pod Security Standard, the probes, ports, mounts and grace period
   agree with stepgate's flags, and NOTES.txt's Istio provider and Envoy cluster point at the
   release's Service (the Envoy cluster is validated by the real Envoy);
+- stepgate started with the chart's arguments, on the Secrets' files as the chart mounts them
+  (certificates made here with openssl), answers the chart's own clients: the exec probes'
+  `stepgate health` over TLS and mutual TLS, and the `helm test` pod's, each run as rendered;
 - a misspelt value is refused by the values schema, naming the key, and inconsistent values by
   the templates, saying what to change.
 
@@ -19,12 +22,15 @@ default .venv/bin/envoy).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import queue
 import re
 import subprocess
 import threading
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ import yaml
 
 import chart_render
 from chart_render import CHART, REPO, HelmError, Rendered
+from conftest import EXTENDED_KEY_USAGES, Pki
 
 VALUES_DIR = Path(__file__).resolve().parent / "values"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
@@ -51,21 +58,28 @@ class Case:
     hooks: frozenset[str] = frozenset({"Pod"})
     tls: bool = False
     mutual_tls: bool = False
+    # With tls.probeClient: the SAN its certificate names (one of tls.clientSANs).
+    probe_client_san: str | None = None
 
 
 BASE = frozenset({"ServiceAccount", "ConfigMap", "Service", "Deployment"})
 CASES = {
     "default": Case("default.yaml", BASE),
     "ha": Case("ha.yaml", BASE | {"HorizontalPodAutoscaler", "PodDisruptionBudget"}),
-    "tls-secret": Case("tls-secret.yaml", BASE, hooks=frozenset(), tls=True, mutual_tls=True),
-    "tls-cert-manager": Case("tls-cert-manager.yaml", BASE | {"Certificate"}, hooks=frozenset(), tls=True),
+    "tls-secret": Case(
+        "tls-secret.yaml", BASE, tls=True, mutual_tls=True,
+        probe_client_san="spiffe://cluster.local/ns/auth/sa/stepgate-probe",
+    ),
+    "tls-cert-manager": Case("tls-cert-manager.yaml", BASE | {"Certificate"}, tls=True),
+    "tls-cert-manager-mtls": Case("tls-cert-manager-mtls.yaml", BASE | {"Certificate"}, tls=True, mutual_tls=True),
     "service-monitor": Case("service-monitor.yaml", BASE | {"ServiceMonitor"}, api_versions=(SERVICE_MONITOR_API,)),
     "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}),
     "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
     "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
 }
 WITH_RENDERED_POLICY = [name for name in CASES if name != "existing-configmap"]
-WITH_TEST_POD = [name for name, case in CASES.items() if not case.tls]
+TLS_CASES = [name for name, case in CASES.items() if case.tls]
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 # The fields of Istio's EnvoyExternalAuthorizationGrpcProvider (istio/api mesh/v1alpha1/config.proto).
 GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "statusOnError", "includeRequestBodyInCheck"}
@@ -177,11 +191,25 @@ def container_port(c: dict, name: str) -> int:
 
 def mount_for(r: Rendered, path: str) -> tuple[dict, dict]:
     """The volume mount holding `path` in the stepgate container, and its volume."""
-    volumes = {v["name"]: v for v in pod_spec(r).get("volumes", [])}
-    for mount in container(r).get("volumeMounts", []):
+    return mount_in(pod_spec(r), container(r), path)
+
+
+def mount_in(spec: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """The volume mount holding `path` in container `c` of pod `spec`, and its volume."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in c.get("volumeMounts", []):
         if Path(path).parent == Path(mount["mountPath"]):
             return mount, volumes[mount["name"]]
-    raise AssertionError(f"no volume is mounted at {Path(path).parent}")
+    raise AssertionError(f"no volume is mounted at {Path(path).parent} in container {c['name']}")
+
+
+def secret_item(spec: dict, c: dict, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in container `c` of pod `spec`."""
+    _, volume = mount_in(spec, c, path)
+    assert "secret" in volume, f"{path} is not from a Secret"
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+    name = Path(path).name
+    return volume["secret"]["secretName"], items.get(name, name)
 
 
 def rendered_policy(r: Rendered) -> str:
@@ -327,7 +355,7 @@ def test_objects_validate_with_kubernetes_validate(name, version):
     assert not errors, f"invalid against Kubernetes {version}:\n" + "\n".join(errors)
 
 
-@pytest.mark.parametrize("name", ["tls-cert-manager", "service-monitor"])
+@pytest.mark.parametrize("name", ["tls-cert-manager", "tls-cert-manager-mtls", "service-monitor"])
 def test_custom_resources_use_only_crd_fields(name):
     r = rendered(name)
     custom = [d for d in r.manifests if (d["apiVersion"], d["kind"]) in CRD_KINDS]
@@ -472,17 +500,109 @@ def test_selectors_pick_stepgate_pods_and_not_the_test_pod(name):
             assert not selector.items() <= hook["metadata"]["labels"].items(), "the Service would route to the test pod"
 
 
+def tls_values(name: str) -> dict[str, Any]:
+    return case_values(name).get("tls", {})
+
+
+def tls_secret_name(r: Rendered) -> str:
+    _, volume = mount_for(r, arg_value(container(r)["args"], "--tls-cert"))
+    return volume["secret"]["secretName"]
+
+
+def server_name(name: str) -> str:
+    """The name the chart's clients must check on stepgate's certificate: tls.serverName, or the
+    Service's FQDN."""
+    r = rendered(name)
+    service = r.one("Service")["metadata"]["name"]
+    return tls_values(name).get("serverName") or f"{service}.{r.namespace}.svc.cluster.local"
+
+
+def certificate_names(name: str) -> list[str]:
+    """The DNS names on stepgate's certificate: the Certificate's, or for a Secret of one's own
+    the one name the chart asks it to carry."""
+    certificates = rendered(name).of_kind("Certificate")
+    return certificates[0]["spec"]["dnsNames"] if certificates else [server_name(name)]
+
+
+def uses_serving_certificate_as_client(name: str) -> bool:
+    return CASES[name].mutual_tls and not tls_values(name).get("probeClient", {}).get("secretName")
+
+
+def check_health_tls_args(name: str, spec: dict, c: dict, args: list[str]) -> None:
+    """`stepgate health`'s TLS flags in `args`, run in container `c` of pod `spec`, trust the CA
+    stepgate's certificate chains to, check a name it carries and, with mutual TLS, present a
+    client certificate stepgate accepts, each from the Secret the values name."""
+    r = rendered(name)
+    tls = tls_values(name)
+    serving = tls_secret_name(r)
+    server_ca = tls.get("serverCA", {})
+    assert secret_item(spec, c, arg_value(args, "--ca")) == (
+        server_ca.get("secretName") or serving, server_ca.get("key", "ca.crt")
+    )
+    assert arg_value(args, "--tls-server-name") == server_name(name)
+    assert server_name(name) in certificate_names(name)
+    if not CASES[name].mutual_tls:
+        assert not arg_values(args, "--cert") and not arg_values(args, "--key"), "no client certificate without mutual TLS"
+        return
+    cert, key = arg_value(args, "--cert"), arg_value(args, "--key")
+    client_secret = tls.get("probeClient", {}).get("secretName") or serving
+    assert secret_item(spec, c, cert) == (client_secret, "tls.crt")
+    assert secret_item(spec, c, key) == (client_secret, "tls.key")
+    client_sans = tls.get("clientSANs", [])
+    if uses_serving_certificate_as_client(name):
+        # stepgate's own certificate is the client certificate: it must allow client
+        # authentication and, under a SAN allow-list, be named on it.
+        for certificate in r.of_kind("Certificate"):
+            assert "client auth" in certificate["spec"]["usages"]
+        assert not client_sans or set(client_sans) & set(certificate_names(name))
+    elif client_sans:
+        assert CASES[name].probe_client_san in client_sans
+
+
+def health_flags(stepgate_bin: str) -> set[str]:
+    """The flags `stepgate health --help` lists."""
+    result = subprocess.run([stepgate_bin, "health", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z-]*)", result.stdout, re.M))
+
+
+def flags(args: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in args if a.startswith("--")}
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_probes_use_grpc_health_or_tcp_with_tls(name):
+def test_probes_ask_grpc_health_natively_or_with_stepgate_health_over_tls(name, stepgate_bin):
     r = rendered(name)
     c = container(r)
     _, listen = port_of(arg_value(c["args"], "--listen"))
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        if CASES[name].tls:
-            # The kubelet's gRPC probe cannot do TLS.
-            assert c[probe]["tcpSocket"] == {"port": "grpc"}, probe
-        else:
+    known = health_flags(stepgate_bin)
+    assert {"--server", "--timeout", "--ca", "--cert", "--key", "--tls-server-name"} <= known
+    commands = []
+    for probe in PROBES:
+        if not CASES[name].tls:
+            assert "exec" not in c[probe]
             assert c[probe]["grpc"] == {"port": listen, "service": ""}, probe
+            continue
+        # The kubelet's gRPC probe speaks plaintext only: the image's own client over TLS, with
+        # no shell (distroless).
+        assert set(c[probe]) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {"exec"}, probe
+        command = c[probe]["exec"]["command"]
+        assert command[:2] == ["/stepgate", "health"], probe
+        args = command[2:]
+        assert flags(args) <= known, f"{probe}: flags stepgate health does not take: {flags(args) - known}"
+        assert arg_value(args, "--server") == f"https://127.0.0.1:{listen}", probe
+        # Connecting and the call may each take --timeout: both fit in the probe's timeout, so
+        # the process ends by itself before the kubelet gives up on it.
+        timeout = seconds(arg_value(args, "--timeout"))
+        assert 0 < 2 * timeout < c[probe]["timeoutSeconds"], f"{probe}: --timeout {timeout}s"
+        check_health_tls_args(name, pod_spec(r), c, args)
+        commands.append([a for a in args if a != arg_value(args, "--timeout")])
+    assert all(command == commands[0] for command in commands), "the three probes ask the same"
+    for probe, value in zip(PROBES, ("startup", "readiness", "liveness")):
+        timings = {k: c[probe][k] for k in ("periodSeconds", "timeoutSeconds", "failureThreshold")}
+        expected = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["probes"][value]
+        expected.update(case_values(name).get("probes", {}).get(value, {}))
+        assert timings == expected, probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, (
         "the start-up probe must wait minutes for a slow identity provider, not seconds"
@@ -553,27 +673,266 @@ def run_with_chart_args(stepgate_bin: str, args: list[str], env: dict[str, str],
     return "".join(log)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_stepgate_starts_with_the_charts_arguments(name, stepgate_bin, make_certificate, tmp_path):
-    # Every flag and value the chart passes must be one the binary takes: a misspelt flag only
-    # shows in the cluster, as a pod that exits at once. Paths and addresses become local ones;
-    # the policy is the demo policy, whose keys are files (the chart's would be fetched).
-    policy = tmp_path / "policy.yaml"
+def demo_policy() -> str:
+    """The demo policy, its key set by absolute path: its keys are files, so every issuer has keys
+    at once (the chart's policy would fetch them)."""
     demo = (REPO / "examples" / "stepgate.yaml").read_text(encoding="utf-8")
-    policy.write_text(demo.replace("demo-keys/jwks.json", str(REPO / "examples" / "demo-keys" / "jwks.json")), encoding="utf-8")
-    cert, key = make_certificate(tmp_path, "tls", "localhost")
-    c = container(rendered(name))
+    return demo.replace("demo-keys/jwks.json", str(REPO / "examples" / "demo-keys" / "jwks.json"))
+
+
+def container_env(c: dict) -> dict[str, str]:
+    """The container's literal environment, with nothing sent off the machine."""
     env = {"PATH": os.environ.get("PATH", "")}
     for variable in c.get("env", []):
         if "value" in variable:
             env[variable["name"]] = variable["value"]
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # discard: nothing leaves the machine
+    return env
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stepgate_starts_with_the_charts_arguments(name, stepgate_bin, make_certificate, tmp_path):
+    # Every flag and value the chart passes must be one the binary takes: a misspelt flag only
+    # shows in the cluster, as a pod that exits at once. Paths and addresses become local ones;
+    # the policy is the demo policy, whose keys are files (the chart's would be fetched).
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(demo_policy(), encoding="utf-8")
+    cert, key = make_certificate(tmp_path, "tls", "localhost")
+    c = container(rendered(name))
     log = run_with_chart_args(
-        stepgate_bin, c["args"], env,
+        stepgate_bin, c["args"], container_env(c),
         {"--config": policy, "--tls-cert": cert, "--tls-key": key, "--client-ca": cert},
     )
     assert "stepgate listening on" in log, f"stepgate did not start with {c['args']}:\n{log}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart's own clients against a real stepgate: the probes and `helm test`, as rendered
+
+
+def san_entry(san: str) -> str:
+    return f"URI:{san}" if "://" in san else f"DNS:{san}"
+
+
+def case_secrets(name: str, pki: Pki, usages: list[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """The Secrets a case's values name, filled as cert-manager or an operator would: stepgate's
+    certificate (naming certificate_names, with the Certificate's usages, or for a Secret of one's
+    own the ones the documentation asks for) from a CA of its own; the client CA (the same one
+    when tls.clientCA names no Secret) and the probe client certificate from it."""
+    r = rendered(name)
+    tls = tls_values(name)
+    certificates = r.of_kind("Certificate")
+    if usages is None:
+        if certificates:
+            usages = certificates[0]["spec"]["usages"]
+        else:
+            usages = ["server auth"] + (["client auth"] if uses_serving_certificate_as_client(name) else [])
+    server_ca = pki.ca("server-ca")
+    serving = pki.issue(
+        server_ca, "serving", [san_entry(n) for n in certificate_names(name)],
+        [EXTENDED_KEY_USAGES[u] for u in usages if u in EXTENDED_KEY_USAGES],
+    )
+    serving_secret = {"tls.crt": serving[0].read_bytes(), "tls.key": serving[1].read_bytes()}
+    if certificates:
+        serving_secret["ca.crt"] = server_ca[0].read_bytes()  # as cert-manager's CA issuer writes it
+    secrets = {tls_secret_name(r): serving_secret}
+
+    def put(secret: str, key: str, content: bytes) -> None:
+        secrets.setdefault(secret or tls_secret_name(r), {})[key] = content
+
+    server_ca_values = tls.get("serverCA", {})
+    put(server_ca_values.get("secretName"), server_ca_values.get("key", "ca.crt"), server_ca[0].read_bytes())
+    if CASES[name].mutual_tls:
+        client_ca_values = tls["clientCA"]
+        client_ca = pki.ca("client-ca") if client_ca_values.get("secretName") else server_ca
+        put(client_ca_values.get("secretName"), client_ca_values.get("key", "ca.crt"), client_ca[0].read_bytes())
+        probe_secret = tls.get("probeClient", {}).get("secretName")
+        if probe_secret:
+            probe = pki.issue(client_ca, "probe-client", [san_entry(CASES[name].probe_client_san)], ["clientAuth"])
+            secrets[probe_secret] = {"tls.crt": probe[0].read_bytes(), "tls.key": probe[1].read_bytes()}
+    return secrets
+
+
+def materialize(spec: dict, c: dict, root: Path, secrets: dict[str, dict[str, bytes]]) -> list[str]:
+    """Writes the files container `c` of pod `spec` mounts under `root`, as the kubelet projects
+    its volumes (only the listed items); returns the mount paths."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    paths = []
+    for mount in c.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        directory = root / mount["mountPath"].lstrip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        if "secret" in volume:
+            secret = volume["secret"]["secretName"]
+            assert secret in secrets, f"{c['name']} mounts Secret {secret!r}, which the values do not name"
+            for item in volume["secret"]["items"]:
+                assert item["key"] in secrets[secret], f"Secret {secret!r} has no key {item['key']!r}"
+                (directory / item["path"]).write_bytes(secrets[secret][item["key"]])
+        else:
+            for item in volume["configMap"]["items"]:
+                (directory / item["path"]).write_text(demo_policy(), encoding="utf-8")
+        paths.append(mount["mountPath"])
+    return paths
+
+
+def localize(args: list[str], root: Path, mount_paths: list[str]) -> list[str]:
+    """`args` with every path under a mount moved under `root`."""
+    return [
+        str(root) + arg if any(arg.startswith(m.rstrip("/") + "/") for m in mount_paths) else arg
+        for arg in args
+    ]
+
+
+def with_value(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return args[: i + 1] + [value] + args[i + 2:]
+
+
+def without(args: list[str], flag: str, value: str | None = None) -> list[str]:
+    """`args` without `flag` and its value (only where the value is `value`, when given)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == flag and (value is None or args[i + 1] == value):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+@contextlib.contextmanager
+def chart_stepgate(stepgate_bin: str, name: str, root: Path, secrets: dict, edit=lambda args: args):
+    """stepgate started as the chart's container runs it, on its mounted files under `root`,
+    listening on an ephemeral loopback port: yields its gRPC address."""
+    c = container(rendered(name))
+    mounts = materialize(pod_spec(rendered(name)), c, root, secrets)
+    args = edit(localize(c["args"], root, mounts))
+    for flag in ("--listen", "--metrics-listen", "--admin-listen"):
+        if flag in args:
+            args = with_value(args, flag, "127.0.0.1:0")
+    proc = subprocess.Popen(
+        [stepgate_bin, *args], cwd=REPO, env=container_env(c), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    log: list[str] = []
+    found: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        for line in proc.stderr:
+            log.append(line)
+            if m := re.search(r"stepgate listening on ([0-9.]+:[0-9]+)", line):
+                found.put(m.group(1))
+        found.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        try:
+            address = found.get(timeout=20)
+        except queue.Empty:
+            address = None
+        assert address, f"stepgate did not start with {args}:\n{''.join(log)}"
+        yield address
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def probe_command(stepgate_bin: str, name: str, probe: str, root: Path, address: str) -> tuple[list[str], float]:
+    """The exec probe's command as the kubelet runs it in the container (the image's /stepgate is
+    the binary under test, the mounts are under `root`, 127.0.0.1:<port> the server's address),
+    and the probe's timeout."""
+    r = rendered(name)
+    c = container(r)
+    command = c[probe]["exec"]["command"]
+    mounts = [m["mountPath"] for m in c["volumeMounts"]]
+    args = localize(command[1:], root, mounts)
+    args = with_value(args, "--server", arg_value(args, "--server").rsplit(":", 1)[0] + ":" + address.rsplit(":", 1)[1])
+    return [stepgate_bin, *args], c[probe]["timeoutSeconds"]
+
+
+def run_probe(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Runs a probe's command within its timeout, as the kubelet would (too slow is a failure)."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd="/")
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the probe took longer than its {timeout} s: {command}")
+
+
+def passes(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode == 0 and result.stdout.strip() == "SERVING"
+
+
+@pytest.mark.parametrize("name", TLS_CASES)
+def test_tls_probes_pass_against_stepgate_started_with_the_charts_arguments(name, stepgate_bin, pki, tmp_path):
+    secrets = case_secrets(name, pki)
+    root = tmp_path / "pod"
+    with chart_stepgate(stepgate_bin, name, root, secrets) as address:
+        # The start-up probe is retried until it passes, as the kubelet does; then readiness and
+        # liveness must pass at once.
+        command, timeout = probe_command(stepgate_bin, name, "startupProbe", root, address)
+        deadline = time.monotonic() + 10
+        while not passes(result := run_probe(command, timeout)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert passes(result), f"startupProbe: {command}\n{result.stdout}{result.stderr}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            command, timeout = probe_command(stepgate_bin, name, probe, root, address)
+            result = run_probe(command, timeout)
+            assert passes(result), f"{probe}: {command}\n{result.stdout}{result.stderr}"
+
+        # Each TLS flag is needed: the success above is not a client that checks nothing.
+        refused = [without(command, "--tls-server-name")]  # 127.0.0.1 is not on the certificate
+        if CASES[name].mutual_tls:
+            refused.append(without(without(command, "--cert"), "--key"))  # mutual TLS
+        for args in refused:
+            assert run_probe(args, timeout).returncode == 1, f"passed without a TLS flag it needs: {args}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_helm_test_pod_passes_against_stepgate_started_with_the_charts_arguments(name, stepgate_bin, pki, tmp_path):
+    r = rendered(name)
+    secrets = case_secrets(name, pki) if CASES[name].tls else {}
+    with chart_stepgate(stepgate_bin, name, tmp_path / "pod", secrets) as address:
+        [pod] = r.hooks
+        [c] = pod["spec"]["containers"]
+        root = tmp_path / "test-pod"
+        args = localize(c["args"], root, materialize(pod["spec"], c, root, secrets))
+        # The Service's name resolves to the pod; the certificate is checked for --tls-server-name.
+        scheme = arg_value(args, "--server").split("://")[0]
+        args = with_value(args, "--server", f"{scheme}://{address}")
+        result = run_probe([stepgate_bin, *args], 30)
+        assert passes(result), f"helm test: stepgate {' '.join(args)}\n{result.stdout}{result.stderr}"
+
+
+def test_probes_presenting_stepgates_certificate_need_the_client_auth_usage(stepgate_bin, pki, tmp_path):
+    # Why the chart's Certificate lists `client auth` with mutual TLS: without it stepgate refuses
+    # its own certificate as a client certificate, and the pods would never become ready.
+    name = "tls-cert-manager-mtls"
+    usages = rendered(name).one("Certificate")["spec"]["usages"]
+    assert "client auth" in usages
+    secrets = case_secrets(name, pki, usages=[u for u in usages if u != "client auth"])
+    root = tmp_path / "pod"
+    with chart_stepgate(stepgate_bin, name, root, secrets) as address:
+        command, timeout = probe_command(stepgate_bin, name, "readinessProbe", root, address)
+        assert run_probe(command, timeout).returncode == 1
+
+
+def test_a_client_san_list_without_the_probes_identity_would_lock_them_out(stepgate_bin, pki, tmp_path):
+    # Why the chart refuses tls.clientSANs that name none of stepgate's own names when the probes
+    # present its certificate: stepgate would refuse them.
+    name = "tls-cert-manager-mtls"
+    values = case_values(name)
+    listed = set(values["tls"]["clientSANs"]) & set(certificate_names(name))
+    assert listed
+    root = tmp_path / "pod"
+    edit = lambda args: functools.reduce(lambda a, san: without(a, "--client-san", san), listed, args)
+    with chart_stepgate(stepgate_bin, name, root, case_secrets(name, pki), edit=edit) as address:
+        command, timeout = probe_command(stepgate_bin, name, "readinessProbe", root, address)
+        assert run_probe(command, timeout).returncode == 1
+    values["tls"]["clientSANs"] = [san for san in values["tls"]["clientSANs"] if san not in listed]
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "tls.clientSANs must list stepgate.auth.svc.cluster.local" in str(refused.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,10 +973,18 @@ def test_tls_from_a_secret_with_mutual_tls():
     _, ca_volume = mount_for(r, ca)
     assert ca_volume["secret"]["secretName"] == "envoy-client-ca" and Path(ca).name == "ca.crt"
     assert arg_values(args, "--client-san") == [
-        "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+        "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",
+        "spiffe://cluster.local/ns/auth/sa/stepgate-probe",
     ]
-    assert not r.hooks
-    assert "`helm test` is not available with TLS on" in r.notes
+    # The probes trust the CA bundle of another Secret, and present their own client certificate.
+    assert secret_item(pod_spec(r), c, arg_value(c["readinessProbe"]["exec"]["command"], "--ca")) == (
+        "internal-ca-bundle", "bundle.pem"
+    )
+    assert secret_item(pod_spec(r), c, arg_value(c["readinessProbe"]["exec"]["command"], "--cert")) == (
+        "stepgate-probe-client", "tls.crt"
+    )
+    [pod] = r.hooks
+    assert "not available" not in r.notes and "helm test stepgate -n auth" in r.notes
 
 
 def test_tls_from_cert_manager():
@@ -631,7 +998,30 @@ def test_tls_from_cert_manager():
     assert f"{service}.{r.namespace}.svc.cluster.local" in spec["dnsNames"]
     assert {service, f"{service}.{r.namespace}", f"{service}.{r.namespace}.svc", "stepgate.example.internal"} <= set(spec["dnsNames"])
     assert "server auth" in spec["usages"]
+    # Without mutual TLS nobody presents stepgate's certificate as a client certificate.
+    assert "client auth" not in spec["usages"]
     assert "--client-ca" not in container(r)["args"]
+    # tls.serverName: one of the Certificate's extra names rather than the FQDN.
+    assert arg_value(container(r)["readinessProbe"]["exec"]["command"], "--tls-server-name") == "stepgate.example.internal"
+
+
+def test_mutual_tls_from_cert_manager_reuses_stepgates_certificate_for_the_probes():
+    r = rendered("tls-cert-manager-mtls")
+    spec = r.one("Certificate")["spec"]
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    c = container(r)
+    secret = spec["secretName"]
+    assert secret_item(pod_spec(r), c, arg_value(c["args"], "--client-ca")) == (secret, "ca.crt")
+    command = c["readinessProbe"]["exec"]["command"]
+    assert secret_item(pod_spec(r), c, arg_value(command, "--ca")) == (secret, "ca.crt")
+    assert arg_value(command, "--cert") == arg_value(c["args"], "--tls-cert")
+    assert arg_value(command, "--key") == arg_value(c["args"], "--tls-key")
+    fqdn = f"{fullname(r)}.{r.namespace}.svc.cluster.local"
+    assert arg_value(command, "--tls-server-name") == fqdn and fqdn in arg_values(c["args"], "--client-san")
+    # The test pod presents the same certificate, so it mounts stepgate's key; nothing else does.
+    [pod] = r.hooks
+    [test] = pod["spec"]["containers"]
+    assert secret_item(pod["spec"], test, arg_value(test["args"], "--key")) == (secret, "tls.key")
 
 
 def test_service_monitor_only_where_the_cluster_serves_its_api():
@@ -745,7 +1135,10 @@ def test_notes_envoy_cluster_is_valid_envoy_config(name, envoy_bin, make_certifi
     assert (tls is not None) == CASES[name].tls
     if tls:
         context = tls["typed_config"]
-        assert context["sni"] == fqdn
+        assert context["sni"] == server_name(name)
+        [san] = context["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+        assert san == {"san_type": "DNS", "matcher": {"exact": server_name(name)}}
+        assert server_name(name) in certificate_names(name)
         has_client_cert = "tls_certificates" in context["common_tls_context"]
         assert has_client_cert == CASES[name].mutual_tls
 
@@ -762,8 +1155,8 @@ def test_notes_envoy_cluster_is_valid_envoy_config(name, envoy_bin, make_certifi
     assert result.returncode == 0 and "OK" in result.stdout, f"Envoy refuses the cluster:\n{result.stdout}{result.stderr}"
 
 
-@pytest.mark.parametrize("name", WITH_TEST_POD)
-def test_helm_test_pod_calls_decide_through_the_service(name):
+@pytest.mark.parametrize("name", CASES)
+def test_helm_test_pod_asks_health_through_the_service(name, stepgate_bin):
     r = rendered(name)
     [pod] = r.hooks
     assert pod["kind"] == "Pod"
@@ -771,11 +1164,39 @@ def test_helm_test_pod_calls_decide_through_the_service(name):
     assert pod["spec"]["restartPolicy"] == "Never"
     [c] = pod["spec"]["containers"]
     assert c["image"] == container(r)["image"], "the test runs stepgate's own image (distroless: no shell)"
-    assert c["args"][0] == "decide"
-    host, port = port_of(arg_value(c["args"], "--server").removeprefix("http://"))
+    assert "command" not in c and c["args"][0] == "health"
+    args = c["args"][1:]
+    assert flags(args) <= health_flags(stepgate_bin), f"flags stepgate health does not take: {flags(args)}"
+    scheme = "https" if CASES[name].tls else "http"
+    url = arg_value(args, "--server")
+    assert url.startswith(f"{scheme}://"), url
+    host, port = port_of(url.removeprefix(f"{scheme}://"))
     service = r.one("Service")["metadata"]["name"]
     assert host == f"{service}.{r.namespace}.svc" and port == service_port(r, "grpc")["port"]
-    assert "helm test" in r.notes
+    if CASES[name].tls:
+        check_health_tls_args(name, pod["spec"], c, args)
+        # The pod mounts exactly the files it names: stepgate's key only as its client key.
+        named = {a for a in args if a.startswith("/")}
+        mounted = {
+            f"{m['mountPath']}/{i['path']}"
+            for m in c["volumeMounts"]
+            for v in pod["spec"]["volumes"] if v["name"] == m["name"]
+            for i in v["secret"]["items"]
+        }
+        assert mounted == named
+    else:
+        assert flags(args) == {"--server"} and "volumes" not in pod["spec"]
+    assert f"helm test {r.release} -n {r.namespace}" in r.notes
+    assert "not available" not in r.notes
+
+
+def test_network_policy_lets_in_the_test_pod_with_tls_too():
+    values = case_values("tls-cert-manager-mtls") | case_values("network-policy")
+    r = chart_render.template(values)
+    [test_pod] = r.hooks
+    [grpc_rule, _] = r.one("NetworkPolicy")["spec"]["ingress"]
+    pods = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
+    assert len(pods) == 1 and pods[0].items() <= test_pod["metadata"]["labels"].items()
 
 
 def test_names_follow_the_release():
@@ -835,6 +1256,16 @@ INCONSISTENT = [
     ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "issuerRef.name"),
     ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "needs tls.enabled"),
     ({"tls": {"enabled": True, "secretName": "s", "clientSANs": ["a"]}}, "tls.clientCA.enabled"),
+    (
+        {"tls": {"enabled": True, "secretName": "s", "clientCA": {"enabled": True}, "clientSANs": ["spiffe://a"]}},
+        "tls.clientSANs must list stepgate.auth.svc.cluster.local",
+    ),
+    (
+        {"tls": {"enabled": True, "serverName": "other.example", "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+        "is not one of the Certificate's names",
+    ),
+    ({"tls": {"enabled": True, "secretName": "s", "probeClient": {"secretName": "p"}}}, "tls.probeClient.secretName needs"),
+    ({"tls": {"serverName": "stepgate.example"}}, "tls.serverName and tls.serverCA need tls.enabled"),
     ({"networkPolicy": {"enabled": True}}, "networkPolicy.grpcNamespaces"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node could ever be drained"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": None}}, "set minAvailable or maxUnavailable"),

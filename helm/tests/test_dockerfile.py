@@ -200,6 +200,17 @@ def test_entrypoint_is_stepgate_so_the_chart_args_work():
     assert "command" not in test_pod["spec"]["containers"][0]
 
 
+def test_exec_probes_run_the_images_stepgate():
+    # With TLS the probes exec the binary directly (no shell in the image): it must be where the
+    # image puts it.
+    entrypoint = exec_form(stages()[-1].last("ENTRYPOINT"))
+    values = yaml.safe_load((REPO / "helm" / "tests" / "values" / "tls-cert-manager.yaml").read_text(encoding="utf-8"))
+    container = chart_render.template(values).one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[0] == entrypoint[0] and command[1] == "health", probe
+
+
 def test_default_command_serves_the_bundled_demo_policy():
     final = stages()[-1]
     cmd = exec_form(final.last("CMD"))

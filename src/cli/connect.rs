@@ -63,6 +63,22 @@ pub async fn channel(
         .map_err(|e| format!("cannot connect to {server}: {}", with_causes(&e)))
 }
 
+/// A call's failure with its causes (a refused client certificate is only "transport error"
+/// in the status's own message).
+pub fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{}: {}", status.code(), status.message());
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// An error and its causes: tonic's own message is only "transport error".
 fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

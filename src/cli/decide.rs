@@ -122,7 +122,7 @@ async fn ask(
         .decide(request)
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| (1, format!("{}: {}", s.code(), s.message())))
+        .map_err(|s| (1, super::connect::status_text(&s)))
 }
 
 async fn offline(

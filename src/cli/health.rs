@@ -21,7 +21,8 @@ pub struct HealthArgs {
     /// The service to ask about; empty: the whole server.
     #[arg(long, default_value = "")]
     service: String,
-    /// How long connecting and the call may take, each (e.g. 3s).
+    /// How long connecting and the call may take, each; the whole check at most twice this
+    /// (e.g. 3s).
     #[arg(long, default_value = "3s", value_parser = super::parse_positive_duration)]
     timeout: Duration,
     #[command(flatten)]
@@ -55,13 +56,26 @@ pub fn run(args: HealthArgs) -> ExitCode {
     }
 }
 
+/// The whole check (connecting, the TLS handshake, the call) within twice `--timeout`: a peer
+/// that accepts and then says nothing must not hang a probe.
 async fn check(args: &HealthArgs) -> Result<ServingStatus, String> {
-    let channel = connect::channel(&args.server, &args.tls, args.timeout).await?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: args.service.clone(),
-        })
+    let call = async {
+        let channel = connect::channel(&args.server, &args.tls, args.timeout).await?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: args.service.clone(),
+            })
+            .await
+            .map_err(|s| connect::status_text(&s))?;
+        Ok(response.into_inner().status())
+    };
+    tokio::time::timeout(args.timeout * 2, call)
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-    Ok(response.into_inner().status())
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from {} within {:?}",
+                args.server,
+                args.timeout * 2
+            ))
+        })
 }

@@ -67,6 +67,10 @@ pub fn init(endpoint: Option<&str>) -> Result<bool, String> {
         use opentelemetry_otlp::WithExportConfig as _;
         exporter = exporter.with_endpoint(endpoint);
     }
+    if let Some(tls) = collector_tls()? {
+        use opentelemetry_otlp::WithTonicConfig as _;
+        exporter = exporter.with_tls_config(tls);
+    }
     let exporter = exporter
         .build()
         .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
@@ -82,6 +86,55 @@ pub fn init(endpoint: Option<&str>) -> Result<bool, String> {
     let tracer = provider.tracer("stepgate");
     let _ = TRACING.set(Tracing { provider, tracer });
     Ok(true)
+}
+
+/// The collector's TLS settings from the standard variables: `OTEL_EXPORTER_OTLP_CERTIFICATE` (the
+/// CA bundle its certificate must chain to, instead of the bundled web roots) and, for mutual TLS,
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` with `OTEL_EXPORTER_OTLP_CLIENT_KEY` (each also in its
+/// `OTEL_EXPORTER_OTLP_TRACES_*` form, which wins). `None` when none is set: an https endpoint
+/// then trusts the web roots.
+fn collector_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let var = |name: &str| {
+        [
+            format!("OTEL_EXPORTER_OTLP_TRACES_{name}"),
+            format!("OTEL_EXPORTER_OTLP_{name}"),
+        ]
+        .into_iter()
+        .find_map(|v| {
+            std::env::var(&v)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(|s| (v, s))
+        })
+    };
+    let read = |(variable, path): (String, String)| {
+        std::fs::read(&path).map_err(|e| format!("{variable}={path}: {e}"))
+    };
+    let (ca, cert, key) = (
+        var("CERTIFICATE"),
+        var("CLIENT_CERTIFICATE"),
+        var("CLIENT_KEY"),
+    );
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match ca {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => tls.with_webpki_roots(),
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?)),
+        (None, None) => {}
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(Some(tls))
 }
 
 /// Exports what is pending and stops the exporter (at exit; waits at most a few seconds).

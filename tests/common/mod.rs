@@ -209,6 +209,8 @@ pub struct Spawn {
     pub stop_reading_stderr: bool,
     /// The process's limit of open files (`RLIMIT_NOFILE`).
     pub max_open_files: Option<u64>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -235,6 +237,7 @@ impl Server {
             .arg(policy)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(&spawn.args)
+            .envs(spawn.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .env_remove("STEPGATE_LOG_LEVEL")
             .env_remove("STEPGATE_DRAIN_DELAY")

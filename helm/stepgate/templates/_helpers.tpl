@@ -85,6 +85,103 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s.%s.svc.%s" (include "stepgate.fullname" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
+{{/* The DNS names of the chart's cert-manager Certificate, as a JSON list. */}}
+{{- define "stepgate.certificateDnsNames" -}}
+{{- $fullname := include "stepgate.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list $fullname (printf "%s.%s" $fullname $ns) (printf "%s.%s.svc" $fullname $ns) (include "stepgate.fqdn" .) }}
+{{- concat $names .Values.tls.certManager.extraDnsNames | toJson }}
+{{- end }}
+
+{{/*
+The name on stepgate's certificate that the chart's own clients check: the probes and the `helm
+test` pod (--tls-server-name), and the Envoy cluster in NOTES (SNI and SAN match). By default the
+Service's FQDN, which the chart's Certificate always carries.
+*/}}
+{{- define "stepgate.tlsServerName" -}}
+{{- default (include "stepgate.fqdn" .) .Values.tls.serverName }}
+{{- end }}
+
+{{/* Where the stepgate container and the `helm test` pod mount the TLS Secrets. */}}
+{{- define "stepgate.tlsDir" -}}/etc/stepgate/tls{{- end }}
+{{- define "stepgate.serverCADir" -}}/etc/stepgate/server-ca{{- end }}
+{{- define "stepgate.clientCADir" -}}/etc/stepgate/client-ca{{- end }}
+{{- define "stepgate.probeClientDir" -}}/etc/stepgate/probe-client{{- end }}
+
+{{/*
+The TLS flags of `stepgate health` as the chart's own clients run it (the exec probes against
+127.0.0.1, the `helm test` pod through the Service), as a JSON list: trust the CA stepgate's
+certificate chains to (tls.serverCA), check the name on it (tls.serverName), and with mutual TLS
+present a client certificate the server accepts: tls.probeClient's, or else stepgate's own
+(which then must allow client authentication; the chart's Certificate does).
+*/}}
+{{- define "stepgate.healthTLSArgs" -}}
+{{- $args := list "--ca" (printf "%s/%s" (include "stepgate.serverCADir" .) .Values.tls.serverCA.key) "--tls-server-name" (include "stepgate.tlsServerName" .) }}
+{{- if .Values.tls.clientCA.enabled }}
+{{- $dir := include "stepgate.tlsDir" . }}
+{{- if .Values.tls.probeClient.secretName }}
+{{- $dir = include "stepgate.probeClientDir" . }}
+{{- end }}
+{{- $args = concat $args (list "--cert" (printf "%s/tls.crt" $dir) "--key" (printf "%s/tls.key" $dir)) }}
+{{- end }}
+{{- toJson $args }}
+{{- end }}
+
+{{/*
+The Secret volumes `stepgate health` reads over TLS (see stepgate.healthTLSArgs), for a pod spec's
+`volumes`; `serving` adds stepgate's own certificate and key (the stepgate pods always mount them;
+the `helm test` pod only when it presents them as its client certificate).
+*/}}
+{{- define "stepgate.tlsVolumes" -}}
+{{- $ := .root }}
+{{- $tls := $.Values.tls }}
+{{- if .serving }}
+- name: tls
+  secret:
+    secretName: {{ include "stepgate.tlsSecret" $ }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+- name: server-ca
+  secret:
+    secretName: {{ default (include "stepgate.tlsSecret" $) $tls.serverCA.secretName }}
+    items:
+      - key: {{ $tls.serverCA.key }}
+        path: {{ $tls.serverCA.key }}
+{{- if and $tls.clientCA.enabled $tls.probeClient.secretName }}
+- name: probe-client
+  secret:
+    secretName: {{ $tls.probeClient.secretName }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+
+{{/* The mounts of stepgate.tlsVolumes, read-only directories (never subPath: see deployment.yaml). */}}
+{{- define "stepgate.tlsVolumeMounts" -}}
+{{- $ := .root }}
+{{- $tls := $.Values.tls }}
+{{- if .serving }}
+- name: tls
+  mountPath: {{ include "stepgate.tlsDir" $ }}
+  readOnly: true
+{{- end }}
+- name: server-ca
+  mountPath: {{ include "stepgate.serverCADir" $ }}
+  readOnly: true
+{{- if and $tls.clientCA.enabled $tls.probeClient.secretName }}
+- name: probe-client
+  mountPath: {{ include "stepgate.probeClientDir" $ }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/*
 Grace period: the drain, then the longest call still in flight, then a margin for the process
 to exit. Any shorter and the kubelet's SIGKILL would cut calls that --drain-delay promised to
@@ -110,6 +207,38 @@ finish.
 {{- end }}
 {{- if and .Values.tls.clientSANs (not .Values.tls.clientCA.enabled) }}
 {{- fail "tls.clientSANs needs tls.clientCA.enabled: true (only client certificates have SANs to check)" }}
+{{- end }}
+{{- if and (or .Values.tls.serverName .Values.tls.serverCA.secretName) (not .Values.tls.enabled) }}
+{{- fail "tls.serverName and tls.serverCA need tls.enabled: true" }}
+{{- end }}
+{{- if and .Values.tls.probeClient.secretName (not .Values.tls.clientCA.enabled) }}
+{{- fail "tls.probeClient.secretName needs tls.clientCA.enabled: true (without mutual TLS the probes present no certificate)" }}
+{{- end }}
+{{- if and .Values.tls.enabled .Values.tls.certManager.enabled }}
+{{- $names := include "stepgate.certificateDnsNames" . | fromJsonArray }}
+{{- if not (has (include "stepgate.tlsServerName" .) $names) }}
+{{- fail (printf "tls.serverName %q is not one of the Certificate's names (%s): add it to tls.certManager.extraDnsNames, or leave tls.serverName empty" .Values.tls.serverName (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- /*
+With mutual TLS and no tls.probeClient, the probes and the `helm test` pod present stepgate's own
+certificate: a SAN allow-list that names none of its names would lock them out, and every pod
+would stay unready.
+*/}}
+{{- if and .Values.tls.enabled .Values.tls.clientCA.enabled .Values.tls.clientSANs (not .Values.tls.probeClient.secretName) }}
+{{- $names := list (include "stepgate.tlsServerName" .) }}
+{{- if .Values.tls.certManager.enabled }}
+{{- $names = include "stepgate.certificateDnsNames" . | fromJsonArray }}
+{{- end }}
+{{- $listed := false }}
+{{- range $names }}
+{{- if has . $.Values.tls.clientSANs }}
+{{- $listed = true }}
+{{- end }}
+{{- end }}
+{{- if not $listed }}
+{{- fail (printf "tls.clientSANs must list %s: the probes and the helm test pod present stepgate's own certificate as their client certificate when tls.probeClient.secretName is empty, and an allow-list without it locks them out (or set tls.probeClient.secretName to a client certificate naming one of tls.clientSANs)" (include "stepgate.tlsServerName" .)) }}
+{{- end }}
 {{- end }}
 {{- $liveness := mul .Values.probes.liveness.periodSeconds .Values.probes.liveness.failureThreshold }}
 {{- if le (int $liveness) (int .Values.drainDelaySeconds) }}
