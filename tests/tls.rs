@@ -1318,3 +1318,76 @@ async fn the_health_and_decide_commands_speak_mutual_tls() {
     let answer: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(answer["outcome"], "ALLOW", "{stdout}");
 }
+
+/// `explain` over mutual TLS: a policy naming a client certificate's SAN gives that caller the
+/// trace, and another caller of the same CA (and the same server) one step saying it may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_is_given_to_the_client_certificates_the_policy_names() {
+    let ca = Ca::new("stepgate test CA");
+    let files = Scratch::new("explain-by-san");
+    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let client_ca = files.write("client-ca.crt", &ca.pem());
+    let debugger_san = "spiffe://cluster.local/ns/security/sa/policy-debugger";
+    let debugger = ca.client(&[debugger_san]);
+    let gateway = ca.client(&[GATEWAY_SPIFFE]);
+    let policy = common::TempPolicy::new(
+        "explain-by-san",
+        &format!(
+            "{}\nexplain: {{ enabled: true, client_sans: [\"{debugger_san}\"] }}\n",
+            common::demo_policy_text()
+        ),
+    );
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: [
+                "--tls-cert",
+                arg(&cert),
+                "--tls-key",
+                arg(&key),
+                "--client-ca",
+                arg(&client_ca),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            ..Spawn::default()
+        },
+    );
+    server
+        .wait_ready_at(endpoint(server.port, &[&ca], Some(&debugger)))
+        .await;
+    let explained = |leaf: &Leaf| {
+        let endpoint = endpoint(server.port, &[&ca], Some(leaf));
+        async move {
+            let channel = endpoint.connect().await.expect("an mTLS connection");
+            DecisionServiceClient::new(channel)
+                .decide(DecideRequest {
+                    credential: Some(Credential::Token(wire_token())),
+                    operation: "payments.wire_transfer".into(),
+                    explain: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("Decide answers")
+                .into_inner()
+        }
+    };
+    let for_debugger = explained(&debugger).await;
+    let stages: Vec<&str> = for_debugger
+        .explain
+        .iter()
+        .map(|s| s.stage.as_str())
+        .collect();
+    assert!(
+        stages.contains(&"match") && stages.contains(&"token"),
+        "{stages:?}"
+    );
+    let for_gateway = explained(&gateway).await;
+    let stages: Vec<&str> = for_gateway
+        .explain
+        .iter()
+        .map(|s| s.stage.as_str())
+        .collect();
+    assert_eq!(stages, ["explain"], "{for_gateway:?}");
+    assert_eq!(for_gateway.outcome(), for_debugger.outcome());
+}

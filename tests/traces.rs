@@ -435,6 +435,38 @@ async fn parents_come_from_grpc_metadata_then_from_the_request_headers() {
             .await;
         assert_eq!(hex(&span.span.parent_span_id), parent, "{span:?}");
     }
+
+    // Background work has its spans: the start-up key loads, and a reload on SIGHUP.
+    for issuer in ["demo-entra", "demo-oidc"] {
+        let load = receiver
+            .wait_for(&format!("key load span of {issuer}"), |spans| {
+                spans
+                    .iter()
+                    .find(|r| {
+                        r.span.name == "stepgate key load"
+                            && r.attribute("stepgate.issuer_id").as_deref() == Some(issuer)
+                    })
+                    .cloned()
+            })
+            .await;
+        assert_eq!(
+            load.attribute("stepgate.trigger").as_deref(),
+            Some("scheduled")
+        );
+    }
+    server.signal("HUP");
+    let reload = receiver
+        .wait_for("policy reload span", |spans| {
+            spans
+                .iter()
+                .find(|r| r.span.name == "stepgate policy reload")
+                .cloned()
+        })
+        .await;
+    assert_eq!(
+        reload.attribute("stepgate.trigger").as_deref(),
+        Some("SIGHUP")
+    );
     assert_no_token(&receiver.spans(), &token);
 }
 

@@ -164,7 +164,7 @@ pub struct Loaded {
 /// Reads the issuer's key set from its source (running discovery first when configured) and
 /// installs it. A failure or an empty set leaves the current keys in place.
 pub async fn load(issuer: &Issuer, http: &reqwest::Client) -> Result<Loaded, String> {
-    let span = key_load_span(issuer, "refresh");
+    let span = key_load_span(issuer, "scheduled");
     let result = load_inner(issuer, http, true).await;
     record(issuer, &result, span);
     result
