@@ -7,6 +7,11 @@
 //! or an IP address), compared exactly. A client refused there fails the handshake with a TLS
 //! alert and never reaches a gRPC service.
 //!
+//! The acceptor is ours (tokio-rustls, the rustls tonic's own TLS support wraps) rather than
+//! tonic's `ServerTlsConfig`, which takes its certificate once at start and handshakes inside its
+//! accept loop: a rotated certificate must reach new connections without a restart, and a slow
+//! handshake must hold only its own connection slot, under `--handshake-timeout`.
+//!
 //! The three files are watched ([`super::files`]) and the server configuration is rebuilt when
 //! their content changes (cert-manager and Kubernetes rotate a Secret in place): each new
 //! connection takes the configuration current when it arrives, connections already open keep
