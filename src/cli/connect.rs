@@ -4,6 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use stepgate::telemetry::with_causes;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// How to reach a server over TLS.
@@ -66,30 +67,11 @@ pub async fn channel(
 /// A call's failure with its causes (a refused client certificate is only "transport error"
 /// in the status's own message).
 pub fn status_text(status: &tonic::Status) -> String {
-    let mut text = format!("{}: {}", status.code(), status.message());
-    let mut cause = std::error::Error::source(status);
-    while let Some(e) = cause {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
+    let text = format!("{}: {}", status.code(), status.message());
+    match std::error::Error::source(status) {
+        Some(cause) if !text.contains(&cause.to_string()) => {
+            format!("{text}: {}", with_causes(cause))
         }
-        cause = e.source();
+        _ => text,
     }
-    text
-}
-
-/// An error and its causes: tonic's own message is only "transport error".
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        cause = e.source();
-    }
-    text
 }

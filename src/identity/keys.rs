@@ -305,22 +305,6 @@ async fn discover_issuer(
     })
 }
 
-/// An error and its causes, `: `-separated: reqwest's own message is only "error sending
-/// request", and the cause (a refused certificate, a refused connection) is what an operator needs.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let next = e.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        cause = e.source();
-    }
-    text
-}
-
 /// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.
 async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
     let mut response = http
@@ -328,7 +312,7 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Dur
         .header("accept", "application/json")
         .send()
         .await
-        .map_err(|e| format!("GET {uri}: {}", with_causes(&e)))?;
+        .map_err(|e| format!("GET {uri}: {}", crate::telemetry::with_causes(&e)))?;
     if !response.status().is_success() {
         return Err(format!("GET {uri}: HTTP {}", response.status()));
     }
@@ -348,7 +332,7 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Dur
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("GET {uri}: {}", with_causes(&e)))?
+        .map_err(|e| format!("GET {uri}: {}", crate::telemetry::with_causes(&e)))?
     {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));

@@ -137,3 +137,20 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         "{}", fields.message
     );
 }
+
+/// An error and its causes, `: `-separated, each cause once. The libraries' own messages are
+/// often only the outer layer ("error sending request", "transport error"); the cause (a refused
+/// certificate, a refused connection) is what an operator needs.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
