@@ -15,5 +15,6 @@ pub mod fuzzing;
 pub mod identity;
 pub mod policy;
 pub mod request;
+pub mod risk;
 pub mod server;
 pub mod telemetry;

@@ -67,7 +67,7 @@ pub async fn channel(
 /// A call's failure with its causes (a refused client certificate is only "transport error"
 /// in the status's own message).
 pub fn status_text(status: &tonic::Status) -> String {
-    let text = format!("{}: {}", status.code(), status.message());
+    let text = format!("{:?}: {}", status.code(), status.message());
     match std::error::Error::source(status) {
         Some(cause) if !text.contains(&cause.to_string()) => {
             format!("{text}: {}", with_causes(cause))

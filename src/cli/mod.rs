@@ -1,6 +1,7 @@
 //! Command-line interface. Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or
 //! arguments.
 
+mod admin;
 mod check;
 mod connect;
 mod decide;
@@ -41,6 +42,8 @@ enum Command {
     Decide(decide::DecideArgs),
     /// Ask a running server's gRPC health (exit 0 when SERVING): for exec probes over TLS.
     Health(health::HealthArgs),
+    /// Block, unblock or list through a server's admin API (its --admin-listen).
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +162,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(args) => token::run(args),
         Command::Decide(args) => decide::run(args),
         Command::Health(args) => health::run(args),
+        Command::Admin(args) => admin::run(args),
     }
 }
 

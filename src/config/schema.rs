@@ -36,6 +36,24 @@ pub struct PolicyFile {
     /// Who may ask `Decide` for an `explain` trace (it reveals rules and conditions).
     #[serde(default)]
     pub explain: ExplainConfig,
+    /// Who may call the admin API (`stepgate.v1.AdminService`, on `--admin-listen`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin API's callers: a client certificate naming one of `client_sans`, or a bearer token
+/// of one of `issuers` carrying one of `roles`. Nobody by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub client_sans: Vec<String>,
+    /// Issuer ids (of `issuers`) whose tokens may carry the admin role.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Roles (the token's `roles`) that grant the admin API.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// `explain` on `Decide`: off unless enabled, and then only for the callers named here (either

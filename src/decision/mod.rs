@@ -67,6 +67,8 @@ pub struct Decision {
     /// and the cached token, so an ALLOW copies no string to carry them.
     pub identity_headers: Vec<(Arc<str>, Arc<str>)>,
     pub token_fingerprint: Option<String>,
+    /// DENY `blocked`/`source_blocked`: the block's reason id.
+    pub block: Option<Arc<str>>,
     /// Whether the token's verification came from the verified-token cache (`None`: no token
     /// was verified). For traces.
     pub token_cached: Option<bool>,
@@ -100,6 +102,7 @@ impl Decision {
             identity_headers: Vec::new(),
             token_fingerprint: None,
             token_cached: None,
+            block: None,
             explain: Vec::new(),
             unknown_key: None,
         }

@@ -69,6 +69,9 @@ reasons! {
     ClientNotCapable => "client_not_capable",
     AppOnlyToken => "app_only_token",
     StepUpNotExpressible => "step_up_not_expressible",
+    // 403 by an operator's block (admin API)
+    Blocked => "blocked",
+    SourceBlocked => "source_blocked",
     // STEP_UP (or 403 where the issuer cannot challenge)
     MissingAuthContext => "missing_auth_context",
     AcrNotAccepted => "acr_not_accepted",

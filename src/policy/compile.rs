@@ -11,8 +11,8 @@ use std::{
 use jsonwebtoken::Algorithm;
 
 use super::{
-    AuthContext, ClaimRequirement, DefaultAction, Escalation, ExplainAccess, GrpcMatcher,
-    HeaderSource, Matcher, Policy, Requirement, Rule, Upstream,
+    AdminAccess, AuthContext, ClaimRequirement, DefaultAction, Escalation, ExplainAccess,
+    GrpcMatcher, HeaderSource, Matcher, Policy, Requirement, Rule, Upstream,
     condition::{self, Condition},
     pattern::{PathGlob, Wildcard},
 };
@@ -105,6 +105,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     }
     let upstream = compile_upstream(&file.upstream)?;
     let explain = compile_explain(&file.explain)?;
+    let admin = compile_admin(&file.admin, &issuers)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
         realm: check_quotable(&file.realm, "realm")?,
@@ -123,12 +124,46 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         },
         cel,
         explain,
+        admin,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
             file.limits.token_cache_bytes.0,
             file.limits.token_cache_ttl.as_duration(),
             keep_claims,
         ),
+    })
+}
+
+fn compile_admin(config: &schema::AdminConfig, issuers: &Issuers) -> Result<AdminAccess> {
+    for (i, san) in config.client_sans.iter().enumerate() {
+        if san.trim().is_empty() || san.trim() != san {
+            return err(
+                format!("admin.client_sans[{i}]"),
+                "must be a subject alternative name without surrounding spaces",
+            );
+        }
+    }
+    for (i, id) in config.issuers.iter().enumerate() {
+        if issuers.by_id(id).is_none() {
+            return err(
+                format!("admin.issuers[{i}]"),
+                format!("{id:?} is not an issuer id of this policy"),
+            );
+        }
+    }
+    if config.roles.is_empty() != config.issuers.is_empty() {
+        return err(
+            "admin",
+            "roles and issuers go together: the tokens of which issuers, carrying which roles",
+        );
+    }
+    if config.roles.iter().any(|r| r.trim().is_empty()) {
+        return err("admin.roles", "a role must not be empty");
+    }
+    Ok(AdminAccess {
+        client_sans: config.client_sans.clone(),
+        issuers: config.issuers.clone(),
+        roles: config.roles.clone(),
     })
 }
 

@@ -34,6 +34,8 @@ pub struct Policy {
     pub cel: Arc<cel::Env>,
     /// Who may ask `Decide` for an `explain` trace.
     pub explain: ExplainAccess,
+    /// Who may call the admin API.
+    pub admin: AdminAccess,
     /// Tokens verified under this policy (a reload starts a new cache).
     pub token_cache: TokenCache,
 }
@@ -185,6 +187,22 @@ impl ExplainAccess {
         self.enabled
             && ((self.admin_listener && on_admin_listener)
                 || client_sans.iter().any(|san| self.client_sans.contains(san)))
+    }
+}
+
+/// Who may call the admin API: a verified client certificate naming one of `client_sans`, or a
+/// token of one of `issuers` carrying one of `roles`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    pub client_sans: Vec<String>,
+    pub issuers: Vec<String>,
+    pub roles: Vec<String>,
+}
+
+impl AdminAccess {
+    /// Whether anybody may call it.
+    pub fn anyone(&self) -> bool {
+        !self.client_sans.is_empty() || !self.roles.is_empty()
     }
 }
 

@@ -138,6 +138,9 @@ fn dynamic_metadata(out: &mut Out, d: &Decision) {
     if let Some(fingerprint) = &d.token_fingerprint {
         out.text_field("stepgate.token", fingerprint);
     }
+    if let Some(block) = &d.block {
+        out.text_field("stepgate.block", block);
+    }
     if let Some(p) = &d.principal {
         out.text_field("stepgate.subject", &p.subject);
         out.text_field("stepgate.issuer", &p.issuer_id);

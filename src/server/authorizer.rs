@@ -9,10 +9,11 @@ use arc_swap::{ArcSwap, Guard};
 use opentelemetry::trace::SpanContext;
 
 use crate::{
-    decision::{self, Decision},
+    decision::{self, Decision, ExplainStep, Reason},
     identity::keys::{self, UnknownKid},
     policy::Policy,
     request::{AccessRequest, Door, HeaderLimits},
+    risk::blocks::{Block, Blocks, Subject},
     telemetry::{self, traces},
 };
 
@@ -22,6 +23,8 @@ pub struct Authorizer {
     policy: ArcSwap<Policy>,
     /// `decision::decide`; tests put an engine that fails in its place.
     engine: Engine,
+    /// Operators' blocks (admin API), applied over the engine's decisions.
+    blocks: Arc<Blocks>,
 }
 
 type Engine = fn(&Policy, &AccessRequest, i64) -> Decision;
@@ -31,6 +34,7 @@ impl Authorizer {
         Self {
             policy: ArcSwap::new(policy),
             engine: decision::decide,
+            blocks: Arc::default(),
         }
     }
 
@@ -40,7 +44,13 @@ impl Authorizer {
         Self {
             policy: ArcSwap::new(policy),
             engine,
+            blocks: Arc::default(),
         }
+    }
+
+    /// The operators' blocks this authorizer applies.
+    pub fn blocks(&self) -> &Arc<Blocks> {
+        &self.blocks
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -79,13 +89,25 @@ impl Authorizer {
         let span = traces::start_decision(door, parent);
         let started = Instant::now();
         let policy = self.policy.load();
-        let mut decision = (self.engine)(&policy, request, unix_now());
-        if let Some((issuer_id, kid)) = &decision.unknown_key
-            && let Some(issuer) = policy.issuers.by_id(issuer_id)
-            && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
-        {
-            decision = (self.engine)(&policy, request, unix_now());
-        }
+        let now = unix_now();
+        let source_block = request
+            .source
+            .as_ref()
+            .and_then(|peer| self.blocks.matching_source(&peer.address, now));
+        let decision = match source_block {
+            // Before the token is read: a blocked source learns nothing about it.
+            Some(block) => blocked(Reason::SourceBlocked, &block, request.explain),
+            None => {
+                let mut decision = (self.engine)(&policy, request, now);
+                if let Some((issuer_id, kid)) = &decision.unknown_key
+                    && let Some(issuer) = policy.issuers.by_id(issuer_id)
+                    && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
+                {
+                    decision = (self.engine)(&policy, request, unix_now());
+                }
+                self.apply_blocks(decision, now)
+            }
+        };
         telemetry::log_decision(door, &decision, started.elapsed());
         span.end(door, &decision);
         (decision, policy)
@@ -93,6 +115,33 @@ impl Authorizer {
 }
 
 impl Authorizer {
+    /// A decision on a verified token whose subject, tenant, client or fingerprint an operator
+    /// blocked becomes `403 blocked`, whatever the policy said. Only a verified token can be
+    /// blocked: a refused one is refused already.
+    fn apply_blocks(&self, decision: Decision, now: i64) -> Decision {
+        let Some(principal) = &decision.principal else {
+            return decision;
+        };
+        let who = Subject {
+            subject: Some(&principal.subject),
+            tenant: principal.tenant.as_deref(),
+            client_id: principal.client_id.as_deref(),
+            token: decision.token_fingerprint.as_deref(),
+        };
+        let Some(block) = self.blocks.matching(who, now) else {
+            return decision;
+        };
+        let mut denied = blocked(Reason::Blocked, &block, !decision.explain.is_empty());
+        denied.explain.splice(0..0, decision.explain);
+        Decision {
+            rule: decision.rule,
+            principal: decision.principal,
+            token_fingerprint: decision.token_fingerprint,
+            token_cached: decision.token_cached,
+            ..denied
+        }
+    }
+
     /// Answers a call that failed while it was being decided (a panic, caught at its front door):
     /// a `500 internal_error` denial, logged and counted like any decision.
     pub fn failed(
@@ -125,4 +174,28 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `403 blocked` or `403 source_blocked` for `block`: its reason id travels (dynamic metadata,
+/// `Decide`'s `block`), its free text does not.
+fn blocked(reason: Reason, block: &Block, explain: bool) -> Decision {
+    let what = match reason {
+        Reason::SourceBlocked => "requests from this address are blocked",
+        _ => "access is blocked",
+    };
+    let mut decision = Decision::refusal(403, reason, what);
+    decision.block = Some(Arc::clone(&block.reason_id));
+    if explain {
+        decision.explain.push(ExplainStep {
+            stage: "block",
+            detail: format!(
+                "{} {:?} is blocked by an operator until {} ({})",
+                block.kind.as_str(),
+                block.value,
+                block.expires_at,
+                block.reason_id
+            ),
+        });
+    }
+    decision
 }

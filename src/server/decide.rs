@@ -225,6 +225,7 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             })
             .collect(),
         token_fingerprint: d.token_fingerprint.clone().unwrap_or_default(),
+        block: d.block.as_deref().unwrap_or_default().to_owned(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The gRPC server: ext_authz `Check`, `Decide`, gRPC health and reflection on one port; key
 //! refresh and policy reload in the background; graceful shutdown.
 
+pub mod admin;
 pub mod answer;
 pub mod authorizer;
 mod catch_panic;
@@ -25,7 +26,13 @@ pub use conn::{ListenerKind, PeerInfo};
 pub use tls::TlsSettings;
 
 use crate::{
-    api::{self, v1::decision_service_server::DecisionServiceServer},
+    api::{
+        self,
+        v1::{
+            admin_service_server::AdminServiceServer,
+            decision_service_server::DecisionServiceServer,
+        },
+    },
     identity::keys,
     policy::Policy,
     telemetry::{metrics, traces},
@@ -218,6 +225,11 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         "stepgate listening on {local}"
     );
 
+    // The admin API exists only with an admin listener; its handlers refuse the main one.
+    let admin_service = options.admin_listen.map(|_| {
+        AdminServiceServer::new(admin::Admin::new(Arc::clone(&authorizer)))
+            .max_decoding_message_size(64 * 1024)
+    });
     let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -236,6 +248,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             Arc::clone(&authorizer),
             limits.max_message_bytes,
         ))
+        .add_optional_service(admin_service)
         .add_service(
             DecisionServiceServer::new(decide::Decide::new(authorizer))
                 .max_decoding_message_size(limits.max_message_bytes),

@@ -1,0 +1,394 @@
+//! Blocks set by operators through the admin API: subjects, tenants, clients, single tokens (by
+//! fingerprint) and source addresses or CIDRs, each until it expires.
+//!
+//! The request path reads them without waiting: with no block in force it pays one atomic load;
+//! otherwise one hash lookup per kind the request has (subject, tenant, client, token) and a
+//! scan of the source blocks, which are few (an operator's list) and bounded with the rest
+//! ([`MAX_BLOCKS`]). An expired block stops applying at once, and is swept out when its room is
+//! needed.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+};
+
+use ipnet::IpNet;
+
+/// Most blocks held at once; more are refused (the admin API says so).
+pub const MAX_BLOCKS: usize = 100_000;
+/// Most source blocks among them: each request from a source is compared with every one.
+pub const MAX_SOURCE_BLOCKS: usize = 1024;
+/// Longest a block may last: 90 days.
+pub const MAX_TTL_SECONDS: i64 = 90 * 24 * 3600;
+
+/// What a block applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Subject,
+    Tenant,
+    ClientId,
+    /// A token's fingerprint (12 hex digits).
+    Token,
+    /// A source address or CIDR.
+    Source,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Subject => "subject",
+            Self::Tenant => "tenant",
+            Self::ClientId => "client_id",
+            Self::Token => "token",
+            Self::Source => "source",
+        }
+    }
+}
+
+/// One block, as set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub kind: Kind,
+    /// The target as stored: a source in its canonical CIDR form (`203.0.113.7/32`).
+    pub value: String,
+    pub reason_id: Arc<str>,
+    pub reason: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub created_by: String,
+}
+
+/// What a request is checked against: the fields of its verified token.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject<'a> {
+    pub subject: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    pub token: Option<&'a str>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    exact: HashMap<(Kind, String), Arc<Block>>,
+    sources: Vec<(IpNet, Arc<Block>)>,
+}
+
+/// The blocks in force, shared by the admin API and the request path.
+#[derive(Debug, Default)]
+pub struct Blocks {
+    table: RwLock<Table>,
+    /// Blocks held (expired ones included until swept): zero means the request path skips the
+    /// table entirely.
+    count: AtomicUsize,
+}
+
+/// Why a block was not set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{MAX_BLOCKS} blocks are in force already; lift some first")]
+    Full,
+    #[error(
+        "{MAX_SOURCE_BLOCKS} source blocks are in force already; lift some, or block a wider CIDR"
+    )]
+    FullOfSources,
+}
+
+impl Blocks {
+    /// Sets (or replaces) a block. `value` is checked for its kind: a source must be an IP
+    /// address or a CIDR, a token fingerprint 12 lower-case hex digits.
+    pub fn set(&self, mut block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
+        block.value = normalize(block.kind, &block.value)?;
+        if block.expires_at <= now {
+            return Err(BlockError::Invalid(
+                "the block would already be over".into(),
+            ));
+        }
+        let block = Arc::new(block);
+        let mut table = self.write();
+        let replaces = table.contains(block.kind, &block.value);
+        if !replaces && table.len() >= MAX_BLOCKS {
+            // Expired blocks stay until room is needed.
+            table.sweep(now);
+            if table.len() >= MAX_BLOCKS {
+                return Err(BlockError::Full);
+            }
+        }
+        if block.kind == Kind::Source {
+            let net: IpNet = block.value.parse().expect("normalized above");
+            table.sources.retain(|(n, _)| *n != net);
+            if table.sources.len() >= MAX_SOURCE_BLOCKS {
+                table.sweep(now);
+                if table.sources.len() >= MAX_SOURCE_BLOCKS {
+                    return Err(BlockError::FullOfSources);
+                }
+            }
+            table.sources.push((net, Arc::clone(&block)));
+        } else {
+            table
+                .exact
+                .insert((block.kind, block.value.clone()), Arc::clone(&block));
+        }
+        self.count.store(table.len(), Relaxed);
+        Ok(block)
+    }
+
+    /// Lifts a block; whether there was one (in force) to lift.
+    pub fn remove(&self, kind: Kind, value: &str, now: i64) -> Result<bool, BlockError> {
+        let value = normalize(kind, value)?;
+        let mut table = self.write();
+        let removed = if kind == Kind::Source {
+            let net: IpNet = value.parse().expect("normalized above");
+            let at = table.sources.iter().position(|(n, _)| *n == net);
+            at.map(|i| table.sources.remove(i))
+                .is_some_and(|(_, b)| b.expires_at > now)
+        } else {
+            table
+                .exact
+                .remove(&(kind, value))
+                .is_some_and(|b| b.expires_at > now)
+        };
+        self.count.store(table.len(), Relaxed);
+        Ok(removed)
+    }
+
+    /// The blocks in force, by kind and value.
+    pub fn list(&self, now: i64) -> Vec<Arc<Block>> {
+        let table = self.read();
+        let mut blocks: Vec<Arc<Block>> = table
+            .exact
+            .values()
+            .chain(table.sources.iter().map(|(_, b)| b))
+            .filter(|b| b.expires_at > now)
+            .cloned()
+            .collect();
+        blocks.sort_by(|a, b| (a.kind, &a.value).cmp(&(b.kind, &b.value)));
+        blocks
+    }
+
+    /// The block in force on a token's subject, tenant, client or fingerprint, if any.
+    pub fn matching(&self, who: Subject<'_>, now: i64) -> Option<Arc<Block>> {
+        if self.count.load(Relaxed) == 0 {
+            return None;
+        }
+        let table = self.read();
+        [
+            (Kind::Subject, who.subject),
+            (Kind::Tenant, who.tenant),
+            (Kind::ClientId, who.client_id),
+            (Kind::Token, who.token),
+        ]
+        .into_iter()
+        .filter_map(|(kind, value)| Some((kind, value?)))
+        .find_map(|(kind, value)| {
+            table
+                .exact
+                .get(&(kind, value.to_owned()))
+                .filter(|b| b.expires_at > now)
+                .cloned()
+        })
+    }
+
+    /// The block in force on a source address (`203.0.113.7`, `2001:db8::1`), if any. An
+    /// address that does not parse matches nothing.
+    pub fn matching_source(&self, address: &str, now: i64) -> Option<Arc<Block>> {
+        if self.count.load(Relaxed) == 0 {
+            return None;
+        }
+        let address: IpAddr = address.parse().ok()?;
+        let table = self.read();
+        table
+            .sources
+            .iter()
+            .find(|(net, block)| block.expires_at > now && net.contains(&address))
+            .map(|(_, block)| Arc::clone(block))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Table {
+    fn len(&self) -> usize {
+        self.exact.len() + self.sources.len()
+    }
+
+    fn contains(&self, kind: Kind, value: &str) -> bool {
+        if kind == Kind::Source {
+            let net = value.parse::<IpNet>().ok();
+            self.sources.iter().any(|(n, _)| Some(*n) == net)
+        } else {
+            self.exact.contains_key(&(kind, value.to_owned()))
+        }
+    }
+
+    fn sweep(&mut self, now: i64) {
+        self.exact.retain(|_, b| b.expires_at > now);
+        self.sources.retain(|(_, b)| b.expires_at > now);
+    }
+}
+
+/// The stored form of a target: a source as a CIDR (an address is its /32 or /128, host bits
+/// cleared), a fingerprint checked, other values as given (non-empty, at most 1 KiB).
+fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
+    if value.is_empty() || value.len() > 1024 {
+        return Err(BlockError::Invalid(format!(
+            "a {} must be 1 to 1024 bytes",
+            kind.as_str()
+        )));
+    }
+    match kind {
+        Kind::Source => {
+            let net = match value.parse::<IpNet>() {
+                Ok(net) => net.trunc(),
+                Err(_) => value.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+                    BlockError::Invalid(format!(
+                        "source {value:?} is neither an IP address nor a CIDR"
+                    ))
+                })?,
+            };
+            Ok(net.to_string())
+        }
+        Kind::Token => {
+            if value.len() == 12
+                && value
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                Ok(value.to_owned())
+            } else {
+                Err(BlockError::Invalid(format!(
+                    "token {value:?} is not a fingerprint (12 lower-case hex digits, as the \
+                     decision log's `token`)"
+                )))
+            }
+        }
+        Kind::Subject | Kind::Tenant | Kind::ClientId => Ok(value.to_owned()),
+    }
+}
+
+/// Whether `id` can be a block's reason id: 1 to 64 of letters, digits, `-`, `_`, `.`.
+pub fn valid_reason_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn block(kind: Kind, value: &str, ttl: i64) -> Block {
+        Block {
+            kind,
+            value: value.to_owned(),
+            reason_id: Arc::from("INC-1"),
+            reason: "account takeover".to_owned(),
+            created_at: NOW,
+            expires_at: NOW + ttl,
+            created_by: "san:ops".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_subject_block_applies_until_it_expires_or_is_lifted() {
+        let blocks = Blocks::default();
+        let alice = Subject {
+            subject: Some("alice"),
+            ..Subject::default()
+        };
+        assert!(blocks.matching(alice, NOW).is_none());
+        blocks.set(block(Kind::Subject, "alice", 60), NOW).unwrap();
+        assert_eq!(&*blocks.matching(alice, NOW).unwrap().reason_id, "INC-1");
+        let bob = Subject {
+            subject: Some("bob"),
+            ..Subject::default()
+        };
+        assert!(blocks.matching(bob, NOW).is_none());
+        assert!(blocks.matching(alice, NOW + 60).is_none(), "expired");
+        assert!(blocks.remove(Kind::Subject, "alice", NOW).unwrap());
+        assert!(blocks.matching(alice, NOW).is_none());
+        assert!(!blocks.remove(Kind::Subject, "alice", NOW).unwrap());
+    }
+
+    #[test]
+    fn sources_match_by_cidr_in_both_families() {
+        let blocks = Blocks::default();
+        blocks
+            .set(block(Kind::Source, "203.0.113.9/24", 60), NOW)
+            .unwrap();
+        blocks
+            .set(block(Kind::Source, "2001:db8::1", 60), NOW)
+            .unwrap();
+        assert!(blocks.matching_source("203.0.113.200", NOW).is_some());
+        assert!(blocks.matching_source("203.0.114.1", NOW).is_none());
+        assert!(blocks.matching_source("2001:db8::1", NOW).is_some());
+        assert!(blocks.matching_source("2001:db8::2", NOW).is_none());
+        assert!(blocks.matching_source("not an address", NOW).is_none());
+        let listed: Vec<String> = blocks.list(NOW).iter().map(|b| b.value.clone()).collect();
+        assert_eq!(listed, ["2001:db8::1/128", "203.0.113.0/24"]);
+        assert!(blocks.remove(Kind::Source, "203.0.113.0/24", NOW).unwrap());
+        assert!(blocks.matching_source("203.0.113.200", NOW).is_none());
+    }
+
+    #[test]
+    fn bad_targets_are_refused() {
+        let blocks = Blocks::default();
+        for (kind, value) in [
+            (Kind::Source, "203.0.113.300"),
+            (Kind::Source, "example.com"),
+            (Kind::Token, "sha256:abcd"),
+            (Kind::Token, "ABCDEF012345"),
+            (Kind::Subject, ""),
+        ] {
+            assert!(
+                matches!(
+                    blocks.set(block(kind, value, 60), NOW),
+                    Err(BlockError::Invalid(_))
+                ),
+                "{kind:?} {value:?}"
+            );
+        }
+        assert!(
+            blocks.set(block(Kind::Subject, "a", 0), NOW).is_err(),
+            "already over"
+        );
+        assert!(valid_reason_id("INC-2024.7_a"));
+        assert!(!valid_reason_id("has space"));
+        assert!(!valid_reason_id(""));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_replacing_does_not_count_twice() {
+        let blocks = Blocks::default();
+        for i in 0..MAX_BLOCKS {
+            blocks
+                .set(block(Kind::Subject, &format!("user{i}"), 60), NOW)
+                .unwrap();
+        }
+        assert_eq!(
+            blocks.set(block(Kind::Subject, "one-more", 60), NOW),
+            Err(BlockError::Full)
+        );
+        assert!(blocks.set(block(Kind::Subject, "user7", 120), NOW).is_ok());
+        // Expired blocks make room when it is needed.
+        assert!(
+            blocks
+                .set(block(Kind::Subject, "later", 200), NOW + 121)
+                .is_ok()
+        );
+    }
+}

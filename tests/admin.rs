@@ -1,0 +1,363 @@
+//! The admin API (`stepgate.v1.AdminService` on `--admin-listen`) against the real binary: an
+//! operator blocks a subject or a source address with `stepgate admin`, and `Decide` and `Check`
+//! on the main listener answer `403 blocked` / `403 source_blocked` with the block's reason id
+//! (never its text) until it is lifted; callers without the right credential are refused; every
+//! change is in the audit log.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Server, Spawn, TempPolicy, bin, demo_policy_text, envoy_check, mint, oidc};
+use envoy_types::pb::envoy::{
+    config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
+    service::auth::v3::{
+        attribute_context::Peer, authorization_client::AuthorizationClient,
+        check_response::HttpResponse,
+    },
+};
+use serde_json::Value;
+use stepgate::{
+    api::v1::{
+        DecideRequest, ListBlocksRequest, Outcome, admin_service_client::AdminServiceClient,
+        decide_request::Credential, decision_service_client::DecisionServiceClient,
+    },
+    demo::TokenSpec,
+};
+use tonic::{Code, transport::Endpoint};
+
+const ADMIN_ROLE: &str = "stepgate.admin";
+
+/// The demo policy; admin rights for demo-oidc tokens with the role `stepgate.admin`.
+fn admin_policy() -> TempPolicy {
+    let text = demo_policy_text()
+        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n");
+    TempPolicy::new("admin", &text)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A demo-oidc token of `subject` with `roles`.
+fn token_of(subject: &str, roles: &[&str]) -> String {
+    mint(&TokenSpec {
+        subject: subject.to_owned(),
+        ..oidc(roles, None, &[])
+    })
+}
+
+/// `stepgate admin <args>` against `server`: exit code, stdout as JSON (or Null), stderr.
+fn admin(server: &str, args: &[&str]) -> (Option<i32>, Value, String) {
+    let out = Command::new(bin())
+        .arg("admin")
+        .args(args)
+        .args(["--server", server])
+        .output()
+        .expect("running stepgate admin");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.code(),
+        serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn decide_as(server: &Server, token: &str) -> stepgate::api::v1::DecideResponse {
+    DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.to_owned())),
+            operation: "reports.read".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner()
+}
+
+/// A `Check` of `GET /reports` from `source`, with `token` if any: (HTTP status, the
+/// `stepgate.block` and `stepgate.reason` metadata, the denial body).
+async fn check_from(
+    server: &Server,
+    source: &str,
+    token: Option<&str>,
+) -> (i32, Option<String>, String, String) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| ("authorization", b))
+        .into_iter()
+        .collect();
+    let mut request = envoy_check("GET", "app.example", "/reports", &headers);
+    request.attributes.as_mut().unwrap().source = Some(Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: source.to_owned(),
+                port_specifier: Some(PortSpecifier::PortValue(40000)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    let response = AuthorizationClient::new(server.channel().await)
+        .check(request)
+        .await
+        .expect("Check answers")
+        .into_inner();
+    let metadata = response.dynamic_metadata.unwrap_or_default().fields;
+    let text = |name: &str| {
+        metadata.get(name).and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+    };
+    let (status, body) = match response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            (denied.status.map_or(0, |s| s.code), denied.body)
+        }
+        Some(HttpResponse::OkResponse(_)) => (200, String::new()),
+        other => panic!("unexpected answer {other:?}"),
+    };
+    (
+        status,
+        text("stepgate.block"),
+        text("stepgate.reason").unwrap_or_default(),
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
+    let policy = admin_policy();
+    let admin_port = free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let alice = token_of("alice", &[]);
+    let bob = token_of("bob", &[]);
+    assert_eq!(decide_as(&server, &alice).await.outcome(), Outcome::Allow);
+
+    let (code, block, stderr) = admin(
+        &admin_url,
+        &[
+            "block",
+            "--subject",
+            "alice",
+            "--reason-id",
+            "INC-4711",
+            "--reason",
+            "account takeover reported by the user",
+            "--ttl",
+            "1h",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(block["kind"], "subject", "{block}");
+    assert_eq!(block["created_by"], "token:demo-oidc/ops-oncall", "{block}");
+
+    // Both doors answer 403 blocked for alice, with the reason id and never the reason's text.
+    let answer = decide_as(&server, &alice).await;
+    assert_eq!(
+        (answer.outcome(), answer.http_status, answer.reason.as_str()),
+        (Outcome::Deny, 403, "blocked"),
+        "{answer:?}"
+    );
+    assert_eq!(answer.block, "INC-4711");
+    assert!(!format!("{answer:?}").contains("takeover"), "{answer:?}");
+    let (status, block_id, reason, body) = check_from(&server, "198.51.100.7", Some(&alice)).await;
+    assert_eq!((status, reason.as_str()), (403, "blocked"), "{body}");
+    assert_eq!(block_id.as_deref(), Some("INC-4711"));
+    assert!(!body.contains("takeover"), "{body}");
+    assert_eq!(decide_as(&server, &bob).await.outcome(), Outcome::Allow);
+
+    // A source block answers before the token: no token needed to be refused, none helps.
+    let (code, _, stderr) = admin(
+        &admin_url,
+        &[
+            "block",
+            "--source",
+            "203.0.113.0/24",
+            "--reason-id",
+            "SCAN-9",
+            "--ttl",
+            "10m",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for token in [None, Some(bob.as_str())] {
+        let (status, block_id, reason, _) = check_from(&server, "203.0.113.77", token).await;
+        assert_eq!((status, reason.as_str()), (403, "source_blocked"));
+        assert_eq!(block_id.as_deref(), Some("SCAN-9"));
+    }
+    let (status, _, _, _) = check_from(&server, "203.0.114.1", Some(&bob)).await;
+    assert_eq!(status, 200, "another network");
+
+    let (code, listed, stderr) = admin(&admin_url, &["list", "--bearer", &operator]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let targets: Vec<(String, String)> = listed["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| {
+            (
+                b["kind"].as_str().unwrap().into(),
+                b["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("subject".to_owned(), "alice".to_owned()),
+            ("source".to_owned(), "203.0.113.0/24".to_owned())
+        ]
+    );
+
+    for (flag, value) in [("--subject", "alice"), ("--source", "203.0.113.9/24")] {
+        let (code, removed, stderr) = admin(
+            &admin_url,
+            &[
+                "unblock", flag, value, "--reason", "resolved", "--bearer", &operator,
+            ],
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(removed["removed"], true, "{flag} {value}");
+    }
+    assert_eq!(decide_as(&server, &alice).await.outcome(), Outcome::Allow);
+    let (status, _, _, _) = check_from(&server, "203.0.113.77", Some(&bob)).await;
+    assert_eq!(status, 200);
+
+    // The audit lines name who did what; the operator's token is not in them. (Log lines reach
+    // stderr through a buffer: wait for the last one.)
+    server
+        .wait_for_log(std::time::Duration::from_secs(5), |l| {
+            l["action"] == "unblock" && l["kind"] == "source"
+        })
+        .await
+        .expect("the last audit line");
+    let audit: Vec<Value> = server
+        .json_logs()
+        .into_iter()
+        .filter(|l| l["target"] == "stepgate::audit")
+        .collect();
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|l| (l["action"].as_str().unwrap(), l["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("block", "subject"),
+            ("block", "source"),
+            ("unblock", "subject"),
+            ("unblock", "source")
+        ]
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|l| l["by"] == "token:demo-oidc/ops-oncall")
+    );
+    assert!(!server.logs_text().contains(&operator));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_without_the_right_credential_are_refused() {
+    let policy = admin_policy();
+    let admin_port = free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let list = |endpoint: String, bearer: Option<String>| async move {
+        let channel = Endpoint::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(ListBlocksRequest {});
+        if let Some(token) = bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        AdminServiceClient::new(channel)
+            .list_blocks(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code())
+    };
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let entra_admin = mint(&TokenSpec {
+        roles: vec![ADMIN_ROLE.to_owned()],
+        ..TokenSpec::default()
+    });
+    for (what, bearer, code) in [
+        ("no credential", None, Code::Unauthenticated),
+        (
+            "not a token",
+            Some("not-a-jwt".to_owned()),
+            Code::Unauthenticated,
+        ),
+        (
+            "a valid token without the role",
+            Some(token_of("alice", &["Reader"])),
+            Code::PermissionDenied,
+        ),
+        (
+            "the role from an issuer not named",
+            Some(entra_admin),
+            Code::PermissionDenied,
+        ),
+    ] {
+        assert_eq!(list(admin_url.clone(), bearer).await, Err(code), "{what}");
+    }
+    assert_eq!(
+        list(admin_url.clone(), Some(token_of("ops", &[ADMIN_ROLE]))).await,
+        Ok(())
+    );
+    // The main listener never serves it, whatever the credential.
+    assert_eq!(
+        list(server.url(), Some(token_of("ops", &[ADMIN_ROLE]))).await,
+        Err(Code::PermissionDenied)
+    );
+    // The CLI says why and exits 1.
+    let (code, _, stderr) = admin(&admin_url, &["list"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("Unauthenticated") || stderr.contains("unauthenticated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_admin_section_naming_an_unknown_issuer_is_refused_with_its_field() {
+    let text = demo_policy_text() + "\nadmin: { issuers: [nobody], roles: [x] }\n";
+    let policy = TempPolicy::new("admin-bad", &text);
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&policy.path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("admin.issuers[0]"), "{stderr}");
+}
