@@ -361,3 +361,116 @@ fn an_admin_section_naming_an_unknown_issuer_is_refused_with_its_field() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("admin.issuers[0]"), "{stderr}");
 }
+
+/// A demo token of `spec` whose `iat` is `iat`.
+fn issued_at(spec: TokenSpec, subject: &str, iat: i64) -> String {
+    let mut extra = serde_json::Map::new();
+    extra.insert("iat".into(), iat.into());
+    mint(&TokenSpec {
+        subject: subject.to_owned(),
+        extra,
+        ..spec
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
+    use base64::Engine as _;
+    let policy = admin_policy();
+    let admin_port = free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let now = common::unix_now();
+    let revoked_at = now - 60;
+    // Tokens issued ten minutes ago: an Entra client that handles claims challenges (cp1), one
+    // that does not, and a standards-based one; a token issued now; another subject's.
+    let old_cp1 = issued_at(common::entra(&[], &["cp1"]), "alice", now - 600);
+    let old_entra = issued_at(common::entra(&[], &[]), "alice", now - 600);
+    let old_oidc = issued_at(oidc(&[], None, &[]), "alice", now - 600);
+    let fresh = issued_at(common::entra(&[], &["cp1"]), "alice", now);
+    let bobs = issued_at(common::entra(&[], &["cp1"]), "bob", now - 600);
+    for token in [&old_cp1, &old_entra, &old_oidc, &fresh, &bobs] {
+        assert_eq!(decide_as(&server, token).await.outcome(), Outcome::Allow);
+    }
+
+    let (code, revocation, stderr) = admin(
+        &admin_url,
+        &[
+            "revoke",
+            "--subject",
+            "alice",
+            "--before",
+            &revoked_at.to_string(),
+            "--reason-id",
+            "INC-77",
+            "--reason",
+            "password reset after phishing",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(revocation["before"], revoked_at, "{revocation}");
+
+    // cp1: Entra's continuous-access-evaluation challenge, `nbf` at the revocation time (a string).
+    let answer = decide_as(&server, &old_cp1).await;
+    assert_eq!(
+        (answer.outcome(), answer.http_status, answer.reason.as_str()),
+        (Outcome::StepUp, 401, "session_revoked"),
+        "{answer:?}"
+    );
+    let claims =
+        format!(r#"{{"access_token":{{"nbf":{{"essential":true,"value":"{revoked_at}"}}}}}}"#);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&claims);
+    assert!(
+        answer
+            .www_authenticate
+            .contains("error=\"insufficient_claims\"")
+            && answer
+                .www_authenticate
+                .contains(&format!("claims=\"{encoded}\"")),
+        "{}",
+        answer.www_authenticate
+    );
+    assert_eq!(
+        answer.step_up.as_ref().map(|s| s.claims.as_str()),
+        Some(claims.as_str())
+    );
+    // The others: 401 invalid_token, session_revoked.
+    for token in [&old_entra, &old_oidc] {
+        let answer = decide_as(&server, token).await;
+        assert_eq!(
+            (answer.outcome(), answer.http_status, answer.reason.as_str()),
+            (Outcome::Deny, 401, "session_revoked"),
+            "{answer:?}"
+        );
+        assert!(
+            answer.www_authenticate.contains("error=\"invalid_token\""),
+            "{}",
+            answer.www_authenticate
+        );
+    }
+    // A token issued after the revocation, and another subject's, go through.
+    assert_eq!(decide_as(&server, &fresh).await.outcome(), Outcome::Allow);
+    assert_eq!(decide_as(&server, &bobs).await.outcome(), Outcome::Allow);
+    // Check answers the same.
+    let (status, _, reason, _) = check_from(&server, "198.51.100.7", Some(&old_oidc)).await;
+    assert_eq!((status, reason.as_str()), (401, "session_revoked"));
+
+    let (_, listed, _) = admin(&admin_url, &["list", "--bearer", &operator]);
+    assert_eq!(listed["revocations"][0]["subject"], "alice", "{listed}");
+    server
+        .wait_for_log(std::time::Duration::from_secs(5), |l| {
+            l["action"] == "revoke"
+        })
+        .await
+        .expect("an audit line for the revocation");
+}

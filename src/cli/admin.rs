@@ -1,12 +1,12 @@
-//! `stepgate admin block|unblock|list`: the admin API (`stepgate.v1.AdminService`) from the
+//! `stepgate admin block|unblock|revoke|list`: the admin API (`stepgate.v1.AdminService`) from the
 //! command line, against a server's admin listener. Prints JSON; exits 1 when the server refuses
 //! (the gRPC status and why on stderr).
 
 use std::{process::ExitCode, time::Duration};
 
 use stepgate::api::v1::{
-    Block, BlockKind, BlockRequest, BlockTarget, ListBlocksRequest, UnblockRequest,
-    admin_service_client::AdminServiceClient,
+    Block, BlockKind, BlockRequest, BlockTarget, ListBlocksRequest, Revocation, RevokeRequest,
+    UnblockRequest, admin_service_client::AdminServiceClient,
 };
 use tonic::metadata::MetadataValue;
 
@@ -46,8 +46,25 @@ enum Action {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// List the blocks in force.
+    /// List the blocks in force and the revocations kept.
     List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Revoke a subject's sessions: its tokens issued before a time are refused (401).
+    Revoke {
+        /// A token's `sub`.
+        #[arg(long)]
+        subject: String,
+        /// Unix seconds; default: now.
+        #[arg(long, default_value_t = 0)]
+        before: i64,
+        /// A short identifier (e.g. a ticket number).
+        #[arg(long)]
+        reason_id: String,
+        /// Free text for operators and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -133,9 +150,10 @@ pub fn run(args: AdminArgs) -> ExitCode {
 
 async fn call(action: Action) -> Result<serde_json::Value, String> {
     let server = match &action {
-        Action::Block { server, .. } | Action::Unblock { server, .. } | Action::List { server } => {
-            server
-        }
+        Action::Block { server, .. }
+        | Action::Unblock { server, .. }
+        | Action::List { server }
+        | Action::Revoke { server, .. } => server,
     };
     let channel = connect::channel(&server.server, &server.tls, Duration::from_secs(10)).await?;
     let bearer = server
@@ -190,15 +208,50 @@ async fn call(action: Action) -> Result<serde_json::Value, String> {
             Ok(serde_json::json!({ "removed": removed }))
         }
         Action::List { .. } => {
-            let blocks = client
+            let listed = client
                 .list_blocks(ListBlocksRequest {})
                 .await
                 .map_err(failed)?
+                .into_inner();
+            Ok(serde_json::json!({
+                "blocks": listed.blocks.iter().map(block_json).collect::<Vec<_>>(),
+                "revocations": listed.revocations.iter().map(revocation_json).collect::<Vec<_>>(),
+            }))
+        }
+        Action::Revoke {
+            subject,
+            before,
+            reason_id,
+            reason,
+            ..
+        } => {
+            let revocation = client
+                .revoke(RevokeRequest {
+                    subject,
+                    before,
+                    reason_id,
+                    reason,
+                })
+                .await
+                .map_err(failed)?
                 .into_inner()
-                .blocks;
-            Ok(serde_json::json!({ "blocks": blocks.iter().map(block_json).collect::<Vec<_>>() }))
+                .revocation;
+            Ok(revocation
+                .as_ref()
+                .map_or(serde_json::Value::Null, revocation_json))
         }
     }
+}
+
+fn revocation_json(revocation: &Revocation) -> serde_json::Value {
+    serde_json::json!({
+        "subject": revocation.subject,
+        "before": revocation.before,
+        "reason_id": revocation.reason_id,
+        "reason": revocation.reason,
+        "created_at": revocation.created_at,
+        "created_by": revocation.created_by,
+    })
 }
 
 fn block_json(block: &Block) -> serde_json::Value {

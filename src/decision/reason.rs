@@ -59,6 +59,9 @@ reasons! {
     IssuerNotAccepted => "issuer_not_accepted",
     TenantMismatch => "tenant_mismatch",
     TenantNotAllowed => "tenant_not_allowed",
+    // 401 (a claims challenge for Entra clients that handle one): an operator revoked the
+    // subject's sessions after this token was issued
+    SessionRevoked => "session_revoked",
     // 403
     MissingScope => "missing_scope",
     MissingRole => "missing_role",

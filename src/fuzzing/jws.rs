@@ -16,12 +16,13 @@ use crate::identity::{
 };
 
 /// The claims stepgate reads into slots of their own.
-const SLOTS: [&str; 18] = [
+const SLOTS: [&str; 19] = [
     "iss",
     "sub",
     "aud",
     "exp",
     "nbf",
+    "iat",
     "tid",
     "azp",
     "appid",

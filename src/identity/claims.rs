@@ -25,6 +25,10 @@ pub struct Principal {
     pub acr: Option<Arc<str>>,
     pub amr: Arc<[Arc<str>]>,
     pub auth_time: Option<i64>,
+    /// `iat`, when the token has one.
+    pub issued_at: Option<i64>,
+    /// Entra: the client declared it handles claims challenges (`xms_cc` ∋ `cp1`).
+    pub claims_challenge_capable: bool,
     pub scopes: Arc<[Arc<str>]>,
     pub roles: Arc<[Arc<str>]>,
     /// An application acting as itself: it has no user to step up.
@@ -97,6 +101,8 @@ pub(super) fn read_principal(
         acr: str(claims.acr.as_ref(), "acr")?.map(|acr| interner.string(acr)),
         amr: list(claims.amr.as_ref(), "amr", interner)?,
         auth_time: numeric_date(claims.auth_time.as_ref(), "auth_time")?,
+        issued_at: numeric_date(claims.iat.as_ref(), "iat")?,
+        claims_challenge_capable: false,
         scopes: interner.list(scope_values),
         roles: list(claims.roles.as_ref(), "roles", interner)?,
         app_only,

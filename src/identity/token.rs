@@ -222,7 +222,7 @@ pub fn verify(
     }
     // One lock for all the values this token shares with others.
     let mut shared = interner.lock();
-    let principal = read_principal(issuer, &claims, &mut shared)?;
+    let mut principal = read_principal(issuer, &claims, &mut shared)?;
     if principal
         .auth_time
         .is_some_and(|t| t > now.saturating_add(issuer.leeway as i64))
@@ -234,6 +234,7 @@ pub fn verify(
         .into_iter()
         .map(|c| c.to_ascii_lowercase())
         .collect();
+    principal.claims_challenge_capable = client_capabilities.iter().any(|c| c == "cp1");
     Ok(VerifiedToken {
         issuer: Arc::clone(issuer),
         kid: kid.map(|kid| shared.string(kid)),

@@ -1,4 +1,5 @@
-//! What operators and risk signals add to the policy while stepgate runs. Today: blocks set
-//! through the admin API ([`blocks`]), held in memory by each replica.
+//! What operators add to the policy while stepgate runs, through the admin API: blocks
+//! ([`blocks`]) and revoked sessions ([`revocations`]), held in memory by each replica.
 
 pub mod blocks;
+pub mod revocations;

@@ -1,5 +1,5 @@
-//! `stepgate.v1.AdminService`: blocks set, lifted and listed by operators, on the admin listener
-//! only (`--admin-listen`).
+//! `stepgate.v1.AdminService`: blocks set, lifted and listed, and sessions revoked, by operators,
+//! on the admin listener only (`--admin-listen`).
 //!
 //! A call is authenticated, then authorized, by the policy's `admin` section: a verified client
 //! certificate naming one of `admin.client_sans`, or a bearer token (`authorization` metadata)
@@ -19,14 +19,20 @@ use super::{
 use crate::{
     api::v1::{
         self, BlockKind, BlockRequest, BlockResponse, BlockTarget, ListBlocksRequest,
-        ListBlocksResponse, UnblockRequest, UnblockResponse, admin_service_server::AdminService,
+        ListBlocksResponse, RevokeRequest, RevokeResponse, UnblockRequest, UnblockResponse,
+        admin_service_server::AdminService,
     },
     identity::{Credential, bearer},
-    risk::blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
+    risk::{
+        blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
+        revocations::{Revocation, RevokeError},
+    },
 };
 
 /// Longest free-text reason kept (it is for operators and the audit log).
 const MAX_REASON_BYTES: usize = 1024;
+/// How far ahead of this server's clock a revocation time may be (another host's clock).
+const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -135,6 +141,17 @@ fn to_wire(block: &Block) -> v1::Block {
     }
 }
 
+fn revocation_to_wire(revocation: &Revocation) -> v1::Revocation {
+    v1::Revocation {
+        subject: revocation.subject.clone(),
+        before: revocation.before,
+        reason_id: revocation.reason_id.to_string(),
+        reason: revocation.reason.clone(),
+        created_at: revocation.created_at,
+        created_by: revocation.created_by.clone(),
+    }
+}
+
 fn refused(err: BlockError) -> Status {
     match err {
         BlockError::Invalid(why) => Status::invalid_argument(why),
@@ -237,9 +254,75 @@ impl AdminService for Admin {
         request: Request<ListBlocksRequest>,
     ) -> Result<Response<ListBlocksResponse>, Status> {
         self.caller(&request)?;
-        let blocks = self.authorizer.blocks().list(unix_now());
+        let now = unix_now();
+        let blocks = self.authorizer.blocks().list(now);
+        let revocations = self.authorizer.revocations().list(now);
         Ok(Response::new(ListBlocksResponse {
             blocks: blocks.iter().map(|b| to_wire(b)).collect(),
+            revocations: revocations.iter().map(|r| revocation_to_wire(r)).collect(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let by = self.caller(&request)?;
+        let request = request.into_inner();
+        if !blocks::valid_reason_id(&request.reason_id) {
+            return Err(Status::invalid_argument(
+                "reason_id: 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if request.reason.len() > MAX_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "reason: at most {MAX_REASON_BYTES} bytes"
+            )));
+        }
+        let now = unix_now();
+        let before = if request.before == 0 {
+            now
+        } else {
+            request.before
+        };
+        if before > now + MAX_CLOCK_AHEAD_SECONDS {
+            return Err(Status::invalid_argument(
+                "before: at most 5 minutes ahead of the server's clock",
+            ));
+        }
+        let revocation = self
+            .authorizer
+            .revocations()
+            .set(
+                Revocation {
+                    subject: request.subject,
+                    before,
+                    reason_id: Arc::from(request.reason_id.as_str()),
+                    reason: request.reason,
+                    created_at: now,
+                    created_by: by.clone(),
+                },
+                now,
+            )
+            .map_err(|e| match e {
+                RevokeError::Invalid(why) => Status::invalid_argument(why),
+                RevokeError::Full => Status::resource_exhausted(e.to_string()),
+            })?;
+        tracing::info!(
+            target: "stepgate::audit",
+            action = "revoke",
+            by,
+            kind = "subject",
+            value = %revocation.subject,
+            before = revocation.before,
+            reason_id = %revocation.reason_id,
+            reason = %revocation.reason,
+            "admin: sessions of {} issued before {} revoked",
+            revocation.subject,
+            revocation.before
+        );
+        Ok(Response::new(RevokeResponse {
+            revocation: Some(revocation_to_wire(&revocation)),
         }))
     }
 }

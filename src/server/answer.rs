@@ -297,6 +297,8 @@ mod tests {
             acr: None,
             amr: Arc::from([]),
             auth_time: None,
+            issued_at: None,
+            claims_challenge_capable: false,
             scopes: Arc::from([]),
             roles: Arc::from([]),
             app_only: false,

@@ -1,4 +1,5 @@
-//! The shared state behind both front doors: the current policy snapshot, swapped whole on reload.
+//! The shared state behind both front doors: the current policy snapshot, swapped whole on
+//! reload, and the operators' blocks and revocations applied over its decisions.
 
 use std::{
     sync::Arc,
@@ -9,11 +10,18 @@ use arc_swap::{ArcSwap, Guard};
 use opentelemetry::trace::SpanContext;
 
 use crate::{
-    decision::{self, Decision, ExplainStep, Reason},
-    identity::keys::{self, UnknownKid},
+    challenge,
+    decision::{self, Decision, ExplainStep, Outcome, Reason, StepUp},
+    identity::{
+        ChallengeStyle,
+        keys::{self, UnknownKid},
+    },
     policy::Policy,
     request::{AccessRequest, Door, HeaderLimits},
-    risk::blocks::{Block, Blocks, Subject},
+    risk::{
+        blocks::{Block, Blocks, Subject},
+        revocations::Revocations,
+    },
     telemetry::{self, traces},
 };
 
@@ -25,6 +33,8 @@ pub struct Authorizer {
     engine: Engine,
     /// Operators' blocks (admin API), applied over the engine's decisions.
     blocks: Arc<Blocks>,
+    /// Operators' revocations of sessions (admin API), applied the same way.
+    revocations: Arc<Revocations>,
 }
 
 type Engine = fn(&Policy, &AccessRequest, i64) -> Decision;
@@ -35,6 +45,7 @@ impl Authorizer {
             policy: ArcSwap::new(policy),
             engine: decision::decide,
             blocks: Arc::default(),
+            revocations: Arc::default(),
         }
     }
 
@@ -45,12 +56,18 @@ impl Authorizer {
             policy: ArcSwap::new(policy),
             engine,
             blocks: Arc::default(),
+            revocations: Arc::default(),
         }
     }
 
     /// The operators' blocks this authorizer applies.
     pub fn blocks(&self) -> &Arc<Blocks> {
         &self.blocks
+    }
+
+    /// The operators' revocations this authorizer applies.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -105,7 +122,8 @@ impl Authorizer {
                 {
                     decision = (self.engine)(&policy, request, unix_now());
                 }
-                self.apply_blocks(decision, now)
+                let decision = self.apply_blocks(decision, now);
+                self.apply_revocations(decision, &policy, now)
             }
         };
         telemetry::log_decision(door, &decision, started.elapsed());
@@ -139,6 +157,73 @@ impl Authorizer {
             token_fingerprint: decision.token_fingerprint,
             token_cached: decision.token_cached,
             ..denied
+        }
+    }
+
+    /// A decision on a verified token issued before its subject's sessions were revoked becomes
+    /// `401 session_revoked`: for an Entra issuer and a client that handles claims challenges,
+    /// the challenge Entra's continuous access evaluation sends (a token whose `nbf` is at least
+    /// the revocation time), so the client's library fetches a new token at once; for others an
+    /// `invalid_token` challenge. A block decided already stays.
+    fn apply_revocations(&self, decision: Decision, policy: &Policy, now: i64) -> Decision {
+        let Some(principal) = &decision.principal else {
+            return decision;
+        };
+        if decision.reason == Reason::Blocked {
+            return decision;
+        }
+        let issued = principal.issued_at.or(principal.auth_time);
+        let Some(revocation) = self.revocations.revoking(&principal.subject, issued, now) else {
+            return decision;
+        };
+        let message = "this session was revoked: sign in again";
+        let entra = policy
+            .issuers
+            .by_id(&principal.issuer_id)
+            .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
+            .filter(|_| principal.claims_challenge_capable);
+        let mut revoked = match entra {
+            Some(issuer) => {
+                // The value is a string, as Entra sends it.
+                let claims = serde_json::json!({
+                    "access_token": {"nbf": {"essential": true, "value": revocation.before.to_string()}}
+                })
+                .to_string();
+                let encoded = challenge::encode_claims(&claims);
+                let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
+                d.www_authenticate = Some(challenge::entra_claims(&issuer.entra, &encoded));
+                d.step_up = Some(StepUp {
+                    style: "entra",
+                    claims: Some((claims, encoded)),
+                    ..StepUp::default()
+                });
+                d
+            }
+            None => {
+                let mut d = Decision::refusal(401, Reason::SessionRevoked, message);
+                d.www_authenticate = Some(challenge::invalid_token(&policy.realm, message));
+                d
+            }
+        };
+        if !decision.explain.is_empty() {
+            revoked.explain = decision.explain;
+            revoked.explain.push(ExplainStep {
+                stage: "revocation",
+                detail: format!(
+                    "sessions of {:?} issued before {} are revoked ({}); this token's: {}",
+                    principal.subject,
+                    revocation.before,
+                    revocation.reason_id,
+                    issued.map_or_else(|| "unknown".to_owned(), |t| t.to_string())
+                ),
+            });
+        }
+        Decision {
+            rule: decision.rule,
+            principal: decision.principal,
+            token_fingerprint: decision.token_fingerprint,
+            token_cached: decision.token_cached,
+            ..revoked
         }
     }
 
