@@ -5,6 +5,8 @@
 //! change is in the audit log.
 
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 
 use std::process::Command;
 
@@ -473,4 +475,94 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
         })
         .await
         .expect("an audit line for the revocation");
+}
+
+/// Through the real Envoy: a blocked subject's request never reaches the upstream, the client
+/// gets stepgate's 403, and Envoy's access log carries the block's reason id; a blocked source
+/// (Envoy's own client address) is refused even without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_enforces_blocks_and_logs_their_reason_id() {
+    let policy = admin_policy();
+    let admin_port = free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let echo = envoy::Echo::start().await;
+    let proxy = envoy::Envoy::start(envoy::ENVOY_YAML, server.port, echo.port).await;
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let alice = token_of("alice", &[]);
+    let http = reqwest::Client::new();
+    let get = |path: &'static str, token: Option<String>| {
+        let mut request = http.get(proxy.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.expect("a response from Envoy");
+            (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    assert_eq!(get("/reports/before", Some(alice.clone())).await.0, 200);
+
+    let (code, _, stderr) = admin(
+        &admin_url,
+        &[
+            "block",
+            "--subject",
+            "alice",
+            "--reason-id",
+            "INC-5",
+            "--reason",
+            "stolen laptop",
+            "--ttl",
+            "5m",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (status, body) = get("/reports/blocked", Some(alice.clone())).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("\"reason\":\"blocked\""), "{body}");
+    assert!(!body.contains("stolen"), "{body}");
+    assert!(echo.requests().iter().all(|r| r.path != "/reports/blocked"));
+    let line = proxy
+        .wait_for_access_log(std::time::Duration::from_secs(10), |l| {
+            l.starts_with("GET /reports/blocked ")
+        })
+        .await
+        .expect("an access log line");
+    assert!(
+        line.contains("reason=blocked") && line.ends_with("block=INC-5"),
+        "{line}"
+    );
+
+    // Envoy's client is 127.0.0.1: block loopback, and even an anonymous request gets 403.
+    let (code, _, stderr) = admin(
+        &admin_url,
+        &[
+            "block",
+            "--source",
+            "127.0.0.0/8",
+            "--reason-id",
+            "LOOP-1",
+            "--ttl",
+            "5m",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (status, body) = get("/reports/anonymous", None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("source_blocked"), "{body}");
 }

@@ -1391,3 +1391,83 @@ async fn explain_is_given_to_the_client_certificates_the_policy_names() {
     assert_eq!(stages, ["explain"], "{for_gateway:?}");
     assert_eq!(for_gateway.outcome(), for_debugger.outcome());
 }
+
+/// The admin API over mutual TLS: a client certificate naming a SAN of the policy's
+/// `admin.client_sans` may block; another certificate of the same CA is PERMISSION_DENIED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
+    use stepgate::api::v1::{
+        BlockKind, BlockRequest, BlockTarget, admin_service_client::AdminServiceClient,
+    };
+    let ca = Ca::new("stepgate test CA");
+    let files = Scratch::new("admin-by-san");
+    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let client_ca = files.write("client-ca.crt", &ca.pem());
+    let responder_san = "spiffe://cluster.local/ns/security/sa/incident-response";
+    let responder = ca.client(&[responder_san]);
+    let gateway = ca.client(&[GATEWAY_SPIFFE]);
+    let policy = common::TempPolicy::new(
+        "admin-by-san",
+        &format!(
+            "{}\nadmin: {{ client_sans: [\"{responder_san}\"] }}\n",
+            common::demo_policy_text()
+        ),
+    );
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: [
+                "--tls-cert",
+                arg(&cert),
+                "--tls-key",
+                arg(&key),
+                "--client-ca",
+                arg(&client_ca),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            ..Spawn::default()
+        },
+    );
+    server
+        .wait_ready_at(endpoint(server.port, &[&ca], Some(&gateway)))
+        .await;
+    let block_as = |leaf: &Leaf, port: u16| {
+        let endpoint = endpoint(port, &[&ca], Some(leaf));
+        async move {
+            let channel = endpoint.connect().await.expect("an mTLS connection");
+            AdminServiceClient::new(channel)
+                .block(BlockRequest {
+                    target: Some(BlockTarget {
+                        kind: BlockKind::Subject as i32,
+                        value: "alice".into(),
+                    }),
+                    reason_id: "INC-1".into(),
+                    reason: String::new(),
+                    ttl_seconds: 60,
+                })
+                .await
+                .map(|r| r.into_inner().block.expect("the block").created_by)
+                .map_err(|s| s.code())
+        }
+    };
+    assert_eq!(
+        block_as(&gateway, admin_port).await,
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        block_as(&responder, server.port).await,
+        Err(tonic::Code::PermissionDenied),
+        "not on the main listener"
+    );
+    assert_eq!(
+        block_as(&responder, admin_port).await,
+        Ok(format!("san:{responder_san}"))
+    );
+}
