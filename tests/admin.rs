@@ -139,6 +139,7 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
         &policy.path,
         Spawn {
             args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            metrics: true,
             ..Spawn::default()
         },
     );
@@ -210,6 +211,11 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
 
     let (code, listed, stderr) = admin(&admin_url, &["list", "--bearer", &operator]);
     assert_eq!(code, Some(0), "{stderr}");
+    let metrics = scrape(&server).await;
+    assert!(
+        metrics.lines().any(|l| l == "stepgate_blocks 2"),
+        "{metrics}"
+    );
     let targets: Vec<(String, String)> = listed["blocks"]
         .as_array()
         .expect("blocks")
@@ -242,6 +248,24 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     assert_eq!(decide_as(&server, &alice).await.outcome(), Outcome::Allow);
     let (status, _, _, _) = check_from(&server, "203.0.113.77", Some(&bob)).await;
     assert_eq!(status, 200);
+    let metrics = scrape(&server).await;
+    for line in [
+        "stepgate_blocks 0",
+        "stepgate_admin_actions_total{action=\"block\",result=\"ok\"} 2",
+        "stepgate_admin_actions_total{action=\"unblock\",result=\"ok\"} 2",
+        "stepgate_admin_actions_total{action=\"list\",result=\"ok\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(
+            "stepgate_decisions_total{door=\"decide\",outcome=\"DENY\",reason=\"blocked\""
+        ),
+        "{metrics}"
+    );
 
     // The audit lines name who did what; the operator's token is not in them. (Log lines reach
     // stderr through a buffer: wait for the last one.)
@@ -362,6 +386,16 @@ fn an_admin_section_naming_an_unknown_issuer_is_refused_with_its_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("admin.issuers[0]"), "{stderr}");
+}
+
+async fn scrape(server: &Server) -> String {
+    let port = server.metrics_port.expect("spawned with metrics");
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("a body")
 }
 
 /// A demo token of `spec` whose `iat` is `iat`.

@@ -18,6 +18,8 @@ use std::{
 
 use ipnet::IpNet;
 
+use crate::telemetry::metrics;
+
 /// Most blocks held at once; more are refused (the admin API says so).
 pub const MAX_BLOCKS: usize = 100_000;
 /// Most source blocks among them: each request from a source is compared with every one.
@@ -135,6 +137,7 @@ impl Blocks {
                 .insert((block.kind, block.value.clone()), Arc::clone(&block));
         }
         self.count.store(table.len(), Relaxed);
+        metrics::global().set_blocks_held(table.len());
         Ok(block)
     }
 
@@ -154,6 +157,7 @@ impl Blocks {
                 .is_some_and(|b| b.expires_at > now)
         };
         self.count.store(table.len(), Relaxed);
+        metrics::global().set_blocks_held(table.len());
         Ok(removed)
     }
 

@@ -14,6 +14,8 @@ use std::{
     },
 };
 
+use crate::telemetry::metrics;
+
 /// Most subjects revoked at once.
 pub const MAX_REVOCATIONS: usize = 100_000;
 /// How long a revocation is kept after its time: 48 hours.
@@ -73,6 +75,7 @@ impl Revocations {
         let revocation = Arc::new(revocation);
         table.insert(revocation.subject.clone(), Arc::clone(&revocation));
         self.count.store(table.len(), Relaxed);
+        metrics::global().set_revocations_held(table.len());
         Ok(revocation)
     }
 

@@ -27,6 +27,7 @@ use crate::{
         blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
         revocations::{Revocation, RevokeError},
     },
+    telemetry::metrics,
 };
 
 /// Longest free-text reason kept (it is for operators and the audit log).
@@ -159,9 +160,8 @@ fn refused(err: BlockError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl AdminService for Admin {
-    async fn block(
+impl Admin {
+    async fn block_call(
         &self,
         request: Request<BlockRequest>,
     ) -> Result<Response<BlockResponse>, Status> {
@@ -218,7 +218,7 @@ impl AdminService for Admin {
         }))
     }
 
-    async fn unblock(
+    async fn unblock_call(
         &self,
         request: Request<UnblockRequest>,
     ) -> Result<Response<UnblockResponse>, Status> {
@@ -249,7 +249,7 @@ impl AdminService for Admin {
         Ok(Response::new(UnblockResponse { removed }))
     }
 
-    async fn list_blocks(
+    async fn list_blocks_call(
         &self,
         request: Request<ListBlocksRequest>,
     ) -> Result<Response<ListBlocksResponse>, Status> {
@@ -263,7 +263,7 @@ impl AdminService for Admin {
         }))
     }
 
-    async fn revoke(
+    async fn revoke_call(
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
@@ -325,4 +325,46 @@ impl AdminService for Admin {
             revocation: Some(revocation_to_wire(&revocation)),
         }))
     }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn block(
+        &self,
+        request: Request<BlockRequest>,
+    ) -> Result<Response<BlockResponse>, Status> {
+        counted("block", self.block_call(request).await)
+    }
+
+    async fn unblock(
+        &self,
+        request: Request<UnblockRequest>,
+    ) -> Result<Response<UnblockResponse>, Status> {
+        counted("unblock", self.unblock_call(request).await)
+    }
+
+    async fn list_blocks(
+        &self,
+        request: Request<ListBlocksRequest>,
+    ) -> Result<Response<ListBlocksResponse>, Status> {
+        counted("list", self.list_blocks_call(request).await)
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        counted("revoke", self.revoke_call(request).await)
+    }
+}
+
+/// Counts a call in `stepgate_admin_actions_total{action,result}`.
+fn counted<T>(action: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => "full",
+        Err(_) => "refused",
+    };
+    metrics::global().record_admin_action(action, outcome);
+    result
 }

@@ -95,6 +95,11 @@ pub struct Metrics {
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     log_lines_dropped: AtomicU64,
+    /// Admin API calls by (action, result).
+    admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
+    /// Blocks and revocations held (expired ones until they are swept).
+    blocks_held: AtomicI64,
+    revocations_held: AtomicI64,
     token_cache_entries: AtomicI64,
     token_cache_bytes: AtomicI64,
     /// The policy in force: 1 at start, one more per successful reload.
@@ -121,6 +126,9 @@ impl Default for Metrics {
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
+            admin_actions: DashMap::new(),
+            blocks_held: AtomicI64::new(0),
+            revocations_held: AtomicI64::new(0),
             token_cache_entries: AtomicI64::new(0),
             token_cache_bytes: AtomicI64::new(0),
             policy_generation: AtomicI64::new(1),
@@ -237,6 +245,23 @@ impl Metrics {
     pub fn token_cache_changed(&self, entries: i64, bytes: i64) {
         self.token_cache_entries.fetch_add(entries, Relaxed);
         self.token_cache_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// One admin API call: `action` (block, unblock, revoke, list) and `result` (ok, refused:
+    /// bad arguments or no right, full).
+    pub fn record_admin_action(&self, action: &'static str, result: &'static str) {
+        self.admin_actions
+            .entry((action, result))
+            .or_default()
+            .fetch_add(1, Relaxed);
+    }
+
+    pub fn set_blocks_held(&self, blocks: usize) {
+        self.blocks_held.store(blocks as i64, Relaxed);
+    }
+
+    pub fn set_revocations_held(&self, revocations: usize) {
+        self.revocations_held.store(revocations as i64, Relaxed);
     }
 
     pub fn record_log_line_dropped(&self) {
@@ -544,11 +569,37 @@ impl Collector for Exposition {
                 "The policy in force: 1 at start, one more per successful reload",
                 &m.policy_generation,
             ),
+            (
+                "stepgate_blocks",
+                "Blocks held (admin API), until expired ones are swept",
+                &m.blocks_held,
+            ),
+            (
+                "stepgate_revocations",
+                "Subjects whose sessions are revoked (admin API), kept 48 h after the revocation time",
+                &m.revocations_held,
+            ),
         ] {
             encoder
                 .encode_descriptor(name, help, None, MetricType::Gauge)?
                 .encode_gauge(&value.load(Relaxed))?;
         }
+        let mut actions: Vec<((&str, &str), u64)> = m
+            .admin_actions
+            .iter()
+            .map(|e| (*e.key(), e.value().load(Relaxed)))
+            .collect();
+        actions.sort();
+        let mut family = encoder.encode_descriptor(
+            "stepgate_admin_actions",
+            "Admin API calls by action and result (ok, refused, full)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((action, result), n) in actions {
+            counter(&mut family, &[("action", action), ("result", result)], n)?;
+        }
+
         let mut info = encoder.encode_descriptor(
             "stepgate_build_info",
             "The running build (always 1; the version is a label)",
