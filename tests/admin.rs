@@ -365,6 +365,32 @@ async fn callers_without_the_right_credential_are_refused() {
         list(server.url(), Some(token_of("ops", &[ADMIN_ROLE]))).await,
         Err(Code::PermissionDenied)
     );
+    // Arguments that cannot make a block are refused, saying which.
+    let operator = token_of("ops", &[ADMIN_ROLE]);
+    for (args, why) in [
+        (
+            ["--source", "example.com", "--reason-id", "X-1"],
+            "neither an IP address nor a CIDR",
+        ),
+        (
+            ["--subject", "alice", "--reason-id", "has space"],
+            "reason_id",
+        ),
+        (
+            ["--token-fingerprint", "sha256:ab", "--reason-id", "X-1"],
+            "not a fingerprint",
+        ),
+    ] {
+        let mut call = vec!["block"];
+        call.extend(args);
+        call.extend(["--ttl", "1m", "--bearer", &operator]);
+        let (code, _, stderr) = admin(&admin_url, &call);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(
+            stderr.contains("InvalidArgument") && stderr.contains(why),
+            "{stderr}"
+        );
+    }
     // The CLI says why and exits 1.
     let (code, _, stderr) = admin(&admin_url, &["list"]);
     assert_eq!(code, Some(1));

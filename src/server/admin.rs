@@ -106,6 +106,21 @@ impl Admin {
     }
 }
 
+/// A reason id stepgate can pass on, and a free-text reason of bounded size.
+fn check_reason(reason_id: &str, reason: &str) -> Result<(), Status> {
+    if !blocks::valid_reason_id(reason_id) {
+        return Err(Status::invalid_argument(
+            "reason_id: 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "reason: at most {MAX_REASON_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 fn kind(target: Option<&BlockTarget>) -> Result<(Kind, &str), Status> {
     let target = target.ok_or_else(|| Status::invalid_argument("target is required"))?;
     let kind = match BlockKind::try_from(target.kind).unwrap_or(BlockKind::Unspecified) {
@@ -168,16 +183,7 @@ impl Admin {
         let by = self.caller(&request)?;
         let request = request.into_inner();
         let (kind, value) = kind(request.target.as_ref())?;
-        if !blocks::valid_reason_id(&request.reason_id) {
-            return Err(Status::invalid_argument(
-                "reason_id: 1 to 64 letters, digits, '-', '_' or '.'",
-            ));
-        }
-        if request.reason.len() > MAX_REASON_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "reason: at most {MAX_REASON_BYTES} bytes"
-            )));
-        }
+        check_reason(&request.reason_id, &request.reason)?;
         if !(1..=MAX_TTL_SECONDS).contains(&request.ttl_seconds) {
             return Err(Status::invalid_argument(format!(
                 "ttl_seconds: 1 to {MAX_TTL_SECONDS} (90 days)"
@@ -269,16 +275,7 @@ impl Admin {
     ) -> Result<Response<RevokeResponse>, Status> {
         let by = self.caller(&request)?;
         let request = request.into_inner();
-        if !blocks::valid_reason_id(&request.reason_id) {
-            return Err(Status::invalid_argument(
-                "reason_id: 1 to 64 letters, digits, '-', '_' or '.'",
-            ));
-        }
-        if request.reason.len() > MAX_REASON_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "reason: at most {MAX_REASON_BYTES} bytes"
-            )));
-        }
+        check_reason(&request.reason_id, &request.reason)?;
         let now = unix_now();
         let before = if request.before == 0 {
             now
