@@ -73,6 +73,8 @@ class Pki:
     def __init__(self, openssl: str, directory: Path):
         self.openssl, self.directory = openssl, directory
         directory.mkdir(parents=True, exist_ok=True)
+        # The CAs made so far, by name: (certificate, key).
+        self.cas: dict[str, tuple[Path, Path]] = {}
 
     def _run(self, *args: str) -> None:
         result = subprocess.run([self.openssl, *args], capture_output=True, text=True, timeout=30)
@@ -87,6 +89,7 @@ class Pki:
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         )
+        self.cas[name] = (cert, key)
         return cert, key
 
     def issue(self, ca: tuple[Path, Path], name: str, sans: list[str], usages: list[str]) -> tuple[Path, Path]:

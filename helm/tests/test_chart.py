@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import subprocess
 import threading
 import time
@@ -76,7 +77,13 @@ CASES = {
     "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}),
     "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
     "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
+    "admin": Case("admin.yaml", BASE),
+    "admin-tls-network-policy": Case(
+        "admin-tls-network-policy.yaml", BASE | {"Certificate", "NetworkPolicy"}, tls=True, mutual_tls=True,
+    ),
 }
+# The cases with admin.enabled (test_admin_cases_are_the_values_files_that_enable_it).
+ADMIN_CASES = ["admin", "admin-tls-network-policy"]
 WITH_RENDERED_POLICY = [name for name in CASES if name != "existing-configmap"]
 TLS_CASES = [name for name, case in CASES.items() if case.tls]
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
@@ -177,8 +184,15 @@ def seconds(duration: str) -> float:
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)]
 
 
+def main_service(r: Rendered) -> dict:
+    """The Service the mesh, the gateways and Envoy call: the one with the `grpc` port."""
+    found = [s for s in r.of_kind("Service") if any(p["name"] == "grpc" for p in s["spec"]["ports"])]
+    assert len(found) == 1, f"expected one Service with a `grpc` port, rendered {len(found)}"
+    return found[0]
+
+
 def service_port(r: Rendered, name: str) -> dict:
-    ports = [p for p in r.one("Service")["spec"]["ports"] if p["name"] == name]
+    ports = [p for p in main_service(r)["spec"]["ports"] if p["name"] == name]
     assert len(ports) == 1, f"the Service needs one port named {name!r}"
     return ports[0]
 
@@ -489,7 +503,8 @@ def test_selectors_pick_stepgate_pods_and_not_the_test_pod(name):
     r = rendered(name)
     deployment = r.one("Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    selectors = [deployment["spec"]["selector"]["matchLabels"], r.one("Service")["spec"]["selector"]]
+    selectors = [deployment["spec"]["selector"]["matchLabels"]]
+    selectors += [s["spec"]["selector"] for s in r.of_kind("Service")]
     selectors += [d["spec"]["selector"]["matchLabels"] for d in r.of_kind("PodDisruptionBudget")]
     selectors += [d["spec"]["podSelector"]["matchLabels"] for d in r.of_kind("NetworkPolicy")]
     for constraint in pod_spec(r).get("topologySpreadConstraints", []):
@@ -513,7 +528,7 @@ def server_name(name: str) -> str:
     """The name the chart's clients must check on stepgate's certificate: tls.serverName, or the
     Service's FQDN."""
     r = rendered(name)
-    service = r.one("Service")["metadata"]["name"]
+    service = main_service(r)["metadata"]["name"]
     return tls_values(name).get("serverName") or f"{service}.{r.namespace}.svc.cluster.local"
 
 
@@ -754,9 +769,10 @@ def case_secrets(name: str, pki: Pki, usages: list[str] | None = None) -> dict[s
     return secrets
 
 
-def materialize(spec: dict, c: dict, root: Path, secrets: dict[str, dict[str, bytes]]) -> list[str]:
+def materialize(spec: dict, c: dict, root: Path, secrets: dict[str, dict[str, bytes]], policy: str | None = None) -> list[str]:
     """Writes the files container `c` of pod `spec` mounts under `root`, as the kubelet projects
-    its volumes (only the listed items); returns the mount paths."""
+    its volumes (only the listed items; a ConfigMap's items hold `policy`, by default the demo
+    policy); returns the mount paths."""
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     paths = []
     for mount in c.get("volumeMounts", []):
@@ -771,7 +787,7 @@ def materialize(spec: dict, c: dict, root: Path, secrets: dict[str, dict[str, by
                 (directory / item["path"]).write_bytes(secrets[secret][item["key"]])
         else:
             for item in volume["configMap"]["items"]:
-                (directory / item["path"]).write_text(demo_policy(), encoding="utf-8")
+                (directory / item["path"]).write_text(policy or demo_policy(), encoding="utf-8")
         paths.append(mount["mountPath"])
     return paths
 
@@ -801,12 +817,23 @@ def without(args: list[str], flag: str, value: str | None = None) -> list[str]:
     return out
 
 
+@dataclass
+class Started:
+    """A stepgate started as the chart's container runs it: its gRPC address (host:port), its
+    admin listener's URL (scheme://host:port, as it logs it) when it has one, and its log so far."""
+
+    address: str
+    admin_url: str | None
+    log: list[str]
+
+
 @contextlib.contextmanager
-def chart_stepgate(stepgate_bin: str, name: str, root: Path, secrets: dict, edit=lambda args: args):
-    """stepgate started as the chart's container runs it, on its mounted files under `root`,
-    listening on an ephemeral loopback port: yields its gRPC address."""
-    c = container(rendered(name))
-    mounts = materialize(pod_spec(rendered(name)), c, root, secrets)
+def started_stepgate(stepgate_bin: str, r: Rendered, root: Path, secrets: dict, edit=lambda args: args, policy: str | None = None):
+    """stepgate started with rendering `r`'s container arguments, on its mounted files under
+    `root` (the policy ConfigMap holding `policy`, by default the demo policy), listening on
+    ephemeral loopback ports."""
+    c = container(r)
+    mounts = materialize(pod_spec(r), c, root, secrets, policy)
     args = edit(localize(c["args"], root, mounts))
     for flag in ("--listen", "--metrics-listen", "--admin-listen"):
         if flag in args:
@@ -816,11 +843,14 @@ def chart_stepgate(stepgate_bin: str, name: str, root: Path, secrets: dict, edit
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     log: list[str] = []
+    admin: list[str] = []
     found: queue.Queue[str | None] = queue.Queue()
 
     def drain() -> None:
         for line in proc.stderr:
             log.append(line)
+            if m := re.search(r"admin listener on (https?://[0-9.]+:[0-9]+)", line):
+                admin.append(m.group(1))
             if m := re.search(r"stepgate listening on ([0-9.]+:[0-9]+)", line):
                 found.put(m.group(1))
         found.put(None)
@@ -832,10 +862,20 @@ def chart_stepgate(stepgate_bin: str, name: str, root: Path, secrets: dict, edit
         except queue.Empty:
             address = None
         assert address, f"stepgate did not start with {args}:\n{''.join(log)}"
-        yield address
+        # stepgate logs its admin listener before it says it is listening.
+        assert len(admin) <= 1, admin
+        yield Started(address, admin[0] if admin else None, log)
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def chart_stepgate(stepgate_bin: str, name: str, root: Path, secrets: dict, edit=lambda args: args):
+    """stepgate started as the chart's container runs it for case `name`, on its mounted files
+    under `root`, listening on an ephemeral loopback port: yields its gRPC address."""
+    with started_stepgate(stepgate_bin, rendered(name), root, secrets, edit) as started:
+        yield started.address
 
 
 def probe_command(stepgate_bin: str, name: str, probe: str, root: Path, address: str) -> tuple[list[str], float]:
@@ -994,7 +1034,7 @@ def test_tls_from_cert_manager():
     _, volume = mount_for(r, arg_value(container(r)["args"], "--tls-cert"))
     assert spec["secretName"] == volume["secret"]["secretName"] == f"{fullname(r)}-tls"
     assert spec["issuerRef"] == {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
-    service = r.one("Service")["metadata"]["name"]
+    service = main_service(r)["metadata"]["name"]
     assert f"{service}.{r.namespace}.svc.cluster.local" in spec["dnsNames"]
     assert {service, f"{service}.{r.namespace}", f"{service}.{r.namespace}.svc", "stepgate.example.internal"} <= set(spec["dnsNames"])
     assert "server auth" in spec["usages"]
@@ -1027,7 +1067,7 @@ def test_mutual_tls_from_cert_manager_reuses_stepgates_certificate_for_the_probe
 def test_service_monitor_only_where_the_cluster_serves_its_api():
     r = rendered("service-monitor")
     monitor = r.one("ServiceMonitor")
-    service = r.one("Service")
+    service = main_service(r)
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [r.namespace]}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http-metrics"]
@@ -1082,7 +1122,7 @@ def env_of(r: Rendered) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(r).get("env", [])}
 
 
-def test_tracing_admin_listener_and_escape_hatches():
+def test_tracing_and_escape_hatches():
     r = rendered("tracing-and-extras")
     env = env_of(r)
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
@@ -1092,7 +1132,6 @@ def test_tracing_admin_listener_and_escape_hatches():
     assert "STEPGATE_WORKERS" not in env
     args = container(r)["args"]
     assert args[-2:] == ["--max-connections", "20000"], "extraArgs come last, after the chart's flags"
-    assert arg_value(args, "--admin-listen") == "127.0.0.1:50052"
     assert arg_value(args, "--reflection") == "false"
     assert arg_value(args, "--log-format") == "text"
 
@@ -1101,6 +1140,315 @@ def test_no_tracing_without_an_endpoint():
     env = env_of(rendered("default"))
     assert not [name for name in env if name.startswith("OTEL_")]
     assert env == {"STEPGATE_WORKERS": "2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The admin listener
+
+
+ADMIN_PORT_NAME = "grpc-admin"
+OPERATOR_SAN = "spiffe://cluster.local/ns/security/sa/incident-response"
+
+
+def chart_defaults() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+
+
+def admin_port(values: dict[str, Any]) -> int:
+    return values.get("admin", {}).get("port", chart_defaults()["admin"]["port"])
+
+
+def admin_services(r: Rendered) -> list[dict]:
+    return [s for s in r.of_kind("Service") if s is not main_service(r)]
+
+
+def ingress_rules_for(policy: dict, port: str | int) -> list[dict]:
+    return [rule for rule in policy["spec"]["ingress"] if any(p["port"] == port for p in rule.get("ports", []))]
+
+
+def rule_namespaces(rule: dict) -> list[str]:
+    return [
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in rule["from"]
+        if "namespaceSelector" in p
+    ]
+
+
+def admin_values_with(base: str, **network_policy: Any) -> dict[str, Any]:
+    """Case `base`'s values with networkPolicy's keys replaced."""
+    values = yaml.safe_load(yaml.safe_dump(case_values(base)))
+    values.setdefault("networkPolicy", {}).update(network_policy)
+    return values
+
+
+def test_admin_defaults_are_off_on_50052_and_open_to_no_namespace():
+    defaults = chart_defaults()
+    assert defaults["admin"] == {"enabled": False, "port": 50052}
+    assert defaults["networkPolicy"]["adminFromNamespaces"] == []
+    assert "adminListen" not in defaults
+
+
+def test_admin_cases_are_the_values_files_that_enable_it():
+    enabled = [name for name in CASES if case_values(name).get("admin", {}).get("enabled")]
+    assert enabled == ADMIN_CASES
+    assert any(CASES[name].tls for name in ADMIN_CASES) and any(not CASES[name].tls for name in ADMIN_CASES)
+    assert any(case_values(name).get("networkPolicy", {}).get("enabled") for name in ADMIN_CASES)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in ADMIN_CASES])
+def test_no_admin_listener_unless_enabled(name):
+    r = rendered(name)
+    c = container(r)
+    assert not arg_values(c["args"], "--admin-listen")
+    assert ADMIN_PORT_NAME not in [p["name"] for p in c["ports"]]
+    assert r.of_kind("Service") == [main_service(r)]
+    assert "Admin API" not in r.notes and "admin.enabled" not in r.notes
+    for policy in r.of_kind("NetworkPolicy"):
+        assert not ingress_rules_for(policy, ADMIN_PORT_NAME)
+
+
+def test_an_empty_admin_listen_of_older_values_is_still_accepted():
+    r = chart_render.template({"adminListen": ""})
+    assert not arg_values(container(r)["args"], "--admin-listen")
+
+
+@pytest.mark.parametrize("name", ADMIN_CASES)
+def test_admin_listener_has_its_own_port_and_service(name):
+    r = rendered(name)
+    c = container(r)
+    port = admin_port(case_values(name))
+    # Every address of the pod: the admin Service and port-forward reach it on the pod's IP.
+    assert arg_value(c["args"], "--admin-listen") == f"0.0.0.0:{port}"
+    assert container_port(c, ADMIN_PORT_NAME) == port
+    _, listen = port_of(arg_value(c["args"], "--listen"))
+    _, metrics = port_of(arg_value(c["args"], "--metrics-listen"))
+    assert port not in (listen, metrics)
+
+    # Not on the Service the mesh, the gateways and Envoy call.
+    main = main_service(r)
+    for p in main["spec"]["ports"]:
+        assert p["name"] != ADMIN_PORT_NAME and p["port"] != port
+        assert p["targetPort"] not in (ADMIN_PORT_NAME, port)
+
+    [admin] = admin_services(r)
+    assert admin["metadata"]["name"] == f"{fullname(r)}-admin"
+    assert admin["spec"]["type"] == "ClusterIP"
+    assert admin["spec"]["ports"] == [
+        {"name": ADMIN_PORT_NAME, "appProtocol": "grpc", "port": port, "targetPort": ADMIN_PORT_NAME, "protocol": "TCP"}
+    ]
+    assert admin["spec"]["selector"] == main["spec"]["selector"]
+    assert admin["spec"]["selector"].items() <= r.one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    # Its labels keep it out of the ServiceMonitor's selector (the main Service's labels).
+    assert not main["spec"]["selector"].items() <= admin["metadata"]["labels"].items()
+
+
+def test_admin_service_stays_cluster_internal_whatever_the_main_service_type():
+    r = chart_render.template({"admin": {"enabled": True}, "service": {"type": "LoadBalancer"}})
+    assert main_service(r)["spec"]["type"] == "LoadBalancer"
+    [admin] = admin_services(r)
+    assert admin["spec"]["type"] == "ClusterIP"
+
+
+def test_admin_service_name_fits_a_dns_label():
+    r = chart_render.template({"admin": {"enabled": True}, "fullnameOverride": "s" * 63})
+    [admin] = admin_services(r)
+    assert admin["metadata"]["name"] == "s" * 57 + "-admin"
+    forward, _ = notes_admin_commands(r)
+    assert forward[4] == f"svc/{admin['metadata']['name']}"
+
+
+def test_service_monitor_does_not_select_the_admin_service():
+    values = case_values("admin") | case_values("service-monitor")
+    r = chart_render.template(values, api_versions=[SERVICE_MONITOR_API])
+    selector = r.one("ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= main_service(r)["metadata"]["labels"].items()
+    [admin] = admin_services(r)
+    assert not selector.items() <= admin["metadata"]["labels"].items()
+
+
+def test_network_policy_opens_the_admin_port_only_to_the_admin_namespaces():
+    name = "admin-tls-network-policy"
+    values = case_values(name)
+    r = rendered(name)
+    policy = r.one("NetworkPolicy")
+    port = admin_port(values)
+    assert container_port(container(r), ADMIN_PORT_NAME) == port
+    # Every rule names its sources and its ports: a rule without `from` lets in every source, one
+    # without `ports` every port.
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), rule
+    [admin_rule] = ingress_rules_for(policy, ADMIN_PORT_NAME)
+    assert admin_rule["ports"] == [{"port": ADMIN_PORT_NAME, "protocol": "TCP"}]
+    assert all(set(p) == {"namespaceSelector"} for p in admin_rule["from"]), "only namespaces, not the test pod"
+    assert rule_namespaces(admin_rule) == values["networkPolicy"]["adminFromNamespaces"] == ["security"]
+    assert not ingress_rules_for(policy, port), "the admin port is named, never numbered"
+    # The gRPC port's callers (the mesh, the gateways) do not reach the admin port.
+    [grpc_rule] = ingress_rules_for(policy, "grpc")
+    assert rule_namespaces(grpc_rule) == values["networkPolicy"]["grpcNamespaces"]
+    assert not set(rule_namespaces(grpc_rule)) & set(rule_namespaces(admin_rule))
+    assert f"{fullname(r)}-admin.{r.namespace}.svc:{port}" in r.notes
+    assert "opens to\n  namespace security only" in r.notes
+
+
+def test_network_policy_opens_the_admin_port_to_nobody_by_default():
+    values = admin_values_with("admin-tls-network-policy", adminFromNamespaces=[])
+    r = chart_render.template(values)
+    policy = r.one("NetworkPolicy")
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), rule
+    assert not ingress_rules_for(policy, ADMIN_PORT_NAME)
+    assert not ingress_rules_for(policy, admin_port(values))
+    # Still listening and on its Service, for kubectl port-forward.
+    assert container_port(container(r), ADMIN_PORT_NAME) == admin_port(values)
+    assert len(admin_services(r)) == 1
+    assert "opens the admin port to no namespace" in r.notes and "port-forward" in r.notes
+
+
+def test_network_policy_opens_the_admin_port_to_each_listed_namespace():
+    values = admin_values_with("admin-tls-network-policy", adminFromNamespaces=["security", "sre"])
+    r = chart_render.template(values)
+    [admin_rule] = ingress_rules_for(r.one("NetworkPolicy"), ADMIN_PORT_NAME)
+    assert rule_namespaces(admin_rule) == ["security", "sre"]
+    assert "namespaces security, sre only" in r.notes
+
+
+def test_notes_warn_when_the_admin_port_is_open_to_the_cluster_or_nobody_may_call():
+    r = rendered("admin")
+    assert not r.of_kind("NetworkPolicy")
+    assert "WARNING: admin.enabled without networkPolicy.enabled" in r.notes
+    assert "no `admin:` section" not in r.notes
+    values = case_values("admin")
+    del values["policy"]
+    bare = chart_render.template(values)
+    assert "WARNING: admin.enabled, but the policy has no `admin:` section" in bare.notes
+    assert "no `admin:` section" not in rendered("admin-tls-network-policy").notes
+    assert "without networkPolicy.enabled" not in rendered("admin-tls-network-policy").notes
+    # A policy of one's own ConfigMap: the chart cannot tell, so only the reminder.
+    own = chart_render.template({"admin": {"enabled": True}, "existingPolicyConfigMap": "mine"})
+    assert "no `admin:` section" not in own.notes and "must name the callers" in own.notes
+
+
+def notes_admin_commands(r: Rendered) -> tuple[list[str], list[str]]:
+    """NOTES' `kubectl port-forward` and `stepgate admin list` commands, as argument lists."""
+    forward = [line for line in r.notes.splitlines() if "port-forward svc/" in line]
+    listing = [line for line in r.notes.splitlines() if line.strip().startswith("stepgate admin list")]
+    assert len(forward) == 1 and len(listing) == 1, r.notes
+    assert forward[0].startswith("    ") and listing[0].startswith("    "), "commands are indented four spaces"
+    return shlex.split(forward[0]), shlex.split(listing[0])
+
+
+def run_admin(stepgate_bin: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`stepgate admin …` with no STEPGATE_ADMIN_* variable of the environment standing in for a
+    flag the command leaves out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPGATE_ADMIN_")}
+    try:
+        return subprocess.run([stepgate_bin, *args], capture_output=True, text=True, timeout=30, cwd="/", env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"stepgate admin took longer than 30 s: {args}")
+
+
+def mint_token(stepgate_bin: str, *flags: str) -> str:
+    result = subprocess.run(
+        [stepgate_bin, "token", "--issuer", "entra", *flags], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+# (case whose Secrets the stepgate pods mount, extra values): the two admin values files, and TLS
+# without mutual TLS, whose admin command authenticates with a bearer token over TLS.
+ADMIN_RUNS = {
+    "admin": ("admin", {}),
+    "admin-tls-network-policy": ("admin-tls-network-policy", {}),
+    "tls-cert-manager+admin": ("tls-cert-manager", {"admin": {"enabled": True, "port": 50070}}),
+}
+
+
+@pytest.mark.parametrize("run", ADMIN_RUNS)
+def test_notes_admin_command_works_against_stepgate_started_with_the_charts_arguments(run, stepgate_bin, pki, tmp_path):
+    # NOTES' port-forward and `stepgate admin list`, run as printed against stepgate started
+    # with the chart's arguments: port-forward lands on the admin Service's port, and the command
+    # (scheme, --ca, --tls-server-name, client certificate or token) gets through that listener's
+    # TLS and the policy's admin section. Then the same command is refused on the main listener
+    # and without its credential, so the success is the admin listener's and the credential's.
+    base, extra = ADMIN_RUNS[run]
+    values = case_values(base) | extra
+    r = rendered(base) if not extra else chart_render.template(values)
+    case = CASES[base]
+    port = admin_port(values)
+    [admin] = admin_services(r)
+
+    forward, command = notes_admin_commands(r)
+    assert forward == ["kubectl", "-n", r.namespace, "port-forward", f"svc/{admin['metadata']['name']}", str(port)]
+    assert admin["spec"]["ports"][0]["port"] == port
+    assert command[:3] == ["stepgate", "admin", "list"]
+    args = command[1:]
+    scheme = "https" if case.tls else "http"
+    assert arg_value(args, "--server") == f"{scheme}://127.0.0.1:{port}"
+
+    secrets = case_secrets(base, pki) if case.tls else {}
+    files: dict[str, str] = {}
+    if case.tls:
+        server_ca = pki.cas["server-ca"]
+        files["ca.crt"] = str(server_ca[0])
+        assert arg_value(args, "--tls-server-name") == server_name(base)
+    if case.mutual_tls:
+        # The client CA is the issuer's own (tls.clientCA names no Secret of its own).
+        assert not tls_values(base)["clientCA"].get("secretName")
+        operator = pki.issue(pki.cas["server-ca"], "operator", [san_entry(OPERATOR_SAN)], ["clientAuth"])
+        files["operator.crt"], files["operator.key"] = map(str, operator)
+        assert OPERATOR_SAN in tls_values(base)["clientSANs"]
+        assert OPERATOR_SAN in values["policy"]["admin"]["client_sans"]
+        assert not arg_values(args, "--bearer")
+    else:
+        assert arg_value(args, "--bearer") == "$TOKEN"
+        files["$TOKEN"] = mint_token(stepgate_bin, "--roles", "stepgate.admin")
+    assert {a for a in args if a in files} == set(files), f"NOTES' command names other files: {args}"
+    args = [files.get(a, a) for a in args]
+
+    # The policy: the demo one (its keys are files), with an admin section naming the callers.
+    policy = demo_policy() + (
+        "\nadmin:\n"
+        f"  client_sans: [{json.dumps(OPERATOR_SAN)}]\n"
+        "  issuers: [demo-entra]\n"
+        "  roles: [stepgate.admin]\n"
+    )
+    with started_stepgate(stepgate_bin, r, tmp_path / "pod", secrets, policy=policy) as started:
+        assert started.admin_url, f"no admin listener:\n{''.join(started.log)}"
+        assert started.admin_url.startswith(f"{scheme}://"), "the admin listener has the main listener's TLS"
+        local = with_value(args, "--server", started.admin_url)
+        result = run_admin(stepgate_bin, local)
+        assert result.returncode == 0, f"stepgate {' '.join(local)}\n{result.stdout}{result.stderr}"
+        assert isinstance(json.loads(result.stdout), dict), result.stdout
+
+        on_main = with_value(args, "--server", f"{scheme}://{started.address}")
+        result = run_admin(stepgate_bin, on_main)
+        assert result.returncode == 1 and "PermissionDenied" in result.stderr, (
+            f"the main listener answered the admin API otherwise than refusing it:\n{result.stdout}{result.stderr}"
+        )
+
+        if case.mutual_tls:
+            # A certificate the handshake accepts (in tls.clientSANs) that the admin section does
+            # not name; and none at all.
+            gateway_san = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+            assert gateway_san in tls_values(base)["clientSANs"]
+            gateway = pki.issue(pki.cas["server-ca"], "gateway", [san_entry(gateway_san)], ["clientAuth"])
+            refused = [
+                (with_value(with_value(local, "--cert", str(gateway[0])), "--key", str(gateway[1])), "PermissionDenied"),
+                (without(without(local, "--cert"), "--key"), ""),  # the handshake fails
+            ]
+        else:
+            refused = [
+                (with_value(local, "--bearer", mint_token(stepgate_bin, "--roles", "reader")), "PermissionDenied"),
+                (without(local, "--bearer"), "Unauthenticated"),
+            ]
+        if case.tls:
+            refused.append((without(local, "--tls-server-name"), ""))  # 127.0.0.1 is not on the certificate
+        for attempt, why in refused:
+            result = run_admin(stepgate_bin, attempt)
+            assert result.returncode == 1 and why in result.stderr, (
+                f"admin list with {attempt}:\n{result.stdout}{result.stderr}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1114,7 +1462,7 @@ def test_notes_istio_provider_points_at_the_service(name):
     [entry] = mesh["meshConfig"]["extensionProviders"]
     provider = entry["envoyExtAuthzGrpc"]
     assert set(provider) <= GRPC_PROVIDER_FIELDS
-    service = r.one("Service")["metadata"]["name"]
+    service = main_service(r)["metadata"]["name"]
     assert provider["service"] == f"{service}.{r.namespace}.svc.cluster.local"
     assert provider["port"] == service_port(r, "grpc")["port"] == GRPC_PORT
     assert provider["failOpen"] is False and provider["statusOnError"] == "503"
@@ -1125,7 +1473,7 @@ def test_notes_envoy_cluster_is_valid_envoy_config(name, envoy_bin, make_certifi
     r = rendered(name)
     clusters = notes_snippet(r.notes, "clusters:")["clusters"]
     [cluster] = clusters
-    service = r.one("Service")["metadata"]["name"]
+    service = main_service(r)["metadata"]["name"]
     fqdn = f"{service}.{r.namespace}.svc.cluster.local"
     [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"]["socket_address"] == {"address": fqdn, "port_value": GRPC_PORT}
@@ -1171,7 +1519,7 @@ def test_helm_test_pod_asks_health_through_the_service(name, stepgate_bin):
     url = arg_value(args, "--server")
     assert url.startswith(f"{scheme}://"), url
     host, port = port_of(url.removeprefix(f"{scheme}://"))
-    service = r.one("Service")["metadata"]["name"]
+    service = main_service(r)["metadata"]["name"]
     assert host == f"{service}.{r.namespace}.svc" and port == service_port(r, "grpc")["port"]
     if CASES[name].tls:
         check_health_tls_args(name, pod["spec"], c, args)
@@ -1201,7 +1549,7 @@ def test_network_policy_lets_in_the_test_pod_with_tls_too():
 
 def test_names_follow_the_release():
     r = chart_render.template({}, release="edge", namespace="authz")
-    assert fullname(r) == r.one("Service")["metadata"]["name"] == "edge-stepgate"
+    assert fullname(r) == main_service(r)["metadata"]["name"] == "edge-stepgate"
     provider = notes_snippet(r.notes, "meshConfig:")["meshConfig"]["extensionProviders"][0]
     assert provider["envoyExtAuthzGrpc"]["service"] == "edge-stepgate.authz.svc.cluster.local"
     [pod] = r.hooks
@@ -1221,6 +1569,9 @@ TYPOS = [
     ({"probes": {"startup": {"failureTreshold": 10}}}, "failureTreshold"),
     ({"extraEnv": [{"name": "A", "vaule": "1"}]}, "vaule"),
     ({"policy": {"rule": []}}, "rule"),
+    ({"admin": {"enabeld": True}}, "enabeld"),
+    ({"admni": {"enabled": True}}, "admni"),
+    ({"networkPolicy": {"adminFromNamespace": ["security"]}}, "adminFromNamespace"),
 ]
 
 
@@ -1240,6 +1591,9 @@ WRONG_TYPES = [
     ({"tls": {"enabled": "yes"}}, "enabled"),
     ({"tracing": {"sampler": "often"}}, "sampler"),
     ({"image": {"digest": "latest"}}, "digest"),
+    ({"admin": {"enabled": "true"}}, "enabled"),
+    ({"admin": {"port": 70000}}, "port"),
+    ({"networkPolicy": {"adminFromNamespaces": ["Security Team"]}}, "adminFromNamespaces"),
 ]
 
 
@@ -1272,6 +1626,27 @@ INCONSISTENT = [
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
     ({"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled"),
     ({"policy": None}, "set policy"),
+    ({"adminListen": "127.0.0.1:50052"}, "adminListen is replaced by admin.enabled and admin.port"),
+    ({"admin": {"enabled": True, "port": 50051}}, "admin.port (50051) must differ from service.port"),
+    ({"admin": {"enabled": True, "port": 9464}}, "admin.port (9464) must differ from metrics.port"),
+    (
+        {"networkPolicy": {"enabled": True, "grpcNamespaces": ["payments"], "adminFromNamespaces": ["security"]}},
+        "networkPolicy.adminFromNamespaces needs admin.enabled",
+    ),
+    (
+        {"admin": {"enabled": True}, "networkPolicy": {"adminFromNamespaces": ["security"]}},
+        "networkPolicy.adminFromNamespaces needs networkPolicy.enabled",
+    ),
+    (
+        {
+            "admin": {"enabled": True},
+            "networkPolicy": {
+                "enabled": True, "grpcNamespaces": ["istio-system", "payments"],
+                "adminFromNamespaces": ["security", "istio-system"],
+            },
+        },
+        'networkPolicy.adminFromNamespaces must not list "istio-system"',
+    ),
 ]
 
 

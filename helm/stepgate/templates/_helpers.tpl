@@ -80,6 +80,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The admin listener's Service (admin.enabled); a Service name is at most 63 characters. */}}
+{{- define "stepgate.adminServiceName" -}}
+{{- printf "%s-admin" (include "stepgate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
 {{/* The Service's FQDN, as Istio's extension provider and Envoy's cluster name it. */}}
 {{- define "stepgate.fqdn" -}}
 {{- printf "%s.%s.svc.%s" (include "stepgate.fullname" .) .Release.Namespace .Values.clusterDomain }}
@@ -249,6 +254,30 @@ would stay unready.
 {{- end }}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.grpcNamespaces) }}
 {{- fail "networkPolicy.enabled needs networkPolicy.grpcNamespaces: the namespaces whose workloads (or Envoy) call stepgate" }}
+{{- end }}
+{{- if .Values.adminListen }}
+{{- fail "adminListen is replaced by admin.enabled and admin.port: the admin listener then listens on 0.0.0.0:<admin.port>, on a Service of its own (<fullname>-admin) and, with networkPolicy.enabled, reachable only from networkPolicy.adminFromNamespaces (docs/kubernetes.md)" }}
+{{- end }}
+{{- if .Values.admin.enabled }}
+{{- if eq (int .Values.admin.port) (int .Values.service.port) }}
+{{- fail (printf "admin.port (%d) must differ from service.port: the admin listener is a second listener" (int .Values.admin.port)) }}
+{{- end }}
+{{- if and .Values.metrics.enabled (eq (int .Values.admin.port) (int .Values.metrics.port)) }}
+{{- fail (printf "admin.port (%d) must differ from metrics.port" (int .Values.admin.port)) }}
+{{- end }}
+{{- end }}
+{{- with .Values.networkPolicy.adminFromNamespaces }}
+{{- if not $.Values.admin.enabled }}
+{{- fail "networkPolicy.adminFromNamespaces needs admin.enabled: true (it lets those namespaces reach the admin listener)" }}
+{{- end }}
+{{- if not $.Values.networkPolicy.enabled }}
+{{- fail "networkPolicy.adminFromNamespaces needs networkPolicy.enabled: true: without the NetworkPolicy every pod in the cluster can reach the admin port, not only these namespaces" }}
+{{- end }}
+{{- range . }}
+{{- if has . $.Values.networkPolicy.grpcNamespaces }}
+{{- fail (printf "networkPolicy.adminFromNamespaces must not list %q, which is in networkPolicy.grpcNamespaces: the namespaces that call the gRPC port (the mesh, gateways, Envoy) never reach the admin port; name the operators' namespace instead" .) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if .Values.autoscaling.enabled }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
