@@ -75,7 +75,9 @@ pub struct Subject<'a> {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: HashMap<(Kind, String), Arc<Block>>,
+    /// One map per kind but `Source` (indexed by [`exact_slot`]), so a lookup by `&str` needs
+    /// no key of its own.
+    exact: [HashMap<String, Arc<Block>>; 4],
     sources: Vec<(IpNet, Arc<Block>)>,
 }
 
@@ -132,9 +134,7 @@ impl Blocks {
             }
             table.sources.push((net, Arc::clone(&block)));
         } else {
-            table
-                .exact
-                .insert((block.kind, block.value.clone()), Arc::clone(&block));
+            table.exact[exact_slot(block.kind)].insert(block.value.clone(), Arc::clone(&block));
         }
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
@@ -151,9 +151,8 @@ impl Blocks {
             at.map(|i| table.sources.remove(i))
                 .is_some_and(|(_, b)| b.expires_at > now)
         } else {
-            table
-                .exact
-                .remove(&(kind, value))
+            table.exact[exact_slot(kind)]
+                .remove(&value)
                 .is_some_and(|b| b.expires_at > now)
         };
         self.count.store(table.len(), Relaxed);
@@ -166,7 +165,8 @@ impl Blocks {
         let table = self.read();
         let mut blocks: Vec<Arc<Block>> = table
             .exact
-            .values()
+            .iter()
+            .flat_map(HashMap::values)
             .chain(table.sources.iter().map(|(_, b)| b))
             .filter(|b| b.expires_at > now)
             .cloned()
@@ -190,9 +190,8 @@ impl Blocks {
         .into_iter()
         .filter_map(|(kind, value)| Some((kind, value?)))
         .find_map(|(kind, value)| {
-            table
-                .exact
-                .get(&(kind, value.to_owned()))
+            table.exact[exact_slot(kind)]
+                .get(value)
                 .filter(|b| b.expires_at > now)
                 .cloned()
         })
@@ -224,7 +223,7 @@ impl Blocks {
 
 impl Table {
     fn len(&self) -> usize {
-        self.exact.len() + self.sources.len()
+        self.exact.iter().map(HashMap::len).sum::<usize>() + self.sources.len()
     }
 
     fn contains(&self, kind: Kind, value: &str) -> bool {
@@ -232,13 +231,26 @@ impl Table {
             let net = value.parse::<IpNet>().ok();
             self.sources.iter().any(|(n, _)| Some(*n) == net)
         } else {
-            self.exact.contains_key(&(kind, value.to_owned()))
+            self.exact[exact_slot(kind)].contains_key(value)
         }
     }
 
     fn sweep(&mut self, now: i64) {
-        self.exact.retain(|_, b| b.expires_at > now);
+        for map in &mut self.exact {
+            map.retain(|_, b| b.expires_at > now);
+        }
         self.sources.retain(|(_, b)| b.expires_at > now);
+    }
+}
+
+/// Where a kind's map is in [`Table::exact`].
+fn exact_slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Subject => 0,
+        Kind::Tenant => 1,
+        Kind::ClientId => 2,
+        Kind::Token => 3,
+        Kind::Source => unreachable!("sources are CIDRs, kept apart"),
     }
 }
 
