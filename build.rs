@@ -49,13 +49,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn envoy_types_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=Cargo.lock");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
-        // Only the packages of this target, which the build has downloaded.
-        .args(["--filter-platform", &env::var("TARGET")?])
-        .arg("--manifest-path")
-        .arg(PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("Cargo.toml"))
-        .output()?;
+    let metadata = |offline: bool| {
+        let mut command = std::process::Command::new(&cargo);
+        command.args(["metadata", "--format-version", "1", "--locked"]);
+        if offline {
+            command.arg("--offline");
+        }
+        // Only the packages of this target.
+        command
+            .args(["--filter-platform", &env::var("TARGET")?])
+            .arg("--manifest-path")
+            .arg(PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("Cargo.toml"))
+            .output()
+            .map_err(Box::<dyn std::error::Error>::from)
+    };
+    // Offline first: the build has downloaded what it compiles. A build of the binary alone
+    // (`cargo build -p stepgate`, the Dockerfile) may not have downloaded the dev-dependencies
+    // the full resolve names; then cargo may fetch them.
+    let mut output = metadata(true)?;
+    if !output.status.success() {
+        output = metadata(false)?;
+    }
     if !output.status.success() {
         return Err(format!(
             "cargo metadata failed: {}",
