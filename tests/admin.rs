@@ -626,3 +626,59 @@ async fn envoy_enforces_blocks_and_logs_their_reason_id() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("source_blocked"), "{body}");
 }
+
+/// A single token blocked by its `jti` (or Entra `uti`): that token is refused, another token of
+/// the same subject is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_is_blocked_by_its_jti_or_uti() {
+    let policy = admin_policy();
+    let admin_port = free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let with_claim = |name: &str, value: &str| {
+        let mut extra = serde_json::Map::new();
+        extra.insert(name.into(), value.into());
+        mint(&TokenSpec {
+            subject: "alice".into(),
+            extra,
+            ..common::entra(&[], &[])
+        })
+    };
+    let leaked = with_claim("jti", "leaked-7f3a");
+    let leaked_entra = with_claim("uti", "FVsGxYXI30-TuikuuUoFAA");
+    let other = with_claim("jti", "fine-0001");
+    for id in ["leaked-7f3a", "FVsGxYXI30-TuikuuUoFAA"] {
+        let (code, block, stderr) = admin(
+            &admin_url,
+            &[
+                "block",
+                "--token-id",
+                id,
+                "--reason-id",
+                "LEAK-3",
+                "--ttl",
+                "1h",
+                "--bearer",
+                &operator,
+            ],
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(block["kind"], "token_id", "{block}");
+    }
+    for token in [&leaked, &leaked_entra] {
+        let answer = decide_as(&server, token).await;
+        assert_eq!(
+            (answer.reason.as_str(), answer.block.as_str()),
+            ("blocked", "LEAK-3")
+        );
+    }
+    assert_eq!(decide_as(&server, &other).await.outcome(), Outcome::Allow);
+}

@@ -86,6 +86,9 @@ struct Target {
     /// One token, by the fingerprint the decision log shows (12 hex digits).
     #[arg(long)]
     token_fingerprint: Option<String>,
+    /// One token, by its `jti` (or Entra `uti`).
+    #[arg(long)]
+    token_id: Option<String>,
     /// A source address or CIDR (Envoy's `source.address`).
     #[arg(long)]
     source: Option<String>,
@@ -98,6 +101,7 @@ impl Target {
             (BlockKind::Tenant, &self.tenant),
             (BlockKind::ClientId, &self.client_id),
             (BlockKind::Token, &self.token_fingerprint),
+            (BlockKind::TokenId, &self.token_id),
             (BlockKind::Source, &self.source),
         ]
         .into_iter()

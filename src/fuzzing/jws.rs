@@ -16,13 +16,15 @@ use crate::identity::{
 };
 
 /// The claims stepgate reads into slots of their own.
-const SLOTS: [&str; 19] = [
+const SLOTS: [&str; 21] = [
     "iss",
     "sub",
     "aud",
     "exp",
     "nbf",
     "iat",
+    "jti",
+    "uti",
     "tid",
     "azp",
     "appid",

@@ -27,6 +27,8 @@ pub struct Principal {
     pub auth_time: Option<i64>,
     /// `iat`, when the token has one.
     pub issued_at: Option<i64>,
+    /// The token's own id: `jti`, or Entra's `uti`.
+    pub token_id: Option<Arc<str>>,
     /// Entra: the client declared it handles claims challenges (`xms_cc` ∋ `cp1`).
     pub claims_challenge_capable: bool,
     pub scopes: Arc<[Arc<str>]>,
@@ -102,6 +104,11 @@ pub(super) fn read_principal(
         amr: list(claims.amr.as_ref(), "amr", interner)?,
         auth_time: numeric_date(claims.auth_time.as_ref(), "auth_time")?,
         issued_at: numeric_date(claims.iat.as_ref(), "iat")?,
+        // Unique per token: not shared through the interner.
+        token_id: match str(claims.jti.as_ref(), "jti")? {
+            Some(jti) => Some(Arc::from(jti)),
+            None => str(claims.uti.as_ref(), "uti")?.map(Arc::from),
+        },
         claims_challenge_capable: false,
         scopes: interner.list(scope_values),
         roles: list(claims.roles.as_ref(), "roles", interner)?,

@@ -35,6 +35,8 @@ pub enum Kind {
     ClientId,
     /// A token's fingerprint (12 hex digits).
     Token,
+    /// A token's `jti` (or Entra `uti`).
+    TokenId,
     /// A source address or CIDR.
     Source,
 }
@@ -46,6 +48,7 @@ impl Kind {
             Self::Tenant => "tenant",
             Self::ClientId => "client_id",
             Self::Token => "token",
+            Self::TokenId => "token_id",
             Self::Source => "source",
         }
     }
@@ -71,13 +74,14 @@ pub struct Subject<'a> {
     pub tenant: Option<&'a str>,
     pub client_id: Option<&'a str>,
     pub token: Option<&'a str>,
+    pub token_id: Option<&'a str>,
 }
 
 #[derive(Debug, Default)]
 struct Table {
     /// One map per kind but `Source` (indexed by [`exact_slot`]), so a lookup by `&str` needs
     /// no key of its own.
-    exact: [HashMap<String, Arc<Block>>; 4],
+    exact: [HashMap<String, Arc<Block>>; 5],
     sources: Vec<(IpNet, Arc<Block>)>,
 }
 
@@ -186,6 +190,7 @@ impl Blocks {
             (Kind::Tenant, who.tenant),
             (Kind::ClientId, who.client_id),
             (Kind::Token, who.token),
+            (Kind::TokenId, who.token_id),
         ]
         .into_iter()
         .filter_map(|(kind, value)| Some((kind, value?)))
@@ -250,6 +255,7 @@ fn exact_slot(kind: Kind) -> usize {
         Kind::Tenant => 1,
         Kind::ClientId => 2,
         Kind::Token => 3,
+        Kind::TokenId => 4,
         Kind::Source => unreachable!("sources are CIDRs, kept apart"),
     }
 }
@@ -289,7 +295,7 @@ fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
                 )))
             }
         }
-        Kind::Subject | Kind::Tenant | Kind::ClientId => Ok(value.to_owned()),
+        Kind::Subject | Kind::Tenant | Kind::ClientId | Kind::TokenId => Ok(value.to_owned()),
     }
 }
 

@@ -128,6 +128,7 @@ fn kind(target: Option<&BlockTarget>) -> Result<(Kind, &str), Status> {
         BlockKind::Tenant => Kind::Tenant,
         BlockKind::ClientId => Kind::ClientId,
         BlockKind::Token => Kind::Token,
+        BlockKind::TokenId => Kind::TokenId,
         BlockKind::Source => Kind::Source,
         BlockKind::Unspecified => {
             return Err(Status::invalid_argument("target.kind is required"));
@@ -142,6 +143,7 @@ fn to_wire(block: &Block) -> v1::Block {
         Kind::Tenant => BlockKind::Tenant,
         Kind::ClientId => BlockKind::ClientId,
         Kind::Token => BlockKind::Token,
+        Kind::TokenId => BlockKind::TokenId,
         Kind::Source => BlockKind::Source,
     };
     v1::Block {

@@ -298,6 +298,7 @@ mod tests {
             amr: Arc::from([]),
             auth_time: None,
             issued_at: None,
+            token_id: None,
             claims_challenge_capable: false,
             scopes: Arc::from([]),
             roles: Arc::from([]),

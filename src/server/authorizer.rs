@@ -145,6 +145,7 @@ impl Authorizer {
             tenant: principal.tenant.as_deref(),
             client_id: principal.client_id.as_deref(),
             token: decision.token_fingerprint.as_deref(),
+            token_id: principal.token_id.as_deref(),
         };
         let Some(block) = self.blocks.matching(who, now) else {
             return decision;
