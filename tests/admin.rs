@@ -37,11 +37,21 @@ fn admin_policy() -> TempPolicy {
     TempPolicy::new("admin", &text)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// stepgate on [`admin_policy`] with an admin listener (and metrics if asked), ready: the policy
+/// (kept for the server's life), the server and the admin listener's URL.
+async fn start_with_admin(metrics: bool) -> (TempPolicy, Server, String) {
+    let policy = admin_policy();
+    let admin_port = envoy::free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            metrics,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    (policy, server, format!("http://127.0.0.1:{admin_port}"))
 }
 
 /// A demo-oidc token of `subject` with `roles`.
@@ -133,18 +143,7 @@ async fn check_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
-    let policy = admin_policy();
-    let admin_port = free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let (_policy, server, admin_url) = start_with_admin(true).await;
     let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
     let alice = token_of("alice", &[]);
     let bob = token_of("bob", &[]);
@@ -303,16 +302,7 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_without_the_right_credential_are_refused() {
-    let policy = admin_policy();
-    let admin_port = free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let (_policy, server, admin_url) = start_with_admin(false).await;
     let list = |endpoint: String, bearer: Option<String>| async move {
         let channel = Endpoint::from_shared(endpoint)
             .unwrap()
@@ -331,7 +321,6 @@ async fn callers_without_the_right_credential_are_refused() {
             .map(|_| ())
             .map_err(|s| s.code())
     };
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
     let entra_admin = mint(&TokenSpec {
         roles: vec![ADMIN_ROLE.to_owned()],
         ..TokenSpec::default()
@@ -438,17 +427,7 @@ fn issued_at(spec: TokenSpec, subject: &str, iat: i64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     use base64::Engine as _;
-    let policy = admin_policy();
-    let admin_port = free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let (_policy, server, admin_url) = start_with_admin(false).await;
     let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
     let now = common::unix_now();
     let revoked_at = now - 60;
@@ -542,19 +521,9 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
 /// (Envoy's own client address) is refused even without a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_enforces_blocks_and_logs_their_reason_id() {
-    let policy = admin_policy();
-    let admin_port = free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let (_policy, server, admin_url) = start_with_admin(false).await;
     let echo = envoy::Echo::start().await;
     let proxy = envoy::Envoy::start(envoy::ENVOY_YAML, server.port, echo.port).await;
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
     let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
     let alice = token_of("alice", &[]);
     let http = reqwest::Client::new();
@@ -631,17 +600,7 @@ async fn envoy_enforces_blocks_and_logs_their_reason_id() {
 /// the same subject is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_token_is_blocked_by_its_jti_or_uti() {
-    let policy = admin_policy();
-    let admin_port = free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    let (_policy, server, admin_url) = start_with_admin(false).await;
     let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
     let with_claim = |name: &str, value: &str| {
         let mut extra = serde_json::Map::new();

@@ -297,8 +297,17 @@ fn endpoint(port: u16, trust: &[&Ca], identity: Option<&Leaf>) -> Endpoint {
 /// `stepgate serve` on the demo policy with `args` (the TLS flags) and metrics, once health says
 /// SERVING through `ready` (a client the server accepts).
 async fn start(args: &[&str], ready: impl Fn(u16) -> Endpoint) -> Server {
+    start_on(&demo_policy_path(), args, ready).await
+}
+
+/// As [`start`], on the policy at `policy`.
+async fn start_on(
+    policy: &std::path::Path,
+    args: &[&str],
+    ready: impl Fn(u16) -> Endpoint,
+) -> Server {
     let server = Server::spawn_with(
-        &demo_policy_path(),
+        policy,
         Spawn {
             args: args.iter().map(|a| a.to_string()).collect(),
             metrics: true,
@@ -1337,25 +1346,19 @@ async fn explain_is_given_to_the_client_certificates_the_policy_names() {
             common::demo_policy_text()
         ),
     );
-    let server = Server::spawn_with(
+    let server = start_on(
         &policy.path,
-        Spawn {
-            args: [
-                "--tls-cert",
-                arg(&cert),
-                "--tls-key",
-                arg(&key),
-                "--client-ca",
-                arg(&client_ca),
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-            ..Spawn::default()
-        },
-    );
-    server
-        .wait_ready_at(endpoint(server.port, &[&ca], Some(&debugger)))
-        .await;
+        &[
+            "--tls-cert",
+            arg(&cert),
+            "--tls-key",
+            arg(&key),
+            "--client-ca",
+            arg(&client_ca),
+        ],
+        |port| endpoint(port, &[&ca], Some(&debugger)),
+    )
+    .await;
     let explained = |leaf: &Leaf| {
         let endpoint = endpoint(server.port, &[&ca], Some(leaf));
         async move {
@@ -1413,31 +1416,22 @@ async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
             common::demo_policy_text()
         ),
     );
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let server = Server::spawn_with(
+    let admin_port = envoy::free_port();
+    let server = start_on(
         &policy.path,
-        Spawn {
-            args: [
-                "--tls-cert",
-                arg(&cert),
-                "--tls-key",
-                arg(&key),
-                "--client-ca",
-                arg(&client_ca),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin_port}"),
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-            ..Spawn::default()
-        },
-    );
-    server
-        .wait_ready_at(endpoint(server.port, &[&ca], Some(&gateway)))
-        .await;
+        &[
+            "--tls-cert",
+            arg(&cert),
+            "--tls-key",
+            arg(&key),
+            "--client-ca",
+            arg(&client_ca),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+        ],
+        |port| endpoint(port, &[&ca], Some(&gateway)),
+    )
+    .await;
     let block_as = |leaf: &Leaf, port: u16| {
         let endpoint = endpoint(port, &[&ca], Some(leaf));
         async move {

@@ -134,15 +134,22 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     })
 }
 
-fn compile_admin(config: &schema::AdminConfig, issuers: &Issuers) -> Result<AdminAccess> {
-    for (i, san) in config.client_sans.iter().enumerate() {
+/// A list of client certificate names (compared exactly with a certificate's SANs): none empty or
+/// padded with spaces, which would never match.
+fn check_sans(sans: &[String], path: &str) -> Result<()> {
+    for (i, san) in sans.iter().enumerate() {
         if san.trim().is_empty() || san.trim() != san {
             return err(
-                format!("admin.client_sans[{i}]"),
+                format!("{path}[{i}]"),
                 "must be a subject alternative name without surrounding spaces",
             );
         }
     }
+    Ok(())
+}
+
+fn compile_admin(config: &schema::AdminConfig, issuers: &Issuers) -> Result<AdminAccess> {
+    check_sans(&config.client_sans, "admin.client_sans")?;
     for (i, id) in config.issuers.iter().enumerate() {
         if issuers.by_id(id).is_none() {
             return err(
@@ -175,14 +182,7 @@ fn compile_explain(config: &schema::ExplainConfig) -> Result<ExplainAccess> {
              admin_listener: true (--admin-listen)",
         );
     }
-    for (i, san) in config.client_sans.iter().enumerate() {
-        if san.trim().is_empty() || san.trim() != san {
-            return err(
-                format!("explain.client_sans[{i}]"),
-                "must be a subject alternative name without surrounding spaces",
-            );
-        }
-    }
+    check_sans(&config.client_sans, "explain.client_sans")?;
     Ok(ExplainAccess {
         enabled: config.enabled,
         client_sans: config.client_sans.clone(),

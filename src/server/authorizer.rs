@@ -150,15 +150,8 @@ impl Authorizer {
         let Some(block) = self.blocks.matching(who, now) else {
             return decision;
         };
-        let mut denied = blocked(Reason::Blocked, &block, !decision.explain.is_empty());
-        denied.explain.splice(0..0, decision.explain);
-        Decision {
-            rule: decision.rule,
-            principal: decision.principal,
-            token_fingerprint: decision.token_fingerprint,
-            token_cached: decision.token_cached,
-            ..denied
-        }
+        let denied = blocked(Reason::Blocked, &block, !decision.explain.is_empty());
+        overridden(decision, denied)
     }
 
     /// A decision on a verified token issued before its subject's sessions were revoked becomes
@@ -207,7 +200,6 @@ impl Authorizer {
             }
         };
         if !decision.explain.is_empty() {
-            revoked.explain = decision.explain;
             revoked.explain.push(ExplainStep {
                 stage: "revocation",
                 detail: format!(
@@ -219,13 +211,7 @@ impl Authorizer {
                 ),
             });
         }
-        Decision {
-            rule: decision.rule,
-            principal: decision.principal,
-            token_fingerprint: decision.token_fingerprint,
-            token_cached: decision.token_cached,
-            ..revoked
-        }
+        overridden(decision, revoked)
     }
 
     /// Answers a call that failed while it was being decided (a panic, caught at its front door):
@@ -260,6 +246,19 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `by` in place of the engine's `decision` (an operator's block or revocation), keeping what the
+/// engine learned of the token (rule, principal, fingerprint, cache) and its explain steps first.
+fn overridden(decision: Decision, mut by: Decision) -> Decision {
+    by.explain.splice(0..0, decision.explain);
+    Decision {
+        rule: decision.rule,
+        principal: decision.principal,
+        token_fingerprint: decision.token_fingerprint,
+        token_cached: decision.token_cached,
+        ..by
+    }
 }
 
 /// `403 blocked` or `403 source_blocked` for `block`: its reason id travels (dynamic metadata,
