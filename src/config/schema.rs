@@ -39,6 +39,121 @@ pub struct PolicyFile {
     /// Who may call the admin API (`stepgate.v1.AdminService`, on `--admin-listen`).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Risk signals counted over sliding windows, what crossing them does, and where the shared
+    /// state (counters, blocks, revocations) is kept.
+    #[serde(default)]
+    pub risk: RiskConfig,
+}
+
+/// The `risk:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskConfig {
+    /// `memory` (one replica; the default) or a Redis URL (`redis://host:6379/0`,
+    /// `rediss://…` for TLS) shared by every replica. Read at start-up.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// What decisions do while the Redis store is unreachable: `keep_last` (decide from the last
+    /// known blocks and revocations, count locally) or `fail_closed` (refuse every request, 503).
+    #[serde(default)]
+    pub on_store_failure: StoreFailureConfig,
+    /// Keys tracked per signal; past it, the keys with the lowest counts make room.
+    #[serde(default = "default_risk_max_keys")]
+    pub max_keys: usize,
+    /// Named signals (the name is what CEL reads as `risk.<name>`).
+    #[serde(default)]
+    pub signals: BTreeMap<String, SignalConfig>,
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        Self {
+            store: None,
+            on_store_failure: StoreFailureConfig::default(),
+            max_keys: default_risk_max_keys(),
+            signals: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_risk_max_keys() -> usize {
+    100_000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFailureConfig {
+    #[default]
+    KeepLast,
+    FailClosed,
+}
+
+/// One risk signal: what is counted, per what key, over which window, and what happens at the
+/// threshold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalConfig {
+    #[serde(default)]
+    pub description: String,
+    /// `deny`, `step_up`, `invalid_token` or `sources` (distinct source addresses).
+    pub count: SignalEventConfig,
+    /// `subject`, `source`, `client_id`, `tenant` or `token` (the token's fingerprint).
+    pub key: SignalKeyConfig,
+    pub window: Seconds,
+    /// The count at which the action applies.
+    pub threshold: u32,
+    /// `log` (the default: shadow), `step_up` or `block`.
+    #[serde(default)]
+    pub action: SignalActionConfig,
+    /// With `action: step_up`: the stronger authentication asked on every protected route while
+    /// the count is at or past the threshold (auth_contexts, acr, amr, max_age).
+    #[serde(default)]
+    pub require: Option<RequireConfig>,
+    /// With `action: block`: how long the key is blocked.
+    #[serde(default)]
+    pub block_for: Option<Seconds>,
+    /// With `key: source`: the prefix length an IPv4 source is grouped by (32: each address).
+    #[serde(default = "default_ipv4_prefix")]
+    pub ipv4_prefix: u8,
+    /// With `key: source`: the prefix length an IPv6 source is grouped by (64: one subnet, what
+    /// one host is usually given).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+fn default_ipv4_prefix() -> u8 {
+    32
+}
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalEventConfig {
+    Deny,
+    StepUp,
+    InvalidToken,
+    Sources,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKeyConfig {
+    Subject,
+    Source,
+    ClientId,
+    Tenant,
+    Token,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalActionConfig {
+    #[default]
+    Log,
+    StepUp,
+    Block,
 }
 
 /// The admin API's callers: a client certificate naming one of `client_sans`, or a bearer token

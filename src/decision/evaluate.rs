@@ -8,7 +8,8 @@
 //! 3. rule matching, first match wins; a condition that cannot be evaluated denies;
 //! 4. no token → 401 with a bare `Bearer realm` (nothing about the route is revealed);
 //! 5. requirement = the rule's + every escalation whose condition holds (or cannot be evaluated:
-//!    failing towards the stronger requirement);
+//!    failing towards the stronger requirement) + every `step_up` risk signal at its threshold for
+//!    the request's key;
 //! 6. authorization (issuer, scopes, roles, claims, `when`) → 403 `insufficient_scope`;
 //! 7. authentication (auth contexts, acr, amr, max_age) → STEP_UP in the issuer's challenge style,
 //!    or DENY where the caller cannot step up.
@@ -28,15 +29,23 @@ use crate::{
         condition::{CelInput, Condition},
     },
     request::{AccessRequest, RequestProblem, path},
+    risk::signals::{Action, Keys},
 };
 
 /// Decides one request at unix time `now`.
 pub fn decide(policy: &Policy, request: &AccessRequest, now: i64) -> Decision {
+    decide_at(policy, request, now, now * 1000)
+}
+
+/// [`decide`], reading the risk signals' counters at `now_ms` (unix milliseconds, the same
+/// instant as `now`).
+pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64) -> Decision {
     let mut run = Run {
         policy,
         explain: request.explain.then(Vec::new),
         fingerprint: None,
         token_cached: None,
+        now_ms,
     };
     let decision = run.evaluate(request, now);
     fit_proxy_header_limit(policy, request, decision)
@@ -93,6 +102,7 @@ struct Run<'p> {
     explain: Option<Vec<ExplainStep>>,
     fingerprint: Option<String>,
     token_cached: Option<bool>,
+    now_ms: i64,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
@@ -237,13 +247,37 @@ impl<'p> Run<'p> {
         };
 
         // 3. Rule.
+        let risk_fingerprint = (!policy.risk.signals.is_empty())
+            .then(|| self.fingerprint.clone())
+            .flatten();
+        let risk_keys = Keys {
+            subject: token.as_ref().map(|t| &*t.principal.subject),
+            tenant: token.as_ref().and_then(|t| t.principal.tenant.as_deref()),
+            client_id: token
+                .as_ref()
+                .and_then(|t| t.principal.client_id.as_deref()),
+            token: token.as_ref().and(risk_fingerprint.as_deref()),
+            source: request.source.as_ref().map(|s| s.address.as_str()),
+        };
+        let now_ms = self.now_ms;
+        let risk_counts = || {
+            let mut counts = serde_json::Map::new();
+            for signal in &policy.risk.signals {
+                let n = signal
+                    .key_of(&risk_keys)
+                    .map_or(0, |key| signal.count(&key, now_ms));
+                counts.insert(signal.name.to_string(), Value::from(n));
+            }
+            counts
+        };
         let input = CelInput::new(
             &policy.cel,
             request,
             normalized.as_deref(),
             token.as_ref().map(|t| &t.claims),
             now,
-        );
+        )
+        .with_risk(&risk_counts);
         let lowered = normalized.as_deref().map(|path| {
             if path.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(path.to_ascii_lowercase())
@@ -308,6 +342,27 @@ impl<'p> Run<'p> {
                     });
                     effective.add(&escalation.require);
                 }
+            }
+        }
+        for signal in &policy.risk.signals {
+            let Action::StepUp(require) = &signal.action else {
+                continue;
+            };
+            let Some(key) = signal.key_of(&risk_keys) else {
+                continue;
+            };
+            let count = signal.count(&key, now_ms);
+            if signal.reached(count) {
+                self.step("risk", || {
+                    format!(
+                        "risk signal {:?} counts {count} for this {} (threshold {}): its \
+                         step-up applies",
+                        signal.name,
+                        signal.key.as_str(),
+                        signal.threshold
+                    )
+                });
+                effective.add(require);
             }
         }
 

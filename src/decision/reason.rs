@@ -75,12 +75,40 @@ reasons! {
     // 403 by an operator's block (admin API)
     Blocked => "blocked",
     SourceBlocked => "source_blocked",
+    // 503: the shared risk store is unreachable and the policy fails closed
+    RiskStoreUnavailable => "risk_store_unavailable",
     // STEP_UP (or 403 where the issuer cannot challenge)
     MissingAuthContext => "missing_auth_context",
     AcrNotAccepted => "acr_not_accepted",
     MissingAmr => "missing_amr",
     AuthTimeMissing => "auth_time_missing",
     AuthTooOld => "auth_too_old",
+}
+
+impl Reason {
+    /// Whether the request presented a token that was refused as invalid (malformed, forged,
+    /// expired, of an unknown issuer or tenant): what a `count: invalid_token` risk signal counts.
+    pub fn is_invalid_token(self) -> bool {
+        matches!(
+            self,
+            Reason::TokenTooLarge
+                | Reason::TokenMalformed
+                | Reason::TokenTypeInvalid
+                | Reason::TokenHeaderForbidden
+                | Reason::TokenUnverifiable
+                | Reason::AlgorithmNotAllowed
+                | Reason::IssuerUnknown
+                | Reason::UnknownKid
+                | Reason::KeyMismatch
+                | Reason::SignatureInvalid
+                | Reason::TokenExpired
+                | Reason::TokenNotYetValid
+                | Reason::AudienceMismatch
+                | Reason::ClaimInvalid
+                | Reason::TenantMismatch
+                | Reason::TenantNotAllowed
+        )
+    }
 }
 
 impl From<&TokenError> for Reason {

@@ -106,6 +106,8 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let upstream = compile_upstream(&file.upstream)?;
     let explain = compile_explain(&file.explain)?;
     let admin = compile_admin(&file.admin, &issuers)?;
+    let risk = super::risk::compile_risk(&file.risk, &cel, &auth_contexts)?;
+    super::risk::check_risk_reads(&rules, &risk)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
         realm: check_quotable(&file.realm, "realm")?,
@@ -125,6 +127,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         cel,
         explain,
         admin,
+        risk,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
             file.limits.token_cache_bytes.0,
@@ -665,7 +668,7 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
     })
 }
 
-fn compile_requirement(
+pub(super) fn compile_requirement(
     r: &schema::RequireConfig,
     path: &str,
     cel: &Arc<cel::Env>,

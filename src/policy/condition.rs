@@ -1,7 +1,8 @@
 //! CEL conditions, parsed once when the policy is compiled and evaluated against a request.
 //!
 //! Variables: `request` (`operation`, `method`, `host`, `path`, `query`, `headers`, `attributes`,
-//! `context`), `claims` (the verified token's claims; empty without a token) and `now` (unix seconds).
+//! `context`), `claims` (the verified token's claims; empty without a token), `now` (unix seconds)
+//! and `risk` (the request's count of each risk signal, by name).
 
 use std::{cell::OnceCell, sync::Arc};
 
@@ -27,6 +28,7 @@ struct Uses {
     headers: bool,
     claims: bool,
     now: bool,
+    risk: bool,
 }
 
 impl std::fmt::Debug for Condition {
@@ -60,6 +62,7 @@ impl Condition {
             headers: source.contains("headers"),
             claims: references.has_variable("claims"),
             now: references.has_variable("now"),
+            risk: references.has_variable("risk"),
         };
         Ok(Self {
             source: source.to_owned(),
@@ -85,6 +88,9 @@ impl Condition {
         }
         if self.uses.now {
             ctx.add_variable_from_value("now", Value::Int(input.now));
+        }
+        if self.uses.risk {
+            ctx.add_variable_from_value("risk", input.risk());
         }
         match self.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),
@@ -114,6 +120,9 @@ pub struct CelInput<'a> {
     request_value: OnceCell<Value>,
     request_with_headers: OnceCell<Value>,
     claims_value: OnceCell<Value>,
+    /// The risk signals' counts for this request, by name (read only by expressions that use them).
+    risk_counts: Option<&'a dyn Fn() -> Map<String, Json>>,
+    risk_value: OnceCell<Value>,
 }
 
 impl<'a> CelInput<'a> {
@@ -133,7 +142,25 @@ impl<'a> CelInput<'a> {
             request_value: OnceCell::new(),
             request_with_headers: OnceCell::new(),
             claims_value: OnceCell::new(),
+            risk_counts: None,
+            risk_value: OnceCell::new(),
         }
+    }
+
+    /// Where `risk` comes from: called at most once, by the first expression that reads it.
+    pub fn with_risk(mut self, counts: &'a dyn Fn() -> Map<String, Json>) -> Self {
+        self.risk_counts = Some(counts);
+        self
+    }
+
+    fn risk(&self) -> Value {
+        self.risk_value
+            .get_or_init(|| {
+                to_cel(Json::Object(
+                    self.risk_counts.map(|f| f()).unwrap_or_default(),
+                ))
+            })
+            .clone()
     }
 
     fn claims(&self) -> Value {

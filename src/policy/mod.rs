@@ -7,6 +7,7 @@
 mod compile;
 pub mod condition;
 pub mod pattern;
+mod risk;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -19,6 +20,7 @@ use pattern::{PathGlob, Wildcard};
 use crate::{
     identity::{Issuers, TokenCache},
     request::{HeaderLimits, path::PathParameters},
+    risk::signals::RiskPolicy,
 };
 
 pub struct Policy {
@@ -36,6 +38,8 @@ pub struct Policy {
     pub explain: ExplainAccess,
     /// Who may call the admin API.
     pub admin: AdminAccess,
+    /// Risk signals and the shared store's settings.
+    pub risk: RiskPolicy,
     /// Tokens verified under this policy (a reload starts a new cache).
     pub token_cache: TokenCache,
 }

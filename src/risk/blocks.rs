@@ -164,6 +164,21 @@ impl Blocks {
         Ok(removed)
     }
 
+    /// The block in force on exactly this target (`value` normalized), if any.
+    pub fn get(&self, kind: Kind, value: &str, now: i64) -> Option<Arc<Block>> {
+        let table = self.read();
+        let block = if kind == Kind::Source {
+            table
+                .sources
+                .iter()
+                .find(|(net, _)| net.to_string() == value)
+                .map(|(_, b)| b)
+        } else {
+            table.exact[exact_slot(kind)].get(value)
+        };
+        block.filter(|b| b.expires_at > now).cloned()
+    }
+
     /// The blocks in force, by kind and value.
     pub fn list(&self, now: i64) -> Vec<Arc<Block>> {
         let table = self.read();
@@ -262,7 +277,7 @@ fn exact_slot(kind: Kind) -> usize {
 
 /// The stored form of a target: a source as a CIDR (an address is its /32 or /128, host bits
 /// cleared), a fingerprint checked, other values as given (non-empty, at most 1 KiB).
-fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
+pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
     if value.is_empty() || value.len() > 1024 {
         return Err(BlockError::Invalid(format!(
             "a {} must be 1 to 1024 bytes",

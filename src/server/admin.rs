@@ -18,14 +18,16 @@ use super::{
 };
 use crate::{
     api::v1::{
-        self, BlockKind, BlockRequest, BlockResponse, BlockTarget, ListBlocksRequest,
-        ListBlocksResponse, RevokeRequest, RevokeResponse, UnblockRequest, UnblockResponse,
+        self, BlockKind, BlockRequest, BlockResponse, BlockTarget, GetRiskCountsRequest,
+        GetRiskCountsResponse, ListBlocksRequest, ListBlocksResponse, RevokeRequest,
+        RevokeResponse, RiskCount, UnblockRequest, UnblockResponse,
         admin_service_server::AdminService,
     },
     identity::{Credential, bearer},
     risk::{
         blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
         revocations::{Revocation, RevokeError},
+        signals::{KeyKind, Keys},
     },
     telemetry::metrics,
 };
@@ -194,8 +196,8 @@ impl Admin {
         let now = unix_now();
         let block = self
             .authorizer
-            .blocks()
-            .set(
+            .risk()
+            .set_block(
                 Block {
                     kind,
                     value: value.to_owned(),
@@ -240,8 +242,8 @@ impl Admin {
         }
         let removed = self
             .authorizer
-            .blocks()
-            .remove(kind, value, unix_now())
+            .risk()
+            .remove_block(kind, value, unix_now())
             .map_err(refused)?;
         tracing::info!(
             target: "stepgate::audit",
@@ -291,8 +293,8 @@ impl Admin {
         }
         let revocation = self
             .authorizer
-            .revocations()
-            .set(
+            .risk()
+            .revoke(
                 Revocation {
                     subject: request.subject,
                     before,
@@ -326,8 +328,71 @@ impl Admin {
     }
 }
 
+impl Admin {
+    async fn risk_counts_call(
+        &self,
+        request: Request<GetRiskCountsRequest>,
+    ) -> Result<Response<GetRiskCountsResponse>, Status> {
+        self.caller(&request)?;
+        let request = request.into_inner();
+        let (kind, value) = kind(request.key.as_ref())?;
+        let key_kind = match kind {
+            Kind::Subject => KeyKind::Subject,
+            Kind::Tenant => KeyKind::Tenant,
+            Kind::ClientId => KeyKind::ClientId,
+            Kind::Token => KeyKind::Token,
+            Kind::Source => KeyKind::Source,
+            Kind::TokenId => {
+                return Err(Status::invalid_argument(
+                    "key: no risk signal counts per token id (use the token's fingerprint)",
+                ));
+            }
+        };
+        let keys = Keys {
+            subject: Some(value),
+            tenant: Some(value),
+            client_id: Some(value),
+            token: Some(value),
+            source: Some(value),
+        };
+        let policy = self.authorizer.policy();
+        let now_ms = super::authorizer::unix_now_ms();
+        let counts = policy
+            .risk
+            .signals
+            .iter()
+            .filter(|s| s.key == key_kind)
+            .map(|signal| {
+                // A source the signal cannot group (a CIDR) is looked up as given.
+                let key = signal
+                    .key_of(&keys)
+                    .map_or_else(|| value.to_owned(), |k| k.into_owned());
+                let count = signal.count(&key, now_ms);
+                RiskCount {
+                    signal: signal.name.to_string(),
+                    counts: signal.event.as_str().to_owned(),
+                    key,
+                    count,
+                    threshold: signal.threshold,
+                    window_seconds: signal.window_seconds,
+                    action: signal.action.as_str().to_owned(),
+                    reached: signal.reached(count),
+                }
+            })
+            .collect();
+        Ok(Response::new(GetRiskCountsResponse { counts }))
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn get_risk_counts(
+        &self,
+        request: Request<GetRiskCountsRequest>,
+    ) -> Result<Response<GetRiskCountsResponse>, Status> {
+        counted("counts", self.risk_counts_call(request).await)
+    }
+
     async fn block(
         &self,
         request: Request<BlockRequest>,

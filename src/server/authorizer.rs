@@ -1,8 +1,9 @@
 //! The shared state behind both front doors: the current policy snapshot, swapped whole on
-//! reload, and the operators' blocks and revocations applied over its decisions.
+//! reload, and the risk state (operators' blocks and revocations, the signals' counters)
+//! applied over and fed by its decisions.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Weak},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,6 +22,8 @@ use crate::{
     risk::{
         blocks::{Block, Blocks, Subject},
         revocations::Revocations,
+        signals::StoreFailure,
+        store::RiskState,
     },
     telemetry::{self, traces},
 };
@@ -31,22 +34,38 @@ pub struct Authorizer {
     policy: ArcSwap<Policy>,
     /// `decision::decide`; tests put an engine that fails in its place.
     engine: Engine,
-    /// Operators' blocks (admin API), applied over the engine's decisions.
-    blocks: Arc<Blocks>,
-    /// Operators' revocations of sessions (admin API), applied the same way.
-    revocations: Arc<Revocations>,
+    /// Blocks and revocations (admin API, risk signals), applied over the engine's decisions,
+    /// and the link that shares them (and the counters) with the other replicas.
+    risk: Arc<RiskState>,
 }
 
-type Engine = fn(&Policy, &AccessRequest, i64) -> Decision;
+/// `decision::decide_at`: (policy, request, now in seconds, now in milliseconds).
+type Engine = fn(&Policy, &AccessRequest, i64, i64) -> Decision;
 
 impl Authorizer {
+    /// An authorizer whose risk state is in memory, shared with nobody.
     pub fn new(policy: Arc<Policy>) -> Self {
         Self {
             policy: ArcSwap::new(policy),
-            engine: decision::decide,
-            blocks: Arc::default(),
-            revocations: Arc::default(),
+            engine: decision::decide_at,
+            risk: RiskState::memory(),
         }
+    }
+
+    /// An authorizer with the risk store its policy names (`risk.store`): with Redis, linked in
+    /// the background from now on (on the current Tokio runtime).
+    pub fn start(policy: Arc<Policy>) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Self>| {
+            let me = me.clone();
+            let risk = RiskState::start(&policy.risk.store, move || {
+                me.upgrade().map(|authorizer| authorizer.policy())
+            });
+            Self {
+                policy: ArcSwap::new(policy),
+                engine: decision::decide_at,
+                risk,
+            }
+        })
     }
 
     /// An authorizer deciding with `engine` (a test's stand-in for a bug in the engine).
@@ -55,26 +74,43 @@ impl Authorizer {
         Self {
             policy: ArcSwap::new(policy),
             engine,
-            blocks: Arc::default(),
-            revocations: Arc::default(),
+            risk: RiskState::memory(),
         }
     }
 
-    /// The operators' blocks this authorizer applies.
-    pub fn blocks(&self) -> &Arc<Blocks> {
-        &self.blocks
+    /// The blocks, revocations and shared store this authorizer applies.
+    pub fn risk(&self) -> &Arc<RiskState> {
+        &self.risk
     }
 
-    /// The operators' revocations this authorizer applies.
-    pub fn revocations(&self) -> &Arc<Revocations> {
-        &self.revocations
+    /// The blocks this authorizer applies.
+    pub fn blocks(&self) -> &Blocks {
+        self.risk.blocks()
+    }
+
+    /// The revocations this authorizer applies.
+    pub fn revocations(&self) -> &Revocations {
+        self.risk.revocations()
     }
 
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
     }
 
+    /// Serves `policy` from now on. The risk signals it shares with the running policy (same
+    /// name, same counting) keep their counters. The store is chosen at start: a reload naming
+    /// another one is logged and takes effect at the next start.
     pub fn replace(&self, policy: Arc<Policy>) {
+        let old = self.policy.load();
+        policy.risk.inherit(&old.risk);
+        if policy.risk.store != old.risk.store {
+            tracing::warn!(
+                running = %old.risk.store.redacted(),
+                configured = %policy.risk.store.redacted(),
+                "risk.store changed: the running store is kept until stepgate restarts"
+            );
+        }
+        drop(old);
         self.policy.store(policy);
     }
 
@@ -106,26 +142,37 @@ impl Authorizer {
         let span = traces::start_decision(door, parent);
         let started = Instant::now();
         let policy = self.policy.load();
-        let now = unix_now();
+        let now_ms = unix_now_ms();
+        let now = now_ms.div_euclid(1000);
         let source_block = request
             .source
             .as_ref()
-            .and_then(|peer| self.blocks.matching_source(&peer.address, now));
-        let decision = match source_block {
-            // Before the token is read: a blocked source learns nothing about it.
-            Some(block) => blocked(Reason::SourceBlocked, &block, request.explain),
-            None => {
-                let mut decision = (self.engine)(&policy, request, now);
+            .and_then(|peer| self.risk.blocks().matching_source(&peer.address, now));
+        let decision =
+            if policy.risk.on_store_failure == StoreFailure::FailClosed && self.risk.store_down() {
+                let mut d = Decision::refusal(
+                    503,
+                    Reason::RiskStoreUnavailable,
+                    "the shared risk store is unreachable and the policy fails closed",
+                );
+                d.www_authenticate = None;
+                d
+            } else if let Some(block) = source_block {
+                // Before the token is read: a blocked source learns nothing about it.
+                blocked(Reason::SourceBlocked, &block, request.explain)
+            } else {
+                let mut decision = (self.engine)(&policy, request, now, now_ms);
                 if let Some((issuer_id, kid)) = &decision.unknown_key
                     && let Some(issuer) = policy.issuers.by_id(issuer_id)
                     && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
                 {
-                    decision = (self.engine)(&policy, request, unix_now());
+                    let now_ms = unix_now_ms();
+                    decision = (self.engine)(&policy, request, now_ms.div_euclid(1000), now_ms);
                 }
                 let decision = self.apply_blocks(decision, now);
                 self.apply_revocations(decision, &policy, now)
-            }
-        };
+            };
+        self.risk.record(&policy, request, &decision, now_ms);
         telemetry::log_decision(door, &decision, started.elapsed());
         span.end(door, &decision);
         (decision, policy)
@@ -147,7 +194,7 @@ impl Authorizer {
             token: decision.token_fingerprint.as_deref(),
             token_id: principal.token_id.as_deref(),
         };
-        let Some(block) = self.blocks.matching(who, now) else {
+        let Some(block) = self.risk.blocks().matching(who, now) else {
             return decision;
         };
         let denied = blocked(Reason::Blocked, &block, !decision.explain.is_empty());
@@ -167,7 +214,11 @@ impl Authorizer {
             return decision;
         }
         let issued = principal.issued_at.or(principal.auth_time);
-        let Some(revocation) = self.revocations.revoking(&principal.subject, issued, now) else {
+        let Some(revocation) = self
+            .risk
+            .revocations()
+            .revoking(&principal.subject, issued, now)
+        else {
             return decision;
         };
         let message = "this session was revoked: sign in again";
@@ -246,6 +297,12 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `by` in place of the engine's `decision` (an operator's block or revocation), keeping what the

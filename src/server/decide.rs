@@ -256,7 +256,7 @@ mod tests {
     async fn a_panic_while_deciding_is_a_500_denial_not_a_grpc_error() {
         use crate::policy::testing::{DEMO_POLICY, compile_policy};
         let policy = Arc::new(compile_policy(DEMO_POLICY));
-        let broken = |_: &crate::policy::Policy, _: &AccessRequest, _: i64| -> Decision {
+        let broken = |_: &crate::policy::Policy, _: &AccessRequest, _: i64, _: i64| -> Decision {
             panic!("a bug in the engine")
         };
         let decide = Decide::new(Arc::new(Authorizer::with_engine(policy, broken)));

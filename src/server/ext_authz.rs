@@ -672,11 +672,12 @@ mod tests {
     #[tokio::test]
     async fn a_panic_while_deciding_is_a_500_denial_not_a_reset_stream() {
         let policy = Arc::new(compile_policy(DEMO_POLICY));
-        let broken = |_: &crate::policy::Policy, request: &AccessRequest, _: i64| -> Decision {
-            let rules: [Decision; 0] = [];
-            let index = request.explain as usize + 2;
-            rules[index].clone()
-        };
+        let broken =
+            |_: &crate::policy::Policy, request: &AccessRequest, _: i64, _: i64| -> Decision {
+                let rules: [Decision; 0] = [];
+                let index = request.explain as usize + 2;
+                rules[index].clone()
+            };
         let mut service =
             ExtAuthz::new(Arc::new(Authorizer::with_engine(policy, broken)), 64 * 1024);
         let request = check_call(frame(&demo_check().encode_to_vec()));

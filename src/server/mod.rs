@@ -124,7 +124,29 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
              reports NOT_SERVING until the keys load"
         );
     }
-    let authorizer = Arc::new(Authorizer::new(Arc::new(policy)));
+    if policy.risk.store != crate::risk::signals::StoreSpec::Memory {
+        tracing::info!(
+            store = %policy.risk.store.redacted(),
+            on_store_failure = ?policy.risk.on_store_failure,
+            "sharing blocks, revocations and risk counters through Redis"
+        );
+    }
+    let authorizer = Authorizer::start(Arc::new(policy));
+    let signals_of = Arc::downgrade(&authorizer);
+    metrics::global().set_risk_keys_source(Box::new(move || {
+        signals_of.upgrade().map_or_else(Vec::new, |authorizer| {
+            let policy = authorizer.policy();
+            policy
+                .risk
+                .signals
+                .iter()
+                .map(|s| {
+                    let table = s.table();
+                    (Arc::clone(&s.name), table.len(), table.capacity())
+                })
+                .collect()
+        })
+    }));
     let (health, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts the server as SERVING; nothing is ready until the readiness task says so.
     set_all(&health, ServingStatus::NotServing).await;

@@ -34,6 +34,9 @@ type FastMap<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
 /// (door, rule id, auth context or acr value) of a step-up counter.
 type StepUpKey = (Door, Arc<str>, Arc<str>);
 
+/// Reads (signal, keys tracked, most keys) of every risk signal, at each scrape.
+pub type RiskKeysSource = Box<dyn Fn() -> Vec<(Arc<str>, usize, usize)> + Send + Sync>;
+
 /// The `rule` label of a decision no rule matched (the policy's `default`, or a refusal before
 /// matching, such as a missing token).
 const NO_RULE: &str = "";
@@ -97,6 +100,17 @@ pub struct Metrics {
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
     admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
+    /// Risk signals' thresholds reached, by (signal, action).
+    risk_triggers: DashMap<(Arc<str>, &'static str), AtomicU64>,
+    /// Keys each risk signal tracks and the most it may: read at each scrape.
+    risk_keys: OnceLock<RiskKeysSource>,
+    /// The shared risk store: -1 none (not exported), 0 unreachable, 1 connected.
+    risk_store_up: AtomicI64,
+    risk_store_errors: AtomicU64,
+    /// Counter increments the shared store never received (its queue was full or it was down).
+    risk_store_unsent: AtomicU64,
+    /// Changes received from other replicas through the shared store.
+    risk_store_received: AtomicU64,
     /// Blocks and revocations held (expired ones until they are swept).
     blocks_held: AtomicI64,
     revocations_held: AtomicI64,
@@ -127,6 +141,12 @@ impl Default for Metrics {
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
+            risk_triggers: DashMap::new(),
+            risk_keys: OnceLock::new(),
+            risk_store_up: AtomicI64::new(-1),
+            risk_store_errors: AtomicU64::new(0),
+            risk_store_unsent: AtomicU64::new(0),
+            risk_store_received: AtomicU64::new(0),
             blocks_held: AtomicI64::new(0),
             revocations_held: AtomicI64::new(0),
             token_cache_entries: AtomicI64::new(0),
@@ -254,6 +274,39 @@ impl Metrics {
             .entry((action, result))
             .or_default()
             .fetch_add(1, Relaxed);
+    }
+
+    /// A risk signal reached its threshold; `action` is what it does (log, step_up, block).
+    pub fn count_risk_trigger(&self, signal: &Arc<str>, action: &'static str) {
+        if let Some(n) = self.risk_triggers.get(&(Arc::clone(signal), action)) {
+            n.fetch_add(1, Relaxed);
+            return;
+        }
+        self.risk_triggers
+            .entry((Arc::clone(signal), action))
+            .or_default()
+            .fetch_add(1, Relaxed);
+    }
+
+    /// Where `stepgate_risk_keys` is read from at each scrape: (signal, keys, most keys).
+    pub fn set_risk_keys_source(&self, source: RiskKeysSource) {
+        let _ = self.risk_keys.set(source);
+    }
+
+    pub fn set_risk_store_up(&self, up: bool) {
+        self.risk_store_up.store(i64::from(up), Relaxed);
+    }
+
+    pub fn record_risk_store_error(&self) {
+        self.risk_store_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_risk_store_unsent(&self, n: u64) {
+        self.risk_store_unsent.fetch_add(n, Relaxed);
+    }
+
+    pub fn record_risk_store_received(&self) {
+        self.risk_store_received.fetch_add(1, Relaxed);
     }
 
     pub fn set_blocks_held(&self, blocks: usize) {
@@ -598,6 +651,75 @@ impl Collector for Exposition {
         )?;
         for ((action, result), n) in actions {
             counter(&mut family, &[("action", action), ("result", result)], n)?;
+        }
+
+        let mut triggers: Vec<((Arc<str>, &str), u64)> = m
+            .risk_triggers
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Relaxed)))
+            .collect();
+        triggers.sort();
+        let mut family = encoder.encode_descriptor(
+            "stepgate_risk_triggers",
+            "Risk signals that reached their threshold, by signal and action (log, step_up, block)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((signal, action), n) in triggers {
+            counter(&mut family, &[("signal", &signal), ("action", action)], n)?;
+        }
+        if let Some(source) = m.risk_keys.get() {
+            let rows = source();
+            let mut family = encoder.encode_descriptor(
+                "stepgate_risk_keys",
+                "Keys a risk signal tracks (bounded by risk.max_keys)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (signal, keys, _) in &rows {
+                gauge(&mut family, &[("signal", signal)], *keys as i64)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "stepgate_risk_keys_max",
+                "Most keys a risk signal may track",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (signal, _, max) in &rows {
+                gauge(&mut family, &[("signal", signal)], *max as i64)?;
+            }
+        }
+        let up = m.risk_store_up.load(Relaxed);
+        if up >= 0 {
+            encoder
+                .encode_descriptor(
+                    "stepgate_risk_store_up",
+                    "Whether the shared risk store (Redis) is connected",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&up)?;
+            for (name, help, value) in [
+                (
+                    "stepgate_risk_store_errors",
+                    "Failed connections and commands to the shared risk store",
+                    &m.risk_store_errors,
+                ),
+                (
+                    "stepgate_risk_store_unsent",
+                    "Counter increments the shared risk store never received (queue full or store down); they still count here",
+                    &m.risk_store_unsent,
+                ),
+                (
+                    "stepgate_risk_store_received",
+                    "Changes received from other replicas through the shared risk store",
+                    &m.risk_store_received,
+                ),
+            ] {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value.load(Relaxed), None)?;
+            }
         }
 
         let mut info = encoder.encode_descriptor(

@@ -1,0 +1,897 @@
+//! The Redis store: blocks, revocations and risk counters shared by every replica.
+//!
+//! The request path never waits on Redis. Each replica keeps its own view in memory (the
+//! [`RiskState`]) and one background task links it to Redis:
+//! - **Changes out.** A block, unblock or revocation made here is applied here first, then
+//!   written to a Redis hash by a script that keeps the newest write per target
+//!   (last-writer-wins by time in milliseconds) and publishes it on the replicas' channel.
+//! - **Changes in.** The task subscribes to that channel and applies what the other replicas
+//!   publish. Pub/sub delivers at most once, so the task also re-reads both hashes every
+//!   [`RESYNC`] and on every (re)connection.
+//! - **Counters.** Each event is counted here at once and sent to Redis in batches (one script
+//!   call per key and window: `INCRBY`, atomic, so no increment is lost however many replicas
+//!   count); the reply, every replica's total, raises this replica's view. A count that reaches
+//!   its threshold in the shared total acts here and is published, so the other replicas apply
+//!   the step-up too.
+//! - **Faults.** While Redis is unreachable decisions go on from the last known state (or fail
+//!   closed, as the policy says), counters count locally, and changes made here wait in a
+//!   bounded queue. The task reconnects with backoff (100 ms doubling to 10 s); it then writes
+//!   the waiting changes (the newest write still wins), re-reads everything, and writes back what
+//!   Redis lost (a restart without persistence).
+//!
+//! Redis Cluster and Sentinel are not supported: use one primary (with replicas and persistence
+//! for failover as your platform provides). Every key of one counter shares a hash tag, so a
+//! later Cluster client changes only the connection.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use super::{
+    blocks::{Block, Kind, MAX_TTL_SECONDS},
+    revocations::{KEEP_SECONDS, Revocation},
+    signals::{Crossing, Signal},
+    store::RiskState,
+};
+use crate::{policy::Policy, server::authorizer::unix_now, telemetry::metrics};
+
+/// Changes and counts waiting for the task; past it, counts are dropped (and still count here).
+const QUEUE: usize = 65_536;
+/// Changes kept while Redis is unreachable; past it, the oldest are dropped (the next resync
+/// brings Redis's state back, and this replica's own view keeps them).
+const PENDING: usize = 100_000;
+/// How often both hashes are read again, healing any lost pub/sub message.
+const RESYNC: Duration = Duration::from_secs(30);
+/// How often an idle connection is checked.
+const PING: Duration = Duration::from_secs(2);
+/// Connect and command timeout.
+const TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Operations sent in one pipeline.
+const BATCH: usize = 1024;
+
+/// Writes `ARGV[3]` (the record) at `ARGV[1]` (the field) of hash `KEYS[1]` as `"<ms>|<record>"`
+/// unless the field holds a newer write, and publishes `ARGV[4]` on channel `ARGV[5]`. 1 if
+/// written.
+const PUT: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local at = tonumber(string.match(cur, '^(%d+)|'))
+  if at and at > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+";
+
+/// Adds `ARGV[1]` to counter `KEYS[1]` (expiring after `ARGV[2]` ms) and returns it with the
+/// previous window's counter `KEYS[2]`.
+const COUNT: &str = r"
+local c = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local p = tonumber(redis.call('GET', KEYS[2]) or '0')
+return {c, p}
+";
+
+/// Adds member `ARGV[2]` seen at `ARGV[1]` ms to sorted set `KEYS[1]`, drops those older than
+/// the window `ARGV[3]` ms and all but the newest `ARGV[4]`, and returns how many are left.
+const DISTINCT: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {redis.call('ZCARD', KEYS[1]), 0}
+";
+
+/// This replica's end of the link: queues changes and counts for the task.
+#[derive(Debug)]
+pub struct Shared {
+    ops: mpsc::Sender<Op>,
+    down: Arc<AtomicBool>,
+}
+
+enum Op {
+    /// A block, unblock or revocation to write (last-writer-wins) and publish.
+    Put(Put),
+    /// One event of a signal for a key (and, for a distinct count, its value's digest).
+    Count {
+        policy: Arc<Policy>,
+        signal: usize,
+        key: String,
+        member: Option<String>,
+        at_ms: i64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Put {
+    hash: Hash,
+    field: String,
+    at_ms: i64,
+    record: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Hash {
+    Blocks,
+    Revocations,
+}
+
+impl Hash {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Blocks => "stepgate:blocks",
+            Self::Revocations => "stepgate:revocations",
+        }
+    }
+}
+
+const CHANNEL: &str = "stepgate:changes";
+
+/// A block as stored in Redis; `removed` marks an unblock (kept until `expires_at`, so that a
+/// replica cut off meanwhile cannot bring the block back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BlockRecord {
+    #[serde(default)]
+    removed: bool,
+    #[serde(default)]
+    reason_id: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    created_at: i64,
+    expires_at: i64,
+    #[serde(default)]
+    created_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RevocationRecord {
+    before: i64,
+    reason_id: String,
+    reason: String,
+    created_at: i64,
+    created_by: String,
+}
+
+/// What the replicas publish to each other.
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    put: Option<PutMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    count: Option<CountMessage>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PutMessage {
+    hash: String,
+    field: String,
+    record: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CountMessage {
+    signal: String,
+    window: u64,
+    key: String,
+    idx: i64,
+    cur: u32,
+    prev: u32,
+}
+
+impl Shared {
+    /// Starts the task linking `state` to the Redis at `url` (on the current Tokio runtime).
+    pub fn start(
+        url: &str,
+        state: Weak<RiskState>,
+        policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let replica: Arc<str> = Arc::from(replica_id());
+        let down = Arc::new(AtomicBool::new(true));
+        metrics::global().set_risk_store_up(false);
+        let task = Task {
+            url: url.to_owned(),
+            replica: Arc::clone(&replica),
+            state,
+            policy,
+            rx,
+            pending: VecDeque::new(),
+            down: Arc::clone(&down),
+        };
+        tokio::spawn(task.run());
+        Self { ops: tx, down }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Relaxed)
+    }
+
+    pub fn block_set(&self, block: &Block) {
+        let record = BlockRecord {
+            removed: false,
+            reason_id: block.reason_id.to_string(),
+            reason: block.reason.clone(),
+            created_at: block.created_at,
+            expires_at: block.expires_at,
+            created_by: block.created_by.clone(),
+        };
+        self.put(Hash::Blocks, block_field(block.kind, &block.value), &record);
+    }
+
+    /// `value` is normalized.
+    pub fn block_removed(&self, kind: Kind, value: &str, expires_at: i64) {
+        let record = BlockRecord {
+            removed: true,
+            reason_id: String::new(),
+            reason: String::new(),
+            created_at: unix_now(),
+            expires_at,
+            created_by: String::new(),
+        };
+        self.put(Hash::Blocks, block_field(kind, value), &record);
+    }
+
+    pub fn revoked(&self, revocation: &Revocation) {
+        let record = RevocationRecord {
+            before: revocation.before,
+            reason_id: revocation.reason_id.to_string(),
+            reason: revocation.reason.clone(),
+            created_at: revocation.created_at,
+            created_by: revocation.created_by.clone(),
+        };
+        self.put(Hash::Revocations, revocation.subject.clone(), &record);
+    }
+
+    fn put(&self, hash: Hash, field: String, record: &impl Serialize) {
+        let put = Put {
+            hash,
+            field,
+            at_ms: now_ms(),
+            record: serde_json::to_string(record).expect("records serialize"),
+        };
+        // Operators' changes are few; one that finds the queue full (a flood of counts) waits
+        // for room on a task of its own rather than being lost.
+        if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(Op::Put(put)) {
+            let ops = self.ops.clone();
+            tokio::spawn(async move {
+                let _ = ops.send(op).await;
+            });
+        }
+    }
+
+    /// One event of `signal` (of `policy`) for `key`.
+    pub fn counted(
+        &self,
+        policy: &Arc<Policy>,
+        signal: &Signal,
+        key: &str,
+        distinct: Option<&str>,
+        at_ms: i64,
+    ) {
+        let Some(index) = policy
+            .risk
+            .signals
+            .iter()
+            .position(|s| s.name == signal.name)
+        else {
+            return;
+        };
+        let op = Op::Count {
+            policy: Arc::clone(policy),
+            signal: index,
+            key: key.to_owned(),
+            member: distinct.map(|d| hex_digest(d, 16)),
+            at_ms,
+        };
+        if self.ops.try_send(op).is_err() {
+            metrics::global().record_risk_store_unsent(1);
+        }
+    }
+}
+
+struct Task {
+    url: String,
+    replica: Arc<str>,
+    state: Weak<RiskState>,
+    policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
+    rx: mpsc::Receiver<Op>,
+    /// Changes made while Redis was unreachable, oldest first.
+    pending: VecDeque<Put>,
+    down: Arc<AtomicBool>,
+}
+
+/// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
+type CountKey = (usize, usize, String, Option<String>, i64);
+/// (the policy snapshot, the latest event's time in ms, how many events).
+type Counted = (Arc<Policy>, i64, u32);
+
+/// The Lua scripts' digests, loaded on each connection.
+struct Scripts {
+    put: String,
+    count: String,
+    distinct: String,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let client = match Client::open(self.url.as_str()) {
+            Ok(client) => client,
+            Err(err) => {
+                // The policy compiler checked the URL; this is only reached by one it could not.
+                tracing::error!(error = %err, "risk.store: not a usable Redis URL; sharing is off");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_FIRST;
+        let mut reported = false;
+        loop {
+            if self.state.strong_count() == 0 {
+                return;
+            }
+            match self.session(&client).await {
+                Ok(()) => return,
+                Err(err) => {
+                    metrics::global().record_risk_store_error();
+                    if self.down.swap(true, Relaxed) || !reported {
+                        // Down already (a failed reconnection): once per outage.
+                        if !reported {
+                            tracing::error!(
+                                error = %err,
+                                "the Redis risk store is unreachable: deciding from the last known \
+                                 blocks and revocations, counting locally; reconnecting"
+                            );
+                        }
+                    } else {
+                        tracing::error!(
+                            error = %err,
+                            "lost the Redis risk store: deciding from the last known blocks and \
+                             revocations, counting locally; reconnecting"
+                        );
+                    }
+                    reported = true;
+                    metrics::global().set_risk_store_up(false);
+                }
+            }
+            if self.wait(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if !self.down.load(Relaxed) {
+                backoff = BACKOFF_FIRST;
+            }
+        }
+    }
+
+    /// Waits `pause`, queueing the changes that arrive meanwhile. True when the server is gone.
+    async fn wait(&mut self, pause: Duration) -> bool {
+        let until = tokio::time::Instant::now() + pause;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return false,
+                op = self.rx.recv() => match op {
+                    None => return true,
+                    Some(op) => self.hold(op),
+                },
+            }
+        }
+    }
+
+    /// Keeps a change for the next connection (a count is only local meanwhile).
+    fn hold(&mut self, op: Op) {
+        match op {
+            Op::Put(put) => {
+                if self.pending.len() >= PENDING {
+                    self.pending.pop_front();
+                }
+                self.pending.push_back(put);
+            }
+            Op::Count { .. } => metrics::global().record_risk_store_unsent(1),
+        }
+    }
+
+    /// One connection's life: returns `Err` when it fails.
+    async fn session(&mut self, client: &Client) -> Result<(), String> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let mut pubsub = tokio::time::timeout(TIMEOUT, client.get_async_pubsub())
+            .await
+            .map_err(|_| "subscribing: timed out".to_owned())?
+            .map_err(|e| format!("subscribing: {e}"))?;
+        tokio::time::timeout(TIMEOUT, pubsub.subscribe(CHANNEL))
+            .await
+            .map_err(|_| "subscribing: timed out".to_owned())?
+            .map_err(|e| format!("subscribing: {e}"))?;
+        let mut messages = pubsub.into_on_message();
+        let scripts = Scripts {
+            put: load(&mut conn, PUT).await?,
+            count: load(&mut conn, COUNT).await?,
+            distinct: load(&mut conn, DISTINCT).await?,
+        };
+        // Changes made while cut off, then everything Redis holds.
+        while let Some(put) = self.pending.front().cloned() {
+            self.write_puts(&mut conn, &scripts, std::slice::from_ref(&put))
+                .await?;
+            self.pending.pop_front();
+        }
+        self.resync(&mut conn, &scripts).await?;
+        if self.down.swap(false, Relaxed) {
+            tracing::info!(
+                replica = &*self.replica,
+                "connected to the Redis risk store"
+            );
+        }
+        metrics::global().set_risk_store_up(true);
+
+        let mut ping = tokio::time::interval(PING);
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.reset();
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(message) => self.receive(message.get_payload_bytes()),
+                    None => return Err("the subscription was closed".to_owned()),
+                },
+                op = self.rx.recv() => {
+                    let Some(op) = op else { return Ok(()) };
+                    let mut batch = vec![op];
+                    while batch.len() < BATCH {
+                        match self.rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    self.send(&mut conn, &scripts, batch).await?;
+                }
+                _ = ping.tick() => {
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map_err(|e| format!("ping: {e}"))?;
+                }
+                _ = resync.tick() => self.resync(&mut conn, &scripts).await?,
+            }
+        }
+    }
+
+    /// Sends a batch: changes first (in order), then the counts, one pipeline each. On failure
+    /// the batch's changes wait for the next connection.
+    async fn send(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        scripts: &Scripts,
+        batch: Vec<Op>,
+    ) -> Result<(), String> {
+        let mut puts = Vec::new();
+        let mut counts: HashMap<CountKey, Counted> = HashMap::new();
+        for op in batch {
+            match op {
+                Op::Put(put) => puts.push(put),
+                Op::Count {
+                    policy,
+                    signal,
+                    key,
+                    member,
+                    at_ms,
+                } => {
+                    let table = policy.risk.signals[signal].table();
+                    let idx = match member {
+                        Some(_) => 0,
+                        None => table.window_index(at_ms),
+                    };
+                    let id = Arc::as_ptr(&policy) as usize;
+                    let entry = counts.entry((id, signal, key, member, idx)).or_insert((
+                        Arc::clone(&policy),
+                        at_ms,
+                        0,
+                    ));
+                    entry.1 = entry.1.max(at_ms);
+                    entry.2 += 1;
+                }
+            }
+        }
+        if let Err(err) = self.write_puts(conn, scripts, &puts).await {
+            for put in puts.into_iter().rev() {
+                self.pending.push_front(put);
+            }
+            return Err(err);
+        }
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let counts: Vec<_> = counts.into_iter().collect();
+        let mut pipe = redis::pipe();
+        for ((_, signal, key, member, idx), (policy, at_ms, delta)) in &counts {
+            let signal = &policy.risk.signals[*signal];
+            let window_ms = signal.window_seconds as i64 * 1000;
+            let tag = format!(
+                "{{{}:{}s:{}}}",
+                signal.name,
+                signal.window_seconds,
+                hex_digest(key, 32)
+            );
+            match member {
+                Some(member) => pipe
+                    .cmd("EVALSHA")
+                    .arg(&scripts.distinct)
+                    .arg(1)
+                    .arg(format!("stepgate:d:{tag}"))
+                    .arg(at_ms)
+                    .arg(member)
+                    .arg(window_ms)
+                    .arg(signal.threshold),
+                None => pipe
+                    .cmd("EVALSHA")
+                    .arg(&scripts.count)
+                    .arg(2)
+                    .arg(format!("stepgate:c:{tag}:{idx}"))
+                    .arg(format!("stepgate:c:{tag}:{}", idx - 1))
+                    .arg(delta)
+                    .arg(2 * window_ms),
+            };
+        }
+        let replies: Vec<(i64, i64)> = match pipe.query_async(conn).await {
+            Ok(replies) => replies,
+            Err(err) => {
+                metrics::global().record_risk_store_unsent(counts.len() as u64);
+                return Err(format!("counting: {err}"));
+            }
+        };
+        let Some(state) = self.state.upgrade() else {
+            return Ok(());
+        };
+        let now = now_ms();
+        for (((_, index, key, _, idx), (policy, _, _)), (cur, prev)) in counts.iter().zip(replies) {
+            let signal = &policy.risk.signals[*index];
+            let (cur, prev) = (clamp(cur), clamp(prev));
+            let change = signal.table().merge_remote(key, *idx, cur, prev, now);
+            if change.crossed(u64::from(signal.threshold)) {
+                // The shared total reached the threshold: act here, and tell the others.
+                let crossing = Crossing {
+                    signal: *index,
+                    key: key.clone(),
+                    count: change.after,
+                };
+                state.crossed(&policy.risk, &crossing, now);
+                let message = Message {
+                    from: self.replica.to_string(),
+                    put: None,
+                    count: Some(CountMessage {
+                        signal: signal.name.to_string(),
+                        window: signal.window_seconds,
+                        key: key.clone(),
+                        idx: *idx,
+                        cur,
+                        prev,
+                    }),
+                };
+                let text = serde_json::to_string(&message).expect("messages serialize");
+                redis::cmd("PUBLISH")
+                    .arg(CHANNEL)
+                    .arg(text)
+                    .query_async::<i64>(conn)
+                    .await
+                    .map_err(|e| format!("publishing: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_puts(
+        &self,
+        conn: &mut MultiplexedConnection,
+        scripts: &Scripts,
+        puts: &[Put],
+    ) -> Result<(), String> {
+        if puts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for put in puts {
+            let message = Message {
+                from: self.replica.to_string(),
+                put: Some(PutMessage {
+                    hash: put.hash.key().to_owned(),
+                    field: put.field.clone(),
+                    record: put.record.clone(),
+                }),
+                count: None,
+            };
+            pipe.cmd("EVALSHA")
+                .arg(&scripts.put)
+                .arg(1)
+                .arg(put.hash.key())
+                .arg(&put.field)
+                .arg(put.at_ms)
+                .arg(&put.record)
+                .arg(serde_json::to_string(&message).expect("messages serialize"))
+                .arg(CHANNEL)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| format!("writing changes: {e}"))
+    }
+
+    /// Reads both hashes: applies what Redis holds, writes back what it lacks (a Redis that
+    /// restarted empty), and deletes what has expired.
+    async fn resync(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        scripts: &Scripts,
+    ) -> Result<(), String> {
+        let Some(state) = self.state.upgrade() else {
+            return Ok(());
+        };
+        let now = unix_now();
+        let blocks: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(Hash::Blocks.key())
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("reading blocks: {e}"))?;
+        let revocations: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(Hash::Revocations.key())
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("reading revocations: {e}"))?;
+        let mut expired: Vec<(Hash, String)> = Vec::new();
+        for (field, stored) in &blocks {
+            match parse_stored::<BlockRecord>(stored) {
+                Some(record) if record.expires_at <= now => {
+                    expired.push((Hash::Blocks, field.clone()));
+                }
+                Some(record) => apply_block(&state, field, &record, now),
+                None => tracing::warn!(field, "an unreadable block in Redis is ignored"),
+            }
+        }
+        for (subject, stored) in &revocations {
+            match parse_stored::<RevocationRecord>(stored) {
+                Some(record) if record.before + KEEP_SECONDS <= now => {
+                    expired.push((Hash::Revocations, subject.clone()));
+                }
+                Some(record) => apply_revocation(&state, subject, &record, now),
+                None => tracing::warn!(subject, "an unreadable revocation in Redis is ignored"),
+            }
+        }
+        // What this replica holds and Redis does not: Redis lost it (restarted without
+        // persistence, or flushed). Written back, unless a newer write is there by then.
+        let mut missing = Vec::new();
+        for block in state.blocks().list(now) {
+            let field = block_field(block.kind, &block.value);
+            if !blocks.contains_key(&field) {
+                missing.push(Put {
+                    hash: Hash::Blocks,
+                    field,
+                    at_ms: block.created_at * 1000,
+                    record: serde_json::to_string(&BlockRecord {
+                        removed: false,
+                        reason_id: block.reason_id.to_string(),
+                        reason: block.reason.clone(),
+                        created_at: block.created_at,
+                        expires_at: block.expires_at,
+                        created_by: block.created_by.clone(),
+                    })
+                    .expect("records serialize"),
+                });
+            }
+        }
+        for revocation in state.revocations().list(now) {
+            if !revocations.contains_key(&revocation.subject) {
+                missing.push(Put {
+                    hash: Hash::Revocations,
+                    field: revocation.subject.clone(),
+                    at_ms: revocation.created_at * 1000,
+                    record: serde_json::to_string(&RevocationRecord {
+                        before: revocation.before,
+                        reason_id: revocation.reason_id.to_string(),
+                        reason: revocation.reason.clone(),
+                        created_at: revocation.created_at,
+                        created_by: revocation.created_by.clone(),
+                    })
+                    .expect("records serialize"),
+                });
+            }
+        }
+        self.write_puts(conn, scripts, &missing).await?;
+        if !expired.is_empty() {
+            let mut pipe = redis::pipe();
+            for (hash, field) in &expired {
+                pipe.cmd("HDEL").arg(hash.key()).arg(field).ignore();
+            }
+            pipe.query_async::<()>(conn)
+                .await
+                .map_err(|e| format!("deleting expired entries: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A change another replica published.
+    fn receive(&self, payload: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Message>(payload) else {
+            tracing::warn!("an unreadable message on the risk store's channel is ignored");
+            return;
+        };
+        if *message.from == *self.replica {
+            return;
+        }
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        metrics::global().record_risk_store_received();
+        let now = unix_now();
+        if let Some(put) = message.put {
+            if put.hash == Hash::Blocks.key() {
+                if let Ok(record) = serde_json::from_str::<BlockRecord>(&put.record) {
+                    apply_block(&state, &put.field, &record, now);
+                }
+            } else if put.hash == Hash::Revocations.key()
+                && let Ok(record) = serde_json::from_str::<RevocationRecord>(&put.record)
+            {
+                apply_revocation(&state, &put.field, &record, now);
+            }
+        }
+        if let Some(count) = message.count {
+            let Some(policy) = (self.policy)() else {
+                return;
+            };
+            if let Some(signal) = policy
+                .risk
+                .signal(&count.signal)
+                .filter(|s| s.window_seconds == count.window)
+            {
+                signal
+                    .table()
+                    .merge_remote(&count.key, count.idx, count.cur, count.prev, now_ms());
+            }
+        }
+    }
+}
+
+fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
+    let Some((kind, value)) = parse_block_field(field) else {
+        tracing::warn!(field, "a block of an unknown kind in Redis is ignored");
+        return;
+    };
+    if record.removed {
+        let _ = state.blocks().remove(kind, value, now);
+        return;
+    }
+    let block = Block {
+        kind,
+        value: value.to_owned(),
+        reason_id: Arc::from(record.reason_id.as_str()),
+        reason: record.reason.clone(),
+        created_at: record.created_at,
+        expires_at: record.expires_at.min(now + MAX_TTL_SECONDS),
+        created_by: record.created_by.clone(),
+    };
+    let unchanged = state
+        .blocks()
+        .list(now)
+        .iter()
+        .any(|b| b.kind == kind && b.value == value && **b == block);
+    if !unchanged && let Err(err) = state.blocks().set(block, now) {
+        tracing::warn!(field, error = %err, "a block from Redis could not be applied");
+    }
+}
+
+fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord, now: i64) {
+    let revocation = Revocation {
+        subject: subject.to_owned(),
+        before: record.before,
+        reason_id: Arc::from(record.reason_id.as_str()),
+        reason: record.reason.clone(),
+        created_at: record.created_at,
+        created_by: record.created_by.clone(),
+    };
+    if let Err(err) = state.revocations().set(revocation, now) {
+        tracing::warn!(error = %err, "a revocation from Redis could not be applied");
+    }
+}
+
+async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(script)
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("loading a script: {e}"))
+}
+
+/// `"<ms>|<json>"` → the record.
+fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str) -> Option<T> {
+    let (_, json) = stored.split_once('|')?;
+    serde_json::from_str(json).ok()
+}
+
+fn block_field(kind: Kind, value: &str) -> String {
+    format!("{}|{value}", kind.as_str())
+}
+
+fn parse_block_field(field: &str) -> Option<(Kind, &str)> {
+    let (kind, value) = field.split_once('|')?;
+    let kind = [
+        Kind::Subject,
+        Kind::Tenant,
+        Kind::ClientId,
+        Kind::Token,
+        Kind::TokenId,
+        Kind::Source,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == kind)?;
+    Some((kind, value))
+}
+
+fn clamp(n: i64) -> u32 {
+    n.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+fn hex_digest(value: &str, digits: usize) -> String {
+    Sha256::digest(value.as_bytes())
+        .iter()
+        .flat_map(|b| [b >> 4, b & 15])
+        .take(digits)
+        .map(|n| char::from_digit(u32::from(n), 16).expect("a nibble"))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A random name for this replica, to recognise its own messages.
+fn replica_id() -> String {
+    let mut bytes = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_fields_round_trip() {
+        for kind in [Kind::Subject, Kind::Source, Kind::TokenId] {
+            let field = block_field(kind, "a|b");
+            assert_eq!(parse_block_field(&field), Some((kind, "a|b")));
+        }
+        assert_eq!(parse_block_field("nonsense|x"), None);
+    }
+
+    #[test]
+    fn stored_records_parse_after_their_time_prefix() {
+        let r: BlockRecord =
+            parse_stored(r#"1700000000000|{"removed":true,"expires_at":5}"#).unwrap();
+        assert!(r.removed && r.expires_at == 5);
+        assert!(parse_stored::<BlockRecord>("no-prefix").is_none());
+    }
+
+    #[test]
+    fn digests_are_hex_of_the_asked_length() {
+        let d = hex_digest("abc", 16);
+        assert_eq!(d, "ba7816bf8f01cfea");
+    }
+}

@@ -1,0 +1,336 @@
+//! Risk signals: what the policy's `risk:` section counts, per which key, and what crossing a
+//! threshold does. The counters themselves are [`Table`]s, one per signal, kept across reloads
+//! for a signal whose name and shape did not change.
+
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+
+use super::counters::{Change, Counting, Table};
+use crate::{
+    decision::{Decision, Outcome, Reason},
+    policy::Requirement,
+    request::AccessRequest,
+};
+
+/// The compiled `risk:` section.
+#[derive(Debug)]
+pub struct RiskPolicy {
+    pub store: StoreSpec,
+    pub on_store_failure: StoreFailure,
+    pub max_keys: usize,
+    pub signals: Vec<Signal>,
+}
+
+impl Default for RiskPolicy {
+    fn default() -> Self {
+        Self {
+            store: StoreSpec::Memory,
+            on_store_failure: StoreFailure::KeepLast,
+            max_keys: 100_000,
+            signals: Vec::new(),
+        }
+    }
+}
+
+/// Where blocks, revocations and counters are shared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// In this replica's memory only.
+    Memory,
+    /// A Redis server (`redis://` or `rediss://` URL) shared by every replica.
+    Redis(String),
+}
+
+impl StoreSpec {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Memory => "memory".to_owned(),
+            Self::Redis(url) => match url.split_once("://") {
+                Some((scheme, rest)) => match rest.rsplit_once('@') {
+                    Some((_, host)) => format!("{scheme}://***@{host}"),
+                    None => url.clone(),
+                },
+                None => url.clone(),
+            },
+        }
+    }
+}
+
+/// What decisions do while the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// Decide from the last known blocks and revocations; count locally.
+    KeepLast,
+    /// Refuse every request (503 `risk_store_unavailable`).
+    FailClosed,
+}
+
+/// What a signal counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// DENY outcomes (but those of a block: they are its consequence, not a new signal).
+    Deny,
+    /// STEP_UP outcomes.
+    StepUp,
+    /// Tokens refused as invalid: malformed, forged, expired, of an unknown issuer…
+    InvalidToken,
+    /// Distinct source addresses a verified token (or subject) is presented from.
+    Sources,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::StepUp => "step_up",
+            Self::InvalidToken => "invalid_token",
+            Self::Sources => "sources",
+        }
+    }
+}
+
+/// What a signal counts per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Subject,
+    Source,
+    ClientId,
+    Tenant,
+    /// The token's fingerprint.
+    Token,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Subject => "subject",
+            Self::Source => "source",
+            Self::ClientId => "client_id",
+            Self::Tenant => "tenant",
+            Self::Token => "token",
+        }
+    }
+}
+
+/// What happens while a count is at or past its threshold.
+#[derive(Debug)]
+pub enum Action {
+    /// A log line and a metric when the threshold is crossed; nothing is enforced (shadow).
+    Log,
+    /// Every protected route asks this of the key's requests (on top of the rule's requirement).
+    StepUp(Box<Requirement>),
+    /// The key is blocked for this many seconds when the threshold is crossed.
+    Block { seconds: i64 },
+}
+
+impl Action {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::StepUp(_) => "step_up",
+            Self::Block { .. } => "block",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Signal {
+    pub name: Arc<str>,
+    pub description: String,
+    pub event: Event,
+    pub key: KeyKind,
+    pub window_seconds: u64,
+    pub threshold: u32,
+    pub action: Action,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    table: ArcSwap<Table>,
+}
+
+/// The parts of a request and its decision a signal's key is taken from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keys<'a> {
+    /// Only from a verified token.
+    pub subject: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    pub token: Option<&'a str>,
+    /// The source address (Envoy's `source.address`).
+    pub source: Option<&'a str>,
+}
+
+impl<'a> Keys<'a> {
+    /// The keys of a decided request. Subject, tenant, client and token only come from a
+    /// verified token: an invalid token's claims are the sender's to choose.
+    pub fn of(request: &'a AccessRequest, decision: &'a Decision) -> Self {
+        let principal = decision.principal.as_deref();
+        Self {
+            subject: principal.map(|p| &*p.subject),
+            tenant: principal.and_then(|p| p.tenant.as_deref()),
+            client_id: principal.and_then(|p| p.client_id.as_deref()),
+            token: principal.and(decision.token_fingerprint.as_deref()),
+            source: request.source.as_ref().map(|s| s.address.as_str()),
+        }
+    }
+}
+
+/// A signal whose count reached its threshold with an event, and for which key.
+#[derive(Debug, Clone)]
+pub struct Crossing {
+    pub signal: usize,
+    pub key: String,
+    pub count: u64,
+}
+
+impl Signal {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        description: String,
+        event: Event,
+        key: KeyKind,
+        window_seconds: u64,
+        threshold: u32,
+        action: Action,
+        (ipv4_prefix, ipv6_prefix): (u8, u8),
+        max_keys: usize,
+    ) -> Self {
+        let counting = match event {
+            Event::Sources => Counting::Distinct,
+            _ => Counting::Events,
+        };
+        Self {
+            name: Arc::from(name),
+            description,
+            event,
+            key,
+            window_seconds,
+            threshold,
+            action,
+            ipv4_prefix,
+            ipv6_prefix,
+            table: ArcSwap::from_pointee(Table::new(counting, window_seconds * 1000, max_keys)),
+        }
+    }
+
+    /// This signal's counters.
+    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    /// Keeps `old`'s counters when they count the same thing the same way.
+    fn inherit(&self, old: &Signal, max_keys_same: bool) {
+        if max_keys_same
+            && old.event == self.event
+            && old.key == self.key
+            && old.window_seconds == self.window_seconds
+            && old.ipv4_prefix == self.ipv4_prefix
+            && old.ipv6_prefix == self.ipv6_prefix
+        {
+            self.table.store(old.table.load_full());
+        }
+    }
+
+    /// This signal's key in `keys`, if the request has one: a source as its network
+    /// (`203.0.113.0/24`, or `/32` for one address).
+    pub fn key_of<'k>(&self, keys: &Keys<'k>) -> Option<Cow<'k, str>> {
+        match self.key {
+            KeyKind::Subject => keys.subject.map(Cow::Borrowed),
+            KeyKind::Tenant => keys.tenant.map(Cow::Borrowed),
+            KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
+            KeyKind::Token => keys.token.map(Cow::Borrowed),
+            KeyKind::Source => {
+                let address: IpAddr = keys.source?.parse().ok()?;
+                let prefix = match address {
+                    IpAddr::V4(_) => self.ipv4_prefix,
+                    IpAddr::V6(_) => self.ipv6_prefix,
+                };
+                let net = IpNet::new(address, prefix).ok()?.trunc();
+                Some(Cow::Owned(net.to_string()))
+            }
+        }
+    }
+
+    /// Whether this decision is an event this signal counts.
+    fn counts(&self, request: &AccessRequest, decision: &Decision) -> bool {
+        if matches!(
+            decision.reason,
+            Reason::Blocked | Reason::SourceBlocked | Reason::RiskStoreUnavailable
+        ) {
+            return false;
+        }
+        match self.event {
+            Event::Deny => decision.outcome == Outcome::Deny,
+            Event::StepUp => decision.outcome == Outcome::StepUp,
+            Event::InvalidToken => decision.reason.is_invalid_token(),
+            Event::Sources => decision.principal.is_some() && request.source.is_some(),
+        }
+    }
+
+    /// The count for `key` at `now_ms`.
+    pub fn count(&self, key: &str, now_ms: i64) -> u64 {
+        self.table().count(key, now_ms)
+    }
+
+    /// Whether `count` is at or past the threshold.
+    pub fn reached(&self, count: u64) -> bool {
+        count >= u64::from(self.threshold)
+    }
+}
+
+impl RiskPolicy {
+    /// Takes over the counters of `old`'s signals that count the same way (a reload keeps them).
+    pub fn inherit(&self, old: &RiskPolicy) {
+        for signal in &self.signals {
+            if let Some(previous) = old.signals.iter().find(|s| s.name == signal.name) {
+                signal.inherit(previous, old.max_keys == self.max_keys);
+            }
+        }
+    }
+
+    /// The signal named `name`.
+    pub fn signal(&self, name: &str) -> Option<&Signal> {
+        self.signals.iter().find(|s| &*s.name == name)
+    }
+
+    /// Counts a decided request in every signal it is an event of; `counted` hears of each count
+    /// (for the shared store). Returns the signals whose threshold this event reached.
+    pub fn record(
+        &self,
+        request: &AccessRequest,
+        decision: &Decision,
+        now_ms: i64,
+        mut counted: impl FnMut(&Signal, &str, Option<&str>),
+    ) -> Vec<Crossing> {
+        if self.signals.is_empty() {
+            return Vec::new();
+        }
+        let keys = Keys::of(request, decision);
+        let mut crossings = Vec::new();
+        for (i, signal) in self.signals.iter().enumerate() {
+            if !signal.counts(request, decision) {
+                continue;
+            }
+            let Some(key) = signal.key_of(&keys) else {
+                continue;
+            };
+            let distinct = match signal.event {
+                Event::Sources => keys.source,
+                _ => None,
+            };
+            let change: Change = signal.table().record(&key, distinct, now_ms);
+            counted(signal, &key, distinct);
+            if change.crossed(u64::from(signal.threshold)) {
+                crossings.push(Crossing {
+                    signal: i,
+                    key: key.into_owned(),
+                    count: change.after,
+                });
+            }
+        }
+        crossings
+    }
+}

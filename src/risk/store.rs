@@ -1,0 +1,178 @@
+//! The risk state a server holds: blocks, revocations, and — with a Redis store — the link that
+//! shares them and the signals' counters with the other replicas. The request path only ever
+//! reads the local view; writes go to it first and reach Redis in the background.
+
+use std::sync::Arc;
+
+use super::{
+    blocks::{Block, BlockError, Blocks, Kind},
+    redis::Shared,
+    revocations::{Revocation, Revocations, RevokeError},
+    signals::{Action, Crossing, KeyKind, RiskPolicy, Signal, StoreSpec},
+};
+use crate::{decision::Decision, policy::Policy, request::AccessRequest, telemetry::metrics};
+
+/// Blocks, revocations and the shared store behind them.
+#[derive(Debug, Default)]
+pub struct RiskState {
+    blocks: Blocks,
+    revocations: Revocations,
+    /// `None`: this replica's memory only.
+    shared: Option<Shared>,
+}
+
+impl RiskState {
+    /// State in memory, shared with nobody.
+    pub fn memory() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// State for `spec`: with Redis, the link is started in the background (on the current
+    /// Tokio runtime) and the state serves from memory until it is up.
+    pub fn start(
+        spec: &StoreSpec,
+        policy: impl Fn() -> Option<Arc<Policy>> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        match spec {
+            StoreSpec::Memory => Self::memory(),
+            StoreSpec::Redis(url) => Arc::new_cyclic(|state| Self {
+                blocks: Blocks::default(),
+                revocations: Revocations::default(),
+                shared: Some(Shared::start(url, state.clone(), Arc::new(policy))),
+            }),
+        }
+    }
+
+    pub fn blocks(&self) -> &Blocks {
+        &self.blocks
+    }
+
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// Whether a shared store is configured and currently unreachable.
+    pub fn store_down(&self) -> bool {
+        self.shared.as_ref().is_some_and(Shared::is_down)
+    }
+
+    /// Sets a block here and in the shared store.
+    pub fn set_block(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
+        let block = self.blocks.set(block, now)?;
+        if let Some(shared) = &self.shared {
+            shared.block_set(&block);
+        }
+        Ok(block)
+    }
+
+    /// Lifts a block here and in the shared store.
+    pub fn remove_block(&self, kind: Kind, value: &str, now: i64) -> Result<bool, BlockError> {
+        let normalized = super::blocks::normalize(kind, value)?;
+        let lifted = self.blocks.get(kind, &normalized, now);
+        let removed = self.blocks.remove(kind, &normalized, now)?;
+        if let Some(shared) = &self.shared {
+            // The lift is kept as long as the block would have lasted (a day when this replica
+            // did not know it), so that a replica cut off meanwhile cannot bring it back.
+            let until = lifted.map_or(now + 24 * 3600, |b| b.expires_at);
+            shared.block_removed(kind, &normalized, until);
+        }
+        Ok(removed)
+    }
+
+    /// Revokes a subject's sessions here and in the shared store.
+    pub fn revoke(&self, revocation: Revocation, now: i64) -> Result<Arc<Revocation>, RevokeError> {
+        let revocation = self.revocations.set(revocation, now)?;
+        if let Some(shared) = &self.shared {
+            shared.revoked(&revocation);
+        }
+        Ok(revocation)
+    }
+
+    /// Counts a decided request in the policy's risk signals, and acts on each threshold it
+    /// reaches.
+    pub fn record(
+        &self,
+        policy: &Arc<Policy>,
+        request: &AccessRequest,
+        decision: &Decision,
+        now_ms: i64,
+    ) {
+        let crossings = policy
+            .risk
+            .record(request, decision, now_ms, |signal, key, distinct| {
+                if let Some(shared) = &self.shared {
+                    shared.counted(policy, signal, key, distinct, now_ms);
+                }
+            });
+        for crossing in crossings {
+            self.crossed(&policy.risk, &crossing, now_ms);
+        }
+    }
+
+    /// A signal's count for a key reached its threshold (here, or in the shared store): the
+    /// action applies. `step_up` needs nothing more (the engine reads the count); `block` sets a
+    /// block; every action is logged and counted.
+    pub fn crossed(&self, risk: &RiskPolicy, crossing: &Crossing, now_ms: i64) {
+        let Some(signal) = risk.signals.get(crossing.signal) else {
+            return;
+        };
+        metrics::global().count_risk_trigger(&signal.name, signal.action.as_str());
+        tracing::warn!(
+            target: "stepgate::risk",
+            signal = &*signal.name,
+            action = signal.action.as_str(),
+            key_kind = signal.key.as_str(),
+            key = %crossing.key,
+            count = crossing.count,
+            threshold = signal.threshold,
+            "risk signal reached its threshold"
+        );
+        if let Action::Block { seconds } = signal.action {
+            self.block_for_signal(signal, &crossing.key, seconds, now_ms);
+        }
+    }
+
+    fn block_for_signal(&self, signal: &Signal, key: &str, seconds: i64, now_ms: i64) {
+        let kind = match signal.key {
+            KeyKind::Subject => Kind::Subject,
+            KeyKind::Source => Kind::Source,
+            KeyKind::ClientId => Kind::ClientId,
+            KeyKind::Tenant => Kind::Tenant,
+            KeyKind::Token => Kind::Token,
+        };
+        let now = now_ms.div_euclid(1000);
+        let block = Block {
+            kind,
+            value: key.to_owned(),
+            reason_id: Arc::from(format!("risk.{}", signal.name)),
+            reason: format!(
+                "risk signal {} reached {} ({} over {}s)",
+                signal.name,
+                signal.threshold,
+                signal.event.as_str(),
+                signal.window_seconds
+            ),
+            created_at: now,
+            expires_at: now + seconds,
+            created_by: format!("risk:{}", signal.name),
+        };
+        match self.set_block(block, now) {
+            Ok(block) => tracing::warn!(
+                target: "stepgate::audit",
+                action = "block",
+                by = %block.created_by,
+                kind = block.kind.as_str(),
+                value = %block.value,
+                reason_id = &*block.reason_id,
+                expires_at = block.expires_at,
+                "blocked by a risk signal"
+            ),
+            Err(err) => tracing::error!(
+                target: "stepgate::risk",
+                signal = &*signal.name,
+                error = %err,
+                "a risk signal's block could not be set"
+            ),
+        }
+    }
+}
