@@ -10,14 +10,7 @@ mod envoy;
 
 use std::process::Command;
 
-use common::{Server, Spawn, TempPolicy, bin, demo_policy_text, envoy_check, mint, oidc};
-use envoy_types::pb::envoy::{
-    config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
-    service::auth::v3::{
-        attribute_context::Peer, authorization_client::AuthorizationClient,
-        check_response::HttpResponse,
-    },
-};
+use common::{Server, Spawn, TempPolicy, bin, check_from, demo_policy_text, mint, oidc};
 use serde_json::Value;
 use stepgate::{
     api::v1::{
@@ -90,57 +83,6 @@ async fn decide_as(server: &Server, token: &str) -> stepgate::api::v1::DecideRes
         .into_inner()
 }
 
-/// A `Check` of `GET /reports` from `source`, with `token` if any: (HTTP status, the
-/// `stepgate.block` and `stepgate.reason` metadata, the denial body).
-async fn check_from(
-    server: &Server,
-    source: &str,
-    token: Option<&str>,
-) -> (i32, Option<String>, String, String) {
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = bearer
-        .as_deref()
-        .map(|b| ("authorization", b))
-        .into_iter()
-        .collect();
-    let mut request = envoy_check("GET", "app.example", "/reports", &headers);
-    request.attributes.as_mut().unwrap().source = Some(Peer {
-        address: Some(Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: source.to_owned(),
-                port_specifier: Some(PortSpecifier::PortValue(40000)),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    });
-    let response = AuthorizationClient::new(server.channel().await)
-        .check(request)
-        .await
-        .expect("Check answers")
-        .into_inner();
-    let metadata = response.dynamic_metadata.unwrap_or_default().fields;
-    let text = |name: &str| {
-        metadata.get(name).and_then(|v| match &v.kind {
-            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
-            _ => None,
-        })
-    };
-    let (status, body) = match response.http_response {
-        Some(HttpResponse::DeniedResponse(denied)) => {
-            (denied.status.map_or(0, |s| s.code), denied.body)
-        }
-        Some(HttpResponse::OkResponse(_)) => (200, String::new()),
-        other => panic!("unexpected answer {other:?}"),
-    };
-    (
-        status,
-        text("stepgate.block"),
-        text("stepgate.reason").unwrap_or_default(),
-        body,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     let (_policy, server, admin_url) = start_with_admin(true).await;
@@ -178,7 +120,8 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     );
     assert_eq!(answer.block, "INC-4711");
     assert!(!format!("{answer:?}").contains("takeover"), "{answer:?}");
-    let (status, block_id, reason, body) = check_from(&server, "198.51.100.7", Some(&alice)).await;
+    let (status, block_id, reason, body) =
+        check_from(&server, "/reports", "198.51.100.7", Some(&alice)).await;
     assert_eq!((status, reason.as_str()), (403, "blocked"), "{body}");
     assert_eq!(block_id.as_deref(), Some("INC-4711"));
     assert!(!body.contains("takeover"), "{body}");
@@ -201,11 +144,12 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     );
     assert_eq!(code, Some(0), "{stderr}");
     for token in [None, Some(bob.as_str())] {
-        let (status, block_id, reason, _) = check_from(&server, "203.0.113.77", token).await;
+        let (status, block_id, reason, _) =
+            check_from(&server, "/reports", "203.0.113.77", token).await;
         assert_eq!((status, reason.as_str()), (403, "source_blocked"));
         assert_eq!(block_id.as_deref(), Some("SCAN-9"));
     }
-    let (status, _, _, _) = check_from(&server, "203.0.114.1", Some(&bob)).await;
+    let (status, _, _, _) = check_from(&server, "/reports", "203.0.114.1", Some(&bob)).await;
     assert_eq!(status, 200, "another network");
 
     let (code, listed, stderr) = admin(&admin_url, &["list", "--bearer", &operator]);
@@ -245,7 +189,7 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
         assert_eq!(removed["removed"], true, "{flag} {value}");
     }
     assert_eq!(decide_as(&server, &alice).await.outcome(), Outcome::Allow);
-    let (status, _, _, _) = check_from(&server, "203.0.113.77", Some(&bob)).await;
+    let (status, _, _, _) = check_from(&server, "/reports", "203.0.113.77", Some(&bob)).await;
     assert_eq!(status, 200);
     let metrics = scrape(&server).await;
     for line in [
@@ -503,7 +447,8 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     assert_eq!(decide_as(&server, &fresh).await.outcome(), Outcome::Allow);
     assert_eq!(decide_as(&server, &bobs).await.outcome(), Outcome::Allow);
     // Check answers the same.
-    let (status, _, reason, _) = check_from(&server, "198.51.100.7", Some(&old_oidc)).await;
+    let (status, _, reason, _) =
+        check_from(&server, "/reports", "198.51.100.7", Some(&old_oidc)).await;
     assert_eq!((status, reason.as_str()), (401, "session_revoked"));
 
     let (_, listed, _) = admin(&admin_url, &["list", "--bearer", &operator]);

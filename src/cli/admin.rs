@@ -1,12 +1,12 @@
-//! `stepgate admin block|unblock|revoke|list`: the admin API (`stepgate.v1.AdminService`) from the
+//! `stepgate admin block|unblock|revoke|list|counts`: the admin API (`stepgate.v1.AdminService`) from the
 //! command line, against a server's admin listener. Prints JSON; exits 1 when the server refuses
 //! (the gRPC status and why on stderr).
 
 use std::{process::ExitCode, time::Duration};
 
 use stepgate::api::v1::{
-    Block, BlockKind, BlockRequest, BlockTarget, ListBlocksRequest, Revocation, RevokeRequest,
-    UnblockRequest, admin_service_client::AdminServiceClient,
+    Block, BlockKind, BlockRequest, BlockTarget, GetRiskCountsRequest, ListBlocksRequest,
+    Revocation, RevokeRequest, UnblockRequest, admin_service_client::AdminServiceClient,
 };
 use tonic::metadata::MetadataValue;
 
@@ -48,6 +48,13 @@ enum Action {
     },
     /// List the blocks in force and the revocations kept.
     List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// The risk signals' current counts for a subject, tenant, client, token or source.
+    Counts {
+        #[command(flatten)]
+        target: Target,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -157,6 +164,7 @@ async fn call(action: Action) -> Result<serde_json::Value, String> {
         Action::Block { server, .. }
         | Action::Unblock { server, .. }
         | Action::List { server }
+        | Action::Counts { server, .. }
         | Action::Revoke { server, .. } => server,
     };
     let channel = connect::channel(&server.server, &server.tls, Duration::from_secs(10)).await?;
@@ -220,6 +228,31 @@ async fn call(action: Action) -> Result<serde_json::Value, String> {
             Ok(serde_json::json!({
                 "blocks": listed.blocks.iter().map(block_json).collect::<Vec<_>>(),
                 "revocations": listed.revocations.iter().map(revocation_json).collect::<Vec<_>>(),
+            }))
+        }
+        Action::Counts { target, .. } => {
+            let counts = client
+                .get_risk_counts(GetRiskCountsRequest {
+                    key: Some(target.wire()),
+                })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .counts;
+            Ok(serde_json::json!({
+                "counts": counts
+                    .iter()
+                    .map(|c| serde_json::json!({
+                        "signal": c.signal,
+                        "counts": c.counts,
+                        "key": c.key,
+                        "count": c.count,
+                        "threshold": c.threshold,
+                        "window_seconds": c.window_seconds,
+                        "action": c.action,
+                        "reached": c.reached,
+                    }))
+                    .collect::<Vec<_>>(),
             }))
         }
         Action::Revoke {

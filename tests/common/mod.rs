@@ -583,6 +583,75 @@ pub fn envoy_check(
     }
 }
 
+/// A `Check` of `GET <path>` on `app.example` from `source`, with `token` if any: (HTTP status,
+/// the `stepgate.block` and `stepgate.reason` metadata, the denial body).
+pub async fn check_from(
+    server: &Server,
+    path: &str,
+    source: &str,
+    token: Option<&str>,
+) -> (i32, Option<String>, String, String) {
+    check_on(server.channel().await, path, source, token).await
+}
+
+/// [`check_from`] on an open channel.
+pub async fn check_on(
+    channel: Channel,
+    path: &str,
+    source: &str,
+    token: Option<&str>,
+) -> (i32, Option<String>, String, String) {
+    use envoy_types::pb::envoy::{
+        config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
+        service::auth::v3::{
+            attribute_context::Peer, authorization_client::AuthorizationClient,
+            check_response::HttpResponse,
+        },
+    };
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| ("authorization", b))
+        .into_iter()
+        .collect();
+    let mut request = envoy_check("GET", "app.example", path, &headers);
+    request.attributes.as_mut().unwrap().source = Some(Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: source.to_owned(),
+                port_specifier: Some(PortSpecifier::PortValue(40000)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    let response = AuthorizationClient::new(channel)
+        .check(request)
+        .await
+        .expect("Check answers")
+        .into_inner();
+    let metadata = response.dynamic_metadata.unwrap_or_default().fields;
+    let text = |name: &str| {
+        metadata.get(name).and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+    };
+    let (status, body) = match response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            (denied.status.map_or(0, |s| s.code), denied.body)
+        }
+        Some(HttpResponse::OkResponse(_)) => (200, String::new()),
+        other => panic!("unexpected answer {other:?}"),
+    };
+    (
+        status,
+        text("stepgate.block"),
+        text("stepgate.reason").unwrap_or_default(),
+        body,
+    )
+}
+
 /// The same request as Envoy sends it with `encode_raw_headers: true`: every header an entry of
 /// `header_map` with `raw_value` bytes (and `value` empty), the `headers` map empty.
 pub fn to_header_map_shape(request: &CheckRequest) -> CheckRequest {
