@@ -202,6 +202,19 @@ impl Table {
         }
     }
 
+    /// The count a store's windows (`cur` in window `idx`, `prev` before it) make at `now_ms`:
+    /// the same estimate as this table's own.
+    pub fn estimate_of(&self, idx: i64, cur: u32, prev: u32, now_ms: i64) -> u64 {
+        let entry = Entry {
+            idx,
+            cur,
+            prev,
+            seen: Vec::new(),
+            remote: (self.counting == Counting::Distinct).then_some((cur, now_ms)),
+        };
+        self.estimate(&entry, now_ms)
+    }
+
     /// The keys and their counts, highest first (for the admin API and tests), at most `limit`.
     pub fn top(&self, now_ms: i64, limit: usize) -> Vec<(String, u64)> {
         let mut all: Vec<(String, u64)> = Vec::new();

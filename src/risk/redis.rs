@@ -40,6 +40,7 @@ use tokio_stream::StreamExt;
 
 use super::{
     blocks::{Block, Kind, MAX_TTL_SECONDS},
+    counters::Counting,
     revocations::{KEEP_SECONDS, Revocation},
     signals::{Crossing, Signal},
     store::RiskState,
@@ -194,27 +195,25 @@ struct CountMessage {
 }
 
 impl Shared {
-    /// Starts the task linking `state` to the Redis at `url` (on the current Tokio runtime).
-    pub fn start(
+    /// The link to the Redis at `url`: this end, and the task to start with [`Link::spawn`]
+    /// once the state it feeds exists.
+    pub fn new(
         url: &str,
-        state: Weak<RiskState>,
         policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
-    ) -> Self {
+    ) -> (Self, Link) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let replica: Arc<str> = Arc::from(replica_id());
         let down = Arc::new(AtomicBool::new(true));
         metrics::global().set_risk_store_up(false);
-        let task = Task {
+        let link = Link(Task {
             url: url.to_owned(),
-            replica: Arc::clone(&replica),
-            state,
+            replica: Arc::from(replica_id()),
+            state: Weak::new(),
             policy,
             rx,
             pending: VecDeque::new(),
             down: Arc::clone(&down),
-        };
-        tokio::spawn(task.run());
-        Self { ops: tx, down }
+        });
+        (Self { ops: tx, down }, link)
     }
 
     pub fn is_down(&self) -> bool {
@@ -304,6 +303,18 @@ impl Shared {
     }
 }
 
+/// The background task of a [`Shared`], not yet started.
+pub struct Link(Task);
+
+impl Link {
+    /// Starts the task (on the current Tokio runtime), feeding `state`.
+    pub fn spawn(self, state: Weak<RiskState>) {
+        let mut task = self.0;
+        task.state = state;
+        tokio::spawn(task.run());
+    }
+}
+
 struct Task {
     url: String,
     replica: Arc<str>,
@@ -347,20 +358,17 @@ impl Task {
                 Ok(()) => return,
                 Err(err) => {
                     metrics::global().record_risk_store_error();
-                    if self.down.swap(true, Relaxed) || !reported {
-                        // Down already (a failed reconnection): once per outage.
-                        if !reported {
-                            tracing::error!(
-                                error = %err,
-                                "the Redis risk store is unreachable: deciding from the last known \
-                                 blocks and revocations, counting locally; reconnecting"
-                            );
-                        }
-                    } else {
+                    if !self.down.swap(true, Relaxed) {
                         tracing::error!(
                             error = %err,
                             "lost the Redis risk store: deciding from the last known blocks and \
                              revocations, counting locally; reconnecting"
+                        );
+                    } else if !reported {
+                        tracing::error!(
+                            error = %err,
+                            "the Redis risk store is unreachable: deciding from the last known \
+                             blocks and revocations, counting locally; reconnecting"
                         );
                     }
                     reported = true;
@@ -560,38 +568,52 @@ impl Task {
             return Ok(());
         };
         let now = now_ms();
-        for (((_, index, key, _, idx), (policy, _, _)), (cur, prev)) in counts.iter().zip(replies) {
+        for (((_, index, key, _, idx), (policy, _, delta)), (cur, prev)) in
+            counts.iter().zip(replies)
+        {
             let signal = &policy.risk.signals[*index];
             let (cur, prev) = (clamp(cur), clamp(prev));
-            let change = signal.table().merge_remote(key, *idx, cur, prev, now);
-            if change.crossed(u64::from(signal.threshold)) {
-                // The shared total reached the threshold: act here, and tell the others.
+            let table = signal.table();
+            let change = table.merge_remote(key, *idx, cur, prev, now);
+            // Whether this reply is the one that took the shared total to the threshold: then
+            // this replica tells the others (exactly one replica sees that reply).
+            let threshold = u64::from(signal.threshold);
+            let shared_after = table.estimate_of(*idx, cur, prev, now);
+            let shared_before = match table.counting() {
+                Counting::Events => table.estimate_of(*idx, cur.saturating_sub(*delta), prev, now),
+                Counting::Distinct => shared_after.saturating_sub(1),
+            };
+            if shared_before >= threshold || shared_after < threshold {
+                continue;
+            }
+            if change.before < threshold {
+                // Not reached in this replica's own view before: act here.
                 let crossing = Crossing {
                     signal: *index,
                     key: key.clone(),
                     count: change.after,
                 };
                 state.crossed(&policy.risk, &crossing, now);
-                let message = Message {
-                    from: self.replica.to_string(),
-                    put: None,
-                    count: Some(CountMessage {
-                        signal: signal.name.to_string(),
-                        window: signal.window_seconds,
-                        key: key.clone(),
-                        idx: *idx,
-                        cur,
-                        prev,
-                    }),
-                };
-                let text = serde_json::to_string(&message).expect("messages serialize");
-                redis::cmd("PUBLISH")
-                    .arg(CHANNEL)
-                    .arg(text)
-                    .query_async::<i64>(conn)
-                    .await
-                    .map_err(|e| format!("publishing: {e}"))?;
             }
+            let message = Message {
+                from: self.replica.to_string(),
+                put: None,
+                count: Some(CountMessage {
+                    signal: signal.name.to_string(),
+                    window: signal.window_seconds,
+                    key: key.clone(),
+                    idx: *idx,
+                    cur,
+                    prev,
+                }),
+            };
+            let text = serde_json::to_string(&message).expect("messages serialize");
+            redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(text)
+                .query_async::<i64>(conn)
+                .await
+                .map_err(|e| format!("publishing: {e}"))?;
         }
         Ok(())
     }

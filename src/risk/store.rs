@@ -35,11 +35,16 @@ impl RiskState {
     ) -> Arc<Self> {
         match spec {
             StoreSpec::Memory => Self::memory(),
-            StoreSpec::Redis(url) => Arc::new_cyclic(|state| Self {
-                blocks: Blocks::default(),
-                revocations: Revocations::default(),
-                shared: Some(Shared::start(url, state.clone(), Arc::new(policy))),
-            }),
+            StoreSpec::Redis(url) => {
+                let (shared, link) = Shared::new(url, Arc::new(policy));
+                let state = Arc::new(Self {
+                    blocks: Blocks::default(),
+                    revocations: Revocations::default(),
+                    shared: Some(shared),
+                });
+                link.spawn(Arc::downgrade(&state));
+                state
+            }
         }
     }
 

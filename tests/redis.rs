@@ -1,0 +1,520 @@
+//! Two stepgate replicas sharing one real `redis-server`, with the real Envoy in front of replica
+//! B: a block or a revocation set through replica A's admin API is enforced by B; a risk signal
+//! counted on both reaches its threshold in the shared total and escalates on both, then expires;
+//! Redis killed and restarted: no decision fails, and blocks made meanwhile converge; with
+//! `on_store_failure: fail_closed` requests are refused while it is down.
+//!
+//! The propagation delay (block set on A → enforced by B) is measured and printed, not asserted:
+//! run `cargo nextest run --test redis --no-capture` to see it.
+
+mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
+#[path = "common/redis.rs"]
+mod redis_server;
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Server, Spawn, TempPolicy, bin, demo_policy_text, mint, oidc};
+use redis_server::Redis;
+use stepgate::{
+    api::v1::{
+        BlockKind, BlockRequest, BlockTarget, DecideRequest, DecideResponse, Outcome,
+        admin_service_client::AdminServiceClient, decide_request::Credential,
+        decision_service_client::DecisionServiceClient,
+    },
+    demo::TokenSpec,
+};
+use tonic::transport::Endpoint;
+
+const ADMIN_ROLE: &str = "stepgate.admin";
+
+/// The demo policy sharing its risk state through `redis`, with `extra` under `risk:`.
+fn policy(name: &str, redis: &Redis, extra: &str) -> TempPolicy {
+    let text = demo_policy_text()
+        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
+        + &format!("risk:\n  store: {}\n{extra}", redis.url());
+    TempPolicy::new(name, &text)
+}
+
+/// A replica on `policy` with an admin listener and metrics: (server, admin URL).
+async fn replica(policy: &TempPolicy) -> (Server, String) {
+    let admin_port = envoy::free_port();
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    (server, format!("http://127.0.0.1:{admin_port}"))
+}
+
+fn operator() -> String {
+    mint(&TokenSpec {
+        subject: "ops".into(),
+        ..oidc(&[ADMIN_ROLE], None, &[])
+    })
+}
+
+/// `stepgate admin <args>` against `admin_url` as the operator; fails the test on refusal.
+fn admin(admin_url: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin())
+        .arg("admin")
+        .args(args)
+        .args(["--server", admin_url, "--bearer", &operator()])
+        .output()
+        .expect("running stepgate admin");
+    assert!(
+        out.status.success(),
+        "stepgate admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+fn entra_token(subject: &str, acrs: &[&str], cp1: bool) -> String {
+    mint(&TokenSpec {
+        subject: subject.into(),
+        acrs: acrs.iter().map(|s| s.to_string()).collect(),
+        xms_cc: if cp1 { vec!["cp1".into()] } else { Vec::new() },
+        ..TokenSpec::default()
+    })
+}
+
+async fn decide(server: &Server, token: &str, operation: &str) -> DecideResponse {
+    DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.to_owned())),
+            operation: operation.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner()
+}
+
+/// Polls `probe` every 20 ms until it holds; fails after `within`.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
+    while !probe().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `server` reports the store as `up` (1) or down (0); fails with its log.
+async fn store_up(server: &Server, up: bool, within: Duration) {
+    let want = if up { "1" } else { "0" };
+    let deadline = Instant::now() + within;
+    while metric(server, "stepgate_risk_store_up").await.as_deref() != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "stepgate_risk_store_up never {want} within {within:?}:\n{}",
+            server.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn metric(server: &Server, name: &str) -> Option<String> {
+    let port = server.metrics_port.expect("spawned with metrics");
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy() {
+    let redis = Redis::start();
+    let signals = r#"  signals:
+    repeated_step_ups:
+      count: step_up
+      key: subject
+      window: 2s
+      threshold: 4
+      action: step_up
+      require: { auth_contexts: [c3] }
+"#;
+    let policy = policy("redis-shared", &redis, signals);
+    let (a, a_admin) = replica(&policy).await;
+    let (b, b_admin) = replica(&policy).await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(10)).await;
+    }
+    let echo = envoy::Echo::start().await;
+    let proxy = envoy::Envoy::start(envoy::ENVOY_YAML, b.port, echo.port).await;
+    let http = reqwest::Client::new();
+    let get = |token: String| {
+        let request = http.get(proxy.url("/reports")).bearer_auth(token);
+        async move {
+            let response = request.send().await.expect("a response from Envoy");
+            let www = response
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap_or_default().to_owned());
+            (response.status().as_u16(), www)
+        }
+    };
+
+    // A block set on A: B's answers through Envoy turn to 403; unblocked on A, back to 200.
+    let alice = entra_token("alice", &[], true);
+    assert_eq!(get(alice.clone()).await.0, 200);
+    admin(
+        &a_admin,
+        &[
+            "block",
+            "--subject",
+            "alice",
+            "--reason-id",
+            "INC-1",
+            "--ttl",
+            "10m",
+        ],
+    );
+    eventually("B enforces A's block", Duration::from_secs(10), || async {
+        get(alice.clone()).await.0 == 403
+    })
+    .await;
+    admin(&a_admin, &["unblock", "--subject", "alice"]);
+    eventually("B lifts A's block", Duration::from_secs(10), || async {
+        get(alice.clone()).await.0 == 200
+    })
+    .await;
+
+    // Propagation, measured: blocks set through A's admin API, each timed until B's `Decide`
+    // refuses that subject.
+    let channel = Endpoint::from_shared(a_admin.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", operator()).parse().unwrap();
+    let mut admin_client =
+        AdminServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    let mut b_client = DecisionServiceClient::new(b.channel().await);
+    let mut delays = Vec::new();
+    for i in 0..60 {
+        let subject = format!("user-{i}");
+        let token = entra_token(&subject, &[], true);
+        admin_client
+            .block(BlockRequest {
+                target: Some(BlockTarget {
+                    kind: BlockKind::Subject as i32,
+                    value: subject.clone(),
+                }),
+                reason_id: format!("P-{i}"),
+                reason: String::new(),
+                ttl_seconds: 600,
+            })
+            .await
+            .expect("A blocks");
+        let set = Instant::now();
+        loop {
+            let answer = b_client
+                .decide(DecideRequest {
+                    credential: Some(Credential::Token(token.clone())),
+                    operation: "reports.read".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("B decides")
+                .into_inner();
+            if answer.reason == "blocked" {
+                break;
+            }
+            assert!(
+                set.elapsed() < Duration::from_secs(10),
+                "block {i} never reached B"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        delays.push(set.elapsed());
+    }
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() as f64 * q).ceil() as usize).min(delays.len()) - 1];
+    eprintln!(
+        "propagation A → B over Redis, {} blocks: p50 {:?}, p99 {:?}, max {:?}",
+        delays.len(),
+        at(0.5),
+        at(0.99),
+        delays[delays.len() - 1]
+    );
+
+    // A revocation on A: on B a cp1 Entra token gets the continuous-access claims challenge
+    // (nbf at the revocation time), another gets 401 invalid_token.
+    let before = common::unix_now();
+    let dave_cp1 = mint(&TokenSpec {
+        subject: "dave".into(),
+        xms_cc: vec!["cp1".into()],
+        extra: [("iat".to_owned(), (before - 60).into())]
+            .into_iter()
+            .collect(),
+        ..TokenSpec::default()
+    });
+    let dave_plain = mint(&TokenSpec {
+        subject: "dave".into(),
+        extra: [("iat".to_owned(), (before - 60).into())]
+            .into_iter()
+            .collect(),
+        ..TokenSpec::default()
+    });
+    admin(
+        &a_admin,
+        &[
+            "revoke",
+            "--subject",
+            "dave",
+            "--before",
+            &before.to_string(),
+            "--reason-id",
+            "PWRESET-3",
+        ],
+    );
+    eventually(
+        "B applies A's revocation",
+        Duration::from_secs(10),
+        || async { decide(&b, &dave_plain, "reports.read").await.reason == "session_revoked" },
+    )
+    .await;
+    let plain = decide(&b, &dave_plain, "reports.read").await;
+    assert_eq!((plain.outcome(), plain.http_status), (Outcome::Deny, 401));
+    assert!(
+        plain.www_authenticate.contains("invalid_token"),
+        "{plain:?}"
+    );
+    let (status, www) = get(dave_cp1.clone()).await;
+    let www = www.unwrap_or_default();
+    assert_eq!(status, 401);
+    assert!(www.contains("error=\"insufficient_claims\""), "{www}");
+    let cp1 = decide(&b, &dave_cp1, "reports.read").await;
+    let claims = cp1.step_up.expect("a claims challenge").claims;
+    let expected =
+        format!("{{\"access_token\":{{\"nbf\":{{\"essential\":true,\"value\":\"{before}\"}}}}}}");
+    assert_eq!(claims, expected);
+
+    // A risk signal counted on both: two step-ups on A, two on B make four in Redis, and both
+    // replicas then ask mallory for c3 as well.
+    let without = entra_token("mallory", &[], true);
+    for server in [&a, &a, &b, &b] {
+        assert_eq!(
+            decide(server, &without, "payments.wire_transfer")
+                .await
+                .outcome(),
+            Outcome::StepUp
+        );
+    }
+    let with_mfa = entra_token("mallory", &["c1"], true);
+    for server in [&b, &a] {
+        eventually(
+            "the shared count escalates mallory",
+            Duration::from_secs(5),
+            || async {
+                let answer = decide(server, &with_mfa, "payments.wire_transfer").await;
+                answer
+                    .step_up
+                    .is_some_and(|s| s.missing_auth_contexts == ["c3"])
+            },
+        )
+        .await;
+    }
+    // … until the window has slid past those step-ups (asked through the admin API, which
+    // counts nothing).
+    for admin_url in [&a_admin, &b_admin] {
+        eventually(
+            "the escalation expires",
+            Duration::from_secs(15),
+            || async {
+                let counts = admin(admin_url, &["counts", "--subject", "mallory"]);
+                counts["counts"][0]["reached"] == false
+            },
+        )
+        .await;
+    }
+    for server in [&a, &b] {
+        assert_eq!(
+            decide(server, &with_mfa, "payments.wire_transfer")
+                .await
+                .outcome(),
+            Outcome::Allow
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-outage", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    let (b, _) = replica(&policy).await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(10)).await;
+    }
+    admin(
+        &a_admin,
+        &[
+            "block",
+            "--subject",
+            "grace",
+            "--reason-id",
+            "BEFORE",
+            "--ttl",
+            "1h",
+        ],
+    );
+    let grace = entra_token("grace", &[], true);
+    eventually("B has the first block", Duration::from_secs(10), || async {
+        decide(&b, &grace, "reports.read").await.reason == "blocked"
+    })
+    .await;
+
+    // Decisions on both replicas all through the outage, counted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (decided, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for server in [&a, &b] {
+        let channel = server.channel().await;
+        let (stop, decided, failed) = (stop.clone(), decided.clone(), failed.clone());
+        let token = entra_token("henry", &[], true);
+        load.push(tokio::spawn(async move {
+            let mut client = DecisionServiceClient::new(channel);
+            while !stop.load(Ordering::Relaxed) {
+                let answer = client
+                    .decide(DecideRequest {
+                        credential: Some(Credential::Token(token.clone())),
+                        operation: "reports.read".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                match answer {
+                    Ok(a) if a.get_ref().outcome() == Outcome::Allow => {
+                        decided.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+
+    redis.kill();
+    for server in [&a, &b] {
+        store_up(server, false, Duration::from_secs(10)).await;
+        server.wait_ready().await;
+    }
+    // A block made on A while Redis is down: enforced by A at once, by B once Redis is back.
+    admin(
+        &a_admin,
+        &[
+            "block",
+            "--subject",
+            "ivan",
+            "--reason-id",
+            "DURING",
+            "--ttl",
+            "1h",
+        ],
+    );
+    let ivan = entra_token("ivan", &[], true);
+    assert_eq!(decide(&a, &ivan, "reports.read").await.reason, "blocked");
+    assert_eq!(decide(&b, &ivan, "reports.read").await.reason, "allowed");
+    assert_eq!(decide(&b, &grace, "reports.read").await.reason, "blocked");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Back, empty (no persistence): both blocks converge on both replicas and into Redis.
+    let redis = Redis::start_on(port);
+    eventually(
+        "B gets the block made during the outage",
+        Duration::from_secs(30),
+        || async { decide(&b, &ivan, "reports.read").await.reason == "blocked" },
+    )
+    .await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(30)).await;
+        assert_eq!(
+            decide(server, &grace, "reports.read").await.reason,
+            "blocked"
+        );
+    }
+    let fields = redis
+        .command("HKEYS stepgate:blocks\r\n")
+        .unwrap_or_default();
+    assert!(
+        fields.contains("subject|grace") && fields.contains("subject|ivan"),
+        "{fields}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let (decided, failed) = (
+        decided.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    assert!(decided > 100, "{decided} decisions");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} decisions failed",
+        decided + failed
+    );
+    assert!(
+        a.logs_text().contains("lost the Redis risk store")
+            && a.logs_text().contains("connected to the Redis risk store"),
+        "{}",
+        a.logs_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_requests_while_the_store_is_down() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy(
+        "redis-fail-closed",
+        &redis,
+        "  on_store_failure: fail_closed\n",
+    );
+    let (server, _) = replica(&policy).await;
+    let alice = entra_token("alice", &[], true);
+    eventually("connected", Duration::from_secs(10), || async {
+        decide(&server, &alice, "reports.read").await.outcome() == Outcome::Allow
+    })
+    .await;
+    redis.kill();
+    eventually("refusing while down", Duration::from_secs(10), || async {
+        let answer = decide(&server, &alice, "reports.read").await;
+        answer.reason == "risk_store_unavailable" && answer.http_status == 503
+    })
+    .await;
+    // Health stays SERVING: the outage is the store's, not this replica's.
+    server.wait_ready().await;
+    let _redis = Redis::start_on(port);
+    eventually("serving again", Duration::from_secs(30), || async {
+        decide(&server, &alice, "reports.read").await.outcome() == Outcome::Allow
+    })
+    .await;
+}
