@@ -17,6 +17,7 @@
 //! measured by `tests/risk_memory.rs`.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{
@@ -34,7 +35,15 @@ const SHARDS: usize = 64;
 /// Entries compared when a full shard must evict one that still counts.
 const EVICTION_SAMPLE: usize = 16;
 
-type Shard = HashMap<Box<str>, Entry>;
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<Box<str>, Entry>,
+    /// When the shard was last swept of zero counts (ms): at most once per [`SWEEP_EVERY_MS`],
+    /// so that a flood of new keys pays a sample per key, not a scan of the shard.
+    swept_ms: i64,
+}
+
+const SWEEP_EVERY_MS: i64 = 1000;
 
 /// What a table counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +60,13 @@ struct Entry {
     idx: i64,
     cur: u32,
     prev: u32,
-    /// Distinct values: (hash, last seen, ms), newest last.
+    /// A distinct count's values (boxed: an event count's entry stays 24 bytes).
+    distinct: Option<Box<Distinct>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Distinct {
+    /// (hash, last seen, ms), newest last.
     seen: Vec<(u64, i64)>,
     /// The shared store's count (distinct values), and when it was read (ms).
     remote: Option<(u32, i64)>,
@@ -127,6 +142,7 @@ impl Table {
         let key = bounded(key);
         let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
         shard
+            .map
             .get(key.as_ref())
             .map_or(0, |e| self.estimate(e, now_ms))
     }
@@ -135,15 +151,7 @@ impl Table {
     pub fn record(&self, key: &str, distinct: Option<&str>, now_ms: i64) -> Change {
         let key = bounded(key);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        if !shard.contains_key(key.as_ref()) && shard.len() >= self.per_shard {
-            self.make_room(&mut shard, now_ms);
-        }
-        let entry = shard
-            .entry(key.into_owned().into_boxed_str())
-            .or_insert_with(|| {
-                self.len.fetch_add(1, Relaxed);
-                Entry::default()
-            });
+        let entry = self.entry(&mut shard, key, now_ms);
         let before = self.estimate(entry, now_ms);
         match self.counting {
             Counting::Events => {
@@ -152,11 +160,12 @@ impl Table {
             }
             Counting::Distinct => {
                 let hash = self.value_hash(distinct.unwrap_or_default());
-                entry.seen.retain(|(h, _)| *h != hash);
-                if entry.seen.len() >= MAX_DISTINCT {
-                    entry.seen.remove(0);
+                let distinct = entry.distinct.get_or_insert_default();
+                distinct.seen.retain(|(h, _)| *h != hash);
+                if distinct.seen.len() >= MAX_DISTINCT {
+                    distinct.seen.remove(0);
                 }
-                entry.seen.push((hash, now_ms));
+                distinct.seen.push((hash, now_ms));
             }
         }
         Change {
@@ -171,15 +180,7 @@ impl Table {
     pub fn merge_remote(&self, key: &str, idx: i64, cur: u32, prev: u32, now_ms: i64) -> Change {
         let key = bounded(key);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        if !shard.contains_key(key.as_ref()) && shard.len() >= self.per_shard {
-            self.make_room(&mut shard, now_ms);
-        }
-        let entry = shard
-            .entry(key.into_owned().into_boxed_str())
-            .or_insert_with(|| {
-                self.len.fetch_add(1, Relaxed);
-                Entry::default()
-            });
+        let entry = self.entry(&mut shard, key, now_ms);
         let before = self.estimate(entry, now_ms);
         match self.counting {
             Counting::Events => {
@@ -192,8 +193,11 @@ impl Table {
                 }
             }
             Counting::Distinct => {
-                let kept = entry.remote.filter(|(_, at)| *at > now_ms - self.window_ms);
-                entry.remote = Some((cur.max(kept.map_or(0, |(n, _)| n)), now_ms));
+                let distinct = entry.distinct.get_or_insert_default();
+                let kept = distinct
+                    .remote
+                    .filter(|(_, at)| *at > now_ms - self.window_ms);
+                distinct.remote = Some((cur.max(kept.map_or(0, |(n, _)| n)), now_ms));
             }
         }
         Change {
@@ -209,8 +213,12 @@ impl Table {
             idx,
             cur,
             prev,
-            seen: Vec::new(),
-            remote: (self.counting == Counting::Distinct).then_some((cur, now_ms)),
+            distinct: (self.counting == Counting::Distinct).then(|| {
+                Box::new(Distinct {
+                    seen: Vec::new(),
+                    remote: Some((cur, now_ms)),
+                })
+            }),
         };
         self.estimate(&entry, now_ms)
     }
@@ -222,6 +230,7 @@ impl Table {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             all.extend(
                 shard
+                    .map
                     .iter()
                     .map(|(k, e)| (k.to_string(), self.estimate(e, now_ms)))
                     .filter(|(_, n)| *n > 0),
@@ -269,8 +278,11 @@ impl Table {
             }
             Counting::Distinct => {
                 let since = now_ms - self.window_ms;
-                let local = entry.seen.iter().filter(|(_, at)| *at > since).count() as u64;
-                let remote = entry
+                let Some(distinct) = &entry.distinct else {
+                    return 0;
+                };
+                let local = distinct.seen.iter().filter(|(_, at)| *at > since).count() as u64;
+                let remote = distinct
                     .remote
                     .filter(|(_, at)| *at > since)
                     .map_or(0, |(n, _)| u64::from(n));
@@ -279,35 +291,54 @@ impl Table {
         }
     }
 
-    /// Drops the shard's keys that count zero; if none does, the lowest of a sample.
+    /// `key`'s entry in `shard`, made (with room made for it) if new.
+    fn entry<'s>(&self, shard: &'s mut Shard, key: Cow<'_, str>, now_ms: i64) -> &'s mut Entry {
+        if !shard.map.contains_key(key.as_ref()) && shard.map.len() >= self.per_shard {
+            self.make_room(shard, now_ms);
+        }
+        shard
+            .map
+            .entry(key.into_owned().into_boxed_str())
+            .or_insert_with(|| {
+                self.len.fetch_add(1, Relaxed);
+                Entry::default()
+            })
+    }
+
+    /// Drops the shard's keys that count zero (at most once a second); if that frees nothing,
+    /// the key with the lowest count of a sample.
     fn make_room(&self, shard: &mut Shard, now_ms: i64) {
-        let before = shard.len();
-        shard.retain(|_, e| self.estimate(e, now_ms) > 0);
-        if shard.len() == before {
+        let before = shard.map.len();
+        if now_ms - shard.swept_ms >= SWEEP_EVERY_MS {
+            shard.swept_ms = now_ms;
+            shard.map.retain(|_, e| self.estimate(e, now_ms) > 0);
+        }
+        if shard.map.len() == before {
             let victim = shard
+                .map
                 .iter()
                 .take(EVICTION_SAMPLE)
                 .min_by_key(|(_, e)| self.estimate(e, now_ms))
                 .map(|(k, _)| k.clone());
             if let Some(victim) = victim {
-                shard.remove(&victim);
+                shard.map.remove(&victim);
             }
         }
-        self.len.fetch_sub(before - shard.len(), Relaxed);
+        self.len.fetch_sub(before - shard.map.len(), Relaxed);
     }
 }
 
 /// `key`, or its SHA-256 when it is longer than [`MAX_KEY_BYTES`].
-pub fn bounded(key: &str) -> std::borrow::Cow<'_, str> {
+pub fn bounded(key: &str) -> Cow<'_, str> {
     if key.len() <= MAX_KEY_BYTES {
-        return std::borrow::Cow::Borrowed(key);
+        return Cow::Borrowed(key);
     }
     use sha2::{Digest, Sha256};
     let hex: String = Sha256::digest(key.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    std::borrow::Cow::Owned(format!("sha256:{hex}"))
+    Cow::Owned(format!("sha256:{hex}"))
 }
 
 #[cfg(test)]
