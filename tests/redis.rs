@@ -518,3 +518,36 @@ async fn fail_closed_refuses_requests_while_the_store_is_down() {
     })
     .await;
 }
+
+/// `--risk-store` (or `STEPGATE_RISK_STORE`, as a Helm chart sets it from a Secret) names the
+/// store over the policy; a URL the Redis client cannot use is refused at start (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_can_come_from_the_environment_instead_of_the_policy() {
+    let redis = Redis::start();
+    let policy = TempPolicy::new("redis-env", &demo_policy_text());
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            metrics: true,
+            env: vec![("STEPGATE_RISK_STORE".into(), redis.url())],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    assert!(!server.logs_text().contains("risk.store changed"));
+
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&policy.path)
+        .args(["--risk-store", "redis://:secret@[::1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a usable Redis URL"), "{stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "the password is not echoed: {stderr}"
+    );
+}

@@ -121,6 +121,11 @@ struct ServeArgs {
     /// `explain.admin_listener` allows `explain` on it. Keep it on loopback or a private network.
     #[arg(long, env = "STEPGATE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// The shared risk store, over the policy's `risk.store`: `memory` or a Redis URL
+    /// (`redis://[:password@]host:6379/0`, `rediss://` for TLS). Read at start; keeps a password
+    /// out of the policy file (set it from a Secret).
+    #[arg(long, env = "STEPGATE_RISK_STORE", hide_env_values = true)]
+    risk_store: Option<String>,
     /// CAs (PEM bundle) to trust, besides the bundled web roots, for every identity provider
     /// without its own `ca_file`: an internal IdP behind a private or corporate CA.
     #[arg(long, env = "STEPGATE_IDP_CA")]
@@ -252,6 +257,21 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("stepgate: TLS: {err}");
         return ExitCode::from(2);
     }
+    // Checked here rather than by clap, whose message would repeat the URL (and its password).
+    let risk_store = match args
+        .risk_store
+        .as_deref()
+        .map(stepgate::risk::signals::StoreSpec::parse)
+        .transpose()
+    {
+        Ok(store) => store,
+        Err(err) => {
+            tracing::error!("--risk-store: {err}");
+            logs.flush();
+            eprintln!("stepgate: --risk-store: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let options = ServeOptions {
         config: args.config,
         listen: args.listen,
@@ -263,6 +283,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin_listen: args.admin_listen,
         reflection: args.reflection,
         otlp_endpoint: args.otlp_endpoint,
+        risk_store,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

@@ -34,27 +34,9 @@ pub fn compile_risk(
     cel: &Arc<cel::Env>,
     auth_contexts: &BTreeMap<String, AuthContext>,
 ) -> Result<RiskPolicy> {
-    let store = match config.store.as_deref().map(str::trim) {
-        None | Some("memory") => StoreSpec::Memory,
-        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-            let spec = StoreSpec::Redis(url.to_owned());
-            if let Err(e) = redis::Client::open(url) {
-                return err(
-                    "risk.store",
-                    format!("{} is not a usable Redis URL: {e}", spec.redacted()),
-                );
-            }
-            spec
-        }
-        Some(other) => {
-            return err(
-                "risk.store",
-                format!(
-                    "expected `memory` or a redis:// or rediss:// URL, got {:?}",
-                    StoreSpec::Redis(other.to_owned()).redacted()
-                ),
-            );
-        }
+    let store = match config.store.as_deref() {
+        None => StoreSpec::Memory,
+        Some(text) => StoreSpec::parse(text).map_err(|m| ConfigError::new("risk.store", m))?,
     };
     if !MAX_KEYS.contains(&config.max_keys) {
         return err(

@@ -44,6 +44,23 @@ pub enum StoreSpec {
 }
 
 impl StoreSpec {
+    /// `memory`, or a `redis://`/`rediss://` URL the Redis client accepts.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "memory" => Ok(Self::Memory),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                let spec = Self::Redis(url.to_owned());
+                redis::Client::open(url)
+                    .map(|_| spec.clone())
+                    .map_err(|e| format!("{} is not a usable Redis URL: {e}", spec.redacted()))
+            }
+            other => Err(format!(
+                "expected `memory` or a redis:// or rediss:// URL, got {:?}",
+                Self::Redis(other.to_owned()).redacted()
+            )),
+        }
+    }
+
     /// The URL with any password replaced, for logs.
     pub fn redacted(&self) -> String {
         match self {

@@ -19,6 +19,8 @@ pub struct RiskState {
     revocations: Revocations,
     /// `None`: this replica's memory only.
     shared: Option<Shared>,
+    /// The store in use, chosen at start.
+    spec: Option<StoreSpec>,
 }
 
 impl RiskState {
@@ -41,11 +43,17 @@ impl RiskState {
                     blocks: Blocks::default(),
                     revocations: Revocations::default(),
                     shared: Some(shared),
+                    spec: Some(spec.clone()),
                 });
                 link.spawn(Arc::downgrade(&state));
                 state
             }
         }
+    }
+
+    /// The store in use.
+    pub fn spec(&self) -> StoreSpec {
+        self.spec.clone().unwrap_or(StoreSpec::Memory)
     }
 
     pub fn blocks(&self) -> &Blocks {

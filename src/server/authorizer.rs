@@ -22,7 +22,7 @@ use crate::{
     risk::{
         blocks::{Block, Blocks, Subject},
         revocations::Revocations,
-        signals::StoreFailure,
+        signals::{StoreFailure, StoreSpec},
         store::RiskState,
     },
     telemetry::{self, traces},
@@ -37,6 +37,8 @@ pub struct Authorizer {
     /// Blocks and revocations (admin API, risk signals), applied over the engine's decisions,
     /// and the link that shares them (and the counters) with the other replicas.
     risk: Arc<RiskState>,
+    /// The store was named by `--risk-store`, over the policy's `risk.store`.
+    store_pinned: bool,
 }
 
 /// `decision::decide_at`: (policy, request, now in seconds, now in milliseconds).
@@ -49,21 +51,26 @@ impl Authorizer {
             policy: ArcSwap::new(policy),
             engine: decision::decide_at,
             risk: RiskState::memory(),
+            store_pinned: false,
         }
     }
 
-    /// An authorizer with the risk store its policy names (`risk.store`): with Redis, linked in
-    /// the background from now on (on the current Tokio runtime).
-    pub fn start(policy: Arc<Policy>) -> Arc<Self> {
+    /// An authorizer with the risk store `store` names (`--risk-store`), or else its policy
+    /// (`risk.store`): with Redis, linked in the background from now on (on the current Tokio
+    /// runtime).
+    pub fn start(policy: Arc<Policy>, store: Option<StoreSpec>) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<Self>| {
             let me = me.clone();
-            let risk = RiskState::start(&policy.risk.store, move || {
+            let store_pinned = store.is_some();
+            let spec = store.unwrap_or_else(|| policy.risk.store.clone());
+            let risk = RiskState::start(&spec, move || {
                 me.upgrade().map(|authorizer| authorizer.policy())
             });
             Self {
                 policy: ArcSwap::new(policy),
                 engine: decision::decide_at,
                 risk,
+                store_pinned,
             }
         })
     }
@@ -75,6 +82,7 @@ impl Authorizer {
             policy: ArcSwap::new(policy),
             engine,
             risk: RiskState::memory(),
+            store_pinned: false,
         }
     }
 
@@ -103,9 +111,10 @@ impl Authorizer {
     pub fn replace(&self, policy: Arc<Policy>) {
         let old = self.policy.load();
         policy.risk.inherit(&old.risk);
-        if policy.risk.store != old.risk.store {
+        let running = self.risk.spec();
+        if policy.risk.store != running && !self.store_pinned {
             tracing::warn!(
-                running = %old.risk.store.redacted(),
+                running = %running.redacted(),
                 configured = %policy.risk.store.redacted(),
                 "risk.store changed: the running store is kept until stepgate restarts"
             );

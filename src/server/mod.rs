@@ -61,6 +61,9 @@ pub struct ServeOptions {
     /// Export traces to this OTLP/gRPC endpoint (the standard `OTEL_*` variables also turn
     /// traces on; see [`crate::telemetry::traces`]).
     pub otlp_endpoint: Option<String>,
+    /// The shared risk store, over the policy's `risk.store` (a URL with a password stays out of
+    /// the policy file).
+    pub risk_store: Option<crate::risk::signals::StoreSpec>,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -124,14 +127,18 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
              reports NOT_SERVING until the keys load"
         );
     }
-    if policy.risk.store != crate::risk::signals::StoreSpec::Memory {
+    let store = options
+        .risk_store
+        .clone()
+        .unwrap_or_else(|| policy.risk.store.clone());
+    if store != crate::risk::signals::StoreSpec::Memory {
         tracing::info!(
-            store = %policy.risk.store.redacted(),
+            store = %store.redacted(),
             on_store_failure = ?policy.risk.on_store_failure,
             "sharing blocks, revocations and risk counters through Redis"
         );
     }
-    let authorizer = Authorizer::start(Arc::new(policy));
+    let authorizer = Authorizer::start(Arc::new(policy), options.risk_store.clone());
     let signals_of = Arc::downgrade(&authorizer);
     metrics::global().set_risk_keys_source(Box::new(move || {
         signals_of.upgrade().map_or_else(Vec::new, |authorizer| {
