@@ -77,6 +77,7 @@ CASES = {
     "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}),
     "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
     "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
+    "risk-store": Case("risk-store.yaml", BASE),
     "admin": Case("admin.yaml", BASE),
     "admin-tls-network-policy": Case(
         "admin-tls-network-policy.yaml", BASE | {"Certificate", "NetworkPolicy"}, tls=True, mutual_tls=True,
@@ -1661,3 +1662,30 @@ def test_grace_period_follows_the_drain_delay():
     r = chart_render.template({"drainDelaySeconds": 20, "requestTimeoutSeconds": 2})
     assert pod_spec(r)["terminationGracePeriodSeconds"] == 20 + 2 + 5
     assert arg_value(container(r)["args"], "--drain-delay") == "20s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared risk store
+
+
+def test_the_risk_store_url_comes_from_a_secret():
+    r = rendered("risk-store")
+    env = env_of(r)
+    assert env["STEPGATE_RISK_STORE"] == {"secretKeyRef": {"name": "stepgate-redis", "key": "redis-url"}}
+    assert "risk:" in rendered_policy(r) and "repeated_step_ups" in rendered_policy(r)
+    assert "STEPGATE_RISK_STORE" not in env_of(rendered("default"))
+
+
+def test_a_plain_risk_store_url_is_set_and_one_with_a_password_is_refused():
+    values = case_values("default")
+    values["riskStore"] = {"url": "redis://redis-master.redis:6379/0"}
+    r = chart_render.template(values)
+    assert env_of(r)["STEPGATE_RISK_STORE"] == "redis://redis-master.redis:6379/0"
+    values["riskStore"] = {"url": "redis://:hunter2@redis-master.redis:6379/0"}
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "riskStore.url holds a password" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    values["riskStore"] = {"url": "memcached://cache:11211"}
+    with pytest.raises(HelmError):
+        chart_render.template(values)
