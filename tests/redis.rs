@@ -340,6 +340,11 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
         )
         .await;
     }
+    // Through Envoy too: B asks for c3 with the Entra claims challenge.
+    let (status, www) = get(with_mfa.clone()).await;
+    assert_eq!(status, 401);
+    let www = www.unwrap_or_default();
+    assert!(www.contains("insufficient_claims"), "{www}");
     // … until the window has slid past those step-ups (asked through the admin API, which
     // counts nothing).
     for admin_url in [&a_admin, &b_admin] {

@@ -341,7 +341,10 @@ risk:
     // The signal itself only logs (shadow); the rule's escalation reads it.
     let answer = decide(&server, &eve, "reports.read").await;
     assert_eq!(
-        (answer.outcome(), answer.step_up.clone().unwrap().auth_contexts),
+        (
+            answer.outcome(),
+            answer.step_up.clone().unwrap().auth_contexts
+        ),
         (Outcome::StepUp, vec!["c1".to_owned()]),
         "{answer:?}"
     );

@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
     identity::{KeySource, issuer::Tenants, jwks::KeySet},
     policy::{DefaultAction, Matcher, Policy, Requirement},
@@ -119,6 +120,37 @@ fn describe(policy: &Policy) -> String {
                 "     escalate when {} → also{}",
                 e.when.source,
                 requirement(&e.require).trim_start_matches(',')
+            ));
+        }
+    }
+    let risk = &policy.risk;
+    if !risk.signals.is_empty() || risk.store != StoreSpec::Memory {
+        line(format!(
+            "risk (store {}, on_store_failure {}, at most {} keys per signal):",
+            risk.store.redacted(),
+            match risk.on_store_failure {
+                StoreFailure::KeepLast => "keep_last",
+                StoreFailure::FailClosed => "fail_closed",
+            },
+            risk.max_keys
+        ));
+        for s in &risk.signals {
+            let action = match &s.action {
+                Action::Log => "log".to_owned(),
+                Action::StepUp(r) => format!("step_up →{}", requirement(r).trim_start_matches(',')),
+                Action::Block { seconds } => format!("block for {seconds}s"),
+            };
+            let grouped = match s.key {
+                KeyKind::Source => format!(" (/{} IPv4, /{} IPv6)", s.ipv4_prefix, s.ipv6_prefix),
+                _ => String::new(),
+            };
+            line(format!(
+                "  {:<20} {} per {}{grouped} over {}s, at {}: {action}",
+                s.name,
+                s.event.as_str(),
+                s.key.as_str(),
+                s.window_seconds,
+                s.threshold
             ));
         }
     }

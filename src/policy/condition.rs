@@ -71,6 +71,16 @@ impl Condition {
         })
     }
 
+    /// The names the expression reads as `risk.<name>` or `risk['<name>']`, found in CEL's own
+    /// syntax tree (a name built at run time is not: it fails closed when evaluated).
+    pub fn risk_reads(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.uses.risk {
+            collect_risk_reads(self.program.expression(), &mut names);
+        }
+        names
+    }
+
     /// Whether the expression reads the `claims` variable.
     pub fn reads_claims(&self) -> bool {
         self.uses.claims
@@ -212,6 +222,59 @@ impl<'a> CelInput<'a> {
 
 fn to_cel(json: Json) -> Value {
     cel::to_value(json).unwrap_or(Value::Null)
+}
+
+fn collect_risk_reads(e: &cel::IdedExpr, out: &mut Vec<String>) {
+    use cel::common::ast::{EntryExpr, Expr, LiteralValue, operators};
+    let is_risk = |e: &cel::IdedExpr| matches!(&e.expr, Expr::Ident(name) if name == "risk");
+    match &e.expr {
+        Expr::Select(select) => {
+            if is_risk(&select.operand) {
+                out.push(select.field.clone());
+            }
+            collect_risk_reads(&select.operand, out);
+        }
+        Expr::Call(call) => {
+            if call.func_name == operators::INDEX
+                && let [map, key] = call.args.as_slice()
+                && is_risk(map)
+                && let Expr::Literal(LiteralValue::String(name)) = &key.expr
+            {
+                out.push(name.inner().to_owned());
+            }
+            for e in call.target.iter().map(|t| &**t).chain(&call.args) {
+                collect_risk_reads(e, out);
+            }
+        }
+        Expr::Comprehension(c) => {
+            for e in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                collect_risk_reads(e, out);
+            }
+        }
+        Expr::List(list) => list
+            .elements
+            .iter()
+            .for_each(|e| collect_risk_reads(e, out)),
+        Expr::Map(cel::common::ast::MapExpr { entries })
+        | Expr::Struct(cel::common::ast::StructExpr { entries, .. }) => {
+            for entry in entries {
+                match &entry.expr {
+                    EntryExpr::MapEntry(m) => {
+                        collect_risk_reads(&m.key, out);
+                        collect_risk_reads(&m.value, out);
+                    }
+                    EntryExpr::StructField(f) => collect_risk_reads(&f.value, out),
+                }
+            }
+        }
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
 }
 
 /// The deepest nesting of `(`, `[` and `{` in a CEL source, outside string literals.

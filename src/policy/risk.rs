@@ -212,8 +212,8 @@ pub fn check_risk_reads(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
             );
         }
         for (cpath, condition) in conditions {
-            for name in risk_reads(&condition.source) {
-                if risk.signal(name).is_none() {
+            for name in condition.risk_reads() {
+                if risk.signal(&name).is_none() {
                     let declared: Vec<&str> = risk.signals.iter().map(|s| &*s.name).collect();
                     return err(
                         cpath,
@@ -227,43 +227,6 @@ pub fn check_risk_reads(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The names read as `risk.<name>` in a CEL source (outside string literals).
-pub fn risk_reads(source: &str) -> Vec<&str> {
-    let bytes = source.as_bytes();
-    let mut names = Vec::new();
-    let mut quote: Option<u8> = None;
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        match quote {
-            Some(_) if c == b'\\' => i += 1,
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == b'\'' || c == b'"' => quote = Some(c),
-            None if source[i..].starts_with("risk.")
-                && (i == 0 || !is_ident_byte(bytes[i - 1]) && bytes[i - 1] != b'.') =>
-            {
-                let start = i + "risk.".len();
-                let end = source[start..]
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .map_or(source.len(), |n| start + n);
-                if end > start {
-                    names.push(&source[start..end]);
-                }
-                i = end;
-                continue;
-            }
-            None => {}
-        }
-        i += 1;
-    }
-    names
-}
-
-fn is_ident_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
 }
 
 fn is_cel_identifier(name: &str) -> bool {
@@ -397,12 +360,19 @@ risk:
     }
 
     #[test]
-    fn risk_reads_skip_strings_and_other_fields() {
+    fn risk_reads_come_from_the_syntax_tree() {
+        let env = crate::policy::condition::environment();
+        let reads = |source: &str| {
+            crate::policy::condition::Condition::compile(&env, source)
+                .unwrap()
+                .risk_reads()
+        };
         assert_eq!(
-            risk_reads("risk.a > 1 && x.risk.b == 'risk.c' || (risk.d_2 >= 3)"),
-            ["a", "d_2"]
+            reads("risk.a > 1 && x.risk.b == 'risk.c' || (risk['d_2'] >= 3) || has(risk.e)"),
+            ["a", "d_2", "e"]
         );
-        assert!(risk_reads("claims.risk_level == 'high'").is_empty());
+        assert_eq!(reads("[1, 2].exists(n, risk.f > n)"), ["f"]);
+        assert!(reads("claims.risk_level == 'high' && request.path == 'risk.x'").is_empty());
     }
 
     #[test]

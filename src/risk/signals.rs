@@ -48,14 +48,17 @@ impl StoreSpec {
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.trim() {
             "memory" => Ok(Self::Memory),
-            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            url if ["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme)) =>
+            {
                 let spec = Self::Redis(url.to_owned());
                 redis::Client::open(url)
                     .map(|_| spec.clone())
                     .map_err(|e| format!("{} is not a usable Redis URL: {e}", spec.redacted()))
             }
             other => Err(format!(
-                "expected `memory` or a redis:// or rediss:// URL, got {:?}",
+                "expected `memory` or a redis://, rediss:// or redis+unix:// URL, got {:?}",
                 Self::Redis(other.to_owned()).redacted()
             )),
         }
@@ -314,7 +317,7 @@ impl RiskPolicy {
     }
 
     /// Counts a decided request in every signal it is an event of; `counted` hears of each count
-    /// (for the shared store). Returns the signals whose threshold this event reached.
+    /// that changed (for the shared store). Returns the signals whose threshold this event reached.
     pub fn record(
         &self,
         request: &AccessRequest,
@@ -339,7 +342,11 @@ impl RiskPolicy {
                 _ => None,
             };
             let change: Change = signal.table().record(&key, distinct, now_ms);
-            counted(signal, &key, distinct);
+            // Every event is shared; a distinct value only when it is new in the window here
+            // (a token seen again from the same address changes no count).
+            if signal.event != Event::Sources || change.after != change.before {
+                counted(signal, &key, distinct);
+            }
             if change.crossed(u64::from(signal.threshold)) {
                 crossings.push(Crossing {
                     signal: i,

@@ -378,6 +378,12 @@ fn run_load(args: RunArgs) -> Result<(), String> {
     // Every request body is built and encoded once, before the load starts.
     let payloads: Vec<bytes::Bytes> = match scenario.tokens() {
         TokenPlan::None => vec![scenario::encode_anonymous(rpc, &call)?],
+        TokenPlan::NoneFromSources(count) => {
+            if rpc != Rpc::Check {
+                return Err(format!("scenario {} is Check only", scenario.name()));
+            }
+            scenario::envoy_check_anonymous_from(&call, count)
+        }
         TokenPlan::One { spec, alg, tamper } => {
             let token = tokens::mint(&keys, &spec, alg)?;
             let token = if tamper {

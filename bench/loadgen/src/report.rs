@@ -274,8 +274,9 @@ impl Input {
     }
 
     /// Row `label`'s throughput against the empty server's, at ≥ 0.80×.
-    fn against_empty(&self, label: &str, name: &str, who: &str) -> Target {
-        let limit = "≥ 0.800×";
+    fn against_empty(&self, label: &str, name: &str, who: &str, min: f64) -> Target {
+        let limit = format!("≥ {min:.3}×");
+        let limit = limit.as_str();
         match (self.judged(label).as_ref(), self.judged("empty").as_ref()) {
             (Some(row), Some(e)) if e.throughput_rps > 0.0 => {
                 Target::invalid(name, limit.into(), &[row, e]).unwrap_or_else(|| {
@@ -284,7 +285,7 @@ impl Input {
                         name: name.into(),
                         measured: format!("{ratio:.3}×"),
                         limit: limit.into(),
-                        pass: Some(ratio >= 0.80),
+                        pass: Some(ratio >= min),
                         note: self.throughput_note([(label, who, row), ("empty", "empty", e)]),
                     }
                 })
@@ -457,6 +458,7 @@ impl Input {
             "a-traced",
             "(traces) cached Check, traces on at 10 % sampling ≥ 0.80 × empty server's",
             "stepgate traced",
+            0.80,
         ));
 
         // Operators' blocks: row a with 1000 subjects blocked (in-memory store).
@@ -464,8 +466,60 @@ impl Input {
             "a-blocks",
             "(risk) cached Check, 1000 blocks in force (in-memory store) ≥ 0.80 × empty server's",
             "stepgate with blocks",
+            0.80,
         ));
+
+        // Risk signals: row a on bench/policies/risk.yaml (a step-up signal read on every
+        // decision, a distinct-sources signal counting every allowed request), in memory and
+        // with the Redis store; and the memory of a million tracked keys.
+        out.push(self.against_empty(
+            "a-risk",
+            "(risk) cached Check, risk signals on (in-memory store) ≥ 0.80 × empty server's",
+            "stepgate with risk signals",
+            0.80,
+        ));
+        out.push(self.against_empty(
+            "a-risk-redis",
+            "(risk) cached Check, risk signals on, Redis store ≥ 0.75 × empty server's",
+            "stepgate with risk signals and Redis",
+            0.75,
+        ));
+        out.push(self.risk_keys_target());
         out
+    }
+
+    /// A million distinct sources counted by one signal (risk.max_keys 1 000 000): the server's
+    /// RSS grows by at most the documented bytes per key (docs/risk.md).
+    fn risk_keys_target(&self) -> Target {
+        const KEYS: f64 = 1_000_000.0;
+        const BYTES_PER_KEY: f64 = 300.0;
+        let name = "(risk) 1 000 000 distinct source keys tracked: RSS growth ≤ 300 B per key";
+        let limit = "≤ 286.1 MiB";
+        let (Some(start), Some(filled), Some(fill)) = (
+            self.memory_point("stepgate-risk-start"),
+            self.memory_point("stepgate-risk-1m"),
+            self.run("rss-risk-1m"),
+        ) else {
+            return Target::missing(name, limit, "row rss-risk-1m and its memory points");
+        };
+        if let Some(t) = Target::invalid(name, limit.into(), &[fill]) {
+            return t;
+        }
+        let growth = filled.rss_mib - start.rss_mib;
+        let bound = KEYS * BYTES_PER_KEY / (1024.0 * 1024.0);
+        let sent = fill.generator.sent_total;
+        Target {
+            name: name.into(),
+            measured: format!("{growth:+.1} MiB"),
+            limit: limit.into(),
+            pass: (sent as f64 >= KEYS).then_some(growth <= bound),
+            note: format!(
+                "{:.1} → {:.1} MiB after {sent} requests from distinct sources ({:.0} B per key)",
+                start.rss_mib,
+                filled.rss_mib,
+                growth * 1024.0 * 1024.0 / KEYS
+            ),
+        }
     }
 
     /// The path matcher's worst case: one server (bench/policies/glob-worst.yaml) decides a plain
@@ -1252,7 +1306,7 @@ mod tests {
             verdicts,
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
@@ -1262,7 +1316,11 @@ mod tests {
 
     #[test]
     fn the_traced_and_blocks_rows_are_judged_against_the_empty_server() {
-        for (label, prefix) in [("a-traced", "(traces)"), ("a-blocks", "(risk)")] {
+        for (label, prefix) in [
+            ("a-traced", "(traces)"),
+            ("a-blocks", "(risk) cached Check, 1000"),
+            ("a-risk", "(risk) cached Check, risk signals on (in"),
+        ] {
             let mut i = input();
             i.runs.push(run(label, 33_000.0, 29.0, 0.9, 1.7));
             let target = |i: &Input| {

@@ -90,7 +90,14 @@ pub enum Scenario {
     /// `claims` (every cached token keeps them): the cache's byte budget (row rss-8k-fill).
     #[value(name = "rss-8k")]
     Rss8k,
+    /// GET /api/orders/42 without a token from [`RISK_SOURCES`] distinct source addresses, once
+    /// each: 401 token_missing, a DENY a risk signal keyed by source counts (row rss-risk-1m).
+    #[value(name = "risk-keys")]
+    RiskKeys,
 }
+
+/// Distinct source addresses of scenario risk-keys.
+pub const RISK_SOURCES: u32 = 1_000_000;
 
 /// Scenario g-worst's path: `/a` 1500 times (3000 bytes).
 pub static WORST_GLOB_PATH: LazyLock<String> = LazyLock::new(|| "/a".repeat(1500));
@@ -117,6 +124,8 @@ pub enum Expect {
 pub enum TokenPlan {
     /// No credential at all: no `Authorization` header (Check), no token (Decide).
     None,
+    /// No credential, from this many distinct source addresses (Check only).
+    NoneFromSources(u32),
     /// One token, sent with every request.
     One {
         spec: TokenSpec,
@@ -160,6 +169,7 @@ impl Scenario {
             Scenario::GPlain => "g-plain",
             Scenario::GWorst => "g-worst",
             Scenario::Rss8k => "rss-8k",
+            Scenario::RiskKeys => "risk-keys",
         }
     }
 
@@ -181,6 +191,7 @@ impl Scenario {
             Scenario::Rss8k => {
                 "Check, 100 000 distinct RS256 tokens with 8 KiB of claims (cache fill)"
             }
+            Scenario::RiskKeys => "Check without a token from 1 000 000 distinct sources",
         }
     }
 
@@ -217,6 +228,7 @@ impl Scenario {
                 claim_bytes: RSS_8K_CLAIM_BYTES,
             },
             Scenario::GPlain | Scenario::GWorst => TokenPlan::None,
+            Scenario::RiskKeys => TokenPlan::NoneFromSources(RISK_SOURCES),
             // A password-only sign-in from a client that handles claims challenges.
             Scenario::C => one(TokenSpec {
                 xms_cc: vec!["cp1".into()],
@@ -298,7 +310,7 @@ impl Scenario {
             },
             Scenario::E => Expect::StepUp { missing: "c2" },
             // No token: whatever rule matches (the catch-all here), only a token is asked for.
-            Scenario::GPlain | Scenario::GWorst => Expect::Deny {
+            Scenario::GPlain | Scenario::GWorst | Scenario::RiskKeys => Expect::Deny {
                 status: 401,
                 reason: "token_missing",
             },
@@ -351,6 +363,28 @@ pub fn encode_anonymous(rpc: Rpc, call: &Call) -> Result<Bytes, String> {
             rpc.as_str()
         )),
     }
+}
+
+/// Anonymous `Check`s of `call`, one from each of `count` distinct IPv4 sources in 10.0.0.0/8.
+pub fn envoy_check_anonymous_from(call: &Call, count: u32) -> Vec<Bytes> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    let template = envoy_check_anonymous(call);
+    (0..count)
+        .map(|i| {
+            let mut check = template.clone();
+            let source = check
+                .attributes
+                .as_mut()
+                .and_then(|a| a.source.as_mut())
+                .and_then(|p| p.address.as_mut())
+                .and_then(|a| a.address.as_mut());
+            if let Some(address::Address::SocketAddress(socket)) = source {
+                socket.address = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+                socket.port_specifier = Some(socket_address::PortSpecifier::PortValue(40_000));
+            }
+            check.encode_to_vec().into()
+        })
+        .collect()
 }
 
 /// A `CheckRequest` as Envoy sends it (see [`stepgate::demo::envoy_check_request`]).
