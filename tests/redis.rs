@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, Spawn, TempPolicy, bin, demo_policy_text, mint, oidc};
+use common::{Server, Spawn, TempPolicy, bin, demo_policy_without_risk, mint, oidc};
 use redis_server::Redis;
 use stepgate::{
     api::v1::{
@@ -38,7 +38,7 @@ const ADMIN_ROLE: &str = "stepgate.admin";
 
 /// The demo policy sharing its risk state through `redis`, with `extra` under `risk:`.
 fn policy(name: &str, redis: &Redis, extra: &str) -> TempPolicy {
-    let text = demo_policy_text()
+    let text = demo_policy_without_risk()
         + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
         + &format!("risk:\n  store: {}\n{extra}", redis.url());
     TempPolicy::new(name, &text)
@@ -305,6 +305,12 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
         plain.www_authenticate.contains("invalid_token"),
         "{plain:?}"
     );
+    let (status, www) = get(dave_plain.clone()).await;
+    assert_eq!(status, 401);
+    assert!(
+        www.unwrap_or_default().contains("error=\"invalid_token\""),
+        "a client without cp1 gets invalid_token"
+    );
     let (status, www) = get(dave_cp1.clone()).await;
     let www = www.unwrap_or_default();
     assert_eq!(status, 401);
@@ -529,7 +535,7 @@ async fn fail_closed_refuses_requests_while_the_store_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_can_come_from_the_environment_instead_of_the_policy() {
     let redis = Redis::start();
-    let policy = TempPolicy::new("redis-env", &demo_policy_text());
+    let policy = TempPolicy::new("redis-env", &demo_policy_without_risk());
     let server = Server::spawn_with(
         &policy.path,
         Spawn {

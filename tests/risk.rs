@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, Spawn, TempPolicy, bin, check_from, check_on, demo_policy_text, mint, oidc};
+use common::{
+    Server, Spawn, TempPolicy, bin, check_from, check_on, demo_policy_without_risk, mint, oidc,
+};
 use serde_json::Value;
 use stepgate::{
     api::v1::{
@@ -28,7 +30,7 @@ const ADMIN_ROLE: &str = "stepgate.admin";
 /// The demo policy with `risk` appended (and admin rights for demo-oidc `stepgate.admin`
 /// tokens), served with an admin listener and metrics: (policy, server, admin URL).
 async fn start(name: &str, risk: &str) -> (TempPolicy, Server, String) {
-    let text = demo_policy_text()
+    let text = demo_policy_without_risk()
         + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
         + risk;
     let policy = TempPolicy::new(name, &text);
@@ -414,7 +416,7 @@ fn a_risk_section_that_does_not_compile_is_refused_with_its_field_path() {
             "risk.signals.s.require",
         ),
     ] {
-        let policy = TempPolicy::new("risk-bad", &(demo_policy_text() + risk));
+        let policy = TempPolicy::new("risk-bad", &(demo_policy_without_risk() + risk));
         let out = Command::new(bin())
             .args(["check", "--config"])
             .arg(&policy.path)

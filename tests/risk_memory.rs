@@ -43,6 +43,10 @@ const FLOOD: usize = 1_000_000;
 /// Feeds `fed` distinct keys of the longest length kept as is to a table of `max_keys`;
 /// returns (keys held, bytes).
 fn flood(counting: Counting, max_keys: usize, fed: usize) -> (usize, usize) {
+    // One measurement at a time: `cargo test` runs this file's tests on parallel threads, and the
+    // allocator's count is the whole process's.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let before = LIVE.load(Relaxed);
     let table = Table::new(counting, 600_000, max_keys);
     let now = 1_800_000_000_000;

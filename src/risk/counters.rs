@@ -418,6 +418,35 @@ mod tests {
         assert_eq!(t.count("later", now + 3 * W), 1);
     }
 
+    proptest::proptest! {
+        /// Against the exact events: the estimate counts at least the current fixed window's
+        /// events, at most those of the last two windows, and 0 two windows after the last one;
+        /// a threshold is crossed by exactly one event while the count only grows.
+        #[test]
+        fn the_estimate_is_bounded_by_the_exact_events(
+            gaps in proptest::collection::vec(0i64..3_000, 1..60),
+            probe in 0i64..25_000,
+        ) {
+            let t = Table::new(Counting::Events, W as u64, 100);
+            let mut at = 50 * W;
+            let mut events = Vec::new();
+            for gap in gaps {
+                at += gap;
+                t.record("k", None, at);
+                events.push(at);
+            }
+            let now = at + probe;
+            let window_start = now - now.rem_euclid(W);
+            let in_current = events.iter().filter(|e| **e >= window_start).count() as u64;
+            let in_two = events.iter().filter(|e| **e >= window_start - W).count() as u64;
+            let count = t.count("k", now);
+            proptest::prop_assert!(in_current <= count && count <= in_two, "{in_current} <= {count} <= {in_two}");
+            if now >= events.last().unwrap() + 2 * W {
+                proptest::prop_assert_eq!(count, 0);
+            }
+        }
+    }
+
     #[test]
     fn long_keys_are_kept_as_their_digest() {
         let t = Table::new(Counting::Events, W as u64, 100);

@@ -808,9 +808,8 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
     };
     let unchanged = state
         .blocks()
-        .list(now)
-        .iter()
-        .any(|b| b.kind == kind && b.value == value && **b == block);
+        .get(kind, value, now)
+        .is_some_and(|b| *b == block);
     if !unchanged && let Err(err) = state.blocks().set(block, now) {
         tracing::warn!(field, error = %err, "a block from Redis could not be applied");
     }

@@ -76,6 +76,16 @@ pub fn demo_policy_text() -> String {
     replaced
 }
 
+/// [`demo_policy_text`] without its `risk:` section (the last one), for a test that writes its own.
+pub fn demo_policy_without_risk() -> String {
+    let text = demo_policy_text();
+    let at = text
+        .find("\n# Risk signals")
+        .or_else(|| text.find("\nrisk:"))
+        .expect("examples/stepgate.yaml no longer ends with a `risk:` section; update the tests");
+    text[..at].to_owned() + "\n"
+}
+
 /// `text` with `from` replaced by `to`, failing loudly when `from` is not there (so a changed demo
 /// policy cannot silently turn a test into a no-op).
 pub fn edit(text: &str, from: &str, to: &str) -> String {
