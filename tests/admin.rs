@@ -154,7 +154,7 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
 
     let (code, listed, stderr) = admin(&admin_url, &["list", "--bearer", &operator]);
     assert_eq!(code, Some(0), "{stderr}");
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     assert!(
         metrics.lines().any(|l| l == "stepgate_blocks 2"),
         "{metrics}"
@@ -191,7 +191,7 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     assert_eq!(decide_as(&server, &alice).await.outcome(), Outcome::Allow);
     let (status, _, _, _) = check_from(&server, "/reports", "203.0.113.77", Some(&bob)).await;
     assert_eq!(status, 200);
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     for line in [
         "stepgate_blocks 0",
         "stepgate_admin_actions_total{action=\"block\",result=\"ok\"} 2",
@@ -345,16 +345,6 @@ fn an_admin_section_naming_an_unknown_issuer_is_refused_with_its_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("admin.issuers[0]"), "{stderr}");
-}
-
-async fn scrape(server: &Server) -> String {
-    let port = server.metrics_port.expect("spawned with metrics");
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("a body")
 }
 
 /// A demo token of `spec` whose `iat` is `iat`.

@@ -22,7 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, Spawn, TempPolicy, bin, demo_policy_without_risk, mint, oidc};
+use common::{
+    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, demo_policy_without_risk, mint,
+    operator_token,
+};
 use redis_server::Redis;
 use stepgate::{
     api::v1::{
@@ -33,8 +36,6 @@ use stepgate::{
     demo::TokenSpec,
 };
 use tonic::transport::Endpoint;
-
-const ADMIN_ROLE: &str = "stepgate.admin";
 
 /// The demo policy sharing its risk state through `redis`, with `extra` under `risk:`.
 fn policy(name: &str, redis: &Redis, extra: &str) -> TempPolicy {
@@ -57,29 +58,6 @@ async fn replica(policy: &TempPolicy) -> (Server, String) {
     );
     server.wait_ready().await;
     (server, format!("http://127.0.0.1:{admin_port}"))
-}
-
-fn operator() -> String {
-    mint(&TokenSpec {
-        subject: "ops".into(),
-        ..oidc(&[ADMIN_ROLE], None, &[])
-    })
-}
-
-/// `stepgate admin <args>` against `admin_url` as the operator; fails the test on refusal.
-fn admin(admin_url: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin())
-        .arg("admin")
-        .args(args)
-        .args(["--server", admin_url, "--bearer", &operator()])
-        .output()
-        .expect("running stepgate admin");
-    assert!(
-        out.status.success(),
-        "stepgate admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 fn entra_token(subject: &str, acrs: &[&str], cp1: bool) -> String {
@@ -178,7 +156,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
     // A block set on A: B's answers through Envoy turn to 403; unblocked on A, back to 200.
     let alice = entra_token("alice", &[], true);
     assert_eq!(get(alice.clone()).await.0, 200);
-    admin(
+    admin_ok(
         &a_admin,
         &[
             "block",
@@ -194,7 +172,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
         get(alice.clone()).await.0 == 403
     })
     .await;
-    admin(&a_admin, &["unblock", "--subject", "alice"]);
+    admin_ok(&a_admin, &["unblock", "--subject", "alice"]);
     eventually("B lifts A's block", Duration::from_secs(10), || async {
         get(alice.clone()).await.0 == 200
     })
@@ -208,7 +186,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
         .await
         .unwrap();
     let bearer: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", operator()).parse().unwrap();
+        format!("Bearer {}", operator_token()).parse().unwrap();
     let mut admin_client =
         AdminServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
             r.metadata_mut().insert("authorization", bearer.clone());
@@ -281,7 +259,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
             .collect(),
         ..TokenSpec::default()
     });
-    admin(
+    admin_ok(
         &a_admin,
         &[
             "revoke",
@@ -358,7 +336,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
             "the escalation expires",
             Duration::from_secs(15),
             || async {
-                let counts = admin(admin_url, &["counts", "--subject", "mallory"]);
+                let counts = admin_ok(admin_url, &["counts", "--subject", "mallory"]);
                 counts["counts"][0]["reached"] == false
             },
         )
@@ -384,7 +362,7 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
     for server in [&a, &b] {
         store_up(server, true, Duration::from_secs(10)).await;
     }
-    admin(
+    admin_ok(
         &a_admin,
         &[
             "block",
@@ -437,7 +415,7 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
         server.wait_ready().await;
     }
     // A block made on A while Redis is down: enforced by A at once, by B once Redis is back.
-    admin(
+    admin_ok(
         &a_admin,
         &[
             "block",

@@ -14,7 +14,8 @@ use std::{
 };
 
 use common::{
-    Server, Spawn, TempPolicy, bin, check_from, check_on, demo_policy_without_risk, mint, oidc,
+    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, check_from, check_on,
+    demo_policy_without_risk, mint,
 };
 use serde_json::Value;
 use stepgate::{
@@ -24,8 +25,6 @@ use stepgate::{
     },
     demo::TokenSpec,
 };
-
-const ADMIN_ROLE: &str = "stepgate.admin";
 
 /// The demo policy with `risk` appended (and admin rights for demo-oidc `stepgate.admin`
 /// tokens), served with an admin listener and metrics: (policy, server, admin URL).
@@ -47,34 +46,11 @@ async fn start(name: &str, risk: &str) -> (TempPolicy, Server, String) {
     (policy, server, format!("http://127.0.0.1:{admin_port}"))
 }
 
-fn operator() -> String {
-    mint(&TokenSpec {
-        subject: "ops".into(),
-        ..oidc(&[ADMIN_ROLE], None, &[])
-    })
-}
-
-/// `stepgate admin <args>` against `admin_url` as the operator: stdout as JSON.
-fn admin(admin_url: &str, args: &[&str]) -> Value {
-    let out = Command::new(bin())
-        .arg("admin")
-        .args(args)
-        .args(["--server", admin_url, "--bearer", &operator()])
-        .output()
-        .expect("running stepgate admin");
-    assert!(
-        out.status.success(),
-        "stepgate admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
 /// The count of `signal` in `stepgate admin counts <target>`.
 fn count_of(admin_url: &str, target: &[&str], signal: &str) -> (u64, bool) {
     let mut args = vec!["counts"];
     args.extend(target);
-    let counts = admin(admin_url, &args);
+    let counts = admin_ok(admin_url, &args);
     let row = counts["counts"]
         .as_array()
         .expect("counts")
@@ -95,16 +71,6 @@ async fn decide(server: &Server, token: &str, operation: &str) -> DecideResponse
         .await
         .expect("Decide answers")
         .into_inner()
-}
-
-async fn scrape(server: &Server) -> String {
-    let port = server.metrics_port.expect("spawned with metrics");
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("a body")
 }
 
 /// An Entra token of `subject` carrying `acrs`, from a client that handles claims challenges.
@@ -186,7 +152,7 @@ async fn repeated_step_ups_escalate_to_a_stronger_context_then_expire_with_the_w
             .outcome(),
         Outcome::Allow
     );
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     assert!(
         metrics.lines().any(|l| l
             == "stepgate_risk_triggers_total{signal=\"repeated_step_ups\",action=\"step_up\"} 1"),
@@ -244,7 +210,7 @@ risk:
     assert_eq!(block.as_deref(), Some("risk.forged_tokens"));
     let (status, _, _, _) = check_from(&server, "/reports", "203.0.113.1", Some(&valid)).await;
     assert_eq!(status, 200, "another network");
-    let listed = admin(&admin_url, &["list"]);
+    let listed = admin_ok(&admin_url, &["list"]);
     let block = &listed["blocks"][0];
     assert_eq!(
         (&block["kind"], &block["value"], &block["created_by"]),
@@ -276,7 +242,7 @@ risk:
         status, 200,
         "a new token of the same subject is not blocked"
     );
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     for signal in ["forged_tokens", "token_replay"] {
         let line =
             format!("stepgate_risk_triggers_total{{signal=\"{signal}\",action=\"block\"}} 1");
@@ -355,7 +321,7 @@ risk:
         decide(&server, &frank, "reports.read").await.outcome(),
         Outcome::Allow
     );
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     assert!(
         metrics
             .lines()
@@ -385,7 +351,7 @@ risk:
         let (status, _, _, _) = check_on(channel.clone(), "/reports", &source, Some(forged)).await;
         assert_eq!(status, 401);
     }
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     let value = |name: &str| -> i64 {
         metrics
             .lines()

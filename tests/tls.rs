@@ -500,26 +500,6 @@ fn assert_alert(what: &str, probed: Result<CertificateDer<'static>, String>, ale
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
-async fn scrape(server: &Server) -> String {
-    let port = server
-        .metrics_port
-        .expect("the server was started with metrics");
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(CALL_DEADLINE)
-        .build()
-        .expect("an HTTP client");
-    client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("the metrics text")
-}
-
 /// The value of the sample `series` (name and labels exactly as exported); 0 when absent.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
@@ -531,7 +511,7 @@ fn sample(text: &str, series: &str) -> f64 {
 async fn wait_for_sample(server: &Server, series: &str, wanted: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + EVENT_DEADLINE;
     loop {
-        let text = scrape(server).await;
+        let text = server.scrape().await;
         let value = sample(&text, series);
         if wanted(value) {
             return value;
@@ -741,7 +721,7 @@ async fn envoy_asks_stepgate_over_mutual_tls_and_without_its_client_certificate_
 
     // The same Envoy without a client certificate: refused at the handshake, so every request
     // gets the example's fail-closed 503 and never stepgate's answer or the upstream.
-    let refused_before = sample(&scrape(&server).await, HANDSHAKE_ERRORS);
+    let refused_before = sample(&server.scrape().await, HANDSHAKE_ERRORS);
     let bare = Envoy::start_edited(
         ENVOY_TLS_YAML,
         server.port,
@@ -809,7 +789,7 @@ async fn mutual_tls_refuses_no_certificate_another_ca_an_untrusting_client_and_p
         Ok(200)
     );
     assert!(probe(port, &[&ca], Some(&member)).await.is_ok());
-    let refused_before = sample(&scrape(&server).await, HANDSHAKE_ERRORS);
+    let refused_before = sample(&server.scrape().await, HANDSHAKE_ERRORS);
 
     // No client certificate.
     let anonymous = endpoint(port, &[&ca], None);
@@ -984,7 +964,7 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
         "the server does not show the certificate it was started with"
     );
     assert_eq!(
-        sample(&scrape(&server).await, CERT_EXPIRY),
+        sample(&server.scrape().await, CERT_EXPIRY),
         old.not_after as f64
     );
 
@@ -1055,7 +1035,7 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
         decide_on_new_connection(&endpoint(port, &[&ca1], None), &token).await,
     );
     assert_eq!(
-        sample(&scrape(&server).await, CERT_EXPIRY),
+        sample(&server.scrape().await, CERT_EXPIRY),
         new.not_after as f64
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1106,7 +1086,7 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
         new_connections.load(Ordering::Relaxed) > new_connections_at_rotation,
         "no new connection was made under load after the rotation"
     );
-    let metrics = scrape(&server).await;
+    let metrics = server.scrape().await;
     assert!(sample(&metrics, RELOADS_OK) >= 1.0, "{metrics}");
     assert!(sample(&metrics, RELOADS_REFUSED) >= 1.0, "{metrics}");
     assert_eq!(

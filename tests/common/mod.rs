@@ -76,6 +76,34 @@ pub fn demo_policy_text() -> String {
     replaced
 }
 
+/// The role the admin tests' policies grant the admin API to (tokens of demo-oidc).
+pub const ADMIN_ROLE: &str = "stepgate.admin";
+
+/// A demo-oidc token of the operator `ops`, carrying [`ADMIN_ROLE`].
+pub fn operator_token() -> String {
+    mint(&TokenSpec {
+        subject: "ops".into(),
+        ..oidc(&[ADMIN_ROLE], None, &[])
+    })
+}
+
+/// `stepgate admin <args>` against `admin_url` as the operator ([`operator_token`]): its stdout
+/// as JSON; fails the test when the command does.
+pub fn admin_ok(admin_url: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin())
+        .arg("admin")
+        .args(args)
+        .args(["--server", admin_url, "--bearer", &operator_token()])
+        .output()
+        .expect("running stepgate admin");
+    assert!(
+        out.status.success(),
+        "stepgate admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
 /// [`demo_policy_text`] without its `risk:` section (the last one), for a test that writes its own.
 pub fn demo_policy_without_risk() -> String {
     let text = demo_policy_text();
@@ -356,6 +384,24 @@ impl Server {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.url(), self.logs_text()))
+    }
+
+    /// The text of `/metrics` (the server was spawned with metrics).
+    pub async fn scrape(&self) -> String {
+        let port = self.metrics_port.expect("spawned with metrics");
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client")
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text")
     }
 
     /// Waits until gRPC health reports SERVING for the whole server and for the decision service
