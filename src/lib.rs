@@ -17,4 +17,5 @@ pub mod policy;
 pub mod request;
 pub mod risk;
 pub mod server;
+pub mod suite;
 pub mod telemetry;

@@ -6,6 +6,7 @@ mod check;
 mod connect;
 mod decide;
 mod health;
+mod test;
 mod token;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -44,6 +45,8 @@ enum Command {
     Health(health::HealthArgs),
     /// Block, unblock or list through a server's admin API (its --admin-listen).
     Admin(admin::AdminArgs),
+    /// Run policy test suites (YAML cases: request, caller, time, expected decision) offline.
+    Test(test::TestArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -168,6 +171,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Decide(args) => decide::run(args),
         Command::Health(args) => health::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Test(args) => test::run(args),
     }
 }
 
