@@ -1,0 +1,224 @@
+//! `stepgate test` against the real binary: the demo policy's own suite passes; a failing case
+//! exits 1 with a diff and the explain trace; broken suites and policies exit 2 with the field
+//! path; JUnit XML is well formed (read back by Python's XML parser); coverage names what no case
+//! reached; issuers known only by discovery or accepting only RS256 are tested without any network.
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use common::{TempPolicy, bin, demo_policy_path, manifest_dir};
+
+/// `stepgate test --config <policy> <suites…> [extra]`: (exit code, stdout, stderr).
+fn run(policy: &Path, suites: &[&Path], extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin())
+        .arg("test")
+        .arg("--config")
+        .arg(policy)
+        .args(suites)
+        .args(extra)
+        .output()
+        .expect("running stepgate test");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A suite file next to `dir`'s policy.
+fn suite(dir: &TempPolicy, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path.parent().unwrap().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_demo_policy_passes_its_own_suite_and_covers_every_rule() {
+    let demo_suite = manifest_dir().join("examples/tests/demo.yaml");
+    let (code, stdout, stderr) = run(&demo_policy_path(), &[&demo_suite], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let cases = std::fs::read_to_string(&demo_suite)
+        .unwrap()
+        .matches("\n  - name:")
+        .count();
+    assert!(cases >= 15);
+    assert!(
+        stdout.contains(&format!("{cases} case(s): {cases} passed, 0 failed")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("coverage: every rule and escalation was reached"),
+        "{stdout}"
+    );
+}
+
+const FAILING: &str = r#"
+now: 1796117400
+cases:
+  - name: a passing case
+    request: { operation: reports.read }
+    principal: { issuer: demo-oidc }
+    expect: { outcome: ALLOW, rule: everything-else }
+  - name: wrongly expects <ALLOW> & "no challenge"
+    request: { operation: payments.wire_transfer }
+    principal: { issuer: demo-entra, subject: alice, xms_cc: [cp1] }
+    expect:
+      outcome: ALLOW
+      rule: wire-transfer
+      challenge: { auth_contexts: [c2] }
+"#;
+
+#[test]
+fn a_failing_case_shows_expected_against_got_with_the_trace_and_junit() {
+    let policy = TempPolicy::new("suite-fail", &common::demo_policy_text());
+    let failing = suite(&policy, "failing.yaml", FAILING);
+    let junit = policy.path.parent().unwrap().join("junit.xml");
+    let (code, stdout, _) = run(
+        &policy.path,
+        &[&failing],
+        &["--junit", junit.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1), "{stdout}");
+    for line in [
+        "PASS  a passing case",
+        "FAIL  wrongly expects <ALLOW> & \"no challenge\"",
+        "outcome: expected ALLOW, got STEP_UP",
+        "challenge.auth_contexts: expected [c2], got [c1]",
+        "decision: STEP_UP missing_auth_context (401) rule=wire-transfer asks auth_contexts=[c1]",
+        "match     rule \"wire-transfer\"",
+        "2 case(s): 1 passed, 1 failed",
+        "coverage: no case reached rule(s) health, customer-pii, admin",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("no case made this escalation hold: wire-transfer escalate[0]"),
+        "{stdout}"
+    );
+    // The JUnit file parses as XML, with the counts and the escaped name.
+    let check = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as ET\n\
+             root = ET.parse(sys.argv[1]).getroot()\n\
+             suite = root.find('testsuite')\n\
+             cases = suite.findall('testcase')\n\
+             failed = [c for c in cases if c.find('failure') is not None]\n\
+             print(root.get('tests'), root.get('failures'), len(cases), failed[0].get('name'))\n\
+             print(failed[0].find('failure').get('message'))",
+        ])
+        .arg(&junit)
+        .output()
+        .expect(
+            "python3 is needed to read the JUnit file back (scripts/setup-peers checks for it)",
+        );
+    let read = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut lines = read.lines();
+    assert_eq!(
+        lines.next(),
+        Some("2 1 2 wrongly expects <ALLOW> & \"no challenge\"")
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .contains("outcome: expected ALLOW, got STEP_UP")
+    );
+}
+
+#[test]
+fn broken_suites_and_policies_exit_2_with_the_field_path() {
+    let policy = TempPolicy::new("suite-broken", &common::demo_policy_text());
+    let case = |body: &str| {
+        format!("cases:\n  - name: x\n    request: {{ operation: reports.read }}\n{body}")
+    };
+    for (text, wanted) in [
+        (
+            case("    expect: { outcom: ALLOW }\n"),
+            "cases[0].expect.outcom: unknown field `outcom`",
+        ),
+        (
+            case("    expect: { outcome: ALLOWED }\n"),
+            "cases[0].expect.outcome",
+        ),
+        (
+            case("    principal: { issuer: nobody }\n    expect: { outcome: ALLOW }\n"),
+            "cases[0].principal.issuer: no issuer has id \"nobody\"",
+        ),
+        (
+            case("    expect: { outcome: ALLOW, rule: nothing }\n"),
+            "cases[0].expect.rule: the policy has no rule \"nothing\"",
+        ),
+        (
+            case("    expect: { outcome: ALLOW, reason: fine }\n"),
+            "cases[0].expect.reason",
+        ),
+        (
+            "now: yesterday\ncases: []\n".to_owned(),
+            "now: expected an RFC 3339 time",
+        ),
+        ("cases: []\n".to_owned(), "cases: list at least one case"),
+    ] {
+        let path = suite(&policy, "broken.yaml", &text);
+        let (code, stdout, stderr) = run(&policy.path, &[&path], &[]);
+        assert_eq!(code, Some(2), "{text}: {stdout}{stderr}");
+        assert!(stderr.contains(wanted), "{wanted:?} not in {stderr}");
+        assert!(stderr.contains("broken.yaml"), "{stderr}");
+    }
+    let bad_policy = TempPolicy::new("suite-bad-policy", "rules: []\nissuers: []\n");
+    let path = suite(&bad_policy, "ok.yaml", FAILING);
+    let (code, _, stderr) = run(&bad_policy.path, &[&path], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("invalid policy"), "{stderr}");
+}
+
+#[test]
+fn issuers_known_by_discovery_or_accepting_only_rs256_are_tested_offline() {
+    // Discovery and key addresses no test can reach: the runner needs neither.
+    let policy = TempPolicy::new(
+        "suite-offline",
+        r#"
+issuers:
+  - id: corp
+    discovery_url: https://login.corp.example/.well-known/openid-configuration
+    audiences: [api://orders]
+  - id: okta
+    issuer: https://corp.okta.example/oauth2/default
+    jwks_uri: https://corp.okta.example/oauth2/default/v1/keys
+    audiences: [api://orders]
+    algorithms: [PS256]
+rules:
+  - id: orders
+    match: { path: "/orders/**" }
+    require: { scopes: [orders.read] }
+"#,
+    );
+    let cases = suite(
+        &policy,
+        "offline.yaml",
+        r#"
+cases:
+  - name: an RS256 token of a discovered issuer with the scope
+    request: { path: /orders/7 }
+    token: { issuer: corp, claims: { scope: orders.read } }
+    expect: { outcome: ALLOW, rule: orders }
+  - name: a PS256 token without it
+    request: { path: /orders/7 }
+    token: { issuer: okta, claims: { scope: profile } }
+    expect: { outcome: DENY, reason: missing_scope, rule: orders }
+  - name: a forged one
+    request: { path: /orders/7 }
+    token: { issuer: corp, forged: true, claims: { scope: orders.read } }
+    expect: { outcome: DENY, reason: signature_invalid }
+"#,
+    );
+    let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("3 case(s): 3 passed, 0 failed"), "{stdout}");
+}
