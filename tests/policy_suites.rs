@@ -88,7 +88,7 @@ fn a_failing_case_shows_expected_against_got_with_the_trace_and_junit() {
         "decision: STEP_UP missing_auth_context (401) rule=wire-transfer asks auth_contexts=[c1]",
         "match     rule \"wire-transfer\"",
         "2 case(s): 1 passed, 1 failed",
-        "coverage: no case reached rule(s) health, customer-pii, admin",
+        "coverage: no case reached rule(s) health, customer-data-strict, customer-pii, admin",
     ] {
         assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
     }
@@ -221,4 +221,67 @@ cases:
     let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("3 case(s): 3 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn shadow_rules_record_without_deciding_even_for_anonymous_callers_and_broken_conditions() {
+    let policy = TempPolicy::new(
+        "suite-shadow",
+        r#"
+issuers:
+  - id: corp
+    issuer: https://login.corp.example
+    jwks_uri: https://login.corp.example/keys
+    audiences: [api://orders]
+rules:
+  - id: strict-everything
+    mode: shadow
+    match: { path: "/**" }
+    require: { roles: [Auditor] }
+  - id: broken-trial
+    mode: shadow
+    match: { path: "/orders/**", when: "request.attributes.nothing > 1" }
+    require: { roles: [x] }
+  - id: public
+    match: { path: "/public/**" }
+    allow_anonymous: true
+  - id: orders
+    match: { path: "/orders/**" }
+    require: { scopes: [orders.read] }
+    escalate:
+      - when: "true"
+        require: { scopes: [orders.admin] }
+        mode: shadow
+"#,
+    );
+    let cases = suite(
+        &policy,
+        "shadow.yaml",
+        r#"
+cases:
+  - name: anonymous on a public page; the trial rule would want a token
+    request: { path: /public/x }
+    expect:
+      outcome: ALLOW
+      rule: public
+      shadow: ["strict-everything:DENY:token_missing"]
+  - name: orders with the scope; each trial records, none decides
+    request: { path: /orders/7 }
+    token: { issuer: corp, claims: { scope: orders.read } }
+    expect:
+      outcome: ALLOW
+      rule: orders
+      shadow:
+        - "strict-everything:DENY:missing_role"
+        - "broken-trial:DENY:condition_error"
+        - "orders/escalate[0]:DENY:missing_scope"
+"#,
+    );
+    let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("2 case(s): 2 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("coverage: every rule and escalation was reached"),
+        "{stdout}"
+    );
 }

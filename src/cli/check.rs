@@ -100,7 +100,12 @@ fn describe(policy: &Policy) -> String {
     }
     line("rules (first match wins):".into());
     for (n, r) in policy.rules.iter().enumerate() {
-        line(format!("  {}. {}", n + 1, r.id));
+        let mode = if r.shadow {
+            " (shadow: recorded, not enforced)"
+        } else {
+            ""
+        };
+        line(format!("  {}. {}{mode}", n + 1, r.id));
         for m in &r.matchers {
             line(format!("     match   {}", matcher(m)));
         }
@@ -117,7 +122,8 @@ fn describe(policy: &Policy) -> String {
         }
         for e in &r.escalate {
             line(format!(
-                "     escalate when {} → also{}",
+                "     escalate{} when {} → also{}",
+                if e.shadow { " (shadow)" } else { "" },
                 e.when.source,
                 requirement(&e.require).trim_start_matches(',')
             ));

@@ -382,6 +382,18 @@ pub struct RuleConfig {
     pub require: RequireConfig,
     #[serde(default)]
     pub escalate: Vec<EscalationConfig>,
+    /// `enforce` (the default), or `shadow`: the rule's would-be outcome is recorded (log,
+    /// metric, explain, dynamic metadata) and the next matching rule decides.
+    #[serde(default)]
+    pub mode: ModeConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeConfig {
+    #[default]
+    Enforce,
+    Shadow,
 }
 
 /// All fields present must match (AND). Empty matches everything.
@@ -445,6 +457,10 @@ pub struct EscalationConfig {
     /// CEL condition; when true, `require` is added to the rule's requirement.
     pub when: String,
     pub require: RequireConfig,
+    /// `shadow`: when the condition holds, what the request would get with `require` added is
+    /// recorded, and the request is decided without it.
+    #[serde(default)]
+    pub mode: ModeConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use std::{borrow::Cow, sync::Arc};
 
 use serde_json::Value;
 
-use super::{Decision, ExplainStep, Outcome, Reason, StepUp};
+use super::{Decision, ExplainStep, Outcome, Reason, Shadow, StepUp};
 use crate::{
     challenge,
     identity::{
@@ -46,8 +46,10 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         fingerprint: None,
         token_cached: None,
         now_ms,
+        shadows: Vec::new(),
     };
-    let decision = run.evaluate(request, now);
+    let mut decision = run.evaluate(request, now);
+    decision.shadow = run.shadows;
     fit_proxy_header_limit(policy, request, decision)
 }
 
@@ -103,10 +105,12 @@ struct Run<'p> {
     fingerprint: Option<String>,
     token_cached: Option<bool>,
     now_ms: i64,
+    /// What shadow rules and escalations would have answered.
+    shadows: Vec<Shadow>,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Effective<'p> {
     scopes: Vec<&'p str>,
     roles: Vec<&'p str>,
@@ -285,16 +289,32 @@ impl<'p> Run<'p> {
                 Cow::Borrowed(path)
             }
         });
-        let rule = match self.find_rule(request, lowered.as_deref(), &input) {
-            Ok(rule) => rule,
-            Err((rule, message)) => {
-                self.step("match", || message.clone());
-                // Without a token, say only that one is needed: the condition (and the rule) may
-                // well be about claims, and nothing about a route is revealed to anonymous callers.
-                if token.is_none() {
-                    return self.token_missing();
+        // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
+        let mut from = 0;
+        let rule = loop {
+            match self.find_rule(from, request, lowered.as_deref(), &input) {
+                Ok(Some((at, rule))) if rule.shadow => {
+                    self.shadow_rule(rule, token.as_deref(), &input, now, &risk_keys);
+                    from = at + 1;
                 }
-                return self.deny(403, Reason::ConditionError, &message, Some(rule), None);
+                Ok(found) => break found.map(|(_, rule)| rule),
+                Err((at, rule, message)) if rule.shadow => {
+                    self.record_shadow(rule, None, Outcome::Deny, Reason::ConditionError);
+                    self.step("shadow", || {
+                        format!("rule {:?} (shadow) would deny: {message}", rule.id)
+                    });
+                    from = at + 1;
+                }
+                Err((_, rule, message)) => {
+                    self.step("match", || message.clone());
+                    // Without a token, say only that one is needed: the condition (and the rule)
+                    // may well be about claims, and nothing about a route is revealed to
+                    // anonymous callers.
+                    if token.is_none() {
+                        return self.token_missing();
+                    }
+                    return self.deny(403, Reason::ConditionError, &message, Some(rule), None);
+                }
             }
         };
         let Some(rule) = rule else {
@@ -315,40 +335,65 @@ impl<'p> Run<'p> {
             };
         };
         self.step("match", || format!("rule {:?}", rule.id));
+        self.apply_rule(rule, token.as_deref(), &input, now, &risk_keys)
+    }
 
+    /// Steps 4 to 7 for the rule that matched.
+    fn apply_rule(
+        &mut self,
+        rule: &'p Rule,
+        token: Option<&VerifiedToken>,
+        input: &CelInput<'_>,
+        now: i64,
+        risk_keys: &Keys<'_>,
+    ) -> Decision {
+        let policy = self.policy;
         if rule.allow_anonymous {
-            return self.allow(Reason::AnonymousAllowed, Some(rule), token.as_deref());
+            return self.allow(Reason::AnonymousAllowed, Some(rule), token);
         }
         // 4. Anonymous on a protected route: reveal nothing about the route.
-        let Some(token) = token.as_ref() else {
+        let Some(token) = token else {
             return self.token_missing();
         };
 
         // 5. Requirement with escalations.
         let mut effective = Effective::default();
         effective.add(&rule.require);
-        for escalation in &rule.escalate {
-            match escalation.when.evaluate(&input) {
+        let mut shadow_escalations = Vec::new();
+        for (i, escalation) in rule.escalate.iter().enumerate() {
+            let mode = if escalation.shadow { " (shadow)" } else { "" };
+            let holds = match escalation.when.evaluate(input) {
                 Ok(true) => {
-                    self.step("escalate", || format!("{:?} holds", escalation.when.source));
-                    effective.add(&escalation.require);
+                    self.step("escalate", || {
+                        format!("{:?} holds{mode}", escalation.when.source)
+                    });
+                    true
                 }
-                Ok(false) => self.step("escalate", || {
-                    format!("{:?} does not hold", escalation.when.source)
-                }),
+                Ok(false) => {
+                    self.step("escalate", || {
+                        format!("{:?} does not hold{mode}", escalation.when.source)
+                    });
+                    false
+                }
                 Err(message) => {
                     self.step("escalate", || {
-                        format!("{message}; escalating (fail closed)")
+                        format!("{message}; escalating (fail closed){mode}")
                     });
-                    effective.add(&escalation.require);
+                    true
                 }
+            };
+            match (holds, escalation.shadow) {
+                (true, false) => effective.add(&escalation.require),
+                (true, true) => shadow_escalations.push(i),
+                (false, _) => {}
             }
         }
+        let now_ms = self.now_ms;
         for signal in &policy.risk.signals {
             let Action::StepUp(require) = &signal.action else {
                 continue;
             };
-            let Some(key) = signal.key_of(&risk_keys) else {
+            let Some(key) = signal.key_of(risk_keys) else {
                 continue;
             };
             let count = signal.count(&key, now_ms);
@@ -365,29 +410,104 @@ impl<'p> Run<'p> {
                 effective.add(require);
             }
         }
-
-        // 6. Authorization.
-        if let Some(denied) = self.authorize(rule, token, &effective, &input) {
-            return denied;
+        // What each shadow escalation that holds would add, decided aside.
+        for i in shadow_escalations {
+            let mut with = effective.clone();
+            with.add(&rule.escalate[i].require);
+            let would = self.aside(|run| run.requirement_met(rule, token, &with, input, now));
+            self.step("shadow", || {
+                format!(
+                    "escalate[{i}] (shadow) would answer {} {}",
+                    would.outcome.as_str(),
+                    would.reason.as_str()
+                )
+            });
+            self.record_shadow(rule, Some(i), would.outcome, would.reason);
         }
-        // 7. Authentication strength.
-        self.authenticate(rule, token, &effective, now)
+        self.requirement_met(rule, token, &effective, input, now)
     }
 
-    /// First rule with a matching matcher (`path` is normalised and lower-cased). A condition error
-    /// denies (returning the rule): skipping the rule could let a later, weaker rule decide.
+    /// Steps 6 and 7: authorization, then authentication strength.
+    fn requirement_met(
+        &mut self,
+        rule: &'p Rule,
+        token: &VerifiedToken,
+        effective: &Effective<'p>,
+        input: &CelInput<'_>,
+        now: i64,
+    ) -> Decision {
+        if let Some(denied) = self.authorize(rule, token, effective, input) {
+            return denied;
+        }
+        self.authenticate(rule, token, effective, now)
+    }
+
+    /// Evaluates a shadow rule and records what it would answer.
+    fn shadow_rule(
+        &mut self,
+        rule: &'p Rule,
+        token: Option<&VerifiedToken>,
+        input: &CelInput<'_>,
+        now: i64,
+        risk_keys: &Keys<'_>,
+    ) {
+        let would = self.aside(|run| run.apply_rule(rule, token, input, now, risk_keys));
+        self.step("shadow", || {
+            format!(
+                "rule {:?} (shadow) matches and would answer {} {}; the next matching rule decides",
+                rule.id,
+                would.outcome.as_str(),
+                would.reason.as_str()
+            )
+        });
+        self.record_shadow(rule, None, would.outcome, would.reason);
+    }
+
+    /// A decision made aside (a shadow's): it neither adds to the explain trace nor takes the
+    /// token's fingerprint, and the shadows it finds are not recorded.
+    fn aside(&mut self, decide: impl FnOnce(&mut Self) -> Decision) -> Decision {
+        let explain = self.explain.take();
+        let fingerprint = self.fingerprint.take();
+        let recorded = self.shadows.len();
+        let decision = decide(self);
+        self.shadows.truncate(recorded);
+        self.explain = explain;
+        self.fingerprint = fingerprint;
+        decision
+    }
+
+    fn record_shadow(
+        &mut self,
+        rule: &Rule,
+        escalation: Option<usize>,
+        outcome: Outcome,
+        reason: Reason,
+    ) {
+        self.shadows.push(Shadow {
+            rule: Arc::clone(&rule.id),
+            escalation,
+            outcome,
+            reason,
+        });
+    }
+
+    /// First rule from index `from` with a matching matcher (`path` is normalised and
+    /// lower-cased), with its index. A condition error denies (returning the rule): skipping the
+    /// rule could let a later, weaker rule decide.
+    #[allow(clippy::type_complexity)]
     fn find_rule(
         &self,
+        from: usize,
         request: &AccessRequest,
         path: Option<&str>,
         input: &CelInput<'_>,
-    ) -> Result<Option<&'p Rule>, (&'p Rule, String)> {
-        for rule in &self.policy.rules {
+    ) -> Result<Option<(usize, &'p Rule)>, (usize, &'p Rule, String)> {
+        for (at, rule) in self.policy.rules.iter().enumerate().skip(from) {
             for matcher in &rule.matchers {
                 match matches(matcher, request, path, input) {
-                    Ok(true) => return Ok(Some(rule)),
+                    Ok(true) => return Ok(Some((at, rule))),
                     Ok(false) => {}
-                    Err(message) => return Err((rule, message)),
+                    Err(message) => return Err((at, rule, message)),
                 }
             }
         }

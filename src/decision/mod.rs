@@ -15,7 +15,7 @@ pub use reason::Reason;
 
 use crate::identity::Principal;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     Allow,
     StepUp,
@@ -45,6 +45,26 @@ pub struct StepUp {
     pub claims: Option<(String, String)>,
 }
 
+/// What a rule or escalation in shadow mode would have answered (it did not enforce).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shadow {
+    pub rule: Arc<str>,
+    /// The escalation's index in its rule; `None` for the rule itself.
+    pub escalation: Option<usize>,
+    pub outcome: Outcome,
+    pub reason: Reason,
+}
+
+impl Shadow {
+    /// `rule` or `rule/escalate[i]`: how logs, metrics and metadata name it.
+    pub fn name(&self) -> String {
+        match self.escalation {
+            None => self.rule.to_string(),
+            Some(i) => format!("{}/escalate[{i}]", self.rule),
+        }
+    }
+}
+
 /// One step of an evaluation, for `explain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExplainStep {
@@ -69,6 +89,8 @@ pub struct Decision {
     pub token_fingerprint: Option<String>,
     /// DENY `blocked`/`source_blocked`: the block's reason id.
     pub block: Option<Arc<str>>,
+    /// What shadow-mode rules and escalations would have answered.
+    pub shadow: Vec<Shadow>,
     /// Whether the token's verification came from the verified-token cache (`None`: no token
     /// was verified). For traces.
     pub token_cached: Option<bool>,
@@ -103,6 +125,7 @@ impl Decision {
             token_fingerprint: None,
             token_cached: None,
             block: None,
+            shadow: Vec::new(),
             explain: Vec::new(),
             unknown_key: None,
         }

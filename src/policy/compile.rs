@@ -583,7 +583,11 @@ fn compile_rule(
                 "an escalation must require something",
             );
         }
-        escalate.push(Escalation { when, require });
+        escalate.push(Escalation {
+            when,
+            require,
+            shadow: e.mode == schema::ModeConfig::Shadow,
+        });
     }
     Ok(Rule {
         id: Arc::from(rule.id.as_str()),
@@ -593,6 +597,7 @@ fn compile_rule(
         allow_anonymous: rule.allow_anonymous,
         require,
         escalate,
+        shadow: rule.mode == schema::ModeConfig::Shadow,
     })
 }
 

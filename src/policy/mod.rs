@@ -72,6 +72,8 @@ pub struct Rule {
     pub allow_anonymous: bool,
     pub require: Requirement,
     pub escalate: Vec<Escalation>,
+    /// Evaluated and recorded, never enforced: the next matching rule decides.
+    pub shadow: bool,
 }
 
 /// Every present field must match.
@@ -116,6 +118,8 @@ pub struct ClaimRequirement {
 pub struct Escalation {
     pub when: Condition,
     pub require: Requirement,
+    /// Recorded when it holds, never enforced.
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -141,6 +141,9 @@ fn dynamic_metadata(out: &mut Out, d: &Decision) {
     if let Some(block) = &d.block {
         out.text_field("stepgate.block", block);
     }
+    if !d.shadow.is_empty() {
+        out.text_field("stepgate.shadow", &crate::telemetry::shadow_text(&d.shadow));
+    }
     if let Some(p) = &d.principal {
         out.text_field("stepgate.subject", &p.subject);
         out.text_field("stepgate.issuer", &p.issuer_id);

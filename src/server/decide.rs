@@ -166,6 +166,14 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
     }
 }
 
+fn outcome(o: Outcome) -> v1::Outcome {
+    match o {
+        Outcome::Allow => v1::Outcome::Allow,
+        Outcome::StepUp => v1::Outcome::StepUp,
+        Outcome::Deny => v1::Outcome::Deny,
+    }
+}
+
 pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
     DecideResponse {
         headers_to_remove: if d.is_allow() {
@@ -176,11 +184,7 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
         } else {
             Vec::new()
         },
-        outcome: match d.outcome {
-            Outcome::Allow => v1::Outcome::Allow,
-            Outcome::StepUp => v1::Outcome::StepUp,
-            Outcome::Deny => v1::Outcome::Deny,
-        } as i32,
+        outcome: outcome(d.outcome) as i32,
         rule: d.rule.as_deref().unwrap_or_default().to_owned(),
         reason: d.reason.as_str().to_owned(),
         message: d.message.to_string(),
@@ -226,6 +230,16 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             .collect(),
         token_fingerprint: d.token_fingerprint.clone().unwrap_or_default(),
         block: d.block.as_deref().unwrap_or_default().to_owned(),
+        shadow: d
+            .shadow
+            .iter()
+            .map(|s| v1::ShadowOutcome {
+                rule: s.rule.to_string(),
+                escalation: s.escalation.map(|i| i as u32),
+                outcome: outcome(s.outcome) as i32,
+                reason: s.reason.as_str().to_owned(),
+            })
+            .collect(),
     }
 }
 

@@ -224,6 +224,14 @@ impl Runner {
     }
 
     fn cover(&mut self, decision: &Decision) {
+        for shadow in &decision.shadow {
+            match shadow.escalation {
+                None => self.rules_reached.insert(shadow.rule.to_string()),
+                Some(i) => self
+                    .escalations_reached
+                    .insert((shadow.rule.to_string(), i)),
+            };
+        }
         let Some(rule_id) = decision.rule.as_deref() else {
             return;
         };
@@ -234,8 +242,8 @@ impl Runner {
         for step in decision.explain.iter().filter(|s| s.stage == "escalate") {
             for (i, e) in rule.escalate.iter().enumerate() {
                 let source = format!("{:?}", e.when.source);
-                if step.detail == format!("{source} holds")
-                    || (step.detail.starts_with(&source) && step.detail.ends_with("(fail closed)"))
+                if step.detail.starts_with(&format!("{source} holds"))
+                    || (step.detail.starts_with(&source) && step.detail.contains("(fail closed)"))
                 {
                     self.escalations_reached.insert((rule_id.to_owned(), i));
                 }
@@ -409,6 +417,18 @@ fn compare(case: &CaseConfig, d: &Decision) -> Vec<(String, String, String)> {
     if let Some(status) = e.status {
         check("status", status.to_string(), d.http_status.to_string());
     }
+    if let Some(want) = &e.shadow {
+        let got: Vec<String> = d
+            .shadow
+            .iter()
+            .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
+            .collect();
+        check(
+            "shadow",
+            format!("[{}]", want.join(", ")),
+            format!("[{}]", got.join(", ")),
+        );
+    }
     if let Some(ChallengeConfig {
         auth_contexts,
         acr_values,
@@ -453,6 +473,12 @@ fn describe(d: &Decision) -> String {
         d.http_status,
         d.rule.as_deref().unwrap_or("none")
     );
+    if !d.shadow.is_empty() {
+        out.push_str(&format!(
+            " shadow={}",
+            crate::telemetry::shadow_text(&d.shadow)
+        ));
+    }
     if let Some(s) = &d.step_up {
         let mut asks: BTreeMap<&str, String> = BTreeMap::new();
         if !s.auth_contexts.is_empty() {

@@ -113,6 +113,9 @@ pub struct ExpectConfig {
     /// The HTTP status.
     pub status: Option<u16>,
     pub challenge: Option<ChallengeConfig>,
+    /// What shadow rules and escalations would have answered, as the decision log writes them:
+    /// `rule:OUTCOME:reason` (`rule/escalate[i]:…` for an escalation), in order; `[]` for none.
+    pub shadow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

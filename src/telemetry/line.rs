@@ -22,6 +22,8 @@ pub struct DecisionLine<'a> {
     pub issuer: &'a str,
     pub token: &'a str,
     pub micros: u64,
+    /// Shadow outcomes ([`super::shadow_text`]), when there are any.
+    pub shadow: Option<String>,
 }
 
 impl DecisionLine<'_> {
@@ -50,6 +52,9 @@ impl DecisionLine<'_> {
         }
         out.push_str(",\"micros\":");
         digits(self.micros, 1, out);
+        if let Some(shadow) = &self.shadow {
+            field("shadow", shadow, out);
+        }
         out.push_str(",\"target\":\"stepgate::decision\"}\n");
     }
 }
@@ -154,6 +159,7 @@ mod tests {
             issuer: "demo-entra",
             token: "63b30f33c31d",
             micros: 5,
+            shadow: None,
         }
     }
 

@@ -100,6 +100,8 @@ pub struct Metrics {
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
     admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
+    /// Shadow outcomes by (rule or `rule/escalate[i]`, outcome, reason).
+    shadow_decisions: DashMap<(Arc<str>, Outcome, Reason), AtomicU64>,
     /// Risk signals' thresholds reached, by (signal, action).
     risk_triggers: DashMap<(Arc<str>, &'static str), AtomicU64>,
     /// Keys each risk signal tracks and the most it may: read at each scrape.
@@ -141,6 +143,7 @@ impl Default for Metrics {
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
+            shadow_decisions: DashMap::new(),
             risk_triggers: DashMap::new(),
             risk_keys: OnceLock::new(),
             risk_store_up: AtomicI64::new(-1),
@@ -276,6 +279,18 @@ impl Metrics {
             .fetch_add(1, Relaxed);
     }
 
+    /// What a shadow rule or escalation would have answered.
+    pub fn record_shadow(&self, shadow: &crate::decision::Shadow) {
+        let name: Arc<str> = match shadow.escalation {
+            None => Arc::clone(&shadow.rule),
+            Some(_) => Arc::from(shadow.name()),
+        };
+        self.shadow_decisions
+            .entry((name, shadow.outcome, shadow.reason))
+            .or_default()
+            .fetch_add(1, Relaxed);
+    }
+
     /// A risk signal reached its threshold; `action` is what it does (log, step_up, block).
     pub fn count_risk_trigger(&self, signal: &Arc<str>, action: &'static str) {
         if let Some(n) = self.risk_triggers.get(&(Arc::clone(signal), action)) {
@@ -368,6 +383,8 @@ impl Metrics {
         let kept = |rule: &str| rule == NO_RULE || current.contains(&rule);
         self.decisions.retain(|rule, _| kept(rule));
         self.step_ups.retain(|(_, rule, _), _| kept(rule));
+        self.shadow_decisions
+            .retain(|(name, _, _), _| kept(name.split('/').next().unwrap_or_default()));
     }
 
     /// The Prometheus text exposition (format 0.0.4), written by `prometheus-client`, which
@@ -653,6 +670,32 @@ impl Collector for Exposition {
             counter(&mut family, &[("action", action), ("result", result)], n)?;
         }
 
+        type ShadowRow<'a> = ((Arc<str>, &'a str, &'a str), u64);
+        let mut shadows: Vec<ShadowRow<'_>> = m
+            .shadow_decisions
+            .iter()
+            .map(|e| {
+                let (rule, outcome, reason) = e.key();
+                (
+                    (Arc::clone(rule), outcome.as_str(), reason.as_str()),
+                    e.value().load(Relaxed),
+                )
+            })
+            .collect();
+        shadows.sort();
+        let mut family = encoder.encode_descriptor(
+            "stepgate_shadow_decisions",
+            "What rules and escalations in shadow mode would have answered, by rule (rule/escalate[i] for an escalation), outcome and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((rule, outcome, reason), n) in shadows {
+            counter(
+                &mut family,
+                &[("rule", &rule), ("outcome", outcome), ("reason", reason)],
+                n,
+            )?;
+        }
         let mut triggers: Vec<((Arc<str>, &str), u64)> = m
             .risk_triggers
             .iter()

@@ -96,6 +96,9 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
     if let Some(step_up) = &decision.step_up {
         m.record_step_up(door, decision.rule.as_ref(), step_up);
     }
+    for shadow in &decision.shadow {
+        m.record_shadow(shadow);
+    }
     if !tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO) {
         return;
     }
@@ -111,6 +114,7 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         issuer: principal.map_or("", |p| &*p.issuer_id),
         token: decision.token_fingerprint.as_deref().unwrap_or(""),
         micros: elapsed.as_micros() as u64,
+        shadow: (!decision.shadow.is_empty()).then(|| shadow_text(&decision.shadow)),
     };
     if let Some(out) = JSON_DECISIONS.get() {
         thread_local! {
@@ -134,8 +138,19 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         issuer = fields.issuer,
         token = fields.token,
         micros = fields.micros,
+        shadow = fields.shadow.as_deref(),
         "{}", fields.message
     );
+}
+
+/// Shadow outcomes as one text: `rule:OUTCOME:reason`, comma-separated (`rule/escalate[0]` for an
+/// escalation).
+pub fn shadow_text(shadows: &[crate::decision::Shadow]) -> String {
+    shadows
+        .iter()
+        .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// An error and its causes, `: `-separated, each cause once. The libraries' own messages are
