@@ -980,8 +980,8 @@ async fn access_log_carries_stepgate_outcome_reason_rule_and_token_fingerprint()
         "{deny}"
     );
     assert!(
-        deny.ends_with("token=- block=-"),
-        "no token, no fingerprint, no block: {deny}"
+        deny.ends_with("token=- shadow=- block=-"),
+        "no token, no fingerprint, no shadow, no block: {deny}"
     );
 
     let allow = stack
@@ -995,7 +995,7 @@ async fn access_log_carries_stepgate_outcome_reason_rule_and_token_fingerprint()
         allow,
         format!(
             "GET /ledger/log-allow 200 outcome=ALLOW reason=allowed rule=everything-else \
-             token={fingerprint} block=-"
+             token={fingerprint} shadow=- block=-"
         )
     );
     assert!(
