@@ -129,6 +129,10 @@ struct ServeArgs {
     /// out of the policy file (set it from a Secret).
     #[arg(long, env = "STEPGATE_RISK_STORE", hide_env_values = true)]
     risk_store: Option<String>,
+    /// Write a decision record (one JSON line per decision, docs/records.md) to this file, or
+    /// `-` for stdout, whatever the policy's `records.enabled`; its other settings apply.
+    #[arg(long, env = "STEPGATE_RECORDS")]
+    records: Option<PathBuf>,
     /// CAs (PEM bundle) to trust, besides the bundled web roots, for every identity provider
     /// without its own `ca_file`: an internal IdP behind a private or corporate CA.
     #[arg(long, env = "STEPGATE_IDP_CA")]
@@ -288,6 +292,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         reflection: args.reflection,
         otlp_endpoint: args.otlp_endpoint,
         risk_store,
+        records: args.records,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

@@ -43,6 +43,63 @@ pub struct PolicyFile {
     /// state (counters, blocks, revocations) is kept.
     #[serde(default)]
     pub risk: RiskConfig,
+    /// Decision records: one JSON line per decision, apart from the application log.
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// The `records:` section (docs/records.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The file records are appended to; `-` (the default) for stdout. Read at start.
+    #[serde(default = "default_records_path")]
+    pub path: String,
+    /// Size at which the file is rotated (`path.1`, `path.2`, …).
+    #[serde(default = "default_records_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Rotated files kept.
+    #[serde(default = "default_records_keep")]
+    pub keep: u32,
+    /// Share of ALLOWs recorded, 0 to 1 (every STEP_UP and DENY is).
+    #[serde(default = "default_records_allow_sample")]
+    pub allow_sample: f64,
+    /// `Decide` attributes recorded (none by default).
+    #[serde(default)]
+    pub attributes: Vec<String>,
+    /// A file holding a secret key (at least 16 bytes): subjects are recorded as
+    /// HMAC-SHA256 under it instead of in clear (relative to the policy file).
+    #[serde(default)]
+    pub subject_key_file: Option<String>,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: default_records_path(),
+            max_bytes: default_records_max_bytes(),
+            keep: default_records_keep(),
+            allow_sample: default_records_allow_sample(),
+            attributes: Vec::new(),
+            subject_key_file: None,
+        }
+    }
+}
+
+fn default_records_path() -> String {
+    "-".to_owned()
+}
+fn default_records_max_bytes() -> ByteSize {
+    ByteSize(100 * 1024 * 1024)
+}
+fn default_records_keep() -> u32 {
+    5
+}
+fn default_records_allow_sample() -> f64 {
+    1.0
 }
 
 /// The `risk:` section.

@@ -47,9 +47,11 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         token_cached: None,
         now_ms,
         shadows: Vec::new(),
+        verified: None,
     };
     let mut decision = run.evaluate(request, now);
     decision.shadow = run.shadows;
+    decision.verified = run.verified;
     fit_proxy_header_limit(policy, request, decision)
 }
 
@@ -107,6 +109,8 @@ struct Run<'p> {
     now_ms: i64,
     /// What shadow rules and escalations would have answered.
     shadows: Vec<Shadow>,
+    /// The token, once verified.
+    verified: Option<Arc<VerifiedToken>>,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
@@ -219,6 +223,7 @@ impl<'p> Run<'p> {
                 self.token_cached = Some(cached);
                 match verified {
                     Ok(token) => {
+                        self.verified = Some(Arc::clone(&token));
                         self.step("token", || {
                             format!(
                                 "valid token from issuer {:?} for subject {:?}",

@@ -13,7 +13,7 @@ use std::{borrow::Cow, sync::Arc};
 pub use evaluate::{decide, decide_at};
 pub use reason::Reason;
 
-use crate::identity::Principal;
+use crate::identity::{Principal, VerifiedToken};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -91,6 +91,8 @@ pub struct Decision {
     pub block: Option<Arc<str>>,
     /// What shadow-mode rules and escalations would have answered.
     pub shadow: Vec<Shadow>,
+    /// The verified token (for the decision record: what verification established).
+    pub verified: Option<Arc<VerifiedToken>>,
     /// Whether the token's verification came from the verified-token cache (`None`: no token
     /// was verified). For traces.
     pub token_cached: Option<bool>,
@@ -126,6 +128,7 @@ impl Decision {
             token_cached: None,
             block: None,
             shadow: Vec::new(),
+            verified: None,
             explain: Vec::new(),
             unknown_key: None,
         }

@@ -108,6 +108,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let admin = compile_admin(&file.admin, &issuers)?;
     let risk = super::risk::compile_risk(&file.risk, &cel, &auth_contexts)?;
     super::risk::check_risk_reads(&rules, &risk)?;
+    let records = compile_records(&file.records, base_dir)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {
         realm: check_quotable(&file.realm, "realm")?,
@@ -128,6 +129,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         explain,
         admin,
         risk,
+        records,
         token_cache: TokenCache::new(
             file.limits.token_cache_entries,
             file.limits.token_cache_bytes.0,
@@ -831,6 +833,54 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
             schema::PathParametersConfig::Refuse => PathParameters::Refuse,
             schema::PathParametersConfig::Strip => PathParameters::Strip,
         },
+    })
+}
+
+fn compile_records(
+    c: &schema::RecordsConfig,
+    base_dir: &Path,
+) -> Result<crate::telemetry::records::RecordsPolicy> {
+    if !(0.0..=1.0).contains(&c.allow_sample) {
+        return err("records.allow_sample", "must be between 0 and 1");
+    }
+    if c.max_bytes.0 < 1024 * 1024 {
+        return err("records.max_bytes", "must be at least 1MiB");
+    }
+    if c.keep > 1000 {
+        return err("records.keep", "must be at most 1000");
+    }
+    let path = match c.path.trim() {
+        "" => return err("records.path", "a file, or - for stdout"),
+        "-" => None,
+        p => Some(base_dir.join(p)),
+    };
+    let subject_key = match &c.subject_key_file {
+        None => None,
+        Some(file) => {
+            let key = std::fs::read(base_dir.join(file)).map_err(|e| {
+                ConfigError::new(
+                    "records.subject_key_file",
+                    format!("cannot read {file}: {e}"),
+                )
+            })?;
+            let key = key.trim_ascii().to_vec();
+            if key.len() < 16 {
+                return err(
+                    "records.subject_key_file",
+                    "the key must be at least 16 bytes (e.g. `openssl rand -hex 32`)",
+                );
+            }
+            Some(key)
+        }
+    };
+    Ok(crate::telemetry::records::RecordsPolicy {
+        enabled: c.enabled,
+        path,
+        max_bytes: c.max_bytes.0,
+        keep: c.keep,
+        allow_sample_ppm: (c.allow_sample * 1_000_000.0).round() as u32,
+        attributes: c.attributes.clone(),
+        subject_key,
     })
 }
 

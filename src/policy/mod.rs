@@ -40,6 +40,8 @@ pub struct Policy {
     pub admin: AdminAccess,
     /// Risk signals and the shared store's settings.
     pub risk: RiskPolicy,
+    /// Decision records.
+    pub records: crate::telemetry::records::RecordsPolicy,
     /// Tokens verified under this policy (a reload starts a new cache).
     pub token_cache: TokenCache,
 }

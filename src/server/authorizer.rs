@@ -25,7 +25,7 @@ use crate::{
         signals::{StoreFailure, StoreSpec},
         store::RiskState,
     },
-    telemetry::{self, traces},
+    telemetry::{self, records::RecordSink, traces},
 };
 
 /// Decides requests against the current policy. Cheap to share (`Arc`).
@@ -39,6 +39,9 @@ pub struct Authorizer {
     risk: Arc<RiskState>,
     /// The store was named by `--risk-store`, over the policy's `risk.store`.
     store_pinned: bool,
+    /// Where decision records go, once opened; with `true`, whatever the policy's
+    /// `records.enabled` (`--records`).
+    records: std::sync::OnceLock<(Arc<RecordSink>, bool)>,
 }
 
 /// `decision::decide_at`: (policy, request, now in seconds, now in milliseconds).
@@ -52,6 +55,7 @@ impl Authorizer {
             engine: decision::decide_at,
             risk: RiskState::memory(),
             store_pinned: false,
+            records: std::sync::OnceLock::new(),
         }
     }
 
@@ -71,6 +75,7 @@ impl Authorizer {
                 engine: decision::decide_at,
                 risk,
                 store_pinned,
+                records: std::sync::OnceLock::new(),
             }
         })
     }
@@ -83,7 +88,14 @@ impl Authorizer {
             engine,
             risk: RiskState::memory(),
             store_pinned: false,
+            records: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Writes a record of every decision to `sink` from now on: when the policy enables records,
+    /// or always with `forced` (`--records`).
+    pub fn set_records(&self, sink: Arc<RecordSink>, forced: bool) {
+        let _ = self.records.set((sink, forced));
     }
 
     /// The blocks, revocations and shared store this authorizer applies.
@@ -183,6 +195,11 @@ impl Authorizer {
             };
         self.risk.record(&policy, request, &decision, now_ms);
         telemetry::log_decision(door, &decision, started.elapsed());
+        if let Some((sink, forced)) = self.records.get()
+            && (*forced || policy.records.enabled)
+        {
+            sink.record(&policy.records, door, request, &decision);
+        }
         span.end(door, &decision);
         (decision, policy)
     }

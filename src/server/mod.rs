@@ -64,6 +64,8 @@ pub struct ServeOptions {
     /// The shared risk store, over the policy's `risk.store` (a URL with a password stays out of
     /// the policy file).
     pub risk_store: Option<crate::risk::signals::StoreSpec>,
+    /// Write decision records here (`-`: stdout) whatever the policy's `records.enabled`.
+    pub records: Option<PathBuf>,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -139,6 +141,34 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         );
     }
     let authorizer = Authorizer::start(Arc::new(policy), options.risk_store.clone());
+    {
+        let policy = authorizer.policy();
+        if options.records.is_some() || policy.records.enabled {
+            let path = match &options.records {
+                Some(p) if p.as_os_str() == "-" => None,
+                Some(p) => Some(p.clone()),
+                None => policy.records.path.clone(),
+            };
+            let sink = crate::telemetry::records::RecordSink::open(
+                path.as_deref(),
+                policy.records.max_bytes,
+                policy.records.keep,
+            )
+            .with_context(|| {
+                format!(
+                    "cannot open the decision records file {}",
+                    path.as_deref()
+                        .map_or("-".into(), |p| p.display().to_string())
+                )
+            })?;
+            tracing::info!(
+                to = sink.target(),
+                allow_sample = f64::from(policy.records.allow_sample_ppm) / 1e6,
+                "writing decision records"
+            );
+            authorizer.set_records(sink, options.records.is_some());
+        }
+    }
     let signals_of = Arc::downgrade(&authorizer);
     metrics::global().set_risk_keys_source(Box::new(move || {
         signals_of.upgrade().map_or_else(Vec::new, |authorizer| {

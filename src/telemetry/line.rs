@@ -90,6 +90,13 @@ fn string(value: &str, out: &mut String) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as tracing-subscriber writes its timestamps.
+/// `now` as RFC 3339 UTC with microseconds.
+pub fn rfc3339(now: SystemTime) -> String {
+    let mut out = String::with_capacity(27);
+    rfc3339_micros(now, &mut out);
+    out
+}
+
 fn rfc3339_micros(now: SystemTime, out: &mut String) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();

@@ -25,6 +25,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::records::RecordEvent;
 use crate::{
     decision::{Outcome, Reason, StepUp},
     request::Door,
@@ -100,6 +101,8 @@ pub struct Metrics {
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
     admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
+    /// Decision records by what became of them ([`RecordEvent`], by discriminant).
+    records: [AtomicU64; RecordEvent::ALL.len()],
     /// Shadow outcomes by (rule or `rule/escalate[i]`, outcome, reason).
     shadow_decisions: DashMap<(Arc<str>, Outcome, Reason), AtomicU64>,
     /// Risk signals' thresholds reached, by (signal, action).
@@ -143,6 +146,7 @@ impl Default for Metrics {
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
+            records: Default::default(),
             shadow_decisions: DashMap::new(),
             risk_triggers: DashMap::new(),
             risk_keys: OnceLock::new(),
@@ -277,6 +281,11 @@ impl Metrics {
             .entry((action, result))
             .or_default()
             .fetch_add(1, Relaxed);
+    }
+
+    /// What became of a decision record.
+    pub fn record_record(&self, event: RecordEvent) {
+        self.records[event as usize].fetch_add(1, Relaxed);
     }
 
     /// What a shadow rule or escalation would have answered.
@@ -670,6 +679,19 @@ impl Collector for Exposition {
             counter(&mut family, &[("action", action), ("result", result)], n)?;
         }
 
+        let mut family = encoder.encode_descriptor(
+            "stepgate_records",
+            "Decision records: written, dropped (the queue was full or the file could not be written) and ALLOWs sampled out",
+            None,
+            MetricType::Counter,
+        )?;
+        for event in RecordEvent::ALL {
+            counter(
+                &mut family,
+                &[("result", event.as_str())],
+                m.records[event as usize].load(Relaxed),
+            )?;
+        }
         type ShadowRow<'a> = ((Arc<str>, &'a str, &'a str), u64);
         let mut shadows: Vec<ShadowRow<'_>> = m
             .shadow_decisions

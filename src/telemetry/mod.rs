@@ -4,6 +4,7 @@
 
 mod line;
 pub mod metrics;
+pub mod records;
 pub mod traces;
 mod writer;
 

@@ -1,0 +1,242 @@
+//! Decision records against the real binary: one JSON line per decision in their own file (not
+//! the application log), holding the request's facts, what verification established and the
+//! decision — never the token or a claim the policy does not read; attributes only from the
+//! allow-list; subjects as a keyed hash when a key is given; ALLOWs sampled while every STEP_UP and
+//! DENY is kept; the file rotated by size.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::{Server, Spawn, TempPolicy, demo_policy_text, entra, mint};
+use serde_json::Value;
+use stepgate::{
+    api::v1::{
+        DecideRequest, decide_request::Credential, decision_service_client::DecisionServiceClient,
+    },
+    demo::TokenSpec,
+};
+
+/// The demo policy with `records` (a subject key file beside it when `hashed`).
+fn policy(name: &str, records: &str, hashed: bool) -> TempPolicy {
+    let policy = TempPolicy::new(name, &(demo_policy_text() + records));
+    if hashed {
+        let key = policy.path.parent().unwrap().join("records.key");
+        std::fs::write(key, "9f1c2b7e4d5a6c3b8e0f1a2d3c4b5a69\n").unwrap();
+    }
+    policy
+}
+
+fn read_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Waits until `path` holds `n` records (the writer flushes every 100 ms).
+async fn wait_records(path: &Path, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let records = read_records(path);
+        if records.len() >= n {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} records in {}", path.display());
+}
+
+async fn decide(server: &Server, token: &str, operation: &str, amount: f64) {
+    let mut attributes = serde_json::Map::new();
+    attributes.insert("amount".into(), amount.into());
+    attributes.insert("note".into(), "not on the allow-list".into());
+    DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.to_owned())),
+            operation: operation.into(),
+            attributes: Some(stepgate::api::json_to_struct(&attributes)),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_per_decision_with_its_facts_and_never_the_token() {
+    let policy = policy(
+        "records",
+        "records:\n  enabled: true\n  path: decisions.jsonl\n  attributes: [amount]\n",
+        false,
+    );
+    let file = policy.path.parent().unwrap().join("decisions.jsonl");
+    let server = Server::start(&policy.path).await;
+    let token = mint(&TokenSpec {
+        subject: "alice".into(),
+        ..entra(&["c1"], &["cp1"])
+    });
+    decide(&server, &token, "payments.wire_transfer", 25_000.0).await;
+    decide(&server, &token, "customers.read", 1.0).await;
+    let records = wait_records(&file, 2).await;
+    let step_up = &records[0];
+    assert_eq!(
+        (
+            &step_up["door"],
+            &step_up["operation"],
+            &step_up["outcome"],
+            &step_up["reason"],
+            &step_up["rule"],
+            &step_up["status"]
+        ),
+        (
+            &Value::from("decide"),
+            &Value::from("payments.wire_transfer"),
+            &Value::from("STEP_UP"),
+            &Value::from("missing_auth_context"),
+            &Value::from("wire-transfer"),
+            &Value::from(401)
+        ),
+        "{step_up}"
+    );
+    assert_eq!(
+        step_up["attributes"],
+        serde_json::json!({"amount": 25000.0})
+    );
+    assert_eq!(
+        step_up["challenge"]["auth_contexts"],
+        serde_json::json!(["c1", "c2"])
+    );
+    let facts = &step_up["token"];
+    assert_eq!(facts["issuer"], "demo-entra");
+    assert_eq!(facts["subject"], "alice");
+    assert_eq!(facts["acrs"], serde_json::json!(["c1"]));
+    assert_eq!(facts["xms_cc"], serde_json::json!(["cp1"]));
+    assert!(facts["auth_time"].is_i64());
+    assert_eq!(
+        records[1]["shadow"],
+        serde_json::json!(["customer-data-strict:STEP_UP:missing_auth_context"])
+    );
+    // Never the token nor a piece of it, and not in the application log either.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!text.contains(signature) && !text.contains(&token[..40]));
+    assert!(!text.contains("not on the allow-list"));
+    assert!(!server.logs_text().contains("\"challenge\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
+    let policy = policy(
+        "records-sampled",
+        "records:\n  enabled: true\n  path: decisions.jsonl\n  allow_sample: 0.25\n  max_bytes: 1MiB\n  keep: 2\n  subject_key_file: records.key\n",
+        true,
+    );
+    let dir = policy.path.parent().unwrap().to_owned();
+    let file = dir.join("decisions.jsonl");
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let allowed = mint(&TokenSpec {
+        subject: "bob".into(),
+        ..entra(&["c1"], &["cp1"])
+    });
+    let stepped = mint(&TokenSpec {
+        subject: "bob".into(),
+        ..entra(&[], &["cp1"])
+    });
+    for _ in 0..40 {
+        decide(&server, &allowed, "reports.read", 1.0).await;
+    }
+    for _ in 0..5 {
+        decide(&server, &stepped, "payments.wire_transfer", 1.0).await;
+    }
+    let records = wait_records(&file, 15).await;
+    let allows = records.iter().filter(|r| r["outcome"] == "ALLOW").count();
+    let step_ups = records.iter().filter(|r| r["outcome"] == "STEP_UP").count();
+    assert_eq!(
+        (allows, step_ups),
+        (10, 5),
+        "a quarter of the ALLOWs, every STEP_UP"
+    );
+    let subject = records[0]["token"]["subject"].as_str().unwrap();
+    assert!(
+        subject.starts_with("hmac-sha256:") && subject.len() == "hmac-sha256:".len() + 32,
+        "{subject}"
+    );
+    assert!(
+        records.iter().all(|r| r["token"]["subject"] == subject),
+        "one subject, one hash"
+    );
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("\"bob\""));
+    let metrics = server.scrape().await;
+    for series in [
+        "stepgate_records_total{result=\"written\"} 15",
+        "stepgate_records_total{result=\"sampled_out\"} 30",
+        "stepgate_records_total{result=\"dropped\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    }
+    drop(server);
+
+    // Rotation: a server writing records of about 1 KiB until past 1 MiB twice keeps the
+    // current file and two rotated ones.
+    let big = policy.path.parent().unwrap().join("big.yaml");
+    std::fs::write(
+        &big,
+        demo_policy_text()
+            + "records:\n  enabled: true\n  path: big.jsonl\n  max_bytes: 1MiB\n  keep: 2\n  attributes: [note]\n",
+    )
+    .unwrap();
+    let server = Server::start(&big).await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let note = "x".repeat(1000);
+    for _ in 0..2_300 {
+        let mut attributes = serde_json::Map::new();
+        attributes.insert("note".into(), note.clone().into());
+        client
+            .decide(DecideRequest {
+                credential: Some(Credential::Token(allowed.clone())),
+                operation: "reports.read".into(),
+                attributes: Some(stepgate::api::json_to_struct(&attributes)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
+    let (current, first, second) = (size("big.jsonl"), size("big.jsonl.1"), size("big.jsonl.2"));
+    assert!(
+        current.is_some() && first.is_some() && second.is_some(),
+        "{current:?} {first:?} {second:?}"
+    );
+    assert!(first.unwrap() <= 1024 * 1024 && second.unwrap() <= 1024 * 1024);
+    assert!(size("big.jsonl.3").is_none(), "keep: 2");
+}
+
+#[test]
+fn a_bad_records_section_is_refused_with_its_field_path() {
+    for (records, path) in [
+        ("records:\n  allow_sample: 2\n", "records.allow_sample"),
+        (
+            "records:\n  subject_key_file: missing.key\n",
+            "records.subject_key_file",
+        ),
+        ("records:\n  max_bytes: 1KiB\n", "records.max_bytes"),
+    ] {
+        let policy = TempPolicy::new("records-bad", &(demo_policy_text() + records));
+        let out = std::process::Command::new(common::bin())
+            .args(["check", "--config"])
+            .arg(&policy.path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(path), "{path}: {stderr}");
+    }
+}
