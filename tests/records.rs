@@ -8,7 +8,7 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{Server, Spawn, TempPolicy, demo_policy_text, entra, mint};
+use common::{Server, Spawn, TempPolicy, demo_policy_without_risk, entra, mint};
 use serde_json::Value;
 use stepgate::{
     api::v1::{
@@ -19,7 +19,7 @@ use stepgate::{
 
 /// The demo policy with `records` (a subject key file beside it when `hashed`).
 fn policy(name: &str, records: &str, hashed: bool) -> TempPolicy {
-    let policy = TempPolicy::new(name, &(demo_policy_text() + records));
+    let policy = TempPolicy::new(name, &(demo_policy_without_risk() + records));
     if hashed {
         let key = policy.path.parent().unwrap().join("records.key");
         std::fs::write(key, "9f1c2b7e4d5a6c3b8e0f1a2d3c4b5a69\n").unwrap();
@@ -188,7 +188,7 @@ async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     let big = policy.path.parent().unwrap().join("big.yaml");
     std::fs::write(
         &big,
-        demo_policy_text()
+        demo_policy_without_risk()
             + "records:\n  enabled: true\n  path: big.jsonl\n  max_bytes: 1MiB\n  keep: 2\n  attributes: [note]\n",
     )
     .unwrap();
@@ -229,7 +229,7 @@ fn a_bad_records_section_is_refused_with_its_field_path() {
         ),
         ("records:\n  max_bytes: 1KiB\n", "records.max_bytes"),
     ] {
-        let policy = TempPolicy::new("records-bad", &(demo_policy_text() + records));
+        let policy = TempPolicy::new("records-bad", &(demo_policy_without_risk() + records));
         let out = std::process::Command::new(common::bin())
             .args(["check", "--config"])
             .arg(&policy.path)

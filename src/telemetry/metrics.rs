@@ -285,7 +285,12 @@ impl Metrics {
 
     /// What became of a decision record.
     pub fn record_record(&self, event: RecordEvent) {
-        self.records[event as usize].fetch_add(1, Relaxed);
+        self.record_records(event, 1);
+    }
+
+    /// What became of `n` decision records.
+    pub fn record_records(&self, event: RecordEvent, n: u64) {
+        self.records[event as usize].fetch_add(n, Relaxed);
     }
 
     /// What a shadow rule or escalation would have answered.

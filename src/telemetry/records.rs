@@ -14,12 +14,11 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering::Relaxed},
-        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread,
     time::{Duration, SystemTime},
@@ -35,9 +34,12 @@ use crate::{
     request::{AccessRequest, Door},
 };
 
-/// Records waiting for the writer; past it, records are dropped and counted.
-const QUEUE: usize = 65_536;
-/// Longest a record waits in the writer's buffer.
+/// Bytes of records waiting for the writer; past it, records are dropped and counted.
+const CAPACITY: usize = 4 * 1024 * 1024;
+/// Pending bytes that wake the writer early (a wake-up per record would cost a context switch
+/// each: most of a record's price).
+const WAKE_AT: usize = 256 * 1024;
+/// Longest a record waits in memory.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// The compiled `records:` section.
@@ -85,26 +87,41 @@ impl Default for RecordsPolicy {
     }
 }
 
-/// Where records go: a writer thread and the queue to it.
+/// Where records go: a buffer the request path appends to, and the writer thread that empties it.
 #[derive(Debug)]
 pub struct RecordSink {
-    queue: SyncSender<String>,
+    shared: Arc<Shared>,
     /// Decisions seen, for sampling ALLOWs evenly.
     seen: AtomicU64,
     target: String,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// Records in `bytes`.
+    records: u64,
+    woken: bool,
 }
 
 impl RecordSink {
     /// Opens `path` (appending; `None`: stdout) and starts the writer thread.
     pub fn open(path: Option<&Path>, max_bytes: u64, keep: u32) -> io::Result<Arc<Self>> {
         let out = Output::open(path, max_bytes, keep)?;
-        let (queue, rx) = mpsc::sync_channel(QUEUE);
+        let shared = Arc::new(Shared::default());
+        let worker = Arc::clone(&shared);
         let target = path.map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
         thread::Builder::new()
             .name("stepgate-records".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn(move || write_loop(&worker, out))?;
         Ok(Arc::new(Self {
-            queue,
+            shared,
             seen: AtomicU64::new(0),
             target,
         }))
@@ -133,10 +150,23 @@ impl RecordSink {
             }
         }
         let line = format_record(policy, door, request, decision, SystemTime::now());
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(line)
-        {
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if pending.bytes.len() + line.len() > CAPACITY {
+            drop(pending);
             metrics::global().record_record(RecordEvent::Dropped);
+            return;
+        }
+        pending.bytes.extend_from_slice(line.as_bytes());
+        pending.records += 1;
+        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
+        pending.woken |= wake;
+        drop(pending);
+        if wake {
+            self.shared.wake.notify_one();
         }
     }
 }
@@ -324,7 +354,7 @@ enum Output {
     Stdout(io::Stdout),
     File {
         path: PathBuf,
-        file: BufWriter<File>,
+        file: File,
         written: u64,
         max_bytes: u64,
         keep: u32,
@@ -340,16 +370,18 @@ impl Output {
         let written = file.metadata()?.len();
         Ok(Self::File {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(256 * 1024, file),
+            file,
             written,
             max_bytes,
             keep,
         })
     }
 
-    fn write(&mut self, line: &str) -> io::Result<()> {
+    /// Writes whole records (`chunk` ends with a newline), rotating first when they would take
+    /// the file past its size.
+    fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
         match self {
-            Self::Stdout(out) => out.write_all(line.as_bytes()),
+            Self::Stdout(out) => out.write_all(chunk).and_then(|()| out.flush()),
             Self::File {
                 path,
                 file,
@@ -357,26 +389,15 @@ impl Output {
                 max_bytes,
                 keep,
             } => {
-                if *written > 0 && *written + line.len() as u64 > *max_bytes {
-                    file.flush()?;
+                if *written > 0 && *written + chunk.len() as u64 > *max_bytes {
                     rotate(path, *keep)?;
-                    *file = BufWriter::with_capacity(
-                        256 * 1024,
-                        OpenOptions::new().create(true).append(true).open(&*path)?,
-                    );
+                    *file = OpenOptions::new().create(true).append(true).open(&*path)?;
                     *written = 0;
                 }
-                file.write_all(line.as_bytes())?;
-                *written += line.len() as u64;
+                file.write_all(chunk)?;
+                *written += chunk.len() as u64;
                 Ok(())
             }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Self::Stdout(out) => out.flush(),
-            Self::File { file, .. } => file.flush(),
         }
     }
 }
@@ -401,35 +422,69 @@ fn rotate(path: &Path, keep: u32) -> io::Result<()> {
     std::fs::rename(path, numbered(1))
 }
 
-fn write_loop(rx: Receiver<String>, mut out: Output) {
+fn write_loop(shared: &Shared, mut out: Output) {
+    super::writer::lowest_priority();
+    let mut spare: Vec<u8> = Vec::new();
     let mut failing = false;
     loop {
-        let line = match rx.recv_timeout(FLUSH_EVERY) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
-            }
+        let records = {
+            let pending = shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let (mut pending, _) = shared
+                .wake
+                .wait_timeout_while(pending, FLUSH_EVERY, |p| p.bytes.len() < WAKE_AT)
+                .unwrap_or_else(PoisonError::into_inner);
+            std::mem::swap(&mut pending.bytes, &mut spare);
+            pending.woken = false;
+            std::mem::take(&mut pending.records)
         };
-        match out.write(&line) {
+        if spare.is_empty() {
+            continue;
+        }
+        // Whole records at a time, so that a rotation falls between two of them.
+        let mut result = Ok(());
+        for chunk in chunks_of_lines(&spare, 1024 * 1024) {
+            result = out.write(chunk);
+            if result.is_err() {
+                break;
+            }
+        }
+        match result {
             Ok(()) => {
-                metrics::global().record_record(RecordEvent::Written);
+                metrics::global().record_records(RecordEvent::Written, records);
                 if failing {
                     tracing::info!("decision records are written again");
                     failing = false;
                 }
             }
             Err(err) => {
-                metrics::global().record_record(RecordEvent::Dropped);
+                metrics::global().record_records(RecordEvent::Dropped, records);
                 if !failing {
                     tracing::error!(error = %err, "cannot write decision records; they are dropped and counted");
                     failing = true;
                 }
             }
         }
+        spare.clear();
     }
+}
+
+/// `bytes` cut after a newline into pieces of at most about `size` bytes.
+fn chunks_of_lines(bytes: &[u8], size: usize) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = if rest.len() <= size {
+            rest.len()
+        } else {
+            rest[..size]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(rest.len(), |at| at + 1)
+        };
+        let (chunk, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(chunk)
+    })
 }

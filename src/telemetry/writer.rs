@@ -180,7 +180,7 @@ fn write_loop(shared: &Shared) {
 /// milliseconds on a busy core, but a flush rarely delays a request (measured through Envoy: the
 /// decision line's flushes were most of stepgate's p99 at 1000 req/s). `SCHED_IDLE` was tried
 /// and starves the writer whenever other processes keep the core busy.
-fn lowest_priority() {
+pub(super) fn lowest_priority() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: `gettid` has no preconditions; `setpriority` on this thread's id changes only

@@ -104,13 +104,14 @@ pub fn admin_ok(admin_url: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
-/// [`demo_policy_text`] without its `risk:` section (the last one), for a test that writes its own.
+/// [`demo_policy_text`] without its `records:` and `risk:` sections (the last ones), for a test that
+/// writes its own.
 pub fn demo_policy_without_risk() -> String {
     let text = demo_policy_text();
     let at = text
-        .find("\n# Risk signals")
-        .or_else(|| text.find("\nrisk:"))
-        .expect("examples/stepgate.yaml no longer ends with a `risk:` section; update the tests");
+        .find("\n# Decision records")
+        .or_else(|| text.find("\nrecords:"))
+        .expect("examples/stepgate.yaml no longer ends with its `records:` and `risk:` sections; update the tests");
     text[..at].to_owned() + "\n"
 }
 
