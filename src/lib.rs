@@ -14,6 +14,7 @@ pub mod demo;
 pub mod fuzzing;
 pub mod identity;
 pub mod policy;
+pub mod replay;
 pub mod request;
 pub mod risk;
 pub mod server;

@@ -6,6 +6,7 @@ mod check;
 mod connect;
 mod decide;
 mod health;
+mod replay;
 mod test;
 mod token;
 
@@ -47,6 +48,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Run policy test suites (YAML cases: request, caller, time, expected decision) offline.
     Test(test::TestArgs),
+    /// Re-decide recorded decisions under a candidate policy and report what would change.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +179,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Health(args) => health::run(args),
         Command::Admin(args) => admin::run(args),
         Command::Test(args) => test::run(args),
+        Command::Replay(args) => replay::run(args),
     }
 }
 

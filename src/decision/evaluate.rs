@@ -28,7 +28,7 @@ use crate::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
         condition::{CelInput, Condition},
     },
-    request::{AccessRequest, RequestProblem, path},
+    request::{AccessRequest, Established, PresentedCredential, RequestProblem, path},
     risk::signals::{Action, Keys},
 };
 
@@ -213,46 +213,60 @@ impl<'p> Run<'p> {
         };
 
         // 2. Token.
-        let token = match credential {
-            Credential::Bearer(raw) => {
-                let (digest, verified, cached) =
-                    policy
-                        .token_cache
-                        .verify(raw, &policy.issuers, policy.max_token_bytes, now);
-                self.fingerprint = Some(fingerprint_of(&digest));
-                self.token_cached = Some(cached);
-                match verified {
-                    Ok(token) => {
-                        self.verified = Some(Arc::clone(&token));
-                        self.step("token", || {
-                            format!(
-                                "valid token from issuer {:?} for subject {:?}",
-                                token.issuer.id, token.principal.subject
-                            )
-                        });
-                        Some(token)
-                    }
-                    Err(err) => {
-                        let message = err.to_string();
-                        self.step("token", || message.clone());
-                        let www = challenge::invalid_token(realm, &message);
-                        let mut d = self.deny(401, (&err).into(), &message, None, Some(www));
-                        if let identity::TokenError::UnknownKey {
-                            issuer,
-                            kid: Some(kid),
-                        } = err
-                        {
-                            d.unknown_key = Some((issuer, kid));
+        let token = match (&request.credential, credential) {
+            (PresentedCredential::Verified(Established(token)), _) => {
+                self.verified = Some(Arc::clone(token));
+                self.step("token", || {
+                    format!(
+                        "a token of issuer {:?} for subject {:?}, as recorded (not verified again)",
+                        token.issuer.id, token.principal.subject
+                    )
+                });
+                Some(Arc::clone(token))
+            }
+            (_, credential) => match credential {
+                Credential::Bearer(raw) => {
+                    let (digest, verified, cached) = policy.token_cache.verify(
+                        raw,
+                        &policy.issuers,
+                        policy.max_token_bytes,
+                        now,
+                    );
+                    self.fingerprint = Some(fingerprint_of(&digest));
+                    self.token_cached = Some(cached);
+                    match verified {
+                        Ok(token) => {
+                            self.verified = Some(Arc::clone(&token));
+                            self.step("token", || {
+                                format!(
+                                    "valid token from issuer {:?} for subject {:?}",
+                                    token.issuer.id, token.principal.subject
+                                )
+                            });
+                            Some(token)
                         }
-                        return d;
+                        Err(err) => {
+                            let message = err.to_string();
+                            self.step("token", || message.clone());
+                            let www = challenge::invalid_token(realm, &message);
+                            let mut d = self.deny(401, (&err).into(), &message, None, Some(www));
+                            if let identity::TokenError::UnknownKey {
+                                issuer,
+                                kid: Some(kid),
+                            } = err
+                            {
+                                d.unknown_key = Some((issuer, kid));
+                            }
+                            return d;
+                        }
                     }
                 }
-            }
-            Credential::Missing => {
-                self.step("credential", || "no credential presented".to_owned());
-                None
-            }
-            Credential::Malformed(_) => unreachable!("handled above"),
+                Credential::Missing => {
+                    self.step("credential", || "no credential presented".to_owned());
+                    None
+                }
+                Credential::Malformed(_) => unreachable!("handled above"),
+            },
         };
 
         // 3. Rule.

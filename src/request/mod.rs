@@ -110,7 +110,22 @@ pub enum PresentedCredential {
     AuthorizationHeader,
     /// Something that is refused before any parsing: two headers, non-UTF-8 bytes.
     Unusable(CredentialProblem),
+    /// What verification established about a token, taken as established: `stepgate replay`
+    /// re-deciding a decision record (which holds no token). Never from the wire.
+    Verified(Established),
 }
+
+/// A token taken as verified ([`PresentedCredential::Verified`]); equal only to itself.
+#[derive(Debug, Clone)]
+pub struct Established(pub std::sync::Arc<crate::identity::VerifiedToken>);
+
+impl PartialEq for Established {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Established {}
 
 /// HTTP attributes of the request being authorised.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -167,6 +182,8 @@ impl AccessRequest {
                 .and_then(|h| h.headers.get("authorization"))
                 .map_or(Credential::Missing, bearer::from_authorization),
             PresentedCredential::Unusable(problem) => Credential::Malformed(*problem),
+            // The engine takes the established token before it reads a credential.
+            PresentedCredential::Verified(_) => Credential::Missing,
         }
     }
 }

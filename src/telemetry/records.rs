@@ -428,7 +428,10 @@ fn write_loop(shared: &Shared, mut out: Output) {
     let mut failing = false;
     loop {
         let records = {
-            let pending = shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let pending = shared
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let (mut pending, _) = shared
                 .wake
                 .wait_timeout_while(pending, FLUSH_EVERY, |p| p.bytes.len() < WAKE_AT)

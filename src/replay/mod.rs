@@ -1,0 +1,384 @@
+//! `stepgate replay`: what would a candidate policy have done to recorded traffic?
+//!
+//! Each decision record ([`crate::telemetry::records`]) is decided again from its recorded facts:
+//! the request, and what verification established about the token. Signatures are not verified
+//! again (the record holds no token); a record of a refused token (no facts) keeps its recorded
+//! answer. The report compares the baseline (a second policy, or the recorded answers) with the
+//! candidate: counts and rates per rule and overall, the friction (step-ups per subject and day,
+//! the share of subjects prompted), and the requests whose outcome changes.
+
+pub mod report;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::{
+    decision::{self, Outcome, Reason},
+    identity::{Principal, VerifiedToken},
+    policy::Policy,
+    request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
+};
+
+/// One record as written (the fields replay reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Record {
+    pub time: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub operation: Option<String>,
+    #[serde(default)]
+    pub attributes: Map<String, Value>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub token: Option<TokenFacts>,
+    pub outcome: String,
+    pub reason: String,
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenFacts {
+    pub issuer: String,
+    pub subject: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub acrs: Vec<String>,
+    #[serde(default)]
+    pub acr: Option<String>,
+    #[serde(default)]
+    pub amr: Vec<String>,
+    #[serde(default)]
+    pub auth_time: Option<i64>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub xms_cc: Vec<String>,
+    #[serde(default)]
+    pub app_only: bool,
+    #[serde(default)]
+    pub claims: Map<String, Value>,
+}
+
+/// An answer, as counted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Answer {
+    pub outcome: &'static str,
+    pub reason: String,
+    pub rule: String,
+}
+
+/// A record that could not be read: its line number and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    pub file: String,
+    pub line: usize,
+    pub error: String,
+}
+
+/// What the run found.
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub records: u64,
+    /// Records of refused tokens (no facts): counted with their recorded answer on both sides.
+    pub as_recorded: u64,
+    /// Records whose issuer the candidate policy does not have.
+    pub unknown_issuer: u64,
+    pub bad_lines: Vec<BadLine>,
+    pub bad_line_count: u64,
+    /// Per rule (as each side decided): answers of the baseline, then the candidate.
+    pub per_rule: BTreeMap<String, [Tally; 2]>,
+    pub overall: [Tally; 2],
+    /// Distinct subjects (or hashes) seen, and those prompted at least once, per side.
+    pub subjects: HashSet<String>,
+    pub prompted: [HashSet<String>; 2],
+    pub step_ups: [u64; 2],
+    /// Days covered (first to last record).
+    pub first_time: Option<i64>,
+    pub last_time: Option<i64>,
+    /// (baseline outcome, candidate outcome) → count.
+    pub changes: BTreeMap<(&'static str, &'static str), u64>,
+    /// (what, subject) of changed requests → (from, to, count).
+    pub changed_requests: HashMap<(String, String), (Answer, Answer, u64)>,
+    /// Step-ups by hour (unix hour) per side, for the report's chart.
+    pub step_ups_by_hour: BTreeMap<i64, [u64; 2]>,
+    pub requests_by_hour: BTreeMap<i64, u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub allow: u64,
+    pub step_up: u64,
+    pub deny: u64,
+}
+
+impl Tally {
+    fn add(&mut self, outcome: &str) {
+        match outcome {
+            "ALLOW" => self.allow += 1,
+            "STEP_UP" => self.step_up += 1,
+            _ => self.deny += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.allow + self.step_up + self.deny
+    }
+}
+
+/// Replays records against a candidate and (optionally) a baseline policy.
+pub struct Replayer<'p> {
+    candidate: &'p Policy,
+    baseline: Option<&'p Policy>,
+    replay: Replay,
+    /// Bad lines kept in full (the rest are only counted).
+    keep_bad: usize,
+}
+
+impl<'p> Replayer<'p> {
+    pub fn new(candidate: &'p Policy, baseline: Option<&'p Policy>) -> Self {
+        Self {
+            candidate,
+            baseline,
+            replay: Replay::default(),
+            keep_bad: 20,
+        }
+    }
+
+    /// Replays every line of one records file.
+    pub fn feed(&mut self, file: &str, text: &str) {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Record>(line) {
+                Ok(record) => match time_of(&record.time) {
+                    Some(at) => self.one(&record, at),
+                    None => self.bad(file, i + 1, format!("unreadable time {:?}", record.time)),
+                },
+                Err(e) => self.bad(file, i + 1, e.to_string()),
+            }
+        }
+    }
+
+    pub fn finish(self) -> Replay {
+        self.replay
+    }
+
+    fn bad(&mut self, file: &str, line: usize, error: String) {
+        self.replay.bad_line_count += 1;
+        if self.replay.bad_lines.len() < self.keep_bad {
+            self.replay.bad_lines.push(BadLine {
+                file: file.to_owned(),
+                line,
+                error,
+            });
+        }
+    }
+
+    fn one(&mut self, record: &Record, at: i64) {
+        let r = &mut self.replay;
+        r.records += 1;
+        r.first_time = Some(r.first_time.map_or(at, |t| t.min(at)));
+        r.last_time = Some(r.last_time.map_or(at, |t| t.max(at)));
+        let recorded = Answer {
+            outcome: outcome_str(&record.outcome),
+            reason: record.reason.clone(),
+            rule: record.rule.clone().unwrap_or_default(),
+        };
+        let (baseline, candidate) = match &record.token {
+            _ if matches!(
+                record.reason.as_str(),
+                "blocked"
+                    | "source_blocked"
+                    | "session_revoked"
+                    | "risk_store_unavailable"
+                    | "internal_error"
+            ) =>
+            {
+                // An operator's block or revocation, or an outage: not the policy's answer.
+                self.replay.as_recorded += 1;
+                (recorded.clone(), recorded)
+            }
+            None if !matches!(
+                record.reason.as_str(),
+                "token_missing" | "anonymous_allowed"
+            ) =>
+            {
+                // A refused token: its facts were never established; the answer stands.
+                self.replay.as_recorded += 1;
+                (recorded.clone(), recorded)
+            }
+            facts => {
+                let candidate = match decide(self.candidate, record, facts.as_ref(), at) {
+                    Some(answer) => answer,
+                    None => {
+                        self.replay.unknown_issuer += 1;
+                        recorded.clone()
+                    }
+                };
+                let baseline = match self.baseline {
+                    Some(policy) => decide(policy, record, facts.as_ref(), at).unwrap_or(recorded),
+                    None => recorded,
+                };
+                (baseline, candidate)
+            }
+        };
+        let r = &mut self.replay;
+        let subject = record.token.as_ref().map(|t| t.subject.clone());
+        if let Some(s) = &subject {
+            r.subjects.insert(s.clone());
+        }
+        let hour = at.div_euclid(3600);
+        *r.requests_by_hour.entry(hour).or_default() += 1;
+        for (side, answer) in [&baseline, &candidate].into_iter().enumerate() {
+            r.overall[side].add(answer.outcome);
+            r.per_rule.entry(answer.rule.clone()).or_default()[side].add(answer.outcome);
+            if answer.outcome == "STEP_UP" {
+                r.step_ups[side] += 1;
+                r.step_ups_by_hour.entry(hour).or_default()[side] += 1;
+                if let Some(s) = &subject {
+                    r.prompted[side].insert(s.clone());
+                }
+            }
+        }
+        if baseline.outcome != candidate.outcome || baseline.reason != candidate.reason {
+            *r.changes
+                .entry((baseline.outcome, candidate.outcome))
+                .or_default() += 1;
+            let what = record
+                .operation
+                .clone()
+                .or_else(|| {
+                    Some(format!(
+                        "{} {}",
+                        record.method.as_deref().unwrap_or("GET"),
+                        record
+                            .path
+                            .as_deref()?
+                            .split('?')
+                            .next()
+                            .unwrap_or_default()
+                    ))
+                })
+                .unwrap_or_default();
+            let entry = r
+                .changed_requests
+                .entry((what, subject.unwrap_or_default()))
+                .or_insert((baseline.clone(), candidate.clone(), 0));
+            entry.2 += 1;
+        }
+    }
+}
+
+/// The record decided under `policy` from its facts; `None` when the token's issuer is not in
+/// the policy.
+fn decide(policy: &Policy, record: &Record, facts: Option<&TokenFacts>, at: i64) -> Option<Answer> {
+    let verified = match facts {
+        None => None,
+        Some(f) => Some(verified_from(policy, f)?),
+    };
+    let http = record.path.as_ref().map(|path| {
+        HttpAttributes::new(
+            record.method.as_deref().unwrap_or("GET"),
+            record.host.as_deref().unwrap_or_default(),
+            path,
+            Headers::default(),
+        )
+    });
+    let request = AccessRequest {
+        credential: verified.map_or(PresentedCredential::None, |v| {
+            PresentedCredential::Verified(Established(v))
+        }),
+        operation: record.operation.clone(),
+        http,
+        attributes: record.attributes.clone(),
+        context: Map::new(),
+        source: record.source.clone().map(|address| Peer {
+            address,
+            principal: String::new(),
+        }),
+        proxy_header_count: None,
+        explain: false,
+        problem: None,
+    };
+    let d = decision::decide(policy, &request, at);
+    Some(Answer {
+        outcome: d.outcome.as_str(),
+        reason: d.reason.as_str().to_owned(),
+        rule: d.rule.as_deref().unwrap_or_default().to_owned(),
+    })
+}
+
+/// What the record says verification established, as a verified token of `policy`'s issuer.
+fn verified_from(policy: &Policy, f: &TokenFacts) -> Option<Arc<VerifiedToken>> {
+    let issuer = policy.issuers.by_id(&f.issuer)?;
+    let words =
+        |v: &[String]| -> Arc<[Arc<str>]> { v.iter().map(|s| Arc::from(s.as_str())).collect() };
+    let xms_cc: Vec<String> = f.xms_cc.iter().map(|c| c.to_ascii_lowercase()).collect();
+    let principal = Principal {
+        issuer_id: Arc::clone(&issuer.id),
+        issuer: Arc::from(issuer.issuer.as_str()),
+        subject: Arc::from(f.subject.as_str()),
+        tenant: f.tenant.as_deref().map(Arc::from),
+        client_id: f.client_id.as_deref().map(Arc::from),
+        acrs: words(&f.acrs),
+        acr: f.acr.as_deref().map(Arc::from),
+        amr: words(&f.amr),
+        auth_time: f.auth_time,
+        issued_at: None,
+        token_id: None,
+        claims_challenge_capable: xms_cc.iter().any(|c| c == "cp1"),
+        scopes: words(&f.scopes),
+        roles: words(&f.roles),
+        app_only: f.app_only,
+        expires_at: i64::MAX,
+    };
+    Some(Arc::new(VerifiedToken {
+        issuer: Arc::clone(issuer),
+        kid: None,
+        key_material: [0; 32],
+        principal: Arc::new(principal),
+        client_capabilities: words(&xms_cc),
+        claims: f.claims.clone(),
+    }))
+}
+
+fn outcome_str(outcome: &str) -> &'static str {
+    match outcome {
+        "ALLOW" => Outcome::Allow.as_str(),
+        "STEP_UP" => Outcome::StepUp.as_str(),
+        _ => Outcome::Deny.as_str(),
+    }
+}
+
+/// RFC 3339 → unix seconds.
+fn time_of(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp())
+}
+
+/// Whether a reason code names a refused token (for the report's note).
+pub fn is_token_refusal(reason: &str) -> bool {
+    Reason::ALL
+        .iter()
+        .find(|r| r.as_str() == reason)
+        .is_some_and(|r| r.is_invalid_token())
+}
