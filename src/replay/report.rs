@@ -29,8 +29,11 @@ pub fn friction(r: &Replay, side: usize) -> (f64, f64) {
     )
 }
 
+/// A changed request: (what, subject) and (from, to, count).
+type Changed<'a> = (&'a (String, String), &'a (super::Answer, super::Answer, u64));
+
 /// The changed requests, most frequent first.
-fn top_changes(r: &Replay) -> Vec<(&(String, String), &(super::Answer, super::Answer, u64))> {
+fn top_changes(r: &Replay) -> Vec<Changed<'_>> {
     let mut changes: Vec<_> = r.changed_requests.iter().collect();
     changes.sort_by(|a, b| b.1.2.cmp(&a.1.2).then_with(|| a.0.cmp(b.0)));
     changes.truncate(TOP);
