@@ -40,7 +40,7 @@ fn fixture() -> (String, Vec<usize>) {
     let mut out = String::new();
     let mut bad = Vec::new();
     let mut line = 0;
-    let mut push = |out: &mut String, v: Value| {
+    let push = |out: &mut String, v: Value| {
         writeln!(out, "{v}").unwrap();
     };
     for i in 0..2000i64 {
