@@ -36,8 +36,14 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     };
     let mut replayer = Replayer::new(&candidate, baseline.as_ref());
     for path in &args.records {
-        match std::fs::read_to_string(path) {
-            Ok(text) => replayer.feed(&path.display().to_string(), &text),
+        let fed = std::fs::File::open(path).and_then(|f| {
+            replayer.feed(
+                &path.display().to_string(),
+                std::io::BufReader::with_capacity(1 << 20, f),
+            )
+        });
+        match fed {
+            Ok(()) => {}
             Err(e) => {
                 eprintln!("stepgate replay: {}: {e}", path.display());
                 return ExitCode::from(2);

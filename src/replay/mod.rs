@@ -80,8 +80,8 @@ pub struct TokenFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Answer {
     pub outcome: &'static str,
-    pub reason: String,
-    pub rule: String,
+    pub reason: Arc<str>,
+    pub rule: Arc<str>,
 }
 
 /// A record that could not be read: its line number and why.
@@ -161,11 +161,30 @@ impl<'p> Replayer<'p> {
         }
     }
 
-    /// Replays every line of one records file.
-    pub fn feed(&mut self, file: &str, text: &str) {
-        for (i, line) in text.lines().enumerate() {
+    /// Replays every line of one records file, read as it goes (memory stays flat whatever its
+    /// size). A line that is not UTF-8 is counted like any unreadable one.
+    pub fn feed(&mut self, file: &str, reader: impl std::io::BufRead) -> std::io::Result<()> {
+        let mut reader = reader;
+        let mut buf = Vec::new();
+        let mut number = 0;
+        loop {
+            buf.clear();
+            if reader.read_until(b'\n', &mut buf)? == 0 {
+                return Ok(());
+            }
+            number += 1;
+            match std::str::from_utf8(&buf) {
+                Ok(line) => self.line(file, number, line),
+                Err(_) => self.bad(file, number, "not UTF-8".into()),
+            }
+        }
+    }
+
+    fn line(&mut self, file: &str, number: usize, line: &str) {
+        let i = number - 1;
+        {
             if line.trim().is_empty() {
-                continue;
+                return;
             }
             match serde_json::from_str::<Record>(line) {
                 Ok(record) => match time_of(&record.time) {
@@ -199,8 +218,8 @@ impl<'p> Replayer<'p> {
         r.last_time = Some(r.last_time.map_or(at, |t| t.max(at)));
         let recorded = Answer {
             outcome: outcome_str(&record.outcome),
-            reason: record.reason.clone(),
-            rule: record.rule.clone().unwrap_or_default(),
+            reason: Arc::from(record.reason.as_str()),
+            rule: Arc::from(record.rule.as_deref().unwrap_or_default()),
         };
         let (baseline, candidate) = match &record.token {
             _ if matches!(
@@ -241,20 +260,29 @@ impl<'p> Replayer<'p> {
             }
         };
         let r = &mut self.replay;
-        let subject = record.token.as_ref().map(|t| t.subject.clone());
-        if let Some(s) = &subject {
-            r.subjects.insert(s.clone());
+        let subject = record.token.as_ref().map(|t| t.subject.as_str());
+        if let Some(s) = subject
+            && !r.subjects.contains(s)
+        {
+            r.subjects.insert(s.to_owned());
         }
         let hour = at.div_euclid(3600);
         *r.requests_by_hour.entry(hour).or_default() += 1;
         for (side, answer) in [&baseline, &candidate].into_iter().enumerate() {
             r.overall[side].add(answer.outcome);
-            r.per_rule.entry(answer.rule.clone()).or_default()[side].add(answer.outcome);
+            match r.per_rule.get_mut(&*answer.rule) {
+                Some(tally) => tally[side].add(answer.outcome),
+                None => {
+                    r.per_rule.entry(answer.rule.to_string()).or_default()[side].add(answer.outcome)
+                }
+            }
             if answer.outcome == "STEP_UP" {
                 r.step_ups[side] += 1;
                 r.step_ups_by_hour.entry(hour).or_default()[side] += 1;
-                if let Some(s) = &subject {
-                    r.prompted[side].insert(s.clone());
+                if let Some(s) = subject
+                    && !r.prompted[side].contains(s)
+                {
+                    r.prompted[side].insert(s.to_owned());
                 }
             }
         }
@@ -280,7 +308,7 @@ impl<'p> Replayer<'p> {
                 .unwrap_or_default();
             let entry = r
                 .changed_requests
-                .entry((what, subject.unwrap_or_default()))
+                .entry((what, subject.unwrap_or_default().to_owned()))
                 .or_insert((baseline.clone(), candidate.clone(), 0));
             entry.2 += 1;
         }
@@ -321,8 +349,8 @@ fn decide(policy: &Policy, record: &Record, facts: Option<&TokenFacts>, at: i64)
     let d = decision::decide(policy, &request, at);
     Some(Answer {
         outcome: d.outcome.as_str(),
-        reason: d.reason.as_str().to_owned(),
-        rule: d.rule.as_deref().unwrap_or_default().to_owned(),
+        reason: Arc::from(d.reason.as_str()),
+        rule: d.rule.unwrap_or_else(|| Arc::from("")),
     })
 }
 

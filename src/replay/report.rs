@@ -30,7 +30,10 @@ pub fn friction(r: &Replay, side: usize) -> (f64, f64) {
 }
 
 /// A changed request: (what, subject) and (from, to, count).
-type Changed<'a> = (&'a (String, String), &'a (super::Answer, super::Answer, u64));
+type Changed<'a> = (
+    &'a (String, String),
+    &'a (super::Answer, super::Answer, u64),
+);
 
 /// The changed requests, most frequent first.
 fn top_changes(r: &Replay) -> Vec<Changed<'_>> {
@@ -153,8 +156,8 @@ pub fn json(r: &Replay, baseline_name: &str) -> Value {
             "by_outcome": r.changes.iter().map(|((f, t), n)| json!({"from": f, "to": t, "count": n})).collect::<Vec<_>>(),
             "top": top_changes(r).into_iter().map(|((what, subject), (from, to, n))| json!({
                 "request": what, "subject": subject, "count": n,
-                "from": {"outcome": from.outcome, "reason": from.reason, "rule": from.rule},
-                "to": {"outcome": to.outcome, "reason": to.reason, "rule": to.rule},
+                "from": {"outcome": from.outcome, "reason": &*from.reason, "rule": &*from.rule},
+                "to": {"outcome": to.outcome, "reason": &*to.reason, "rule": &*to.rule},
             })).collect::<Vec<_>>(),
         },
     })
