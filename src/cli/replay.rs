@@ -20,6 +20,9 @@ pub struct ReplayArgs {
     /// Print the report as JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also write the report as a self-contained HTML page (inline SVG charts, nothing fetched).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 pub fn run(args: ReplayArgs) -> ExitCode {
@@ -55,6 +58,17 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         || "the recorded answers".to_owned(),
         |p| p.display().to_string(),
     );
+    if let Some(path) = &args.html {
+        let page = stepgate::replay::html::page(
+            &replay,
+            &baseline_name,
+            &args.policy.display().to_string(),
+        );
+        if let Err(e) = std::fs::write(path, page) {
+            eprintln!("stepgate replay: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     if args.json {
         super::print_stdout(&format!(
             "{}\n",

@@ -7,6 +7,7 @@
 //! candidate: counts and rates per rule and overall, the friction (step-ups per subject and day,
 //! the share of subjects prompted), and the requests whose outcome changes.
 
+pub mod html;
 pub mod report;
 
 use std::{
@@ -114,8 +115,11 @@ pub struct Replay {
     pub last_time: Option<i64>,
     /// (baseline outcome, candidate outcome) → count.
     pub changes: BTreeMap<(&'static str, &'static str), u64>,
-    /// (what, subject) of changed requests → (from, to, count).
-    pub changed_requests: HashMap<(String, String), (Answer, Answer, u64)>,
+    /// Changed requests by what was asked (ids in paths as `*`) and the change: count and the
+    /// distinct subjects.
+    pub changed_requests: HashMap<(String, Answer, Answer), (u64, HashSet<String>)>,
+    /// Changed requests by subject (shown hashed).
+    pub changed_subjects: HashMap<String, u64>,
     /// Step-ups by hour (unix hour) per side, for the report's chart.
     pub step_ups_by_hour: BTreeMap<i64, [u64; 2]>,
     pub requests_by_hour: BTreeMap<i64, u64>,
@@ -302,15 +306,27 @@ impl<'p> Replayer<'p> {
                             .as_deref()?
                             .split('?')
                             .next()
+                            .map(ids_as_stars)
                             .unwrap_or_default()
                     ))
                 })
                 .unwrap_or_default();
             let entry = r
                 .changed_requests
-                .entry((what, subject.unwrap_or_default().to_owned()))
-                .or_insert((baseline.clone(), candidate.clone(), 0));
-            entry.2 += 1;
+                .entry((what, baseline.clone(), candidate.clone()))
+                .or_default();
+            entry.0 += 1;
+            if let Some(s) = subject {
+                if !entry.1.contains(s) {
+                    entry.1.insert(s.to_owned());
+                }
+                match r.changed_subjects.get_mut(s) {
+                    Some(n) => *n += 1,
+                    None => {
+                        r.changed_subjects.insert(s.to_owned(), 1);
+                    }
+                }
+            }
         }
     }
 }
@@ -401,6 +417,34 @@ fn time_of(text: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|t| t.timestamp())
+}
+
+/// A path with its id-like segments (digits, or long hex or UUIDs) as `*`, so that the requests of
+/// one route count together.
+fn ids_as_stars(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            let id = !segment.is_empty()
+                && (segment.bytes().all(|b| b.is_ascii_digit())
+                    || (segment.len() >= 16
+                        && segment.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')));
+            if id { "*" } else { segment }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A subject as reports show it: a short SHA-256 (a keyed hash from the records stays as it is).
+pub fn shown_subject(subject: &str) -> String {
+    if subject.starts_with("hmac-sha256:") {
+        return subject.to_owned();
+    }
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(subject.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
 }
 
 /// Whether a reason code names a refused token (for the report's note).

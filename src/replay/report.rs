@@ -29,18 +29,29 @@ pub fn friction(r: &Replay, side: usize) -> (f64, f64) {
     )
 }
 
-/// A changed request: (what, subject) and (from, to, count).
+/// A changed request: (what, from, to) and (count, subjects).
 type Changed<'a> = (
-    &'a (String, String),
-    &'a (super::Answer, super::Answer, u64),
+    &'a (String, super::Answer, super::Answer),
+    &'a (u64, std::collections::HashSet<String>),
 );
 
 /// The changed requests, most frequent first.
-fn top_changes(r: &Replay) -> Vec<Changed<'_>> {
+pub fn top_changes(r: &Replay) -> Vec<Changed<'_>> {
     let mut changes: Vec<_> = r.changed_requests.iter().collect();
-    changes.sort_by(|a, b| b.1.2.cmp(&a.1.2).then_with(|| a.0.cmp(b.0)));
+    changes.sort_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(b.0)));
     changes.truncate(TOP);
     changes
+}
+
+/// The subjects most often answered differently (shown hashed), most first.
+pub fn top_subjects(r: &Replay) -> Vec<(String, u64)> {
+    let mut subjects: Vec<(&String, &u64)> = r.changed_subjects.iter().collect();
+    subjects.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    subjects
+        .into_iter()
+        .take(TOP)
+        .map(|(s, n)| (super::shown_subject(s), *n))
+        .collect()
 }
 
 /// New protections (ALLOW → STEP_UP or DENY) and relaxations (→ ALLOW).
@@ -119,12 +130,22 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
     }
     if !r.changed_requests.is_empty() {
         let _ = writeln!(out, "top changed requests:");
-        for ((what, subject), (from, to, n)) in top_changes(r) {
+        for ((what, from, to), (n, subjects)) in top_changes(r) {
             let _ = writeln!(
                 out,
-                "  {n:>6}× {what} subject={subject}: {} {} ({}) → {} {} ({})",
-                from.outcome, from.reason, from.rule, to.outcome, to.reason, to.rule
+                "  {n:>7}× {what} ({} subjects): {} {} ({}) → {} {} ({})",
+                subjects.len(),
+                from.outcome,
+                from.reason,
+                from.rule,
+                to.outcome,
+                to.reason,
+                to.rule
             );
+        }
+        let _ = writeln!(out, "subjects most often answered differently (hashed):");
+        for (subject, n) in top_subjects(r) {
+            let _ = writeln!(out, "  {n:>7}× {subject}");
         }
     }
     out
@@ -154,8 +175,9 @@ pub fn json(r: &Replay, baseline_name: &str) -> Value {
             "new_protections": protections,
             "relaxations": relaxations,
             "by_outcome": r.changes.iter().map(|((f, t), n)| json!({"from": f, "to": t, "count": n})).collect::<Vec<_>>(),
-            "top": top_changes(r).into_iter().map(|((what, subject), (from, to, n))| json!({
-                "request": what, "subject": subject, "count": n,
+            "top_subjects": top_subjects(r).into_iter().map(|(s, n)| json!({"subject": s, "count": n})).collect::<Vec<_>>(),
+            "top": top_changes(r).into_iter().map(|((what, from, to), (n, subjects))| json!({
+                "request": what, "subjects": subjects.len(), "count": n,
                 "from": {"outcome": from.outcome, "reason": &*from.reason, "rule": &*from.rule},
                 "to": {"outcome": to.outcome, "reason": &*to.reason, "rule": &*to.rule},
             })).collect::<Vec<_>>(),
