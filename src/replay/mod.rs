@@ -77,11 +77,14 @@ pub struct TokenFacts {
     pub claims: Map<String, Value>,
 }
 
+/// A set of subjects (keyed by a seeded fast hash: subjects are many, and not the attacker's).
+pub type Subjects = HashSet<String, foldhash::fast::RandomState>;
+
 /// An answer, as counted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Answer {
     pub outcome: &'static str,
-    pub reason: Arc<str>,
+    pub reason: &'static str,
     pub rule: Arc<str>,
 }
 
@@ -107,8 +110,8 @@ pub struct Replay {
     pub per_rule: BTreeMap<String, [Tally; 2]>,
     pub overall: [Tally; 2],
     /// Distinct subjects (or hashes) seen, and those prompted at least once, per side.
-    pub subjects: HashSet<String>,
-    pub prompted: [HashSet<String>; 2],
+    pub subjects: Subjects,
+    pub prompted: [Subjects; 2],
     pub step_ups: [u64; 2],
     /// Days covered (first to last record).
     pub first_time: Option<i64>,
@@ -117,7 +120,7 @@ pub struct Replay {
     pub changes: BTreeMap<(&'static str, &'static str), u64>,
     /// Changed requests by what was asked (ids in paths as `*`) and the change: count and the
     /// distinct subjects.
-    pub changed_requests: HashMap<(String, Answer, Answer), (u64, HashSet<String>)>,
+    pub changed_requests: HashMap<(String, Answer, Answer), (u64, Subjects)>,
     /// Changed requests by subject (shown hashed).
     pub changed_subjects: HashMap<String, u64>,
     /// Step-ups by hour (unix hour) per side, for the report's chart.
@@ -153,6 +156,8 @@ pub struct Replayer<'p> {
     replay: Replay,
     /// Bad lines kept in full (the rest are only counted).
     keep_bad: usize,
+    /// The recorded rule ids, shared.
+    rules: HashMap<String, Arc<str>>,
 }
 
 impl<'p> Replayer<'p> {
@@ -162,6 +167,7 @@ impl<'p> Replayer<'p> {
             baseline,
             replay: Replay::default(),
             keep_bad: 20,
+            rules: HashMap::new(),
         }
     }
 
@@ -220,10 +226,19 @@ impl<'p> Replayer<'p> {
         r.records += 1;
         r.first_time = Some(r.first_time.map_or(at, |t| t.min(at)));
         r.last_time = Some(r.last_time.map_or(at, |t| t.max(at)));
+        let rule = record.rule.as_deref().unwrap_or_default();
+        let rule = match self.rules.get(rule) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared: Arc<str> = Arc::from(rule);
+                self.rules.insert(rule.to_owned(), Arc::clone(&shared));
+                shared
+            }
+        };
         let recorded = Answer {
             outcome: outcome_str(&record.outcome),
-            reason: Arc::from(record.reason.as_str()),
-            rule: Arc::from(record.rule.as_deref().unwrap_or_default()),
+            reason: reason_str(&record.reason),
+            rule,
         };
         let (baseline, candidate) = match &record.token {
             _ if matches!(
@@ -249,7 +264,9 @@ impl<'p> Replayer<'p> {
                 (recorded.clone(), recorded)
             }
             facts => {
-                let candidate = match decide(self.candidate, record, facts.as_ref(), at) {
+                let mut request = request_of(record);
+                let principal = facts.as_ref().map(principal_of);
+                let candidate = match decide(self.candidate, &mut request, principal.as_ref(), at) {
                     Some(answer) => answer,
                     None => {
                         self.replay.unknown_issuer += 1;
@@ -257,7 +274,9 @@ impl<'p> Replayer<'p> {
                     }
                 };
                 let baseline = match self.baseline {
-                    Some(policy) => decide(policy, record, facts.as_ref(), at).unwrap_or(recorded),
+                    Some(policy) => {
+                        decide(policy, &mut request, principal.as_ref(), at).unwrap_or(recorded)
+                    }
                     None => recorded,
                 };
                 (baseline, candidate)
@@ -331,13 +350,8 @@ impl<'p> Replayer<'p> {
     }
 }
 
-/// The record decided under `policy` from its facts; `None` when the token's issuer is not in
-/// the policy.
-fn decide(policy: &Policy, record: &Record, facts: Option<&TokenFacts>, at: i64) -> Option<Answer> {
-    let verified = match facts {
-        None => None,
-        Some(f) => Some(verified_from(policy, f)?),
-    };
+/// The request a record describes (its credential set per policy by [`decide`]).
+fn request_of(record: &Record) -> AccessRequest {
     let http = record.path.as_ref().map(|path| {
         HttpAttributes::new(
             record.method.as_deref().unwrap_or("GET"),
@@ -346,10 +360,8 @@ fn decide(policy: &Policy, record: &Record, facts: Option<&TokenFacts>, at: i64)
             Headers::default(),
         )
     });
-    let request = AccessRequest {
-        credential: verified.map_or(PresentedCredential::None, |v| {
-            PresentedCredential::Verified(Established(v))
-        }),
+    AccessRequest {
+        credential: PresentedCredential::None,
         operation: record.operation.clone(),
         http,
         attributes: record.attributes.clone(),
@@ -361,24 +373,25 @@ fn decide(policy: &Policy, record: &Record, facts: Option<&TokenFacts>, at: i64)
         proxy_header_count: None,
         explain: false,
         problem: None,
-    };
-    let d = decision::decide(policy, &request, at);
-    Some(Answer {
-        outcome: d.outcome.as_str(),
-        reason: Arc::from(d.reason.as_str()),
-        rule: d.rule.unwrap_or_else(|| Arc::from("")),
-    })
+    }
 }
 
-/// What the record says verification established, as a verified token of `policy`'s issuer.
-fn verified_from(policy: &Policy, f: &TokenFacts) -> Option<Arc<VerifiedToken>> {
-    let issuer = policy.issuers.by_id(&f.issuer)?;
+/// What the record says verification established: the principal and the rest of the token, once
+/// per record whatever the number of policies it is decided under.
+struct Facts {
+    principal: Arc<Principal>,
+    capabilities: Arc<[Arc<str>]>,
+    claims: Map<String, Value>,
+    issuer: String,
+}
+
+fn principal_of(f: &TokenFacts) -> Facts {
     let words =
         |v: &[String]| -> Arc<[Arc<str>]> { v.iter().map(|s| Arc::from(s.as_str())).collect() };
     let xms_cc: Vec<String> = f.xms_cc.iter().map(|c| c.to_ascii_lowercase()).collect();
     let principal = Principal {
-        issuer_id: Arc::clone(&issuer.id),
-        issuer: Arc::from(issuer.issuer.as_str()),
+        issuer_id: Arc::from(f.issuer.as_str()),
+        issuer: Arc::from(""),
         subject: Arc::from(f.subject.as_str()),
         tenant: f.tenant.as_deref().map(Arc::from),
         client_id: f.client_id.as_deref().map(Arc::from),
@@ -394,14 +407,50 @@ fn verified_from(policy: &Policy, f: &TokenFacts) -> Option<Arc<VerifiedToken>> 
         app_only: f.app_only,
         expires_at: i64::MAX,
     };
-    Some(Arc::new(VerifiedToken {
-        issuer: Arc::clone(issuer),
-        kid: None,
-        key_material: [0; 32],
+    Facts {
         principal: Arc::new(principal),
-        client_capabilities: words(&xms_cc),
+        capabilities: words(&xms_cc),
         claims: f.claims.clone(),
-    }))
+        issuer: f.issuer.clone(),
+    }
+}
+
+/// The request decided under `policy`, with the record's token taken as verified by that
+/// policy's issuer of the same id; `None` when the policy has no such issuer.
+fn decide(
+    policy: &Policy,
+    request: &mut AccessRequest,
+    facts: Option<&Facts>,
+    at: i64,
+) -> Option<Answer> {
+    request.credential = match facts {
+        None => PresentedCredential::None,
+        Some(f) => {
+            let issuer = policy.issuers.by_id(&f.issuer)?;
+            PresentedCredential::Verified(Established(Arc::new(VerifiedToken {
+                issuer: Arc::clone(issuer),
+                kid: None,
+                key_material: [0; 32],
+                principal: Arc::clone(&f.principal),
+                client_capabilities: Arc::clone(&f.capabilities),
+                claims: f.claims.clone(),
+            })))
+        }
+    };
+    let d = decision::decide(policy, request, at);
+    Some(Answer {
+        outcome: d.outcome.as_str(),
+        reason: d.reason.as_str(),
+        rule: d.rule.unwrap_or_else(|| Arc::from("")),
+    })
+}
+
+/// A recorded reason code as the engine's own (static) text; an unknown one as `unknown`.
+fn reason_str(reason: &str) -> &'static str {
+    Reason::ALL
+        .iter()
+        .find(|r| r.as_str() == reason)
+        .map_or("unknown", |r| r.as_str())
 }
 
 fn outcome_str(outcome: &str) -> &'static str {

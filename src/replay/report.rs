@@ -32,7 +32,7 @@ pub fn friction(r: &Replay, side: usize) -> (f64, f64) {
 /// A changed request: (what, from, to) and (count, subjects).
 type Changed<'a> = (
     &'a (String, super::Answer, super::Answer),
-    &'a (u64, std::collections::HashSet<String>),
+    &'a (u64, super::Subjects),
 );
 
 /// The changed requests, most frequent first.
