@@ -195,9 +195,9 @@ pub fn page(r: &Replay, baseline_name: &str, candidate_name: &str) -> String {
             escape(what),
             subjects.len(),
             from.outcome,
-            escape(&from.reason),
+            escape(from.reason),
             to.outcome,
-            escape(&to.reason)
+            escape(to.reason)
         );
     }
     out.push_str("</table><h3>Subjects most often answered differently (hashed)</h3><table><tr><th>subject</th><th>count</th></tr>");
