@@ -178,8 +178,8 @@ pub fn json(r: &Replay, baseline_name: &str) -> Value {
             "top_subjects": top_subjects(r).into_iter().map(|(s, n)| json!({"subject": s, "count": n})).collect::<Vec<_>>(),
             "top": top_changes(r).into_iter().map(|((what, from, to), (n, subjects))| json!({
                 "request": what, "subjects": subjects.len(), "count": n,
-                "from": {"outcome": from.outcome, "reason": &*from.reason, "rule": &*from.rule},
-                "to": {"outcome": to.outcome, "reason": &*to.reason, "rule": &*to.rule},
+                "from": {"outcome": from.outcome, "reason": from.reason, "rule": &*from.rule},
+                "to": {"outcome": to.outcome, "reason": to.reason, "rule": &*to.rule},
             })).collect::<Vec<_>>(),
         },
     })
