@@ -11,6 +11,7 @@ pub mod html;
 pub mod report;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
@@ -25,52 +26,58 @@ use crate::{
     request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
 };
 
-/// One record as written (the fields replay reads).
+/// One record as written (the fields replay reads), its text borrowed from the line where it can
+/// be (no copy per field).
 #[derive(Debug, Clone, Deserialize)]
-pub struct Record {
-    pub time: String,
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub operation: Option<String>,
+pub struct Record<'a> {
+    #[serde(borrow)]
+    pub time: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub method: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub host: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub path: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub operation: Option<Cow<'a, str>>,
     #[serde(default)]
     pub attributes: Map<String, Value>,
-    #[serde(default)]
-    pub source: Option<String>,
-    #[serde(default)]
-    pub token: Option<TokenFacts>,
-    pub outcome: String,
-    pub reason: String,
-    #[serde(default)]
-    pub rule: Option<String>,
+    #[serde(default, borrow)]
+    pub source: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub token: Option<TokenFacts<'a>>,
+    #[serde(borrow)]
+    pub outcome: Cow<'a, str>,
+    #[serde(borrow)]
+    pub reason: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub rule: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct TokenFacts {
-    pub issuer: String,
-    pub subject: String,
-    #[serde(default)]
-    pub tenant: Option<String>,
-    #[serde(default)]
-    pub client_id: Option<String>,
-    #[serde(default)]
-    pub acrs: Vec<String>,
-    #[serde(default)]
-    pub acr: Option<String>,
-    #[serde(default)]
-    pub amr: Vec<String>,
+pub struct TokenFacts<'a> {
+    #[serde(borrow)]
+    pub issuer: Cow<'a, str>,
+    #[serde(borrow)]
+    pub subject: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub tenant: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub client_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub acrs: Vec<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub acr: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub amr: Vec<Cow<'a, str>>,
     #[serde(default)]
     pub auth_time: Option<i64>,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    #[serde(default)]
-    pub roles: Vec<String>,
-    #[serde(default)]
-    pub xms_cc: Vec<String>,
+    #[serde(default, borrow)]
+    pub scopes: Vec<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub roles: Vec<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub xms_cc: Vec<Cow<'a, str>>,
     #[serde(default)]
     pub app_only: bool,
     #[serde(default)]
@@ -221,7 +228,7 @@ impl<'p> Replayer<'p> {
         }
     }
 
-    fn one(&mut self, record: &Record, at: i64) {
+    fn one(&mut self, record: &Record<'_>, at: i64) {
         let r = &mut self.replay;
         r.records += 1;
         r.first_time = Some(r.first_time.map_or(at, |t| t.min(at)));
@@ -242,7 +249,7 @@ impl<'p> Replayer<'p> {
         };
         let (baseline, candidate) = match &record.token {
             _ if matches!(
-                record.reason.as_str(),
+                &*record.reason,
                 "blocked"
                     | "source_blocked"
                     | "session_revoked"
@@ -254,11 +261,7 @@ impl<'p> Replayer<'p> {
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)
             }
-            None if !matches!(
-                record.reason.as_str(),
-                "token_missing" | "anonymous_allowed"
-            ) =>
-            {
+            None if !matches!(&*record.reason, "token_missing" | "anonymous_allowed") => {
                 // A refused token: its facts were never established; the answer stands.
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)
@@ -283,7 +286,7 @@ impl<'p> Replayer<'p> {
             }
         };
         let r = &mut self.replay;
-        let subject = record.token.as_ref().map(|t| t.subject.as_str());
+        let subject = record.token.as_ref().map(|t| &*t.subject);
         if let Some(s) = subject
             && !r.subjects.contains(s)
         {
@@ -315,7 +318,8 @@ impl<'p> Replayer<'p> {
                 .or_default() += 1;
             let what = record
                 .operation
-                .clone()
+                .as_deref()
+                .map(str::to_owned)
                 .or_else(|| {
                     Some(format!(
                         "{} {}",
@@ -351,8 +355,8 @@ impl<'p> Replayer<'p> {
 }
 
 /// The request a record describes (its credential set per policy by [`decide`]).
-fn request_of(record: &Record) -> AccessRequest {
-    let http = record.path.as_ref().map(|path| {
+fn request_of(record: &Record<'_>) -> AccessRequest {
+    let http = record.path.as_deref().map(|path| {
         HttpAttributes::new(
             record.method.as_deref().unwrap_or("GET"),
             record.host.as_deref().unwrap_or_default(),
@@ -362,12 +366,12 @@ fn request_of(record: &Record) -> AccessRequest {
     });
     AccessRequest {
         credential: PresentedCredential::None,
-        operation: record.operation.clone(),
+        operation: record.operation.as_deref().map(str::to_owned),
         http,
         attributes: record.attributes.clone(),
         context: Map::new(),
-        source: record.source.clone().map(|address| Peer {
-            address,
+        source: record.source.as_deref().map(|address| Peer {
+            address: address.to_owned(),
             principal: String::new(),
         }),
         proxy_header_count: None,
@@ -385,14 +389,18 @@ struct Facts {
     issuer: String,
 }
 
-fn principal_of(f: &TokenFacts) -> Facts {
+fn principal_of(f: &TokenFacts<'_>) -> Facts {
     let words =
-        |v: &[String]| -> Arc<[Arc<str>]> { v.iter().map(|s| Arc::from(s.as_str())).collect() };
-    let xms_cc: Vec<String> = f.xms_cc.iter().map(|c| c.to_ascii_lowercase()).collect();
+        |v: &[Cow<'_, str>]| -> Arc<[Arc<str>]> { v.iter().map(|s| Arc::from(&**s)).collect() };
+    let xms_cc: Vec<Cow<'_, str>> = f
+        .xms_cc
+        .iter()
+        .map(|c| Cow::Owned(c.to_ascii_lowercase()))
+        .collect();
     let principal = Principal {
-        issuer_id: Arc::from(f.issuer.as_str()),
+        issuer_id: Arc::from(&*f.issuer),
         issuer: Arc::from(""),
-        subject: Arc::from(f.subject.as_str()),
+        subject: Arc::from(&*f.subject),
         tenant: f.tenant.as_deref().map(Arc::from),
         client_id: f.client_id.as_deref().map(Arc::from),
         acrs: words(&f.acrs),
@@ -411,7 +419,7 @@ fn principal_of(f: &TokenFacts) -> Facts {
         principal: Arc::new(principal),
         capabilities: words(&xms_cc),
         claims: f.claims.clone(),
-        issuer: f.issuer.clone(),
+        issuer: f.issuer.to_string(),
     }
 }
 
