@@ -10,7 +10,7 @@ mod envoy;
 
 use std::process::Command;
 
-use common::{Server, Spawn, TempPolicy, bin, check_from, demo_policy_text, mint, oidc};
+use common::{Server, TempPolicy, bin, check_from, demo_policy_text, mint, oidc};
 use serde_json::Value;
 use stepgate::{
     api::v1::{
@@ -34,17 +34,8 @@ fn admin_policy() -> TempPolicy {
 /// (kept for the server's life), the server and the admin listener's URL.
 async fn start_with_admin(metrics: bool) -> (TempPolicy, Server, String) {
     let policy = admin_policy();
-    let admin_port = envoy::free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            metrics,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    (policy, server, format!("http://127.0.0.1:{admin_port}"))
+    let (server, admin_url) = common::serve_with_admin(&policy.path, metrics).await;
+    (policy, server, admin_url)
 }
 
 /// A demo-oidc token of `subject` with `roles`.

@@ -47,17 +47,7 @@ fn policy(name: &str, redis: &Redis, extra: &str) -> TempPolicy {
 
 /// A replica on `policy` with an admin listener and metrics: (server, admin URL).
 async fn replica(policy: &TempPolicy) -> (Server, String) {
-    let admin_port = envoy::free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    (server, format!("http://127.0.0.1:{admin_port}"))
+    common::serve_with_admin(&policy.path, true).await
 }
 
 fn entra_token(subject: &str, acrs: &[&str], cp1: bool) -> String {

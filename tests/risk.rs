@@ -5,8 +5,6 @@
 //! is refused with its field path.
 
 mod common;
-#[path = "common/envoy.rs"]
-mod envoy;
 
 use std::{
     process::Command,
@@ -14,8 +12,8 @@ use std::{
 };
 
 use common::{
-    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, check_from, check_on,
-    demo_policy_without_risk, mint,
+    ADMIN_ROLE, Server, TempPolicy, admin_ok, bin, check_from, check_on, demo_policy_without_risk,
+    mint,
 };
 use serde_json::Value;
 use stepgate::{
@@ -33,17 +31,8 @@ async fn start(name: &str, risk: &str) -> (TempPolicy, Server, String) {
         + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
         + risk;
     let policy = TempPolicy::new(name, &text);
-    let admin_port = envoy::free_port();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")],
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    (policy, server, format!("http://127.0.0.1:{admin_port}"))
+    let (server, admin_url) = common::serve_with_admin(&policy.path, true).await;
+    (policy, server, admin_url)
 }
 
 /// The count of `signal` in `stepgate admin counts <target>`.

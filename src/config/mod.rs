@@ -40,6 +40,11 @@ impl fmt::Display for ConfigError {
 
 /// Parses policy YAML text.
 pub fn parse(text: &str) -> Result<PolicyFile, ConfigError> {
+    parse_yaml(text)
+}
+
+/// Parses YAML text into `T` (a policy, a test suite), an error naming the field path.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();

@@ -8,6 +8,17 @@ pub fn fingerprint(token: &str) -> String {
     fingerprint_of(&Sha256::digest(token.as_bytes()).into())
 }
 
+/// The first `digits` hex digits of `value`'s SHA-256 (at most 64).
+pub fn sha256_hex(value: &str, digits: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    Sha256::digest(value.as_bytes())
+        .iter()
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0x0f)]])
+        .take(digits)
+        .map(char::from)
+        .collect()
+}
+
 /// The fingerprint from an already computed SHA-256 of the token (one per decision: written
 /// without the formatting machinery).
 pub fn fingerprint_of(digest: &[u8; 32]) -> String {

@@ -18,6 +18,6 @@ pub mod token;
 pub use bearer::{Credential, CredentialProblem};
 pub use cache::TokenCache;
 pub use claims::Principal;
-pub use fingerprint::{fingerprint, fingerprint_of};
+pub use fingerprint::{fingerprint, fingerprint_of, sha256_hex};
 pub use issuer::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource};
 pub use token::{KeepClaims, TokenError, VerifiedToken, verify};

@@ -496,11 +496,7 @@ pub fn shown_subject(subject: &str) -> String {
     if subject.starts_with("hmac-sha256:") {
         return subject.to_owned();
     }
-    use sha2::{Digest, Sha256};
-    let hex: String = Sha256::digest(subject.as_bytes())[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::identity::fingerprint(subject);
     format!("sha256:{hex}")
 }
 

@@ -333,11 +333,7 @@ pub fn bounded(key: &str) -> Cow<'_, str> {
     if key.len() <= MAX_KEY_BYTES {
         return Cow::Borrowed(key);
     }
-    use sha2::{Digest, Sha256};
-    let hex: String = Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::identity::sha256_hex(key, 64);
     Cow::Owned(format!("sha256:{hex}"))
 }
 

@@ -34,7 +34,6 @@ use std::{
 
 use redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
@@ -42,7 +41,7 @@ use super::{
     blocks::{Block, Kind, MAX_TTL_SECONDS},
     counters::Counting,
     revocations::{KEEP_SECONDS, Revocation},
-    signals::{Crossing, Signal},
+    signals::Crossing,
     store::RiskState,
 };
 use crate::{policy::Policy, server::authorizer::unix_now, telemetry::metrics};
@@ -273,28 +272,20 @@ impl Shared {
         }
     }
 
-    /// One event of `signal` (of `policy`) for `key`.
+    /// One event of `policy`'s signal number `signal` for `key`.
     pub fn counted(
         &self,
         policy: &Arc<Policy>,
-        signal: &Signal,
+        signal: usize,
         key: &str,
         distinct: Option<&str>,
         at_ms: i64,
     ) {
-        let Some(index) = policy
-            .risk
-            .signals
-            .iter()
-            .position(|s| s.name == signal.name)
-        else {
-            return;
-        };
         let op = Op::Count {
             policy: Arc::clone(policy),
-            signal: index,
+            signal,
             key: key.to_owned(),
-            member: distinct.map(|d| hex_digest(d, 16)),
+            member: distinct.map(|d| crate::identity::sha256_hex(d, 16)),
             at_ms,
         };
         if self.ops.try_send(op).is_err() {
@@ -535,7 +526,7 @@ impl Task {
                 "{{{}:{}s:{}}}",
                 signal.name,
                 signal.window_seconds,
-                hex_digest(key, 32)
+                crate::identity::sha256_hex(key, 32)
             );
             match member {
                 Some(member) => pipe
@@ -867,15 +858,6 @@ fn clamp(n: i64) -> u32 {
     n.clamp(0, i64::from(u32::MAX)) as u32
 }
 
-fn hex_digest(value: &str, digits: usize) -> String {
-    Sha256::digest(value.as_bytes())
-        .iter()
-        .flat_map(|b| [b >> 4, b & 15])
-        .take(digits)
-        .map(|n| char::from_digit(u32::from(n), 16).expect("a nibble"))
-        .collect()
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -912,7 +894,7 @@ mod tests {
 
     #[test]
     fn digests_are_hex_of_the_asked_length() {
-        let d = hex_digest("abc", 16);
+        let d = crate::identity::sha256_hex("abc", 16);
         assert_eq!(d, "ba7816bf8f01cfea");
     }
 }

@@ -323,7 +323,7 @@ impl RiskPolicy {
         request: &AccessRequest,
         decision: &Decision,
         now_ms: i64,
-        mut counted: impl FnMut(&Signal, &str, Option<&str>),
+        mut counted: impl FnMut(usize, &str, Option<&str>),
     ) -> Vec<Crossing> {
         if self.signals.is_empty() {
             return Vec::new();
@@ -345,7 +345,7 @@ impl RiskPolicy {
             // Every event is shared; a distinct value only when it is new in the window here
             // (a token seen again from the same address changes no count).
             if signal.event != Event::Sources || change.after != change.before {
-                counted(signal, &key, distinct);
+                counted(i, &key, distinct);
             }
             if change.crossed(u64::from(signal.threshold)) {
                 crossings.push(Crossing {

@@ -44,20 +44,9 @@ pub struct SuiteError {
 
 /// Parses a suite file's text.
 pub fn parse(file: &Path, text: &str) -> Result<SuiteFile, SuiteError> {
-    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let message = err.into_inner().to_string();
-        let message = match message.split_once(": ") {
-            Some((prefix, rest)) if !prefix.is_empty() && path.starts_with(prefix) => {
-                rest.to_owned()
-            }
-            _ => message,
-        };
-        SuiteError {
-            file: file.display().to_string(),
-            error: ConfigError::new(if path == "." { String::new() } else { path }, message),
-        }
+    crate::config::parse_yaml(text).map_err(|error| SuiteError {
+        file: file.display().to_string(),
+        error,
     })
 }
 

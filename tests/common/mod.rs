@@ -76,6 +76,30 @@ pub fn demo_policy_text() -> String {
     replaced
 }
 
+/// `serve` on `policy` with an admin listener on a port of its choosing (and metrics if asked),
+/// ready: the server and the admin listener's URL, read from its log.
+pub async fn serve_with_admin(policy: &Path, metrics: bool) -> (Server, String) {
+    let server = Server::spawn_with(
+        policy,
+        Spawn {
+            args: vec!["--admin-listen".into(), "127.0.0.1:0".into()],
+            metrics,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let line = server
+        .wait_for_log(Duration::from_secs(10), |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("admin listener on "))
+        })
+        .await
+        .expect("the admin listener's log line");
+    let url = line["message"].as_str().unwrap()["admin listener on ".len()..].to_owned();
+    (server, url)
+}
+
 /// The role the admin tests' policies grant the admin API to (tokens of demo-oidc).
 pub const ADMIN_ROLE: &str = "stepgate.admin";
 
