@@ -87,6 +87,9 @@ pub struct TokenFacts<'a> {
 /// A set of subjects (keyed by a seeded fast hash: subjects are many, and not the attacker's).
 pub type Subjects = HashSet<String, foldhash::fast::RandomState>;
 
+/// A map keyed by a seeded fast hash (the keys come from the operator's own records).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// An answer, as counted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Answer {
@@ -127,9 +130,9 @@ pub struct Replay {
     pub changes: BTreeMap<(&'static str, &'static str), u64>,
     /// Changed requests by what was asked (ids in paths as `*`) and the change: count and the
     /// distinct subjects.
-    pub changed_requests: HashMap<(String, Answer, Answer), (u64, Subjects)>,
+    pub changed_requests: FastMap<(String, Answer, Answer), (u64, Subjects)>,
     /// Changed requests by subject (shown hashed).
-    pub changed_subjects: HashMap<String, u64>,
+    pub changed_subjects: FastMap<String, u64>,
     /// Step-ups by hour (unix hour) per side, for the report's chart.
     pub step_ups_by_hour: BTreeMap<i64, [u64; 2]>,
     pub requests_by_hour: BTreeMap<i64, u64>,
@@ -164,7 +167,9 @@ pub struct Replayer<'p> {
     /// Bad lines kept in full (the rest are only counted).
     keep_bad: usize,
     /// The recorded rule ids, shared.
-    rules: HashMap<String, Arc<str>>,
+    rules: FastMap<String, Arc<str>>,
+    /// The recorded reasons and outcomes as the engine's own static text.
+    reasons: FastMap<&'static str, &'static str>,
 }
 
 impl<'p> Replayer<'p> {
@@ -174,7 +179,11 @@ impl<'p> Replayer<'p> {
             baseline,
             replay: Replay::default(),
             keep_bad: 20,
-            rules: HashMap::new(),
+            rules: FastMap::default(),
+            reasons: Reason::ALL
+                .iter()
+                .map(|r| (r.as_str(), r.as_str()))
+                .collect(),
         }
     }
 
@@ -203,13 +212,15 @@ impl<'p> Replayer<'p> {
             if line.trim().is_empty() {
                 return;
             }
-            match serde_json::from_str::<Record>(line) {
-                Ok(record) => match time_of(&record.time) {
-                    Some(at) => self.one(&record, at),
-                    None => self.bad(file, i + 1, format!("unreadable time {:?}", record.time)),
-                },
-                Err(e) => self.bad(file, i + 1, e.to_string()),
-            }
+            let record = match serde_json::from_str::<Record>(line) {
+                Ok(record) => record,
+                Err(e) => return self.bad(file, i + 1, e.to_string()),
+            };
+            let Some(at) = time_of(&record.time) else {
+                return self.bad(file, i + 1, format!("unreadable time {:?}", record.time));
+            };
+            let facts = record.token.as_ref().map(principal_of);
+            self.one(&record, facts.as_ref(), at);
         }
     }
 
@@ -228,7 +239,7 @@ impl<'p> Replayer<'p> {
         }
     }
 
-    fn one(&mut self, record: &Record<'_>, at: i64) {
+    fn one(&mut self, record: &Record<'_>, facts: Option<&Facts>, at: i64) {
         let r = &mut self.replay;
         r.records += 1;
         r.first_time = Some(r.first_time.map_or(at, |t| t.min(at)));
@@ -244,10 +255,14 @@ impl<'p> Replayer<'p> {
         };
         let recorded = Answer {
             outcome: outcome_str(&record.outcome),
-            reason: reason_str(&record.reason),
+            reason: self
+                .reasons
+                .get(&*record.reason)
+                .copied()
+                .unwrap_or("unknown"),
             rule,
         };
-        let (baseline, candidate) = match &record.token {
+        let (baseline, candidate) = match facts {
             _ if matches!(
                 &*record.reason,
                 "blocked"
@@ -268,8 +283,7 @@ impl<'p> Replayer<'p> {
             }
             facts => {
                 let mut request = request_of(record);
-                let principal = facts.as_ref().map(principal_of);
-                let candidate = match decide(self.candidate, &mut request, principal.as_ref(), at) {
+                let candidate = match decide(self.candidate, &mut request, facts, at) {
                     Some(answer) => answer,
                     None => {
                         self.replay.unknown_issuer += 1;
@@ -277,16 +291,14 @@ impl<'p> Replayer<'p> {
                     }
                 };
                 let baseline = match self.baseline {
-                    Some(policy) => {
-                        decide(policy, &mut request, principal.as_ref(), at).unwrap_or(recorded)
-                    }
+                    Some(policy) => decide(policy, &mut request, facts, at).unwrap_or(recorded),
                     None => recorded,
                 };
                 (baseline, candidate)
             }
         };
         let r = &mut self.replay;
-        let subject = record.token.as_ref().map(|t| &*t.subject);
+        let subject = facts.map(|f| &*f.principal.subject);
         if let Some(s) = subject
             && !r.subjects.contains(s)
         {
@@ -451,14 +463,6 @@ fn decide(
         reason: d.reason.as_str(),
         rule: d.rule.unwrap_or_else(|| Arc::from("")),
     })
-}
-
-/// A recorded reason code as the engine's own (static) text; an unknown one as `unknown`.
-fn reason_str(reason: &str) -> &'static str {
-    Reason::ALL
-        .iter()
-        .find(|r| r.as_str() == reason)
-        .map_or("unknown", |r| r.as_str())
 }
 
 fn outcome_str(outcome: &str) -> &'static str {

@@ -8,6 +8,7 @@ pub mod http;
 pub mod otlp;
 pub mod pacing;
 pub mod procfs;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -15,7 +15,7 @@ use jsonwebtoken::Algorithm;
 use loadgen::{
     grpc::{self, Workload},
     http::{self, HttpWorkload},
-    parse_duration, procfs,
+    parse_duration, procfs, records,
     report::{self, CacheGauges, MemPoint},
     run::{self, Driver, Measured, RunOptions},
     scenario::{self, Rpc, Scenario, TokenPlan},
@@ -60,6 +60,40 @@ enum Command {
     FreePort,
     /// Serve an OTLP/gRPC trace receiver that counts the spans it is sent (row a-traced).
     OtlpSink(OtlpSinkArgs),
+    /// Write a week of decision records, each request decided by stepgate's engine under a policy
+    /// (the replay rows' input); prints what the file holds as JSON.
+    Records(RecordsArgs),
+    /// Time one `stepgate replay … --json` given after `--` (wall, CPU, peak RSS, records/s); JSON.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct RecordsArgs {
+    /// The policy that decides the recorded requests.
+    #[arg(long, default_value = "examples/stepgate.yaml")]
+    policy: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Distinct signed-in users.
+    #[arg(long, default_value_t = 20_000)]
+    subjects: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[arg(long)]
+    label: String,
+    #[arg(long)]
+    title: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +310,10 @@ fn main() -> ExitCode {
         Some(Command::OtlpSink(a)) => {
             runtime(1).and_then(|rt| rt.block_on(loadgen::otlp::serve(a.listen)))
         }
+        Some(Command::Records(a)) => write_records(a).and_then(|s| print_json(&s)),
+        Some(Command::Replay(a)) => {
+            records::time_replay(&a.label, &a.title, &a.command).and_then(|r| print_json(&r))
+        }
         Some(Command::FreePort) => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| println!("{}", a.port()))
@@ -288,6 +326,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn write_records(args: RecordsArgs) -> Result<records::RecordsSummary, String> {
+    let file = stepgate::config::load(&args.policy)
+        .map_err(|e| format!("{}: {e}", args.policy.display()))?;
+    let base = args.policy.parent().unwrap_or(std::path::Path::new("."));
+    let policy = stepgate::policy::compile(&file, base)
+        .map_err(|e| format!("{}: {e}", args.policy.display()))?;
+    let keys = args.keys_dir.unwrap_or_else(tokens::default_keys_dir);
+    records::generate(
+        &policy,
+        &keys,
+        &args.out,
+        args.count,
+        args.subjects,
+        args.seed,
+    )
 }
 
 fn mem_point(args: MemArgs) -> Result<MemPoint, String> {

@@ -2,7 +2,8 @@
 //! table of runs, memory, the issue's targets with PASS/MISS, and ratios against the baseline.
 //!
 //! Input files (in one folder): `run-*.json` (a `RunReport` each, rows in file-name order),
-//! `verify-*.json` (a `VerifyCost` each) and `mem-*.json` (a `MemPoint` each). Rows are found by
+//! `verify-*.json` (a `VerifyCost` each), `mem-*.json` (a `MemPoint` each) and `replay-*.json`
+//! (a timed `stepgate replay`, `ReplayRun`, rows `replay` and `replay-baseline`). Rows are found by
 //! label: `empty`, `a`, `b-rs256`, `empty-open`, `a-open`, `rss-100k-fill`, `rss-100k-steady`,
 //! the peer `cerbos-a`, the Envoy pair `f-envoy-only` / `f-envoy-stepgate`, the path-glob pair
 //! `g-glob-plain` / `g-glob-worst`, `rss-8k-fill` / `rss-8k-nocache`, and the memory points
@@ -15,6 +16,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    records::ReplayRun,
     scenario::RSS_8K_CLAIM_BYTES,
     stats::{Percentiles, RunReport, ServerCost, fmt_ms, fmt_rps},
     verify::VerifyCost,
@@ -81,6 +83,7 @@ pub struct Input {
     pub runs: Vec<RunReport>,
     pub verifies: Vec<VerifyCost>,
     pub memory: Vec<MemPoint>,
+    pub replays: Vec<ReplayRun>,
 }
 
 /// Reads the files of one run from `dir`.
@@ -106,6 +109,10 @@ pub fn load(dir: &Path) -> Result<Input, String> {
                 .push(serde_json::from_str(&text).map_err(bad)?);
         } else if name.starts_with("mem-") {
             input.memory.push(serde_json::from_str(&text).map_err(bad)?);
+        } else if name.starts_with("replay-") {
+            input
+                .replays
+                .push(serde_json::from_str(&text).map_err(bad)?);
         }
     }
     Ok(input)
@@ -486,7 +493,51 @@ impl Input {
         ));
         out.push(self.risk_keys_target());
         out.push(self.records_target());
+        out.push(self.replay_target());
         out
+    }
+
+    /// `stepgate replay` of a million records against a candidate policy, pinned to one core,
+    /// replays at least 200 000 records a second (the median of the repeated runs).
+    fn replay_target(&self) -> Target {
+        let name = "(replay) `stepgate replay` on one core ≥ 200 000 records/s";
+        let limit = "≥ 200 000/s";
+        let runs: Vec<&ReplayRun> = self
+            .replays
+            .iter()
+            .filter(|r| r.label == "replay")
+            .collect();
+        if runs.is_empty() {
+            return Target::missing(name, limit, "row replay");
+        }
+        let rate = median(
+            &runs
+                .iter()
+                .map(|r| r.records_per_second)
+                .collect::<Vec<_>>(),
+        );
+        let listed: Vec<String> = runs.iter().map(|r| fmt_rps(r.records_per_second)).collect();
+        let mut note = format!(
+            "{} records, {:.0} changed; records/s of {} run(s): {}",
+            runs[0].records,
+            runs[0].changed,
+            runs.len(),
+            listed.join(", ")
+        );
+        if let Some(b) = self.replays.iter().find(|r| r.label == "replay-baseline") {
+            let _ = write!(
+                note,
+                "; with --baseline (every record decided twice): {}/s",
+                fmt_rps(b.records_per_second)
+            );
+        }
+        Target {
+            name: name.into(),
+            measured: format!("{}/s", fmt_rps(rate)),
+            limit: limit.into(),
+            pass: Some(rate >= 200_000.0),
+            note,
+        }
     }
 
     /// Decision records on (every ALLOW recorded to a file) cost at most 5 % of the cached
@@ -1025,6 +1076,30 @@ pub fn render(input: &Input) -> String {
         }
     }
 
+    if !input.replays.is_empty() {
+        md.push_str(
+            "\n## Replay\n\n`stepgate replay --json` of generated decision records (`loadgen records`: \
+             a week of mixed traffic decided by the demo policy), pinned to the server's core.\n\n\
+             | row | records | changed | wall s | CPU s | records/s | records per CPU s | peak RSS MiB |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for r in &input.replays {
+            let _ = writeln!(
+                md,
+                "| {} — {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.1} |",
+                r.label,
+                r.title,
+                r.records,
+                r.changed,
+                r.wall_seconds,
+                r.cpu_seconds,
+                fmt_rps(r.records_per_second),
+                fmt_rps(r.records_per_cpu_second),
+                r.peak_rss_mib
+            );
+        }
+    }
+
     md.push_str(
         "\n## Targets\n\n| target | measured | limit | result | note |\n|---|--:|--:|---|---|\n",
     );
@@ -1319,6 +1394,7 @@ mod tests {
                 peak_rss_mib: 12.5,
                 token_cache: None,
             }],
+            replays: Vec::new(),
         }
     }
 
@@ -1328,12 +1404,12 @@ mod tests {
         let verdicts: Vec<_> = targets.iter().map(|t| t.verdict()).collect();
         // 35k/40k = 0.875 ≥ 0.85; p50 0.110 ≤ 0.130; p99 0.50 ≤ 0.50; 60 ≤ 24 + 32.5;
         // 12 ≤ 32; 40 ≤ 96; (41-40)/40 = 2.5 % within 5 %; no Cerbos, Envoy, glob, 8 KiB,
-        // traced or blocks rows.
+        // traced, blocks, risk, records or replay rows.
         assert_eq!(
             verdicts,
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
@@ -1364,6 +1440,45 @@ mod tests {
             i.runs.last_mut().unwrap().throughput_rps = 31_000.0;
             assert_eq!(target(&i).pass, Some(false), "{label}: 0.775 < 0.80");
         }
+    }
+
+    #[test]
+    fn replay_is_judged_on_the_median_of_its_runs() {
+        let replay = |label: &str, per_second: f64| ReplayRun {
+            label: label.into(),
+            title: "t".into(),
+            records: 1_000_000,
+            changed: 135_000,
+            wall_seconds: 1e6 / per_second,
+            cpu_seconds: 1e6 / per_second,
+            peak_rss_mib: 20.0,
+            records_per_second: per_second,
+            records_per_cpu_second: per_second,
+        };
+        let mut i = input();
+        i.replays = vec![
+            replay("replay", 150_000.0),
+            replay("replay", 240_000.0),
+            replay("replay-baseline", 170_000.0),
+            replay("replay", 210_000.0),
+        ];
+        let target = |i: &Input| {
+            i.targets()
+                .into_iter()
+                .find(|t| t.name.starts_with("(replay)"))
+                .unwrap()
+        };
+        let judged = target(&i);
+        assert_eq!(judged.pass, Some(true), "{judged:?}");
+        assert_eq!(judged.measured, format!("{}/s", fmt_rps(210_000.0)));
+        assert!(judged.note.contains("with --baseline"), "{}", judged.note);
+        i.replays[2].label = "replay".into();
+        assert_eq!(
+            target(&i).pass,
+            Some(false),
+            "the median of 150k, 170k, 210k, 240k"
+        );
+        assert!(render(&i).contains("## Replay"));
     }
 
     #[test]
