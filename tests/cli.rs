@@ -96,6 +96,20 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
         );
     }
     assert!(stdout.contains("policy OK"), "{stdout}");
+    // The rule index's shape: every matcher of the demo is filed by operation or path.
+    let matchers = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("match "))
+        .count();
+    let index = stdout
+        .lines()
+        .find(|l| l.starts_with("rule index: "))
+        .unwrap_or_else(|| panic!("no rule index line:\n{stdout}"));
+    assert!(
+        index.contains(&format!("{matchers} matcher(s)"))
+            && index.contains("0 tried on every request"),
+        "{index} (the demo has {matchers} matchers)"
+    );
 }
 
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)

@@ -129,6 +129,7 @@ fn describe(policy: &Policy) -> String {
             ));
         }
     }
+    line(format!("rule index: {}", policy.index.shape()));
     let risk = &policy.risk;
     if !risk.signals.is_empty() || risk.store != StoreSpec::Memory {
         line(format!(

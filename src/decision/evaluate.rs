@@ -510,27 +510,14 @@ impl<'p> Run<'p> {
         });
     }
 
-    /// First rule from index `from` with a matching matcher (`path` is normalised and
-    /// lower-cased), with its index. A condition error denies (returning the rule): skipping the
-    /// rule could let a later, weaker rule decide.
-    #[allow(clippy::type_complexity)]
     fn find_rule(
         &self,
         from: usize,
         request: &AccessRequest,
         path: Option<&str>,
         input: &CelInput<'_>,
-    ) -> Result<Option<(usize, &'p Rule)>, (usize, &'p Rule, String)> {
-        for (at, rule) in self.policy.rules.iter().enumerate().skip(from) {
-            for matcher in &rule.matchers {
-                match matches(matcher, request, path, input) {
-                    Ok(true) => return Ok(Some((at, rule))),
-                    Ok(false) => {}
-                    Err(message) => return Err((at, rule, message)),
-                }
-            }
-        }
-        Ok(None)
+    ) -> Found<'p> {
+        find_rule(self.policy, from, request, path, input)
     }
 
     fn authorize(
@@ -914,6 +901,60 @@ impl<'p> Run<'p> {
     }
 }
 
+/// The rule found for a request, with its index; or the rule whose condition failed to evaluate.
+type Found<'p> = Result<Option<(usize, &'p Rule)>, (usize, &'p Rule, String)>;
+
+/// First rule from index `from` with a matching matcher (`path` is normalised and lower-cased),
+/// with its index. A condition error denies (returning the rule): skipping the rule could let a
+/// later, weaker rule decide. Only the matchers the rule index files under the request's operation
+/// and path are tried, in policy order: the answer is the plain scan's ([`scan_rules`]).
+fn find_rule<'p>(
+    policy: &'p Policy,
+    from: usize,
+    request: &AccessRequest,
+    path: Option<&str>,
+    input: &CelInput<'_>,
+) -> Found<'p> {
+    let mut candidates = Vec::new();
+    policy
+        .index
+        .candidates(request.operation.as_deref(), path, &mut candidates);
+    for entry in candidates {
+        let (at, m) = policy.index.entry(entry);
+        if at < from {
+            continue;
+        }
+        let rule = &policy.rules[at];
+        match matches(&rule.matchers[m], request, path, input) {
+            Ok(true) => return Ok(Some((at, rule))),
+            Ok(false) => {}
+            Err(message) => return Err((at, rule, message)),
+        }
+    }
+    Ok(None)
+}
+
+/// [`find_rule`] by trying every matcher of every rule in order: what the index must agree with.
+#[cfg(test)]
+fn scan_rules<'p>(
+    policy: &'p Policy,
+    from: usize,
+    request: &AccessRequest,
+    path: Option<&str>,
+    input: &CelInput<'_>,
+) -> Found<'p> {
+    for (at, rule) in policy.rules.iter().enumerate().skip(from) {
+        for matcher in &rule.matchers {
+            match matches(matcher, request, path, input) {
+                Ok(true) => return Ok(Some((at, rule))),
+                Ok(false) => {}
+                Err(message) => return Err((at, rule, message)),
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn matches(
     m: &Matcher,
     request: &AccessRequest,
@@ -1019,3 +1060,6 @@ fn identity_headers(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod index_property;

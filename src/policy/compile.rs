@@ -114,6 +114,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         realm: check_quotable(&file.realm, "realm")?,
         issuers,
         auth_contexts,
+        index: super::index::RuleIndex::new(&rules),
         rules,
         default: match file.default {
             schema::DefaultAction::Deny => DefaultAction::Deny,

@@ -6,6 +6,7 @@
 
 mod compile;
 pub mod condition;
+pub mod index;
 pub mod pattern;
 mod risk;
 #[cfg(test)]
@@ -28,6 +29,8 @@ pub struct Policy {
     pub issuers: Issuers,
     pub auth_contexts: BTreeMap<String, AuthContext>,
     pub rules: Vec<Rule>,
+    /// The rules' matchers filed for lookup ([`index`]).
+    pub index: index::RuleIndex,
     pub default: DefaultAction,
     pub upstream: Upstream,
     pub max_token_bytes: usize,

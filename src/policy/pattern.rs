@@ -148,6 +148,18 @@ impl PathGlob {
         (matched, steps)
     }
 
+    /// The literal segments every matching path starts with (the rule index files the glob
+    /// under them): the glob's segments up to its first `*` or `**`.
+    pub(crate) fn literal_prefix(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .map_while(|segment| match segment {
+                Segment::Literal(literal) => Some(literal.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The segments of the glob, for building the same pattern as a regex.
     pub(crate) fn segments(&self) -> impl Iterator<Item = GlobSegment<'_>> {
         self.segments.iter().map(|segment| match segment {

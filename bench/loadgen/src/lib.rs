@@ -10,6 +10,7 @@ pub mod pacing;
 pub mod procfs;
 pub mod records;
 pub mod report;
+pub mod rules;
 pub mod run;
 pub mod scenario;
 pub mod stats;

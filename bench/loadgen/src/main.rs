@@ -65,6 +65,20 @@ enum Command {
     Records(RecordsArgs),
     /// Time one `stepgate replay … --json` given after `--` (wall, CPU, peak RSS, records/s); JSON.
     Replay(ReplayArgs),
+    /// Write a policy of `--count` rules whose last one decides scenario a (the rule-index rows),
+    /// and time its compilation; JSON.
+    Rules(RulesArgs),
+}
+
+#[derive(Debug, Args)]
+struct RulesArgs {
+    #[arg(long)]
+    count: usize,
+    #[arg(long)]
+    out: PathBuf,
+    /// The key set the policy's issuer reads (default: the demo's).
+    #[arg(long)]
+    jwks: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +327,12 @@ fn main() -> ExitCode {
         Some(Command::Records(a)) => write_records(a).and_then(|s| print_json(&s)),
         Some(Command::Replay(a)) => {
             records::time_replay(&a.label, &a.title, &a.command).and_then(|r| print_json(&r))
+        }
+        Some(Command::Rules(a)) => {
+            let jwks = a
+                .jwks
+                .unwrap_or_else(|| tokens::default_keys_dir().join("jwks.json"));
+            loadgen::rules::write(a.count, &jwks, &a.out).and_then(|r| print_json(&r))
         }
         Some(Command::FreePort) => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
