@@ -5,6 +5,11 @@
 //! CPU, tonic 0.14, envoy-types 0.7, TCP_NODELAY, the same HTTP/2 settings), so the difference
 //! between the two under the same load is what stepgate's decision costs. `bench/run` starts it
 //! pinned to one core and waits for the `listening on ADDR` line.
+//!
+//! With `--canned` it is the floor below that: HTTP/2 streams answered with precomputed bytes,
+//! without tonic and without decoding ([`canned`]).
+
+mod canned;
 
 use std::{
     net::SocketAddr,
@@ -50,6 +55,10 @@ struct Args {
     /// lower rate of a server that verifies every token (fewer answers share each system call).
     #[arg(long, default_value_t = 0.0)]
     busy_micros: f64,
+    /// Answer with precomputed bytes over bare HTTP/2 (the `h2` crate), never decoding a request:
+    /// the floor of any gRPC server on this transport.
+    #[arg(long, conflicts_with = "busy_micros")]
+    canned: bool,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +126,11 @@ fn main() -> std::process::ExitCode {
             let rt = runtime
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            if args.canned {
+                use prost::Message as _;
+                let body = canned::framed(&service.response.encode_to_vec());
+                return rt.block_on(canned::serve(args.listen, body));
+            }
             rt.block_on(serve(args.listen, service))
         });
     match result {
@@ -170,6 +184,36 @@ mod tests {
         let start = Instant::now();
         busy_for(Duration::from_millis(5));
         assert!(start.elapsed() >= Duration::from_millis(5));
+    }
+
+    /// A real gRPC client (tonic, as stepgate's tests use it) gets the canned answer: status OK,
+    /// the same message the tonic floor answers.
+    #[test]
+    fn the_canned_floor_answers_a_grpc_client() {
+        use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+        use prost::Message as _;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            let body = canned::framed(&ok_response(0).encode_to_vec());
+            tokio::spawn(canned::serve(addr, body));
+            let mut client = loop {
+                match AuthorizationClient::connect(format!("http://{addr}")).await {
+                    Ok(client) => break client,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            for _ in 0..3 {
+                let answer = client
+                    .check(CheckRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(answer, ok_response(0));
+            }
+        });
     }
 
     #[test]

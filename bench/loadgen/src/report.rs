@@ -347,53 +347,12 @@ impl Input {
         }
 
         // (a) open-loop latency at half the empty server's max rate.
-        let (a_open, e_open) = (self.judged("a-open"), self.judged("empty-open"));
-        let open_rows = [("a-open", "stepgate"), ("empty-open", "empty")];
-        for (quantile, limit_text) in [("p50", "empty p50 + 0.05 ms"), ("p99", "1.25 × empty p99")]
-        {
-            let name = format!("(a) open loop at ½ empty max rate: {quantile} ≤ {limit_text}");
-            let (Some(a_run), Some(e)) = (&a_open, &e_open) else {
-                out.push(Target::missing(&name, "—", "rows a-open and empty-open"));
-                continue;
-            };
-            let pick = |r: &RunReport| match quantile {
-                "p50" => r.latency_ms.p50,
-                _ => r.latency_ms.p99,
-            };
-            let (measured, base) = (pick(a_run), pick(e));
-            let (limit, what) = match quantile {
-                "p50" => (
-                    base + 0.05,
-                    format!(
-                        "empty p50 {} ms at {} req/s",
-                        fmt_ms(base),
-                        fmt_rps(e.rate.unwrap_or_default())
-                    ),
-                ),
-                _ => (
-                    base * 1.25,
-                    format!(
-                        "empty p99 {} ms; ratio {:.2}×",
-                        fmt_ms(base),
-                        measured / base.max(1e-9)
-                    ),
-                ),
-            };
-            let limit_ms = format!("≤ {} ms", fmt_ms(limit));
-            out.push(
-                Target::invalid(&name, limit_ms.clone(), &[a_run, e]).unwrap_or_else(|| Target {
-                    name: name.clone(),
-                    measured: format!("{} ms", fmt_ms(measured)),
-                    limit: limit_ms,
-                    pass: Some(measured <= limit),
-                    note: format!(
-                        "{what}{}{}",
-                        self.repeats_note(&open_rows, |r| fmt_ms(pick(r))),
-                        overload_note(a_run, a)
-                    ),
-                }),
-            );
-        }
+        out.extend(self.open_targets(
+            "(a) open loop at ½ empty max rate",
+            ("a-open", "stepgate"),
+            ("empty-open", "empty"),
+            a,
+        ));
 
         out.push(self.uncached_target(empty));
 
@@ -503,7 +462,121 @@ impl Input {
         out.push(self.replay_target());
         out.push(self.rules_target(1000, 1.2));
         out.push(self.rules_target(10_000, 1.5));
+        out.extend(self.canned_targets());
         out
+    }
+
+    /// Open-loop latency of stepgate against a floor at the same rate, on the medians: p50 within
+    /// +0.05 ms of the floor's, p99 within 1.25× (`closed`: stepgate's closed-loop row, to tell an
+    /// overloaded server).
+    fn open_targets(
+        &self,
+        title: &str,
+        (a_label, a_name): (&str, &str),
+        (floor_label, floor_name): (&str, &str),
+        closed: Option<&RunReport>,
+    ) -> Vec<Target> {
+        let (a_open, floor) = (self.judged(a_label), self.judged(floor_label));
+        let open_rows = [(a_label, a_name), (floor_label, floor_name)];
+        let mut out = Vec::new();
+        for (quantile, limit_text) in [
+            ("p50", format!("{floor_name} p50 + 0.05 ms")),
+            ("p99", format!("1.25 × {floor_name} p99")),
+        ] {
+            let name = format!("{title}: {quantile} ≤ {limit_text}");
+            let (Some(a_run), Some(e)) = (&a_open, &floor) else {
+                out.push(Target::missing(
+                    &name,
+                    "—",
+                    &format!("rows {a_label} and {floor_label}"),
+                ));
+                continue;
+            };
+            let pick = |r: &RunReport| match quantile {
+                "p50" => r.latency_ms.p50,
+                _ => r.latency_ms.p99,
+            };
+            let (measured, base) = (pick(a_run), pick(e));
+            let (limit, what) = match quantile {
+                "p50" => (
+                    base + 0.05,
+                    format!(
+                        "{floor_name} p50 {} ms at {} req/s",
+                        fmt_ms(base),
+                        fmt_rps(e.rate.unwrap_or_default())
+                    ),
+                ),
+                _ => (
+                    base * 1.25,
+                    format!(
+                        "{floor_name} p99 {} ms; ratio {:.2}×",
+                        fmt_ms(base),
+                        measured / base.max(1e-9)
+                    ),
+                ),
+            };
+            let limit_ms = format!("≤ {} ms", fmt_ms(limit));
+            out.push(
+                Target::invalid(&name, limit_ms.clone(), &[a_run, e]).unwrap_or_else(|| Target {
+                    name: name.clone(),
+                    measured: format!("{} ms", fmt_ms(measured)),
+                    limit: limit_ms,
+                    pass: Some(measured <= limit),
+                    note: format!(
+                        "{what}{}{}",
+                        self.repeats_note(&open_rows, |r| fmt_ms(pick(r))),
+                        overload_note(a_run, closed)
+                    ),
+                }),
+            );
+        }
+        out
+    }
+
+    /// The canned-response floor (HTTP/2 frames without tonic): stepgate's cached `Check` keeps
+    /// at least 0.9 of its throughput, and paced at 20 000 req/s stays within +0.05 ms at p50 and
+    /// 1.25× at p99.
+    fn canned_targets(&self) -> Vec<Target> {
+        let mut out = vec![self.against_floor("a", "canned", 0.9)];
+        out.extend(self.open_targets(
+            "(floor) open loop at 20 000 req/s",
+            ("a-open-20k", "stepgate"),
+            ("canned-open-20k", "canned"),
+            self.judged("a").as_ref(),
+        ));
+        out
+    }
+
+    /// Row `label`'s throughput against the floor row `floor`'s, at ≥ `min`×, with CPU per
+    /// request in the note (a generator-bound run shows the difference there, not in req/s).
+    fn against_floor(&self, label: &str, floor: &str, min: f64) -> Target {
+        let name = format!("(floor) cached Check throughput ≥ {min:.2} × the {floor} floor's");
+        let limit = format!("≥ {min:.3}×");
+        match (self.judged(label).as_ref(), self.judged(floor).as_ref()) {
+            (Some(row), Some(f)) if f.throughput_rps > 0.0 => {
+                Target::invalid(&name, limit.clone(), &[row, f]).unwrap_or_else(|| {
+                    let ratio = row.throughput_rps / f.throughput_rps;
+                    let cpu = |r: &RunReport| r.server.map(|s| s.cpu_us_per_request);
+                    let cpu_note = match (cpu(row), cpu(f)) {
+                        (Some(a), Some(b)) if b > 0.0 => {
+                            format!("; server CPU {a:.1} vs {b:.1} µs/req ({:.2}×)", a / b)
+                        }
+                        _ => String::new(),
+                    };
+                    Target {
+                        name: name.clone(),
+                        measured: format!("{ratio:.3}×"),
+                        limit: limit.clone(),
+                        pass: Some(ratio >= min),
+                        note: format!(
+                            "{}{cpu_note}",
+                            self.throughput_note([(label, "stepgate", row), (floor, floor, f)])
+                        ),
+                    }
+                })
+            }
+            _ => Target::missing(&name, &limit, &format!("rows {label} and {floor}")),
+        }
     }
 
     /// A policy of `rules` rules decides scenario a by its last rule at most `max` times the
@@ -1203,20 +1276,26 @@ pub fn render(input: &Input) -> String {
     let pairs: Vec<(&RunReport, &RunReport)> = [
         ("empty-open", "a-open"),
         ("empty-open-half-a", "a-open-half-a"),
+        ("canned-open-20k", "a-open-20k"),
     ]
     .iter()
     .flat_map(|(e, a)| input.runs_of(e).into_iter().zip(input.runs_of(a)))
     .collect();
     if !pairs.is_empty() {
         md.push_str(
-            "\n## Open-loop latency against the empty server at the same rate\n\n\
-             | rate req/s | empty p50 ms | stepgate p50 ms | p50 difference ms | empty p99 ms | stepgate p99 ms | p99 ratio | stepgate CPU % |\n\
-             |--:|--:|--:|--:|--:|--:|--:|--:|\n",
+            "\n## Open-loop latency against a floor at the same rate\n\n\
+             | floor | rate req/s | floor p50 ms | stepgate p50 ms | p50 difference ms | floor p99 ms | stepgate p99 ms | p99 ratio | stepgate CPU % |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for (e, a) in pairs {
+            let floor = if e.label.starts_with("canned") {
+                "canned"
+            } else {
+                "empty"
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:+.3} | {} | {} | {:.2}× | {} |",
+                "| {floor} | {} | {} | {} | {:+.3} | {} | {} | {:.2}× | {} |",
                 fmt_rps(a.rate.unwrap_or_default()),
                 fmt_ms(e.latency_ms.p50),
                 fmt_ms(a.latency_ms.p50),
@@ -1495,7 +1574,8 @@ mod tests {
             verdicts,
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
+                "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
@@ -1526,6 +1606,42 @@ mod tests {
             i.runs.last_mut().unwrap().throughput_rps = 31_000.0;
             assert_eq!(target(&i).pass, Some(false), "{label}: 0.775 < 0.80");
         }
+    }
+
+    #[test]
+    fn the_canned_floor_judges_throughput_and_paced_latency() {
+        let mut i = input();
+        i.runs.push(run("canned", 38_000.0, 20.0, 0.7, 1.2));
+        for (label, p50, p99) in [
+            ("canned-open-20k", 0.100, 0.40),
+            ("a-open-20k", 0.140, 0.55),
+        ] {
+            let mut r = run(label, 20_000.0, 25.0, p50, p99);
+            r.rate = Some(20_000.0);
+            i.runs.push(r);
+        }
+        let targets = i.targets();
+        let floor = target(&targets, "(floor) cached Check")[0];
+        // a: 35 000 req/s, 28 µs against 38 000 and 20 µs.
+        assert_eq!(
+            (floor.measured.as_str(), floor.pass),
+            ("0.921×", Some(true))
+        );
+        assert!(
+            floor.note.contains("28.0 vs 20.0 µs/req (1.40×)"),
+            "{}",
+            floor.note
+        );
+        let open = target(&targets, "(floor) open loop at 20 000 req/s");
+        assert_eq!(open.len(), 2);
+        assert_eq!(
+            (open[0].limit.as_str(), open[0].pass),
+            ("≤ 0.150 ms", Some(true))
+        );
+        assert_eq!(
+            (open[1].limit.as_str(), open[1].pass),
+            ("≤ 0.500 ms", Some(false))
+        );
     }
 
     #[test]
