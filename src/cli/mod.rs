@@ -62,9 +62,14 @@ struct ServeArgs {
     listen: SocketAddr,
     #[arg(long, env = "STEPGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Log level or filter (RUST_LOG takes precedence).
+    /// Log level or filter (RUST_LOG takes precedence). Decision lines: STEP_UP and DENY at
+    /// info, ALLOW at debug (`info,stepgate::decision=debug` logs every decision).
     #[arg(long, env = "STEPGATE_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Also log this share of ALLOW decisions at info (0 to 1, e.g. 0.01: one in a hundred, each
+    /// line with `sampled: 100`). Every decision is counted in the metrics whatever the share.
+    #[arg(long, env = "STEPGATE_LOG_ALLOW_SAMPLE", default_value_t = 0.0, value_parser = parse_share)]
+    log_allow_sample: f64,
     /// On SIGTERM, how long to report NOT_SERVING before closing the listener (e.g. 5s).
     #[arg(long, env = "STEPGATE_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
     drain_delay: Duration,
@@ -198,6 +203,16 @@ pub(crate) fn print_stdout(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
+/// A share from 0 to 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!(
+            "expected a share from 0 to 1 (e.g. 0.01), got {text:?}"
+        )),
+    }
+}
+
 pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCode {
     eprintln!("stepgate: invalid policy {}: {err}", path.display());
     ExitCode::from(2)
@@ -205,6 +220,7 @@ pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCod
 
 fn serve(args: ServeArgs) -> ExitCode {
     let logs = telemetry::init(args.log_format, &args.log_level);
+    telemetry::sample_allows(args.log_allow_sample);
     if let Some(path) = &args.idp_ca {
         let roots = std::fs::read(path)
             .map_err(|e| e.to_string())

@@ -12,6 +12,10 @@ use std::{
 
 /// The fields of one decision line.
 pub struct DecisionLine<'a> {
+    /// `INFO` or `DEBUG` (an ALLOW not sampled).
+    pub level: &'static str,
+    /// For a sampled ALLOW: one in this many is logged.
+    pub sampled: Option<u64>,
     pub message: &'a str,
     pub door: &'a str,
     pub outcome: &'a str,
@@ -31,7 +35,9 @@ impl DecisionLine<'_> {
     pub fn write_json(&self, now: SystemTime, out: &mut String) {
         out.push_str("{\"timestamp\":\"");
         rfc3339_micros(now, out);
-        out.push_str("\",\"level\":\"INFO\",\"message\":");
+        out.push_str("\",\"level\":\"");
+        out.push_str(self.level);
+        out.push_str("\",\"message\":");
         string(self.message, out);
         for (name, value) in [
             ("door", self.door),
@@ -54,6 +60,10 @@ impl DecisionLine<'_> {
         digits(self.micros, 1, out);
         if let Some(shadow) = &self.shadow {
             field("shadow", shadow, out);
+        }
+        if let Some(every) = self.sampled {
+            out.push_str(",\"sampled\":");
+            digits(every, 1, out);
         }
         out.push_str(",\"target\":\"stepgate::decision\"}\n");
     }
@@ -156,6 +166,8 @@ mod tests {
 
     fn line(subject: &str) -> DecisionLine<'_> {
         DecisionLine {
+            level: "INFO",
+            sampled: None,
             message: "the token meets every requirement",
             door: "check",
             outcome: "ALLOW",
@@ -197,6 +209,29 @@ mod tests {
              \"outcome\":\"ALLOW\",\"rule\":\"everything-else\",\"reason\":\"allowed\",\
              \"status\":200,\"subject\":\"alice\",\"issuer\":\"demo-entra\",\
              \"token\":\"63b30f33c31d\",\"micros\":5,\"target\":\"stepgate::decision\"}\n"
+        );
+    }
+
+    #[test]
+    fn a_sampled_allow_says_one_in_how_many() {
+        let mut out = String::new();
+        DecisionLine {
+            sampled: Some(100),
+            ..line("alice")
+        }
+        .write_json(SystemTime::now(), &mut out);
+        let parsed: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(parsed["sampled"], 100);
+        let mut out = String::new();
+        DecisionLine {
+            level: "DEBUG",
+            ..line("alice")
+        }
+        .write_json(SystemTime::now(), &mut out);
+        let parsed: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(
+            (parsed["level"].as_str(), parsed.get("sampled")),
+            (Some("DEBUG"), None)
         );
     }
 

@@ -1,6 +1,10 @@
 //! Logs: set-up, and the one line every decision writes.
 //!
 //! The decision line carries outcome, rule, reason, subject and a token fingerprint, never the token.
+//! STEP_UP and DENY lines are at info, ALLOW lines at debug (the metrics count every decision;
+//! `--log-allow-sample` raises a share of the ALLOWs to info), so that the default log is the
+//! decisions someone may want to look at, and an authorizer answering mostly ALLOW pays nothing
+//! for its log.
 
 mod line;
 pub mod metrics;
@@ -9,9 +13,12 @@ pub mod traces;
 mod writer;
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     io::{IsTerminal, Write as _},
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -19,7 +26,49 @@ use tracing_subscriber::{EnvFilter, fmt, fmt::MakeWriter as _, prelude::*};
 
 pub use writer::LogGuard;
 
-use crate::{decision::Decision, request::Door};
+use crate::{
+    decision::{Decision, Outcome},
+    request::Door,
+};
+
+/// One ALLOW in this many is logged at info (0: none); see [`sample_allows`].
+static ALLOW_SAMPLE_EVERY: AtomicU64 = AtomicU64::new(0);
+
+/// Logs a share (0 to 1) of the ALLOW decisions at info: one in `round(1 / share)`, counted per
+/// worker thread (no counter shared between cores).
+pub fn sample_allows(share: f64) {
+    let every = if share > 0.0 {
+        (1.0 / share).round().max(1.0) as u64
+    } else {
+        0
+    };
+    ALLOW_SAMPLE_EVERY.store(every, Ordering::Relaxed);
+}
+
+/// The level of a decision's line: info for STEP_UP, DENY and any decision with shadow outcomes;
+/// for an ALLOW, info when it is one of the sampled (with the sampling period), else debug.
+fn line_level(decision: &Decision) -> (tracing::Level, Option<u64>) {
+    if decision.outcome != Outcome::Allow || !decision.shadow.is_empty() {
+        return (tracing::Level::INFO, None);
+    }
+    let every = ALLOW_SAMPLE_EVERY.load(Ordering::Relaxed);
+    if every == 0 {
+        return (tracing::Level::DEBUG, None);
+    }
+    thread_local! {
+        static ALLOWS: Cell<u64> = const { Cell::new(0) };
+    }
+    let n = ALLOWS.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    if n.is_multiple_of(every) {
+        (tracing::Level::INFO, Some(every))
+    } else {
+        (tracing::Level::DEBUG, None)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -100,11 +149,23 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
     for shadow in &decision.shadow {
         m.record_shadow(shadow);
     }
-    if !tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO) {
+    let (level, sampled) = line_level(decision);
+    let enabled = if level == tracing::Level::INFO {
+        tracing::enabled!(target: "stepgate::decision", tracing::Level::INFO)
+    } else {
+        tracing::enabled!(target: "stepgate::decision", tracing::Level::DEBUG)
+    };
+    if !enabled {
         return;
     }
     let principal = decision.principal.as_ref();
     let fields = line::DecisionLine {
+        level: if level == tracing::Level::INFO {
+            "INFO"
+        } else {
+            "DEBUG"
+        },
+        sampled,
         message: &decision.message,
         door: door.as_str(),
         outcome: decision.outcome.as_str(),
@@ -128,20 +189,31 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         });
         return;
     }
-    tracing::info!(
-        target: "stepgate::decision",
-        door = fields.door,
-        outcome = fields.outcome,
-        rule = fields.rule,
-        reason = fields.reason,
-        status = fields.status,
-        subject = fields.subject,
-        issuer = fields.issuer,
-        token = fields.token,
-        micros = fields.micros,
-        shadow = fields.shadow.as_deref(),
-        "{}", fields.message
-    );
+    macro_rules! decision_event {
+        ($level:expr) => {
+            tracing::event!(
+                target: "stepgate::decision",
+                $level,
+                door = fields.door,
+                outcome = fields.outcome,
+                rule = fields.rule,
+                reason = fields.reason,
+                status = fields.status,
+                subject = fields.subject,
+                issuer = fields.issuer,
+                token = fields.token,
+                micros = fields.micros,
+                shadow = fields.shadow.as_deref(),
+                sampled = fields.sampled,
+                "{}", fields.message
+            )
+        };
+    }
+    if level == tracing::Level::INFO {
+        decision_event!(tracing::Level::INFO);
+    } else {
+        decision_event!(tracing::Level::DEBUG);
+    }
 }
 
 /// Shadow outcomes as one text: `rule:OUTCOME:reason`, comma-separated (`rule/escalate[0]` for an

@@ -463,7 +463,56 @@ impl Input {
         out.push(self.rules_target(1000, 1.2));
         out.push(self.rules_target(10_000, 1.5));
         out.extend(self.canned_targets());
+        out.push(self.log_target());
         out
+    }
+
+    /// The default decision log (ALLOW lines at debug, so none for scenario a) costs at most 5 %
+    /// of server CPU per request against no decision line at all (a-quiet); every decision
+    /// logged (a-log-all) and one ALLOW in a hundred (a-log-sampled) are reported beside it.
+    fn log_target(&self) -> Target {
+        let name = "(log) the default decision log costs ≤ 5 % of server CPU per request (a against a-quiet)";
+        let limit = "≤ 1.050×";
+        let cpu = |label: &str| {
+            self.judged(label)
+                .and_then(|r| r.server.map(|s| (s.cpu_us_per_request, r.throughput_rps)))
+        };
+        let (Some((a, a_rps)), Some((quiet, quiet_rps))) = (cpu("a"), cpu("a-quiet")) else {
+            return Target::missing(name, limit, "server CPU of rows a and a-quiet");
+        };
+        if let Some(t) = [self.judged("a"), self.judged("a-quiet")]
+            .iter()
+            .flatten()
+            .find_map(|r| Target::invalid(name, limit.into(), &[r]))
+        {
+            return t;
+        }
+        let ratio = a / quiet.max(1e-9);
+        let mut note = format!(
+            "{a:.1} vs {quiet:.1} µs/req; throughput {} vs {} req/s",
+            fmt_rps(a_rps),
+            fmt_rps(quiet_rps)
+        );
+        for (label, what) in [
+            ("a-log-all", "every decision logged"),
+            ("a-log-sampled", "1 % of ALLOWs"),
+        ] {
+            if let Some((c, rps)) = cpu(label) {
+                let _ = write!(
+                    note,
+                    "; {what} ({label}): {c:.1} µs/req ({:.2}×), {} req/s",
+                    c / quiet.max(1e-9),
+                    fmt_rps(rps)
+                );
+            }
+        }
+        Target {
+            name: name.into(),
+            measured: format!("{ratio:.3}×"),
+            limit: limit.into(),
+            pass: Some(ratio <= 1.05),
+            note,
+        }
     }
 
     /// Open-loop latency of stepgate against a floor at the same rate, on the medians: p50 within
@@ -1575,7 +1624,7 @@ mod tests {
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
                 "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
@@ -1641,6 +1690,36 @@ mod tests {
         assert_eq!(
             (open[1].limit.as_str(), open[1].pass),
             ("≤ 0.500 ms", Some(false))
+        );
+    }
+
+    #[test]
+    fn the_log_cost_is_judged_against_no_decision_line() {
+        let mut i = input();
+        i.runs.push(run("a-quiet", 36_000.0, 27.0, 0.8, 1.5));
+        i.runs.push(run("a-log-all", 33_000.0, 31.0, 0.8, 1.5));
+        let t = i
+            .targets()
+            .into_iter()
+            .find(|t| t.name.starts_with("(log)"))
+            .unwrap();
+        // a: 28 µs against 27.
+        assert_eq!((t.measured.as_str(), t.pass), ("1.037×", Some(true)));
+        assert!(
+            t.note
+                .contains("every decision logged (a-log-all): 31.0 µs/req (1.15×)"),
+            "{}",
+            t.note
+        );
+        i.runs.retain(|r| r.label != "a-quiet");
+        i.runs.push(run("a-quiet", 36_000.0, 26.0, 0.8, 1.5));
+        assert_eq!(
+            i.targets()
+                .into_iter()
+                .find(|t| t.name.starts_with("(log)"))
+                .unwrap()
+                .pass,
+            Some(false)
         );
     }
 
