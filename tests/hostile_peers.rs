@@ -92,6 +92,8 @@ async fn a_stderr_nobody_reads_never_stalls_decisions_or_health() {
         Spawn {
             metrics: true,
             stop_reading_stderr: true,
+            // Every decision logged (ALLOW lines are at debug by default).
+            args: vec!["--log-level".into(), "info,stepgate::decision=debug".into()],
             ..Spawn::default()
         },
     );

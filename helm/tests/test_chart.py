@@ -1135,6 +1135,8 @@ def test_tracing_and_escape_hatches():
     assert args[-2:] == ["--max-connections", "20000"], "extraArgs come last, after the chart's flags"
     assert arg_value(args, "--reflection") == "false"
     assert arg_value(args, "--log-format") == "text"
+    assert arg_value(args, "--log-allow-sample") == "0.01"
+    assert arg_value(container(rendered("default"))["args"], "--log-allow-sample") == "0"
 
 
 def test_no_tracing_without_an_endpoint():
