@@ -4,15 +4,21 @@
 //!
 //! Counters live in one process-wide registry of atomics, and the label sets are bounded (reasons
 //! are a closed enum; issuers, rules and auth contexts come from the policy, and a reload forgets
-//! the series of those it removed). A decision costs one lookup of its rule's row (a short string
-//! hashed with foldhash, a shard read lock) and one atomic add into a fixed array indexed by the
-//! (door, outcome, reason) enums.
+//! the series of those it removed).
+//!
+//! The counters every request adds to (decisions, latency, token-cache events) are striped: each
+//! thread adds to its own stripe ([`STRIPES`], assigned round robin at its first count), so no
+//! cache line is written by two cores for one request, and a scrape sums the stripes. A decision
+//! finds its counter in a map of its own thread (the rule id hashed with foldhash, no lock); the
+//! shared map is written only the first time a thread counts a (rule, door, outcome, reason).
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, OnceLock,
-        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -66,14 +72,47 @@ impl CacheEvent {
     }
 }
 
-/// Where the counter of (door, outcome, reason) sits in [`Metrics::decisions`].
-fn decision_slot(door: Door, outcome: Outcome, reason: Reason) -> usize {
-    ((door as usize * OUTCOMES.len()) + outcome as usize) * Reason::ALL.len() + reason as usize
+/// Stripes of the per-request counters. Threads past this many share stripes (still exact: the
+/// counters are atomics), so a 64-core machine is the first to share.
+const STRIPES: usize = 64;
+
+/// This thread's stripe.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
 }
 
-fn decision_row() -> Box<[AtomicU64]> {
-    let slots = DOORS.len() * OUTCOMES.len() * Reason::ALL.len();
-    (0..slots).map(|_| AtomicU64::new(0)).collect()
+/// One thread's per-request counters, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe {
+    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MICROS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    /// One counter per [`CacheEvent`], by discriminant.
+    token_cache: [AtomicU64; CacheEvent::ALL.len()],
+}
+
+/// A rule's decision counters: (slot, stripe, counter), created as threads first count them.
+type DecisionCounters = Mutex<Vec<(u16, u8, Arc<AtomicU64>)>>;
+
+/// A thread's own handles on its decision counters: (the registry they belong to and its
+/// generation, rule → (slot, counter)). Cleared when a reload forgets rules, past
+/// [`LOCAL_RULES`] rules, or for another registry (tests make their own).
+type LocalCounters = (
+    (usize, u64),
+    HashMap<Arc<str>, Vec<(u16, Arc<AtomicU64>)>, foldhash::fast::RandomState>,
+);
+
+/// Rules a thread keeps handles for before it starts over.
+const LOCAL_RULES: usize = 4096;
+
+/// Where the counter of (door, outcome, reason) sits in a rule's row.
+fn decision_slot(door: Door, outcome: Outcome, reason: Reason) -> usize {
+    ((door as usize * OUTCOMES.len()) + outcome as usize) * Reason::ALL.len() + reason as usize
 }
 
 /// Upper bounds of the latency histogram, in microseconds.
@@ -82,20 +121,18 @@ const LATENCY_BOUNDS_MICROS: [u64; 12] = [
 ];
 
 pub struct Metrics {
-    /// Per rule id ([`NO_RULE`] for none): one counter per (door, outcome, reason), at
-    /// [`decision_slot`].
-    decisions: FastMap<Arc<str>, Box<[AtomicU64]>>,
+    /// Per rule id ([`NO_RULE`] for none): counters per (door, outcome, reason) at
+    /// [`decision_slot`], and stripe.
+    decisions: FastMap<Arc<str>, DecisionCounters>,
+    /// Bumped when rules are forgotten: threads drop their handles on the old counters.
+    decisions_generation: AtomicU64,
     /// STEP_UP decisions by (door, rule id, auth context or acr value asked for).
     step_ups: FastMap<StepUpKey, AtomicU64>,
-    latency_buckets: [AtomicU64; LATENCY_BOUNDS_MICROS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
+    stripes: Box<[Stripe]>,
     key_loads: DashMap<(String, &'static str), AtomicU64>,
     keys: DashMap<String, IssuerKeys>,
     reloads: DashMap<&'static str, AtomicU64>,
     unknown_kids: DashMap<(String, &'static str), AtomicU64>,
-    /// One counter per [`CacheEvent`], by discriminant.
-    token_cache: [AtomicU64; CacheEvent::ALL.len()],
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     log_lines_dropped: AtomicU64,
@@ -133,15 +170,13 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             decisions: FastMap::default(),
+            decisions_generation: AtomicU64::new(0),
             step_ups: FastMap::default(),
-            latency_buckets: Default::default(),
-            latency_count: AtomicU64::new(0),
-            latency_sum_micros: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             key_loads: DashMap::new(),
             keys: DashMap::new(),
             reloads: DashMap::new(),
             unknown_kids: DashMap::new(),
-            token_cache: Default::default(),
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
@@ -187,28 +222,61 @@ impl Metrics {
         rule: Option<&Arc<str>>,
         elapsed: Duration,
     ) {
-        let slot = decision_slot(door, outcome, reason);
+        let slot = decision_slot(door, outcome, reason) as u16;
         let name = rule.map_or(NO_RULE, |r| &**r);
-        match self.decisions.get(name) {
-            Some(row) => {
-                row[slot].fetch_add(1, Relaxed);
-            }
-            None => {
-                let key: Arc<str> = rule.map_or_else(|| Arc::from(NO_RULE), Arc::clone);
-                self.decisions.entry(key).or_insert_with(decision_row)[slot].fetch_add(1, Relaxed);
-            }
+        thread_local! {
+            static LOCAL: RefCell<LocalCounters> = RefCell::new(((0, 0), HashMap::default()));
         }
+        LOCAL.with_borrow_mut(|(generation, rules)| {
+            let current = (
+                std::ptr::from_ref(self) as usize,
+                self.decisions_generation.load(Relaxed),
+            );
+            if *generation != current || rules.len() >= LOCAL_RULES {
+                rules.clear();
+                *generation = current;
+            }
+            if let Some(counters) = rules.get(name)
+                && let Some((_, n)) = counters.iter().find(|(s, _)| *s == slot)
+            {
+                n.fetch_add(1, Relaxed);
+                return;
+            }
+            // This thread's first count of the series: its counter, from the shared map.
+            let key: Arc<str> = rule.map_or_else(|| Arc::from(NO_RULE), Arc::clone);
+            let stripe = stripe() as u8;
+            let counter = {
+                let row = self.decisions.entry(Arc::clone(&key)).or_default();
+                let mut row = row.lock().unwrap_or_else(PoisonError::into_inner);
+                match row.iter().find(|(s, t, _)| *s == slot && *t == stripe) {
+                    Some((_, _, n)) => Arc::clone(n),
+                    None => {
+                        let n = Arc::new(AtomicU64::new(0));
+                        row.push((slot, stripe, Arc::clone(&n)));
+                        n
+                    }
+                }
+            };
+            counter.fetch_add(1, Relaxed);
+            rules.entry(key).or_default().push((slot, counter));
+        });
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        let stripe = &self.stripes[stripe()];
         // One bucket per decision (the smallest bound that holds it); `/metrics` renders the
         // cumulative counts Prometheus expects.
         if let Some(bucket) = LATENCY_BOUNDS_MICROS
             .iter()
             .position(|bound| micros <= *bound)
         {
-            self.latency_buckets[bucket].fetch_add(1, Relaxed);
+            stripe.latency_buckets[bucket].fetch_add(1, Relaxed);
         }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_micros.fetch_add(micros, Relaxed);
+        stripe.latency_count.fetch_add(1, Relaxed);
+        stripe.latency_sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    /// A stripe counter summed over the stripes.
+    fn summed(&self, pick: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes.iter().map(|s| pick(s).load(Relaxed)).sum()
     }
 
     /// A STEP_UP: one count per auth context it asks for (Entra `acrs`), else per `acr` value
@@ -257,7 +325,7 @@ impl Metrics {
     }
 
     pub fn record_token_cache(&self, event: CacheEvent) {
-        self.token_cache[event as usize].fetch_add(1, Relaxed);
+        self.stripes[stripe()].token_cache[event as usize].fetch_add(1, Relaxed);
     }
 
     pub fn connection_opened(&self) {
@@ -396,6 +464,7 @@ impl Metrics {
     pub fn retain_rules(&self, current: &[&str]) {
         let kept = |rule: &str| rule == NO_RULE || current.contains(&rule);
         self.decisions.retain(|rule, _| kept(rule));
+        self.decisions_generation.fetch_add(1, Relaxed);
         self.step_ups.retain(|(_, rule, _), _| kept(rule));
         self.shadow_decisions
             .retain(|(name, _, _), _| kept(name.split('/').next().unwrap_or_default()));
@@ -433,11 +502,20 @@ impl Collector for Exposition {
             .flat_map(|(d, o)| Reason::ALL.iter().map(move |&r| (d, o, r)))
             .collect();
         triples.sort_by_key(|(d, o, r)| (d.as_str(), o.as_str(), r.as_str()));
+        let slots = DOORS.len() * OUTCOMES.len() * Reason::ALL.len();
         let mut rows: Vec<(Arc<str>, Vec<u64>)> = m
             .decisions
             .iter()
             .map(|row| {
-                let counts = row.value().iter().map(|n| n.load(Relaxed)).collect();
+                let mut counts = vec![0; slots];
+                for (slot, _, n) in row
+                    .value()
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                {
+                    counts[usize::from(*slot)] += n.load(Relaxed);
+                }
                 (Arc::clone(row.key()), counts)
             })
             .collect();
@@ -487,8 +565,8 @@ impl Collector for Exposition {
 
         let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_MICROS
             .iter()
-            .zip(&m.latency_buckets)
-            .map(|(bound, n)| (*bound as f64 / 1e6, n.load(Relaxed)))
+            .enumerate()
+            .map(|(i, bound)| (*bound as f64 / 1e6, m.summed(|s| &s.latency_buckets[i])))
             .collect();
         encoder
             .encode_descriptor(
@@ -498,8 +576,8 @@ impl Collector for Exposition {
                 MetricType::Histogram,
             )?
             .encode_histogram::<NoLabelSet>(
-                m.latency_sum_micros.load(Relaxed) as f64 / 1e6,
-                m.latency_count.load(Relaxed),
+                m.summed(|s| &s.latency_sum_micros) as f64 / 1e6,
+                m.summed(|s| &s.latency_count),
                 &buckets,
                 None,
             )?;
@@ -571,7 +649,7 @@ impl Collector for Exposition {
             MetricType::Counter,
         )?;
         for event in CacheEvent::ALL {
-            let n = m.token_cache[event as usize].load(Relaxed);
+            let n = m.summed(|s| &s.token_cache[event as usize]);
             if n > 0 {
                 counter(&mut family, &[("event", event.as_str())], n)?;
             }
@@ -1026,6 +1104,75 @@ mod tests {
             amr: Vec::new(),
             claims: None,
         }
+    }
+
+    /// Threads count into their own stripes; the scrape sums them, and a rule forgotten by a
+    /// reload and added again counts afresh in every thread.
+    #[test]
+    fn counts_from_many_threads_add_up_and_survive_a_reload() {
+        let m: &'static Metrics = Box::leak(Box::default());
+        let rule: Arc<str> = Arc::from("orders");
+        let count = |n: usize| {
+            std::thread::scope(|scope| {
+                for _ in 0..8 {
+                    scope.spawn(|| {
+                        for _ in 0..n {
+                            m.record_decision(
+                                Door::Check,
+                                Outcome::Allow,
+                                Reason::Allowed,
+                                Some(&rule),
+                                Duration::from_micros(30),
+                            );
+                            m.record_token_cache(CacheEvent::Hit);
+                        }
+                    });
+                }
+            });
+        };
+        let line = |text: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("stepgate_decisions_total{") && l.contains("rule=\"orders\"")
+                })
+                .map(str::to_owned)
+        };
+        let here = || {
+            m.record_decision(
+                Door::Check,
+                Outcome::Allow,
+                Reason::Allowed,
+                Some(&rule),
+                Duration::from_micros(30),
+            )
+        };
+        count(1000);
+        here();
+        let text = m.render();
+        assert_eq!(
+            line(&text).as_deref(),
+            Some(
+                "stepgate_decisions_total{door=\"check\",outcome=\"ALLOW\",reason=\"allowed\",rule=\"orders\"} 8001"
+            )
+        );
+        assert!(
+            text.contains("stepgate_decision_duration_seconds_count 8001"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_token_cache_total{event=\"hit\"} 8000"),
+            "{text}"
+        );
+        m.retain_rules(&[]);
+        assert_eq!(line(&m.render()), None, "forgotten with its rule");
+        // This thread's handle on the forgotten counter is dropped: its next count is seen.
+        here();
+        count(10);
+        assert!(
+            line(&m.render()).unwrap().ends_with("} 81"),
+            "{:?}",
+            line(&m.render())
+        );
     }
 
     #[test]

@@ -464,7 +464,45 @@ impl Input {
         out.push(self.rules_target(10_000, 1.5));
         out.extend(self.canned_targets());
         out.push(self.log_target());
+        out.push(self.two_core_target());
         out
+    }
+
+    /// Two workers on two cores (shared with the generator): server CPU per request does not grow
+    /// against one worker on one core (row a), within the run's resolution (5 %).
+    fn two_core_target(&self) -> Target {
+        let name = "(cores) 2 workers on 2 cores: server CPU per request ≤ 1.05 × one core's (a)";
+        let limit = "≤ 1.050×";
+        let cpu = |label: &str| {
+            self.judged(label)
+                .and_then(|r| r.server.map(|s| (s.cpu_us_per_request, r.throughput_rps)))
+        };
+        let (Some((two, two_rps)), Some((one, one_rps))) = (cpu("a-2core"), cpu("a")) else {
+            return Target::missing(name, limit, "server CPU of rows a-2core and a");
+        };
+        if let Some(t) = [self.judged("a-2core"), self.judged("a")]
+            .iter()
+            .flatten()
+            .find_map(|r| Target::invalid(name, limit.into(), &[r]))
+        {
+            return t;
+        }
+        let ratio = two / one.max(1e-9);
+        Target {
+            name: name.into(),
+            measured: format!("{ratio:.3}×"),
+            limit: limit.into(),
+            pass: Some(ratio <= 1.05),
+            note: format!(
+                "{two:.1} vs {one:.1} µs/req; throughput {} (2 cores shared with the generator) vs {} req/s{}",
+                fmt_rps(two_rps),
+                fmt_rps(one_rps),
+                self.repeats_note(&[("a-2core", "2 cores"), ("a", "1 core")], |r| opt(
+                    r.server.map(|s| s.cpu_us_per_request),
+                    |v| format!("{v:.1}")
+                ))
+            ),
+        }
     }
 
     /// The default decision log (ALLOW lines at debug, so none for scenario a) costs at most 5 %
@@ -1624,7 +1662,7 @@ mod tests {
             [
                 "PASS", "PASS", "PASS", "MISS", "PASS", "PASS", "PASS", "n/a", "n/a", "n/a", "n/a",
                 "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
-                "n/a", "n/a", "n/a", "n/a"
+                "n/a", "n/a", "n/a", "n/a", "n/a"
             ]
         );
         assert_eq!(targets[0].measured, "0.875×");
