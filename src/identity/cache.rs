@@ -17,6 +17,13 @@
 //! task, and a hit is one uncontended lock, one probe and an `Arc` clone. The digest is already
 //! uniformly random, so its bytes are the hash (no SipHash per lookup); a caller choosing tokens to
 //! collide gains nothing, since only tokens with a valid signature are ever inserted.
+//!
+//! Each thread also keeps its own copies of its last hits ([`LOCAL_SLOTS`], by the digest's first
+//! byte): a hot token (a service account, one busy user) is then served on every core without the
+//! shard's lock and without an `Arc` whose count all cores write. A copy is served under the
+//! shared entry's conditions (its lifetime, its key still published) and for its own cache only;
+//! a thread's copies are at most 64 tokens, and a copy's hits do not count as uses of the shared
+//! entry (its CLOCK may evict a token only one thread uses; that thread then re-verifies it once).
 
 use std::{
     collections::HashMap,
@@ -42,6 +49,8 @@ pub const SHARDS: usize = 64;
 
 /// A cache of verified tokens (or a pass-through when built with zero entries).
 pub struct TokenCache {
+    /// Unique per cache in the process: a thread's recent hits name the cache they came from.
+    id: u64,
     shards: Box<[Mutex<Shard>]>,
     /// Entries per shard; the shards together hold at most the configured number.
     shard_capacity: usize,
@@ -73,7 +82,9 @@ impl TokenCache {
         // At least 256 entries per shard (or one shard), never more shards than SHARDS.
         let shards = (max_entries / 256).clamp(1, SHARDS);
         let shard_capacity = max_entries / shards;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shards: (0..if max_entries == 0 { 0 } else { shards })
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
@@ -103,10 +114,38 @@ impl TokenCache {
                 false,
             );
         }
+        // This thread's own recent hits first: served under the same conditions as the shared
+        // entry (within its lifetime, its key still published), without the shard's lock or a
+        // reference count shared with other cores.
+        let local = usize::from(digest[0]) % LOCAL_SLOTS;
+        let mine = LOCAL_HITS.with_borrow(|hits| match &hits[local] {
+            Some(hit)
+                if hit.cache == self.id
+                    && hit.digest == digest
+                    && now <= hit.expires_at
+                    && key_still_published(&hit.token) =>
+            {
+                Some(Arc::clone(&hit.token))
+            }
+            _ => None,
+        });
+        if let Some(token) = mine {
+            metrics::global().record_token_cache(CacheEvent::Hit);
+            return (digest, Ok(token), true);
+        }
         let shard = &self.shards[shard_index(&digest, self.shards.len())];
         match lock(shard).get(&digest, now) {
-            Lookup::Hit(hit) => {
+            Lookup::Hit(hit, expires_at) => {
                 metrics::global().record_token_cache(CacheEvent::Hit);
+                let copy = Arc::new(thread_copy(&hit));
+                LOCAL_HITS.with_borrow_mut(|hits| {
+                    hits[local] = Some(LocalHit {
+                        cache: self.id,
+                        digest,
+                        token: copy,
+                        expires_at,
+                    });
+                });
                 return (digest, Ok(hit), true);
             }
             Lookup::Dropped => metrics::global().record_token_cache(CacheEvent::Evicted),
@@ -293,7 +332,8 @@ struct Slot {
 }
 
 enum Lookup {
-    Hit(Arc<VerifiedToken>),
+    /// The token, and until when it may be served.
+    Hit(Arc<VerifiedToken>, i64),
     Miss,
     /// There was an entry, expired or signed by a key no longer published: removed.
     Dropped,
@@ -311,7 +351,7 @@ impl Shard {
             && key_still_published(token)
         {
             slot.referenced = true;
-            return Lookup::Hit(Arc::clone(token));
+            return Lookup::Hit(Arc::clone(token), slot.expires_at);
         }
         // The caller verifies the token again (and learns why it no longer holds).
         self.remove(index as usize);
@@ -414,9 +454,38 @@ impl Shard {
 fn key_still_published(token: &VerifiedToken) -> bool {
     token
         .issuer
-        .keys()
-        .find(token.kid.as_deref())
-        .is_some_and(|key| key.material == token.key_material)
+        .key_published(token.kid.as_deref(), &token.key_material)
+}
+
+/// Entries of a thread's own table of recent hits ([`TokenCache::verify`]).
+const LOCAL_SLOTS: usize = 64;
+
+/// A hit a worker thread keeps for itself: a copy of the verified token sharing no reference
+/// count with other threads, for one cache (by id: a reload's new cache never sees it).
+struct LocalHit {
+    cache: u64,
+    digest: TokenDigest,
+    token: Arc<VerifiedToken>,
+    expires_at: i64,
+}
+
+thread_local! {
+    static LOCAL_HITS: std::cell::RefCell<Vec<Option<LocalHit>>> =
+        std::cell::RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect());
+}
+
+/// The token as a thread's own copy: the principal and capabilities copied, so that the clones
+/// a request makes of them touch no cache line another core writes.
+fn thread_copy(token: &VerifiedToken) -> VerifiedToken {
+    VerifiedToken {
+        principal: Arc::new(token.principal.unshared()),
+        client_capabilities: token
+            .client_capabilities
+            .iter()
+            .map(|c| Arc::from(&**c))
+            .collect(),
+        ..token.clone()
+    }
 }
 
 /// A digest as a map key, hashed by its own first eight bytes.
@@ -501,6 +570,50 @@ mod tests {
             "the same verified token"
         );
         assert!(!from_cache_first && from_cache_second, "a miss, then a hit");
+    }
+
+    /// A thread's own copy of a hit: served from the third verification on, equal to the shared
+    /// entry, sharing none of its reference counts; and under the same conditions (the key still
+    /// published, the lifetime), for its own cache only.
+    #[test]
+    fn a_thread_keeps_its_own_copy_of_a_hit_under_the_same_conditions() {
+        let p = policy();
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        let t = token("carol");
+        let verify = |cache: &TokenCache, now| cache.verify(&t, &p.issuers, 16_384, now);
+        let first = verify(&cache, NOW).1.unwrap();
+        let (_, second, hit) = verify(&cache, NOW);
+        let second = second.unwrap();
+        assert!(hit && Arc::ptr_eq(&first, &second), "the shared entry");
+        let (_, third, hit) = verify(&cache, NOW);
+        let third = third.unwrap();
+        assert!(hit && !Arc::ptr_eq(&second, &third), "this thread's copy");
+        assert_eq!(third.principal, second.principal);
+        assert!(!Arc::ptr_eq(&third.principal, &second.principal));
+        assert!(!Arc::ptr_eq(
+            &third.principal.subject,
+            &second.principal.subject
+        ));
+        assert!(Arc::ptr_eq(&verify(&cache, NOW).1.unwrap(), &third));
+        // Another cache (a reload's) never serves it.
+        let other = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        assert!(!verify(&other, NOW).2, "a miss in a new cache");
+        // Nor past the token's lifetime.
+        assert_eq!(
+            verify(&cache, NOW + 3600 + 61).1.unwrap_err(),
+            TokenError::Expired
+        );
+        // Nor once its key leaves the key set.
+        assert!(verify(&cache, NOW).1.is_ok() && verify(&cache, NOW).2);
+        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+        let (set, _) = KeySet::parse(only_ec.as_bytes()).unwrap();
+        for issuer in p.issuers.iter() {
+            issuer.set_keys(set.clone());
+        }
+        assert!(matches!(
+            verify(&cache, NOW).1,
+            Err(TokenError::UnknownKey { .. })
+        ));
     }
 
     #[test]
@@ -599,8 +712,8 @@ mod tests {
             );
         }
         // Entry 0 and 2 are used; inserting a fifth evicts 1, the first one unused.
-        assert!(matches!(shard.get(&[0; 32], NOW), Lookup::Hit(_)));
-        assert!(matches!(shard.get(&[2; 32], NOW), Lookup::Hit(_)));
+        assert!(matches!(shard.get(&[0; 32], NOW), Lookup::Hit(..)));
+        assert!(matches!(shard.get(&[2; 32], NOW), Lookup::Hit(..)));
         assert_eq!(
             shard.insert([9; 32], Arc::clone(&token), NOW + 60, entries(4), 100, NOW),
             1
@@ -608,7 +721,7 @@ mod tests {
         assert!(matches!(shard.get(&[1; 32], NOW), Lookup::Miss));
         for kept in [0, 2, 3, 9] {
             assert!(
-                matches!(shard.get(&[kept; 32], NOW), Lookup::Hit(_)),
+                matches!(shard.get(&[kept; 32], NOW), Lookup::Hit(..)),
                 "{kept}"
             );
         }
@@ -630,8 +743,8 @@ mod tests {
             0
         );
         assert_eq!(shard.slots.len(), 2);
-        assert!(matches!(shard.get(&[2; 32], NOW + 11), Lookup::Hit(_)));
-        assert!(matches!(shard.get(&[3; 32], NOW + 11), Lookup::Hit(_)));
+        assert!(matches!(shard.get(&[2; 32], NOW + 11), Lookup::Hit(..)));
+        assert!(matches!(shard.get(&[3; 32], NOW + 11), Lookup::Hit(..)));
     }
 
     #[test]

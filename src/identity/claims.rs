@@ -38,6 +38,29 @@ pub struct Principal {
     pub expires_at: i64,
 }
 
+impl Principal {
+    /// A copy that shares no allocation with `self` (its strings and lists copied): a worker
+    /// thread's own, whose reference counts no other core writes.
+    pub fn unshared(&self) -> Self {
+        let text = |s: &Arc<str>| Arc::from(&**s);
+        let list = |l: &Arc<[Arc<str>]>| l.iter().map(text).collect();
+        Self {
+            issuer_id: text(&self.issuer_id),
+            issuer: text(&self.issuer),
+            subject: text(&self.subject),
+            tenant: self.tenant.as_ref().map(text),
+            client_id: self.client_id.as_ref().map(text),
+            acrs: list(&self.acrs),
+            acr: self.acr.as_ref().map(text),
+            amr: list(&self.amr),
+            token_id: self.token_id.as_ref().map(text),
+            scopes: list(&self.scopes),
+            roles: list(&self.roles),
+            ..self.clone()
+        }
+    }
+}
+
 fn list(
     value: Option<&Raw>,
     name: &'static str,
