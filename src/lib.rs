@@ -18,5 +18,6 @@ pub mod replay;
 pub mod request;
 pub mod risk;
 pub mod server;
+pub(crate) mod stripe;
 pub mod suite;
 pub mod telemetry;

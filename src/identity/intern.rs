@@ -5,6 +5,10 @@
 //! them keeps one copy of each (cloning is a reference count) and leaves a cached token at a few
 //! hundred bytes. Bounded: past [`MAX_VALUES`] distinct values new ones are simply not shared, so
 //! a stream of tokens with unique values cannot grow the table without limit.
+//!
+//! The tables are striped per thread ([`STRIPES`]), so that verifications on several cores do
+//! not queue for one lock: each stripe shares the values its threads have seen, at most
+//! [`MAX_VALUES`] of each kind.
 
 use std::{
     collections::HashSet,
@@ -13,12 +17,23 @@ use std::{
 
 use foldhash::fast::RandomState;
 
-/// Distinct strings (and, separately, lists) kept shared.
+/// Distinct strings (and, separately, lists) kept shared, per stripe.
 pub const MAX_VALUES: usize = 4096;
 
-#[derive(Debug, Default)]
+/// Stripes of the tables (threads past this many share them).
+pub const STRIPES: usize = 16;
+
+#[derive(Debug)]
 pub struct Interner {
-    tables: Mutex<Tables>,
+    tables: Box<[Mutex<Tables>]>,
+}
+
+impl Default for Interner {
+    fn default() -> Self {
+        Self {
+            tables: (0..STRIPES).map(|_| Mutex::default()).collect(),
+        }
+    }
 }
 
 /// The shared values, locked once for all the values of a token.
@@ -29,8 +44,11 @@ pub struct Tables {
 }
 
 impl Interner {
+    /// This thread's stripe of the tables, locked.
     pub fn lock(&self) -> MutexGuard<'_, Tables> {
-        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+        self.tables[crate::stripe::of(STRIPES)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -64,6 +82,33 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Threads lock their own stripe: the values of one stripe are shared within it.
+    #[test]
+    fn each_thread_locks_its_own_stripe() {
+        let interner = Interner::default();
+        let here = Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize;
+        let elsewhere: Vec<usize> = std::thread::scope(|scope| {
+            (0..STRIPES - 1)
+                .map(|_| {
+                    scope
+                        .spawn(|| {
+                            Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize
+                        })
+                        .join()
+                        .unwrap()
+                })
+                .collect()
+        });
+        assert_eq!(
+            here,
+            Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize
+        );
+        assert!(
+            elsewhere.iter().all(|p| *p != here),
+            "other threads, other stripes"
+        );
+    }
 
     #[test]
     fn equal_values_share_one_copy() {

@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -78,11 +78,7 @@ const STRIPES: usize = 64;
 
 /// This thread's stripe.
 fn stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
-    }
-    STRIPE.with(|s| *s)
+    crate::stripe::of(STRIPES)
 }
 
 /// One thread's per-request counters, on cache lines of their own.
