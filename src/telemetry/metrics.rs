@@ -1108,18 +1108,21 @@ mod tests {
     fn counts_from_many_threads_add_up_and_survive_a_reload() {
         let m: &'static Metrics = Box::leak(Box::default());
         let rule: Arc<str> = Arc::from("orders");
+        let here = || {
+            m.record_decision(
+                Door::Check,
+                Outcome::Allow,
+                Reason::Allowed,
+                Some(&rule),
+                Duration::from_micros(30),
+            )
+        };
         let count = |n: usize| {
             std::thread::scope(|scope| {
                 for _ in 0..8 {
                     scope.spawn(|| {
                         for _ in 0..n {
-                            m.record_decision(
-                                Door::Check,
-                                Outcome::Allow,
-                                Reason::Allowed,
-                                Some(&rule),
-                                Duration::from_micros(30),
-                            );
+                            here();
                             m.record_token_cache(CacheEvent::Hit);
                         }
                     });
@@ -1132,15 +1135,6 @@ mod tests {
                     l.starts_with("stepgate_decisions_total{") && l.contains("rule=\"orders\"")
                 })
                 .map(str::to_owned)
-        };
-        let here = || {
-            m.record_decision(
-                Door::Check,
-                Outcome::Allow,
-                Reason::Allowed,
-                Some(&rule),
-                Duration::from_micros(30),
-            )
         };
         count(1000);
         here();

@@ -468,69 +468,81 @@ impl Input {
         out
     }
 
-    /// Two workers on two cores (shared with the generator): server CPU per request does not grow
-    /// against one worker on one core (row a), within the run's resolution (5 %).
-    fn two_core_target(&self) -> Target {
-        let name = "(cores) 2 workers on 2 cores: server CPU per request ≤ 1.05 × one core's (a)";
-        let limit = "≤ 1.050×";
+    /// Row `label`'s server CPU per request against row `base`'s, at most `max`×: the target,
+    /// with the two figures and both throughputs in its note (`who`: what `label`'s throughput
+    /// is), or why it cannot be judged. Also returns `base`'s CPU per request.
+    fn cpu_ratio_target(
+        &self,
+        name: &str,
+        (label, who): (&str, &str),
+        base: &str,
+        max: f64,
+    ) -> (Target, Option<f64>) {
+        let limit = format!("≤ {max:.3}×");
         let cpu = |label: &str| {
             self.judged(label)
                 .and_then(|r| r.server.map(|s| (s.cpu_us_per_request, r.throughput_rps)))
         };
-        let (Some((two, two_rps)), Some((one, one_rps))) = (cpu("a-2core"), cpu("a")) else {
-            return Target::missing(name, limit, "server CPU of rows a-2core and a");
+        let (Some((row, row_rps)), Some((one, one_rps))) = (cpu(label), cpu(base)) else {
+            let missing = format!("server CPU of rows {label} and {base}");
+            return (Target::missing(name, &limit, &missing), None);
         };
-        if let Some(t) = [self.judged("a-2core"), self.judged("a")]
+        if let Some(t) = [self.judged(label), self.judged(base)]
             .iter()
             .flatten()
-            .find_map(|r| Target::invalid(name, limit.into(), &[r]))
+            .find_map(|r| Target::invalid(name, limit.clone(), &[r]))
         {
-            return t;
+            return (t, None);
         }
-        let ratio = two / one.max(1e-9);
-        Target {
+        let ratio = row / one.max(1e-9);
+        let target = Target {
             name: name.into(),
             measured: format!("{ratio:.3}×"),
-            limit: limit.into(),
-            pass: Some(ratio <= 1.05),
+            limit,
+            pass: Some(ratio <= max),
             note: format!(
-                "{two:.1} vs {one:.1} µs/req; throughput {} (2 cores shared with the generator) vs {} req/s{}",
-                fmt_rps(two_rps),
+                "{row:.1} vs {one:.1} µs/req; throughput {}{who} vs {} req/s{}",
+                fmt_rps(row_rps),
                 fmt_rps(one_rps),
-                self.repeats_note(&[("a-2core", "2 cores"), ("a", "1 core")], |r| opt(
+                self.repeats_note(&[(label, label), (base, base)], |r| opt(
                     r.server.map(|s| s.cpu_us_per_request),
                     |v| format!("{v:.1}")
                 ))
             ),
-        }
+        };
+        (target, Some(one))
+    }
+
+    /// Two workers on two cores (shared with the generator): server CPU per request does not grow
+    /// against one worker on one core (row a), within the run's resolution (5 %).
+    fn two_core_target(&self) -> Target {
+        self.cpu_ratio_target(
+            "(cores) 2 workers on 2 cores: server CPU per request ≤ 1.05 × one core's (a)",
+            ("a-2core", " (2 cores shared with the generator)"),
+            "a",
+            1.05,
+        )
+        .0
     }
 
     /// The default decision log (ALLOW lines at debug, so none for scenario a) costs at most 5 %
     /// of server CPU per request against no decision line at all (a-quiet); every decision
     /// logged (a-log-all) and one ALLOW in a hundred (a-log-sampled) are reported beside it.
     fn log_target(&self) -> Target {
-        let name = "(log) the default decision log costs ≤ 5 % of server CPU per request (a against a-quiet)";
-        let limit = "≤ 1.050×";
+        let (mut target, quiet) = self.cpu_ratio_target(
+            "(log) the default decision log costs ≤ 5 % of server CPU per request (a against a-quiet)",
+            ("a", ""),
+            "a-quiet",
+            1.05,
+        );
+        let Some(quiet) = quiet else {
+            return target;
+        };
         let cpu = |label: &str| {
             self.judged(label)
                 .and_then(|r| r.server.map(|s| (s.cpu_us_per_request, r.throughput_rps)))
         };
-        let (Some((a, a_rps)), Some((quiet, quiet_rps))) = (cpu("a"), cpu("a-quiet")) else {
-            return Target::missing(name, limit, "server CPU of rows a and a-quiet");
-        };
-        if let Some(t) = [self.judged("a"), self.judged("a-quiet")]
-            .iter()
-            .flatten()
-            .find_map(|r| Target::invalid(name, limit.into(), &[r]))
-        {
-            return t;
-        }
-        let ratio = a / quiet.max(1e-9);
-        let mut note = format!(
-            "{a:.1} vs {quiet:.1} µs/req; throughput {} vs {} req/s",
-            fmt_rps(a_rps),
-            fmt_rps(quiet_rps)
-        );
+        let note = &mut target.note;
         for (label, what) in [
             ("a-log-all", "every decision logged"),
             ("a-log-sampled", "1 % of ALLOWs"),
@@ -544,13 +556,7 @@ impl Input {
                 );
             }
         }
-        Target {
-            name: name.into(),
-            measured: format!("{ratio:.3}×"),
-            limit: limit.into(),
-            pass: Some(ratio <= 1.05),
-            note,
-        }
+        target
     }
 
     /// Open-loop latency of stepgate against a floor at the same rate, on the medians: p50 within
