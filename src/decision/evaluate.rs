@@ -925,13 +925,28 @@ fn find_rule<'p>(
             continue;
         }
         let rule = &policy.rules[at];
-        match matches(&rule.matchers[m], request, path, input) {
-            Ok(true) => return Ok(Some((at, rule))),
-            Ok(false) => {}
-            Err(message) => return Err((at, rule, message)),
+        if let Some(found) = tried(at, rule, &rule.matchers[m], request, path, input) {
+            return found;
         }
     }
     Ok(None)
+}
+
+/// What trying one matcher of rule `at` settles: the rule, or its condition's error; `None` to
+/// go on.
+fn tried<'p>(
+    at: usize,
+    rule: &'p Rule,
+    matcher: &Matcher,
+    request: &AccessRequest,
+    path: Option<&str>,
+    input: &CelInput<'_>,
+) -> Option<Found<'p>> {
+    match matches(matcher, request, path, input) {
+        Ok(true) => Some(Ok(Some((at, rule)))),
+        Ok(false) => None,
+        Err(message) => Some(Err((at, rule, message))),
+    }
 }
 
 /// [`find_rule`] by trying every matcher of every rule in order: what the index must agree with.
@@ -945,10 +960,8 @@ fn scan_rules<'p>(
 ) -> Found<'p> {
     for (at, rule) in policy.rules.iter().enumerate().skip(from) {
         for matcher in &rule.matchers {
-            match matches(matcher, request, path, input) {
-                Ok(true) => return Ok(Some((at, rule))),
-                Ok(false) => {}
-                Err(message) => return Err((at, rule, message)),
+            if let Some(found) = tried(at, rule, matcher, request, path, input) {
+                return found;
             }
         }
     }
