@@ -7,23 +7,15 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::{TempPolicy, bin, demo_policy_path, manifest_dir};
+use common::{TempPolicy, demo_policy_path, manifest_dir};
 
 /// `stepgate test --config <policy> <suites…> [extra]`: (exit code, stdout, stderr).
 fn run(policy: &Path, suites: &[&Path], extra: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin())
-        .arg("test")
-        .arg("--config")
-        .arg(policy)
-        .args(suites)
-        .args(extra)
-        .output()
-        .expect("running stepgate test");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["test".as_ref(), "--config".as_ref(), policy.as_ref()];
+    args.extend(suites.iter().map(|s| s.as_os_str()));
+    args.extend(extra.iter().map(|e| std::ffi::OsStr::new(*e)));
+    common::run_bin(args)
 }
 
 /// A suite file next to `dir`'s policy.

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::{fmt::Write as _, process::Command};
+use std::fmt::Write as _;
 
-use common::{TempPolicy, bin, demo_policy_path, demo_policy_text};
+use common::{TempPolicy, demo_policy_path, demo_policy_text};
 use serde_json::{Value, json};
 
 /// 2026-12-01T00:00:00Z.
@@ -90,16 +90,7 @@ fn candidate() -> TempPolicy {
 }
 
 fn replay(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin())
-        .arg("replay")
-        .args(args)
-        .output()
-        .expect("running stepgate replay");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_bin(std::iter::once("replay").chain(args.iter().copied()))
 }
 
 #[test]

@@ -1228,17 +1228,7 @@ async fn the_health_and_decide_commands_speak_mutual_tls() {
     )
     .await;
     let https = format!("https://127.0.0.1:{}", server.port);
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(common::bin())
-            .args(args)
-            .output()
-            .expect("running stepgate");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| common::run_bin(args);
     let client_tls = [
         "--ca",
         arg(&ca_file),

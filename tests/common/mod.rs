@@ -45,6 +45,23 @@ pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Runs the stepgate binary with `args` to its end: (exit code, stdout, stderr).
+pub fn run_bin<I, S>(args: I) -> (Option<i32>, String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("running stepgate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_stepgate")
 }
