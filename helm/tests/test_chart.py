@@ -1137,6 +1137,8 @@ def test_tracing_and_escape_hatches():
     assert arg_value(args, "--log-format") == "text"
     assert arg_value(args, "--log-allow-sample") == "0.01"
     assert arg_value(container(rendered("default"))["args"], "--log-allow-sample") == "0"
+    assert arg_value(args, "--balance") == "calls"
+    assert arg_value(container(rendered("default"))["args"], "--balance") == "connections"
 
 
 def test_no_tracing_without_an_endpoint():

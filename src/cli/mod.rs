@@ -84,10 +84,20 @@ struct ServeArgs {
         default_value = "all-issuers"
     )]
     ready_when: ReadyWhen,
-    /// Worker threads (default: the CPUs available to the process, cgroup quota and affinity
+    /// Serving threads (default: the CPUs available to the process, cgroup quota and affinity
     /// included).
     #[arg(long, env = "STEPGATE_WORKERS")]
     workers: Option<usize>,
+    /// How the workers share the load: `connections` gives each connection to one worker, which
+    /// serves all its calls; `calls` lets every worker take any call (one busy connection can
+    /// then use every core, at the price of handing calls between threads).
+    #[arg(
+        long,
+        env = "STEPGATE_BALANCE",
+        value_enum,
+        default_value = "connections"
+    )]
+    balance: Balance,
     /// Largest request message read, in bytes (a larger Check is answered 413).
     #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
@@ -203,6 +213,16 @@ pub(crate) fn print_stdout(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
+/// How `serve`'s workers share the load (docs/operations.md, "Workers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Balance {
+    /// Each worker a thread with its own runtime, serving the connections given to it: nothing
+    /// moves between threads per call.
+    Connections,
+    /// One work-stealing runtime: a connection's calls run on whichever worker is free.
+    Calls,
+}
+
 /// A share from 0 to 1.
 fn parse_share(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
@@ -248,18 +268,28 @@ fn serve(args: ServeArgs) -> ExitCode {
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    tracing::info!(
-        workers,
-        lifo_slot = !cfg!(tokio_unstable),
-        "starting the runtime"
-    );
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().worker_threads(workers.max(1));
-    // A finished Check then queues its connection's write behind the other ready Checks instead
-    // of running it next, so their answers leave in one write (see .cargo/config.toml).
-    #[cfg(tokio_unstable)]
-    runtime.disable_lifo_slot();
-    let runtime = match runtime.build() {
+    // With `connections`, this thread's runtime is worker 0 and runs the background tasks, and
+    // `server::run` starts the others, each on a thread and runtime of its own
+    // (server/workers.rs). With `calls`, one work-stealing runtime serves every connection.
+    let (runtime, serving_threads) = match args.balance {
+        Balance::Connections => (
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            workers.max(1),
+        ),
+        Balance::Calls => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.enable_all().worker_threads(workers.max(1));
+            // A finished Check then queues its connection's write behind the other ready Checks
+            // instead of running it next, so their answers leave in one write (see
+            // .cargo/config.toml).
+            #[cfg(tokio_unstable)]
+            runtime.disable_lifo_slot();
+            (runtime.build(), 1)
+        }
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(err) => {
             logs.flush();
@@ -267,6 +297,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(workers, balance = ?args.balance, "starting the runtime");
     let tls = args
         .tls_cert
         .zip(args.tls_key)
@@ -313,6 +344,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         otlp_endpoint: args.otlp_endpoint,
         risk_store,
         records: args.records,
+        workers: serving_threads,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,

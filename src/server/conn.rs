@@ -1,13 +1,18 @@
-//! Accepted connections: at most so many at once, accept errors without a busy loop, TLS when
-//! configured, and each wrapped so that HTTP/2 batches small answers into one write.
+//! Accepted connections: at most so many at once, accept errors without a busy loop, each handed
+//! to a serving worker, TLS when configured, and each wrapped so that HTTP/2 batches small
+//! answers into one write.
 //!
-//! [`incoming`] accepts only while fewer than `--max-connections` are open; past that, new
+//! [`accept`] accepts only while fewer than `--max-connections` are open; past that, new
 //! clients wait in the kernel's listen backlog until one closes. A connection that sends nothing
 //! within `--handshake-timeout` is closed: otherwise idle sockets, which cost an attacker nothing,
 //! could hold every slot and keep Envoy from reconnecting. When `accept` fails because the
 //! process or the system is out of file descriptors (`EMFILE`, `ENFILE`), the listener stays
 //! readable and every retry fails at once: retrying without a pause would spin a core and starve
 //! the calls in flight, so it pauses first.
+//!
+//! Each accepted socket leaves the accepting runtime's reactor and goes, through [`Dispatch`], to
+//! the worker holding the fewest open connections (server/workers.rs); [`incoming`], on that
+//! worker's runtime, registers it there and yields it to the worker's gRPC server.
 //!
 //! With TLS, each handshake runs in its own task (a slow client must not hold up the accept loop),
 //! holding its connection slot and bounded by `--handshake-timeout`. What the handshake
@@ -29,7 +34,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -38,7 +43,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     time::Sleep,
 };
 use tokio_rustls::server::TlsStream;
@@ -76,92 +81,226 @@ pub struct PeerInfo {
 pub struct AcceptOptions {
     /// Most connections open at once (handshakes in progress included).
     pub max: usize,
-    /// Time for a client to send its first bytes, or to finish its TLS handshake.
-    pub handshake_timeout: Duration,
-    pub tls: Option<Arc<Tls>>,
     pub kind: ListenerKind,
 }
 
-/// The listener's connections, at most `max` open at once, each closed if it sends nothing within
-/// `handshake_timeout` (see the module docs). The accept loop runs in its own task and ends,
-/// closing the listener, when the stream is dropped.
-pub fn incoming(
+/// How a worker takes up the connections handed to it.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Time for a client to send its first bytes, or to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// A connection a listener accepted, on its way to the worker that serves it. The socket is out
+/// of the accepting runtime's reactor, so that the worker's own runtime polls it.
+#[derive(Debug)]
+pub struct Accepted {
+    stream: std::net::TcpStream,
+    remote: SocketAddr,
+    kind: ListenerKind,
+    slot: Slot,
+}
+
+/// What an open connection holds: one of its listener's `--max-connections` slots, and one unit
+/// of its worker's load.
+#[derive(Debug)]
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    load: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(load) = &self.load {
+            load.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands each accepted connection to the worker with the fewest open connections (the next in
+/// turn among equals). A connection stays on its worker until it closes.
+#[derive(Debug)]
+pub struct Dispatch {
+    workers: Vec<(mpsc::UnboundedSender<Accepted>, Arc<AtomicUsize>)>,
+    turn: AtomicUsize,
+}
+
+impl Dispatch {
+    /// A dispatch to `count` workers, and the receiving end of each worker's queue.
+    pub fn new(count: usize) -> (Self, Vec<mpsc::UnboundedReceiver<Accepted>>) {
+        let (workers, queues) = (0..count.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                ((tx, Arc::new(AtomicUsize::new(0))), rx)
+            })
+            .unzip();
+        let dispatch = Self {
+            workers,
+            turn: AtomicUsize::new(0),
+        };
+        (dispatch, queues)
+    }
+
+    /// Each worker's open connections, in worker order.
+    pub fn loads(&self) -> Vec<Arc<AtomicUsize>> {
+        self.workers
+            .iter()
+            .map(|(_, load)| Arc::clone(load))
+            .collect()
+    }
+
+    /// Gives `accepted` to the least loaded worker still running; drops it (closing the
+    /// connection) if none is.
+    fn send(&self, mut accepted: Accepted) {
+        let count = self.workers.len();
+        let first = self.turn.fetch_add(1, Ordering::Relaxed) % count;
+        let mut order: Vec<usize> = (0..count).map(|i| (first + i) % count).collect();
+        order.sort_by_key(|&i| self.workers[i].1.load(Ordering::Relaxed));
+        for i in order {
+            let (queue, load) = &self.workers[i];
+            load.fetch_add(1, Ordering::Relaxed);
+            if let Some(previous) = accepted.slot.load.replace(Arc::clone(load)) {
+                previous.fetch_sub(1, Ordering::Relaxed);
+            }
+            match queue.send(accepted) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => accepted = back,
+            }
+        }
+    }
+}
+
+/// Accepts the listener's connections, at most `max` open at once (see the module docs), and
+/// hands them to the workers through `dispatch`. Runs until `stop` turns true, then closes the
+/// listener.
+pub fn accept(
     listener: TcpListener,
     options: AcceptOptions,
-) -> impl Stream<Item = io::Result<Batched>> {
-    let AcceptOptions {
-        max,
-        handshake_timeout,
-        tls,
-        kind,
-    } = options;
-    let (accepted, stream) = mpsc::channel(1);
+    dispatch: Arc<Dispatch>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let AcceptOptions { max, kind } = options;
     let slots = Arc::new(Semaphore::new(max.max(1)));
     tokio::spawn(async move {
         let mut last_warned: Option<Instant> = None;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
         loop {
-            let slot = tokio::select! {
-                slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-                () = accepted.closed() => return,
+            let permit = tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => permit.expect("the semaphore is never closed"),
+                () = &mut stopped => return,
             };
             let connection = tokio::select! {
                 connection = listener.accept() => connection,
-                () = accepted.closed() => return,
+                () = &mut stopped => return,
             };
-            match connection {
+            let error = match connection.and_then(|(stream, remote)| {
+                let _ = stream.set_nodelay(true);
+                Ok((stream.into_std()?, remote))
+            }) {
                 Ok((stream, remote)) => {
-                    let _ = stream.set_nodelay(true);
-                    let peer = PeerInfo {
-                        remote: Some(remote),
-                        listener: kind,
-                        client: None,
+                    let slot = Slot {
+                        _permit: permit,
+                        load: None,
                     };
-                    let Some(tls) = &tls else {
-                        let connection =
-                            Batched::new(Io::Plain(stream), slot, Some(handshake_timeout), peer);
-                        if accepted.send(Ok(connection)).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    };
-                    let acceptor = tls.acceptor();
-                    let mutual = tls.mutual();
-                    let accepted = accepted.clone();
-                    tokio::spawn(async move {
-                        let handshake =
-                            tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                        let stream = match handshake.await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => return handshake_failed(remote, &error.to_string()),
-                            Err(_) => return handshake_failed(remote, "timed out"),
-                        };
-                        let peer = PeerInfo {
-                            client: mutual
-                                .then(|| Arc::new(tls::client_identity(stream.get_ref().1))),
-                            ..peer
-                        };
-                        // The same deadline again for the first decrypted bytes (the HTTP/2
-                        // preface): a client that completes the handshake and then says nothing
-                        // must not keep its slot.
-                        let connection = Batched::new(
-                            Io::Tls(Box::new(stream)),
-                            slot,
-                            Some(handshake_timeout),
-                            peer,
-                        );
-                        let _ = accepted.send(Ok(connection)).await;
+                    dispatch.send(Accepted {
+                        stream,
+                        remote,
+                        kind,
+                        slot,
                     });
+                    continue;
                 }
+                Err(error) => error,
+            };
+            metrics::global().record_accept_error();
+            if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                tracing::warn!(%error, "accepting a gRPC connection failed; pausing before the next");
+                last_warned = Some(Instant::now());
+            }
+            drop(permit);
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+        }
+    });
+}
+
+/// The connections handed to one worker, ready to serve: registered with the calling task's
+/// runtime, through their TLS handshake if configured, each closed if it sends nothing within
+/// `handshake_timeout`. Must be called on the worker's runtime; the task it starts ends when the
+/// stream is dropped.
+pub fn incoming(
+    mut handed: mpsc::UnboundedReceiver<Accepted>,
+    options: ServeOptions,
+) -> impl Stream<Item = io::Result<Batched>> {
+    let ServeOptions {
+        handshake_timeout,
+        tls,
+    } = options;
+    let (ready, stream) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = handed.recv() => next,
+                () = ready.closed() => return,
+            };
+            let Some(Accepted {
+                stream,
+                remote,
+                kind,
+                slot,
+            }) = next
+            else {
+                return;
+            };
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
                 Err(error) => {
                     metrics::global().record_accept_error();
-                    if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
-                        tracing::warn!(%error, "accepting a gRPC connection failed; pausing before the next");
-                        last_warned = Some(Instant::now());
-                    }
-                    drop(slot);
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    tracing::warn!(%error, %remote, "cannot register an accepted connection");
+                    continue;
                 }
-            }
+            };
+            let peer = PeerInfo {
+                remote: Some(remote),
+                listener: kind,
+                client: None,
+            };
+            let Some(tls) = &tls else {
+                let connection =
+                    Batched::new(Io::Plain(stream), slot, Some(handshake_timeout), peer);
+                if ready.send(Ok(connection)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let acceptor = tls.acceptor();
+            let mutual = tls.mutual();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let stream = match handshake.await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return handshake_failed(remote, &error.to_string()),
+                    Err(_) => return handshake_failed(remote, "timed out"),
+                };
+                let peer = PeerInfo {
+                    client: mutual.then(|| Arc::new(tls::client_identity(stream.get_ref().1))),
+                    ..peer
+                };
+                // The same deadline again for the first decrypted bytes (the HTTP/2 preface): a
+                // client that completes the handshake and then says nothing must not keep its
+                // slot.
+                let connection = Batched::new(
+                    Io::Tls(Box::new(stream)),
+                    slot,
+                    Some(handshake_timeout),
+                    peer,
+                );
+                let _ = ready.send(Ok(connection)).await;
+            });
         }
     });
     ReceiverStream::new(stream)
@@ -200,18 +339,13 @@ enum Io {
 pub struct Batched {
     io: Io,
     peer: PeerInfo,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
     /// Until the first bytes arrive: when the connection is closed if none have.
     first_bytes_by: Option<Pin<Box<Sleep>>>,
 }
 
 impl Batched {
-    fn new(
-        io: Io,
-        slot: OwnedSemaphorePermit,
-        first_bytes_within: Option<Duration>,
-        peer: PeerInfo,
-    ) -> Self {
+    fn new(io: Io, slot: Slot, first_bytes_within: Option<Duration>, peer: PeerInfo) -> Self {
         metrics::global().connection_opened();
         Self {
             io,

@@ -12,12 +12,12 @@ pub mod ext_authz;
 mod files;
 mod reload;
 pub mod tls;
+mod workers;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -66,6 +66,9 @@ pub struct ServeOptions {
     pub risk_store: Option<crate::risk::signals::StoreSpec>,
     /// Write decision records here (`-`: stdout) whatever the policy's `records.enabled`.
     pub records: Option<PathBuf>,
+    /// Serving threads, each with its own runtime and its own share of the connections
+    /// (`workers`); the calling runtime is the first.
+    pub workers: usize,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -252,69 +255,87 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     }
 
     let limits = options.limits;
-    let accept = |kind| conn::AcceptOptions {
-        max: limits.max_connections,
-        handshake_timeout: limits.handshake_timeout,
-        tls: tls.clone(),
-        kind,
+    let (dispatch, queues) = conn::Dispatch::new(options.workers);
+    let dispatch = Arc::new(dispatch);
+    metrics::global().set_worker_connections(dispatch.loads());
+    // Turned true after the drain delay: the listeners close and each worker stops taking
+    // connections, finishing the calls in flight.
+    let (closing_tx, closing) = watch::channel(false);
+    let accept = |listener, kind| {
+        let options = conn::AcceptOptions {
+            max: limits.max_connections,
+            kind,
+        };
+        conn::accept(listener, options, Arc::clone(&dispatch), closing.clone());
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
-    let main = conn::incoming(listener, accept(ListenerKind::Main));
-    let admin = match options.admin_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
-            let local = listener.local_addr()?;
-            tracing::info!(addr = %local, "admin listener on {scheme}://{local}");
-            Box::pin(conn::incoming(listener, accept(ListenerKind::Admin)))
-                as std::pin::Pin<Box<dyn tokio_stream::Stream<Item = _> + Send>>
-        }
-        None => Box::pin(tokio_stream::pending()),
-    };
-    let incoming = main.merge(admin);
-    tracing::info!(
-        addr = %local,
-        tls = tls.is_some(),
-        mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
-        "stepgate listening on {local}"
-    );
+    if let Some(addr) = options.admin_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "admin listener on {scheme}://{local}");
+        accept(listener, ListenerKind::Admin);
+    }
+    // Connections wait in their worker's queue until the worker serves it.
+    accept(listener, ListenerKind::Main);
 
     // The admin API exists only with an admin listener; its handlers refuse the main one.
     let admin_service = options.admin_listen.map(|_| {
         AdminServiceServer::new(admin::Admin::new(Arc::clone(&authorizer)))
             .max_decoding_message_size(64 * 1024)
     });
-    let shutdown = shutdown(signals.terminate, health, options.drain_delay, stop_tx);
-    Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Envoy multiplexes many Checks over few connections: a roomy connection window and a
-        // stream limit that still bounds one misbehaving client.
-        .initial_connection_window_size(Some(1024 * 1024))
-        .initial_stream_window_size(Some(256 * 1024))
-        .max_concurrent_streams(Some(limits.max_concurrent_streams))
-        .http2_max_header_list_size(Some(64 * 1024))
-        .timeout(limits.request_timeout)
-        .add_service(health_service)
-        .add_optional_service(reflection)
-        .add_optional_service(reflection_v1alpha)
-        .add_service(ext_authz::ExtAuthz::new(
-            Arc::clone(&authorizer),
-            limits.max_message_bytes,
-        ))
-        .add_optional_service(admin_service)
-        .add_service(
-            DecisionServiceServer::new(decide::Decide::new(authorizer))
-                .max_decoding_message_size(limits.max_message_bytes),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("gRPC server failed")?;
+    let ext_authz = ext_authz::ExtAuthz::new(Arc::clone(&authorizer), limits.max_message_bytes);
+    let decide = DecisionServiceServer::new(decide::Decide::new(authorizer))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let worker_options = conn::ServeOptions {
+        handshake_timeout: limits.handshake_timeout,
+        tls: tls.clone(),
+    };
+    let serve = Arc::new(move |queue| {
+        let incoming = conn::incoming(queue, worker_options.clone());
+        let mut closing = closing.clone();
+        let closed = async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        };
+        let served = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Envoy multiplexes many Checks over few connections: a roomy connection window and a
+            // stream limit that still bounds one misbehaving client.
+            .initial_connection_window_size(Some(1024 * 1024))
+            .initial_stream_window_size(Some(256 * 1024))
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_max_header_list_size(Some(64 * 1024))
+            .timeout(limits.request_timeout)
+            .add_service(health_service.clone())
+            .add_optional_service(reflection.clone())
+            .add_optional_service(reflection_v1alpha.clone())
+            .add_service(ext_authz.clone())
+            .add_optional_service(admin_service.clone())
+            .add_service(decide.clone())
+            .serve_with_incoming_shutdown(incoming, closed);
+        async move { served.await.context("gRPC server failed") }
+    });
+    let (first, workers) = workers::start(queues, Arc::clone(&serve))?;
+    tracing::info!(
+        addr = %local,
+        tls = tls.is_some(),
+        mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
+        workers = options.workers.max(1),
+        "stepgate listening on {local}"
+    );
+    tokio::spawn(async move {
+        shutdown(signals.terminate, health, options.drain_delay, stop_tx).await;
+        let _ = closing_tx.send(true);
+    });
+    let served = serve(first).await;
+    let others = workers.finish().await;
+    served.and(others)?;
     // The batch exporter blocks while it sends what is pending.
     let _ = tokio::task::spawn_blocking(traces::shutdown).await;
     tracing::info!("stepgate stopped");

@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -142,6 +142,8 @@ pub struct Metrics {
     risk_triggers: DashMap<(Arc<str>, &'static str), AtomicU64>,
     /// Keys each risk signal tracks and the most it may: read at each scrape.
     risk_keys: OnceLock<RiskKeysSource>,
+    /// Each serving worker's open connections (server/workers.rs), read at each scrape.
+    worker_connections: OnceLock<Vec<Arc<AtomicUsize>>>,
     /// The shared risk store: -1 none (not exported), 0 unreachable, 1 connected.
     risk_store_up: AtomicI64,
     risk_store_errors: AtomicU64,
@@ -181,6 +183,7 @@ impl Default for Metrics {
             shadow_decisions: DashMap::new(),
             risk_triggers: DashMap::new(),
             risk_keys: OnceLock::new(),
+            worker_connections: OnceLock::new(),
             risk_store_up: AtomicI64::new(-1),
             risk_store_errors: AtomicU64::new(0),
             risk_store_unsent: AtomicU64::new(0),
@@ -379,6 +382,12 @@ impl Metrics {
             .entry((Arc::clone(signal), action))
             .or_default()
             .fetch_add(1, Relaxed);
+    }
+
+    /// Where `stepgate_worker_connections` is read from at each scrape: worker `i`'s open
+    /// connections are `loads[i]`.
+    pub fn set_worker_connections(&self, loads: Vec<Arc<AtomicUsize>>) {
+        let _ = self.worker_connections.set(loads);
     }
 
     /// Where `stepgate_risk_keys` is read from at each scrape: (signal, keys, most keys).
@@ -811,6 +820,22 @@ impl Collector for Exposition {
         )?;
         for ((signal, action), n) in triggers {
             counter(&mut family, &[("signal", &signal), ("action", action)], n)?;
+        }
+        if let Some(loads) = m.worker_connections.get() {
+            let mut family = encoder.encode_descriptor(
+                "stepgate_worker_connections",
+                "Open gRPC connections each serving worker holds (--balance connections)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (worker, load) in loads.iter().enumerate() {
+                let worker = worker.to_string();
+                gauge(
+                    &mut family,
+                    &[("worker", &worker)],
+                    load.load(Relaxed) as i64,
+                )?;
+            }
         }
         if let Some(source) = m.risk_keys.get() {
             let rows = source();
