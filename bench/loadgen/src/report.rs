@@ -515,14 +515,36 @@ impl Input {
 
     /// Two workers on two cores (shared with the generator): server CPU per request does not grow
     /// against one worker on one core (row a), within the run's resolution (5 %).
+    /// Beside it, when measured: the same pair for `--balance calls` (a-2core-calls) and for the
+    /// two floors (empty-2core against empty, canned-2core against canned), which tell what the
+    /// shared cores cost any server.
     fn two_core_target(&self) -> Target {
-        self.cpu_ratio_target(
-            "(cores) 2 workers on 2 cores: server CPU per request ≤ 1.05 × one core's (a)",
-            ("a-2core", " (2 cores shared with the generator)"),
-            "a",
-            1.05,
-        )
-        .0
+        let mut target = self
+            .cpu_ratio_target(
+                "(cores) 2 workers on 2 cores: server CPU per request ≤ 1.05 × one core's (a)",
+                ("a-2core", " (2 cores shared with the generator)"),
+                "a",
+                1.05,
+            )
+            .0;
+        let cpu = |label: &str| {
+            self.judged(label)
+                .and_then(|r| r.server.map(|s| s.cpu_us_per_request))
+        };
+        for (label, base, what) in [
+            ("a-2core-calls", "a", "--balance calls"),
+            ("empty-2core", "empty", "the tonic floor"),
+            ("canned-2core", "canned", "the canned floor"),
+        ] {
+            if let (Some(two), Some(one)) = (cpu(label), cpu(base)) {
+                let _ = write!(
+                    target.note,
+                    "; {what} ({label} vs {base}): {two:.1} vs {one:.1} µs/req ({:.2}×)",
+                    two / one.max(1e-9)
+                );
+            }
+        }
+        target
     }
 
     /// The default decision log (ALLOW lines at debug, so none for scenario a) costs at most 5 %
