@@ -18,9 +18,11 @@
 //! uniformly random, so its bytes are the hash (no SipHash per lookup); a caller choosing tokens to
 //! collide gains nothing, since only tokens with a valid signature are ever inserted.
 //!
-//! Each thread also keeps its own copies of its last hits ([`LOCAL_SLOTS`], by the digest's first
+//! Each thread also keeps its own copies of hot tokens ([`LOCAL_SLOTS`], by the digest's first
 //! byte): a hot token (a service account, one busy user) is then served on every core without the
-//! shard's lock and without an `Arc` whose count all cores write. A copy is served under the
+//! shard's lock and without an `Arc` whose count all cores write. A token is copied on the
+//! thread's second shared hit of it in a row for its slot, so that tokens each used now and then
+//! (many users) do not take turns being copied and never served. A copy is served under the
 //! shared entry's conditions (its lifetime, its key still published) and for its own cache only;
 //! a thread's copies are at most 64 tokens, and a copy's hits do not count as uses of the shared
 //! entry (its CLOCK may evict a token only one thread uses; that thread then re-verifies it once).
@@ -118,7 +120,7 @@ impl TokenCache {
         // entry (within its lifetime, its key still published), without the shard's lock or a
         // reference count shared with other cores.
         let local = usize::from(digest[0]) % LOCAL_SLOTS;
-        let mine = LOCAL_HITS.with_borrow(|hits| match &hits[local] {
+        let mine = LOCAL_HITS.with_borrow(|slots| match &slots[local].copy {
             Some(hit)
                 if hit.cache == self.id
                     && hit.digest == digest
@@ -137,14 +139,23 @@ impl TokenCache {
         match lock(shard).get(&digest, now) {
             Lookup::Hit(hit, expires_at) => {
                 metrics::global().record_token_cache(CacheEvent::Hit);
-                let copy = Arc::new(thread_copy(&hit));
-                LOCAL_HITS.with_borrow_mut(|hits| {
-                    hits[local] = Some(LocalHit {
-                        cache: self.id,
-                        digest,
-                        token: copy,
-                        expires_at,
-                    });
+                // A copy is made on this thread's second shared hit of the token in a row (for
+                // its slot): a token used once in a while, among many, costs a marker rather than
+                // a copy that would be replaced before it is ever served.
+                LOCAL_HITS.with_borrow_mut(|slots| {
+                    let slot = &mut slots[local];
+                    let seen = (self.id, digest);
+                    if slot.seen == Some(seen) {
+                        slot.seen = None;
+                        slot.copy = Some(LocalHit {
+                            cache: self.id,
+                            digest,
+                            token: Arc::new(thread_copy(&hit)),
+                            expires_at,
+                        });
+                    } else {
+                        slot.seen = Some(seen);
+                    }
                 });
                 return (digest, Ok(hit), true);
             }
@@ -469,9 +480,17 @@ struct LocalHit {
     expires_at: i64,
 }
 
+/// One of a thread's [`LOCAL_SLOTS`]: the copy it serves, and the last token (cache id and
+/// digest) the slot saw hit in the shared cache without a copy, which a second hit copies.
+#[derive(Default)]
+struct LocalSlot {
+    copy: Option<LocalHit>,
+    seen: Option<(u64, TokenDigest)>,
+}
+
 thread_local! {
-    static LOCAL_HITS: std::cell::RefCell<Vec<Option<LocalHit>>> =
-        std::cell::RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect());
+    static LOCAL_HITS: std::cell::RefCell<Vec<LocalSlot>> =
+        std::cell::RefCell::new((0..LOCAL_SLOTS).map(|_| LocalSlot::default()).collect());
 }
 
 /// The token as a thread's own copy: the principal and capabilities copied, so that the clones
@@ -572,9 +591,9 @@ mod tests {
         assert!(!from_cache_first && from_cache_second, "a miss, then a hit");
     }
 
-    /// A thread's own copy of a hit: served from the third verification on, equal to the shared
-    /// entry, sharing none of its reference counts; and under the same conditions (the key still
-    /// published, the lifetime), for its own cache only.
+    /// A thread's own copy of a hit: made on the second shared hit, served from the fourth
+    /// verification on, equal to the shared entry, sharing none of its reference counts; and
+    /// under the same conditions (the key still published, the lifetime), for its own cache only.
     #[test]
     fn a_thread_keeps_its_own_copy_of_a_hit_under_the_same_conditions() {
         let p = policy();
@@ -585,6 +604,11 @@ mod tests {
         let (_, second, hit) = verify(&cache, NOW);
         let second = second.unwrap();
         assert!(hit && Arc::ptr_eq(&first, &second), "the shared entry");
+        let (_, third, hit) = verify(&cache, NOW);
+        assert!(
+            hit && Arc::ptr_eq(&first, &third.unwrap()),
+            "the shared entry again, copied now"
+        );
         let (_, third, hit) = verify(&cache, NOW);
         let third = third.unwrap();
         assert!(hit && !Arc::ptr_eq(&second, &third), "this thread's copy");
@@ -614,6 +638,43 @@ mod tests {
             verify(&cache, NOW).1,
             Err(TokenError::UnknownKey { .. })
         ));
+    }
+
+    /// Tokens that take turns in one slot are never copied (each would replace the other's copy
+    /// before it is served), and leave the copy of a hot token in that slot alone.
+    #[test]
+    fn tokens_taking_turns_in_a_slot_are_not_copied_and_leave_a_hot_copy_alone() {
+        let p = policy();
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        let slot = |t: &str| usize::from(Sha256::digest(t.as_bytes())[0]) % LOCAL_SLOTS;
+        let hot = token("hot");
+        let mut same_slot = (0..)
+            .map(|i| token(&format!("user-{i}")))
+            .filter(|t| slot(t) == slot(&hot));
+        let (x, y) = (same_slot.next().unwrap(), same_slot.next().unwrap());
+        let verify = |t: &str| {
+            let (_, token, hit) = cache.verify(t, &p.issuers, 16_384, NOW);
+            (token.unwrap(), hit)
+        };
+        let shared = verify(&hot).0;
+        verify(&hot);
+        verify(&hot);
+        let copy = verify(&hot).0;
+        assert!(!Arc::ptr_eq(&shared, &copy), "the hot token is copied");
+        let (x_shared, y_shared) = (verify(&x).0, verify(&y).0);
+        for round in 0..4 {
+            for (t, entry) in [(&x, &x_shared), (&y, &y_shared)] {
+                let (served, hit) = verify(t);
+                assert!(
+                    hit && Arc::ptr_eq(&served, entry),
+                    "round {round}: the shared entry"
+                );
+            }
+            assert!(
+                Arc::ptr_eq(&verify(&hot).0, &copy),
+                "round {round}: the hot copy stays"
+            );
+        }
     }
 
     #[test]
