@@ -105,9 +105,15 @@ async fn reload(
     http: &reqwest::Client,
     why: &str,
 ) -> Result<Vec<Arc<crate::identity::Issuer>>, config::ConfigError> {
-    let file = config::load(path)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let fresh = policy::compile(&file, base)?;
+    // Read and compiled on a blocking thread: a large policy takes a while (10 000 rules about
+    // 150 ms), and the worker running this task keeps serving its connections meanwhile.
+    let owned = path.to_owned();
+    let fresh = tokio::task::spawn_blocking(move || {
+        let file = config::load(&owned)?;
+        policy::compile(&file, owned.parent().unwrap_or(Path::new(".")))
+    })
+    .await
+    .map_err(|e| config::ConfigError::new("", format!("compiling the policy failed: {e}")))??;
     let old = authorizer.policy();
     // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
     for issuer in fresh.issuers.iter() {
