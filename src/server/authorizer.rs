@@ -44,6 +44,27 @@ pub struct Authorizer {
     records: std::sync::OnceLock<(Arc<RecordSink>, bool)>,
 }
 
+/// A worker's own handle on the shared [`Authorizer`]. A call clones its service, and the
+/// service its handle, several times; cloning this handle writes a reference count that only its
+/// worker's thread writes, where cloning the `Arc<Authorizer>` itself would write one line that
+/// every core writes on every call. Each worker builds its services with a handle of its own.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle(Arc<Arc<Authorizer>>);
+
+impl WorkerHandle {
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self(Arc::new(authorizer))
+    }
+}
+
+impl std::ops::Deref for WorkerHandle {
+    type Target = Authorizer;
+
+    fn deref(&self) -> &Authorizer {
+        &self.0
+    }
+}
+
 /// `decision::decide_at`: (policy, request, now in seconds, now in milliseconds).
 type Engine = fn(&Policy, &AccessRequest, i64, i64) -> Decision;
 

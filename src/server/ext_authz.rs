@@ -22,7 +22,7 @@ use tonic::{
 
 use super::{
     answer::CheckAnswer,
-    authorizer::Authorizer,
+    authorizer::{Authorizer, WorkerHandle},
     catch_panic::catch_panic,
     check_request::{CheckCodec, CheckRequest},
 };
@@ -41,15 +41,16 @@ const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 /// The `envoy.service.auth.v3.Authorization` service (its one method, `Check`).
 #[derive(Debug, Clone)]
 pub struct ExtAuthz {
-    authorizer: Arc<Authorizer>,
+    authorizer: WorkerHandle,
     /// Largest `CheckRequest` frame read; a larger one is answered 413 without being read.
     max_message_bytes: usize,
 }
 
 impl ExtAuthz {
+    /// The service of one worker (see [`WorkerHandle`]).
     pub fn new(authorizer: Arc<Authorizer>, max_message_bytes: usize) -> Self {
         Self {
-            authorizer,
+            authorizer: WorkerHandle::new(authorizer),
             max_message_bytes,
         }
     }
@@ -72,11 +73,11 @@ impl Service<http::Request<Body>> for ExtAuthz {
         if request.uri().path() != CHECK_PATH {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let authorizer = Arc::clone(&self.authorizer);
+        let authorizer = self.authorizer.clone();
         let max_message_bytes = self.max_message_bytes;
         Box::pin(async move {
             let started = Instant::now();
-            let check = Check(Arc::clone(&authorizer));
+            let check = Check(authorizer.clone());
             let mut grpc = Grpc::new(CheckCodec(authorizer.header_limits()))
                 .max_decoding_message_size(max_message_bytes);
             let response = grpc.unary(check, request).await;
@@ -123,14 +124,14 @@ async fn answer_without_request(answer: CheckAnswer) -> http::Response<Body> {
 }
 
 /// One `Check` call: decide, log, answer; a panic on the way is answered `500 internal_error`.
-struct Check(Arc<Authorizer>);
+struct Check(WorkerHandle);
 
 impl UnaryService<CheckRequest> for Check {
     type Response = CheckAnswer;
     type Future = BoxFuture<Response<CheckAnswer>, Status>;
 
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
-        let authorizer = Arc::clone(&self.0);
+        let authorizer = self.0.clone();
         Box::pin(async move {
             let started = Instant::now();
             let answer = catch_panic(Box::pin(async {

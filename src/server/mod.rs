@@ -289,15 +289,17 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         AdminServiceServer::new(admin::Admin::new(Arc::clone(&authorizer)))
             .max_decoding_message_size(64 * 1024)
     });
-    let ext_authz = ext_authz::ExtAuthz::new(Arc::clone(&authorizer), limits.max_message_bytes);
-    let decide = DecisionServiceServer::new(decide::Decide::new(authorizer))
-        .max_decoding_message_size(limits.max_message_bytes);
     let worker_options = conn::ServeOptions {
         handshake_timeout: limits.handshake_timeout,
         tls: tls.clone(),
     };
     let serve = Arc::new(move |queue| {
         let incoming = conn::incoming(queue, worker_options.clone());
+        // The hot services are made for each worker: the reference counts their calls clone are
+        // then the worker's own (see `authorizer::WorkerHandle`).
+        let ext_authz = ext_authz::ExtAuthz::new(Arc::clone(&authorizer), limits.max_message_bytes);
+        let decide = DecisionServiceServer::new(decide::Decide::new(Arc::clone(&authorizer)))
+            .max_decoding_message_size(limits.max_message_bytes);
         let mut closing = closing.clone();
         let closed = async move {
             let _ = closing.wait_for(|closing| *closing).await;
@@ -315,9 +317,9 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             .add_service(health_service.clone())
             .add_optional_service(reflection.clone())
             .add_optional_service(reflection_v1alpha.clone())
-            .add_service(ext_authz.clone())
+            .add_service(ext_authz)
             .add_optional_service(admin_service.clone())
-            .add_service(decide.clone())
+            .add_service(decide)
             .serve_with_incoming_shutdown(incoming, closed);
         async move { served.await.context("gRPC server failed") }
     });
