@@ -49,6 +49,10 @@ pub struct Authorizer {
 /// worker's thread writes, where cloning the `Arc<Authorizer>` itself would write one line that
 /// every core writes on every call. Each worker builds its services with a handle of its own.
 #[derive(Debug, Clone)]
+#[expect(
+    clippy::redundant_allocation,
+    reason = "the outer Arc is the worker's own reference count, the point of the handle"
+)]
 pub struct WorkerHandle(Arc<Arc<Authorizer>>);
 
 impl WorkerHandle {
