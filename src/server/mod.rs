@@ -281,7 +281,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         tracing::info!(addr = %local, "admin listener on {scheme}://{local}");
         accept(listener, ListenerKind::Admin);
     }
-    // Connections wait in their worker's queue until the worker serves it.
+    // Accepted connections wait in their worker's queue until the worker runs (just below).
     accept(listener, ListenerKind::Main);
 
     // The admin API exists only with an admin listener; its handlers refuse the main one.
