@@ -86,7 +86,7 @@ pub struct AcceptOptions {
 
 /// How a worker takes up the connections handed to it.
 #[derive(Debug, Clone)]
-pub struct ServeOptions {
+pub struct WorkerOptions {
     /// Time for a client to send its first bytes, or to finish its TLS handshake.
     pub handshake_timeout: Duration,
     pub tls: Option<Arc<Tls>>,
@@ -233,9 +233,9 @@ pub fn accept(
 /// stream is dropped.
 pub fn incoming(
     mut handed: mpsc::UnboundedReceiver<Accepted>,
-    options: ServeOptions,
+    options: WorkerOptions,
 ) -> impl Stream<Item = io::Result<Batched>> {
-    let ServeOptions {
+    let WorkerOptions {
         handshake_timeout,
         tls,
     } = options;

@@ -289,7 +289,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         AdminServiceServer::new(admin::Admin::new(Arc::clone(&authorizer)))
             .max_decoding_message_size(64 * 1024)
     });
-    let worker_options = conn::ServeOptions {
+    let worker_options = conn::WorkerOptions {
         handshake_timeout: limits.handshake_timeout,
         tls: tls.clone(),
     };
