@@ -1,8 +1,9 @@
 //! The fuzz targets' invariants (`stepgate::fuzzing`) as proptest properties, run on stable in
 //! every test run: where the fuzzer explores bytes at random, these build inputs from the pieces
 //! that matter (dot segments, escapes, parameters; stars and double stars; repeated JSON names,
-//! escapes and surrogates; protobuf messages merged and corrupted; policy lines out of place), so
-//! the same invariants are checked on inputs a random walk would rarely reach.
+//! escapes and surrogates; protobuf messages merged and corrupted; gRPC frames that lie about their
+//! length; policy lines out of place), so the same invariants are checked on inputs a random walk
+//! would rarely reach.
 
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
@@ -67,6 +68,35 @@ proptest! {
             }
             fuzzing::check_request::check(&merged);
         }
+    }
+
+    #[test]
+    fn the_unary_body_reader_reads_as_tonic_does(
+        frames in vec((0u8..3, vec(any::<u8>(), 0..24), any::<bool>()), 0..3),
+        cut_off in 0usize..3,
+        limit in select(&[0u8, 2, 5, 255][..]),
+        cut in any::<u8>(),
+    ) {
+        // Frames with a flag of 0, 1 or 2 whose prefix tells the truth or a larger length, then
+        // the body cut short by up to two bytes, chunked as `cut` says.
+        let mut body = Vec::new();
+        for (flag, message, lies) in frames {
+            body.push(flag);
+            let len = message.len() as u32 + if lies { 7 } else { 0 };
+            body.extend(len.to_be_bytes());
+            body.extend(message);
+        }
+        body.truncate(body.len().saturating_sub(cut_off));
+        let input = [&[0, limit, cut][..], &body].concat();
+        fuzzing::grpc_message::check(&input);
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_grammar_says(
+        digits in "[0-9+ -]{0,10}",
+        unit in select(&["H", "M", "S", "m", "u", "n", "s", "", "mm"][..]),
+    ) {
+        fuzzing::grpc_message::check(format!("\u{1}{digits}{unit}").as_bytes());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The invariants of stepgate's hand-written parsers, as functions of arbitrary bytes that panic
 //! when one is broken. Each parser is held to a twin: the maintained library it replaces on the
-//! request path (prost for the `CheckRequest` reader, serde_json for the JWS reader, a regex for
-//! path globs and for the B3 trace headers), or a property where there is no library (path
-//! normalisation, the policy loader).
+//! request path (prost for the `CheckRequest` reader, tonic for the gRPC message reader,
+//! serde_json for the JWS reader, a regex for path globs, `grpc-timeout` and the B3 trace
+//! headers), or a property where there is no library (path normalisation, the policy loader).
 //!
 //! Three callers share them: the cargo-fuzz targets under `fuzz/` (libFuzzer, nightly), the test
 //! that replays every committed corpus entry and crash on stable (`tests/fuzz_corpus.rs`), and the
@@ -10,6 +10,7 @@
 
 pub mod b3;
 pub mod check_request;
+pub mod grpc_message;
 pub mod jws;
 pub mod path;
 pub mod pattern;
@@ -33,6 +34,11 @@ pub const TARGETS: &[Target] = &[
         name: "check_request",
         check: check_request::check,
         seeds: check_request::seeds,
+    },
+    Target {
+        name: "grpc_message",
+        check: grpc_message::check,
+        seeds: grpc_message::seeds,
     },
     Target {
         name: "jws",

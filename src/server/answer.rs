@@ -25,6 +25,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use envoy_types::ext_authz::v3::pb::HeaderAppendAction;
 use prost::{
     DecodeError,
@@ -32,6 +34,7 @@ use prost::{
     encoding::{DecodeContext, WireType, encode_varint, skip_field},
 };
 
+use super::grpc_message::PREFIX;
 use crate::{
     decision::{Decision, Outcome},
     policy::Policy,
@@ -49,7 +52,7 @@ const UNAUTHENTICATED: u64 = 16;
 #[derive(Debug)]
 pub struct CheckAnswer {
     decision: Decision,
-    /// The encoded `CheckResponse`.
+    /// Room for the gRPC message prefix ([`PREFIX`] bytes), then the encoded `CheckResponse`.
     bytes: Vec<u8>,
 }
 
@@ -57,6 +60,7 @@ impl CheckAnswer {
     /// Encodes `decision`, made under `policy` (which names the identity headers to remove).
     pub fn new(decision: Decision, policy: &Policy) -> Self {
         let mut out = Out(Vec::with_capacity(512));
+        out.0.resize(PREFIX, 0);
         write(&mut out, &decision, policy);
         Self {
             decision,
@@ -67,11 +71,19 @@ impl CheckAnswer {
     pub fn decision(&self) -> &Decision {
         &self.decision
     }
+
+    /// The answer as a gRPC message frame (not compressed), in the buffer it was encoded into.
+    pub fn into_frame(self) -> Bytes {
+        let mut bytes = self.bytes;
+        let len = u32::try_from(bytes.len() - PREFIX).expect("an answer is far below 4 GiB");
+        bytes[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+        Bytes::from(bytes)
+    }
 }
 
 impl prost::Message for CheckAnswer {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.bytes);
+        buf.put_slice(&self.bytes[PREFIX..]);
     }
 
     fn merge_field(
@@ -85,11 +97,11 @@ impl prost::Message for CheckAnswer {
     }
 
     fn encoded_len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() - PREFIX
     }
 
     fn clear(&mut self) {
-        self.bytes.clear();
+        self.bytes.truncate(PREFIX);
     }
 }
 

@@ -33,15 +33,8 @@
 
 use std::{cell::Cell, ops::Range};
 
-use bytes::{Buf as _, Bytes};
-use tonic::{
-    Status,
-    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
-};
-use tonic_prost::ProstEncoder;
-
-use super::answer::CheckAnswer;
 use crate::request::{HeaderLimits, Headers, RequestProblem};
+use bytes::Bytes;
 
 /// `context_extensions` entries kept: Envoy's come from route configuration (a handful); more is
 /// a caller that is not Envoy.
@@ -604,42 +597,6 @@ impl<'a> Reader<'a> {
         }
         self.advance(width);
         Ok(())
-    }
-}
-
-/// The `Check` method's codec: [`CheckRequest`] in (headers within the current policy's limits),
-/// [`CheckAnswer`] out (prost encodes it).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CheckCodec(pub HeaderLimits);
-
-impl Codec for CheckCodec {
-    type Encode = CheckAnswer;
-    type Decode = CheckRequest;
-    type Encoder = ProstEncoder<CheckAnswer>;
-    type Decoder = CheckDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::default())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        CheckDecoder(self.0)
-    }
-}
-
-/// Takes the gRPC frame's bytes (no copy when the frame arrived whole) and reads them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CheckDecoder(HeaderLimits);
-
-impl Decoder for CheckDecoder {
-    type Item = CheckRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckRequest>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        CheckRequest::decode(bytes, self.0)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 

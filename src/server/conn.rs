@@ -48,7 +48,6 @@ use tokio::{
 };
 use tokio_rustls::server::TlsStream;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::transport::server::Connected;
 
 use super::tls::{self, ClientIdentity, Tls};
 use crate::telemetry::metrics;
@@ -67,7 +66,8 @@ pub enum ListenerKind {
     Admin,
 }
 
-/// What is known of a connection's peer; tonic puts it in each call's request extensions.
+/// What is known of a connection's peer; each call routed to tonic finds it in its request
+/// extensions (server/calls.rs).
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
@@ -234,7 +234,7 @@ pub fn accept(
 pub fn incoming(
     mut handed: mpsc::UnboundedReceiver<Accepted>,
     options: WorkerOptions,
-) -> impl Stream<Item = io::Result<Batched>> {
+) -> impl Stream<Item = Batched> {
     let WorkerOptions {
         handshake_timeout,
         tls,
@@ -271,7 +271,7 @@ pub fn incoming(
             let Some(tls) = &tls else {
                 let connection =
                     Batched::new(Io::Plain(stream), slot, Some(handshake_timeout), peer);
-                if ready.send(Ok(connection)).await.is_err() {
+                if ready.send(connection).await.is_err() {
                     return;
                 }
                 continue;
@@ -299,7 +299,7 @@ pub fn incoming(
                     Some(handshake_timeout),
                     peer,
                 );
-                let _ = ready.send(Ok(connection)).await;
+                let _ = ready.send(connection).await;
             });
         }
     });
@@ -356,17 +356,16 @@ impl Batched {
     }
 }
 
-impl Drop for Batched {
-    fn drop(&mut self) {
-        metrics::global().connection_closed();
+impl Batched {
+    /// What is known of the client.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
     }
 }
 
-impl Connected for Batched {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
+impl Drop for Batched {
+    fn drop(&mut self) {
+        metrics::global().connection_closed();
     }
 }
 

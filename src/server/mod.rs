@@ -4,12 +4,14 @@
 pub mod admin;
 pub mod answer;
 pub mod authorizer;
+mod calls;
 mod catch_panic;
 pub mod check_request;
 mod conn;
 pub mod decide;
 pub mod ext_authz;
 mod files;
+pub mod grpc_message;
 mod reload;
 pub mod tls;
 mod workers;
@@ -18,7 +20,6 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use authorizer::Authorizer;
@@ -300,28 +301,29 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         let ext_authz = ext_authz::ExtAuthz::new(Arc::clone(&authorizer), limits.max_message_bytes);
         let decide = DecisionServiceServer::new(decide::Decide::new(Arc::clone(&authorizer)))
             .max_decoding_message_size(limits.max_message_bytes);
-        let mut closing = closing.clone();
-        let closed = async move {
-            let _ = closing.wait_for(|closing| *closing).await;
-        };
-        let served = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            // Envoy multiplexes many Checks over few connections: a roomy connection window and a
-            // stream limit that still bounds one misbehaving client.
-            .initial_connection_window_size(Some(1024 * 1024))
-            .initial_stream_window_size(Some(256 * 1024))
-            .max_concurrent_streams(Some(limits.max_concurrent_streams))
-            .http2_max_header_list_size(Some(64 * 1024))
-            .timeout(limits.request_timeout)
+        let closing = closing.clone();
+        let mut routes = tonic::service::Routes::builder();
+        routes
             .add_service(health_service.clone())
-            .add_optional_service(reflection.clone())
-            .add_optional_service(reflection_v1alpha.clone())
-            .add_service(ext_authz)
-            .add_optional_service(admin_service.clone())
-            .add_service(decide)
-            .serve_with_incoming_shutdown(incoming, closed);
-        async move { served.await.context("gRPC server failed") }
+            .add_service(decide);
+        if let Some(reflection) = reflection.clone() {
+            routes.add_service(reflection);
+        }
+        if let Some(reflection) = reflection_v1alpha.clone() {
+            routes.add_service(reflection);
+        }
+        if let Some(admin) = admin_service.clone() {
+            routes.add_service(admin);
+        }
+        let calls = calls::Calls {
+            check: ext_authz,
+            routes: routes.routes().prepare(),
+            timeout: limits.request_timeout,
+        };
+        async move {
+            calls::serve(incoming, calls, &limits, closing).await;
+            Ok(())
+        }
     });
     let (first, workers) = workers::start(queues, Arc::clone(&serve))?;
     tracing::info!(

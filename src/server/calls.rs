@@ -1,0 +1,234 @@
+//! Each connection's HTTP/2 server, and where its calls go.
+//!
+//! A worker serves its connections with hyper's HTTP/2 server (the one tonic uses, with the same
+//! settings: flow-control windows, the stream limit, keepalive pings, the header-list limit,
+//! graceful shutdown). Calls are routed on their path:
+//! - ext_authz `Check` is read, decided and answered here ([`ExtAuthz`]): its one message is
+//!   taken from the request's DATA frame without a copy (`grpc_message::UnaryReader`), and its
+//!   answer leaves as one precomputed frame and the `grpc-status: 0` trailer. This is most of what
+//!   a server does per request, and the path every proxied request takes; tonic's per-call layers
+//!   (its service stack, router, codec and streaming body) cost more than the decision itself
+//!   (docs/performance.md, "The transport floor").
+//! - every other path goes to tonic's router: `Decide`, gRPC health, reflection and the admin
+//!   API, each call with the connection's [`PeerInfo`] in its extensions as tonic put it there.
+//!
+//! Both get the deadline tonic's server gave them: `--request-timeout`, or the client's shorter
+//! `grpc-timeout`; past it the call ends with `CANCELLED` ("Timeout expired").
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::{body::Incoming, server::conn::http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Status, body::Body as TonicBody, codegen::Service, service::Routes};
+
+use super::{
+    TransportLimits,
+    conn::{Batched, PeerInfo},
+    ext_authz::{CHECK_PATH, ExtAuthz},
+    grpc_message,
+};
+
+/// What one worker serves: the `Check` service and tonic's router for the rest.
+#[derive(Clone)]
+pub struct Calls {
+    pub check: ExtAuthz,
+    pub routes: Routes,
+    /// `--request-timeout`.
+    pub timeout: Duration,
+}
+
+/// Serves the connections `incoming` yields until `closing` turns true, then stops taking new
+/// ones and returns once every open connection has finished its calls (each is told to go away:
+/// HTTP/2 GOAWAY, the calls in flight answered).
+pub async fn serve(
+    incoming: impl Stream<Item = Batched>,
+    calls: Calls,
+    limits: &TransportLimits,
+    closing: watch::Receiver<bool>,
+) {
+    let builder = builder(limits);
+    let calls = Arc::new(calls);
+    // Every connection task holds a sender; once all are dropped, `recv` returns `None`.
+    let (open, mut all_closed) = mpsc::channel::<Infallible>(1);
+    let mut incoming = std::pin::pin!(incoming);
+    let closed = closing.clone();
+    let mut closed = std::pin::pin!(async move {
+        let mut closed = closed;
+        let _ = closed.wait_for(|closing| *closing).await;
+    });
+    loop {
+        let connection = tokio::select! {
+            connection = incoming.next() => connection,
+            () = &mut closed => break,
+        };
+        let Some(connection) = connection else { break };
+        let service = Connection {
+            peer: connection.peer().clone(),
+            calls: Arc::clone(&calls),
+        };
+        let served = builder.serve_connection(TokioIo::new(connection), service);
+        let (open, mut closing) = (open.clone(), closing.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let mut served = std::pin::pin!(served);
+            let closed = async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            };
+            let result = tokio::select! {
+                result = served.as_mut() => result,
+                () = closed => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "a gRPC connection ended with an error");
+            }
+        });
+    }
+    drop(open);
+    let _ = all_closed.recv().await;
+}
+
+/// The HTTP/2 settings of every connection (tonic's, as stepgate configured them before).
+fn builder(limits: &TransportLimits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Envoy multiplexes many Checks over few connections: a roomy connection window and a
+        // stream limit that still bounds one misbehaving client.
+        .initial_connection_window_size(1024 * 1024)
+        .initial_stream_window_size(256 * 1024)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(64 * 1024);
+    builder
+}
+
+/// One connection's calls.
+#[derive(Clone)]
+struct Connection {
+    peer: PeerInfo,
+    calls: Arc<Calls>,
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<Response<CallBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for Connection {
+    type Response = Response<CallBody>;
+    type Error = Infallible;
+    type Future = CallFuture;
+
+    fn call(&self, mut request: Request<Incoming>) -> CallFuture {
+        let timeout = deadline(request.headers(), self.calls.timeout);
+        if request.uri().path() == CHECK_PATH {
+            let check = self.calls.check.clone();
+            return Box::pin(within(timeout, async move { check.call(request).await }));
+        }
+        request.extensions_mut().insert(self.peer.clone());
+        let mut routes = self.calls.routes.clone();
+        Box::pin(within(timeout, async move {
+            let Ok(()) = std::future::poll_fn(|cx| {
+                Service::<Request<Incoming>>::poll_ready(&mut routes, cx)
+            })
+            .await;
+            let Ok(response) = routes.call(request).await;
+            response.map(CallBody::Tonic)
+        }))
+    }
+}
+
+/// The call's time: `limit`, or the client's `grpc-timeout` when shorter.
+fn deadline(headers: &HeaderMap, limit: Duration) -> Duration {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| grpc_message::parse_timeout(v.as_bytes()))
+        .map_or(limit, |asked| asked.min(limit))
+}
+
+/// `call`, ended with `CANCELLED` if it takes longer than `timeout`.
+async fn within(
+    timeout: Duration,
+    call: impl Future<Output = Response<CallBody>>,
+) -> Result<Response<CallBody>, Infallible> {
+    Ok(tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| status(Status::cancelled("Timeout expired"))))
+}
+
+/// A trailers-only gRPC answer: `status` in the response headers, no message.
+pub fn status(status: Status) -> Response<CallBody> {
+    status.into_http::<TonicBody>().map(CallBody::Tonic)
+}
+
+/// A successful unary answer: `frame` (a message behind its prefix), then `grpc-status: 0`.
+pub fn unary(frame: Bytes) -> Response<CallBody> {
+    let mut response = Response::new(CallBody::Unary {
+        frame: Some(frame),
+        ok: true,
+    });
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// An answer's body.
+pub enum CallBody {
+    /// One message frame, then the `grpc-status: 0` trailer (`ok` until it is sent).
+    Unary { frame: Option<Bytes>, ok: bool },
+    /// Whatever tonic's services answered.
+    Tonic(TonicBody),
+}
+
+impl HttpBody for CallBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        match self.get_mut() {
+            Self::Unary { frame, ok } => Poll::Ready(if let Some(data) = frame.take() {
+                Some(Ok(Frame::data(data)))
+            } else if std::mem::take(ok) {
+                let mut trailers = HeaderMap::with_capacity(1);
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                Some(Ok(Frame::trailers(trailers)))
+            } else {
+                None
+            }),
+            Self::Tonic(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Unary { frame, ok } => frame.is_none() && !ok,
+            Self::Tonic(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Unary { frame, .. } => {
+                SizeHint::with_exact(frame.as_ref().map_or(0, |f| f.len() as u64))
+            }
+            Self::Tonic(body) => body.size_hint(),
+        }
+    }
+}

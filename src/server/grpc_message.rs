@@ -1,0 +1,295 @@
+//! The two pieces of gRPC's wire format stepgate reads itself, on the `Check` path
+//! (server/calls.rs): a unary call's request body (one message behind its 5-byte prefix) and the
+//! `grpc-timeout` header. Their twins are tonic's message reader and the gRPC specification's
+//! grammar (`fuzzing::grpc_message`).
+//!
+//! [`UnaryReader`] takes the body as HTTP/2 delivers it, one DATA frame's bytes at a time. When
+//! the whole message arrives in one frame, as Envoy sends it, the message is a slice of that
+//! frame: nothing is copied. It refuses as soon as the outcome is known:
+//! - a compressed message (stepgate offers no compression, so a set flag is a protocol error, as
+//!   the gRPC compression spec says) or a flag other than 0 and 1;
+//! - a length over the limit, before any of the message is read;
+//! - bytes after the one message: a unary call has exactly one, and a reader that took the first
+//!   of two and one that took the last would decide different requests.
+//!
+//! Memory grows with the bytes that arrived, never with the length a prefix announces: a prefix
+//! claiming 4 MiB followed by silence holds 5 bytes, not a 4 MiB buffer.
+
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+/// The message prefix: the compressed flag (1 byte) and the length (4 bytes, big-endian).
+pub const PREFIX: usize = 5;
+
+/// What a unary request body held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unary {
+    /// Its one message.
+    Message(Bytes),
+    /// The prefix announced this many bytes, over the limit; none of them were read.
+    TooLarge(u32),
+    /// Not one whole uncompressed message; why.
+    Malformed(&'static str),
+}
+
+pub const COMPRESSED: &str = "the message is compressed, and stepgate offers no compression";
+pub const BAD_FLAG: &str = "the message prefix's compressed flag is neither 0 nor 1";
+pub const NO_MESSAGE: &str = "the call carries no message";
+pub const TRUNCATED: &str = "the body ends inside a message";
+pub const MORE_THAN_ONE: &str = "a unary call carries more than one message";
+
+/// Reads one unary request body, chunk by chunk; see the module docs.
+#[derive(Debug)]
+pub struct UnaryReader {
+    max: usize,
+    state: State,
+    /// Bytes received and not yet taken as the prefix or the message.
+    buf: BytesMut,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for the prefix.
+    Prefix,
+    /// Waiting for a message of this many bytes.
+    Message(usize),
+    /// The message arrived; nothing more may.
+    Done(Bytes),
+}
+
+impl UnaryReader {
+    /// A reader refusing messages over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            state: State::Prefix,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Takes the body's next bytes. `Some` is a refusal known before the body ends: stop reading.
+    pub fn push(&mut self, chunk: Bytes) -> Option<Unary> {
+        if chunk.is_empty() {
+            return None;
+        }
+        if let State::Done(_) = self.state {
+            return Some(Unary::Malformed(MORE_THAN_ONE));
+        }
+        // The whole message in one chunk: keep a slice of it.
+        if self.buf.is_empty() && matches!(self.state, State::Prefix) && chunk.len() >= PREFIX {
+            let len = match self.length(&chunk[..PREFIX]) {
+                Ok(len) => len,
+                Err(refusal) => return Some(refusal),
+            };
+            let end = PREFIX + len;
+            if chunk.len() >= end {
+                if chunk.len() > end {
+                    return Some(Unary::Malformed(MORE_THAN_ONE));
+                }
+                self.state = State::Done(chunk.slice(PREFIX..end));
+                return None;
+            }
+            self.state = State::Message(len);
+            self.buf.extend_from_slice(&chunk[PREFIX..]);
+            return None;
+        }
+        self.buf.extend_from_slice(&chunk);
+        loop {
+            match self.state {
+                State::Prefix if self.buf.len() >= PREFIX => {
+                    let len = match self.length(&self.buf[..PREFIX]) {
+                        Ok(len) => len,
+                        Err(refusal) => return Some(refusal),
+                    };
+                    self.buf.advance(PREFIX);
+                    self.state = State::Message(len);
+                }
+                State::Message(len) if self.buf.len() >= len => {
+                    let message = self.buf.split_to(len).freeze();
+                    if !self.buf.is_empty() {
+                        return Some(Unary::Malformed(MORE_THAN_ONE));
+                    }
+                    self.state = State::Done(message);
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The body ended: what it held.
+    pub fn finish(self) -> Unary {
+        match self.state {
+            State::Done(message) => Unary::Message(message),
+            State::Prefix if self.buf.is_empty() => Unary::Malformed(NO_MESSAGE),
+            State::Prefix | State::Message(_) => Unary::Malformed(TRUNCATED),
+        }
+    }
+
+    /// The length a prefix announces, or why the message is refused (checked in tonic's order:
+    /// the flag, then the length).
+    fn length(&self, prefix: &[u8]) -> Result<usize, Unary> {
+        match prefix[0] {
+            0 => {}
+            1 => return Err(Unary::Malformed(COMPRESSED)),
+            _ => return Err(Unary::Malformed(BAD_FLAG)),
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+        match usize::try_from(len) {
+            Ok(len) if len <= self.max => Ok(len),
+            _ => Err(Unary::TooLarge(len)),
+        }
+    }
+}
+
+/// A `grpc-timeout` value (`TimeoutValue TimeoutUnit`: 1 to 8 ASCII digits, then one of
+/// `H M S m u n`), or `None` when it does not follow that grammar (the header is then ignored,
+/// as tonic and grpc-go do).
+pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((message.len() as u32).to_be_bytes());
+        out.extend(message);
+        out
+    }
+
+    fn read(chunks: &[&[u8]], max: usize) -> Unary {
+        let mut reader = UnaryReader::new(max);
+        for chunk in chunks {
+            if let Some(refusal) = reader.push(Bytes::copy_from_slice(chunk)) {
+                return refusal;
+            }
+        }
+        reader.finish()
+    }
+
+    #[test]
+    fn a_message_is_read_whole_or_in_pieces_and_a_whole_one_is_not_copied() {
+        let body = Bytes::from(frame(b"hello"));
+        let mut reader = UnaryReader::new(100);
+        assert_eq!(reader.push(body.clone()), None);
+        let Unary::Message(message) = reader.finish() else {
+            panic!("no message");
+        };
+        assert_eq!(&message[..], b"hello");
+        assert_eq!(
+            message.as_ptr(),
+            body[PREFIX..].as_ptr(),
+            "a slice of the chunk"
+        );
+        for split in 0..body.len() {
+            let (a, b) = body.split_at(split);
+            assert_eq!(
+                read(&[a, b], 100),
+                Unary::Message(Bytes::from_static(b"hello"))
+            );
+            let bytes: Vec<&[u8]> = body.chunks(1).collect();
+            assert_eq!(
+                read(&bytes, 100),
+                Unary::Message(Bytes::from_static(b"hello"))
+            );
+        }
+        assert_eq!(read(&[&frame(b"")], 0), Unary::Message(Bytes::new()));
+    }
+
+    #[test]
+    fn refusals_are_named() {
+        let big = frame(&[7; 101]);
+        assert_eq!(read(&[&big], 100), Unary::TooLarge(101));
+        assert_eq!(
+            read(&[&big[..PREFIX]], 100),
+            Unary::TooLarge(101),
+            "before the message"
+        );
+        assert_eq!(
+            read(&[&big], 101),
+            Unary::Message(Bytes::from(vec![7; 101]))
+        );
+        let mut compressed = frame(b"x");
+        compressed[0] = 1;
+        assert_eq!(read(&[&compressed], 100), Unary::Malformed(COMPRESSED));
+        compressed[0] = 2;
+        assert_eq!(read(&[&compressed], 100), Unary::Malformed(BAD_FLAG));
+        assert_eq!(read(&[], 100), Unary::Malformed(NO_MESSAGE));
+        assert_eq!(read(&[&[0, 0]], 100), Unary::Malformed(TRUNCATED));
+        assert_eq!(
+            read(&[&frame(b"abc")[..6]], 100),
+            Unary::Malformed(TRUNCATED)
+        );
+        let two = [frame(b"a"), frame(b"b")].concat();
+        assert_eq!(read(&[&two], 100), Unary::Malformed(MORE_THAN_ONE));
+        assert_eq!(
+            read(&[&two[..6], &two[6..]], 100),
+            Unary::Malformed(MORE_THAN_ONE)
+        );
+        assert_eq!(read(&[&two[..7]], 100), Unary::Malformed(MORE_THAN_ONE));
+    }
+
+    #[test]
+    fn a_huge_announced_length_reserves_nothing() {
+        let mut reader = UnaryReader::new(usize::MAX);
+        assert_eq!(
+            reader.push(Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff, 1])),
+            None
+        );
+        assert!(reader.buf.capacity() < 1024, "{}", reader.buf.capacity());
+    }
+
+    #[test]
+    fn timeouts_follow_the_grammar() {
+        assert_eq!(parse_timeout(b"200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(parse_timeout(b"5n"), Some(Duration::from_nanos(5)));
+        assert_eq!(
+            parse_timeout(b"99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for bad in [
+            &b""[..],
+            b"m",
+            b"123456789m",
+            b"+5m",
+            b"-5m",
+            b"5",
+            b"5x",
+            b"5 m",
+            b" 5m",
+        ] {
+            assert_eq!(
+                parse_timeout(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

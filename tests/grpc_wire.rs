@@ -1,0 +1,269 @@
+//! The gRPC wire as stepgate serves it, over a real socket with a raw HTTP/2 client (the `h2`
+//! crate), below what any gRPC library would send: a `Check` message cut across DATA frames,
+//! two messages in one unary call, a body that never ends, a method nobody serves, and a client
+//! that resets the streams it opens.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Server, Spawn, demo_policy_path, entra, envoy_check, mint};
+use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, check_response::HttpResponse};
+use h2::client::SendRequest;
+use prost::Message as _;
+use tokio::net::TcpStream;
+
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// An HTTP/2 connection to the server, its driver running in the background.
+async fn connect(server: &Server) -> SendRequest<Bytes> {
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    client.ready().await.expect("ready")
+}
+
+fn call(path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
+}
+
+/// A gRPC message frame (not compressed).
+fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend((message.len() as u32).to_be_bytes());
+    out.extend(message);
+    out
+}
+
+/// What a call came back with: the `grpc-status` (from the headers of a trailers-only answer, or
+/// the trailers), and the message bytes.
+struct Answer {
+    grpc_status: String,
+    body: Vec<u8>,
+}
+
+/// Sends `chunks` as the call's DATA frames (the last ending the stream) and reads the answer.
+async fn send(
+    client: &mut SendRequest<Bytes>,
+    request: http::Request<()>,
+    chunks: Vec<Vec<u8>>,
+) -> Answer {
+    let (response, mut stream) = client.send_request(request, false).expect("sends");
+    let count = chunks.len();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        stream
+            .send_data(Bytes::from(chunk), i + 1 == count)
+            .expect("sends data");
+    }
+    if count == 0 {
+        stream
+            .send_data(Bytes::new(), true)
+            .expect("ends the stream");
+    }
+    read(response).await
+}
+
+async fn read(response: h2::client::ResponseFuture) -> Answer {
+    let response = response.await.expect("an answer");
+    assert_eq!(response.status(), 200);
+    let in_headers = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let mut received = response.into_body();
+    let mut body = Vec::new();
+    while let Some(data) = received.data().await {
+        let data = data.expect("data");
+        let _ = received.flow_control().release_capacity(data.len());
+        body.extend_from_slice(&data);
+    }
+    let in_trailers = received
+        .trailers()
+        .await
+        .expect("trailers")
+        .and_then(|t| t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()));
+    Answer {
+        grpc_status: in_headers.or(in_trailers).expect("a grpc-status"),
+        body,
+    }
+}
+
+/// The `CheckResponse` in an answer's one frame.
+fn check_response(answer: &Answer) -> CheckResponse {
+    assert_eq!(answer.grpc_status, "0", "an OK gRPC answer");
+    let len = u32::from_be_bytes(answer.body[1..5].try_into().unwrap()) as usize;
+    assert_eq!(
+        (answer.body[0], answer.body.len()),
+        (0, 5 + len),
+        "one frame"
+    );
+    CheckResponse::decode(&answer.body[5..]).expect("a CheckResponse")
+}
+
+/// The denial's HTTP status and body; `None` for an ALLOW.
+fn denial(response: &CheckResponse) -> Option<(i32, String)> {
+    match &response.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            Some((d.status.as_ref().map_or(0, |s| s.code), d.body.clone()))
+        }
+        _ => None,
+    }
+}
+
+fn allowed_check() -> Vec<u8> {
+    let token = mint(&entra(&[], &[]));
+    envoy_check(
+        "GET",
+        "app.example",
+        "/api/orders/1",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .encode_to_vec()
+}
+
+async fn serve(args: &[&str]) -> Server {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    server
+}
+
+#[tokio::test]
+async fn a_check_cut_across_data_frames_is_decided_as_one_sent_whole() {
+    let server = serve(&[]).await;
+    let mut client = connect(&server).await;
+    let body = frame(&allowed_check());
+    let whole = send(&mut client, call(CHECK, &[]), vec![body.clone()]).await;
+    let whole = check_response(&whole);
+    assert_eq!(denial(&whole), None, "ALLOW: {whole:?}");
+    // Cut inside the prefix, inside the message, and one byte at a time at the end.
+    let mut chunks = vec![body[..3].to_vec(), body[3..40].to_vec()];
+    chunks.extend(body[40..].chunks(1).map(<[u8]>::to_vec));
+    let cut = send(&mut client, call(CHECK, &[]), chunks).await;
+    assert_eq!(check_response(&cut), whole);
+}
+
+#[tokio::test]
+async fn a_unary_check_with_two_messages_or_none_is_a_400_denial() {
+    let server = serve(&[]).await;
+    let mut client = connect(&server).await;
+    let one = frame(&allowed_check());
+    for (case, chunks) in [
+        ("two messages", vec![one.clone(), one.clone()]),
+        (
+            "two messages in one frame",
+            vec![[one.clone(), one.clone()].concat()],
+        ),
+        ("no message", vec![]),
+        ("a cut message", vec![one[..one.len() - 1].to_vec()]),
+    ] {
+        let answer = send(&mut client, call(CHECK, &[]), chunks).await;
+        let response = check_response(&answer);
+        let (status, body) = denial(&response).unwrap_or_else(|| panic!("{case}: allowed"));
+        assert_eq!(status, 400, "{case}");
+        assert!(body.contains("malformed_request"), "{case}: {body}");
+    }
+    // The connection is still good.
+    let answer = send(&mut client, call(CHECK, &[]), vec![one]).await;
+    assert_eq!(denial(&check_response(&answer)), None);
+}
+
+/// A body that never ends holds its call only until the deadline: the client's shorter
+/// `grpc-timeout`, else `--request-timeout`; then the call ends `CANCELLED` (1).
+#[tokio::test]
+async fn a_body_that_never_ends_is_cancelled_at_the_deadline() {
+    let server = serve(&["--request-timeout", "1s"]).await;
+    let mut client = connect(&server).await;
+    let body = frame(&allowed_check());
+    for (timeout, at_least, below) in [
+        (
+            Some("300m"),
+            Duration::from_millis(300),
+            Duration::from_millis(900),
+        ),
+        (None, Duration::from_secs(1), Duration::from_secs(4)),
+        // Longer than --request-timeout: the server's limit wins.
+        (Some("10S"), Duration::from_secs(1), Duration::from_secs(4)),
+        // Not the spec's grammar: ignored.
+        (Some("+1m"), Duration::from_secs(1), Duration::from_secs(4)),
+    ] {
+        let headers: Vec<(&str, &str)> = timeout.map(|t| ("grpc-timeout", t)).into_iter().collect();
+        let started = Instant::now();
+        let (response, mut stream) = client
+            .send_request(call(CHECK, &headers), false)
+            .expect("sends");
+        stream
+            .send_data(Bytes::copy_from_slice(&body[..20]), false)
+            .expect("sends data");
+        let answer = read(response).await;
+        let took = started.elapsed();
+        assert_eq!(answer.grpc_status, "1", "{timeout:?}: CANCELLED");
+        assert!(
+            took >= at_least && took < below,
+            "{timeout:?}: ended after {took:?}"
+        );
+        drop(stream);
+    }
+}
+
+#[tokio::test]
+async fn methods_nobody_serves_are_unimplemented_and_decide_still_answers_on_the_port() {
+    let server = serve(&[]).await;
+    let mut client = connect(&server).await;
+    for path in [
+        "/envoy.service.auth.v3.Authorization/Report",
+        "/envoy.service.auth.v2.Authorization/Check",
+        "/nothing",
+    ] {
+        let answer = send(&mut client, call(path, &[]), vec![frame(b"")]).await;
+        assert_eq!(answer.grpc_status, "12", "{path}: UNIMPLEMENTED");
+    }
+    // Health, through tonic's router on the same connection.
+    let answer = send(
+        &mut client,
+        call("/grpc.health.v1.Health/Check", &[]),
+        vec![frame(b"")],
+    )
+    .await;
+    assert_eq!(answer.grpc_status, "0");
+    assert_eq!(answer.body, frame(&[0x08, 0x01]), "SERVING");
+}
+
+/// Streams opened and reset at once (HTTP/2 "rapid reset"), two thousand times over, do not keep
+/// the server from answering its other clients.
+#[tokio::test]
+async fn a_client_resetting_every_stream_it_opens_does_not_stall_others() {
+    let server = serve(&[]).await;
+    let mut abuser = connect(&server).await;
+    let body = frame(&allowed_check());
+    for _ in 0..2000 {
+        let Ok((_, mut stream)) = abuser.send_request(call(CHECK, &[]), false) else {
+            break;
+        };
+        let _ = stream.send_data(Bytes::copy_from_slice(&body[..10]), false);
+        stream.send_reset(h2::Reason::CANCEL);
+        if abuser.clone().ready().await.is_err() {
+            break;
+        }
+    }
+    let mut client = connect(&server).await;
+    let answer = send(&mut client, call(CHECK, &[]), vec![body]).await;
+    assert_eq!(denial(&check_response(&answer)), None);
+}
