@@ -135,8 +135,8 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let timeout = deadline(request.headers(), self.calls.timeout);
         if request.uri().path() == CHECK_PATH {
-            let check = self.calls.check.clone();
-            return Box::pin(within(timeout, async move { check.call(request).await }));
+            let check = self.calls.check.clone().call(request);
+            return Box::pin(within(timeout, check));
         }
         request.extensions_mut().insert(self.peer.clone());
         let mut routes = self.calls.routes.clone();

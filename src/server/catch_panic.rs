@@ -18,8 +18,9 @@ use std::{
 ///
 /// The future is not polled again after a panic, and is dropped with whatever state it had
 /// (`AssertUnwindSafe`: a call's state is its own, and the shared state it touches, locks
-/// included, recovers from poisoning). It must be `Unpin` (a boxed future is), so that polling it
-/// in place needs no `unsafe` pin projection.
+/// included, recovers from poisoning). It must be `Unpin` (a boxed future is, and so is one
+/// pinned in place with `pin!`, which needs no allocation), so that polling it in place needs no
+/// `unsafe` pin projection.
 pub fn catch_panic<F: Future + Unpin>(future: F) -> CatchPanic<F> {
     CatchPanic(future)
 }

@@ -101,7 +101,7 @@ impl ExtAuthz {
             }
         };
         let authorizer = &self.authorizer;
-        let answer = catch_panic(Box::pin(async {
+        let answer = catch_panic(pin!(async {
             // Envoy puts its ext_authz span in the call's gRPC metadata (its HTTP/2 headers); the
             // CheckRequest's headers hold the client's own (an older hop), the fallback.
             let from_metadata =
