@@ -13,6 +13,8 @@
 //!   record and counts it (`stepgate_records_dropped_total`).
 
 use std::{
+    cell::RefCell,
+    fmt::Write as _,
     fs::{File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
@@ -24,10 +26,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::metrics;
+use super::{line, metrics};
 use crate::{
     decision::{Decision, Outcome},
     identity::VerifiedToken,
@@ -149,7 +150,23 @@ impl RecordSink {
                 return;
             }
         }
-        let line = format_record(policy, door, request, decision, SystemTime::now());
+        thread_local! {
+            /// The line being formatted, kept between records: formatted outside the lock and
+            /// copied in under it.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            write_record(policy, door, request, decision, SystemTime::now(), line);
+            self.enqueue(line.as_bytes());
+            if line.capacity() > 64 * 1024 {
+                // A record with very large claims: do not keep its buffer.
+                *line = String::new();
+            }
+        });
+    }
+
+    fn enqueue(&self, line: &[u8]) {
         let mut pending = self
             .shared
             .pending
@@ -160,7 +177,7 @@ impl RecordSink {
             metrics::global().record_record(RecordEvent::Dropped);
             return;
         }
-        pending.bytes.extend_from_slice(line.as_bytes());
+        pending.bytes.extend_from_slice(line);
         pending.records += 1;
         let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
         pending.woken |= wake;
@@ -193,80 +210,6 @@ impl RecordEvent {
     }
 }
 
-#[derive(Serialize)]
-struct Record<'a> {
-    time: String,
-    door: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    method: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    path: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    operation: Option<&'a str>,
-    #[serde(skip_serializing_if = "Map::is_empty")]
-    attributes: Map<String, Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<TokenFacts<'a>>,
-    outcome: &'static str,
-    reason: &'static str,
-    status: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rule: Option<&'a str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    shadow: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    challenge: Option<Challenge<'a>>,
-}
-
-/// What verification established about the token.
-#[derive(Serialize)]
-struct TokenFacts<'a> {
-    issuer: &'a str,
-    subject: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    acrs: Vec<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    acr: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    amr: Vec<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    auth_time: Option<i64>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    scopes: Vec<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    roles: Vec<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    xms_cc: Vec<&'a str>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    app_only: bool,
-    /// The raw claims the policy reads (claim requirements, `claim:` headers, CEL).
-    #[serde(skip_serializing_if = "Map::is_empty")]
-    claims: &'a Map<String, Value>,
-}
-
-#[derive(Serialize)]
-struct Challenge<'a> {
-    style: &'static str,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    auth_contexts: &'a [String],
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    acr_values: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_age: Option<u64>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    amr: &'a [String],
-}
-
 /// The JSON line of one decision (newline included).
 pub fn format_record(
     policy: &RecordsPolicy,
@@ -275,66 +218,206 @@ pub fn format_record(
     decision: &Decision,
     now: SystemTime,
 ) -> String {
-    let http = request.http.as_ref();
-    let attributes = policy
-        .attributes
-        .iter()
-        .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
-        .collect();
-    let token = decision.verified.as_deref().map(|t| token_facts(policy, t));
-    let record = Record {
-        time: super::line::rfc3339(now),
-        door: door.as_str(),
-        request_id: http.and_then(|h| h.headers.get("x-request-id")),
-        method: http.map(|h| h.method.as_str()),
-        host: http.map(|h| h.host.as_str()),
-        path: http.map(|h| h.target.as_str()),
-        operation: request.operation.as_deref(),
-        attributes,
-        source: request.source.as_ref().map(|s| s.address.as_str()),
-        token,
-        outcome: decision.outcome.as_str(),
-        reason: decision.reason.as_str(),
-        status: decision.http_status,
-        rule: decision.rule.as_deref(),
-        shadow: decision
-            .shadow
-            .iter()
-            .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
-            .collect(),
-        challenge: decision.step_up.as_ref().map(|s| Challenge {
-            style: s.style,
-            auth_contexts: &s.auth_contexts,
-            acr_values: &s.acr_values,
-            max_age: s.max_age,
-            amr: &s.amr,
-        }),
-    };
-    let mut line = serde_json::to_string(&record).expect("records serialize");
-    line.push('\n');
+    let mut line = String::with_capacity(512);
+    write_record(policy, door, request, decision, now, &mut line);
     line
 }
 
-fn token_facts<'a>(policy: &RecordsPolicy, t: &'a VerifiedToken) -> TokenFacts<'a> {
+/// Appends the JSON line of one decision (newline included) to `out`.
+///
+/// Written field by field rather than through serde: a record is written for every decision, and
+/// the intermediate structure (a dozen small allocations) cost as much as the writing. The bytes
+/// are serde_json's for the same record (the test module holds that serde form and compares).
+/// Fields: `time`, `door`, `request_id`, `method`, `host`, `path`, `operation`, `attributes`,
+/// `source`, `token` {`issuer`, `subject`, `tenant`, `client_id`, `acrs`, `acr`, `amr`,
+/// `auth_time`, `scopes`, `roles`, `xms_cc`, `app_only`, `claims`}, `outcome`, `reason`,
+/// `status`, `rule`, `shadow`, `challenge` {`style`, `auth_contexts`, `acr_values`, `max_age`,
+/// `amr`}; absent and empty ones are left out.
+pub fn write_record(
+    policy: &RecordsPolicy,
+    door: Door,
+    request: &AccessRequest,
+    decision: &Decision,
+    now: SystemTime,
+    out: &mut String,
+) {
+    let http = request.http.as_ref();
+    let mut record = Fields::open(out);
+    record.name("time");
+    record.out.push('"');
+    line::rfc3339_micros(now, record.out);
+    record.out.push('"');
+    record.text("door", door.as_str());
+    record.maybe(
+        "request_id",
+        http.and_then(|h| h.headers.get("x-request-id")),
+    );
+    record.maybe("method", http.map(|h| h.method.as_str()));
+    record.maybe("host", http.map(|h| h.host.as_str()));
+    record.maybe("path", http.map(|h| h.target.as_str()));
+    record.maybe("operation", request.operation.as_deref());
+    if !policy.attributes.is_empty() {
+        // Built as a map so that a name listed twice is written once, where it first stands.
+        let attributes: Map<String, Value> = policy
+            .attributes
+            .iter()
+            .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
+            .collect();
+        record.map("attributes", &attributes);
+    }
+    record.maybe(
+        "source",
+        request.source.as_ref().map(|s| s.address.as_str()),
+    );
+    if let Some(t) = decision.verified.as_deref() {
+        record.name("token");
+        write_token(policy, t, record.out);
+    }
+    record.text("outcome", decision.outcome.as_str());
+    record.text("reason", decision.reason.as_str());
+    record.number("status", i64::from(decision.http_status));
+    record.maybe("rule", decision.rule.as_deref());
+    if !decision.shadow.is_empty() {
+        let shadow: Vec<String> = decision
+            .shadow
+            .iter()
+            .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
+            .collect();
+        record.list("shadow", shadow.iter().map(String::as_str));
+    }
+    if let Some(s) = &decision.step_up {
+        record.name("challenge");
+        let mut challenge = Fields::open(record.out);
+        challenge.text("style", s.style);
+        challenge.list("auth_contexts", s.auth_contexts.iter().map(String::as_str));
+        challenge.list("acr_values", s.acr_values.iter().map(String::as_str));
+        if let Some(max_age) = s.max_age {
+            challenge.name("max_age");
+            line::digits(max_age, 1, challenge.out);
+        }
+        challenge.list("amr", s.amr.iter().map(String::as_str));
+        challenge.close();
+    }
+    record.close();
+    out.push('\n');
+}
+
+/// What verification established about the token.
+fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
     let p = &t.principal;
-    let words = |list: &'a [Arc<str>]| list.iter().map(|s| &**s).collect::<Vec<_>>();
-    TokenFacts {
-        issuer: &p.issuer_id,
-        subject: match &policy.subject_key {
-            None => p.subject.to_string(),
-            Some(key) => keyed_hash(key, &p.subject),
-        },
-        tenant: p.tenant.as_deref(),
-        client_id: p.client_id.as_deref(),
-        acrs: words(&p.acrs),
-        acr: p.acr.as_deref(),
-        amr: words(&p.amr),
-        auth_time: p.auth_time,
-        scopes: words(&p.scopes),
-        roles: words(&p.roles),
-        xms_cc: words(&t.client_capabilities),
-        app_only: p.app_only,
-        claims: &t.claims,
+    let mut token = Fields::open(out);
+    token.text("issuer", &p.issuer_id);
+    match &policy.subject_key {
+        None => token.text("subject", &p.subject),
+        Some(key) => token.text("subject", &keyed_hash(key, &p.subject)),
+    }
+    token.maybe("tenant", p.tenant.as_deref());
+    token.maybe("client_id", p.client_id.as_deref());
+    token.list("acrs", p.acrs.iter().map(|s| &**s));
+    token.maybe("acr", p.acr.as_deref());
+    token.list("amr", p.amr.iter().map(|s| &**s));
+    if let Some(auth_time) = p.auth_time {
+        token.number("auth_time", auth_time);
+    }
+    token.list("scopes", p.scopes.iter().map(|s| &**s));
+    token.list("roles", p.roles.iter().map(|s| &**s));
+    token.list("xms_cc", t.client_capabilities.iter().map(|s| &**s));
+    if p.app_only {
+        token.name("app_only");
+        token.out.push_str("true");
+    }
+    // The raw claims the policy reads (claim requirements, `claim:` headers, CEL).
+    if !t.claims.is_empty() {
+        token.map("claims", &t.claims);
+    }
+    token.close();
+}
+
+/// One JSON object being written: its members are separated as they come.
+struct Fields<'o> {
+    out: &'o mut String,
+    first: bool,
+}
+
+impl<'o> Fields<'o> {
+    fn open(out: &'o mut String) -> Self {
+        out.push('{');
+        Self { out, first: true }
+    }
+
+    /// Starts the member `name`, one of the record's own (plain ASCII: nothing to escape).
+    fn name(&mut self, name: &str) {
+        self.separate();
+        self.out.push('"');
+        self.out.push_str(name);
+        self.out.push_str("\":");
+    }
+
+    /// Starts a member whose name comes from outside (a claim's, an attribute's): escaped.
+    fn key(&mut self, key: &str) {
+        self.separate();
+        line::string(key, self.out);
+        self.out.push(':');
+    }
+
+    fn separate(&mut self) {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(',');
+        }
+    }
+
+    fn text(&mut self, name: &str, value: &str) {
+        self.name(name);
+        line::string(value, self.out);
+    }
+
+    fn maybe(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.text(name, value);
+        }
+    }
+
+    fn number(&mut self, name: &str, value: i64) {
+        self.name(name);
+        if value < 0 {
+            self.out.push('-');
+        }
+        line::digits(value.unsigned_abs(), 1, self.out);
+    }
+
+    /// An array of strings; left out when empty.
+    fn list<'s>(&mut self, name: &str, items: impl ExactSizeIterator<Item = &'s str>) {
+        if items.len() == 0 {
+            return;
+        }
+        self.name(name);
+        self.out.push('[');
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            line::string(item, self.out);
+        }
+        self.out.push(']');
+    }
+
+    /// A JSON object of arbitrary values, in the map's order; left out when empty.
+    fn map(&mut self, name: &str, map: &Map<String, Value>) {
+        if map.is_empty() {
+            return;
+        }
+        self.name(name);
+        let mut inner = Fields::open(self.out);
+        for (key, value) in map {
+            inner.key(key);
+            // serde_json's own compact form of the value (its `Display`).
+            let _ = write!(inner.out, "{value}");
+        }
+        inner.close();
+    }
+
+    fn close(self) {
+        self.out.push('}');
     }
 }
 
@@ -490,4 +573,331 @@ fn chunks_of_lines(bytes: &[u8], size: usize) -> impl Iterator<Item = &[u8]> {
         rest = tail;
         Some(chunk)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hand-written record against the serde form it replaced, byte for byte.
+
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use proptest::prelude::*;
+    use serde::Serialize;
+
+    use super::*;
+    use crate::{
+        decision::{Reason, Shadow, StepUp},
+        identity::claims::Principal,
+        request::{HttpAttributes, Peer},
+    };
+
+    #[derive(Serialize)]
+    struct Record<'a> {
+        time: String,
+        door: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        method: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        operation: Option<&'a str>,
+        #[serde(skip_serializing_if = "Map::is_empty")]
+        attributes: Map<String, Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<TokenFacts<'a>>,
+        outcome: &'static str,
+        reason: &'static str,
+        status: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<&'a str>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        shadow: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        challenge: Option<Challenge<'a>>,
+    }
+
+    #[derive(Serialize)]
+    struct TokenFacts<'a> {
+        issuer: &'a str,
+        subject: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tenant: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        acrs: Vec<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        acr: Option<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        amr: Vec<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auth_time: Option<i64>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        scopes: Vec<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        roles: Vec<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        xms_cc: Vec<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        app_only: bool,
+        #[serde(skip_serializing_if = "Map::is_empty")]
+        claims: &'a Map<String, Value>,
+    }
+
+    #[derive(Serialize)]
+    struct Challenge<'a> {
+        style: &'static str,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        auth_contexts: &'a [String],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        acr_values: &'a [String],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_age: Option<u64>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        amr: &'a [String],
+    }
+
+    /// The record as serde_json writes it: the reference.
+    fn serde_record(
+        policy: &RecordsPolicy,
+        door: Door,
+        request: &AccessRequest,
+        decision: &Decision,
+        now: SystemTime,
+    ) -> String {
+        let http = request.http.as_ref();
+        fn words(list: &[Arc<str>]) -> Vec<&str> {
+            list.iter().map(|s| &**s).collect()
+        }
+        let mut time = String::new();
+        line::rfc3339_micros(now, &mut time);
+        let record = Record {
+            time,
+            door: door.as_str(),
+            request_id: http.and_then(|h| h.headers.get("x-request-id")),
+            method: http.map(|h| h.method.as_str()),
+            host: http.map(|h| h.host.as_str()),
+            path: http.map(|h| h.target.as_str()),
+            operation: request.operation.as_deref(),
+            attributes: policy
+                .attributes
+                .iter()
+                .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
+                .collect(),
+            source: request.source.as_ref().map(|s| s.address.as_str()),
+            token: decision.verified.as_deref().map(|t| {
+                let p = &t.principal;
+                TokenFacts {
+                    issuer: &p.issuer_id,
+                    subject: match &policy.subject_key {
+                        None => p.subject.to_string(),
+                        Some(key) => keyed_hash(key, &p.subject),
+                    },
+                    tenant: p.tenant.as_deref(),
+                    client_id: p.client_id.as_deref(),
+                    acrs: words(&p.acrs),
+                    acr: p.acr.as_deref(),
+                    amr: words(&p.amr),
+                    auth_time: p.auth_time,
+                    scopes: words(&p.scopes),
+                    roles: words(&p.roles),
+                    xms_cc: words(&t.client_capabilities),
+                    app_only: p.app_only,
+                    claims: &t.claims,
+                }
+            }),
+            outcome: decision.outcome.as_str(),
+            reason: decision.reason.as_str(),
+            status: decision.http_status,
+            rule: decision.rule.as_deref(),
+            shadow: decision
+                .shadow
+                .iter()
+                .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
+                .collect(),
+            challenge: decision.step_up.as_ref().map(|s| Challenge {
+                style: s.style,
+                auth_contexts: &s.auth_contexts,
+                acr_values: &s.acr_values,
+                max_age: s.max_age,
+                amr: &s.amr,
+            }),
+        };
+        let mut line = serde_json::to_string(&record).expect("records serialize");
+        line.push('\n');
+        line
+    }
+
+    /// Text with what JSON must escape (quotes, backslashes, every control character), non-ASCII
+    /// and plain words.
+    fn text() -> impl Strategy<Value = String> {
+        "[a-z0-9 /:.\"\\\\\u{0}-\u{1f}\u{7f}é€😀]{0,10}"
+    }
+
+    fn texts() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(text(), 0..3)
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::vec((text(), inner), 0..3)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::vec((text(), value()), 0..3).prop_map(|kv| kv.into_iter().collect())
+    }
+
+    fn arcs(list: Vec<String>) -> Arc<[Arc<str>]> {
+        list.into_iter().map(Arc::from).collect()
+    }
+
+    prop_compose! {
+        fn principal()(
+            issuer_id in text(), subject in text(),
+            tenant in prop::option::of(text()), client_id in prop::option::of(text()),
+            acrs in texts(), acr in prop::option::of(text()), amr in texts(),
+            auth_time in prop::option::of(any::<i64>()),
+            scopes in texts(), roles in texts(), app_only in any::<bool>(),
+        ) -> Principal {
+            Principal {
+                issuer_id: issuer_id.into(),
+                subject: subject.into(),
+                tenant: tenant.map(Arc::from),
+                client_id: client_id.map(Arc::from),
+                acrs: arcs(acrs),
+                acr: acr.map(Arc::from),
+                amr: arcs(amr),
+                auth_time,
+                scopes: arcs(scopes),
+                roles: arcs(roles),
+                app_only,
+                ..Principal::default()
+            }
+        }
+    }
+
+    prop_compose! {
+        fn request()(
+            http in prop::option::of((text(), text(), text(), prop::option::of(text()))),
+            operation in prop::option::of(text()),
+            attributes in object(),
+            source in prop::option::of(text()),
+        ) -> AccessRequest {
+            AccessRequest {
+                http: http.map(|(method, host, target, id)| {
+                    let mut h = HttpAttributes { method, host, target, ..Default::default() };
+                    if let Some(id) = id {
+                        h.headers.insert("x-request-id", id);
+                    }
+                    h
+                }),
+                operation,
+                attributes,
+                source: source.map(|address| Peer { address, ..Peer::default() }),
+                ..AccessRequest::default()
+            }
+        }
+    }
+
+    type StepUpParts = (Vec<String>, Vec<String>, Option<u64>, Vec<String>);
+
+    prop_compose! {
+        fn decision()(
+            outcome in 0..3usize, reason in 0..Reason::ALL.len(), status in any::<u16>(),
+            rule in prop::option::of(text()),
+            shadow in prop::collection::vec((text(), prop::option::of(0..4usize)), 0..3),
+            step_up in prop::option::of((texts(), texts(), prop::option::of(any::<u64>()), texts())),
+            token in prop::option::of((principal(), texts(), object())),
+        ) -> (Decision, Option<(Principal, Vec<String>, Map<String, Value>)>, Option<StepUpParts>) {
+            let outcome = [Outcome::Allow, Outcome::StepUp, Outcome::Deny][outcome];
+            let mut d = Decision::new(outcome, Reason::ALL[reason], "", status);
+            d.rule = rule.map(Arc::from);
+            d.shadow = shadow
+                .into_iter()
+                .map(|(rule, escalation)| Shadow {
+                    rule: rule.into(),
+                    escalation,
+                    outcome,
+                    reason: Reason::ALL[reason],
+                })
+                .collect();
+            (d, token, step_up)
+        }
+    }
+
+    fn verified(
+        principal: Principal,
+        capabilities: Vec<String>,
+        claims: Map<String, Value>,
+    ) -> Arc<VerifiedToken> {
+        static ISSUER: std::sync::LazyLock<Arc<crate::identity::issuer::Issuer>> =
+            std::sync::LazyLock::new(|| {
+                let policy =
+                    crate::policy::testing::compile_policy(crate::policy::testing::DEMO_POLICY);
+                let issuer = policy.issuers.iter().next().map(Arc::clone);
+                issuer.expect("the demo policy has an issuer")
+            });
+        Arc::new(VerifiedToken {
+            issuer: Arc::clone(&ISSUER),
+            kid: None,
+            key_material: [0; 32],
+            principal: Arc::new(principal),
+            client_capabilities: arcs(capabilities),
+            claims,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_written_record_is_serde_jsons_byte_for_byte(
+            request in request(),
+            (mut decision, token, step_up) in decision(),
+            attributes in prop::collection::vec(prop_oneof![text(), "[a-c]"], 0..4),
+            hashed in any::<bool>(),
+            door in 0..3usize,
+            nanos in 0..4_102_444_800_000_000_000u64,
+        ) {
+            decision.verified =
+                token.map(|(principal, caps, claims)| verified(principal, caps, claims));
+            decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| StepUp {
+                style: "entra",
+                auth_contexts,
+                acr_values,
+                max_age,
+                amr,
+                ..StepUp::default()
+            });
+            let policy = RecordsPolicy {
+                attributes,
+                subject_key: hashed.then(|| b"records key".to_vec()),
+                ..RecordsPolicy::default()
+            };
+            let door = [Door::Check, Door::Decide, Door::Offline][door];
+            let now = UNIX_EPOCH + Duration::from_nanos(nanos);
+            let written = format_record(&policy, door, &request, &decision, now);
+            prop_assert_eq!(&written, &serde_record(&policy, door, &request, &decision, now));
+            prop_assert_eq!(written.matches('\n').count(), 1);
+        }
+    }
 }
