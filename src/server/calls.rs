@@ -135,7 +135,9 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let timeout = deadline(request.headers(), self.calls.timeout);
         if request.uri().path() == CHECK_PATH {
-            let check = self.calls.check.clone().call(request);
+            // The call's future holds the whole decision (2.6 KiB): boxed where it is made,
+            // it is copied once, not again into `within`, its box and its first poll.
+            let check = Box::pin(self.calls.check.clone().call(request));
             return Box::pin(within(timeout, check));
         }
         request.extensions_mut().insert(self.peer.clone());
