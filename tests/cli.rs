@@ -396,3 +396,24 @@ async fn health_reports_a_ready_server_and_fails_without_one() {
         "{out:?}"
     );
 }
+
+#[test]
+fn serve_refuses_a_buffer_budget_below_the_largest_message() {
+    let out = stepgate(&[
+        "serve",
+        "--config",
+        &common::demo_policy_path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--max-message-bytes",
+        "2097152",
+        "--max-buffered-bytes",
+        "1048576",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--max-buffered-bytes (1048576) is below --max-message-bytes (2097152)"),
+        "{err}"
+    );
+}

@@ -267,3 +267,79 @@ async fn a_client_resetting_every_stream_it_opens_does_not_stall_others() {
     let answer = send(&mut client, call(CHECK, &[]), vec![body]).await;
     assert_eq!(denial(&check_response(&answer)), None);
 }
+
+/// Bodies arriving in pieces hold bytes the whole process shares (`--max-buffered-bytes`): a call
+/// that would take more is a `503 overloaded` denial at once, while its body is still coming, and
+/// what a call held comes back when it ends.
+#[tokio::test]
+async fn bodies_arriving_in_pieces_share_one_bounded_budget() {
+    const KIB: usize = 1024;
+    let server = serve(&[
+        "--max-buffered-bytes",
+        "262144",
+        "--max-message-bytes",
+        "262144",
+    ])
+    .await;
+    let mut client = connect(&server).await;
+    let mut prefix = vec![0];
+    prefix.extend((200 * KIB as u32).to_be_bytes());
+    let first_part = [prefix.clone(), vec![0; 150 * KIB]].concat();
+
+    // A holds 150 KiB of a message announced at 200 KiB, and waits.
+    let (a_response, mut a) = client.send_request(call(CHECK, &[]), false).expect("sends");
+    a.send_data(Bytes::from(first_part.clone()), false)
+        .expect("sends data");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // B would hold 150 KiB more: past the 256 KiB, refused before its body ends.
+    let (b_response, mut b) = client.send_request(call(CHECK, &[]), false).expect("sends");
+    b.send_data(Bytes::from(first_part.clone()), false)
+        .expect("sends data");
+    let refused = tokio::time::timeout(Duration::from_secs(3), read(b_response))
+        .await
+        .expect("B is answered before its body ends");
+    let (status, body) = denial(&check_response(&refused)).expect("B is denied");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overloaded"), "{body}");
+
+    // A ends: its 200 KiB of zeros are no CheckRequest, a decision all the same.
+    a.send_data(Bytes::from(vec![0; 50 * KIB]), true)
+        .expect("sends data");
+    let (status, body) = denial(&check_response(&read(a_response).await)).expect("A is denied");
+    assert_eq!(status, 400, "{body}");
+
+    // A's bytes came back: C holds 150 KiB again, and is read to its end.
+    let c = send(
+        &mut client,
+        call(CHECK, &[]),
+        vec![first_part, vec![0; 50 * KIB]],
+    )
+    .await;
+    let (status, body) = denial(&check_response(&c)).expect("C is denied");
+    assert_eq!(
+        status, 400,
+        "C is read whole, not refused for want of room: {body}"
+    );
+
+    // D takes all but 100 bytes of the budget: a body in pieces needing more is refused...
+    let mut prefix = vec![0];
+    prefix.extend((256 * KIB as u32).to_be_bytes());
+    let (_held, mut d) = client.send_request(call(CHECK, &[]), false).expect("sends");
+    d.send_data(
+        Bytes::from([prefix, vec![0; 256 * KIB - 100]].concat()),
+        false,
+    )
+    .expect("sends data");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut small = vec![0];
+    small.extend(1000u32.to_be_bytes());
+    let (e_response, mut e) = client.send_request(call(CHECK, &[]), false).expect("sends");
+    e.send_data(Bytes::from([small, vec![0; 500]].concat()), false)
+        .expect("sends data");
+    let (status, _) = denial(&check_response(&read(e_response).await)).expect("E is denied");
+    assert_eq!(status, 503);
+    // ...while Envoy's whole-message frames charge nothing and are decided.
+    let answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]).await;
+    assert_eq!(denial(&check_response(&answer)), None, "ALLOW");
+}

@@ -102,6 +102,10 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
     max_message_bytes: usize,
+    /// Bytes of unfinished Check messages held at most, over every call (more is answered 503).
+    #[arg(long, env = "STEPGATE_MAX_BUFFERED_BYTES", default_value_t = TransportLimits::default().max_buffered_bytes,
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 40)).map(|n| n as usize))]
+    max_buffered_bytes: usize,
     /// Concurrent calls (HTTP/2 streams) per connection.
     #[arg(long, env = "STEPGATE_MAX_CONCURRENT_STREAMS", default_value_t = TransportLimits::default().max_concurrent_streams,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -241,6 +245,15 @@ pub(crate) fn config_error(path: &std::path::Path, err: &ConfigError) -> ExitCod
 fn serve(args: ServeArgs) -> ExitCode {
     let logs = telemetry::init(args.log_format, &args.log_level);
     telemetry::sample_allows(args.log_allow_sample);
+    if args.max_buffered_bytes < args.max_message_bytes {
+        logs.flush();
+        eprintln!(
+            "stepgate: --max-buffered-bytes ({}) is below --max-message-bytes ({}): a message of \
+             the largest size arriving in pieces could never be read",
+            args.max_buffered_bytes, args.max_message_bytes
+        );
+        return ExitCode::from(2);
+    }
     if let Some(path) = &args.idp_ca {
         let roots = std::fs::read(path)
             .map_err(|e| e.to_string())
@@ -351,6 +364,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             max_connections: args.max_connections,
             request_timeout: args.request_timeout,
             handshake_timeout: args.handshake_timeout,
+            max_buffered_bytes: args.max_buffered_bytes,
         },
     };
     match runtime.block_on(server::run(options, policy)) {

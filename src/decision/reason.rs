@@ -77,6 +77,9 @@ reasons! {
     SourceBlocked => "source_blocked",
     // 503: the shared risk store is unreachable and the policy fails closed
     RiskStoreUnavailable => "risk_store_unavailable",
+    // 503: the request's unfinished bytes do not fit what the process may hold (a Check body
+    // arriving in pieces, `--max-buffered-bytes`)
+    Overloaded => "overloaded",
     // STEP_UP (or 403 where the issuer cannot challenge)
     MissingAuthContext => "missing_auth_context",
     AcrNotAccepted => "acr_not_accepted",

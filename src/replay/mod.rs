@@ -269,6 +269,7 @@ impl<'p> Replayer<'p> {
                     | "source_blocked"
                     | "session_revoked"
                     | "risk_store_unavailable"
+                    | "overloaded"
                     | "internal_error"
             ) =>
             {

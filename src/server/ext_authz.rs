@@ -41,13 +41,20 @@ pub struct ExtAuthz {
     authorizer: WorkerHandle,
     /// Largest `CheckRequest` message read; a larger one is answered 413 without being read.
     max_message_bytes: usize,
+    /// What the bodies still arriving may hold, shared by every call of the process.
+    budget: Arc<grpc_message::Budget>,
 }
 
 impl ExtAuthz {
-    pub fn new(authorizer: Arc<Authorizer>, max_message_bytes: usize) -> Self {
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        max_message_bytes: usize,
+        budget: Arc<grpc_message::Budget>,
+    ) -> Self {
         Self {
             authorizer: WorkerHandle::new(authorizer),
             max_message_bytes,
+            budget,
         }
     }
 
@@ -66,7 +73,8 @@ impl ExtAuthz {
         let read = if compressed(&parts.headers) {
             Unary::Malformed(grpc_message::COMPRESSED)
         } else {
-            match read_unary(body, self.max_message_bytes).await {
+            let reader = UnaryReader::with_budget(self.max_message_bytes, Arc::clone(&self.budget));
+            match read_unary(body, reader).await {
                 Ok(read) => read,
                 Err(error) => {
                     tracing::debug!(%error, "a Check call's body failed before it ended");
@@ -86,6 +94,15 @@ impl ExtAuthz {
             }
             Unary::Malformed(why) => {
                 return self.refuse(started, 400, Reason::MalformedRequest, why);
+            }
+            Unary::Overloaded => {
+                return self.refuse(
+                    started,
+                    503,
+                    Reason::Overloaded,
+                    "stepgate holds as many unfinished request bytes as it may \
+                     (--max-buffered-bytes); retry",
+                );
             }
         };
         let check = match CheckRequest::decode(message, self.authorizer.header_limits()) {
@@ -145,12 +162,11 @@ fn compressed(headers: &http::HeaderMap) -> bool {
 
 /// Reads `body` as a unary call's, stopping at the first refusal. `Err`: the body itself failed
 /// (the client reset the stream).
-async fn read_unary<B>(body: B, max: usize) -> Result<Unary, B::Error>
+async fn read_unary<B>(body: B, mut reader: UnaryReader) -> Result<Unary, B::Error>
 where
     B: http_body::Body<Data = Bytes>,
 {
     let mut body = pin!(body);
-    let mut reader = UnaryReader::new(max);
     while let Some(frame) = body.frame().await {
         // Trailers, which gRPC clients do not send on requests, are ignored.
         if let Ok(data) = frame?.into_data()
@@ -566,6 +582,7 @@ mod tests {
         ExtAuthz::new(
             Arc::new(Authorizer::new(Arc::new(policy))),
             max_message_bytes,
+            grpc_message::Budget::new(usize::MAX),
         )
     }
 
@@ -719,7 +736,11 @@ mod tests {
                 let index = request.explain as usize + 2;
                 rules[index].clone()
             };
-        let service = ExtAuthz::new(Arc::new(Authorizer::with_engine(policy, broken)), 64 * 1024);
+        let service = ExtAuthz::new(
+            Arc::new(Authorizer::with_engine(policy, broken)),
+            64 * 1024,
+            grpc_message::Budget::new(usize::MAX),
+        );
         let request = check_call(frame(&demo_check().encode_to_vec()));
         let (status, answer) = answered(service.call(request).await).await;
         assert_eq!(status, "0");

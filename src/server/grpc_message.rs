@@ -13,9 +13,19 @@
 //!   of two and one that took the last would decide different requests.
 //!
 //! Memory grows with the bytes that arrived, never with the length a prefix announces: a prefix
-//! claiming 4 MiB followed by silence holds 5 bytes, not a 4 MiB buffer.
+//! claiming 4 MiB followed by silence holds 5 bytes, not a 4 MiB buffer. The bytes a reader holds
+//! while it waits for the rest of a message are charged to a [`Budget`] the process shares
+//! (`--max-buffered-bytes`): many streams, each sending most of a large message and then waiting,
+//! are refused when it runs out rather than taking the process's memory. A message that arrives
+//! whole in one frame, as Envoy sends it, is decided at once and charges nothing.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
@@ -31,6 +41,37 @@ pub enum Unary {
     TooLarge(u32),
     /// Not one whole uncompressed message; why.
     Malformed(&'static str),
+    /// Holding the bytes that came would take the shared [`Budget`] past its end.
+    Overloaded,
+}
+
+/// Bytes that calls waiting for the rest of their message may hold, together.
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicUsize::new(bytes),
+        })
+    }
+
+    /// Bytes not taken.
+    pub fn left(&self) -> usize {
+        self.left.load(Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.left
+            .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(bytes))
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.left.fetch_add(bytes, Relaxed);
+    }
 }
 
 pub const COMPRESSED: &str = "the message is compressed, and stepgate offers no compression";
@@ -46,6 +87,9 @@ pub struct UnaryReader {
     state: State,
     /// Bytes received and not yet taken as the prefix or the message.
     buf: BytesMut,
+    /// What `buf`'s bytes are charged to (none: unbounded), and how many were.
+    budget: Option<Arc<Budget>>,
+    charged: usize,
 }
 
 #[derive(Debug)]
@@ -65,7 +109,28 @@ impl UnaryReader {
             max,
             state: State::Prefix,
             buf: BytesMut::new(),
+            budget: None,
+            charged: 0,
         }
+    }
+
+    /// A reader whose buffered bytes are charged to `budget`.
+    pub fn with_budget(max: usize, budget: Arc<Budget>) -> Self {
+        let mut reader = Self::new(max);
+        reader.budget = Some(budget);
+        reader
+    }
+
+    /// Charges `bytes` about to be buffered; `false` when the budget cannot take them.
+    fn charge(&mut self, bytes: usize) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        let taken = budget.take(bytes);
+        if taken {
+            self.charged += bytes;
+        }
+        taken
     }
 
     /// Takes the body's next bytes. `Some` is a refusal known before the body ends: stop reading.
@@ -90,9 +155,15 @@ impl UnaryReader {
                 self.state = State::Done(chunk.slice(PREFIX..end));
                 return None;
             }
+            if !self.charge(chunk.len() - PREFIX) {
+                return Some(Unary::Overloaded);
+            }
             self.state = State::Message(len);
             self.buf.extend_from_slice(&chunk[PREFIX..]);
             return None;
+        }
+        if !self.charge(chunk.len()) {
+            return Some(Unary::Overloaded);
         }
         self.buf.extend_from_slice(&chunk);
         loop {
@@ -119,8 +190,8 @@ impl UnaryReader {
     }
 
     /// The body ended: what it held.
-    pub fn finish(self) -> Unary {
-        match self.state {
+    pub fn finish(mut self) -> Unary {
+        match std::mem::replace(&mut self.state, State::Prefix) {
             State::Done(message) => Unary::Message(message),
             State::Prefix if self.buf.is_empty() => Unary::Malformed(NO_MESSAGE),
             State::Prefix | State::Message(_) => Unary::Malformed(TRUNCATED),
@@ -139,6 +210,14 @@ impl UnaryReader {
         match usize::try_from(len) {
             Ok(len) if len <= self.max => Ok(len),
             _ => Err(Unary::TooLarge(len)),
+        }
+    }
+}
+
+impl Drop for UnaryReader {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give(self.charged);
         }
     }
 }
@@ -184,6 +263,31 @@ mod tests {
             }
         }
         reader.finish()
+    }
+
+    #[test]
+    fn buffered_bytes_are_charged_to_the_budget_refused_past_it_and_given_back() {
+        let budget = Budget::new(100);
+        let body = frame(&[7; 150]);
+        // In one frame: nothing charged, whatever its size.
+        let mut whole = UnaryReader::with_budget(1000, Arc::clone(&budget));
+        assert_eq!(whole.push(Bytes::from(body.clone())), None);
+        assert_eq!(budget.left(), 100);
+        // In pieces: what is held is charged, and the piece past the budget refused.
+        let mut pieces = UnaryReader::with_budget(1000, Arc::clone(&budget));
+        assert_eq!(pieces.push(Bytes::copy_from_slice(&body[..65])), None);
+        assert_eq!(budget.left(), 40);
+        assert_eq!(
+            pieces.push(Bytes::copy_from_slice(&body[65..])),
+            Some(Unary::Overloaded)
+        );
+        assert_eq!(budget.left(), 40, "a refused piece takes nothing");
+        let mut other = UnaryReader::with_budget(1000, Arc::clone(&budget));
+        assert_eq!(other.push(Bytes::copy_from_slice(&body[..45])), None);
+        assert_eq!(budget.left(), 0);
+        drop((pieces, other));
+        assert_eq!(budget.left(), 100, "given back when the readers end");
+        assert!(matches!(whole.finish(), Unary::Message(m) if m.len() == 150));
     }
 
     #[test]

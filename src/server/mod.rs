@@ -87,6 +87,9 @@ pub struct TransportLimits {
     pub request_timeout: Duration,
     /// Time a new connection has to send its first bytes before it is closed.
     pub handshake_timeout: Duration,
+    /// Bytes of unfinished `Check` messages the process holds at most, over every call: a body
+    /// that would take more is answered `503 overloaded`.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for TransportLimits {
@@ -97,6 +100,7 @@ impl Default for TransportLimits {
             max_connections: 10_000,
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -294,11 +298,17 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         handshake_timeout: limits.handshake_timeout,
         tls: tls.clone(),
     };
+    // One budget for the whole process, charged only by bodies that arrive in pieces.
+    let budget = grpc_message::Budget::new(limits.max_buffered_bytes);
     let serve = Arc::new(move |queue| {
         let incoming = conn::incoming(queue, worker_options.clone());
         // The hot services are made for each worker: the reference counts their calls clone are
         // then the worker's own (see `authorizer::WorkerHandle`).
-        let ext_authz = ext_authz::ExtAuthz::new(Arc::clone(&authorizer), limits.max_message_bytes);
+        let ext_authz = ext_authz::ExtAuthz::new(
+            Arc::clone(&authorizer),
+            limits.max_message_bytes,
+            Arc::clone(&budget),
+        );
         let decide = DecisionServiceServer::new(decide::Decide::new(Arc::clone(&authorizer)))
             .max_decoding_message_size(limits.max_message_bytes);
         let closing = closing.clone();
