@@ -295,7 +295,7 @@ async fn a_client_holding_every_connection_slot_delays_new_clients_until_it_lets
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn connections_that_never_speak_lose_their_slot_after_the_handshake_timeout() {
+async fn connections_that_never_open_http2_lose_their_slot_after_the_handshake_timeout() {
     let server = Server::spawn_with(
         &demo_policy_path(),
         Spawn {
@@ -310,6 +310,8 @@ async fn connections_that_never_speak_lose_their_slot_after_the_handshake_timeou
     let mut hogs: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", server.port)).expect("connecting"))
         .collect();
+    // One sends nothing; the other the start of the HTTP/2 preface, and nothing more.
+    hogs[1].write_all(b"PRI * HTTP/2.0").expect("sends");
     // Without giving anything back, the idle connections are closed and a real client served.
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()

@@ -340,9 +340,17 @@ pub struct Batched {
     io: Io,
     peer: PeerInfo,
     _slot: Slot,
-    /// Until the first bytes arrive: when the connection is closed if none have.
+    /// Until the client's HTTP/2 preface and the header of its first frame have arrived: when
+    /// the connection is closed if they have not.
     first_bytes_by: Option<Pin<Box<Sleep>>>,
+    /// Bytes still to come before `first_bytes_by` is lifted.
+    opening_left: usize,
 }
+
+/// The client connection preface (RFC 9113 §3.4: 24 bytes, then a SETTINGS frame, whose header
+/// is 9 bytes): a client that has not sent this much has not opened an HTTP/2 connection, and
+/// one byte of it must not hold a connection slot for longer than the handshake timeout.
+const OPENING_BYTES: usize = 24 + 9;
 
 impl Batched {
     fn new(io: Io, slot: Slot, first_bytes_within: Option<Duration>, peer: PeerInfo) -> Self {
@@ -352,6 +360,7 @@ impl Batched {
             peer,
             _slot: slot,
             first_bytes_by: first_bytes_within.map(|d| Box::pin(tokio::time::sleep(d))),
+            opening_left: OPENING_BYTES,
         }
     }
 }
@@ -390,13 +399,20 @@ impl AsyncRead for Batched {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).read(cx, buf);
-        if let Some(deadline) = &mut self.first_bytes_by {
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.first_bytes_by {
             match read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes_by = None,
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let came = buf.filled().len() - before;
+                    this.opening_left = this.opening_left.saturating_sub(came);
+                    if this.opening_left == 0 {
+                        this.first_bytes_by = None;
+                    }
+                }
                 Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "the client sent nothing within the handshake timeout",
+                        "the client did not open HTTP/2 within the handshake timeout",
                     )));
                 }
                 _ => {}
