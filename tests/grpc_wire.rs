@@ -343,3 +343,79 @@ async fn bodies_arriving_in_pieces_share_one_bounded_budget() {
     let answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]).await;
     assert_eq!(denial(&check_response(&answer)), None, "ALLOW");
 }
+
+/// An HTTP/2 connection whose driver's end can be awaited.
+async fn connect_watched(server: &Server) -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client.ready().await.expect("ready"), driver)
+}
+
+/// A connection with no call for `--idle-timeout` (between one and two of it) is told to go
+/// away; one that keeps calling stays.
+#[tokio::test]
+async fn a_connection_without_calls_is_closed_after_the_idle_timeout() {
+    let server = serve(&["--idle-timeout", "1s"]).await;
+    let (mut idle, idle_driver) = connect_watched(&server).await;
+    let (mut busy, busy_driver) = connect_watched(&server).await;
+    let check = frame(&allowed_check());
+    let answer = send(&mut idle, call(CHECK, &[]), vec![check.clone()]).await;
+    assert_eq!(denial(&check_response(&answer)), None);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        let answer = send(&mut busy, call(CHECK, &[]), vec![check.clone()]).await;
+        assert_eq!(
+            denial(&check_response(&answer)),
+            None,
+            "the busy one still answers"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        idle_driver.is_finished(),
+        "the idle connection is still open"
+    );
+    assert!(!busy_driver.is_finished(), "the busy connection was closed");
+}
+
+/// After SIGTERM, a connection still opening HTTP/2 and a stream that never ends (a health
+/// `Watch`) hold the exit back only until `--request-timeout` and a second of grace have passed.
+#[tokio::test]
+async fn a_drain_ends_within_the_request_timeout_whatever_the_clients_hold() {
+    let mut server = serve(&["--request-timeout", "1s", "--handshake-timeout", "30s"]).await;
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let mut opening = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    tokio::io::AsyncWriteExt::write_all(&mut opening, b"PRI * HTTP/2.0")
+        .await
+        .expect("sends");
+    let (mut client, _driver) = connect_watched(&server).await;
+    // grpc.health.v1.HealthCheckRequest { service: "" }: an empty message.
+    let (watch, mut stream) = client
+        .send_request(call("/grpc.health.v1.Health/Watch", &[]), false)
+        .expect("sends");
+    stream
+        .send_data(Bytes::from(frame(&[])), false)
+        .expect("sends data");
+    let watch = watch.await.expect("the Watch answers");
+    assert_eq!(watch.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("stepgate still running 10 s after SIGTERM");
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(5), "the drain took {took:?}");
+    drop((opening, stream, watch));
+}

@@ -114,6 +114,9 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_CONNECTIONS", default_value_t = TransportLimits::default().max_connections,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     max_connections: usize,
+    /// A connection with no call for this long is closed (HTTP/2 GOAWAY; e.g. 5m, 30s).
+    #[arg(long, env = "STEPGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    idle_timeout: Duration,
     /// Longest a call may take, reading its request included (e.g. 5s, 750ms).
     #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
@@ -365,6 +368,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             request_timeout: args.request_timeout,
             handshake_timeout: args.handshake_timeout,
             max_buffered_bytes: args.max_buffered_bytes,
+            idle_timeout: args.idle_timeout,
         },
     };
     match runtime.block_on(server::run(options, policy)) {

@@ -19,7 +19,10 @@ use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -74,12 +77,15 @@ pub async fn serve(
             () = &mut closed => break,
         };
         let Some(connection) = connection else { break };
+        let activity = Arc::new(Activity::default());
         let service = Connection {
             peer: connection.peer().clone(),
             calls: Arc::clone(&calls),
+            activity: Arc::clone(&activity),
         };
         let served = builder.serve_connection(TokioIo::new(connection), service);
         let (open, mut closing) = (open.clone(), closing.clone());
+        let (idle_timeout, drain) = (limits.idle_timeout, limits.request_timeout + DRAIN_GRACE);
         tokio::spawn(async move {
             let _open = open;
             let mut served = std::pin::pin!(served);
@@ -87,10 +93,29 @@ pub async fn serve(
                 let _ = closing.wait_for(|closing| *closing).await;
             };
             let result = tokio::select! {
-                result = served.as_mut() => result,
-                () = closed => {
+                result = served.as_mut() => Some(result),
+                () = closed => None,
+                () = activity.idle_for(idle_timeout) => {
+                    tracing::debug!("a gRPC connection idle for {idle_timeout:?} is closed");
+                    None
+                }
+            };
+            // Told to go away (HTTP/2 GOAWAY), the connection finishes the calls in flight; no
+            // call outlives --request-timeout, and a connection still opening or a stream that
+            // never ends (a health Watch) is dropped once that has passed.
+            let result = match result {
+                Some(result) => result,
+                None => {
                     served.as_mut().graceful_shutdown();
-                    served.await
+                    match tokio::time::timeout(drain, served).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::debug!(
+                                "a gRPC connection still open after {drain:?} of drain is dropped"
+                            );
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(error) = result {
@@ -118,11 +143,54 @@ fn builder(limits: &TransportLimits) -> http2::Builder<TokioExecutor> {
     builder
 }
 
+/// How long past `--request-timeout` a connection told to go away may take to finish.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// One connection's calls.
 #[derive(Clone)]
 struct Connection {
     peer: PeerInfo,
     calls: Arc<Calls>,
+    activity: Arc<Activity>,
+}
+
+/// A connection's calls in flight (the low 32 bits) and calls ever started (the high 32, wrapping),
+/// in one word: a call writes it once when it starts and once when it ends, and only the worker
+/// serving the connection does.
+#[derive(Default)]
+struct Activity(AtomicU64);
+
+const ONE_CALL: u64 = 1;
+const ONE_STARTED: u64 = 1 << 32;
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> CallGuard {
+        self.0.fetch_add(ONE_CALL | ONE_STARTED, Relaxed);
+        CallGuard(Arc::clone(self))
+    }
+
+    /// Returns once a whole `period` has passed with no call in flight and none started: the
+    /// connection has been idle between one and two periods.
+    async fn idle_for(&self, period: Duration) {
+        let mut seen = self.0.load(Relaxed);
+        loop {
+            tokio::time::sleep(period).await;
+            let now = self.0.load(Relaxed);
+            if now == seen && now & (ONE_STARTED - 1) == 0 {
+                return;
+            }
+            seen = now;
+        }
+    }
+}
+
+/// A call in flight, until its answer's head is sent.
+struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(ONE_CALL, Relaxed);
+    }
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Result<Response<CallBody>, Infallible>> + Send>>;
@@ -134,22 +202,24 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
 
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let timeout = deadline(request.headers(), self.calls.timeout);
+        let guard = self.activity.start();
         if request.uri().path() == CHECK_PATH {
             // The call's future holds the whole decision (2.6 KiB): boxed where it is made,
             // it is copied once, not again into `within`, its box and its first poll.
             let check = Box::pin(self.calls.check.clone().call(request));
-            return Box::pin(within(timeout, check));
+            return Box::pin(within(timeout, check, guard));
         }
         request.extensions_mut().insert(self.peer.clone());
         let mut routes = self.calls.routes.clone();
-        Box::pin(within(timeout, async move {
+        let call = async move {
             let Ok(()) = std::future::poll_fn(|cx| {
                 Service::<Request<Incoming>>::poll_ready(&mut routes, cx)
             })
             .await;
             let Ok(response) = routes.call(request).await;
             response.map(CallBody::Tonic)
-        }))
+        };
+        Box::pin(within(timeout, call, guard))
     }
 }
 
@@ -165,6 +235,7 @@ fn deadline(headers: &HeaderMap, limit: Duration) -> Duration {
 async fn within(
     timeout: Duration,
     call: impl Future<Output = Response<CallBody>>,
+    _in_flight: CallGuard,
 ) -> Result<Response<CallBody>, Infallible> {
     Ok(tokio::time::timeout(timeout, call)
         .await

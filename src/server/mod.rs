@@ -90,6 +90,8 @@ pub struct TransportLimits {
     /// Bytes of unfinished `Check` messages the process holds at most, over every call: a body
     /// that would take more is answered `503 overloaded`.
     pub max_buffered_bytes: usize,
+    /// A connection with no call for this long (between one and two of it) is told to go away.
+    pub idle_timeout: Duration,
 }
 
 impl Default for TransportLimits {
@@ -101,6 +103,7 @@ impl Default for TransportLimits {
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
