@@ -185,24 +185,34 @@ async fn a_unary_check_with_two_messages_or_none_is_a_400_denial() {
     assert_eq!(denial(&check_response(&answer)), None);
 }
 
-/// A body that never ends holds its call only until the deadline: the client's shorter
-/// `grpc-timeout`, else `--request-timeout`; then the call ends `CANCELLED` (1).
+/// A body that never ends holds its call only until just before the deadline (the client's
+/// shorter `grpc-timeout`, else `--request-timeout`; a fifth of it, at most 50 ms, before): then
+/// the call is a `503 deadline_exceeded` denial, which Envoy reads as a denial and not as a failure
+/// its `failure_mode_allow` would let through.
 #[tokio::test]
-async fn a_body_that_never_ends_is_cancelled_at_the_deadline() {
+async fn a_body_that_never_ends_is_denied_just_before_the_deadline() {
     let server = serve(&["--request-timeout", "1s"]).await;
     let mut client = connect(&server).await;
     let body = frame(&allowed_check());
     for (timeout, at_least, below) in [
         (
             Some("300m"),
-            Duration::from_millis(300),
-            Duration::from_millis(900),
+            Duration::from_millis(250),
+            Duration::from_millis(290),
         ),
-        (None, Duration::from_secs(1), Duration::from_secs(4)),
+        (None, Duration::from_millis(950), Duration::from_secs(4)),
         // Longer than --request-timeout: the server's limit wins.
-        (Some("10S"), Duration::from_secs(1), Duration::from_secs(4)),
+        (
+            Some("10S"),
+            Duration::from_millis(950),
+            Duration::from_secs(4),
+        ),
         // Not the spec's grammar: ignored.
-        (Some("+1m"), Duration::from_secs(1), Duration::from_secs(4)),
+        (
+            Some("+1m"),
+            Duration::from_millis(950),
+            Duration::from_secs(4),
+        ),
     ] {
         let headers: Vec<(&str, &str)> = timeout.map(|t| ("grpc-timeout", t)).into_iter().collect();
         let started = Instant::now();
@@ -214,7 +224,9 @@ async fn a_body_that_never_ends_is_cancelled_at_the_deadline() {
             .expect("sends data");
         let answer = read(response).await;
         let took = started.elapsed();
-        assert_eq!(answer.grpc_status, "1", "{timeout:?}: CANCELLED");
+        let (status, body) = denial(&check_response(&answer)).expect("denied");
+        assert_eq!(status, 503, "{timeout:?}: {body}");
+        assert!(body.contains("deadline_exceeded"), "{timeout:?}: {body}");
         assert!(
             took >= at_least && took < below,
             "{timeout:?}: ended after {took:?}"

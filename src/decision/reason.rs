@@ -80,6 +80,9 @@ reasons! {
     // 503: the request's unfinished bytes do not fit what the process may hold (a Check body
     // arriving in pieces, `--max-buffered-bytes`)
     Overloaded => "overloaded",
+    // 503: the call was not decided before its deadline (its body still arriving, a wait for an
+    // unknown key): answered just before it, so that the proxy reads a denial, not a timeout
+    DeadlineExceeded => "deadline_exceeded",
     // STEP_UP (or 403 where the issuer cannot challenge)
     MissingAuthContext => "missing_auth_context",
     AcrNotAccepted => "acr_not_accepted",

@@ -270,6 +270,7 @@ impl<'p> Replayer<'p> {
                     | "session_revoked"
                     | "risk_store_unavailable"
                     | "overloaded"
+                    | "deadline_exceeded"
                     | "internal_error"
             ) =>
             {

@@ -13,7 +13,9 @@
 //!   API, each call with the connection's [`PeerInfo`] in its extensions as tonic put it there.
 //!
 //! Both get the deadline tonic's server gave them: `--request-timeout`, or the client's shorter
-//! `grpc-timeout`; past it the call ends with `CANCELLED` ("Timeout expired").
+//! `grpc-timeout`. A call to tonic's router still running then ends with `CANCELLED` ("Timeout
+//! expired"); a `Check` not decided shortly before it is a `503 deadline_exceeded` denial, which
+//! Envoy reads as a denial rather than as a failure `failure_mode_allow` would let through.
 
 use std::{
     convert::Infallible,
@@ -205,9 +207,13 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
         let guard = self.activity.start();
         if request.uri().path() == CHECK_PATH {
             // The call's future holds the whole decision (2.6 KiB): boxed where it is made,
-            // it is copied once, not again into `within`, its box and its first poll.
-            let check = Box::pin(self.calls.check.clone().call(request));
-            return Box::pin(within(timeout, check, guard));
+            // it is copied once, not again into its wrapper, its box and its first poll.
+            let check = self
+                .calls
+                .check
+                .clone()
+                .call_by(request, answer_by(timeout));
+            return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());
         let mut routes = self.calls.routes.clone();
@@ -229,6 +235,21 @@ fn deadline(headers: &HeaderMap, limit: Duration) -> Duration {
         .get("grpc-timeout")
         .and_then(|v| grpc_message::parse_timeout(v.as_bytes()))
         .map_or(limit, |asked| asked.min(limit))
+}
+
+/// When a `Check` with `timeout` to go is answered at the latest: a fifth of it, at most 50 ms,
+/// before its deadline (the time the answer takes to reach the proxy, whose own clock started
+/// first).
+fn answer_by(timeout: Duration) -> Duration {
+    timeout - (timeout / 5).min(Duration::from_millis(50))
+}
+
+/// A `Check` call: it answers by its deadline itself ([`ExtAuthz::call_by`]).
+async fn answered(
+    call: impl Future<Output = Response<CallBody>>,
+    _in_flight: CallGuard,
+) -> Result<Response<CallBody>, Infallible> {
+    Ok(call.await)
 }
 
 /// `call`, ended with `CANCELLED` if it takes longer than `timeout`.

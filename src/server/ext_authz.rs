@@ -11,7 +11,13 @@
 //! `CheckRequest`, and the answer leaves as the frame [`CheckAnswer`] encoded straight from the
 //! decision.
 
-use std::{borrow::Cow, collections::HashMap, pin::pin, sync::Arc, time::Instant};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    pin::pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
@@ -58,6 +64,31 @@ impl ExtAuthz {
         }
     }
 
+    /// [`ExtAuthz::call`], answered by `answer_by` whatever happens: a call not decided by then
+    /// (its body still arriving, a wait for an unknown key) is a `503 deadline_exceeded` denial.
+    /// The caller sets it a little before the call's deadline, so that Envoy reads a denial, not
+    /// a timeout its `failure_mode_allow` could let through.
+    pub async fn call_by<B>(
+        self,
+        request: http::Request<B>,
+        answer_by: Duration,
+    ) -> http::Response<CallBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let started = Instant::now();
+        match tokio::time::timeout(answer_by, self.answer(request, started)).await {
+            Ok(response) => response,
+            Err(_) => self.refuse(
+                started,
+                503,
+                Reason::DeadlineExceeded,
+                "stepgate could not decide before the call's deadline",
+            ),
+        }
+    }
+
     /// Reads, decides and answers one `Check` call. Whatever the request holds, the answer is a
     /// decision: a body that is not one uncompressed `CheckRequest` is a `400 malformed_request`
     /// denial and one over `--max-message-bytes` a `413 request_too_large` (a gRPC error would
@@ -68,7 +99,18 @@ impl ExtAuthz {
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let started = Instant::now();
+        self.answer(request, Instant::now()).await
+    }
+
+    async fn answer<B>(
+        &self,
+        request: http::Request<B>,
+        started: Instant,
+    ) -> http::Response<CallBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
         let (parts, body) = request.into_parts();
         let read = if compressed(&parts.headers) {
             Unary::Malformed(grpc_message::COMPRESSED)
