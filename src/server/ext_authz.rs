@@ -78,8 +78,15 @@ impl ExtAuthz {
         B::Error: std::fmt::Display,
     {
         let started = Instant::now();
-        match tokio::time::timeout(answer_by, self.answer(request, started)).await {
-            Ok(response) => response,
+        // The decision has a guard of its own; this one covers reading the call and refusing it,
+        // so that even a bug there is answered with a denial rather than a reset stream.
+        let answer = pin!(self.answer(request, started));
+        match tokio::time::timeout(answer_by, catch_panic(answer)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(panic)) => {
+                let (decision, policy) = self.authorizer.failed(Door::Check, started, &panic);
+                calls::unary(CheckAnswer::new(decision, &policy).into_frame())
+            }
             Err(_) => self.refuse(
                 started,
                 503,
@@ -783,11 +790,19 @@ mod tests {
             64 * 1024,
             grpc_message::Budget::new(usize::MAX),
         );
-        let request = check_call(frame(&demo_check().encode_to_vec()));
-        let (status, answer) = answered(service.call(request).await).await;
-        assert_eq!(status, "0");
-        let code = answer.status.as_ref().map(|s| (s.code, s.message.as_str()));
-        assert_eq!(code, Some((13, "internal_error")));
-        assert_eq!(denial(answer).0, 500);
+        for by_deadline in [false, true] {
+            let request = check_call(frame(&demo_check().encode_to_vec()));
+            let service = service.clone();
+            let response = if by_deadline {
+                service.call_by(request, Duration::from_secs(5)).await
+            } else {
+                service.call(request).await
+            };
+            let (status, answer) = answered(response).await;
+            assert_eq!(status, "0");
+            let code = answer.status.as_ref().map(|s| (s.code, s.message.as_str()));
+            assert_eq!(code, Some((13, "internal_error")));
+            assert_eq!(denial(answer).0, 500);
+        }
     }
 }
