@@ -431,3 +431,40 @@ async fn a_drain_ends_within_the_request_timeout_whatever_the_clients_hold() {
     assert!(took < Duration::from_secs(5), "the drain took {took:?}");
     drop((opening, stream, watch));
 }
+
+/// tonic's calls (`Decide` here) charge the same budget while their bodies arrive: past it the
+/// call ends with `RESOURCE_EXHAUSTED` (8), and a whole message still goes through.
+#[tokio::test]
+async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
+    const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
+    const KIB: usize = 1024;
+    let server = serve(&[
+        "--max-buffered-bytes",
+        "262144",
+        "--max-message-bytes",
+        "262144",
+    ])
+    .await;
+    let mut client = connect(&server).await;
+    let mut prefix = vec![0];
+    prefix.extend((200 * KIB as u32).to_be_bytes());
+    let first_part = [prefix, vec![0; 150 * KIB]].concat();
+    let (_a_response, mut a) = client
+        .send_request(call(DECIDE, &[]), false)
+        .expect("sends");
+    a.send_data(Bytes::from(first_part.clone()), false)
+        .expect("sends data");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (b_response, mut b) = client
+        .send_request(call(DECIDE, &[]), false)
+        .expect("sends");
+    b.send_data(Bytes::from(first_part), false)
+        .expect("sends data");
+    let refused = tokio::time::timeout(Duration::from_secs(3), read(b_response))
+        .await
+        .expect("B is answered before its body ends");
+    assert_eq!(refused.grpc_status, "8", "RESOURCE_EXHAUSTED");
+    // An empty DecideRequest, whole: decided (a 400 denial in an OK answer).
+    let whole = send(&mut client, call(DECIDE, &[]), vec![frame(&[])]).await;
+    assert_eq!(whole.grpc_status, "0");
+}

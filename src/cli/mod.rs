@@ -102,7 +102,8 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
     max_message_bytes: usize,
-    /// Bytes of unfinished Check messages held at most, over every call (more is answered 503).
+    /// Bytes of unfinished request messages held at most, over every call (a Check past it is
+    /// answered 503).
     #[arg(long, env = "STEPGATE_MAX_BUFFERED_BYTES", default_value_t = TransportLimits::default().max_buffered_bytes,
           value_parser = clap::value_parser!(u64).range(1024..=(1 << 40)).map(|n| n as usize))]
     max_buffered_bytes: usize,

@@ -52,6 +52,72 @@ pub struct Calls {
     pub routes: Routes,
     /// `--request-timeout`.
     pub timeout: Duration,
+    /// What request bodies may hold together (`--max-buffered-bytes`); `Check` charges it in
+    /// its reader, tonic's calls through [`Charged`].
+    pub budget: Arc<grpc_message::Budget>,
+}
+
+/// A request body for tonic's router whose bytes are charged to the process's budget until the
+/// call lets go of the body: tonic buffers a message whole before decoding it, so without it many
+/// streams each sending most of a large `Decide` message would hold that much memory each. Past
+/// the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`.
+pub struct Charged {
+    inner: Incoming,
+    budget: Arc<grpc_message::Budget>,
+    charged: usize,
+}
+
+impl Charged {
+    fn new(inner: Incoming, budget: Arc<grpc_message::Budget>) -> Self {
+        Self {
+            inner,
+            budget,
+            charged: 0,
+        }
+    }
+}
+
+impl HttpBody for Charged {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            if !this.budget.take(data.len()) {
+                let refused = Status::resource_exhausted(
+                    "stepgate holds as many unfinished request bytes as it may \
+                     (--max-buffered-bytes); retry",
+                );
+                return Poll::Ready(Some(Err(Box::new(refused))));
+            }
+            this.charged += data.len();
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.give(self.charged);
+    }
 }
 
 /// Serves the connections `incoming` yields until `closing` turns true, then stops taking new
@@ -216,12 +282,12 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());
+        let request = request.map(|body| Charged::new(body, Arc::clone(&self.calls.budget)));
         let mut routes = self.calls.routes.clone();
         let call = async move {
-            let Ok(()) = std::future::poll_fn(|cx| {
-                Service::<Request<Incoming>>::poll_ready(&mut routes, cx)
-            })
-            .await;
+            let Ok(()) =
+                std::future::poll_fn(|cx| Service::<Request<Charged>>::poll_ready(&mut routes, cx))
+                    .await;
             let Ok(response) = routes.call(request).await;
             response.map(CallBody::Tonic)
         };

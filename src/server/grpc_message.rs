@@ -63,13 +63,14 @@ impl Budget {
         self.left.load(Relaxed)
     }
 
-    fn take(&self, bytes: usize) -> bool {
+    /// Takes `bytes`, or nothing when fewer are left.
+    pub fn take(&self, bytes: usize) -> bool {
         self.left
             .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(bytes))
             .is_ok()
     }
 
-    fn give(&self, bytes: usize) {
+    pub fn give(&self, bytes: usize) {
         self.left.fetch_add(bytes, Relaxed);
     }
 }

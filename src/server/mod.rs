@@ -87,8 +87,9 @@ pub struct TransportLimits {
     pub request_timeout: Duration,
     /// Time a new connection has to send its first bytes before it is closed.
     pub handshake_timeout: Duration,
-    /// Bytes of unfinished `Check` messages the process holds at most, over every call: a body
-    /// that would take more is answered `503 overloaded`.
+    /// Bytes of unfinished request messages the process holds at most, over every call: a
+    /// `Check` that would take more is answered `503 overloaded`, any other call ends with
+    /// `RESOURCE_EXHAUSTED`.
     pub max_buffered_bytes: usize,
     /// A connection with no call for this long (between one and two of it) is told to go away.
     pub idle_timeout: Duration,
@@ -301,7 +302,8 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         handshake_timeout: limits.handshake_timeout,
         tls: tls.clone(),
     };
-    // One budget for the whole process, charged only by bodies that arrive in pieces.
+    // One budget for the whole process: charged by `Check` bodies that arrive in pieces, and by
+    // every body tonic's router reads.
     let budget = grpc_message::Budget::new(limits.max_buffered_bytes);
     let serve = Arc::new(move |queue| {
         let incoming = conn::incoming(queue, worker_options.clone());
@@ -332,6 +334,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             check: ext_authz,
             routes: routes.routes().prepare(),
             timeout: limits.request_timeout,
+            budget: Arc::clone(&budget),
         };
         async move {
             calls::serve(incoming, calls, &limits, closing).await;
