@@ -282,21 +282,32 @@ async fn a_client_resetting_every_stream_it_opens_does_not_stall_others() {
 
 /// Bodies arriving in pieces hold bytes the whole process shares (`--max-buffered-bytes`): a call
 /// that would take more is a `503 overloaded` denial at once, while its body is still coming, and
-/// what a call held comes back when it ends.
-#[tokio::test]
-async fn bodies_arriving_in_pieces_share_one_bounded_budget() {
-    const KIB: usize = 1024;
-    let server = serve(&[
+/// A server whose request bodies may hold 256 KiB together, as may one message.
+async fn serve_with_budget() -> Server {
+    serve(&[
         "--max-buffered-bytes",
         "262144",
         "--max-message-bytes",
         "262144",
     ])
-    .await;
+    .await
+}
+
+/// The start of a message that announces `announced` bytes: its prefix and `sent` zeros.
+fn message_start(announced: usize, sent: usize) -> Vec<u8> {
+    let mut start = vec![0];
+    start.extend((announced as u32).to_be_bytes());
+    start.resize(5 + sent, 0);
+    start
+}
+
+/// what a call held comes back when it ends.
+#[tokio::test]
+async fn bodies_arriving_in_pieces_share_one_bounded_budget() {
+    const KIB: usize = 1024;
+    let server = serve_with_budget().await;
     let mut client = connect(&server).await;
-    let mut prefix = vec![0];
-    prefix.extend((200 * KIB as u32).to_be_bytes());
-    let first_part = [prefix.clone(), vec![0; 150 * KIB]].concat();
+    let first_part = message_start(200 * KIB, 150 * KIB);
 
     // A holds 150 KiB of a message announced at 200 KiB, and waits.
     let (a_response, mut a) = client.send_request(call(CHECK, &[]), false).expect("sends");
@@ -335,19 +346,15 @@ async fn bodies_arriving_in_pieces_share_one_bounded_budget() {
     );
 
     // D takes all but 100 bytes of the budget: a body in pieces needing more is refused...
-    let mut prefix = vec![0];
-    prefix.extend((256 * KIB as u32).to_be_bytes());
     let (_held, mut d) = client.send_request(call(CHECK, &[]), false).expect("sends");
     d.send_data(
-        Bytes::from([prefix, vec![0; 256 * KIB - 100]].concat()),
+        Bytes::from(message_start(256 * KIB, 256 * KIB - 100)),
         false,
     )
     .expect("sends data");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut small = vec![0];
-    small.extend(1000u32.to_be_bytes());
     let (e_response, mut e) = client.send_request(call(CHECK, &[]), false).expect("sends");
-    e.send_data(Bytes::from([small, vec![0; 500]].concat()), false)
+    e.send_data(Bytes::from(message_start(1000, 500)), false)
         .expect("sends data");
     let (status, _) = denial(&check_response(&read(e_response).await)).expect("E is denied");
     assert_eq!(status, 503);
@@ -438,17 +445,9 @@ async fn a_drain_ends_within_the_request_timeout_whatever_the_clients_hold() {
 async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
     const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
     const KIB: usize = 1024;
-    let server = serve(&[
-        "--max-buffered-bytes",
-        "262144",
-        "--max-message-bytes",
-        "262144",
-    ])
-    .await;
+    let server = serve_with_budget().await;
     let mut client = connect(&server).await;
-    let mut prefix = vec![0];
-    prefix.extend((200 * KIB as u32).to_be_bytes());
-    let first_part = [prefix, vec![0; 150 * KIB]].concat();
+    let first_part = message_start(200 * KIB, 150 * KIB);
     let (_a_response, mut a) = client
         .send_request(call(DECIDE, &[]), false)
         .expect("sends");

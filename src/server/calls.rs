@@ -63,18 +63,7 @@ pub struct Calls {
 /// the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`.
 pub struct Charged {
     inner: Incoming,
-    budget: Arc<grpc_message::Budget>,
-    charged: usize,
-}
-
-impl Charged {
-    fn new(inner: Incoming, budget: Arc<grpc_message::Budget>) -> Self {
-        Self {
-            inner,
-            budget,
-            charged: 0,
-        }
-    }
+    held: grpc_message::Held,
 }
 
 impl HttpBody for Charged {
@@ -92,15 +81,11 @@ impl HttpBody for Charged {
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        if let Some(data) = frame.data_ref() {
-            if !this.budget.take(data.len()) {
-                let refused = Status::resource_exhausted(
-                    "stepgate holds as many unfinished request bytes as it may \
-                     (--max-buffered-bytes); retry",
-                );
-                return Poll::Ready(Some(Err(Box::new(refused))));
-            }
-            this.charged += data.len();
+        if let Some(data) = frame.data_ref()
+            && !this.held.take(data.len())
+        {
+            let refused = Status::resource_exhausted(grpc_message::OVER_BUDGET);
+            return Poll::Ready(Some(Err(Box::new(refused))));
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -111,12 +96,6 @@ impl HttpBody for Charged {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for Charged {
-    fn drop(&mut self) {
-        self.budget.give(self.charged);
     }
 }
 
@@ -282,7 +261,10 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());
-        let request = request.map(|body| Charged::new(body, Arc::clone(&self.calls.budget)));
+        let request = request.map(|inner| Charged {
+            inner,
+            held: grpc_message::Held::new(Arc::clone(&self.calls.budget)),
+        });
         let mut routes = self.calls.routes.clone();
         let call = async move {
             let Ok(()) =

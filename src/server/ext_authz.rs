@@ -145,13 +145,7 @@ impl ExtAuthz {
                 return self.refuse(started, 400, Reason::MalformedRequest, why);
             }
             Unary::Overloaded => {
-                return self.refuse(
-                    started,
-                    503,
-                    Reason::Overloaded,
-                    "stepgate holds as many unfinished request bytes as it may \
-                     (--max-buffered-bytes); retry",
-                );
+                return self.refuse(started, 503, Reason::Overloaded, grpc_message::OVER_BUDGET);
             }
         };
         let check = match CheckRequest::decode(message, self.authorizer.header_limits()) {

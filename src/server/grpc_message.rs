@@ -63,17 +63,48 @@ impl Budget {
         self.left.load(Relaxed)
     }
 
-    /// Takes `bytes`, or nothing when fewer are left.
-    pub fn take(&self, bytes: usize) -> bool {
+    fn take(&self, bytes: usize) -> bool {
         self.left
             .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(bytes))
             .is_ok()
     }
 
-    pub fn give(&self, bytes: usize) {
+    fn give(&self, bytes: usize) {
         self.left.fetch_add(bytes, Relaxed);
     }
 }
+
+/// What one call holds of a [`Budget`], given back when it is dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Held {
+    pub fn new(budget: Arc<Budget>) -> Self {
+        Self { budget, bytes: 0 }
+    }
+
+    /// Takes `bytes` more; `false`, taking nothing, when the budget has fewer left.
+    pub fn take(&mut self, bytes: usize) -> bool {
+        let taken = self.budget.take(bytes);
+        if taken {
+            self.bytes += bytes;
+        }
+        taken
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
+}
+
+/// Why a call past the [`Budget`] is refused.
+pub const OVER_BUDGET: &str =
+    "stepgate holds as many unfinished request bytes as it may (--max-buffered-bytes); retry";
 
 pub const COMPRESSED: &str = "the message is compressed, and stepgate offers no compression";
 pub const BAD_FLAG: &str = "the message prefix's compressed flag is neither 0 nor 1";
@@ -88,9 +119,8 @@ pub struct UnaryReader {
     state: State,
     /// Bytes received and not yet taken as the prefix or the message.
     buf: BytesMut,
-    /// What `buf`'s bytes are charged to (none: unbounded), and how many were.
-    budget: Option<Arc<Budget>>,
-    charged: usize,
+    /// What `buf`'s bytes are charged to (none: unbounded).
+    held: Option<Held>,
 }
 
 #[derive(Debug)]
@@ -110,28 +140,20 @@ impl UnaryReader {
             max,
             state: State::Prefix,
             buf: BytesMut::new(),
-            budget: None,
-            charged: 0,
+            held: None,
         }
     }
 
     /// A reader whose buffered bytes are charged to `budget`.
     pub fn with_budget(max: usize, budget: Arc<Budget>) -> Self {
         let mut reader = Self::new(max);
-        reader.budget = Some(budget);
+        reader.held = Some(Held::new(budget));
         reader
     }
 
     /// Charges `bytes` about to be buffered; `false` when the budget cannot take them.
     fn charge(&mut self, bytes: usize) -> bool {
-        let Some(budget) = &self.budget else {
-            return true;
-        };
-        let taken = budget.take(bytes);
-        if taken {
-            self.charged += bytes;
-        }
-        taken
+        self.held.as_mut().is_none_or(|held| held.take(bytes))
     }
 
     /// Takes the body's next bytes. `Some` is a refusal known before the body ends: stop reading.
@@ -191,8 +213,8 @@ impl UnaryReader {
     }
 
     /// The body ended: what it held.
-    pub fn finish(mut self) -> Unary {
-        match std::mem::replace(&mut self.state, State::Prefix) {
+    pub fn finish(self) -> Unary {
+        match self.state {
             State::Done(message) => Unary::Message(message),
             State::Prefix if self.buf.is_empty() => Unary::Malformed(NO_MESSAGE),
             State::Prefix | State::Message(_) => Unary::Malformed(TRUNCATED),
@@ -211,14 +233,6 @@ impl UnaryReader {
         match usize::try_from(len) {
             Ok(len) if len <= self.max => Ok(len),
             _ => Err(Unary::TooLarge(len)),
-        }
-    }
-}
-
-impl Drop for UnaryReader {
-    fn drop(&mut self) {
-        if let Some(budget) = &self.budget {
-            budget.give(self.charged);
         }
     }
 }
