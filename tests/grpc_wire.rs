@@ -403,6 +403,57 @@ async fn a_connection_without_calls_is_closed_after_the_idle_timeout() {
     assert!(!busy_driver.is_finished(), "the busy connection was closed");
 }
 
+/// The kernel's timer on the server's end of the connection from `client_port` to
+/// `server_port`, from /proc/net/tcp: (which timer, clock ticks until it fires).
+fn server_socket_timer(server_port: u16, client_port: u16) -> Option<(u32, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reads /proc/net/tcp (Linux)");
+    let local = format!("0100007F:{server_port:04X}");
+    let remote = format!("0100007F:{client_port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (timer, when) = fields[5].split_once(':')?;
+        Some((
+            u32::from_str_radix(timer, 16).ok()?,
+            u64::from_str_radix(when, 16).ok()?,
+        ))
+    })
+}
+
+/// A dead peer is found by TCP keep-alive (the kernel probes a connection silent for 30 s)
+/// rather than by HTTP/2 pings: the server's end of an open, quiet connection has the kernel's
+/// keep-alive timer running.
+#[tokio::test]
+async fn an_open_connection_is_watched_by_tcp_keep_alive() {
+    let server = serve(&[]).await;
+    let server_port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", server_port))
+        .await
+        .expect("connects");
+    let client_port = tcp.local_addr().unwrap().port();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]).await;
+    assert_eq!(denial(&check_response(&answer)), None, "ALLOW");
+    // Once everything sent is acknowledged, the only timer left is keep-alive's (2).
+    let started = Instant::now();
+    let timer = loop {
+        let timer = server_socket_timer(server_port, client_port);
+        if timer.is_some_and(|(kind, _)| kind == 2) || started.elapsed() > Duration::from_secs(5) {
+            break timer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (kind, ticks) = timer.expect("the server's end of the connection is in /proc/net/tcp");
+    assert_eq!(kind, 2, "the keep-alive timer runs on the server's socket");
+    // Clock ticks are 1/100 s: the first probe is due within the 30 s of silence allowed.
+    assert!(ticks <= 30 * 100, "first probe in {ticks} ticks, past 30 s");
+    drop(client);
+}
+
 /// After SIGTERM, a connection still opening HTTP/2 and a stream that never ends (a health
 /// `Watch`) hold the exit back only until `--request-timeout` and a second of grace have passed.
 #[tokio::test]

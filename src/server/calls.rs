@@ -1,7 +1,7 @@
 //! Each connection's HTTP/2 server, and where its calls go.
 //!
 //! A worker serves its connections with hyper's HTTP/2 server (the one tonic uses, with the same
-//! settings: flow-control windows, the stream limit, keepalive pings, the header-list limit,
+//! settings: flow-control windows, the stream limit, the header-list limit,
 //! graceful shutdown). Calls are routed on their path:
 //! - ext_authz `Check` is read, decided and answered here ([`ExtAuthz`]): its one message is
 //!   taken from the request's DATA frame without a copy (`grpc_message::UnaryReader`), and its
@@ -179,8 +179,13 @@ fn builder(limits: &TransportLimits) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20))
+        // No HTTP/2 keep-alive pings: with them hyper reads the clock and takes a lock on every
+        // frame received. A dead peer is found by TCP keep-alive instead (`conn::keep_alive`),
+        // an idle live one by `--idle-timeout`.
+        .keep_alive_interval(None)
+        // A gRPC answer has no use for a `Date` header; hyper would format and encode one per
+        // response.
+        .auto_date_header(false)
         // Envoy multiplexes many Checks over few connections: a roomy connection window and a
         // stream limit that still bounds one misbehaving client.
         .initial_connection_window_size(1024 * 1024)

@@ -199,6 +199,7 @@ pub fn accept(
             };
             let error = match connection.and_then(|(stream, remote)| {
                 let _ = stream.set_nodelay(true);
+                let _ = keep_alive(&stream);
                 Ok((stream.into_std()?, remote))
             }) {
                 Ok((stream, remote)) => {
@@ -324,6 +325,31 @@ fn handshake_failed(remote: SocketAddr, error: &str) {
     } else {
         tracing::debug!(%remote, error, "TLS handshake failed");
     }
+}
+
+/// How long a connection may go without a byte from its peer before the kernel probes it.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between unanswered probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes that close the connection.
+pub const KEEPALIVE_PROBES: u32 = 2;
+/// How long data sent may stay unacknowledged before the connection is closed: the same
+/// `KEEPALIVE_IDLE + KEEPALIVE_PROBES × KEEPALIVE_INTERVAL` (50 s) as an idle dead peer.
+pub const UNACKNOWLEDGED_FOR: Duration = Duration::from_secs(50);
+
+/// Finds a dead peer in the kernel: TCP keep-alive probes after [`KEEPALIVE_IDLE`] of silence,
+/// every [`KEEPALIVE_INTERVAL`], closing after [`KEEPALIVE_PROBES`] unanswered (about 50 s), and
+/// `TCP_USER_TIMEOUT` for data left unacknowledged as long. This replaces HTTP/2 keep-alive
+/// pings, which cost a clock read and a lock on every frame received.
+pub fn keep_alive(stream: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_FOR))
 }
 
 /// The byte stream under a connection.
