@@ -1,8 +1,9 @@
 //! The real binary against clients that try to take it down rather than get a decision: a log
 //! pipe nobody reads, a thousand idle and half-sent connections to the metrics port with the
-//! process short of file descriptors, a client holding every gRPC connection slot, and requests
-//! past the size and header limits. Each test checks that `Check` keeps answering (every call
-//! bounded by a deadline: a hang is a failure) and that the attack costs what it should.
+//! process short of file descriptors, a client holding every gRPC connection slot or more than
+//! its source address's share, and requests past the size and header limits. Each test checks
+//! that `Check` keeps answering (every call bounded by a deadline: a hang is a failure) and that
+//! the attack costs what it should.
 
 mod common;
 
@@ -292,6 +293,85 @@ async fn a_client_holding_every_connection_slot_delays_new_clients_until_it_lets
         .unwrap()
         .expect("an answer");
     assert!(answered >= released);
+}
+
+/// A TCP connection to the server from `source` (any of 127.0.0.0/8 reaches loopback).
+fn connect_from(source: [u8; 4], port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .expect("binding a loopback source address");
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connecting");
+    socket.into()
+}
+
+/// Whether the server speaks HTTP/2 on `stream` (its SETTINGS frame answers the client's
+/// preface) or closes it without a byte.
+fn served(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(CALL_DEADLINE)).unwrap();
+    // The client preface and an empty SETTINGS frame.
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+    let mut header = [0u8; 9];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {
+            assert_eq!(header[3], 4, "the server's first frame is SETTINGS");
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+        Err(e) => panic!("neither served nor closed within {CALL_DEADLINE:?}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_source_address_cannot_hold_more_than_its_share_of_connections() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: ["--max-connections-per-source", "3"]
+                .map(str::to_owned)
+                .to_vec(),
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let hog = [127, 0, 0, 3];
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect_from(hog, server.port)).collect();
+    assert!(served(&mut held[0]), "a connection within the share");
+    // A fourth from the same address is closed at once...
+    assert!(
+        !served(&mut connect_from(hog, server.port)),
+        "a fourth was served"
+    );
+    // ...while another address is served as before.
+    let channel = server.channel().await;
+    let token = mint(&TokenSpec::default());
+    assert_eq!(check(&channel, allowed_check(&token)).await, Ok(200));
+    assert!(served(&mut connect_from([127, 0, 0, 4], server.port)));
+    let text = server.scrape().await;
+    assert!(
+        metric(&text, "stepgate_grpc_connections_refused").is_some_and(|n| n >= 1.0),
+        "the refusal is counted:\n{text}"
+    );
+    assert!(
+        server
+            .logs_text()
+            .contains("holds --max-connections-per-source already"),
+        "the refusal is logged"
+    );
+    // Once one of its connections closes, the address gets a connection again.
+    drop(held.pop());
+    let started = Instant::now();
+    while !served(&mut connect_from(hog, server.port)) {
+        assert!(
+            started.elapsed() < CALL_DEADLINE,
+            "the closed connection's share never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

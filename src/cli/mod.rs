@@ -115,6 +115,11 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_CONNECTIONS", default_value_t = TransportLimits::default().max_connections,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     max_connections: usize,
+    /// Open gRPC connections from one source address; more are closed on accept (0: no bound
+    /// but --max-connections).
+    #[arg(long, env = "STEPGATE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = TransportLimits::default().max_connections_per_source,
+          value_parser = clap::value_parser!(u32).map(|n| n as usize))]
+    max_connections_per_source: usize,
     /// A connection with no call for this long is closed (HTTP/2 GOAWAY; e.g. 5m, 30s).
     #[arg(long, env = "STEPGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     idle_timeout: Duration,
@@ -366,6 +371,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             max_message_bytes: args.max_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,
             max_connections: args.max_connections,
+            max_connections_per_source: args.max_connections_per_source,
             request_timeout: args.request_timeout,
             handshake_timeout: args.handshake_timeout,
             max_buffered_bytes: args.max_buffered_bytes,

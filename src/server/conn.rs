@@ -3,7 +3,9 @@
 //! answers into one write.
 //!
 //! [`accept`] accepts only while fewer than `--max-connections` are open; past that, new
-//! clients wait in the kernel's listen backlog until one closes. A connection that sends nothing
+//! clients wait in the kernel's listen backlog until one closes. A source address already
+//! holding `--max-connections-per-source` has its new connection closed on accept, so that one
+//! client (or one compromised pod) cannot take every slot from the proxies. A connection that sends nothing
 //! within `--handshake-timeout` is closed: otherwise idle sockets, which cost an attacker nothing,
 //! could hold every slot and keep Envoy from reconnecting. When `accept` fails because the
 //! process or the system is out of file descriptors (`EMFILE`, `ENFILE`), the listener stays
@@ -29,11 +31,12 @@
 //! large Decide answers) are still chained, as before.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -81,6 +84,8 @@ pub struct PeerInfo {
 pub struct AcceptOptions {
     /// Most connections open at once (handshakes in progress included).
     pub max: usize,
+    /// Most of them from one source address; 0 for no bound but `max`.
+    pub max_per_source: usize,
     pub kind: ListenerKind,
 }
 
@@ -102,12 +107,61 @@ pub struct Accepted {
     slot: Slot,
 }
 
-/// What an open connection holds: one of its listener's `--max-connections` slots, and one unit
-/// of its worker's load.
+/// What an open connection holds: one of its listener's `--max-connections` slots, one of its
+/// source's, and one unit of its worker's load.
 #[derive(Debug)]
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
     load: Option<Arc<AtomicUsize>>,
+}
+
+/// The connections each source address has open on one listener.
+#[derive(Debug)]
+struct Sources {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Sources {
+    /// One more connection from `address`, unless it holds `max` already. An IPv4 client of a
+    /// dual-stack listener (`::ffff:a.b.c.d`) counts as `a.b.c.d`.
+    fn take(self: &Arc<Self>, address: IpAddr) -> Option<SourceSlot> {
+        let address = address.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(address).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            sources: Arc::clone(self),
+            address,
+        })
+    }
+}
+
+/// One connection's share of its source address's bound.
+#[derive(Debug)]
+struct SourceSlot {
+    sources: Arc<Sources>,
+    address: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .sources
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
 }
 
 impl Drop for Slot {
@@ -180,10 +234,21 @@ pub fn accept(
     dispatch: Arc<Dispatch>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let AcceptOptions { max, kind } = options;
+    let AcceptOptions {
+        max,
+        max_per_source,
+        kind,
+    } = options;
     let slots = Arc::new(Semaphore::new(max.max(1)));
+    let sources = (max_per_source > 0).then(|| {
+        Arc::new(Sources {
+            max: max_per_source,
+            open: Mutex::new(HashMap::new()),
+        })
+    });
     tokio::spawn(async move {
         let mut last_warned: Option<Instant> = None;
+        let mut last_refused: Option<Instant> = None;
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
@@ -203,8 +268,31 @@ pub fn accept(
                 Ok((stream.into_std()?, remote))
             }) {
                 Ok((stream, remote)) => {
+                    let source = match &sources {
+                        None => None,
+                        Some(sources) => match sources.take(remote.ip()) {
+                            Some(source) => Some(source),
+                            None => {
+                                // Closed at once, its slot free for the next client.
+                                drop(stream);
+                                metrics::global().record_connection_refused();
+                                if last_refused
+                                    .is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY)
+                                {
+                                    tracing::warn!(
+                                        source = %remote.ip(),
+                                        max = max_per_source,
+                                        "closed a connection: its source address holds --max-connections-per-source already (later ones within 10 s are only counted)"
+                                    );
+                                    last_refused = Some(Instant::now());
+                                }
+                                continue;
+                            }
+                        },
+                    };
                     let slot = Slot {
                         _permit: permit,
+                        _source: source,
                         load: None,
                     };
                     dispatch.send(Accepted {
@@ -478,5 +566,52 @@ impl AsyncWrite for Batched {
     // calls when `is_write_vectored` is false.
     fn is_write_vectored(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(max: usize) -> Arc<Sources> {
+        Arc::new(Sources {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    #[test]
+    fn a_source_holds_at_most_its_bound_and_gets_each_slot_back_when_a_connection_closes() {
+        let sources = sources(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = sources.take(a).expect("first");
+        let _second = sources.take(a).expect("second");
+        assert!(sources.take(a).is_none(), "a third from the same source");
+        assert!(sources.take(b).is_some(), "another source is not affected");
+        drop(first);
+        let _third = sources.take(a).expect("a slot came back");
+        assert!(sources.take(a).is_none());
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_counts_as_its_ipv4_address() {
+        let sources = sources(1);
+        let _v4 = sources.take("192.0.2.7".parse().unwrap()).expect("first");
+        assert!(
+            sources.take("::ffff:192.0.2.7".parse().unwrap()).is_none(),
+            "the mapped address is the same source"
+        );
+    }
+
+    #[test]
+    fn a_source_with_no_connection_left_is_forgotten() {
+        let sources = sources(3);
+        let held: Vec<_> = (0..100u8)
+            .map(|i| sources.take(IpAddr::from([10, 0, 0, i])).unwrap())
+            .collect();
+        assert_eq!(sources.open.lock().unwrap().len(), 100);
+        drop(held);
+        assert!(sources.open.lock().unwrap().is_empty());
     }
 }

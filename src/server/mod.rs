@@ -82,6 +82,9 @@ pub struct TransportLimits {
     pub max_concurrent_streams: u32,
     /// Open connections; further clients wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Open connections from one source address; past it a new one is closed on accept. 0: no
+    /// bound but `max_connections`.
+    pub max_connections_per_source: usize,
     /// Longest a call may take, reading its request included (a client's shorter `grpc-timeout`
     /// wins); past it the call ends with `CANCELLED`.
     pub request_timeout: Duration,
@@ -101,6 +104,7 @@ impl Default for TransportLimits {
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 1024,
             max_connections: 10_000,
+            max_connections_per_source: 1_000,
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
@@ -273,6 +277,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let accept = |listener, kind| {
         let options = conn::AcceptOptions {
             max: limits.max_connections,
+            max_per_source: limits.max_connections_per_source,
             kind,
         };
         conn::accept(listener, options, Arc::clone(&dispatch), closing.clone());

@@ -131,6 +131,7 @@ pub struct Metrics {
     unknown_kids: DashMap<(String, &'static str), AtomicU64>,
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
+    connections_refused: AtomicU64,
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
     admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
@@ -177,6 +178,7 @@ impl Default for Metrics {
             unknown_kids: DashMap::new(),
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
             records: Default::default(),
@@ -429,6 +431,11 @@ impl Metrics {
 
     pub fn record_accept_error(&self) {
         self.accept_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A connection closed on accept: its source address held `--max-connections-per-source`.
+    pub fn record_connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Relaxed);
     }
 
     pub fn record_tls_reload(&self, ok: bool) {
@@ -709,6 +716,11 @@ impl Collector for Exposition {
                 "stepgate_grpc_accept_errors",
                 "Failed accepts on the gRPC listener (out of file descriptors, aborted connections)",
                 &m.accept_errors,
+            ),
+            (
+                "stepgate_grpc_connections_refused",
+                "Connections closed on accept because their source address already held --max-connections-per-source",
+                &m.connections_refused,
             ),
         ] {
             encoder
