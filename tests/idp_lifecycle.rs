@@ -1170,6 +1170,97 @@ async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
     }
 }
 
+/// A policy that lets a request wait 5 s for an unknown `kid`, behind an Envoy whose ext_authz
+/// timeout is 0.25 s and which lets requests through when the authorizer fails
+/// (`failure_mode_allow: true`): a `Check` still waiting when Envoy gives up would be an error
+/// Envoy turns into a pass. stepgate answers `503 deadline_exceeded` just before the deadline
+/// Envoy sent (`grpc-timeout`) instead, so the request is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_outliving_envoys_timeout_on_a_slow_idp_is_refused_even_with_failure_mode_allow() {
+    let idp = Idp::start().await;
+    let policy = policy(
+        "slow-fail-open",
+        &format!(
+            "    discovery_url: {}\n    issuer: {}\n    keys: {{ unknown_kid_wait: 5s }}",
+            idp.discovery_url(),
+            idp.issuer()
+        ),
+    );
+    let server = Server::start(&policy.path).await;
+    let echo = Echo::start().await;
+    let envoy = Envoy::start_edited(
+        ENVOY_YAML,
+        server.port,
+        echo.port,
+        &[("failure_mode_allow: false", "failure_mode_allow: true")],
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client");
+    let diagnostics = || {
+        format!(
+            "--- Envoy access log ---\n{}\n--- stepgate log ---\n{}",
+            tail(&envoy.access_log()),
+            tail(&server.logs_text())
+        )
+    };
+    let get = |token: String| {
+        let request = http.get(envoy.url("/orders/42")).bearer_auth(token);
+        async move {
+            request
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let iss = idp.issuer();
+    // Envoy's connection to stepgate is open and a known key passes.
+    let deadline = Instant::now() + EVENT_DEADLINE;
+    loop {
+        match get(mint(&spec(&iss))).await {
+            Ok(200) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "a known key never passed (last {other:?})\n{}",
+                diagnostics()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The IdP rotates to the EC key, and answers key-set requests only after 20 s.
+    idp.publish(&[rsa_jwk(), ec_jwk()]);
+    idp.set_keys_mode(Mode::Slow(Duration::from_secs(20)));
+    let new_key = mint_with(&spec(&iss), Algorithm::ES256);
+    for attempt in 0..3 {
+        assert_eq!(
+            get(new_key.clone()).await,
+            Ok(503),
+            "attempt {attempt}: a Check waiting on the IdP past Envoy's timeout is stepgate's 503 \
+             denial; 200 would mean Envoy let the request through on an error\n{}",
+            diagnostics()
+        );
+    }
+    assert!(
+        echo.requests_with("authorization", &format!("Bearer {new_key}"))
+            .is_empty(),
+        "the upstream saw a request with the unverified token\n{}",
+        diagnostics()
+    );
+    assert!(
+        envoy
+            .wait_for_access_log(EVENT_DEADLINE, |l| l.contains(" 503 ")
+                && l.contains("reason=deadline_exceeded"))
+            .await
+            .is_some(),
+        "Envoy logged stepgate's deadline_exceeded denial\n{}",
+        diagnostics()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // An independent implementation: oauth2-mock-server
 // ---------------------------------------------------------------------------------------------
