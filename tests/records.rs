@@ -219,6 +219,65 @@ async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     assert!(size("big.jsonl.3").is_none(), "keep: 2");
 }
 
+/// A graceful stop (SIGTERM) writes the records of every decision made before the process
+/// ends, the last ones included (the writer would otherwise have held them up to 100 ms): here
+/// calls are still arriving when the signal comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_made_before_a_graceful_stop_has_its_record() {
+    let policy = TempPolicy::new("records-stop", &demo_policy_without_risk());
+    let file = policy.path.parent().unwrap().join("records.jsonl");
+    let mut server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--records".into(), file.display().to_string()],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let token = mint(&TokenSpec::default());
+    let client = DecisionServiceClient::new(server.channel().await);
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut client = client.clone();
+        let token = token.clone();
+        let answered = std::sync::Arc::clone(&answered);
+        callers.spawn(async move {
+            // Until the server stops answering.
+            while let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.decide(DecideRequest {
+                    credential: Some(Credential::Token(token.clone())),
+                    operation: "orders.list".into(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            {
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a clean exit: {status:?}"
+    );
+    callers.join_all().await;
+    let answered = answered.load(std::sync::atomic::Ordering::Relaxed);
+    let records = read_records(&file);
+    assert!(answered > 0, "calls were answered before the stop");
+    assert!(
+        records.len() >= answered,
+        "{} records for {answered} answered decisions\n{}",
+        records.len(),
+        server.logs_text()
+    );
+}
+
 #[test]
 fn a_bad_records_section_is_refused_with_its_field_path() {
     for (records, path) in [

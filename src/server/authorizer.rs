@@ -123,6 +123,13 @@ impl Authorizer {
         let _ = self.records.set((sink, forced));
     }
 
+    /// Writes the decision records still pending and stops their writer (the end of `serve`).
+    pub fn finish_records(&self) {
+        if let Some((sink, _)) = self.records.get() {
+            sink.finish();
+        }
+    }
+
     /// The blocks, revocations and shared store this authorizer applies.
     pub fn risk(&self) -> &Arc<RiskState> {
         &self.risk

@@ -310,6 +310,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     // One budget for the whole process: charged by `Check` bodies that arrive in pieces, and by
     // every body tonic's router reads.
     let budget = grpc_message::Budget::new(limits.max_buffered_bytes);
+    let records_of = Arc::clone(&authorizer);
     let serve = Arc::new(move |queue| {
         let incoming = conn::incoming(queue, worker_options.clone());
         // The hot services are made for each worker: the reference counts their calls clone are
@@ -360,6 +361,8 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     });
     let served = serve(first).await;
     let others = workers.finish().await;
+    // Every call has ended: the records of their decisions are written before the process is.
+    let _ = tokio::task::spawn_blocking(move || records_of.finish_records()).await;
     served.and(others)?;
     // The batch exporter blocks while it sends what is pending.
     let _ = tokio::task::spawn_blocking(traces::shutdown).await;

@@ -42,6 +42,8 @@ const CAPACITY: usize = 4 * 1024 * 1024;
 const WAKE_AT: usize = 256 * 1024;
 /// Longest a record waits in memory.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long the end of the process waits for the last records to be written.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 /// The compiled `records:` section.
 #[derive(Clone, PartialEq)]
@@ -101,6 +103,8 @@ pub struct RecordSink {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Signalled when the writer has written everything after `finishing` was set.
+    done: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +113,10 @@ struct Pending {
     /// Records in `bytes`.
     records: u64,
     woken: bool,
+    /// The process is ending: write what is pending now, then stop.
+    finishing: bool,
+    /// The writer stopped (everything before `finishing` written, or given up on).
+    finished: bool,
 }
 
 impl RecordSink {
@@ -164,6 +172,30 @@ impl RecordSink {
                 *line = String::new();
             }
         });
+    }
+
+    /// Writes every record made so far and stops the writer, waiting at most [`FINISH_WAIT`] (a
+    /// slow disk must not hold up the end of the process for long). For the end of `serve`,
+    /// once no call is left to decide: records made after it are not written.
+    pub fn finish(&self) {
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pending.finishing = true;
+        self.shared.wake.notify_one();
+        let (pending, _) = self
+            .shared
+            .done
+            .wait_timeout_while(pending, FINISH_WAIT, |p| !p.finished)
+            .unwrap_or_else(PoisonError::into_inner);
+        if !pending.finished {
+            tracing::warn!(
+                records = pending.records,
+                "the decision records file did not take the last records in time"
+            );
+        }
     }
 
     fn enqueue(&self, line: &[u8]) {
@@ -510,20 +542,25 @@ fn write_loop(shared: &Shared, mut out: Output) {
     let mut spare: Vec<u8> = Vec::new();
     let mut failing = false;
     loop {
-        let records = {
+        let (records, finishing) = {
             let pending = shared
                 .pending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let (mut pending, _) = shared
                 .wake
-                .wait_timeout_while(pending, FLUSH_EVERY, |p| p.bytes.len() < WAKE_AT)
+                .wait_timeout_while(pending, FLUSH_EVERY, |p| {
+                    p.bytes.len() < WAKE_AT && !p.finishing
+                })
                 .unwrap_or_else(PoisonError::into_inner);
             std::mem::swap(&mut pending.bytes, &mut spare);
             pending.woken = false;
-            std::mem::take(&mut pending.records)
+            (std::mem::take(&mut pending.records), pending.finishing)
         };
         if spare.is_empty() {
+            if finishing {
+                break;
+            }
             continue;
         }
         // Whole records at a time, so that a rotation falls between two of them.
@@ -551,7 +588,16 @@ fn write_loop(shared: &Shared, mut out: Output) {
             }
         }
         spare.clear();
+        if finishing {
+            break;
+        }
     }
+    let mut pending = shared
+        .pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    pending.finished = true;
+    shared.done.notify_all();
 }
 
 /// `bytes` cut after a newline into pieces of at most about `size` bytes.
