@@ -30,7 +30,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header::CONTENT_TYPE};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{body::Incoming, server::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -321,6 +321,9 @@ pub fn status(status: Status) -> Response<CallBody> {
     status.into_http::<TonicBody>().map(CallBody::Tonic)
 }
 
+/// The trailer of every unary answer, named without an allocation.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// A successful unary answer: `frame` (a message behind its prefix), then `grpc-status: 0`.
 pub fn unary(frame: Bytes) -> Response<CallBody> {
     let mut response = Response::new(CallBody::Unary {
@@ -354,7 +357,7 @@ impl HttpBody for CallBody {
                 Some(Ok(Frame::data(data)))
             } else if std::mem::take(ok) {
                 let mut trailers = HeaderMap::with_capacity(1);
-                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
                 Some(Ok(Frame::trailers(trailers)))
             } else {
                 None
@@ -372,8 +375,12 @@ impl HttpBody for CallBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            // Not exact on purpose: hyper would add a `content-length` (two allocations per
+            // answer) that gRPC does not use.
             Self::Unary { frame, .. } => {
-                SizeHint::with_exact(frame.as_ref().map_or(0, |f| f.len() as u64))
+                let mut hint = SizeHint::new();
+                hint.set_lower(frame.as_ref().map_or(0, |f| f.len() as u64));
+                hint
             }
             Self::Tonic(body) => body.size_hint(),
         }
