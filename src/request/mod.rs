@@ -189,10 +189,11 @@ impl AccessRequest {
 }
 
 impl HttpAttributes {
-    /// `method` and `target` are taken as they are when owned (no copy); the method is upper-cased.
+    /// `method`, `authority` and `target` are taken as they are when owned (no copy); the method
+    /// is upper-cased, the authority becomes the host (no port, lower case).
     pub fn new(
         method: impl Into<String>,
-        authority: &str,
+        authority: impl Into<String>,
         target: impl Into<String>,
         headers: Headers,
     ) -> Self {
@@ -242,20 +243,25 @@ fn percent_decode(text: &str) -> Option<String> {
 /// The host, lower-case, without its port or a trailing dot: `Admin.Example.com.:443` and
 /// `admin.example.com` name the same host (the dot marks a fully qualified name, and every
 /// resolver and virtual-host match treats both alike), so host rules must see one spelling.
-fn host_without_port(authority: &str) -> String {
-    let host = if let Some(rest) = authority.strip_prefix('[') {
+fn host_without_port(authority: impl Into<String>) -> String {
+    let mut host = authority.into();
+    let (start, mut end) = if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: keep the brackets' content.
-        rest.split(']').next().unwrap_or(rest)
+        (1, 1 + rest.find(']').unwrap_or(rest.len()))
     } else {
-        authority.rsplit_once(':').map_or(authority, |(h, port)| {
-            if port.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                authority
-            }
-        })
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => (0, h.len()),
+            _ => (0, host.len()),
+        }
     };
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+    if host[start..end].ends_with('.') {
+        end -= 1;
+    }
+    // In place: the authority's own buffer becomes the host.
+    host.truncate(end);
+    host.drain(..start);
+    host.make_ascii_lowercase();
+    host
 }
 
 #[cfg(test)]
@@ -272,6 +278,45 @@ mod tests {
             host_without_port("admin.example.com.:8443"),
             "admin.example.com"
         );
+    }
+
+    #[test]
+    fn odd_authorities_keep_what_they_hold() {
+        assert_eq!(host_without_port("[::1]"), "::1");
+        assert_eq!(host_without_port("[::1"), "::1");
+        assert_eq!(host_without_port("host:"), "host");
+        assert_eq!(host_without_port("host:abc"), "host:abc");
+        assert_eq!(host_without_port("."), "");
+        assert_eq!(host_without_port(""), "");
+        assert_eq!(host_without_port("[Fe80::1.]:9"), "fe80::1");
+    }
+
+    /// The host as the first version read it, with new strings rather than in place.
+    fn host_by_slicing(authority: &str) -> String {
+        let host = if let Some(rest) = authority.strip_prefix('[') {
+            rest.split(']').next().unwrap_or(rest)
+        } else {
+            authority.rsplit_once(':').map_or(authority, |(h, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    h
+                } else {
+                    authority
+                }
+            })
+        };
+        host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_host_cut_in_place_is_the_host_sliced(
+            authority in "[\\[\\]:.0-9a-zA-Z\u{e9}\u{3b1}]{0,16}"
+        ) {
+            proptest::prop_assert_eq!(
+                host_without_port(authority.as_str()),
+                host_by_slicing(&authority)
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,9 @@ impl CheckAnswer {
         let mut bytes = self.bytes;
         let len = u32::try_from(bytes.len() - PREFIX).expect("an answer is far below 4 GiB");
         bytes[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+        // A `Vec` with spare capacity would become `Bytes` through one more allocation; the
+        // allocator shrinks a block in place when less than half of it is cut.
+        bytes.shrink_to_fit();
         Bytes::from(bytes)
     }
 }

@@ -285,7 +285,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         let method = pseudo(method, ":method");
         let host = pseudo(host, ":authority");
         let path = pseudo(path, ":path");
-        HttpAttributes::new(method, &host, path, headers)
+        HttpAttributes::new(method, host, path, headers)
     });
     AccessRequest {
         credential,
