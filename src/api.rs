@@ -35,6 +35,52 @@ pub fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost
     }
 }
 
+/// The values in `s` at every depth (each list and object one, and each of its items), and the
+/// bytes of its keys and strings, counted until either passes its bound: `Err("values")` or
+/// `Err("bytes")` then. Cheap next to converting them, which each value multiplies.
+pub fn struct_within(
+    s: &prost_types::Struct,
+    max_values: usize,
+    max_bytes: usize,
+) -> Result<(), &'static str> {
+    use prost_types::value::Kind;
+    let (mut values, mut bytes) = (0usize, 0usize);
+    let mut pending: Vec<&prost_types::Value> = Vec::new();
+    let fields = |s: &'_ prost_types::Struct, values: &mut usize, bytes: &mut usize| {
+        *values += s.fields.len();
+        *bytes += s.fields.keys().map(String::len).sum::<usize>();
+    };
+    fields(s, &mut values, &mut bytes);
+    pending.extend(s.fields.values());
+    while let Some(value) = pending.pop() {
+        if values > max_values {
+            return Err("values");
+        }
+        if bytes > max_bytes {
+            return Err("bytes");
+        }
+        match &value.kind {
+            Some(Kind::StringValue(text)) => bytes += text.len(),
+            Some(Kind::StructValue(inner)) => {
+                fields(inner, &mut values, &mut bytes);
+                pending.extend(inner.fields.values());
+            }
+            Some(Kind::ListValue(list)) => {
+                values += list.values.len();
+                pending.extend(&list.values);
+            }
+            _ => {}
+        }
+    }
+    if values > max_values {
+        Err("values")
+    } else if bytes > max_bytes {
+        Err("bytes")
+    } else {
+        Ok(())
+    }
+}
+
 /// `google.protobuf.Struct` → JSON object (a non-finite number becomes null).
 pub fn struct_to_json(s: prost_types::Struct) -> serde_json::Map<String, serde_json::Value> {
     use prost_types::value::Kind;
@@ -50,4 +96,30 @@ pub fn struct_to_json(s: prost_types::Struct) -> serde_json::Map<String, serde_j
         }
     }
     s.fields.into_iter().map(|(k, v)| (k, value(v))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attributes(json: serde_json::Value) -> prost_types::Struct {
+        json_to_struct(json.as_object().expect("an object"))
+    }
+
+    #[test]
+    fn every_value_at_every_depth_and_every_key_and_string_byte_counts() {
+        // values: "a", "list", its 3 items, "o", its "k": 7; bytes: a list o k (7) + "xy" + "z".
+        let s = attributes(serde_json::json!({
+            "a": "xy",
+            "list": [1, null, "z"],
+            "o": { "k": true }
+        }));
+        assert_eq!(struct_within(&s, 7, 10), Ok(()));
+        assert_eq!(struct_within(&s, 6, 10), Err("values"));
+        assert_eq!(struct_within(&s, 7, 9), Err("bytes"));
+        assert_eq!(
+            struct_within(&attributes(serde_json::json!({})), 0, 0),
+            Ok(())
+        );
+    }
 }

@@ -997,6 +997,64 @@ async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
     }
 }
 
+/// `attributes` past `limits.max_attribute_values` (1000) or `limits.max_attribute_bytes` (64 KiB)
+/// are a `413 request_too_large` denial, token or not, before anything is made of them; a
+/// message past `--max-decide-message-bytes` (256 KiB) is refused by gRPC (`OUT_OF_RANGE`).
+#[tokio::test]
+async fn decide_attributes_past_their_bounds_are_a_413_denial() {
+    let server = shared_server().await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let decide = |attributes: serde_json::Map<String, serde_json::Value>| DecideRequest {
+        operation: "payments.transfer".into(),
+        attributes: Some(stepgate::api::json_to_struct(&attributes)),
+        ..Default::default()
+    };
+    let many: serde_json::Map<_, _> = [(
+        "items".to_owned(),
+        serde_json::Value::Array(vec![serde_json::Value::Null; 1500]),
+    )]
+    .into_iter()
+    .collect();
+    let long: serde_json::Map<_, _> = [("note".to_owned(), "x".repeat(70_000).into())]
+        .into_iter()
+        .collect();
+    let fine: serde_json::Map<_, _> = [(
+        "items".to_owned(),
+        serde_json::Value::Array(vec![serde_json::Value::Null; 900]),
+    )]
+    .into_iter()
+    .collect();
+    for (attributes, what) in [(many, "values"), (long, "bytes")] {
+        let response = client
+            .decide(decide(attributes))
+            .await
+            .expect("an answer, not a gRPC error")
+            .into_inner();
+        assert_eq!(
+            (
+                response.outcome(),
+                response.http_status,
+                response.reason.as_str()
+            ),
+            (Outcome::Deny, 413, "request_too_large"),
+            "{what}: {response:?}"
+        );
+        assert!(response.message.contains(what), "{response:?}");
+    }
+    // Within the bounds, the same request is decided on its merits (no token: 401).
+    let response = client.decide(decide(fine)).await.unwrap().into_inner();
+    assert_eq!(response.http_status, 401, "{response:?}");
+    // 300 KiB of message: past the transport's bound for Decide.
+    let huge: serde_json::Map<_, _> = [("note".to_owned(), "x".repeat(300 * 1024).into())]
+        .into_iter()
+        .collect();
+    let status = client
+        .decide(decide(huge))
+        .await
+        .expect_err("refused by gRPC");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+}
+
 /// The demo policy with `explain` enabled for callers on the admin listener.
 fn policy_explaining_to_the_admin_listener() -> TempPolicy {
     let text = demo_policy_text() + "\nexplain: { enabled: true, admin_listener: true }\n";

@@ -78,6 +78,22 @@ fn offline(token: &str, operation: &str) -> serde_json::Value {
     ])
 }
 
+/// The annotated reference in docs/policy.md ("The policy file") is a policy `check` accepts,
+/// every key as documented: a reader copying it gets a working file.
+#[test]
+fn the_reference_policy_in_the_docs_is_accepted() {
+    let doc = std::fs::read_to_string(common::manifest_dir().join("docs/policy.md")).unwrap();
+    let reference = doc
+        .split_once("## The policy file")
+        .and_then(|(_, rest)| rest.split_once("```yaml\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(yaml, _)| yaml)
+        .expect("docs/policy.md has the reference policy in a yaml block");
+    let policy = TempPolicy::new("docs-reference", reference);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
 #[test]
 fn check_accepts_the_demo_policy_and_prints_every_rule() {
     let path = demo_policy_path();

@@ -280,8 +280,6 @@ async fn a_client_resetting_every_stream_it_opens_does_not_stall_others() {
     assert_eq!(denial(&check_response(&answer)), None);
 }
 
-/// Bodies arriving in pieces hold bytes the whole process shares (`--max-buffered-bytes`): a call
-/// that would take more is a `503 overloaded` denial at once, while its body is still coming, and
 /// A server whose request bodies may hold 256 KiB together, as may one message.
 async fn serve_with_budget() -> Server {
     serve(&[
@@ -301,6 +299,8 @@ fn message_start(announced: usize, sent: usize) -> Vec<u8> {
     start
 }
 
+/// Bodies arriving in pieces hold bytes the whole process shares (`--max-buffered-bytes`): a call
+/// that would take more is a `503 overloaded` denial at once, while its body is still coming, and
 /// what a call held comes back when it ends.
 #[tokio::test]
 async fn bodies_arriving_in_pieces_share_one_bounded_budget() {

@@ -98,10 +98,14 @@ struct ServeArgs {
         default_value = "connections"
     )]
     balance: Balance,
-    /// Largest request message read, in bytes (a larger Check is answered 413).
+    /// Largest Check message read, in bytes (a larger Check is answered 413).
     #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
     max_message_bytes: usize,
+    /// Largest Decide message read, in bytes (a larger Decide ends with OUT_OF_RANGE).
+    #[arg(long, env = "STEPGATE_MAX_DECIDE_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_decide_message_bytes,
+          value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
+    max_decide_message_bytes: usize,
     /// Bytes of unfinished request messages held at most, over every call (a Check past it is
     /// answered 503).
     #[arg(long, env = "STEPGATE_MAX_BUFFERED_BYTES", default_value_t = TransportLimits::default().max_buffered_bytes,
@@ -369,6 +373,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         workers: serving_threads,
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
+            max_decide_message_bytes: args.max_decide_message_bytes,
             max_concurrent_streams: args.max_concurrent_streams,
             max_connections: args.max_connections,
             max_connections_per_source: args.max_connections_per_source,

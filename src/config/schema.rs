@@ -606,17 +606,32 @@ pub struct LimitsConfig {
     /// Header entries a request may carry (pseudo-headers and repeats included); more is 431.
     #[serde(default = "default_max_header_count")]
     pub max_header_count: usize,
-    /// Bytes of all header names and values together; more is 431.
+    /// Bytes of all header names and values together (a size like 96KiB); more is 431.
     #[serde(default = "default_max_header_bytes")]
-    pub max_header_bytes: usize,
+    pub max_header_bytes: ByteSize,
+    /// Values in a `Decide`'s attributes, at every depth; more is 413.
+    #[serde(default = "default_max_attribute_values")]
+    pub max_attribute_values: usize,
+    /// Bytes of a `Decide`'s attribute keys and strings together (a size like 64KiB); more is
+    /// 413.
+    #[serde(default = "default_max_attribute_bytes")]
+    pub max_attribute_bytes: ByteSize,
+}
+
+fn default_max_attribute_values() -> usize {
+    crate::request::HeaderLimits::DEFAULT.max_attribute_values
+}
+
+fn default_max_attribute_bytes() -> ByteSize {
+    ByteSize(crate::request::HeaderLimits::DEFAULT.max_attribute_bytes as u64)
 }
 
 fn default_max_header_count() -> usize {
     crate::request::HeaderLimits::DEFAULT.max_count
 }
 
-fn default_max_header_bytes() -> usize {
-    crate::request::HeaderLimits::DEFAULT.max_bytes
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(crate::request::HeaderLimits::DEFAULT.max_bytes as u64)
 }
 
 impl Default for LimitsConfig {
@@ -628,6 +643,8 @@ impl Default for LimitsConfig {
             token_cache_ttl: default_token_cache_ttl(),
             max_header_count: default_max_header_count(),
             max_header_bytes: default_max_header_bytes(),
+            max_attribute_values: default_max_attribute_values(),
+            max_attribute_bytes: default_max_attribute_bytes(),
         }
     }
 }

@@ -177,6 +177,7 @@ impl<'p> Run<'p> {
                 | RequestProblem::TooManyEntries(_) => (400, Reason::MalformedRequest),
                 RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
                 RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
+                RequestProblem::AttributesTooLarge { .. } => (413, Reason::RequestTooLarge),
             };
             let www = (status == 400).then(|| challenge::invalid_request(realm, &message));
             return self.deny(status, reason, &message, None, www);

@@ -140,6 +140,7 @@ fn check_limits(bytes: &[u8], unlimited: Option<&CheckRequest>) {
     let limits = HeaderLimits {
         max_count: 3,
         max_bytes: 40,
+        ..HeaderLimits::DEFAULT
     };
     let Ok(limited) = CheckRequest::decode(Bytes::copy_from_slice(bytes), limits) else {
         assert!(

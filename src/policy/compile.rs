@@ -100,8 +100,14 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     if file.limits.max_header_count == 0 {
         return err("limits.max_header_count", "must be at least 1");
     }
-    if file.limits.max_header_bytes < 1024 {
+    if file.limits.max_header_bytes.0 < 1024 {
         return err("limits.max_header_bytes", "must be at least 1024");
+    }
+    if file.limits.max_attribute_values == 0 {
+        return err("limits.max_attribute_values", "must be at least 1");
+    }
+    if file.limits.max_attribute_bytes.0 < 1024 {
+        return err("limits.max_attribute_bytes", "must be at least 1024");
     }
     let upstream = compile_upstream(&file.upstream)?;
     let explain = compile_explain(&file.explain)?;
@@ -124,7 +130,10 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         max_token_bytes: file.limits.max_token_bytes,
         header_limits: HeaderLimits {
             max_count: file.limits.max_header_count,
-            max_bytes: file.limits.max_header_bytes,
+            max_bytes: usize::try_from(file.limits.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_attribute_values: file.limits.max_attribute_values,
+            max_attribute_bytes: usize::try_from(file.limits.max_attribute_bytes.0)
+                .unwrap_or(usize::MAX),
         },
         cel,
         explain,
@@ -958,6 +967,22 @@ rules:
         );
         let e = compile_text(&text).err().unwrap();
         assert_eq!(e.path, "rules[0].escalate[0].when");
+    }
+
+    #[test]
+    fn attribute_limits_are_read_and_checked() {
+        let with = |limits: &str| format!("{BASE}limits: {{ {limits} }}\n");
+        let policy = compile_text(&with("max_attribute_values: 50, max_attribute_bytes: 2KiB"))
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!(policy.header_limits.max_attribute_values, 50);
+        assert_eq!(policy.header_limits.max_attribute_bytes, 2048);
+        for (limits, path) in [
+            ("max_attribute_values: 0", "limits.max_attribute_values"),
+            ("max_attribute_bytes: 100", "limits.max_attribute_bytes"),
+        ] {
+            assert_eq!(compile_text(&with(limits)).err().unwrap().path, path);
+        }
     }
 
     #[test]

@@ -30,26 +30,38 @@ impl Door {
     }
 }
 
-/// Bounds on a request's headers (`limits.max_header_count`, `limits.max_header_bytes`). The
+/// Bounds on a request's headers (`limits.max_header_count`, `limits.max_header_bytes`) and on a
+/// `Decide`'s attributes (`limits.max_attribute_values`, `limits.max_attribute_bytes`). The header
 /// defaults admit what Envoy admits with its own defaults (100 headers, 60 KiB), with room for the
-/// headers Envoy adds itself before asking (`x-request-id`, `x-forwarded-*`, `x-envoy-*`).
+/// headers Envoy adds itself before asking (`x-request-id`, `x-forwarded-*`, `x-envoy-*`). The
+/// attribute bounds keep what an anonymous caller's attributes cost (each value is converted to
+/// JSON and then to CEL for every condition that reads it) a small multiple of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderLimits {
     /// Header entries, pseudo-headers and repeated names included.
     pub max_count: usize,
     /// Bytes of every name and value together.
     pub max_bytes: usize,
+    /// Values in a `Decide`'s attributes, at every depth (a list or an object is one, and so is
+    /// each of its items).
+    pub max_attribute_values: usize,
+    /// Bytes of the attributes' keys and strings together.
+    pub max_attribute_bytes: usize,
 }
 
 impl HeaderLimits {
     pub const DEFAULT: Self = Self {
         max_count: 128,
         max_bytes: 96 * 1024,
+        max_attribute_values: 1000,
+        max_attribute_bytes: 64 * 1024,
     };
     /// No bound (tests and tools that read any request).
     pub const UNLIMITED: Self = Self {
         max_count: usize::MAX,
         max_bytes: usize::MAX,
+        max_attribute_values: usize::MAX,
+        max_attribute_bytes: usize::MAX,
     };
 }
 
@@ -73,6 +85,9 @@ pub enum RequestProblem {
     HeadersTooLarge { bytes: usize, limit: usize },
     /// More entries in a map stepgate reads (`context_extensions`) than it keeps.
     TooManyEntries(&'static str),
+    /// A `Decide`'s attributes past [`HeaderLimits::max_attribute_values`] (`what`: "values") or
+    /// [`HeaderLimits::max_attribute_bytes`] ("bytes").
+    AttributesTooLarge { what: &'static str, limit: usize },
 }
 
 impl RequestProblem {
@@ -92,6 +107,9 @@ impl RequestProblem {
                 format!("the request's headers take {bytes} bytes, over the limit of {limit}")
             }
             Self::TooManyEntries(field) => format!("{field} has too many entries"),
+            Self::AttributesTooLarge { what, limit } => {
+                format!("the request's attributes hold more than {limit} {what}, the limit")
+            }
         }
     }
 }

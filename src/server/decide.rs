@@ -150,14 +150,33 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
             }
         }
     };
+    // Counted before anything is made of them: past the bounds, not converted at all.
+    let attributes = match request.attributes {
+        Some(attributes) => match api::struct_within(
+            &attributes,
+            limits.max_attribute_values,
+            limits.max_attribute_bytes,
+        ) {
+            Ok(()) => api::struct_to_json(attributes),
+            Err(what) => {
+                problem.get_or_insert(RequestProblem::AttributesTooLarge {
+                    what,
+                    limit: if what == "values" {
+                        limits.max_attribute_values
+                    } else {
+                        limits.max_attribute_bytes
+                    },
+                });
+                Map::new()
+            }
+        },
+        None => Map::new(),
+    };
     AccessRequest {
         credential,
         operation,
         http,
-        attributes: request
-            .attributes
-            .map(api::struct_to_json)
-            .unwrap_or_default(),
+        attributes,
         context: Map::new(),
         source: None,
         proxy_header_count: None,

@@ -76,8 +76,11 @@ pub struct ServeOptions {
 /// transport (a `Check` frame over the size is answered `413` instead, see `ext_authz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportLimits {
-    /// Largest request message read (`Check` and `Decide`).
+    /// Largest `Check` message read.
     pub max_message_bytes: usize,
+    /// Largest `Decide` message read: smaller, since its attributes arrive as a protobuf
+    /// `Struct` that takes many times its size once decoded.
+    pub max_decide_message_bytes: usize,
     /// Concurrent calls (HTTP/2 streams) per connection.
     pub max_concurrent_streams: u32,
     /// Open connections; further clients wait in the listen backlog until one closes.
@@ -102,6 +105,7 @@ impl Default for TransportLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 4 * 1024 * 1024,
+            max_decide_message_bytes: 256 * 1024,
             max_concurrent_streams: 1024,
             max_connections: 10_000,
             max_connections_per_source: 1_000,
@@ -321,7 +325,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             Arc::clone(&budget),
         );
         let decide = DecisionServiceServer::new(decide::Decide::new(Arc::clone(&authorizer)))
-            .max_decoding_message_size(limits.max_message_bytes);
+            .max_decoding_message_size(limits.max_decide_message_bytes);
         let closing = closing.clone();
         let mut routes = tonic::service::Routes::builder();
         routes

@@ -292,6 +292,7 @@ fn headers_past_the_limits_are_counted_not_kept() {
     let limits = HeaderLimits {
         max_count: 10,
         max_bytes: 1024,
+        ..HeaderLimits::DEFAULT
     };
     let read = |bytes: Vec<u8>| CheckRequest::decode(bytes.into(), limits).expect("reads");
     let within = read(with_headers(10, "v"));
