@@ -223,7 +223,7 @@ impl Blocks {
         if self.count.load(Relaxed) == 0 {
             return None;
         }
-        let address: IpAddr = address.parse().ok()?;
+        let address = address.parse::<IpAddr>().ok()?.to_canonical();
         let table = self.read();
         table
             .sources
@@ -277,6 +277,18 @@ fn exact_slot(kind: Kind) -> usize {
 
 /// The stored form of a target: a source as a CIDR (an address is its /32 or /128, host bits
 /// cleared), a fingerprint checked, other values as given (non-empty, at most 1 KiB).
+/// An IPv4 address or network written in IPv6's mapped form (`::ffff:192.0.2.7`,
+/// `::ffff:192.0.2.0/120`) as the IPv4 one it is: a dual-stack proxy or listener may report an
+/// IPv4 client either way, and the two spellings must be one source to count and to block.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6.addr().to_ipv4_mapped().map_or(net, |v4| {
+            IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_or(net, |n| n.trunc())
+        }),
+        _ => net,
+    }
+}
+
 pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
     if value.is_empty() || value.len() > 1024 {
         return Err(BlockError::Invalid(format!(
@@ -294,7 +306,7 @@ pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
                     ))
                 })?,
             };
-            Ok(net.to_string())
+            Ok(canonical_net(net).to_string())
         }
         Kind::Token => {
             if value.len() == 12
@@ -379,6 +391,31 @@ mod tests {
         assert_eq!(listed, ["2001:db8::1/128", "203.0.113.0/24"]);
         assert!(blocks.remove(Kind::Source, "203.0.113.0/24", NOW).unwrap());
         assert!(blocks.matching_source("203.0.113.200", NOW).is_none());
+    }
+
+    #[test]
+    fn an_ipv4_source_in_ipv6_mapped_form_is_the_same_source() {
+        let blocks = Blocks::default();
+        blocks
+            .set(block(Kind::Source, "192.0.2.0/24", 60), NOW)
+            .unwrap();
+        assert!(blocks.matching_source("::ffff:192.0.2.66", NOW).is_some());
+        blocks
+            .set(block(Kind::Source, "::ffff:198.51.100.9/120", 60), NOW)
+            .unwrap();
+        assert!(blocks.matching_source("198.51.100.7", NOW).is_some());
+        let listed: Vec<String> = blocks.list(NOW).iter().map(|b| b.value.clone()).collect();
+        assert_eq!(listed, ["192.0.2.0/24", "198.51.100.0/24"]);
+        // A mapped block does not swallow IPv6 as a whole, nor the other way round.
+        assert!(blocks.matching_source("::1", NOW).is_none());
+        assert!(blocks.matching_source("2001:db8::1", NOW).is_none());
+        assert!(
+            matches!(
+                canonical_net("::ffff:0:0/64".parse().unwrap()),
+                IpNet::V6(_)
+            ),
+            "a network wider than the mapped range stays IPv6"
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl Signal {
             KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
             KeyKind::Token => keys.token.map(Cow::Borrowed),
             KeyKind::Source => {
-                let address: IpAddr = keys.source?.parse().ok()?;
+                let address = keys.source?.parse::<IpAddr>().ok()?.to_canonical();
                 let prefix = match address {
                     IpAddr::V4(_) => self.ipv4_prefix,
                     IpAddr::V6(_) => self.ipv6_prefix,
