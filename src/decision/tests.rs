@@ -1587,6 +1587,16 @@ fn token_signed_under_an_unknown_kid_is_refused() {
         Algorithm::RS256,
     );
     expect_invalid(&no_kid, Reason::UnknownKid);
+    // A kid of 257 bytes is not looked up (nor remembered as unknown): malformed. 256 is read.
+    for (len, reason) in [(257, Reason::TokenMalformed), (256, Reason::UnknownKid)] {
+        let long = sign_raw(
+            &json!({"alg": "RS256", "typ": "JWT", "kid": "k".repeat(len)}),
+            &claims,
+            &rsa_key(),
+            Algorithm::RS256,
+        );
+        expect_invalid(&long, reason);
+    }
 }
 
 #[test]

@@ -107,6 +107,9 @@ pub enum TokenError {
     IdToken,
 }
 
+/// The longest header `kid` read; a longer one is a malformed token.
+pub const MAX_KID_BYTES: usize = 256;
+
 /// Verifies `token` against the configured issuers at unix time `now`.
 pub fn verify(
     token: &str,
@@ -166,6 +169,14 @@ pub fn verify(
         .map_err(|_| TokenError::AlgorithmNotAllowed(alg_name.chars().take(16).collect()))?;
     let kid = match &header.kid {
         None => None,
+        // A key id names a key the identity provider publishes: short in practice (Entra's
+        // are 27 characters, a thumbprint 43). A long one is refused before it can be looked
+        // up, or remembered as unknown (MAX_KID_BYTES × 4096 entries per issuer at most).
+        Some(Raw::Str(kid)) if kid.len() > MAX_KID_BYTES => {
+            return Err(TokenError::Malformed(
+                "the header kid is longer than 256 bytes",
+            ));
+        }
         Some(Raw::Str(kid)) => Some(&**kid),
         Some(_) => return Err(TokenError::Malformed("the header kid is not a string")),
     };
