@@ -34,7 +34,7 @@ use std::{
 
 use common::{Server, TempPolicy, mint, mint_with};
 use envoy::{ENVOY_YAML, Echo, Envoy};
-use idp::{DISCOVERY_PATH, Idp, KEYS_PATH, Mode, ec_jwk, rsa_jwk, with_issuer};
+use idp::{DISCOVERY_PATH, Idp, KEYS_PATH, MOVED_KEYS_PATH, Mode, ec_jwk, rsa_jwk, with_issuer};
 use jsonwebtoken::Algorithm;
 use stepgate::{
     api::v1::{
@@ -487,6 +487,55 @@ async fn idp_down_at_start_means_not_ready_until_it_comes_up() {
         &decide(&server, &channel, &token).await,
         "after the IdP came up",
     );
+}
+
+/// A key-set URL answering with a redirect to another origin is not followed: the keys would come
+/// from a place the policy does not name (and an https URL could be led to plain http). A
+/// redirect on the same origin is followed.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_set_redirects_are_followed_on_the_same_origin_only() {
+    let configured = Idp::start().await;
+    let elsewhere = Idp::start().await;
+    configured.set_keys_mode(Mode::RedirectTo(elsewhere.addr()));
+    let policy = policy(
+        "redirects",
+        &format!(
+            "    jwks_uri: {}\n    issuer: {}\n    keys: {{ refresh: 2s, min_refresh: 1s, retry: 1s }}",
+            configured.jwks_uri(),
+            configured.issuer()
+        ),
+    );
+    let server = Server::spawn(&policy.path);
+    assert!(
+        configured
+            .wait_for_requests(
+                KEYS_PATH,
+                Mode::RedirectTo(elsewhere.addr()),
+                2,
+                EVENT_DEADLINE
+            )
+            .await,
+        "stepgate asked for the key set (and retried)"
+    );
+    assert_eq!(
+        elsewhere.requests(MOVED_KEYS_PATH),
+        0,
+        "the redirect to another origin was followed"
+    );
+    assert_eq!(
+        health(&server).await,
+        Some(ServingStatus::NotServing as i32),
+        "no keys from a redirect elsewhere\n{}",
+        tail(&server.logs_text())
+    );
+    assert!(
+        server.logs_text().contains("another origin"),
+        "the refusal says why:\n{}",
+        tail(&server.logs_text())
+    );
+    configured.set_keys_mode(Mode::RedirectTo(configured.addr()));
+    wait_health(&server, ServingStatus::Serving, "a same-origin redirect").await;
+    assert!(configured.requests(MOVED_KEYS_PATH) >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

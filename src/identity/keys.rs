@@ -39,8 +39,8 @@ pub const DEMO_KID_PREFIX: &str = "stepgate-demo";
 /// CAs trusted besides the bundled web roots by the shared client (`--idp-ca`).
 static EXTRA_ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
 
-/// The HTTP client for discovery and key sets: bounded time, few redirects, rustls, the bundled
-/// web roots and those of `--idp-ca`.
+/// The HTTP client for discovery and key sets: bounded time, few redirects (same origin only),
+/// rustls, the bundled web roots and those of `--idp-ca`.
 pub fn http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
@@ -60,8 +60,41 @@ fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::limited(3))
+        .redirect(same_origin_redirects())
         .user_agent(concat!("stepgate/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Up to three redirects, each to the origin (scheme, host, port) of the URL the policy or the
+/// discovery document named. A redirect elsewhere is an error: it would fetch keys from a place
+/// nobody configured, from an anonymous token's unknown `kid` on demand, and could lead an https
+/// URL (and an issuer's `ca_file`) to plain http.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.stop();
+        };
+        let same = {
+            let next = attempt.url();
+            next.scheme() == first.scheme()
+                && next.host_str() == first.host_str()
+                && next.port_or_known_default() == first.port_or_known_default()
+        };
+        if attempt.previous().len() > 3 {
+            attempt.error("more than 3 redirects")
+        } else if same {
+            attempt.follow()
+        } else {
+            let to = format!(
+                "{}://{}",
+                attempt.url().scheme(),
+                attempt.url().host_str().unwrap_or("")
+            );
+            attempt.error(format!(
+                "redirected to another origin ({to}), which stepgate does not follow: configure \
+                 the URL the keys are served from"
+            ))
+        }
+    })
 }
 
 /// The CAs of a PEM bundle; an error says what is wrong (no certificate, a malformed one).

@@ -6,8 +6,9 @@
 //! - `GET /keys`: the current key set (the demo RSA key at start)
 //!
 //! Each of the two paths has a [`Mode`]: answer normally, HTTP 503, an empty key set, malformed
-//! JSON, or answer normally after a delay. Every request is counted per path and per the mode it
-//! met on arrival, so a test can wait for "two more failed refreshes" instead of sleeping.
+//! JSON, answer normally after a delay, or redirect to `/keys-moved` on some address. Every
+//! request is counted per path and per the mode it met on arrival, so a test can wait for "two
+//! more failed refreshes" instead of sleeping.
 //!
 //! Keys are the demo keys of `examples/demo-keys/` (their private halves sign the test tokens):
 //! [`rsa_jwk`] (`stepgate-demo-rsa-1`) and [`ec_jwk`] (`stepgate-demo-ec-1`), taken one by one
@@ -36,6 +37,8 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 pub const KEYS_PATH: &str = "/keys";
+/// Where [`Mode::RedirectTo`] sends a key-set request: the key set, always.
+pub const MOVED_KEYS_PATH: &str = "/keys-moved";
 
 /// How a path answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,8 @@ pub enum Mode {
     Malformed,
     /// The normal answer, after this delay.
     Slow(Duration),
+    /// `302 Found` to `/keys-moved` (which always serves the key set) on this address.
+    RedirectTo(SocketAddr),
 }
 
 impl Mode {
@@ -61,6 +66,7 @@ impl Mode {
             Self::Empty => "empty",
             Self::Malformed => "malformed",
             Self::Slow(_) => "slow",
+            Self::RedirectTo(_) => "redirect",
         }
     }
 }
@@ -154,6 +160,10 @@ impl Idp {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// `http://127.0.0.1:<port><path>`.
@@ -281,6 +291,7 @@ async fn answer(
                     .to_string(),
             ),
             KEYS_PATH => (s.keys_mode, s.jwks.clone()),
+            MOVED_KEYS_PATH => (Mode::Normal, s.jwks.clone()),
             _ => {
                 *s.by_path.entry(path.clone()).or_default() += 1;
                 return Ok(Response::builder()
@@ -303,6 +314,13 @@ async fn answer(
         Mode::Empty if path == KEYS_PATH => (200, r#"{"keys":[]}"#.to_owned()),
         Mode::Empty => (200, "{}".to_owned()),
         Mode::Malformed => (200, r#"{"keys":[{"kty":"RSA","#.to_owned()),
+        Mode::RedirectTo(to) => {
+            return Ok(Response::builder()
+                .status(302)
+                .header("location", format!("{scheme}://{to}{MOVED_KEYS_PATH}"))
+                .body(Full::new(Bytes::new()))
+                .expect("a valid response"));
+        }
     };
     let mut response = Response::builder().status(status).header(
         "content-type",
