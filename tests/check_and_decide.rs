@@ -997,6 +997,61 @@ async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
     }
 }
 
+/// A `Decide`'s `http.headers` map may hold one header under two spellings (`Authorization` and
+/// `authorization`); read in the map's random order, the same request would be decided as either
+/// principal by chance. It is a `400 malformed_request`, every time.
+#[tokio::test]
+async fn decide_headers_given_twice_in_different_case_are_a_400_denial() {
+    let server = shared_server().await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let alice = mint(&TokenSpec::default());
+    let mallory = mint(&TokenSpec {
+        subject: "mallory".into(),
+        ..TokenSpec::default()
+    });
+    for (name_a, value_a, name_b, value_b) in [
+        (
+            "Authorization",
+            format!("Bearer {alice}"),
+            "authorization",
+            format!("Bearer {mallory}"),
+        ),
+        ("X-Tenant", "a".to_owned(), "x-tenant", "b".to_owned()),
+    ] {
+        for _ in 0..10 {
+            let headers = [
+                (name_a.to_owned(), value_a.clone()),
+                (name_b.to_owned(), value_b.clone()),
+            ]
+            .into_iter()
+            .collect();
+            let response = client
+                .decide(DecideRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        host: "api.example.com".into(),
+                        path: "/accounts/42".into(),
+                        headers,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("an answer, not a gRPC error")
+                .into_inner();
+            assert_eq!(
+                (
+                    response.outcome(),
+                    response.http_status,
+                    response.reason.as_str()
+                ),
+                (Outcome::Deny, 400, "malformed_request"),
+                "{name_a} and {name_b}: {response:?}"
+            );
+            assert!(response.message.contains("twice"), "{response:?}");
+        }
+    }
+}
+
 /// `attributes` past `limits.max_attribute_values` (1000) or `limits.max_attribute_bytes` (64 KiB)
 /// are a `413 request_too_large` denial, token or not, before anything is made of them; a
 /// message past `--max-decide-message-bytes` (256 KiB) is refused by gRPC (`OUT_OF_RANGE`).

@@ -174,7 +174,8 @@ impl<'p> Run<'p> {
                 RequestProblem::NotUtf8(RequestProblem::PATH_FIELD) => (400, Reason::InvalidPath),
                 RequestProblem::NotUtf8(_)
                 | RequestProblem::NothingToMatch
-                | RequestProblem::TooManyEntries(_) => (400, Reason::MalformedRequest),
+                | RequestProblem::TooManyEntries(_)
+                | RequestProblem::DuplicateHeader(_) => (400, Reason::MalformedRequest),
                 RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
                 RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
                 RequestProblem::AttributesTooLarge { .. } => (413, Reason::RequestTooLarge),

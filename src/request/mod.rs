@@ -88,6 +88,9 @@ pub enum RequestProblem {
     /// A `Decide`'s attributes past [`HeaderLimits::max_attribute_values`] (`what`: "values") or
     /// [`HeaderLimits::max_attribute_bytes`] ("bytes").
     AttributesTooLarge { what: &'static str, limit: usize },
+    /// Two `Decide` header names that are one name in any case (`Authorization` and
+    /// `authorization`): which one a reader takes would be chance.
+    DuplicateHeader(String),
 }
 
 impl RequestProblem {
@@ -107,6 +110,9 @@ impl RequestProblem {
                 format!("the request's headers take {bytes} bytes, over the limit of {limit}")
             }
             Self::TooManyEntries(field) => format!("{field} has too many entries"),
+            Self::DuplicateHeader(name) => {
+                format!("the header {name:?} is given twice, in different case")
+            }
             Self::AttributesTooLarge { what, limit } => {
                 format!("the request's attributes hold more than {limit} {what}, the limit")
             }

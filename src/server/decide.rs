@@ -110,8 +110,13 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
                 limit: limits.max_bytes,
             });
         }
-        // `Headers` folds the names to lower case.
+        // `Headers` folds the names to lower case. The request's map holds each name once as
+        // given, so two entries that fold to one name are two values for one header, read in the
+        // map's random order: refused rather than decided by chance.
         let headers: Headers = h.headers.into_iter().collect();
+        if let Some(name) = duplicate_name(&headers) {
+            problem.get_or_insert(RequestProblem::DuplicateHeader(name));
+        }
         let method = if h.method.is_empty() {
             "GET"
         } else {
@@ -183,6 +188,16 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
         explain: request.explain,
         problem,
     }
+}
+
+/// A name `headers` holds more than once (they are folded to lower case).
+fn duplicate_name(headers: &Headers) -> Option<String> {
+    let mut names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
+    names.sort_unstable();
+    names
+        .windows(2)
+        .find(|pair| pair[0] == pair[1])
+        .map(|pair| pair[0].to_owned())
 }
 
 fn outcome(o: Outcome) -> v1::Outcome {
