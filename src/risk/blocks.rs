@@ -24,6 +24,13 @@ use crate::telemetry::metrics;
 pub const MAX_BLOCKS: usize = 100_000;
 /// Most source blocks among them: each request from a source is compared with every one.
 pub const MAX_SOURCE_BLOCKS: usize = 1024;
+/// Most of those that risk signals may hold: the rest is the operators'. When risk signals hold
+/// this many, a new one replaces the one of theirs that ends first, so that anyone able to trip a
+/// signal from many networks cannot fill the table and stop every later block (and operators'
+/// blocks are never replaced).
+pub const MAX_RISK_SOURCE_BLOCKS: usize = 768;
+/// `created_by` of the blocks risk signals set (`risk:<signal>`).
+pub const RISK_CREATOR_PREFIX: &str = "risk:";
 /// Longest a block may last: 90 days.
 pub const MAX_TTL_SECONDS: i64 = 90 * 24 * 3600;
 
@@ -130,11 +137,19 @@ impl Blocks {
         if block.kind == Kind::Source {
             let net: IpNet = block.value.parse().expect("normalized above");
             table.sources.retain(|(n, _)| *n != net);
-            if table.sources.len() >= MAX_SOURCE_BLOCKS {
+            let by_risk = block.created_by.starts_with(RISK_CREATOR_PREFIX);
+            let full = |table: &Table| {
+                table.sources.len() >= MAX_SOURCE_BLOCKS
+                    || (by_risk && table.risk_sources() >= MAX_RISK_SOURCE_BLOCKS)
+            };
+            if full(&table) {
                 table.sweep(now);
-                if table.sources.len() >= MAX_SOURCE_BLOCKS {
-                    return Err(BlockError::FullOfSources);
-                }
+            }
+            if full(&table) && by_risk && table.evict_risk_source() {
+                metrics::global().record_risk_block_evicted();
+            }
+            if full(&table) {
+                return Err(BlockError::FullOfSources);
             }
             table.sources.push((net, Arc::clone(&block)));
         } else {
@@ -253,6 +268,26 @@ impl Table {
         } else {
             self.exact[exact_slot(kind)].contains_key(value)
         }
+    }
+
+    /// Source blocks risk signals set.
+    fn risk_sources(&self) -> usize {
+        self.sources
+            .iter()
+            .filter(|(_, b)| b.created_by.starts_with(RISK_CREATOR_PREFIX))
+            .count()
+    }
+
+    /// Drops the risk signals' source block that ends first; whether there was one.
+    fn evict_risk_source(&mut self) -> bool {
+        let first = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, b))| b.created_by.starts_with(RISK_CREATOR_PREFIX))
+            .min_by_key(|(_, (_, b))| b.expires_at)
+            .map(|(i, _)| i);
+        first.map(|i| self.sources.remove(i)).is_some()
     }
 
     fn sweep(&mut self, now: i64) {
@@ -416,6 +451,57 @@ mod tests {
             ),
             "a network wider than the mapped range stays IPv6"
         );
+    }
+
+    #[test]
+    fn risk_signals_cannot_fill_the_source_table_and_never_replace_operators_blocks() {
+        let blocks = Blocks::default();
+        let by = |creator: &str, net: String, ttl: i64| Block {
+            created_by: creator.to_owned(),
+            ..block(Kind::Source, &net, ttl)
+        };
+        // Operators' blocks first, then risk signals' up to their share, each ending later.
+        for i in 0..100 {
+            blocks
+                .set(by("san:ops", format!("10.0.{i}.0/24"), 3600), NOW)
+                .unwrap();
+        }
+        for i in 0..MAX_RISK_SOURCE_BLOCKS as i64 {
+            let net = format!("2001:db8:{i:x}::/64");
+            blocks.set(by("risk:forged", net, 600 + i), NOW).unwrap();
+        }
+        // One more from a signal: set, in place of the signal's block that ends first.
+        let newest = by("risk:forged", "198.51.100.0/24".into(), 600);
+        blocks
+            .set(newest, NOW)
+            .expect("the newest attacker is blocked");
+        assert!(blocks.matching_source("198.51.100.7", NOW).is_some());
+        assert!(
+            blocks.matching_source("2001:db8::1", NOW).is_none(),
+            "the risk block ending first made room"
+        );
+        assert!(blocks.matching_source("2001:db8:1::1", NOW).is_some());
+        // Operators still have room, and none of their blocks was replaced.
+        for i in 100..(MAX_SOURCE_BLOCKS - MAX_RISK_SOURCE_BLOCKS) {
+            blocks
+                .set(
+                    by("san:ops", format!("10.1.{}.{}/32", i / 256, i % 256), 3600),
+                    NOW,
+                )
+                .unwrap();
+        }
+        assert_eq!(
+            blocks.set(by("san:ops", "192.0.2.0/24".into(), 3600), NOW),
+            Err(BlockError::FullOfSources),
+            "past the whole table, operators are told"
+        );
+        for i in 0..100 {
+            assert!(
+                blocks
+                    .matching_source(&format!("10.0.{i}.1"), NOW)
+                    .is_some()
+            );
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl RiskState {
             ),
             created_at: now,
             expires_at: now + seconds,
-            created_by: format!("risk:{}", signal.name),
+            created_by: format!("{}{}", super::blocks::RISK_CREATOR_PREFIX, signal.name),
         };
         match self.set_block(block, now) {
             Ok(block) => tracing::warn!(

@@ -132,6 +132,7 @@ pub struct Metrics {
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     connections_refused: AtomicU64,
+    risk_blocks_evicted: AtomicU64,
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
     admin_actions: DashMap<(&'static str, &'static str), AtomicU64>,
@@ -179,6 +180,7 @@ impl Default for Metrics {
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            risk_blocks_evicted: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
             records: Default::default(),
@@ -431,6 +433,11 @@ impl Metrics {
 
     pub fn record_accept_error(&self) {
         self.accept_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A risk signal's source block replaced the one of theirs ending first (their share was full).
+    pub fn record_risk_block_evicted(&self) {
+        self.risk_blocks_evicted.fetch_add(1, Relaxed);
     }
 
     /// A connection closed on accept: its source address held `--max-connections-per-source`.
@@ -716,6 +723,11 @@ impl Collector for Exposition {
                 "stepgate_grpc_accept_errors",
                 "Failed accepts on the gRPC listener (out of file descriptors, aborted connections)",
                 &m.accept_errors,
+            ),
+            (
+                "stepgate_risk_source_blocks_replaced",
+                "Source blocks of risk signals replaced, ending first, by a newer one when risk signals held their share of the source-block table",
+                &m.risk_blocks_evicted,
             ),
             (
                 "stepgate_grpc_connections_refused",
