@@ -1107,65 +1107,100 @@ async fn decide_reports_the_tokens_iss_for_a_multi_tenant_issuer() {
 // A slow identity provider through the real Envoy
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
-    let idp = Idp::start().await;
-    // Default key timing: unknown_kid_wait 100 ms, under envoy.yaml's 0.25 s ext_authz timeout.
-    let policy = policy(
-        "slow",
-        &format!(
-            "    discovery_url: {}\n    issuer: {}",
-            idp.discovery_url(),
-            idp.issuer()
-        ),
-    );
-    let server = Server::start(&policy.path).await;
-    let echo = Echo::start().await;
-    let envoy = Envoy::start(ENVOY_YAML, server.port, echo.port).await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client");
-    let diagnostics = || {
-        format!(
-            "--- Envoy access log ---\n{}\n--- stepgate log ---\n{}",
-            tail(&envoy.access_log()),
-            tail(&server.logs_text())
-        )
-    };
-    let get = |token: Option<String>| {
-        let mut request = http.get(envoy.url("/orders/42"));
+/// An identity provider, stepgate on its discovery document (with `keys`, when given) and the real
+/// Envoy (with `edits`) in front of an echo upstream.
+struct ThroughEnvoy {
+    idp: Idp,
+    _policy: TempPolicy,
+    server: Server,
+    echo: Echo,
+    envoy: Envoy,
+    http: reqwest::Client,
+}
+
+impl ThroughEnvoy {
+    async fn start(name: &str, keys: Option<&str>, edits: &[(&str, &str)]) -> Self {
+        let idp = Idp::start().await;
+        let keys = keys.map_or_else(String::new, |k| format!("\n    keys: {k}"));
+        let policy = policy(
+            name,
+            &format!(
+                "    discovery_url: {}\n    issuer: {}{keys}",
+                idp.discovery_url(),
+                idp.issuer()
+            ),
+        );
+        let server = Server::start(&policy.path).await;
+        let echo = Echo::start().await;
+        let envoy = Envoy::start_edited(ENVOY_YAML, server.port, echo.port, edits).await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client");
+        Self {
+            idp,
+            _policy: policy,
+            server,
+            echo,
+            envoy,
+            http,
+        }
+    }
+
+    /// The status of `GET /orders/42` through Envoy, with `token` as a bearer token.
+    async fn get(&self, token: Option<String>) -> Result<u16, String> {
+        let mut request = self.http.get(self.envoy.url("/orders/42"));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        async move {
-            request
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .map_err(|e| e.to_string())
-        }
-    };
-    // Warm up: the first Check opens Envoy's HTTP/2 connection to stepgate.
-    let deadline = Instant::now() + EVENT_DEADLINE;
-    loop {
-        match get(None).await {
-            Ok(401) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "Envoy never relayed stepgate's 401 (last {other:?})\n{}",
-                diagnostics()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        request
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
     }
+
+    /// Polls `get(token())` until it answers `status`; fails after [`EVENT_DEADLINE`].
+    async fn until(&self, status: u16, token: impl Fn() -> Option<String>, what: &str) {
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        loop {
+            match self.get(token()).await {
+                Ok(got) if got == status => return,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{what}: never {status} (last {other:?})\n{}",
+                    self.diagnostics()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- Envoy access log ---\n{}\n--- stepgate log ---\n{}",
+            tail(&self.envoy.access_log()),
+            tail(&self.server.logs_text())
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
+    // Default key timing: unknown_kid_wait 100 ms, under envoy.yaml's 0.25 s ext_authz timeout.
+    let stack = ThroughEnvoy::start("slow", None, &[]).await;
+    let (idp, envoy) = (&stack.idp, &stack.envoy);
+    // Warm up: the first Check opens Envoy's HTTP/2 connection to stepgate.
+    stack
+        .until(401, || None, "Envoy relaying stepgate's 401")
+        .await;
     let iss = idp.issuer();
     assert_eq!(
-        get(Some(mint(&spec(&iss)))).await,
+        stack.get(Some(mint(&spec(&iss)))).await,
         Ok(200),
         "{}",
-        diagnostics()
+        stack.diagnostics()
     );
 
     // The IdP rotates to the EC key but answers key-set requests only after 5 s.
@@ -1174,20 +1209,20 @@ async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
     let before = idp.requests(KEYS_PATH);
     let new_key = mint_with(&spec(&iss), Algorithm::ES256);
     for attempt in 0..3 {
-        let status = get(Some(new_key.clone())).await;
+        let status = stack.get(Some(new_key.clone())).await;
         assert_eq!(
             status,
             Ok(401),
             "attempt {attempt}: a token whose key is being fetched from a slow IdP gets stepgate's \
              own unknown_kid answer (401); 503 would mean the Check outlived Envoy's timeout\n{}",
-            diagnostics()
+            stack.diagnostics()
         );
         // Tokens with cached keys are not held up by the pending fetch.
         assert_eq!(
-            get(Some(mint(&spec(&iss)))).await,
+            stack.get(Some(mint(&spec(&iss)))).await,
             Ok(200),
             "{}",
-            diagnostics()
+            stack.diagnostics()
         );
     }
     assert!(
@@ -1201,22 +1236,17 @@ async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
             .await
             .is_some(),
         "Envoy logged stepgate's unknown_kid decision\n{}",
-        diagnostics()
+        stack.diagnostics()
     );
     // The fetch was not cancelled by the requests that stopped waiting: once the IdP answers,
     // the new key is in place.
-    let deadline = Instant::now() + EVENT_DEADLINE;
-    loop {
-        match get(Some(new_key.clone())).await {
-            Ok(200) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the slow fetch never delivered the new key (last {other:?})\n{}",
-                diagnostics()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .until(
+            200,
+            || Some(new_key.clone()),
+            "the slow fetch delivering the new key",
+        )
+        .await;
 }
 
 /// A policy that lets a request wait 5 s for an unknown `kid`, behind an Envoy whose ext_authz
@@ -1226,78 +1256,38 @@ async fn slow_idp_never_makes_an_envoy_check_exceed_its_timeout() {
 /// Envoy sent (`grpc-timeout`) instead, so the request is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_check_outliving_envoys_timeout_on_a_slow_idp_is_refused_even_with_failure_mode_allow() {
-    let idp = Idp::start().await;
-    let policy = policy(
+    let stack = ThroughEnvoy::start(
         "slow-fail-open",
-        &format!(
-            "    discovery_url: {}\n    issuer: {}\n    keys: {{ unknown_kid_wait: 5s }}",
-            idp.discovery_url(),
-            idp.issuer()
-        ),
-    );
-    let server = Server::start(&policy.path).await;
-    let echo = Echo::start().await;
-    let envoy = Envoy::start_edited(
-        ENVOY_YAML,
-        server.port,
-        echo.port,
+        Some("{ unknown_kid_wait: 5s }"),
         &[("failure_mode_allow: false", "failure_mode_allow: true")],
     )
     .await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client");
-    let diagnostics = || {
-        format!(
-            "--- Envoy access log ---\n{}\n--- stepgate log ---\n{}",
-            tail(&envoy.access_log()),
-            tail(&server.logs_text())
-        )
-    };
-    let get = |token: String| {
-        let request = http.get(envoy.url("/orders/42")).bearer_auth(token);
-        async move {
-            request
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .map_err(|e| e.to_string())
-        }
-    };
+    let (idp, envoy) = (&stack.idp, &stack.envoy);
     let iss = idp.issuer();
     // Envoy's connection to stepgate is open and a known key passes.
-    let deadline = Instant::now() + EVENT_DEADLINE;
-    loop {
-        match get(mint(&spec(&iss))).await {
-            Ok(200) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "a known key never passed (last {other:?})\n{}",
-                diagnostics()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stack
+        .until(200, || Some(mint(&spec(&iss))), "a known key")
+        .await;
     // The IdP rotates to the EC key, and answers key-set requests only after 20 s.
     idp.publish(&[rsa_jwk(), ec_jwk()]);
     idp.set_keys_mode(Mode::Slow(Duration::from_secs(20)));
     let new_key = mint_with(&spec(&iss), Algorithm::ES256);
     for attempt in 0..3 {
         assert_eq!(
-            get(new_key.clone()).await,
+            stack.get(Some(new_key.clone())).await,
             Ok(503),
             "attempt {attempt}: a Check waiting on the IdP past Envoy's timeout is stepgate's 503 \
              denial; 200 would mean Envoy let the request through on an error\n{}",
-            diagnostics()
+            stack.diagnostics()
         );
     }
     assert!(
-        echo.requests_with("authorization", &format!("Bearer {new_key}"))
+        stack
+            .echo
+            .requests_with("authorization", &format!("Bearer {new_key}"))
             .is_empty(),
         "the upstream saw a request with the unverified token\n{}",
-        diagnostics()
+        stack.diagnostics()
     );
     assert!(
         envoy
@@ -1306,7 +1296,7 @@ async fn a_check_outliving_envoys_timeout_on_a_slow_idp_is_refused_even_with_fai
             .await
             .is_some(),
         "Envoy logged stepgate's deadline_exceeded denial\n{}",
-        diagnostics()
+        stack.diagnostics()
     );
 }
 
