@@ -965,6 +965,31 @@ async fn decision_log_line_has_outcome_reason_rule_and_fingerprint_but_never_the
     }
 }
 
+/// Sends `request` and checks that it is answered (an OK gRPC response, not an error) with a
+/// DENY of `status` and `reason` whose message says `says`.
+async fn expect_denial(
+    client: &mut DecisionServiceClient<Channel>,
+    request: DecideRequest,
+    (status, reason, says): (u32, &str, &str),
+    context: &str,
+) {
+    let response = client
+        .decide(request)
+        .await
+        .expect("an answer, not a gRPC error")
+        .into_inner();
+    assert_eq!(
+        (
+            response.outcome(),
+            response.http_status,
+            response.reason.as_str()
+        ),
+        (Outcome::Deny, status, reason),
+        "{context}: {response:?}"
+    );
+    assert!(response.message.contains(says), "{context}: {response:?}");
+}
+
 #[tokio::test]
 async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
     let server = shared_server().await;
@@ -976,24 +1001,8 @@ async fn decide_without_operation_or_http_is_a_400_denial_not_a_grpc_error() {
             ..Default::default()
         },
     ] {
-        let response = client
-            .decide(request)
-            .await
-            .expect("an answer, not a gRPC error")
-            .into_inner();
-        assert_eq!(
-            (
-                response.outcome(),
-                response.http_status,
-                response.reason.as_str()
-            ),
-            (Outcome::Deny, 400, "malformed_request"),
-            "{response:?}"
-        );
-        assert!(
-            response.message.contains("set operation, http, or both"),
-            "{response:?}"
-        );
+        let denial = (400, "malformed_request", "set operation, http, or both");
+        expect_denial(&mut client, request, denial, "no operation, no http").await;
     }
 }
 
@@ -1025,29 +1034,17 @@ async fn decide_headers_given_twice_in_different_case_are_a_400_denial() {
             ]
             .into_iter()
             .collect();
-            let response = client
-                .decide(DecideRequest {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        host: "api.example.com".into(),
-                        path: "/accounts/42".into(),
-                        headers,
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .expect("an answer, not a gRPC error")
-                .into_inner();
-            assert_eq!(
-                (
-                    response.outcome(),
-                    response.http_status,
-                    response.reason.as_str()
-                ),
-                (Outcome::Deny, 400, "malformed_request"),
-                "{name_a} and {name_b}: {response:?}"
-            );
-            assert!(response.message.contains("twice"), "{response:?}");
+            let request = DecideRequest {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    host: "api.example.com".into(),
+                    path: "/accounts/42".into(),
+                    headers,
+                }),
+                ..Default::default()
+            };
+            let denial = (400, "malformed_request", "twice");
+            expect_denial(&mut client, request, denial, name_a).await;
         }
     }
 }
@@ -1080,21 +1077,8 @@ async fn decide_attributes_past_their_bounds_are_a_413_denial() {
     .into_iter()
     .collect();
     for (attributes, what) in [(many, "values"), (long, "bytes")] {
-        let response = client
-            .decide(decide(attributes))
-            .await
-            .expect("an answer, not a gRPC error")
-            .into_inner();
-        assert_eq!(
-            (
-                response.outcome(),
-                response.http_status,
-                response.reason.as_str()
-            ),
-            (Outcome::Deny, 413, "request_too_large"),
-            "{what}: {response:?}"
-        );
-        assert!(response.message.contains(what), "{response:?}");
+        let denial = (413, "request_too_large", what);
+        expect_denial(&mut client, decide(attributes), denial, what).await;
     }
     // Within the bounds, the same request is decided on its merits (no token: 401).
     let response = client.decide(decide(fine)).await.unwrap().into_inner();
