@@ -358,9 +358,13 @@ async fn one_source_address_cannot_hold_more_than_its_share_of_connections() {
     );
     assert!(
         server
-            .logs_text()
-            .contains("holds --max-connections-per-source already"),
-        "the refusal is logged"
+            .wait_for_text(
+                CALL_DEADLINE,
+                &["holds --max-connections-per-source already"]
+            )
+            .await,
+        "the refusal is logged:\n{}",
+        server.logs_text()
     );
     // Once one of its connections closes, the address gets a connection again.
     drop(held.pop());

@@ -529,7 +529,9 @@ async fn key_set_redirects_are_followed_on_the_same_origin_only() {
         tail(&server.logs_text())
     );
     assert!(
-        server.logs_text().contains("another origin"),
+        server
+            .wait_for_text(EVENT_DEADLINE, &["another origin"])
+            .await,
         "the refusal says why:\n{}",
         tail(&server.logs_text())
     );
