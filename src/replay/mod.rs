@@ -384,10 +384,10 @@ fn request_of(record: &Record<'_>) -> AccessRequest {
         http,
         attributes: record.attributes.clone(),
         context: Map::new(),
-        source: record.source.as_deref().map(|address| Peer {
-            address: address.to_owned(),
-            principal: String::new(),
-        }),
+        source: record
+            .source
+            .as_deref()
+            .map(|address| Peer::new(address, String::new())),
         proxy_header_count: None,
         explain: false,
         problem: None,

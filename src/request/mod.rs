@@ -172,6 +172,20 @@ pub struct Peer {
     pub principal: String,
 }
 
+impl Peer {
+    /// `address` as IPv4 even when a dual-stack proxy wrote an IPv4 client in IPv6's mapped form
+    /// (`::ffff:192.0.2.7`): counted, blocked, logged and recorded as one source either way.
+    pub fn new(address: &str, principal: String) -> Self {
+        let address = match address.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => v6
+                .to_ipv4_mapped()
+                .map_or_else(|| address.to_owned(), |v4| v4.to_string()),
+            Err(_) => address.to_owned(),
+        };
+        Self { address, principal }
+    }
+}
+
 /// One request to decide.
 #[derive(Debug, Clone, Default)]
 pub struct AccessRequest {

@@ -263,7 +263,8 @@ impl Signal {
             KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
             KeyKind::Token => keys.token.map(Cow::Borrowed),
             KeyKind::Source => {
-                let address = keys.source?.parse::<IpAddr>().ok()?.to_canonical();
+                // Already IPv4 where the request was made (`request::Peer::new`).
+                let address: IpAddr = keys.source?.parse().ok()?;
                 let prefix = match address {
                     IpAddr::V4(_) => self.ipv4_prefix,
                     IpAddr::V6(_) => self.ipv6_prefix,

@@ -124,6 +124,13 @@ struct Sources {
 }
 
 impl Sources {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// One more connection from `address`, unless it holds `max` already. An IPv4 client of a
     /// dual-stack listener (`::ffff:a.b.c.d`) counts as `a.b.c.d`.
     fn take(self: &Arc<Self>, address: IpAddr) -> Option<SourceSlot> {
@@ -240,12 +247,7 @@ pub fn accept(
         kind,
     } = options;
     let slots = Arc::new(Semaphore::new(max.max(1)));
-    let sources = (max_per_source > 0).then(|| {
-        Arc::new(Sources {
-            max: max_per_source,
-            open: Mutex::new(HashMap::new()),
-        })
-    });
+    let sources = (max_per_source > 0).then(|| Sources::new(max_per_source));
     tokio::spawn(async move {
         let mut last_warned: Option<Instant> = None;
         let mut last_refused: Option<Instant> = None;
@@ -268,31 +270,16 @@ pub fn accept(
                 Ok((stream.into_std()?, remote))
             }) {
                 Ok((stream, remote)) => {
-                    let source = match &sources {
-                        None => None,
-                        Some(sources) => match sources.take(remote.ip()) {
-                            Some(source) => Some(source),
-                            None => {
-                                // Closed at once, its slot free for the next client.
-                                drop(stream);
-                                metrics::global().record_connection_refused();
-                                if last_refused
-                                    .is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY)
-                                {
-                                    tracing::warn!(
-                                        source = %remote.ip(),
-                                        max = max_per_source,
-                                        "closed a connection: its source address holds --max-connections-per-source already (later ones within 10 s are only counted)"
-                                    );
-                                    last_refused = Some(Instant::now());
-                                }
-                                continue;
-                            }
-                        },
-                    };
+                    let source = sources.as_ref().map(|s| s.take(remote.ip()));
+                    if let Some(None) = source {
+                        // Closed at once, its slot free for the next client.
+                        drop(stream);
+                        refused(remote, max_per_source, &mut last_refused);
+                        continue;
+                    }
                     let slot = Slot {
                         _permit: permit,
-                        _source: source,
+                        _source: source.flatten(),
                         load: None,
                     };
                     dispatch.send(Accepted {
@@ -395,6 +382,20 @@ pub fn incoming(
     ReceiverStream::new(stream)
 }
 
+/// Counts a connection closed for its source's share, and says so at most once per
+/// [`ACCEPT_ERROR_LOG_EVERY`].
+fn refused(remote: SocketAddr, max: usize, last: &mut Option<Instant>) {
+    metrics::global().record_connection_refused();
+    if last.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+        tracing::warn!(
+            source = %remote.ip(),
+            max,
+            "closed a connection: its source address holds --max-connections-per-source already (later ones within 10 s are only counted)"
+        );
+        *last = Some(Instant::now());
+    }
+}
+
 /// Counts a failed TLS handshake, and says so at most once per [`ACCEPT_ERROR_LOG_EVERY`] (a
 /// client can fail handshakes as fast as it can connect).
 fn handshake_failed(remote: SocketAddr, error: &str) {
@@ -416,20 +417,20 @@ fn handshake_failed(remote: SocketAddr, error: &str) {
 }
 
 /// How long a connection may go without a byte from its peer before the kernel probes it.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Between unanswered probes.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes that close the connection.
-pub const KEEPALIVE_PROBES: u32 = 2;
+const KEEPALIVE_PROBES: u32 = 2;
 /// How long data sent may stay unacknowledged before the connection is closed: the same
 /// `KEEPALIVE_IDLE + KEEPALIVE_PROBES × KEEPALIVE_INTERVAL` (50 s) as an idle dead peer.
-pub const UNACKNOWLEDGED_FOR: Duration = Duration::from_secs(50);
+const UNACKNOWLEDGED_FOR: Duration = Duration::from_secs(50);
 
 /// Finds a dead peer in the kernel: TCP keep-alive probes after [`KEEPALIVE_IDLE`] of silence,
 /// every [`KEEPALIVE_INTERVAL`], closing after [`KEEPALIVE_PROBES`] unanswered (about 50 s), and
 /// `TCP_USER_TIMEOUT` for data left unacknowledged as long. This replaces HTTP/2 keep-alive
 /// pings, which cost a clock read and a lock on every frame received.
-pub fn keep_alive(stream: &TcpStream) -> io::Result<()> {
+fn keep_alive(stream: &TcpStream) -> io::Result<()> {
     let socket = socket2::SockRef::from(stream);
     socket.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
@@ -574,10 +575,7 @@ mod tests {
     use super::*;
 
     fn sources(max: usize) -> Arc<Sources> {
-        Arc::new(Sources {
-            max,
-            open: Mutex::new(HashMap::new()),
-        })
+        Sources::new(max)
     }
 
     #[test]

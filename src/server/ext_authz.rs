@@ -226,21 +226,12 @@ where
 /// bytes, a repeated name as separate entries, joined here with `,`). More than one
 /// `authorization` entry, in either field or in any case, makes the credential unusable rather
 /// than picking one.
-/// An IPv4 client's address as IPv4 even when a dual-stack proxy wrote it in IPv6's mapped form
-/// (`::ffff:192.0.2.7`): counted, blocked, logged and recorded as one source either way.
-fn canonical_address(address: &str) -> String {
-    match address.parse::<std::net::Ipv6Addr>() {
-        Ok(v6) => v6
-            .to_ipv4_mapped()
-            .map_or_else(|| address.to_owned(), |v4| v4.to_string()),
-        Err(_) => address.to_owned(),
-    }
-}
-
 pub fn access_request(check: CheckRequest) -> AccessRequest {
-    let source = check.source.is_some().then(|| Peer {
-        address: canonical_address(check.source_address().unwrap_or_default()),
-        principal: check.source_principal().unwrap_or_default().to_owned(),
+    let source = check.source.is_some().then(|| {
+        Peer::new(
+            check.source_address().unwrap_or_default(),
+            check.source_principal().unwrap_or_default().to_owned(),
+        )
     });
     let context: serde_json::Map<String, serde_json::Value> = check
         .context_extensions()
