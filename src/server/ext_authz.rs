@@ -74,8 +74,7 @@ impl ExtAuthz {
         answer_by: Duration,
     ) -> http::Response<CallBody>
     where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B: RequestBody,
     {
         let started = Instant::now();
         // The decision has a guard of its own; this one covers reading the call and refusing it,
@@ -103,8 +102,7 @@ impl ExtAuthz {
     /// with a gRPC error, which nobody reads.
     pub async fn call<B>(self, request: http::Request<B>) -> http::Response<CallBody>
     where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B: RequestBody,
     {
         self.answer(request, Instant::now()).await
     }
@@ -115,8 +113,7 @@ impl ExtAuthz {
         started: Instant,
     ) -> http::Response<CallBody>
     where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B: RequestBody,
     {
         let (parts, body) = request.into_parts();
         let read = if compressed(&parts.headers) {
@@ -202,6 +199,11 @@ fn compressed(headers: &http::HeaderMap) -> bool {
         .get("grpc-encoding")
         .is_some_and(|encoding| encoding.as_bytes() != b"identity")
 }
+
+/// A `Check` call's request body: hyper's in the server, any in tests.
+pub trait RequestBody: http_body::Body<Data = Bytes, Error: std::fmt::Display> {}
+
+impl<B: http_body::Body<Data = Bytes, Error: std::fmt::Display>> RequestBody for B {}
 
 /// Reads `body` as a unary call's, stopping at the first refusal. `Err`: the body itself failed
 /// (the client reset the stream).
