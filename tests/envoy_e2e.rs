@@ -15,7 +15,9 @@ mod envoy;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Server, TempPolicy, demo_policy_path, demo_policy_text, edit, entra, mint, oidc};
+use common::{
+    Server, Spawn, TempPolicy, demo_policy_path, demo_policy_text, edit, entra, mint, oidc,
+};
 use envoy::{ENVOY_RAW_HEADERS_YAML, ENVOY_YAML, Echo, Envoy, Recorded, Silent, free_port};
 use reqwest::{
     Method,
@@ -156,6 +158,31 @@ impl Stack {
         stack
     }
 
+    /// The demo policy behind `examples/envoy/<example>`, stepgate started with `args`; returns
+    /// once an anonymous request gets `warm_status` through Envoy.
+    async fn start_serving(example: &str, args: &[&str], warm_status: u16) -> Self {
+        let server = Server::spawn_with(
+            &demo_policy_path(),
+            Spawn {
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                ..Spawn::default()
+            },
+        );
+        server.wait_ready().await;
+        let echo = Echo::start().await;
+        let envoy = Envoy::start(example, server.port, echo.port).await;
+        let stack = Self {
+            envoy,
+            echo,
+            server: Some(server),
+            _policy: None,
+            http: client(false),
+            h2: client(true),
+        };
+        stack.warm_up_to(warm_status).await;
+        stack
+    }
+
     /// Envoy in front of `stepgate_port` with no stepgate started by the stack.
     async fn without_stepgate(example: &str, stepgate_port: u16) -> Self {
         let echo = Echo::start().await;
@@ -173,6 +200,11 @@ impl Stack {
     /// Retries an anonymous request until Envoy relays stepgate's answer (the first `Check` opens
     /// Envoy's HTTP/2 connection to stepgate).
     async fn warm_up(&self) {
+        self.warm_up_to(401).await;
+    }
+
+    /// [`Stack::warm_up`], until the anonymous request gets `status`.
+    async fn warm_up_to(&self, status: u16) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut last;
         loop {
@@ -183,13 +215,13 @@ impl Stack {
                 .send()
                 .await
             {
-                Ok(r) if r.status() == 401 => return,
+                Ok(r) if r.status() == status => return,
                 Ok(r) => last = format!("status {}", r.status()),
                 Err(e) => last = format!("{e}"),
             }
             assert!(
                 Instant::now() < deadline,
-                "Envoy did not relay stepgate's 401 within 15 s (last: {last}).\n{}",
+                "Envoy did not relay stepgate's {status} within 15 s (last: {last}).\n{}",
                 self.diagnostics()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -900,6 +932,35 @@ async fn stepgate_stopped_makes_envoy_answer_503_without_reaching_the_upstream()
         );
         assert!(stack.upstream(name).is_empty(), "[{name}] reached upstream");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_check_from_leaving_envoy_out_every_request_is_refused_and_naming_it_they_are_decided()
+{
+    // Envoy connects to stepgate from 127.0.0.1.
+    let refused = Stack::start_serving(ENVOY_YAML, &["--check-from", "127.0.0.2"], 403).await;
+    refused
+        .run(
+            &Case::new(
+                "not-a-listed-caller",
+                Method::GET,
+                "/accounts",
+                Some(TokenSpec::default()),
+            )
+            .expect(deny(403, "caller_not_allowed", Challenge::None)),
+        )
+        .await;
+    drop(refused);
+    let decided =
+        Stack::start_serving(ENVOY_YAML, &["--check-from", "10.0.0.0/8,127.0.0.0/8"], 401).await;
+    decided
+        .run(&Case::new(
+            "a-listed-caller",
+            Method::GET,
+            "/accounts",
+            Some(TokenSpec::default()),
+        ))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

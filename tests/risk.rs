@@ -7,13 +7,14 @@
 mod common;
 
 use std::{
+    net::Ipv4Addr,
     process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
-    ADMIN_ROLE, Server, TempPolicy, admin_ok, bin, check_from, check_on, demo_policy_without_risk,
-    mint,
+    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, check_from, check_on,
+    demo_policy_without_risk, mint,
 };
 use serde_json::Value;
 use stepgate::{
@@ -258,6 +259,107 @@ risk:
         .collect();
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert!(!server.logs_text().contains(&valid[..at]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_check_from_only_the_proxies_address_may_call_check_and_other_callers_count_nothing() {
+    let risk = r#"
+risk:
+  signals:
+    forged_tokens:
+      count: invalid_token
+      key: source
+      window: 1m
+      threshold: 2
+      action: block
+      block_for: 10m
+"#;
+    let policy = TempPolicy::new("check-from", &(demo_policy_without_risk() + risk));
+    // The "proxy" connects from 127.0.0.2; every other test channel comes from 127.0.0.1.
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--check-from".into(), "10.0.0.0/8,127.0.0.2".into()],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let proxy = Ipv4Addr::new(127, 0, 0, 2);
+    let valid = entra_token("bob", &[]);
+    let forged = format!("{}x", &valid[..valid.len() - 1]);
+
+    // Another caller names the victim's address with forged tokens: each is refused before it
+    // is read, so nothing is counted against that address.
+    for _ in 0..3 {
+        let (status, _, reason, _) =
+            check_from(&server, "/reports", "198.51.100.7", Some(&forged)).await;
+        assert_eq!((status, reason.as_str()), (403, "caller_not_allowed"));
+    }
+    let (status, _, reason, _) =
+        check_from(&server, "/reports", "198.51.100.7", Some(&valid)).await;
+    assert_eq!(
+        (status, reason.as_str()),
+        (403, "caller_not_allowed"),
+        "a valid token from another caller is refused too"
+    );
+    // The same caller may still call Decide.
+    let answer = decide(&server, &valid, "reports.read").await;
+    assert_eq!(answer.outcome(), Outcome::Allow, "{answer:?}");
+
+    // The proxy's Checks are decided: the address is not blocked by what came before.
+    let (status, _, _, _) = check_on(
+        server.channel_from(proxy).await,
+        "/reports",
+        "198.51.100.7",
+        Some(&valid),
+    )
+    .await;
+    assert_eq!(status, 200, "the refused Checks counted nothing");
+    // And its own forged tokens do count: two block the address.
+    for _ in 0..2 {
+        let (status, _, reason, _) = check_on(
+            server.channel_from(proxy).await,
+            "/reports",
+            "198.51.100.7",
+            Some(&forged),
+        )
+        .await;
+        assert_eq!(status, 401, "{reason}");
+    }
+    let (status, _, reason, _) = check_on(
+        server.channel_from(proxy).await,
+        "/reports",
+        "198.51.100.7",
+        Some(&valid),
+    )
+    .await;
+    assert_eq!((status, reason.as_str()), (403, "source_blocked"));
+
+    let metrics = server.scrape().await;
+    let refused = "stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"caller_not_allowed\",rule=\"\"} 4";
+    assert!(
+        metrics.lines().any(|l| l == refused),
+        "{refused}\n{metrics}"
+    );
+    assert!(
+        server
+            .wait_for_text(Duration::from_secs(5), &["refused a Check: its caller"])
+            .await,
+        "no warning about the refused caller:\n{}",
+        server.logs_text()
+    );
+    let warnings = server
+        .json_logs()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("refused a Check"))
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "one warning per 10 s: {warnings:?}");
+    assert_eq!(warnings[0]["caller"], "127.0.0.1", "{warnings:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -926,6 +926,58 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_exactly() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn check_client_san_lets_only_the_proxys_certificate_call_check_and_every_client_decide() {
+    let ca = Ca::new("stepgate test CA");
+    let files = Scratch::new("mtls-check-callers");
+    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let client_ca = files.write("client-ca.crt", &ca.pem());
+    let gateway = ca.client(&["envoy.internal", GATEWAY_SPIFFE]);
+    let service = ca.client(&["spiffe://cluster.local/ns/payments/sa/api"]);
+    let server = start(
+        &[
+            "--tls-cert",
+            arg(&cert),
+            "--tls-key",
+            arg(&key),
+            "--client-ca",
+            arg(&client_ca),
+            "--check-client-san",
+            GATEWAY_SPIFFE,
+        ],
+        |port| endpoint(port, &[&ca], Some(&gateway)),
+    )
+    .await;
+    let port = server.port;
+    let (token, check_token) = (wire_token(), mint(&TokenSpec::default()));
+
+    let (proxy, other) = (
+        endpoint(port, &[&ca], Some(&gateway)),
+        endpoint(port, &[&ca], Some(&service)),
+    );
+    assert_eq!(check_on_new_connection(&proxy, &check_token).await, Ok(200));
+    assert_eq!(
+        decide_on_new_connection(&proxy, &token).await,
+        Ok(Outcome::Allow)
+    );
+    // The service's certificate is admitted (no --client-san): it may decide, not check.
+    assert_eq!(
+        decide_on_new_connection(&other, &token).await,
+        Ok(Outcome::Allow)
+    );
+    assert_eq!(
+        check_on_new_connection(&other, &check_token).await,
+        Ok(403),
+        "a Check from a client the proxies' names do not include"
+    );
+    let metrics = server.scrape().await;
+    assert!(
+        metrics.lines().any(|l| l
+            == "stepgate_decisions_total{door=\"check\",outcome=\"DENY\",reason=\"caller_not_allowed\",rule=\"\"} 1"),
+        "{metrics}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotation
 // ---------------------------------------------------------------------------------------------

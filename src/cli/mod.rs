@@ -155,6 +155,26 @@ struct ServeArgs {
         requires = "client_ca"
     )]
     client_san: Vec<String>,
+    /// Only peers in these networks may call ext_authz `Check`, whose `source.address` source
+    /// blocks and risk signals believe (CIDR or one address; comma-separated or repeated): the
+    /// proxies' networks. Other callers' Checks are answered 403 `caller_not_allowed`. Default:
+    /// any peer that reaches the port.
+    #[arg(
+        long,
+        env = "STEPGATE_CHECK_FROM",
+        value_delimiter = ',',
+        value_parser = server::check_callers::parse_network
+    )]
+    check_from: Vec<ipnet::IpNet>,
+    /// With --client-ca: only clients whose certificate names one of these subject alternative
+    /// names may call `Check` (the proxies); others may still call `Decide`. Repeatable.
+    #[arg(
+        long,
+        env = "STEPGATE_CHECK_CLIENT_SAN",
+        value_delimiter = ',',
+        requires = "client_ca"
+    )]
+    check_client_san: Vec<String>,
     /// A second gRPC listener (same services and transport), for operators: the policy's
     /// `explain.admin_listener` allows `explain` on it. Keep it on loopback or a private network.
     #[arg(long, env = "STEPGATE_ADMIN_LISTEN")]
@@ -371,6 +391,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         risk_store,
         records: args.records,
         workers: serving_threads,
+        check_callers: server::check_callers::CheckCallers::new(
+            args.check_from,
+            args.check_client_san,
+        ),
         limits: TransportLimits {
             max_message_bytes: args.max_message_bytes,
             max_decide_message_bytes: args.max_decide_message_bytes,

@@ -72,6 +72,9 @@ reasons! {
     ClientNotCapable => "client_not_capable",
     AppOnlyToken => "app_only_token",
     StepUpNotExpressible => "step_up_not_expressible",
+    // 403: the caller of `Check` is not among the proxies allowed to call it (`--check-from`,
+    // `--check-client-san`); nothing of the request was read
+    CallerNotAllowed => "caller_not_allowed",
     // 403 by an operator's block (admin API)
     Blocked => "blocked",
     SourceBlocked => "source_blocked",

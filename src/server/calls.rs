@@ -40,6 +40,7 @@ use tonic::{Status, body::Body as TonicBody, codegen::Service, service::Routes};
 
 use super::{
     TransportLimits,
+    check_callers::CheckCallers,
     conn::{Batched, PeerInfo},
     ext_authz::{CHECK_PATH, ExtAuthz},
     grpc_message,
@@ -55,6 +56,8 @@ pub struct Calls {
     /// What request bodies may hold together (`--max-buffered-bytes`); `Check` charges it in
     /// its reader, tonic's calls through [`Charged`].
     pub budget: Arc<grpc_message::Budget>,
+    /// Who may call `Check`, tested once per connection.
+    pub check_callers: Arc<CheckCallers>,
 }
 
 /// A request body for tonic's router whose bytes are charged to the process's budget until the
@@ -126,6 +129,7 @@ pub async fn serve(
         let Some(connection) = connection else { break };
         let activity = Arc::new(Activity::default());
         let service = Connection {
+            may_check: calls.check_callers.allows(connection.peer()),
             peer: connection.peer().clone(),
             calls: Arc::clone(&calls),
             activity: Arc::clone(&activity),
@@ -202,6 +206,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 struct Connection {
     peer: PeerInfo,
+    /// Whether the peer may call `Check` (`--check-from`, `--check-client-san`).
+    may_check: bool,
     calls: Arc<Calls>,
     activity: Arc<Activity>,
 }
@@ -256,6 +262,10 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
         let timeout = deadline(request.headers(), self.calls.timeout);
         let guard = self.activity.start();
         if request.uri().path() == CHECK_PATH {
+            if !self.may_check {
+                let refused = self.calls.check.caller_not_allowed(self.peer.remote);
+                return Box::pin(answered(std::future::ready(refused), guard));
+            }
             // The call's future holds the whole decision (2.6 KiB): boxed where it is made,
             // it is copied once, not again into its wrapper, its box and its first poll.
             let check = self

@@ -179,6 +179,21 @@ impl ExtAuthz {
         calls::unary(answer.into_frame())
     }
 
+    /// The answer to a `Check` from a caller not allowed to call it (`--check-from`,
+    /// `--check-client-san`): `403 caller_not_allowed`, its request unread.
+    pub fn caller_not_allowed(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+    ) -> http::Response<CallBody> {
+        super::check_callers::warn_refused(remote);
+        self.refuse(
+            Instant::now(),
+            403,
+            Reason::CallerNotAllowed,
+            "this caller may not call Check (--check-from, --check-client-san)",
+        )
+    }
+
     /// A denial of a call that could not be decided, logged and counted like any decision.
     fn refuse(
         &self,

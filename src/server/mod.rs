@@ -6,6 +6,7 @@ pub mod answer;
 pub mod authorizer;
 mod calls;
 mod catch_panic;
+pub mod check_callers;
 pub mod check_request;
 mod conn;
 pub mod decide;
@@ -70,6 +71,8 @@ pub struct ServeOptions {
     /// Serving threads, each with its own runtime and its own share of the connections
     /// (`workers`); the calling runtime is the first.
     pub workers: usize,
+    /// Who may call `Check` (`--check-from`, `--check-client-san`).
+    pub check_callers: check_callers::CheckCallers,
 }
 
 /// Bounds on what one client can hold of the gRPC listener. Past them a call is refused at the
@@ -314,6 +317,14 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     // One budget for the whole process: charged by `Check` bodies that arrive in pieces, and by
     // every body tonic's router reads.
     let budget = grpc_message::Budget::new(limits.max_buffered_bytes);
+    let check_callers = Arc::new(options.check_callers.clone());
+    if !check_callers.is_open() {
+        tracing::info!(
+            check_from = %check_callers.networks_text(),
+            check_client_san = %check_callers.client_sans_text(),
+            "Check answers only the listed callers"
+        );
+    }
     let records_of = Arc::clone(&authorizer);
     let serve = Arc::new(move |queue| {
         let incoming = conn::incoming(queue, worker_options.clone());
@@ -345,6 +356,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             routes: routes.routes().prepare(),
             timeout: limits.request_timeout,
             budget: Arc::clone(&budget),
+            check_callers: Arc::clone(&check_callers),
         };
         async move {
             calls::serve(incoming, calls, &limits, closing).await;

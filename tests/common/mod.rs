@@ -428,6 +428,21 @@ impl Server {
             .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.url(), self.logs_text()))
     }
 
+    /// A fresh gRPC channel whose connection comes from `local`, a loopback address other than
+    /// 127.0.0.1 (Linux gives all of 127.0.0.0/8 to the loopback interface): a second caller
+    /// the server tells apart by its address.
+    pub async fn channel_from(&self, local: std::net::Ipv4Addr) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("a valid URL")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(BoundConnector {
+                local,
+                port: self.port,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("connecting from {local}: {e}\n{}", self.logs_text()))
+    }
+
     /// The text of `/metrics` (the server was spawned with metrics).
     pub async fn scrape(&self) -> String {
         let port = self.metrics_port.expect("spawned with metrics");
@@ -796,4 +811,39 @@ pub fn with_raw_header(request: &CheckRequest, key: &str, raw: &[u8]) -> CheckRe
             raw_value: raw.to_vec(),
         });
     out
+}
+
+/// Opens TCP connections to the server's port on 127.0.0.1 from the address `local`.
+#[derive(Clone)]
+struct BoundConnector {
+    local: std::net::Ipv4Addr,
+    port: u16,
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for BoundConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let (local, port) = (self.local, self.port);
+        Box::pin(async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((local, 0).into())?;
+            let stream = socket
+                .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
+                .await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
