@@ -1148,6 +1148,155 @@ def test_no_tracing_without_an_endpoint():
 
 
 # ---------------------------------------------------------------------------------------------
+# Who may call Check
+
+
+GATEWAY_SAN = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+# The cases that set checkCallers (test_check_caller_cases_are_the_values_files_that_set_it).
+CHECK_CALLER_CASES = ["tls-cert-manager-mtls", "network-policy"]
+
+
+def check_callers_of(name: str) -> tuple[list[str], list[str]]:
+    """Case `name`'s checkCallers: (networks, clientSANs)."""
+    callers = case_values(name).get("checkCallers", {})
+    return callers.get("networks", []), callers.get("clientSANs", [])
+
+
+def test_check_callers_default_to_any_caller():
+    assert chart_defaults()["checkCallers"] == {"networks": [], "clientSANs": []}
+    args = container(rendered("default"))["args"]
+    assert not arg_values(args, "--check-from") and not arg_values(args, "--check-client-san")
+
+
+def test_check_caller_cases_are_the_values_files_that_set_it():
+    assert [name for name in CASES if any(check_callers_of(name))] == CHECK_CALLER_CASES
+    assert check_callers_of("network-policy") == (["10.0.0.0/8", "fd00::/8"], [])
+    assert check_callers_of("tls-cert-manager-mtls") == ([], [GATEWAY_SAN])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_callers_render_a_flag_and_a_value_per_entry(name):
+    args = container(rendered(name))["args"]
+    networks, sans = check_callers_of(name)
+    assert arg_values(args, "--check-from") == networks
+    assert arg_values(args, "--check-client-san") == sans
+    for flag in ("--check-from", "--check-client-san"):
+        assert not [a for a in args if a.startswith(flag + "=")], "a flag and its value, as two arguments"
+
+
+def test_both_check_caller_lists_render_before_the_extra_args():
+    values = case_values("tls-cert-manager-mtls")
+    values["checkCallers"]["networks"] = ["10.244.0.0/16", "10.96.12.7", "fd00:10:244::/48"]
+    values["extraArgs"] = ["--max-connections", "20000"]
+    args = container(chart_render.template(values))["args"]
+    assert arg_values(args, "--check-from") == ["10.244.0.0/16", "10.96.12.7", "fd00:10:244::/48"]
+    assert arg_values(args, "--check-client-san") == [GATEWAY_SAN]
+    assert args[-2:] == ["--max-connections", "20000"]
+
+
+def logged_check_callers(log: str) -> dict[str, Any] | None:
+    """The JSON log line in which stepgate says whom Check answers, if any."""
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("message") == "Check answers only the listed callers":
+                return entry
+    return None
+
+
+def start_log(stepgate_bin: str, args: list[str], c: dict, make_certificate, tmp_path: Path) -> str:
+    """stepgate's log when started with `args` as test_stepgate_starts_with_the_charts_arguments
+    starts it: up to the line saying it listens, or up to its exit."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(demo_policy(), encoding="utf-8")
+    cert, key = make_certificate(tmp_path, "tls", "localhost")
+    return run_with_chart_args(
+        stepgate_bin, args, container_env(c),
+        {"--config": policy, "--tls-cert": cert, "--tls-key": key, "--client-ca": cert},
+    )
+
+
+@pytest.mark.parametrize("name", CHECK_CALLER_CASES)
+def test_stepgate_answers_check_only_from_the_charts_callers(name, stepgate_bin, make_certificate, tmp_path):
+    # The rendered flags reach stepgate as lists it takes: it starts, and says whom Check answers.
+    # (The probes and `helm test` of these cases pass against it: they ask gRPC health only.)
+    c = container(rendered(name))
+    assert arg_value(c["args"], "--log-format") == "json"
+    log = start_log(stepgate_bin, c["args"], c, make_certificate, tmp_path)
+    assert "stepgate listening on" in log, f"stepgate did not start with {c['args']}:\n{log}"
+    entry = logged_check_callers(log)
+    assert entry, f"stepgate does not say whom Check answers:\n{log}"
+    networks, sans = check_callers_of(name)
+    assert entry["check_from"] == (",".join(networks) or "any")
+    assert entry["check_client_san"] == (",".join(sans) or "any")
+
+
+def test_stepgate_refuses_to_start_with_a_network_with_host_bits(stepgate_bin, make_certificate, tmp_path):
+    # The chart passes the networks as written; stepgate checks them at start, so a pod given a
+    # network with bits set past its prefix exits at once, saying what to write instead.
+    values = case_values("network-policy")
+    values["checkCallers"]["networks"] = ["10.0.0.0/8", "10.1.2.3/8"]
+    c = container(chart_render.template(values))
+    assert arg_values(c["args"], "--check-from") == ["10.0.0.0/8", "10.1.2.3/8"]
+    log = start_log(stepgate_bin, c["args"], c, make_certificate, tmp_path)
+    assert "stepgate listening on" not in log, "stepgate started with 10.1.2.3/8"
+    assert "10.1.2.3/8 has bits set past its /8 prefix" in log, log
+
+
+def test_check_client_sans_without_mutual_tls_would_keep_stepgate_from_starting(stepgate_bin, make_certificate, tmp_path):
+    # Why the chart refuses checkCallers.clientSANs without tls.clientCA.enabled: stepgate takes
+    # --check-client-san only with --client-ca, and the pods would exit at once.
+    name = "tls-cert-manager-mtls"
+    c = container(rendered(name))
+    args = without(c["args"], "--client-ca")
+    log = start_log(stepgate_bin, args, c, make_certificate, tmp_path)
+    assert "stepgate listening on" not in log and "--client-ca" in log, log
+    values = case_values(name)
+    values["tls"]["clientCA"]["enabled"] = False
+    del values["tls"]["clientSANs"]
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true" in str(refused.value)
+
+
+def risk_policy(**signals: dict[str, Any]) -> dict[str, Any]:
+    return {"policy": {"risk": {"signals": signals}}}
+
+
+FORGED_TOKENS = {"count": "invalid_token", "key": "source", "window": "1m", "threshold": 50, "action": "block", "block_for": "15m"}
+TOKEN_REPLAY = {"count": "sources", "key": "token", "window": "10m", "threshold": 3, "action": "log"}
+REPEATED_STEP_UPS = {"count": "step_up", "key": "subject", "window": "10m", "threshold": 5, "action": "log"}
+
+
+def test_notes_warn_when_signals_trust_sources_that_any_caller_of_check_names():
+    warning = "WARNING: the policy's risk signal"
+    r = chart_render.template(risk_policy(forged_tokens=FORGED_TOKENS, repeated_step_ups=REPEATED_STEP_UPS))
+    assert "WARNING: the policy's risk signal forged_tokens trusts the source address the caller of" in r.notes
+    assert "checkCallers.networks" in r.notes and "AuthorizationPolicy" in r.notes
+    assert "repeated_step_ups" not in r.notes
+    r = chart_render.template(risk_policy(forged_tokens=FORGED_TOKENS, token_replay=TOKEN_REPLAY))
+    assert "risk signals forged_tokens, token_replay trust the source address" in r.notes
+    # Not when a signal counts no source, nor once checkCallers names the callers.
+    assert warning not in chart_render.template(risk_policy(repeated_step_ups=REPEATED_STEP_UPS)).notes
+    narrowed = risk_policy(token_replay=TOKEN_REPLAY) | {"checkCallers": {"networks": ["10.0.0.0/8"]}}
+    assert warning not in chart_render.template(narrowed).notes
+    narrowed = case_values("tls-cert-manager-mtls") | risk_policy(token_replay=TOKEN_REPLAY)
+    assert warning not in chart_render.template(narrowed).notes
+    # A policy of one's own ConfigMap: the chart cannot tell.
+    own = risk_policy(forged_tokens=FORGED_TOKENS) | {"existingPolicyConfigMap": "mine"}
+    assert warning not in chart_render.template(own).notes
+    for name in CASES:
+        assert warning not in rendered(name).notes, name
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if CASES[name].mutual_tls])
+def test_notes_envoy_client_certificate_must_name_a_check_caller_san(name):
+    _, sans = check_callers_of(name)
+    said = "# To call Check it must name one of checkCallers.clientSANs." in rendered(name).notes
+    assert said == bool(sans)
+
+
+# ---------------------------------------------------------------------------------------------
 # The admin listener
 
 
@@ -1577,6 +1726,9 @@ TYPOS = [
     ({"admin": {"enabeld": True}}, "enabeld"),
     ({"admni": {"enabled": True}}, "admni"),
     ({"networkPolicy": {"adminFromNamespace": ["security"]}}, "adminFromNamespace"),
+    ({"checkCallers": {"netwroks": ["10.0.0.0/8"]}}, "netwroks"),
+    ({"checkCallers": {"clientSAN": ["spiffe://a"]}}, "clientSAN"),
+    ({"checkCaller": {"networks": ["10.0.0.0/8"]}}, "checkCaller"),
 ]
 
 
@@ -1599,6 +1751,8 @@ WRONG_TYPES = [
     ({"admin": {"enabled": "true"}}, "enabled"),
     ({"admin": {"port": 70000}}, "port"),
     ({"networkPolicy": {"adminFromNamespaces": ["Security Team"]}}, "adminFromNamespaces"),
+    ({"checkCallers": {"networks": "10.0.0.0/8"}}, "networks"),
+    ({"checkCallers": {"clientSANs": [""]}}, "clientSANs"),
 ]
 
 
@@ -1624,6 +1778,14 @@ INCONSISTENT = [
         "is not one of the Certificate's names",
     ),
     ({"tls": {"enabled": True, "secretName": "s", "probeClient": {"secretName": "p"}}}, "tls.probeClient.secretName needs"),
+    (
+        {"checkCallers": {"clientSANs": ["spiffe://a"]}},
+        "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true",
+    ),
+    (
+        {"tls": {"enabled": True, "secretName": "s"}, "checkCallers": {"clientSANs": ["spiffe://a"]}},
+        "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true (only a client certificate",
+    ),
     ({"tls": {"serverName": "stepgate.example"}}, "tls.serverName and tls.serverCA need tls.enabled"),
     ({"networkPolicy": {"enabled": True}}, "networkPolicy.grpcNamespaces"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node could ever be drained"),

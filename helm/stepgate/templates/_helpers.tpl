@@ -213,6 +213,9 @@ finish.
 {{- if and .Values.tls.clientSANs (not .Values.tls.clientCA.enabled) }}
 {{- fail "tls.clientSANs needs tls.clientCA.enabled: true (only client certificates have SANs to check)" }}
 {{- end }}
+{{- if and .Values.checkCallers.clientSANs (not (and .Values.tls.enabled .Values.tls.clientCA.enabled)) }}
+{{- fail "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true (only a client certificate has SANs to check); without mutual TLS name the callers' networks in checkCallers.networks" }}
+{{- end }}
 {{- if and (or .Values.tls.serverName .Values.tls.serverCA.secretName) (not .Values.tls.enabled) }}
 {{- fail "tls.serverName and tls.serverCA need tls.enabled: true" }}
 {{- end }}
