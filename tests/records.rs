@@ -125,6 +125,88 @@ async fn a_record_per_decision_with_its_facts_and_never_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_request_makes_a_small_record_and_a_query_token_is_never_recorded() {
+    let policy = policy(
+        "records-hostile",
+        "records:\n  enabled: true\n  path: decisions.jsonl\n",
+        false,
+    );
+    let file = policy.path.parent().unwrap().join("decisions.jsonl");
+    let server = Server::start(&policy.path).await;
+    let token = mint(&entra(&["c1"], &["cp1"]));
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    // 200 000 control characters as the operation (six bytes each once escaped in JSON), and a
+    // path of 100 000 bytes.
+    let refused = client
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.clone())),
+            operation: "\u{1}".repeat(200_000),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    assert_eq!(refused.reason, "malformed_request", "{refused:?}");
+    let long = client
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.clone())),
+            http: Some(stepgate::api::v1::HttpRequest {
+                method: "GET".into(),
+                path: format!("/reports/{}", "a".repeat(100_000)),
+                host: "app.example".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    assert_eq!(
+        long.outcome(),
+        stepgate::api::v1::Outcome::Allow,
+        "{long:?}"
+    );
+    // A token in the query, beside the header's: refused as two credentials, and not recorded.
+    let query_token = mint(&TokenSpec::default());
+    let two = client
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.clone())),
+            http: Some(stepgate::api::v1::HttpRequest {
+                method: "GET".into(),
+                path: format!("/reports?x=1&access_token={query_token}"),
+                host: "app.example".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    assert_eq!(two.reason, "multiple_credentials", "{two:?}");
+
+    let records = wait_records(&file, 3).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.len() < 16 * 1024,
+        "{} bytes of records for three requests",
+        text.len()
+    );
+    assert!(!text.contains(&query_token), "a raw token in the records");
+    assert!(!text.contains(&token), "a raw token in the records");
+    assert_eq!(records[0]["reason"], "malformed_request");
+    assert_eq!(records[0]["truncated"], serde_json::json!(["operation"]));
+    assert_eq!(records[1]["truncated"], serde_json::json!(["path"]));
+    assert!(
+        records[1]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/reports/aaaa")
+    );
+    assert_eq!(records[2]["path"], "/reports?x=1&access_token=REDACTED");
+    assert!(records[2].get("truncated").is_none(), "{}", records[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     let policy = policy(
         "records-sampled",

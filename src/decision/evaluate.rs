@@ -28,7 +28,9 @@ use crate::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
         condition::{CelInput, Condition},
     },
-    request::{AccessRequest, Established, PresentedCredential, RequestProblem, path},
+    request::{
+        AccessRequest, Established, PresentedCredential, RequestProblem, is_valid_operation, path,
+    },
     risk::signals::{Action, Keys},
 };
 
@@ -167,7 +169,12 @@ impl<'p> Run<'p> {
         let realm = policy.realm.as_str();
 
         // 1. Content, credential shape and path.
-        if let Some(problem) = &request.problem {
+        let operation_problem = request
+            .operation
+            .as_deref()
+            .is_some_and(|operation| !is_valid_operation(operation))
+            .then_some(RequestProblem::InvalidOperation);
+        if let Some(problem) = request.problem.as_ref().or(operation_problem.as_ref()) {
             let message = problem.describe();
             self.step("request", || message.clone());
             let (status, reason) = match problem {
@@ -175,7 +182,8 @@ impl<'p> Run<'p> {
                 RequestProblem::NotUtf8(_)
                 | RequestProblem::NothingToMatch
                 | RequestProblem::TooManyEntries(_)
-                | RequestProblem::DuplicateHeader(_) => (400, Reason::MalformedRequest),
+                | RequestProblem::DuplicateHeader(_)
+                | RequestProblem::InvalidOperation => (400, Reason::MalformedRequest),
                 RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
                 RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
                 RequestProblem::AttributesTooLarge { .. } => (413, Reason::RequestTooLarge),

@@ -663,10 +663,20 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
             })
         }
     };
-    if let Some(op) = &m.operation
-        && op.is_empty()
-    {
-        return err(format!("{path}.operation"), "must not be empty");
+    if let Some(op) = &m.operation {
+        if op.is_empty() {
+            return err(format!("{path}.operation"), "must not be empty");
+        }
+        if !crate::request::is_valid_operation(op) {
+            return err(
+                format!("{path}.operation"),
+                format!(
+                    "must be at most {} bytes, without control characters (a request's operation \
+                     past that is refused)",
+                    crate::request::MAX_OPERATION_BYTES
+                ),
+            );
+        }
     }
     let when = m
         .when
@@ -958,6 +968,19 @@ rules:
         assert_eq!(e.path, "issuers[0].algorithms[1]");
         let e = compile_text(&text.replace("HS256", "none")).err().unwrap();
         assert!(e.message.contains("never allowed"));
+    }
+
+    #[test]
+    fn an_operation_no_request_could_carry_is_refused() {
+        let long = "a".repeat(crate::request::MAX_OPERATION_BYTES + 1);
+        for operation in [long.as_str(), "\"pay\\tments\""] {
+            let e = compile_text(&BASE.replace("payments.wire_transfer", operation))
+                .err()
+                .unwrap_or_else(|| panic!("{operation:?} was accepted"));
+            assert_eq!(e.path, "rules[0].match.operation", "{e}");
+        }
+        let longest = "a".repeat(crate::request::MAX_OPERATION_BYTES);
+        compile_text(&BASE.replace("payments.wire_transfer", &longest)).unwrap();
     }
 
     #[test]

@@ -91,7 +91,21 @@ pub enum RequestProblem {
     /// Two `Decide` header names that are one name in any case (`Authorization` and
     /// `authorization`): which one a reader takes would be chance.
     DuplicateHeader(String),
+    /// An operation longer than [`MAX_OPERATION_BYTES`] or holding a control character: no
+    /// policy names one, and it would be copied into every log, record and trace of the request.
+    InvalidOperation,
 }
+
+/// The longest operation decided on, in bytes.
+pub const MAX_OPERATION_BYTES: usize = 256;
+
+/// Whether `operation` is one stepgate decides on (see [`RequestProblem::InvalidOperation`]).
+pub fn is_valid_operation(operation: &str) -> bool {
+    operation.len() <= MAX_OPERATION_BYTES && !operation.chars().any(char::is_control)
+}
+
+/// How much of a request-chosen name a message quotes, in characters.
+const QUOTED_NAME_CHARS: usize = 64;
 
 impl RequestProblem {
     /// The field a `NotUtf8` problem names, for a path: it is answered as `invalid_path`.
@@ -111,8 +125,14 @@ impl RequestProblem {
             }
             Self::TooManyEntries(field) => format!("{field} has too many entries"),
             Self::DuplicateHeader(name) => {
-                format!("the header {name:?} is given twice, in different case")
+                let shown: String = name.chars().take(QUOTED_NAME_CHARS).collect();
+                let more = if shown.len() < name.len() { "…" } else { "" };
+                format!("the header {shown:?}{more} is given twice, in different case")
             }
+            Self::InvalidOperation => format!(
+                "the operation is longer than {MAX_OPERATION_BYTES} bytes or holds a control \
+                 character"
+            ),
             Self::AttributesTooLarge { what, limit } => {
                 format!("the request's attributes hold more than {limit} {what}, the limit")
             }
@@ -253,9 +273,15 @@ impl HttpAttributes {
         };
         query.split('&').any(|pair| {
             let name = pair.split('=').next().unwrap_or_default();
-            name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
+            is_access_token_name(name)
         })
     }
+}
+
+/// Whether a query parameter's name is RFC 6750's `access_token`, written plainly or
+/// percent-encoded.
+pub fn is_access_token_name(name: &str) -> bool {
+    name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
 }
 
 /// Decodes `%XX` escapes (and `+`); `None` when the name has none or they are broken.

@@ -242,6 +242,63 @@ impl RecordEvent {
     }
 }
 
+/// The longest request text a record holds per field, in bytes: a request's id, method, host,
+/// path and operation are cut there (at a character boundary) and named in `truncated`. A path
+/// holds up to the policy's header limit, and a record of every anonymous request that long
+/// would crowd the others out of the queue and the rotated files.
+pub const MAX_RECORDED_TEXT: usize = 2048;
+
+/// The fields a record cut at [`MAX_RECORDED_TEXT`].
+#[derive(Default)]
+struct Cut {
+    fields: Vec<&'static str>,
+}
+
+impl Cut {
+    /// `value`, cut to [`MAX_RECORDED_TEXT`] bytes; `field` is noted when it was.
+    fn cap<'v>(&mut self, field: &'static str, value: Option<&'v str>) -> Option<&'v str> {
+        let value = value?;
+        if value.len() <= MAX_RECORDED_TEXT {
+            return Some(value);
+        }
+        self.fields.push(field);
+        Some(&value[..value.floor_char_boundary(MAX_RECORDED_TEXT)])
+    }
+}
+
+/// `target` with the value of every RFC 6750 `access_token` query parameter (its name written
+/// plainly or percent-encoded) replaced by `REDACTED`: a record never holds a raw token, and
+/// replay only needs to know that one was there.
+pub fn without_query_tokens(target: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Some((path, query)) = target.split_once('?') else {
+        return Cow::Borrowed(target);
+    };
+    let is_token = |pair: &str| {
+        let name = pair.split('=').next().unwrap_or_default();
+        crate::request::is_access_token_name(name)
+    };
+    if !query.split('&').any(is_token) {
+        return Cow::Borrowed(target);
+    }
+    let mut out = String::with_capacity(target.len());
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if is_token(pair) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The JSON line of one decision (newline included).
 pub fn format_record(
     policy: &RecordsPolicy,
@@ -274,6 +331,8 @@ pub fn write_record(
     out: &mut String,
 ) {
     let http = request.http.as_ref();
+    let mut cut = Cut::default();
+    let target = http.map(|h| without_query_tokens(&h.target));
     let mut record = Fields::open(out);
     record.name("time");
     record.out.push('"');
@@ -282,12 +341,19 @@ pub fn write_record(
     record.text("door", door.as_str());
     record.maybe(
         "request_id",
-        http.and_then(|h| h.headers.get("x-request-id")),
+        cut.cap(
+            "request_id",
+            http.and_then(|h| h.headers.get("x-request-id")),
+        ),
     );
-    record.maybe("method", http.map(|h| h.method.as_str()));
-    record.maybe("host", http.map(|h| h.host.as_str()));
-    record.maybe("path", http.map(|h| h.target.as_str()));
-    record.maybe("operation", request.operation.as_deref());
+    record.maybe("method", cut.cap("method", http.map(|h| h.method.as_str())));
+    record.maybe("host", cut.cap("host", http.map(|h| h.host.as_str())));
+    record.maybe("path", cut.cap("path", target.as_deref()));
+    record.maybe(
+        "operation",
+        cut.cap("operation", request.operation.as_deref()),
+    );
+    record.list("truncated", cut.fields.iter().copied());
     if !policy.attributes.is_empty() {
         // Built as a map so that a name listed twice is written once, where it first stands.
         let attributes: Map<String, Value> = policy
@@ -651,6 +717,8 @@ mod tests {
         path: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         operation: Option<&'a str>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        truncated: Vec<&'static str>,
         #[serde(skip_serializing_if = "Map::is_empty")]
         attributes: Map<String, Value>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -723,14 +791,20 @@ mod tests {
         }
         let mut time = String::new();
         line::rfc3339_micros(now, &mut time);
+        let mut cut = Cut::default();
+        let target = http.map(|h| without_query_tokens(&h.target));
         let record = Record {
             time,
             door: door.as_str(),
-            request_id: http.and_then(|h| h.headers.get("x-request-id")),
-            method: http.map(|h| h.method.as_str()),
-            host: http.map(|h| h.host.as_str()),
-            path: http.map(|h| h.target.as_str()),
-            operation: request.operation.as_deref(),
+            request_id: cut.cap(
+                "request_id",
+                http.and_then(|h| h.headers.get("x-request-id")),
+            ),
+            method: cut.cap("method", http.map(|h| h.method.as_str())),
+            host: cut.cap("host", http.map(|h| h.host.as_str())),
+            path: cut.cap("path", target.as_deref()),
+            operation: cut.cap("operation", request.operation.as_deref()),
+            truncated: cut.fields,
             attributes: policy
                 .attributes
                 .iter()
@@ -944,6 +1018,80 @@ mod tests {
             let written = format_record(&policy, door, &request, &decision, now);
             prop_assert_eq!(&written, &serde_record(&policy, door, &request, &decision, now));
             prop_assert_eq!(written.matches('\n').count(), 1);
+        }
+    }
+
+    #[test]
+    fn long_request_text_is_cut_at_a_character_boundary_and_named() {
+        let long_path = format!("/{}", "é".repeat(MAX_RECORDED_TEXT));
+        let request = AccessRequest {
+            http: Some(HttpAttributes {
+                method: "GET".into(),
+                host: "app.example".into(),
+                target: long_path.clone(),
+                ..Default::default()
+            }),
+            operation: Some("\u{1}".repeat(5 * MAX_RECORDED_TEXT)),
+            ..AccessRequest::default()
+        };
+        let decision = Decision::new(Outcome::Deny, Reason::MalformedRequest, "", 400);
+        let policy = RecordsPolicy::default();
+        let line = format_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH);
+        assert_eq!(
+            line,
+            serde_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH)
+        );
+        let record: Value = serde_json::from_str(&line).unwrap();
+        let path = record["path"].as_str().unwrap();
+        assert!(long_path.starts_with(path));
+        assert!((MAX_RECORDED_TEXT - 1..=MAX_RECORDED_TEXT).contains(&path.len()));
+        let operation = record["operation"].as_str().unwrap();
+        assert_eq!(operation.len(), MAX_RECORDED_TEXT);
+        assert_eq!(
+            record["truncated"],
+            serde_json::json!(["path", "operation"])
+        );
+        assert_eq!(record["host"], "app.example");
+        // Escaped, the control characters take six bytes each: still bounded.
+        assert!(line.len() < 8 * MAX_RECORDED_TEXT, "{}", line.len());
+    }
+
+    #[test]
+    fn a_query_token_is_never_recorded_whatever_the_spelling_of_its_name() {
+        for (target, recorded) in [
+            ("/a?access_token=eyJ.x.y", "/a?access_token=REDACTED"),
+            (
+                "/a?x=1&access_token=eyJ.x.y&y=2",
+                "/a?x=1&access_token=REDACTED&y=2",
+            ),
+            ("/a?%61ccess_token=eyJ", "/a?%61ccess_token=REDACTED"),
+            (
+                "/a?access_token=1&access_token=2",
+                "/a?access_token=REDACTED&access_token=REDACTED",
+            ),
+            ("/a?access_token", "/a?access_token"),
+            ("/a?my_access_token=keep&b", "/a?my_access_token=keep&b"),
+            ("/access_token=x", "/access_token=x"),
+        ] {
+            assert_eq!(without_query_tokens(target), recorded, "{target}");
+            let request = AccessRequest {
+                http: Some(HttpAttributes {
+                    method: "GET".into(),
+                    host: "app.example".into(),
+                    target: target.into(),
+                    ..Default::default()
+                }),
+                ..AccessRequest::default()
+            };
+            let decision = Decision::new(Outcome::Deny, Reason::TokenMissing, "", 401);
+            let line = format_record(
+                &RecordsPolicy::default(),
+                Door::Check,
+                &request,
+                &decision,
+                UNIX_EPOCH,
+            );
+            assert!(!line.contains("eyJ"), "{line}");
         }
     }
 }
