@@ -333,6 +333,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_message_quotes_at_most_the_start_of_a_request_chosen_name() {
+        let name = format!("A{}", "\u{1}".repeat(48_000));
+        let message = RequestProblem::DuplicateHeader(name).describe();
+        assert!(message.len() < 500, "{} bytes", message.len());
+        assert!(
+            message.contains("\"A\\u{1}") && message.contains("…"),
+            "{message}"
+        );
+        let short = RequestProblem::DuplicateHeader("X-Trace".into()).describe();
+        assert_eq!(
+            short,
+            "the header \"X-Trace\" is given twice, in different case"
+        );
+        let operation = RequestProblem::InvalidOperation.describe();
+        assert!(operation.contains("256 bytes"), "{operation}");
+        assert!(is_valid_operation("payments.wire_transfer"));
+        assert!(is_valid_operation(&"é".repeat(128)));
+        assert!(!is_valid_operation(&"é".repeat(129)));
+        assert!(!is_valid_operation("pay\nments"));
+        assert!(!is_valid_operation("pay\u{85}ments"));
+    }
+
+    #[test]
     fn host_loses_port_and_case() {
         assert_eq!(host_without_port("API.example.com:8443"), "api.example.com");
         assert_eq!(host_without_port("[::1]:80"), "::1");
