@@ -262,7 +262,11 @@ impl Cut {
             return Some(value);
         }
         self.fields.push(field);
-        Some(&value[..value.floor_char_boundary(MAX_RECORDED_TEXT)])
+        let end = (0..=MAX_RECORDED_TEXT)
+            .rev()
+            .find(|&i| value.is_char_boundary(i))
+            .unwrap_or(0);
+        Some(&value[..end])
     }
 }
 
