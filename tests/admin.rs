@@ -567,3 +567,450 @@ async fn one_token_is_blocked_by_its_jti_or_uti() {
     }
     assert_eq!(decide_as(&server, &other).await.outcome(), Outcome::Allow);
 }
+
+/// One admin call with `token` as the bearer: its status code when refused, and its message.
+async fn admin_call(admin_url: &str, token: &str, call: &str) -> Result<(), (Code, String)> {
+    use stepgate::api::v1::{BlockKind, BlockRequest, BlockTarget, UnblockRequest};
+    let channel = Endpoint::from_shared(admin_url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AdminServiceClient::new(channel);
+    fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    }
+    let target = |value: &str| {
+        Some(BlockTarget {
+            kind: BlockKind::Subject as i32,
+            value: value.to_owned(),
+        })
+    };
+    let result = match call {
+        "list" => client
+            .list_blocks(with_token(ListBlocksRequest {}, token))
+            .await
+            .map(|_| ()),
+        // Lift the block on the stolen operator's own subject.
+        "unblock" => client
+            .unblock(with_token(
+                UnblockRequest {
+                    target: target("mallory"),
+                    reason: "oops".into(),
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        // Block the operator responding to the incident.
+        "block" => client
+            .block(with_token(
+                BlockRequest {
+                    target: target("soc-lead"),
+                    reason_id: "X-1".into(),
+                    reason: String::new(),
+                    ttl_seconds: 60,
+                },
+                token,
+            ))
+            .await
+            .map(|_| ()),
+        other => panic!("no admin call {other}"),
+    };
+    result.map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+/// A stolen operator's token, once its subject or its fingerprint is blocked or its subject's
+/// sessions revoked, is refused by the admin API as by the decisions: it can neither list, nor
+/// lift its own block, nor block the operator responding. The refusal is audited (at most one
+/// line per 10 s) and counted; another operator, and another token of a subject whose other
+/// token alone is blocked, go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_or_revoked_operators_token_is_refused_by_the_admin_api() {
+    let (_policy, server, admin_url) = start_with_admin(true).await;
+    let now = common::unix_now();
+    let soc = token_of("soc-lead", &[ADMIN_ROLE]);
+    let mallory = token_of("mallory", &[ADMIN_ROLE]);
+    let with_jti = |jti: &str| {
+        let mut extra = serde_json::Map::new();
+        extra.insert("jti".into(), jti.into());
+        mint(&TokenSpec {
+            subject: "trent".into(),
+            extra,
+            ..oidc(&[ADMIN_ROLE], None, &[])
+        })
+    };
+    let (trent_leaked, trent_other) = (with_jti("leaked"), with_jti("other"));
+    let oscar = issued_at(oidc(&[ADMIN_ROLE], None, &[]), "oscar", now - 60);
+    for token in [&soc, &mallory, &trent_leaked, &trent_other, &oscar] {
+        assert_eq!(admin_call(&admin_url, token, "list").await, Ok(()));
+    }
+
+    let fingerprint = stepgate::identity::fingerprint(&trent_leaked);
+    for args in [
+        &["block", "--subject", "mallory", "--ttl", "1h"][..],
+        &["block", "--token-fingerprint", &fingerprint, "--ttl", "1h"],
+        &["revoke", "--subject", "oscar"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--reason-id", "INC-9", "--bearer", &soc]);
+        let (code, _, stderr) = admin(&admin_url, &args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    }
+    for (token, reason) in [
+        (&mallory, "blocked"),
+        (&trent_leaked, "blocked"),
+        (&oscar, "session_revoked"),
+    ] {
+        assert_eq!(decide_as(&server, token).await.reason, reason);
+    }
+
+    for (who, token, code, says) in [
+        (
+            "blocked subject",
+            &mallory,
+            Code::PermissionDenied,
+            "blocked",
+        ),
+        (
+            "blocked fingerprint",
+            &trent_leaked,
+            Code::PermissionDenied,
+            "blocked",
+        ),
+        ("revoked subject", &oscar, Code::Unauthenticated, "revoked"),
+    ] {
+        for call in ["list", "unblock", "block"] {
+            let refused = admin_call(&admin_url, token, call).await;
+            assert!(
+                matches!(&refused, Err((c, message)) if *c == code && message.contains(says)),
+                "{who}, {call}: {refused:?}"
+            );
+        }
+    }
+    let refusals_done = std::time::Instant::now();
+
+    // Nothing changed: the blocks stand, the responding operator is not blocked, and works.
+    assert_eq!(decide_as(&server, &mallory).await.reason, "blocked");
+    assert_eq!(decide_as(&server, &soc).await.outcome(), Outcome::Allow);
+    assert_eq!(admin_call(&admin_url, &soc, "list").await, Ok(()));
+    assert_eq!(admin_call(&admin_url, &trent_other, "list").await, Ok(()));
+    let (_, listed, _) = admin(&admin_url, &["list", "--bearer", &soc]);
+    assert_eq!(
+        listed["blocks"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+
+    let metrics = server.scrape().await;
+    for call in ["list", "unblock", "block"] {
+        let line =
+            format!("stepgate_admin_actions_total{{action=\"{call}\",result=\"refused\"}} 3");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+
+    // Audited: who was refused, why, for which call; the nine refusals of a second or two make
+    // one line, and the operator's token is not in it.
+    let line = server
+        .wait_for_log(std::time::Duration::from_secs(5), |l| {
+            l["target"] == "stepgate::audit" && l["action"] == "refused"
+        })
+        .await
+        .expect("an audit line for the refused caller");
+    assert_eq!(line["by"], "token:demo-oidc/mallory", "{line}");
+    assert_eq!(
+        (
+            &line["call"],
+            &line["why"],
+            &line["kind"],
+            &line["reason_id"]
+        ),
+        (
+            &"list".into(),
+            &"blocked".into(),
+            &"subject".into(),
+            &"INC-9".into()
+        ),
+        "{line}"
+    );
+    assert_eq!(line["unlogged"], 0, "{line}");
+    if refusals_done.elapsed() < std::time::Duration::from_secs(9) {
+        let refused_lines = server
+            .json_logs()
+            .into_iter()
+            .filter(|l| l["target"] == "stepgate::audit" && l["action"] == "refused")
+            .count();
+        assert_eq!(refused_lines, 1, "{}", server.logs_text());
+    }
+    assert!(!server.logs_text().contains(&mallory));
+}
+
+/// A revocation without `--before` covers every token of the subject issued up to the second it
+/// was made, that second included (a token's `iat` is in whole seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_now_covers_a_token_issued_in_the_same_second() {
+    let (_policy, server, admin_url) = start_with_admin(false).await;
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    // Mint at the start of a second, and revoke within it.
+    let subsec = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis();
+    tokio::time::sleep(std::time::Duration::from_millis(
+        u64::from(1000 - subsec) + 5,
+    ))
+    .await;
+    let peggy = token_of("peggy", &[ADMIN_ROLE]);
+    let (code, revocation, stderr) = admin(
+        &admin_url,
+        &[
+            "revoke",
+            "--subject",
+            "peggy",
+            "--reason-id",
+            "INC-10",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let answer = decide_as(&server, &peggy).await;
+    assert_eq!(
+        (answer.http_status, answer.reason.as_str()),
+        (401, "session_revoked"),
+        "revoked at {}: {answer:?}",
+        revocation["before"]
+    );
+    assert!(matches!(
+        admin_call(&admin_url, &peggy, "list").await,
+        Err((Code::Unauthenticated, _))
+    ));
+}
+
+/// What an operator writes into a block, an unblock or a revocation cannot hold a control
+/// character (it could forge or hide log lines): `INVALID_ARGUMENT`, naming the field, and
+/// nothing is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_what_an_operator_writes_are_refused_naming_the_field() {
+    let (_policy, _server, admin_url) = start_with_admin(false).await;
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let forged = "\n2026-01-01T00:00:00.000000Z  INFO stepgate::audit: admin: block lifted";
+    let with_forged = format!("mallet{forged}");
+    for (args, field) in [
+        (
+            vec![
+                "block",
+                "--subject",
+                &with_forged,
+                "--reason-id",
+                "X-1",
+                "--ttl",
+                "1m",
+            ],
+            "target.value",
+        ),
+        (
+            vec![
+                "block",
+                "--tenant",
+                "t\u{1b}[2K",
+                "--reason-id",
+                "X-1",
+                "--ttl",
+                "1m",
+            ],
+            "target.value",
+        ),
+        (
+            vec![
+                "block",
+                "--client-id",
+                "c",
+                "--reason-id",
+                "X-1",
+                "--ttl",
+                "1m",
+                "--reason",
+                &with_forged,
+            ],
+            "reason",
+        ),
+        (
+            vec![
+                "block",
+                "--subject",
+                "alice",
+                "--reason-id",
+                "X\n1",
+                "--ttl",
+                "1m",
+            ],
+            "reason_id",
+        ),
+        (vec!["unblock", "--subject", "a\u{85}b"], "target.value"),
+        (
+            vec!["unblock", "--subject", "alice", "--reason", "r\u{7f}"],
+            "reason",
+        ),
+        (
+            vec!["revoke", "--subject", "a\rb", "--reason-id", "X-1"],
+            "subject",
+        ),
+        (
+            vec![
+                "revoke",
+                "--subject",
+                "alice",
+                "--reason-id",
+                "X-1",
+                "--reason",
+                "tab\there",
+            ],
+            "reason",
+        ),
+    ] {
+        let mut call = args.clone();
+        call.extend(["--bearer", &operator]);
+        let (code, _, stderr) = admin(&admin_url, &call);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("InvalidArgument") && stderr.contains(&format!("{field}:")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (_, listed, _) = admin(&admin_url, &["list", "--bearer", &operator]);
+    assert_eq!(listed["blocks"], serde_json::json!([]), "{listed}");
+    assert_eq!(listed["revocations"], serde_json::json!([]), "{listed}");
+}
+
+/// In the text log format (the default), an audit line is one line whatever an operator or a
+/// token's subject holds: values are escaped fields, never in the message; a newline is refused
+/// at the admin API, and a subject's newline (from a verified token, reaching a risk signal's
+/// line and its block's audit line) is escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_text_log_an_audit_line_stays_one_line() {
+    let text = common::demo_policy_without_risk()
+        + &format!(
+            "risk:\n  signals:\n    denied:\n      count: deny\n      key: subject\n      \
+             window: 1m\n      threshold: 1\n      action: block\n      block_for: 1m\n\
+             admin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n"
+        );
+    let policy = TempPolicy::new("admin-text", &text);
+    let (server, admin_url) = common::serve_text_with_admin(&policy.path).await;
+    let operator = token_of("ops", &[ADMIN_ROLE]);
+    let forged =
+        "FORGED stepgate::audit: admin: subject ceo unblocked by=\"token:demo-oidc/soc-lead\"";
+
+    // A newline in a block's value or reason is refused; nothing is logged for it.
+    let with_newline = format!("mallet\n{forged}");
+    for args in [
+        ["block", "--subject", &with_newline, "--reason", "r"],
+        ["block", "--subject", "mallet", "--reason", &with_newline],
+    ] {
+        let mut call = args.to_vec();
+        call.extend(["--reason-id", "X-1", "--ttl", "1m", "--bearer", &operator]);
+        let (code, _, stderr) = admin(&admin_url, &call);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("InvalidArgument"), "{stderr}");
+    }
+    // Quotes are accepted, and escaped: they cannot forge a field of the line either.
+    let quoted = "mallet\" by=\"token:demo-oidc/soc-lead";
+    for args in [
+        vec![
+            "block",
+            "--subject",
+            quoted,
+            "--reason-id",
+            "X-1",
+            "--ttl",
+            "1m",
+            "--reason",
+            quoted,
+        ],
+        vec!["unblock", "--subject", quoted, "--reason", quoted],
+        vec![
+            "revoke",
+            "--subject",
+            quoted,
+            "--reason-id",
+            "X-1",
+            "--reason",
+            quoted,
+        ],
+    ] {
+        let mut call = args.clone();
+        call.extend(["--bearer", &operator]);
+        let (code, _, stderr) = admin(&admin_url, &call);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    }
+    // A verified token whose subject holds a newline, denied once: the risk signal's line and
+    // its block's audit line carry the subject escaped.
+    let eve = token_of(&format!("eve\n{forged}"), &[]);
+    let answer = DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(eve)),
+            operation: "admin.users.delete".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    assert_eq!(answer.outcome(), Outcome::Deny, "{answer:?}");
+
+    let escaped_value = r#"value="mallet\" by=\"token:demo-oidc/soc-lead""#;
+    assert!(
+        server
+            .wait_for_text(
+                std::time::Duration::from_secs(5),
+                &[
+                    "admin: block set",
+                    "admin: block lifted",
+                    "admin: sessions revoked",
+                    "risk signal reached its threshold",
+                    "blocked by a risk signal",
+                ]
+            )
+            .await,
+        "{}",
+        server.logs_text()
+    );
+    let logs = server.logs();
+    for line in &logs {
+        assert!(
+            !line.starts_with("FORGED"),
+            "a forged line:\n{}",
+            server.logs_text()
+        );
+    }
+    for message in [
+        "admin: block set",
+        "admin: block lifted",
+        "admin: sessions revoked",
+    ] {
+        let lines: Vec<&String> = logs.iter().filter(|l| l.contains(message)).collect();
+        assert_eq!(lines.len(), 1, "{message}: {lines:?}");
+        let line = lines[0];
+        assert!(line.contains("stepgate::audit"), "{line}");
+        assert!(line.contains(escaped_value), "{line}");
+        assert!(
+            line.contains(r#"reason="mallet\" by=\"token:demo-oidc/soc-lead""#),
+            "{line}"
+        );
+        assert_eq!(line.matches(" by=\"").count(), 1, "one `by` field: {line}");
+        assert!(line.contains(" by=\"token:demo-oidc/ops\""), "{line}");
+    }
+    for message in [
+        "risk signal reached its threshold",
+        "blocked by a risk signal",
+    ] {
+        let line = logs.iter().find(|l| l.contains(message)).expect("the line");
+        assert!(line.contains(r#""eve\nFORGED stepgate::audit"#), "{line}");
+    }
+}

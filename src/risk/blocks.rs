@@ -18,7 +18,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::telemetry::metrics;
+use crate::{identity::Principal, telemetry::metrics};
 
 /// Most blocks held at once; more are refused (the admin API says so).
 pub const MAX_BLOCKS: usize = 100_000;
@@ -82,6 +82,21 @@ pub struct Subject<'a> {
     pub client_id: Option<&'a str>,
     pub token: Option<&'a str>,
     pub token_id: Option<&'a str>,
+}
+
+impl<'a> Subject<'a> {
+    /// What a block may match in a verified token: its principal's subject, tenant, client and
+    /// token id, and `fingerprint`, the token's (its decision-log `token`). The decisions and the
+    /// admin API's own callers are checked against the same fields.
+    pub fn of_token(principal: &'a Principal, fingerprint: Option<&'a str>) -> Self {
+        Self {
+            subject: Some(&principal.subject),
+            tenant: principal.tenant.as_deref(),
+            client_id: principal.client_id.as_deref(),
+            token: fingerprint,
+            token_id: principal.token_id.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -361,6 +376,24 @@ pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
     }
 }
 
+/// `text` as an operator may write it into a block, an unblock or a revocation: without control
+/// characters (`char::is_control`: U+0000–U+001F, U+007F and the C1 range U+0080–U+009F), which
+/// could start a forged line in a text log or hide what follows them. The error names `field`,
+/// never the text.
+///
+/// Checked at the admin API, not in [`normalize`]: a risk signal's block and a block shared
+/// through Redis go through `normalize` too, and a verified token whose subject holds a control
+/// character must still be blockable by a signal (the logs escape it).
+pub fn check_text(field: &str, text: &str) -> Result<(), String> {
+    if text.chars().any(char::is_control) {
+        Err(format!(
+            "{field}: control characters (U+0000 to U+001F, U+007F to U+009F) are not allowed"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Whether `id` can be a block's reason id: 1 to 64 of letters, digits, `-`, `_`, `.`.
 pub fn valid_reason_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -529,6 +562,34 @@ mod tests {
         assert!(valid_reason_id("INC-2024.7_a"));
         assert!(!valid_reason_id("has space"));
         assert!(!valid_reason_id(""));
+    }
+
+    #[test]
+    fn text_with_a_control_character_is_refused_naming_its_field() {
+        for text in [
+            "a\nb",
+            "a\rb",
+            "\u{0}",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
+            "\u{9f}",
+        ] {
+            let refused = check_text("target.value", text).expect_err(text);
+            assert!(refused.starts_with("target.value: "), "{refused}");
+            assert!(!refused.contains(text), "the text is not echoed: {refused}");
+        }
+        for text in ["alice", "Zoë \"quoted\" by=x", "\u{a0}", "\u{2028}", ""] {
+            assert_eq!(check_text("reason", text), Ok(()), "{text:?}");
+        }
+        // The table itself takes such a subject: a risk signal blocks a verified token's.
+        let blocks = Blocks::default();
+        blocks.set(block(Kind::Subject, "eve\nx", 60), NOW).unwrap();
+        let eve = Subject {
+            subject: Some("eve\nx"),
+            ..Subject::default()
+        };
+        assert!(blocks.matching(eve, NOW).is_some());
     }
 
     #[test]

@@ -5,12 +5,15 @@
 use std::sync::Arc;
 
 use super::{
-    blocks::{Block, BlockError, Blocks, Kind},
+    blocks::{Block, BlockError, Blocks, Kind, Subject},
     redis::Shared,
     revocations::{Revocation, Revocations, RevokeError},
     signals::{Action, Crossing, KeyKind, RiskPolicy, Signal, StoreSpec},
 };
-use crate::{decision::Decision, policy::Policy, request::AccessRequest, telemetry::metrics};
+use crate::{
+    decision::Decision, identity::Principal, policy::Policy, request::AccessRequest,
+    telemetry::metrics,
+};
 
 /// Blocks, revocations and the shared store behind them.
 #[derive(Debug, Default)]
@@ -21,6 +24,16 @@ pub struct RiskState {
     shared: Option<Shared>,
     /// The store in use, chosen at start.
     spec: Option<StoreSpec>,
+}
+
+/// What refuses a verified token whatever the policy says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// An operator's (or a risk signal's) block on its subject, tenant, client, fingerprint or
+    /// token id.
+    Blocked(Arc<Block>),
+    /// Its subject's sessions were revoked after it was issued.
+    Revoked(Arc<Revocation>),
 }
 
 impl RiskState {
@@ -62,6 +75,28 @@ impl RiskState {
 
     pub fn revocations(&self) -> &Revocations {
         &self.revocations
+    }
+
+    /// The block, else the revocation, that refuses a verified token of `principal` whose
+    /// fingerprint is `fingerprint`, if any: the checks the `Authorizer` applies over a decision,
+    /// in its order (a block first), for the callers that are not decided (the admin API's).
+    /// A token is issued when its `iat` says, else its `auth_time`.
+    pub fn refusing(
+        &self,
+        principal: &Principal,
+        fingerprint: Option<&str>,
+        now: i64,
+    ) -> Option<Refusal> {
+        if let Some(block) = self
+            .blocks
+            .matching(Subject::of_token(principal, fingerprint), now)
+        {
+            return Some(Refusal::Blocked(block));
+        }
+        let issued = principal.issued_at.or(principal.auth_time);
+        self.revocations
+            .revoking(&principal.subject, issued, now)
+            .map(Refusal::Revoked)
     }
 
     /// Whether a shared store is configured and currently unreachable.
@@ -130,12 +165,14 @@ impl RiskState {
             return;
         };
         metrics::global().count_risk_trigger(&signal.name, signal.action.as_str());
+        // The key comes from a token (a subject may hold any character): a `&str` field, which
+        // the text log escapes (and JSON quotes), never `%`, which the text log writes raw.
         tracing::warn!(
             target: "stepgate::risk",
             signal = &*signal.name,
             action = signal.action.as_str(),
             key_kind = signal.key.as_str(),
-            key = %crossing.key,
+            key = crossing.key.as_str(),
             count = crossing.count,
             threshold = signal.threshold,
             "risk signal reached its threshold"
@@ -173,9 +210,9 @@ impl RiskState {
             Ok(block) => tracing::warn!(
                 target: "stepgate::audit",
                 action = "block",
-                by = %block.created_by,
+                by = block.created_by.as_str(),
                 kind = block.kind.as_str(),
-                value = %block.value,
+                value = block.value.as_str(),
                 reason_id = &*block.reason_id,
                 expires_at = block.expires_at,
                 "blocked by a risk signal"
@@ -187,5 +224,107 @@ impl RiskState {
                 "a risk signal's block could not be set"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn principal(subject: &str, issued_at: Option<i64>) -> Principal {
+        Principal {
+            subject: Arc::from(subject),
+            tenant: Some(Arc::from("contoso")),
+            client_id: Some(Arc::from("portal")),
+            token_id: Some(Arc::from("jti-1")),
+            issued_at,
+            auth_time: Some(NOW - 3600),
+            ..Principal::default()
+        }
+    }
+
+    fn block(kind: Kind, value: &str) -> Block {
+        Block {
+            kind,
+            value: value.to_owned(),
+            reason_id: Arc::from("INC-1"),
+            reason: String::new(),
+            created_at: NOW,
+            expires_at: NOW + 60,
+            created_by: "san:ops".to_owned(),
+        }
+    }
+
+    fn revocation(subject: &str, before: i64) -> Revocation {
+        Revocation {
+            subject: subject.to_owned(),
+            before,
+            reason_id: Arc::from("INC-2"),
+            reason: String::new(),
+            created_at: NOW,
+            created_by: "san:ops".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_token_is_refused_by_a_block_on_any_of_its_fields_or_its_subjects_revocation() {
+        let fingerprint = Some("0123456789ab");
+        let alice = principal("alice", Some(NOW - 10));
+        for (kind, value) in [
+            (Kind::Subject, "alice"),
+            (Kind::Tenant, "contoso"),
+            (Kind::ClientId, "portal"),
+            (Kind::Token, "0123456789ab"),
+            (Kind::TokenId, "jti-1"),
+        ] {
+            let state = RiskState::default();
+            assert_eq!(state.refusing(&alice, fingerprint, NOW), None);
+            state.set_block(block(kind, value), NOW).unwrap();
+            assert!(
+                matches!(state.refusing(&alice, fingerprint, NOW), Some(Refusal::Blocked(b)) if b.kind == kind),
+                "{kind:?}"
+            );
+            assert_eq!(
+                state.refusing(&alice, fingerprint, NOW + 60),
+                None,
+                "expired"
+            );
+        }
+        // A source block is about the address a request comes from, not the token.
+        let state = RiskState::default();
+        state
+            .set_block(block(Kind::Source, "127.0.0.0/8"), NOW)
+            .unwrap();
+        assert_eq!(state.refusing(&alice, fingerprint, NOW), None);
+
+        // Revoked: issued (iat, else auth_time) before the time; a block is named first.
+        let state = RiskState::default();
+        state.revoke(revocation("alice", NOW), NOW).unwrap();
+        assert!(matches!(
+            state.refusing(&alice, fingerprint, NOW),
+            Some(Refusal::Revoked(_))
+        ));
+        assert_eq!(
+            state.refusing(&principal("alice", Some(NOW)), fingerprint, NOW),
+            None
+        );
+        assert!(
+            matches!(
+                state.refusing(&principal("alice", None), fingerprint, NOW),
+                Some(Refusal::Revoked(_))
+            ),
+            "no iat: its auth_time, an hour ago"
+        );
+        assert_eq!(
+            state.refusing(&principal("bob", Some(NOW - 10)), fingerprint, NOW),
+            None
+        );
+        state.set_block(block(Kind::Subject, "alice"), NOW).unwrap();
+        assert!(matches!(
+            state.refusing(&alice, fingerprint, NOW),
+            Some(Refusal::Blocked(_))
+        ));
     }
 }

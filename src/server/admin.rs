@@ -5,15 +5,26 @@
 //! certificate naming one of `admin.client_sans`, or a bearer token (`authorization` metadata)
 //! verified against the policy's issuers, of one of `admin.issuers`, carrying one of
 //! `admin.roles`. No credential is `UNAUTHENTICATED` (an invalid token too: it says who nobody
-//! is); a credential that grants nothing is `PERMISSION_DENIED`. Each change is logged (target
-//! `stepgate::audit`, in the same log stream as the decisions) with who made it.
+//! is); a credential that grants nothing is `PERMISSION_DENIED`. A token is also held to the
+//! blocks and revocations its decisions are: a blocked one is `PERMISSION_DENIED`, a revoked one
+//! `UNAUTHENTICATED`, so that a stolen operator's token, once blocked, cannot lift its own block.
+//! Each change is logged (target `stepgate::audit`, in the same log stream as the decisions) with
+//! who made it; so is a blocked or revoked operator's refusal, at most once per
+//! [`REFUSAL_LOG_EVERY_MS`].
+//!
+//! What an operator writes (a block's value, a reason) is refused with a control character in it,
+//! and logged only as `&str` fields, which the text log escapes and the JSON log quotes; never in
+//! a line's message, and never with `%` (Display), which the text log writes as it is.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+};
 
 use tonic::{Request, Response, Status};
 
 use super::{
-    authorizer::{Authorizer, unix_now},
+    authorizer::{Authorizer, unix_now, unix_now_ms},
     conn::{ListenerKind, PeerInfo},
 };
 use crate::{
@@ -23,11 +34,12 @@ use crate::{
         RevokeResponse, RiskCount, UnblockRequest, UnblockResponse,
         admin_service_server::AdminService,
     },
-    identity::{Credential, bearer},
+    identity::{Credential, bearer, fingerprint_of},
     risk::{
         blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
         revocations::{Revocation, RevokeError},
         signals::{KeyKind, Keys},
+        store::Refusal,
     },
     telemetry::metrics,
 };
@@ -36,19 +48,25 @@ use crate::{
 const MAX_REASON_BYTES: usize = 1024;
 /// How far ahead of this server's clock a revocation time may be (another host's clock).
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
+/// At most one audit line per this many milliseconds for blocked or revoked callers refused.
+pub const REFUSAL_LOG_EVERY_MS: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct Admin {
     authorizer: Arc<Authorizer>,
+    refusals: Arc<RefusalLog>,
 }
 
 impl Admin {
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self { authorizer }
+        Self {
+            authorizer,
+            refusals: Arc::default(),
+        }
     }
 
-    /// Who is calling, as the audit log names them, if the policy lets them.
-    fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Who is calling `call`, as the audit log names them, if the policy lets them.
+    fn caller<T>(&self, request: &Request<T>, call: &'static str) -> Result<String, Status> {
         let peer = request.extensions().get::<PeerInfo>();
         if peer.map(|p| p.listener) != Some(ListenerKind::Admin) {
             return Err(Status::permission_denied(
@@ -83,10 +101,11 @@ impl Admin {
                 ));
             }
         };
-        let (_, verified, _) =
+        let now = unix_now();
+        let (digest, verified, _) =
             policy
                 .token_cache
-                .verify(raw, &policy.issuers, policy.max_token_bytes, unix_now());
+                .verify(raw, &policy.issuers, policy.max_token_bytes, now);
         let token = verified
             .map_err(|e| Status::unauthenticated(format!("the bearer token is refused: {e}")))?;
         let principal = &token.principal;
@@ -95,32 +114,121 @@ impl Admin {
                 .roles
                 .iter()
                 .any(|role| admin.roles.iter().any(|r| **r == **role));
-        if granted {
-            Ok(format!(
-                "token:{}/{}",
-                principal.issuer_id, principal.subject
-            ))
-        } else {
-            Err(Status::permission_denied(
+        if !granted {
+            return Err(Status::permission_denied(
                 "the token's issuer and roles grant no admin right (admin.issuers, admin.roles)",
-            ))
+            ));
+        }
+        let by = format!("token:{}/{}", principal.issuer_id, principal.subject);
+        // Held to what its decisions are held to: a stolen operator's token, once blocked or
+        // revoked, must not be able to lift its block or block whoever is responding.
+        let fingerprint = fingerprint_of(&digest);
+        match self
+            .authorizer
+            .risk()
+            .refusing(principal, Some(&fingerprint), now)
+        {
+            None => Ok(by),
+            Some(refusal) => {
+                self.refusals.log(call, &by, &refusal, unix_now_ms());
+                Err(match refusal {
+                    Refusal::Blocked(_) => Status::permission_denied("the caller is blocked"),
+                    Refusal::Revoked(_) => Status::unauthenticated(
+                        "the bearer token's session was revoked: sign in again",
+                    ),
+                })
+            }
         }
     }
 }
 
-/// A reason id stepgate can pass on, and a free-text reason of bounded size.
+/// The audit lines of blocked or revoked callers refused: at most one per
+/// [`REFUSAL_LOG_EVERY_MS`], all callers together, each saying how many refusals went unlogged
+/// before it (every one is counted in `stepgate_admin_actions_total{result="refused"}`), so that
+/// a refused caller calling in a loop cannot flood the log. Nothing per caller is kept.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// When the next line may be written (Unix milliseconds).
+    next_ms: AtomicI64,
+    /// Refusals not logged since the last line.
+    unlogged: AtomicU64,
+}
+
+impl RefusalLog {
+    /// Whether a refusal at `now_ms` is logged: then how many before it were not.
+    fn admit(&self, now_ms: i64) -> Option<u64> {
+        let next = self.next_ms.load(Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now_ms + REFUSAL_LOG_EVERY_MS, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.unlogged.swap(0, Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Relaxed);
+            None
+        }
+    }
+
+    fn log(&self, call: &'static str, by: &str, refusal: &Refusal, now_ms: i64) {
+        let Some(unlogged) = self.admit(now_ms) else {
+            return;
+        };
+        let (why, kind, reason_id) = match refusal {
+            Refusal::Blocked(block) => ("blocked", block.kind.as_str(), &*block.reason_id),
+            Refusal::Revoked(revocation) => ("session_revoked", "subject", &*revocation.reason_id),
+        };
+        tracing::warn!(
+            target: "stepgate::audit",
+            action = "refused",
+            call,
+            by,
+            why,
+            kind,
+            reason_id,
+            unlogged,
+            "admin: a blocked or revoked caller was refused"
+        );
+    }
+}
+
+/// A reason id stepgate can pass on (no control character can be one), and a free-text reason.
 fn check_reason(reason_id: &str, reason: &str) -> Result<(), Status> {
     if !blocks::valid_reason_id(reason_id) {
         return Err(Status::invalid_argument(
             "reason_id: 1 to 64 letters, digits, '-', '_' or '.'",
         ));
     }
+    check_free_text(reason)
+}
+
+/// A free-text reason of bounded size, without control characters.
+fn check_free_text(reason: &str) -> Result<(), Status> {
     if reason.len() > MAX_REASON_BYTES {
         return Err(Status::invalid_argument(format!(
             "reason: at most {MAX_REASON_BYTES} bytes"
         )));
     }
-    Ok(())
+    check_text("reason", reason)
+}
+
+/// [`blocks::check_text`], refused as `INVALID_ARGUMENT` naming `field`.
+fn check_text(field: &str, text: &str) -> Result<(), Status> {
+    blocks::check_text(field, text).map_err(Status::invalid_argument)
+}
+
+/// The time a revocation covers tokens issued before: `requested`, or with 0 ("now") the next
+/// second, so that a token issued in the current second — before the call, at second precision
+/// — is revoked too. At most [`MAX_CLOCK_AHEAD_SECONDS`] ahead of `now`.
+fn revoked_before(requested: i64, now: i64) -> Result<i64, Status> {
+    let before = if requested == 0 { now + 1 } else { requested };
+    if before > now + MAX_CLOCK_AHEAD_SECONDS {
+        return Err(Status::invalid_argument(
+            "before: at most 5 minutes ahead of the server's clock",
+        ));
+    }
+    Ok(before)
 }
 
 fn kind(target: Option<&BlockTarget>) -> Result<(Kind, &str), Status> {
@@ -184,9 +292,10 @@ impl Admin {
         &self,
         request: Request<BlockRequest>,
     ) -> Result<Response<BlockResponse>, Status> {
-        let by = self.caller(&request)?;
+        let by = self.caller(&request, "block")?;
         let request = request.into_inner();
         let (kind, value) = kind(request.target.as_ref())?;
+        check_text("target.value", value)?;
         check_reason(&request.reason_id, &request.reason)?;
         if !(1..=MAX_TTL_SECONDS).contains(&request.ttl_seconds) {
             return Err(Status::invalid_argument(format!(
@@ -215,13 +324,11 @@ impl Admin {
             action = "block",
             by,
             kind = kind.as_str(),
-            value = %block.value,
-            reason_id = %block.reason_id,
-            reason = %block.reason,
+            value = block.value.as_str(),
+            reason_id = &*block.reason_id,
+            reason = block.reason.as_str(),
             expires_at = block.expires_at,
-            "admin: {} {} blocked",
-            kind.as_str(),
-            block.value
+            "admin: block set"
         );
         Ok(Response::new(BlockResponse {
             block: Some(to_wire(&block)),
@@ -232,14 +339,11 @@ impl Admin {
         &self,
         request: Request<UnblockRequest>,
     ) -> Result<Response<UnblockResponse>, Status> {
-        let by = self.caller(&request)?;
+        let by = self.caller(&request, "unblock")?;
         let request = request.into_inner();
         let (kind, value) = kind(request.target.as_ref())?;
-        if request.reason.len() > MAX_REASON_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "reason: at most {MAX_REASON_BYTES} bytes"
-            )));
-        }
+        check_text("target.value", value)?;
+        check_free_text(&request.reason)?;
         let removed = self
             .authorizer
             .risk()
@@ -251,10 +355,9 @@ impl Admin {
             by,
             kind = kind.as_str(),
             value,
-            reason = %request.reason,
+            reason = request.reason.as_str(),
             removed,
-            "admin: {} {value} unblocked",
-            kind.as_str()
+            "admin: block lifted"
         );
         Ok(Response::new(UnblockResponse { removed }))
     }
@@ -263,7 +366,7 @@ impl Admin {
         &self,
         request: Request<ListBlocksRequest>,
     ) -> Result<Response<ListBlocksResponse>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "list")?;
         let now = unix_now();
         let blocks = self.authorizer.blocks().list(now);
         let revocations = self.authorizer.revocations().list(now);
@@ -277,20 +380,12 @@ impl Admin {
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let by = self.caller(&request)?;
+        let by = self.caller(&request, "revoke")?;
         let request = request.into_inner();
+        check_text("subject", &request.subject)?;
         check_reason(&request.reason_id, &request.reason)?;
         let now = unix_now();
-        let before = if request.before == 0 {
-            now
-        } else {
-            request.before
-        };
-        if before > now + MAX_CLOCK_AHEAD_SECONDS {
-            return Err(Status::invalid_argument(
-                "before: at most 5 minutes ahead of the server's clock",
-            ));
-        }
+        let before = revoked_before(request.before, now)?;
         let revocation = self
             .authorizer
             .risk()
@@ -314,13 +409,11 @@ impl Admin {
             action = "revoke",
             by,
             kind = "subject",
-            value = %revocation.subject,
+            value = revocation.subject.as_str(),
             before = revocation.before,
-            reason_id = %revocation.reason_id,
-            reason = %revocation.reason,
-            "admin: sessions of {} issued before {} revoked",
-            revocation.subject,
-            revocation.before
+            reason_id = &*revocation.reason_id,
+            reason = revocation.reason.as_str(),
+            "admin: sessions revoked"
         );
         Ok(Response::new(RevokeResponse {
             revocation: Some(revocation_to_wire(&revocation)),
@@ -333,7 +426,7 @@ impl Admin {
         &self,
         request: Request<GetRiskCountsRequest>,
     ) -> Result<Response<GetRiskCountsResponse>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "counts")?;
         let request = request.into_inner();
         let (kind, value) = kind(request.key.as_ref())?;
         let key_kind = match kind {
@@ -431,4 +524,86 @@ fn counted<T>(action: &'static str, result: Result<T, Status>) -> Result<T, Stat
     };
     metrics::global().record_admin_action(action, outcome);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::risk::revocations::Revocations;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn a_revocation_now_covers_tokens_issued_in_the_current_second() {
+        let before = revoked_before(0, NOW).unwrap();
+        assert_eq!(before, NOW + 1);
+        let revocations = Revocations::default();
+        revocations
+            .set(
+                Revocation {
+                    subject: "alice".to_owned(),
+                    before,
+                    reason_id: Arc::from("INC-1"),
+                    reason: String::new(),
+                    created_at: NOW,
+                    created_by: "san:ops".to_owned(),
+                },
+                NOW,
+            )
+            .unwrap();
+        assert!(
+            revocations.revoking("alice", Some(NOW), NOW).is_some(),
+            "issued in the second the revocation was made"
+        );
+        assert!(revocations.revoking("alice", Some(NOW - 1), NOW).is_some());
+        assert!(
+            revocations.revoking("alice", Some(NOW + 1), NOW).is_none(),
+            "issued in a later second"
+        );
+    }
+
+    #[test]
+    fn an_explicit_revocation_time_means_issued_before_it() {
+        assert_eq!(revoked_before(NOW - 60, NOW).unwrap(), NOW - 60);
+        assert_eq!(revoked_before(NOW, NOW).unwrap(), NOW);
+        assert_eq!(
+            revoked_before(NOW + MAX_CLOCK_AHEAD_SECONDS, NOW).unwrap(),
+            NOW + MAX_CLOCK_AHEAD_SECONDS
+        );
+        let refused = revoked_before(NOW + MAX_CLOCK_AHEAD_SECONDS + 1, NOW).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_per_interval_saying_how_many_were_not() {
+        let log = RefusalLog::default();
+        let t = NOW * 1000;
+        assert_eq!(log.admit(t), Some(0));
+        assert_eq!(log.admit(t + 1), None);
+        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS - 1), None);
+        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS), Some(2));
+        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS + 5), None);
+        assert_eq!(log.admit(t + 3 * REFUSAL_LOG_EVERY_MS), Some(1));
+    }
+
+    #[test]
+    fn free_text_with_a_control_character_is_refused_naming_its_field() {
+        for (reason_id, reason, field) in [
+            ("INC-1", "line\nINFO stepgate::audit: forged", "reason"),
+            ("INC-1", "esc\u{1b}[2J", "reason"),
+            ("INC-1", "nel\u{85}", "reason"),
+            ("INC\n1", "", "reason_id"),
+        ] {
+            let refused = check_reason(reason_id, reason).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+            assert!(
+                refused.message().starts_with(&format!("{field}:")),
+                "{}",
+                refused.message()
+            );
+        }
+        assert!(check_reason("INC-1", "password reset, \"quoted\" by=x").is_ok());
+        let refused = check_free_text(&"x".repeat(MAX_REASON_BYTES + 1)).unwrap_err();
+        assert!(refused.message().starts_with("reason:"));
+    }
 }

@@ -847,3 +847,105 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for BoundConnector {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A server logging in the text format
+// ---------------------------------------------------------------------------------------------
+
+impl Server {
+    /// Starts `stepgate serve --config <policy> --listen 127.0.0.1:0 --log-format text` with
+    /// `args`, and waits for its listening line only. Its lines are kept as written (`logs`,
+    /// `logs_text`, `wait_for_text`; `json_logs` finds none): for tests of what the text format
+    /// writes, the default an operator gets.
+    pub fn spawn_text(policy: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(policy)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("STEPGATE_LOG_LEVEL")
+            .env_remove("STEPGATE_LOG_FORMAT")
+            .env_remove("STEPGATE_DRAIN_DELAY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the stepgate binary");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = mpsc::channel::<u16>();
+        {
+            let logs = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stderr);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                    if let Some(port) = text_port_after(&line, "stepgate listening on ") {
+                        let _ = port_tx.send(port);
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        match port_rx.recv_timeout(STARTUP_DEADLINE) {
+            Ok(port) => Self {
+                child,
+                port,
+                logs,
+                metrics_port: None,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "stepgate serve --log-format text did not log `stepgate listening on`. \
+                     Captured stderr:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// [`serve_with_admin`] logging in the text format ([`Server::spawn_text`]).
+pub async fn serve_text_with_admin(policy: &Path) -> (Server, String) {
+    let server = Server::spawn_text(policy, &["--admin-listen", "127.0.0.1:0"]);
+    server.wait_ready().await;
+    const ADMIN: &str = "admin listener on ";
+    assert!(
+        server
+            .wait_for_text(Duration::from_secs(10), &[ADMIN])
+            .await,
+        "no admin listener line:\n{}",
+        server.logs_text()
+    );
+    let url = server
+        .logs()
+        .iter()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(ADMIN)?;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+        .expect("the admin listener's URL");
+    (server, url)
+}
+
+/// The port of the `host:port` that follows `after` in a text log line.
+fn text_port_after(line: &str, after: &str) -> Option<u16> {
+    let (_, rest) = line.split_once(after)?;
+    rest.split_whitespace()
+        .next()?
+        .rsplit_once(':')?
+        .1
+        .parse()
+        .ok()
+}
