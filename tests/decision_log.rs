@@ -1,7 +1,8 @@
 //! The decision log's levels, through the real binary: STEP_UP and DENY lines at info, ALLOW
 //! lines at debug (so not in the default log), `--log-allow-sample` raising an even share of the
 //! ALLOWs to info, `stepgate::decision=debug` logging every one; the metrics count every decision
-//! whatever is logged.
+//! whatever is logged. In the text format (the default) a decision line stays one line whatever
+//! a caller put in the text it is made of.
 
 mod common;
 
@@ -116,4 +117,93 @@ fn a_share_outside_zero_to_one_is_refused() {
         stderr.contains("--log-allow-sample") && stderr.contains("from 0 to 1"),
         "{stderr}"
     );
+}
+
+/// A token whose header names no algorithm but a line break and a made-up log line, as an
+/// anonymous caller may send it (nothing else in it is looked at).
+fn token_with_alg(alg: &str) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let segment = |value: Value| URL_SAFE_NO_PAD.encode(value.to_string());
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        segment(serde_json::json!({"alg": alg, "typ": "JWT"})),
+        segment(serde_json::json!({"iss": "https://issuer.example"}))
+    )
+}
+
+/// `2026-12-06T03:44:24.082522Z  INFO stepgate::decision: …`: a timestamp, a level and a target,
+/// as tracing-subscriber's text format writes every line.
+fn is_text_log_line(line: &str) -> bool {
+    let Some((stamp, rest)) = line.split_once(' ') else {
+        return false;
+    };
+    let stamp_ok = stamp.len() == 27
+        && stamp.as_bytes()[10] == b'T'
+        && stamp.ends_with('Z')
+        && stamp[..4].bytes().all(|b| b.is_ascii_digit());
+    let mut words = rest.trim_start().splitn(3, ' ');
+    let level_ok = words
+        .next()
+        .is_some_and(|l| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&l));
+    let target_ok = words
+        .next()
+        .is_some_and(|t| t.ends_with(':') && t.len() > 1);
+    stamp_ok && level_ok && target_ok
+}
+
+#[tokio::test]
+async fn a_token_cannot_forge_a_text_log_line() {
+    use stepgate::api::v1::{
+        DecideRequest, decide_request::Credential, decision_service_client::DecisionServiceClient,
+    };
+    let server = Server::spawn_text(&demo_policy_path(), &[]);
+    server.wait_ready().await;
+    let token = token_with_alg("\r\nFORGED line");
+    let (status, ..) = check_from(&server, "/api/orders/1", "203.0.113.9", Some(&token)).await;
+    assert_eq!(status, 401);
+    let answer = DecisionServiceClient::new(server.channel().await)
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token)),
+            operation: "orders.read".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    assert_eq!(answer.reason, "algorithm_not_allowed");
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(10),
+                &[
+                    "door=\"check\" outcome=\"DENY\"",
+                    "door=\"decide\" outcome=\"DENY\""
+                ]
+            )
+            .await,
+        "no decision lines:\n{}",
+        server.logs_text()
+    );
+    let logs = server.logs();
+    for line in &logs {
+        assert!(
+            is_text_log_line(line),
+            "not a log line: {line:?}\n{logs:#?}"
+        );
+        assert!(!line.contains('\r'), "a carriage return in {line:?}");
+    }
+    let decisions: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains(" stepgate::decision: "))
+        .collect();
+    assert_eq!(decisions.len(), 2, "{logs:#?}");
+    for line in decisions {
+        assert!(
+            line.contains(
+                "stepgate::decision: the access token algorithm \"\\r\\nFORGED line\" is not \
+                 allowed door="
+            ),
+            "{line}"
+        );
+    }
 }

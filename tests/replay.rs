@@ -193,3 +193,63 @@ fn a_broken_policy_or_a_missing_file_exits_2() {
     ]);
     assert_eq!(code, Some(2), "{stderr}");
 }
+
+/// Records hold what callers sent: an operation, a path and a method of their choosing, and a
+/// rule or subject a tampered file may claim. The text report shows each escaped, so that none
+/// can rewrite the terminal (`ESC ]0;` retitles it, `ESC [2K` erases a line, `CR` overwrites
+/// one) or make up a line of the report.
+#[test]
+fn control_characters_in_records_reach_the_text_report_escaped() {
+    let policy = candidate();
+    let records = policy.path.parent().unwrap().join("hostile-records.jsonl");
+    let forged = "\u{1b}]0;PWNED\u{7}\u{1b}[2K\r\u{1b}[32m  0 relaxation(s)\u{1b}[0m\n0 changes";
+    let mut text = String::new();
+    for i in 0..3i64 {
+        let at = START + i * 60;
+        for record in [
+            json!({"time": time(at), "door": "decide", "operation": format!("orders.read{forged}"),
+                   "token": facts("user-1", &[], at - 60),
+                   "outcome": "ALLOW", "reason": "allowed", "status": 200,
+                   "rule": format!("everything-else{forged}")}),
+            json!({"time": time(at), "door": "check", "method": format!("GET{forged}"),
+                   "host": "api.example", "path": format!("/api/orders/1{forged}\u{85}\u{2028}"),
+                   "token": facts("hmac-sha256:\u{1b}[2Kuser-2", &[], at - 60),
+                   "outcome": "ALLOW", "reason": "allowed", "status": 200, "rule": "everything-else"}),
+        ] {
+            writeln!(text, "{record}").unwrap();
+        }
+    }
+    std::fs::write(&records, text).unwrap();
+    // Against the recorded answers (ALLOW): the candidate denies all six, so every record's
+    // operation, path, method and rule is in the report.
+    let (code, report, stderr) = replay(&[
+        "--records",
+        records.to_str().unwrap(),
+        "--policy",
+        policy.path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let raw: Vec<char> = report
+        .chars()
+        .filter(|&c| c != '\n' && (c.is_control() || c == '\u{2028}'))
+        .collect();
+    assert!(raw.is_empty(), "raw {raw:?} in:\n{report}");
+    assert!(
+        !report.lines().any(|l| l.starts_with("0 changes")),
+        "a line made up by a record:\n{report}"
+    );
+    let shown =
+        "\\u{1b}]0;PWNED\\u{7}\\u{1b}[2K\\r\\u{1b}[32m  0 relaxation(s)\\u{1b}[0m\\n0 changes";
+    for expected in [
+        format!("× orders.read{shown} ("),
+        format!("× GET{shown} /api/orders/1{shown}\\u{{85}}\\u{{2028}} ("),
+        format!("(everything-else{shown}) → DENY"),
+        format!("\neverything-else{shown} "),
+        "× hmac-sha256:\\u{1b}[2Kuser-2\n".to_owned(),
+    ] {
+        assert!(
+            report.contains(&expected),
+            "{expected:?} missing:\n{report}"
+        );
+    }
+}

@@ -2,7 +2,8 @@
 //! `TraceService`, served here with tonic from the `opentelemetry-proto` definitions) receives the
 //! spans of the real `stepgate` binary and of the real Envoy (its OpenTelemetry tracer), and the
 //! test checks that stepgate's decision span sits under Envoy's ext_authz span in the same trace,
-//! with the attributes it promises and never a token.
+//! with the attributes it promises and never a token. A caller's oversized `tracestate` is not
+//! carried (so a batch stays within what a collector accepts), and a failed export is logged.
 
 mod common;
 #[path = "common/envoy.rs"]
@@ -468,6 +469,198 @@ async fn parents_come_from_grpc_metadata_then_from_the_request_headers() {
         Some("SIGHUP")
     );
     assert_no_token(&receiver.spans(), &token);
+}
+
+/// A caller that reaches `Check` may send any `traceparent` and a `tracestate` of 32 members of
+/// 512 bytes (16 KiB, what the W3C format allows). The span stepgate makes under it does not
+/// carry that `tracestate` (one over 512 bytes loses its members over 128 bytes, then its last
+/// ones): with it, 300 such spans made a batch over the receiver's 4 MiB, refused whole with
+/// every legitimate span in it. A short `tracestate` is carried as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_oversized_tracestate_is_dropped_and_legitimate_spans_arrive() {
+    const FLOOD: usize = 300;
+    const LEGITIMATE: usize = 30;
+    let (receiver, receiver_addr) = Receiver::start().await;
+    let server = stepgate_with_traces(receiver_addr);
+    server.wait_ready().await;
+    let flood_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let legit_trace = "11111111111111111111111111111111";
+    let small_trace = "22222222222222222222222222222222";
+    let flood_state: String = (0..32)
+        .map(|i| format!("k{i:02}{}={}", "a".repeat(250), "v".repeat(256)))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(flood_state.len() > 16_000);
+
+    // Interleaved, as the end users' own headers of the checked requests (where Envoy leaves
+    // them), over a few connections at once.
+    let mut calls = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let channel = server.channel().await;
+        let flood_state = flood_state.clone();
+        calls.spawn(async move {
+            let mut authz = AuthorizationClient::new(channel);
+            for i in (worker..FLOOD + LEGITIMATE).step_by(4) {
+                let legit = i % 11 == 0 && i / 11 < LEGITIMATE;
+                let (trace, state) = if legit {
+                    (legit_trace, None)
+                } else {
+                    (flood_trace, Some(flood_state.as_str()))
+                };
+                let traceparent = format!("00-{trace}-{:016x}-01", i + 1);
+                let mut headers = vec![("traceparent", traceparent.as_str())];
+                headers.extend(state.map(|s| ("tracestate", s)));
+                authz
+                    .check(envoy_check("GET", "app.example", "/healthz", &headers))
+                    .await
+                    .expect("Check answers");
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let small = format!("00-{small_trace}-00f067aa0ba902b7-01");
+    AuthorizationClient::new(server.channel().await)
+        .check(envoy_check(
+            "GET",
+            "app.example",
+            "/healthz",
+            &[
+                ("traceparent", small.as_str()),
+                ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+            ],
+        ))
+        .await
+        .expect("Check answers");
+
+    let of_trace = |spans: &[Received], trace: &str| -> Vec<Received> {
+        spans
+            .iter()
+            .filter(|r| r.span.name == "stepgate Check" && hex(&r.span.trace_id) == trace)
+            .cloned()
+            .collect()
+    };
+    let legit_sent = (0..FLOOD + LEGITIMATE)
+        .filter(|i| i % 11 == 0 && i / 11 < LEGITIMATE)
+        .count();
+    receiver
+        .wait_for("every legitimate span", |spans| {
+            (of_trace(spans, legit_trace).len() == legit_sent).then_some(())
+        })
+        .await;
+    let flood = receiver
+        .wait_for("every span of the flood", |spans| {
+            let flood = of_trace(spans, flood_trace);
+            (flood.len() == FLOOD + LEGITIMATE - legit_sent).then_some(flood)
+        })
+        .await;
+    assert!(
+        flood.iter().all(|r| r.span.trace_state.is_empty()),
+        "a flood span carries {} bytes of tracestate",
+        flood
+            .iter()
+            .map(|r| r.span.trace_state.len())
+            .max()
+            .unwrap_or(0)
+    );
+    let small = receiver
+        .wait_for("the span with a short tracestate", |spans| {
+            of_trace(spans, small_trace).pop()
+        })
+        .await;
+    assert_eq!(
+        small.span.trace_state,
+        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    );
+    assert!(
+        !server.logs_text().contains("exporting spans"),
+        "an export failed:\n{}",
+        server.logs_text()
+    );
+}
+
+/// A collector that refuses every export, and counts them.
+#[derive(Debug, Clone, Default)]
+struct Refusing {
+    exports: Arc<Mutex<usize>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Refusing {
+    async fn export(
+        &self,
+        _: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        *self.exports.lock().unwrap() += 1;
+        Err(tonic::Status::resource_exhausted(
+            "grpc: received message larger than max",
+        ))
+    }
+}
+
+/// The SDK drops a batch it could not export without a word; stepgate says so, once a minute
+/// at most, with how many exports and spans were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_export_is_logged_once_a_minute_at_most() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refusing = Refusing::default();
+    let service = TraceServiceServer::new(refusing.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .expect("the refusing receiver runs");
+    });
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
+            env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let is_warning = |l: &serde_json::Value| {
+        l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("exporting spans to the OTLP collector failed"))
+    };
+    let token = mint(&oidc(&[], None, &[]));
+    let mut decide = DecisionServiceClient::new(server.channel().await);
+    let mut exports_seen = 0;
+    for round in 0..3 {
+        decide
+            .decide(DecideRequest {
+                credential: Some(Credential::Token(token.clone())),
+                operation: "reports.read".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("Decide answers");
+        let deadline = Instant::now() + SPAN_DEADLINE;
+        while *refusing.exports.lock().unwrap() <= exports_seen {
+            assert!(
+                Instant::now() < deadline,
+                "no export tried in round {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        exports_seen = *refusing.exports.lock().unwrap();
+    }
+    let warning = server
+        .wait_for_log(Duration::from_secs(10), is_warning)
+        .await
+        .unwrap_or_else(|| panic!("no warning:\n{}", server.logs_text()));
+    assert_eq!(warning["failed_exports"], 1, "{warning}");
+    assert!(warning["spans_lost"].as_u64() >= Some(1), "{warning}");
+    assert!(warning["error"].as_str().is_some(), "{warning}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let warnings = server.json_logs().into_iter().filter(is_warning).count();
+    assert_eq!(warnings, 1, "{}", server.logs_text());
 }
 
 /// No attribute of any span holds the token or any of its three parts.

@@ -75,7 +75,9 @@ pub enum TokenError {
         "the access token carries a nonce header and cannot be verified (a Microsoft Graph token?)"
     )]
     Unverifiable,
-    #[error("the access token algorithm {0} is not allowed")]
+    /// The `alg` as the header names it (at most 16 characters of one that names no algorithm),
+    /// shown quoted and escaped: it is the caller's text, and the message is logged.
+    #[error("the access token algorithm {0:?} is not allowed")]
     AlgorithmNotAllowed(String),
     #[error("the access token issuer is not trusted")]
     IssuerUnknown,
@@ -345,5 +347,49 @@ fn check_audience(claims: &Claims, audiences: &[String]) -> Result<(), TokenErro
         Some(Raw::StrList(list)) if list.iter().any(|aud| accepted(aud)) => Ok(()),
         Some(Raw::Str(_) | Raw::StrList(_)) | None => Err(TokenError::AudienceMismatch),
         Some(_) => Err(TokenError::ClaimInvalid("aud")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_with_header(header: &Value) -> String {
+        let segment = |value: &Value| URL_SAFE_NO_PAD.encode(value.to_string());
+        format!(
+            "{}.{}.c2lnbmF0dXJl",
+            segment(header),
+            segment(&serde_json::json!({"iss": "https://issuer.example"}))
+        )
+    }
+
+    fn refusal(token: &str) -> TokenError {
+        verify(
+            token,
+            &Issuers::default(),
+            16 * 1024,
+            0,
+            &KeepClaims::All,
+            &Interner::default(),
+        )
+        .expect_err("refused")
+    }
+
+    #[test]
+    fn an_unknown_algorithm_is_named_quoted_and_escaped() {
+        let token = token_with_header(
+            &serde_json::json!({"alg": "\r\nFORGED\u{1b}[2K x:ok", "typ": "JWT"}),
+        );
+        let error = refusal(&token);
+        assert_eq!(
+            error,
+            TokenError::AlgorithmNotAllowed("\r\nFORGED\u{1b}[2K x:o".to_owned())
+        );
+        let message = error.to_string();
+        assert_eq!(
+            message,
+            "the access token algorithm \"\\r\\nFORGED\\u{1b}[2K x:o\" is not allowed"
+        );
+        assert!(!message.chars().any(char::is_control), "{message:?}");
     }
 }

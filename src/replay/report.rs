@@ -1,10 +1,16 @@
 //! The replay report: a text table for the terminal and JSON for machines.
+//!
+//! Records are what callers sent (an operation, a path, a method, a rule or subject a record
+//! claims): in the text report every string read from them, or from the command line, is written
+//! through [`Printable`], so that none can move the cursor, retitle the terminal or make up a
+//! line of the report.
 
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
 use super::{Replay, Tally};
+use crate::telemetry::Printable;
 
 /// How many changed requests the report lists.
 const TOP: usize = 10;
@@ -78,15 +84,22 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
     if r.bad_line_count > 0 {
         let _ = writeln!(out, "{} unreadable line(s), skipped:", r.bad_line_count);
         for bad in &r.bad_lines {
-            let _ = writeln!(out, "  {}:{}: {}", bad.file, bad.line, bad.error);
+            let _ = writeln!(
+                out,
+                "  {}:{}: {}",
+                Printable(&bad.file),
+                bad.line,
+                Printable(&bad.error)
+            );
         }
     }
-    let _ = writeln!(out, "\nbaseline: {baseline_name}");
+    let _ = writeln!(out, "\nbaseline: {}", Printable(baseline_name));
     let row = |out: &mut String, name: &str, t: &[Tally; 2]| {
         let pct = |n: u64, t: &Tally| 100.0 * rate(n, t.total());
         let _ = writeln!(
             out,
-            "{name:<28} {:>8} {:>8}   {:>6.1}% {:>6.1}%   {:>6.1}% {:>6.1}%   {:>6.1}% {:>6.1}%",
+            "{:<28} {:>8} {:>8}   {:>6.1}% {:>6.1}%   {:>6.1}% {:>6.1}%   {:>6.1}% {:>6.1}%",
+            Printable(name),
             t[0].total(),
             t[1].total(),
             pct(t[0].allow, &t[0]),
@@ -133,19 +146,20 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
         for ((what, from, to), (n, subjects)) in top_changes(r) {
             let _ = writeln!(
                 out,
-                "  {n:>7}× {what} ({} subjects): {} {} ({}) → {} {} ({})",
+                "  {n:>7}× {} ({} subjects): {} {} ({}) → {} {} ({})",
+                Printable(what),
                 subjects.len(),
                 from.outcome,
                 from.reason,
-                from.rule,
+                Printable(&from.rule),
                 to.outcome,
                 to.reason,
-                to.rule
+                Printable(&to.rule)
             );
         }
         let _ = writeln!(out, "subjects most often answered differently (hashed):");
         for (subject, n) in top_subjects(r) {
-            let _ = writeln!(out, "  {n:>7}× {subject}");
+            let _ = writeln!(out, "  {n:>7}× {}", Printable(&subject));
         }
     }
     out

@@ -5,6 +5,10 @@
 //! `--log-allow-sample` raises a share of the ALLOWs to info), so that the default log is the
 //! decisions someone may want to look at, and an authorizer answering mostly ALLOW pays nothing
 //! for its log.
+//!
+//! Text a request or a record supplies is written inert ([`Printable`]): in the text format the
+//! decision's message is the one value tracing-subscriber writes as it is (its fields are quoted
+//! and escaped), and a line break in it would start a line of the caller's choosing.
 
 mod line;
 pub mod metrics;
@@ -205,7 +209,7 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
                 micros = fields.micros,
                 shadow = fields.shadow.as_deref(),
                 sampled = fields.sampled,
-                "{}", fields.message
+                "{}", Printable(fields.message)
             )
         };
     }
@@ -213,6 +217,62 @@ pub fn log_decision(door: Door, decision: &Decision, elapsed: Duration) {
         decision_event!(tracing::Level::INFO);
     } else {
         decision_event!(tracing::Level::DEBUG);
+    }
+}
+
+/// Text from a request or a record, as a terminal or a text log line may show it: control
+/// characters (C0, DEL, C1) and the characters that break a line or reorder it on screen
+/// (U+2028, U+2029 and the bidirectional controls) are written as escapes, `\n`, `\r`, `\t` or
+/// `\u{1b}`, and everything else as it is. A caller's line break then cannot start a log line, nor
+/// an escape sequence retitle or rewrite the terminal that shows it. Backslashes are not doubled:
+/// this is for people reading, the JSON forms are for machines.
+///
+/// Padding (`{:<28}`) applies to the escaped text.
+#[derive(Debug, Clone, Copy)]
+pub struct Printable<'a>(pub &'a str);
+
+impl Printable<'_> {
+    fn is_inert(c: char) -> bool {
+        !(c.is_control()
+            || matches!(
+                c,
+                '\u{2028}'
+                    | '\u{2029}'
+                    | '\u{061c}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{202a}'..='\u{202e}'
+                    | '\u{2066}'..='\u{2069}'
+            ))
+    }
+
+    fn write_escaped(text: &str, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        let mut rest = text;
+        while let Some((at, c)) = rest.char_indices().find(|&(_, c)| !Self::is_inert(c)) {
+            out.write_str(&rest[..at])?;
+            match c {
+                '\n' => out.write_str("\\n")?,
+                '\r' => out.write_str("\\r")?,
+                '\t' => out.write_str("\\t")?,
+                c => write!(out, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        out.write_str(rest)
+    }
+}
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.chars().all(Self::is_inert) {
+            return f.pad(self.0);
+        }
+        if f.width().is_none() && f.precision().is_none() {
+            return Self::write_escaped(self.0, f);
+        }
+        let mut escaped = String::with_capacity(self.0.len() + 8);
+        Self::write_escaped(self.0, &mut escaped)?;
+        f.pad(&escaped)
     }
 }
 
@@ -241,4 +301,83 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+    use crate::decision::Reason;
+
+    #[test]
+    fn printable_text_escapes_what_would_break_or_rewrite_a_line() {
+        let shown = |text: &str| Printable(text).to_string();
+        assert_eq!(shown("orders.read /api/x?q=é"), "orders.read /api/x?q=é");
+        assert_eq!(shown("a\nFORGED\r\tb"), "a\\nFORGED\\r\\tb");
+        assert_eq!(
+            shown("\u{1b}]0;PWNED\u{7}\u{1b}[2K"),
+            "\\u{1b}]0;PWNED\\u{7}\\u{1b}[2K"
+        );
+        assert_eq!(shown("\u{7f}\u{85}\u{9b}"), "\\u{7f}\\u{85}\\u{9b}");
+        assert_eq!(
+            shown("a\u{2028}b\u{202e}c\u{2066}d"),
+            "a\\u{2028}b\\u{202e}c\\u{2066}d"
+        );
+        // A backslash is not a control character: the text stays as readable as it was.
+        assert_eq!(shown("C:\\path \"x\""), "C:\\path \"x\"");
+        for text in ["\u{0}", "\u{1f}", "\u{7f}", "\u{80}", "\u{9f}"] {
+            assert!(shown(text).chars().all(|c| !c.is_control()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn printable_text_pads_what_it_shows() {
+        assert_eq!(format!("[{:<6}]", Printable("ab")), "[ab    ]");
+        assert_eq!(format!("[{:<6}]", Printable("a\nb")), "[a\\nb  ]");
+        assert_eq!(format!("[{:>3}]", Printable("\u{1b}")), "[\\u{1b}]");
+    }
+
+    /// Captures what a text-format subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_text_decision_line_stays_one_line_whatever_its_message() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        let message = "the access token algorithm \nFORGED admin:ok\r\u{1b}[2K is not allowed";
+        let decision = Decision::new(Outcome::Deny, Reason::AlgorithmNotAllowed, message, 401);
+        tracing::subscriber::with_default(subscriber, || {
+            log_decision(Door::Check, &decision, Duration::from_micros(5));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with('\n') && !text.trim_end().contains(['\r', '\u{1b}']));
+        assert!(
+            text.contains(
+                "stepgate::decision: the access token algorithm \\nFORGED admin:ok\\r\\u{1b}[2K \
+                 is not allowed door=\"check\""
+            ),
+            "{text}"
+        );
+    }
 }

@@ -16,8 +16,19 @@
 //! A span never carries a token, a claim value or a header value: its attributes are the door,
 //! outcome, rule, reason, issuer id, HTTP status, whether the token came from the cache, and the
 //! token's fingerprint (a hash prefix, as in the decision log).
+//!
+//! What a caller sends is bounded before it reaches a span: the parent's `tracestate`, which the
+//! span carries and exports, is kept only up to [`MAX_TRACESTATE_BYTES`] (W3C Trace Context's
+//! truncation, below). Without the bound a caller could attach 16 KiB to every span, and one
+//! batch of them would be larger than the collector accepts (4 MiB by default) and lost whole,
+//! legitimate spans with it. An export that fails is logged (at most once a minute, with how many
+//! exports and spans were lost since), never silently dropped.
 
-use std::{borrow::Cow, sync::OnceLock, time::Duration};
+use std::{
+    borrow::Cow,
+    sync::{Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
+};
 
 use opentelemetry::{
     Context, KeyValue,
@@ -29,11 +40,12 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{
     Resource,
+    error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{SdkTracer, SdkTracerProvider, Span},
+    trace::{SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter},
 };
 
-use crate::{decision::Decision, request::Door};
+use crate::{decision::Decision, request::Door, telemetry::Printable};
 
 /// The environment variables that turn traces on (besides `--otlp-endpoint`).
 const ENABLING_VARIABLES: [&str; 3] = [
@@ -79,8 +91,10 @@ pub fn init(endpoint: Option<&str>) -> Result<bool, String> {
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("stepgate");
     }
+    // The SDK's batches (512 spans by default) stay far below a collector's 4 MiB: a decision
+    // span is under 1 KiB with its tracestate bounded.
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(ReportedExporter::new(exporter))
         .with_resource(resource.build())
         .build();
     let tracer = provider.tracer("stepgate");
@@ -137,6 +151,82 @@ fn collector_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, String> 
     Ok(Some(tls))
 }
 
+/// How often at most a failed export is logged.
+const EXPORT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The OTLP exporter, with its failures logged: the SDK's batch processor drops a batch it could
+/// not export without a word (its own diagnostics, the `internal-logs` feature, are not built).
+#[derive(Debug)]
+struct ReportedExporter<E> {
+    inner: E,
+    failures: Mutex<ExportFailures>,
+}
+
+/// The failed exports not yet logged, and when the last warning was.
+#[derive(Debug, Default)]
+struct ExportFailures {
+    exports: u64,
+    spans: u64,
+    last_logged: Option<Instant>,
+}
+
+impl<E> ReportedExporter<E> {
+    fn new(inner: E) -> Self {
+        Self {
+            inner,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Counts a failed export of `spans` spans and logs it: the first at once, the next ones at
+    /// most once per [`EXPORT_FAILURE_LOG_EVERY`], with how many failed meanwhile.
+    fn failed(&self, spans: usize, error: &dyn std::fmt::Display) {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        failures.exports += 1;
+        failures.spans += spans as u64;
+        let now = Instant::now();
+        if failures
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < EXPORT_FAILURE_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            error = %Printable(&error.to_string()),
+            failed_exports = failures.exports,
+            spans_lost = failures.spans,
+            "exporting spans to the OTLP collector failed; those spans are lost (logged at most once a minute)"
+        );
+        *failures = ExportFailures {
+            last_logged: Some(now),
+            ..ExportFailures::default()
+        };
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for ReportedExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        if let Err(error) = &result {
+            self.failed(spans, error);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// Exports what is pending and stops the exporter (at exit; waits at most a few seconds).
 pub fn shutdown() {
     if let Some(tracing) = TRACING.get()
@@ -156,13 +246,51 @@ fn tracer() -> Option<&'static SdkTracer> {
 // The caller's span
 // ---------------------------------------------------------------------------------------------
 
+/// The longest `tracestate` a decision span takes from its parent, in bytes: the W3C Trace
+/// Context's 512 characters, which every vendor should propagate. A longer one is truncated as
+/// that specification says ([`bounded_tracestate`]).
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// The longest `tracestate` member kept when one over [`MAX_TRACESTATE_BYTES`] is truncated.
+const MAX_TRACESTATE_MEMBER_BYTES: usize = 128;
+
+/// `tracestate` within [`MAX_TRACESTATE_BYTES`], as W3C Trace Context (§3.3.1.5) has a vendor
+/// truncate: first the members longer than 128 characters go, then members from the end until
+/// the rest fits. One that fits is kept as it is (borrowed).
+pub fn bounded_tracestate(tracestate: &str) -> Cow<'_, str> {
+    if tracestate.len() <= MAX_TRACESTATE_BYTES {
+        return Cow::Borrowed(tracestate);
+    }
+    let mut kept = String::new();
+    for member in tracestate
+        .split(',')
+        .map(|m| m.trim_matches([' ', '\t']))
+        .filter(|m| !m.is_empty() && m.len() <= MAX_TRACESTATE_MEMBER_BYTES)
+    {
+        let separator = usize::from(!kept.is_empty());
+        if kept.len() + separator + member.len() > MAX_TRACESTATE_BYTES {
+            break;
+        }
+        if separator == 1 {
+            kept.push(',');
+        }
+        kept.push_str(member);
+    }
+    Cow::Owned(kept)
+}
+
 /// The span context a request names as its parent, read from its headers (gRPC metadata, or the
-/// HTTP request's headers): W3C `traceparent` (with `tracestate`), else B3 (`b3`, or the
-/// `x-b3-*` headers Envoy's Zipkin tracer sends). `None` when traces are off or nothing valid is
-/// there.
+/// HTTP request's headers): W3C `traceparent` (with `tracestate`, bounded by
+/// [`bounded_tracestate`]), else B3 (`b3`, or the `x-b3-*` headers Envoy's Zipkin tracer
+/// sends). `None` when traces are off or nothing valid is there.
 pub fn parent<'h>(get: impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> {
     tracer()?;
-    let from_w3c = get("traceparent").and_then(|traceparent| {
+    w3c_parent(&get).or_else(|| b3(&get))
+}
+
+/// A W3C parent: `traceparent`, with its `tracestate` bounded.
+fn w3c_parent<'h>(get: &impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> {
+    get("traceparent").and_then(|traceparent| {
         struct W3c<'a> {
             traceparent: &'a str,
             tracestate: Option<&'a str>,
@@ -179,15 +307,15 @@ pub fn parent<'h>(get: impl Fn(&str) -> Option<&'h str>) -> Option<SpanContext> 
                 vec!["traceparent", "tracestate"]
             }
         }
+        let tracestate = get("tracestate").map(bounded_tracestate);
         let headers = W3c {
             traceparent,
-            tracestate: get("tracestate"),
+            tracestate: tracestate.as_deref(),
         };
         let cx = TraceContextPropagator::new().extract(&headers);
         let span = cx.span().span_context().clone();
         span.is_valid().then_some(span)
-    });
-    from_w3c.or_else(|| b3(&get))
+    })
 }
 
 /// A B3 parent: the single `b3` header, else `x-b3-traceid` and `x-b3-spanid`.
@@ -392,6 +520,69 @@ mod tests {
         ] {
             assert!(parse_b3_single(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_tracestate_that_fits_is_kept_as_it_is() {
+        for fits in [
+            "",
+            "congo=t61rcWkgMzE",
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        ] {
+            assert!(matches!(bounded_tracestate(fits), Cow::Borrowed(b) if b == fits));
+        }
+        let full = format!("a={}", "x".repeat(MAX_TRACESTATE_BYTES - 2));
+        assert_eq!(bounded_tracestate(&full), full);
+    }
+
+    #[test]
+    fn a_long_tracestate_loses_its_long_members_then_its_last_ones() {
+        // 32 members of 507 bytes each (16 KiB, what the SDK itself accepts): none is kept.
+        let flood: String = (0..32)
+            .map(|i| format!("k{i:02}{}={}", "a".repeat(250), "v".repeat(253)))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(flood.len() > 16_000);
+        assert_eq!(bounded_tracestate(&flood), "");
+        // Short members are kept in order, up to the bound; the long one goes first.
+        let long = format!("long={}", "v".repeat(200));
+        // 60 members of 11 bytes: 42 fit in 512 with their commas.
+        let members: Vec<String> = (0..60).map(|i| format!("m{i:02}=value{i:02}")).collect();
+        let text = format!("{} , {long},\t{}", members[0], members[1..].join(","));
+        let bounded = bounded_tracestate(&text);
+        assert!(bounded.len() <= MAX_TRACESTATE_BYTES, "{}", bounded.len());
+        let kept: Vec<&str> = bounded.split(',').collect();
+        assert_eq!(
+            kept,
+            members[..kept.len()]
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(kept.len(), 42);
+    }
+
+    #[test]
+    fn a_bounded_tracestate_is_what_the_parent_carries() {
+        let traceparent = "00-80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-01";
+        let flood = format!("big={}", "v".repeat(4000));
+        let headers = |name: &str| match name {
+            "traceparent" => Some(traceparent),
+            "tracestate" => Some(flood.as_str()),
+            _ => None,
+        };
+        let parent = w3c_parent(&headers).expect("a valid parent");
+        assert!(parent.is_sampled());
+        assert_eq!(parent.trace_state().header(), "");
+        let small = |name: &str| match name {
+            "traceparent" => Some(traceparent),
+            "tracestate" => Some("congo=t61rcWkgMzE"),
+            _ => None,
+        };
+        assert_eq!(
+            w3c_parent(&small).unwrap().trace_state().header(),
+            "congo=t61rcWkgMzE"
+        );
     }
 
     #[test]
