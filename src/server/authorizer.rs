@@ -245,13 +245,7 @@ impl Authorizer {
         let Some(principal) = &decision.principal else {
             return decision;
         };
-        let who = Subject {
-            subject: Some(&principal.subject),
-            tenant: principal.tenant.as_deref(),
-            client_id: principal.client_id.as_deref(),
-            token: decision.token_fingerprint.as_deref(),
-            token_id: principal.token_id.as_deref(),
-        };
+        let who = Subject::of_token(principal, decision.token_fingerprint.as_deref());
         let Some(block) = self.risk.blocks().matching(who, now) else {
             return decision;
         };
@@ -271,12 +265,7 @@ impl Authorizer {
         if decision.reason == Reason::Blocked {
             return decision;
         }
-        let issued = principal.issued_at.or(principal.auth_time);
-        let Some(revocation) = self
-            .risk
-            .revocations()
-            .revoking(&principal.subject, issued, now)
-        else {
+        let Some(revocation) = self.risk.revoking(principal, now) else {
             return decision;
         };
         let message = "this session was revoked: sign in again";
@@ -316,7 +305,10 @@ impl Authorizer {
                     principal.subject,
                     revocation.before,
                     revocation.reason_id,
-                    issued.map_or_else(|| "unknown".to_owned(), |t| t.to_string())
+                    principal
+                        .issued_at
+                        .or(principal.auth_time)
+                        .map_or_else(|| "unknown".to_owned(), |t| t.to_string())
                 ),
             });
         }
