@@ -253,3 +253,43 @@ fn control_characters_in_records_reach_the_text_report_escaped() {
         );
     }
 }
+
+/// A record holding only the beginning of its path (`truncated`) cannot be decided again: it keeps
+/// its recorded answer on both sides, where the same record whole would change.
+#[test]
+fn a_truncated_record_keeps_its_recorded_answer() {
+    let policy = candidate();
+    let records = policy
+        .path
+        .parent()
+        .unwrap()
+        .join("truncated-records.jsonl");
+    let mut text = String::new();
+    for truncated in [true, false] {
+        let mut record = json!({"time": time(START), "door": "check", "method": "GET",
+               "host": "api.example", "path": "/api/orders/1",
+               "token": facts("user-1", &[], START - 60),
+               "outcome": "ALLOW", "reason": "allowed", "status": 200, "rule": "everything-else"});
+        if truncated {
+            record["truncated"] = json!(["path"]);
+        }
+        writeln!(text, "{record}").unwrap();
+    }
+    std::fs::write(&records, text).unwrap();
+    let (code, stdout, stderr) = replay(&[
+        "--records",
+        records.to_str().unwrap(),
+        "--policy",
+        policy.path.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(report["records"], 2, "{report}");
+    assert_eq!(report["kept_as_recorded"], 1, "{report}");
+    assert_eq!(
+        report["overall"]["candidate"],
+        json!({"requests": 2, "allow": 1, "step_up": 1, "deny": 0}),
+        "only the whole record is decided again (a step-up): {report}"
+    );
+}
