@@ -584,14 +584,24 @@ async fn a_callers_oversized_tracestate_is_dropped_and_legitimate_spans_arrive()
 #[derive(Debug, Clone, Default)]
 struct Refusing {
     exports: Arc<Mutex<usize>>,
+    /// Spans in the exports refused.
+    spans: Arc<Mutex<usize>>,
 }
 
 #[tonic::async_trait]
 impl TraceService for Refusing {
     async fn export(
         &self,
-        _: tonic::Request<ExportTraceServiceRequest>,
+        request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans: usize = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        *self.spans.lock().unwrap() += spans;
         *self.exports.lock().unwrap() += 1;
         Err(tonic::Status::resource_exhausted(
             "grpc: received message larger than max",
@@ -619,6 +629,7 @@ async fn a_failed_export_is_logged_once_a_minute_at_most() {
         Spawn {
             args: vec!["--otlp-endpoint".into(), format!("http://{addr}")],
             env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+            metrics: true,
             ..Spawn::default()
         },
     );
@@ -661,6 +672,15 @@ async fn a_failed_export_is_logged_once_a_minute_at_most() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let warnings = server.json_logs().into_iter().filter(is_warning).count();
     assert_eq!(warnings, 1, "{}", server.logs_text());
+    // Every lost span is counted, the ones the warning did not report too.
+    let refused = *refusing.spans.lock().unwrap();
+    assert!(refused >= 3, "{refused} spans refused");
+    let metrics = server.scrape().await;
+    let counted = format!("stepgate_trace_spans_export_failed_total {refused}");
+    assert!(
+        metrics.lines().any(|l| l == counted),
+        "{counted}\n{metrics}"
+    );
 }
 
 /// No attribute of any span holds the token or any of its three parts.

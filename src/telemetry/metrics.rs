@@ -132,6 +132,8 @@ pub struct Metrics {
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     connections_refused: AtomicU64,
+    /// Spans of failed OTLP exports (lost).
+    spans_export_failed: AtomicU64,
     risk_blocks_evicted: AtomicU64,
     log_lines_dropped: AtomicU64,
     /// Admin API calls by (action, result).
@@ -180,6 +182,7 @@ impl Default for Metrics {
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            spans_export_failed: AtomicU64::new(0),
             risk_blocks_evicted: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
             admin_actions: DashMap::new(),
@@ -443,6 +446,11 @@ impl Metrics {
     /// A connection closed on accept: its source address held `--max-connections-per-source`.
     pub fn record_connection_refused(&self) {
         self.connections_refused.fetch_add(1, Relaxed);
+    }
+
+    /// `spans` spans lost: the OTLP export that held them failed.
+    pub fn record_spans_export_failed(&self, spans: u64) {
+        self.spans_export_failed.fetch_add(spans, Relaxed);
     }
 
     pub fn record_tls_reload(&self, ok: bool) {
@@ -733,6 +741,11 @@ impl Collector for Exposition {
                 "stepgate_grpc_connections_refused",
                 "Connections closed on accept because their source address already held --max-connections-per-source",
                 &m.connections_refused,
+            ),
+            (
+                "stepgate_trace_spans_export_failed",
+                "Decision spans lost because their OTLP export failed",
+                &m.spans_export_failed,
             ),
         ] {
             encoder

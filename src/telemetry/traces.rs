@@ -181,6 +181,7 @@ impl<E> ReportedExporter<E> {
     /// Counts a failed export of `spans` spans and logs it: the first at once, the next ones at
     /// most once per [`EXPORT_FAILURE_LOG_EVERY`], with how many failed meanwhile.
     fn failed(&self, spans: usize, error: &dyn std::fmt::Display) {
+        super::metrics::global().record_spans_export_failed(spans as u64);
         let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         failures.exports += 1;
         failures.spans += spans as u64;
