@@ -291,6 +291,8 @@ pub struct Spawn {
     pub max_open_files: Option<u64>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Log in the text format instead of JSON (`json_logs` then finds nothing).
+    pub text_log: bool,
 }
 
 impl Server {
@@ -315,7 +317,8 @@ impl Server {
             .arg("serve")
             .arg("--config")
             .arg(policy)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", "127.0.0.1:0", "--log-format"])
+            .arg(if spawn.text_log { "text" } else { "json" })
             .args(&spawn.args)
             .envs(spawn.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
@@ -614,9 +617,11 @@ fn listening_port(line: &str) -> Option<u16> {
     port_in(line, "stepgate listening on")
 }
 
-/// The port of the address that follows `after` in a JSON log line's message.
+/// The port of the address that follows `after` in a log line's message (JSON or text).
 fn port_in(line: &str, after: &str) -> Option<u16> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+        return text_port_after(line, after);
+    };
     let message = value.get("message")?.as_str()?;
     let (_, rest) = message.split_once(after)?;
     let digits: String = rest
@@ -853,66 +858,18 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for BoundConnector {
 // ---------------------------------------------------------------------------------------------
 
 impl Server {
-    /// Starts `stepgate serve --config <policy> --listen 127.0.0.1:0 --log-format text` with
-    /// `args`, and waits for its listening line only. Its lines are kept as written (`logs`,
-    /// `logs_text`, `wait_for_text`; `json_logs` finds none): for tests of what the text format
-    /// writes, the default an operator gets.
+    /// [`Server::spawn_with`] with `args`, logging in the text format: its lines are kept as
+    /// written (`logs`, `logs_text`, `wait_for_text`; `json_logs` finds none), for tests of what
+    /// the text format writes, the default an operator gets.
     pub fn spawn_text(policy: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(policy)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("STEPGATE_LOG_LEVEL")
-            .env_remove("STEPGATE_LOG_FORMAT")
-            .env_remove("STEPGATE_DRAIN_DELAY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the stepgate binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (port_tx, port_rx) = mpsc::channel::<u16>();
-        {
-            let logs = Arc::clone(&logs);
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stderr);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match reader.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-                    if let Some(port) = text_port_after(&line, "stepgate listening on ") {
-                        let _ = port_tx.send(port);
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
-        match port_rx.recv_timeout(STARTUP_DEADLINE) {
-            Ok(port) => Self {
-                child,
-                port,
-                logs,
-                metrics_port: None,
+        Self::spawn_with(
+            policy,
+            Spawn {
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                text_log: true,
+                ..Spawn::default()
             },
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "stepgate serve --log-format text did not log `stepgate listening on`. \
-                     Captured stderr:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        }
+        )
     }
 }
 
