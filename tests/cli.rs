@@ -433,3 +433,44 @@ fn serve_refuses_a_buffer_budget_below_the_largest_message() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_refuses_check_callers_no_connection_could_be() {
+    let policy = common::demo_policy_path().display().to_string();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--config", &policy, "--listen", "127.0.0.1:0"];
+        args.extend(extra);
+        stepgate(&args)
+    };
+    // Checked before the certificate files are read: these need not exist.
+    let mtls = [
+        "--tls-cert",
+        "server.crt",
+        "--tls-key",
+        "server.key",
+        "--client-ca",
+        "ca.crt",
+    ];
+    for (extra, expected) in [
+        (
+            vec!["--client-san", "svc", "--check-client-san", "gw"],
+            "--check-client-san \"gw\" is not among --client-san",
+        ),
+        (
+            vec!["--check-client-san", "gw,"],
+            "--check-client-san: an empty name",
+        ),
+    ] {
+        let args: Vec<&str> = mtls.iter().copied().chain(extra).collect();
+        let out = serve(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+        assert!(text(&out.stderr).contains(expected), "{}", describe(&out));
+    }
+    let out = serve(&["--check-from", "10.1.2.3/8"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("write 10.0.0.0/8 for the network or 10.1.2.3"),
+        "{}",
+        describe(&out)
+    );
+}

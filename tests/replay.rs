@@ -255,7 +255,8 @@ fn control_characters_in_records_reach_the_text_report_escaped() {
 }
 
 /// A record holding only the beginning of its path (`truncated`) cannot be decided again: it keeps
-/// its recorded answer on both sides, where the same record whole would change.
+/// its recorded answer on both sides, where the same record whole would change, and so does one
+/// cut only in its request id.
 #[test]
 fn a_truncated_record_keeps_its_recorded_answer() {
     let policy = candidate();
@@ -265,13 +266,14 @@ fn a_truncated_record_keeps_its_recorded_answer() {
         .unwrap()
         .join("truncated-records.jsonl");
     let mut text = String::new();
-    for truncated in [true, false] {
+    // Cut in its path; whole; cut only in its request id, which no decision reads.
+    for truncated in [Some("path"), None, Some("request_id")] {
         let mut record = json!({"time": time(START), "door": "check", "method": "GET",
                "host": "api.example", "path": "/api/orders/1",
                "token": facts("user-1", &[], START - 60),
                "outcome": "ALLOW", "reason": "allowed", "status": 200, "rule": "everything-else"});
-        if truncated {
-            record["truncated"] = json!(["path"]);
+        if let Some(field) = truncated {
+            record["truncated"] = json!([field]);
         }
         writeln!(text, "{record}").unwrap();
     }
@@ -285,11 +287,11 @@ fn a_truncated_record_keeps_its_recorded_answer() {
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("JSON");
-    assert_eq!(report["records"], 2, "{report}");
+    assert_eq!(report["records"], 3, "{report}");
     assert_eq!(report["kept_as_recorded"], 1, "{report}");
     assert_eq!(
         report["overall"]["candidate"],
-        json!({"requests": 2, "allow": 1, "step_up": 1, "deny": 0}),
-        "only the whole record is decided again (a step-up): {report}"
+        json!({"requests": 3, "allow": 1, "step_up": 2, "deny": 0}),
+        "the records whose decided fields are whole are decided again (a step-up): {report}"
     );
 }

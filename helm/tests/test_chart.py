@@ -1786,6 +1786,18 @@ INCONSISTENT = [
         {"tls": {"enabled": True, "secretName": "s"}, "checkCallers": {"clientSANs": ["spiffe://a"]}},
         "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true (only a client certificate",
     ),
+    (
+        {
+            "tls": {
+                "enabled": True,
+                "secretName": "s",
+                "clientCA": {"enabled": True},
+                "clientSANs": ["stepgate.auth.svc.cluster.local", "spiffe://gw"],
+            },
+            "checkCallers": {"clientSANs": ["spiffe://other-gw"]},
+        },
+        "checkCallers.clientSANs names spiffe://other-gw, which tls.clientSANs does not",
+    ),
     ({"tls": {"serverName": "stepgate.example"}}, "tls.serverName and tls.serverCA need tls.enabled"),
     ({"networkPolicy": {"enabled": True}}, "networkPolicy.grpcNamespaces"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node could ever be drained"),

@@ -344,6 +344,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     tracing::info!(workers, balance = ?args.balance, "starting the runtime");
+    if let Err(err) =
+        server::check_callers::check_client_sans(&args.check_client_san, &args.client_san)
+    {
+        tracing::error!("{err}");
+        logs.flush();
+        eprintln!("stepgate: {err}");
+        return ExitCode::from(2);
+    }
     let tls = args
         .tls_cert
         .zip(args.tls_key)

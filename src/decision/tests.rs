@@ -25,7 +25,7 @@ use crate::{
         Policy,
         testing::{DEMO_POLICY, compile_policy, demo_file},
     },
-    request::{AccessRequest, Headers, HttpAttributes, PresentedCredential},
+    request::{AccessRequest, Headers, HttpAttributes, PresentedCredential, RequestProblem},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -356,6 +356,56 @@ fn no_token_is_401_with_a_bare_realm_and_nothing_about_the_rule() {
 // ---------------------------------------------------------------------------------------------
 // Malformed requests
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn an_operation_is_decided_up_to_256_bytes_without_control_characters() {
+    let token = rs256(&entra_user(&["c1"]));
+    // The catch-all rule takes any operation the policy does not name.
+    let longest = format!("inventory.{}", "x".repeat(256 - "inventory.".len()));
+    expect(
+        &decide_op(&token, &longest, json!({})),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
+    for refused in [
+        format!("{longest}x"),
+        "inventory\u{7f}.list".to_owned(),
+        "inventory.list\n".to_owned(),
+    ] {
+        let d = decide_op(&token, &refused, json!({}));
+        expect(&d, Outcome::Deny, 400, Reason::MalformedRequest);
+        assert!(d.message.contains("256 bytes"), "{d:?}");
+        // Refused before the token is read: not even an anonymous request gets further.
+        expect(
+            &decide_op("", &refused, json!({})),
+            Outcome::Deny,
+            400,
+            Reason::MalformedRequest,
+        );
+    }
+    // Envoy's operation (`context_extensions`) is held to the same bound.
+    let mut check = http_request(&bearer(&token), "GET", "/reports");
+    check.operation = Some(format!("{longest}x"));
+    expect(
+        &decide(&demo_policy(), &check, NOW),
+        Outcome::Deny,
+        400,
+        Reason::MalformedRequest,
+    );
+    // A problem found while reading the request comes first.
+    let mut both = op_request(&token, &format!("{longest}x"), json!({}));
+    both.problem = Some(RequestProblem::TooManyHeaders {
+        count: 200,
+        limit: 128,
+    });
+    expect(
+        &decide(&demo_policy(), &both, NOW),
+        Outcome::Deny,
+        431,
+        Reason::TooManyHeaders,
+    );
+}
 
 #[test]
 fn malformed_credentials_are_400_invalid_request() {

@@ -39,6 +39,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// When the token was issued, as a revocation judges it: its `iat`, else its `auth_time`.
+    pub fn issued(&self) -> Option<i64> {
+        self.issued_at.or(self.auth_time)
+    }
+
     /// A copy that shares no allocation with `self` (its strings and lists copied): a worker
     /// thread's own, whose reference counts no other core writes.
     pub fn unshared(&self) -> Self {

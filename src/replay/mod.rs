@@ -266,8 +266,12 @@ impl<'p> Replayer<'p> {
             rule,
         };
         let (baseline, candidate) = match facts {
-            // Only the beginning of its path or operation is known: it cannot be decided again.
-            _ if !record.truncated.is_empty() => {
+            // Only the beginning of what it is decided on is known: it cannot be decided again.
+            _ if record
+                .truncated
+                .iter()
+                .any(|field| matches!(&**field, "method" | "host" | "path" | "operation")) =>
+            {
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)
             }

@@ -339,6 +339,14 @@ pub fn canonical_net(net: IpNet) -> IpNet {
     }
 }
 
+/// A network (`10.0.0.0/8`) or one address (`10.1.2.3`, as a /32 or /128), as written: bits past
+/// the prefix are kept, for the caller to drop or refuse.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
 pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
     if value.is_empty() || value.len() > 1024 {
         return Err(BlockError::Invalid(format!(
@@ -348,15 +356,13 @@ pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
     }
     match kind {
         Kind::Source => {
-            let net = match value.parse::<IpNet>() {
-                Ok(net) => net.trunc(),
-                Err(_) => value.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-                    BlockError::Invalid(format!(
-                        "source {value:?} is neither an IP address nor a CIDR"
-                    ))
-                })?,
-            };
-            Ok(canonical_net(net).to_string())
+            // Bits past the prefix are dropped: a block errs on the wide side.
+            let net = parse_net(value).ok_or_else(|| {
+                BlockError::Invalid(format!(
+                    "source {value:?} is neither an IP address nor a CIDR"
+                ))
+            })?;
+            Ok(canonical_net(net.trunc()).to_string())
         }
         Kind::Token => {
             if value.len() == 12

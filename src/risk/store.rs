@@ -99,8 +99,8 @@ impl RiskState {
     /// The revocation of `principal`'s subject a token of theirs was issued before (its `iat`,
     /// else its `auth_time`), if any.
     pub fn revoking(&self, principal: &Principal, now: i64) -> Option<Arc<Revocation>> {
-        let issued = principal.issued_at.or(principal.auth_time);
-        self.revocations.revoking(&principal.subject, issued, now)
+        self.revocations
+            .revoking(&principal.subject, principal.issued(), now)
     }
 
     /// Whether a shared store is configured and currently unreachable.

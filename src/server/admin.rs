@@ -10,21 +10,18 @@
 //! `UNAUTHENTICATED`, so that a stolen operator's token, once blocked, cannot lift its own block.
 //! Each change is logged (target `stepgate::audit`, in the same log stream as the decisions) with
 //! who made it; so is a blocked or revoked operator's refusal, at most once per
-//! [`REFUSAL_LOG_EVERY_MS`].
+//! [`REFUSAL_LOG_EVERY`].
 //!
 //! What an operator writes (a block's value, a reason) is refused with a control character in it,
 //! and logged only as `&str` fields, which the text log escapes and the JSON log quotes; never in
 //! a line's message, and never with `%` (Display), which the text log writes as it is.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-};
+use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 
 use super::{
-    authorizer::{Authorizer, unix_now, unix_now_ms},
+    authorizer::{Authorizer, unix_now},
     conn::{ListenerKind, PeerInfo},
 };
 use crate::{
@@ -41,28 +38,24 @@ use crate::{
         signals::{KeyKind, Keys},
         store::Refusal,
     },
-    telemetry::metrics,
+    telemetry::{metrics, throttle::Throttle},
 };
 
 /// Longest free-text reason kept (it is for operators and the audit log).
 const MAX_REASON_BYTES: usize = 1024;
 /// How far ahead of this server's clock a revocation time may be (another host's clock).
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
-/// At most one audit line per this many milliseconds for blocked or revoked callers refused.
-pub const REFUSAL_LOG_EVERY_MS: i64 = 10_000;
+/// At most one audit line per this period for blocked or revoked callers refused.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Admin {
     authorizer: Arc<Authorizer>,
-    refusals: Arc<RefusalLog>,
 }
 
 impl Admin {
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self {
-            authorizer,
-            refusals: Arc::default(),
-        }
+        Self { authorizer }
     }
 
     /// Who is calling `call`, as the audit log names them, if the policy lets them.
@@ -130,7 +123,7 @@ impl Admin {
         {
             None => Ok(by),
             Some(refusal) => {
-                self.refusals.log(call, &by, &refusal, unix_now_ms());
+                log_refusal(call, &by, &refusal);
                 Err(match refusal {
                     Refusal::Blocked(_) => Status::permission_denied("the caller is blocked"),
                     Refusal::Revoked(_) => Status::unauthenticated(
@@ -143,54 +136,30 @@ impl Admin {
 }
 
 /// The audit lines of blocked or revoked callers refused: at most one per
-/// [`REFUSAL_LOG_EVERY_MS`], all callers together, each saying how many refusals went unlogged
+/// [`REFUSAL_LOG_EVERY`], all callers together, each saying how many refusals went unlogged
 /// before it (every one is counted in `stepgate_admin_actions_total{result="refused"}`), so that
-/// a refused caller calling in a loop cannot flood the log. Nothing per caller is kept.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    /// When the next line may be written (Unix milliseconds).
-    next_ms: AtomicI64,
-    /// Refusals not logged since the last line.
-    unlogged: AtomicU64,
-}
+/// a refused caller calling in a loop cannot flood the log.
+static REFUSALS: Throttle = Throttle::new(REFUSAL_LOG_EVERY);
 
-impl RefusalLog {
-    /// Whether a refusal at `now_ms` is logged: then how many before it were not.
-    fn admit(&self, now_ms: i64) -> Option<u64> {
-        let next = self.next_ms.load(Relaxed);
-        if now_ms >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now_ms + REFUSAL_LOG_EVERY_MS, Relaxed, Relaxed)
-                .is_ok()
-        {
-            Some(self.unlogged.swap(0, Relaxed))
-        } else {
-            self.unlogged.fetch_add(1, Relaxed);
-            None
-        }
-    }
-
-    fn log(&self, call: &'static str, by: &str, refusal: &Refusal, now_ms: i64) {
-        let Some(unlogged) = self.admit(now_ms) else {
-            return;
-        };
-        let (why, kind, reason_id) = match refusal {
-            Refusal::Blocked(block) => ("blocked", block.kind.as_str(), &*block.reason_id),
-            Refusal::Revoked(revocation) => ("session_revoked", "subject", &*revocation.reason_id),
-        };
-        tracing::warn!(
-            target: "stepgate::audit",
-            action = "refused",
-            call,
-            by,
-            why,
-            kind,
-            reason_id,
-            unlogged,
-            "admin: a blocked or revoked caller was refused"
-        );
-    }
+fn log_refusal(call: &'static str, by: &str, refusal: &Refusal) {
+    let Some(unlogged) = REFUSALS.admit() else {
+        return;
+    };
+    let (why, kind, reason_id) = match refusal {
+        Refusal::Blocked(block) => ("blocked", block.kind.as_str(), &*block.reason_id),
+        Refusal::Revoked(revocation) => ("session_revoked", "subject", &*revocation.reason_id),
+    };
+    tracing::warn!(
+        target: "stepgate::audit",
+        action = "refused",
+        call,
+        by,
+        why,
+        kind,
+        reason_id,
+        unlogged,
+        "admin: a blocked or revoked caller was refused"
+    );
 }
 
 /// A reason id stepgate can pass on (no control character can be one), and a free-text reason.
@@ -572,18 +541,6 @@ mod tests {
         );
         let refused = revoked_before(NOW + MAX_CLOCK_AHEAD_SECONDS + 1, NOW).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    }
-
-    #[test]
-    fn refusals_are_logged_at_most_once_per_interval_saying_how_many_were_not() {
-        let log = RefusalLog::default();
-        let t = NOW * 1000;
-        assert_eq!(log.admit(t), Some(0));
-        assert_eq!(log.admit(t + 1), None);
-        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS - 1), None);
-        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS), Some(2));
-        assert_eq!(log.admit(t + REFUSAL_LOG_EVERY_MS + 5), None);
-        assert_eq!(log.admit(t + 3 * REFUSAL_LOG_EVERY_MS), Some(1));
     }
 
     #[test]

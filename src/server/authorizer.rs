@@ -306,8 +306,7 @@ impl Authorizer {
                     revocation.before,
                     revocation.reason_id,
                     principal
-                        .issued_at
-                        .or(principal.auth_time)
+                        .issued()
                         .map_or_else(|| "unknown".to_owned(), |t| t.to_string())
                 ),
             });

@@ -11,16 +11,15 @@
 //!
 //! The test is made once per connection, when it is accepted, not per call.
 
-use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use ipnet::IpNet;
 
 use super::conn::PeerInfo;
-use crate::risk::blocks::canonical_net;
+use crate::{
+    risk::blocks::{canonical_net, parse_net},
+    telemetry::throttle::Throttle,
+};
 
 /// The callers `Check` answers; empty lists do not narrow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,15 +83,11 @@ fn list_text(items: impl Iterator<Item = String>) -> String {
 
 /// `--check-from`'s values: a network (`10.0.0.0/8`, `fd00::/8`) or one address (`10.1.2.3`).
 /// A network with bits set past its prefix (`10.1.2.3/8`) is refused rather than guessed at: it
-/// reads as one host to some and as the whole network to others.
+/// reads as one host to some and as the whole network to others, and an allow-list must not
+/// grant more than was meant (a block, which errs on the wide side, drops the bits instead).
 pub fn parse_network(text: &str) -> Result<IpNet, String> {
-    let net = match text.parse::<IpNet>() {
-        Ok(net) => net,
-        Err(_) => text
-            .parse::<std::net::IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| format!("{text:?} is neither a network (10.0.0.0/8) nor an address"))?,
-    };
+    let net = parse_net(text)
+        .ok_or_else(|| format!("{text:?} is neither a network (10.0.0.0/8) nor an address"))?;
     if net.trunc() != net {
         return Err(format!(
             "{text} has bits set past its /{} prefix: write {} for the network or {} for the one address",
@@ -104,28 +99,37 @@ pub fn parse_network(text: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// At most one warning per this period about refused callers (each refusal is counted in the
-/// decision metrics as `caller_not_allowed`).
-const WARN_EVERY_SECS: u64 = 10;
-
-/// Says that `remote`'s `Check` was refused, at most once per [`WARN_EVERY_SECS`].
-pub fn warn_refused(remote: Option<SocketAddr>) {
-    static LAST_WARNED_SECS: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNED_SECS.load(Ordering::Relaxed);
-    if now >= last + WARN_EVERY_SECS
-        && LAST_WARNED_SECS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let caller = remote.map_or_else(|| "an unknown peer".to_owned(), |r| r.ip().to_string());
-        tracing::warn!(
-            %caller,
-            "refused a Check: its caller is not among --check-from / --check-client-san (later ones within 10 s are only counted, as caller_not_allowed)"
-        );
+/// `--check-client-san`'s names against `--client-san`'s: each must be a name, and when the
+/// handshake admits only `client_sans`, one of those (any other could never call `Check`).
+pub fn check_client_sans(check_sans: &[String], client_sans: &[String]) -> Result<(), String> {
+    if check_sans.iter().any(String::is_empty) {
+        return Err("--check-client-san: an empty name matches no certificate".to_owned());
     }
+    match check_sans
+        .iter()
+        .find(|name| !client_sans.is_empty() && !client_sans.contains(name))
+    {
+        Some(name) => Err(format!(
+            "--check-client-san {name:?} is not among --client-san: the handshake refuses every \
+             certificate naming only it, so no proxy could call Check"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Says that `remote`'s `Check` was refused: at most once per 10 s, with how many were refused
+/// meanwhile (each is counted in the decision metrics as `caller_not_allowed`).
+pub fn warn_refused(remote: Option<SocketAddr>) {
+    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    let Some(unlogged) = WARNINGS.admit() else {
+        return;
+    };
+    let caller = remote.map_or_else(|| "an unknown peer".to_owned(), |r| r.ip().to_string());
+    tracing::warn!(
+        %caller,
+        unlogged,
+        "refused a Check: its caller is not among --check-from / --check-client-san (later ones within 10 s are only counted, as caller_not_allowed)"
+    );
 }
 
 #[cfg(test)]
@@ -205,6 +209,17 @@ mod tests {
         assert!(callers.allows(&peer("10.0.0.1", Some(&["gw"]))));
         assert!(!callers.allows(&peer("10.0.0.1", Some(&["svc"]))));
         assert!(!callers.allows(&peer("192.0.2.1", Some(&["gw"]))));
+    }
+
+    #[test]
+    fn check_names_must_be_names_the_handshake_admits() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(check_client_sans(&names(&["gw"]), &[]).is_ok());
+        assert!(check_client_sans(&names(&["gw"]), &names(&["svc", "gw"])).is_ok());
+        assert!(check_client_sans(&[], &names(&["svc"])).is_ok());
+        let err = check_client_sans(&names(&["gw"]), &names(&["svc"])).unwrap_err();
+        assert!(err.contains("\"gw\" is not among --client-san"), "{err}");
+        assert!(check_client_sans(&names(&["gw", ""]), &[]).is_err());
     }
 
     #[test]

@@ -37,10 +37,10 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -53,7 +53,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 
 use super::tls::{self, ClientIdentity, Tls};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, throttle::Throttle};
 
 /// Pause after an accept error, so that running out of descriptors does not become a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -250,7 +250,6 @@ pub fn accept(
     let sources = (max_per_source > 0).then(|| Sources::new(max_per_source));
     tokio::spawn(async move {
         let mut last_warned: Option<Instant> = None;
-        let mut last_refused: Option<Instant> = None;
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
@@ -274,7 +273,7 @@ pub fn accept(
                     if let Some(None) = source {
                         // Closed at once, its slot free for the next client.
                         drop(stream);
-                        refused(remote, max_per_source, &mut last_refused);
+                        refused(remote, max_per_source);
                         continue;
                     }
                     let slot = Slot {
@@ -384,35 +383,32 @@ pub fn incoming(
 
 /// Counts a connection closed for its source's share, and says so at most once per
 /// [`ACCEPT_ERROR_LOG_EVERY`].
-fn refused(remote: SocketAddr, max: usize, last: &mut Option<Instant>) {
+fn refused(remote: SocketAddr, max: usize) {
+    static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
     metrics::global().record_connection_refused();
-    if last.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+    if let Some(unlogged) = WARNINGS.admit() {
         tracing::warn!(
             source = %remote.ip(),
             max,
+            unlogged,
             "closed a connection: its source address holds --max-connections-per-source already (later ones within 10 s are only counted)"
         );
-        *last = Some(Instant::now());
     }
 }
 
 /// Counts a failed TLS handshake, and says so at most once per [`ACCEPT_ERROR_LOG_EVERY`] (a
 /// client can fail handshakes as fast as it can connect).
 fn handshake_failed(remote: SocketAddr, error: &str) {
-    static LAST_WARNED_SECS: AtomicU64 = AtomicU64::new(0);
+    static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
     metrics::global().record_tls_handshake_error();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNED_SECS.load(Ordering::Relaxed);
-    if now >= last + ACCEPT_ERROR_LOG_EVERY.as_secs()
-        && LAST_WARNED_SECS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        tracing::warn!(%remote, error, "TLS handshake failed (later failures within 10 s are only counted)");
-    } else {
-        tracing::debug!(%remote, error, "TLS handshake failed");
+    match WARNINGS.admit() {
+        Some(unlogged) => tracing::warn!(
+            %remote,
+            error,
+            unlogged,
+            "TLS handshake failed (later failures within 10 s are only counted)"
+        ),
+        None => tracing::debug!(%remote, error, "TLS handshake failed"),
     }
 }
 

@@ -744,7 +744,7 @@ impl Collector for Exposition {
             ),
             (
                 "stepgate_trace_spans_export_failed",
-                "Decision spans lost because their OTLP export failed",
+                "Spans lost because their OTLP export failed",
                 &m.spans_export_failed,
             ),
         ] {

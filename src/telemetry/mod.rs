@@ -13,6 +13,7 @@
 mod line;
 pub mod metrics;
 pub mod records;
+pub mod throttle;
 pub mod traces;
 mod writer;
 

@@ -282,22 +282,28 @@ pub fn without_query_tokens(target: &str) -> std::borrow::Cow<'_, str> {
         let name = pair.split('=').next().unwrap_or_default();
         crate::request::is_access_token_name(name)
     };
-    if !query.split('&').any(is_token) {
+    // Pairs split at `;` as well as `&`: some servers read `;` as a separator.
+    let pairs = || query.split(['&', ';']);
+    if !pairs().any(is_token) {
         return Cow::Borrowed(target);
     }
     let mut out = String::with_capacity(target.len());
     out.push_str(path);
     out.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
+    let mut rest = query;
+    for pair in pairs() {
         match pair.split_once('=') {
             Some((name, _)) if is_token(pair) => {
                 out.push_str(name);
                 out.push_str("=REDACTED");
             }
             _ => out.push_str(pair),
+        }
+        // The separator that ended the pair, as written.
+        rest = &rest[pair.len()..];
+        if let Some(separator) = rest.chars().next() {
+            out.push(separator);
+            rest = &rest[1..];
         }
     }
     Cow::Owned(out)
@@ -1074,6 +1080,11 @@ mod tests {
                 "/a?access_token=REDACTED&access_token=REDACTED",
             ),
             ("/a?access_token", "/a?access_token"),
+            (
+                "/a?x=1;access_token=eyJ.x.y;y=2&z",
+                "/a?x=1;access_token=REDACTED;y=2&z",
+            ),
+            ("/a?x=1&", "/a?x=1&"),
             ("/a?my_access_token=keep&b", "/a?my_access_token=keep&b"),
             ("/access_token=x", "/access_token=x"),
         ] {

@@ -216,6 +216,13 @@ finish.
 {{- if and .Values.checkCallers.clientSANs (not (and .Values.tls.enabled .Values.tls.clientCA.enabled)) }}
 {{- fail "checkCallers.clientSANs needs tls.enabled: true and tls.clientCA.enabled: true (only a client certificate has SANs to check); without mutual TLS name the callers' networks in checkCallers.networks" }}
 {{- end }}
+{{- if .Values.tls.clientSANs }}
+{{- range .Values.checkCallers.clientSANs }}
+{{- if not (has . $.Values.tls.clientSANs) }}
+{{- fail (printf "checkCallers.clientSANs names %s, which tls.clientSANs does not: the handshake would refuse the proxy before it could call Check; add it to tls.clientSANs" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (or .Values.tls.serverName .Values.tls.serverCA.secretName) (not .Values.tls.enabled) }}
 {{- fail "tls.serverName and tls.serverCA need tls.enabled: true" }}
 {{- end }}
