@@ -999,6 +999,52 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
+        /// The query rewritten is the query built again from its pairs, the value of each pair
+        /// whose name reads `access_token` (however encoded) replaced: nothing else moves.
+        #[test]
+        fn only_query_token_values_are_redacted(
+            path in "/[a-z/=&;?]{0,8}",
+            pairs in prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("access_token"), Just("%61ccess_token"), Just("access%5Ftoken"),
+                        Just("access_tokens"), Just("x"), Just(""),
+                    ],
+                    prop::option::of("[a-zA-Z0-9._%+=-]{0,6}"),
+                    prop_oneof![Just('&'), Just(';')],
+                ),
+                0..6,
+            ),
+        ) {
+            let is_token = |name: &str| {
+                matches!(name, "access_token" | "%61ccess_token" | "access%5Ftoken")
+            };
+            let (mut query, mut expected) = (String::new(), String::new());
+            for (i, (name, value, separator)) in pairs.iter().enumerate() {
+                if i > 0 {
+                    query.push(*separator);
+                    expected.push(*separator);
+                }
+                query.push_str(name);
+                expected.push_str(name);
+                if let Some(value) = value {
+                    query.push('=');
+                    query.push_str(value);
+                    expected.push('=');
+                    expected.push_str(if is_token(name) { "REDACTED" } else { value });
+                }
+            }
+            // A path with `?` in it already holds the query's start.
+            let target = format!("{}?{query}", path.replace('?', ""));
+            let wanted = format!("{}?{expected}", path.replace('?', ""));
+            let redacted = without_query_tokens(&target);
+            // A value may itself hold `=`: only the first `=` of a pair ends its name.
+            prop_assert_eq!(redacted.as_ref(), wanted.as_str());
+            if redacted.contains("REDACTED") {
+                prop_assert!(pairs.iter().any(|(n, v, _)| is_token(n) && v.is_some()));
+            }
+        }
+
         #[test]
         fn the_written_record_is_serde_jsons_byte_for_byte(
             request in request(),
