@@ -119,6 +119,29 @@ proptest! {
         }
         fuzzing::policy::check(lines.join("\n").as_bytes());
     }
+
+    #[test]
+    fn query_tokens_are_redacted_and_nothing_else_moves(
+        pairs in vec(
+            (
+                select(&["access_token", "%61ccess_token", "access%5Ftoken", "access_tokenx", "a", ""][..]),
+                "[=a-zA-Z0-9.%+-]{0,8}",
+                select(&["&", ";", "&&", "=" ][..]),
+            ),
+            0..6,
+        ),
+    ) {
+        let query: String = pairs.iter().map(|(n, v, sep)| format!("{n}={v}{sep}")).collect();
+        fuzzing::query::check(format!("/orders?{query}").as_bytes());
+    }
+
+    #[test]
+    fn the_tracestate_bound_truncates_as_w3c_says(
+        members in vec(("[a-z][a-z0-9_-]{0,20}", "[!-+--<>-~]{0,140}", select(&[",", " ,", ",\t", ",,"][..])), 0..40),
+    ) {
+        let text: String = members.iter().map(|(k, v, sep)| format!("{k}={v}{sep}")).collect();
+        fuzzing::tracestate::check(text.as_bytes());
+    }
 }
 
 /// One JSON member `"name": value`, names from a small set so that they repeat.

@@ -2,7 +2,8 @@
 //! when one is broken. Each parser is held to a twin: the maintained library it replaces on the
 //! request path (prost for the `CheckRequest` reader, tonic for the gRPC message reader,
 //! serde_json for the JWS reader, a regex for path globs, `grpc-timeout` and the B3 trace
-//! headers), or a property where there is no library (path normalisation, the policy loader).
+//! headers, opentelemetry for the `tracestate` bound), or a property where there is no library
+//! (path normalisation, the policy loader, the redaction of query tokens in records).
 //!
 //! Three callers share them: the cargo-fuzz targets under `fuzz/` (libFuzzer, nightly), the test
 //! that replays every committed corpus entry and crash on stable (`tests/fuzz_corpus.rs`), and the
@@ -15,6 +16,8 @@ pub mod jws;
 pub mod path;
 pub mod pattern;
 pub mod policy;
+pub mod query;
+pub mod tracestate;
 
 /// One fuzz target: its name (`fuzz/fuzz_targets/<name>.rs`, corpus `fuzz/corpus/<name>/`), the
 /// invariant (panics when bytes break it) and the inputs its corpus starts from.
@@ -59,5 +62,15 @@ pub const TARGETS: &[Target] = &[
         name: "policy",
         check: policy::check,
         seeds: policy::seeds,
+    },
+    Target {
+        name: "query",
+        check: query::check,
+        seeds: query::seeds,
+    },
+    Target {
+        name: "tracestate",
+        check: tracestate::check,
+        seeds: tracestate::seeds,
     },
 ];

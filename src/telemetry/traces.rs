@@ -255,6 +255,9 @@ pub const MAX_TRACESTATE_BYTES: usize = 512;
 /// The longest `tracestate` member kept when one over [`MAX_TRACESTATE_BYTES`] is truncated.
 const MAX_TRACESTATE_MEMBER_BYTES: usize = 128;
 
+/// The most members a `tracestate` list holds (W3C Trace Context, §3.3.1.1).
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
 /// `tracestate` within [`MAX_TRACESTATE_BYTES`], as W3C Trace Context (§3.3.1.5) has a vendor
 /// truncate: first the members longer than 128 characters go, then members from the end until
 /// the rest fits. One that fits is kept as it is (borrowed).
@@ -262,16 +265,19 @@ pub fn bounded_tracestate(tracestate: &str) -> Cow<'_, str> {
     if tracestate.len() <= MAX_TRACESTATE_BYTES {
         return Cow::Borrowed(tracestate);
     }
-    let mut kept = String::new();
+    let (mut kept, mut members) = (String::new(), 0);
     for member in tracestate
         .split(',')
         .map(|m| m.trim_matches([' ', '\t']))
         .filter(|m| !m.is_empty() && m.len() <= MAX_TRACESTATE_MEMBER_BYTES)
     {
         let separator = usize::from(!kept.is_empty());
-        if kept.len() + separator + member.len() > MAX_TRACESTATE_BYTES {
+        if kept.len() + separator + member.len() > MAX_TRACESTATE_BYTES
+            || members == MAX_TRACESTATE_MEMBERS
+        {
             break;
         }
+        members += 1;
         if separator == 1 {
             kept.push(',');
         }
@@ -547,7 +553,7 @@ mod tests {
         assert_eq!(bounded_tracestate(&flood), "");
         // Short members are kept in order, up to the bound; the long one goes first.
         let long = format!("long={}", "v".repeat(200));
-        // 60 members of 11 bytes: 42 fit in 512 with their commas.
+        // 60 members of 11 bytes: 42 would fit in 512 with their commas, but a list holds 32.
         let members: Vec<String> = (0..60).map(|i| format!("m{i:02}=value{i:02}")).collect();
         let text = format!("{} , {long},\t{}", members[0], members[1..].join(","));
         let bounded = bounded_tracestate(&text);
@@ -560,7 +566,13 @@ mod tests {
                 .map(String::as_str)
                 .collect::<Vec<_>>()
         );
-        assert_eq!(kept.len(), 42);
+        assert_eq!(kept.len(), MAX_TRACESTATE_MEMBERS);
+        // Members of 30 bytes: 16 fit in 512 bytes, before the count is reached.
+        let wide: Vec<String> = (0..40)
+            .map(|i| format!("w{i:02}={}", "x".repeat(26)))
+            .collect();
+        let text = wide.join(",");
+        assert_eq!(bounded_tracestate(&text), wide[..16].join(","));
     }
 
     #[test]
