@@ -249,7 +249,7 @@ pub fn accept(
     let slots = Arc::new(Semaphore::new(max.max(1)));
     let sources = (max_per_source > 0).then(|| Sources::new(max_per_source));
     tokio::spawn(async move {
-        let mut last_warned: Option<Instant> = None;
+        let warnings = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
@@ -292,9 +292,12 @@ pub fn accept(
                 Err(error) => error,
             };
             metrics::global().record_accept_error();
-            if last_warned.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
-                tracing::warn!(%error, "accepting a gRPC connection failed; pausing before the next");
-                last_warned = Some(Instant::now());
+            if let Some(unlogged) = warnings.admit() {
+                tracing::warn!(
+                    %error,
+                    unlogged,
+                    "accepting a gRPC connection failed; pausing before the next"
+                );
             }
             drop(permit);
             tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
