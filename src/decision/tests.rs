@@ -437,6 +437,15 @@ fn malformed_credentials_are_400_invalid_request() {
             Reason::MultipleCredentials,
         ),
         (
+            "header token plus access_token after a ';' separator",
+            http_request(
+                &bearer(&a),
+                "POST",
+                &format!("/payments/wire?dry_run=1;access_token={b}"),
+            ),
+            Reason::MultipleCredentials,
+        ),
+        (
             "credential refused by the adapter",
             AccessRequest {
                 credential: PresentedCredential::Unusable(CredentialProblem::MultipleCredentials),

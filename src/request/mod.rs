@@ -265,13 +265,15 @@ impl HttpAttributes {
         }
     }
 
-    /// Whether the query string carries an RFC 6750 `access_token` parameter.
+    /// Whether the query string carries an RFC 6750 `access_token` parameter. Pairs are split
+    /// at `;` as well as `&`: some servers read `;` as a separator, and a token one of them would
+    /// find beside the header's is a second credential.
     pub fn has_query_token(&self) -> bool {
         let query = match self.target.split_once('?') {
             Some((_, q)) => q,
             None => return false,
         };
-        query.split('&').any(|pair| {
+        query.split(['&', ';']).any(|pair| {
             let name = pair.split('=').next().unwrap_or_default();
             is_access_token_name(name)
         })
@@ -410,6 +412,7 @@ mod tests {
     fn finds_access_token_query_parameter() {
         let http = |t: &str| HttpAttributes::new("GET", "h", t, Headers::default());
         assert!(http("/a?x=1&access_token=abc").has_query_token());
+        assert!(http("/a?x=1;access_token=abc").has_query_token());
         assert!(!http("/a?my_access_token=abc").has_query_token());
         assert!(http("/a?%61ccess_token=abc").has_query_token());
         assert!(http("/a?access%5Ftoken=abc").has_query_token());
