@@ -6,7 +6,10 @@
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use common::{Server, Spawn, TempPolicy, demo_policy_without_risk, entra, mint};
 use serde_json::Value;
@@ -25,6 +28,15 @@ fn policy(name: &str, records: &str, hashed: bool) -> TempPolicy {
         std::fs::write(key, "9f1c2b7e4d5a6c3b8e0f1a2d3c4b5a69\n").unwrap();
     }
     policy
+}
+
+/// The demo policy with `records` (writing `decisions.jsonl` beside it), served: (policy, the
+/// records file, server).
+async fn recording(name: &str, records: &str) -> (TempPolicy, PathBuf, Server) {
+    let policy = policy(name, records, false);
+    let file = policy.path.parent().unwrap().join("decisions.jsonl");
+    let server = Server::start(&policy.path).await;
+    (policy, file, server)
 }
 
 fn read_records(path: &Path) -> Vec<Value> {
@@ -64,13 +76,11 @@ async fn decide(server: &Server, token: &str, operation: &str, amount: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_per_decision_with_its_facts_and_never_the_token() {
-    let policy = policy(
+    let (_policy, file, server) = recording(
         "records",
         "records:\n  enabled: true\n  path: decisions.jsonl\n  attributes: [amount]\n",
-        false,
-    );
-    let file = policy.path.parent().unwrap().join("decisions.jsonl");
-    let server = Server::start(&policy.path).await;
+    )
+    .await;
     let token = mint(&TokenSpec {
         subject: "alice".into(),
         ..entra(&["c1"], &["cp1"])
@@ -126,13 +136,11 @@ async fn a_record_per_decision_with_its_facts_and_never_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_request_makes_a_small_record_and_a_query_token_is_never_recorded() {
-    let policy = policy(
+    let (_policy, file, server) = recording(
         "records-hostile",
         "records:\n  enabled: true\n  path: decisions.jsonl\n",
-        false,
-    );
-    let file = policy.path.parent().unwrap().join("decisions.jsonl");
-    let server = Server::start(&policy.path).await;
+    )
+    .await;
     let token = mint(&entra(&["c1"], &["cp1"]));
     let mut client = DecisionServiceClient::new(server.channel().await);
     // 200 000 control characters as the operation (six bytes each once escaped in JSON), and a

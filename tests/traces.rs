@@ -205,14 +205,11 @@ async fn spans_reach_a_collector_over_tls_trusting_its_private_ca() {
     );
     server.wait_ready().await;
     let token = mint(&oidc(&[], None, &[]));
-    DecisionServiceClient::new(server.channel().await)
-        .decide(DecideRequest {
-            credential: Some(Credential::Token(token.clone())),
-            operation: "reports.read".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("Decide answers");
+    decide_reports(
+        &mut DecisionServiceClient::new(server.channel().await),
+        &token,
+    )
+    .await;
     let span = receiver
         .wait_for("a decision span over TLS", |spans| {
             spans
@@ -644,14 +641,7 @@ async fn a_failed_export_is_logged_once_a_minute_at_most() {
     let mut decide = DecisionServiceClient::new(server.channel().await);
     let mut exports_seen = 0;
     for round in 0..3 {
-        decide
-            .decide(DecideRequest {
-                credential: Some(Credential::Token(token.clone())),
-                operation: "reports.read".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("Decide answers");
+        decide_reports(&mut decide, &token).await;
         let deadline = Instant::now() + SPAN_DEADLINE;
         while *refusing.exports.lock().unwrap() <= exports_seen {
             assert!(
@@ -681,6 +671,21 @@ async fn a_failed_export_is_logged_once_a_minute_at_most() {
         metrics.lines().any(|l| l == counted),
         "{counted}\n{metrics}"
     );
+}
+
+/// One `Decide` of `reports.read` with `token` on `client`.
+async fn decide_reports(
+    client: &mut DecisionServiceClient<tonic::transport::Channel>,
+    token: &str,
+) {
+    client
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(token.to_owned())),
+            operation: "reports.read".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers");
 }
 
 /// No attribute of any span holds the token or any of its three parts.
