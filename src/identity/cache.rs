@@ -227,7 +227,8 @@ struct Room {
 
 /// An estimate, on the high side, of the memory a cached token takes: the entry in its shard,
 /// the verified token and its principal, and what it holds alone (values shared with other
-/// tokens through the interner are not counted: a few thousand of them serve every token). The
+/// tokens through the interner are not counted: a few thousand of them serve every token, and
+/// the interner holds at most `STRIPES` × `STRIPE_BYTES` of them, 4 MiB). The
 /// claims kept for the policy dominate when a CEL condition reads `claims`. The benchmark checks
 /// it against real memory (`bench/run`, rows `rss-8k-fill` and `rss-8k-nocache`).
 pub fn entry_bytes(token: &VerifiedToken) -> usize {

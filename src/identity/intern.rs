@@ -3,8 +3,12 @@
 //! Across a cache of 100 000 tokens, `iss`, the tenant, the client, `acr`, `amr`, the scope and
 //! role lists take a handful of distinct values; only the subject is really per token. Interning
 //! them keeps one copy of each (cloning is a reference count) and leaves a cached token at a few
-//! hundred bytes. Bounded: past [`MAX_VALUES`] distinct values new ones are simply not shared, so
-//! a stream of tokens with unique values cannot grow the table without limit.
+//! hundred bytes. Bounded: a value longer than [`MAX_SHARED_LEN`] bytes is never shared (values
+//! that long are rarely repeated), and past [`MAX_VALUES`] distinct values or [`STRIPE_BYTES`]
+//! bytes a stripe shares no new ones, so a stream of tokens with unique values cannot grow the
+//! tables without limit. What the tables hold outlives the tokens that brought it, and the token
+//! cache does not count it (`cache::entry_bytes`): these bounds are what keep it small, at most
+//! [`STRIPES`] × [`STRIPE_BYTES`] in all.
 //!
 //! The tables are striped per thread ([`STRIPES`]), so that verifications on several cores do
 //! not queue for one lock: each stripe shares the values its threads have seen, at most
@@ -22,6 +26,21 @@ pub const MAX_VALUES: usize = 4096;
 
 /// Stripes of the tables (threads past this many share them).
 pub const STRIPES: usize = 16;
+
+/// The longest string shared, in bytes; a list is shared only if each of its items is.
+pub const MAX_SHARED_LEN: usize = 256;
+
+/// What the values one stripe shares may take together, estimated as [`Tables`] counts it.
+pub const STRIPE_BYTES: usize = 256 * 1024;
+
+const _: () = assert!(
+    STRIPES * STRIPE_BYTES == 4 << 20,
+    "docs/limits.md and cache::entry_bytes say the interner holds at most 4 MiB"
+);
+
+/// The allocation of a shared value beyond its content: an `Arc`'s two counts, and the table's
+/// slot for it (a fat pointer).
+const OVERHEAD: usize = 4 * size_of::<usize>();
 
 #[derive(Debug)]
 pub struct Interner {
@@ -41,6 +60,8 @@ impl Default for Interner {
 pub struct Tables {
     strings: HashSet<Arc<str>, RandomState>,
     lists: HashSet<Arc<[Arc<str>]>, RandomState>,
+    /// What the shared values take, estimated: their content and [`OVERHEAD`] each.
+    bytes: usize,
 }
 
 impl Interner {
@@ -55,11 +76,14 @@ impl Interner {
 impl Tables {
     /// The shared copy of `value` (made and remembered on first sight, while there is room).
     pub fn string(&mut self, value: &str) -> Arc<str> {
+        if value.len() > MAX_SHARED_LEN {
+            return Arc::from(value);
+        }
         if let Some(shared) = self.strings.get(value) {
             return Arc::clone(shared);
         }
         let shared: Arc<str> = Arc::from(value);
-        if self.strings.len() < MAX_VALUES {
+        if self.strings.len() < MAX_VALUES && self.room_for(value.len()) {
             self.strings.insert(Arc::clone(&shared));
         }
         shared
@@ -71,11 +95,26 @@ impl Tables {
         if let Some(shared) = self.lists.get(items.as_slice()) {
             return Arc::clone(shared);
         }
+        let all_shared = items.iter().all(|item| item.len() <= MAX_SHARED_LEN);
         let shared: Arc<[Arc<str>]> = items.into();
-        if self.lists.len() < MAX_VALUES {
+        if all_shared
+            && self.lists.len() < MAX_VALUES
+            && self.room_for(shared.len() * size_of::<Arc<str>>())
+        {
             self.lists.insert(Arc::clone(&shared));
         }
         shared
+    }
+
+    /// Whether a value of `len` bytes more fits the stripe's [`STRIPE_BYTES`]; if so, it is
+    /// counted.
+    fn room_for(&mut self, len: usize) -> bool {
+        let bytes = self.bytes + len + OVERHEAD;
+        let fits = bytes <= STRIPE_BYTES;
+        if fits {
+            self.bytes = bytes;
+        }
+        fits
     }
 }
 
@@ -142,6 +181,53 @@ mod tests {
         assert!(
             !Arc::ptr_eq(&interner.string(&late), &interner.string(&late)),
             "values past the bound are not shared"
+        );
+    }
+
+    #[test]
+    fn long_values_are_not_shared() {
+        let interner = Interner::default();
+        let mut interner = interner.lock();
+        let long = "g".repeat(MAX_SHARED_LEN + 1);
+        let short = "g".repeat(MAX_SHARED_LEN);
+        assert!(!Arc::ptr_eq(
+            &interner.string(&long),
+            &interner.string(&long)
+        ));
+        assert!(Arc::ptr_eq(
+            &interner.string(&short),
+            &interner.string(&short)
+        ));
+        assert!(
+            !Arc::ptr_eq(
+                &interner.list([short.as_str(), long.as_str()]),
+                &interner.list([short.as_str(), long.as_str()])
+            ),
+            "a list with an item not shared is not shared either"
+        );
+        assert_eq!(interner.lists.len(), 0);
+    }
+
+    /// Values of the longest length shared fill a stripe's byte budget well before its count.
+    #[test]
+    fn the_table_is_bounded_in_bytes() {
+        let interner = Interner::default();
+        let mut interner = interner.lock();
+        for i in 0..MAX_VALUES {
+            let value = format!("{i:0>width$}", width = MAX_SHARED_LEN);
+            assert_eq!(&*interner.string(&value), value);
+        }
+        let each = MAX_SHARED_LEN + OVERHEAD;
+        assert_eq!(interner.strings.len(), STRIPE_BYTES / each);
+        assert!(interner.bytes <= STRIPE_BYTES);
+        let held: usize = interner.strings.iter().map(|s| s.len() + OVERHEAD).sum();
+        assert_eq!(held, interner.bytes, "what is counted is what is held");
+        let lists_before = interner.lists.len();
+        interner.list(["a", "b"]);
+        assert_eq!(
+            interner.lists.len(),
+            lists_before,
+            "a full stripe shares no new list"
         );
     }
 }
