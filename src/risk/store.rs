@@ -78,9 +78,9 @@ impl RiskState {
     }
 
     /// The block, else the revocation, that refuses a verified token of `principal` whose
-    /// fingerprint is `fingerprint`, if any: the checks the `Authorizer` applies over a decision,
-    /// in its order (a block first), for the callers that are not decided (the admin API's).
-    /// A token is issued when its `iat` says, else its `auth_time`.
+    /// fingerprint is `fingerprint`, if any: what the `Authorizer` applies over a decision and
+    /// the admin API to its bearer-token callers, in one order (a block first). A token is issued
+    /// when its `iat` says, else its `auth_time`.
     pub fn refusing(
         &self,
         principal: &Principal,
@@ -93,14 +93,9 @@ impl RiskState {
         {
             return Some(Refusal::Blocked(block));
         }
-        self.revoking(principal, now).map(Refusal::Revoked)
-    }
-
-    /// The revocation of `principal`'s subject a token of theirs was issued before (its `iat`,
-    /// else its `auth_time`), if any.
-    pub fn revoking(&self, principal: &Principal, now: i64) -> Option<Arc<Revocation>> {
         self.revocations
             .revoking(&principal.subject, principal.issued(), now)
+            .map(Refusal::Revoked)
     }
 
     /// Whether a shared store is configured and currently unreachable.

@@ -14,16 +14,16 @@ use crate::{
     challenge,
     decision::{self, Decision, ExplainStep, Outcome, Reason, StepUp},
     identity::{
-        ChallengeStyle,
+        ChallengeStyle, Principal,
         keys::{self, UnknownKid},
     },
     policy::Policy,
     request::{AccessRequest, Door, HeaderLimits},
     risk::{
-        blocks::{Block, Blocks, Subject},
-        revocations::Revocations,
+        blocks::{Block, Blocks},
+        revocations::{Revocation, Revocations},
         signals::{StoreFailure, StoreSpec},
-        store::RiskState,
+        store::{Refusal, RiskState},
     },
     telemetry::{self, records::RecordSink, traces},
 };
@@ -222,8 +222,7 @@ impl Authorizer {
                     let now_ms = unix_now_ms();
                     decision = (self.engine)(&policy, request, now_ms.div_euclid(1000), now_ms);
                 }
-                let decision = self.apply_blocks(decision, now);
-                self.apply_revocations(decision, &policy, now)
+                self.apply_refusal(decision, &policy, now)
             };
         self.risk.record(&policy, request, &decision, now_ms);
         telemetry::log_decision(door, &decision, started.elapsed());
@@ -238,82 +237,91 @@ impl Authorizer {
 }
 
 impl Authorizer {
-    /// A decision on a verified token whose subject, tenant, client or fingerprint an operator
-    /// blocked becomes `403 blocked`, whatever the policy said. Only a verified token can be
-    /// blocked: a refused one is refused already.
-    fn apply_blocks(&self, decision: Decision, now: i64) -> Decision {
+    /// A decision on a verified token the risk state refuses ([`RiskState::refusing`], the one
+    /// place that says in which order) is overridden:
+    /// - one whose subject, tenant, client or fingerprint an operator blocked becomes
+    ///   `403 blocked`, whatever the policy said;
+    /// - one issued before its subject's sessions were revoked becomes `401 session_revoked`.
+    ///
+    /// Only a verified token can be refused: a refused one is refused already.
+    fn apply_refusal(&self, decision: Decision, policy: &Policy, now: i64) -> Decision {
         let Some(principal) = &decision.principal else {
             return decision;
         };
-        let who = Subject::of_token(principal, decision.token_fingerprint.as_deref());
-        let Some(block) = self.risk.blocks().matching(who, now) else {
-            return decision;
-        };
-        let denied = blocked(Reason::Blocked, &block, !decision.explain.is_empty());
-        overridden(decision, denied)
+        let refused =
+            match self
+                .risk
+                .refusing(principal, decision.token_fingerprint.as_deref(), now)
+            {
+                None => return decision,
+                Some(Refusal::Blocked(block)) => {
+                    blocked(Reason::Blocked, &block, !decision.explain.is_empty())
+                }
+                Some(Refusal::Revoked(revocation)) => {
+                    revoked(principal, &revocation, policy, !decision.explain.is_empty())
+                }
+            };
+        overridden(decision, refused)
     }
+}
 
-    /// A decision on a verified token issued before its subject's sessions were revoked becomes
-    /// `401 session_revoked`: for an Entra issuer and a client that handles claims challenges,
-    /// the challenge Entra's continuous access evaluation sends (a token whose `nbf` is at least
-    /// the revocation time), so the client's library fetches a new token at once; for others an
-    /// `invalid_token` challenge. A block decided already stays.
-    fn apply_revocations(&self, decision: Decision, policy: &Policy, now: i64) -> Decision {
-        let Some(principal) = &decision.principal else {
-            return decision;
-        };
-        if decision.reason == Reason::Blocked {
-            return decision;
-        }
-        let Some(revocation) = self.risk.revoking(principal, now) else {
-            return decision;
-        };
-        let message = "this session was revoked: sign in again";
-        let entra = policy
-            .issuers
-            .by_id(&principal.issuer_id)
-            .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
-            .filter(|_| principal.claims_challenge_capable);
-        let mut revoked = match entra {
-            Some(issuer) => {
-                // The value is a string, as Entra sends it.
-                let claims = serde_json::json!({
-                    "access_token": {"nbf": {"essential": true, "value": revocation.before.to_string()}}
-                })
-                .to_string();
-                let encoded = challenge::encode_claims(&claims);
-                let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
-                d.www_authenticate = Some(challenge::entra_claims(&issuer.entra, &encoded));
-                d.step_up = Some(StepUp {
-                    style: "entra",
-                    claims: Some((claims, encoded)),
-                    ..StepUp::default()
-                });
-                d
-            }
-            None => {
-                let mut d = Decision::refusal(401, Reason::SessionRevoked, message);
-                d.www_authenticate = Some(challenge::invalid_token(&policy.realm, message));
-                d
-            }
-        };
-        if !decision.explain.is_empty() {
-            revoked.explain.push(ExplainStep {
-                stage: "revocation",
-                detail: format!(
-                    "sessions of {:?} issued before {} are revoked ({}); this token's: {}",
-                    principal.subject,
-                    revocation.before,
-                    revocation.reason_id,
-                    principal
-                        .issued()
-                        .map_or_else(|| "unknown".to_owned(), |t| t.to_string())
-                ),
+/// `401 session_revoked` for a token issued before `revocation`: for an Entra issuer and a client
+/// that handles claims challenges, the challenge Entra's continuous access evaluation sends (a
+/// token whose `nbf` is at least the revocation time), so the client's library fetches a new token
+/// at once; for others an `invalid_token` challenge.
+fn revoked(
+    principal: &Principal,
+    revocation: &Revocation,
+    policy: &Policy,
+    explain: bool,
+) -> Decision {
+    let message = "this session was revoked: sign in again";
+    let entra = policy
+        .issuers
+        .by_id(&principal.issuer_id)
+        .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
+        .filter(|_| principal.claims_challenge_capable);
+    let mut revoked = match entra {
+        Some(issuer) => {
+            // The value is a string, as Entra sends it.
+            let claims = serde_json::json!({
+                "access_token": {"nbf": {"essential": true, "value": revocation.before.to_string()}}
+            })
+            .to_string();
+            let encoded = challenge::encode_claims(&claims);
+            let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
+            d.www_authenticate = Some(challenge::entra_claims(&issuer.entra, &encoded));
+            d.step_up = Some(StepUp {
+                style: "entra",
+                claims: Some((claims, encoded)),
+                ..StepUp::default()
             });
+            d
         }
-        overridden(decision, revoked)
+        None => {
+            let mut d = Decision::refusal(401, Reason::SessionRevoked, message);
+            d.www_authenticate = Some(challenge::invalid_token(&policy.realm, message));
+            d
+        }
+    };
+    if explain {
+        revoked.explain.push(ExplainStep {
+            stage: "revocation",
+            detail: format!(
+                "sessions of {:?} issued before {} are revoked ({}); this token's: {}",
+                principal.subject,
+                revocation.before,
+                revocation.reason_id,
+                principal
+                    .issued()
+                    .map_or_else(|| "unknown".to_owned(), |t| t.to_string())
+            ),
+        });
     }
+    revoked
+}
 
+impl Authorizer {
     /// Answers a call that failed while it was being decided (a panic, caught at its front door):
     /// a `500 internal_error` denial, logged and counted like any decision.
     pub fn failed(
