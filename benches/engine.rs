@@ -3,7 +3,8 @@
 //!
 //! - `decide/*`: the whole `decide()` for a request shaped like an Envoy `Check` — cached and
 //!   uncached token verification (RS256, ES256), a step-up with the Entra claims challenge, a
-//!   `Decide` call with a CEL escalation;
+//!   `Decide` call with a CEL escalation, an anonymous `Decide` with 1000 attribute values
+//!   against 20 matcher conditions;
 //! - `check/*`: the whole `Check` path minus the transport — an encoded Envoy `CheckRequest`
 //!   decoded, read into an `AccessRequest`, decided, rendered as a `CheckResponse` and encoded
 //!   (`allow_cached_token`), against the empty server's share of the same work: envoy-types'
@@ -140,6 +141,30 @@ fn decide_benches(c: &mut Criterion) {
     assert_eq!(decide(&cached, &escalation, NOW).outcome, Outcome::StepUp);
     group.bench_function("decide_cel_escalation", |b| {
         b.iter(|| decide(&cached, black_box(&escalation), NOW))
+    });
+
+    // An anonymous `Decide` with as many attribute values as the default limit admits, against
+    // rules whose conditions read `request`: the matcher conditions run before the missing token
+    // is answered, each against the request's attributes.
+    let rules: String = (0..20)
+        .map(|i| {
+            format!(
+                "  - id: bulk-{i}\n    match: {{ operation: bulk.op, when: 'request.attributes.k0 == \"v{i}\"' }}\n    require: {{ authenticated: true }}\n"
+            )
+        })
+        .collect();
+    let conditions = policy_with_rule(&rules);
+    let attributes: serde_json::Map<String, serde_json::Value> = (0..1000)
+        .map(|i| (format!("k{i}"), json!(format!("value {i}"))))
+        .collect();
+    let anonymous = AccessRequest {
+        operation: Some("bulk.op".into()),
+        attributes,
+        ..AccessRequest::default()
+    };
+    assert_eq!(decide(&conditions, &anonymous, NOW).outcome, Outcome::Deny);
+    group.bench_function("decide_anonymous_1000_attributes_20_conditions", |b| {
+        b.iter(|| decide(&conditions, black_box(&anonymous), NOW))
     });
 
     let mut bad = rs256.clone();

@@ -350,7 +350,7 @@ impl<'p> Run<'p> {
             self.step("default", || {
                 format!("no rule matched; default is {:?}", policy.default)
             });
-            return match (policy.default, token) {
+            return match (policy.default, token.as_ref()) {
                 (_, None) => self.token_missing(),
                 (DefaultAction::Deny, Some(token)) => {
                     let message = "no rule matches this request and the policy denies by default";
@@ -359,7 +359,7 @@ impl<'p> Run<'p> {
                     d
                 }
                 (DefaultAction::AllowAuthenticated, Some(token)) => {
-                    self.allow(Reason::DefaultAllowed, None, Some(&token))
+                    self.allow(Reason::DefaultAllowed, None, Some(token))
                 }
             };
         };

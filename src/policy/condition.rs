@@ -4,7 +4,11 @@
 //! `context`), `claims` (the verified token's claims; empty without a token), `now` (unix seconds)
 //! and `risk` (the request's count of each risk signal, by name).
 
-use std::{cell::OnceCell, collections::HashMap, sync::Arc};
+use std::{
+    cell::{Cell, OnceCell, Ref, RefCell},
+    collections::HashMap,
+    sync::Arc,
+};
 
 use cel::{
     Context, Env, Program, Value,
@@ -97,16 +101,8 @@ impl Condition {
     /// Evaluates to a boolean. Any error, or a non-boolean result, is an `Err` with a message; the
     /// caller decides what failing closed means at its place.
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
-        let mut ctx = Context::with_env(Arc::clone(input.env));
-        if self.uses.request {
-            ctx.add_variable_as_val("request", input.request(self.uses.headers));
-        }
-        if self.uses.claims {
-            ctx.add_variable_as_val("claims", input.claims());
-        }
-        if self.uses.now {
-            ctx.add_variable_as_val("now", Box::new(CelInt::from(input.now)));
-        }
+        let shared = input.shared(self.uses);
+        let mut ctx = shared.new_inner_scope();
         if self.uses.risk {
             ctx.add_variable_as_val("risk", input.risk());
         }
@@ -127,9 +123,13 @@ pub fn environment() -> Arc<Env> {
     Arc::new(Env::stdlib())
 }
 
-/// The variables of one evaluation, handed to CEL as values that borrow the request's own
-/// strings and maps: nothing is copied or converted twice, and an expression that does not read a
-/// variable costs nothing for it.
+/// The variables of one request's evaluations, handed to CEL as values that borrow the request's
+/// own strings and maps: nothing is copied, an expression that does not read a variable costs
+/// nothing for it, and a variable is converted once per request, not once per condition that
+/// reads it. A request's attributes may hold `limits.max_attribute_values` values, and an
+/// anonymous caller's request is matched against every matcher condition on its path before its
+/// missing token is answered: converted for each condition, 1000 values against 20 conditions
+/// took 1.5 ms (`cargo bench --bench engine -- anonymous`).
 pub struct CelInput<'a> {
     env: &'a Arc<Env>,
     request: &'a AccessRequest,
@@ -139,6 +139,24 @@ pub struct CelInput<'a> {
     /// The risk signals' counts for this request, by name (read only by expressions that use them).
     risk_counts: Option<&'a dyn Fn() -> Map<String, Json>>,
     risk_value: OnceCell<Map<String, Json>>,
+    /// The variables converted so far (`risk` aside: each evaluation's own scope holds it), in
+    /// two scopes, the second with `request.headers` and the first without: a condition sees the
+    /// headers only if it names them, whichever conditions ran before it.
+    scopes: [Shared<'a>; 2],
+}
+
+/// One scope of variables the request's conditions share, and which of them it holds.
+#[derive(Default)]
+struct Shared<'a> {
+    context: OnceCell<RefCell<Context<'a, 'a>>>,
+    holds: Cell<Holds>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Holds {
+    request: bool,
+    claims: bool,
+    now: bool,
 }
 
 impl<'a> CelInput<'a> {
@@ -157,7 +175,41 @@ impl<'a> CelInput<'a> {
             now,
             risk_counts: None,
             risk_value: OnceCell::new(),
+            scopes: Default::default(),
         }
+    }
+
+    /// The scope of variables for an expression that `uses` them, with every one it reads (but
+    /// `risk`) converted.
+    fn shared(&self, uses: Uses) -> Ref<'_, Context<'a, 'a>> {
+        let scope = &self.scopes[usize::from(uses.headers)];
+        let context = scope
+            .context
+            .get_or_init(|| RefCell::new(Context::with_env(Arc::clone(self.env))));
+        let holds = scope.holds.get();
+        let missing = Holds {
+            request: uses.request && !holds.request,
+            claims: uses.claims && !holds.claims,
+            now: uses.now && !holds.now,
+        };
+        if missing.request || missing.claims || missing.now {
+            let mut context = context.borrow_mut();
+            if missing.request {
+                context.add_variable_as_val("request", self.request(uses.headers));
+            }
+            if missing.claims {
+                context.add_variable_as_val("claims", self.claims());
+            }
+            if missing.now {
+                context.add_variable_as_val("now", Box::new(CelInt::from(self.now)));
+            }
+            scope.holds.set(Holds {
+                request: holds.request || missing.request,
+                claims: holds.claims || missing.claims,
+                now: holds.now || missing.now,
+            });
+        }
+        context.borrow()
     }
 
     /// Where `risk` comes from: called at most once, by the first expression that reads it.
@@ -494,6 +546,64 @@ mod tests {
         assert_eq!(reads("size(request['head' + 'ers']) == 0"), Ok(true));
         assert_eq!(reads("request.headers['x-device'] == 'managed'"), Ok(true));
         assert_eq!(reads("claims.tid == 't1' && now == 5"), Ok(true));
+        // The headers are converted for this request now, and still only seen where named.
+        assert_eq!(reads("size(request['head' + 'ers']) == 0"), Ok(true));
+    }
+
+    /// One request's conditions share what they convert: each, whatever ran before it on the
+    /// same input, answers as it does alone.
+    #[test]
+    fn conditions_sharing_a_request_answer_as_they_do_alone() {
+        let env = environment();
+        let mut headers = crate::request::Headers::default();
+        headers.insert("x-device".to_owned(), "managed".to_owned());
+        let request = AccessRequest {
+            operation: Some("payments.wire_transfer".into()),
+            http: Some(crate::request::HttpAttributes::new(
+                "GET", "h", "/a", headers,
+            )),
+            attributes: json!({"amount": 25000}).as_object().unwrap().clone(),
+            ..Default::default()
+        };
+        let claims = json!({"tid": "t1"}).as_object().unwrap().clone();
+        let risk = || json!({"failures": 3}).as_object().unwrap().clone();
+        let input = || CelInput::new(&env, &request, Some("/a"), Some(&claims), 5).with_risk(&risk);
+        let sources = [
+            "request.attributes.amount > 10000",
+            "request.headers['x-device'] == 'managed'",
+            "size(request['head' + 'ers']) == 0",
+            "claims.tid == 't1'",
+            "risk.failures >= 3 && now == 5",
+            "request.operation.startsWith('payments.') && claims.tid == 't2'",
+            "request.attributes.missing > 1",
+            "'x-device' in request.headers && risk.failures == 3",
+        ];
+        let conditions: Vec<Condition> = sources
+            .iter()
+            .map(|source| Condition::compile(&env, source).unwrap())
+            .collect();
+        let alone: Vec<_> = conditions.iter().map(|c| c.evaluate(&input())).collect();
+        assert_eq!(
+            alone.iter().filter(|r| r == &&Ok(true)).count(),
+            6,
+            "{alone:?}"
+        );
+        for order in [
+            [0, 1, 2, 3, 4, 5, 6, 7],
+            [7, 6, 5, 4, 3, 2, 1, 0],
+            [1, 2, 0, 6, 3, 5, 7, 4],
+        ] {
+            let shared = input();
+            for i in order {
+                assert_eq!(conditions[i].evaluate(&shared), alone[i], "{}", sources[i]);
+                assert_eq!(
+                    conditions[i].evaluate(&shared),
+                    alone[i],
+                    "{} again",
+                    sources[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -35,7 +35,8 @@ impl Door {
 /// defaults admit what Envoy admits with its own defaults (100 headers, 60 KiB), with room for the
 /// headers Envoy adds itself before asking (`x-request-id`, `x-forwarded-*`, `x-envoy-*`). The
 /// attribute bounds keep what an anonymous caller's attributes cost (each value is converted to
-/// JSON and then to CEL for every condition that reads it) a small multiple of a decision.
+/// JSON, and to CEL once per request if a condition reads `request`) a small multiple of a
+/// decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderLimits {
     /// Header entries, pseudo-headers and repeated names included.
