@@ -214,6 +214,84 @@ async fn a_hostile_request_makes_a_small_record_and_a_query_token_is_never_recor
     assert!(records[2].get("truncated").is_none(), "{}", records[2]);
 }
 
+/// What a caller without a credential can make is bounded per second; a verified caller's
+/// records are all kept beside them, and nothing goes uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_without_a_verified_token_are_recorded_at_most_unverified_per_second() {
+    let policy = policy(
+        "records-unverified",
+        "records:\n  enabled: true\n  path: decisions.jsonl\n  unverified_per_second: 5\n",
+        false,
+    );
+    let file = policy.path.parent().unwrap().join("decisions.jsonl");
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let token = mint(&entra(&["c1"], &["cp1"]));
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let (first, mut forged) = (second(), token.clone());
+    forged.push('x');
+    const ANONYMOUS: usize = 60;
+    for i in 0..ANONYMOUS {
+        // No token, and a token whose signature does not verify: neither is a verified caller.
+        let credential = (i % 2 == 1).then(|| Credential::Token(forged.clone()));
+        let refused = client
+            .decide(DecideRequest {
+                credential,
+                operation: "payments.wire_transfer".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("Decide answers")
+            .into_inner();
+        assert_eq!(refused.http_status, 401, "{refused:?}");
+    }
+    let last = second();
+    for _ in 0..3 {
+        decide(&server, &token, "payments.wire_transfer", 100.0).await;
+    }
+    wait_records(&file, 3 + 5).await;
+    // The writer flushes every 100 ms: anything still queued is written by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records_now = read_records(&file);
+    let verified = records_now
+        .iter()
+        .filter(|r| r.get("token").is_some())
+        .count();
+    let unverified = records_now.len() - verified;
+    assert_eq!(verified, 3, "every verified decision is recorded");
+    let bound = 5 * (last - first + 1) as usize;
+    assert!(
+        (5..=bound).contains(&unverified),
+        "{unverified} records of {ANONYMOUS} decisions without a verified token in {} s",
+        last - first + 1
+    );
+    let metrics = server.scrape().await;
+    for series in [
+        format!(
+            "stepgate_records_total{{result=\"written\"}} {}",
+            records_now.len()
+        ),
+        format!(
+            "stepgate_records_total{{result=\"rate_limited\"}} {}",
+            ANONYMOUS - unverified
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     let policy = policy(

@@ -66,6 +66,9 @@ pub struct RecordsConfig {
     /// Share of ALLOWs recorded, 0 to 1 (every STEP_UP and DENY is).
     #[serde(default = "default_records_allow_sample")]
     pub allow_sample: f64,
+    /// Records of decisions without a verified token kept per second at most (`0`: all).
+    #[serde(default = "default_records_unverified_per_second")]
+    pub unverified_per_second: u32,
     /// `Decide` attributes recorded (none by default).
     #[serde(default)]
     pub attributes: Vec<String>,
@@ -83,6 +86,7 @@ impl Default for RecordsConfig {
             max_bytes: default_records_max_bytes(),
             keep: default_records_keep(),
             allow_sample: default_records_allow_sample(),
+            unverified_per_second: default_records_unverified_per_second(),
             attributes: Vec::new(),
             subject_key_file: None,
         }
@@ -100,6 +104,9 @@ fn default_records_keep() -> u32 {
 }
 fn default_records_allow_sample() -> f64 {
     1.0
+}
+fn default_records_unverified_per_second() -> u32 {
+    100
 }
 
 /// The `risk:` section.

@@ -899,6 +899,7 @@ fn compile_records(
         max_bytes: c.max_bytes.0,
         keep: c.keep,
         allow_sample_ppm: (c.allow_sample * 1_000_000.0).round() as u32,
+        unverified_per_second: c.unverified_per_second,
         attributes: c.attributes.clone(),
         subject_key,
     })

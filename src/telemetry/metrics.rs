@@ -806,7 +806,7 @@ impl Collector for Exposition {
 
         let mut family = encoder.encode_descriptor(
             "stepgate_records",
-            "Decision records: written, dropped (the queue was full or the file could not be written) and ALLOWs sampled out",
+            "Decision records: written, dropped (the queue was full or the file could not be written), ALLOWs sampled out, and decisions without a verified token past records.unverified_per_second (rate_limited)",
             None,
             MetricType::Counter,
         )?;

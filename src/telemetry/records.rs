@@ -8,6 +8,12 @@
 //!   policy reads); the decision (rule, outcome, reason, status, shadow outcomes, the challenge
 //!   asked). Never a token, a signature or a claim the policy does not read.
 //! - **Sampling.** Every STEP_UP and DENY is kept; ALLOWs are kept at `allow_sample`.
+//! - **What anyone can make.** A decision without a verified token (no token, a refused one, a
+//!   malformed request, a blocked source) is what a caller with no credential can cause as fast
+//!   as stepgate decides; at most `unverified_per_second` of those are recorded each second, so
+//!   that a flood of them cannot rotate every other record out of the kept files. The rest are
+//!   counted (`stepgate_records_total{result="rate_limited"}`), as every decision is in
+//!   `stepgate_decisions_total`.
 //! - **The request path never waits.** It formats the line and hands it to a bounded queue; a
 //!   writer thread appends to the file (or stdout) and rotates it by size. A full queue drops the
 //!   record and counts it (`stepgate_records_dropped_total`).
@@ -55,6 +61,8 @@ pub struct RecordsPolicy {
     pub keep: u32,
     /// Share of ALLOWs recorded, in millionths.
     pub allow_sample_ppm: u32,
+    /// Records of decisions without a verified token kept per second at most; `0`: all.
+    pub unverified_per_second: u32,
     /// Decide attributes recorded.
     pub attributes: Vec<String>,
     /// When set, subjects are recorded as HMAC-SHA256 under this key (hex, 32 digits).
@@ -67,6 +75,7 @@ impl std::fmt::Debug for RecordsPolicy {
             .field("enabled", &self.enabled)
             .field("path", &self.path)
             .field("allow_sample_ppm", &self.allow_sample_ppm)
+            .field("unverified_per_second", &self.unverified_per_second)
             .field("attributes", &self.attributes)
             .field(
                 "subject_key",
@@ -84,6 +93,7 @@ impl Default for RecordsPolicy {
             max_bytes: 100 * 1024 * 1024,
             keep: 5,
             allow_sample_ppm: 1_000_000,
+            unverified_per_second: 100,
             attributes: Vec::new(),
             subject_key: None,
         }
@@ -96,6 +106,9 @@ pub struct RecordSink {
     shared: Arc<Shared>,
     /// Decisions seen, for sampling ALLOWs evenly.
     seen: AtomicU64,
+    /// Records without a verified token kept in the current second: the unix second in the high
+    /// 32 bits, the count in the low.
+    unverified: AtomicU64,
     target: String,
 }
 
@@ -132,6 +145,7 @@ impl RecordSink {
         Ok(Arc::new(Self {
             shared,
             seen: AtomicU64::new(0),
+            unverified: AtomicU64::new(0),
             target,
         }))
     }
@@ -158,6 +172,14 @@ impl RecordSink {
                 return;
             }
         }
+        let now = SystemTime::now();
+        if decision.verified.is_none()
+            && policy.unverified_per_second > 0
+            && !self.admit_unverified(policy.unverified_per_second, unix_second(now))
+        {
+            metrics::global().record_record(RecordEvent::RateLimited);
+            return;
+        }
         thread_local! {
             /// The line being formatted, kept between records: formatted outside the lock and
             /// copied in under it.
@@ -165,13 +187,36 @@ impl RecordSink {
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            write_record(policy, door, request, decision, SystemTime::now(), line);
+            write_record(policy, door, request, decision, now, line);
             self.enqueue(line.as_bytes());
             if line.capacity() > 64 * 1024 {
                 // A record with very large claims: do not keep its buffer.
                 *line = String::new();
             }
         });
+    }
+
+    /// Whether one more record without a verified token fits `per_second` in `second`.
+    fn admit_unverified(&self, per_second: u32, second: u32) -> bool {
+        let mut seen = self.unverified.load(Relaxed);
+        loop {
+            let (at, kept) = ((seen >> 32) as u32, seen as u32);
+            // A thread whose clock reading is a second behind counts against the newer second.
+            let next = if at < second {
+                (u64::from(second) << 32) | 1
+            } else if kept < per_second {
+                seen + 1
+            } else {
+                return false;
+            };
+            match self
+                .unverified
+                .compare_exchange_weak(seen, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => seen = now,
+            }
+        }
     }
 
     /// Writes every record made so far and stops the writer, waiting at most [`FINISH_WAIT`] (a
@@ -220,6 +265,12 @@ impl RecordSink {
     }
 }
 
+/// The unix second of `time` (32 bits hold seconds until 2106).
+fn unix_second(time: SystemTime) -> u32 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
 /// What became of a decision's record (for `stepgate_records_total{result}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordEvent {
@@ -228,16 +279,24 @@ pub enum RecordEvent {
     Dropped,
     /// An ALLOW not kept by `allow_sample`.
     SampledOut,
+    /// A decision without a verified token past `unverified_per_second`.
+    RateLimited,
 }
 
 impl RecordEvent {
-    pub const ALL: [RecordEvent; 3] = [Self::Written, Self::Dropped, Self::SampledOut];
+    pub const ALL: [RecordEvent; 4] = [
+        Self::Written,
+        Self::Dropped,
+        Self::SampledOut,
+        Self::RateLimited,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Written => "written",
             Self::Dropped => "dropped",
             Self::SampledOut => "sampled_out",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -712,6 +771,37 @@ mod tests {
         identity::claims::Principal,
         request::{HttpAttributes, Peer},
     };
+
+    #[test]
+    fn unverified_records_are_counted_per_second_across_threads() {
+        let sink = RecordSink {
+            shared: Arc::default(),
+            seen: AtomicU64::new(0),
+            unverified: AtomicU64::new(0),
+            target: "test".into(),
+        };
+        let admitted = |second| {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| (0..50).filter(|_| sink.admit_unverified(7, second)).count())
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .sum::<usize>()
+            })
+        };
+        assert_eq!(admitted(1_000), 7);
+        assert_eq!(admitted(1_001), 7, "a new second starts a new count");
+        assert_eq!(
+            admitted(1_000),
+            0,
+            "a late clock reading counts against the newer second"
+        );
+        assert_eq!(admitted(u32::MAX), 7);
+    }
 
     #[derive(Serialize)]
     struct Record<'a> {
