@@ -518,3 +518,250 @@ async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
     let whole = send(&mut client, call(DECIDE, &[]), vec![frame(&[])]).await;
     assert_eq!(whole.grpc_status, "0");
 }
+
+/// A connection whose client never gives its answers room (an HTTP/2 window of 0, never
+/// updated), with `calls` allowed `Check`s sent on it: (its driver, the answers' bodies).
+async fn connection_taking_no_answers(
+    server: &Server,
+    calls: usize,
+) -> (tokio::task::JoinHandle<()>, Vec<h2::RecvStream>) {
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("HTTP/2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.expect("ready");
+    let check = Bytes::from(frame(&allowed_check()));
+    let mut answers = Vec::new();
+    for _ in 0..calls {
+        let (response, mut stream) = client.send_request(call(CHECK, &[]), false).expect("sends");
+        stream.send_data(check.clone(), true).expect("sends data");
+        answers.push(response);
+        client = client.ready().await.expect("ready");
+    }
+    // The heads come (HEADERS are not flow-controlled); the answers cannot.
+    let mut bodies = Vec::new();
+    for response in answers {
+        let response = response.await.expect("an answer's head");
+        assert_eq!(response.status(), 200);
+        bodies.push(response.into_body());
+    }
+    (driver, bodies)
+}
+
+/// Waits until `driver`'s connection is closed, checking all the while that a well-behaved
+/// client on `fine` is answered.
+async fn closed_while_others_are_answered(
+    driver: &tokio::task::JoinHandle<()>,
+    fine: &mut SendRequest<Bytes>,
+    within: Duration,
+) {
+    let check = frame(&allowed_check());
+    let started = Instant::now();
+    while !driver.is_finished() {
+        assert!(
+            started.elapsed() < within,
+            "the connection that takes no answers is still open"
+        );
+        let answer = send(fine, call(CHECK, &[]), vec![check.clone()]).await;
+        assert_eq!(
+            denial(&check_response(&answer)),
+            None,
+            "others are answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Each of the connection's answers was dropped unread.
+async fn never_delivered(bodies: Vec<h2::RecvStream>) {
+    for mut body in bodies {
+        assert!(
+            !matches!(body.data().await, Some(Ok(_))),
+            "an answer arrived through a window of 0"
+        );
+    }
+}
+
+/// A client that never gives its answers room would have each of its streams hold its answer
+/// for as long as the connection lives. A unary call's stream is reset a second past its
+/// deadline, and the connection told to go away; other clients, and a health `Watch` stream
+/// (which is open by design), are untouched.
+#[tokio::test]
+async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_connection() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: vec!["--request-timeout".into(), "1s".into()],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    const STUCK: usize = 40;
+    let (stuck, bodies) = connection_taking_no_answers(&server, STUCK).await;
+
+    // A health Watch on a well-behaved connection stays open past every deadline.
+    let (mut fine, fine_driver) = connect_watched(&server).await;
+    let (watch, mut watch_stream) = fine
+        .send_request(call("/grpc.health.v1.Health/Watch", &[]), false)
+        .expect("sends");
+    watch_stream
+        .send_data(Bytes::from(frame(&[])), true)
+        .expect("sends the request");
+    let watch = watch.await.expect("the Watch's head");
+    let head = format!("{:?}", watch.headers());
+    let mut watch = watch.into_body();
+    let first = watch
+        .data()
+        .await
+        .unwrap_or_else(|| panic!("a first status: {head}"))
+        .expect("data");
+    let _ = watch.flow_control().release_capacity(first.len());
+
+    closed_while_others_are_answered(&stuck, &mut fine, Duration::from_secs(10)).await;
+    never_delivered(bodies).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), watch.data())
+            .await
+            .is_err(),
+        "the Watch stream ended"
+    );
+    assert!(
+        !fine_driver.is_finished(),
+        "the well-behaved connection closed"
+    );
+    let metrics = server.scrape().await;
+    let series = format!("stepgate_grpc_unread_answers_total {STUCK}");
+    assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(5),
+                &["a client did not take a call's answer by its deadline"]
+            )
+            .await,
+        "no warning"
+    );
+}
+
+/// Past 128 answers waiting on one connection, all of them are dropped at once and the connection
+/// told to go away, without waiting for their deadlines: a connection holds few answers its
+/// client does not take, whatever its stream limit.
+#[tokio::test]
+async fn many_unread_answers_close_their_connection_at_once() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: vec!["--request-timeout".into(), "30s".into()],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let (stuck, bodies) = connection_taking_no_answers(&server, 200).await;
+    let (mut fine, _fine_driver) = connect_watched(&server).await;
+    // Well before the 31 s its calls' deadlines would take.
+    closed_while_others_are_answered(&stuck, &mut fine, Duration::from_secs(15)).await;
+    never_delivered(bodies).await;
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(5),
+                &["a client did not take a call's answer while many others waited too"]
+            )
+            .await,
+        "no warning"
+    );
+    let metrics = server.scrape().await;
+    let unread: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stepgate_grpc_unread_answers_total "))
+        .expect("the unread answers' counter")
+        .parse()
+        .unwrap();
+    assert!(
+        (129..=200).contains(&unread),
+        "{unread} unread answers\n{metrics}"
+    );
+}
+
+/// An HTTP/2 frame: its 9-byte header (stream 0) and payload.
+fn raw_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Opens a raw connection and sends the client preface and `settings` SETTINGS frames, each
+/// changing the initial window size; then a PING. Whether the PING was answered before the
+/// server closed the connection.
+async fn ping_after_settings(server: &Server, settings: usize) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let mut tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    for i in 0..settings {
+        // SETTINGS_INITIAL_WINDOW_SIZE (4), alternately 65 535 and 65 536.
+        let mut payload = vec![0, 4];
+        payload.extend((65_535 + (i as u32 % 2)).to_be_bytes());
+        bytes.extend(raw_frame(4, 0, &payload));
+    }
+    bytes.extend(raw_frame(6, 0, b"pingpong"));
+    tcp.write_all(&bytes).await.expect("writes");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+        // A PING acknowledgement (type 6, flag ACK) carrying our payload.
+        if received
+            .windows(9 + 8)
+            .any(|w| w[3] == 6 && w[4] == 1 && &w[9..] == b"pingpong")
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Each SETTINGS frame that changes the initial window size makes the server walk every open
+/// stream; a client sending more than a client does (100 on a connection) loses the connection.
+#[tokio::test]
+async fn a_client_flooding_settings_frames_loses_its_connection() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    assert!(
+        ping_after_settings(&server, 100).await,
+        "100 SETTINGS frames are a client's right"
+    );
+    assert!(
+        !ping_after_settings(&server, 101).await,
+        "the connection of a client sending 101 SETTINGS frames is still served"
+    );
+    let metrics = server.scrape().await;
+    let series = "stepgate_grpc_settings_floods_total 1";
+    assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    // Others are served.
+    let mut client = connect(&server).await;
+    let answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]).await;
+    assert_eq!(denial(&check_response(&answer)), None);
+}

@@ -18,12 +18,13 @@
 //! Envoy reads as a denial rather than as a failure `failure_mode_allow` would let through.
 
 use std::{
+    cell::Cell,
     convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
     time::Duration,
@@ -33,8 +34,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header::CONTENT_TYPE};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{body::Incoming, server::conn::http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::{mpsc, watch};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    time::Instant,
+};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Status, body::Body as TonicBody, codegen::Service, service::Routes};
 
@@ -45,6 +49,7 @@ use super::{
     ext_authz::{CHECK_PATH, ExtAuthz},
     grpc_message,
 };
+use crate::telemetry::{metrics, throttle::Throttle};
 
 /// What one worker serves: the `Check` service and tonic's router for the rest.
 #[derive(Clone)]
@@ -111,7 +116,6 @@ pub async fn serve(
     limits: &TransportLimits,
     closing: watch::Receiver<bool>,
 ) {
-    let builder = builder(limits);
     let calls = Arc::new(calls);
     // Every connection task holds a sender; once all are dropped, `recv` returns `None`.
     let (open, mut all_closed) = mpsc::channel::<Infallible>(1);
@@ -134,7 +138,11 @@ pub async fn serve(
             calls: Arc::clone(&calls),
             activity: Arc::clone(&activity),
         };
-        let served = builder.serve_connection(TokioIo::new(connection), service);
+        let streams = Streams {
+            activity: Arc::clone(&activity),
+            remote: connection.peer().remote,
+        };
+        let served = builder(limits, streams).serve_connection(TokioIo::new(connection), service);
         let (open, mut closing) = (open.clone(), closing.clone());
         let (idle_timeout, drain) = (limits.idle_timeout, limits.request_timeout + DRAIN_GRACE);
         tokio::spawn(async move {
@@ -150,6 +158,7 @@ pub async fn serve(
                     tracing::debug!("a gRPC connection idle for {idle_timeout:?} is closed");
                     None
                 }
+                () = activity.unread.notified() => None,
             };
             // Told to go away (HTTP/2 GOAWAY), the connection finishes the calls in flight; no
             // call outlives --request-timeout, and a connection still opening or a stream that
@@ -178,9 +187,10 @@ pub async fn serve(
     let _ = all_closed.recv().await;
 }
 
-/// The HTTP/2 settings of every connection (tonic's, as stepgate configured them before).
-fn builder(limits: &TransportLimits) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+/// The HTTP/2 settings of every connection (tonic's, as stepgate configured them before), and
+/// the executor of its streams.
+fn builder(limits: &TransportLimits, streams: Streams) -> http2::Builder<Streams> {
+    let mut builder = http2::Builder::new(streams);
     builder
         .timer(TokioTimer::new())
         // No HTTP/2 keep-alive pings: with them hyper reads the clock and takes a lock on every
@@ -199,8 +209,131 @@ fn builder(limits: &TransportLimits) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// How long past `--request-timeout` a connection told to go away may take to finish.
+/// How long past `--request-timeout` a connection told to go away may take to finish, and a
+/// unary call's answer may take to reach its client.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// The calls whose answers are streams, which stay open as long as the client wants: gRPC health
+/// `Watch` and server reflection. Every other call is unary.
+const STREAMING: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// When a stream must be over.
+#[derive(Debug, Clone, Copy)]
+enum StreamEnd {
+    /// A unary call's: its deadline, and a second for its answer to reach the client.
+    By(Instant),
+    /// A streaming call's: when the client ends it (or the connection closes).
+    Open,
+}
+
+thread_local! {
+    /// The end of the stream hyper hands to the executor next. hyper calls [`Connection::call`]
+    /// as it makes a stream's future and hands that future over at once (`H2Stream::new(
+    /// service.call(req), …)`, then `execute_h2stream`), on the connection's thread: the call
+    /// sets it, [`Streams::execute`] takes it.
+    static NEXT_STREAM_ENDS: Cell<Option<StreamEnd>> = const { Cell::new(None) };
+}
+
+/// hyper's executor for one connection's streams: each runs as a task of its own (as with
+/// `TokioExecutor`), and a unary call's stream that is not over by its deadline and a second is
+/// dropped — its answer discarded, the stream reset — and its connection told to go away.
+///
+/// The answer is written once the client's HTTP/2 flow-control window has room for it. A client
+/// that never gives it room (a window of 0, never updated) would otherwise have each of its
+/// streams hold its answer, the request's headers and the stream's state (about 1.4 KiB)
+/// for as long as the connection lives: 1024 streams per connection, over every connection a
+/// client may open, without sending more than their requests. `--max-buffered-bytes` does not
+/// see it (it counts requests, not answers), and a stream whose answer head is sent no longer
+/// keeps the connection from being idle. A client that does not take its answers is broken or
+/// hostile either way; its connection goes.
+#[derive(Clone)]
+struct Streams {
+    activity: Arc<Activity>,
+    remote: Option<std::net::SocketAddr>,
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        // Without a call made just before (not hyper's order), the shortest end a call can have.
+        let ends = NEXT_STREAM_ENDS.take().unwrap_or_else(|| {
+            StreamEnd::By(Instant::now() + Duration::from_secs(1) + DRAIN_GRACE)
+        });
+        let StreamEnd::By(deadline) = ends else {
+            tokio::spawn(stream);
+            return;
+        };
+        let (activity, remote) = (Arc::clone(&self.activity), self.remote);
+        tokio::spawn(async move {
+            let _alive = Alive::new(&activity);
+            let mut stream = std::pin::pin!(stream);
+            let mut abandoned = std::pin::pin!(activity.abandon.notified());
+            let mut late = std::pin::pin!(tokio::time::sleep_until(deadline));
+            let ended = std::future::poll_fn(|cx| {
+                if stream.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                if late.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some("by its deadline"));
+                }
+                if activity.waiting() > MAX_UNREAD {
+                    return Poll::Ready(Some("while many others waited too"));
+                }
+                if activity.abandoned.load(Relaxed) || abandoned.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some("while its connection was being closed"));
+                }
+                Poll::Pending
+            })
+            .await;
+            if let Some(when) = ended {
+                unread(remote, when);
+                activity.abandon();
+            }
+        });
+    }
+}
+
+/// Answers a connection may have waiting for its client's flow-control window at once; past it,
+/// every one is dropped and the connection told to go away. A client that reads its answers has
+/// none waiting for long: a window of 64 KiB, a gRPC library's smallest, holds hundreds of them.
+const MAX_UNREAD: u32 = 128;
+
+/// A unary call's stream counted among its connection's alive ones until it ends.
+struct Alive<'a>(&'a Activity);
+
+impl<'a> Alive<'a> {
+    fn new(activity: &'a Activity) -> Self {
+        activity.alive.fetch_add(1, Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counts a call whose answer its client did not take, and says so at most every 10 s.
+fn unread(remote: Option<std::net::SocketAddr>, when: &str) {
+    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    metrics::global().record_unread_answer();
+    if let Some(unlogged) = WARNINGS.admit() {
+        let remote = remote.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
+        tracing::warn!(
+            remote,
+            unlogged,
+            "a client did not take a call's answer {when}: its unread answers are dropped, their streams reset and the connection closed (later ones within 10 s are only counted)"
+        );
+    }
+}
 
 /// One connection's calls.
 #[derive(Clone)]
@@ -212,28 +345,53 @@ struct Connection {
     activity: Arc<Activity>,
 }
 
-/// A connection's calls in flight (the low 32 bits) and calls ever started (the high 32, wrapping),
-/// in one word: a call writes it once when it starts and once when it ends, and only the worker
-/// serving the connection does.
+/// What a connection's calls have done.
 #[derive(Default)]
-struct Activity(AtomicU64);
+struct Activity {
+    /// Calls in flight (the low 32 bits) and calls ever started (the high 32, wrapping), in one
+    /// word: a call writes it once when it starts and once when it ends, and only the worker
+    /// serving the connection does.
+    calls: AtomicU64,
+    /// Unary calls' streams not over yet ([`Streams`]): those whose call is no longer in flight
+    /// (its answer's head sent) are waiting for the client to take the answer.
+    alive: AtomicU32,
+    /// Set, and signalled, once a call's answer was not taken by its client in time: every
+    /// stream waiting for its client is dropped ([`Streams`]) and the connection told to go away.
+    abandoned: AtomicBool,
+    abandon: Notify,
+    unread: Notify,
+}
 
 const ONE_CALL: u64 = 1;
 const ONE_STARTED: u64 = 1 << 32;
 
 impl Activity {
+    /// Streams whose answer is waiting for the client.
+    fn waiting(&self) -> u32 {
+        let in_flight = (self.calls.load(Relaxed) & (ONE_STARTED - 1)) as u32;
+        self.alive.load(Relaxed).saturating_sub(in_flight)
+    }
+
+    /// Drops every stream waiting for the client, and tells the connection to go away.
+    fn abandon(&self) {
+        if !self.abandoned.swap(true, Relaxed) {
+            self.abandon.notify_waiters();
+            self.unread.notify_one();
+        }
+    }
+
     fn start(self: &Arc<Self>) -> CallGuard {
-        self.0.fetch_add(ONE_CALL | ONE_STARTED, Relaxed);
+        self.calls.fetch_add(ONE_CALL | ONE_STARTED, Relaxed);
         CallGuard(Arc::clone(self))
     }
 
     /// Returns once a whole `period` has passed with no call in flight and none started: the
     /// connection has been idle between one and two periods.
     async fn idle_for(&self, period: Duration) {
-        let mut seen = self.0.load(Relaxed);
+        let mut seen = self.calls.load(Relaxed);
         loop {
             tokio::time::sleep(period).await;
-            let now = self.0.load(Relaxed);
+            let now = self.calls.load(Relaxed);
             if now == seen && now & (ONE_STARTED - 1) == 0 {
                 return;
             }
@@ -247,7 +405,7 @@ struct CallGuard(Arc<Activity>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(ONE_CALL, Relaxed);
+        self.0.calls.fetch_sub(ONE_CALL, Relaxed);
     }
 }
 
@@ -261,6 +419,11 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let timeout = deadline(request.headers(), self.calls.timeout);
         let guard = self.activity.start();
+        NEXT_STREAM_ENDS.set(Some(if STREAMING.contains(&request.uri().path()) {
+            StreamEnd::Open
+        } else {
+            StreamEnd::By(Instant::now() + timeout + DRAIN_GRACE)
+        }));
         if request.uri().path() == CHECK_PATH {
             if !self.may_check {
                 let refused = self.calls.check.caller_not_allowed(self.peer.remote);

@@ -132,6 +132,8 @@ pub struct Metrics {
     grpc_connections: AtomicI64,
     accept_errors: AtomicU64,
     connections_refused: AtomicU64,
+    unread_answers: AtomicU64,
+    settings_floods: AtomicU64,
     /// Spans of failed OTLP exports (lost).
     spans_export_failed: AtomicU64,
     risk_blocks_evicted: AtomicU64,
@@ -182,6 +184,8 @@ impl Default for Metrics {
             grpc_connections: AtomicI64::new(0),
             accept_errors: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            unread_answers: AtomicU64::new(0),
+            settings_floods: AtomicU64::new(0),
             spans_export_failed: AtomicU64::new(0),
             risk_blocks_evicted: AtomicU64::new(0),
             log_lines_dropped: AtomicU64::new(0),
@@ -446,6 +450,16 @@ impl Metrics {
     /// A connection closed on accept: its source address held `--max-connections-per-source`.
     pub fn record_connection_refused(&self) {
         self.connections_refused.fetch_add(1, Relaxed);
+    }
+
+    /// A call's answer not taken by its client by the call's deadline and a second.
+    pub fn record_unread_answer(&self) {
+        self.unread_answers.fetch_add(1, Relaxed);
+    }
+
+    /// A connection closed for sending more SETTINGS frames than a client does.
+    pub fn record_settings_flood(&self) {
+        self.settings_floods.fetch_add(1, Relaxed);
     }
 
     /// `spans` spans lost: the OTLP export that held them failed.
@@ -741,6 +755,16 @@ impl Collector for Exposition {
                 "stepgate_grpc_connections_refused",
                 "Connections closed on accept because their source address already held --max-connections-per-source",
                 &m.connections_refused,
+            ),
+            (
+                "stepgate_grpc_unread_answers",
+                "Calls whose answer the client did not take (HTTP/2 flow control) by the call's deadline and a second, or while more than 128 others on its connection waited: the stream was reset and the connection closed",
+                &m.unread_answers,
+            ),
+            (
+                "stepgate_grpc_settings_floods",
+                "Connections closed because their client sent more HTTP/2 SETTINGS frames than a client does (each makes the server walk every open stream)",
+                &m.settings_floods,
             ),
             (
                 "stepgate_trace_spans_export_failed",
