@@ -288,3 +288,60 @@ async fn a_configmap_update_reloads_under_load_without_a_failed_call_and_a_broke
         &failed[..failed.len().min(3)]
     );
 }
+
+/// Something that is not a regular file put in the policy's place (a FIFO here, standing in for
+/// a read that never returns) is refused without being read: new connections are still served,
+/// the policy in force keeps deciding, and a valid policy renamed over it afterwards is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_in_the_policys_place_is_refused_unread_and_the_server_keeps_serving() {
+    let original = demo_policy_text();
+    let policy = TempPolicy::new("reload-fifo", &original);
+    let server = Server::start(&policy.path).await;
+    let token = mint(&entra(&["c1"], &["cp1"]));
+
+    let fifo = policy.path.with_file_name("fifo.yaml");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode; mkfifo reads nothing else.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    std::fs::rename(&fifo, &policy.path).unwrap();
+    server.signal("HUP");
+    assert!(
+        server
+            .wait_for_text(Duration::from_secs(10), &["not a regular file"])
+            .await,
+        "the FIFO was not refused:\n{}",
+        server.logs_text()
+    );
+    // New connections, after the watch and the reload have looked at the FIFO.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..3 {
+        let mut client = DecisionServiceClient::new(server.channel().await);
+        assert_eq!(
+            wire_transfer(&mut client, &token).await.outcome(),
+            Outcome::Allow
+        );
+    }
+
+    // A valid policy renamed over the FIFO is applied.
+    let next = policy.path.with_file_name("next.yaml");
+    std::fs::write(
+        &next,
+        edit(
+            &original,
+            WIRE_REQUIRE,
+            "require: { auth_contexts: [c1, c2], max_age: 15m }",
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&next, &policy.path).unwrap();
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while wire_transfer(&mut client, &token).await.outcome() != Outcome::StepUp {
+        assert!(
+            Instant::now() < deadline,
+            "the valid policy was not applied within 15 s:\n{}",
+            server.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -415,7 +415,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             idle_timeout: args.idle_timeout,
         },
     };
-    match runtime.block_on(server::run(options, policy)) {
+    let served = runtime.block_on(server::run(options, policy));
+    // A blocking thread still reading a file (a stalled file system) must not keep the process
+    // from ending: what the serving left behind gets a moment, not forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -7,7 +7,11 @@ pub mod byte_size;
 pub mod duration;
 pub mod schema;
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    io::{self, Read as _},
+    path::Path,
+};
 
 pub use schema::PolicyFile;
 
@@ -61,16 +65,92 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Confi
     })
 }
 
+/// The largest file read (a policy of 100 000 rules is about 27 MB).
+pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The content of the regular file at `path` (through every link), if it holds at most
+/// [`MAX_FILE_BYTES`]. Anything else — a FIFO, a socket, a device, a folder, a larger file — is
+/// an error, found before a byte is read: opening does not wait for a FIFO's writer.
+pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_FILE_BYTES >> 20),
+        )
+    };
+    if metadata.len() > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
 /// Reads and parses a policy file.
 pub fn load(path: &Path) -> Result<PolicyFile, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+    let cannot = |e: &dyn std::fmt::Display| {
+        ConfigError::new("", format!("cannot read {}: {e}", path.display()))
+    };
+    let bytes = read_file(path).map_err(|e| cannot(&e))?;
+    let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8"))?;
     parse(&text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_within_the_bound_are_read() {
+        let dir = std::env::temp_dir().join(format!("stepgate-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("policy.yaml");
+        std::fs::write(&plain, "rules: []\n").unwrap();
+        assert_eq!(read_file(&plain).unwrap(), b"rules: []\n");
+
+        // A FIFO with no writer: refused at once rather than waited on.
+        let fifo = dir.join("fifo.yaml");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a mode; mkfifo reads nothing else.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let refused = read_file(&fifo).unwrap_err();
+        assert_eq!(refused.to_string(), "not a regular file");
+        assert_eq!(
+            read_file(&dir).unwrap_err().to_string(),
+            "not a regular file"
+        );
+
+        // One byte past the bound (a sparse file: nothing is written).
+        let large = dir.join("large.yaml");
+        std::fs::File::create(&large)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        assert_eq!(
+            read_file(&large).unwrap_err().to_string(),
+            "larger than 32 MiB"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     const MINIMAL: &str = r#"
 issuers:

@@ -7,27 +7,45 @@
 //! content, read through every link, differing from the content last seen. The content is also
 //! compared every [`RECHECK`], for file systems whose events do not arrive (some network and
 //! overlay mounts), and when no watcher can be made at all.
+//!
+//! - **Only whole files.** A change counts once two readings [`DEBOUNCE`] apart agree: a file
+//!   rewritten in place (`cat >`, `scp`, `kubectl cp`) is not read half-written while the
+//!   writer is at work. A writer that stops half-way for good still leaves half a file, which
+//!   may well parse: replace files by renaming a complete one over them (docs/operations.md).
+//! - **Only regular files, bounded** ([`read_file`]): a FIFO, a device or a file over
+//!   [`crate::config::MAX_FILE_BYTES`] is refused, not read, so that no file put in the policy's place can
+//!   stall a reader or fill the memory.
+//! - **Never on a serving thread.** Files are read on a blocking thread, waited for at most
+//!   [`READ_TIMEOUT`]: a read that hangs (a stalled network mount) holds that thread, never a
+//!   worker, and no second read of the same files starts until it returns.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use sha2::{Digest, Sha256};
-use tokio::{sync::mpsc, time::Interval};
+
+use crate::config::read_file;
+use tokio::{sync::mpsc, task::JoinHandle, time::Interval};
 
 /// Quiet time after a file event before the files are read: a ConfigMap update or an editor's
 /// save is several events.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// How often the content is compared even without an event.
 pub const RECHECK: Duration = Duration::from_secs(10);
-
+/// How long a reading of the watched files is waited for.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A set of files whose content is watched for changes.
 pub struct FileWatch {
-    paths: Vec<PathBuf>,
+    paths: Arc<[PathBuf]>,
+    what: &'static str,
     /// Digest of the content last seen (`None`: some file could not be read).
     seen: Option<[u8; 32]>,
+    /// A reading that did not finish in [`READ_TIMEOUT`], still running on its thread.
+    reading: Option<JoinHandle<Option<[u8; 32]>>>,
     events: mpsc::Receiver<()>,
     recheck: Option<Interval>,
     // Kept alive for as long as the watch: dropping it stops the watching.
@@ -35,36 +53,44 @@ pub struct FileWatch {
 }
 
 impl FileWatch {
-    /// Watches `paths` (`what` names them in the warning when their folders cannot be watched).
-    /// The content as it is now counts as seen.
-    pub fn new(paths: Vec<PathBuf>, what: &str) -> Self {
+    /// Watches `paths` (`what` names them in warnings). The content as it is now counts as seen.
+    pub async fn new(paths: Vec<PathBuf>, what: &'static str) -> Self {
         let (tx, events) = mpsc::channel(1);
         let watcher = watch_folders(&paths, tx, what);
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.reset();
-        Self {
-            seen: digest(&paths),
-            paths,
+        let mut watch = Self {
+            paths: paths.into(),
+            what,
+            seen: None,
+            reading: None,
             events,
             recheck: Some(recheck),
             _watcher: watcher,
+        };
+        if let Some(now) = watch.digest().await {
+            watch.seen = now;
         }
+        watch
     }
 
     /// A watch that never reports a change.
     pub fn disabled() -> Self {
         let (_, events) = mpsc::channel(1);
         Self {
-            paths: Vec::new(),
+            paths: Arc::new([]),
+            what: "",
             seen: None,
+            reading: None,
             events,
             recheck: None,
             _watcher: None,
         }
     }
 
-    /// Resolves once the content differs from what was last seen (which it then becomes).
-    /// Cancel-safe: dropped half-way, nothing is marked seen.
+    /// Resolves once the content differs from what was last seen (which it then becomes), and
+    /// two readings [`DEBOUNCE`] apart agree on it. Cancel-safe: dropped half-way, nothing is
+    /// marked seen.
     pub async fn changed(&mut self) {
         loop {
             let Some(recheck) = &mut self.recheck else {
@@ -80,8 +106,15 @@ impl FileWatch {
                 }
                 _ = recheck.tick() => {}
             }
-            let now = digest(&self.paths);
-            if now != self.seen {
+            let Some(now) = self.digest().await else {
+                continue;
+            };
+            if now == self.seen {
+                continue;
+            }
+            // Still being written? Read again once the writer has had time to go on.
+            tokio::time::sleep(DEBOUNCE).await;
+            if self.digest().await == Some(now) {
                 self.seen = now;
                 return;
             }
@@ -89,9 +122,40 @@ impl FileWatch {
     }
 
     /// Counts the content as it is now as seen (after a reload that another trigger started).
-    pub fn mark_seen(&mut self) {
-        if self.recheck.is_some() {
-            self.seen = digest(&self.paths);
+    pub async fn mark_seen(&mut self) {
+        if self.recheck.is_some()
+            && let Some(now) = self.digest().await
+        {
+            self.seen = now;
+        }
+    }
+
+    /// The digest of the files now, read on a blocking thread; `None` when no reading finished
+    /// (one still running from before, or this one past [`READ_TIMEOUT`]: it goes on, and is
+    /// waited for before the next).
+    async fn digest(&mut self) -> Option<Option<[u8; 32]>> {
+        let mut reading = match self.reading.take() {
+            Some(earlier) if !earlier.is_finished() => {
+                self.reading = Some(earlier);
+                return None;
+            }
+            _ => {
+                let paths = Arc::clone(&self.paths);
+                tokio::task::spawn_blocking(move || digest(&paths))
+            }
+        };
+        match tokio::time::timeout(READ_TIMEOUT, &mut reading).await {
+            Ok(done) => Some(done.unwrap_or(None)),
+            Err(_) => {
+                tracing::warn!(
+                    what = self.what,
+                    timeout = ?READ_TIMEOUT,
+                    "reading the {} did not finish in time (a stalled file system?); it is read again once that reading returns",
+                    self.what
+                );
+                self.reading = Some(reading);
+                None
+            }
         }
     }
 }
@@ -146,7 +210,7 @@ fn folder_of(path: &Path) -> PathBuf {
 fn digest(paths: &[PathBuf]) -> Option<[u8; 32]> {
     let mut hash = Sha256::new();
     for path in paths {
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = read_file(path).ok()?;
         hash.update((bytes.len() as u64).to_be_bytes());
         hash.update(bytes);
     }
@@ -156,6 +220,43 @@ fn digest(paths: &[PathBuf]) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file written in place with pauses longer than the debounce is reported once the writer
+    /// has finished, never half-written.
+    #[tokio::test]
+    async fn a_file_written_in_pieces_is_reported_once_whole() {
+        let dir = std::env::temp_dir().join(format!("stepgate-pieces-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, "first version\n").unwrap();
+        let mut watch = FileWatch::new(vec![path.clone()], "test file").await;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (path, done) = (path.clone(), Arc::clone(&done));
+            async move {
+                use std::io::Write as _;
+                let mut file = std::fs::File::create(&path).unwrap();
+                for piece in 0..6 {
+                    if piece > 0 {
+                        tokio::time::sleep(DEBOUNCE + Duration::from_millis(50)).await;
+                    }
+                    writeln!(file, "piece {piece}").unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(20), watch.changed())
+            .await
+            .expect("the change was not seen within 20 s");
+        assert!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            "reported while the writer was still at work"
+        );
+        assert_eq!(watch.seen, digest(std::slice::from_ref(&path)));
+        writer.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[tokio::test]
     async fn a_symlink_swap_is_a_change_and_rewriting_the_same_content_is_not() {
@@ -167,7 +268,7 @@ mod tests {
         std::fs::write(dir.join("v2/a.pem"), "two").unwrap();
         std::os::unix::fs::symlink("v1", dir.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/a.pem", dir.join("a.pem")).unwrap();
-        let mut watch = FileWatch::new(vec![dir.join("a.pem")], "test file");
+        let mut watch = FileWatch::new(vec![dir.join("a.pem")], "test file").await;
 
         // The same content written again: no change within a few debounce periods.
         std::fs::write(dir.join("v1/a.pem"), "one").unwrap();

@@ -18,6 +18,9 @@ use crate::{
     telemetry::{metrics, traces},
 };
 
+/// How long reading and compiling a new policy may take (100 000 rules took about 9 s).
+const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The SIGHUP stream (nothing where there are no signals).
 #[cfg(unix)]
 pub type Hangup = tokio::signal::unix::Signal;
@@ -36,18 +39,18 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let (refresh_tx, refresh_rx) = watch::channel(false);
-    let mut file = if watch_file {
-        FileWatch::new(vec![config_path.clone()], "policy file")
-    } else {
-        FileWatch::disabled()
-    };
     tokio::spawn(async move {
+        let mut file = if watch_file {
+            FileWatch::new(vec![config_path.clone()], "policy file").await
+        } else {
+            FileWatch::disabled()
+        };
         let mut refresh_tx = refresh_tx;
         let mut hup = hangup;
         loop {
             let why = tokio::select! {
                 () = hangup_signal(&mut hup) => {
-                    file.mark_seen();
+                    file.mark_seen().await;
                     "SIGHUP"
                 }
                 () = file.changed() => "the file changed",
@@ -107,13 +110,22 @@ async fn reload(
 ) -> Result<Vec<Arc<crate::identity::Issuer>>, config::ConfigError> {
     // Read and compiled on a blocking thread: a large policy takes a while (10 000 rules about
     // 150 ms), and the worker running this task keeps serving its connections meanwhile.
+    // A read that hangs (a stalled file system) or a compilation that never ends holds that
+    // thread, not the reloads to come.
     let owned = path.to_owned();
-    let fresh = tokio::task::spawn_blocking(move || {
+    let compiling = tokio::task::spawn_blocking(move || {
         let file = config::load(&owned)?;
         policy::compile(&file, owned.parent().unwrap_or(Path::new(".")))
-    })
-    .await
-    .map_err(|e| config::ConfigError::new("", format!("compiling the policy failed: {e}")))??;
+    });
+    let fresh = tokio::time::timeout(RELOAD_TIMEOUT, compiling)
+        .await
+        .map_err(|_| {
+            config::ConfigError::new(
+                "",
+                format!("reading and compiling the policy took more than {RELOAD_TIMEOUT:?}"),
+            )
+        })?
+        .map_err(|e| config::ConfigError::new("", format!("compiling the policy failed: {e}")))??;
     let old = authorizer.policy();
     // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
     for issuer in fresh.issuers.iter() {

@@ -110,8 +110,8 @@ impl Tls {
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
     pub fn spawn_reload(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let tls = Arc::clone(self);
-        let mut files = FileWatch::new(tls.settings.files(), "TLS certificate");
         tokio::spawn(async move {
+            let mut files = FileWatch::new(tls.settings.files(), "TLS certificate").await;
             loop {
                 tokio::select! {
                     () = files.changed() => {}
@@ -160,7 +160,9 @@ fn build(settings: &TlsSettings) -> Result<(ServerConfig, i64), String> {
     let chain = read_certificates(&settings.cert, "--tls-cert")?;
     let not_after = certificate_expiry(&chain[0])
         .map_err(|e| format!("--tls-cert {}: {e}", settings.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| {
+    let key = crate::config::read_file(&settings.key)
+        .map_err(|e| format!("--tls-key {}: {e}", settings.key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
         format!(
             "--tls-key {}: no usable PEM private key ({e})",
             settings.key.display()
@@ -200,8 +202,10 @@ fn build(settings: &TlsSettings) -> Result<(ServerConfig, i64), String> {
 }
 
 fn read_certificates(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    let pem =
+        crate::config::read_file(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
