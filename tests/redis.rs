@@ -530,3 +530,75 @@ async fn the_store_can_come_from_the_environment_instead_of_the_policy() {
         "the password is not echoed: {stderr}"
     );
 }
+
+/// One command in Redis's protocol (RESP), whatever its arguments hold.
+fn resp(args: &[&str]) -> String {
+    let mut out = format!("*{}\r\n", args.len());
+    for arg in args {
+        out.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    out
+}
+
+/// What no replica writes, put straight into Redis by another of its clients — a reason past
+/// the admin API's bound, a reason id it refuses, a megabyte of record — is ignored and costs a
+/// replica nothing; the well-formed block beside them is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
+    let redis = Redis::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let record = |reason_id: &str, reason: &str| {
+        format!(
+            "{}|{}",
+            now * 1000,
+            serde_json::json!({
+                "reason_id": reason_id, "reason": reason, "created_at": now,
+                "expires_at": now + 3600, "created_by": "san:elsewhere",
+            })
+        )
+    };
+    let megabyte = "x".repeat(1 << 20);
+    for (subject, stored) in [
+        ("valid", record("INC-7", "a well-formed block")),
+        ("long-reason", record("INC-7", &"r".repeat(2000))),
+        ("bad-id", record("not an id!", "a reason")),
+        ("huge", record("INC-7", &megabyte)),
+    ] {
+        let field = format!("subject|{subject}");
+        let reply = redis
+            .command(&resp(&["HSET", "stepgate:blocks", &field, &stored]))
+            .unwrap_or_default();
+        assert_eq!(reply, ":1\r\n", "HSET {field}");
+    }
+    let policy = policy("redis-hostile", &redis, "");
+    let (server, _) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    let valid = entra_token("valid", &[], true);
+    eventually(
+        "the well-formed block applies",
+        Duration::from_secs(10),
+        || async { decide(&server, &valid, "reports.read").await.reason == "blocked" },
+    )
+    .await;
+    for subject in ["long-reason", "bad-id", "huge"] {
+        let token = entra_token(subject, &[], true);
+        assert_eq!(
+            decide(&server, &token, "reports.read").await.outcome(),
+            Outcome::Allow,
+            "{subject}'s entry was applied"
+        );
+    }
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(5),
+                &["ignored what the Redis risk store holds"]
+            )
+            .await,
+        "nothing said:\n{}",
+        server.logs_text()
+    );
+}

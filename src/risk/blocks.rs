@@ -400,12 +400,37 @@ pub fn check_text(field: &str, text: &str) -> Result<(), String> {
     }
 }
 
+/// The most a block's or a revocation's free-text reason holds, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// The most a block's or a revocation's `created_by` holds, in bytes (an admin token's is its
+/// issuer and subject).
+pub const MAX_CREATED_BY_BYTES: usize = 1024;
+
+/// Whether a block or revocation made elsewhere (another replica's, read from the shared store)
+/// is one a replica could have made: a reason id of the admin API's characters (up to 128: a
+/// risk signal's is `risk.` and its name), and a reason and author of bounded size without
+/// control characters. The error names the field, never its text.
+pub fn check_record(reason_id: &str, reason: &str, created_by: &str) -> Result<(), String> {
+    if !(1..=128).contains(&reason_id.len()) || !reason_id.bytes().all(reason_id_byte) {
+        return Err("reason_id: 1 to 128 letters, digits, '-', '_' or '.'".to_owned());
+    }
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(format!("reason: at most {MAX_REASON_BYTES} bytes"));
+    }
+    if created_by.len() > MAX_CREATED_BY_BYTES {
+        return Err(format!("created_by: at most {MAX_CREATED_BY_BYTES} bytes"));
+    }
+    check_text("reason", reason)?;
+    check_text("created_by", created_by)
+}
+
+fn reason_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
 /// Whether `id` can be a block's reason id: 1 to 64 of letters, digits, `-`, `_`, `.`.
 pub fn valid_reason_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    (1..=64).contains(&id.len()) && id.bytes().all(reason_id_byte)
 }
 
 #[cfg(test)]
@@ -565,6 +590,22 @@ mod tests {
             blocks.set(block(Kind::Subject, "a", 0), NOW).is_err(),
             "already over"
         );
+        assert!(check_record("risk.forged_tokens", "risk signal …", "risk:forged_tokens").is_ok());
+        assert!(check_record(&"r".repeat(128), "", "").is_ok());
+        for (id, reason, by) in [
+            ("", "x", "x"),
+            (&*"r".repeat(129), "x", "x"),
+            ("has space", "x", "x"),
+            ("INC-1", &*"x".repeat(MAX_REASON_BYTES + 1), "x"),
+            ("INC-1", "x", &*"x".repeat(MAX_CREATED_BY_BYTES + 1)),
+            ("INC-1", "line\nFORGED", "x"),
+            ("INC-1", "x", "san:ops\u{1b}[2J"),
+        ] {
+            assert!(
+                check_record(id, reason, by).is_err(),
+                "{id:?} {reason:?} {by:?}"
+            );
+        }
         assert!(valid_reason_id("INC-2024.7_a"));
         assert!(!valid_reason_id("has space"));
         assert!(!valid_reason_id(""));

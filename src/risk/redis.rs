@@ -38,13 +38,17 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::{
-    blocks::{Block, Kind, MAX_TTL_SECONDS},
+    blocks::{self, Block, Kind, MAX_TTL_SECONDS},
     counters::Counting,
-    revocations::{KEEP_SECONDS, Revocation},
+    revocations::{self, KEEP_SECONDS, Revocation},
     signals::Crossing,
     store::RiskState,
 };
-use crate::{policy::Policy, server::authorizer::unix_now, telemetry::metrics};
+use crate::{
+    policy::Policy,
+    server::authorizer::unix_now,
+    telemetry::{metrics, throttle::Throttle},
+};
 
 /// Changes and counts waiting for the task; past it, counts are dropped (and still count here).
 const QUEUE: usize = 65_536;
@@ -94,6 +98,31 @@ redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {redis.call('ZCARD', KEYS[1]), 0}
 ";
+
+/// The fields of hash `KEYS[1]` of at most `ARGV[1]` bytes whose values hold at most `ARGV[2]`,
+/// the first `ARGV[3]` of them, as `{skipped, {field, value, …}}`: what a replica reads of a
+/// hash it did not write alone, so that values no replica writes (another client of the Redis)
+/// cost Redis their room and this replica nothing.
+const READ: &str = r"
+local all = redis.call('HGETALL', KEYS[1])
+local out, skipped = {}, 0
+for i = 1, #all, 2 do
+  if #all[i] <= tonumber(ARGV[1]) and #all[i + 1] <= tonumber(ARGV[2])
+     and #out < 2 * tonumber(ARGV[3]) then
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  else
+    skipped = skipped + 1
+  end
+end
+return {skipped, out}
+";
+
+/// The longest field (a block's kind and value, a subject) read from Redis.
+const MAX_FIELD_BYTES: usize = 512;
+/// The longest record (a stored value, a published message) read from Redis: a block's or a
+/// revocation's record, whose texts [`blocks::check_record`] bounds, takes under 2 KiB.
+const MAX_RECORD_BYTES: usize = 4096;
 
 /// This replica's end of the link: queues changes and counts for the task.
 #[derive(Debug)]
@@ -325,6 +354,7 @@ type Counted = (Arc<Policy>, i64, u32);
 /// The Lua scripts' digests, loaded on each connection.
 struct Scripts {
     put: String,
+    read: String,
     count: String,
     distinct: String,
 }
@@ -423,6 +453,7 @@ impl Task {
         let mut messages = pubsub.into_on_message();
         let scripts = Scripts {
             put: load(&mut conn, PUT).await?,
+            read: load(&mut conn, READ).await?,
             count: load(&mut conn, COUNT).await?,
             distinct: load(&mut conn, DISTINCT).await?,
         };
@@ -656,16 +687,14 @@ impl Task {
             return Ok(());
         };
         let now = unix_now();
-        let blocks: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(Hash::Blocks.key())
-            .query_async(conn)
-            .await
-            .map_err(|e| format!("reading blocks: {e}"))?;
-        let revocations: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(Hash::Revocations.key())
-            .query_async(conn)
-            .await
-            .map_err(|e| format!("reading revocations: {e}"))?;
+        let blocks = read_hash(conn, scripts, Hash::Blocks, blocks::MAX_BLOCKS).await?;
+        let revocations = read_hash(
+            conn,
+            scripts,
+            Hash::Revocations,
+            revocations::MAX_REVOCATIONS,
+        )
+        .await?;
         let mut expired: Vec<(Hash, String)> = Vec::new();
         for (field, stored) in &blocks {
             match parse_stored::<BlockRecord>(stored) {
@@ -739,6 +768,10 @@ impl Task {
 
     /// A change another replica published.
     fn receive(&self, payload: &[u8]) {
+        if payload.len() > MAX_RECORD_BYTES {
+            ignored("a message on the risk store's channel", "too long");
+            return;
+        }
         let Ok(message) = serde_json::from_slice::<Message>(payload) else {
             tracing::warn!("an unreadable message on the risk store's channel is ignored");
             return;
@@ -779,7 +812,59 @@ impl Task {
     }
 }
 
+/// Reads hash `hash` through [`READ`]: at most `max` fields, none longer than
+/// [`MAX_FIELD_BYTES`] nor with a value longer than [`MAX_RECORD_BYTES`].
+async fn read_hash(
+    conn: &mut MultiplexedConnection,
+    scripts: &Scripts,
+    hash: Hash,
+    max: usize,
+) -> Result<HashMap<String, String>, String> {
+    let (skipped, pairs): (u64, Vec<String>) = redis::cmd("EVALSHA")
+        .arg(&scripts.read)
+        .arg(1)
+        .arg(hash.key())
+        .arg(MAX_FIELD_BYTES)
+        .arg(MAX_RECORD_BYTES)
+        .arg(max)
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("reading {}: {e}", hash.key()))?;
+    if skipped > 0 {
+        ignored(
+            "entries of the risk store",
+            &format!("{skipped} too long, or past {max}"),
+        );
+    }
+    let mut pairs = pairs.into_iter();
+    let mut read = HashMap::new();
+    while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
+        read.insert(field, value);
+    }
+    Ok(read)
+}
+
+/// Says that something read from Redis was ignored, at most every 10 s (whoever can write to
+/// the Redis can send it as often as they like).
+fn ignored(what: &str, why: &str) {
+    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    if let Some(unlogged) = WARNINGS.admit() {
+        tracing::warn!(
+            what,
+            why,
+            unlogged,
+            "ignored what the Redis risk store holds: no replica writes it (later ones within 10 s are only counted)"
+        );
+    }
+}
+
 fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
+    if !record.removed
+        && let Err(error) =
+            blocks::check_record(&record.reason_id, &record.reason, &record.created_by)
+    {
+        return ignored("a block from the risk store", &error);
+    }
     let Some((kind, value)) = parse_block_field(field) else {
         tracing::warn!(field, "a block of an unknown kind in Redis is ignored");
         return;
@@ -807,6 +892,10 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
 }
 
 fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord, now: i64) {
+    if let Err(error) = blocks::check_record(&record.reason_id, &record.reason, &record.created_by)
+    {
+        return ignored("a revocation from the risk store", &error);
+    }
     let revocation = Revocation {
         subject: subject.to_owned(),
         before: record.before,

@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Longest free-text reason kept (it is for operators and the audit log).
-const MAX_REASON_BYTES: usize = 1024;
+use crate::risk::blocks::MAX_REASON_BYTES;
 /// How far ahead of this server's clock a revocation time may be (another host's clock).
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 /// At most one audit line per this period for blocked or revoked callers refused.
