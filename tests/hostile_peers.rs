@@ -448,3 +448,62 @@ async fn requests_past_the_size_and_header_limits_are_413_and_431_denials() {
     let token = mint(&TokenSpec::default());
     assert_eq!(check(&channel, allowed_check(&token)).await, Ok(200));
 }
+
+/// One address holding idle connections to the metrics port holds at most 8 of its 64 slots: a
+/// scrape from another address is answered while they are held.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_hold_every_metrics_slot() {
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let port = server.metrics_port.expect("a metrics port");
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connects"),
+        );
+    }
+    // Those past the address's share are closed at once; the others stay open, idle.
+    let mut closed = 0;
+    for stream in &mut held {
+        use tokio::io::AsyncReadExt as _;
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed,
+        100 - 8,
+        "connections of the address closed on accept"
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut scrape = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .expect("connects from 127.0.0.2");
+    let text = tokio::time::timeout(CALL_DEADLINE, async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        scrape.read_to_string(&mut text).await.unwrap();
+        text
+    })
+    .await
+    .expect("the scrape from another address was not answered while one address held slots");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    drop(held);
+}

@@ -116,15 +116,15 @@ struct Slot {
     load: Option<Arc<AtomicUsize>>,
 }
 
-/// The connections each source address has open on one listener.
+/// The connections each source address has open on one listener (the metrics listener's too).
 #[derive(Debug)]
-struct Sources {
+pub(crate) struct Sources {
     max: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Sources {
-    fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max,
             open: Mutex::new(HashMap::new()),
@@ -133,7 +133,7 @@ impl Sources {
 
     /// One more connection from `address`, unless it holds `max` already. An IPv4 client of a
     /// dual-stack listener (`::ffff:a.b.c.d`) counts as `a.b.c.d`.
-    fn take(self: &Arc<Self>, address: IpAddr) -> Option<SourceSlot> {
+    pub(crate) fn take(self: &Arc<Self>, address: IpAddr) -> Option<SourceSlot> {
         let address = address.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let count = open.entry(address).or_insert(0);
@@ -150,7 +150,7 @@ impl Sources {
 
 /// One connection's share of its source address's bound.
 #[derive(Debug)]
-struct SourceSlot {
+pub(crate) struct SourceSlot {
     sources: Arc<Sources>,
     address: IpAddr,
 }

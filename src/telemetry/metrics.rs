@@ -999,6 +999,9 @@ mod listener_limits {
 
     /// Connections served at once; more wait in the listen backlog, costing nothing.
     pub const CONNECTIONS: usize = 64;
+    /// Connections served at once from one source address: more are closed on accept, so that
+    /// one client cannot hold every slot (a scrape takes one connection).
+    pub const PER_SOURCE: usize = 8;
     /// Time for a client to send its request head (slowloris).
     pub const HEADER_READ: Duration = Duration::from_secs(5);
     /// Longest a connection lives, whatever it does (one scrape takes milliseconds).
@@ -1010,7 +1013,8 @@ mod listener_limits {
 /// Serves `GET /metrics` (and 404 for anything else) on `listener` until the task is dropped.
 ///
 /// Anyone who can reach the port can connect, so it is bounded like the gRPC listener: at most
-/// [`listener_limits::CONNECTIONS`] served at once, each given
+/// [`listener_limits::CONNECTIONS`] served at once, [`listener_limits::PER_SOURCE`] from one
+/// address, each given
 /// [`listener_limits::HEADER_READ`] for its request head and [`listener_limits::CONNECTION`] in
 /// all, one request per connection; accept errors pause instead of spinning. Idle or slow
 /// clients then hold a few sockets and no CPU, and `Check` on the other port does not notice.
@@ -1021,20 +1025,25 @@ pub async fn serve(listener: tokio::net::TcpListener) {
     use tokio::sync::Semaphore;
 
     let slots = std::sync::Arc::new(Semaphore::new(listener_limits::CONNECTIONS));
+    let sources = crate::server::Sources::new(listener_limits::PER_SOURCE);
     loop {
         let slot = std::sync::Arc::clone(&slots)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(listener_limits::ACCEPT_ERROR_PAUSE).await;
-                continue;
+        let (stream, source) = loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    if let Some(source) = sources.take(peer.ip()) {
+                        break (stream, source);
+                    }
+                    // Closed at once: this address holds its share of the slots already.
+                }
+                Err(_) => tokio::time::sleep(listener_limits::ACCEPT_ERROR_PAUSE).await,
             }
         };
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source);
             let service = service_fn(
                 |request: hyper::Request<hyper::body::Incoming>| async move {
                     let response = if request.uri().path() == "/metrics" {
