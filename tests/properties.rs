@@ -136,6 +136,31 @@ proptest! {
     }
 
     #[test]
+    fn settings_frames_are_counted_however_the_bytes_arrive(
+        seed in any::<u8>(),
+        frames in vec(
+            (
+                // Mostly SETTINGS (not acknowledgements), so that both sides of the bound come.
+                select(&[4u8, 4, 4, 4, 0, 1, 6, 8][..]),
+                select(&[0u8, 0, 0, 1, 4][..]),
+                vec(any::<u8>(), 0..24),
+            ),
+            0..300,
+        ),
+        cut in 0usize..9,
+    ) {
+        let mut bytes = vec![seed];
+        for (kind, flags, payload) in &frames {
+            let len = (payload.len() as u32).to_be_bytes();
+            bytes.extend([len[1], len[2], len[3], *kind, *flags, 0, 0, 0, 1]);
+            bytes.extend(payload);
+        }
+        // Sometimes the stream ends inside a frame.
+        bytes.truncate(bytes.len().saturating_sub(cut).max(1));
+        fuzzing::frames::check(&bytes);
+    }
+
+    #[test]
     fn the_tracestate_bound_truncates_as_w3c_says(
         members in vec(("[a-z][a-z0-9_-]{0,20}", "[!-+--<>-~]{0,140}", select(&[",", " ,", ",\t", ",,"][..])), 0..40),
     ) {

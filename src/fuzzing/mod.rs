@@ -3,7 +3,8 @@
 //! request path (prost for the `CheckRequest` reader, tonic for the gRPC message reader,
 //! serde_json for the JWS reader, a regex for path globs, `grpc-timeout` and the B3 trace
 //! headers, opentelemetry for the `tracestate` bound), or a property where there is no library
-//! (path normalisation, the policy loader, the redaction of query tokens in records).
+//! (path normalisation, the policy loader, the redaction of query tokens in records, the HTTP/2
+//! frame follower against a reading of the whole stream).
 //!
 //! Three callers share them: the cargo-fuzz targets under `fuzz/` (libFuzzer, nightly), the test
 //! that replays every committed corpus entry and crash on stable (`tests/fuzz_corpus.rs`), and the
@@ -11,6 +12,7 @@
 
 pub mod b3;
 pub mod check_request;
+pub mod frames;
 pub mod grpc_message;
 pub mod jws;
 pub mod path;
@@ -37,6 +39,11 @@ pub const TARGETS: &[Target] = &[
         name: "check_request",
         check: check_request::check,
         seeds: check_request::seeds,
+    },
+    Target {
+        name: "frames",
+        check: frames::check,
+        seeds: frames::seeds,
     },
     Target {
         name: "grpc_message",

@@ -9,7 +9,7 @@ mod catch_panic;
 pub mod check_callers;
 pub mod check_request;
 mod conn;
-pub(crate) use conn::Sources;
+pub(crate) use conn::{Frames, MAX_SETTINGS, Sources};
 pub mod decide;
 pub mod ext_authz;
 mod files;
