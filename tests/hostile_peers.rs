@@ -470,16 +470,22 @@ async fn one_address_cannot_hold_every_metrics_slot() {
                 .expect("connects"),
         );
     }
-    // Those past the address's share are closed at once; the others stay open, idle.
+    // Those past the address's share are closed at once; the others stay open, idle, until the
+    // 5 s the server gives a request head (all read at once, each for 2 s).
+    let mut reads = tokio::task::JoinSet::new();
+    for mut stream in held.drain(..) {
+        reads.spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await;
+            (matches!(read, Ok(Ok(0) | Err(_))), stream)
+        });
+    }
     let mut closed = 0;
-    for stream in &mut held {
-        use tokio::io::AsyncReadExt as _;
-        let mut byte = [0u8; 1];
-        if let Ok(Ok(0) | Err(_)) =
-            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await
-        {
-            closed += 1;
-        }
+    while let Some(read) = reads.join_next().await {
+        let (was_closed, stream) = read.expect("a read");
+        closed += usize::from(was_closed);
+        held.push(stream);
     }
     assert_eq!(
         closed,

@@ -292,6 +292,76 @@ async fn decisions_without_a_verified_token_are_recorded_at_most_unverified_per_
     }
 }
 
+/// A verified caller an operator blocked is still a verified caller: each of its decisions is
+/// recorded, with who it was, however many anonymous ones crowd the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_verified_caller_is_recorded_whole_beside_an_anonymous_flood() {
+    let policy = policy(
+        "records-blocked",
+        &format!(
+            "admin: {{ issuers: [demo-oidc], roles: [\"{}\"] }}\nrecords:\n  enabled: true\n  path: decisions.jsonl\n  unverified_per_second: 1\n",
+            common::ADMIN_ROLE
+        ),
+        false,
+    );
+    let file = policy.path.parent().unwrap().join("decisions.jsonl");
+    let (server, admin) = common::serve_with_admin(&policy.path, false).await;
+    common::admin_ok(
+        &admin,
+        &[
+            "block",
+            "--subject",
+            "mallory",
+            "--reason-id",
+            "INC-9",
+            "--ttl",
+            "1h",
+        ],
+    );
+    let mallory = mint(&TokenSpec {
+        subject: "mallory".into(),
+        ..entra(&["c1"], &["cp1"])
+    });
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    for _ in 0..5 {
+        for _ in 0..10 {
+            let anonymous = client
+                .decide(DecideRequest {
+                    operation: "payments.wire_transfer".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("Decide answers")
+                .into_inner();
+            assert_eq!(anonymous.http_status, 401);
+        }
+        let blocked = client
+            .decide(DecideRequest {
+                credential: Some(Credential::Token(mallory.clone())),
+                operation: "payments.wire_transfer".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("Decide answers")
+            .into_inner();
+        assert_eq!(blocked.reason, "blocked", "{blocked:?}");
+    }
+    wait_records(&file, 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blocked: Vec<Value> = read_records(&file)
+        .into_iter()
+        .filter(|r| r["reason"] == "blocked")
+        .collect();
+    assert_eq!(
+        blocked.len(),
+        5,
+        "every decision on the blocked caller is recorded"
+    );
+    for record in &blocked {
+        assert_eq!(record["token"]["subject"], "mallory", "{record}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     let policy = policy(

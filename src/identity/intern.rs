@@ -95,7 +95,13 @@ impl Tables {
         if let Some(shared) = self.lists.get(items.as_slice()) {
             return Arc::clone(shared);
         }
-        let all_shared = items.iter().all(|item| item.len() <= MAX_SHARED_LEN);
+        // Shared only if each item is: an item of its own (too long, or the strings full) would
+        // be held by the shared list without being counted.
+        let all_shared = items.iter().all(|item| {
+            self.strings
+                .get(&**item)
+                .is_some_and(|s| Arc::ptr_eq(s, item))
+        });
         let shared: Arc<[Arc<str>]> = items.into();
         if all_shared
             && self.lists.len() < MAX_VALUES
@@ -122,31 +128,35 @@ impl Tables {
 mod tests {
     use super::*;
 
-    /// Threads lock their own stripe: the values of one stripe are shared within it.
+    /// Threads lock their own stripe: the values of one stripe are shared within it, and only
+    /// within it. (Other tests' threads take stripe numbers too, so each thread's stripe is read
+    /// rather than assumed.)
     #[test]
     fn each_thread_locks_its_own_stripe() {
         let interner = Interner::default();
-        let here = Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize;
-        let elsewhere: Vec<usize> = std::thread::scope(|scope| {
+        let shared = || {
+            let at = Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize;
+            (crate::stripe::of(STRIPES), at)
+        };
+        let here = shared();
+        let elsewhere: Vec<(usize, usize)> = std::thread::scope(|scope| {
             (0..STRIPES - 1)
-                .map(|_| {
-                    scope
-                        .spawn(|| {
-                            Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize
-                        })
-                        .join()
-                        .unwrap()
-                })
+                .map(|_| scope.spawn(shared).join().unwrap())
                 .collect()
         });
-        assert_eq!(
-            here,
-            Arc::as_ptr(&interner.lock().string("tenant")) as *const u8 as usize
-        );
+        assert_eq!(here, shared(), "one thread, one stripe");
         assert!(
-            elsewhere.iter().all(|p| *p != here),
-            "other threads, other stripes"
+            elsewhere.iter().any(|(stripe, _)| *stripe != here.0),
+            "every thread on one stripe"
         );
+        for (stripe, at) in elsewhere {
+            assert_eq!(
+                stripe == here.0,
+                at == here.1,
+                "stripe {stripe} against {}",
+                here.0
+            );
+        }
     }
 
     #[test]
@@ -181,6 +191,11 @@ mod tests {
         assert!(
             !Arc::ptr_eq(&interner.string(&late), &interner.string(&late)),
             "values past the bound are not shared"
+        );
+        interner.list([late.as_str()]);
+        assert!(
+            interner.lists.is_empty(),
+            "a list of an item not shared is not shared: it would hold the item uncounted"
         );
     }
 

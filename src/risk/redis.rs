@@ -118,11 +118,15 @@ end
 return {skipped, out}
 ";
 
-/// The longest field (a block's kind and value, a subject) read from Redis.
-const MAX_FIELD_BYTES: usize = 512;
-/// The longest record (a stored value, a published message) read from Redis: a block's or a
-/// revocation's record, whose texts [`blocks::check_record`] bounds, takes under 2 KiB.
-const MAX_RECORD_BYTES: usize = 4096;
+/// The longest field read from Redis: a block's kind, `|` and value, or a revoked subject (each
+/// value at most 1 KiB, as the admin API and `blocks::normalize` take them).
+const MAX_FIELD_BYTES: usize = 2048;
+/// The longest stored record read from Redis: a block's or a revocation's, whose texts
+/// [`blocks::check_record`] bounds (a reason and an author of 1 KiB each, twice that once
+/// escaped in JSON), with its write time.
+const MAX_RECORD_BYTES: usize = 8 * 1024;
+/// The longest message read from the channel: a record and its field, escaped again.
+const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 
 /// This replica's end of the link: queues changes and counts for the task.
 #[derive(Debug)]
@@ -768,7 +772,7 @@ impl Task {
 
     /// A change another replica published.
     fn receive(&self, payload: &[u8]) {
-        if payload.len() > MAX_RECORD_BYTES {
+        if payload.len() > MAX_MESSAGE_BYTES {
             ignored("a message on the risk store's channel", "too long");
             return;
         }

@@ -33,7 +33,7 @@ use crate::{
     },
     identity::{Credential, bearer, fingerprint_of},
     risk::{
-        blocks::{self, Block, BlockError, Kind, MAX_TTL_SECONDS},
+        blocks::{self, Block, BlockError, Kind, MAX_REASON_BYTES, MAX_TTL_SECONDS},
         revocations::{Revocation, RevokeError},
         signals::{KeyKind, Keys},
         store::Refusal,
@@ -41,8 +41,6 @@ use crate::{
     telemetry::{metrics, throttle::Throttle},
 };
 
-/// Longest free-text reason kept (it is for operators and the audit log).
-use crate::risk::blocks::MAX_REASON_BYTES;
 /// How far ahead of this server's clock a revocation time may be (another host's clock).
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 /// At most one audit line per this period for blocked or revoked callers refused.

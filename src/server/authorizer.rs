@@ -363,7 +363,8 @@ pub fn unix_now_ms() -> i64 {
 }
 
 /// `by` in place of the engine's `decision` (an operator's block or revocation), keeping what the
-/// engine learned of the token (rule, principal, fingerprint, cache) and its explain steps first.
+/// engine learned of the token (rule, principal, fingerprint, cache, what verification
+/// established: the record of a blocked caller says who it was) and its explain steps first.
 fn overridden(decision: Decision, mut by: Decision) -> Decision {
     by.explain.splice(0..0, decision.explain);
     Decision {
@@ -371,6 +372,7 @@ fn overridden(decision: Decision, mut by: Decision) -> Decision {
         principal: decision.principal,
         token_fingerprint: decision.token_fingerprint,
         token_cached: decision.token_cached,
+        verified: decision.verified,
         ..by
     }
 }

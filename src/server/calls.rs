@@ -24,7 +24,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
     time::Duration,
@@ -240,7 +240,9 @@ thread_local! {
 
 /// hyper's executor for one connection's streams: each runs as a task of its own (as with
 /// `TokioExecutor`), and a unary call's stream that is not over by its deadline and a second is
-/// dropped — its answer discarded, the stream reset — and its connection told to go away.
+/// dropped — its answer discarded, the stream reset — and its connection told to go away
+/// (HTTP/2 GOAWAY: the calls in flight are answered, the other unread answers dropped at their
+/// own deadlines).
 ///
 /// The answer is written once the client's HTTP/2 flow-control window has room for it. A client
 /// that never gives it room (a window of 0, never updated) would otherwise have each of its
@@ -262,7 +264,9 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, stream: F) {
-        // Without a call made just before (not hyper's order), the shortest end a call can have.
+        // Without a call made just before: not hyper's order for a stream, or hyper's
+        // `execute_upgrade` (a CONNECT request, which no gRPC call is). The shortest end a call
+        // can have.
         let ends = NEXT_STREAM_ENDS.take().unwrap_or_else(|| {
             StreamEnd::By(Instant::now() + Duration::from_secs(1) + DRAIN_GRACE)
         });
@@ -272,57 +276,19 @@ where
         };
         let (activity, remote) = (Arc::clone(&self.activity), self.remote);
         tokio::spawn(async move {
-            let _alive = Alive::new(&activity);
-            let mut stream = std::pin::pin!(stream);
-            let mut abandoned = std::pin::pin!(activity.abandon.notified());
-            let mut late = std::pin::pin!(tokio::time::sleep_until(deadline));
-            let ended = std::future::poll_fn(|cx| {
-                if stream.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-                if late.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some("by its deadline"));
-                }
-                if activity.waiting() > MAX_UNREAD {
-                    return Poll::Ready(Some("while many others waited too"));
-                }
-                if activity.abandoned.load(Relaxed) || abandoned.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some("while its connection was being closed"));
-                }
-                Poll::Pending
-            })
-            .await;
-            if let Some(when) = ended {
-                unread(remote, when);
-                activity.abandon();
+            // A call in flight is answered before its deadline (a `Check` a fifth of its time
+            // before, any other call at it): what is left past it and a second is an answer
+            // waiting for the client.
+            if tokio::time::timeout_at(deadline, stream).await.is_err() {
+                unread(remote);
+                activity.unread.notify_one();
             }
         });
     }
 }
 
-/// Answers a connection may have waiting for its client's flow-control window at once; past it,
-/// every one is dropped and the connection told to go away. A client that reads its answers has
-/// none waiting for long: a window of 64 KiB, a gRPC library's smallest, holds hundreds of them.
-const MAX_UNREAD: u32 = 128;
-
-/// A unary call's stream counted among its connection's alive ones until it ends.
-struct Alive<'a>(&'a Activity);
-
-impl<'a> Alive<'a> {
-    fn new(activity: &'a Activity) -> Self {
-        activity.alive.fetch_add(1, Relaxed);
-        Self(activity)
-    }
-}
-
-impl Drop for Alive<'_> {
-    fn drop(&mut self) {
-        self.0.alive.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Counts a call whose answer its client did not take, and says so at most every 10 s.
-fn unread(remote: Option<std::net::SocketAddr>, when: &str) {
+fn unread(remote: Option<std::net::SocketAddr>) {
     static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
     metrics::global().record_unread_answer();
     if let Some(unlogged) = WARNINGS.admit() {
@@ -330,7 +296,7 @@ fn unread(remote: Option<std::net::SocketAddr>, when: &str) {
         tracing::warn!(
             remote,
             unlogged,
-            "a client did not take a call's answer {when}: its unread answers are dropped, their streams reset and the connection closed (later ones within 10 s are only counted)"
+            "a client did not take a call's answer by its deadline: the answer is dropped, its stream reset and the connection told to go away (later ones within 10 s are only counted)"
         );
     }
 }
@@ -352,13 +318,8 @@ struct Activity {
     /// word: a call writes it once when it starts and once when it ends, and only the worker
     /// serving the connection does.
     calls: AtomicU64,
-    /// Unary calls' streams not over yet ([`Streams`]): those whose call is no longer in flight
-    /// (its answer's head sent) are waiting for the client to take the answer.
-    alive: AtomicU32,
-    /// Set, and signalled, once a call's answer was not taken by its client in time: every
-    /// stream waiting for its client is dropped ([`Streams`]) and the connection told to go away.
-    abandoned: AtomicBool,
-    abandon: Notify,
+    /// Signalled when a call's answer was not taken by its client in time ([`Streams`]): the
+    /// connection is then told to go away.
     unread: Notify,
 }
 
@@ -366,20 +327,6 @@ const ONE_CALL: u64 = 1;
 const ONE_STARTED: u64 = 1 << 32;
 
 impl Activity {
-    /// Streams whose answer is waiting for the client.
-    fn waiting(&self) -> u32 {
-        let in_flight = (self.calls.load(Relaxed) & (ONE_STARTED - 1)) as u32;
-        self.alive.load(Relaxed).saturating_sub(in_flight)
-    }
-
-    /// Drops every stream waiting for the client, and tells the connection to go away.
-    fn abandon(&self) {
-        if !self.abandoned.swap(true, Relaxed) {
-            self.abandon.notify_waiters();
-            self.unread.notify_one();
-        }
-    }
-
     fn start(self: &Arc<Self>) -> CallGuard {
         self.calls.fetch_add(ONE_CALL | ONE_STARTED, Relaxed);
         CallGuard(Arc::clone(self))

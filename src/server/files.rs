@@ -38,14 +38,17 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 pub const RECHECK: Duration = Duration::from_secs(10);
 /// How long a reading of the watched files is waited for.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The files' content as a digest ([`digest`]); `None` when one of them could not be read.
+type Content = Option<[u8; 32]>;
+
 /// A set of files whose content is watched for changes.
 pub struct FileWatch {
     paths: Arc<[PathBuf]>,
     what: &'static str,
-    /// Digest of the content last seen (`None`: some file could not be read).
-    seen: Option<[u8; 32]>,
+    /// The content last seen.
+    seen: Content,
     /// A reading that did not finish in [`READ_TIMEOUT`], still running on its thread.
-    reading: Option<JoinHandle<Option<[u8; 32]>>>,
+    reading: Option<JoinHandle<Content>>,
     events: mpsc::Receiver<()>,
     recheck: Option<Interval>,
     // Kept alive for as long as the watch: dropping it stops the watching.
@@ -53,25 +56,24 @@ pub struct FileWatch {
 }
 
 impl FileWatch {
-    /// Watches `paths` (`what` names them in warnings). The content as it is now counts as seen.
-    pub async fn new(paths: Vec<PathBuf>, what: &'static str) -> Self {
+    /// Watches `paths` (`what` names them in warnings). The content as it is now counts as seen:
+    /// read here, before the watch is handed to its task, so that a change made as soon as the
+    /// server is up is a change (a regular file of bounded size; at start-up, when the same
+    /// files were just read to start).
+    pub fn new(paths: Vec<PathBuf>, what: &'static str) -> Self {
         let (tx, events) = mpsc::channel(1);
         let watcher = watch_folders(&paths, tx, what);
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.reset();
-        let mut watch = Self {
+        Self {
+            seen: digest(&paths),
             paths: paths.into(),
             what,
-            seen: None,
             reading: None,
             events,
             recheck: Some(recheck),
             _watcher: watcher,
-        };
-        if let Some(now) = watch.digest().await {
-            watch.seen = now;
         }
-        watch
     }
 
     /// A watch that never reports a change.
@@ -130,10 +132,10 @@ impl FileWatch {
         }
     }
 
-    /// The digest of the files now, read on a blocking thread; `None` when no reading finished
-    /// (one still running from before, or this one past [`READ_TIMEOUT`]: it goes on, and is
-    /// waited for before the next).
-    async fn digest(&mut self) -> Option<Option<[u8; 32]>> {
+    /// The files' content now, read on a blocking thread; `None` when no reading finished (one
+    /// still running from before, or this one past [`READ_TIMEOUT`]: it goes on, and is waited
+    /// for before the next).
+    async fn digest(&mut self) -> Option<Content> {
         let mut reading = match self.reading.take() {
             Some(earlier) if !earlier.is_finished() => {
                 self.reading = Some(earlier);
@@ -207,7 +209,7 @@ fn folder_of(path: &Path) -> PathBuf {
 }
 
 /// SHA-256 over the files' contents (through every link), or `None` when one cannot be read.
-fn digest(paths: &[PathBuf]) -> Option<[u8; 32]> {
+fn digest(paths: &[PathBuf]) -> Content {
     let mut hash = Sha256::new();
     for path in paths {
         let bytes = read_file(path).ok()?;
@@ -230,7 +232,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("policy.yaml");
         std::fs::write(&path, "first version\n").unwrap();
-        let mut watch = FileWatch::new(vec![path.clone()], "test file").await;
+        let mut watch = FileWatch::new(vec![path.clone()], "test file");
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = tokio::spawn({
             let (path, done) = (path.clone(), Arc::clone(&done));
@@ -268,7 +270,7 @@ mod tests {
         std::fs::write(dir.join("v2/a.pem"), "two").unwrap();
         std::os::unix::fs::symlink("v1", dir.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/a.pem", dir.join("a.pem")).unwrap();
-        let mut watch = FileWatch::new(vec![dir.join("a.pem")], "test file").await;
+        let mut watch = FileWatch::new(vec![dir.join("a.pem")], "test file");
 
         // The same content written again: no change within a few debounce periods.
         std::fs::write(dir.join("v1/a.pem"), "one").unwrap();

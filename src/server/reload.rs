@@ -39,12 +39,12 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let (refresh_tx, refresh_rx) = watch::channel(false);
+    let mut file = if watch_file {
+        FileWatch::new(vec![config_path.clone()], "policy file")
+    } else {
+        FileWatch::disabled()
+    };
     tokio::spawn(async move {
-        let mut file = if watch_file {
-            FileWatch::new(vec![config_path.clone()], "policy file").await
-        } else {
-            FileWatch::disabled()
-        };
         let mut refresh_tx = refresh_tx;
         let mut hup = hangup;
         loop {

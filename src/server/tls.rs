@@ -110,14 +110,27 @@ impl Tls {
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
     pub fn spawn_reload(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let tls = Arc::clone(self);
+        let mut files = FileWatch::new(tls.settings.files(), "TLS certificate");
         tokio::spawn(async move {
-            let mut files = FileWatch::new(tls.settings.files(), "TLS certificate").await;
             loop {
                 tokio::select! {
                     () = files.changed() => {}
                     _ = stop.changed() => return,
                 }
-                match build(&tls.settings) {
+                // Off the serving threads, like the watch's own reads: the files are read again.
+                let settings = tls.settings.clone();
+                let building = tokio::task::spawn_blocking(move || build(&settings));
+                let built = match tokio::time::timeout(super::files::READ_TIMEOUT, building).await {
+                    Ok(Ok(built)) => built,
+                    Ok(Err(panicked)) => {
+                        Err(format!("building the configuration failed: {panicked}"))
+                    }
+                    Err(_) => Err(format!(
+                        "reading the TLS files took more than {:?}",
+                        super::files::READ_TIMEOUT
+                    )),
+                };
+                match built {
                     Ok((config, not_after)) => {
                         tls.current.store(Arc::new(config));
                         metrics::global().record_tls_reload(true);

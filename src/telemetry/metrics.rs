@@ -758,7 +758,7 @@ impl Collector for Exposition {
             ),
             (
                 "stepgate_grpc_unread_answers",
-                "Calls whose answer the client did not take (HTTP/2 flow control) by the call's deadline and a second, or while more than 128 others on its connection waited: the stream was reset and the connection closed",
+                "Calls whose answer the client did not take (HTTP/2 flow control) by the call's deadline and a second: the stream was reset and the connection told to go away",
                 &m.unread_answers,
             ),
             (
