@@ -656,14 +656,7 @@ async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_conne
 /// connection: most answers wait a moment for a window update, and every one is delivered.
 #[tokio::test]
 async fn a_burst_of_calls_through_default_windows_is_answered_whole() {
-    let server = Server::spawn_with(
-        &demo_policy_path(),
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&demo_policy_path()).await;
     let mut client = connect(&server).await;
     let check = Bytes::from(frame(&allowed_check()));
     let mut answers = tokio::task::JoinSet::new();
@@ -736,14 +729,7 @@ async fn ping_after_settings(server: &Server, settings: usize) -> bool {
 /// stream; a client sending more than a client does (100 on a connection) loses the connection.
 #[tokio::test]
 async fn a_client_flooding_settings_frames_loses_its_connection() {
-    let server = Server::spawn_with(
-        &demo_policy_path(),
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&demo_policy_path()).await;
     assert!(
         ping_after_settings(&server, 100).await,
         "100 SETTINGS frames are a client's right"

@@ -453,14 +453,7 @@ async fn requests_past_the_size_and_header_limits_are_413_and_431_denials() {
 /// scrape from another address is answered while they are held.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_address_cannot_hold_every_metrics_slot() {
-    let server = Server::spawn_with(
-        &demo_policy_path(),
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&demo_policy_path()).await;
     let port = server.metrics_port.expect("a metrics port");
     let mut held = Vec::new();
     for _ in 0..100 {

@@ -224,14 +224,7 @@ async fn decisions_without_a_verified_token_are_recorded_at_most_unverified_per_
         false,
     );
     let file = policy.path.parent().unwrap().join("decisions.jsonl");
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&policy.path).await;
     let token = mint(&entra(&["c1"], &["cp1"]));
     let mut client = DecisionServiceClient::new(server.channel().await);
     let second = || {
@@ -371,14 +364,7 @@ async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
     );
     let dir = policy.path.parent().unwrap().to_owned();
     let file = dir.join("decisions.jsonl");
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&policy.path).await;
     let allowed = mint(&TokenSpec {
         subject: "bob".into(),
         ..entra(&["c1"], &["cp1"])

@@ -10,7 +10,7 @@ mod envoy;
 
 use std::time::Duration;
 
-use common::{Server, Spawn, TempPolicy, demo_policy_text, entra, mint};
+use common::{Server, TempPolicy, demo_policy_text, entra, mint};
 use stepgate::{
     api::v1::{
         DecideRequest, Outcome, decide_request::Credential,
@@ -33,14 +33,7 @@ fn policy() -> TempPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_rules_and_escalations_are_recorded_everywhere_but_never_enforced() {
     let policy = policy();
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = Server::start_with_metrics(&policy.path).await;
     let alice = mint(&TokenSpec {
         subject: "alice".into(),
         ..entra(&["c1"], &["cp1"])

@@ -304,6 +304,19 @@ impl Server {
         server
     }
 
+    /// [`Server::start`] with the metrics listener on ([`Server::scrape`]).
+    pub async fn start_with_metrics(policy: &Path) -> Self {
+        let server = Self::spawn_with(
+            policy,
+            Spawn {
+                metrics: true,
+                ..Spawn::default()
+            },
+        );
+        server.wait_ready().await;
+        server
+    }
+
     /// Starts the process and waits for its listening line only (no health check).
     pub fn spawn(policy: &Path) -> Self {
         Self::spawn_with(policy, Spawn::default())
