@@ -247,8 +247,8 @@ thread_local! {
 /// The answer is written once the client's HTTP/2 flow-control window has room for it. A client
 /// that never gives it room (a window of 0, never updated) would otherwise have each of its
 /// streams hold its answer, the request's headers and the stream's state (about 1.4 KiB)
-/// for as long as the connection lives: 1024 streams per connection, over every connection a
-/// client may open, without sending more than their requests. `--max-buffered-bytes` does not
+/// for as long as the connection lives: `--max-concurrent-streams` per connection, over every
+/// connection a client may open, without sending more than their requests. `--max-buffered-bytes` does not
 /// see it (it counts requests, not answers), and a stream whose answer head is sent no longer
 /// keeps the connection from being idle. A client that does not take its answers is broken or
 /// hostile either way; its connection goes.

@@ -110,7 +110,7 @@ impl Default for TransportLimits {
         Self {
             max_message_bytes: 4 * 1024 * 1024,
             max_decide_message_bytes: 256 * 1024,
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 256,
             max_connections: 10_000,
             max_connections_per_source: 1_000,
             request_timeout: Duration::from_secs(5),
