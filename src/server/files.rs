@@ -13,11 +13,13 @@
 //!   writer is at work. A writer that stops half-way for good still leaves half a file, which
 //!   may well parse: replace files by renaming a complete one over them (docs/operations.md).
 //! - **Only regular files, bounded** ([`read_file`]): a FIFO, a device or a file over
-//!   [`crate::config::MAX_FILE_BYTES`] is refused, not read, so that no file put in the policy's place can
-//!   stall a reader or fill the memory.
-//! - **Never on a serving thread.** Files are read on a blocking thread, waited for at most
-//!   [`READ_TIMEOUT`]: a read that hangs (a stalled network mount) holds that thread, never a
-//!   worker, and no second read of the same files starts until it returns.
+//!   [`crate::config::MAX_FILE_BYTES`] is refused, not read, so that no file put in the policy's
+//!   place can stall a reader or fill the memory.
+//! - **Never on a serving thread.** Once the server is up, files are read on a blocking thread,
+//!   waited for at most [`READ_TIMEOUT`]: a read that hangs (a stalled network mount) holds that
+//!   thread, never a worker, and no second read of the same files starts until it returns. (The
+//!   first reading, which sets what counts as seen, is made at start, where the files were just
+//!   read to start.)
 
 use std::{
     collections::BTreeSet,
