@@ -5,7 +5,7 @@
 //! and `risk` (the request's count of each risk signal, by name).
 
 use std::{
-    cell::{Cell, OnceCell, Ref, RefCell},
+    cell::{OnceCell, Ref, RefCell},
     collections::HashMap,
     sync::Arc,
 };
@@ -142,21 +142,7 @@ pub struct CelInput<'a> {
     /// The variables converted so far (`risk` aside: each evaluation's own scope holds it), in
     /// two scopes, the second with `request.headers` and the first without: a condition sees the
     /// headers only if it names them, whichever conditions ran before it.
-    scopes: [Shared<'a>; 2],
-}
-
-/// One scope of variables the request's conditions share, and which of them it holds.
-#[derive(Default)]
-struct Shared<'a> {
-    context: OnceCell<RefCell<Context<'a, 'a>>>,
-    holds: Cell<Holds>,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Holds {
-    request: bool,
-    claims: bool,
-    now: bool,
+    scopes: [OnceCell<RefCell<Context<'a, 'a>>>; 2],
 }
 
 impl<'a> CelInput<'a> {
@@ -182,32 +168,21 @@ impl<'a> CelInput<'a> {
     /// The scope of variables for an expression that `uses` them, with every one it reads (but
     /// `risk`) converted.
     fn shared(&self, uses: Uses) -> Ref<'_, Context<'a, 'a>> {
-        let scope = &self.scopes[usize::from(uses.headers)];
-        let context = scope
-            .context
+        let context = self.scopes[usize::from(uses.headers)]
             .get_or_init(|| RefCell::new(Context::with_env(Arc::clone(self.env))));
-        let holds = scope.holds.get();
-        let missing = Holds {
-            request: uses.request && !holds.request,
-            claims: uses.claims && !holds.claims,
-            now: uses.now && !holds.now,
-        };
-        if missing.request || missing.claims || missing.now {
-            let mut context = context.borrow_mut();
-            if missing.request {
-                context.add_variable_as_val("request", self.request(uses.headers));
+        for (name, wanted) in [
+            ("request", uses.request),
+            ("claims", uses.claims),
+            ("now", uses.now),
+        ] {
+            if wanted && context.borrow().get_variable(name).is_none() {
+                let value: Box<dyn Val + 'a> = match name {
+                    "request" => self.request(uses.headers),
+                    "claims" => self.claims(),
+                    _ => Box::new(CelInt::from(self.now)),
+                };
+                context.borrow_mut().add_variable_as_val(name, value);
             }
-            if missing.claims {
-                context.add_variable_as_val("claims", self.claims());
-            }
-            if missing.now {
-                context.add_variable_as_val("now", Box::new(CelInt::from(self.now)));
-            }
-            scope.holds.set(Holds {
-                request: holds.request || missing.request,
-                claims: holds.claims || missing.claims,
-                now: holds.now || missing.now,
-            });
         }
         context.borrow()
     }

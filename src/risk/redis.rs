@@ -47,7 +47,10 @@ use super::{
 use crate::{
     policy::Policy,
     server::authorizer::unix_now,
-    telemetry::{metrics, throttle::Throttle},
+    telemetry::{
+        metrics,
+        throttle::{Throttle, WARNING_PERIOD},
+    },
 };
 
 /// Changes and counts waiting for the task; past it, counts are dropped (and still count here).
@@ -851,7 +854,7 @@ async fn read_hash(
 /// Says that something read from Redis was ignored, at most every 10 s (whoever can write to
 /// the Redis can send it as often as they like).
 fn ignored(what: &str, why: &str) {
-    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     if let Some(unlogged) = WARNINGS.admit() {
         tracing::warn!(
             what,

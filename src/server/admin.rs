@@ -44,7 +44,7 @@ use crate::{
 /// How far ahead of this server's clock a revocation time may be (another host's clock).
 const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 /// At most one audit line per this period for blocked or revoked callers refused.
-pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+pub const REFUSAL_LOG_EVERY: Duration = crate::telemetry::throttle::WARNING_PERIOD;
 
 #[derive(Debug, Clone)]
 pub struct Admin {

@@ -49,7 +49,10 @@ use super::{
     ext_authz::{CHECK_PATH, ExtAuthz},
     grpc_message,
 };
-use crate::telemetry::{metrics, throttle::Throttle};
+use crate::telemetry::{
+    metrics,
+    throttle::{Throttle, WARNING_PERIOD},
+};
 
 /// What one worker serves: the `Check` service and tonic's router for the rest.
 #[derive(Clone)]
@@ -248,9 +251,9 @@ thread_local! {
 /// that never gives it room (a window of 0, never updated) would otherwise have each of its
 /// streams hold its answer, the request's headers and the stream's state (about 1.4 KiB)
 /// for as long as the connection lives: `--max-concurrent-streams` per connection, over every
-/// connection a client may open, without sending more than their requests. `--max-buffered-bytes` does not
-/// see it (it counts requests, not answers), and a stream whose answer head is sent no longer
-/// keeps the connection from being idle. A client that does not take its answers is broken or
+/// connection a client may open, without sending more than their requests.
+/// `--max-buffered-bytes` does not see it (it counts requests, not answers), and a stream whose
+/// answer head is sent no longer keeps the connection from being idle. A client that does not take its answers is broken or
 /// hostile either way; its connection goes.
 #[derive(Clone)]
 struct Streams {
@@ -289,12 +292,11 @@ where
 
 /// Counts a call whose answer its client did not take, and says so at most every 10 s.
 fn unread(remote: Option<std::net::SocketAddr>) {
-    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     metrics::global().record_unread_answer();
     if let Some(unlogged) = WARNINGS.admit() {
-        let remote = remote.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
         tracing::warn!(
-            remote,
+            remote = remote.map(tracing::field::display),
             unlogged,
             "a client did not take a call's answer by its deadline: the answer is dropped, its stream reset and the connection told to go away (later ones within 10 s are only counted)"
         );

@@ -11,14 +11,14 @@
 //!
 //! The test is made once per connection, when it is accepted, not per call.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
 use super::conn::PeerInfo;
 use crate::{
     risk::blocks::{canonical_net, parse_net},
-    telemetry::throttle::Throttle,
+    telemetry::throttle::{Throttle, WARNING_PERIOD},
 };
 
 /// The callers `Check` answers; empty lists do not narrow.
@@ -120,7 +120,7 @@ pub fn check_client_sans(check_sans: &[String], client_sans: &[String]) -> Resul
 /// Says that `remote`'s `Check` was refused: at most once per 10 s, with how many were refused
 /// meanwhile (each is counted in the decision metrics as `caller_not_allowed`).
 pub fn warn_refused(remote: Option<SocketAddr>) {
-    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(10));
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     let Some(unlogged) = WARNINGS.admit() else {
         return;
     };

@@ -58,7 +58,7 @@ use crate::telemetry::{metrics, throttle::Throttle};
 /// Pause after an accept error, so that running out of descriptors does not become a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// At most one warning per this period about failing accepts (they are also counted).
-const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+const ACCEPT_ERROR_LOG_EVERY: Duration = crate::telemetry::throttle::WARNING_PERIOD;
 
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -625,9 +625,8 @@ fn settings_flood(remote: Option<SocketAddr>) {
     static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
     metrics::global().record_settings_flood();
     if let Some(unlogged) = WARNINGS.admit() {
-        let remote = remote.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
         tracing::warn!(
-            remote,
+            remote = remote.map(tracing::field::display),
             max = MAX_SETTINGS,
             unlogged,
             "closed a connection whose client sent more HTTP/2 SETTINGS frames than the most a client sends (later ones within 10 s are only counted)"

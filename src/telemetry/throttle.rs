@@ -7,6 +7,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+/// The period of the warnings a caller can trigger: one logged per period, the rest counted.
+pub const WARNING_PERIOD: Duration = Duration::from_secs(10);
+
 /// Lets one event per period through; usable as a `static`. Nothing is kept per caller.
 #[derive(Debug)]
 pub struct Throttle {
