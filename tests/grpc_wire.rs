@@ -652,6 +652,27 @@ async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_conne
     );
 }
 
+/// A connection may have 100 calls in flight (`--max-concurrent-streams`): HTTP/2 keeps what a
+/// connection's busiest moment needed until it closes, so the limit bounds what each connection
+/// can make stepgate hold (docs/limits.md).
+#[tokio::test]
+async fn the_server_lets_a_connection_have_100_calls_in_flight() {
+    let server = serve(&[]).await;
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let (client, mut connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    let mut client = client.ready().await.expect("ready");
+    // The server's SETTINGS come before its first answer.
+    let answer = tokio::select! {
+        answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]) => answer,
+        ended = &mut connection => panic!("the connection ended: {ended:?}"),
+    };
+    assert_eq!(denial(&check_response(&answer)), None);
+    assert_eq!(connection.max_concurrent_send_streams(), 100);
+}
+
 /// A client with a gRPC library's default windows (64 KiB) sending a burst of calls on one
 /// connection: most answers wait a moment for a window update, and every one is delivered.
 #[tokio::test]

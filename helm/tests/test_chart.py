@@ -1123,6 +1123,20 @@ def env_of(r: Rendered) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(r).get("env", [])}
 
 
+def test_transport_bounds_render_as_flags_that_extra_args_override():
+    assert chart_defaults()["transport"] == {
+        "maxConnections": 2000, "maxConnectionsPerSource": 100, "maxConcurrentStreams": 100,
+    }
+    args = container(rendered("default"))["args"]
+    assert arg_value(args, "--max-connections") == "2000"
+    assert arg_value(args, "--max-connections-per-source") == "100"
+    assert arg_value(args, "--max-concurrent-streams") == "100"
+    # An extra argument naming the same flag comes after the chart's, and stepgate takes the last
+    # (test_stepgate_starts_with_the_charts_arguments starts it so).
+    args = container(rendered("tracing-and-extras"))["args"]
+    assert arg_values(args, "--max-connections") == ["2000", "20000"]
+
+
 def test_tracing_and_escape_hatches():
     r = rendered("tracing-and-extras")
     env = env_of(r)

@@ -35,6 +35,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve ext_authz Check, Decide, gRPC health and reflection on one port.
+    // A flag given twice takes its last value (a list flag adds each), so that flags added after
+    // a deployment's own (the Helm chart's `extraArgs`) override them.
+    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Validate a policy file and print its compiled rules.
     Check(check::CheckArgs),

@@ -110,9 +110,9 @@ impl Default for TransportLimits {
         Self {
             max_message_bytes: 4 * 1024 * 1024,
             max_decide_message_bytes: 256 * 1024,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 100,
             max_connections: 10_000,
-            max_connections_per_source: 1_000,
+            max_connections_per_source: 100,
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
