@@ -4,10 +4,13 @@
 Starts `stepgate serve` on the demo policy, opens CONNECTIONS connections, and on each sends ROUNDS
 rounds of STREAMS `Check` calls at once (anonymous: each is answered with a denial), reading every
 answer before the next round. Prints the server's resident memory before, just after, and two
-seconds after, and its peak.
+seconds after, and its peak. With --large-headers N each call also carries N headers of 4000 bytes
+(60 KB for N=15, under the 64 KiB header-list limit; HPACK sends them once per connection).
+With --unfinished the calls are sent on every connection first and their streams never ended:
+they stay open until stepgate's --request-timeout (5 s) answers them, all at once.
 
     .venv/bin/python bench/connection_memory.py [--bin target/release/stepgate]
-        [--connections 200] [--streams 100] [--rounds 1]
+        [--connections 200] [--streams 100] [--rounds 1] [--large-headers 0] [--unfinished]
 
 Uses the `h2` package of the test virtualenv (scripts/setup-peers).
 """
@@ -73,11 +76,27 @@ def connect(port: int) -> tuple[socket.socket, h2.connection.H2Connection]:
     return sock, conn
 
 
-def burst(sock: socket.socket, conn: h2.connection.H2Connection, streams: int, message: bytes) -> bool:
+def headers_of(large_headers: int) -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "http"), (":path", CHECK), (":authority", "stepgate"),
+            ("content-type", "application/grpc"), ("te", "trailers")] + [("x-large", "A" * 4000)] * large_headers
+
+
+def unfinished(sock: socket.socket, conn: h2.connection.H2Connection, streams: int, message: bytes,
+               large_headers: int) -> None:
+    """`streams` calls whose message is sent and whose stream is never ended."""
+    for _ in range(streams):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, headers_of(large_headers))
+        conn.send_data(stream, message)
+    sock.sendall(conn.data_to_send())
+
+
+def burst(
+    sock: socket.socket, conn: h2.connection.H2Connection, streams: int, message: bytes, large_headers: int
+) -> bool:
     """`streams` calls sent at once, and every answer read (its window given back). False when
     the server told the connection to go away."""
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", CHECK), (":authority", "stepgate"),
-               ("content-type", "application/grpc"), ("te", "trailers")]
+    headers = headers_of(large_headers)
     open_streams = set()
     for _ in range(streams):
         stream = conn.get_next_available_stream_id()
@@ -113,6 +132,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--large-headers", type=int, default=0)
+    parser.add_argument("--unfinished", action="store_true")
     args = parser.parse_args()
     server, port = start(args.bin)
     connections = []
@@ -121,15 +142,28 @@ def main() -> None:
         connections.extend(connect(port) for _ in range(args.connections))
         time.sleep(0.5)
         before = memory(server.pid)["VmRSS"]
+        if args.unfinished:
+            for sock, conn in connections:
+                unfinished(sock, conn, args.streams, message, args.large_headers)
+            peak = 0
+            for _ in range(80):  # 8 s: past the 5 s --request-timeout
+                peak = max(peak, memory(server.pid)["VmRSS"])
+                time.sleep(0.1)
+            print(f"{args.connections} connections of {args.streams} unfinished calls"
+                  f"{f' with {args.large_headers} headers of 4000 bytes' if args.large_headers else ''}: "
+                  f"RSS {before // 1024} MiB before, peak {peak // 1024} MiB, "
+                  f"{memory(server.pid)['VmRSS'] // 1024} MiB 8 s later")
+            return
         for _ in range(args.rounds):
             for i, (sock, conn) in enumerate(connections):
-                if not burst(sock, conn, args.streams, message):
+                if not burst(sock, conn, args.streams, message, args.large_headers):
                     sock.close()
                     connections[i] = connect(port)  # as a client told to go away does
         after = memory(server.pid)["VmRSS"]
         time.sleep(2)
         later = memory(server.pid)
-        print(f"{args.connections} connections, {args.rounds} round(s) of {args.streams} calls at once: "
+        headers = f" with {args.large_headers} headers of 4000 bytes" if args.large_headers else ""
+        print(f"{args.connections} connections, {args.rounds} round(s) of {args.streams} calls at once{headers}: "
               f"RSS {before // 1024} MiB before, {after // 1024} MiB after, {later['VmRSS'] // 1024} MiB 2 s later "
               f"(peak {later['VmHWM'] // 1024} MiB)")
     finally:

@@ -680,6 +680,11 @@ async fn a_burst_of_calls_through_default_windows_is_answered_whole() {
     let server = Server::start_with_metrics(&demo_policy_path()).await;
     let mut client = connect(&server).await;
     let check = Bytes::from(frame(&allowed_check()));
+    // h2's client sends as many streams as it likes until the server's SETTINGS arrive, and the
+    // server refuses those past its 100 (REFUSED_STREAM): a first answer brings the SETTINGS, and
+    // the client then waits for room (docs/decide.md).
+    let first = send(&mut client, call(CHECK, &[]), vec![check.to_vec()]).await;
+    assert_eq!(denial(&check_response(&first)), None);
     let mut answers = tokio::task::JoinSet::new();
     // More than a 64 KiB window holds (an answer is about 300 bytes), and few enough that h2's
     // own client does not take the answers split at the window's edge for a flood of small
