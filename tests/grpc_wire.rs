@@ -652,11 +652,11 @@ async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_conne
     );
 }
 
-/// A connection may have 100 calls in flight (`--max-concurrent-streams`): HTTP/2 keeps what a
-/// connection's busiest moment needed until it closes, so the limit bounds what each connection
-/// can make stepgate hold (docs/limits.md).
+/// The server advertises 100 calls in flight per connection (`--max-concurrent-streams`): HTTP/2
+/// keeps what a connection's busiest moment needed until it closes, so the limit bounds what a
+/// client keeping to it can make stepgate hold (docs/limits.md).
 #[tokio::test]
-async fn the_server_lets_a_connection_have_100_calls_in_flight() {
+async fn the_server_advertises_100_concurrent_streams() {
     let server = serve(&[]).await;
     let port = server.url().rsplit(':').next().unwrap().to_owned();
     let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
@@ -674,15 +674,24 @@ async fn the_server_lets_a_connection_have_100_calls_in_flight() {
 }
 
 /// A client with a gRPC library's default windows (64 KiB) sending a burst of calls on one
-/// connection: most answers wait a moment for a window update, and every one is delivered.
+/// connection: most answers wait a moment for a window update, and every one is delivered. (With
+/// room for 250 calls: 100, the default, hold fewer answers than the window.)
 #[tokio::test]
 async fn a_burst_of_calls_through_default_windows_is_answered_whole() {
-    let server = Server::start_with_metrics(&demo_policy_path()).await;
+    let server = Server::spawn_with(
+        &demo_policy_path(),
+        Spawn {
+            args: vec!["--max-concurrent-streams".into(), "256".into()],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
     let mut client = connect(&server).await;
     let check = Bytes::from(frame(&allowed_check()));
     // h2's client sends as many streams as it likes until the server's SETTINGS arrive, and the
-    // server refuses those past its 100 (REFUSED_STREAM): a first answer brings the SETTINGS, and
-    // the client then waits for room (docs/decide.md).
+    // server refuses those past its limit (REFUSED_STREAM): a first answer brings the SETTINGS,
+    // and the client then waits for room (docs/decide.md).
     let first = send(&mut client, call(CHECK, &[]), vec![check.to_vec()]).await;
     assert_eq!(denial(&check_response(&first)), None);
     let mut answers = tokio::task::JoinSet::new();

@@ -1135,6 +1135,13 @@ def test_transport_bounds_render_as_flags_that_extra_args_override():
     # (test_stepgate_starts_with_the_charts_arguments starts it so).
     args = container(rendered("tracing-and-extras"))["args"]
     assert arg_values(args, "--max-connections") == ["2000", "20000"]
+    # Large numbers are written out, not as Helm's 1e+06.
+    values = case_values("default")
+    values["transport"] = {"maxConnections": 1000000, "maxConnectionsPerSource": 0, "maxConcurrentStreams": 4096}
+    args = container(chart_render.template(values))["args"]
+    assert arg_value(args, "--max-connections") == "1000000"
+    assert arg_value(args, "--max-connections-per-source") == "0"
+    assert arg_value(args, "--max-concurrent-streams") == "4096"
 
 
 def test_tracing_and_escape_hatches():

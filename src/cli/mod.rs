@@ -35,9 +35,6 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve ext_authz Check, Decide, gRPC health and reflection on one port.
-    // A flag given twice takes its last value (a list flag adds each), so that flags added after
-    // a deployment's own (the Helm chart's `extraArgs`) override them.
-    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Validate a policy file and print its compiled rules.
     Check(check::CheckArgs),
@@ -114,18 +111,22 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_BUFFERED_BYTES", default_value_t = TransportLimits::default().max_buffered_bytes,
           value_parser = clap::value_parser!(u64).range(1024..=(1 << 40)).map(|n| n as usize))]
     max_buffered_bytes: usize,
-    /// Concurrent calls (HTTP/2 streams) per connection.
+    // The three connection bounds may be given twice, the last value winning, so that the Helm
+    // chart's `extraArgs` can override the chart's own; every other flag given twice is an error.
+    /// Concurrent calls (HTTP/2 streams) per connection (given twice: the last).
     #[arg(long, env = "STEPGATE_MAX_CONCURRENT_STREAMS", default_value_t = TransportLimits::default().max_concurrent_streams,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..), overrides_with = "max_concurrent_streams")]
     max_concurrent_streams: u32,
-    /// Open gRPC connections; more clients wait in the listen backlog.
+    /// Open gRPC connections; more clients wait in the listen backlog (given twice: the last).
     #[arg(long, env = "STEPGATE_MAX_CONNECTIONS", default_value_t = TransportLimits::default().max_connections,
-          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize),
+          overrides_with = "max_connections")]
     max_connections: usize,
     /// Open gRPC connections from one source address; more are closed on accept (0: no bound
-    /// but --max-connections).
+    /// but --max-connections; given twice: the last).
     #[arg(long, env = "STEPGATE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = TransportLimits::default().max_connections_per_source,
-          value_parser = clap::value_parser!(u32).map(|n| n as usize))]
+          value_parser = clap::value_parser!(u32).map(|n| n as usize),
+          overrides_with = "max_connections_per_source")]
     max_connections_per_source: usize,
     /// A connection with no call for this long is closed (HTTP/2 GOAWAY; e.g. 5m, 30s).
     #[arg(long, env = "STEPGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
@@ -429,6 +430,68 @@ fn serve(args: ServeArgs) -> ExitCode {
             logs.flush();
             eprintln!("stepgate: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command};
+
+    fn serve(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let args = ["stepgate", "serve", "--config", "policy.yaml"];
+        Cli::try_parse_from(args.iter().chain(extra))
+    }
+
+    #[test]
+    fn the_connection_bounds_given_twice_take_the_last_value() {
+        let Command::Serve(args) = serve(&[
+            "--max-connections",
+            "2000",
+            "--max-connections-per-source",
+            "100",
+            "--max-concurrent-streams",
+            "100",
+            "--max-connections",
+            "20000",
+            "--max-connections-per-source",
+            "0",
+            "--max-concurrent-streams",
+            "250",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(
+            (
+                args.max_connections,
+                args.max_connections_per_source,
+                args.max_concurrent_streams
+            ),
+            (20_000, 0, 250)
+        );
+    }
+
+    #[test]
+    fn any_other_flag_given_twice_is_refused() {
+        for flag in ["--tls-cert", "--client-ca", "--listen", "--request-timeout"] {
+            let value = if flag == "--listen" {
+                "127.0.0.1:1"
+            } else {
+                "5s"
+            };
+            let error = serve(&[flag, value, flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} given twice was taken"));
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag}: {error}"
+            );
         }
     }
 }

@@ -170,6 +170,9 @@ pub async fn connect(target: &str, count: usize) -> Result<Vec<Connection>, Stri
         let (client, connection) = h2::client::Builder::new()
             .initial_window_size(1024 * 1024)
             .initial_connection_window_size(4 * 1024 * 1024)
+            // As hyper does: h2 would otherwise send any number of calls before the server's
+            // SETTINGS say how many it takes, and the server refuses those past its limit.
+            .initial_max_send_streams(100)
             .handshake(tcp)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {target}: {e}"))?;
