@@ -365,11 +365,19 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         }
     });
     let (first, workers) = workers::start(queues, Arc::clone(&serve))?;
+    // What took effect, flags given again (the chart's extraArgs) included.
     tracing::info!(
         addr = %local,
         tls = tls.is_some(),
         mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
+        client_san = tls
+            .as_ref()
+            .filter(|t| t.mutual())
+            .map(|t| tracing::field::display(t.client_sans_text())),
         workers = options.workers.max(1),
+        max_connections = limits.max_connections,
+        max_connections_per_source = limits.max_connections_per_source,
+        max_concurrent_streams = limits.max_concurrent_streams,
         "stepgate listening on {local}"
     );
     tokio::spawn(async move {

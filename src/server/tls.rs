@@ -107,6 +107,16 @@ impl Tls {
         self.settings.client_ca.is_some()
     }
 
+    /// The client SANs admitted, for the log: comma-separated, `any` when every certificate of
+    /// the client CAs is.
+    pub fn client_sans_text(&self) -> String {
+        if self.settings.client_sans.is_empty() {
+            "any".to_owned()
+        } else {
+            self.settings.client_sans.join(",")
+        }
+    }
+
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
     pub fn spawn_reload(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
         let tls = Arc::clone(self);
