@@ -134,10 +134,20 @@ fn allowed_check() -> Vec<u8> {
 }
 
 async fn serve(args: &[&str]) -> Server {
+    serve_on(args, false).await
+}
+
+/// As [`serve`], with the metrics listener.
+async fn serve_metered(args: &[&str]) -> Server {
+    serve_on(args, true).await
+}
+
+async fn serve_on(args: &[&str], metrics: bool) -> Server {
     let server = Server::spawn_with(
         &demo_policy_path(),
         Spawn {
             args: args.iter().map(|a| a.to_string()).collect(),
+            metrics,
             ..Spawn::default()
         },
     );
@@ -596,15 +606,7 @@ async fn never_delivered(bodies: Vec<h2::RecvStream>) {
 /// (which is open by design), are untouched.
 #[tokio::test]
 async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_connection() {
-    let server = Server::spawn_with(
-        &demo_policy_path(),
-        Spawn {
-            args: vec!["--request-timeout".into(), "1s".into()],
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = serve_metered(&["--request-timeout", "1s"]).await;
     const STUCK: usize = 40;
     let (stuck, bodies) = connection_taking_no_answers(&server, STUCK).await;
 
@@ -678,15 +680,7 @@ async fn the_server_advertises_100_concurrent_streams() {
 /// room for 250 calls: 100, the default, hold fewer answers than the window.)
 #[tokio::test]
 async fn a_burst_of_calls_through_default_windows_is_answered_whole() {
-    let server = Server::spawn_with(
-        &demo_policy_path(),
-        Spawn {
-            args: vec!["--max-concurrent-streams".into(), "256".into()],
-            metrics: true,
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
+    let server = serve_metered(&["--max-concurrent-streams", "256"]).await;
     let mut client = connect(&server).await;
     let check = Bytes::from(frame(&allowed_check()));
     // h2's client sends as many streams as it likes until the server's SETTINGS arrive, and the

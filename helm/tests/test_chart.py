@@ -709,14 +709,8 @@ def container_env(c: dict) -> dict[str, str]:
 
 def test_stepgate_takes_the_transport_bounds_extra_args_give_again(stepgate_bin, make_certificate, tmp_path):
     # tracing-and-extras renders --max-connections 2000 from its values, then 20000 in extraArgs.
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(demo_policy(), encoding="utf-8")
-    cert, key = make_certificate(tmp_path, "tls", "localhost")
     c = container(rendered("tracing-and-extras"))
-    log = run_with_chart_args(
-        stepgate_bin, c["args"], container_env(c),
-        {"--config": policy, "--tls-cert": cert, "--tls-key": key, "--client-ca": cert},
-    )
+    log = start_log(stepgate_bin, c["args"], c, make_certificate, tmp_path)
     listening = [line for line in log.splitlines() if "stepgate listening on" in line]
     assert listening, f"stepgate did not start:\n{log}"
     assert "max_connections=20000 " in listening[0], listening[0]

@@ -72,7 +72,8 @@ impl CheckCallers {
     }
 }
 
-fn list_text(items: impl Iterator<Item = String>) -> String {
+/// Comma-separated, `any` for none: a list of who is admitted, for the log.
+pub(super) fn list_text(items: impl Iterator<Item = String>) -> String {
     let text = items.collect::<Vec<_>>().join(",");
     if text.is_empty() {
         "any".to_owned()

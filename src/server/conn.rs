@@ -53,12 +53,13 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 
 use super::tls::{self, ClientIdentity, Tls};
-use crate::telemetry::{metrics, throttle::Throttle};
+use crate::telemetry::{
+    metrics,
+    throttle::{Throttle, WARNING_PERIOD},
+};
 
 /// Pause after an accept error, so that running out of descriptors does not become a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// At most one warning per this period about failing accepts (they are also counted).
-const ACCEPT_ERROR_LOG_EVERY: Duration = crate::telemetry::throttle::WARNING_PERIOD;
 
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +250,7 @@ pub fn accept(
     let slots = Arc::new(Semaphore::new(max.max(1)));
     let sources = (max_per_source > 0).then(|| Sources::new(max_per_source));
     tokio::spawn(async move {
-        let warnings = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
+        let warnings = Throttle::new(WARNING_PERIOD);
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
         };
@@ -385,9 +386,9 @@ pub fn incoming(
 }
 
 /// Counts a connection closed for its source's share, and says so at most once per
-/// [`ACCEPT_ERROR_LOG_EVERY`].
+/// [`WARNING_PERIOD`].
 fn refused(remote: SocketAddr, max: usize) {
-    static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     metrics::global().record_connection_refused();
     if let Some(unlogged) = WARNINGS.admit() {
         tracing::warn!(
@@ -399,10 +400,10 @@ fn refused(remote: SocketAddr, max: usize) {
     }
 }
 
-/// Counts a failed TLS handshake, and says so at most once per [`ACCEPT_ERROR_LOG_EVERY`] (a
+/// Counts a failed TLS handshake, and says so at most once per [`WARNING_PERIOD`] (a
 /// client can fail handshakes as fast as it can connect).
 fn handshake_failed(remote: SocketAddr, error: &str) {
-    static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     metrics::global().record_tls_handshake_error();
     match WARNINGS.admit() {
         Some(unlogged) => tracing::warn!(
@@ -620,9 +621,9 @@ impl AsyncRead for Batched {
 }
 
 /// Counts a connection closed for its SETTINGS frames, and says so at most once per
-/// [`ACCEPT_ERROR_LOG_EVERY`].
+/// [`WARNING_PERIOD`].
 fn settings_flood(remote: Option<SocketAddr>) {
-    static WARNINGS: Throttle = Throttle::new(ACCEPT_ERROR_LOG_EVERY);
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
     metrics::global().record_settings_flood();
     if let Some(unlogged) = WARNINGS.admit() {
         tracing::warn!(

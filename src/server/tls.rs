@@ -110,11 +110,7 @@ impl Tls {
     /// The client SANs admitted, for the log: comma-separated, `any` when every certificate of
     /// the client CAs is.
     pub fn client_sans_text(&self) -> String {
-        if self.settings.client_sans.is_empty() {
-            "any".to_owned()
-        } else {
-            self.settings.client_sans.join(",")
-        }
+        super::check_callers::list_text(self.settings.client_sans.iter().cloned())
     }
 
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
