@@ -893,6 +893,85 @@ async fn discovery_naming_another_issuer_means_not_ready_and_the_log_names_both(
     );
 }
 
+/// Waits for the log line of a refused discovery document that contains `needle`.
+async fn refused_discovery(server: &Server, needle: &str) -> String {
+    server
+        .wait_for_log(EVENT_DEADLINE, |v| v.to_string().contains(needle))
+        .await
+        .unwrap_or_else(|| panic!("no log line with {needle:?}:\n{}", server.logs_text()))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_tenant_issuer_learned_from_discovery_is_refused_unless_the_policy_lists_tenants() {
+    // Entra's `common` and `organizations` documents name `…/{tenantid}/v2.0`: taken as it is,
+    // every tenant's tokens would pass.
+    let idp = Idp::start().await;
+    let template = idp.url("/{tenantid}/v2.0");
+    idp.set_issuer(&template);
+    let common = idp.url(&format!("/common/v2.0{DISCOVERY_PATH}"));
+    let token_of = |tenant: &str| {
+        mint(&TokenSpec {
+            issuer: template.replace("{tenantid}", tenant),
+            tenant: Some(tenant.to_owned()),
+            ..TokenSpec::default()
+        })
+    };
+
+    let left_out = policy("common-left-out", &format!("    discovery_url: {common}"));
+    let server = Server::spawn(&left_out.path);
+    let channel = server.channel().await;
+    let line = refused_discovery(&server, "multi-tenant issuer").await;
+    assert!(
+        line.contains("tenants"),
+        "the log says what to state: {line}"
+    );
+    assert_eq!(
+        health(&server).await,
+        Some(ServingStatus::NotServing as i32)
+    );
+    assert_eq!(idp.requests(KEYS_PATH), 0, "no keys fetched for it");
+    let r = decide(&server, &channel, &token_of(TENANT_2)).await;
+    assert_ne!(
+        r.outcome,
+        Outcome::Allow as i32,
+        "any tenant's token: {r:?}"
+    );
+    drop(server);
+
+    let stated = policy(
+        "common-stated",
+        &format!("    discovery_url: {common}\n    issuer: {template}\n    tenants: [{TENANT_1}]"),
+    );
+    let server = Server::start(&stated.path).await;
+    let channel = server.channel().await;
+    let r = decide(&server, &channel, &token_of(TENANT_1)).await;
+    assert_allowed(&server, &r, "a listed tenant's token");
+    let r = decide(&server, &channel, &token_of(TENANT_2)).await;
+    assert_denied(&server, &r, "tenant_not_allowed", "another tenant's token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_discovery_document_naming_an_issuer_other_than_its_own_address_is_refused() {
+    // A provider (or whoever answers at its address) must not name another's issuer and be
+    // trusted for that issuer's tokens (OpenID Connect Discovery 4.3).
+    let idp = Idp::start().await;
+    let claimed = idp.url("/realms/corp");
+    idp.set_issuer(&claimed);
+    let elsewhere = idp.url(&format!("/realms/partner{DISCOVERY_PATH}"));
+    let policy = policy("claims-another", &format!("    discovery_url: {elsewhere}"));
+    let server = Server::spawn(&policy.path);
+    let channel = server.channel().await;
+    let line = refused_discovery(&server, "OpenID Connect Discovery 4.3").await;
+    assert!(
+        line.contains(&claimed) && line.contains("issuer:"),
+        "the log names the issuer and how to state it: {line}"
+    );
+    assert_eq!(idp.requests(KEYS_PATH), 0, "no keys fetched for it");
+    let r = decide(&server, &channel, &mint(&spec(&claimed))).await;
+    assert_ne!(r.outcome, Outcome::Allow as i32, "a token naming it: {r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn discovery_document_down_but_key_set_up_keeps_the_keys_fresh() {
     const MAX_STALE_SECS: u64 = 3;

@@ -319,7 +319,9 @@ async fn discover_issuer(
             .ok_or_else(|| format!("{url}: the discovery document has no {name:?}"))
     };
     let (discovered_issuer, jwks_uri) = (field("issuer")?, field("jwks_uri")?);
-    if !matches!(issuer.name, IssuerName::Discovered) && discovered_issuer != issuer.issuer {
+    if matches!(issuer.name, IssuerName::Discovered) {
+        learned_issuer(url, &discovered_issuer)?;
+    } else if discovered_issuer != issuer.issuer {
         return Err(format!(
             "{url}: the discovery document names issuer {discovered_issuer:?}, the policy {:?}",
             issuer.issuer
@@ -337,6 +339,40 @@ async fn discover_issuer(
         jwks_uri,
     })
 }
+
+/// Whether an issuer the policy leaves to discovery may be taken from the document at `url`.
+/// OpenID Connect Discovery 1.0 §4.3: the document's `issuer` must be the one whose
+/// `/.well-known/openid-configuration` it was fetched from; otherwise a provider could name
+/// another's issuer and be trusted for its tokens. A `{tenantid}` issuer (Entra's `common` and
+/// `organizations` documents) would accept every tenant's tokens: the policy must state it with
+/// `tenants` or `any_tenant`.
+fn learned_issuer(url: &str, discovered: &str) -> Result<(), String> {
+    if discovered.contains(IssuerName::TENANT_PLACEHOLDER) {
+        return Err(format!(
+            "{url}: the discovery document names the multi-tenant issuer {discovered:?}, which \
+             would accept tokens of every tenant; state it in the policy as `issuer:` with \
+             `tenants` (or `any_tenant: true`)"
+        ));
+    }
+    if discovery_url_of(discovered) != url {
+        return Err(format!(
+            "{url}: the discovery document names issuer {discovered:?}, whose own document is \
+             at {:?} (OpenID Connect Discovery 4.3); if this identity provider names its issuer \
+             so, state `issuer: {discovered}` in the policy",
+            discovery_url_of(discovered)
+        ));
+    }
+    Ok(())
+}
+
+/// Where an issuer's discovery document is: its identifier without a trailing `/`, then
+/// `/.well-known/openid-configuration` (OpenID Connect Discovery 1.0 §4).
+pub fn discovery_url_of(issuer: &str) -> String {
+    format!("{}{DISCOVERY_SUFFIX}", issuer.trim_end_matches('/'))
+}
+
+/// The path OpenID Connect Discovery appends to an issuer.
+pub const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 
 /// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.
 async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Duration>), String> {

@@ -24,7 +24,7 @@ use crate::{
     identity::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
-        keys,
+        keys::{self, DISCOVERY_SUFFIX},
     },
     request::{HeaderLimits, path::PathParameters},
 };
@@ -309,6 +309,34 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
                 format!("{path}.issuer"),
                 format!("issuer {:?} is configured twice", c.issuer),
             );
+        }
+        // An issuer left to discovery is the discovery URL's own (OpenID Connect Discovery 4.3,
+        // checked again against the document when it is read): it must not be another's.
+        if let (KeySource::Discovery(url), true) = (&key_source, c.issuer.is_empty()) {
+            let Some(implied) = url.strip_suffix(DISCOVERY_SUFFIX) else {
+                return err(
+                    format!("{path}.issuer"),
+                    format!(
+                        "required: the discovery_url does not end with {DISCOVERY_SUFFIX:?}, so \
+                         the document cannot name its own issuer (OpenID Connect Discovery 4.3)"
+                    ),
+                );
+            };
+            let same = |other: &str| other.trim_end_matches('/') == implied.trim_end_matches('/');
+            let named_again = configs.iter().position(|o| {
+                let other = match (&o.discovery_url, o.issuer.is_empty()) {
+                    (Some(u), true) => u.strip_suffix(DISCOVERY_SUFFIX),
+                    (_, false) => Some(o.issuer.as_str()),
+                    (None, true) => None,
+                };
+                !std::ptr::eq(o, c) && other.is_some_and(same)
+            });
+            if let Some(other) = named_again {
+                return err(
+                    format!("{path}.discovery_url"),
+                    format!("its issuer is issuers[{other}]'s too"),
+                );
+            }
         }
         let tenants = compile_tenants(c, &path)?;
         if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
@@ -957,6 +985,33 @@ rules:
             .err()
             .unwrap();
         assert!(e.message.contains("c1 … c99"), "{e}");
+    }
+
+    #[test]
+    fn an_issuer_left_to_discovery_must_be_the_discovery_urls_own_and_no_others() {
+        let discovered = |url: &str| {
+            BASE.replace(
+                "    issuer: https://idp.example\n    jwks_file: keys.json\n",
+                &format!("    discovery_url: {url}\n"),
+            )
+        };
+        let own = "https://login.example/tenant-a/.well-known/openid-configuration";
+        assert!(compile_text(&discovered(own)).is_ok());
+        let e = compile_text(&discovered("https://login.example/openid"))
+            .err()
+            .expect("a discovery_url OpenID Connect Discovery would not name");
+        assert_eq!(e.path, "issuers[0].issuer", "{e}");
+        assert!(e.message.contains("4.3"), "{e}");
+        // The same issuer twice: stated by one, left to discovery by another (a trailing `/`
+        // makes no difference to who answers there).
+        let twice = discovered(own).replace(
+            "\nauth_contexts:",
+            "\n  - id: again\n    issuer: https://login.example/tenant-a/\n    \
+             jwks_file: keys.json\n    audiences: [api://x]\nauth_contexts:",
+        );
+        let e = compile_text(&twice).err().expect("one issuer twice");
+        assert_eq!(e.path, "issuers[0].discovery_url", "{e}");
+        assert!(e.message.contains("issuers[1]"), "{e}");
     }
 
     #[test]

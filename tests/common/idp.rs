@@ -171,8 +171,14 @@ impl Idp {
         format!("{}://{}{path}", self.scheme, self.addr)
     }
 
+    /// Where the issuer's discovery document is (OpenID Connect Discovery 4.3): under the
+    /// issuer's own path when it is on this provider, else at the root.
     pub fn discovery_url(&self) -> String {
-        self.url(DISCOVERY_PATH)
+        let issuer = self.issuer();
+        match issuer.starts_with(&self.url("/")) {
+            true => format!("{}{DISCOVERY_PATH}", issuer.trim_end_matches('/')),
+            false => self.url(DISCOVERY_PATH),
+        }
     }
 
     pub fn jwks_uri(&self) -> String {
@@ -280,7 +286,11 @@ async fn answer(
     scheme: &str,
     addr: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = req.uri().path().to_owned();
+    // A discovery document is served under any issuer path, and counted as DISCOVERY_PATH.
+    let path = match req.uri().path() {
+        p if p.ends_with(DISCOVERY_PATH) => DISCOVERY_PATH.to_owned(),
+        p => p.to_owned(),
+    };
     // Decide everything at arrival, under the lock: a mode switch never splits one answer.
     let (mode, body_normal, cache_control) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
