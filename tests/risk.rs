@@ -87,6 +87,48 @@ risk:
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_a_caller_trips_itself_never_weakens_a_rules_acr() {
+    // The admin rule accepts phishing-resistant sign-ins only. A signal listing a two-factor
+    // level among its own must not let the caller who tripped it in with two factors.
+    let text = demo_policy_without_risk()
+        .replace(r#"acr: ["urn:okta:loa:2fa:any", "phr"]"#, r#"acr: ["phr"]"#)
+        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
+        + r#"
+risk:
+  signals:
+    repeated_step_ups:
+      count: step_up
+      key: subject
+      window: 1m
+      threshold: 3
+      action: step_up
+      require: { acr: ["phr", "urn:okta:loa:2fa:any"] }
+"#;
+    let policy = TempPolicy::new("risk-acr", &text);
+    let (server, admin_url) = common::serve_with_admin(&policy.path, true).await;
+    let two_factor = mint(&TokenSpec {
+        issuer: stepgate::demo::DEMO_OIDC_ISSUER.into(),
+        subject: "mallory".into(),
+        tenant: None,
+        acr: Some("urn:okta:loa:2fa:any".into()),
+        amr: vec!["pwd".into(), "mfa".into()],
+        roles: vec!["Admin".into()],
+        ..TokenSpec::default()
+    });
+    for round in 0..5 {
+        let answer = decide(&server, &two_factor, "admin.users").await;
+        assert_eq!(
+            (answer.outcome(), answer.reason.as_str()),
+            (Outcome::StepUp, "acr_not_accepted"),
+            "round {round}: {answer:?}"
+        );
+        assert_eq!(answer.step_up.unwrap().acr_values, ["phr"], "round {round}");
+    }
+    let (count, reached) = count_of(&admin_url, &["--subject", "mallory"], "repeated_step_ups");
+    assert!(count >= 3 && reached, "the signal was tripped: {count}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_step_ups_escalate_to_a_stronger_context_then_expire_with_the_window() {
     let (_policy, server, admin_url) = start("risk-step-ups", STEP_UPS).await;
     let without = entra_token("mallory", &[]);
@@ -467,6 +509,10 @@ fn a_risk_section_that_does_not_compile_is_refused_with_its_field_path() {
         (
             "risk:\n  signals:\n    s: { count: deny, key: subject, window: 1m, threshold: 3, action: step_up, require: { roles: [x] } }\n",
             "risk.signals.s.require",
+        ),
+        (
+            "risk:\n  signals:\n    s: { count: deny, key: subject, window: 1m, threshold: 3, action: step_up, require: { acr: [loa-9] } }\n",
+            "risk.signals.s.require.acr",
         ),
     ] {
         let policy = TempPolicy::new("risk-bad", &(demo_policy_without_risk() + risk));

@@ -123,7 +123,9 @@ struct Effective<'p> {
     claims: Vec<&'p ClaimRequirement>,
     conditions: Vec<&'p Condition>,
     auth_contexts: Vec<&'p str>,
-    acr: Vec<&'p str>,
+    /// The `acr` values still acceptable (`None`: any). A token has one `acr`, so each list
+    /// that applies narrows it: never widens it. Empty when two lists share no value.
+    acr: Option<Vec<&'p str>>,
     amr: Vec<&'p str>,
     max_age: Option<u64>,
 }
@@ -143,9 +145,15 @@ impl<'p> Effective<'p> {
         union(&mut self.amr, &r.amr);
         self.claims.extend(&r.claims);
         self.conditions.extend(&r.when);
-        // An escalation's acr list replaces the rule's: it names the stronger levels.
+        // Every acr list that applies must accept the token's one `acr`: the values the new
+        // list shares with those in force, in its order of preference (an escalation or a
+        // risk signal names the stronger levels first; it can never name a weaker one in).
         if !r.acr.is_empty() {
-            self.acr = r.acr.iter().map(String::as_str).collect();
+            let listed = r.acr.iter().map(String::as_str);
+            self.acr = Some(match self.acr.take() {
+                None => listed.collect(),
+                Some(before) => listed.filter(|v| before.contains(v)).collect(),
+            });
         }
         self.max_age = match (self.max_age, r.max_age) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -638,10 +646,26 @@ impl<'p> Run<'p> {
             .filter(|c| !p.acrs.iter().any(|have| **have == ***c))
             .map(|c| c.to_string())
             .collect();
-        let acr_ok = effective.acr.is_empty()
+        let acr_values = effective.acr.as_deref().unwrap_or_default();
+        if effective.acr.as_ref().is_some_and(Vec::is_empty) {
+            // Refused at load for the lists a policy states; here for those a combination of
+            // escalations and risk signals narrowed to nothing.
+            let message = "no authentication level is acceptable to every requirement in force \
+                           (their acr lists share no value)";
+            self.step("require", || message.to_owned());
+            return self.deny_with(
+                403,
+                Reason::StepUpNotExpressible,
+                message,
+                rule,
+                token,
+                None,
+            );
+        }
+        let acr_ok = acr_values.is_empty()
             || p.acr
                 .as_deref()
-                .is_some_and(|acr| effective.acr.contains(&acr));
+                .is_some_and(|acr| acr_values.contains(&acr));
         let missing_amr: Vec<&str> = effective
             .amr
             .iter()
@@ -664,7 +688,7 @@ impl<'p> Run<'p> {
                 Reason::AcrNotAccepted,
                 format!(
                     "authentication level {} is required",
-                    effective.acr.join(" or ")
+                    acr_values.join(" or ")
                 ),
             ))
         } else if !missing_amr.is_empty() {
@@ -706,7 +730,7 @@ impl<'p> Run<'p> {
                 .map(|s| s.to_string())
                 .collect(),
             missing_auth_contexts: missing_contexts.clone(),
-            acr_values: effective.acr.iter().map(|s| s.to_string()).collect(),
+            acr_values: acr_values.iter().map(|s| s.to_string()).collect(),
             max_age: effective.max_age,
             amr: effective.amr.iter().map(|s| s.to_string()).collect(),
             claims: None,

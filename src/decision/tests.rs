@@ -1035,6 +1035,87 @@ fn escalation_condition_that_cannot_be_evaluated_escalates() {
 // RFC 9470: acr, amr, max_age (admin rule, demo-oidc)
 // ---------------------------------------------------------------------------------------------
 
+/// The demo policy with the admin rule accepting only `acr` `rule_acr`, and escalations on a
+/// `DELETE`, each requiring one of `escalations`' acr lists.
+fn admin_acr_policy(rule_acr: &str, escalations: &[&str]) -> String {
+    let escalate: String = escalations
+        .iter()
+        .map(|acr| {
+            format!(
+                "      - when: 'request.method == \"DELETE\"'\n        require: {{ acr: {acr} }}\n"
+            )
+        })
+        .collect();
+    DEMO_POLICY
+        .replace(
+            r#"acr: ["urn:okta:loa:2fa:any", "phr"]"#,
+            &format!("acr: {rule_acr}"),
+        )
+        .replace(
+            "      max_age: 1h\n",
+            &format!("      max_age: 1h\n    escalate:\n{escalate}"),
+        )
+}
+
+#[test]
+fn an_escalation_narrows_the_accepted_acr_and_never_names_a_weaker_one_in() {
+    // The rule accepts phishing-resistant sign-ins only; an escalation listing a two-factor
+    // level as well must not let a two-factor token through (it used to replace the list).
+    let policy = compile_policy(&admin_acr_policy(
+        r#"["phr"]"#,
+        &[r#"["phr", "urn:okta:loa:2fa:any"]"#],
+    ));
+    let two_factor = bearer(&rs256(&oidc_admin()));
+    for method in ["GET", "DELETE"] {
+        let d = decide(
+            &policy,
+            &http_request(&two_factor, method, "/admin/users"),
+            NOW,
+        );
+        expect(&d, Outcome::StepUp, 401, Reason::AcrNotAccepted);
+        assert_eq!(
+            d.step_up.as_ref().unwrap().acr_values,
+            strings(&["phr"]),
+            "{method}"
+        );
+    }
+    let phr = bearer(&rs256(&TokenSpec {
+        acr: Some("phr".to_owned()),
+        ..oidc_admin()
+    }));
+    let d = decide(&policy, &http_request(&phr, "DELETE", "/admin/users"), NOW);
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+}
+
+#[test]
+fn acr_lists_that_share_no_value_are_refused_at_load_or_denied_when_combined() {
+    // Two lists in force with nothing in common: no token could meet both.
+    let text = admin_acr_policy(r#"["phr"]"#, &[r#"["urn:okta:loa:2fa:any"]"#]);
+    let e = crate::policy::compile(
+        &crate::config::parse(&text).unwrap(),
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")),
+    )
+    .err()
+    .expect("disjoint acr lists");
+    assert!(e.path.ends_with(".escalate[0].require.acr"), "{e}");
+    assert!(e.message.contains("shares no value"), "{e}");
+    // Three lists, each two sharing a value, all three none: the request is refused, not
+    // stepped up to a level no sign-in could reach.
+    let policy = compile_policy(&admin_acr_policy(
+        r#"["urn:okta:loa:2fa:any", "phr"]"#,
+        &[r#"["phr", "hwk"]"#, r#"["urn:okta:loa:2fa:any", "hwk"]"#],
+    ));
+    let token = bearer(&rs256(&oidc_admin()));
+    let d = decide(
+        &policy,
+        &http_request(&token, "DELETE", "/admin/users"),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
+    let d = decide(&policy, &http_request(&token, "GET", "/admin/users"), NOW);
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+}
+
 #[test]
 fn rfc9470_step_up_when_acr_missing() {
     let spec = TokenSpec {

@@ -114,6 +114,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let admin = compile_admin(&file.admin, &issuers)?;
     let risk = super::risk::compile_risk(&file.risk, &cel, &auth_contexts)?;
     super::risk::check_risk_reads(&rules, &risk)?;
+    super::risk::check_acr_lists(&rules, &risk)?;
     let records = compile_records(&file.records, base_dir)?;
     let keep_claims = claims_read(&rules, &upstream);
     Ok(Policy {

@@ -183,6 +183,54 @@ pub fn compile_risk(
     })
 }
 
+/// Every two `acr` lists that can apply to one request share a value: a rule's and each of its
+/// escalations', and each risk signal's step-up with all of them. A token carries one `acr`,
+/// and each list in force must accept it, so lists that share none could never be met (the
+/// engine answers such a request `403 step_up_not_expressible`).
+pub fn check_acr_lists(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
+    let signals: Vec<(String, &[String])> = risk
+        .signals
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::StepUp(require) if !require.acr.is_empty() => Some((
+                format!("risk.signals.{}.require.acr", s.name),
+                require.acr.as_slice(),
+            )),
+            _ => None,
+        })
+        .collect();
+    for (i, rule) in rules.iter().enumerate() {
+        let lists = std::iter::once((format!("rules[{i}].require.acr"), &rule.require.acr))
+            .chain(rule.escalate.iter().enumerate().map(|(k, e)| {
+                (
+                    format!("rules[{i}].escalate[{k}].require.acr"),
+                    &e.require.acr,
+                )
+            }))
+            .filter(|(_, list)| !list.is_empty())
+            .map(|(path, list)| (path, list.as_slice()))
+            .collect::<Vec<_>>();
+        let later = lists
+            .iter()
+            .enumerate()
+            .flat_map(|(n, a)| lists[..n].iter().chain(signals.iter()).map(move |b| (a, b)));
+        for ((path, list), (other_path, other)) in later {
+            if !list.iter().any(|v| other.contains(v)) {
+                return Err(ConfigError::new(
+                    path.clone(),
+                    format!(
+                        "shares no value with {other_path} ({}): a token has one acr, and \
+                         every list in force must accept it, so no token could meet both; list \
+                         the stronger levels among those the other accepts",
+                        other.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every `risk.<name>` in the rules' conditions names a signal of `risk`.
 pub fn check_risk_reads(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
     for (i, rule) in rules.iter().enumerate() {
