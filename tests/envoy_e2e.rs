@@ -537,6 +537,19 @@ fn core_cases() -> Vec<Case> {
             "multiple_credentials",
             Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
         )),
+        // Some upstreams would serve this POST as a GET of the personal data.
+        Case::new(
+            "core-method-override",
+            Method::POST,
+            "/customers/42/pii",
+            Some(TokenSpec::default()),
+        )
+        .header("x-http-method-override", "GET")
+        .expect(deny(
+            400,
+            "malformed_request",
+            Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
+        )),
     ]
 }
 

@@ -199,6 +199,11 @@ impl<'p> Run<'p> {
             let www = (status == 400).then(|| challenge::invalid_request(realm, &message));
             return self.deny(status, reason, &message, None, www);
         }
+        if let Some(message) = request.http.as_ref().and_then(|h| h.override_problem()) {
+            self.step("request", || message.to_owned());
+            let www = challenge::invalid_request(realm, message);
+            return self.deny(400, Reason::MalformedRequest, message, None, Some(www));
+        }
         let mut credential = request.credential();
         if request.http.as_ref().is_some_and(|h| h.has_query_token())
             && !matches!(credential, Credential::Missing)

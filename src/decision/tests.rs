@@ -566,6 +566,52 @@ fn scope_present_moves_on_to_the_auth_context_check() {
 }
 
 #[test]
+fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
+    // Reading personal data needs c3; this token has the scope but not c3.
+    let token = bearer(&rs256(&TokenSpec {
+        scopes: strings(&["customers.read"]),
+        ..entra_user(&["c1"])
+    }));
+    // Servers answer HEAD with their GET handlers: the GET rule decides it.
+    for method in ["GET", "HEAD", "head"] {
+        let d = decide_http(&token, method, "/customers/42/pii");
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+        assert_eq!(rule(&d), Some("customer-pii"), "{method}");
+    }
+    // A POST some servers would serve as a GET (or on another path) is refused before any rule.
+    let with_header = |name: &str, value: &str| {
+        let mut request = http_request(&token, "POST", "/customers/42/pii");
+        let http = request.http.as_mut().unwrap();
+        http.headers.insert(name, value);
+        request
+    };
+    for (name, value) in [
+        ("x-http-method-override", "GET"),
+        ("x-http-method", "GET"),
+        ("x-method-override", "get"),
+        ("x-original-url", "/customers/42/pii"),
+        ("x-rewrite-url", "/customers/42/pii"),
+    ] {
+        let d = decide(&demo_policy(), &with_header(name, value), NOW);
+        expect(&d, Outcome::Deny, 400, Reason::MalformedRequest);
+        assert!(d.message.contains(name), "{name}: {}", d.message);
+        assert!(www(&d).contains("invalid_request"), "{name}");
+    }
+    for target in [
+        "/customers/42/pii?_method=GET",
+        "/customers/42/pii?a=1;_method=GET",
+        "/customers/42/pii?%5Fmethod=GET",
+    ] {
+        let d = decide_http(&token, "POST", target);
+        expect(&d, Outcome::Deny, 400, Reason::MalformedRequest);
+        assert!(d.message.contains("_method"), "{target}: {}", d.message);
+    }
+    // Parameters that merely contain the name are ordinary.
+    let d = decide_http(&token, "POST", "/customers/42/pii?x_method=GET&_methods=1");
+    assert_ne!(d.reason, Reason::MalformedRequest, "{}", d.message);
+}
+
+#[test]
 fn missing_role_is_403_missing_role_for_either_issuer() {
     let oidc = rs256(&TokenSpec {
         roles: strings(&["Reader"]),

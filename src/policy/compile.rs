@@ -653,6 +653,11 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
         }
         methods.push(method.to_ascii_uppercase());
     }
+    // A HEAD is a GET without the body (RFC 9110 9.3.2), and servers answer it with their GET
+    // handlers: a rule on GET covers it, or a HEAD would pass under a weaker rule.
+    if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+        methods.push("HEAD".to_owned());
+    }
     let hosts: Vec<Wildcard> = m
         .host
         .iter()

@@ -266,6 +266,50 @@ impl HttpAttributes {
         }
     }
 
+    /// A header or query parameter through which some servers take another method or path than
+    /// the request's own: `x-http-method-override` and its kin (ASP.NET Core, Express's
+    /// method-override, Symfony, Laravel), `_method` in the query (Laravel, Symfony), and
+    /// `x-original-url` / `x-rewrite-url` (IIS, older Symfony). A rule matched on the method or
+    /// path a server ignores would be the wrong rule: the request is refused. Its message.
+    pub fn override_problem(&self) -> Option<&'static str> {
+        const HEADERS: [(&str, &str); 5] = [
+            (
+                "x-http-method-override",
+                "an x-http-method-override header is refused: some servers take the method from it",
+            ),
+            (
+                "x-http-method",
+                "an x-http-method header is refused: some servers take the method from it",
+            ),
+            (
+                "x-method-override",
+                "an x-method-override header is refused: some servers take the method from it",
+            ),
+            (
+                "x-original-url",
+                "an x-original-url header is refused: some servers take the path from it",
+            ),
+            (
+                "x-rewrite-url",
+                "an x-rewrite-url header is refused: some servers take the path from it",
+            ),
+        ];
+        if let Some((_, message)) = HEADERS
+            .iter()
+            .find(|(name, _)| self.headers.get(name).is_some())
+        {
+            return Some(message);
+        }
+        let query = self.target.split_once('?')?.1;
+        query
+            .split(['&', ';'])
+            .any(|pair| {
+                let name = pair.split('=').next().unwrap_or_default();
+                name == "_method" || percent_decode(name).as_deref() == Some("_method")
+            })
+            .then_some("a _method query parameter is refused: some servers take the method from it")
+    }
+
     /// Whether the query string carries an RFC 6750 `access_token` parameter. Pairs are split
     /// at `;` as well as `&`: some servers read `;` as a separator, and a token one of them would
     /// find beside the header's is a second credential.
