@@ -316,14 +316,8 @@ impl<'p> Run<'p> {
             }
             counts
         };
-        let input = CelInput::new(
-            &policy.cel,
-            request,
-            normalized.as_deref(),
-            token.as_ref().map(|t| &t.claims),
-            now,
-        )
-        .with_risk(&risk_counts);
+        // Rules and CEL see one spelling of the path: matching ignores ASCII case (servers that
+        // serve `/ADMIN` as `/admin`), so a condition on `request.path` must too.
         let lowered = normalized.as_deref().map(|path| {
             if path.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(path.to_ascii_lowercase())
@@ -331,6 +325,14 @@ impl<'p> Run<'p> {
                 Cow::Borrowed(path)
             }
         });
+        let input = CelInput::new(
+            &policy.cel,
+            request,
+            lowered.as_deref(),
+            token.as_ref().map(|t| &t.claims),
+            now,
+        )
+        .with_risk(&risk_counts);
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
         let mut from = 0;
         let rule = loop {

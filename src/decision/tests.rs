@@ -612,6 +612,30 @@ fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
 }
 
 #[test]
+fn cel_sees_the_path_in_the_case_rules_match_it() {
+    // Rules match `/reports/**` in any case, as ASP.NET and IIS serve it; a condition on
+    // `request.path` must not be dodged by `/EXPORT`.
+    let policy = compile_policy(&DEMO_POLICY.replace(
+        "  - id: everything-else\n",
+        "  - id: reports\n    match: { path: \"/reports/**\" }\n    require: { authenticated: true }\n    \
+         escalate:\n      - when: 'request.path.endsWith(\"/export\")'\n        \
+         require: { auth_contexts: [c1] }\n  - id: everything-else\n",
+    ));
+    let token = bearer(&rs256(&entra_user(&[])));
+    for target in [
+        "/reports/q1/export",
+        "/reports/q1/EXPORT",
+        "/Reports/Q1/Export?x=1",
+    ] {
+        let d = decide(&policy, &http_request(&token, "GET", target), NOW);
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+        assert_eq!(rule(&d), Some("reports"), "{target}");
+    }
+    let d = decide(&policy, &http_request(&token, "GET", "/reports/q1"), NOW);
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+}
+
+#[test]
 fn missing_role_is_403_missing_role_for_either_issuer() {
     let oidc = rs256(&TokenSpec {
         roles: strings(&["Reader"]),
