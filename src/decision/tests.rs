@@ -2253,6 +2253,42 @@ fn access_token_types_are_accepted_and_other_jwt_types_refused() {
 }
 
 #[test]
+fn an_issuer_requiring_at_jwt_refuses_every_other_type_and_none() {
+    let policy = compile_policy(&DEMO_POLICY.replace(
+        "    challenge: entra\n",
+        "    challenge: entra\n    require_at_jwt: true\n",
+    ));
+    let claims = entra_user(&["c1"]).claims(NOW);
+    let signed = |header: Value| sign_raw(&header, &claims, &rsa_key(), Algorithm::RS256);
+    let decide_with = |token: &str| {
+        decide(
+            &policy,
+            &op_request(token, "inventory.list", json!({})),
+            NOW,
+        )
+    };
+    for typ in ["at+jwt", "application/AT+JWT"] {
+        let d = decide_with(&signed(
+            json!({"alg": "RS256", "kid": DEMO_RSA_KID, "typ": typ}),
+        ));
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
+    // An ID token without nonce or hashes looks like an access token but for its `typ`.
+    for header in [
+        json!({"alg": "RS256", "kid": DEMO_RSA_KID}),
+        json!({"alg": "RS256", "kid": DEMO_RSA_KID, "typ": "JWT"}),
+    ] {
+        let d = decide_with(&signed(header.clone()));
+        expect(&d, Outcome::Deny, 401, Reason::TokenTypeInvalid);
+        assert!(
+            d.message.contains("none") || d.message.contains("JWT"),
+            "{header}: {}",
+            d.message
+        );
+    }
+}
+
+#[test]
 fn auth_time_in_the_future_makes_the_token_invalid() {
     let spec = TokenSpec {
         auth_age: Some(-3600),

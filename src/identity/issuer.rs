@@ -141,6 +141,8 @@ pub struct IssuerSettings {
     pub leeway: u64,
     /// Refuse tokens carrying an ID token's own members (`nonce`, `at_hash`, `c_hash`).
     pub refuse_id_tokens: bool,
+    /// Only `typ: at+jwt` tokens (RFC 9068).
+    pub require_at_jwt: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -164,6 +166,8 @@ pub struct Issuer {
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
     pub refuse_id_tokens: bool,
+    /// Only `typ: at+jwt` tokens (RFC 9068).
+    pub require_at_jwt: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -195,6 +199,7 @@ impl Issuer {
             algorithms: settings.algorithms,
             leeway: settings.leeway,
             refuse_id_tokens: settings.refuse_id_tokens,
+            require_at_jwt: settings.require_at_jwt,
             challenge: settings.challenge,
             entra: settings.entra,
             key_source: settings.key_source,
@@ -326,6 +331,7 @@ mod tests {
             algorithms: vec![Algorithm::RS256],
             leeway: 60,
             refuse_id_tokens: true,
+            require_at_jwt: false,
             challenge: ChallengeStyle::Entra,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -665,6 +665,7 @@ mod tests {
             algorithms: vec![jsonwebtoken::Algorithm::RS256],
             leeway: 60,
             refuse_id_tokens: true,
+            require_at_jwt: false,
             challenge: ChallengeStyle::Rfc9470,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -233,6 +233,18 @@ pub fn verify(
     if claims.id_token_members && issuer.refuse_id_tokens {
         return Err(TokenError::IdToken);
     }
+    if issuer.require_at_jwt && !is_at_jwt(header.typ.as_ref()) {
+        return Err(TokenError::WrongType(
+            header
+                .typ
+                .as_ref()
+                .and_then(Raw::as_str)
+                .unwrap_or("none")
+                .chars()
+                .take(32)
+                .collect(),
+        ));
+    }
     // One lock for all the values this token shares with others.
     let mut shared = interner.lock();
     let mut principal = read_principal(issuer, &claims, &mut shared)?;
@@ -271,6 +283,14 @@ fn check_type(typ: Option<&Raw>) -> Result<(), TokenError> {
         "jwt" | "at+jwt" => Ok(()),
         _ => Err(TokenError::WrongType(name.chars().take(32).collect())),
     }
+}
+
+/// Whether `typ` is RFC 9068's `at+jwt` (as a media type too, in any case).
+fn is_at_jwt(typ: Option<&Raw>) -> bool {
+    typ.and_then(Raw::as_str).is_some_and(|name| {
+        let lower = name.to_ascii_lowercase();
+        lower.strip_prefix("application/").unwrap_or(&lower) == "at+jwt"
+    })
 }
 
 /// base64url without padding (RFC 7515 §2), canonical: no `=`, no whitespace, no stray bits in

@@ -402,6 +402,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             algorithms,
             leeway: c.leeway.0,
             refuse_id_tokens: c.refuse_id_tokens,
+            require_at_jwt: c.require_at_jwt,
             challenge,
             entra,
             key_source,
