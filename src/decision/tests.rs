@@ -1165,8 +1165,7 @@ fn acr_lists_that_share_no_value_are_refused_at_load_or_denied_when_combined() {
         &crate::config::parse(&text).unwrap(),
         std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")),
     )
-    .err()
-    .expect("disjoint acr lists");
+    .expect_err("disjoint acr lists");
     assert!(e.path.ends_with(".escalate[0].require.acr"), "{e}");
     assert!(e.message.contains("shares no value"), "{e}");
     // Three lists, each two sharing a value, all three none: the request is refused, not

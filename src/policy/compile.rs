@@ -1005,8 +1005,7 @@ rules:
         let own = "https://login.example/tenant-a/.well-known/openid-configuration";
         assert!(compile_text(&discovered(own)).is_ok());
         let e = compile_text(&discovered("https://login.example/openid"))
-            .err()
-            .expect("a discovery_url OpenID Connect Discovery would not name");
+            .expect_err("a discovery_url OpenID Connect Discovery would not name");
         assert_eq!(e.path, "issuers[0].issuer", "{e}");
         assert!(e.message.contains("4.3"), "{e}");
         // The same issuer twice: stated by one, left to discovery by another (a trailing `/`
@@ -1016,7 +1015,7 @@ rules:
             "\n  - id: again\n    issuer: https://login.example/tenant-a/\n    \
              jwks_file: keys.json\n    audiences: [api://x]\nauth_contexts:",
         );
-        let e = compile_text(&twice).err().expect("one issuer twice");
+        let e = compile_text(&twice).expect_err("one issuer twice");
         assert_eq!(e.path, "issuers[0].discovery_url", "{e}");
         assert!(e.message.contains("issuers[1]"), "{e}");
     }
