@@ -26,7 +26,7 @@ use crate::{
     },
     policy::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
-        condition::{CelInput, Condition},
+        condition::{CelInput, Condition, Readings},
     },
     request::{
         AccessRequest, Established, PresentedCredential, RequestProblem, is_valid_operation, path,
@@ -316,8 +316,8 @@ impl<'p> Run<'p> {
             }
             counts
         };
-        // Rules and CEL see one spelling of the path: matching ignores ASCII case (servers that
-        // serve `/ADMIN` as `/admin`), so a condition on `request.path` must too.
+        // Rules match the path in lower case (servers that serve `/ADMIN` as `/admin`); CEL sees
+        // it in its own case and, when that differs, in lower case too (`Readings`).
         let lowered = normalized.as_deref().map(|path| {
             if path.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(path.to_ascii_lowercase())
@@ -328,11 +328,12 @@ impl<'p> Run<'p> {
         let input = CelInput::new(
             &policy.cel,
             request,
-            lowered.as_deref(),
+            normalized.as_deref(),
             token.as_ref().map(|t| &t.claims),
             now,
         )
-        .with_risk(&risk_counts);
+        .with_risk(&risk_counts)
+        .with_readings(lowered.as_deref());
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
         let mut from = 0;
         let rule = loop {
@@ -406,7 +407,7 @@ impl<'p> Run<'p> {
         let mut shadow_escalations = Vec::new();
         for (i, escalation) in rule.escalate.iter().enumerate() {
             let mode = if escalation.shadow { " (shadow)" } else { "" };
-            let holds = match escalation.when.evaluate(input) {
+            let holds = match escalation.when.evaluate_readings(input, Readings::Any) {
                 Ok(true) => {
                     self.step("escalate", || {
                         format!("{:?} holds{mode}", escalation.when.source)
@@ -624,7 +625,7 @@ impl<'p> Run<'p> {
             ));
         }
         for condition in &effective.conditions {
-            let (reason, message) = match condition.evaluate(input) {
+            let (reason, message) = match condition.evaluate_readings(input, Readings::Every) {
                 Ok(true) => continue,
                 Ok(false) => (
                     Reason::ConditionFailed,
@@ -1046,7 +1047,7 @@ fn matches(
     }
     match &m.when {
         None => Ok(true),
-        Some(condition) => condition.evaluate(input),
+        Some(condition) => condition.evaluate_readings(input, Readings::Agree),
     }
 }
 

@@ -611,16 +611,22 @@ fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
     assert_ne!(d.reason, Reason::MalformedRequest, "{}", d.message);
 }
 
-#[test]
-fn cel_sees_the_path_in_the_case_rules_match_it() {
-    // Rules match `/reports/**` in any case, as ASP.NET and IIS serve it; a condition on
-    // `request.path` must not be dodged by `/EXPORT`.
-    let policy = compile_policy(&DEMO_POLICY.replace(
+/// The demo policy with `rules` (YAML, indented as rules are) before its catch-all rule.
+fn with_rules(rules: &str) -> Policy {
+    compile_policy(&DEMO_POLICY.replace(
         "  - id: everything-else\n",
+        &format!("{rules}  - id: everything-else\n"),
+    ))
+}
+
+#[test]
+fn cel_reads_the_path_in_its_own_case_and_in_lower_case_on_the_side_of_caution() {
+    // An escalation applies if it holds for either spelling: `/EXPORT` is `/export` to ASP.NET.
+    let policy = with_rules(
         "  - id: reports\n    match: { path: \"/reports/**\" }\n    require: { authenticated: true }\n    \
          escalate:\n      - when: 'request.path.endsWith(\"/export\")'\n        \
-         require: { auth_contexts: [c1] }\n  - id: everything-else\n",
-    ));
+         require: { auth_contexts: [c1] }\n",
+    );
     let token = bearer(&rs256(&entra_user(&[])));
     for target in [
         "/reports/q1/export",
@@ -632,6 +638,93 @@ fn cel_sees_the_path_in_the_case_rules_match_it() {
         assert_eq!(rule(&d), Some("reports"), "{target}");
     }
     let d = decide(&policy, &http_request(&token, "GET", "/reports/q1"), NOW);
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+
+    // A requirement's condition grants, so it must hold for both: `/users/ALICE` is another
+    // user to a server that reads case, and alice's own to one that does not.
+    let owner = |when: &str| {
+        with_rules(&format!(
+            "  - id: own\n    match: {{ path: \"/users/**\" }}\n    require: {{ when: '{when}' }}\n"
+        ))
+    };
+    let exact = owner(r#"request.path.startsWith("/users/" + claims.sub + "/")"#);
+    let folded = owner(
+        r#"request.path.lowerAscii().startsWith(("/users/" + claims.sub + "/").lowerAscii())"#,
+    );
+    let user = |sub: &str| {
+        bearer(&rs256(&TokenSpec {
+            subject: sub.to_owned(),
+            ..entra_user(&[])
+        }))
+    };
+    let at = |policy: &Policy, sub: &str, target: &str| {
+        decide(policy, &http_request(&user(sub), "GET", target), NOW)
+    };
+    expect(
+        &at(&exact, "alice", "/users/alice/cards"),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
+    for (sub, target) in [
+        ("alice", "/users/ALICE/cards"),
+        ("Alice", "/users/Alice/cards"),
+    ] {
+        expect(
+            &at(&exact, sub, target),
+            Outcome::Deny,
+            403,
+            Reason::ConditionFailed,
+        );
+    }
+    // Compared in one case, it holds for both readings.
+    expect(
+        &at(&folded, "Alice", "/users/Alice/cards"),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
+    expect(
+        &at(&folded, "bob", "/users/Alice/cards"),
+        Outcome::Deny,
+        403,
+        Reason::ConditionFailed,
+    );
+
+    // A matcher's condition picks the rule: readings that disagree are refused, not decided on
+    // whichever rule one of them picks.
+    let picked = with_rules(
+        "  - id: exports\n    match: { path: \"/reports/**\", when: 'request.path.endsWith(\"/export\")' }\n    \
+         require: { auth_contexts: [c1] }\n",
+    );
+    let d = decide(
+        &picked,
+        &http_request(&token, "GET", "/reports/q1/export"),
+        NOW,
+    );
+    expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    let d = decide(
+        &picked,
+        &http_request(&token, "GET", "/reports/q1/EXPORT"),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::ConditionError);
+    assert!(d.message.contains("reading"), "{}", d.message);
+}
+
+#[test]
+fn cel_reads_a_head_as_itself_and_as_a_get() {
+    let policy = with_rules(
+        "  - id: reads\n    match: { path: \"/statements/**\" }\n    require: { authenticated: true }\n    \
+         escalate:\n      - when: 'request.method == \"GET\"'\n        \
+         require: { auth_contexts: [c1] }\n",
+    );
+    let token = bearer(&rs256(&entra_user(&[])));
+    for method in ["GET", "HEAD"] {
+        let d = decide(&policy, &http_request(&token, method, "/statements/7"), NOW);
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    }
+    let d = decide(&policy, &http_request(&token, "POST", "/statements/7"), NOW);
     expect(&d, Outcome::Allow, 200, Reason::Allowed);
 }
 

@@ -98,6 +98,28 @@ impl Condition {
         self.uses.claims
     }
 
+    /// Evaluates on each reading of the request (see [`CelInput::with_readings`]) that could
+    /// change its answer, and combines the answers as `how` says. An error on either reading is
+    /// the answer, as it is for one.
+    pub fn evaluate_readings(&self, input: &CelInput<'_>, how: Readings) -> Result<bool, String> {
+        let first = self.evaluate(input)?;
+        let Some(other) = input.other_reading.as_deref().filter(|_| self.uses.request) else {
+            return Ok(first);
+        };
+        let second = self.evaluate(other)?;
+        match how {
+            Readings::Every => Ok(first && second),
+            Readings::Any => Ok(first || second),
+            Readings::Agree if first == second => Ok(first),
+            Readings::Agree => Err(format!(
+                "{:?} holds for one reading of the request and not for the other (the path in \
+                 its own letter case or in lower case, a HEAD as itself or as a GET): refused \
+                 rather than decided on one",
+                self.source
+            )),
+        }
+    }
+
     /// Evaluates to a boolean. Any error, or a non-boolean result, is an `Err` with a message; the
     /// caller decides what failing closed means at its place.
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
@@ -118,9 +140,28 @@ impl Condition {
     }
 }
 
+/// How a condition's answers on a request's two readings combine. Servers read a path in its own
+/// letter case (most) or in lower case (ASP.NET Core, IIS), and answer a HEAD with their GET
+/// handlers: a condition reading `request` must hold the same for either, or be read on the
+/// side of caution where it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readings {
+    /// A requirement's `when`: it grants, so it must hold for both.
+    Every,
+    /// An escalation's `when`: it asks more, so it applies if it holds for either.
+    Any,
+    /// A matcher's `when`: it picks the rule, stricter or weaker, so the readings must agree.
+    Agree,
+}
+
 /// The shared CEL environment (standard library), built once per policy.
 pub fn environment() -> Arc<Env> {
-    Arc::new(Env::stdlib())
+    let mut env = Env::stdlib();
+    // `lowerAscii()` and the other string functions of CEL's strings extension: a condition can
+    // compare the path in one letter case (see `Readings`).
+    env.add_extension(cel::extensions::strings)
+        .expect("CEL's strings extension declares no name twice");
+    Arc::new(env)
 }
 
 /// The variables of one request's evaluations, handed to CEL as values that borrow the request's
@@ -134,6 +175,10 @@ pub struct CelInput<'a> {
     env: &'a Arc<Env>,
     request: &'a AccessRequest,
     normalized_path: Option<&'a str>,
+    /// The method this reading sees, if not the request's own (a HEAD read as a GET).
+    method: Option<&'a str>,
+    /// The request's other reading, when it has one that differs (see [`Self::with_readings`]).
+    other_reading: Option<Box<CelInput<'a>>>,
     claims: Option<&'a Map<String, Json>>,
     now: i64,
     /// The risk signals' counts for this request, by name (read only by expressions that use them).
@@ -157,6 +202,8 @@ impl<'a> CelInput<'a> {
             env,
             request,
             normalized_path,
+            method: None,
+            other_reading: None,
             claims,
             now,
             risk_counts: None,
@@ -185,6 +232,25 @@ impl<'a> CelInput<'a> {
             }
         }
         context.borrow()
+    }
+
+    /// The request's second reading: the path as `lowered` (the normalised path in lower case,
+    /// as rules match it) and a HEAD as a GET. Conditions that read `request` are evaluated on
+    /// both when they differ ([`Condition::evaluate_readings`]). Call after [`Self::with_risk`].
+    pub fn with_readings(mut self, lowered: Option<&'a str>) -> Self {
+        let head = self
+            .request
+            .http
+            .as_ref()
+            .is_some_and(|h| h.method == "HEAD");
+        if lowered == self.normalized_path && !head {
+            return self;
+        }
+        let mut other = Self::new(self.env, self.request, lowered, self.claims, self.now);
+        other.risk_counts = self.risk_counts;
+        other.method = head.then_some("GET");
+        self.other_reading = Some(Box::new(other));
+        self
     }
 
     /// Where `risk` comes from: called at most once, by the first expression that reads it.
@@ -237,7 +303,10 @@ impl<'a> CelInput<'a> {
         ]);
         let entries: [(&'static str, Box<dyn Val + 'a>); 9] = [
             ("operation", text(r.operation.as_deref())),
-            ("method", text(http.map(|h| h.method.as_str()))),
+            (
+                "method",
+                text(self.method.or(http.map(|h| h.method.as_str()))),
+            ),
             ("host", text(http.map(|h| h.host.as_str()))),
             ("path", text(self.normalized_path)),
             ("query", text(query)),
