@@ -514,6 +514,11 @@ fn a_risk_section_that_does_not_compile_is_refused_with_its_field_path() {
             "risk:\n  signals:\n    s: { count: deny, key: subject, window: 1m, threshold: 3, action: step_up, require: { acr: [loa-9] } }\n",
             "risk.signals.s.require.acr",
         ),
+        (
+            "risk:\n  signals:\n    a: { count: deny, key: subject, window: 1m, threshold: 3, action: step_up, require: { acr: [phr] } }\n    \
+             b: { count: deny, key: client_id, window: 1m, threshold: 3, action: step_up, require: { acr: [\"urn:okta:loa:2fa:any\"] } }\n",
+            "risk.signals.b.require.acr",
+        ),
     ] {
         let policy = TempPolicy::new("risk-bad", &(demo_policy_without_risk() + risk));
         let out = Command::new(bin())

@@ -183,10 +183,12 @@ pub fn compile_risk(
     })
 }
 
-/// Every two `acr` lists that can apply to one request share a value: a rule's and each of its
-/// escalations', and each risk signal's step-up with all of them. A token carries one `acr`,
-/// and each list in force must accept it, so lists that share none could never be met (the
-/// engine answers such a request `403 step_up_not_expressible`).
+/// Every two `acr` lists that apply together share a value: a rule's and each of its
+/// escalations', each risk signal's step-up with those and with every other signal's. A token
+/// carries one `acr`, and each list in force must accept it, so two that share none could never
+/// be met. Two escalations of one rule are not compared: their conditions may never hold
+/// together. Whatever combination still narrows to nothing is answered
+/// `403 step_up_not_expressible` by the engine.
 pub fn check_acr_lists(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
     let signals: Vec<(String, &[String])> = risk
         .signals
@@ -199,32 +201,53 @@ pub fn check_acr_lists(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
             _ => None,
         })
         .collect();
+    let disjoint = |(path, list): &(String, &[String]),
+                    (other_path, other): &(String, &[String])| {
+        if list.iter().any(|v| other.contains(v)) {
+            return Ok(());
+        }
+        Err(ConfigError::new(
+            path.clone(),
+            format!(
+                "shares no value with {other_path} ({}): a token has one acr, and every list in \
+                 force must accept it, so no token could meet both; list the stronger levels \
+                 among those the other accepts",
+                other.join(", ")
+            ),
+        ))
+    };
+    for (n, signal) in signals.iter().enumerate() {
+        for other in &signals[..n] {
+            disjoint(signal, other)?;
+        }
+    }
     for (i, rule) in rules.iter().enumerate() {
-        let lists = std::iter::once((format!("rules[{i}].require.acr"), &rule.require.acr))
-            .chain(rule.escalate.iter().enumerate().map(|(k, e)| {
-                (
-                    format!("rules[{i}].escalate[{k}].require.acr"),
-                    &e.require.acr,
-                )
-            }))
-            .filter(|(_, list)| !list.is_empty())
-            .map(|(path, list)| (path, list.as_slice()))
-            .collect::<Vec<_>>();
-        let later = lists
+        let own = (!rule.require.acr.is_empty()).then(|| {
+            (
+                format!("rules[{i}].require.acr"),
+                rule.require.acr.as_slice(),
+            )
+        });
+        let escalations: Vec<(String, &[String])> = rule
+            .escalate
             .iter()
             .enumerate()
-            .flat_map(|(n, a)| lists[..n].iter().chain(signals.iter()).map(move |b| (a, b)));
-        for ((path, list), (other_path, other)) in later {
-            if !list.iter().any(|v| other.contains(v)) {
-                return Err(ConfigError::new(
-                    path.clone(),
-                    format!(
-                        "shares no value with {other_path} ({}): a token has one acr, and \
-                         every list in force must accept it, so no token could meet both; list \
-                         the stronger levels among those the other accepts",
-                        other.join(", ")
-                    ),
-                ));
+            .filter(|(_, e)| !e.require.acr.is_empty())
+            .map(|(k, e)| {
+                (
+                    format!("rules[{i}].escalate[{k}].require.acr"),
+                    e.require.acr.as_slice(),
+                )
+            })
+            .collect();
+        if let Some(own) = &own {
+            for escalation in &escalations {
+                disjoint(escalation, own)?;
+            }
+        }
+        for list in own.iter().chain(&escalations) {
+            for signal in &signals {
+                disjoint(list, signal)?;
             }
         }
     }

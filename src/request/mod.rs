@@ -271,6 +271,11 @@ impl HttpAttributes {
     /// method-override, Symfony, Laravel), `_method` in the query (Laravel, Symfony), and
     /// `x-original-url` / `x-rewrite-url` (IIS, older Symfony). A rule matched on the method or
     /// path a server ignores would be the wrong rule: the request is refused. Its message.
+    ///
+    /// Names are compared as such servers read them: a header's `_` as `-` (CGI-style runtimes
+    /// read `x_http_method_override` as the same `HTTP_X_HTTP_METHOD_OVERRIDE`), and a query
+    /// parameter's name percent-decoded, its leading spaces dropped, `.`, ` ` and `[` as `_`, cut
+    /// at a NUL and in any case (PHP reads `?.method=` and `?+_method=` as `_method`).
     pub fn override_problem(&self) -> Option<&'static str> {
         const HEADERS: [(&str, &str); 5] = [
             (
@@ -294,19 +299,35 @@ impl HttpAttributes {
                 "an x-rewrite-url header is refused: some servers take the path from it",
             ),
         ];
-        if let Some((_, message)) = HEADERS
-            .iter()
-            .find(|(name, _)| self.headers.get(name).is_some())
-        {
-            return Some(message);
+        for (name, _) in self.headers.iter() {
+            // Every name above starts `x-` or `x_` and is 13 to 22 bytes long.
+            if !(13..=22).contains(&name.len()) || !name.starts_with(['x', 'X']) {
+                continue;
+            }
+            let found = HEADERS.iter().find(|(wanted, _)| {
+                wanted.len() == name.len()
+                    && wanted
+                        .bytes()
+                        .zip(name.bytes())
+                        .all(|(w, n)| w == n.to_ascii_lowercase() || (w == b'-' && n == b'_'))
+            });
+            if let Some((_, message)) = found {
+                return Some(message);
+            }
         }
         let query = self.target.split_once('?')?.1;
         query
             .split(['&', ';'])
-            .any(|pair| {
-                let name = pair.split('=').next().unwrap_or_default();
-                name == "_method" || percent_decode(name).as_deref() == Some("_method")
+            .map(|pair| pair.split('=').next().unwrap_or_default())
+            // Only a name that spells `method` or escapes something can read as `_method`.
+            .filter(|name| {
+                name.contains('%')
+                    || name
+                        .as_bytes()
+                        .windows(6)
+                        .any(|w| w.eq_ignore_ascii_case(b"method"))
             })
+            .any(|name| php_parameter_name(name) == "_method")
             .then_some("a _method query parameter is refused: some servers take the method from it")
     }
 
@@ -329,6 +350,23 @@ impl HttpAttributes {
 /// percent-encoded.
 pub fn is_access_token_name(name: &str) -> bool {
     name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
+}
+
+/// A query parameter's name as PHP reads it, in lower case: percent-decoded (broken escapes kept
+/// as written), leading spaces dropped, cut at a NUL, and `.`, ` ` and `[` made `_`.
+fn php_parameter_name(name: &str) -> String {
+    let decoded = percent_decode(name).unwrap_or_else(|| name.to_owned());
+    decoded
+        .trim_start_matches(' ')
+        .split('\0')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| match c {
+            '.' | ' ' | '[' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 /// Decodes `%XX` escapes (and `+`); `None` when the name has none or they are broken.
