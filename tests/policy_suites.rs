@@ -171,7 +171,7 @@ fn broken_suites_and_policies_exit_2_with_the_field_path() {
 }
 
 #[test]
-fn issuers_known_by_discovery_or_accepting_only_rs256_are_tested_offline() {
+fn issuers_known_by_discovery_or_accepting_only_ps256_and_at_jwt_are_tested_offline() {
     // Discovery and key addresses no test can reach: the runner needs neither.
     let policy = TempPolicy::new(
         "suite-offline",
@@ -185,6 +185,7 @@ issuers:
     jwks_uri: https://corp.okta.example/oauth2/default/v1/keys
     audiences: [api://orders]
     algorithms: [PS256]
+    require_at_jwt: true
 rules:
   - id: orders
     match: { path: "/orders/**" }
@@ -200,7 +201,7 @@ cases:
     request: { path: /orders/7 }
     token: { issuer: corp, claims: { scope: orders.read } }
     expect: { outcome: ALLOW, rule: orders }
-  - name: a PS256 token without it
+  - name: a PS256 token without it (typed at+jwt, as the issuer requires)
     request: { path: /orders/7 }
     token: { issuer: okta, claims: { scope: profile } }
     expect: { outcome: DENY, reason: missing_scope, rule: orders }

@@ -295,8 +295,8 @@ pub struct IssuerConfig {
     #[serde(default = "default_true")]
     pub refuse_id_tokens: bool,
     /// Accept only RFC 9068 access tokens, whose header says `typ: at+jwt`: an ID token, or any
-    /// other JWT the same keys sign, is refused whatever its claims. For identity providers
-    /// that mark their access tokens (Okta, Auth0, Keycloak, PingFederate); Entra ID does not.
+    /// other JWT the same keys sign, is refused whatever its claims. Only for an identity
+    /// provider set up to type its access tokens so (check a real token's header first).
     #[serde(default)]
     pub require_at_jwt: bool,
     /// How a missing authentication is challenged: `entra`, `rfc9470` or `deny`.

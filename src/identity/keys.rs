@@ -354,7 +354,15 @@ fn learned_issuer(url: &str, discovered: &str) -> Result<(), String> {
              `tenants` (or `any_tenant: true`)"
         ));
     }
-    if discovery_url_of(discovered) != url {
+    // Compared as URLs: the host in any case and an explicit default port name the same place.
+    let same = match (
+        reqwest::Url::parse(&discovery_url_of(discovered)),
+        reqwest::Url::parse(url),
+    ) {
+        (Ok(own), Ok(fetched)) => own == fetched,
+        _ => false,
+    };
+    if !same {
         return Err(format!(
             "{url}: the discovery document names issuer {discovered:?}, whose own document is \
              at {:?} (OpenID Connect Discovery 4.3); if this identity provider names its issuer \
@@ -632,6 +640,40 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_issuer_is_learned_only_from_its_own_discovery_url() {
+        let own = "https://login.example/realms/acme/.well-known/openid-configuration";
+        for (url, issuer) in [
+            (own, "https://login.example/realms/acme"),
+            (own, "https://login.example/realms/acme/"),
+            (
+                "https://LOGIN.example:443/realms/acme/.well-known/openid-configuration",
+                "https://login.example/realms/acme",
+            ),
+            (
+                "https://tenant.auth0.example/.well-known/openid-configuration",
+                "https://tenant.auth0.example/",
+            ),
+        ] {
+            assert_eq!(learned_issuer(url, issuer), Ok(()), "{url} naming {issuer}");
+        }
+        for (url, issuer, says) in [
+            (own, "https://login.example/realms/other", "4.3"),
+            (own, "https://partner.example/realms/acme", "4.3"),
+            (
+                "https://login.example/common/v2.0/.well-known/openid-configuration",
+                "https://login.example/{tenantid}/v2.0",
+                "multi-tenant",
+            ),
+        ] {
+            let refused = learned_issuer(url, issuer).expect_err(issuer);
+            assert!(
+                refused.contains(says) && refused.contains(issuer),
+                "{refused}"
+            );
+        }
+    }
 
     #[test]
     fn next_refresh_follows_max_age_within_bounds_and_backs_off_after_failures() {

@@ -88,10 +88,11 @@ impl Signer {
         }
     }
 
-    /// A compact JWS of `claims`; with `forge`, its signature is another message's (a token no
-    /// key of the issuer signed).
+    /// A compact JWS of `claims`, typed as RFC 9068's access token (`at+jwt`, which every issuer
+    /// accepts and one with `require_at_jwt` requires); with `forge`, its signature is another
+    /// message's (a token no key of the issuer signed).
     pub fn sign(&self, claims: &Value, forge: bool) -> Result<String, String> {
-        let header = json!({"alg": format!("{:?}", self.alg()), "typ": "JWT", "kid": KID});
+        let header = json!({"alg": format!("{:?}", self.alg()), "typ": "at+jwt", "kid": KID});
         let input = format!(
             "{}.{}",
             B64.encode(header.to_string()),
