@@ -292,6 +292,10 @@ impl Issuers {
                 _ => patterned.push(Arc::clone(issuer)),
             }
         }
+        // A discovered issuer names one exact `iss` (a `{tenantid}` one is refused when the
+        // document is read): tried before the templates, as exact names are, so that a template
+        // listed first cannot take a discovered tenant's tokens.
+        patterned.sort_by_key(|issuer| matches!(issuer.name, IssuerName::Template { .. }));
         Self {
             exact,
             patterned,
@@ -376,6 +380,24 @@ mod tests {
             jwks_uri: "https://idp.example/keys".into(),
         });
         assert_eq!(i.matches_iss("https://idp.example"), Some(None));
+    }
+
+    #[test]
+    fn a_discovered_issuer_is_tried_before_a_template_listed_first() {
+        let template = Arc::new(issuer("https://login.example/{tenantid}/v2.0"));
+        let discovered = Arc::new(issuer(""));
+        let own = format!("https://login.example/{TID}/v2.0");
+        discovered.set_discovered(Discovered {
+            issuer: own.clone(),
+            name: IssuerName::parse(&own),
+            jwks_uri: "https://login.example/keys".into(),
+        });
+        let issuers = Issuers::new(vec![Arc::clone(&template), Arc::clone(&discovered)]);
+        let (found, tenant) = issuers.by_iss(&own).expect("the discovered issuer");
+        assert!(Arc::ptr_eq(found, &discovered) && tenant.is_none());
+        let other = own.replace(TID, "11111111-2222-4333-8444-555555555555");
+        let (found, _) = issuers.by_iss(&other).expect("the template");
+        assert!(Arc::ptr_eq(found, &template));
     }
 
     #[test]
