@@ -634,13 +634,21 @@ fn with_rules(rules: &str) -> Policy {
     ))
 }
 
+/// With a rule `id` on `path` that asks auth context c1 when `when` holds.
+fn with_escalating_rule(id: &str, path: &str, when: &str) -> Policy {
+    with_rules(&format!(
+        "  - id: {id}\n    match: {{ path: \"{path}\" }}\n    require: {{ authenticated: true }}\n    \
+         escalate:\n      - when: '{when}'\n        require: {{ auth_contexts: [c1] }}\n"
+    ))
+}
+
 #[test]
 fn cel_reads_the_path_in_its_own_case_and_in_lower_case_on_the_side_of_caution() {
     // An escalation applies if it holds for either spelling: `/EXPORT` is `/export` to ASP.NET.
-    let policy = with_rules(
-        "  - id: reports\n    match: { path: \"/reports/**\" }\n    require: { authenticated: true }\n    \
-         escalate:\n      - when: 'request.path.endsWith(\"/export\")'\n        \
-         require: { auth_contexts: [c1] }\n",
+    let policy = with_escalating_rule(
+        "reports",
+        "/reports/**",
+        r#"request.path.endsWith("/export")"#,
     );
     let token = bearer(&rs256(&entra_user(&[])));
     for target in [
@@ -729,11 +737,7 @@ fn cel_reads_the_path_in_its_own_case_and_in_lower_case_on_the_side_of_caution()
 
 #[test]
 fn cel_reads_a_head_as_itself_and_as_a_get() {
-    let policy = with_rules(
-        "  - id: reads\n    match: { path: \"/statements/**\" }\n    require: { authenticated: true }\n    \
-         escalate:\n      - when: 'request.method == \"GET\"'\n        \
-         require: { auth_contexts: [c1] }\n",
-    );
+    let policy = with_escalating_rule("reads", "/statements/**", r#"request.method == "GET""#);
     let token = bearer(&rs256(&entra_user(&[])));
     for method in ["GET", "HEAD"] {
         let d = decide(&policy, &http_request(&token, method, "/statements/7"), NOW);
