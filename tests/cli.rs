@@ -112,6 +112,8 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
         );
     }
     assert!(stdout.contains("policy OK"), "{stdout}");
+    // A GET matcher takes HEAD too, and says so.
+    assert!(stdout.contains("GET,HEAD"), "{stdout}");
     // The rule index's shape: every matcher of the demo is filed by operation or path.
     let matchers = stdout
         .lines()

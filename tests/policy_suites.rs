@@ -214,6 +214,18 @@ cases:
     let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("3 case(s): 3 passed, 0 failed"), "{stdout}");
+    // `check` names the issuer discovery will be held to, and the token type required.
+    let (code, stdout, stderr) = common::run_bin([
+        "check".as_ref(),
+        "--config".as_ref(),
+        policy.path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("https://login.corp.example (from discovery)")
+            && stdout.contains("typ=at+jwt"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
-    identity::{KeySource, issuer::Tenants, jwks::KeySet},
+    identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::DISCOVERY_SUFFIX},
     policy::{DefaultAction, Matcher, Policy, Requirement},
 };
 
@@ -77,11 +77,23 @@ fn describe(policy: &Policy) -> String {
                 t.iter().cloned().collect::<Vec<_>>().join(",")
             ),
         };
+        let keys = if i.require_at_jwt {
+            format!("{keys} typ=at+jwt")
+        } else {
+            keys
+        };
         let algs: Vec<String> = i.algorithms.iter().map(|a| format!("{a:?}")).collect();
+        // An issuer left to discovery is its discovery URL's own (checked when it is read).
+        let iss = match (&i.key_source, i.issuer.is_empty()) {
+            (KeySource::Discovery(url), true) => format!(
+                "{} (from discovery)",
+                url.strip_suffix(DISCOVERY_SUFFIX).unwrap_or(url)
+            ),
+            _ => i.issuer.clone(),
+        };
         line(format!(
-            "  {:<12} {} aud={} alg={} challenge={} leeway={}s {keys}",
+            "  {:<12} {iss} aud={} alg={} challenge={} leeway={}s {keys}",
             i.id,
-            i.issuer,
             i.audiences.join(","),
             algs.join(","),
             i.challenge.as_str(),
