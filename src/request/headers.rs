@@ -119,6 +119,14 @@ impl Headers {
             .map(|(n, v)| (self.resolve(n), self.resolve(v)))
     }
 
+    /// Every entry's name, as bytes (in place or folded to lower case), without reading values.
+    pub fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.entries.iter().map(|(n, _)| match n {
+            Text::At { start, end } => &self.buf[*start as usize..*end as usize],
+            Text::Owned(text) => text.as_bytes(),
+        })
+    }
+
     /// The number of entries (a name given twice counts twice).
     pub fn len(&self) -> usize {
         self.entries.len()

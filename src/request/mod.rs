@@ -299,17 +299,18 @@ impl HttpAttributes {
                 "an x-rewrite-url header is refused: some servers take the path from it",
             ),
         ];
-        for (name, _) in self.headers.iter() {
+        // Names only: a value is neither read nor checked again (the token is one of them).
+        for name in self.headers.names() {
             // Every name above starts `x-` or `x_` and is 13 to 22 bytes long.
-            if !(13..=22).contains(&name.len()) || !name.starts_with(['x', 'X']) {
+            if !(13..=22).contains(&name.len()) || !matches!(name.first(), Some(b'x' | b'X')) {
                 continue;
             }
             let found = HEADERS.iter().find(|(wanted, _)| {
                 wanted.len() == name.len()
                     && wanted
                         .bytes()
-                        .zip(name.bytes())
-                        .all(|(w, n)| w == n.to_ascii_lowercase() || (w == b'-' && n == b'_'))
+                        .zip(name.iter())
+                        .all(|(w, &n)| w == n.to_ascii_lowercase() || (w == b'-' && n == b'_'))
             });
             if let Some((_, message)) = found {
                 return Some(message);
