@@ -136,6 +136,52 @@ proptest! {
     }
 
     #[test]
+    fn a_method_override_in_the_query_is_found_as_the_url_standard_and_php_read_it(
+        pairs in vec(
+            (
+                (
+                    select(&["", " ", "  ", "+", "%20", "x", "%"][..]),
+                    select(&[
+                        "_method", "_Method", "%5Fmethod", "%5fMETHOD", ".method", " method",
+                        "[method", "_metho", "method", "_meth%6Fd", "%C3%A9", "%FF",
+                    ][..]),
+                    select(&["", "%00", "%00%zz", "%00x", "%", "%z", "%2", "x", "%5B", "é"][..]),
+                ),
+                select(&["&", ";", "&&"][..]),
+            ),
+            0..4,
+        ),
+    ) {
+        let names: Vec<String> =
+            pairs.iter().map(|((a, b, c), _)| format!("{a}{b}{c}")).collect();
+        let query: String = names
+            .iter()
+            .zip(&pairs)
+            .map(|(name, (_, sep))| format!("{name}=GET{sep}"))
+            .collect();
+        let request = stepgate::request::HttpAttributes::new(
+            "POST",
+            "api.example",
+            format!("/orders?{query}"),
+            stepgate::request::Headers::default(),
+        );
+        // The twin: the URL standard's decoding (`form_urlencoded`, which keeps a broken escape
+        // as written and reads `+` as a space, as PHP does) of each `&`- or `;`-separated pair,
+        // then PHP's renaming: leading spaces dropped, cut at a NUL, `.`, ` ` and `[` as `_`.
+        let php = |name: &str| -> String {
+            let name = name.trim_start_matches(' ');
+            let name = name.split('\0').next().unwrap_or_default();
+            name.chars()
+                .map(|c| if matches!(c, '.' | ' ' | '[') { '_' } else { c.to_ascii_lowercase() })
+                .collect()
+        };
+        let expected = query.split(';').any(|chunk| {
+            form_urlencoded::parse(chunk.as_bytes()).any(|(name, _)| php(&name) == "_method")
+        });
+        prop_assert_eq!(request.override_problem().is_some(), expected, "{}", query);
+    }
+
+    #[test]
     fn settings_frames_are_counted_however_the_bytes_arrive(
         seed in any::<u8>(),
         frames in vec(

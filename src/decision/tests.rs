@@ -615,6 +615,7 @@ fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
         "/customers/42/pii?%20_method=GET",
         "/customers/42/pii?_Method=GET",
         "/customers/42/pii?_method%00x=GET",
+        "/customers/42/pii?_method%00%zz=GET",
         "/customers/42/pii?[method=GET",
     ] {
         let d = decide_http(&token, "POST", target);

@@ -353,11 +353,32 @@ pub fn is_access_token_name(name: &str) -> bool {
     name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
 }
 
-/// A query parameter's name as PHP reads it, in lower case: percent-decoded (broken escapes kept
-/// as written), leading spaces dropped, cut at a NUL, and `.`, ` ` and `[` made `_`.
+/// A query parameter's name as PHP reads it, in lower case: percent-decoded and `+` a space
+/// (a broken escape kept as written, as PHP and the URL standard do), leading spaces dropped, cut
+/// at a NUL, and `.`, ` ` and `[` made `_`.
 fn php_parameter_name(name: &str) -> String {
-    let decoded = percent_decode(name).unwrap_or_else(|| name.to_owned());
-    decoded
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = |i: usize| bytes.get(i).and_then(|b| (*b as char).to_digit(16));
+        match bytes[at] {
+            b'%' if hex(at + 1).is_some() && hex(at + 2).is_some() => {
+                let (high, low) = (hex(at + 1).unwrap_or(0), hex(at + 2).unwrap_or(0));
+                decoded.push(u8::try_from(high * 16 + low).unwrap_or(0));
+                at += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                at += 1;
+            }
+            b => {
+                decoded.push(b);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded)
         .trim_start_matches(' ')
         .split('\0')
         .next()
