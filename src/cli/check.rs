@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
-    identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::DISCOVERY_SUFFIX},
+    identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url},
     policy::{DefaultAction, Matcher, Policy, Requirement},
 };
 
@@ -87,7 +87,7 @@ fn describe(policy: &Policy) -> String {
         let iss = match (&i.key_source, i.issuer.is_empty()) {
             (KeySource::Discovery(url), true) => format!(
                 "{} (from discovery)",
-                url.strip_suffix(DISCOVERY_SUFFIX).unwrap_or(url)
+                issuer_of_discovery_url(url).unwrap_or(url)
             ),
             _ => i.issuer.clone(),
         };

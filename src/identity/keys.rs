@@ -379,6 +379,12 @@ pub fn discovery_url_of(issuer: &str) -> String {
     format!("{}{DISCOVERY_SUFFIX}", issuer.trim_end_matches('/'))
 }
 
+/// The issuer whose discovery document is at `url`, if `url` has the form
+/// [`discovery_url_of`] gives (its own `/` at the end may have been dropped).
+pub fn issuer_of_discovery_url(url: &str) -> Option<&str> {
+    url.strip_suffix(DISCOVERY_SUFFIX)
+}
+
 /// The path OpenID Connect Discovery appends to an issuer.
 pub const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 

@@ -314,7 +314,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
         // An issuer left to discovery is the discovery URL's own (OpenID Connect Discovery 4.3,
         // checked again against the document when it is read): it must not be another's.
         if let (KeySource::Discovery(url), true) = (&key_source, c.issuer.is_empty()) {
-            let Some(implied) = url.strip_suffix(DISCOVERY_SUFFIX) else {
+            let Some(implied) = keys::issuer_of_discovery_url(url) else {
                 return err(
                     format!("{path}.issuer"),
                     format!(
@@ -326,7 +326,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             let same = |other: &str| other.trim_end_matches('/') == implied.trim_end_matches('/');
             let named_again = configs.iter().position(|o| {
                 let other = match (&o.discovery_url, o.issuer.is_empty()) {
-                    (Some(u), true) => u.strip_suffix(DISCOVERY_SUFFIX),
+                    (Some(u), true) => keys::issuer_of_discovery_url(u),
                     (_, false) => Some(o.issuer.as_str()),
                     (None, true) => None,
                 };

@@ -6,6 +6,8 @@
 mod headers;
 pub mod path;
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 pub use headers::Headers;
@@ -350,35 +352,13 @@ impl HttpAttributes {
 /// Whether a query parameter's name is RFC 6750's `access_token`, written plainly or
 /// percent-encoded.
 pub fn is_access_token_name(name: &str) -> bool {
-    name == "access_token" || percent_decode(name).as_deref() == Some("access_token")
+    decode_query_name(name) == "access_token"
 }
 
-/// A query parameter's name as PHP reads it, in lower case: percent-decoded and `+` a space
-/// (a broken escape kept as written, as PHP and the URL standard do), leading spaces dropped, cut
-/// at a NUL, and `.`, ` ` and `[` made `_`.
+/// A query parameter's name as PHP reads it, in lower case: decoded ([`decode_query_name`]),
+/// leading spaces dropped, cut at a NUL, and `.`, ` ` and `[` made `_`.
 fn php_parameter_name(name: &str) -> String {
-    let bytes = name.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let hex = |i: usize| bytes.get(i).and_then(|b| (*b as char).to_digit(16));
-        match bytes[at] {
-            b'%' if hex(at + 1).is_some() && hex(at + 2).is_some() => {
-                let (high, low) = (hex(at + 1).unwrap_or(0), hex(at + 2).unwrap_or(0));
-                decoded.push(u8::try_from(high * 16 + low).unwrap_or(0));
-                at += 3;
-            }
-            b'+' => {
-                decoded.push(b' ');
-                at += 1;
-            }
-            b => {
-                decoded.push(b);
-                at += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded)
+    decode_query_name(name)
         .trim_start_matches(' ')
         .split('\0')
         .next()
@@ -391,24 +371,33 @@ fn php_parameter_name(name: &str) -> String {
         .collect()
 }
 
-/// Decodes `%XX` escapes (and `+`); `None` when the name has none or they are broken.
-fn percent_decode(text: &str) -> Option<String> {
+/// A query parameter's name decoded as the URL standard and PHP decode it: `%XX` escapes, `+` a
+/// space, a broken escape kept as written, bytes that are not UTF-8 replaced.
+fn decode_query_name(text: &str) -> Cow<'_, str> {
     if !text.contains(['%', '+']) {
-        return None;
+        return Cow::Borrowed(text);
     }
-    let mut out = Vec::with_capacity(text.len());
-    let mut bytes = text.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hex = [bytes.next()?, bytes.next()?];
-                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+    let bytes = text.as_bytes();
+    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        match (bytes[at], hex(at + 1), hex(at + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push(u8::try_from(high * 16 + low).unwrap_or(0));
+                at += 3;
             }
-            b'+' => out.push(b' '),
-            b => out.push(b),
+            (b'+', ..) => {
+                decoded.push(b' ');
+                at += 1;
+            }
+            (b, ..) => {
+                decoded.push(b);
+                at += 1;
+            }
         }
     }
-    String::from_utf8(out).ok()
+    Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
 }
 
 /// The host, lower-case, without its port or a trailing dot: `Admin.Example.com.:443` and
