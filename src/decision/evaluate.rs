@@ -278,7 +278,7 @@ impl<'p> Run<'p> {
                                 kid: Some(kid),
                             } = err
                             {
-                                d.unknown_key = Some((issuer, kid));
+                                d.unknown_key = Some(Box::new((issuer, kid)));
                             }
                             return d;
                         }
@@ -749,7 +749,7 @@ impl<'p> Run<'p> {
                 "application token: cannot step up".to_owned()
             });
             let mut d = self.deny_with(403, Reason::AppOnlyToken, &message, rule, token, None);
-            d.step_up = Some(step_up);
+            d.step_up = Some(Box::new(step_up));
             return d;
         }
         // A challenge the client can never satisfy makes it loop: refuse instead. An Entra claims
@@ -777,7 +777,7 @@ impl<'p> Run<'p> {
                 token,
                 None,
             );
-            d.step_up = Some(step_up);
+            d.step_up = Some(Box::new(step_up));
             return d;
         }
         match style {
@@ -812,7 +812,7 @@ impl<'p> Run<'p> {
                     );
                     let mut d =
                         self.deny_with(403, Reason::ClientNotCapable, &message, rule, token, None);
-                    d.step_up = Some(step_up);
+                    d.step_up = Some(Box::new(step_up));
                     return d;
                 }
                 let www = challenge::entra_claims(&token.issuer.entra, &b64);
@@ -838,7 +838,7 @@ impl<'p> Run<'p> {
                     "issuer configured to deny instead of challenging".to_owned()
                 });
                 let mut d = self.deny_with(403, reason, &message, rule, token, None);
-                d.step_up = Some(step_up);
+                d.step_up = Some(Box::new(step_up));
                 d
             }
         }
@@ -905,7 +905,7 @@ impl<'p> Run<'p> {
         let mut d = self.base(Outcome::StepUp, reason, message.to_owned(), 401);
         d.rule = Some(Arc::clone(&rule.id));
         d.www_authenticate = Some(www);
-        d.step_up = Some(step_up);
+        d.step_up = Some(Box::new(step_up));
         d.principal = Some(token.principal.clone());
         d
     }

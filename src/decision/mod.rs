@@ -81,7 +81,8 @@ pub struct Decision {
     pub rule: Option<Arc<str>>,
     pub http_status: u16,
     pub www_authenticate: Option<String>,
-    pub step_up: Option<StepUp>,
+    /// Boxed: a STEP_UP is the rarer answer, and every decision is moved several times.
+    pub step_up: Option<Box<StepUp>>,
     pub principal: Option<Arc<Principal>>,
     /// Headers for the upstream (ALLOW only). Names and most values are shared with the policy
     /// and the cached token, so an ALLOW copies no string to carry them.
@@ -99,7 +100,7 @@ pub struct Decision {
     pub explain: Vec<ExplainStep>,
     /// Set when the token was refused only because its issuer's keys lack its `kid`: (issuer id,
     /// kid). The server may fetch the keys once and decide again; the engine does no I/O itself.
-    pub unknown_key: Option<(String, String)>,
+    pub unknown_key: Option<Box<(String, String)>>,
 }
 
 impl Decision {

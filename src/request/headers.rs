@@ -69,9 +69,10 @@ impl Headers {
         name: Range<usize>,
         value: Range<usize>,
     ) -> Result<(), std::str::Utf8Error> {
-        let name_text = std::str::from_utf8(&self.buf[name.clone()])?;
-        std::str::from_utf8(&self.buf[value.clone()])?;
-        let name = if has_upper_case(name_text) {
+        check_utf8(&self.buf[name.clone()])?;
+        check_utf8(&self.buf[value.clone()])?;
+        let name = if self.buf[name.clone()].iter().any(u8::is_ascii_uppercase) {
+            let name_text = std::str::from_utf8(&self.buf[name])?;
             Text::Owned(name_text.to_ascii_lowercase().into())
         } else {
             Text::at(name)
@@ -200,6 +201,21 @@ impl fmt::Debug for Headers {
             _ => (name, value),
         });
         f.debug_map().entries(shown).finish()
+    }
+}
+
+/// Checks `bytes` as UTF-8, as ASCII first: nearly every header is, and `<[u8]>::is_ascii`
+/// checks it a word at a time inline, where `str::from_utf8` is a call that walks a short string
+/// byte by byte.
+///
+/// # Errors
+/// When `bytes` are not UTF-8.
+#[inline]
+pub(crate) fn check_utf8(bytes: &[u8]) -> Result<(), std::str::Utf8Error> {
+    if bytes.is_ascii() {
+        Ok(())
+    } else {
+        std::str::from_utf8(bytes).map(|_| ())
     }
 }
 

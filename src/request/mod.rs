@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use serde_json::{Map, Value};
 
 pub use headers::Headers;
+pub(crate) use headers::check_utf8;
 
 use crate::identity::{Credential, CredentialProblem, bearer};
 

@@ -192,6 +192,24 @@ impl Authorizer {
         door: Door,
         parent: Option<SpanContext>,
     ) -> (Decision, Guard<Arc<Policy>>) {
+        // The wait stays out of this future's state unless a decision needs it: the call's
+        // future then holds a pointer, not the decision being made.
+        let wait = match self.decide_now(request, door, parent) {
+            Ok(decided) => return decided,
+            Err(wait) => wait,
+        };
+        Box::pin(self.decide_after_key(request, wait)).await
+    }
+
+    /// [`Authorizer::decide_traced`] without waiting: the decision, or, for a token refused only
+    /// for an unknown `kid`, what [`Authorizer::decide_after_key`] needs to wait for the key and
+    /// decide again. A `Check` is decided here in one go, with no future holding its state.
+    pub fn decide_now(
+        &self,
+        request: &AccessRequest,
+        door: Door,
+        parent: Option<SpanContext>,
+    ) -> Result<(Decision, Guard<Arc<Policy>>), Box<KeyWait>> {
         let span = traces::start_decision(door, parent);
         let started = Instant::now();
         let policy = self.policy.load();
@@ -214,16 +232,67 @@ impl Authorizer {
                 // Before the token is read: a blocked source learns nothing about it.
                 blocked(Reason::SourceBlocked, &block, request.explain)
             } else {
-                let mut decision = (self.engine)(&policy, request, now, now_ms);
-                if let Some((issuer_id, kid)) = &decision.unknown_key
+                let decision = (self.engine)(&policy, request, now, now_ms);
+                if let Some((issuer_id, kid)) = decision.unknown_key.as_deref()
                     && let Some(issuer) = policy.issuers.by_id(issuer_id)
-                    && keys::resolve_unknown_kid(issuer, kid).await == UnknownKid::Found
                 {
-                    let now_ms = unix_now_ms();
-                    decision = (self.engine)(&policy, request, now_ms.div_euclid(1000), now_ms);
+                    return Err(Box::new(KeyWait {
+                        issuer: Arc::clone(issuer),
+                        kid: kid.clone(),
+                        span,
+                        started,
+                        door,
+                        policy,
+                        decision,
+                        now_ms,
+                    }));
                 }
                 self.apply_refusal(decision, &policy, now)
             };
+        Ok(self.finish(request, door, span, started, policy, decision, now_ms))
+    }
+
+    /// The rest of a decision [`Authorizer::decide_now`] left waiting: one bounded wait for a
+    /// shared fetch of the unknown key and, if the key arrived, a second decision.
+    pub async fn decide_after_key(
+        &self,
+        request: &AccessRequest,
+        wait: Box<KeyWait>,
+    ) -> (Decision, Guard<Arc<Policy>>) {
+        let KeyWait {
+            issuer,
+            kid,
+            span,
+            started,
+            door,
+            policy,
+            mut decision,
+            now_ms,
+        } = *wait;
+        if keys::resolve_unknown_kid(&issuer, &kid).await == UnknownKid::Found {
+            let now_ms = unix_now_ms();
+            decision = (self.engine)(&policy, request, now_ms.div_euclid(1000), now_ms);
+        }
+        let decision = self.apply_refusal(decision, &policy, now_ms.div_euclid(1000));
+        self.finish(request, door, span, started, policy, decision, now_ms)
+    }
+
+    /// What follows every decision: the risk state fed, the decision logged, recorded and its
+    /// span ended.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of one decision, named where they are used"
+    )]
+    fn finish(
+        &self,
+        request: &AccessRequest,
+        door: Door,
+        span: traces::DecisionSpan,
+        started: Instant,
+        policy: Guard<Arc<Policy>>,
+        decision: Decision,
+        now_ms: i64,
+    ) -> (Decision, Guard<Arc<Policy>>) {
         self.risk.record(&policy, request, &decision, now_ms);
         telemetry::log_decision(door, &decision, started.elapsed());
         if let Some((sink, forced)) = self.records.get()
@@ -234,6 +303,19 @@ impl Authorizer {
         span.end(door, &decision);
         (decision, policy)
     }
+}
+
+/// A decision waiting for an unknown key ([`Authorizer::decide_now`]).
+pub struct KeyWait {
+    issuer: Arc<crate::identity::issuer::Issuer>,
+    kid: String,
+    span: traces::DecisionSpan,
+    started: Instant,
+    door: Door,
+    policy: Guard<Arc<Policy>>,
+    /// The decision made without the key.
+    decision: Decision,
+    now_ms: i64,
 }
 
 impl Authorizer {
@@ -291,11 +373,11 @@ fn revoked(
             let encoded = challenge::encode_claims(&claims);
             let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
             d.www_authenticate = Some(challenge::entra_claims(&issuer.entra, &encoded));
-            d.step_up = Some(StepUp {
+            d.step_up = Some(Box::new(StepUp {
                 style: "entra",
                 claims: Some((claims, encoded)),
                 ..StepUp::default()
-            });
+            }));
             d
         }
         None => {

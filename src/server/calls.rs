@@ -368,10 +368,11 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let timeout = deadline(request.headers(), self.calls.timeout);
         let guard = self.activity.start();
+        let now = Instant::now();
         NEXT_STREAM_ENDS.set(Some(if STREAMING.contains(&request.uri().path()) {
             StreamEnd::Open
         } else {
-            StreamEnd::By(Instant::now() + timeout + DRAIN_GRACE)
+            StreamEnd::By(now + timeout + DRAIN_GRACE)
         }));
         if request.uri().path() == CHECK_PATH {
             if !self.may_check {
@@ -380,11 +381,11 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             }
             // The call's future holds the whole decision (2.6 KiB): boxed where it is made,
             // it is copied once, not again into its wrapper, its box and its first poll.
-            let check = self
-                .calls
-                .check
-                .clone()
-                .call_by(request, answer_by(timeout));
+            let check =
+                self.calls
+                    .check
+                    .clone()
+                    .call_by(request, now.into_std(), answer_by(timeout));
             return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());

@@ -41,6 +41,12 @@ impl<F: Future + Unpin> Future for CatchPanic<F> {
     }
 }
 
+/// Runs `work`; a panic in it ends it with `Err(panic message)`, as [`catch_panic`] does for a
+/// future's polls.
+pub fn catch_panic_now<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(work)).map_err(|panic| message(&*panic))
+}
+
 /// The text a panic was raised with (`panic!("…")` or a `String`), or a placeholder.
 fn message(panic: &(dyn Any + Send)) -> String {
     panic

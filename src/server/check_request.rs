@@ -559,7 +559,7 @@ impl<'a> Reader<'a> {
     #[inline]
     fn string(&mut self, wire: Wire, field: &'static str) -> Result<Range<usize>, DecodeError> {
         let (range, bytes) = self.len_delimited_field(wire, field)?;
-        if std::str::from_utf8(bytes).is_err() {
+        if crate::request::check_utf8(bytes).is_err() {
             self.not_utf8(field);
             return Ok(range.start..range.start);
         }

@@ -14,20 +14,22 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    pin::pin,
+    future::Future,
+    pin::{Pin, pin},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
+use opentelemetry::trace::SpanContext;
 use tonic::Status;
 
 use super::{
     answer::CheckAnswer,
     authorizer::{Authorizer, WorkerHandle},
     calls::{self, CallBody},
-    catch_panic::catch_panic,
+    catch_panic::{catch_panic, catch_panic_now},
     check_request::CheckRequest,
     grpc_message::{self, Unary, UnaryReader},
 };
@@ -68,19 +70,23 @@ impl ExtAuthz {
     /// (its body still arriving, a wait for an unknown key) is a `503 deadline_exceeded` denial.
     /// The caller sets it a little before the call's deadline, so that Envoy reads a denial, not
     /// a timeout its `failure_mode_allow` could let through.
+    ///
+    /// `started`: when the call arrived (the time its decision is logged with, and `answer_by`
+    /// counts from).
     pub async fn call_by<B>(
         self,
         request: http::Request<B>,
+        started: Instant,
         answer_by: Duration,
     ) -> http::Response<CallBody>
     where
         B: RequestBody,
     {
-        let started = Instant::now();
         // The decision has a guard of its own; this one covers reading the call and refusing it,
         // so that even a bug there is answered with a denial rather than a reset stream.
         let answer = pin!(self.answer(request, started));
-        match tokio::time::timeout(answer_by, catch_panic(answer)).await {
+        let by = tokio::time::Instant::from_std(started) + answer_by;
+        match tokio::time::timeout_at(by, catch_panic(answer)).await {
             Ok(Ok(response)) => response,
             Ok(Err(panic)) => {
                 let (decision, policy) = self.authorizer.failed(Door::Check, started, &panic);
@@ -116,7 +122,14 @@ impl ExtAuthz {
         B: RequestBody,
     {
         let (parts, body) = request.into_parts();
-        let read = if compressed(&parts.headers) {
+        let compressed = compressed(&parts.headers);
+        // Envoy puts its ext_authz span in the call's gRPC metadata (its HTTP/2 headers); the
+        // CheckRequest's headers hold the client's own (an older hop), the fallback. Read before
+        // the body, so that the call's future does not keep the headers while it waits for it.
+        let from_metadata =
+            traces::parent(|name| parts.headers.get(name).and_then(|v| v.to_str().ok()));
+        drop(parts);
+        let read = if compressed {
             Unary::Malformed(grpc_message::COMPRESSED)
         } else {
             let reader = UnaryReader::with_budget(self.max_message_bytes, Arc::clone(&self.budget));
@@ -128,55 +141,81 @@ impl ExtAuthz {
                 }
             }
         };
+        // Decided in one go, outside this future's state; only a decision that waits for an
+        // unknown key goes on in a future of its own.
+        let wait = match self.decide_read(read, from_metadata, started) {
+            Ok(answered) => return answered,
+            Err(wait) => wait,
+        };
+        wait.await
+    }
+
+    /// Decides a call whose body is read: its answer, or a future that waits for an unknown key
+    /// and decides again.
+    fn decide_read(
+        &self,
+        read: Unary,
+        from_metadata: Option<SpanContext>,
+        started: Instant,
+    ) -> Result<http::Response<CallBody>, KeyWaitAnswer<'_>> {
         let message = match read {
             Unary::Message(message) => message,
             Unary::TooLarge(_) => {
-                return self.refuse(
+                return Ok(self.refuse(
                     started,
                     413,
                     Reason::RequestTooLarge,
                     "the CheckRequest is larger than stepgate reads (--max-message-bytes)",
-                );
+                ));
             }
             Unary::Malformed(why) => {
-                return self.refuse(started, 400, Reason::MalformedRequest, why);
+                return Ok(self.refuse(started, 400, Reason::MalformedRequest, why));
             }
             Unary::Overloaded => {
-                return self.refuse(started, 503, Reason::Overloaded, grpc_message::OVER_BUDGET);
+                let overloaded = grpc_message::OVER_BUDGET;
+                return Ok(self.refuse(started, 503, Reason::Overloaded, overloaded));
             }
         };
         let check = match CheckRequest::decode(message, self.authorizer.header_limits()) {
             Ok(check) => check,
             Err(error) => {
                 tracing::debug!(%error, "a Check call's message is not a CheckRequest");
-                return self.refuse(
+                return Ok(self.refuse(
                     started,
                     400,
                     Reason::MalformedRequest,
                     "the Check call's message is not a well-formed CheckRequest",
-                );
+                ));
             }
         };
         let authorizer = &self.authorizer;
-        let answer = catch_panic(pin!(async {
-            // Envoy puts its ext_authz span in the call's gRPC metadata (its HTTP/2 headers); the
-            // CheckRequest's headers hold the client's own (an older hop), the fallback.
-            let from_metadata =
-                traces::parent(|name| parts.headers.get(name).and_then(|v| v.to_str().ok()));
+        let failed = move |panic: String| {
+            let (decision, policy) = authorizer.failed(Door::Check, started, &panic);
+            calls::unary(CheckAnswer::new(decision, &policy).into_frame())
+        };
+        let decided = catch_panic_now(|| {
             let access = access_request(check);
             let parent = from_metadata.or_else(|| {
                 let headers = &access.http.as_ref()?.headers;
                 traces::parent(|name| headers.get(name))
             });
-            let (decision, policy) = authorizer.decide_traced(&access, Door::Check, parent).await;
-            CheckAnswer::new(decision, &policy)
-        }))
-        .await
-        .unwrap_or_else(|panic: String| {
-            let (decision, policy) = authorizer.failed(Door::Check, started, &panic);
-            CheckAnswer::new(decision, &policy)
+            match authorizer.decide_now(&access, Door::Check, parent) {
+                Ok((decision, policy)) => Ok(CheckAnswer::new(decision, &policy).into_frame()),
+                Err(wait) => Err(Box::pin(async move {
+                    let answer = catch_panic(pin!(async {
+                        let (decision, policy) = authorizer.decide_after_key(&access, wait).await;
+                        CheckAnswer::new(decision, &policy).into_frame()
+                    }))
+                    .await;
+                    answer.map_or_else(failed, calls::unary)
+                }) as KeyWaitAnswer<'_>),
+            }
         });
-        calls::unary(answer.into_frame())
+        match decided {
+            Ok(Ok(frame)) => Ok(calls::unary(frame)),
+            Ok(Err(wait)) => Err(wait),
+            Err(panic) => Ok(failed(panic)),
+        }
     }
 
     /// The answer to a `Check` from a caller not allowed to call it (`--check-from`,
@@ -207,6 +246,9 @@ impl ExtAuthz {
         calls::unary(CheckAnswer::new(decision, &policy).into_frame())
     }
 }
+
+/// The rest of a `Check` whose decision waits for an unknown key.
+type KeyWaitAnswer<'a> = Pin<Box<dyn Future<Output = http::Response<CallBody>> + Send + 'a>>;
 
 /// The request names a message encoding other than `identity` (stepgate offers none).
 fn compressed(headers: &http::HeaderMap) -> bool {
@@ -807,7 +849,9 @@ mod tests {
             let request = check_call(frame(&demo_check().encode_to_vec()));
             let service = service.clone();
             let response = if by_deadline {
-                service.call_by(request, Duration::from_secs(5)).await
+                service
+                    .call_by(request, Instant::now(), Duration::from_secs(5))
+                    .await
             } else {
                 service.call(request).await
             };

@@ -1144,13 +1144,15 @@ mod tests {
         ) {
             decision.verified =
                 token.map(|(principal, caps, claims)| verified(principal, caps, claims));
-            decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| StepUp {
-                style: "entra",
-                auth_contexts,
-                acr_values,
-                max_age,
-                amr,
-                ..StepUp::default()
+            decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| {
+                Box::new(StepUp {
+                    style: "entra",
+                    auth_contexts,
+                    acr_values,
+                    max_age,
+                    amr,
+                    ..StepUp::default()
+                })
             });
             let policy = RecordsPolicy {
                 attributes,
