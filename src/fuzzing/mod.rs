@@ -2,7 +2,8 @@
 //! when one is broken. Each parser is held to a twin: the maintained library it replaces on the
 //! request path (prost for the `CheckRequest` reader, tonic for the gRPC message reader,
 //! serde_json for the JWS reader, a regex for path globs, `grpc-timeout` and the B3 trace
-//! headers, opentelemetry for the `tracestate` bound), or a property where there is no library
+//! headers, opentelemetry for the `tracestate` bound, `form_urlencoded` for the names the
+//! method-override check reads in a query), or a property where there is no library
 //! (path normalisation, the policy loader, the redaction of query tokens in records, the HTTP/2
 //! frame follower against a reading of the whole stream).
 //!
@@ -15,6 +16,7 @@ pub mod check_request;
 pub mod frames;
 pub mod grpc_message;
 pub mod jws;
+pub mod overrides;
 pub mod path;
 pub mod pattern;
 pub mod policy;
@@ -54,6 +56,11 @@ pub const TARGETS: &[Target] = &[
         name: "jws",
         check: jws::check,
         seeds: jws::seeds,
+    },
+    Target {
+        name: "overrides",
+        check: overrides::check,
+        seeds: overrides::seeds,
     },
     Target {
         name: "path",

@@ -1,0 +1,4 @@
+//! `stepgate::fuzzing::overrides`: see that module for the invariant.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| stepgate::fuzzing::overrides::check(bytes));

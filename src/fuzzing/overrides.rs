@@ -1,0 +1,60 @@
+//! The method-override check of a request's query (`HttpAttributes::override_problem`, whose
+//! decoding of parameter names is hand-written): a request is refused for its query exactly when
+//! one of its `&`- or `;`-separated parameters is named `_method` as PHP reads names. The twin is
+//! the URL standard's decoding (`form_urlencoded`: `%XX` escapes, `+` a space, a broken escape
+//! kept as written, bytes that are not UTF-8 replaced), then PHP's renaming: leading spaces
+//! dropped, cut at a NUL, `.`, ` ` and `[` as `_`, in any case.
+//!
+//! Input: a query string (what follows the `?` of the request target).
+
+use crate::request::{Headers, HttpAttributes};
+
+pub fn check(bytes: &[u8]) {
+    let Ok(query) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    let request = HttpAttributes::new(
+        "POST",
+        "api.example",
+        format!("/orders?{query}"),
+        Headers::default(),
+    );
+    let php = |name: &str| -> String {
+        let name = name.trim_start_matches(' ');
+        let name = name.split('\0').next().unwrap_or_default();
+        name.chars()
+            .map(|c| match c {
+                '.' | ' ' | '[' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect()
+    };
+    let expected = query.split(';').any(|chunk| {
+        form_urlencoded::parse(chunk.as_bytes()).any(|(name, _)| php(&name) == "_method")
+    });
+    assert_eq!(
+        request.override_problem().is_some(),
+        expected,
+        "query {query:?}: refused as an override unlike the URL standard's and PHP's reading"
+    );
+}
+
+pub fn seeds() -> Vec<Vec<u8>> {
+    [
+        "_method=GET",
+        "a=1&_Method=GET;b",
+        "%5Fmethod=GET",
+        ".method=GET",
+        "+_method=GET",
+        "%20%20_method=GET",
+        "[method=GET",
+        "_method%00%zz=GET",
+        "_meth%6Fd=GET",
+        "_metho=GET&method=GET&x_method=GET",
+        "_method%=GET&%C3%A9_method=GET",
+        "=_method&_method",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
