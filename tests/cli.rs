@@ -130,6 +130,78 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
     );
 }
 
+#[test]
+fn check_warns_of_a_matcher_a_rule_above_takes_every_request_of() {
+    // Added to the demo's rules: a HEAD rule below the demo's GET /healthz (a GET matcher
+    // takes HEAD too), a path the wire-transfer rule's POST already takes on any host, and two
+    // that nothing above takes whole (another path; a rule above with a condition).
+    let added = r#"
+  - id: conditional
+    match: { methods: [DELETE], path: "/orders/**", when: 'request.host == "a.example"' }
+    require: { scopes: [orders.delete] }
+  - id: head-health
+    match: { methods: [HEAD], path: /healthz }
+    allow_anonymous: true
+  - id: wire-again
+    match:
+      - { methods: [POST], path: /payments/wire, hosts: [api.example.com] }
+      - { methods: [POST], path: /payments/other }
+    require: { scopes: [payments] }
+  - id: after-a-condition
+    match: { methods: [DELETE], path: "/orders/**" }
+    require: { scopes: [orders.delete] }
+"#;
+    // Before the demo's last rule, which takes every path (its matchers would be warned of
+    // after it).
+    let policy_text = edit(
+        &demo_policy_text(),
+        "  - id: everything-else",
+        &format!(
+            "{}\n  - id: everything-else",
+            added.trim_start_matches('\n')
+        ),
+    );
+    let policy = TempPolicy::new("unreachable", &policy_text);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("warning: "))
+        .take_while(|l| l.starts_with("warning: ") || l.starts_with("  rule "))
+        .collect();
+    assert_eq!(
+        warnings.first().copied(),
+        Some("warning: 2 matcher(s) no request reaches (first match wins):"),
+        "{stdout}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("head-health match 1") && w.contains("rule 1. health match 1")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("wire-again match 1") && w.contains("wire-transfer match 2")),
+        "{warnings:#?}"
+    );
+    for not_taken in ["wire-again match 2", "after-a-condition", "conditional"] {
+        assert!(
+            !warnings.iter().any(|w| w.contains(not_taken)),
+            "{not_taken}: {warnings:#?}"
+        );
+    }
+    // The demo policy itself has none.
+    let demo_check = stepgate(&["check", "--config", demo_policy_path().to_str().unwrap()]);
+    assert!(
+        !text(&demo_check.stdout).contains("warning:"),
+        "{}",
+        describe(&demo_check)
+    );
+}
+
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
 const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (

@@ -142,6 +142,16 @@ fn describe(policy: &Policy) -> String {
         }
     }
     line(format!("rule index: {}", policy.index.shape()));
+    let unreachable = unreachable_matchers(policy);
+    if !unreachable.is_empty() {
+        line(format!(
+            "warning: {} matcher(s) no request reaches (first match wins):",
+            unreachable.len()
+        ));
+        for warning in unreachable {
+            line(format!("  {warning}"));
+        }
+    }
     let risk = &policy.risk;
     if !risk.signals.is_empty() || risk.store != StoreSpec::Memory {
         line(format!(
@@ -174,6 +184,67 @@ fn describe(policy: &Policy) -> String {
         }
     }
     out
+}
+
+/// The matchers an enforced rule above takes every request of: first match wins, so they never
+/// decide anything. Most often a `HEAD` rule below a `GET` one (a `GET` matcher takes `HEAD`
+/// too), or a narrow path below a broader rule. Said per matcher, naming the rule that takes its
+/// requests. Only what can be told from the patterns as written is found: a matcher covered by
+/// several rules together, or by a glob that is not `/**` or `*`, is not.
+fn unreachable_matchers(policy: &Policy) -> Vec<String> {
+    let mut found = Vec::new();
+    for (n, rule) in policy.rules.iter().enumerate() {
+        for (k, m) in rule.matchers.iter().enumerate() {
+            let taken_by = policy.rules[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, above)| !above.shadow)
+                .find_map(|(i, above)| {
+                    let j = above.matchers.iter().position(|a| takes_all_of(a, m))?;
+                    Some((i, above, j))
+                });
+            if let Some((i, above, j)) = taken_by {
+                found.push(format!(
+                    "rule {}. {} match {} ({}) is never reached: rule {}. {} match {} ({}) takes every request it matches",
+                    n + 1,
+                    rule.id,
+                    k + 1,
+                    matcher(m),
+                    i + 1,
+                    above.id,
+                    j + 1,
+                    matcher(&above.matchers[j]),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Whether matcher `a` matches every request `m` matches, as far as their patterns as written
+/// tell: `a` has no `when`, and each of its fields is absent or takes all that `m`'s takes (the
+/// same pattern, `*` for an operation or host, `/**` for a path, a superset of methods).
+fn takes_all_of(a: &Matcher, m: &Matcher) -> bool {
+    // Each of `a`'s patterns, when it has any, must take each of `m`'s (which must have some).
+    fn all<T>(a: &[T], m: &[T], takes: impl Fn(&T, &T) -> bool) -> bool {
+        a.is_empty() || (!m.is_empty() && m.iter().all(|x| a.iter().any(|y| takes(y, x))))
+    }
+    // The same pattern, or the one that takes everything.
+    fn same_or(wide: &str, a: &str, m: &str) -> bool {
+        a == wide || a == m
+    }
+    a.when.is_none()
+        && all(a.operation.as_slice(), m.operation.as_slice(), |a, m| {
+            same_or("*", a.as_str(), m.as_str())
+        })
+        && all(&a.methods, &m.methods, |a, m| a == m)
+        && all(&a.hosts, &m.hosts, |a, m| {
+            same_or("*", a.as_str(), m.as_str())
+        })
+        && all(&a.paths, &m.paths, |a, m| {
+            same_or("/**", a.as_str(), m.as_str())
+        })
+        && (a.grpc.is_none() || a.grpc == m.grpc)
 }
 
 fn matcher(m: &Matcher) -> String {
