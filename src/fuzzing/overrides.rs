@@ -1,9 +1,10 @@
-//! The method-override check of a request's query (`HttpAttributes::override_problem`, whose
-//! decoding of parameter names is hand-written): a request is refused for its query exactly when
-//! one of its `&`- or `;`-separated parameters is named `_method` as PHP reads names. The twin is
-//! the URL standard's decoding (`form_urlencoded`: `%XX` escapes, `+` a space, a broken escape
-//! kept as written, bytes that are not UTF-8 replaced), then PHP's renaming: leading spaces
-//! dropped, cut at a NUL, `.`, ` ` and `[` as `_`, in any case.
+//! The method-override check of a request's query (`HttpAttributes::override_problem`): a request
+//! is refused for its query exactly when one of its `&`- or `;`-separated parameters is named
+//! `_method` as PHP reads names. The check splits the query, skips names that cannot spell it and
+//! renames by hand (its names are decoded with `form_urlencoded`); the twin reads each pair with
+//! `form_urlencoded` (`%XX` escapes, `+` a space, a broken escape kept as written, bytes that are
+//! not UTF-8 replaced), then renames as PHP does: leading spaces dropped, cut at a NUL, `.`, ` `
+//! and `[` as `_`, in any case.
 //!
 //! Input: a query string (what follows the `?` of the request target).
 

@@ -71,7 +71,7 @@ impl Headers {
     ) -> Result<(), std::str::Utf8Error> {
         check_utf8(&self.buf[name.clone()])?;
         check_utf8(&self.buf[value.clone()])?;
-        let name = if self.buf[name.clone()].iter().any(u8::is_ascii_uppercase) {
+        let name = if has_upper_case(&self.buf[name.clone()]) {
             let name_text = std::str::from_utf8(&self.buf[name])?;
             Text::Owned(name_text.to_ascii_lowercase().into())
         } else {
@@ -85,7 +85,7 @@ impl Headers {
     /// and the new one (the last) is what [`Headers::get`] returns.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let mut name = name.into();
-        if has_upper_case(&name) {
+        if has_upper_case(name.as_bytes()) {
             name.make_ascii_lowercase();
         }
         self.entries
@@ -219,8 +219,8 @@ pub(crate) fn check_utf8(bytes: &[u8]) -> Result<(), std::str::Utf8Error> {
     }
 }
 
-pub(crate) fn has_upper_case(name: &str) -> bool {
-    name.bytes().any(|b| b.is_ascii_uppercase())
+pub(crate) fn has_upper_case(name: &[u8]) -> bool {
+    name.iter().any(u8::is_ascii_uppercase)
 }
 
 #[cfg(test)]

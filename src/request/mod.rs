@@ -372,33 +372,13 @@ fn php_parameter_name(name: &str) -> String {
         .collect()
 }
 
-/// A query parameter's name decoded as the URL standard and PHP decode it: `%XX` escapes, `+` a
-/// space, a broken escape kept as written, bytes that are not UTF-8 replaced.
-fn decode_query_name(text: &str) -> Cow<'_, str> {
-    if !text.contains(['%', '+']) {
-        return Cow::Borrowed(text);
-    }
-    let bytes = text.as_bytes();
-    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        match (bytes[at], hex(at + 1), hex(at + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                decoded.push(u8::try_from(high * 16 + low).unwrap_or(0));
-                at += 3;
-            }
-            (b'+', ..) => {
-                decoded.push(b' ');
-                at += 1;
-            }
-            (b, ..) => {
-                decoded.push(b);
-                at += 1;
-            }
-        }
-    }
-    Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
+/// A query parameter's name decoded as the URL standard and PHP decode it (`form_urlencoded`):
+/// `%XX` escapes, `+` a space, a broken escape kept as written, bytes that are not UTF-8
+/// replaced. `name` holds no `&`, `;` or `=` (it was cut at them).
+fn decode_query_name(name: &str) -> Cow<'_, str> {
+    form_urlencoded::parse(name.as_bytes())
+        .next()
+        .map_or(Cow::Borrowed(""), |(name, _)| name)
 }
 
 /// The host, lower-case, without its port or a trailing dot: `Admin.Example.com.:443` and

@@ -172,8 +172,12 @@ impl ExtAuthz {
                 return Ok(self.refuse(started, 400, Reason::MalformedRequest, why));
             }
             Unary::Overloaded => {
-                let overloaded = grpc_message::OVER_BUDGET;
-                return Ok(self.refuse(started, 503, Reason::Overloaded, overloaded));
+                return Ok(self.refuse(
+                    started,
+                    503,
+                    Reason::Overloaded,
+                    grpc_message::OVER_BUDGET,
+                ));
             }
         };
         let check = match CheckRequest::decode(message, self.authorizer.header_limits()) {
