@@ -20,6 +20,10 @@
 //!   thread, never a worker, and no second read of the same files starts until it returns. (The
 //!   first reading, which sets what counts as seen, is made at start, where the files were just
 //!   read to start.)
+//! - **Only writes are events.** inotify also reports a file being opened and read, and the
+//!   digest itself opens the files: counting those would make every reading the next event, a
+//!   re-read of the policy four times a second for ever. Opens, reads and closes after reading
+//!   are ignored ([`is_change`]); so are other processes reading the folder (a log shipper).
 
 use std::{
     collections::BTreeSet,
@@ -175,7 +179,8 @@ fn watch_folders(
     let folders: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // An error (the event queue overflowed) may hide a change: compare the content.
+            if event.is_err() || event.is_ok_and(|event| is_change(&event.kind)) {
                 let _ = changed.try_send(());
             }
         }) {
@@ -192,6 +197,21 @@ fn watch_folders(
         }
     }
     Some(watcher)
+}
+
+/// Whether an event can be a change of content: anything but a file being opened, read, or
+/// closed after reading (a close after writing is the end of a write, and counts; so does an
+/// access of a kind the backend could not name).
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+        )
+    )
 }
 
 fn warn_unwatched(what: &str, folder: Option<&Path>, error: &notify::Error) {
@@ -259,6 +279,40 @@ mod tests {
         );
         assert_eq!(watch.seen, digest(std::slice::from_ref(&path)));
         writer.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reading the watched files, as the digest itself and any other reader of the folder does,
+    /// is no event: counted as one, each reading would start the next (a re-read of the policy
+    /// four times a second for as long as the server runs). A write is one.
+    #[tokio::test]
+    async fn reading_a_file_is_no_event_and_writing_it_is() {
+        let dir = std::env::temp_dir().join(format!("stepgate-reads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, "rules: []\n").unwrap();
+        let mut watch = FileWatch::new(vec![path.clone()], "test file");
+
+        for _ in 0..3 {
+            std::fs::read(&path).unwrap();
+        }
+        assert!(watch.digest().await.is_some());
+        // inotify events reach the channel from notify's thread: give them time to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(
+                watch.events.try_recv(),
+                Err(mpsc::error::TryRecvError::Empty)
+            ),
+            "reading the file was reported as an event"
+        );
+
+        std::fs::write(&path, "rules: [] # edited\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watch.events.recv())
+            .await
+            .expect("writing the file was not reported within 5 s")
+            .expect("the watcher stopped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
