@@ -9,8 +9,9 @@
 //! the peer `cerbos-a`, the Envoy pair `f-envoy-only` / `f-envoy-stepgate`, the path-glob pair
 //! `g-glob-plain` / `g-glob-worst`, `rss-8k-fill` / `rss-8k-nocache`, and the memory points
 //! `stepgate-start` and `stepgate-8k-{start,fill}`, `stepgate-8k-nocache-{start,fill}`. Other rows are listed in the table and the ratios without a target of their
-//! own. A label that appears in several files is a repeated row: every run is listed, and the
-//! targets judge it by its medians (`Input::judged`).
+//! own. A label that appears in several files is a repeated row: every run is listed, the tables
+//! show it by its medians (`Input::judged`), and a target comparing two repeated rows judges the
+//! median of the rounds' own figures (`Input::per_round`).
 
 use std::{fmt::Write as _, path::Path};
 
@@ -279,6 +280,40 @@ impl Input {
         )
     }
 
+    /// A comparison of row `label` with row `base` as the targets judge it. When both ran the
+    /// same number of alternating rounds (two or more), it is the median of the rounds' own
+    /// figures, each run of `label` against the run of `base` from its round: the two ran within
+    /// the same minute, so a slow stretch of the machine (the canned floor's own CPU per request
+    /// has moved 12.4–15.1 µs between the rounds of one run) moves both and the round's figure
+    /// cancels it, where each row's median can come from a different stretch. Otherwise it is
+    /// `overall`, the figure of the two rows' medians. Returns the judged figure and, for rounds,
+    /// a note listing each round's figure beside `overall` (`show` formats one).
+    fn per_round(
+        &self,
+        (label, base): (&str, &str),
+        figure: impl Fn(&RunReport, &RunReport) -> Option<f64>,
+        overall: f64,
+        show: impl Fn(f64) -> String,
+    ) -> (f64, String) {
+        let (rows, bases) = (self.runs_of(label), self.runs_of(base));
+        if rows.len() < 2 || rows.len() != bases.len() {
+            return (overall, String::new());
+        }
+        let rounds: Option<Vec<f64>> = rows.iter().zip(&bases).map(|(r, b)| figure(r, b)).collect();
+        let Some(rounds) = rounds.filter(|r| r.iter().all(|v| v.is_finite())) else {
+            return (overall, String::new());
+        };
+        let judged = median(&rounds);
+        let listed: Vec<String> = rounds.iter().map(|v| show(*v)).collect();
+        let note = format!(
+            "; judged round by round: the median of {} rounds ({}), where the medians give {}",
+            rounds.len(),
+            listed.join(", "),
+            show(overall)
+        );
+        (judged, note)
+    }
+
     pub fn memory_point(&self, label: &str) -> Option<&MemPoint> {
         self.memory.iter().find(|m| m.label == label)
     }
@@ -294,13 +329,19 @@ impl Input {
         match (self.judged(label).as_ref(), self.judged("empty").as_ref()) {
             (Some(row), Some(e)) if e.throughput_rps > 0.0 => {
                 Target::invalid(name, limit.into(), &[row, e]).unwrap_or_else(|| {
-                    let ratio = row.throughput_rps / e.throughput_rps;
+                    let (ratio, rounds) = self.per_round(
+                        (label, "empty"),
+                        throughput_ratio,
+                        row.throughput_rps / e.throughput_rps,
+                        |v| format!("{v:.3}×"),
+                    );
                     Target {
                         name: name.into(),
                         measured: format!("{ratio:.3}×"),
                         limit: limit.into(),
                         pass: Some(ratio >= min),
-                        note: self.throughput_note([(label, who, row), ("empty", "empty", e)]),
+                        note: self.throughput_note([(label, who, row), ("empty", "empty", e)])
+                            + &rounds,
                     }
                 })
             }
@@ -321,9 +362,15 @@ impl Input {
             (Some(a), Some(e)) if e.throughput_rps > 0.0 => {
                 let invalid = Target::invalid(name, "≥ 0.850×".into(), &[a, e]);
                 out.push(invalid.unwrap_or_else(|| {
-                    let ratio = a.throughput_rps / e.throughput_rps;
+                    let (ratio, rounds) = self.per_round(
+                        ("a", "empty"),
+                        throughput_ratio,
+                        a.throughput_rps / e.throughput_rps,
+                        |v| format!("{v:.3}×"),
+                    );
                     let mut note =
                         self.throughput_note([("a", "stepgate", a), ("empty", "empty", e)]);
+                    note.push_str(&rounds);
                     if let Some(cpu) = e.server.map(|s| s.cpu_utilization)
                         && cpu < 0.9
                     {
@@ -494,14 +541,16 @@ impl Input {
         {
             return (t, None);
         }
-        let ratio = row / one.max(1e-9);
+        let (ratio, rounds) = self.per_round((label, base), cpu_ratio, row / one.max(1e-9), |v| {
+            format!("{v:.3}×")
+        });
         let target = Target {
             name: name.into(),
             measured: format!("{ratio:.3}×"),
             limit,
             pass: Some(ratio <= max),
             note: format!(
-                "{row:.1} vs {one:.1} µs/req; throughput {}{who} vs {} req/s{}",
+                "{row:.1} vs {one:.1} µs/req; throughput {}{who} vs {} req/s{}{rounds}",
                 fmt_rps(row_rps),
                 fmt_rps(one_rps),
                 self.repeats_note(&[(label, label), (base, base)], |r| opt(
@@ -581,9 +630,10 @@ impl Input {
         target
     }
 
-    /// Open-loop latency of stepgate against a floor at the same rate, on the medians: p50 within
-    /// +0.05 ms of the floor's, p99 within 1.25× (`closed`: stepgate's closed-loop row, to tell an
-    /// overloaded server).
+    /// Open-loop latency of stepgate against a floor at the same rate: p50 at most 0.05 ms above
+    /// the floor's, p99 at most 1.25× the floor's, judged round by round when both rows were
+    /// repeated ([`Input::per_round`]), else on the medians (`closed`: stepgate's closed-loop
+    /// row, to tell an overloaded server).
     fn open_targets(
         &self,
         title: &str,
@@ -594,56 +644,65 @@ impl Input {
         let (a_open, floor) = (self.judged(a_label), self.judged(floor_label));
         let open_rows = [(a_label, a_name), (floor_label, floor_name)];
         let mut out = Vec::new();
-        for (quantile, limit_text) in [
-            ("p50", format!("{floor_name} p50 + 0.05 ms")),
-            ("p99", format!("1.25 × {floor_name} p99")),
-        ] {
-            let name = format!("{title}: {quantile} ≤ {limit_text}");
+        for quantile in ["p50", "p99"] {
+            let (name, limit) = match quantile {
+                "p50" => (
+                    format!("{title}: p50 ≤ {floor_name} p50 + 0.05 ms"),
+                    "≤ +0.050 ms",
+                ),
+                _ => (format!("{title}: p99 ≤ 1.25 × {floor_name} p99"), "≤ 1.25×"),
+            };
             let (Some(a_run), Some(e)) = (&a_open, &floor) else {
                 out.push(Target::missing(
                     &name,
-                    "—",
+                    limit,
                     &format!("rows {a_label} and {floor_label}"),
                 ));
                 continue;
             };
+            if let Some(t) = Target::invalid(&name, limit.into(), &[a_run, e]) {
+                out.push(t);
+                continue;
+            }
             let pick = |r: &RunReport| match quantile {
                 "p50" => r.latency_ms.p50,
                 _ => r.latency_ms.p99,
             };
-            let (measured, base) = (pick(a_run), pick(e));
-            let (limit, what) = match quantile {
-                "p50" => (
-                    base + 0.05,
-                    format!(
-                        "{floor_name} p50 {} ms at {} req/s",
-                        fmt_ms(base),
-                        fmt_rps(e.rate.unwrap_or_default())
-                    ),
-                ),
-                _ => (
-                    base * 1.25,
-                    format!(
-                        "{floor_name} p99 {} ms; ratio {:.2}×",
-                        fmt_ms(base),
-                        measured / base.max(1e-9)
-                    ),
-                ),
-            };
-            let limit_ms = format!("≤ {} ms", fmt_ms(limit));
-            out.push(
-                Target::invalid(&name, limit_ms.clone(), &[a_run, e]).unwrap_or_else(|| Target {
-                    name: name.clone(),
-                    measured: format!("{} ms", fmt_ms(measured)),
-                    limit: limit_ms,
-                    pass: Some(measured <= limit),
-                    note: format!(
-                        "{what}{}{}",
-                        self.repeats_note(&open_rows, |r| fmt_ms(pick(r))),
-                        overload_note(a_run, closed)
-                    ),
-                }),
+            let (a_ms, floor_ms) = (pick(a_run), pick(e));
+            let figures = format!(
+                "{a_name} {} ms, {floor_name} {} ms at {} req/s",
+                fmt_ms(a_ms),
+                fmt_ms(floor_ms),
+                fmt_rps(e.rate.unwrap_or_default())
             );
+            let rows = (a_label, floor_label);
+            let (measured, pass, rounds) = match quantile {
+                "p50" => {
+                    let show = |v: f64| format!("{v:+.3} ms");
+                    let (added, rounds) =
+                        self.per_round(rows, |a, f| Some(pick(a) - pick(f)), a_ms - floor_ms, show);
+                    (show(added), added <= 0.05, rounds)
+                }
+                _ => {
+                    let show = |v: f64| format!("{v:.2}×");
+                    let ratio = |a: f64, f: f64| (f > 0.0).then(|| a / f);
+                    let overall = ratio(a_ms, floor_ms).unwrap_or(f64::INFINITY);
+                    let (times, rounds) =
+                        self.per_round(rows, |a, f| ratio(pick(a), pick(f)), overall, show);
+                    (show(times), times <= 1.25, rounds)
+                }
+            };
+            out.push(Target {
+                name,
+                measured,
+                limit: limit.into(),
+                pass: Some(pass),
+                note: format!(
+                    "{figures}{}{rounds}{}",
+                    self.repeats_note(&open_rows, |r| fmt_ms(pick(r))),
+                    overload_note(a_run, closed)
+                ),
+            });
         }
         out
     }
@@ -670,7 +729,12 @@ impl Input {
         match (self.judged(label).as_ref(), self.judged(floor).as_ref()) {
             (Some(row), Some(f)) if f.throughput_rps > 0.0 => {
                 Target::invalid(&name, limit.clone(), &[row, f]).unwrap_or_else(|| {
-                    let ratio = row.throughput_rps / f.throughput_rps;
+                    let (ratio, rounds) = self.per_round(
+                        (label, floor),
+                        throughput_ratio,
+                        row.throughput_rps / f.throughput_rps,
+                        |v| format!("{v:.3}×"),
+                    );
                     let cpu = |r: &RunReport| r.server.map(|s| s.cpu_us_per_request);
                     let cpu_note = match (cpu(row), cpu(f)) {
                         (Some(a), Some(b)) if b > 0.0 => {
@@ -684,7 +748,7 @@ impl Input {
                         limit: limit.clone(),
                         pass: Some(ratio >= min),
                         note: format!(
-                            "{}{cpu_note}",
+                            "{}{cpu_note}{rounds}",
                             self.throughput_note([(label, "stepgate", row), (floor, floor, f)])
                         ),
                     }
@@ -695,7 +759,7 @@ impl Input {
     }
 
     /// A policy of `rules` rules decides scenario a by its last rule at most `max` times the
-    /// server CPU per request of a one-rule policy (the rule index, judged on the medians).
+    /// server CPU per request of a one-rule policy (the rule index, judged round by round).
     fn rules_target(&self, rules: usize, max: f64) -> Target {
         let name = format!(
             "(index) {rules} rules, the last one deciding: CPU per request ≤ {max:.1} × one rule's"
@@ -721,7 +785,12 @@ impl Input {
         if one_cpu <= 0.0 || one.throughput_rps <= 0.0 {
             return Target::missing(&name, &limit, "a one-rule cost above zero");
         }
-        let ratio = many_cpu / one_cpu;
+        let (ratio, rounds) = self.per_round(
+            (label.as_str(), "rules-1"),
+            cpu_ratio,
+            many_cpu / one_cpu,
+            |v| format!("{v:.2}×"),
+        );
         let compile = self
             .compiles
             .iter()
@@ -740,7 +809,7 @@ impl Input {
             limit,
             pass: Some(ratio <= max),
             note: format!(
-                "{many_cpu:.1} vs {one_cpu:.1} µs/req; throughput {} vs {} req/s ({:.2}×){compile}{}",
+                "{many_cpu:.1} vs {one_cpu:.1} µs/req; throughput {} vs {} req/s ({:.2}×){compile}{}{rounds}",
                 fmt_rps(many.throughput_rps),
                 fmt_rps(one.throughput_rps),
                 many.throughput_rps / one.throughput_rps,
@@ -796,7 +865,7 @@ impl Input {
     }
 
     /// Decision records on (every ALLOW recorded to a file) cost at most 5 % of the cached
-    /// `Check`'s throughput, judged on the medians of the alternating rows a and a-records.
+    /// `Check`'s throughput, judged round by round on the alternating rows a and a-records.
     fn records_target(&self) -> Target {
         let name =
             "(records) cached Check with a decision record per request ≥ 0.95 × a's throughput";
@@ -804,7 +873,12 @@ impl Input {
         match (self.judged("a-records").as_ref(), self.judged("a").as_ref()) {
             (Some(row), Some(a)) if a.throughput_rps > 0.0 => {
                 Target::invalid(name, limit.into(), &[row, a]).unwrap_or_else(|| {
-                    let ratio = row.throughput_rps / a.throughput_rps;
+                    let (ratio, rounds) = self.per_round(
+                        ("a-records", "a"),
+                        throughput_ratio,
+                        row.throughput_rps / a.throughput_rps,
+                        |v| format!("{v:.3}×"),
+                    );
                     Target {
                         name: name.into(),
                         measured: format!("{ratio:.3}×"),
@@ -813,7 +887,7 @@ impl Input {
                         note: self.throughput_note([
                             ("a-records", "stepgate with records", row),
                             ("a", "stepgate", a),
-                        ]),
+                        ]) + &rounds,
                     }
                 })
             }
@@ -882,14 +956,19 @@ impl Input {
         if plain_cpu <= 0.0 || plain.throughput_rps <= 0.0 {
             return Target::missing(name, limit, "a plain-path cost above zero");
         }
-        let ratio = worst_cpu / plain_cpu;
+        let (ratio, rounds) = self.per_round(
+            ("g-glob-worst", "g-glob-plain"),
+            cpu_ratio,
+            worst_cpu / plain_cpu,
+            |v| format!("{v:.2}×"),
+        );
         Target {
             name: name.into(),
             measured: format!("{ratio:.2}×"),
             limit: limit.into(),
             pass: Some(ratio <= 2.0),
             note: format!(
-                "{worst_cpu:.1} vs {plain_cpu:.1} µs/req; throughput {} vs {} req/s ({:.2}×){}",
+                "{worst_cpu:.1} vs {plain_cpu:.1} µs/req; throughput {} vs {} req/s ({:.2}×){}{rounds}",
                 fmt_rps(worst.throughput_rps),
                 fmt_rps(plain.throughput_rps),
                 worst.throughput_rps / plain.throughput_rps,
@@ -1146,7 +1225,12 @@ impl Input {
                 ("f-envoy-empty", "empty server"),
             ];
             let repeats = self.repeats_note(&rows, |r| fmt_ms(pick(r)));
-            let added = pick(with) - pick(only);
+            let (added, rounds) = self.per_round(
+                ("f-envoy-stepgate", "f-envoy-only"),
+                |with, only| Some(pick(with) - pick(only)),
+                pick(with) - pick(only),
+                |v| format!("{v:+.3} ms"),
+            );
             let mut note = format!(
                 "{} ms with vs {} ms without, at {} req/s",
                 fmt_ms(pick(with)),
@@ -1167,6 +1251,7 @@ impl Input {
                 );
             }
             note.push_str(&repeats);
+            note.push_str(&rounds);
             if only.generator.fell_behind || with.generator.fell_behind {
                 let _ = write!(
                     note,
@@ -1182,6 +1267,20 @@ impl Input {
             });
         }
     }
+}
+
+/// A run's throughput against another's (one round of a comparison, [`Input::per_round`]).
+fn throughput_ratio(row: &RunReport, base: &RunReport) -> Option<f64> {
+    (base.throughput_rps > 0.0).then(|| row.throughput_rps / base.throughput_rps)
+}
+
+/// A run's server CPU per request against another's (one round, [`Input::per_round`]).
+fn cpu_ratio(row: &RunReport, base: &RunReport) -> Option<f64> {
+    let (row, base) = (
+        row.server?.cpu_us_per_request,
+        base.server?.cpu_us_per_request,
+    );
+    (base > 0.0).then(|| row / base)
 }
 
 /// The median (the mean of the middle two for an even count); 0 for none.
@@ -1749,14 +1848,75 @@ mod tests {
         );
         let open = target(&targets, "(floor) open loop at 20 000 req/s");
         assert_eq!(open.len(), 2);
+        // p50 0.140 against 0.100; p99 0.55 against 0.40.
         assert_eq!(
-            (open[0].limit.as_str(), open[0].pass),
-            ("≤ 0.150 ms", Some(true))
+            (
+                open[0].measured.as_str(),
+                open[0].limit.as_str(),
+                open[0].pass
+            ),
+            ("+0.040 ms", "≤ +0.050 ms", Some(true))
         );
         assert_eq!(
-            (open[1].limit.as_str(), open[1].pass),
-            ("≤ 0.500 ms", Some(false))
+            (
+                open[1].measured.as_str(),
+                open[1].limit.as_str(),
+                open[1].pass
+            ),
+            ("1.38×", "≤ 1.25×", Some(false))
         );
+        assert!(
+            open[1]
+                .note
+                .starts_with("stepgate 0.550 ms, canned 0.400 ms at 20,000 req/s"),
+            "{}",
+            open[1].note
+        );
+    }
+
+    /// Rounds that ran in different stretches of the machine: the floor's second run was fast
+    /// and its third slow, so its median comes from another minute than stepgate's. Judged round
+    /// by round, each stepgate run against the floor run beside it.
+    #[test]
+    fn repeated_rows_are_judged_round_by_round() {
+        let mut i = input();
+        for (canned, a) in [
+            (76_030.0, 69_705.0),
+            (78_272.0, 57_822.0),
+            (61_009.0, 56_860.0),
+        ] {
+            i.runs.push(run("canned", canned, 13.0, 0.7, 1.2));
+            i.runs.push(run("a-round", a, 14.0, 0.9, 1.7));
+        }
+        for r in i.runs.iter_mut().filter(|r| r.label == "a-round") {
+            r.label = "a".into();
+        }
+        i.runs
+            .retain(|r| r.label != "a" || r.throughput_rps != 35_000.0);
+        let targets = i.targets();
+        let floor = target(&targets, "(floor) cached Check")[0];
+        // Rounds: 0.917, 0.739, 0.932; the medians: 57 822 / 76 030 = 0.761.
+        assert_eq!(
+            (floor.measured.as_str(), floor.pass),
+            ("0.917×", Some(true))
+        );
+        assert!(
+            floor.note.contains(
+                "judged round by round: the median of 3 rounds (0.917×, 0.739×, 0.932×), \
+                 where the medians give 0.761×"
+            ),
+            "{}",
+            floor.note
+        );
+        // Rows of different round counts cannot be paired: judged on the medians.
+        i.runs.push(run("canned", 90_000.0, 13.0, 0.7, 1.2));
+        let targets = i.targets();
+        let floor = target(&targets, "(floor) cached Check")[0];
+        assert_eq!(
+            floor.measured, "0.749×",
+            "57 822 / 77 151, the median of four"
+        );
+        assert!(!floor.note.contains("round by round"), "{}", floor.note);
     }
 
     #[test]
@@ -1932,10 +2092,18 @@ mod tests {
         }
         let targets = i.targets();
         let p99 = target(&targets, "(a) open loop at ½ empty max rate: p99")[0];
-        // Medians: stepgate 0.50 of (0.50, 0.45, 9.0), empty 0.40 of (0.40, 2.0, 0.38).
-        assert_eq!(p99.measured, "0.500 ms");
-        assert_eq!(p99.limit, "≤ 0.500 ms");
+        // Rounds 0.50/0.40, 0.45/2.0 and 9.0/0.38: the median is 1.25; so is the medians' ratio,
+        // stepgate 0.50 of (0.50, 0.45, 9.0) against empty 0.40 of (0.40, 2.0, 0.38).
+        assert_eq!(p99.measured, "1.25×");
+        assert_eq!(p99.limit, "≤ 1.25×");
         assert_eq!(p99.verdict(), "PASS");
+        assert!(
+            p99.note.contains(
+                "the median of 3 rounds (1.25×, 0.23×, 23.68×), where the medians give 1.25×"
+            ),
+            "{}",
+            p99.note
+        );
         assert!(
             p99.note.contains(
                 "medians of 3 alternating runs (stepgate 0.500, 0.450, 9.00; empty 0.400, 2.00, \
@@ -2062,9 +2230,16 @@ mod tests {
         }
         let targets = i.targets();
         let f = target(&targets, "(f)");
-        // p50: 0.52 − 0.31 = +0.21; p99: 1.20 − 0.80 = +0.40.
-        assert_eq!(f[0].measured, "+0.210 ms");
-        assert_eq!(f[1].measured, "+0.400 ms");
+        // Round by round, p50: +0.22, 0.00, +0.22; p99: +0.30, +3.15, +0.45. (The medians would
+        // give 0.52 − 0.31 = +0.21 and 1.20 − 0.80 = +0.40.)
+        assert_eq!(f[0].measured, "+0.220 ms");
+        assert_eq!(f[1].measured, "+0.450 ms");
+        assert!(
+            f[1].note
+                .contains("(+0.300 ms, +3.150 ms, +0.450 ms), where the medians give +0.400 ms"),
+            "{}",
+            f[1].note
+        );
         assert_eq!((f[0].verdict(), f[1].verdict()), ("PASS", "PASS"));
         assert!(
             f[1].note.contains(
