@@ -202,6 +202,46 @@ fn check_warns_of_a_matcher_a_rule_above_takes_every_request_of() {
     );
 }
 
+#[test]
+fn check_warns_of_a_condition_comparing_the_path_with_upper_case_letters() {
+    let added = r#"
+  - id: exports
+    match: { path: "/reports/**", when: 'request.path in ["/reports/a", "/reports/Q4"]' }
+    require:
+      scopes: [reports.read]
+      when: 'request.path.startsWith("/reports/" + claims.sub) || request.path == "/reports/Public"'
+    escalate:
+      - when: 'request.path.lowerAscii().endsWith("/Export")'
+        require: { auth_contexts: [c1] }
+      - when: 'request.path.lowerAscii().endsWith("/export") || request["path"] != "/reports/x"'
+        require: { auth_contexts: [c1] }
+"#;
+    let policy_text = edit(
+        &demo_policy_text(),
+        "  - id: everything-else",
+        &format!(
+            "{}\n  - id: everything-else",
+            added.trim_start_matches('\n')
+        ),
+    );
+    let policy = TempPolicy::new("path-case", &policy_text);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("compare request.path with upper-case letters"))
+        .take_while(|l| l.starts_with("warning: ") || l.starts_with("  rule "))
+        .collect();
+    let expected = [
+        "warning: 3 condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\"):",
+        "  rule 6. exports match 1 when: compares request.path with \"/reports/Q4\"; compare in one case: request.path.lowerAscii() with \"/reports/q4\"",
+        "  rule 6. exports require when: compares request.path with \"/reports/Public\"; compare in one case: request.path.lowerAscii() with \"/reports/public\"",
+        "  rule 6. exports escalate 1 when: compares request.path.lowerAscii() with \"/Export\", which it can never equal or contain; write \"/export\"",
+    ];
+    assert_eq!(warnings, expected, "{stdout}");
+}
+
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
 const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
     identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url},
-    policy::{DefaultAction, Matcher, Policy, Requirement},
+    policy::{DefaultAction, Matcher, Policy, Requirement, condition::Condition},
 };
 
 #[derive(Debug, clap::Args)]
@@ -152,6 +152,16 @@ fn describe(policy: &Policy) -> String {
             line(format!("  {warning}"));
         }
     }
+    let mixups = path_case_mixups(policy);
+    if !mixups.is_empty() {
+        line(format!(
+            "warning: {} condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\"):",
+            mixups.len()
+        ));
+        for warning in mixups {
+            line(format!("  {warning}"));
+        }
+    }
     let risk = &policy.risk;
     if !risk.signals.is_empty() || risk.store != StoreSpec::Memory {
         line(format!(
@@ -216,6 +226,55 @@ fn unreachable_matchers(policy: &Policy) -> Vec<String> {
                     matcher(&above.matchers[j]),
                 ));
             }
+        }
+    }
+    found
+}
+
+/// The conditions that compare `request.path` with a string literal that has upper-case letters.
+/// A rule reads the path as sent and in lower case (as a case-insensitive server would): such a
+/// comparison fails on the lower-case reading, so a requirement's `when` never grants on it, an
+/// escalation's misses `/admin/export` when it names `/Admin/export`, and a matcher's answers
+/// `condition_error`. On `request.path.lowerAscii()` it never holds at all.
+fn path_case_mixups(policy: &Policy) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut check = |place: String, when: &Condition| {
+        for mixup in when.path_case_mixups() {
+            let literal = &mixup.literal;
+            let lower = literal.to_ascii_lowercase();
+            found.push(if mixup.lowered {
+                format!(
+                    "{place}: compares request.path.lowerAscii() with {literal:?}, which it can never equal or contain; write {lower:?}"
+                )
+            } else {
+                format!(
+                    "{place}: compares request.path with {literal:?}; compare in one case: request.path.lowerAscii() with {lower:?}"
+                )
+            });
+        }
+    };
+    for (n, rule) in policy.rules.iter().enumerate() {
+        let rule_name = format!("rule {}. {}", n + 1, rule.id);
+        for (k, m) in rule.matchers.iter().enumerate() {
+            if let Some(when) = &m.when {
+                check(format!("{rule_name} match {} when", k + 1), when);
+            }
+        }
+        if let Some(when) = &rule.require.when {
+            check(format!("{rule_name} require when"), when);
+        }
+        for (k, e) in rule.escalate.iter().enumerate() {
+            check(format!("{rule_name} escalate {} when", k + 1), &e.when);
+            if let Some(when) = &e.require.when {
+                check(format!("{rule_name} escalate {} require when", k + 1), when);
+            }
+        }
+    }
+    for signal in &policy.risk.signals {
+        if let Action::StepUp(require) = &signal.action
+            && let Some(when) = &require.when
+        {
+            check(format!("risk signal {} step_up when", signal.name), when);
         }
     }
     found

@@ -43,6 +43,14 @@ struct Uses {
     risk: bool,
 }
 
+/// A string literal with upper-case letters compared with the request's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathCase {
+    pub literal: String,
+    /// Compared with `request.path.lowerAscii()`, which it can never equal or contain.
+    pub lowered: bool,
+}
+
 impl std::fmt::Debug for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Condition({:?})", self.source)
@@ -91,6 +99,16 @@ impl Condition {
             collect_risk_reads(self.program.expression(), &mut names);
         }
         names
+    }
+
+    /// The string literals with upper-case letters the expression compares `request.path` with
+    /// ([`collect_path_case`]), for `stepgate check` to warn of.
+    pub fn path_case_mixups(&self) -> Vec<PathCase> {
+        let mut found = Vec::new();
+        if self.uses.request {
+            collect_path_case(self.program.expression(), &mut found);
+        }
+        found
     }
 
     /// Whether the expression reads the `claims` variable.
@@ -352,26 +370,15 @@ fn json_val<'v>(json: &'v Json) -> Box<dyn Val + 'v> {
     }
 }
 
-fn collect_risk_reads(e: &cel::IdedExpr, out: &mut Vec<String>) {
-    use cel::common::ast::{EntryExpr, Expr, LiteralValue, operators};
-    let is_risk = |e: &cel::IdedExpr| matches!(&e.expr, Expr::Ident(name) if name == "risk");
+/// Calls `f` on `e` and every expression under it.
+fn for_each_expr(e: &cel::IdedExpr, f: &mut impl FnMut(&cel::IdedExpr)) {
+    use cel::common::ast::{EntryExpr, Expr};
+    f(e);
     match &e.expr {
-        Expr::Select(select) => {
-            if is_risk(&select.operand) {
-                out.push(select.field.clone());
-            }
-            collect_risk_reads(&select.operand, out);
-        }
+        Expr::Select(select) => for_each_expr(&select.operand, f),
         Expr::Call(call) => {
-            if call.func_name == operators::INDEX
-                && let [map, key] = call.args.as_slice()
-                && is_risk(map)
-                && let Expr::Literal(LiteralValue::String(name)) = &key.expr
-            {
-                out.push(name.inner().to_owned());
-            }
             for e in call.target.iter().map(|t| &**t).chain(&call.args) {
-                collect_risk_reads(e, out);
+                for_each_expr(e, f);
             }
         }
         Expr::Comprehension(c) => {
@@ -382,27 +389,131 @@ fn collect_risk_reads(e: &cel::IdedExpr, out: &mut Vec<String>) {
                 &c.loop_step,
                 &c.result,
             ] {
-                collect_risk_reads(e, out);
+                for_each_expr(e, f);
             }
         }
-        Expr::List(list) => list
-            .elements
-            .iter()
-            .for_each(|e| collect_risk_reads(e, out)),
+        Expr::List(list) => list.elements.iter().for_each(|e| for_each_expr(e, f)),
         Expr::Map(cel::common::ast::MapExpr { entries })
         | Expr::Struct(cel::common::ast::StructExpr { entries, .. }) => {
             for entry in entries {
                 match &entry.expr {
                     EntryExpr::MapEntry(m) => {
-                        collect_risk_reads(&m.key, out);
-                        collect_risk_reads(&m.value, out);
+                        for_each_expr(&m.key, f);
+                        for_each_expr(&m.value, f);
                     }
-                    EntryExpr::StructField(f) => collect_risk_reads(&f.value, out),
+                    EntryExpr::StructField(field) => for_each_expr(&field.value, f),
                 }
             }
         }
         Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
     }
+}
+
+/// `variable.field` or `variable['field']`.
+fn is_field(e: &cel::IdedExpr, variable: &str, field: &str) -> bool {
+    use cel::common::ast::{Expr, LiteralValue, operators};
+    let is_variable = |e: &cel::IdedExpr| matches!(&e.expr, Expr::Ident(name) if name == variable);
+    match &e.expr {
+        Expr::Select(select) => select.field == field && is_variable(&select.operand),
+        Expr::Call(call) => {
+            call.func_name == operators::INDEX
+                && matches!(call.args.as_slice(), [map, key] if is_variable(map)
+                    && matches!(&key.expr, Expr::Literal(LiteralValue::String(k)) if k.inner() == field))
+        }
+        _ => false,
+    }
+}
+
+/// A string literal's text.
+fn string_literal(e: &cel::IdedExpr) -> Option<&str> {
+    use cel::common::ast::{Expr, LiteralValue};
+    match &e.expr {
+        Expr::Literal(LiteralValue::String(s)) => Some(s.inner()),
+        _ => None,
+    }
+}
+
+fn collect_risk_reads(e: &cel::IdedExpr, out: &mut Vec<String>) {
+    use cel::common::ast::Expr;
+    for_each_expr(e, &mut |e| match &e.expr {
+        Expr::Select(select) if matches!(&select.operand.expr, Expr::Ident(n) if n == "risk") => {
+            out.push(select.field.clone());
+        }
+        Expr::Call(call) => {
+            if let [_, key] = call.args.as_slice()
+                && let Some(name) = string_literal(key)
+                && is_field(e, "risk", name)
+            {
+                out.push(name.to_owned());
+            }
+        }
+        _ => {}
+    });
+}
+
+/// The comparisons of `request.path` (or `request.path.lowerAscii()`) with a string literal that
+/// has upper-case letters: `==`, `!=`, `in` a list, `startsWith`, `endsWith` and `contains`.
+/// Rules read the path in lower case as well, so such a comparison fails on that reading
+/// (docs/policy.md, "Two readings of a request"); on `lowerAscii()` it never holds at all.
+fn collect_path_case(e: &cel::IdedExpr, out: &mut Vec<PathCase>) {
+    use cel::common::ast::{Expr, operators};
+    let path = |e: &cel::IdedExpr| -> Option<bool> {
+        if is_field(e, "request", "path") {
+            return Some(false);
+        }
+        match &e.expr {
+            Expr::Call(call)
+                if call.func_name == "lowerAscii"
+                    && call.args.is_empty()
+                    && call
+                        .target
+                        .as_deref()
+                        .is_some_and(|t| is_field(t, "request", "path")) =>
+            {
+                Some(true)
+            }
+            _ => None,
+        }
+    };
+    fn upper(e: &cel::IdedExpr) -> Option<&str> {
+        string_literal(e).filter(|s| s.bytes().any(|b| b.is_ascii_uppercase()))
+    }
+    for_each_expr(e, &mut |e| {
+        let Expr::Call(call) = &e.expr else { return };
+        let mut found = |lowered: bool, literal: &str| {
+            out.push(PathCase {
+                literal: literal.to_owned(),
+                lowered,
+            })
+        };
+        match (
+            call.func_name.as_str(),
+            call.target.as_deref(),
+            call.args.as_slice(),
+        ) {
+            (operators::EQUALS | operators::NOT_EQUALS, None, [l, r]) => {
+                for (side, other) in [(l, r), (r, l)] {
+                    if let (Some(lowered), Some(literal)) = (path(side), upper(other)) {
+                        found(lowered, literal);
+                    }
+                }
+            }
+            (operators::IN, None, [item, list]) => {
+                if let (Some(lowered), Expr::List(list)) = (path(item), &list.expr) {
+                    list.elements
+                        .iter()
+                        .filter_map(upper)
+                        .for_each(|l| found(lowered, l));
+                }
+            }
+            ("startsWith" | "endsWith" | "contains", Some(target), [arg]) => {
+                if let (Some(lowered), Some(literal)) = (path(target), upper(arg)) {
+                    found(lowered, literal);
+                }
+            }
+            _ => {}
+        }
+    });
 }
 
 /// The deepest nesting of `(`, `[` and `{` in a CEL source, outside string literals.
