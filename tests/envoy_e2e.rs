@@ -550,6 +550,20 @@ fn core_cases() -> Vec<Case> {
             "malformed_request",
             Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
         )),
+        // Envoy forwards a header name with underscores (its default) and removes only the
+        // spelling stepgate names; a WSGI or Rack upstream would read this one as the subject.
+        Case::new(
+            "core-identity-header-underscore",
+            Method::GET,
+            "/accounts",
+            Some(TokenSpec::default()),
+        )
+        .header("x_stepgate_subject", "alice")
+        .expect(deny(
+            400,
+            "malformed_request",
+            Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
+        )),
     ]
 }
 

@@ -204,6 +204,19 @@ impl<'p> Run<'p> {
             let www = challenge::invalid_request(realm, message);
             return self.deny(400, Reason::MalformedRequest, message, None, Some(www));
         }
+        let identity_names = policy.upstream.identity_headers.iter().map(|(n, _)| &**n);
+        if request
+            .http
+            .as_ref()
+            .is_some_and(|h| h.identity_header_spelling(identity_names).is_some())
+        {
+            // The name as sent is the client's: not echoed.
+            let message = "a header spelling an identity header with `_` for `-` is refused: some \
+                           servers read it as that header";
+            self.step("request", || message.to_owned());
+            let www = challenge::invalid_request(realm, message);
+            return self.deny(400, Reason::MalformedRequest, message, None, Some(www));
+        }
         let mut credential = request.credential();
         if request.http.as_ref().is_some_and(|h| h.has_query_token())
             && !matches!(credential, Credential::Missing)

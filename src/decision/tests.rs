@@ -627,6 +627,47 @@ fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
     assert_ne!(d.reason, Reason::MalformedRequest, "{}", d.message);
 }
 
+/// An identity header stepgate sets, sent by the client with `_` for `-`: Envoy forwards it and
+/// removes only the spelling stepgate names, and CGI-style runtimes read both as
+/// `HTTP_X_STEPGATE_SUBJECT`. Refused before anything else, even on an anonymous route.
+#[test]
+fn an_identity_header_spelled_with_underscores_is_refused() {
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    for (authorization, target) in [(token.as_str(), "/accounts/42"), ("", "/healthz")] {
+        for name in [
+            "x_stepgate_subject",
+            "X_STEPGATE_TENANT",
+            "x-stepgate_rule",
+            "x_stepgate-auth-contexts",
+        ] {
+            let mut request = http_request(authorization, "GET", target);
+            request.http.as_mut().unwrap().headers.insert(name, "alice");
+            let d = decide(&demo_policy(), &request, NOW);
+            expect(&d, Outcome::Deny, 400, Reason::MalformedRequest);
+            assert!(
+                d.message.contains("spelling an identity header") && !d.message.contains(name),
+                "{name}: {}",
+                d.message
+            );
+            assert!(www(&d).contains("invalid_request"), "{name}");
+        }
+        // The exact spelling is stepgate's to overwrite or remove, and other names with
+        // underscores are the upstream's business.
+        for name in ["x-stepgate-subject", "x_stepgate_subjects", "x_request_id"] {
+            let mut request = http_request(authorization, "GET", target);
+            let http = request.http.as_mut().unwrap();
+            http.headers.insert(name, "alice");
+            let d = decide(&demo_policy(), &request, NOW);
+            assert_eq!(
+                d.outcome,
+                Outcome::Allow,
+                "{name} on {target}: {}",
+                d.message
+            );
+        }
+    }
+}
+
 /// The demo policy with `rules` (YAML, indented as rules are) before its catch-all rule.
 fn with_rules(rules: &str) -> Policy {
     compile_policy(&DEMO_POLICY.replace(

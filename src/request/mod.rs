@@ -335,6 +335,35 @@ impl HttpAttributes {
             .then_some("a _method query parameter is refused: some servers take the method from it")
     }
 
+    /// A header sent under another spelling of one of `names` (the identity headers stepgate
+    /// sets and removes): the same name with `_` for `-` or the other way round, which CGI-style
+    /// runtimes (WSGI, Rack, PHP) read as the same `HTTP_X_...` variable. Envoy forwards such a
+    /// name by default (`headers_with_underscores_action: ALLOW`) and removes only the spelling
+    /// it is told, so `x_stepgate_subject: alice` would reach such an upstream as the identity
+    /// stepgate vouches for. Returns the identity header's name.
+    pub fn identity_header_spelling<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str> + Clone,
+    ) -> Option<&'a str> {
+        let fold = |b: u8| match b {
+            b'_' => b'-',
+            b => b.to_ascii_lowercase(),
+        };
+        let same = |sent: &[u8], wanted: &str| {
+            sent.len() == wanted.len()
+                && sent
+                    .iter()
+                    .zip(wanted.bytes())
+                    .all(|(&s, w)| fold(s) == fold(w))
+                && !sent.eq_ignore_ascii_case(wanted.as_bytes())
+        };
+        let underscores = names.clone().any(|n| n.contains('_'));
+        self.headers
+            .names()
+            .filter(|sent| underscores || sent.contains(&b'_'))
+            .find_map(|sent| names.clone().find(|wanted| same(sent, wanted)))
+    }
+
     /// Whether the query string carries an RFC 6750 `access_token` parameter. Pairs are split
     /// at `;` as well as `&`: some servers read `;` as a separator, and a token one of them would
     /// find beside the header's is a second credential.
