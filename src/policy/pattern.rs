@@ -1,6 +1,8 @@
 //! The small pattern languages of matchers, compiled once at load: `*` wildcards for operations and
 //! hosts, and segment globs (`*` within a segment, `**` across segments) for paths.
 
+use crate::request::path;
+
 /// A pattern where `*` matches any run of characters (including none). No other metacharacters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wildcard {
@@ -87,8 +89,20 @@ impl PathGlob {
                 "a path glob never contains ? or #: the query is not matched, got {glob:?}"
             ));
         }
+        // Spelled as the paths it is matched against: escapes decoded (`%20` is a space), and
+        // what no request path keeps once normalised (a dot segment, `%2F`, `%25`, `;`) refused,
+        // since a glob holding one could never match and its rule would never apply.
+        let normalized = match path::normalize(glob, path::PathParameters::Refuse) {
+            Ok((normalized, _)) => normalized,
+            Err(problem) => {
+                return Err(format!(
+                    "a path glob must be spelled as a request path is once normalised, and {glob:?} cannot be: {} (docs/hostile-input.md, \"Paths\")",
+                    problem.describe().trim_start_matches("the path ")
+                ));
+            }
+        };
         let mut segments = Vec::new();
-        let lower = glob.to_ascii_lowercase();
+        let lower = normalized.to_ascii_lowercase();
         for s in lower.split('/').filter(|s| !s.is_empty()) {
             segments.push(match s {
                 "**" => Segment::Any,
@@ -308,5 +322,47 @@ mod tests {
         assert!(PathGlob::new("admin/**").is_err());
         assert!(PathGlob::new("/a**").is_err());
         assert!(PathGlob::new("/a?b=1").is_err());
+        // No normalised request path holds these: the rule would never apply.
+        for (glob, problem) in [
+            ("/files/../admin/**", "contains a . or .. segment"),
+            ("/files/./x", "contains a . or .. segment"),
+            ("/files/%2e%2e/x", "contains a . or .. segment"),
+            (
+                "/files/a%2Fb/**",
+                "contains an encoded slash or a backslash",
+            ),
+            ("/files/a%25b", "contains an encoded percent sign"),
+            ("/files;jsessionid=1/**", "contains path parameters (;)"),
+            ("/files/%zz", "has invalid percent-encoding"),
+        ] {
+            let error = PathGlob::new(glob).unwrap_err();
+            assert!(
+                error.ends_with(&format!(
+                    "cannot be: {problem} (docs/hostile-input.md, \"Paths\")"
+                )),
+                "{glob}: {error}"
+            );
+        }
+    }
+
+    /// A glob is spelled as the paths it meets: a request's escapes are decoded before matching,
+    /// so the glob's are too.
+    #[test]
+    fn a_glob_with_escapes_matches_the_paths_it_spells() {
+        let glob = PathGlob::new("/files/annual%20reports/**").unwrap();
+        for target in [
+            "/files/annual%20reports/q4.pdf",
+            "/files/annual reports/q4.pdf",
+        ] {
+            let (path, _) = path::normalize(target, path::PathParameters::Refuse).unwrap();
+            assert!(glob.matches(&path.to_ascii_lowercase()), "{target}");
+        }
+        assert_eq!(
+            glob.as_str(),
+            "/files/annual%20reports/**",
+            "shown as written"
+        );
+        let glob = PathGlob::new("/%61dmin//**").unwrap();
+        assert!(glob.matches("/admin/users"));
     }
 }
