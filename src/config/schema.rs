@@ -563,6 +563,21 @@ pub struct UpstreamConfig {
     /// cuts them from each segment; rules then match the path without them).
     #[serde(default)]
     pub path_parameters: PathParametersConfig,
+    /// How the proxy routes a host sent with a port or a trailing dot (`api.example.com:8443`,
+    /// `api.example.com.`): `routed` (the default, Envoy's own: its virtual hosts are picked
+    /// with them, so host rules must agree on both readings) or `ignored` (the proxy strips or
+    /// ignores them before routing, `strip_any_host_port`, `ignore_port_in_host_matching`, or one
+    /// `*` virtual host in front of an upstream that ignores them).
+    #[serde(default)]
+    pub host_port: HostPortConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HostPortConfig {
+    #[default]
+    Routed,
+    Ignored,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -584,6 +599,7 @@ impl Default for UpstreamConfig {
             remove_authorization: false,
             max_request_headers: default_max_request_headers(),
             path_parameters: PathParametersConfig::default(),
+            host_port: HostPortConfig::default(),
         }
     }
 }

@@ -356,14 +356,36 @@ impl<'p> Run<'p> {
                     from = at + 1;
                 }
                 Ok(found) => break found.map(|(_, rule)| rule),
-                Err((at, rule, message)) if rule.shadow => {
+                Err((at, rule, Undecided::Host)) if rule.shadow => {
+                    self.record_shadow(rule, None, Outcome::Deny, Reason::AmbiguousHost);
+                    self.step("shadow", || {
+                        format!("rule {:?} (shadow) would deny: {AMBIGUOUS_HOST}", rule.id)
+                    });
+                    from = at + 1;
+                }
+                Err((_, rule, Undecided::Host)) => {
+                    self.step("match", || {
+                        let host = request.http.as_ref().map(|h| h.host_as_sent());
+                        format!(
+                            "rule {:?} matches the host {:?} only without its port or trailing \
+                             dot: {AMBIGUOUS_HOST}",
+                            rule.id,
+                            host.unwrap_or_default()
+                        )
+                    });
+                    // Said to anonymous callers too: it names no rule and no requirement.
+                    let www = challenge::invalid_request(realm, AMBIGUOUS_HOST);
+                    let rule = token.is_some().then_some(rule);
+                    return self.deny(400, Reason::AmbiguousHost, AMBIGUOUS_HOST, rule, Some(www));
+                }
+                Err((at, rule, Undecided::Condition(message))) if rule.shadow => {
                     self.record_shadow(rule, None, Outcome::Deny, Reason::ConditionError);
                     self.step("shadow", || {
                         format!("rule {:?} (shadow) would deny: {message}", rule.id)
                     });
                     from = at + 1;
                 }
-                Err((_, rule, message)) => {
+                Err((_, rule, Undecided::Condition(message))) => {
                     self.step("match", || message.clone());
                     // Without a token, say only that one is needed: the condition (and the rule)
                     // may well be about claims, and nothing about a route is revealed to
@@ -957,7 +979,23 @@ impl<'p> Run<'p> {
 }
 
 /// The rule found for a request, with its index; or the rule whose condition failed to evaluate.
-type Found<'p> = Result<Option<(usize, &'p Rule)>, (usize, &'p Rule, String)>;
+/// The message of an `ambiguous_host` denial.
+const AMBIGUOUS_HOST: &str = "the host has a port or a trailing dot, and a host rule matches it \
+                              only without them while the proxy routes it with them; name the \
+                              host with its port in the rule, or set upstream.host_port: ignored \
+                              if the proxy strips or ignores ports";
+
+type Found<'p> = Result<Option<(usize, &'p Rule)>, (usize, &'p Rule, Undecided)>;
+
+/// Why a matcher could not tell whether it matches the request.
+#[derive(Debug)]
+enum Undecided {
+    /// Its `when` failed to evaluate, or its readings disagreed.
+    Condition(String),
+    /// Its hosts match the host without its port or trailing dot but not as sent (or the other
+    /// way round), and the proxy routes it as sent ([`host_matches`]).
+    Host,
+}
 
 /// First rule from index `from` with a matching matcher (`path` is normalised and lower-cased),
 /// with its index. A condition error denies (returning the rule): skipping the rule could let a
@@ -982,7 +1020,10 @@ fn find_rule<'p>(
         let (at, m) = policy.index.entry(entry);
         let rule = &policy.rules[at];
         (at >= from)
-            .then(|| tried(at, rule, &rule.matchers[m], request, path, input))
+            .then(|| {
+                let routed = policy.upstream.host_port_routed;
+                tried(at, rule, &rule.matchers[m], request, path, input, routed)
+            })
             .flatten()
     });
     CANDIDATES.set(candidates);
@@ -998,11 +1039,12 @@ fn tried<'p>(
     request: &AccessRequest,
     path: Option<&str>,
     input: &CelInput<'_>,
+    host_port_routed: bool,
 ) -> Option<Found<'p>> {
-    match matches(matcher, request, path, input) {
+    match matches(matcher, request, path, input, host_port_routed) {
         Ok(true) => Some(Ok(Some((at, rule)))),
         Ok(false) => None,
-        Err(message) => Some(Err((at, rule, message))),
+        Err(undecided) => Some(Err((at, rule, undecided))),
     }
 }
 
@@ -1017,7 +1059,8 @@ fn scan_rules<'p>(
 ) -> Found<'p> {
     for (at, rule) in policy.rules.iter().enumerate().skip(from) {
         for matcher in &rule.matchers {
-            if let Some(found) = tried(at, rule, matcher, request, path, input) {
+            let routed = policy.upstream.host_port_routed;
+            if let Some(found) = tried(at, rule, matcher, request, path, input, routed) {
                 return found;
             }
         }
@@ -1030,7 +1073,8 @@ fn matches(
     request: &AccessRequest,
     path: Option<&str>,
     input: &CelInput<'_>,
-) -> Result<bool, String> {
+    host_port_routed: bool,
+) -> Result<bool, Undecided> {
     if let Some(op) = &m.operation
         && !request.operation.as_deref().is_some_and(|o| op.matches(o))
     {
@@ -1040,8 +1084,14 @@ fn matches(
     if !m.methods.is_empty() && !http.is_some_and(|h| m.methods.contains(&h.method)) {
         return Ok(false);
     }
-    if !m.hosts.is_empty() && !http.is_some_and(|h| m.hosts.iter().any(|w| w.matches(&h.host))) {
-        return Ok(false);
+    // An ambiguous host only counts once the matcher's other fields match.
+    let mut host_undecided = false;
+    if !m.hosts.is_empty() {
+        match http.map(|h| host_matches(&m.hosts, h, host_port_routed)) {
+            Some(Some(true)) => {}
+            Some(None) => host_undecided = true,
+            None | Some(Some(false)) => return Ok(false),
+        }
     }
     if !m.paths.is_empty() && !path.is_some_and(|p| m.paths.iter().any(|g| g.matches(p))) {
         return Ok(false);
@@ -1058,10 +1108,59 @@ fn matches(
             return Ok(false);
         }
     }
+    if host_undecided {
+        return Err(Undecided::Host);
+    }
     match &m.when {
         None => Ok(true),
-        Some(condition) => condition.evaluate_readings(input, Readings::Agree),
+        Some(condition) => condition
+            .evaluate_readings(input, Readings::Agree)
+            .map_err(Undecided::Condition),
     }
+}
+
+/// Whether one of `hosts` matches the request's host; `None` when its two readings disagree.
+///
+/// Patterns match the host without its port and trailing dot (in lower case), as resolvers and
+/// most servers read it, except a pattern that names a port or ends in a dot
+/// (`api.example.com:8443`, `api.example.com:*`), which matches the host as sent. But Envoy
+/// picks its virtual host with the port and dot as sent (unless told to strip or ignore them):
+/// to it, `www.example.com:8443` is not `www.example.com` and goes to another virtual host, such
+/// as a `*` one. So when the proxy routes hosts as sent (`routed`, `upstream.host_port`) and the
+/// request's host has a port or dot, every pattern is also matched against the host as sent, and
+/// the two readings must agree: a rule for `www.example.com` that would let such a request
+/// through by its weaker requirement, while Envoy serves it from another virtual host, decides
+/// nothing.
+fn host_matches(
+    hosts: &[crate::policy::pattern::Wildcard],
+    http: &crate::request::HttpAttributes,
+    routed: bool,
+) -> Option<bool> {
+    let as_sent = http.host_as_sent();
+    let plain = hosts.iter().any(|w| {
+        if names_port_or_dot(w.as_str()) {
+            w.matches(as_sent)
+        } else {
+            w.matches(&http.host)
+        }
+    });
+    if !routed || http.host_with_port.is_none() {
+        return Some(plain);
+    }
+    let routed = hosts.iter().any(|w| w.matches(as_sent));
+    (routed == plain).then_some(plain)
+}
+
+/// Whether a host pattern names a port (`host:8443`, `host:*`, `[::1]:80`) or ends in a dot, and
+/// so matches the host as sent. An unbracketed IPv6 literal (`::1`) names no port.
+fn names_port_or_dot(pattern: &str) -> bool {
+    let port = match pattern.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once(']')
+            .is_some_and(|(_, after)| after.starts_with(':')),
+        None => pattern.bytes().filter(|&b| b == b':').count() == 1,
+    };
+    port || pattern.ends_with('.')
 }
 
 /// The claim equals one of the values, or (for an array claim) contains one of them.

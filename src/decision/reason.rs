@@ -34,6 +34,9 @@ reasons! {
     MalformedAuthorization => "malformed_authorization",
     InvalidPath => "invalid_path",
     MalformedRequest => "malformed_request",
+    // a host with a port or trailing dot that a host rule matches only without them, while the
+    // proxy routes hosts as sent (`upstream.host_port: routed`)
+    AmbiguousHost => "ambiguous_host",
     // 413, 431
     RequestTooLarge => "request_too_large",
     TooManyHeaders => "too_many_headers",

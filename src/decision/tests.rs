@@ -2520,27 +2520,128 @@ fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
     }
 }
 
+/// Envoy picks its virtual host with the port and trailing dot as sent: `admin.example.com:8443`
+/// is not `admin.example.com` to it. A host rule matching such a host only without them decides
+/// nothing (`400 ambiguous_host`), unless it names the host as sent or the policy says the proxy
+/// ignores ports.
 #[test]
-fn a_host_with_a_trailing_dot_matches_its_host_rules() {
-    let yaml = DEMO_POLICY.replacen(
-        "rules:",
-        "rules:\n  - id: admin-host\n    match: { host: admin.example.com }\n    require: { roles: [Admin] }",
-        1,
-    );
-    let policy = compile_policy(&yaml);
+fn a_host_with_a_port_or_a_trailing_dot_is_read_as_the_proxy_routes_it() {
+    let with_host_rule = |hosts: &str, upstream: &str| {
+        compile_policy(
+            &DEMO_POLICY
+                .replacen(
+                    "rules:",
+                    &format!(
+                        "rules:\n  - id: admin-host\n    match: {{ hosts: {hosts} }}\n    require: {{ roles: [Admin] }}"
+                    ),
+                    1,
+                )
+                .replacen("upstream:\n", &format!("upstream:\n{upstream}"), 1),
+        )
+    };
     let token = bearer(&rs256(&entra_user(&["c1"])));
+    let on_host = |policy: &Policy, authorization: &str, host: &str| {
+        let request = AccessRequest {
+            http: Some(HttpAttributes::new("GET", host, "/x", Headers::default())),
+            ..http_request(authorization, "GET", "/x")
+        };
+        decide(policy, &request, NOW)
+    };
+    let taken = |d: &Decision, host: &str| {
+        assert_eq!(rule(d), Some("admin-host"), "{host}: {}", d.message);
+        expect(d, Outcome::Deny, 403, Reason::MissingRole);
+    };
+    let ambiguous = |d: &Decision, host: &str| {
+        assert_eq!(d.reason, Reason::AmbiguousHost, "{host}: {}", d.message);
+        expect(d, Outcome::Deny, 400, Reason::AmbiguousHost);
+        assert!(www(d).contains("invalid_request"), "{host}");
+    };
+
+    let policy = with_host_rule("[admin.example.com]", "");
+    for host in ["admin.example.com", "Admin.Example.COM"] {
+        taken(&on_host(&policy, &token, host), host);
+    }
     for host in [
-        "admin.example.com",
+        "admin.example.com:8443",
         "Admin.Example.COM.",
         "admin.example.com.:8443",
     ] {
+        let d = on_host(&policy, &token, host);
+        ambiguous(&d, host);
+        assert_eq!(
+            rule(&d),
+            Some("admin-host"),
+            "named to a caller with a valid token"
+        );
+        let anonymous = on_host(&policy, "", host);
+        ambiguous(&anonymous, host);
+        assert_eq!(rule(&anonymous), None, "named to no anonymous caller");
+    }
+    // Hosts no host rule matches on either reading go on to the other rules.
+    let d = on_host(&policy, &token, "api.example.com:8443");
+    assert_eq!(rule(&d), Some("everything-else"), "{}", d.message);
+
+    // Named as sent, they match; `:*` is any port (and only a host with one).
+    let policy = with_host_rule(
+        r#"[admin.example.com, "admin.example.com:8443", admin.example.com., "ops.example.com:*"]"#,
+        "",
+    );
+    for host in [
+        "admin.example.com:8443",
+        "admin.example.com.",
+        "ops.example.com:9000",
+    ] {
+        taken(&on_host(&policy, &token, host), host);
+    }
+    ambiguous(
+        &on_host(&policy, &token, "admin.example.com.:8443"),
+        "dot and port",
+    );
+    let d = on_host(&policy, &token, "ops.example.com");
+    assert_eq!(rule(&d), Some("everything-else"), "{}", d.message);
+
+    // A proxy that strips or ignores ports: the host without them is the one routed.
+    let policy = with_host_rule("[admin.example.com]", "  host_port: ignored\n");
+    for host in [
+        "admin.example.com",
+        "admin.example.com:8443",
+        "Admin.Example.COM.",
+        "admin.example.com.:8443",
+    ] {
+        taken(&on_host(&policy, &token, host), host);
+    }
+}
+
+/// A weaker rule for one host above a stricter catch-all (a public site beside an API): Envoy
+/// serves `www.example.com:8443` from its `*` virtual host, the API, so the public rule must not
+/// let an anonymous caller through with it.
+#[test]
+fn a_port_on_a_public_host_does_not_open_the_api_behind_the_proxys_other_virtual_host() {
+    let policy = compile_policy(&DEMO_POLICY.replacen(
+        "rules:",
+        "rules:\n  - id: www-public\n    match: { hosts: [www.example.com] }\n    allow_anonymous: true",
+        1,
+    ));
+    let anonymous = |host: &str| {
         let request = AccessRequest {
-            http: Some(HttpAttributes::new("GET", host, "/x", Headers::default())),
-            ..http_request(&token, "GET", "/x")
+            http: Some(HttpAttributes::new(
+                "GET",
+                host,
+                "/admin/users",
+                Headers::default(),
+            )),
+            ..http_request("", "GET", "/admin/users")
         };
-        let d = decide(&policy, &request, NOW);
-        assert_eq!(rule(&d), Some("admin-host"), "{host}");
-        expect(&d, Outcome::Deny, 403, Reason::MissingRole);
+        decide(&policy, &request, NOW)
+    };
+    let d = anonymous("www.example.com");
+    assert_eq!(
+        (d.outcome, d.reason, rule(&d)),
+        (Outcome::Allow, Reason::AnonymousAllowed, Some("www-public"))
+    );
+    for host in ["www.example.com:8443", "www.example.com."] {
+        let d = anonymous(host);
+        expect(&d, Outcome::Deny, 400, Reason::AmbiguousHost);
     }
 }
 

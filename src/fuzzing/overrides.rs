@@ -1,6 +1,7 @@
 //! The method-override check of a request's query (`HttpAttributes::override_problem`): a request
 //! is refused for its query exactly when one of its `&`- or `;`-separated parameters is named
-//! `_method` as PHP reads names. The check splits the query, skips names that cannot spell it and
+//! `_method` as PHP reads names; and the query-token check (`has_query_token`) finds exactly the
+//! parameters named `access_token` that way. The check splits the query, skips names that cannot spell it and
 //! renames by hand (its names are decoded with `form_urlencoded`); the twin reads each pair with
 //! `form_urlencoded` (`%XX` escapes, `+` a space, a broken escape kept as written, bytes that are
 //! not UTF-8 replaced), then renames as PHP does: leading spaces dropped, cut at a NUL, `.`, ` `
@@ -38,6 +39,15 @@ pub fn check(bytes: &[u8]) {
         expected,
         "query {query:?}: refused as an override unlike the URL standard's and PHP's reading"
     );
+    // The second-credential check reads `access_token` the same way.
+    let token = query.split(';').any(|chunk| {
+        form_urlencoded::parse(chunk.as_bytes()).any(|(name, _)| php(&name) == "access_token")
+    });
+    assert_eq!(
+        request.has_query_token(),
+        token,
+        "query {query:?}: an access_token parameter found unlike the URL standard's and PHP's reading"
+    );
 }
 
 pub fn seeds() -> Vec<Vec<u8>> {
@@ -54,6 +64,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "_metho=GET&method=GET&x_method=GET",
         "_method%=GET&%C3%A9_method=GET",
         "=_method&_method",
+        "access.token=x",
+        "a=1;Access+Token=x",
+        "access%5Btoken=x&access_tokens=y",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -888,6 +888,7 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
             schema::PathParametersConfig::Refuse => PathParameters::Refuse,
             schema::PathParametersConfig::Strip => PathParameters::Strip,
         },
+        host_port_routed: u.host_port == schema::HostPortConfig::Routed,
     })
 }
 

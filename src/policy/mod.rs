@@ -136,6 +136,9 @@ pub struct Upstream {
     pub max_request_headers: usize,
     /// Whether the upstream cuts path parameters (`;…`) or they are refused.
     pub path_parameters: PathParameters,
+    /// Whether the proxy routes a host with its port and trailing dot as sent (Envoy's default):
+    /// host rules then match only when the host as sent and the host without them agree.
+    pub host_port_routed: bool,
 }
 
 /// Where an identity header's value comes from.

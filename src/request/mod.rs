@@ -182,6 +182,9 @@ pub struct HttpAttributes {
     pub method: String,
     /// Host without port or trailing dot, lower-case.
     pub host: String,
+    /// The host as sent, lower-case, when it has a port or a trailing dot (`host` without them):
+    /// Envoy picks its virtual host with them, so host rules read both ([`Self::host_as_sent`]).
+    pub host_with_port: Option<Box<str>>,
     /// Request target as sent (path and query).
     pub target: String,
     pub headers: Headers,
@@ -261,12 +264,19 @@ impl HttpAttributes {
     ) -> Self {
         let mut method = method.into();
         method.make_ascii_uppercase();
+        let (host, host_with_port) = split_authority(authority);
         Self {
             method,
-            host: host_without_port(authority),
+            host,
+            host_with_port,
             target: target.into(),
             headers,
         }
+    }
+
+    /// The host as sent, lower-case: with its port and trailing dot, if it had them.
+    pub fn host_as_sent(&self) -> &str {
+        self.host_with_port.as_deref().unwrap_or(&self.host)
     }
 
     /// A header or query parameter through which some servers take another method or path than
@@ -379,10 +389,11 @@ impl HttpAttributes {
     }
 }
 
-/// Whether a query parameter's name is RFC 6750's `access_token`, written plainly or
-/// percent-encoded.
+/// Whether a query parameter's name is RFC 6750's `access_token` as some server reads it:
+/// written plainly, percent-encoded, or renamed as PHP renames names (`access.token`,
+/// `access+token` and `access[token` reach a PHP application as `access_token`), in any case.
 pub fn is_access_token_name(name: &str) -> bool {
-    decode_query_name(name) == "access_token"
+    php_parameter_name(name) == "access_token"
 }
 
 /// A query parameter's name as PHP reads it, in lower case: decoded ([`decode_query_name`]),
@@ -410,10 +421,10 @@ fn decode_query_name(name: &str) -> Cow<'_, str> {
         .map_or(Cow::Borrowed(""), |(name, _)| name)
 }
 
-/// The host, lower-case, without its port or a trailing dot: `Admin.Example.com.:443` and
-/// `admin.example.com` name the same host (the dot marks a fully qualified name, and every
-/// resolver and virtual-host match treats both alike), so host rules must see one spelling.
-fn host_without_port(authority: impl Into<String>) -> String {
+/// The host, lower-case, without its port or a trailing dot (`Admin.Example.com.:443` is
+/// `admin.example.com`), and, when it had either, the whole authority in lower case: a resolver
+/// and most servers read both as one host, but Envoy picks its virtual host with them.
+fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
     let mut host = authority.into();
     let (start, mut end) = if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: keep the brackets' content.
@@ -427,11 +438,14 @@ fn host_without_port(authority: impl Into<String>) -> String {
     if host[start..end].ends_with('.') {
         end -= 1;
     }
+    // Past the host: an IPv6 literal's closing bracket, then what was cut.
+    let kept = end + usize::from(start == 1 && host[end..].starts_with(']'));
+    let with_port = (kept < host.len()).then(|| host.to_ascii_lowercase().into_boxed_str());
     // In place: the authority's own buffer becomes the host.
     host.truncate(end);
     host.drain(..start);
     host.make_ascii_lowercase();
-    host
+    (host, with_port)
 }
 
 #[cfg(test)]
@@ -461,6 +475,10 @@ mod tests {
         assert!(!is_valid_operation("pay\u{85}ments"));
     }
 
+    fn host_without_port(authority: &str) -> String {
+        split_authority(authority).0
+    }
+
     #[test]
     fn host_loses_port_and_case() {
         assert_eq!(host_without_port("API.example.com:8443"), "api.example.com");
@@ -471,6 +489,33 @@ mod tests {
             host_without_port("admin.example.com.:8443"),
             "admin.example.com"
         );
+    }
+
+    /// The authority as sent is kept (in lower case) exactly when something was cut from it.
+    #[test]
+    fn the_host_as_sent_is_kept_when_it_had_a_port_or_a_dot() {
+        for (authority, with_port) in [
+            ("API.example.com:8443", Some("api.example.com:8443")),
+            ("Admin.Example.com.", Some("admin.example.com.")),
+            ("a.example.com.:443", Some("a.example.com.:443")),
+            ("[::1]:80", Some("[::1]:80")),
+            ("host:", Some("host:")),
+            ("API.example.com", None),
+            ("[::1]", None),
+            ("[::1", None),
+            ("host:abc", None),
+            ("", None),
+        ] {
+            let (host, kept) = split_authority(authority);
+            assert_eq!(kept.as_deref(), with_port, "{authority}");
+            let http = HttpAttributes::new("GET", authority, "/", Headers::default());
+            assert_eq!(http.host, host);
+            assert_eq!(
+                http.host_as_sent(),
+                with_port.unwrap_or(&host),
+                "{authority}"
+            );
+        }
     }
 
     #[test]
@@ -520,6 +565,21 @@ mod tests {
         assert!(!http("/a?my_access_token=abc").has_query_token());
         assert!(http("/a?%61ccess_token=abc").has_query_token());
         assert!(http("/a?access%5Ftoken=abc").has_query_token());
+        // As PHP renames names: `$_GET['access_token']` to the application.
+        for query in [
+            "access.token",
+            "access+token",
+            "access%20token",
+            "access[token",
+            "+access_token",
+            "ACCESS_TOKEN",
+        ] {
+            assert!(
+                http(&format!("/a?{query}=abc")).has_query_token(),
+                "{query}"
+            );
+        }
+        assert!(!http("/a?access__token=abc&accesstoken=1").has_query_token());
         assert!(!http("/a").has_query_token());
     }
 }

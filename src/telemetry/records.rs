@@ -417,7 +417,7 @@ pub fn write_record(
         ),
     );
     record.maybe("method", cut.cap("method", http.map(|h| h.method.as_str())));
-    record.maybe("host", cut.cap("host", http.map(|h| h.host.as_str())));
+    record.maybe("host", cut.cap("host", http.map(|h| h.host_as_sent())));
     record.maybe("path", cut.cap("path", target.as_deref()));
     record.maybe(
         "operation",
@@ -899,7 +899,7 @@ mod tests {
                 http.and_then(|h| h.headers.get("x-request-id")),
             ),
             method: cut.cap("method", http.map(|h| h.method.as_str())),
-            host: cut.cap("host", http.map(|h| h.host.as_str())),
+            host: cut.cap("host", http.map(|h| h.host_as_sent())),
             path: cut.cap("path", target.as_deref()),
             operation: cut.cap("operation", request.operation.as_deref()),
             truncated: cut.fields,

@@ -1,5 +1,5 @@
 //! The rule index decides exactly as the plain ordered scan: random policies (operations exact and
-//! wildcard, methods, hosts, path globs with `*` and `**`, gRPC services and methods, conditions
+//! wildcard, methods, hosts with and without ports, path globs with `*` and `**`, gRPC services and methods, conditions
 //! that hold, fail or cannot be evaluated, shadow rules) against random requests, from every rule
 //! a search may resume at.
 
@@ -38,7 +38,7 @@ fn matcher() -> impl Strategy<Value = String> {
     (
         proptest::option::weighted(0.4, pick(OPERATION_PATTERNS)),
         proptest::option::weighted(0.3, pick(&["GET", "POST"])),
-        proptest::option::weighted(0.2, pick(&["a.example", "*.example"])),
+        proptest::option::weighted(0.2, pick(&["a.example", "*.example", "a.example:8443"])),
         proptest::collection::vec(glob(), 0..3),
         proptest::option::weighted(
             0.15,
@@ -112,7 +112,13 @@ fn request() -> impl Strategy<Value = (AccessRequest, Option<String>)> {
             0.8,
             (
                 pick(&["GET", "POST"]),
-                pick(&["a.example", "b.example", "example"]),
+                pick(&[
+                    "a.example",
+                    "b.example",
+                    "example",
+                    "a.example:8443",
+                    "a.example.",
+                ]),
                 proptest::collection::vec(prop_oneof![pick(SEGMENTS), Just("")], 0..5),
             ),
         ),
@@ -158,7 +164,7 @@ fn first_match(
     };
     found
         .map(|m| m.map(|(at, _)| at))
-        .map_err(|(at, _, message)| (at, message))
+        .map_err(|(at, _, undecided)| (at, format!("{undecided:?}")))
 }
 
 proptest! {
