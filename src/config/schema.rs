@@ -570,6 +570,21 @@ pub struct UpstreamConfig {
     /// `*` virtual host in front of an upstream that ignores them).
     #[serde(default)]
     pub host_port: HostPortConfig,
+    /// What letter case means to the upstream's routes: `either` (the default: not known, so a
+    /// path must pick the same rule read in lower case and read in its case), `insensitive`
+    /// (ASP.NET Core, IIS: rules match in lower case) or `sensitive` (Go, Flask, Spring: rules
+    /// match the path as sent against the glob as written).
+    #[serde(default)]
+    pub path_case: PathCaseConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PathCaseConfig {
+    #[default]
+    Either,
+    Insensitive,
+    Sensitive,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -600,6 +615,7 @@ impl Default for UpstreamConfig {
             max_request_headers: default_max_request_headers(),
             path_parameters: PathParametersConfig::default(),
             host_port: HostPortConfig::default(),
+            path_case: PathCaseConfig::default(),
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::{
         self, ChallengeStyle, Credential, CredentialProblem, VerifiedToken, fingerprint_of,
     },
     policy::{
-        ClaimRequirement, DefaultAction, HeaderSource, Matcher, Policy, Requirement, Rule,
+        ClaimRequirement, DefaultAction, HeaderSource, Matcher, PathCase, Policy, Requirement,
+        Rule,
         condition::{CelInput, Condition, Readings},
     },
     request::{
@@ -347,10 +348,54 @@ impl<'p> Run<'p> {
         )
         .with_risk(&risk_counts)
         .with_readings(lowered.as_deref());
+        let sent = normalized.as_deref();
+        let lowered = lowered.as_deref();
+        let path = PathReading {
+            lowered,
+            in_case: (policy.upstream.path_case == PathCase::Sensitive)
+                .then_some(sent)
+                .flatten(),
+        };
+        // How the upstream reads letter case is not known: the path read in its own case must
+        // pick the rule it picks in lower case, or one reading would let a request through under
+        // a rule the upstream does not route it to (`/DOCS/billing` is `/docs/**` to ASP.NET Core
+        // and `/<org>/billing` to Flask).
+        if policy.upstream.path_case == PathCase::Either
+            && sent.is_some()
+            && (sent != lowered || policy.index.globs_in_case())
+        {
+            let in_case = PathReading {
+                lowered,
+                in_case: sent,
+            };
+            let (lower_rule, case_rule) = (
+                first_enforced(policy, request, path, &input),
+                first_enforced(policy, request, in_case, &input),
+            );
+            if lower_rule != case_rule {
+                self.step("match", || {
+                    let id = |at: Result<Option<usize>, usize>| match at {
+                        Ok(Some(at)) | Err(at) => format!("rule {:?}", policy.rules[at].id),
+                        Ok(None) => "no rule".to_owned(),
+                    };
+                    format!(
+                        "the path picks {} in lower case and {} in its own case: {AMBIGUOUS_PATH}",
+                        id(lower_rule),
+                        id(case_rule)
+                    )
+                });
+                let www = challenge::invalid_request(realm, AMBIGUOUS_PATH);
+                let rule = match lower_rule {
+                    Ok(Some(at)) | Err(at) if token.is_some() => Some(&policy.rules[at]),
+                    _ => None,
+                };
+                return self.deny(400, Reason::AmbiguousPath, AMBIGUOUS_PATH, rule, Some(www));
+            }
+        }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
         let mut from = 0;
         let rule = loop {
-            match self.find_rule(from, request, lowered.as_deref(), &input) {
+            match self.find_rule(from, request, path, &input) {
                 Ok(Some((at, rule))) if rule.shadow => {
                     self.shadow_rule(rule, token.as_deref(), &input, now, &risk_keys);
                     from = at + 1;
@@ -575,7 +620,7 @@ impl<'p> Run<'p> {
         &self,
         from: usize,
         request: &AccessRequest,
-        path: Option<&str>,
+        path: PathReading<'_>,
         input: &CelInput<'_>,
     ) -> Found<'p> {
         find_rule(self.policy, from, request, path, input)
@@ -979,6 +1024,38 @@ impl<'p> Run<'p> {
 }
 
 /// The rule found for a request, with its index; or the rule whose condition failed to evaluate.
+/// The path a search for a rule reads: in lower case (which the rule index files globs under,
+/// and gRPC names are matched against), and for the reading in the path's own case, the path as
+/// sent, which globs as written are matched against (`upstream.path_case`).
+#[derive(Debug, Clone, Copy, Default)]
+struct PathReading<'a> {
+    lowered: Option<&'a str>,
+    in_case: Option<&'a str>,
+}
+
+/// The message of an `ambiguous_path` denial.
+const AMBIGUOUS_PATH: &str = "the path picks another rule read in its own letter case than in \
+                              lower case, and the upstream may read it either way; set \
+                              upstream.path_case to how the upstream routes";
+
+/// The first enforced rule a search from the start settles on (shadow rules passed over and not
+/// recorded): its index, or the index of the rule whose condition failed.
+fn first_enforced(
+    policy: &Policy,
+    request: &AccessRequest,
+    path: PathReading<'_>,
+    input: &CelInput<'_>,
+) -> Result<Option<usize>, usize> {
+    let mut from = 0;
+    loop {
+        match find_rule(policy, from, request, path, input) {
+            Ok(Some((at, rule))) | Err((at, rule, _)) if rule.shadow => from = at + 1,
+            Ok(found) => return Ok(found.map(|(at, _)| at)),
+            Err((at, _, _)) => return Err(at),
+        }
+    }
+}
+
 /// The message of an `ambiguous_host` denial.
 const AMBIGUOUS_HOST: &str = "the host has a port or a trailing dot, and a host rule matches it \
                               only without them while the proxy routes it with them; name the \
@@ -1005,7 +1082,7 @@ fn find_rule<'p>(
     policy: &'p Policy,
     from: usize,
     request: &AccessRequest,
-    path: Option<&str>,
+    path: PathReading<'_>,
     input: &CelInput<'_>,
 ) -> Found<'p> {
     // The candidates' buffer is the thread's own, reused: no allocation per request.
@@ -1015,7 +1092,7 @@ fn find_rule<'p>(
     let mut candidates = CANDIDATES.take();
     policy
         .index
-        .candidates(request.operation.as_deref(), path, &mut candidates);
+        .candidates(request.operation.as_deref(), path.lowered, &mut candidates);
     let found = candidates.iter().find_map(|&entry| {
         let (at, m) = policy.index.entry(entry);
         let rule = &policy.rules[at];
@@ -1037,7 +1114,7 @@ fn tried<'p>(
     rule: &'p Rule,
     matcher: &Matcher,
     request: &AccessRequest,
-    path: Option<&str>,
+    path: PathReading<'_>,
     input: &CelInput<'_>,
     host_port_routed: bool,
 ) -> Option<Found<'p>> {
@@ -1054,7 +1131,7 @@ fn scan_rules<'p>(
     policy: &'p Policy,
     from: usize,
     request: &AccessRequest,
-    path: Option<&str>,
+    path: PathReading<'_>,
     input: &CelInput<'_>,
 ) -> Found<'p> {
     for (at, rule) in policy.rules.iter().enumerate().skip(from) {
@@ -1071,7 +1148,7 @@ fn scan_rules<'p>(
 fn matches(
     m: &Matcher,
     request: &AccessRequest,
-    path: Option<&str>,
+    path: PathReading<'_>,
     input: &CelInput<'_>,
     host_port_routed: bool,
 ) -> Result<bool, Undecided> {
@@ -1093,11 +1170,20 @@ fn matches(
             None | Some(Some(false)) => return Ok(false),
         }
     }
-    if !m.paths.is_empty() && !path.is_some_and(|p| m.paths.iter().any(|g| g.matches(p))) {
-        return Ok(false);
+    if !m.paths.is_empty() {
+        let matched = match (path.in_case, path.lowered) {
+            (Some(in_case), _) => m.paths.iter().any(|g| g.matches_in_case(in_case)),
+            (None, Some(lowered)) => m.paths.iter().any(|g| g.matches(lowered)),
+            (None, None) => false,
+        };
+        if !matched {
+            return Ok(false);
+        }
     }
     if let Some(grpc) = &m.grpc {
-        let Some((service, method)) = path.and_then(|p| p.strip_prefix('/')?.split_once('/'))
+        let Some((service, method)) = path
+            .lowered
+            .and_then(|p| p.strip_prefix('/')?.split_once('/'))
         else {
             return Ok(false);
         };

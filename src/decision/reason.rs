@@ -37,6 +37,9 @@ reasons! {
     // a host with a port or trailing dot that a host rule matches only without them, while the
     // proxy routes hosts as sent (`upstream.host_port: routed`)
     AmbiguousHost => "ambiguous_host",
+    // a path that picks another rule read in its own letter case than in lower case, while the
+    // upstream's reading of case is not known (`upstream.path_case: either`)
+    AmbiguousPath => "ambiguous_path",
     // 413, 431
     RequestTooLarge => "request_too_large",
     TooManyHeaders => "too_many_headers",

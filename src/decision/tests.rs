@@ -696,7 +696,7 @@ fn cel_reads_the_path_in_its_own_case_and_in_lower_case_on_the_side_of_caution()
     for target in [
         "/reports/q1/export",
         "/reports/q1/EXPORT",
-        "/Reports/Q1/Export?x=1",
+        "/reports/Q1/Export?x=1",
     ] {
         let d = decide(&policy, &http_request(&token, "GET", target), NOW);
         expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
@@ -1685,23 +1685,112 @@ fn default_allow_authenticated_allows_any_valid_token() {
 // Paths and gRPC routes
 // ---------------------------------------------------------------------------------------------
 
+/// The demo policy, its upstream's reading of letter case declared (`upstream.path_case`).
+fn with_path_case(case: &str) -> Policy {
+    compile_policy(&DEMO_POLICY.replacen(
+        "upstream:\n",
+        &format!("upstream:\n  path_case: {case}\n"),
+        1,
+    ))
+}
+
 #[test]
 fn encoded_letters_case_and_repeated_slashes_cannot_bypass_the_admin_rule() {
     let entra = bearer(&rs256(&entra_user(&["c1"])));
     let oidc = bearer(&rs256(&oidc_admin()));
+    let insensitive = with_path_case("insensitive");
     for target in [
         "/%61dmin/users",
         "//admin//users",
         "/ADMIN/users",
         "/%41dmin/users",
     ] {
-        let d = decide_http(&entra, "GET", target);
+        let d = decide(&insensitive, &http_request(&entra, "GET", target), NOW);
         expect(&d, Outcome::Deny, 401, Reason::IssuerNotAccepted);
         assert_eq!(rule(&d), Some("admin"), "{target}");
-        let d = decide_http(&oidc, "GET", target);
+        let d = decide(&insensitive, &http_request(&oidc, "GET", target), NOW);
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
         assert_eq!(rule(&d), Some("admin"), "{target}");
     }
+    // Not knowing the upstream's reading of case, `/ADMIN` is refused: `/admin/**` to a server
+    // that ignores case, the catch-all's to one that does not.
+    for target in ["/ADMIN/users", "/%41dmin/users"] {
+        let d = decide_http(&oidc, "GET", target);
+        expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert_eq!(rule(&d), Some("admin"), "{target}");
+        let anonymous = decide_http("", "GET", target);
+        expect(&anonymous, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert_eq!(rule(&anonymous), None, "named to no anonymous caller");
+    }
+    for target in ["/%61dmin/users", "//admin//users"] {
+        let d = decide_http(&oidc, "GET", target);
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
+}
+
+/// A weaker rule's glob in another case (`/DOCS/billing` against a public `/docs/**`): to Flask
+/// that is `/<org>/billing`, a protected handler. Refused unless the policy says how the upstream
+/// reads case; read in case, it is not the public rule's.
+#[test]
+fn the_letter_case_of_a_public_path_does_not_open_a_case_sensitive_upstreams_other_routes() {
+    let public = |case: &str| {
+        compile_policy(
+            &DEMO_POLICY
+                .replacen(
+                    "rules:",
+                    "rules:\n  - id: docs\n    match: { path: \"/docs/**\" }\n    allow_anonymous: true",
+                    1,
+                )
+                .replacen("upstream:\n", &format!("upstream:\n  path_case: {case}\n"), 1),
+        )
+    };
+    let anonymous =
+        |policy: &Policy, target: &str| decide(policy, &http_request("", "GET", target), NOW);
+    for case in ["either", "sensitive", "insensitive"] {
+        let d = anonymous(&public(case), "/docs/billing");
+        assert_eq!(
+            (d.reason, rule(&d)),
+            (Reason::AnonymousAllowed, Some("docs")),
+            "{case}"
+        );
+    }
+    let d = anonymous(&public("either"), "/DOCS/billing");
+    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+    let d = anonymous(&public("sensitive"), "/DOCS/billing");
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
+    let d = anonymous(&public("insensitive"), "/DOCS/billing");
+    assert_eq!(
+        (d.reason, rule(&d)),
+        (Reason::AnonymousAllowed, Some("docs"))
+    );
+
+    // A glob written in upper case is read in its case too: the two readings of a path without
+    // upper-case letters differ, and `sensitive` matches it as written.
+    let upper = |case: &str| {
+        compile_policy(
+            &DEMO_POLICY
+                .replacen(
+                    "rules:",
+                    "rules:\n  - id: home\n    match: { path: \"/Home/**\" }\n    allow_anonymous: true",
+                    1,
+                )
+                .replacen("upstream:\n", &format!("upstream:\n  path_case: {case}\n"), 1),
+        )
+    };
+    let d = anonymous(&upper("either"), "/home/index");
+    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+    let d = anonymous(&upper("either"), "/Home/Index");
+    assert_eq!(
+        (d.reason, rule(&d)),
+        (Reason::AnonymousAllowed, Some("home"))
+    );
+    let d = anonymous(&upper("sensitive"), "/home/index");
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
+    let d = anonymous(&upper("insensitive"), "/home/index");
+    assert_eq!(
+        (d.reason, rule(&d)),
+        (Reason::AnonymousAllowed, Some("home"))
+    );
 }
 
 /// Go, Node and nginx serve `/admin/..;/healthz` from `/admin`; Tomcat and Spring serve
@@ -2490,9 +2579,12 @@ rules:
 #[test]
 fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
     let token = bearer(&rs256(&entra_user(&[])));
-    let d = decide_http(&token, "POST", "/PAYMENTS/wire");
+    let request = http_request(&token, "POST", "/PAYMENTS/wire");
+    let d = decide(&with_path_case("insensitive"), &request, NOW);
     assert_eq!(rule(&d), Some("wire-transfer"));
     expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    let d = decide(&demo_policy(), &request, NOW);
+    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
     for target in [
         "/payments/wire;jsessionid=1",
         "/payments;x=1/wire",

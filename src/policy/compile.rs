@@ -12,7 +12,7 @@ use jsonwebtoken::Algorithm;
 
 use super::{
     AdminAccess, AuthContext, ClaimRequirement, DefaultAction, Escalation, ExplainAccess,
-    GrpcMatcher, HeaderSource, Matcher, Policy, Requirement, Rule, Upstream,
+    GrpcMatcher, HeaderSource, Matcher, PathCase, Policy, Requirement, Rule, Upstream,
     condition::{self, Condition},
     pattern::{PathGlob, Wildcard},
 };
@@ -889,6 +889,11 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
             schema::PathParametersConfig::Strip => PathParameters::Strip,
         },
         host_port_routed: u.host_port == schema::HostPortConfig::Routed,
+        path_case: match u.path_case {
+            schema::PathCaseConfig::Either => PathCase::Either,
+            schema::PathCaseConfig::Insensitive => PathCase::Insensitive,
+            schema::PathCaseConfig::Sensitive => PathCase::Sensitive,
+        },
     })
 }
 

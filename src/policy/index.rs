@@ -36,6 +36,9 @@ pub struct RuleIndex {
     op_prefix_lengths: Vec<usize>,
     paths: PathNode,
     shape: IndexShape,
+    /// Some path glob has upper-case letters: a path read in its case may then match another
+    /// rule than in lower case, even without upper-case letters of its own.
+    globs_in_case: bool,
 }
 
 #[derive(Debug, Default)]
@@ -89,8 +92,20 @@ fn key(m: &Matcher) -> Key<'_> {
 }
 
 impl RuleIndex {
+    /// Whether some path glob has upper-case letters.
+    pub fn globs_in_case(&self) -> bool {
+        self.globs_in_case
+    }
+
     pub fn new(rules: &[Rule]) -> Self {
-        let mut index = Self::default();
+        let mut index = Self {
+            globs_in_case: rules
+                .iter()
+                .flat_map(|r| &r.matchers)
+                .flat_map(|m| &m.paths)
+                .any(|g| g.has_upper_case()),
+            ..Self::default()
+        };
         for (r, rule) in rules.iter().enumerate() {
             for (m, matcher) in rule.matchers.iter().enumerate() {
                 let entry = index.entries.len() as u32;

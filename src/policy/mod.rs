@@ -139,6 +139,21 @@ pub struct Upstream {
     /// Whether the proxy routes a host with its port and trailing dot as sent (Envoy's default):
     /// host rules then match only when the host as sent and the host without them agree.
     pub host_port_routed: bool,
+    /// How the upstream reads a path's letter case, and so how rules match it.
+    pub path_case: PathCase,
+}
+
+/// What letter case means to the upstream's routes (`upstream.path_case`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PathCase {
+    /// Not known: a path must pick the same rule read in lower case and read in its own case
+    /// (the glob as written against the path as sent), or it is refused (`ambiguous_path`).
+    #[default]
+    Either,
+    /// Routes ignore case (ASP.NET Core, IIS): rules match in lower case.
+    Insensitive,
+    /// Routes are case-sensitive (Go, Flask, Spring): rules match in the case of each.
+    Sensitive,
 }
 
 /// Where an identity header's value comes from.

@@ -67,8 +67,10 @@ enum Segment {
 }
 
 /// A path glob such as `/payments/*/approve` or `/admin/**`, matched segment by segment against a
-/// normalised, ASCII-lower-cased path: upstreams such as ASP.NET Core route paths regardless of
-/// case, so `/ADMIN` must not slip past an `/admin/**` rule (matching more is the safe direction).
+/// normalised path: in ASCII lower case ([`Self::matches`]), as upstreams such as ASP.NET Core
+/// route paths regardless of case, so `/ADMIN` must not slip past an `/admin/**` rule; or in the
+/// case of each, as written and as sent ([`Self::matches_in_case`]), as Go, Flask or Spring
+/// route them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathGlob {
     source: String,
@@ -76,6 +78,8 @@ pub struct PathGlob {
     /// Where the segments after the last `**` begin (0 without `**`): those must match the
     /// path's last segments, one each, which is checked first, from the end.
     tail: usize,
+    /// The glob in its own case, when it has upper-case letters (else `segments` are it).
+    in_case: Option<Box<PathGlob>>,
 }
 
 impl PathGlob {
@@ -101,9 +105,21 @@ impl PathGlob {
                 ));
             }
         };
-        let mut segments = Vec::new();
         let lower = normalized.to_ascii_lowercase();
-        for s in lower.split('/').filter(|s| !s.is_empty()) {
+        let in_case = match lower == normalized {
+            true => None,
+            false => Some(Box::new(Self::compile(glob, &normalized)?)),
+        };
+        Ok(Self {
+            in_case,
+            ..Self::compile(glob, &lower)?
+        })
+    }
+
+    /// The glob `normalized` (shown as `glob`), compared in its case.
+    fn compile(glob: &str, normalized: &str) -> Result<Self, String> {
+        let mut segments = Vec::new();
+        for s in normalized.split('/').filter(|s| !s.is_empty()) {
             segments.push(match s {
                 "**" => Segment::Any,
                 s if s.contains("**") => {
@@ -123,6 +139,7 @@ impl PathGlob {
             source: glob.to_owned(),
             segments,
             tail,
+            in_case: None,
         })
     }
 
@@ -130,8 +147,23 @@ impl PathGlob {
         &self.source
     }
 
+    /// Whether the glob in lower case matches `normalized_path`, which the caller lowers.
     pub fn matches(&self, normalized_path: &str) -> bool {
         self.matches_counting(normalized_path).0
+    }
+
+    /// Whether the glob as written matches `normalized_path` as sent, letter case and all.
+    pub fn matches_in_case(&self, normalized_path: &str) -> bool {
+        self.in_case
+            .as_deref()
+            .unwrap_or(self)
+            .matches(normalized_path)
+    }
+
+    /// Whether the glob has upper-case letters (so the two readings differ even on a path
+    /// without any).
+    pub fn has_upper_case(&self) -> bool {
+        self.in_case.is_some()
     }
 
     /// Whether the path matches, and how many segment comparisons that took (for the bound the

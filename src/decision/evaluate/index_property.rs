@@ -1,11 +1,12 @@
 //! The rule index decides exactly as the plain ordered scan: random policies (operations exact and
-//! wildcard, methods, hosts with and without ports, path globs with `*` and `**`, gRPC services and methods, conditions
+//! wildcard, methods, hosts with and without ports, path globs in either letter case, read in lower
+//! case and in their own, with `*` and `**`, gRPC services and methods, conditions
 //! that hold, fail or cannot be evaluated, shadow rules) against random requests, from every rule
 //! a search may resume at.
 
 use proptest::prelude::*;
 
-use super::{find_rule, scan_rules};
+use super::{PathReading, find_rule, scan_rules};
 use crate::{
     policy::{Policy, condition::CelInput, testing::compile_policy},
     request::{AccessRequest, Headers, HttpAttributes},
@@ -13,8 +14,10 @@ use crate::{
 
 const OPERATIONS: &[&str] = &["p.q", "p.r", "s.q", "p", "pq", "é.q"];
 const OPERATION_PATTERNS: &[&str] = &["p.q", "p.r", "s.q", "p", "p.*", "*", "*.q", "s*", "p*q"];
-const SEGMENTS: &[&str] = &["a", "b", "ab", "svc.a", "m", "x"];
-const GLOB_SEGMENTS: &[&str] = &["a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**"];
+const SEGMENTS: &[&str] = &["a", "b", "ab", "svc.a", "m", "x", "A", "Ab"];
+const GLOB_SEGMENTS: &[&str] = &[
+    "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B",
+];
 const CONDITIONS: &[&str] = &[
     "true",
     "false",
@@ -148,23 +151,40 @@ fn request() -> impl Strategy<Value = (AccessRequest, Option<String>)> {
         })
 }
 
-/// (rule index, or the index and message of the rule whose condition failed).
+type Match = Result<Option<usize>, (usize, String)>;
+
+/// (rule index, or the index and message of the rule whose condition failed), with the path
+/// read in lower case and read in its own case.
 fn first_match(
     policy: &Policy,
     from: usize,
     request: &AccessRequest,
     path: Option<&str>,
     indexed: bool,
-) -> Result<Option<usize>, (usize, String)> {
+) -> (Match, Match) {
+    let lowered = path.map(str::to_ascii_lowercase);
     let input = CelInput::new(&policy.cel, request, path, None, 0);
-    let found = if indexed {
-        find_rule(policy, from, request, path, &input)
-    } else {
-        scan_rules(policy, from, request, path, &input)
+    let find = |reading: PathReading<'_>| {
+        let found = if indexed {
+            find_rule(policy, from, request, reading, &input)
+        } else {
+            scan_rules(policy, from, request, reading, &input)
+        };
+        found
+            .map(|m| m.map(|(at, _)| at))
+            .map_err(|(at, _, undecided)| (at, format!("{undecided:?}")))
     };
-    found
-        .map(|m| m.map(|(at, _)| at))
-        .map_err(|(at, _, undecided)| (at, format!("{undecided:?}")))
+    let lowered = lowered.as_deref();
+    (
+        find(PathReading {
+            lowered,
+            in_case: None,
+        }),
+        find(PathReading {
+            lowered,
+            in_case: path,
+        }),
+    )
 }
 
 proptest! {
@@ -215,7 +235,7 @@ fn the_index_files_by_every_key() {
             http: path.map(|p| HttpAttributes::new("POST", "h", p, Headers::default())),
             ..AccessRequest::default()
         };
-        first_match(&policy, 0, &request, path, true)
+        first_match(&policy, 0, &request, path, true).0
     };
     assert_eq!(at(Some("p.q"), None), Ok(Some(0)));
     assert_eq!(at(Some("p.r"), None), Ok(Some(1)));
