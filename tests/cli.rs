@@ -242,6 +242,43 @@ fn check_warns_of_a_condition_comparing_the_path_with_upper_case_letters() {
     assert_eq!(warnings, expected, "{stdout}");
 }
 
+#[test]
+fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_declared() {
+    let with_home = edit(
+        &demo_policy_text(),
+        "  - id: everything-else",
+        "  - id: home\n    match: { paths: [\"/Home/**\", /about] }\n    allow_anonymous: true\n  - id: everything-else",
+    );
+    let warning = "path glob(s) have upper-case letters while upstream.path_case is either";
+    let policy = TempPolicy::new("upper-glob", &with_home);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains(warning))
+        .take(2)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "warning: 1 path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md):",
+            "  rule 6. home match 1 path /Home/**",
+        ],
+        "{stdout}"
+    );
+    // Declared, there is nothing to warn of.
+    let declared = edit(
+        &with_home,
+        "upstream:\n",
+        "upstream:\n  path_case: insensitive\n",
+    );
+    let policy = TempPolicy::new("upper-glob-declared", &declared);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(!text(&out.stdout).contains(warning), "{}", describe(&out));
+}
+
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
 const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (

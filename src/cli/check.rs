@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
     identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url},
-    policy::{DefaultAction, Matcher, Policy, Requirement, condition::Condition},
+    policy::{DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition},
 };
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +150,35 @@ fn describe(policy: &Policy) -> String {
         ));
         for warning in unreachable {
             line(format!("  {warning}"));
+        }
+    }
+    if policy.upstream.path_case == PathCase::Either {
+        let upper: Vec<String> = policy
+            .rules
+            .iter()
+            .enumerate()
+            .flat_map(|(n, rule)| {
+                rule.matchers.iter().enumerate().flat_map(move |(k, m)| {
+                    m.paths.iter().filter(|g| g.has_upper_case()).map(move |g| {
+                        format!(
+                            "rule {}. {} match {} path {}",
+                            n + 1,
+                            rule.id,
+                            k + 1,
+                            g.as_str()
+                        )
+                    })
+                })
+            })
+            .collect();
+        if !upper.is_empty() {
+            line(format!(
+                "warning: {} path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md):",
+                upper.len()
+            ));
+            for glob in upper {
+                line(format!("  {glob}"));
+            }
         }
     }
     let mixups = path_case_mixups(policy);
