@@ -765,6 +765,72 @@ async fn remove_authorization_policy_keeps_the_token_from_the_upstream() {
     assert_eq!(seen.header_all("x-stepgate-tenant"), [DEMO_TENANT]);
 }
 
+/// Envoy picks its virtual host with the port as sent: `www.example.com:8443` is not the
+/// `www.example.com` virtual host but the `*` one, the API. A policy that lets anonymous callers
+/// reach the public site must not let that request through to the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_on_the_public_hosts_name_does_not_reach_the_api_anonymously() {
+    let text = edit(
+        &demo_policy_text(),
+        "  - id: health\n",
+        "  - id: www-public\n    match: { hosts: [www.example.com] }\n    allow_anonymous: true\n  - id: health\n",
+    );
+    let policy = TempPolicy::new("envoy-www-public", &text);
+    // A virtual host of its own for the public site, marked for the upstream to see.
+    let www = (
+        "                    - name: app\n                      domains: [\"*\"]\n",
+        "                    - name: www\n                      domains: [\"www.example.com\"]\n                      request_headers_to_add:\n                        - header: { key: x-vhost, value: www }\n                      routes:\n                        - match: { prefix: \"/\" }\n                          route: { cluster: upstream }\n                    - name: app\n                      domains: [\"*\"]\n",
+    );
+    let stack = Stack::start_configured(ENVOY_YAML, Some(policy), &[www], None).await;
+    let with_host = |host: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::HOST,
+            HeaderValue::from_str(host).expect("an ASCII host"),
+        );
+        headers
+    };
+
+    let reply = stack
+        .send(
+            "www",
+            Method::GET,
+            "/index.html",
+            with_host("www.example.com"),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", stack.diagnostics());
+    let seen = stack.upstream("www");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].header_all("x-vhost"),
+        ["www"],
+        "served by the www virtual host"
+    );
+
+    for (i, host) in ["www.example.com:8443", "www.example.com."]
+        .into_iter()
+        .enumerate()
+    {
+        let case = format!("www-port-{i}");
+        let reply = stack
+            .send(&case, Method::GET, "/admin/users", with_host(host))
+            .await;
+        assert!(
+            stack.upstream(&case).is_empty(),
+            "Host {host} reached the upstream anonymously: {reply:?}\n{}",
+            stack.diagnostics()
+        );
+        assert_eq!(
+            reply.status,
+            400,
+            "{host}: {reply:?}\n{}",
+            stack.diagnostics()
+        );
+        assert_eq!(reply.json()["reason"], "ambiguous_host", "{reply:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn wire_transfer_without_auth_context_c1_gets_the_entra_claims_challenge() {
     let stack = Stack::start(ENVOY_YAML).await;
