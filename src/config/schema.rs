@@ -563,11 +563,11 @@ pub struct UpstreamConfig {
     /// cuts them from each segment; rules then match the path without them).
     #[serde(default)]
     pub path_parameters: PathParametersConfig,
-    /// How the proxy routes a host sent with a port or a trailing dot (`api.example.com:8443`,
-    /// `api.example.com.`): `routed` (the default, Envoy's own: its virtual hosts are picked
-    /// with them, so host rules must agree on both readings) or `ignored` (the proxy strips or
-    /// ignores them before routing, `strip_any_host_port`, `ignore_port_in_host_matching`, or one
-    /// `*` virtual host in front of an upstream that ignores them).
+    /// How the proxy routes a host sent with a port (`api.example.com:8443`): `routed` (the
+    /// default, Envoy's own: its virtual hosts are picked with it, so host rules must agree on
+    /// the host with and without it) or `ignored` (the proxy routes without it,
+    /// `ignore_port_in_host_matching`, or one `*` virtual host in front of an upstream that
+    /// ignores ports). A trailing dot is read as routed either way.
     #[serde(default)]
     pub host_port: HostPortConfig,
     /// What letter case means to the upstream's routes: `either` (the default: not known, so a

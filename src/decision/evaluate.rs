@@ -1209,32 +1209,54 @@ fn matches(
 ///
 /// Patterns match the host without its port and trailing dot (in lower case), as resolvers and
 /// most servers read it, except a pattern that names a port or ends in a dot
-/// (`api.example.com:8443`, `api.example.com:*`), which matches the host as sent. But Envoy
+/// (`api.example.com:8443`, `api.example.com:*`), which matches the host as routed. But Envoy
 /// picks its virtual host with the port and dot as sent (unless told to strip or ignore them):
 /// to it, `www.example.com:8443` is not `www.example.com` and goes to another virtual host, such
-/// as a `*` one. So when the proxy routes hosts as sent (`routed`, `upstream.host_port`) and the
-/// request's host has a port or dot, every pattern is also matched against the host as sent, and
-/// the two readings must agree: a rule for `www.example.com` that would let such a request
-/// through by its weaker requirement, while Envoy serves it from another virtual host, decides
-/// nothing.
+/// as a `*` one. So when the request's host has a port or dot, every pattern is also matched
+/// against the host as the proxy routes it, and the two readings must agree: a rule for
+/// `www.example.com` that would let such a request through by its weaker requirement, while
+/// Envoy serves it from another virtual host, decides nothing. The proxy routes the host as sent
+/// (`routed`, `upstream.host_port`), or without its port but with its dot (`ignored`: Envoy's
+/// `ignore_port_in_host_matching` leaves the dot, which only `strip_trailing_host_dot` removes,
+/// and then stepgate never sees it).
 fn host_matches(
     hosts: &[crate::policy::pattern::Wildcard],
     http: &crate::request::HttpAttributes,
     routed: bool,
 ) -> Option<bool> {
     let as_sent = http.host_as_sent();
+    let route_on = if routed {
+        as_sent
+    } else {
+        without_port(as_sent)
+    };
+    // A pattern that names a port or a dot asks for the host as routed, in either reading.
     let plain = hosts.iter().any(|w| {
         if names_port_or_dot(w.as_str()) {
-            w.matches(as_sent)
+            w.matches(route_on)
         } else {
             w.matches(&http.host)
         }
     });
-    if !routed || http.host_with_port.is_none() {
+    if route_on == http.host {
         return Some(plain);
     }
-    let routed = hosts.iter().any(|w| w.matches(as_sent));
-    (routed == plain).then_some(plain)
+    let by_route = hosts.iter().any(|w| w.matches(route_on));
+    (by_route == plain).then_some(plain)
+}
+
+/// A host as sent without its port (an IPv6 literal without its brackets), its trailing dot
+/// kept.
+fn without_port(sent: &str) -> &str {
+    if let Some(rest) = sent.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match sent.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
+        _ => sent,
+    }
 }
 
 /// Whether a host pattern names a port (`host:8443`, `host:*`, `[::1]:80`) or ends in a dot, and

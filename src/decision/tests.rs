@@ -2692,14 +2692,26 @@ fn a_host_with_a_port_or_a_trailing_dot_is_read_as_the_proxy_routes_it() {
     let d = on_host(&policy, &token, "ops.example.com");
     assert_eq!(rule(&d), Some("everything-else"), "{}", d.message);
 
-    // A proxy that strips or ignores ports: the host without them is the one routed.
+    // A proxy that ignores ports routes the host without its port, but with its dot (Envoy's
+    // `ignore_port_in_host_matching`; only `strip_trailing_host_dot` drops the dot, and then
+    // stepgate never sees it).
     let policy = with_host_rule("[admin.example.com]", "  host_port: ignored\n");
-    for host in [
-        "admin.example.com",
-        "admin.example.com:8443",
-        "Admin.Example.COM.",
-        "admin.example.com.:8443",
-    ] {
+    for host in ["admin.example.com", "admin.example.com:8443", "[::1]:80"] {
+        let d = on_host(&policy, &token, host);
+        if host.starts_with('[') {
+            assert_eq!(rule(&d), Some("everything-else"), "{}", d.message);
+        } else {
+            taken(&d, host);
+        }
+    }
+    for host in ["Admin.Example.COM.", "admin.example.com.:8443"] {
+        ambiguous(&on_host(&policy, &token, host), host);
+    }
+    let policy = with_host_rule(
+        "[admin.example.com, admin.example.com.]",
+        "  host_port: ignored\n",
+    );
+    for host in ["Admin.Example.COM.", "admin.example.com.:8443"] {
         taken(&on_host(&policy, &token, host), host);
     }
 }

@@ -78,8 +78,11 @@ pub struct PathGlob {
     /// Where the segments after the last `**` begin (0 without `**`): those must match the
     /// path's last segments, one each, which is checked first, from the end.
     tail: usize,
-    /// The glob in its own case, when it has upper-case letters (else `segments` are it).
+    /// The glob in its own case, when that differs from lower case (else `segments` are it).
     in_case: Option<Box<PathGlob>>,
+    /// It has upper-case letters outside the escapes normalisation writes in upper case
+    /// (`%3F`), which request paths have in the same case.
+    letters_in_case: bool,
 }
 
 impl PathGlob {
@@ -91,6 +94,11 @@ impl PathGlob {
         if glob.contains(['?', '#']) {
             return Err(format!(
                 "a path glob never contains ? or #: the query is not matched, got {glob:?}"
+            ));
+        }
+        if glob.to_ascii_lowercase().contains("%2a") {
+            return Err(format!(
+                "a path glob cannot match a literal *: {glob:?} would be a wildcard once decoded"
             ));
         }
         // Spelled as the paths it is matched against: escapes decoded (`%20` is a space), and
@@ -110,8 +118,14 @@ impl PathGlob {
             true => None,
             false => Some(Box::new(Self::compile(glob, &normalized)?)),
         };
+        // Escapes aside: normalisation writes the ones it keeps (`%3F`) in upper case.
+        let mut letters = normalized.split('%');
+        let first = letters.next().unwrap_or_default();
+        let letters_in_case = first.bytes().any(|b| b.is_ascii_uppercase())
+            || letters.any(|after| after.bytes().skip(2).any(|b| b.is_ascii_uppercase()));
         Ok(Self {
             in_case,
+            letters_in_case,
             ..Self::compile(glob, &lower)?
         })
     }
@@ -140,6 +154,7 @@ impl PathGlob {
             segments,
             tail,
             in_case: None,
+            letters_in_case: false,
         })
     }
 
@@ -163,7 +178,7 @@ impl PathGlob {
     /// Whether the glob has upper-case letters (so the two readings differ even on a path
     /// without any).
     pub fn has_upper_case(&self) -> bool {
-        self.in_case.is_some()
+        self.letters_in_case
     }
 
     /// Whether the path matches, and how many segment comparisons that took (for the bound the
@@ -396,5 +411,19 @@ mod tests {
         );
         let glob = PathGlob::new("/%61dmin//**").unwrap();
         assert!(glob.matches("/admin/users"));
+        // The escapes normalisation keeps are written in upper case, in globs and paths alike:
+        // no letters of the glob's own.
+        let glob = PathGlob::new("/a%3fb/**").unwrap();
+        assert!(!glob.has_upper_case());
+        assert!(glob.matches_in_case("/a%3Fb/c"));
+        assert!(PathGlob::new("/A%3fb").unwrap().has_upper_case());
+        assert!(PathGlob::new("/a%3fB").unwrap().has_upper_case());
+        // An encoded `*` would be a wildcard once decoded: refused.
+        for glob in ["/files/%2A", "/files/%2a%2a"] {
+            assert!(
+                PathGlob::new(glob).unwrap_err().contains("literal *"),
+                "{glob}"
+            );
+        }
     }
 }

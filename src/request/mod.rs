@@ -346,7 +346,7 @@ impl HttpAttributes {
     }
 
     /// A header sent under another spelling of one of `names` (the identity headers stepgate
-    /// sets and removes): the same name with `_` for `-` or the other way round, which CGI-style
+    /// sets and removes): the same name with `_` for some `-`, which CGI-style
     /// runtimes (WSGI, Rack, PHP) read as the same `HTTP_X_...` variable. Envoy forwards such a
     /// name by default (`headers_with_underscores_action: ALLOW`) and removes only the spelling
     /// it is told, so `x_stepgate_subject: alice` would reach such an upstream as the identity
@@ -367,10 +367,11 @@ impl HttpAttributes {
                     .all(|(&s, w)| fold(s) == fold(w))
                 && !sent.eq_ignore_ascii_case(wanted.as_bytes())
         };
-        let underscores = names.clone().any(|n| n.contains('_'));
+        // Identity header names have no `_` (the policy refuses one), so only a name sent with
+        // one can spell them otherwise.
         self.headers
             .names()
-            .filter(|sent| underscores || sent.contains(&b'_'))
+            .filter(|sent| sent.contains(&b'_'))
             .find_map(|sent| names.clone().find(|wanted| same(sent, wanted)))
     }
 
@@ -393,7 +394,14 @@ impl HttpAttributes {
 /// written plainly, percent-encoded, or renamed as PHP renames names (`access.token`,
 /// `access+token` and `access[token` reach a PHP application as `access_token`), in any case.
 pub fn is_access_token_name(name: &str) -> bool {
-    php_parameter_name(name) == "access_token"
+    // Only a name that spells `token` or escapes something can read as `access_token`: the
+    // others are not copied to be renamed.
+    (name.contains('%')
+        || name
+            .as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b"token")))
+        && php_parameter_name(name) == "access_token"
 }
 
 /// A query parameter's name as PHP reads it, in lower case: decoded ([`decode_query_name`]),
@@ -431,7 +439,11 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
         (1, 1 + rest.find(']').unwrap_or(rest.len()))
     } else {
         match host.rsplit_once(':') {
-            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => (0, h.len()),
+            // One `:` only: more is an IPv6 literal without brackets (a `Decide` caller's), not
+            // a port.
+            Some((h, port)) if !h.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
+                (0, h.len())
+            }
             _ => (0, host.len()),
         }
     };
@@ -527,6 +539,9 @@ mod tests {
         assert_eq!(host_without_port("."), "");
         assert_eq!(host_without_port(""), "");
         assert_eq!(host_without_port("[Fe80::1.]:9"), "fe80::1");
+        // Without brackets (a `Decide` caller's), an IPv6 literal has no port.
+        assert_eq!(host_without_port("::1"), "::1");
+        assert_eq!(host_without_port("2001:DB8::1"), "2001:db8::1");
     }
 
     /// The host as the first version read it, with new strings rather than in place.
@@ -535,7 +550,7 @@ mod tests {
             rest.split(']').next().unwrap_or(rest)
         } else {
             authority.rsplit_once(':').map_or(authority, |(h, port)| {
-                if port.chars().all(|c| c.is_ascii_digit()) {
+                if !h.contains(':') && port.chars().all(|c| c.is_ascii_digit()) {
                     h
                 } else {
                     authority

@@ -83,27 +83,31 @@ fn matcher() -> impl Strategy<Value = String> {
 }
 
 fn policy_yaml() -> impl Strategy<Value = String> {
-    proptest::collection::vec(
-        (proptest::collection::vec(matcher(), 1..4), any::<bool>()),
-        1..14,
+    (
+        proptest::collection::vec(
+            (proptest::collection::vec(matcher(), 1..4), any::<bool>()),
+            1..14,
+        ),
+        pick(&["routed", "ignored"]),
     )
-    .prop_map(|rules| {
-        let mut yaml = String::from(
-            "issuers:\n  - id: demo\n    issuer: https://issuer.example\n    \
+        .prop_map(|(rules, host_port)| {
+            let mut yaml = String::from(
+                "issuers:\n  - id: demo\n    issuer: https://issuer.example\n    \
              jwks_file: demo-keys/jwks.json\n    audiences: [api]\nrules:\n",
-        );
-        for (i, (matchers, shadow)) in rules.iter().enumerate() {
-            yaml.push_str(&format!(
-                "  - id: r{i}\n    match: [{}]\n",
-                matchers.join(", ")
-            ));
-            if *shadow {
-                yaml.push_str("    mode: shadow\n");
+            );
+            for (i, (matchers, shadow)) in rules.iter().enumerate() {
+                yaml.push_str(&format!(
+                    "  - id: r{i}\n    match: [{}]\n",
+                    matchers.join(", ")
+                ));
+                if *shadow {
+                    yaml.push_str("    mode: shadow\n");
+                }
+                yaml.push_str("    allow_anonymous: true\n");
             }
-            yaml.push_str("    allow_anonymous: true\n");
-        }
-        yaml
-    })
+            yaml.push_str(&format!("upstream:\n  host_port: {host_port}\n"));
+            yaml
+        })
 }
 
 /// A request: an operation, an HTTP request, or both; the path as the engine hands it over
@@ -121,6 +125,7 @@ fn request() -> impl Strategy<Value = (AccessRequest, Option<String>)> {
                     "example",
                     "a.example:8443",
                     "a.example.",
+                    "a.example.:8443",
                 ]),
                 proptest::collection::vec(prop_oneof![pick(SEGMENTS), Just("")], 0..5),
             ),
