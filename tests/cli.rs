@@ -130,6 +130,36 @@ fn check_accepts_the_demo_policy_and_prints_every_rule() {
     );
 }
 
+/// The demo policy with `rules` (YAML, indented as rules are) before its last rule, which takes
+/// every path (matchers after it would be warned of as unreachable).
+fn demo_with_rules(rules: &str) -> String {
+    edit(
+        &demo_policy_text(),
+        "  - id: everything-else",
+        &format!(
+            "{}\n  - id: everything-else",
+            rules.trim_start_matches('\n')
+        ),
+    )
+}
+
+/// `stepgate check` of `policy_text` (which must pass): the warning that starts with `header`
+/// and its lines (none when it is not there).
+fn check_warning(name: &str, policy_text: &str, header: &str) -> Vec<String> {
+    let policy = TempPolicy::new(name, policy_text);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines().skip_while(|l| !l.starts_with(header));
+    let Some(first) = lines.next() else {
+        return Vec::new();
+    };
+    std::iter::once(first)
+        .chain(lines.take_while(|l| l.starts_with("  rule ")))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn check_warns_of_a_matcher_a_rule_above_takes_every_request_of() {
     // Added to the demo's rules: a HEAD rule below the demo's GET /healthz (a GET matcher
@@ -151,29 +181,11 @@ fn check_warns_of_a_matcher_a_rule_above_takes_every_request_of() {
     match: { methods: [DELETE], path: "/orders/**" }
     require: { scopes: [orders.delete] }
 "#;
-    // Before the demo's last rule, which takes every path (its matchers would be warned of
-    // after it).
-    let policy_text = edit(
-        &demo_policy_text(),
-        "  - id: everything-else",
-        &format!(
-            "{}\n  - id: everything-else",
-            added.trim_start_matches('\n')
-        ),
-    );
-    let policy = TempPolicy::new("unreachable", &policy_text);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let stdout = text(&out.stdout);
-    let warnings: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("warning: "))
-        .take_while(|l| l.starts_with("warning: ") || l.starts_with("  rule "))
-        .collect();
+    let warnings = check_warning("unreachable", &demo_with_rules(added), "warning: ");
     assert_eq!(
-        warnings.first().copied(),
+        warnings.first().map(String::as_str),
         Some("warning: 2 matcher(s) no request reaches (first match wins):"),
-        "{stdout}"
+        "{warnings:#?}"
     );
     assert!(
         warnings
@@ -216,56 +228,33 @@ fn check_warns_of_a_condition_comparing_the_path_with_upper_case_letters() {
       - when: 'request.path.lowerAscii().endsWith("/export") || request["path"] != "/reports/x"'
         require: { auth_contexts: [c1] }
 "#;
-    let policy_text = edit(
-        &demo_policy_text(),
-        "  - id: everything-else",
-        &format!(
-            "{}\n  - id: everything-else",
-            added.trim_start_matches('\n')
-        ),
+    let warnings = check_warning(
+        "path-case",
+        &demo_with_rules(added),
+        "warning: 3 condition(s) compare request.path",
     );
-    let policy = TempPolicy::new("path-case", &policy_text);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let stdout = text(&out.stdout);
-    let warnings: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.contains("compare request.path with upper-case letters"))
-        .take_while(|l| l.starts_with("warning: ") || l.starts_with("  rule "))
-        .collect();
     let expected = [
         "warning: 3 condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\"):",
         "  rule 6. exports match 1 when: compares request.path with \"/reports/Q4\"; compare in one case: request.path.lowerAscii() with \"/reports/q4\"",
         "  rule 6. exports require when: compares request.path with \"/reports/Public\"; compare in one case: request.path.lowerAscii() with \"/reports/public\"",
         "  rule 6. exports escalate 1 when: compares request.path.lowerAscii() with \"/Export\", which it can never equal or contain; write \"/export\"",
     ];
-    assert_eq!(warnings, expected, "{stdout}");
+    assert_eq!(warnings, expected);
 }
 
 #[test]
 fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_declared() {
-    let with_home = edit(
-        &demo_policy_text(),
-        "  - id: everything-else",
-        "  - id: home\n    match: { paths: [\"/Home/**\", /about] }\n    allow_anonymous: true\n  - id: everything-else",
+    let with_home = demo_with_rules(
+        "  - id: home\n    match: { paths: [\"/Home/**\", /about] }\n    allow_anonymous: true",
     );
-    let warning = "path glob(s) have upper-case letters while upstream.path_case is either";
-    let policy = TempPolicy::new("upper-glob", &with_home);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let stdout = text(&out.stdout);
-    let lines: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.contains(warning))
-        .take(2)
-        .collect();
+    let header =
+        "warning: 1 path glob(s) have upper-case letters while upstream.path_case is either";
     assert_eq!(
-        lines,
+        check_warning("upper-glob", &with_home, header),
         [
             "warning: 1 path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md):",
             "  rule 6. home match 1 path /Home/**",
-        ],
-        "{stdout}"
+        ]
     );
     // Declared, there is nothing to warn of.
     let declared = edit(
@@ -273,10 +262,7 @@ fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_de
         "upstream:\n",
         "upstream:\n  path_case: insensitive\n",
     );
-    let policy = TempPolicy::new("upper-glob-declared", &declared);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert!(!text(&out.stdout).contains(warning), "{}", describe(&out));
+    assert!(check_warning("upper-glob-declared", &declared, header).is_empty());
 }
 
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)

@@ -142,55 +142,29 @@ fn describe(policy: &Policy) -> String {
         }
     }
     line(format!("rule index: {}", policy.index.shape()));
-    let unreachable = unreachable_matchers(policy);
-    if !unreachable.is_empty() {
-        line(format!(
-            "warning: {} matcher(s) no request reaches (first match wins):",
-            unreachable.len()
-        ));
-        for warning in unreachable {
-            line(format!("  {warning}"));
-        }
-    }
-    if policy.upstream.path_case == PathCase::Either {
-        let upper: Vec<String> = policy
-            .rules
-            .iter()
-            .enumerate()
-            .flat_map(|(n, rule)| {
-                rule.matchers.iter().enumerate().flat_map(move |(k, m)| {
-                    m.paths.iter().filter(|g| g.has_upper_case()).map(move |g| {
-                        format!(
-                            "rule {}. {} match {} path {}",
-                            n + 1,
-                            rule.id,
-                            k + 1,
-                            g.as_str()
-                        )
-                    })
-                })
-            })
-            .collect();
-        if !upper.is_empty() {
-            line(format!(
-                "warning: {} path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md):",
-                upper.len()
-            ));
-            for glob in upper {
-                line(format!("  {glob}"));
+    // Each kind of warning: a line saying how many and why, then one line each.
+    let mut warn = |found: Vec<String>, what: &str| {
+        if !found.is_empty() {
+            line(format!("warning: {} {what}:", found.len()));
+            for warning in found {
+                line(format!("  {warning}"));
             }
         }
+    };
+    warn(
+        unreachable_matchers(policy),
+        "matcher(s) no request reaches (first match wins)",
+    );
+    if policy.upstream.path_case == PathCase::Either {
+        warn(
+            upper_case_globs(policy),
+            "path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md)",
+        );
     }
-    let mixups = path_case_mixups(policy);
-    if !mixups.is_empty() {
-        line(format!(
-            "warning: {} condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\"):",
-            mixups.len()
-        ));
-        for warning in mixups {
-            line(format!("  {warning}"));
-        }
-    }
+    warn(
+        path_case_mixups(policy),
+        "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
+    );
     let risk = &policy.risk;
     if !risk.signals.is_empty() || risk.store != StoreSpec::Memory {
         line(format!(
@@ -253,6 +227,25 @@ fn unreachable_matchers(policy: &Policy) -> Vec<String> {
                     above.id,
                     j + 1,
                     matcher(&above.matchers[j]),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// The path globs with upper-case letters, by rule and matcher.
+fn upper_case_globs(policy: &Policy) -> Vec<String> {
+    let mut found = Vec::new();
+    for (n, rule) in policy.rules.iter().enumerate() {
+        for (k, m) in rule.matchers.iter().enumerate() {
+            for glob in m.paths.iter().filter(|g| g.has_upper_case()) {
+                let glob = glob.as_str();
+                found.push(format!(
+                    "rule {}. {} match {} path {glob}",
+                    n + 1,
+                    rule.id,
+                    k + 1
                 ));
             }
         }

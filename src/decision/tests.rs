@@ -1685,13 +1685,19 @@ fn default_allow_authenticated_allows_any_valid_token() {
 // Paths and gRPC routes
 // ---------------------------------------------------------------------------------------------
 
+/// The demo policy with `rule` (YAML, indented as rules are) first, and `upstream` (settings,
+/// indented) added to its `upstream` section.
+fn with_first_rule(rule: &str, upstream: &str) -> Policy {
+    compile_policy(
+        &DEMO_POLICY
+            .replacen("rules:", &format!("rules:\n{rule}"), 1)
+            .replacen("upstream:\n", &format!("upstream:\n{upstream}"), 1),
+    )
+}
+
 /// The demo policy, its upstream's reading of letter case declared (`upstream.path_case`).
 fn with_path_case(case: &str) -> Policy {
-    compile_policy(&DEMO_POLICY.replacen(
-        "upstream:\n",
-        &format!("upstream:\n  path_case: {case}\n"),
-        1,
-    ))
+    with_first_rule("", &format!("  path_case: {case}\n"))
 }
 
 #[test]
@@ -1734,14 +1740,9 @@ fn encoded_letters_case_and_repeated_slashes_cannot_bypass_the_admin_rule() {
 #[test]
 fn the_letter_case_of_a_public_path_does_not_open_a_case_sensitive_upstreams_other_routes() {
     let public = |case: &str| {
-        compile_policy(
-            &DEMO_POLICY
-                .replacen(
-                    "rules:",
-                    "rules:\n  - id: docs\n    match: { path: \"/docs/**\" }\n    allow_anonymous: true",
-                    1,
-                )
-                .replacen("upstream:\n", &format!("upstream:\n  path_case: {case}\n"), 1),
+        with_first_rule(
+            "  - id: docs\n    match: { path: \"/docs/**\" }\n    allow_anonymous: true",
+            &format!("  path_case: {case}\n"),
         )
     };
     let anonymous =
@@ -1767,14 +1768,9 @@ fn the_letter_case_of_a_public_path_does_not_open_a_case_sensitive_upstreams_oth
     // A glob written in upper case is read in its case too: the two readings of a path without
     // upper-case letters differ, and `sensitive` matches it as written.
     let upper = |case: &str| {
-        compile_policy(
-            &DEMO_POLICY
-                .replacen(
-                    "rules:",
-                    "rules:\n  - id: home\n    match: { path: \"/Home/**\" }\n    allow_anonymous: true",
-                    1,
-                )
-                .replacen("upstream:\n", &format!("upstream:\n  path_case: {case}\n"), 1),
+        with_first_rule(
+            "  - id: home\n    match: { path: \"/Home/**\" }\n    allow_anonymous: true",
+            &format!("  path_case: {case}\n"),
         )
     };
     let d = anonymous(&upper("either"), "/home/index");
@@ -2619,16 +2615,11 @@ fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
 #[test]
 fn a_host_with_a_port_or_a_trailing_dot_is_read_as_the_proxy_routes_it() {
     let with_host_rule = |hosts: &str, upstream: &str| {
-        compile_policy(
-            &DEMO_POLICY
-                .replacen(
-                    "rules:",
-                    &format!(
-                        "rules:\n  - id: admin-host\n    match: {{ hosts: {hosts} }}\n    require: {{ roles: [Admin] }}"
-                    ),
-                    1,
-                )
-                .replacen("upstream:\n", &format!("upstream:\n{upstream}"), 1),
+        with_first_rule(
+            &format!(
+                "  - id: admin-host\n    match: {{ hosts: {hosts} }}\n    require: {{ roles: [Admin] }}"
+            ),
+            upstream,
         )
     };
     let token = bearer(&rs256(&entra_user(&["c1"])));
@@ -2721,11 +2712,10 @@ fn a_host_with_a_port_or_a_trailing_dot_is_read_as_the_proxy_routes_it() {
 /// let an anonymous caller through with it.
 #[test]
 fn a_port_on_a_public_host_does_not_open_the_api_behind_the_proxys_other_virtual_host() {
-    let policy = compile_policy(&DEMO_POLICY.replacen(
-        "rules:",
-        "rules:\n  - id: www-public\n    match: { hosts: [www.example.com] }\n    allow_anonymous: true",
-        1,
-    ));
+    let policy = with_first_rule(
+        "  - id: www-public\n    match: { hosts: [www.example.com] }\n    allow_anonymous: true",
+        "",
+    );
     let anonymous = |host: &str| {
         let request = AccessRequest {
             http: Some(HttpAttributes::new(
