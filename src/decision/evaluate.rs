@@ -1224,12 +1224,7 @@ fn host_matches(
     http: &crate::request::HttpAttributes,
     routed: bool,
 ) -> Option<bool> {
-    let as_sent = http.host_as_sent();
-    let route_on = if routed {
-        as_sent
-    } else {
-        without_port(as_sent)
-    };
+    let route_on = http.host_as_routed(routed);
     // A pattern that names a port or a dot asks for the host as routed, in either reading.
     let plain = hosts.iter().any(|w| {
         if names_port_or_dot(w.as_str()) {
@@ -1243,20 +1238,6 @@ fn host_matches(
     }
     let by_route = hosts.iter().any(|w| w.matches(route_on));
     (by_route == plain).then_some(plain)
-}
-
-/// A host as sent without its port (an IPv6 literal without its brackets), its trailing dot
-/// kept.
-fn without_port(sent: &str) -> &str {
-    if let Some(rest) = sent.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match sent.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host
-        }
-        _ => sent,
-    }
 }
 
 /// Whether a host pattern names a port (`host:8443`, `host:*`, `[::1]:80`) or ends in a dot, and

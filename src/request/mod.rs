@@ -279,6 +279,17 @@ impl HttpAttributes {
         self.host_with_port.as_deref().unwrap_or(&self.host)
     }
 
+    /// The host as a proxy routes it: as sent (`with_port`), or without its port (and an IPv6
+    /// literal's brackets) but with its trailing dot.
+    pub fn host_as_routed(&self, with_port: bool) -> &str {
+        let sent = self.host_as_sent();
+        if with_port {
+            return sent;
+        }
+        let (start, end) = host_span(sent);
+        &sent[start..end]
+    }
+
     /// A header or query parameter through which some servers take another method or path than
     /// the request's own: `x-http-method-override` and its kin (ASP.NET Core, Express's
     /// method-override, Symfony, Laravel), `_method` in the query (Laravel, Symfony), and
@@ -434,19 +445,7 @@ fn decode_query_name(name: &str) -> Cow<'_, str> {
 /// and most servers read both as one host, but Envoy picks its virtual host with them.
 fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
     let mut host = authority.into();
-    let (start, mut end) = if let Some(rest) = host.strip_prefix('[') {
-        // IPv6 literal: keep the brackets' content.
-        (1, 1 + rest.find(']').unwrap_or(rest.len()))
-    } else {
-        match host.rsplit_once(':') {
-            // One `:` only: more is an IPv6 literal without brackets (a `Decide` caller's), not
-            // a port.
-            Some((h, port)) if !h.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
-                (0, h.len())
-            }
-            _ => (0, host.len()),
-        }
-    };
+    let (start, mut end) = host_span(&host);
     if host[start..end].ends_with('.') {
         end -= 1;
     }
@@ -458,6 +457,23 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
     host.drain(..start);
     host.make_ascii_lowercase();
     (host, with_port)
+}
+
+/// Where the host of an authority starts and ends, its port and an IPv6 literal's brackets left
+/// out (a trailing dot kept).
+fn host_span(authority: &str) -> (usize, usize) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: the brackets' content.
+        return (1, 1 + rest.find(']').unwrap_or(rest.len()));
+    }
+    match authority.rsplit_once(':') {
+        // One `:` only: more is an IPv6 literal without brackets (a `Decide` caller's), not a
+        // port.
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (0, h.len())
+        }
+        _ => (0, authority.len()),
+    }
 }
 
 #[cfg(test)]

@@ -245,13 +245,19 @@ fn digest(paths: &[PathBuf]) -> Content {
 mod tests {
     use super::*;
 
+    /// A new, empty folder of this process's for test `name`.
+    fn empty_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("stepgate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     /// A file written in place with pauses longer than the debounce is reported once the writer
     /// has finished, never half-written.
     #[tokio::test]
     async fn a_file_written_in_pieces_is_reported_once_whole() {
-        let dir = std::env::temp_dir().join(format!("stepgate-pieces-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_dir("pieces");
         let path = dir.join("policy.yaml");
         std::fs::write(&path, "first version\n").unwrap();
         let mut watch = FileWatch::new(vec![path.clone()], "test file");
@@ -287,9 +293,7 @@ mod tests {
     /// four times a second for as long as the server runs). A write is one.
     #[tokio::test]
     async fn reading_a_file_is_no_event_and_writing_it_is() {
-        let dir = std::env::temp_dir().join(format!("stepgate-reads-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_dir("reads");
         let path = dir.join("policy.yaml");
         std::fs::write(&path, "rules: []\n").unwrap();
         let mut watch = FileWatch::new(vec![path.clone()], "test file");
@@ -318,8 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_symlink_swap_is_a_change_and_rewriting_the_same_content_is_not() {
-        let dir = std::env::temp_dir().join(format!("stepgate-files-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = empty_dir("files");
         std::fs::create_dir_all(dir.join("v1")).unwrap();
         std::fs::create_dir_all(dir.join("v2")).unwrap();
         std::fs::write(dir.join("v1/a.pem"), "one").unwrap();
