@@ -3,12 +3,13 @@
 use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use jsonwebtoken::Algorithm;
+use tokio::sync::watch;
 
 use super::{jwks::KeySet, keys::FetchControl};
 
@@ -226,6 +227,7 @@ impl Issuer {
 
     pub fn set_keys(&self, keys: KeySet) {
         self.keys.store(Arc::new(keys));
+        note_key_sets_changed();
     }
 
     pub fn discovered(&self) -> Option<Arc<Discovered>> {
@@ -244,6 +246,21 @@ impl Issuer {
             name => name.matches(iss),
         }
     }
+}
+
+/// Marked whenever an issuer's key set is replaced or a policy with other issuers is served, so
+/// that readiness is worked out again when it can change, not on a timer.
+static KEY_SETS_CHANGED: LazyLock<watch::Sender<()>> = LazyLock::new(|| watch::Sender::new(()));
+
+/// Says that the key sets readiness depends on may have changed.
+pub fn note_key_sets_changed() {
+    KEY_SETS_CHANGED.send_replace(());
+}
+
+/// Sees each [`note_key_sets_changed`] after this call (in any policy of the process: a change
+/// elsewhere only makes the receiver look again).
+pub fn key_set_changes() -> watch::Receiver<()> {
+    KEY_SETS_CHANGED.subscribe()
 }
 
 impl IssuerName {

@@ -165,6 +165,7 @@ impl Authorizer {
         }
         drop(old);
         self.policy.store(policy);
+        crate::identity::issuer::note_key_sets_changed();
     }
 
     /// The current policy's bounds on a request's headers.

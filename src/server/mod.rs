@@ -396,21 +396,26 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
 }
 
 /// SERVING once the issuers of the current policy have keys as `ready_when` asks; NOT_SERVING
-/// otherwise (also later, if keys are dropped after `max_stale`).
+/// otherwise (also later, if keys are dropped after `max_stale`). Looks again whenever a key set
+/// or the policy is replaced.
 async fn report_readiness(
     authorizer: Arc<Authorizer>,
     ready_when: ReadyWhen,
     health: HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut changes = crate::identity::issuer::key_set_changes();
     let mut last = None;
     loop {
-        let policy = authorizer.policy();
-        let mut with_keys = policy.issuers.iter().map(|i| !i.keys().is_empty());
-        let ready = match ready_when {
-            ReadyWhen::AllIssuers => with_keys.all(|has| has),
-            ReadyWhen::AnyIssuer => with_keys.any(|has| has),
-            ReadyWhen::Always => true,
+        changes.mark_unchanged();
+        let ready = {
+            let policy = authorizer.policy();
+            let mut with_keys = policy.issuers.iter().map(|i| !i.keys().is_empty());
+            match ready_when {
+                ReadyWhen::AllIssuers => with_keys.all(|has| has),
+                ReadyWhen::AnyIssuer => with_keys.any(|has| has),
+                ReadyWhen::Always => true,
+            }
         };
         if last != Some(ready) {
             let status = if ready {
@@ -422,8 +427,9 @@ async fn report_readiness(
             set_all(&health, status).await;
             last = Some(ready);
         }
+        // Woken when a key set or the policy is replaced, not by a timer: an idle server sleeps.
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = changes.changed() => {}
             _ = stop.changed() => return,
         }
     }

@@ -126,6 +126,8 @@ struct Pending {
     /// Records in `bytes`.
     records: u64,
     woken: bool,
+    /// The writer sleeps until a record arrives (nothing was pending when it last looked).
+    idle: bool,
     /// The process is ending: write what is pending now, then stop.
     finishing: bool,
     /// The writer stopped (everything before `finishing` written, or given up on).
@@ -257,8 +259,9 @@ impl RecordSink {
         }
         pending.bytes.extend_from_slice(line);
         pending.records += 1;
-        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
+        let wake = (pending.idle || pending.bytes.len() >= WAKE_AT) && !pending.woken;
         pending.woken |= wake;
+        pending.idle = false;
         drop(pending);
         if wake {
             self.shared.wake.notify_one();
@@ -679,10 +682,20 @@ fn write_loop(shared: &Shared, mut out: Output) {
     let mut failing = false;
     loop {
         let (records, finishing) = {
-            let pending = shared
+            let mut pending = shared
                 .pending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            if pending.bytes.is_empty() && !pending.finishing {
+                // Nothing to write: sleep until the next record, not for a timer.
+                pending.idle = true;
+                pending = shared
+                    .wake
+                    .wait_while(pending, |p| p.bytes.is_empty() && !p.finishing)
+                    .unwrap_or_else(PoisonError::into_inner);
+                pending.idle = false;
+                pending.woken = false;
+            }
             let (mut pending, _) = shared
                 .wake
                 .wait_timeout_while(pending, FLUSH_EVERY, |p| {
@@ -772,6 +785,38 @@ mod tests {
         identity::claims::Principal,
         request::{HttpAttributes, Peer},
     };
+
+    #[test]
+    fn with_nothing_to_write_the_writer_sleeps_until_a_record_arrives() {
+        let path = std::env::temp_dir().join(format!(
+            "stepgate-records-idle-{}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let sink = RecordSink::open(Some(&path), 1 << 20, 1).unwrap();
+        let state = |holds: &dyn Fn(&Pending) -> bool| {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < until {
+                if holds(&sink.shared.pending.lock().unwrap()) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        };
+        assert!(
+            state(&|p| p.idle),
+            "with nothing pending the writer sleeps without a timer"
+        );
+        sink.enqueue(b"{\"record\":1}\n");
+        assert!(
+            state(&|p| p.bytes.is_empty() && p.idle),
+            "the record woke the writer, was written, and the writer sleeps again"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"record\":1}\n");
+        sink.finish();
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn unverified_records_are_counted_per_second_across_threads() {

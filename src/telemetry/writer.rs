@@ -3,7 +3,8 @@
 //! Writing one line per decision straight to stderr costs a `write` syscall per request (5–14 µs
 //! in the profile: the largest cost of a cached ALLOW after the network). Here the request path
 //! only copies the formatted line into memory; the writer thread sends what accumulated every
-//! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`.
+//! [`FLUSH_EVERY`] or as soon as [`WAKE_AT`] bytes wait, in one `write`. With nothing to write it
+//! sleeps until a line arrives, so an idle server's log thread does not wake.
 //!
 //! The request path never waits for stderr. When the buffer holds [`CAPACITY`] bytes (stderr
 //! blocked: a log shipper that stopped reading, a full pipe; or the writer without CPU), further
@@ -47,6 +48,9 @@ struct Pending {
     /// The writer was woken for these bytes: a condvar notify is a syscall every time, so the
     /// lines after [`WAKE_AT`] do not repeat it while the writer waits for CPU.
     woken: bool,
+    /// The writer sleeps until a line arrives (nothing was pending when it last looked): the
+    /// first line wakes it, the ones after it wait for its timer.
+    idle: bool,
     /// Lines dropped since the writer last said so.
     dropped: u64,
     closed: bool,
@@ -59,6 +63,7 @@ impl Default for Pending {
         Self {
             bytes: Vec::with_capacity(CAPACITY),
             woken: false,
+            idle: false,
             dropped: 0,
             closed: false,
             finished: false,
@@ -99,8 +104,9 @@ impl Shared {
             return;
         }
         pending.bytes.extend_from_slice(line);
-        let wake = pending.bytes.len() >= WAKE_AT && !pending.woken;
+        let wake = (pending.idle || pending.bytes.len() >= WAKE_AT) && !pending.woken;
         pending.woken |= wake;
+        pending.idle = false;
         drop(pending);
         if wake {
             self.wake.notify_one();
@@ -151,7 +157,18 @@ fn write_loop(shared: &Shared) {
     let stderr = io::stderr();
     loop {
         let closed = {
-            let pending = shared.lock();
+            let mut pending = shared.lock();
+            if pending.bytes.is_empty() && !pending.closed {
+                // Nothing to write: sleep until the next line, not for a timer.
+                pending.idle = true;
+                pending = shared
+                    .wake
+                    .wait_while(pending, |p| p.bytes.is_empty() && !p.closed)
+                    .unwrap_or_else(PoisonError::into_inner);
+                pending.idle = false;
+                // Woken by a line: give the lines after it the usual time to join it.
+                pending.woken = false;
+            }
             let (pending, _) = shared
                 .wake
                 .wait_timeout_while(pending, FLUSH_EVERY, |p| {
@@ -318,6 +335,38 @@ mod tests {
         // The writer learns how many went missing once, when it next drains.
         assert_eq!(shared.drain_to(&mut Vec::new(), &mut Vec::new()), dropped);
         assert_eq!(shared.drain_to(&mut Vec::new(), &mut Vec::new()), 0);
+    }
+
+    /// Polls `holds` on the pending state for up to 5 s.
+    fn eventually(shared: &Shared, holds: impl Fn(&Pending) -> bool) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            if holds(&shared.lock()) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn with_nothing_to_write_the_thread_sleeps_until_a_line_arrives() {
+        let (writer, guard) = BufferedStderr::start();
+        let shared = &writer.shared;
+        assert!(
+            eventually(shared, |p| p.idle),
+            "with nothing pending the writer sleeps without a timer"
+        );
+        writer
+            .make_writer()
+            .write_all(b"log writer test: one line after idling\n")
+            .unwrap();
+        assert!(
+            eventually(shared, |p| p.bytes.is_empty() && p.idle),
+            "the line woke the writer, was written, and the writer sleeps again"
+        );
+        drop(guard);
+        assert!(shared.lock().finished, "an idle writer still stops");
     }
 
     #[test]
