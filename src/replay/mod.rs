@@ -267,10 +267,12 @@ impl<'p> Replayer<'p> {
         };
         let (baseline, candidate) = match facts {
             // Only the beginning of what it is decided on is known: it cannot be decided again.
-            _ if record
-                .truncated
-                .iter()
-                .any(|field| matches!(&**field, "method" | "host" | "path" | "operation")) =>
+            _ if record.truncated.iter().any(|field| {
+                matches!(
+                    &**field,
+                    "method" | "host" | "path" | "operation" | "source"
+                )
+            }) =>
             {
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)

@@ -306,7 +306,7 @@ impl RecordEvent {
 }
 
 /// The longest request text a record holds per field, in bytes: a request's id, method, host,
-/// path and operation are cut there (at a character boundary) and named in `truncated`. A path
+/// path, operation and source are cut there (at a character boundary) and named in `truncated`. A path
 /// holds up to the policy's header limit, and a record of every anonymous request that long
 /// would crowd the others out of the queue and the rotated files.
 pub const MAX_RECORDED_TEXT: usize = 2048;
@@ -426,6 +426,11 @@ pub fn write_record(
         "operation",
         cut.cap("operation", request.operation.as_deref()),
     );
+    // Through Envoy an IP address; a direct `Check` caller may write anything there.
+    let source = cut.cap(
+        "source",
+        request.source.as_ref().map(|s| s.address.as_str()),
+    );
     record.list("truncated", cut.fields.iter().copied());
     if !policy.attributes.is_empty() {
         // Built as a map so that a name listed twice is written once, where it first stands.
@@ -436,10 +441,7 @@ pub fn write_record(
             .collect();
         record.map("attributes", &attributes);
     }
-    record.maybe(
-        "source",
-        request.source.as_ref().map(|s| s.address.as_str()),
-    );
+    record.maybe("source", source);
     if let Some(t) = decision.verified.as_deref() {
         record.name("token");
         write_token(policy, t, record.out);
@@ -947,13 +949,16 @@ mod tests {
             host: cut.cap("host", http.map(|h| h.host_as_sent())),
             path: cut.cap("path", target.as_deref()),
             operation: cut.cap("operation", request.operation.as_deref()),
+            source: cut.cap(
+                "source",
+                request.source.as_ref().map(|s| s.address.as_str()),
+            ),
             truncated: cut.fields,
             attributes: policy
                 .attributes
                 .iter()
                 .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
                 .collect(),
-            source: request.source.as_ref().map(|s| s.address.as_str()),
             token: decision.verified.as_deref().map(|t| {
                 let p = &t.principal;
                 TokenFacts {
@@ -1223,6 +1228,7 @@ mod tests {
                 ..Default::default()
             }),
             operation: Some("\u{1}".repeat(5 * MAX_RECORDED_TEXT)),
+            source: Some(Peer::new(&"9".repeat(1 << 20), String::new())),
             ..AccessRequest::default()
         };
         let decision = Decision::new(Outcome::Deny, Reason::MalformedRequest, "", 400);
@@ -1238,13 +1244,14 @@ mod tests {
         assert!((MAX_RECORDED_TEXT - 1..=MAX_RECORDED_TEXT).contains(&path.len()));
         let operation = record["operation"].as_str().unwrap();
         assert_eq!(operation.len(), MAX_RECORDED_TEXT);
+        assert_eq!(record["source"].as_str().unwrap().len(), MAX_RECORDED_TEXT);
         assert_eq!(
             record["truncated"],
-            serde_json::json!(["path", "operation"])
+            serde_json::json!(["path", "operation", "source"])
         );
         assert_eq!(record["host"], "app.example");
         // Escaped, the control characters take six bytes each: still bounded.
-        assert!(line.len() < 8 * MAX_RECORDED_TEXT, "{}", line.len());
+        assert!(line.len() < 10 * MAX_RECORDED_TEXT, "{}", line.len());
     }
 
     #[test]
