@@ -529,6 +529,120 @@ async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
     assert_eq!(whole.grpc_status, "0");
 }
 
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// A reflection request asking for the list of services, its ignored `host` field `padding`
+/// bytes long (to make messages of a chosen size).
+fn list_services(padding: usize) -> Vec<u8> {
+    let mut message = vec![0x0a];
+    prost::encoding::encode_varint(padding as u64, &mut message);
+    message.resize(message.len() + padding, b'h');
+    message.extend([0x3a, 0x00]);
+    message
+}
+
+/// The gRPC messages in a body.
+fn messages_in(mut body: &[u8]) -> usize {
+    let mut count = 0;
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+        body = &body[5 + len..];
+        count += 1;
+    }
+    count
+}
+
+/// With the budget held by a client's unfinished messages, a message arriving whole in one frame
+/// is charged nothing and served: gRPC health (what kubelet and Envoy probe) and `Decide`.
+#[tokio::test]
+async fn a_budget_others_hold_refuses_no_call_whose_message_arrives_whole() {
+    const KIB: usize = 1024;
+    const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
+    let server = serve_with_budget().await;
+    let mut client = connect(&server).await;
+    // All but 2 bytes of the budget, held by a Check that never ends.
+    let (_held, mut d) = client.send_request(call(CHECK, &[]), false).expect("sends");
+    d.send_data(Bytes::from(message_start(256 * KIB, 256 * KIB - 2)), false)
+        .expect("sends data");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = {
+        let (e_response, mut e) = client.send_request(call(CHECK, &[]), false).expect("sends");
+        e.send_data(Bytes::from(message_start(1000, 500)), false)
+            .expect("sends data");
+        denial(&check_response(&read(e_response).await)).expect("denied")
+    };
+    assert_eq!(
+        status, 503,
+        "the budget is held: a body in pieces is refused"
+    );
+
+    let health = send(&mut client, call(HEALTH_CHECK, &[]), vec![frame(&[])]).await;
+    assert_eq!(health.grpc_status, "0", "health answers");
+    assert_eq!(health.body[5..], [0x08, 0x01], "SERVING");
+    let decide = send(&mut client, call(DECIDE, &[]), vec![frame(&[])]).await;
+    assert_eq!(decide.grpc_status, "0", "Decide answers");
+}
+
+/// A message's bytes are charged only until it is whole: a streaming call sending many whole
+/// messages, more than the budget together, is served to its end, and what it sent does not stay
+/// charged for as long as the stream lives.
+#[tokio::test]
+async fn whole_messages_of_a_stream_are_given_back_to_the_budget() {
+    const KIB: usize = 1024;
+    let server = serve_with_budget().await;
+    let mut client = connect(&server).await;
+    // Six messages of 60 KiB, each in pieces of HTTP/2 frames: 360 KiB against 256 KiB.
+    let message = frame(&list_services(60 * KIB));
+    let answer = send(&mut client, call(REFLECTION, &[]), vec![message; 6]).await;
+    assert_eq!(answer.grpc_status, "0", "served to its end");
+    assert_eq!(messages_in(&answer.body), 6, "each request answered");
+}
+
+/// A streaming call has no deadline, but a message of it still unfinished `--request-timeout`
+/// after its first byte fails its request stream, which ends the call and gives back its charge.
+#[tokio::test]
+async fn a_stream_holding_an_unfinished_message_is_ended_after_the_request_timeout() {
+    const KIB: usize = 1024;
+    let server = serve(&[
+        "--max-buffered-bytes",
+        "262144",
+        "--max-message-bytes",
+        "262144",
+        "--request-timeout",
+        "1s",
+    ])
+    .await;
+    let mut client = connect(&server).await;
+    let (response, mut stream) = client
+        .send_request(call(REFLECTION, &[]), false)
+        .expect("sends");
+    stream
+        .send_data(Bytes::from(message_start(200 * KIB, 150 * KIB)), false)
+        .expect("sends data");
+    let ended = tokio::time::timeout(Duration::from_secs(4), read(response))
+        .await
+        .expect("the stream is ended while its client still holds it open");
+    // tonic's reflection service ends its answer when its request stream fails: with OK.
+    assert!(
+        ["0", "1"].contains(&ended.grpc_status.as_str()),
+        "{}",
+        ended.grpc_status
+    );
+    // Its charge came back: another 150 KiB in pieces is read to its end.
+    let c = send(
+        &mut client,
+        call(CHECK, &[]),
+        vec![message_start(200 * KIB, 150 * KIB), vec![0; 50 * KIB]],
+    )
+    .await;
+    let (status, body) = denial(&check_response(&c)).expect("C is denied");
+    assert_eq!(
+        status, 400,
+        "C is read whole, not refused for want of room: {body}"
+    );
+}
+
 /// A connection whose client never gives its answers room (an HTTP/2 window of 0, never
 /// updated), with `calls` allowed `Check`s sent on it: (its driver, the answers' bodies).
 async fn connection_taking_no_answers(

@@ -7,6 +7,9 @@
 //!   message, the reader takes the same bytes; where the prefix is over the limit, both refuse it
 //!   as too large; where tonic fails, the reader refuses too. The one difference is by design:
 //!   bytes after the first message are refused, where tonic takes the first and reads on.
+//!   The same chunks go through `Unfinished` (what tonic's calls are charged for), whose count
+//!   after each chunk must equal the bytes after the last whole message of the body so far, read
+//!   whole from its start.
 //! - odd: `parse_timeout` on the rest, against the gRPC specification's grammar as a regex
 //!   (`TimeoutValue` = 1 to 8 digits, `TimeoutUnit` = one of `H M S m u n`).
 
@@ -27,7 +30,9 @@ use tonic::{
 };
 use tonic_prost::ProstEncoder;
 
-use crate::server::grpc_message::{MORE_THAN_ONE, PREFIX, Unary, UnaryReader, parse_timeout};
+use crate::server::grpc_message::{
+    MORE_THAN_ONE, PREFIX, Unary, UnaryReader, Unfinished, parse_timeout,
+};
 
 pub fn check(bytes: &[u8]) {
     match bytes.split_first() {
@@ -50,6 +55,16 @@ fn check_reader(bytes: &[u8]) {
             .find_map(|chunk| reader.push(chunk.clone()))
             .unwrap_or_else(|| reader.finish())
     };
+    let mut unfinished = Unfinished::default();
+    let mut so_far = Vec::new();
+    for chunk in &chunks {
+        so_far.extend_from_slice(chunk);
+        assert_eq!(
+            unfinished.push(chunk),
+            after_whole_messages(&so_far),
+            "body {body:02x?}"
+        );
+    }
     let theirs = tonic_reads(chunks, max);
     match (&ours, &theirs) {
         (Unary::Message(a), Ok(b)) => assert_eq!(a, b, "body {body:02x?}"),
@@ -65,6 +80,20 @@ fn check_reader(bytes: &[u8]) {
         }
         _ => panic!("ours {ours:?}, tonic's {theirs:?}, body {body:02x?}"),
     }
+}
+
+/// The bytes of `body` after its last whole message (its messages read one after the other from
+/// the start).
+fn after_whole_messages(body: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(prefix) = body.get(at..at + PREFIX) {
+        let len = u32::from_be_bytes(prefix[1..].try_into().expect("4 bytes")) as usize;
+        match at.checked_add(PREFIX + len) {
+            Some(end) if end <= body.len() => at = end,
+            _ => break,
+        }
+    }
+    body.len() - at
 }
 
 /// `body` in chunks of 1, 2, … `cut % 16 + 1` bytes, cycling (`cut` ≥ 128: one chunk).

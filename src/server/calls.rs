@@ -68,14 +68,39 @@ pub struct Calls {
     pub check_callers: Arc<CheckCallers>,
 }
 
-/// A request body for tonic's router whose bytes are charged to the process's budget until the
-/// call lets go of the body: tonic buffers a message whole before decoding it, so without it many
-/// streams each sending most of a large `Decide` message would hold that much memory each. Past
-/// the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`.
+/// A request body for tonic's router whose unfinished message is charged to the process's
+/// budget: tonic buffers a message whole before decoding it, so without it many streams each
+/// sending most of a large `Decide` message would hold that much memory each. Only the bytes of
+/// the message not yet whole are charged (`grpc_message::Unfinished`): a message arriving in one
+/// frame (a health check, a `Decide` under 16 KiB) takes nothing and is served even when others
+/// hold the whole budget, and a whole message's bytes are given back once tonic can decode it.
+/// Past the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`; a message
+/// still unfinished `--request-timeout` after its first byte fails it too, so that a streaming
+/// call (which has no deadline) cannot hold a charge for as long as its client likes.
 pub struct Charged {
     inner: Incoming,
     held: grpc_message::Held,
+    unfinished: grpc_message::Unfinished,
+    /// When the unfinished message must be whole, from its first byte.
+    whole_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    within: Duration,
 }
+
+impl Charged {
+    fn new(inner: Incoming, budget: Arc<grpc_message::Budget>, within: Duration) -> Self {
+        Self {
+            inner,
+            held: grpc_message::Held::new(budget),
+            unfinished: grpc_message::Unfinished::default(),
+            whole_by: None,
+            within,
+        }
+    }
+}
+
+/// Why a call whose message came too slowly is ended.
+pub const SLOW_MESSAGE: &str =
+    "a request message did not arrive whole within --request-timeout of its first byte";
 
 impl HttpBody for Charged {
     type Data = Bytes;
@@ -90,13 +115,28 @@ impl HttpBody for Charged {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if let Some(by) = &mut this.whole_by
+                    && by.as_mut().poll(cx).is_ready()
+                {
+                    this.whole_by = None;
+                    let refused = Status::cancelled(SLOW_MESSAGE);
+                    return Poll::Ready(Some(Err(Box::new(refused))));
+                }
+                return Poll::Pending;
+            }
         };
-        if let Some(data) = frame.data_ref()
-            && !this.held.take(data.len())
-        {
-            let refused = Status::resource_exhausted(grpc_message::OVER_BUDGET);
-            return Poll::Ready(Some(Err(Box::new(refused))));
+        if let Some(data) = frame.data_ref() {
+            let unfinished = this.unfinished.push(data);
+            if !this.held.hold(unfinished) {
+                let refused = Status::resource_exhausted(grpc_message::OVER_BUDGET);
+                return Poll::Ready(Some(Err(Box::new(refused))));
+            }
+            if unfinished == 0 {
+                this.whole_by = None;
+            } else if this.whole_by.is_none() {
+                this.whole_by = Some(Box::pin(tokio::time::sleep(this.within)));
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -389,10 +429,8 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());
-        let request = request.map(|inner| Charged {
-            inner,
-            held: grpc_message::Held::new(Arc::clone(&self.calls.budget)),
-        });
+        let budget = Arc::clone(&self.calls.budget);
+        let request = request.map(|inner| Charged::new(inner, budget, self.calls.timeout));
         let mut routes = self.calls.routes.clone();
         let call = async move {
             let Ok(()) =

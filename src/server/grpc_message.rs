@@ -94,6 +94,69 @@ impl Held {
         }
         taken
     }
+
+    /// Holds exactly `bytes`: takes what is missing or gives back what is over. `false`, with
+    /// the charge unchanged, when the budget cannot take what is missing.
+    pub fn hold(&mut self, bytes: usize) -> bool {
+        match bytes.checked_sub(self.bytes) {
+            Some(more) => self.take(more),
+            None => {
+                self.budget.give(self.bytes - bytes);
+                self.bytes = bytes;
+                true
+            }
+        }
+    }
+}
+
+/// Follows the gRPC messages of a request body as its frames pass on to a reader that buffers
+/// each message until it is whole (tonic's): how many of the bytes that came belong to a message
+/// not yet whole, which is what such a reader holds. A message arriving in one frame is never
+/// held; a whole one is no longer. Its twin is the same count made over the body read whole
+/// (`fuzzing::grpc_message`).
+#[derive(Debug, Default)]
+pub struct Unfinished {
+    /// Prefix bytes of the next message that came (up to [`PREFIX`]).
+    prefix: [u8; PREFIX],
+    prefix_len: usize,
+    /// Bytes of the message after a whole prefix still to come; `None` while reading a prefix.
+    left: Option<usize>,
+    /// Bytes of the current message that came, its prefix included.
+    held: usize,
+}
+
+impl Unfinished {
+    /// Follows `chunk`, the body's next bytes; returns the bytes of the unfinished message after
+    /// them.
+    pub fn push(&mut self, mut chunk: &[u8]) -> usize {
+        while !chunk.is_empty() {
+            match self.left {
+                None => {
+                    let take = (PREFIX - self.prefix_len).min(chunk.len());
+                    self.prefix[self.prefix_len..self.prefix_len + take]
+                        .copy_from_slice(&chunk[..take]);
+                    self.prefix_len += take;
+                    self.held += take;
+                    chunk = &chunk[take..];
+                    if self.prefix_len == PREFIX {
+                        let [_, a, b, c, d] = self.prefix;
+                        let len = u32::from_be_bytes([a, b, c, d]);
+                        self.left = Some(usize::try_from(len).unwrap_or(usize::MAX));
+                    }
+                }
+                Some(left) => {
+                    let take = left.min(chunk.len());
+                    self.left = Some(left - take);
+                    self.held += take;
+                    chunk = &chunk[take..];
+                }
+            }
+            if self.left == Some(0) {
+                *self = Self::default();
+            }
+        }
+        self.held
+    }
 }
 
 impl Drop for Held {
@@ -278,6 +341,50 @@ mod tests {
             }
         }
         reader.finish()
+    }
+
+    #[test]
+    fn unfinished_counts_the_bytes_of_the_message_not_yet_whole() {
+        let two = [frame(&[1; 10]), frame(&[]), frame(&[2; 3])].concat();
+        // Whole in one chunk: nothing unfinished.
+        assert_eq!(Unfinished::default().push(&two), 0);
+        // Byte by byte: the count grows inside each message and falls to 0 at its end.
+        let mut unfinished = Unfinished::default();
+        let counts: Vec<usize> = two.iter().map(|b| unfinished.push(&[*b])).collect();
+        assert_eq!(
+            counts[..15],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0]
+        );
+        assert_eq!(
+            counts[15..20],
+            [1, 2, 3, 4, 0],
+            "an empty message ends at its prefix"
+        );
+        assert_eq!(counts[20..], [1, 2, 3, 4, 5, 6, 7, 0]);
+        // A message ending inside a chunk, the next one starting in it.
+        let mut unfinished = Unfinished::default();
+        assert_eq!(unfinished.push(&two[..13]), 13);
+        assert_eq!(unfinished.push(&two[13..22]), 2);
+        // A prefix announcing more than memory could: counted as it arrives.
+        let mut huge = Unfinished::default();
+        assert_eq!(huge.push(&[0, 0xff, 0xff, 0xff, 0xff, 7]), 6);
+    }
+
+    #[test]
+    fn a_hold_takes_what_is_missing_and_gives_back_what_is_over() {
+        let budget = Budget::new(100);
+        let mut held = Held::new(Arc::clone(&budget));
+        assert!(held.hold(60));
+        assert_eq!(budget.left(), 40);
+        assert!(!held.hold(101), "past the budget");
+        assert_eq!(budget.left(), 40, "a refused hold changes nothing");
+        assert!(held.hold(10));
+        assert_eq!(budget.left(), 90);
+        assert!(held.hold(0));
+        assert_eq!(budget.left(), 100);
+        assert!(held.hold(30));
+        drop(held);
+        assert_eq!(budget.left(), 100, "given back when dropped");
     }
 
     #[test]
