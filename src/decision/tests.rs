@@ -2476,6 +2476,100 @@ fn fingerprint_names_the_presented_token_without_revealing_it() {
     );
 }
 
+/// The other valid ECDSA signature of a P-256 token: `(r, s)` made `(r, n − s)`, worked out here
+/// byte by byte, apart from the code under test.
+fn other_p256_signature(token: &str) -> String {
+    const N: [u8; 32] = [
+        0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xBC, 0xE6, 0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63,
+        0x25, 0x51,
+    ];
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let mut signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+    assert_eq!(signature.len(), 64);
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut digit = i16::from(N[i]) - i16::from(signature[32 + i]) - borrow;
+        borrow = i16::from(digit < 0);
+        digit += 256 * borrow;
+        signature[32 + i] = digit as u8;
+    }
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// Anyone holding an ECDSA token can spell its signature a second way that verifies: both
+/// spellings get one fingerprint (the lower `s`'s), so a block of it holds for both.
+#[test]
+fn an_ecdsa_token_and_its_twin_signature_share_one_fingerprint() {
+    let token = es256(&entra_user(&["c1"]));
+    let twin = other_p256_signature(&token);
+    assert_ne!(token, twin);
+    let (first, second) = (decide_token(&token), decide_token(&twin));
+    assert_eq!(first.outcome, Outcome::Allow, "{first:#?}");
+    assert_eq!(
+        second.outcome,
+        Outcome::Allow,
+        "the twin verifies too: {second:#?}"
+    );
+    let fingerprint = first.token_fingerprint.clone().expect("a fingerprint");
+    assert_eq!(second.token_fingerprint.as_deref(), Some(&*fingerprint));
+    assert!(
+        [
+            crate::identity::fingerprint(&token),
+            crate::identity::fingerprint(&twin)
+        ]
+        .contains(&fingerprint),
+        "the SHA-256 of one of the two spellings"
+    );
+}
+
+#[test]
+fn a_block_of_an_ecdsa_tokens_fingerprint_holds_for_its_twin() {
+    use crate::{
+        risk::blocks::{Block, Kind},
+        server::authorizer::{Authorizer, unix_now},
+    };
+    let now = unix_now();
+    let token = demo::sign(
+        &entra_user(&["c1"]).claims(now),
+        &demo_file("demo-ec-private.pem"),
+        Algorithm::ES256,
+        DEMO_EC_KID,
+    )
+    .unwrap();
+    let twin = other_p256_signature(&token);
+    let authorizer = Authorizer::new(Arc::new(demo_policy()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ask = |token: &str| {
+        let request = op_request(token, "payments.wire_transfer", json!({}));
+        runtime
+            .block_on(authorizer.decide(&request, crate::request::Door::Decide))
+            .0
+    };
+    let fingerprint = ask(&token).token_fingerprint.expect("a fingerprint");
+    let block = Block {
+        kind: Kind::Token,
+        value: fingerprint,
+        reason_id: "stolen".into(),
+        reason: "a stolen token".into(),
+        created_at: now,
+        expires_at: now + 3600,
+        created_by: "test".into(),
+    };
+    authorizer.risk().set_block(block, now).unwrap();
+    for spelling in [&token, &twin] {
+        let decision = ask(spelling);
+        assert_eq!(
+            (decision.outcome, decision.reason),
+            (Outcome::Deny, Reason::Blocked),
+            "{decision:#?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token type and authentication time
 // ---------------------------------------------------------------------------------------------

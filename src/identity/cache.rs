@@ -99,9 +99,26 @@ impl TokenCache {
     }
 
     /// Verifies `token` at `now`, from the cache when it was verified before (and is still within
-    /// its lifetime and its key still published). Returns the token's digest too, from which the
-    /// fingerprint is derived without hashing again.
+    /// its lifetime and its key still published). Returns the digest the token's fingerprint is
+    /// taken from too, without hashing again: the token's SHA-256, or for a valid ECDSA token
+    /// signed with the upper `s`, its twin's ([`VerifiedToken::fingerprint_digest`]).
     pub fn verify(
+        &self,
+        token: &str,
+        issuers: &Issuers,
+        max_bytes: usize,
+        now: i64,
+    ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>, bool) {
+        let (digest, verified, cached) = self.verify_keyed(token, issuers, max_bytes, now);
+        let named = match &verified {
+            Ok(token) => token.fingerprint_digest.unwrap_or(digest),
+            Err(_) => digest,
+        };
+        (named, verified, cached)
+    }
+
+    /// [`Self::verify`], returning the token's own digest (the cache's key).
+    fn verify_keyed(
         &self,
         token: &str,
         issuers: &Issuers,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
 
 use super::{
     claims::{Principal, read_principal, str_list},
@@ -34,6 +35,12 @@ pub struct VerifiedToken {
     /// The claims the policy reads beyond the principal (claim requirements, `claim:` identity
     /// headers, CEL conditions), as selected by [`KeepClaims`]; empty when it reads none.
     pub claims: Map<String, Value>,
+    /// The SHA-256 the token's fingerprint is taken from when it is not the token's own. An
+    /// ECDSA signature `(r, s)` has a twin, `(r, n − s)`, that verifies as well: anyone holding
+    /// the token can spell it a second way. A token signed with the upper `s` is named by its
+    /// twin with the lower one, so both spellings share one fingerprint, and a block of it or a
+    /// risk count keyed by it holds for both. `None`: the token's own SHA-256.
+    pub fingerprint_digest: Option<[u8; 32]>,
 }
 
 /// Which raw claims a verified token keeps. A parsed claim map costs 2–4 KiB per token (most of a
@@ -226,6 +233,8 @@ pub fn verify(
         Some(false) => return Err(TokenError::SignatureInvalid),
         None => return Err(TokenError::Malformed("bad signature segment")),
     }
+    let fingerprint_digest =
+        lower_s_twin(alg, signed, signature_b64).map(|twin| Sha256::digest(twin.as_bytes()).into());
 
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
@@ -267,7 +276,68 @@ pub fn verify(
         principal: Arc::new(principal),
         client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,
+        fingerprint_digest,
     })
+}
+
+/// The orders of the curves of ES256 (P-256) and ES384 (P-384), big-endian (SEC 2, FIPS 186-4).
+const P256_ORDER: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+const P384_ORDER: [u8; 48] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xc7, 0x63, 0x4d, 0x81, 0xf4, 0x37, 0x2d, 0xdf,
+    0x58, 0x1a, 0x0d, 0xb2, 0x48, 0xb0, 0xa7, 0x7a, 0xec, 0xec, 0x19, 0x6a, 0xcc, 0xc5, 0x29, 0x73,
+];
+
+/// For an ECDSA token (`signed` its header and payload) whose signature's `s` is in the upper
+/// half of the curve order `n`, the same token with `s` replaced by `n − s`: the other spelling
+/// that verifies. `None` for other algorithms and for a lower `s` (the token is its own twin).
+/// Called on verified tokens only, so the signature has its curve's length and `0 < s < n`.
+pub(super) fn lower_s_twin(alg: Algorithm, signed: &str, signature_b64: &str) -> Option<String> {
+    let order: &[u8] = match alg {
+        Algorithm::ES256 => &P256_ORDER,
+        Algorithm::ES384 => &P384_ORDER,
+        _ => return None,
+    };
+    let mut signature = decode_segment(signature_b64)?;
+    if signature.len() != 2 * order.len() {
+        return None;
+    }
+    let s = &mut signature[order.len()..];
+    if !upper_half(s, order) {
+        return None;
+    }
+    subtract_from(order, s);
+    Some(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&signature)))
+}
+
+/// Whether big-endian `s` is more than `n / 2` (`2s > n`; `n` is odd), for `s` and `n` of one
+/// length.
+fn upper_half(s: &[u8], n: &[u8]) -> bool {
+    // n / 2 rounded down, big-endian: each byte shifted right, the bit above carried in.
+    let mut carry = 0u8;
+    let half: Vec<u8> = n
+        .iter()
+        .map(|byte| {
+            let shifted = (byte >> 1) | (carry << 7);
+            carry = byte & 1;
+            shifted
+        })
+        .collect();
+    s > &half[..]
+}
+
+/// `s = n − s` for big-endian `s ≤ n` of one length.
+fn subtract_from(n: &[u8], s: &mut [u8]) {
+    let mut borrow = 0u16;
+    for (digit, minuend) in s.iter_mut().rev().zip(n.iter().rev()) {
+        let subtrahend = u16::from(*digit) + borrow;
+        let minuend = u16::from(*minuend);
+        borrow = u16::from(minuend < subtrahend);
+        *digit = (minuend + (borrow << 8) - subtrahend) as u8;
+    }
 }
 
 /// `typ` is optional; when present it must name a JWT access token (`JWT`, or RFC 9068's
@@ -373,6 +443,60 @@ fn check_audience(claims: &Claims, audiences: &[String]) -> Result<(), TokenErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `a + b` of big-endian numbers of one length, with the carry out of the top byte.
+    fn add(a: &[u8], b: &[u8]) -> (Vec<u8>, bool) {
+        let mut sum = vec![0; a.len()];
+        let mut carry = 0u16;
+        for i in (0..a.len()).rev() {
+            let total = u16::from(a[i]) + u16::from(b[i]) + carry;
+            sum[i] = total as u8;
+            carry = total >> 8;
+        }
+        (sum, carry == 1)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_twin_of_an_upper_s_adds_up_to_the_order(
+            s in proptest::collection::vec(proptest::prelude::any::<u8>(), 48),
+        ) {
+            for order in [&P256_ORDER[..], &P384_ORDER[..]] {
+                let s = &s[..order.len()];
+                proptest::prop_assume!(s < order);
+                // 2s > n, with 2s written out (and its carry).
+                let (double, over) = add(s, s);
+                proptest::prop_assert_eq!(upper_half(s, order), over || &double[..] > order);
+                let mut twin = s.to_vec();
+                subtract_from(order, &mut twin);
+                proptest::prop_assert_eq!(add(&twin, s), (order.to_vec(), false));
+            }
+        }
+    }
+
+    #[test]
+    fn only_an_upper_s_of_an_ecdsa_signature_has_a_twin() {
+        let signature = |s: &[u8]| URL_SAFE_NO_PAD.encode([&[7u8; 32][..], s].concat());
+        let mut high = P256_ORDER;
+        high[31] -= 1; // n − 1
+        let twin = lower_s_twin(Algorithm::ES256, "h.p", &signature(&high)).expect("a twin");
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        assert_eq!(twin, format!("h.p.{}", signature(&one)), "n − (n − 1) = 1");
+        assert_eq!(
+            lower_s_twin(Algorithm::ES256, "h.p", &signature(&one)),
+            None
+        );
+        assert_eq!(
+            lower_s_twin(Algorithm::RS256, "h.p", &signature(&high)),
+            None
+        );
+        assert_eq!(
+            lower_s_twin(Algorithm::ES384, "h.p", &signature(&high)),
+            None,
+            "length"
+        );
+    }
 
     fn token_with_header(header: &Value) -> String {
         let segment = |value: &Value| URL_SAFE_NO_PAD.encode(value.to_string());

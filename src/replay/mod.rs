@@ -470,6 +470,7 @@ fn decide(
                 principal: Arc::clone(&f.principal),
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),
+                fingerprint_digest: None,
             })))
         }
     };

@@ -1131,6 +1131,7 @@ mod tests {
             principal: Arc::new(principal),
             client_capabilities: arcs(capabilities),
             claims,
+            fingerprint_digest: None,
         })
     }
 

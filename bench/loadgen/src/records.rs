@@ -248,6 +248,7 @@ pub fn generate(
                     principal: Arc::new(principal),
                     client_capabilities: Arc::clone(&person.capabilities),
                     claims: Map::new(),
+                    fingerprint_digest: None,
                 })));
             seen[who as usize] = true;
         }
