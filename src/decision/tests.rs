@@ -1507,6 +1507,32 @@ fn rfc9470_token_missing_an_auth_context_is_not_sent_an_unsatisfiable_challenge(
     assert!(d.www_authenticate.is_none());
 }
 
+/// `acrs` is Entra's: in the token of an RFC 9470 issuer (whose provider may let anyone with a
+/// say over custom claims write it) it satisfies no authentication context.
+#[test]
+fn an_rfc9470_tokens_acrs_claim_satisfies_no_auth_context() {
+    for acrs in [&["c1"][..], &["C1"], &["c1", "c2", "c3"]] {
+        let spec = TokenSpec {
+            issuer: DEMO_OIDC_ISSUER.to_owned(),
+            acrs: strings(acrs),
+            ..oidc_admin()
+        };
+        let d = decide_op(&rs256(&spec), "payments.wire_transfer", json!({}));
+        expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
+        assert!(
+            d.verified.as_ref().unwrap().principal.acrs.is_empty(),
+            "{acrs:?}"
+        );
+    }
+    // The same claim from the Entra issuer does.
+    let d = decide_op(
+        &rs256(&entra_user(&["c1"])),
+        "payments.wire_transfer",
+        json!({}),
+    );
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+}
+
 // ---------------------------------------------------------------------------------------------
 // challenge: deny
 // ---------------------------------------------------------------------------------------------

@@ -115,11 +115,18 @@ pub(super) fn read_principal(
     let app_only = idtyp == Some("app")
         || (issuer.challenge == ChallengeStyle::Entra && !has_delegated_scope)
         || subject.is_empty();
-    let acrs: Vec<String> = str_list(claims.acrs.as_ref())
-        .ok_or(TokenError::ClaimInvalid("acrs"))?
-        .into_iter()
-        .map(str::to_ascii_lowercase)
-        .collect();
+    // Authentication contexts are Entra's. An RFC 9470 issuer's step-up cannot ask for one, and
+    // an `acrs` in its tokens means whatever that provider (or whoever may add claims there)
+    // puts in it: it satisfies nothing.
+    let acrs: Vec<String> = if issuer.challenge == ChallengeStyle::Rfc9470 {
+        Vec::new()
+    } else {
+        str_list(claims.acrs.as_ref())
+            .ok_or(TokenError::ClaimInvalid("acrs"))?
+            .into_iter()
+            .map(str::to_ascii_lowercase)
+            .collect()
+    };
     Ok(Principal {
         issuer_id: Arc::clone(&issuer.id),
         // The token's own `iss` (for a `{tenantid}` or discovered issuer the policy text is not it).
