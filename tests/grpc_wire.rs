@@ -413,6 +413,31 @@ async fn a_connection_without_calls_is_closed_after_the_idle_timeout() {
     assert!(!busy_driver.is_finished(), "the busy connection was closed");
 }
 
+/// A connection that opens HTTP/2 and never calls is told to go away after `--handshake-timeout`,
+/// not the much longer `--idle-timeout`: idle openings cannot hold every connection slot.
+#[tokio::test]
+async fn a_connection_that_never_calls_is_closed_after_the_handshake_timeout() {
+    let server = serve(&["--idle-timeout", "1h", "--handshake-timeout", "1s"]).await;
+    let (_silent, silent_driver) = connect_watched(&server).await;
+    let (mut calling, calling_driver) = connect_watched(&server).await;
+    let check = frame(&allowed_check());
+    let answer = send(&mut calling, call(CHECK, &[]), vec![check]).await;
+    assert_eq!(denial(&check_response(&answer)), None);
+    let started = Instant::now();
+    while !silent_driver.is_finished() && started.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        silent_driver.is_finished(),
+        "the connection without a call is still open"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !calling_driver.is_finished(),
+        "a connection that called keeps the idle timeout"
+    );
+}
+
 /// The kernel's timer on the server's end of the connection from `client_port` to
 /// `server_port`, from /proc/net/tcp: (which timer, clock ticks until it fires).
 fn server_socket_timer(server_port: u16, client_port: u16) -> Option<(u32, u64)> {

@@ -188,6 +188,7 @@ pub async fn serve(
         let served = builder(limits, streams).serve_connection(TokioIo::new(connection), service);
         let (open, mut closing) = (open.clone(), closing.clone());
         let (idle_timeout, drain) = (limits.idle_timeout, limits.request_timeout + DRAIN_GRACE);
+        let first_call_within = limits.handshake_timeout;
         tokio::spawn(async move {
             let _open = open;
             let mut served = std::pin::pin!(served);
@@ -197,8 +198,8 @@ pub async fn serve(
             let result = tokio::select! {
                 result = served.as_mut() => Some(result),
                 () = closed => None,
-                () = activity.idle_for(idle_timeout) => {
-                    tracing::debug!("a gRPC connection idle for {idle_timeout:?} is closed");
+                () = activity.idle_for(first_call_within, idle_timeout) => {
+                    tracing::debug!("an idle gRPC connection is closed");
                     None
                 }
                 () = activity.unread.notified() => None,
@@ -374,12 +375,16 @@ impl Activity {
         CallGuard(Arc::clone(self))
     }
 
-    /// Returns once a whole `period` has passed with no call in flight and none started: the
-    /// connection has been idle between one and two periods.
-    async fn idle_for(&self, period: Duration) {
+    /// Returns once a whole `period` has passed with no call in flight and none started (the
+    /// connection has been idle between one and two periods), or `first` has passed without a
+    /// first call: a client that opens a connection and never calls on it would otherwise hold
+    /// one of `--max-connections` for a whole `period`, at the cost of a few bytes.
+    async fn idle_for(&self, first: Duration, period: Duration) {
         let mut seen = self.calls.load(Relaxed);
+        let mut wait = first.min(period);
         loop {
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(wait).await;
+            wait = period;
             let now = self.calls.load(Relaxed);
             if now == seen && now & (ONE_STARTED - 1) == 0 {
                 return;
