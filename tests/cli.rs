@@ -215,6 +215,37 @@ fn check_warns_of_a_matcher_a_rule_above_takes_every_request_of() {
 }
 
 #[test]
+fn check_warns_of_an_entra_issuer_left_at_rfc9470_when_rules_require_contexts() {
+    // The demo's OIDC issuer moved to an Entra ID address, its challenge left at rfc9470.
+    let policy = edit(
+        &demo_policy_text(),
+        "issuer: https://login.demo.stepgate.invalid/oidc",
+        "issuer: https://login.microsoftonline.com/00000000-0000-0000-0000-000000000001/v2.0",
+    );
+    let policy = TempPolicy::new("entra-as-rfc9470", &policy);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    let warning = stdout
+        .lines()
+        .skip_while(|l| !l.contains("look like Entra ID"))
+        .take(2)
+        .collect::<Vec<_>>();
+    assert!(
+        warning
+            .first()
+            .is_some_and(|l| l.starts_with("warning: 1 issuer(s)")),
+        "{stdout}"
+    );
+    assert!(
+        warning
+            .get(1)
+            .is_some_and(|l| l.trim_start().starts_with("issuer demo-oidc (")),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_warns_of_a_condition_comparing_the_path_with_upper_case_letters() {
     let added = r#"
   - id: exports

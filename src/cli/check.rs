@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
-    identity::{KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url},
+    identity::{
+        ChallengeStyle, KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url,
+    },
     policy::{DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition},
 };
 
@@ -162,6 +164,10 @@ fn describe(policy: &Policy) -> String {
         );
     }
     warn(
+        entra_issuers_without_contexts(policy),
+        "issuer(s) look like Entra ID but are not challenge: entra, so their tokens' acrs claim is not read and no rule's auth_contexts can be met with them (docs/policy.md)",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );
@@ -232,6 +238,46 @@ fn unreachable_matchers(policy: &Policy) -> Vec<String> {
         }
     }
     found
+}
+
+/// The issuers at an Entra ID address (any cloud) left at `challenge: rfc9470`, when a rule or
+/// escalation requires authentication contexts: an RFC 9470 issuer's `acrs` is not read, so its
+/// users meet such a rule with `403 step_up_not_expressible` where `challenge: entra` would ask
+/// them to step up.
+fn entra_issuers_without_contexts(policy: &Policy) -> Vec<String> {
+    const ENTRA_HOSTS: [&str; 6] = [
+        "login.microsoftonline.com",
+        "sts.windows.net",
+        "login.microsoftonline.us",
+        "login.partner.microsoftonline.cn",
+        "login.chinacloudapi.cn",
+        "sts.chinacloudapi.cn",
+    ];
+    let requires_contexts = policy.rules.iter().any(|rule| {
+        !rule.require.auth_contexts.is_empty()
+            || rule
+                .escalate
+                .iter()
+                .any(|e| !e.require.auth_contexts.is_empty())
+    });
+    if !requires_contexts {
+        return Vec::new();
+    }
+    policy
+        .issuers
+        .iter()
+        .filter(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
+        .filter(|issuer| {
+            let host = issuer
+                .issuer
+                .strip_prefix("https://")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            ENTRA_HOSTS.contains(&host.as_str())
+        })
+        .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
+        .collect()
 }
 
 /// The path globs with upper-case letters, by rule and matcher.
