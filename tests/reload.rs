@@ -144,6 +144,61 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
     assert_eq!(other.outcome(), Outcome::Allow, "{other:?}");
 }
 
+/// A policy adding an issuer that then gets no keys (a wrong key source, a provider not reachable)
+/// would have every replica it reaches report NOT_SERVING at once: it is refused with the
+/// issuer's field path, the running policy keeps serving, and the same file is taken once the
+/// keys can be loaded.
+#[tokio::test]
+async fn a_policy_adding_an_issuer_without_keys_is_refused_until_its_keys_load() {
+    let original = demo_policy_text();
+    let policy = TempPolicy::new("reload-no-keys", &original);
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--watch-config".into(), "false".into()],
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let mut client = DecisionServiceClient::new(server.channel().await);
+    let token = mint(&entra(&[], &["cp1"]));
+
+    let partner_keys = policy.path.with_file_name("partner-jwks.json");
+    let with_partner = edit(
+        &original,
+        "    challenge: rfc9470\n",
+        &format!(
+            "    challenge: rfc9470\n  - id: partner\n    issuer: https://partner.example/\n    \
+             jwks_file: {}\n    audiences: [api://stepgate-demo]\n",
+            partner_keys.display()
+        ),
+    );
+    let with_partner = edit(&with_partner, WIRE_REQUIRE, "require: { max_age: 15m }");
+    policy.write(&with_partner);
+    let seen = server.logs().len();
+    let refused = hup_and_wait(&server, seen, "refused").await;
+    assert!(
+        refused.to_string().contains("issuers[2]")
+            && refused.to_string().contains("no signing keys"),
+        "the refusal names the issuer's field path: {refused}"
+    );
+    server.wait_ready().await;
+    let still = wire_transfer(&mut client, &token).await;
+    assert_eq!(
+        (still.outcome(), still.reason.as_str()),
+        (Outcome::StepUp, "missing_auth_context"),
+        "the running policy keeps deciding"
+    );
+
+    // The keys appear: the same file is taken (here on SIGHUP; by itself within 30 s).
+    std::fs::copy(common::jwks_path(), &partner_keys).expect("copies the demo key set");
+    let seen = server.logs().len();
+    hup_and_wait(&server, seen, "reloaded").await;
+    server.wait_ready().await;
+    let now = wire_transfer(&mut client, &token).await;
+    assert_eq!(now.outcome(), Outcome::Allow, "{now:?}");
+}
+
 /// A folder laid out as Kubernetes mounts a ConfigMap: `policy.yaml` → `..data/policy.yaml`,
 /// `..data` → `..<version>`; an update writes a new version folder and swaps `..data` to it with
 /// one rename, as the kubelet does, then removes the old version.

@@ -1,11 +1,13 @@
 //! Policy reload: on SIGHUP, and when the policy file changes (watched as [`super::files`] describes).
 //! A new policy is compiled and given keys beside the old one, and swapped in only when it is
-//! complete. A policy that does not compile is logged with its field path and counted, and the
-//! old one keeps serving.
+//! complete. A policy that does not compile, or one that adds or changes an issuer that then gets
+//! no keys, is logged with its field path and counted, and the old one keeps serving.
 
 use std::{
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::sync::watch;
@@ -47,6 +49,8 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut refresh_tx = refresh_tx;
         let mut hup = hangup;
+        // After a policy refused only because an issuer of it got no keys: when to try it again.
+        let mut retry: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             let why = tokio::select! {
                 () = hangup_signal(&mut hup) => {
@@ -54,6 +58,9 @@ pub fn spawn(
                     "SIGHUP"
                 }
                 () = file.changed() => "the file changed",
+                () = async { retry.as_mut().expect("guarded").await }, if retry.is_some() => {
+                    "retrying a policy whose issuer had no keys"
+                }
                 _ = stop.changed() => {
                     let _ = refresh_tx.send(true);
                     return;
@@ -63,9 +70,10 @@ pub fn spawn(
                 "stepgate policy reload",
                 vec![opentelemetry::KeyValue::new("stepgate.trigger", why)],
             );
+            retry = None;
             let result = reload(&authorizer, &config_path, &http, why).await;
-            if let Err(err) = &result {
-                span.failed(&err.to_string());
+            if let Err(refusal) = &result {
+                span.failed(&refusal.error.to_string());
             }
             drop(span);
             metrics::global().record_reload(result.is_ok());
@@ -76,13 +84,16 @@ pub fn spawn(
                     refresh_tx = tx;
                     keys::spawn_refresh(issuers, http.clone(), rx);
                 }
-                Err(err) => tracing::error!(
-                    config = %config_path.display(),
-                    field = %err.path,
-                    error = %err,
-                    trigger = why,
-                    "policy reload refused; the previous policy keeps serving"
-                ),
+                Err(Refusal { error, retry_in }) => {
+                    tracing::error!(
+                        config = %config_path.display(),
+                        field = %error.path,
+                        error = %error,
+                        trigger = why,
+                        "policy reload refused; the previous policy keeps serving"
+                    );
+                    retry = retry_in.map(|wait| Box::pin(tokio::time::sleep(wait)));
+                }
             }
         }
     });
@@ -102,12 +113,31 @@ async fn hangup_signal(_: &mut Hangup) {
     std::future::pending::<()>().await;
 }
 
+/// How long after a policy refused for an issuer without keys the same file is tried again (a
+/// change of the file or SIGHUP tries it at once).
+pub const NO_KEYS_RETRY: Duration = Duration::from_secs(30);
+
+/// Why a reload was refused, and whether trying the same file again later may succeed.
+struct Refusal {
+    error: config::ConfigError,
+    retry_in: Option<Duration>,
+}
+
+impl From<config::ConfigError> for Refusal {
+    fn from(error: config::ConfigError) -> Self {
+        Self {
+            error,
+            retry_in: None,
+        }
+    }
+}
+
 async fn reload(
     authorizer: &Authorizer,
     path: &Path,
     http: &reqwest::Client,
     why: &str,
-) -> Result<Vec<Arc<crate::identity::Issuer>>, config::ConfigError> {
+) -> Result<Vec<Arc<crate::identity::Issuer>>, Refusal> {
     // Read and compiled on a blocking thread: a large policy takes a while (10 000 rules about
     // 150 ms), and the worker running this task keeps serving its connections meanwhile.
     // A read that hangs (a stalled file system) or a compilation that never ends holds that
@@ -141,7 +171,34 @@ async fn reload(
         }
     }
     let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();
-    keys::load_all(&issuers, http).await;
+    let without_keys = keys::load_all(&issuers, http).await;
+    // An issuer the new policy adds or changes that got no keys (a wrong jwks_uri, a provider
+    // not reachable from here) would have every one of its tokens refused and, with
+    // --ready-when all-issuers, every replica report NOT_SERVING at once: the policy is refused
+    // like one that does not compile. An issuer already without keys under the running policy
+    // (its provider down) does not hold back other changes.
+    let newly_without = issuers.iter().enumerate().find(|(_, issuer)| {
+        without_keys.iter().any(|id| *id == *issuer.id)
+            && old
+                .issuers
+                .by_id(&issuer.id)
+                .is_none_or(|running| !running.keys().is_empty())
+    });
+    if let Some((index, issuer)) = newly_without {
+        return Err(Refusal {
+            error: config::ConfigError::new(
+                format!("issuers[{index}]"),
+                format!(
+                    "no signing keys could be loaded for issuer {:?} (the key load error is \
+                     logged above); tried again in {}s, or at once on SIGHUP or a change of the \
+                     file",
+                    issuer.id,
+                    NO_KEYS_RETRY.as_secs()
+                ),
+            ),
+            retry_in: Some(NO_KEYS_RETRY),
+        });
+    }
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
     let rules: Vec<&str> = fresh.rules.iter().map(|r| &*r.id).collect();
