@@ -1156,6 +1156,31 @@ async fn access_log_carries_stepgate_outcome_reason_rule_and_token_fingerprint()
         !stack.envoy.access_log().contains(&token),
         "the token leaked into the access log"
     );
+
+    // A client's own `x-envoy-original-path` does not reach the log: the log names `:path`, and
+    // the edge listener removes the x-envoy-* headers it is sent (`use_remote_address`).
+    let mut forged = HeaderMap::new();
+    forged.insert("x-envoy-original-path", "/healthz".parse().unwrap());
+    let reply = stack
+        .send("log-forged", Method::GET, "/ledger/log-forged", forged)
+        .await;
+    assert_eq!(reply.status, 401);
+    let line = stack
+        .envoy
+        .wait_for_access_log(ACCESS_LOG_DEADLINE, |l| {
+            l.starts_with("GET /ledger/log-forged ") || l.starts_with("GET /healthz 401 ")
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no access log line for the request\n{}",
+                stack.diagnostics()
+            )
+        });
+    assert!(
+        line.starts_with("GET /ledger/log-forged 401 "),
+        "the access log shows the path the client sent, not one it named: {line}"
+    );
 }
 
 /// Extra headers a client may add and still get a clean decision with a valid token: below

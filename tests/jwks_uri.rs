@@ -147,6 +147,17 @@ async fn identity_provider_down_at_start_means_not_serving_and_every_token_refus
         ServingStatus::NotServing as i32,
         "no keys, not ready"
     );
+    // Liveness probes ask `liveness`: the process is alive, and restarting it would not bring
+    // the identity provider back.
+    let liveness = health
+        .check(HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .expect("health answers for liveness")
+        .into_inner()
+        .status;
+    assert_eq!(liveness, ServingStatus::Serving as i32, "alive");
     let response = decide(&server, &mint(&entra(&["c1"], &["cp1"]))).await;
     assert_eq!(
         response.reason, "unknown_kid",

@@ -63,7 +63,7 @@ class Case:
     probe_client_san: str | None = None
 
 
-BASE = frozenset({"ServiceAccount", "ConfigMap", "Service", "Deployment"})
+BASE = frozenset({"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget"})
 CASES = {
     "default": Case("default.yaml", BASE),
     "ha": Case("ha.yaml", BASE | {"HorizontalPodAutoscaler", "PodDisruptionBudget"}),
@@ -595,9 +595,12 @@ def test_probes_ask_grpc_health_natively_or_with_stepgate_health_over_tls(name, 
     assert {"--server", "--timeout", "--ca", "--cert", "--key", "--tls-server-name"} <= known
     commands = []
     for probe in PROBES:
+        # Liveness asks whether the process answers, not whether it is ready (keys loaded, not
+        # draining): an identity provider down must not restart every replica.
+        service = "liveness" if probe == "livenessProbe" else ""
         if not CASES[name].tls:
             assert "exec" not in c[probe]
-            assert c[probe]["grpc"] == {"port": listen, "service": ""}, probe
+            assert c[probe]["grpc"] == {"port": listen, "service": service}, probe
             continue
         # The kubelet's gRPC probe speaks plaintext only: the image's own client over TLS, with
         # no shell (distroless).
@@ -611,9 +614,10 @@ def test_probes_ask_grpc_health_natively_or_with_stepgate_health_over_tls(name, 
         # the process ends by itself before the kubelet gives up on it.
         timeout = seconds(arg_value(args, "--timeout"))
         assert 0 < 2 * timeout < c[probe]["timeoutSeconds"], f"{probe}: --timeout {timeout}s"
+        assert (arg_value(args, "--service") if "--service" in flags(args) else "") == service, probe
         check_health_tls_args(name, pod_spec(r), c, args)
-        commands.append([a for a in args if a != arg_value(args, "--timeout")])
-    assert all(command == commands[0] for command in commands), "the three probes ask the same"
+        commands.append([a for a in without(without(args, "--timeout"), "--service")])
+    assert all(command == commands[0] for command in commands), "the three probes ask the same server"
     for probe, value in zip(PROBES, ("startup", "readiness", "liveness")):
         timings = {k: c[probe][k] for k in ("periodSeconds", "timeoutSeconds", "failureThreshold")}
         expected = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["probes"][value]
@@ -1005,10 +1009,14 @@ def test_ha_scales_on_cpu_and_keeps_drains_possible():
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
-def test_default_is_two_replicas_without_autoscaler_or_budget():
+def test_default_is_two_replicas_kept_through_drains_without_autoscaler():
     r = rendered("default")
     assert r.one("Deployment")["spec"]["replicas"] == 2
     assert r.one("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert not r.of_kind("HorizontalPodAutoscaler")
+    # A node drain may not evict both replicas at once: the proxies fail closed.
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
 
 
 def test_tls_from_a_secret_with_mutual_tls():

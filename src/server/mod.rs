@@ -211,6 +211,12 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts the server as SERVING; nothing is ready until the readiness task says so.
     set_all(&health, ServingStatus::NotServing).await;
+    // For liveness probes: SERVING as long as the process answers calls, whether or not it has
+    // keys or is draining. A liveness probe on the readiness status would restart every replica
+    // when an identity provider stays down past `max_stale`, wiping what is held in memory.
+    health
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Signal handlers are installed before the listening line is logged, so a signal sent right
@@ -434,6 +440,9 @@ async fn report_readiness(
         }
     }
 }
+
+/// The gRPC health service name that reports SERVING for as long as the process answers calls.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 async fn set_all(health: &HealthReporter, status: ServingStatus) {
     for service in [
