@@ -9,7 +9,7 @@
 //!   bytes after the first message are refused, where tonic takes the first and reads on.
 //!   The same chunks go through `Unfinished` (what tonic's calls are charged for), whose count
 //!   after each chunk must equal the bytes after the last whole message of the body so far, read
-//!   whole from its start.
+//!   whole from its start, and whose messages ended the whole messages there.
 //! - odd: `parse_timeout` on the rest, against the gRPC specification's grammar as a regex
 //!   (`TimeoutValue` = 1 to 8 digits, `TimeoutUnit` = one of `H M S m u n`).
 
@@ -59,9 +59,10 @@ fn check_reader(bytes: &[u8]) {
     let mut so_far = Vec::new();
     for chunk in &chunks {
         so_far.extend_from_slice(chunk);
+        let held = unfinished.push(chunk);
         assert_eq!(
-            unfinished.push(chunk),
-            after_whole_messages(&so_far),
+            (held, unfinished.ended()),
+            whole_messages(&so_far),
             "body {body:02x?}"
         );
     }
@@ -82,18 +83,18 @@ fn check_reader(bytes: &[u8]) {
     }
 }
 
-/// The bytes of `body` after its last whole message (its messages read one after the other from
-/// the start).
-fn after_whole_messages(body: &[u8]) -> usize {
-    let mut at = 0;
+/// The bytes of `body` after its last whole message, and how many whole messages it holds (its
+/// messages read one after the other from the start).
+fn whole_messages(body: &[u8]) -> (usize, u64) {
+    let (mut at, mut count) = (0, 0);
     while let Some(prefix) = body.get(at..at + PREFIX) {
         let len = u32::from_be_bytes(prefix[1..].try_into().expect("4 bytes")) as usize;
         match at.checked_add(PREFIX + len) {
-            Some(end) if end <= body.len() => at = end,
+            Some(end) if end <= body.len() => (at, count) = (end, count + 1),
             _ => break,
         }
     }
-    body.len() - at
+    (body.len() - at, count)
 }
 
 /// `body` in chunks of 1, 2, … `cut % 16 + 1` bytes, cycling (`cut` ≥ 128: one chunk).

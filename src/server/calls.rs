@@ -74,33 +74,103 @@ pub struct Calls {
 /// the message not yet whole are charged (`grpc_message::Unfinished`): a message arriving in one
 /// frame (a health check, a `Decide` under 16 KiB) takes nothing and is served even when others
 /// hold the whole budget, and a whole message's bytes are given back once tonic can decode it.
-/// Past the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`; a message
-/// still unfinished `--request-timeout` after its first byte fails it too, so that a streaming
-/// call (which has no deadline) cannot hold a charge for as long as its client likes.
+/// Past the budget the body fails, and tonic ends the call with `RESOURCE_EXHAUSTED`. A unary
+/// call gives its charge back at its deadline at the latest; a streaming call, which has none,
+/// has each message's: see [`MessageDeadline`].
 pub struct Charged {
     inner: Incoming,
     held: grpc_message::Held,
     unfinished: grpc_message::Unfinished,
-    /// When the unfinished message must be whole, from its first byte.
-    whole_by: Option<Pin<Box<tokio::time::Sleep>>>,
-    within: Duration,
+    /// A streaming call's: when its unfinished message must be whole.
+    deadline: Option<(Arc<MessageDeadline>, Duration)>,
 }
 
 impl Charged {
-    fn new(inner: Incoming, budget: Arc<grpc_message::Budget>, within: Duration) -> Self {
+    fn new(
+        inner: Incoming,
+        budget: Arc<grpc_message::Budget>,
+        deadline: Option<(Arc<MessageDeadline>, Duration)>,
+    ) -> Self {
         Self {
             inner,
             held: grpc_message::Held::new(budget),
             unfinished: grpc_message::Unfinished::default(),
-            whole_by: None,
-            within,
+            deadline,
         }
     }
 }
 
-/// Why a call whose message came too slowly is ended.
+/// Why a streaming call whose message came too slowly is ended.
 pub const SLOW_MESSAGE: &str =
     "a request message did not arrive whole within --request-timeout of its first byte";
+
+/// When a streaming call's unfinished message must be whole: `--request-timeout` after its first
+/// byte. Set and cleared by the call's body ([`Charged`]) as its frames pass, and kept by the
+/// stream's own task ([`Streams`]), which then fails the body (its charge given back, the
+/// service reading it woken to an error) and drops the stream's answer. Not a timer in the body:
+/// a service that stops reading its requests (its answers not taken by the client) no longer
+/// polls the body, and the charge on the message it pulled in would stay for as long as the
+/// client keeps the stream.
+#[derive(Debug, Default)]
+pub struct MessageDeadline {
+    at: std::sync::Mutex<Option<Instant>>,
+    changed: Notify,
+    /// The deadline passed: the body fails when next polled (and is woken for it).
+    expired: std::sync::atomic::AtomicBool,
+    /// The task waiting on the body, if it waits.
+    reader: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl MessageDeadline {
+    /// Fails the body: it gives its charge back and ends with an error when next polled, and the
+    /// task reading it is woken for it.
+    fn expire(&self) {
+        self.expired.store(true, Relaxed);
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+
+    fn set(&self, at: Option<Instant>) {
+        *self
+            .at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = at;
+        self.changed.notify_one();
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self
+            .at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Returns once the deadline has passed with a message still unfinished.
+    async fn passed(&self) {
+        loop {
+            let changed = self.changed.notified();
+            match self.get() {
+                None => changed.await,
+                Some(at) => {
+                    tokio::select! {
+                        () = changed => {}
+                        () = tokio::time::sleep_until(at) => {
+                            if self.get().is_some_and(|now| now <= Instant::now()) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 impl HttpBody for Charged {
     type Data = Bytes;
@@ -111,31 +181,43 @@ impl HttpBody for Charged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some((deadline, _)) = &this.deadline
+            && deadline.expired.load(Relaxed)
+        {
+            this.held.hold(0);
+            let refused = Status::deadline_exceeded(SLOW_MESSAGE);
+            return Poll::Ready(Some(Err(Box::new(refused))));
+        }
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {
-                if let Some(by) = &mut this.whole_by
-                    && by.as_mut().poll(cx).is_ready()
-                {
-                    this.whole_by = None;
-                    let refused = Status::cancelled(SLOW_MESSAGE);
-                    return Poll::Ready(Some(Err(Box::new(refused))));
+                if let Some((deadline, _)) = &this.deadline {
+                    *deadline
+                        .reader
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(cx.waker().clone());
                 }
                 return Poll::Pending;
             }
         };
         if let Some(data) = frame.data_ref() {
+            let ended_before = this.unfinished.ended();
             let unfinished = this.unfinished.push(data);
             if !this.held.hold(unfinished) {
                 let refused = Status::resource_exhausted(grpc_message::OVER_BUDGET);
                 return Poll::Ready(Some(Err(Box::new(refused))));
             }
-            if unfinished == 0 {
-                this.whole_by = None;
-            } else if this.whole_by.is_none() {
-                this.whole_by = Some(Box::pin(tokio::time::sleep(this.within)));
+            if let Some((deadline, within)) = &this.deadline {
+                // A message begun in this frame (after one that ended in it, or after none)
+                // starts its own time.
+                if unfinished == 0 {
+                    deadline.set(None);
+                } else if deadline.get().is_none() || this.unfinished.ended() != ended_before {
+                    deadline.set(Some(Instant::now() + *within));
+                }
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -266,12 +348,13 @@ const STREAMING: [&str; 3] = [
 ];
 
 /// When a stream must be over.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum StreamEnd {
     /// A unary call's: its deadline, and a second for its answer to reach the client.
     By(Instant),
-    /// A streaming call's: when the client ends it (or the connection closes).
-    Open,
+    /// A streaming call's: when the client ends it (or the connection closes), or a message of
+    /// it is unfinished past its deadline.
+    Open(Arc<MessageDeadline>),
 }
 
 thread_local! {
@@ -314,9 +397,21 @@ where
         let ends = NEXT_STREAM_ENDS.take().unwrap_or_else(|| {
             StreamEnd::By(Instant::now() + Duration::from_secs(1) + DRAIN_GRACE)
         });
-        let StreamEnd::By(deadline) = ends else {
-            tokio::spawn(stream);
-            return;
+        let deadline = match ends {
+            StreamEnd::By(deadline) => deadline,
+            StreamEnd::Open(message) => {
+                let remote = self.remote;
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stream => {}
+                        () = message.passed() => {
+                            message.expire();
+                            slow_message(remote);
+                        }
+                    }
+                });
+                return;
+            }
         };
         let (activity, remote) = (Arc::clone(&self.activity), self.remote);
         tokio::spawn(async move {
@@ -328,6 +423,20 @@ where
                 activity.unread.notify_one();
             }
         });
+    }
+}
+
+/// Says, at most every 10 s, that a streaming call was reset for a message that did not arrive
+/// whole in time.
+fn slow_message(remote: Option<std::net::SocketAddr>) {
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
+    if let Some(unlogged) = WARNINGS.admit() {
+        tracing::warn!(
+            remote = remote.map(tracing::field::display),
+            unlogged,
+            "a streaming call was reset: a request message did not arrive whole within \
+             --request-timeout of its first byte"
+        );
     }
 }
 
@@ -414,10 +523,12 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
         let timeout = deadline(request.headers(), self.calls.timeout);
         let guard = self.activity.start();
         let now = Instant::now();
-        NEXT_STREAM_ENDS.set(Some(if STREAMING.contains(&request.uri().path()) {
-            StreamEnd::Open
-        } else {
-            StreamEnd::By(now + timeout + DRAIN_GRACE)
+        let message_deadline = STREAMING
+            .contains(&request.uri().path())
+            .then(|| Arc::new(MessageDeadline::default()));
+        NEXT_STREAM_ENDS.set(Some(match &message_deadline {
+            Some(message) => StreamEnd::Open(Arc::clone(message)),
+            None => StreamEnd::By(now + timeout + DRAIN_GRACE),
         }));
         if request.uri().path() == CHECK_PATH {
             if !self.may_check {
@@ -435,7 +546,8 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
         }
         request.extensions_mut().insert(self.peer.clone());
         let budget = Arc::clone(&self.calls.budget);
-        let request = request.map(|inner| Charged::new(inner, budget, self.calls.timeout));
+        let deadline = message_deadline.map(|message| (message, self.calls.timeout));
+        let request = request.map(|inner| Charged::new(inner, budget, deadline));
         let mut routes = self.calls.routes.clone();
         let call = async move {
             let Ok(()) =

@@ -123,6 +123,8 @@ pub struct Unfinished {
     left: Option<usize>,
     /// Bytes of the current message that came, its prefix included.
     held: usize,
+    /// Messages that ended so far.
+    ended: u64,
 }
 
 impl Unfinished {
@@ -152,10 +154,18 @@ impl Unfinished {
                 }
             }
             if self.left == Some(0) {
-                *self = Self::default();
+                *self = Self {
+                    ended: self.ended + 1,
+                    ..Self::default()
+                };
             }
         }
         self.held
+    }
+
+    /// The messages that ended in the chunks pushed so far.
+    pub fn ended(&self) -> u64 {
+        self.ended
     }
 }
 
@@ -365,6 +375,7 @@ mod tests {
         let mut unfinished = Unfinished::default();
         assert_eq!(unfinished.push(&two[..13]), 13);
         assert_eq!(unfinished.push(&two[13..22]), 2);
+        assert_eq!(unfinished.ended(), 2, "the first message ended, and the empty second");
         // A prefix announcing more than memory could: counted as it arrives.
         let mut huge = Unfinished::default();
         assert_eq!(huge.push(&[0, 0xff, 0xff, 0xff, 0xff, 7]), 6);
