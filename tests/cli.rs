@@ -390,6 +390,84 @@ fn serve_with_a_bad_policy_exits_2_and_names_the_field() {
     }
 }
 
+/// `stepgate serve` on `listen` with the demo policy and `extra` arguments: its exit status when
+/// it exits (`None`: it said it listens, and was then stopped) and its stderr until then.
+fn serve_demo_on(listen: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(demo_policy_path())
+        .args(["--listen", listen])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env_remove("STEPGATE_ALLOW_DEMO_KEYS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting stepgate serve");
+    let stderr = child.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = String::new();
+    loop {
+        while let Ok(line) = received.try_recv() {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        if text.contains("stepgate listening on") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, text);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(100));
+            text.extend(received.try_iter().map(|line| line + "\n"));
+            return (status.code(), text);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stepgate serve neither listened nor exited:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The demo policy trusts keys whose private halves ship with stepgate: served beyond loopback,
+/// anyone could mint the tokens it accepts, so that takes saying so (as the container's demo
+/// command does).
+#[test]
+fn the_demo_keys_are_served_beyond_loopback_only_when_allowed() {
+    let (status, stderr) = serve_demo_on("0.0.0.0:0", &[]);
+    assert!(
+        matches!(status, Some(code) if code != 0),
+        "{status:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("demo-entra, demo-oidc") && stderr.contains("--allow-demo-keys"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stepgate listening on"), "{stderr}");
+    for (listen, extra) in [
+        ("0.0.0.0:0", &["--allow-demo-keys"][..]),
+        ("127.0.0.1:0", &[]),
+    ] {
+        let (status, stderr) = serve_demo_on(listen, extra);
+        assert_eq!(status, None, "{listen} {extra:?} did not serve:\n{stderr}");
+        assert!(
+            stderr.contains("stepgate listening on") && stderr.contains("DEMO KEY IN USE"),
+            "{listen} {extra:?}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn token_and_offline_decide_give_step_up_then_allow_for_a_wire_transfer() {
     let without_c1 = mint_cli(&["--xms-cc", "cp1"]);

@@ -232,3 +232,7 @@ def test_default_command_serves_the_bundled_demo_policy():
     assert not any(fnmatch.fnmatch(d, "*private*") for d in destinations), "no private demo key in the image"
     listen = cmd[cmd.index("--listen") + 1]
     assert listen.startswith("0.0.0.0:") or listen.startswith("[::]:"), "reachable from outside the container"
+    # Demo keys beyond loopback only when the one running the image says so (the environment):
+    # an image run without the chart's arguments must not trust tokens anyone can mint.
+    assert "--allow-demo-keys" not in cmd
+    assert not any(env.startswith("STEPGATE_ALLOW_DEMO_KEYS") for env in final.all("ENV"))

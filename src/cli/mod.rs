@@ -137,6 +137,10 @@ struct ServeArgs {
     /// Reload the policy when its file changes (a ConfigMap update, a save), besides on SIGHUP.
     #[arg(long, env = "STEPGATE_WATCH_CONFIG", default_value_t = true, action = clap::ArgAction::Set)]
     watch_config: bool,
+    /// Serve a policy that trusts the bundled demo keys (whose private keys are published) on a
+    /// listener beyond 127.0.0.1: only for trying the demo from another machine or a container.
+    #[arg(long, env = "STEPGATE_ALLOW_DEMO_KEYS")]
+    allow_demo_keys: bool,
     /// Time a new connection has to send its first bytes, or finish its TLS handshake, before it
     /// is closed (e.g. 10s).
     #[arg(long, env = "STEPGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
@@ -396,6 +400,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         metrics_listen: args.metrics_listen,
         ready_when: args.ready_when,
         watch_config: args.watch_config,
+        allow_demo_keys: args.allow_demo_keys,
         tls,
         admin_listen: args.admin_listen,
         reflection: args.reflection,

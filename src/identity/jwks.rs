@@ -175,6 +175,24 @@ impl KeySet {
         self.by_kid.keys().map(String::as_str)
     }
 
+    /// Whether the set holds one of the bundled demo keys (`examples/demo-keys/jwks.json`), whose
+    /// private halves are published with stepgate: whoever trusts one trusts tokens anyone can
+    /// mint (`stepgate token`).
+    pub fn has_demo_key(&self) -> bool {
+        static DEMO: std::sync::LazyLock<Vec<[u8; 32]>> = std::sync::LazyLock::new(|| {
+            let json = include_bytes!("../../examples/demo-keys/jwks.json");
+            KeySet::parse(json).map_or_else(
+                |_| Vec::new(),
+                |(set, _)| set.keys().map(|key| key.material).collect(),
+            )
+        });
+        self.keys().any(|key| DEMO.contains(&key.material))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &VerificationKey> {
+        self.by_kid.values().chain(&self.anonymous)
+    }
+
     /// The key for a token header's `kid`. Without a `kid`, only an unambiguous key qualifies: the
     /// single key of the set, or the single key without a `kid`.
     pub fn find(&self, kid: Option<&str>) -> Option<&VerificationKey> {
@@ -267,6 +285,25 @@ mod tests {
 
     fn rsa(kid: &str, extra: &str) -> String {
         format!(r#"{{"kty":"RSA","kid":"{kid}","n":"{RSA_N}","e":"AQAB"{extra}}}"#)
+    }
+
+    #[test]
+    fn the_bundled_demo_keys_are_recognised_by_their_material_whatever_their_kid() {
+        let demo = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/demo-keys/jwks.json"
+        ))
+        .unwrap();
+        let (set, _) = KeySet::parse(&demo).unwrap();
+        assert!(set.has_demo_key());
+        let renamed = String::from_utf8(demo)
+            .unwrap()
+            .replace("stepgate-demo-", "production-");
+        let (set, _) = KeySet::parse(renamed.as_bytes()).unwrap();
+        assert!(set.has_demo_key(), "a demo key under another kid");
+        let other = format!(r#"{{"keys":[{}]}}"#, rsa("stepgate-demo-rsa-1", ""));
+        let (set, _) = KeySet::parse(other.as_bytes()).unwrap();
+        assert!(!set.has_demo_key(), "another key under a demo kid");
     }
 
     /// Signs `message` with a demo key, as a JWS signature segment.

@@ -33,8 +33,6 @@ const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 /// Bound of the negative cache of unknown kids; past it the cache is cleared (a flood of random
 /// kids must not grow memory).
 const MAX_UNKNOWN_KIDS: usize = 4096;
-/// `kid` prefix of the keys shipped under `examples/` for demos.
-pub const DEMO_KID_PREFIX: &str = "stepgate-demo";
 
 /// CAs trusted besides the bundled web roots by the shared client (`--idp-ca`).
 static EXTRA_ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
@@ -288,7 +286,7 @@ async fn load_inner(
     if set.is_empty() {
         return Err("the key set holds no usable signing key".to_owned());
     }
-    if set.kids().any(|kid| kid.starts_with(DEMO_KID_PREFIX)) {
+    if set.has_demo_key() {
         tracing::warn!(
             issuer = %issuer.id,
             "DEMO KEY IN USE: issuer {:?} trusts the demo signing key shipped with stepgate; \

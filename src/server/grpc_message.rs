@@ -375,7 +375,11 @@ mod tests {
         let mut unfinished = Unfinished::default();
         assert_eq!(unfinished.push(&two[..13]), 13);
         assert_eq!(unfinished.push(&two[13..22]), 2);
-        assert_eq!(unfinished.ended(), 2, "the first message ended, and the empty second");
+        assert_eq!(
+            unfinished.ended(),
+            2,
+            "the first message ended, and the empty second"
+        );
         // A prefix announcing more than memory could: counted as it arrives.
         let mut huge = Unfinished::default();
         assert_eq!(huge.push(&[0, 0xff, 0xff, 0xff, 0xff, 7]), 6);

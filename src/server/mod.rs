@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub limits: TransportLimits,
     /// Reload the policy when its file changes (besides SIGHUP).
     pub watch_config: bool,
+    /// Serve a policy trusting the bundled demo keys on a listener beyond loopback.
+    pub allow_demo_keys: bool,
     /// TLS (and mutual TLS) on the gRPC listeners; `None`: plaintext.
     pub tls: Option<TlsSettings>,
     /// A second gRPC listener, where the policy may allow `explain`.
@@ -146,6 +148,20 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let http = keys::http_client();
     let issuers: Vec<_> = policy.issuers.iter().cloned().collect();
     let without_keys = keys::load_all(&issuers, &http).await;
+    let exposed = exposed_listener(&options);
+    let demo = demo_key_issuers(&policy);
+    if !demo.is_empty()
+        && let (Some(address), false) = (exposed, options.allow_demo_keys)
+    {
+        anyhow::bail!(
+            "issuer(s) {} trust the demo keys (examples/demo-keys), whose private keys are \
+                 published: anyone can mint the tokens they accept. Serving them on {address}, \
+                 beyond this machine, is refused; use your identity provider's keys, listen on \
+                 127.0.0.1, or pass --allow-demo-keys (STEPGATE_ALLOW_DEMO_KEYS=true) to try the demo \
+                 from elsewhere",
+            demo.join(", ")
+        );
+    }
     if !without_keys.is_empty() {
         tracing::warn!(
             issuers = ?without_keys,
@@ -227,7 +243,10 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         Arc::clone(&authorizer),
         options.config.clone(),
         http.clone(),
-        options.watch_config,
+        reload::Watch {
+            file: options.watch_config,
+            refuse_demo_keys: exposed.filter(|_| !options.allow_demo_keys),
+        },
         stop_rx.clone(),
     );
     keys::spawn_refresh(issuers, http, refresh_stop);
@@ -399,6 +418,23 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(traces::shutdown).await;
     tracing::info!("stepgate stopped");
     Ok(())
+}
+
+/// The first listener deciding or administering that is reachable beyond this machine.
+fn exposed_listener(options: &ServeOptions) -> Option<SocketAddr> {
+    std::iter::once(options.listen)
+        .chain(options.admin_listen)
+        .find(|address| !address.ip().is_loopback())
+}
+
+/// The ids of the issuers of `policy` that trust a bundled demo key.
+pub(crate) fn demo_key_issuers(policy: &Policy) -> Vec<String> {
+    policy
+        .issuers
+        .iter()
+        .filter(|issuer| issuer.keys().has_demo_key())
+        .map(|issuer| issuer.id.to_string())
+        .collect()
 }
 
 /// SERVING once the issuers of the current policy have keys as `ready_when` asks; NOT_SERVING

@@ -32,16 +32,24 @@ pub type Hangup = ();
 /// Starts the reload task; with `watch_file`, the policy file is watched too. Returns the stop
 /// signal for the current key-refresh tasks; each successful reload stops those and starts
 /// refresh tasks for the new issuers.
+/// What the reload task watches and refuses.
+pub struct Watch {
+    /// Watch the policy file (besides SIGHUP).
+    pub file: bool,
+    /// The listener beyond loopback, when a policy trusting the bundled demo keys is refused.
+    pub refuse_demo_keys: Option<std::net::SocketAddr>,
+}
+
 pub fn spawn(
     hangup: Hangup,
     authorizer: Arc<Authorizer>,
     config_path: PathBuf,
     http: reqwest::Client,
-    watch_file: bool,
+    watching: Watch,
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let (refresh_tx, refresh_rx) = watch::channel(false);
-    let mut file = if watch_file {
+    let mut file = if watching.file {
         FileWatch::new(vec![config_path.clone()], "policy file")
     } else {
         FileWatch::disabled()
@@ -71,7 +79,14 @@ pub fn spawn(
                 vec![opentelemetry::KeyValue::new("stepgate.trigger", why)],
             );
             retry = None;
-            let result = reload(&authorizer, &config_path, &http, why).await;
+            let result = reload(
+                &authorizer,
+                &config_path,
+                &http,
+                why,
+                watching.refuse_demo_keys,
+            )
+            .await;
             if let Err(refusal) = &result {
                 span.failed(&refusal.error.to_string());
             }
@@ -137,6 +152,7 @@ async fn reload(
     path: &Path,
     http: &reqwest::Client,
     why: &str,
+    refuse_demo_keys: Option<std::net::SocketAddr>,
 ) -> Result<Vec<Arc<crate::identity::Issuer>>, Refusal> {
     // Read and compiled on a blocking thread: a large policy takes a while (10 000 rules about
     // 150 ms), and the worker running this task keeps serving its connections meanwhile.
@@ -198,6 +214,19 @@ async fn reload(
             ),
             retry_in: Some(NO_KEYS_RETRY),
         });
+    }
+    if let Some(address) = refuse_demo_keys
+        && let Some(index) = issuers.iter().position(|i| i.keys().has_demo_key())
+    {
+        return Err(config::ConfigError::new(
+            format!("issuers[{index}]"),
+            format!(
+                "issuer {:?} trusts the demo keys (examples/demo-keys), whose private keys are \
+                 published; they are not served on {address} without --allow-demo-keys",
+                issuers[index].id
+            ),
+        )
+        .into());
     }
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
