@@ -245,9 +245,20 @@ async fn load_inner(
     let http = issuer.http.as_ref().unwrap_or(http);
     let (bytes, max_age) = match &issuer.key_source {
         KeySource::File(path) => {
-            let bytes = tokio::fs::read(path)
+            // As the policy file is read: a regular file only (a FIFO in its place would hold the
+            // read for ever), off the serving threads, and no larger than a fetched key set.
+            let owned = path.clone();
+            let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+            let bytes = tokio::task::spawn_blocking(move || crate::config::read_file(&owned))
                 .await
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                .map_err(|e| cannot(&e))?
+                .map_err(|e| cannot(&e))?;
+            if bytes.len() > MAX_DOCUMENT_BYTES {
+                return Err(cannot(&format_args!(
+                    "larger than {} KiB",
+                    MAX_DOCUMENT_BYTES >> 10
+                )));
+            }
             (bytes, None)
         }
         KeySource::Uri(uri) => fetch(http, uri).await?,
@@ -701,7 +712,40 @@ mod tests {
         assert_eq!(next_refresh(&t, 30, &failed), t.refresh);
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_that_is_a_fifo_or_too_large_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("stepgate-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("jwks.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let large = dir.join("large.json");
+        std::fs::write(&large, vec![b' '; MAX_DOCUMENT_BYTES + 1]).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (file, why) in [(fifo, "not a regular file"), (large, "larger than")] {
+            let issuer = issuer_with(KeySource::File(file.clone()), KeyTiming::default());
+            let loaded = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), load(&issuer, &http_client())).await
+            });
+            let error = loaded
+                .expect("refused without waiting for a writer")
+                .unwrap_err();
+            assert!(error.contains(why), "{}: {error}", file.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn remote_issuer(uri: String, timing: KeyTiming) -> Arc<Issuer> {
+        issuer_with(KeySource::Uri(uri), timing)
+    }
+
+    fn issuer_with(key_source: KeySource, timing: KeyTiming) -> Arc<Issuer> {
         use super::super::issuer::{ChallengeStyle, EntraChallenge, IssuerSettings, Tenants};
         Arc::new(Issuer::new(IssuerSettings {
             id: "remote".into(),
@@ -718,7 +762,7 @@ mod tests {
                 realm: String::new(),
                 client_id: None,
             },
-            key_source: KeySource::Uri(uri),
+            key_source,
             timing,
             http: None,
         }))
