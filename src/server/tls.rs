@@ -115,14 +115,22 @@ impl Tls {
 
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
     pub fn spawn_reload(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
+        /// How long after a refused reload the files are read again (or at once when they change).
+        const RELOAD_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
         let tls = Arc::clone(self);
         let mut files = FileWatch::new(tls.settings.files(), "TLS certificate");
         tokio::spawn(async move {
+            // After a refused reload: when to read the same files again (a read that failed for
+            // a passing reason — a timeout, a key and certificate caught between two updates —
+            // is not left until the files change again or the certificate expires).
+            let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
             loop {
                 tokio::select! {
                     () = files.changed() => {}
+                    () = async { retry.as_mut().expect("guarded").await }, if retry.is_some() => {}
                     _ = stop.changed() => return,
                 }
+                retry = None;
                 // Off the serving threads, like the watch's own reads: the files are read again.
                 let settings = tls.settings.clone();
                 let building = tokio::task::spawn_blocking(move || build(&settings));
@@ -151,8 +159,10 @@ impl Tls {
                         metrics::global().record_tls_reload(false);
                         tracing::error!(
                             %error,
+                            retry_in = ?RELOAD_RETRY,
                             "TLS reload refused; the previous certificate keeps serving"
                         );
+                        retry = Some(Box::pin(tokio::time::sleep(RELOAD_RETRY)));
                     }
                 }
             }
