@@ -474,6 +474,58 @@ mod tests {
         }
     }
 
+    /// The twin of an upper-`s` signature verifies where the original does, by aws-lc's own
+    /// reading of both curves (a wrong curve order would make it fail).
+    #[test]
+    fn the_twin_of_a_real_signature_verifies_on_both_curves() {
+        use aws_lc_rs::{
+            rand::SystemRandom,
+            signature::{self, EcdsaKeyPair, KeyPair as _},
+        };
+        let rng = SystemRandom::new();
+        for (signing, verifying, alg) in [
+            (
+                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &signature::ECDSA_P256_SHA256_FIXED,
+                Algorithm::ES256,
+            ),
+            (
+                &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                &signature::ECDSA_P384_SHA384_FIXED,
+                Algorithm::ES384,
+            ),
+        ] {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &rng).unwrap();
+            let pair = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref()).unwrap();
+            let public = signature::UnparsedPublicKey::new(verifying, pair.public_key().as_ref());
+            let (mut upper, mut lower) = (0, 0);
+            while upper < 3 || lower < 3 {
+                let signed = pair.sign(&rng, b"h.p").unwrap();
+                let encoded = URL_SAFE_NO_PAD.encode(signed.as_ref());
+                let Some(twin) = lower_s_twin(alg, "h.p", &encoded) else {
+                    lower += 1;
+                    continue;
+                };
+                upper += 1;
+                let twin = URL_SAFE_NO_PAD
+                    .decode(twin.strip_prefix("h.p.").unwrap())
+                    .unwrap();
+                assert_ne!(twin, signed.as_ref());
+                assert_eq!(
+                    twin[..twin.len() / 2],
+                    signed.as_ref()[..twin.len() / 2],
+                    "same r"
+                );
+                public.verify(b"h.p", &twin).expect("the twin verifies");
+                assert_eq!(
+                    lower_s_twin(alg, "h.p", &URL_SAFE_NO_PAD.encode(&twin)),
+                    None,
+                    "the twin has the lower s"
+                );
+            }
+        }
+    }
+
     #[test]
     fn only_an_upper_s_of_an_ecdsa_signature_has_a_twin() {
         let signature = |s: &[u8]| URL_SAFE_NO_PAD.encode([&[7u8; 32][..], s].concat());
