@@ -438,6 +438,49 @@ async fn a_connection_that_never_calls_is_closed_after_the_handshake_timeout() {
     );
 }
 
+/// A connection is told to go away at `--max-connection-age` however busy it is (so that a
+/// proxy's long-lived connections spread over replicas added since, and a client certificate is
+/// checked again), its calls answered to the last.
+#[tokio::test]
+async fn a_busy_connection_is_told_to_go_away_at_its_maximum_age() {
+    let server = serve(&["--max-connection-age", "1s"]).await;
+    let (mut busy, driver) = connect_watched(&server).await;
+    let check = frame(&allowed_check());
+    let started = Instant::now();
+    let mut answered = 0;
+    while !driver.is_finished() && started.elapsed() < Duration::from_secs(5) {
+        let Ok(ready) = busy.clone().ready().await else {
+            break;
+        };
+        busy = ready;
+        let Ok((response, mut stream)) = busy.send_request(call(CHECK, &[]), false) else {
+            break;
+        };
+        if stream.send_data(Bytes::from(check.clone()), true).is_err() {
+            break;
+        }
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(2), response).await {
+            assert_eq!(answer.status(), 200);
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        driver.is_finished(),
+        "the connection is still open after 5 s"
+    );
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_millis(800),
+        "closed after {lived:?}, before its age"
+    );
+    assert!(
+        answered >= 5,
+        "calls were answered while it lived: {answered}"
+    );
+}
+
 /// The kernel's timer on the server's end of the connection from `client_port` to
 /// `server_port`, from /proc/net/tcp: (which timer, clock ticks until it fires).
 fn server_socket_timer(server_port: u16, client_port: u16) -> Option<(u32, u64)> {

@@ -131,6 +131,11 @@ struct ServeArgs {
     /// A connection with no call for this long is closed (HTTP/2 GOAWAY; e.g. 5m, 30s).
     #[arg(long, env = "STEPGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     idle_timeout: Duration,
+    /// A connection open this long (give or take a tenth) is told to go away however busy, so
+    /// that proxies spread over replicas added since and client certificates are checked again
+    /// (0: never; e.g. 30m).
+    #[arg(long, env = "STEPGATE_MAX_CONNECTION_AGE", default_value = "30m", value_parser = parse_duration)]
+    max_connection_age: Duration,
     /// Longest a call may take, reading its request included (e.g. 5s, 750ms).
     #[arg(long, env = "STEPGATE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     request_timeout: Duration,
@@ -422,6 +427,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             handshake_timeout: args.handshake_timeout,
             max_buffered_bytes: args.max_buffered_bytes,
             idle_timeout: args.idle_timeout,
+            max_connection_age: args.max_connection_age,
         },
     };
     let served = runtime.block_on(server::run(options, policy));

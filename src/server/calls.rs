@@ -271,6 +271,7 @@ pub async fn serve(
         let (open, mut closing) = (open.clone(), closing.clone());
         let (idle_timeout, drain) = (limits.idle_timeout, limits.request_timeout + DRAIN_GRACE);
         let first_call_within = limits.handshake_timeout;
+        let max_age = jittered(limits.max_connection_age);
         tokio::spawn(async move {
             let _open = open;
             let mut served = std::pin::pin!(served);
@@ -282,6 +283,10 @@ pub async fn serve(
                 () = closed => None,
                 () = activity.idle_for(first_call_within, idle_timeout) => {
                     tracing::debug!("an idle gRPC connection is closed");
+                    None
+                }
+                () = async { tokio::time::sleep(max_age.expect("guarded")).await }, if max_age.is_some() => {
+                    tracing::debug!("a gRPC connection reached its maximum age");
                     None
                 }
                 () = activity.unread.notified() => None,
@@ -311,6 +316,20 @@ pub async fn serve(
     }
     drop(open);
     let _ = all_closed.recv().await;
+}
+
+/// `age` give or take a tenth, so that the connections opened together (a proxy's, at its start)
+/// do not all go away at once; `None` for zero (connections never age out).
+fn jittered(age: Duration) -> Option<Duration> {
+    if age.is_zero() {
+        return None;
+    }
+    // Not for secrecy: spread only. The clock's nanoseconds, mixed.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = u64::from(nanos.wrapping_mul(2_654_435_761)) % 2001; // 0..=2000
+    Some(age.mul_f64(0.9 + spread as f64 / 10_000.0))
 }
 
 /// The HTTP/2 settings of every connection (tonic's, as stepgate configured them before), and
@@ -662,5 +681,33 @@ impl HttpBody for CallBody {
             }
             Self::Tonic(body) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connections_age_is_spread_over_a_tenth_either_side_and_zero_is_never() {
+        assert_eq!(jittered(Duration::ZERO), None);
+        let age = Duration::from_secs(1800);
+        let ages: Vec<Duration> = (0..200)
+            .map(|_| {
+                std::thread::sleep(Duration::from_micros(37));
+                jittered(age).expect("an age")
+            })
+            .collect();
+        assert!(
+            ages.iter()
+                .all(|a| (age.mul_f64(0.9)..=age.mul_f64(1.1)).contains(a)),
+            "{ages:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = ages.iter().collect();
+        assert!(
+            distinct.len() > 20,
+            "spread: {} distinct ages",
+            distinct.len()
+        );
     }
 }

@@ -105,6 +105,9 @@ pub struct TransportLimits {
     pub max_buffered_bytes: usize,
     /// A connection with no call for this long (between one and two of it) is told to go away.
     pub idle_timeout: Duration,
+    /// A connection open this long (give or take a tenth, so that many do not go at once) is
+    /// told to go away, however busy. Zero: never.
+    pub max_connection_age: Duration,
 }
 
 impl Default for TransportLimits {
@@ -119,6 +122,7 @@ impl Default for TransportLimits {
             handshake_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
+            max_connection_age: Duration::from_secs(30 * 60),
         }
     }
 }
