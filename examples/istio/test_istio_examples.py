@@ -90,6 +90,11 @@ def manifest() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def callers() -> list[dict]:
+    return load_all(DEPLOYMENT.with_name("stepgate-callers.yaml"))
+
+
+@pytest.fixture(scope="module")
 def deployment(manifest) -> dict:
     return only(manifest, "Deployment")
 
@@ -370,3 +375,56 @@ def test_manifest_validates_with_kubernetes_validate(manifest, version):
         except kubernetes_validate.ValidationError as e:
             errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
     assert not errors, f"invalid against Kubernetes {version}:\n" + "\n".join(errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may call stepgate (stepgate-callers.yaml)
+
+
+def test_stepgates_namespace_takes_mutual_tls_only(callers, deployment):
+    peer = only(callers, "PeerAuthentication")
+    assert peer["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert "selector" not in peer["spec"], "the whole namespace"
+
+
+def test_only_named_namespaces_reach_check_and_decide(callers, deployment, service, container):
+    policy = only(callers, "AuthorizationPolicy")
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert policy["spec"]["action"] == "ALLOW"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items(), "the policy selects stepgate's pods"
+    _, grpc_port = split_host_port(arg_value(container["args"], "--listen"))
+    _, metrics_port = split_host_port(arg_value(container["args"], "--metrics-listen"))
+    reachable = set()
+    for rule in policy["spec"]["rules"]:
+        for to in rule["to"]:
+            operation = to["operation"]
+            assert not set(operation) - OPERATION_FIELDS, operation
+            ports = {int(p) for p in operation["ports"]}
+            assert ports <= {grpc_port, metrics_port}, ports
+            if grpc_port in ports:
+                # The gRPC port only from named namespaces, and only for the two RPCs.
+                sources = [f["source"] for f in rule.get("from", [])]
+                assert sources and all(s.get("namespaces") for s in sources), rule
+                assert operation.get("paths"), "the gRPC port by RPC path"
+                reachable.update(operation["paths"])
+    assert reachable == {
+        "/envoy.service.auth.v3.Authorization/Check",
+        "/stepgate.v1.DecisionService/Decide",
+    }
+
+
+def test_the_protected_workloads_namespace_may_call_check(callers, policy_obj):
+    policy = only(callers, "AuthorizationPolicy")
+    check_sources = {
+        namespace
+        for rule in policy["spec"]["rules"]
+        if any("/envoy.service.auth.v3.Authorization/Check" in t["operation"].get("paths", []) for t in rule["to"])
+        for source in rule.get("from", [])
+        for namespace in source["source"]["namespaces"]
+    }
+    assert policy_obj["metadata"]["namespace"] in check_sources, (
+        "the sidecars authorization-policy.yaml sends to stepgate must be let in"
+    )
