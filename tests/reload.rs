@@ -53,11 +53,11 @@ async fn hup_and_wait(server: &Server, seen: usize, wanted: &str) -> serde_json:
     }
 }
 
-#[tokio::test]
-async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_change() {
-    let original = demo_policy_text();
-    let policy = TempPolicy::new("reload", &original);
-    // SIGHUP alone: the file watch is off, so each reload below is the signal's.
+/// A server of `policy` that reloads on SIGHUP alone (the file watch off, so each reload is the
+/// signal's), ready, a client, and a token whose wire transfer asks for a step-up under the demo.
+async fn serve_reloading_on_sighup(
+    policy: &TempPolicy,
+) -> (Server, DecisionServiceClient<Channel>, String) {
     let server = Server::spawn_with(
         &policy.path,
         Spawn {
@@ -66,8 +66,15 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
         },
     );
     server.wait_ready().await;
-    let mut client = DecisionServiceClient::new(server.channel().await);
-    let token = mint(&entra(&[], &["cp1"]));
+    let client = DecisionServiceClient::new(server.channel().await);
+    (server, client, mint(&entra(&[], &["cp1"])))
+}
+
+#[tokio::test]
+async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_change() {
+    let original = demo_policy_text();
+    let policy = TempPolicy::new("reload", &original);
+    let (server, mut client, token) = serve_reloading_on_sighup(&policy).await;
 
     let before = wire_transfer(&mut client, &token).await;
     assert_eq!(before.outcome(), Outcome::StepUp, "{before:?}");
@@ -152,16 +159,7 @@ async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_
 async fn a_policy_adding_an_issuer_without_keys_is_refused_until_its_keys_load() {
     let original = demo_policy_text();
     let policy = TempPolicy::new("reload-no-keys", &original);
-    let server = Server::spawn_with(
-        &policy.path,
-        Spawn {
-            args: vec!["--watch-config".into(), "false".into()],
-            ..Spawn::default()
-        },
-    );
-    server.wait_ready().await;
-    let mut client = DecisionServiceClient::new(server.channel().await);
-    let token = mint(&entra(&[], &["cp1"]));
+    let (server, mut client, token) = serve_reloading_on_sighup(&policy).await;
 
     let partner_keys = policy.path.with_file_name("partner-jwks.json");
     let with_partner = edit(
