@@ -74,6 +74,49 @@ async fn decide_as(server: &Server, token: &str) -> stepgate::api::v1::DecideRes
         .into_inner()
 }
 
+/// `admin.require` holds an admin token to a rule's requirement: the role alone does not lift a
+/// block; the same operator signed in with MFA recently does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_without_the_required_sign_in_is_refused() {
+    let text = demo_policy_text()
+        + &format!(
+            "\nadmin:\n  issuers: [demo-oidc]\n  roles: [\"{ADMIN_ROLE}\"]\n  require: {{ amr: [mfa], max_age: 15m }}\n"
+        );
+    let policy = TempPolicy::new("admin-require", &text);
+    let (_server, admin_url) = common::serve_with_admin(&policy.path, false).await;
+    let list = |token: &str| admin(&admin_url, &["list", "--bearer", token]);
+
+    let password_only = mint(&TokenSpec {
+        subject: "ops-oncall".to_owned(),
+        auth_age: Some(60),
+        ..oidc(&[ADMIN_ROLE], None, &["pwd"])
+    });
+    let (code, _, stderr) = list(&password_only);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("admin.require") && stderr.contains("missing_amr"),
+        "the refusal says what is missing: {stderr}"
+    );
+
+    let long_ago = mint(&TokenSpec {
+        subject: "ops-oncall".to_owned(),
+        auth_age: Some(3600),
+        ..oidc(&[ADMIN_ROLE], None, &["pwd", "mfa"])
+    });
+    let (code, _, stderr) = list(&long_ago);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("auth_too_old"), "{stderr}");
+
+    let stepped_up = mint(&TokenSpec {
+        subject: "ops-oncall".to_owned(),
+        auth_age: Some(60),
+        ..oidc(&[ADMIN_ROLE], None, &["pwd", "mfa"])
+    });
+    let (code, listed, stderr) = list(&stepped_up);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(listed.is_object() || listed.is_array(), "{listed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     let (_policy, server, admin_url) = start_with_admin(true).await;
@@ -325,17 +368,34 @@ async fn callers_without_the_right_credential_are_refused() {
 }
 
 #[test]
-fn an_admin_section_naming_an_unknown_issuer_is_refused_with_its_field() {
-    let text = demo_policy_text() + "\nadmin: { issuers: [nobody], roles: [x] }\n";
-    let policy = TempPolicy::new("admin-bad", &text);
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&policy.path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("admin.issuers[0]"), "{stderr}");
+fn an_admin_section_naming_an_unknown_issuer_or_an_unread_requirement_is_refused_with_its_field() {
+    for (admin, field) in [
+        ("{ issuers: [nobody], roles: [x] }", "admin.issuers[0]"),
+        ("{ require: { amr: [mfa] } }", "admin.require"),
+        (
+            "{ issuers: [demo-oidc], roles: [x], require: { claims: { dept: ops } } }",
+            "admin.require.claims",
+        ),
+        (
+            "{ issuers: [demo-oidc], roles: [x], require: { when: 'true' } }",
+            "admin.require.when",
+        ),
+        (
+            "{ issuers: [demo-oidc], roles: [x], require: { auth_contexts: [c9] } }",
+            "admin.require.auth_contexts[0]",
+        ),
+    ] {
+        let text = demo_policy_text() + &format!("\nadmin: {admin}\n");
+        let policy = TempPolicy::new("admin-bad", &text);
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&policy.path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{admin}: {stderr}");
+        assert!(stderr.contains(field), "{admin}: {stderr}");
+    }
 }
 
 /// A demo token of `spec` whose `iat` is `iat`.

@@ -233,6 +233,9 @@ pub struct AdminConfig {
     /// Roles (the token's `roles`) that grant the admin API.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// What an admin token must show besides its role, as a rule's `require` (scopes, roles,
+    /// auth_contexts, acr, amr, max_age): a step-up for lifting a block or revoking sessions.
+    pub require: Option<RequireConfig>,
 }
 
 /// `explain` on `Decide`: off unless enabled, and then only for the callers named here (either

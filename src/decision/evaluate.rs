@@ -58,6 +58,30 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
     fit_proxy_header_limit(policy, request, decision)
 }
 
+/// What `rule` answers a token that is already verified, with no request around it: the admin
+/// API's own requirement (`admin.require`), held to exactly what a rule's `require` is held to.
+pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i64) -> Decision {
+    let mut run = Run {
+        policy,
+        explain: None,
+        fingerprint: None,
+        token_cached: None,
+        now_ms: now.saturating_mul(1000),
+        shadows: Vec::new(),
+        verified: None,
+    };
+    let request = AccessRequest::default();
+    let input = CelInput::new(&policy.cel, &request, None, Some(&token.claims), now);
+    let keys = Keys {
+        subject: Some(&token.principal.subject),
+        tenant: token.principal.tenant.as_deref(),
+        client_id: token.principal.client_id.as_deref(),
+        token: None,
+        source: None,
+    };
+    run.apply_rule(rule, Some(token), &input, now, &keys)
+}
+
 /// Envoy refuses (500) an allowed request once the headers stepgate adds push it over its
 /// `max_headers_count`; a clear 431 is the better answer. Only `Check` requests carry a count.
 fn fit_proxy_header_limit(

@@ -10,7 +10,7 @@ mod tests;
 
 use std::{borrow::Cow, sync::Arc};
 
-pub use evaluate::{decide, decide_at};
+pub use evaluate::{decide, decide_at, decide_token};
 pub use reason::Reason;
 
 use crate::identity::{Principal, VerifiedToken};

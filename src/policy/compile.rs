@@ -111,7 +111,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     }
     let upstream = compile_upstream(&file.upstream)?;
     let explain = compile_explain(&file.explain)?;
-    let admin = compile_admin(&file.admin, &issuers)?;
+    let admin = compile_admin(&file.admin, &issuers, &cel, &auth_contexts)?;
     let risk = super::risk::compile_risk(&file.risk, &cel, &auth_contexts)?;
     super::risk::check_risk_reads(&rules, &risk)?;
     super::risk::check_acr_lists(&rules, &risk)?;
@@ -164,7 +164,12 @@ fn check_sans(sans: &[String], path: &str) -> Result<()> {
     Ok(())
 }
 
-fn compile_admin(config: &schema::AdminConfig, issuers: &Issuers) -> Result<AdminAccess> {
+fn compile_admin(
+    config: &schema::AdminConfig,
+    issuers: &Issuers,
+    cel: &Arc<cel::Env>,
+    declared: &BTreeMap<String, AuthContext>,
+) -> Result<AdminAccess> {
     check_sans(&config.client_sans, "admin.client_sans")?;
     for (i, id) in config.issuers.iter().enumerate() {
         if issuers.by_id(id).is_none() {
@@ -183,10 +188,40 @@ fn compile_admin(config: &schema::AdminConfig, issuers: &Issuers) -> Result<Admi
     if config.roles.iter().any(|r| r.trim().is_empty()) {
         return err("admin.roles", "a role must not be empty");
     }
+    let rule = match &config.require {
+        None => None,
+        Some(_) if config.roles.is_empty() => {
+            return err(
+                "admin.require",
+                "applies to admin tokens: name their issuers and roles (admin.issuers, admin.roles)",
+            );
+        }
+        Some(require) => {
+            // What a token shows, nothing of a request: no claim or condition (their claims are
+            // not kept for the admin API).
+            if !require.claims.is_empty() {
+                return err("admin.require.claims", "not read for the admin API");
+            }
+            if require.when.is_some() {
+                return err("admin.require.when", "not read for the admin API");
+            }
+            Some(Rule {
+                id: "admin".into(),
+                description: "the admin API".to_owned(),
+                matchers: Vec::new(),
+                issuers: config.issuers.clone(),
+                allow_anonymous: false,
+                require: compile_requirement(require, "admin.require", cel, declared)?,
+                escalate: Vec::new(),
+                shadow: false,
+            })
+        }
+    };
     Ok(AdminAccess {
         client_sans: config.client_sans.clone(),
         issuers: config.issuers.clone(),
         roles: config.roles.clone(),
+        rule,
     })
 }
 

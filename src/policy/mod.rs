@@ -223,11 +223,14 @@ impl ExplainAccess {
 
 /// Who may call the admin API: a verified client certificate naming one of `client_sans`, or a
 /// token of one of `issuers` carrying one of `roles`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct AdminAccess {
     pub client_sans: Vec<String>,
     pub issuers: Vec<String>,
     pub roles: Vec<String>,
+    /// `admin.require`, as a rule a token calling the admin API must meet (`None`: the role
+    /// suffices).
+    pub rule: Option<Rule>,
 }
 
 impl AdminAccess {

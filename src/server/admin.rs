@@ -110,6 +110,18 @@ impl Admin {
                 "the token's issuer and roles grant no admin right (admin.issuers, admin.roles)",
             ));
         }
+        // A role is not a sign-in: `admin.require` may ask for a step-up (an authentication
+        // context, an acr, a recent sign-in) before a block is lifted or a session revoked.
+        if let Some(rule) = &admin.rule {
+            let decision = crate::decision::decide_token(&policy, rule, &token, now);
+            if !decision.is_allow() {
+                return Err(Status::permission_denied(format!(
+                    "the admin API asks for more than this token shows (admin.require): {}: {}",
+                    decision.reason.as_str(),
+                    decision.message
+                )));
+            }
+        }
         let by = format!("token:{}/{}", principal.issuer_id, principal.subject);
         // Held to what its decisions are held to: a stolen operator's token, once blocked or
         // revoked, must not be able to lift its block or block whoever is responding.
