@@ -76,6 +76,7 @@ impl Condition {
         let program = env
             .compile(source)
             .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
+        check_patterns(program.expression())?;
         let references = program.references();
         let uses = Uses {
             request: references.has_variable("request"),
@@ -425,6 +426,38 @@ fn is_field(e: &cel::IdedExpr, variable: &str, field: &str) -> bool {
 }
 
 /// A string literal's text.
+/// `matches()` compiles its pattern each time it runs. A literal pattern is checked here, once,
+/// so that a policy with an invalid one is refused rather than answering `condition_error` on
+/// every request; a pattern built at run time (from a header, a claim) is refused: it would have
+/// stepgate compile a regular expression a caller wrote, on every request.
+fn check_patterns(e: &cel::IdedExpr) -> Result<(), String> {
+    use cel::common::ast::Expr;
+    let mut problem = None;
+    for_each_expr(e, &mut |e| {
+        let Expr::Call(call) = &e.expr else { return };
+        if call.func_name != "matches" || problem.is_some() {
+            return;
+        }
+        // `text.matches(pattern)` or `matches(text, pattern)`.
+        let pattern = if call.target.is_some() {
+            call.args.first()
+        } else {
+            call.args.get(1)
+        };
+        problem = match pattern.and_then(string_literal) {
+            None => Some(
+                "matches() takes its pattern as a string literal: a pattern built from the \
+                 request would be a regular expression a caller writes"
+                    .to_owned(),
+            ),
+            Some(literal) => regex::Regex::new(literal)
+                .err()
+                .map(|err| format!("matches() pattern {literal:?} is not a valid regex: {err}")),
+        };
+    });
+    problem.map_or(Ok(()), Err)
+}
+
 fn string_literal(e: &cel::IdedExpr) -> Option<&str> {
     use cel::common::ast::{Expr, LiteralValue};
     match &e.expr {
@@ -600,6 +633,42 @@ mod tests {
         fn borrowed_values_are_what_cel_would_make(json in any_json()) {
             let reference: Box<dyn Val> = cel::to_value(json.clone()).unwrap().try_into().unwrap();
             proptest::prop_assert!(same(&*json_val(&json), &*reference), "{json}");
+        }
+    }
+
+    #[test]
+    fn matches_takes_a_valid_literal_pattern_only() {
+        let env = environment();
+        assert_eq!(
+            eval(
+                "claims.dept.matches('^ops-[a-z]+$')",
+                json!({}),
+                json!({"dept": "ops-eu"})
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                "matches(claims.dept, '^ops-')",
+                json!({}),
+                json!({"dept": "sales"})
+            ),
+            Ok(false)
+        );
+        for (source, why) in [
+            ("claims.dept.matches(claims.pattern)", "string literal"),
+            (
+                "matches(claims.dept, request.attributes.p)",
+                "string literal",
+            ),
+            (
+                "claims.dept.matches('^ops-' + claims.region)",
+                "string literal",
+            ),
+            ("claims.dept.matches('(unclosed')", "not a valid regex"),
+        ] {
+            let refused = Condition::compile(&env, source).map(|_| ()).unwrap_err();
+            assert!(refused.contains(why), "{source}: {refused}");
         }
     }
 
