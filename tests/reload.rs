@@ -200,65 +200,116 @@ async fn a_policy_adding_an_issuer_without_keys_is_refused_until_its_keys_load()
 /// An RSA public key that is not one of the bundled demo keys (nobody here holds its private key).
 const OTHER_KEY_SET: &str = r#"{"keys":[{"kty":"RSA","kid":"other-1","alg":"RS256","use":"sig","n":"u1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0_IzW7yWR7QkrmBL7jTKEn5u-qKhbwKfBstIs-bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyehkd3qqGElvW_VDL5AaWTg0nLVkjRo9z-40RQzuVaE8AkAFmxZzow3x-VJYKdjykkJ0iT9wCS0DRTXu269V264Vf_3jvredZiKRkgwlL9xNAwxXFg0x_XFw005UWVRIkdgcKWTjpBP2dPwVZ4WWC-9aGVd-Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbcmw","e":"AQAB"}]}"#;
 
+/// `stepgate serve` of `policy` on 0.0.0.0 (beyond loopback), its stderr read line by line.
+struct Exposed {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Exposed {
+    fn start(policy: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(common::bin())
+            .args(["serve", "--config"])
+            .arg(policy)
+            .args(["--listen", "0.0.0.0:0", "--watch-config", "false"])
+            .env_remove("RUST_LOG")
+            .env_remove("STEPGATE_ALLOW_DEMO_KEYS")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting stepgate serve");
+        let (sender, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Waits (20 s at most) until the log holds `wanted`.
+    fn wait_for(&mut self, wanted: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.contains(wanted) {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => self.log.push_str(&(line + "\n")),
+                Err(_) => assert!(Instant::now() < deadline, "no {wanted:?} in:\n{}", self.log),
+            }
+        }
+    }
+
+    fn hangup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Exposed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Served beyond loopback without `--allow-demo-keys`, a reload to a policy trusting the bundled
 /// demo keys (whose private halves are published) is refused, as starting with one would be.
 #[test]
 fn a_reload_to_the_demo_keys_beyond_loopback_is_refused() {
-    use std::io::BufRead as _;
     let policy = TempPolicy::new("reload-demo-keys", &demo_policy_text());
     let other_keys = policy.path.with_file_name("other-jwks.json");
     std::fs::write(&other_keys, OTHER_KEY_SET).unwrap();
-    let without_demo = demo_policy_text().replace(
+    policy.write(&demo_policy_text().replace(
         &format!("jwks_file: {}", common::jwks_path().display()),
         &format!("jwks_file: {}", other_keys.display()),
-    );
-    policy.write(&without_demo);
-    let mut child = std::process::Command::new(common::bin())
-        .args(["serve", "--config"])
-        .arg(&policy.path)
-        .args(["--listen", "0.0.0.0:0", "--watch-config", "false"])
-        .env_remove("RUST_LOG")
-        .env_remove("STEPGATE_ALLOW_DEMO_KEYS")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting stepgate serve");
-    let (lines, received) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = String::new();
-    let mut wait_for = |wanted: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !log.contains(wanted) {
-            match received.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => log.push_str(&(line + "\n")),
-                Err(_) => assert!(Instant::now() < deadline, "no {wanted:?} in:\n{log}"),
-            }
-        }
-    };
-    wait_for("stepgate listening on");
+    ));
+    let mut server = Exposed::start(&policy.path);
+    server.wait_for("stepgate listening on");
     policy.write(&demo_policy_text());
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    wait_for("policy reload refused");
-    let _ = child.kill();
-    let _ = child.wait();
+    server.hangup();
+    server.wait_for("policy reload refused");
     assert!(
-        log.contains("--allow-demo-keys") && log.contains("issuers[0]"),
-        "the refusal names the issuer and the way out:\n{log}"
+        server.log.contains("--allow-demo-keys") && server.log.contains("issuers[0]"),
+        "the refusal names the issuer and the way out:\n{}",
+        server.log
+    );
+}
+
+/// Demo keys arriving after the start (here a key file that appears, read again on SIGHUP; a
+/// refresh or an unknown-`kid` fetch take the same way) are refused beyond loopback too.
+#[test]
+fn demo_keys_arriving_after_the_start_are_refused_beyond_loopback() {
+    let policy = TempPolicy::new("late-demo-keys", &demo_policy_text());
+    let late_keys = policy.path.with_file_name("late-jwks.json");
+    policy.write(&demo_policy_text().replace(
+        &format!("jwks_file: {}", common::jwks_path().display()),
+        &format!("jwks_file: {}", late_keys.display()),
+    ));
+    let mut server = Exposed::start(&policy.path);
+    server.wait_for("stepgate listening on");
+    std::fs::copy(common::jwks_path(), &late_keys).unwrap();
+    server.hangup();
+    server.wait_for("not trusted while serving on 0.0.0.0");
+    server.wait_for("policy reloaded");
+    assert!(
+        !server.log.contains("loaded signing keys"),
+        "no key set was installed:\n{}",
+        server.log
     );
 }
 

@@ -72,6 +72,11 @@ pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
 /// [`MAX_FILE_BYTES`]. Anything else — a FIFO, a socket, a device, a folder, a larger file — is
 /// an error, found before a byte is read: opening does not wait for a FIFO's writer.
 pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_file_at_most(path, MAX_FILE_BYTES)
+}
+
+/// [`read_file`] with another bound: a file over `max` bytes is refused unread.
+pub fn read_file_at_most(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -90,15 +95,19 @@ pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
     let too_large = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("larger than {} MiB", MAX_FILE_BYTES >> 20),
+            if max.is_multiple_of(1 << 20) {
+                format!("larger than {} MiB", max >> 20)
+            } else {
+                format!("larger than {} KiB", max >> 10)
+            },
         )
     };
-    if metadata.len() > MAX_FILE_BYTES {
+    if metadata.len() > max {
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(metadata.len() as usize);
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
         return Err(too_large());
     }
     Ok(bytes)

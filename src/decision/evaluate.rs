@@ -72,10 +72,12 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
     };
     let request = AccessRequest::default();
     let input = CelInput::new(&policy.cel, &request, None, Some(&token.claims), now);
+    // Risk signals are about the API's traffic: a count anyone holding a token of an operator's
+    // subject can raise must not lock the operators out of the admin API.
     let keys = Keys {
-        subject: Some(&token.principal.subject),
-        tenant: token.principal.tenant.as_deref(),
-        client_id: token.principal.client_id.as_deref(),
+        subject: None,
+        tenant: None,
+        client_id: None,
         token: None,
         source: None,
     };

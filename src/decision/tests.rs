@@ -2502,6 +2502,79 @@ fn fingerprint_names_the_presented_token_without_revealing_it() {
     );
 }
 
+/// `admin.require` is held to a rule's requirement, but not to the risk signals: a count that
+/// anyone holding a token of an operator's subject can raise must not lock the operators out of
+/// the admin API, while it still raises what the API asks of that subject.
+#[test]
+fn risk_signals_do_not_reach_the_admin_apis_own_requirement() {
+    let text = DEMO_POLICY.replace(
+        "      threshold: 10\n      action: log                        # then: action: step_up, require: { auth_contexts: [c3] }",
+        "      threshold: 1\n      action: step_up\n      require: { auth_contexts: [c3] }",
+    ) + "\nadmin:\n  issuers: [demo-oidc]\n  roles: [Admin]\n  require: { amr: [mfa] }\n";
+    assert_ne!(
+        text,
+        format!(
+            "{DEMO_POLICY}\nadmin:\n  issuers: [demo-oidc]\n  roles: [Admin]\n  require: {{ amr: [mfa] }}\n"
+        ),
+        "the signal was made to enforce"
+    );
+    let policy = compile_policy(&text);
+    let admin_rule = policy.admin.rule.as_ref().expect("admin.require compiled");
+
+    // The operator's subject is prompted once: the signal now asks its API requests for c3.
+    let prompted = TokenSpec {
+        subject: "bob".to_owned(),
+        ..entra_user(&[])
+    };
+    let request = op_request(&rs256(&prompted), "payments.wire_transfer", json!({}));
+    let step_up = decide(&policy, &request, NOW);
+    assert_eq!(step_up.outcome, Outcome::StepUp, "{step_up:#?}");
+    policy
+        .risk
+        .record(&request, &step_up, NOW * 1000, |_, _, _| {});
+    let with_c1 = TokenSpec {
+        subject: "bob".to_owned(),
+        ..entra_user(&["c1"])
+    };
+    let raised = decide(
+        &policy,
+        &op_request(&rs256(&with_c1), "payments.wire_transfer", json!({})),
+        NOW,
+    );
+    assert_eq!(
+        raised.outcome,
+        Outcome::StepUp,
+        "the signal is in force: {raised:#?}"
+    );
+
+    // The operator's admin token meets admin.require all the same.
+    let admin = decide(
+        &policy,
+        &op_request(&rs256(&oidc_admin()), "reports.read", json!({})),
+        NOW,
+    );
+    let token = admin.verified.expect("the admin token verifies");
+    assert_eq!(token.principal.subject.as_ref(), "bob");
+    let d = super::decide_token(&policy, admin_rule, &token, NOW);
+    assert_eq!(
+        (d.outcome, d.reason),
+        (Outcome::Allow, Reason::Allowed),
+        "{d:#?}"
+    );
+    // And is still held to it.
+    let password_only = TokenSpec {
+        amr: strings(&["pwd"]),
+        ..oidc_admin()
+    };
+    let weak = decide(
+        &policy,
+        &op_request(&rs256(&password_only), "reports.read", json!({})),
+        NOW,
+    );
+    let d = super::decide_token(&policy, admin_rule, &weak.verified.unwrap(), NOW);
+    assert_eq!(d.reason, Reason::MissingAmr, "{d:#?}");
+}
+
 /// The other valid ECDSA signature of a P-256 token: `(r, s)` made `(r, n − s)`, worked out here
 /// byte by byte, apart from the code under test.
 fn other_p256_signature(token: &str) -> String {

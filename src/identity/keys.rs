@@ -34,6 +34,17 @@ const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 /// kids must not grow memory).
 const MAX_UNKNOWN_KIDS: usize = 4096;
 
+/// The listener beyond loopback on which key sets holding a bundled demo key are refused, set
+/// once when serving starts: keys arriving later (a refresh, an unknown-`kid` fetch, a reload)
+/// are held to what the keys at start were.
+static DEMO_KEYS_REFUSED: OnceLock<Option<std::net::SocketAddr>> = OnceLock::new();
+
+/// Refuses every key set holding a bundled demo key from now on, naming `address` (the
+/// listener beyond loopback it would be served on); `None` leaves them trusted (with a warning).
+pub fn refuse_demo_keys(address: Option<std::net::SocketAddr>) {
+    let _ = DEMO_KEYS_REFUSED.set(address);
+}
+
 /// CAs trusted besides the bundled web roots by the shared client (`--idp-ca`).
 static EXTRA_ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
 
@@ -249,16 +260,12 @@ async fn load_inner(
             // read for ever), off the serving threads, and no larger than a fetched key set.
             let owned = path.clone();
             let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
-            let bytes = tokio::task::spawn_blocking(move || crate::config::read_file(&owned))
-                .await
-                .map_err(|e| cannot(&e))?
-                .map_err(|e| cannot(&e))?;
-            if bytes.len() > MAX_DOCUMENT_BYTES {
-                return Err(cannot(&format_args!(
-                    "larger than {} KiB",
-                    MAX_DOCUMENT_BYTES >> 10
-                )));
-            }
+            let bytes = tokio::task::spawn_blocking(move || {
+                crate::config::read_file_at_most(&owned, MAX_DOCUMENT_BYTES as u64)
+            })
+            .await
+            .map_err(|e| cannot(&e))?
+            .map_err(|e| cannot(&e))?;
             (bytes, None)
         }
         KeySource::Uri(uri) => fetch(http, uri).await?,
@@ -298,6 +305,13 @@ async fn load_inner(
         return Err("the key set holds no usable signing key".to_owned());
     }
     if set.has_demo_key() {
+        if let Some(address) = DEMO_KEYS_REFUSED.get().copied().flatten() {
+            return Err(format!(
+                "the key set holds a demo key (examples/demo-keys), whose private key is \
+                 published; it is not trusted while serving on {address} without \
+                 --allow-demo-keys"
+            ));
+        }
         tracing::warn!(
             issuer = %issuer.id,
             "DEMO KEY IN USE: issuer {:?} trusts the demo signing key shipped with stepgate; \

@@ -166,6 +166,8 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             demo.join(", ")
         );
     }
+    // From now on, a key set holding a demo key is refused wherever it comes from.
+    keys::refuse_demo_keys(exposed.filter(|_| !options.allow_demo_keys));
     if !without_keys.is_empty() {
         tracing::warn!(
             issuers = ?without_keys,
@@ -247,10 +249,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         Arc::clone(&authorizer),
         options.config.clone(),
         http.clone(),
-        reload::Watch {
-            file: options.watch_config,
-            refuse_demo_keys: exposed.filter(|_| !options.allow_demo_keys),
-        },
+        options.watch_config,
         stop_rx.clone(),
     );
     keys::spawn_refresh(issuers, http, refresh_stop);

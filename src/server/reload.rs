@@ -32,24 +32,16 @@ pub type Hangup = ();
 /// Starts the reload task; with `watch_file`, the policy file is watched too. Returns the stop
 /// signal for the current key-refresh tasks; each successful reload stops those and starts
 /// refresh tasks for the new issuers.
-/// What the reload task watches and refuses.
-pub struct Watch {
-    /// Watch the policy file (besides SIGHUP).
-    pub file: bool,
-    /// The listener beyond loopback, when a policy trusting the bundled demo keys is refused.
-    pub refuse_demo_keys: Option<std::net::SocketAddr>,
-}
-
 pub fn spawn(
     hangup: Hangup,
     authorizer: Arc<Authorizer>,
     config_path: PathBuf,
     http: reqwest::Client,
-    watching: Watch,
+    watch_file: bool,
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let (refresh_tx, refresh_rx) = watch::channel(false);
-    let mut file = if watching.file {
+    let mut file = if watch_file {
         FileWatch::new(vec![config_path.clone()], "policy file")
     } else {
         FileWatch::disabled()
@@ -59,6 +51,9 @@ pub fn spawn(
         let mut hup = hangup;
         // After a policy refused only because an issuer of it got no keys: when to try it again.
         let mut retry: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // Tries of the same refused file in a row: each waits twice as long as the one before
+        // (every try loads every issuer's keys again), up to 16 × NO_KEYS_RETRY.
+        let mut retries: u32 = 0;
         loop {
             let why = tokio::select! {
                 () = hangup_signal(&mut hup) => {
@@ -67,7 +62,8 @@ pub fn spawn(
                 }
                 () = file.changed() => "the file changed",
                 () = async { retry.as_mut().expect("guarded").await }, if retry.is_some() => {
-                    "retrying a policy whose issuer had no keys"
+                    retries += 1;
+                    RETRYING
                 }
                 _ = stop.changed() => {
                     let _ = refresh_tx.send(true);
@@ -78,15 +74,11 @@ pub fn spawn(
                 "stepgate policy reload",
                 vec![opentelemetry::KeyValue::new("stepgate.trigger", why)],
             );
+            if why != RETRYING {
+                retries = 0;
+            }
             retry = None;
-            let result = reload(
-                &authorizer,
-                &config_path,
-                &http,
-                why,
-                watching.refuse_demo_keys,
-            )
-            .await;
+            let result = reload(&authorizer, &config_path, &http, why).await;
             if let Err(refusal) = &result {
                 span.failed(&refusal.error.to_string());
             }
@@ -107,7 +99,8 @@ pub fn spawn(
                         trigger = why,
                         "policy reload refused; the previous policy keeps serving"
                     );
-                    retry = retry_in.map(|wait| Box::pin(tokio::time::sleep(wait)));
+                    retry = retry_in
+                        .map(|wait| Box::pin(tokio::time::sleep(wait * (1 << retries.min(4)))));
                 }
             }
         }
@@ -128,9 +121,13 @@ async fn hangup_signal(_: &mut Hangup) {
     std::future::pending::<()>().await;
 }
 
-/// How long after a policy refused for an issuer without keys the same file is tried again (a
-/// change of the file or SIGHUP tries it at once).
+/// How long after a policy refused for an issuer without keys the same file is tried again, the
+/// first time (then twice as long each time, up to 8 minutes; a change of the file or SIGHUP
+/// tries it at once).
 pub const NO_KEYS_RETRY: Duration = Duration::from_secs(30);
+
+/// The trigger of a retry.
+const RETRYING: &str = "retrying a policy whose issuer had no keys";
 
 /// Why a reload was refused, and whether trying the same file again later may succeed.
 struct Refusal {
@@ -152,7 +149,6 @@ async fn reload(
     path: &Path,
     http: &reqwest::Client,
     why: &str,
-    refuse_demo_keys: Option<std::net::SocketAddr>,
 ) -> Result<Vec<Arc<crate::identity::Issuer>>, Refusal> {
     // Read and compiled on a blocking thread: a large policy takes a while (10 000 rules about
     // 150 ms), and the worker running this task keeps serving its connections meanwhile.
@@ -206,27 +202,14 @@ async fn reload(
                 format!("issuers[{index}]"),
                 format!(
                     "no signing keys could be loaded for issuer {:?} (the key load error is \
-                     logged above); tried again in {}s, or at once on SIGHUP or a change of the \
-                     file",
+                     logged above); tried again in {}s and then less often (up to every 8 \
+                     minutes), or at once on SIGHUP or a change of the file",
                     issuer.id,
                     NO_KEYS_RETRY.as_secs()
                 ),
             ),
             retry_in: Some(NO_KEYS_RETRY),
         });
-    }
-    if let Some(address) = refuse_demo_keys
-        && let Some(index) = issuers.iter().position(|i| i.keys().has_demo_key())
-    {
-        return Err(config::ConfigError::new(
-            format!("issuers[{index}]"),
-            format!(
-                "issuer {:?} trusts the demo keys (examples/demo-keys), whose private keys are \
-                 published; they are not served on {address} without --allow-demo-keys",
-                issuers[index].id
-            ),
-        )
-        .into());
     }
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
