@@ -1328,6 +1328,24 @@ def test_notes_warn_when_signals_trust_sources_that_any_caller_of_check_names():
         assert warning not in rendered(name).notes, name
 
 
+def test_notes_warn_when_nothing_restricts_who_reaches_the_grpc_port():
+    warning = "WARNING: neither networkPolicy nor checkCallers restricts who reaches the gRPC port"
+    assert warning in chart_render.template({}).notes
+    for values in (
+        {"networkPolicy": {"enabled": True, "grpcNamespaces": ["gateways"]}},
+        {"checkCallers": {"networks": ["10.0.0.0/8"]}},
+    ):
+        assert warning not in chart_render.template(values).notes, values
+    for name in CASES:
+        c = case_values(name)
+        restricted = (
+            c.get("networkPolicy", {}).get("enabled")
+            or c.get("checkCallers", {}).get("networks")
+            or c.get("checkCallers", {}).get("clientSANs")
+        )
+        assert (warning in rendered(name).notes) == (not restricted), name
+
+
 @pytest.mark.parametrize("name", [name for name in CASES if CASES[name].mutual_tls])
 def test_notes_envoy_client_certificate_must_name_a_check_caller_san(name):
     _, sans = check_callers_of(name)
