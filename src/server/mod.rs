@@ -427,7 +427,7 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
 fn exposed_listener(options: &ServeOptions) -> Option<SocketAddr> {
     std::iter::once(options.listen)
         .chain(options.admin_listen)
-        .find(|address| !address.ip().is_loopback())
+        .find(|address| !address.ip().to_canonical().is_loopback())
 }
 
 /// The ids of the issuers of `policy` that trust a bundled demo key.
