@@ -74,14 +74,7 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
     let input = CelInput::new(&policy.cel, &request, None, Some(&token.claims), now);
     // Risk signals are about the API's traffic: a count anyone holding a token of an operator's
     // subject can raise must not lock the operators out of the admin API.
-    let keys = Keys {
-        subject: None,
-        tenant: None,
-        client_id: None,
-        token: None,
-        source: None,
-    };
-    run.apply_rule(rule, Some(token), &input, now, &keys)
+    run.apply_rule(rule, Some(token), &input, now, &Keys::default())
 }
 
 /// Envoy refuses (500) an allowed request once the headers stepgate adds push it over its
@@ -1246,14 +1239,14 @@ fn matches(
 /// `ignore_port_in_host_matching` leaves the dot, which only `strip_trailing_host_dot` removes,
 /// and then stepgate never sees it).
 fn host_matches(
-    hosts: &[crate::policy::pattern::Wildcard],
+    hosts: &[crate::policy::pattern::HostPattern],
     http: &crate::request::HttpAttributes,
     routed: bool,
 ) -> Option<bool> {
     let route_on = http.host_as_routed(routed);
     // A pattern that names a port or a dot asks for the host as routed, in either reading.
     let plain = hosts.iter().any(|w| {
-        if names_port_or_dot(w.as_str()) {
+        if w.as_routed {
             w.matches(route_on)
         } else {
             w.matches(&http.host)
@@ -1264,18 +1257,6 @@ fn host_matches(
     }
     let by_route = hosts.iter().any(|w| w.matches(route_on));
     (by_route == plain).then_some(plain)
-}
-
-/// Whether a host pattern names a port (`host:8443`, `host:*`, `[::1]:80`) or ends in a dot, and
-/// so matches the host as sent. An unbracketed IPv6 literal (`::1`) names no port.
-fn names_port_or_dot(pattern: &str) -> bool {
-    let port = match pattern.strip_prefix('[') {
-        Some(rest) => rest
-            .split_once(']')
-            .is_some_and(|(_, after)| after.starts_with(':')),
-        None => pattern.bytes().filter(|&b| b == b':').count() == 1,
-    };
-    port || pattern.ends_with('.')
 }
 
 /// The claim equals one of the values, or (for an array claim) contains one of them.

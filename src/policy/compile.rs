@@ -14,7 +14,7 @@ use super::{
     AdminAccess, AuthContext, ClaimRequirement, DefaultAction, Escalation, ExplainAccess,
     GrpcMatcher, HeaderSource, Matcher, PathCase, Policy, Requirement, Rule, Upstream,
     condition::{self, Condition},
-    pattern::{PathGlob, Wildcard},
+    pattern::{HostPattern, PathGlob, Wildcard},
 };
 use crate::{
     config::{
@@ -694,11 +694,11 @@ fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -
     if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
         methods.push("HEAD".to_owned());
     }
-    let hosts: Vec<Wildcard> = m
+    let hosts: Vec<HostPattern> = m
         .host
         .iter()
         .chain(&m.hosts)
-        .map(|h| Wildcard::new(&h.to_ascii_lowercase()))
+        .map(|h| HostPattern::new(&h.to_ascii_lowercase()))
         .collect();
     let mut paths = Vec::new();
     for (i, glob) in m.path.iter().chain(&m.paths).enumerate() {

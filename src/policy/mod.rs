@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 pub use compile::compile;
 use condition::Condition;
-use pattern::{PathGlob, Wildcard};
+use pattern::{HostPattern, PathGlob, Wildcard};
 
 use crate::{
     identity::{Issuers, TokenCache},
@@ -86,7 +86,7 @@ pub struct Rule {
 pub struct Matcher {
     pub operation: Option<Wildcard>,
     pub methods: Vec<String>,
-    pub hosts: Vec<Wildcard>,
+    pub hosts: Vec<HostPattern>,
     pub paths: Vec<PathGlob>,
     pub grpc: Option<GrpcMatcher>,
     pub when: Option<Condition>,

@@ -3,6 +3,39 @@
 
 use crate::request::path;
 
+/// A matcher's host pattern (lower case): a [`Wildcard`], and whether it names a port
+/// (`host:8443`, `host:*`, `[::1]:80`) or ends in a dot, and so is matched against the host as the
+/// proxy routes it — told once here, not on every request. An unbracketed IPv6 literal (`::1`)
+/// names no port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    pub wildcard: Wildcard,
+    pub as_routed: bool,
+}
+
+impl HostPattern {
+    pub fn new(pattern: &str) -> Self {
+        let port = match pattern.strip_prefix('[') {
+            Some(rest) => rest
+                .split_once(']')
+                .is_some_and(|(_, after)| after.starts_with(':')),
+            None => pattern.bytes().filter(|&b| b == b':').count() == 1,
+        };
+        Self {
+            wildcard: Wildcard::new(pattern),
+            as_routed: port || pattern.ends_with('.'),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.wildcard.as_str()
+    }
+
+    pub fn matches(&self, host: &str) -> bool {
+        self.wildcard.matches(host)
+    }
+}
+
 /// A pattern where `*` matches any run of characters (including none). No other metacharacters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wildcard {

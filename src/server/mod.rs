@@ -431,7 +431,7 @@ fn exposed_listener(options: &ServeOptions) -> Option<SocketAddr> {
 }
 
 /// The ids of the issuers of `policy` that trust a bundled demo key.
-pub(crate) fn demo_key_issuers(policy: &Policy) -> Vec<String> {
+fn demo_key_issuers(policy: &Policy) -> Vec<String> {
     policy
         .issuers
         .iter()
