@@ -133,7 +133,7 @@ impl Ca {
     fn server(&self, until_year: i32) -> Leaf {
         self.leaf(
             "stepgate",
-            &["localhost", "127.0.0.1", STEPGATE_SNI],
+            ["localhost", "127.0.0.1", STEPGATE_SNI].map(san).to_vec(),
             ExtendedKeyUsagePurpose::ServerAuth,
             until_year,
         )
@@ -147,19 +147,24 @@ impl Ca {
 
     /// As [`Ca::client`], with the subject's common name `cn`.
     fn client_named(&self, cn: &str, sans: &[&str]) -> Leaf {
+        self.client_typed(cn, sans.iter().map(|name| san(name)).collect())
+    }
+
+    /// A client certificate naming `sans` as they are typed.
+    fn client_typed(&self, cn: &str, sans: Vec<SanType>) -> Leaf {
         self.leaf(cn, sans, ExtendedKeyUsagePurpose::ClientAuth, 2040)
     }
 
     fn leaf(
         &self,
         cn: &str,
-        sans: &[&str],
+        sans: Vec<SanType>,
         usage: ExtendedKeyUsagePurpose,
         until_year: i32,
     ) -> Leaf {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans.iter().map(|name| san(name)).collect();
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
         params.not_after = rcgen::date_time_ymd(until_year, 1, 1);
@@ -844,7 +849,7 @@ async fn mutual_tls_refuses_no_certificate_another_ca_an_untrusting_client_and_p
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn client_san_admits_only_certificates_naming_a_listed_san_exactly() {
+async fn client_san_admits_only_certificates_naming_a_listed_san_of_its_type() {
     let ca = Ca::new("stepgate test CA");
     let other = Ca::new("another CA");
     let files = Scratch::new("mtls-sans");
@@ -903,6 +908,23 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_exactly() {
         (
             "a listed name as the common name only",
             ca.client_named("ops.internal", &["envoy.internal"]),
+        ),
+        // Each name admits its own type only: a CA that lets a requester choose DNS names must
+        // not be able to hand out the gateway's SPIFFE identity or a listed address.
+        (
+            "a DNS name spelled like the listed SPIFFE ID",
+            ca.client_typed(
+                "x",
+                vec![SanType::DnsName(GATEWAY_SPIFFE.try_into().unwrap())],
+            ),
+        ),
+        (
+            "a DNS name spelled like the listed IP address",
+            ca.client_typed("x", vec![SanType::DnsName("10.0.0.7".try_into().unwrap())]),
+        ),
+        (
+            "a URI spelled like the listed DNS name",
+            ca.client_typed("x", vec![SanType::URI("ops.internal".try_into().unwrap())]),
         ),
     ];
     for (what, leaf) in &refused {

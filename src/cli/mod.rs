@@ -15,7 +15,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, builder::TypedValueParser as _};
 use stepgate::{
     config::{self, ConfigError, duration},
-    identity::keys,
+    identity::{keys, san},
     policy::{self, Policy},
     server::{self, ReadyWhen, ServeOptions, TlsSettings, TransportLimits},
     telemetry::{self, LogFormat},
@@ -160,14 +160,16 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_CLIENT_CA", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
     /// With --client-ca: accept only client certificates naming one of these subject alternative
-    /// names (DNS name, URI such as a SPIFFE ID, or IP address; exact match). Repeatable.
+    /// names, each matching a name of its own type: an IP address, a URI (has a colon, such as a
+    /// SPIFFE ID) or a DNS name (any ASCII case); exact otherwise. Repeatable.
     #[arg(
         long,
         env = "STEPGATE_CLIENT_SAN",
         value_delimiter = ',',
-        requires = "client_ca"
+        requires = "client_ca",
+        value_parser = san::parse_entry
     )]
-    client_san: Vec<String>,
+    client_san: Vec<san::SanName>,
     /// Only peers in these networks may call ext_authz `Check`, whose `source.address` source
     /// blocks and risk signals believe (CIDR or one address; comma-separated or repeated): the
     /// proxies' networks. Other callers' Checks are answered 403 `caller_not_allowed`. Default:
@@ -185,9 +187,10 @@ struct ServeArgs {
         long,
         env = "STEPGATE_CHECK_CLIENT_SAN",
         value_delimiter = ',',
-        requires = "client_ca"
+        requires = "client_ca",
+        value_parser = san::parse_entry
     )]
-    check_client_san: Vec<String>,
+    check_client_san: Vec<san::SanName>,
     /// A second gRPC listener (same services and transport), for operators: the policy's
     /// `explain.admin_listener` allows `explain` on it. Keep it on loopback or a private network.
     #[arg(long, env = "STEPGATE_ADMIN_LISTEN")]

@@ -12,6 +12,7 @@ pub mod intern;
 pub mod issuer;
 pub mod jwks;
 pub mod keys;
+pub mod san;
 pub mod segments;
 pub mod token;
 

@@ -25,6 +25,7 @@ use crate::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
         issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
         keys::{self, DISCOVERY_SUFFIX},
+        san::SanName,
     },
     request::{HeaderLimits, path::PathParameters},
 };
@@ -152,16 +153,19 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
 
 /// A list of client certificate names (compared exactly with a certificate's SANs): none empty or
 /// padded with spaces, which would never match.
-fn check_sans(sans: &[String], path: &str) -> Result<()> {
-    for (i, san) in sans.iter().enumerate() {
-        if san.trim().is_empty() || san.trim() != san {
-            return err(
-                format!("{path}[{i}]"),
-                "must be a subject alternative name without surrounding spaces",
-            );
-        }
-    }
-    Ok(())
+/// An allow-list of client certificate names, each typed by its text (`identity::san`).
+fn compile_sans(sans: &[String], path: &str) -> Result<Vec<SanName>> {
+    sans.iter()
+        .enumerate()
+        .map(|(i, san)| {
+            SanName::from_entry(san).or_else(|e| {
+                err(
+                    format!("{path}[{i}]"),
+                    format!("must be a subject alternative name: {e}"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn compile_admin(
@@ -170,7 +174,7 @@ fn compile_admin(
     cel: &Arc<cel::Env>,
     declared: &BTreeMap<String, AuthContext>,
 ) -> Result<AdminAccess> {
-    check_sans(&config.client_sans, "admin.client_sans")?;
+    let client_sans = compile_sans(&config.client_sans, "admin.client_sans")?;
     for (i, id) in config.issuers.iter().enumerate() {
         if issuers.by_id(id).is_none() {
             return err(
@@ -218,7 +222,7 @@ fn compile_admin(
         }
     };
     Ok(AdminAccess {
-        client_sans: config.client_sans.clone(),
+        client_sans,
         issuers: config.issuers.clone(),
         roles: config.roles.clone(),
         rule,
@@ -233,10 +237,9 @@ fn compile_explain(config: &schema::ExplainConfig) -> Result<ExplainAccess> {
              admin_listener: true (--admin-listen)",
         );
     }
-    check_sans(&config.client_sans, "explain.client_sans")?;
     Ok(ExplainAccess {
         enabled: config.enabled,
-        client_sans: config.client_sans.clone(),
+        client_sans: compile_sans(&config.client_sans, "explain.client_sans")?,
         admin_listener: config.admin_listener,
     })
 }

@@ -19,7 +19,10 @@ use condition::Condition;
 use pattern::{HostPattern, PathGlob, Wildcard};
 
 use crate::{
-    identity::{Issuers, TokenCache},
+    identity::{
+        Issuers, TokenCache,
+        san::{self, SanName},
+    },
     request::{HeaderLimits, path::PathParameters},
     risk::signals::RiskPolicy,
 };
@@ -207,17 +210,17 @@ impl Requirement {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExplainAccess {
     pub enabled: bool,
-    pub client_sans: Vec<String>,
+    pub client_sans: Vec<SanName>,
     pub admin_listener: bool,
 }
 
 impl ExplainAccess {
     /// Whether a caller on `admin_listener` (or not) with these verified client certificate
     /// names may have an explain trace.
-    pub fn permits(&self, on_admin_listener: bool, client_sans: &[String]) -> bool {
+    pub fn permits(&self, on_admin_listener: bool, client_sans: &[SanName]) -> bool {
         self.enabled
             && ((self.admin_listener && on_admin_listener)
-                || client_sans.iter().any(|san| self.client_sans.contains(san)))
+                || san::any_allowed(client_sans, &self.client_sans))
     }
 }
 
@@ -225,7 +228,7 @@ impl ExplainAccess {
 /// token of one of `issuers` carrying one of `roles`.
 #[derive(Debug, Default)]
 pub struct AdminAccess {
-    pub client_sans: Vec<String>,
+    pub client_sans: Vec<SanName>,
     pub issuers: Vec<String>,
     pub roles: Vec<String>,
     /// `admin.require`, as a rule a token calling the admin API must meet (`None`: the role

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use super::conn::PeerInfo;
 use crate::{
+    identity::san::{self, SanName},
     risk::blocks::{canonical_net, parse_net},
     telemetry::throttle::{Throttle, WARNING_PERIOD},
 };
@@ -26,12 +27,12 @@ use crate::{
 pub struct CheckCallers {
     /// The peer's address must be in one of these (IPv4-mapped IPv6 read as IPv4).
     networks: Vec<IpNet>,
-    /// With mutual TLS: the client certificate must name one of these (exact match).
-    client_sans: Vec<String>,
+    /// With mutual TLS: the client certificate must name one of these (of the same type).
+    client_sans: Vec<SanName>,
 }
 
 impl CheckCallers {
-    pub fn new(networks: Vec<IpNet>, client_sans: Vec<String>) -> Self {
+    pub fn new(networks: Vec<IpNet>, client_sans: Vec<SanName>) -> Self {
         Self {
             networks: networks.into_iter().map(canonical_net).collect(),
             client_sans,
@@ -50,7 +51,7 @@ impl CheckCallers {
 
     /// The client certificate names, comma-separated (`any` for none), for the log.
     pub fn client_sans_text(&self) -> String {
-        list_text(self.client_sans.iter().cloned())
+        list_text(self.client_sans.iter().map(ToString::to_string))
     }
 
     /// Whether `peer` may call `Check`: its address is in a listed network (when networks are
@@ -62,12 +63,10 @@ impl CheckCallers {
                 self.networks.iter().any(|net| net.contains(&address))
             });
         let named = self.client_sans.is_empty()
-            || peer.client.as_ref().is_some_and(|client| {
-                client
-                    .sans
-                    .iter()
-                    .any(|san| self.client_sans.iter().any(|allowed| allowed == san))
-            });
+            || peer
+                .client
+                .as_ref()
+                .is_some_and(|client| san::any_allowed(&client.sans, &self.client_sans));
         in_network && named
     }
 }
@@ -102,17 +101,16 @@ pub fn parse_network(text: &str) -> Result<IpNet, String> {
 
 /// `--check-client-san`'s names against `--client-san`'s: each must be a name, and when the
 /// handshake admits only `client_sans`, one of those (any other could never call `Check`).
-pub fn check_client_sans(check_sans: &[String], client_sans: &[String]) -> Result<(), String> {
-    if check_sans.iter().any(String::is_empty) {
-        return Err("--check-client-san: an empty name matches no certificate".to_owned());
-    }
+pub fn check_client_sans(check_sans: &[SanName], client_sans: &[SanName]) -> Result<(), String> {
     match check_sans
         .iter()
         .find(|name| !client_sans.is_empty() && !client_sans.contains(name))
     {
         Some(name) => Err(format!(
-            "--check-client-san {name:?} is not among --client-san: the handshake refuses every \
-             certificate naming only it, so no proxy could call Check"
+            "--check-client-san {} name {:?} is not among --client-san: the handshake refuses every \
+             certificate naming only it, so no proxy could call Check",
+            name.kind(),
+            name.to_string()
         )),
         None => Ok(()),
     }
@@ -144,12 +142,15 @@ mod tests {
         PeerInfo {
             remote: Some(SocketAddr::new(address.parse().unwrap(), 40000)),
             listener: ListenerKind::Main,
-            client: sans.map(|sans| {
-                Arc::new(ClientIdentity {
-                    sans: sans.iter().map(|s| (*s).to_owned()).collect(),
-                })
-            }),
+            client: sans.map(|sans| Arc::new(ClientIdentity { sans: names(sans) })),
         }
+    }
+
+    /// Certificate names (or allow-list entries), typed as an entry's text is.
+    fn names(list: &[&str]) -> Vec<SanName> {
+        list.iter()
+            .map(|s| SanName::from_entry(s).unwrap())
+            .collect()
     }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -194,19 +195,26 @@ mod tests {
 
     #[test]
     fn names_narrow_by_client_certificate() {
-        let callers = CheckCallers::new(vec![], vec!["spiffe://mesh/ns/gw/sa/envoy".to_owned()]);
+        let callers = CheckCallers::new(vec![], names(&["spiffe://mesh/ns/gw/sa/envoy"]));
         assert!(callers.allows(&peer(
             "10.0.0.1",
-            Some(&["dns:x", "spiffe://mesh/ns/gw/sa/envoy"])
+            Some(&["x.example", "spiffe://mesh/ns/gw/sa/envoy"])
         )));
         assert!(!callers.allows(&peer("10.0.0.1", Some(&["spiffe://mesh/ns/app/sa/svc"]))));
+        // A DNS name spelled like the SPIFFE identity is not it.
+        assert!(!callers.allows(&PeerInfo {
+            client: Some(Arc::new(ClientIdentity {
+                sans: vec![SanName::dns("spiffe://mesh/ns/gw/sa/envoy")],
+            })),
+            ..peer("10.0.0.1", None)
+        }));
         // Without a client certificate there is no name to match.
         assert!(!callers.allows(&peer("10.0.0.1", None)));
     }
 
     #[test]
     fn both_lists_must_agree() {
-        let callers = CheckCallers::new(nets(&["10.0.0.0/8"]), vec!["gw".to_owned()]);
+        let callers = CheckCallers::new(nets(&["10.0.0.0/8"]), names(&["gw"]));
         assert!(callers.allows(&peer("10.0.0.1", Some(&["gw"]))));
         assert!(!callers.allows(&peer("10.0.0.1", Some(&["svc"]))));
         assert!(!callers.allows(&peer("192.0.2.1", Some(&["gw"]))));
@@ -214,13 +222,17 @@ mod tests {
 
     #[test]
     fn check_names_must_be_names_the_handshake_admits() {
-        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert!(check_client_sans(&names(&["gw"]), &[]).is_ok());
         assert!(check_client_sans(&names(&["gw"]), &names(&["svc", "gw"])).is_ok());
         assert!(check_client_sans(&[], &names(&["svc"])).is_ok());
         let err = check_client_sans(&names(&["gw"]), &names(&["svc"])).unwrap_err();
-        assert!(err.contains("\"gw\" is not among --client-san"), "{err}");
-        assert!(check_client_sans(&names(&["gw", ""]), &[]).is_err());
+        assert!(
+            err.contains("dns name \"gw\" is not among --client-san"),
+            "{err}"
+        );
+        // The same text as another type is another name.
+        let uri = vec![SanName::Uri("gw".to_owned())];
+        assert!(check_client_sans(&uri, &names(&["gw"])).is_err());
     }
 
     #[test]

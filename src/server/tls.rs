@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::files::FileWatch;
+use crate::identity::san::{self, SanName};
 use crate::telemetry::metrics;
 
 /// The listener's TLS settings, from the command line.
@@ -54,7 +55,7 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
     /// With `client_ca`: the subject alternative names a client certificate must include one of
     /// (empty: any certificate of those CAs).
-    pub client_sans: Vec<String>,
+    pub client_sans: Vec<SanName>,
 }
 
 impl TlsSettings {
@@ -83,7 +84,7 @@ impl fmt::Debug for Tls {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientIdentity {
     /// The subject alternative names of the verified client certificate (empty without mTLS).
-    pub sans: Vec<String>,
+    pub sans: Vec<SanName>,
 }
 
 impl Tls {
@@ -110,7 +111,7 @@ impl Tls {
     /// The client SANs admitted, for the log: comma-separated, `any` when every certificate of
     /// the client CAs is.
     pub fn client_sans_text(&self) -> String {
-        super::check_callers::list_text(self.settings.client_sans.iter().cloned())
+        super::check_callers::list_text(self.settings.client_sans.iter().map(ToString::to_string))
     }
 
     /// Rebuilds the configuration whenever the files' content changes, until `stop`.
@@ -251,9 +252,10 @@ fn certificate_expiry(cert: &CertificateDer<'_>) -> Result<i64, String> {
     Ok(parsed.validity().not_after.timestamp())
 }
 
-/// The DNS, URI and IP subject alternative names of a certificate. An error (the certificate or
-/// the extension does not parse, or the extension appears twice) refuses the certificate.
-pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+/// The DNS, URI and IP subject alternative names of a certificate, each of its type. An error
+/// (the certificate or the extension does not parse, or the extension appears twice) refuses the
+/// certificate.
+pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<SanName>, String> {
     use x509_parser::extensions::GeneralName;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
@@ -263,15 +265,15 @@ pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, Strin
     let mut names = Vec::new();
     for name in extension.iter().flat_map(|e| &e.value.general_names) {
         match name {
-            GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
-            GeneralName::URI(uri) => names.push((*uri).to_owned()),
+            GeneralName::DNSName(dns) => names.push(SanName::dns(dns)),
+            GeneralName::URI(uri) => names.push(SanName::Uri((*uri).to_owned())),
             GeneralName::IPAddress(bytes) => {
                 let ip = match bytes.len() {
                     4 => IpAddr::from(<[u8; 4]>::try_from(*bytes).expect("length checked")),
                     16 => IpAddr::from(<[u8; 16]>::try_from(*bytes).expect("length checked")),
                     _ => continue,
                 };
-                names.push(ip.to_string());
+                names.push(SanName::Ip(ip));
             }
             _ => {}
         }
@@ -283,7 +285,7 @@ pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, Strin
 #[derive(Debug)]
 struct SanAllowList {
     inner: Arc<dyn ClientCertVerifier>,
-    allowed: Vec<String>,
+    allowed: Vec<SanName>,
 }
 
 impl ClientCertVerifier for SanAllowList {
@@ -315,7 +317,7 @@ impl ClientCertVerifier for SanAllowList {
             tracing::warn!(error = %e, "client certificate refused");
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
-        if names.iter().any(|name| self.allowed.contains(name)) {
+        if san::any_allowed(&names, &self.allowed) {
             Ok(verified)
         } else {
             tracing::warn!(
