@@ -1921,6 +1921,11 @@ def test_a_plain_risk_store_url_is_set_and_one_with_a_password_is_refused():
         chart_render.template(values)
     assert "riskStore.url holds a password" in str(refused.value)
     assert "hunter2" not in str(refused.value)
+    # Nor in the query, where a Unix socket URL carries it (the chart's schema takes TCP URLs).
+    values["riskStore"] = {"url": "redis://redis-master.redis:6379/0?pass=hunter2"}
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "riskStore.url holds a password" in str(refused.value)
     values["riskStore"] = {"url": "memcached://cache:11211"}
     with pytest.raises(HelmError):
         chart_render.template(values)

@@ -39,9 +39,18 @@ pub fn check(bytes: &[u8]) {
         expected,
         "query {query:?}: refused as an override unlike the URL standard's and PHP's reading"
     );
-    // The second-credential check reads `access_token` the same way.
+    // The second-credential check reads `access_token` the same way, and as an array's name
+    // (`access_token[…]`: what comes before the first `[` when a `]` follows).
+    let array = |name: &str| -> Option<String> {
+        let name = name.trim_start_matches(' ');
+        let name = name.split('\0').next().unwrap_or_default();
+        let (base, rest) = name.split_once('[')?;
+        rest.contains(']').then(|| php(base))
+    };
     let token = query.split(';').any(|chunk| {
-        form_urlencoded::parse(chunk.as_bytes()).any(|(name, _)| php(&name) == "access_token")
+        form_urlencoded::parse(chunk.as_bytes()).any(|(name, _)| {
+            php(&name) == "access_token" || array(&name).as_deref() == Some("access_token")
+        })
     });
     assert_eq!(
         request.has_query_token(),
@@ -67,6 +76,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "access.token=x",
         "a=1;Access+Token=x",
         "access%5Btoken=x&access_tokens=y",
+        "access_token[]=x&access_token%5B0%5D=y",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

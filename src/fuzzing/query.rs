@@ -57,6 +57,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "/a?access%5ftoken=eyJ&access_token",
         "/a?access_token=1=2&&;",
         "/a?my_access_token=keep",
+        "/a?access_token[]=eyJ&access_token%5B0%5D=eyJ",
         "/access_token=x",
         "/a?x=%zz&access_token=é",
     ]

@@ -403,27 +403,48 @@ impl HttpAttributes {
 
 /// Whether a query parameter's name is RFC 6750's `access_token` as some server reads it:
 /// written plainly, percent-encoded, or renamed as PHP renames names (`access.token`,
-/// `access+token` and `access[token` reach a PHP application as `access_token`), in any case.
+/// `access+token` and `access[token` reach a PHP application as `access_token`), or as an array
+/// of it (`access_token[]`, `access_token[0]`: PHP's, Rails' and qs's `access_token`), in any case.
 pub fn is_access_token_name(name: &str) -> bool {
     // Only a name that spells `token` or escapes something can read as `access_token`: the
     // others are not copied to be renamed.
-    (name.contains('%')
+    if !(name.contains('%')
         || name
             .as_bytes()
             .windows(5)
             .any(|w| w.eq_ignore_ascii_case(b"token")))
-        && php_parameter_name(name) == "access_token"
+    {
+        return false;
+    }
+    php_parameter_name(name) == "access_token"
+        || php_array_name(name) == Some("access_token".into())
+}
+
+/// The name of the array a parameter adds to, as PHP (and Rails, and Node's `qs`) read
+/// `name[…]`: what comes before the first `[` when a `]` follows it, renamed as
+/// [`php_parameter_name`] renames; `None` for a name that is not an array's.
+fn php_array_name(name: &str) -> Option<String> {
+    let decoded = decode_query_name(name);
+    let decoded = decoded.trim_start_matches(' ').split('\0').next()?;
+    let (base, rest) = decoded.split_once('[')?;
+    rest.contains(']').then(|| php_renamed(base))
 }
 
 /// A query parameter's name as PHP reads it, in lower case: decoded ([`decode_query_name`]),
 /// leading spaces dropped, cut at a NUL, and `.`, ` ` and `[` made `_`.
 fn php_parameter_name(name: &str) -> String {
-    decode_query_name(name)
-        .trim_start_matches(' ')
-        .split('\0')
-        .next()
-        .unwrap_or_default()
-        .chars()
+    php_renamed(
+        decode_query_name(name)
+            .trim_start_matches(' ')
+            .split('\0')
+            .next()
+            .unwrap_or_default(),
+    )
+}
+
+/// `.`, ` ` and `[` made `_`, in lower case.
+fn php_renamed(name: &str) -> String {
+    name.chars()
         .map(|c| match c {
             '.' | ' ' | '[' => '_',
             c => c.to_ascii_lowercase(),
@@ -604,6 +625,11 @@ mod tests {
             "access[token",
             "+access_token",
             "ACCESS_TOKEN",
+            // An array of it: PHP's `$_GET['access_token'][0]`, Rails' and qs's too.
+            "access_token[]",
+            "access_token[0]",
+            "access_token%5B%5D",
+            "access.token[x]",
         ] {
             assert!(
                 http(&format!("/a?{query}=abc")).has_query_token(),
@@ -611,6 +637,7 @@ mod tests {
             );
         }
         assert!(!http("/a?access__token=abc&accesstoken=1").has_query_token());
+        assert!(!http("/a?access_tokens[]=abc&x[access_token]=1").has_query_token());
         assert!(!http("/a").has_query_token());
     }
 }

@@ -68,13 +68,33 @@ impl StoreSpec {
     pub fn redacted(&self) -> String {
         match self {
             Self::Memory => "memory".to_owned(),
-            Self::Redis(url) => match url.split_once("://") {
-                Some((scheme, rest)) => match rest.rsplit_once('@') {
-                    Some((_, host)) => format!("{scheme}://***@{host}"),
-                    None => url.clone(),
-                },
-                None => url.clone(),
-            },
+            Self::Redis(url) => {
+                // A Unix socket URL carries its credentials in the query (`?pass=`, `?user=`):
+                // only the database and protocol are shown.
+                let (url, query) = match url.split_once('?') {
+                    Some((url, query)) => (url, Some(query)),
+                    None => (url.as_str(), None),
+                };
+                let mut shown = match url.split_once("://") {
+                    Some((scheme, rest)) => match rest.rsplit_once('@') {
+                        Some((_, host)) => format!("{scheme}://***@{host}"),
+                        None => url.to_owned(),
+                    },
+                    None => url.to_owned(),
+                };
+                if let Some(query) = query {
+                    let pairs: Vec<String> = query
+                        .split('&')
+                        .map(|pair| match pair.split_once('=') {
+                            Some((name @ ("db" | "protocol"), value)) => format!("{name}={value}"),
+                            Some((name, _)) => format!("{name}=***"),
+                            None => pair.to_owned(),
+                        })
+                        .collect();
+                    shown = format!("{shown}?{}", pairs.join("&"));
+                }
+                shown
+            }
         }
     }
 }
@@ -283,6 +303,17 @@ impl Signal {
         ) {
             return false;
         }
+        // A revoked session's token is no longer its user's: whoever still presents it (a thief)
+        // must not push the user's subject, tenant or client to a block or a step-up. Its own
+        // fingerprint and the network it comes from still count.
+        if decision.reason == Reason::SessionRevoked
+            && matches!(
+                self.key,
+                KeyKind::Subject | KeyKind::Tenant | KeyKind::ClientId
+            )
+        {
+            return false;
+        }
         match self.event {
             Event::Deny => decision.outcome == Outcome::Deny,
             Event::StepUp => decision.outcome == Outcome::StepUp,
@@ -357,5 +388,88 @@ impl RiskPolicy {
             }
         }
         crossings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decision::{Decision, Reason},
+        identity::Principal,
+        request::Peer,
+    };
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+
+    fn signal(event: Event, key: KeyKind) -> Signal {
+        Signal::new(
+            "s",
+            String::new(),
+            event,
+            key,
+            600,
+            3,
+            Action::Block { seconds: 3600 },
+            (32, 64),
+            1000,
+        )
+    }
+
+    #[test]
+    fn a_store_urls_credentials_are_not_shown() {
+        let shown = |url: &str| StoreSpec::parse(url).unwrap().redacted();
+        assert_eq!(
+            shown("redis://:hunter2@redis:6379/0"),
+            "redis://***@redis:6379/0"
+        );
+        assert_eq!(
+            shown("redis+unix:///run/redis.sock?db=2&pass=hunter2&user=app"),
+            "redis+unix:///run/redis.sock?db=2&pass=***&user=***"
+        );
+        assert_eq!(shown("redis://redis:6379/0"), "redis://redis:6379/0");
+        assert_eq!(shown("memory"), "memory");
+    }
+
+    /// Whoever still holds a token whose session the operator revoked is not its user: its
+    /// refusals must not push the user to a block, but still count against the token itself
+    /// and the networks it comes from.
+    #[test]
+    fn a_revoked_sessions_refusals_count_against_the_token_and_source_not_the_user() {
+        let risk = RiskPolicy {
+            signals: vec![
+                signal(Event::Deny, KeyKind::Subject),
+                signal(Event::Sources, KeyKind::Subject),
+                signal(Event::Deny, KeyKind::Source),
+                signal(Event::Sources, KeyKind::Token),
+            ],
+            ..RiskPolicy::default()
+        };
+        let mut revoked = Decision::refusal(401, Reason::SessionRevoked, "revoked");
+        revoked.principal = Some(Arc::new(Principal {
+            subject: Arc::from("alice"),
+            ..Principal::default()
+        }));
+        revoked.token_fingerprint = Some("t1".into());
+        let mut crossed = Vec::new();
+        for i in 0..3 {
+            let request = AccessRequest {
+                source: Some(Peer::new("198.51.100.7", String::new())),
+                ..AccessRequest::default()
+            };
+            let elsewhere = AccessRequest {
+                source: Some(Peer::new(&format!("203.0.113.{i}"), String::new())),
+                ..AccessRequest::default()
+            };
+            crossed.extend(risk.record(&request, &revoked, NOW_MS + i, |_, _, _| {}));
+            crossed.extend(risk.record(&elsewhere, &revoked, NOW_MS + i, |_, _, _| {}));
+        }
+        let signals: Vec<usize> = crossed.iter().map(|c| c.signal).collect();
+        assert!(
+            !signals.contains(&0) && !signals.contains(&1),
+            "{crossed:?}"
+        );
+        assert!(signals.contains(&2), "the source still counts: {crossed:?}");
+        assert!(signals.contains(&3), "the token still counts: {crossed:?}");
     }
 }

@@ -1264,6 +1264,11 @@ mod tests {
                 "/a?x=1&access_token=REDACTED&y=2",
             ),
             ("/a?%61ccess_token=eyJ", "/a?%61ccess_token=REDACTED"),
+            ("/a?access_token[]=eyJ.x.y", "/a?access_token[]=REDACTED"),
+            (
+                "/a?access_token%5B0%5D=eyJ.x.y",
+                "/a?access_token%5B0%5D=REDACTED",
+            ),
             (
                 "/a?access_token=1&access_token=2",
                 "/a?access_token=REDACTED&access_token=REDACTED",
