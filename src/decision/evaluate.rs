@@ -853,21 +853,35 @@ impl<'p> Run<'p> {
         }
         // A challenge the client can never satisfy makes it loop: refuse instead. An Entra claims
         // challenge can request an authentication context (and, by asking for one again, a fresh
-        // sign-in), not an `acr` or `amr`; an RFC 9470 challenge cannot request a context.
+        // sign-in), not an `acr` or `amr`; an RFC 9470 challenge cannot request a context. Nor
+        // can an Entra challenge request an `auth_time`: Entra writes it into access tokens only
+        // when the API's app registration asks for that optional claim, so a token that has every
+        // context but no `auth_time` would get the same token back for ever.
         let expressible = match style {
             ChallengeStyle::Entra => {
                 !missing_contexts.is_empty()
-                    || (!step_up.auth_contexts.is_empty()
-                        && matches!(reason, Reason::AuthTooOld | Reason::AuthTimeMissing))
+                    || (!step_up.auth_contexts.is_empty() && reason == Reason::AuthTooOld)
             }
-            ChallengeStyle::Rfc9470 => missing_contexts.is_empty(),
+            // RFC 9470 asks with `acr_values` and `max_age`; a requirement of `amr` alone gives
+            // the client nothing to send, and its sign-in session hands back the same token.
+            ChallengeStyle::Rfc9470 => {
+                missing_contexts.is_empty()
+                    && (!step_up.acr_values.is_empty() || step_up.max_age.is_some())
+            }
             ChallengeStyle::Deny => true,
         };
         if !expressible {
             self.step("challenge", || {
                 format!("a {} challenge cannot request this", style.as_str())
             });
-            let message = format!("{message}, which the issuer's challenge style cannot request");
+            let message = if style == ChallengeStyle::Entra && reason == Reason::AuthTimeMissing {
+                format!(
+                    "{message}, which an Entra ID challenge cannot request: add the auth_time \
+                     optional claim to the API's app registration"
+                )
+            } else {
+                format!("{message}, which the issuer's challenge style cannot request")
+            };
             let mut d = self.deny_with(
                 403,
                 Reason::StepUpNotExpressible,

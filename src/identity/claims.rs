@@ -75,14 +75,26 @@ fn list(
     Ok(interner.list(values))
 }
 
-/// Reads a claim that may be a string, a space-separated string or an array of strings. `None`
-/// when the claim has another JSON type.
+/// Reads a claim that may be one string or an array of strings (`roles`, `amr`, `acrs`,
+/// `xms_cc`): a string is one value, spaces and all, so one role named `Order Admin` is not the
+/// roles `Order` and `Admin`. `None` when the claim has another JSON type.
 pub fn str_list<'a>(value: Option<&'a Raw>) -> Option<Vec<&'a str>> {
     match value {
         None | Some(Raw::Null) => Some(Vec::new()),
-        Some(Raw::Str(s)) => Some(s.split_ascii_whitespace().collect()),
+        Some(Raw::Str(s)) if s.is_empty() => Some(Vec::new()),
+        Some(Raw::Str(s)) => Some(vec![s]),
         Some(Raw::StrList(items)) => Some(items.iter().map(|item| &**item).collect()),
         Some(_) => None,
+    }
+}
+
+/// Reads a scope claim (`scope`, `scp`): a space-separated string (RFC 8693 section 4.2, RFC
+/// 9068) or an array of strings, whose items are not split. `None` when the claim has another
+/// JSON type.
+pub fn scope_list<'a>(value: Option<&'a Raw>) -> Option<Vec<&'a str>> {
+    match value {
+        Some(Raw::Str(s)) => Some(s.split_ascii_whitespace().collect()),
+        other => str_list(other),
     }
 }
 
@@ -107,8 +119,10 @@ pub(super) fn read_principal(
             None => str(claims.client_id.as_ref(), "client_id")?,
         },
     };
-    let mut scope_values = str_list(claims.scp.as_ref()).ok_or(TokenError::ClaimInvalid("scp"))?;
-    scope_values.extend(str_list(claims.scope.as_ref()).ok_or(TokenError::ClaimInvalid("scope"))?);
+    let mut scope_values =
+        scope_list(claims.scp.as_ref()).ok_or(TokenError::ClaimInvalid("scp"))?;
+    scope_values
+        .extend(scope_list(claims.scope.as_ref()).ok_or(TokenError::ClaimInvalid("scope"))?);
     let has_delegated_scope = claims.scp.is_some() || claims.scope.is_some();
     let idtyp = str(claims.idtyp.as_ref(), "idtyp")?;
     // Entra: delegated (user) tokens always carry `scp`; application tokens carry only `roles`.
