@@ -700,12 +700,13 @@ fn serve_refuses_check_callers_no_connection_could_be() {
     for (extra, expected) in [
         (
             vec!["--client-san", "svc", "--check-client-san", "gw"],
-            "--check-client-san \"gw\" is not among --client-san",
+            "--check-client-san dns name \"gw\" is not among --client-san",
         ),
         (
             vec!["--check-client-san", "gw,"],
-            "--check-client-san: an empty name",
+            "an empty name matches no certificate",
         ),
+        (vec!["--client-san", " gw"], "no surrounding spaces"),
     ] {
         let args: Vec<&str> = mtls.iter().copied().chain(extra).collect();
         let out = serve(&args);

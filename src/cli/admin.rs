@@ -167,6 +167,13 @@ async fn call(action: Action) -> Result<serde_json::Value, String> {
         | Action::Counts { server, .. }
         | Action::Revoke { server, .. } => server,
     };
+    if server.bearer.is_some() && !connect::private_transport(&server.server) {
+        return Err(format!(
+            "--bearer would send the admin token in the clear to {}: use https:// (--ca), or \
+             reach the admin listener on loopback (kubectl port-forward, or exec in the pod)",
+            server.server
+        ));
+    }
     let channel = connect::channel(&server.server, &server.tls, Duration::from_secs(10)).await?;
     let bearer = server
         .bearer

@@ -64,6 +64,26 @@ pub async fn channel(
         .map_err(|e| format!("cannot connect to {server}: {}", with_causes(&e)))
 }
 
+/// Whether what is sent to `server` stays between the two ends: over TLS (`https://`), or over
+/// plaintext to a loopback address (`localhost`, `127.0.0.0/8`, `[::1]`).
+pub fn private_transport(server: &str) -> bool {
+    if server.starts_with("https://") {
+        return true;
+    }
+    let Ok(uri) = server.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback()),
+        None => false,
+    }
+}
+
 /// A call's failure with its causes (a refused client certificate is only "transport error"
 /// in the status's own message).
 pub fn status_text(status: &tonic::Status) -> String {
@@ -73,5 +93,33 @@ pub fn status_text(status: &tonic::Status) -> String {
             format!("{text}: {}", with_causes(cause))
         }
         _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::private_transport;
+
+    #[test]
+    fn a_token_goes_in_the_clear_only_to_loopback() {
+        for private in [
+            "https://stepgate.example:8443",
+            "http://127.0.0.1:9001",
+            "http://127.8.0.1:9001",
+            "http://localhost:9001",
+            "http://[::1]:9001",
+            "http://[::ffff:127.0.0.1]:9001",
+        ] {
+            assert!(private_transport(private), "{private}");
+        }
+        for public in [
+            "http://10.0.0.7:9001",
+            "http://stepgate.security:9001",
+            "http://localhost.example:9001",
+            "http://[2001:db8::1]:9001",
+            "not a url",
+        ] {
+            assert!(!private_transport(public), "{public}");
+        }
     }
 }

@@ -219,7 +219,11 @@ impl<'p> Run<'p> {
             let www = (status == 400).then(|| challenge::invalid_request(realm, &message));
             return self.deny(status, reason, &message, None, www);
         }
-        if let Some(message) = request.http.as_ref().and_then(|h| h.override_problem()) {
+        if let Some(message) = request
+            .http
+            .as_ref()
+            .and_then(|h| h.method_problem().or_else(|| h.override_problem()))
+        {
             self.step("request", || message.to_owned());
             let www = challenge::invalid_request(realm, message);
             return self.deny(400, Reason::MalformedRequest, message, None, Some(www));
@@ -374,6 +378,7 @@ impl<'p> Run<'p> {
             in_case: (policy.upstream.path_case == PathCase::Sensitive)
                 .then_some(sent)
                 .flatten(),
+            slash_apart: false,
         };
         // How the upstream reads letter case is not known: the path read in its own case must
         // pick the rule it picks in lower case, or one reading would let a request through under
@@ -386,6 +391,7 @@ impl<'p> Run<'p> {
             let in_case = PathReading {
                 lowered,
                 in_case: sent,
+                slash_apart: false,
             };
             let (lower_rule, case_rule) = (
                 first_enforced(policy, request, path, &input),
@@ -409,6 +415,39 @@ impl<'p> Run<'p> {
                     _ => None,
                 };
                 return self.deny(400, Reason::AmbiguousPath, AMBIGUOUS_PATH, rule, Some(www));
+            }
+        }
+        // Nor is whether the upstream tells `/a/` from `/a`: a path with a trailing slash must
+        // pick the same rule either way (`/healthz/` is `/healthz` to ASP.NET Core, and another
+        // route to Go and Flask).
+        if sent.is_some_and(|p| p.len() > 1 && p.ends_with('/')) {
+            let apart = PathReading {
+                slash_apart: true,
+                ..path
+            };
+            let (together_rule, apart_rule) = (
+                first_enforced(policy, request, path, &input),
+                first_enforced(policy, request, apart, &input),
+            );
+            if together_rule != apart_rule {
+                self.step("match", || {
+                    let id = |at: Result<Option<usize>, usize>| match at {
+                        Ok(Some(at)) | Err(at) => format!("rule {:?}", policy.rules[at].id),
+                        Ok(None) => "no rule".to_owned(),
+                    };
+                    format!(
+                        "the path picks {} as the path without its trailing slash and {} as a \
+                         path of its own: {AMBIGUOUS_SLASH}",
+                        id(together_rule),
+                        id(apart_rule)
+                    )
+                });
+                let www = challenge::invalid_request(realm, AMBIGUOUS_SLASH);
+                let rule = match together_rule {
+                    Ok(Some(at)) | Err(at) if token.is_some() => Some(&policy.rules[at]),
+                    _ => None,
+                };
+                return self.deny(400, Reason::AmbiguousPath, AMBIGUOUS_SLASH, rule, Some(www));
             }
         }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
@@ -1064,12 +1103,21 @@ impl<'p> Run<'p> {
 struct PathReading<'a> {
     lowered: Option<&'a str>,
     in_case: Option<&'a str>,
+    /// A path with a trailing slash read as servers that tell `/a/` from `/a` read it: only
+    /// the globs that take a trailing slash match it ([`PathGlob::takes_trailing_slash`]).
+    slash_apart: bool,
 }
 
 /// The message of an `ambiguous_path` denial.
 const AMBIGUOUS_PATH: &str = "the path picks another rule read in its own letter case than in \
                               lower case, and the upstream may read it either way; set \
                               upstream.path_case to how the upstream routes";
+
+/// The message of an `ambiguous_path` denial for a trailing slash.
+const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than the path without \
+                               it, and upstreams differ on whether they are one path; write the \
+                               glob with the trailing slash (/a/) or as /a/** if the rule is \
+                               meant for both";
 
 /// The first enforced rule a search from the start settles on (shadow rules passed over and not
 /// recorded): its index, or the index of the rule whose condition failed.
@@ -1204,9 +1252,13 @@ fn matches(
         }
     }
     if !m.paths.is_empty() {
+        let globs = m
+            .paths
+            .iter()
+            .filter(|g| !path.slash_apart || g.takes_trailing_slash());
         let matched = match (path.in_case, path.lowered) {
-            (Some(in_case), _) => m.paths.iter().any(|g| g.matches_in_case(in_case)),
-            (None, Some(lowered)) => m.paths.iter().any(|g| g.matches(lowered)),
+            (Some(in_case), _) => globs.clone().any(|g| g.matches_in_case(in_case)),
+            (None, Some(lowered)) => globs.clone().any(|g| g.matches(lowered)),
             (None, None) => false,
         };
         if !matched {

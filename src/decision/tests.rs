@@ -566,6 +566,21 @@ fn a_string_claim_is_one_value_and_only_scopes_are_split_on_spaces() {
     assert_ne!(d.outcome, Outcome::Allow, "{d:#?}");
     assert_eq!(rule(&d), Some("admin"));
 
+    // A role with a space is one the policy can name.
+    let policy = with_rules(
+        "  - id: order-admin\n    match: { operation: orders.admin }\n    require: { roles: [\"Order Admin\"] }\n",
+    );
+    let d = decide(
+        &policy,
+        &op_request(
+            &with(json!({"roles": "Order Admin"})),
+            "orders.admin",
+            json!({}),
+        ),
+        NOW,
+    );
+    assert_eq!(d.outcome, Outcome::Allow, "{d:#?}");
+
     // Scopes stay a space-separated list.
     let spec = TokenSpec {
         scopes: strings(&[]),
@@ -577,6 +592,32 @@ fn a_string_claim_is_one_value_and_only_scopes_are_split_on_spaces() {
     ));
     let d = decide_op(&token, "customers.read_pii", json!({}));
     assert_ne!(d.reason, Reason::MissingScope, "{d:#?}");
+}
+
+/// Scopes and `acr` values are written into challenges: a control character, a quote, a space
+/// or a letter outside ASCII in one would break the header (or let the policy write another
+/// parameter), so the policy is refused, naming the field.
+#[test]
+fn requirement_values_written_into_challenges_are_printable_ascii() {
+    for (field, value) in [
+        ("scopes", "payments\\u0001write"),
+        ("acr", "niveau\\u007f"),
+        ("acr", "niveau-élevé"),
+        ("amr", "m fa"),
+        ("scopes", "a\\\"b"),
+    ] {
+        let text = DEMO_POLICY.replace(
+            "  - id: everything-else\n",
+            &format!(
+                "  - id: odd\n    match: {{ operation: odd }}\n    require: {{ {field}: [\"{value}\"] }}\n  - id: everything-else\n"
+            ),
+        );
+        let file = crate::config::parse(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+        let error = crate::policy::compile(&file, std::path::Path::new("examples"))
+            .expect_err(value)
+            .to_string();
+        assert!(error.contains(&format!("require.{field}[0]")), "{error}");
+    }
 }
 
 #[test]
@@ -608,10 +649,21 @@ fn a_get_rule_covers_head_and_a_method_or_path_override_is_refused() {
         ..entra_user(&["c1"])
     }));
     // Servers answer HEAD with their GET handlers: the GET rule decides it.
-    for method in ["GET", "HEAD", "head"] {
+    for method in ["GET", "HEAD"] {
         let d = decide_http(&token, method, "/customers/42/pii");
         expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
         assert_eq!(rule(&d), Some("customer-pii"), "{method}");
+    }
+    // The method is case-sensitive: `get` is another method to Go, nginx and Envoy's routes, and
+    // GET to servers that upper-case it. Refused, even on an anonymous route.
+    for (token, method, path) in [
+        (token.as_str(), "head", "/customers/42/pii"),
+        ("", "get", "/healthz"),
+        ("", "Get", "/healthz"),
+    ] {
+        let d = decide_http(token, method, path);
+        expect(&d, Outcome::Deny, 400, Reason::MalformedRequest);
+        assert!(d.message.contains("lower-case"), "{}", d.message);
     }
     // A POST some servers would serve as a GET (or on another path) is refused before any rule.
     let with_header = |name: &str, value: &str| {
@@ -1800,6 +1852,96 @@ fn with_path_case(case: &str) -> Policy {
     with_first_rule("", &format!("  path_case: {case}\n"))
 }
 
+/// Rules compare paths in ASCII lower case; ASP.NET Core ignores the case of `é` too, serving
+/// `/DONNÉES/x` from its `/données` route. A glob with such a letter is refused unless the
+/// upstream routes in case, where it is compared exactly.
+#[test]
+fn a_glob_with_a_cased_letter_outside_ascii_is_refused_unless_paths_are_case_sensitive() {
+    let rule =
+        "  - id: donnees\n    match: { path: \"/données/**\" }\n    require: { roles: [Admin] }";
+    for case in ["insensitive", "either", ""] {
+        let text = DEMO_POLICY
+            .replacen("rules:", &format!("rules:\n{rule}"), 1)
+            .replacen(
+                "upstream:\n",
+                &format!("upstream:\n  path_case: {case}\n"),
+                1,
+            )
+            .replace("  path_case: \n", "");
+        let file = crate::config::parse(&text).unwrap();
+        let error = crate::policy::compile(&file, std::path::Path::new("examples"))
+            .err()
+            .unwrap_or_else(|| panic!("path_case {case:?}: compiled"));
+        let error = error.to_string();
+        assert!(
+            error.contains("rules[0].match.path") && error.contains("outside ASCII"),
+            "{error}"
+        );
+    }
+    // Encoded, and among other globs: the field is the glob's own.
+    let encoded = "  - id: donnees\n    match: { paths: [\"/a/**\", \"/donn%C3%A9es/**\"] }";
+    let file =
+        crate::config::parse(&DEMO_POLICY.replacen("rules:", &format!("rules:\n{encoded}"), 1))
+            .unwrap();
+    let error = crate::policy::compile(&file, std::path::Path::new("examples"))
+        .expect_err("refused")
+        .to_string();
+    assert!(error.contains("rules[0].match.paths[1]"), "{error}");
+
+    let policy = with_first_rule(rule, "  path_case: sensitive\n");
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    let d = decide(&policy, &http_request(&token, "GET", "/données/x"), NOW);
+    expect(&d, Outcome::Deny, 403, Reason::MissingRole);
+    // Digits, symbols and letters without case (`日本`) are no trouble.
+    let _ = with_first_rule(
+        "  - id: jp\n    match: { path: \"/日本/v2/**\" }\n    require: { roles: [Admin] }",
+        "",
+    );
+}
+
+/// `/healthz/` is `/healthz` to ASP.NET Core and another route to Go's ServeMux and Flask
+/// (`/{org}/`). A path with a trailing slash must pick the same rule read either way, or it is
+/// refused: the public health rule does not open `/healthz/`, and a protective rule written
+/// without the slash is not skipped for it either.
+#[test]
+fn a_trailing_slash_that_picks_another_rule_is_ambiguous() {
+    for case in ["either", "insensitive", "sensitive"] {
+        let policy = with_path_case(case);
+        let d = decide(&policy, &http_request("", "GET", "/healthz/"), NOW);
+        expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert!(d.message.contains("ends with /"), "{case}: {}", d.message);
+        assert_eq!(
+            www(&d),
+            format!(
+                "Bearer realm=\"stepgate-demo\", error=\"invalid_request\", error_description=\"{}\"",
+                d.message
+            )
+        );
+        let d = decide(&policy, &http_request("", "GET", "/healthz"), NOW);
+        expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
+    }
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    // A protective rule is not skipped for the slash either: without it, some upstreams would
+    // serve the personal data under the catch-all's weaker requirement.
+    let d = decide_http(&token, "GET", "/customers/42/pii/");
+    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+    // A glob ending in `**` takes both readings: no ambiguity.
+    let d = decide_http(&token, "GET", "/admin/users/");
+    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
+    assert_eq!(rule(&d), Some("admin"));
+    // Written with the slash, the rule is the path's own either way.
+    let policy = with_first_rule(
+        "  - id: reports\n    match: { paths: [/reports, /reports/] }\n    require: { roles: [Admin] }",
+        "",
+    );
+    let d = decide(&policy, &http_request(&token, "GET", "/reports/"), NOW);
+    expect(&d, Outcome::Deny, 403, Reason::MissingRole);
+    assert_eq!(rule(&d), Some("reports"));
+    // And the root is no trailing slash.
+    let d = decide(&policy, &http_request(&token, "GET", "/"), NOW);
+    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
+}
+
 #[test]
 fn encoded_letters_case_and_repeated_slashes_cannot_bypass_the_admin_rule() {
     let entra = bearer(&rs256(&entra_user(&["c1"])));
@@ -2878,6 +3020,31 @@ fn rules_cannot_be_bypassed_by_case_path_parameters_or_control_characters() {
     for target in ["/x/..;/payments/wire", "/x/;/payments/wire"] {
         let d = decide(&strip, &http_request(&token, "POST", target), NOW);
         expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
+    }
+}
+
+/// An IPv6 host written as Envoy's virtual hosts write it, in brackets, names that host: the
+/// rule is not silently dead while the catch-all decides.
+#[test]
+fn a_bracketed_ipv6_host_pattern_matches_its_host() {
+    let policy = with_first_rule(
+        "  - id: ipv6-admin\n    match: { hosts: [\"[2001:db8::1]\", \"[::1]:8443\"] }\n    require: { roles: [Admin] }",
+        "",
+    );
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    for authority in ["[2001:db8::1]", "[2001:DB8::1]", "[::1]:8443"] {
+        let request = AccessRequest {
+            http: Some(HttpAttributes::new(
+                "GET",
+                authority,
+                "/x",
+                Headers::default(),
+            )),
+            ..http_request(&token, "GET", "/x")
+        };
+        let d = decide(&policy, &request, NOW);
+        assert_eq!(rule(&d), Some("ipv6-admin"), "{authority}: {d:#?}");
+        expect(&d, Outcome::Deny, 403, Reason::MissingRole);
     }
 }
 

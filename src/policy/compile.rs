@@ -72,6 +72,9 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     for (i, rule) in file.rules.iter().enumerate() {
         let path = format!("rules[{i}]");
         let compiled = compile_rule(rule, &path, &cel, &issuers, &auth_contexts)?;
+        if file.upstream.path_case != schema::PathCaseConfig::Sensitive {
+            check_glob_letters(&compiled, rule, &path)?;
+        }
         if !seen.insert(compiled.id.clone()) {
             return err(
                 format!("{path}.id"),
@@ -681,6 +684,35 @@ fn compile_rule(
     })
 }
 
+/// Under `path_case: insensitive` or `either`, rules compare paths in ASCII lower case, while
+/// servers that ignore case fold other letters too (ASP.NET Core reads `/DONNÉES/x` as
+/// `/données/x`): a glob with such a letter would miss paths its upstream route serves.
+fn check_glob_letters(compiled: &Rule, rule: &schema::RuleConfig, path: &str) -> Result<()> {
+    for (i, (matcher, config)) in compiled.matchers.iter().zip(&rule.matchers.0).enumerate() {
+        let Some(k) = matcher.paths.iter().position(PathGlob::has_cased_non_ascii) else {
+            continue;
+        };
+        let mpath = if rule.matchers.0.len() == 1 {
+            format!("{path}.match")
+        } else {
+            format!("{path}.match[{i}]")
+        };
+        let field = match (&config.path, k) {
+            (Some(_), 0) => format!("{mpath}.path"),
+            (Some(_), k) => format!("{mpath}.paths[{}]", k - 1),
+            (None, k) => format!("{mpath}.paths[{k}]"),
+        };
+        return err(
+            field,
+            format!(
+                "{:?} has a letter outside ASCII, which paths are not compared in without case;                  match it with a wildcard segment and a `when` condition, or set                  upstream.path_case: sensitive if the upstream routes in case (docs/policy.md)",
+                matcher.paths[k].as_str()
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn compile_matcher(m: &schema::MatcherConfig, path: &str, cel: &Arc<cel::Env>) -> Result<Matcher> {
     let mut methods = Vec::new();
     for (i, method) in m.methods.iter().enumerate() {
@@ -797,22 +829,39 @@ pub(super) fn compile_requirement(
             auth_contexts.push(id);
         }
     }
-    for (field, values) in [
-        ("scopes", &r.scopes),
-        ("roles", &r.roles),
-        ("acr", &r.acr),
-        ("amr", &r.amr),
-    ] {
+    // Scopes and `acr` values are written into challenges (`scope="…"`, `acr_values="…"`, each a
+    // space-separated list of RFC 6750 scope-tokens), `amr` values into messages: printable
+    // ASCII without spaces, quotes or backslashes. A role is one claim value, spaces and all
+    // (`Order Admin`), never written into a header but the scrubbed description.
+    for (field, values) in [("scopes", &r.scopes), ("acr", &r.acr), ("amr", &r.amr)] {
         for (i, v) in values.iter().enumerate() {
             if v.is_empty()
-                || v.chars()
-                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
             {
                 return err(
                     format!("{path}.{field}[{i}]"),
-                    format!("must be a non-empty value without spaces or quotes, got {v:?}"),
+                    format!(
+                        "must be a non-empty value of printable ASCII without spaces, quotes or \
+                         backslashes, got {v:?}"
+                    ),
                 );
             }
+        }
+    }
+    for (i, v) in r.roles.iter().enumerate() {
+        if v.trim().is_empty()
+            || v.trim() != v
+            || v.chars().any(|c| c.is_control() || c == '"' || c == '\\')
+        {
+            return err(
+                format!("{path}.roles[{i}]"),
+                format!(
+                    "must be a non-empty role without surrounding spaces, quotes, backslashes or \
+                     control characters, got {v:?}"
+                ),
+            );
         }
     }
     if r.max_age == Some(crate::config::duration::Seconds(0)) {

@@ -15,6 +15,17 @@ pub struct HostPattern {
 
 impl HostPattern {
     pub fn new(pattern: &str) -> Self {
+        // `[2001:db8::1]`, as Envoy's virtual hosts write an IPv6 host: a request's host is
+        // compared without its brackets when no port is named.
+        if let Some(inner) = pattern
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            return Self {
+                wildcard: Wildcard::new(inner),
+                as_routed: false,
+            };
+        }
         let port = match pattern.strip_prefix('[') {
             Some(rest) => rest
                 .split_once(']')
@@ -116,6 +127,11 @@ pub struct PathGlob {
     /// It has upper-case letters outside the escapes normalisation writes in upper case
     /// (`%3F`), which request paths have in the same case.
     letters_in_case: bool,
+    /// It has a letter outside ASCII that has another case (`é`), once decoded.
+    cased_non_ascii: bool,
+    /// It is written with a trailing slash or ends in `**`: a path with a trailing slash is
+    /// its own to servers that tell `/a/` from `/a` (Go, Flask), not only to those that do not.
+    takes_trailing_slash: bool,
 }
 
 impl PathGlob {
@@ -156,9 +172,15 @@ impl PathGlob {
         let first = letters.next().unwrap_or_default();
         let letters_in_case = first.bytes().any(|b| b.is_ascii_uppercase())
             || letters.any(|after| after.bytes().skip(2).any(|b| b.is_ascii_uppercase()));
+        let cased_non_ascii = normalized
+            .chars()
+            .any(|c| !c.is_ascii() && (c.is_lowercase() || c.is_uppercase()));
+        let takes_trailing_slash = normalized.ends_with('/') || normalized.ends_with("/**");
         Ok(Self {
             in_case,
             letters_in_case,
+            cased_non_ascii,
+            takes_trailing_slash,
             ..Self::compile(glob, &lower)?
         })
     }
@@ -188,6 +210,8 @@ impl PathGlob {
             tail,
             in_case: None,
             letters_in_case: false,
+            cased_non_ascii: false,
+            takes_trailing_slash: false,
         })
     }
 
@@ -206,6 +230,19 @@ impl PathGlob {
             .as_deref()
             .unwrap_or(self)
             .matches(normalized_path)
+    }
+
+    /// Whether the glob matches a path with a trailing slash to servers that tell `/a/` from
+    /// `/a`: it is written with one (`/a/`) or ends in `**`. [`Self::matches`] takes `/a/` for
+    /// `/a` as well, as servers that do not tell them apart (ASP.NET Core) do.
+    pub fn takes_trailing_slash(&self) -> bool {
+        self.takes_trailing_slash
+    }
+
+    /// Whether the glob has a letter outside ASCII with another case (`é`): rules compare paths
+    /// in ASCII lower case, so it cannot be matched the way servers that ignore case match it.
+    pub fn has_cased_non_ascii(&self) -> bool {
+        self.cased_non_ascii
     }
 
     /// Whether the glob has upper-case letters (so the two readings differ even on a path

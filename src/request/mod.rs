@@ -200,13 +200,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// `address` as IPv4 even when a dual-stack proxy wrote an IPv4 client in IPv6's mapped form
-    /// (`::ffff:192.0.2.7`): counted, blocked, logged and recorded as one source either way.
+    /// `address` in one spelling: IPv4 even when a dual-stack proxy wrote an IPv4 client in
+    /// IPv6's mapped form (`::ffff:192.0.2.7`), and an IPv6 address as RFC 5952 writes it
+    /// (`2001:DB8:0::1` is `2001:db8::1`): counted, blocked, logged and recorded as one source
+    /// whichever way it arrives.
     pub fn new(address: &str, principal: String) -> Self {
-        let address = match address.parse::<std::net::Ipv6Addr>() {
-            Ok(v6) => v6
-                .to_ipv4_mapped()
-                .map_or_else(|| address.to_owned(), |v4| v4.to_string()),
+        let address = match address.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_canonical().to_string(),
             Err(_) => address.to_owned(),
         };
         Self { address, principal }
@@ -255,18 +255,17 @@ impl AccessRequest {
 
 impl HttpAttributes {
     /// `method`, `authority` and `target` are taken as they are when owned (no copy); the method
-    /// is upper-cased, the authority becomes the host (no port, lower case).
+    /// as sent (one with lower-case letters is refused: [`Self::method_problem`]), the authority
+    /// becomes the host (no port, lower case).
     pub fn new(
         method: impl Into<String>,
         authority: impl Into<String>,
         target: impl Into<String>,
         headers: Headers,
     ) -> Self {
-        let mut method = method.into();
-        method.make_ascii_uppercase();
         let (host, host_with_port) = split_authority(authority);
         Self {
-            method,
+            method: method.into(),
             host,
             host_with_port,
             target: target.into(),
@@ -288,6 +287,17 @@ impl HttpAttributes {
         }
         let (start, end) = host_span(sent);
         &sent[start..end]
+    }
+
+    /// A method with a lower-case letter: the method is case-sensitive (RFC 9110 section 9.1),
+    /// and `get` is another method to Go, nginx and Envoy's own route matching but `GET` to
+    /// servers that upper-case it (Werkzeug). A rule matched on one reading would be the wrong
+    /// rule for the other: the request is refused. Its message.
+    pub fn method_problem(&self) -> Option<&'static str> {
+        self.method
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+            .then_some("a method with lower-case letters is refused: servers differ on whether it is the upper-case one")
     }
 
     /// A header or query parameter through which some servers take another method or path than

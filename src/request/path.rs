@@ -40,6 +40,9 @@ pub enum PathProblem {
     Parameters,
     /// Not origin-form (`/…`).
     NotAbsolute,
+    /// A raw `#`: a fragment a client never sends, which proxies strip, refuse or pass on, and
+    /// which some frameworks keep in the path (Go's `ParseRequestURI`).
+    Fragment,
 }
 
 impl PathProblem {
@@ -52,6 +55,7 @@ impl PathProblem {
             Self::DotSegment => "the path contains a . or .. segment",
             Self::Parameters => "the path contains path parameters (;)",
             Self::NotAbsolute => "the path does not start with /",
+            Self::Fragment => "the request target contains a # (a fragment)",
         }
     }
 }
@@ -72,7 +76,9 @@ pub fn normalize(
     target: &str,
     parameters: PathParameters,
 ) -> Result<(Cow<'_, str>, &str), PathProblem> {
-    let target = target.split('#').next().unwrap_or(target);
+    if target.contains('#') {
+        return Err(PathProblem::Fragment);
+    }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
         return Err(PathProblem::NotAbsolute);
@@ -213,7 +219,15 @@ mod tests {
             normalize("/payments/wire?dry_run=1", Refuse),
             Ok((Cow::Borrowed("/payments/wire"), "dry_run=1"))
         );
-        assert_eq!(normalize("/a#frag", Refuse), Ok((Cow::Borrowed("/a"), "")));
+        // A fragment is refused, wherever it is: `/healthz#/../admin` is `/healthz` to one
+        // server and `/admin` to another.
+        for target in ["/a#frag", "/healthz#/../admin/users", "/a?x=1#y", "/a%23b#"] {
+            assert_eq!(
+                normalize(target, Refuse),
+                Err(PathProblem::Fragment),
+                "{target}"
+            );
+        }
         // Only a path that needs rewriting is copied.
         assert!(matches!(normalize("//a/b", Refuse).unwrap().0, Cow::Owned(p) if p == "/a/b"));
     }

@@ -283,8 +283,9 @@ impl Signal {
             KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
             KeyKind::Token => keys.token.map(Cow::Borrowed),
             KeyKind::Source => {
-                // Already IPv4 where the request was made (`request::Peer::new`).
-                let address: IpAddr = keys.source?.parse().ok()?;
+                // Already canonical where the request was made (`request::Peer::new`); an
+                // operator's `admin counts --source` may name the mapped form.
+                let address = keys.source?.parse::<IpAddr>().ok()?.to_canonical();
                 let prefix = match address {
                     IpAddr::V4(_) => self.ipv4_prefix,
                     IpAddr::V6(_) => self.ipv6_prefix,
@@ -429,6 +430,29 @@ mod tests {
         );
         assert_eq!(shown("redis://redis:6379/0"), "redis://redis:6379/0");
         assert_eq!(shown("memory"), "memory");
+    }
+
+    /// `stepgate admin counts --source ::ffff:203.0.113.7` names the key the request path counts
+    /// for that client, and two spellings of one IPv6 address are one distinct source.
+    #[test]
+    fn a_source_is_one_key_and_one_value_however_it_is_spelled() {
+        let s = signal(Event::InvalidToken, KeyKind::Source);
+        let key = |source: &str| {
+            s.key_of(&Keys {
+                source: Some(source),
+                ..Keys::default()
+            })
+            .unwrap()
+            .into_owned()
+        };
+        let request_path = Peer::new("::ffff:203.0.113.7", String::new());
+        assert_eq!(request_path.address, "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), key(&request_path.address));
+        assert_eq!(key("203.0.113.7"), "203.0.113.7/32");
+        assert_eq!(
+            Peer::new("2001:DB8:0:0::1", String::new()).address,
+            Peer::new("2001:db8::1", String::new()).address
+        );
     }
 
     /// Whoever still holds a token whose session the operator revoked is not its user: its

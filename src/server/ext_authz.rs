@@ -641,7 +641,7 @@ mod tests {
     #[test]
     fn pseudo_headers_stand_in_for_missing_attributes() {
         let mut check = check_with_headers(&[
-            (":method", "delete"),
+            (":method", "DELETE"),
             (":authority", "Admin.Example.com:8443"),
             (":path", "/users/7"),
         ]);

@@ -184,10 +184,14 @@ fn first_match(
         find(PathReading {
             lowered,
             in_case: None,
+            slash_apart: false,
         }),
+        // In case, and a trailing slash read apart (the index files globs by their literal
+        // prefix, whichever reading).
         find(PathReading {
             lowered,
             in_case: path,
+            slash_apart: path.is_some_and(|p| p.ends_with('/')),
         }),
     )
 }
