@@ -468,6 +468,61 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
     );
 }
 
+/// A replica that starts while Redis is unreachable knows none of the shared blocks and
+/// revocations: it stays NOT_SERVING, so the Service keeps routing to the replicas that know
+/// them, until it has read them; then it serves and enforces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_down_is_not_ready_until_it_has_read_the_blocks() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-cold-start", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    admin_ok(
+        &a_admin,
+        &[
+            "block",
+            "--subject",
+            "judy",
+            "--reason-id",
+            "COLD",
+            "--ttl",
+            "1h",
+        ],
+    );
+    redis.kill();
+    store_up(&a, false, Duration::from_secs(10)).await;
+
+    let b = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    // Its keys load at once (a local file); the store does not answer.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            b.serving().await,
+            Ok(false),
+            "a replica that never read the blocks reports SERVING:\n{}",
+            b.logs_text()
+        );
+    }
+    // A replica that had read them stays SERVING through the outage.
+    assert_eq!(a.serving().await, Ok(true));
+
+    // Redis is back (empty): A writes its block back, B reads it and turns SERVING.
+    let _redis = Redis::start_on(port);
+    b.wait_ready().await;
+    let judy = entra_token("judy", &[], true);
+    eventually("B enforces the block", Duration::from_secs(30), || async {
+        decide(&b, &judy, "reports.read").await.reason == "blocked"
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_refuses_requests_while_the_store_is_down() {
     let mut redis = Redis::start();

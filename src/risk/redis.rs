@@ -136,6 +136,9 @@ const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 pub struct Shared {
     ops: mpsc::Sender<Op>,
     down: Arc<AtomicBool>,
+    /// Whether the blocks and revocations Redis holds have been read once: until then this
+    /// replica knows none of them.
+    synced: Arc<AtomicBool>,
 }
 
 enum Op {
@@ -238,6 +241,7 @@ impl Shared {
     ) -> (Self, Link) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let down = Arc::new(AtomicBool::new(true));
+        let synced = Arc::new(AtomicBool::new(false));
         metrics::global().set_risk_store_up(false);
         let link = Link(Task {
             url: url.to_owned(),
@@ -247,12 +251,25 @@ impl Shared {
             rx,
             pending: VecDeque::new(),
             down: Arc::clone(&down),
+            synced: Arc::clone(&synced),
         });
-        (Self { ops: tx, down }, link)
+        (
+            Self {
+                ops: tx,
+                down,
+                synced,
+            },
+            link,
+        )
     }
 
     pub fn is_down(&self) -> bool {
         self.down.load(Relaxed)
+    }
+
+    /// Whether Redis's blocks and revocations have been read once (and so are known here).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Relaxed)
     }
 
     pub fn block_set(&self, block: &Block) {
@@ -351,6 +368,7 @@ struct Task {
     /// Changes made while Redis was unreachable, oldest first.
     pending: VecDeque<Put>,
     down: Arc<AtomicBool>,
+    synced: Arc<AtomicBool>,
 }
 
 /// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
@@ -471,6 +489,10 @@ impl Task {
             self.pending.pop_front();
         }
         self.resync(&mut conn, &scripts).await?;
+        if !self.synced.swap(true, Relaxed) {
+            // Readiness waited for this: the replica now knows every block and revocation.
+            crate::identity::issuer::note_key_sets_changed();
+        }
         if self.down.swap(false, Relaxed) {
             tracing::info!(
                 replica = &*self.replica,

@@ -98,6 +98,12 @@ impl RiskState {
             .map(Refusal::Revoked)
     }
 
+    /// Whether this replica knows the shared blocks and revocations: always in memory; with
+    /// Redis, once it has read them (a replica started while Redis is unreachable knows none).
+    pub fn synced(&self) -> bool {
+        self.shared.as_ref().is_none_or(Shared::is_synced)
+    }
+
     /// Whether a shared store is configured and currently unreachable.
     pub fn store_down(&self) -> bool {
         self.shared.as_ref().is_some_and(Shared::is_down)

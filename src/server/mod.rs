@@ -440,9 +440,12 @@ fn demo_key_issuers(policy: &Policy) -> Vec<String> {
         .collect()
 }
 
-/// SERVING once the issuers of the current policy have keys as `ready_when` asks; NOT_SERVING
-/// otherwise (also later, if keys are dropped after `max_stale`). Looks again whenever a key set
-/// or the policy is replaced.
+/// SERVING once the issuers of the current policy have keys as `ready_when` asks and, with a
+/// Redis risk store, once the shared blocks and revocations have been read (a replica started
+/// while Redis is down would serve every blocked subject and revoked session); NOT_SERVING
+/// otherwise (also later, if keys are dropped after `max_stale`; a store lost after its first
+/// reading keeps its last known state, `risk.on_store_failure`). Looks again whenever a key set
+/// or the policy is replaced, or the store is first read.
 async fn report_readiness(
     authorizer: Arc<Authorizer>,
     ready_when: ReadyWhen,
@@ -456,11 +459,12 @@ async fn report_readiness(
         let ready = {
             let policy = authorizer.policy();
             let mut with_keys = policy.issuers.iter().map(|i| !i.keys().is_empty());
-            match ready_when {
+            let keys = match ready_when {
                 ReadyWhen::AllIssuers => with_keys.all(|has| has),
                 ReadyWhen::AnyIssuer => with_keys.any(|has| has),
                 ReadyWhen::Always => true,
-            }
+            };
+            keys && (ready_when == ReadyWhen::Always || authorizer.risk().synced())
         };
         if last != Some(ready) {
             let status = if ready {

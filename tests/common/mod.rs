@@ -507,6 +507,12 @@ impl Server {
         }
     }
 
+    /// Whether health reports SERVING now (for the server and `Decide`).
+    pub async fn serving(&self) -> Result<bool, String> {
+        self.health(&Endpoint::from_shared(self.url()).expect("a valid URL"))
+            .await
+    }
+
     async fn health(&self, endpoint: &Endpoint) -> Result<bool, String> {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = HealthClient::new(channel);
