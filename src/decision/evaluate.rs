@@ -14,7 +14,7 @@
 //! 7. authentication (auth contexts, acr, amr, max_age) → STEP_UP in the issuer's challenge style,
 //!    or DENY where the caller cannot step up.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, cell::RefCell, collections::BTreeMap, sync::Arc};
 
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ use crate::{
     request::{
         AccessRequest, Established, PresentedCredential, RequestProblem, is_valid_operation, path,
     },
-    risk::signals::{Action, Keys},
+    risk::signals::{Action, Keys, Signal},
 };
 
 /// Decides one request at unix time `now`.
@@ -43,30 +43,67 @@ pub fn decide(policy: &Policy, request: &AccessRequest, now: i64) -> Decision {
 /// [`decide`], reading the risk signals' counters at `now_ms` (unix milliseconds, the same
 /// instant as `now`).
 pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64) -> Decision {
+    let risk = RiskReads {
+        recorded: request.risk_counts.as_deref(),
+        now_ms,
+        read: RefCell::new(Vec::new()),
+    };
     let mut run = Run {
         policy,
         explain: request.explain.then(Vec::new),
         fingerprint: None,
         token_cached: None,
-        now_ms,
+        risk: &risk,
         shadows: Vec::new(),
         verified: None,
     };
     let mut decision = run.evaluate(request, now);
     decision.shadow = run.shadows;
     decision.verified = run.verified;
+    decision.risk_counts = risk.read.into_inner();
     fit_proxy_header_limit(policy, request, decision)
+}
+
+/// How a decision reads the risk signals' counts: from the live counters at `now_ms`, or from
+/// the counts a record holds (replay); and the counts it read that were not zero, for its record.
+struct RiskReads<'a> {
+    recorded: Option<&'a BTreeMap<String, u64>>,
+    now_ms: i64,
+    read: RefCell<Vec<(Arc<str>, u64)>>,
+}
+
+impl RiskReads<'_> {
+    /// `signal`'s count for `key` (0 without a key).
+    fn count(&self, signal: &Signal, key: Option<&str>) -> u64 {
+        let Some(key) = key else { return 0 };
+        let count = match self.recorded {
+            Some(recorded) => recorded.get(&*signal.name).copied().unwrap_or(0),
+            None => signal.count(key, self.now_ms),
+        };
+        if count > 0 {
+            let mut read = self.read.borrow_mut();
+            if !read.iter().any(|(name, _)| *name == signal.name) {
+                read.push((Arc::clone(&signal.name), count));
+            }
+        }
+        count
+    }
 }
 
 /// What `rule` answers a token that is already verified, with no request around it: the admin
 /// API's own requirement (`admin.require`), held to exactly what a rule's `require` is held to.
 pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i64) -> Decision {
+    let risk = RiskReads {
+        recorded: None,
+        now_ms: now.saturating_mul(1000),
+        read: RefCell::new(Vec::new()),
+    };
     let mut run = Run {
         policy,
         explain: None,
         fingerprint: None,
         token_cached: None,
-        now_ms: now.saturating_mul(1000),
+        risk: &risk,
         shadows: Vec::new(),
         verified: None,
     };
@@ -128,7 +165,7 @@ struct Run<'p> {
     explain: Option<Vec<ExplainStep>>,
     fingerprint: Option<String>,
     token_cached: Option<bool>,
-    now_ms: i64,
+    risk: &'p RiskReads<'p>,
     /// What shadow rules and escalations would have answered.
     shadows: Vec<Shadow>,
     /// The token, once verified.
@@ -342,13 +379,11 @@ impl<'p> Run<'p> {
             token: token.as_ref().and(risk_fingerprint.as_deref()),
             source: request.source.as_ref().map(|s| s.address.as_str()),
         };
-        let now_ms = self.now_ms;
+        let risk = self.risk;
         let risk_counts = || {
             let mut counts = serde_json::Map::new();
             for signal in &policy.risk.signals {
-                let n = signal
-                    .key_of(&risk_keys)
-                    .map_or(0, |key| signal.count(&key, now_ms));
+                let n = risk.count(signal, signal.key_of(&risk_keys).as_deref());
                 counts.insert(signal.name.to_string(), Value::from(n));
             }
             counts
@@ -571,7 +606,6 @@ impl<'p> Run<'p> {
                 (false, _) => {}
             }
         }
-        let now_ms = self.now_ms;
         for signal in &policy.risk.signals {
             let Action::StepUp(require) = &signal.action else {
                 continue;
@@ -579,7 +613,7 @@ impl<'p> Run<'p> {
             let Some(key) = signal.key_of(risk_keys) else {
                 continue;
             };
-            let count = signal.count(&key, now_ms);
+            let count = self.risk.count(signal, Some(&key));
             if signal.reached(count) {
                 self.step("risk", || {
                     format!(

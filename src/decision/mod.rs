@@ -101,6 +101,10 @@ pub struct Decision {
     /// Set when the token was refused only because its issuer's keys lack its `kid`: (issuer id,
     /// kid). The server may fetch the keys once and decide again; the engine does no I/O itself.
     pub unknown_key: Option<Box<(String, String)>>,
+    /// The risk signals' counts the decision read that were not zero (a condition's
+    /// `risk.<name>`, a `step_up` signal's), by signal name: its record keeps them, so replay
+    /// decides it on the counts the server saw.
+    pub risk_counts: Vec<(Arc<str>, u64)>,
 }
 
 impl Decision {
@@ -132,6 +136,7 @@ impl Decision {
             verified: None,
             explain: Vec::new(),
             unknown_key: None,
+            risk_counts: Vec::new(),
         }
     }
 

@@ -55,6 +55,9 @@ pub struct Record<'a> {
     pub reason: Cow<'a, str>,
     #[serde(default, borrow)]
     pub rule: Option<Cow<'a, str>>,
+    /// The risk signals' counts the decision read that were not zero, by signal name.
+    #[serde(default, borrow)]
+    pub risk: BTreeMap<Cow<'a, str>, u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +408,15 @@ fn request_of(record: &Record<'_>) -> AccessRequest {
         proxy_header_count: None,
         explain: false,
         problem: None,
+        // The counts the server read, which no policy change alters: a signal the record does
+        // not name counted 0 (or was not there).
+        risk_counts: Some(Box::new(
+            record
+                .risk
+                .iter()
+                .map(|(name, count)| (name.to_string(), *count))
+                .collect(),
+        )),
     }
 }
 
@@ -527,4 +539,130 @@ pub fn is_token_refusal(reason: &str) -> bool {
         .iter()
         .find(|r| r.as_str() == reason)
         .is_some_and(|r| r.is_invalid_token())
+}
+
+#[cfg(test)]
+mod tests {
+    //! A record replayed against the policy that made it gets the same answer, risk counts and
+    //! all; against another threshold, the answer those counts give there.
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use jsonwebtoken::Algorithm;
+
+    use super::*;
+    use crate::{
+        demo::{self, DEMO_RSA_KID, TokenSpec},
+        policy::testing::{DEMO_POLICY, compile_policy, demo_file},
+        request::Door,
+        telemetry::records::format_record,
+    };
+
+    const NOW: i64 = 1_800_000_000;
+
+    /// The demo policy with its `repeated_step_ups` signal enforcing at `threshold`, as
+    /// docs/risk.md shows it.
+    fn enforcing(threshold: u32) -> String {
+        let text = DEMO_POLICY
+            .replace(
+                "action: log                        # then: action: step_up, require: { auth_contexts: [c3] }",
+                "action: step_up\n      require: { auth_contexts: [c3] }",
+            )
+            .replace("      threshold: 10\n", &format!("      threshold: {threshold}\n"));
+        assert!(
+            text.contains("action: step_up\n"),
+            "the demo policy's signal was edited"
+        );
+        text
+    }
+
+    /// The record of alice's `GET /api/orders/1` after she was prompted `prompted` times.
+    fn record_after(prompted: i64, text: &str) -> String {
+        let live = compile_policy(text);
+        let signal = live.risk.signal("repeated_step_ups").unwrap();
+        for i in 0..prompted {
+            signal
+                .table()
+                .record("alice", None, NOW * 1000 - 60_000 + i);
+        }
+        let spec = TokenSpec {
+            acrs: vec!["c1".into()],
+            xms_cc: vec!["cp1".into()],
+            auth_age: Some(60),
+            ..TokenSpec::default()
+        };
+        let token = demo::sign(
+            &spec.claims(NOW),
+            &demo_file("demo-rsa-private.pem"),
+            Algorithm::RS256,
+            DEMO_RSA_KID,
+        )
+        .unwrap();
+        let request = AccessRequest {
+            credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+            http: Some(HttpAttributes::new(
+                "GET",
+                "api.example",
+                "/api/orders/1",
+                Headers::default(),
+            )),
+            ..AccessRequest::default()
+        };
+        let decision = decision::decide(&live, &request, NOW);
+        format_record(
+            &live.records,
+            Door::Check,
+            &request,
+            &decision,
+            UNIX_EPOCH + Duration::from_secs(NOW as u64),
+        )
+    }
+
+    fn replayed(line: &str, candidate: &str, baseline: Option<&str>) -> Replay {
+        let candidate = compile_policy(candidate);
+        let baseline = baseline.map(compile_policy);
+        let mut replayer = Replayer::new(&candidate, baseline.as_ref());
+        replayer.feed("records.jsonl", line.as_bytes()).unwrap();
+        replayer.finish()
+    }
+
+    #[test]
+    fn a_risk_step_up_replays_as_the_same_answer_under_the_same_policy() {
+        let text = enforcing(10);
+        let line = record_after(10, &text);
+        assert!(line.contains("\"outcome\":\"STEP_UP\""), "{line}");
+        assert!(
+            line.contains("\"risk\":{\"repeated_step_ups\":10}"),
+            "{line}"
+        );
+        for baseline in [None, Some(text.as_str())] {
+            let replay = replayed(&line, &text, baseline);
+            assert_eq!(replay.records, 1);
+            assert_eq!(replay.as_recorded, 0, "decided again, not kept");
+            assert!(
+                replay.changes.is_empty(),
+                "record {line}\nthe same policy answers it differently: {:?}",
+                replay.changes
+            );
+            assert_eq!(replay.step_ups, [1, 1]);
+        }
+        // A higher threshold relaxes it: the recorded count is under it.
+        let replay = replayed(&line, &enforcing(20), Some(&text));
+        assert_eq!(
+            replay.changes.get(&("STEP_UP", "ALLOW")),
+            Some(&1),
+            "{:?}",
+            replay.changes
+        );
+        // Below the threshold nothing is recorded, and a lower one tightens it.
+        let quiet = record_after(5, &text);
+        assert!(
+            quiet.contains("\"risk\":{\"repeated_step_ups\":5}"),
+            "{quiet}"
+        );
+        assert!(quiet.contains("\"outcome\":\"ALLOW\""), "{quiet}");
+        let replay = replayed(&quiet, &enforcing(5), Some(&text));
+        assert_eq!(replay.changes.get(&("ALLOW", "STEP_UP")), Some(&1));
+        let none = record_after(0, &text);
+        assert!(!none.contains("\"risk\""), "{none}");
+    }
 }

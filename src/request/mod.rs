@@ -232,6 +232,9 @@ pub struct AccessRequest {
     pub explain: bool,
     /// Set when the content cannot be decided on: the answer is a 400 or 431 denial.
     pub problem: Option<RequestProblem>,
+    /// The risk signals' counts to read instead of the live counters, by signal name (absent: 0):
+    /// replay deciding a record again on the counts the server saw.
+    pub risk_counts: Option<Box<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl AccessRequest {

@@ -187,6 +187,7 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
         proxy_header_count: None,
         explain: request.explain,
         problem,
+        risk_counts: None,
     }
 }
 

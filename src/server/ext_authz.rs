@@ -362,6 +362,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         proxy_header_count,
         explain: false,
         problem,
+        risk_counts: None,
     }
 }
 

@@ -450,6 +450,15 @@ pub fn write_record(
     record.text("reason", decision.reason.as_str());
     record.number("status", i64::from(decision.http_status));
     record.maybe("rule", decision.rule.as_deref());
+    if !decision.risk_counts.is_empty() {
+        record.name("risk");
+        let mut risk = Fields::open(record.out);
+        for (name, count) in &decision.risk_counts {
+            risk.key(name);
+            line::digits(*count, 1, risk.out);
+        }
+        risk.close();
+    }
     if !decision.shadow.is_empty() {
         let shadow: Vec<String> = decision
             .shadow
