@@ -657,3 +657,62 @@ async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
         server.logs_text()
     );
 }
+
+/// Risk signals' source blocks beyond what a replica keeps (768) do not pile up in Redis: the
+/// ones a replica evicts to make room are dropped from the store as lifts, so a resync does not
+/// apply (and evict) them again every 30 seconds, and the other replicas drop them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_source_blocks_a_replica_evicts_are_dropped_from_the_store() {
+    let redis = Redis::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    const STORED: u64 = 900;
+    for i in 0..STORED {
+        let field = format!("source|10.{}.{}.0/24", i / 256, i % 256);
+        let stored = format!(
+            "{}|{}",
+            now * 1000,
+            serde_json::json!({
+                "reason_id": "risk.forged_tokens", "reason": "a signal's block",
+                "created_at": now, "expires_at": now + 600 + i, "created_by": "risk:forged_tokens",
+            })
+        );
+        let reply = redis
+            .command(&resp(&["HSET", "stepgate:blocks", &field, &stored]))
+            .unwrap_or_default();
+        assert_eq!(reply, ":1\r\n", "HSET {field}");
+    }
+    let policy = policy("redis-risk-evictions", &redis, "");
+    let (server, _) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    // Counted in Redis: the values together are more than one reply read takes.
+    let live = || {
+        let script = "local n = 0 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do \
+                      if string.find(v, '\"removed\":true', 1, true) then n = n + 1 end end \
+                      return n";
+        let reply = redis
+            .command(&resp(&["EVAL", script, "1", "stepgate:blocks"]))
+            .unwrap_or_default();
+        reply
+            .trim()
+            .trim_start_matches(':')
+            .parse::<usize>()
+            .unwrap_or_else(|_| panic!("EVAL answered {reply:?}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live() as u64 != STORED - 768 {
+        assert!(
+            Instant::now() < deadline,
+            "{} lifts in Redis, {:?} blocks held:\n{}",
+            live(),
+            metric(&server, "stepgate_blocks").await,
+            server.logs_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The blocks that end last are the ones kept.
+    let held = metric(&server, "stepgate_blocks").await;
+    assert_eq!(held.as_deref(), Some("768"), "{}", server.logs_text());
+}

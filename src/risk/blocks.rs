@@ -132,7 +132,17 @@ pub enum BlockError {
 impl Blocks {
     /// Sets (or replaces) a block. `value` is checked for its kind: a source must be an IP
     /// address or a CIDR, a token fingerprint 12 lower-case hex digits.
-    pub fn set(&self, mut block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
+    pub fn set(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
+        self.set_evicting(block, now).map(|(block, _)| block)
+    }
+
+    /// [`Self::set`], and the risk signals' source block it evicted to make room, if any (the
+    /// shared store must drop it too, or it would come back at every resync).
+    pub fn set_evicting(
+        &self,
+        mut block: Block,
+        now: i64,
+    ) -> Result<(Arc<Block>, Option<Arc<Block>>), BlockError> {
         block.value = normalize(block.kind, &block.value)?;
         if block.expires_at <= now {
             return Err(BlockError::Invalid(
@@ -149,6 +159,7 @@ impl Blocks {
                 return Err(BlockError::Full);
             }
         }
+        let mut evicted = None;
         if block.kind == Kind::Source {
             let net: IpNet = block.value.parse().expect("normalized above");
             table.sources.retain(|(n, _)| *n != net);
@@ -160,8 +171,11 @@ impl Blocks {
             if full(&table) {
                 table.sweep(now);
             }
-            if full(&table) && by_risk && table.evict_risk_source() {
-                metrics::global().record_risk_block_evicted();
+            if full(&table) && by_risk {
+                evicted = table.evict_risk_source();
+                if evicted.is_some() {
+                    metrics::global().record_risk_block_evicted();
+                }
             }
             if full(&table) {
                 return Err(BlockError::FullOfSources);
@@ -172,7 +186,7 @@ impl Blocks {
         }
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
-        Ok(block)
+        Ok((block, evicted))
     }
 
     /// Lifts a block; whether there was one (in force) to lift.
@@ -293,8 +307,8 @@ impl Table {
             .count()
     }
 
-    /// Drops the risk signals' source block that ends first; whether there was one.
-    fn evict_risk_source(&mut self) -> bool {
+    /// Drops the risk signals' source block that ends first, and returns it.
+    fn evict_risk_source(&mut self) -> Option<Arc<Block>> {
         let first = self
             .sources
             .iter()
@@ -302,7 +316,7 @@ impl Table {
             .filter(|(_, (_, b))| b.created_by.starts_with(RISK_CREATOR_PREFIX))
             .min_by_key(|(_, (_, b))| b.expires_at)
             .map(|(i, _)| i);
-        first.map(|i| self.sources.remove(i)).is_some()
+        first.map(|i| self.sources.remove(i).1)
     }
 
     fn sweep(&mut self, now: i64) {

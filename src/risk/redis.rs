@@ -899,7 +899,11 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         return;
     };
     if record.removed {
-        let _ = state.blocks().remove(kind, value, now);
+        // Most lifts in the store are of blocks this replica does not hold: looked up under the
+        // read lock, not removed under the write lock the request path waits on.
+        if state.blocks().get(kind, value, now).is_some() {
+            let _ = state.blocks().remove(kind, value, now);
+        }
         return;
     }
     let block = Block {
@@ -915,7 +919,7 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         .blocks()
         .get(kind, value, now)
         .is_some_and(|b| *b == block);
-    if !unchanged && let Err(err) = state.blocks().set(block, now) {
+    if !unchanged && let Err(err) = state.apply_stored_block(block, now) {
         tracing::warn!(field, error = %err, "a block from Redis could not be applied");
     }
 }

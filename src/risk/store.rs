@@ -111,11 +111,31 @@ impl RiskState {
 
     /// Sets a block here and in the shared store.
     pub fn set_block(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
-        let block = self.blocks.set(block, now)?;
+        let (block, evicted) = self.blocks.set_evicting(block, now)?;
         if let Some(shared) = &self.shared {
             shared.block_set(&block);
+            Self::drop_evicted(shared, evicted);
         }
         Ok(block)
+    }
+
+    /// Applies a block the shared store holds (a resync, another replica's change): here only,
+    /// but a risk signal's source block it evicts is dropped from the store too, so that the
+    /// store holds no more of them than a replica keeps, and a resync does not re-apply (and
+    /// evict) them again and again.
+    pub(super) fn apply_stored_block(&self, block: Block, now: i64) -> Result<(), BlockError> {
+        let (_, evicted) = self.blocks.set_evicting(block, now)?;
+        if let Some(shared) = &self.shared {
+            Self::drop_evicted(shared, evicted);
+        }
+        Ok(())
+    }
+
+    fn drop_evicted(shared: &Shared, evicted: Option<Arc<Block>>) {
+        if let Some(evicted) = evicted {
+            // As a lift: a replica still holding it drops it rather than writing it back.
+            shared.block_removed(evicted.kind, &evicted.value, evicted.expires_at);
+        }
     }
 
     /// Lifts a block here and in the shared store.
