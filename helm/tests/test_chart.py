@@ -1926,6 +1926,16 @@ def test_a_plain_risk_store_url_is_set_and_one_with_a_password_is_refused():
     with pytest.raises(HelmError) as refused:
         chart_render.template(values)
     assert "riskStore.url holds a password" in str(refused.value)
+    # Nor in the policy, which the chart renders into a ConfigMap.
+    values["riskStore"] = {}
+    values["policy"] = dict(values.get("policy") or {})
+    values["policy"]["risk"] = {"store": "redis://:hunter2@redis-master.redis:6379/0"}
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "policy.risk.store holds a password" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    values["policy"]["risk"] = {"store": "redis://redis-master.redis:6379/0"}
+    assert "redis://redis-master.redis:6379/0" in str(chart_render.template(values))
     values["riskStore"] = {"url": "memcached://cache:11211"}
     with pytest.raises(HelmError):
         chart_render.template(values)

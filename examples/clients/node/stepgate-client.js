@@ -8,7 +8,7 @@
 //
 //   async function handle(req, res) {                      // node:http
 //     const reply = await authorize(stepgate, {
-//       authorization: req.headers.authorization,
+//       authorization: authorizationOf(req),               // every Authorization line
 //       operation: 'payments.wire_transfer',
 //       attributes: { amount: 25000 },
 //     });
@@ -16,10 +16,7 @@
 //       res.writeHead(reply.status, reply.headers).end(reply.body);
 //       return;
 //     }
-//     const upstream = Object.fromEntries(Object.entries(req.headers)
-//       .filter(([name]) => !name.startsWith('x-stepgate-')));
-//     Object.assign(upstream, reply.headers);              // the verified identity
-//     await callUpstream(req, upstream);
+//     await callUpstream(req, upstreamHeaders(req.headers, reply));
 //   }
 //
 // The proto is loaded from `proto/` of this repository at run time, so nothing generated is
@@ -139,6 +136,42 @@ export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } 
 }
 
 /**
+ * The client's `Authorization` header as stepgate must see it: every line it sent, joined with
+ * `, ` as a proxy joins them. `node:http` keeps only the first of repeated `Authorization` lines in
+ * `req.headers`, so a request with two tokens would be decided on one; joined, stepgate refuses it
+ * (400 invalid_request). `undefined` when there is none.
+ */
+export function authorizationOf(req) {
+  const lines = req.headersDistinct?.authorization;
+  if (lines === undefined) return req.headers.authorization;
+  return lines.join(', ');
+}
+
+/** A header name as servers that read `_` as `-` read it (WSGI, Rack, PHP, CGI). */
+function headerKey(name) {
+  return name.toLowerCase().replaceAll('_', '-');
+}
+
+/**
+ * The headers to send upstream for an ALLOW reply: the client's `headers`, without any it could
+ * speak for stepgate with — every `x-stepgate-*`, every header stepgate sets or asks to remove
+ * (`reply.remove`: identity headers it left unset, `authorization` when the policy says so), in any
+ * case and spelled with `_` for `-` (`x_stepgate_subject` is `x-stepgate-subject` to WSGI, Rack and
+ * PHP) — and then stepgate's identity headers. Throws for a reply that is not an ALLOW.
+ */
+export function upstreamHeaders(headers, reply) {
+  if (reply.status !== 200) throw new TypeError('upstream headers are for an ALLOW (status 200) only');
+  const dropped = new Set([...Object.keys(reply.headers), ...(reply.remove ?? [])].map(headerKey));
+  const upstream = Object.fromEntries(
+    Object.entries(headers).filter(([name]) => {
+      const key = headerKey(name);
+      return !key.startsWith('x-stepgate-') && !dropped.has(key);
+    }),
+  );
+  return Object.assign(upstream, reply.headers);
+}
+
+/**
  * The reply when stepgate could not be asked, or refused the question: the request must not go
  * ahead, and the client learns nothing about the policy or the error. 503: the fault is ours.
  */
@@ -154,12 +187,12 @@ export function failClosed() {
  * Maps a Decide response (or the error the call failed with) to the service's HTTP reply
  * `{status, headers, body}`.
  *
- * ALLOW: status 200, `headers` are the identity headers to *add to the upstream request*, body
- * null. Before adding them, drop any header of the same family the client sent: stepgate sets only
- * the headers it has values for, so a configured one it leaves unset (no `tid` in the token, say)
- * would otherwise reach the upstream with the client's value. `response.headers_to_remove` names
- * exactly those (plus `authorization` when the policy says so); dropping every `x-stepgate-*`, as
- * the example above does, is the simplest equivalent.
+ * ALLOW: status 200, `headers` are the identity headers to *add to the upstream request*,
+ * `remove` the `headers_to_remove`, body null. Before adding them, drop the headers of the same
+ * family the client sent: stepgate sets only the headers it has values for, so a configured one it
+ * leaves unset (no `tid` in the token, say) would otherwise reach the upstream with the client's
+ * value, and a client's `x_stepgate_subject` is `x-stepgate-subject` to a WSGI, Rack or PHP
+ * upstream. `upstreamHeaders` does both.
  *
  * STEP_UP / DENY: `http_status` as is, and `www-authenticate` when stepgate gives one — it is the
  * challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it must
@@ -171,7 +204,12 @@ export function failClosed() {
 export function toHttpReply(response) {
   if (!response || response instanceof Error) return failClosed();
   if (response.outcome === ALLOW) {
-    return { status: 200, headers: { ...response.identity_headers }, body: null };
+    return {
+      status: 200,
+      headers: { ...response.identity_headers },
+      body: null,
+      remove: [...(response.headers_to_remove ?? [])],
+    };
   }
   if (response.outcome !== STEP_UP && response.outcome !== DENY) return failClosed();
   const headers = { 'content-type': 'application/json' };

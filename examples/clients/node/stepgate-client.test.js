@@ -14,8 +14,11 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import http from 'node:http';
+import net from 'node:net';
 import {
-  ALLOW, DENY, STEP_UP, authorize, createClient, decide, toHttpReply, toStruct,
+  ALLOW, DENY, STEP_UP, authorizationOf, authorize, createClient, decide, toHttpReply, toStruct,
+  upstreamHeaders,
 } from './stepgate-client.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -255,6 +258,57 @@ describe('stepgate Decide (live)', () => {
     assert.equal(reply.headers['x-stepgate-subject'], 'alice');
     assert.equal(reply.headers['x-stepgate-auth-contexts'], 'c1');
     assert.equal(reply.headers['www-authenticate'], undefined);
+  });
+
+  test('upstream headers: no spelling of a client header speaks for stepgate', async () => {
+    const token = mint('--acrs', 'c1', '--xms-cc', 'cp1');
+    const reply = await authorize(client, { authorization: `Bearer ${token}`, operation: WIRE });
+    assert.equal(reply.status, 200);
+    const upstream = upstreamHeaders({
+      authorization: 'Bearer client-token',
+      accept: 'application/json',
+      'x-stepgate-subject': 'admin',
+      // WSGI, Rack and PHP read these as the hyphenated names (HTTP_X_STEPGATE_...).
+      x_stepgate_subject: 'admin',
+      X_STEPGATE_AUTH_CONTEXTS: 'c1 c2 c3',
+      'x-stepgate-acr': 'urn:spoofed',
+    }, reply);
+    assert.deepEqual(upstream, {
+      authorization: 'Bearer client-token', // the demo policy keeps it (remove_authorization: false)
+      accept: 'application/json',
+      ...reply.headers,
+    });
+    assert.equal(upstream['x-stepgate-subject'], 'alice');
+    assert.throws(() => upstreamHeaders({}, { status: 503, headers: {} }), TypeError);
+    // What stepgate asks to remove is dropped in every spelling too.
+    const removing = { status: 200, headers: { 'x-stepgate-subject': 'alice' }, remove: ['x-tenant-name', 'authorization'] };
+    assert.deepEqual(
+      upstreamHeaders({ Authorization: 'Bearer t', X_Tenant_Name: 'victim', accept: '*/*' }, removing),
+      { accept: '*/*', 'x-stepgate-subject': 'alice' },
+    );
+  });
+
+  test('authorizationOf: two Authorization lines reach stepgate as two credentials', async () => {
+    const token = mint('--acrs', 'c1', '--xms-cc', 'cp1');
+    // A real node:http server, sent two Authorization lines over a raw socket.
+    const seen = new Promise((resolve) => {
+      const server = http.createServer(async (req, res) => {
+        const reply = await authorize(client, { authorization: authorizationOf(req), operation: WIRE });
+        res.writeHead(reply.status).end();
+        server.close();
+        resolve({ first: req.headers.authorization, status: reply.status });
+      });
+      server.listen(0, '127.0.0.1', () => {
+        const socket = net.connect(server.address().port, '127.0.0.1', () => {
+          socket.end(`GET /pay HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n`
+            + 'Authorization: Bearer second\r\nConnection: close\r\n\r\n');
+        });
+        socket.resume();
+      });
+    });
+    const { first, status } = await seen;
+    assert.equal(first, `Bearer ${token}`, 'node:http keeps only the first line in req.headers');
+    assert.equal(status, 400, 'stepgate refuses two credentials');
   });
 
   test('reply: STEP_UP is 401 with the claims challenge', async () => {

@@ -11,9 +11,7 @@ stepgate says::
                           operation="payments.wire_transfer", attributes={"amount": 25000})
         if reply.status != 200:
             return reply                                      # 401 / 403 / 400 / 503, as is
-        upstream = {k: v for k, v in headers.items() if not k.lower().startswith("x-stepgate-")}
-        upstream.update(reply.headers)                        # the verified identity
-        return call_upstream(method, path, upstream)
+        return call_upstream(method, path, upstream_headers(headers, reply))
 
 Over TLS (stepgate ``--tls-cert``), verify stepgate against your CA; for mutual TLS (stepgate
 ``--client-ca``), present a client certificate as well::
@@ -183,13 +181,44 @@ class HttpReply(NamedTuple):
     """What the web service does with a decision.
 
     ``status == 200``: the request proceeds; ``headers`` are the identity headers to *add to the
-    upstream request* (the verified subject, auth contexts, ...) and ``body`` is None.
-    Otherwise: answer the client with ``status``, the response ``headers`` and the JSON ``body``.
+    upstream request* (the verified subject, auth contexts, ...), ``remove`` the headers the
+    client sent that must not reach it (``headers_to_remove``: identity headers stepgate left
+    unset, ``authorization`` when the policy says so), and ``body`` is None; ``upstream_headers``
+    applies both. Otherwise: answer the client with ``status``, the response ``headers`` and the
+    JSON ``body``.
     """
 
     status: int
     headers: dict[str, str]
     body: bytes | None
+    remove: tuple[str, ...] = ()
+
+
+#: The prefix of stepgate's identity headers: a client's own never reach the upstream.
+IDENTITY_PREFIX = "x-stepgate-"
+
+
+def _header_key(name: str) -> str:
+    """A header name as servers that read ``_`` as ``-`` read it (WSGI, Rack, PHP, CGI:
+    ``x_stepgate_subject`` and ``x-stepgate-subject`` are both ``HTTP_X_STEPGATE_SUBJECT``)."""
+    return name.lower().replace("_", "-")
+
+
+def upstream_headers(client_headers: Mapping[str, str], reply: HttpReply) -> dict[str, str]:
+    """The headers to send upstream for an ALLOW: the client's, without any it could use to
+    speak for stepgate -- every ``x-stepgate-*``, every name stepgate sets or asks to remove
+    (``reply.remove``), each in any case and with ``_`` for ``-`` -- and then stepgate's
+    identity headers. Raises ``ValueError`` for a reply that is not an ALLOW."""
+    if reply.status != 200:
+        raise ValueError("upstream headers are for an ALLOW (status 200) only")
+    dropped = {_header_key(name) for name in (*reply.headers, *reply.remove)}
+    upstream = {
+        name: value
+        for name, value in client_headers.items()
+        if not (_header_key(name).startswith(IDENTITY_PREFIX) or _header_key(name) in dropped)
+    }
+    upstream.update(reply.headers)
+    return upstream
 
 
 def fail_closed() -> HttpReply:
@@ -202,12 +231,12 @@ def fail_closed() -> HttpReply:
 def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
     """Maps a Decide answer (or the gRPC error raised instead of one) to the service's HTTP reply.
 
-    ALLOW: 200 and ``identity_headers`` for the upstream. Before adding them the service must drop
-    any header of the same family the *client* sent: stepgate sets only the headers it has values
-    for, so a configured header it leaves unset (no ``tid`` in the token, say) would otherwise reach
-    the upstream with the client's value. ``response.headers_to_remove`` names exactly those (plus
-    ``authorization`` when the policy says so); dropping the whole ``x-stepgate-*`` family, as the
-    module example does, is the simplest equivalent.
+    ALLOW: 200, ``identity_headers`` for the upstream and ``headers_to_remove`` as ``remove``.
+    Before adding them the service must drop the headers of the same family the *client* sent:
+    stepgate sets only the headers it has values for, so a configured header it leaves unset (no
+    ``tid`` in the token, say) would otherwise reach the upstream with the client's value, and a
+    client's ``x_stepgate_subject`` is ``x-stepgate-subject`` to a WSGI, Rack or PHP upstream.
+    ``upstream_headers`` does both.
 
     STEP_UP / DENY: ``http_status`` as is, and ``WWW-Authenticate`` when stepgate gives one -- it is
     the challenge (Entra claims challenge or RFC 9470) the client's identity library acts on, so it
@@ -219,7 +248,9 @@ def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
     if isinstance(response, grpc.RpcError) or not isinstance(response, DecideResponse):
         return fail_closed()
     if response.outcome == ALLOW:
-        return HttpReply(200, dict(response.identity_headers), None)
+        return HttpReply(
+            200, dict(response.identity_headers), None, tuple(response.headers_to_remove)
+        )
     if response.outcome not in (STEP_UP, DENY):
         return fail_closed()
     headers = {"content-type": "application/json"}

@@ -62,11 +62,11 @@ def channel(stepgate_bin):
 
 
 @contextlib.contextmanager
-def _serve(stepgate_bin: str, *args: str, connect=sg.connect):
-    """Runs ``stepgate serve`` on the demo policy with ``args``; yields its address and a channel
-    made by ``connect(address)`` once that channel reports SERVING; stops the server at the end."""
+def _serve(stepgate_bin: str, *args: str, connect=sg.connect, config: Path = CONFIG):
+    """Runs ``stepgate serve`` on ``config`` (the demo policy) with ``args``; yields its address and a
+    channel made by ``connect(address)`` once that channel reports SERVING; stops the server at the end."""
     proc = subprocess.Popen(
-        [stepgate_bin, "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json", *args],
+        [stepgate_bin, "serve", "--config", str(config), "--listen", "127.0.0.1:0", "--log-format", "json", *args],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -335,6 +335,51 @@ def test_reply_allow_forwards_identity_headers(channel, mint):
     assert reply.headers["x-stepgate-subject"] == "alice"
     assert reply.headers["x-stepgate-auth-contexts"] == "c1"
     assert "www-authenticate" not in reply.headers
+
+
+def test_upstream_headers_drop_every_spelling_a_client_could_speak_for_stepgate_with(channel, mint):
+    reply = sg.authorize(channel, authorization=f"Bearer {mint('--acrs', 'c1', '--xms-cc', 'cp1')}", operation=WIRE)
+    client = {
+        "Authorization": "Bearer client-token",
+        "Accept": "application/json",
+        "X-Stepgate-Subject": "admin",
+        # WSGI, Rack and PHP read these as the hyphenated names (HTTP_X_STEPGATE_...).
+        "x_stepgate_subject": "admin",
+        "X_STEPGATE_AUTH_CONTEXTS": "c1 c2 c3",
+        "x-stepgate-acr": "urn:spoofed",
+    }
+    upstream = sg.upstream_headers(client, reply)
+    assert upstream == {
+        "Authorization": "Bearer client-token",  # the demo policy keeps it (remove_authorization: false)
+        "Accept": "application/json",
+        **reply.headers,
+    }
+    assert upstream["x-stepgate-subject"] == "alice"
+    with pytest.raises(ValueError):
+        sg.upstream_headers(client, sg.fail_closed())
+
+
+def test_upstream_headers_drop_what_stepgate_asks_to_remove(stepgate_bin, mint, tmp_path):
+    """A custom identity header stepgate leaves unset, and ``authorization`` under
+    ``remove_authorization: true``, arrive in ``headers_to_remove``: the reply carries them and
+    ``upstream_headers`` drops the client's, whatever their spelling."""
+    text = CONFIG.read_text().replace("demo-keys/", f"{CONFIG.parent / 'demo-keys'}/")
+    text = text.replace(
+        "    x-stepgate-rule: rule\n  remove_authorization: false",
+        "    x-stepgate-rule: rule\n    x-tenant-name: claim:tenant_name\n  remove_authorization: true",
+    )
+    assert "x-tenant-name" in text and "remove_authorization: true" in text
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    with _serve(stepgate_bin, config=policy) as (_, ch):
+        token = mint("--acrs", "c1", "--xms-cc", "cp1")
+        reply = sg.authorize(ch, authorization=f"Bearer {token}", operation=WIRE)
+    assert reply.status == 200
+    assert {"x-tenant-name", "authorization"} <= set(reply.remove), reply.remove
+    upstream = sg.upstream_headers(
+        {"Authorization": f"Bearer {token}", "X_Tenant_Name": "victim-tenant", "Accept": "*/*"}, reply
+    )
+    assert upstream == {"Accept": "*/*", **reply.headers}, upstream
 
 
 def test_reply_step_up_is_401_with_challenge(channel, mint):
