@@ -19,9 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out_dir.join("stepgate_descriptor.bin"), fds.encode_to_vec())?;
 
+    // `Decide` answers a message that does not decode (a string field that is not UTF-8) with a
+    // DENY, as every other request it cannot decide on: `api::codec`.
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::api::codec::Codec")
         .compile_fds(fds)?;
 
     // Reflection for `Check` too: envoy-types ships Envoy's protos (and their imports) in its

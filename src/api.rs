@@ -5,6 +5,114 @@ pub mod v1 {
     tonic::include_proto!("stepgate.v1");
 }
 
+/// The codec of stepgate's own services and clients: prost's, but a `DecideRequest` that does not
+/// decode (a string field that is not UTF-8, a `Struct` nested past prost's depth limit) becomes a
+/// request `Decide` answers with a DENY (`400 malformed_request`, naming what prost refused)
+/// rather than a gRPC `INTERNAL` error: every request gets an OK status and an outcome, as the
+/// proto promises. Other messages that do not decode are `INTERNAL`, as with prost's codec.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use prost::{Message, bytes::Buf};
+    use tonic::{
+        Status,
+        codec::{BufferSettings, DecodeBuf, Decoder},
+    };
+
+    use super::v1;
+
+    /// Where an undecodable `DecideRequest` says so: an operation no client can have decided on
+    /// (it starts with a NUL, a control character, which an operation is refused for anyway),
+    /// followed by prost's description of what did not decode.
+    pub const UNDECODABLE: &str = "\0undecodable:";
+
+    /// What a message that does not decode becomes: `None` for an error status.
+    pub trait Undecodable: Sized {
+        fn undecodable(_error: &prost::DecodeError) -> Option<Self> {
+            None
+        }
+    }
+
+    impl Undecodable for v1::DecideRequest {
+        fn undecodable(error: &prost::DecodeError) -> Option<Self> {
+            Some(v1::DecideRequest {
+                operation: format!("{UNDECODABLE}{error}"),
+                ..Default::default()
+            })
+        }
+    }
+
+    macro_rules! as_prost {
+        ($($message:ident),* $(,)?) => { $(impl Undecodable for v1::$message {})* };
+    }
+    as_prost!(
+        DecideResponse,
+        BlockRequest,
+        BlockResponse,
+        UnblockRequest,
+        UnblockResponse,
+        ListBlocksRequest,
+        ListBlocksResponse,
+        RevokeRequest,
+        RevokeResponse,
+        GetRiskCountsRequest,
+        GetRiskCountsResponse,
+    );
+
+    #[derive(Debug)]
+    pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for Codec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for Codec<T, U>
+    where
+        T: Message + Send + 'static,
+        U: Message + Default + Undecodable + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = tonic_prost::ProstEncoder<T>;
+        type Decoder = LenientDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            tonic_prost::ProstEncoder::default()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            LenientDecoder(PhantomData)
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct LenientDecoder<U>(PhantomData<U>);
+
+    impl<U: Message + Default + Undecodable> Decoder for LenientDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            match U::decode(&mut *buf) {
+                Ok(message) => Ok(Some(message)),
+                Err(error) => {
+                    // What prost left of the message is not the next one's.
+                    buf.advance(buf.remaining());
+                    U::undecodable(&error)
+                        .map(Some)
+                        .ok_or_else(|| Status::internal(error.to_string()))
+                }
+            }
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            BufferSettings::default()
+        }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of stepgate's own protos, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/stepgate_descriptor.bin"));

@@ -1064,3 +1064,94 @@ async fn a_client_flooding_settings_frames_loses_its_connection() {
     let answer = send(&mut client, call(CHECK, &[]), vec![frame(&allowed_check())]).await;
     assert_eq!(denial(&check_response(&answer)), None);
 }
+
+/// A `Decide` message prost cannot decode — a string field that is not UTF-8, a `Struct` nested
+/// past prost's depth limit — is answered as every request stepgate cannot decide on: an OK
+/// gRPC status and a DENY `400 malformed_request` naming what did not decode, not `INTERNAL`.
+/// The next call on the connection is decided as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decide_message_that_does_not_decode_is_a_400_denial() {
+    use stepgate::api::v1::{DecideRequest, DecideResponse};
+    const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
+    let server = serve(&[]).await;
+    let mut client = connect(&server).await;
+    // `attributes` (field 5), a Struct whose one field holds a Struct, and so on, 120 deep.
+    let mut nested: Vec<u8> = Vec::new();
+    for _ in 0..120 {
+        // Value { struct_value (5): Struct { fields (1): entry { key (1): "a", value (2): … } } }
+        let mut entry = vec![0x0a, 0x01, b'a', 0x12];
+        entry.extend(varint(nested.len()));
+        entry.extend(&nested);
+        let mut fields = vec![0x0a];
+        fields.extend(varint(entry.len()));
+        fields.extend(entry);
+        let mut value = vec![0x2a];
+        value.extend(varint(fields.len()));
+        value.extend(fields);
+        nested = value;
+    }
+    // The attributes Struct { fields: { "a": <the nested Value> } }.
+    let mut entry = vec![0x0a, 0x01, b'a', 0x12];
+    entry.extend(varint(nested.len()));
+    entry.extend(&nested);
+    let mut attributes = vec![0x0a];
+    attributes.extend(varint(entry.len()));
+    attributes.extend(entry);
+    let mut deep = vec![0x1a, 0x01, b'x', 0x2a];
+    deep.extend(varint(attributes.len()));
+    deep.extend(&attributes);
+    let undecodable: [(&str, Vec<u8>); 3] = [
+        // field 3 (operation), one byte 0xff
+        ("operation not UTF-8", vec![0x1a, 0x01, 0xff]),
+        // field 4 (http) { field 3 (path): 0xc3 0x28 }
+        (
+            "http.path not UTF-8",
+            vec![0x22, 0x04, 0x1a, 0x02, 0xc3, 0x28],
+        ),
+        ("attributes nested past the depth limit", deep),
+    ];
+    for (what, message) in undecodable {
+        let answer = send(&mut client, call(DECIDE, &[]), vec![frame(&message)]).await;
+        assert_eq!(answer.grpc_status, "0", "{what}: an OK gRPC status");
+        let response = DecideResponse::decode(&answer.body[5..]).expect("a DecideResponse");
+        assert_eq!(
+            (
+                response.outcome(),
+                response.reason.as_str(),
+                response.http_status
+            ),
+            (stepgate::api::v1::Outcome::Deny, "malformed_request", 400),
+            "{what}: {response:?}"
+        );
+        assert!(
+            response.message.starts_with("the request does not decode"),
+            "{what}: {}",
+            response.message
+        );
+    }
+    let fine = DecideRequest {
+        operation: "reports.read".into(),
+        ..Default::default()
+    };
+    let answer = send(
+        &mut client,
+        call(DECIDE, &[]),
+        vec![frame(&fine.encode_to_vec())],
+    )
+    .await;
+    let response = DecideResponse::decode(&answer.body[5..]).expect("a DecideResponse");
+    assert_eq!(response.reason, "token_missing", "{response:?}");
+}
+
+fn varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}

@@ -248,7 +248,8 @@ impl<'p> Run<'p> {
                 | RequestProblem::NothingToMatch
                 | RequestProblem::TooManyEntries(_)
                 | RequestProblem::DuplicateHeader(_)
-                | RequestProblem::InvalidOperation => (400, Reason::MalformedRequest),
+                | RequestProblem::InvalidOperation
+                | RequestProblem::Undecodable(_) => (400, Reason::MalformedRequest),
                 RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
                 RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
                 RequestProblem::AttributesTooLarge { .. } => (413, Reason::RequestTooLarge),

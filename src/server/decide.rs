@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     api::{
-        self,
+        self, codec,
         v1::{
             self, DecideRequest, DecideResponse, decide_request,
             decision_service_server::DecisionService,
@@ -94,6 +94,12 @@ impl DecisionService for Decide {
 /// Reads a `DecideRequest`. What cannot be decided on (neither an operation nor an HTTP request,
 /// headers past `limits`) is noted as the request's problem, answered with a denial.
 pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessRequest {
+    if let Some(error) = request.operation.strip_prefix(codec::UNDECODABLE) {
+        return AccessRequest {
+            problem: Some(RequestProblem::Undecodable(error.to_owned())),
+            ..AccessRequest::default()
+        };
+    }
     let operation = Some(request.operation).filter(|o| !o.is_empty());
     let mut problem = None;
     let http = request.http.map(|h| {
