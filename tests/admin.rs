@@ -94,7 +94,7 @@ async fn an_admin_token_without_the_required_sign_in_is_refused() {
     let (code, _, stderr) = list(&password_only);
     assert_ne!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("admin.require") && stderr.contains("missing_amr"),
+        stderr.contains("admin.require") && stderr.contains("authentication method mfa"),
         "the refusal says what is missing: {stderr}"
     );
 

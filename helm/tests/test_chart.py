@@ -595,9 +595,10 @@ def test_probes_ask_grpc_health_natively_or_with_stepgate_health_over_tls(name, 
     assert {"--server", "--timeout", "--ca", "--cert", "--key", "--tls-server-name"} <= known
     commands = []
     for probe in PROBES:
-        # Liveness asks whether the process answers, not whether it is ready (keys loaded, not
-        # draining): an identity provider down must not restart every replica.
-        service = "liveness" if probe == "livenessProbe" else ""
+        # Start-up and liveness ask whether the process answers, not whether it is ready (keys
+        # loaded, the shared blocks read, not draining): an identity provider or Redis down must
+        # not restart every replica.
+        service = "" if probe == "readinessProbe" else "liveness"
         if not CASES[name].tls:
             assert "exec" not in c[probe]
             assert c[probe]["grpc"] == {"port": listen, "service": service}, probe

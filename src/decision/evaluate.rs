@@ -73,12 +73,13 @@ struct RiskReads<'a> {
 }
 
 impl RiskReads<'_> {
-    /// `signal`'s count for `key` (0 without a key).
+    /// `signal`'s count for `key` (0 without a key); replaying, the recorded count, whether or
+    /// not replay knows the key (it has no token to fingerprint).
     fn count(&self, signal: &Signal, key: Option<&str>) -> u64 {
-        let Some(key) = key else { return 0 };
-        let count = match self.recorded {
-            Some(recorded) => recorded.get(&*signal.name).copied().unwrap_or(0),
-            None => signal.count(key, self.now_ms),
+        let count = match (self.recorded, key) {
+            (Some(recorded), _) => recorded.get(&*signal.name).copied().unwrap_or(0),
+            (None, Some(key)) => signal.count(key, self.now_ms),
+            (None, None) => 0,
         };
         if count > 0 {
             let mut read = self.read.borrow_mut();
@@ -611,10 +612,7 @@ impl<'p> Run<'p> {
             let Action::StepUp(require) = &signal.action else {
                 continue;
             };
-            let Some(key) = signal.key_of(risk_keys) else {
-                continue;
-            };
-            let count = self.risk.count(signal, Some(&key));
+            let count = self.risk.count(signal, signal.key_of(risk_keys).as_deref());
             if signal.reached(count) {
                 self.step("risk", || {
                     format!(
@@ -859,6 +857,11 @@ impl<'p> Run<'p> {
             .max_age
             .map(|max| (max, p.auth_time.map(|t| now.saturating_sub(t))));
 
+        let stale = match age {
+            Some((_, None)) => true,
+            Some((max, Some(age))) => age > i64::try_from(max).unwrap_or(i64::MAX),
+            None => false,
+        };
         let unmet = if let Some(first) = missing_contexts.first() {
             Some((
                 Reason::MissingAuthContext,
@@ -936,12 +939,11 @@ impl<'p> Run<'p> {
                 !missing_contexts.is_empty()
                     || (!step_up.auth_contexts.is_empty() && reason == Reason::AuthTooOld)
             }
-            // RFC 9470 asks with `acr_values` and `max_age`; a requirement of `amr` alone gives
-            // the client nothing to send, and its sign-in session hands back the same token.
-            ChallengeStyle::Rfc9470 => {
-                missing_contexts.is_empty()
-                    && (!step_up.acr_values.is_empty() || step_up.max_age.is_some())
-            }
+            // RFC 9470 asks with `acr_values` and `max_age`: only a level the token lacks or a
+            // sign-in too old is something to ask for. An `amr` alone gives the client nothing to
+            // send (the levels it would ask for again, the token has), and its sign-in session
+            // hands back the same token.
+            ChallengeStyle::Rfc9470 => missing_contexts.is_empty() && (!acr_ok || stale),
             ChallengeStyle::Deny => true,
         };
         if !expressible {
@@ -1378,8 +1380,8 @@ fn identity_headers(
     // A list of one (the usual `acrs`, `amr` or `roles`) is shared rather than joined anew.
     let join = |v: &[Arc<str>]| match v {
         [] => None,
-        [one] => Some(Arc::clone(one)),
-        many => Some(Arc::from(many.join(" "))),
+        [one] if !one.contains(LIST_ESCAPED) => Some(Arc::clone(one)),
+        many => Some(Arc::from(list_value(many.iter().map(|item| &**item)))),
     };
     policy
         .upstream
@@ -1405,7 +1407,7 @@ fn identity_headers(
                     Some(Value::Bool(b)) => Some(Arc::from(b.to_string())),
                     Some(Value::Array(items)) => {
                         let words: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
-                        (!words.is_empty()).then(|| Arc::from(words.join(" ")))
+                        (!words.is_empty()).then(|| Arc::from(list_value(words.into_iter())))
                     }
                     _ => None,
                 },
@@ -1425,6 +1427,27 @@ fn identity_headers(
             Some((Arc::clone(name), value))
         })
         .collect()
+}
+
+/// What an item of a list header has percent-encoded.
+const LIST_ESCAPED: [char; 2] = [' ', '%'];
+
+/// A list's items as one header value, space-separated. An item holding a space (one role named
+/// `Order Admin`) or a percent sign has them percent-encoded (`Order%20Admin`), so that it can
+/// never read as two items (the roles `Order` and `Admin`) to an upstream that splits the value.
+fn list_value<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for item in items {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if item.contains(LIST_ESCAPED) {
+            out.push_str(&item.replace('%', "%25").replace(' ', "%20"));
+        } else {
+            out.push_str(item);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

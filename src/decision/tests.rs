@@ -581,6 +581,43 @@ fn a_string_claim_is_one_value_and_only_scopes_are_split_on_spaces() {
     );
     assert_eq!(d.outcome, Outcome::Allow, "{d:#?}");
 
+    // And one the upstream cannot read as two: a list header's items have their spaces (and
+    // percent signs) percent-encoded.
+    let policy = compile_policy(&DEMO_POLICY.replacen(
+        "    x-stepgate-rule: rule\n",
+        "    x-stepgate-rule: rule\n    x-stepgate-roles: roles\n    x-groups: claim:groups\n",
+        1,
+    ));
+    let header_of = |claims: Value, name: &str| {
+        let d = decide(
+            &policy,
+            &http_request(&bearer(&with(claims)), "GET", "/api/x"),
+            NOW,
+        );
+        assert_eq!(d.outcome, Outcome::Allow, "{d:#?}");
+        header(&d, name).map(str::to_owned)
+    };
+    assert_eq!(
+        header_of(json!({"roles": "Order Admin"}), "x-stepgate-roles").as_deref(),
+        Some("Order%20Admin")
+    );
+    assert_eq!(
+        header_of(json!({"roles": ["Order", "Admin"]}), "x-stepgate-roles").as_deref(),
+        Some("Order Admin")
+    );
+    assert_eq!(
+        header_of(
+            json!({"roles": ["Order Admin", "100%"]}),
+            "x-stepgate-roles"
+        )
+        .as_deref(),
+        Some("Order%20Admin 100%25")
+    );
+    assert_eq!(
+        header_of(json!({"groups": ["finance team", "ops"]}), "x-groups").as_deref(),
+        Some("finance%20team ops")
+    );
+
     // Scopes stay a space-separated list.
     let spec = TokenSpec {
         scopes: strings(&[]),
@@ -788,13 +825,32 @@ fn an_rfc9470_requirement_of_amr_alone_is_refused_not_challenged() {
     expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
     assert!(d.www_authenticate.is_none(), "{d:#?}");
     assert_eq!(d.step_up.as_ref().unwrap().amr, strings(&["mfa"]));
+    // A fresh sign-in already meets `max_age`: asking with it again brings the same token.
     let d = decide(
         &policy,
         &op_request(&password_only, "mfa-fresh", json!({})),
         NOW,
     );
+    expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
+    // An old one does not: the challenge asks for a new sign-in, which may bring the method.
+    let old = rs256(&TokenSpec {
+        amr: strings(&["pwd"]),
+        auth_age: Some(3600),
+        ..oidc_admin()
+    });
+    let d = decide(&policy, &op_request(&old, "mfa-fresh", json!({})), NOW);
     expect(&d, Outcome::StepUp, 401, Reason::MissingAmr);
     assert!(www(&d).ends_with("max_age=900"), "{}", www(&d));
+    // Nor is a level the token already has something to ask for.
+    let policy = with_rules(
+        "  - id: hwk\n    match: { operation: hwk }\n    issuers: [demo-oidc]\n    require: { acr: [\"urn:okta:loa:2fa:any\"], amr: [hwk] }\n",
+    );
+    let d = decide(
+        &policy,
+        &op_request(&rs256(&oidc_admin()), "hwk", json!({})),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
 }
 
 #[test]
@@ -1519,22 +1575,6 @@ fn rfc9470_step_up_for_every_unmet_authentication_requirement() {
             Reason::AcrNotAccepted,
         ),
         (
-            "amr lacks mfa",
-            TokenSpec {
-                amr: strings(&["pwd"]),
-                ..oidc_admin()
-            },
-            Reason::MissingAmr,
-        ),
-        (
-            "no amr",
-            TokenSpec {
-                amr: Vec::new(),
-                ..oidc_admin()
-            },
-            Reason::MissingAmr,
-        ),
-        (
             "auth too old",
             TokenSpec {
                 auth_age: Some(3601),
@@ -1570,6 +1610,36 @@ fn rfc9470_step_up_for_every_unmet_authentication_requirement() {
             "{case}: {www}"
         );
         assert_eq!(rule(&d), Some("admin"), "{case}");
+    }
+}
+
+/// An `amr` the token lacks, with its level met and its sign-in fresh, gives an RFC 9470
+/// challenge nothing to ask for (the token has the `acr_values`, and a fresh sign-in meets
+/// `max_age`): the client would get the same token back. Refused, naming the method; an old
+/// sign-in is asked to be renewed, which may bring the method.
+#[test]
+fn rfc9470_an_amr_alone_unmet_is_refused_and_with_an_old_sign_in_challenged() {
+    for (case, amr) in [("amr lacks mfa", strings(&["pwd"])), ("no amr", Vec::new())] {
+        let spec = TokenSpec {
+            amr,
+            ..oidc_admin()
+        };
+        let d = decide_http(&bearer(&rs256(&spec)), "GET", "/admin/users");
+        expect(&d, Outcome::Deny, 403, Reason::StepUpNotExpressible);
+        assert!(
+            d.message.contains("authentication method mfa"),
+            "{case}: {}",
+            d.message
+        );
+        assert!(d.www_authenticate.is_none(), "{case}");
+        assert_eq!(rule(&d), Some("admin"), "{case}");
+        let old = TokenSpec {
+            auth_age: Some(3601),
+            ..spec
+        };
+        let d = decide_http(&bearer(&rs256(&old)), "GET", "/admin/users");
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAmr);
+        assert!(www(&d).ends_with(", max_age=3600"), "{case}: {}", www(&d));
     }
 }
 

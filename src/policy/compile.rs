@@ -705,7 +705,9 @@ fn check_glob_letters(compiled: &Rule, rule: &schema::RuleConfig, path: &str) ->
         return err(
             field,
             format!(
-                "{:?} has a letter outside ASCII, which paths are not compared in without case;                  match it with a wildcard segment and a `when` condition, or set                  upstream.path_case: sensitive if the upstream routes in case (docs/policy.md)",
+                "{:?} has a letter outside ASCII, which paths are not compared in without case; \
+                 match it with a wildcard segment and a `when` condition, or set \
+                 upstream.path_case: sensitive if the upstream routes in case (docs/policy.md)",
                 matcher.paths[k].as_str()
             ),
         );

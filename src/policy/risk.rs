@@ -137,6 +137,19 @@ pub fn compile_risk(
                 if require.is_empty() {
                     return err(rpath, "a risk step-up must require something");
                 }
+                if !require.amr.is_empty()
+                    && require.acr.is_empty()
+                    && require.auth_contexts.is_empty()
+                {
+                    // No challenge asks for a method: a fresh token lacking it would be refused
+                    // (`step_up_not_expressible`) on every request while the count lasts, a block
+                    // its user cannot lift.
+                    return err(
+                        format!("{rpath}.amr"),
+                        "no challenge can ask for an amr: require the level or the context that \
+                         brings the method (acr for RFC 9470 issuers, auth_contexts for Entra ID)",
+                    );
+                }
                 Action::StepUp(Box::new(require))
             }
             SignalActionConfig::Block => {
@@ -391,6 +404,11 @@ risk:
                 "require: { auth_contexts: [c3] }",
                 "require: { auth_contexts: [c9] }",
                 "risk.signals.failed_step_ups.require.auth_contexts[0]",
+            ),
+            (
+                "require: { auth_contexts: [c3] }",
+                "require: { amr: [mfa], max_age: 5m }",
+                "risk.signals.failed_step_ups.require.amr",
             ),
             (
                 "      require: { auth_contexts: [c3] }\n",

@@ -607,7 +607,10 @@ mod tests {
             )),
             ..AccessRequest::default()
         };
-        let decision = decision::decide(&live, &request, NOW);
+        let mut decision = decision::decide(&live, &request, NOW);
+        // As the server does for a decision it records.
+        live.risk
+            .read_for_record(&request, &mut decision, NOW * 1000);
         format_record(
             &live.records,
             Door::Check,
@@ -664,5 +667,75 @@ mod tests {
         assert_eq!(replay.changes.get(&("ALLOW", "STEP_UP")), Some(&1));
         let none = record_after(0, &text);
         assert!(!none.contains("\"risk\""), "{none}");
+    }
+
+    /// The change the demo policy suggests — a signal that only logs made `step_up` — is
+    /// previewed: a record holds every signal's count for its keys, read or not.
+    #[test]
+    fn a_log_signal_made_step_up_replays_on_the_users_count() {
+        let line = record_after(10, DEMO_POLICY);
+        assert!(line.contains("\"outcome\":\"ALLOW\""), "{line}");
+        assert!(line.contains("\"repeated_step_ups\":10"), "{line}");
+        let replay = replayed(&line, &enforcing(10), Some(DEMO_POLICY));
+        assert_eq!(
+            replay.changes.get(&("ALLOW", "STEP_UP")),
+            Some(&1),
+            "{:?}\n{line}",
+            replay.changes
+        );
+    }
+
+    /// A signal keyed by the token's fingerprint: replay has no token to fingerprint, and reads
+    /// the recorded count all the same.
+    #[test]
+    fn a_token_keyed_risk_step_up_replays_as_recorded() {
+        let text = enforcing(10).replace(
+            "      key: subject\n      window: 10m\n",
+            "      key: token\n      window: 10m\n",
+        );
+        assert!(
+            text.contains("key: token"),
+            "the demo policy's signal was edited"
+        );
+        let live = compile_policy(&text);
+        let token = demo::sign(
+            &TokenSpec {
+                acrs: vec!["c1".into()],
+                xms_cc: vec!["cp1".into()],
+                auth_age: Some(60),
+                ..TokenSpec::default()
+            }
+            .claims(NOW),
+            &demo_file("demo-rsa-private.pem"),
+            Algorithm::RS256,
+            DEMO_RSA_KID,
+        )
+        .unwrap();
+        let request = AccessRequest {
+            credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+            operation: Some("orders.read".into()),
+            ..AccessRequest::default()
+        };
+        let fingerprint = decision::decide(&live, &request, NOW)
+            .token_fingerprint
+            .expect("a fingerprint");
+        let signal = live.risk.signal("repeated_step_ups").unwrap();
+        for i in 0..10 {
+            signal
+                .table()
+                .record(&fingerprint, None, NOW * 1000 - 60_000 + i);
+        }
+        let decision = decision::decide(&live, &request, NOW);
+        assert_eq!(decision.outcome, Outcome::StepUp, "{decision:#?}");
+        let line = format_record(
+            &live.records,
+            Door::Check,
+            &request,
+            &decision,
+            UNIX_EPOCH + Duration::from_secs(NOW as u64),
+        );
+        let replay = replayed(&line, &text, None);
+        assert!(replay.changes.is_empty(), "{:?}\n{line}", replay.changes);
+        assert_eq!(replay.step_ups, [1, 1]);
     }
 }

@@ -69,19 +69,21 @@ impl StoreSpec {
         match self {
             Self::Memory => "memory".to_owned(),
             Self::Redis(url) => {
+                // The user information ends at the URL's last `@`: a password may hold `?`, `/`
+                // or `#` (unencoded, the URL does not parse, and its text is shown in the error).
+                let (scheme, rest) = url.split_once("://").unwrap_or(("", url.as_str()));
+                let (masked, rest) = match rest.rsplit_once('@') {
+                    Some((_, after)) => ("***@", after),
+                    None => ("", rest),
+                };
                 // A Unix socket URL carries its credentials in the query (`?pass=`, `?user=`):
                 // only the database and protocol are shown.
-                let (url, query) = match url.split_once('?') {
-                    Some((url, query)) => (url, Some(query)),
-                    None => (url.as_str(), None),
+                let (address, query) = match rest.split_once('?') {
+                    Some((address, query)) => (address, Some(query)),
+                    None => (rest, None),
                 };
-                let mut shown = match url.split_once("://") {
-                    Some((scheme, rest)) => match rest.rsplit_once('@') {
-                        Some((_, host)) => format!("{scheme}://***@{host}"),
-                        None => url.to_owned(),
-                    },
-                    None => url.to_owned(),
-                };
+                let separator = if scheme.is_empty() { "" } else { "://" };
+                let mut shown = format!("{scheme}{separator}{masked}{address}");
                 if let Some(query) = query {
                     let pairs: Vec<String> = query
                         .split('&')
@@ -349,6 +351,35 @@ impl RiskPolicy {
         self.signals.iter().find(|s| &*s.name == name)
     }
 
+    /// Adds to `decision.risk_counts` every signal's count for the request's key that the
+    /// decision did not read itself (a signal that only logs, or acts on another outcome), read
+    /// before this request is counted: its record then holds what a policy that enforces the
+    /// signal would have read, and replay previews that change.
+    pub fn read_for_record(&self, request: &AccessRequest, decision: &mut Decision, now_ms: i64) {
+        if self.signals.is_empty() {
+            return;
+        }
+        let keys = Keys::of(request, decision);
+        let mut read = Vec::new();
+        for signal in &self.signals {
+            if decision
+                .risk_counts
+                .iter()
+                .any(|(name, _)| *name == signal.name)
+            {
+                continue;
+            }
+            let Some(key) = signal.key_of(&keys) else {
+                continue;
+            };
+            let count = signal.count(&key, now_ms);
+            if count > 0 {
+                read.push((Arc::clone(&signal.name), count));
+            }
+        }
+        decision.risk_counts.extend(read);
+    }
+
     /// Counts a decided request in every signal it is an event of; `counted` hears of each count
     /// that changed (for the shared store). Returns the signals whose threshold this event reached.
     pub fn record(
@@ -429,6 +460,18 @@ mod tests {
             "redis+unix:///run/redis.sock?db=2&pass=***&user=***"
         );
         assert_eq!(shown("redis://redis:6379/0"), "redis://redis:6379/0");
+        // A password holding `?` (or `/`): the URL does not parse, and its error shows neither.
+        for url in [
+            "redis://:hunter?2secret@redis:6379/0",
+            "redis://:hunter/2secret@redis:6379/0",
+        ] {
+            let shown = StoreSpec::Redis(url.to_owned()).redacted();
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.starts_with("redis://***@redis:6379"), "{shown}");
+            if let Err(error) = StoreSpec::parse(url) {
+                assert!(!error.contains("secret"), "{error}");
+            }
+        }
         assert_eq!(shown("memory"), "memory");
     }
 

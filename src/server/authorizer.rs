@@ -291,14 +291,21 @@ impl Authorizer {
         span: traces::DecisionSpan,
         started: Instant,
         policy: Guard<Arc<Policy>>,
-        decision: Decision,
+        mut decision: Decision,
         now_ms: i64,
     ) -> (Decision, Guard<Arc<Policy>>) {
+        let sink = self
+            .records
+            .get()
+            .filter(|(_, forced)| *forced || policy.records.enabled)
+            .map(|(sink, _)| sink);
+        if sink.is_some() {
+            // Before this request counts, as the decision read them.
+            policy.risk.read_for_record(request, &mut decision, now_ms);
+        }
         self.risk.record(&policy, request, &decision, now_ms);
         telemetry::log_decision(door, &decision, started.elapsed());
-        if let Some((sink, forced)) = self.records.get()
-            && (*forced || policy.records.enabled)
-        {
+        if let Some(sink) = sink {
             sink.record(&policy.records, door, request, &decision);
         }
         span.end(door, &decision);
