@@ -1074,3 +1074,85 @@ async fn in_the_text_log_an_audit_line_stays_one_line() {
         assert!(line.contains(r#""eve\nFORGED stepgate::audit"#), "{line}");
     }
 }
+
+/// `admin.audiences`: an admin token must be meant for the admin API. The operator's ordinary
+/// token for the protected API carries the admin role all the same (Entra's app roles are the
+/// API's), and every upstream and `Decide` caller sees it: replayed to the admin listener, it is
+/// refused. A policy naming an audience no admin issuer accepts is refused at load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_must_carry_an_admin_audience_when_the_policy_names_them() {
+    const ADMIN_AUDIENCE: &str = "api://stepgate-admin";
+    let text = demo_policy_text().replacen(
+        "    audiences: [api://stepgate-demo]\n    algorithms: [RS256, ES256]\n    challenge: rfc9470",
+        &format!(
+            "    audiences: [api://stepgate-demo, {ADMIN_AUDIENCE}]\n    algorithms: [RS256, ES256]\n    challenge: rfc9470"
+        ),
+        1,
+    ) + &format!(
+        "\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"], audiences: [\"{ADMIN_AUDIENCE}\"] }}\n"
+    );
+    assert!(
+        text.contains(&format!("api://stepgate-demo, {ADMIN_AUDIENCE}")),
+        "{text}"
+    );
+    let policy = TempPolicy::new("admin-audience", &text);
+    let (_server, admin_url) = common::serve_with_admin(&policy.path, false).await;
+    let list = |token: &str| {
+        let out = Command::new(bin())
+            .args(["admin", "list", "--server", &admin_url, "--bearer", token])
+            .output()
+            .expect("running stepgate admin");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let api_token = mint(&TokenSpec {
+        subject: "ops-oncall".into(),
+        ..oidc(&[ADMIN_ROLE], None, &[])
+    });
+    let (code, stderr) = list(&api_token);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("admin.audiences"), "{stderr}");
+
+    let admin_token = mint(&TokenSpec {
+        subject: "ops-oncall".into(),
+        audience: ADMIN_AUDIENCE.into(),
+        ..oidc(&[ADMIN_ROLE], None, &[])
+    });
+    let (code, stderr) = list(&admin_token);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // `stepgate check` says so of a policy without them.
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&admin_policy().path)
+        .output()
+        .expect("running stepgate check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("set admin.audiences"), "{stdout}");
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&policy.path)
+        .output()
+        .expect("running stepgate check");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("set admin.audiences"));
+
+    // An audience no admin issuer accepts could never verify: refused at load, named.
+    let unknown = TempPolicy::new(
+        "admin-audience-unknown",
+        &(demo_policy_text()
+            + &format!(
+                "\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"], audiences: [api://nobody] }}\n"
+            )),
+    );
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&unknown.path)
+        .output()
+        .expect("running stepgate check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("admin.audiences[0]"), "{stderr}");
+}

@@ -168,6 +168,16 @@ fn describe(policy: &Policy) -> String {
         "issuer(s) look like Entra ID but are not challenge: entra, so their tokens' acrs claim is not read and no rule's auth_contexts can be met with them (docs/policy.md)",
     );
     warn(
+        (!policy.admin.roles.is_empty() && policy.admin.audiences.is_empty())
+            .then(|| {
+                "admin: set admin.audiences to the admin API's own audience (docs/admin.md)"
+                    .to_owned()
+            })
+            .into_iter()
+            .collect(),
+        "admin setting(s) let any token of an admin issuer with the role call the admin API, including the protected API's own tokens, which its upstreams and Decide callers see",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );

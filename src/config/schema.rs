@@ -233,6 +233,11 @@ pub struct AdminConfig {
     /// Roles (the token's `roles`) that grant the admin API.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Audiences an admin token must carry one of (each also among its issuer's `audiences`):
+    /// the admin API's own, so that the protected API's tokens — which its upstreams and
+    /// `Decide` callers see — cannot be replayed to it. Empty: any audience of the issuer.
+    #[serde(default)]
+    pub audiences: Vec<String>,
     /// What an admin token must show besides its role, as a rule's `require` (scopes, roles,
     /// auth_contexts, acr, amr, max_age): a step-up for lifting a block or revoking sessions.
     pub require: Option<RequireConfig>,

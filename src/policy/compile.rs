@@ -195,6 +195,30 @@ fn compile_admin(
     if config.roles.iter().any(|r| r.trim().is_empty()) {
         return err("admin.roles", "a role must not be empty");
     }
+    if !config.audiences.is_empty() && config.issuers.is_empty() {
+        return err(
+            "admin.audiences",
+            "audiences are those of admin tokens: name the admin issuers and roles too",
+        );
+    }
+    for (i, audience) in config.audiences.iter().enumerate() {
+        // A token verifies only with an audience its issuer accepts: one no admin issuer
+        // accepts would refuse every admin token.
+        let accepted = config.issuers.iter().any(|id| {
+            issuers
+                .by_id(id)
+                .is_some_and(|issuer| issuer.audiences.iter().any(|a| a == audience))
+        });
+        if !accepted {
+            return err(
+                format!("admin.audiences[{i}]"),
+                format!(
+                    "{audience:?} is not among the audiences of any of admin.issuers: add it to \
+                     the issuer's audiences, or no admin token would verify"
+                ),
+            );
+        }
+    }
     let rule = match &config.require {
         None => None,
         Some(_) if config.roles.is_empty() => {
@@ -228,6 +252,7 @@ fn compile_admin(
         client_sans,
         issuers: config.issuers.clone(),
         roles: config.roles.clone(),
+        audiences: config.audiences.clone(),
         rule,
     })
 }

@@ -231,6 +231,8 @@ pub struct AdminAccess {
     pub client_sans: Vec<SanName>,
     pub issuers: Vec<String>,
     pub roles: Vec<String>,
+    /// One of these must be in an admin token's `aud` (empty: any its issuer accepts).
+    pub audiences: Vec<String>,
     /// `admin.require`, as a rule a token calling the admin API must meet (`None`: the role
     /// suffices).
     pub rule: Option<Rule>,

@@ -110,6 +110,15 @@ impl Admin {
                 "the token's issuer and roles grant no admin right (admin.issuers, admin.roles)",
             ));
         }
+        if !admin.audiences.is_empty()
+            && !token_audiences(raw)
+                .iter()
+                .any(|aud| admin.audiences.contains(aud))
+        {
+            return Err(Status::permission_denied(
+                "the token is not meant for the admin API: its aud holds none of admin.audiences",
+            ));
+        }
         // A role is not a sign-in: `admin.require` may ask for a step-up (an authentication
         // context, an acr, a recent sign-in) before a block is lifted or a session revoked.
         if let Some(rule) = &admin.rule {
@@ -142,6 +151,28 @@ impl Admin {
                 })
             }
         }
+    }
+}
+
+/// The `aud` of a token already verified (a string or an array of strings), read again from its
+/// payload: the verified token keeps only what decisions read, and the admin API is rarely
+/// called.
+fn token_audiences(raw: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let payload = raw.split('.').nth(1).unwrap_or_default();
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|claims| claims.get("aud").cloned())
+    {
+        Some(serde_json::Value::String(aud)) => vec![aud],
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|item| item.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
