@@ -99,10 +99,13 @@ pub fn compile_risk(
                 format!("must be between 1 and {max_threshold}"),
             );
         }
-        if key != KeyKind::Source && (s.ipv4_prefix != 32 || s.ipv6_prefix != 64) {
+        if key != KeyKind::Source
+            && event != Event::Sources
+            && (s.ipv4_prefix != 32 || s.ipv6_prefix != 64)
+        {
             return err(
                 format!("{path}.ipv4_prefix"),
-                "prefixes group source addresses: only with key: source",
+                "prefixes group source addresses: only with key: source or count: sources",
             );
         }
         if s.ipv4_prefix == 0 || s.ipv4_prefix > 32 {
@@ -382,7 +385,7 @@ risk:
             ),
             (
                 "count: step_up",
-                "count: sources\n      ipv4_prefix: 24",
+                "count: deny\n      ipv4_prefix: 24",
                 "risk.signals.failed_step_ups.ipv4_prefix",
             ),
             (

@@ -284,18 +284,22 @@ impl Signal {
             KeyKind::Tenant => keys.tenant.map(Cow::Borrowed),
             KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
             KeyKind::Token => keys.token.map(Cow::Borrowed),
-            KeyKind::Source => {
-                // Already canonical where the request was made (`request::Peer::new`); an
-                // operator's `admin counts --source` may name the mapped form.
-                let address = keys.source?.parse::<IpAddr>().ok()?.to_canonical();
-                let prefix = match address {
-                    IpAddr::V4(_) => self.ipv4_prefix,
-                    IpAddr::V6(_) => self.ipv6_prefix,
-                };
-                let net = IpNet::new(address, prefix).ok()?.trunc();
-                Some(Cow::Owned(net.to_string()))
-            }
+            KeyKind::Source => self.network_of(keys.source?).map(Cow::Owned),
         }
+    }
+
+    /// The network `source` is counted as (`ipv4_prefix`, `ipv6_prefix`): a `key: source`
+    /// signal's key, and a `count: sources` signal's distinct value, so that one phone's
+    /// rotating IPv6 privacy addresses in its /64 are one source. `None` for what is not an IP
+    /// address. Already canonical where the request was made (`request::Peer::new`); an
+    /// operator's `admin counts --source` may name the mapped form.
+    fn network_of(&self, source: &str) -> Option<String> {
+        let address = source.parse::<IpAddr>().ok()?.to_canonical();
+        let prefix = match address {
+            IpAddr::V4(_) => self.ipv4_prefix,
+            IpAddr::V6(_) => self.ipv6_prefix,
+        };
+        Some(IpNet::new(address, prefix).ok()?.trunc().to_string())
     }
 
     /// Whether this decision is an event this signal counts.
@@ -402,14 +406,19 @@ impl RiskPolicy {
                 continue;
             };
             let distinct = match signal.event {
-                Event::Sources => keys.source,
+                // A direct `Check` caller may name what is no address: counted as written.
+                Event::Sources => keys.source.map(|source| {
+                    signal
+                        .network_of(source)
+                        .unwrap_or_else(|| source.to_owned())
+                }),
                 _ => None,
             };
-            let change: Change = signal.table().record(&key, distinct, now_ms);
+            let change: Change = signal.table().record(&key, distinct.as_deref(), now_ms);
             // Every event is shared; a distinct value only when it is new in the window here
             // (a token seen again from the same address changes no count).
             if signal.event != Event::Sources || change.after != change.before {
-                counted(i, &key, distinct);
+                counted(i, &key, distinct.as_deref());
             }
             if change.crossed(u64::from(signal.threshold)) {
                 crossings.push(Crossing {
@@ -427,7 +436,7 @@ impl RiskPolicy {
 mod tests {
     use super::*;
     use crate::{
-        decision::{Decision, Reason},
+        decision::{Decision, Outcome, Reason},
         identity::Principal,
         request::Peer,
     };
@@ -496,6 +505,40 @@ mod tests {
             Peer::new("2001:DB8:0:0::1", String::new()).address,
             Peer::new("2001:db8::1", String::new()).address
         );
+    }
+
+    /// `count: sources` counts networks as `key: source` does: a phone's rotating IPv6 privacy
+    /// addresses in its /64 are one source (so `token_replay` does not block its own user), and
+    /// addresses in three /64s are three.
+    #[test]
+    fn distinct_sources_are_counted_by_network() {
+        let risk = RiskPolicy {
+            signals: vec![signal(Event::Sources, KeyKind::Token)],
+            ..RiskPolicy::default()
+        };
+        let mut allowed = Decision::new(Outcome::Allow, Reason::Allowed, "", 200);
+        allowed.principal = Some(Arc::new(Principal {
+            subject: Arc::from("alice"),
+            ..Principal::default()
+        }));
+        allowed.token_fingerprint = Some("t1".into());
+        let from = |address: &str, at: i64| {
+            let request = AccessRequest {
+                source: Some(Peer::new(address, String::new())),
+                ..AccessRequest::default()
+            };
+            risk.record(&request, &allowed, NOW_MS + at, |_, _, _| {})
+        };
+        for (i, address) in ["2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2:ffff::1"]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(from(address, i as i64).is_empty(), "{address}");
+        }
+        assert_eq!(risk.signals[0].count("t1", NOW_MS + 10), 1);
+        from("2001:db8:1:3::a", 11);
+        let crossed = from("2001:db8:9:9::a", 12);
+        assert_eq!(crossed.len(), 1, "three networks cross the threshold of 3");
     }
 
     /// Whoever still holds a token whose session the operator revoked is not its user: its
