@@ -430,28 +430,20 @@ impl<'p> Run<'p> {
                 in_case: sent,
                 slash_apart: false,
             };
-            let (lower_rule, case_rule) = (
-                first_enforced(policy, request, path, &input),
-                first_enforced(policy, request, in_case, &input),
-            );
-            if lower_rule != case_rule {
-                self.step("match", || {
-                    let id = |at: Result<Option<usize>, usize>| match at {
-                        Ok(Some(at)) | Err(at) => format!("rule {:?}", policy.rules[at].id),
-                        Ok(None) => "no rule".to_owned(),
-                    };
-                    format!(
-                        "the path picks {} in lower case and {} in its own case: {AMBIGUOUS_PATH}",
-                        id(lower_rule),
-                        id(case_rule)
-                    )
-                });
-                let www = challenge::invalid_request(realm, AMBIGUOUS_PATH);
-                let rule = match lower_rule {
-                    Ok(Some(at)) | Err(at) if token.is_some() => Some(&policy.rules[at]),
-                    _ => None,
-                };
-                return self.deny(400, Reason::AmbiguousPath, AMBIGUOUS_PATH, rule, Some(www));
+            let said = |lower: &str, case: &str| {
+                format!(
+                    "the path picks {lower} in lower case and {case} in its own case: {AMBIGUOUS_PATH}"
+                )
+            };
+            if let Some(denial) = self.readings_disagree(
+                request,
+                &input,
+                token.is_some(),
+                [path, in_case],
+                said,
+                AMBIGUOUS_PATH,
+            ) {
+                return denial;
             }
         }
         // Nor is whether the upstream tells `/a/` from `/a`: a path with a trailing slash must
@@ -462,29 +454,21 @@ impl<'p> Run<'p> {
                 slash_apart: true,
                 ..path
             };
-            let (together_rule, apart_rule) = (
-                first_enforced(policy, request, path, &input),
-                first_enforced(policy, request, apart, &input),
-            );
-            if together_rule != apart_rule {
-                self.step("match", || {
-                    let id = |at: Result<Option<usize>, usize>| match at {
-                        Ok(Some(at)) | Err(at) => format!("rule {:?}", policy.rules[at].id),
-                        Ok(None) => "no rule".to_owned(),
-                    };
-                    format!(
-                        "the path picks {} as the path without its trailing slash and {} as a \
-                         path of its own: {AMBIGUOUS_SLASH}",
-                        id(together_rule),
-                        id(apart_rule)
-                    )
-                });
-                let www = challenge::invalid_request(realm, AMBIGUOUS_SLASH);
-                let rule = match together_rule {
-                    Ok(Some(at)) | Err(at) if token.is_some() => Some(&policy.rules[at]),
-                    _ => None,
-                };
-                return self.deny(400, Reason::AmbiguousPath, AMBIGUOUS_SLASH, rule, Some(www));
+            let said = |together: &str, apart: &str| {
+                format!(
+                    "the path picks {together} as the path without its trailing slash and {apart} \
+                     as a path of its own: {AMBIGUOUS_SLASH}"
+                )
+            };
+            if let Some(denial) = self.readings_disagree(
+                request,
+                &input,
+                token.is_some(),
+                [path, apart],
+                said,
+                AMBIGUOUS_SLASH,
+            ) {
+                return denial;
             }
         }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
@@ -677,6 +661,39 @@ impl<'p> Run<'p> {
             )
         });
         self.record_shadow(rule, None, would.outcome, would.reason);
+    }
+
+    /// The `400 ambiguous_path` denial when two readings of the path pick different rules
+    /// (shadow rules passed over), each named by `said` in the explain trace; `None` when they
+    /// agree. The rule of the first reading is named to a verified caller only.
+    fn readings_disagree(
+        &mut self,
+        request: &AccessRequest,
+        input: &CelInput<'_>,
+        verified: bool,
+        readings: [PathReading<'_>; 2],
+        said: impl FnOnce(&str, &str) -> String,
+        message: &'static str,
+    ) -> Option<Decision> {
+        let policy = self.policy;
+        let [first, second] =
+            readings.map(|reading| first_enforced(policy, request, reading, input));
+        if first == second {
+            return None;
+        }
+        self.step("match", || {
+            let id = |at: Result<Option<usize>, usize>| match at {
+                Ok(Some(at)) | Err(at) => format!("rule {:?}", policy.rules[at].id),
+                Ok(None) => "no rule".to_owned(),
+            };
+            said(&id(first), &id(second))
+        });
+        let www = challenge::invalid_request(&policy.realm, message);
+        let rule = match first {
+            Ok(Some(at)) | Err(at) if verified => Some(&policy.rules[at]),
+            _ => None,
+        };
+        Some(self.deny(400, Reason::AmbiguousPath, message, rule, Some(www)))
     }
 
     /// A decision made aside (a shadow's): it neither adds to the explain trace nor takes the

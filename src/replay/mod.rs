@@ -575,6 +575,23 @@ mod tests {
         text
     }
 
+    /// Alice's Entra token with context c1, signed a minute ago.
+    fn alice_token() -> String {
+        let spec = TokenSpec {
+            acrs: vec!["c1".into()],
+            xms_cc: vec!["cp1".into()],
+            auth_age: Some(60),
+            ..TokenSpec::default()
+        };
+        demo::sign(
+            &spec.claims(NOW),
+            &demo_file("demo-rsa-private.pem"),
+            Algorithm::RS256,
+            DEMO_RSA_KID,
+        )
+        .unwrap()
+    }
+
     /// The record of alice's `GET /api/orders/1` after she was prompted `prompted` times.
     fn record_after(prompted: i64, text: &str) -> String {
         let live = compile_policy(text);
@@ -584,21 +601,8 @@ mod tests {
                 .table()
                 .record("alice", None, NOW * 1000 - 60_000 + i);
         }
-        let spec = TokenSpec {
-            acrs: vec!["c1".into()],
-            xms_cc: vec!["cp1".into()],
-            auth_age: Some(60),
-            ..TokenSpec::default()
-        };
-        let token = demo::sign(
-            &spec.claims(NOW),
-            &demo_file("demo-rsa-private.pem"),
-            Algorithm::RS256,
-            DEMO_RSA_KID,
-        )
-        .unwrap();
         let request = AccessRequest {
-            credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+            credential: PresentedCredential::Authorization(format!("Bearer {}", alice_token())),
             http: Some(HttpAttributes::new(
                 "GET",
                 "api.example",
@@ -698,21 +702,8 @@ mod tests {
             "the demo policy's signal was edited"
         );
         let live = compile_policy(&text);
-        let token = demo::sign(
-            &TokenSpec {
-                acrs: vec!["c1".into()],
-                xms_cc: vec!["cp1".into()],
-                auth_age: Some(60),
-                ..TokenSpec::default()
-            }
-            .claims(NOW),
-            &demo_file("demo-rsa-private.pem"),
-            Algorithm::RS256,
-            DEMO_RSA_KID,
-        )
-        .unwrap();
         let request = AccessRequest {
-            credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+            credential: PresentedCredential::Authorization(format!("Bearer {}", alice_token())),
             operation: Some("orders.read".into()),
             ..AccessRequest::default()
         };
