@@ -589,6 +589,29 @@ fn decide_against_an_unreachable_server_fails_with_exit_code_1() {
     assert!(out.stdout.is_empty(), "{}", describe(&out));
 }
 
+/// A token is not sent in the clear beyond loopback: `http://` to another address is refused
+/// before any connection is made (`https://` or a port-forward carries it).
+#[test]
+fn decide_sends_no_token_in_the_clear_beyond_loopback() {
+    let token = mint_cli(&["--xms-cc", "cp1"]);
+    let out = stepgate(&[
+        "decide",
+        "--server",
+        "http://192.0.2.1:50051",
+        "--token",
+        &token,
+        "--operation",
+        "payments.wire_transfer",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("in the clear"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!text(&out.stderr).contains(&token), "{}", describe(&out));
+}
+
 #[test]
 fn check_error_names_the_field_path_once_as_documented() {
     let policy = TempPolicy::new(

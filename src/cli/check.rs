@@ -25,7 +25,11 @@ pub fn run(args: CheckArgs) -> ExitCode {
     // Local key files are part of the configuration: check them too.
     for issuer in policy.issuers.iter() {
         if let KeySource::File(path) = &issuer.key_source {
-            let problem = match std::fs::read(path) {
+            // Read as serving reads it: a regular file of at most the size it accepts.
+            let problem = match stepgate::config::read_file_at_most(
+                path,
+                stepgate::identity::keys::MAX_JWKS_FILE_BYTES,
+            ) {
                 Err(e) => Some(format!("cannot read {}: {e}", path.display())),
                 Ok(bytes) => match KeySet::parse(&bytes) {
                     Err(e) => Some(format!("{}: {e}", path.display())),

@@ -114,6 +114,15 @@ async fn ask(
     tls: &super::connect::ClientTlsArgs,
     request: DecideRequest,
 ) -> Result<DecideResponse, (u8, String)> {
+    if request.credential.is_some() && !super::connect::private_transport(server) {
+        return Err((
+            1,
+            format!(
+                "the token would cross the network in the clear to {server}: use https:// \
+                 (--ca), or a loopback address (kubectl port-forward)"
+            ),
+        ));
+    }
     let channel = super::connect::channel(server, tls, std::time::Duration::from_secs(10))
         .await
         .map_err(|e| (1, e))?;

@@ -304,7 +304,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(path) = &args.idp_ca {
-        let roots = std::fs::read(path)
+        let roots = config::read_file_at_most(path, 1024 * 1024)
             .map_err(|e| e.to_string())
             .and_then(|pem| keys::parse_ca_bundle(&pem));
         match roots {

@@ -213,4 +213,55 @@ rules:
         assert_eq!(err.path, "rules[0].match[1].methodz");
         assert!(err.message.contains("unknown field `methodz`"), "{err}");
     }
+
+    /// Every file a policy names is read as a regular file of bounded size: a FIFO (or a
+    /// device) in a key file's or CA bundle's place is refused at once, naming the field, rather
+    /// than stalling the compile (a reload's thread, or the start) or filling the memory.
+    #[test]
+    fn a_fifo_named_by_the_policy_is_refused_not_read() {
+        let dir = std::env::temp_dir().join(format!("stepgate-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("keys.json"), "{\"keys\":[]}").unwrap();
+        let fifo = dir.join("named.pipe");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        for (extra, field) in [
+            (
+                "records:\n  subject_key_file: named.pipe\n",
+                "records.subject_key_file",
+            ),
+            ("", "issuers[0].ca_file"),
+        ] {
+            let text = if extra.is_empty() {
+                MINIMAL.replace(
+                    "    jwks_file: keys.json\n",
+                    "    jwks_uri: https://idp.example/keys\n    ca_file: named.pipe\n",
+                )
+            } else {
+                format!("{MINIMAL}{extra}")
+            };
+            let file = parse(&text).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let base = dir.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(
+                    crate::policy::compile(&file, &base)
+                        .err()
+                        .map(|e| e.to_string()),
+                );
+            });
+            let answered = rx.recv_timeout(std::time::Duration::from_secs(5));
+            if answered.is_err() {
+                // Let the stuck reader go before failing.
+                let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            }
+            let error = answered
+                .unwrap_or_else(|_| panic!("{field}: compiling did not return"))
+                .unwrap_or_else(|| panic!("{field}: compiled"));
+            assert!(error.contains(field), "{error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -261,7 +261,7 @@ async fn load_inner(
             let owned = path.clone();
             let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
             let bytes = tokio::task::spawn_blocking(move || {
-                crate::config::read_file_at_most(&owned, MAX_DOCUMENT_BYTES as u64)
+                crate::config::read_file_at_most(&owned, MAX_JWKS_FILE_BYTES)
             })
             .await
             .map_err(|e| cannot(&e))?
@@ -409,6 +409,9 @@ pub fn issuer_of_discovery_url(url: &str) -> Option<&str> {
 }
 
 /// The path OpenID Connect Discovery appends to an issuer.
+/// The largest `jwks_file` read, as a fetched key set.
+pub const MAX_JWKS_FILE_BYTES: u64 = MAX_DOCUMENT_BYTES as u64;
+
 pub const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 
 /// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.

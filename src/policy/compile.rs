@@ -32,6 +32,11 @@ use crate::{
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
+/// The largest CA bundle read (`issuers[].ca_file`): Mozilla's whole root store is about 200 KiB.
+const MAX_CA_BUNDLE_BYTES: u64 = 1024 * 1024;
+/// The largest key file read (`records.subject_key_file`): a key is tens of bytes.
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
 fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T> {
     Err(ConfigError::new(path, message))
 }
@@ -452,9 +457,12 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             Some(file) => {
                 let at = format!("{path}.ca_file");
                 let file = base_dir.join(file);
-                let pem = std::fs::read(&file).map_err(|e| {
-                    ConfigError::new(&at, format!("cannot read {}: {e}", file.display()))
-                })?;
+                // A regular file, and no bigger than a CA bundle is (a FIFO or a device would
+                // stall or fill the reading thread).
+                let pem =
+                    crate::config::read_file_at_most(&file, MAX_CA_BUNDLE_BYTES).map_err(|e| {
+                        ConfigError::new(&at, format!("cannot read {}: {e}", file.display()))
+                    })?;
                 let roots = keys::parse_ca_bundle(&pem)
                     .map_err(|e| ConfigError::new(&at, format!("{}: {e}", file.display())))?;
                 Some(keys::client_trusting_only(roots).map_err(|e| ConfigError::new(&at, e))?)
@@ -1032,12 +1040,13 @@ fn compile_records(
     let subject_key = match &c.subject_key_file {
         None => None,
         Some(file) => {
-            let key = std::fs::read(base_dir.join(file)).map_err(|e| {
-                ConfigError::new(
-                    "records.subject_key_file",
-                    format!("cannot read {file}: {e}"),
-                )
-            })?;
+            let key = crate::config::read_file_at_most(&base_dir.join(file), MAX_KEY_FILE_BYTES)
+                .map_err(|e| {
+                    ConfigError::new(
+                        "records.subject_key_file",
+                        format!("cannot read {file}: {e}"),
+                    )
+                })?;
             let key = key.trim_ascii().to_vec();
             if key.len() < 16 {
                 return err(

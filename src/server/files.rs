@@ -42,6 +42,9 @@ use tokio::{sync::mpsc, task::JoinHandle, time::Interval};
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// How often the content is compared even without an event.
 pub const RECHECK: Duration = Duration::from_secs(10);
+/// The longest wait for events to stop before the files are read all the same: a file written
+/// without pause (a log beside the policy) must not hold a change back for ever.
+pub const MAX_SETTLE: Duration = Duration::from_secs(2);
 /// How long a reading of the watched files is waited for.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The files' content as a digest ([`digest`]); `None` when one of them could not be read.
@@ -106,11 +109,20 @@ impl FileWatch {
             };
             tokio::select! {
                 Some(()) = self.events.recv() => {
-                    // More events of the same change: wait until they stop.
-                    while tokio::time::timeout(DEBOUNCE, self.events.recv())
-                        .await
-                        .is_ok_and(|event| event.is_some())
-                    {}
+                    // More events of the same change: wait until they stop, or for
+                    // `MAX_SETTLE` at most.
+                    let settled = tokio::time::sleep(MAX_SETTLE);
+                    tokio::pin!(settled);
+                    loop {
+                        tokio::select! {
+                            more = tokio::time::timeout(DEBOUNCE, self.events.recv()) => {
+                                if !more.is_ok_and(|event| event.is_some()) {
+                                    break;
+                                }
+                            }
+                            () = &mut settled => break,
+                        }
+                    }
                 }
                 _ = recheck.tick() => {}
             }
@@ -168,6 +180,19 @@ impl FileWatch {
     }
 }
 
+/// Whether an event on `paths` may change the watched files, whose names are `names`: one of
+/// them written or renamed over, or a Kubernetes volume's `..data` swap (its `..`-names), or an
+/// event that names no path. Other files in the folder (a log or decision records written
+/// beside the policy) are not events.
+fn concerns(paths: &[PathBuf], names: &BTreeSet<std::ffi::OsString>) -> bool {
+    paths.is_empty()
+        || paths.iter().any(|path| {
+            path.file_name().is_none_or(|name| {
+                names.contains(name) || name.as_encoded_bytes().starts_with(b"..")
+            })
+        })
+}
+
 /// Watches the folders holding `paths`; each event sends on `changed` (dropped while one waits).
 /// `None`, with a warning, when a folder cannot be watched: the periodic comparison remains.
 fn watch_folders(
@@ -177,10 +202,18 @@ fn watch_folders(
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let folders: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
+    let names: BTreeSet<std::ffi::OsString> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .collect();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // An error (the event queue overflowed) may hide a change: compare the content.
-            if event.is_err() || event.is_ok_and(|event| is_change(&event.kind)) {
+            let relevant = match event {
+                Err(_) => true,
+                Ok(event) => is_change(&event.kind) && concerns(&event.paths, &names),
+            };
+            if relevant {
                 let _ = changed.try_send(());
             }
         }) {
@@ -251,6 +284,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// A file beside the policy written without pause (a log, decision records) neither hides a
+    /// change of the policy nor counts as one: the edit is reported within seconds.
+    #[tokio::test]
+    async fn a_busy_neighbour_file_does_not_hide_a_change() {
+        let dir = empty_dir("busy-neighbour");
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, "rules: []\n").unwrap();
+        let mut watch = FileWatch::new(vec![path.clone()], "test file");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (log, stop) = (dir.join("stepgate.log"), Arc::clone(&stop));
+            move || {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(log).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    writeln!(f, "a log line").unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        // The neighbour alone is no change.
+        let quiet = tokio::time::timeout(DEBOUNCE * 8, watch.changed()).await;
+        assert!(
+            quiet.is_err(),
+            "a neighbour's writes were reported as a change"
+        );
+        std::fs::write(dir.join("new.yaml"), "rules: [] # edited\n").unwrap();
+        std::fs::rename(dir.join("new.yaml"), &path).unwrap();
+        // Well within the periodic comparison: the event itself is seen.
+        let seen = tokio::time::timeout(RECHECK / 2, watch.changed()).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            seen.is_ok(),
+            "the policy edit was not reported while a neighbour file was busy"
+        );
+    }
+
+    #[test]
+    fn events_concern_the_watched_names_and_kubernetes_swaps_only() {
+        let names: BTreeSet<std::ffi::OsString> = ["policy.yaml".into()].into();
+        let event =
+            |paths: &[&str]| concerns(&paths.iter().map(PathBuf::from).collect::<Vec<_>>(), &names);
+        assert!(event(&["/etc/stepgate/policy.yaml"]));
+        assert!(event(&["/etc/stepgate/..data_tmp", "/etc/stepgate/..data"]));
+        assert!(event(&["/etc/stepgate/..2026_12_06_20_00_00.123"]));
+        assert!(event(&[]), "an event without a path may be anything");
+        assert!(
+            event(&["/etc/stepgate/new.yaml", "/etc/stepgate/policy.yaml"]),
+            "a rename over it"
+        );
+        assert!(!event(&["/etc/stepgate/stepgate.log"]));
+        assert!(!event(&["/etc/stepgate/policy.yaml.swp"]));
     }
 
     /// A file written in place with pauses longer than the debounce is reported once the writer

@@ -134,7 +134,9 @@ fn log_panics() {
             .copied()
             .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
             .unwrap_or("a panic without a message");
-        tracing::error!(location, "panic: {message}");
+        // A panic's message may quote what a caller sent (a string sliced at a bad index):
+        // escaped, it cannot start a log line of the caller's.
+        tracing::error!(location, "panic: {}", Printable(message));
     }));
 }
 
