@@ -197,6 +197,66 @@ async fn a_policy_adding_an_issuer_without_keys_is_refused_until_its_keys_load()
     assert_eq!(now.outcome(), Outcome::Allow, "{now:?}");
 }
 
+/// A refused reload's key loads are not the serving issuers' metrics: a candidate that points
+/// a running issuer at another key set (one key where the served set has two) and adds an
+/// issuer without keys leaves `stepgate_keys` and `stepgate_key_loads_total` as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_leaves_the_key_metrics_of_the_policy_served() {
+    let original = demo_policy_text();
+    let policy = TempPolicy::new("reload-no-keys-metrics", &original);
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--watch-config".into(), "false".into()],
+            metrics: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let served = server.scrape().await;
+    assert!(
+        served.contains("stepgate_keys{issuer=\"demo-oidc\"} 2"),
+        "{served}"
+    );
+
+    let other_keys = policy.path.with_file_name("other-jwks.json");
+    std::fs::write(&other_keys, OTHER_KEY_SET).unwrap();
+    let candidate = edit(
+        &original,
+        &format!(
+            "    jwks_file: {}\n    audiences: [api://stepgate-demo]\n    algorithms: [RS256, ES256]\n    challenge: rfc9470\n",
+            common::jwks_path().display()
+        ),
+        &format!(
+            "    jwks_file: {}\n    audiences: [api://stepgate-demo]\n    algorithms: [RS256, ES256]\n    challenge: rfc9470\n  - id: partner\n    issuer: https://partner.example/\n    \
+             jwks_file: {}\n    audiences: [api://stepgate-demo]\n",
+            other_keys.display(),
+            policy.path.with_file_name("missing-jwks.json").display()
+        ),
+    );
+    let candidate = edit(&candidate, WIRE_REQUIRE, "require: { max_age: 15m }");
+    policy.write(&candidate);
+    let seen = server.logs().len();
+    let refused = hup_and_wait(&server, seen, "refused").await;
+    assert!(refused.to_string().contains("issuers[2]"), "{refused}");
+    let after = server.scrape().await;
+    let series = |text: &str, issuer: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("stepgate_key") && l.contains(&format!("issuer=\"{issuer}\""))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        series(&after, "demo-oidc"),
+        series(&served, "demo-oidc"),
+        "the refused candidate's load of demo-oidc shows as the served issuer's"
+    );
+    assert!(series(&after, "partner").is_empty(), "{after}");
+    let _ = std::fs::remove_file(other_keys);
+}
+
 /// An RSA public key that is not one of the bundled demo keys (nobody here holds its private key).
 const OTHER_KEY_SET: &str = r#"{"keys":[{"kty":"RSA","kid":"other-1","alg":"RS256","use":"sig","n":"u1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0_IzW7yWR7QkrmBL7jTKEn5u-qKhbwKfBstIs-bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyehkd3qqGElvW_VDL5AaWTg0nLVkjRo9z-40RQzuVaE8AkAFmxZzow3x-VJYKdjykkJ0iT9wCS0DRTXu269V264Vf_3jvredZiKRkgwlL9xNAwxXFg0x_XFw005UWVRIkdgcKWTjpBP2dPwVZ4WWC-9aGVd-Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbcmw","e":"AQAB"}]}"#;
 

@@ -151,6 +151,11 @@ struct FetchState {
     consecutive_failures: u32,
     /// The interval the last load suggests for the next scheduled refresh.
     next_refresh: Option<Duration>,
+    /// The issuer belongs to a policy being loaded, not served: its key loads are not metrics
+    /// yet (a refused reload must not show its loads as the serving issuer's). The last one
+    /// waits here until the policy is served ([`FetchControl::serve`]).
+    candidate: bool,
+    held: Option<(Result<usize, ()>, i64)>,
 }
 
 impl Default for FetchControl {
@@ -173,6 +178,24 @@ impl FetchControl {
     /// success was, the failures since, when to refresh next), along with its keys: without it a
     /// reload during an identity-provider outage would make the carried-over keys look never
     /// loaded, and the first failed retry would drop them as stale.
+    /// Holds this issuer's key-load metrics until [`Self::serve`]: its policy is a candidate.
+    pub fn hold_metrics(&self) {
+        self.state().candidate = true;
+    }
+
+    /// The issuer's policy is served: its last key load (held since [`Self::hold_metrics`])
+    /// becomes the metric of `issuer_id`, and later loads are recorded as they come.
+    pub fn serve(&self, issuer_id: &str) {
+        let held = {
+            let mut state = self.state();
+            state.candidate = false;
+            state.held.take()
+        };
+        if let Some((result, at)) = held {
+            metrics::global().record_key_load(issuer_id, result, at);
+        }
+    }
+
     pub(crate) fn inherit(&self, previous: &FetchControl) {
         let previous = previous.state();
         let mut state = self.state();
@@ -228,12 +251,13 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::Wo
     }
     drop(span);
     let now = crate::server::authorizer::unix_now();
-    metrics::global().record_key_load(
-        &issuer.id,
-        result.as_ref().map(|l| l.keys).map_err(|_| ()),
-        now,
-    );
+    let outcome = result.as_ref().map(|l| l.keys).map_err(|_| ());
     let mut state = issuer.fetch.state();
+    if state.candidate {
+        state.held = Some((outcome, now));
+    } else {
+        metrics::global().record_key_load(&issuer.id, outcome, now);
+    }
     match result {
         Ok(_) => {
             state.last_success = Some(Instant::now());

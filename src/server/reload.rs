@@ -183,6 +183,10 @@ async fn reload(
         }
     }
     let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();
+    // Until it is served, the candidate's key loads are not the serving issuers' metrics.
+    for issuer in &issuers {
+        issuer.fetch.hold_metrics();
+    }
     let without_keys = keys::load_all(&issuers, http).await;
     // An issuer the new policy adds or changes that got no keys (a wrong jwks_uri, a provider
     // not reachable from here) would have every one of its tokens refused and, with
@@ -213,6 +217,9 @@ async fn reload(
     }
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
+    for issuer in &issuers {
+        issuer.fetch.serve(&issuer.id);
+    }
     let rules: Vec<&str> = fresh.rules.iter().map(|r| &*r.id).collect();
     metrics::global().retain_rules(&rules);
     authorizer.replace(Arc::new(fresh));
