@@ -21,10 +21,10 @@ pub mod codec {
 
     use super::v1;
 
-    /// Where an undecodable `DecideRequest` says so: an operation no client can have decided on
-    /// (it starts with a NUL, a control character, which an operation is refused for anyway),
-    /// followed by prost's description of what did not decode.
-    pub const UNDECODABLE: &str = "\0undecodable:";
+    /// Where an undecodable `DecideRequest` says so: the whole operation, one no client can have
+    /// decided on (it starts with a NUL, a control character, which an operation is refused for
+    /// anyway). A client sending it gets what a message that does not decode gets.
+    pub const UNDECODABLE: &str = "\0undecodable";
 
     /// What a message that does not decode becomes: `None` for an error status.
     pub trait Undecodable: Sized {
@@ -35,8 +35,11 @@ pub mod codec {
 
     impl Undecodable for v1::DecideRequest {
         fn undecodable(error: &prost::DecodeError) -> Option<Self> {
+            // What prost said names fields, but quoting it in the answer would also let a client
+            // that sends the marker itself put its text there: kept to the debug log.
+            tracing::debug!(%error, "a Decide message does not decode");
             Some(v1::DecideRequest {
-                operation: format!("{UNDECODABLE}{error}"),
+                operation: UNDECODABLE.to_owned(),
                 ..Default::default()
             })
         }

@@ -1129,6 +1129,30 @@ async fn a_decide_message_that_does_not_decode_is_a_400_denial() {
             response.message
         );
     }
+    // A client sending the marker the codec leaves, with its own text after it, gets a fixed
+    // message: nothing of what it wrote is echoed into the answer or the log.
+    for forged in [
+        "\0undecodable".to_owned(),
+        format!("\0undecodable: FORGED\n{}", "A".repeat(10_000)),
+    ] {
+        let message = DecideRequest {
+            operation: forged,
+            ..Default::default()
+        };
+        let answer = send(
+            &mut client,
+            call(DECIDE, &[]),
+            vec![frame(&message.encode_to_vec())],
+        )
+        .await;
+        let response = DecideResponse::decode(&answer.body[5..]).expect("a DecideResponse");
+        assert_eq!(response.reason, "malformed_request", "{response:?}");
+        assert!(
+            !response.message.contains("FORGED") && response.message.len() < 200,
+            "{}",
+            response.message
+        );
+    }
     let fine = DecideRequest {
         operation: "reports.read".into(),
         ..Default::default()

@@ -250,7 +250,7 @@ impl<'p> Run<'p> {
                 | RequestProblem::TooManyEntries(_)
                 | RequestProblem::DuplicateHeader(_)
                 | RequestProblem::InvalidOperation
-                | RequestProblem::Undecodable(_) => (400, Reason::MalformedRequest),
+                | RequestProblem::Undecodable => (400, Reason::MalformedRequest),
                 RequestProblem::TooManyHeaders { .. } => (431, Reason::TooManyHeaders),
                 RequestProblem::HeadersTooLarge { .. } => (431, Reason::HeadersTooLarge),
                 RequestProblem::AttributesTooLarge { .. } => (413, Reason::RequestTooLarge),

@@ -174,10 +174,6 @@ impl FetchControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes over the history of the same issuer in the policy being replaced (when the last
-    /// success was, the failures since, when to refresh next), along with its keys: without it a
-    /// reload during an identity-provider outage would make the carried-over keys look never
-    /// loaded, and the first failed retry would drop them as stale.
     /// Holds this issuer's key-load metrics until [`Self::serve`]: its policy is a candidate.
     pub fn hold_metrics(&self) {
         self.state().candidate = true;
@@ -196,6 +192,10 @@ impl FetchControl {
         }
     }
 
+    /// Takes over the history of the same issuer in the policy being replaced (when the last
+    /// success was, the failures since, when to refresh next), along with its keys: without it a
+    /// reload during an identity-provider outage would make the carried-over keys look never
+    /// loaded, and the first failed retry would drop them as stale.
     pub(crate) fn inherit(&self, previous: &FetchControl) {
         let previous = previous.state();
         let mut state = self.state();

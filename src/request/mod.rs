@@ -98,9 +98,9 @@ pub enum RequestProblem {
     /// An operation longer than [`MAX_OPERATION_BYTES`] or holding a control character: no
     /// policy names one, and it would be copied into every log, record and trace of the request.
     InvalidOperation,
-    /// A `Decide` message that does not decode (a string field that is not UTF-8), with what
-    /// the decoder said (`api::codec`): field names and the error, none of the caller's bytes.
-    Undecodable(String),
+    /// A `Decide` message that does not decode (a string field that is not UTF-8, `attributes`
+    /// nested too deep: `api::codec`).
+    Undecodable,
 }
 
 /// The longest operation decided on, in bytes.
@@ -143,7 +143,9 @@ impl RequestProblem {
             Self::AttributesTooLarge { what, limit } => {
                 format!("the request's attributes hold more than {limit} {what}, the limit")
             }
-            Self::Undecodable(error) => format!("the request does not decode: {error}"),
+            Self::Undecodable => "the request does not decode: a string field that is not UTF-8, \
+                                  or attributes nested deeper than the decoder's limit"
+                .to_owned(),
         }
     }
 }

@@ -226,6 +226,10 @@ struct PutMessage {
 struct CountMessage {
     signal: String,
     window: u64,
+    /// A `sources` signal's grouping of addresses ([`Signal::distinct_grouping`]); absent for
+    /// whole addresses and other signals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grouping: Option<String>,
     key: String,
     idx: i64,
     cur: u32,
@@ -582,8 +586,12 @@ impl Task {
         for ((_, signal, key, member, idx), (policy, at_ms, delta)) in &counts {
             let signal = &policy.risk.signals[*signal];
             let window_ms = signal.window_seconds as i64 * 1000;
+            let grouping = signal
+                .distinct_grouping()
+                .map(|g| format!(":{g}"))
+                .unwrap_or_default();
             let tag = format!(
-                "{{{}:{}s:{}}}",
+                "{{{}:{}s{grouping}:{}}}",
                 signal.name,
                 signal.window_seconds,
                 crate::identity::sha256_hex(key, 32)
@@ -652,6 +660,7 @@ impl Task {
                 count: Some(CountMessage {
                     signal: signal.name.to_string(),
                     window: signal.window_seconds,
+                    grouping: signal.distinct_grouping(),
                     key: key.clone(),
                     idx: *idx,
                     cur,
@@ -828,11 +837,9 @@ impl Task {
             let Some(policy) = (self.policy)() else {
                 return;
             };
-            if let Some(signal) = policy
-                .risk
-                .signal(&count.signal)
-                .filter(|s| s.window_seconds == count.window)
-            {
+            if let Some(signal) = policy.risk.signal(&count.signal).filter(|s| {
+                s.window_seconds == count.window && s.distinct_grouping() == count.grouping
+            }) {
                 signal
                     .table()
                     .merge_remote(&count.key, count.idx, count.cur, count.prev, now_ms());

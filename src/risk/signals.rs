@@ -302,6 +302,34 @@ impl Signal {
         Some(IpNet::new(address, prefix).ok()?.trunc().to_string())
     }
 
+    /// A `count: sources` signal's distinct value for `source`: its network, or the address
+    /// itself when the prefix is the whole address (as versions before the grouping counted it).
+    /// What is not an IP address (a direct `Check` caller may name anything) is counted as
+    /// written.
+    fn distinct_of(&self, source: &str) -> String {
+        let Ok(address) = source.parse::<IpAddr>().map(|a| a.to_canonical()) else {
+            return source.to_owned();
+        };
+        let whole = match address {
+            IpAddr::V4(_) => self.ipv4_prefix == 32,
+            IpAddr::V6(_) => self.ipv6_prefix == 128,
+        };
+        if whole {
+            return address.to_string();
+        }
+        self.network_of(source)
+            .unwrap_or_else(|| address.to_string())
+    }
+
+    /// How a `count: sources` signal groups its distinct values, when not by whole address: the
+    /// shared store keeps such counts apart (`None` for whole addresses, as before the grouping),
+    /// so replicas grouping differently (a rolling upgrade, a reload changing the prefixes) never
+    /// add one source's two spellings into one count.
+    pub fn distinct_grouping(&self) -> Option<String> {
+        (self.event == Event::Sources && (self.ipv4_prefix, self.ipv6_prefix) != (32, 128))
+            .then(|| format!("v4/{}v6/{}", self.ipv4_prefix, self.ipv6_prefix))
+    }
+
     /// Whether this decision is an event this signal counts.
     fn counts(&self, request: &AccessRequest, decision: &Decision) -> bool {
         if matches!(
@@ -407,11 +435,7 @@ impl RiskPolicy {
             };
             let distinct = match signal.event {
                 // A direct `Check` caller may name what is no address: counted as written.
-                Event::Sources => keys.source.map(|source| {
-                    signal
-                        .network_of(source)
-                        .unwrap_or_else(|| source.to_owned())
-                }),
+                Event::Sources => keys.source.map(|source| signal.distinct_of(source)),
                 _ => None,
             };
             let change: Change = signal.table().record(&key, distinct.as_deref(), now_ms);
@@ -539,6 +563,46 @@ mod tests {
         from("2001:db8:1:3::a", 11);
         let crossed = from("2001:db8:9:9::a", 12);
         assert_eq!(crossed.len(), 1, "three networks cross the threshold of 3");
+
+        // What is shared: an IPv4 address (a whole /32) as the address itself, as before the
+        // grouping, and an IPv6 one as its /64, in a count kept apart by its grouping.
+        let mut shared = Vec::new();
+        for address in ["192.0.2.7", "2001:db8:7::1"] {
+            let request = AccessRequest {
+                source: Some(Peer::new(address, String::new())),
+                ..AccessRequest::default()
+            };
+            risk.record(&request, &allowed, NOW_MS + 20, |_, _, distinct| {
+                shared.push(distinct.map(str::to_owned));
+            });
+        }
+        assert_eq!(
+            shared,
+            [
+                Some("192.0.2.7".to_owned()),
+                Some("2001:db8:7::/64".to_owned())
+            ]
+        );
+        assert_eq!(
+            risk.signals[0].distinct_grouping().as_deref(),
+            Some("v4/32v6/64")
+        );
+        let whole = Signal::new(
+            "s",
+            String::new(),
+            Event::Sources,
+            KeyKind::Token,
+            600,
+            3,
+            Action::Log,
+            (32, 128),
+            1000,
+        );
+        assert_eq!(whole.distinct_grouping(), None, "as before the grouping");
+        assert_eq!(
+            signal(Event::Deny, KeyKind::Source).distinct_grouping(),
+            None
+        );
     }
 
     /// Whoever still holds a token whose session the operator revoked is not its user: its

@@ -94,9 +94,9 @@ impl DecisionService for Decide {
 /// Reads a `DecideRequest`. What cannot be decided on (neither an operation nor an HTTP request,
 /// headers past `limits`) is noted as the request's problem, answered with a denial.
 pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessRequest {
-    if let Some(error) = request.operation.strip_prefix(codec::UNDECODABLE) {
+    if request.operation == codec::UNDECODABLE {
         return AccessRequest {
-            problem: Some(RequestProblem::Undecodable(error.to_owned())),
+            problem: Some(RequestProblem::Undecodable),
             ..AccessRequest::default()
         };
     }

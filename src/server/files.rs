@@ -202,9 +202,18 @@ fn watch_folders(
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let folders: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
+    // The watched files' names, and the names their links point to (`policy.yaml ->
+    // policy-prod.yaml`, edited in place or replaced by a rename).
     let names: BTreeSet<std::ffi::OsString> = paths
         .iter()
-        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .flat_map(|p| {
+            let target = std::fs::read_link(p).ok();
+            [
+                p.file_name().map(ToOwned::to_owned),
+                target.and_then(|t| t.file_name().map(ToOwned::to_owned)),
+            ]
+        })
+        .flatten()
         .collect();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -322,6 +331,25 @@ mod tests {
         assert!(
             seen.is_ok(),
             "the policy edit was not reported while a neighbour file was busy"
+        );
+    }
+
+    /// A policy that is a link to another file of the folder (`policy.yaml -> policy-prod.yaml`):
+    /// an edit of the target is an event, seen at once rather than at the next comparison.
+    #[tokio::test]
+    async fn an_edit_of_a_linked_policys_target_is_an_event() {
+        let dir = empty_dir("linked-target");
+        std::fs::write(dir.join("policy-prod.yaml"), "rules: []\n").unwrap();
+        std::os::unix::fs::symlink("policy-prod.yaml", dir.join("policy.yaml")).unwrap();
+        let mut watch = FileWatch::new(vec![dir.join("policy.yaml")], "test file");
+        tokio::time::sleep(DEBOUNCE).await;
+        std::fs::write(dir.join("new.yaml"), "rules: [] # edited\n").unwrap();
+        std::fs::rename(dir.join("new.yaml"), dir.join("policy-prod.yaml")).unwrap();
+        let seen = tokio::time::timeout(RECHECK / 2, watch.changed()).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            seen.is_ok(),
+            "the edit of the link's target was not seen within 5 s"
         );
     }
 
