@@ -230,6 +230,11 @@ struct CountMessage {
     /// whole addresses and other signals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     grouping: Option<String>,
+    /// What the signal counts (`deny`, `sources`, …): a replica whose policy counts another
+    /// event under the same name (a policy change rolling out) ignores the count. Absent from
+    /// versions before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<String>,
     key: String,
     idx: i64,
     cur: u32,
@@ -661,6 +666,7 @@ impl Task {
                     signal: signal.name.to_string(),
                     window: signal.window_seconds,
                     grouping: signal.distinct_grouping(),
+                    event: Some(signal.event.as_str().to_owned()),
                     key: key.clone(),
                     idx: *idx,
                     cur,
@@ -838,7 +844,9 @@ impl Task {
                 return;
             };
             if let Some(signal) = policy.risk.signal(&count.signal).filter(|s| {
-                s.window_seconds == count.window && s.distinct_grouping() == count.grouping
+                s.window_seconds == count.window
+                    && s.distinct_grouping() == count.grouping
+                    && count.event.as_deref().is_none_or(|e| e == s.event.as_str())
             }) {
                 signal
                     .table()

@@ -201,26 +201,27 @@ fn watch_folders(
     what: &str,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
-    let folders: BTreeSet<PathBuf> = paths.iter().map(|p| folder_of(p)).collect();
-    // The watched files' names, and the names their links point to (`policy.yaml ->
-    // policy-prod.yaml`, edited in place or replaced by a rename).
-    let names: BTreeSet<std::ffi::OsString> = paths
+    // Each file and every link on its way to its content (`policy.yaml -> current ->
+    // policy-v7.yaml`, in this folder or another): their folders are watched, and an event on any
+    // of their names is a change (a target edited in place or replaced by a rename).
+    let hops: Vec<PathBuf> = paths.iter().flat_map(|p| links_of(p)).collect();
+    let folders: BTreeSet<PathBuf> = hops.iter().map(|p| folder_of(p)).collect();
+    let names: BTreeSet<std::ffi::OsString> = hops
         .iter()
-        .flat_map(|p| {
-            let target = std::fs::read_link(p).ok();
-            [
-                p.file_name().map(ToOwned::to_owned),
-                target.and_then(|t| t.file_name().map(ToOwned::to_owned)),
-            ]
-        })
-        .flatten()
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
         .collect();
+    let watched = folders.clone();
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // An error (the event queue overflowed) may hide a change: compare the content.
             let relevant = match event {
                 Err(_) => true,
-                Ok(event) => is_change(&event.kind) && concerns(&event.paths, &names),
+                Ok(event) => {
+                    is_change(&event.kind)
+                        && (concerns(&event.paths, &names)
+                            // The folder itself moved or deleted (replaced by a new one).
+                            || event.paths.iter().any(|p| watched.contains(p)))
+                }
             };
             if relevant {
                 let _ = changed.try_send(());
@@ -263,6 +264,25 @@ fn warn_unwatched(what: &str, folder: Option<&Path>, error: &notify::Error) {
         every = ?RECHECK,
         "cannot watch the {what}'s folder; its content is compared periodically"
     );
+}
+
+/// `path`, then each link it leads through (at most 8 hops), each relative hop read against its
+/// link's folder.
+fn links_of(path: &Path) -> Vec<PathBuf> {
+    let mut hops = vec![path.to_path_buf()];
+    while hops.len() <= 8 {
+        let last = hops.last().expect("one at least");
+        let Ok(target) = std::fs::read_link(last) else {
+            break;
+        };
+        let next = if target.is_absolute() {
+            target
+        } else {
+            folder_of(last).join(target)
+        };
+        hops.push(next);
+    }
+    hops
 }
 
 fn folder_of(path: &Path) -> PathBuf {
@@ -334,17 +354,23 @@ mod tests {
         );
     }
 
-    /// A policy that is a link to another file of the folder (`policy.yaml -> policy-prod.yaml`):
-    /// an edit of the target is an event, seen at once rather than at the next comparison.
+    /// A policy that is a link, through another link, to a file of another folder
+    /// (`policy.yaml -> current -> ../releases/policy-v7.yaml`): an edit of the target is an
+    /// event, seen at once rather than at the next comparison.
     #[tokio::test]
     async fn an_edit_of_a_linked_policys_target_is_an_event() {
         let dir = empty_dir("linked-target");
-        std::fs::write(dir.join("policy-prod.yaml"), "rules: []\n").unwrap();
-        std::os::unix::fs::symlink("policy-prod.yaml", dir.join("policy.yaml")).unwrap();
-        let mut watch = FileWatch::new(vec![dir.join("policy.yaml")], "test file");
+        let releases = dir.join("releases");
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&releases).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(releases.join("policy-v7.yaml"), "rules: []\n").unwrap();
+        std::os::unix::fs::symlink("../releases/policy-v7.yaml", conf.join("current")).unwrap();
+        std::os::unix::fs::symlink("current", conf.join("policy.yaml")).unwrap();
+        let mut watch = FileWatch::new(vec![conf.join("policy.yaml")], "test file");
         tokio::time::sleep(DEBOUNCE).await;
-        std::fs::write(dir.join("new.yaml"), "rules: [] # edited\n").unwrap();
-        std::fs::rename(dir.join("new.yaml"), dir.join("policy-prod.yaml")).unwrap();
+        std::fs::write(releases.join("new.yaml"), "rules: [] # edited\n").unwrap();
+        std::fs::rename(releases.join("new.yaml"), releases.join("policy-v7.yaml")).unwrap();
         let seen = tokio::time::timeout(RECHECK / 2, watch.changed()).await;
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(

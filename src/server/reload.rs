@@ -217,6 +217,11 @@ async fn reload(
     }
     let ids: Vec<&str> = issuers.iter().map(|i| &*i.id).collect();
     metrics::global().retain_issuers(&ids);
+    // The replaced policy's issuers are no longer served: a refresh or an unknown-kid fetch of
+    // theirs still running must not write over the metrics of the issuers that replace them.
+    for issuer in old.issuers.iter() {
+        issuer.fetch.hold_metrics();
+    }
     for issuer in &issuers {
         issuer.fetch.serve(&issuer.id);
     }
