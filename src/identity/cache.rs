@@ -647,7 +647,7 @@ mod tests {
         );
         // Nor once its key leaves the key set.
         assert!(verify(&cache, NOW).1.is_ok() && verify(&cache, NOW).2);
-        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"v2VXNFtLEMaW0AVp_9Qpo3Chz2Wjm4z1wpr9xEzwrhg","y":"Wn9rbvkm73LUEmQWAVtpOfxpx1HbnS605h3xHewu1io"}]}"#;
         let (set, _) = KeySet::parse(only_ec.as_bytes()).unwrap();
         for issuer in p.issuers.iter() {
             issuer.set_keys(set.clone());
@@ -725,7 +725,7 @@ mod tests {
         let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
         let t = token("alice");
         assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
-        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"v2VXNFtLEMaW0AVp_9Qpo3Chz2Wjm4z1wpr9xEzwrhg","y":"Wn9rbvkm73LUEmQWAVtpOfxpx1HbnS605h3xHewu1io"}]}"#;
         let (set, _) = KeySet::parse(only_ec.as_bytes()).unwrap();
         for issuer in p.issuers.iter() {
             issuer.set_keys(set.clone());

@@ -129,6 +129,19 @@ pub struct KeySet {
     anonymous: Vec<VerificationKey>,
 }
 
+/// The size in bits of a big-endian modulus (leading zero bytes and bits not counted).
+fn modulus_bits(n: &[u8]) -> usize {
+    let n = &n[n.iter().take_while(|&&b| b == 0).count()..];
+    match n.first() {
+        None => 0,
+        Some(first) => (n.len() - 1) * 8 + (8 - first.leading_zeros() as usize),
+    }
+}
+
+/// At most this many notes of skipped keys per document (a 1 MiB document of `{}` entries would
+/// otherwise log a third of a million lines per fetch).
+const MAX_NOTES: usize = 16;
+
 /// Why a JWKS document could not be used at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -145,10 +158,35 @@ impl KeySet {
             .ok_or_else(|| JwksError("no \"keys\" array".to_owned()))?;
         let mut set = KeySet::default();
         let mut notes = Vec::new();
+        // A `kid` published twice names two keys: which one a token means would be chance.
+        let mut seen = std::collections::HashSet::new();
+        let mut twice = std::collections::BTreeSet::new();
+        for jwk in keys {
+            if let Some(kid) = jwk.get("kid").and_then(Value::as_str)
+                && !seen.insert(kid)
+            {
+                twice.insert(kid);
+            }
+        }
         for (i, jwk) in keys.iter().enumerate() {
+            if let Some(kid) = jwk.get("kid").and_then(Value::as_str)
+                && twice.contains(kid)
+            {
+                if notes.len() < MAX_NOTES {
+                    notes.push(format!(
+                        "keys[{i}] skipped: its kid is published more than once"
+                    ));
+                }
+                continue;
+            }
             match parse_key(jwk) {
                 Ok(key) => set.insert(key),
-                Err(why) => notes.push(format!("keys[{i}] skipped: {why}")),
+                Err(_) if notes.len() >= MAX_NOTES => {}
+                Err(why) => {
+                    // A note may quote the document's values: kept short.
+                    let why: String = why.chars().take(200).collect();
+                    notes.push(format!("keys[{i}] skipped: {why}"));
+                }
             }
         }
         Ok((set, notes))
@@ -261,13 +299,35 @@ fn parse_key(jwk: &Value) -> Result<VerificationKey, String> {
             Some(alg)
         }
     };
+    let prepared = prepare(kind, alg, jwk);
+    // A key that parses but can never verify (an RSA key outside 2048–8192 bits, an EC point
+    // off its curve or of the wrong length, an Ed25519 key not of 32 bytes) is no key: counted
+    // as one, it would let a refresh replace a good set with one that verifies nothing.
+    let usable = match kind {
+        KeyKind::Ed25519 => field("x")
+            .and_then(|x| URL_SAFE_NO_PAD.decode(x).ok())
+            .is_some_and(|x| x.len() == 32),
+        // aws-lc takes the modulus's size into account only when verifying.
+        KeyKind::Rsa => {
+            prepared.is_some()
+                && field("n")
+                    .and_then(|n| URL_SAFE_NO_PAD.decode(n).ok())
+                    .is_some_and(|n| (2048..=8192).contains(&modulus_bits(&n)))
+        }
+        _ => prepared.is_some(),
+    };
+    if !usable {
+        return Err(format!(
+            "the {kty} key does not parse as a verification key (its size, or a point not on its curve)"
+        ));
+    }
     let mut material = Sha256::new();
     for part in ["kty", "crv", "n", "e", "x", "y"] {
         material.update(field(part).unwrap_or_default().as_bytes());
         material.update([0]);
     }
     Ok(VerificationKey {
-        prepared: prepare(kind, alg, jwk),
+        prepared,
         material: material.finalize().into(),
         kid: field("kid").map(str::to_owned),
         kind,
@@ -397,6 +457,54 @@ mod tests {
         assert_eq!(set.kids().collect::<Vec<_>>(), vec!["good"]);
         assert_eq!(notes.len(), 4, "{notes:?}");
         assert_eq!(set.find(None).unwrap().kid.as_deref(), Some("good"));
+    }
+
+    /// A key that parses but could never verify is no key: a refresh of such keys alone leaves
+    /// no usable key, and so never replaces a good set (`keys::load` keeps the last good one).
+    #[test]
+    fn keys_that_could_never_verify_are_skipped() {
+        let small_rsa = r#"{"kty":"RSA","kid":"small","n":"0Z2gYbtDMjnyQgE6Ksz6j_rhfyjvp9JS6ZOtWMaVBFnl8hHHF3ZyrmXi8xHrzXwS3zQ6-IwpqNfk3ClP9vUSAQ","e":"AQAB"}"#;
+        let off_curve = r#"{"kty":"EC","crv":"P-256","kid":"zero","x":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#;
+        let short_ec = r#"{"kty":"EC","crv":"P-256","kid":"short","x":"AAAA","y":"AAAA"}"#;
+        let short_ed = r#"{"kty":"OKP","crv":"Ed25519","kid":"ed","x":"AAAA"}"#;
+        let doc = format!(r#"{{"keys":[{small_rsa},{off_curve},{short_ec},{short_ed}]}}"#);
+        let (set, notes) = KeySet::parse(doc.as_bytes()).unwrap();
+        assert!(set.is_empty(), "{set:?}");
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        let good = format!(r#"{{"keys":[{small_rsa},{}]}}"#, rsa("good", ""));
+        let (set, _) = KeySet::parse(good.as_bytes()).unwrap();
+        assert!(set.find(Some("good")).is_some() && set.find(Some("small")).is_none());
+    }
+
+    /// A `kid` published twice names two keys: neither is taken (which one a token means would
+    /// be chance), and the other keys are.
+    #[test]
+    fn a_kid_published_twice_is_skipped() {
+        let doc = format!(
+            r#"{{"keys":[{},{},{}]}}"#,
+            rsa("twice", ""),
+            rsa("twice", r#","alg":"RS384""#),
+            rsa("once", "")
+        );
+        let (set, notes) = KeySet::parse(doc.as_bytes()).unwrap();
+        assert!(set.find(Some("twice")).is_none());
+        assert!(set.find(Some("once")).is_some());
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("more than once"), "{notes:?}");
+    }
+
+    /// A document of many unusable entries makes a bounded number of short notes.
+    #[test]
+    fn notes_of_skipped_keys_are_bounded() {
+        let long = "x".repeat(10_000);
+        let entries: Vec<String> = (0..1000)
+            .map(|i| format!(r#"{{"kty":"RSA","kid":"k{i}","use":"{long}"}}"#))
+            .collect();
+        let doc = format!(r#"{{"keys":[{}]}}"#, entries.join(","));
+        let (set, notes) = KeySet::parse(doc.as_bytes()).unwrap();
+        assert!(set.is_empty());
+        assert_eq!(notes.len(), MAX_NOTES);
+        assert!(notes.iter().all(|n| n.len() < 300), "{}", notes[0].len());
     }
 
     #[test]

@@ -488,13 +488,19 @@ fn max_age(value: &str) -> Option<Duration> {
 }
 
 /// How long to wait before the next scheduled refresh: the response's `max-age` within bounds,
-/// or `refresh`; after failures, `retry` doubling per failure up to `refresh`.
+/// or `refresh`; after failures, `retry` doubling per failure up to `refresh`. After a success,
+/// never more than half of `max_stale`: a set refreshed only as often as it may be kept stale
+/// (a daily `max-age` against the default day of `max_stale`) would be dropped by the first
+/// refresh that fails, without one retry.
 fn next_refresh(timing: &KeyTiming, failures: u32, result: &Result<Loaded, String>) -> Duration {
+    let half_stale = timing.max_stale / 2;
     match result {
         Ok(Loaded {
             max_age: Some(age), ..
-        }) => (*age).clamp(timing.min_refresh, timing.max_refresh),
-        Ok(_) => timing.refresh,
+        }) => (*age)
+            .clamp(timing.min_refresh, timing.max_refresh)
+            .min(half_stale),
+        Ok(_) => timing.refresh.min(half_stale),
         Err(_) => timing
             .retry
             .saturating_mul(1 << failures.saturating_sub(1).min(16))
@@ -745,7 +751,19 @@ mod tests {
             Duration::from_secs(7200)
         );
         assert_eq!(next_refresh(&t, 0, &ok(Some(5))), t.min_refresh);
-        assert_eq!(next_refresh(&t, 0, &ok(Some(10_000_000))), t.max_refresh);
+        // A day's `max-age` against a day of `max_stale`: refreshed twice as often, so that a
+        // failed refresh leaves half a day of retries before the keys are dropped.
+        assert_eq!(t.max_refresh, t.max_stale);
+        assert_eq!(next_refresh(&t, 0, &ok(Some(10_000_000))), t.max_stale / 2);
+        assert_eq!(next_refresh(&t, 0, &ok(Some(86_400))), t.max_stale / 2);
+        let long_stale = KeyTiming {
+            max_stale: Duration::from_secs(7 * 86_400),
+            ..KeyTiming::default()
+        };
+        assert_eq!(
+            next_refresh(&long_stale, 0, &ok(Some(10_000_000))),
+            t.max_refresh
+        );
         assert_eq!(next_refresh(&t, 0, &ok(None)), t.refresh);
         let failed = Err("down".to_owned());
         assert_eq!(next_refresh(&t, 1, &failed), t.retry);
