@@ -190,3 +190,46 @@ fn a_ca_file_that_is_no_certificate_is_refused_with_its_field() {
         assert!(stderr.contains("issuers[0].ca_file"), "{stderr}");
     }
 }
+
+/// A reload that replaces an issuer's CA bundle (a compromised CA withdrawn) does not keep the
+/// keys fetched under the old trust: they are fetched again through the new CAs. Here the
+/// provider's certificate is not from the new CA, so no key loads and the reload is refused,
+/// naming the issuer, rather than the old keys served under a trust the operator withdrew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_replacing_the_ca_file_fetches_the_keys_again() {
+    let ca = Ca::new("stepgate test IdP CA");
+    let idp = Idp::start_tls(ca.serve_loopback()).await;
+    let policy = policy("idp-ca-replaced", &idp, "ca_file: ca.pem", &ca.pem());
+    let server = Server::start(&policy.path).await;
+    assert_eq!(
+        decide(&server, &idp.issuer()).await.outcome(),
+        Outcome::Allow
+    );
+
+    let other = Ca::new("another CA");
+    std::fs::write(policy.path.with_file_name("ca.pem"), other.pem()).expect("writing ca.pem");
+    let seen = server.json_logs().len();
+    server.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let line = loop {
+        let lines = server.json_logs();
+        if let Some(line) = lines.iter().skip(seen).find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("policy reload"))
+        }) {
+            break line.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload line:\n{}",
+            server.logs_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let text = line.to_string();
+    assert!(
+        text.contains("refused") && text.contains("issuers[0]"),
+        "the reload kept the keys fetched under the old CA: {line}"
+    );
+}

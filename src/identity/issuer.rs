@@ -151,6 +151,9 @@ pub struct IssuerSettings {
     /// The HTTP client for this issuer's discovery and keys when it trusts its own CAs
     /// (`ca_file`); `None`: the shared client.
     pub http: Option<reqwest::Client>,
+    /// SHA-256 of the CA bundle `http` trusts (`None`: the shared client's roots): a reload that
+    /// changes it fetches the keys again rather than keep those fetched under the old trust.
+    pub trust: Option<[u8; 32]>,
 }
 
 /// One issuer: its settings and its current keys. The key set is swapped atomically by the
@@ -175,6 +178,8 @@ pub struct Issuer {
     pub timing: KeyTiming,
     /// See [`IssuerSettings::http`].
     pub http: Option<reqwest::Client>,
+    /// See [`IssuerSettings::trust`].
+    pub trust: Option<[u8; 32]>,
     keys: ArcSwap<KeySet>,
     /// `issuer` and `jwks_uri` from the discovery document, once read.
     discovered: ArcSwapOption<Discovered>,
@@ -206,6 +211,7 @@ impl Issuer {
             key_source: settings.key_source,
             timing: settings.timing,
             http: settings.http,
+            trust: settings.trust,
             keys: ArcSwap::from_pointee(KeySet::default()),
             discovered: ArcSwapOption::empty(),
             fetch: FetchControl::default(),
@@ -362,6 +368,7 @@ mod tests {
             key_source: KeySource::Uri("https://x".into()),
             timing: KeyTiming::default(),
             http: None,
+            trust: None,
         })
     }
 

@@ -824,6 +824,7 @@ mod tests {
             key_source,
             timing,
             http: None,
+            trust: None,
         }))
     }
 

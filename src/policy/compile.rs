@@ -446,6 +446,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             ChallengeStyleConfig::Rfc9470 => ChallengeStyle::Rfc9470,
             ChallengeStyleConfig::Deny => ChallengeStyle::Deny,
         };
+        let mut trust = None;
         let http = match &c.ca_file {
             None => None,
             Some(_) if matches!(key_source, KeySource::File(_)) => {
@@ -465,6 +466,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
                     })?;
                 let roots = keys::parse_ca_bundle(&pem)
                     .map_err(|e| ConfigError::new(&at, format!("{}: {e}", file.display())))?;
+                trust = Some(<sha2::Sha256 as sha2::Digest>::digest(&pem).into());
                 Some(keys::client_trusting_only(roots).map_err(|e| ConfigError::new(&at, e))?)
             }
         };
@@ -482,6 +484,7 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             key_source,
             timing,
             http,
+            trust,
         })));
     }
     Ok(Issuers::new(issuers))

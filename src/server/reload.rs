@@ -171,9 +171,12 @@ async fn reload(
     let old = authorizer.policy();
     // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
     for issuer in fresh.issuers.iter() {
+        // Not when the CAs it fetches through changed (a compromised CA replaced): keys fetched
+        // under the old trust are fetched again.
         if let Some(previous) = old.issuers.by_id(&issuer.id)
             && previous.issuer == issuer.issuer
             && previous.key_source == issuer.key_source
+            && previous.trust == issuer.trust
         {
             issuer.set_keys((*previous.keys()).clone());
             issuer.fetch.inherit(&previous.fetch);
