@@ -387,13 +387,8 @@ fn an_admin_section_naming_an_unknown_issuer_or_an_unread_requirement_is_refused
     ] {
         let text = demo_policy_text() + &format!("\nadmin: {admin}\n");
         let policy = TempPolicy::new("admin-bad", &text);
-        let out = Command::new(bin())
-            .args(["check", "--config"])
-            .arg(&policy.path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{admin}: {stderr}");
+        let (code, _, stderr) = common::check_policy(&policy.path);
+        assert_eq!(code, Some(2), "{admin}: {stderr}");
         assert!(stderr.contains(field), "{admin}: {stderr}");
     }
 }
@@ -1125,19 +1120,10 @@ async fn admin_tokens_must_carry_an_admin_audience_when_the_policy_names_them() 
     assert_eq!(code, Some(0), "{stderr}");
 
     // `stepgate check` says so of a policy without them.
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&admin_policy().path)
-        .output()
-        .expect("running stepgate check");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (_, stdout, _) = common::check_policy(&admin_policy().path);
     assert!(stdout.contains("set admin.audiences"), "{stdout}");
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&policy.path)
-        .output()
-        .expect("running stepgate check");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("set admin.audiences"));
+    let (_, stdout, _) = common::check_policy(&policy.path);
+    assert!(!stdout.contains("set admin.audiences"));
 
     // An audience no admin issuer accepts could never verify: refused at load, named.
     let unknown = TempPolicy::new(
@@ -1147,12 +1133,7 @@ async fn admin_tokens_must_carry_an_admin_audience_when_the_policy_names_them() 
                 "\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"], audiences: [api://nobody] }}\n"
             )),
     );
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&unknown.path)
-        .output()
-        .expect("running stepgate check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, _, stderr) = common::check_policy(&unknown.path);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("admin.audiences[0]"), "{stderr}");
 }

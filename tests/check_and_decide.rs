@@ -1204,13 +1204,8 @@ async fn decide_explains_only_to_the_callers_the_policy_names() {
 async fn a_policy_enabling_explain_for_nobody_is_refused() {
     let text = demo_policy_text() + "\nexplain: { enabled: true }\n";
     let policy = TempPolicy::new("explain-nobody", &text);
-    let out = std::process::Command::new(common::bin())
-        .args(["check", "--config"])
-        .arg(&policy.path)
-        .output()
-        .expect("running stepgate check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (code, _, stderr) = common::check_policy(&policy.path);
+    assert!(code != Some(0), "{stderr}");
     assert!(
         stderr.contains("explain"),
         "the field path is named: {stderr}"

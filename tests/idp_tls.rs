@@ -8,7 +8,7 @@ mod common;
 #[path = "common/idp.rs"]
 mod idp;
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use common::{Server, Spawn, TempPolicy, mint_with};
 use idp::{DISCOVERY_PATH, Idp};
@@ -180,13 +180,8 @@ fn a_ca_file_that_is_no_certificate_is_refused_with_its_field() {
     let policy = TempPolicy::new("bad-ca", &text);
     for content in ["", "not a certificate\n"] {
         std::fs::write(policy.path.with_file_name("ca.pem"), content).unwrap();
-        let out = Command::new(common::bin())
-            .args(["check", "--config"])
-            .arg(&policy.path)
-            .output()
-            .expect("running stepgate check");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let (code, _, stderr) = common::check_policy(&policy.path);
+        assert_eq!(code, Some(2), "{stderr}");
         assert!(stderr.contains("issuers[0].ca_file"), "{stderr}");
     }
 }

@@ -513,13 +513,8 @@ fn a_bad_records_section_is_refused_with_its_field_path() {
         ("records:\n  max_bytes: 1KiB\n", "records.max_bytes"),
     ] {
         let policy = TempPolicy::new("records-bad", &(demo_policy_without_risk() + records));
-        let out = std::process::Command::new(common::bin())
-            .args(["check", "--config"])
-            .arg(&policy.path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let (code, _, stderr) = common::check_policy(&policy.path);
+        assert_eq!(code, Some(2), "{stderr}");
         assert!(stderr.contains(path), "{path}: {stderr}");
     }
 }

@@ -8,12 +8,11 @@ mod common;
 
 use std::{
     net::Ipv4Addr,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
-    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, check_from, check_on,
+    ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, check_from, check_on,
     demo_policy_without_risk, mint,
 };
 use serde_json::Value;
@@ -521,13 +520,8 @@ fn a_risk_section_that_does_not_compile_is_refused_with_its_field_path() {
         ),
     ] {
         let policy = TempPolicy::new("risk-bad", &(demo_policy_without_risk() + risk));
-        let out = Command::new(bin())
-            .args(["check", "--config"])
-            .arg(&policy.path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{risk}: {stderr}");
+        let (code, _, stderr) = common::check_policy(&policy.path);
+        assert_eq!(code, Some(2), "{risk}: {stderr}");
         assert!(stderr.contains(path), "{path} not in: {stderr}");
     }
 }

@@ -167,7 +167,7 @@ struct ServeArgs {
         env = "STEPGATE_CLIENT_SAN",
         value_delimiter = ',',
         requires = "client_ca",
-        value_parser = san::parse_entry
+        value_parser = san::SanName::from_entry
     )]
     client_san: Vec<san::SanName>,
     /// Only peers in these networks may call ext_authz `Check`, whose `source.address` source
@@ -188,7 +188,7 @@ struct ServeArgs {
         env = "STEPGATE_CHECK_CLIENT_SAN",
         value_delimiter = ',',
         requires = "client_ca",
-        value_parser = san::parse_entry
+        value_parser = san::SanName::from_entry
     )]
     check_client_san: Vec<san::SanName>,
     /// A second gRPC listener (same services and transport), for operators: the policy's

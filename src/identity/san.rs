@@ -70,11 +70,6 @@ impl fmt::Display for SanName {
     }
 }
 
-/// Parses a command-line entry (clap's `value_parser`).
-pub fn parse_entry(text: &str) -> Result<SanName, String> {
-    SanName::from_entry(text)
-}
-
 /// Whether any of a certificate's `names` is among `allowed`.
 pub fn any_allowed(names: &[SanName], allowed: &[SanName]) -> bool {
     names.iter().any(|name| allowed.contains(name))

@@ -435,30 +435,30 @@ pub fn is_access_token_name(name: &str) -> bool {
     {
         return false;
     }
-    php_parameter_name(name) == "access_token"
-        || php_array_name(name) == Some("access_token".into())
-}
-
-/// The name of the array a parameter adds to, as PHP (and Rails, and Node's `qs`) read
-/// `name[…]`: what comes before the first `[` when a `]` follows it, renamed as
-/// [`php_parameter_name`] renames; `None` for a name that is not an array's.
-fn php_array_name(name: &str) -> Option<String> {
     let decoded = decode_query_name(name);
-    let decoded = decoded.trim_start_matches(' ').split('\0').next()?;
-    let (base, rest) = decoded.split_once('[')?;
-    rest.contains(']').then(|| php_renamed(base))
+    let cut = php_cut(&decoded);
+    if php_renamed(cut) == "access_token" {
+        return true;
+    }
+    // An array's name, as PHP (and Rails, and Node's `qs`) read `name[…]`: what comes before
+    // the first `[` when a `]` follows it.
+    cut.split_once('[')
+        .is_some_and(|(base, rest)| rest.contains(']') && php_renamed(base) == "access_token")
 }
 
 /// A query parameter's name as PHP reads it, in lower case: decoded ([`decode_query_name`]),
 /// leading spaces dropped, cut at a NUL, and `.`, ` ` and `[` made `_`.
 fn php_parameter_name(name: &str) -> String {
-    php_renamed(
-        decode_query_name(name)
-            .trim_start_matches(' ')
-            .split('\0')
-            .next()
-            .unwrap_or_default(),
-    )
+    php_renamed(php_cut(&decode_query_name(name)))
+}
+
+/// A decoded name with its leading spaces dropped and cut at a NUL, as PHP reads it.
+fn php_cut(decoded: &str) -> &str {
+    decoded
+        .trim_start_matches(' ')
+        .split('\0')
+        .next()
+        .unwrap_or_default()
 }
 
 /// `.`, ` ` and `[` made `_`, in lower case.

@@ -665,7 +665,7 @@ impl Task {
                 count: Some(CountMessage {
                     signal: signal.name.to_string(),
                     window: signal.window_seconds,
-                    grouping: signal.distinct_grouping(),
+                    grouping: signal.distinct_grouping().map(str::to_owned),
                     event: Some(signal.event.as_str().to_owned()),
                     key: key.clone(),
                     idx: *idx,
@@ -845,7 +845,7 @@ impl Task {
             };
             if let Some(signal) = policy.risk.signal(&count.signal).filter(|s| {
                 s.window_seconds == count.window
-                    && s.distinct_grouping() == count.grouping
+                    && s.distinct_grouping() == count.grouping.as_deref()
                     && count.event.as_deref().is_none_or(|e| e == s.event.as_str())
             }) {
                 signal

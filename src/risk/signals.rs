@@ -189,6 +189,8 @@ pub struct Signal {
     pub action: Action,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// See [`Self::distinct_grouping`]; told once here.
+    grouping: Option<Arc<str>>,
     table: ArcSwap<Table>,
 }
 
@@ -254,6 +256,8 @@ impl Signal {
             action,
             ipv4_prefix,
             ipv6_prefix,
+            grouping: (event == Event::Sources && (ipv4_prefix, ipv6_prefix) != (32, 128))
+                .then(|| Arc::from(format!("v4/{ipv4_prefix}v6/{ipv6_prefix}"))),
             table: ArcSwap::from_pointee(Table::new(counting, window_seconds * 1000, max_keys)),
         }
     }
@@ -325,9 +329,8 @@ impl Signal {
     /// shared store keeps such counts apart (`None` for whole addresses, as before the grouping),
     /// so replicas grouping differently (a rolling upgrade, a reload changing the prefixes) never
     /// add one source's two spellings into one count.
-    pub fn distinct_grouping(&self) -> Option<String> {
-        (self.event == Event::Sources && (self.ipv4_prefix, self.ipv6_prefix) != (32, 128))
-            .then(|| format!("v4/{}v6/{}", self.ipv4_prefix, self.ipv6_prefix))
+    pub fn distinct_grouping(&self) -> Option<&str> {
+        self.grouping.as_deref()
     }
 
     /// Whether this decision is an event this signal counts.
@@ -583,10 +586,7 @@ mod tests {
                 Some("2001:db8:7::/64".to_owned())
             ]
         );
-        assert_eq!(
-            risk.signals[0].distinct_grouping().as_deref(),
-            Some("v4/32v6/64")
-        );
+        assert_eq!(risk.signals[0].distinct_grouping(), Some("v4/32v6/64"));
         let whole = Signal::new(
             "s",
             String::new(),

@@ -253,6 +253,20 @@ pub fn entra(acrs: &[&str], xms_cc: &[&str]) -> TokenSpec {
 }
 
 /// A token of the standards-based demo issuer (demo-oidc).
+/// `stepgate check --config <policy>`: its exit code, standard output and standard error.
+pub fn check_policy(policy: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(policy)
+        .output()
+        .expect("running stepgate check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn oidc(roles: &[&str], acr: Option<&str>, amr: &[&str]) -> TokenSpec {
     TokenSpec {
         issuer: demo::DEMO_OIDC_ISSUER.to_owned(),

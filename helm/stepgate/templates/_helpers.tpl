@@ -305,3 +305,12 @@ would stay unready.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when a Redis URL holds a password (in its user information, or `pass=`/`password=` in
+its query): such a URL belongs in a Secret, never in values rendered into the Deployment or the
+policy's ConfigMap.
+*/}}
+{{- define "stepgate.redisUrlHasPassword" -}}
+{{- if or (regexMatch "^rediss?://[^/@]*:[^/@]*@" .) (regexMatch "[?&](pass|password)=" .) }}true{{ end }}
+{{- end }}
