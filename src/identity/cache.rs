@@ -479,11 +479,11 @@ impl Shard {
 }
 
 /// A cached verification is served only while its signing key is still in the issuer's current
-/// key set (the same material, under the same `kid`).
+/// key set (the same material, `alg` and `issuer`, under the same `kid`).
 fn key_still_published(token: &VerifiedToken) -> bool {
     token
         .issuer
-        .key_published(token.kid.as_deref(), &token.key_material)
+        .key_published(token.kid.as_deref(), &token.key_binding)
 }
 
 /// Entries of a thread's own table of recent hits ([`TokenCache::verify`]).
@@ -560,6 +560,7 @@ impl Hasher for KeyHasher {
 #[cfg(test)]
 mod tests {
     use jsonwebtoken::Algorithm;
+    use serde_json::Value;
 
     use super::*;
     use crate::{
@@ -734,6 +735,32 @@ mod tests {
             cache.verify(&t, &p.issuers, 16_384, NOW).1,
             Err(TokenError::UnknownKey { .. })
         ));
+    }
+
+    #[test]
+    fn a_key_republished_for_another_issuer_or_algorithm_stops_serving_its_tokens() {
+        let jwks: Value = serde_json::from_slice(&demo_file("jwks.json")).unwrap();
+        for (member, value) in [("issuer", "https://elsewhere.example"), ("alg", "RS384")] {
+            let p = policy();
+            let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+            let t = token("alice");
+            assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
+            let mut changed = jwks.clone();
+            for key in changed["keys"].as_array_mut().unwrap() {
+                if key["kid"] == DEMO_RSA_KID {
+                    key[member] = Value::from(value);
+                }
+            }
+            let (set, _) = KeySet::parse(changed.to_string().as_bytes()).unwrap();
+            for issuer in p.issuers.iter() {
+                issuer.set_keys(set.clone());
+            }
+            let verified = cache.verify(&t, &p.issuers, 16_384, NOW).1;
+            assert!(
+                verified.is_err(),
+                "the key now states {member} {value}, yet the cached token was served"
+            );
+        }
     }
 
     #[test]

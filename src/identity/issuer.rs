@@ -222,13 +222,14 @@ impl Issuer {
         self.keys.load_full()
     }
 
-    /// Whether the key set still holds the key `kid` with this material. Reads the set without
-    /// taking a reference on it (no shared write: the verified-token cache asks on every hit).
-    pub fn key_published(&self, kid: Option<&str>, material: &[u8; 32]) -> bool {
+    /// Whether the key set still holds the key `kid` with this binding (material, `alg`,
+    /// `issuer`). Reads the set without taking a reference on it (no shared write: the
+    /// verified-token cache asks on every hit).
+    pub fn key_published(&self, kid: Option<&str>, binding: &[u8; 32]) -> bool {
         self.keys
             .load()
             .find(kid)
-            .is_some_and(|key| key.material == *material)
+            .is_some_and(|key| key.binding == *binding)
     }
 
     pub fn set_keys(&self, keys: KeySet) {

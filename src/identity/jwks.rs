@@ -51,6 +51,11 @@ pub struct VerificationKey {
     /// SHA-256 of the public key material: the same key across refreshes, a different one when a
     /// `kid` is reused for a new key.
     pub material: [u8; 32],
+    /// SHA-256 of the material with what the key states about its use (`alg`, `issuer`): a
+    /// token verified with it stays cached only while a key of the same binding is published
+    /// under its `kid`, so a key republished for another issuer or algorithm ends the tokens it
+    /// verified under the old terms.
+    pub binding: [u8; 32],
 }
 
 impl fmt::Debug for VerificationKey {
@@ -326,13 +331,29 @@ fn parse_key(jwk: &Value) -> Result<VerificationKey, String> {
         material.update(field(part).unwrap_or_default().as_bytes());
         material.update([0]);
     }
+    let material: [u8; 32] = material.finalize().into();
+    let issuer = field("issuer").map(str::to_owned);
+    let mut binding = Sha256::new();
+    binding.update(material);
+    // Each optional part is marked present or absent, so that no issuer spells an absent `alg`.
+    for part in [alg.map(|alg| format!("{alg:?}")), issuer.clone()] {
+        match part {
+            Some(text) => {
+                binding.update([1]);
+                binding.update(text.as_bytes());
+                binding.update([0]);
+            }
+            None => binding.update([0]),
+        }
+    }
     Ok(VerificationKey {
         prepared,
-        material: material.finalize().into(),
+        material,
+        binding: binding.finalize().into(),
         kid: field("kid").map(str::to_owned),
         kind,
         alg,
-        issuer: field("issuer").map(str::to_owned),
+        issuer,
         key,
     })
 }

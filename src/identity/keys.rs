@@ -151,6 +151,11 @@ struct FetchState {
     consecutive_failures: u32,
     /// The interval the last load suggests for the next scheduled refresh.
     next_refresh: Option<Duration>,
+    /// Loads are numbered as they start; `installed` is the number of the load whose key set is
+    /// in place. A load finishing after a later-started one installed its set leaves that set:
+    /// a slow scheduled fetch must not put back the keys an unknown `kid`'s fetch replaced.
+    started: u64,
+    installed: u64,
     /// The issuer belongs to a policy being loaded, not served: its key loads are not metrics
     /// yet (a refused reload must not show its loads as the serving issuer's). The last one
     /// waits here until the policy is served ([`FetchControl::serve`]).
@@ -277,6 +282,11 @@ async fn load_inner(
     http: &reqwest::Client,
     discover: bool,
 ) -> Result<Loaded, String> {
+    let ticket = {
+        let mut state = issuer.fetch.state();
+        state.started += 1;
+        state.started
+    };
     let http = issuer.http.as_ref().unwrap_or(http);
     let (bytes, max_age) = match &issuer.key_source {
         KeySource::File(path) => {
@@ -344,7 +354,16 @@ async fn load_inner(
         );
     }
     let keys = set.len();
-    issuer.set_keys(set);
+    let mut state = issuer.fetch.state();
+    if ticket > state.installed {
+        state.installed = ticket;
+        issuer.set_keys(set);
+    } else {
+        tracing::debug!(
+            issuer = %issuer.id,
+            "a key set fetched since this one started is in place; keeping it"
+        );
+    }
     Ok(Loaded { keys, max_age })
 }
 
@@ -551,7 +570,8 @@ fn log_load(issuer: &Issuer, result: &Result<Loaded, String>) {
 
 /// Refreshes each issuer's keys until `stop` changes: on the interval the responses' `max-age`
 /// suggests (bounded), sooner with backoff after a failure, and drops a key set that could not be
-/// refreshed for `max_stale`. One task per issuer.
+/// refreshed for `max_stale` as soon as that has passed, not at the next attempt (which backoff
+/// may put an hour later). One task per issuer.
 pub fn spawn_refresh(
     issuers: Vec<Arc<Issuer>>,
     http: reqwest::Client,
@@ -561,22 +581,54 @@ pub fn spawn_refresh(
         let http = http.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            let mut next_attempt = after(refresh_wait(&issuer));
             loop {
-                let wait = issuer
-                    .fetch
-                    .state()
-                    .next_refresh
-                    .unwrap_or(issuer.timing.retry);
+                let wake = stale_at(&issuer).map_or(next_attempt, |at| at.min(next_attempt));
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep_until(wake.into()) => {}
                     _ = stop.changed() => return,
                 }
-                let result = load(&issuer, &http).await;
-                log_load(&issuer, &result);
+                if Instant::now() >= next_attempt {
+                    let result = load(&issuer, &http).await;
+                    log_load(&issuer, &result);
+                    next_attempt = after(refresh_wait(&issuer));
+                }
                 expire_stale(&issuer);
             }
         });
     }
+}
+
+/// The wait before the next scheduled load, as the last load (scheduled or on demand) set it.
+fn refresh_wait(issuer: &Issuer) -> Duration {
+    issuer
+        .fetch
+        .state()
+        .next_refresh
+        .unwrap_or(issuer.timing.retry)
+}
+
+/// When the keys in place become too stale to trust, if they can: remote keys only, once loaded.
+/// A millisecond after `max_stale`, so that [`expire_stale`] finds them past it.
+fn stale_at(issuer: &Issuer) -> Option<Instant> {
+    if !issuer.key_source.is_remote() || issuer.keys().is_empty() {
+        return None;
+    }
+    let last_success = issuer.fetch.state().last_success?;
+    last_success.checked_add(
+        issuer
+            .timing
+            .max_stale
+            .saturating_add(Duration::from_millis(1)),
+    )
+}
+
+/// `wait` from now; a wait too long for the clock (a policy may say `max_refresh: 10000000d`) is
+/// as good as never.
+fn after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(1 << 30))
 }
 
 /// Drops the key set once the last successful load is older than `max_stale`: trusting keys an
@@ -854,6 +906,115 @@ mod tests {
             !issuer.fetch.state().on_demand_in_flight,
             "the issuer would never fetch on demand again"
         );
+    }
+
+    /// The demo key set with every `kid` prefixed, as a JSON document.
+    fn demo_keys(prefix: &str) -> String {
+        let demo = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/demo-keys/jwks.json"
+        ))
+        .unwrap();
+        demo.replace("\"stepgate-demo-", &format!("\"{prefix}"))
+    }
+
+    /// Answers one HTTP request on `stream` with `body`, then closes it.
+    async fn answer(mut stream: tokio::net::TcpStream, body: &str) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before its request ended");
+            request.extend_from_slice(&buf[..n]);
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_slow_scheduled_fetch_does_not_put_back_the_keys_an_unknown_kid_fetched() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = remote_issuer(
+            format!("http://{}/keys", listener.local_addr().unwrap()),
+            KeyTiming {
+                unknown_kid_cooldown: Duration::ZERO,
+                unknown_kid_wait: Duration::from_secs(5),
+                ..KeyTiming::default()
+            },
+        );
+        // The scheduled refresh starts first and its answer (the set before the rotation) is
+        // held until the unknown kid's fetch has installed the rotated set.
+        let http = http_client();
+        let scheduled = tokio::spawn({
+            let (issuer, http) = (Arc::clone(&issuer), http.clone());
+            async move { load(&issuer, &http).await }
+        });
+        let (slow, _) = listener.accept().await.unwrap();
+        let on_demand = tokio::spawn({
+            let issuer = Arc::clone(&issuer);
+            async move { resolve_unknown_kid(&issuer, "rotated-rsa-1").await }
+        });
+        let (fast, _) = listener.accept().await.unwrap();
+        answer(fast, &demo_keys("rotated-")).await;
+        assert_eq!(on_demand.await.unwrap(), UnknownKid::Found);
+        answer(slow, &demo_keys("before-")).await;
+        assert!(scheduled.await.unwrap().is_ok());
+        let keys = issuer.keys();
+        assert!(
+            keys.find(Some("rotated-rsa-1")).is_some(),
+            "the slow refresh put back the set from before the rotation"
+        );
+        assert!(keys.find(Some("before-rsa-1")).is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_are_dropped_once_max_stale_has_passed_not_at_the_next_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let issuer = remote_issuer(
+            format!("http://{address}/keys"),
+            KeyTiming {
+                // After the first failure the next attempt is an hour away.
+                retry: Duration::from_secs(3600),
+                refresh: Duration::from_secs(3600),
+                max_stale: Duration::from_millis(600),
+                ..KeyTiming::default()
+            },
+        );
+        let http = http_client();
+        let first = tokio::spawn({
+            let (issuer, http) = (Arc::clone(&issuer), http.clone());
+            async move { load(&issuer, &http).await }
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        answer(stream, &demo_keys("k-")).await;
+        assert!(first.await.unwrap().is_ok());
+        let loaded = Instant::now();
+        // The identity provider goes away: the refresh at half of max_stale fails.
+        drop(listener);
+        let (stop_tx, stop) = watch::channel(false);
+        spawn_refresh(vec![Arc::clone(&issuer)], http, stop);
+        let deadline = loaded + Duration::from_secs(10);
+        while !issuer.keys().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the keys were still trusted {:?} after their last load, max_stale being 600 ms",
+                loaded.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            loaded.elapsed() >= Duration::from_millis(600),
+            "dropped early"
+        );
+        assert!(issuer.fetch.state().consecutive_failures >= 1);
+        let _ = stop_tx.send(true);
     }
 
     #[test]

@@ -25,10 +25,11 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
     pub issuer: Arc<Issuer>,
-    /// The header's `kid` and the material of the key that verified the signature (the
-    /// verified-token cache serves the token only while that key is still published).
+    /// The header's `kid` and the binding (material, `alg`, `issuer`) of the key that verified
+    /// the signature: the verified-token cache serves the token only while that key is still
+    /// published on the same terms.
     pub kid: Option<Arc<str>>,
-    pub key_material: [u8; 32],
+    pub key_binding: [u8; 32],
     pub principal: Arc<Principal>,
     /// Client capabilities (`xms_cc`), lower-cased.
     pub client_capabilities: Arc<[Arc<str>]>,
@@ -272,7 +273,7 @@ pub fn verify(
     Ok(VerifiedToken {
         issuer: Arc::clone(issuer),
         kid: kid.map(|kid| shared.string(kid)),
-        key_material: key.material,
+        key_binding: key.binding,
         principal: Arc::new(principal),
         client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,

@@ -478,7 +478,7 @@ fn decide(
             PresentedCredential::Verified(Established(Arc::new(VerifiedToken {
                 issuer: Arc::clone(issuer),
                 kid: None,
-                key_material: [0; 32],
+                key_binding: [0; 32],
                 principal: Arc::clone(&f.principal),
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),

@@ -1136,7 +1136,7 @@ mod tests {
         Arc::new(VerifiedToken {
             issuer: Arc::clone(&ISSUER),
             kid: None,
-            key_material: [0; 32],
+            key_binding: [0; 32],
             principal: Arc::new(principal),
             client_capabilities: arcs(capabilities),
             claims,

@@ -244,7 +244,7 @@ pub fn generate(
                 PresentedCredential::Verified(Established(Arc::new(VerifiedToken {
                     issuer: Arc::clone(issuer),
                     kid: None,
-                    key_material: [0; 32],
+                    key_binding: [0; 32],
                     principal: Arc::new(principal),
                     client_capabilities: Arc::clone(&person.capabilities),
                     claims: Map::new(),
