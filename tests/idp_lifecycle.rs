@@ -610,8 +610,9 @@ async fn a_reload_during_an_idp_outage_keeps_the_keys_until_max_stale() {
             idp.jwks_uri()
         ),
     );
-    let server = Server::start(&policy.path).await;
+    // Before the start: the keys load during it, and they may be dropped max_stale after that.
     let loaded = Instant::now();
+    let server = Server::start(&policy.path).await;
     let channel = server.channel().await;
     let token = mint(&spec(iss));
     assert_allowed(&server, &decide(&server, &channel, &token).await, "before");

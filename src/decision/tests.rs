@@ -2772,6 +2772,55 @@ fn token_whose_kid_names_a_key_of_another_type_is_key_mismatch() {
     );
 }
 
+/// Entra's key sets, the tenant's own included, publish each key with the issuer
+/// `https://login.microsoftonline.com/{tenantid}/v2.0`: an exact (single-tenant) issuer fills the
+/// template with the token's `tid`, as Microsoft's validation does, and still refuses a key whose
+/// issuer, so filled, is not the token's.
+#[test]
+fn a_templated_key_issuer_takes_the_tokens_tid_under_an_exact_issuer() {
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const OTHER: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let exact = format!("https://login.microsoftonline.com/{TENANT}/v2.0");
+    let policy = compile_policy(&DEMO_POLICY.replace(DEMO_ENTRA_ISSUER, &exact));
+    let key_set = |key_issuer: &str| {
+        let mut jwks: Value = serde_json::from_slice(&demo_file("jwks.json")).unwrap();
+        for key in jwks["keys"].as_array_mut().unwrap() {
+            key["issuer"] = Value::from(key_issuer);
+        }
+        crate::identity::jwks::KeySet::parse(jwks.to_string().as_bytes())
+            .unwrap()
+            .0
+    };
+    let token = |tid: Option<&str>| {
+        rs256(&TokenSpec {
+            issuer: exact.clone(),
+            tenant: tid.map(str::to_owned),
+            ..entra_user(&["c1"])
+        })
+    };
+    let decide_under = |key_issuer: &str, tid: Option<&str>| {
+        for issuer in policy.issuers.iter() {
+            issuer.set_keys(key_set(key_issuer));
+        }
+        let request = op_request(&token(tid), "payments.wire_transfer", json!({}));
+        decide(&policy, &request, NOW)
+    };
+    let template = "https://login.microsoftonline.com/{tenantid}/v2.0";
+    let d = decide_under(template, Some(TENANT));
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    let d = decide_under(&exact, Some(TENANT));
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    for (key_issuer, tid) in [
+        (template, Some(OTHER)),
+        (template, None),
+        (template, Some("not-a-guid")),
+        (&format!("https://login.microsoftonline.com/{OTHER}/v2.0"), Some(TENANT)),
+    ] {
+        let d = decide_under(key_issuer, tid);
+        expect(&d, Outcome::Deny, 401, Reason::KeyMismatch);
+    }
+}
+
 #[test]
 fn fingerprint_names_the_presented_token_without_revealing_it() {
     let token = rs256(&entra_user(&["c1"]));

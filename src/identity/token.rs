@@ -213,12 +213,21 @@ pub fn verify(
     if !key.kind.fits(alg) || key.alg.is_some_and(|key_alg| key_alg != alg) {
         return Err(TokenError::KeyMismatch);
     }
-    // Entra publishes an `issuer` per key (a `{tenantid}` template in multi-tenant key sets): a
-    // key only verifies tokens of that issuer.
+    // Entra publishes an `issuer` per key: a key only verifies tokens of that issuer. Its
+    // `{tenantid}` template (every key of the shared key sets, which single-tenant discovery
+    // documents name too) takes the token's tenant: the one in `iss` for a template issuer, the
+    // token's `tid` (a GUID) for an exact one, as Microsoft's validation does.
     if let Some(key_iss) = key.issuer.as_deref() {
-        let expected = match &iss_tenant {
-            Some(tenant) => key_iss.replace(super::issuer::IssuerName::TENANT_PLACEHOLDER, tenant),
-            None => key_iss.to_owned(),
+        const PLACEHOLDER: &str = super::issuer::IssuerName::TENANT_PLACEHOLDER;
+        let expected = if key_iss.contains(PLACEHOLDER) {
+            let tenant = match (&iss_tenant, &claims.tid) {
+                (Some(tenant), _) => tenant.as_str(),
+                (None, Some(Raw::Str(tid))) if super::issuer::is_guid(tid) => tid,
+                (None, _) => return Err(TokenError::KeyMismatch),
+            };
+            key_iss.replace(PLACEHOLDER, tenant)
+        } else {
+            key_iss.to_owned()
         };
         if !expected.eq_ignore_ascii_case(iss) {
             return Err(TokenError::KeyMismatch);
