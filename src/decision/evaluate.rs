@@ -334,6 +334,19 @@ impl<'p> Run<'p> {
                     self.fingerprint = Some(fingerprint_of(&digest));
                     self.token_cached = Some(cached);
                     match verified {
+                        Ok(token) if token.admin_only => {
+                            let message = "the token is meant for the admin API: its aud holds \
+                                           none but admin.audiences";
+                            self.step("token", || message.to_owned());
+                            let www = challenge::invalid_token(realm, message);
+                            return self.deny(
+                                401,
+                                Reason::AudienceMismatch,
+                                message,
+                                None,
+                                Some(www),
+                            );
+                        }
                         Ok(token) => {
                             self.verified = Some(Arc::clone(&token));
                             self.step("token", || {

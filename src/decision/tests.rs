@@ -2821,6 +2821,51 @@ fn a_templated_key_issuer_takes_the_tokens_tid_under_an_exact_issuer() {
     }
 }
 
+/// `admin.audiences` names the admin API's audience: a token meant for it alone is refused by
+/// the data plane (an operator's admin token is no API token), one meant for the API too is not.
+#[test]
+fn a_token_meant_for_the_admin_api_alone_is_refused_by_the_data_plane() {
+    const ADMIN_API: &str = "api://stepgate-admin";
+    let text = DEMO_POLICY.replacen(
+        &format!("audiences: [{DEMO_AUDIENCE}]"),
+        &format!("audiences: [{DEMO_AUDIENCE}, {ADMIN_API}]"),
+        1,
+    ) + &format!(
+        "\nadmin:\n  issuers: [demo-entra]\n  roles: [StepgateAdmin]\n  audiences: [{ADMIN_API}]\n"
+    );
+    let policy = compile_policy(&text);
+    let decide_with = |audience: Value| {
+        let claims = claims_with(&entra_user(&["c1"]), json!({ "aud": audience }));
+        let request = op_request(&sign_claims(&claims), "payments.wire_transfer", json!({}));
+        decide(&policy, &request, NOW)
+    };
+    for audience in [json!(ADMIN_API), json!([ADMIN_API])] {
+        let d = decide_with(audience.clone());
+        expect(&d, Outcome::Deny, 401, Reason::AudienceMismatch);
+        assert!(d.message.contains("admin API"), "{audience}: {}", d.message);
+        assert!(d.principal.is_none(), "{audience}");
+    }
+    for audience in [json!(DEMO_AUDIENCE), json!([ADMIN_API, DEMO_AUDIENCE])] {
+        let d = decide_with(audience.clone());
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
+    // Without admin.audiences every audience of the issuer is the data plane's.
+    let d = {
+        let policy = compile_policy(&DEMO_POLICY.replacen(
+            &format!("audiences: [{DEMO_AUDIENCE}]"),
+            &format!("audiences: [{DEMO_AUDIENCE}, {ADMIN_API}]"),
+            1,
+        ));
+        let claims = claims_with(&entra_user(&["c1"]), json!({ "aud": ADMIN_API }));
+        decide(
+            &policy,
+            &op_request(&sign_claims(&claims), "payments.wire_transfer", json!({})),
+            NOW,
+        )
+    };
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+}
+
 #[test]
 fn fingerprint_names_the_presented_token_without_revealing_it() {
     let token = rs256(&entra_user(&["c1"]));

@@ -138,6 +138,9 @@ pub struct IssuerSettings {
     pub issuer: String,
     pub tenants: Tenants,
     pub audiences: Vec<String>,
+    /// Those of `audiences` that are the admin API's (`admin.audiences`, for an issuer among
+    /// `admin.issuers`): a token meant for none but these is refused by `Check` and `Decide`.
+    pub admin_audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
     /// Refuse tokens carrying an ID token's own members (`nonce`, `at_hash`, `c_hash`).
@@ -167,6 +170,8 @@ pub struct Issuer {
     pub name: IssuerName,
     pub tenants: Tenants,
     pub audiences: Vec<String>,
+    /// See [`IssuerSettings::admin_audiences`].
+    pub admin_audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: u64,
     pub refuse_id_tokens: bool,
@@ -202,6 +207,7 @@ impl Issuer {
             issuer: settings.issuer,
             tenants: settings.tenants,
             audiences: settings.audiences,
+            admin_audiences: settings.admin_audiences,
             algorithms: settings.algorithms,
             leeway: settings.leeway,
             refuse_id_tokens: settings.refuse_id_tokens,
@@ -356,6 +362,7 @@ mod tests {
             issuer: text.into(),
             tenants: Tenants::Any,
             audiences: vec!["a".into()],
+            admin_audiences: Vec::new(),
             algorithms: vec![Algorithm::RS256],
             leeway: 60,
             refuse_id_tokens: true,

@@ -863,6 +863,7 @@ mod tests {
             issuer: "https://idp.example".into(),
             tenants: Tenants::NotApplicable,
             audiences: vec!["api".into()],
+            admin_audiences: Vec::new(),
             algorithms: vec![jsonwebtoken::Algorithm::RS256],
             leeway: 60,
             refuse_id_tokens: true,

@@ -30,6 +30,9 @@ pub struct VerifiedToken {
     /// published on the same terms.
     pub kid: Option<Arc<str>>,
     pub key_binding: [u8; 32],
+    /// Meant for the admin API alone (its audiences are all `admin.audiences`): `Check` and
+    /// `Decide` refuse it, so that an operator's admin token is no API token.
+    pub admin_only: bool,
     pub principal: Arc<Principal>,
     /// Client capabilities (`xms_cc`), lower-cased.
     pub client_capabilities: Arc<[Arc<str>]>,
@@ -249,6 +252,7 @@ pub fn verify(
     check_tenant(issuer, iss_tenant.as_deref(), &claims)?;
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
+    let admin_only = admin_only(&claims, issuer);
     if claims.id_token_members && issuer.refuse_id_tokens {
         return Err(TokenError::IdToken);
     }
@@ -283,6 +287,7 @@ pub fn verify(
         issuer: Arc::clone(issuer),
         kid: kid.map(|kid| shared.string(kid)),
         key_binding: key.binding,
+        admin_only,
         principal: Arc::new(principal),
         client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,
@@ -438,6 +443,22 @@ fn check_lifetime(claims: &Claims, leeway: i64, now: i64) -> Result<(), TokenErr
         return Err(TokenError::NotYetValid);
     }
     Ok(())
+}
+
+/// Whether the token is meant for the admin API alone: every audience of it the issuer accepts
+/// is one of `admin.audiences`.
+fn admin_only(claims: &Claims, issuer: &Issuer) -> bool {
+    if issuer.admin_audiences.is_empty() {
+        return false;
+    }
+    let for_data_plane = |aud: &str| {
+        issuer.audiences.iter().any(|a| a == aud) && !issuer.admin_audiences.iter().any(|a| a == aud)
+    };
+    match &claims.aud {
+        Some(Raw::Str(aud)) => !for_data_plane(aud),
+        Some(Raw::StrList(list)) => !list.iter().any(|aud| for_data_plane(aud)),
+        _ => false,
+    }
 }
 
 fn check_audience(claims: &Claims, audiences: &[String]) -> Result<(), TokenError> {

@@ -70,7 +70,7 @@ pub fn compile(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
 
 fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let cel = condition::environment();
-    let issuers = compile_issuers(&file.issuers, base_dir)?;
+    let issuers = compile_issuers(&file.issuers, &file.admin, base_dir)?;
     let auth_contexts = compile_auth_contexts(&file.auth_contexts)?;
     let mut rules = Vec::with_capacity(file.rules.len());
     let mut seen = HashSet::new();
@@ -328,7 +328,11 @@ fn check_quotable(value: &str, path: &str) -> Result<String> {
     Ok(value.to_owned())
 }
 
-fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<Issuers> {
+fn compile_issuers(
+    configs: &[schema::IssuerConfig],
+    admin: &schema::AdminConfig,
+    base_dir: &Path,
+) -> Result<Issuers> {
     if configs.is_empty() {
         return err("issuers", "at least one issuer is required");
     }
@@ -475,6 +479,12 @@ fn compile_issuers(configs: &[schema::IssuerConfig], base_dir: &Path) -> Result<
             issuer: c.issuer.clone(),
             tenants,
             audiences: c.audiences.clone(),
+            admin_audiences: if admin.issuers.contains(&c.id) {
+                let ours = |a: &&String| c.audiences.contains(a);
+                admin.audiences.iter().filter(ours).cloned().collect()
+            } else {
+                Vec::new()
+            },
             algorithms,
             leeway: c.leeway.0,
             refuse_id_tokens: c.refuse_id_tokens,

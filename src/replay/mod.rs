@@ -479,6 +479,7 @@ fn decide(
                 issuer: Arc::clone(issuer),
                 kid: None,
                 key_binding: [0; 32],
+                admin_only: false,
                 principal: Arc::clone(&f.principal),
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),

@@ -1137,6 +1137,7 @@ mod tests {
             issuer: Arc::clone(&ISSUER),
             kid: None,
             key_binding: [0; 32],
+            admin_only: false,
             principal: Arc::new(principal),
             client_capabilities: arcs(capabilities),
             claims,

@@ -245,6 +245,7 @@ pub fn generate(
                     issuer: Arc::clone(issuer),
                     kid: None,
                     key_binding: [0; 32],
+                    admin_only: false,
                     principal: Arc::new(principal),
                     client_capabilities: Arc::clone(&person.capabilities),
                     claims: Map::new(),
