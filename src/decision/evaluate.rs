@@ -1410,7 +1410,9 @@ fn identity_headers(
     // A list of one (the usual `acrs`, `amr` or `roles`) is shared rather than joined anew.
     let join = |v: &[Arc<str>]| match v {
         [] => None,
-        [one] if !one.contains(LIST_ESCAPED) => Some(Arc::clone(one)),
+        [one] if !one.contains(|c: char| LIST_ESCAPED.contains(&c) || c.is_control()) => {
+            Some(Arc::clone(one))
+        }
         many => Some(Arc::from(list_value(many.iter().map(|item| &**item)))),
     };
     policy
@@ -1418,21 +1420,24 @@ fn identity_headers(
         .identity_headers
         .iter()
         .filter_map(|(name, source)| {
+            let single = |value: Option<Arc<str>>| value.map(single_value);
             let value: Arc<str> = match source {
-                HeaderSource::Subject => Some(Arc::clone(&p.subject)).filter(|s| !s.is_empty()),
-                HeaderSource::Issuer => Some(Arc::clone(&p.issuer)),
+                HeaderSource::Subject => {
+                    single(Some(Arc::clone(&p.subject)).filter(|s| !s.is_empty()))
+                }
+                HeaderSource::Issuer => single(Some(Arc::clone(&p.issuer))),
                 HeaderSource::IssuerId => Some(Arc::clone(&p.issuer_id)),
-                HeaderSource::Tenant => p.tenant.clone(),
-                HeaderSource::ClientId => p.client_id.clone(),
+                HeaderSource::Tenant => single(p.tenant.clone()),
+                HeaderSource::ClientId => single(p.client_id.clone()),
                 HeaderSource::Acrs => join(&p.acrs),
-                HeaderSource::Acr => p.acr.clone(),
+                HeaderSource::Acr => single(p.acr.clone()),
                 HeaderSource::Amr => join(&p.amr),
                 HeaderSource::Scopes => join(&p.scopes),
                 HeaderSource::Roles => join(&p.roles),
                 HeaderSource::AuthTime => p.auth_time.map(|t| Arc::from(t.to_string())),
                 HeaderSource::Rule => rule.map(|r| Arc::clone(&r.id)),
                 HeaderSource::Claim(claim) => match token.claims.get(claim) {
-                    Some(Value::String(s)) => Some(Arc::from(s.as_str())),
+                    Some(Value::String(s)) => single(Some(Arc::from(s.as_str()))),
                     Some(Value::Number(n)) => Some(Arc::from(n.to_string())),
                     Some(Value::Bool(b)) => Some(Arc::from(b.to_string())),
                     Some(Value::Array(items)) => {
@@ -1442,42 +1447,56 @@ fn identity_headers(
                     _ => None,
                 },
             }?;
-            // Header values from token claims: keep them printable so a hostile claim cannot inject
-            // a header line or be refused by the proxy.
-            let value = if value.contains(char::is_control) {
-                Arc::from(
-                    value
-                        .chars()
-                        .filter(|c| !c.is_control())
-                        .collect::<String>(),
-                )
-            } else {
-                value
-            };
             Some((Arc::clone(name), value))
         })
         .collect()
 }
 
-/// What an item of a list header has percent-encoded.
+/// A claim's value as a header value. Its control characters (a header line injected, or
+/// `admin\u{85}` read as `admin`) and `%` are percent-encoded: the value stays printable and
+/// names exactly one claim value.
+fn single_value(value: Arc<str>) -> Arc<str> {
+    if value.contains(|c: char| c == '%' || c.is_control()) {
+        let mut escaped = String::with_capacity(value.len() + 8);
+        push_escaped(&mut escaped, &value, false);
+        Arc::from(escaped)
+    } else {
+        value
+    }
+}
+
+/// What an item of a list header has percent-encoded besides `%` and control characters.
 const LIST_ESCAPED: [char; 2] = [' ', '%'];
 
 /// A list's items as one header value, space-separated. An item holding a space (one role named
-/// `Order Admin`) or a percent sign has them percent-encoded (`Order%20Admin`), so that it can
-/// never read as two items (the roles `Order` and `Admin`) to an upstream that splits the value.
+/// `Order Admin`), a percent sign or a control character has them percent-encoded
+/// (`Order%20Admin`), so that it can never read as two items (the roles `Order` and `Admin`) to an
+/// upstream that splits the value.
 fn list_value<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for item in items {
         if !out.is_empty() {
             out.push(' ');
         }
-        if item.contains(LIST_ESCAPED) {
-            out.push_str(&item.replace('%', "%25").replace(' ', "%20"));
-        } else {
-            out.push_str(item);
-        }
+        push_escaped(&mut out, item, true);
     }
     out
+}
+
+/// Appends `text` with `%`, control characters and (for a list item) spaces percent-encoded,
+/// byte by byte of their UTF-8.
+fn push_escaped(out: &mut String, text: &str, list_item: bool) {
+    use std::fmt::Write as _;
+    for c in text.chars() {
+        if c == '%' || c.is_control() || (list_item && c == ' ') {
+            let mut utf8 = [0; 4];
+            for byte in c.encode_utf8(&mut utf8).bytes() {
+                let _ = write!(out, "%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1275,15 +1275,36 @@ fn token_auth_contexts_are_compared_case_insensitively() {
     assert_eq!(header(&d, "x-stepgate-auth-contexts"), Some("c1"));
 }
 
+/// A claim's control characters are percent-encoded, and so is `%`: no header line can be
+/// injected, and no value reads as another (`admin\u{85}` is not `admin`).
 #[test]
 fn identity_headers_cannot_carry_control_characters_from_claims() {
-    let spec = TokenSpec {
-        subject: "alice\r\nx-injected: 1".into(),
-        ..entra_user(&["c1"])
-    };
-    let d = decide_op(&rs256(&spec), "payments.wire_transfer", json!({}));
-    expect(&d, Outcome::Allow, 200, Reason::Allowed);
-    assert_eq!(header(&d, "x-stepgate-subject"), Some("alicex-injected: 1"));
+    // (`acrs` are read in lower case.)
+    for (subject, forwarded, in_list) in [
+        (
+            "alice\r\nx-injected: 1",
+            "alice%0D%0Ax-injected: 1",
+            "alice%0D%0Ax-injected:%201",
+        ),
+        ("admin\u{85}", "admin%C2%85", "admin%C2%85"),
+        ("admin%C2%85", "admin%25C2%2585", "admin%25c2%2585"),
+        ("100% sure", "100%25 sure", "100%25%20sure"),
+        ("plain é", "plain é", "plain%20é"),
+    ] {
+        let spec = TokenSpec {
+            subject: subject.into(),
+            ..entra_user(&["c1", subject])
+        };
+        let d = decide_op(&rs256(&spec), "payments.wire_transfer", json!({}));
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+        assert_eq!(header(&d, "x-stepgate-subject"), Some(forwarded), "{subject:?}");
+        let contexts = format!("c1 {in_list}");
+        assert_eq!(
+            header(&d, "x-stepgate-auth-contexts"),
+            Some(contexts.as_str()),
+            "{subject:?}"
+        );
+    }
 }
 
 /// An old sign-in is challenged for the first required context (its Conditional Access policy's
