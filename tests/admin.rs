@@ -418,7 +418,29 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     let old_oidc = issued_at(oidc(&[], None, &[]), "alice", now - 600);
     let fresh = issued_at(common::entra(&[], &["cp1"]), "alice", now);
     let bobs = issued_at(common::entra(&[], &["cp1"]), "bob", now - 600);
-    for token in [&old_cp1, &old_entra, &old_oidc, &fresh, &bobs] {
+    // Tokens issued now from a sign-in ten minutes ago: what refreshing the revoked session
+    // gives, Entra's answer to the continuous-access challenge included.
+    let signed_in_before = |spec: TokenSpec| {
+        issued_at(
+            TokenSpec {
+                auth_age: Some(600),
+                ..spec
+            },
+            "alice",
+            now,
+        )
+    };
+    let refreshed_cp1 = signed_in_before(common::entra(&[], &["cp1"]));
+    let refreshed_oidc = signed_in_before(oidc(&[], None, &[]));
+    for token in [
+        &old_cp1,
+        &old_entra,
+        &old_oidc,
+        &fresh,
+        &bobs,
+        &refreshed_cp1,
+        &refreshed_oidc,
+    ] {
         assert_eq!(decide_as(&server, token).await.outcome(), Outcome::Allow);
     }
 
@@ -465,8 +487,10 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
         answer.step_up.as_ref().map(|s| s.claims.as_str()),
         Some(claims.as_str())
     );
-    // The others: 401 invalid_token, session_revoked.
-    for token in [&old_entra, &old_oidc] {
+    // The others: 401 invalid_token, session_revoked; so are tokens refreshed from the revoked
+    // session (a new `iat`, the old `auth_time`): a cp1 client that met the challenge with a
+    // refresh is not challenged again, which would loop.
+    for token in [&old_entra, &old_oidc, &refreshed_cp1, &refreshed_oidc] {
         let answer = decide_as(&server, token).await;
         assert_eq!(
             (answer.outcome(), answer.http_status, answer.reason.as_str()),

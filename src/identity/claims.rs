@@ -39,9 +39,14 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// When the token was issued, as a revocation judges it: its `iat`, else its `auth_time`.
+    /// When the session behind the token began, as a revocation judges it: the earlier of its
+    /// `iat` and its `auth_time`. A token refreshed after a revocation has a new `iat` but the
+    /// old sign-in's `auth_time`: only a new sign-in ends a revocation.
     pub fn issued(&self) -> Option<i64> {
-        self.issued_at.or(self.auth_time)
+        match (self.issued_at, self.auth_time) {
+            (Some(iat), Some(auth_time)) => Some(iat.min(auth_time)),
+            (iat, auth_time) => iat.or(auth_time),
+        }
     }
 
     /// A copy that shares no allocation with `self` (its strings and lists copied): a worker

@@ -366,11 +366,16 @@ fn revoked(
     explain: bool,
 ) -> Decision {
     let message = "this session was revoked: sign in again";
+    // The challenge asks for a token issued after the revocation, which a refresh can give: it
+    // is sent only while the token's `iat` is before it. A token issued since whose `auth_time`
+    // is still before it came from a refresh of the revoked session, and asking again would
+    // bring the same kind of token back: it is refused.
     let entra = policy
         .issuers
         .by_id(&principal.issuer_id)
         .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
-        .filter(|_| principal.claims_challenge_capable);
+        .filter(|_| principal.claims_challenge_capable)
+        .filter(|_| principal.issued_at.is_none_or(|iat| iat < revocation.before));
     let mut revoked = match entra {
         Some(issuer) => {
             // The value is a string, as Entra sends it.
