@@ -307,6 +307,11 @@ pub struct IssuerConfig {
     /// provider set up to type its access tokens so (check a real token's header first).
     #[serde(default)]
     pub require_at_jwt: bool,
+    /// Accept a token bound to its holder's key (a `cnf` claim: DPoP, RFC 9449; a client
+    /// certificate, RFC 8705) as a bearer token. Off: such a token is refused, since stepgate
+    /// checks no proof of the key. Only where the proxy in front checks the binding itself.
+    #[serde(default)]
+    pub accept_bound_tokens: bool,
     /// How a missing authentication is challenged: `entra`, `rfc9470` or `deny`.
     #[serde(default)]
     pub challenge: ChallengeStyleConfig,

@@ -144,7 +144,9 @@ impl From<&TokenError> for Reason {
             TokenError::NotYetValid => Reason::TokenNotYetValid,
             TokenError::AudienceMismatch => Reason::AudienceMismatch,
             TokenError::ClaimInvalid(_) => Reason::ClaimInvalid,
-            TokenError::WrongType(_) | TokenError::IdToken => Reason::TokenTypeInvalid,
+            TokenError::WrongType(_) | TokenError::IdToken | TokenError::Bound => {
+                Reason::TokenTypeInvalid
+            }
         }
     }
 }

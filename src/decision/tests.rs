@@ -2620,6 +2620,8 @@ fn id_tokens_are_refused_unless_the_issuer_allows_their_members() {
         json!({"nonce": "n-0S6_WzA2Mj"}),
         json!({"at_hash": "77QmUPtjPfzWtF2AnpK9RQ"}),
         json!({"c_hash": "LDktKdoQak3Pk0cnXxCltA"}),
+        // Keycloak types its tokens in the payload.
+        json!({"typ": "ID"}),
     ] {
         let token = sign_claims(&claims_with(&spec, member.clone()));
         let d = decide_token(&token);
@@ -2650,6 +2652,41 @@ fn id_tokens_are_refused_unless_the_issuer_allows_their_members() {
         401,
         Reason::SignatureInvalid,
     );
+}
+
+/// A token bound to its holder's key (`cnf`: DPoP's `jkt`, a client certificate's `x5t#S256`)
+/// proves nothing as a bearer: refused unless the issuer says the proxy checks the binding.
+#[test]
+fn a_sender_constrained_token_is_not_a_bearer_token() {
+    let spec = entra_user(&[]);
+    let bearer = sign_claims(&claims_with(&spec, json!({"typ": "Bearer"})));
+    expect(
+        &decide_op(&bearer, "inventory.list", json!({})),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
+    let accepting = compile_policy(&DEMO_POLICY.replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    accept_bound_tokens: true\n",
+        1,
+    ));
+    for cnf in [
+        json!({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
+        json!({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
+    ] {
+        let token = sign_claims(&claims_with(&spec, cnf.clone()));
+        let d = decide_op(&token, "inventory.list", json!({}));
+        expect(&d, Outcome::Deny, 401, Reason::TokenTypeInvalid);
+        assert!(d.message.contains("bound to a key"), "{cnf}: {}", d.message);
+        assert!(www(&d).contains("error=\"invalid_token\""), "{}", www(&d));
+        let d = decide(
+            &accepting,
+            &op_request(&token, "inventory.list", json!({})),
+            NOW,
+        );
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
 }
 
 #[test]

@@ -147,6 +147,8 @@ pub struct IssuerSettings {
     pub refuse_id_tokens: bool,
     /// Only `typ: at+jwt` tokens (RFC 9068).
     pub require_at_jwt: bool,
+    /// Accept tokens bound to a key (`cnf`) as bearer tokens.
+    pub accept_bound_tokens: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -177,6 +179,8 @@ pub struct Issuer {
     pub refuse_id_tokens: bool,
     /// Only `typ: at+jwt` tokens (RFC 9068).
     pub require_at_jwt: bool,
+    /// See [`IssuerSettings::accept_bound_tokens`].
+    pub accept_bound_tokens: bool,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -212,6 +216,7 @@ impl Issuer {
             leeway: settings.leeway,
             refuse_id_tokens: settings.refuse_id_tokens,
             require_at_jwt: settings.require_at_jwt,
+            accept_bound_tokens: settings.accept_bound_tokens,
             challenge: settings.challenge,
             entra: settings.entra,
             key_source: settings.key_source,
@@ -367,6 +372,7 @@ mod tests {
             leeway: 60,
             refuse_id_tokens: true,
             require_at_jwt: false,
+            accept_bound_tokens: false,
             challenge: ChallengeStyle::Entra,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -868,6 +868,7 @@ mod tests {
             leeway: 60,
             refuse_id_tokens: true,
             require_at_jwt: false,
+            accept_bound_tokens: false,
             challenge: ChallengeStyle::Rfc9470,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -100,8 +100,14 @@ pub struct Claims<'a> {
     pub auth_time: Option<Raw<'a>>,
     pub roles: Option<Raw<'a>>,
     pub xms_cc: Option<Raw<'a>>,
-    /// An ID token's own members (`nonce`, `at_hash`, `c_hash`) are present.
+    /// An ID token's own members (`nonce`, `at_hash`, `c_hash`) are present, or a payload `typ`
+    /// (Keycloak's) of `ID`.
     pub id_token_members: bool,
+    /// A confirmation (`cnf`, RFC 7800) is present: the token is bound to a key its holder must
+    /// prove (DPoP, RFC 9449; a client certificate, RFC 8705).
+    pub confirmation: bool,
+    /// The payload's `typ` (Keycloak writes `Bearer` in access tokens, `ID` in ID tokens).
+    pub typ: Option<Raw<'a>>,
     /// The claims [`KeepClaims`] selects, as parsed JSON.
     pub kept: Map<String, Value>,
 }
@@ -130,6 +136,7 @@ impl<'a> Claims<'a> {
             "scp" => &mut self.scp,
             "scope" => &mut self.scope,
             "idtyp" => &mut self.idtyp,
+            "typ" => &mut self.typ,
             "acrs" => &mut self.acrs,
             "acr" => &mut self.acr,
             "amr" => &mut self.amr,
@@ -422,6 +429,9 @@ impl<'de> Visitor<'de> for ClaimsVisitor<'_> {
             names.push(name.clone());
             if let Some(flag) = claims.id_token_member(&name) {
                 *flag = true;
+            }
+            if name == "cnf" {
+                claims.confirmation = true;
             }
             if self.keep.wants(&name) {
                 let StrictValue(value) = map.next_value()?;

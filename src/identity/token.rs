@@ -116,8 +116,12 @@ pub enum TokenError {
     ClaimInvalid(&'static str),
     #[error("the token type {0:?} is not an access token")]
     WrongType(String),
-    #[error("the token carries nonce, at_hash or c_hash: an ID token is not an access token")]
+    #[error("the token carries nonce, at_hash, c_hash or typ ID: an ID token is not an access token")]
     IdToken,
+    #[error(
+        "the access token is bound to a key (cnf: DPoP or a client certificate) that a bearer does not prove"
+    )]
+    Bound,
 }
 
 /// The longest header `kid` read; a longer one is a malformed token.
@@ -253,8 +257,14 @@ pub fn verify(
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
     let admin_only = admin_only(&claims, issuer);
-    if claims.id_token_members && issuer.refuse_id_tokens {
+    let id_typ = matches!(&claims.typ, Some(Raw::Str(typ)) if typ.eq_ignore_ascii_case("ID"));
+    if (claims.id_token_members || id_typ) && issuer.refuse_id_tokens {
         return Err(TokenError::IdToken);
+    }
+    // A token bound to its holder's key (RFC 9449 §7.1, RFC 8705 §3) presented as a bearer: its
+    // binding is what makes a stolen copy useless, and a bearer proves none.
+    if claims.confirmation && !issuer.accept_bound_tokens {
+        return Err(TokenError::Bound);
     }
     if issuer.require_at_jwt && !is_at_jwt(header.typ.as_ref()) {
         return Err(TokenError::WrongType(

@@ -489,6 +489,7 @@ fn compile_issuers(
             leeway: c.leeway.0,
             refuse_id_tokens: c.refuse_id_tokens,
             require_at_jwt: c.require_at_jwt,
+            accept_bound_tokens: c.accept_bound_tokens,
             challenge,
             entra,
             key_source,
