@@ -2689,6 +2689,38 @@ fn a_sender_constrained_token_is_not_a_bearer_token() {
     }
 }
 
+/// The client is read from `azp` (Entra v2, OIDC), `appid` (Entra v1), `client_id` (RFC 9068)
+/// or `cid` (Okta), in that order.
+#[test]
+fn the_client_id_is_read_from_each_providers_claim() {
+    let spec = TokenSpec {
+        client_id: None,
+        ..entra_user(&[])
+    };
+    for (claims, client) in [
+        (json!({"azp": "a", "appid": "b", "client_id": "c", "cid": "d"}), Some("a")),
+        (json!({"appid": "b", "client_id": "c", "cid": "d"}), Some("b")),
+        (json!({"client_id": "c", "cid": "d"}), Some("c")),
+        (json!({"cid": "d"}), Some("d")),
+        (json!({}), None),
+    ] {
+        let d = decide_op(
+            &sign_claims(&claims_with(&spec, claims.clone())),
+            "inventory.list",
+            json!({}),
+        );
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+        let principal = d.principal.as_ref().expect("a principal");
+        assert_eq!(principal.client_id.as_deref(), client, "{claims}");
+    }
+    let d = decide_op(
+        &sign_claims(&claims_with(&spec, json!({"cid": 7}))),
+        "inventory.list",
+        json!({}),
+    );
+    expect(&d, Outcome::Deny, 401, Reason::ClaimInvalid);
+}
+
 #[test]
 fn oversized_token_is_refused_before_parsing() {
     let mut spec = entra_user(&[]);

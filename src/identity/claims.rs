@@ -121,7 +121,11 @@ pub(super) fn read_principal(
         Some(id) => Some(id),
         None => match str(claims.appid.as_ref(), "appid")? {
             Some(id) => Some(id),
-            None => str(claims.client_id.as_ref(), "client_id")?,
+            // RFC 9068's `client_id`, then Okta's `cid`.
+            None => match str(claims.client_id.as_ref(), "client_id")? {
+                Some(id) => Some(id),
+                None => str(claims.cid.as_ref(), "cid")?,
+            },
         },
     };
     let mut scope_values =

@@ -91,6 +91,8 @@ pub struct Claims<'a> {
     pub azp: Option<Raw<'a>>,
     pub appid: Option<Raw<'a>>,
     pub client_id: Option<Raw<'a>>,
+    /// Okta's client id.
+    pub cid: Option<Raw<'a>>,
     pub scp: Option<Raw<'a>>,
     pub scope: Option<Raw<'a>>,
     pub idtyp: Option<Raw<'a>>,
@@ -136,6 +138,7 @@ impl<'a> Claims<'a> {
             "scp" => &mut self.scp,
             "scope" => &mut self.scope,
             "idtyp" => &mut self.idtyp,
+            "cid" => &mut self.cid,
             "typ" => &mut self.typ,
             "acrs" => &mut self.acrs,
             "acr" => &mut self.acr,
