@@ -281,10 +281,14 @@ impl<'p> Run<'p> {
             return self.deny(400, Reason::MalformedRequest, message, None, Some(www));
         }
         let mut credential = request.credential();
-        if request.http.as_ref().is_some_and(|h| h.has_query_token())
-            && !matches!(credential, Credential::Missing)
-        {
-            credential = Credential::Malformed(CredentialProblem::MultipleCredentials);
+        // A query token is never read, so never verified: beside a header's it is a second
+        // credential, alone one the upstream might take unverified (on a route open to anonymous
+        // callers). Either way it is refused.
+        if request.http.as_ref().is_some_and(|h| h.has_query_token()) {
+            credential = Credential::Malformed(match credential {
+                Credential::Missing => CredentialProblem::QueryToken,
+                _ => CredentialProblem::MultipleCredentials,
+            });
         }
         if let Credential::Malformed(problem) = credential {
             self.step("credential", || problem.describe().to_owned());

@@ -446,6 +446,16 @@ fn malformed_credentials_are_400_invalid_request() {
             Reason::MultipleCredentials,
         ),
         (
+            "an access_token query parameter alone",
+            http_request("", "POST", &format!("/payments/wire?access_token={b}")),
+            Reason::MalformedAuthorization,
+        ),
+        (
+            "an access_token query parameter alone, on a route open to anonymous callers",
+            http_request("", "GET", "/healthz?access_token=garbage"),
+            Reason::MalformedAuthorization,
+        ),
+        (
             "credential refused by the adapter",
             AccessRequest {
                 credential: PresentedCredential::Unusable(CredentialProblem::MultipleCredentials),

@@ -25,6 +25,9 @@ pub enum CredentialProblem {
     MalformedBearer,
     /// The header value is not valid UTF-8 / contains control characters.
     InvalidBytes,
+    /// A token in the query string (`access_token`) without one in the header: stepgate does not
+    /// read tokens from the query, and the upstream must not take one it did not verify.
+    QueryToken,
 }
 
 impl CredentialProblem {
@@ -36,6 +39,10 @@ impl CredentialProblem {
                 "the Authorization header does not hold exactly one bearer token"
             }
             Self::InvalidBytes => "the Authorization header contains invalid bytes",
+            Self::QueryToken => {
+                "an access_token in the query string is not accepted: send the token in the \
+                 Authorization header"
+            }
         }
     }
 }

@@ -324,16 +324,25 @@ mod tests {
             .unwrap();
         assert_eq!(state.refusing(&alice, fingerprint, NOW), None);
 
-        // Revoked: issued (iat, else auth_time) before the time; a block is named first.
+        // Revoked: issued (the earlier of iat and auth_time) before the time; a block is named
+        // first.
         let state = RiskState::default();
         state.revoke(revocation("alice", NOW), NOW).unwrap();
         assert!(matches!(
             state.refusing(&alice, fingerprint, NOW),
             Some(Refusal::Revoked(_))
         ));
-        assert_eq!(
-            state.refusing(&principal("alice", Some(NOW)), fingerprint, NOW),
-            None
+        let signed_in_again = Principal {
+            auth_time: Some(NOW),
+            ..principal("alice", Some(NOW))
+        };
+        assert_eq!(state.refusing(&signed_in_again, fingerprint, NOW), None);
+        assert!(
+            matches!(
+                state.refusing(&principal("alice", Some(NOW)), fingerprint, NOW),
+                Some(Refusal::Revoked(_))
+            ),
+            "refreshed: a new iat, the sign-in of an hour ago"
         );
         assert!(
             matches!(
