@@ -158,10 +158,18 @@ fn broken_suites_and_policies_exit_2_with_the_field_path() {
         ("cases: []\n".to_owned(), "cases: list at least one case"),
     ] {
         let path = suite(&policy, "broken.yaml", &text);
-        let (code, stdout, stderr) = run(&policy.path, &[&path], &[]);
+        // A passing report of an earlier run must not survive a broken one for CI to read.
+        let junit = policy.path.parent().unwrap().join("junit.xml");
+        std::fs::write(&junit, "<testsuites tests=\"1\" failures=\"0\"/>").unwrap();
+        let (code, stdout, stderr) = run(
+            &policy.path,
+            &[&path],
+            &["--junit", junit.to_str().unwrap()],
+        );
         assert_eq!(code, Some(2), "{text}: {stdout}{stderr}");
         assert!(stderr.contains(wanted), "{wanted:?} not in {stderr}");
         assert!(stderr.contains("broken.yaml"), "{stderr}");
+        assert!(!junit.exists(), "the old report was left for {text}");
     }
     let bad_policy = TempPolicy::new("suite-bad-policy", "rules: []\nissuers: []\n");
     let path = suite(&bad_policy, "ok.yaml", FAILING);
@@ -289,4 +297,36 @@ cases:
         stdout.contains("coverage: every rule and escalation was reached"),
         "{stdout}"
     );
+}
+
+/// Two cases with the same claims sign the same token (RS256 signatures are deterministic): each
+/// is still decided at its own `now`, not answered by the other's cached verification.
+#[test]
+fn each_case_verifies_its_own_token_at_its_own_time() {
+    let policy = TempPolicy::new(
+        "suite-cache",
+        &common::demo_policy_text().replace("algorithms: [RS256, ES256]", "algorithms: [RS256]"),
+    );
+    let claims = "{ sub: bob, iat: 1796119200, nbf: 1796119200, exp: 1796130000 }";
+    let cases = suite(
+        &policy,
+        "order.yaml",
+        &format!(
+            "cases:
+  - name: at 10:00 the token is valid
+    now: 2026-12-01T10:00:00Z
+    request: {{ method: GET, path: /api/orders/1 }}
+    token: {{ issuer: demo-oidc, claims: {claims} }}
+    expect: {{ outcome: ALLOW }}
+  - name: at 09:00, before its nbf, it is not
+    now: 2026-12-01T09:00:00Z
+    request: {{ method: GET, path: /api/orders/1 }}
+    token: {{ issuer: demo-oidc, claims: {claims} }}
+    expect: {{ outcome: DENY, reason: token_not_yet_valid }}
+"
+        ),
+    );
+    let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("2 case(s): 2 passed, 0 failed"), "{stdout}");
 }

@@ -19,6 +19,14 @@ pub struct TestArgs {
 }
 
 pub fn run(args: TestArgs) -> ExitCode {
+    // A report left by an earlier run must not stand for this one if it ends without one.
+    if let Some(path) = &args.junit
+        && let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("stepgate test: removing the old {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
     let policy = match super::load_policy(&args.config) {
         Ok(policy) => policy,
         Err(err) => return super::config_error(&args.config, &err),

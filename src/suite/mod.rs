@@ -81,7 +81,16 @@ pub struct Runner {
 impl Runner {
     /// Installs a throwaway key as each issuer's only key (and, for an issuer known only by its
     /// discovery document, a stand-in `iss`).
-    pub fn new(policy: Policy) -> Result<Self, String> {
+    pub fn new(mut policy: Policy) -> Result<Self, String> {
+        // Each case is decided at its own `now`, and two cases with the same claims sign the same
+        // token: a verification cached by one would answer the other (a token not valid yet at
+        // the second case's time, allowed). No cache: every case verifies its own token.
+        policy.token_cache = crate::identity::TokenCache::new(
+            0,
+            0,
+            std::time::Duration::ZERO,
+            policy.token_cache.keeps().clone(),
+        );
         let mut signers = HashMap::new();
         for issuer in policy.issuers.iter() {
             if issuer.name == IssuerName::Discovered {
