@@ -508,9 +508,17 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
         token.name("app_only");
         token.out.push_str("true");
     }
-    // The raw claims the policy reads (claim requirements, `claim:` headers, CEL).
+    // The raw claims the policy reads (claim requirements, `claim:` headers, CEL); with a
+    // subject key, `sub` among them as the subject is, or the hash would stand beside the name.
     if !t.claims.is_empty() {
-        token.map("claims", &t.claims);
+        match (&policy.subject_key, t.claims.get("sub")) {
+            (Some(key), Some(Value::String(subject))) => {
+                let mut claims = t.claims.clone();
+                claims.insert("sub".to_owned(), Value::from(keyed_hash(key, subject)));
+                token.map("claims", &claims);
+            }
+            _ => token.map("claims", &t.claims),
+        }
     }
     token.close();
 }
@@ -915,7 +923,7 @@ mod tests {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         app_only: bool,
         #[serde(skip_serializing_if = "Map::is_empty")]
-        claims: &'a Map<String, Value>,
+        claims: Map<String, Value>,
     }
 
     #[derive(Serialize)]
@@ -986,7 +994,16 @@ mod tests {
                     roles: words(&p.roles),
                     xms_cc: words(&t.client_capabilities),
                     app_only: p.app_only,
-                    claims: &t.claims,
+                    claims: {
+                        let mut claims = t.claims.clone();
+                        if let (Some(key), Some(Value::String(sub))) =
+                            (&policy.subject_key, claims.get("sub"))
+                        {
+                            let hashed = keyed_hash(key, sub);
+                            claims.insert("sub".to_owned(), Value::from(hashed));
+                        }
+                        claims
+                    },
                 }
             }),
             outcome: decision.outcome.as_str(),
@@ -1040,7 +1057,9 @@ mod tests {
     }
 
     fn object() -> impl Strategy<Value = Map<String, Value>> {
-        prop::collection::vec((text(), value()), 0..3).prop_map(|kv| kv.into_iter().collect())
+        // `sub` among them now and then: a subject key hashes it there too.
+        let name = prop_oneof![3 => text(), 1 => Just("sub".to_owned())];
+        prop::collection::vec((name, value()), 0..3).prop_map(|kv| kv.into_iter().collect())
     }
 
     fn arcs(list: Vec<String>) -> Arc<[Arc<str>]> {
