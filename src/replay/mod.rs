@@ -178,6 +178,35 @@ pub struct Replayer<'p> {
     reasons: FastMap<&'static str, &'static str>,
 }
 
+/// At most this many distinct changed requests (method, path with ids as `*`, and the change)
+/// are told apart; the others are counted as [`OTHER_REQUESTS`].
+pub const MAX_CHANGED_REQUESTS: usize = 10_000;
+pub const OTHER_REQUESTS: &str = "(other requests)";
+
+/// The longest record line read. The server writes none longer: its request fields are cut at
+/// 2 KiB each, and a token's claims and a request's attributes are bounded by its limits.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads past the rest of a line without keeping it.
+fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<()> {
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                reader.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let all = chunk.len();
+                reader.consume(all);
+            }
+        }
+    }
+}
+
 impl<'p> Replayer<'p> {
     pub fn new(candidate: &'p Policy, baseline: Option<&'p Policy>) -> Self {
         Self {
@@ -194,17 +223,33 @@ impl<'p> Replayer<'p> {
     }
 
     /// Replays every line of one records file, read as it goes (memory stays flat whatever its
-    /// size). A line that is not UTF-8 is counted like any unreadable one.
+    /// size). A line that is not UTF-8, or longer than [`MAX_LINE_BYTES`] (skipped unread), is
+    /// counted like any unreadable one.
     pub fn feed(&mut self, file: &str, reader: impl std::io::BufRead) -> std::io::Result<()> {
+        use std::io::{BufRead as _, Read as _};
         let mut reader = reader;
         let mut buf = Vec::new();
         let mut number = 0;
         loop {
             buf.clear();
-            if reader.read_until(b'\n', &mut buf)? == 0 {
+            let read = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut buf)?;
+            if read == 0 {
                 return Ok(());
             }
             number += 1;
+            if buf.len() > MAX_LINE_BYTES {
+                if buf.last() != Some(&b'\n') {
+                    skip_line(&mut reader)?;
+                }
+                self.bad(
+                    file,
+                    number,
+                    format!("longer than {} KiB", MAX_LINE_BYTES / 1024),
+                );
+                continue;
+            }
             match std::str::from_utf8(&buf) {
                 Ok(line) => self.line(file, number, line),
                 Err(_) => self.bad(file, number, "not UTF-8".into()),
@@ -365,10 +410,16 @@ impl<'p> Replayer<'p> {
                     ))
                 })
                 .unwrap_or_default();
-            let entry = r
-                .changed_requests
-                .entry((what, baseline.clone(), candidate.clone()))
-                .or_default();
+            // Paths are the callers' to choose: past the bound, new ones are counted together.
+            let key = (what, baseline.clone(), candidate.clone());
+            let key = if r.changed_requests.len() >= MAX_CHANGED_REQUESTS
+                && !r.changed_requests.contains_key(&key)
+            {
+                (OTHER_REQUESTS.to_owned(), key.1, key.2)
+            } else {
+                key
+            };
+            let entry = r.changed_requests.entry(key).or_default();
             entry.0 += 1;
             if let Some(s) = subject {
                 if !entry.1.contains(s) {
@@ -631,6 +682,71 @@ mod tests {
         let mut replayer = Replayer::new(&candidate, baseline.as_ref());
         replayer.feed("records.jsonl", line.as_bytes()).unwrap();
         replayer.finish()
+    }
+
+    /// A line past the bound is counted as unreadable without being held, and the lines after
+    /// it are read as usual.
+    #[test]
+    fn an_overlong_line_is_skipped_unread_and_the_next_one_replayed() {
+        let good = record_after(0, DEMO_POLICY);
+        let long = format!("{{\"x\":\"{}\"}}\n", "a".repeat(MAX_LINE_BYTES + 10));
+        for input in [
+            format!("{long}{good}"),
+            format!("{good}{}", &long[..long.len() - 1]),
+        ] {
+            let candidate = compile_policy(DEMO_POLICY);
+            let mut replayer = Replayer::new(&candidate, None);
+            // A reader whose buffer is smaller than the line: the skip reads it in pieces.
+            let reader = std::io::BufReader::with_capacity(4096, input.as_bytes());
+            replayer.feed("records.jsonl", reader).unwrap();
+            let replay = replayer.finish();
+            assert_eq!(replay.records, 1, "the good line is replayed");
+            assert_eq!(replay.bad_line_count, 1);
+            assert!(
+                replay.bad_lines[0].error.contains("longer than 1024 KiB"),
+                "{:?}",
+                replay.bad_lines[0].error
+            );
+        }
+    }
+
+    /// Changed requests are told apart up to a bound (their paths are the callers'), the rest
+    /// counted together.
+    #[test]
+    fn changed_requests_past_the_bound_are_counted_together() {
+        let line = record_after(0, DEMO_POLICY);
+        assert!(line.contains("\"path\":\"/api/orders/1\""), "{line}");
+        let candidate = compile_policy(&DEMO_POLICY.replace(
+            "      - { operation: \"*\" }\n    require: { authenticated: true }\n",
+            "      - { operation: \"*\" }\n    require: { roles: [Nobody] }\n",
+        ));
+        let mut replayer = Replayer::new(&candidate, None);
+        let lines: String = (0..MAX_CHANGED_REQUESTS + 5)
+            .map(|i| {
+                // Letters only: digits would read as an id and be starred.
+                let name: String = format!("{i:05}")
+                    .bytes()
+                    .map(|d| char::from(b'a' + (d - b'0')))
+                    .collect();
+                line.replace("/api/orders/1", &format!("/api/{name}"))
+            })
+            .collect();
+        replayer.feed("records.jsonl", lines.as_bytes()).unwrap();
+        let replay = replayer.finish();
+        assert_eq!(replay.records as usize, MAX_CHANGED_REQUESTS + 5);
+        assert_eq!(
+            replay.changes.values().sum::<u64>() as usize,
+            MAX_CHANGED_REQUESTS + 5,
+            "{:?}",
+            replay.changes
+        );
+        assert_eq!(replay.changed_requests.len(), MAX_CHANGED_REQUESTS + 1);
+        let other = replay
+            .changed_requests
+            .iter()
+            .find(|((what, _, _), _)| what == OTHER_REQUESTS)
+            .map(|(_, (n, _))| *n);
+        assert_eq!(other, Some(5));
     }
 
     #[test]
