@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     decision::{self, Outcome, Reason},
-    identity::{Principal, VerifiedToken},
+    identity::{Principal, VerifiedToken, issuer::Tenants},
     policy::Policy,
     request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
 };
@@ -347,15 +347,15 @@ impl<'p> Replayer<'p> {
             }
             facts => {
                 let mut request = request_of(record);
-                let candidate = match decide(self.candidate, &mut request, facts, at) {
-                    Some(answer) => answer,
-                    None => {
+                // An issuer the policy lacks refuses the token, as the server would.
+                let candidate = decide(self.candidate, &mut request, facts, at)
+                    .unwrap_or_else(|| {
                         self.replay.unknown_issuer += 1;
-                        recorded.clone()
-                    }
-                };
+                        refused(Reason::IssuerUnknown)
+                    });
                 let baseline = match self.baseline {
-                    Some(policy) => decide(policy, &mut request, facts, at).unwrap_or(recorded),
+                    Some(policy) => decide(policy, &mut request, facts, at)
+                        .unwrap_or_else(|| refused(Reason::IssuerUnknown)),
                     None => recorded,
                 };
                 (baseline, candidate)
@@ -514,8 +514,18 @@ fn principal_of(f: &TokenFacts<'_>) -> Facts {
     }
 }
 
+/// A token refused before any rule, as verification would refuse it.
+fn refused(reason: Reason) -> Answer {
+    Answer {
+        outcome: Outcome::Deny.as_str(),
+        reason: reason.as_str(),
+        rule: Arc::from(""),
+    }
+}
+
 /// The request decided under `policy`, with the record's token taken as verified by that
-/// policy's issuer of the same id; `None` when the policy has no such issuer.
+/// policy's issuer of the same id; `None` when the policy has no such issuer. A recorded tenant
+/// the issuer no longer lists is refused as verification would refuse it.
 fn decide(
     policy: &Policy,
     request: &mut AccessRequest,
@@ -526,6 +536,11 @@ fn decide(
         None => PresentedCredential::None,
         Some(f) => {
             let issuer = policy.issuers.by_id(&f.issuer)?;
+            if let (Tenants::Only(allowed), Some(tenant)) = (&issuer.tenants, &f.principal.tenant)
+                && !allowed.contains(&tenant.to_ascii_lowercase())
+            {
+                return Some(refused(Reason::TenantNotAllowed));
+            }
             PresentedCredential::Verified(Established(Arc::new(VerifiedToken {
                 issuer: Arc::clone(issuer),
                 kid: None,
@@ -747,6 +762,43 @@ mod tests {
             .find(|((what, _, _), _)| what == OTHER_REQUESTS)
             .map(|(_, (n, _))| *n);
         assert_eq!(other, Some(5));
+    }
+
+    /// A candidate without the record's issuer, or whose issuer no longer lists the record's
+    /// tenant, refuses the token as verification would: a change, not "as recorded".
+    #[test]
+    fn an_issuer_or_tenant_the_candidate_drops_refuses_the_token() {
+        let line = record_after(0, DEMO_POLICY);
+        assert!(line.contains("\"outcome\":\"ALLOW\""), "{line}");
+        let without = DEMO_POLICY.replace("id: demo-entra", "id: another-entra");
+        let replay = replayed(&line, &without, None);
+        assert_eq!(replay.unknown_issuer, 1);
+        assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&1), "{replay:?}");
+        assert_eq!(replay.overall[1].deny, 1);
+        // The same for a baseline lacking it, against a candidate that has it.
+        let replay = replayed(&line, DEMO_POLICY, Some(&without));
+        assert_eq!(replay.changes.get(&("DENY", "ALLOW")), Some(&1), "{replay:?}");
+
+        let tenant = line
+            .split("\"tenant\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("the record holds the token's tenant")
+            .to_owned();
+        let listing = |tenants: &str| {
+            DEMO_POLICY.replace(
+                "    issuer: https://login.demo.stepgate.invalid/entra/v2.0\n",
+                &format!(
+                    "    issuer: https://login.demo.stepgate.invalid/{{tenantid}}/v2.0\n    tenants: [{tenants}]\n"
+                ),
+            )
+        };
+        let replay = replayed(&line, &listing(&tenant), None);
+        assert!(replay.changes.is_empty(), "{replay:?}");
+        let other = "00000000-0000-0000-0000-000000000001";
+        let replay = replayed(&line, &listing(other), None);
+        assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&1), "{replay:?}");
+        assert_eq!(replay.unknown_issuer, 0);
     }
 
     #[test]

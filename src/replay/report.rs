@@ -78,7 +78,7 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} records replayed ({} of refused or blocked requests kept as recorded, {} of issuers the candidate lacks); signatures are not verified again: each record holds what verification established",
+        "{} records replayed ({} of refused or blocked requests kept as recorded, {} of issuers the candidate lacks, decided as issuer_unknown); signatures are not verified again: each record holds what verification established",
         r.records, r.as_recorded, r.unknown_issuer
     );
     if r.bad_line_count > 0 {
