@@ -188,16 +188,25 @@ pub fn page(r: &Replay, baseline_name: &str, candidate_name: &str) -> String {
     out.push_str(
         "<section id=\"changes\"><h2>Most frequent changed requests</h2><table><tr><th>request</th><th>subjects</th><th>count</th><th>baseline</th><th>candidate</th></tr>",
     );
+    let asking = |answer: &super::Answer| {
+        if answer.asks.is_empty() {
+            String::new()
+        } else {
+            format!(" (asking {})", escape(&answer.asks))
+        }
+    };
     for ((what, from, to), (n, subjects)) in report::top_changes(r) {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{n}</td><td>{} {}</td><td>{} {}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{n}</td><td>{} {}{}</td><td>{} {}{}</td></tr>",
             escape(what),
             subjects.len(),
             from.outcome,
             escape(from.reason),
+            asking(from),
             to.outcome,
-            escape(to.reason)
+            escape(to.reason),
+            asking(to)
         );
     }
     out.push_str("</table><h3>Subjects most often answered differently (hashed)</h3><table><tr><th>subject</th><th>count</th></tr>");

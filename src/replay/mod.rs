@@ -58,6 +58,21 @@ pub struct Record<'a> {
     /// The risk signals' counts the decision read that were not zero, by signal name.
     #[serde(default, borrow)]
     pub risk: BTreeMap<Cow<'a, str>, u64>,
+    #[serde(default, borrow)]
+    pub challenge: Option<ChallengeFacts<'a>>,
+}
+
+/// What a recorded step-up asked for.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChallengeFacts<'a> {
+    #[serde(default, borrow)]
+    pub auth_contexts: Vec<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub acr_values: Vec<Cow<'a, str>>,
+    #[serde(default)]
+    pub max_age: Option<u64>,
+    #[serde(default, borrow)]
+    pub amr: Vec<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +117,33 @@ pub struct Answer {
     pub outcome: &'static str,
     pub reason: &'static str,
     pub rule: Arc<str>,
+    /// What a step-up asks for ([`asks`]); empty without one. A candidate that asks for other
+    /// contexts, `acr` values, `amr` or `max_age` answers differently, with the same outcome.
+    pub asks: Arc<str>,
+}
+
+/// A step-up's ask as one text: `auth_contexts c1 c3; max_age 60`.
+fn asks<S: AsRef<str>>(
+    auth_contexts: &[S],
+    acr_values: &[S],
+    max_age: Option<u64>,
+    amr: &[S],
+) -> Arc<str> {
+    let mut parts = Vec::new();
+    for (name, values) in [
+        ("auth_contexts", auth_contexts),
+        ("acr_values", acr_values),
+        ("amr", amr),
+    ] {
+        if !values.is_empty() {
+            let values: Vec<&str> = values.iter().map(AsRef::as_ref).collect();
+            parts.push(format!("{name} {}", values.join(" ")));
+        }
+    }
+    if let Some(max_age) = max_age {
+        parts.push(format!("max_age {max_age}"));
+    }
+    Arc::from(parts.join("; "))
 }
 
 /// A record that could not be read: its line number and why.
@@ -312,6 +354,10 @@ impl<'p> Replayer<'p> {
                 .copied()
                 .unwrap_or("unknown"),
             rule,
+            asks: record.challenge.as_ref().map_or_else(
+                || Arc::from(""),
+                |c| asks(&c.auth_contexts, &c.acr_values, c.max_age, &c.amr),
+            ),
         };
         let (baseline, candidate) = match facts {
             // Only the beginning of what it is decided on is known: it cannot be decided again.
@@ -388,7 +434,10 @@ impl<'p> Replayer<'p> {
                 }
             }
         }
-        if baseline.outcome != candidate.outcome || baseline.reason != candidate.reason {
+        if baseline.outcome != candidate.outcome
+            || baseline.reason != candidate.reason
+            || baseline.asks != candidate.asks
+        {
             *r.changes
                 .entry((baseline.outcome, candidate.outcome))
                 .or_default() += 1;
@@ -520,6 +569,7 @@ fn refused(reason: Reason) -> Answer {
         outcome: Outcome::Deny.as_str(),
         reason: reason.as_str(),
         rule: Arc::from(""),
+        asks: Arc::from(""),
     }
 }
 
@@ -557,6 +607,10 @@ fn decide(
     Some(Answer {
         outcome: d.outcome.as_str(),
         reason: d.reason.as_str(),
+        asks: d.step_up.as_deref().map_or_else(
+            || Arc::from(""),
+            |s| asks(&s.auth_contexts, &s.acr_values, s.max_age, &s.amr),
+        ),
         rule: d.rule.unwrap_or_else(|| Arc::from("")),
     })
 }
@@ -799,6 +853,58 @@ mod tests {
         let replay = replayed(&line, &listing(other), None);
         assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&1), "{replay:?}");
         assert_eq!(replay.unknown_issuer, 0);
+    }
+
+    /// A candidate that asks a step-up for something else (another context, another `max_age`)
+    /// answers differently even with the same outcome and reason.
+    #[test]
+    fn a_step_up_asking_for_something_else_is_a_change() {
+        let live = compile_policy(DEMO_POLICY);
+        let spec = TokenSpec {
+            xms_cc: vec!["cp1".into()],
+            ..TokenSpec::default()
+        };
+        let token = demo::sign(
+            &spec.claims(NOW),
+            &demo_file("demo-rsa-private.pem"),
+            Algorithm::RS256,
+            DEMO_RSA_KID,
+        )
+        .unwrap();
+        let request = AccessRequest {
+            credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+            operation: Some("payments.wire_transfer".into()),
+            ..AccessRequest::default()
+        };
+        let decision = decision::decide(&live, &request, NOW);
+        assert_eq!(decision.outcome, Outcome::StepUp, "{decision:?}");
+        let line = format_record(
+            &live.records,
+            Door::Decide,
+            &request,
+            &decision,
+            UNIX_EPOCH + Duration::from_secs(NOW as u64),
+        );
+        assert!(line.contains("\"auth_contexts\":[\"c1\"]"), "{line}");
+        let replay = replayed(&line, DEMO_POLICY, None);
+        assert!(replay.changes.is_empty(), "the same policy: {replay:?}");
+        let require = "    require: { auth_contexts: [c1], max_age: 15m }\n";
+        for candidate in [
+            DEMO_POLICY.replace(require, "    require: { auth_contexts: [c3], max_age: 15m }\n"),
+            DEMO_POLICY.replace(require, "    require: { auth_contexts: [c1], max_age: 5m }\n"),
+        ] {
+            let replay = replayed(&line, &candidate, None);
+            assert_eq!(
+                replay.changes.get(&("STEP_UP", "STEP_UP")),
+                Some(&1),
+                "{replay:?}"
+            );
+            let ((_, from, to), _) = replay.changed_requests.iter().next().unwrap();
+            assert_eq!(&*from.asks, "auth_contexts c1; max_age 900");
+            assert_ne!(from.asks, to.asks);
+            let text = report::text(&replay, "recorded");
+            assert!(text.contains("asking auth_contexts c1; max_age 900 →"), "{text}");
+        }
     }
 
     #[test]

@@ -144,17 +144,26 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
     if !r.changed_requests.is_empty() {
         let _ = writeln!(out, "top changed requests:");
         for ((what, from, to), (n, subjects)) in top_changes(r) {
+            let asking = |answer: &super::Answer| {
+                if answer.asks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" asking {}", Printable(&answer.asks))
+                }
+            };
             let _ = writeln!(
                 out,
-                "  {n:>7}× {} ({} subjects): {} {} ({}) → {} {} ({})",
+                "  {n:>7}× {} ({} subjects): {} {} ({}){} → {} {} ({}){}",
                 Printable(what),
                 subjects.len(),
                 from.outcome,
                 from.reason,
                 Printable(&from.rule),
+                asking(from),
                 to.outcome,
                 to.reason,
-                Printable(&to.rule)
+                Printable(&to.rule),
+                asking(to)
             );
         }
         let _ = writeln!(out, "subjects most often answered differently (hashed):");
@@ -192,8 +201,8 @@ pub fn json(r: &Replay, baseline_name: &str) -> Value {
             "top_subjects": top_subjects(r).into_iter().map(|(s, n)| json!({"subject": s, "count": n})).collect::<Vec<_>>(),
             "top": top_changes(r).into_iter().map(|((what, from, to), (n, subjects))| json!({
                 "request": what, "subjects": subjects.len(), "count": n,
-                "from": {"outcome": from.outcome, "reason": from.reason, "rule": &*from.rule},
-                "to": {"outcome": to.outcome, "reason": to.reason, "rule": &*to.rule},
+                "from": {"outcome": from.outcome, "reason": from.reason, "rule": &*from.rule, "asks": &*from.asks},
+                "to": {"outcome": to.outcome, "reason": to.reason, "rule": &*to.rule, "asks": &*to.asks},
             })).collect::<Vec<_>>(),
         },
     })
