@@ -387,6 +387,17 @@ async fn allows_are_sampled_subjects_hashed_and_the_file_rotated() {
         (10, 5),
         "a quarter of the ALLOWs, every STEP_UP"
     );
+    for record in &records {
+        let weight = if record["outcome"] == "ALLOW" {
+            serde_json::json!(4)
+        } else {
+            Value::Null
+        };
+        assert_eq!(
+            record["weight"], weight,
+            "a kept ALLOW stands for four: {record}"
+        );
+    }
     let subject = records[0]["token"]["subject"].as_str().unwrap();
     assert!(
         subject.starts_with("hmac-sha256:") && subject.len() == "hmac-sha256:".len() + 32,

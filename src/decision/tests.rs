@@ -1307,7 +1307,11 @@ fn identity_headers_cannot_carry_control_characters_from_claims() {
         };
         let d = decide_op(&rs256(&spec), "payments.wire_transfer", json!({}));
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
-        assert_eq!(header(&d, "x-stepgate-subject"), Some(forwarded), "{subject:?}");
+        assert_eq!(
+            header(&d, "x-stepgate-subject"),
+            Some(forwarded),
+            "{subject:?}"
+        );
         let contexts = format!("c1 {in_list}");
         assert_eq!(
             header(&d, "x-stepgate-auth-contexts"),
@@ -2708,8 +2712,14 @@ fn the_client_id_is_read_from_each_providers_claim() {
         ..entra_user(&[])
     };
     for (claims, client) in [
-        (json!({"azp": "a", "appid": "b", "client_id": "c", "cid": "d"}), Some("a")),
-        (json!({"appid": "b", "client_id": "c", "cid": "d"}), Some("b")),
+        (
+            json!({"azp": "a", "appid": "b", "client_id": "c", "cid": "d"}),
+            Some("a"),
+        ),
+        (
+            json!({"appid": "b", "client_id": "c", "cid": "d"}),
+            Some("b"),
+        ),
         (json!({"client_id": "c", "cid": "d"}), Some("c")),
         (json!({"cid": "d"}), Some("d")),
         (json!({}), None),
@@ -2914,7 +2924,10 @@ fn a_templated_key_issuer_takes_the_tokens_tid_under_an_exact_issuer() {
         (template, Some(OTHER)),
         (template, None),
         (template, Some("not-a-guid")),
-        (&format!("https://login.microsoftonline.com/{OTHER}/v2.0"), Some(TENANT)),
+        (
+            &format!("https://login.microsoftonline.com/{OTHER}/v2.0"),
+            Some(TENANT),
+        ),
     ] {
         let d = decide_under(key_issuer, tid);
         expect(&d, Outcome::Deny, 401, Reason::KeyMismatch);

@@ -116,7 +116,9 @@ pub enum TokenError {
     ClaimInvalid(&'static str),
     #[error("the token type {0:?} is not an access token")]
     WrongType(String),
-    #[error("the token carries nonce, at_hash, c_hash or typ ID: an ID token is not an access token")]
+    #[error(
+        "the token carries nonce, at_hash, c_hash or typ ID: an ID token is not an access token"
+    )]
     IdToken,
     #[error(
         "the access token is bound to a key (cnf: DPoP or a client certificate) that a bearer does not prove"
@@ -462,7 +464,8 @@ fn admin_only(claims: &Claims, issuer: &Issuer) -> bool {
         return false;
     }
     let for_data_plane = |aud: &str| {
-        issuer.audiences.iter().any(|a| a == aud) && !issuer.admin_audiences.iter().any(|a| a == aud)
+        issuer.audiences.iter().any(|a| a == aud)
+            && !issuer.admin_audiences.iter().any(|a| a == aud)
     };
     match &claims.aud {
         Some(Raw::Str(aud)) => !for_data_plane(aud),

@@ -60,7 +60,13 @@ pub struct Record<'a> {
     pub risk: BTreeMap<Cow<'a, str>, u64>,
     #[serde(default, borrow)]
     pub challenge: Option<ChallengeFacts<'a>>,
+    /// How many requests a sampled ALLOW stands for (`records.allow_sample`); 1 when absent.
+    #[serde(default)]
+    pub weight: Option<u64>,
 }
+
+/// The largest weight a record is taken at: what one in a million ALLOWs kept gives.
+const MAX_WEIGHT: u64 = 1_000_000;
 
 /// What a recorded step-up asked for.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -160,6 +166,8 @@ pub struct Replay {
     pub records: u64,
     /// Records of refused tokens (no facts): counted with their recorded answer on both sides.
     pub as_recorded: u64,
+    /// The requests the records stand for: a sampled ALLOW stands for several.
+    pub requests: u64,
     /// Records whose issuer the candidate policy does not have.
     pub unknown_issuer: u64,
     pub bad_lines: Vec<BadLine>,
@@ -194,11 +202,11 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, outcome: &str) {
+    fn add(&mut self, outcome: &str, n: u64) {
         match outcome {
-            "ALLOW" => self.allow += 1,
-            "STEP_UP" => self.step_up += 1,
-            _ => self.deny += 1,
+            "ALLOW" => self.allow += n,
+            "STEP_UP" => self.step_up += n,
+            _ => self.deny += n,
         }
     }
 
@@ -335,6 +343,10 @@ impl<'p> Replayer<'p> {
     fn one(&mut self, record: &Record<'_>, facts: Option<&Facts>, at: i64) {
         let r = &mut self.replay;
         r.records += 1;
+        // A sampled ALLOW counts for the ALLOWs it stands for, in every tally but the distinct
+        // subjects.
+        let w = record.weight.unwrap_or(1).clamp(1, MAX_WEIGHT);
+        r.requests += w;
         r.first_time = Some(r.first_time.map_or(at, |t| t.min(at)));
         r.last_time = Some(r.last_time.map_or(at, |t| t.max(at)));
         let rule = record.rule.as_deref().unwrap_or_default();
@@ -394,8 +406,8 @@ impl<'p> Replayer<'p> {
             facts => {
                 let mut request = request_of(record);
                 // An issuer the policy lacks refuses the token, as the server would.
-                let candidate = decide(self.candidate, &mut request, facts, at)
-                    .unwrap_or_else(|| {
+                let candidate =
+                    decide(self.candidate, &mut request, facts, at).unwrap_or_else(|| {
                         self.replay.unknown_issuer += 1;
                         refused(Reason::IssuerUnknown)
                     });
@@ -415,18 +427,17 @@ impl<'p> Replayer<'p> {
             r.subjects.insert(s.to_owned());
         }
         let hour = at.div_euclid(3600);
-        *r.requests_by_hour.entry(hour).or_default() += 1;
+        *r.requests_by_hour.entry(hour).or_default() += w;
         for (side, answer) in [&baseline, &candidate].into_iter().enumerate() {
-            r.overall[side].add(answer.outcome);
+            r.overall[side].add(answer.outcome, w);
             match r.per_rule.get_mut(&*answer.rule) {
-                Some(tally) => tally[side].add(answer.outcome),
-                None => {
-                    r.per_rule.entry(answer.rule.to_string()).or_default()[side].add(answer.outcome)
-                }
+                Some(tally) => tally[side].add(answer.outcome, w),
+                None => r.per_rule.entry(answer.rule.to_string()).or_default()[side]
+                    .add(answer.outcome, w),
             }
             if answer.outcome == "STEP_UP" {
-                r.step_ups[side] += 1;
-                r.step_ups_by_hour.entry(hour).or_default()[side] += 1;
+                r.step_ups[side] += w;
+                r.step_ups_by_hour.entry(hour).or_default()[side] += w;
                 if let Some(s) = subject
                     && !r.prompted[side].contains(s)
                 {
@@ -440,7 +451,7 @@ impl<'p> Replayer<'p> {
         {
             *r.changes
                 .entry((baseline.outcome, candidate.outcome))
-                .or_default() += 1;
+                .or_default() += w;
             let what = record
                 .operation
                 .as_deref()
@@ -469,15 +480,15 @@ impl<'p> Replayer<'p> {
                 key
             };
             let entry = r.changed_requests.entry(key).or_default();
-            entry.0 += 1;
+            entry.0 += w;
             if let Some(s) = subject {
                 if !entry.1.contains(s) {
                     entry.1.insert(s.to_owned());
                 }
                 match r.changed_subjects.get_mut(s) {
-                    Some(n) => *n += 1,
+                    Some(n) => *n += w,
                     None => {
-                        r.changed_subjects.insert(s.to_owned(), 1);
+                        r.changed_subjects.insert(s.to_owned(), w);
                     }
                 }
             }
@@ -742,6 +753,7 @@ mod tests {
             &request,
             &decision,
             UNIX_EPOCH + Duration::from_secs(NOW as u64),
+            1,
         )
     }
 
@@ -827,11 +839,19 @@ mod tests {
         let without = DEMO_POLICY.replace("id: demo-entra", "id: another-entra");
         let replay = replayed(&line, &without, None);
         assert_eq!(replay.unknown_issuer, 1);
-        assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&1), "{replay:?}");
+        assert_eq!(
+            replay.changes.get(&("ALLOW", "DENY")),
+            Some(&1),
+            "{replay:?}"
+        );
         assert_eq!(replay.overall[1].deny, 1);
         // The same for a baseline lacking it, against a candidate that has it.
         let replay = replayed(&line, DEMO_POLICY, Some(&without));
-        assert_eq!(replay.changes.get(&("DENY", "ALLOW")), Some(&1), "{replay:?}");
+        assert_eq!(
+            replay.changes.get(&("DENY", "ALLOW")),
+            Some(&1),
+            "{replay:?}"
+        );
 
         let tenant = line
             .split("\"tenant\":\"")
@@ -851,7 +871,11 @@ mod tests {
         assert!(replay.changes.is_empty(), "{replay:?}");
         let other = "00000000-0000-0000-0000-000000000001";
         let replay = replayed(&line, &listing(other), None);
-        assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&1), "{replay:?}");
+        assert_eq!(
+            replay.changes.get(&("ALLOW", "DENY")),
+            Some(&1),
+            "{replay:?}"
+        );
         assert_eq!(replay.unknown_issuer, 0);
     }
 
@@ -884,14 +908,21 @@ mod tests {
             &request,
             &decision,
             UNIX_EPOCH + Duration::from_secs(NOW as u64),
+            1,
         );
         assert!(line.contains("\"auth_contexts\":[\"c1\"]"), "{line}");
         let replay = replayed(&line, DEMO_POLICY, None);
         assert!(replay.changes.is_empty(), "the same policy: {replay:?}");
         let require = "    require: { auth_contexts: [c1], max_age: 15m }\n";
         for candidate in [
-            DEMO_POLICY.replace(require, "    require: { auth_contexts: [c3], max_age: 15m }\n"),
-            DEMO_POLICY.replace(require, "    require: { auth_contexts: [c1], max_age: 5m }\n"),
+            DEMO_POLICY.replace(
+                require,
+                "    require: { auth_contexts: [c3], max_age: 15m }\n",
+            ),
+            DEMO_POLICY.replace(
+                require,
+                "    require: { auth_contexts: [c1], max_age: 5m }\n",
+            ),
         ] {
             let replay = replayed(&line, &candidate, None);
             assert_eq!(
@@ -903,8 +934,43 @@ mod tests {
             assert_eq!(&*from.asks, "auth_contexts c1; max_age 900");
             assert_ne!(from.asks, to.asks);
             let text = report::text(&replay, "recorded");
-            assert!(text.contains("asking auth_contexts c1; max_age 900 →"), "{text}");
+            assert!(
+                text.contains("asking auth_contexts c1; max_age 900 →"),
+                "{text}"
+            );
         }
+    }
+
+    /// A sampled ALLOW counts for the ALLOWs it stands for, in the tallies and the changes.
+    #[test]
+    fn a_sampled_allow_counts_for_its_weight() {
+        let line = record_after(0, DEMO_POLICY);
+        assert!(!line.contains("\"weight\""), "{line}");
+        let weighted = line.replace("\"status\":200,", "\"status\":200,\"weight\":10,");
+        assert_ne!(weighted, line);
+        let candidate = DEMO_POLICY.replace(
+            "      - { operation: \"*\" }\n    require: { authenticated: true }\n",
+            "      - { operation: \"*\" }\n    require: { roles: [Nobody] }\n",
+        );
+        let replay = replayed(&format!("{weighted}{line}"), &candidate, None);
+        assert_eq!((replay.records, replay.requests), (2, 11));
+        assert_eq!(replay.overall[0].allow, 11);
+        assert_eq!(replay.overall[1].deny, 11);
+        assert_eq!(replay.changes.get(&("ALLOW", "DENY")), Some(&11));
+        assert_eq!(
+            replay.subjects.len(),
+            1,
+            "distinct subjects are not weighed"
+        );
+        let text = report::text(&replay, "recorded");
+        assert!(text.contains("stand for 11 requests"), "{text}");
+        // A hostile weight is bounded.
+        let huge = line.replace(
+            "\"status\":200,",
+            "\"status\":200,\"weight\":18446744073709551615,",
+        );
+        let replay = replayed(&format!("{huge}{huge}"), &candidate, None);
+        assert_eq!(replay.requests, 2 * MAX_WEIGHT);
     }
 
     #[test]
@@ -999,6 +1065,7 @@ mod tests {
             &request,
             &decision,
             UNIX_EPOCH + Duration::from_secs(NOW as u64),
+            1,
         );
         let replay = replayed(&line, &text, None);
         assert!(replay.changes.is_empty(), "{:?}\n{line}", replay.changes);

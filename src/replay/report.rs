@@ -81,6 +81,13 @@ pub fn text(r: &Replay, baseline_name: &str) -> String {
         "{} records replayed ({} of refused or blocked requests kept as recorded, {} of issuers the candidate lacks, decided as issuer_unknown); signatures are not verified again: each record holds what verification established",
         r.records, r.as_recorded, r.unknown_issuer
     );
+    if r.requests != r.records {
+        let _ = writeln!(
+            out,
+            "the records stand for {} requests: sampled ALLOWs (records.allow_sample) count for the ALLOWs they stand for, in every figure but the distinct subjects",
+            r.requests
+        );
+    }
     if r.bad_line_count > 0 {
         let _ = writeln!(out, "{} unreadable line(s), skipped:", r.bad_line_count);
         for bad in &r.bad_lines {
@@ -182,6 +189,7 @@ pub fn json(r: &Replay, baseline_name: &str) -> Value {
     json!({
         "baseline": baseline_name,
         "records": r.records,
+        "requests": r.requests,
         "kept_as_recorded": r.as_recorded,
         "unknown_issuer": r.unknown_issuer,
         "unreadable_lines": r.bad_line_count,

@@ -375,7 +375,11 @@ fn revoked(
         .by_id(&principal.issuer_id)
         .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
         .filter(|_| principal.claims_challenge_capable)
-        .filter(|_| principal.issued_at.is_none_or(|iat| iat < revocation.before));
+        .filter(|_| {
+            principal
+                .issued_at
+                .is_none_or(|iat| iat < revocation.before)
+        });
     let mut revoked = match entra {
         Some(issuer) => {
             // The value is a string, as Entra sends it.

@@ -165,6 +165,7 @@ impl RecordSink {
         request: &AccessRequest,
         decision: &Decision,
     ) {
+        let mut weight = 1;
         if decision.outcome == Outcome::Allow && policy.allow_sample_ppm < 1_000_000 {
             // Evenly spread: the n-th ALLOW is kept when n × rate crosses a whole million.
             let n = self.seen.fetch_add(1, Relaxed);
@@ -173,6 +174,7 @@ impl RecordSink {
                 metrics::global().record_record(RecordEvent::SampledOut);
                 return;
             }
+            weight = sample_weight(n, rate);
         }
         let now = SystemTime::now();
         if decision.verified.is_none()
@@ -189,7 +191,7 @@ impl RecordSink {
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            write_record(policy, door, request, decision, now, line);
+            write_record(policy, door, request, decision, now, weight, line);
             self.enqueue(line.as_bytes());
             if line.capacity() > 64 * 1024 {
                 // A record with very large claims: do not keep its buffer.
@@ -379,10 +381,20 @@ pub fn format_record(
     request: &AccessRequest,
     decision: &Decision,
     now: SystemTime,
+    weight: u64,
 ) -> String {
     let mut line = String::with_capacity(512);
-    write_record(policy, door, request, decision, now, &mut line);
+    write_record(policy, door, request, decision, now, weight, &mut line);
     line
+}
+
+/// How many ALLOWs the one kept at `n` (counting from 0) stands for, at `rate` per million: those
+/// from the one after the previous kept ALLOW up to it. Whole, and summed over the kept ones the
+/// number of ALLOWs seen, whatever the rate.
+fn sample_weight(n: u64, rate: u64) -> u64 {
+    let kept = (n + 1) * rate / 1_000_000;
+    let first_of = |k: u64| (k * 1_000_000).div_ceil(rate);
+    first_of(kept) - first_of(kept - 1)
 }
 
 /// Appends the JSON line of one decision (newline included) to `out`.
@@ -393,7 +405,7 @@ pub fn format_record(
 /// Fields: `time`, `door`, `request_id`, `method`, `host`, `path`, `operation`, `attributes`,
 /// `source`, `token` {`issuer`, `subject`, `tenant`, `client_id`, `acrs`, `acr`, `amr`,
 /// `auth_time`, `scopes`, `roles`, `xms_cc`, `app_only`, `claims`}, `outcome`, `reason`,
-/// `status`, `rule`, `shadow`, `challenge` {`style`, `auth_contexts`, `acr_values`, `max_age`,
+/// `status`, `weight` (a sampled ALLOW: how many it stands for), `rule`, `shadow`, `challenge` {`style`, `auth_contexts`, `acr_values`, `max_age`,
 /// `amr`}; absent and empty ones are left out.
 pub fn write_record(
     policy: &RecordsPolicy,
@@ -401,6 +413,7 @@ pub fn write_record(
     request: &AccessRequest,
     decision: &Decision,
     now: SystemTime,
+    weight: u64,
     out: &mut String,
 ) {
     let http = request.http.as_ref();
@@ -449,6 +462,10 @@ pub fn write_record(
     record.text("outcome", decision.outcome.as_str());
     record.text("reason", decision.reason.as_str());
     record.number("status", i64::from(decision.http_status));
+    if weight > 1 {
+        // A sampled ALLOW: how many ALLOWs it stands for (replay counts it so many times).
+        record.number("weight", i64::try_from(weight).unwrap_or(i64::MAX));
+    }
     record.maybe("rule", decision.rule.as_deref());
     if !decision.risk_counts.is_empty() {
         record.name("risk");
@@ -890,6 +907,8 @@ mod tests {
         outcome: &'static str,
         reason: &'static str,
         status: u16,
+        #[serde(skip_serializing_if = "is_one")]
+        weight: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         rule: Option<&'a str>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -940,12 +959,17 @@ mod tests {
     }
 
     /// The record as serde_json writes it: the reference.
+    fn is_one(n: &u64) -> bool {
+        *n == 1
+    }
+
     fn serde_record(
         policy: &RecordsPolicy,
         door: Door,
         request: &AccessRequest,
         decision: &Decision,
         now: SystemTime,
+        weight: u64,
     ) -> String {
         let http = request.http.as_ref();
         fn words(list: &[Arc<str>]) -> Vec<&str> {
@@ -1009,6 +1033,7 @@ mod tests {
             outcome: decision.outcome.as_str(),
             reason: decision.reason.as_str(),
             status: decision.http_status,
+            weight,
             rule: decision.rule.as_deref(),
             shadow: decision
                 .shadow
@@ -1219,6 +1244,7 @@ mod tests {
             (mut decision, token, step_up) in decision(),
             attributes in prop::collection::vec(prop_oneof![text(), "[a-c]"], 0..4),
             hashed in any::<bool>(),
+            weight in prop_oneof![Just(1u64), 2..1_000_000u64],
             door in 0..3usize,
             nanos in 0..4_102_444_800_000_000_000u64,
         ) {
@@ -1241,10 +1267,41 @@ mod tests {
             };
             let door = [Door::Check, Door::Decide, Door::Offline][door];
             let now = UNIX_EPOCH + Duration::from_nanos(nanos);
-            let written = format_record(&policy, door, &request, &decision, now);
-            prop_assert_eq!(&written, &serde_record(&policy, door, &request, &decision, now));
+            let written = format_record(&policy, door, &request, &decision, now, weight);
+            prop_assert_eq!(
+                &written,
+                &serde_record(&policy, door, &request, &decision, now, weight)
+            );
             prop_assert_eq!(written.matches('\n').count(), 1);
         }
+    }
+
+    /// The kept ALLOWs' weights add up to every ALLOW seen up to the last kept one, at any rate,
+    /// and each is the gap the sampling left before it.
+    #[test]
+    fn sampled_allows_weigh_what_they_stand_for() {
+        for rate in [
+            1, 3, 10_000, 100_000, 250_000, 300_000, 333_333, 500_000, 999_999,
+        ] {
+            let (mut total, mut last_kept) = (0, None);
+            for n in 0..20_000u64 {
+                if (n + 1) * rate / 1_000_000 != n * rate / 1_000_000 {
+                    let weight = sample_weight(n, rate);
+                    assert_eq!(
+                        weight,
+                        n - last_kept.map_or(0, |k| k + 1) + 1,
+                        "rate {rate}, n {n}"
+                    );
+                    total += weight;
+                    last_kept = Some(n);
+                }
+            }
+            if let Some(last) = last_kept {
+                assert_eq!(total, last + 1, "rate {rate}");
+            }
+        }
+        assert_eq!(sample_weight(9, 100_000), 10);
+        assert_eq!(sample_weight(3, 250_000), 4);
     }
 
     #[test]
@@ -1263,10 +1320,10 @@ mod tests {
         };
         let decision = Decision::new(Outcome::Deny, Reason::MalformedRequest, "", 400);
         let policy = RecordsPolicy::default();
-        let line = format_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH);
+        let line = format_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1);
         assert_eq!(
             line,
-            serde_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH)
+            serde_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1)
         );
         let record: Value = serde_json::from_str(&line).unwrap();
         let path = record["path"].as_str().unwrap();
@@ -1328,6 +1385,7 @@ mod tests {
                 &request,
                 &decision,
                 UNIX_EPOCH,
+                1,
             );
             assert!(!line.contains("eyJ"), "{line}");
         }

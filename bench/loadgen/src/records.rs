@@ -260,7 +260,7 @@ pub fn generate(
             _ => summary.deny += 1,
         }
         let time = UNIX_EPOCH + Duration::from_micros(at_us);
-        let line = format_record(&records_policy, door, &request, &decision, time);
+        let line = format_record(&records_policy, door, &request, &decision, time, 1);
         writer
             .write_all(line.as_bytes())
             .map_err(|e| format!("writing {}: {e}", out.display()))?;
