@@ -744,3 +744,29 @@ fn serve_refuses_check_callers_no_connection_could_be() {
         describe(&out)
     );
 }
+
+#[test]
+fn check_warns_of_conditions_reading_attributes_the_records_do_not_keep() {
+    // The demo records amount and currency, which its escalation reads: nothing to warn of.
+    let header = "warning: 2 condition(s) read Decide attributes";
+    assert_eq!(
+        check_warning("attrs-kept", &demo_policy_text(), header),
+        Vec::<String>::new()
+    );
+    let added = r#"
+  - id: refunds
+    match: { operation: payments.refund, when: 'request.attributes.reason != "fraud"' }
+    require: { authenticated: true }
+    escalate:
+      - when: 'request.attributes.amount > 100 || "vip" in request.attributes'
+        require: { auth_contexts: [c1] }
+"#;
+    assert_eq!(
+        check_warning("attrs-missing", &demo_with_rules(added), header),
+        [
+            "warning: 2 condition(s) read Decide attributes that decision records do not keep (records.attributes): stepgate replay decides them as if the attribute were missing:",
+            "  rule 6. refunds match 1 when: reads [\"reason\"]",
+            "  rule 6. refunds escalate 1 when: reads request.attributes other than by a name written in it",
+        ]
+    );
+}

@@ -181,6 +181,12 @@ fn describe(policy: &Policy) -> String {
             .collect(),
         "admin setting(s) let any token of an admin issuer with the role call the admin API, including the protected API's own tokens, which its upstreams and Decide callers see",
     );
+    if policy.records.enabled || !policy.records.attributes.is_empty() {
+        warn(
+            unrecorded_attributes(policy),
+            "condition(s) read Decide attributes that decision records do not keep (records.attributes): stepgate replay decides them as if the attribute were missing",
+        );
+    }
     warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
@@ -320,7 +326,7 @@ fn upper_case_globs(policy: &Policy) -> Vec<String> {
 /// `condition_error`. On `request.path.lowerAscii()` it never holds at all.
 fn path_case_mixups(policy: &Policy) -> Vec<String> {
     let mut found = Vec::new();
-    let mut check = |place: String, when: &Condition| {
+    for (place, when) in conditions(policy) {
         for mixup in when.path_case_mixups() {
             let literal = &mixup.literal;
             let lower = literal.to_ascii_lowercase();
@@ -334,21 +340,47 @@ fn path_case_mixups(policy: &Policy) -> Vec<String> {
                 )
             });
         }
-    };
+    }
+    found
+}
+
+/// The conditions that read a `Decide` attribute decision records do not keep
+/// (`records.attributes`): replay decides them with the attribute missing.
+fn unrecorded_attributes(policy: &Policy) -> Vec<String> {
+    let kept = &policy.records.attributes;
+    let mut found = Vec::new();
+    for (place, when) in conditions(policy) {
+        let (names, other) = when.attribute_reads();
+        let missing: Vec<&String> = names.iter().filter(|n| !kept.contains(n)).collect();
+        if !missing.is_empty() {
+            found.push(format!("{place}: reads {missing:?}"));
+        }
+        if other {
+            found.push(format!(
+                "{place}: reads request.attributes other than by a name written in it"
+            ));
+        }
+    }
+    found
+}
+
+/// Every condition of the policy, with where it stands (`rule 3. wire-transfer escalate 1 when`).
+fn conditions(policy: &Policy) -> Vec<(String, &Condition)> {
+    let mut all = Vec::new();
     for (n, rule) in policy.rules.iter().enumerate() {
         let rule_name = format!("rule {}. {}", n + 1, rule.id);
         for (k, m) in rule.matchers.iter().enumerate() {
             if let Some(when) = &m.when {
-                check(format!("{rule_name} match {} when", k + 1), when);
+                all.push((format!("{rule_name} match {} when", k + 1), when));
             }
         }
         if let Some(when) = &rule.require.when {
-            check(format!("{rule_name} require when"), when);
+            all.push((format!("{rule_name} require when"), when));
         }
         for (k, e) in rule.escalate.iter().enumerate() {
-            check(format!("{rule_name} escalate {} when", k + 1), &e.when);
+            all.push((format!("{rule_name} escalate {} when", k + 1), &e.when));
             if let Some(when) = &e.require.when {
-                check(format!("{rule_name} escalate {} require when", k + 1), when);
+                all.push((format!("{rule_name} escalate {} require when", k + 1), when));
             }
         }
     }
@@ -356,10 +388,10 @@ fn path_case_mixups(policy: &Policy) -> Vec<String> {
         if let Action::StepUp(require) = &signal.action
             && let Some(when) = &require.when
         {
-            check(format!("risk signal {} step_up when", signal.name), when);
+            all.push((format!("risk signal {} step_up when", signal.name), when));
         }
     }
-    found
+    all
 }
 
 /// Whether matcher `a` matches every request `m` matches, as far as their patterns as written

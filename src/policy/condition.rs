@@ -102,6 +102,18 @@ impl Condition {
         names
     }
 
+    /// What the expression reads of `request.attributes`: the names it reads as
+    /// `request.attributes.<name>` or `request.attributes['<name>']`, and whether it also reads
+    /// the map some other way (whole, or by a name built at run time), found in CEL's own syntax
+    /// tree. For `stepgate check` to compare with the attributes decision records keep.
+    pub fn attribute_reads(&self) -> (Vec<String>, bool) {
+        let (mut names, mut other) = (Vec::new(), false);
+        if self.uses.request {
+            collect_attribute_reads(self.program.expression(), &mut names, &mut other);
+        }
+        (names, other)
+    }
+
     /// The string literals with upper-case letters the expression compares `request.path` with
     /// ([`collect_path_case`]), for `stepgate check` to warn of.
     pub fn path_case_mixups(&self) -> Vec<PathCase> {
@@ -466,6 +478,38 @@ fn string_literal(e: &cel::IdedExpr) -> Option<&str> {
     }
 }
 
+fn collect_attribute_reads(e: &cel::IdedExpr, out: &mut Vec<String>, other: &mut bool) {
+    use cel::common::ast::{Expr, operators};
+    let attributes = |e: &cel::IdedExpr| is_field(e, "request", "attributes");
+    let (mut seen, mut named) = (0, 0);
+    for_each_expr(e, &mut |e| {
+        if attributes(e) {
+            seen += 1;
+        }
+        match &e.expr {
+            Expr::Select(select) if attributes(&select.operand) => {
+                named += 1;
+                out.push(select.field.clone());
+            }
+            Expr::Call(call) if call.func_name == operators::INDEX => {
+                if let [map, key] = call.args.as_slice()
+                    && attributes(map)
+                    && let Some(name) = string_literal(key)
+                {
+                    named += 1;
+                    out.push(name.to_owned());
+                }
+            }
+            _ => {}
+        }
+    });
+    if seen > named {
+        *other = true;
+    }
+    out.sort();
+    out.dedup();
+}
+
 fn collect_risk_reads(e: &cel::IdedExpr, out: &mut Vec<String>) {
     use cel::common::ast::Expr;
     for_each_expr(e, &mut |e| match &e.expr {
@@ -577,6 +621,28 @@ fn nesting(source: &str) -> usize {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_attributes_an_expression_reads_are_named_or_it_is_said_that_it_reads_more() {
+        let env = environment();
+        let reads = |source: &str| Condition::compile(&env, source).unwrap().attribute_reads();
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            reads("has(request.attributes.amount) && request.attributes.amount > 10000"),
+            (names(&["amount"]), false)
+        );
+        assert_eq!(
+            reads("request.attributes['currency'] == 'EUR' && request.attributes.amount > 1"),
+            (names(&["amount", "currency"]), false)
+        );
+        assert_eq!(reads("'amount' in request.attributes"), (vec![], true));
+        assert_eq!(
+            reads("request.attributes[request.operation] == 1"),
+            (vec![], true)
+        );
+        assert_eq!(reads("request.operation == 'x'"), (vec![], false));
+        assert_eq!(reads("claims.amount > 1"), (vec![], false));
+    }
 
     fn eval(source: &str, attributes: Json, claims: Json) -> Result<bool, String> {
         let env = environment();

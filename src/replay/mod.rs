@@ -398,6 +398,19 @@ impl<'p> Replayer<'p> {
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)
             }
+            _ if matches!(
+                &*record.reason,
+                "too_many_headers"
+                    | "headers_too_large"
+                    | "request_too_large"
+                    | "malformed_request"
+            ) =>
+            {
+                // Refused for what the record does not hold (the headers, their number and
+                // size, an override header): decided again without it, it would pass.
+                self.replay.as_recorded += 1;
+                (recorded.clone(), recorded)
+            }
             None if !matches!(&*record.reason, "token_missing" | "anonymous_allowed") => {
                 // A refused token: its facts were never established; the answer stands.
                 self.replay.as_recorded += 1;
@@ -971,6 +984,30 @@ mod tests {
         );
         let replay = replayed(&format!("{huge}{huge}"), &candidate, None);
         assert_eq!(replay.requests, 2 * MAX_WEIGHT);
+    }
+
+    /// A request refused for what its record does not hold (its headers) keeps its answer:
+    /// decided again without them it would pass, a relaxation no policy made.
+    #[test]
+    fn a_refusal_for_unrecorded_headers_is_kept_as_recorded() {
+        let line = record_after(0, DEMO_POLICY);
+        let allowed = "\"outcome\":\"ALLOW\",\"reason\":\"allowed\",\"status\":200";
+        assert!(line.contains(allowed), "{line}");
+        for reason in [
+            "too_many_headers",
+            "headers_too_large",
+            "request_too_large",
+            "malformed_request",
+        ] {
+            let refused = line.replace(
+                allowed,
+                &format!("\"outcome\":\"DENY\",\"reason\":\"{reason}\",\"status\":431"),
+            );
+            let replay = replayed(&refused, DEMO_POLICY, Some(DEMO_POLICY));
+            assert_eq!(replay.as_recorded, 1, "{reason}");
+            assert!(replay.changes.is_empty(), "{reason}: {:?}", replay.changes);
+            assert_eq!(replay.overall[1].deny, 1, "{reason}");
+        }
     }
 
     #[test]
