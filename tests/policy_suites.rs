@@ -330,3 +330,48 @@ fn each_case_verifies_its_own_token_at_its_own_time() {
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("2 case(s): 2 passed, 0 failed"), "{stdout}");
 }
+
+/// A case's token is typed as the issuer's provider types it: an Entra ID issuer that requires
+/// `at+jwt` (which Entra never sends) fails its cases, as it would fail every real token, and
+/// `stepgate check` says why; a case may still type its token itself.
+#[test]
+fn tokens_are_typed_as_the_provider_types_them() {
+    let policy = TempPolicy::new(
+        "suite-typ",
+        &common::demo_policy_text().replacen(
+            "    challenge: entra\n",
+            "    challenge: entra\n    require_at_jwt: true\n",
+            1,
+        ),
+    );
+    let cases = suite(
+        &policy,
+        "typ.yaml",
+        r#"
+cases:
+  - name: an Entra token, typed JWT as Entra types it
+    request: { operation: reports.read }
+    principal: { issuer: demo-entra }
+    expect: { outcome: DENY, reason: token_type_invalid }
+  - name: the same typed at+jwt, which Entra never sends
+    request: { operation: reports.read }
+    token: { issuer: demo-entra, typ: at+jwt }
+    expect: { outcome: ALLOW }
+  - name: with no typ at all
+    request: { operation: reports.read }
+    token: { issuer: demo-entra, typ: "" }
+    expect: { outcome: DENY, reason: token_type_invalid }
+"#,
+    );
+    let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("3 case(s): 3 passed, 0 failed"), "{stdout}");
+    let (code, stdout, stderr) = common::check_policy(&policy.path);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("warning: 1 issuer(s) look like Entra ID but set require_at_jwt")
+            && stdout
+                .contains("  issuer demo-entra (https://login.demo.stepgate.invalid/entra/v2.0)"),
+        "{stdout}"
+    );
+}

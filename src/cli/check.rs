@@ -168,6 +168,10 @@ fn describe(policy: &Policy) -> String {
         );
     }
     warn(
+        entra_issuers_requiring_at_jwt(policy),
+        "issuer(s) look like Entra ID but set require_at_jwt: Entra types its access tokens JWT, never at+jwt, so every token would be refused (token_type_invalid)",
+    );
+    warn(
         entra_issuers_without_contexts(policy),
         "issuer(s) look like Entra ID but are not challenge: entra, so their tokens' acrs claim is not read and no rule's auth_contexts can be met with them (docs/policy.md)",
     );
@@ -265,14 +269,6 @@ fn unreachable_matchers(policy: &Policy) -> Vec<String> {
 /// users meet such a rule with `403 step_up_not_expressible` where `challenge: entra` would ask
 /// them to step up.
 fn entra_issuers_without_contexts(policy: &Policy) -> Vec<String> {
-    const ENTRA_HOSTS: [&str; 6] = [
-        "login.microsoftonline.com",
-        "sts.windows.net",
-        "login.microsoftonline.us",
-        "login.partner.microsoftonline.cn",
-        "login.chinacloudapi.cn",
-        "sts.chinacloudapi.cn",
-    ];
     let requires_contexts = policy.rules.iter().any(|rule| {
         !rule.require.auth_contexts.is_empty()
             || rule
@@ -287,15 +283,37 @@ fn entra_issuers_without_contexts(policy: &Policy) -> Vec<String> {
         .issuers
         .iter()
         .filter(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
-        .filter(|issuer| {
-            let host = issuer
-                .issuer
-                .strip_prefix("https://")
-                .and_then(|rest| rest.split('/').next())
-                .unwrap_or_default()
-                .to_ascii_lowercase();
-            ENTRA_HOSTS.contains(&host.as_str())
-        })
+        .filter(|issuer| at_entra(issuer))
+        .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
+        .collect()
+}
+
+/// Whether the issuer is Entra ID's, by its challenge style or its address (any cloud).
+fn at_entra(issuer: &stepgate::identity::Issuer) -> bool {
+    const ENTRA_HOSTS: [&str; 6] = [
+        "login.microsoftonline.com",
+        "sts.windows.net",
+        "login.microsoftonline.us",
+        "login.partner.microsoftonline.cn",
+        "login.chinacloudapi.cn",
+        "sts.chinacloudapi.cn",
+    ];
+    let host = issuer
+        .issuer
+        .strip_prefix("https://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    issuer.challenge == ChallengeStyle::Entra || ENTRA_HOSTS.contains(&host.as_str())
+}
+
+/// Entra ID issuers that accept only `at+jwt` tokens: Entra types its access tokens `JWT`, so
+/// every one of them would be refused.
+fn entra_issuers_requiring_at_jwt(policy: &Policy) -> Vec<String> {
+    policy
+        .issuers
+        .iter()
+        .filter(|issuer| issuer.require_at_jwt && at_entra(issuer))
         .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
         .collect()
 }

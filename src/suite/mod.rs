@@ -78,6 +78,18 @@ pub struct Runner {
     escalations_reached: BTreeSet<(String, usize)>,
 }
 
+/// The header `typ` a case's token has unless it says otherwise: what the issuer's provider
+/// sends. Entra ID types its access tokens `JWT`, never `at+jwt`, so a case cannot pass an
+/// Entra issuer that requires `at+jwt` with a token Entra would never issue; an RFC 9068
+/// provider set up for `require_at_jwt` sends `at+jwt`.
+fn default_typ(issuer: &crate::identity::Issuer) -> &'static str {
+    if issuer.require_at_jwt && issuer.challenge != crate::identity::issuer::ChallengeStyle::Entra {
+        "at+jwt"
+    } else {
+        "JWT"
+    }
+}
+
 impl Runner {
     /// Installs a throwaway key as each issuer's only key (and, for an issuer known only by its
     /// discovery document, a stand-in `iss`).
@@ -251,13 +263,23 @@ impl Runner {
 
     /// The token the case presents, signed with its issuer's throwaway key.
     fn token_for(&self, case: &CaseConfig, now: i64) -> Result<Option<String>, String> {
-        let (issuer_id, claims, forge) = match (&case.token, &case.principal) {
-            (Some(t), _) => (&t.issuer, self.token_claims(t, now)?, t.forged),
-            (None, Some(p)) => (&p.issuer, self.principal_claims(p, now)?, false),
+        let (issuer_id, claims, forge, typ) = match (&case.token, &case.principal) {
+            (Some(t), _) => (
+                &t.issuer,
+                self.token_claims(t, now)?,
+                t.forged,
+                t.typ.as_deref(),
+            ),
+            (None, Some(p)) => (&p.issuer, self.principal_claims(p, now)?, false, None),
             (None, None) => return Ok(None),
         };
         let signer = &self.signers[issuer_id.as_str()];
-        signer.sign(&claims, forge).map(Some)
+        let typ = match (typ, self.policy.issuers.by_id(issuer_id)) {
+            (Some(typ), _) => typ,
+            (None, Some(issuer)) => default_typ(issuer),
+            (None, None) => "JWT",
+        };
+        signer.sign(&claims, typ, forge).map(Some)
     }
 
     /// The registered claims a token of `issuer_id` needs (`iss`, `aud`, times), under `extra`.

@@ -69,6 +69,10 @@ pub struct TokenConfig {
     /// Signed over other bytes: a forged token.
     #[serde(default)]
     pub forged: bool,
+    /// The header's `typ` (`""`: none). By default what the issuer's provider sends: `JWT`, or
+    /// `at+jwt` for an issuer with `require_at_jwt` that is not Entra ID's.
+    #[serde(default)]
+    pub typ: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

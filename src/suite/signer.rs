@@ -88,11 +88,13 @@ impl Signer {
         }
     }
 
-    /// A compact JWS of `claims`, typed as RFC 9068's access token (`at+jwt`, which every issuer
-    /// accepts and one with `require_at_jwt` requires); with `forge`, its signature is another
-    /// message's (a token no key of the issuer signed).
-    pub fn sign(&self, claims: &Value, forge: bool) -> Result<String, String> {
-        let header = json!({"alg": format!("{:?}", self.alg()), "typ": "at+jwt", "kid": KID});
+    /// A compact JWS of `claims` whose header says `typ` (none when empty); with `forge`, its
+    /// signature is another message's (a token no key of the issuer signed).
+    pub fn sign(&self, claims: &Value, typ: &str, forge: bool) -> Result<String, String> {
+        let mut header = json!({"alg": format!("{:?}", self.alg()), "kid": KID});
+        if !typ.is_empty() {
+            header["typ"] = json!(typ);
+        }
         let input = format!(
             "{}.{}",
             B64.encode(header.to_string()),
