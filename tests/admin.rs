@@ -1160,4 +1160,28 @@ async fn admin_tokens_must_carry_an_admin_audience_when_the_policy_names_them() 
     let (code, _, stderr) = common::check_policy(&unknown.path);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("admin.audiences[0]"), "{stderr}");
+
+    // The API's own audience named as the admin API's: every API token of that issuer would be
+    // refused by the data plane. Loaded (an issuer of operators only is right to be so), and
+    // `check` says it.
+    let whole = TempPolicy::new(
+        "admin-audience-whole",
+        &(demo_policy_text()
+            + &format!(
+                "\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"], audiences: [{}] }}\n",
+                stepgate::demo::DEMO_AUDIENCE
+            )),
+    );
+    let (code, stdout, stderr) = common::check_policy(&whole.path);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("warning: 1 issuer(s) have no audience but admin.audiences")
+            && stdout.contains("  issuer demo-oidc (https://login.demo.stepgate.invalid/oidc)"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = common::check_policy(&policy.path);
+    assert!(
+        !stdout.contains("have no audience but admin.audiences"),
+        "{stdout}"
+    );
 }

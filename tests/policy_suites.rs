@@ -171,6 +171,23 @@ fn broken_suites_and_policies_exit_2_with_the_field_path() {
         assert!(stderr.contains("broken.yaml"), "{stderr}");
         assert!(!junit.exists(), "the old report was left for {text}");
     }
+    // What is not a regular file (a link, a FIFO, /dev/stdout) is left as it is.
+    #[cfg(unix)]
+    {
+        let dir = policy.path.parent().unwrap();
+        let (target, link) = (dir.join("real.xml"), dir.join("link.xml"));
+        std::fs::write(&target, "old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let path = suite(&policy, "broken.yaml", "cases: []\n");
+        let (code, _, stderr) = run(&policy.path, &[&path], &["--junit", link.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
     let bad_policy = TempPolicy::new("suite-bad-policy", "rules: []\nissuers: []\n");
     let path = suite(&bad_policy, "ok.yaml", FAILING);
     let (code, _, stderr) = run(&bad_policy.path, &[&path], &[]);

@@ -192,6 +192,21 @@ fn describe(policy: &Policy) -> String {
         );
     }
     warn(
+        policy
+            .issuers
+            .iter()
+            .filter(|issuer| {
+                !issuer.admin_audiences.is_empty()
+                    && issuer
+                        .audiences
+                        .iter()
+                        .all(|a| issuer.admin_audiences.contains(a))
+            })
+            .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
+            .collect(),
+        "issuer(s) have no audience but admin.audiences: Check and Decide refuse every token of theirs as meant for the admin API (right for an issuer of operators only; otherwise give the admin API an audience of its own)",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );

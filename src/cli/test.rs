@@ -19,10 +19,11 @@ pub struct TestArgs {
 }
 
 pub fn run(args: TestArgs) -> ExitCode {
-    // A report left by an earlier run must not stand for this one if it ends without one.
+    // A report left by an earlier run must not stand for this one if it ends without one. Only
+    // a regular file is removed: a link, a FIFO or a device (`/dev/stdout`) is written as before.
     if let Some(path) = &args.junit
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
         && let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
     {
         eprintln!("stepgate test: removing the old {}: {e}", path.display());
         return ExitCode::from(2);

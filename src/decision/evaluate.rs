@@ -1460,7 +1460,11 @@ fn identity_headers(
 /// `admin\u{85}` read as `admin`) and `%` are percent-encoded: the value stays printable and
 /// names exactly one claim value.
 fn single_value(value: Arc<str>) -> Arc<str> {
-    if value.contains(|c: char| c == '%' || c.is_control()) {
+    // A space at either end too: HTTP parsers strip it, and `admin ` would read as `admin`.
+    if value.contains(|c: char| c == '%' || c.is_control())
+        || value.starts_with(' ')
+        || value.ends_with(' ')
+    {
         let mut escaped = String::with_capacity(value.len() + 8);
         push_escaped(&mut escaped, &value, false);
         Arc::from(escaped)
@@ -1487,12 +1491,15 @@ fn list_value<'a>(items: impl Iterator<Item = &'a str>) -> String {
     out
 }
 
-/// Appends `text` with `%`, control characters and (for a list item) spaces percent-encoded,
-/// byte by byte of their UTF-8.
+/// Appends `text` with `%`, control characters and spaces percent-encoded, byte by byte of their
+/// UTF-8: every space of a list item, a single value's at either end.
 fn push_escaped(out: &mut String, text: &str, list_item: bool) {
     use std::fmt::Write as _;
-    for c in text.chars() {
-        if c == '%' || c.is_control() || (list_item && c == ' ') {
+    let start = text.len() - text.trim_start_matches(' ').len();
+    let end = text.trim_end_matches(' ').len().max(start);
+    for (at, c) in text.char_indices() {
+        let edge_space = c == ' ' && (at < start || at >= end);
+        if c == '%' || c.is_control() || (c == ' ' && (list_item || edge_space)) {
             let mut utf8 = [0; 4];
             for byte in c.encode_utf8(&mut utf8).bytes() {
                 let _ = write!(out, "%{byte:02X}");

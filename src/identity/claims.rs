@@ -122,9 +122,11 @@ pub(super) fn read_principal(
         None => match str(claims.appid.as_ref(), "appid")? {
             Some(id) => Some(id),
             // RFC 9068's `client_id`, then Okta's `cid`.
+            // `cid` is read only as a string: another provider's `cid` of another kind (a
+            // number) is not a client id, and no reason to refuse the token.
             None => match str(claims.client_id.as_ref(), "client_id")? {
                 Some(id) => Some(id),
-                None => str(claims.cid.as_ref(), "cid")?,
+                None => str(claims.cid.as_ref(), "cid").ok().flatten(),
             },
         },
     };

@@ -117,7 +117,7 @@ pub enum TokenError {
     #[error("the token type {0:?} is not an access token")]
     WrongType(String),
     #[error(
-        "the token carries nonce, at_hash, c_hash or typ ID: an ID token is not an access token"
+        "the token carries nonce, at_hash or c_hash, or a payload typ of another kind of token: an ID token is not an access token"
     )]
     IdToken,
     #[error(
@@ -259,7 +259,10 @@ pub fn verify(
     check_lifetime(&claims, issuer.leeway as i64, now)?;
     check_audience(&claims, &issuer.audiences)?;
     let admin_only = admin_only(&claims, issuer);
-    let id_typ = matches!(&claims.typ, Some(Raw::Str(typ)) if typ.eq_ignore_ascii_case("ID"));
+    // Keycloak types each token it signs in the payload: `Bearer` for an access token, `ID`,
+    // `Logout`, `Refresh` and `Offline` for the others.
+    let id_typ = matches!(&claims.typ, Some(Raw::Str(typ))
+        if ["ID", "Logout", "Refresh", "Offline"].iter().any(|t| typ.eq_ignore_ascii_case(t)));
     if (claims.id_token_members || id_typ) && issuer.refuse_id_tokens {
         return Err(TokenError::IdToken);
     }
