@@ -233,6 +233,43 @@ pub struct Replayer<'p> {
 pub const MAX_CHANGED_REQUESTS: usize = 10_000;
 pub const OTHER_REQUESTS: &str = "(other requests)";
 
+/// The longest text field of a record replayed: the server cuts request fields at
+/// [`crate::telemetry::records::MAX_RECORDED_TEXT`], and a rule id, subject or challenge is
+/// shorter still. Longer, the record is not the server's, and it would make a key of the tallies.
+pub const MAX_FIELD_BYTES: usize = crate::telemetry::records::MAX_RECORDED_TEXT;
+
+/// At most this many distinct rules are told apart (the rules a record names are the file's);
+/// the others are counted as [`OTHER_RULES`].
+pub const MAX_RULES: usize = 10_000;
+pub const OTHER_RULES: &str = "(other rules)";
+
+/// The first of a record's fields that are keys of the tallies or the decision's input and
+/// longer than [`MAX_FIELD_BYTES`].
+fn overlong_field(record: &Record<'_>) -> Option<&'static str> {
+    let long = |text: Option<&str>| text.is_some_and(|t| t.len() > MAX_FIELD_BYTES);
+    let fields = [
+        ("method", record.method.as_deref()),
+        ("host", record.host.as_deref()),
+        ("path", record.path.as_deref()),
+        ("operation", record.operation.as_deref()),
+        ("source", record.source.as_deref()),
+        ("rule", record.rule.as_deref()),
+        ("reason", Some(&*record.reason)),
+        ("token.subject", record.token.as_ref().map(|t| &*t.subject)),
+    ];
+    if let Some((name, _)) = fields.iter().find(|(_, text)| long(*text)) {
+        return Some(name);
+    }
+    let challenge = record.challenge.as_ref().map_or(0, |c| {
+        [&c.auth_contexts, &c.acr_values, &c.amr]
+            .iter()
+            .flat_map(|list| list.iter())
+            .map(|v| v.len() + 1)
+            .sum()
+    });
+    (challenge > MAX_FIELD_BYTES).then_some("challenge")
+}
+
 /// The longest record line read. The server writes none longer: its request fields are cut at
 /// 2 KiB each, and a token's claims and a request's attributes are bounded by its limits.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -320,6 +357,13 @@ impl<'p> Replayer<'p> {
             let Some(at) = time_of(&record.time) else {
                 return self.bad(file, i + 1, format!("unreadable time {:?}", record.time));
             };
+            if let Some(field) = overlong_field(&record) {
+                return self.bad(
+                    file,
+                    i + 1,
+                    format!("{field} is longer than the server writes ({MAX_FIELD_BYTES} bytes)"),
+                );
+            }
             let facts = record.token.as_ref().map(principal_of);
             self.one(&record, facts.as_ref(), at);
         }
@@ -354,7 +398,9 @@ impl<'p> Replayer<'p> {
             Some(shared) => Arc::clone(shared),
             None => {
                 let shared: Arc<str> = Arc::from(rule);
-                self.rules.insert(rule.to_owned(), Arc::clone(&shared));
+                if self.rules.len() < MAX_RULES {
+                    self.rules.insert(rule.to_owned(), Arc::clone(&shared));
+                }
                 shared
             }
         };
@@ -445,8 +491,14 @@ impl<'p> Replayer<'p> {
             r.overall[side].add(answer.outcome, w);
             match r.per_rule.get_mut(&*answer.rule) {
                 Some(tally) => tally[side].add(answer.outcome, w),
-                None => r.per_rule.entry(answer.rule.to_string()).or_default()[side]
-                    .add(answer.outcome, w),
+                None => {
+                    let rule = if r.per_rule.len() < MAX_RULES {
+                        answer.rule.to_string()
+                    } else {
+                        OTHER_RULES.to_owned()
+                    };
+                    r.per_rule.entry(rule).or_default()[side].add(answer.outcome, w);
+                }
             }
             if answer.outcome == "STEP_UP" {
                 r.step_ups[side] += w;
@@ -483,12 +535,18 @@ impl<'p> Replayer<'p> {
                     ))
                 })
                 .unwrap_or_default();
-            // Paths are the callers' to choose: past the bound, new ones are counted together.
+            // Paths are the callers' to choose: past the bound, new ones are counted together, by
+            // outcome and reason alone (a record's rule and challenge are the file's too).
             let key = (what, baseline.clone(), candidate.clone());
             let key = if r.changed_requests.len() >= MAX_CHANGED_REQUESTS
                 && !r.changed_requests.contains_key(&key)
             {
-                (OTHER_REQUESTS.to_owned(), key.1, key.2)
+                let plain = |a: Answer| Answer {
+                    rule: Arc::from(""),
+                    asks: Arc::from(""),
+                    ..a
+                };
+                (OTHER_REQUESTS.to_owned(), plain(key.1), plain(key.2))
             } else {
                 key
             };
@@ -1008,6 +1066,43 @@ mod tests {
             assert!(replay.changes.is_empty(), "{reason}: {:?}", replay.changes);
             assert_eq!(replay.overall[1].deny, 1, "{reason}");
         }
+    }
+
+    /// What a record names itself (its rule, its fields) cannot grow the tallies past their
+    /// bounds: a field longer than the server writes makes a bad line, and distinct rules past
+    /// the bound are counted together, as are changed requests whatever their rule.
+    #[test]
+    fn a_records_own_names_are_bounded_too() {
+        let line = record_after(0, DEMO_POLICY);
+        let long_path = line.replace(
+            "/api/orders/1",
+            &format!("/api/{}", "a".repeat(MAX_FIELD_BYTES)),
+        );
+        let replay = replayed(&long_path, DEMO_POLICY, None);
+        assert_eq!((replay.records, replay.bad_line_count), (0, 1));
+        assert!(replay.bad_lines[0].error.contains("path is longer"), "{:?}", replay.bad_lines);
+
+        let candidate = compile_policy(&DEMO_POLICY.replace(
+            "      - { operation: \"*\" }\n    require: { authenticated: true }\n",
+            "      - { operation: \"*\" }\n    require: { roles: [Nobody] }\n",
+        ));
+        let mut replayer = Replayer::new(&candidate, None);
+        let rule = "\"rule\":\"everything-else\"";
+        assert!(line.contains(rule), "{line}");
+        let n = MAX_RULES.max(MAX_CHANGED_REQUESTS) + 5;
+        let lines: String = (0..n)
+            .map(|i| line.replace(rule, &format!("\"rule\":\"r{i}\"")))
+            .collect();
+        replayer.feed("records.jsonl", lines.as_bytes()).unwrap();
+        let replay = replayer.finish();
+        assert_eq!(replay.records as usize, n);
+        assert!(replay.per_rule.len() <= MAX_RULES + 2, "{}", replay.per_rule.len());
+        assert!(replay.per_rule.contains_key(OTHER_RULES));
+        assert!(
+            replay.changed_requests.len() <= MAX_CHANGED_REQUESTS + 1,
+            "{}",
+            replay.changed_requests.len()
+        );
     }
 
     #[test]
