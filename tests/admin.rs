@@ -487,10 +487,35 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
         answer.step_up.as_ref().map(|s| s.claims.as_str()),
         Some(claims.as_str())
     );
-    // The others: 401 invalid_token, session_revoked; so are tokens refreshed from the revoked
-    // session (a new `iat`, the old `auth_time`): a cp1 client that met the challenge with a
-    // refresh is not challenged again, which would loop.
-    for token in [&old_entra, &old_oidc, &refreshed_cp1, &refreshed_oidc] {
+    // An RFC 9470 issuer's: a step-up whose max_age asks for a sign-in since the revocation
+    // (neither a refresh nor the provider's single sign-on brings a token that meets it).
+    for token in [&old_oidc, &refreshed_oidc] {
+        let answer = decide_as(&server, token).await;
+        assert_eq!(
+            (answer.outcome(), answer.http_status, answer.reason.as_str()),
+            (Outcome::StepUp, 401, "session_revoked"),
+            "{answer:?}"
+        );
+        let max_age: i64 = answer
+            .www_authenticate
+            .split("max_age=")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no max_age in {}", answer.www_authenticate));
+        assert!(
+            answer
+                .www_authenticate
+                .contains("error=\"insufficient_user_authentication\"")
+                && (60..=90).contains(&max_age),
+            "signed in since the revocation, a minute ago: {}",
+            answer.www_authenticate
+        );
+    }
+    // The others: 401 invalid_token, session_revoked; so are Entra tokens refreshed from the
+    // revoked session (a new `iat`, the old `auth_time`): a cp1 client that met the challenge
+    // with a refresh is not challenged again, which would loop.
+    for token in [&old_entra, &refreshed_cp1] {
         let answer = decide_as(&server, token).await;
         assert_eq!(
             (answer.outcome(), answer.http_status, answer.reason.as_str()),

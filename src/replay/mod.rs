@@ -1080,7 +1080,11 @@ mod tests {
         );
         let replay = replayed(&long_path, DEMO_POLICY, None);
         assert_eq!((replay.records, replay.bad_line_count), (0, 1));
-        assert!(replay.bad_lines[0].error.contains("path is longer"), "{:?}", replay.bad_lines);
+        assert!(
+            replay.bad_lines[0].error.contains("path is longer"),
+            "{:?}",
+            replay.bad_lines
+        );
 
         let candidate = compile_policy(&DEMO_POLICY.replace(
             "      - { operation: \"*\" }\n    require: { authenticated: true }\n",
@@ -1096,7 +1100,11 @@ mod tests {
         replayer.feed("records.jsonl", lines.as_bytes()).unwrap();
         let replay = replayer.finish();
         assert_eq!(replay.records as usize, n);
-        assert!(replay.per_rule.len() <= MAX_RULES + 2, "{}", replay.per_rule.len());
+        assert!(
+            replay.per_rule.len() <= MAX_RULES + 2,
+            "{}",
+            replay.per_rule.len()
+        );
         assert!(replay.per_rule.contains_key(OTHER_RULES));
         assert!(
             replay.changed_requests.len() <= MAX_CHANGED_REQUESTS + 1,

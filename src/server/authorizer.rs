@@ -347,9 +347,13 @@ impl Authorizer {
                 Some(Refusal::Blocked(block)) => {
                     blocked(Reason::Blocked, &block, !decision.explain.is_empty())
                 }
-                Some(Refusal::Revoked(revocation)) => {
-                    revoked(principal, &revocation, policy, !decision.explain.is_empty())
-                }
+                Some(Refusal::Revoked(revocation)) => revoked(
+                    principal,
+                    &revocation,
+                    policy,
+                    now,
+                    !decision.explain.is_empty(),
+                ),
             };
         overridden(decision, refused)
     }
@@ -358,11 +362,14 @@ impl Authorizer {
 /// `401 session_revoked` for a token issued before `revocation`: for an Entra issuer and a client
 /// that handles claims challenges, the challenge Entra's continuous access evaluation sends (a
 /// token whose `nbf` is at least the revocation time), so the client's library fetches a new token
-/// at once; for others an `invalid_token` challenge.
+/// at once; for an RFC 9470 issuer, a step-up whose `max_age` asks for a sign-in since the
+/// revocation (a refresh, or a provider's single sign-on, would bring back the old `auth_time`);
+/// for others an `invalid_token` challenge.
 fn revoked(
     principal: &Principal,
     revocation: &Revocation,
     policy: &Policy,
+    now: i64,
     explain: bool,
 ) -> Decision {
     let message = "this session was revoked: sign in again";
@@ -380,7 +387,29 @@ fn revoked(
                 .issued_at
                 .is_none_or(|iat| iat < revocation.before)
         });
+    let rfc9470 = policy
+        .issuers
+        .by_id(&principal.issuer_id)
+        .is_some_and(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
+        && !principal.app_only;
     let mut revoked = match entra {
+        None if rfc9470 => {
+            // Signed in at or after the revocation: at most this many seconds ago.
+            let max_age = u64::try_from(now.saturating_sub(revocation.before)).unwrap_or(0);
+            let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
+            d.www_authenticate = Some(challenge::insufficient_user_authentication(
+                &policy.realm,
+                message,
+                &[],
+                Some(max_age),
+            ));
+            d.step_up = Some(Box::new(StepUp {
+                style: "rfc9470",
+                max_age: Some(max_age),
+                ..StepUp::default()
+            }));
+            d
+        }
         Some(issuer) => {
             // The value is a string, as Entra sends it.
             let claims = serde_json::json!({
