@@ -679,6 +679,9 @@ async fn allowed_request_reaches_the_upstream_with_identity_headers_replacing_sp
         ("x-stepgate-tenant", "evil-tenant"),
         ("x-stepgate-auth-contexts", "c1 c2 c3"),
         ("x-stepgate-rule", "wire-transfer"),
+        // Named like stepgate's, though the policy does not set them.
+        ("x-stepgate-roles", "Admin"),
+        ("x_stepgate_roles", "Admin"),
     ];
     for (name, spec, tenant) in [
         ("with-tid", TokenSpec::default(), Some(DEMO_TENANT)),

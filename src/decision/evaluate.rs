@@ -61,7 +61,38 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
     decision.shadow = run.shadows;
     decision.verified = run.verified;
     decision.risk_counts = risk.read.into_inner();
+    if decision.is_allow()
+        && let Some(http) = &request.http
+    {
+        decision.stray_headers = stray_headers(policy, http);
+    }
     fit_proxy_header_limit(policy, request, decision)
+}
+
+/// The request's headers named like stepgate's own that the policy's identity headers (set or
+/// removed already) do not cover.
+fn stray_headers(policy: &Policy, http: &crate::request::HttpAttributes) -> Vec<String> {
+    let ours = |name: &str| {
+        name.len() > 11
+            && name.as_bytes()[..11]
+                .iter()
+                .zip(b"x-stepgate-")
+                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*b == b'-' && *a == b'_'))
+    };
+    let mut stray: Vec<String> = Vec::new();
+    for (name, _) in http.headers.iter() {
+        if ours(name)
+            && !policy
+                .upstream
+                .identity_headers
+                .iter()
+                .any(|(configured, _)| configured.eq_ignore_ascii_case(name))
+            && !stray.iter().any(|s| s == name)
+        {
+            stray.push(name.to_owned());
+        }
+    }
+    stray
 }
 
 /// How a decision reads the risk signals' counts: from the live counters at `now_ms`, or from
@@ -139,7 +170,8 @@ fn fit_proxy_header_limit(
         .upstream
         .headers_to_remove(&decision.identity_headers)
         .filter(|name| present(name))
-        .count();
+        .count()
+        + decision.stray_headers.len();
     if count + added <= limit + removed {
         return decision;
     }

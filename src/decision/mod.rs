@@ -87,6 +87,11 @@ pub struct Decision {
     /// Headers for the upstream (ALLOW only). Names and most values are shared with the policy
     /// and the cached token, so an ALLOW copies no string to carry them.
     pub identity_headers: Vec<(Arc<str>, Arc<str>)>,
+    /// The request's headers spelled like stepgate's own (`x-stepgate-*`, `x_stepgate_*`, any
+    /// case) that the policy does not name and the decision does not set: an allowed request
+    /// loses them with the unset identity headers, so that no client's reaches the upstream as
+    /// stepgate's, whichever of them the upstream reads.
+    pub stray_headers: Vec<String>,
     pub token_fingerprint: Option<String>,
     /// DENY `blocked`/`source_blocked`: the block's reason id.
     pub block: Option<Arc<str>>,
@@ -129,6 +134,7 @@ impl Decision {
             step_up: None,
             principal: None,
             identity_headers: Vec::new(),
+            stray_headers: Vec::new(),
             token_fingerprint: None,
             token_cached: None,
             block: None,

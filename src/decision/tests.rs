@@ -802,6 +802,57 @@ fn an_identity_header_spelled_with_underscores_is_refused() {
     }
 }
 
+/// A header spelled like stepgate's own that the policy does not name (an identity header an
+/// operator left out, `x-stepgate-roles` the upstream was told of) is removed from an allowed
+/// request, as the unset identity headers are: no client's reaches the upstream as stepgate's.
+#[test]
+fn headers_named_like_stepgates_that_the_policy_does_not_set_are_removed() {
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    let policy = demo_policy();
+    for (authorization, target) in [(token.as_str(), "/accounts/42"), ("", "/healthz")] {
+        let mut request = http_request(authorization, "GET", target);
+        let headers = &mut request.http.as_mut().unwrap().headers;
+        for name in [
+            "x-stepgate-roles",
+            "x_stepgate_roles",
+            "x-stepgate-subject",
+            "x_stepgate_subjects",
+            "x-stepgate-",
+            "x-request-id",
+        ] {
+            headers.insert(name, "forged");
+        }
+        let d = decide(&policy, &request, NOW);
+        assert!(d.is_allow(), "{target}: {d:?}");
+        assert_eq!(
+            d.stray_headers,
+            [
+                "x-stepgate-roles",
+                "x_stepgate_roles",
+                "x_stepgate_subjects"
+            ],
+            "{target}"
+        );
+        let answer = crate::server::decide::decide_response(&d, &policy.upstream);
+        for name in &d.stray_headers {
+            assert!(answer.headers_to_remove.contains(name), "{name}");
+        }
+        // The subject header is the policy's own: set (a token) or removed (anonymous) already.
+        assert!(!d.stray_headers.iter().any(|n| n == "x-stepgate-subject"));
+    }
+    // A refusal forwards nothing, and removes nothing.
+    let mut request = http_request("", "GET", "/accounts/42");
+    request
+        .http
+        .as_mut()
+        .unwrap()
+        .headers
+        .insert("x-stepgate-roles", "forged");
+    let d = decide(&policy, &request, NOW);
+    assert!(!d.is_allow());
+    assert!(d.stray_headers.is_empty());
+}
+
 /// The demo policy with `rules` (YAML, indented as rules are) before its catch-all rule.
 fn with_rules(rules: &str) -> Policy {
     compile_policy(&DEMO_POLICY.replace(

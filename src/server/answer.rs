@@ -131,6 +131,9 @@ fn write(out: &mut Out, d: &Decision, policy: &Policy) {
             for name in policy.upstream.headers_to_remove(&d.identity_headers) {
                 out.string(5, name);
             }
+            for name in &d.stray_headers {
+                out.string(5, name);
+            }
         });
     } else {
         out.message(2, |out| {

@@ -221,6 +221,7 @@ pub fn decide_response(d: &Decision, upstream: &Upstream) -> DecideResponse {
             upstream
                 .headers_to_remove(&d.identity_headers)
                 .map(str::to_owned)
+                .chain(d.stray_headers.iter().cloned())
                 .collect()
         } else {
             Vec::new()
