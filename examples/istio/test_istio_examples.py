@@ -175,8 +175,9 @@ def istio_string_match(pattern: str, value: str) -> bool:
     return value == pattern
 
 
-def sent_to_provider(policy_obj: dict, path: str) -> bool:
-    """Whether a request for `path` (any method, host, port, source) matches a CUSTOM rule."""
+def sent_to_provider(policy_obj: dict, path: str, method: str | None = None) -> bool:
+    """Whether a request for `path` matches a CUSTOM rule: by `method`, or by any method when
+    none is given (any host, port, source)."""
     for rule in policy_obj["spec"].get("rules", []):
         if rule.get("from") or rule.get("when"):
             continue  # conditional on the caller: not a guarantee for every request
@@ -185,7 +186,13 @@ def sent_to_provider(policy_obj: dict, path: str) -> bool:
             return True  # a rule without `to` matches every operation
         for to in tos:
             op = to.get("operation", {})
-            if any(op.get(k) for k in ("hosts", "notHosts", "ports", "notPorts", "methods", "notMethods")):
+            if any(op.get(k) for k in ("hosts", "notHosts", "ports", "notPorts")):
+                continue
+            if method is None and (op.get("methods") or op.get("notMethods")):
+                continue
+            if method is not None and "methods" in op and method not in op["methods"]:
+                continue
+            if method is not None and method in op.get("notMethods", []):
                 continue
             if "paths" in op and not any(istio_string_match(p, path) for p in op["paths"]):
                 continue
@@ -239,9 +246,18 @@ def test_every_request_except_probes_goes_to_stepgate(policy_obj, path):
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_probes_do_not_go_to_stepgate(policy_obj, path):
-    assert not sent_to_provider(policy_obj, path), (
-        f"{path} goes to stepgate: with failOpen false a stepgate outage would fail the probes"
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_probes_do_not_go_to_stepgate(policy_obj, path, method):
+    assert not sent_to_provider(policy_obj, path, method), (
+        f"{method} {path} goes to stepgate: with failOpen false a stepgate outage would fail the probes"
+    )
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_probe_paths_by_other_methods_still_go_to_stepgate(policy_obj, path, method):
+    assert sent_to_provider(policy_obj, path, method), (
+        f"{method} {path} would bypass stepgate: only the kubelet's GET is kept away"
     )
 
 
