@@ -512,10 +512,20 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
             answer.www_authenticate
         );
     }
+    // A machine's token of that issuer (client credentials: no `auth_time`): no user could meet
+    // a max_age, so it is refused.
+    let machine = issued_at(
+        TokenSpec {
+            auth_age: None,
+            ..oidc(&[], None, &[])
+        },
+        "alice",
+        now - 600,
+    );
     // The others: 401 invalid_token, session_revoked; so are Entra tokens refreshed from the
     // revoked session (a new `iat`, the old `auth_time`): a cp1 client that met the challenge
     // with a refresh is not challenged again, which would loop.
-    for token in [&old_entra, &refreshed_cp1] {
+    for token in [&old_entra, &refreshed_cp1, &machine] {
         let answer = decide_as(&server, token).await;
         assert_eq!(
             (answer.outcome(), answer.http_status, answer.reason.as_str()),
@@ -531,6 +541,37 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     // A token issued after the revocation, and another subject's, go through.
     assert_eq!(decide_as(&server, &fresh).await.outcome(), Outcome::Allow);
     assert_eq!(decide_as(&server, &bobs).await.outcome(), Outcome::Allow);
+
+    // A revocation set ahead of the clock: until then no sign-in is recent enough, so a user
+    // signing in again is refused rather than asked to, again and again, with a max_age of 0.
+    let ahead = now + 120;
+    let (code, _, stderr) = admin(
+        &admin_url,
+        &[
+            "revoke",
+            "--subject",
+            "carol",
+            "--before",
+            &ahead.to_string(),
+            "--reason-id",
+            "INC-78",
+            "--bearer",
+            &operator,
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let carol_now = issued_at(oidc(&[], None, &[]), "carol", now);
+    let answer = decide_as(&server, &carol_now).await;
+    assert_eq!(
+        (answer.outcome(), answer.http_status, answer.reason.as_str()),
+        (Outcome::Deny, 401, "session_revoked"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.www_authenticate.contains("error=\"invalid_token\""),
+        "{}",
+        answer.www_authenticate
+    );
     // Check answers the same.
     let (status, _, reason, _) =
         check_from(&server, "/reports", "198.51.100.7", Some(&old_oidc)).await;

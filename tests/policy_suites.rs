@@ -391,4 +391,27 @@ cases:
                 .contains("  issuer demo-entra (https://login.demo.stepgate.invalid/entra/v2.0)"),
         "{stdout}"
     );
+
+    // Entra ID known by its address, left at challenge: rfc9470: typed as Entra types it too.
+    let at_entra = TempPolicy::new(
+        "suite-typ-address",
+        &common::demo_policy_text().replacen(
+            "    issuer: https://login.demo.stepgate.invalid/oidc\n",
+            "    issuer: https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0\n    require_at_jwt: true\n",
+            1,
+        ),
+    );
+    let cases = suite(
+        &at_entra,
+        "typ.yaml",
+        r#"
+cases:
+  - name: a token of Entra's address, typed JWT as Entra types it
+    request: { operation: reports.read }
+    principal: { issuer: demo-oidc }
+    expect: { outcome: DENY, reason: token_type_invalid }
+"#,
+    );
+    let (code, stdout, stderr) = run(&at_entra.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
 }

@@ -298,28 +298,9 @@ fn entra_issuers_without_contexts(policy: &Policy) -> Vec<String> {
         .issuers
         .iter()
         .filter(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
-        .filter(|issuer| at_entra(issuer))
+        .filter(|issuer| issuer.is_entra())
         .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
         .collect()
-}
-
-/// Whether the issuer is Entra ID's, by its challenge style or its address (any cloud).
-fn at_entra(issuer: &stepgate::identity::Issuer) -> bool {
-    const ENTRA_HOSTS: [&str; 6] = [
-        "login.microsoftonline.com",
-        "sts.windows.net",
-        "login.microsoftonline.us",
-        "login.partner.microsoftonline.cn",
-        "login.chinacloudapi.cn",
-        "sts.chinacloudapi.cn",
-    ];
-    let host = issuer
-        .issuer
-        .strip_prefix("https://")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    issuer.challenge == ChallengeStyle::Entra || ENTRA_HOSTS.contains(&host.as_str())
 }
 
 /// Entra ID issuers that accept only `at+jwt` tokens: Entra types its access tokens `JWT`, so
@@ -328,7 +309,7 @@ fn entra_issuers_requiring_at_jwt(policy: &Policy) -> Vec<String> {
     policy
         .issuers
         .iter()
-        .filter(|issuer| issuer.require_at_jwt && at_entra(issuer))
+        .filter(|issuer| issuer.require_at_jwt && issuer.is_entra())
         .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
         .collect()
 }

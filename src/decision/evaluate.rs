@@ -1446,9 +1446,7 @@ fn identity_headers(
     // A list of one (the usual `acrs`, `amr` or `roles`) is shared rather than joined anew.
     let join = |v: &[Arc<str>]| match v {
         [] => None,
-        [one] if !one.contains(|c: char| LIST_ESCAPED.contains(&c) || c.is_control()) => {
-            Some(Arc::clone(one))
-        }
+        [one] if !needs_escape_in_list(one) => Some(Arc::clone(one)),
         many => Some(Arc::from(list_value(many.iter().map(|item| &**item)))),
     };
     policy
@@ -1492,10 +1490,10 @@ fn identity_headers(
 /// `admin\u{85}` read as `admin`) and `%` are percent-encoded: the value stays printable and
 /// names exactly one claim value.
 fn single_value(value: Arc<str>) -> Arc<str> {
-    // A space at either end too: HTTP parsers strip it, and `admin ` would read as `admin`.
+    // A space at either end too: parsers strip it, and `admin ` would read as `admin`.
     if value.contains(|c: char| c == '%' || c.is_control())
-        || value.starts_with(' ')
-        || value.ends_with(' ')
+        || value.starts_with(spacey)
+        || value.ends_with(spacey)
     {
         let mut escaped = String::with_capacity(value.len() + 8);
         push_escaped(&mut escaped, &value, false);
@@ -1505,13 +1503,22 @@ fn single_value(value: Arc<str>) -> Arc<str> {
     }
 }
 
-/// What an item of a list header has percent-encoded besides `%` and control characters.
-const LIST_ESCAPED: [char; 2] = [' ', '%'];
+/// A character some reader of a header value takes for a space: Unicode white space (what Go's
+/// `strings.Fields` and `TrimSpace` and Python's `split()` and `strip()` split and trim on),
+/// and the byte-order mark.
+fn spacey(c: char) -> bool {
+    c.is_whitespace() || c == '\u{feff}'
+}
+
+/// Whether a list's item has something [`push_escaped`] encodes.
+fn needs_escape_in_list(item: &str) -> bool {
+    item.contains(|c: char| c == '%' || c.is_control() || spacey(c))
+}
 
 /// A list's items as one header value, space-separated. An item holding a space (one role named
-/// `Order Admin`), a percent sign or a control character has them percent-encoded
-/// (`Order%20Admin`), so that it can never read as two items (the roles `Order` and `Admin`) to an
-/// upstream that splits the value.
+/// `Order Admin`, or `Order\u{a0}Admin`), a percent sign or a control character has them
+/// percent-encoded (`Order%20Admin`), so that it can never read as two items (the roles `Order`
+/// and `Admin`) to an upstream that splits the value.
 fn list_value<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for item in items {
@@ -1523,15 +1530,16 @@ fn list_value<'a>(items: impl Iterator<Item = &'a str>) -> String {
     out
 }
 
-/// Appends `text` with `%`, control characters and spaces percent-encoded, byte by byte of their
-/// UTF-8: every space of a list item, a single value's at either end.
+/// Appends `text` with `%`, control characters and spaces (of any kind, [`spacey`])
+/// percent-encoded, byte by byte of their UTF-8: every space of a list item, a single value's at
+/// either end.
 fn push_escaped(out: &mut String, text: &str, list_item: bool) {
     use std::fmt::Write as _;
-    let start = text.len() - text.trim_start_matches(' ').len();
-    let end = text.trim_end_matches(' ').len().max(start);
+    let start = text.len() - text.trim_start_matches(spacey).len();
+    let end = text.trim_end_matches(spacey).len().max(start);
     for (at, c) in text.char_indices() {
-        let edge_space = c == ' ' && (at < start || at >= end);
-        if c == '%' || c.is_control() || (c == ' ' && (list_item || edge_space)) {
+        let space = spacey(c) && (list_item || at < start || at >= end);
+        if c == '%' || c.is_control() || space {
             let mut utf8 = [0; 4];
             for byte in c.encode_utf8(&mut utf8).bytes() {
                 let _ = write!(out, "%{byte:02X}");

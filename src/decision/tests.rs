@@ -1353,6 +1353,10 @@ fn identity_headers_cannot_carry_control_characters_from_claims() {
         ("admin ", "admin%20", "admin%20"),
         (" admin", "%20admin", "%20admin"),
         ("  ", "%20%20", "%20%20"),
+        // Spaces of other kinds, which Go's strings.Fields and Python's split() split on.
+        ("Order\u{a0}Admin", "Order\u{a0}Admin", "order%C2%A0admin"),
+        ("admin\u{3000}", "admin%E3%80%80", "admin%E3%80%80"),
+        ("\u{feff}admin", "%EF%BB%BFadmin", "%EF%BB%BFadmin"),
         ("plain é", "plain é", "plain%20é"),
     ] {
         let spec = TokenSpec {

@@ -256,6 +256,25 @@ impl Issuer {
         self.discovered.store(Some(Arc::new(discovered)));
     }
 
+    /// Whether the issuer is Entra ID's, by its challenge style or its address (any cloud).
+    pub fn is_entra(&self) -> bool {
+        const ENTRA_HOSTS: [&str; 6] = [
+            "login.microsoftonline.com",
+            "sts.windows.net",
+            "login.microsoftonline.us",
+            "login.partner.microsoftonline.cn",
+            "login.chinacloudapi.cn",
+            "sts.chinacloudapi.cn",
+        ];
+        let host = self
+            .issuer
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        self.challenge == ChallengeStyle::Entra || ENTRA_HOSTS.contains(&host.as_str())
+    }
+
     /// Whether a token's `iss` names this issuer. For a template, also returns the tenant id the
     /// `iss` carries (lower-case).
     pub fn matches_iss(&self, iss: &str) -> Option<Option<String>> {

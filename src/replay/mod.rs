@@ -233,10 +233,16 @@ pub struct Replayer<'p> {
 pub const MAX_CHANGED_REQUESTS: usize = 10_000;
 pub const OTHER_REQUESTS: &str = "(other requests)";
 
-/// The longest text field of a record replayed: the server cuts request fields at
-/// [`crate::telemetry::records::MAX_RECORDED_TEXT`], and a rule id, subject or challenge is
-/// shorter still. Longer, the record is not the server's, and it would make a key of the tallies.
+/// The longest request field of a record replayed: the server cuts them at
+/// [`crate::telemetry::records::MAX_RECORDED_TEXT`]. Longer, the record is not the server's, and
+/// it would make a key of the tallies.
 pub const MAX_FIELD_BYTES: usize = crate::telemetry::records::MAX_RECORDED_TEXT;
+
+/// The longest rule a record names (a policy's rule ids are at most 64 bytes), and the longest
+/// challenge (the policy's own contexts, `acr` values and `amr`). A subject is bounded by the
+/// line only: a token's `sub` may be as long as the token.
+const MAX_RULE_BYTES: usize = 1024;
+const MAX_CHALLENGE_BYTES: usize = 64 * 1024;
 
 /// At most this many distinct rules are told apart (the rules a record names are the file's);
 /// the others are counted as [`OTHER_RULES`].
@@ -246,18 +252,19 @@ pub const OTHER_RULES: &str = "(other rules)";
 /// The first of a record's fields that are keys of the tallies or the decision's input and
 /// longer than [`MAX_FIELD_BYTES`].
 fn overlong_field(record: &Record<'_>) -> Option<&'static str> {
-    let long = |text: Option<&str>| text.is_some_and(|t| t.len() > MAX_FIELD_BYTES);
     let fields = [
-        ("method", record.method.as_deref()),
-        ("host", record.host.as_deref()),
-        ("path", record.path.as_deref()),
-        ("operation", record.operation.as_deref()),
-        ("source", record.source.as_deref()),
-        ("rule", record.rule.as_deref()),
-        ("reason", Some(&*record.reason)),
-        ("token.subject", record.token.as_ref().map(|t| &*t.subject)),
+        ("method", record.method.as_deref(), MAX_FIELD_BYTES),
+        ("host", record.host.as_deref(), MAX_FIELD_BYTES),
+        ("path", record.path.as_deref(), MAX_FIELD_BYTES),
+        ("operation", record.operation.as_deref(), MAX_FIELD_BYTES),
+        ("source", record.source.as_deref(), MAX_FIELD_BYTES),
+        ("rule", record.rule.as_deref(), MAX_RULE_BYTES),
+        ("reason", Some(&*record.reason), MAX_RULE_BYTES),
     ];
-    if let Some((name, _)) = fields.iter().find(|(_, text)| long(*text)) {
+    if let Some((name, _, _)) = fields
+        .iter()
+        .find(|(_, text, max)| text.is_some_and(|t| t.len() > *max))
+    {
         return Some(name);
     }
     let challenge = record.challenge.as_ref().map_or(0, |c| {
@@ -267,7 +274,7 @@ fn overlong_field(record: &Record<'_>) -> Option<&'static str> {
             .map(|v| v.len() + 1)
             .sum()
     });
-    (challenge > MAX_FIELD_BYTES).then_some("challenge")
+    (challenge > MAX_CHALLENGE_BYTES).then_some("challenge")
 }
 
 /// The longest record line read. The server writes none longer: its request fields are cut at
@@ -361,7 +368,7 @@ impl<'p> Replayer<'p> {
                 return self.bad(
                     file,
                     i + 1,
-                    format!("{field} is longer than the server writes ({MAX_FIELD_BYTES} bytes)"),
+                    format!("{field} is longer than the server writes"),
                 );
             }
             let facts = record.token.as_ref().map(principal_of);
@@ -1085,6 +1092,14 @@ mod tests {
             "{:?}",
             replay.bad_lines
         );
+        // A long subject is a token's own, written whole by the server: replayed.
+        assert!(line.contains("\"subject\":\"alice\""), "{line}");
+        let long_subject = line.replace(
+            "\"subject\":\"alice\"",
+            &format!("\"subject\":\"{}\"", "s".repeat(3 * MAX_FIELD_BYTES)),
+        );
+        let replay = replayed(&long_subject, DEMO_POLICY, None);
+        assert_eq!((replay.records, replay.bad_line_count), (1, 0));
 
         let candidate = compile_policy(&DEMO_POLICY.replace(
             "      - { operation: \"*\" }\n    require: { authenticated: true }\n",

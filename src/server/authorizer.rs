@@ -387,15 +387,20 @@ fn revoked(
                 .issued_at
                 .is_none_or(|iat| iat < revocation.before)
         });
+    // A user's sign-in (a token with `auth_time`: a machine's client-credentials token has none,
+    // and no user could meet the challenge), once the revocation time has come (before it, no
+    // sign-in could be recent enough, and a max_age of 0 would ask for one again and again).
     let rfc9470 = policy
         .issuers
         .by_id(&principal.issuer_id)
         .is_some_and(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
-        && !principal.app_only;
+        && !principal.app_only
+        && principal.auth_time.is_some()
+        && now > revocation.before;
     let mut revoked = match entra {
         None if rfc9470 => {
             // Signed in at or after the revocation: at most this many seconds ago.
-            let max_age = u64::try_from(now.saturating_sub(revocation.before)).unwrap_or(0);
+            let max_age = u64::try_from(now - revocation.before).unwrap_or(1);
             let mut d = Decision::new(Outcome::StepUp, Reason::SessionRevoked, message, 401);
             d.www_authenticate = Some(challenge::insufficient_user_authentication(
                 &policy.realm,

@@ -83,7 +83,7 @@ pub struct Runner {
 /// Entra issuer that requires `at+jwt` with a token Entra would never issue; an RFC 9068
 /// provider set up for `require_at_jwt` sends `at+jwt`.
 fn default_typ(issuer: &crate::identity::Issuer) -> &'static str {
-    if issuer.require_at_jwt && issuer.challenge != crate::identity::issuer::ChallengeStyle::Entra {
+    if issuer.require_at_jwt && !issuer.is_entra() {
         "at+jwt"
     } else {
         "JWT"
