@@ -404,6 +404,20 @@ fn issued_at(spec: TokenSpec, subject: &str, iat: i64) -> String {
     })
 }
 
+/// `401 invalid_token`, reason `session_revoked`: refused, nothing to step up to.
+fn assert_revoked_without_a_challenge(answer: &stepgate::api::v1::DecideResponse) {
+    assert_eq!(
+        (answer.outcome(), answer.http_status, answer.reason.as_str()),
+        (Outcome::Deny, 401, "session_revoked"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.www_authenticate.contains("error=\"invalid_token\""),
+        "{}",
+        answer.www_authenticate
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     use base64::Engine as _;
@@ -526,17 +540,7 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     // revoked session (a new `iat`, the old `auth_time`): a cp1 client that met the challenge
     // with a refresh is not challenged again, which would loop.
     for token in [&old_entra, &refreshed_cp1, &machine] {
-        let answer = decide_as(&server, token).await;
-        assert_eq!(
-            (answer.outcome(), answer.http_status, answer.reason.as_str()),
-            (Outcome::Deny, 401, "session_revoked"),
-            "{answer:?}"
-        );
-        assert!(
-            answer.www_authenticate.contains("error=\"invalid_token\""),
-            "{}",
-            answer.www_authenticate
-        );
+        assert_revoked_without_a_challenge(&decide_as(&server, token).await);
     }
     // A token issued after the revocation, and another subject's, go through.
     assert_eq!(decide_as(&server, &fresh).await.outcome(), Outcome::Allow);
@@ -561,17 +565,7 @@ async fn revoked_sessions_get_the_continuous_access_challenge_or_a_401() {
     );
     assert_eq!(code, Some(0), "{stderr}");
     let carol_now = issued_at(oidc(&[], None, &[]), "carol", now);
-    let answer = decide_as(&server, &carol_now).await;
-    assert_eq!(
-        (answer.outcome(), answer.http_status, answer.reason.as_str()),
-        (Outcome::Deny, 401, "session_revoked"),
-        "{answer:?}"
-    );
-    assert!(
-        answer.www_authenticate.contains("error=\"invalid_token\""),
-        "{}",
-        answer.www_authenticate
-    );
+    assert_revoked_without_a_challenge(&decide_as(&server, &carol_now).await);
     // Check answers the same.
     let (status, _, reason, _) =
         check_from(&server, "/reports", "198.51.100.7", Some(&old_oidc)).await;

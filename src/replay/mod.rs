@@ -445,22 +445,15 @@ impl<'p> Replayer<'p> {
                     | "overloaded"
                     | "deadline_exceeded"
                     | "internal_error"
-            ) =>
-            {
-                // An operator's block or revocation, or an outage: not the policy's answer.
-                self.replay.as_recorded += 1;
-                (recorded.clone(), recorded)
-            }
-            _ if matches!(
-                &*record.reason,
-                "too_many_headers"
+                    | "too_many_headers"
                     | "headers_too_large"
                     | "request_too_large"
                     | "malformed_request"
             ) =>
             {
-                // Refused for what the record does not hold (the headers, their number and
-                // size, an override header): decided again without it, it would pass.
+                // An operator's block or revocation, or an outage: not the policy's answer. Or
+                // refused for what the record does not hold (the headers, their number and size,
+                // an override header): decided again without it, it would pass.
                 self.replay.as_recorded += 1;
                 (recorded.clone(), recorded)
             }
