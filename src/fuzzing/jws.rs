@@ -16,7 +16,7 @@ use crate::identity::{
 };
 
 /// The claims stepgate reads into slots of their own.
-const SLOTS: [&str; 21] = [
+const SLOTS: [&str; 23] = [
     "iss",
     "sub",
     "aud",
@@ -29,9 +29,11 @@ const SLOTS: [&str; 21] = [
     "azp",
     "appid",
     "client_id",
+    "cid",
     "scp",
     "scope",
     "idtyp",
+    "typ",
     "acrs",
     "acr",
     "amr",
@@ -77,6 +79,7 @@ pub fn check(bytes: &[u8]) {
         .iter()
         .any(|m| expected.contains_key(*m));
     assert_eq!(none.id_token_members, id_token);
+    assert_eq!(none.confirmation, expected.contains_key("cnf"));
 }
 
 /// What serde_json makes of the same bytes, when they are one valid JSON object whose member
