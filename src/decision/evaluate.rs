@@ -1387,8 +1387,9 @@ fn matches(
     }
     match &m.when {
         None => Ok(true),
+        // The same answer in each search of the rules (one per reading of the path).
         Some(condition) => condition
-            .evaluate_readings(input, Readings::Agree)
+            .evaluate_once(input, Readings::Agree)
             .map_err(Undecided::Condition),
     }
 }

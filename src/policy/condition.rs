@@ -129,6 +129,18 @@ impl Condition {
         self.uses.claims
     }
 
+    /// [`Self::evaluate_readings`], once per request: a second call with the same `input` (and
+    /// `how`, which a condition's place fixes) answers as the first did.
+    pub fn evaluate_once(&self, input: &CelInput<'_>, how: Readings) -> Result<bool, String> {
+        let key = std::ptr::from_ref(self) as usize;
+        if let Some((_, answer)) = input.answers.borrow().iter().find(|(k, _)| *k == key) {
+            return answer.clone();
+        }
+        let answer = self.evaluate_readings(input, how);
+        input.answers.borrow_mut().push((key, answer.clone()));
+        answer
+    }
+
     /// Evaluates on each reading of the request (see [`CelInput::with_readings`]) that could
     /// change its answer, and combines the answers as `how` says. An error on either reading is
     /// the answer, as it is for one.
@@ -187,12 +199,57 @@ pub enum Readings {
 
 /// The shared CEL environment (standard library), built once per policy.
 pub fn environment() -> Arc<Env> {
+    use cel::common::types::{CelBool, CelString};
     let mut env = Env::stdlib();
     // `lowerAscii()` and the other string functions of CEL's strings extension: a condition can
     // compare the path in one letter case (see `Readings`).
     env.add_extension(cel::extensions::strings)
         .expect("CEL's strings extension declares no name twice");
+    // `matches()`, as CEL's own (`matches(text, pattern)` and `text.matches(pattern)`), but with
+    // each pattern compiled once: cel's compiles it on every call, and a condition calling it
+    // in a loop over what a caller sent (`split(",").exists(…)`) took seconds of a worker's time.
+    cel::add_overload!(env, fn matches: (CelString, CelString) -> Result<CelBool>, id = "matches")
+        .expect("cel is built without its own matches()");
+    cel::add_member_overload!(env, fn matches: (CelString, CelString) -> Result<CelBool>)
+        .expect("cel is built without its own matches()");
     Arc::new(env)
+}
+
+/// The most patterns a thread keeps compiled. Patterns are string literals of loaded policies
+/// (`check_patterns`), so a few; a long run of reloads with new ones starts the table afresh.
+const MAX_COMPILED_PATTERNS: usize = 256;
+
+thread_local! {
+    static COMPILED: std::cell::RefCell<HashMap<String, Arc<regex::Regex>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// CEL's `matches()`: whether `pattern` (RE2 syntax, the regex crate's) matches somewhere in
+/// `text`, the pattern compiled once per thread.
+fn matches(
+    text: &cel::common::types::CelString<'_>,
+    pattern: &cel::common::types::CelString<'_>,
+) -> Result<cel::common::types::CelBool, cel::ExecutionError> {
+    let pattern = pattern.inner();
+    let compiled = COMPILED.with_borrow_mut(|table| {
+        if let Some(compiled) = table.get(pattern) {
+            return Ok(Arc::clone(compiled));
+        }
+        let compiled = Arc::new(regex::Regex::new(pattern).map_err(|err| {
+            cel::ExecutionError::FunctionError {
+                function: "matches".to_owned(),
+                message: format!("'{pattern}' not a valid regex:\n{err}"),
+            }
+        })?);
+        if table.len() >= MAX_COMPILED_PATTERNS {
+            table.clear();
+        }
+        table.insert(pattern.to_owned(), Arc::clone(&compiled));
+        Ok(compiled)
+    })?;
+    Ok(cel::common::types::CelBool::from(
+        compiled.is_match(text.inner()),
+    ))
 }
 
 /// The variables of one request's evaluations, handed to CEL as values that borrow the request's
@@ -219,6 +276,10 @@ pub struct CelInput<'a> {
     /// two scopes, the second with `request.headers` and the first without: a condition sees the
     /// headers only if it names them, whichever conditions ran before it.
     scopes: [OnceCell<RefCell<Context<'a, 'a>>>; 2],
+    /// The answers of the conditions evaluated with [`Condition::evaluate_once`], by the
+    /// condition's address: a rule search runs once per reading of the path (up to five), and a
+    /// matcher's `when` answers the same in each.
+    answers: RefCell<Vec<(usize, Result<bool, String>)>>,
 }
 
 impl<'a> CelInput<'a> {
@@ -240,6 +301,7 @@ impl<'a> CelInput<'a> {
             risk_counts: None,
             risk_value: OnceCell::new(),
             scopes: Default::default(),
+            answers: RefCell::new(Vec::new()),
         }
     }
 
@@ -642,6 +704,64 @@ mod tests {
         );
         assert_eq!(reads("request.operation == 'x'"), (vec![], false));
         assert_eq!(reads("claims.amount > 1"), (vec![], false));
+    }
+
+    /// A matcher's `when` is evaluated once per request, however many searches of the rules ask.
+    #[test]
+    fn a_condition_is_evaluated_once_per_request_input() {
+        let env = environment();
+        let request = AccessRequest {
+            operation: Some("payments.wire_transfer".into()),
+            attributes: json!({"amount": 5}).as_object().unwrap().clone(),
+            ..Default::default()
+        };
+        let input = CelInput::new(&env, &request, None, None, 1_700_000_000);
+        let small = Condition::compile(&env, "request.attributes.amount < 10").unwrap();
+        let large = Condition::compile(&env, "request.attributes.amount > 10").unwrap();
+        for _ in 0..5 {
+            assert_eq!(small.evaluate_once(&input, Readings::Agree), Ok(true));
+            assert_eq!(large.evaluate_once(&input, Readings::Agree), Ok(false));
+        }
+        assert_eq!(
+            input.answers.borrow().len(),
+            2,
+            "one answer kept per condition"
+        );
+    }
+
+    /// `matches()` reads as CEL's own does, with each pattern compiled once per thread however
+    /// many values a caller makes it run over.
+    #[test]
+    fn matches_compiles_each_pattern_once_per_thread() {
+        let items: Vec<String> = (0..500).map(|i| format!("team-{i}")).collect();
+        let attributes = json!({"groups": items.join(",")});
+        for (source, expected) in [
+            (
+                r#"request.attributes.groups.split(",").exists(g, g.matches("^team-499$"))"#,
+                true,
+            ),
+            (
+                r#"request.attributes.groups.split(",").all(g, g.matches("^team-[0-9]+$"))"#,
+                true,
+            ),
+            (
+                r#"request.attributes.groups.split(",").exists(g, matches(g, "(?i)^ADMIN$"))"#,
+                false,
+            ),
+            (r#"matches("foobar", "o+b")"#, true),
+            (r#""foobar".matches("^bar")"#, false),
+        ] {
+            assert_eq!(
+                eval(source, attributes.clone(), json!({})),
+                Ok(expected),
+                "{source}"
+            );
+        }
+        COMPILED.with_borrow(|table| {
+            for pattern in ["^team-499$", "^team-[0-9]+$", "(?i)^ADMIN$", "o+b", "^bar"] {
+                assert!(table.contains_key(pattern), "{pattern} not kept compiled");
+            }
+        });
     }
 
     fn eval(source: &str, attributes: Json, claims: Json) -> Result<bool, String> {
