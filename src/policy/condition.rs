@@ -426,15 +426,16 @@ fn object_val<'v>(object: &'v Map<String, Json>) -> Box<dyn Val + 'v> {
     ))
 }
 
-/// A JSON value as CEL sees it, as `cel::to_value` would make it: a non-negative integer is a
-/// `uint`, a negative one an `int`, any other number a `double`.
+/// A JSON value as CEL sees it: an integer is an `int` (a `uint` only past `int`'s range), any
+/// other number a `double`. CEL does no arithmetic between `int` and `uint`, so a claim's
+/// `exp` read as a `uint` made `claims.exp - now` an error.
 fn json_val<'v>(json: &'v Json) -> Box<dyn Val + 'v> {
     match json {
         Json::Null => Box::new(CelNull),
         Json::Bool(b) => Box::new(CelBool::from(*b)),
         Json::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-            (Some(u), _, _) => Box::new(CelUInt::from(u)),
-            (None, Some(i), _) => Box::new(CelInt::from(i)),
+            (_, Some(i), _) => Box::new(CelInt::from(i)),
+            (Some(u), None, _) => Box::new(CelUInt::from(u)),
             (None, None, f) => Box::new(CelDouble::from(f.unwrap_or(f64::NAN))),
         },
         Json::String(s) => Box::new(CelString::from(s.as_str())),
@@ -706,6 +707,28 @@ mod tests {
         assert_eq!(reads("claims.amount > 1"), (vec![], false));
     }
 
+    /// A claim's integer is an `int` whatever its sign, so that arithmetic with `now` (an `int`)
+    /// and with integer literals works; one past `int`'s range is a `uint`.
+    #[test]
+    fn claim_integers_do_arithmetic_with_now_and_literals() {
+        let claims = json!({"exp": 1_700_000_600, "auth_time": 1_699_999_900, "lvl": 2, "neg": -3,
+                            "huge": u64::MAX});
+        for (source, expected) in [
+            ("claims.exp - now > 60", true),
+            ("now - claims.auth_time < 300", true),
+            ("claims.lvl + 1 == 3", true),
+            ("claims.neg + 1 == -2", true),
+            ("claims.lvl > 1.5", true),
+            ("claims.huge > 1u", true),
+        ] {
+            assert_eq!(
+                eval(source, json!({}), claims.clone()),
+                Ok(expected),
+                "{source}"
+            );
+        }
+    }
+
     /// A matcher's `when` is evaluated once per request, however many searches of the rules ask.
     #[test]
     fn a_condition_is_evaluated_once_per_request_input() {
@@ -779,7 +802,16 @@ mod tests {
 
     /// Whether two CEL values are the same: of one type, equal, and (for maps and lists) made of
     /// the same values, kind for kind (CEL's equality alone takes `1u` for `1`).
-    fn same(a: &dyn Val, b: &dyn Val) -> bool {
+    /// Whether `ours` is `theirs` (serde's conversion), but for an integer in `int`'s range,
+    /// which serde makes a `uint` when not negative and stepgate an `int` of the same value.
+    fn same(ours: &dyn Val, theirs: &dyn Val) -> bool {
+        if let (Some(i), Some(u)) = (
+            ours.downcast_ref::<CelInt>(),
+            theirs.downcast_ref::<CelUInt>(),
+        ) {
+            return u64::try_from(*i.inner()).is_ok_and(|i| i == *u.inner());
+        }
+        let (a, b) = (ours, theirs);
         if a.get_type() != b.get_type() || !a.equals(b) {
             return false;
         }
