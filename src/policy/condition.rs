@@ -13,9 +13,7 @@ use std::{
 use cel::{
     Context, Env, Program, Value,
     common::{
-        types::{
-            CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
-        },
+        types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString},
         value::Val,
     },
 };
@@ -129,10 +127,15 @@ impl Condition {
         self.uses.claims
     }
 
-    /// [`Self::evaluate_readings`], once per request: a second call with the same `input` (and
-    /// `how`, which a condition's place fixes) answers as the first did.
-    pub fn evaluate_once(&self, input: &CelInput<'_>, how: Readings) -> Result<bool, String> {
-        let key = std::ptr::from_ref(self) as usize;
+    /// [`Self::evaluate_readings`], once per request: a second call with the same `input` and
+    /// `how` answers as the first did. For the policy's own conditions only (a matcher's `when`):
+    /// the answer is kept by the condition's address, which must outlive `input`.
+    pub(crate) fn evaluate_once(
+        &self,
+        input: &CelInput<'_>,
+        how: Readings,
+    ) -> Result<bool, String> {
+        let key = (std::ptr::from_ref(self) as usize, how);
         if let Some((_, answer)) = input.answers.borrow().iter().find(|(k, _)| *k == key) {
             return answer.clone();
         }
@@ -279,7 +282,7 @@ pub struct CelInput<'a> {
     /// The answers of the conditions evaluated with [`Condition::evaluate_once`], by the
     /// condition's address: a rule search runs once per reading of the path (up to five), and a
     /// matcher's `when` answers the same in each.
-    answers: RefCell<Vec<(usize, Result<bool, String>)>>,
+    answers: RefCell<Vec<((usize, Readings), Result<bool, String>)>>,
 }
 
 impl<'a> CelInput<'a> {
@@ -426,7 +429,7 @@ fn object_val<'v>(object: &'v Map<String, Json>) -> Box<dyn Val + 'v> {
     ))
 }
 
-/// A JSON value as CEL sees it: an integer is an `int` (a `uint` only past `int`'s range), any
+/// A JSON value as CEL sees it: an integer is an `int` (a `double` past `int`'s range), any
 /// other number a `double`. CEL does no arithmetic between `int` and `uint`, so a claim's
 /// `exp` read as a `uint` made `claims.exp - now` an error.
 fn json_val<'v>(json: &'v Json) -> Box<dyn Val + 'v> {
@@ -435,7 +438,9 @@ fn json_val<'v>(json: &'v Json) -> Box<dyn Val + 'v> {
         Json::Bool(b) => Box::new(CelBool::from(*b)),
         Json::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
             (_, Some(i), _) => Box::new(CelInt::from(i)),
-            (Some(u), None, _) => Box::new(CelUInt::from(u)),
+            // Past `int`'s range: a `double`, as every other number, rather than a `uint`
+            // whose arithmetic with every `int` fails.
+            (Some(u), None, _) => Box::new(CelDouble::from(u as f64)),
             (None, None, f) => Box::new(CelDouble::from(f.unwrap_or(f64::NAN))),
         },
         Json::String(s) => Box::new(CelString::from(s.as_str())),
@@ -708,7 +713,7 @@ mod tests {
     }
 
     /// A claim's integer is an `int` whatever its sign, so that arithmetic with `now` (an `int`)
-    /// and with integer literals works; one past `int`'s range is a `uint`.
+    /// and with integer literals works; one past `int`'s range is a `double`.
     #[test]
     fn claim_integers_do_arithmetic_with_now_and_literals() {
         let claims = json!({"exp": 1_700_000_600, "auth_time": 1_699_999_900, "lvl": 2, "neg": -3,
@@ -719,7 +724,8 @@ mod tests {
             ("claims.lvl + 1 == 3", true),
             ("claims.neg + 1 == -2", true),
             ("claims.lvl > 1.5", true),
-            ("claims.huge > 1u", true),
+            // Past int's range a double, which compares and adds with ints.
+            ("claims.huge > 1.0e19 && claims.huge + 1.0 > 1.0e19", true),
         ] {
             assert_eq!(
                 eval(source, json!({}), claims.clone()),
@@ -802,14 +808,17 @@ mod tests {
 
     /// Whether two CEL values are the same: of one type, equal, and (for maps and lists) made of
     /// the same values, kind for kind (CEL's equality alone takes `1u` for `1`).
-    /// Whether `ours` is `theirs` (serde's conversion), but for an integer in `int`'s range,
-    /// which serde makes a `uint` when not negative and stepgate an `int` of the same value.
+    /// Whether `ours` is `theirs` (serde's conversion), but for a non-negative integer, which
+    /// serde makes a `uint` and stepgate an `int` of the same value (a `double` past `int`'s
+    /// range).
     fn same(ours: &dyn Val, theirs: &dyn Val) -> bool {
-        if let (Some(i), Some(u)) = (
-            ours.downcast_ref::<CelInt>(),
-            theirs.downcast_ref::<CelUInt>(),
-        ) {
-            return u64::try_from(*i.inner()).is_ok_and(|i| i == *u.inner());
+        if let Some(u) = theirs.downcast_ref::<cel::common::types::CelUInt>() {
+            if let Some(i) = ours.downcast_ref::<CelInt>() {
+                return u64::try_from(*i.inner()).is_ok_and(|i| i == *u.inner());
+            }
+            if let Some(d) = ours.downcast_ref::<CelDouble>() {
+                return *d.inner() == *u.inner() as f64;
+            }
         }
         let (a, b) = (ours, theirs);
         if a.get_type() != b.get_type() || !a.equals(b) {
