@@ -255,6 +255,9 @@ fn matches(
     ))
 }
 
+/// A condition (by its address) and how its readings were combined.
+type AnswerKey = (usize, Readings);
+
 /// The variables of one request's evaluations, handed to CEL as values that borrow the request's
 /// own strings and maps: nothing is copied, an expression that does not read a variable costs
 /// nothing for it, and a variable is converted once per request, not once per condition that
@@ -282,7 +285,7 @@ pub struct CelInput<'a> {
     /// The answers of the conditions evaluated with [`Condition::evaluate_once`], by the
     /// condition's address: a rule search runs once per reading of the path (up to five), and a
     /// matcher's `when` answers the same in each.
-    answers: RefCell<Vec<((usize, Readings), Result<bool, String>)>>,
+    answers: RefCell<Vec<(AnswerKey, Result<bool, String>)>>,
 }
 
 impl<'a> CelInput<'a> {
