@@ -770,3 +770,27 @@ fn check_warns_of_conditions_reading_attributes_the_records_do_not_keep() {
         ]
     );
 }
+
+#[test]
+fn check_warns_of_a_signal_blocking_by_source_address() {
+    let header = "warning: 1 risk signal(s) block by source address";
+    let demo = demo_policy_text();
+    let run = |name: &str, policy_text: &str| {
+        let policy = TempPolicy::new(name, policy_text);
+        let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        text(&out.stdout)
+    };
+    // The demo's signal only logs: nothing to warn of.
+    assert!(!run("source-log", &demo).contains(header));
+    let blocking = edit(
+        &demo,
+        "      action: log                        # then: action: block, block_for: 15m",
+        "      action: block\n      block_for: 15m",
+    );
+    let stdout = run("source-block", &blocking);
+    assert!(
+        stdout.contains(header) && stdout.contains("\n  risk signal forged_tokens\n"),
+        "{stdout}"
+    );
+}

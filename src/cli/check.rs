@@ -207,6 +207,16 @@ fn describe(policy: &Policy) -> String {
         "issuer(s) have no audience but admin.audiences: Check and Decide refuse every token of theirs as meant for the admin API (right for an issuer of operators only; otherwise give the admin API an audience of its own)",
     );
     warn(
+        policy
+            .risk
+            .signals
+            .iter()
+            .filter(|s| s.key == KeyKind::Source && matches!(s.action, Action::Block { .. }))
+            .map(|s| format!("risk signal {}", s.name))
+            .collect(),
+        "risk signal(s) block by source address: the address Envoy names is its connection's, a load balancer's for every client unless it sends the PROXY protocol, and one client tripping the signal would then block everyone (docs/risk.md)",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );
