@@ -72,27 +72,17 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
 /// The request's headers named like stepgate's own that the policy's identity headers (set or
 /// removed already) do not cover.
 fn stray_headers(policy: &Policy, http: &crate::request::HttpAttributes) -> Vec<String> {
-    let ours = |name: &str| {
-        name.len() > 11
-            && name.as_bytes()[..11]
-                .iter()
-                .zip(b"x-stepgate-")
-                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*b == b'-' && *a == b'_'))
-    };
-    let mut stray: Vec<String> = Vec::new();
-    for (name, _) in http.headers.iter() {
-        if ours(name)
-            && !policy
+    http.stepgate_named_headers()
+        .into_iter()
+        .filter(|name| {
+            !policy
                 .upstream
                 .identity_headers
                 .iter()
                 .any(|(configured, _)| configured.eq_ignore_ascii_case(name))
-            && !stray.iter().any(|s| s == name)
-        {
-            stray.push(name.to_owned());
-        }
-    }
-    stray
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// How a decision reads the risk signals' counts: from the live counters at `now_ms`, or from
@@ -1447,7 +1437,7 @@ fn identity_headers(
     // A list of one (the usual `acrs`, `amr` or `roles`) is shared rather than joined anew.
     let join = |v: &[Arc<str>]| match v {
         [] => None,
-        [one] if !needs_escape_in_list(one) => Some(Arc::clone(one)),
+        [one] if !needs_escape(one, true) => Some(Arc::clone(one)),
         many => Some(Arc::from(list_value(many.iter().map(|item| &**item)))),
     };
     policy
@@ -1491,11 +1481,7 @@ fn identity_headers(
 /// `admin\u{85}` read as `admin`) and `%` are percent-encoded: the value stays printable and
 /// names exactly one claim value.
 fn single_value(value: Arc<str>) -> Arc<str> {
-    // A space at either end too: parsers strip it, and `admin ` would read as `admin`.
-    if value.contains(|c: char| c == '%' || c.is_control())
-        || value.starts_with(spacey)
-        || value.ends_with(spacey)
-    {
+    if needs_escape(&value, false) {
         let mut escaped = String::with_capacity(value.len() + 8);
         push_escaped(&mut escaped, &value, false);
         Arc::from(escaped)
@@ -1511,9 +1497,13 @@ fn spacey(c: char) -> bool {
     c.is_whitespace() || c == '\u{feff}'
 }
 
-/// Whether a list's item has something [`push_escaped`] encodes.
-fn needs_escape_in_list(item: &str) -> bool {
-    item.contains(|c: char| c == '%' || c.is_control() || spacey(c))
+/// Whether `text` has something [`push_escaped`] encodes: `%` or a control character, or a space
+/// anywhere in a list item and at either end of a single value (parsers strip it there, and
+/// `admin ` would read as `admin`).
+fn needs_escape(text: &str, list_item: bool) -> bool {
+    text.contains(|c: char| c == '%' || c.is_control() || (list_item && spacey(c)))
+        || text.starts_with(spacey)
+        || text.ends_with(spacey)
 }
 
 /// A list's items as one header value, space-separated. An item holding a space (one role named

@@ -385,16 +385,9 @@ impl HttpAttributes {
         &self,
         names: impl Iterator<Item = &'a str> + Clone,
     ) -> Option<&'a str> {
-        let fold = |b: u8| match b {
-            b'_' => b'-',
-            b => b.to_ascii_lowercase(),
-        };
         let same = |sent: &[u8], wanted: &str| {
             sent.len() == wanted.len()
-                && sent
-                    .iter()
-                    .zip(wanted.bytes())
-                    .all(|(&s, w)| fold(s) == fold(w))
+                && read_alike(sent, wanted.as_bytes())
                 && !sent.eq_ignore_ascii_case(wanted.as_bytes())
         };
         // Identity header names have no `_` (the policy refuses one), so only a name sent with
@@ -403,6 +396,22 @@ impl HttpAttributes {
             .names()
             .filter(|sent| sent.contains(&b'_'))
             .find_map(|sent| names.clone().find(|wanted| same(sent, wanted)))
+    }
+
+    /// The request's header names read as stepgate's own (`x-stepgate-…` in any case, `_` for
+    /// `-`), each once, as sent.
+    pub fn stepgate_named_headers(&self) -> Vec<&str> {
+        const PREFIX: &[u8] = b"x-stepgate-";
+        let mut found: Vec<&str> = Vec::new();
+        for (name, _) in self.headers.iter() {
+            if name.len() > PREFIX.len()
+                && read_alike(&name.as_bytes()[..PREFIX.len()], PREFIX)
+                && !found.contains(&name)
+            {
+                found.push(name);
+            }
+        }
+        found
     }
 
     /// Whether the query string carries an RFC 6750 `access_token` parameter. Pairs are split
@@ -418,6 +427,16 @@ impl HttpAttributes {
             is_access_token_name(name)
         })
     }
+}
+
+/// Whether two header names of one length read as one to a server that ignores case and takes
+/// `_` for `-` (CGI-style runtimes: WSGI, Rack, PHP).
+fn read_alike(sent: &[u8], wanted: &[u8]) -> bool {
+    let fold = |b: u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    sent.iter().zip(wanted).all(|(&s, &w)| fold(s) == fold(w))
 }
 
 /// Whether a query parameter's name is RFC 6750's `access_token` as some server reads it:

@@ -377,9 +377,8 @@ fn revoked(
     // is sent only while the token's `iat` is before it. A token issued since whose `auth_time`
     // is still before it came from a refresh of the revoked session, and asking again would
     // bring the same kind of token back: it is refused.
-    let entra = policy
-        .issuers
-        .by_id(&principal.issuer_id)
+    let issuer = policy.issuers.by_id(&principal.issuer_id);
+    let entra = issuer
         .filter(|issuer| issuer.challenge == ChallengeStyle::Entra)
         .filter(|_| principal.claims_challenge_capable)
         .filter(|_| {
@@ -390,10 +389,7 @@ fn revoked(
     // A user's sign-in (a token with `auth_time`: a machine's client-credentials token has none,
     // and no user could meet the challenge), once the revocation time has come (before it, no
     // sign-in could be recent enough, and a max_age of 0 would ask for one again and again).
-    let rfc9470 = policy
-        .issuers
-        .by_id(&principal.issuer_id)
-        .is_some_and(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
+    let rfc9470 = issuer.is_some_and(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
         && !principal.app_only
         && principal.auth_time.is_some()
         && now > revocation.before;
