@@ -403,9 +403,11 @@ impl HttpAttributes {
     pub fn stepgate_named_headers(&self) -> Vec<&str> {
         const PREFIX: &[u8] = b"x-stepgate-";
         let mut found: Vec<&str> = Vec::new();
-        for (name, _) in self.headers.iter() {
+        // Names only: values (the token among them) are not read.
+        for name in self.headers.names() {
             if name.len() > PREFIX.len()
-                && read_alike(&name.as_bytes()[..PREFIX.len()], PREFIX)
+                && read_alike(&name[..PREFIX.len()], PREFIX)
+                && let Ok(name) = std::str::from_utf8(name)
                 && !found.contains(&name)
             {
                 found.push(name);

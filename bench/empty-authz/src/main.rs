@@ -7,9 +7,11 @@
 //! pinned to one core and waits for the `listening on ADDR` line.
 //!
 //! With `--canned` it is the floor below that: HTTP/2 streams answered with precomputed bytes,
-//! without tonic and without decoding ([`canned`]).
+//! without tonic and without decoding ([`canned`]); with `--canned-hyper`, the same answers
+//! through hyper's HTTP/2 server, as stepgate serves them ([`canned_hyper`]).
 
 mod canned;
+mod canned_hyper;
 
 use std::{
     net::SocketAddr,
@@ -59,6 +61,10 @@ struct Args {
     /// the floor of any gRPC server on this transport.
     #[arg(long, conflicts_with = "busy_micros")]
     canned: bool,
+    /// The same precomputed answers, served through hyper's HTTP/2 server with stepgate's
+    /// settings: beside `--canned`, what hyper's server costs per call.
+    #[arg(long, conflicts_with_all = ["busy_micros", "canned"])]
+    canned_hyper: bool,
 }
 
 #[derive(Debug, Default)]
@@ -126,9 +132,12 @@ fn main() -> std::process::ExitCode {
             let rt = runtime
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
-            if args.canned {
+            if args.canned || args.canned_hyper {
                 use prost::Message as _;
                 let body = canned::framed(&service.response.encode_to_vec());
+                if args.canned_hyper {
+                    return rt.block_on(canned_hyper::serve(args.listen, body));
+                }
                 return rt.block_on(canned::serve(args.listen, body));
             }
             rt.block_on(serve(args.listen, service))
@@ -190,6 +199,18 @@ mod tests {
     /// the same message the tonic floor answers.
     #[test]
     fn the_canned_floor_answers_a_grpc_client() {
+        answers_a_grpc_client(|addr, body| tokio::spawn(canned::serve(addr, body)));
+    }
+
+    /// The same through hyper's HTTP/2 server.
+    #[test]
+    fn the_canned_floor_through_hyper_answers_a_grpc_client() {
+        answers_a_grpc_client(|addr, body| tokio::spawn(canned_hyper::serve(addr, body)));
+    }
+
+    fn answers_a_grpc_client(
+        start: impl FnOnce(SocketAddr, bytes::Bytes) -> tokio::task::JoinHandle<Result<(), String>>,
+    ) {
         use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
         use prost::Message as _;
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -198,7 +219,7 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             drop(listener);
             let body = canned::framed(&ok_response(0).encode_to_vec());
-            tokio::spawn(canned::serve(addr, body));
+            let _server = start(addr, body);
             let mut client = loop {
                 match AuthorizationClient::connect(format!("http://{addr}")).await {
                     Ok(client) => break client,

@@ -711,7 +711,21 @@ impl Input {
     /// at least 0.9 of its throughput, and paced at 20 000 req/s stays within +0.05 ms at p50 and
     /// 1.25× at p99.
     fn canned_targets(&self) -> Vec<Target> {
-        let mut out = vec![self.against_floor("a", "canned", 0.9)];
+        let mut floor = self.against_floor("a", "canned", 0.9);
+        // What of the gap is hyper's server, and what is stepgate's own code above it.
+        let cpu = |label: &str| {
+            self.judged(label)
+                .and_then(|r| r.server.map(|s| s.cpu_us_per_request))
+        };
+        if let (Some(hyper), Some(canned)) = (cpu("canned-hyper"), cpu("canned")) {
+            let _ = write!(
+                floor.note,
+                "; the same answers through hyper's server (canned-hyper): {hyper:.1} µs/req \
+                 ({:.2}× the canned floor's)",
+                hyper / canned.max(1e-9)
+            );
+        }
+        let mut out = vec![floor];
         out.extend(self.open_targets(
             "(floor) open loop at 20 000 req/s",
             ("a-open-20k", "stepgate"),
@@ -1845,6 +1859,16 @@ mod tests {
             floor.note.contains("28.0 vs 20.0 µs/req (1.40×)"),
             "{}",
             floor.note
+        );
+        assert!(!floor.note.contains("canned-hyper"), "{}", floor.note);
+        i.runs.push(run("canned-hyper", 36_000.0, 21.5, 0.7, 1.2));
+        let with_hyper = i.targets();
+        let note = &target(&with_hyper, "(floor) cached Check")[0].note;
+        assert!(
+            note.contains(
+                "through hyper's server (canned-hyper): 21.5 µs/req (1.07× the canned floor's)"
+            ),
+            "{note}"
         );
         let open = target(&targets, "(floor) open loop at 20 000 req/s");
         assert_eq!(open.len(), 2);
