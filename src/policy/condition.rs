@@ -181,8 +181,84 @@ impl Condition {
                 self.source,
                 other.type_of()
             )),
-            Err(e) => Err(format!("{:?} could not be evaluated: {e}", self.source)),
+            Err(e) => Err(format!(
+                "{:?} could not be evaluated: {}",
+                self.source,
+                describe(&e, &self.source)
+            )),
         }
+    }
+}
+
+/// What went wrong in an evaluation, without the values involved: cel's own messages print its
+/// operands in full (a claim, a header's value, the whole header map with the bearer token), and
+/// the message reaches the decision log, the denial's body and its `WWW-Authenticate`. Types and
+/// operators only; a key or name only where the condition's own text holds it.
+fn describe(error: &cel::ExecutionError, source: &str) -> String {
+    use cel::ExecutionError as E;
+    let named = |name: &str| {
+        if !name.is_empty() && source.contains(name) {
+            format!(" {name:?}")
+        } else {
+            String::new()
+        }
+    };
+    // A value's type with its article: "an int", "a string".
+    let a = |value: &cel::Value| {
+        let kind = value.type_of().to_string();
+        let article = if kind.starts_with(['i', 'o']) { "an" } else { "a" };
+        format!("{article} {kind}")
+    };
+    #[allow(deprecated)] // Variants cel still returns.
+    match error {
+        E::InvalidArgumentCount { expected, actual } => {
+            format!("{actual} arguments where {expected} are expected")
+        }
+        E::UnsupportedTargetType { target } => {
+            format!("an argument of type {} is not supported", target.type_of())
+        }
+        E::NotSupportedAsMethod { method, target } => format!(
+            "method{} is not supported on type {}",
+            named(method),
+            target.type_of()
+        ),
+        E::UnsupportedKeyType(key) => format!("{} cannot be a map key", a(key)),
+        E::UnexpectedType { want, .. } => format!("a value is not of the type expected ({want})"),
+        E::NoSuchKey(key) => format!("no such key{}", named(key)),
+        // An operator's or a function's name: cel's or the policy's own, never a request's.
+        E::NoSuchOverload(overload) => format!(
+            "no overload of {:?} for ({})",
+            overload.function(),
+            overload.argument_types().join(", ")
+        ),
+        E::UndeclaredReference(name) => format!("undeclared reference{}", named(name)),
+        E::MissingArgumentOrTarget => "missing argument or target".to_owned(),
+        E::ValuesNotComparable(left, right) => {
+            format!("{} cannot be compared to {}", a(left), a(right))
+        }
+        E::UnsupportedUnaryOperator(op, v) => {
+            format!("operator {op:?} is not supported on {}", a(v))
+        }
+        E::UnsupportedBinaryOperator(op, left, right) | E::Overflow(op, left, right) => format!(
+            "operator {op:?} on {} and {}{}",
+            a(left),
+            a(right),
+            if matches!(error, E::Overflow(..)) {
+                " overflows"
+            } else {
+                " is not supported"
+            }
+        ),
+        E::UnsupportedMapIndex(v) | E::UnsupportedListIndex(v) => {
+            format!("{} cannot index this value", a(v))
+        }
+        E::UnsupportedIndex(index, target) => format!("{} cannot index {}", a(index), a(target)),
+        E::FunctionError { function, .. } => format!("function{} failed", named(function)),
+        E::DivisionByZero(_) => "division by zero".to_owned(),
+        E::RemainderByZero(_) => "remainder by zero".to_owned(),
+        E::IndexOutOfBounds(_) => "index out of bounds".to_owned(),
+        E::DuplicateKey(key) => format!("a map literal repeats {} key", a(key)),
+        _ => "an expression cel cannot evaluate".to_owned(),
     }
 }
 
@@ -979,6 +1055,53 @@ mod tests {
             condition.evaluate(&CelInput::new(&env, &request, None, None, 0)),
             Ok(true)
         );
+    }
+
+    /// An evaluation's error names types and operators, never the values: cel's own messages
+    /// print its operands, and the message reaches the log, the denial and its challenge.
+    #[test]
+    fn an_evaluation_error_names_no_value() {
+        let env = environment();
+        let mut headers = crate::request::Headers::default();
+        headers.insert("authorization".to_owned(), "Bearer SECRET-TOKEN".to_owned());
+        headers.insert("x-units".to_owned(), "SECRET-UNITS".to_owned());
+        let request = AccessRequest {
+            http: Some(crate::request::HttpAttributes::new(
+                "GET", "h", "/a", headers,
+            )),
+            attributes: json!({"secret": "SECRET-ATTRIBUTE"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ..Default::default()
+        };
+        let claims = json!({"tier": "SECRET-CLAIM", "quota": 100})
+            .as_object()
+            .unwrap()
+            .clone();
+        let input = CelInput::new(&env, &request, Some("/a"), Some(&claims), 5);
+        for (source, says) in [
+            ("'tier-' + claims.quota == 'tier-1'", "operator \"add\" on a string and an int is not"),
+            ("claims.quota - request.headers['x-units'] >= 0", "\"sub\" on an int and a string"),
+            ("request.headers + 1 > 0", "operator \"add\" on a map and an int"),
+            ("claims[claims.tier] == 1", "no such key"),
+            ("claims.tier < 1", "no overload of \"_<_\" for (string, int)"),
+            ("int(claims.tier) == 1", "function \"int\" failed"),
+            ("claims.quota / (claims.quota - 100) == 1", "division by zero"),
+        ] {
+            let error = Condition::compile(&env, source)
+                .unwrap()
+                .evaluate(&input)
+                .expect_err(source);
+            assert!(!error.contains("SECRET"), "{source}: {error}");
+            assert!(error.contains(says), "{source}: {error}");
+        }
+        // A key the condition names is named.
+        let error = Condition::compile(&env, "claims.missing == 1")
+            .unwrap()
+            .evaluate(&input)
+            .unwrap_err();
+        assert!(error.ends_with("no such key \"missing\""), "{error}");
     }
 
     #[test]
