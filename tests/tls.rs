@@ -934,6 +934,29 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_of_its_type() {
         );
         assert_alert(what, probe(port, &[&ca], Some(leaf)).await, "AccessDenied");
     }
+    // Each refusal costs a certificate holder one handshake: they are logged at most once per
+    // 10 s, each line naming a few of the certificate's names however many it has.
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("name-{i}.example.internal"))
+        .collect();
+    let crowded = ca.client(&many.iter().map(String::as_str).collect::<Vec<_>>());
+    for _ in 0..3 {
+        assert_alert(
+            "300 names",
+            probe(port, &[&ca], Some(&crowded)).await,
+            "AccessDenied",
+        );
+    }
+    let lines: Vec<String> = server
+        .logs()
+        .into_iter()
+        .filter(|line| line.contains("client certificate refused"))
+        .collect();
+    assert!(
+        (1..=3).contains(&lines.len()),
+        "17 refusals in a few seconds: {lines:#?}"
+    );
+    assert!(lines.iter().all(|line| line.len() < 2048), "{lines:#?}");
 
     // A listed name does not excuse another CA.
     let forged = other.client(&[GATEWAY_SPIFFE]);

@@ -206,7 +206,11 @@ fn describe(error: &cel::ExecutionError, source: &str) -> String {
     // A value's type with its article: "an int", "a string".
     let a = |value: &cel::Value| {
         let kind = value.type_of().to_string();
-        let article = if kind.starts_with(['i', 'o']) { "an" } else { "a" };
+        let article = if kind.starts_with(['i', 'o']) {
+            "an"
+        } else {
+            "a"
+        };
         format!("{article} {kind}")
     };
     #[allow(deprecated)] // Variants cel still returns.
@@ -1081,13 +1085,28 @@ mod tests {
             .clone();
         let input = CelInput::new(&env, &request, Some("/a"), Some(&claims), 5);
         for (source, says) in [
-            ("'tier-' + claims.quota == 'tier-1'", "operator \"add\" on a string and an int is not"),
-            ("claims.quota - request.headers['x-units'] >= 0", "\"sub\" on an int and a string"),
-            ("request.headers + 1 > 0", "operator \"add\" on a map and an int"),
+            (
+                "'tier-' + claims.quota == 'tier-1'",
+                "operator \"add\" on a string and an int is not",
+            ),
+            (
+                "claims.quota - request.headers['x-units'] >= 0",
+                "\"sub\" on an int and a string",
+            ),
+            (
+                "request.headers + 1 > 0",
+                "operator \"add\" on a map and an int",
+            ),
             ("claims[claims.tier] == 1", "no such key"),
-            ("claims.tier < 1", "no overload of \"_<_\" for (string, int)"),
+            (
+                "claims.tier < 1",
+                "no overload of \"_<_\" for (string, int)",
+            ),
             ("int(claims.tier) == 1", "function \"int\" failed"),
-            ("claims.quota / (claims.quota - 100) == 1", "division by zero"),
+            (
+                "claims.quota / (claims.quota - 100) == 1",
+                "division by zero",
+            ),
         ] {
             let error = Condition::compile(&env, source)
                 .unwrap()

@@ -42,7 +42,10 @@ use tokio_rustls::TlsAcceptor;
 
 use super::files::FileWatch;
 use crate::identity::san::{self, SanName};
-use crate::telemetry::metrics;
+use crate::telemetry::{
+    metrics,
+    throttle::{Throttle, WARNING_PERIOD},
+};
 
 /// The listener's TLS settings, from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,15 +317,18 @@ impl ClientCertVerifier for SanAllowList {
             return Ok(verified);
         }
         let names = subject_alt_names(end_entity).map_err(|e| {
-            tracing::warn!(error = %e, "client certificate refused");
+            refused(
+                &format!("its subject alternative names cannot be read: {e}"),
+                &[],
+            );
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
         if san::any_allowed(&names, &self.allowed) {
             Ok(verified)
         } else {
-            tracing::warn!(
-                sans = ?names,
-                "client certificate refused: none of its subject alternative names is in --client-san"
+            refused(
+                "none of its subject alternative names is in --client-san",
+                &names,
             );
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
@@ -351,4 +357,34 @@ impl ClientCertVerifier for SanAllowList {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Says, at most every 10 s (like a failed handshake), that a client certificate was refused,
+/// and names a few of its SANs: each refusal costs whoever holds a certificate of the CA one
+/// handshake, and a certificate may carry hundreds of names.
+fn refused(why: &str, names: &[SanName]) {
+    /// SANs named, and the characters shown of each.
+    const SHOWN: usize = 3;
+    const SHOWN_CHARS: usize = 80;
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
+    let Some(unlogged) = WARNINGS.admit() else {
+        return;
+    };
+    let shown: Vec<String> = names
+        .iter()
+        .take(SHOWN)
+        .map(|name| {
+            let name = name.to_string();
+            match name.char_indices().nth(SHOWN_CHARS) {
+                Some((cut, _)) => format!("{}…", &name[..cut]),
+                None => name,
+            }
+        })
+        .collect();
+    tracing::warn!(
+        sans = ?shown,
+        san_count = names.len(),
+        unlogged,
+        "client certificate refused: {why} (later refusals within 10 s are only counted, as TLS handshake errors)"
+    );
 }
