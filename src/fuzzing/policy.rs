@@ -1,15 +1,45 @@
 //! The policy loader (`config::parse`, `policy::compile`) on any text: a policy is compiled or
-//! refused with an error, never a panic.
+//! refused with an error, never a panic; and a policy compiled decides requests on a thread with
+//! a worker's 2 MiB stack, its conditions evaluated, without overflowing it.
 
 use std::path::Path;
+
+use crate::request::{AccessRequest, Headers, HttpAttributes};
 
 pub fn check(bytes: &[u8]) {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return;
     };
-    if let Ok(file) = crate::config::parse(text) {
-        let _ = crate::policy::compile(&file, Path::new("."));
-    }
+    let Ok(file) = crate::config::parse(text) else {
+        return;
+    };
+    let Ok(policy) = crate::policy::compile(&file, Path::new(".")) else {
+        return;
+    };
+    let attributes = serde_json::json!({"a": 1, "amount": 25_000, "s": "x"});
+    let requests = [
+        AccessRequest {
+            operation: Some("op.x".into()),
+            attributes: attributes.as_object().cloned().unwrap_or_default(),
+            ..Default::default()
+        },
+        AccessRequest {
+            http: Some(HttpAttributes::new("GET", "h", "/a/b", Headers::default())),
+            ..Default::default()
+        },
+    ];
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn_scoped(scope, || {
+                for request in &requests {
+                    let _ = crate::decision::decide(&policy, request, 1_700_000_000);
+                }
+            })
+            .expect("a thread")
+            .join()
+            .expect("deciding panicked");
+    });
 }
 
 /// Starting points for the fuzzer: the demo policy, and small policies using each feature.
@@ -34,5 +64,16 @@ upstream:
   path_parameters: strip
 limits: { token_cache_bytes: 64MiB, max_header_count: 10 }
 "#;
-    vec![demo.as_bytes().to_vec(), small.as_bytes().to_vec()]
+    // An operator chain without brackets, deeper than a condition's syntax tree may be.
+    let chain = format!(
+        "issuers:\n  - {{ id: a, issuer: \"https://idp.example\", jwks_uri: \"https://idp.example/k\", \
+         audiences: [api] }}\nrules:\n  - id: c\n    match: {{ operation: \"op.*\", when: \
+         'request.attributes.a{} > 0' }}\n    require: {{ authenticated: true }}\n",
+        " + 1".repeat(300)
+    );
+    vec![
+        demo.as_bytes().to_vec(),
+        small.as_bytes().to_vec(),
+        chain.into_bytes(),
+    ]
 }

@@ -60,6 +60,14 @@ impl std::fmt::Debug for Condition {
 /// handful, and a limit well below keeps parsing and evaluating within any thread's stack.
 pub const MAX_NESTING: usize = 32;
 
+/// Deepest syntax tree a condition may have. cel evaluates the tree recursively, a frame or more
+/// per level, on a worker thread's 2 MiB stack; an operator chain without brackets
+/// (`a + 1 + 1 + …`, `x.f().f()…`, `c ? 1 : c ? 2 : …`) builds a tree as deep as it is long,
+/// which the bracket limit does not see, and a few hundred levels overflowed the stack: a
+/// process abort, not a panic a guard could catch. `&&` and `||` chains are balanced by the
+/// parser and stay shallow.
+pub const MAX_DEPTH: usize = 32;
+
 impl Condition {
     /// Parses `source`. A syntax error, or nesting deeper than [`MAX_NESTING`], is refused with a
     /// user-facing message.
@@ -74,6 +82,12 @@ impl Condition {
         let program = env
             .compile(source)
             .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
+        if deeper_than(program.expression(), MAX_DEPTH) {
+            return Err(format!(
+                "the CEL expression's syntax tree is more than {MAX_DEPTH} levels deep (a long \
+                 chain of operators, calls or conditionals): split it into simpler conditions"
+            ));
+        }
         check_patterns(program.expression())?;
         let references = program.references();
         let uses = Uses {
@@ -570,6 +584,42 @@ fn for_each_expr(e: &cel::IdedExpr, f: &mut impl FnMut(&cel::IdedExpr)) {
             }
         }
         Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+}
+
+/// Whether `e`'s syntax tree is more than `limit` levels deep; it descends no deeper than that.
+fn deeper_than(e: &cel::IdedExpr, limit: usize) -> bool {
+    use cel::common::ast::{EntryExpr, Expr};
+    let Some(below) = limit.checked_sub(1) else {
+        return true;
+    };
+    let deeper = |child: &cel::IdedExpr| deeper_than(child, below);
+    match &e.expr {
+        Expr::Select(select) => deeper(&select.operand),
+        Expr::Call(call) => call
+            .target
+            .iter()
+            .map(|t| &**t)
+            .chain(&call.args)
+            .any(deeper),
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .into_iter()
+        .any(deeper),
+        Expr::List(list) => list.elements.iter().any(deeper),
+        Expr::Map(cel::common::ast::MapExpr { entries })
+        | Expr::Struct(cel::common::ast::StructExpr { entries, .. }) => {
+            entries.iter().any(|entry| match &entry.expr {
+                EntryExpr::MapEntry(m) => deeper(&m.key) || deeper(&m.value),
+                EntryExpr::StructField(field) => deeper(&field.value),
+            })
+        }
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => false,
     }
 }
 
@@ -1225,6 +1275,69 @@ mod tests {
         assert_eq!(nesting(&quoted), 0);
         assert!(Condition::compile(&env, &quoted).is_ok());
         assert_eq!(nesting("a[b[c]] && f((1))"), 2);
+    }
+
+    /// An operator chain without brackets builds a syntax tree as deep as it is long: past
+    /// [`MAX_DEPTH`] it is refused, and the deepest accepted of each shape evaluates on a
+    /// worker's 2 MiB stack (in this debug build, whose frames are the larger).
+    #[test]
+    fn syntax_trees_past_the_depth_limit_are_refused_and_those_within_evaluate_on_a_worker_stack() {
+        let env = environment();
+        type Build = fn(usize) -> String;
+        let shapes: [(&str, Build); 5] = [
+            ("sum", |n| {
+                format!("request.attributes.a{} > 0", " + 1".repeat(n))
+            }),
+            ("product", |n| {
+                format!("request.attributes.a{} >= 0", " * 1".repeat(n))
+            }),
+            ("method chain", |n| {
+                format!("request.attributes.s{} != ''", ".lowerAscii()".repeat(n))
+            }),
+            ("conditional chain", |n| {
+                format!("{}true", "request.attributes.a == 0 ? false : ".repeat(n))
+            }),
+            ("select chain", |n| format!("has(claims{})", ".x".repeat(n))),
+        ];
+        for (shape, build) in shapes {
+            let accepted = |n: usize| Condition::compile(&env, &build(n)).is_ok();
+            let longest = (1..400).take_while(|&n| accepted(n)).last().unwrap_or(0);
+            assert!(longest > 8, "{shape}: only {longest} terms accepted");
+            assert!(longest < 400, "{shape}: no limit");
+            let refused = Condition::compile(&env, &build(longest + 1)).unwrap_err();
+            assert!(
+                refused.contains("syntax tree is more than 32 levels deep"),
+                "{refused}"
+            );
+            // The compiled condition crosses to a thread with a worker's stack.
+            let source = build(longest);
+            let answered = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn({
+                    let env = Arc::clone(&env);
+                    move || {
+                        let condition = Condition::compile(&env, &source).unwrap();
+                        let request = AccessRequest {
+                            attributes: json!({"a": 1, "s": "x"}).as_object().unwrap().clone(),
+                            ..Default::default()
+                        };
+                        let claims = json!({}).as_object().unwrap().clone();
+                        let input = CelInput::new(&env, &request, None, Some(&claims), 5);
+                        condition.evaluate(&input)
+                    }
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            // An answer, not an overflow (which would abort this process); `claims` has no `x`.
+            assert!(
+                answered.is_ok() || shape == "select chain",
+                "{shape}: {answered:?}"
+            );
+        }
+        // `&&` and `||` chains stay shallow: long ones are accepted.
+        let long_and = vec!["request.attributes.a > 0"; 300].join(" && ");
+        assert!(Condition::compile(&env, &long_and).is_ok());
     }
 
     #[test]
