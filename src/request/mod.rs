@@ -282,6 +282,29 @@ impl HttpAttributes {
         }
     }
 
+    /// [`Self::new`] for a request as a proxy or a caller gives it: a method, authority or
+    /// target left empty is read from its pseudo-header in `headers` (`:method`, `:authority`,
+    /// `:path`), as Envoy's `Check` may carry them. Both doors read one request alike: a `Decide`
+    /// whose method is only in `:method` is that method, not a default.
+    pub fn with_pseudo_headers(
+        method: String,
+        authority: String,
+        target: String,
+        headers: Headers,
+    ) -> Self {
+        let given = |value: String, name: &str| {
+            if value.is_empty() {
+                headers.get(name).unwrap_or_default().to_owned()
+            } else {
+                value
+            }
+        };
+        let method = given(method, ":method");
+        let authority = given(authority, ":authority");
+        let target = given(target, ":path");
+        Self::new(method, authority, target, headers)
+    }
+
     /// The host as sent, lower-case: with its port and trailing dot, if it had them.
     pub fn host_as_sent(&self) -> &str {
         self.host_with_port.as_deref().unwrap_or(&self.host)
@@ -303,6 +326,11 @@ impl HttpAttributes {
     /// servers that upper-case it (Werkzeug). A rule matched on one reading would be the wrong
     /// rule for the other: the request is refused. Its message.
     pub fn method_problem(&self) -> Option<&'static str> {
+        if self.method.is_empty() {
+            // No request is served without one; a rule naming methods would not match it, and
+            // one naming none would.
+            return Some("an HTTP request without a method is refused: set http.method");
+        }
         self.method
             .bytes()
             .any(|b| b.is_ascii_lowercase())

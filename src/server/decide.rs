@@ -123,12 +123,7 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
         if let Some(name) = duplicate_name(&headers) {
             problem.get_or_insert(RequestProblem::DuplicateHeader(name));
         }
-        let method = if h.method.is_empty() {
-            "GET"
-        } else {
-            &h.method
-        };
-        HttpAttributes::new(method, &h.host, &h.path, headers)
+        HttpAttributes::with_pseudo_headers(h.method, h.host, h.path, headers)
     });
     if operation.is_none() && http.is_none() {
         problem = Some(RequestProblem::NothingToMatch);
@@ -333,6 +328,48 @@ mod tests {
             (v1::Outcome::Deny, 500, "internal_error")
         );
         assert!(response.principal.is_none() && response.identity_headers.is_empty());
+    }
+
+    /// A `Decide` reads a request as `Check` does: a method or host left empty is its
+    /// pseudo-header's, and with neither the request is refused rather than taken as a GET.
+    #[test]
+    fn an_empty_method_or_host_is_read_from_its_pseudo_header_or_refused() {
+        use crate::policy::testing::{DEMO_POLICY, compile_policy};
+        let policy = compile_policy(DEMO_POLICY);
+        let decide = |method: &str, host: &str, headers: &[(&str, &str)]| {
+            let request = DecideRequest {
+                http: Some(v1::HttpRequest {
+                    method: method.to_owned(),
+                    host: host.to_owned(),
+                    path: "/healthz".to_owned(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                }),
+                ..Default::default()
+            };
+            let access = access_request(request, HeaderLimits::DEFAULT);
+            let decision = crate::decision::decide(&policy, &access, 1_700_000_000);
+            (access, decision)
+        };
+        let (_, get) = decide("GET", "", &[]);
+        assert!(get.is_allow(), "the demo's anonymous health rule: {get:?}");
+        let (post, refused) = decide("", "", &[(":method", "POST")]);
+        assert_eq!(post.http.as_ref().unwrap().method, "POST");
+        assert!(!refused.is_allow(), "{refused:?}");
+        let (_, none) = decide("", "", &[]);
+        assert_eq!(
+            (none.http_status, none.reason),
+            (400, crate::decision::Reason::MalformedRequest),
+            "{none:?}"
+        );
+        let (hosted, _) = decide("GET", "", &[(":authority", "Admin.Example.com:8443")]);
+        let http = hosted.http.as_ref().unwrap();
+        assert_eq!(
+            (http.host.as_str(), http.host_as_sent()),
+            ("admin.example.com", "admin.example.com:8443")
+        );
     }
 
     #[test]

@@ -340,17 +340,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         } else if authorization_entries == 1 && credential == PresentedCredential::None {
             credential = PresentedCredential::AuthorizationHeader;
         }
-        let pseudo = |given: String, name: &str| {
-            if given.is_empty() {
-                headers.get(name).unwrap_or_default().to_owned()
-            } else {
-                given
-            }
-        };
-        let method = pseudo(method, ":method");
-        let host = pseudo(host, ":authority");
-        let path = pseudo(path, ":path");
-        HttpAttributes::new(method, host, path, headers)
+        HttpAttributes::with_pseudo_headers(method, host, path, headers)
     });
     AccessRequest {
         credential,
@@ -535,6 +525,25 @@ mod tests {
             .and_then(|a| a.request.as_mut())
             .and_then(|r| r.http.as_mut())
             .expect("http")
+    }
+
+    /// A method left empty is `:method`'s; without either the request is refused (a rule naming
+    /// methods would not match it, and one naming none would).
+    #[test]
+    fn a_check_without_a_method_is_refused() {
+        use crate::policy::testing::{DEMO_POLICY, compile_policy};
+        let policy = compile_policy(DEMO_POLICY);
+        let mut check = check_with_headers(&[(":method", "POST")]);
+        http_of(&mut check).method.clear();
+        assert_eq!(access(check.clone()).http.unwrap().method, "POST");
+        let mut check = check_with_headers(&[]);
+        http_of(&mut check).method.clear();
+        let decision = crate::decision::decide(&policy, &access(check), 1_700_000_000);
+        assert_eq!(
+            (decision.http_status, decision.reason),
+            (400, crate::decision::Reason::MalformedRequest),
+            "{decision:?}"
+        );
     }
 
     /// `check_with_headers`, its headers sent as Envoy's `encode_raw_headers` does.

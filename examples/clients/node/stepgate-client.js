@@ -105,7 +105,7 @@ function toValue(value) {
  *
  * `operation` names what is being attempted (`payments.wire_transfer`) for rules with an
  * `operation` matcher; `method`/`path`/`host`/`headers` describe the HTTP request so route rules
- * apply. At least one of the two is required. `attributes` is a plain object for the policy's
+ * apply (`method` is required with them). At least one of the two is required. `attributes` is a plain object for the policy's
  * conditions, sent as a Struct.
  *
  * Every request is answered with an OK gRPC status: read `outcome`. That holds for DENY, for a
@@ -120,12 +120,16 @@ export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } 
   if (authorization !== undefined && token !== undefined) {
     return Promise.reject(new TypeError('pass authorization or token, not both (they are one oneof)'));
   }
+  if (!method && [target, host, headers].some((v) => v !== undefined)) {
+    // stepgate refuses an HTTP request without a method (400 malformed_request).
+    return Promise.reject(new TypeError("pass the HTTP request's method with its path, host or headers"));
+  }
   const message = { operation, explain };
   if (authorization !== undefined) message.authorization = authorization;
   if (token !== undefined) message.token = token;
   // `http` is a message: merely present (even empty) it is validated, so set it only when used.
   if ([method, target, host, headers].some((v) => v !== undefined)) {
-    message.http = { method: method ?? '', path: target ?? '', host: host ?? '', headers: headers ?? {} };
+    message.http = { method, path: target ?? '', host: host ?? '', headers: headers ?? {} };
   }
   if (attributes !== undefined) message.attributes = toStruct(attributes);
   return new Promise((resolve, reject) => {

@@ -248,6 +248,22 @@ describe('stepgate Decide (live)', () => {
     assert.match(r.message, /set operation, http, or both/);
   });
 
+  test('an HTTP request without a method is refused, by the client and by stepgate', async () => {
+    await assert.rejects(decide(client, { path: '/healthz' }), /method/);
+    const raw = (http) =>
+      new Promise((resolve, reject) =>
+        client.Decide({ http }, { deadline: Date.now() + 5000 }, (e, r) => (e ? reject(e) : resolve(r))),
+      );
+    const none = await raw({ path: '/healthz' });
+    assert.deepEqual([none.outcome, none.http_status, none.reason], [DENY, 400, 'malformed_request']);
+    assert.match(none.message, /without a method/);
+    // A method given only as `:method` is that method, not a default GET.
+    const post = await raw({ path: '/healthz', headers: { ':method': 'POST' } });
+    assert.notEqual(post.outcome, ALLOW);
+    const get = await raw({ path: '/healthz', headers: { ':method': 'GET' } });
+    assert.deepEqual([get.outcome, get.rule], [ALLOW, 'health']);
+  });
+
   // --- toHttpReply / authorize ---------------------------------------------------------------------
 
   test('reply: ALLOW forwards identity headers upstream', async () => {

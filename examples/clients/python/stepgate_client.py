@@ -150,7 +150,8 @@ def decide(
 
     ``operation`` names what is being attempted (``payments.wire_transfer``) for rules with an
     ``operation`` matcher; ``method``/``path``/``host``/``headers`` describe the HTTP request so
-    route rules apply. At least one of the two is required. ``attributes`` is a plain dict sent
+    route rules apply (``method`` is required with them). At least one of the two is required.
+    ``attributes`` is a plain dict sent
     as a ``google.protobuf.Struct`` for the policy's conditions (numbers arrive as doubles).
 
     Every request is answered with an OK gRPC status: read ``outcome``. That holds for DENY, for a
@@ -161,6 +162,9 @@ def decide(
     """
     if authorization is not None and token is not None:
         raise ValueError("pass authorization or token, not both (they are one oneof)")
+    if not method and (path is not None or host is not None or headers):
+        # stepgate refuses an HTTP request without a method (400 malformed_request).
+        raise ValueError("pass the HTTP request's method with its path, host or headers")
     request = DecideRequest(operation=operation, explain=explain)
     if authorization is not None:
         request.authorization = authorization
@@ -168,7 +172,7 @@ def decide(
         request.token = token
     # `http` is a message: merely present (even empty) it is validated, so set it only when used.
     if method is not None or path is not None or host is not None or headers:
-        request.http.method = method or ""
+        request.http.method = method
         request.http.path = path or ""
         request.http.host = host or ""
         request.http.headers.update(headers or {})

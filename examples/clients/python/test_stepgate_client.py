@@ -325,6 +325,24 @@ def test_unusable_request_is_a_400_denial_not_a_grpc_error(channel):
     assert "set operation, http, or both" in r.message
 
 
+def test_an_http_request_without_a_method_is_refused(channel):
+    # The client refuses to send it...
+    with pytest.raises(ValueError, match="method"):
+        sg.decide(channel, path="/healthz")
+    # ... and stepgate refuses it: a method only in `:method` is that method, not a default GET.
+    request = sg.DecideRequest()
+    request.http.path = "/healthz"
+    r = sg.decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=5)
+    assert (r.outcome, r.http_status, r.reason) == (sg.DENY, 400, "malformed_request")
+    assert "without a method" in r.message
+    request.http.headers[":method"] = "POST"
+    r = sg.decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=5)
+    assert r.outcome != sg.ALLOW, "POST /healthz is not the anonymous GET health route"
+    request.http.headers[":method"] = "GET"
+    r = sg.decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=5)
+    assert (r.outcome, r.rule) == (sg.ALLOW, "health")
+
+
 # --- to_http_reply / authorize ----------------------------------------------------------------------
 
 
