@@ -191,6 +191,42 @@ rules:
         assert!(err.message.contains("unknown field `requires`"), "{err}");
     }
 
+    /// A key given twice in one of the policy's maps is refused with its path: YAML readers
+    /// differ on which entry holds (serde's map took the last, silently).
+    #[test]
+    fn a_key_given_twice_in_a_map_is_refused_with_its_path() {
+        for (extra, path, key) in [
+            (
+                "upstream:\n  identity_headers:\n    x-sub: subject\n    x-sub: tenant\n",
+                "upstream.identity_headers",
+                "x-sub",
+            ),
+            (
+                "auth_contexts:\n  c2: { max_age: 15m }\n  c2: {}\n",
+                "auth_contexts",
+                "c2",
+            ),
+            (
+                "risk:\n  signals:\n    f: { count: deny, key: subject, window: 1m, threshold: 5 }\n    f: { count: deny, key: subject, window: 1h, threshold: 5 }\n",
+                "risk.signals",
+                "f",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+            assert!(
+                err.message.contains(&format!("{key:?} is given twice")),
+                "{err}"
+            );
+        }
+        let text = format!("{MINIMAL}    require: {{ claims: {{ tid: a, tid: b }} }}\n");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.path, "rules[0].require.claims", "{err}");
+        // Given once each, they load.
+        let once = format!("{MINIMAL}    require: {{ claims: {{ tid: a, dept: b }} }}\n");
+        assert!(parse(&once).is_ok());
+    }
+
     #[test]
     fn bad_duration_names_the_field() {
         let text = format!("{MINIMAL}    require: {{ max_age: fifteen }}\n");

@@ -23,7 +23,7 @@ pub struct PolicyFile {
     #[serde(default = "default_realm")]
     pub realm: String,
     pub issuers: Vec<IssuerConfig>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub auth_contexts: BTreeMap<String, AuthContextConfig>,
     pub rules: Vec<RuleConfig>,
     /// What happens when no rule matches.
@@ -125,7 +125,7 @@ pub struct RiskConfig {
     #[serde(default = "default_risk_max_keys")]
     pub max_keys: usize,
     /// Named signals (the name is what CEL reads as `risk.<name>`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub signals: BTreeMap<String, SignalConfig>,
 }
 
@@ -527,7 +527,7 @@ pub struct RequireConfig {
     pub max_age: Option<Seconds>,
     /// Claim equality: the claim must equal the value (or contain it, when the claim is an array).
     /// A list of values means any of them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub claims: BTreeMap<String, serde_json::Value>,
     /// CEL condition that must hold; when false the request is denied (403).
     pub when: Option<String>,
@@ -561,7 +561,7 @@ pub struct UpstreamConfig {
     /// Headers set on allowed requests: header name → principal field (`subject`, `issuer`,
     /// `issuer_id`, `tenant`, `client_id`, `acrs`, `acr`, `amr`, `scopes`, `roles`, `auth_time`,
     /// `rule`) or `claim:<name>`.
-    #[serde(default = "default_identity_headers")]
+    #[serde(default = "default_identity_headers", deserialize_with = "unique_keys")]
     pub identity_headers: BTreeMap<String, String>,
     /// Remove the `Authorization` header before the request goes upstream (Envoy only).
     #[serde(default)]
@@ -726,6 +726,38 @@ fn default_max_token_bytes() -> usize {
 /// error inside an entry keeps its message and field path.
 #[derive(Debug, Clone)]
 pub struct OneOrMany<T>(pub Vec<T>);
+
+/// A map of the policy whose every key is given once. YAML readers differ on a repeated key
+/// (serde's map takes the last, other tools and a reviewer's eye the first): two entries for
+/// `x-stepgate-subject`, or for an auth context, would be one policy to stepgate and another to
+/// whoever reads the file. Refused, with the key.
+fn unique_keys<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Visitor<V>(PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> de::Visitor<'de> for Visitor<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(de::Error::custom(format!(
+                        "{key:?} is given twice: readers of the file differ on which one holds"
+                    )));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(Visitor(PhantomData))
+}
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
