@@ -319,7 +319,7 @@ async fn load_inner(
                             tracing::warn!(
                                 issuer = %issuer.id,
                                 error = %err,
-                                jwks_uri = %d.jwks_uri,
+                                jwks_uri = %crate::telemetry::url_shown(&d.jwks_uri),
                                 "discovery failed; using the jwks_uri it named before"
                             );
                             d
@@ -375,6 +375,7 @@ async fn discover_issuer(
     url: &str,
 ) -> Result<Discovered, String> {
     let (bytes, _) = fetch(http, url).await?;
+    let url = &crate::telemetry::url_shown(url);
     let doc: Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not valid JSON: {e}"))?;
     let field = |name: &str| {
@@ -393,11 +394,12 @@ async fn discover_issuer(
             issuer.issuer
         ));
     }
+    let shown = crate::telemetry::url_shown(&jwks_uri);
     let parsed =
-        reqwest::Url::parse(&jwks_uri).map_err(|e| format!("{url}: jwks_uri {jwks_uri:?}: {e}"))?;
+        reqwest::Url::parse(&jwks_uri).map_err(|e| format!("{url}: jwks_uri {shown:?}: {e}"))?;
     let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
     if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
-        return Err(format!("{url}: jwks_uri {jwks_uri:?} is not https"));
+        return Err(format!("{url}: jwks_uri {shown:?} is not https"));
     }
     Ok(Discovered {
         name: IssuerName::parse(&discovered_issuer),
@@ -458,13 +460,21 @@ pub const MAX_JWKS_FILE_BYTES: u64 = MAX_DOCUMENT_BYTES as u64;
 pub const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
 
 /// GET with a size limit; returns the body and the response's `Cache-Control: max-age`.
-async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
+    // Errors name the URL with its credentials masked, reqwest's own without it.
+    let uri = crate::telemetry::url_shown(url);
+    let failed = |e: reqwest::Error| {
+        format!(
+            "GET {uri}: {}",
+            crate::telemetry::with_causes(&e.without_url())
+        )
+    };
     let mut response = http
-        .get(uri)
+        .get(url)
         .header("accept", "application/json")
         .send()
         .await
-        .map_err(|e| format!("GET {uri}: {}", crate::telemetry::with_causes(&e)))?;
+        .map_err(failed)?;
     if !response.status().is_success() {
         return Err(format!("GET {uri}: HTTP {}", response.status()));
     }
@@ -481,11 +491,7 @@ async fn fetch(http: &reqwest::Client, uri: &str) -> Result<(Vec<u8>, Option<Dur
         return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("GET {uri}: {}", crate::telemetry::with_causes(&e)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!("GET {uri}: larger than {MAX_DOCUMENT_BYTES} bytes"));
         }
@@ -880,6 +886,33 @@ mod tests {
             http: None,
             trust: None,
         }))
+    }
+
+    /// A key set's URL may carry a credential (user information, an `api_key` parameter): a
+    /// failed fetch's error, which is logged and set on the key load's span, masks it, and
+    /// reqwest's own message (which repeats the URL) is taken without the URL.
+    #[test]
+    fn a_failed_fetch_names_its_url_without_credentials() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://svc:Sup3rSecret@127.0.0.1:{port}/keys?api_key=K3Y&v=2");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let http = reqwest::Client::new();
+        let error = runtime.block_on(fetch(&http, &url)).unwrap_err();
+        assert!(
+            error.starts_with(&format!(
+                "GET http://***@127.0.0.1:{port}/keys?api_key=***&v=***: "
+            )),
+            "{error}"
+        );
+        assert!(
+            !error.contains("Sup3rSecret") && !error.contains("K3Y"),
+            "{error}"
+        );
     }
 
     #[test]

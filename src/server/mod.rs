@@ -142,10 +142,10 @@ pub enum ReadyWhen {
 pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
     if traces::init(options.otlp_endpoint.as_deref()).map_err(|e| anyhow::anyhow!(e))? {
         tracing::info!(
-            endpoint = options
-                .otlp_endpoint
-                .as_deref()
-                .unwrap_or("(from OTEL_* variables)"),
+            endpoint = options.otlp_endpoint.as_deref().map_or_else(
+                || "(from OTEL_* variables)".to_owned(),
+                crate::telemetry::url_shown
+            ),
             "exporting traces over OTLP/gRPC"
         );
     }

@@ -289,6 +289,46 @@ pub fn shadow_text(shadows: &[crate::decision::Shadow]) -> String {
         .join(",")
 }
 
+/// A URL as logs and errors show it: its user information and its query's values masked
+/// (`https://***@idp.example/keys?api_key=***`), its fragment dropped. A key set's or an
+/// exporter's URL may carry a credential; the policy file is read by few, logs and traces by
+/// many. The user information ends at the last `@` before the query: a password may hold `/`.
+pub fn url_shown(url: &str) -> String {
+    let url = url.split('#').next().unwrap_or_default();
+    let (before_query, query) = match url.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (url, None),
+    };
+    let (scheme, rest) = match before_query.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, before_query),
+    };
+    let mut shown = String::with_capacity(url.len());
+    if let Some(scheme) = scheme {
+        shown.push_str(scheme);
+        shown.push_str("://");
+    }
+    match rest.rsplit_once('@') {
+        Some((_, after)) => {
+            shown.push_str("***@");
+            shown.push_str(after);
+        }
+        None => shown.push_str(rest),
+    }
+    if let Some(query) = query {
+        shown.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) => format!("{name}=***"),
+                None => pair.to_owned(),
+            })
+            .collect();
+        shown.push_str(&pairs.join("&"));
+    }
+    shown
+}
+
 /// An error and its causes, `: `-separated, each cause once. The libraries' own messages are
 /// often only the outer layer ("error sending request", "transport error"); the cause (a refused
 /// certificate, a refused connection) is what an operator needs.
@@ -314,6 +354,21 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_credentials() {
+        for (url, shown) in [
+            ("https://idp.example/keys", "https://idp.example/keys"),
+            (
+                "https://svc:p@ss/w0rd@idp.example:8443/keys?api_key=K&tenant=t#frag",
+                "https://***@idp.example:8443/keys?api_key=***&tenant=***",
+            ),
+            ("http://collector:4317", "http://collector:4317"),
+            ("idp.example/keys?flag", "idp.example/keys?flag"),
+        ] {
+            assert_eq!(super::url_shown(url), shown, "{url}");
+        }
+    }
     use crate::decision::Reason;
 
     #[test]
