@@ -1,12 +1,13 @@
 //! The query rewriting of decision records (`telemetry::records::without_query_tokens`,
 //! hand-written): the target comes back as it was, pair for pair and separator for separator
 //! (`&` or `;`), but for the value of each pair whose name is `access_token` (plainly or
-//! percent-encoded, as `request::is_access_token_name` reads it), which becomes `REDACTED`. A
-//! target with no such pair is returned untouched.
+//! percent-encoded, as `request::is_access_token_name` reads it) or another credential's
+//! (`request::is_credential_name`), which becomes `REDACTED`. A target with no such pair is
+//! returned untouched.
 //!
 //! Input: a request target (`/path?query`).
 
-use crate::{request::is_access_token_name, telemetry::records::without_query_tokens};
+use crate::{request::is_credential_name, telemetry::records::without_query_tokens};
 
 pub fn check(bytes: &[u8]) {
     let Ok(target) = std::str::from_utf8(bytes) else {
@@ -23,7 +24,7 @@ pub fn check(bytes: &[u8]) {
     let mut pair = String::new();
     let flush = |pair: &mut String, out: &mut String, any_token: &mut bool| {
         match pair.split_once('=') {
-            Some((name, _)) if is_access_token_name(name) => {
+            Some((name, _)) if is_credential_name(name) => {
                 *any_token = true;
                 out.push_str(name);
                 out.push_str("=REDACTED");
@@ -57,6 +58,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "/a?access%5ftoken=eyJ&access_token",
         "/a?access_token=1=2&&;",
         "/a?my_access_token=keep",
+        "/cb?code=x&state=y&client%5Fsecret=z",
         "/a?access_token[]=eyJ&access_token%5B0%5D=eyJ",
         "/access_token=x",
         "/a?x=%zz&access_token=é",

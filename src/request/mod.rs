@@ -520,6 +520,42 @@ fn php_renamed(name: &str) -> String {
         .collect()
 }
 
+/// Query parameters that carry a credential of their own, by name (in any case, as decoded):
+/// an OAuth authorization code or refresh, ID or client secret, a password, an API key, a
+/// presigned URL's signature. Decision records write their values as `REDACTED`
+/// ([`is_credential_name`]).
+const CREDENTIAL_NAMES: [&str; 17] = [
+    "code",
+    "refresh_token",
+    "id_token",
+    "client_secret",
+    "client_assertion",
+    "password",
+    "passwd",
+    "api_key",
+    "apikey",
+    "api-key",
+    "key",
+    "token",
+    "secret",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-security-token",
+];
+
+/// Whether a query parameter's name is RFC 6750's `access_token` ([`is_access_token_name`]) or
+/// another credential's ([`CREDENTIAL_NAMES`]), percent-decoded and in any case.
+pub fn is_credential_name(name: &str) -> bool {
+    if is_access_token_name(name) {
+        return true;
+    }
+    let decoded = decode_query_name(name);
+    CREDENTIAL_NAMES
+        .iter()
+        .any(|credential| decoded.eq_ignore_ascii_case(credential))
+}
+
 /// A query parameter's name decoded as the URL standard and PHP decode it (`form_urlencoded`):
 /// `%XX` escapes, `+` a space, a broken escape kept as written, bytes that are not UTF-8
 /// replaced. `name` holds no `&`, `;` or `=` (it was cut at them).

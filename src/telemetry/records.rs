@@ -336,8 +336,9 @@ impl Cut {
 }
 
 /// `target` with the value of every RFC 6750 `access_token` query parameter (its name written
-/// plainly or percent-encoded) replaced by `REDACTED`: a record never holds a raw token, and
-/// replay only needs to know that one was there.
+/// plainly or percent-encoded), and of every other credential's (`code`, `refresh_token`,
+/// `client_secret`, `api_key`, `sig`, …: `request::is_credential_name`), replaced by `REDACTED`:
+/// a record never holds a raw token, and replay only needs to know that one was there.
 pub fn without_query_tokens(target: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     let Some((path, query)) = target.split_once('?') else {
@@ -345,7 +346,7 @@ pub fn without_query_tokens(target: &str) -> std::borrow::Cow<'_, str> {
     };
     let is_token = |pair: &str| {
         let name = pair.split('=').next().unwrap_or_default();
-        crate::request::is_access_token_name(name)
+        crate::request::is_credential_name(name)
     };
     // Pairs split at `;` as well as `&`: some servers read `;` as a separator.
     let pairs = || query.split(['&', ';']);
@@ -1366,6 +1367,11 @@ mod tests {
             ),
             ("/a?x=1&", "/a?x=1&"),
             ("/a?my_access_token=keep&b", "/a?my_access_token=keep&b"),
+            (
+                "/cb?code=OAUTHCODE&state=s&Refresh_Token=RT&client%5Fsecret=CS&sig=S",
+                "/cb?code=REDACTED&state=s&Refresh_Token=REDACTED&client%5Fsecret=REDACTED&sig=REDACTED",
+            ),
+            ("/a?codec=h264&keys=1", "/a?codec=h264&keys=1"),
             ("/access_token=x", "/access_token=x"),
         ] {
             assert_eq!(without_query_tokens(target), recorded, "{target}");
