@@ -172,7 +172,10 @@ async fn a_check_cut_across_data_frames_is_decided_as_one_sent_whole() {
 
 #[tokio::test]
 async fn a_unary_check_with_two_messages_or_none_is_a_400_denial() {
-    let server = serve(&[]).await;
+    let records =
+        std::env::temp_dir().join(format!("stepgate-refusals-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&records);
+    let server = serve(&["--records", records.to_str().unwrap()]).await;
     let mut client = connect(&server).await;
     let one = frame(&allowed_check());
     for (case, chunks) in [
@@ -193,6 +196,27 @@ async fn a_unary_check_with_two_messages_or_none_is_a_400_denial() {
     // The connection is still good.
     let answer = send(&mut client, call(CHECK, &[]), vec![one]).await;
     assert_eq!(denial(&check_response(&answer)), None);
+    // Each refusal is recorded like a decision (the message was never read: no request in it).
+    let reasons = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|record| record["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = reasons(&std::fs::read_to_string(&records).unwrap_or_default());
+        if seen.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen.iter().filter(|r| *r == "malformed_request").count(),
+        4,
+        "{seen:?}"
+    );
+    let _ = std::fs::remove_file(&records);
 }
 
 /// A body that never ends holds its call only until just before the deadline (the client's

@@ -467,15 +467,26 @@ impl Authorizer {
         self.refused(door, started, Decision::internal_error())
     }
 
-    /// Logs and counts a denial made without the engine (see [`Decision::refusal`]).
+    /// Logs, counts and records a denial made without the engine (see [`Decision::refusal`]):
+    /// a call whose message does not decode or is too large, an overload, a caller not allowed,
+    /// a panic. Its record holds no request (none was read), and counts against the records
+    /// made without a verified token; replay keeps it as recorded.
     pub fn refused(
         &self,
         door: Door,
         started: Instant,
         decision: Decision,
     ) -> (Decision, Guard<Arc<Policy>>) {
+        let policy = self.policy.load();
         telemetry::log_decision(door, &decision, started.elapsed());
-        (decision, self.policy.load())
+        if let Some((sink, _)) = self
+            .records
+            .get()
+            .filter(|(_, forced)| *forced || policy.records.enabled)
+        {
+            sink.record(&policy.records, door, &AccessRequest::default(), &decision);
+        }
+        (decision, policy)
     }
 }
 
