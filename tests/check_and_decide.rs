@@ -1051,7 +1051,7 @@ async fn decide_headers_given_twice_in_different_case_are_a_400_denial() {
 
 /// `attributes` past `limits.max_attribute_values` (1000) or `limits.max_attribute_bytes` (64 KiB)
 /// are a `413 request_too_large` denial, token or not, before anything is made of them; a
-/// message past `--max-decide-message-bytes` (256 KiB) is refused by gRPC (`OUT_OF_RANGE`).
+/// message past `--max-decide-message-bytes` (256 KiB) is a `413 request_too_large` denial too.
 #[tokio::test]
 async fn decide_attributes_past_their_bounds_are_a_413_denial() {
     let server = shared_server().await;
@@ -1087,11 +1087,13 @@ async fn decide_attributes_past_their_bounds_are_a_413_denial() {
     let huge: serde_json::Map<_, _> = [("note".to_owned(), "x".repeat(300 * 1024).into())]
         .into_iter()
         .collect();
-    let status = client
-        .decide(decide(huge))
-        .await
-        .expect_err("refused by gRPC");
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    expect_denial(
+        &mut client,
+        decide(huge),
+        (413, "request_too_large", "--max-decide-message-bytes"),
+        "past the transport's bound",
+    )
+    .await;
 }
 
 /// The demo policy with `explain` enabled for callers on the admin listener.

@@ -592,8 +592,8 @@ async fn a_drain_ends_within_the_request_timeout_whatever_the_clients_hold() {
     drop((opening, stream, watch));
 }
 
-/// tonic's calls (`Decide` here) charge the same budget while their bodies arrive: past it the
-/// call ends with `RESOURCE_EXHAUSTED` (8), and a whole message still goes through.
+/// `Decide` bodies charge the same budget while they arrive: past it the call is a
+/// `503 overloaded` denial (as a `Check` is), and a whole message still goes through.
 #[tokio::test]
 async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
     const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
@@ -615,7 +615,13 @@ async fn decide_bodies_arriving_in_pieces_are_charged_to_the_same_budget() {
     let refused = tokio::time::timeout(Duration::from_secs(3), read(b_response))
         .await
         .expect("B is answered before its body ends");
-    assert_eq!(refused.grpc_status, "8", "RESOURCE_EXHAUSTED");
+    assert_eq!(refused.grpc_status, "0", "a denial, not a gRPC error");
+    let refused = stepgate::api::v1::DecideResponse::decode(&refused.body[5..]).expect("an answer");
+    assert_eq!(
+        (refused.reason.as_str(), refused.http_status),
+        ("overloaded", 503),
+        "{refused:?}"
+    );
     // An empty DecideRequest, whole: decided (a 400 denial in an OK answer).
     let whole = send(&mut client, call(DECIDE, &[]), vec![frame(&[])]).await;
     assert_eq!(whole.grpc_status, "0");
@@ -1189,6 +1195,60 @@ async fn a_decide_message_that_does_not_decode_is_a_400_denial() {
     .await;
     let response = DecideResponse::decode(&answer.body[5..]).expect("a DecideResponse");
     assert_eq!(response.reason, "token_missing", "{response:?}");
+}
+
+/// A `Decide` body is read as `Check`'s is: two messages (a reader taking the last would decide
+/// another request), none, or one cut short are a `400 malformed_request` denial with an OK
+/// gRPC status, not a decision on the first message or an `INTERNAL` error.
+#[tokio::test]
+async fn a_decide_with_two_messages_none_or_one_cut_short_is_a_400_denial() {
+    use stepgate::api::v1::{DecideRequest, DecideResponse, HttpRequest};
+    const DECIDE: &str = "/stepgate.v1.DecisionService/Decide";
+    let server = serve(&[]).await;
+    let mut client = connect(&server).await;
+    let health = frame(
+        &DecideRequest {
+            http: Some(HttpRequest {
+                method: "GET".into(),
+                path: "/healthz".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let wire = frame(
+        &DecideRequest {
+            operation: "payments.wire_transfer".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let decided = |answer: &Answer| {
+        assert_eq!(answer.grpc_status, "0", "an OK gRPC status");
+        DecideResponse::decode(&answer.body[5..]).expect("a DecideResponse")
+    };
+    let alone = decided(&send(&mut client, call(DECIDE, &[]), vec![health.clone()]).await);
+    assert_eq!(alone.reason, "anonymous_allowed", "{alone:?}");
+    for (case, chunks) in [
+        ("two messages", vec![health.clone(), wire.clone()]),
+        (
+            "two messages in one frame",
+            vec![[health.clone(), wire].concat()],
+        ),
+        ("no message", vec![]),
+        ("a cut message", vec![health[..health.len() - 1].to_vec()]),
+    ] {
+        let response = decided(&send(&mut client, call(DECIDE, &[]), chunks).await);
+        assert_eq!(
+            (response.reason.as_str(), response.http_status),
+            ("malformed_request", 400),
+            "{case}: {response:?}"
+        );
+    }
+    // The connection is still good.
+    let again = decided(&send(&mut client, call(DECIDE, &[]), vec![health]).await);
+    assert_eq!(again.reason, "anonymous_allowed");
 }
 
 fn varint(mut n: usize) -> Vec<u8> {

@@ -102,7 +102,7 @@ struct ServeArgs {
     #[arg(long, env = "STEPGATE_MAX_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
     max_message_bytes: usize,
-    /// Largest Decide message read, in bytes (a larger Decide ends with OUT_OF_RANGE).
+    /// Largest Decide message read, in bytes (a larger Decide is a 413 request_too_large denial).
     #[arg(long, env = "STEPGATE_MAX_DECIDE_MESSAGE_BYTES", default_value_t = TransportLimits::default().max_decide_message_bytes,
           value_parser = clap::value_parser!(u32).range(1024..).map(|n| n as usize))]
     max_decide_message_bytes: usize,

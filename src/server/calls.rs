@@ -46,7 +46,8 @@ use super::{
     TransportLimits,
     check_callers::CheckCallers,
     conn::{Batched, PeerInfo},
-    ext_authz::{CHECK_PATH, ExtAuthz},
+    decide::{self, DECIDE_PATH},
+    ext_authz::{self, CHECK_PATH, ExtAuthz},
     grpc_message,
 };
 use crate::telemetry::{
@@ -58,6 +59,8 @@ use crate::telemetry::{
 #[derive(Clone)]
 pub struct Calls {
     pub check: ExtAuthz,
+    /// How a `Decide` call's message is read before tonic decodes it.
+    pub decide: DecideReading,
     pub routes: Routes,
     /// `--request-timeout`.
     pub timeout: Duration,
@@ -66,6 +69,18 @@ pub struct Calls {
     pub budget: Arc<grpc_message::Budget>,
     /// Who may call `Check`, tested once per connection.
     pub check_callers: Arc<CheckCallers>,
+}
+
+/// A `Decide` call's body is read here, as `Check`'s is, before tonic's router decodes its
+/// message: one whole message or a DENY (`400 malformed_request` for two, none or one cut
+/// short, `413 request_too_large` past `--max-decide-message-bytes`, `503 overloaded` past the
+/// buffer budget), never a gRPC error, and never a second message that a reader taking the
+/// last one would decide instead. tonic then decodes the one message, as before.
+#[derive(Clone)]
+pub struct DecideReading {
+    pub authorizer: Arc<super::authorizer::Authorizer>,
+    /// `--max-decide-message-bytes`.
+    pub max_message_bytes: usize,
 }
 
 /// A request body for tonic's router whose unfinished message is charged to the process's
@@ -564,6 +579,15 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             return Box::pin(answered(Box::pin(check), guard));
         }
         request.extensions_mut().insert(self.peer.clone());
+        if request.uri().path() == DECIDE_PATH && !ext_authz::compressed(request.headers()) {
+            let call = read_decide(
+                request,
+                self.calls.decide.clone(),
+                Arc::clone(&self.calls.budget),
+                self.calls.routes.clone(),
+            );
+            return Box::pin(within(timeout, call, guard));
+        }
         let budget = Arc::clone(&self.calls.budget);
         let deadline = message_deadline.map(|message| (message, self.calls.timeout));
         let request = request.map(|inner| Charged::new(inner, budget, deadline));
@@ -577,6 +601,68 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
         };
         Box::pin(within(timeout, call, guard))
     }
+}
+
+/// A `Decide` call ([`DecideReading`]): its one message read, then handed to tonic's router in
+/// a body of its own; or its refusal.
+async fn read_decide(
+    request: Request<Incoming>,
+    reading: DecideReading,
+    budget: Arc<grpc_message::Budget>,
+    mut routes: Routes,
+) -> Response<CallBody> {
+    use crate::decision::Reason;
+    let started = std::time::Instant::now();
+    let (parts, body) = request.into_parts();
+    let reader = grpc_message::UnaryReader::with_budget(reading.max_message_bytes, budget);
+    let refused = |status, reason, message| {
+        unary(decide::refusal_frame(
+            &reading.authorizer,
+            started,
+            status,
+            reason,
+            message,
+        ))
+    };
+    let message = match ext_authz::read_unary(body, reader).await {
+        Ok(grpc_message::Unary::Message(message)) => message,
+        Ok(grpc_message::Unary::TooLarge(_)) => {
+            return refused(
+                413,
+                Reason::RequestTooLarge,
+                "the DecideRequest is larger than stepgate reads (--max-decide-message-bytes)",
+            );
+        }
+        Ok(grpc_message::Unary::Malformed(why)) => {
+            return refused(400, Reason::MalformedRequest, why);
+        }
+        Ok(grpc_message::Unary::Overloaded) => {
+            return refused(503, Reason::Overloaded, grpc_message::OVER_BUDGET);
+        }
+        Err(error) => {
+            tracing::debug!(%error, "a Decide call's body failed before it ended");
+            return status(Status::cancelled("the request body failed"));
+        }
+    };
+    let mut framed = bytes::BytesMut::with_capacity(5 + message.len());
+    framed.extend_from_slice(&[0]);
+    framed.extend_from_slice(
+        &u32::try_from(message.len())
+            .expect("bounded by --max-decide-message-bytes")
+            .to_be_bytes(),
+    );
+    framed.extend_from_slice(&message);
+    let request = Request::from_parts(
+        parts,
+        CallBody::Unary {
+            frame: Some(framed.freeze()),
+            ok: false,
+        },
+    );
+    let Ok(()) =
+        std::future::poll_fn(|cx| Service::<Request<CallBody>>::poll_ready(&mut routes, cx)).await;
+    let Ok(response) = routes.call(request).await;
+    response.map(CallBody::Tonic)
 }
 
 /// The call's time: `limit`, or the client's `grpc-timeout` when shorter.

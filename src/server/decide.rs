@@ -37,6 +37,33 @@ pub const EXPLAIN_REFUSED: &str = "not permitted for this caller: the policy's `
                                    names who may ask (client_sans over mutual TLS, or \
                                    admin_listener: true for --admin-listen)";
 
+/// The `Decide` call's path.
+pub const DECIDE_PATH: &str = "/stepgate.v1.DecisionService/Decide";
+
+/// A `Decide` call refused before its message reaches the decoder (server/calls.rs reads it
+/// first, as `Check`'s is read): not one whole message (two, none, one cut short: readers would
+/// differ on which to decide), one over `--max-decide-message-bytes`, or the process's buffer
+/// budget full. Answered as every request stepgate cannot decide on: a DENY, logged, counted and
+/// recorded, as a gRPC message frame with an OK status.
+pub fn refusal_frame(
+    authorizer: &Authorizer,
+    started: Instant,
+    http_status: u16,
+    reason: crate::decision::Reason,
+    message: &'static str,
+) -> bytes::Bytes {
+    use prost::Message as _;
+    let refusal = Decision::refusal(http_status, reason, message);
+    let (decision, policy) = authorizer.refused(crate::request::Door::Decide, started, refusal);
+    let response = decide_response(&decision, &policy.upstream).encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + response.len());
+    frame.push(0);
+    let len = u32::try_from(response.len()).expect("a refusal is far below 4 GiB");
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&response);
+    bytes::Bytes::from(frame)
+}
+
 #[derive(Debug, Clone)]
 pub struct Decide {
     authorizer: Arc<Authorizer>,

@@ -255,7 +255,7 @@ impl ExtAuthz {
 type KeyWaitAnswer<'a> = Pin<Box<dyn Future<Output = http::Response<CallBody>> + Send + 'a>>;
 
 /// The request names a message encoding other than `identity` (stepgate offers none).
-fn compressed(headers: &http::HeaderMap) -> bool {
+pub(crate) fn compressed(headers: &http::HeaderMap) -> bool {
     headers
         .get("grpc-encoding")
         .is_some_and(|encoding| encoding.as_bytes() != b"identity")
@@ -268,7 +268,7 @@ impl<B: http_body::Body<Data = Bytes, Error: std::fmt::Display>> RequestBody for
 
 /// Reads `body` as a unary call's, stopping at the first refusal. `Err`: the body itself failed
 /// (the client reset the stream).
-async fn read_unary<B>(body: B, mut reader: UnaryReader) -> Result<Unary, B::Error>
+pub(crate) async fn read_unary<B>(body: B, mut reader: UnaryReader) -> Result<Unary, B::Error>
 where
     B: http_body::Body<Data = Bytes>,
 {

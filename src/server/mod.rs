@@ -382,6 +382,10 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         }
         let calls = calls::Calls {
             check: ext_authz,
+            decide: calls::DecideReading {
+                authorizer: Arc::clone(&authorizer),
+                max_message_bytes: limits.max_decide_message_bytes,
+            },
             routes: routes.routes().prepare(),
             timeout: limits.request_timeout,
             budget: Arc::clone(&budget),
