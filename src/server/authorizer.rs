@@ -173,6 +173,13 @@ impl Authorizer {
         self.policy.load().header_limits
     }
 
+    /// The policy now in force, for one call to read its request, its explain permission and its
+    /// decision under ([`Self::decide_now_under`]): a reload landing in between must not have
+    /// one call read by one policy and decided by another.
+    pub fn snapshot(&self) -> Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
     /// Decides and logs one request. A token refused only for an unknown `kid` gets one bounded
     /// wait for a shared key fetch and, if the key arrived, a second decision. Returns the policy
     /// snapshot it was decided under, so that the response is rendered with the same policy even
@@ -193,9 +200,21 @@ impl Authorizer {
         door: Door,
         parent: Option<SpanContext>,
     ) -> (Decision, Guard<Arc<Policy>>) {
+        self.decide_traced_under(self.policy.load(), request, door, parent)
+            .await
+    }
+
+    /// [`Self::decide_traced`] under `policy`, the snapshot the request was read under.
+    pub async fn decide_traced_under(
+        &self,
+        policy: Guard<Arc<Policy>>,
+        request: &AccessRequest,
+        door: Door,
+        parent: Option<SpanContext>,
+    ) -> (Decision, Guard<Arc<Policy>>) {
         // The wait stays out of this future's state unless a decision needs it: the call's
         // future then holds a pointer, not the decision being made.
-        let wait = match self.decide_now(request, door, parent) {
+        let wait = match self.decide_now_under(policy, request, door, parent) {
             Ok(decided) => return decided,
             Err(wait) => wait,
         };
@@ -211,9 +230,19 @@ impl Authorizer {
         door: Door,
         parent: Option<SpanContext>,
     ) -> Result<(Decision, Guard<Arc<Policy>>), Box<KeyWait>> {
+        self.decide_now_under(self.policy.load(), request, door, parent)
+    }
+
+    /// [`Self::decide_now`] under `policy`, the snapshot the request was read under.
+    pub fn decide_now_under(
+        &self,
+        policy: Guard<Arc<Policy>>,
+        request: &AccessRequest,
+        door: Door,
+        parent: Option<SpanContext>,
+    ) -> Result<(Decision, Guard<Arc<Policy>>), Box<KeyWait>> {
         let span = traces::start_decision(door, parent);
         let started = Instant::now();
-        let policy = self.policy.load();
         let now_ms = unix_now_ms();
         let now = now_ms.div_euclid(1000);
         let source_block = request
@@ -539,4 +568,39 @@ fn blocked(reason: Reason, block: &Block, explain: bool) -> Decision {
         });
     }
     decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        policy::testing::{DEMO_POLICY, compile_policy},
+        request::{Headers, HttpAttributes},
+    };
+
+    /// A call read under one policy is decided under it, whatever reload lands in between.
+    #[test]
+    fn a_call_is_decided_under_the_snapshot_it_was_read_under() {
+        let authorizer = Authorizer::new(Arc::new(compile_policy(DEMO_POLICY)));
+        let health = AccessRequest {
+            http: Some(HttpAttributes::new(
+                "GET",
+                "h",
+                "/healthz",
+                Headers::default(),
+            )),
+            ..Default::default()
+        };
+        let read_under = authorizer.snapshot();
+        let moved = DEMO_POLICY.replace("path: /healthz }", "path: /healthz-moved }");
+        assert_ne!(moved, DEMO_POLICY, "the demo's health rule moved");
+        authorizer.replace(Arc::new(compile_policy(&moved)));
+        let decided = |result: Result<(Decision, Guard<Arc<Policy>>), Box<KeyWait>>| {
+            result.ok().expect("decided without a key wait").0
+        };
+        let old = decided(authorizer.decide_now_under(read_under, &health, Door::Check, None));
+        assert!(old.is_allow(), "{old:?}");
+        let new = decided(authorizer.decide_now(&health, Door::Check, None));
+        assert!(!new.is_allow(), "{new:?}");
+    }
 }

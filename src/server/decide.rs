@@ -83,22 +83,24 @@ impl DecisionService for Decide {
     ) -> Result<Response<DecideResponse>, Status> {
         let started = Instant::now();
         let authorizer = &self.authorizer;
+        // One policy reads the call, judges its explain permission and decides it.
+        let policy = authorizer.snapshot();
         let explain_permitted = request.get_ref().explain && {
             let peer = request.extensions().get::<PeerInfo>();
             let on_admin = peer.is_some_and(|p| p.listener == ListenerKind::Admin);
             let sans = peer
                 .and_then(|p| p.client.as_deref())
                 .map_or(&[][..], |c| &c.sans[..]);
-            authorizer.policy().explain.permits(on_admin, sans)
+            policy.explain.permits(on_admin, sans)
         };
         let metadata = request.metadata();
         let parent = traces::parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()));
         let response = catch_panic(Box::pin(async {
-            let mut access = access_request(request.into_inner(), authorizer.header_limits());
+            let mut access = access_request(request.into_inner(), policy.header_limits);
             let refused = access.explain && !explain_permitted;
             access.explain &= explain_permitted;
             let (decision, policy) = authorizer
-                .decide_traced(&access, Door::Decide, parent)
+                .decide_traced_under(policy, &access, Door::Decide, parent)
                 .await;
             let mut response = decide_response(&decision, &policy.upstream);
             if refused {

@@ -180,7 +180,9 @@ impl ExtAuthz {
                 ));
             }
         };
-        let check = match CheckRequest::decode(message, self.authorizer.header_limits()) {
+        // One policy reads the request and decides it.
+        let policy = self.authorizer.snapshot();
+        let check = match CheckRequest::decode(message, policy.header_limits) {
             Ok(check) => check,
             Err(error) => {
                 tracing::debug!(%error, "a Check call's message is not a CheckRequest");
@@ -203,7 +205,7 @@ impl ExtAuthz {
                 let headers = &access.http.as_ref()?.headers;
                 traces::parent(|name| headers.get(name))
             });
-            match authorizer.decide_now(&access, Door::Check, parent) {
+            match authorizer.decide_now_under(policy, &access, Door::Check, parent) {
                 Ok((decision, policy)) => Ok(CheckAnswer::new(decision, &policy).into_frame()),
                 Err(wait) => Err(Box::pin(async move {
                     let answer = catch_panic(pin!(async {
