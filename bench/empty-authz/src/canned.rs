@@ -21,6 +21,16 @@ pub fn framed(message: &[u8]) -> Bytes {
 }
 
 pub async fn serve(addr: SocketAddr, body: Bytes) -> Result<(), String> {
+    serve_with(addr, body, connection).await
+}
+
+/// Accepts on `addr` and serves each connection (`TCP_NODELAY`) with `connection`, in a task of
+/// its own.
+pub async fn serve_with<F, Fut>(addr: SocketAddr, body: Bytes, connection: F) -> Result<(), String>
+where
+    F: Fn(TcpStream, Bytes) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use hyper::{body::Incoming, server::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// One message frame, then the `grpc-status: 0` trailer: stepgate's `CallBody::Unary`.
 struct Unary {
@@ -58,19 +58,7 @@ impl Body for Unary {
 }
 
 pub async fn serve(addr: SocketAddr, body: Bytes) -> Result<(), String> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("listening on {local}");
-    loop {
-        let (socket, _) = listener
-            .accept()
-            .await
-            .map_err(|e| format!("accept failed: {e}"))?;
-        let _ = socket.set_nodelay(true);
-        tokio::spawn(connection(socket, body.clone()));
-    }
+    crate::canned::serve_with(addr, body, connection).await
 }
 
 async fn connection(socket: TcpStream, body: Bytes) {
