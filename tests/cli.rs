@@ -94,6 +94,27 @@ fn the_reference_policy_in_the_docs_is_accepted() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
 
+/// `check`'s output lands in CI logs: a credential in a key set's URL is masked there, as in the
+/// server's log.
+#[test]
+fn check_masks_a_credential_in_a_key_set_url() {
+    let text = "issuers:\n  - id: a\n    issuer: https://idp.example\n    \
+                jwks_uri: https://svc:Sup3rSecret@idp.example/keys?api_key=K3Y\n    \
+                audiences: [api]\nrules:\n  - id: all\n    match: { path: \"/**\" }\n";
+    let policy = TempPolicy::new("masked-uri", text);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    let shown = describe(&out);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    assert!(
+        shown.contains("jwks_uri https://***@idp.example/keys?api_key=***"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("Sup3rSecret") && !shown.contains("K3Y"),
+        "{shown}"
+    );
+}
+
 #[test]
 fn check_accepts_the_demo_policy_and_prints_every_rule() {
     let path = demo_policy_path();

@@ -72,8 +72,9 @@ fn describe(policy: &Policy) -> String {
     for i in policy.issuers.iter() {
         let keys = match &i.key_source {
             KeySource::File(p) => format!("jwks_file {}", p.display()),
-            KeySource::Uri(u) => format!("jwks_uri {u}"),
-            KeySource::Discovery(u) => format!("discovery {u}"),
+            // Its output lands in CI logs: a credential in a URL is masked, as in the log.
+            KeySource::Uri(u) => format!("jwks_uri {}", stepgate::telemetry::url_shown(u)),
+            KeySource::Discovery(u) => format!("discovery {}", stepgate::telemetry::url_shown(u)),
         };
         let keys = match &i.tenants {
             Tenants::NotApplicable => keys,

@@ -375,6 +375,8 @@ async fn discover_issuer(
     url: &str,
 ) -> Result<Discovered, String> {
     let (bytes, _) = fetch(http, url).await?;
+    // Messages name the URL masked; it is compared as fetched.
+    let fetched = url;
     let url = &crate::telemetry::url_shown(url);
     let doc: Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not valid JSON: {e}"))?;
@@ -387,7 +389,7 @@ async fn discover_issuer(
     };
     let (discovered_issuer, jwks_uri) = (field("issuer")?, field("jwks_uri")?);
     if matches!(issuer.name, IssuerName::Discovered) {
-        learned_issuer(url, &discovered_issuer)?;
+        learned_issuer(fetched, &discovered_issuer)?;
     } else if discovered_issuer != issuer.issuer {
         return Err(format!(
             "{url}: the discovery document names issuer {discovered_issuer:?}, the policy {:?}",
@@ -414,7 +416,8 @@ async fn discover_issuer(
 /// another's issuer and be trusted for its tokens. A `{tenantid}` issuer (Entra's `common` and
 /// `organizations` documents) would accept every tenant's tokens: the policy must state it with
 /// `tenants` or `any_tenant`.
-fn learned_issuer(url: &str, discovered: &str) -> Result<(), String> {
+fn learned_issuer(fetched: &str, discovered: &str) -> Result<(), String> {
+    let url = crate::telemetry::url_shown(fetched);
     if discovered.contains(IssuerName::TENANT_PLACEHOLDER) {
         return Err(format!(
             "{url}: the discovery document names the multi-tenant issuer {discovered:?}, which \
@@ -425,7 +428,7 @@ fn learned_issuer(url: &str, discovered: &str) -> Result<(), String> {
     // Compared as URLs: the host in any case and an explicit default port name the same place.
     let same = match (
         reqwest::Url::parse(&discovery_url_of(discovered)),
-        reqwest::Url::parse(url),
+        reqwest::Url::parse(fetched),
     ) {
         (Ok(own), Ok(fetched)) => own == fetched,
         _ => false,
@@ -774,6 +777,11 @@ mod tests {
             (
                 "https://tenant.auth0.example/.well-known/openid-configuration",
                 "https://tenant.auth0.example/",
+            ),
+            // An `@` in the path is the path's (the URL shown in messages is not compared).
+            (
+                "https://login.example/t/@acme/.well-known/openid-configuration",
+                "https://login.example/t/@acme",
             ),
         ] {
             assert_eq!(learned_issuer(url, issuer), Ok(()), "{url} naming {issuer}");

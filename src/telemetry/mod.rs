@@ -292,39 +292,61 @@ pub fn shadow_text(shadows: &[crate::decision::Shadow]) -> String {
 /// A URL as logs and errors show it: its user information and its query's values masked
 /// (`https://***@idp.example/keys?api_key=***`), its fragment dropped. A key set's or an
 /// exporter's URL may carry a credential; the policy file is read by few, logs and traces by
-/// many. The user information ends at the last `@` before the query: a password may hold `/`.
+/// many. A URL that parses is shown as parsed: its user information masked, a path's `@`
+/// (`/jwk/sa@project.iam`) kept; one that does not is masked up to the last `@` before its
+/// query (a password may hold `/` or `@`). A query item without `=` is masked too (`?SECRET`),
+/// and items are split at `;` as well as `&`, as some servers split them.
 pub fn url_shown(url: &str) -> String {
     let url = url.split('#').next().unwrap_or_default();
     let (before_query, query) = match url.split_once('?') {
         Some((before, query)) => (before, Some(query)),
         None => (url, None),
     };
-    let (scheme, rest) = match before_query.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, before_query),
-    };
     let mut shown = String::with_capacity(url.len());
-    if let Some(scheme) = scheme {
-        shown.push_str(scheme);
-        shown.push_str("://");
-    }
-    match rest.rsplit_once('@') {
-        Some((_, after)) => {
-            shown.push_str("***@");
-            shown.push_str(after);
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if parsed.has_host() => {
+            shown.push_str(parsed.scheme());
+            shown.push_str("://");
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                shown.push_str("***@");
+            }
+            shown.push_str(parsed.host_str().unwrap_or_default());
+            if let Some(port) = parsed.port() {
+                shown.push_str(&format!(":{port}"));
+            }
+            shown.push_str(parsed.path());
         }
-        None => shown.push_str(rest),
+        _ => match before_query.rsplit_once('@') {
+            Some((before, after)) => {
+                if let Some((scheme, _)) = before.split_once("://") {
+                    shown.push_str(scheme);
+                    shown.push_str("://");
+                }
+                shown.push_str("***@");
+                shown.push_str(after);
+            }
+            None => shown.push_str(before_query),
+        },
     }
     if let Some(query) = query {
         shown.push('?');
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((name, _)) => format!("{name}=***"),
-                None => pair.to_owned(),
-            })
-            .collect();
-        shown.push_str(&pairs.join("&"));
+        let mut rest = query;
+        for item in query.split(['&', ';']) {
+            match item.split_once('=') {
+                Some((name, _)) => {
+                    shown.push_str(name);
+                    shown.push_str("=***");
+                }
+                None if item.is_empty() => {}
+                None => shown.push_str("***"),
+            }
+            // The separator that ended the item, as written.
+            rest = &rest[item.len()..];
+            if let Some(separator) = rest.chars().next() {
+                shown.push(separator);
+                rest = &rest[1..];
+            }
+        }
     }
     shown
 }
@@ -360,11 +382,20 @@ mod tests {
         for (url, shown) in [
             ("https://idp.example/keys", "https://idp.example/keys"),
             (
-                "https://svc:p@ss/w0rd@idp.example:8443/keys?api_key=K&tenant=t#frag",
+                "https://svc:p%40ss%2Fw0rd@idp.example:8443/keys?api_key=K&tenant=t#frag",
                 "https://***@idp.example:8443/keys?api_key=***&tenant=***",
             ),
-            ("http://collector:4317", "http://collector:4317"),
-            ("idp.example/keys?flag", "idp.example/keys?flag"),
+            ("http://collector:4317", "http://collector:4317/"),
+            ("idp.example/keys?SECRET", "idp.example/keys?***"),
+            (
+                "https://www.googleapis.com/service_accounts/v1/jwk/sa@proj.iam.gserviceaccount.com",
+                "https://www.googleapis.com/service_accounts/v1/jwk/sa@proj.iam.gserviceaccount.com",
+            ),
+            (
+                "https://u:p@h/t/@acme?a=1;k=2&&x",
+                "https://***@h/t/@acme?a=***;k=***&&***",
+            ),
+            ("https://u:p/w@h/keys", "https://***@h/keys"),
         ] {
             assert_eq!(super::url_shown(url), shown, "{url}");
         }
