@@ -280,11 +280,17 @@ impl<'p> Run<'p> {
             let www = (status == 400).then(|| challenge::invalid_request(realm, &message));
             return self.deny(status, reason, &message, None, www);
         }
-        if let Some(message) = request
-            .http
-            .as_ref()
-            .and_then(|h| h.method_problem().or_else(|| h.override_problem()))
-        {
+        if let Some(message) = request.http.as_ref().and_then(|h| {
+            h.method_problem()
+                .or_else(|| h.override_problem())
+                .or_else(|| {
+                    // Host rules cannot match a request that names no host as its server reads it.
+                    (h.host.is_empty() && policy.index.names_hosts()).then_some(
+                        "an HTTP request without a host is refused: the policy's rules match \
+                         hosts (set http.host)",
+                    )
+                })
+        }) {
             self.step("request", || message.to_owned());
             let www = challenge::invalid_request(realm, message);
             return self.deny(400, Reason::MalformedRequest, message, None, Some(www));

@@ -39,6 +39,8 @@ pub struct RuleIndex {
     /// Some path glob has upper-case letters: a path read in its case may then match another
     /// rule than in lower case, even without upper-case letters of its own.
     globs_in_case: bool,
+    /// Some matcher names hosts: a request without a host cannot be matched as its server would.
+    names_hosts: bool,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +99,11 @@ impl RuleIndex {
         self.globs_in_case
     }
 
+    /// Whether some matcher names hosts.
+    pub fn names_hosts(&self) -> bool {
+        self.names_hosts
+    }
+
     pub fn new(rules: &[Rule]) -> Self {
         let mut index = Self {
             globs_in_case: rules
@@ -104,6 +111,10 @@ impl RuleIndex {
                 .flat_map(|r| &r.matchers)
                 .flat_map(|m| &m.paths)
                 .any(|g| g.has_upper_case()),
+            names_hosts: rules
+                .iter()
+                .flat_map(|r| &r.matchers)
+                .any(|m| !m.hosts.is_empty()),
             ..Self::default()
         };
         for (r, rule) in rules.iter().enumerate() {

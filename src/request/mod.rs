@@ -194,6 +194,9 @@ pub struct HttpAttributes {
     /// Request target as sent (path and query).
     pub target: String,
     pub headers: Headers,
+    /// A field the request gave that its pseudo-header (or `host` header) contradicts
+    /// ([`Self::with_pseudo_headers`]): which one, for the refusal.
+    pub pseudo_conflict: Option<&'static str>,
 }
 
 /// A network peer of the request.
@@ -279,30 +282,65 @@ impl HttpAttributes {
             host_with_port,
             target: target.into(),
             headers,
+            pseudo_conflict: None,
         }
     }
 
     /// [`Self::new`] for a request as a proxy or a caller gives it: a method, authority or
     /// target left empty is read from its pseudo-header in `headers` (`:method`, `:authority`,
-    /// `:path`), as Envoy's `Check` may carry them. Both doors read one request alike: a `Decide`
-    /// whose method is only in `:method` is that method, not a default.
+    /// `:path`; an authority from `host` too, as an HTTP/1 server's headers hold it), as Envoy's
+    /// `Check` may carry them. Both doors read one request alike: a `Decide` whose method is only
+    /// in `:method` is that method, not a default. A field that its pseudo-header (or the `host`
+    /// header) contradicts is noted as [`Self::pseudo_conflict`] and refused
+    /// ([`Self::method_problem`]): the upstream may read the one stepgate did not.
     pub fn with_pseudo_headers(
         method: String,
         authority: String,
         target: String,
         headers: Headers,
     ) -> Self {
-        let given = |value: String, name: &str| {
-            if value.is_empty() {
-                headers.get(name).unwrap_or_default().to_owned()
-            } else {
+        let mut conflict = None;
+        let mut given = |value: String, name: &str, same: fn(&str, &str) -> bool, why| match headers
+            .get(name)
+        {
+            None => value,
+            Some(header) if value.is_empty() => header.to_owned(),
+            Some(header) => {
+                if !same(&value, header) {
+                    conflict.get_or_insert(why);
+                }
                 value
             }
         };
-        let method = given(method, ":method");
-        let authority = given(authority, ":authority");
-        let target = given(target, ":path");
-        Self::new(method, authority, target, headers)
+        let exact = |a: &str, b: &str| a == b;
+        let any_case = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        let method = given(
+            method,
+            ":method",
+            exact,
+            "the request's method and its :method header differ: refused, the upstream may read either",
+        );
+        let authority = given(
+            authority,
+            ":authority",
+            any_case,
+            "the request's host and its :authority header differ: refused, the upstream may read either",
+        );
+        let authority = given(
+            authority,
+            "host",
+            any_case,
+            "the request's host and its host header differ: refused, the upstream may read either",
+        );
+        let target = given(
+            target,
+            ":path",
+            exact,
+            "the request's path and its :path header differ: refused, the upstream may read either",
+        );
+        let mut http = Self::new(method, authority, target, headers);
+        http.pseudo_conflict = conflict;
+        http
     }
 
     /// The host as sent, lower-case: with its port and trailing dot, if it had them.
@@ -326,6 +364,9 @@ impl HttpAttributes {
     /// servers that upper-case it (Werkzeug). A rule matched on one reading would be the wrong
     /// rule for the other: the request is refused. Its message.
     pub fn method_problem(&self) -> Option<&'static str> {
+        if let Some(conflict) = self.pseudo_conflict {
+            return Some(conflict);
+        }
         if self.method.is_empty() {
             // No request is served without one; a rule naming methods would not match it, and
             // one naming none would.

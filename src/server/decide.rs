@@ -399,6 +399,53 @@ mod tests {
             (http.host.as_str(), http.host_as_sent()),
             ("admin.example.com", "admin.example.com:8443")
         );
+        // An HTTP/1 server's headers name the host as `host`.
+        let (hosted, _) = decide("GET", "", &[("host", "admin.example.com")]);
+        assert_eq!(hosted.http.as_ref().unwrap().host, "admin.example.com");
+        // A field its pseudo-header contradicts is refused: the upstream may read either.
+        for (method, host, headers) in [
+            ("GET", "", &[(":method", "POST")][..]),
+            ("GET", "", &[(":path", "/admin/users")][..]),
+            ("GET", "a.example", &[(":authority", "b.example")][..]),
+            ("GET", "a.example", &[("host", "b.example")][..]),
+        ] {
+            let (_, refused) = decide(method, host, headers);
+            assert_eq!(
+                (refused.http_status, refused.reason),
+                (400, crate::decision::Reason::MalformedRequest),
+                "{headers:?}: {refused:?}"
+            );
+            assert!(refused.message.contains("differ"), "{refused:?}");
+        }
+        // The same in another letter case is one host.
+        let (_, same) = decide("GET", "A.example", &[(":authority", "a.EXAMPLE")]);
+        assert!(same.is_allow(), "{same:?}");
+    }
+
+    /// Host rules cannot match a request without a host: it is refused where the policy has
+    /// them, and decided as before where it has none.
+    #[test]
+    fn a_request_without_a_host_is_refused_where_rules_match_hosts() {
+        use crate::policy::testing::{DEMO_POLICY, compile_policy};
+        let request = DecideRequest {
+            http: Some(v1::HttpRequest {
+                method: "GET".to_owned(),
+                path: "/healthz".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let access = access_request(request, HeaderLimits::DEFAULT);
+        let plain = compile_policy(DEMO_POLICY);
+        assert!(crate::decision::decide(&plain, &access, 1_700_000_000).is_allow());
+        let hosted = DEMO_POLICY.replace(
+            "match: { methods: [GET], path: /healthz }",
+            "match: { methods: [GET], path: /healthz, hosts: [api.example.com] }",
+        );
+        assert_ne!(hosted, DEMO_POLICY);
+        let refused = crate::decision::decide(&compile_policy(&hosted), &access, 1_700_000_000);
+        assert_eq!(refused.http_status, 400, "{refused:?}");
+        assert!(refused.message.contains("without a host"), "{refused:?}");
     }
 
     #[test]
