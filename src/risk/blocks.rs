@@ -151,6 +151,14 @@ impl Blocks {
         }
         let block = Arc::new(block);
         let mut table = self.write();
+        // A risk signal's block never shortens a block in force (an operator's hour is not cut
+        // to a signal's minutes): the one in force stays.
+        if block.created_by.starts_with(RISK_CREATOR_PREFIX)
+            && let Some(existing) = table.in_force(block.kind, &block.value, now)
+            && existing.expires_at >= block.expires_at
+        {
+            return Ok((existing, None));
+        }
         let replaces = table.contains(block.kind, &block.value);
         if !replaces && table.len() >= MAX_BLOCKS {
             // Expired blocks stay until room is needed.
@@ -210,17 +218,7 @@ impl Blocks {
 
     /// The block in force on exactly this target (`value` normalized), if any.
     pub fn get(&self, kind: Kind, value: &str, now: i64) -> Option<Arc<Block>> {
-        let table = self.read();
-        let block = if kind == Kind::Source {
-            table
-                .sources
-                .iter()
-                .find(|(net, _)| net.to_string() == value)
-                .map(|(_, b)| b)
-        } else {
-            table.exact[exact_slot(kind)].get(value)
-        };
-        block.filter(|b| b.expires_at > now).cloned()
+        self.read().in_force(kind, value, now)
     }
 
     /// The blocks in force, by kind and value.
@@ -288,6 +286,19 @@ impl Blocks {
 impl Table {
     fn len(&self) -> usize {
         self.exact.iter().map(HashMap::len).sum::<usize>() + self.sources.len()
+    }
+
+    /// The block in force on exactly this target (`value` normalized), if any.
+    fn in_force(&self, kind: Kind, value: &str, now: i64) -> Option<Arc<Block>> {
+        let block = if kind == Kind::Source {
+            self.sources
+                .iter()
+                .find(|(net, _)| net.to_string() == value)
+                .map(|(_, b)| b)
+        } else {
+            self.exact[exact_slot(kind)].get(value)
+        };
+        block.filter(|b| b.expires_at > now).cloned()
     }
 
     fn contains(&self, kind: Kind, value: &str) -> bool {

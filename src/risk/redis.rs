@@ -656,6 +656,7 @@ impl Task {
                     signal: *index,
                     key: key.clone(),
                     count: change.after,
+                    fresh: true,
                 };
                 state.crossed(&policy.risk, &crossing, now);
             }

@@ -227,6 +227,10 @@ pub struct Crossing {
     pub signal: usize,
     pub key: String,
     pub count: u64,
+    /// This event took the count to the threshold. A `block` signal's key counted again while
+    /// at or over it (its block over, lifted, or never set: a signal turned from `log` to
+    /// `block` by a reload) is a crossing too, not fresh: it is blocked if no block is in force.
+    pub fresh: bool,
 }
 
 impl Signal {
@@ -283,13 +287,17 @@ impl Signal {
     /// This signal's key in `keys`, if the request has one: a source as its network
     /// (`203.0.113.0/24`, or `/32` for one address).
     pub fn key_of<'k>(&self, keys: &Keys<'k>) -> Option<Cow<'k, str>> {
-        match self.key {
+        let key = match self.key {
             KeyKind::Subject => keys.subject.map(Cow::Borrowed),
             KeyKind::Tenant => keys.tenant.map(Cow::Borrowed),
             KeyKind::ClientId => keys.client_id.map(Cow::Borrowed),
             KeyKind::Token => keys.token.map(Cow::Borrowed),
             KeyKind::Source => self.network_of(keys.source?).map(Cow::Owned),
-        }
+        };
+        // An empty claim (a token without `sub`, or with `sub: ""`) names nobody: counted under
+        // one key, every such token of every issuer and client would share its count (one
+        // caller's denials stepping up another's), and its block could not be set.
+        key.filter(|key| !key.is_empty())
     }
 
     /// The network `source` is counted as (`ipv4_prefix`, `ipv6_prefix`): a `key: source`
@@ -447,11 +455,15 @@ impl RiskPolicy {
             if signal.event != Event::Sources || change.after != change.before {
                 counted(i, &key, distinct.as_deref());
             }
-            if change.crossed(u64::from(signal.threshold)) {
+            let threshold = u64::from(signal.threshold);
+            let fresh = change.crossed(threshold);
+            let over = matches!(signal.action, Action::Block { .. }) && change.after >= threshold;
+            if fresh || over {
                 crossings.push(Crossing {
                     signal: i,
                     key: key.into_owned(),
                     count: change.after,
+                    fresh,
                 });
             }
         }

@@ -122,11 +122,18 @@ impl RiskState {
     /// Applies a block the shared store holds (a resync, another replica's change): here only,
     /// but a risk signal's source block it evicts is dropped from the store too, so that the
     /// store holds no more of them than a replica keeps, and a resync does not re-apply (and
-    /// evict) them again and again.
+    /// evict) them again and again. A risk signal's block the store holds that would shorten
+    /// the one in force here (an operator's, written while the store was down and overwritten
+    /// by another replica's replayed write) is not applied, and the longer one is written back,
+    /// so that every replica converges on it.
     pub(super) fn apply_stored_block(&self, block: Block, now: i64) -> Result<(), BlockError> {
-        let (_, evicted) = self.blocks.set_evicting(block, now)?;
+        let stored = block.clone();
+        let (kept, evicted) = self.blocks.set_evicting(block, now)?;
         if let Some(shared) = &self.shared {
             Self::drop_evicted(shared, evicted);
+            if *kept != stored {
+                shared.block_set(&kept);
+            }
         }
         Ok(())
     }
@@ -189,6 +196,22 @@ impl RiskState {
         let Some(signal) = risk.signals.get(crossing.signal) else {
             return;
         };
+        if !crossing.fresh {
+            // A `block` signal's key counted again over its threshold: blocked again unless a
+            // block is in force on it already.
+            let Action::Block { seconds } = signal.action else {
+                return;
+            };
+            let kind = block_kind(signal.key);
+            let now = now_ms.div_euclid(1000);
+            let blocked = super::blocks::normalize(kind, &crossing.key)
+                .is_ok_and(|value| self.blocks.get(kind, &value, now).is_some());
+            if !blocked {
+                metrics::global().count_risk_trigger(&signal.name, signal.action.as_str());
+                self.block_for_signal(signal, &crossing.key, seconds, now_ms, false);
+            }
+            return;
+        }
         metrics::global().count_risk_trigger(&signal.name, signal.action.as_str());
         // The key comes from a token (a subject may hold any character): a `&str` field, which
         // the text log escapes (and JSON quotes), never `%`, which the text log writes raw.
@@ -203,18 +226,14 @@ impl RiskState {
             "risk signal reached its threshold"
         );
         if let Action::Block { seconds } = signal.action {
-            self.block_for_signal(signal, &crossing.key, seconds, now_ms);
+            self.block_for_signal(signal, &crossing.key, seconds, now_ms, true);
         }
     }
 
-    fn block_for_signal(&self, signal: &Signal, key: &str, seconds: i64, now_ms: i64) {
-        let kind = match signal.key {
-            KeyKind::Subject => Kind::Subject,
-            KeyKind::Source => Kind::Source,
-            KeyKind::ClientId => Kind::ClientId,
-            KeyKind::Tenant => Kind::Tenant,
-            KeyKind::Token => Kind::Token,
-        };
+    /// Blocks `key` for a signal. A failure is logged for a fresh crossing only: a key counted
+    /// again over its threshold is retried at each event, and must not log at each.
+    fn block_for_signal(&self, signal: &Signal, key: &str, seconds: i64, now_ms: i64, fresh: bool) {
+        let kind = block_kind(signal.key);
         let now = now_ms.div_euclid(1000);
         let block = Block {
             kind,
@@ -232,6 +251,11 @@ impl RiskState {
             created_by: format!("{}{}", super::blocks::RISK_CREATOR_PREFIX, signal.name),
         };
         match self.set_block(block, now) {
+            // A longer block was in force already, and stays.
+            Ok(block)
+                if !block
+                    .created_by
+                    .starts_with(super::blocks::RISK_CREATOR_PREFIX) => {}
             Ok(block) => tracing::warn!(
                 target: "stepgate::audit",
                 action = "block",
@@ -242,6 +266,7 @@ impl RiskState {
                 expires_at = block.expires_at,
                 "blocked by a risk signal"
             ),
+            Err(_) if !fresh => {}
             Err(err) => tracing::error!(
                 target: "stepgate::risk",
                 signal = &*signal.name,
@@ -249,6 +274,17 @@ impl RiskState {
                 "a risk signal's block could not be set"
             ),
         }
+    }
+}
+
+/// The kind of block a signal keyed so sets.
+fn block_kind(key: KeyKind) -> Kind {
+    match key {
+        KeyKind::Subject => Kind::Subject,
+        KeyKind::Source => Kind::Source,
+        KeyKind::ClientId => Kind::ClientId,
+        KeyKind::Tenant => Kind::Tenant,
+        KeyKind::Token => Kind::Token,
     }
 }
 
@@ -360,5 +396,130 @@ mod tests {
             state.refusing(&alice, fingerprint, NOW),
             Some(Refusal::Blocked(_))
         ));
+    }
+
+    /// A policy whose `denials` signal blocks a subject after 3 denials in 10 minutes.
+    fn blocking_policy(block_for: &str) -> Arc<Policy> {
+        use crate::policy::testing::{DEMO_POLICY, compile_policy};
+        let text = DEMO_POLICY.replace(
+            "risk:\n  signals:\n",
+            &format!(
+                "risk:\n  signals:\n    denials:\n      count: deny\n      key: subject\n      \
+                 window: 10m\n      threshold: 3\n      action: block\n      block_for: {block_for}\n"
+            ),
+        );
+        assert_ne!(text, DEMO_POLICY);
+        Arc::new(compile_policy(&text))
+    }
+
+    fn denial_of(subject: &str) -> Decision {
+        let mut denied = Decision::new(
+            crate::decision::Outcome::Deny,
+            crate::decision::Reason::MissingRole,
+            "",
+            403,
+        );
+        denied.principal = Some(Arc::new(principal(subject, Some(NOW))));
+        denied
+    }
+
+    /// A `block` signal blocks a key each time it is counted at or over its threshold with no
+    /// block in force: after a short block ends, and when a reload turned the signal from `log`
+    /// to `block` with the key over its threshold already. It acted only on the event that
+    /// crossed the threshold, so a caller who kept the count high was never blocked again.
+    #[test]
+    fn a_block_signal_blocks_again_a_key_still_over_its_threshold() {
+        let state = RiskState::default();
+        let policy = blocking_policy("5s");
+        let request = AccessRequest::default();
+        let blocked = |at: i64| state.blocks().get(Kind::Subject, "mallory", at).is_some();
+        for i in 0..3 {
+            state.record(&policy, &request, &denial_of("mallory"), (NOW + i) * 1000);
+        }
+        assert!(blocked(NOW + 3), "blocked at the threshold");
+        assert!(!blocked(NOW + 8), "the 5 s block is over");
+        // Counted again, over the threshold: blocked again.
+        state.record(&policy, &request, &denial_of("mallory"), (NOW + 9) * 1000);
+        assert!(blocked(NOW + 10), "blocked again");
+        let again = state
+            .blocks()
+            .get(Kind::Subject, "mallory", NOW + 10)
+            .unwrap();
+        assert_eq!(again.expires_at, NOW + 14);
+        // Lifted by an operator: the next denial over the threshold blocks again.
+        state
+            .remove_block(Kind::Subject, "mallory", NOW + 10)
+            .unwrap();
+        state.record(&policy, &request, &denial_of("mallory"), (NOW + 11) * 1000);
+        assert!(blocked(NOW + 11));
+    }
+
+    /// A risk signal's block never shortens a block in force: an operator's hour stays an hour
+    /// when the signal blocks the same subject for minutes.
+    #[test]
+    fn a_signals_block_never_shortens_one_in_force() {
+        let state = RiskState::default();
+        let operators = Block {
+            expires_at: NOW + 3600,
+            ..block(Kind::Subject, "mallory")
+        };
+        state.set_block(operators, NOW).unwrap();
+        let policy = blocking_policy("20s");
+        for i in 0..3 {
+            state.record(
+                &policy,
+                &AccessRequest::default(),
+                &denial_of("mallory"),
+                (NOW + i) * 1000,
+            );
+        }
+        let kept = state
+            .blocks()
+            .get(Kind::Subject, "mallory", NOW + 30)
+            .unwrap();
+        assert_eq!(kept.expires_at, NOW + 3600, "{kept:?}");
+        assert!(
+            !kept
+                .created_by
+                .starts_with(super::super::blocks::RISK_CREATOR_PREFIX)
+        );
+        // A longer one replaces a shorter one.
+        let state = RiskState::default();
+        let short = Block {
+            expires_at: NOW + 10,
+            ..block(Kind::Subject, "mallory")
+        };
+        state.set_block(short, NOW).unwrap();
+        let policy = blocking_policy("1h");
+        for i in 0..3 {
+            state.record(
+                &policy,
+                &AccessRequest::default(),
+                &denial_of("mallory"),
+                (NOW + i) * 1000,
+            );
+        }
+        let longer = state
+            .blocks()
+            .get(Kind::Subject, "mallory", NOW + 30)
+            .unwrap();
+        assert!(longer.expires_at > NOW + 3000, "{longer:?}");
+    }
+
+    /// A token without a subject (no `sub`, or `sub: ""`) is counted under no subject key: such
+    /// tokens of every issuer and client would otherwise share one count.
+    #[test]
+    fn an_empty_subject_is_no_key() {
+        let state = RiskState::default();
+        let policy = blocking_policy("1h");
+        for i in 0..5 {
+            state.record(
+                &policy,
+                &AccessRequest::default(),
+                &denial_of(""),
+                (NOW + i) * 1000,
+            );
+        }
+        assert_eq!(policy.risk.signals[0].count("", (NOW + 5) * 1000), 0);
     }
 }
