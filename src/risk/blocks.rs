@@ -29,6 +29,11 @@ pub const MAX_SOURCE_BLOCKS: usize = 1024;
 /// signal from many networks cannot fill the table and stop every later block (and operators'
 /// blocks are never replaced).
 pub const MAX_RISK_SOURCE_BLOCKS: usize = 768;
+/// Most blocks of the other kinds (subject, tenant, client, token) that risk signals may hold:
+/// the rest of [`MAX_BLOCKS`] is the operators'. Past it a signal's new block is refused (and
+/// logged), so that whoever can mint tokens and trip a `key: token` signal with each cannot fill
+/// the table and lock the operators out of `stepgate admin block` during the incident.
+pub const MAX_RISK_BLOCKS: usize = 75_000;
 /// `created_by` of the blocks risk signals set (`risk:<signal>`).
 pub const RISK_CREATOR_PREFIX: &str = "risk:";
 /// Longest a block may last: 90 days.
@@ -105,6 +110,8 @@ struct Table {
     /// no key of its own.
     exact: [HashMap<String, Arc<Block>>; 5],
     sources: Vec<(IpNet, Arc<Block>)>,
+    /// Blocks in `exact` that risk signals set.
+    risk_exact: usize,
 }
 
 /// The blocks in force, shared by the admin API and the request path.
@@ -127,6 +134,8 @@ pub enum BlockError {
         "{MAX_SOURCE_BLOCKS} source blocks are in force already; lift some, or block a wider CIDR"
     )]
     FullOfSources,
+    #[error("risk signals hold {MAX_RISK_BLOCKS} blocks already: the rest is kept for operators")]
+    FullForSignals,
 }
 
 impl Blocks {
@@ -190,7 +199,17 @@ impl Blocks {
             }
             table.sources.push((net, Arc::clone(&block)));
         } else {
-            table.exact[exact_slot(block.kind)].insert(block.value.clone(), Arc::clone(&block));
+            let slot = exact_slot(block.kind);
+            let by_risk = is_by_risk(&block);
+            let was_risk = table.exact[slot].get(&block.value).is_some_and(is_by_risk);
+            if by_risk && !was_risk && table.risk_exact >= MAX_RISK_BLOCKS {
+                table.sweep(now);
+                if table.risk_exact >= MAX_RISK_BLOCKS {
+                    return Err(BlockError::FullForSignals);
+                }
+            }
+            table.exact[slot].insert(block.value.clone(), Arc::clone(&block));
+            table.risk_exact = table.risk_exact + usize::from(by_risk) - usize::from(was_risk);
         }
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
@@ -207,9 +226,11 @@ impl Blocks {
             at.map(|i| table.sources.remove(i))
                 .is_some_and(|(_, b)| b.expires_at > now)
         } else {
-            table.exact[exact_slot(kind)]
-                .remove(&value)
-                .is_some_and(|b| b.expires_at > now)
+            let removed = table.exact[exact_slot(kind)].remove(&value);
+            if removed.as_ref().is_some_and(is_by_risk) {
+                table.risk_exact -= 1;
+            }
+            removed.is_some_and(|b| b.expires_at > now)
         };
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
@@ -331,11 +352,22 @@ impl Table {
     }
 
     fn sweep(&mut self, now: i64) {
+        let mut swept_risk = 0;
         for map in &mut self.exact {
-            map.retain(|_, b| b.expires_at > now);
+            map.retain(|_, b| {
+                let keep = b.expires_at > now;
+                swept_risk += usize::from(!keep && is_by_risk(b));
+                keep
+            });
         }
+        self.risk_exact -= swept_risk;
         self.sources.retain(|(_, b)| b.expires_at > now);
     }
+}
+
+/// Whether a risk signal set `block`.
+fn is_by_risk(block: &Arc<Block>) -> bool {
+    block.created_by.starts_with(RISK_CREATOR_PREFIX)
 }
 
 /// Where a kind's map is in [`Table::exact`].
@@ -681,6 +713,54 @@ mod tests {
         assert!(
             blocks
                 .set(block(Kind::Subject, "later", 200), NOW + 121)
+                .is_ok()
+        );
+    }
+
+    /// Risk signals hold at most [`MAX_RISK_BLOCKS`] blocks of the exact kinds: the rest of the
+    /// table is the operators', whoever can trip a `key: token` signal with token after token.
+    #[test]
+    fn signals_leave_room_for_the_operators() {
+        let blocks = Blocks::default();
+        let by_signal = |value: &str, ttl: i64| Block {
+            created_by: format!("{RISK_CREATOR_PREFIX}token_replay"),
+            ..block(Kind::Token, value, ttl)
+        };
+        let hex = |i: usize| format!("{i:012x}");
+        for i in 0..MAX_RISK_BLOCKS {
+            blocks.set(by_signal(&hex(i), 60), NOW).unwrap();
+        }
+        assert_eq!(
+            blocks.set(by_signal(&hex(MAX_RISK_BLOCKS), 60), NOW),
+            Err(BlockError::FullForSignals)
+        );
+        // The same block again (a signal blocking again) replaces, and counts once.
+        assert!(blocks.set(by_signal(&hex(7), 120), NOW).is_ok());
+        // An operator's block still fits, on any kind.
+        assert!(blocks.set(block(Kind::Subject, "mallory", 60), NOW).is_ok());
+        assert!(
+            blocks.set(block(Kind::Token, &hex(9), 60), NOW).is_ok(),
+            "an operator's over a signal's"
+        );
+        // Room comes back as signals' blocks are lifted or replaced, and as they expire.
+        assert!(
+            blocks
+                .set(by_signal(&hex(MAX_RISK_BLOCKS), 60), NOW)
+                .is_ok()
+        );
+        assert!(blocks.remove(Kind::Token, &hex(1), NOW).unwrap());
+        assert!(
+            blocks
+                .set(by_signal(&hex(MAX_RISK_BLOCKS + 1), 60), NOW)
+                .is_ok()
+        );
+        assert_eq!(
+            blocks.set(by_signal(&hex(MAX_RISK_BLOCKS + 2), 60), NOW),
+            Err(BlockError::FullForSignals)
+        );
+        assert!(
+            blocks
+                .set(by_signal(&hex(MAX_RISK_BLOCKS + 2), 200), NOW + 121)
                 .is_ok()
         );
     }

@@ -10,6 +10,7 @@ use super::{
     revocations::{Revocation, Revocations, RevokeError},
     signals::{Action, Crossing, KeyKind, RiskPolicy, Signal, StoreSpec},
 };
+use crate::telemetry::throttle::{Throttle, WARNING_PERIOD};
 use crate::{
     decision::Decision, identity::Principal, policy::Policy, request::AccessRequest,
     telemetry::metrics,
@@ -267,12 +268,20 @@ impl RiskState {
                 "blocked by a risk signal"
             ),
             Err(_) if !fresh => {}
-            Err(err) => tracing::error!(
-                target: "stepgate::risk",
-                signal = &*signal.name,
-                error = %err,
-                "a risk signal's block could not be set"
-            ),
+            Err(err) => {
+                // Once the table is full, every later crossing fails alike: said every 10 s.
+                static ERRORS: Throttle = Throttle::new(WARNING_PERIOD);
+                if let Some(unlogged) = ERRORS.admit() {
+                    tracing::error!(
+                        target: "stepgate::risk",
+                        signal = &*signal.name,
+                        error = %err,
+                        unlogged,
+                        "a risk signal's block could not be set (later failures within 10 s are \
+                         only counted)"
+                    );
+                }
+            }
         }
     }
 }

@@ -293,7 +293,9 @@ fn revocation_to_wire(revocation: &Revocation) -> v1::Revocation {
 fn refused(err: BlockError) -> Status {
     match err {
         BlockError::Invalid(why) => Status::invalid_argument(why),
-        BlockError::Full | BlockError::FullOfSources => Status::resource_exhausted(err.to_string()),
+        BlockError::Full | BlockError::FullOfSources | BlockError::FullForSignals => {
+            Status::resource_exhausted(err.to_string())
+        }
     }
 }
 
