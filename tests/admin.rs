@@ -393,6 +393,44 @@ fn an_admin_section_naming_an_unknown_issuer_or_an_unread_requirement_is_refused
     }
 }
 
+/// An admin issuer accepting several tenants is refused: an administrator of any of them could
+/// assign itself the admin role (in Entra, app roles of a multi-tenant API are assigned in each
+/// customer's own tenant). One tenant is accepted.
+#[test]
+fn an_admin_issuer_of_several_tenants_is_refused() {
+    let issuer = |tenants: &str| {
+        format!(
+            "issuers:\n  - id: entra-multi\n    \
+             issuer: \"https://login.microsoftonline.com/{{tenantid}}/v2.0\"\n    \
+             jwks_file: {}\n    audiences: [api://stepgate-demo]\n    challenge: entra\n    \
+             {tenants}\n",
+            common::jwks_path().display()
+        )
+    };
+    for (tenants, refused) in [
+        (
+            "tenants: [11111111-1111-1111-1111-111111111111, 22222222-2222-2222-2222-222222222222]",
+            true,
+        ),
+        ("any_tenant: true", true),
+        ("tenants: [11111111-1111-1111-1111-111111111111]", false),
+    ] {
+        let text = demo_policy_text().replacen("issuers:\n", &issuer(tenants), 1)
+            + "\nadmin: { issuers: [entra-multi], roles: [stepgate.admin] }\n";
+        let policy = TempPolicy::new("admin-tenants", &text);
+        let (code, _, stderr) = common::check_policy(&policy.path);
+        if refused {
+            assert_eq!(code, Some(2), "{tenants}: {stderr}");
+            assert!(
+                stderr.contains("admin.issuers[0]") && stderr.contains("several tenants"),
+                "{tenants}: {stderr}"
+            );
+        } else {
+            assert_eq!(code, Some(0), "{tenants}: {stderr}");
+        }
+    }
+}
+
 /// A demo token of `spec` whose `iat` is `iat`.
 fn issued_at(spec: TokenSpec, subject: &str, iat: i64) -> String {
     let mut extra = serde_json::Map::new();

@@ -184,10 +184,28 @@ fn compile_admin(
 ) -> Result<AdminAccess> {
     let client_sans = compile_sans(&config.client_sans, "admin.client_sans")?;
     for (i, id) in config.issuers.iter().enumerate() {
-        if issuers.by_id(id).is_none() {
+        let Some(issuer) = issuers.by_id(id) else {
             return err(
                 format!("admin.issuers[{i}]"),
                 format!("{id:?} is not an issuer id of this policy"),
+            );
+        };
+        // An admin of any tenant it accepts could give itself the admin role (in Entra, a
+        // customer tenant's administrator assigns a multi-tenant API's app roles in their own
+        // tenant) and block or revoke anyone.
+        let several = match &issuer.tenants {
+            crate::identity::issuer::Tenants::NotApplicable => false,
+            crate::identity::issuer::Tenants::Only(tenants) => tenants.len() > 1,
+            crate::identity::issuer::Tenants::Any => true,
+        };
+        if several {
+            return err(
+                format!("admin.issuers[{i}]"),
+                format!(
+                    "{id:?} accepts tokens of several tenants, and an administrator of any of \
+                     them could assign itself the admin role: name an issuer of your own tenant \
+                     (its exact issuer URL, or `tenants:` with that one tenant)"
+                ),
             );
         }
     }
