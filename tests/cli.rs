@@ -814,4 +814,18 @@ fn check_warns_of_a_signal_blocking_by_source_address() {
         stdout.contains(header) && stdout.contains("\n  risk signal forged_tokens\n"),
         "{stdout}"
     );
+    // A tenant's or a client's: one user tripping it blocks all of its users.
+    let tenant_header = "warning: 1 risk signal(s) block a whole tenant or client application";
+    assert!(!stdout.contains(tenant_header), "{stdout}");
+    let by_tenant = edit(
+        &demo,
+        "      key: subject\n      window: 10m\n      threshold: 10\n      action: log                        # then: action: step_up, require: { auth_contexts: [c3] }",
+        "      key: tenant\n      window: 10m\n      threshold: 10\n      action: block\n      block_for: 15m",
+    );
+    let stdout = run("tenant-block", &by_tenant);
+    assert!(
+        stdout.contains(tenant_header)
+            && stdout.contains("\n  risk signal repeated_step_ups (key: tenant)\n"),
+        "{stdout}"
+    );
 }

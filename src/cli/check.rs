@@ -218,6 +218,19 @@ fn describe(policy: &Policy) -> String {
         "risk signal(s) block by source address: the address Envoy names is its connection's, a load balancer's for every client unless it sends the PROXY protocol, and one client tripping the signal would then block everyone (docs/risk.md)",
     );
     warn(
+        policy
+            .risk
+            .signals
+            .iter()
+            .filter(|s| {
+                matches!(s.key, KeyKind::Tenant | KeyKind::ClientId)
+                    && matches!(s.action, Action::Block { .. })
+            })
+            .map(|s| format!("risk signal {} (key: {})", s.name, s.key.as_str()))
+            .collect(),
+        "risk signal(s) block a whole tenant or client application: one user tripping the signal blocks every user of it (docs/risk.md)",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );
