@@ -59,6 +59,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "/a?access_token=1=2&&;",
         "/a?my_access_token=keep",
         "/cb?code=x&state=y&client%5Fsecret=z",
+        "/cb?client.secret=x&refresh_token[]=y&+code=z&api_key%5B0%5D=k",
         "/a?access_token[]=eyJ&access_token%5B0%5D=eyJ",
         "/access_token=x",
         "/a?x=%zz&access_token=é",

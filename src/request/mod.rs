@@ -561,40 +561,62 @@ fn php_renamed(name: &str) -> String {
         .collect()
 }
 
-/// Query parameters that carry a credential of their own, by name (in any case, as decoded):
-/// an OAuth authorization code or refresh, ID or client secret, a password, an API key, a
+/// Query parameters that carry a credential of their own, by name (in any case, as PHP and the
+/// URL standard read it): an OAuth authorization code or its verifier, a refresh, ID or
+/// exchanged token, a client secret or assertion, a SAML response, a password, an API key, a
 /// presigned URL's signature. Decision records write their values as `REDACTED`
 /// ([`is_credential_name`]).
-const CREDENTIAL_NAMES: [&str; 17] = [
+const CREDENTIAL_NAMES: [&str; 27] = [
     "code",
+    "code_verifier",
     "refresh_token",
     "id_token",
+    "subject_token",
+    "actor_token",
     "client_secret",
     "client_assertion",
+    "assertion",
+    "samlresponse",
     "password",
     "passwd",
     "api_key",
     "apikey",
     "api-key",
+    "x-api-key",
     "key",
     "token",
     "secret",
     "sig",
     "signature",
     "x-amz-signature",
+    "x-amz-credential",
     "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "auth",
 ];
 
 /// Whether a query parameter's name is RFC 6750's `access_token` ([`is_access_token_name`]) or
-/// another credential's ([`CREDENTIAL_NAMES`]), percent-decoded and in any case.
+/// another credential's ([`CREDENTIAL_NAMES`]), read as the URL standard and PHP read it:
+/// percent-decoded, in any case, renamed (`client.secret`, `+code`), or an array of it
+/// (`refresh_token[]`, `api_key[0]`).
 pub fn is_credential_name(name: &str) -> bool {
     if is_access_token_name(name) {
         return true;
     }
     let decoded = decode_query_name(name);
-    CREDENTIAL_NAMES
-        .iter()
-        .any(|credential| decoded.eq_ignore_ascii_case(credential))
+    let cut = php_cut(&decoded);
+    let named = |name: &str| {
+        let plain = name.to_ascii_lowercase();
+        let renamed = php_renamed(name);
+        CREDENTIAL_NAMES
+            .iter()
+            .any(|credential| plain == *credential || renamed == *credential)
+    };
+    named(cut)
+        || cut
+            .split_once('[')
+            .is_some_and(|(base, rest)| rest.contains(']') && named(base))
 }
 
 /// A query parameter's name decoded as the URL standard and PHP decode it (`form_urlencoded`):

@@ -1372,6 +1372,15 @@ mod tests {
                 "/cb?code=REDACTED&state=s&Refresh_Token=REDACTED&client%5Fsecret=REDACTED&sig=REDACTED",
             ),
             ("/a?codec=h264&keys=1", "/a?codec=h264&keys=1"),
+            // As PHP reads the names: renamed, or arrays of them.
+            (
+                "/a?client.secret=CS1&refresh_token[]=RT2&api_key%5B0%5D=K3&+code=C4&%20code=C5&x=1",
+                "/a?client.secret=REDACTED&refresh_token[]=REDACTED&api_key%5B0%5D=REDACTED&+code=REDACTED&%20code=REDACTED&x=1",
+            ),
+            (
+                "/a?X-Amz-Signature=S&subject_token=T&SAMLResponse=R",
+                "/a?X-Amz-Signature=REDACTED&subject_token=REDACTED&SAMLResponse=REDACTED",
+            ),
             ("/access_token=x", "/access_token=x"),
         ] {
             assert_eq!(without_query_tokens(target), recorded, "{target}");
