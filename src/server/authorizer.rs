@@ -513,7 +513,7 @@ impl Authorizer {
             .get()
             .filter(|(_, forced)| *forced || policy.records.enabled)
         {
-            sink.record(&policy.records, door, &AccessRequest::default(), &decision);
+            sink.record_refusal(&policy.records, door, &decision);
         }
         (decision, policy)
     }

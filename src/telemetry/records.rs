@@ -109,6 +109,9 @@ pub struct RecordSink {
     /// Records without a verified token kept in the current second: the unix second in the high
     /// 32 bits, the count in the low.
     unverified: AtomicU64,
+    /// The records of refusals made before a request was read, this second: (second << 32) |
+    /// count, as `unverified`.
+    refusals: AtomicU64,
     target: String,
 }
 
@@ -148,6 +151,7 @@ impl RecordSink {
             shared,
             seen: AtomicU64::new(0),
             unverified: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             target,
         }))
     }
@@ -155,6 +159,26 @@ impl RecordSink {
     /// Where the records go, for logs.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// Records a refusal made before a request was read (a message that does not decode or is
+    /// too large, an overload, a caller not allowed, a panic): no request, at most
+    /// [`REFUSALS_PER_SECOND`] a second, apart from the decisions made without a verified token,
+    /// so that a flood of broken calls cannot crowd their records out.
+    pub fn record_refusal(&self, policy: &RecordsPolicy, door: Door, decision: &Decision) {
+        if !admit(
+            &self.refusals,
+            REFUSALS_PER_SECOND,
+            unix_second(SystemTime::now()),
+        ) {
+            metrics::global().record_record(RecordEvent::RateLimited);
+            return;
+        }
+        let unlimited = RecordsPolicy {
+            unverified_per_second: 0,
+            ..policy.clone()
+        };
+        self.record(&unlimited, door, &AccessRequest::default(), decision);
     }
 
     /// Records one decision under `policy`'s settings (sampling, allow-list, subject hashing).
@@ -202,26 +226,7 @@ impl RecordSink {
 
     /// Whether one more record without a verified token fits `per_second` in `second`.
     fn admit_unverified(&self, per_second: u32, second: u32) -> bool {
-        let mut seen = self.unverified.load(Relaxed);
-        loop {
-            let (at, kept) = ((seen >> 32) as u32, seen as u32);
-            // A new second starts a new count; so does a clock set back (a reading a second
-            // behind another thread's restarts it too, which costs at most a few records more).
-            let next = if at != second {
-                (u64::from(second) << 32) | 1
-            } else if kept < per_second {
-                seen + 1
-            } else {
-                return false;
-            };
-            match self
-                .unverified
-                .compare_exchange_weak(seen, next, Relaxed, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(now) => seen = now,
-            }
-        }
+        admit(&self.unverified, per_second, second)
     }
 
     /// Writes every record made so far and stops the writer, waiting at most [`FINISH_WAIT`] (a
@@ -332,6 +337,31 @@ impl Cut {
             .find(|&i| value.is_char_boundary(i))
             .unwrap_or(0);
         Some(&value[..end])
+    }
+}
+
+/// Records of refusals made before a request was read, kept each second.
+pub const REFUSALS_PER_SECOND: u32 = 10;
+
+/// Whether one more record fits `per_second` in `second`, counted in `counter` as
+/// (second << 32) | count.
+fn admit(counter: &AtomicU64, per_second: u32, second: u32) -> bool {
+    let mut seen = counter.load(Relaxed);
+    loop {
+        let (at, kept) = ((seen >> 32) as u32, seen as u32);
+        // A new second starts a new count; so does a clock set back (a reading a second
+        // behind another thread's restarts it too, which costs at most a few records more).
+        let next = if at != second {
+            (u64::from(second) << 32) | 1
+        } else if kept < per_second {
+            seen + 1
+        } else {
+            return false;
+        };
+        match counter.compare_exchange_weak(seen, next, Relaxed, Relaxed) {
+            Ok(_) => return true,
+            Err(now) => seen = now,
+        }
     }
 }
 
@@ -817,6 +847,22 @@ mod tests {
     use serde::Serialize;
 
     use super::*;
+
+    /// A per-second allowance: `per_second` admitted in a second, none more, and a new second
+    /// starts over; two counters do not share it.
+    #[test]
+    fn an_allowance_admits_so_many_a_second_each() {
+        let (refusals, unverified) = (AtomicU64::new(0), AtomicU64::new(0));
+        let admitted = |counter: &AtomicU64, second| {
+            (0..50)
+                .filter(|_| admit(counter, REFUSALS_PER_SECOND, second))
+                .count()
+        };
+        assert_eq!(admitted(&refusals, 100), 10);
+        assert_eq!(admitted(&refusals, 100), 0);
+        assert_eq!(admitted(&unverified, 100), 10, "a counter of its own");
+        assert_eq!(admitted(&refusals, 101), 10);
+    }
     use crate::{
         decision::{Reason, Shadow, StepUp},
         identity::claims::Principal,
@@ -861,6 +907,7 @@ mod tests {
             shared: Arc::default(),
             seen: AtomicU64::new(0),
             unverified: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             target: "test".into(),
         };
         let admitted = |second| {
