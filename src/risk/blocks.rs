@@ -112,6 +112,12 @@ struct Table {
     sources: Vec<(IpNet, Arc<Block>)>,
     /// Blocks in `exact` that risk signals set.
     risk_exact: usize,
+    /// When expired blocks were last swept out (unix seconds).
+    swept_at: i64,
+    /// When an operator (or the store, for one) last lifted a block, by kind and value: a risk
+    /// signal does not block that key again while the counts of before the lift last
+    /// ([`Blocks::lifted_at`]).
+    lifted: HashMap<(Kind, String), i64>,
 }
 
 /// The blocks in force, shared by the admin API and the request path.
@@ -142,15 +148,21 @@ impl Blocks {
     /// Sets (or replaces) a block. `value` is checked for its kind: a source must be an IP
     /// address or a CIDR, a token fingerprint 12 lower-case hex digits.
     pub fn set(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
-        self.set_evicting(block, now).map(|(block, _)| block)
+        self.set_evicting(block, now, true).map(|(block, _)| block)
     }
 
     /// [`Self::set`], and the risk signals' source block it evicted to make room, if any (the
     /// shared store must drop it too, or it would come back at every resync).
+    ///
+    /// With `keep_longer`, a risk signal's block never shortens a block in force: the one in
+    /// force is returned, unchanged. A block the shared store holds is applied as it is (the
+    /// store's record is the cluster's word: an operator's lift this replica missed, then a
+    /// signal's block written over it, must not bring the lifted block back).
     pub fn set_evicting(
         &self,
         mut block: Block,
         now: i64,
+        keep_longer: bool,
     ) -> Result<(Arc<Block>, Option<Arc<Block>>), BlockError> {
         block.value = normalize(block.kind, &block.value)?;
         if block.expires_at <= now {
@@ -162,7 +174,8 @@ impl Blocks {
         let mut table = self.write();
         // A risk signal's block never shortens a block in force (an operator's hour is not cut
         // to a signal's minutes): the one in force stays.
-        if block.created_by.starts_with(RISK_CREATOR_PREFIX)
+        if keep_longer
+            && block.created_by.starts_with(RISK_CREATOR_PREFIX)
             && let Some(existing) = table.in_force(block.kind, &block.value, now)
             && existing.expires_at >= block.expires_at
         {
@@ -203,7 +216,11 @@ impl Blocks {
             let by_risk = is_by_risk(&block);
             let was_risk = table.exact[slot].get(&block.value).is_some_and(is_by_risk);
             if by_risk && !was_risk && table.risk_exact >= MAX_RISK_BLOCKS {
-                table.sweep(now);
+                // Swept at most once a second: every refused attempt would otherwise walk the
+                // whole table under the lock the request path reads.
+                if table.swept_at != now {
+                    table.sweep(now);
+                }
                 if table.risk_exact >= MAX_RISK_BLOCKS {
                     return Err(BlockError::FullForSignals);
                 }
@@ -220,6 +237,14 @@ impl Blocks {
     pub fn remove(&self, kind: Kind, value: &str, now: i64) -> Result<bool, BlockError> {
         let value = normalize(kind, value)?;
         let mut table = self.write();
+        if table.lifted.len() >= MAX_BLOCKS {
+            // Kept a day at most: a signal's window is shorter.
+            table.lifted.retain(|_, at| now - *at < 86_400);
+            if table.lifted.len() >= MAX_BLOCKS {
+                table.lifted.clear();
+            }
+        }
+        table.lifted.insert((kind, value.clone()), now);
         let removed = if kind == Kind::Source {
             let net: IpNet = value.parse().expect("normalized above");
             let at = table.sources.iter().position(|(n, _)| *n == net);
@@ -235,6 +260,11 @@ impl Blocks {
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
         Ok(removed)
+    }
+
+    /// When a block on exactly this target (`value` normalized) was last lifted, if it was.
+    pub fn lifted_at(&self, kind: Kind, value: &str) -> Option<i64> {
+        self.read().lifted.get(&(kind, value.to_owned())).copied()
     }
 
     /// The block in force on exactly this target (`value` normalized), if any.
@@ -352,6 +382,7 @@ impl Table {
     }
 
     fn sweep(&mut self, now: i64) {
+        self.swept_at = now;
         let mut swept_risk = 0;
         for map in &mut self.exact {
             map.retain(|_, b| {

@@ -112,9 +112,14 @@ impl RiskState {
 
     /// Sets a block here and in the shared store.
     pub fn set_block(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
-        let (block, evicted) = self.blocks.set_evicting(block, now)?;
+        let wanted = (block.created_by.clone(), block.expires_at);
+        let (block, evicted) = self.blocks.set_evicting(block, now, true)?;
         if let Some(shared) = &self.shared {
-            shared.block_set(&block);
+            // A longer block kept in force (a signal's never shortens one) is not written again:
+            // this replica may hold one the others lifted.
+            if (block.created_by.as_str(), block.expires_at) == (wanted.0.as_str(), wanted.1) {
+                shared.block_set(&block);
+            }
             Self::drop_evicted(shared, evicted);
         }
         Ok(block)
@@ -123,18 +128,12 @@ impl RiskState {
     /// Applies a block the shared store holds (a resync, another replica's change): here only,
     /// but a risk signal's source block it evicts is dropped from the store too, so that the
     /// store holds no more of them than a replica keeps, and a resync does not re-apply (and
-    /// evict) them again and again. A risk signal's block the store holds that would shorten
-    /// the one in force here (an operator's, written while the store was down and overwritten
-    /// by another replica's replayed write) is not applied, and the longer one is written back,
-    /// so that every replica converges on it.
+    /// evict) them again and again. The store's block is applied as it is, even one shorter
+    /// than the block in force here: the store's record is the cluster's word.
     pub(super) fn apply_stored_block(&self, block: Block, now: i64) -> Result<(), BlockError> {
-        let stored = block.clone();
-        let (kept, evicted) = self.blocks.set_evicting(block, now)?;
+        let (_, evicted) = self.blocks.set_evicting(block, now, false)?;
         if let Some(shared) = &self.shared {
             Self::drop_evicted(shared, evicted);
-            if *kept != stored {
-                shared.block_set(&kept);
-            }
         }
         Ok(())
     }
@@ -205,8 +204,15 @@ impl RiskState {
             };
             let kind = block_kind(signal.key);
             let now = now_ms.div_euclid(1000);
-            let blocked = super::blocks::normalize(kind, &crossing.key)
-                .is_ok_and(|value| self.blocks.get(kind, &value, now).is_some());
+            // Not while the counts of before an operator's lift last (two windows): a lift holds
+            // until the key crosses its threshold again.
+            let held_off = |value: &str| {
+                self.blocks.get(kind, value, now).is_some()
+                    || self.blocks.lifted_at(kind, value).is_some_and(|at| {
+                        now - at < 2 * i64::try_from(signal.window_seconds).unwrap_or(i64::MAX)
+                    })
+            };
+            let blocked = super::blocks::normalize(kind, &crossing.key).is_ok_and(|v| held_off(&v));
             if !blocked {
                 metrics::global().count_risk_trigger(&signal.name, signal.action.as_str());
                 self.block_for_signal(signal, &crossing.key, seconds, now_ms, false);
@@ -435,7 +441,8 @@ mod tests {
     /// A `block` signal blocks a key each time it is counted at or over its threshold with no
     /// block in force: after a short block ends, and when a reload turned the signal from `log`
     /// to `block` with the key over its threshold already. It acted only on the event that
-    /// crossed the threshold, so a caller who kept the count high was never blocked again.
+    /// crossed the threshold, so a caller who kept the count high was never blocked again. An
+    /// operator's lift holds until the key crosses its threshold again.
     #[test]
     fn a_block_signal_blocks_again_a_key_still_over_its_threshold() {
         let state = RiskState::default();
@@ -455,12 +462,39 @@ mod tests {
             .get(Kind::Subject, "mallory", NOW + 10)
             .unwrap();
         assert_eq!(again.expires_at, NOW + 14);
-        // Lifted by an operator: the next denial over the threshold blocks again.
+        // Lifted by an operator: the lift holds while the counts of before it last...
         state
             .remove_block(Kind::Subject, "mallory", NOW + 10)
             .unwrap();
         state.record(&policy, &request, &denial_of("mallory"), (NOW + 11) * 1000);
-        assert!(blocked(NOW + 11));
+        assert!(!blocked(NOW + 11), "the operator's lift holds");
+        // ... and a new crossing, once they are gone, blocks again.
+        let later = NOW + 1300;
+        for i in 0..3 {
+            state.record(&policy, &request, &denial_of("mallory"), (later + i) * 1000);
+        }
+        assert!(blocked(later + 3), "crossed again");
+    }
+
+    /// A block the shared store holds is applied as it is, a shorter one too: the store's record
+    /// is the cluster's word (an operator's lift a replica missed, then a signal's block
+    /// written over it, must not bring the lifted block back on that replica).
+    #[test]
+    fn a_stored_block_is_applied_as_the_store_holds_it() {
+        let state = RiskState::default();
+        let operators = Block {
+            expires_at: NOW + 3600,
+            ..block(Kind::Subject, "mallory")
+        };
+        state.set_block(operators, NOW).unwrap();
+        let signals = Block {
+            expires_at: NOW + 20,
+            created_by: format!("{}denials", super::super::blocks::RISK_CREATOR_PREFIX),
+            ..block(Kind::Subject, "mallory")
+        };
+        state.apply_stored_block(signals, NOW).unwrap();
+        let applied = state.blocks().get(Kind::Subject, "mallory", NOW).unwrap();
+        assert_eq!(applied.expires_at, NOW + 20, "{applied:?}");
     }
 
     /// A risk signal's block never shortens a block in force: an operator's hour stays an hour
