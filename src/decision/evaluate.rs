@@ -290,6 +290,18 @@ impl<'p> Run<'p> {
                          hosts (set http.host)",
                     )
                 })
+                .or_else(|| {
+                    // Servers that trust it (Express's `trust proxy`, Django's
+                    // USE_X_FORWARDED_HOST) route on it: another host than the rules saw.
+                    h.headers
+                        .get("x-forwarded-host")
+                        .filter(|_| policy.index.names_hosts())
+                        .filter(|forwarded| !crate::request::same_host(forwarded, h.host_as_sent()))
+                        .map(|_| {
+                            "an x-forwarded-host header naming another host is refused: the \
+                             policy's rules match hosts, and some servers route on it"
+                        })
+                })
         }) {
             self.step("request", || message.to_owned());
             let www = challenge::invalid_request(realm, message);

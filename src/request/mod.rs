@@ -313,7 +313,9 @@ impl HttpAttributes {
             }
         };
         let exact = |a: &str, b: &str| a == b;
-        let any_case = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        // One host: in any case, with or without its port and trailing dot (`req.hostname`
+        // beside a `host` header with the port).
+        let one_host = |a: &str, b: &str| same_host(a, b);
         let method = given(
             method,
             ":method",
@@ -323,13 +325,13 @@ impl HttpAttributes {
         let authority = given(
             authority,
             ":authority",
-            any_case,
+            one_host,
             "the request's host and its :authority header differ: refused, the upstream may read either",
         );
         let authority = given(
             authority,
             "host",
-            any_case,
+            one_host,
             "the request's host and its host header differ: refused, the upstream may read either",
         );
         let target = given(
@@ -566,7 +568,13 @@ fn php_renamed(name: &str) -> String {
 /// exchanged token, a client secret or assertion, a SAML response, a password, an API key, a
 /// presigned URL's signature. Decision records write their values as `REDACTED`
 /// ([`is_credential_name`]).
-const CREDENTIAL_NAMES: [&str; 27] = [
+const CREDENTIAL_NAMES: [&str; 33] = [
+    "access-token",
+    "auth_token",
+    "oauth_token",
+    "private_token",
+    "jwt",
+    "session",
     "code",
     "code_verifier",
     "refresh_token",
@@ -613,10 +621,13 @@ pub fn is_credential_name(name: &str) -> bool {
             .iter()
             .any(|credential| plain == *credential || renamed == *credential)
     };
+    // An array's name (`refresh_token[]`), or a nested key (`user[password]`, which Rack and PHP
+    // read as a value of `user`): each part between brackets is a name too.
     named(cut)
         || cut
-            .split_once('[')
-            .is_some_and(|(base, rest)| rest.contains(']') && named(base))
+            .split(['[', ']'])
+            .filter(|part| !part.is_empty())
+            .any(named)
 }
 
 /// A query parameter's name decoded as the URL standard and PHP decode it (`form_urlencoded`):
@@ -645,6 +656,17 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
     host.drain(..start);
     host.make_ascii_lowercase();
     (host, with_port)
+}
+
+/// Whether two authorities name one host: in any case, without their ports and trailing dots.
+pub fn same_host(a: &str, b: &str) -> bool {
+    let host = |authority: &str| {
+        let (start, end) = host_span(authority);
+        authority[start..end]
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    };
+    host(a) == host(b)
 }
 
 /// Where the host of an authority starts and ends, its port and an IPv6 literal's brackets left

@@ -417,9 +417,15 @@ mod tests {
             );
             assert!(refused.message.contains("differ"), "{refused:?}");
         }
-        // The same in another letter case is one host.
-        let (_, same) = decide("GET", "A.example", &[(":authority", "a.EXAMPLE")]);
-        assert!(same.is_allow(), "{same:?}");
+        // One host in another letter case, with or without its port or trailing dot.
+        for (host, header) in [
+            ("A.example", (":authority", "a.EXAMPLE")),
+            ("api.example.com", ("host", "api.example.com:8443")),
+            ("api.example.com.", ("host", "api.example.com")),
+        ] {
+            let (_, same) = decide("GET", host, &[header]);
+            assert!(same.is_allow(), "{host} {header:?}: {same:?}");
+        }
     }
 
     /// Host rules cannot match a request without a host: it is refused where the policy has
@@ -443,9 +449,36 @@ mod tests {
             "match: { methods: [GET], path: /healthz, hosts: [api.example.com] }",
         );
         assert_ne!(hosted, DEMO_POLICY);
-        let refused = crate::decision::decide(&compile_policy(&hosted), &access, 1_700_000_000);
+        let hosted = compile_policy(&hosted);
+        let refused = crate::decision::decide(&hosted, &access, 1_700_000_000);
         assert_eq!(refused.http_status, 400, "{refused:?}");
         assert!(refused.message.contains("without a host"), "{refused:?}");
+        // An x-forwarded-host naming another host: servers that trust it route on it.
+        let forwarded = |value: &str| {
+            let request = DecideRequest {
+                http: Some(v1::HttpRequest {
+                    method: "GET".to_owned(),
+                    host: "api.example.com".to_owned(),
+                    path: "/healthz".to_owned(),
+                    headers: [("X-Forwarded-Host".to_owned(), value.to_owned())].into(),
+                }),
+                ..Default::default()
+            };
+            let access = access_request(request, HeaderLimits::DEFAULT);
+            (
+                crate::decision::decide(&hosted, &access, 1_700_000_000),
+                crate::decision::decide(&plain, &access, 1_700_000_000),
+            )
+        };
+        let (refused, unhosted) = forwarded("admin.example.com");
+        assert_eq!(refused.http_status, 400, "{refused:?}");
+        assert!(refused.message.contains("x-forwarded-host"), "{refused:?}");
+        assert!(
+            unhosted.is_allow(),
+            "no host rules, nothing to mislead: {unhosted:?}"
+        );
+        let (same, _) = forwarded("API.example.com:443");
+        assert!(same.is_allow(), "{same:?}");
     }
 
     #[test]

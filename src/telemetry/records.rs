@@ -1428,6 +1428,10 @@ mod tests {
                 "/a?X-Amz-Signature=S&subject_token=T&SAMLResponse=R",
                 "/a?X-Amz-Signature=REDACTED&subject_token=REDACTED&SAMLResponse=REDACTED",
             ),
+            (
+                "/a?user[password]=P&credentials%5Bclient_secret%5D=C&private_token=T&user[name]=n",
+                "/a?user[password]=REDACTED&credentials%5Bclient_secret%5D=REDACTED&private_token=REDACTED&user[name]=n",
+            ),
             ("/access_token=x", "/access_token=x"),
         ] {
             assert_eq!(without_query_tokens(target), recorded, "{target}");
