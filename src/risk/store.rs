@@ -501,52 +501,43 @@ mod tests {
     /// when the signal blocks the same subject for minutes.
     #[test]
     fn a_signals_block_never_shortens_one_in_force() {
-        let state = RiskState::default();
-        let operators = Block {
-            expires_at: NOW + 3600,
-            ..block(Kind::Subject, "mallory")
+        // An operator's block of `ttl` seconds, then a signal blocking the same subject for
+        // `block_for`: the block in force half a minute later.
+        let after = |ttl: i64, block_for: &str| {
+            let state = RiskState::default();
+            let operators = Block {
+                expires_at: NOW + ttl,
+                ..block(Kind::Subject, "mallory")
+            };
+            state.set_block(operators, NOW).unwrap();
+            let policy = blocking_policy(block_for);
+            for i in 0..3 {
+                let at = (NOW + i) * 1000;
+                state.record(
+                    &policy,
+                    &AccessRequest::default(),
+                    &denial_of("mallory"),
+                    at,
+                );
+            }
+            state
+                .blocks()
+                .get(Kind::Subject, "mallory", NOW + 30)
+                .unwrap()
         };
-        state.set_block(operators, NOW).unwrap();
-        let policy = blocking_policy("20s");
-        for i in 0..3 {
-            state.record(
-                &policy,
-                &AccessRequest::default(),
-                &denial_of("mallory"),
-                (NOW + i) * 1000,
-            );
-        }
-        let kept = state
-            .blocks()
-            .get(Kind::Subject, "mallory", NOW + 30)
-            .unwrap();
+        let kept = after(3600, "20s");
         assert_eq!(kept.expires_at, NOW + 3600, "{kept:?}");
-        assert!(
-            !kept
-                .created_by
+        let by_risk = |b: &Block| {
+            b.created_by
                 .starts_with(super::super::blocks::RISK_CREATOR_PREFIX)
-        );
-        // A longer one replaces a shorter one.
-        let state = RiskState::default();
-        let short = Block {
-            expires_at: NOW + 10,
-            ..block(Kind::Subject, "mallory")
         };
-        state.set_block(short, NOW).unwrap();
-        let policy = blocking_policy("1h");
-        for i in 0..3 {
-            state.record(
-                &policy,
-                &AccessRequest::default(),
-                &denial_of("mallory"),
-                (NOW + i) * 1000,
-            );
-        }
-        let longer = state
-            .blocks()
-            .get(Kind::Subject, "mallory", NOW + 30)
-            .unwrap();
-        assert!(longer.expires_at > NOW + 3000, "{longer:?}");
+        assert!(!by_risk(&kept), "{kept:?}");
+        // A longer one replaces a shorter one.
+        let longer = after(10, "1h");
+        assert!(
+            longer.expires_at > NOW + 3000 && by_risk(&longer),
+            "{longer:?}"
+        );
     }
 
     /// A token without a subject (no `sub`, or `sub: ""`) is counted under no subject key: such
