@@ -101,6 +101,19 @@ impl Headers {
             .map(|(_, v)| self.resolve(v))
     }
 
+    /// [`Self::get`] of each of `names` (lower case), in one pass over the entries.
+    pub fn get_each<const N: usize>(&self, names: [&str; N]) -> [Option<&str>; N] {
+        let mut found = [None; N];
+        for (n, v) in self.entries.iter().rev() {
+            if let Some(at) = names.iter().position(|name| self.is_named(n, name))
+                && found[at].is_none()
+            {
+                found[at] = Some(self.resolve(v));
+            }
+        }
+        found
+    }
+
     pub fn contains_key(&self, name: &str) -> bool {
         self.entries.iter().any(|(n, _)| self.is_named(n, name))
     }
@@ -226,6 +239,18 @@ pub(crate) fn has_upper_case(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One pass finds each name's value as `get` does: the last one given, in any case.
+    #[test]
+    fn get_each_reads_as_get_does() {
+        let mut headers = Headers::new();
+        headers.insert("Host", "a.example");
+        headers.insert(":method", "GET");
+        headers.insert("host", "b.example");
+        let names = [":method", "host", ":path"];
+        assert_eq!(headers.get_each(names), names.map(|name| headers.get(name)));
+        assert_eq!(headers.get_each(names), [Some("GET"), Some("b.example"), None]);
+    }
 
     fn in_place(text: &'static [u8], entries: &[(Range<usize>, Range<usize>)]) -> Headers {
         let mut headers = Headers::in_buffer(Bytes::from_static(text), entries.len());

@@ -300,43 +300,44 @@ impl HttpAttributes {
         headers: Headers,
     ) -> Self {
         let mut conflict = None;
-        let mut given = |value: String, name: &str, same: fn(&str, &str) -> bool, why| match headers
-            .get(name)
-        {
-            None => value,
-            Some(header) if value.is_empty() => header.to_owned(),
-            Some(header) => {
-                if !same(&value, header) {
-                    conflict.get_or_insert(why);
+        let [pseudo_method, pseudo_authority, host, pseudo_path] =
+            headers.get_each([":method", ":authority", "host", ":path"]);
+        let mut given =
+            |value: String, header: Option<&str>, same: fn(&str, &str) -> bool, why| match header {
+                None => value,
+                Some(header) if value.is_empty() => header.to_owned(),
+                Some(header) => {
+                    if !same(&value, header) {
+                        conflict.get_or_insert(why);
+                    }
+                    value
                 }
-                value
-            }
-        };
+            };
         let exact = |a: &str, b: &str| a == b;
         // One host: in any case, with or without its port and trailing dot (`req.hostname`
         // beside a `host` header with the port).
         let one_host = |a: &str, b: &str| same_host(a, b);
         let method = given(
             method,
-            ":method",
+            pseudo_method,
             exact,
             "the request's method and its :method header differ: refused, the upstream may read either",
         );
         let authority = given(
             authority,
-            ":authority",
+            pseudo_authority,
             one_host,
             "the request's host and its :authority header differ: refused, the upstream may read either",
         );
         let authority = given(
             authority,
-            "host",
+            host,
             one_host,
             "the request's host and its host header differ: refused, the upstream may read either",
         );
         let target = given(
             target,
-            ":path",
+            pseudo_path,
             exact,
             "the request's path and its :path header differ: refused, the upstream may read either",
         );

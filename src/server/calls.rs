@@ -644,18 +644,10 @@ async fn read_decide(
             return status(Status::cancelled("the request body failed"));
         }
     };
-    let mut framed = bytes::BytesMut::with_capacity(5 + message.len());
-    framed.extend_from_slice(&[0]);
-    framed.extend_from_slice(
-        &u32::try_from(message.len())
-            .expect("bounded by --max-decide-message-bytes")
-            .to_be_bytes(),
-    );
-    framed.extend_from_slice(&message);
     let request = Request::from_parts(
         parts,
         CallBody::Unary {
-            frame: Some(framed.freeze()),
+            frame: Some(grpc_message::frame(&message)),
             ok: false,
         },
     );

@@ -55,13 +55,7 @@ pub fn refusal_frame(
     use prost::Message as _;
     let refusal = Decision::refusal(http_status, reason, message);
     let (decision, policy) = authorizer.refused(crate::request::Door::Decide, started, refusal);
-    let response = decide_response(&decision, &policy.upstream).encode_to_vec();
-    let mut frame = Vec::with_capacity(5 + response.len());
-    frame.push(0);
-    let len = u32::try_from(response.len()).expect("a refusal is far below 4 GiB");
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&response);
-    bytes::Bytes::from(frame)
+    super::grpc_message::frame(&decide_response(&decision, &policy.upstream).encode_to_vec())
 }
 
 #[derive(Debug, Clone)]

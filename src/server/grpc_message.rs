@@ -176,6 +176,16 @@ impl Drop for Held {
 }
 
 /// Why a call past the [`Budget`] is refused.
+/// `message` as a gRPC message frame: not compressed, its length, the message.
+pub fn frame(message: &[u8]) -> Bytes {
+    let len = u32::try_from(message.len()).expect("a message stepgate frames is far below 4 GiB");
+    let mut framed = BytesMut::with_capacity(5 + message.len());
+    framed.extend_from_slice(&[0]);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.freeze()
+}
+
 pub const OVER_BUDGET: &str =
     "stepgate holds as many unfinished request bytes as it may (--max-buffered-bytes); retry";
 

@@ -166,19 +166,12 @@ impl RecordSink {
     /// [`REFUSALS_PER_SECOND`] a second, apart from the decisions made without a verified token,
     /// so that a flood of broken calls cannot crowd their records out.
     pub fn record_refusal(&self, policy: &RecordsPolicy, door: Door, decision: &Decision) {
-        if !admit(
-            &self.refusals,
-            REFUSALS_PER_SECOND,
-            unix_second(SystemTime::now()),
-        ) {
+        let now = SystemTime::now();
+        if !admit(&self.refusals, REFUSALS_PER_SECOND, unix_second(now)) {
             metrics::global().record_record(RecordEvent::RateLimited);
             return;
         }
-        let unlimited = RecordsPolicy {
-            unverified_per_second: 0,
-            ..policy.clone()
-        };
-        self.record(&unlimited, door, &AccessRequest::default(), decision);
+        self.write(policy, door, &AccessRequest::default(), decision, now, 1);
     }
 
     /// Records one decision under `policy`'s settings (sampling, allow-list, subject hashing).
@@ -208,6 +201,19 @@ impl RecordSink {
             metrics::global().record_record(RecordEvent::RateLimited);
             return;
         }
+        self.write(policy, door, request, decision, now, weight);
+    }
+
+    /// Formats an admitted record and queues it for the writer.
+    fn write(
+        &self,
+        policy: &RecordsPolicy,
+        door: Door,
+        request: &AccessRequest,
+        decision: &Decision,
+        now: SystemTime,
+        weight: u64,
+    ) {
         thread_local! {
             /// The line being formatted, kept between records: formatted outside the lock and
             /// copied in under it.
