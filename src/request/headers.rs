@@ -249,7 +249,10 @@ mod tests {
         headers.insert("host", "b.example");
         let names = [":method", "host", ":path"];
         assert_eq!(headers.get_each(names), names.map(|name| headers.get(name)));
-        assert_eq!(headers.get_each(names), [Some("GET"), Some("b.example"), None]);
+        assert_eq!(
+            headers.get_each(names),
+            [Some("GET"), Some("b.example"), None]
+        );
     }
 
     fn in_place(text: &'static [u8], entries: &[(Range<usize>, Range<usize>)]) -> Headers {
