@@ -947,11 +947,21 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_of_its_type() {
             "AccessDenied",
         );
     }
-    let lines: Vec<String> = server
-        .logs()
-        .into_iter()
-        .filter(|line| line.contains("client certificate refused"))
-        .collect();
+    // The log is written and captured in the background: wait for the first line.
+    let refusal_lines = || -> Vec<String> {
+        server
+            .logs()
+            .into_iter()
+            .filter(|line| line.contains("client certificate refused"))
+            .collect()
+    };
+    for _ in 0..100 {
+        if !refusal_lines().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let lines = refusal_lines();
     assert!(
         (1..=3).contains(&lines.len()),
         "17 refusals in a few seconds: {lines:#?}"
