@@ -4,7 +4,7 @@
 //! Bounded in entries and in bytes (an unbounded JWT cache is a known out-of-memory attack: with a
 //! CEL condition reading `claims`, every cached token keeps its whole payload, and 100 000 tokens
 //! of 8 KiB of claims would be a gigabyte), and in time (until the token's `exp`, and at most
-//! `ttl`); keyed by the SHA-256 of the token, so the cache holds no
+//! `ttl`); keyed by the SHA-256 of the token, so the shared cache holds no
 //! bearer credential; only successful verifications are cached. An entry is served only while its
 //! signing key is still in the issuer's key set: when a key is removed from the JWKS, the tokens it
 //! signed stop verifying at once. One cache per policy: a reload starts afresh, because issuers,
@@ -18,14 +18,18 @@
 //! uniformly random, so its bytes are the hash (no SipHash per lookup); a caller choosing tokens to
 //! collide gains nothing, since only tokens with a valid signature are ever inserted.
 //!
-//! Each thread also keeps its own copies of hot tokens ([`LOCAL_SLOTS`], by the digest's first
-//! byte): a hot token (a service account, one busy user) is then served on every core without the
-//! shard's lock and without an `Arc` whose count all cores write. A token is copied on the
-//! thread's second shared hit of it in a row for its slot, so that tokens each used now and then
-//! (many users) do not take turns being copied and never served. A copy is served under the
-//! shared entry's conditions (its lifetime, its key still published) and for its own cache only;
-//! a thread's copies are at most 64 tokens, and a copy's hits do not count as uses of the shared
-//! entry (its CLOCK may evict a token only one thread uses; that thread then re-verifies it once).
+//! Each thread also keeps its own copies of hot tokens ([`LOCAL_SLOTS`], by the token's last
+//! bytes): a hot token (a service account, one busy user) is then served on every core without
+//! hashing it, without the shard's lock and without an `Arc` whose count all cores write. A copy
+//! keeps the token's text and is served only to a token equal to it byte for byte, so a copy is
+//! found without the SHA-256 (the most a cached decision spends on one step) and no two tokens can
+//! ever share one. A token is copied on the thread's second shared hit of it in a row for its
+//! slot, so that tokens each used now and then (many users) do not take turns being copied and
+//! never served. A copy is served under the shared entry's conditions (its lifetime, its key still
+//! published) and for its own cache only; a thread's copies are at most 64 tokens of at most
+//! [`LOCAL_TEXT_MAX`] bytes each, and a copy's hits do not count as uses of the shared entry (its
+//! CLOCK may evict a token only one thread uses; that thread then re-verifies it once). The shared
+//! cache itself holds no token's text, only digests.
 
 use std::{
     collections::HashMap,
@@ -125,33 +129,34 @@ impl TokenCache {
         max_bytes: usize,
         now: i64,
     ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>, bool) {
-        let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
         if self.shards.is_empty() {
+            let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
             return (
                 digest,
                 verify(token, issuers, max_bytes, now, &self.keep, &self.interner).map(Arc::new),
                 false,
             );
         }
-        // This thread's own recent hits first: served under the same conditions as the shared
-        // entry (within its lifetime, its key still published), without the shard's lock or a
-        // reference count shared with other cores.
-        let local = usize::from(digest[0]) % LOCAL_SLOTS;
+        // This thread's own recent hits first: served to the same text only, under the same
+        // conditions as the shared entry (within its lifetime, its key still published), without
+        // hashing the token, the shard's lock or a reference count shared with other cores.
+        let local = local_slot(token);
         let mine = LOCAL_HITS.with_borrow(|slots| match &slots[local].copy {
             Some(hit)
                 if hit.cache == self.id
-                    && hit.digest == digest
+                    && *hit.text == *token
                     && now <= hit.expires_at
                     && key_still_published(&hit.token) =>
             {
-                Some(Arc::clone(&hit.token))
+                Some((hit.digest, Arc::clone(&hit.token)))
             }
             _ => None,
         });
-        if let Some(token) = mine {
+        if let Some((digest, token)) = mine {
             metrics::global().record_token_cache(CacheEvent::Hit);
             return (digest, Ok(token), true);
         }
+        let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
         let shard = &self.shards[shard_index(&digest, self.shards.len())];
         match lock(shard).get(&digest, now) {
             Lookup::Hit(hit, expires_at) => {
@@ -164,12 +169,15 @@ impl TokenCache {
                     let seen = (self.id, digest);
                     if slot.seen == Some(seen) {
                         slot.seen = None;
-                        slot.copy = Some(LocalHit {
-                            cache: self.id,
-                            digest,
-                            token: Arc::new(thread_copy(&hit)),
-                            expires_at,
-                        });
+                        if token.len() <= LOCAL_TEXT_MAX {
+                            slot.copy = Some(LocalHit {
+                                cache: self.id,
+                                text: token.into(),
+                                digest,
+                                token: Arc::new(thread_copy(&hit)),
+                                expires_at,
+                            });
+                        }
                     } else {
                         slot.seen = Some(seen);
                     }
@@ -486,13 +494,33 @@ fn key_still_published(token: &VerifiedToken) -> bool {
         .key_published(token.kid.as_deref(), &token.key_binding)
 }
 
-/// Entries of a thread's own table of recent hits ([`TokenCache::verify`]).
+/// Entries of a thread's own table of recent hits ([`TokenCache::verify`]); a power of two.
 const LOCAL_SLOTS: usize = 64;
+const _: () = assert!(LOCAL_SLOTS.is_power_of_two());
+
+/// The longest token a thread copies: its copies then hold at most 64 × 8 KiB of text (an Entra
+/// token with groups is 2–5 KiB); a longer token is served by the shared cache.
+const LOCAL_TEXT_MAX: usize = 8 * 1024;
+
+/// A token's slot in a thread's table, from its last eight bytes (a signed token ends with its
+/// signature, which two tokens do not share). It only tells where to look: a copy is served to its
+/// own text alone, so tokens chosen to share a slot only take turns in it.
+fn local_slot(token: &str) -> usize {
+    let bytes = token.as_bytes();
+    let tail = &bytes[bytes.len().saturating_sub(8)..];
+    let mut word = [0; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    // Fibonacci hashing: the product's top bits depend on every byte of the word.
+    let mixed = u64::from_le_bytes(word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> (u64::BITS - LOCAL_SLOTS.trailing_zeros())) as usize
+}
 
 /// A hit a worker thread keeps for itself: a copy of the verified token sharing no reference
-/// count with other threads, for one cache (by id: a reload's new cache never sees it).
+/// count with other threads, for one cache (by id: a reload's new cache never sees it), served
+/// to the token's exact text.
 struct LocalHit {
     cache: u64,
+    text: Box<str>,
     digest: TokenDigest,
     token: Arc<VerifiedToken>,
     expires_at: i64,
@@ -665,7 +693,7 @@ mod tests {
     fn tokens_taking_turns_in_a_slot_are_not_copied_and_leave_a_hot_copy_alone() {
         let p = policy();
         let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
-        let slot = |t: &str| usize::from(Sha256::digest(t.as_bytes())[0]) % LOCAL_SLOTS;
+        let slot = |t: &str| local_slot(t);
         let hot = token("hot");
         let mut same_slot = (0..)
             .map(|i| token(&format!("user-{i}")))
@@ -692,6 +720,63 @@ mod tests {
             assert!(
                 Arc::ptr_eq(&verify(&hot).0, &copy),
                 "round {round}: the hot copy stays"
+            );
+        }
+    }
+
+    /// A thread's copy is served to its own text alone: a token ending as the hot one does (so
+    /// looked for in its slot) but differing in one byte is verified, and fails; the copy stays.
+    #[test]
+    fn a_copy_is_served_to_its_own_text_alone() {
+        let p = policy();
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        let hot = token("hot");
+        let verify = |t: &str| cache.verify(t, &p.issuers, 16_384, NOW);
+        let shared = verify(&hot).1.unwrap();
+        verify(&hot);
+        verify(&hot);
+        let copy = verify(&hot).1.unwrap();
+        assert!(!Arc::ptr_eq(&shared, &copy), "the hot token is copied");
+        // One letter of the payload changed: same signature, same slot, another token.
+        let payload = hot.find('.').unwrap() + 5;
+        let mut forged = hot.clone().into_bytes();
+        forged[payload] = if forged[payload] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(local_slot(&forged), local_slot(&hot));
+        let (digest, verified, hit) = verify(&forged);
+        assert!(!hit, "not served from the cache");
+        assert!(verified.is_err(), "its signature does not verify");
+        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(forged.as_bytes())));
+        let (digest, served, hit) = verify(&hot);
+        assert!(
+            hit && Arc::ptr_eq(&served.unwrap(), &copy),
+            "the copy stays"
+        );
+        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(hot.as_bytes())));
+    }
+
+    /// A token longer than [`LOCAL_TEXT_MAX`] is served by the shared cache only.
+    #[test]
+    fn a_long_token_is_not_copied() {
+        let p = policy();
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        let pem = demo_file("demo-rsa-private.pem");
+        let spec = TokenSpec {
+            subject: "long".to_owned(),
+            extra: [("pad".to_owned(), Value::from("x".repeat(LOCAL_TEXT_MAX)))]
+                .into_iter()
+                .collect(),
+            ..TokenSpec::default()
+        };
+        let long = demo::sign(&spec.claims(NOW), &pem, Algorithm::RS256, DEMO_RSA_KID).unwrap();
+        assert!(long.len() > LOCAL_TEXT_MAX);
+        let verify = || cache.verify(&long, &p.issuers, 64 * 1024, NOW);
+        let shared = verify().1.unwrap();
+        for _ in 0..4 {
+            let (_, served, hit) = verify();
+            assert!(
+                hit && Arc::ptr_eq(&served.unwrap(), &shared),
+                "the shared entry"
             );
         }
     }
