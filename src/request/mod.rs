@@ -605,6 +605,21 @@ const CREDENTIAL_NAMES: [&str; 33] = [
     "auth",
 ];
 
+// What [`is_credential_name`]'s comparison relies on.
+const _: () = {
+    let mut i = 0;
+    while i < CREDENTIAL_NAMES.len() {
+        let name = CREDENTIAL_NAMES[i].as_bytes();
+        let mut j = 0;
+        while j < name.len() {
+            let b = name[j];
+            assert!(b.is_ascii() && !b.is_ascii_uppercase() && b != b'.' && b != b' ' && b != b'[');
+            j += 1;
+        }
+        i += 1;
+    }
+};
+
 /// Whether a query parameter's name is RFC 6750's `access_token` ([`is_access_token_name`]) or
 /// another credential's ([`CREDENTIAL_NAMES`]), read as the URL standard and PHP read it:
 /// percent-decoded, in any case, renamed (`client.secret`, `+code`), or an array of it
@@ -615,12 +630,21 @@ pub fn is_credential_name(name: &str) -> bool {
     }
     let decoded = decode_query_name(name);
     let cut = php_cut(&decoded);
+    // `name` renamed as PHP renames it ([`php_renamed`]), compared byte for byte without building
+    // it: every byte it maps stays one byte, and the credentials are lower-case ASCII without
+    // `.`, ` ` or `[` (so the name in lower case alone never matches where the renamed one
+    // does not).
     let named = |name: &str| {
-        let plain = name.to_ascii_lowercase();
-        let renamed = php_renamed(name);
-        CREDENTIAL_NAMES
-            .iter()
-            .any(|credential| plain == *credential || renamed == *credential)
+        CREDENTIAL_NAMES.iter().any(|credential| {
+            name.len() == credential.len()
+                && name.bytes().zip(credential.bytes()).all(|(b, c)| {
+                    let renamed = match b {
+                        b'.' | b' ' | b'[' => b'_',
+                        b => b.to_ascii_lowercase(),
+                    };
+                    renamed == c
+                })
+        })
     };
     // An array's name (`refresh_token[]`), or a nested key (`user[password]`, which Rack and PHP
     // read as a value of `user`): each part between brackets is a name too.
@@ -690,6 +714,71 @@ fn host_span(authority: &str) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`is_credential_name`]'s comparison against the names built as PHP builds them: renamed
+    /// ([`php_renamed`]) or lower-cased, on names made from the credentials by the changes a
+    /// client could make (case, `.`, ` ` or `[` for `_`, escapes, arrays, nesting) and on others.
+    mod credential_names {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn built(name: &str) -> bool {
+            if is_access_token_name(name) {
+                return true;
+            }
+            let decoded = decode_query_name(name);
+            let cut = php_cut(&decoded);
+            let named = |name: &str| {
+                let plain = name.to_ascii_lowercase();
+                let renamed = php_renamed(name);
+                CREDENTIAL_NAMES
+                    .iter()
+                    .any(|credential| plain == *credential || renamed == *credential)
+            };
+            named(cut)
+                || cut
+                    .split(['[', ']'])
+                    .filter(|part| !part.is_empty())
+                    .any(named)
+        }
+
+        fn changed(name: &str, changes: &[u8]) -> String {
+            let mut out = String::new();
+            for (c, change) in name.chars().zip(changes.iter().cycle()) {
+                match change % 8 {
+                    0 => out.push(c.to_ascii_uppercase()),
+                    1 if c == '_' => out.push('.'),
+                    2 if c == '_' => out.push(' '),
+                    3 if c == '_' => out.push('['),
+                    4 => out.push_str(&format!("%{:02X}", u32::from(c))),
+                    5 => out.push('\u{e9}'),
+                    _ => out.push(c),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn as_built(
+                credential in 0..CREDENTIAL_NAMES.len(),
+                changes in proptest::collection::vec(any::<u8>(), 1..8),
+                shape in 0..4u8,
+                other in "[a-zA-Z0-9_.\\[\\] %+-]{0,12}",
+            ) {
+                let name = changed(CREDENTIAL_NAMES[credential], &changes);
+                let name = match shape {
+                    0 => name,
+                    1 => format!("{name}[]"),
+                    2 => format!("user[{name}]"),
+                    _ => format!("{other}{name}"),
+                };
+                prop_assert_eq!(is_credential_name(&name), built(&name), "{}", name);
+                prop_assert_eq!(is_credential_name(&other), built(&other), "{}", other);
+            }
+        }
+    }
 
     #[test]
     fn a_message_quotes_at_most_the_start_of_a_request_chosen_name() {

@@ -311,7 +311,11 @@ impl Signal {
             IpAddr::V4(_) => self.ipv4_prefix,
             IpAddr::V6(_) => self.ipv6_prefix,
         };
-        Some(IpNet::new(address, prefix).ok()?.trunc().to_string())
+        let network = IpNet::new(address, prefix).ok()?.trunc();
+        Some(match network {
+            IpNet::V4(v4) => v4_network_text(v4.addr().octets(), v4.prefix_len()),
+            IpNet::V6(v6) => v6.to_string(),
+        })
     }
 
     /// A `count: sources` signal's distinct value for `source`: its network, or the address
@@ -379,6 +383,30 @@ impl Signal {
     }
 }
 
+/// An IPv4 network as `IpNet` writes it (`203.0.113.0/24`), without the formatting machinery:
+/// a source signal's key is built on every request it reads.
+fn v4_network_text(octets: [u8; 4], prefix: u8) -> String {
+    fn push_number(n: u8, out: &mut String) {
+        if n >= 100 {
+            out.push(char::from(b'0' + n / 100));
+        }
+        if n >= 10 {
+            out.push(char::from(b'0' + n / 10 % 10));
+        }
+        out.push(char::from(b'0' + n % 10));
+    }
+    let mut out = String::with_capacity(18);
+    for (i, octet) in octets.into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        push_number(octet, &mut out);
+    }
+    out.push('/');
+    push_number(prefix, &mut out);
+    out
+}
+
 impl RiskPolicy {
     /// Takes over the counters of `old`'s signals that count the same way (a reload keeps them).
     pub fn inherit(&self, old: &RiskPolicy) {
@@ -410,6 +438,10 @@ impl RiskPolicy {
                 .iter()
                 .any(|(name, _)| *name == signal.name)
             {
+                continue;
+            }
+            // An idle signal (no key counted) reads 0 for every key: its key is not built.
+            if signal.table().is_empty() {
                 continue;
             }
             let Some(key) = signal.key_of(&keys) else {
@@ -474,6 +506,18 @@ impl RiskPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Written as `IpNet` writes it, for every address and prefix.
+        #[test]
+        fn a_v4_network_reads_as_ipnet_writes_it(address: u32, prefix in 0..=32u8) {
+            let network = ipnet::Ipv4Net::new(address.into(), prefix).unwrap().trunc();
+            proptest::prop_assert_eq!(
+                v4_network_text(network.addr().octets(), prefix),
+                network.to_string()
+            );
+        }
+    }
     use crate::{
         decision::{Decision, Outcome, Reason},
         identity::Principal,
