@@ -28,8 +28,11 @@
 //! never served. A copy is served under the shared entry's conditions (its lifetime, its key still
 //! published) and for its own cache only; a thread's copies are at most 64 tokens of at most
 //! [`LOCAL_TEXT_MAX`] bytes each, and a copy's hits do not count as uses of the shared entry (its
-//! CLOCK may evict a token only one thread uses; that thread then re-verifies it once). The shared
-//! cache itself holds no token's text, only digests.
+//! CLOCK may evict a token only one thread uses; that thread serves its copy on, under the same
+//! conditions). A copy found stale (past its lifetime, its key gone, left by a cache a reload
+//! replaced) is dropped and its text wiped, as it is when another token takes its slot; a copy
+//! nobody looks for again stays until then. The shared cache itself holds no token's text, only
+//! digests.
 
 use std::{
     collections::HashMap,
@@ -129,7 +132,10 @@ impl TokenCache {
         max_bytes: usize,
         now: i64,
     ) -> (TokenDigest, Result<Arc<VerifiedToken>, TokenError>, bool) {
+        let local = local_slot(token);
         if self.shards.is_empty() {
+            // No copies for a cache that is off; one a replaced cache left in this slot goes.
+            LOCAL_HITS.with_borrow_mut(|slots| slots[local].copy = None);
             let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
             return (
                 digest,
@@ -139,18 +145,24 @@ impl TokenCache {
         }
         // This thread's own recent hits first: served to the same text only, under the same
         // conditions as the shared entry (within its lifetime, its key still published), without
-        // hashing the token, the shard's lock or a reference count shared with other cores.
-        let local = local_slot(token);
-        let mine = LOCAL_HITS.with_borrow(|slots| match &slots[local].copy {
-            Some(hit)
-                if hit.cache == self.id
-                    && *hit.text == *token
-                    && now <= hit.expires_at
-                    && key_still_published(&hit.token) =>
-            {
-                Some((hit.digest, Arc::clone(&hit.token)))
+        // hashing the token, the shard's lock or a reference count shared with other cores. A
+        // copy found stale (another cache's, a reload's predecessor; past its lifetime; its key
+        // gone) is dropped, its text wiped.
+        let mine = LOCAL_HITS.with_borrow_mut(|slots| {
+            let slot = &mut slots[local];
+            let hit = slot.copy.as_ref()?;
+            if hit.cache != self.id || now > hit.expires_at {
+                slot.copy = None;
+                return None;
             }
-            _ => None,
+            if !hit.is_for(token) {
+                return None;
+            }
+            if !key_still_published(&hit.token) {
+                slot.copy = None;
+                return None;
+            }
+            Some((hit.digest, Arc::clone(&hit.token)))
         });
         if let Some((digest, token)) = mine {
             metrics::global().record_token_cache(CacheEvent::Hit);
@@ -172,7 +184,7 @@ impl TokenCache {
                         if token.len() <= LOCAL_TEXT_MAX {
                             slot.copy = Some(LocalHit {
                                 cache: self.id,
-                                text: token.into(),
+                                text: token.as_bytes().into(),
                                 digest,
                                 token: Arc::new(thread_copy(&hit)),
                                 expires_at,
@@ -520,10 +532,28 @@ fn local_slot(token: &str) -> usize {
 /// to the token's exact text.
 struct LocalHit {
     cache: u64,
-    text: Box<str>,
+    /// The token, compared in constant time and wiped when the copy goes.
+    text: Box<[u8]>,
     digest: TokenDigest,
     token: Arc<VerifiedToken>,
     expires_at: i64,
+}
+
+impl LocalHit {
+    /// Whether this copy is `token`'s: equal byte for byte, compared without stopping at the
+    /// first difference (a caller choosing the token's last bytes picks the slot it is compared
+    /// in, and must not learn how much of a hot token its own text shares).
+    fn is_for(&self, token: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&self.text, token.as_bytes()).is_ok()
+    }
+}
+
+impl Drop for LocalHit {
+    /// A bearer token does not outlive its copy in the heap's free memory.
+    fn drop(&mut self) {
+        self.text.fill(0);
+        std::hint::black_box(&self.text);
+    }
 }
 
 /// One of a thread's [`LOCAL_SLOTS`]: the copy it serves, and the last token (cache id and
@@ -754,6 +784,55 @@ mod tests {
             "the copy stays"
         );
         assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(hot.as_bytes())));
+    }
+
+    /// Whether this thread holds a copy of `token`'s text.
+    fn copy_held(token: &str) -> bool {
+        LOCAL_HITS.with_borrow(|slots| {
+            slots.iter().any(|slot| {
+                slot.copy
+                    .as_ref()
+                    .is_some_and(|c| *c.text == *token.as_bytes())
+            })
+        })
+    }
+
+    /// A copy found stale is dropped, its text with it: past its lifetime, its key gone, looked
+    /// for by another cache (a reload's) or by a cache that is off.
+    #[test]
+    fn a_stale_copy_is_dropped_with_its_text() {
+        let p = policy();
+        let copied = |cache: &TokenCache, subject: &str| {
+            let t = token(subject);
+            for _ in 0..4 {
+                assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
+            }
+            assert!(copy_held(&t), "copied");
+            t
+        };
+        let cache = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        let t = copied(&cache, "stale-expired");
+        assert!(cache.verify(&t, &p.issuers, 16_384, NOW + 7200).1.is_err());
+        assert!(!copy_held(&t), "dropped past its lifetime");
+
+        let t = copied(&cache, "stale-reloaded");
+        let reloaded = TokenCache::new(100, MIB_64, Duration::from_secs(600), KeepClaims::All);
+        assert!(reloaded.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
+        assert!(!copy_held(&t), "dropped when another cache looks");
+
+        let t = copied(&cache, "stale-off");
+        let off = TokenCache::new(0, 0, Duration::ZERO, KeepClaims::All);
+        assert!(off.verify(&t, &p.issuers, 16_384, NOW).1.is_ok());
+        assert!(!copy_held(&t), "dropped when a cache that is off looks");
+
+        let t = copied(&cache, "stale-key");
+        let only_ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"stepgate-demo-ec-1","x":"v2VXNFtLEMaW0AVp_9Qpo3Chz2Wjm4z1wpr9xEzwrhg","y":"Wn9rbvkm73LUEmQWAVtpOfxpx1HbnS605h3xHewu1io"}]}"#;
+        let (set, _) = KeySet::parse(only_ec.as_bytes()).unwrap();
+        for issuer in p.issuers.iter() {
+            issuer.set_keys(set.clone());
+        }
+        assert!(cache.verify(&t, &p.issuers, 16_384, NOW).1.is_err());
+        assert!(!copy_held(&t), "dropped once its key is gone");
     }
 
     /// A token longer than [`LOCAL_TEXT_MAX`] is served by the shared cache only.
