@@ -625,6 +625,16 @@ const _: () = {
 /// percent-decoded, in any case, renamed (`client.secret`, `+code`), or an array of it
 /// (`refresh_token[]`, `api_key[0]`).
 pub fn is_credential_name(name: &str) -> bool {
+    // A plain name (most are) reads as written, in any case: nothing to decode, cut or rename.
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return name.eq_ignore_ascii_case("access_token")
+            || CREDENTIAL_NAMES
+                .iter()
+                .any(|credential| name.eq_ignore_ascii_case(credential));
+    }
     if is_access_token_name(name) {
         return true;
     }
