@@ -250,7 +250,6 @@ pub fn generate(
                     client_capabilities: Arc::clone(&person.capabilities),
                     claims: Map::new(),
                     fingerprint_digest: None,
-                    record_memo: None,
                 })));
             seen[who as usize] = true;
         }
