@@ -570,8 +570,7 @@ thread_local! {
 }
 
 /// The token as a thread's own copy: the principal and capabilities copied, so that the clones
-/// a request makes of them touch no cache line another core writes; with room for its part of a
-/// decision record, written once ([`VerifiedToken::record_memo`]).
+/// a request makes of them touch no cache line another core writes.
 fn thread_copy(token: &VerifiedToken) -> VerifiedToken {
     VerifiedToken {
         principal: Arc::new(token.principal.unshared()),
@@ -580,7 +579,6 @@ fn thread_copy(token: &VerifiedToken) -> VerifiedToken {
             .iter()
             .map(|c| Arc::from(&**c))
             .collect(),
-        record_memo: Some(std::sync::OnceLock::new()),
         ..token.clone()
     }
 }

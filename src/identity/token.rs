@@ -45,10 +45,6 @@ pub struct VerifiedToken {
     /// twin with the lower one, so both spellings share one fingerprint, and a block of it or a
     /// risk count keyed by it holds for both. `None`: the token's own SHA-256.
     pub fingerprint_digest: Option<[u8; 32]>,
-    /// The token's part of a decision record, kept once written (`telemetry::records`): only in
-    /// a worker thread's own copy of a hot token (`cache.rs`), which lives in one policy's cache
-    /// and so is recorded under one records policy. `None` elsewhere (nothing is kept).
-    pub record_memo: Option<std::sync::OnceLock<Box<str>>>,
 }
 
 /// Which raw claims a verified token keeps. A parsed claim map costs 2–4 KiB per token (most of a
@@ -311,7 +307,6 @@ pub fn verify(
         client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,
         fingerprint_digest,
-        record_memo: None,
     })
 }
 

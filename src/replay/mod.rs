@@ -682,7 +682,6 @@ fn decide(
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),
                 fingerprint_digest: None,
-                record_memo: None,
             })))
         }
     };

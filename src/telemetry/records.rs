@@ -538,28 +538,8 @@ pub fn write_record(
     out.push('\n');
 }
 
-/// The longest token part of a record a thread's copy of the token keeps.
-const TOKEN_MEMO_MAX: usize = 2048;
-
-/// What verification established about the token: written once for a thread's copy of a hot
-/// token, which keeps it ([`VerifiedToken::record_memo`]; the same token under the same policy
-/// is written the same way every time, its subject's keyed hash included).
+/// What verification established about the token.
 fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
-    let Some(memo) = &t.record_memo else {
-        return write_token_fields(policy, t, out);
-    };
-    if let Some(written) = memo.get() {
-        out.push_str(written);
-        return;
-    }
-    let start = out.len();
-    write_token_fields(policy, t, out);
-    if out.len() - start <= TOKEN_MEMO_MAX {
-        let _ = memo.set(out[start..].into());
-    }
-}
-
-fn write_token_fields(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
     let p = &t.principal;
     let mut token = Fields::open(out);
     token.text("issuer", &p.issuer_id);
@@ -1260,7 +1240,6 @@ mod tests {
             client_capabilities: arcs(capabilities),
             claims,
             fingerprint_digest: None,
-            record_memo: None,
         })
     }
 
@@ -1322,14 +1301,9 @@ mod tests {
             weight in prop_oneof![Just(1u64), 2..1_000_000u64],
             door in 0..3usize,
             nanos in 0..4_102_444_800_000_000_000u64,
-            memo in any::<bool>(),
         ) {
-            decision.verified = token.map(|(principal, caps, claims)| {
-                let mut token = Arc::unwrap_or_clone(verified(principal, caps, claims));
-                // A thread's copy of a hot token, which keeps its part of the record.
-                token.record_memo = memo.then(std::sync::OnceLock::new);
-                Arc::new(token)
-            });
+            decision.verified =
+                token.map(|(principal, caps, claims)| verified(principal, caps, claims));
             decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| {
                 Box::new(StepUp {
                     style: "entra",
@@ -1353,15 +1327,6 @@ mod tests {
                 &serde_record(&policy, door, &request, &decision, now, weight)
             );
             prop_assert_eq!(written.matches('\n').count(), 1);
-            // Written again, from what the copy kept (when it kept it).
-            prop_assert_eq!(
-                &format_record(&policy, door, &request, &decision, now, weight),
-                &written
-            );
-            if let Some(token) = decision.verified.as_deref().filter(|_| memo) {
-                let kept = token.record_memo.as_ref().and_then(|m| m.get());
-                prop_assert!(kept.is_some() || written.len() > TOKEN_MEMO_MAX);
-            }
         }
     }
 
