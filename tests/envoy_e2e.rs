@@ -683,6 +683,55 @@ async fn allowed_request_reaches_the_upstream_with_identity_headers_replacing_sp
     }
 }
 
+/// A route matching an identity header follows stepgate's value, not a client's spoofed one:
+/// Envoy picks the route from the client's headers before any filter runs, and the example's
+/// ext_authz (`clear_route_cache: true`) has it picked again once stepgate has set its headers.
+/// Without that setting the client's value chooses the route (the control).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_matching_an_identity_header_follows_stepgates_value() {
+    const CATCH_ALL: &str = r#"                        - match: { prefix: "/" }
+                          route: { cluster: upstream }"#;
+    let tenant_route = format!(
+        r#"                        - match: {{ prefix: "/", headers: [{{ name: x-stepgate-tenant, string_match: {{ exact: acme }} }}] }}
+                          route: {{ cluster: upstream }}
+                          request_headers_to_add: [{{ header: {{ key: x-route, value: acme }} }}]
+{CATCH_ALL}"#
+    );
+    for cleared in [true, false] {
+        let mut edits = vec![(CATCH_ALL, tenant_route.as_str())];
+        if !cleared {
+            edits.push(("clear_route_cache: true", "clear_route_cache: false"));
+        }
+        let stack = Stack::start_edited(ENVOY_YAML, &edits).await;
+        let name = if cleared {
+            "route-cleared"
+        } else {
+            "route-kept"
+        };
+        let token = mint(&TokenSpec::default());
+        let case = Case::new(name, Method::GET, "/accounts", None)
+            .header("authorization", &format!("Bearer {token}"))
+            .header("x-stepgate-tenant", "acme");
+        stack.run(&case).await;
+        let seen = &stack.upstream(name)[0];
+        let context = format!("[{name}] upstream saw {seen:?}\n{}", stack.diagnostics());
+        assert_eq!(
+            seen.header_all("x-stepgate-tenant"),
+            [DEMO_TENANT],
+            "{context}"
+        );
+        let routed = seen.header_all("x-route");
+        if cleared {
+            assert!(
+                routed.is_empty(),
+                "the client's value chose the route: {context}"
+            );
+        } else {
+            assert_eq!(routed, ["acme"], "the control: {context}");
+        }
+    }
+}
+
 /// The example Envoy configs' regex of the headers their `header_mutation` filter removes.
 const BACKSTOP_REGEX: &str = "x[-_]stepgate[-_].*";
 
