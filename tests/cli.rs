@@ -792,6 +792,31 @@ fn check_warns_of_conditions_reading_attributes_the_records_do_not_keep() {
     );
 }
 
+/// An identity header outside `x-stepgate-*` escapes the example Envoy configs' filter of a
+/// client's copies.
+#[test]
+fn check_warns_of_an_identity_header_the_example_filter_misses() {
+    let header = "warning: 1 identity header(s) are not named x-stepgate-*";
+    let demo = demo_policy_text();
+    let policy = TempPolicy::new("identity-names-demo", &demo);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(!text(&out.stdout).contains(header), "{}", text(&out.stdout));
+    let renamed = edit(
+        &demo,
+        "    x-stepgate-tenant: tenant",
+        "    x-tenant: tenant",
+    );
+    let policy = TempPolicy::new("identity-names-other", &renamed);
+    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(header) && stdout.contains("\n  identity header x-tenant\n"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn check_warns_of_a_signal_blocking_by_source_address() {
     let header = "warning: 1 risk signal(s) block by source address";

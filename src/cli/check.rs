@@ -231,6 +231,16 @@ fn describe(policy: &Policy) -> String {
         "risk signal(s) block a whole tenant or client application: one user tripping the signal blocks every user of it (docs/risk.md)",
     );
     warn(
+        policy
+            .upstream
+            .identity_headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with("x-stepgate-"))
+            .map(|(name, _)| format!("identity header {name}"))
+            .collect(),
+        "identity header(s) are not named x-stepgate-*: the example Envoy configs remove a client's x-stepgate-* headers before ext_authz, so that none reaches the upstream where stepgate does not decide (a route with ext_authz off, failure_mode_allow); add these names to that filter (docs/envoy-and-istio.md)",
+    );
+    warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
     );
