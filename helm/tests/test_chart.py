@@ -1347,6 +1347,18 @@ def test_notes_warn_when_nothing_restricts_who_reaches_the_grpc_port():
         assert (warning in rendered(name).notes) == (not restricted), name
 
 
+def test_notes_warn_that_check_callers_leave_decide_open():
+    # checkCallers narrows Check only: Decide stays open to every pod without the NetworkPolicy.
+    warning = "WARNING: checkCallers restricts Check only"
+    assert warning in chart_render.template({"checkCallers": {"networks": ["10.0.0.0/8"]}}).notes
+    for values in (
+        {},
+        {"networkPolicy": {"enabled": True, "grpcNamespaces": ["gateways"]}},
+        {"networkPolicy": {"enabled": True, "grpcNamespaces": ["gateways"]}, "checkCallers": {"networks": ["10.0.0.0/8"]}},
+    ):
+        assert warning not in chart_render.template(values).notes, values
+
+
 @pytest.mark.parametrize("name", [name for name in CASES if CASES[name].mutual_tls])
 def test_notes_envoy_client_certificate_must_name_a_check_caller_san(name):
     _, sans = check_callers_of(name)
@@ -1768,6 +1780,40 @@ def test_names_follow_the_release():
     assert arg_value(pod["spec"]["containers"][0]["args"], "--server") == "http://edge-stepgate.authz.svc:50051"
     _, volume = mount_for(r, arg_value(container(r)["args"], "--config"))
     assert volume["configMap"]["name"] == "edge-stepgate-policy" == r.one("ConfigMap")["metadata"]["name"]
+
+
+def test_extra_volumes_bring_a_secret_the_policy_names_by_path():
+    # The records subject key from a Secret, named by its path: the file is in the mounted Secret.
+    values = {
+        "extraVolumes": [{"name": "records-key", "secret": {"secretName": "stepgate-records-key"}}],
+        "extraVolumeMounts": [
+            {"name": "records-key", "mountPath": "/etc/stepgate/records-key", "readOnly": True}
+        ],
+        "policy": {"records": {"subject_key_file": "/etc/stepgate/records-key/key"}},
+    }
+    r = chart_render.template(values)
+    kubernetes_validate.validate(r.one("Deployment"), kubernetes_validate.latest_version(), strict=True)
+    mount, volume = mount_for(r, "/etc/stepgate/records-key/key")
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert volume["secret"]["secretName"] == "stepgate-records-key"
+    assert rendered_policy(r).count("/etc/stepgate/records-key/key") == 1
+    # The chart's own mounts are still there.
+    mount_for(r, arg_value(container(r)["args"], "--config"))
+
+
+def test_an_extra_volume_mount_by_subpath_is_refused():
+    # A subPath mount is a copy made at start: a rotated Secret would never reach the pod.
+    values = {
+        "extraVolumes": [{"name": "k", "secret": {"secretName": "s"}}],
+        "extraVolumeMounts": [{"name": "k", "mountPath": "/etc/k/key", "subPath": "key"}],
+    }
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "subPath" in str(refused.value), refused.value
+    # Nor a volume of the node's files: a Secret, a ConfigMap or an emptyDir only.
+    with pytest.raises(HelmError) as refused:
+        chart_render.template({"extraVolumes": [{"name": "h", "hostPath": {"path": "/"}}]})
+    assert "hostPath" in str(refused.value), refused.value
 
 
 # ---------------------------------------------------------------------------------------------
