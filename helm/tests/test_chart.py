@@ -719,7 +719,7 @@ def test_stepgate_takes_the_transport_bounds_extra_args_give_again(stepgate_bin,
     listening = [line for line in log.splitlines() if "stepgate listening on" in line]
     assert listening, f"stepgate did not start:\n{log}"
     assert "max_connections=20000 " in listening[0], listening[0]
-    assert "max_connections_per_source=100 " in listening[0], listening[0]
+    assert "max_connections_per_source=32 " in listening[0], listening[0]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -1142,13 +1142,29 @@ def env_of(r: Rendered) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(r).get("env", [])}
 
 
+def test_the_memory_limit_holds_what_the_connection_bounds_let_callers_hold():
+    # docs/limits.md: about 0.25 MiB kept by a connection that once had 100 calls at once, about
+    # 0.46 MiB by one whose client ignored the limit, 7 KiB more for each call left open; a full
+    # token cache of 100 000 entries and the process itself, about 100 MiB.
+    defaults = chart_defaults()
+    limit = defaults["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    limit_mib = int(limit[:-2])
+    transport = defaults["transport"]
+    busy = transport["maxConnections"] * 0.25
+    assert busy + 100 <= limit_mib, (busy, limit_mib)
+    # One address, every call of its connections left open: a handful of pods must not reach it.
+    worst_per_source = transport["maxConnectionsPerSource"] * (0.46 + transport["maxConcurrentStreams"] * 7 / 1024)
+    assert (limit_mib - 100) / worst_per_source >= 10, worst_per_source
+
+
 def test_transport_bounds_render_as_flags_that_extra_args_override():
     assert chart_defaults()["transport"] == {
-        "maxConnections": 2000, "maxConnectionsPerSource": 100, "maxConcurrentStreams": 100,
+        "maxConnections": 2000, "maxConnectionsPerSource": 32, "maxConcurrentStreams": 100,
     }
     args = container(rendered("default"))["args"]
     assert arg_value(args, "--max-connections") == "2000"
-    assert arg_value(args, "--max-connections-per-source") == "100"
+    assert arg_value(args, "--max-connections-per-source") == "32"
     assert arg_value(args, "--max-concurrent-streams") == "100"
     # An extra argument naming the same flag comes after the chart's, and stepgate takes the last
     # (test_stepgate_starts_with_the_charts_arguments starts it so).
