@@ -166,11 +166,16 @@ fn demo_with_rules(rules: &str) -> String {
 
 /// `stepgate check` of `policy_text` (which must pass): the warning that starts with `header`
 /// and its lines (none when it is not there).
-fn check_warning(name: &str, policy_text: &str, header: &str) -> Vec<String> {
+/// What `stepgate check` prints of `policy_text`, which it accepts.
+fn check_stdout(name: &str, policy_text: &str) -> String {
     let policy = TempPolicy::new(name, policy_text);
     let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let stdout = text(&out.stdout);
+    text(&out.stdout)
+}
+
+fn check_warning(name: &str, policy_text: &str, header: &str) -> Vec<String> {
+    let stdout = check_stdout(name, policy_text);
     let mut lines = stdout.lines().skip_while(|l| !l.starts_with(header));
     let Some(first) = lines.next() else {
         return Vec::new();
@@ -798,19 +803,14 @@ fn check_warns_of_conditions_reading_attributes_the_records_do_not_keep() {
 fn check_warns_of_an_identity_header_the_example_filter_misses() {
     let header = "warning: 1 identity header(s) are not named x-stepgate-*";
     let demo = demo_policy_text();
-    let policy = TempPolicy::new("identity-names-demo", &demo);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert!(!text(&out.stdout).contains(header), "{}", text(&out.stdout));
+    let stdout = check_stdout("identity-names-demo", &demo);
+    assert!(!stdout.contains(header), "{stdout}");
     let renamed = edit(
         &demo,
         "    x-stepgate-tenant: tenant",
         "    x-tenant: tenant",
     );
-    let policy = TempPolicy::new("identity-names-other", &renamed);
-    let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let stdout = text(&out.stdout);
+    let stdout = check_stdout("identity-names-other", &renamed);
     assert!(
         stdout.contains(header) && stdout.contains("\n  identity header x-tenant\n"),
         "{stdout}"
@@ -821,12 +821,7 @@ fn check_warns_of_an_identity_header_the_example_filter_misses() {
 fn check_warns_of_a_signal_blocking_by_source_address() {
     let header = "warning: 1 risk signal(s) block by source address";
     let demo = demo_policy_text();
-    let run = |name: &str, policy_text: &str| {
-        let policy = TempPolicy::new(name, policy_text);
-        let out = stepgate(&["check", "--config", policy.path.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-        text(&out.stdout)
-    };
+    let run = check_stdout;
     // The demo's signal only logs: nothing to warn of.
     assert!(!run("source-log", &demo).contains(header));
     let blocking = edit(

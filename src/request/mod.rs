@@ -630,39 +630,37 @@ pub fn is_credential_name(name: &str) -> bool {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        return name.eq_ignore_ascii_case("access_token")
-            || CREDENTIAL_NAMES
-                .iter()
-                .any(|credential| name.eq_ignore_ascii_case(credential));
+        return name.eq_ignore_ascii_case("access_token") || renamed_is_credential(name);
     }
     if is_access_token_name(name) {
         return true;
     }
     let decoded = decode_query_name(name);
     let cut = php_cut(&decoded);
-    // `name` renamed as PHP renames it ([`php_renamed`]), compared byte for byte without building
-    // it: every byte it maps stays one byte, and the credentials are lower-case ASCII without
-    // `.`, ` ` or `[` (so the name in lower case alone never matches where the renamed one
-    // does not).
-    let named = |name: &str| {
-        CREDENTIAL_NAMES.iter().any(|credential| {
-            name.len() == credential.len()
-                && name.bytes().zip(credential.bytes()).all(|(b, c)| {
-                    let renamed = match b {
-                        b'.' | b' ' | b'[' => b'_',
-                        b => b.to_ascii_lowercase(),
-                    };
-                    renamed == c
-                })
-        })
-    };
     // An array's name (`refresh_token[]`), or a nested key (`user[password]`, which Rack and PHP
     // read as a value of `user`): each part between brackets is a name too.
-    named(cut)
+    renamed_is_credential(cut)
         || cut
             .split(['[', ']'])
             .filter(|part| !part.is_empty())
-            .any(named)
+            .any(renamed_is_credential)
+}
+
+/// Whether `name`, renamed as PHP renames it ([`php_renamed`]), is one of [`CREDENTIAL_NAMES`]:
+/// compared byte for byte without building it. Every byte it maps stays one byte, and the
+/// credentials are lower-case ASCII without `.`, ` ` or `[` (so the name in lower case alone never
+/// matches where the renamed one does not).
+fn renamed_is_credential(name: &str) -> bool {
+    CREDENTIAL_NAMES.iter().any(|credential| {
+        name.len() == credential.len()
+            && name.bytes().zip(credential.bytes()).all(|(b, c)| {
+                let renamed = match b {
+                    b'.' | b' ' | b'[' => b'_',
+                    b => b.to_ascii_lowercase(),
+                };
+                renamed == c
+            })
+    })
 }
 
 /// A query parameter's name decoded as the URL standard and PHP decode it (`form_urlencoded`):

@@ -386,24 +386,16 @@ impl Signal {
 /// An IPv4 network as `IpNet` writes it (`203.0.113.0/24`), without the formatting machinery:
 /// a source signal's key is built on every request it reads.
 fn v4_network_text(octets: [u8; 4], prefix: u8) -> String {
-    fn push_number(n: u8, out: &mut String) {
-        if n >= 100 {
-            out.push(char::from(b'0' + n / 100));
-        }
-        if n >= 10 {
-            out.push(char::from(b'0' + n / 10 % 10));
-        }
-        out.push(char::from(b'0' + n % 10));
-    }
+    use crate::telemetry::line::digits;
     let mut out = String::with_capacity(18);
     for (i, octet) in octets.into_iter().enumerate() {
         if i > 0 {
             out.push('.');
         }
-        push_number(octet, &mut out);
+        digits(u64::from(octet), 1, &mut out);
     }
     out.push('/');
-    push_number(prefix, &mut out);
+    digits(u64::from(prefix), 1, &mut out);
     out
 }
 

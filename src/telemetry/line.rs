@@ -131,7 +131,7 @@ pub(super) fn rfc3339_micros(now: SystemTime, out: &mut String) {
 }
 
 /// `value` in decimal, left-padded with zeros to at least `width` digits.
-pub(super) fn digits(mut value: u64, width: usize, out: &mut String) {
+pub(crate) fn digits(mut value: u64, width: usize, out: &mut String) {
     let mut buf = [b'0'; 20];
     let mut start = buf.len();
     while value > 0 {

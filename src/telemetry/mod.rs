@@ -10,7 +10,7 @@
 //! decision's message is the one value tracing-subscriber writes as it is (its fields are quoted
 //! and escaped), and a line break in it would start a line of the caller's choosing.
 
-mod line;
+pub(crate) mod line;
 pub mod metrics;
 pub mod records;
 pub mod throttle;
