@@ -56,7 +56,8 @@ class Case:
     values_file: str
     kinds: frozenset[str]
     api_versions: tuple[str, ...] = ()
-    hooks: frozenset[str] = frozenset({"Pod"})
+    # The `helm test` pod, and the policy check's Job and ConfigMap.
+    hooks: frozenset[str] = frozenset({"Pod", "Job", "ConfigMap"})
     tls: bool = False
     mutual_tls: bool = False
     # With tls.probeClient: the SAN its certificate names (one of tls.clientSANs).
@@ -74,7 +75,8 @@ CASES = {
     "tls-cert-manager": Case("tls-cert-manager.yaml", BASE | {"Certificate"}, tls=True),
     "tls-cert-manager-mtls": Case("tls-cert-manager-mtls.yaml", BASE | {"Certificate"}, tls=True, mutual_tls=True),
     "service-monitor": Case("service-monitor.yaml", BASE | {"ServiceMonitor"}, api_versions=(SERVICE_MONITOR_API,)),
-    "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}),
+    # The policy check reads the existing ConfigMap: no ConfigMap of its own.
+    "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}, hooks=frozenset({"Pod", "Job"})),
     "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
     "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
     "risk-store": Case("risk-store.yaml", BASE),
@@ -148,6 +150,24 @@ def fullname(r: Rendered) -> str:
 
 def pod_spec(r: Rendered) -> dict:
     return r.one("Deployment")["spec"]["template"]["spec"]
+
+
+def hook_of(r: Rendered, kind: str) -> dict:
+    found = [d for d in r.hooks if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} hook, rendered {len(found)}"
+    return found[0]
+
+
+def helm_test_pod(r: Rendered) -> dict:
+    """The `helm test` pod."""
+    pod = hook_of(r, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    return pod
+
+
+def check_job(r: Rendered) -> dict:
+    """The policy check run before an install or upgrade."""
+    return hook_of(r, "Job")
 
 
 def container(r: Rendered) -> dict:
@@ -466,7 +486,7 @@ def restricted_violations(spec: dict) -> list[str]:
 @pytest.mark.parametrize("name", CASES)
 def test_pods_meet_the_restricted_pod_security_standard(name):
     r = rendered(name)
-    specs = [("Deployment", pod_spec(r))] + [(f"hook {d['metadata']['name']}", d["spec"]) for d in r.hooks]
+    specs = [("Deployment", pod_spec(r)), ("helm test pod", helm_test_pod(r)["spec"]), ("policy check", check_job(r)["spec"]["template"]["spec"])]
     for what, spec in specs:
         assert restricted_violations(spec) == [], what
         assert spec["automountServiceAccountToken"] is False, what
@@ -949,7 +969,7 @@ def test_helm_test_pod_passes_against_stepgate_started_with_the_charts_arguments
     r = rendered(name)
     secrets = case_secrets(name, pki) if CASES[name].tls else {}
     with chart_stepgate(stepgate_bin, name, tmp_path / "pod", secrets) as address:
-        [pod] = r.hooks
+        pod = helm_test_pod(r)
         [c] = pod["spec"]["containers"]
         root = tmp_path / "test-pod"
         args = localize(c["args"], root, materialize(pod["spec"], c, root, secrets))
@@ -1010,6 +1030,14 @@ def test_ha_scales_on_cpu_and_keeps_drains_possible():
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
+def test_a_disruption_budget_that_leaves_a_pod_to_evict_renders_as_given():
+    # 50 % of 2 pods is 1 (Kubernetes rounds up); 25 % unavailable of 2 is also 1.
+    for budget, field in [({"minAvailable": "50%"}, "minAvailable"), ({"maxUnavailable": "25%"}, "maxUnavailable")]:
+        pdb = chart_render.template({"podDisruptionBudget": budget}).one("PodDisruptionBudget")
+        assert pdb["spec"][field] == budget[field]
+        kubernetes_validate.validate(pdb, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_default_is_two_replicas_kept_through_drains_without_autoscaler():
     r = rendered("default")
     assert r.one("Deployment")["spec"]["replicas"] == 2
@@ -1043,7 +1071,7 @@ def test_tls_from_a_secret_with_mutual_tls():
     assert secret_item(pod_spec(r), c, arg_value(c["readinessProbe"]["exec"]["command"], "--cert")) == (
         "stepgate-probe-client", "tls.crt"
     )
-    [pod] = r.hooks
+    pod = helm_test_pod(r)
     assert "not available" not in r.notes and "helm test stepgate -n auth" in r.notes
 
 
@@ -1079,7 +1107,7 @@ def test_mutual_tls_from_cert_manager_reuses_stepgates_certificate_for_the_probe
     fqdn = f"{fullname(r)}.{r.namespace}.svc.cluster.local"
     assert arg_value(command, "--tls-server-name") == fqdn and fqdn in arg_values(c["args"], "--client-san")
     # The test pod presents the same certificate, so it mounts stepgate's key; nothing else does.
-    [pod] = r.hooks
+    pod = helm_test_pod(r)
     [test] = pod["spec"]["containers"]
     assert secret_item(pod["spec"], test, arg_value(test["args"], "--key")) == (secret, "tls.key")
 
@@ -1128,9 +1156,8 @@ def test_network_policy_lets_in_only_the_named_namespaces():
         if "namespaceSelector" in p
     ]
     assert namespaces == ["istio-system", "payments"]
-    [test_pod] = r.hooks
     pods = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
-    assert len(pods) == 1 and pods[0].items() <= test_pod["metadata"]["labels"].items()
+    assert len(pods) == 1 and pods[0].items() <= helm_test_pod(r)["metadata"]["labels"].items()
     assert all(set(p) == {"namespaceSelector"} or set(p) == {"podSelector"} for p in grpc_rule["from"])
     assert metrics_rule == {
         "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
@@ -1361,6 +1388,28 @@ def test_notes_warn_when_nothing_restricts_who_reaches_the_grpc_port():
             or c.get("checkCallers", {}).get("clientSANs")
         )
         assert (warning in rendered(name).notes) == (not restricted), name
+
+
+def test_notes_warn_when_the_service_reaches_outside_the_cluster():
+    warning = "opens the gRPC port and the metrics port to callers outside the\n  cluster, in plaintext"
+    for kind in ("LoadBalancer", "NodePort"):
+        notes = chart_render.template({"service": {"type": kind}}).notes
+        assert f"WARNING: service.type {kind} {warning}" in notes, notes
+    for name in CASES:
+        assert "WARNING: service.type" not in rendered(name).notes, name
+    # With TLS on, the warning says so and stays.
+    values = case_values("tls-secret") | {"service": {"type": "LoadBalancer"}}
+    notes = chart_render.template(values).notes
+    assert "WARNING: service.type LoadBalancer opens the gRPC port" in notes
+    assert "in plaintext" not in notes.split("WARNING: service.type")[1].split("WARNING")[0]
+
+
+def test_notes_warn_when_admin_calls_travel_in_plaintext():
+    warning = "WARNING: admin.enabled without tls.enabled"
+    for name in CASES:
+        plaintext_admin = name in ADMIN_CASES and not CASES[name].tls
+        assert (warning in rendered(name).notes) == plaintext_admin, name
+    assert warning in rendered("admin").notes
 
 
 def test_notes_warn_that_check_callers_leave_decide_open():
@@ -1746,7 +1795,7 @@ def test_notes_envoy_cluster_is_valid_envoy_config(name, envoy_bin, make_certifi
 @pytest.mark.parametrize("name", CASES)
 def test_helm_test_pod_asks_health_through_the_service(name, stepgate_bin):
     r = rendered(name)
-    [pod] = r.hooks
+    pod = helm_test_pod(r)
     assert pod["kind"] == "Pod"
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["restartPolicy"] == "Never"
@@ -1781,10 +1830,9 @@ def test_helm_test_pod_asks_health_through_the_service(name, stepgate_bin):
 def test_network_policy_lets_in_the_test_pod_with_tls_too():
     values = case_values("tls-cert-manager-mtls") | case_values("network-policy")
     r = chart_render.template(values)
-    [test_pod] = r.hooks
     [grpc_rule, _] = r.one("NetworkPolicy")["spec"]["ingress"]
     pods = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
-    assert len(pods) == 1 and pods[0].items() <= test_pod["metadata"]["labels"].items()
+    assert len(pods) == 1 and pods[0].items() <= helm_test_pod(r)["metadata"]["labels"].items()
 
 
 def test_names_follow_the_release():
@@ -1792,7 +1840,7 @@ def test_names_follow_the_release():
     assert fullname(r) == main_service(r)["metadata"]["name"] == "edge-stepgate"
     provider = notes_snippet(r.notes, "meshConfig:")["meshConfig"]["extensionProviders"][0]
     assert provider["envoyExtAuthzGrpc"]["service"] == "edge-stepgate.authz.svc.cluster.local"
-    [pod] = r.hooks
+    pod = helm_test_pod(r)
     assert arg_value(pod["spec"]["containers"][0]["args"], "--server") == "http://edge-stepgate.authz.svc:50051"
     _, volume = mount_for(r, arg_value(container(r)["args"], "--config"))
     assert volume["configMap"]["name"] == "edge-stepgate-policy" == r.one("ConfigMap")["metadata"]["name"]
@@ -1830,6 +1878,129 @@ def test_an_extra_volume_mount_by_subpath_is_refused():
     with pytest.raises(HelmError) as refused:
         chart_render.template({"extraVolumes": [{"name": "h", "hostPath": {"path": "/"}}]})
     assert "hostPath" in str(refused.value), refused.value
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy check before an install or upgrade
+
+
+def hook_weight(d: dict) -> int:
+    return int(d["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_policy_check_runs_before_anything_changes_on_the_policy_the_pods_get(name):
+    r = rendered(name)
+    job = check_job(r)
+    annotations = job["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    # A failed check is kept for its log, and Helm prints the log.
+    assert "hook-failed" not in annotations["helm.sh/hook-delete-policy"]
+    assert annotations["helm.sh/hook-output-log-policy"] == "hook-failed"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    # Before an install the release's ServiceAccount does not exist yet.
+    assert "serviceAccountName" not in spec
+    pod_annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert pod_annotations["sidecar.istio.io/inject"] == "false"
+    [c] = spec["containers"]
+    assert c["image"] == container(r)["image"]
+    assert c["args"][:2] == ["check", "--config"]
+    mount, volume = mount_in(spec, c, c["args"][2])
+    served_mount, served_volume = mount_for(r, arg_value(container(r)["args"], "--config"))
+    assert mount["mountPath"] == served_mount["mountPath"]
+    if name == "existing-configmap":
+        assert volume["configMap"]["name"] == served_volume["configMap"]["name"] == case_values(name)["existingPolicyConfigMap"]
+        assert "ConfigMap" not in {d["kind"] for d in r.hooks}
+        return
+    checked = hook_of(r, "ConfigMap")
+    # Created before the Job, and holding exactly the policy the pods will read.
+    assert hook_weight(checked) < hook_weight(job)
+    assert checked["metadata"]["annotations"]["helm.sh/hook"] == annotations["helm.sh/hook"]
+    assert volume["configMap"]["name"] == checked["metadata"]["name"]
+    assert checked["data"] == next(
+        d for d in r.of_kind("ConfigMap") if d["metadata"]["name"] == served_volume["configMap"]["name"]
+    )["data"]
+
+
+def test_the_policy_check_can_be_turned_off():
+    r = chart_render.template({"policyCheck": {"enabled": False}})
+    assert {d["kind"] for d in r.hooks} == {"Pod"}
+
+
+def run_check_job(r: Rendered, stepgate_bin: str, root: Path, secrets: dict[str, dict[str, str]]):
+    """Runs the policy check's container as rendered, its volumes written under `root` as the
+    kubelet would mount them (the hook ConfigMap's files, `secrets`' keys); the container's
+    absolute paths, in its arguments and in the files, become paths under `root`."""
+    spec = check_job(r)["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = [m["mountPath"] for m in c["volumeMounts"]]
+
+    def local(text: str) -> str:
+        for path in mounts:
+            text = text.replace(path + "/", f"{root}{path}/")
+        return text
+
+    for mount in c["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            [source] = [d for d in r.hooks if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]]
+            files = {i["path"]: source["data"][i["key"]] for i in volume["configMap"]["items"]}
+        else:
+            files = secrets[volume["secret"]["secretName"]]
+        directory = Path(f"{root}{mount['mountPath']}")
+        directory.mkdir(parents=True, exist_ok=True)
+        for file, content in files.items():
+            (directory / file).write_text(local(content), encoding="utf-8")
+    return subprocess.run(
+        [stepgate_bin, *[local(a) for a in c["args"]]], capture_output=True, text=True, timeout=60
+    )
+
+
+def policy_with_a_key_file() -> dict[str, Any]:
+    """Values whose policy reads its issuer's keys from a file in a Secret (extraVolumes)."""
+    return {
+        "extraVolumes": [{"name": "keys", "secret": {"secretName": "stepgate-keys"}}],
+        "extraVolumeMounts": [{"name": "keys", "mountPath": "/etc/stepgate/keys", "readOnly": True}],
+        "policy": {
+            "issuers": [
+                {
+                    "id": "corp",
+                    "issuer": "https://idp.example.com",
+                    "jwks_file": "/etc/stepgate/keys/jwks.json",
+                    "audiences": ["api://payments"],
+                }
+            ],
+            "rules": [{"id": "everything", "match": [{"path": "/**"}], "require": {"authenticated": True}}],
+        },
+    }
+
+
+def test_the_policy_check_passes_a_policy_stepgate_takes_with_the_files_it_names(stepgate_bin, tmp_path):
+    r = chart_render.template(policy_with_a_key_file())
+    jwks = (REPO / "examples" / "demo-keys" / "jwks.json").read_text(encoding="utf-8")
+    result = run_check_job(r, stepgate_bin, tmp_path / "pod", {"stepgate-keys": {"jwks.json": jwks}})
+    assert result.returncode == 0, f"the check failed:\n{result.stderr}{result.stdout}"
+    assert result.stdout.startswith("policy OK: 1 issuer(s), 1 rule(s)"), result.stdout
+    # The key file is read through the Secret the Job mounts: without a usable key in it, it fails.
+    result = run_check_job(r, stepgate_bin, tmp_path / "empty", {"stepgate-keys": {"jwks.json": '{"keys": []}'}})
+    assert result.returncode == 2, result.stderr
+    assert "issuers.corp.jwks_file" in result.stderr and "no usable signing key" in result.stderr
+
+
+def test_the_policy_check_fails_a_policy_stepgate_refuses_naming_the_field(stepgate_bin, tmp_path):
+    # The values schema knows the policy's sections only; a misspelt field inside a rule renders,
+    # and only stepgate's own check refuses it, before any pod reads it.
+    values = policy_with_a_key_file()
+    values["policy"]["rules"][0]["requier"] = values["policy"]["rules"][0].pop("require")
+    r = chart_render.template(values)
+    jwks = (REPO / "examples" / "demo-keys" / "jwks.json").read_text(encoding="utf-8")
+    result = run_check_job(r, stepgate_bin, tmp_path / "pod", {"stepgate-keys": {"jwks.json": jwks}})
+    assert result.returncode == 2, f"the check passed:\n{result.stdout}"
+    assert "rules[0]" in result.stderr and "requier" in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1873,6 +2044,9 @@ WRONG_TYPES = [
     ({"networkPolicy": {"adminFromNamespaces": ["Security Team"]}}, "adminFromNamespaces"),
     ({"checkCallers": {"networks": "10.0.0.0/8"}}, "networks"),
     ({"checkCallers": {"clientSANs": [""]}}, "clientSANs"),
+    ({"podDisruptionBudget": {"minAvailable": "half"}}, "minAvailable"),
+    ({"podDisruptionBudget": {"maxUnavailable": -1}}, "maxUnavailable"),
+    ({"policyCheck": {"activeDeadlineSeconds": 0}}, "activeDeadlineSeconds"),
 ]
 
 
@@ -1922,6 +2096,15 @@ INCONSISTENT = [
     ({"networkPolicy": {"enabled": True}}, "networkPolicy.grpcNamespaces"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}, "no node could ever be drained"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": None}}, "set minAvailable or maxUnavailable"),
+    ({"podDisruptionBudget": {"maxUnavailable": 0}}, "podDisruptionBudget.maxUnavailable (0) lets no pod be evicted"),
+    ({"podDisruptionBudget": {"maxUnavailable": "0%"}}, "podDisruptionBudget.maxUnavailable (0%) lets no pod be evicted"),
+    ({"podDisruptionBudget": {"minAvailable": "100%"}}, "minAvailable (100%) of 2 replicas rounds up to every one of them"),
+    # 51 % of 2 pods rounds up to 2.
+    ({"podDisruptionBudget": {"minAvailable": "51%"}}, "use at most 50%"),
+    (
+        {"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 8}, "podDisruptionBudget": {"minAvailable": "80%"}},
+        "minAvailable (80%) of 4 replicas rounds up to every one of them",
+    ),
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "must not exceed"),
     ({"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled"),
     ({"policy": None}, "set policy"),
@@ -2002,3 +2185,30 @@ def test_a_plain_risk_store_url_is_set_and_one_with_a_password_is_refused():
     values["riskStore"] = {"url": "memcached://cache:11211"}
     with pytest.raises(HelmError):
         chart_render.template(values)
+
+
+@pytest.mark.parametrize(
+    ("escape", "where"),
+    [
+        ({"extraArgs": ["--risk-store", "redis://:hunter2@redis:6379/0"]}, "extraArgs"),
+        ({"extraArgs": ["--risk-store=redis://:hunter2@redis:6379/0"]}, "extraArgs"),
+        ({"extraEnv": [{"name": "STEPGATE_RISK_STORE", "value": "redis://redis:6379/0?password=hunter2"}]}, "extraEnv"),
+    ],
+    ids=["arg", "arg=", "env"],
+)
+def test_a_risk_store_password_in_the_escape_hatches_is_refused(escape, where):
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(escape)
+    assert f"{where}:" in str(refused.value) and "holds a password" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_a_risk_store_without_a_password_in_the_escape_hatches_is_passed_on():
+    r = chart_render.template({
+        "extraArgs": ["--risk-store", "redis://redis:6379/0", "--idle-timeout", "60s"],
+        "extraEnv": [
+            {"name": "STEPGATE_RISK_STORE", "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}},
+        ],
+    })
+    assert container(r)["args"][-4:] == ["--risk-store", "redis://redis:6379/0", "--idle-timeout", "60s"]
+    assert env_of(r)["STEPGATE_RISK_STORE"] == {"secretKeyRef": {"name": "redis", "key": "url"}}

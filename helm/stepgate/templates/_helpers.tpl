@@ -50,6 +50,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{ include "stepgate.releaseLabels" . }}
 {{- end }}
 
+{{/* The policy check run before an install or upgrade (policy-check.yaml): a component of its own. */}}
+{{- define "stepgate.policyCheckLabels" -}}
+{{ include "stepgate.instanceLabels" . }}
+app.kubernetes.io/component: policy-check
+{{ include "stepgate.releaseLabels" . }}
+{{- end }}
+
+{{- define "stepgate.policyCheckName" -}}
+{{- printf "%s-policy-check" (include "stepgate.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The policy file as the chart renders it, for the served ConfigMap and the check's. */}}
+{{- define "stepgate.policyData" -}}
+policy.yaml: |
+  {{- toYaml .Values.policy | nindent 2 }}
+{{- end }}
+
 {{- define "stepgate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "stepgate.fullname" .) .Values.serviceAccount.name }}
@@ -289,6 +306,22 @@ would stay unready.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* The escape hatches reach the Deployment too: a password in them would be in its spec. */}}
+{{- $riskStoreArg := false }}
+{{- range .Values.extraArgs }}
+{{- $arg := toString . }}
+{{- if or $riskStoreArg (hasPrefix "--risk-store=" $arg) }}
+{{- if include "stepgate.redisUrlHasPassword" (trimPrefix "--risk-store=" $arg) }}
+{{- fail "extraArgs: the --risk-store URL holds a password: put the URL in a Secret and name it in riskStore.existingSecret" }}
+{{- end }}
+{{- end }}
+{{- $riskStoreArg = eq $arg "--risk-store" }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if and (eq .name "STEPGATE_RISK_STORE") .value (include "stepgate.redisUrlHasPassword" (toString .value)) }}
+{{- fail "extraEnv: STEPGATE_RISK_STORE holds a password: put the URL in a Secret and name it in riskStore.existingSecret (or give the variable valueFrom.secretKeyRef)" }}
+{{- end }}
+{{- end }}
 {{- if .Values.autoscaling.enabled }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
@@ -299,9 +332,19 @@ would stay unready.
 {{- if and (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable" }}
 {{- end }}
-{{- $floor := ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled }}
-{{- if and (kindIs "invalid" $pdb.maxUnavailable) (not (kindIs "string" $pdb.minAvailable)) (ge (int $pdb.minAvailable) (int $floor)) }}
-{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below the replica count (%d), or no node could ever be drained" (int $pdb.minAvailable) (int $floor)) }}
+{{- $floor := int (ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled) }}
+{{- /* Kubernetes rounds both percentages up (a share of 2 pods above 50 % is both). */}}
+{{- if not (kindIs "invalid" $pdb.maxUnavailable) }}
+{{- if has (toString $pdb.maxUnavailable) (list "0" "0%") }}
+{{- fail (printf "podDisruptionBudget.maxUnavailable (%v) lets no pod be evicted, so no node could ever be drained: use 1 or more" $pdb.maxUnavailable) }}
+{{- end }}
+{{- else if kindIs "string" $pdb.minAvailable }}
+{{- $share := trimSuffix "%" $pdb.minAvailable | int }}
+{{- if gt (mul $share $floor) (mul 100 (sub $floor 1)) }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%s) of %d replicas rounds up to every one of them, so no node could ever be drained: use at most %d%%, or more replicas" $pdb.minAvailable $floor (div (mul 100 (sub $floor 1)) $floor)) }}
+{{- end }}
+{{- else if ge (int $pdb.minAvailable) $floor }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below the replica count (%d), or no node could ever be drained" (int $pdb.minAvailable) $floor) }}
 {{- end }}
 {{- end }}
 {{- end }}
