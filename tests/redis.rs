@@ -716,3 +716,135 @@ async fn risk_source_blocks_a_replica_evicts_are_dropped_from_the_store() {
     let held = metric(&server, "stepgate_blocks").await;
     assert_eq!(held.as_deref(), Some("768"), "{}", server.logs_text());
 }
+
+/// The field `field` of the blocks hash as Redis holds it: (write time in ms, record).
+fn stored_block(redis: &Redis, field: &str) -> Option<(i64, serde_json::Value)> {
+    let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
+    // A bulk string: `$<length>\r\n<ms>|<record>\r\n`, or `$-1` when there is none.
+    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
+    let (at, record) = value.split_once('|')?;
+    Some((at.parse().ok()?, serde_json::from_str(record).ok()?))
+}
+
+fn seed_block(redis: &Redis, field: &str, at_ms: i64, record: serde_json::Value) {
+    let reply = redis
+        .command(&resp(&[
+            "HSET",
+            "stepgate:blocks",
+            field,
+            &format!("{at_ms}|{record}"),
+        ]))
+        .unwrap_or_default();
+    assert_eq!(reply, ":1\r\n", "HSET {field}");
+}
+
+/// Waits until Redis holds `field`: a write queued after the ones a test looks at, so that
+/// those have been sent (one replica's writes reach Redis in order).
+async fn written(redis: &Redis, field: &str, server: &Server) {
+    eventually(
+        &format!("{field} written to Redis\n{}", server.logs_text()),
+        Duration::from_secs(10),
+        || async { stored_block(redis, field).is_some() },
+    )
+    .await;
+}
+
+/// A risk signal's block never shortens a block in force, across replicas as it never does
+/// within one. A replica that has not yet read an operator's hour-long block (written by another
+/// replica, its message lost, the next resync 30 s away) does not cut it to the signal's minute;
+/// and an operator's block whose write is older than a signal's (it waited in a queue while Redis
+/// was down) still replaces the signal's shorter block. Among operators the newest write wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signals_block_never_shortens_an_operators_across_replicas() {
+    let redis = Redis::start();
+    let signals = r#"  signals:
+    repeated_step_ups:
+      count: step_up
+      key: subject
+      window: 1m
+      threshold: 2
+      action: block
+      block_for: 1m
+"#;
+    let policy = policy("redis-block-precedence", &redis, signals);
+    let (server, admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let record = |created_by: &str, expires_at: i64| {
+        serde_json::json!({
+            "reason_id": "INC-7", "reason": "", "created_at": now,
+            "expires_at": expires_at, "created_by": created_by,
+        })
+    };
+
+    // An operator's hour, written straight into Redis: neither published nor read here yet.
+    seed_block(
+        &redis,
+        "subject|mallory",
+        (now - 1) * 1000,
+        record("san:ops", now + 3600),
+    );
+    // Mallory and Trudy step up twice: the signal blocks each for a minute here, and writes it.
+    for subject in ["mallory", "trudy"] {
+        let token = entra_token(subject, &[], true);
+        for _ in 0..2 {
+            let answer = decide(&server, &token, "payments.wire_transfer").await;
+            assert_eq!(answer.outcome(), Outcome::StepUp, "{subject}: {answer:?}");
+        }
+        let answer = decide(&server, &token, "reports.read").await;
+        assert_eq!(
+            answer.reason, "blocked",
+            "{subject}: the signal's block here"
+        );
+    }
+    written(&redis, "subject|trudy", &server).await;
+    let (_, trudy) = stored_block(&redis, "subject|trudy").unwrap();
+    assert_eq!(trudy["created_by"], "risk:repeated_step_ups", "{trudy}");
+    let (_, mallory) = stored_block(&redis, "subject|mallory").unwrap();
+    assert_eq!(
+        (&mallory["created_by"], &mallory["expires_at"]),
+        (&"san:ops".into(), &(now + 3600).into()),
+        "the operator's hour was cut to the signal's minute: {mallory}"
+    );
+
+    // A signal's minute stamped ten minutes ahead (a write newer than any the replica makes now),
+    // over Oscar and, as a control, an operator's minute over Olga.
+    let ahead = (now + 600) * 1000;
+    seed_block(
+        &redis,
+        "subject|oscar",
+        ahead,
+        record("risk:repeated_step_ups", now + 60),
+    );
+    seed_block(&redis, "subject|olga", ahead, record("san:ops", now + 60));
+    for subject in ["oscar", "olga", "pat"] {
+        admin_ok(
+            &admin,
+            &[
+                "block",
+                "--subject",
+                subject,
+                "--reason-id",
+                "INC-8",
+                "--ttl",
+                "1h",
+            ],
+        );
+    }
+    written(&redis, "subject|pat", &server).await;
+    let (at, oscar) = stored_block(&redis, "subject|oscar").unwrap();
+    assert!(
+        oscar["expires_at"].as_i64().unwrap() >= now + 3600,
+        "the operator's older hour did not replace the signal's newer minute: {oscar}"
+    );
+    assert_eq!(at, ahead, "the stored write keeps the newer time");
+    let (_, olga) = stored_block(&redis, "subject|olga").unwrap();
+    assert_eq!(
+        olga["expires_at"],
+        now + 60,
+        "among operators the newest write wins: {olga}"
+    );
+}

@@ -4,7 +4,8 @@
 //! [`RiskState`]) and one background task links it to Redis:
 //! - **Changes out.** A block, unblock or revocation made here is applied here first, then
 //!   written to a Redis hash by a script that keeps the newest write per target
-//!   (last-writer-wins by time in milliseconds) and publishes it on the replicas' channel.
+//!   (last-writer-wins by time in milliseconds; but a risk signal's block never shortens a block
+//!   in force, see [`PUT`]) and publishes it on the replicas' channel.
 //! - **Changes in.** The task subscribes to that channel and applies what the other replicas
 //!   publish. Pub/sub delivers at most once, so the task also re-reads both hashes every
 //!   [`RESYNC`] and on every (re)connection.
@@ -72,13 +73,42 @@ const BATCH: usize = 1024;
 /// Writes `ARGV[3]` (the record) at `ARGV[1]` (the field) of hash `KEYS[1]` as `"<ms>|<record>"`
 /// unless the field holds a newer write, and publishes `ARGV[4]` on channel `ARGV[5]`. 1 if
 /// written.
+///
+/// A block keeps, across replicas, the rule each replica keeps for itself (`blocks::set_evicting`):
+/// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
+/// (`signal` or `operator` block, `lift`, or `newest` for a revocation), `ARGV[7]` when the block
+/// ends and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
+/// prefix. So:
+/// - a signal's block is not written over a block in force that lasts as long or longer, however
+///   new the signal's is (a replica that did not know the operator's block, during an outage);
+/// - an operator's block is written over a signal's shorter block in force even when the
+///   signal's write is newer (the operator's block waited in a queue while Redis was down), and
+///   takes the newer time, so that writes older than the signal's stay refused.
+///
+/// Otherwise the newest write wins.
 const PUT: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local stamp = ARGV[2]
 if cur then
-  local at = tonumber(string.match(cur, '^(%d+)|'))
-  if at and at > tonumber(ARGV[2]) then return 0 end
+  local at, body = string.match(cur, '^(%d+)|(.*)$')
+  local what, ends, now = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  local held = nil
+  if body and (what == 'signal' or what == 'operator') then
+    local ok, old = pcall(cjson.decode, body)
+    if ok and type(old) == 'table' and old.removed ~= true
+       and type(old.expires_at) == 'number' and old.expires_at > now then
+      held = old
+    end
+  end
+  if what == 'signal' and held and held.expires_at >= ends then return 0 end
+  if at and tonumber(at) > tonumber(ARGV[2]) then
+    local by_signal = held and type(held.created_by) == 'string'
+      and string.sub(held.created_by, 1, #ARGV[9]) == ARGV[9]
+    if not (what == 'operator' and by_signal and ends > held.expires_at) then return 0 end
+    stamp = at
+  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
 ";
@@ -160,6 +190,42 @@ struct Put {
     field: String,
     at_ms: i64,
     record: String,
+    precedence: Precedence,
+}
+
+/// What a write is, for [`PUT`]'s rule between blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precedence {
+    /// A revocation: the newest write wins.
+    Newest,
+    /// An operator's lift.
+    Lift,
+    /// An operator's block, ending at this time.
+    Operator(i64),
+    /// A risk signal's block, ending at this time.
+    Signal(i64),
+}
+
+impl Precedence {
+    fn of_block(record: &BlockRecord) -> Self {
+        if record.removed {
+            Self::Lift
+        } else if record.created_by.starts_with(blocks::RISK_CREATOR_PREFIX) {
+            Self::Signal(record.expires_at)
+        } else {
+            Self::Operator(record.expires_at)
+        }
+    }
+
+    /// [`PUT`]'s `ARGV[6]` and `ARGV[7]`.
+    fn args(self) -> (&'static str, i64) {
+        match self {
+            Self::Newest => ("newest", 0),
+            Self::Lift => ("lift", 0),
+            Self::Operator(ends) => ("operator", ends),
+            Self::Signal(ends) => ("signal", ends),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -290,7 +356,13 @@ impl Shared {
             expires_at: block.expires_at,
             created_by: block.created_by.clone(),
         };
-        self.put(Hash::Blocks, block_field(block.kind, &block.value), &record);
+        let precedence = Precedence::of_block(&record);
+        self.put(
+            Hash::Blocks,
+            block_field(block.kind, &block.value),
+            &record,
+            precedence,
+        );
     }
 
     /// `value` is normalized.
@@ -303,7 +375,12 @@ impl Shared {
             expires_at,
             created_by: String::new(),
         };
-        self.put(Hash::Blocks, block_field(kind, value), &record);
+        self.put(
+            Hash::Blocks,
+            block_field(kind, value),
+            &record,
+            Precedence::Lift,
+        );
     }
 
     pub fn revoked(&self, revocation: &Revocation) {
@@ -314,15 +391,21 @@ impl Shared {
             created_at: revocation.created_at,
             created_by: revocation.created_by.clone(),
         };
-        self.put(Hash::Revocations, revocation.subject.clone(), &record);
+        self.put(
+            Hash::Revocations,
+            revocation.subject.clone(),
+            &record,
+            Precedence::Newest,
+        );
     }
 
-    fn put(&self, hash: Hash, field: String, record: &impl Serialize) {
+    fn put(&self, hash: Hash, field: String, record: &impl Serialize, precedence: Precedence) {
         let put = Put {
             hash,
             field,
             at_ms: now_ms(),
             record: serde_json::to_string(record).expect("records serialize"),
+            precedence,
         };
         // Operators' changes are few; one that finds the queue full (a flood of counts) waits
         // for room on a task of its own rather than being lost.
@@ -695,7 +778,9 @@ impl Task {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        let now = unix_now();
         for put in puts {
+            let (what, ends) = put.precedence.args();
             let message = Message {
                 from: self.replica.to_string(),
                 put: Some(PutMessage {
@@ -714,6 +799,10 @@ impl Task {
                 .arg(&put.record)
                 .arg(serde_json::to_string(&message).expect("messages serialize"))
                 .arg(CHANNEL)
+                .arg(what)
+                .arg(ends)
+                .arg(now)
+                .arg(blocks::RISK_CREATOR_PREFIX)
                 .ignore();
         }
         pipe.query_async::<()>(conn)
@@ -765,19 +854,20 @@ impl Task {
         for block in state.blocks().list(now) {
             let field = block_field(block.kind, &block.value);
             if !blocks.contains_key(&field) {
+                let record = BlockRecord {
+                    removed: false,
+                    reason_id: block.reason_id.to_string(),
+                    reason: block.reason.clone(),
+                    created_at: block.created_at,
+                    expires_at: block.expires_at,
+                    created_by: block.created_by.clone(),
+                };
                 missing.push(Put {
                     hash: Hash::Blocks,
                     field,
                     at_ms: block.created_at * 1000,
-                    record: serde_json::to_string(&BlockRecord {
-                        removed: false,
-                        reason_id: block.reason_id.to_string(),
-                        reason: block.reason.clone(),
-                        created_at: block.created_at,
-                        expires_at: block.expires_at,
-                        created_by: block.created_by.clone(),
-                    })
-                    .expect("records serialize"),
+                    record: serde_json::to_string(&record).expect("records serialize"),
+                    precedence: Precedence::of_block(&record),
                 });
             }
         }
@@ -795,6 +885,7 @@ impl Task {
                         created_by: revocation.created_by.clone(),
                     })
                     .expect("records serialize"),
+                    precedence: Precedence::Newest,
                 });
             }
         }
