@@ -163,6 +163,28 @@ proptest! {
         fuzzing::overrides::check(query.as_bytes());
     }
 
+    /// `Forwarded` values built of the pieces its readers split on: every host the lenient
+    /// readers take is among `forwarded_hosts` (the twin is the fuzz target's).
+    #[test]
+    fn forwarded_hosts_hold_every_host_a_lenient_reader_takes(
+        parts in proptest::collection::vec(
+            prop_oneof![
+                Just("host=".to_owned()),
+                Just("HoSt=".to_owned()),
+                Just("for=".to_owned()),
+                Just("\"".to_owned()),
+                Just(";".to_owned()),
+                Just(",".to_owned()),
+                Just(" ".to_owned()),
+                Just("\\".to_owned()),
+                "[a-z0-9.:\\[\\]-]{1,12}",
+            ],
+            0..16,
+        ),
+    ) {
+        fuzzing::forwarded::check(parts.concat().as_bytes());
+    }
+
     #[test]
     fn settings_frames_are_counted_however_the_bytes_arrive(
         seed in any::<u8>(),

@@ -302,6 +302,21 @@ impl<'p> Run<'p> {
                              policy's rules match hosts, and some servers route on it"
                         })
                 })
+                .or_else(|| {
+                    // Spring's ForwardedHeaderFilter and Quarkus route on its `host=`.
+                    h.headers
+                        .get("forwarded")
+                        .filter(|_| policy.index.names_hosts())
+                        .filter(|forwarded| {
+                            crate::request::forwarded_hosts(forwarded).any(|forwarded| {
+                                !crate::request::same_host(forwarded, h.host_as_sent())
+                            })
+                        })
+                        .map(|_| {
+                            "a Forwarded header naming another host is refused: the policy's \
+                             rules match hosts, and some servers route on its host="
+                        })
+                })
         }) {
             self.step("request", || message.to_owned());
             let www = challenge::invalid_request(realm, message);

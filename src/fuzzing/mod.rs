@@ -1,9 +1,9 @@
 //! The invariants of stepgate's hand-written parsers, as functions of arbitrary bytes that panic
 //! when one is broken. Each parser is held to a twin: the maintained library it replaces on the
 //! request path (prost for the `CheckRequest` reader, tonic for the gRPC message reader,
-//! serde_json for the JWS reader, a regex for path globs, `grpc-timeout` and the B3 trace
-//! headers, opentelemetry for the `tracestate` bound, `form_urlencoded` for the names the
-//! method-override check reads in a query), or a property where there is no library
+//! serde_json for the JWS reader, a regex for path globs, `grpc-timeout`, the B3 trace headers
+//! and the hosts of a `Forwarded` header, opentelemetry for the `tracestate` bound,
+//! `form_urlencoded` for the names the method-override check reads in a query), or a property where there is no library
 //! (path normalisation, the policy loader, the redaction of query tokens in records, the HTTP/2
 //! frame follower against a reading of the whole stream).
 //!
@@ -13,6 +13,7 @@
 
 pub mod b3;
 pub mod check_request;
+pub mod forwarded;
 pub mod frames;
 pub mod grpc_message;
 pub mod jws;
@@ -41,6 +42,11 @@ pub const TARGETS: &[Target] = &[
         name: "check_request",
         check: check_request::check,
         seeds: check_request::seeds,
+    },
+    Target {
+        name: "forwarded",
+        check: forwarded::check,
+        seeds: forwarded::seeds,
     },
     Target {
         name: "frames",

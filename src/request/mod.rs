@@ -692,6 +692,32 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
 }
 
 /// Whether two authorities name one host: in any case, without their ports and trailing dots.
+/// The hosts a `Forwarded` header (RFC 7239) names, as its most lenient readers find them: every
+/// `host=`, in any case and anywhere in the value, then what follows up to the next `;`, `,` or
+/// `"`, an opening quote and surrounding spaces left out, empty ones skipped. Spring's and
+/// Quarkus's readers take `host="?([^;,"]+)"?` from the value (the first element's, or any), and
+/// an RFC 7239 parser a `host` parameter of any element: each is one of these (a quoted value
+/// with an escape or a `,` is cut here and named another host, so it is refused). A host rule
+/// compared with every one of them is compared with the host an upstream trusting the header
+/// routes on. Linear in the value.
+pub fn forwarded_hosts(value: &str) -> impl Iterator<Item = &str> {
+    let bytes = value.as_bytes();
+    (0..bytes.len())
+        .filter(move |&i| {
+            bytes
+                .get(i..i + 5)
+                .is_some_and(|b| b.eq_ignore_ascii_case(b"host="))
+        })
+        .map(move |i| {
+            // `host=` is ASCII: `i + 5` is a character boundary.
+            let rest = &value[i + 5..];
+            let rest = rest.strip_prefix('"').unwrap_or(rest);
+            let end = rest.find([';', ',', '"']).unwrap_or(rest.len());
+            rest[..end].trim_matches(|c: char| c.is_ascii_whitespace())
+        })
+        .filter(|host| !host.is_empty())
+}
+
 pub fn same_host(a: &str, b: &str) -> bool {
     let host = |authority: &str| {
         let (start, end) = host_span(authority);

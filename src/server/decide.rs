@@ -448,13 +448,13 @@ mod tests {
         assert_eq!(refused.http_status, 400, "{refused:?}");
         assert!(refused.message.contains("without a host"), "{refused:?}");
         // An x-forwarded-host naming another host: servers that trust it route on it.
-        let forwarded = |value: &str| {
+        let with_header = |name: &str, value: &str| {
             let request = DecideRequest {
                 http: Some(v1::HttpRequest {
                     method: "GET".to_owned(),
                     host: "api.example.com".to_owned(),
                     path: "/healthz".to_owned(),
-                    headers: [("X-Forwarded-Host".to_owned(), value.to_owned())].into(),
+                    headers: [(name.to_owned(), value.to_owned())].into(),
                 }),
                 ..Default::default()
             };
@@ -464,6 +464,7 @@ mod tests {
                 crate::decision::decide(&plain, &access, 1_700_000_000),
             )
         };
+        let forwarded = |value: &str| with_header("X-Forwarded-Host", value);
         let (refused, unhosted) = forwarded("admin.example.com");
         assert_eq!(refused.http_status, 400, "{refused:?}");
         assert!(refused.message.contains("x-forwarded-host"), "{refused:?}");
@@ -473,6 +474,28 @@ mod tests {
         );
         let (same, _) = forwarded("API.example.com:443");
         assert!(same.is_allow(), "{same:?}");
+        // A Forwarded header's host= (RFC 7239): Spring and Quarkus route on it.
+        for value in [
+            "host=admin.example.com",
+            "for=192.0.2.60;proto=https;Host=\"admin.example.com\"",
+            "host=api.example.com, host=admin.example.com",
+            "for=\"[2001:db8::1]\";host=\"admin.example.com:443\";proto=https",
+            "host=\"api.example.com\\\"x\"",
+        ] {
+            let (refused, unhosted) = with_header("Forwarded", value);
+            assert_eq!(refused.http_status, 400, "{value}: {refused:?}");
+            assert!(refused.message.contains("Forwarded"), "{refused:?}");
+            assert!(unhosted.is_allow(), "{value}: {unhosted:?}");
+        }
+        for value in [
+            "for=192.0.2.60;proto=https",
+            "host=API.example.com:443;proto=https",
+            "for=a, host=\"api.example.com.\"",
+            "host=",
+        ] {
+            let (same, _) = with_header("Forwarded", value);
+            assert!(same.is_allow(), "{value}: {same:?}");
+        }
     }
 
     #[test]
