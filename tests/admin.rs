@@ -25,9 +25,12 @@ const ADMIN_ROLE: &str = "stepgate.admin";
 
 /// The demo policy; admin rights for demo-oidc tokens with the role `stepgate.admin`.
 fn admin_policy() -> TempPolicy {
-    let text = demo_policy_text()
-        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n");
-    TempPolicy::new("admin", &text)
+    TempPolicy::new("admin", &admin_policy_text())
+}
+
+fn admin_policy_text() -> String {
+    demo_policy_text()
+        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
 }
 
 /// stepgate on [`admin_policy`] with an admin listener (and metrics if asked), ready: the policy
@@ -743,6 +746,78 @@ async fn one_token_is_blocked_by_its_jti_or_uti() {
         );
     }
     assert_eq!(decide_as(&server, &other).await.outcome(), Outcome::Allow);
+}
+
+/// Entra's `sub` is pairwise: a user reaching the API through two client applications has two.
+/// With `subject_claim: oid` a subject block names the user's object id and refuses the tokens
+/// of every client; a block of one `sub` refuses nobody then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_subject_claim_oid_a_subject_block_holds_across_client_applications() {
+    let text = admin_policy_text().replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    subject_claim: oid\n",
+        1,
+    );
+    assert_ne!(text, admin_policy_text());
+    let policy = TempPolicy::new("admin-oid", &text);
+    let (server, admin_url) = common::serve_with_admin(&policy.path, false).await;
+    let operator = token_of("ops-oncall", &[ADMIN_ROLE]);
+    let user = |sub: &str, client: &str, oid: &str| {
+        let mut extra = serde_json::Map::new();
+        extra.insert("oid".into(), oid.into());
+        mint(&TokenSpec {
+            subject: sub.into(),
+            client_id: Some(client.into()),
+            extra,
+            ..common::entra(&[], &[])
+        })
+    };
+    let mallory = "5b1a3f0e-9c0d-4d1e-8f7a-2c3b4d5e6f70";
+    let through_portal = user("AAAApairwise-portal", "portal-app", mallory);
+    let through_cli = user("AAAApairwise-cli", "cli-app", mallory);
+    let someone_else = user(
+        "AAAApairwise-portal-2",
+        "portal-app",
+        "0e6c1f4a-1111-4222-8333-944455556666",
+    );
+    for subject in [mallory, "AAAApairwise-cli"] {
+        let (code, _, stderr) = admin(
+            &admin_url,
+            &[
+                "block",
+                "--subject",
+                subject,
+                "--reason-id",
+                "INC-9",
+                "--ttl",
+                "1h",
+                "--bearer",
+                &operator,
+            ],
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    for token in [&through_portal, &through_cli] {
+        let answer = decide_as(&server, token).await;
+        assert_eq!(
+            (answer.reason.as_str(), answer.block.as_str()),
+            ("blocked", "INC-9")
+        );
+    }
+    assert_eq!(
+        decide_as(&server, &someone_else).await.outcome(),
+        Outcome::Allow
+    );
+    // The pairwise `sub` names nobody: its block refuses no token of the policy's.
+    let (code, _, stderr) = admin(
+        &admin_url,
+        &["unblock", "--subject", mallory, "--bearer", &operator],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        decide_as(&server, &through_cli).await.outcome(),
+        Outcome::Allow
+    );
 }
 
 /// One admin call with `token` as the bearer: its status code when refused, and its message.

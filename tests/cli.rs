@@ -272,6 +272,39 @@ fn check_warns_of_an_entra_issuer_left_at_rfc9470_when_rules_require_contexts() 
 }
 
 #[test]
+fn check_warns_of_an_entra_issuer_naming_pairwise_subjects_to_a_subject_signal() {
+    // The demo's Entra issuer at an Entra ID address; the demo counts step-ups per subject.
+    let entra = edit(
+        &demo_policy_text(),
+        "issuer: https://login.demo.stepgate.invalid/entra/v2.0",
+        "issuer: https://login.microsoftonline.com/00000000-0000-0000-0000-000000000001/v2.0",
+    );
+    assert!(entra.contains("key: subject"));
+    let header = "warning: 1 issuer(s) look like Entra ID and name the subject by sub";
+    let stdout = check_stdout("entra-sub", &entra);
+    let warning: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with(header))
+        .take(2)
+        .collect();
+    assert_eq!(warning.len(), 2, "{stdout}");
+    assert!(
+        warning[1].trim_start().starts_with("issuer demo-entra ("),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" challenge=entra subject=sub "), "{stdout}");
+    // Named by its object id: no warning, and the issuer line says so.
+    let by_oid = edit(
+        &entra,
+        "    challenge: entra\n",
+        "    challenge: entra\n    subject_claim: oid\n",
+    );
+    let stdout = check_stdout("entra-oid", &by_oid);
+    assert!(!stdout.contains("name the subject by sub"), "{stdout}");
+    assert!(stdout.contains(" challenge=entra subject=oid "), "{stdout}");
+}
+
+#[test]
 fn check_warns_of_a_condition_comparing_the_path_with_upper_case_letters() {
     let added = r#"
   - id: exports

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use stepgate::risk::signals::{Action, KeyKind, StoreFailure, StoreSpec};
 use stepgate::{
     identity::{
-        ChallengeStyle, KeySource, issuer::Tenants, jwks::KeySet, keys::issuer_of_discovery_url,
+        ChallengeStyle, KeySource,
+        issuer::{SubjectClaim, Tenants},
+        jwks::KeySet,
+        keys::issuer_of_discovery_url,
     },
     policy::{DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition},
 };
@@ -99,11 +102,12 @@ fn describe(policy: &Policy) -> String {
             _ => i.issuer.clone(),
         };
         line(format!(
-            "  {:<12} {iss} aud={} alg={} challenge={} leeway={}s {keys}",
+            "  {:<12} {iss} aud={} alg={} challenge={} subject={} leeway={}s {keys}",
             i.id,
             i.audiences.join(","),
             algs.join(","),
             i.challenge.as_str(),
+            i.subject_claim.name(),
             i.leeway
         ));
     }
@@ -175,6 +179,10 @@ fn describe(policy: &Policy) -> String {
     warn(
         entra_issuers_without_contexts(policy),
         "issuer(s) look like Entra ID but are not challenge: entra, so their tokens' acrs claim is not read and no rule's auth_contexts can be met with them (docs/policy.md)",
+    );
+    warn(
+        entra_issuers_with_pairwise_subjects(policy),
+        "issuer(s) look like Entra ID and name the subject by sub, which Entra makes pairwise (another for each client application a user comes through), while a key: subject risk signal counts subjects: a user spreading over two applications is counted as two; set subject_claim: oid (docs/policy.md)",
     );
     warn(
         (!policy.admin.roles.is_empty() && policy.admin.audiences.is_empty())
@@ -333,6 +341,26 @@ fn entra_issuers_without_contexts(policy: &Policy) -> Vec<String> {
         .iter()
         .filter(|issuer| issuer.challenge == ChallengeStyle::Rfc9470)
         .filter(|issuer| issuer.is_entra())
+        .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
+        .collect()
+}
+
+/// Issuers at an Entra ID address whose subject is the pairwise `sub`, under a policy with a risk
+/// signal keyed by subject: its counts (and blocks) split over the client applications a user
+/// comes through.
+fn entra_issuers_with_pairwise_subjects(policy: &Policy) -> Vec<String> {
+    if !policy
+        .risk
+        .signals
+        .iter()
+        .any(|s| s.key == KeyKind::Subject)
+    {
+        return Vec::new();
+    }
+    policy
+        .issuers
+        .iter()
+        .filter(|issuer| issuer.at_entra_address() && issuer.subject_claim == SubjectClaim::Sub)
         .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
         .collect()
 }

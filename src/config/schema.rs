@@ -312,6 +312,13 @@ pub struct IssuerConfig {
     /// checks no proof of the key. Only where the proxy in front checks the binding itself.
     #[serde(default)]
     pub accept_bound_tokens: bool,
+    /// The claim that names the token's subject: the one blocks, revocations, `key: subject`
+    /// risk signals, records and identity headers use. `sub` (the default), or `oid`: Entra's
+    /// `sub` is pairwise, another for each client application a user reaches the API through,
+    /// while its `oid` names the user (or the application's service principal) in the tenant,
+    /// whichever client asked for the token. With `oid`, a token without one is refused.
+    #[serde(default)]
+    pub subject_claim: SubjectClaimConfig,
     /// How a missing authentication is challenged: `entra`, `rfc9470` or `deny`.
     #[serde(default)]
     pub challenge: ChallengeStyleConfig,
@@ -395,6 +402,14 @@ fn default_true() -> bool {
 }
 fn default_leeway() -> Seconds {
     Seconds(60)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectClaimConfig {
+    #[default]
+    Sub,
+    Oid,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -2803,6 +2803,58 @@ fn the_client_id_is_read_from_each_providers_claim() {
     assert_eq!(d.principal.as_ref().unwrap().client_id, None);
 }
 
+/// Entra's `sub` is pairwise (one per client application); with `subject_claim: oid` the subject
+/// is the user's object id, the same whichever client asked for the token, and a token without
+/// one is refused.
+#[test]
+fn the_subject_is_the_claim_the_issuer_names() {
+    let by_oid = compile_policy(&DEMO_POLICY.replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    subject_claim: oid\n",
+        1,
+    ));
+    let oid = "00000000-0000-0000-66f3-3332eca7ea81";
+    let subject = |policy: &Policy, claims: Value| {
+        let token = sign_claims(&claims_with(&entra_user(&[]), claims));
+        let d = decide(
+            policy,
+            &op_request(&token, "inventory.list", json!({})),
+            NOW,
+        );
+        (
+            d.outcome,
+            d.reason,
+            d.principal.map(|p| p.subject.to_string()),
+        )
+    };
+    for pairwise in [
+        "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+        "bbbb-other-client",
+    ] {
+        let claims = json!({"sub": pairwise, "oid": oid});
+        assert_eq!(
+            subject(&by_oid, claims.clone()),
+            (Outcome::Allow, Reason::Allowed, Some(oid.to_owned()))
+        );
+        assert_eq!(
+            subject(&demo_policy(), claims),
+            (Outcome::Allow, Reason::Allowed, Some(pairwise.to_owned())),
+            "sub by default"
+        );
+    }
+    for claims in [json!({"oid": null}), json!({"oid": ""}), json!({"oid": 7})] {
+        let (outcome, reason, _) = subject(&by_oid, claims.clone());
+        assert_eq!(
+            (outcome, reason),
+            (Outcome::Deny, Reason::ClaimInvalid),
+            "{claims}"
+        );
+        // The default reads no oid: any of these is no reason to refuse.
+        let (outcome, _, _) = subject(&demo_policy(), claims.clone());
+        assert_eq!(outcome, Outcome::Allow, "{claims}");
+    }
+}
+
 #[test]
 fn oversized_token_is_refused_before_parsing() {
     let mut spec = entra_user(&[]);

@@ -16,7 +16,7 @@ use crate::identity::{
 };
 
 /// The claims stepgate reads into slots of their own.
-const SLOTS: [&str; 23] = [
+const SLOTS: [&str; 24] = [
     "iss",
     "sub",
     "aud",
@@ -26,6 +26,7 @@ const SLOTS: [&str; 23] = [
     "jti",
     "uti",
     "tid",
+    "oid",
     "azp",
     "appid",
     "client_id",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{
     intern::Tables,
-    issuer::{ChallengeStyle, Issuer},
+    issuer::{ChallengeStyle, Issuer, SubjectClaim},
     segments::{Claims, Raw},
     token::{TokenError, numeric_date},
 };
@@ -116,7 +116,13 @@ pub(super) fn read_principal(
     claims: &Claims,
     interner: &mut Tables,
 ) -> Result<Principal, TokenError> {
-    let subject = str(claims.sub.as_ref(), "sub")?.unwrap_or_default();
+    let subject = match issuer.subject_claim {
+        SubjectClaim::Sub => str(claims.sub.as_ref(), "sub")?.unwrap_or_default(),
+        // Named by the policy as the subject: a token without one names nobody it can block.
+        SubjectClaim::Oid => str(claims.oid.as_ref(), "oid")?
+            .filter(|oid| !oid.is_empty())
+            .ok_or(TokenError::ClaimInvalid("oid"))?,
+    };
     let client_id = match str(claims.azp.as_ref(), "azp")? {
         Some(id) => Some(id),
         None => match str(claims.appid.as_ref(), "appid")? {

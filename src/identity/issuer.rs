@@ -13,6 +13,24 @@ use tokio::sync::watch;
 
 use super::{jwks::KeySet, keys::FetchControl};
 
+/// The claim that names a token's subject ([`Principal::subject`](super::claims::Principal)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubjectClaim {
+    #[default]
+    Sub,
+    /// Entra's object id: the same user (or service principal) whichever client asked.
+    Oid,
+}
+
+impl SubjectClaim {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sub => "sub",
+            Self::Oid => "oid",
+        }
+    }
+}
+
 /// How a missing or too-old authentication is answered for this issuer's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeStyle {
@@ -149,6 +167,8 @@ pub struct IssuerSettings {
     pub require_at_jwt: bool,
     /// Accept tokens bound to a key (`cnf`) as bearer tokens.
     pub accept_bound_tokens: bool,
+    /// The claim that names the subject.
+    pub subject_claim: SubjectClaim,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -181,6 +201,7 @@ pub struct Issuer {
     pub require_at_jwt: bool,
     /// See [`IssuerSettings::accept_bound_tokens`].
     pub accept_bound_tokens: bool,
+    pub subject_claim: SubjectClaim,
     pub challenge: ChallengeStyle,
     pub entra: EntraChallenge,
     pub key_source: KeySource,
@@ -217,6 +238,7 @@ impl Issuer {
             refuse_id_tokens: settings.refuse_id_tokens,
             require_at_jwt: settings.require_at_jwt,
             accept_bound_tokens: settings.accept_bound_tokens,
+            subject_claim: settings.subject_claim,
             challenge: settings.challenge,
             entra: settings.entra,
             key_source: settings.key_source,
@@ -258,6 +280,11 @@ impl Issuer {
 
     /// Whether the issuer is Entra ID's, by its challenge style or its address (any cloud).
     pub fn is_entra(&self) -> bool {
+        self.challenge == ChallengeStyle::Entra || self.at_entra_address()
+    }
+
+    /// Whether the issuer is at an Entra ID address (any cloud).
+    pub fn at_entra_address(&self) -> bool {
         const ENTRA_HOSTS: [&str; 6] = [
             "login.microsoftonline.com",
             "sts.windows.net",
@@ -272,7 +299,7 @@ impl Issuer {
             .and_then(|rest| rest.split('/').next())
             .unwrap_or_default()
             .to_ascii_lowercase();
-        self.challenge == ChallengeStyle::Entra || ENTRA_HOSTS.contains(&host.as_str())
+        ENTRA_HOSTS.contains(&host.as_str())
     }
 
     /// Whether a token's `iss` names this issuer. For a template, also returns the tenant id the
@@ -392,6 +419,7 @@ mod tests {
             refuse_id_tokens: true,
             require_at_jwt: false,
             accept_bound_tokens: false,
+            subject_claim: SubjectClaim::Sub,
             challenge: ChallengeStyle::Entra,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -883,6 +883,7 @@ mod tests {
             refuse_id_tokens: true,
             require_at_jwt: false,
             accept_bound_tokens: false,
+            subject_claim: crate::identity::issuer::SubjectClaim::Sub,
             challenge: ChallengeStyle::Rfc9470,
             entra: EntraChallenge {
                 authorization_uri: String::new(),

@@ -88,6 +88,8 @@ pub struct Claims<'a> {
     pub jti: Option<Raw<'a>>,
     pub uti: Option<Raw<'a>>,
     pub tid: Option<Raw<'a>>,
+    /// Entra's object id of the user or service principal.
+    pub oid: Option<Raw<'a>>,
     pub azp: Option<Raw<'a>>,
     pub appid: Option<Raw<'a>>,
     pub client_id: Option<Raw<'a>>,
@@ -132,6 +134,7 @@ impl<'a> Claims<'a> {
             "jti" => &mut self.jti,
             "uti" => &mut self.uti,
             "tid" => &mut self.tid,
+            "oid" => &mut self.oid,
             "azp" => &mut self.azp,
             "appid" => &mut self.appid,
             "client_id" => &mut self.client_id,

@@ -23,7 +23,7 @@ use crate::{
     },
     identity::{
         ChallengeStyle, EntraChallenge, Issuer, Issuers, KeepClaims, KeySource, TokenCache,
-        issuer::{IssuerName, IssuerSettings, KeyTiming, Tenants, is_guid},
+        issuer::{IssuerName, IssuerSettings, KeyTiming, SubjectClaim, Tenants, is_guid},
         keys::{self, DISCOVERY_SUFFIX},
         san::SanName,
     },
@@ -508,6 +508,10 @@ fn compile_issuers(
             refuse_id_tokens: c.refuse_id_tokens,
             require_at_jwt: c.require_at_jwt,
             accept_bound_tokens: c.accept_bound_tokens,
+            subject_claim: match c.subject_claim {
+                crate::config::schema::SubjectClaimConfig::Sub => SubjectClaim::Sub,
+                crate::config::schema::SubjectClaimConfig::Oid => SubjectClaim::Oid,
+            },
             challenge,
             entra,
             key_source,

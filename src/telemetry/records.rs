@@ -563,18 +563,36 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
         token.out.push_str("true");
     }
     // The raw claims the policy reads (claim requirements, `claim:` headers, CEL); with a
-    // subject key, `sub` among them as the subject is, or the hash would stand beside the name.
+    // subject key, `sub` among them as the subject is, or the hash would stand beside the name,
+    // and so is an `oid` that is the subject (an issuer with `subject_claim: oid`).
     if !t.claims.is_empty() {
-        match (&policy.subject_key, t.claims.get("sub")) {
-            (Some(key), Some(Value::String(subject))) => {
+        match &policy.subject_key {
+            Some(key) if hashed_claims(&t.claims, &p.subject).next().is_some() => {
                 let mut claims = t.claims.clone();
-                claims.insert("sub".to_owned(), Value::from(keyed_hash(key, subject)));
+                for (name, value) in hashed_claims(&t.claims, &p.subject) {
+                    claims.insert(name.to_owned(), Value::from(keyed_hash(key, value)));
+                }
                 token.map("claims", &claims);
             }
             _ => token.map("claims", &t.claims),
         }
     }
     token.close();
+}
+
+/// The recorded claims a subject key hashes: `sub`, and `oid` when it is the subject.
+fn hashed_claims<'c>(
+    claims: &'c serde_json::Map<String, Value>,
+    subject: &'c str,
+) -> impl Iterator<Item = (&'static str, &'c str)> {
+    ["sub", "oid"]
+        .into_iter()
+        .filter_map(move |name| match claims.get(name) {
+            Some(Value::String(value)) if name == "sub" || value == subject => {
+                Some((name, &**value))
+            }
+            _ => None,
+        })
 }
 
 /// One JSON object being written: its members are separated as they come.
@@ -1074,11 +1092,15 @@ mod tests {
                     app_only: p.app_only,
                     claims: {
                         let mut claims = t.claims.clone();
-                        if let (Some(key), Some(Value::String(sub))) =
-                            (&policy.subject_key, claims.get("sub"))
-                        {
-                            let hashed = keyed_hash(key, sub);
-                            claims.insert("sub".to_owned(), Value::from(hashed));
+                        if let Some(key) = &policy.subject_key {
+                            for name in ["sub", "oid"] {
+                                if let Some(Value::String(value)) = claims.get(name)
+                                    && (name == "sub" || **value == *p.subject)
+                                {
+                                    let hashed = keyed_hash(key, value);
+                                    claims.insert(name.to_owned(), Value::from(hashed));
+                                }
+                            }
                         }
                         claims
                     },
@@ -1136,8 +1158,12 @@ mod tests {
     }
 
     fn object() -> impl Strategy<Value = Map<String, Value>> {
-        // `sub` among them now and then: a subject key hashes it there too.
-        let name = prop_oneof![3 => text(), 1 => Just("sub".to_owned())];
+        // `sub` and `oid` among them now and then: a subject key hashes them there too.
+        let name = prop_oneof![
+            3 => text(),
+            1 => Just("sub".to_owned()),
+            1 => Just("oid".to_owned())
+        ];
         prop::collection::vec((name, value()), 0..3).prop_map(|kv| kv.into_iter().collect())
     }
 
@@ -1356,6 +1382,48 @@ mod tests {
         }
         assert_eq!(sample_weight(9, 100_000), 10);
         assert_eq!(sample_weight(3, 250_000), 4);
+    }
+
+    /// With a subject key, the claims naming the subject are hashed as the subject is: `sub`,
+    /// and an `oid` that is the subject (`subject_claim: oid`), not another `oid`.
+    #[test]
+    fn a_subject_key_hashes_the_claims_that_name_the_subject() {
+        let policy = RecordsPolicy {
+            subject_key: Some(b"records key".to_vec()),
+            ..RecordsPolicy::default()
+        };
+        let record = |subject: &str| {
+            let mut decision = Decision::new(Outcome::Allow, Reason::Allowed, "", 200);
+            let claims = serde_json::json!({"sub": "pairwise-1", "oid": "oid-7", "upn": "u@x"});
+            decision.verified = Some(verified(
+                Principal {
+                    subject: subject.into(),
+                    ..Principal::default()
+                },
+                Vec::new(),
+                claims.as_object().unwrap().clone(),
+            ));
+            let request = AccessRequest::default();
+            let line = format_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1);
+            assert_eq!(
+                line,
+                serde_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1)
+            );
+            serde_json::from_str::<Value>(&line).unwrap()["token"].clone()
+        };
+        let hash = |value: &str| Value::from(keyed_hash(b"records key", value));
+        let by_oid = record("oid-7");
+        assert_eq!(by_oid["subject"], hash("oid-7"));
+        assert_eq!(by_oid["claims"]["oid"], hash("oid-7"));
+        assert_eq!(by_oid["claims"]["sub"], hash("pairwise-1"));
+        assert_eq!(by_oid["claims"]["upn"], "u@x");
+        let by_sub = record("pairwise-1");
+        assert_eq!(by_sub["subject"], hash("pairwise-1"));
+        assert_eq!(by_sub["claims"]["sub"], hash("pairwise-1"));
+        assert_eq!(
+            by_sub["claims"]["oid"], "oid-7",
+            "not the subject: as it is"
+        );
     }
 
     #[test]
