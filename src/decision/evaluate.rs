@@ -308,8 +308,11 @@ impl<'p> Run<'p> {
                         .get("forwarded")
                         .filter(|_| policy.index.names_hosts())
                         .filter(|forwarded| {
-                            crate::request::forwarded_hosts(forwarded).any(|forwarded| {
-                                !crate::request::same_host(forwarded, h.host_as_sent())
+                            // Past the bound on its hosts, refused as naming another.
+                            crate::request::forwarded_hosts(forwarded).is_none_or(|hosts| {
+                                hosts.iter().any(|forwarded| {
+                                    !crate::request::same_host(forwarded, h.host_as_sent())
+                                })
                             })
                         })
                         .map(|_| {

@@ -1,9 +1,18 @@
 //! The hosts a `Forwarded` header names (`request::forwarded_hosts`), which a host rule is held
-//! to: every host the lenient readers take must be among them. The twin is the regex that
-//! Spring's `ForwardedHeaderUtils` and Quarkus's forwarded parser apply to the value,
-//! `(?i:host)="?([^;,"]+)"?` (ASCII letters in either case), at every place it matches (they take
-//! the first element's or the first match: a subset), its value with surrounding spaces left
-//! out; and for a value with no `host=` at all, no host.
+//! to: every host a reader of the header takes must be among them (or the header is refused whole,
+//! past `MAX_FORWARDED_HOSTS`). Three twins, the readers upstreams route on:
+//! - the pattern Spring's `ForwardedHeaderUtils` and Quarkus apply, `(?i:host)="?([^;,"]+)"?`
+//!   (ASCII letters in either case), at every place it matches (they take the first element's or
+//!   the first match: a subset);
+//! - Rack before 3.1: the value split at `;`, then each part at `,`, and each pair matched whole
+//!   by `\s*(by|for|host|proto)\s*=\s*"?([^"]+)"?\s*` in any case (Ruby folds case as Unicode
+//!   does: `ſ` is an `s`), every value read only when every pair matches;
+//! - Rack 3.1's parser, written out here as Rack writes it: a name up to the next `=` (stripped,
+//!   lower-cased), a quoted value to its closing quote with backslash escapes undone, an unquoted
+//!   one up to `;` or `,`; any name but `by`, `for`, `host` or `proto` and nothing is read.
+//!
+//! Each twin's host is compared with its surrounding spaces left out (as the request's host is
+//! compared), and an empty one names no host.
 //!
 //! Input: a header value.
 
@@ -11,44 +20,140 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
+use crate::request::{MAX_FORWARDED_HOSTS, forwarded_hosts};
+
+/// Ruby's `String#strip` set.
+fn space(c: char) -> bool {
+    matches!(c, '\0' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | ' ')
+}
+
 pub fn check(bytes: &[u8]) {
     let Ok(value) = std::str::from_utf8(bytes) else {
         return;
     };
-    let found: Vec<&str> = crate::request::forwarded_hosts(value).collect();
-    // `(?i:host)` in Java folds ASCII only, as `forwarded_hosts` does.
+    let Some(found) = forwarded_hosts(value) else {
+        // Refused whole: only past the bound.
+        let names = value
+            .to_lowercase()
+            .replace('ſ', "s")
+            .matches("host")
+            .count();
+        assert!(
+            names > MAX_FORWARDED_HOSTS,
+            "Forwarded {value:?}: refused whole with {names} host names"
+        );
+        return;
+    };
+    for (twin, hosts) in [
+        ("Spring", spring(value)),
+        ("Rack 3.0", rack_split(value)),
+        ("Rack 3.1", rack_parser(value)),
+    ] {
+        for host in hosts {
+            let host = host.trim_matches(space);
+            assert!(
+                host.is_empty() || found.iter().any(|f| f == host),
+                "Forwarded {value:?}: the host {host:?} {twin} reads is not among {found:?}"
+            );
+        }
+    }
+    for host in &found {
+        assert!(!host.is_empty(), "Forwarded {value:?}: an empty host");
+    }
+}
+
+fn spring(value: &str) -> Vec<String> {
     static TWIN: OnceLock<Regex> = OnceLock::new();
+    // `(?i:host)` in Java folds ASCII only.
     let twin =
         TWIN.get_or_init(|| Regex::new(r#"[hH][oO][sS][tT]="?([^;,"]+)"?"#).expect("a regex"));
     // Every start of a match, not only the leftmost non-overlapping ones.
-    for start in 0..value.len() {
-        if !value.is_char_boundary(start) {
-            continue;
-        }
+    let mut hosts = Vec::new();
+    for start in (0..value.len()).filter(|&i| value.is_char_boundary(i)) {
         let Some(captures) = twin.captures_at(value, start) else {
             break;
         };
-        if captures.get(0).expect("the whole match").start() != start {
-            continue;
+        if captures.get(0).expect("the whole match").start() == start {
+            hosts.push(captures[1].to_owned());
         }
-        let host = captures[1].trim_matches(|c: char| c.is_ascii_whitespace());
-        assert!(
-            host.is_empty() || found.contains(&host),
-            "Forwarded {value:?}: the host {host:?} a lenient reader takes is not among {found:?}"
-        );
     }
-    if !value.to_ascii_lowercase().contains("host=") {
-        assert!(
-            found.is_empty(),
-            "Forwarded {value:?}: {found:?} without a host="
-        );
+    hosts
+}
+
+fn rack_split(value: &str) -> Vec<String> {
+    static PAIR: OnceLock<Regex> = OnceLock::new();
+    // Ruby's `\s` is ASCII; its `/i` folds as Unicode does.
+    let pair = PAIR.get_or_init(|| {
+        Regex::new(r#"(?i)\A[ \t\r\n\x0b\x0c]*(by|for|host|proto)[ \t\r\n\x0b\x0c]*=[ \t\r\n\x0b\x0c]*"?([^"]+)"?[ \t\r\n\x0b\x0c]*\z"#)
+            .expect("a regex")
+    });
+    let mut hosts = Vec::new();
+    for field in value.replace('\n', ";").split(';') {
+        for part in field.split(',') {
+            let Some(captures) = pair.captures(part) else {
+                return Vec::new();
+            };
+            if captures[1].to_lowercase().replace('ſ', "s") == "host" {
+                hosts.push(captures[2].to_owned());
+            }
+        }
     }
-    for host in &found {
-        assert!(
-            !host.is_empty() && !host.contains([';', ',', '"']),
-            "Forwarded {value:?}: {host:?}"
-        );
+    hosts
+}
+
+fn rack_parser(value: &str) -> Vec<String> {
+    let skip = |s: &str| {
+        s.trim_start_matches(|c| space(c) || c == ';' || c == ',')
+            .to_owned()
+    };
+    let mut header = skip(&value.replace('\n', ";"));
+    let (mut params, mut escapes) = (0, 0);
+    let mut hosts = Vec::new();
+    while let Some(i) = header.find('=') {
+        params += 1;
+        if params > 1024 {
+            return Vec::new();
+        }
+        let name = header[..i].trim_matches(space).to_lowercase();
+        header.drain(..=i);
+        if !["by", "for", "host", "proto"].contains(&name.as_str()) {
+            return Vec::new();
+        }
+        let mut read = String::new();
+        if let Some(quoted) = header.strip_prefix('"') {
+            let mut rest = quoted.to_owned();
+            while let Some(at) = rest.find(['"', '\\']) {
+                let c = rest[at..].chars().next().expect("found");
+                read.push_str(&rest[..at]);
+                rest.drain(..at + 1);
+                if c == '"' {
+                    break;
+                }
+                escapes += 1;
+                if escapes > 1024 {
+                    return Vec::new();
+                }
+                if let Some(escaped) = rest.chars().next() {
+                    read.push(escaped);
+                    rest.drain(..escaped.len_utf8());
+                }
+            }
+            header = rest;
+        } else if let Some(at) = header.find([';', ',']) {
+            read = header[..at]
+                .trim_end_matches(|c| space(c) || c == ';' || c == ',')
+                .to_owned();
+            header.drain(..at);
+        } else {
+            read = header.trim_matches(space).to_owned();
+            header.clear();
+        }
+        if name == "host" {
+            hosts.push(read.trim_start_matches(space).to_owned());
+        }
+        header = skip(&header);
     }
+    hosts
 }
 
 pub fn seeds() -> Vec<Vec<u8>> {
@@ -58,10 +163,15 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "For=\"[2001:db8:cafe::17]:4711\";Host=\"admin.example.com\"",
         "host=a, host=b;proto=https",
         "host= spaced ;host=\"quoted\\\"escape\"",
+        "for=1.2.3.4; host = admin.example.com",
+        "host\t=admin.example.com",
+        "host=\"api.example.com,admin.example.com\"",
+        "hoſt=admin.example.com",
         "xhost=evil;host=host=a",
         "HOST=\"\";host=",
         "for=\"host=inside.quotes\"",
         "hostÅ=é;host=ü.example",
+        "host=api\"x;proto=https",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

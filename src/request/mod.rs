@@ -691,33 +691,124 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
     (host, with_port)
 }
 
-/// Whether two authorities name one host: in any case, without their ports and trailing dots.
-/// The hosts a `Forwarded` header (RFC 7239) names, as its most lenient readers find them: every
-/// `host=`, in any case and anywhere in the value, then what follows up to the next `;`, `,` or
-/// `"`, an opening quote and surrounding spaces left out, empty ones skipped. Spring's and
-/// Quarkus's readers take `host="?([^;,"]+)"?` from the value (the first element's, or any), and
-/// an RFC 7239 parser a `host` parameter of any element: each is one of these (a quoted value
-/// with an escape or a `,` is cut here and named another host, so it is refused). A host rule
-/// compared with every one of them is compared with the host an upstream trusting the header
-/// routes on. Linear in the value.
-pub fn forwarded_hosts(value: &str) -> impl Iterator<Item = &str> {
-    let bytes = value.as_bytes();
-    (0..bytes.len())
-        .filter(move |&i| {
-            bytes
-                .get(i..i + 5)
-                .is_some_and(|b| b.eq_ignore_ascii_case(b"host="))
-        })
-        .map(move |i| {
-            // `host=` is ASCII: `i + 5` is a character boundary.
-            let rest = &value[i + 5..];
-            let rest = rest.strip_prefix('"').unwrap_or(rest);
-            let end = rest.find([';', ',', '"']).unwrap_or(rest.len());
-            rest[..end].trim_matches(|c: char| c.is_ascii_whitespace())
-        })
-        .filter(|host| !host.is_empty())
+/// The most `host` parameters a `Forwarded` header may hold before it is refused whole: a real
+/// one holds one per proxy. It bounds [`forwarded_hosts`], which reads on from each.
+pub const MAX_FORWARDED_HOSTS: usize = 16;
+
+/// The hosts a `Forwarded` header (RFC 7239) may be read to name, by any of its readers: `None`
+/// when it holds more than [`MAX_FORWARDED_HOSTS`] (refused, as naming another host). Every
+/// `host` in any case (and with `ſ`, U+017F, for its `s`, which Unicode case folding matches),
+/// then spaces and `=`, anywhere in the value, quoted text included; from there and from past the
+/// spaces that follow, each reading of the value, with surrounding spaces (Ruby's `strip`: NUL,
+/// tab, LF, VT, FF, CR and space) left out, empty ones skipped:
+/// - up to the next `;`, `,` or `"`, past an opening quote (Spring's `ForwardedHeaderUtils` and
+///   Quarkus: `(?i:host)="?([^;,"]+)"?`; Rack before 3.1, which splits at `;` and `,` first);
+/// - unquoted, up to the next `;` or `,` (Rack 3.1);
+/// - a quoted value to its closing quote, backslash escapes undone (RFC 7239's `quoted-string`,
+///   Rack 3.1); without one, also up to its last escape (Rack 3.1).
+///
+/// A host rule compared with every one of them is compared with the host an upstream trusting the
+/// header routes on. A line feed is also read as a `;` (Rack). At most 8 readings of each of at
+/// most 16 parameters, twice: linear in the value.
+pub fn forwarded_hosts(value: &str) -> Option<Vec<String>> {
+    let mut hosts = Vec::new();
+    forwarded_readings(value, &mut hosts)?;
+    // Rack reads a line feed as a `;`.
+    if value.contains('\n') {
+        forwarded_readings(&value.replace('\n', ";"), &mut hosts)?;
+    }
+    Some(hosts)
 }
 
+/// [`forwarded_hosts`] of `value` as it stands, added to `hosts`; `None` past the bound.
+fn forwarded_readings(value: &str, hosts: &mut Vec<String>) -> Option<()> {
+    fn space(c: char) -> bool {
+        matches!(c, '\0' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | ' ')
+    }
+    let bytes = value.as_bytes();
+    let mut found = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let Some(name) = host_name_at(bytes, i) else {
+            i += 1;
+            continue;
+        };
+        // The name is ASCII but for `ſ`: `i + name` is a character boundary.
+        let after = value[i + name..].trim_start_matches(space);
+        i += 1;
+        let Some(raw) = after.strip_prefix('=') else {
+            continue;
+        };
+        found += 1;
+        if found > MAX_FORWARDED_HOSTS {
+            return None;
+        }
+        let mut push = |host: &str| {
+            let host = host.trim_matches(space);
+            if !host.is_empty() && !hosts.iter().any(|h| h == host) {
+                hosts.push(host.to_owned());
+            }
+        };
+        // Read as it follows the `=`, and past the spaces there (Rack 3.1 looks for a quote at
+        // once; others trim first).
+        let trimmed = raw.trim_start_matches(space);
+        for raw in [raw, trimmed]
+            .into_iter()
+            .take(1 + usize::from(trimmed != raw))
+        {
+            let unquoted = raw.strip_prefix('"').unwrap_or(raw);
+            push(&unquoted[..unquoted.find([';', ',', '"']).unwrap_or(unquoted.len())]);
+            let Some(quoted) = raw.strip_prefix('"') else {
+                push(&raw[..raw.find([';', ',']).unwrap_or(raw.len())]);
+                continue;
+            };
+            let mut text = String::new();
+            // Where the text stood after its last escape: Rack 3.1 drops what follows it when
+            // no quote closes the value.
+            let (mut escaped, mut closed) = (0, false);
+            let mut chars = quoted.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    '\\' => {
+                        text.extend(chars.next());
+                        escaped = text.len();
+                    }
+                    c => text.push(c),
+                }
+            }
+            push(&text);
+            if !closed {
+                push(&text[..escaped]);
+            }
+        }
+    }
+    Some(())
+}
+
+/// The length of a parameter name `host` at `at` (any case; `ſ` for `s`), if there is one.
+fn host_name_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let rest = bytes.get(at..)?;
+    let [h, o, rest @ ..] = rest else {
+        return None;
+    };
+    if !h.eq_ignore_ascii_case(&b'h') || !o.eq_ignore_ascii_case(&b'o') {
+        return None;
+    }
+    let (s, rest) = match rest {
+        [s, rest @ ..] if s.eq_ignore_ascii_case(&b's') => (1, rest),
+        [0xC5, 0xBF, rest @ ..] => (2, rest),
+        _ => return None,
+    };
+    rest.first()
+        .filter(|t| t.eq_ignore_ascii_case(&b't'))
+        .map(|_| 3 + s)
+}
+
+/// Whether two authorities name one host: in any case, without their ports and trailing dots.
 pub fn same_host(a: &str, b: &str) -> bool {
     let host = |authority: &str| {
         let (start, end) = host_span(authority);

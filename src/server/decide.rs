@@ -481,6 +481,12 @@ mod tests {
             "host=api.example.com, host=admin.example.com",
             "for=\"[2001:db8::1]\";host=\"admin.example.com:443\";proto=https",
             "host=\"api.example.com\\\"x\"",
+            // Spaces around `=` (Rack), a quoted `,` (Rack 3.1 reads the whole string), `ſ`.
+            "for=1.2.3.4; host = admin.example.com",
+            "host\t=admin.example.com",
+            "host=\"api.example.com,admin.example.com\"",
+            "hoſt=admin.example.com",
+            "host=\"api.example.com\\,admin\"",
         ] {
             let (refused, unhosted) = with_header("Forwarded", value);
             assert_eq!(refused.http_status, 400, "{value}: {refused:?}");
@@ -492,10 +498,17 @@ mod tests {
             "host=API.example.com:443;proto=https",
             "for=a, host=\"api.example.com.\"",
             "host=",
+            "host = api.example.com ; proto=https",
         ] {
             let (same, _) = with_header("Forwarded", value);
             assert!(same.is_allow(), "{value}: {same:?}");
         }
+        // More host parameters than proxies would write: refused without reading them all.
+        let many = vec!["host=api.example.com"; crate::request::MAX_FORWARDED_HOSTS + 1].join(",");
+        let (refused, _) = with_header("Forwarded", &many);
+        assert_eq!(refused.http_status, 400, "{refused:?}");
+        let (same, _) = with_header("Forwarded", &many[..many.rfind(',').unwrap()]);
+        assert!(same.is_allow(), "{same:?}");
     }
 
     #[test]
