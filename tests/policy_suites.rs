@@ -45,6 +45,23 @@ fn the_demo_policy_passes_its_own_suite_and_covers_every_rule() {
     );
 }
 
+/// Under `subject_claim: oid` the suite's tokens carry their subject as `oid` too: the demo's own
+/// suite passes unchanged with its Entra issuer named by `oid`.
+#[test]
+fn a_suite_passes_with_the_subject_named_by_oid() {
+    let text = common::demo_policy_text().replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    subject_claim: oid\n",
+        1,
+    );
+    assert!(text.contains("    subject_claim: oid\n"));
+    let policy = TempPolicy::new("suite-oid", &text);
+    let demo_suite = manifest_dir().join("examples/tests/demo.yaml");
+    let (code, stdout, stderr) = run(&policy.path, &[&demo_suite], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(!stdout.contains("claim_invalid"), "{stdout}");
+}
+
 const FAILING: &str = r#"
 now: 1796117400
 cases:

@@ -848,3 +848,72 @@ async fn a_signals_block_never_shortens_an_operators_across_replicas() {
         "among operators the newest write wins: {olga}"
     );
 }
+
+/// The write script itself, against a real redis-server: a held-up operator's block replaces a
+/// signal's shorter one only when no operator wrote or lifted since it, so that a lift, or a
+/// newer operator's block, is not undone by an older write that waited out an outage.
+#[test]
+fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
+    let redis = Redis::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ms = |seconds_ago: i64| ((now - seconds_ago) * 1000).to_string();
+    // One write as a replica sends it: (what, when in seconds before now, how long it lasts).
+    let put = |field: &str, what: &str, ago: i64, lasts: i64| -> String {
+        let record = serde_json::json!({
+            "removed": what == "lift", "reason_id": "INC-5", "reason": "",
+            "created_at": now - ago, "expires_at": now - ago + lasts,
+            "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
+        })
+        .to_string();
+        let ends = if what == "lift" { 0 } else { now - ago + lasts };
+        redis
+            .command(&resp(&[
+                "EVAL",
+                stepgate::risk::redis::PUT,
+                "1",
+                "stepgate:blocks",
+                field,
+                &ms(ago),
+                &record,
+                "{}",
+                "stepgate:test",
+                what,
+                &ends.to_string(),
+                &now.to_string(),
+                "risk:",
+            ]))
+            .unwrap_or_default()
+    };
+    let held = |field: &str| stored_block(&redis, field).map(|(_, r)| r["created_by"].clone());
+
+    // An operator lifts (60 s ago), then a signal blocks for a minute (30 s ago); the operator's
+    // hour set 120 s ago, held up meanwhile, arrives last: the lift stands, under the signal's.
+    assert_eq!(put("subject|lena", "lift", 60, 3600), ":1\r\n");
+    assert_eq!(put("subject|lena", "signal", 30, 60), ":1\r\n");
+    assert_eq!(put("subject|lena", "operator", 120, 3600), ":0\r\n");
+    assert_eq!(held("subject|lena"), Some("risk:repeated_step_ups".into()));
+
+    // An operator's minute (60 s ago), then a signal's two (30 s ago): the older hour arriving
+    // last does not beat the newer operator's minute.
+    assert_eq!(put("subject|omar", "operator", 60, 90), ":1\r\n");
+    assert_eq!(put("subject|omar", "signal", 30, 120), ":1\r\n");
+    assert_eq!(put("subject|omar", "operator", 120, 3600), ":0\r\n");
+    assert_eq!(held("subject|omar"), Some("risk:repeated_step_ups".into()));
+
+    // With no operator's write under the signal's, the held-up hour replaces it, at the
+    // signal's time; a still older operator's write is then refused.
+    assert_eq!(put("subject|ines", "signal", 30, 60), ":1\r\n");
+    assert_eq!(put("subject|ines", "operator", 120, 3600), ":1\r\n");
+    let (at, record) = stored_block(&redis, "subject|ines").unwrap();
+    assert_eq!(
+        (at.to_string(), &record["created_by"]),
+        (ms(30), &"san:ops".into())
+    );
+    assert_eq!(put("subject|ines", "operator", 150, 7200), ":0\r\n");
+    // And a signal never shortens it, however new.
+    assert_eq!(put("subject|ines", "signal", 0, 60), ":0\r\n");
+    assert_eq!(held("subject|ines"), Some("san:ops".into()));
+}

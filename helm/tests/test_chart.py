@@ -75,8 +75,8 @@ CASES = {
     "tls-cert-manager": Case("tls-cert-manager.yaml", BASE | {"Certificate"}, tls=True),
     "tls-cert-manager-mtls": Case("tls-cert-manager-mtls.yaml", BASE | {"Certificate"}, tls=True, mutual_tls=True),
     "service-monitor": Case("service-monitor.yaml", BASE | {"ServiceMonitor"}, api_versions=(SERVICE_MONITOR_API,)),
-    # The policy check reads the existing ConfigMap: no ConfigMap of its own.
-    "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}, hooks=frozenset({"Pod", "Job"})),
+    # No policy check: the ConfigMap may not exist before an install.
+    "existing-configmap": Case("existing-configmap.yaml", BASE - {"ConfigMap"}, hooks=frozenset({"Pod"})),
     "network-policy": Case("network-policy.yaml", BASE | {"NetworkPolicy"}),
     "tracing-and-extras": Case("tracing-and-extras.yaml", BASE),
     "risk-store": Case("risk-store.yaml", BASE),
@@ -486,7 +486,8 @@ def restricted_violations(spec: dict) -> list[str]:
 @pytest.mark.parametrize("name", CASES)
 def test_pods_meet_the_restricted_pod_security_standard(name):
     r = rendered(name)
-    specs = [("Deployment", pod_spec(r)), ("helm test pod", helm_test_pod(r)["spec"]), ("policy check", check_job(r)["spec"]["template"]["spec"])]
+    specs = [("Deployment", pod_spec(r)), ("helm test pod", helm_test_pod(r)["spec"])]
+    specs += [("policy check", job["spec"]["template"]["spec"]) for job in r.hooks if job["kind"] == "Job"]
     for what, spec in specs:
         assert restricted_violations(spec) == [], what
         assert spec["automountServiceAccountToken"] is False, what
@@ -1888,7 +1889,7 @@ def hook_weight(d: dict) -> int:
     return int(d["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", WITH_RENDERED_POLICY)
 def test_the_policy_check_runs_before_anything_changes_on_the_policy_the_pods_get(name):
     r = rendered(name)
     job = check_job(r)
@@ -1898,7 +1899,9 @@ def test_the_policy_check_runs_before_anything_changes_on_the_policy_the_pods_ge
     # A failed check is kept for its log, and Helm prints the log.
     assert "hook-failed" not in annotations["helm.sh/hook-delete-policy"]
     assert annotations["helm.sh/hook-output-log-policy"] == "hook-failed"
-    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
+    assert job["spec"]["backoffLimit"] == 0 and 0 < job["spec"]["activeDeadlineSeconds"] < 300
+    # An evicted or preempted pod is no verdict.
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in job["spec"]["podFailurePolicy"]["rules"]
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] == "Never"
     # Before an install the release's ServiceAccount does not exist yet.
@@ -1911,10 +1914,6 @@ def test_the_policy_check_runs_before_anything_changes_on_the_policy_the_pods_ge
     mount, volume = mount_in(spec, c, c["args"][2])
     served_mount, served_volume = mount_for(r, arg_value(container(r)["args"], "--config"))
     assert mount["mountPath"] == served_mount["mountPath"]
-    if name == "existing-configmap":
-        assert volume["configMap"]["name"] == served_volume["configMap"]["name"] == case_values(name)["existingPolicyConfigMap"]
-        assert "ConfigMap" not in {d["kind"] for d in r.hooks}
-        return
     checked = hook_of(r, "ConfigMap")
     # Created before the Job, and holding exactly the policy the pods will read.
     assert hook_weight(checked) < hook_weight(job)
@@ -1925,9 +1924,36 @@ def test_the_policy_check_runs_before_anything_changes_on_the_policy_the_pods_ge
     )["data"]
 
 
-def test_the_policy_check_can_be_turned_off():
+def test_the_policy_check_can_be_turned_off_and_is_not_run_on_a_configmap_of_ones_own():
     r = chart_render.template({"policyCheck": {"enabled": False}})
     assert {d["kind"] for d in r.hooks} == {"Pod"}
+    # That ConfigMap may not exist before an install (an umbrella chart creating it), and under
+    # Argo CD a PreSync check would read its old content.
+    assert {d["kind"] for d in rendered("existing-configmap").hooks} == {"Pod"}
+
+
+def test_the_policy_check_runs_where_the_pods_may_run():
+    values = {
+        "serviceAccount": {"create": False, "name": "payments-stepgate"},
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"pool": "auth"},
+        "imagePullSecrets": [{"name": "registry"}],
+        "policyCheck": {"resources": {"requests": {"cpu": "10m"}, "limits": {"cpu": "100m", "memory": "128Mi"}}},
+    }
+    r = chart_render.template(values)
+    spec = check_job(r)["spec"]["template"]["spec"]
+    # A ServiceAccount one names without creating it exists before an install, with its pull
+    # secrets; the one the chart creates does not yet.
+    assert spec["serviceAccountName"] == "payments-stepgate" == pod_spec(r)["serviceAccountName"]
+    assert "serviceAccountName" not in check_job(chart_render.template({}))["spec"]["template"]["spec"]
+    for key in ("priorityClassName", "nodeSelector", "imagePullSecrets"):
+        assert spec[key] == pod_spec(r)[key], key
+    # Helm merges the given map into the default one.
+    assert spec["containers"][0]["resources"] == {
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"cpu": "100m", "memory": "128Mi"},
+    }
+    kubernetes_validate.validate(check_job(r), kubernetes_validate.latest_version(), strict=True)
 
 
 def run_check_job(r: Rendered, stepgate_bin: str, root: Path, secrets: dict[str, dict[str, str]]):

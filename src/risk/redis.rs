@@ -82,36 +82,57 @@ const BATCH: usize = 1024;
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
 ///   new the signal's is (a replica that did not know the operator's block, during an outage);
 /// - an operator's block is written over a signal's shorter block in force even when the
-///   signal's write is newer (the operator's block waited in a queue while Redis was down), and
-///   takes the newer time, so that writes older than the signal's stay refused.
+///   signal's write is newer (the operator's block waited in a queue while Redis was down),
+///   unless an operator wrote or lifted since: a signal's record keeps the time of the operator's
+///   write it replaced (`operator_at`, a member older replicas ignore), so that a lift, or a newer
+///   operator's block, is not undone by an older one that was held up. The operator's block then
+///   takes the signal's time, so that writes older than the signal's stay refused.
 ///
 /// Otherwise the newest write wins.
-const PUT: &str = r"
+pub const PUT: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local stamp = ARGV[2]
+local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
 if cur then
   local at, body = string.match(cur, '^(%d+)|(.*)$')
-  local what, ends, now = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+  local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
+  local old = nil
+  if body and what ~= 'newest' then
+    local ok, decoded = pcall(cjson.decode, body)
+    if ok and type(decoded) == 'table' then old = decoded end
+  end
+  local by_signal = false
   local held = nil
-  if body and (what == 'signal' or what == 'operator') then
-    local ok, old = pcall(cjson.decode, body)
-    if ok and type(old) == 'table' and old.removed ~= true
-       and type(old.expires_at) == 'number' and old.expires_at > now then
+  if old then
+    by_signal = type(old.created_by) == 'string'
+      and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
+    if old.removed ~= true and type(old.expires_at) == 'number' and old.expires_at > now then
       held = old
     end
   end
+  -- The newest operator write (block or lift) at or under the stored record.
+  local operator_at = nil
+  if old and by_signal then
+    if type(old.operator_at) == 'number' then operator_at = old.operator_at end
+  elseif old and at then
+    operator_at = tonumber(at)
+  end
   if what == 'signal' and held and held.expires_at >= ends then return 0 end
   if at and tonumber(at) > tonumber(ARGV[2]) then
-    local by_signal = held and type(held.created_by) == 'string'
-      and string.sub(held.created_by, 1, #ARGV[9]) == ARGV[9]
-    if not (what == 'operator' and by_signal and ends > held.expires_at) then return 0 end
+    if not (what == 'operator' and held and by_signal and ends > held.expires_at
+            and (operator_at == nil or operator_at < tonumber(ARGV[2]))) then
+      return 0
+    end
     stamp = at
   end
+  if what == 'signal' and operator_at and string.sub(record, 1, 1) == '{'
+     and string.sub(record, 2, 2) ~= '}' then
+    record = '{"operator_at":' .. string.format('%d', operator_at) .. ',' .. string.sub(record, 2)
+  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
-";
+"#;
 
 /// Adds `ARGV[1]` to counter `KEYS[1]` (expiring after `ARGV[2]` ms) and returns it with the
 /// previous window's counter `KEYS[2]`.

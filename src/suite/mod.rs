@@ -24,7 +24,7 @@ use crate::{
     api::v1::{DecideRequest, HttpRequest, decide_request::Credential},
     config::ConfigError,
     decision::{self, Decision, ExplainStep, Outcome, Reason},
-    identity::issuer::{Discovered, IssuerName, Tenants},
+    identity::issuer::{Discovered, IssuerName, SubjectClaim, Tenants},
     policy::Policy,
     request::Peer,
     server::decide::access_request,
@@ -318,6 +318,9 @@ impl Runner {
             json!(issuer.audiences.first().cloned().unwrap_or_default()),
         );
         claims.insert("sub".into(), json!("test-user"));
+        if issuer.subject_claim == SubjectClaim::Oid {
+            claims.insert("oid".into(), json!("test-user"));
+        }
         claims.insert("iat".into(), json!(now));
         claims.insert("nbf".into(), json!(now));
         claims.insert("exp".into(), json!(now + lifetime));
@@ -340,10 +343,17 @@ impl Runner {
 
     fn principal_claims(&self, p: &PrincipalConfig, now: i64) -> Result<Value, String> {
         let mut claims = self.base_claims(&p.issuer, now, 3600, p.tenant.as_deref())?;
+        let subject_claim = self
+            .policy
+            .issuers
+            .by_id(&p.issuer)
+            .map_or(SubjectClaim::Sub, |issuer| issuer.subject_claim);
         let mut put = |k: &str, v: Value| {
             claims.insert(k.to_owned(), v);
         };
+        // The subject under the claim its issuer names it by (and `sub` either way).
         put("sub", json!(p.subject));
+        put(subject_claim.name(), json!(p.subject));
         if let Some(t) = &p.tenant {
             put("tid", json!(t));
         }
