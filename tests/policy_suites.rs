@@ -60,6 +60,33 @@ fn a_suite_passes_with_the_subject_named_by_oid() {
     let (code, stdout, stderr) = run(&policy.path, &[&demo_suite], &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(!stdout.contains("claim_invalid"), "{stdout}");
+    // A token case's `sub` is its `oid` there too, unless it gives one: a rule asks for it.
+    let (head, tail) = text
+        .split_once("\nrules:")
+        .expect("the demo policy has rules");
+    let (rules_line, rules) = tail.split_once('\n').unwrap();
+    let text = format!(
+        "{head}\nrules:{rules_line}\n  - id: carol-only\n    match: {{ operation: oid.check }}\n    \
+         require: {{ claims: {{ oid: [carol] }} }}\n{rules}"
+    );
+    let policy = TempPolicy::new("suite-oid-token", &text);
+    let cases = suite(
+        &policy,
+        "oid-token.yaml",
+        r#"
+cases:
+  - name: the sub of a token case is its oid
+    request: { operation: oid.check }
+    token: { issuer: demo-entra, claims: { sub: carol } }
+    expect: { outcome: ALLOW, rule: carol-only }
+  - name: an oid of its own wins
+    request: { operation: oid.check }
+    token: { issuer: demo-entra, claims: { sub: carol, oid: c-0001 } }
+    expect: { outcome: DENY, rule: carol-only }
+"#,
+    );
+    let (code, stdout, stderr) = run(&policy.path, &[&cases], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
 }
 
 const FAILING: &str = r#"

@@ -916,4 +916,27 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
     // And a signal never shortens it, however new.
     assert_eq!(put("subject|ines", "signal", 0, 60), ":0\r\n");
     assert_eq!(held("subject|ines"), Some("san:ops".into()));
+
+    // An operator's hour set 100 s ago and a lift 80 s ago, both held up while a signal blocked
+    // for a minute (30 s ago, over an older operator's block since over). The lift is the
+    // operators' last word: in neither order of arrival does the hour come back.
+    for (field, first, second, last) in [
+        ("subject|rita", ("operator", 100), ("lift", 80), "lift"),
+        ("subject|ravi", ("lift", 80), ("operator", 100), "signal"),
+    ] {
+        assert_eq!(put(field, "operator", 200, 10), ":1\r\n");
+        assert_eq!(put(field, "signal", 30, 60), ":1\r\n", "{field}");
+        for (what, ago) in [first, second] {
+            put(field, what, ago, 3600);
+        }
+        let (_, record) = stored_block(&redis, field).unwrap();
+        let kept = if record["removed"] == true {
+            "lift"
+        } else if record["created_by"] == "san:ops" {
+            "operator"
+        } else {
+            "signal"
+        };
+        assert_eq!(kept, last, "{field}: {record}");
+    }
 }

@@ -283,6 +283,7 @@ impl<'p> Run<'p> {
         if let Some(message) = request.http.as_ref().and_then(|h| {
             h.method_problem()
                 .or_else(|| h.override_problem())
+                .or_else(|| h.authority_problem())
                 .or_else(|| {
                     // Host rules cannot match a request that names no host as its server reads it.
                     (h.host.is_empty() && policy.index.names_hosts()).then_some(

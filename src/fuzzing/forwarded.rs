@@ -1,15 +1,21 @@
-//! The hosts a `Forwarded` header names (`request::forwarded_hosts`), which a host rule is held
-//! to: every host a reader of the header takes must be among them (or the header is refused whole,
-//! past `MAX_FORWARDED_HOSTS`). Three twins, the readers upstreams route on:
+//! The hosts a `Forwarded` header names (`request::forwarded_hosts`), which the request's host is
+//! held to: a header is let through only when every reading names the request's host, so when
+//! stepgate's readings all name one host (or none), every host a reader of the header takes must
+//! be that host (or none). Past `MAX_FORWARDED_HOSTS` the header is refused whole. Five twins,
+//! the readers upstreams route on:
 //! - the pattern Spring's `ForwardedHeaderUtils` and Quarkus apply, `(?i:host)="?([^;,"]+)"?`
 //!   (ASCII letters in either case), at every place it matches (they take the first element's or
 //!   the first match: a subset);
 //! - Rack before 3.1: the value split at `;`, then each part at `,`, and each pair matched whole
 //!   by `\s*(by|for|host|proto)\s*=\s*"?([^"]+)"?\s*` in any case (Ruby folds case as Unicode
 //!   does: `ſ` is an `s`), every value read only when every pair matches;
-//! - Rack 3.1's parser, written out here as Rack writes it: a name up to the next `=` (stripped,
+//! - Rack 3.2 (as shipped): split the same way, each pair split at `=`, stripped and joined again,
+//!   then matched whole by `(by|for|host|proto)="?([^"]+)"?`;
+//! - a parser in the manner Rack was developing: a name up to the next `=` (stripped,
 //!   lower-cased), a quoted value to its closing quote with backslash escapes undone, an unquoted
-//!   one up to `;` or `,`; any name but `by`, `for`, `host` or `proto` and nothing is read.
+//!   one up to `;` or `,`; any name but `by`, `for`, `host` or `proto` and nothing is read;
+//! - Jetty's `ForwardedRequestCustomizer` over `QuotedCSVParser` (and @angular/ssr alike):
+//!   quotes dropped wherever they stand, escapes undone, then each element's `host=`.
 //!
 //! Each twin's host is compared with its surrounding spaces left out (as the request's host is
 //! compared), and an empty one names no host.
@@ -44,16 +50,30 @@ pub fn check(bytes: &[u8]) {
         );
         return;
     };
+    // The decision refuses the header unless every reading names the request's host: so when
+    // stepgate's readings all name one host, every twin's must name it too, and when there are
+    // none, no twin may read one.
+    let one_host = found
+        .iter()
+        .all(|h| crate::request::same_host(h, &found[0]));
     for (twin, hosts) in [
         ("Spring", spring(value)),
         ("Rack 3.0", rack_split(value)),
-        ("Rack 3.1", rack_parser(value)),
+        ("Rack 3.2", rack_split_stripped(value)),
+        ("Rack's parser", rack_parser(value)),
+        ("Jetty", unquoted(value)),
     ] {
         for host in hosts {
             let host = host.trim_matches(space);
+            if host.is_empty() || (!found.is_empty() && !one_host) {
+                continue;
+            }
             assert!(
-                host.is_empty() || found.iter().any(|f| f == host),
-                "Forwarded {value:?}: the host {host:?} {twin} reads is not among {found:?}"
+                found
+                    .first()
+                    .is_some_and(|f| crate::request::same_host(f, host)),
+                "Forwarded {value:?}: {twin} reads the host {host:?}, which stepgate's readings \
+                 {found:?} would let pass as another"
             );
         }
     }
@@ -101,6 +121,59 @@ fn rack_split(value: &str) -> Vec<String> {
     hosts
 }
 
+/// Rack 3.2.4's `Utils.forwarded_values`: split at `;` then `,`, each pair split at `=` (Ruby
+/// drops the empty pieces at the end), stripped and joined again, then matched whole.
+fn rack_split_stripped(value: &str) -> Vec<String> {
+    static PAIR: OnceLock<Regex> = OnceLock::new();
+    let pair = PAIR
+        .get_or_init(|| Regex::new(r#"(?i)\A(by|for|host|proto)="?([^"]+)"?\z"#).expect("a regex"));
+    let mut hosts = Vec::new();
+    for field in value.replace('\n', ";").split(';') {
+        for part in field.split(',') {
+            let mut pieces: Vec<&str> = part.split('=').collect();
+            while pieces.last().is_some_and(|p| p.is_empty()) {
+                pieces.pop();
+            }
+            let joined = pieces
+                .iter()
+                .map(|p| p.trim_matches(space))
+                .collect::<Vec<_>>()
+                .join("=");
+            let Some(captures) = pair.captures(&joined) else {
+                return Vec::new();
+            };
+            if captures[1].to_lowercase() == "host" {
+                hosts.push(captures[2].to_owned());
+            }
+        }
+    }
+    hosts
+}
+
+/// Jetty's `QuotedCSVParser` (quotes dropped wherever they stand, escapes undone), then each
+/// element's `host=` parameter, its name and value stripped.
+fn unquoted(value: &str) -> Vec<String> {
+    let mut text = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {}
+            '\\' => text.extend(chars.next()),
+            c => text.push(c),
+        }
+    }
+    text.split(',')
+        .flat_map(|element| element.split(';'))
+        .filter_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            name.trim_matches(space)
+                .eq_ignore_ascii_case("host")
+                .then(|| value.trim_matches(space).to_owned())
+        })
+        .collect()
+}
+
+/// A parser in the manner of Rack's own (3.1 development), kept as a third reading.
 fn rack_parser(value: &str) -> Vec<String> {
     let skip = |s: &str| {
         s.trim_start_matches(|c| space(c) || c == ';' || c == ',')
@@ -172,6 +245,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "for=\"host=inside.quotes\"",
         "hostÅ=é;host=ü.example",
         "host=api\"x;proto=https",
+        "for=192.0.2.1, \"host\"=admin.example.com",
+        "ho\"st\"=admin.example.com",
+        "host=\"\"admin.example.com",
+        "host = \"a=b\" ",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -381,6 +381,27 @@ impl HttpAttributes {
             .then_some("a method with lower-case letters is refused: servers differ on whether it is the upper-case one")
     }
 
+    /// A host that URL parsers read as another: user information (`user@admin.example.com`,
+    /// which HTTP/2 forbids in `:authority`) or text after an IPv6 literal's bracket other than a
+    /// port (`[api.example.com]@admin.example.com`). Rules would match one host while an upstream
+    /// that builds a URL from the header routes to the other.
+    pub fn authority_problem(&self) -> Option<&'static str> {
+        let sent = self.host_as_sent();
+        let after_literal = sent
+            .strip_prefix('[')
+            .map(|rest| rest.split_once(']').map_or("", |(_, after)| after));
+        let only_a_port = |after: &str| {
+            after.is_empty()
+                || after
+                    .strip_prefix(':')
+                    .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit()))
+        };
+        (sent.contains('@') || after_literal.is_some_and(|after| !only_a_port(after))).then_some(
+            "a host with user information (@) or with more than a port after an IPv6 literal is \
+             refused: a URL parser reads another host in it",
+        )
+    }
+
     /// A header or query parameter through which some servers take another method or path than
     /// the request's own: `x-http-method-override` and its kin (ASP.NET Core, Express's
     /// method-override, Symfony, Laravel), `_method` in the query (Laravel, Symfony), and
@@ -696,20 +717,25 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
 pub const MAX_FORWARDED_HOSTS: usize = 16;
 
 /// The hosts a `Forwarded` header (RFC 7239) may be read to name, by any of its readers: `None`
-/// when it holds more than [`MAX_FORWARDED_HOSTS`] (refused, as naming another host). Every
-/// `host` in any case (and with `ſ`, U+017F, for its `s`, which Unicode case folding matches),
-/// then spaces and `=`, anywhere in the value, quoted text included; from there and from past the
-/// spaces that follow, each reading of the value, with surrounding spaces (Ruby's `strip`: NUL,
-/// tab, LF, VT, FF, CR and space) left out, empty ones skipped:
+/// when it holds more than [`MAX_FORWARDED_HOSTS`] host parameters by one reading (refused, as
+/// naming another host). Every `host` in any case (and with `ſ`, U+017F, for its `s`, which
+/// Unicode case folding matches), then spaces and `=`, anywhere in the value, quoted text
+/// included; from there and from past the spaces that follow, each reading of the value, with
+/// surrounding spaces (Ruby's `strip`: NUL, tab, LF, VT, FF, CR and space) left out, empty ones
+/// skipped:
 /// - up to the next `;`, `,` or `"`, past an opening quote (Spring's `ForwardedHeaderUtils` and
-///   Quarkus: `(?i:host)="?([^;,"]+)"?`; Rack before 3.1, which splits at `;` and `,` first);
-/// - unquoted, up to the next `;` or `,` (Rack 3.1);
-/// - a quoted value to its closing quote, backslash escapes undone (RFC 7239's `quoted-string`,
-///   Rack 3.1); without one, also up to its last escape (Rack 3.1).
+///   Quarkus: `(?i:host)="?([^;,"]+)"?`; Rack before 3.2, which splits at `;` and `,` first);
+/// - unquoted, up to the next `;` or `,` (a parser in Rack's manner);
+/// - a quoted value to its closing quote, backslash escapes undone (RFC 7239's `quoted-string`);
+///   without one, also up to its last escape.
 ///
+/// The value is also read with a line feed as a `;` (Rack); pair by pair as Rack 3.2 reads it
+/// (split at `;`, `,` and line feeds, each pair at `=`, the pieces stripped and joined again,
+/// one quote off each end); and pair by pair with every quote dropped, escapes undone or not
+/// (Jetty's `QuotedCSVParser`, @angular/ssr), which reads `"host"=…` and `ho"st"=…` as `host=`.
 /// A host rule compared with every one of them is compared with the host an upstream trusting the
-/// header routes on. A line feed is also read as a `;` (Rack). At most 8 readings of each of at
-/// most 16 parameters, twice: linear in the value.
+/// header routes on. Each reading is bounded by the number of host parameters it finds: linear in
+/// the value.
 pub fn forwarded_hosts(value: &str) -> Option<Vec<String>> {
     let mut hosts = Vec::new();
     forwarded_readings(value, &mut hosts)?;
@@ -717,14 +743,81 @@ pub fn forwarded_hosts(value: &str) -> Option<Vec<String>> {
     if value.contains('\n') {
         forwarded_readings(&value.replace('\n', ";"), &mut hosts)?;
     }
+    // Rack 3.2: each `;`- then `,`-separated pair split at `=` (empty pieces at its end dropped),
+    // the pieces stripped and joined again, then `host="?([^"]+)"?` matched whole.
+    pair_readings(value, &[';', ',', '\n'], &mut hosts, |value| {
+        let pieces: Vec<&str> = value.split('=').collect();
+        let kept = pieces
+            .iter()
+            .rposition(|piece| !piece.is_empty())
+            .map_or(0, |i| i + 1);
+        let joined: Vec<&str> = pieces[..kept]
+            .iter()
+            .map(|p| p.trim_matches(forwarded_space))
+            .collect();
+        let joined = joined.join("=");
+        let value = joined.strip_prefix('"').unwrap_or(&joined);
+        value.strip_suffix('"').unwrap_or(value).to_owned()
+    })?;
+    // Jetty (`QuotedCSVParser`) and @angular/ssr drop quotes wherever they stand, a parameter's
+    // name included (`"host"=…`, `ho"st"=…`), Jetty undoing escapes: each element's `host=`.
+    if value.contains(['"', '\\']) {
+        for undo_escapes in [true, false] {
+            let mut view = String::with_capacity(value.len());
+            let mut chars = value.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => {}
+                    '\\' if undo_escapes => view.extend(chars.next()),
+                    c => view.push(c),
+                }
+            }
+            pair_readings(&view, &[';', ','], &mut hosts, str::to_owned)?;
+        }
+    }
     Some(hosts)
+}
+
+/// Each pair of `value` (between `separators`) named `host` (stripped, any case): its value as
+/// `read` makes it, stripped, added to `hosts`. `None` past [`MAX_FORWARDED_HOSTS`] such pairs.
+fn pair_readings(
+    value: &str,
+    separators: &[char],
+    hosts: &mut Vec<String>,
+    read: impl Fn(&str) -> String,
+) -> Option<()> {
+    let mut found = 0;
+    for pair in value.split(separators) {
+        let Some((name, rest)) = pair.split_once('=') else {
+            continue;
+        };
+        if !name
+            .trim_matches(forwarded_space)
+            .eq_ignore_ascii_case("host")
+        {
+            continue;
+        }
+        found += 1;
+        if found > MAX_FORWARDED_HOSTS {
+            return None;
+        }
+        let host = read(rest);
+        let host = host.trim_matches(forwarded_space);
+        if !host.is_empty() && !hosts.iter().any(|h| h == host) {
+            hosts.push(host.to_owned());
+        }
+    }
+    Some(())
+}
+
+/// Ruby's `String#strip` set: NUL, tab, LF, VT, FF, CR and space.
+fn forwarded_space(c: char) -> bool {
+    matches!(c, '\0' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | ' ')
 }
 
 /// [`forwarded_hosts`] of `value` as it stands, added to `hosts`; `None` past the bound.
 fn forwarded_readings(value: &str, hosts: &mut Vec<String>) -> Option<()> {
-    fn space(c: char) -> bool {
-        matches!(c, '\0' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | ' ')
-    }
+    let space = forwarded_space;
     let bytes = value.as_bytes();
     let mut found = 0;
     let mut i = 0;
@@ -811,7 +904,19 @@ fn host_name_at(bytes: &[u8], at: usize) -> Option<usize> {
 /// Whether two authorities name one host: in any case, without their ports and trailing dots.
 pub fn same_host(a: &str, b: &str) -> bool {
     let host = |authority: &str| {
-        let (start, end) = host_span(authority);
+        // After an IPv6 literal's bracket, nothing but a port: anything else
+        // (`[api.example.com]@admin.example.com`, another host to a URL parser) is compared whole.
+        let (start, end) = match authority.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            Some((_, after))
+                if !after.is_empty()
+                    && !after
+                        .strip_prefix(':')
+                        .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                (0, authority.len())
+            }
+            _ => host_span(authority),
+        };
         authority[start..end]
             .trim_end_matches('.')
             .to_ascii_lowercase()

@@ -78,20 +78,29 @@ const BATCH: usize = 1024;
 /// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
 /// (`signal` or `operator` block, `lift`, or `newest` for a revocation), `ARGV[7]` when the block
 /// ends and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
-/// prefix. So:
+/// prefix. Beside its write time, a stored record keeps the time of the newest operator's write
+/// (block or lift) it stands for, `operator_at` (a member older replicas ignore): an operator's
+/// record its own write time, a signal's the operator's write it replaced. So:
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
 ///   new the signal's is (a replica that did not know the operator's block, during an outage);
-/// - an operator's block is written over a signal's shorter block in force even when the
-///   signal's write is newer (the operator's block waited in a queue while Redis was down),
-///   unless an operator wrote or lifted since: a signal's record keeps the time of the operator's
-///   write it replaced (`operator_at`, a member older replicas ignore), so that a lift, or a newer
-///   operator's block, is not undone by an older one that was held up. The operator's block then
-///   takes the signal's time, so that writes older than the signal's stay refused.
+/// - an operator's write older than the stored one (it waited in a queue while Redis was down)
+///   still counts against the operators' writes: over a signal's shorter block in force, an
+///   operator's newer block than any the signal replaced is written; over an operator's record
+///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
+///   that is refused still raises the stored record's `operator_at`, so that an older one held up
+///   longer does not undo it. Such a write takes the stored time, so that writes older than it
+///   stay refused.
 ///
 /// Otherwise the newest write wins.
 pub const PUT: &str = r#"
+local function with_operator_at(body, t)
+  body = string.gsub(body, '"operator_at":%-?[%d%.eE%+]+,', '')
+  if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
+  return '{"operator_at":' .. string.format('%d', t) .. ',' .. string.sub(body, 2)
+end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
+local written = tonumber(ARGV[2])
 if cur then
   local at, body = string.match(cur, '^(%d+)|(.*)$')
   local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -100,33 +109,34 @@ if cur then
     local ok, decoded = pcall(cjson.decode, body)
     if ok and type(decoded) == 'table' then old = decoded end
   end
-  local by_signal = false
-  local held = nil
+  local by_signal, held, operator_at = false, nil, nil
   if old then
     by_signal = type(old.created_by) == 'string'
       and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
     if old.removed ~= true and type(old.expires_at) == 'number' and old.expires_at > now then
       held = old
     end
+    if type(old.operator_at) == 'number' then
+      operator_at = old.operator_at
+    elseif not by_signal and at then
+      operator_at = tonumber(at)
+    end
   end
-  -- The newest operator write (block or lift) at or under the stored record.
-  local operator_at = nil
-  if old and by_signal then
-    if type(old.operator_at) == 'number' then operator_at = old.operator_at end
-  elseif old and at then
-    operator_at = tonumber(at)
-  end
+  local by_operator = what == 'operator' or what == 'lift'
+  local newer_intent = by_operator and (operator_at == nil or operator_at < written)
   if what == 'signal' and held and held.expires_at >= ends then return 0 end
-  if at and tonumber(at) > tonumber(ARGV[2]) then
-    if not (what == 'operator' and held and by_signal and ends > held.expires_at
-            and (operator_at == nil or operator_at < tonumber(ARGV[2]))) then
+  if at and tonumber(at) > written then
+    local over_signal = by_signal and what == 'operator' and held and ends > held.expires_at
+    if not (newer_intent and (over_signal or (old and not by_signal))) then
+      if newer_intent and by_signal then
+        redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. with_operator_at(body, written))
+      end
       return 0
     end
     stamp = at
-  end
-  if what == 'signal' and operator_at and string.sub(record, 1, 1) == '{'
-     and string.sub(record, 2, 2) ~= '}' then
-    record = '{"operator_at":' .. string.format('%d', operator_at) .. ',' .. string.sub(record, 2)
+    record = with_operator_at(record, written)
+  elseif what == 'signal' and operator_at then
+    record = with_operator_at(record, operator_at)
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)

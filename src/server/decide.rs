@@ -474,6 +474,44 @@ mod tests {
         );
         let (same, _) = forwarded("API.example.com:443");
         assert!(same.is_allow(), "{same:?}");
+        let (refused, _) = forwarded("[api.example.com]@admin.example.com");
+        assert_eq!(refused.http_status, 400, "{refused:?}");
+        // The request's own host read as another by a URL parser: refused, host rules or not.
+        for host in [
+            "[api.example.com]@admin.example.com",
+            "alice@admin.example.com",
+            "[::1]x",
+        ] {
+            let request = DecideRequest {
+                http: Some(v1::HttpRequest {
+                    method: "GET".to_owned(),
+                    host: host.to_owned(),
+                    path: "/healthz".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let access = access_request(request, HeaderLimits::DEFAULT);
+            for policy in [&hosted, &plain] {
+                let refused = crate::decision::decide(policy, &access, 1_700_000_000);
+                assert_eq!(refused.http_status, 400, "{host}: {refused:?}");
+                assert!(refused.message.contains("user information"), "{refused:?}");
+            }
+        }
+        for host in ["[::1]", "[::1]:8443", "api.example.com:443"] {
+            let request = DecideRequest {
+                http: Some(v1::HttpRequest {
+                    method: "GET".to_owned(),
+                    host: host.to_owned(),
+                    path: "/healthz".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let access = access_request(request, HeaderLimits::DEFAULT);
+            let decided = crate::decision::decide(&plain, &access, 1_700_000_000);
+            assert!(decided.is_allow(), "{host}: {decided:?}");
+        }
         // A Forwarded header's host= (RFC 7239): Spring and Quarkus route on it.
         for value in [
             "host=admin.example.com",
@@ -487,6 +525,12 @@ mod tests {
             "host=\"api.example.com,admin.example.com\"",
             "hoſt=admin.example.com",
             "host=\"api.example.com\\,admin\"",
+            // A quoted name (Jetty, @angular/ssr drop the quotes), and a bracketed host a URL
+            // parser reads as another.
+            "for=192.0.2.1, \"host\"=admin.example.com",
+            "ho\"st\"=admin.example.com",
+            "host=\"\"admin.example.com",
+            "host=\"[api.example.com]@admin.example.com\"",
         ] {
             let (refused, unhosted) = with_header("Forwarded", value);
             assert_eq!(refused.http_status, 400, "{value}: {refused:?}");

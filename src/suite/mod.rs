@@ -338,6 +338,19 @@ impl Runner {
         for (k, v) in &t.claims {
             claims.insert(k.clone(), v.clone());
         }
+        // A `sub` given for an issuer that names the subject by `oid` is that subject too, unless
+        // the case gives an `oid` of its own.
+        let by_oid = self
+            .policy
+            .issuers
+            .by_id(&t.issuer)
+            .is_some_and(|issuer| issuer.subject_claim == SubjectClaim::Oid);
+        if by_oid
+            && !t.claims.contains_key("oid")
+            && let Some(sub) = t.claims.get("sub")
+        {
+            claims.insert("oid".into(), sub.clone());
+        }
         Ok(Value::Object(claims))
     }
 
