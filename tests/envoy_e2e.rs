@@ -911,6 +911,43 @@ async fn a_port_on_the_public_hosts_name_does_not_reach_the_api_anonymously() {
         );
         assert_eq!(reply.json()["reason"], "ambiguous_host", "{reply:?}");
     }
+
+    // A header through which an upstream framework would read another host than Envoy routed
+    // on (Spring, Rack and Jetty read `Forwarded`; Express and Django `X-Forwarded-Host`):
+    // refused before the public rule can let it through anonymously. Envoy passes each as sent.
+    for (i, (name, value)) in [
+        ("forwarded", "for=192.0.2.1;host=admin.example.com"),
+        ("forwarded", "for=192.0.2.1, \"host\"=admin.example.com"),
+        ("forwarded", "host = admin.example.com"),
+        ("x-forwarded-host", "admin.example.com"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = format!("www-forwarded-{i}");
+        let mut headers = with_host("www.example.com");
+        headers.insert(name, HeaderValue::from_static(value));
+        let reply = stack
+            .send(&case, Method::GET, "/admin/users", headers)
+            .await;
+        assert!(
+            stack.upstream(&case).is_empty(),
+            "{name}: {value} reached the upstream anonymously: {reply:?}\n{}",
+            stack.diagnostics()
+        );
+        assert_eq!(reply.status, 400, "{name}: {value}: {reply:?}");
+        assert_eq!(reply.json()["reason"], "malformed_request", "{reply:?}");
+    }
+    // Naming the host Envoy routed on, it is decided as before.
+    let mut headers = with_host("www.example.com");
+    headers.insert(
+        "forwarded",
+        HeaderValue::from_static("for=192.0.2.1;host=\"www.example.com\";proto=https"),
+    );
+    let reply = stack
+        .send("www-forwarded-same", Method::GET, "/index.html", headers)
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", stack.diagnostics());
 }
 
 #[tokio::test(flavor = "multi_thread")]
