@@ -293,6 +293,19 @@ struct BlockRecord {
     created_by: String,
 }
 
+impl BlockRecord {
+    fn of(block: &Block) -> Self {
+        Self {
+            removed: false,
+            reason_id: block.reason_id.to_string(),
+            reason: block.reason.clone(),
+            created_at: block.created_at,
+            expires_at: block.expires_at,
+            created_by: block.created_by.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RevocationRecord {
     before: i64,
@@ -379,14 +392,7 @@ impl Shared {
     }
 
     pub fn block_set(&self, block: &Block) {
-        let record = BlockRecord {
-            removed: false,
-            reason_id: block.reason_id.to_string(),
-            reason: block.reason.clone(),
-            created_at: block.created_at,
-            expires_at: block.expires_at,
-            created_by: block.created_by.clone(),
-        };
+        let record = BlockRecord::of(block);
         let precedence = Precedence::of_block(&record);
         self.put(
             Hash::Blocks,
@@ -885,14 +891,7 @@ impl Task {
         for block in state.blocks().list(now) {
             let field = block_field(block.kind, &block.value);
             if !blocks.contains_key(&field) {
-                let record = BlockRecord {
-                    removed: false,
-                    reason_id: block.reason_id.to_string(),
-                    reason: block.reason.clone(),
-                    created_at: block.created_at,
-                    expires_at: block.expires_at,
-                    created_by: block.created_by.clone(),
-                };
+                let record = BlockRecord::of(&block);
                 missing.push(Put {
                     hash: Hash::Blocks,
                     field,

@@ -477,39 +477,31 @@ mod tests {
         let (refused, _) = forwarded("[api.example.com]@admin.example.com");
         assert_eq!(refused.http_status, 400, "{refused:?}");
         // The request's own host read as another by a URL parser: refused, host rules or not.
+        let to_host = |host: &str| {
+            let request = DecideRequest {
+                http: Some(v1::HttpRequest {
+                    method: "GET".to_owned(),
+                    host: host.to_owned(),
+                    path: "/healthz".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            access_request(request, HeaderLimits::DEFAULT)
+        };
         for host in [
             "[api.example.com]@admin.example.com",
             "alice@admin.example.com",
             "[::1]x",
         ] {
-            let request = DecideRequest {
-                http: Some(v1::HttpRequest {
-                    method: "GET".to_owned(),
-                    host: host.to_owned(),
-                    path: "/healthz".to_owned(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let access = access_request(request, HeaderLimits::DEFAULT);
             for policy in [&hosted, &plain] {
-                let refused = crate::decision::decide(policy, &access, 1_700_000_000);
+                let refused = crate::decision::decide(policy, &to_host(host), 1_700_000_000);
                 assert_eq!(refused.http_status, 400, "{host}: {refused:?}");
                 assert!(refused.message.contains("user information"), "{refused:?}");
             }
         }
         for host in ["[::1]", "[::1]:8443", "api.example.com:443"] {
-            let request = DecideRequest {
-                http: Some(v1::HttpRequest {
-                    method: "GET".to_owned(),
-                    host: host.to_owned(),
-                    path: "/healthz".to_owned(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let access = access_request(request, HeaderLimits::DEFAULT);
-            let decided = crate::decision::decide(&plain, &access, 1_700_000_000);
+            let decided = crate::decision::decide(&plain, &to_host(host), 1_700_000_000);
             assert!(decided.is_allow(), "{host}: {decided:?}");
         }
         // A Forwarded header's host= (RFC 7239): Spring and Quarkus route on it.
