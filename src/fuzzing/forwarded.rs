@@ -1,7 +1,8 @@
 //! The hosts a `Forwarded` header names (`request::forwarded_hosts`), which the request's host is
 //! held to: a header is let through only when every reading names the request's host, so when
 //! stepgate's readings all name one host (or none), every host a reader of the header takes must
-//! be that host (or none). Past `MAX_FORWARDED_HOSTS` the header is refused whole. Five twins,
+//! be that host (or none). Past `MAX_FORWARDED_HOSTS`, or with a host longer than
+//! `MAX_FORWARDED_HOST_BYTES`, the header is refused whole. Five twins,
 //! the readers upstreams route on:
 //! - the pattern Spring's `ForwardedHeaderUtils` and Quarkus apply, `(?i:host)="?([^;,"]+)"?`
 //!   (ASCII letters in either case), at every place it matches (they take the first element's or
@@ -26,7 +27,7 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
-use crate::request::{MAX_FORWARDED_HOSTS, forwarded_hosts};
+use crate::request::{MAX_FORWARDED_HOST_BYTES, MAX_FORWARDED_HOSTS, forwarded_hosts};
 
 /// Ruby's `String#strip` set.
 fn space(c: char) -> bool {
@@ -38,14 +39,14 @@ pub fn check(bytes: &[u8]) {
         return;
     };
     let Some(found) = forwarded_hosts(value) else {
-        // Refused whole: only past the bound.
+        // Refused whole: only past the bounds, on host parameters and on a host's length.
         let names = value
             .to_lowercase()
             .replace('ſ', "s")
             .matches("host")
             .count();
         assert!(
-            names > MAX_FORWARDED_HOSTS,
+            names > MAX_FORWARDED_HOSTS || value.len() > MAX_FORWARDED_HOST_BYTES,
             "Forwarded {value:?}: refused whole with {names} host names"
         );
         return;

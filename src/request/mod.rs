@@ -716,6 +716,23 @@ fn split_authority(authority: impl Into<String>) -> (String, Option<Box<str>>) {
 /// one holds one per proxy. It bounds [`forwarded_hosts`], which reads on from each.
 pub const MAX_FORWARDED_HOSTS: usize = 16;
 
+/// The longest host a `Forwarded` header may name (a DNS name is at most 253 bytes): one read
+/// longer refuses the header, and no reading looks further than this past its `=`.
+pub const MAX_FORWARDED_HOST_BYTES: usize = 512;
+
+/// The first [`MAX_FORWARDED_HOST_BYTES`] and a byte of `raw` (at a character boundary), and
+/// whether that left some out.
+fn forwarded_window(raw: &str) -> (&str, bool) {
+    let mut end = MAX_FORWARDED_HOST_BYTES + 1;
+    if raw.len() <= end {
+        return (raw, false);
+    }
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&raw[..end], true)
+}
+
 /// The hosts a `Forwarded` header (RFC 7239) may be read to name, by any of its readers: `None`
 /// when it holds more than [`MAX_FORWARDED_HOSTS`] host parameters by one reading (refused, as
 /// naming another host). Every `host` in any case (and with `ſ`, U+017F, for its `s`, which
@@ -734,8 +751,9 @@ pub const MAX_FORWARDED_HOSTS: usize = 16;
 /// one quote off each end); and pair by pair with every quote dropped, escapes undone or not
 /// (Jetty's `QuotedCSVParser`, @angular/ssr), which reads `"host"=…` and `ho"st"=…` as `host=`.
 /// A host rule compared with every one of them is compared with the host an upstream trusting the
-/// header routes on. Each reading is bounded by the number of host parameters it finds: linear in
-/// the value.
+/// header routes on. A reading longer than [`MAX_FORWARDED_HOST_BYTES`] refuses the header too, so
+/// that no reading looks further: at most 16 host parameters, each read within 513 bytes, by each
+/// of five passes over the value.
 pub fn forwarded_hosts(value: &str) -> Option<Vec<String>> {
     let mut hosts = Vec::new();
     forwarded_readings(value, &mut hosts)?;
@@ -786,6 +804,9 @@ fn pair_readings(
     hosts: &mut Vec<String>,
     read: impl Fn(&str) -> String,
 ) -> Option<()> {
+    if !value.contains('=') {
+        return Some(());
+    }
     let mut found = 0;
     for pair in value.split(separators) {
         let Some((name, rest)) = pair.split_once('=') else {
@@ -798,7 +819,7 @@ fn pair_readings(
             continue;
         }
         found += 1;
-        if found > MAX_FORWARDED_HOSTS {
+        if found > MAX_FORWARDED_HOSTS || rest.len() > MAX_FORWARDED_HOST_BYTES {
             return None;
         }
         let host = read(rest);
@@ -849,10 +870,20 @@ fn forwarded_readings(value: &str, hosts: &mut Vec<String>) -> Option<()> {
             .into_iter()
             .take(1 + usize::from(trimmed != raw))
         {
+            // A reading that runs past the window is a host longer than any: refused.
+            let (raw, clipped) = forwarded_window(raw);
             let unquoted = raw.strip_prefix('"').unwrap_or(raw);
-            push(&unquoted[..unquoted.find([';', ',', '"']).unwrap_or(unquoted.len())]);
+            let end = unquoted.find([';', ',', '"']);
+            if clipped && end.is_none() {
+                return None;
+            }
+            push(&unquoted[..end.unwrap_or(unquoted.len())]);
             let Some(quoted) = raw.strip_prefix('"') else {
-                push(&raw[..raw.find([';', ',']).unwrap_or(raw.len())]);
+                let end = raw.find([';', ',']);
+                if clipped && end.is_none() {
+                    return None;
+                }
+                push(&raw[..end.unwrap_or(raw.len())]);
                 continue;
             };
             let mut text = String::new();
@@ -872,6 +903,9 @@ fn forwarded_readings(value: &str, hosts: &mut Vec<String>) -> Option<()> {
                     }
                     c => text.push(c),
                 }
+            }
+            if clipped && !closed {
+                return None;
             }
             push(&text);
             if !closed {

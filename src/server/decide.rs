@@ -539,6 +539,15 @@ mod tests {
             let (same, _) = with_header("Forwarded", value);
             assert!(same.is_allow(), "{value}: {same:?}");
         }
+        // A host longer than any, however it ends: refused without reading it all.
+        for value in [
+            format!("host=api.example.com{};", " ".repeat(600)),
+            format!("host=\"{}", "a".repeat(600)),
+            format!("host={}", "a".repeat(600)),
+        ] {
+            let (refused, _) = with_header("Forwarded", &value);
+            assert_eq!(refused.http_status, 400, "{refused:?}");
+        }
         // More host parameters than proxies would write: refused without reading them all.
         let many = vec!["host=api.example.com"; crate::request::MAX_FORWARDED_HOSTS + 1].join(",");
         let (refused, _) = with_header("Forwarded", &many);
