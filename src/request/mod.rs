@@ -387,16 +387,7 @@ impl HttpAttributes {
     /// that builds a URL from the header routes to the other.
     pub fn authority_problem(&self) -> Option<&'static str> {
         let sent = self.host_as_sent();
-        let after_literal = sent
-            .strip_prefix('[')
-            .map(|rest| rest.split_once(']').map_or("", |(_, after)| after));
-        let only_a_port = |after: &str| {
-            after.is_empty()
-                || after
-                    .strip_prefix(':')
-                    .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit()))
-        };
-        (sent.contains('@') || after_literal.is_some_and(|after| !only_a_port(after))).then_some(
+        (sent.contains('@') || more_than_a_port_after_literal(sent)).then_some(
             "a host with user information (@) or with more than a port after an IPv6 literal is \
              refused: a URL parser reads another host in it",
         )
@@ -822,13 +813,17 @@ fn pair_readings(
         if found > MAX_FORWARDED_HOSTS || rest.len() > MAX_FORWARDED_HOST_BYTES {
             return None;
         }
-        let host = read(rest);
-        let host = host.trim_matches(forwarded_space);
-        if !host.is_empty() && !hosts.iter().any(|h| h == host) {
-            hosts.push(host.to_owned());
-        }
+        add_forwarded_host(hosts, &read(rest));
     }
     Some(())
+}
+
+/// `host` stripped, added to `hosts` unless empty or there already.
+fn add_forwarded_host(hosts: &mut Vec<String>, host: &str) {
+    let host = host.trim_matches(forwarded_space);
+    if !host.is_empty() && !hosts.iter().any(|h| h == host) {
+        hosts.push(host.to_owned());
+    }
 }
 
 /// Ruby's `String#strip` set: NUL, tab, LF, VT, FF, CR and space.
@@ -857,12 +852,7 @@ fn forwarded_readings(value: &str, hosts: &mut Vec<String>) -> Option<()> {
         if found > MAX_FORWARDED_HOSTS {
             return None;
         }
-        let mut push = |host: &str| {
-            let host = host.trim_matches(space);
-            if !host.is_empty() && !hosts.iter().any(|h| h == host) {
-                hosts.push(host.to_owned());
-            }
-        };
+        let mut push = |host: &str| add_forwarded_host(hosts, host);
         // Read as it follows the `=`, and past the spaces there (Rack 3.1 looks for a quote at
         // once; others trim first).
         let trimmed = raw.trim_start_matches(space);
@@ -935,21 +925,29 @@ fn host_name_at(bytes: &[u8], at: usize) -> Option<usize> {
         .map(|_| 3 + s)
 }
 
+/// Whether an authority holds more than a port after its IPv6 literal's closing bracket
+/// (`[api.example.com]@admin.example.com`, which a URL parser reads as another host).
+fn more_than_a_port_after_literal(authority: &str) -> bool {
+    authority
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(_, after)| {
+            !after.is_empty()
+                && !after
+                    .strip_prefix(':')
+                    .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 /// Whether two authorities name one host: in any case, without their ports and trailing dots.
 pub fn same_host(a: &str, b: &str) -> bool {
     let host = |authority: &str| {
         // After an IPv6 literal's bracket, nothing but a port: anything else
         // (`[api.example.com]@admin.example.com`, another host to a URL parser) is compared whole.
-        let (start, end) = match authority.strip_prefix('[').and_then(|r| r.split_once(']')) {
-            Some((_, after))
-                if !after.is_empty()
-                    && !after
-                        .strip_prefix(':')
-                        .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit())) =>
-            {
-                (0, authority.len())
-            }
-            _ => host_span(authority),
+        let (start, end) = if more_than_a_port_after_literal(authority) {
+            (0, authority.len())
+        } else {
+            host_span(authority)
         };
         authority[start..end]
             .trim_end_matches('.')

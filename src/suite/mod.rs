@@ -327,6 +327,14 @@ impl Runner {
         Ok(claims)
     }
 
+    /// The claim that names the subject for issuer `issuer_id` (`sub` for an unknown one).
+    fn subject_claim(&self, issuer_id: &str) -> SubjectClaim {
+        self.policy
+            .issuers
+            .by_id(issuer_id)
+            .map_or(SubjectClaim::Sub, |issuer| issuer.subject_claim)
+    }
+
     fn token_claims(&self, t: &TokenConfig, now: i64) -> Result<Value, String> {
         let tenant = t.claims.get("tid").and_then(Value::as_str);
         let lifetime = t.lifetime.map_or(3600, |s| s.0 as i64);
@@ -340,12 +348,7 @@ impl Runner {
         }
         // A `sub` given for an issuer that names the subject by `oid` is that subject too, unless
         // the case gives an `oid` of its own.
-        let by_oid = self
-            .policy
-            .issuers
-            .by_id(&t.issuer)
-            .is_some_and(|issuer| issuer.subject_claim == SubjectClaim::Oid);
-        if by_oid
+        if self.subject_claim(&t.issuer) == SubjectClaim::Oid
             && !t.claims.contains_key("oid")
             && let Some(sub) = t.claims.get("sub")
         {
@@ -356,11 +359,7 @@ impl Runner {
 
     fn principal_claims(&self, p: &PrincipalConfig, now: i64) -> Result<Value, String> {
         let mut claims = self.base_claims(&p.issuer, now, 3600, p.tenant.as_deref())?;
-        let subject_claim = self
-            .policy
-            .issuers
-            .by_id(&p.issuer)
-            .map_or(SubjectClaim::Sub, |issuer| issuer.subject_claim);
+        let subject_claim = self.subject_claim(&p.issuer);
         let mut put = |k: &str, v: Value| {
             claims.insert(k.to_owned(), v);
         };
