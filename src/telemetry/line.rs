@@ -80,10 +80,8 @@ pub(super) fn string(value: &str, out: &mut String) {
     out.push('"');
     let mut rest = value;
     // Every byte looked for is ASCII, so each `at` is a character boundary.
-    while let Some(at) = rest
-        .bytes()
-        .position(|b| b == b'"' || b == b'\\' || b < b' ')
-    {
+    out.reserve(value.len() + 1);
+    while let Some(at) = to_escape(rest.as_bytes()) {
         out.push_str(&rest[..at]);
         let c = rest.as_bytes()[at];
         match c {
@@ -106,11 +104,62 @@ pub(super) fn string(value: &str, out: &mut String) {
     out.push('"');
 }
 
+/// The position of the first byte JSON escapes in a string: `"`, `\\` or a control character.
+/// Eight bytes at a time: a byte's top bit set in `less` where it is below `0x20`, in `quote` or
+/// `backslash` where it is that character (a borrow can set the bit of a byte above the first
+/// one found, never of one below it, so the lowest set bit is the first such byte).
+fn to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    for (i, chunk) in chunks.by_ref().enumerate() {
+        let mut eight = [0; 8];
+        eight.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(eight);
+        let less = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let found = less
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            return Some(i * 8 + found.trailing_zeros() as usize / 8);
+        }
+    }
+    let done = bytes.len() - chunks.remainder().len();
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < b' ')
+        .map(|at| done + at)
+}
+
 /// `now` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339, UTC, microseconds), as tracing-subscriber
 /// writes its timestamps.
 pub(super) fn rfc3339_micros(now: SystemTime, out: &mut String) {
+    thread_local! {
+        /// The last second this thread wrote, and its text up to the seconds' digits.
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let (second, text) = SECOND.get();
+    match std::str::from_utf8(&text) {
+        Ok(text) if second == secs => out.push_str(text),
+        _ => {
+            let start = out.len();
+            date_time(secs, out);
+            if let Ok(text) = <[u8; 19]>::try_from(&out.as_bytes()[start..]) {
+                SECOND.set((secs, text));
+            }
+        }
+    }
+    out.push('.');
+    digits(u64::from(since.subsec_micros()), 6, out);
+    out.push('Z');
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC).
+fn date_time(secs: u64, out: &mut String) {
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let of_day = secs % 86_400;
     // By hand rather than `write!`: the formatting machinery was a visible share of the line.
@@ -125,9 +174,6 @@ pub(super) fn rfc3339_micros(now: SystemTime, out: &mut String) {
         out.push(separator);
         digits(value, 2, out);
     }
-    out.push('.');
-    digits(u64::from(since.subsec_micros()), 6, out);
-    out.push('Z');
 }
 
 /// `value` in decimal, left-padded with zeros to at least `width` digits.
@@ -236,6 +282,33 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// The first byte to escape, found eight at a time, is the one a byte-by-byte search
+        /// finds, wherever it stands and whatever surrounds it (UTF-8 and bytes next to the
+        /// ones looked for included).
+        #[test]
+        fn the_first_byte_to_escape_is_found_eight_at_a_time(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just(b'"'),
+                    proptest::prelude::Just(b'\\'),
+                    0x00u8..0x21,
+                    0x21u8..0x24,
+                    0x5bu8..0x5e,
+                    0x7fu8..=0xff,
+                    proptest::prelude::any::<u8>(),
+                ],
+                0..40,
+            ),
+            plain in 0usize..40,
+        ) {
+            let mut input = vec![b'a'; plain];
+            input.extend_from_slice(&bytes);
+            let expected = input.iter().position(|&b| b == b'"' || b == b'\\' || b < b' ');
+            proptest::prop_assert_eq!(to_escape(&input), expected);
+        }
+    }
+
     #[test]
     fn hostile_values_stay_inside_their_string() {
         let subject = "a\"b\\c\nd\u{1}e\u{7f}é";
@@ -257,6 +330,34 @@ mod tests {
             (2_932_896, (9999, 12, 31)),
         ] {
             assert_eq!(civil_from_days(days), date, "{days}");
+        }
+    }
+
+    /// A thread writes a second's date and time once and reuses it within that second: each
+    /// time is written as its own, back and forth across seconds and days.
+    #[test]
+    fn each_time_is_written_as_its_own_within_and_across_seconds() {
+        let at = |secs: u64, micros: u32| {
+            let mut out = String::new();
+            rfc3339_micros(
+                UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into()),
+                &mut out,
+            );
+            out
+        };
+        for (secs, micros, text) in [
+            (1_796_635_269, 1, "2026-12-07T09:21:09.000001Z"),
+            (1_796_635_269, 999_999, "2026-12-07T09:21:09.999999Z"),
+            (1_796_635_270, 0, "2026-12-07T09:21:10.000000Z"),
+            (1_796_635_269, 5, "2026-12-07T09:21:09.000005Z"),
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (1_796_601_599, 7, "2026-12-06T23:59:59.000007Z"),
+            (1_796_601_600, 7, "2026-12-07T00:00:00.000007Z"),
+            (253_402_300_799, 1, "9999-12-31T23:59:59.000001Z"),
+            (253_402_300_800, 1, "10000-01-01T00:00:00.000001Z"),
+            (253_402_300_800, 2, "10000-01-01T00:00:00.000002Z"),
+        ] {
+            assert_eq!(at(secs, micros), text);
         }
     }
 }

@@ -492,9 +492,9 @@ pub fn write_record(
         record.map("attributes", &attributes);
     }
     record.maybe("source", source);
-    if let Some(t) = decision.verified.as_deref() {
+    if let Some(t) = &decision.verified {
         record.name("token");
-        write_token(policy, t, record.out);
+        write_token_once(policy, t, record.out);
     }
     record.text("outcome", decision.outcome.as_str());
     record.text("reason", decision.reason.as_str());
@@ -536,6 +536,56 @@ pub fn write_record(
     }
     record.close();
     out.push('\n');
+}
+
+/// The longest token part a thread keeps written (a token with large claims is written anew).
+const KEPT_TOKEN_PART: usize = 4 * 1024;
+
+/// [`write_token`], kept written for the last token this thread recorded: a token the cache
+/// serves is one shared, immutable `VerifiedToken`, so the same token again (the same
+/// allocation, held here so that it cannot be another's) under the same subject key writes the
+/// same bytes, which are copied rather than escaped and formatted again, and a subject key's
+/// HMAC is not computed again.
+fn write_token_once(policy: &RecordsPolicy, t: &Arc<VerifiedToken>, out: &mut String) {
+    struct Written {
+        token: Arc<VerifiedToken>,
+        subject_key: Option<Vec<u8>>,
+        part: String,
+    }
+    thread_local! {
+        static LAST: RefCell<Option<Written>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some(w) = last
+            && Arc::ptr_eq(&w.token, t)
+            && w.subject_key == policy.subject_key
+        {
+            out.push_str(&w.part);
+            return;
+        }
+        let start = out.len();
+        write_token(policy, t, out);
+        let part = &out[start..];
+        if part.len() > KEPT_TOKEN_PART {
+            *last = None;
+            return;
+        }
+        match last {
+            Some(w) => {
+                w.token = Arc::clone(t);
+                w.subject_key.clone_from(&policy.subject_key);
+                w.part.clear();
+                w.part.push_str(part);
+            }
+            None => {
+                *last = Some(Written {
+                    token: Arc::clone(t),
+                    subject_key: policy.subject_key.clone(),
+                    part: part.to_owned(),
+                });
+            }
+        }
+    });
 }
 
 /// What verification established about the token.
@@ -1424,6 +1474,56 @@ mod tests {
             by_sub["claims"]["oid"], "oid-7",
             "not the subject: as it is"
         );
+    }
+
+    /// A thread keeps the token part it last wrote: the same token again is written as it was
+    /// under the same subject key, and anew under another key or for another token.
+    #[test]
+    fn a_token_written_again_is_written_as_its_settings_say() {
+        let plain = RecordsPolicy::default();
+        let keyed = RecordsPolicy {
+            subject_key: Some(b"records key".to_vec()),
+            ..RecordsPolicy::default()
+        };
+        let other_key = RecordsPolicy {
+            subject_key: Some(b"another key".to_vec()),
+            ..RecordsPolicy::default()
+        };
+        let token = |subject: &str| {
+            verified(
+                Principal {
+                    subject: subject.into(),
+                    ..Principal::default()
+                },
+                Vec::new(),
+                serde_json::json!({"sub": subject})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            )
+        };
+        let record = |policy: &RecordsPolicy, token: &Arc<VerifiedToken>| {
+            let mut decision = Decision::new(Outcome::Allow, Reason::Allowed, "", 200);
+            decision.verified = Some(Arc::clone(token));
+            let request = AccessRequest::default();
+            let line = format_record(policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1);
+            assert_eq!(
+                line,
+                serde_record(policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1)
+            );
+            serde_json::from_str::<Value>(&line).unwrap()["token"]["subject"].clone()
+        };
+        let alice = token("alice");
+        let hash = |key: &[u8]| Value::from(keyed_hash(key, "alice"));
+        for _ in 0..2 {
+            assert_eq!(record(&plain, &alice), "alice");
+        }
+        assert_eq!(record(&keyed, &alice), hash(b"records key"));
+        assert_eq!(record(&keyed, &alice), hash(b"records key"));
+        assert_eq!(record(&other_key, &alice), hash(b"another key"));
+        assert_eq!(record(&plain, &alice), "alice");
+        assert_eq!(record(&plain, &token("bob")), "bob");
+        assert_eq!(record(&plain, &alice), "alice");
     }
 
     #[test]
