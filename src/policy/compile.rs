@@ -1090,7 +1090,7 @@ fn compile_records(
                     "the key must be at least 16 bytes (e.g. `openssl rand -hex 32`)",
                 );
             }
-            Some(key)
+            Some(crate::telemetry::records::SubjectKey::new(&key))
         }
     };
     Ok(crate::telemetry::records::RecordsPolicy {

@@ -66,7 +66,7 @@ pub struct RecordsPolicy {
     /// Decide attributes recorded.
     pub attributes: Vec<String>,
     /// When set, subjects are recorded as HMAC-SHA256 under this key (hex, 32 digits).
-    pub subject_key: Option<Vec<u8>>,
+    pub subject_key: Option<SubjectKey>,
 }
 
 impl std::fmt::Debug for RecordsPolicy {
@@ -549,7 +549,7 @@ const KEPT_TOKEN_PART: usize = 4 * 1024;
 fn write_token_once(policy: &RecordsPolicy, t: &Arc<VerifiedToken>, out: &mut String) {
     struct Written {
         token: Arc<VerifiedToken>,
-        subject_key: Option<Vec<u8>>,
+        subject_key: Option<SubjectKey>,
         part: String,
     }
     thread_local! {
@@ -595,7 +595,7 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
     token.text("issuer", &p.issuer_id);
     match &policy.subject_key {
         None => token.text("subject", &p.subject),
-        Some(key) => token.text("subject", &keyed_hash(key, &p.subject)),
+        Some(key) => token.text("subject", &key.hash(&p.subject)),
     }
     token.maybe("tenant", p.tenant.as_deref());
     token.maybe("client_id", p.client_id.as_deref());
@@ -620,7 +620,7 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
             Some(key) if hashed_claims(&t.claims, &p.subject).next().is_some() => {
                 let mut claims = t.claims.clone();
                 for (name, value) in hashed_claims(&t.claims, &p.subject) {
-                    claims.insert(name.to_owned(), Value::from(keyed_hash(key, value)));
+                    claims.insert(name.to_owned(), Value::from(key.hash(value)));
                 }
                 token.map("claims", &claims);
             }
@@ -733,15 +733,41 @@ impl<'o> Fields<'o> {
     }
 }
 
-/// `hmac-sha256:` and the first 32 hex digits of HMAC-SHA256(key, subject).
-pub fn keyed_hash(key: &[u8], subject: &str) -> String {
-    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
-    let tag = aws_lc_rs::hmac::sign(&key, subject.as_bytes());
-    let hex: String = tag.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("hmac-sha256:{hex}")
+/// The key subjects are recorded under (`records.subject_key_file`), prepared once: its HMAC
+/// pads are hashed when the policy is compiled, not for every record. Two are equal when their
+/// bytes are.
+#[derive(Clone)]
+pub struct SubjectKey {
+    bytes: Vec<u8>,
+    key: aws_lc_rs::hmac::Key,
+}
+
+impl SubjectKey {
+    pub fn new(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.to_vec(),
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes),
+        }
+    }
+
+    /// `hmac-sha256:` and the first 32 hex digits of HMAC-SHA256(key, subject).
+    pub fn hash(&self, subject: &str) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let tag = aws_lc_rs::hmac::sign(&self.key, subject.as_bytes());
+        let mut out = String::with_capacity(12 + 32);
+        out.push_str("hmac-sha256:");
+        for b in &tag.as_ref()[..16] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
+    }
+}
+
+impl PartialEq for SubjectKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
 }
 
 /// The file (rotated by size) or stdout.
@@ -1081,6 +1107,18 @@ mod tests {
     }
 
     /// The record as serde_json writes it: the reference.
+    /// `hmac-sha256:` and the first 32 hex digits of HMAC-SHA256(key, subject), computed
+    /// here from the key's bytes, as the records' reference.
+    fn keyed_hash(key: &[u8], subject: &str) -> String {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+        let tag = aws_lc_rs::hmac::sign(&key, subject.as_bytes());
+        let hex: String = tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("hmac-sha256:{hex}")
+    }
+
     fn is_one(n: &u64) -> bool {
         *n == 1
     }
@@ -1128,7 +1166,7 @@ mod tests {
                     issuer: &p.issuer_id,
                     subject: match &policy.subject_key {
                         None => p.subject.to_string(),
-                        Some(key) => keyed_hash(key, &p.subject),
+                        Some(key) => keyed_hash(&key.bytes, &p.subject),
                     },
                     tenant: p.tenant.as_deref(),
                     client_id: p.client_id.as_deref(),
@@ -1147,7 +1185,7 @@ mod tests {
                                 if let Some(Value::String(value)) = claims.get(name)
                                     && (name == "sub" || **value == *p.subject)
                                 {
-                                    let hashed = keyed_hash(key, value);
+                                    let hashed = keyed_hash(&key.bytes, value);
                                     claims.insert(name.to_owned(), Value::from(hashed));
                                 }
                             }
@@ -1392,7 +1430,7 @@ mod tests {
             });
             let policy = RecordsPolicy {
                 attributes,
-                subject_key: hashed.then(|| b"records key".to_vec()),
+                subject_key: hashed.then(|| SubjectKey::new(b"records key")),
                 ..RecordsPolicy::default()
             };
             let door = [Door::Check, Door::Decide, Door::Offline][door];
@@ -1439,7 +1477,7 @@ mod tests {
     #[test]
     fn a_subject_key_hashes_the_claims_that_name_the_subject() {
         let policy = RecordsPolicy {
-            subject_key: Some(b"records key".to_vec()),
+            subject_key: Some(SubjectKey::new(b"records key")),
             ..RecordsPolicy::default()
         };
         let record = |subject: &str| {
@@ -1482,11 +1520,11 @@ mod tests {
     fn a_token_written_again_is_written_as_its_settings_say() {
         let plain = RecordsPolicy::default();
         let keyed = RecordsPolicy {
-            subject_key: Some(b"records key".to_vec()),
+            subject_key: Some(SubjectKey::new(b"records key")),
             ..RecordsPolicy::default()
         };
         let other_key = RecordsPolicy {
-            subject_key: Some(b"another key".to_vec()),
+            subject_key: Some(SubjectKey::new(b"another key")),
             ..RecordsPolicy::default()
         };
         let token = |subject: &str| {
