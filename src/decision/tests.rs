@@ -2855,6 +2855,77 @@ fn the_subject_is_the_claim_the_issuer_names() {
     }
 }
 
+/// Every token accepted can be blocked by what it names: a subject, client or token id longer
+/// than a block holds is refused at verification, one as long is accepted, and a block of it
+/// can be set.
+#[test]
+fn a_claim_too_long_to_block_by_refuses_the_token() {
+    use crate::risk::blocks::{Kind, MAX_BLOCKED_VALUE_BYTES, normalize};
+    let by_oid = compile_policy(&DEMO_POLICY.replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    subject_claim: oid\n",
+        1,
+    ));
+    let decided = |policy: &Policy, claims: Value| {
+        let token = sign_claims(&claims_with(&entra_user(&[]), claims));
+        let d = decide(
+            policy,
+            &op_request(&token, "inventory.list", json!({})),
+            NOW,
+        );
+        (d.outcome, d.reason)
+    };
+    /// A claim, the kind of block that holds it, the policy reading it, and its claims.
+    type Case<'p> = (&'static str, Kind, &'p Policy, fn(&str) -> Value);
+    let cases: [Case; 8] = [
+        ("sub", Kind::Subject, &demo_policy(), |v| json!({"sub": v})),
+        ("oid", Kind::Subject, &by_oid, |v| json!({"oid": v})),
+        ("azp", Kind::ClientId, &demo_policy(), |v| json!({"azp": v})),
+        (
+            "appid",
+            Kind::ClientId,
+            &demo_policy(),
+            |v| json!({"azp": null, "appid": v}),
+        ),
+        (
+            "client_id",
+            Kind::ClientId,
+            &demo_policy(),
+            |v| json!({"azp": null, "appid": null, "client_id": v}),
+        ),
+        (
+            "cid",
+            Kind::ClientId,
+            &demo_policy(),
+            |v| json!({"azp": null, "appid": null, "client_id": null, "cid": v}),
+        ),
+        ("jti", Kind::TokenId, &demo_policy(), |v| json!({"jti": v})),
+        (
+            "uti",
+            Kind::TokenId,
+            &demo_policy(),
+            |v| json!({"jti": null, "uti": v}),
+        ),
+    ];
+    for (claim, kind, policy, claims) in cases {
+        let longest = "m".repeat(MAX_BLOCKED_VALUE_BYTES);
+        assert_eq!(
+            decided(policy, claims(&longest)),
+            (Outcome::Allow, Reason::Allowed),
+            "{claim} of {MAX_BLOCKED_VALUE_BYTES} bytes"
+        );
+        assert!(normalize(kind, &longest).is_ok(), "{claim}: blockable");
+        let longer = "m".repeat(MAX_BLOCKED_VALUE_BYTES + 1);
+        assert_eq!(
+            decided(policy, claims(&longer)),
+            (Outcome::Deny, Reason::ClaimInvalid),
+            "{claim} of {} bytes",
+            MAX_BLOCKED_VALUE_BYTES + 1
+        );
+        assert!(normalize(kind, &longer).is_err(), "{claim}: not blockable");
+    }
+}
+
 #[test]
 fn oversized_token_is_refused_before_parsing() {
     let mut spec = entra_user(&[]);

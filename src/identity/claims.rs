@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use crate::risk::blocks::MAX_BLOCKED_VALUE_BYTES;
+
 use super::{
     intern::Tables,
     issuer::{ChallengeStyle, Issuer, SubjectClaim},
@@ -111,28 +113,47 @@ fn str<'a>(value: Option<&'a Raw>, name: &'static str) -> Result<Option<&'a str>
     }
 }
 
+/// [`str`] for a claim an operator or a risk signal may block by (the subject, tenant, client,
+/// token id): one longer than a block can hold ([`MAX_BLOCKED_VALUE_BYTES`]) is refused, or its
+/// holder could never be blocked or revoked by it. OpenID Connect holds `sub` to 255 ASCII
+/// characters.
+fn blockable<'a>(
+    value: Option<&'a Raw>,
+    name: &'static str,
+) -> Result<Option<&'a str>, TokenError> {
+    match str(value, name)? {
+        Some(s) if s.len() > MAX_BLOCKED_VALUE_BYTES => Err(TokenError::ClaimInvalid(name)),
+        other => Ok(other),
+    }
+}
+
 pub(super) fn read_principal(
     issuer: &Issuer,
     claims: &Claims,
     interner: &mut Tables,
 ) -> Result<Principal, TokenError> {
     let subject = match issuer.subject_claim {
-        SubjectClaim::Sub => str(claims.sub.as_ref(), "sub")?.unwrap_or_default(),
+        SubjectClaim::Sub => blockable(claims.sub.as_ref(), "sub")?.unwrap_or_default(),
         // Named by the policy as the subject: a token without one names nobody it can block.
-        SubjectClaim::Oid => str(claims.oid.as_ref(), "oid")?
+        SubjectClaim::Oid => blockable(claims.oid.as_ref(), "oid")?
             .filter(|oid| !oid.is_empty())
             .ok_or(TokenError::ClaimInvalid("oid"))?,
     };
-    let client_id = match str(claims.azp.as_ref(), "azp")? {
+    let client_id = match blockable(claims.azp.as_ref(), "azp")? {
         Some(id) => Some(id),
-        None => match str(claims.appid.as_ref(), "appid")? {
+        None => match blockable(claims.appid.as_ref(), "appid")? {
             Some(id) => Some(id),
             // RFC 9068's `client_id`, then Okta's `cid`.
             // `cid` is read only as a string: another provider's `cid` of another kind (a
             // number) is not a client id, and no reason to refuse the token.
-            None => match str(claims.client_id.as_ref(), "client_id")? {
+            None => match blockable(claims.client_id.as_ref(), "client_id")? {
                 Some(id) => Some(id),
-                None => str(claims.cid.as_ref(), "cid").ok().flatten(),
+                None => match str(claims.cid.as_ref(), "cid") {
+                    Ok(Some(id)) if id.len() > MAX_BLOCKED_VALUE_BYTES => {
+                        return Err(TokenError::ClaimInvalid("cid"));
+                    }
+                    read => read.ok().flatten(),
+                },
             },
         },
     };
@@ -163,7 +184,7 @@ pub(super) fn read_principal(
         // The token's own `iss` (for a `{tenantid}` or discovered issuer the policy text is not it).
         issuer: interner.string(str(claims.iss.as_ref(), "iss")?.unwrap_or_default()),
         subject: Arc::from(subject),
-        tenant: str(claims.tid.as_ref(), "tid")?.map(|tid| interner.string(tid)),
+        tenant: blockable(claims.tid.as_ref(), "tid")?.map(|tid| interner.string(tid)),
         client_id: client_id.map(|id| interner.string(id)),
         acrs: interner.list(acrs.iter().map(String::as_str)),
         acr: str(claims.acr.as_ref(), "acr")?.map(|acr| interner.string(acr)),
@@ -171,9 +192,9 @@ pub(super) fn read_principal(
         auth_time: numeric_date(claims.auth_time.as_ref(), "auth_time")?,
         issued_at: numeric_date(claims.iat.as_ref(), "iat")?,
         // Unique per token: not shared through the interner.
-        token_id: match str(claims.jti.as_ref(), "jti")? {
+        token_id: match blockable(claims.jti.as_ref(), "jti")? {
             Some(jti) => Some(Arc::from(jti)),
-            None => str(claims.uti.as_ref(), "uti")?.map(Arc::from),
+            None => blockable(claims.uti.as_ref(), "uti")?.map(Arc::from),
         },
         claims_challenge_capable: false,
         scopes: interner.list(scope_values),

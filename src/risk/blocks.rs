@@ -435,10 +435,15 @@ pub fn parse_net(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
+/// The longest value a block or a revocation holds. A verified token whose subject, tenant,
+/// client or token id is longer is refused (`claim_invalid`), so that every holder of a token
+/// stepgate accepts can be blocked by each of them.
+pub const MAX_BLOCKED_VALUE_BYTES: usize = 1024;
+
 pub fn normalize(kind: Kind, value: &str) -> Result<String, BlockError> {
-    if value.is_empty() || value.len() > 1024 {
+    if value.is_empty() || value.len() > MAX_BLOCKED_VALUE_BYTES {
         return Err(BlockError::Invalid(format!(
-            "a {} must be 1 to 1024 bytes",
+            "a {} must be 1 to {MAX_BLOCKED_VALUE_BYTES} bytes",
             kind.as_str()
         )));
     }

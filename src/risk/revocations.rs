@@ -14,12 +14,16 @@ use std::{
     },
 };
 
+use super::blocks::MAX_BLOCKED_VALUE_BYTES;
 use crate::telemetry::metrics;
 
 /// Most subjects revoked at once.
 pub const MAX_REVOCATIONS: usize = 100_000;
 /// How long a revocation is kept after its time: 48 hours.
 pub const KEEP_SECONDS: i64 = 48 * 3600;
+/// How far ahead of this server's clock a revocation time may be (another host's clock): the
+/// admin API refuses more, and one read from the shared store is brought back to it.
+pub const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
@@ -50,12 +54,12 @@ impl Revocations {
     /// Revokes a subject's tokens issued before `revocation.before`. A later revocation of the
     /// same subject replaces an earlier one (it covers it); an earlier one does not shorten it.
     pub fn set(&self, revocation: Revocation, now: i64) -> Result<Arc<Revocation>, RevokeError> {
-        if revocation.subject.is_empty() || revocation.subject.len() > 1024 {
-            return Err(RevokeError::Invalid(
-                "a subject must be 1 to 1024 bytes".into(),
-            ));
+        if revocation.subject.is_empty() || revocation.subject.len() > MAX_BLOCKED_VALUE_BYTES {
+            return Err(RevokeError::Invalid(format!(
+                "a subject must be 1 to {MAX_BLOCKED_VALUE_BYTES} bytes"
+            )));
         }
-        if revocation.before + KEEP_SECONDS <= now {
+        if revocation.before.saturating_add(KEEP_SECONDS) <= now {
             return Err(RevokeError::Invalid(
                 "that time is so far back that no token issued before it can still be valid".into(),
             ));
@@ -67,7 +71,7 @@ impl Revocations {
             return Ok(Arc::clone(existing));
         }
         if !table.contains_key(&revocation.subject) && table.len() >= MAX_REVOCATIONS {
-            table.retain(|_, r| r.before + KEEP_SECONDS > now);
+            table.retain(|_, r| r.before.saturating_add(KEEP_SECONDS) > now);
             if table.len() >= MAX_REVOCATIONS {
                 return Err(RevokeError::Full);
             }
@@ -92,7 +96,7 @@ impl Revocations {
         }
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
         let revocation = table.get(subject)?;
-        let in_force = revocation.before + KEEP_SECONDS > now;
+        let in_force = revocation.before.saturating_add(KEEP_SECONDS) > now;
         (in_force && issued.is_none_or(|at| at < revocation.before)).then(|| Arc::clone(revocation))
     }
 
@@ -101,7 +105,7 @@ impl Revocations {
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<_> = table
             .values()
-            .filter(|r| r.before + KEEP_SECONDS > now)
+            .filter(|r| r.before.saturating_add(KEEP_SECONDS) > now)
             .cloned()
             .collect();
         list.sort_by(|a, b| a.subject.cmp(&b.subject));
