@@ -878,7 +878,7 @@ impl Task {
         }
         for (subject, stored) in &revocations {
             match parse_stored::<RevocationRecord>(stored) {
-                Some(record) if record.before + KEEP_SECONDS <= now => {
+                Some(record) if record.before.saturating_add(KEEP_SECONDS) <= now => {
                     expired.push((Hash::Revocations, subject.clone()));
                 }
                 Some(record) => apply_revocation(&state, subject, &record, now),
@@ -1068,7 +1068,11 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
     }
     let revocation = Revocation {
         subject: subject.to_owned(),
-        before: record.before,
+        // No replica writes one further ahead than its clock allows: one that is (written into
+        // the store by hand) revokes no sign-in made after that bound.
+        before: record
+            .before
+            .min(now.saturating_add(revocations::MAX_CLOCK_AHEAD_SECONDS)),
         reason_id: Arc::from(record.reason_id.as_str()),
         reason: record.reason.clone(),
         created_at: record.created_at,
@@ -1133,6 +1137,38 @@ fn replica_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No replica writes a revocation further ahead of its clock than the admin API admits: one
+    /// found in the store (written there by hand) is brought back to that bound, so it cannot
+    /// refuse the sign-ins of years to come, and a time at the end of the range is no overflow.
+    #[test]
+    fn a_stored_revocation_is_held_to_the_clock_bound() {
+        let now = 1_800_000_000;
+        for before in [now + 10 * 365 * 86_400, i64::MAX] {
+            let state = RiskState::default();
+            let record = RevocationRecord {
+                before,
+                reason_id: "INC-1".into(),
+                reason: String::new(),
+                created_at: now,
+                created_by: "san:ops".into(),
+            };
+            apply_revocation(&state, "alice", &record, now);
+            let revocations = state.revocations();
+            let bound = now + revocations::MAX_CLOCK_AHEAD_SECONDS;
+            assert!(
+                revocations
+                    .revoking("alice", Some(bound - 1), now)
+                    .is_some()
+            );
+            assert!(
+                revocations.revoking("alice", Some(bound), now).is_none(),
+                "a sign-in past the bound: {before}"
+            );
+            let later = now + 365 * 86_400;
+            assert!(revocations.revoking("alice", Some(later), later).is_none());
+        }
+    }
 
     #[test]
     fn block_fields_round_trip() {

@@ -34,15 +34,13 @@ use crate::{
     identity::{Credential, bearer, fingerprint_of},
     risk::{
         blocks::{self, Block, BlockError, Kind, MAX_REASON_BYTES, MAX_TTL_SECONDS},
-        revocations::{Revocation, RevokeError},
+        revocations::{MAX_CLOCK_AHEAD_SECONDS, Revocation, RevokeError},
         signals::{KeyKind, Keys},
         store::Refusal,
     },
     telemetry::{metrics, throttle::Throttle},
 };
 
-/// How far ahead of this server's clock a revocation time may be (another host's clock).
-const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 /// At most one audit line per this period for blocked or revoked callers refused.
 pub const REFUSAL_LOG_EVERY: Duration = crate::telemetry::throttle::WARNING_PERIOD;
 
