@@ -107,30 +107,38 @@ pub(super) fn string(value: &str, out: &mut String) {
 /// The position of the first byte JSON escapes in a string: `"`, `\\` or a control character.
 /// Eight bytes at a time: a byte's top bit set in `less` where it is below `0x20`, in `quote` or
 /// `backslash` where it is that character (a borrow can set the bit of a byte above the first
-/// one found, never of one below it, so the lowest set bit is the first such byte).
+/// one found, never of one below it, so the lowest set bit is the first such byte). The last
+/// bytes are looked at as the eight that end the string (those before them were found clean),
+/// or, in a string shorter than eight, padded with a byte that is not escaped.
 fn to_escape(bytes: &[u8]) -> Option<usize> {
+    let mut chunks = bytes.chunks_exact(8);
+    for (i, chunk) in chunks.by_ref().enumerate() {
+        if let Some(at) = first_to_escape(chunk) {
+            return Some(i * 8 + at);
+        }
+    }
+    let rest = chunks.remainder();
+    if rest.is_empty() {
+        return None;
+    }
+    if let Some(last) = bytes.len().checked_sub(8) {
+        return first_to_escape(&bytes[last..]).map(|at| last + at);
+    }
+    let mut padded = [b'a'; 8];
+    padded[..rest.len()].copy_from_slice(rest);
+    first_to_escape(&padded)
+}
+
+/// [`to_escape`] in eight bytes.
+fn first_to_escape(eight: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let mut chunks = bytes.chunks_exact(8);
-    for (i, chunk) in chunks.by_ref().enumerate() {
-        let mut eight = [0; 8];
-        eight.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(eight);
-        let less = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-        let found = less
-            | zero_byte(x ^ (ONES * u64::from(b'"')))
-            | zero_byte(x ^ (ONES * u64::from(b'\\')));
-        if found != 0 {
-            return Some(i * 8 + found.trailing_zeros() as usize / 8);
-        }
-    }
-    let done = bytes.len() - chunks.remainder().len();
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < b' ')
-        .map(|at| done + at)
+    let x = u64::from_le_bytes(eight.try_into().ok()?);
+    let less = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    let found =
+        less | zero_byte(x ^ (ONES * u64::from(b'"'))) | zero_byte(x ^ (ONES * u64::from(b'\\')));
+    (found != 0).then(|| found.trailing_zeros() as usize / 8)
 }
 
 /// `now` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339, UTC, microseconds), as tracing-subscriber
@@ -138,21 +146,19 @@ fn to_escape(bytes: &[u8]) -> Option<usize> {
 pub(super) fn rfc3339_micros(now: SystemTime, out: &mut String) {
     thread_local! {
         /// The last second this thread wrote, and its text up to the seconds' digits.
-        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (second, text) = SECOND.get();
-    match std::str::from_utf8(&text) {
-        Ok(text) if second == secs => out.push_str(text),
-        _ => {
-            let start = out.len();
-            date_time(secs, out);
-            if let Ok(text) = <[u8; 19]>::try_from(&out.as_bytes()[start..]) {
-                SECOND.set((secs, text));
-            }
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            text.clear();
+            date_time(secs, text);
+            *second = secs;
         }
-    }
+        out.push_str(text);
+    });
     out.push('.');
     digits(u64::from(since.subsec_micros()), 6, out);
     out.push('Z');

@@ -457,23 +457,26 @@ pub fn write_record(
     let mut cut = Cut::default();
     let target = http.map(|h| without_query_tokens(&h.target));
     let mut record = Fields::open(out);
-    record.name("time");
+    record.name(k!("time"));
     record.out.push('"');
     line::rfc3339_micros(now, record.out);
     record.out.push('"');
-    record.text("door", door.as_str());
+    record.text(k!("door"), door.as_str());
     record.maybe(
-        "request_id",
+        k!("request_id"),
         cut.cap(
             "request_id",
             http.and_then(|h| h.headers.get("x-request-id")),
         ),
     );
-    record.maybe("method", cut.cap("method", http.map(|h| h.method.as_str())));
-    record.maybe("host", cut.cap("host", http.map(|h| h.host_as_sent())));
-    record.maybe("path", cut.cap("path", target.as_deref()));
     record.maybe(
-        "operation",
+        k!("method"),
+        cut.cap("method", http.map(|h| h.method.as_str())),
+    );
+    record.maybe(k!("host"), cut.cap("host", http.map(|h| h.host_as_sent())));
+    record.maybe(k!("path"), cut.cap("path", target.as_deref()));
+    record.maybe(
+        k!("operation"),
         cut.cap("operation", request.operation.as_deref()),
     );
     // Through Envoy an IP address; a direct `Check` caller may write anything there.
@@ -481,7 +484,7 @@ pub fn write_record(
         "source",
         request.source.as_ref().map(|s| s.address.as_str()),
     );
-    record.list("truncated", cut.fields.iter().copied());
+    record.list(k!("truncated"), cut.fields.iter().copied());
     if !policy.attributes.is_empty() {
         // Built as a map so that a name listed twice is written once, where it first stands.
         let attributes: Map<String, Value> = policy
@@ -489,23 +492,23 @@ pub fn write_record(
             .iter()
             .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
             .collect();
-        record.map("attributes", &attributes);
+        record.map(k!("attributes"), &attributes);
     }
-    record.maybe("source", source);
+    record.maybe(k!("source"), source);
     if let Some(t) = &decision.verified {
-        record.name("token");
+        record.name(k!("token"));
         write_token_once(policy, t, record.out);
     }
-    record.text("outcome", decision.outcome.as_str());
-    record.text("reason", decision.reason.as_str());
-    record.number("status", i64::from(decision.http_status));
+    record.text(k!("outcome"), decision.outcome.as_str());
+    record.text(k!("reason"), decision.reason.as_str());
+    record.number(k!("status"), i64::from(decision.http_status));
     if weight > 1 {
         // A sampled ALLOW: how many ALLOWs it stands for (replay counts it so many times).
-        record.number("weight", i64::try_from(weight).unwrap_or(i64::MAX));
+        record.number(k!("weight"), i64::try_from(weight).unwrap_or(i64::MAX));
     }
-    record.maybe("rule", decision.rule.as_deref());
+    record.maybe(k!("rule"), decision.rule.as_deref());
     if !decision.risk_counts.is_empty() {
-        record.name("risk");
+        record.name(k!("risk"));
         let mut risk = Fields::open(record.out);
         for (name, count) in &decision.risk_counts {
             risk.key(name);
@@ -519,19 +522,22 @@ pub fn write_record(
             .iter()
             .map(|s| format!("{}:{}:{}", s.name(), s.outcome.as_str(), s.reason.as_str()))
             .collect();
-        record.list("shadow", shadow.iter().map(String::as_str));
+        record.list(k!("shadow"), shadow.iter().map(String::as_str));
     }
     if let Some(s) = &decision.step_up {
-        record.name("challenge");
+        record.name(k!("challenge"));
         let mut challenge = Fields::open(record.out);
-        challenge.text("style", s.style);
-        challenge.list("auth_contexts", s.auth_contexts.iter().map(String::as_str));
-        challenge.list("acr_values", s.acr_values.iter().map(String::as_str));
+        challenge.text(k!("style"), s.style);
+        challenge.list(
+            k!("auth_contexts"),
+            s.auth_contexts.iter().map(String::as_str),
+        );
+        challenge.list(k!("acr_values"), s.acr_values.iter().map(String::as_str));
         if let Some(max_age) = s.max_age {
-            challenge.name("max_age");
+            challenge.name(k!("max_age"));
             line::digits(max_age, 1, challenge.out);
         }
-        challenge.list("amr", s.amr.iter().map(String::as_str));
+        challenge.list(k!("amr"), s.amr.iter().map(String::as_str));
         challenge.close();
     }
     record.close();
@@ -592,24 +598,24 @@ fn write_token_once(policy: &RecordsPolicy, t: &Arc<VerifiedToken>, out: &mut St
 fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
     let p = &t.principal;
     let mut token = Fields::open(out);
-    token.text("issuer", &p.issuer_id);
+    token.text(k!("issuer"), &p.issuer_id);
     match &policy.subject_key {
-        None => token.text("subject", &p.subject),
-        Some(key) => token.text("subject", &key.hash(&p.subject)),
+        None => token.text(k!("subject"), &p.subject),
+        Some(key) => token.text(k!("subject"), &key.hash(&p.subject)),
     }
-    token.maybe("tenant", p.tenant.as_deref());
-    token.maybe("client_id", p.client_id.as_deref());
-    token.list("acrs", p.acrs.iter().map(|s| &**s));
-    token.maybe("acr", p.acr.as_deref());
-    token.list("amr", p.amr.iter().map(|s| &**s));
+    token.maybe(k!("tenant"), p.tenant.as_deref());
+    token.maybe(k!("client_id"), p.client_id.as_deref());
+    token.list(k!("acrs"), p.acrs.iter().map(|s| &**s));
+    token.maybe(k!("acr"), p.acr.as_deref());
+    token.list(k!("amr"), p.amr.iter().map(|s| &**s));
     if let Some(auth_time) = p.auth_time {
-        token.number("auth_time", auth_time);
+        token.number(k!("auth_time"), auth_time);
     }
-    token.list("scopes", p.scopes.iter().map(|s| &**s));
-    token.list("roles", p.roles.iter().map(|s| &**s));
-    token.list("xms_cc", t.client_capabilities.iter().map(|s| &**s));
+    token.list(k!("scopes"), p.scopes.iter().map(|s| &**s));
+    token.list(k!("roles"), p.roles.iter().map(|s| &**s));
+    token.list(k!("xms_cc"), t.client_capabilities.iter().map(|s| &**s));
     if p.app_only {
-        token.name("app_only");
+        token.name(k!("app_only"));
         token.out.push_str("true");
     }
     // The raw claims the policy reads (claim requirements, `claim:` headers, CEL); with a
@@ -622,9 +628,9 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
                 for (name, value) in hashed_claims(&t.claims, &p.subject) {
                     claims.insert(name.to_owned(), Value::from(key.hash(value)));
                 }
-                token.map("claims", &claims);
+                token.map(k!("claims"), &claims);
             }
-            _ => token.map("claims", &t.claims),
+            _ => token.map(k!("claims"), &t.claims),
         }
     }
     token.close();
@@ -645,6 +651,18 @@ fn hashed_claims<'c>(
         })
 }
 
+/// A member name of the record's own (plain ASCII: nothing to escape), written with the comma
+/// that separates it from the one before and its colon: `k!("door")` is `,"door":`.
+#[derive(Clone, Copy)]
+struct Key(&'static str);
+
+macro_rules! k {
+    ($name:literal) => {
+        Key(concat!(",\"", $name, "\":"))
+    };
+}
+use k;
+
 /// One JSON object being written: its members are separated as they come.
 struct Fields<'o> {
     out: &'o mut String,
@@ -657,12 +675,14 @@ impl<'o> Fields<'o> {
         Self { out, first: true }
     }
 
-    /// Starts the member `name`, one of the record's own (plain ASCII: nothing to escape).
-    fn name(&mut self, name: &str) {
-        self.separate();
-        self.out.push('"');
+    /// Starts the member `name`, one of the record's own, in one piece.
+    fn name(&mut self, Key(name): Key) {
+        let name = if std::mem::take(&mut self.first) {
+            &name[1..]
+        } else {
+            name
+        };
         self.out.push_str(name);
-        self.out.push_str("\":");
     }
 
     /// Starts a member whose name comes from outside (a claim's, an attribute's): escaped.
@@ -678,18 +698,18 @@ impl<'o> Fields<'o> {
         }
     }
 
-    fn text(&mut self, name: &str, value: &str) {
+    fn text(&mut self, name: Key, value: &str) {
         self.name(name);
         line::string(value, self.out);
     }
 
-    fn maybe(&mut self, name: &str, value: Option<&str>) {
+    fn maybe(&mut self, name: Key, value: Option<&str>) {
         if let Some(value) = value {
             self.text(name, value);
         }
     }
 
-    fn number(&mut self, name: &str, value: i64) {
+    fn number(&mut self, name: Key, value: i64) {
         self.name(name);
         if value < 0 {
             self.out.push('-');
@@ -698,7 +718,7 @@ impl<'o> Fields<'o> {
     }
 
     /// An array of strings; left out when empty.
-    fn list<'s>(&mut self, name: &str, items: impl ExactSizeIterator<Item = &'s str>) {
+    fn list<'s>(&mut self, name: Key, items: impl ExactSizeIterator<Item = &'s str>) {
         if items.len() == 0 {
             return;
         }
@@ -714,7 +734,7 @@ impl<'o> Fields<'o> {
     }
 
     /// A JSON object of arbitrary values, in the map's order; left out when empty.
-    fn map(&mut self, name: &str, map: &Map<String, Value>) {
+    fn map(&mut self, name: Key, map: &Map<String, Value>) {
         if map.is_empty() {
             return;
         }
