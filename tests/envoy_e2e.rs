@@ -537,6 +537,19 @@ fn core_cases() -> Vec<Case> {
             "multiple_credentials",
             Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
         )),
+        // Rails (and Spring MVC up to 5.2) would serve this as the wire transfer, which the
+        // catch-all would otherwise let through without the auth context.
+        Case::new(
+            "core-wire-extension",
+            Method::POST,
+            "/payments/wire.json",
+            Some(entra(&[], &["cp1"])),
+        )
+        .expect(deny(
+            400,
+            "ambiguous_path",
+            Challenge::Params(&[("realm", "stepgate-demo"), ("error", "invalid_request")]),
+        )),
         // Some upstreams would serve this POST as a GET of the personal data.
         Case::new(
             "core-method-override",

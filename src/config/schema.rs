@@ -604,6 +604,21 @@ pub struct UpstreamConfig {
     /// match the path as sent against the glob as written).
     #[serde(default)]
     pub path_case: PathCaseConfig,
+    /// What an extension on the path's last segment (`/payments/wire.json`) means to the
+    /// upstream's routes: `either` (the default: not known, so the path must pick the same rule
+    /// with it and without it; Rails and Spring MVC up to 5.2 serve `/payments/wire.json` from
+    /// the `/payments/wire` route) or `exact` (the upstream routes the path as sent: Express, Go,
+    /// Flask, ASP.NET Core, Spring MVC 5.3 and later by default).
+    #[serde(default)]
+    pub format_suffix: FormatSuffixConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatSuffixConfig {
+    #[default]
+    Either,
+    Exact,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -644,6 +659,7 @@ impl Default for UpstreamConfig {
             path_parameters: PathParametersConfig::default(),
             host_port: HostPortConfig::default(),
             path_case: PathCaseConfig::default(),
+            format_suffix: FormatSuffixConfig::default(),
         }
     }
 }

@@ -547,6 +547,39 @@ impl<'p> Run<'p> {
                 return denial;
             }
         }
+        // Nor is whether it serves `/a.json` from its `/a` route: Rails gives every route an
+        // optional `(.:format)` unless it says `format: false`, and Spring MVC up to 5.2 maps
+        // `/a` to `/a.*` as well. A path whose last segment has an extension must pick the same
+        // rule without it, or the protective `/payments/wire` would be skipped for
+        // `/payments/wire.json` and a catch-all decide.
+        if policy.upstream.format_suffix_either
+            && let Some(sent) = sent
+        {
+            for cut in without_extension(sent).into_iter().flatten() {
+                let cut_lowered = cut.to_ascii_lowercase();
+                let without = PathReading {
+                    lowered: Some(&cut_lowered),
+                    in_case: path.in_case.map(|_| cut.as_str()),
+                    slash_apart: false,
+                };
+                let said = |with: &str, without: &str| {
+                    format!(
+                        "the path picks {with} as sent and {without} without the extension of its \
+                         last segment: {AMBIGUOUS_EXTENSION}"
+                    )
+                };
+                if let Some(denial) = self.readings_disagree(
+                    request,
+                    &input,
+                    token.is_some(),
+                    [path, without],
+                    said,
+                    AMBIGUOUS_EXTENSION,
+                ) {
+                    return denial;
+                }
+            }
+        }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
         let mut from = 0;
         let rule = loop {
@@ -1249,6 +1282,31 @@ const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than 
                                glob with the trailing slash (/a/) or as /a/** if the rule is \
                                meant for both";
 
+/// The message of an `ambiguous_path` denial for an extension.
+const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and picks another \
+                                   rule than the path without it, and some upstreams serve one \
+                                   from the other's route (Rails, Spring MVC up to 5.2); match \
+                                   both (/a and /a.*), or set upstream.format_suffix: exact if \
+                                   the upstream routes the path as sent";
+
+/// `path` without the extension of its last segment (the one before a trailing slash, which is
+/// kept), as an upstream that serves `/a.json` from its `/a` route reads it: cut at the
+/// segment's first dot (Spring MVC's `/a.*`, and Rails's `(.:format)` after a name without
+/// dots) and, when that is another, at its last (Rails's after a name that may hold dots). None
+/// when the segment has no dot, or only one leading it (`.env` is a name).
+fn without_extension(path: &str) -> [Option<String>; 2] {
+    let body = path.strip_suffix('/').unwrap_or(path);
+    let start = body.rfind('/').map_or(0, |at| at + 1);
+    let segment = &body[start..];
+    let Some(first) = segment.find('.').filter(|&at| at > 0) else {
+        return [None, None];
+    };
+    let last = segment.rfind('.').filter(|&at| at != first);
+    let trailing = &path[body.len()..];
+    let cut = |at: usize| Some(format!("{}{trailing}", &path[..start + at]));
+    [cut(first), last.and_then(cut)]
+}
+
 /// The first enforced rule a search from the start settles on (shadow rules passed over and not
 /// recorded): its index, or the index of the rule whose condition failed.
 fn first_enforced(
@@ -1580,3 +1638,30 @@ fn push_escaped(out: &mut String, text: &str, list_item: bool) {
 
 #[cfg(test)]
 mod index_property;
+
+#[cfg(test)]
+mod extension_tests {
+    use super::without_extension;
+
+    /// Cut at the last segment's first dot and, when another, its last; the trailing slash
+    /// kept; nothing for a segment without a dot past its first character.
+    #[test]
+    fn the_path_without_its_extension_is_read_as_rails_and_spring_read_it() {
+        let cuts = |path: &str| without_extension(path).map(|c| c.unwrap_or_default());
+        for (path, first, last) in [
+            ("/payments/wire.json", "/payments/wire", ""),
+            ("/payments/wire.json/", "/payments/wire/", ""),
+            ("/files/a.b.json", "/files/a", "/files/a.b"),
+            ("/v1.2/orders", "", ""),
+            ("/orders/.env", "", ""),
+            ("/orders/.env.json", "", ""),
+            ("/orders/42", "", ""),
+            ("/", "", ""),
+            ("", "", ""),
+            ("/a.", "/a", ""),
+            ("/é.json", "/é", ""),
+        ] {
+            assert_eq!(cuts(path), [first.to_owned(), last.to_owned()], "{path}");
+        }
+    }
+}

@@ -2105,6 +2105,71 @@ fn a_trailing_slash_that_picks_another_rule_is_ambiguous() {
     assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
 }
 
+/// Rails serves `POST /payments/wire.json` from its `payments#wire` route (every route takes an
+/// optional `(.:format)` unless drawn with `format: false`), and Spring MVC up to 5.2 maps
+/// `/payments/wire` to `/payments/wire.*`. A path whose last segment has an extension must pick
+/// the same rule without it, or it is refused: the catch-all does not decide the wire transfer
+/// or the personal data for a token that meets neither's requirement.
+#[test]
+fn an_extension_that_picks_another_rule_is_ambiguous() {
+    let token = bearer(&rs256(&entra_user(&[])));
+    for (method, target, protective) in [
+        ("POST", "/payments/wire", "wire-transfer"),
+        ("GET", "/customers/42/pii", "customer-pii"),
+    ] {
+        let d = decide_http(&token, method, target);
+        assert_eq!(rule(&d), Some(protective));
+        assert!(!d.is_allow(), "{target}: {d:#?}");
+    }
+    for (method, target) in [
+        ("POST", "/payments/wire.json"),
+        ("POST", "/payments/wire.xml"),
+        ("POST", "/payments/wire.x.json"),
+        ("POST", "/payments/wire%2ejson"),
+        ("POST", "/payments/wire.json/"),
+        ("GET", "/customers/42/pii.json"),
+        ("GET", "/customers/42/pii.json?expand=all"),
+    ] {
+        let d = decide_http(&token, method, target);
+        expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert!(d.message.contains("extension"), "{target}: {}", d.message);
+        let anonymous = decide_http("", method, target);
+        expect(&anonymous, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert_eq!(rule(&anonymous), None, "named to no anonymous caller");
+    }
+    // A path whose readings agree is decided as usual: an extension under a glob that takes
+    // either, a dot that starts a name, a dot in a segment before the last.
+    for target in [
+        "/api/orders/42.json",
+        "/api/.well-known/x",
+        "/api/v1.2/orders",
+        "/api/orders/.env",
+    ] {
+        let d = decide_http(&token, "GET", target);
+        assert_ne!(d.reason, Reason::AmbiguousPath, "{target}: {d:#?}");
+    }
+    // A rule that names both spellings decides them both.
+    let both = with_first_rule(
+        "  - id: wire-both\n    match: { methods: [POST], paths: [/payments/wire, /payments/wire.*] }\n    require: { roles: [Admin] }",
+        "",
+    );
+    let d = decide(
+        &both,
+        &http_request(&token, "POST", "/payments/wire.json"),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::MissingRole);
+    assert_eq!(rule(&d), Some("wire-both"));
+    // An upstream that routes the path as sent: the catch-all's, as written.
+    let exact = with_first_rule("", "  format_suffix: exact\n");
+    let d = decide(
+        &exact,
+        &http_request(&token, "POST", "/payments/wire.json"),
+        NOW,
+    );
+    assert_eq!(rule(&d), Some("everything-else"));
+}
+
 #[test]
 fn encoded_letters_case_and_repeated_slashes_cannot_bypass_the_admin_rule() {
     let entra = bearer(&rs256(&entra_user(&["c1"])));

@@ -1052,6 +1052,7 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
             schema::PathCaseConfig::Insensitive => PathCase::Insensitive,
             schema::PathCaseConfig::Sensitive => PathCase::Sensitive,
         },
+        format_suffix_either: u.format_suffix == schema::FormatSuffixConfig::Either,
     })
 }
 

@@ -144,6 +144,10 @@ pub struct Upstream {
     pub host_port_routed: bool,
     /// How the upstream reads a path's letter case, and so how rules match it.
     pub path_case: PathCase,
+    /// Whether the upstream may serve a path with an extension on its last segment
+    /// (`/payments/wire.json`) from the route without it (`upstream.format_suffix: either`):
+    /// the path must then pick the same rule read both ways.
+    pub format_suffix_either: bool,
 }
 
 /// What letter case means to the upstream's routes (`upstream.path_case`).
