@@ -355,6 +355,27 @@ fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_de
     assert!(check_warning("upper-glob-declared", &declared, header).is_empty());
 }
 
+#[test]
+fn check_warns_of_globs_naming_an_extension_while_the_upstreams_reading_is_not_declared() {
+    let with_assets = demo_with_rules(
+        "  - id: assets\n    match: { paths: [\"/assets/*.js\", /.well-known/**, /reports/q4.*] }\n    allow_anonymous: true",
+    );
+    let header = "warning: 1 path glob(s) name an extension while upstream.format_suffix is either";
+    assert_eq!(
+        check_warning("extension-glob", &with_assets, header),
+        [
+            "warning: 1 path glob(s) name an extension while upstream.format_suffix is either: a path they match is also read without its extension, as Rails and Spring MVC up to 5.2 route it, and refused (ambiguous_path) when that picks another rule; set format_suffix: exact if the upstream routes the path as sent, or match both (/a and /a.*) (docs/policy.md):",
+            "  rule 6. assets match 1 path /assets/*.js",
+        ]
+    );
+    let declared = edit(
+        &with_assets,
+        "upstream:\n",
+        "upstream:\n  format_suffix: exact\n",
+    );
+    assert!(check_warning("extension-glob-declared", &declared, header).is_empty());
+}
+
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
 const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (

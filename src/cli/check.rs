@@ -172,6 +172,12 @@ fn describe(policy: &Policy) -> String {
             "path glob(s) have upper-case letters while upstream.path_case is either: a request in another case is refused (ambiguous_path); set path_case to how the upstream routes (docs/policy.md)",
         );
     }
+    if policy.upstream.format_suffix_either {
+        warn(
+            extension_globs(policy),
+            "path glob(s) name an extension while upstream.format_suffix is either: a path they match is also read without its extension, as Rails and Spring MVC up to 5.2 route it, and refused (ambiguous_path) when that picks another rule; set format_suffix: exact if the upstream routes the path as sent, or match both (/a and /a.*) (docs/policy.md)",
+        );
+    }
     warn(
         entra_issuers_requiring_at_jwt(policy),
         "issuer(s) look like Entra ID but set require_at_jwt: Entra types its access tokens JWT, never at+jwt, so every token would be refused (token_type_invalid)",
@@ -374,6 +380,35 @@ fn entra_issuers_requiring_at_jwt(policy: &Policy) -> Vec<String> {
         .filter(|issuer| issuer.require_at_jwt && issuer.is_entra())
         .map(|issuer| format!("issuer {} ({})", issuer.id, issuer.issuer))
         .collect()
+}
+
+/// The path globs whose last segment names an extension (`/assets/*.js`), by rule and matcher:
+/// `/a.*`, the spelling that takes every extension of `/a`, is not one.
+fn extension_globs(policy: &Policy) -> Vec<String> {
+    let names_extension = |glob: &str| {
+        let body = glob.strip_suffix('/').unwrap_or(glob);
+        let last = &body[body.rfind('/').map_or(0, |at| at + 1)..];
+        last.find('.').is_some_and(|at| at > 0) && !last.ends_with(".*")
+    };
+    let mut found = Vec::new();
+    for (n, rule) in policy.rules.iter().enumerate() {
+        for (k, m) in rule.matchers.iter().enumerate() {
+            for glob in m
+                .paths
+                .iter()
+                .map(|g| g.as_str())
+                .filter(|g| names_extension(g))
+            {
+                found.push(format!(
+                    "rule {}. {} match {} path {glob}",
+                    n + 1,
+                    rule.id,
+                    k + 1
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// The path globs with upper-case letters, by rule and matcher.
