@@ -690,11 +690,12 @@ async fn whole_messages_of_a_stream_are_given_back_to_the_budget() {
     const KIB: usize = 1024;
     let server = serve_with_budget().await;
     let mut client = connect(&server).await;
-    // Six messages of 60 KiB, each in pieces of HTTP/2 frames: 360 KiB against 256 KiB.
-    let message = frame(&list_services(60 * KIB));
-    let answer = send(&mut client, call(REFLECTION, &[]), vec![message; 6]).await;
+    // Twenty messages of 15 KiB (a reflection request is at most 16), most in pieces of HTTP/2
+    // frames: 300 KiB against 256 KiB.
+    let message = frame(&list_services(15 * KIB));
+    let answer = send(&mut client, call(REFLECTION, &[]), vec![message; 20]).await;
     assert_eq!(answer.grpc_status, "0", "served to its end");
-    assert_eq!(messages_in(&answer.body), 6, "each request answered");
+    assert_eq!(messages_in(&answer.body), 20, "each request answered");
 }
 
 /// How a call ended: its `grpc-status`, or `None` when the stream was reset before one came.
@@ -721,9 +722,11 @@ async fn a_stream_holding_an_unfinished_message_is_reset_after_the_request_timeo
     const KIB: usize = 1024;
     let server = serve(&[
         "--max-buffered-bytes",
-        "262144",
+        "24576",
         "--max-message-bytes",
-        "262144",
+        "24576",
+        "--max-decide-message-bytes",
+        "24576",
         "--request-timeout",
         "1s",
     ])
@@ -733,7 +736,7 @@ async fn a_stream_holding_an_unfinished_message_is_reset_after_the_request_timeo
         .send_request(call(REFLECTION, &[]), false)
         .expect("sends");
     stream
-        .send_data(Bytes::from(message_start(200 * KIB, 150 * KIB)), false)
+        .send_data(Bytes::from(message_start(16 * KIB, 15 * KIB)), false)
         .expect("sends data");
     let ended = tokio::time::timeout(Duration::from_secs(4), ending(response))
         .await
@@ -743,11 +746,12 @@ async fn a_stream_holding_an_unfinished_message_is_reset_after_the_request_timeo
         Some("0"),
         "not as if the client had ended it"
     );
-    // Its charge came back: another 150 KiB in pieces is read to its end.
+    // Its charge came back: another 15 KiB in pieces (30 KiB with it, against 24) is read to
+    // its end.
     let c = send(
         &mut client,
         call(CHECK, &[]),
-        vec![message_start(200 * KIB, 150 * KIB), vec![0; 50 * KIB]],
+        vec![message_start(20 * KIB, 15 * KIB), vec![0; 5 * KIB]],
     )
     .await;
     let (status, body) = denial(&check_response(&c)).expect("C is denied");
@@ -971,6 +975,75 @@ async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_conne
             .await,
         "no warning"
     );
+}
+
+/// A streaming call's answers are held to the same bound as a unary call's: a client that
+/// never gives them room loses its reflection streams `--request-timeout` after their first
+/// answer was ready, and its connection. tonic-reflection writes the request's `host` into its
+/// answers twice and holds them for the client, so a request is at most 16 KiB, and a health
+/// request (a service name) at most 1 KiB: one announcing more is refused at once, before its
+/// length is reserved.
+#[tokio::test]
+async fn a_streaming_call_whose_answers_are_not_taken_is_dropped_and_large_requests_refused() {
+    const KIB: usize = 1024;
+    let server = serve_metered(&["--request-timeout", "1s"]).await;
+    let port = server.url().rsplit(':').next().unwrap().to_owned();
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connects");
+    let (stingy, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("HTTP/2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut stingy = stingy.ready().await.expect("ready");
+    const STREAMS: usize = 5;
+    let mut heads = Vec::new();
+    for _ in 0..STREAMS {
+        let (response, mut stream) = stingy
+            .send_request(call(REFLECTION, &[]), false)
+            .expect("sends");
+        let request = frame(&list_services(10));
+        stream
+            .send_data(Bytes::from([request.clone(), request].concat()), false)
+            .expect("sends data");
+        heads.push((response, stream));
+        stingy = stingy.ready().await.expect("ready");
+    }
+    let mut fine = connect(&server).await;
+    closed_while_others_are_answered(&driver, &mut fine, Duration::from_secs(10)).await;
+    let metrics = server.scrape().await;
+    let series = format!("stepgate_grpc_unread_answers_total {STREAMS}");
+    assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    drop(heads);
+
+    // Announced past the bound: refused at once, the rest of the message never sent.
+    for (path, announced) in [(REFLECTION, 16 * KIB + 1), (HEALTH_CHECK, KIB + 1)] {
+        let (response, mut stream) = fine.send_request(call(path, &[]), false).expect("sends");
+        stream
+            .send_data(Bytes::from(message_start(announced, 0)), false)
+            .expect("sends the prefix");
+        let ended = tokio::time::timeout(Duration::from_secs(3), ending(response))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: held for a message announcing {announced} bytes"));
+        // Health ends the call OUT_OF_RANGE (tonic's answer to a message past its limit);
+        // tonic-reflection ends its stream.
+        let expected = if path == HEALTH_CHECK { "11" } else { "0" };
+        assert_eq!(ended.as_deref(), Some(expected), "{path}");
+    }
+    // Within the bounds, both answer.
+    let health = send(&mut fine, call(HEALTH_CHECK, &[]), vec![frame(&[])]).await;
+    assert_eq!(health.grpc_status, "0");
+    let listed = send(
+        &mut fine,
+        call(REFLECTION, &[]),
+        vec![frame(&list_services(15 * KIB))],
+    )
+    .await;
+    assert_eq!(listed.grpc_status, "0");
 }
 
 /// The server advertises 100 calls in flight per connection (`--max-concurrent-streams`): HTTP/2

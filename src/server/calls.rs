@@ -134,6 +134,13 @@ pub struct MessageDeadline {
     expired: std::sync::atomic::AtomicBool,
     /// The task waiting on the body, if it waits.
     reader: std::sync::Mutex<Option<std::task::Waker>>,
+    /// When the client must have taken the call's answer so far: set when an answer is ready
+    /// and hyper has not come back for more (it waits for the client's flow-control window),
+    /// cleared when it does ([`CallBody::Streaming`]). A stream whose client never gives its
+    /// window room would otherwise keep the answers tonic's service made for it, for as long as
+    /// the connection lives.
+    answer_at: std::sync::Mutex<Option<Instant>>,
+    answer_changed: Notify,
 }
 
 impl MessageDeadline {
@@ -168,17 +175,45 @@ impl MessageDeadline {
 
     /// Returns once the deadline has passed with a message still unfinished.
     async fn passed(&self) {
-        loop {
-            let changed = self.changed.notified();
-            match self.get() {
-                None => changed.await,
-                Some(at) => {
-                    tokio::select! {
-                        () = changed => {}
-                        () = tokio::time::sleep_until(at) => {
-                            if self.get().is_some_and(|now| now <= Instant::now()) {
-                                return;
-                            }
+        passed(&self.at, &self.changed).await;
+    }
+
+    fn owe_answer(&self, at: Option<Instant>) {
+        let mut slot = self
+            .answer_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *slot != at {
+            *slot = at;
+            drop(slot);
+            self.answer_changed.notify_one();
+        }
+    }
+
+    /// Returns once an answer has waited for its client past its time.
+    async fn answer_stuck(&self) {
+        passed(&self.answer_at, &self.answer_changed).await;
+    }
+}
+
+/// Returns once the instant in `slot` has passed while still set there (`changed` is notified
+/// whenever it is set or cleared).
+async fn passed(slot: &std::sync::Mutex<Option<Instant>>, changed: &Notify) {
+    let get = || {
+        *slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    loop {
+        let changed = changed.notified();
+        match get() {
+            None => changed.await,
+            Some(at) => {
+                tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep_until(at) => {
+                        if get().is_some_and(|now| now <= Instant::now()) {
+                            return;
                         }
                     }
                 }
@@ -434,13 +469,18 @@ where
         let deadline = match ends {
             StreamEnd::By(deadline) => deadline,
             StreamEnd::Open(message) => {
-                let remote = self.remote;
+                let (activity, remote) = (Arc::clone(&self.activity), self.remote);
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = stream => {}
                         () = message.passed() => {
                             message.expire();
                             slow_message(remote);
+                        }
+                        // Its answers not taken: dropped with the stream, as a unary call's.
+                        () = message.answer_stuck() => {
+                            unread(remote);
+                            activity.unread.notify_one();
                         }
                     }
                 });
@@ -589,7 +629,9 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             return Box::pin(within(timeout, call, guard));
         }
         let budget = Arc::clone(&self.calls.budget);
-        let deadline = message_deadline.map(|message| (message, self.calls.timeout));
+        let answer_within = self.calls.timeout;
+        let answers = message_deadline.clone();
+        let deadline = message_deadline.map(|message| (message, answer_within));
         let request = request.map(|inner| Charged::new(inner, budget, deadline));
         let mut routes = self.calls.routes.clone();
         let call = async move {
@@ -597,7 +639,18 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
                 std::future::poll_fn(|cx| Service::<Request<Charged>>::poll_ready(&mut routes, cx))
                     .await;
             let Ok(response) = routes.call(request).await;
-            response.map(CallBody::Tonic)
+            match answers {
+                // Owed from the head on, until hyper asks for the body.
+                Some(watch) => {
+                    watch.owe_answer(Some(Instant::now() + answer_within));
+                    response.map(|body| CallBody::Streaming {
+                        body,
+                        watch,
+                        within: answer_within,
+                    })
+                }
+                None => response.map(CallBody::Tonic),
+            }
         };
         Box::pin(within(timeout, call, guard))
     }
@@ -717,6 +770,13 @@ pub enum CallBody {
     Unary { frame: Option<Bytes>, ok: bool },
     /// Whatever tonic's services answered.
     Tonic(TonicBody),
+    /// A streaming call's answers, each to be taken by its client within `within`
+    /// ([`MessageDeadline::answer_stuck`]).
+    Streaming {
+        body: TonicBody,
+        watch: Arc<MessageDeadline>,
+        within: Duration,
+    },
 }
 
 impl HttpBody for CallBody {
@@ -738,13 +798,24 @@ impl HttpBody for CallBody {
                 None
             }),
             Self::Tonic(body) => Pin::new(body).poll_frame(cx),
+            Self::Streaming {
+                body,
+                watch,
+                within,
+            } => {
+                // hyper asks for more only once the client's window has room for it.
+                let polled = Pin::new(body).poll_frame(cx);
+                let owed = matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.is_data());
+                watch.owe_answer(owed.then(|| Instant::now() + *within));
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Unary { frame, ok } => frame.is_none() && !ok,
-            Self::Tonic(body) => body.is_end_stream(),
+            Self::Tonic(body) | Self::Streaming { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -757,7 +828,7 @@ impl HttpBody for CallBody {
                 hint.set_lower(frame.as_ref().map_or(0, |f| f.len() as u64));
                 hint
             }
-            Self::Tonic(body) => body.size_hint(),
+            Self::Tonic(body) | Self::Streaming { body, .. } => body.size_hint(),
         }
     }
 }

@@ -231,6 +231,9 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
         })
     }));
     let (health, health_service) = tonic_health::server::health_reporter();
+    // A health request names a service: a message announcing more is refused before tonic
+    // reserves what the prefix announces (4 MiB at its default, which no budget charged).
+    let health_service = health_service.max_decoding_message_size(MAX_HEALTH_MESSAGE_BYTES);
     // tonic-health starts the server as SERVING; nothing is ready until the readiness task says so.
     set_all(&health, ServingStatus::NotServing).await;
     // For liveness probes: SERVING as long as the process answers calls, whether or not it has
@@ -273,12 +276,14 @@ pub async fn run(options: ServeOptions, policy: Policy) -> anyhow::Result<()> {
             Some(
                 reflection_builder()
                     .build_v1()
-                    .context("building the reflection service")?,
+                    .context("building the reflection service")?
+                    .max_decoding_message_size(MAX_REFLECTION_MESSAGE_BYTES),
             ),
             Some(
                 reflection_builder()
                     .build_v1alpha()
-                    .context("building the reflection service (v1alpha)")?,
+                    .context("building the reflection service (v1alpha)")?
+                    .max_decoding_message_size(MAX_REFLECTION_MESSAGE_BYTES),
             ),
         )
     } else {
@@ -490,6 +495,13 @@ async fn report_readiness(
 
 /// The gRPC health service name that reports SERVING for as long as the process answers calls.
 pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// The largest health request (`grpc.health.v1.HealthCheckRequest`: a service name).
+const MAX_HEALTH_MESSAGE_BYTES: usize = 1024;
+/// The largest reflection request: a host and a file or symbol name. tonic-reflection writes the
+/// host into each answer twice, and a client that takes no answers keeps them: at tonic's 4 MiB
+/// default, about 100 MiB per connection.
+const MAX_REFLECTION_MESSAGE_BYTES: usize = 16 * 1024;
 
 async fn set_all(health: &HealthReporter, status: ServingStatus) {
     for service in [
