@@ -475,6 +475,16 @@ impl<'p> Run<'p> {
                 Cow::Borrowed(path)
             }
         });
+        // The path as upstreams that cut a trailing slash or an extension route it: the rules
+        // must pick the same one on it (below), and conditions that read the path see it too.
+        let sent = normalized.as_deref();
+        let slashless = sent
+            .filter(|p| p.len() > 1 && p.ends_with('/'))
+            .map(|p| &p[..p.len() - 1]);
+        let cuts = match sent {
+            Some(sent) if policy.upstream.format_suffix_either => without_extension(sent),
+            _ => [None, None],
+        };
         let input = CelInput::new(
             &policy.cel,
             request,
@@ -483,8 +493,12 @@ impl<'p> Run<'p> {
             now,
         )
         .with_risk(&risk_counts)
-        .with_readings(lowered.as_deref());
-        let sent = normalized.as_deref();
+        .with_readings(lowered.as_deref())
+        .with_path_readings(
+            slashless
+                .into_iter()
+                .chain(cuts.iter().flatten().map(String::as_str)),
+        );
         let lowered = lowered.as_deref();
         let path = PathReading {
             lowered,
@@ -552,10 +566,8 @@ impl<'p> Run<'p> {
         // `/a` to `/a.*` as well. A path whose last segment has an extension must pick the same
         // rule without it, or the protective `/payments/wire` would be skipped for
         // `/payments/wire.json` and a catch-all decide.
-        if policy.upstream.format_suffix_either
-            && let Some(sent) = sent
-        {
-            for cut in without_extension(sent).into_iter().flatten() {
+        if policy.upstream.format_suffix_either {
+            for cut in cuts.iter().flatten() {
                 let cut_lowered = cut.to_ascii_lowercase();
                 let without = PathReading {
                     lowered: Some(&cut_lowered),

@@ -2170,6 +2170,46 @@ fn an_extension_that_picks_another_rule_is_ambiguous() {
     assert_eq!(rule(&d), Some("everything-else"));
 }
 
+/// Conditions that read the path see it as the upstreams that cut a trailing slash or an
+/// extension route it, too: an escalation on `/export` holds for `/reports/export.csv` and
+/// `/reports/export/`, and a matcher's condition that holds for one reading and not another
+/// refuses the request rather than letting the catch-all decide it.
+#[test]
+fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
+    let exports = with_escalating_rule(
+        "reports",
+        "/reports/**",
+        "request.path.endsWith(\"/export\")",
+    );
+    let token = bearer(&rs256(&entra_user(&[])));
+    for target in ["/reports/export", "/reports/export.csv", "/reports/export/"] {
+        let d = decide(&exports, &http_request(&token, "GET", target), NOW);
+        assert_eq!(rule(&d), Some("reports"), "{target}");
+        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    }
+    let d = decide(
+        &exports,
+        &http_request(&token, "GET", "/reports/q4.csv"),
+        NOW,
+    );
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    // A matcher whose condition picks the wire transfer by its path.
+    let by_condition = with_rules(
+        "  - id: wire-by-path\n    match: { path: \"/payments/**\", when: 'request.path == \"/payments/wire\"' }\n    require: { auth_contexts: [c1] }\n",
+    );
+    for target in ["/payments/wire.json", "/payments/wire/"] {
+        let d = decide(&by_condition, &http_request(&token, "POST", target), NOW);
+        assert_ne!(rule(&d), Some("everything-else"), "{target}: {d:#?}");
+        assert!(!d.is_allow(), "{target}: {d:#?}");
+    }
+    let d = decide(
+        &by_condition,
+        &http_request(&token, "POST", "/payments/other"),
+        NOW,
+    );
+    assert_eq!(rule(&d), Some("everything-else"));
+}
+
 #[test]
 fn encoded_letters_case_and_repeated_slashes_cannot_bypass_the_admin_rule() {
     let entra = bearer(&rs256(&entra_user(&["c1"])));

@@ -163,21 +163,30 @@ impl Condition {
     /// the answer, as it is for one.
     pub fn evaluate_readings(&self, input: &CelInput<'_>, how: Readings) -> Result<bool, String> {
         let first = self.evaluate(input)?;
-        let Some(other) = input.other_reading.as_deref().filter(|_| self.uses.request) else {
+        if !self.uses.request {
             return Ok(first);
-        };
-        let second = self.evaluate(other)?;
-        match how {
-            Readings::Every => Ok(first && second),
-            Readings::Any => Ok(first || second),
-            Readings::Agree if first == second => Ok(first),
-            Readings::Agree => Err(format!(
-                "{:?} holds for one reading of the request and not for the other (the path in \
-                 its own letter case or in lower case, a HEAD as itself or as a GET): refused \
-                 rather than decided on one",
-                self.source
-            )),
         }
+        let mut answer = first;
+        let mut reading = input.other_reading.as_deref();
+        while let Some(other) = reading {
+            let next = self.evaluate(other)?;
+            match how {
+                Readings::Every => answer &= next,
+                Readings::Any => answer |= next,
+                Readings::Agree if next == first => {}
+                Readings::Agree => {
+                    return Err(format!(
+                        "{:?} holds for one reading of the request and not for another (the \
+                         path in its own letter case or in lower case, with or without its \
+                         trailing slash or the extension of its last segment, a HEAD as itself \
+                         or as a GET): refused rather than decided on one",
+                        self.source
+                    ));
+                }
+            }
+            reading = other.other_reading.as_deref();
+        }
+        Ok(answer)
     }
 
     /// Evaluates to a boolean. Any error, or a non-boolean result, is an `Err` with a message; the
@@ -430,6 +439,25 @@ impl<'a> CelInput<'a> {
     /// The request's second reading: the path as `lowered` (the normalised path in lower case,
     /// as rules match it) and a HEAD as a GET. Conditions that read `request` are evaluated on
     /// both when they differ ([`Condition::evaluate_readings`]). Call after [`Self::with_risk`].
+    /// Adds the readings of the path `paths` holds (without its trailing slash, without the
+    /// extension of its last segment: what some upstreams route it as), each evaluated as the
+    /// others are and combined the same way.
+    pub fn with_path_readings(mut self, paths: impl IntoIterator<Item = &'a str>) -> Self {
+        for path in paths {
+            if Some(path) == self.normalized_path {
+                continue;
+            }
+            let mut reading = Self::new(self.env, self.request, Some(path), self.claims, self.now);
+            reading.risk_counts = self.risk_counts;
+            let mut slot = &mut self.other_reading;
+            while slot.is_some() {
+                slot = &mut slot.as_mut().expect("a reading").other_reading;
+            }
+            *slot = Some(Box::new(reading));
+        }
+        self
+    }
+
     pub fn with_readings(mut self, lowered: Option<&'a str>) -> Self {
         let head = self
             .request
