@@ -853,11 +853,8 @@ async fn a_stream_whose_answers_are_not_taken_gives_its_charge_back_in_time() {
 }
 
 /// A connection whose client never gives its answers room (an HTTP/2 window of 0, never
-/// updated), with `calls` allowed `Check`s sent on it: (its driver, the answers' bodies).
-async fn connection_taking_no_answers(
-    server: &Server,
-    calls: usize,
-) -> (tokio::task::JoinHandle<()>, Vec<h2::RecvStream>) {
+/// updated): (its client, its driver).
+async fn stingy_connection(server: &Server) -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
     let port = server.url().rsplit(':').next().unwrap().to_owned();
     let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
         .await
@@ -870,7 +867,16 @@ async fn connection_taking_no_answers(
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    let mut client = client.ready().await.expect("ready");
+    (client.ready().await.expect("ready"), driver)
+}
+
+/// A [`stingy_connection`] with `calls` allowed `Check`s sent on it: (its driver, the answers'
+/// bodies).
+async fn connection_taking_no_answers(
+    server: &Server,
+    calls: usize,
+) -> (tokio::task::JoinHandle<()>, Vec<h2::RecvStream>) {
+    let (mut client, driver) = stingy_connection(server).await;
     let check = Bytes::from(frame(&allowed_check()));
     let mut answers = Vec::new();
     for _ in 0..calls {
@@ -987,19 +993,7 @@ async fn a_client_that_does_not_take_its_answers_loses_its_streams_and_its_conne
 async fn a_streaming_call_whose_answers_are_not_taken_is_dropped_and_large_requests_refused() {
     const KIB: usize = 1024;
     let server = serve_metered(&["--request-timeout", "1s"]).await;
-    let port = server.url().rsplit(':').next().unwrap().to_owned();
-    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connects");
-    let (stingy, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("HTTP/2 handshake");
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut stingy = stingy.ready().await.expect("ready");
+    let (mut stingy, driver) = stingy_connection(&server).await;
     const STREAMS: usize = 5;
     let mut heads = Vec::new();
     for _ in 0..STREAMS {

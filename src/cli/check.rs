@@ -10,7 +10,10 @@ use stepgate::{
         jwks::KeySet,
         keys::issuer_of_discovery_url,
     },
-    policy::{DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition},
+    policy::{
+        DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition,
+        pattern::PathGlob,
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -385,44 +388,31 @@ fn entra_issuers_requiring_at_jwt(policy: &Policy) -> Vec<String> {
 /// The path globs whose last segment names an extension (`/assets/*.js`), by rule and matcher:
 /// `/a.*`, the spelling that takes every extension of `/a`, is not one.
 fn extension_globs(policy: &Policy) -> Vec<String> {
-    let names_extension = |glob: &str| {
+    globs_where(policy, |glob| {
+        let glob = glob.as_str();
         let body = glob.strip_suffix('/').unwrap_or(glob);
         let last = &body[body.rfind('/').map_or(0, |at| at + 1)..];
         last.find('.').is_some_and(|at| at > 0) && !last.ends_with(".*")
-    };
-    let mut found = Vec::new();
-    for (n, rule) in policy.rules.iter().enumerate() {
-        for (k, m) in rule.matchers.iter().enumerate() {
-            for glob in m
-                .paths
-                .iter()
-                .map(|g| g.as_str())
-                .filter(|g| names_extension(g))
-            {
-                found.push(format!(
-                    "rule {}. {} match {} path {glob}",
-                    n + 1,
-                    rule.id,
-                    k + 1
-                ));
-            }
-        }
-    }
-    found
+    })
 }
 
 /// The path globs with upper-case letters, by rule and matcher.
 fn upper_case_globs(policy: &Policy) -> Vec<String> {
+    globs_where(policy, PathGlob::has_upper_case)
+}
+
+/// The path globs `which` picks, each named by its rule and matcher.
+fn globs_where(policy: &Policy, which: impl Fn(&PathGlob) -> bool) -> Vec<String> {
     let mut found = Vec::new();
     for (n, rule) in policy.rules.iter().enumerate() {
         for (k, m) in rule.matchers.iter().enumerate() {
-            for glob in m.paths.iter().filter(|g| g.has_upper_case()) {
-                let glob = glob.as_str();
+            for glob in m.paths.iter().filter(|g| which(g)) {
                 found.push(format!(
-                    "rule {}. {} match {} path {glob}",
+                    "rule {}. {} match {} path {}",
                     n + 1,
                     rule.id,
-                    k + 1
+                    k + 1,
+                    glob.as_str()
                 ));
             }
         }
