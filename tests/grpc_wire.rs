@@ -814,17 +814,7 @@ async fn a_stream_whose_answers_are_not_taken_gives_its_charge_back_in_time() {
 
     // A client that never gives answers room, three reflection streams each holding 15 KiB of a
     // message after three whole ones: 45 KiB of the 64.
-    let port = server.url().rsplit(':').next().unwrap().to_owned();
-    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connects");
-    let (stingy, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    let mut stingy = stingy.ready().await.expect("ready");
+    let (mut stingy, _driver) = stingy_connection(&server).await;
     let mut streams = Vec::new();
     for _ in 0..3 {
         let (response, mut stream) = stingy
