@@ -485,6 +485,15 @@ impl<'p> Run<'p> {
             Some(sent) if policy.upstream.format_suffix_either => without_extension(sent),
             _ => [None, None],
         };
+        // Each in its own case and in lower case, as the path itself is read.
+        let mut readings: Vec<(String, bool)> = Vec::new();
+        let cut_paths = cuts.iter().flatten().map(|cut| (cut.as_str(), true));
+        for (path, escalations_only) in slashless.map(|p| (p, false)).into_iter().chain(cut_paths) {
+            readings.push((path.to_owned(), escalations_only));
+            if path.bytes().any(|b| b.is_ascii_uppercase()) {
+                readings.push((path.to_ascii_lowercase(), escalations_only));
+            }
+        }
         let input = CelInput::new(
             &policy.cel,
             request,
@@ -495,9 +504,9 @@ impl<'p> Run<'p> {
         .with_risk(&risk_counts)
         .with_readings(lowered.as_deref())
         .with_path_readings(
-            slashless
-                .into_iter()
-                .chain(cuts.iter().flatten().map(String::as_str)),
+            readings
+                .iter()
+                .map(|(path, escalations_only)| (path.as_str(), *escalations_only)),
         );
         let lowered = lowered.as_deref();
         let path = PathReading {

@@ -2171,9 +2171,11 @@ fn an_extension_that_picks_another_rule_is_ambiguous() {
 }
 
 /// Conditions that read the path see it as the upstreams that cut a trailing slash or an
-/// extension route it, too: an escalation on `/export` holds for `/reports/export.csv` and
-/// `/reports/export/`, and a matcher's condition that holds for one reading and not another
-/// refuses the request rather than letting the catch-all decide it.
+/// extension route it, in either letter case: an escalation on `/export` holds for
+/// `/reports/EXPORT.csv` and `/reports/export/`, and a matcher's condition that holds for one
+/// reading of a trailing slash and not another refuses the request rather than letting the
+/// catch-all decide it. The extension is read so by escalations only: a matcher or a
+/// requirement testing it (`endsWith(".pdf")`) decides its own requests.
 #[test]
 fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
     let exports = with_escalating_rule(
@@ -2182,10 +2184,19 @@ fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
         "request.path.endsWith(\"/export\")",
     );
     let token = bearer(&rs256(&entra_user(&[])));
-    for target in ["/reports/export", "/reports/export.csv", "/reports/export/"] {
-        let d = decide(&exports, &http_request(&token, "GET", target), NOW);
-        assert_eq!(rule(&d), Some("reports"), "{target}");
-        expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+    for target in [
+        "/reports/export",
+        "/reports/export.csv",
+        "/reports/export/",
+        "/reports/EXPORT",
+        "/reports/EXPORT/",
+        "/reports/EXPORT.csv",
+    ] {
+        for method in ["GET", "HEAD"] {
+            let d = decide(&exports, &http_request(&token, method, target), NOW);
+            assert_eq!(rule(&d), Some("reports"), "{method} {target}");
+            expect(&d, Outcome::StepUp, 401, Reason::MissingAuthContext);
+        }
     }
     let d = decide(
         &exports,
@@ -2197,7 +2208,7 @@ fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
     let by_condition = with_rules(
         "  - id: wire-by-path\n    match: { path: \"/payments/**\", when: 'request.path == \"/payments/wire\"' }\n    require: { auth_contexts: [c1] }\n",
     );
-    for target in ["/payments/wire.json", "/payments/wire/"] {
+    for target in ["/payments/wire/", "/payments/WIRE/", "/payments/WIRE"] {
         let d = decide(&by_condition, &http_request(&token, "POST", target), NOW);
         assert_ne!(rule(&d), Some("everything-else"), "{target}: {d:#?}");
         assert!(!d.is_allow(), "{target}: {d:#?}");
@@ -2208,6 +2219,16 @@ fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
         NOW,
     );
     assert_eq!(rule(&d), Some("everything-else"));
+    // Conditions on the extension decide the requests they were written for.
+    let pdfs = with_rules(
+        "  - id: pdfs\n    match: { path: \"/files/**\", when: 'request.path.endsWith(\".pdf\")' }\n    require: { authenticated: true }\n  \
+         - id: downloads\n    match: { path: \"/downloads/**\" }\n    require: { authenticated: true, when: 'request.path.matches(\"[.](pdf|csv)$\")' }\n",
+    );
+    for (target, expected) in [("/files/a.pdf", "pdfs"), ("/downloads/q4.pdf", "downloads")] {
+        let d = decide(&pdfs, &http_request(&token, "GET", target), NOW);
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+        assert_eq!(rule(&d), Some(expected), "{target}");
+    }
 }
 
 #[test]

@@ -169,6 +169,10 @@ impl Condition {
         let mut answer = first;
         let mut reading = input.other_reading.as_deref();
         while let Some(other) = reading {
+            reading = other.other_reading.as_deref();
+            if other.escalations_only && how != Readings::Any {
+                continue;
+            }
             let next = self.evaluate(other)?;
             match how {
                 Readings::Every => answer &= next,
@@ -184,7 +188,6 @@ impl Condition {
                     ));
                 }
             }
-            reading = other.other_reading.as_deref();
         }
         Ok(answer)
     }
@@ -376,6 +379,10 @@ pub struct CelInput<'a> {
     method: Option<&'a str>,
     /// The request's other reading, when it has one that differs (see [`Self::with_readings`]).
     other_reading: Option<Box<CelInput<'a>>>,
+    /// A reading only escalations see (the path without its extension): a matcher or a
+    /// requirement that tests the extension (`endsWith(".pdf")`) would otherwise never agree
+    /// with it, while an escalation only ever asks more on it.
+    escalations_only: bool,
     claims: Option<&'a Map<String, Json>>,
     now: i64,
     /// The risk signals' counts for this request, by name (read only by expressions that use them).
@@ -405,6 +412,7 @@ impl<'a> CelInput<'a> {
             normalized_path,
             method: None,
             other_reading: None,
+            escalations_only: false,
             claims,
             now,
             risk_counts: None,
@@ -442,18 +450,31 @@ impl<'a> CelInput<'a> {
     /// Adds the readings of the path `paths` holds (without its trailing slash, without the
     /// extension of its last segment: what some upstreams route it as), each evaluated as the
     /// others are and combined the same way.
-    pub fn with_path_readings(mut self, paths: impl IntoIterator<Item = &'a str>) -> Self {
-        for path in paths {
+    /// Each path comes in its own case and in lower case (`paths` holds both), and a HEAD is
+    /// read as itself and as a GET on each; `escalations_only` for the extension's readings.
+    pub fn with_path_readings(mut self, paths: impl IntoIterator<Item = (&'a str, bool)>) -> Self {
+        let head = self
+            .request
+            .http
+            .as_ref()
+            .is_some_and(|h| h.method == "HEAD");
+        for (path, escalations_only) in paths {
             if Some(path) == self.normalized_path {
                 continue;
             }
-            let mut reading = Self::new(self.env, self.request, Some(path), self.claims, self.now);
-            reading.risk_counts = self.risk_counts;
-            let mut slot = &mut self.other_reading;
-            while slot.is_some() {
-                slot = &mut slot.as_mut().expect("a reading").other_reading;
+            let methods: &[Option<&'a str>] = if head { &[None, Some("GET")] } else { &[None] };
+            for &method in methods {
+                let mut reading =
+                    Self::new(self.env, self.request, Some(path), self.claims, self.now);
+                reading.risk_counts = self.risk_counts;
+                reading.method = method;
+                reading.escalations_only = escalations_only;
+                let mut slot = &mut self.other_reading;
+                while slot.is_some() {
+                    slot = &mut slot.as_mut().expect("a reading").other_reading;
+                }
+                *slot = Some(Box::new(reading));
             }
-            *slot = Some(Box::new(reading));
         }
         self
     }

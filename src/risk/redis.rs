@@ -1066,13 +1066,22 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
     {
         return ignored("a revocation from the risk store", &error);
     }
+    // No replica writes a revocation further ahead of its own clock than the admin API admits,
+    // nor one made ahead of this replica's clock by more than that: one that is (written into
+    // the store by hand) would refuse the sign-ins of years to come. Ignored rather than
+    // brought back to a bound, which would move on at every resync.
+    let ahead = revocations::MAX_CLOCK_AHEAD_SECONDS;
+    if record.before > record.created_at.saturating_add(ahead)
+        || record.created_at > now.saturating_add(ahead)
+    {
+        return ignored(
+            "a revocation from the risk store",
+            "its time is further ahead than a replica's clock allows",
+        );
+    }
     let revocation = Revocation {
         subject: subject.to_owned(),
-        // No replica writes one further ahead than its clock allows: one that is (written into
-        // the store by hand) revokes no sign-in made after that bound.
-        before: record
-            .before
-            .min(now.saturating_add(revocations::MAX_CLOCK_AHEAD_SECONDS)),
+        before: record.before,
         reason_id: Arc::from(record.reason_id.as_str()),
         reason: record.reason.clone(),
         created_at: record.created_at,
@@ -1139,34 +1148,53 @@ mod tests {
     use super::*;
 
     /// No replica writes a revocation further ahead of its clock than the admin API admits: one
-    /// found in the store (written there by hand) is brought back to that bound, so it cannot
-    /// refuse the sign-ins of years to come, and a time at the end of the range is no overflow.
+    /// found in the store (written there by hand) is ignored, at every resync (a bound moving
+    /// with the clock would refuse every later sign-in), and a time at the end of the range is
+    /// no overflow. One a replica writes, a few minutes ahead at most, is applied.
     #[test]
-    fn a_stored_revocation_is_held_to_the_clock_bound() {
+    fn a_stored_revocation_past_the_clock_bound_is_ignored() {
         let now = 1_800_000_000;
-        for before in [now + 10 * 365 * 86_400, i64::MAX] {
+        let ahead = revocations::MAX_CLOCK_AHEAD_SECONDS;
+        let record = |before, created_at| RevocationRecord {
+            before,
+            reason_id: "INC-1".into(),
+            reason: String::new(),
+            created_at,
+            created_by: "san:ops".into(),
+        };
+        for (before, created_at) in [
+            (now + 10 * 365 * 86_400, now),
+            (i64::MAX, now),
+            (now + 10 * 365 * 86_400, now + 10 * 365 * 86_400),
+            (i64::MAX, i64::MAX),
+        ] {
             let state = RiskState::default();
-            let record = RevocationRecord {
-                before,
-                reason_id: "INC-1".into(),
-                reason: String::new(),
-                created_at: now,
-                created_by: "san:ops".into(),
-            };
-            apply_revocation(&state, "alice", &record, now);
+            for resync in 0..120 {
+                apply_revocation(
+                    &state,
+                    "alice",
+                    &record(before, created_at),
+                    now + resync * 30,
+                );
+            }
+            assert!(
+                state
+                    .revocations()
+                    .revoking("alice", Some(now - 1), now)
+                    .is_none(),
+                "ignored: {before} {created_at}"
+            );
+        }
+        for (before, created_at) in [(now - 10, now - 10), (now + ahead, now), (now, now + ahead)] {
+            let state = RiskState::default();
+            apply_revocation(&state, "alice", &record(before, created_at), now);
             let revocations = state.revocations();
-            let bound = now + revocations::MAX_CLOCK_AHEAD_SECONDS;
             assert!(
                 revocations
-                    .revoking("alice", Some(bound - 1), now)
+                    .revoking("alice", Some(before - 1), now)
                     .is_some()
             );
-            assert!(
-                revocations.revoking("alice", Some(bound), now).is_none(),
-                "a sign-in past the bound: {before}"
-            );
-            let later = now + 365 * 86_400;
-            assert!(revocations.revoking("alice", Some(later), later).is_none());
+            assert!(revocations.revoking("alice", Some(before), now).is_none());
         }
     }
 
