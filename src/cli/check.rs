@@ -14,6 +14,7 @@ use stepgate::{
         DefaultAction, Matcher, PathCase, Policy, Requirement, condition::Condition,
         pattern::PathGlob,
     },
+    request::path::without_extension,
 };
 
 #[derive(Debug, clap::Args)]
@@ -390,9 +391,8 @@ fn entra_issuers_requiring_at_jwt(policy: &Policy) -> Vec<String> {
 fn extension_globs(policy: &Policy) -> Vec<String> {
     globs_where(policy, |glob| {
         let glob = glob.as_str();
-        let body = glob.strip_suffix('/').unwrap_or(glob);
-        let last = &body[body.rfind('/').map_or(0, |at| at + 1)..];
-        last.find('.').is_some_and(|at| at > 0) && !last.ends_with(".*")
+        let [cut, _] = without_extension(glob);
+        cut.is_some() && !glob.trim_end_matches('/').ends_with(".*")
     })
 }
 

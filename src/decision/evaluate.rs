@@ -482,18 +482,19 @@ impl<'p> Run<'p> {
             .filter(|p| p.len() > 1 && p.ends_with('/'))
             .map(|p| &p[..p.len() - 1]);
         let cuts = match sent {
-            Some(sent) if policy.upstream.format_suffix_either => without_extension(sent),
+            Some(sent) if policy.upstream.format_suffix_either => path::without_extension(sent),
             _ => [None, None],
         };
         // Each in its own case and in lower case, as the path itself is read.
-        let mut readings: Vec<(String, bool)> = Vec::new();
-        let cut_paths = cuts.iter().flatten().map(|cut| (cut.as_str(), true));
-        for (path, escalations_only) in slashless.map(|p| (p, false)).into_iter().chain(cut_paths) {
-            readings.push((path.to_owned(), escalations_only));
-            if path.bytes().any(|b| b.is_ascii_uppercase()) {
-                readings.push((path.to_ascii_lowercase(), escalations_only));
-            }
-        }
+        let lower = |p: &str| {
+            p.bytes()
+                .any(|b| b.is_ascii_uppercase())
+                .then(|| p.to_ascii_lowercase())
+        };
+        let slashless_lowered = slashless.and_then(lower);
+        let cuts_lowered = cuts.each_ref().map(|cut| cut.as_deref().and_then(lower));
+        let slash_readings = slashless.into_iter().chain(slashless_lowered.as_deref());
+        let cut_readings = cuts.iter().chain(&cuts_lowered).flatten();
         let input = CelInput::new(
             &policy.cel,
             request,
@@ -504,9 +505,9 @@ impl<'p> Run<'p> {
         .with_risk(&risk_counts)
         .with_readings(lowered.as_deref())
         .with_path_readings(
-            readings
-                .iter()
-                .map(|(path, escalations_only)| (path.as_str(), *escalations_only)),
+            slash_readings
+                .map(|path| (path, false))
+                .chain(cut_readings.map(|path| (path.as_str(), true))),
         );
         let lowered = lowered.as_deref();
         let path = PathReading {
@@ -576,10 +577,10 @@ impl<'p> Run<'p> {
         // rule without it, or the protective `/payments/wire` would be skipped for
         // `/payments/wire.json` and a catch-all decide.
         if policy.upstream.format_suffix_either {
-            for cut in cuts.iter().flatten() {
-                let cut_lowered = cut.to_ascii_lowercase();
+            for (cut, cut_lowered) in cuts.iter().zip(&cuts_lowered) {
+                let Some(cut) = cut else { continue };
                 let without = PathReading {
-                    lowered: Some(&cut_lowered),
+                    lowered: Some(cut_lowered.as_deref().unwrap_or(cut)),
                     in_case: path.in_case.map(|_| cut.as_str()),
                     slash_apart: false,
                 };
@@ -1310,24 +1311,6 @@ const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and 
                                    both (/a and /a.*), or set upstream.format_suffix: exact if \
                                    the upstream routes the path as sent";
 
-/// `path` without the extension of its last segment (the one before a trailing slash, which is
-/// kept), as an upstream that serves `/a.json` from its `/a` route reads it: cut at the
-/// segment's first dot (Spring MVC's `/a.*`, and Rails's `(.:format)` after a name without
-/// dots) and, when that is another, at its last (Rails's after a name that may hold dots). None
-/// when the segment has no dot, or only one leading it (`.env` is a name).
-fn without_extension(path: &str) -> [Option<String>; 2] {
-    let body = path.strip_suffix('/').unwrap_or(path);
-    let start = body.rfind('/').map_or(0, |at| at + 1);
-    let segment = &body[start..];
-    let Some(first) = segment.find('.').filter(|&at| at > 0) else {
-        return [None, None];
-    };
-    let last = segment.rfind('.').filter(|&at| at != first);
-    let trailing = &path[body.len()..];
-    let cut = |at: usize| Some(format!("{}{trailing}", &path[..start + at]));
-    [cut(first), last.and_then(cut)]
-}
-
 /// The first enforced rule a search from the start settles on (shadow rules passed over and not
 /// recorded): its index, or the index of the rule whose condition failed.
 fn first_enforced(
@@ -1659,30 +1642,3 @@ fn push_escaped(out: &mut String, text: &str, list_item: bool) {
 
 #[cfg(test)]
 mod index_property;
-
-#[cfg(test)]
-mod extension_tests {
-    use super::without_extension;
-
-    /// Cut at the last segment's first dot and, when another, its last; the trailing slash
-    /// kept; nothing for a segment without a dot past its first character.
-    #[test]
-    fn the_path_without_its_extension_is_read_as_rails_and_spring_read_it() {
-        let cuts = |path: &str| without_extension(path).map(|c| c.unwrap_or_default());
-        for (path, first, last) in [
-            ("/payments/wire.json", "/payments/wire", ""),
-            ("/payments/wire.json/", "/payments/wire/", ""),
-            ("/files/a.b.json", "/files/a", "/files/a.b"),
-            ("/v1.2/orders", "", ""),
-            ("/orders/.env", "", ""),
-            ("/orders/.env.json", "", ""),
-            ("/orders/42", "", ""),
-            ("/", "", ""),
-            ("", "", ""),
-            ("/a.", "/a", ""),
-            ("/é.json", "/é", ""),
-        ] {
-            assert_eq!(cuts(path), [first.to_owned(), last.to_owned()], "{path}");
-        }
-    }
-}

@@ -199,6 +199,24 @@ fn hex(digit: u8) -> Option<u8> {
     }
 }
 
+/// `path` without the extension of its last segment (the one before a trailing slash, which is
+/// kept), as an upstream that serves `/a.json` from its `/a` route reads it: cut at the
+/// segment's first dot (Spring MVC's `/a.*`, and Rails's `(.:format)` after a name without
+/// dots) and, when that is another, at its last (Rails's after a name that may hold dots). None
+/// when the segment has no dot, or only one leading it (`.env` is a name).
+pub fn without_extension(path: &str) -> [Option<String>; 2] {
+    let body = path.strip_suffix('/').unwrap_or(path);
+    let start = body.rfind('/').map_or(0, |at| at + 1);
+    let segment = &body[start..];
+    let Some(first) = segment.find('.').filter(|&at| at > 0) else {
+        return [None, None];
+    };
+    let last = segment.rfind('.').filter(|&at| at != first);
+    let trailing = &path[body.len()..];
+    let cut = |at: usize| Some(format!("{}{trailing}", &path[..start + at]));
+    [cut(first), last.and_then(cut)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +365,33 @@ mod tests {
             ("", PathProblem::NotAbsolute),
         ] {
             assert_eq!(normalize(target, Refuse), Err(expected), "{target:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod extension_tests {
+    use super::without_extension;
+
+    /// Cut at the last segment's first dot and, when another, its last; the trailing slash
+    /// kept; nothing for a segment without a dot past its first character.
+    #[test]
+    fn the_path_without_its_extension_is_read_as_rails_and_spring_read_it() {
+        let cuts = |path: &str| without_extension(path).map(|c| c.unwrap_or_default());
+        for (path, first, last) in [
+            ("/payments/wire.json", "/payments/wire", ""),
+            ("/payments/wire.json/", "/payments/wire/", ""),
+            ("/files/a.b.json", "/files/a", "/files/a.b"),
+            ("/v1.2/orders", "", ""),
+            ("/orders/.env", "", ""),
+            ("/orders/.env.json", "", ""),
+            ("/orders/42", "", ""),
+            ("/", "", ""),
+            ("", "", ""),
+            ("/a.", "/a", ""),
+            ("/é.json", "/é", ""),
+        ] {
+            assert_eq!(cuts(path), [first.to_owned(), last.to_owned()], "{path}");
         }
     }
 }
