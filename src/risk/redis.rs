@@ -1035,6 +1035,20 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         tracing::warn!(field, "a block of an unknown kind in Redis is ignored");
         return;
     };
+    // No replica writes a block ending more than the admin API's longest time after it was
+    // made, nor one made ahead of this replica's clock by more than a clock may be: one that is
+    // (written into the store by hand) would never end, its end brought back to a bound that
+    // moves on at every resync. Ignored, as such a revocation is.
+    let ahead = revocations::MAX_CLOCK_AHEAD_SECONDS;
+    if !record.removed
+        && (record.expires_at > record.created_at.saturating_add(MAX_TTL_SECONDS + ahead)
+            || record.created_at > now.saturating_add(ahead))
+    {
+        return ignored(
+            "a block from the risk store",
+            "it ends further ahead than a replica's block may",
+        );
+    }
     if record.removed {
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
         // read lock, not removed under the write lock the request path waits on.
@@ -1049,7 +1063,7 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         reason_id: Arc::from(record.reason_id.as_str()),
         reason: record.reason.clone(),
         created_at: record.created_at,
-        expires_at: record.expires_at.min(now + MAX_TTL_SECONDS),
+        expires_at: record.expires_at,
         created_by: record.created_by.clone(),
     };
     let unchanged = state
@@ -1195,6 +1209,57 @@ mod tests {
                     .is_some()
             );
             assert!(revocations.revoking("alice", Some(before), now).is_none());
+        }
+    }
+
+    /// The same for a block: one that ends further after it was made than the admin API's
+    /// longest block, or made ahead of the clock, is ignored at every resync (its end brought
+    /// back to now + 90 days at each would never come); one a replica writes is applied, and
+    /// ends when it says.
+    #[test]
+    fn a_stored_block_past_the_clock_bound_is_ignored() {
+        let now = 1_800_000_000;
+        let ahead = revocations::MAX_CLOCK_AHEAD_SECONDS;
+        let field = block_field(Kind::Subject, "alice");
+        let record = |created_at, expires_at| BlockRecord {
+            removed: false,
+            reason_id: "INC-1".into(),
+            reason: String::new(),
+            created_at,
+            expires_at,
+            created_by: "san:ops".into(),
+        };
+        for (created_at, expires_at) in [
+            (now, now + 10 * 365 * 86_400),
+            (now, i64::MAX),
+            (0, now + 86_400),
+            (now + 10 * 365 * 86_400, now + 10 * 365 * 86_400 + 60),
+            (i64::MAX, i64::MAX),
+        ] {
+            let state = RiskState::default();
+            for resync in 0..120 {
+                apply_block(
+                    &state,
+                    &field,
+                    &record(created_at, expires_at),
+                    now + resync * 30,
+                );
+            }
+            assert!(
+                state.blocks().get(Kind::Subject, "alice", now).is_none(),
+                "ignored: {created_at} {expires_at}"
+            );
+        }
+        for (created_at, expires_at) in [
+            (now - 10, now + 60),
+            (now, now + MAX_TTL_SECONDS + ahead),
+            (now + ahead, now + ahead + 60),
+        ] {
+            let state = RiskState::default();
+            apply_block(&state, &field, &record(created_at, expires_at), now);
+            let blocks = state.blocks();
+            assert!(blocks.get(Kind::Subject, "alice", expires_at - 1).is_some());
+            assert!(blocks.get(Kind::Subject, "alice", expires_at).is_none());
         }
     }
 

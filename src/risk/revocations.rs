@@ -22,7 +22,8 @@ pub const MAX_REVOCATIONS: usize = 100_000;
 /// How long a revocation is kept after its time: 48 hours.
 pub const KEEP_SECONDS: i64 = 48 * 3600;
 /// How far ahead of this server's clock a revocation time may be (another host's clock): the
-/// admin API refuses more, and one read from the shared store is brought back to it.
+/// admin API refuses more, and a revocation or block read from the shared store that no replica
+/// could have written under it is ignored.
 pub const MAX_CLOCK_AHEAD_SECONDS: i64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
