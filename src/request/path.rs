@@ -205,13 +205,18 @@ fn hex(digit: u8) -> Option<u8> {
 /// dots) and, when that is another, at its last (Rails's after a name that may hold dots). None
 /// when the segment has no dot, or only one leading it (`.env` is a name).
 pub fn without_extension(path: &str) -> [Option<String>; 2] {
+    // Searched as bytes (`/` and `.` are ASCII, so each found is a character boundary): a
+    // `char` searched from the end is decoded character by character.
     let body = path.strip_suffix('/').unwrap_or(path);
-    let start = body.rfind('/').map_or(0, |at| at + 1);
+    let start = body.bytes().rposition(|b| b == b'/').map_or(0, |at| at + 1);
     let segment = &body[start..];
-    let Some(first) = segment.find('.').filter(|&at| at > 0) else {
+    let Some(first) = segment.bytes().position(|b| b == b'.').filter(|&at| at > 0) else {
         return [None, None];
     };
-    let last = segment.rfind('.').filter(|&at| at != first);
+    let last = segment
+        .bytes()
+        .rposition(|b| b == b'.')
+        .filter(|&at| at != first);
     let trailing = &path[body.len()..];
     let cut = |at: usize| Some(format!("{}{trailing}", &path[..start + at]));
     [cut(first), last.and_then(cut)]
