@@ -33,6 +33,7 @@ use crate::{
         AccessRequest, Established, PresentedCredential, RequestProblem, is_valid_operation, path,
     },
     risk::signals::{Action, Keys, Signal},
+    stripe::local_copy,
 };
 
 /// Decides one request at unix time `now`.
@@ -848,7 +849,7 @@ impl<'p> Run<'p> {
         reason: Reason,
     ) {
         self.shadows.push(Shadow {
-            rule: Arc::clone(&rule.id),
+            rule: local_copy(&rule.id),
             escalation,
             outcome,
             reason,
@@ -1211,7 +1212,7 @@ impl<'p> Run<'p> {
         www: Option<String>,
     ) -> Decision {
         let mut d = self.base(Outcome::Deny, reason, message.to_owned(), status);
-        d.rule = rule.map(|r| Arc::clone(&r.id));
+        d.rule = rule.map(|r| local_copy(&r.id));
         d.www_authenticate = www;
         d
     }
@@ -1240,7 +1241,7 @@ impl<'p> Run<'p> {
         step_up: StepUp,
     ) -> Decision {
         let mut d = self.base(Outcome::StepUp, reason, message.to_owned(), 401);
-        d.rule = Some(Arc::clone(&rule.id));
+        d.rule = Some(local_copy(&rule.id));
         d.www_authenticate = Some(www);
         d.step_up = Some(Box::new(step_up));
         d.principal = Some(token.principal.clone());
@@ -1262,7 +1263,7 @@ impl<'p> Run<'p> {
         };
         self.step("decision", || message.to_owned());
         let mut d = self.base(Outcome::Allow, reason, message, 200);
-        d.rule = rule.map(|r| Arc::clone(&r.id));
+        d.rule = rule.map(|r| local_copy(&r.id));
         if let Some(token) = token {
             d.identity_headers = identity_headers(self.policy, rule, token);
             d.principal = Some(token.principal.clone());
@@ -1273,7 +1274,7 @@ impl<'p> Run<'p> {
                 .identity_headers
                 .iter()
                 .filter(|(_, source)| *source == HeaderSource::Rule)
-                .map(|(name, _)| (Arc::clone(name), Arc::clone(&rule.id)))
+                .map(|(name, _)| (local_copy(name), local_copy(&rule.id)))
                 .collect();
         }
         d
@@ -1559,7 +1560,7 @@ fn identity_headers(
                 HeaderSource::Scopes => join(&p.scopes),
                 HeaderSource::Roles => join(&p.roles),
                 HeaderSource::AuthTime => p.auth_time.map(|t| Arc::from(t.to_string())),
-                HeaderSource::Rule => rule.map(|r| Arc::clone(&r.id)),
+                HeaderSource::Rule => rule.map(|r| local_copy(&r.id)),
                 HeaderSource::Claim(claim) => match token.claims.get(claim) {
                     Some(Value::String(s)) => single(Some(Arc::from(s.as_str()))),
                     Some(Value::Number(n)) => Some(Arc::from(n.to_string())),
@@ -1571,7 +1572,7 @@ fn identity_headers(
                     _ => None,
                 },
             }?;
-            Some((Arc::clone(name), value))
+            Some((local_copy(name), value))
         })
         .collect()
 }

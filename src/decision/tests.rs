@@ -3822,3 +3822,57 @@ fn cached_tokens_keep_only_the_claims_the_policy_reads() {
         &KeepClaims::Named(vec!["department".to_owned(), "tid".to_owned()].into())
     );
 }
+
+/// A decision carries the rule's id and the identity headers' names as this thread's copies,
+/// not clones of the policy's: on many cores those clones wrote the policy's counts, lines
+/// every core moved between them on every request. The counts stay where they were however
+/// many ALLOWs, STEP_UPs and DENYs are decided and held.
+#[test]
+fn decisions_leave_the_policys_strings_counts_alone() {
+    let policy = demo_policy();
+    let wire = policy
+        .rules
+        .iter()
+        .find(|r| &*r.id == "wire-transfer")
+        .expect("the demo's wire-transfer rule");
+    let names: Vec<&Arc<str>> = policy
+        .upstream
+        .identity_headers
+        .iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!names.is_empty());
+    let allow = rs256(&entra_user(&["c1"]));
+    let step_up = rs256(&entra_user(&[]));
+    let decide_all = || {
+        [&allow, &step_up].map(|token| {
+            decide(
+                &policy,
+                &op_request(token, "payments.wire_transfer", json!({})),
+                NOW,
+            )
+        })
+    };
+    // The first decisions make this thread's copies.
+    let first = decide_all();
+    expect(&first[0], Outcome::Allow, 200, Reason::Allowed);
+    assert_eq!(first[1].outcome, Outcome::StepUp);
+    assert!(!first[0].identity_headers.is_empty());
+    let counts = || {
+        (
+            Arc::strong_count(&wire.id),
+            names
+                .iter()
+                .map(|n| Arc::strong_count(n))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = counts();
+    let held: Vec<_> = (0..50).map(|_| decide_all()).collect();
+    for [allowed, stepped_up] in &held {
+        assert_eq!(allowed.rule.as_deref(), Some("wire-transfer"));
+        assert_eq!(stepped_up.rule.as_deref(), Some("wire-transfer"));
+        assert!(!Arc::ptr_eq(allowed.rule.as_ref().unwrap(), &wire.id));
+    }
+    assert_eq!(counts(), before);
+}
