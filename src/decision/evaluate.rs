@@ -522,10 +522,10 @@ impl<'p> Run<'p> {
         // pick the rule it picks in lower case, or one reading would let a request through under
         // a rule the upstream does not route it to (`/DOCS/billing` is `/docs/**` to ASP.NET Core
         // and `/<org>/billing` to Flask).
-        if policy.upstream.path_case == PathCase::Either
+        let either_case = policy.upstream.path_case == PathCase::Either
             && sent.is_some()
-            && (sent != lowered || policy.index.globs_in_case())
-        {
+            && (sent != lowered || policy.index.globs_in_case());
+        if either_case {
             let in_case = PathReading {
                 lowered,
                 in_case: sent,
@@ -549,27 +549,36 @@ impl<'p> Run<'p> {
         }
         // Nor is whether the upstream tells `/a/` from `/a`: a path with a trailing slash must
         // pick the same rule either way (`/healthz/` is `/healthz` to ASP.NET Core, and another
-        // route to Go and Flask).
+        // route to Go and Flask). Under `path_case: either`, in its own case too: Go and Flask
+        // read both the case and the slash as sent, so `/docs/GUIDE/` is their `/docs/` subtree
+        // even where `/docs/guide/` and `/docs/GUIDE` are other routes.
         if sent.is_some_and(|p| p.len() > 1 && p.ends_with('/')) {
             let apart = PathReading {
                 slash_apart: true,
                 ..path
             };
-            let said = |together: &str, apart: &str| {
-                format!(
-                    "the path picks {together} as the path without its trailing slash and {apart} \
-                     as a path of its own: {AMBIGUOUS_SLASH}"
-                )
-            };
-            if let Some(denial) = self.readings_disagree(
-                request,
-                &input,
-                token.is_some(),
-                [path, apart],
-                said,
-                AMBIGUOUS_SLASH,
-            ) {
-                return denial;
+            let apart_in_case = either_case.then_some(PathReading {
+                lowered,
+                in_case: sent,
+                slash_apart: true,
+            });
+            for apart in std::iter::once(apart).chain(apart_in_case) {
+                let said = |together: &str, apart: &str| {
+                    format!(
+                        "the path picks {together} as the path without its trailing slash and \
+                         {apart} as a path of its own: {AMBIGUOUS_SLASH}"
+                    )
+                };
+                if let Some(denial) = self.readings_disagree(
+                    request,
+                    &input,
+                    token.is_some(),
+                    [path, apart],
+                    said,
+                    AMBIGUOUS_SLASH,
+                ) {
+                    return denial;
+                }
             }
         }
         // Nor is whether it serves `/a.json` from its `/a` route: Rails gives every route an
@@ -577,29 +586,38 @@ impl<'p> Run<'p> {
         // `/a` to `/a.*` as well. A path whose last segment has an extension must pick the same
         // rule without it, or the protective `/payments/wire` would be skipped for
         // `/payments/wire.json` and a catch-all decide.
+        // Under `path_case: either`, the cut in its own case too: Rails reads case as sent.
         if policy.upstream.format_suffix_either {
             for (cut, cut_lowered) in cuts.iter().zip(&cuts_lowered) {
                 let Some(cut) = cut else { continue };
+                let cut_lowered = Some(cut_lowered.as_deref().unwrap_or(cut));
                 let without = PathReading {
-                    lowered: Some(cut_lowered.as_deref().unwrap_or(cut)),
+                    lowered: cut_lowered,
                     in_case: path.in_case.map(|_| cut.as_str()),
                     slash_apart: false,
                 };
-                let said = |with: &str, without: &str| {
-                    format!(
-                        "the path picks {with} as sent and {without} without the extension of its \
-                         last segment: {AMBIGUOUS_EXTENSION}"
-                    )
-                };
-                if let Some(denial) = self.readings_disagree(
-                    request,
-                    &input,
-                    token.is_some(),
-                    [path, without],
-                    said,
-                    AMBIGUOUS_EXTENSION,
-                ) {
-                    return denial;
+                let without_in_case = either_case.then_some(PathReading {
+                    lowered: cut_lowered,
+                    in_case: Some(cut),
+                    slash_apart: false,
+                });
+                for without in std::iter::once(without).chain(without_in_case) {
+                    let said = |with: &str, without: &str| {
+                        format!(
+                            "the path picks {with} as sent and {without} without the extension \
+                             of its last segment: {AMBIGUOUS_EXTENSION}"
+                        )
+                    };
+                    if let Some(denial) = self.readings_disagree(
+                        request,
+                        &input,
+                        token.is_some(),
+                        [path, without],
+                        said,
+                        AMBIGUOUS_EXTENSION,
+                    ) {
+                        return denial;
+                    }
                 }
             }
         }

@@ -3876,3 +3876,78 @@ fn decisions_leave_the_policys_strings_counts_alone() {
     }
     assert_eq!(counts(), before);
 }
+
+/// Under `path_case: either`, each other reading of the path is also tried in its own case: Go
+/// and Flask read `/docs/GUIDE/` as sent, case and trailing slash both, and route it to the
+/// `/docs/` subtree; Rails reads `/docs/INDEX.html` as `/docs/INDEX`. Either must pick the rule
+/// the lower-case readings pick, or the request is refused as ambiguous, as it is under
+/// `path_case: sensitive`.
+#[test]
+fn the_slash_and_extension_readings_are_tried_in_the_paths_own_case_too() {
+    let private =
+        "  - id: internal-docs\n    match: { path: \"/docs/**\" }\n    require: { roles: [staff] }";
+    let public = |paths: &str| {
+        format!(
+            "  - id: public-docs\n    match: {{ methods: [GET], paths: [{paths}] }}\n    allow_anonymous: true\n{private}"
+        )
+    };
+    let slash = public("\"/docs/*\", \"/docs/guide/**\""); // Go: `GET /docs/{page}`, `/docs/guide/`
+    let extension = public("\"/docs/*.html\", /docs/index"); // Rails: `/docs/:page(.:format)`
+    let smallest = public("/docs/a/, /docs/A");
+    for (rules, refused, decided) in [
+        (&slash, "/docs/GUIDE/", ["/docs/guide/", "/docs/guide"]),
+        (
+            &extension,
+            "/docs/INDEX.html",
+            ["/docs/index.html", "/docs/index"],
+        ),
+        (&smallest, "/docs/A/", ["/docs/a/", "/docs/A"]),
+    ] {
+        for case in ["", "  path_case: either\n", "  path_case: sensitive\n"] {
+            let policy = with_first_rule(rules, case);
+            let d = decide(&policy, &http_request("", "GET", refused), NOW);
+            assert_eq!(
+                (d.outcome, d.reason),
+                (Outcome::Deny, Reason::AmbiguousPath),
+                "{case:?} {refused}: {d:#?}"
+            );
+            assert_eq!(
+                rule(&d),
+                None,
+                "{case:?} {refused}: named to no anonymous caller"
+            );
+        }
+        // Paths whose readings agree in every case are decided as usual.
+        let policy = with_first_rule(rules, "");
+        for target in decided {
+            let d = decide(&policy, &http_request("", "GET", target), NOW);
+            assert_eq!(d.outcome, Outcome::Allow, "{target}: {d:#?}");
+            assert_eq!(rule(&d), Some("public-docs"), "{target}");
+        }
+    }
+}
+
+/// A HEAD is read as a GET in the path's own case too, not only in lower case: an escalation
+/// on GETs of upper-case names holds for a HEAD of one (Go, Express, Flask and Spring run the
+/// GET handler for a HEAD).
+#[test]
+fn a_head_is_read_as_a_get_in_the_paths_own_case() {
+    let policy = with_first_rule(
+        "  - id: exports\n    match: { path: \"/exports/**\" }\n    require: { authenticated: true }\n    escalate:\n      - when: 'request.method == \"GET\" && request.path.matches(\"^/exports/[A-Z]+$\")'\n        require: { auth_contexts: [c2] }",
+        "",
+    );
+    let token = bearer(&rs256(&entra_user(&["c1"])));
+    for (method, target) in [
+        ("GET", "/exports/QREPORT"),
+        ("HEAD", "/exports/QREPORT"),
+        ("HEAD", "/exports/QREPORT/"),
+    ] {
+        let d = decide(&policy, &http_request(&token, method, target), NOW);
+        assert!(!d.is_allow(), "{method} {target}: {d:#?}");
+        assert_eq!(rule(&d), Some("exports"), "{method} {target}");
+    }
+    for (method, target) in [("HEAD", "/exports/qreport"), ("POST", "/exports/QREPORT")] {
+        let d = decide(&policy, &http_request(&token, method, target), NOW);
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    }
+}

@@ -444,12 +444,9 @@ impl<'a> CelInput<'a> {
         context.borrow()
     }
 
-    /// The request's second reading: the path as `lowered` (the normalised path in lower case,
-    /// as rules match it) and a HEAD as a GET. Conditions that read `request` are evaluated on
-    /// both when they differ ([`Condition::evaluate_readings`]). Call after [`Self::with_risk`].
     /// Adds the readings of the path `paths` holds (without its trailing slash, without the
     /// extension of its last segment: what some upstreams route it as), each evaluated as the
-    /// others are and combined the same way.
+    /// others are and combined the same way ([`Self::with_readings`]).
     /// Each path comes in its own case and in lower case (`paths` holds both), and a HEAD is
     /// read as itself and as a GET on each; `escalations_only` for the extension's readings.
     pub fn with_path_readings(mut self, paths: impl IntoIterator<Item = (&'a str, bool)>) -> Self {
@@ -479,19 +476,42 @@ impl<'a> CelInput<'a> {
         self
     }
 
+    /// The request's other readings: the path as `lowered` (the normalised path in lower case,
+    /// as rules match it) and a HEAD as a GET, each with the other (a HEAD in its own case read
+    /// as a GET too). Conditions that read `request` are evaluated on each that differs
+    /// ([`Condition::evaluate_readings`]). Call after [`Self::with_risk`], and before
+    /// [`Self::with_path_readings`].
     pub fn with_readings(mut self, lowered: Option<&'a str>) -> Self {
         let head = self
             .request
             .http
             .as_ref()
             .is_some_and(|h| h.method == "HEAD");
-        if lowered == self.normalized_path && !head {
-            return self;
+        // Every pairing of the path in its case or in lower case with the method as sent or, for
+        // a HEAD, as a GET (an upstream in either case runs its GET handler for a HEAD), but the
+        // request's own.
+        let paths = [self.normalized_path, lowered];
+        let paths = if lowered == self.normalized_path {
+            &paths[..1]
+        } else {
+            &paths[..]
+        };
+        let methods: &[Option<&'a str>] = if head { &[None, Some("GET")] } else { &[None] };
+        let mut slot = &mut self.other_reading;
+        for &path in paths {
+            for &method in methods {
+                if path == self.normalized_path && method.is_none() {
+                    continue;
+                }
+                while slot.is_some() {
+                    slot = &mut slot.as_mut().expect("a reading").other_reading;
+                }
+                let mut reading = Self::new(self.env, self.request, path, self.claims, self.now);
+                reading.risk_counts = self.risk_counts;
+                reading.method = method;
+                *slot = Some(Box::new(reading));
+            }
         }
-        let mut other = Self::new(self.env, self.request, lowered, self.claims, self.now);
-        other.risk_counts = self.risk_counts;
-        other.method = head.then_some("GET");
-        self.other_reading = Some(Box::new(other));
         self
     }
 

@@ -2,21 +2,29 @@
 //! wildcard, methods, hosts with and without ports, path globs in either letter case, read in lower
 //! case and in their own, with `*` and `**`, gRPC services and methods, conditions
 //! that hold, fail or cannot be evaluated, shadow rules) against random requests, from every rule
-//! a search may resume at.
+//! a search may resume at. And whatever the engine allows, it allows under the rule every reading
+//! of the path an upstream may route by picks (in lower case and in its own, with its trailing
+//! slash read apart, without the extension of its last segment).
 
 use proptest::prelude::*;
 
-use super::{PathReading, find_rule, scan_rules};
+use super::{PathReading, decide, find_rule, first_enforced, scan_rules};
 use crate::{
+    decision::Outcome,
     policy::{Policy, condition::CelInput, testing::compile_policy},
-    request::{AccessRequest, Headers, HttpAttributes},
+    request::{
+        AccessRequest, Headers, HttpAttributes,
+        path::{self, PathParameters},
+    },
 };
 
 const OPERATIONS: &[&str] = &["p.q", "p.r", "s.q", "p", "pq", "é.q"];
 const OPERATION_PATTERNS: &[&str] = &["p.q", "p.r", "s.q", "p", "p.*", "*", "*.q", "s*", "p*q"];
-const SEGMENTS: &[&str] = &["a", "b", "ab", "svc.a", "m", "x", "A", "Ab"];
+const SEGMENTS: &[&str] = &[
+    "a", "b", "ab", "svc.a", "m", "x", "A", "Ab", "x.json", "X.json", "a.b.json",
+];
 const GLOB_SEGMENTS: &[&str] = &[
-    "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B",
+    "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B", "*.json", "x.json", "X",
 ];
 const CONDITIONS: &[&str] = &[
     "true",
@@ -31,9 +39,20 @@ fn pick(from: &'static [&'static str]) -> impl Strategy<Value = &'static str> {
     proptest::sample::select(from)
 }
 
+/// A glob, now and then with a trailing slash of its own (Go's subtree, Flask's `strict_slashes`).
 fn glob() -> impl Strategy<Value = String> {
-    proptest::collection::vec(pick(GLOB_SEGMENTS), 0..4)
-        .prop_map(|segments| format!("/{}", segments.join("/")))
+    (
+        proptest::collection::vec(pick(GLOB_SEGMENTS), 0..4),
+        proptest::bool::weighted(0.2),
+    )
+        .prop_map(|(segments, slash)| {
+            let slash = if slash && !segments.is_empty() {
+                "/"
+            } else {
+                ""
+            };
+            format!("/{}{slash}", segments.join("/"))
+        })
 }
 
 /// One matcher as policy YAML (a flow mapping), with at least one part.
@@ -251,4 +270,70 @@ fn the_index_files_by_every_key() {
     assert_eq!(at(None, Some("/a/x/b")), Ok(Some(2)));
     assert_eq!(at(None, Some("/svc.a/m")), Ok(Some(3)));
     assert_eq!(at(None, Some("/a/x/c")), Ok(None));
+}
+
+/// The readings of `path` (normalised, in its own case) that some upstream routes by, under
+/// `path_case: either` and `format_suffix: either`: the path and each of its extension's cuts,
+/// in lower case and in its own, and the path with its trailing slash read apart (in both).
+fn upstream_readings(path: &str) -> Vec<(String, Option<String>, bool)> {
+    let mut readings = Vec::new();
+    let [first, last] = path::without_extension(path);
+    for (p, cut) in std::iter::once((path.to_owned(), false))
+        .chain([first, last].into_iter().flatten().map(|c| (c, true)))
+    {
+        let apart = [false, !cut && p.len() > 1 && p.ends_with('/')];
+        for slash_apart in apart.into_iter().filter(|&a| a).chain([false]) {
+            readings.push((p.to_ascii_lowercase(), None, slash_apart));
+            readings.push((p.to_ascii_lowercase(), Some(p.clone()), slash_apart));
+        }
+    }
+    readings
+}
+
+proptest! {
+    // Enough cases to meet the rarer shapes (an upper-case glob, a trailing slash and an
+    // extension together) in every run.
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// An ALLOW under rule R (or under the default, no rule) is what every reading of the path
+    /// picks: no reading an upstream may route by leads to another rule, so no request is let
+    /// through under a rule its upstream does not route it to.
+    #[test]
+    fn what_is_allowed_every_reading_picks(
+        yaml in policy_yaml(),
+        requests in proptest::collection::vec(request(), 1..12),
+    ) {
+        let policy = compile_policy(&yaml);
+        for (request, sent) in &requests {
+            let d = decide(&policy, request, 0);
+            if d.outcome != Outcome::Allow {
+                continue;
+            }
+            let allowed = d
+                .rule
+                .as_deref()
+                .map(|id| policy.rules.iter().position(|r| &*r.id == id).expect("a rule of the policy"));
+            let Some(sent) = sent else { continue };
+            let Ok((normalized, _)) = path::normalize(sent, PathParameters::Refuse) else {
+                continue;
+            };
+            let input = CelInput::new(&policy.cel, request, Some(&normalized), None, 0);
+            for (lowered, in_case, slash_apart) in upstream_readings(&normalized) {
+                let reading = PathReading {
+                    lowered: Some(&lowered),
+                    in_case: in_case.as_deref(),
+                    slash_apart,
+                };
+                let picked = match first_enforced(&policy, request, reading, &input) {
+                    Ok(at) => at,
+                    Err(at) => Some(at),
+                };
+                prop_assert_eq!(
+                    picked, allowed,
+                    "{:?} allowed under {:?}, and read as {:?} picks another rule in\n{}",
+                    sent, d.rule, reading, yaml
+                );
+            }
+        }
+    }
 }
