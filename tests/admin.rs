@@ -157,6 +157,19 @@ async fn an_operator_blocks_and_unblocks_a_subject_and_a_source() {
     );
     assert_eq!(answer.block, "INC-4711");
     assert!(!format!("{answer:?}").contains("takeover"), "{answer:?}");
+    // `stepgate decide --server` prints the block's reason id too.
+    let printed = Command::new(bin())
+        .args(["decide", "--server", &server.url(), "--token", &alice])
+        .args(["--operation", "reports.read"])
+        .output()
+        .expect("running stepgate decide");
+    let printed: Value = serde_json::from_slice(&printed.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&printed.stderr)));
+    assert_eq!(
+        (&printed["reason"], &printed["block"]),
+        (&Value::from("blocked"), &Value::from("INC-4711")),
+        "{printed:#}"
+    );
     let (status, block_id, reason, body) =
         check_from(&server, "/reports", "198.51.100.7", Some(&alice)).await;
     assert_eq!((status, reason.as_str()), (403, "blocked"), "{body}");

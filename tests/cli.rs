@@ -632,11 +632,23 @@ async fn decide_against_a_live_server_matches_offline() {
             "accounts.list",
             "DENY",
         ),
+        // Decided by the catch-all, with the demo's shadow rule on customer records beside it.
+        (
+            mint_cli(&["--xms-cc", "cp1", "--acrs", "c1"]),
+            "customers.list",
+            "ALLOW",
+        ),
     ];
     for (token, operation, expected) in &cases {
         let local = offline(token, operation);
         let live = decide_json(&["--server", &url, "--token", token, "--operation", operation]);
         assert_eq!(live["outcome"], *expected, "{operation}: {live:#}");
+        if *operation == "customers.list" {
+            assert_eq!(
+                live["shadow"][0]["rule"], "customer-data-strict",
+                "the shadow rule is printed: {live:#}"
+            );
+        }
         for field in [
             "outcome",
             "rule",
@@ -646,6 +658,7 @@ async fn decide_against_a_live_server_matches_offline() {
             "identity_headers",
             "token_fingerprint",
             "step_up",
+            "shadow",
         ] {
             assert_eq!(
                 live[field], local[field],

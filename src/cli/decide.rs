@@ -193,6 +193,27 @@ fn to_json(r: &DecideResponse) -> serde_json::Value {
             "expires_at": p.expires_at,
         });
     }
+    if !r.block.is_empty() {
+        out["block"] = r.block.clone().into();
+    }
+    if !r.shadow.is_empty() {
+        out["shadow"] = r
+            .shadow
+            .iter()
+            .map(|s| {
+                let outcome = stepgate::api::v1::Outcome::try_from(s.outcome)
+                    .map_or("UNSPECIFIED", |o| match o {
+                        stepgate::api::v1::Outcome::Allow => "ALLOW",
+                        stepgate::api::v1::Outcome::StepUp => "STEP_UP",
+                        stepgate::api::v1::Outcome::Deny => "DENY",
+                        stepgate::api::v1::Outcome::Unspecified => "UNSPECIFIED",
+                    });
+                serde_json::json!({
+                    "rule": s.rule, "escalation": s.escalation, "outcome": outcome, "reason": s.reason,
+                })
+            })
+            .collect();
+    }
     if !r.explain.is_empty() {
         out["explain"] = r
             .explain

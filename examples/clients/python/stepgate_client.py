@@ -270,11 +270,13 @@ def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
 
 
 def authorize(channel: grpc.Channel, **request: Any) -> HttpReply:
-    """``decide`` + ``to_http_reply`` in one call, failing closed on any gRPC error."""
+    """``decide`` + ``to_http_reply`` in one call. Never raises: a gRPC error, and a request
+    ``decide`` refuses to send (a path without its method, both a token and an Authorization
+    header), fail closed (503), as in the Node client."""
     try:
         return to_http_reply(decide(channel, **request))
-    except grpc.RpcError as error:
-        return to_http_reply(error)
+    except (grpc.RpcError, ValueError, TypeError):
+        return fail_closed()
 
 
 def _oauth_error(response: DecideResponse) -> str:

@@ -451,6 +451,15 @@ def test_reply_fails_closed_when_stepgate_is_unreachable():
     assert reply.status == 503
 
 
+def test_authorize_fails_closed_on_a_request_decide_refuses_to_send(channel):
+    # decide raises for these; authorize answers 503 rather than raising into the service.
+    with pytest.raises(ValueError):
+        sg.decide(channel, path="/payments/wire")
+    assert sg.authorize(channel, path="/payments/wire").status == 503
+    assert sg.authorize(channel, authorization="Bearer a", token="b", operation=WIRE).status == 503
+    assert sg.authorize(channel, operation=WIRE, no_such_field=1).status == 503
+
+
 def test_reply_fails_closed_on_unknown_outcome():
     assert sg.to_http_reply(sg.DecideResponse()).status == 503  # OUTCOME_UNSPECIFIED
     assert sg.to_http_reply(None).status == 503
