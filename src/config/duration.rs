@@ -33,7 +33,7 @@ impl fmt::Display for Seconds {
 
 /// Parses `15m`, `1h30m`, `45s`, `2d` or `900` into whole seconds.
 pub fn parse(text: &str) -> Result<Seconds, String> {
-    let millis = parse_millis(text)?;
+    let millis = parse_millis(text, "15m, 1h30m or 90s")?;
     if millis % 1000 != 0 {
         return Err(format!("expected whole seconds, got {:?}", text.trim()));
     }
@@ -43,12 +43,13 @@ pub fn parse(text: &str) -> Result<Seconds, String> {
 /// Parses a duration that may be shorter than a second: `250ms`, `1s500ms`, `15m`, or a bare number
 /// of seconds.
 pub fn parse_span(text: &str) -> Result<Duration, String> {
-    parse_millis(text).map(Duration::from_millis)
+    parse_millis(text, "250ms, 30s or 5m").map(Duration::from_millis)
 }
 
-fn parse_millis(text: &str) -> Result<u64, String> {
+/// Milliseconds; an error names `examples` of what the field takes (whole seconds or not).
+fn parse_millis(text: &str, examples: &str) -> Result<u64, String> {
     let text = text.trim();
-    let bad = || format!("expected a duration like 15m, 1h30m, 90s or 250ms, got {text:?}");
+    let bad = || format!("expected a duration like {examples}, got {text:?}");
     if text.is_empty() {
         return Err(bad());
     }
@@ -142,6 +143,20 @@ impl<'de> Deserialize<'de> for Seconds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A field in whole seconds does not suggest what it refuses (`250ms`); one that takes
+    /// milliseconds says so.
+    #[test]
+    fn an_error_gives_examples_the_field_takes() {
+        assert_eq!(
+            parse("fifteen"),
+            Err("expected a duration like 15m, 1h30m or 90s, got \"fifteen\"".into())
+        );
+        assert_eq!(
+            parse_span("soon"),
+            Err("expected a duration like 250ms, 30s or 5m, got \"soon\"".into())
+        );
+    }
 
     #[test]
     fn parses_units_and_combinations() {
