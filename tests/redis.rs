@@ -22,6 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use stepgate::risk::{blocks::MAX_TTL_SECONDS, revocations::MAX_CLOCK_AHEAD_SECONDS};
+
 use common::{
     ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, demo_policy_without_risk, mint,
     operator_token,
@@ -810,9 +812,10 @@ async fn a_signals_block_never_shortens_an_operators_across_replicas() {
         "the operator's hour was cut to the signal's minute: {mallory}"
     );
 
-    // A signal's minute stamped ten minutes ahead (a write newer than any the replica makes now),
-    // over Oscar and, as a control, an operator's minute over Olga.
-    let ahead = (now + 600) * 1000;
+    // A signal's minute stamped three minutes ahead (a write newer than any the replica makes
+    // now, from a replica whose clock is ahead, within the five minutes a clock may be), over
+    // Oscar and, as a control, an operator's minute over Olga.
+    let ahead = (now + 180) * 1000;
     seed_block(
         &redis,
         "subject|oscar",
@@ -884,6 +887,8 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
                 &ends.to_string(),
                 &now.to_string(),
                 "risk:",
+                &MAX_TTL_SECONDS.to_string(),
+                &MAX_CLOCK_AHEAD_SECONDS.to_string(),
             ]))
             .unwrap_or_default()
     };
@@ -939,4 +944,89 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
         };
         assert_eq!(kept, last, "{field}: {record}");
     }
+}
+
+/// A block written into the store by hand, which every replica ignores (it ends ten years after
+/// its creation, was made ahead of the clock, has no creation time, or is stamped an hour
+/// ahead), does not stand in the way of a signal's or an operator's write either: before, the
+/// script held it in force and refused the signal's block, which then stayed on the one
+/// replica that counted it.
+#[test]
+fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
+    let redis = Redis::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let put = |field: &str, what: &str| -> String {
+        let record = serde_json::json!({
+            "removed": false, "reason_id": "INC-6", "reason": "",
+            "created_at": now, "expires_at": now + 3600,
+            "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
+        })
+        .to_string();
+        redis
+            .command(&resp(&[
+                "EVAL",
+                stepgate::risk::redis::PUT,
+                "1",
+                "stepgate:blocks",
+                field,
+                &(now * 1000).to_string(),
+                &record,
+                "{}",
+                "stepgate:test",
+                what,
+                &(now + 3600).to_string(),
+                &now.to_string(),
+                "risk:",
+                &MAX_TTL_SECONDS.to_string(),
+                &MAX_CLOCK_AHEAD_SECONDS.to_string(),
+            ]))
+            .unwrap_or_default()
+    };
+    let ten_years = 10 * 365 * 86_400;
+    let by_hand = |created_at: Option<i64>, expires_at: i64| {
+        let mut record = serde_json::json!({
+            "reason_id": "INC-9", "reason": "", "expires_at": expires_at, "created_by": "ops",
+        });
+        if let Some(created_at) = created_at {
+            record["created_at"] = created_at.into();
+        }
+        record
+    };
+    for (field, stamp, record) in [
+        (
+            "subject|far",
+            now - 1,
+            by_hand(Some(now - 10), now + ten_years),
+        ),
+        (
+            "subject|early",
+            now - 1,
+            by_hand(Some(now + 3600), now + 7200),
+        ),
+        ("subject|undated", now - 1, by_hand(None, now + 7200)),
+        (
+            "subject|stamped",
+            now + 3600,
+            by_hand(Some(now - 10), now + 7200),
+        ),
+    ] {
+        for what in ["signal", "operator"] {
+            let field = &format!("{field}-{what}");
+            seed_block(&redis, field, stamp * 1000, record.clone());
+            assert_eq!(put(field, what), ":1\r\n", "{field} {what}");
+            let (_, stored) = stored_block(&redis, field).unwrap();
+            assert_eq!(stored["reason_id"], "INC-6", "{field} {what}: {stored}");
+        }
+    }
+    // A block a replica wrote, an hour long, still stands against a signal's shorter one.
+    seed_block(
+        &redis,
+        "subject|kept",
+        now * 1000,
+        by_hand(Some(now), now + 7200),
+    );
+    assert_eq!(put("subject|kept", "signal"), ":0\r\n");
 }

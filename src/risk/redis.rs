@@ -78,7 +78,9 @@ const BATCH: usize = 1024;
 /// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
 /// (`signal` or `operator` block, `lift`, or `newest` for a revocation), `ARGV[7]` when the block
 /// ends and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
-/// prefix. Beside its write time, a stored record keeps the time of the newest operator's write
+/// prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the writer's clock
+/// another's may be, in seconds: a stored block that no replica could have written under them
+/// (which every replica ignores, [`apply_block`]) is written over as if it were not there. Beside its write time, a stored record keeps the time of the newest operator's write
 /// (block or lift) it stands for, `operator_at` (a member older replicas ignore): an operator's
 /// record its own write time, a signal's the operator's write it replaced. So:
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
@@ -101,14 +103,29 @@ end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
 local written = tonumber(ARGV[2])
+local old, at, body = nil, nil, nil
 if cur then
-  local at, body = string.match(cur, '^(%d+)|(.*)$')
-  local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
-  local old = nil
+  at, body = string.match(cur, '^(%d+)|(.*)$')
   if body and what ~= 'newest' then
     local ok, decoded = pcall(cjson.decode, body)
     if ok and type(decoded) == 'table' then old = decoded end
   end
+end
+-- What no replica writes (written by hand) does not stand in a write's way: a record stamped
+-- further ahead of the writer's clock than a replica's clock may be, and a block that every
+-- replica ignores (`apply_block`): one ending further after its creation than a block may last,
+-- or made ahead of the clock.
+local now, ahead = tonumber(ARGV[8]), tonumber(ARGV[11])
+if at and tonumber(at) > (now + ahead) * 1000 then cur = nil end
+if cur and old and old.removed ~= true then
+  local made = old.created_at
+  if type(made) ~= 'number' or made > now + ahead or type(old.expires_at) ~= 'number'
+     or old.expires_at > made + tonumber(ARGV[10]) + ahead then
+    cur = nil
+  end
+end
+if cur then
+  local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
   local by_signal, held, operator_at = false, nil, nil
   if old then
     by_signal = type(old.created_by) == 'string'
@@ -840,6 +857,8 @@ impl Task {
                 .arg(ends)
                 .arg(now)
                 .arg(blocks::RISK_CREATOR_PREFIX)
+                .arg(MAX_TTL_SECONDS)
+                .arg(revocations::MAX_CLOCK_AHEAD_SECONDS)
                 .ignore();
         }
         pipe.query_async::<()>(conn)
