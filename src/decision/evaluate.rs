@@ -495,7 +495,18 @@ impl<'p> Run<'p> {
         let slashless_lowered = slashless.and_then(lower);
         let cuts_lowered = cuts.each_ref().map(|cut| cut.as_deref().and_then(lower));
         let slash_readings = slashless.into_iter().chain(slashless_lowered.as_deref());
-        let cut_readings = cuts.iter().chain(&cuts_lowered).flatten();
+        // A cut keeps the trailing slash (`/reports/export.csv/` is `/reports/export/`), and
+        // Rails drops that too before its format: each cut without it as well.
+        let without_slash = |cut: &String| {
+            (cut.len() > 1 && cut.ends_with('/')).then(|| cut[..cut.len() - 1].to_owned())
+        };
+        let cuts_slashless = [&cuts, &cuts_lowered]
+            .map(|cuts| cuts.each_ref().map(|c| c.as_ref().and_then(without_slash)));
+        let cut_readings = cuts
+            .iter()
+            .chain(&cuts_lowered)
+            .chain(cuts_slashless.iter().flatten())
+            .flatten();
         let input = CelInput::new(
             &policy.cel,
             request,

@@ -2191,6 +2191,10 @@ fn conditions_read_the_path_without_its_trailing_slash_or_extension_too() {
         "/reports/EXPORT",
         "/reports/EXPORT/",
         "/reports/EXPORT.csv",
+        // Rails drops the trailing slash, then the format.
+        "/reports/export.csv/",
+        "/reports/EXPORT.csv/",
+        "/reports/export.tar.gz/",
     ] {
         for method in ["GET", "HEAD"] {
             let d = decide(&exports, &http_request(&token, method, target), NOW);
