@@ -376,6 +376,22 @@ fn check_warns_of_globs_naming_an_extension_while_the_upstreams_reading_is_not_d
     assert!(check_warning("extension-glob-declared", &declared, header).is_empty());
 }
 
+#[test]
+fn check_warns_of_matchers_taking_head_and_not_get() {
+    let with_probe = demo_with_rules(
+        "  - id: probe\n    match: [{ methods: [HEAD], path: /reports/** }, { methods: [GET, HEAD], path: /a }]\n    allow_anonymous: true",
+    );
+    let header = "warning: 1 matcher(s) take HEAD and not GET";
+    assert_eq!(
+        check_warning("head-only", &with_probe, header),
+        [
+            "warning: 1 matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD that picks another rule as a GET is refused (ambiguous_path); match GET, which takes HEAD (docs/policy.md):",
+            "  rule 6. probe match 1",
+        ]
+    );
+    assert!(check_warning("no-head-only", &demo_with_rules(""), header).is_empty());
+}
+
 /// (name, edit of the wire-transfer rule, field path the error must name, a word it must mention)
 const BAD_POLICIES: [(&str, &str, &str, &str); 4] = [
     (

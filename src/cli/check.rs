@@ -183,6 +183,21 @@ fn describe(policy: &Policy) -> String {
         );
     }
     warn(
+        policy
+            .rules
+            .iter()
+            .enumerate()
+            .flat_map(|(n, rule)| {
+                rule.matchers.iter().enumerate().filter_map(move |(k, m)| {
+                    let takes = |x: &str| m.methods.iter().any(|method| method == x);
+                    (takes("HEAD") && !takes("GET"))
+                        .then(|| format!("rule {}. {} match {}", n + 1, rule.id, k + 1))
+                })
+            })
+            .collect(),
+        "matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD that picks another rule as a GET is refused (ambiguous_path); match GET, which takes HEAD (docs/policy.md)",
+    );
+    warn(
         entra_issuers_requiring_at_jwt(policy),
         "issuer(s) look like Entra ID but set require_at_jwt: Entra types its access tokens JWT, never at+jwt, so every token would be refused (token_type_invalid)",
     );

@@ -528,6 +528,7 @@ impl<'p> Run<'p> {
                 .then_some(sent)
                 .flatten(),
             slash_apart: false,
+            head_as_get: false,
         };
         // How the upstream reads letter case is not known: the path read in its own case must
         // pick the rule it picks in lower case, or one reading would let a request through under
@@ -541,6 +542,7 @@ impl<'p> Run<'p> {
                 lowered,
                 in_case: sent,
                 slash_apart: false,
+                head_as_get: false,
             };
             let said = |lower: &str, case: &str| {
                 format!(
@@ -566,12 +568,14 @@ impl<'p> Run<'p> {
         if sent.is_some_and(|p| p.len() > 1 && p.ends_with('/')) {
             let apart = PathReading {
                 slash_apart: true,
+                head_as_get: false,
                 ..path
             };
             let apart_in_case = either_case.then_some(PathReading {
                 lowered,
                 in_case: sent,
                 slash_apart: true,
+                head_as_get: false,
             });
             for apart in std::iter::once(apart).chain(apart_in_case) {
                 let said = |together: &str, apart: &str| {
@@ -606,11 +610,13 @@ impl<'p> Run<'p> {
                     lowered: cut_lowered,
                     in_case: path.in_case.map(|_| cut.as_str()),
                     slash_apart: false,
+                    head_as_get: false,
                 };
                 let without_in_case = either_case.then_some(PathReading {
                     lowered: cut_lowered,
                     in_case: Some(cut),
                     slash_apart: false,
+                    head_as_get: false,
                 });
                 for without in std::iter::once(without).chain(without_in_case) {
                     let said = |with: &str, without: &str| {
@@ -630,6 +636,28 @@ impl<'p> Run<'p> {
                         return denial;
                     }
                 }
+            }
+        }
+        // Nor whether it has a HEAD handler of its own: most answer a HEAD with their GET
+        // handler (Go, Flask, Spring, Rails), so under a policy with a matcher that takes a HEAD
+        // and not a GET, a HEAD must pick the rule its GET picks.
+        if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
+            let as_get = PathReading {
+                head_as_get: true,
+                ..path
+            };
+            let said = |head: &str, get: &str| {
+                format!("the request picks {head} as a HEAD and {get} as a GET: {AMBIGUOUS_HEAD}")
+            };
+            if let Some(denial) = self.readings_disagree(
+                request,
+                &input,
+                token.is_some(),
+                [path, as_get],
+                said,
+                AMBIGUOUS_HEAD,
+            ) {
+                return denial;
             }
         }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
@@ -1321,6 +1349,8 @@ struct PathReading<'a> {
     /// A path with a trailing slash read as servers that tell `/a/` from `/a` read it: only
     /// the globs that take a trailing slash match it ([`PathGlob::takes_trailing_slash`]).
     slash_apart: bool,
+    /// A HEAD read as the GET whose handler servers answer it with.
+    head_as_get: bool,
 }
 
 /// The message of an `ambiguous_path` denial.
@@ -1335,6 +1365,11 @@ const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than 
                                meant for both";
 
 /// The message of an `ambiguous_path` denial for an extension.
+/// The message of the `ambiguous_path` denial of a HEAD that picks another rule as a GET.
+const AMBIGUOUS_HEAD: &str = "a matcher takes the HEAD and not the GET, and most servers answer a \
+                              HEAD with their GET handler; match GET (which takes HEAD) rather \
+                              than HEAD alone";
+
 const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and picks another \
                                    rule than the path without it, and some upstreams serve one \
                                    from the other's route (Rails, Spring MVC up to 5.2); match \
@@ -1461,7 +1496,16 @@ fn matches(
         return Ok(false);
     }
     let http = request.http.as_ref();
-    if !m.methods.is_empty() && !http.is_some_and(|h| m.methods.contains(&h.method)) {
+    if !m.methods.is_empty()
+        && !http.is_some_and(|h| {
+            let method = if path.head_as_get && h.method == "HEAD" {
+                "GET"
+            } else {
+                &h.method
+            };
+            m.methods.iter().any(|m| m == method)
+        })
+    {
         return Ok(false);
     }
     // An ambiguous host only counts once the matcher's other fields match.

@@ -3955,3 +3955,40 @@ fn a_head_is_read_as_a_get_in_the_paths_own_case() {
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
     }
 }
+
+/// Most servers answer a HEAD with their GET handler: under a policy with a matcher that takes a
+/// HEAD and not a GET, a HEAD that picks another rule than its GET would is refused as
+/// ambiguous, rather than letting an anonymous HEAD run the export's GET handler.
+#[test]
+fn a_head_must_pick_the_rule_its_get_picks() {
+    let policy = with_first_rule(
+        "  - id: probe\n    match: { methods: [HEAD], path: /reports/** }\n    allow_anonymous: true\n  - id: export\n    match: { methods: [GET], path: /reports/export }\n    require: { scopes: [reports.read] }",
+        "",
+    );
+    for authorization in [String::new(), bearer(&rs256(&entra_user(&["c1"])))] {
+        let d = decide(
+            &policy,
+            &http_request(&authorization, "HEAD", "/reports/export"),
+            NOW,
+        );
+        assert_eq!(
+            (d.outcome, d.http_status, d.reason),
+            (Outcome::Deny, 400, Reason::AmbiguousPath),
+            "{d:#?}"
+        );
+        assert!(d.message.contains("their GET handler"), "{}", d.message);
+    }
+    // The GET itself, and a HEAD that picks the same rule either way, are decided as usual.
+    let d = decide(&policy, &http_request("", "GET", "/reports/export"), NOW);
+    assert_eq!((d.outcome, rule(&d)), (Outcome::Deny, None), "{d:#?}");
+    assert_eq!(d.reason, Reason::TokenMissing);
+    let d = decide(&policy, &http_request("", "HEAD", "/healthz"), NOW);
+    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
+    // Without a HEAD-only matcher a HEAD is a GET already (a GET matcher takes it).
+    let d = decide(
+        &demo_policy(),
+        &http_request("", "HEAD", "/reports/export"),
+        NOW,
+    );
+    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
+}

@@ -41,6 +41,9 @@ pub struct RuleIndex {
     globs_in_case: bool,
     /// Some matcher names hosts: a request without a host cannot be matched as its server would.
     names_hosts: bool,
+    /// Some matcher takes a HEAD and not a GET: a HEAD may then pick another rule than the GET
+    /// whose handler servers answer it with.
+    heads_apart: bool,
 }
 
 #[derive(Debug, Default)]
@@ -104,6 +107,11 @@ impl RuleIndex {
         self.names_hosts
     }
 
+    /// Whether some matcher takes a HEAD and not a GET.
+    pub fn heads_apart(&self) -> bool {
+        self.heads_apart
+    }
+
     pub fn new(rules: &[Rule]) -> Self {
         let mut index = Self {
             globs_in_case: rules
@@ -115,6 +123,9 @@ impl RuleIndex {
                 .iter()
                 .flat_map(|r| &r.matchers)
                 .any(|m| !m.hosts.is_empty()),
+            heads_apart: rules.iter().flat_map(|r| &r.matchers).any(|m| {
+                m.methods.iter().any(|x| x == "HEAD") && !m.methods.iter().any(|x| x == "GET")
+            }),
             ..Self::default()
         };
         for (r, rule) in rules.iter().enumerate() {

@@ -270,12 +270,13 @@ def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
 
 
 def authorize(channel: grpc.Channel, **request: Any) -> HttpReply:
-    """``decide`` + ``to_http_reply`` in one call. Never raises: a gRPC error, and a request
+    """``decide`` + ``to_http_reply`` in one call. Never raises: a gRPC error, a request
     ``decide`` refuses to send (a path without its method, both a token and an Authorization
-    header), fail closed (503), as in the Node client."""
+    header) and one protobuf cannot hold (a number past a double, attributes nested past
+    Python's recursion limit) all fail closed (503), as in the Node client."""
     try:
         return to_http_reply(decide(channel, **request))
-    except (grpc.RpcError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - an authorizer that cannot ask answers "not allowed"
         return fail_closed()
 
 

@@ -458,6 +458,11 @@ def test_authorize_fails_closed_on_a_request_decide_refuses_to_send(channel):
     assert sg.authorize(channel, path="/payments/wire").status == 503
     assert sg.authorize(channel, authorization="Bearer a", token="b", operation=WIRE).status == 503
     assert sg.authorize(channel, operation=WIRE, no_such_field=1).status == 503
+    assert sg.authorize(channel, operation=WIRE, attributes={"a": 10**400}).status == 503
+    nested: dict = {}
+    for _ in range(5000):
+        nested = {"n": nested}
+    assert sg.authorize(channel, operation=WIRE, attributes=nested).status == 503
 
 
 def test_reply_fails_closed_on_unknown_outcome():

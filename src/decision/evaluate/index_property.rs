@@ -204,6 +204,7 @@ fn first_match(
             lowered,
             in_case: None,
             slash_apart: false,
+            head_as_get: false,
         }),
         // In case, and a trailing slash read apart (the index files globs by their literal
         // prefix, whichever reading).
@@ -211,6 +212,7 @@ fn first_match(
             lowered,
             in_case: path,
             slash_apart: path.is_some_and(|p| p.ends_with('/')),
+            head_as_get: false,
         }),
     )
 }
@@ -323,6 +325,7 @@ proptest! {
                     lowered: Some(&lowered),
                     in_case: in_case.as_deref(),
                     slash_apart,
+                    head_as_get: false,
                 };
                 let picked = match first_enforced(&policy, request, reading, &input) {
                     Ok(at) => at,
