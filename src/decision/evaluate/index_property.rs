@@ -21,10 +21,10 @@ use crate::{
 const OPERATIONS: &[&str] = &["p.q", "p.r", "s.q", "p", "pq", "é.q"];
 const OPERATION_PATTERNS: &[&str] = &["p.q", "p.r", "s.q", "p", "p.*", "*", "*.q", "s*", "p*q"];
 const SEGMENTS: &[&str] = &[
-    "a", "b", "ab", "svc.a", "m", "x", "A", "Ab", "x.json", "X.json", "a.b.json",
+    "a", "b", "ab", "svc.a", "m", "x", "A", "Ab", "x.json", "X.json", "a.b.json", "A.json",
 ];
 const GLOB_SEGMENTS: &[&str] = &[
-    "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B", "*.json", "x.json", "X",
+    "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B", "*.json", "x.json", "X", "x",
 ];
 const CONDITIONS: &[&str] = &[
     "true",
@@ -295,7 +295,7 @@ fn upstream_readings(path: &str) -> Vec<(String, Option<String>, bool)> {
 proptest! {
     // Enough cases to meet the rarer shapes (an upper-case glob, a trailing slash and an
     // extension together) in every run.
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(3000))]
 
     /// An ALLOW under rule R (or under the default, no rule) is what every reading of the path
     /// picks: no reading an upstream may route by leads to another rule, so no request is let
