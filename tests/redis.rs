@@ -1030,3 +1030,43 @@ fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
     );
     assert_eq!(put("subject|kept", "signal"), ":0\r\n");
 }
+
+/// A replica whose connection drops after it has been up a while reconnects at once, every time:
+/// the backoff starts over after each steady session. Before, it kept doubling over the life of
+/// the process (0.1, 0.2, … 10 s), and under `on_store_failure: fail_closed` each later blip
+/// refused every request for that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_after_a_steady_session_is_back_at_once() {
+    let redis = Redis::start();
+    let policy = policy("redis-blips", &redis, "");
+    let (server, _admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    let errors = |server| async move {
+        metric(server, "stepgate_risk_store_errors_total")
+            .await
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for round in 0..8 {
+        // Steady for a while, then every connection of the replica's dropped.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let before = errors(&server).await;
+        let dropped = Instant::now();
+        for kind in ["normal", "pubsub"] {
+            redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
+        }
+        loop {
+            let back = errors(&server).await > before
+                && metric(&server, "stepgate_risk_store_up").await.as_deref() == Some("1");
+            if back {
+                break;
+            }
+            assert!(
+                dropped.elapsed() < Duration::from_secs(3),
+                "round {round}: not back within 3 s of the drop:\n{}",
+                server.logs_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

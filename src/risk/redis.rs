@@ -67,6 +67,8 @@ const PING: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a session must have stayed connected for the backoff to start over when it is lost.
+const STEADY: Duration = Duration::from_secs(1);
 /// Operations sent in one pipeline.
 const BATCH: usize = 1024;
 
@@ -388,6 +390,7 @@ impl Shared {
             pending: VecDeque::new(),
             down: Arc::clone(&down),
             synced: Arc::clone(&synced),
+            connected_at: None,
         });
         (
             Self {
@@ -515,6 +518,8 @@ struct Task {
     pending: VecDeque<Put>,
     down: Arc<AtomicBool>,
     synced: Arc<AtomicBool>,
+    /// When the last session connected and read the store.
+    connected_at: Option<tokio::time::Instant>,
 }
 
 /// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
@@ -546,6 +551,7 @@ impl Task {
             if self.state.strong_count() == 0 {
                 return;
             }
+            self.connected_at = None;
             match self.session(&client).await {
                 Ok(()) => return,
                 Err(err) => {
@@ -567,13 +573,16 @@ impl Task {
                     metrics::global().set_risk_store_up(false);
                 }
             }
+            // A session that stayed up a while, then was lost, starts the backoff over: a blip
+            // after hours connected waits 100 ms, not what the failures before it had grown to.
+            // One lost at once (a store that takes connections and drops them) keeps doubling.
+            if self.connected_at.is_some_and(|at| at.elapsed() >= STEADY) {
+                backoff = BACKOFF_FIRST;
+            }
             if self.wait(backoff).await {
                 return;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
-            if !self.down.load(Relaxed) {
-                backoff = BACKOFF_FIRST;
-            }
         }
     }
 
@@ -645,6 +654,7 @@ impl Task {
                 "connected to the Redis risk store"
             );
         }
+        self.connected_at = Some(tokio::time::Instant::now());
         metrics::global().set_risk_store_up(true);
 
         let mut ping = tokio::time::interval(PING);
