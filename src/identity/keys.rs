@@ -277,6 +277,23 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::Wo
     ));
 }
 
+/// How long a `jwks_file` read may take, as long as a key-set fetch.
+const FILE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `read` on a blocking thread, for at most `timeout`. A read that stalls (a hung network
+/// file system) holds its thread, not the caller: the load fails, and the reload or refresh
+/// waiting for it goes on.
+async fn read_blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    timeout: Duration,
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, tokio::task::spawn_blocking(read))
+        .await
+        .map_err(|_| format!("no answer in {timeout:?}"))?
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 async fn load_inner(
     issuer: &Issuer,
     http: &reqwest::Client,
@@ -293,13 +310,11 @@ async fn load_inner(
             // As the policy file is read: a regular file only (a FIFO in its place would hold the
             // read for ever), off the serving threads, and no larger than a fetched key set.
             let owned = path.clone();
-            let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
-            let bytes = tokio::task::spawn_blocking(move || {
+            let bytes = read_blocking(FILE_READ_TIMEOUT, move || {
                 crate::config::read_file_at_most(&owned, MAX_JWKS_FILE_BYTES)
             })
             .await
-            .map_err(|e| cannot(&e))?
-            .map_err(|e| cannot(&e))?;
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             (bytes, None)
         }
         KeySource::Uri(uri) => fetch(http, uri).await?,
@@ -763,6 +778,28 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file whose read stalls (a hung file system) fails the load after the timeout,
+    /// instead of holding the reload waiting for it for ever; a read that answers is returned.
+    #[tokio::test]
+    async fn a_stalled_read_fails_after_its_timeout() {
+        let started = std::time::Instant::now();
+        let stalled = read_blocking(Duration::from_millis(100), || {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok::<_, std::io::Error>(Vec::<u8>::new())
+        })
+        .await;
+        assert_eq!(stalled, Err("no answer in 100ms".to_owned()));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let read = read_blocking(Duration::from_secs(5), || {
+            Ok::<_, std::io::Error>(vec![1u8])
+        });
+        assert_eq!(read.await, Ok(vec![1]));
+        let failed = read_blocking(Duration::from_secs(5), || {
+            Err::<Vec<u8>, _>(std::io::Error::other("gone"))
+        });
+        assert_eq!(failed.await, Err("gone".to_owned()));
+    }
 
     #[test]
     fn an_issuer_is_learned_only_from_its_own_discovery_url() {
