@@ -513,6 +513,53 @@ async fn every_decision_made_before_a_graceful_stop_has_its_record() {
     );
 }
 
+/// Records written to a stdout nobody reads fill the queue: they are dropped and counted, never
+/// the decisions, and an error line says so (before, the drops were only counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_dropped_on_a_full_queue_are_said_in_the_log() {
+    let policy = TempPolicy::new("records-unread", &demo_policy_without_risk());
+    let server = Server::spawn_with(
+        &policy.path,
+        Spawn {
+            args: vec!["--records".into(), "-".into()],
+            stdout_unread: true,
+            ..Spawn::default()
+        },
+    );
+    server.wait_ready().await;
+    let token = mint(&TokenSpec::default());
+    let client = DecisionServiceClient::new(server.channel().await);
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut client = client.clone();
+        let token = token.clone();
+        callers.spawn(async move {
+            for _ in 0..2000 {
+                let answer = client
+                    .decide(DecideRequest {
+                        credential: Some(Credential::Token(token.clone())),
+                        operation: "orders.list".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("decided, whatever becomes of the record");
+                assert_eq!(
+                    answer.into_inner().outcome(),
+                    stepgate::api::v1::Outcome::Allow
+                );
+            }
+        });
+    }
+    callers.join_all().await;
+    assert!(
+        server
+            .wait_for_text(Duration::from_secs(5), &["decision records queue is full"])
+            .await,
+        "{}",
+        server.logs_text()
+    );
+}
+
 #[test]
 fn a_bad_records_section_is_refused_with_its_field_path() {
     for (records, path) in [

@@ -630,6 +630,18 @@ async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
             .unwrap_or_default();
         assert_eq!(reply, ":1\r\n", "HSET {field}");
     }
+    // And a few hundred entries that do not read as records at all, nor name a kind of block.
+    for n in 0..300 {
+        let (field, stored) = if n % 2 == 0 {
+            (
+                format!("subject|garbage-{n}"),
+                format!("{}|not json", now * 1000),
+            )
+        } else {
+            (format!("planet|{n}"), record("INC-7", "a reason"))
+        };
+        redis.command(&resp(&["HSET", "stepgate:blocks", &field, &stored]));
+    }
     let policy = policy("redis-hostile", &redis, "");
     let (server, _) = replica(&policy).await;
     store_up(&server, true, Duration::from_secs(10)).await;
@@ -658,6 +670,13 @@ async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
         "nothing said:\n{}",
         server.logs_text()
     );
+    // Said at most once every 10 s, not once for each entry.
+    let said = server
+        .logs_text()
+        .lines()
+        .filter(|l| l.contains("\"WARN\"") && (l.contains("Redis") || l.contains("risk store")))
+        .count();
+    assert!(said <= 3, "{said} lines:\n{}", server.logs_text());
 }
 
 /// Risk signals' source blocks beyond what a replica keeps (768) do not pile up in Redis: the

@@ -902,7 +902,7 @@ impl Task {
                     expired.push((Hash::Blocks, field.clone()));
                 }
                 Some(record) => apply_block(&state, field, &record, now),
-                None => tracing::warn!(field, "an unreadable block in Redis is ignored"),
+                None => ignored("a block in the risk store", "unreadable"),
             }
         }
         for (subject, stored) in &revocations {
@@ -911,7 +911,7 @@ impl Task {
                     expired.push((Hash::Revocations, subject.clone()));
                 }
                 Some(record) => apply_revocation(&state, subject, &record, now),
-                None => tracing::warn!(subject, "an unreadable revocation in Redis is ignored"),
+                None => ignored("a revocation in the risk store", "unreadable"),
             }
         }
         // What this replica holds and Redis does not: Redis lost it (restarted without
@@ -968,7 +968,7 @@ impl Task {
             return;
         }
         let Ok(message) = serde_json::from_slice::<Message>(payload) else {
-            tracing::warn!("an unreadable message on the risk store's channel is ignored");
+            ignored("a message on the risk store's channel", "unreadable");
             return;
         };
         if *message.from == *self.replica {
@@ -1053,6 +1053,21 @@ fn ignored(what: &str, why: &str) {
     }
 }
 
+/// Says that a block or revocation read from Redis could not be applied here (the table full),
+/// at most every 10 s: a store of thousands would otherwise log thousands of lines at each
+/// resync.
+fn unapplied(what: &str, why: &str) {
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
+    if let Some(unlogged) = WARNINGS.admit() {
+        tracing::warn!(
+            what,
+            why,
+            unlogged,
+            "could not apply what the Redis risk store holds (later ones within 10 s are only counted)"
+        );
+    }
+}
+
 fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
     if !record.removed
         && let Err(error) =
@@ -1061,7 +1076,7 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         return ignored("a block from the risk store", &error);
     }
     let Some((kind, value)) = parse_block_field(field) else {
-        tracing::warn!(field, "a block of an unknown kind in Redis is ignored");
+        ignored("a block in the risk store", "of an unknown kind");
         return;
     };
     // No replica writes a block ending more than the admin API's longest time after it was
@@ -1100,7 +1115,7 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         .get(kind, value, now)
         .is_some_and(|b| *b == block);
     if !unchanged && let Err(err) = state.apply_stored_block(block, now) {
-        tracing::warn!(field, error = %err, "a block from Redis could not be applied");
+        unapplied("a block from the risk store", &err.to_string());
     }
 }
 
@@ -1131,7 +1146,7 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
         created_by: record.created_by.clone(),
     };
     if let Err(err) = state.revocations().set(revocation, now) {
-        tracing::warn!(error = %err, "a revocation from Redis could not be applied");
+        unapplied("a revocation from the risk store", &err.to_string());
     }
 }
 

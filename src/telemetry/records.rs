@@ -29,7 +29,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     thread,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::{Map, Value};
@@ -268,6 +268,18 @@ impl RecordSink {
         if pending.bytes.len() + line.len() > CAPACITY {
             drop(pending);
             metrics::global().record_record(RecordEvent::Dropped);
+            static FULL: super::throttle::Throttle =
+                super::throttle::Throttle::new(super::throttle::WARNING_PERIOD);
+            if let Some(unlogged) = FULL.admit() {
+                tracing::error!(
+                    records = %self.target,
+                    unlogged,
+                    "the decision records queue is full (its file or stdout does not take them \
+                     as fast as they come): records are dropped and counted in \
+                     stepgate_records_total{{result=\"dropped\"}} (later drops within 10 s are \
+                     only counted)"
+                );
+            }
             return;
         }
         pending.bytes.extend_from_slice(line);
@@ -799,8 +811,13 @@ enum Output {
         written: u64,
         max_bytes: u64,
         keep: u32,
+        /// When `path` was last checked to still name `file`.
+        checked: Instant,
     },
 }
+
+/// How often the records file's path is checked to still name the file being written.
+const PATH_CHECK: Duration = Duration::from_secs(1);
 
 impl Output {
     fn open(path: Option<&Path>, max_bytes: u64, keep: u32) -> io::Result<Self> {
@@ -815,11 +832,14 @@ impl Output {
             written,
             max_bytes,
             keep,
+            checked: Instant::now(),
         })
     }
 
     /// Writes whole records (`chunk` ends with a newline), rotating first when they would take
-    /// the file past its size.
+    /// the file past its size. A file deleted or moved away (by hand, or by a log rotator that
+    /// does not signal) is opened again at its path, rather than written to where nobody reads
+    /// it; a write that fails leaves no record cut short in the file.
     fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
         match self {
             Self::Stdout(out) => out.write_all(chunk).and_then(|()| out.flush()),
@@ -829,27 +849,60 @@ impl Output {
                 written,
                 max_bytes,
                 keep,
+                checked,
             } => {
+                if checked.elapsed() >= PATH_CHECK {
+                    *checked = Instant::now();
+                    if !names(path, file) {
+                        *file = OpenOptions::new().create(true).append(true).open(&*path)?;
+                        *written = file.metadata()?.len();
+                        tracing::warn!(
+                            path = %path.display(),
+                            "the decision records file was deleted or moved away: writing to a new one at its path"
+                        );
+                    }
+                }
                 if *written > 0 && *written + chunk.len() as u64 > *max_bytes {
                     rotate(path, *keep)?;
                     *file = OpenOptions::new().create(true).append(true).open(&*path)?;
                     *written = 0;
                 }
-                file.write_all(chunk)?;
-                *written += chunk.len() as u64;
+                let before = file.metadata()?.len();
+                if let Err(error) = file.write_all(chunk) {
+                    // Part of the chunk may be in (a disk full): cut it off, or the next record
+                    // would be written on the end of one cut short.
+                    if file.metadata().is_ok_and(|m| m.len() > before) {
+                        let _ = file.set_len(before);
+                    }
+                    return Err(error);
+                }
+                *written = before + chunk.len() as u64;
                 Ok(())
             }
         }
     }
 }
 
-/// `path` → `path.1`, `path.1` → `path.2`, …, dropping `path.<keep>`.
+/// Whether `path` names the open `file` (the same device and inode).
+fn names(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        _ => false,
+    }
+}
+
+/// `path` → `path.1`, `path.1` → `path.2`, …, dropping `path.<keep>`. A `path` that is gone
+/// (deleted meanwhile) leaves nothing to rotate.
 fn rotate(path: &Path, keep: u32) -> io::Result<()> {
     let numbered = |n: u32| {
         let mut name = path.as_os_str().to_owned();
         name.push(format!(".{n}"));
         PathBuf::from(name)
     };
+    if !path.exists() {
+        return Ok(());
+    }
     if keep == 0 {
         return std::fs::remove_file(path);
     }
@@ -988,6 +1041,42 @@ mod tests {
         identity::claims::Principal,
         request::{HttpAttributes, Peer},
     };
+
+    /// A records file deleted, or moved away without the writer being told, is opened again at
+    /// its path within a second: records are not written on into a file nobody reads, and a
+    /// rotation with the file gone rotates nothing rather than failing every write after it.
+    #[test]
+    fn a_records_file_deleted_or_moved_away_is_opened_again_at_its_path() {
+        let dir =
+            std::env::temp_dir().join(format!("stepgate-records-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("decisions.jsonl");
+        let mut out = Output::open(Some(&path), 64, 2).unwrap();
+        let age = |out: &mut Output| {
+            if let Output::File { checked, .. } = out {
+                *checked = Instant::now() - PATH_CHECK;
+            }
+        };
+        out.write(b"{\"n\":1}\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        age(&mut out);
+        out.write(b"{\"n\":2}\n").unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"n\":2}\n",
+            "a new file at the path"
+        );
+        std::fs::rename(&path, dir.join("elsewhere.jsonl")).unwrap();
+        age(&mut out);
+        out.write(b"{\"n\":3}\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"n\":3}\n");
+        // Deleted when the next records would rotate it: nothing to rotate, and written.
+        std::fs::remove_file(&path).unwrap();
+        out.write(&[b'x'; 63]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn with_nothing_to_write_the_writer_sleeps_until_a_record_arrives() {

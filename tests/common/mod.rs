@@ -307,6 +307,8 @@ pub struct Spawn {
     pub env: Vec<(String, String)>,
     /// Log in the text format instead of JSON (`json_logs` then finds nothing).
     pub text_log: bool,
+    /// Give the process a stdout pipe that nothing reads (it fills up, and writes to it block).
+    pub stdout_unread: bool,
 }
 
 impl Server {
@@ -352,7 +354,11 @@ impl Server {
             .env_remove("STEPGATE_LOG_LEVEL")
             .env_remove("STEPGATE_DRAIN_DELAY")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if spawn.stdout_unread {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped());
         if spawn.metrics {
             command.args(["--metrics-listen", "127.0.0.1:0"]);
