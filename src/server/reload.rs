@@ -231,6 +231,9 @@ async fn reload(
     let rules: Vec<&str> = fresh.rules.iter().map(|r| &*r.id).collect();
     metrics::global().retain_rules(&rules);
     authorizer.replace(Arc::new(fresh));
+    // The replaced policy is freed off the worker (100 000 rules take a while to drop; calls
+    // still deciding under it free it wherever they end).
+    tokio::task::spawn_blocking(move || drop(old));
     tracing::info!(
         config = %path.display(),
         rules = authorizer.policy().rules.len(),
