@@ -668,6 +668,45 @@ async fn a_reload_during_an_idp_outage_keeps_the_keys_until_max_stale() {
     );
 }
 
+/// A refresh that hangs (the key set answers after longer than a fetch waits, 10 s) does not
+/// keep the keys past `max_stale`: they are dropped when it passes, while the fetch still waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_refresh_does_not_keep_the_keys_past_max_stale() {
+    const MAX_STALE_SECS: u64 = 3;
+    let idp = Idp::start().await;
+    let iss = "https://idp.lifecycle.test/hanging-refresh";
+    let policy = policy(
+        "hanging-refresh",
+        &format!(
+            "    jwks_uri: {}\n    issuer: {iss}\n    keys: {{ refresh: 1s, min_refresh: 1s, retry: 1s, max_stale: {MAX_STALE_SECS}s }}",
+            idp.jwks_uri()
+        ),
+    );
+    let server = Server::start(&policy.path).await;
+    let loaded = Instant::now();
+    let channel = server.channel().await;
+    let token = mint(&spec(iss));
+    assert_allowed(&server, &decide(&server, &channel, &token).await, "before");
+    idp.set_keys_mode(Mode::Slow(Duration::from_secs(30)));
+    let refused = wait_reason(
+        &server,
+        &channel,
+        &token,
+        "unknown_kid",
+        "keys dropped at max_stale",
+    )
+    .await;
+    // Loaded before `loaded`, so dropped before max_stale after it; a hanging fetch would have
+    // held them until its 10 s timeout.
+    assert!(
+        refused - loaded < Duration::from_secs(MAX_STALE_SECS + 4),
+        "the keys were dropped {:?} after they loaded, past max_stale ({MAX_STALE_SECS}s)\n{}",
+        refused - loaded,
+        tail(&server.logs_text())
+    );
+    idp.set_keys_mode(Mode::Normal);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_key_set_is_a_failed_refresh_and_the_keys_are_kept() {
     let idp = Idp::start().await;

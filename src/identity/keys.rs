@@ -613,7 +613,25 @@ pub fn spawn_refresh(
                     _ = stop.changed() => return,
                 }
                 if Instant::now() >= next_attempt {
-                    let result = load(&issuer, &http).await;
+                    // A load that hangs (up to a fetch's timeout, twice with discovery) does not
+                    // hold the keys past `max_stale`: they are dropped when it passes, and the
+                    // load goes on.
+                    let loading = load(&issuer, &http);
+                    tokio::pin!(loading);
+                    let result = loop {
+                        let stale = stale_at(&issuer);
+                        let until_stale = async move {
+                            match stale {
+                                Some(at) => tokio::time::sleep_until(at.into()).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            result = &mut loading => break result,
+                            () = until_stale => expire_stale(&issuer),
+                            _ = stop.changed() => return,
+                        }
+                    };
                     log_load(&issuer, &result);
                     next_attempt = after(refresh_wait(&issuer));
                 }
