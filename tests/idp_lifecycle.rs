@@ -668,6 +668,40 @@ async fn a_reload_during_an_idp_outage_keeps_the_keys_until_max_stale() {
     );
 }
 
+/// Reloads of a policy whose issuer's keys were fetched within `min_refresh` do not fetch them
+/// again: a config writer reloading many times a second sent the provider a request for each.
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_do_not_fetch_keys_fetched_within_min_refresh() {
+    let idp = Idp::start().await;
+    let iss = "https://idp.lifecycle.test/reload-storm";
+    let policy = policy(
+        "reload-storm",
+        &format!(
+            "    jwks_uri: {}\n    issuer: {iss}\n    keys: {{ min_refresh: 10m, refresh: 1h }}",
+            idp.jwks_uri()
+        ),
+    );
+    let server = Server::start(&policy.path).await;
+    let fetched = idp.requests(KEYS_PATH);
+    assert_eq!(fetched, 1, "the start-up load");
+    for n in 1..=5 {
+        server.signal("HUP");
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        while server.logs_text().matches("policy reloaded").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "no reload {n}:\n{}",
+                tail(&server.logs_text())
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(idp.requests(KEYS_PATH), fetched, "no fetch for the reloads");
+    let channel = server.channel().await;
+    let token = mint(&spec(iss));
+    assert_allowed(&server, &decide(&server, &channel, &token).await, "after");
+}
+
 /// A refresh that hangs (the key set answers after longer than a fetch waits, 10 s) does not
 /// keep the keys past `max_stale`: they are dropped when it passes, while the fetch still waits.
 #[tokio::test(flavor = "multi_thread")]

@@ -179,6 +179,13 @@ impl FetchControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the keys in place were loaded less than `within` ago.
+    pub fn loaded_within(&self, within: Duration) -> bool {
+        self.state()
+            .last_success
+            .is_some_and(|at| at.elapsed() < within)
+    }
+
     /// Holds this issuer's key-load metrics until [`Self::serve`]: its policy is a candidate.
     pub fn hold_metrics(&self) {
         self.state().candidate = true;

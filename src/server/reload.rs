@@ -170,6 +170,7 @@ async fn reload(
         .map_err(|e| config::ConfigError::new("", format!("compiling the policy failed: {e}")))??;
     let old = authorizer.policy();
     // Carry keys over for unchanged issuers so an IdP outage during reload costs nothing.
+    let mut fresh_enough = Vec::new();
     for issuer in fresh.issuers.iter() {
         // Not when the CAs it fetches through changed (a compromised CA replaced): keys fetched
         // under the old trust are fetched again.
@@ -183,6 +184,16 @@ async fn reload(
             if let Some(discovered) = previous.discovered() {
                 issuer.set_discovered((*discovered).clone());
             }
+            // Fetched from its provider within `min_refresh`: not fetched again for the reload
+            // (a config writer reloading many times a second would otherwise send the
+            // provider as many requests; a key file is read again, for an operator who
+            // replaced it and sent SIGHUP).
+            if issuer.key_source.is_remote()
+                && !issuer.keys().is_empty()
+                && issuer.fetch.loaded_within(issuer.timing.min_refresh)
+            {
+                fresh_enough.push(Arc::clone(issuer));
+            }
         }
     }
     let issuers: Vec<_> = fresh.issuers.iter().cloned().collect();
@@ -190,7 +201,12 @@ async fn reload(
     for issuer in &issuers {
         issuer.fetch.hold_metrics();
     }
-    let without_keys = keys::load_all(&issuers, http).await;
+    let loading: Vec<_> = issuers
+        .iter()
+        .filter(|issuer| !fresh_enough.iter().any(|f| Arc::ptr_eq(f, issuer)))
+        .cloned()
+        .collect();
+    let without_keys = keys::load_all(&loading, http).await;
     // An issuer the new policy adds or changes that got no keys (a wrong jwks_uri, a provider
     // not reachable from here) would have every one of its tokens refused and, with
     // --ready-when all-issuers, every replica report NOT_SERVING at once: the policy is refused
