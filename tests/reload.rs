@@ -70,6 +70,32 @@ async fn serve_reloading_on_sighup(
     (server, client, mint(&entra(&[], &["cp1"])))
 }
 
+/// The records file is opened at start: a reload turning records on takes effect at the next
+/// start, and a warning says so (before, the change was taken in silence and nothing recorded).
+#[tokio::test]
+async fn a_reload_turning_records_on_says_they_start_at_the_next_start() {
+    let original = demo_policy_text();
+    assert!(original.contains("records:\n  enabled: false\n"));
+    let policy = TempPolicy::new("reload-records", &original);
+    let (server, _client, _token) = serve_reloading_on_sighup(&policy).await;
+    policy.write(&original.replace(
+        "records:\n  enabled: false\n",
+        "records:\n  enabled: true\n",
+    ));
+    let seen = server.json_logs().len();
+    hup_and_wait(&server, seen, "policy reloaded").await;
+    assert!(
+        server
+            .wait_for_text(
+                Duration::from_secs(5),
+                &["decision records start when stepgate restarts"]
+            )
+            .await,
+        "{}",
+        server.logs_text()
+    );
+}
+
 #[tokio::test]
 async fn sighup_refuses_an_invalid_policy_keeps_the_old_one_and_applies_a_valid_change() {
     let original = demo_policy_text();

@@ -163,6 +163,26 @@ impl Authorizer {
                 "risk.store changed: the running store is kept until stepgate restarts"
             );
         }
+        // The records file is opened at start, with its rotation: a reload turning records on,
+        // or naming another file or rotation, takes effect at the next start.
+        let (was, now) = (&old.records, &policy.records);
+        match self.records.get() {
+            None if now.enabled => tracing::warn!(
+                "records.enabled: decision records start when stepgate restarts (their file is \
+                 opened at start)"
+            ),
+            Some((_, forced))
+                if (now.path != was.path && !forced)
+                    || now.max_bytes != was.max_bytes
+                    || now.keep != was.keep =>
+            {
+                tracing::warn!(
+                    "records.path, max_bytes or keep changed: the running records file and its \
+                     rotation are kept until stepgate restarts"
+                );
+            }
+            _ => {}
+        }
         drop(old);
         self.policy.store(policy);
         crate::identity::issuer::note_key_sets_changed();
