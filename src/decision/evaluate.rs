@@ -57,8 +57,50 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         risk: &risk,
         shadows: Vec::new(),
         verified: None,
+        head_as_get: false,
     };
     let mut decision = run.evaluate(request, now);
+    // Most servers answer a HEAD with their GET handler: under a policy with a matcher that
+    // takes a HEAD and not a GET, a HEAD is decided as a GET too, and the stricter answer stands
+    // (an anonymous HEAD probe rule must not run the export's GET handler).
+    if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
+        let as_get = run.aside(|run| {
+            run.head_as_get = true;
+            let decision = run.evaluate(request, now);
+            run.head_as_get = false;
+            decision
+        });
+        let strictness = |d: &Decision| match d.outcome {
+            Outcome::Allow => 0,
+            Outcome::StepUp => 1,
+            Outcome::Deny => 2,
+        };
+        if strictness(&as_get) > strictness(&decision) {
+            let mut head = decision;
+            let mut explain = std::mem::take(&mut head.explain);
+            if request.explain {
+                let ruled = |d: &Decision| {
+                    d.rule
+                        .as_deref()
+                        .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
+                };
+                explain.push(ExplainStep {
+                    stage: "head",
+                    detail: format!(
+                        "decided as a GET too, as servers answer a HEAD with their GET handler: \
+                         {} ({}) under {}, stricter than the HEAD's {} ({}) under {}",
+                        as_get.outcome.as_str(),
+                        as_get.reason.as_str(),
+                        ruled(&as_get),
+                        head.outcome.as_str(),
+                        head.reason.as_str(),
+                        ruled(&head),
+                    ),
+                });
+            }
+            decision = Decision { explain, ..as_get };
+        }
+    }
     decision.shadow = run.shadows;
     decision.verified = run.verified;
     decision.risk_counts = risk.read.into_inner();
@@ -129,6 +171,7 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
         risk: &risk,
         shadows: Vec::new(),
         verified: None,
+        head_as_get: false,
     };
     let request = AccessRequest::default();
     let input = CelInput::new(&policy.cel, &request, None, Some(&token.claims), now);
@@ -194,6 +237,8 @@ struct Run<'p> {
     shadows: Vec<Shadow>,
     /// The token, once verified.
     verified: Option<Arc<VerifiedToken>>,
+    /// A HEAD's methods read as a GET's, in every reading of the path.
+    head_as_get: bool,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
@@ -528,7 +573,7 @@ impl<'p> Run<'p> {
                 .then_some(sent)
                 .flatten(),
             slash_apart: false,
-            head_as_get: false,
+            head_as_get: self.head_as_get,
         };
         // How the upstream reads letter case is not known: the path read in its own case must
         // pick the rule it picks in lower case, or one reading would let a request through under
@@ -542,7 +587,7 @@ impl<'p> Run<'p> {
                 lowered,
                 in_case: sent,
                 slash_apart: false,
-                head_as_get: false,
+                head_as_get: self.head_as_get,
             };
             let said = |lower: &str, case: &str| {
                 format!(
@@ -568,14 +613,14 @@ impl<'p> Run<'p> {
         if sent.is_some_and(|p| p.len() > 1 && p.ends_with('/')) {
             let apart = PathReading {
                 slash_apart: true,
-                head_as_get: false,
+                head_as_get: self.head_as_get,
                 ..path
             };
             let apart_in_case = either_case.then_some(PathReading {
                 lowered,
                 in_case: sent,
                 slash_apart: true,
-                head_as_get: false,
+                head_as_get: self.head_as_get,
             });
             for apart in std::iter::once(apart).chain(apart_in_case) {
                 let said = |together: &str, apart: &str| {
@@ -610,13 +655,13 @@ impl<'p> Run<'p> {
                     lowered: cut_lowered,
                     in_case: path.in_case.map(|_| cut.as_str()),
                     slash_apart: false,
-                    head_as_get: false,
+                    head_as_get: self.head_as_get,
                 };
                 let without_in_case = either_case.then_some(PathReading {
                     lowered: cut_lowered,
                     in_case: Some(cut),
                     slash_apart: false,
-                    head_as_get: false,
+                    head_as_get: self.head_as_get,
                 });
                 for without in std::iter::once(without).chain(without_in_case) {
                     let said = |with: &str, without: &str| {
@@ -636,28 +681,6 @@ impl<'p> Run<'p> {
                         return denial;
                     }
                 }
-            }
-        }
-        // Nor whether it has a HEAD handler of its own: most answer a HEAD with their GET
-        // handler (Go, Flask, Spring, Rails), so under a policy with a matcher that takes a HEAD
-        // and not a GET, a HEAD must pick the rule its GET picks.
-        if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
-            let as_get = PathReading {
-                head_as_get: true,
-                ..path
-            };
-            let said = |head: &str, get: &str| {
-                format!("the request picks {head} as a HEAD and {get} as a GET: {AMBIGUOUS_HEAD}")
-            };
-            if let Some(denial) = self.readings_disagree(
-                request,
-                &input,
-                token.is_some(),
-                [path, as_get],
-                said,
-                AMBIGUOUS_HEAD,
-            ) {
-                return denial;
             }
         }
         // Shadow rules that match are evaluated and recorded; the first enforcing one decides.
@@ -1365,11 +1388,6 @@ const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than 
                                meant for both";
 
 /// The message of an `ambiguous_path` denial for an extension.
-/// The message of the `ambiguous_path` denial of a HEAD that picks another rule as a GET.
-const AMBIGUOUS_HEAD: &str = "a matcher takes the HEAD and not the GET, and most servers answer a \
-                              HEAD with their GET handler; match GET (which takes HEAD) rather \
-                              than HEAD alone";
-
 const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and picks another \
                                    rule than the path without it, and some upstreams serve one \
                                    from the other's route (Rails, Spring MVC up to 5.2); match \

@@ -3957,38 +3957,56 @@ fn a_head_is_read_as_a_get_in_the_paths_own_case() {
 }
 
 /// Most servers answer a HEAD with their GET handler: under a policy with a matcher that takes a
-/// HEAD and not a GET, a HEAD that picks another rule than its GET would is refused as
-/// ambiguous, rather than letting an anonymous HEAD run the export's GET handler.
+/// HEAD and not a GET, a HEAD is decided as a GET too, in every reading of its path, and the
+/// stricter answer stands. An anonymous HEAD probe rule does not run the export's GET handler,
+/// while a HEAD health check that both readings allow is allowed.
 #[test]
-fn a_head_must_pick_the_rule_its_get_picks() {
+fn a_head_is_decided_as_a_get_too_and_the_stricter_answer_stands() {
     let policy = with_first_rule(
-        "  - id: probe\n    match: { methods: [HEAD], path: /reports/** }\n    allow_anonymous: true\n  - id: export\n    match: { methods: [GET], path: /reports/export }\n    require: { scopes: [reports.read] }",
+        "  - id: head-health\n    match: { methods: [HEAD], path: /healthz }\n    allow_anonymous: true\n  - id: get-health\n    match: { methods: [GET], path: /healthz }\n    allow_anonymous: true\n  - id: probe\n    match: [{ methods: [HEAD], path: /reports/** }, { methods: [GET], path: /reports/export.csv }]\n    allow_anonymous: true\n  - id: export\n    match: { methods: [GET], path: /reports/export }\n    require: { scopes: [reports.read] }",
         "",
     );
-    for authorization in [String::new(), bearer(&rs256(&entra_user(&["c1"])))] {
-        let d = decide(
-            &policy,
-            &http_request(&authorization, "HEAD", "/reports/export"),
-            NOW,
-        );
-        assert_eq!(
-            (d.outcome, d.http_status, d.reason),
-            (Outcome::Deny, 400, Reason::AmbiguousPath),
-            "{d:#?}"
-        );
-        assert!(d.message.contains("their GET handler"), "{}", d.message);
+    let anonymous = |target: &str| decide(&policy, &http_request("", "HEAD", target), NOW);
+    let d = anonymous("/reports/export");
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
+    assert_eq!(rule(&d), None, "named to no anonymous caller");
+    // The GET's other readings too: its extension, its case, its trailing slash.
+    for target in ["/reports/export.csv", "/Reports/export", "/reports/export/"] {
+        let d = anonymous(target);
+        assert!(!d.is_allow(), "{target}: {d:#?}");
+        let get = decide(&policy, &http_request("", "GET", target), NOW);
+        assert_eq!((d.outcome, d.reason), (get.outcome, get.reason), "{target}");
     }
-    // The GET itself, and a HEAD that picks the same rule either way, are decided as usual.
-    let d = decide(&policy, &http_request("", "GET", "/reports/export"), NOW);
-    assert_eq!((d.outcome, rule(&d)), (Outcome::Deny, None), "{d:#?}");
-    assert_eq!(d.reason, Reason::TokenMissing);
-    let d = decide(&policy, &http_request("", "HEAD", "/healthz"), NOW);
-    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
-    // Without a HEAD-only matcher a HEAD is a GET already (a GET matcher takes it).
+    let token = bearer(&rs256(&entra_user(&["c1"])));
     let d = decide(
-        &demo_policy(),
-        &http_request("", "HEAD", "/reports/export"),
+        &policy,
+        &http_request(&token, "HEAD", "/reports/export"),
         NOW,
     );
-    assert_ne!(d.reason, Reason::AmbiguousPath, "{d:#?}");
+    expect(&d, Outcome::Deny, 403, Reason::MissingScope);
+    assert_eq!(rule(&d), Some("export"));
+    // Allowed either way: the HEAD's own rule decides.
+    let d = anonymous("/healthz");
+    expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
+    assert_eq!(rule(&d), Some("head-health"));
+    // A HEAD the probe rule takes and whose GET the catch-all refuses: refused as the GET is.
+    let d = anonymous("/reports/q4");
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
+    // The explain trace says why a HEAD got its GET's answer.
+    let explained = decide(
+        &policy,
+        &AccessRequest {
+            explain: true,
+            ..http_request("", "HEAD", "/reports/export")
+        },
+        NOW,
+    );
+    assert!(
+        explained
+            .explain
+            .iter()
+            .any(|s| s.stage == "head" && s.detail.contains("decided as a GET too")),
+        "{:#?}",
+        explained.explain
+    );
 }
