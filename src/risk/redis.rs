@@ -67,8 +67,10 @@ const PING: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// How long a session must have stayed connected for the backoff to start over when it is lost.
-const STEADY: Duration = Duration::from_secs(1);
+/// How long a session must have stayed connected for the backoff to start over when it is lost:
+/// past two pings, so that a store (or a proxy before it) that drops connections idle for less
+/// than a ping's interval is not reconnected to every two seconds for ever.
+const STEADY: Duration = Duration::from_secs(5);
 /// Operations sent in one pipeline.
 const BATCH: usize = 1024;
 
