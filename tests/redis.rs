@@ -908,6 +908,9 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
                 "risk:",
                 &MAX_TTL_SECONDS.to_string(),
                 &MAX_CLOCK_AHEAD_SECONDS.to_string(),
+                &stepgate::risk::redis::MAX_RECORD_BYTES.to_string(),
+                &stepgate::risk::blocks::MAX_REASON_BYTES.to_string(),
+                &stepgate::risk::blocks::MAX_CREATED_BY_BYTES.to_string(),
             ]))
             .unwrap_or_default()
     };
@@ -1001,6 +1004,9 @@ fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
                 "risk:",
                 &MAX_TTL_SECONDS.to_string(),
                 &MAX_CLOCK_AHEAD_SECONDS.to_string(),
+                &stepgate::risk::redis::MAX_RECORD_BYTES.to_string(),
+                &stepgate::risk::blocks::MAX_REASON_BYTES.to_string(),
+                &stepgate::risk::blocks::MAX_CREATED_BY_BYTES.to_string(),
             ]))
             .unwrap_or_default()
     };
@@ -1039,6 +1045,60 @@ fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
             let (_, stored) = stored_block(&redis, field).unwrap();
             assert_eq!(stored["reason_id"], "INC-6", "{field} {what}: {stored}");
         }
+    }
+    // Nor one no replica reads: a creation time that is no whole number, a reason id or an
+    // author the admin API refuses, a record longer than a replica reads.
+    let huge = "r".repeat(9000);
+    for (n, body) in [
+        format!(
+            r#"{{"reason_id":"INC-9","created_at":nan,"expires_at":{},"created_by":"ops"}}"#,
+            now + 7200
+        ),
+        format!(
+            r#"{{"reason_id":"INC-9","created_at":{}.5,"expires_at":{},"created_by":"ops"}}"#,
+            now - 10,
+            now + 7200
+        ),
+        format!(
+            r#"{{"reason_id":"INC-9","created_at":0x10,"expires_at":{},"created_by":"ops"}}"#,
+            now + 7200
+        ),
+        format!(
+            r#"{{"created_at":{},"expires_at":{},"created_by":"ops"}}"#,
+            now - 10,
+            now + 7200
+        ),
+        format!(
+            r#"{{"reason_id":"INC-9","created_at":{},"expires_at":{},"created_by":5}}"#,
+            now - 10,
+            now + 7200
+        ),
+        format!(
+            r#"{{"reason_id":"not an id!","created_at":{},"expires_at":{}}}"#,
+            now - 10,
+            now + 7200
+        ),
+        format!(
+            r#"{{"reason_id":"INC-9","reason":"{huge}","created_at":{},"expires_at":{}}}"#,
+            now - 10,
+            now + 7200
+        ),
+        "not json".to_owned(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let field = format!("subject|unread-{n}");
+        let reply = redis
+            .command(&resp(&[
+                "HSET",
+                "stepgate:blocks",
+                &field,
+                &format!("{}|{body}", (now - 1) * 1000),
+            ]))
+            .unwrap_or_default();
+        assert_eq!(reply, ":1\r\n", "HSET {field}");
+        assert_eq!(put(&field, "signal"), ":1\r\n", "{field}: {body:.80}");
     }
     // A block a replica wrote, an hour long, still stands against a signal's shorter one.
     seed_block(

@@ -83,8 +83,10 @@ const BATCH: usize = 1024;
 /// (`signal` or `operator` block, `lift`, or `newest` for a revocation), `ARGV[7]` when the block
 /// ends and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
 /// prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the writer's clock
-/// another's may be, in seconds: a stored block that no replica could have written under them
-/// (which every replica ignores, [`apply_block`]) is written over as if it were not there. Beside its write time, a stored record keeps the time of the newest operator's write
+/// another's may be, in seconds, `ARGV[12]` the longest stored value a replica reads, and
+/// `ARGV[13]` and `ARGV[14]` the longest reason and author: a stored block that no replica could
+/// have written under them (which every replica ignores, [`apply_block`]) is written over as if
+/// it were not there. Beside its write time, a stored record keeps the time of the newest operator's write
 /// (block or lift) it stands for, `operator_at` (a member older replicas ignore): an operator's
 /// record its own write time, a signal's the operator's write it replaced. So:
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
@@ -117,15 +119,32 @@ if cur then
 end
 -- What no replica writes (written by hand) does not stand in a write's way: a record stamped
 -- further ahead of the writer's clock than a replica's clock may be, and a block that every
--- replica ignores (`apply_block`): one ending further after its creation than a block may last,
--- or made ahead of the clock.
+-- replica ignores (`apply_block`, `parse_stored`, `READ`): too long, unreadable, with a member
+-- of the wrong type or a text the admin API refuses, ending further after its creation than a
+-- block may last, or made ahead of the clock.
 local now, ahead = tonumber(ARGV[8]), tonumber(ARGV[11])
+local function int(v)
+  return type(v) == 'number' and v == v and v == math.floor(v) and v > -9e15 and v < 9e15
+end
+local function text(v, max)
+  return type(v) == 'string' and #v <= max and not string.find(v, '%c')
+    and not string.find(v, '\194[\128-\159]')
+end
 if at and tonumber(at) > (now + ahead) * 1000 then cur = nil end
-if cur and old and old.removed ~= true then
-  local made = old.created_at
-  if type(made) ~= 'number' or made > now + ahead or type(old.expires_at) ~= 'number'
-     or old.expires_at > made + tonumber(ARGV[10]) + ahead then
+if cur and what ~= 'newest' and (not old or #cur > tonumber(ARGV[12])) then cur = nil end
+if cur and old then
+  local made, ends_at = old.created_at, old.expires_at
+  if (old.removed ~= nil and type(old.removed) ~= 'boolean') or not int(ends_at)
+     or (made ~= nil and not int(made)) then
     cur = nil
+  elseif old.removed ~= true then
+    local id = old.reason_id
+    if not int(made) or made > now + ahead or ends_at > made + tonumber(ARGV[10]) + ahead
+       or type(id) ~= 'string' or #id < 1 or #id > 128 or string.find(id, '[^%w%-_%.]')
+       or (old.reason ~= nil and not text(old.reason, tonumber(ARGV[13])))
+       or (old.created_by ~= nil and not text(old.created_by, tonumber(ARGV[14]))) then
+      cur = nil
+    end
   end
 end
 if cur then
@@ -209,7 +228,7 @@ const MAX_FIELD_BYTES: usize = 2048;
 /// The longest stored record read from Redis: a block's or a revocation's, whose texts
 /// [`blocks::check_record`] bounds (a reason and an author of 1 KiB each, twice that once
 /// escaped in JSON), with its write time.
-const MAX_RECORD_BYTES: usize = 8 * 1024;
+pub const MAX_RECORD_BYTES: usize = 8 * 1024;
 /// The longest message read from the channel: a record and its field, escaped again.
 const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 
@@ -871,6 +890,9 @@ impl Task {
                 .arg(blocks::RISK_CREATOR_PREFIX)
                 .arg(MAX_TTL_SECONDS)
                 .arg(revocations::MAX_CLOCK_AHEAD_SECONDS)
+                .arg(MAX_RECORD_BYTES)
+                .arg(blocks::MAX_REASON_BYTES)
+                .arg(blocks::MAX_CREATED_BY_BYTES)
                 .ignore();
         }
         pipe.query_async::<()>(conn)
