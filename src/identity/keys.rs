@@ -287,6 +287,30 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::Wo
 /// How long a `jwks_file` read may take, as long as a key-set fetch.
 const FILE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A key file being read: at most one read of a path at a time, released when the read returns
+/// (on its blocking thread, however long after its caller stopped waiting).
+struct FileRead(std::path::PathBuf);
+
+static FILES_READING: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+impl FileRead {
+    fn claim(path: &std::path::Path) -> Option<Self> {
+        let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
+        if reading.iter().any(|p| p == path) {
+            return None;
+        }
+        reading.push(path.to_owned());
+        Some(Self(path.to_owned()))
+    }
+}
+
+impl Drop for FileRead {
+    fn drop(&mut self) {
+        let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
+        reading.retain(|p| *p != self.0);
+    }
+}
+
 /// Runs `read` on a blocking thread, for at most `timeout`. A read that stalls (a hung network
 /// file system) holds its thread, not the caller: the load fails, and the reload or refresh
 /// waiting for it goes on.
@@ -316,12 +340,19 @@ async fn load_inner(
         KeySource::File(path) => {
             // As the policy file is read: a regular file only (a FIFO in its place would hold the
             // read for ever), off the serving threads, and no larger than a fetched key set.
+            let cannot = |e: &str| format!("cannot read {}: {e}", path.display());
+            // One read of a file at a time: while one is stuck, the reloads and refreshes after
+            // it fail at once rather than each holding another blocking thread.
+            let reading = FileRead::claim(path).ok_or_else(|| {
+                cannot("a read of it started earlier has not returned (a stalled file system?)")
+            })?;
             let owned = path.clone();
             let bytes = read_blocking(FILE_READ_TIMEOUT, move || {
+                let _reading = reading;
                 crate::config::read_file_at_most(&owned, MAX_JWKS_FILE_BYTES)
             })
             .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|e| cannot(&e))?;
             (bytes, None)
         }
         KeySource::Uri(uri) => fetch(http, uri).await?,
@@ -803,6 +834,19 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While a read of a file is stuck, another of the same file is refused at once (each would
+    /// hold a blocking thread); once it returns, the file can be read again.
+    #[test]
+    fn a_file_is_read_once_at_a_time() {
+        let path = std::path::Path::new("/stepgate-test/keys.json");
+        let first = FileRead::claim(path).expect("the first read");
+        assert!(FileRead::claim(path).is_none());
+        let other = FileRead::claim(std::path::Path::new("/stepgate-test/other.json"));
+        assert!(other.is_some());
+        drop(first);
+        assert!(FileRead::claim(path).is_some());
+    }
 
     /// A key file whose read stalls (a hung file system) fails the load after the timeout,
     /// instead of holding the reload waiting for it for ever; a read that answers is returned.
