@@ -287,27 +287,47 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::Wo
 /// How long a `jwks_file` read may take, as long as a key-set fetch.
 const FILE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A key file being read: at most one read of a path at a time, released when the read returns
-/// (on its blocking thread, however long after its caller stopped waiting).
-struct FileRead(std::path::PathBuf);
+/// A key file being read. While a read of a path is stuck (running longer than
+/// [`FILE_READ_TIMEOUT`]), or [`MAX_FILE_READS`] of it run, no other starts: each would hold
+/// another blocking thread. Released when the read returns (on its blocking thread, however long
+/// after its caller stopped waiting). Issuers sharing a file read it side by side.
+struct FileRead {
+    path: std::path::PathBuf,
+    started: Instant,
+}
 
-static FILES_READING: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+/// The most reads of one key file at a time.
+const MAX_FILE_READS: usize = 8;
+
+static FILES_READING: Mutex<Vec<(std::path::PathBuf, Instant)>> = Mutex::new(Vec::new());
 
 impl FileRead {
     fn claim(path: &std::path::Path) -> Option<Self> {
         let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
-        if reading.iter().any(|p| p == path) {
+        let of_path = || reading.iter().filter(|(p, _)| p == path);
+        if of_path().count() >= MAX_FILE_READS
+            || of_path().any(|(_, at)| at.elapsed() >= FILE_READ_TIMEOUT)
+        {
             return None;
         }
-        reading.push(path.to_owned());
-        Some(Self(path.to_owned()))
+        let started = Instant::now();
+        reading.push((path.to_owned(), started));
+        Some(Self {
+            path: path.to_owned(),
+            started,
+        })
     }
 }
 
 impl Drop for FileRead {
     fn drop(&mut self) {
         let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
-        reading.retain(|p| *p != self.0);
+        if let Some(at) = reading
+            .iter()
+            .position(|(p, at)| *p == self.path && *at == self.started)
+        {
+            reading.swap_remove(at);
+        }
     }
 }
 
@@ -835,16 +855,31 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 mod tests {
     use super::*;
 
-    /// While a read of a file is stuck, another of the same file is refused at once (each would
-    /// hold a blocking thread); once it returns, the file can be read again.
+    /// Issuers sharing a key file read it side by side, up to a bound; while a read of it is
+    /// stuck past the timeout, no other starts (each would hold a blocking thread); once it
+    /// returns, the file can be read again.
     #[test]
-    fn a_file_is_read_once_at_a_time() {
+    fn a_stuck_key_file_read_holds_back_the_next() {
         let path = std::path::Path::new("/stepgate-test/keys.json");
-        let first = FileRead::claim(path).expect("the first read");
-        assert!(FileRead::claim(path).is_none());
-        let other = FileRead::claim(std::path::Path::new("/stepgate-test/other.json"));
-        assert!(other.is_some());
-        drop(first);
+        let side_by_side: Vec<FileRead> = (0..MAX_FILE_READS)
+            .map(|_| FileRead::claim(path).expect("read side by side"))
+            .collect();
+        assert!(FileRead::claim(path).is_none(), "past the bound");
+        assert!(FileRead::claim(std::path::Path::new("/stepgate-test/other.json")).is_some());
+        drop(side_by_side);
+        let mut stuck = FileRead::claim(path).expect("a read");
+        stuck.started -= FILE_READ_TIMEOUT;
+        FILES_READING
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .for_each(|(p, at)| {
+                if p == path {
+                    *at = stuck.started;
+                }
+            });
+        assert!(FileRead::claim(path).is_none(), "one is stuck");
+        drop(stuck);
         assert!(FileRead::claim(path).is_some());
     }
 
