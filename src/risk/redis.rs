@@ -958,11 +958,11 @@ impl Task {
         let now = unix_now();
         if let Some(put) = message.put {
             if put.hash == Hash::Blocks.key() {
-                if let Ok(record) = serde_json::from_str::<BlockRecord>(&put.record) {
+                if let Some(record) = record::<BlockRecord>(&put.record) {
                     apply_block(&state, &put.field, &record, now);
                 }
             } else if put.hash == Hash::Revocations.key()
-                && let Ok(record) = serde_json::from_str::<RevocationRecord>(&put.record)
+                && let Some(record) = record::<RevocationRecord>(&put.record)
             {
                 apply_revocation(&state, &put.field, &record, now);
             }
@@ -1026,7 +1026,7 @@ fn reconcile(
 ) -> (Vec<(Hash, String)>, Vec<Put>) {
     let mut expired: Vec<(Hash, String)> = Vec::new();
     for (field, stored) in blocks {
-        match parse_stored::<BlockRecord>(stored) {
+        match parse_stored::<BlockRecord>(stored, now) {
             Some(record) if record.expires_at <= now => {
                 expired.push((Hash::Blocks, field.clone()));
             }
@@ -1035,7 +1035,7 @@ fn reconcile(
         }
     }
     for (subject, stored) in revocations {
-        match parse_stored::<RevocationRecord>(stored) {
+        match parse_stored::<RevocationRecord>(stored, now) {
             Some(record) if record.before.saturating_add(KEEP_SECONDS) <= now => {
                 expired.push((Hash::Revocations, subject.clone()));
             }
@@ -1200,10 +1200,31 @@ async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, 
         .map_err(|e| format!("loading a script: {e}"))
 }
 
-/// `"<ms>|<json>"` → the record.
-fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str) -> Option<T> {
-    let (_, json) = stored.split_once('|')?;
-    serde_json::from_str(json).ok()
+/// `"<ms>|<json>"` → the record, read exactly as the write script reads it ([`PUT`]): a stamp
+/// of digits no further ahead of `now` than a replica's clock may be, and a JSON object (serde
+/// would take an array for a struct too). A stored value the script would write over as absent
+/// must not be one the replicas apply, or a signal's short block would replace an operator's
+/// long one.
+fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str, now: i64) -> Option<T> {
+    let (stamp, json) = stored.split_once('|')?;
+    let stamp: i64 = stamp
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| stamp.parse().ok())
+        .flatten()?;
+    let ahead = now.saturating_add(revocations::MAX_CLOCK_AHEAD_SECONDS);
+    if stamp > ahead.saturating_mul(1000) {
+        return None;
+    }
+    record(json)
+}
+
+/// A record's JSON: an object, as the write script reads it.
+fn record<T: for<'de> Deserialize<'de>>(json: &str) -> Option<T> {
+    json.trim_start()
+        .starts_with('{')
+        .then(|| serde_json::from_str(json).ok())
+        .flatten()
 }
 
 fn block_field(kind: Kind, value: &str) -> String {
@@ -1359,10 +1380,41 @@ mod tests {
 
     #[test]
     fn stored_records_parse_after_their_time_prefix() {
+        let now = 1_700_000_000;
         let r: BlockRecord =
-            parse_stored(r#"1700000000000|{"removed":true,"expires_at":5}"#).unwrap();
+            parse_stored(r#"1700000000000|{"removed":true,"expires_at":5}"#, now).unwrap();
         assert!(r.removed && r.expires_at == 5);
-        assert!(parse_stored::<BlockRecord>("no-prefix").is_none());
+        assert!(parse_stored::<BlockRecord>("no-prefix", now).is_none());
+    }
+
+    /// What the write script writes over as absent, the replicas do not apply: a stamp that is
+    /// not digits or is stamped further ahead than a clock may be, and a record that is no JSON
+    /// object (serde reads a struct from an array too). Before, each was applied as a block in
+    /// force while the script let a signal's minute replace it.
+    #[test]
+    fn a_stored_value_the_script_reads_as_absent_is_not_applied() {
+        let now = 1_800_000_000;
+        let body = r#"{"reason_id":"INC-1","created_at":1799999990,"expires_at":1802592000,"created_by":"san:ops"}"#;
+        let array = r#"[false,"INC-1","",1799999990,1802592000,"san:ops"]"#;
+        let ok = format!("{}|{body}", now * 1000);
+        assert!(parse_stored::<BlockRecord>(&ok, now).is_some());
+        let ahead = revocations::MAX_CLOCK_AHEAD_SECONDS;
+        for stored in [
+            format!("x|{body}"),
+            format!("|{body}"),
+            format!("-1|{body}"),
+            format!("+1|{body}"),
+            format!("99999999999999999999|{body}"),
+            format!("{}|{body}", (now + ahead + 1) * 1000),
+            format!("{}|{array}", now * 1000),
+        ] {
+            assert!(
+                parse_stored::<BlockRecord>(&stored, now).is_none(),
+                "{stored}"
+            );
+        }
+        assert!(record::<BlockRecord>(array).is_none());
+        assert!(record::<BlockRecord>(body).is_some());
     }
 
     #[test]
