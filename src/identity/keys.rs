@@ -287,48 +287,39 @@ fn record(issuer: &Issuer, result: &Result<Loaded, String>, mut span: traces::Wo
 /// How long a `jwks_file` read may take, as long as a key-set fetch.
 const FILE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A key file being read. While a read of a path is stuck (running longer than
-/// [`FILE_READ_TIMEOUT`]), or [`MAX_FILE_READS`] of it run, no other starts: each would hold
-/// another blocking thread. Released when the read returns (on its blocking thread, however long
-/// after its caller stopped waiting). Issuers sharing a file read it side by side.
-struct FileRead {
-    path: std::path::PathBuf,
-    started: Instant,
-}
+/// The most reads of one key file at a time: each holds a blocking thread while it runs, and a
+/// read stuck on a stalled file system holds it until the read returns.
+const MAX_FILE_READS: u32 = 8;
 
-/// The most reads of one key file at a time.
-const MAX_FILE_READS: usize = 8;
-
-static FILES_READING: Mutex<Vec<(std::path::PathBuf, Instant)>> = Mutex::new(Vec::new());
-
-impl FileRead {
-    fn claim(path: &std::path::Path) -> Option<Self> {
-        let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
-        let of_path = || reading.iter().filter(|(p, _)| p == path);
-        if of_path().count() >= MAX_FILE_READS
-            || of_path().any(|(_, at)| at.elapsed() >= FILE_READ_TIMEOUT)
-        {
-            return None;
+/// A permit to read a key file: at most [`MAX_FILE_READS`] of one path at a time. A caller waits
+/// for a permit as long as for a read ([`FILE_READ_TIMEOUT`]); issuers sharing a file read it
+/// side by side, and while eight reads of it are stuck, the loads after them fail without
+/// holding another thread. Released when the read returns, on its blocking thread, however long
+/// after its caller stopped waiting.
+async fn file_read_permit(
+    path: &std::path::Path,
+    timeout: Duration,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    static READS: Mutex<Vec<(std::path::PathBuf, Arc<tokio::sync::Semaphore>)>> =
+        Mutex::new(Vec::new());
+    let semaphore = {
+        let mut reads = READS.lock().unwrap_or_else(|e| e.into_inner());
+        // Paths nobody reads or waits for are forgotten (a policy's issuers change with
+        // reloads); a permit, and a caller waiting for one, hold the semaphore.
+        reads.retain(|(_, s)| Arc::strong_count(s) > 1);
+        match reads.iter().find(|(p, _)| p == path) {
+            Some((_, semaphore)) => Arc::clone(semaphore),
+            None => {
+                let semaphore = Arc::new(tokio::sync::Semaphore::new(MAX_FILE_READS as usize));
+                reads.push((path.to_owned(), Arc::clone(&semaphore)));
+                semaphore
+            }
         }
-        let started = Instant::now();
-        reading.push((path.to_owned(), started));
-        Some(Self {
-            path: path.to_owned(),
-            started,
-        })
-    }
-}
-
-impl Drop for FileRead {
-    fn drop(&mut self) {
-        let mut reading = FILES_READING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = reading
-            .iter()
-            .position(|(p, at)| *p == self.path && *at == self.started)
-        {
-            reading.swap_remove(at);
-        }
-    }
+    };
+    tokio::time::timeout(timeout, semaphore.acquire_owned())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// Runs `read` on a blocking thread, for at most `timeout`. A read that stalls (a hung network
@@ -361,11 +352,14 @@ async fn load_inner(
             // As the policy file is read: a regular file only (a FIFO in its place would hold the
             // read for ever), off the serving threads, and no larger than a fetched key set.
             let cannot = |e: &str| format!("cannot read {}: {e}", path.display());
-            // One read of a file at a time: while one is stuck, the reloads and refreshes after
-            // it fail at once rather than each holding another blocking thread.
-            let reading = FileRead::claim(path).ok_or_else(|| {
-                cannot("a read of it started earlier has not returned (a stalled file system?)")
-            })?;
+            let reading = file_read_permit(path, FILE_READ_TIMEOUT)
+                .await
+                .ok_or_else(|| {
+                    cannot(
+                        "the reads of it started earlier have not returned (a stalled file \
+                         system?)",
+                    )
+                })?;
             let owned = path.clone();
             let bytes = read_blocking(FILE_READ_TIMEOUT, move || {
                 let _reading = reading;
@@ -855,32 +849,25 @@ fn remember_unknown(control: &FetchControl, kid: &str) {
 mod tests {
     use super::*;
 
-    /// Issuers sharing a key file read it side by side, up to a bound; while a read of it is
-    /// stuck past the timeout, no other starts (each would hold a blocking thread); once it
-    /// returns, the file can be read again.
-    #[test]
-    fn a_stuck_key_file_read_holds_back_the_next() {
+    /// Issuers sharing a key file read it side by side, up to a bound; past it a load waits
+    /// for a permit as long as for a read, then fails without holding a thread; a permit given
+    /// back is taken by the next.
+    #[tokio::test]
+    async fn key_file_reads_are_bounded_per_file() {
         let path = std::path::Path::new("/stepgate-test/keys.json");
-        let side_by_side: Vec<FileRead> = (0..MAX_FILE_READS)
-            .map(|_| FileRead::claim(path).expect("read side by side"))
-            .collect();
-        assert!(FileRead::claim(path).is_none(), "past the bound");
-        assert!(FileRead::claim(std::path::Path::new("/stepgate-test/other.json")).is_some());
-        drop(side_by_side);
-        let mut stuck = FileRead::claim(path).expect("a read");
-        stuck.started -= FILE_READ_TIMEOUT;
-        FILES_READING
-            .lock()
-            .unwrap()
-            .iter_mut()
-            .for_each(|(p, at)| {
-                if p == path {
-                    *at = stuck.started;
-                }
-            });
-        assert!(FileRead::claim(path).is_none(), "one is stuck");
-        drop(stuck);
-        assert!(FileRead::claim(path).is_some());
+        let wait = Duration::from_millis(50);
+        let mut held = Vec::new();
+        for _ in 0..MAX_FILE_READS {
+            held.push(file_read_permit(path, wait).await.expect("side by side"));
+        }
+        assert!(
+            file_read_permit(path, wait).await.is_none(),
+            "past the bound"
+        );
+        let other = std::path::Path::new("/stepgate-test/other.json");
+        assert!(file_read_permit(other, wait).await.is_some());
+        held.pop();
+        assert!(file_read_permit(path, wait).await.is_some());
     }
 
     /// A key file whose read stalls (a hung file system) fails the load after the timeout,
