@@ -1110,12 +1110,13 @@ fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
     assert_eq!(put("subject|kept", "signal"), ":0\r\n");
 }
 
-/// A replica whose connection drops after it has been up a while reconnects at once: the backoff
-/// starts over after a steady session. Before, it kept doubling over the life of the process
-/// (0.1, 0.2, … 10 s), and under `on_store_failure: fail_closed` each later blip refused every
-/// request for that long. Connections dropped as soon as they are made still back off.
+/// A replica whose connection drops after it has connected and read the store reconnects at
+/// once, every time: the backoff starts over after each such session. Before, it kept doubling
+/// over the life of the process (0.1, 0.2, … 10 s), and under `on_store_failure: fail_closed`
+/// each later blip refused every request for that long. The lost and connected lines are said
+/// at most every 10 s however often it happens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_connection_after_a_steady_session_is_back_at_once() {
+async fn a_dropped_connection_is_back_at_once_however_often() {
     let redis = Redis::start();
     let policy = policy("redis-blips", &redis, "");
     let (server, _admin) = replica(&policy).await;
@@ -1125,38 +1126,34 @@ async fn a_dropped_connection_after_a_steady_session_is_back_at_once() {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let drop_all = || {
+    for round in 0..8 {
+        store_up(&server, true, Duration::from_secs(20)).await;
+        let before = errors(&server).await;
+        let dropped = Instant::now();
         for kind in ["normal", "pubsub"] {
             redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
         }
-    };
-    // Dropped as soon as it is back, six times: the backoff grows (0.1 … 3.2 s).
-    for _ in 0..6 {
-        store_up(&server, true, Duration::from_secs(20)).await;
-        let before = errors(&server).await;
-        drop_all();
-        while errors(&server).await == before {
+        loop {
+            let back = errors(&server).await > before
+                && metric(&server, "stepgate_risk_store_up").await.as_deref() == Some("1");
+            if back {
+                break;
+            }
+            assert!(
+                dropped.elapsed() < Duration::from_secs(3),
+                "round {round}: not back within 3 s of the drop:\n{}",
+                server.logs_text()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    // Then steady for longer than STEADY (5 s), and dropped once more: back at once, not after
-    // the 6.4 s the backoff had grown to.
-    store_up(&server, true, Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_millis(5500)).await;
-    let before = errors(&server).await;
-    let dropped = Instant::now();
-    drop_all();
-    loop {
-        let back = errors(&server).await > before
-            && metric(&server, "stepgate_risk_store_up").await.as_deref() == Some("1");
-        if back {
-            break;
-        }
-        assert!(
-            dropped.elapsed() < Duration::from_secs(3),
-            "not back within 3 s of the drop:\n{}",
-            server.logs_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let lost = server
+        .logs_text()
+        .matches("lost the Redis risk store")
+        .count();
+    assert!(
+        (1..=2).contains(&lost),
+        "{lost} lines:\n{}",
+        server.logs_text()
+    );
 }

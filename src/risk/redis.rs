@@ -67,10 +67,6 @@ const PING: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// How long a session must have stayed connected for the backoff to start over when it is lost:
-/// past two pings, so that a store (or a proxy before it) that drops connections idle for less
-/// than a ping's interval is not reconnected to every two seconds for ever.
-const STEADY: Duration = Duration::from_secs(5);
 /// Operations sent in one pipeline.
 const BATCH: usize = 1024;
 
@@ -411,7 +407,7 @@ impl Shared {
             pending: VecDeque::new(),
             down: Arc::clone(&down),
             synced: Arc::clone(&synced),
-            connected_at: None,
+            read_store: false,
         });
         (
             Self {
@@ -539,8 +535,8 @@ struct Task {
     pending: VecDeque<Put>,
     down: Arc<AtomicBool>,
     synced: Arc<AtomicBool>,
-    /// When the last session connected and read the store.
-    connected_at: Option<tokio::time::Instant>,
+    /// The last session connected and read the store.
+    read_store: bool,
 }
 
 /// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
@@ -572,17 +568,24 @@ impl Task {
             if self.state.strong_count() == 0 {
                 return;
             }
-            self.connected_at = None;
+            self.read_store = false;
             match self.session(&client).await {
                 Ok(()) => return,
                 Err(err) => {
                     metrics::global().record_risk_store_error();
                     if !self.down.swap(true, Relaxed) {
-                        tracing::error!(
-                            error = %err,
-                            "lost the Redis risk store: deciding from the last known blocks and \
-                             revocations, counting locally; reconnecting"
-                        );
+                        // At most every 10 s: a store that drops connections (an idle timeout
+                        // shorter than the ping) is reconnected to as often.
+                        static LOST: Throttle = Throttle::new(WARNING_PERIOD);
+                        if let Some(unlogged) = LOST.admit() {
+                            tracing::error!(
+                                error = %err,
+                                unlogged,
+                                "lost the Redis risk store: deciding from the last known blocks \
+                                 and revocations, counting locally; reconnecting (later losses \
+                                 within 10 s are only counted)"
+                            );
+                        }
                     } else if !reported {
                         tracing::error!(
                             error = %err,
@@ -594,10 +597,12 @@ impl Task {
                     metrics::global().set_risk_store_up(false);
                 }
             }
-            // A session that stayed up a while, then was lost, starts the backoff over: a blip
-            // after hours connected waits 100 ms, not what the failures before it had grown to.
-            // One lost at once (a store that takes connections and drops them) keeps doubling.
-            if self.connected_at.is_some_and(|at| at.elapsed() >= STEADY) {
+            // A session that connected and read the store, then was lost, starts the backoff
+            // over: a blip after hours connected waits 100 ms, not what the failures before it
+            // had grown to (under `fail_closed`, every request in that time is refused). One
+            // that never got that far (refused, or dropped before the store was read) keeps
+            // doubling.
+            if self.read_store {
                 backoff = BACKOFF_FIRST;
             }
             if self.wait(backoff).await {
@@ -670,12 +675,17 @@ impl Task {
             crate::identity::issuer::note_key_sets_changed();
         }
         if self.down.swap(false, Relaxed) {
-            tracing::info!(
-                replica = &*self.replica,
-                "connected to the Redis risk store"
-            );
+            static CONNECTED: Throttle = Throttle::new(WARNING_PERIOD);
+            if let Some(unlogged) = CONNECTED.admit() {
+                tracing::info!(
+                    replica = &*self.replica,
+                    unlogged,
+                    "connected to the Redis risk store (later reconnections within 10 s are \
+                     only counted)"
+                );
+            }
         }
-        self.connected_at = Some(tokio::time::Instant::now());
+        self.read_store = true;
         metrics::global().set_risk_store_up(true);
 
         let mut ping = tokio::time::interval(PING);
