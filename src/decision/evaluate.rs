@@ -61,8 +61,11 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
     };
     let mut decision = run.evaluate(request, now);
     // Most servers answer a HEAD with their GET handler: under a policy with a matcher that
-    // takes a HEAD and not a GET, a HEAD is decided as a GET too, and the stricter answer stands
-    // (an anonymous HEAD probe rule must not run the export's GET handler).
+    // takes a HEAD and not a GET, a HEAD is decided as a GET too (every reading of its path).
+    // Under one rule, or allowed by both, the stricter answer stands; under two rules that do
+    // not both allow it, which one the upstream runs is not known, and the request is refused as
+    // ambiguous (a HEAD probe rule must not run the export's GET handler, and two rules each
+    // asking a step-up the other's token lacks would challenge in turn for ever).
     if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
         let as_get = run.aside(|run| {
             run.head_as_get = true;
@@ -75,31 +78,50 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
             Outcome::StepUp => 1,
             Outcome::Deny => 2,
         };
-        if strictness(&as_get) > strictness(&decision) {
-            let mut head = decision;
-            let mut explain = std::mem::take(&mut head.explain);
-            if request.explain {
-                let ruled = |d: &Decision| {
-                    d.rule
-                        .as_deref()
-                        .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
-                };
-                explain.push(ExplainStep {
-                    stage: "head",
-                    detail: format!(
-                        "decided as a GET too, as servers answer a HEAD with their GET handler: \
-                         {} ({}) under {}, stricter than the HEAD's {} ({}) under {}",
+        let ruled = |d: &Decision| {
+            d.rule
+                .as_deref()
+                .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
+        };
+        let mut head = decision;
+        let (explain, cached) = (std::mem::take(&mut head.explain), head.token_cached);
+        let (mut answer, said) =
+            if as_get.rule == head.rule || (head.is_allow() && as_get.is_allow()) {
+                if strictness(&as_get) > strictness(&head) {
+                    let said = format!(
+                        "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
+                     ({}), stricter than the HEAD's {} ({}), under {}",
                         as_get.outcome.as_str(),
                         as_get.reason.as_str(),
-                        ruled(&as_get),
                         head.outcome.as_str(),
                         head.reason.as_str(),
-                        ruled(&head),
-                    ),
-                });
-            }
-            decision = Decision { explain, ..as_get };
+                        ruled(&as_get),
+                    );
+                    (as_get, Some(said))
+                } else {
+                    (head, None)
+                }
+            } else {
+                let said = format!(
+                    "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
+                 {AMBIGUOUS_HEAD}",
+                    ruled(&head),
+                    ruled(&as_get)
+                );
+                let www = challenge::invalid_request(&policy.realm, AMBIGUOUS_HEAD);
+                let refused = run.deny(400, Reason::AmbiguousPath, AMBIGUOUS_HEAD, None, Some(www));
+                (refused, Some(said))
+            };
+        answer.explain = explain;
+        if let Some(said) = said.filter(|_| request.explain) {
+            answer.explain.push(ExplainStep {
+                stage: "head",
+                detail: said,
+            });
         }
+        // The token was verified once for the request; the GET's reading found it cached.
+        answer.token_cached = cached;
+        decision = answer;
     }
     decision.shadow = run.shadows;
     decision.verified = run.verified;
@@ -1388,6 +1410,12 @@ const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than 
                                meant for both";
 
 /// The message of an `ambiguous_path` denial for an extension.
+/// The message of the `ambiguous_path` denial of a HEAD that two rules, not both allowing it,
+/// take as a HEAD and as a GET.
+const AMBIGUOUS_HEAD: &str = "a matcher takes the HEAD and not the GET, another rule takes the \
+                              GET, and most servers answer a HEAD with their GET handler; \
+                              match GET (which takes HEAD) rather than HEAD alone";
+
 const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and picks another \
                                    rule than the path without it, and some upstreams serve one \
                                    from the other's route (Rails, Spring MVC up to 5.2); match \
