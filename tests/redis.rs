@@ -871,6 +871,40 @@ async fn a_signals_block_never_shortens_an_operators_across_replicas() {
     );
 }
 
+/// One write as a replica sends it to the write script (`PUT`), with its bounds: its reply.
+fn put_script(
+    redis: &Redis,
+    field: &str,
+    stamp_ms: &str,
+    record: &str,
+    what: &str,
+    ends: i64,
+    now: i64,
+) -> String {
+    redis
+        .command(&resp(&[
+            "EVAL",
+            stepgate::risk::redis::PUT,
+            "1",
+            "stepgate:blocks",
+            field,
+            stamp_ms,
+            record,
+            "{}",
+            "stepgate:test",
+            what,
+            &ends.to_string(),
+            &now.to_string(),
+            "risk:",
+            &MAX_TTL_SECONDS.to_string(),
+            &MAX_CLOCK_AHEAD_SECONDS.to_string(),
+            &stepgate::risk::redis::MAX_RECORD_BYTES.to_string(),
+            &stepgate::risk::blocks::MAX_REASON_BYTES.to_string(),
+            &stepgate::risk::blocks::MAX_CREATED_BY_BYTES.to_string(),
+        ]))
+        .unwrap_or_default()
+}
+
 /// The write script itself, against a real redis-server: a held-up operator's block replaces a
 /// signal's shorter one only when no operator wrote or lifted since it, so that a lift, or a
 /// newer operator's block, is not undone by an older write that waited out an outage.
@@ -891,28 +925,7 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
         })
         .to_string();
         let ends = if what == "lift" { 0 } else { now - ago + lasts };
-        redis
-            .command(&resp(&[
-                "EVAL",
-                stepgate::risk::redis::PUT,
-                "1",
-                "stepgate:blocks",
-                field,
-                &ms(ago),
-                &record,
-                "{}",
-                "stepgate:test",
-                what,
-                &ends.to_string(),
-                &now.to_string(),
-                "risk:",
-                &MAX_TTL_SECONDS.to_string(),
-                &MAX_CLOCK_AHEAD_SECONDS.to_string(),
-                &stepgate::risk::redis::MAX_RECORD_BYTES.to_string(),
-                &stepgate::risk::blocks::MAX_REASON_BYTES.to_string(),
-                &stepgate::risk::blocks::MAX_CREATED_BY_BYTES.to_string(),
-            ]))
-            .unwrap_or_default()
+        put_script(&redis, field, &ms(ago), &record, what, ends, now)
     };
     let held = |field: &str| stored_block(&redis, field).map(|(_, r)| r["created_by"].clone());
 
@@ -987,28 +1000,15 @@ fn a_stored_block_no_replica_writes_stands_in_no_writes_way() {
             "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
         })
         .to_string();
-        redis
-            .command(&resp(&[
-                "EVAL",
-                stepgate::risk::redis::PUT,
-                "1",
-                "stepgate:blocks",
-                field,
-                &(now * 1000).to_string(),
-                &record,
-                "{}",
-                "stepgate:test",
-                what,
-                &(now + 3600).to_string(),
-                &now.to_string(),
-                "risk:",
-                &MAX_TTL_SECONDS.to_string(),
-                &MAX_CLOCK_AHEAD_SECONDS.to_string(),
-                &stepgate::risk::redis::MAX_RECORD_BYTES.to_string(),
-                &stepgate::risk::blocks::MAX_REASON_BYTES.to_string(),
-                &stepgate::risk::blocks::MAX_CREATED_BY_BYTES.to_string(),
-            ]))
-            .unwrap_or_default()
+        put_script(
+            &redis,
+            field,
+            &(now * 1000).to_string(),
+            &record,
+            what,
+            now + 3600,
+            now,
+        )
     };
     let ten_years = 10 * 365 * 86_400;
     let by_hand = |created_at: Option<i64>, expires_at: i64| {

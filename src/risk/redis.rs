@@ -1094,14 +1094,12 @@ fn reconcile(
 /// the Redis can send it as often as they like).
 fn ignored(what: &str, why: &str) {
     static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
-    if let Some(unlogged) = WARNINGS.admit() {
-        tracing::warn!(
-            what,
-            why,
-            unlogged,
-            "ignored what the Redis risk store holds: no replica writes it (later ones within 10 s are only counted)"
-        );
-    }
+    warn_throttled(
+        &WARNINGS,
+        what,
+        why,
+        "ignored what the Redis risk store holds: no replica writes it",
+    );
 }
 
 /// Says that a block or revocation read from Redis could not be applied here (the table full),
@@ -1109,12 +1107,21 @@ fn ignored(what: &str, why: &str) {
 /// resync.
 fn unapplied(what: &str, why: &str) {
     static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
-    if let Some(unlogged) = WARNINGS.admit() {
+    warn_throttled(
+        &WARNINGS,
+        what,
+        why,
+        "could not apply what the Redis risk store holds",
+    );
+}
+
+fn warn_throttled(throttle: &Throttle, what: &str, why: &str, said: &str) {
+    if let Some(unlogged) = throttle.admit() {
         tracing::warn!(
             what,
             why,
             unlogged,
-            "could not apply what the Redis risk store holds (later ones within 10 s are only counted)"
+            "{said} (later ones within 10 s are only counted)"
         );
     }
 }
