@@ -90,7 +90,7 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
                 if strictness(&as_get) > strictness(&head) {
                     let said = format!(
                         "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
-                     ({}), stricter than the HEAD's {} ({}), under {}",
+                         ({}), stricter than the HEAD's {} ({}), under {}",
                         as_get.outcome.as_str(),
                         as_get.reason.as_str(),
                         head.outcome.as_str(),
@@ -104,7 +104,7 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
             } else {
                 let said = format!(
                     "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
-                 {AMBIGUOUS_HEAD}",
+                     {AMBIGUOUS_HEAD}",
                     ruled(&head),
                     ruled(&as_get)
                 );
