@@ -154,16 +154,20 @@ async fn offline(
     Ok(decide_response(&decision, &policy.upstream))
 }
 
-/// The response as JSON with proto field names (and the outcome as its short name).
-fn to_json(r: &DecideResponse) -> serde_json::Value {
-    let outcome = match r.outcome() {
+/// An outcome's short name.
+fn outcome_name(outcome: stepgate::api::v1::Outcome) -> &'static str {
+    match outcome {
         stepgate::api::v1::Outcome::Allow => "ALLOW",
         stepgate::api::v1::Outcome::StepUp => "STEP_UP",
         stepgate::api::v1::Outcome::Deny => "DENY",
         stepgate::api::v1::Outcome::Unspecified => "UNSPECIFIED",
-    };
+    }
+}
+
+/// The response as JSON with proto field names (and the outcome as its short name).
+fn to_json(r: &DecideResponse) -> serde_json::Value {
     let mut out = serde_json::json!({
-        "outcome": outcome,
+        "outcome": outcome_name(r.outcome()),
         "rule": r.rule,
         "reason": r.reason,
         "message": r.message,
@@ -201,15 +205,9 @@ fn to_json(r: &DecideResponse) -> serde_json::Value {
             .shadow
             .iter()
             .map(|s| {
-                let outcome = stepgate::api::v1::Outcome::try_from(s.outcome)
-                    .map_or("UNSPECIFIED", |o| match o {
-                        stepgate::api::v1::Outcome::Allow => "ALLOW",
-                        stepgate::api::v1::Outcome::StepUp => "STEP_UP",
-                        stepgate::api::v1::Outcome::Deny => "DENY",
-                        stepgate::api::v1::Outcome::Unspecified => "UNSPECIFIED",
-                    });
                 serde_json::json!({
-                    "rule": s.rule, "escalation": s.escalation, "outcome": outcome, "reason": s.reason,
+                    "rule": s.rule, "escalation": s.escalation,
+                    "outcome": outcome_name(s.outcome()), "reason": s.reason,
                 })
             })
             .collect();

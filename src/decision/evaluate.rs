@@ -60,68 +60,8 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         head_as_get: false,
     };
     let mut decision = run.evaluate(request, now);
-    // Most servers answer a HEAD with their GET handler: under a policy with a matcher that
-    // takes a HEAD and not a GET, a HEAD is decided as a GET too (every reading of its path).
-    // Under one rule, or allowed by both, the stricter answer stands; under two rules that do
-    // not both allow it, which one the upstream runs is not known, and the request is refused as
-    // ambiguous (a HEAD probe rule must not run the export's GET handler, and two rules each
-    // asking a step-up the other's token lacks would challenge in turn for ever).
     if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
-        let as_get = run.aside(|run| {
-            run.head_as_get = true;
-            let decision = run.evaluate(request, now);
-            run.head_as_get = false;
-            decision
-        });
-        let strictness = |d: &Decision| match d.outcome {
-            Outcome::Allow => 0,
-            Outcome::StepUp => 1,
-            Outcome::Deny => 2,
-        };
-        let ruled = |d: &Decision| {
-            d.rule
-                .as_deref()
-                .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
-        };
-        let mut head = decision;
-        let (explain, cached) = (std::mem::take(&mut head.explain), head.token_cached);
-        let (mut answer, said) =
-            if as_get.rule == head.rule || (head.is_allow() && as_get.is_allow()) {
-                if strictness(&as_get) > strictness(&head) {
-                    let said = format!(
-                        "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
-                         ({}), stricter than the HEAD's {} ({}), under {}",
-                        as_get.outcome.as_str(),
-                        as_get.reason.as_str(),
-                        head.outcome.as_str(),
-                        head.reason.as_str(),
-                        ruled(&as_get),
-                    );
-                    (as_get, Some(said))
-                } else {
-                    (head, None)
-                }
-            } else {
-                let said = format!(
-                    "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
-                     {AMBIGUOUS_HEAD}",
-                    ruled(&head),
-                    ruled(&as_get)
-                );
-                let www = challenge::invalid_request(&policy.realm, AMBIGUOUS_HEAD);
-                let refused = run.deny(400, Reason::AmbiguousPath, AMBIGUOUS_HEAD, None, Some(www));
-                (refused, Some(said))
-            };
-        answer.explain = explain;
-        if let Some(said) = said.filter(|_| request.explain) {
-            answer.explain.push(ExplainStep {
-                stage: "head",
-                detail: said,
-            });
-        }
-        // The token was verified once for the request; the GET's reading found it cached.
-        answer.token_cached = cached;
-        decision = answer;
+        decision = decided_as_a_get_too(&mut run, request, now, decision);
     }
     decision.shadow = run.shadows;
     decision.verified = run.verified;
@@ -200,6 +140,73 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
     // Risk signals are about the API's traffic: a count anyone holding a token of an operator's
     // subject can raise must not lock the operators out of the admin API.
     run.apply_rule(rule, Some(token), &input, now, &Keys::default())
+}
+
+/// Most servers answer a HEAD with their GET handler: under a policy with a matcher that takes a
+/// HEAD and not a GET, a HEAD (decided as itself: `head`) is decided as a GET too, aside, in
+/// every reading of its path. Under one rule, or allowed by both, the stricter answer stands;
+/// under two rules that do not both allow it, which one the upstream runs is not known, and the
+/// request is refused as ambiguous (a HEAD probe rule must not run the export's GET handler, and
+/// two rules each asking a step-up the other's token lacks would challenge in turn for ever).
+fn decided_as_a_get_too(
+    run: &mut Run<'_>,
+    request: &AccessRequest,
+    now: i64,
+    mut head: Decision,
+) -> Decision {
+    let as_get = run.aside(|run| {
+        run.head_as_get = true;
+        let decision = run.evaluate(request, now);
+        run.head_as_get = false;
+        decision
+    });
+    let strictness = |d: &Decision| match d.outcome {
+        Outcome::Allow => 0,
+        Outcome::StepUp => 1,
+        Outcome::Deny => 2,
+    };
+    let ruled = |d: &Decision| {
+        d.rule
+            .as_deref()
+            .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
+    };
+    let (explain, cached) = (std::mem::take(&mut head.explain), head.token_cached);
+    let (mut answer, said) = if as_get.rule == head.rule || (head.is_allow() && as_get.is_allow()) {
+        if strictness(&as_get) > strictness(&head) {
+            let said = format!(
+                "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
+                     ({}), stricter than the HEAD's {} ({}), under {}",
+                as_get.outcome.as_str(),
+                as_get.reason.as_str(),
+                head.outcome.as_str(),
+                head.reason.as_str(),
+                ruled(&as_get),
+            );
+            (as_get, Some(said))
+        } else {
+            (head, None)
+        }
+    } else {
+        let said = format!(
+            "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
+                 {AMBIGUOUS_HEAD}",
+            ruled(&head),
+            ruled(&as_get)
+        );
+        let www = challenge::invalid_request(&run.policy.realm, AMBIGUOUS_HEAD);
+        let refused = run.deny(400, Reason::AmbiguousPath, AMBIGUOUS_HEAD, None, Some(www));
+        (refused, Some(said))
+    };
+    answer.explain = explain;
+    if let Some(said) = said.filter(|_| request.explain) {
+        answer.explain.push(ExplainStep {
+            stage: "head",
+            detail: said,
+        });
+    }
+    // The token was verified once for the request; the GET's reading found it cached.
+    answer.token_cached = cached;
+    answer
 }
 
 /// Envoy refuses (500) an allowed request once the headers stepgate adds push it over its
