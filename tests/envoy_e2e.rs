@@ -1555,6 +1555,39 @@ async fn a_path_with_dot_parameter_segments_never_reaches_admin_without_a_token(
     }
 }
 
+/// `/%68ealthz` and `//healthz` are the public `/healthz` decoded and merged, and other routes to
+/// an upstream that routes the path as sent (Express). Envoy as shipped (`normalize_path` and
+/// `merge_slashes`) cleans them before stepgate and the upstream see them, so both read
+/// `/healthz`; without either, stepgate refuses them and they never reach the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn encoded_letters_and_empty_segments_are_read_one_way_or_refused() {
+    const NO_MERGE_SLASHES: (&str, &str) = ("merge_slashes: true", "merge_slashes: false");
+    for edits in [&[][..], &[NO_PATH_NORMALISATION, NO_MERGE_SLASHES][..]] {
+        let stack = Stack::start_edited(ENVOY_YAML, edits).await;
+        for (i, path) in ["/%68ealthz", "//healthz"].into_iter().enumerate() {
+            let case = format!("raw-spelling-{i}");
+            let reply = stack.send(&case, Method::GET, path, HeaderMap::new()).await;
+            let reached: Vec<String> = stack.upstream(&case).into_iter().map(|r| r.path).collect();
+            if edits.is_empty() {
+                assert_eq!(
+                    (reply.status, reached.as_slice()),
+                    (200, &["/healthz".to_owned()][..]),
+                    "{path}: {reply:?}\n{}",
+                    stack.diagnostics()
+                );
+            } else {
+                assert_eq!(
+                    (reply.status, reached.as_slice()),
+                    (400, &[][..]),
+                    "{path}: {reply:?}\n{}",
+                    stack.diagnostics()
+                );
+                assert!(reply.body.contains("invalid_path"), "{path}: {reply:?}");
+            }
+        }
+    }
+}
+
 /// Sends GET `path` (raw bytes) over HTTP/2 to Envoy with the `h2` library of the project's
 /// .venv (no URL can hold a raw 0xFF); the status Envoy answered.
 fn raw_h2_get(port: u16, path: &[u8], headers: &[(&str, &str)]) -> String {

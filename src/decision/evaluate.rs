@@ -58,10 +58,12 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         shadows: Vec::new(),
         verified: None,
         head_as_get: false,
+        settled: None,
     };
     let mut decision = run.evaluate(request, now);
     if policy.index.heads_apart() && request.http.as_ref().is_some_and(|h| h.method == "HEAD") {
-        decision = decided_as_a_get_too(&mut run, request, now, decision);
+        let as_head = run.settled;
+        decision = decided_as_a_get_too(&mut run, request, now, decision, as_head);
     }
     decision.shadow = run.shadows;
     decision.verified = run.verified;
@@ -134,6 +136,7 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
         shadows: Vec::new(),
         verified: None,
         head_as_get: false,
+        settled: None,
     };
     let request = AccessRequest::default();
     let input = CelInput::new(&policy.cel, &request, None, Some(&token.claims), now);
@@ -148,11 +151,12 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
 /// under two rules that do not both allow it, which one the upstream runs is not known, and the
 /// request is refused as ambiguous (a HEAD probe rule must not run the export's GET handler, and
 /// two rules each asking a step-up the other's token lacks would challenge in turn for ever).
-fn decided_as_a_get_too(
-    run: &mut Run<'_>,
+fn decided_as_a_get_too<'p>(
+    run: &mut Run<'p>,
     request: &AccessRequest,
     now: i64,
     mut head: Decision,
+    head_rule: Option<&'p Rule>,
 ) -> Decision {
     let as_get = run.aside(|run| {
         run.head_as_get = true;
@@ -160,18 +164,23 @@ fn decided_as_a_get_too(
         run.head_as_get = false;
         decision
     });
+    let get_rule = run.settled;
     let strictness = |d: &Decision| match d.outcome {
         Outcome::Allow => 0,
         Outcome::StepUp => 1,
         Outcome::Deny => 2,
     };
-    let ruled = |d: &Decision| {
-        d.rule
-            .as_deref()
-            .map_or_else(|| "no rule".to_owned(), |r| format!("rule {r:?}"))
+    // By the rule each reading settled on: a decision names none to an anonymous caller.
+    let ruled = |rule: Option<&Rule>| {
+        rule.map_or_else(|| "no rule".to_owned(), |r| format!("rule {:?}", r.id))
+    };
+    let same_rule = match (head_rule, get_rule) {
+        (Some(head), Some(get)) => std::ptr::eq(head, get),
+        (None, None) => true,
+        _ => false,
     };
     let (explain, cached) = (std::mem::take(&mut head.explain), head.token_cached);
-    let (mut answer, said) = if as_get.rule == head.rule || (head.is_allow() && as_get.is_allow()) {
+    let (mut answer, said) = if same_rule || (head.is_allow() && as_get.is_allow()) {
         if strictness(&as_get) > strictness(&head) {
             let said = format!(
                 "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
@@ -180,7 +189,7 @@ fn decided_as_a_get_too(
                 as_get.reason.as_str(),
                 head.outcome.as_str(),
                 head.reason.as_str(),
-                ruled(&as_get),
+                ruled(get_rule),
             );
             (as_get, Some(said))
         } else {
@@ -190,11 +199,15 @@ fn decided_as_a_get_too(
         let said = format!(
             "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
                  {AMBIGUOUS_HEAD}",
-            ruled(&head),
-            ruled(&as_get)
+            ruled(head_rule),
+            ruled(get_rule)
         );
         let www = challenge::invalid_request(&run.policy.realm, AMBIGUOUS_HEAD);
-        let refused = run.deny(400, Reason::AmbiguousPath, AMBIGUOUS_HEAD, None, Some(www));
+        // As the other readings' refusals: the HEAD's rule named to a verified caller only, and
+        // the token's fingerprint kept for the log and the record.
+        let rule = head_rule.filter(|_| run.verified.is_some());
+        let mut refused = run.deny(400, Reason::AmbiguousPath, AMBIGUOUS_HEAD, rule, Some(www));
+        refused.token_fingerprint = head.token_fingerprint.take();
         (refused, Some(said))
     };
     answer.explain = explain;
@@ -268,6 +281,9 @@ struct Run<'p> {
     verified: Option<Arc<VerifiedToken>>,
     /// A HEAD's methods read as a GET's, in every reading of the path.
     head_as_get: bool,
+    /// The rule the last evaluation settled on (its matcher matched, or its condition could not
+    /// be evaluated), whether or not the decision names it.
+    settled: Option<&'p Rule>,
 }
 
 /// The requirement in force after escalations, borrowed from the policy where possible.
@@ -329,6 +345,7 @@ impl<'p> Run<'p> {
 
     fn evaluate(&mut self, request: &AccessRequest, now: i64) -> Decision {
         let policy = self.policy;
+        self.settled = None;
         let realm = policy.realm.as_str();
 
         // 1. Content, credential shape and path.
@@ -729,6 +746,7 @@ impl<'p> Run<'p> {
                     from = at + 1;
                 }
                 Err((_, rule, Undecided::Host)) => {
+                    self.settled = Some(rule);
                     self.step("match", || {
                         let host = request.http.as_ref().map(|h| h.host_as_sent());
                         format!(
@@ -751,6 +769,7 @@ impl<'p> Run<'p> {
                     from = at + 1;
                 }
                 Err((_, rule, Undecided::Condition(message))) => {
+                    self.settled = Some(rule);
                     self.step("match", || message.clone());
                     // Without a token, say only that one is needed: the condition (and the rule)
                     // may well be about claims, and nothing about a route is revealed to
@@ -762,6 +781,7 @@ impl<'p> Run<'p> {
                 }
             }
         };
+        self.settled = rule;
         let Some(rule) = rule else {
             self.step("default", || {
                 format!("no rule matched; default is {:?}", policy.default)

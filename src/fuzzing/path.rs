@@ -2,7 +2,9 @@
 //! with: a normalised path is in normal form (normalising it again changes nothing), holds no
 //! ambiguous segment (no `.`, `..`, parameters, repeated slash, encoded separator or percent),
 //! never climbs above the root, and means what the request meant: fully decoded, it is the
-//! request's path fully decoded, slashes merged (and, when stripping, parameters cut).
+//! request's path fully decoded (and, when stripping, parameters cut). What upstreams read two
+//! ways is never accepted: an empty segment before the last, an escape of an unreserved
+//! character.
 
 use crate::request::path::{PathParameters, normalize};
 
@@ -52,6 +54,15 @@ pub fn check(bytes: &[u8]) {
         }
         let (original, expected_query) = target.split_once('?').unwrap_or((target, ""));
         assert_eq!(query, expected_query, "{target:?}");
+        let segments: Vec<&str> = original.split('/').skip(1).collect();
+        assert!(
+            segments[..segments.len() - 1].iter().all(|s| !s.is_empty()),
+            "an empty segment is accepted: {target:?}"
+        );
+        assert!(
+            !escapes(original).any(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)),
+            "an escape of an unreserved character is accepted: {target:?}"
+        );
         assert_eq!(
             decode_all(&path),
             meaning(original, parameters == PathParameters::Strip),
@@ -79,6 +90,16 @@ fn meaning(path: &str, strip: bool) -> Vec<u8> {
         out.push(b'/');
     }
     out
+}
+
+/// The bytes `%XX` escapes in `text` stand for.
+fn escapes(text: &str) -> impl Iterator<Item = u8> + '_ {
+    text.match_indices('%').filter_map(|(at, _)| {
+        let hex = text.get(at + 1..at + 3)?;
+        hex.bytes()
+            .all(|b| b.is_ascii_hexdigit())
+            .then(|| u8::from_str_radix(hex, 16).ok())?
+    })
 }
 
 /// Every `%XX` escape decoded (the rest as it is).
@@ -114,6 +135,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "/payments/wire?dry_run=1#f",
         "//admin//users/",
         "/%61dmin/%C3%A9t%c3%a9",
+        "/a%20b/%C3%A9t%c3%a9/",
         "/admin/..;/healthz",
         "/x/;/../y",
         "/a/%2e%2e/b",

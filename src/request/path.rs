@@ -16,10 +16,16 @@
 //! - path parameters (`;…`): servlet containers cut them from a segment, other servers keep them as
 //!   part of its name. With `upstream.path_parameters: strip` (an upstream that is a servlet
 //!   container) they are cut, as that upstream does, and a segment that is nothing but parameters
-//!   is still refused.
+//!   is still refused;
+//! - escapes of letters, digits, `-`, `.`, `_` and `~` (`%61`): no client needs to encode them
+//!   (RFC 3986 §2.3), and upstreams differ on whether they decode them before routing (Go, Spring
+//!   and Envoy's `normalize_path` do; Express and Rails route the path as sent, so `/%64ocs/x` is
+//!   not their `/docs/:page`);
+//! - empty segments (`//`, a trailing slash aside): nginx and Envoy's `merge_slashes` merge them,
+//!   Express and Istio by default do not, so `//docs/x` is not Express's `/docs/:page` either.
 //!
-//! Every other escape is decoded (`%61` is `a`, `%C3%A9` is `é`), except those of `?`, `#` and
-//! `;`, which would change the path's structure; they stay escaped, in upper case.
+//! Every other escape is decoded (`%20` is a space, `%C3%A9` is `é`), except those of `?`, `#`
+//! and `;`, which would change the path's structure; they stay escaped, in upper case.
 
 use std::borrow::Cow;
 
@@ -40,6 +46,11 @@ pub enum PathProblem {
     Parameters,
     /// Not origin-form (`/…`).
     NotAbsolute,
+    /// An escape of a letter, digit, `-`, `.`, `_` or `~`, which no client needs to encode and
+    /// upstreams decode or not.
+    EncodedUnreserved,
+    /// An empty segment (`//`) before the last, which upstreams merge or not.
+    EmptySegment,
     /// A raw `#`: a fragment a client never sends, which proxies strip, refuse or pass on, and
     /// which some frameworks keep in the path (Go's `ParseRequestURI`).
     Fragment,
@@ -55,6 +66,13 @@ impl PathProblem {
             Self::DotSegment => "the path contains a . or .. segment",
             Self::Parameters => "the path contains path parameters (;)",
             Self::NotAbsolute => "the path does not start with /",
+            Self::EncodedUnreserved => {
+                "the path contains a percent-encoded letter, digit, -, ., _ or ~, which upstreams \
+                 read decoded or as sent"
+            }
+            Self::EmptySegment => {
+                "the path contains an empty segment (//), which upstreams merge or keep"
+            }
             Self::Fragment => "the request target contains a # (a fragment)",
         }
     }
@@ -95,11 +113,14 @@ pub fn normalize(
     Ok((Cow::Owned(resolve(path, parameters)?), query))
 }
 
-/// Decodes escapes, refuses what is ambiguous, cuts parameters (when stripping) and merges slashes.
+/// Decodes escapes, refuses what is ambiguous and cuts parameters (when stripping).
 fn resolve(path: &str, parameters: PathParameters) -> Result<String, PathProblem> {
     let decoded = decode(path)?;
     let mut out = String::with_capacity(decoded.len());
-    for segment in decoded.split('/') {
+    let mut segments = decoded.split('/').peekable();
+    // The empty name before the leading `/`.
+    segments.next();
+    while let Some(segment) = segments.next() {
         let name = match segment.split_once(';') {
             None => segment,
             Some(_) if parameters == PathParameters::Refuse => {
@@ -110,7 +131,9 @@ fn resolve(path: &str, parameters: PathParameters) -> Result<String, PathProblem
             Some((name, _)) => name,
         };
         match name {
-            "" => {}
+            // After a trailing slash.
+            "" if segments.peek().is_none() => {}
+            "" => return Err(PathProblem::EmptySegment),
             "." | ".." => return Err(PathProblem::DotSegment),
             name => {
                 out.push('/');
@@ -146,7 +169,8 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// Decodes `%XX` escapes, except those of `?`, `#` and `;` (kept, upper-cased): they would change
-/// the path's structure. Refuses escapes of separators, control characters and `%`.
+/// the path's structure. Refuses escapes of separators, control characters, `%` and unreserved
+/// characters.
 fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
     if !path.contains('%') {
         return Ok(Cow::Borrowed(path));
@@ -171,6 +195,9 @@ fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
             b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
             b'%' => return Err(PathProblem::EncodedPercent),
             b if b.is_ascii_control() => return Err(PathProblem::ControlCharacter),
+            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                return Err(PathProblem::EncodedUnreserved);
+            }
             b'?' | b'#' | b';' => out.extend_from_slice(&[
                 b'%',
                 HEX[usize::from(byte >> 4)],
@@ -202,17 +229,20 @@ fn hex(digit: u8) -> Option<u8> {
 /// `path` without the extension of its last segment (the one before a trailing slash, which is
 /// kept), as an upstream that serves `/a.json` from its `/a` route reads it: cut at the
 /// segment's first dot (Spring MVC's `/a.*`, and Rails's `(.:format)` after a name without
-/// dots) and, when that is another, at its last (Rails's after a name that may hold dots). None
-/// when the segment has no dot, or only one leading it (`.env` is a name).
+/// dots) and, when that is another, at its last (Rails's after a name that may hold dots). A dot
+/// leading the segment is part of its name (`.env` is a name, `.env.json` is `.env` with an
+/// extension). None when the segment has no dot past its name's first character.
 pub fn without_extension(path: &str) -> [Option<String>; 2] {
     // Searched as bytes (`/` and `.` are ASCII, so each found is a character boundary): a
     // `char` searched from the end is decoded character by character.
     let body = path.strip_suffix('/').unwrap_or(path);
     let start = body.bytes().rposition(|b| b == b'/').map_or(0, |at| at + 1);
     let segment = &body[start..];
-    let Some(first) = segment.bytes().position(|b| b == b'.').filter(|&at| at > 0) else {
+    let leading = segment.bytes().take_while(|&b| b == b'.').count();
+    let Some(first) = segment.bytes().skip(leading).position(|b| b == b'.') else {
         return [None, None];
     };
+    let first = leading + first;
     let last = segment
         .bytes()
         .rposition(|b| b == b'.')
@@ -252,20 +282,58 @@ mod tests {
             );
         }
         // Only a path that needs rewriting is copied.
-        assert!(matches!(normalize("//a/b", Refuse).unwrap().0, Cow::Owned(p) if p == "/a/b"));
+        assert!(matches!(normalize("/a%20b", Refuse).unwrap().0, Cow::Owned(p) if p == "/a b"));
+        assert!(matches!(
+            normalize("/a/b", Refuse).unwrap().0,
+            Cow::Borrowed("/a/b")
+        ));
     }
 
+    /// `//docs/x` is `/docs/x` to nginx and to Envoy with `merge_slashes`, and a segment of its
+    /// own to Express (and to Envoy without it, Istio's default): refused, as Spring's
+    /// `StrictHttpFirewall` refuses it. A trailing slash is not an empty segment.
     #[test]
-    fn merges_slashes_and_keeps_a_trailing_one() {
-        assert_eq!(path("//admin//users/"), "/admin/users/");
+    fn refuses_empty_segments_and_keeps_a_trailing_slash() {
+        for target in [
+            "//admin/users",
+            "/admin//users",
+            "/a//",
+            "//",
+            "/a/%3F//b",
+            "/a%20//b",
+        ] {
+            assert_eq!(problem(target), PathProblem::EmptySegment, "{target}");
+        }
         assert_eq!(path("/"), "/");
-        assert_eq!(path("//"), "/");
-        assert_eq!(path("/a//"), "/a/");
+        assert_eq!(path("/a/"), "/a/");
+        assert_eq!(path("/a%20b/"), "/a b/");
+        let strip = |t: &str| normalize(t, Strip).map(|(p, _)| p.into_owned());
+        assert_eq!(strip("/a;x//b"), Err(PathProblem::EmptySegment));
+        assert_eq!(strip("/a/b;x/").as_deref(), Ok("/a/b/"));
+    }
+
+    /// No client needs to encode a letter, a digit, `-`, `.`, `_` or `~` (RFC 3986 §2.3), and
+    /// Express and Rails route `/%64ocs/x` as sent, not as their `/docs/:page`.
+    #[test]
+    fn refuses_escapes_of_unreserved_characters() {
+        for target in [
+            "/%61dmin",
+            "/%41dmin",
+            "/%64ocs/billing",
+            "/a%30",
+            "/a%2D",
+            "/a%2e",
+            "/a%5F",
+            "/a%7e",
+            "/%2e%2e/admin",
+            "/caf%C3%A9/%61",
+        ] {
+            assert_eq!(problem(target), PathProblem::EncodedUnreserved, "{target}");
+        }
     }
 
     #[test]
-    fn decodes_every_escape_but_those_that_change_the_structure() {
-        assert_eq!(path("/%61dmin"), "/admin");
+    fn decodes_every_other_escape_but_those_that_change_the_structure() {
         assert_eq!(path("/caf%C3%A9"), "/café");
         assert_eq!(path("/caf%c3%a9"), path("/café"));
         assert_eq!(path("/a%2ab%40c%20d"), "/a*b@c d");
@@ -277,23 +345,21 @@ mod tests {
         for ok in ["/.well-known/jwks", "/a..b", "/...", "/a/.b/c.", "/v1.2/x"] {
             assert_eq!(path(ok), ok, "{ok}");
         }
-        assert_eq!(path("/%2e%2e%2e"), "/...");
     }
 
     #[test]
     fn dot_segments_are_refused_in_every_spelling() {
+        for target in ["/public/../admin", "/a/./b", "/..", "/.", "/a/.."] {
+            assert_eq!(problem(target), PathProblem::DotSegment, "{target}");
+        }
+        // Spelled with escapes, refused before: an encoded `.` is refused wherever it is.
         for target in [
-            "/public/../admin",
-            "/a/./b",
-            "/..",
-            "/.",
-            "/a/..",
             "/%2e%2e/admin",
             "/%2E./admin",
             "/.%2e/admin",
             "/admin/%2e/x",
         ] {
-            assert_eq!(problem(target), PathProblem::DotSegment, "{target}");
+            assert_eq!(problem(target), PathProblem::EncodedUnreserved, "{target}");
         }
     }
 
@@ -302,7 +368,6 @@ mod tests {
         for target in [
             "/admin/..;/healthz",
             "/admin/.;/x",
-            "/admin/%2e%2e;/healthz",
             "/x/;/..",
             "/payments/wire;x=1",
             "/a;jsessionid=1/",
@@ -315,7 +380,10 @@ mod tests {
         assert_eq!(strip("/a;jsessionid=1/").as_deref(), Ok("/a/"));
         // What Tomcat reads as `..` (or as nothing) is refused all the same.
         assert_eq!(strip("/admin/..;/healthz"), Err(PathProblem::DotSegment));
-        assert_eq!(strip("/admin/%2e%2e;/x"), Err(PathProblem::DotSegment));
+        assert_eq!(
+            strip("/admin/%2e%2e;/x"),
+            Err(PathProblem::EncodedUnreserved)
+        );
         assert_eq!(strip("/admin/.;x/y"), Err(PathProblem::DotSegment));
         assert_eq!(strip("/x/;/.."), Err(PathProblem::Parameters));
         assert_eq!(strip("/;x/admin"), Err(PathProblem::Parameters));
@@ -379,7 +447,8 @@ mod extension_tests {
     use super::without_extension;
 
     /// Cut at the last segment's first dot and, when another, its last; the trailing slash
-    /// kept; nothing for a segment without a dot past its first character.
+    /// kept; nothing for a segment without a dot past its name's first character (leading dots
+    /// are part of the name).
     #[test]
     fn the_path_without_its_extension_is_read_as_rails_and_spring_read_it() {
         let cuts = |path: &str| without_extension(path).map(|c| c.unwrap_or_default());
@@ -389,7 +458,11 @@ mod extension_tests {
             ("/files/a.b.json", "/files/a", "/files/a.b"),
             ("/v1.2/orders", "", ""),
             ("/orders/.env", "", ""),
-            ("/orders/.env.json", "", ""),
+            ("/orders/.env.json", "/orders/.env", ""),
+            ("/.settings.json/", "/.settings/", ""),
+            ("/a/.x.b.json", "/a/.x", "/a/.x.b"),
+            ("/a/..json", "", ""),
+            ("/a/..x.json", "/a/..x", ""),
             ("/orders/42", "", ""),
             ("/", "", ""),
             ("", "", ""),

@@ -21,10 +21,12 @@ use crate::{
 const OPERATIONS: &[&str] = &["p.q", "p.r", "s.q", "p", "pq", "é.q"];
 const OPERATION_PATTERNS: &[&str] = &["p.q", "p.r", "s.q", "p", "p.*", "*", "*.q", "s*", "p*q"];
 const SEGMENTS: &[&str] = &[
-    "a", "b", "ab", "svc.a", "m", "x", "A", "Ab", "x.json", "X.json", "a.b.json", "A.json",
+    "a", "b", "ab", "svc.a", "m", "x", "A", "Ab", "x.json", "X.json", "a.b.json", "A.json", ".x",
+    ".x.json",
 ];
 const GLOB_SEGMENTS: &[&str] = &[
     "a", "b", "ab", "svc.a", "m", "*", "a*", "*b", "**", "A", "*B", "*.json", "x.json", "X", "x",
+    ".x",
 ];
 const CONDITIONS: &[&str] = &[
     "true",
@@ -336,6 +338,126 @@ proptest! {
                     "{:?} allowed under {:?}, and read as {:?} picks another rule in\n{}",
                     sent, d.rule, reading, yaml
                 );
+            }
+        }
+    }
+}
+
+/// A matcher now and then taking one method (HEAD among them), for [`policy_yaml_mixed`].
+fn matcher_heads() -> impl Strategy<Value = String> {
+    (
+        proptest::option::weighted(0.5, pick(&["GET", "POST", "HEAD"])),
+        proptest::collection::vec(glob(), 1..3),
+        proptest::option::weighted(0.1, pick(CONDITIONS)),
+    )
+        .prop_map(|(method, paths, when)| {
+            let mut parts = Vec::new();
+            if let Some(m) = method {
+                parts.push(format!("methods: [{m}]"));
+            }
+            parts.push(format!("paths: {paths:?}"));
+            if let Some(w) = when {
+                parts.push(format!("when: {w:?}"));
+            }
+            format!("{{ {} }}", parts.join(", "))
+        })
+}
+
+/// Public and protected rules, some shadows, matchers taking GET, POST or HEAD.
+fn policy_yaml_mixed() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        (
+            proptest::collection::vec(matcher_heads(), 1..3),
+            any::<bool>(),
+            proptest::bool::weighted(0.1),
+        ),
+        1..8,
+    )
+    .prop_map(|rules| {
+        let mut yaml = String::from(
+            "issuers:\n  - id: demo\n    issuer: https://issuer.example\n    \
+         jwks_file: demo-keys/jwks.json\n    audiences: [api]\nrules:\n",
+        );
+        for (i, (matchers, public, shadow)) in rules.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - id: r{i}\n    match: [{}]\n",
+                matchers.join(", ")
+            ));
+            if *shadow {
+                yaml.push_str("    mode: shadow\n");
+            }
+            if *public {
+                yaml.push_str("    allow_anonymous: true\n");
+            }
+        }
+        yaml
+    })
+}
+
+/// A GET, POST or HEAD, its path now and then with an empty segment (refused).
+fn request_heads() -> impl Strategy<Value = (AccessRequest, String)> {
+    (
+        pick(&["GET", "POST", "HEAD"]),
+        proptest::collection::vec(prop_oneof![pick(SEGMENTS), Just("")], 0..4),
+        proptest::option::of(0i64..3),
+    )
+        .prop_map(|(method, segments, x)| {
+            let mut attributes = serde_json::Map::new();
+            if let Some(x) = x {
+                attributes.insert("x".into(), x.into());
+            }
+            let path = format!("/{}", segments.join("/"));
+            let request = AccessRequest {
+                http: Some(HttpAttributes::new(
+                    method,
+                    "h",
+                    path.clone(),
+                    Headers::default(),
+                )),
+                attributes,
+                ..AccessRequest::default()
+            };
+            (request, path)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// An anonymous ALLOW under public and protected rules: every reading an upstream may route
+    /// by (a HEAD read as a GET too) picks a rule open to anonymous callers.
+    #[test]
+    fn an_anonymous_allow_is_public_in_every_reading_a_head_as_a_get_too(
+        yaml in policy_yaml_mixed(),
+        requests in proptest::collection::vec(request_heads(), 1..10),
+    ) {
+        let policy = compile_policy(&yaml);
+        for (request, sent) in &requests {
+            let d = decide(&policy, request, 0);
+            if d.outcome != Outcome::Allow {
+                continue;
+            }
+            let Ok((normalized, _)) = path::normalize(sent, PathParameters::Refuse) else {
+                continue;
+            };
+            let input = CelInput::new(&policy.cel, request, Some(&normalized), None, 0);
+            let head = request.http.as_ref().unwrap().method == "HEAD";
+            for as_get in [false, true].into_iter().filter(|g| !g || head) {
+                for (lowered, in_case, slash_apart) in upstream_readings(&normalized) {
+                    let reading = PathReading {
+                        lowered: Some(&lowered),
+                        in_case: in_case.as_deref(),
+                        slash_apart,
+                        head_as_get: as_get,
+                    };
+                    let picked = first_enforced(&policy, request, reading, &input);
+                    let public = matches!(picked, Ok(Some(at)) if policy.rules[at].allow_anonymous);
+                    prop_assert!(
+                        public,
+                        "{} {:?} allowed under {:?}, and read as {:?} picks {:?} in\n{}",
+                        request.http.as_ref().unwrap().method, sent, d.rule, reading, picked, yaml
+                    );
+                }
             }
         }
     }
