@@ -598,8 +598,9 @@ fn resp(args: &[&str]) -> String {
 }
 
 /// What no replica writes, put straight into Redis by another of its clients — a reason past
-/// the admin API's bound, a reason id it refuses, a megabyte of record — is ignored and costs a
-/// replica nothing; the well-formed block beside them is applied.
+/// the admin API's bound, a reason id it refuses, a megabyte of record, a field or value that is
+/// not UTF-8, the revocations' key holding a string — is ignored and costs a replica nothing
+/// (it stays connected); the well-formed block beside them is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
     let redis = Redis::start();
@@ -642,6 +643,24 @@ async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
         };
         redis.command(&resp(&["HSET", "stepgate:blocks", &field, &stored]));
     }
+    // Bytes that are not UTF-8, in Redis's inline syntax (`\xff` in double quotes).
+    for command in [
+        format!(
+            "HSET stepgate:blocks \"subject|bob\\xff\" \"{}|{{}}\"\r\n",
+            now * 1000
+        ),
+        format!(
+            "HSET stepgate:blocks \"subject|carol\" \"{}|\\xff\"\r\n",
+            now * 1000
+        ),
+        "SET stepgate:revocations not-a-hash\r\n".to_owned(),
+    ] {
+        let reply = redis.command(&command).unwrap_or_default();
+        assert!(
+            reply.starts_with(":1") || reply.starts_with("+OK"),
+            "{command}: {reply}"
+        );
+    }
     let policy = policy("redis-hostile", &redis, "");
     let (server, _) = replica(&policy).await;
     store_up(&server, true, Duration::from_secs(10)).await;
@@ -652,6 +671,20 @@ async fn entries_no_replica_writes_are_ignored_and_the_others_applied() {
         || async { decide(&server, &valid, "reports.read").await.reason == "blocked" },
     )
     .await;
+    assert_eq!(
+        metric(&server, "stepgate_risk_store_up").await.as_deref(),
+        Some("1"),
+        "the store was read despite what it holds:\n{}",
+        server.logs_text()
+    );
+    assert_eq!(
+        metric(&server, "stepgate_risk_store_errors_total")
+            .await
+            .as_deref(),
+        Some("0"),
+        "a session failed on what the store holds:\n{}",
+        server.logs_text()
+    );
     for subject in ["long-reason", "bad-id", "huge"] {
         let token = entra_token(subject, &[], true);
         assert_eq!(

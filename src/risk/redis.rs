@@ -202,8 +202,11 @@ return {redis.call('ZCARD', KEYS[1]), 0}
 /// The fields of hash `KEYS[1]` of at most `ARGV[1]` bytes whose values hold at most `ARGV[2]`,
 /// the first `ARGV[3]` of them, as `{skipped, {field, value, …}}`: what a replica reads of a
 /// hash it did not write alone, so that values no replica writes (another client of the Redis)
-/// cost Redis their room and this replica nothing.
+/// cost Redis their room and this replica nothing. `{-1, {}}` when the key holds another type
+/// than a hash (set by another client), which is no error to the reader.
 const READ: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {-1, {}} end
 local all = redis.call('HGETALL', KEYS[1])
 local out, skipped = {}, 0
 for i = 1, #all, 2 do
@@ -1002,7 +1005,9 @@ async fn read_hash(
     hash: Hash,
     max: usize,
 ) -> Result<HashMap<String, String>, String> {
-    let (skipped, pairs): (u64, Vec<String>) = redis::cmd("EVALSHA")
+    // As bytes: one value that is not UTF-8 (written by another client) must not fail the
+    // whole read, and with it every session.
+    let (skipped, pairs): (i64, Vec<Vec<u8>>) = redis::cmd("EVALSHA")
         .arg(&scripts.read)
         .arg(1)
         .arg(hash.key())
@@ -1012,16 +1017,29 @@ async fn read_hash(
         .query_async(conn)
         .await
         .map_err(|e| format!("reading {}: {e}", hash.key()))?;
-    if skipped > 0 {
+    if skipped < 0 {
         ignored(
-            "entries of the risk store",
-            &format!("{skipped} too long, or past {max}"),
+            hash.key(),
+            "not a hash (set by another client of the Redis)",
         );
+        return Ok(HashMap::new());
     }
     let mut pairs = pairs.into_iter();
     let mut read = HashMap::new();
+    let mut not_text = 0;
     while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
-        read.insert(field, value);
+        match (String::from_utf8(field), String::from_utf8(value)) {
+            (Ok(field), Ok(value)) => {
+                read.insert(field, value);
+            }
+            _ => not_text += 1,
+        }
+    }
+    if skipped > 0 || not_text > 0 {
+        ignored(
+            "entries of the risk store",
+            &format!("{skipped} too long or past {max}, {not_text} not UTF-8"),
+        );
     }
     Ok(read)
 }
