@@ -1190,3 +1190,57 @@ async fn a_dropped_connection_is_back_at_once_however_often() {
         server.logs_text()
     );
 }
+
+/// A store that reads but refuses writes (a replica that became read-only after a failover, or
+/// one out of memory under `noeviction`): each session reads it, then Redis refuses its first
+/// write. Such a session does not start the backoff over as a dropped connection does, or the
+/// replica would reconnect, and read the whole store, ten times a second while traffic lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_writes_is_reconnected_to_ever_more_slowly() {
+    let redis = Redis::start();
+    let signals = r#"  signals:
+    repeated_step_ups:
+      count: step_up
+      key: subject
+      window: 1m
+      threshold: 100000
+      action: block
+      block_for: 1m
+"#;
+    let policy = policy("redis-read-only", &redis, signals);
+    let (server, _admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    let connections = || {
+        let info = redis.command("INFO stats\r\n").unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("INFO stats names total_connections_received")
+    };
+    // A replica of a server that is not there: it keeps its data and refuses writes.
+    let reply = redis
+        .command("REPLICAOF 127.0.0.1 1\r\n")
+        .unwrap_or_default();
+    assert!(reply.starts_with("+OK"), "REPLICAOF: {reply}");
+    let before = connections();
+    let token = entra_token("mallory", &[], true);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let d = decide(&server, &token, "payments.wire_transfer").await;
+        assert_eq!(d.outcome(), Outcome::StepUp, "{d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Backing off from 100 ms, doubling: 6 sessions in 6 s, of two connections each (commands
+    // and subscription), and the few this test's own commands take.
+    let made = connections() - before;
+    assert!(
+        made <= 24,
+        "{made} connections in 6 s to a store that refuses writes:\n{}",
+        server.logs_text()
+    );
+    assert!(
+        server.logs_text().contains("read only replica"),
+        "the refusal is said:\n{}",
+        server.logs_text()
+    );
+}

@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -411,6 +411,7 @@ impl Shared {
             down: Arc::clone(&down),
             synced: Arc::clone(&synced),
             read_store: false,
+            refused: false,
         });
         (
             Self {
@@ -540,12 +541,47 @@ struct Task {
     synced: Arc<AtomicBool>,
     /// The last session connected and read the store.
     read_store: bool,
+    /// Redis answered the last session's last command with an error.
+    refused: bool,
 }
 
 /// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
 type CountKey = (usize, usize, String, Option<String>, i64);
 /// (the policy snapshot, the latest event's time in ms, how many events).
 type Counted = (Arc<Policy>, i64, u32);
+
+/// Why a session ended, as said in the log; `refused` when Redis answered with an error (a
+/// replica that became read-only, out of memory under `noeviction`, a key of another type)
+/// rather than the connection being lost: reconnecting at once would only be refused again.
+#[derive(Debug)]
+struct Ended {
+    said: String,
+    refused: bool,
+}
+
+impl Ended {
+    fn redis(what: &str, error: &RedisError) -> Self {
+        Self {
+            said: format!("{what}: {error}"),
+            refused: error.kind() != ErrorKind::Io,
+        }
+    }
+}
+
+impl From<String> for Ended {
+    fn from(said: String) -> Self {
+        Self {
+            said,
+            refused: false,
+        }
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.said)
+    }
+}
 
 /// The Lua scripts' digests, loaded on each connection.
 struct Scripts {
@@ -575,6 +611,7 @@ impl Task {
             match self.session(&client).await {
                 Ok(()) => return,
                 Err(err) => {
+                    self.refused = err.refused;
                     metrics::global().record_risk_store_error();
                     if !self.down.swap(true, Relaxed) {
                         // At most every 10 s: a store that drops connections (an idle timeout
@@ -604,8 +641,10 @@ impl Task {
             // over: a blip after hours connected waits 100 ms, not what the failures before it
             // had grown to (under `fail_closed`, every request in that time is refused). One
             // that never got that far (refused, or dropped before the store was read) keeps
-            // doubling.
-            if self.read_store {
+            // doubling, and so does one that Redis ended with an error: a store that reads but
+            // refuses writes (a read-only replica after a failover) would otherwise be read in
+            // full ten times a second.
+            if self.read_store && !self.refused {
                 backoff = BACKOFF_FIRST;
             }
             if self.wait(backoff).await {
@@ -643,22 +682,22 @@ impl Task {
     }
 
     /// One connection's life: returns `Err` when it fails.
-    async fn session(&mut self, client: &Client) -> Result<(), String> {
+    async fn session(&mut self, client: &Client) -> Result<(), Ended> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| format!("connecting: {e}"))?;
+            .map_err(|e| Ended::redis("connecting", &e))?;
         let mut pubsub = tokio::time::timeout(TIMEOUT, client.get_async_pubsub())
             .await
-            .map_err(|_| "subscribing: timed out".to_owned())?
-            .map_err(|e| format!("subscribing: {e}"))?;
+            .map_err(|_| Ended::from("subscribing: timed out".to_owned()))?
+            .map_err(|e| Ended::redis("subscribing", &e))?;
         tokio::time::timeout(TIMEOUT, pubsub.subscribe(CHANNEL))
             .await
-            .map_err(|_| "subscribing: timed out".to_owned())?
-            .map_err(|e| format!("subscribing: {e}"))?;
+            .map_err(|_| Ended::from("subscribing: timed out".to_owned()))?
+            .map_err(|e| Ended::redis("subscribing", &e))?;
         let mut messages = pubsub.into_on_message();
         let scripts = Scripts {
             put: load(&mut conn, PUT).await?,
@@ -698,7 +737,7 @@ impl Task {
             tokio::select! {
                 message = messages.next() => match message {
                     Some(message) => self.receive(message.get_payload_bytes()),
-                    None => return Err("the subscription was closed".to_owned()),
+                    None => return Err(Ended::from("the subscription was closed".to_owned())),
                 },
                 op = self.rx.recv() => {
                     let Some(op) = op else { return Ok(()) };
@@ -715,7 +754,7 @@ impl Task {
                     redis::cmd("PING")
                         .query_async::<String>(&mut conn)
                         .await
-                        .map_err(|e| format!("ping: {e}"))?;
+                        .map_err(|e| Ended::redis("ping", &e))?;
                 }
                 _ = resync.tick() => self.resync(&mut conn, &scripts).await?,
             }
@@ -729,7 +768,7 @@ impl Task {
         conn: &mut MultiplexedConnection,
         scripts: &Scripts,
         batch: Vec<Op>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         let mut puts = Vec::new();
         let mut counts: HashMap<CountKey, Counted> = HashMap::new();
         for op in batch {
@@ -806,7 +845,7 @@ impl Task {
             Ok(replies) => replies,
             Err(err) => {
                 metrics::global().record_risk_store_unsent(counts.len() as u64);
-                return Err(format!("counting: {err}"));
+                return Err(Ended::redis("counting", &err));
             }
         };
         let Some(state) = self.state.upgrade() else {
@@ -861,7 +900,7 @@ impl Task {
                 .arg(text)
                 .query_async::<i64>(conn)
                 .await
-                .map_err(|e| format!("publishing: {e}"))?;
+                .map_err(|e| Ended::redis("publishing", &e))?;
         }
         Ok(())
     }
@@ -871,7 +910,7 @@ impl Task {
         conn: &mut MultiplexedConnection,
         scripts: &Scripts,
         puts: &[Put],
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         if puts.is_empty() {
             return Ok(());
         }
@@ -910,7 +949,7 @@ impl Task {
         }
         pipe.query_async::<()>(conn)
             .await
-            .map_err(|e| format!("writing changes: {e}"))
+            .map_err(|e| Ended::redis("writing changes", &e))
     }
 
     /// Reads both hashes: applies what Redis holds, writes back what it lacks (a Redis that
@@ -919,7 +958,7 @@ impl Task {
         &mut self,
         conn: &mut MultiplexedConnection,
         scripts: &Scripts,
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         let Some(state) = self.state.upgrade() else {
             return Ok(());
         };
@@ -937,7 +976,7 @@ impl Task {
         let (expired, missing) =
             tokio::task::spawn_blocking(move || reconcile(&state, &blocks, &revocations, now))
                 .await
-                .map_err(|e| format!("applying the store's entries failed: {e}"))?;
+                .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
         self.write_puts(conn, scripts, &missing).await?;
         if !expired.is_empty() {
             let mut pipe = redis::pipe();
@@ -946,7 +985,7 @@ impl Task {
             }
             pipe.query_async::<()>(conn)
                 .await
-                .map_err(|e| format!("deleting expired entries: {e}"))?;
+                .map_err(|e| Ended::redis("deleting expired entries", &e))?;
         }
         Ok(())
     }
@@ -1004,7 +1043,7 @@ async fn read_hash(
     scripts: &Scripts,
     hash: Hash,
     max: usize,
-) -> Result<HashMap<String, String>, String> {
+) -> Result<HashMap<String, String>, Ended> {
     // As bytes: one value that is not UTF-8 (written by another client) must not fail the
     // whole read, and with it every session.
     let (skipped, pairs): (i64, Vec<Vec<u8>>) = redis::cmd("EVALSHA")
@@ -1016,7 +1055,7 @@ async fn read_hash(
         .arg(max)
         .query_async(conn)
         .await
-        .map_err(|e| format!("reading {}: {e}", hash.key()))?;
+        .map_err(|e| Ended::redis(&format!("reading {}", hash.key()), &e))?;
     if skipped < 0 {
         ignored(
             hash.key(),
@@ -1226,13 +1265,13 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
     }
 }
 
-async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, String> {
+async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, Ended> {
     redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(script)
         .query_async(conn)
         .await
-        .map_err(|e| format!("loading a script: {e}"))
+        .map_err(|e| Ended::redis("loading a script", &e))
 }
 
 /// `"<ms>|<json>"` → the record, read exactly as the write script reads it ([`PUT`]): a stamp
