@@ -1244,3 +1244,72 @@ async fn a_store_that_refuses_writes_is_reconnected_to_ever_more_slowly() {
         server.logs_text()
     );
 }
+
+/// Redis loses its data (restarted without persistence, flushed, failed over to a replica
+/// behind) while a replica holds an operator's hour-long block, and another replica's risk
+/// signal writes a minute's block on the same subject before it reconnects. The signal's record
+/// knows nothing of the operator's block: the replica keeps its hour and writes it back over the
+/// minute. Before, it applied the minute, and the operator's block was gone from every replica a
+/// minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_block_outlives_a_signals_written_where_redis_lost_it() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-lost-data", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    admin_ok(
+        &a_admin,
+        &[
+            "block",
+            "--subject",
+            "mallory",
+            "--reason-id",
+            "INC-1",
+            "--ttl",
+            "1h",
+        ],
+    );
+    written(&redis, "subject|mallory", &a).await;
+    let (_, operators) = stored_block(&redis, "subject|mallory").expect("written");
+    redis.kill();
+    store_up(&a, false, Duration::from_secs(10)).await;
+    // Back empty, and another replica's signal (through the write script) writes first.
+    let redis = Redis::start_on(port);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signals = serde_json::json!({
+        "removed": false, "reason_id": "risk.repeated_step_ups", "reason": "", "created_at": now,
+        "expires_at": now + 60, "created_by": "risk:repeated_step_ups",
+    })
+    .to_string();
+    let stamp = (now * 1000).to_string();
+    assert_eq!(
+        put_script(
+            &redis,
+            "subject|mallory",
+            &stamp,
+            &signals,
+            "signal",
+            now + 60,
+            now
+        ),
+        ":1\r\n"
+    );
+    store_up(&a, true, Duration::from_secs(20)).await;
+    eventually(
+        "the operator's hour is written back over the signal's minute",
+        Duration::from_secs(10),
+        || async {
+            stored_block(&redis, "subject|mallory").is_some_and(|(_, stored)| {
+                stored["created_by"] == operators["created_by"]
+                    && stored["expires_at"] == operators["expires_at"]
+            })
+        },
+    )
+    .await;
+    let token = entra_token("mallory", &[], true);
+    assert_eq!(decide(&a, &token, "reports.read").await.reason, "blocked");
+}

@@ -330,6 +330,10 @@ struct BlockRecord {
     expires_at: i64,
     #[serde(default)]
     created_by: String,
+    /// The time (ms) of the newest operator's write the record stands for, which the write
+    /// script keeps ([`PUT`]); read as the script reads it, any number.
+    #[serde(default, skip_serializing)]
+    operator_at: Option<serde_json::Number>,
 }
 
 impl BlockRecord {
@@ -341,7 +345,24 @@ impl BlockRecord {
             created_at: block.created_at,
             expires_at: block.expires_at,
             created_by: block.created_by.clone(),
+            operator_at: None,
         }
+    }
+
+    /// A risk signal's block that knows of no operator's write as new as `block`, an
+    /// operator's: one written where Redis had lost the operator's (restarted empty, flushed,
+    /// failed over to a replica behind) by a replica that did not know it. A signal's block
+    /// written over a lift of `block` carries the lift's time, and is the cluster's word.
+    fn unaware_of(&self, block: &Block) -> bool {
+        let known = self
+            .operator_at
+            .as_ref()
+            .and_then(serde_json::Number::as_f64);
+        !self.removed
+            && self.created_by.starts_with(blocks::RISK_CREATOR_PREFIX)
+            && !block.created_by.starts_with(blocks::RISK_CREATOR_PREFIX)
+            && block.expires_at > self.expires_at
+            && known.is_none_or(|at| at < (block.created_at as f64) * 1000.0)
     }
 }
 
@@ -452,6 +473,7 @@ impl Shared {
             created_at: unix_now(),
             expires_at,
             created_by: String::new(),
+            operator_at: None,
         };
         self.put(
             Hash::Blocks,
@@ -1092,12 +1114,17 @@ fn reconcile(
     now: i64,
 ) -> (Vec<(Hash, String)>, Vec<Put>) {
     let mut expired: Vec<(Hash, String)> = Vec::new();
+    let mut missing = Vec::new();
     for (field, stored) in blocks {
         match parse_stored::<BlockRecord>(stored, now) {
             Some(record) if record.expires_at <= now => {
                 expired.push((Hash::Blocks, field.clone()));
             }
-            Some(record) => apply_block(state, field, &record, now),
+            Some(record) => {
+                if let Some(kept) = apply_block(state, field, &record, now) {
+                    missing.push(block_put(field.clone(), &kept));
+                }
+            }
             None => ignored("a block in the risk store", "unreadable"),
         }
     }
@@ -1112,18 +1139,10 @@ fn reconcile(
     }
     // What this replica holds and Redis does not: Redis lost it (restarted without
     // persistence, or flushed). Written back, unless a newer write is there by then.
-    let mut missing = Vec::new();
     for block in state.blocks().list(now) {
         let field = block_field(block.kind, &block.value);
         if !blocks.contains_key(&field) {
-            let record = BlockRecord::of(&block);
-            missing.push(Put {
-                hash: Hash::Blocks,
-                field,
-                at_ms: block.created_at * 1000,
-                record: serde_json::to_string(&record).expect("records serialize"),
-                precedence: Precedence::of_block(&record),
-            });
+            missing.push(block_put(field, &block));
         }
     }
     for revocation in state.revocations().list(now) {
@@ -1183,16 +1202,38 @@ fn warn_throttled(throttle: &Throttle, what: &str, why: &str, said: &str) {
     }
 }
 
-fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
+/// `block` written back to the store as its creator wrote it.
+fn block_put(field: String, block: &Block) -> Put {
+    let record = BlockRecord::of(block);
+    Put {
+        hash: Hash::Blocks,
+        field,
+        at_ms: block.created_at * 1000,
+        record: serde_json::to_string(&record).expect("records serialize"),
+        precedence: Precedence::of_block(&record),
+    }
+}
+
+/// Applies a block or lift the store holds. Returns the block kept here instead, to be written
+/// back, when the store's is a risk signal's that knows nothing of this replica's operator's
+/// block ([`BlockRecord::unaware_of`]): Redis lost the operator's, and the signal's, once
+/// applied everywhere, would end the operator's block on every replica within minutes.
+fn apply_block(
+    state: &RiskState,
+    field: &str,
+    record: &BlockRecord,
+    now: i64,
+) -> Option<Arc<Block>> {
     if !record.removed
         && let Err(error) =
             blocks::check_record(&record.reason_id, &record.reason, &record.created_by)
     {
-        return ignored("a block from the risk store", &error);
+        ignored("a block from the risk store", &error);
+        return None;
     }
     let Some((kind, value)) = parse_block_field(field) else {
         ignored("a block in the risk store", "of an unknown kind");
-        return;
+        return None;
     };
     // No replica writes a block ending more than the admin API's longest time after it was
     // made, nor one made ahead of this replica's clock by more than a clock may be: one that is
@@ -1203,18 +1244,23 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         && (record.expires_at > record.created_at.saturating_add(MAX_TTL_SECONDS + ahead)
             || record.created_at > now.saturating_add(ahead))
     {
-        return ignored(
+        ignored(
             "a block from the risk store",
             "it ends further ahead than a replica's block may",
         );
+        return None;
     }
+    let here = state.blocks().get(kind, value, now);
     if record.removed {
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
         // read lock, not removed under the write lock the request path waits on.
-        if state.blocks().get(kind, value, now).is_some() {
+        if here.is_some() {
             let _ = state.blocks().remove(kind, value, now);
         }
-        return;
+        return None;
+    }
+    if let Some(here) = here.as_ref().filter(|here| record.unaware_of(here)) {
+        return Some(Arc::clone(here));
     }
     let block = Block {
         kind,
@@ -1225,13 +1271,11 @@ fn apply_block(state: &RiskState, field: &str, record: &BlockRecord, now: i64) {
         expires_at: record.expires_at,
         created_by: record.created_by.clone(),
     };
-    let unchanged = state
-        .blocks()
-        .get(kind, value, now)
-        .is_some_and(|b| *b == block);
+    let unchanged = here.is_some_and(|b| *b == block);
     if !unchanged && let Err(err) = state.apply_stored_block(block, now) {
         unapplied("a block from the risk store", &err.to_string());
     }
+    None
 }
 
 fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord, now: i64) {
@@ -1408,6 +1452,7 @@ mod tests {
             created_at,
             expires_at,
             created_by: "san:ops".into(),
+            operator_at: None,
         };
         for (created_at, expires_at) in [
             (now, now + 10 * 365 * 86_400),
@@ -1489,6 +1534,55 @@ mod tests {
         }
         assert!(record::<BlockRecord>(array).is_none());
         assert!(record::<BlockRecord>(body).is_some());
+    }
+
+    /// A signal's block the store holds replaces an operator's block here only when it knows of
+    /// an operator's write as new as that block (a lift this replica missed, which the signal's
+    /// block was written over); one that knows of none (Redis lost the operator's) is kept out,
+    /// and the operator's block written back.
+    #[test]
+    fn a_signals_stored_block_replaces_an_operators_only_past_a_newer_operators_write() {
+        let now = 1_800_000_000;
+        let operators = Block {
+            kind: Kind::Subject,
+            value: "mallory".into(),
+            reason_id: Arc::from("INC-1"),
+            reason: String::new(),
+            created_at: now - 600,
+            expires_at: now + 3600,
+            created_by: "san:ops".into(),
+        };
+        let field = block_field(Kind::Subject, "mallory");
+        let signals = |operator_at: Option<i64>| {
+            let mut record = serde_json::json!({
+                "reason_id": "risk.x", "created_at": now, "expires_at": now + 60,
+                "created_by": "risk:x",
+            });
+            if let Some(at) = operator_at {
+                record["operator_at"] = at.into();
+            }
+            format!("{}|{record}", now * 1000)
+        };
+        for (operator_at, replaced) in [
+            (None, false),
+            (Some((now - 601) * 1000), false),
+            (Some((now - 600) * 1000), true),
+            (Some((now - 60) * 1000), true),
+        ] {
+            let state = RiskState::default();
+            state.set_block(operators.clone(), now).unwrap();
+            let stored = HashMap::from([(field.clone(), signals(operator_at))]);
+            let (_, missing) = reconcile(&state, &stored, &HashMap::new(), now);
+            let here = state.blocks().get(Kind::Subject, "mallory", now).unwrap();
+            assert_eq!(here.created_by == "risk:x", replaced, "{operator_at:?}");
+            let written_back: Vec<_> = missing.iter().map(|p| p.precedence).collect();
+            let expected = if replaced {
+                vec![]
+            } else {
+                vec![Precedence::Operator(now + 3600)]
+            };
+            assert_eq!(written_back, expected, "{operator_at:?}");
+        }
     }
 
     #[test]
