@@ -349,6 +349,19 @@ impl BlockRecord {
         }
     }
 
+    /// Older than `block`, the block here, whose own write wins over it in the store: a lift or
+    /// a block ending sooner, or anything against an operator's block (the newest operator's
+    /// write wins, [`PUT`]). A resync's snapshot read before that write landed, or a message
+    /// delayed past it, holds such a record: applied, it would lift or shorten the block here
+    /// until the next resync, while every other replica enforces it (a replica ignores its own
+    /// messages).
+    fn superseded_by(&self, block: &Block) -> bool {
+        self.created_at < block.created_at
+            && (self.removed
+                || self.expires_at < block.expires_at
+                || !block.created_by.starts_with(blocks::RISK_CREATOR_PREFIX))
+    }
+
     /// A risk signal's block that knows of no operator's write as new as `block`, an
     /// operator's: one written where Redis had lost the operator's (restarted empty, flushed,
     /// failed over to a replica behind) by a replica that did not know it. A signal's block
@@ -1251,6 +1264,9 @@ fn apply_block(
         return None;
     }
     let here = state.blocks().get(kind, value, now);
+    if here.as_ref().is_some_and(|here| record.superseded_by(here)) {
+        return None;
+    }
     if record.removed {
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
         // read lock, not removed under the write lock the request path waits on.
@@ -1582,6 +1598,72 @@ mod tests {
                 vec![Precedence::Operator(now + 3600)]
             };
             assert_eq!(written_back, expected, "{operator_at:?}");
+        }
+    }
+
+    /// A resync's snapshot read before a block set here reached the store (or a message delayed
+    /// past it) holds an older record: an old lift does not remove the block set since, an older
+    /// block ending sooner does not shorten it. An older block ending later, against a signal's
+    /// block here, is the store's word (the signal's write loses to it there).
+    #[test]
+    fn a_record_older_than_the_block_here_does_not_undo_it() {
+        let now = 1_800_000_000;
+        let block = |by: &str, created_at, expires_at| Block {
+            kind: Kind::Subject,
+            value: "mallory".into(),
+            reason_id: Arc::from("INC-2"),
+            reason: String::new(),
+            created_at,
+            expires_at,
+            created_by: by.into(),
+        };
+        let field = block_field(Kind::Subject, "mallory");
+        let lift = serde_json::json!({
+            "removed": true, "created_at": now - 600, "expires_at": now + 3000,
+        });
+        let older = |by: &str, expires_at: i64| {
+            serde_json::json!({
+                "reason_id": "INC-1", "created_at": now - 600, "expires_at": expires_at,
+                "created_by": by,
+            })
+        };
+        for (here, stored, kept) in [
+            (block("san:ops", now, now + 86_400), lift.clone(), true),
+            (block("risk:x", now, now + 60), lift.clone(), true),
+            (
+                block("san:ops", now, now + 86_400),
+                older("san:ops", now + 600),
+                true,
+            ),
+            (
+                block("san:ops", now, now + 600),
+                older("san:ops", now + 86_400),
+                true,
+            ),
+            (
+                block("risk:x", now, now + 600),
+                older("risk:x", now + 60),
+                true,
+            ),
+            (
+                block("risk:x", now, now + 60),
+                older("san:ops", now + 86_400),
+                false,
+            ),
+        ] {
+            let state = RiskState::default();
+            state.set_block(here.clone(), now).unwrap();
+            let snapshot =
+                HashMap::from([(field.clone(), format!("{}|{stored}", (now - 600) * 1000))]);
+            reconcile(&state, &snapshot, &HashMap::new(), now);
+            let after = state.blocks().get(Kind::Subject, "mallory", now);
+            assert_eq!(
+                after.as_deref() == Some(&here),
+                kept,
+                "{} ending {} against {stored}: {after:?}",
+                here.created_by,
+                here.expires_at
+            );
         }
     }
 
