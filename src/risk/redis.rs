@@ -1138,6 +1138,7 @@ fn reconcile(
                     missing.push(block_put(field.clone(), &kept));
                 }
             }
+            None if stamped_ahead(stored, now) => skewed("a block in the risk store"),
             None => ignored("a block in the risk store", "unreadable"),
         }
     }
@@ -1147,6 +1148,7 @@ fn reconcile(
                 expired.push((Hash::Revocations, subject.clone()));
             }
             Some(record) => apply_revocation(state, subject, &record, now),
+            None if stamped_ahead(stored, now) => skewed("a revocation in the risk store"),
             None => ignored("a revocation in the risk store", "unreadable"),
         }
     }
@@ -1351,6 +1353,37 @@ fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str, now: i64) -> Option<
         return None;
     }
     record(json)
+}
+
+/// Whether a stored value that reads as a record is stamped further ahead of this replica's
+/// clock than a replica's clock may be (5 minutes), though by less than a day: most likely
+/// written by a replica whose clock is that far ahead. Ignored all the same ([`parse_stored`],
+/// [`PUT`]), but said as what it most likely is, with what to do about it.
+fn stamped_ahead(stored: &str, now: i64) -> bool {
+    let Some((stamp, json)) = stored.split_once('|') else {
+        return false;
+    };
+    let Ok(stamp) = stamp.parse::<i64>() else {
+        return false;
+    };
+    let seconds = stamp / 1000 - now;
+    seconds > revocations::MAX_CLOCK_AHEAD_SECONDS
+        && seconds <= 24 * 3600
+        && record::<serde_json::Map<String, serde_json::Value>>(json).is_some()
+}
+
+/// Says, at most every 10 s, that a record was ignored as stamped ahead of this clock.
+fn skewed(what: &str) {
+    static WARNINGS: Throttle = Throttle::new(WARNING_PERIOD);
+    warn_throttled(
+        &WARNINGS,
+        what,
+        "stamped more than 5 minutes ahead of this replica's clock",
+        "ignored what the Redis risk store holds until this clock catches up: another replica's \
+         clock is ahead of this one's by more than the 5 minutes replicas may differ by, so \
+         blocks and revocations it writes are not enforced here meanwhile; synchronise the \
+         replicas' clocks (NTP)",
+    );
 }
 
 /// A record's JSON: an object, as the write script reads it.
@@ -1665,6 +1698,33 @@ mod tests {
                 here.expires_at
             );
         }
+    }
+
+    /// A record stamped a little further ahead than replicas' clocks may differ by is ignored,
+    /// and said to be what it most likely is: another replica's clock running ahead.
+    #[test]
+    fn a_record_stamped_minutes_ahead_is_said_to_be_a_clock_ahead() {
+        let now = 1_800_000_000;
+        let json = r#"{"reason_id":"INC-1","created_at":1800000000,"expires_at":1800003600}"#;
+        for (ahead, read, skewed) in [
+            (0, true, false),
+            (300, true, false),
+            (301, false, true),
+            (3600, false, true),
+            (2 * 86_400, false, false),
+        ] {
+            let stored = format!("{}|{json}", (now + ahead) * 1000);
+            assert_eq!(
+                parse_stored::<BlockRecord>(&stored, now).is_some(),
+                read,
+                "{ahead}"
+            );
+            assert_eq!(stamped_ahead(&stored, now), skewed, "{ahead}");
+        }
+        assert!(!stamped_ahead(
+            &format!("{}|not json", (now + 600) * 1000),
+            now
+        ));
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Admin {
                 )));
             }
         }
-        let by = format!("token:{}/{}", principal.issuer_id, principal.subject);
+        let by = author(&principal.issuer_id, &principal.subject);
         // Held to what its decisions are held to: a stolen operator's token, once blocked or
         // revoked, must not be able to lift its block or block whoever is responding.
         let fingerprint = fingerprint_of(&digest);
@@ -536,10 +536,49 @@ fn counted<T>(action: &'static str, result: Result<T, Status>) -> Result<T, Stat
     result
 }
 
+/// The `created_by` of what an admin token's caller blocks or revokes: `token:<issuer>/<subject>`,
+/// or, for a subject that would make it longer than a record holds or that holds control
+/// characters, its digest (`token:<issuer>/sha256:<hex>`). Every replica refuses a record with
+/// such an author ([`crate::risk::blocks::check_record`]): the block would be enforced on the
+/// replica that set it only, and a signal's could replace it in the shared store.
+fn author(issuer_id: &str, subject: &str) -> String {
+    let by = format!("token:{issuer_id}/{subject}");
+    let fits = by.len() <= crate::risk::blocks::MAX_CREATED_BY_BYTES
+        && crate::risk::blocks::check_text("created_by", &by).is_ok();
+    if fits {
+        by
+    } else {
+        format!(
+            "token:{issuer_id}/sha256:{}",
+            crate::identity::sha256_hex(subject, 32)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::risk::revocations::Revocations;
+
+    /// What an admin token's caller blocks is shared: its author is one every replica takes,
+    /// whatever the token's subject.
+    #[test]
+    fn an_admin_callers_author_is_one_every_replica_takes() {
+        assert_eq!(author("corp", "alice"), "token:corp/alice");
+        for subject in [
+            "u".repeat(1020),
+            "a\u{7}b".to_owned(),
+            "a\u{85}b".to_owned(),
+        ] {
+            let by = author("corp", &subject);
+            assert!(by.starts_with("token:corp/sha256:"), "{by}");
+            crate::risk::blocks::check_record("INC-1", "", &by).expect("taken everywhere");
+        }
+        assert_ne!(
+            author("corp", &"u".repeat(1020)),
+            author("corp", &"v".repeat(1020))
+        );
+    }
 
     const NOW: i64 = 1_800_000_000;
 
