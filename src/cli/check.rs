@@ -486,23 +486,23 @@ fn conditions(policy: &Policy) -> Vec<(String, &Condition)> {
     for (n, rule) in policy.rules.iter().enumerate() {
         let rule_name = format!("rule {}. {}", n + 1, rule.id);
         for (k, m) in rule.matchers.iter().enumerate() {
-            if let Some(when) = &m.when {
+            if let Some(when) = m.when.as_deref() {
                 all.push((format!("{rule_name} match {} when", k + 1), when));
             }
         }
-        if let Some(when) = &rule.require.when {
+        if let Some(when) = rule.require.when.as_deref() {
             all.push((format!("{rule_name} require when"), when));
         }
         for (k, e) in rule.escalate.iter().enumerate() {
             all.push((format!("{rule_name} escalate {} when", k + 1), &e.when));
-            if let Some(when) = &e.require.when {
+            if let Some(when) = e.require.when.as_deref() {
                 all.push((format!("{rule_name} escalate {} require when", k + 1), when));
             }
         }
     }
     for signal in &policy.risk.signals {
         if let Action::StepUp(require) = &signal.action
-            && let Some(when) = &require.when
+            && let Some(when) = require.when.as_deref()
         {
             all.push((format!("risk signal {} step_up when", signal.name), when));
         }

@@ -315,7 +315,7 @@ impl<'p> Effective<'p> {
         union(&mut self.auth_contexts, &r.auth_contexts);
         union(&mut self.amr, &r.amr);
         self.claims.extend(&r.claims);
-        self.conditions.extend(&r.when);
+        self.conditions.extend(r.when.as_deref());
         // Every acr list that applies must accept the token's one `acr`: the values the new
         // list shares with those in force, in its order of preference (an escalation or a
         // risk signal names the stronger levels first; it can never name a weaker one in).

@@ -281,12 +281,12 @@ pub fn check_risk_reads(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
             } else {
                 format!("{path}.match[{j}].when")
             };
-            conditions.extend(m.when.as_ref().map(|c| (mpath, c)));
+            conditions.extend(m.when.as_deref().map(|c| (mpath, c)));
         }
         conditions.extend(
             rule.require
                 .when
-                .as_ref()
+                .as_deref()
                 .map(|c| (format!("{path}.require.when"), c)),
         );
         for (k, e) in rule.escalate.iter().enumerate() {
@@ -294,7 +294,7 @@ pub fn check_risk_reads(rules: &[Rule], risk: &RiskPolicy) -> Result<()> {
             conditions.extend(
                 e.require
                     .when
-                    .as_ref()
+                    .as_deref()
                     .map(|c| (format!("{path}.escalate[{k}].require.when"), c)),
             );
         }
