@@ -385,7 +385,7 @@ fn check_warns_of_matchers_taking_head_and_not_get() {
     assert_eq!(
         check_warning("head-only", &with_probe, header),
         [
-            "warning: 1 matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD is decided as a GET too, and one that two rules take as a HEAD and as a GET is refused (ambiguous_path) unless both allow it; match GET, which takes HEAD (docs/policy.md):",
+            "warning: 1 matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD is decided as a GET too and the stricter answer stands, and one that two rules take as a HEAD and as a GET, one asking a step-up, is refused (ambiguous_path) unless both allow it; match GET, which takes HEAD (docs/policy.md):",
             "  rule 6. probe match 1",
         ]
     );

@@ -195,7 +195,7 @@ fn describe(policy: &Policy) -> String {
                 })
             })
             .collect(),
-        "matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD is decided as a GET too, and one that two rules take as a HEAD and as a GET is refused (ambiguous_path) unless both allow it; match GET, which takes HEAD (docs/policy.md)",
+        "matcher(s) take HEAD and not GET: most servers answer a HEAD with their GET handler, so a HEAD is decided as a GET too and the stricter answer stands, and one that two rules take as a HEAD and as a GET, one asking a step-up, is refused (ambiguous_path) unless both allow it; match GET, which takes HEAD (docs/policy.md)",
     );
     warn(
         entra_issuers_requiring_at_jwt(policy),

@@ -147,10 +147,11 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
 
 /// Most servers answer a HEAD with their GET handler: under a policy with a matcher that takes a
 /// HEAD and not a GET, a HEAD (decided as itself: `head`) is decided as a GET too, aside, in
-/// every reading of its path. Under one rule, or allowed by both, the stricter answer stands;
-/// under two rules that do not both allow it, which one the upstream runs is not known, and the
-/// request is refused as ambiguous (a HEAD probe rule must not run the export's GET handler, and
-/// two rules each asking a step-up the other's token lacks would challenge in turn for ever).
+/// every reading of its path, and the stricter answer stands (a HEAD probe rule must not run the
+/// export's GET handler without the export's requirement met; on a tie, the HEAD's own answer).
+/// Under two rules, one asking a step-up and the other allowing it or asking one too, the HEAD
+/// is refused as ambiguous instead: each asking what the other's token may lack (`c1`, `c2`),
+/// they would challenge the client in turn for ever.
 fn decided_as_a_get_too<'p>(
     run: &mut Run<'p>,
     request: &AccessRequest,
@@ -180,7 +181,10 @@ fn decided_as_a_get_too<'p>(
         _ => false,
     };
     let (explain, cached) = (std::mem::take(&mut head.explain), head.token_cached);
-    let (mut answer, said) = if same_rule || (head.is_allow() && as_get.is_allow()) {
+    let challenged = head.outcome != Outcome::Deny
+        && as_get.outcome != Outcome::Deny
+        && !(head.is_allow() && as_get.is_allow());
+    let (mut answer, said) = if same_rule || !challenged {
         if strictness(&as_get) > strictness(&head) {
             let said = format!(
                 "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
@@ -193,14 +197,22 @@ fn decided_as_a_get_too<'p>(
             );
             (as_get, Some(said))
         } else {
-            (head, None)
+            let said = format!(
+                "decided as a GET too, as servers answer a HEAD with their GET handler: {} ({}) \
+                 under {}; the HEAD's own answer, as strict, stands",
+                as_get.outcome.as_str(),
+                as_get.reason.as_str(),
+                ruled(get_rule),
+            );
+            (head, Some(said))
         }
     } else {
         let said = format!(
-            "the request picks {} as a HEAD and {} as a GET, which do not both allow it: \
-                 {AMBIGUOUS_HEAD}",
+            "the request picks {} as a HEAD ({}) and {} as a GET ({}): {AMBIGUOUS_HEAD}",
             ruled(head_rule),
-            ruled(get_rule)
+            head.outcome.as_str(),
+            ruled(get_rule),
+            as_get.outcome.as_str(),
         );
         let www = challenge::invalid_request(&run.policy.realm, AMBIGUOUS_HEAD);
         // As the other readings' refusals: the HEAD's rule named to a verified caller only, and
@@ -1436,13 +1448,14 @@ const AMBIGUOUS_SLASH: &str = "the path ends with / and picks another rule than 
                                glob with the trailing slash (/a/) or as /a/** if the rule is \
                                meant for both";
 
-/// The message of an `ambiguous_path` denial for an extension.
-/// The message of the `ambiguous_path` denial of a HEAD that two rules, not both allowing it,
-/// take as a HEAD and as a GET.
+/// The message of the `ambiguous_path` denial of a HEAD that two rules take as a HEAD and as a
+/// GET, one asking a step-up and the other allowing it or asking one too.
 const AMBIGUOUS_HEAD: &str = "a matcher takes the HEAD and not the GET, another rule takes the \
-                              GET, and most servers answer a HEAD with their GET handler; \
+                              GET and asks a step-up the first may not (or the other way \
+                              round), and most servers answer a HEAD with their GET handler; \
                               match GET (which takes HEAD) rather than HEAD alone";
 
+/// The message of an `ambiguous_path` denial for an extension.
 const AMBIGUOUS_EXTENSION: &str = "the path's last segment has an extension and picks another \
                                    rule than the path without it, and some upstreams serve one \
                                    from the other's route (Rails, Spring MVC up to 5.2); match \

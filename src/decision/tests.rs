@@ -3988,10 +3988,11 @@ fn a_head_is_read_as_a_get_in_the_paths_own_case() {
 }
 
 /// Most servers answer a HEAD with their GET handler: under a policy with a matcher that takes a
-/// HEAD and not a GET, a HEAD is decided as a GET too, in every reading of its path. A HEAD
-/// health check that both rules allow is allowed; a HEAD that a probe rule allows and the GET's
-/// rule refuses, or that two rules each ask a step-up of (a client would be challenged by each
-/// in turn for ever), is refused as ambiguous: which handler runs is not known.
+/// HEAD and not a GET, a HEAD is decided as a GET too, in every reading of its path, and the
+/// stricter answer stands: a probe rule open to anyone does not open the export's GET handler.
+/// A HEAD health check that both rules allow is allowed; a HEAD that two rules take, one asking
+/// a step-up the other may not (a client would be challenged by each in turn for ever), is
+/// refused as ambiguous.
 #[test]
 fn a_head_is_decided_as_a_get_too() {
     let policy = with_first_rule(
@@ -3999,13 +4000,19 @@ fn a_head_is_decided_as_a_get_too() {
         "",
     );
     let token = bearer(&rs256(&entra_user(&["c1"])));
-    // Refused whoever asks, and in every reading of the GET: its extension, case and slash.
-    for target in [
-        "/reports/export",
-        "/reports/export.csv",
-        "/Reports/export",
-        "/reports/export/",
-    ] {
+    // The export's answer, whoever asks: a token is needed, and this one lacks the scope.
+    let d = decide(&policy, &http_request("", "HEAD", "/reports/export"), NOW);
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
+    let d = decide(
+        &policy,
+        &http_request(&token, "HEAD", "/reports/export"),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::MissingScope);
+    assert_eq!(rule(&d), Some("export"));
+    // And in every other reading of the GET (its extension, case and slash), refused as the GET
+    // itself is.
+    for target in ["/reports/export.csv", "/Reports/export", "/reports/export/"] {
         for authorization in [String::new(), token.clone()] {
             let d = decide(&policy, &http_request(&authorization, "HEAD", target), NOW);
             assert_eq!(
@@ -4019,13 +4026,14 @@ fn a_head_is_decided_as_a_get_too() {
             }
         }
     }
-    // The probe rule and the catch-all: refused to an anonymous caller, whom the GET's rule
-    // refuses; allowed with a token, which both allow.
+    // The probe rule and the catch-all: the catch-all's answer to an anonymous caller; allowed
+    // with a token, which both allow.
     let d = decide(&policy, &http_request("", "HEAD", "/reports/q4"), NOW);
-    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
     let d = decide(&policy, &http_request(&token, "HEAD", "/reports/q4"), NOW);
     expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
-    // Two step-ups, one the other's token lacks: refused, not challenged in turn.
+    // Two step-ups, or a step-up beside an ALLOW, under two rules: refused, not challenged in
+    // turn. Without a token, both rules' answer: one is needed.
     let none = bearer(&rs256(&entra_user(&[])));
     for authorization in [&none, &token] {
         let d = decide(
@@ -4034,7 +4042,11 @@ fn a_head_is_decided_as_a_get_too() {
             NOW,
         );
         expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
+        assert_eq!(rule(&d), Some("head-c1"), "named to a verified caller");
+        assert!(d.token_fingerprint.is_some());
     }
+    let d = decide(&policy, &http_request("", "HEAD", "/ledger/1"), NOW);
+    expect(&d, Outcome::Deny, 401, Reason::TokenMissing);
     // Allowed either way: the HEAD's own rule decides.
     let d = decide(&policy, &http_request("", "HEAD", "/healthz"), NOW);
     expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
@@ -4046,37 +4058,37 @@ fn a_head_is_decided_as_a_get_too() {
         NOW,
     );
     expect(&d, Outcome::Deny, 403, Reason::MissingScope);
-    // The explain trace says why.
+    // The explain trace says why, naming the rule each reading settled on, though neither is
+    // named to this caller.
     let explained = decide(
         &policy,
         &AccessRequest {
             explain: true,
-            ..http_request("", "HEAD", "/reports/export")
+            ..http_request("", "HEAD", "/ledger/1")
         },
         NOW,
     );
-    // It names the rule each reading settled on, though neither is named to this caller.
     assert!(
         explained.explain.iter().any(|s| s.stage == "head"
             && s.detail
-                .contains("rule \"probe\" as a HEAD and rule \"export\" as a GET")),
+                .contains("DENY (token_missing) under rule \"get-c2\"")),
         "{:#?}",
         explained.explain
     );
-    // A verified caller's refusal names the HEAD's rule and keeps the token's fingerprint, as
-    // the other readings' refusals do.
-    let d = decide(
+    let explained = decide(
         &policy,
-        &http_request(&token, "HEAD", "/reports/export"),
+        &AccessRequest {
+            explain: true,
+            ..http_request(&none, "HEAD", "/ledger/1")
+        },
         NOW,
     );
-    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
-    assert_eq!(rule(&d), Some("probe"));
-    let get = decide(
-        &policy,
-        &http_request(&token, "GET", "/reports/export"),
-        NOW,
+    assert!(
+        explained.explain.iter().any(|s| s.stage == "head"
+            && s.detail.contains(
+                "rule \"head-c1\" as a HEAD (STEP_UP) and rule \"get-c2\" as a GET (STEP_UP)"
+            )),
+        "{:#?}",
+        explained.explain
     );
-    assert!(d.token_fingerprint.is_some());
-    assert_eq!(d.token_fingerprint, get.token_fingerprint);
 }
