@@ -1313,3 +1313,172 @@ async fn an_operators_block_outlives_a_signals_written_where_redis_lost_it() {
     let token = entra_token("mallory", &[], true);
     assert_eq!(decide(&a, &token, "reports.read").await.reason, "blocked");
 }
+
+/// One error reply (NOSCRIPT after a SCRIPT FLUSH; the same for OOM, BUSY, MISCONF, READONLY)
+/// ending a session that had read the store is a blip: the replica is back at once, not after
+/// what the backoff had grown to in an earlier outage (6.4 s here). Only sessions ended by error
+/// replies one after the other back off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_off_error_reply_after_a_healthy_session_is_back_at_once() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-one-off-refusal", &redis, "");
+    let (server, admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    // An earlier outage of 3.5 s grows the backoff to 6.4 s.
+    redis.kill();
+    store_up(&server, false, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let redis = Redis::start_on(port);
+    store_up(&server, true, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One error reply: the scripts are gone (SCRIPT FLUSH, or a proxy's backend restarted).
+    assert!(
+        redis
+            .command("SCRIPT FLUSH\r\n")
+            .unwrap()
+            .starts_with("+OK")
+    );
+    admin_ok(
+        &admin,
+        &[
+            "block",
+            "--subject",
+            "x",
+            "--reason-id",
+            "INC-1",
+            "--ttl",
+            "1h",
+        ],
+    );
+    store_up(&server, false, Duration::from_secs(10)).await;
+    let lost = Instant::now();
+    store_up(&server, true, Duration::from_secs(20)).await;
+    let took = lost.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "back after {took:?}:\n{}",
+        server.logs_text()
+    );
+}
+
+/// The revocations key holding a string (set by another client) is ignored on reading and on
+/// writing back: a replica holding a revocation does not write it into the string, which Redis
+/// refuses (WRONGTYPE), ending every session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_does_not_end_every_session() {
+    let redis = Redis::start();
+    let policy = policy("redis-wrong-type", &redis, "");
+    let (server, admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    admin_ok(
+        &admin,
+        &["revoke", "--subject", "dave", "--reason-id", "PW-1"],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(redis.command("DEL stepgate:revocations\r\n").is_some());
+    assert!(
+        redis
+            .command("SET stepgate:revocations not-a-hash\r\n")
+            .unwrap()
+            .starts_with("+OK")
+    );
+    let errors = |server| async move {
+        metric(server, "stepgate_risk_store_errors_total")
+            .await
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // The next session's resync (a dropped connection forces one now).
+    for kind in ["normal", "pubsub"] {
+        redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = errors(&server).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = errors(&server).await;
+    assert_eq!(
+        after,
+        before,
+        "sessions keep failing:\n{}",
+        server.logs_text()
+    );
+}
+
+/// Redis loses a recent write (restarted from an older snapshot, failed over to a replica
+/// behind) and comes back holding the older record of the same field: an operator's lift of
+/// mallory's first block, made before the operator blocked mallory again. The replica that holds
+/// the new block writes it back over the older lift, so that a replica started since (a
+/// rollout, a scale-up) enforces it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_redis_lost_over_an_older_lift_is_written_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-lost-over-lift", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    let block = |ttl: &str| {
+        admin_ok(
+            &a_admin,
+            &[
+                "block",
+                "--subject",
+                "mallory",
+                "--reason-id",
+                "INC-1",
+                "--ttl",
+                ttl,
+            ],
+        )
+    };
+    block("1d");
+    written(&redis, "subject|mallory", &a).await;
+    admin_ok(&a_admin, &["unblock", "--subject", "mallory"]);
+    eventually("the lift is stored", Duration::from_secs(10), || async {
+        stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true)
+    })
+    .await;
+    // What an older snapshot of Redis holds: the lift.
+    let old = redis
+        .command(&resp(&["HGET", "stepgate:blocks", "subject|mallory"]))
+        .unwrap();
+    let old = old
+        .split_once("\r\n")
+        .unwrap()
+        .1
+        .trim_end_matches("\r\n")
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    block("1h");
+    eventually(
+        "the new block is stored",
+        Duration::from_secs(10),
+        || async {
+            stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] != true)
+        },
+    )
+    .await;
+    // Redis restarts from that snapshot: the new block is lost, the lift is back.
+    redis.kill();
+    store_up(&a, false, Duration::from_secs(10)).await;
+    let redis = Redis::start_on(port);
+    assert_eq!(
+        redis.command(&resp(&["HSET", "stepgate:blocks", "subject|mallory", &old])),
+        Some(":1\r\n".to_owned())
+    );
+    store_up(&a, true, Duration::from_secs(20)).await;
+    let mallory = entra_token("mallory", &[], true);
+    assert_eq!(decide(&a, &mallory, "reports.read").await.reason, "blocked");
+    // A replica started now.
+    let (b, _) = replica(&policy).await;
+    store_up(&b, true, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = stored_block(&redis, "subject|mallory").unwrap();
+    let b_says = decide(&b, &mallory, "reports.read").await;
+    assert!(
+        stored.1["removed"] != true && b_says.reason == "blocked",
+        "A blocks mallory, the store holds {stored:?} and B answers {:?}:\n{}",
+        b_says.outcome(),
+        a.logs_text()
+    );
+}

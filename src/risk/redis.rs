@@ -27,10 +27,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Weak,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, aio::MultiplexedConnection};
@@ -239,6 +239,8 @@ pub struct Shared {
     /// Whether the blocks and revocations Redis holds have been read once: until then this
     /// replica knows none of them.
     synced: Arc<AtomicBool>,
+    /// Blocks' fields changed here, and when.
+    changed: Arc<Changed>,
 }
 
 enum Op {
@@ -349,19 +351,6 @@ impl BlockRecord {
         }
     }
 
-    /// Older than `block`, the block here, whose own write wins over it in the store: a lift or
-    /// a block ending sooner, or anything against an operator's block (the newest operator's
-    /// write wins, [`PUT`]). A resync's snapshot read before that write landed, or a message
-    /// delayed past it, holds such a record: applied, it would lift or shorten the block here
-    /// until the next resync, while every other replica enforces it (a replica ignores its own
-    /// messages).
-    fn superseded_by(&self, block: &Block) -> bool {
-        self.created_at < block.created_at
-            && (self.removed
-                || self.expires_at < block.expires_at
-                || !block.created_by.starts_with(blocks::RISK_CREATOR_PREFIX))
-    }
-
     /// A risk signal's block that knows of no operator's write as new as `block`, an
     /// operator's: one written where Redis had lost the operator's (restarted empty, flushed,
     /// failed over to a replica behind) by a replica that did not know it. A signal's block
@@ -375,7 +364,11 @@ impl BlockRecord {
             && self.created_by.starts_with(blocks::RISK_CREATOR_PREFIX)
             && !block.created_by.starts_with(blocks::RISK_CREATOR_PREFIX)
             && block.expires_at > self.expires_at
-            && known.is_none_or(|at| at < (block.created_at as f64) * 1000.0)
+            // `created_at` is whole seconds: an operator's write within the block's second
+            // (a lift, then this block again) may be before or after it. Taken as before: the
+            // block is kept here and written back (fail closed), and the script, if the lift
+            // was after, refuses the write.
+            && known.is_none_or(|at| at < (block.created_at as f64 + 1.0) * 1000.0)
     }
 }
 
@@ -432,6 +425,7 @@ impl Shared {
         policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
     ) -> (Self, Link) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let changed = Arc::new(Changed::default());
         let down = Arc::new(AtomicBool::new(true));
         let synced = Arc::new(AtomicBool::new(false));
         metrics::global().set_risk_store_up(false);
@@ -446,12 +440,15 @@ impl Shared {
             synced: Arc::clone(&synced),
             read_store: false,
             refused: false,
+            refused_before: false,
+            changed: Arc::clone(&changed),
         });
         (
             Self {
                 ops: tx,
                 down,
                 synced,
+                changed,
             },
             link,
         )
@@ -513,6 +510,9 @@ impl Shared {
     }
 
     fn put(&self, hash: Hash, field: String, record: &impl Serialize, precedence: Precedence) {
+        if hash == Hash::Blocks {
+            self.changed.note(&field);
+        }
         let put = Put {
             hash,
             field,
@@ -578,12 +578,55 @@ struct Task {
     read_store: bool,
     /// Redis answered the last session's last command with an error.
     refused: bool,
+    /// The session before it read the store and was refused too.
+    refused_before: bool,
+    /// Blocks' fields changed here, and when.
+    changed: Arc<Changed>,
 }
 
 /// A batch's counts are summed per (policy snapshot, signal, key, distinct member, window).
 type CountKey = (usize, usize, String, Option<String>, i64);
 /// (the policy snapshot, the latest event's time in ms, how many events).
 type Counted = (Arc<Policy>, i64, u32);
+
+/// When each block's field was last changed here (set, lifted), for a while: a record read from
+/// the store, or a message, older than such a change must not undo it before the change's own
+/// write reaches the store. A resync's snapshot read before that write, or a message delayed
+/// past it, holds one (a lift that removes the block set since, an older block that shortens
+/// it), and this replica ignores its own message: it would not enforce the block until the next
+/// resync while every other replica does. Times on this process's monotonic clock, not the
+/// records' seconds, which cannot order two writes of one second.
+#[derive(Debug, Default)]
+struct Changed(Mutex<HashMap<String, Instant>>);
+
+impl Changed {
+    /// The most fields remembered; past it, those changed more than a resync ago are forgotten,
+    /// and past it still, a change is not remembered (a flood of signals' source blocks).
+    const MAX: usize = 16 * 1024;
+
+    fn note(&self, field: &str) {
+        let mut changed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if changed.len() >= Self::MAX && !changed.contains_key(field) {
+            changed.retain(|_, at| now.duration_since(*at) < 2 * RESYNC);
+            if changed.len() >= Self::MAX {
+                return;
+            }
+        }
+        changed.insert(field.to_owned(), now);
+    }
+
+    /// Whether `field` was changed here at or after `since`.
+    fn since(&self, field: &str, since: Instant) -> bool {
+        let changed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        changed.get(field).is_some_and(|at| *at >= since)
+    }
+}
+
+/// How long a block's field changed here keeps a published message about it from undoing the
+/// change: messages arrive within milliseconds of their write, and a write this replica's change
+/// then lost to is applied at the next resync.
+const MESSAGE_SLACK: Duration = Duration::from_secs(5);
 
 /// Why a session ended, as said in the log; `refused` when Redis answered with an error (a
 /// replica that became read-only, out of memory under `noeviction`, a key of another type)
@@ -676,12 +719,14 @@ impl Task {
             // over: a blip after hours connected waits 100 ms, not what the failures before it
             // had grown to (under `fail_closed`, every request in that time is refused). One
             // that never got that far (refused, or dropped before the store was read) keeps
-            // doubling, and so does one that Redis ended with an error: a store that reads but
-            // refuses writes (a read-only replica after a failover) would otherwise be read in
-            // full ten times a second.
-            if self.read_store && !self.refused {
+            // doubling, and so do sessions that Redis ends with an error one after the other: a
+            // store that reads but refuses writes (a read-only replica after a failover) would
+            // otherwise be read in full ten times a second. The first of them starts over too: a
+            // one-off error reply (a script flushed, a moment out of memory) is a blip.
+            if self.read_store && !(self.refused && self.refused_before) {
                 backoff = BACKOFF_FIRST;
             }
+            self.refused_before = self.read_store && self.refused;
             if self.wait(backoff).await {
                 return;
             }
@@ -832,7 +877,7 @@ impl Task {
                 }
             }
         }
-        if let Err(err) = self.write_puts(conn, scripts, &puts).await {
+        if let Err(err) = self.write_puts(conn, scripts, &puts).await.map(drop) {
             for put in puts.into_iter().rev() {
                 self.pending.push_front(put);
             }
@@ -940,14 +985,16 @@ impl Task {
         Ok(())
     }
 
+    /// Writes `puts` through [`PUT`]: whether each was written (or refused, what the store
+    /// holds winning over it).
     async fn write_puts(
         &self,
         conn: &mut MultiplexedConnection,
         scripts: &Scripts,
         puts: &[Put],
-    ) -> Result<(), Ended> {
+    ) -> Result<Vec<bool>, Ended> {
         if puts.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         let now = unix_now();
@@ -979,12 +1026,13 @@ impl Task {
                 .arg(revocations::MAX_CLOCK_AHEAD_SECONDS)
                 .arg(MAX_RECORD_BYTES)
                 .arg(blocks::MAX_REASON_BYTES)
-                .arg(blocks::MAX_CREATED_BY_BYTES)
-                .ignore();
+                .arg(blocks::MAX_CREATED_BY_BYTES);
         }
-        pipe.query_async::<()>(conn)
+        let written: Vec<i64> = pipe
+            .query_async(conn)
             .await
-            .map_err(|e| Ended::redis("writing changes", &e))
+            .map_err(|e| Ended::redis("writing changes", &e))?;
+        Ok(written.into_iter().map(|w| w == 1).collect())
     }
 
     /// Reads both hashes: applies what Redis holds, writes back what it lacks (a Redis that
@@ -998,6 +1046,7 @@ impl Task {
             return Ok(());
         };
         let now = unix_now();
+        let started = Instant::now();
         let blocks = read_hash(conn, scripts, Hash::Blocks, blocks::MAX_BLOCKS).await?;
         let revocations = read_hash(
             conn,
@@ -1006,13 +1055,39 @@ impl Task {
             revocations::MAX_REVOCATIONS,
         )
         .await?;
+        // A key of another type (set by another client) is read as empty; what this replica
+        // holds is not written back into it, which Redis would refuse, ending every session.
+        let unreadable: Vec<Hash> = [(Hash::Blocks, &blocks), (Hash::Revocations, &revocations)]
+            .into_iter()
+            .filter_map(|(hash, read)| read.is_none().then_some(hash))
+            .collect();
+        let (blocks, revocations) = (blocks.unwrap_or_default(), revocations.unwrap_or_default());
         // Parsed, applied and compared off the worker (a store of 70 000 blocks held its
         // connections for a second and more at each resync).
-        let (expired, missing) =
-            tokio::task::spawn_blocking(move || reconcile(&state, &blocks, &revocations, now))
-                .await
-                .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
+        let changed = Arc::clone(&self.changed);
+        let applied = Arc::clone(&state);
+        let Reconciled {
+            expired,
+            mut missing,
+            contested,
+        } = tokio::task::spawn_blocking(move || {
+            let changed_here = |field: &str| changed.since(field, started);
+            reconcile(&applied, &blocks, &revocations, now, &changed_here)
+        })
+        .await
+        .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
+        missing.retain(|put| !unreadable.contains(&put.hash));
         self.write_puts(conn, scripts, &missing).await?;
+        // The blocks held here that are newer than the store's records: written back, and where
+        // the store's record wins over the write (the script refuses it), that record applied.
+        let puts: Vec<Put> = contested.iter().map(|c| c.put.clone()).collect();
+        let written = self.write_puts(conn, scripts, &puts).await?;
+        for (contest, written) in contested.iter().zip(written) {
+            if !written {
+                let field = &contest.put.field;
+                apply_block(&state, field, &contest.stored, unix_now(), Source::Refusal);
+            }
+        }
         if !expired.is_empty() {
             let mut pipe = redis::pipe();
             for (hash, field) in &expired {
@@ -1046,7 +1121,10 @@ impl Task {
         if let Some(put) = message.put {
             if put.hash == Hash::Blocks.key() {
                 if let Some(record) = record::<BlockRecord>(&put.record) {
-                    apply_block(&state, &put.field, &record, now);
+                    let since = Instant::now().checked_sub(MESSAGE_SLACK);
+                    if !since.is_some_and(|t| self.changed.since(&put.field, t)) {
+                        apply_block(&state, &put.field, &record, now, Source::Message);
+                    }
                 }
             } else if put.hash == Hash::Revocations.key()
                 && let Some(record) = record::<RevocationRecord>(&put.record)
@@ -1078,7 +1156,7 @@ async fn read_hash(
     scripts: &Scripts,
     hash: Hash,
     max: usize,
-) -> Result<HashMap<String, String>, Ended> {
+) -> Result<Option<HashMap<String, String>>, Ended> {
     // As bytes: one value that is not UTF-8 (written by another client) must not fail the
     // whole read, and with it every session.
     let (skipped, pairs): (i64, Vec<Vec<u8>>) = redis::cmd("EVALSHA")
@@ -1096,7 +1174,7 @@ async fn read_hash(
             hash.key(),
             "not a hash (set by another client of the Redis)",
         );
-        return Ok(HashMap::new());
+        return Ok(None);
     }
     let mut pairs = pairs.into_iter();
     let mut read = HashMap::new();
@@ -1115,27 +1193,54 @@ async fn read_hash(
             &format!("{skipped} too long or past {max}, {not_text} not UTF-8"),
         );
     }
-    Ok(read)
+    Ok(Some(read))
 }
 
 /// Applies what the store holds (`blocks` and `revocations` by field) to `state`: (the entries
 /// past their time, to delete; what `state` holds and the store lost, to write back).
+/// What a resync makes of the store's entries.
+struct Reconciled {
+    /// The entries past their time, to delete.
+    expired: Vec<(Hash, String)>,
+    /// What this replica holds and the store lost, to write back.
+    missing: Vec<Put>,
+    /// The blocks held here that are newer than the store's records for them, to write back,
+    /// and the store's records, applied if the write is refused.
+    contested: Vec<Contest>,
+}
+
+struct Contest {
+    put: Put,
+    stored: BlockRecord,
+}
+
+/// Applies what the store holds (`blocks` and `revocations` by field) to `state`, but for the
+/// blocks' fields `changed_here` since the store was read.
 fn reconcile(
     state: &RiskState,
     blocks: &HashMap<String, String>,
     revocations: &HashMap<String, String>,
     now: i64,
-) -> (Vec<(Hash, String)>, Vec<Put>) {
+    changed_here: &dyn Fn(&str) -> bool,
+) -> Reconciled {
     let mut expired: Vec<(Hash, String)> = Vec::new();
     let mut missing = Vec::new();
+    let mut contested = Vec::new();
     for (field, stored) in blocks {
         match parse_stored::<BlockRecord>(stored, now) {
             Some(record) if record.expires_at <= now => {
                 expired.push((Hash::Blocks, field.clone()));
             }
+            Some(_) if changed_here(field) => {
+                // Changed here since the store was read: the change's own write, on its way,
+                // decides in the store, and the next resync brings this replica to it.
+            }
             Some(record) => {
-                if let Some(kept) = apply_block(state, field, &record, now) {
-                    missing.push(block_put(field.clone(), &kept));
+                if let Some(kept) = apply_block(state, field, &record, now, Source::Resync) {
+                    contested.push(Contest {
+                        put: block_put(field.clone(), &kept),
+                        stored: record,
+                    });
                 }
             }
             None if stamped_ahead(stored, now) => skewed("a block in the risk store"),
@@ -1178,7 +1283,11 @@ fn reconcile(
             });
         }
     }
-    (expired, missing)
+    Reconciled {
+        expired,
+        missing,
+        contested,
+    }
 }
 
 /// Says that something read from Redis was ignored, at most every 10 s (whoever can write to
@@ -1229,15 +1338,31 @@ fn block_put(field: String, block: &Block) -> Put {
     }
 }
 
-/// Applies a block or lift the store holds. Returns the block kept here instead, to be written
-/// back, when the store's is a risk signal's that knows nothing of this replica's operator's
-/// block ([`BlockRecord::unaware_of`]): Redis lost the operator's, and the signal's, once
-/// applied everywhere, would end the operator's block on every replica within minutes.
+/// Where a stored record [`apply_block`] applies comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A resync's read of the store.
+    Resync,
+    /// Another replica's message: a write that has just won in the store.
+    Message,
+    /// The store, after refusing this replica's block in its favour.
+    Refusal,
+}
+
+/// Applies a block or lift the store holds. Returns the block kept here instead, when `from` a
+/// resync the store's record is older than the block held here (a lift, or a block, made before
+/// it: Redis lost the newer write, restarted from an older snapshot or failed over to a replica
+/// behind), or is a risk signal's that knows nothing of the operator's block held here
+/// ([`BlockRecord::unaware_of`]: Redis lost the operator's, and the signal's, once applied
+/// everywhere, would end the operator's block on every replica within minutes); the block is
+/// then written back, and the store's record applied only if the write is refused. Such a
+/// signal's record in a message is not applied either (the next resync writes the block back).
 fn apply_block(
     state: &RiskState,
     field: &str,
     record: &BlockRecord,
     now: i64,
+    from: Source,
 ) -> Option<Arc<Block>> {
     if !record.removed
         && let Err(error) =
@@ -1266,8 +1391,15 @@ fn apply_block(
         return None;
     }
     let here = state.blocks().get(kind, value, now);
-    if here.as_ref().is_some_and(|here| record.superseded_by(here)) {
-        return None;
+    if let Some(here) = &here {
+        let kept = match from {
+            Source::Resync => record.created_at < here.created_at || record.unaware_of(here),
+            Source::Message => record.unaware_of(here),
+            Source::Refusal => false,
+        };
+        if kept {
+            return Some(Arc::clone(here));
+        }
     }
     if record.removed {
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
@@ -1276,9 +1408,6 @@ fn apply_block(
             let _ = state.blocks().remove(kind, value, now);
         }
         return None;
-    }
-    if let Some(here) = here.as_ref().filter(|here| record.unaware_of(here)) {
-        return Some(Arc::clone(here));
     }
     let block = Block {
         kind,
@@ -1517,6 +1646,7 @@ mod tests {
                     &field,
                     &record(created_at, expires_at),
                     now + resync * 30,
+                    Source::Resync,
                 );
             }
             assert!(
@@ -1530,7 +1660,13 @@ mod tests {
             (now + ahead, now + ahead + 60),
         ] {
             let state = RiskState::default();
-            apply_block(&state, &field, &record(created_at, expires_at), now);
+            apply_block(
+                &state,
+                &field,
+                &record(created_at, expires_at),
+                now,
+                Source::Resync,
+            );
             let blocks = state.blocks();
             assert!(blocks.get(Kind::Subject, "alice", expires_at - 1).is_some());
             assert!(blocks.get(Kind::Subject, "alice", expires_at).is_none());
@@ -1615,16 +1751,19 @@ mod tests {
         for (operator_at, replaced) in [
             (None, false),
             (Some((now - 601) * 1000), false),
-            (Some((now - 600) * 1000), true),
+            // Within the block's own second: which came first is not known, and the block is
+            // kept (fail closed).
+            (Some((now - 600) * 1000 + 999), false),
+            (Some((now - 599) * 1000), true),
             (Some((now - 60) * 1000), true),
         ] {
             let state = RiskState::default();
             state.set_block(operators.clone(), now).unwrap();
             let stored = HashMap::from([(field.clone(), signals(operator_at))]);
-            let (_, missing) = reconcile(&state, &stored, &HashMap::new(), now);
+            let missing = reconcile(&state, &stored, &HashMap::new(), now, &|_| false).contested;
             let here = state.blocks().get(Kind::Subject, "mallory", now).unwrap();
             assert_eq!(here.created_by == "risk:x", replaced, "{operator_at:?}");
-            let written_back: Vec<_> = missing.iter().map(|p| p.precedence).collect();
+            let written_back: Vec<_> = missing.iter().map(|c| c.put.precedence).collect();
             let expected = if replaced {
                 vec![]
             } else {
@@ -1634,19 +1773,21 @@ mod tests {
         }
     }
 
-    /// A resync's snapshot read before a block set here reached the store (or a message delayed
-    /// past it) holds an older record: an old lift does not remove the block set since, an older
-    /// block ending sooner does not shorten it. An older block ending later, against a signal's
-    /// block here, is the store's word (the signal's write loses to it there).
+    /// A resync's snapshot read before a block changed here reached the store (or a message
+    /// delayed past it) holds an older record: an old lift does not remove the block set since,
+    /// an older block does not shorten it; the change's own write decides in the store. A block
+    /// held here that is newer than the store's record, and not changed since the store was
+    /// read (Redis lost its write: restarted from an older snapshot, failed over to a replica
+    /// behind), is written back, and the store's record applied only if the write is refused.
     #[test]
     fn a_record_older_than_the_block_here_does_not_undo_it() {
         let now = 1_800_000_000;
-        let block = |by: &str, created_at, expires_at| Block {
+        let block = |by: &str, expires_at| Block {
             kind: Kind::Subject,
             value: "mallory".into(),
             reason_id: Arc::from("INC-2"),
             reason: String::new(),
-            created_at,
+            created_at: now,
             expires_at,
             created_by: by.into(),
         };
@@ -1654,77 +1795,59 @@ mod tests {
         let lift = serde_json::json!({
             "removed": true, "created_at": now - 600, "expires_at": now + 3000,
         });
-        let older = |by: &str, expires_at: i64| {
-            serde_json::json!({
-                "reason_id": "INC-1", "created_at": now - 600, "expires_at": expires_at,
-                "created_by": by,
-            })
-        };
-        for (here, stored, kept) in [
-            (block("san:ops", now, now + 86_400), lift.clone(), true),
-            (block("risk:x", now, now + 60), lift.clone(), true),
-            (
-                block("san:ops", now, now + 86_400),
-                older("san:ops", now + 600),
-                true,
-            ),
-            (
-                block("san:ops", now, now + 600),
-                older("san:ops", now + 86_400),
-                true,
-            ),
-            (
-                block("risk:x", now, now + 600),
-                older("risk:x", now + 60),
-                true,
-            ),
-            (
-                block("risk:x", now, now + 60),
-                older("san:ops", now + 86_400),
-                false,
-            ),
+        let older = serde_json::json!({
+            "reason_id": "INC-1", "created_at": now - 600, "expires_at": now + 600,
+            "created_by": "san:ops",
+        });
+        for (here, stored) in [
+            (block("san:ops", now + 86_400), &lift),
+            (block("risk:x", now + 60), &lift),
+            (block("san:ops", now + 86_400), &older),
         ] {
-            let state = RiskState::default();
-            state.set_block(here.clone(), now).unwrap();
             let snapshot =
                 HashMap::from([(field.clone(), format!("{}|{stored}", (now - 600) * 1000))]);
-            reconcile(&state, &snapshot, &HashMap::new(), now);
-            let after = state.blocks().get(Kind::Subject, "mallory", now);
-            assert_eq!(
-                after.as_deref() == Some(&here),
-                kept,
-                "{} ending {} against {stored}: {after:?}",
-                here.created_by,
-                here.expires_at
-            );
+            for changed_since in [true, false] {
+                let state = RiskState::default();
+                state.set_block(here.clone(), now).unwrap();
+                let reconciled = reconcile(&state, &snapshot, &HashMap::new(), now, &|f| {
+                    changed_since && f == field
+                });
+                let after = state.blocks().get(Kind::Subject, "mallory", now);
+                assert_eq!(after.as_deref(), Some(&here), "{stored}");
+                // Written back unless changed since (its own write is on its way).
+                assert_eq!(reconciled.contested.len(), usize::from(!changed_since));
+                // The store refusing the write, its record applies.
+                for contest in &reconciled.contested {
+                    apply_block(&state, &field, &contest.stored, now, Source::Refusal);
+                    let after = state.blocks().get(Kind::Subject, "mallory", now);
+                    assert_ne!(after.as_deref(), Some(&here), "{stored}");
+                }
+            }
         }
-    }
-
-    /// A record stamped a little further ahead than replicas' clocks may differ by is ignored,
-    /// and said to be what it most likely is: another replica's clock running ahead.
-    #[test]
-    fn a_record_stamped_minutes_ahead_is_said_to_be_a_clock_ahead() {
-        let now = 1_800_000_000;
-        let json = r#"{"reason_id":"INC-1","created_at":1800000000,"expires_at":1800003600}"#;
-        for (ahead, read, skewed) in [
-            (0, true, false),
-            (300, true, false),
-            (301, false, true),
-            (3600, false, true),
-            (2 * 86_400, false, false),
-        ] {
-            let stored = format!("{}|{json}", (now + ahead) * 1000);
-            assert_eq!(
-                parse_stored::<BlockRecord>(&stored, now).is_some(),
-                read,
-                "{ahead}"
-            );
-            assert_eq!(stamped_ahead(&stored, now), skewed, "{ahead}");
-        }
-        assert!(!stamped_ahead(
-            &format!("{}|not json", (now + 600) * 1000),
-            now
-        ));
+        // A newer record than the block here is the store's word.
+        let newer = serde_json::json!({
+            "removed": true, "created_at": now + 1, "expires_at": now + 3000,
+        });
+        let state = RiskState::default();
+        state
+            .set_block(block("san:ops", now + 86_400), now)
+            .unwrap();
+        let snapshot = HashMap::from([(field.clone(), format!("{}|{newer}", (now + 1) * 1000))]);
+        let reconciled = reconcile(&state, &snapshot, &HashMap::new(), now + 1, &|_| false);
+        assert!(reconciled.contested.is_empty());
+        assert!(
+            state
+                .blocks()
+                .get(Kind::Subject, "mallory", now + 1)
+                .is_none()
+        );
+        // What a change here notes, for a while.
+        let changed = Changed::default();
+        let before = Instant::now();
+        assert!(!changed.since(&field, before));
+        changed.note(&field);
+        assert!(changed.since(&field, before));
+        assert!(!changed.since(&field, Instant::now() + Duration::from_millis(1)));
     }
 
     #[test]
