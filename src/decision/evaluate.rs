@@ -458,11 +458,15 @@ impl<'p> Run<'p> {
             let www = challenge::invalid_request(realm, problem.describe());
             return self.deny(400, problem.into(), problem.describe(), None, Some(www));
         }
-        let normalized = match request
-            .http
-            .as_ref()
-            .map(|h| path::normalize(&h.target, policy.upstream.path_parameters))
-        {
+        let normalized = match request.http.as_ref().map(|h| {
+            path::normalize(&h.target, policy.upstream.path_parameters).and_then(|read| {
+                policy
+                    .upstream
+                    .spelled
+                    .refuses(&h.target)
+                    .map_or(Ok(read), Err)
+            })
+        }) {
             None => None,
             Some(Ok((path, _query))) => Some(path),
             Some(Err(problem)) => {

@@ -2136,9 +2136,9 @@ fn an_extension_that_picks_another_rule_is_ambiguous() {
         expect(&anonymous, Outcome::Deny, 400, Reason::AmbiguousPath);
         assert_eq!(rule(&anonymous), None, "named to no anonymous caller");
     }
-    // An encoded dot is refused before any reading.
+    // An encoded dot, under globs that spell none, is decoded: the extension reading refuses it.
     let d = decide_http(&token, "POST", "/payments/wire%2ejson");
-    expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
+    expect(&d, Outcome::Deny, 400, Reason::AmbiguousPath);
     // A path whose readings agree is decided as usual: an extension under a glob that takes
     // either, a dot that starts a name, a dot in a segment before the last.
     for target in [
@@ -2295,6 +2295,34 @@ fn spellings_an_upstream_reads_another_way_do_not_pick_the_public_rule() {
         expect(&d, Outcome::Deny, 400, reason);
     }
     for target in ["/docs/billing", "/docs/x.json", "/docs/.env.json"] {
+        let d = decide(&policy, &http_request("", "GET", target), NOW);
+        expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
+    }
+    // A character the globs spell as it is, sent encoded: the public rule's decoded, another
+    // route's as sent (Express, a gRPC transcoder finding the `:verb`); and `+` under a glob
+    // spelling a space, which Sinatra reads as one.
+    let policy = compile_policy(
+        "issuers:\n  - id: demo\n    issuer: https://issuer.example\n    \
+         jwks_file: demo-keys/jwks.json\n    audiences: [api]\nrules:\n\
+         \x20 - { id: files, match: { path: \"/files/annual reports/**\" }, require: { scopes: [admin] } }\n\
+         \x20 - { id: public, match: { methods: [GET], paths: [\"/v1/*:search\", \"/odata/$metadata\", \"/files/**\"] }, allow_anonymous: true }\n\
+         \x20 - { id: rest, match: { path: \"/**\" } }\n",
+    );
+    for target in [
+        "/v1/secret%3Asearch",
+        "/v1/secret%3asearch",
+        "/odata/%24metadata",
+        "/files/annual+reports/x",
+    ] {
+        let d = decide(&policy, &http_request("", "GET", target), NOW);
+        expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
+    }
+    for target in [
+        "/v1/secret:search",
+        "/odata/$metadata",
+        "/files/q4%7E.pdf",
+        "/files/a%20b.pdf",
+    ] {
         let d = decide(&policy, &http_request("", "GET", target), NOW);
         expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
     }

@@ -118,7 +118,13 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     if file.limits.max_attribute_bytes.0 < 1024 {
         return err("limits.max_attribute_bytes", "must be at least 1024");
     }
-    let upstream = compile_upstream(&file.upstream)?;
+    let mut upstream = compile_upstream(&file.upstream)?;
+    upstream.spelled = crate::request::path::Spelled::of(
+        rules
+            .iter()
+            .flat_map(|r| r.matchers.iter().flat_map(|m| m.paths.iter()))
+            .map(super::pattern::PathGlob::spelled),
+    );
     let explain = compile_explain(&file.explain)?;
     let admin = compile_admin(&file.admin, &issuers, &cel, &auth_contexts)?;
     let risk = super::risk::compile_risk(&file.risk, &cel, &auth_contexts)?;
@@ -1058,6 +1064,7 @@ fn compile_upstream(u: &schema::UpstreamConfig) -> Result<Upstream> {
             schema::PathCaseConfig::Sensitive => PathCase::Sensitive,
         },
         format_suffix_either: u.format_suffix == schema::FormatSuffixConfig::Either,
+        spelled: crate::request::path::Spelled::default(),
     })
 }
 

@@ -151,6 +151,9 @@ pub struct Upstream {
     /// (`/payments/wire.json`) from the route without it (`upstream.format_suffix: either`):
     /// the path must then pick the same rule read both ways.
     pub format_suffix_either: bool,
+    /// The characters the rules' path globs spell as they are, whose escapes in a request's
+    /// path upstreams read two ways.
+    pub spelled: crate::request::path::Spelled,
 }
 
 /// What letter case means to the upstream's routes (`upstream.path_case`).

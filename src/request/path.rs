@@ -1,11 +1,11 @@
 //! The path rules match against: the request target without its query, percent-escapes decoded,
-//! repeated slashes merged, and nothing left that two servers could read differently.
+//! and nothing left that two servers could read differently.
 //!
 //! A path is decided once by stepgate and served once by the upstream, and the two must agree on
 //! what it names. Servers disagree on a few spellings, and an authorizer that picks one reading
 //! lets an attacker pick the other: Tomcat and Spring treat `/admin/..;/healthz` as `/healthz`,
 //! while Go, Node and nginx see a segment `..;` under `/admin`. So what has no single meaning is
-//! refused (`400 invalid_path`), the way Spring Security's `StrictHttpFirewall` and Envoy's
+//! refused (`400 invalid_path`), much as Spring Security's `StrictHttpFirewall` and Envoy's
 //! `path_with_escaped_slashes_action: REJECT_REQUEST` refuse it:
 //! - dot segments (`.`, `..`) in any spelling: `%2e%2e`, `..;x`. Clients remove them before
 //!   sending (RFC 3986 §5.2.4), so only a crafted request carries one, and upstreams differ on
@@ -17,10 +17,11 @@
 //!   part of its name. With `upstream.path_parameters: strip` (an upstream that is a servlet
 //!   container) they are cut, as that upstream does, and a segment that is nothing but parameters
 //!   is still refused;
-//! - escapes of letters, digits, `-`, `.`, `_` and `~` (`%61`): no client needs to encode them
-//!   (RFC 3986 §2.3), and upstreams differ on whether they decode them before routing (Go, Spring
-//!   and Envoy's `normalize_path` do; Express and Rails route the path as sent, so `/%64ocs/x` is
-//!   not their `/docs/:page`);
+//! - escapes of letters and digits (`%61`): no client needs to encode them (RFC 3986 §2.3), and
+//!   upstreams differ on whether they decode them before routing (Go, Spring and Envoy's
+//!   `normalize_path` do; Express and Rails route the path as sent, so `/%64ocs/x` is not their
+//!   `/docs/:page`). Under a policy whose path globs spell one of the other characters a path
+//!   may hold as it is (`-._~!$&'()*+,=:@`, as in `/v1/*:search`), its escapes too ([`Spelled`]);
 //! - empty segments (`//`, a trailing slash aside): nginx and Envoy's `merge_slashes` merge them,
 //!   Express and Istio by default do not, so `//docs/x` is not Express's `/docs/:page` either.
 //!
@@ -46,9 +47,14 @@ pub enum PathProblem {
     Parameters,
     /// Not origin-form (`/…`).
     NotAbsolute,
-    /// An escape of a letter, digit, `-`, `.`, `_` or `~`, which no client needs to encode and
-    /// upstreams decode or not.
+    /// An escape of a letter or digit, which no client needs to encode and upstreams decode or
+    /// not.
     EncodedUnreserved,
+    /// An escape of a character the policy's path globs spell as it is ([`Spelled`]).
+    EncodedSpelled,
+    /// A `+` in a path, under a policy whose path globs spell a space, which some upstreams read
+    /// a `+` in a path as (Sinatra).
+    PlusForSpace,
     /// An empty segment (`//`) before the last, which upstreams merge or not.
     EmptySegment,
     /// A raw `#`: a fragment a client never sends, which proxies strip, refuse or pass on, and
@@ -67,8 +73,16 @@ impl PathProblem {
             Self::Parameters => "the path contains path parameters (;)",
             Self::NotAbsolute => "the path does not start with /",
             Self::EncodedUnreserved => {
-                "the path contains a percent-encoded letter, digit, -, ., _ or ~, which upstreams \
-                 read decoded or as sent"
+                "the path contains a percent-encoded letter or digit, which upstreams read decoded \
+                 or as sent"
+            }
+            Self::EncodedSpelled => {
+                "the path contains a percent-encoded character that the policy's path rules spell \
+                 as it is, which upstreams read decoded or as sent; send it unencoded"
+            }
+            Self::PlusForSpace => {
+                "the path contains a + and the policy's path rules spell a space, which some \
+                 upstreams read a + in a path as; send %2B"
             }
             Self::EmptySegment => {
                 "the path contains an empty segment (//), which upstreams merge or keep"
@@ -169,8 +183,8 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// Decodes `%XX` escapes, except those of `?`, `#` and `;` (kept, upper-cased): they would change
-/// the path's structure. Refuses escapes of separators, control characters, `%` and unreserved
-/// characters.
+/// the path's structure. Refuses escapes of separators, control characters, `%`, letters and
+/// digits.
 fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
     if !path.contains('%') {
         return Ok(Cow::Borrowed(path));
@@ -195,9 +209,7 @@ fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
             b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
             b'%' => return Err(PathProblem::EncodedPercent),
             b if b.is_ascii_control() => return Err(PathProblem::ControlCharacter),
-            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
-                return Err(PathProblem::EncodedUnreserved);
-            }
+            b if b.is_ascii_alphanumeric() => return Err(PathProblem::EncodedUnreserved),
             b'?' | b'#' | b';' => out.extend_from_slice(&[
                 b'%',
                 HEX[usize::from(byte >> 4)],
@@ -216,6 +228,58 @@ fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// The characters a policy's path globs spell as they are, among those a request path may hold
+/// both as they are and encoded (RFC 3986's `pchar` but letters, digits, `%`, `;` and `*`): an
+/// escape of one (`/v1/secret%3Asearch` against `/v1/*:search`) is the glob's character to an
+/// upstream that decodes the path (Go, Spring) and not to one that routes it as sent (Express,
+/// Rails, gRPC transcoders finding a `:verb`), and is refused. Escapes of the others are
+/// decoded: they fall within a glob's wildcards, read the same either way. And whether they
+/// spell a space: a `+` in a path is a space to some upstreams (Sinatra), and is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spelled {
+    chars: Vec<u8>,
+    space: bool,
+}
+
+impl Spelled {
+    /// What `globs` (each spelled as a normalised path) spell.
+    pub fn of<S: AsRef<str>>(globs: impl IntoIterator<Item = S>) -> Self {
+        let mut spelled = Self::default();
+        for glob in globs {
+            for b in glob.as_ref().bytes() {
+                if b"-._~!$&'()+,=:@".contains(&b) && !spelled.chars.contains(&b) {
+                    spelled.chars.push(b);
+                }
+                spelled.space |= b == b' ';
+            }
+        }
+        spelled
+    }
+
+    /// Why `target`'s path spells one of these characters as upstreams read two ways, if it
+    /// does. Its cost is nothing for a path without `%` (and `+`, under globs with a space).
+    pub fn refuses(&self, target: &str) -> Option<PathProblem> {
+        let path = target.split_once('?').map_or(target, |(path, _)| path);
+        if self.space && path.contains('+') {
+            return Some(PathProblem::PlusForSpace);
+        }
+        if self.chars.is_empty() || !path.contains('%') {
+            return None;
+        }
+        let bytes = path.as_bytes();
+        bytes
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'%')
+            .filter_map(|(at, _)| {
+                let (high, low) = (hex(*bytes.get(at + 1)?)?, hex(*bytes.get(at + 2)?)?);
+                Some(high << 4 | low)
+            })
+            .any(|b| self.chars.contains(&b))
+            .then_some(PathProblem::EncodedSpelled)
+    }
+}
 
 fn hex(digit: u8) -> Option<u8> {
     match digit {
@@ -312,24 +376,50 @@ mod tests {
         assert_eq!(strip("/a/b;x/").as_deref(), Ok("/a/b/"));
     }
 
-    /// No client needs to encode a letter, a digit, `-`, `.`, `_` or `~` (RFC 3986 §2.3), and
-    /// Express and Rails route `/%64ocs/x` as sent, not as their `/docs/:page`.
+    /// No client needs to encode a letter or a digit (RFC 3986 §2.3), and Express and Rails
+    /// route `/%64ocs/x` as sent, not as their `/docs/:page`.
     #[test]
-    fn refuses_escapes_of_unreserved_characters() {
+    fn refuses_escapes_of_letters_and_digits() {
         for target in [
             "/%61dmin",
             "/%41dmin",
             "/%64ocs/billing",
             "/a%30",
-            "/a%2D",
-            "/a%2e",
-            "/a%5F",
-            "/a%7e",
-            "/%2e%2e/admin",
             "/caf%C3%A9/%61",
         ] {
             assert_eq!(problem(target), PathProblem::EncodedUnreserved, "{target}");
         }
+        assert_eq!(path("/a%2D%5f%7e%2E"), "/a-_~.");
+    }
+
+    /// An escape of a character the policy's globs spell as it is picks their rule decoded and
+    /// another as sent; the others fall within wildcards, read the same either way. A `+` is a
+    /// space to Sinatra.
+    #[test]
+    fn escapes_of_what_the_globs_spell_are_refused() {
+        let spelled = Spelled::of(["/v1/*:search", "/files/annual reports/**", "/~alice"]);
+        for (target, expected) in [
+            ("/v1/secret%3Asearch", Some(PathProblem::EncodedSpelled)),
+            (
+                "/v1/secret%3asearch?q=%3A",
+                Some(PathProblem::EncodedSpelled),
+            ),
+            ("/%7Ealice", Some(PathProblem::EncodedSpelled)),
+            ("/files/annual+reports/x", Some(PathProblem::PlusForSpace)),
+            ("/files/annual%20reports/x", None),
+            ("/v1/a%24b", None),
+            ("/v1/secret:search", None),
+            ("/a?b+c", None),
+            ("/a%2", None),
+        ] {
+            assert_eq!(spelled.refuses(target), expected, "{target}");
+        }
+        let none = Spelled::of(["/docs/**", "/v1/*"]);
+        assert_eq!(none.refuses("/v1/a%3Ab+c"), None);
+        assert_eq!(
+            Spelled::of(["/odata/$metadata"]).refuses("/odata/%24metadata"),
+            Some(PathProblem::EncodedSpelled)
+        );
     }
 
     #[test]
@@ -352,14 +442,14 @@ mod tests {
         for target in ["/public/../admin", "/a/./b", "/..", "/.", "/a/.."] {
             assert_eq!(problem(target), PathProblem::DotSegment, "{target}");
         }
-        // Spelled with escapes, refused before: an encoded `.` is refused wherever it is.
+        // And spelled with escapes.
         for target in [
             "/%2e%2e/admin",
             "/%2E./admin",
             "/.%2e/admin",
             "/admin/%2e/x",
         ] {
-            assert_eq!(problem(target), PathProblem::EncodedUnreserved, "{target}");
+            assert_eq!(problem(target), PathProblem::DotSegment, "{target}");
         }
     }
 
@@ -380,10 +470,7 @@ mod tests {
         assert_eq!(strip("/a;jsessionid=1/").as_deref(), Ok("/a/"));
         // What Tomcat reads as `..` (or as nothing) is refused all the same.
         assert_eq!(strip("/admin/..;/healthz"), Err(PathProblem::DotSegment));
-        assert_eq!(
-            strip("/admin/%2e%2e;/x"),
-            Err(PathProblem::EncodedUnreserved)
-        );
+        assert_eq!(strip("/admin/%2e%2e;/x"), Err(PathProblem::DotSegment));
         assert_eq!(strip("/admin/.;x/y"), Err(PathProblem::DotSegment));
         assert_eq!(strip("/x/;/.."), Err(PathProblem::Parameters));
         assert_eq!(strip("/;x/admin"), Err(PathProblem::Parameters));
