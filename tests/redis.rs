@@ -52,6 +52,22 @@ async fn replica(policy: &TempPolicy) -> (Server, String) {
     common::serve_with_admin(&policy.path, true).await
 }
 
+/// Blocks `subject` through the admin API at `admin`.
+fn block_subject(admin: &str, subject: &str, reason_id: &str, ttl: &str) -> serde_json::Value {
+    admin_ok(
+        admin,
+        &[
+            "block",
+            "--subject",
+            subject,
+            "--reason-id",
+            reason_id,
+            "--ttl",
+            ttl,
+        ],
+    )
+}
+
 fn entra_token(subject: &str, acrs: &[&str], cp1: bool) -> String {
     mint(&TokenSpec {
         subject: subject.into(),
@@ -148,18 +164,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
     // A block set on A: B's answers through Envoy turn to 403; unblocked on A, back to 200.
     let alice = entra_token("alice", &[], true);
     assert_eq!(get(alice.clone()).await.0, 200);
-    admin_ok(
-        &a_admin,
-        &[
-            "block",
-            "--subject",
-            "alice",
-            "--reason-id",
-            "INC-1",
-            "--ttl",
-            "10m",
-        ],
-    );
+    block_subject(&a_admin, "alice", "INC-1", "10m");
     eventually("B enforces A's block", Duration::from_secs(10), || async {
         get(alice.clone()).await.0 == 403
     })
@@ -354,18 +359,7 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
     for server in [&a, &b] {
         store_up(server, true, Duration::from_secs(10)).await;
     }
-    admin_ok(
-        &a_admin,
-        &[
-            "block",
-            "--subject",
-            "grace",
-            "--reason-id",
-            "BEFORE",
-            "--ttl",
-            "1h",
-        ],
-    );
+    block_subject(&a_admin, "grace", "BEFORE", "1h");
     let grace = entra_token("grace", &[], true);
     eventually("B has the first block", Duration::from_secs(10), || async {
         decide(&b, &grace, "reports.read").await.reason == "blocked"
@@ -407,18 +401,7 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
         server.wait_ready().await;
     }
     // A block made on A while Redis is down: enforced by A at once, by B once Redis is back.
-    admin_ok(
-        &a_admin,
-        &[
-            "block",
-            "--subject",
-            "ivan",
-            "--reason-id",
-            "DURING",
-            "--ttl",
-            "1h",
-        ],
-    );
+    block_subject(&a_admin, "ivan", "DURING", "1h");
     let ivan = entra_token("ivan", &[], true);
     assert_eq!(decide(&a, &ivan, "reports.read").await.reason, "blocked");
     assert_eq!(decide(&b, &ivan, "reports.read").await.reason, "allowed");
@@ -480,18 +463,7 @@ async fn a_replica_started_while_redis_is_down_is_not_ready_until_it_has_read_th
     let policy = policy("redis-cold-start", &redis, "");
     let (a, a_admin) = replica(&policy).await;
     store_up(&a, true, Duration::from_secs(10)).await;
-    admin_ok(
-        &a_admin,
-        &[
-            "block",
-            "--subject",
-            "judy",
-            "--reason-id",
-            "COLD",
-            "--ttl",
-            "1h",
-        ],
-    );
+    block_subject(&a_admin, "judy", "COLD", "1h");
     redis.kill();
     store_up(&a, false, Duration::from_secs(10)).await;
 
@@ -876,18 +848,7 @@ async fn a_signals_block_never_shortens_an_operators_across_replicas() {
     );
     seed_block(&redis, "subject|olga", ahead, record("san:ops", now + 60));
     for subject in ["oscar", "olga", "pat"] {
-        admin_ok(
-            &admin,
-            &[
-                "block",
-                "--subject",
-                subject,
-                "--reason-id",
-                "INC-8",
-                "--ttl",
-                "1h",
-            ],
-        );
+        block_subject(&admin, subject, "INC-8", "1h");
     }
     written(&redis, "subject|pat", &server).await;
     let (at, oscar) = stored_block(&redis, "subject|oscar").unwrap();
@@ -1258,18 +1219,7 @@ async fn an_operators_block_outlives_a_signals_written_where_redis_lost_it() {
     let policy = policy("redis-lost-data", &redis, "");
     let (a, a_admin) = replica(&policy).await;
     store_up(&a, true, Duration::from_secs(10)).await;
-    admin_ok(
-        &a_admin,
-        &[
-            "block",
-            "--subject",
-            "mallory",
-            "--reason-id",
-            "INC-1",
-            "--ttl",
-            "1h",
-        ],
-    );
+    block_subject(&a_admin, "mallory", "INC-1", "1h");
     written(&redis, "subject|mallory", &a).await;
     let (_, operators) = stored_block(&redis, "subject|mallory").expect("written");
     redis.kill();
@@ -1339,18 +1289,7 @@ async fn a_one_off_error_reply_after_a_healthy_session_is_back_at_once() {
             .unwrap()
             .starts_with("+OK")
     );
-    admin_ok(
-        &admin,
-        &[
-            "block",
-            "--subject",
-            "x",
-            "--reason-id",
-            "INC-1",
-            "--ttl",
-            "1h",
-        ],
-    );
+    block_subject(&admin, "x", "INC-1", "1h");
     store_up(&server, false, Duration::from_secs(10)).await;
     let lost = Instant::now();
     store_up(&server, true, Duration::from_secs(20)).await;
@@ -1417,20 +1356,7 @@ async fn a_block_redis_lost_over_an_older_lift_is_written_back() {
     let policy = policy("redis-lost-over-lift", &redis, "");
     let (a, a_admin) = replica(&policy).await;
     store_up(&a, true, Duration::from_secs(10)).await;
-    let block = |ttl: &str| {
-        admin_ok(
-            &a_admin,
-            &[
-                "block",
-                "--subject",
-                "mallory",
-                "--reason-id",
-                "INC-1",
-                "--ttl",
-                ttl,
-            ],
-        )
-    };
+    let block = |ttl: &str| block_subject(&a_admin, "mallory", "INC-1", ttl);
     block("1d");
     written(&redis, "subject|mallory", &a).await;
     admin_ok(&a_admin, &["unblock", "--subject", "mallory"]);
