@@ -366,8 +366,9 @@ impl BlockRecord {
             && block.expires_at > self.expires_at
             // `created_at` is whole seconds: an operator's write within the block's second
             // (a lift, then this block again) may be before or after it. Taken as before: the
-            // block is kept here and written back (fail closed), and the script, if the lift
-            // was after, refuses the write.
+            // block is kept here and written back, and the script decides (its write time is
+            // the second's start, so the store's record wins: the order within one second is
+            // not known to it either).
             && known.is_none_or(|at| at < (block.created_at as f64 + 1.0) * 1000.0)
     }
 }
