@@ -1408,3 +1408,39 @@ async fn a_block_redis_lost_over_an_older_lift_is_written_back() {
         a.logs_text()
     );
 }
+
+/// An operator lifts mallory on A; a second later another operator blocks mallory again on B
+/// (the newer write, which wins in the store). A enforces B's block as soon as B's message
+/// arrives: only messages published before A's own write of the field, while it is out, are
+/// held back, not every message about a field changed here lately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_block_from_another_replica_right_after_a_lift_here_is_applied() {
+    let redis = Redis::start();
+    let policy = policy("redis-lift-then-block", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    let (b, b_admin) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    store_up(&b, true, Duration::from_secs(10)).await;
+    block_subject(&a_admin, "mallory", "INC-1", "1h");
+    written(&redis, "subject|mallory", &a).await;
+    admin_ok(&a_admin, &["unblock", "--subject", "mallory"]);
+    eventually("the lift is stored", Duration::from_secs(10), || async {
+        stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true)
+    })
+    .await;
+    // A second later, so that B's block is the newer write in the store.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    block_subject(&b_admin, "mallory", "INC-2", "1h");
+    eventually("B's block is stored", Duration::from_secs(10), || async {
+        stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] != true)
+    })
+    .await;
+    let mallory = entra_token("mallory", &[], true);
+    assert_eq!(decide(&b, &mallory, "reports.read").await.reason, "blocked");
+    eventually(
+        "A enforces B's newer block before its next resync",
+        Duration::from_secs(3),
+        || async { decide(&a, &mallory, "reports.read").await.reason == "blocked" },
+    )
+    .await;
+}

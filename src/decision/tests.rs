@@ -2326,6 +2326,21 @@ fn spellings_an_upstream_reads_another_way_do_not_pick_the_public_rule() {
         let d = decide(&policy, &http_request("", "GET", target), NOW);
         expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
     }
+    // A condition comparing the path with a literal spells its characters as a glob does.
+    let policy = compile_policy(
+        "issuers:\n  - id: demo\n    issuer: https://issuer.example\n    \
+         jwks_file: demo-keys/jwks.json\n    audiences: [api]\nrules:\n\
+         \x20 - { id: search, match: { path: \"/**\", when: \"request.path.endsWith(':search')\" }, allow_anonymous: true }\n\
+         \x20 - { id: rest, match: { path: \"/**\" } }\n",
+    );
+    let d = decide(
+        &policy,
+        &http_request("", "GET", "/v1/secret%3Asearch"),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 400, Reason::InvalidPath);
+    let d = decide(&policy, &http_request("", "GET", "/v1/secret:search"), NOW);
+    expect(&d, Outcome::Allow, 200, Reason::AnonymousAllowed);
 }
 
 /// A weaker rule's glob in another case (`/DOCS/billing` against a public `/docs/**`): to Flask

@@ -119,11 +119,22 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
         return err("limits.max_attribute_bytes", "must be at least 1024");
     }
     let mut upstream = compile_upstream(&file.upstream)?;
+    // What the rules spell as it is: their path globs, and the literals of their conditions
+    // that read the request (a path compared with `":search"`).
+    let conditions = rules.iter().flat_map(|r| {
+        let matchers = r.matchers.iter().filter_map(|m| m.when.as_deref());
+        let requirements = std::iter::once(&r.require)
+            .chain(r.escalate.iter().map(|e| &e.require))
+            .filter_map(|q| q.when.as_deref());
+        let escalations = r.escalate.iter().map(|e| &e.when);
+        matchers.chain(requirements).chain(escalations)
+    });
     upstream.spelled = crate::request::path::Spelled::of(
         rules
             .iter()
             .flat_map(|r| r.matchers.iter().flat_map(|m| m.paths.iter()))
-            .map(super::pattern::PathGlob::spelled),
+            .map(super::pattern::PathGlob::spelled)
+            .chain(conditions.flat_map(Condition::request_literals)),
     );
     let explain = compile_explain(&file.explain)?;
     let admin = compile_admin(&file.admin, &issuers, &cel, &auth_contexts)?;

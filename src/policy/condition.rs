@@ -136,6 +136,19 @@ impl Condition {
         found
     }
 
+    /// The string literals of an expression that reads `request` (which may compare one with
+    /// the path: `request.path.endsWith(":search")`), for the characters rules spell as they
+    /// are ([`crate::request::path::Spelled`]); none for one that does not.
+    pub fn request_literals(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if self.uses.request {
+            for_each_expr(self.program.expression(), &mut |e| {
+                found.extend(string_literal(e).map(str::to_owned));
+            });
+        }
+        found
+    }
+
     /// Whether the expression reads the `claims` variable.
     pub fn reads_claims(&self) -> bool {
         self.uses.claims

@@ -82,7 +82,7 @@ impl PathProblem {
             }
             Self::PlusForSpace => {
                 "the path contains a + and the policy's path rules spell a space, which some \
-                 upstreams read a + in a path as; send %2B"
+                 upstreams read a + in a path as"
             }
             Self::EmptySegment => {
                 "the path contains an empty segment (//), which upstreams merge or keep"

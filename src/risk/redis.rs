@@ -590,44 +590,110 @@ type CountKey = (usize, usize, String, Option<String>, i64);
 /// (the policy snapshot, the latest event's time in ms, how many events).
 type Counted = (Arc<Policy>, i64, u32);
 
-/// When each block's field was last changed here (set, lifted), for a while: a record read from
-/// the store, or a message, older than such a change must not undo it before the change's own
-/// write reaches the store. A resync's snapshot read before that write, or a message delayed
-/// past it, holds one (a lift that removes the block set since, an older block that shortens
-/// it), and this replica ignores its own message: it would not enforce the block until the next
-/// resync while every other replica does. Times on this process's monotonic clock, not the
-/// records' seconds, which cannot order two writes of one second.
+/// When each block's field was last changed here (set, lifted), for a while, and how many of
+/// those changes' writes have not come back yet: a record read from the store, or a message,
+/// older than such a change must not undo it before the change's own write reaches the store. A
+/// resync's snapshot read before that write holds one (a lift that removes the block set since,
+/// an older block that shortens it), and so does a message published before it; this replica
+/// ignores its own message, and would not enforce the block until the next resync while every
+/// other replica does. Times on this process's monotonic clock, not the records' seconds, which
+/// cannot order two writes of one second.
 #[derive(Debug, Default)]
-struct Changed(Mutex<HashMap<String, Instant>>);
+struct Changed(Mutex<ChangedFields>);
+
+#[derive(Debug, Default)]
+struct ChangedFields {
+    fields: HashMap<String, Change>,
+    pruned: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    /// When it was last changed here (none: only written back).
+    at: Option<Instant>,
+    /// Writes of this field made here that the store has neither refused nor echoed on the
+    /// channel. Redis delivers a connection's messages in the order it published them, so while
+    /// one is out, any other replica's message about the field was published before it.
+    out: u32,
+}
 
 impl Changed {
-    /// The most fields remembered; past it, those changed more than a resync ago are forgotten,
-    /// and past it still, a change is not remembered (a flood of signals' source blocks).
+    /// The most fields remembered; past it, those changed more than a resync ago with no write
+    /// out are forgotten (at most once a second), and past it still, a change is not remembered
+    /// (a flood of signals' source blocks): it is then only as safe as before.
     const MAX: usize = 16 * 1024;
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChangedFields> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A change of `field` here, whose write is on its way.
     fn note(&self, field: &str) {
-        let mut changed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut changed = self.lock();
         let now = Instant::now();
-        if changed.len() >= Self::MAX && !changed.contains_key(field) {
-            changed.retain(|_, at| now.duration_since(*at) < 2 * RESYNC);
-            if changed.len() >= Self::MAX {
+        if changed.fields.len() >= Self::MAX && !changed.fields.contains_key(field) {
+            if changed
+                .pruned
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+            {
+                changed.pruned = Some(now);
+                changed.fields.retain(|_, c| {
+                    c.out > 0 || c.at.is_some_and(|at| now.duration_since(at) < 2 * RESYNC)
+                });
+            }
+            if changed.fields.len() >= Self::MAX {
                 return;
             }
         }
-        changed.insert(field.to_owned(), now);
+        let change = changed
+            .fields
+            .entry(field.to_owned())
+            .or_insert(Change { at: None, out: 0 });
+        change.at = Some(now);
+        change.out += 1;
+    }
+
+    /// A write of `field` back to the store (what it lost or holds older), which is no change
+    /// here but comes back all the same.
+    fn written_back(&self, field: &str) {
+        let mut changed = self.lock();
+        if changed.fields.len() < Self::MAX || changed.fields.contains_key(field) {
+            let change = changed
+                .fields
+                .entry(field.to_owned())
+                .or_insert(Change { at: None, out: 0 });
+            change.out += 1;
+        }
+    }
+
+    /// One write of `field` made here has come back (echoed, or refused).
+    fn back(&self, field: &str) {
+        if let Some(change) = self.lock().fields.get_mut(field) {
+            change.out = change.out.saturating_sub(1);
+        }
+    }
+
+    /// A new subscription: the messages of writes made before it will not come.
+    fn all_back(&self) {
+        for change in self.lock().fields.values_mut() {
+            change.out = 0;
+        }
     }
 
     /// Whether `field` was changed here at or after `since`.
     fn since(&self, field: &str, since: Instant) -> bool {
-        let changed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        changed.get(field).is_some_and(|at| *at >= since)
+        self.lock()
+            .fields
+            .get(field)
+            .and_then(|c| c.at)
+            .is_some_and(|at| at >= since)
+    }
+
+    /// Whether a write of `field` made here is still out.
+    fn out(&self, field: &str) -> bool {
+        self.lock().fields.get(field).is_some_and(|c| c.out > 0)
     }
 }
-
-/// How long a block's field changed here keeps a published message about it from undoing the
-/// change: messages arrive within milliseconds of their write, and a write this replica's change
-/// then lost to is applied at the next resync.
-const MESSAGE_SLACK: Duration = Duration::from_secs(5);
 
 /// Why a session ended, as said in the log; `refused` when Redis answered with an error (a
 /// replica that became read-only, out of memory under `noeviction`, a key of another type)
@@ -786,11 +852,14 @@ impl Task {
             count: load(&mut conn, COUNT).await?,
             distinct: load(&mut conn, DISTINCT).await?,
         };
+        // The messages of writes made before this subscription will not come.
+        self.changed.all_back();
         // Changes made while cut off, then everything Redis holds.
         while let Some(put) = self.pending.front().cloned() {
-            self.write_puts(&mut conn, &scripts, std::slice::from_ref(&put))
-                .await?;
+            let puts = std::slice::from_ref(&put);
+            let written = self.write_puts(&mut conn, &scripts, puts).await?;
             self.pending.pop_front();
+            self.refused_here(&mut conn, puts, &written, None).await?;
         }
         self.resync(&mut conn, &scripts).await?;
         if !self.synced.swap(true, Relaxed) {
@@ -878,11 +947,14 @@ impl Task {
                 }
             }
         }
-        if let Err(err) = self.write_puts(conn, scripts, &puts).await.map(drop) {
-            for put in puts.into_iter().rev() {
-                self.pending.push_front(put);
+        match self.write_puts(conn, scripts, &puts).await {
+            Ok(written) => self.refused_here(conn, &puts, &written, None).await?,
+            Err(err) => {
+                for put in puts.into_iter().rev() {
+                    self.pending.push_front(put);
+                }
+                return Err(err);
             }
-            return Err(err);
         }
         if counts.is_empty() {
             return Ok(());
@@ -1036,6 +1108,56 @@ impl Task {
         Ok(written.into_iter().map(|w| w == 1).collect())
     }
 
+    /// After `puts` of blocks made here were written (`written`, one for each): those the store
+    /// refused (what it holds won over them) are back, and what the store now holds for their
+    /// fields is applied here, unless the field was changed here again `since` (a resync's
+    /// start), whose own write is then on its way.
+    async fn refused_here(
+        &self,
+        conn: &mut MultiplexedConnection,
+        puts: &[Put],
+        written: &[bool],
+        since: Option<Instant>,
+    ) -> Result<(), Ended> {
+        let refused: Vec<&str> = puts
+            .iter()
+            .zip(written)
+            .filter(|(put, written)| put.hash == Hash::Blocks && !**written)
+            .map(|(put, _)| put.field.as_str())
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for field in &refused {
+            self.changed.back(field);
+        }
+        let mut pipe = redis::pipe();
+        for field in &refused {
+            pipe.cmd("HGET").arg(Hash::Blocks.key()).arg(*field);
+        }
+        let stored: Vec<Option<Vec<u8>>> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|e| Ended::redis("reading refused changes back", &e))?;
+        let Some(state) = self.state.upgrade() else {
+            return Ok(());
+        };
+        let now = unix_now();
+        for (field, stored) in refused.into_iter().zip(stored) {
+            let Some(record) = stored
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|text| parse_stored::<BlockRecord>(&text, now))
+            else {
+                continue;
+            };
+            if since.is_some_and(|since| self.changed.since(field, since)) {
+                continue;
+            }
+            apply_block(&state, field, &record, now, Source::Refusal);
+        }
+        Ok(())
+    }
+
     /// Reads both hashes: applies what Redis holds, writes back what it lacks (a Redis that
     /// restarted empty), and deletes what has expired.
     async fn resync(
@@ -1081,14 +1203,13 @@ impl Task {
         self.write_puts(conn, scripts, &missing).await?;
         // The blocks held here that are newer than the store's records: written back, and where
         // the store's record wins over the write (the script refuses it), that record applied.
-        let puts: Vec<Put> = contested.iter().map(|c| c.put.clone()).collect();
-        let written = self.write_puts(conn, scripts, &puts).await?;
-        for (contest, written) in contested.iter().zip(written) {
-            if !written {
-                let field = &contest.put.field;
-                apply_block(&state, field, &contest.stored, unix_now(), Source::Refusal);
-            }
+        let puts = contested;
+        for put in puts.iter().filter(|p| p.hash == Hash::Blocks) {
+            self.changed.written_back(&put.field);
         }
+        let written = self.write_puts(conn, scripts, &puts).await?;
+        self.refused_here(conn, &puts, &written, Some(started))
+            .await?;
         if !expired.is_empty() {
             let mut pipe = redis::pipe();
             for (hash, field) in &expired {
@@ -1112,6 +1233,9 @@ impl Task {
             return;
         };
         if *message.from == *self.replica {
+            if let Some(put) = message.put.filter(|p| p.hash == Hash::Blocks.key()) {
+                self.changed.back(&put.field);
+            }
             return;
         }
         let Some(state) = self.state.upgrade() else {
@@ -1121,11 +1245,11 @@ impl Task {
         let now = unix_now();
         if let Some(put) = message.put {
             if put.hash == Hash::Blocks.key() {
-                if let Some(record) = record::<BlockRecord>(&put.record) {
-                    let since = Instant::now().checked_sub(MESSAGE_SLACK);
-                    if !since.is_some_and(|t| self.changed.since(&put.field, t)) {
-                        apply_block(&state, &put.field, &record, now, Source::Message);
-                    }
+                // Published before this replica's own write of the field, which is still out.
+                if let Some(record) = record::<BlockRecord>(&put.record)
+                    && !self.changed.out(&put.field)
+                {
+                    apply_block(&state, &put.field, &record, now, Source::Message);
                 }
             } else if put.hash == Hash::Revocations.key()
                 && let Some(record) = record::<RevocationRecord>(&put.record)
@@ -1205,14 +1329,9 @@ struct Reconciled {
     expired: Vec<(Hash, String)>,
     /// What this replica holds and the store lost, to write back.
     missing: Vec<Put>,
-    /// The blocks held here that are newer than the store's records for them, to write back,
-    /// and the store's records, applied if the write is refused.
-    contested: Vec<Contest>,
-}
-
-struct Contest {
-    put: Put,
-    stored: BlockRecord,
+    /// The blocks held here that are newer than the store's records for them, to write back
+    /// (what the store then holds applied here if the write is refused).
+    contested: Vec<Put>,
 }
 
 /// Applies what the store holds (`blocks` and `revocations` by field) to `state`, but for the
@@ -1238,10 +1357,7 @@ fn reconcile(
             }
             Some(record) => {
                 if let Some(kept) = apply_block(state, field, &record, now, Source::Resync) {
-                    contested.push(Contest {
-                        put: block_put(field.clone(), &kept),
-                        stored: record,
-                    });
+                    contested.push(block_put(field.clone(), &kept));
                 }
             }
             None if stamped_ahead(stored, now) => skewed("a block in the risk store"),
@@ -1764,7 +1880,7 @@ mod tests {
             let missing = reconcile(&state, &stored, &HashMap::new(), now, &|_| false).contested;
             let here = state.blocks().get(Kind::Subject, "mallory", now).unwrap();
             assert_eq!(here.created_by == "risk:x", replaced, "{operator_at:?}");
-            let written_back: Vec<_> = missing.iter().map(|c| c.put.precedence).collect();
+            let written_back: Vec<_> = missing.iter().map(|p| p.precedence).collect();
             let expected = if replaced {
                 vec![]
             } else {
@@ -1817,9 +1933,10 @@ mod tests {
                 assert_eq!(after.as_deref(), Some(&here), "{stored}");
                 // Written back unless changed since (its own write is on its way).
                 assert_eq!(reconciled.contested.len(), usize::from(!changed_since));
-                // The store refusing the write, its record applies.
-                for contest in &reconciled.contested {
-                    apply_block(&state, &field, &contest.stored, now, Source::Refusal);
+                // The store refusing the write, what it holds applies.
+                for _ in &reconciled.contested {
+                    let record = parse_stored::<BlockRecord>(&snapshot[&field], now).unwrap();
+                    apply_block(&state, &field, &record, now, Source::Refusal);
                     let after = state.blocks().get(Kind::Subject, "mallory", now);
                     assert_ne!(after.as_deref(), Some(&here), "{stored}");
                 }
@@ -1849,6 +1966,33 @@ mod tests {
         changed.note(&field);
         assert!(changed.since(&field, before));
         assert!(!changed.since(&field, Instant::now() + Duration::from_millis(1)));
+    }
+
+    /// A record stamped a little further ahead than replicas' clocks may differ by is ignored,
+    /// and said to be what it most likely is: another replica's clock running ahead.
+    #[test]
+    fn a_record_stamped_minutes_ahead_is_said_to_be_a_clock_ahead() {
+        let now = 1_800_000_000;
+        let json = r#"{"reason_id":"INC-1","created_at":1800000000,"expires_at":1800003600}"#;
+        for (ahead, read, skewed) in [
+            (0, true, false),
+            (300, true, false),
+            (301, false, true),
+            (3600, false, true),
+            (2 * 86_400, false, false),
+        ] {
+            let stored = format!("{}|{json}", (now + ahead) * 1000);
+            assert_eq!(
+                parse_stored::<BlockRecord>(&stored, now).is_some(),
+                read,
+                "{ahead}"
+            );
+            assert_eq!(stamped_ahead(&stored, now), skewed, "{ahead}");
+        }
+        assert!(!stamped_ahead(
+            &format!("{}|not json", (now + 600) * 1000),
+            now
+        ));
     }
 
     #[test]
