@@ -1444,3 +1444,88 @@ async fn a_newer_block_from_another_replica_right_after_a_lift_here_is_applied()
     )
     .await;
 }
+
+/// A refused write's reading back of what the store holds does not undo a newer change of the
+/// same field made here whose write is still on its way. The store holds another replica's lift
+/// stamped between A's two blocks (Redis busy meanwhile); A's first block is refused, and the
+/// lift read back must not drop A's second block, which then wins in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_writes_read_back_does_not_undo_a_newer_change_here() {
+    let redis = Redis::start();
+    let policy = policy("redis-read-back", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    let channel = Endpoint::from_shared(a_admin.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", operator_token()).parse().unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let now = now_ms / 1000;
+    // Another replica's lift, stamped 1 s from now.
+    seed_block(
+        &redis,
+        "subject|mallory",
+        now_ms + 1000,
+        serde_json::json!({"removed": true, "reason_id": "", "reason": "", "created_at": now,
+            "expires_at": now + 3600, "created_by": ""}),
+    );
+    let t0 = Instant::now();
+    let port = redis.port;
+    let busy = std::thread::spawn(move || {
+        let script = "local t=redis.call('TIME') local s=t[1]*1000000+t[2] \
+            while true do local n=redis.call('TIME') \
+            if n[1]*1000000+n[2]-s > 1600000 then break end end return 1";
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        use std::io::{Read, Write};
+        s.write_all(resp(&["EVAL", script, "0"]).as_bytes())
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let block = |id: &str| BlockRequest {
+        target: Some(BlockTarget {
+            kind: BlockKind::Subject as i32,
+            value: "mallory".into(),
+        }),
+        reason_id: id.into(),
+        reason: String::new(),
+        ttl_seconds: 3600,
+    };
+    // W1: older than the stored lift, refused once Redis is free.
+    admin.block(block("INC-1")).await.expect("block 1");
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(t0.elapsed())).await;
+    // W2: newer than the lift, made while W1 is out.
+    admin.block(block("INC-2")).await.expect("block 2");
+    let w2_at = t0.elapsed();
+    let busy = busy.join().unwrap();
+    assert!(
+        busy.starts_with(":1"),
+        "the busy script: {busy} (W2 at {w2_at:?})"
+    );
+    eventually("W2 stored", Duration::from_secs(10), || async {
+        stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["reason_id"] == "INC-2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mallory = entra_token("mallory", &[], true);
+    let said = decide(&a, &mallory, "reports.read").await;
+    assert_eq!(
+        said.reason,
+        "blocked",
+        "A dropped its own operator's newer block: the store holds {:?}",
+        stored_block(&redis, "subject|mallory")
+    );
+}

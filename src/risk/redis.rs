@@ -852,14 +852,20 @@ impl Task {
             count: load(&mut conn, COUNT).await?,
             distinct: load(&mut conn, DISTINCT).await?,
         };
-        // The messages of writes made before this subscription will not come.
+        // The messages of writes made before this subscription will not come; those of the
+        // changes made while cut off, written now, will.
         self.changed.all_back();
+        for put in self.pending.iter().filter(|p| p.hash == Hash::Blocks) {
+            self.changed.written_back(&put.field);
+        }
         // Changes made while cut off, then everything Redis holds.
         while let Some(put) = self.pending.front().cloned() {
             let puts = std::slice::from_ref(&put);
+            let sent = Instant::now();
             let written = self.write_puts(&mut conn, &scripts, puts).await?;
             self.pending.pop_front();
-            self.refused_here(&mut conn, puts, &written, None).await?;
+            self.refused_here(&mut conn, puts, &written, Some(sent))
+                .await?;
         }
         self.resync(&mut conn, &scripts).await?;
         if !self.synced.swap(true, Relaxed) {
@@ -947,8 +953,9 @@ impl Task {
                 }
             }
         }
+        let sent = Instant::now();
         match self.write_puts(conn, scripts, &puts).await {
-            Ok(written) => self.refused_here(conn, &puts, &written, None).await?,
+            Ok(written) => self.refused_here(conn, &puts, &written, Some(sent)).await?,
             Err(err) => {
                 for put in puts.into_iter().rev() {
                     self.pending.push_front(put);
@@ -1150,7 +1157,11 @@ impl Task {
             else {
                 continue;
             };
-            if since.is_some_and(|since| self.changed.since(field, since)) {
+            // Changed here again since, or another write of the field from here still out:
+            // that write, or its own refusal's reading back, decides.
+            if since.is_some_and(|since| self.changed.since(field, since))
+                || self.changed.out(field)
+            {
                 continue;
             }
             apply_block(&state, field, &record, now, Source::Refusal);
@@ -1200,7 +1211,12 @@ impl Task {
         .await
         .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
         missing.retain(|put| !unreadable.contains(&put.hash));
-        self.write_puts(conn, scripts, &missing).await?;
+        for put in missing.iter().filter(|p| p.hash == Hash::Blocks) {
+            self.changed.written_back(&put.field);
+        }
+        let written = self.write_puts(conn, scripts, &missing).await?;
+        self.refused_here(conn, &missing, &written, Some(started))
+            .await?;
         // The blocks held here that are newer than the store's records: written back, and where
         // the store's record wins over the write (the script refuses it), that record applied.
         let puts = contested;
