@@ -49,7 +49,7 @@ pub enum PathProblem {
     NotAbsolute,
     /// An escape of a letter or digit, which no client needs to encode and upstreams decode or
     /// not.
-    EncodedUnreserved,
+    EncodedLetterOrDigit,
     /// An escape of a character the policy's path globs spell as it is ([`Spelled`]).
     EncodedSpelled,
     /// A `+` in a path, under a policy whose path globs spell a space, which some upstreams read
@@ -72,7 +72,7 @@ impl PathProblem {
             Self::DotSegment => "the path contains a . or .. segment",
             Self::Parameters => "the path contains path parameters (;)",
             Self::NotAbsolute => "the path does not start with /",
-            Self::EncodedUnreserved => {
+            Self::EncodedLetterOrDigit => {
                 "the path contains a percent-encoded letter or digit, which upstreams read decoded \
                  or as sent"
             }
@@ -209,7 +209,7 @@ fn decode(path: &str) -> Result<Cow<'_, str>, PathProblem> {
             b'/' | b'\\' => return Err(PathProblem::AmbiguousSeparator),
             b'%' => return Err(PathProblem::EncodedPercent),
             b if b.is_ascii_control() => return Err(PathProblem::ControlCharacter),
-            b if b.is_ascii_alphanumeric() => return Err(PathProblem::EncodedUnreserved),
+            b if b.is_ascii_alphanumeric() => return Err(PathProblem::EncodedLetterOrDigit),
             b'?' | b'#' | b';' => out.extend_from_slice(&[
                 b'%',
                 HEX[usize::from(byte >> 4)],
@@ -387,7 +387,7 @@ mod tests {
             "/a%30",
             "/caf%C3%A9/%61",
         ] {
-            assert_eq!(problem(target), PathProblem::EncodedUnreserved, "{target}");
+            assert_eq!(problem(target), PathProblem::EncodedLetterOrDigit, "{target}");
         }
         assert_eq!(path("/a%2D%5f%7e%2E"), "/a-_~.");
     }
