@@ -387,7 +387,11 @@ mod tests {
             "/a%30",
             "/caf%C3%A9/%61",
         ] {
-            assert_eq!(problem(target), PathProblem::EncodedLetterOrDigit, "{target}");
+            assert_eq!(
+                problem(target),
+                PathProblem::EncodedLetterOrDigit,
+                "{target}"
+            );
         }
         assert_eq!(path("/a%2D%5f%7e%2E"), "/a-_~.");
     }
