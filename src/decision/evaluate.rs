@@ -185,26 +185,27 @@ fn decided_as_a_get_too<'p>(
         && as_get.outcome != Outcome::Deny
         && !(head.is_allow() && as_get.is_allow());
     let (mut answer, said) = if same_rule || !challenged {
+        let decided = format!(
+            "decided as a GET too, as servers answer a HEAD with their GET handler: {} ({}) \
+             under {}",
+            as_get.outcome.as_str(),
+            as_get.reason.as_str(),
+            ruled(get_rule),
+        );
         if strictness(&as_get) > strictness(&head) {
             let said = format!(
-                "decided as a GET too, as servers answer a HEAD with their GET handler: {} \
-                     ({}), stricter than the HEAD's {} ({}), under {}",
-                as_get.outcome.as_str(),
-                as_get.reason.as_str(),
+                "{decided}, stricter than the HEAD's {} ({})",
                 head.outcome.as_str(),
                 head.reason.as_str(),
-                ruled(get_rule),
             );
             (as_get, Some(said))
         } else {
-            let said = format!(
-                "decided as a GET too, as servers answer a HEAD with their GET handler: {} ({}) \
-                 under {}; the HEAD's own answer, as strict, stands",
-                as_get.outcome.as_str(),
-                as_get.reason.as_str(),
-                ruled(get_rule),
-            );
-            (head, Some(said))
+            (
+                head,
+                Some(format!(
+                    "{decided}; the HEAD's own answer, as strict, stands"
+                )),
+            )
         }
     } else {
         let said = format!(
@@ -460,11 +461,12 @@ impl<'p> Run<'p> {
         }
         let normalized = match request.http.as_ref().map(|h| {
             path::normalize(&h.target, policy.upstream.path_parameters).and_then(|read| {
-                policy
-                    .upstream
-                    .spelled
-                    .refuses(&h.target)
-                    .map_or(Ok(read), Err)
+                // A path already in normal form (borrowed) has no escape to look at.
+                let spelled = &policy.upstream.spelled;
+                match (&read.0, spelled.spells_space()) {
+                    (Cow::Borrowed(_), false) => Ok(read),
+                    _ => spelled.refuses(&h.target).map_or(Ok(read), Err),
+                }
             })
         }) {
             None => None,

@@ -257,6 +257,11 @@ impl Spelled {
         spelled
     }
 
+    /// Whether the globs spell a space (a `+` in any path is then refused).
+    pub fn spells_space(&self) -> bool {
+        self.space
+    }
+
     /// Why `target`'s path spells one of these characters as upstreams read two ways, if it
     /// does. Its cost is nothing for a path without `%` (and `+`, under globs with a space).
     pub fn refuses(&self, target: &str) -> Option<PathProblem> {
