@@ -215,6 +215,10 @@ impl Peer {
     /// whichever way it arrives.
     pub fn new(address: &str, principal: String) -> Self {
         let address = match address.parse::<std::net::IpAddr>() {
+            // An IPv4 address parses only from its one spelling (four decimal numbers without
+            // leading zeros), which is the text as given: not formatted again (a thousand
+            // instructions, on every request through Envoy).
+            Ok(std::net::IpAddr::V4(_)) => address.to_owned(),
             Ok(ip) => ip.to_canonical().to_string(),
             Err(_) => address.to_owned(),
         };
@@ -403,6 +407,13 @@ impl HttpAttributes {
     /// read `x_http_method_override` as the same `HTTP_X_HTTP_METHOD_OVERRIDE`), and a query
     /// parameter's name percent-decoded, its leading spaces dropped, `.`, ` ` and `[` as `_`, cut
     /// at a NUL and in any case (PHP reads `?.method=` and `?+_method=` as `_method`).
+    /// What follows the target's first `?`, if it has one (a byte search: `str`'s search for a
+    /// `char` costs more to set up than a short target takes to scan).
+    fn query(&self) -> Option<&str> {
+        let at = self.target.bytes().position(|b| b == b'?')?;
+        Some(&self.target[at + 1..])
+    }
+
     pub fn override_problem(&self) -> Option<&'static str> {
         const HEADERS: [(&str, &str); 5] = [
             (
@@ -443,7 +454,7 @@ impl HttpAttributes {
                 return Some(message);
             }
         }
-        let query = self.target.split_once('?')?.1;
+        let query = self.query()?;
         query
             .split(['&', ';'])
             .map(|pair| pair.split('=').next().unwrap_or_default())
@@ -478,7 +489,8 @@ impl HttpAttributes {
         // one can spell them otherwise.
         self.headers
             .names()
-            .filter(|sent| sent.contains(&b'_'))
+            // A fold, not memchr: a name is a few bytes, and this runs for each one.
+            .filter(|sent| sent.iter().fold(false, |found, &b| found | (b == b'_')))
             .find_map(|sent| names.clone().find(|wanted| same(sent, wanted)))
     }
 
@@ -504,9 +516,8 @@ impl HttpAttributes {
     /// at `;` as well as `&`: some servers read `;` as a separator, and a token one of them would
     /// find beside the header's is a second credential.
     pub fn has_query_token(&self) -> bool {
-        let query = match self.target.split_once('?') {
-            Some((_, q)) => q,
-            None => return false,
+        let Some(query) = self.query() else {
+            return false;
         };
         query.split(['&', ';']).any(|pair| {
             let name = pair.split('=').next().unwrap_or_default();
@@ -976,6 +987,48 @@ fn host_span(authority: &str) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's address is spelled one way whatever way it came: an IPv4 address kept as given
+    /// is the formatting of what it parses to, and a text that is not one (leading zeros, a
+    /// port, spaces) is kept as it is.
+    mod peer_addresses {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn an_ipv4_address_is_kept_only_in_its_one_spelling(
+                octets in any::<[u8; 4]>(),
+                pad in 0usize..4,
+                zeros in 0usize..3,
+                suffix in prop::sample::select(vec!["", ":80", " ", "."]),
+            ) {
+                let mut parts: Vec<String> = octets.iter().map(u8::to_string).collect();
+                parts[pad] = format!("{}{}", "0".repeat(zeros), parts[pad]);
+                let text = format!("{}{suffix}", parts.join("."));
+                let peer = Peer::new(&text, String::new());
+                match text.parse::<std::net::IpAddr>() {
+                    Ok(ip) => prop_assert_eq!(&peer.address, &ip.to_canonical().to_string()),
+                    Err(_) => prop_assert_eq!(&peer.address, &text),
+                }
+            }
+        }
+
+        #[test]
+        fn ipv6_and_mapped_addresses_are_written_as_rfc_5952_does() {
+            assert_eq!(
+                Peer::new("::ffff:192.0.2.7", String::new()).address,
+                "192.0.2.7"
+            );
+            assert_eq!(
+                Peer::new("2001:DB8:0::1", String::new()).address,
+                "2001:db8::1"
+            );
+            assert_eq!(Peer::new("192.0.2.7", String::new()).address, "192.0.2.7");
+            assert_eq!(Peer::new("unix:/sock", String::new()).address, "unix:/sock");
+        }
+    }
 
     /// [`is_credential_name`]'s comparison against the names built as PHP builds them: renamed
     /// ([`php_renamed`]) or lower-cased, on names made from the credentials by the changes a
