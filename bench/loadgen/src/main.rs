@@ -201,8 +201,13 @@ struct RunArgs {
     #[arg(long, value_parser = parse_duration)]
     rss_every: Option<Duration>,
     /// Generator threads (default: the CPUs available; 1 uses a single-threaded runtime).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pin_threads")]
     threads: Option<usize>,
+    /// One generator thread per CPU listed (e.g. `0,1`), each pinned to it with a
+    /// single-threaded runtime, its own share of the connections and of the requests in flight:
+    /// per core, the one-thread generator (closed-loop gRPC runs only).
+    #[arg(long, value_delimiter = ',')]
+    pin_threads: Vec<usize>,
     /// Print the JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -509,19 +514,46 @@ fn run_load(args: RunArgs) -> Result<(), String> {
         peer_pids: args.peer_pids.clone(),
         rss_every: args.rss_every,
     };
-    let rt = runtime(threads)?;
-    let measured = rt.block_on(async {
-        if rpc == Rpc::Http {
-            let workload = Arc::new(HttpWorkload::new(&target, &call, payloads)?);
-            let distinct = workload.distinct_payloads();
-            Ok::<_, String>((drive(workload, &args, &options).await?, distinct))
-        } else {
-            let channels = grpc::connect(&target, args.connections).await?;
-            let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
-            let distinct = workload.distinct_payloads();
-            Ok((drive(workload, &args, &options).await?, distinct))
+    let measured = if args.pin_threads.is_empty() {
+        None
+    } else {
+        if rpc == Rpc::Http || args.rate.is_some() {
+            return Err("--pin-threads is for closed-loop gRPC runs".into());
         }
-    })?;
+        let distinct = payloads.len() as u64;
+        let expect = scenario.expect();
+        let open = |_: usize, connections: usize| {
+            let (target, payloads) = (&target, payloads.clone());
+            async move {
+                let channels = grpc::connect(target, connections).await?;
+                Ok(Workload::new(channels, rpc, payloads, expect))
+            }
+        };
+        let measured = run::closed_loop_pinned(
+            &args.pin_threads,
+            args.connections,
+            open,
+            args.concurrency,
+            &options,
+        )?;
+        Some((measured, distinct))
+    };
+    let rt = runtime(if measured.is_some() { 1 } else { threads })?;
+    let measured = match measured {
+        Some(measured) => measured,
+        None => rt.block_on(async {
+            if rpc == Rpc::Http {
+                let workload = Arc::new(HttpWorkload::new(&target, &call, payloads)?);
+                let distinct = workload.distinct_payloads();
+                Ok::<_, String>((drive(workload, &args, &options).await?, distinct))
+            } else {
+                let channels = grpc::connect(&target, args.connections).await?;
+                let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
+                let distinct = workload.distinct_payloads();
+                Ok((drive(workload, &args, &options).await?, distinct))
+            }
+        })?,
+    };
     let report = build_report(&args, &target, scenario, rpc, measured.0, measured.1);
     eprintln!("{}", report.summary());
     if let Some(path) = &args.out {

@@ -207,6 +207,134 @@ pub async fn closed_loop<W: Driver>(
     })
 }
 
+/// Closed loop with one generator thread per CPU of `cpus`, each pinned to its CPU and running a
+/// single-threaded runtime over connections of its own (`open(i, share)` opens thread `i`'s
+/// `share` of `connections`) with its share of the `concurrency` requests in flight: on each
+/// core, the generator of the one-core rows. A multi-threaded runtime instead moves connections
+/// and calls between its threads, and the server then reads fewer requests per wake-up than with
+/// one generator per core (bench/README.md, `a-2core`).
+pub fn closed_loop_pinned<W, F, Fut>(
+    cpus: &[usize],
+    connections: usize,
+    open: F,
+    concurrency: usize,
+    options: &RunOptions,
+) -> Result<Measured, String>
+where
+    W: Driver,
+    F: Fn(usize, usize) -> Fut + Sync,
+    Fut: Future<Output = Result<W, String>>,
+{
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        limit: options.max_requests.unwrap_or(u64::MAX),
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(false),
+    });
+    let threads = cpus.len().max(1);
+    let share = |total: usize, i: usize| total / threads + usize::from(i < total % threads);
+    std::thread::scope(|scope| {
+        let open = &open;
+        let handles: Vec<_> = cpus
+            .iter()
+            .enumerate()
+            .map(|(i, &cpu)| {
+                let shared = Arc::clone(&shared);
+                let (conns, in_flight) = (share(connections, i).max(1), share(concurrency, i));
+                scope.spawn(move || -> Result<Recorder, String> {
+                    pin_to(cpu)?;
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+                    rt.block_on(async {
+                        let workload = Arc::new(open(i, conns).await?);
+                        let mut workers = JoinSet::new();
+                        for _ in 0..in_flight.max(1) {
+                            workers.spawn(worker(Arc::clone(&workload), Arc::clone(&shared)));
+                        }
+                        let mut recorder = Recorder::default();
+                        while let Some(joined) = workers.join_next().await {
+                            recorder.merge(&joined.map_err(|e| format!("worker failed: {e}"))?);
+                        }
+                        Ok(recorder)
+                    })
+                })
+            })
+            .collect();
+        let all_done = || {
+            handles
+                .iter()
+                .all(std::thread::ScopedJoinHandle::is_finished)
+        };
+        // Sleeps until `until`, or until every thread has finished (a request limit, an error).
+        let nap_until = |until: Instant| {
+            while Instant::now() < until && !all_done() {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
+            }
+        };
+        nap_until(Instant::now() + options.warmup);
+        let before = Mark::take(options)?;
+        let window_start = Instant::now();
+        shared.measuring.store(true, Ordering::Relaxed);
+        let end = window_start + options.duration;
+        let mut rss_samples_kib = Vec::new();
+        let mut next_rss = options.rss_every.map(|every| window_start + every);
+        while Instant::now() < end && !all_done() {
+            nap_until(next_rss.map_or(end, |at| at.min(end)));
+            if let Some(at) = next_rss.filter(|at| Instant::now() >= *at) {
+                if let Some(s) = server_sample(options.server_pid)? {
+                    rss_samples_kib.push(s.rss_kib);
+                }
+                next_rss = options.rss_every.map(|every| at + every);
+            }
+        }
+        shared.stop.store(true, Ordering::Relaxed);
+        let mut recorder = Recorder::default();
+        for handle in handles {
+            let thread = handle
+                .join()
+                .map_err(|_| "a generator thread panicked".to_owned())??;
+            recorder.merge(&thread);
+        }
+        let window = window_start.elapsed();
+        let after = Mark::take(options)?;
+        Ok(Measured {
+            recorder,
+            window,
+            server_before: before.server,
+            server_after: after.server,
+            generator_cpu: after.generator.saturating_sub(before.generator),
+            others_cpu: before.others_until(&after, options),
+            machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
+            peers_cpu: after.peers.saturating_sub(before.peers),
+            send_lag: None,
+            unsent: 0,
+            capped: 0,
+            max_in_flight: concurrency as u64,
+            sent_total: shared.next.load(Ordering::Relaxed).min(shared.limit),
+            rss_samples_kib,
+        })
+    })
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<(), String> {
+    // SAFETY: `set` is a plain bit set owned here; `sched_setaffinity` reads `size_of` bytes of
+    // it and changes only the calling thread's (pid 0's) affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "cannot pin a generator thread to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn worker<W: Driver>(workload: Arc<W>, shared: Arc<Shared>) -> Recorder {
     let mut recorder = Recorder::default();
     while !shared.stop.load(Ordering::Relaxed) {
@@ -470,6 +598,94 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains(&format!("peer process {}", u32::MAX)), "{err}");
+    }
+
+    /// The CPUs this thread may run on.
+    fn allowed_cpus() -> Vec<usize> {
+        // SAFETY: `set` is a plain bit set owned here, filled by `sched_getaffinity`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+                .collect()
+        }
+    }
+
+    /// One thread per CPU listed, pinned to it, each on connections of its own: every thread
+    /// sends, the answers are counted once each, a request limit stops them all, and a CPU that
+    /// does not exist is an error, not a thread left unpinned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn pinned_threads_each_send_on_their_own_connections() {
+        let target = serve().await;
+        let cpu = allowed_cpus()[0];
+        let opened = Mutex::new(Vec::new());
+        let open = |i: usize, connections: usize| {
+            let (target, opened) = (&target, &opened);
+            async move {
+                let pinned = allowed_cpus();
+                opened.lock().unwrap().push((i, connections, pinned));
+                let channels = grpc::connect(target, connections).await?;
+                let call = Scenario::A.call();
+                let payload = scenario::encode(Rpc::Check, &call, "tok");
+                Ok(Workload::new(
+                    channels,
+                    Rpc::Check,
+                    vec![payload],
+                    Scenario::A.expect(),
+                ))
+            }
+        };
+        let cpus = [cpu, cpu, cpu];
+        let m =
+            tokio::task::block_in_place(|| closed_loop_pinned(&cpus, 4, open, 5, &options(200)))
+                .unwrap();
+        assert!(m.recorder.ok > 0, "{m:?}");
+        assert_eq!(m.recorder.errors, 0, "{:?}", m.recorder.error_samples);
+        // The warm-up's requests are sent, not recorded.
+        assert!(m.sent_total > m.recorder.ok, "{m:?}");
+        let mut opened = opened.into_inner().unwrap();
+        opened.sort();
+        assert_eq!(
+            opened,
+            vec![(0, 2, vec![cpu]), (1, 1, vec![cpu]), (2, 1, vec![cpu])],
+            "each thread pinned, the connections shared out"
+        );
+
+        let mut limited = options(60_000);
+        limited.max_requests = Some(50);
+        let open = |_: usize, connections: usize| {
+            let target = &target;
+            async move {
+                let channels = grpc::connect(target, connections).await?;
+                let payload = scenario::encode(Rpc::Check, &Scenario::A.call(), "tok");
+                Ok(Workload::new(
+                    channels,
+                    Rpc::Check,
+                    vec![payload],
+                    Scenario::A.expect(),
+                ))
+            }
+        };
+        let started = Instant::now();
+        let m =
+            tokio::task::block_in_place(|| closed_loop_pinned(&[cpu, cpu], 2, open, 4, &limited))
+                .unwrap();
+        assert_eq!(m.sent_total, 50);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the limit ended the run"
+        );
+
+        let none = |_: usize, _: usize| async { Err::<Workload, _>("unused".to_owned()) };
+        let err = tokio::task::block_in_place(|| {
+            closed_loop_pinned(&[libc::CPU_SETSIZE as usize - 1], 1, none, 1, &options(10))
+        })
+        .unwrap_err();
+        assert!(err.contains("cannot pin a generator thread"), "{err}");
     }
 
     #[tokio::test]
