@@ -356,6 +356,44 @@ fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_de
 }
 
 #[test]
+fn check_names_the_escapes_its_globs_refuse_and_warns_of_a_plus_beside_a_space() {
+    let header = "paths refused for what the globs spell";
+    let spelled = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(header))
+            .map(str::to_owned)
+    };
+    let with_verbs = demo_with_rules(
+        "  - id: search\n    match: { paths: [\"/v1/*:search\", \"/c++/**\"] }\n    allow_anonymous: true",
+    );
+    let line = spelled(&check_stdout("spelled", &with_verbs))
+        .expect("the characters the globs spell are named");
+    assert!(
+        line.contains("%3A (:)")
+            && line.contains("%2B (+)")
+            && !line.contains("a glob spells a space"),
+        "{line}"
+    );
+    let plus_warning = "warning: 1 path glob(s) spell a + while others spell a space";
+    assert!(check_warning("spelled-no-space", &with_verbs, plus_warning).is_empty());
+    // A glob with a space: a + in a path is refused, and the glob with a + matches nothing.
+    let with_space = edit(
+        &with_verbs,
+        "\"/c++/**\"]",
+        "\"/c++/**\", \"/files/my%20file\"]",
+    );
+    let line = spelled(&check_stdout("spelled-space", &with_space)).unwrap();
+    assert!(line.ends_with("+ (a glob spells a space)"), "{line}");
+    let warning = check_warning("spelled-space-warning", &with_space, plus_warning);
+    assert_eq!(warning.len(), 2, "{warning:#?}");
+    assert!(
+        warning[1].ends_with("search match 1 path /c++/**"),
+        "{warning:#?}"
+    );
+}
+
+#[test]
 fn check_warns_of_globs_naming_an_extension_while_the_upstreams_reading_is_not_declared() {
     let with_assets = demo_with_rules(
         "  - id: assets\n    match: { paths: [\"/assets/*.js\", /.well-known/**, /reports/q4.*] }\n    allow_anonymous: true",

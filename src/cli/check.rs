@@ -157,6 +157,9 @@ fn describe(policy: &Policy) -> String {
         }
     }
     line(format!("rule index: {}", policy.index.shape()));
+    if let Some(refused) = spelled_refusals(&policy.upstream.spelled) {
+        line(refused);
+    }
     // Each kind of warning: a line saying how many and why, then one line each.
     let mut warn = |found: Vec<String>, what: &str| {
         if !found.is_empty() {
@@ -273,6 +276,12 @@ fn describe(policy: &Policy) -> String {
             .collect(),
         "identity header(s) are not named x-stepgate-*: the example Envoy configs remove a client's x-stepgate-* headers before ext_authz, so that none reaches the upstream where stepgate does not decide (a route with ext_authz off, failure_mode_allow); add these names to that filter (docs/envoy-and-istio.md)",
     );
+    if policy.upstream.spelled.spells_space() {
+        warn(
+            globs_where(policy, |glob| glob.spelled().contains('+')),
+            "path glob(s) spell a + while others spell a space: a + in a request path is refused (invalid_path), since some upstreams read it as a space, and so is its escape %2B, so these match no request; spell the space and the + apart in globs of separate policies, or rename one route (docs/hostile-input.md, \"Paths\")",
+        );
+    }
     warn(
         path_case_mixups(policy),
         "condition(s) compare request.path with upper-case letters (rules also read the path in lower case; docs/policy.md, \"Two readings of a request\")",
@@ -414,6 +423,26 @@ fn extension_globs(policy: &Policy) -> Vec<String> {
 /// The path globs with upper-case letters, by rule and matcher.
 fn upper_case_globs(policy: &Policy) -> Vec<String> {
     globs_where(policy, PathGlob::has_upper_case)
+}
+
+/// What the policy's globs make stepgate refuse in request paths that another policy would let
+/// through ([`Spelled`](stepgate::request::path::Spelled)): the escapes of the characters they
+/// spell, and a `+` when they spell a space. `None` when nothing.
+fn spelled_refusals(spelled: &stepgate::request::path::Spelled) -> Option<String> {
+    let mut refused: Vec<String> = spelled
+        .chars()
+        .iter()
+        .map(|&c| format!("%{c:02X} ({})", char::from(c)))
+        .collect();
+    if spelled.spells_space() {
+        refused.push("+ (a glob spells a space)".to_owned());
+    }
+    (!refused.is_empty()).then(|| {
+        format!(
+            "paths refused for what the globs spell (invalid_path; docs/hostile-input.md, \"Paths\"): {}",
+            refused.join(", ")
+        )
+    })
 }
 
 /// The path globs `which` picks, each named by its rule and matcher.

@@ -267,6 +267,11 @@ impl Spelled {
         self.space
     }
 
+    /// The characters spelled whose escapes are refused, in the order first spelled.
+    pub fn chars(&self) -> &[u8] {
+        &self.chars
+    }
+
     /// Why `target`'s path spells one of these characters as upstreams read two ways, if it
     /// does. Its cost is nothing for a path without `%` (and `+`, under globs with a space).
     pub fn refuses(&self, target: &str) -> Option<PathProblem> {
