@@ -279,7 +279,7 @@ fn describe(policy: &Policy) -> String {
     if policy.upstream.spelled.spells_space() {
         warn(
             globs_where(policy, |glob| glob.spelled().contains('+')),
-            "path glob(s) spell a + while others spell a space: a + in a request path is refused (invalid_path), since some upstreams read it as a space, and so is its escape %2B, so these match no request; spell the space and the + apart in globs of separate policies, or rename one route (docs/hostile-input.md, \"Paths\")",
+            "path glob(s) spell a + while others spell a space: a + in a request path is refused (invalid_path), since some upstreams read it as a space, and so is its escape %2B, so no request reaches these globs through stepgate; rename one of the routes, the one with a space or the one with a + (docs/hostile-input.md, \"Paths\")",
         );
     }
     warn(
