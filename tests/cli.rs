@@ -357,7 +357,7 @@ fn check_warns_of_upper_case_globs_while_the_upstreams_reading_of_case_is_not_de
 
 #[test]
 fn check_names_the_escapes_its_globs_refuse_and_warns_of_a_plus_beside_a_space() {
-    let header = "paths refused for what the globs spell";
+    let header = "paths refused for what the policy spells";
     let spelled = |stdout: &str| {
         stdout
             .lines()
@@ -370,12 +370,10 @@ fn check_names_the_escapes_its_globs_refuse_and_warns_of_a_plus_beside_a_space()
     let line = spelled(&check_stdout("spelled", &with_verbs))
         .expect("the characters the globs spell are named");
     assert!(
-        line.contains("%3A (:)")
-            && line.contains("%2B (+)")
-            && !line.contains("a glob spells a space"),
+        line.contains("%3A (:)") && line.contains("%2B (+)") && !line.contains("spells a space"),
         "{line}"
     );
-    let plus_warning = "warning: 1 path glob(s) spell a + while others spell a space";
+    let plus_warning = "warning: 1 path glob(s) spell a + while the policy spells a space";
     assert!(check_warning("spelled-no-space", &with_verbs, plus_warning).is_empty());
     // A glob with a space: a + in a path is refused, and the glob with a + matches nothing.
     let with_space = edit(
@@ -384,7 +382,7 @@ fn check_names_the_escapes_its_globs_refuse_and_warns_of_a_plus_beside_a_space()
         "\"/c++/**\", \"/files/my%20file\"]",
     );
     let line = spelled(&check_stdout("spelled-space", &with_space)).unwrap();
-    assert!(line.ends_with("+ (a glob spells a space)"), "{line}");
+    assert!(line.ends_with("+ (the policy spells a space)"), "{line}");
     let warning = check_warning("spelled-space-warning", &with_space, plus_warning);
     assert_eq!(warning.len(), 2, "{warning:#?}");
     assert!(

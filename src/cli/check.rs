@@ -279,7 +279,7 @@ fn describe(policy: &Policy) -> String {
     if policy.upstream.spelled.spells_space() {
         warn(
             globs_where(policy, |glob| glob.spelled().contains('+')),
-            "path glob(s) spell a + while others spell a space: a + in a request path is refused (invalid_path), since some upstreams read it as a space, and so is its escape %2B, so no request reaches these globs through stepgate; rename one of the routes, the one with a space or the one with a + (docs/hostile-input.md, \"Paths\")",
+            "path glob(s) spell a + while the policy spells a space (in a glob, or in a string literal of a condition reading the request): a + in a request path is refused (invalid_path), since some upstreams read it as a space, and so is its escape %2B, so no request reaches these globs through stepgate; rename the route with a +, or drop the space (docs/hostile-input.md, \"Paths\")",
         );
     }
     warn(
@@ -425,9 +425,10 @@ fn upper_case_globs(policy: &Policy) -> Vec<String> {
     globs_where(policy, PathGlob::has_upper_case)
 }
 
-/// What the policy's globs make stepgate refuse in request paths that another policy would let
-/// through ([`Spelled`](stepgate::request::path::Spelled)): the escapes of the characters they
-/// spell, and a `+` when they spell a space. `None` when nothing.
+/// What the policy makes stepgate refuse in request paths that another policy would let through
+/// ([`Spelled`](stepgate::request::path::Spelled)): the escapes of the characters its path globs
+/// and the string literals of its conditions reading the request spell, and a `+` when they
+/// spell a space. `None` when nothing.
 fn spelled_refusals(spelled: &stepgate::request::path::Spelled) -> Option<String> {
     let mut refused: Vec<String> = spelled
         .chars()
@@ -435,11 +436,11 @@ fn spelled_refusals(spelled: &stepgate::request::path::Spelled) -> Option<String
         .map(|&c| format!("%{c:02X} ({})", char::from(c)))
         .collect();
     if spelled.spells_space() {
-        refused.push("+ (a glob spells a space)".to_owned());
+        refused.push("+ (the policy spells a space)".to_owned());
     }
     (!refused.is_empty()).then(|| {
         format!(
-            "paths refused for what the globs spell (invalid_path; docs/hostile-input.md, \"Paths\"): {}",
+            "paths refused for what the policy spells (its path globs and the literals of conditions reading the request; invalid_path, docs/hostile-input.md, \"Paths\"): {}",
             refused.join(", ")
         )
     })

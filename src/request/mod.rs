@@ -397,6 +397,13 @@ impl HttpAttributes {
         )
     }
 
+    /// What follows the target's first `?`, if it has one (a byte search: `str`'s search for a
+    /// `char` costs more to set up than a short target takes to scan).
+    fn query(&self) -> Option<&str> {
+        let at = self.target.bytes().position(|b| b == b'?')?;
+        Some(&self.target[at + 1..])
+    }
+
     /// A header or query parameter through which some servers take another method or path than
     /// the request's own: `x-http-method-override` and its kin (ASP.NET Core, Express's
     /// method-override, Symfony, Laravel), `_method` in the query (Laravel, Symfony), and
@@ -407,13 +414,6 @@ impl HttpAttributes {
     /// read `x_http_method_override` as the same `HTTP_X_HTTP_METHOD_OVERRIDE`), and a query
     /// parameter's name percent-decoded, its leading spaces dropped, `.`, ` ` and `[` as `_`, cut
     /// at a NUL and in any case (PHP reads `?.method=` and `?+_method=` as `_method`).
-    /// What follows the target's first `?`, if it has one (a byte search: `str`'s search for a
-    /// `char` costs more to set up than a short target takes to scan).
-    fn query(&self) -> Option<&str> {
-        let at = self.target.bytes().position(|b| b == b'?')?;
-        Some(&self.target[at + 1..])
-    }
-
     pub fn override_problem(&self) -> Option<&'static str> {
         const HEADERS: [(&str, &str); 5] = [
             (

@@ -225,13 +225,21 @@ where
     F: Fn(usize, usize) -> Fut + Sync,
     Fut: Future<Output = Result<W, String>>,
 {
+    let threads = cpus.len();
+    if threads == 0 || threads > concurrency || threads > connections {
+        return Err(format!(
+            "--pin-threads lists {threads} CPU(s): at least one, and no more than the \
+             connections ({connections}) or the requests in flight ({concurrency})"
+        ));
+    }
     let shared = Arc::new(Shared {
         next: AtomicU64::new(0),
         limit: options.max_requests.unwrap_or(u64::MAX),
         stop: AtomicBool::new(false),
         measuring: AtomicBool::new(false),
     });
-    let threads = cpus.len().max(1);
+    // Threads whose connections are open: the warm-up starts once all are.
+    let connected = Arc::new(AtomicU64::new(0));
     let share = |total: usize, i: usize| total / threads + usize::from(i < total % threads);
     std::thread::scope(|scope| {
         let open = &open;
@@ -239,8 +247,8 @@ where
             .iter()
             .enumerate()
             .map(|(i, &cpu)| {
-                let shared = Arc::clone(&shared);
-                let (conns, in_flight) = (share(connections, i).max(1), share(concurrency, i));
+                let (shared, connected) = (Arc::clone(&shared), Arc::clone(&connected));
+                let (conns, in_flight) = (share(connections, i), share(concurrency, i));
                 scope.spawn(move || -> Result<Recorder, String> {
                     pin_to(cpu)?;
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -249,8 +257,9 @@ where
                         .map_err(|e| format!("cannot start the runtime: {e}"))?;
                     rt.block_on(async {
                         let workload = Arc::new(open(i, conns).await?);
+                        connected.fetch_add(1, Ordering::Relaxed);
                         let mut workers = JoinSet::new();
-                        for _ in 0..in_flight.max(1) {
+                        for _ in 0..in_flight {
                             workers.spawn(worker(Arc::clone(&workload), Arc::clone(&shared)));
                         }
                         let mut recorder = Recorder::default();
@@ -262,41 +271,59 @@ where
                 })
             })
             .collect();
-        let all_done = || {
-            handles
-                .iter()
-                .all(std::thread::ScopedJoinHandle::is_finished)
-        };
-        // Sleeps until `until`, or until every thread has finished (a request limit, an error).
-        let nap_until = |until: Instant| {
-            while Instant::now() < until && !all_done() {
-                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
-            }
-        };
-        nap_until(Instant::now() + options.warmup);
-        let before = Mark::take(options)?;
-        let window_start = Instant::now();
-        shared.measuring.store(true, Ordering::Relaxed);
-        let end = window_start + options.duration;
-        let mut rss_samples_kib = Vec::new();
-        let mut next_rss = options.rss_every.map(|every| window_start + every);
-        while Instant::now() < end && !all_done() {
-            nap_until(next_rss.map_or(end, |at| at.min(end)));
-            if let Some(at) = next_rss.filter(|at| Instant::now() >= *at) {
-                if let Some(s) = server_sample(options.server_pid)? {
-                    rss_samples_kib.push(s.rss_kib);
+        // Whatever ends the run (its end, a thread that failed or reached the request limit, an
+        // error reading /proc here), the threads are told to stop before they are joined.
+        let measured = (|| {
+            let any_done = || {
+                handles
+                    .iter()
+                    .any(std::thread::ScopedJoinHandle::is_finished)
+            };
+            // Sleeps until `until`, or until a thread has finished (a request limit, an error).
+            let nap_until = |until: Instant| {
+                while Instant::now() < until && !any_done() {
+                    std::thread::sleep((until - Instant::now()).min(Duration::from_millis(10)));
                 }
-                next_rss = options.rss_every.map(|every| at + every);
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while (connected.load(Ordering::Relaxed) as usize) < threads && !any_done() {
+                if Instant::now() > deadline {
+                    return Err("the generator threads did not connect within 30 s".to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-        }
+            nap_until(Instant::now() + options.warmup);
+            let before = Mark::take(options)?;
+            let window_start = Instant::now();
+            shared.measuring.store(true, Ordering::Relaxed);
+            let end = window_start + options.duration;
+            let mut rss_samples_kib = Vec::new();
+            let mut next_rss = options.rss_every.map(|every| window_start + every);
+            while Instant::now() < end && !any_done() {
+                nap_until(next_rss.map_or(end, |at| at.min(end)));
+                if let Some(at) = next_rss.filter(|at| Instant::now() >= *at) {
+                    if let Some(s) = server_sample(options.server_pid)? {
+                        rss_samples_kib.push(s.rss_kib);
+                    }
+                    next_rss = options.rss_every.map(|every| at + every);
+                }
+            }
+            Ok((before, window_start, rss_samples_kib))
+        })();
         shared.stop.store(true, Ordering::Relaxed);
         let mut recorder = Recorder::default();
+        let mut failed = None;
         for handle in handles {
-            let thread = handle
-                .join()
-                .map_err(|_| "a generator thread panicked".to_owned())??;
-            recorder.merge(&thread);
+            match handle.join() {
+                Ok(Ok(thread)) => recorder.merge(&thread),
+                Ok(Err(error)) => failed = failed.or(Some(error)),
+                Err(_) => failed = failed.or(Some("a generator thread panicked".to_owned())),
+            }
         }
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        let (before, window_start, rss_samples_kib) = measured?;
         let window = window_start.elapsed();
         let after = Mark::take(options)?;
         Ok(Measured {
@@ -680,6 +707,37 @@ mod tests {
             "the limit ended the run"
         );
 
+        // A server gone while the generator runs (its /proc entry unreadable) ends the run with
+        // the error, the threads stopped rather than left sending.
+        let mut gone = options(60_000);
+        gone.server_pid = Some(u32::MAX);
+        let open = |_: usize, connections: usize| {
+            let target = &target;
+            async move {
+                let channels = grpc::connect(target, connections).await?;
+                let payload = scenario::encode(Rpc::Check, &Scenario::A.call(), "tok");
+                Ok(Workload::new(
+                    channels,
+                    Rpc::Check,
+                    vec![payload],
+                    Scenario::A.expect(),
+                ))
+            }
+        };
+        let started = Instant::now();
+        let err = tokio::task::block_in_place(|| closed_loop_pinned(&[cpu], 1, open, 2, &gone))
+            .unwrap_err();
+        assert!(err.contains(&u32::MAX.to_string()), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not left running"
+        );
+        // More threads than requests in flight is refused, not rounded up.
+        let none = |_: usize, _: usize| async { Err::<Workload, _>("unused".to_owned()) };
+        let err =
+            tokio::task::block_in_place(|| closed_loop_pinned(&[cpu, cpu], 2, none, 1, &gone))
+                .unwrap_err();
+        assert!(err.contains("no more than"), "{err}");
         let none = |_: usize, _: usize| async { Err::<Workload, _>("unused".to_owned()) };
         let err = tokio::task::block_in_place(|| {
             closed_loop_pinned(&[libc::CPU_SETSIZE as usize - 1], 1, none, 1, &options(10))
