@@ -187,6 +187,27 @@ pub async fn closed_loop<W: Driver>(
             },
         }
     }
+    closed(
+        recorder,
+        window_start,
+        &before,
+        &shared,
+        concurrency,
+        rss_samples_kib,
+        options,
+    )
+}
+
+/// What a closed loop measured, its window ending now.
+fn closed(
+    recorder: Recorder,
+    window_start: Instant,
+    before: &Mark,
+    shared: &Shared,
+    concurrency: usize,
+    rss_samples_kib: Vec<u64>,
+    options: &RunOptions,
+) -> Result<Measured, String> {
     let window = window_start.elapsed();
     let after = Mark::take(options)?;
     Ok(Measured {
@@ -324,24 +345,15 @@ where
             return Err(error);
         }
         let (before, window_start, rss_samples_kib) = measured?;
-        let window = window_start.elapsed();
-        let after = Mark::take(options)?;
-        Ok(Measured {
+        closed(
             recorder,
-            window,
-            server_before: before.server,
-            server_after: after.server,
-            generator_cpu: after.generator.saturating_sub(before.generator),
-            others_cpu: before.others_until(&after, options),
-            machine_steal: after.machine.steal.saturating_sub(before.machine.steal),
-            peers_cpu: after.peers.saturating_sub(before.peers),
-            send_lag: None,
-            unsent: 0,
-            capped: 0,
-            max_in_flight: concurrency as u64,
-            sent_total: shared.next.load(Ordering::Relaxed).min(shared.limit),
+            window_start,
+            &before,
+            &shared,
+            concurrency,
             rss_samples_kib,
-        })
+            options,
+        )
     })
 }
 
@@ -642,6 +654,18 @@ mod tests {
         }
     }
 
+    /// Scenario a's workload on `connections` connections of its own.
+    async fn scenario_a(target: &str, connections: usize) -> Result<Workload, String> {
+        let channels = grpc::connect(target, connections).await?;
+        let payload = scenario::encode(Rpc::Check, &Scenario::A.call(), "tok");
+        Ok(Workload::new(
+            channels,
+            Rpc::Check,
+            vec![payload],
+            Scenario::A.expect(),
+        ))
+    }
+
     /// One thread per CPU listed, pinned to it, each on connections of its own: every thread
     /// sends, the answers are counted once each, a request limit stops them all, and a CPU that
     /// does not exist is an error, not a thread left unpinned.
@@ -655,15 +679,7 @@ mod tests {
             async move {
                 let pinned = allowed_cpus();
                 opened.lock().unwrap().push((i, connections, pinned));
-                let channels = grpc::connect(target, connections).await?;
-                let call = Scenario::A.call();
-                let payload = scenario::encode(Rpc::Check, &call, "tok");
-                Ok(Workload::new(
-                    channels,
-                    Rpc::Check,
-                    vec![payload],
-                    Scenario::A.expect(),
-                ))
+                scenario_a(target, connections).await
             }
         };
         let cpus = [cpu, cpu, cpu];
@@ -684,19 +700,7 @@ mod tests {
 
         let mut limited = options(60_000);
         limited.max_requests = Some(50);
-        let open = |_: usize, connections: usize| {
-            let target = &target;
-            async move {
-                let channels = grpc::connect(target, connections).await?;
-                let payload = scenario::encode(Rpc::Check, &Scenario::A.call(), "tok");
-                Ok(Workload::new(
-                    channels,
-                    Rpc::Check,
-                    vec![payload],
-                    Scenario::A.expect(),
-                ))
-            }
-        };
+        let open = |_: usize, connections: usize| scenario_a(&target, connections);
         let started = Instant::now();
         let m =
             tokio::task::block_in_place(|| closed_loop_pinned(&[cpu, cpu], 2, open, 4, &limited))
@@ -711,19 +715,7 @@ mod tests {
         // the error, the threads stopped rather than left sending.
         let mut gone = options(60_000);
         gone.server_pid = Some(u32::MAX);
-        let open = |_: usize, connections: usize| {
-            let target = &target;
-            async move {
-                let channels = grpc::connect(target, connections).await?;
-                let payload = scenario::encode(Rpc::Check, &Scenario::A.call(), "tok");
-                Ok(Workload::new(
-                    channels,
-                    Rpc::Check,
-                    vec![payload],
-                    Scenario::A.expect(),
-                ))
-            }
-        };
+        let open = |_: usize, connections: usize| scenario_a(&target, connections);
         let started = Instant::now();
         let err = tokio::task::block_in_place(|| closed_loop_pinned(&[cpu], 1, open, 2, &gone))
             .unwrap_err();
