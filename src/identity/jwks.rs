@@ -129,7 +129,10 @@ fn prepare(kind: KeyKind, stated: Option<Algorithm>, jwk: &Value) -> Option<Arc<
 /// The keys of one issuer at one moment. Immutable: a refresh builds a new set and swaps it in.
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, VerificationKey>,
+    /// Looked up for every token, a cached one's included: hashed with foldhash rather than
+    /// SipHash (a third of the cost). The keys are the issuer's; a token's `kid` is only looked
+    /// up, never inserted, so it cannot crowd a bucket.
+    by_kid: HashMap<String, VerificationKey, foldhash::fast::RandomState>,
     /// Keys published without a `kid`; usable only by tokens without one.
     anonymous: Vec<VerificationKey>,
 }

@@ -393,7 +393,7 @@ pub fn without_query_tokens(target: &str) -> std::borrow::Cow<'_, str> {
         return Cow::Borrowed(target);
     };
     let is_token = |pair: &str| {
-        let name = pair.split('=').next().unwrap_or_default();
+        let name = crate::request::parameter_name(pair);
         crate::request::is_credential_name(name)
     };
     // Pairs split at `;` as well as `&`: some servers read `;` as a separator.
