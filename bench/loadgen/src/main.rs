@@ -515,11 +515,23 @@ fn run_load(args: RunArgs) -> Result<(), String> {
         rss_every: args.rss_every,
     };
     let measured = if args.pin_threads.is_empty() {
-        None
+        runtime(threads)?.block_on(async {
+            if rpc == Rpc::Http {
+                let workload = Arc::new(HttpWorkload::new(&target, &call, payloads)?);
+                let distinct = workload.distinct_payloads();
+                Ok::<_, String>((drive(workload, &args, &options).await?, distinct))
+            } else {
+                let channels = grpc::connect(&target, args.connections).await?;
+                let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
+                let distinct = workload.distinct_payloads();
+                Ok((drive(workload, &args, &options).await?, distinct))
+            }
+        })?
     } else {
         if rpc == Rpc::Http || args.rate.is_some() {
             return Err("--pin-threads is for closed-loop gRPC runs".into());
         }
+        // One payload, one frame (`Workload::distinct_payloads`).
         let distinct = payloads.len() as u64;
         let expect = scenario.expect();
         let open = |_: usize, connections: usize| {
@@ -536,23 +548,7 @@ fn run_load(args: RunArgs) -> Result<(), String> {
             args.concurrency,
             &options,
         )?;
-        Some((measured, distinct))
-    };
-    let rt = runtime(if measured.is_some() { 1 } else { threads })?;
-    let measured = match measured {
-        Some(measured) => measured,
-        None => rt.block_on(async {
-            if rpc == Rpc::Http {
-                let workload = Arc::new(HttpWorkload::new(&target, &call, payloads)?);
-                let distinct = workload.distinct_payloads();
-                Ok::<_, String>((drive(workload, &args, &options).await?, distinct))
-            } else {
-                let channels = grpc::connect(&target, args.connections).await?;
-                let workload = Arc::new(Workload::new(channels, rpc, payloads, scenario.expect()));
-                let distinct = workload.distinct_payloads();
-                Ok((drive(workload, &args, &options).await?, distinct))
-            }
-        })?,
+        (measured, distinct)
     };
     let report = build_report(&args, &target, scenario, rpc, measured.0, measured.1);
     eprintln!("{}", report.summary());
