@@ -121,14 +121,7 @@ fn compile_here(file: &PolicyFile, base_dir: &Path) -> Result<Policy> {
     let mut upstream = compile_upstream(&file.upstream)?;
     // What the rules spell as it is: their path globs, and the literals of their conditions
     // that read the request (a path compared with `":search"`).
-    let conditions = rules.iter().flat_map(|r| {
-        let matchers = r.matchers.iter().filter_map(|m| m.when.as_deref());
-        let requirements = std::iter::once(&r.require)
-            .chain(r.escalate.iter().map(|e| &e.require))
-            .filter_map(|q| q.when.as_deref());
-        let escalations = r.escalate.iter().map(|e| &e.when);
-        matchers.chain(requirements).chain(escalations)
-    });
+    let conditions = rules.iter().flat_map(Rule::conditions);
     upstream.spelled = crate::request::path::Spelled::of(
         rules
             .iter()
@@ -320,16 +313,11 @@ fn claims_read(rules: &[Rule], upstream: &Upstream) -> KeepClaims {
             std::iter::once(&rule.require).chain(rule.escalate.iter().map(|e| &e.require))
         })
     };
-    let conditions = rules
+    if rules
         .iter()
-        .flat_map(|rule| rule.matchers.iter().filter_map(|m| m.when.as_deref()))
-        .chain(requirements().filter_map(|r| r.when.as_deref()))
-        .chain(
-            rules
-                .iter()
-                .flat_map(|r| r.escalate.iter().map(|e| &e.when)),
-        );
-    if conditions.into_iter().any(Condition::reads_claims) {
+        .flat_map(Rule::conditions)
+        .any(Condition::reads_claims)
+    {
         return KeepClaims::All;
     }
     let mut names: Vec<String> = requirements()

@@ -84,6 +84,19 @@ pub struct Rule {
     pub shadow: bool,
 }
 
+impl Rule {
+    /// Every CEL condition of the rule: its matchers', its requirement's, its escalations' and
+    /// their requirements'.
+    pub fn conditions(&self) -> impl Iterator<Item = &Condition> {
+        let matchers = self.matchers.iter().filter_map(|m| m.when.as_deref());
+        let requirements = std::iter::once(&self.require)
+            .chain(self.escalate.iter().map(|e| &e.require))
+            .filter_map(|r| r.when.as_deref());
+        let escalations = self.escalate.iter().map(|e| &e.when);
+        matchers.chain(requirements).chain(escalations)
+    }
+}
+
 /// Every present field must match.
 #[derive(Debug, Default)]
 pub struct Matcher {
