@@ -459,6 +459,12 @@ impl Shared {
         self.down.load(Relaxed)
     }
 
+    /// Held across a change made here, from applying it to queueing its write, so that no
+    /// record from the store or another replica is applied in between (see `Changed::order`).
+    pub fn in_order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changed.in_order()
+    }
+
     /// Whether Redis's blocks and revocations have been read once (and so are known here).
     pub fn is_synced(&self) -> bool {
         self.synced.load(Relaxed)
@@ -511,8 +517,11 @@ impl Shared {
     }
 
     fn put(&self, hash: Hash, field: String, record: &impl Serialize, precedence: Precedence) {
-        if hash == Hash::Blocks {
-            self.changed.note(&field);
+        // Noted and queued under one lock: a new session takes what is queued and counts the
+        // writes out under it too (`Changed::all_back`), so none is counted twice or missed.
+        let mut changed = (hash == Hash::Blocks).then(|| self.changed.lock());
+        if let Some(changed) = changed.as_mut() {
+            Changed::note(changed, &field);
         }
         let put = Put {
             hash,
@@ -522,8 +531,11 @@ impl Shared {
             precedence,
         };
         // Operators' changes are few; one that finds the queue full (a flood of counts) waits
-        // for room on a task of its own rather than being lost.
-        if let Err(mpsc::error::TrySendError::Full(op)) = self.ops.try_send(Op::Put(put)) {
+        // for room on a task of its own rather than being lost (should a session start
+        // meanwhile, its write is not counted out: its echo ends another's protection early).
+        let sent = self.ops.try_send(Op::Put(put));
+        drop(changed);
+        if let Err(mpsc::error::TrySendError::Full(op)) = sent {
             let ops = self.ops.clone();
             tokio::spawn(async move {
                 let _ = ops.send(op).await;
@@ -599,7 +611,15 @@ type Counted = (Arc<Policy>, i64, u32);
 /// other replica does. Times on this process's monotonic clock, not the records' seconds, which
 /// cannot order two writes of one second.
 #[derive(Debug, Default)]
-struct Changed(Mutex<ChangedFields>);
+struct Changed {
+    fields: Mutex<ChangedFields>,
+    /// Held across a change here (applied, noted and queued) and across applying what is read
+    /// from the store or another replica (checked against the changes here, then applied), so
+    /// that neither falls between the other's check and its effect: a message applied between
+    /// this replica's block and its noting would undo the block here for good (the block's write
+    /// then wins in the store, and this replica ignores its own echo). Taken before `fields`.
+    order: Mutex<()>,
+}
 
 #[derive(Debug, Default)]
 struct ChangedFields {
@@ -624,12 +644,16 @@ impl Changed {
     const MAX: usize = 16 * 1024;
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ChangedFields> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.fields.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A change of `field` here, whose write is on its way.
-    fn note(&self, field: &str) {
-        let mut changed = self.lock();
+    /// Holds changes here and their checks against the store's records in order (see `order`).
+    fn in_order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A change of `field` here, whose write is on its way (`changed`: this, locked).
+    fn note(changed: &mut ChangedFields, field: &str) {
         let now = Instant::now();
         if changed.fields.len() >= Self::MAX && !changed.fields.contains_key(field) {
             if changed
@@ -656,7 +680,10 @@ impl Changed {
     /// A write of `field` back to the store (what it lost or holds older), which is no change
     /// here but comes back all the same.
     fn written_back(&self, field: &str) {
-        let mut changed = self.lock();
+        Self::written_back_in(&mut self.lock(), field);
+    }
+
+    fn written_back_in(changed: &mut ChangedFields, field: &str) {
         if changed.fields.len() < Self::MAX || changed.fields.contains_key(field) {
             let change = changed
                 .fields
@@ -673,10 +700,15 @@ impl Changed {
         }
     }
 
-    /// A new subscription: the messages of writes made before it will not come.
-    fn all_back(&self) {
-        for change in self.lock().fields.values_mut() {
+    /// A new subscription: the messages of writes sent before it will not come; those of the
+    /// writes still to be sent (`to_send`, the fields of the blocks' writes waiting, one each)
+    /// will. `changed`: this, locked since the waiting writes were taken from the queue.
+    fn all_back<'f>(changed: &mut ChangedFields, to_send: impl Iterator<Item = &'f str>) {
+        for change in changed.fields.values_mut() {
             change.out = 0;
+        }
+        for field in to_send {
+            Self::written_back_in(changed, field);
         }
     }
 
@@ -852,13 +884,24 @@ impl Task {
             count: load(&mut conn, COUNT).await?,
             distinct: load(&mut conn, DISTINCT).await?,
         };
-        // The messages of writes made before this subscription will not come; those of the
-        // changes made while cut off, written now, will.
-        self.changed.all_back();
-        for put in self.pending.iter().filter(|p| p.hash == Hash::Blocks) {
-            self.changed.written_back(&put.field);
+        // Every change still queued is written on this connection, and its echo comes on this
+        // subscription: taken from the queue, and counted out, under the lock `put` notes and
+        // queues under. The echoes of writes sent before this subscription will not come.
+        let mut counts = Vec::new();
+        {
+            let changed = Arc::clone(&self.changed);
+            let mut changed = changed.lock();
+            while let Ok(op) = self.rx.try_recv() {
+                match op {
+                    Op::Put(_) => self.hold(op),
+                    Op::Count { .. } => counts.push(op),
+                }
+            }
+            let to_send = self.pending.iter().filter(|p| p.hash == Hash::Blocks);
+            Changed::all_back(&mut changed, to_send.map(|p| p.field.as_str()));
         }
-        // Changes made while cut off, then everything Redis holds.
+        // Changes made while cut off, then everything Redis holds: a field with a write of
+        // this replica's still out is not read back over it (`resync`).
         while let Some(put) = self.pending.front().cloned() {
             let puts = std::slice::from_ref(&put);
             let sent = Instant::now();
@@ -866,6 +909,9 @@ impl Task {
             self.pending.pop_front();
             self.refused_here(&mut conn, puts, &written, Some(sent))
                 .await?;
+        }
+        if !counts.is_empty() {
+            self.send(&mut conn, &scripts, counts).await?;
         }
         self.resync(&mut conn, &scripts).await?;
         if !self.synced.swap(true, Relaxed) {
@@ -1159,6 +1205,7 @@ impl Task {
             };
             // Changed here again since, or another write of the field from here still out:
             // that write, or its own refusal's reading back, decides.
+            let _order = self.changed.in_order();
             if since.is_some_and(|since| self.changed.since(field, since))
                 || self.changed.out(field)
             {
@@ -1205,8 +1252,18 @@ impl Task {
             mut missing,
             contested,
         } = tokio::task::spawn_blocking(move || {
-            let changed_here = |field: &str| changed.since(field, started);
-            reconcile(&applied, &blocks, &revocations, now, &changed_here)
+            // Changed here since the read began, or a write of the field from here not yet
+            // echoed nor refused (queued behind the read, or sent): that write, or its
+            // refusal's reading back, decides.
+            let changed_here = |field: &str| changed.since(field, started) || changed.out(field);
+            reconcile(
+                &applied,
+                &blocks,
+                &revocations,
+                now,
+                &changed_here,
+                &changed.order,
+            )
         })
         .await
         .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
@@ -1262,6 +1319,7 @@ impl Task {
         if let Some(put) = message.put {
             if put.hash == Hash::Blocks.key() {
                 // Published before this replica's own write of the field, which is still out.
+                let _order = self.changed.in_order();
                 if let Some(record) = record::<BlockRecord>(&put.record)
                     && !self.changed.out(&put.field)
                 {
@@ -1351,18 +1409,21 @@ struct Reconciled {
 }
 
 /// Applies what the store holds (`blocks` and `revocations` by field) to `state`, but for the
-/// blocks' fields `changed_here` since the store was read.
+/// blocks' fields `changed_here` since the store was read; each block checked and applied under
+/// `order` (see `Changed::order`).
 fn reconcile(
     state: &RiskState,
     blocks: &HashMap<String, String>,
     revocations: &HashMap<String, String>,
     now: i64,
     changed_here: &dyn Fn(&str) -> bool,
+    order: &Mutex<()>,
 ) -> Reconciled {
     let mut expired: Vec<(Hash, String)> = Vec::new();
     let mut missing = Vec::new();
     let mut contested = Vec::new();
     for (field, stored) in blocks {
+        let _order = order.lock().unwrap_or_else(PoisonError::into_inner);
         match parse_stored::<BlockRecord>(stored, now) {
             Some(record) if record.expires_at <= now => {
                 expired.push((Hash::Blocks, field.clone()));
@@ -1893,7 +1954,15 @@ mod tests {
             let state = RiskState::default();
             state.set_block(operators.clone(), now).unwrap();
             let stored = HashMap::from([(field.clone(), signals(operator_at))]);
-            let missing = reconcile(&state, &stored, &HashMap::new(), now, &|_| false).contested;
+            let missing = reconcile(
+                &state,
+                &stored,
+                &HashMap::new(),
+                now,
+                &|_| false,
+                &Mutex::new(()),
+            )
+            .contested;
             let here = state.blocks().get(Kind::Subject, "mallory", now).unwrap();
             assert_eq!(here.created_by == "risk:x", replaced, "{operator_at:?}");
             let written_back: Vec<_> = missing.iter().map(|p| p.precedence).collect();
@@ -1942,9 +2011,14 @@ mod tests {
             for changed_since in [true, false] {
                 let state = RiskState::default();
                 state.set_block(here.clone(), now).unwrap();
-                let reconciled = reconcile(&state, &snapshot, &HashMap::new(), now, &|f| {
-                    changed_since && f == field
-                });
+                let reconciled = reconcile(
+                    &state,
+                    &snapshot,
+                    &HashMap::new(),
+                    now,
+                    &|f| changed_since && f == field,
+                    &Mutex::new(()),
+                );
                 let after = state.blocks().get(Kind::Subject, "mallory", now);
                 assert_eq!(after.as_deref(), Some(&here), "{stored}");
                 // Written back unless changed since (its own write is on its way).
@@ -1967,7 +2041,14 @@ mod tests {
             .set_block(block("san:ops", now + 86_400), now)
             .unwrap();
         let snapshot = HashMap::from([(field.clone(), format!("{}|{newer}", (now + 1) * 1000))]);
-        let reconciled = reconcile(&state, &snapshot, &HashMap::new(), now + 1, &|_| false);
+        let reconciled = reconcile(
+            &state,
+            &snapshot,
+            &HashMap::new(),
+            now + 1,
+            &|_| false,
+            &Mutex::new(()),
+        );
         assert!(reconciled.contested.is_empty());
         assert!(
             state
@@ -1979,9 +2060,27 @@ mod tests {
         let changed = Changed::default();
         let before = Instant::now();
         assert!(!changed.since(&field, before));
-        changed.note(&field);
+        Changed::note(&mut changed.lock(), &field);
         assert!(changed.since(&field, before));
         assert!(!changed.since(&field, Instant::now() + Duration::from_millis(1)));
+        assert!(
+            changed.out(&field),
+            "its write is out until echoed or refused"
+        );
+        // A new subscription: what was sent before is never echoed; what waits to be sent is.
+        Changed::all_back(&mut changed.lock(), std::iter::empty());
+        assert!(!changed.out(&field));
+        Changed::all_back(
+            &mut changed.lock(),
+            [field.as_str(), field.as_str()].into_iter(),
+        );
+        changed.back(&field);
+        assert!(
+            changed.out(&field),
+            "one of the two waiting writes is still out"
+        );
+        changed.back(&field);
+        assert!(!changed.out(&field));
     }
 
     /// A record stamped a little further ahead than replicas' clocks may differ by is ignored,

@@ -112,6 +112,7 @@ impl RiskState {
 
     /// Sets a block here and in the shared store.
     pub fn set_block(&self, block: Block, now: i64) -> Result<Arc<Block>, BlockError> {
+        let _order = self.shared.as_ref().map(Shared::in_order);
         let wanted = (block.created_by.clone(), block.expires_at);
         let (block, evicted) = self.blocks.set_evicting(block, now, true)?;
         if let Some(shared) = &self.shared {
@@ -148,6 +149,7 @@ impl RiskState {
     /// Lifts a block here and in the shared store.
     pub fn remove_block(&self, kind: Kind, value: &str, now: i64) -> Result<bool, BlockError> {
         let normalized = super::blocks::normalize(kind, value)?;
+        let _order = self.shared.as_ref().map(Shared::in_order);
         let lifted = self.blocks.get(kind, &normalized, now);
         let removed = self.blocks.remove(kind, &normalized, now)?;
         if let Some(shared) = &self.shared {
