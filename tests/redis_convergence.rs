@@ -716,3 +716,135 @@ async fn store_down(server: &Server) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A TCP relay to Redis that can go silent on the subscriptions passing through it: their
+/// connections stay open, but nothing more crosses them either way, as when a load balancer or a
+/// NAT on the way drops an idle connection without a word.
+struct Relay {
+    port: u16,
+    subscriptions: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<AtomicBool>>>>,
+}
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+impl Relay {
+    fn start(redis_port: u16) -> Self {
+        use std::{
+            io::{Read, Write},
+            net::{TcpListener, TcpStream},
+            sync::{Arc, Mutex},
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let subscriptions: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = Arc::clone(&subscriptions);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
+                    continue;
+                };
+                let silent = Arc::new(AtomicBool::new(false));
+                // Copies `from` to `to` until either closes; nothing once `silent`. Client to
+                // server, a subscription is told apart by its command.
+                let pipe = |mut from: TcpStream, mut to: TcpStream, watch: bool| {
+                    let (silent, registry) = (Arc::clone(&silent), Arc::clone(&registry));
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        let mut seen = false;
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if watch && !seen {
+                                let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
+                                if text.contains("\r\nSUBSCRIBE\r\n") {
+                                    seen = true;
+                                    registry.lock().unwrap().push(Arc::clone(&silent));
+                                }
+                            }
+                            if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    true,
+                );
+                pipe(server, client, false);
+            }
+        });
+        Self {
+            port,
+            subscriptions,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The subscriptions open now go silent (those made after are not).
+    fn silence_subscriptions(&self) -> usize {
+        let subscriptions = self.subscriptions.lock().unwrap();
+        for silent in subscriptions.iter() {
+            silent.store(true, Ordering::SeqCst);
+        }
+        subscriptions.len()
+    }
+}
+
+/// A replica whose subscription is dropped without a word (its connection open, nothing crossing
+/// it) while its commands' connection stays healthy: it must notice, reconnect and catch up,
+/// rather than miss every other replica's change, and keep a field whose echo never came from
+/// ever being read back. Here A blocks alice once its subscription is silent (that block's echo
+/// never comes), then B lifts alice: A must lift her well within the 30 s resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_without_a_word_is_noticed_and_caught_up_on() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let through_relay = {
+        let text = demo_policy_without_risk()
+            + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
+            + &format!("risk:\n  store: {}\n", relay.url());
+        TempPolicy::new("redis-silent-a", &text)
+    };
+    let direct = policy("redis-silent-b", &redis);
+    let a = replica(&through_relay).await;
+    let b = replica(&direct).await;
+    for server in [&a.server, &b.server] {
+        store_up(server, Duration::from_secs(10)).await;
+    }
+    assert_eq!(
+        relay.silence_subscriptions(),
+        1,
+        "A's subscription, silenced"
+    );
+    let block = BlockRequest {
+        target: target("alice"),
+        reason_id: "INC-7".into(),
+        reason: String::new(),
+        ttl_seconds: 3600,
+    };
+    a.admin.clone().block(as_operator(block)).await.unwrap();
+    eventually(
+        "B applies A's block (published by A's commands' connection)",
+        || async { blocks(&b, "alice").await },
+    )
+    .await;
+    let lift = UnblockRequest {
+        target: target("alice"),
+        reason: String::new(),
+    };
+    b.admin.clone().unblock(as_operator(lift)).await.unwrap();
+    let lifted = Instant::now();
+    eventually("A lifts alice too, well within the 30 s resync", || async {
+        !blocks(&a, "alice").await
+    })
+    .await;
+    eprintln!("A caught up {:?} after the lift", lifted.elapsed());
+}

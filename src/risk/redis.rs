@@ -54,7 +54,7 @@ use crate::{
     },
 };
 
-/// Changes and counts waiting for the task; past it, counts are dropped (and still count here).
+/// Counts waiting for the task; past it, counts are dropped (and still count here).
 const QUEUE: usize = 65_536;
 /// Changes kept while Redis is unreachable; past it, the oldest are dropped (the next resync
 /// brings Redis's state back, and this replica's own view keeps them).
@@ -234,7 +234,11 @@ const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// This replica's end of the link: queues changes and counts for the task.
 #[derive(Debug)]
 pub struct Shared {
+    /// Counts, for the task.
     ops: mpsc::Sender<Op>,
+    /// Changes, for the task: a queue of their own, so that a flood of counts never holds one
+    /// up, and a new session takes every change queued (see `Changed::all_back`).
+    puts: mpsc::Sender<Put>,
     down: Arc<AtomicBool>,
     /// Whether the blocks and revocations Redis holds have been read once: until then this
     /// replica knows none of them.
@@ -426,6 +430,7 @@ impl Shared {
         policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
     ) -> (Self, Link) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (puts_tx, puts) = mpsc::channel(PENDING);
         let changed = Arc::new(Changed::default());
         let down = Arc::new(AtomicBool::new(true));
         let synced = Arc::new(AtomicBool::new(false));
@@ -436,6 +441,7 @@ impl Shared {
             state: Weak::new(),
             policy,
             rx,
+            puts,
             pending: VecDeque::new(),
             down: Arc::clone(&down),
             synced: Arc::clone(&synced),
@@ -447,6 +453,7 @@ impl Shared {
         (
             Self {
                 ops: tx,
+                puts: puts_tx,
                 down,
                 synced,
                 changed,
@@ -530,16 +537,27 @@ impl Shared {
             record: serde_json::to_string(record).expect("records serialize"),
             precedence,
         };
-        // Operators' changes are few; one that finds the queue full (a flood of counts) waits
-        // for room on a task of its own rather than being lost (should a session start
-        // meanwhile, its write is not counted out: its echo ends another's protection early).
-        let sent = self.ops.try_send(Op::Put(put));
-        drop(changed);
-        if let Err(mpsc::error::TrySendError::Full(op)) = sent {
-            let ops = self.ops.clone();
-            tokio::spawn(async move {
-                let _ = ops.send(op).await;
-            });
+        // Changes are few (operators', signals' blocks); past `PENDING` waiting, Redis has been
+        // away long enough that the oldest would be dropped anyway: this one is, and said.
+        if let Err(err) = self.puts.try_send(put) {
+            // Not on its way after all: no write of it is out.
+            let put = match err {
+                mpsc::error::TrySendError::Full(put) | mpsc::error::TrySendError::Closed(put) => {
+                    put
+                }
+            };
+            if let Some(change) = changed.as_mut().and_then(|c| c.fields.get_mut(&put.field)) {
+                change.out = change.out.saturating_sub(1);
+            }
+            drop(changed);
+            static FULL: Throttle = Throttle::new(WARNING_PERIOD);
+            if let Some(unlogged) = FULL.admit() {
+                tracing::error!(
+                    unlogged,
+                    "the risk store's queue of changes is full or closed: a change made here is \
+                     not shared (later ones within 10 s are only counted)"
+                );
+            }
         }
     }
 
@@ -582,7 +600,10 @@ struct Task {
     replica: Arc<str>,
     state: Weak<RiskState>,
     policy: Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>,
+    /// Counts.
     rx: mpsc::Receiver<Op>,
+    /// Changes.
+    puts: mpsc::Receiver<Put>,
     /// Changes made while Redis was unreachable, oldest first.
     pending: VecDeque<Put>,
     down: Arc<AtomicBool>,
@@ -839,6 +860,10 @@ impl Task {
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(until) => return false,
+                put = self.puts.recv() => match put {
+                    None => return true,
+                    Some(put) => self.hold(Op::Put(put)),
+                },
                 op = self.rx.recv() => match op {
                     None => return true,
                     Some(op) => self.hold(op),
@@ -877,7 +902,11 @@ impl Task {
             .await
             .map_err(|_| Ended::from("subscribing: timed out".to_owned()))?
             .map_err(|e| Ended::redis("subscribing", &e))?;
-        let mut messages = pubsub.into_on_message();
+        // The subscription is pinged beside the commands' connection: one dropped without a
+        // word (an idle timeout of a load balancer or NAT on the way) would otherwise lose every
+        // other replica's change, and every echo of this one's, which keeps its fields from being
+        // read back over (`Changed`), until the next reconnection.
+        let (mut subscription, mut messages) = pubsub.split();
         let scripts = Scripts {
             put: load(&mut conn, PUT).await?,
             read: load(&mut conn, READ).await?,
@@ -887,15 +916,11 @@ impl Task {
         // Every change still queued is written on this connection, and its echo comes on this
         // subscription: taken from the queue, and counted out, under the lock `put` notes and
         // queues under. The echoes of writes sent before this subscription will not come.
-        let mut counts = Vec::new();
         {
             let changed = Arc::clone(&self.changed);
             let mut changed = changed.lock();
-            while let Ok(op) = self.rx.try_recv() {
-                match op {
-                    Op::Put(_) => self.hold(op),
-                    Op::Count { .. } => counts.push(op),
-                }
+            while let Ok(put) = self.puts.try_recv() {
+                self.hold(Op::Put(put));
             }
             let to_send = self.pending.iter().filter(|p| p.hash == Hash::Blocks);
             Changed::all_back(&mut changed, to_send.map(|p| p.field.as_str()));
@@ -909,9 +934,6 @@ impl Task {
             self.pending.pop_front();
             self.refused_here(&mut conn, puts, &written, Some(sent))
                 .await?;
-        }
-        if !counts.is_empty() {
-            self.send(&mut conn, &scripts, counts).await?;
         }
         self.resync(&mut conn, &scripts).await?;
         if !self.synced.swap(true, Relaxed) {
@@ -941,6 +963,17 @@ impl Task {
                     Some(message) => self.receive(message.get_payload_bytes()),
                     None => return Err(Ended::from("the subscription was closed".to_owned())),
                 },
+                put = self.puts.recv() => {
+                    let Some(put) = put else { return Ok(()) };
+                    let mut batch = vec![Op::Put(put)];
+                    while batch.len() < BATCH {
+                        match self.puts.try_recv() {
+                            Ok(put) => batch.push(Op::Put(put)),
+                            Err(_) => break,
+                        }
+                    }
+                    self.send(&mut conn, &scripts, batch).await?;
+                }
                 op = self.rx.recv() => {
                     let Some(op) = op else { return Ok(()) };
                     let mut batch = vec![op];
@@ -957,6 +990,10 @@ impl Task {
                         .query_async::<String>(&mut conn)
                         .await
                         .map_err(|e| Ended::redis("ping", &e))?;
+                    tokio::time::timeout(TIMEOUT, subscription.ping::<redis::Value>())
+                        .await
+                        .map_err(|_| Ended::from("ping on the subscription: timed out".to_owned()))?
+                        .map_err(|e| Ended::redis("ping on the subscription", &e))?;
                 }
                 _ = resync.tick() => self.resync(&mut conn, &scripts).await?,
             }
