@@ -56,8 +56,9 @@ use crate::{
 
 /// Counts waiting for the task; past it, counts are dropped (and still count here).
 const QUEUE: usize = 65_536;
-/// Changes kept while Redis is unreachable; past it, the oldest are dropped (the next resync
-/// brings Redis's state back, and this replica's own view keeps them).
+/// Changes kept while Redis is unreachable, and changes queued for the task; past it, the oldest
+/// kept are dropped, and a change that finds the queue full is (this replica's own view keeps
+/// them, and the next resync writes back the blocks it holds, not its lifts).
 const PENDING: usize = 100_000;
 /// How often both hashes are read again, healing any lost pub/sub message.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -537,8 +538,9 @@ impl Shared {
             record: serde_json::to_string(record).expect("records serialize"),
             precedence,
         };
-        // Changes are few (operators', signals' blocks); past `PENDING` waiting, Redis has been
-        // away long enough that the oldest would be dropped anyway: this one is, and said.
+        // Changes are few (operators', signals' blocks), and the task empties the queue even
+        // while Redis is away: a full one (the task held up writing a reconnection's backlog, or
+        // gone) drops this change, and says so.
         if let Err(err) = self.puts.try_send(put) {
             // Not on its way after all: no write of it is out.
             let put = match err {
@@ -550,12 +552,17 @@ impl Shared {
                 change.out = change.out.saturating_sub(1);
             }
             drop(changed);
+            // Closed: the task is gone (sharing is off, already said, or the process ends).
             static FULL: Throttle = Throttle::new(WARNING_PERIOD);
-            if let Some(unlogged) = FULL.admit() {
+            if !self.puts.is_closed()
+                && let Some(unlogged) = FULL.admit()
+            {
                 tracing::error!(
+                    field = %put.field,
                     unlogged,
-                    "the risk store's queue of changes is full or closed: a change made here is \
-                     not shared (later ones within 10 s are only counted)"
+                    "the risk store's queue of changes is full: this change made here is not \
+                     shared (a block or revocation held here is written back at the next \
+                     resync, a lift is not; later ones within 10 s are only counted)"
                 );
             }
         }
