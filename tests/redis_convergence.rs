@@ -312,15 +312,12 @@ fn describe(views: &[Vec<Held>], store: &[Held], subjects: &[String]) -> String 
 }
 
 async fn metric(server: &Server, name: &str) -> Option<String> {
-    let port = server.metrics_port.expect("spawned with metrics");
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let prefix = format!("{name} ");
+    server
+        .scrape()
         .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
 }
 
 /// Waits until `server` reports the store as up; fails with its log.
