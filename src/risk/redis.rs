@@ -644,8 +644,9 @@ struct Changed {
     /// Held across a change here (applied, noted and queued) and across applying what is read
     /// from the store or another replica (checked against the changes here, then applied), so
     /// that neither falls between the other's check and its effect: a message applied between
-    /// this replica's block and its noting would undo the block here for good (the block's write
-    /// then wins in the store, and this replica ignores its own echo). Taken before `fields`.
+    /// this replica's block and its noting would undo the block here until the next resync (the
+    /// block's write then wins in the store, and this replica ignores its own echo). Taken before
+    /// `fields`.
     order: Mutex<()>,
 }
 
