@@ -28,7 +28,7 @@ use common::{
     ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, demo_policy_without_risk, mint,
     operator_token,
 };
-use redis_server::Redis;
+use redis_server::{Redis, resp, stored_block};
 use stepgate::{
     api::v1::{
         BlockKind, BlockRequest, BlockTarget, DecideRequest, DecideResponse, Outcome,
@@ -560,15 +560,6 @@ async fn the_store_can_come_from_the_environment_instead_of_the_policy() {
     );
 }
 
-/// One command in Redis's protocol (RESP), whatever its arguments hold.
-fn resp(args: &[&str]) -> String {
-    let mut out = format!("*{}\r\n", args.len());
-    for arg in args {
-        out.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-    }
-    out
-}
-
 /// What no replica writes, put straight into Redis by another of its clients — a reason past
 /// the admin API's bound, a reason id it refuses, a megabyte of record, a field or value that is
 /// not UTF-8, the revocations' key holding a string — is ignored and costs a replica nothing
@@ -741,15 +732,6 @@ async fn risk_source_blocks_a_replica_evicts_are_dropped_from_the_store() {
     // The blocks that end last are the ones kept.
     let held = metric(&server, "stepgate_blocks").await;
     assert_eq!(held.as_deref(), Some("768"), "{}", server.logs_text());
-}
-
-/// The field `field` of the blocks hash as Redis holds it: (write time in ms, record).
-fn stored_block(redis: &Redis, field: &str) -> Option<(i64, serde_json::Value)> {
-    let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
-    // A bulk string: `$<length>\r\n<ms>|<record>\r\n`, or `$-1` when there is none.
-    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
-    let (at, record) = value.split_once('|')?;
-    Some((at.parse().ok()?, serde_json::from_str(record).ok()?))
 }
 
 fn seed_block(redis: &Redis, field: &str, at_ms: i64, record: serde_json::Value) {

@@ -38,10 +38,18 @@ mod envoy;
 #[path = "common/redis.rs"]
 mod redis_server;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use common::{ADMIN_ROLE, Server, TempPolicy, demo_policy_without_risk, mint, operator_token};
-use redis_server::Redis;
+use redis_server::{Redis, resp, stored_block};
 use stepgate::{
     api::v1::{
         BlockKind, BlockRequest, BlockTarget, DecideRequest, ListBlocksRequest, UnblockRequest,
@@ -239,24 +247,6 @@ async fn replica_view(replica: &Replica, subjects: &[String]) -> Vec<Held> {
                 .map(|b| (b.reason_id.clone(), b.expires_at))
         })
         .collect()
-}
-
-/// One command in Redis's protocol (RESP), whatever its arguments hold.
-fn resp(args: &[&str]) -> String {
-    let mut out = format!("*{}\r\n", args.len());
-    for arg in args {
-        out += &format!("${}\r\n{arg}\r\n", arg.len());
-    }
-    out
-}
-
-/// The field `field` of the blocks hash as Redis holds it: (write time in ms, record).
-fn stored_block(redis: &Redis, field: &str) -> Option<(i64, serde_json::Value)> {
-    let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
-    // A bulk string: `$<length>\r\n<ms>|<record>\r\n`, or `$-1` when there is none.
-    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
-    let (at, record) = value.split_once('|')?;
-    Some((at.parse().ok()?, serde_json::from_str(record).ok()?))
 }
 
 /// How many replicas have subscribed to the replicas' channel.
@@ -719,18 +709,11 @@ async fn store_down(server: &Server) {
 /// NAT on the way drops an idle connection without a word.
 struct Relay {
     port: u16,
-    subscriptions: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<AtomicBool>>>>,
+    subscriptions: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
 }
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 impl Relay {
     fn start(redis_port: u16) -> Self {
-        use std::{
-            io::{Read, Write},
-            net::{TcpListener, TcpStream},
-            sync::{Arc, Mutex},
-        };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let subscriptions: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();

@@ -109,3 +109,21 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// One command in Redis's protocol (RESP), whatever its arguments hold.
+pub fn resp(args: &[&str]) -> String {
+    let mut out = format!("*{}\r\n", args.len());
+    for arg in args {
+        out.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    out
+}
+
+/// The field `field` of stepgate's blocks hash as `redis` holds it: (write time in ms, record).
+pub fn stored_block(redis: &Redis, field: &str) -> Option<(i64, serde_json::Value)> {
+    let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
+    // A bulk string: `$<length>\r\n<ms>|<record>\r\n`, or `$-1` when there is none.
+    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
+    let (at, record) = value.split_once('|')?;
+    Some((at.parse().ok()?, serde_json::from_str(record).ok()?))
+}
