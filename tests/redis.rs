@@ -857,12 +857,36 @@ fn put_script(
     ends: i64,
     now: i64,
 ) -> String {
+    put_script_to(
+        redis,
+        "stepgate:blocks",
+        field,
+        stamp_ms,
+        record,
+        what,
+        ends,
+        now,
+    )
+}
+
+/// [`put_script`] into the hash `key`.
+#[allow(clippy::too_many_arguments)]
+fn put_script_to(
+    redis: &Redis,
+    key: &str,
+    field: &str,
+    stamp_ms: &str,
+    record: &str,
+    what: &str,
+    ends: i64,
+    now: i64,
+) -> String {
     redis
         .command(&resp(&[
             "EVAL",
             stepgate::risk::redis::PUT,
             "1",
-            "stepgate:blocks",
+            key,
             field,
             stamp_ms,
             record,
@@ -1510,4 +1534,154 @@ async fn a_refused_writes_read_back_does_not_undo_a_newer_change_here() {
         "A dropped its own operator's newer block: the store holds {:?}",
         stored_block(&redis, "subject|mallory")
     );
+}
+
+/// The field `subject` of stepgate's revocations hash as `redis` holds it: the record.
+fn stored_revocation(redis: &Redis, subject: &str) -> Option<serde_json::Value> {
+    let reply = redis.command(&resp(&["HGET", "stepgate:revocations", subject]))?;
+    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
+    serde_json::from_str(value.split_once('|')?.1).ok()
+}
+
+/// Two revocations of one subject made on two replicas while Redis is down: the later one
+/// (revoking the tokens of before the incident) names an earlier time than the first (every
+/// token up to now). Each replica keeps the later time, and so must the store: a revocation
+/// written last but covering less does not shorten one that covers more. Before, the store kept
+/// the newest write, and a replica started afterwards let through the tokens issued between the
+/// two times that every other replica refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_revocation_covering_less_does_not_shorten_one_in_the_store() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-revocation-max", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    let (b, b_admin) = replica(&policy).await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(10)).await;
+    }
+    redis.kill();
+    for server in [&a, &b] {
+        store_up(server, false, Duration::from_secs(10)).await;
+    }
+    let now = common::unix_now();
+    admin_ok(
+        &a_admin,
+        &["revoke", "--subject", "erin", "--reason-id", "INC-7"],
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let incident = now - 3600;
+    admin_ok(
+        &b_admin,
+        &[
+            "revoke",
+            "--subject",
+            "erin",
+            "--before",
+            &incident.to_string(),
+            "--reason-id",
+            "INC-7",
+        ],
+    );
+    let redis = Redis::start_on(port);
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(30)).await;
+    }
+    // A token issued between the two times: refused by A, which revoked everything up to now.
+    let erin = mint(&TokenSpec {
+        subject: "erin".into(),
+        extra: [("iat".to_owned(), (now - 60).into())]
+            .into_iter()
+            .collect(),
+        ..TokenSpec::default()
+    });
+    eventually(
+        "both replicas refuse erin's token of a minute ago",
+        Duration::from_secs(10),
+        || async {
+            decide(&a, &erin, "reports.read").await.reason == "session_revoked"
+                && decide(&b, &erin, "reports.read").await.reason == "session_revoked"
+        },
+    )
+    .await;
+    eventually(
+        "the store keeps the revocation that covers more",
+        Duration::from_secs(10),
+        || async {
+            stored_revocation(&redis, "erin").is_some_and(|r| r["before"].as_i64() >= Some(now))
+        },
+    )
+    .await;
+    // A replica started now reads the store alone.
+    let (c, _) = replica(&policy).await;
+    store_up(&c, true, Duration::from_secs(10)).await;
+    let says = decide(&c, &erin, "reports.read").await;
+    assert_eq!(
+        says.reason,
+        "session_revoked",
+        "the store holds {:?}",
+        stored_revocation(&redis, "erin")
+    );
+    // A store that holds one covering less all the same (a replica of a version that kept the
+    // newest write): the replicas' next read of it writes theirs back.
+    let mut shorter = stored_revocation(&redis, "erin").unwrap();
+    shorter["before"] = incident.into();
+    let stored = format!("{}|{shorter}", (common::unix_now() + 1) * 1000);
+    redis.command(&resp(&["HSET", "stepgate:revocations", "erin", &stored]));
+    for kind in ["normal", "pubsub"] {
+        redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
+    }
+    eventually(
+        "a replica writes back the revocation that covers more",
+        Duration::from_secs(20),
+        || async {
+            stored_revocation(&redis, "erin").is_some_and(|r| r["before"].as_i64() >= Some(now))
+        },
+    )
+    .await;
+}
+
+/// The write script keeps, of two revocations of one subject, the one that covers more, in
+/// either order; a stored one that no replica could have written does not stand in the way.
+#[test]
+fn the_store_keeps_the_revocation_that_covers_more() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let put = |subject: &str, written_ago: i64, before: i64| -> String {
+        let record = serde_json::json!({
+            "before": before, "reason_id": "INC-9", "reason": "",
+            "created_at": now - written_ago, "created_by": "san:ops",
+        })
+        .to_string();
+        let stamp = ((now - written_ago) * 1000).to_string();
+        put_script_to(
+            &redis,
+            "stepgate:revocations",
+            subject,
+            &stamp,
+            &record,
+            "revocation",
+            before,
+            now,
+        )
+    };
+    let before = |subject: &str| stored_revocation(&redis, subject).map(|r| r["before"].clone());
+    // Every token up to a minute ago, then (written later) those of before an hour ago.
+    assert_eq!(put("erin", 60, now - 60), ":1\r\n");
+    assert_eq!(put("erin", 10, now - 3600), ":0\r\n");
+    assert_eq!(before("erin"), Some((now - 60).into()));
+    // The other order: the one covering more written last replaces the other.
+    assert_eq!(put("finn", 60, now - 3600), ":1\r\n");
+    assert_eq!(put("finn", 120, now - 60), ":1\r\n");
+    assert_eq!(before("finn"), Some((now - 60).into()));
+    // As late as the stored one: refused, the stored one stays.
+    assert_eq!(put("finn", 0, now - 60), ":0\r\n");
+    // Stored by hand, revoking ten years ahead (every replica ignores it): written over.
+    let forged = serde_json::json!({
+        "before": now + 10 * 365 * 86_400, "reason_id": "X", "reason": "",
+        "created_at": now, "created_by": "hand",
+    });
+    let stored = format!("{}|{forged}", now * 1000);
+    redis.command(&resp(&["HSET", "stepgate:revocations", "gina", &stored]));
+    assert_eq!(put("gina", 0, now - 60), ":1\r\n");
+    assert_eq!(before("gina"), Some((now - 60).into()));
 }

@@ -5,7 +5,8 @@
 //! - **Changes out.** A block, unblock or revocation made here is applied here first, then
 //!   written to a Redis hash by a script that keeps the newest write per target
 //!   (last-writer-wins by time in milliseconds; but a risk signal's block never shortens a block
-//!   in force, see [`PUT`]) and publishes it on the replicas' channel.
+//!   in force, and of two revocations the one that covers more stays, see [`PUT`]) and
+//!   publishes it on the replicas' channel.
 //! - **Changes in.** The task subscribes to that channel and applies what the other replicas
 //!   publish. Pub/sub delivers at most once, so the task also re-reads both hashes every
 //!   [`RESYNC`] and on every (re)connection.
@@ -77,8 +78,8 @@ const BATCH: usize = 1024;
 ///
 /// A block keeps, across replicas, the rule each replica keeps for itself (`blocks::set_evicting`):
 /// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
-/// (`signal` or `operator` block, `lift`, or `newest` for a revocation), `ARGV[7]` when the block
-/// ends and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
+/// (`signal` or `operator` block, `lift`, or `revocation`), `ARGV[7]` when the block ends (a
+/// revocation's time, `before`) and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
 /// prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the writer's clock
 /// another's may be, in seconds, `ARGV[12]` the longest stored value a replica reads, and
 /// `ARGV[13]` and `ARGV[14]` the longest reason and author: a stored block that no replica could
@@ -96,6 +97,10 @@ const BATCH: usize = 1024;
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
 ///   stay refused.
 ///
+/// A revocation keeps the rule each replica keeps (`revocations::set`): the one that covers more
+/// (the later `before`) stays, however new the other's write; a stored revocation no replica
+/// could have written is written over.
+///
 /// Otherwise the newest write wins.
 pub const PUT: &str = r#"
 local function with_operator_at(body, t)
@@ -109,7 +114,7 @@ local written = tonumber(ARGV[2])
 local old, at, body = nil, nil, nil
 if cur then
   at, body = string.match(cur, '^(%d+)|(.*)$')
-  if body and what ~= 'newest' then
+  if body then
     local ok, decoded = pcall(cjson.decode, body)
     if ok and type(decoded) == 'table' then old = decoded end
   end
@@ -128,16 +133,33 @@ local function text(v, max)
     and not string.find(v, '\194[\128-\159]')
 end
 if at and tonumber(at) > (now + ahead) * 1000 then cur = nil end
-if cur and what ~= 'newest' and (not old or #cur > tonumber(ARGV[12])) then cur = nil end
+if cur and (not old or #cur > tonumber(ARGV[12])) then cur = nil end
+local function reason_id(v)
+  return type(v) == 'string' and #v >= 1 and #v <= 128 and not string.find(v, '[^%w%-_%.]')
+end
+if what == 'revocation' then
+  -- The one that covers more stays: a stored revocation a replica could have written
+  -- (`apply_revocation`) whose time is as late as this one's refuses it.
+  if cur then
+    local before, made = old.before, old.created_at
+    if int(before) and int(made) and made <= now + ahead and before <= made + ahead
+       and reason_id(old.reason_id) and text(old.reason, tonumber(ARGV[13]))
+       and text(old.created_by, tonumber(ARGV[14])) and before >= tonumber(ARGV[7]) then
+      return 0
+    end
+  end
+  redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
+  redis.call('PUBLISH', ARGV[5], ARGV[4])
+  return 1
+end
 if cur and old then
   local made, ends_at = old.created_at, old.expires_at
   if (old.removed ~= nil and type(old.removed) ~= 'boolean') or not int(ends_at)
      or (made ~= nil and not int(made)) then
     cur = nil
   elseif old.removed ~= true then
-    local id = old.reason_id
     if not int(made) or made > now + ahead or ends_at > made + tonumber(ARGV[10]) + ahead
-       or type(id) ~= 'string' or #id < 1 or #id > 128 or string.find(id, '[^%w%-_%.]')
+       or not reason_id(old.reason_id)
        or (old.reason ~= nil and not text(old.reason, tonumber(ARGV[13])))
        or (old.created_by ~= nil and not text(old.created_by, tonumber(ARGV[14]))) then
       cur = nil
@@ -273,8 +295,8 @@ struct Put {
 /// What a write is, for [`PUT`]'s rule between blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Precedence {
-    /// A revocation: the newest write wins.
-    Newest,
+    /// A revocation of tokens issued before this time: the later time wins.
+    Revocation(i64),
     /// An operator's lift.
     Lift,
     /// An operator's block, ending at this time.
@@ -297,7 +319,7 @@ impl Precedence {
     /// [`PUT`]'s `ARGV[6]` and `ARGV[7]`.
     fn args(self) -> (&'static str, i64) {
         match self {
-            Self::Newest => ("newest", 0),
+            Self::Revocation(before) => ("revocation", before),
             Self::Lift => ("lift", 0),
             Self::Operator(ends) => ("operator", ends),
             Self::Signal(ends) => ("signal", ends),
@@ -520,7 +542,7 @@ impl Shared {
             Hash::Revocations,
             revocation.subject.clone(),
             &record,
-            Precedence::Newest,
+            Precedence::Revocation(revocation.before),
         );
     }
 
@@ -1486,12 +1508,17 @@ fn reconcile(
             None => ignored("a block in the risk store", "unreadable"),
         }
     }
+    // The time of each revocation the store holds, as read.
+    let mut stored_before: HashMap<&str, i64> = HashMap::new();
     for (subject, stored) in revocations {
         match parse_stored::<RevocationRecord>(stored, now) {
             Some(record) if record.before.saturating_add(KEEP_SECONDS) <= now => {
                 expired.push((Hash::Revocations, subject.clone()));
             }
-            Some(record) => apply_revocation(state, subject, &record, now),
+            Some(record) => {
+                stored_before.insert(subject, record.before);
+                apply_revocation(state, subject, &record, now);
+            }
             None if stamped_ahead(stored, now) => skewed("a revocation in the risk store"),
             None => ignored("a revocation in the risk store", "unreadable"),
         }
@@ -1504,22 +1531,31 @@ fn reconcile(
             missing.push(block_put(field, &block));
         }
     }
+    // And a revocation held here that covers more than the store's (the store kept a later
+    // write that covered less, from a replica that had not heard of this one): written back,
+    // the script keeping the one that covers more.
     for revocation in state.revocations().list(now) {
+        let put = || Put {
+            hash: Hash::Revocations,
+            field: revocation.subject.clone(),
+            at_ms: revocation.created_at * 1000,
+            record: serde_json::to_string(&RevocationRecord {
+                before: revocation.before,
+                reason_id: revocation.reason_id.to_string(),
+                reason: revocation.reason.clone(),
+                created_at: revocation.created_at,
+                created_by: revocation.created_by.clone(),
+            })
+            .expect("records serialize"),
+            precedence: Precedence::Revocation(revocation.before),
+        };
         if !revocations.contains_key(&revocation.subject) {
-            missing.push(Put {
-                hash: Hash::Revocations,
-                field: revocation.subject.clone(),
-                at_ms: revocation.created_at * 1000,
-                record: serde_json::to_string(&RevocationRecord {
-                    before: revocation.before,
-                    reason_id: revocation.reason_id.to_string(),
-                    reason: revocation.reason.clone(),
-                    created_at: revocation.created_at,
-                    created_by: revocation.created_by.clone(),
-                })
-                .expect("records serialize"),
-                precedence: Precedence::Newest,
-            });
+            missing.push(put());
+        } else if stored_before
+            .get(revocation.subject.as_str())
+            .is_some_and(|before| *before < revocation.before)
+        {
+            contested.push(put());
         }
     }
     Reconciled {
