@@ -1685,3 +1685,85 @@ fn the_store_keeps_the_revocation_that_covers_more() {
     assert_eq!(put("gina", 0, now - 60), ":1\r\n");
     assert_eq!(before("gina"), Some((now - 60).into()));
 }
+
+/// An operator lifts mallory's block. Redis then loses the lift: restarted empty, then restarted
+/// from a snapshot of before it, which holds the block. The replicas keep the lift as long as the
+/// block would have lasted: they write it back where it is missing, and where the store holds the
+/// older block they do not take it back, but write the lift over it. Before, a restart from such
+/// a snapshot blocked mallory again on every replica at their next read of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-lost-lift", &redis, "");
+    let (a, a_admin) = replica(&policy).await;
+    let (b, _) = replica(&policy).await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(10)).await;
+    }
+    let mallory = entra_token("mallory", &[], true);
+    block_subject(&a_admin, "mallory", "INC-3", "1d");
+    written(&redis, "subject|mallory", &a).await;
+    let (at, blocked) = stored_block(&redis, "subject|mallory").unwrap();
+    eventually("B blocks mallory", Duration::from_secs(10), || async {
+        decide(&b, &mallory, "reports.read").await.reason == "blocked"
+    })
+    .await;
+    admin_ok(&a_admin, &["unblock", "--subject", "mallory"]);
+    let lifted =
+        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
+    eventually("the lift is stored", Duration::from_secs(10), || async {
+        lifted()
+    })
+    .await;
+    eventually("B lifts mallory", Duration::from_secs(10), || async {
+        decide(&b, &mallory, "reports.read").await.reason == "allowed"
+    })
+    .await;
+
+    // Restarted empty: the lift is written back.
+    redis.kill();
+    let mut redis = Redis::start_on(port);
+    let lifted =
+        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
+    eventually(
+        "the lift is written back",
+        Duration::from_secs(20),
+        || async { lifted() },
+    )
+    .await;
+
+    // Restarted from a snapshot of before the lift: the block is there again, older than it.
+    redis.kill();
+    let redis = Redis::start_on(port);
+    // Written over whatever a replica reconnected meanwhile wrote, then read by every replica.
+    let snapshot = format!("{at}|{blocked}");
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks",
+        "subject|mallory",
+        &snapshot,
+    ]));
+    for kind in ["normal", "pubsub"] {
+        redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
+    }
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(20)).await;
+    }
+    let lifted =
+        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
+    eventually(
+        "the lift is written over the older block",
+        Duration::from_secs(10),
+        || async { lifted() },
+    )
+    .await;
+    for server in [&a, &b] {
+        assert_eq!(
+            decide(server, &mallory, "reports.read").await.reason,
+            "allowed",
+            "{}",
+            server.logs_text()
+        );
+    }
+}

@@ -59,7 +59,7 @@ use crate::{
 const QUEUE: usize = 65_536;
 /// Changes kept while Redis is unreachable, and changes queued for the task; past it, the oldest
 /// kept are dropped, and a change that finds the queue full is (this replica's own view keeps
-/// them, and the next resync writes back the blocks it holds, not its lifts).
+/// them, and the next resync writes back the blocks and lifts it holds).
 const PENDING: usize = 100_000;
 /// How often both hashes are read again, healing any lost pub/sub message.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -503,30 +503,28 @@ impl Shared {
     pub fn block_set(&self, block: &Block) {
         let record = BlockRecord::of(block);
         let precedence = Precedence::of_block(&record);
-        self.put(
-            Hash::Blocks,
-            block_field(block.kind, &block.value),
-            &record,
-            precedence,
-        );
+        let field = block_field(block.kind, &block.value);
+        self.changed.lifts.blocked(&field);
+        self.put(Hash::Blocks, field, &record, precedence, now_ms());
     }
 
     /// `value` is normalized.
     pub fn block_removed(&self, kind: Kind, value: &str, expires_at: i64) {
-        let record = BlockRecord {
-            removed: true,
-            reason_id: String::new(),
-            reason: String::new(),
-            created_at: unix_now(),
-            expires_at,
-            created_by: String::new(),
-            operator_at: None,
+        let at_ms = now_ms();
+        let field = block_field(kind, value);
+        let lift = Lift {
+            at_ms,
+            until: expires_at,
         };
+        self.changed
+            .lifts
+            .lifted(&field, lift, at_ms.div_euclid(1000));
         self.put(
             Hash::Blocks,
-            block_field(kind, value),
-            &record,
+            field,
+            &lift_record(lift),
             Precedence::Lift,
+            at_ms,
         );
     }
 
@@ -543,10 +541,18 @@ impl Shared {
             revocation.subject.clone(),
             &record,
             Precedence::Revocation(revocation.before),
+            now_ms(),
         );
     }
 
-    fn put(&self, hash: Hash, field: String, record: &impl Serialize, precedence: Precedence) {
+    fn put(
+        &self,
+        hash: Hash,
+        field: String,
+        record: &impl Serialize,
+        precedence: Precedence,
+        at_ms: i64,
+    ) {
         // Noted and queued under one lock: a new session takes what is queued and counts the
         // writes out under it too (`Changed::all_back`), so none is counted twice or missed.
         let mut changed = (hash == Hash::Blocks).then(|| self.changed.lock());
@@ -556,7 +562,7 @@ impl Shared {
         let put = Put {
             hash,
             field,
-            at_ms: now_ms(),
+            at_ms,
             record: serde_json::to_string(record).expect("records serialize"),
             precedence,
         };
@@ -582,9 +588,9 @@ impl Shared {
                 tracing::error!(
                     field = %put.field,
                     unlogged,
-                    "the risk store's queue of changes is full: this change made here is not \
-                     shared (a block or revocation held here is written back at the next \
-                     resync, a lift is not; later ones within 10 s are only counted)"
+                    "the risk store's queue of changes is full: this change made here is \
+                     shared at the next resync, when what this replica holds is written back \
+                     (later ones within 10 s are only counted)"
                 );
             }
         }
@@ -670,6 +676,78 @@ struct Changed {
     /// block's write then wins in the store, and this replica ignores its own echo). Taken before
     /// `fields`.
     order: Mutex<()>,
+    /// The lifts known here.
+    lifts: Lifts,
+}
+
+/// The lifts known here (made here, or read from the store or another replica), kept until the
+/// block lifted would have ended, as the store keeps them: a Redis that lost a lift (restarted
+/// without persistence, or from an older snapshot) would otherwise take back the block lifted
+/// from a replica that had not heard of the lift, or from a write of it that waited out an
+/// outage, and every replica would enforce it again. A lift the store lacks is written back, and
+/// a block the store (or another replica) holds that is older than a lift here is not applied:
+/// the lift is written back, and the store decides between the two.
+#[derive(Debug, Default)]
+struct Lifts(Mutex<HashMap<String, Lift>>);
+
+/// A lift known here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lift {
+    /// When it was written (ms): the store's stamp, or its creation when only that is known.
+    at_ms: i64,
+    /// When the block lifted would have ended (seconds): the lift is kept until then.
+    until: i64,
+}
+
+impl Lifts {
+    /// The most remembered; past it, those over are forgotten, and past it still a lift is not
+    /// remembered: it is then only as safe as the store's own record of it.
+    const MAX: usize = blocks::MAX_BLOCKS;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lift>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `field` lifted: kept unless a newer lift of it is known.
+    fn lifted(&self, field: &str, lift: Lift, now: i64) {
+        if lift.until <= now {
+            return;
+        }
+        let mut lifts = self.lock();
+        if let Some(known) = lifts.get_mut(field) {
+            if known.at_ms <= lift.at_ms {
+                *known = lift;
+            }
+            return;
+        }
+        if lifts.len() >= Self::MAX {
+            lifts.retain(|_, l| l.until > now);
+            if lifts.len() >= Self::MAX {
+                return;
+            }
+        }
+        lifts.insert(field.to_owned(), lift);
+    }
+
+    /// A block on `field`, newer than any lift of it here, is held here now.
+    fn blocked(&self, field: &str) {
+        self.lock().remove(field);
+    }
+
+    /// The lift of `field` known here that is newer than a write made at `at_ms`, if any.
+    fn newer_than(&self, field: &str, at_ms: i64, now: i64) -> Option<Lift> {
+        self.lock()
+            .get(field)
+            .filter(|l| l.at_ms > at_ms && l.until > now)
+            .copied()
+    }
+
+    /// The lifts known here whose blocks would not have ended yet.
+    fn live(&self, now: i64) -> Vec<(String, Lift)> {
+        let mut lifts = self.lock();
+        lifts.retain(|_, l| l.until > now);
+        lifts.iter().map(|(f, l)| (f.clone(), *l)).collect()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -990,7 +1068,11 @@ impl Task {
         loop {
             tokio::select! {
                 message = messages.next() => match message {
-                    Some(message) => self.receive(message.get_payload_bytes()),
+                    Some(message) => {
+                        if let Some(kept) = self.receive(message.get_payload_bytes()) {
+                            self.send(&mut conn, &scripts, vec![Op::Put(kept)]).await?;
+                        }
+                    }
                     None => return Err(Ended::from("the subscription was closed".to_owned())),
                 },
                 put = self.puts.recv() => {
@@ -1278,7 +1360,15 @@ impl Task {
             {
                 continue;
             }
-            apply_block(&state, field, &record, now, Source::Refusal);
+            apply_block(
+                &state,
+                &self.changed.lifts,
+                field,
+                &record,
+                None,
+                now,
+                Source::Refusal,
+            );
         }
         Ok(())
     }
@@ -1329,7 +1419,7 @@ impl Task {
                 &revocations,
                 now,
                 &changed_here,
-                &changed.order,
+                &changed,
             )
         })
         .await
@@ -1362,27 +1452,27 @@ impl Task {
         Ok(())
     }
 
-    /// A change another replica published.
-    fn receive(&self, payload: &[u8]) {
+    /// A change another replica published. Returns what this replica holds instead, to write
+    /// back (see [`apply_block`]).
+    fn receive(&self, payload: &[u8]) -> Option<Put> {
         if payload.len() > MAX_MESSAGE_BYTES {
             ignored("a message on the risk store's channel", "too long");
-            return;
+            return None;
         }
         let Ok(message) = serde_json::from_slice::<Message>(payload) else {
             ignored("a message on the risk store's channel", "unreadable");
-            return;
+            return None;
         };
         if *message.from == *self.replica {
             if let Some(put) = message.put.filter(|p| p.hash == Hash::Blocks.key()) {
                 self.changed.back(&put.field);
             }
-            return;
+            return None;
         }
-        let Some(state) = self.state.upgrade() else {
-            return;
-        };
+        let state = self.state.upgrade()?;
         metrics::global().record_risk_store_received();
         let now = unix_now();
+        let mut kept = None;
         if let Some(put) = message.put {
             if put.hash == Hash::Blocks.key() {
                 // Published before this replica's own write of the field, which is still out.
@@ -1390,7 +1480,14 @@ impl Task {
                 if let Some(record) = record::<BlockRecord>(&put.record)
                     && !self.changed.out(&put.field)
                 {
-                    apply_block(&state, &put.field, &record, now, Source::Message);
+                    let lifts = &self.changed.lifts;
+                    let from = Source::Message;
+                    kept = apply_block(&state, lifts, &put.field, &record, None, now, from);
+                    if let Some(kept) = &kept {
+                        // Its write is out from now on: what was published before it is not
+                        // applied over what is kept.
+                        self.changed.written_back(&kept.field);
+                    }
                 }
             } else if put.hash == Hash::Revocations.key()
                 && let Some(record) = record::<RevocationRecord>(&put.record)
@@ -1400,7 +1497,7 @@ impl Task {
         }
         if let Some(count) = message.count {
             let Some(policy) = (self.policy)() else {
-                return;
+                return kept;
             };
             if let Some(signal) = policy.risk.signal(&count.signal).filter(|s| {
                 s.window_seconds == count.window
@@ -1412,6 +1509,7 @@ impl Task {
                     .merge_remote(&count.key, count.idx, count.cur, count.prev, now_ms());
             }
         }
+        kept
     }
 }
 
@@ -1476,32 +1574,41 @@ struct Reconciled {
 }
 
 /// Applies what the store holds (`blocks` and `revocations` by field) to `state`, but for the
-/// blocks' fields `changed_here` since the store was read; each block checked and applied under
-/// `order` (see `Changed::order`).
+/// blocks' fields `changed_here` since the store was read; each block checked and applied in
+/// `changed`'s order (see `Changed::order`).
 fn reconcile(
     state: &RiskState,
     blocks: &HashMap<String, String>,
     revocations: &HashMap<String, String>,
     now: i64,
     changed_here: &dyn Fn(&str) -> bool,
-    order: &Mutex<()>,
+    changed: &Changed,
 ) -> Reconciled {
     let mut expired: Vec<(Hash, String)> = Vec::new();
     let mut missing = Vec::new();
     let mut contested = Vec::new();
     for (field, stored) in blocks {
-        let _order = order.lock().unwrap_or_else(PoisonError::into_inner);
-        match parse_stored::<BlockRecord>(stored, now) {
-            Some(record) if record.expires_at <= now => {
+        let _order = changed.in_order();
+        match parse_stamped::<BlockRecord>(stored, now) {
+            Some((_, record)) if record.expires_at <= now => {
                 expired.push((Hash::Blocks, field.clone()));
             }
             Some(_) if changed_here(field) => {
                 // Changed here since the store was read: the change's own write, on its way,
                 // decides in the store, and the next resync brings this replica to it.
             }
-            Some(record) => {
-                if let Some(kept) = apply_block(state, field, &record, now, Source::Resync) {
-                    contested.push(block_put(field.clone(), &kept));
+            Some((stamp, record)) => {
+                let from = Source::Resync;
+                if let Some(kept) = apply_block(
+                    state,
+                    &changed.lifts,
+                    field,
+                    &record,
+                    Some(stamp),
+                    now,
+                    from,
+                ) {
+                    contested.push(kept);
                 }
             }
             None if stamped_ahead(stored, now) => skewed("a block in the risk store"),
@@ -1529,6 +1636,11 @@ fn reconcile(
         let field = block_field(block.kind, &block.value);
         if !blocks.contains_key(&field) {
             missing.push(block_put(field, &block));
+        }
+    }
+    for (field, lift) in changed.lifts.live(now) {
+        if !blocks.contains_key(&field) {
+            missing.push(lift_put(field, lift));
         }
     }
     // And a revocation held here that covers more than the store's (the store kept a later
@@ -1613,6 +1725,30 @@ fn block_put(field: String, block: &Block) -> Put {
     }
 }
 
+/// The record of a lift, as stored.
+fn lift_record(lift: Lift) -> BlockRecord {
+    BlockRecord {
+        removed: true,
+        reason_id: String::new(),
+        reason: String::new(),
+        created_at: lift.at_ms.div_euclid(1000),
+        expires_at: lift.until,
+        created_by: String::new(),
+        operator_at: None,
+    }
+}
+
+/// A lift known here, written back to the store as it was written.
+fn lift_put(field: String, lift: Lift) -> Put {
+    Put {
+        hash: Hash::Blocks,
+        field,
+        at_ms: lift.at_ms,
+        record: serde_json::to_string(&lift_record(lift)).expect("records serialize"),
+        precedence: Precedence::Lift,
+    }
+}
+
 /// Where a stored record [`apply_block`] applies comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -1624,21 +1760,25 @@ enum Source {
     Refusal,
 }
 
-/// Applies a block or lift the store holds. Returns the block kept here instead, when `from` a
-/// resync the store's record is older than the block held here (a lift, or a block, made before
-/// it: Redis lost the newer write, restarted from an older snapshot or failed over to a replica
-/// behind), or is a risk signal's that knows nothing of the operator's block held here
-/// ([`BlockRecord::unaware_of`]: Redis lost the operator's, and the signal's, once applied
-/// everywhere, would end the operator's block on every replica within minutes); the block is
-/// then written back, and the store's record applied only if the write is refused. Such a
-/// signal's record in a message is not applied either (the next resync writes the block back).
+/// Applies a block or lift the store holds (`stamp`: its write time in ms, when known). Returns
+/// the write of what is kept here instead, to write back (the store's record is applied only if
+/// that write is refused):
+/// - when `from` a resync the store's record is older than the block held here (a lift, or a
+///   block, made before it: Redis lost the newer write, restarted from an older snapshot or
+///   failed over to a replica behind);
+/// - when it is a risk signal's that knows nothing of the operator's block held here
+///   ([`BlockRecord::unaware_of`]: Redis lost the operator's, and the signal's, once applied
+///   everywhere, would end the operator's block on every replica within minutes);
+/// - when it is a block older than a lift known here ([`Lifts`]), but for a refusal's.
 fn apply_block(
     state: &RiskState,
+    lifts: &Lifts,
     field: &str,
     record: &BlockRecord,
+    stamp: Option<i64>,
     now: i64,
     from: Source,
-) -> Option<Arc<Block>> {
+) -> Option<Put> {
     if !record.removed
         && let Err(error) =
             blocks::check_record(&record.reason_id, &record.reason, &record.created_by)
@@ -1673,10 +1813,16 @@ fn apply_block(
             Source::Refusal => false,
         };
         if kept {
-            return Some(Arc::clone(here));
+            return Some(block_put(field.to_owned(), here));
         }
     }
+    // Only its creation's second is known of a record from a message or a refusal: the earliest
+    // it may have been written, for a lift, the latest, for a block.
+    let second_ms = record.created_at.saturating_mul(1000);
     if record.removed {
+        let at_ms = stamp.unwrap_or(second_ms);
+        let until = record.expires_at;
+        lifts.lifted(field, Lift { at_ms, until }, now);
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
         // read lock, not removed under the write lock the request path waits on.
         if here.is_some() {
@@ -1684,6 +1830,13 @@ fn apply_block(
         }
         return None;
     }
+    if from != Source::Refusal {
+        let at_ms = stamp.unwrap_or(second_ms.saturating_add(999));
+        if let Some(lift) = lifts.newer_than(field, at_ms, now) {
+            return Some(lift_put(field.to_owned(), lift));
+        }
+    }
+    lifts.blocked(field);
     let block = Block {
         kind,
         value: value.to_owned(),
@@ -1746,6 +1899,11 @@ async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, 
 /// must not be one the replicas apply, or a signal's short block would replace an operator's
 /// long one.
 fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str, now: i64) -> Option<T> {
+    parse_stamped(stored, now).map(|(_, record)| record)
+}
+
+/// [`parse_stored`], with the stamp: (the write time in ms, the record).
+fn parse_stamped<T: for<'de> Deserialize<'de>>(stored: &str, now: i64) -> Option<(i64, T)> {
     let (stamp, json) = stored.split_once('|')?;
     let stamp: i64 = stamp
         .bytes()
@@ -1756,7 +1914,7 @@ fn parse_stored<T: for<'de> Deserialize<'de>>(stored: &str, now: i64) -> Option<
     if stamp > ahead.saturating_mul(1000) {
         return None;
     }
-    record(json)
+    Some((stamp, record(json)?))
 }
 
 /// Whether a stored value that reads as a record is stamped further ahead of this replica's
@@ -1918,8 +2076,10 @@ mod tests {
             for resync in 0..120 {
                 apply_block(
                     &state,
+                    &Lifts::default(),
                     &field,
                     &record(created_at, expires_at),
+                    None,
                     now + resync * 30,
                     Source::Resync,
                 );
@@ -1937,8 +2097,10 @@ mod tests {
             let state = RiskState::default();
             apply_block(
                 &state,
+                &Lifts::default(),
                 &field,
                 &record(created_at, expires_at),
+                None,
                 now,
                 Source::Resync,
             );
@@ -2041,7 +2203,7 @@ mod tests {
                 &HashMap::new(),
                 now,
                 &|_| false,
-                &Mutex::new(()),
+                &Changed::default(),
             )
             .contested;
             let here = state.blocks().get(Kind::Subject, "mallory", now).unwrap();
@@ -2054,6 +2216,95 @@ mod tests {
             };
             assert_eq!(written_back, expected, "{operator_at:?}");
         }
+    }
+
+    /// A block older than a lift known here, from a resync (by its stamp) or a message (by its
+    /// creation's second: one of the lift's own second is taken as newer), is not applied: the
+    /// lift is written back instead. A newer block is applied and the lift forgotten; the block
+    /// the store answers a refused write with always applies. A lift the store lacks is written
+    /// back, until the block lifted would have ended.
+    #[test]
+    fn a_block_older_than_a_lift_here_is_not_taken_back() {
+        let now = 1_800_000_000;
+        let field = block_field(Kind::Subject, "mallory");
+        let block = |created_at| BlockRecord {
+            removed: false,
+            reason_id: "INC-1".into(),
+            reason: String::new(),
+            created_at,
+            expires_at: now + 3600,
+            created_by: "san:ops".into(),
+            operator_at: None,
+        };
+        let lift = Lift {
+            at_ms: (now - 100) * 1000 + 500,
+            until: now + 3600,
+        };
+        for (stamp, from, created_at, applied) in [
+            (Some((now - 200) * 1000), Source::Resync, now - 200, false),
+            (
+                Some((now - 100) * 1000 + 499),
+                Source::Resync,
+                now - 100,
+                false,
+            ),
+            (
+                Some((now - 100) * 1000 + 501),
+                Source::Resync,
+                now - 100,
+                true,
+            ),
+            (None, Source::Message, now - 101, false),
+            (None, Source::Message, now - 100, true),
+            (None, Source::Message, now - 50, true),
+            (None, Source::Refusal, now - 200, true),
+        ] {
+            let state = RiskState::default();
+            let lifts = Lifts::default();
+            lifts.lifted(&field, lift, now);
+            let record = block(created_at);
+            let kept = apply_block(&state, &lifts, &field, &record, stamp, now, from);
+            let case = format!("{from:?} {stamp:?} {created_at}");
+            let held = state.blocks().get(Kind::Subject, "mallory", now).is_some();
+            assert_eq!(held, applied, "{case}");
+            assert_eq!(
+                kept.map(|p| (p.precedence, p.at_ms, p.field)),
+                (!applied).then(|| (Precedence::Lift, lift.at_ms, field.clone())),
+                "{case}"
+            );
+            assert_eq!(lifts.newer_than(&field, 0, now), (!applied).then_some(lift));
+        }
+        // A stored lift newer than the one known here replaces it; an older one does not.
+        let lifts = Lifts::default();
+        lifts.lifted(&field, lift, now);
+        let newer = Lift {
+            at_ms: lift.at_ms + 1,
+            until: now + 60,
+        };
+        lifts.lifted(&field, newer, now);
+        lifts.lifted(&field, lift, now);
+        assert_eq!(lifts.newer_than(&field, 0, now), Some(newer));
+        // Missing from the store: written back while the block would have lasted.
+        let state = RiskState::default();
+        let changed = Changed::default();
+        changed.lifts.lifted(&field, lift, now);
+        let missing = |now| {
+            reconcile(
+                &state,
+                &HashMap::new(),
+                &HashMap::new(),
+                now,
+                &|_| false,
+                &changed,
+            )
+            .missing
+            .into_iter()
+            .map(|p| (p.precedence, p.at_ms))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(missing(now), vec![(Precedence::Lift, lift.at_ms)]);
+        assert_eq!(missing(now + 3600), vec![]);
+        assert!(changed.lifts.live(now).is_empty(), "forgotten once over");
     }
 
     /// A resync's snapshot read before a block changed here reached the store (or a message
@@ -2098,7 +2349,7 @@ mod tests {
                     &HashMap::new(),
                     now,
                     &|f| changed_since && f == field,
-                    &Mutex::new(()),
+                    &Changed::default(),
                 );
                 let after = state.blocks().get(Kind::Subject, "mallory", now);
                 assert_eq!(after.as_deref(), Some(&here), "{stored}");
@@ -2107,7 +2358,8 @@ mod tests {
                 // The store refusing the write, what it holds applies.
                 for _ in &reconciled.contested {
                     let record = parse_stored::<BlockRecord>(&snapshot[&field], now).unwrap();
-                    apply_block(&state, &field, &record, now, Source::Refusal);
+                    let lifts = Lifts::default();
+                    apply_block(&state, &lifts, &field, &record, None, now, Source::Refusal);
                     let after = state.blocks().get(Kind::Subject, "mallory", now);
                     assert_ne!(after.as_deref(), Some(&here), "{stored}");
                 }
@@ -2128,7 +2380,7 @@ mod tests {
             &HashMap::new(),
             now + 1,
             &|_| false,
-            &Mutex::new(()),
+            &Changed::default(),
         );
         assert!(reconciled.contested.is_empty());
         assert!(
