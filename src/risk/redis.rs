@@ -29,7 +29,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, PoisonError, Weak,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -290,6 +290,15 @@ struct Put {
     at_ms: i64,
     record: String,
     precedence: Precedence,
+    /// This write's own number ([`put_id`]), which its message carries: a replica tells the echo
+    /// of each of its writes from another's of the same field.
+    id: u64,
+}
+
+/// A number no other write of this process has.
+fn put_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
 }
 
 /// What a write is, for [`PUT`]'s rule between blocks.
@@ -424,6 +433,9 @@ struct PutMessage {
     hash: String,
     field: String,
     record: String,
+    /// The write's number ([`Put::id`]); absent from versions before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -555,9 +567,10 @@ impl Shared {
     ) {
         // Noted and queued under one lock: a new session takes what is queued and counts the
         // writes out under it too (`Changed::all_back`), so none is counted twice or missed.
+        let id = put_id();
         let mut changed = (hash == Hash::Blocks).then(|| self.changed.lock());
         if let Some(changed) = changed.as_mut() {
-            Changed::note(changed, &field);
+            Changed::note(changed, &field, id);
         }
         let put = Put {
             hash,
@@ -565,6 +578,7 @@ impl Shared {
             at_ms,
             record: serde_json::to_string(record).expect("records serialize"),
             precedence,
+            id,
         };
         // Changes are few (operators', signals' blocks), and the task empties the queue even
         // while Redis is away: a full one (the task held up writing a reconnection's backlog, or
@@ -576,8 +590,8 @@ impl Shared {
                     put
                 }
             };
-            if let Some(change) = changed.as_mut().and_then(|c| c.fields.get_mut(&put.field)) {
-                change.out = change.out.saturating_sub(1);
+            if let Some(changed) = changed.as_mut() {
+                Changed::back_in(changed, &put.field, put.id);
             }
             drop(changed);
             // Closed: the task is gone (sharing is off, already said, or the process ends).
@@ -756,14 +770,16 @@ struct ChangedFields {
     pruned: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct Change {
     /// When it was last changed here (none: only written back).
     at: Option<Instant>,
     /// Writes of this field made here that the store has neither refused nor echoed on the
-    /// channel. Redis delivers a connection's messages in the order it published them, so while
-    /// one is out, any other replica's message about the field was published before it.
-    out: u32,
+    /// channel, by number ([`Put::id`]). Redis delivers a connection's messages in the order it
+    /// published them, so while one is out, any other replica's message about the field was
+    /// published before it. By number, not a count: the late echo of a write sent again after
+    /// its session timed out (Redis stalled, then ran it) does not stand for another's.
+    out: Vec<u64>,
 }
 
 impl Changed {
@@ -781,8 +797,8 @@ impl Changed {
         self.order.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A change of `field` here, whose write is on its way (`changed`: this, locked).
-    fn note(changed: &mut ChangedFields, field: &str) {
+    /// A change of `field` here, whose write `id` is on its way (`changed`: this, locked).
+    fn note(changed: &mut ChangedFields, field: &str, id: u64) {
         let now = Instant::now();
         if changed.fields.len() >= Self::MAX && !changed.fields.contains_key(field) {
             if changed
@@ -791,53 +807,53 @@ impl Changed {
             {
                 changed.pruned = Some(now);
                 changed.fields.retain(|_, c| {
-                    c.out > 0 || c.at.is_some_and(|at| now.duration_since(at) < 2 * RESYNC)
+                    !c.out.is_empty() || c.at.is_some_and(|at| now.duration_since(at) < 2 * RESYNC)
                 });
             }
             if changed.fields.len() >= Self::MAX {
                 return;
             }
         }
-        let change = changed
-            .fields
-            .entry(field.to_owned())
-            .or_insert(Change { at: None, out: 0 });
+        let change = changed.fields.entry(field.to_owned()).or_default();
         change.at = Some(now);
-        change.out += 1;
+        change.out.push(id);
     }
 
     /// A write of `field` back to the store (what it lost or holds older), which is no change
     /// here but comes back all the same.
-    fn written_back(&self, field: &str) {
-        Self::written_back_in(&mut self.lock(), field);
+    fn written_back(&self, put: &Put) {
+        Self::written_back_in(&mut self.lock(), &put.field, put.id);
     }
 
-    fn written_back_in(changed: &mut ChangedFields, field: &str) {
+    fn written_back_in(changed: &mut ChangedFields, field: &str, id: u64) {
         if changed.fields.len() < Self::MAX || changed.fields.contains_key(field) {
-            let change = changed
-                .fields
-                .entry(field.to_owned())
-                .or_insert(Change { at: None, out: 0 });
-            change.out += 1;
+            let change = changed.fields.entry(field.to_owned()).or_default();
+            change.out.push(id);
         }
     }
 
-    /// One write of `field` made here has come back (echoed, or refused).
-    fn back(&self, field: &str) {
-        if let Some(change) = self.lock().fields.get_mut(field) {
-            change.out = change.out.saturating_sub(1);
+    /// Write `id` of `field` made here has come back (echoed, or refused).
+    fn back(&self, field: &str, id: u64) {
+        Self::back_in(&mut self.lock(), field, id);
+    }
+
+    fn back_in(changed: &mut ChangedFields, field: &str, id: u64) {
+        if let Some(change) = changed.fields.get_mut(field)
+            && let Some(at) = change.out.iter().position(|out| *out == id)
+        {
+            change.out.swap_remove(at);
         }
     }
 
     /// A new subscription: the messages of writes sent before it will not come; those of the
-    /// writes still to be sent (`to_send`, the fields of the blocks' writes waiting, one each)
-    /// will. `changed`: this, locked since the waiting writes were taken from the queue.
-    fn all_back<'f>(changed: &mut ChangedFields, to_send: impl Iterator<Item = &'f str>) {
+    /// writes still to be sent (`to_send`, the blocks' writes waiting) will. `changed`: this,
+    /// locked since the waiting writes were taken from the queue.
+    fn all_back<'p>(changed: &mut ChangedFields, to_send: impl Iterator<Item = &'p Put>) {
         for change in changed.fields.values_mut() {
-            change.out = 0;
+            change.out.clear();
         }
-        for field in to_send {
-            Self::written_back_in(changed, field);
+        for put in to_send {
+            Self::written_back_in(changed, &put.field, put.id);
         }
     }
 
@@ -852,7 +868,10 @@ impl Changed {
 
     /// Whether a write of `field` made here is still out.
     fn out(&self, field: &str) -> bool {
-        self.lock().fields.get(field).is_some_and(|c| c.out > 0)
+        self.lock()
+            .fields
+            .get(field)
+            .is_some_and(|c| !c.out.is_empty())
     }
 }
 
@@ -1031,7 +1050,7 @@ impl Task {
                 self.hold(Op::Put(put));
             }
             let to_send = self.pending.iter().filter(|p| p.hash == Hash::Blocks);
-            Changed::all_back(&mut changed, to_send.map(|p| p.field.as_str()));
+            Changed::all_back(&mut changed, to_send);
         }
         // Changes made while cut off, then everything Redis holds: a field with a write of
         // this replica's still out is not read back over it (`resync`).
@@ -1281,6 +1300,7 @@ impl Task {
                     hash: put.hash.key().to_owned(),
                     field: put.field.clone(),
                     record: put.record.clone(),
+                    id: Some(put.id),
                 }),
                 count: None,
             };
@@ -1321,18 +1341,19 @@ impl Task {
         written: &[bool],
         since: Option<Instant>,
     ) -> Result<(), Ended> {
-        let refused: Vec<&str> = puts
+        let refused: Vec<&Put> = puts
             .iter()
             .zip(written)
             .filter(|(put, written)| put.hash == Hash::Blocks && !**written)
-            .map(|(put, _)| put.field.as_str())
+            .map(|(put, _)| put)
             .collect();
         if refused.is_empty() {
             return Ok(());
         }
-        for field in &refused {
-            self.changed.back(field);
+        for put in &refused {
+            self.changed.back(&put.field, put.id);
         }
+        let refused: Vec<&str> = refused.into_iter().map(|p| p.field.as_str()).collect();
         let mut pipe = redis::pipe();
         for field in &refused {
             pipe.cmd("HGET").arg(Hash::Blocks.key()).arg(*field);
@@ -1426,7 +1447,7 @@ impl Task {
         .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
         missing.retain(|put| !unreadable.contains(&put.hash));
         for put in missing.iter().filter(|p| p.hash == Hash::Blocks) {
-            self.changed.written_back(&put.field);
+            self.changed.written_back(put);
         }
         let written = self.write_puts(conn, scripts, &missing).await?;
         self.refused_here(conn, &missing, &written, Some(started))
@@ -1435,7 +1456,7 @@ impl Task {
         // the store's record wins over the write (the script refuses it), that record applied.
         let puts = contested;
         for put in puts.iter().filter(|p| p.hash == Hash::Blocks) {
-            self.changed.written_back(&put.field);
+            self.changed.written_back(put);
         }
         let written = self.write_puts(conn, scripts, &puts).await?;
         self.refused_here(conn, &puts, &written, Some(started))
@@ -1464,8 +1485,10 @@ impl Task {
             return None;
         };
         if *message.from == *self.replica {
-            if let Some(put) = message.put.filter(|p| p.hash == Hash::Blocks.key()) {
-                self.changed.back(&put.field);
+            if let Some(put) = message.put.filter(|p| p.hash == Hash::Blocks.key())
+                && let Some(id) = put.id
+            {
+                self.changed.back(&put.field, id);
             }
             return None;
         }
@@ -1486,7 +1509,7 @@ impl Task {
                     if let Some(kept) = &kept {
                         // Its write is out from now on: what was published before it is not
                         // applied over what is kept.
-                        self.changed.written_back(&kept.field);
+                        self.changed.written_back(kept);
                     }
                 }
             } else if put.hash == Hash::Revocations.key()
@@ -1660,6 +1683,7 @@ fn reconcile(
             })
             .expect("records serialize"),
             precedence: Precedence::Revocation(revocation.before),
+            id: put_id(),
         };
         if !revocations.contains_key(&revocation.subject) {
             missing.push(put());
@@ -1722,6 +1746,7 @@ fn block_put(field: String, block: &Block) -> Put {
         at_ms: block.created_at * 1000,
         record: serde_json::to_string(&record).expect("records serialize"),
         precedence: Precedence::of_block(&record),
+        id: put_id(),
     }
 }
 
@@ -1746,6 +1771,7 @@ fn lift_put(field: String, lift: Lift) -> Put {
         at_ms: lift.at_ms,
         record: serde_json::to_string(&lift_record(lift)).expect("records serialize"),
         precedence: Precedence::Lift,
+        id: put_id(),
     }
 }
 
@@ -2393,7 +2419,7 @@ mod tests {
         let changed = Changed::default();
         let before = Instant::now();
         assert!(!changed.since(&field, before));
-        Changed::note(&mut changed.lock(), &field);
+        Changed::note(&mut changed.lock(), &field, 1);
         assert!(changed.since(&field, before));
         assert!(!changed.since(&field, Instant::now() + Duration::from_millis(1)));
         assert!(
@@ -2403,16 +2429,26 @@ mod tests {
         // A new subscription: what was sent before is never echoed; what waits to be sent is.
         Changed::all_back(&mut changed.lock(), std::iter::empty());
         assert!(!changed.out(&field));
-        Changed::all_back(
-            &mut changed.lock(),
-            [field.as_str(), field.as_str()].into_iter(),
-        );
-        changed.back(&field);
+        let waiting = |id| Put {
+            hash: Hash::Blocks,
+            field: field.clone(),
+            at_ms: 0,
+            record: String::new(),
+            precedence: Precedence::Lift,
+            id,
+        };
+        Changed::all_back(&mut changed.lock(), [waiting(2), waiting(3)].iter());
+        changed.back(&field, 2);
         assert!(
             changed.out(&field),
             "one of the two waiting writes is still out"
         );
-        changed.back(&field);
+        // The late echo of a write sent before (Redis stalled past the session's timeout, then
+        // ran it), or of another of its writes' again: not the waiting one's.
+        changed.back(&field, 1);
+        changed.back(&field, 2);
+        assert!(changed.out(&field));
+        changed.back(&field, 3);
         assert!(!changed.out(&field));
     }
 
