@@ -1767,3 +1767,75 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
         );
     }
 }
+
+/// A replica's read of the store deletes the entries past their time: a block that has ended and
+/// a revocation past the 48 hours it is kept, not the others. The delete is the script's, which
+/// deletes an entry only if it still holds what was read: a block another replica writes over an
+/// ended one between a replica's read and its delete is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_past_their_time_are_deleted_unless_written_since() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let ended = serde_json::json!({
+        "reason_id": "INC-1", "reason": "", "created_at": now - 7200,
+        "expires_at": now - 3600, "created_by": "san:ops",
+    });
+    let live = serde_json::json!({
+        "reason_id": "INC-2", "reason": "", "created_at": now - 60,
+        "expires_at": now + 3600, "created_by": "san:ops",
+    });
+    seed_block(&redis, "subject|old", (now - 7200) * 1000, ended.clone());
+    seed_block(&redis, "subject|new", (now - 60) * 1000, live);
+    let revocation = |before: i64| {
+        serde_json::json!({
+            "before": before, "reason_id": "INC-3", "reason": "",
+            "created_at": before, "created_by": "san:ops",
+        })
+    };
+    let kept = 48 * 3600;
+    for (subject, before) in [("gone", now - kept - 60), ("held", now - 60)] {
+        let stored = format!("{}|{}", before * 1000, revocation(before));
+        redis.command(&resp(&["HSET", "stepgate:revocations", subject, &stored]));
+    }
+    let policy = policy("redis-expired", &redis, "");
+    let (a, _) = replica(&policy).await;
+    store_up(&a, true, Duration::from_secs(10)).await;
+    let fields = |key: &str| redis.command(&resp(&["HKEYS", key])).unwrap_or_default();
+    eventually(
+        "the ended entries are deleted",
+        Duration::from_secs(10),
+        || async {
+            !fields("stepgate:blocks").contains("subject|old")
+                && !fields("stepgate:revocations").contains("gone")
+        },
+    )
+    .await;
+    assert!(fields("stepgate:blocks").contains("subject|new"));
+    assert!(fields("stepgate:revocations").contains("held"));
+
+    // The script, as a replica calls it: it deletes what it read, not what was written since.
+    let read = format!("{}|{ended}", (now - 7200) * 1000);
+    seed_block(&redis, "subject|old", (now - 7200) * 1000, ended);
+    let delete = |stored: &str| {
+        redis.command(&resp(&[
+            "EVAL",
+            stepgate::risk::redis::DELETE,
+            "1",
+            "stepgate:blocks",
+            "subject|old",
+            stored,
+        ]))
+    };
+    let written_since = format!("{}|{}", now * 1000, serde_json::json!({"removed": true}));
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks",
+        "subject|old",
+        &written_since,
+    ]));
+    assert_eq!(delete(&read).as_deref(), Some(":0\r\n"));
+    assert!(fields("stepgate:blocks").contains("subject|old"));
+    redis.command(&resp(&["HSET", "stepgate:blocks", "subject|old", &read]));
+    assert_eq!(delete(&read).as_deref(), Some(":1\r\n"));
+    assert!(!fields("stepgate:blocks").contains("subject|old"));
+}

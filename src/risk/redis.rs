@@ -222,6 +222,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {redis.call('ZCARD', KEYS[1]), 0}
 ";
 
+/// Deletes field `ARGV[1]` of hash `KEYS[1]` if it still holds `ARGV[2]`: an entry a resync read
+/// past its time, unless another replica wrote the field since.
+pub const DELETE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+";
+
 /// The fields of hash `KEYS[1]` of at most `ARGV[1]` bytes whose values hold at most `ARGV[2]`,
 /// the first `ARGV[3]` of them, as `{skipped, {field, value, …}}`: what a replica reads of a
 /// hash it did not write alone, so that values no replica writes (another client of the Redis)
@@ -914,6 +923,7 @@ struct Scripts {
     read: String,
     count: String,
     distinct: String,
+    delete: String,
 }
 
 impl Task {
@@ -1039,6 +1049,7 @@ impl Task {
             read: load(&mut conn, READ).await?,
             count: load(&mut conn, COUNT).await?,
             distinct: load(&mut conn, DISTINCT).await?,
+            delete: load(&mut conn, DELETE).await?,
         };
         // Every change still queued is written on this connection, and its echo comes on this
         // subscription: taken from the queue, and counted out, under the lock `put` notes and
@@ -1463,8 +1474,14 @@ impl Task {
             .await?;
         if !expired.is_empty() {
             let mut pipe = redis::pipe();
-            for (hash, field) in &expired {
-                pipe.cmd("HDEL").arg(hash.key()).arg(field).ignore();
+            for (hash, field, stored) in &expired {
+                pipe.cmd("EVALSHA")
+                    .arg(&scripts.delete)
+                    .arg(1)
+                    .arg(hash.key())
+                    .arg(field)
+                    .arg(stored)
+                    .ignore();
             }
             pipe.query_async::<()>(conn)
                 .await
@@ -1587,8 +1604,8 @@ async fn read_hash(
 /// past their time, to delete; what `state` holds and the store lost, to write back).
 /// What a resync makes of the store's entries.
 struct Reconciled {
-    /// The entries past their time, to delete.
-    expired: Vec<(Hash, String)>,
+    /// The entries past their time, to delete unless written since: (hash, field, as read).
+    expired: Vec<(Hash, String, String)>,
     /// What this replica holds and the store lost, to write back.
     missing: Vec<Put>,
     /// The blocks held here that are newer than the store's records for them, to write back
@@ -1607,14 +1624,14 @@ fn reconcile(
     changed_here: &dyn Fn(&str) -> bool,
     changed: &Changed,
 ) -> Reconciled {
-    let mut expired: Vec<(Hash, String)> = Vec::new();
+    let mut expired: Vec<(Hash, String, String)> = Vec::new();
     let mut missing = Vec::new();
     let mut contested = Vec::new();
     for (field, stored) in blocks {
         let _order = changed.in_order();
         match parse_stamped::<BlockRecord>(stored, now) {
             Some((_, record)) if record.expires_at <= now => {
-                expired.push((Hash::Blocks, field.clone()));
+                expired.push((Hash::Blocks, field.clone(), stored.clone()));
             }
             Some(_) if changed_here(field) => {
                 // Changed here since the store was read: the change's own write, on its way,
@@ -1643,7 +1660,7 @@ fn reconcile(
     for (subject, stored) in revocations {
         match parse_stored::<RevocationRecord>(stored, now) {
             Some(record) if record.before.saturating_add(KEEP_SECONDS) <= now => {
-                expired.push((Hash::Revocations, subject.clone()));
+                expired.push((Hash::Revocations, subject.clone(), stored.clone()));
             }
             Some(record) => {
                 stored_before.insert(subject, record.before);
