@@ -1686,11 +1686,11 @@ fn the_store_keeps_the_revocation_that_covers_more() {
     assert_eq!(before("gina"), Some((now - 60).into()));
 }
 
-/// An operator lifts mallory's block. Redis then loses the lift: restarted empty, then restarted
-/// from a snapshot of before it, which holds the block. The replicas keep the lift as long as the
-/// block would have lasted: they write it back where it is missing, and where the store holds the
-/// older block they do not take it back, but write the lift over it. Before, a restart from such
-/// a snapshot blocked mallory again on every replica at their next read of the store.
+/// An operator lifts mallory's block. Redis then loses the lift: restarted empty, then holding
+/// the block again, as a restart from a snapshot of before the lift would. The replicas keep the
+/// lift as long as the block would have lasted: they write it back where it is missing, and
+/// where the store holds the older block they do not take it back, but write the lift over it.
+/// Before, such a snapshot blocked mallory again on every replica at their next read of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
     let mut redis = Redis::start();
@@ -1709,11 +1709,14 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
         decide(&b, &mallory, "reports.read").await.reason == "blocked"
     })
     .await;
+    // A second apart: a block of the lift's own second would be taken as the newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     admin_ok(&a_admin, &["unblock", "--subject", "mallory"]);
-    let lifted =
-        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
+    let lifted = |redis: &Redis| {
+        stored_block(redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true)
+    };
     eventually("the lift is stored", Duration::from_secs(10), || async {
-        lifted()
+        lifted(&redis)
     })
     .await;
     eventually("B lifts mallory", Duration::from_secs(10), || async {
@@ -1723,20 +1726,19 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
 
     // Restarted empty: the lift is written back.
     redis.kill();
-    let mut redis = Redis::start_on(port);
-    let lifted =
-        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
+    let redis = Redis::start_on(port);
     eventually(
         "the lift is written back",
         Duration::from_secs(20),
-        || async { lifted() },
+        || async { lifted(&redis) },
     )
     .await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(20)).await;
+    }
 
-    // Restarted from a snapshot of before the lift: the block is there again, older than it.
-    redis.kill();
-    let redis = Redis::start_on(port);
-    // Written over whatever a replica reconnected meanwhile wrote, then read by every replica.
+    // Then what a restart from a snapshot of before the lift holds: the older block. Set while
+    // the replicas are connected, then read by each as it reconnects.
     let snapshot = format!("{at}|{blocked}");
     redis.command(&resp(&[
         "HSET",
@@ -1744,28 +1746,28 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
         "subject|mallory",
         &snapshot,
     ]));
+    assert!(!lifted(&redis));
     for kind in ["normal", "pubsub"] {
         redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
     }
-    for server in [&a, &b] {
-        store_up(server, true, Duration::from_secs(20)).await;
-    }
-    let lifted =
-        || stored_block(&redis, "subject|mallory").is_some_and(|(_, r)| r["removed"] == true);
     eventually(
         "the lift is written over the older block",
-        Duration::from_secs(10),
-        || async { lifted() },
+        Duration::from_secs(20),
+        || async { lifted(&redis) },
     )
     .await;
     for server in [&a, &b] {
-        assert_eq!(
-            decide(server, &mallory, "reports.read").await.reason,
-            "allowed",
-            "{}",
-            server.logs_text()
-        );
+        store_up(server, true, Duration::from_secs(20)).await;
     }
+    eventually(
+        "neither replica takes the block back",
+        Duration::from_secs(10),
+        || async {
+            decide(&a, &mallory, "reports.read").await.reason == "allowed"
+                && decide(&b, &mallory, "reports.read").await.reason == "allowed"
+        },
+    )
+    .await;
 }
 
 /// A replica's read of the store deletes the entries past their time: a block that has ended and
@@ -1815,7 +1817,6 @@ async fn entries_past_their_time_are_deleted_unless_written_since() {
 
     // The script, as a replica calls it: it deletes what it read, not what was written since.
     let read = format!("{}|{ended}", (now - 7200) * 1000);
-    seed_block(&redis, "subject|old", (now - 7200) * 1000, ended);
     let delete = |stored: &str| {
         redis.command(&resp(&[
             "EVAL",
@@ -1838,4 +1839,65 @@ async fn entries_past_their_time_are_deleted_unless_written_since() {
     redis.command(&resp(&["HSET", "stepgate:blocks", "subject|old", &read]));
     assert_eq!(delete(&read).as_deref(), Some(":1\r\n"));
     assert!(!fields("stepgate:blocks").contains("subject|old"));
+}
+
+/// A signal's block a replica evicts to make room is lifted in the store only if the store holds
+/// a signal's block no newer than the eviction: an operator's block on the same source that the
+/// replica had not heard of stays. And the read script says when it left fields unread past its
+/// count, so that a replica does not take them for lost and write its own back at every read.
+#[test]
+fn an_eviction_lifts_only_a_signals_block_and_a_cut_read_says_so() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let ms = |ago: i64| ((now - ago) * 1000).to_string();
+    let put = |field: &str, what: &str, ago: i64, by: &str| -> String {
+        let record = serde_json::json!({
+            "removed": what == "evict", "reason_id": "INC-8", "reason": "",
+            "created_at": now - ago, "expires_at": now + 600, "created_by": by,
+        })
+        .to_string();
+        let ends = if what == "evict" { 0 } else { now + 600 };
+        put_script(&redis, field, &ms(ago), &record, what, ends, now)
+    };
+    let removed = |field: &str| stored_block(&redis, field).map(|(_, r)| r["removed"] == true);
+    // An operator's block: not lifted by an eviction.
+    assert_eq!(
+        put("source|10.0.0.0/24", "operator", 30, "san:ops"),
+        ":1\r\n"
+    );
+    assert_eq!(put("source|10.0.0.0/24", "evict", 0, ""), ":0\r\n");
+    assert_eq!(removed("source|10.0.0.0/24"), Some(false));
+    // A signal's: lifted.
+    assert_eq!(
+        put("source|10.0.1.0/24", "signal", 30, "risk:forged"),
+        ":1\r\n"
+    );
+    assert_eq!(put("source|10.0.1.0/24", "evict", 0, ""), ":1\r\n");
+    assert_eq!(removed("source|10.0.1.0/24"), Some(true));
+    // A signal's newer than the eviction: kept. None at all: nothing written.
+    assert_eq!(
+        put("source|10.0.2.0/24", "signal", 0, "risk:forged"),
+        ":1\r\n"
+    );
+    assert_eq!(put("source|10.0.2.0/24", "evict", 10, ""), ":0\r\n");
+    assert_eq!(removed("source|10.0.2.0/24"), Some(false));
+    assert_eq!(put("source|10.0.3.0/24", "evict", 0, ""), ":0\r\n");
+    assert_eq!(removed("source|10.0.3.0/24"), None);
+
+    // Three fields read two at a time: cut.
+    let read = |max: &str| {
+        redis
+            .command(&resp(&[
+                "EVAL",
+                stepgate::risk::redis::READ,
+                "1",
+                "stepgate:blocks",
+                "2048",
+                "8192",
+                max,
+            ]))
+            .unwrap_or_default()
+    };
+    assert!(read("2").ends_with(":1\r\n"), "{}", read("2"));
+    assert!(read("3").ends_with(":0\r\n"), "{}", read("3"));
 }

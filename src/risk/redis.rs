@@ -78,7 +78,7 @@ const BATCH: usize = 1024;
 ///
 /// A block keeps, across replicas, the rule each replica keeps for itself (`blocks::set_evicting`):
 /// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
-/// (`signal` or `operator` block, `lift`, or `revocation`), `ARGV[7]` when the block ends (a
+/// (`signal` or `operator` block, `lift`, `evict`, or `revocation`), `ARGV[7]` when the block ends (a
 /// revocation's time, `before`) and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
 /// prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the writer's clock
 /// another's may be, in seconds, `ARGV[12]` the longest stored value a replica reads, and
@@ -96,6 +96,10 @@ const BATCH: usize = 1024;
 ///   that is refused still raises the stored record's `operator_at`, so that an older one held up
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
 ///   stay refused.
+///
+/// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
+/// record only if that is a signal's block no newer than it: never of an operator's block the
+/// replica had not heard of.
 ///
 /// A revocation keeps the rule each replica keeps (`revocations::set`): the one that covers more
 /// (the later `before`) stays, however new the other's write; a stored revocation no replica
@@ -166,6 +170,14 @@ if cur and old then
     end
   end
 end
+if what == 'evict' then
+  if not (cur and old and old.removed ~= true and type(old.created_by) == 'string'
+          and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
+          and tonumber(at) <= written) then
+    return 0
+  end
+  what = 'lift'
+end
 if cur then
   local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
   local by_signal, held, operator_at = false, nil, nil
@@ -232,25 +244,28 @@ return 0
 ";
 
 /// The fields of hash `KEYS[1]` of at most `ARGV[1]` bytes whose values hold at most `ARGV[2]`,
-/// the first `ARGV[3]` of them, as `{skipped, {field, value, …}}`: what a replica reads of a
+/// the first `ARGV[3]` of them, as `{skipped, {field, value, …}, cut}`: what a replica reads of a
 /// hash it did not write alone, so that values no replica writes (another client of the Redis)
-/// cost Redis their room and this replica nothing. `{-1, {}}` when the key holds another type
-/// than a hash (set by another client), which is no error to the reader.
-const READ: &str = r"
+/// cost Redis their room and this replica nothing; `cut` is 1 when fields were left unread past
+/// the count. `{-1, {}, 0}` when the key holds another type than a hash (set by another
+/// client), which is no error to the reader.
+pub const READ: &str = r"
 local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then return {-1, {}} end
+if kind ~= 'hash' and kind ~= 'none' then return {-1, {}, 0} end
 local all = redis.call('HGETALL', KEYS[1])
-local out, skipped = {}, 0
+local out, skipped, cut = {}, 0, 0
 for i = 1, #all, 2 do
-  if #all[i] <= tonumber(ARGV[1]) and #all[i + 1] <= tonumber(ARGV[2])
-     and #out < 2 * tonumber(ARGV[3]) then
+  if #all[i] > tonumber(ARGV[1]) or #all[i + 1] > tonumber(ARGV[2]) then
+    skipped = skipped + 1
+  elseif #out >= 2 * tonumber(ARGV[3]) then
+    skipped = skipped + 1
+    cut = 1
+  else
     out[#out + 1] = all[i]
     out[#out + 1] = all[i + 1]
-  else
-    skipped = skipped + 1
   end
 end
-return {skipped, out}
+return {skipped, out, cut}
 ";
 
 /// The longest field read from Redis: a block's kind, `|` and value, or a revoked subject (each
@@ -317,6 +332,9 @@ enum Precedence {
     Revocation(i64),
     /// An operator's lift.
     Lift,
+    /// A risk signal's block this replica evicted to make room for another: a lift of it, but
+    /// only of a signal's block, never of an operator's this replica has not heard of.
+    Evict,
     /// An operator's block, ending at this time.
     Operator(i64),
     /// A risk signal's block, ending at this time.
@@ -339,6 +357,7 @@ impl Precedence {
         match self {
             Self::Revocation(before) => ("revocation", before),
             Self::Lift => ("lift", 0),
+            Self::Evict => ("evict", 0),
             Self::Operator(ends) => ("operator", ends),
             Self::Signal(ends) => ("signal", ends),
         }
@@ -445,6 +464,9 @@ struct PutMessage {
     /// The write's number ([`Put::id`]); absent from versions before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<u64>,
+    /// The write's time in ms ([`Put::at_ms`]); absent from versions before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -527,6 +549,25 @@ impl Shared {
         let field = block_field(block.kind, &block.value);
         self.changed.lifts.blocked(&field);
         self.put(Hash::Blocks, field, &record, precedence, now_ms());
+    }
+
+    /// A risk signal's block evicted here to make room for another: dropped from the store too,
+    /// if the store holds it (a replica still holding it drops it rather than writing it back),
+    /// and not kept as a lift here (anonymous traffic can cause evictions, as many as it likes).
+    pub fn block_evicted(&self, block: &Block) {
+        let at_ms = now_ms();
+        let lift = Lift {
+            at_ms,
+            until: block.expires_at,
+        };
+        let field = block_field(block.kind, &block.value);
+        self.put(
+            Hash::Blocks,
+            field,
+            &lift_record(lift),
+            Precedence::Evict,
+            at_ms,
+        );
     }
 
     /// `value` is normalized.
@@ -711,7 +752,15 @@ struct Changed {
 /// a block the store (or another replica) holds that is older than a lift here is not applied:
 /// the lift is written back, and the store decides between the two.
 #[derive(Debug, Default)]
-struct Lifts(Mutex<HashMap<String, Lift>>);
+struct Lifts(Mutex<LiftTable>);
+
+#[derive(Debug, Default)]
+struct LiftTable {
+    lifts: HashMap<String, Lift>,
+    /// When those over were last swept out to make room (at most once a second: a resync may
+    /// read a hundred thousand lifts).
+    swept: Option<Instant>,
+}
 
 /// A lift known here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -727,7 +776,7 @@ impl Lifts {
     /// remembered: it is then only as safe as the store's own record of it.
     const MAX: usize = blocks::MAX_BLOCKS;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lift>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiftTable> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -736,30 +785,38 @@ impl Lifts {
         if lift.until <= now {
             return;
         }
-        let mut lifts = self.lock();
-        if let Some(known) = lifts.get_mut(field) {
+        let mut table = self.lock();
+        if let Some(known) = table.lifts.get_mut(field) {
             if known.at_ms <= lift.at_ms {
                 *known = lift;
             }
             return;
         }
-        if lifts.len() >= Self::MAX {
-            lifts.retain(|_, l| l.until > now);
-            if lifts.len() >= Self::MAX {
+        if table.lifts.len() >= Self::MAX {
+            let at = Instant::now();
+            if table
+                .swept
+                .is_none_or(|swept| at.duration_since(swept) >= Duration::from_secs(1))
+            {
+                table.swept = Some(at);
+                table.lifts.retain(|_, l| l.until > now);
+            }
+            if table.lifts.len() >= Self::MAX {
                 return;
             }
         }
-        lifts.insert(field.to_owned(), lift);
+        table.lifts.insert(field.to_owned(), lift);
     }
 
     /// A block on `field`, newer than any lift of it here, is held here now.
     fn blocked(&self, field: &str) {
-        self.lock().remove(field);
+        self.lock().lifts.remove(field);
     }
 
     /// The lift of `field` known here that is newer than a write made at `at_ms`, if any.
     fn newer_than(&self, field: &str, at_ms: i64, now: i64) -> Option<Lift> {
         self.lock()
+            .lifts
             .get(field)
             .filter(|l| l.at_ms > at_ms && l.until > now)
             .copied()
@@ -767,9 +824,9 @@ impl Lifts {
 
     /// The lifts known here whose blocks would not have ended yet.
     fn live(&self, now: i64) -> Vec<(String, Lift)> {
-        let mut lifts = self.lock();
-        lifts.retain(|_, l| l.until > now);
-        lifts.iter().map(|(f, l)| (f.clone(), *l)).collect()
+        let mut table = self.lock();
+        table.lifts.retain(|_, l| l.until > now);
+        table.lifts.iter().map(|(f, l)| (f.clone(), *l)).collect()
     }
 }
 
@@ -1312,6 +1369,7 @@ impl Task {
                     field: put.field.clone(),
                     record: put.record.clone(),
                     id: Some(put.id),
+                    at: Some(put.at_ms),
                 }),
                 count: None,
             };
@@ -1378,9 +1436,9 @@ impl Task {
         };
         let now = unix_now();
         for (field, stored) in refused.into_iter().zip(stored) {
-            let Some(record) = stored
+            let Some((stamp, record)) = stored
                 .and_then(|bytes| String::from_utf8(bytes).ok())
-                .and_then(|text| parse_stored::<BlockRecord>(&text, now))
+                .and_then(|text| parse_stamped::<BlockRecord>(&text, now))
             else {
                 continue;
             };
@@ -1397,7 +1455,7 @@ impl Task {
                 &self.changed.lifts,
                 field,
                 &record,
-                None,
+                Some(stamp),
                 now,
                 Source::Refusal,
             );
@@ -1426,12 +1484,15 @@ impl Task {
         )
         .await?;
         // A key of another type (set by another client) is read as empty; what this replica
-        // holds is not written back into it, which Redis would refuse, ending every session.
-        let unreadable: Vec<Hash> = [(Hash::Blocks, &blocks), (Hash::Revocations, &revocations)]
+        // holds is not written back into it, which Redis would refuse, ending every session. Nor
+        // into a hash holding more than was read (more than a replica holds): what was not read
+        // is not missing, and would be written again at every resync.
+        let partial: Vec<Hash> = [(Hash::Blocks, &blocks), (Hash::Revocations, &revocations)]
             .into_iter()
-            .filter_map(|(hash, read)| read.is_none().then_some(hash))
+            .filter_map(|(hash, read)| read.as_ref().is_none_or(|r| r.cut).then_some(hash))
             .collect();
-        let (blocks, revocations) = (blocks.unwrap_or_default(), revocations.unwrap_or_default());
+        let entries = |read: Option<HashRead>| read.map(|r| r.entries).unwrap_or_default();
+        let (blocks, revocations) = (entries(blocks), entries(revocations));
         // Parsed, applied and compared off the worker (a store of 70 000 blocks held its
         // connections for a second and more at each resync).
         let changed = Arc::clone(&self.changed);
@@ -1456,7 +1517,7 @@ impl Task {
         })
         .await
         .map_err(|e| Ended::from(format!("applying the store's entries failed: {e}")))?;
-        missing.retain(|put| !unreadable.contains(&put.hash));
+        missing.retain(|put| !partial.contains(&put.hash));
         for put in missing.iter().filter(|p| p.hash == Hash::Blocks) {
             self.changed.written_back(put);
         }
@@ -1522,7 +1583,7 @@ impl Task {
                 {
                     let lifts = &self.changed.lifts;
                     let from = Source::Message;
-                    kept = apply_block(&state, lifts, &put.field, &record, None, now, from);
+                    kept = apply_block(&state, lifts, &put.field, &record, put.at, now, from);
                     if let Some(kept) = &kept {
                         // Its write is out from now on: what was published before it is not
                         // applied over what is kept.
@@ -1553,6 +1614,12 @@ impl Task {
     }
 }
 
+/// What [`read_hash`] read of a hash: its entries, and whether it holds more than were read.
+struct HashRead {
+    entries: HashMap<String, String>,
+    cut: bool,
+}
+
 /// Reads hash `hash` through [`READ`]: at most `max` fields, none longer than
 /// [`MAX_FIELD_BYTES`] nor with a value longer than [`MAX_RECORD_BYTES`].
 async fn read_hash(
@@ -1560,10 +1627,10 @@ async fn read_hash(
     scripts: &Scripts,
     hash: Hash,
     max: usize,
-) -> Result<Option<HashMap<String, String>>, Ended> {
+) -> Result<Option<HashRead>, Ended> {
     // As bytes: one value that is not UTF-8 (written by another client) must not fail the
     // whole read, and with it every session.
-    let (skipped, pairs): (i64, Vec<Vec<u8>>) = redis::cmd("EVALSHA")
+    let (skipped, pairs, cut): (i64, Vec<Vec<u8>>, i64) = redis::cmd("EVALSHA")
         .arg(&scripts.read)
         .arg(1)
         .arg(hash.key())
@@ -1597,7 +1664,10 @@ async fn read_hash(
             &format!("{skipped} too long or past {max}, {not_text} not UTF-8"),
         );
     }
-    Ok(Some(read))
+    Ok(Some(HashRead {
+        entries: read,
+        cut: cut == 1,
+    }))
 }
 
 /// Applies what the store holds (`blocks` and `revocations` by field) to `state`: (the entries
@@ -1663,8 +1733,9 @@ fn reconcile(
                 expired.push((Hash::Revocations, subject.clone(), stored.clone()));
             }
             Some(record) => {
-                stored_before.insert(subject, record.before);
-                apply_revocation(state, subject, &record, now);
+                if apply_revocation(state, subject, &record, now) {
+                    stored_before.insert(subject, record.before);
+                }
             }
             None if stamped_ahead(stored, now) => skewed("a revocation in the risk store"),
             None => ignored("a revocation in the risk store", "unreadable"),
@@ -1702,13 +1773,12 @@ fn reconcile(
             precedence: Precedence::Revocation(revocation.before),
             id: put_id(),
         };
-        if !revocations.contains_key(&revocation.subject) {
-            missing.push(put());
-        } else if stored_before
-            .get(revocation.subject.as_str())
-            .is_some_and(|before| *before < revocation.before)
-        {
-            contested.push(put());
+        // One the store holds that no replica applies (unreadable, ahead of the clock) is no
+        // revocation, and the script writes over it.
+        match stored_before.get(revocation.subject.as_str()) {
+            None => missing.push(put()),
+            Some(before) if *before < revocation.before => contested.push(put()),
+            Some(_) => {}
         }
     }
     Reconciled {
@@ -1803,7 +1873,8 @@ enum Source {
     Refusal,
 }
 
-/// Applies a block or lift the store holds (`stamp`: its write time in ms, when known). Returns
+/// Applies a block or lift the store holds (`stamp`: its write time in ms, when known: the
+/// store's stamp, or the time a message says it was written). Returns
 /// the write of what is kept here instead, to write back (the store's record is applied only if
 /// that write is refused):
 /// - when `from` a resync the store's record is older than the block held here (a lift, or a
@@ -1859,11 +1930,25 @@ fn apply_block(
             return Some(block_put(field.to_owned(), here));
         }
     }
-    // Only its creation's second is known of a record from a message or a refusal: the earliest
-    // it may have been written, for a lift, the latest, for a block.
+    // When it was written: the write's own time, but the store's stamp is later than that when
+    // the script gave a held-up operator's write the stored record's time (`operator_at` then
+    // holds the write's own); of a block, no earlier than the end of its creation's second, of
+    // which a block written back keeps only the start (a lift and a block of one second: the
+    // block is taken as the newer, failing closed).
+    // (A signal's record keeps there the time of the operator's write it replaced instead.)
+    let by_signal = record.created_by.starts_with(blocks::RISK_CREATOR_PREFIX);
+    let operator_at = record
+        .operator_at
+        .as_ref()
+        .and_then(serde_json::Number::as_i64)
+        .filter(|_| !by_signal);
+    let written = match (stamp, operator_at) {
+        (Some(stamp), Some(at)) => Some(stamp.min(at)),
+        (stamp, _) => stamp,
+    };
     let second_ms = record.created_at.saturating_mul(1000);
     if record.removed {
-        let at_ms = stamp.unwrap_or(second_ms);
+        let at_ms = written.unwrap_or(second_ms);
         let until = record.expires_at;
         lifts.lifted(field, Lift { at_ms, until }, now);
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
@@ -1874,7 +1959,9 @@ fn apply_block(
         return None;
     }
     if from != Source::Refusal {
-        let at_ms = stamp.unwrap_or(second_ms.saturating_add(999));
+        let at_ms = written
+            .unwrap_or(i64::MIN)
+            .max(second_ms.saturating_add(999));
         if let Some(lift) = lifts.newer_than(field, at_ms, now) {
             return Some(lift_put(field.to_owned(), lift));
         }
@@ -1896,10 +1983,13 @@ fn apply_block(
     None
 }
 
-fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord, now: i64) {
+/// Applies a revocation the store holds; whether it is one a replica could have written (and not
+/// ignored).
+fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord, now: i64) -> bool {
     if let Err(error) = blocks::check_record(&record.reason_id, &record.reason, &record.created_by)
     {
-        return ignored("a revocation from the risk store", &error);
+        ignored("a revocation from the risk store", &error);
+        return false;
     }
     // No replica writes a revocation further ahead of its own clock than the admin API admits,
     // nor one made ahead of this replica's clock by more than that: one that is (written into
@@ -1909,10 +1999,11 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
     if record.before > record.created_at.saturating_add(ahead)
         || record.created_at > now.saturating_add(ahead)
     {
-        return ignored(
+        ignored(
             "a revocation from the risk store",
             "its time is further ahead than a replica's clock allows",
         );
+        return false;
     }
     let revocation = Revocation {
         subject: subject.to_owned(),
@@ -1925,6 +2016,7 @@ fn apply_revocation(state: &RiskState, subject: &str, record: &RevocationRecord,
     if let Err(err) = state.revocations().set(revocation, now) {
         unapplied("a revocation from the risk store", &err.to_string());
     }
+    true
 }
 
 async fn load(conn: &mut MultiplexedConnection, script: &str) -> Result<String, Ended> {
@@ -2261,6 +2353,53 @@ mod tests {
         }
     }
 
+    /// A revocation the store holds that no replica applies (ahead of the clock) is no
+    /// revocation: the one held here is written back over it, as where the store has none; one
+    /// that covers less than the one held here is written over too; one that covers as much is
+    /// left.
+    #[test]
+    fn a_revocation_held_here_is_written_over_one_no_replica_applies_or_covering_less() {
+        let now = 1_800_000_000;
+        let state = RiskState::default();
+        let revocation = Revocation {
+            subject: "erin".into(),
+            before: now - 60,
+            reason_id: Arc::from("INC-9"),
+            reason: String::new(),
+            created_at: now - 60,
+            created_by: "san:ops".into(),
+        };
+        state.revocations().set(revocation, now).unwrap();
+        let stored = |before: i64, created_at: i64| {
+            let record = serde_json::json!({
+                "before": before, "reason_id": "INC-9", "reason": "",
+                "created_at": created_at, "created_by": "san:ops",
+            });
+            HashMap::from([("erin".to_owned(), format!("{}|{record}", created_at * 1000))])
+        };
+        for (store, missing, contested) in [
+            (stored(now + 86_400, now), 1, 0),
+            (stored(now - 3600, now - 30), 0, 1),
+            (stored(now - 60, now - 30), 0, 0),
+            (HashMap::new(), 1, 0),
+        ] {
+            let blocks = HashMap::new();
+            let r = reconcile(
+                &state,
+                &blocks,
+                &store,
+                now,
+                &|_| false,
+                &Changed::default(),
+            );
+            assert_eq!(
+                (r.missing.len(), r.contested.len()),
+                (missing, contested),
+                "{store:?}"
+            );
+        }
+    }
+
     /// A block older than a lift known here, from a resync (by its stamp) or a message (by its
     /// creation's second: one of the lift's own second is taken as newer), is not applied: the
     /// lift is written back instead. A newer block is applied and the lift forgotten; the block
@@ -2286,11 +2425,14 @@ mod tests {
         for (stamp, from, created_at, applied) in [
             (Some((now - 200) * 1000), Source::Resync, now - 200, false),
             (
-                Some((now - 100) * 1000 + 499),
+                Some((now - 101) * 1000 + 999),
                 Source::Resync,
-                now - 100,
+                now - 101,
                 false,
             ),
+            // Of the lift's own second: written back, a block keeps only its second's start,
+            // and is taken as the newer (fail closed).
+            (Some((now - 100) * 1000), Source::Resync, now - 100, true),
             (
                 Some((now - 100) * 1000 + 501),
                 Source::Resync,
@@ -2298,9 +2440,10 @@ mod tests {
                 true,
             ),
             (None, Source::Message, now - 101, false),
+            (Some((now - 101) * 1000), Source::Message, now - 101, false),
             (None, Source::Message, now - 100, true),
             (None, Source::Message, now - 50, true),
-            (None, Source::Refusal, now - 200, true),
+            (Some((now - 200) * 1000), Source::Refusal, now - 200, true),
         ] {
             let state = RiskState::default();
             let lifts = Lifts::default();
@@ -2317,6 +2460,51 @@ mod tests {
             );
             assert_eq!(lifts.newer_than(&field, 0, now), (!applied).then_some(lift));
         }
+        // A held-up operator's write the script gave the stored record's time: its own time,
+        // `operator_at`, is what counts. A lift made 150 s ago stored at 100 s ago does not hold
+        // off an operator's block made 120 s ago (stored at 100 s ago too); a signal's block
+        // keeps there the time of the operator's write it replaced, not its own.
+        let ms = |ago: i64| (now - ago) * 1000;
+        let lifts = Lifts::default();
+        let mut stored_lift = lift_record(Lift {
+            at_ms: ms(150),
+            until: now + 60,
+        });
+        stored_lift.operator_at = Some(ms(150).into());
+        let state = RiskState::default();
+        let resync = Source::Resync;
+        apply_block(
+            &state,
+            &lifts,
+            &field,
+            &stored_lift,
+            Some(ms(100)),
+            now,
+            resync,
+        );
+        assert_eq!(
+            lifts.newer_than(&field, 0, now).map(|l| l.at_ms),
+            Some(ms(150))
+        );
+        let mut operators = block(now - 120);
+        operators.operator_at = Some(ms(120).into());
+        let kept = apply_block(
+            &state,
+            &lifts,
+            &field,
+            &operators,
+            Some(ms(100)),
+            now,
+            resync,
+        );
+        assert!(kept.is_none() && state.blocks().get(Kind::Subject, "mallory", now).is_some());
+        let lifts = Lifts::default();
+        lifts.lifted(&field, lift, now);
+        let mut signals = block(now - 50);
+        signals.created_by = "risk:x".into();
+        signals.operator_at = Some(ms(300).into());
+        assert!(apply_block(&state, &lifts, &field, &signals, Some(ms(50)), now, resync).is_none());
+
         // A stored lift newer than the one known here replaces it; an older one does not.
         let lifts = Lifts::default();
         lifts.lifted(&field, lift, now);

@@ -141,8 +141,7 @@ impl RiskState {
 
     fn drop_evicted(shared: &Shared, evicted: Option<Arc<Block>>) {
         if let Some(evicted) = evicted {
-            // As a lift: a replica still holding it drops it rather than writing it back.
-            shared.block_removed(evicted.kind, &evicted.value, evicted.expires_at);
+            shared.block_evicted(&evicted);
         }
     }
 
