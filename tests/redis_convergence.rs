@@ -38,27 +38,15 @@ mod envoy;
 #[path = "common/redis.rs"]
 mod redis_server;
 
-use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant};
 
-use common::{ADMIN_ROLE, Server, TempPolicy, demo_policy_without_risk, mint, operator_token};
-use redis_server::{Redis, resp, stored_block};
-use stepgate::{
-    api::v1::{
-        BlockKind, BlockRequest, BlockTarget, DecideRequest, ListBlocksRequest, UnblockRequest,
-        admin_service_client::AdminServiceClient, decide_request::Credential,
-        decision_service_client::DecisionServiceClient,
-    },
-    demo::TokenSpec,
+use common::TempPolicy;
+use redis_server::{
+    Random, Redis, Relay, Replica, as_operator, blocks, describe, lines_about, newest_writes,
+    now_ms, policy_through, replica, replica_view, resp, store_down, store_up, store_view,
+    stored_block, target, until_subscribed,
 };
-use tonic::transport::{Channel, Endpoint};
+use stepgate::api::v1::{BlockRequest, UnblockRequest};
 
 const SEEDS: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 const REPLICAS: usize = 3;
@@ -70,28 +58,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 /// The demo policy sharing its risk state through `redis`.
 fn policy(name: &str, redis: &Redis) -> TempPolicy {
-    let text = demo_policy_without_risk()
-        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
-        + &format!("risk:\n  store: {}\n", redis.url());
-    TempPolicy::new(name, &text)
-}
-
-/// A small, seeded pseudo-random source (SplitMix64).
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    policy_through(name, &redis.url())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -163,13 +130,6 @@ fn plan(seed: u64) -> Vec<Step> {
     steps
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// An operation taken: its step, and when its call was sent and answered (unix ms).
 #[derive(Debug, Clone)]
 struct Taken {
@@ -197,189 +157,6 @@ fn reason_id(number: usize) -> String {
     format!("op-{number}")
 }
 
-/// A request to the admin API as the operator.
-fn as_operator<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", operator_token()).parse().unwrap(),
-    );
-    request
-}
-
-fn target(subject: &str) -> Option<BlockTarget> {
-    Some(BlockTarget {
-        kind: BlockKind::Subject as i32,
-        value: subject.to_owned(),
-    })
-}
-
-/// One replica: its server, admin client and decision client.
-struct Replica {
-    server: Server,
-    admin: AdminServiceClient<Channel>,
-    decide: DecisionServiceClient<Channel>,
-}
-
-/// What holds a subject: the reason id and end of its block, or none.
-type Held = Option<(String, i64)>;
-
-/// Each subject's block in a replica's view, from its admin API's list.
-async fn replica_view(replica: &Replica, subjects: &[String]) -> Vec<Held> {
-    let listed = replica
-        .admin
-        .clone()
-        .list_blocks(as_operator(ListBlocksRequest {}))
-        .await
-        .expect("ListBlocks answers")
-        .into_inner()
-        .blocks;
-    subjects
-        .iter()
-        .map(|subject| {
-            listed
-                .iter()
-                .find(|b| {
-                    b.target
-                        .as_ref()
-                        .is_some_and(|t| t.kind == BlockKind::Subject as i32 && t.value == *subject)
-                })
-                .map(|b| (b.reason_id.clone(), b.expires_at))
-        })
-        .collect()
-}
-
-/// How many replicas have subscribed to the replicas' channel.
-fn subscribed(redis: &Redis) -> usize {
-    // `*2\r\n$16\r\nstepgate:changes\r\n:<subscribers>\r\n`
-    redis
-        .command(&resp(&["PUBSUB", "NUMSUB", "stepgate:changes"]))
-        .and_then(|reply| reply.trim_end().rsplit_once(':')?.1.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until `count` replicas have subscribed to the replicas' channel.
-async fn until_subscribed(redis: &Redis, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while subscribed(redis) < count {
-        assert!(
-            Instant::now() < deadline,
-            "{count} replicas did not reconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Each subject's block as Redis holds it: a lift, or a block over, holds none.
-fn store_view(redis: &Redis, subjects: &[String]) -> Vec<Held> {
-    let now = now_ms() / 1000;
-    subjects
-        .iter()
-        .map(|subject| {
-            let (_, record) = stored_block(redis, &format!("subject|{subject}"))?;
-            let expires_at = record["expires_at"].as_i64()?;
-            (record["removed"] != true && expires_at > now).then(|| {
-                (
-                    record["reason_id"].as_str().unwrap_or("").to_owned(),
-                    expires_at,
-                )
-            })
-        })
-        .collect()
-}
-
-/// Every replica's view and the store's, as said in a failure.
-fn describe(views: &[Vec<Held>], store: &[Held], subjects: &[String]) -> String {
-    let mut said = String::new();
-    for (i, subject) in subjects.iter().enumerate() {
-        said += &format!("  {subject}: store {:?}", store[i]);
-        for (r, view) in views.iter().enumerate() {
-            said += &format!(", replica {r} {:?}", view[i]);
-        }
-        said += "\n";
-    }
-    said
-}
-
-async fn metric(server: &Server, name: &str) -> Option<String> {
-    let prefix = format!("{name} ");
-    server
-        .scrape()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
-}
-
-/// Waits until `server` reports the store as up; fails with its log.
-async fn store_up(server: &Server, within: Duration) {
-    let deadline = Instant::now() + within;
-    while metric(server, "stepgate_risk_store_up").await.as_deref() != Some("1") {
-        assert!(
-            Instant::now() < deadline,
-            "stepgate_risk_store_up never 1 within {within:?}:\n{}",
-            server.logs_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The seeds to run: the fixed ones, or those the environment names.
-fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("STEPGATE_CONVERGENCE_SEED") {
-        return vec![
-            seed.trim()
-                .parse()
-                .expect("STEPGATE_CONVERGENCE_SEED: a number"),
-        ];
-    }
-    if let Ok(runs) = std::env::var("STEPGATE_CONVERGENCE_RUNS") {
-        let runs: u64 = runs
-            .trim()
-            .parse()
-            .expect("STEPGATE_CONVERGENCE_RUNS: a number");
-        let mut random = Random(now_ms() as u64);
-        return (0..runs).map(|_| random.below(1 << 48)).collect();
-    }
-    SEEDS.to_vec()
-}
-
-/// A replica on `policy`, with an admin listener and metrics.
-async fn replica(policy: &TempPolicy) -> Replica {
-    let (server, admin_url) = common::serve_with_admin(&policy.path, true).await;
-    let admin = Endpoint::from_shared(admin_url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let decide = DecisionServiceClient::new(server.channel().await);
-    Replica {
-        server,
-        admin: AdminServiceClient::new(admin),
-        decide,
-    }
-}
-
-/// Whether `replica`'s `Decide` refuses `subject` as blocked.
-async fn blocks(replica: &Replica, subject: &str) -> bool {
-    let token = mint(&TokenSpec {
-        subject: subject.to_owned(),
-        xms_cc: vec!["cp1".into()],
-        ..TokenSpec::default()
-    });
-    let answer = replica
-        .decide
-        .clone()
-        .decide(DecideRequest {
-            credential: Some(Credential::Token(token)),
-            operation: "reports.read".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("Decide answers")
-        .into_inner();
-    answer.reason == "blocked"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_converge_on_the_newest_block_or_lift_of_each_subject() {
     let mut redis = Redis::start();
@@ -392,7 +169,7 @@ async fn replicas_converge_on_the_newest_block_or_lift_of_each_subject() {
         store_up(&replica.server, Duration::from_secs(10)).await;
     }
     let mut failures = Vec::new();
-    for seed in seeds() {
+    for seed in redis_server::seeds("STEPGATE_CONVERGENCE", &SEEDS) {
         if let Err(failure) = run(seed, &replicas, &mut redis).await {
             eprintln!("seed {seed} FAILED");
             failures.push(failure);
@@ -521,18 +298,7 @@ async fn run(seed: u64, replicas: &[Replica], redis: &mut Redis) -> Result<(), S
                 reread.push(replica_view(replica, &subjects).await);
             }
             let store_reread = store_view(redis, &subjects);
-            let logs: Vec<String> = replicas
-                .iter()
-                .enumerate()
-                .flat_map(|(r, replica)| {
-                    replica
-                        .server
-                        .logs()
-                        .into_iter()
-                        .filter(|l| subjects.iter().any(|s| l.contains(s.as_str())))
-                        .map(move |l| format!("  replica {r}: {l}"))
-                })
-                .collect();
+            let logs = lines_about(replicas, &subjects);
             let failure = format!(
                 "the replicas and Redis do not agree within {SETTLE:?}:\n{}after every replica \
                  reconnected and re-read the store:\n{}{}the replicas' lines about these \
@@ -567,11 +333,8 @@ async fn run(seed: u64, replicas: &[Replica], redis: &mut Redis) -> Result<(), S
     // last one when it followed all the others.
     for (i, subject) in subjects.iter().enumerate() {
         let on: Vec<&Taken> = taken.iter().filter(|t| t.subject() == i).collect();
-        let newest: Vec<&Taken> = on
-            .iter()
-            .copied()
-            .filter(|t| !on.iter().any(|o| o.sent_ms > t.answered_ms))
-            .collect();
+        let calls: Vec<(i64, i64)> = on.iter().map(|t| (t.sent_ms, t.answered_ms)).collect();
+        let newest: Vec<&Taken> = newest_writes(&calls).into_iter().map(|i| on[i]).collect();
         clear += usize::from(newest.len() == 1);
         let left = agreed[i].as_ref().map(|(id, _)| id.clone());
         let possible: Vec<Option<String>> = if on.is_empty() {
@@ -695,89 +458,6 @@ async fn eventually<F: std::future::Future<Output = bool>>(
     }
 }
 
-/// Waits until `server` reports the store as down.
-async fn store_down(server: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(server, "stepgate_risk_store_up").await.as_deref() != Some("0") {
-        assert!(Instant::now() < deadline, "the store never down");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A TCP relay to Redis that can go silent on the subscriptions passing through it: their
-/// connections stay open, but nothing more crosses them either way, as when a load balancer or a
-/// NAT on the way drops an idle connection without a word.
-struct Relay {
-    port: u16,
-    subscriptions: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
-}
-
-impl Relay {
-    fn start(redis_port: u16) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let subscriptions: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let registry = Arc::clone(&subscriptions);
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
-                    continue;
-                };
-                let silent = Arc::new(AtomicBool::new(false));
-                // Copies `from` to `to` until either closes; nothing once `silent`. Client to
-                // server, a subscription is told apart by its command.
-                let pipe = |mut from: TcpStream, mut to: TcpStream, watch: bool| {
-                    let (silent, registry) = (Arc::clone(&silent), Arc::clone(&registry));
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        let mut seen = false;
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if watch && !seen {
-                                let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
-                                if text.contains("\r\nSUBSCRIBE\r\n") {
-                                    seen = true;
-                                    registry.lock().unwrap().push(Arc::clone(&silent));
-                                }
-                            }
-                            if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                };
-                pipe(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    true,
-                );
-                pipe(server, client, false);
-            }
-        });
-        Self {
-            port,
-            subscriptions,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The subscriptions open now go silent (those made after are not).
-    fn silence_subscriptions(&self) -> usize {
-        let subscriptions = self.subscriptions.lock().unwrap();
-        for silent in subscriptions.iter() {
-            silent.store(true, Ordering::SeqCst);
-        }
-        subscriptions.len()
-    }
-}
-
 /// A replica whose subscription is dropped without a word (its connection open, nothing crossing
 /// it) while its commands' connection stays healthy: it must notice, reconnect and catch up,
 /// rather than miss every other replica's change, and keep a field whose echo never came from
@@ -787,12 +467,7 @@ impl Relay {
 async fn a_subscription_dropped_without_a_word_is_noticed_and_caught_up_on() {
     let redis = Redis::start();
     let relay = Relay::start(redis.port);
-    let through_relay = {
-        let text = demo_policy_without_risk()
-            + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
-            + &format!("risk:\n  store: {}\n", relay.url());
-        TempPolicy::new("redis-silent-a", &text)
-    };
+    let through_relay = policy_through("redis-silent-a", &relay.url());
     let direct = policy("redis-silent-b", &redis);
     let a = replica(&through_relay).await;
     let b = replica(&direct).await;
