@@ -182,7 +182,8 @@ struct Taken {
     sent_ms: i64,
     answered_ms: i64,
     revoked: Option<Revoked>,
-    /// Whether its replica was cut off Redis when it was sent.
+    /// Whether its replica's way to Redis was cut when it was sent. (One restored may still be
+    /// waiting to reconnect, its backoff grown while it was cut: its changes wait meanwhile too.)
     cut_off: bool,
 }
 
