@@ -28,7 +28,7 @@ use common::{
     ADMIN_ROLE, Server, Spawn, TempPolicy, admin_ok, bin, demo_policy_without_risk, mint,
     operator_token,
 };
-use redis_server::{Redis, resp, stored_block};
+use redis_server::{Redis, resp, stored_block, stored_revocation};
 use stepgate::{
     api::v1::{
         BlockKind, BlockRequest, BlockTarget, DecideRequest, DecideResponse, Outcome,
@@ -1534,13 +1534,6 @@ async fn a_refused_writes_read_back_does_not_undo_a_newer_change_here() {
         "A dropped its own operator's newer block: the store holds {:?}",
         stored_block(&redis, "subject|mallory")
     );
-}
-
-/// The field `subject` of stepgate's revocations hash as `redis` holds it: the record.
-fn stored_revocation(redis: &Redis, subject: &str) -> Option<serde_json::Value> {
-    let reply = redis.command(&resp(&["HGET", "stepgate:revocations", subject]))?;
-    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
-    serde_json::from_str(value.split_once('|')?.1).ok()
 }
 
 /// Two revocations of one subject made on two replicas while Redis is down: the later one
