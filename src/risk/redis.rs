@@ -547,8 +547,11 @@ impl Shared {
         let record = BlockRecord::of(block);
         let precedence = Precedence::of_block(&record);
         let field = block_field(block.kind, &block.value);
-        self.changed.lifts.blocked(&field);
-        self.put(Hash::Blocks, field, &record, precedence, now_ms());
+        let at_ms = now_ms();
+        self.changed
+            .lifts
+            .blocked(&field, Some((at_ms, block.expires_at)));
+        self.put(Hash::Blocks, field, &record, precedence, at_ms);
     }
 
     /// A risk signal's block evicted here to make room for another: dropped from the store too,
@@ -556,11 +559,12 @@ impl Shared {
     /// and not kept as a lift here (anonymous traffic can cause evictions, as many as it likes).
     pub fn block_evicted(&self, block: &Block) {
         let at_ms = now_ms();
+        let field = block_field(block.kind, &block.value);
+        self.changed.lifts.blocked(&field, None);
         let lift = Lift {
             at_ms,
             until: block.expires_at,
         };
-        let field = block_field(block.kind, &block.value);
         self.put(
             Hash::Blocks,
             field,
@@ -751,12 +755,18 @@ struct Changed {
 /// outage, and every replica would enforce it again. A lift the store lacks is written back, and
 /// a block the store (or another replica) holds that is older than a lift here is not applied:
 /// the lift is written back, and the store decides between the two.
+///
+/// Beside them, the time in ms each block held here was written, which its record keeps only to
+/// the second: a block written back to a Redis that lost it takes its own time, not its second's
+/// start, which an older write of that second (a lift that waited out an outage) would beat.
 #[derive(Debug, Default)]
 struct Lifts(Mutex<LiftTable>);
 
 #[derive(Debug, Default)]
 struct LiftTable {
     lifts: HashMap<String, Lift>,
+    /// The blocks held here, by field: (written in ms, until).
+    blocks: HashMap<String, (i64, i64)>,
     /// When those over were last swept out to make room (at most once a second: a resync may
     /// read a hundred thousand lifts).
     swept: Option<Instant>,
@@ -786,6 +796,7 @@ impl Lifts {
             return;
         }
         let mut table = self.lock();
+        table.blocks.remove(field);
         if let Some(known) = table.lifts.get_mut(field) {
             if known.at_ms <= lift.at_ms {
                 *known = lift;
@@ -793,14 +804,7 @@ impl Lifts {
             return;
         }
         if table.lifts.len() >= Self::MAX {
-            let at = Instant::now();
-            if table
-                .swept
-                .is_none_or(|swept| at.duration_since(swept) >= Duration::from_secs(1))
-            {
-                table.swept = Some(at);
-                table.lifts.retain(|_, l| l.until > now);
-            }
+            table.sweep(now);
             if table.lifts.len() >= Self::MAX {
                 return;
             }
@@ -808,9 +812,33 @@ impl Lifts {
         table.lifts.insert(field.to_owned(), lift);
     }
 
-    /// A block on `field`, newer than any lift of it here, is held here now.
-    fn blocked(&self, field: &str) {
-        self.lock().lifts.remove(field);
+    /// A block on `field`, newer than any lift of it here, is held here now, written at
+    /// `written.0` ms and ending at `written.1` (none: not known, or not held after all).
+    fn blocked(&self, field: &str, written: Option<(i64, i64)>) {
+        let mut table = self.lock();
+        table.lifts.remove(field);
+        let Some(written) = written else {
+            table.blocks.remove(field);
+            return;
+        };
+        if !table.blocks.contains_key(field) && table.blocks.len() >= Self::MAX {
+            let now = written.0.div_euclid(1000);
+            table.sweep(now);
+            if table.blocks.len() >= Self::MAX {
+                return;
+            }
+        }
+        table.blocks.insert(field.to_owned(), written);
+    }
+
+    /// When the block held here on `field`, made in second `created_at`, was written (ms), if
+    /// known.
+    fn block_written(&self, field: &str, created_at: i64) -> Option<i64> {
+        self.lock()
+            .blocks
+            .get(field)
+            .map(|(at_ms, _)| *at_ms)
+            .filter(|at_ms| at_ms.div_euclid(1000) == created_at)
     }
 
     /// The lift of `field` known here that is newer than a write made at `at_ms`, if any.
@@ -826,7 +854,23 @@ impl Lifts {
     fn live(&self, now: i64) -> Vec<(String, Lift)> {
         let mut table = self.lock();
         table.lifts.retain(|_, l| l.until > now);
+        table.blocks.retain(|_, (_, until)| *until > now);
         table.lifts.iter().map(|(f, l)| (f.clone(), *l)).collect()
+    }
+}
+
+impl LiftTable {
+    /// Forgets what is over, at most once a second.
+    fn sweep(&mut self, now: i64) {
+        let at = Instant::now();
+        if self
+            .swept
+            .is_none_or(|swept| at.duration_since(swept) >= Duration::from_secs(1))
+        {
+            self.swept = Some(at);
+            self.lifts.retain(|_, l| l.until > now);
+            self.blocks.retain(|_, (_, until)| *until > now);
+        }
     }
 }
 
@@ -1746,7 +1790,8 @@ fn reconcile(
     for block in state.blocks().list(now) {
         let field = block_field(block.kind, &block.value);
         if !blocks.contains_key(&field) {
-            missing.push(block_put(field, &block));
+            let written = changed.lifts.block_written(&field, block.created_at);
+            missing.push(block_put(field, &block, written));
         }
     }
     for (field, lift) in changed.lifts.live(now) {
@@ -1824,13 +1869,14 @@ fn warn_throttled(throttle: &Throttle, what: &str, why: &str, said: &str) {
     }
 }
 
-/// `block` written back to the store as its creator wrote it.
-fn block_put(field: String, block: &Block) -> Put {
+/// `block` written back to the store as its creator wrote it, at `written` ms when known (else
+/// at its second's start).
+fn block_put(field: String, block: &Block, written: Option<i64>) -> Put {
     let record = BlockRecord::of(block);
     Put {
         hash: Hash::Blocks,
         field,
-        at_ms: block.created_at * 1000,
+        at_ms: written.unwrap_or(block.created_at * 1000),
         record: serde_json::to_string(&record).expect("records serialize"),
         precedence: Precedence::of_block(&record),
         id: put_id(),
@@ -1919,23 +1965,10 @@ fn apply_block(
         );
         return None;
     }
-    let here = state.blocks().get(kind, value, now);
-    if let Some(here) = &here {
-        let kept = match from {
-            Source::Resync => record.created_at < here.created_at || record.unaware_of(here),
-            Source::Message => record.unaware_of(here),
-            Source::Refusal => false,
-        };
-        if kept {
-            return Some(block_put(field.to_owned(), here));
-        }
-    }
     // When it was written: the write's own time, but the store's stamp is later than that when
     // the script gave a held-up operator's write the stored record's time (`operator_at` then
-    // holds the write's own); of a block, no earlier than the end of its creation's second, of
-    // which a block written back keeps only the start (a lift and a block of one second: the
-    // block is taken as the newer, failing closed).
-    // (A signal's record keeps there the time of the operator's write it replaced instead.)
+    // holds the write's own; a signal's record keeps there the time of the operator's write it
+    // replaced instead).
     let by_signal = record.created_by.starts_with(blocks::RISK_CREATOR_PREFIX);
     let operator_at = record
         .operator_at
@@ -1947,6 +1980,24 @@ fn apply_block(
         (stamp, _) => stamp,
     };
     let second_ms = record.created_at.saturating_mul(1000);
+    let here = state.blocks().get(kind, value, now);
+    if let Some(here) = &here {
+        let here_written = lifts.block_written(field, here.created_at);
+        // Older than the block here: by their times in ms when both are known, else by their
+        // seconds.
+        let older = match (written, here_written) {
+            (Some(written), Some(here_written)) => written < here_written,
+            _ => record.created_at < here.created_at,
+        };
+        let kept = match from {
+            Source::Resync => older || record.unaware_of(here),
+            Source::Message => record.unaware_of(here),
+            Source::Refusal => false,
+        };
+        if kept {
+            return Some(block_put(field.to_owned(), here, here_written));
+        }
+    }
     if record.removed {
         let at_ms = written.unwrap_or(second_ms);
         let until = record.expires_at;
@@ -1958,15 +2009,19 @@ fn apply_block(
         }
         return None;
     }
-    if from != Source::Refusal {
-        let at_ms = written
-            .unwrap_or(i64::MIN)
-            .max(second_ms.saturating_add(999));
-        if let Some(lift) = lifts.newer_than(field, at_ms, now) {
-            return Some(lift_put(field.to_owned(), lift));
-        }
+    // A block whose time is only its second's (from a version that wrote blocks back at that)
+    // is taken as of the second's end: of a lift and such a block of one second, the block is
+    // taken as the newer (fail closed).
+    let block_ms = match written {
+        Some(written) if written != second_ms => written,
+        _ => second_ms.saturating_add(999),
+    };
+    if from != Source::Refusal
+        && let Some(lift) = lifts.newer_than(field, block_ms, now)
+    {
+        return Some(lift_put(field.to_owned(), lift));
     }
-    lifts.blocked(field);
+    lifts.blocked(field, Some((block_ms, record.expires_at)));
     let block = Block {
         kind,
         value: value.to_owned(),
@@ -2504,6 +2559,52 @@ mod tests {
         signals.created_by = "risk:x".into();
         signals.operator_at = Some(ms(300).into());
         assert!(apply_block(&state, &lifts, &field, &signals, Some(ms(50)), now, resync).is_none());
+
+        // A block held here, written at .700 of its second: a lift of .500 that second, read
+        // from the store, is older, and the block is written back at .700, not at its second's
+        // start (which the lift would beat in the store); so where the store lost it.
+        let state = RiskState::default();
+        let changed = Changed::default();
+        let second = now - 10;
+        let held = Block {
+            kind: Kind::Subject,
+            value: "mallory".into(),
+            reason_id: Arc::from("INC-4"),
+            reason: String::new(),
+            created_at: second,
+            expires_at: now + 600,
+            created_by: "san:ops".into(),
+        };
+        state.blocks().set(held.clone(), now).unwrap();
+        changed
+            .lifts
+            .blocked(&field, Some((second * 1000 + 700, now + 600)));
+        let early = lift_record(Lift {
+            at_ms: second * 1000 + 500,
+            until: now + 600,
+        });
+        let stored = HashMap::from([(
+            field.clone(),
+            format!(
+                "{}|{}",
+                second * 1000 + 500,
+                serde_json::to_string(&early).unwrap()
+            ),
+        )]);
+        let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
+        let written_back: Vec<_> = r.contested.iter().map(|p| p.at_ms).collect();
+        assert_eq!(written_back, vec![second * 1000 + 700]);
+        assert!(state.blocks().get(Kind::Subject, "mallory", now).is_some());
+        let r = reconcile(
+            &state,
+            &HashMap::new(),
+            &HashMap::new(),
+            now,
+            &|_| false,
+            &changed,
+        );
+        let written_back: Vec<_> = r.missing.iter().map(|p| p.at_ms).collect();
+        assert_eq!(written_back, vec![second * 1000 + 700]);
 
         // A stored lift newer than the one known here replaces it; an older one does not.
         let lifts = Lifts::default();
