@@ -28,13 +28,11 @@
 //!   operations that no later-started one followed strictly, and of the last one when it followed
 //!   all the others. A replica that was cut off when a newer write was made, and changes written
 //!   while it was away, do not change that.
-//! - **Except a lift Redis lost.** A Redis started again without persistence has lost every lift;
-//!   the replicas write back the blocks they hold, and a replica that had not heard of a lift
-//!   (cut off when it was made, and not back before Redis went down) still holds the block it
-//!   lifted, and writes it back ("Run Redis with persistence (AOF) so that a lifted block stays
-//!   lifted across its restarts", `docs/risk.md`). So when the newest write of a subject is a
-//!   lift made before Redis came back, the subject may also be left blocked by one of its earlier
-//!   blocks. Agreement still holds.
+//!   That holds through a Redis started again without persistence, which has lost every block
+//!   and lift: the replicas write back the blocks they hold and the lifts they know of, each at
+//!   the time it was written, so a replica that had not heard of a lift (cut off when it was
+//!   made) and writes back the block it lifted does not bring it back, and an older write of the
+//!   same second that waited out the outage does not beat the newest.
 //!
 //! The blocks last two minutes at least, so none expires while a sequence is checked; the test
 //! uses no risk signal, so every write is an operator's.
@@ -604,8 +602,7 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
     let mut clear = 0;
     // Last writer wins: what is left of each subject is the outcome of an operation that no
     // other one followed strictly (started after it was answered, so stamped later), and of the
-    // last one when it followed all the others. But a lift Redis lost, the newest write, may be
-    // undone by a block a replica still held.
+    // last one when it followed all the others.
     for (i, subject) in subjects.iter().enumerate() {
         let on: Vec<&Taken> = taken
             .iter()
@@ -615,21 +612,11 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
         let newest: Vec<&Taken> = newest_writes(&calls).into_iter().map(|n| on[n]).collect();
         clear += usize::from(newest.len() == 1);
         let left = agreed.blocks[i].as_ref().map(|(id, _)| id.clone());
-        let mut possible: Vec<Option<String>> = if on.is_empty() {
+        let possible: Vec<Option<String>> = if on.is_empty() {
             vec![None]
         } else {
             newest.iter().map(|t| t.outcome()).collect()
         };
-        let lost_lift = newest.iter().any(|t| {
-            matches!(t.step, Step::Lift { .. }) && killed_ms.is_some_and(|k| t.sent_ms < k)
-        });
-        if lost_lift {
-            possible.extend(
-                on.iter()
-                    .filter(|t| killed_ms.is_some_and(|k| t.sent_ms < k))
-                    .filter_map(|t| t.outcome().map(Some)),
-            );
-        }
         if !possible.contains(&left) {
             failures.push(format!(
                 "{subject} holds {left:?}, the outcome of none of its newest writes {:?} ({:?})",
@@ -639,11 +626,6 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
                     .collect::<Vec<_>>(),
                 possible,
             ));
-        } else if lost_lift && !newest.iter().any(|t| t.outcome() == left) {
-            eprintln!(
-                "seed {seed}: {subject} holds {left:?}, a block older than its newest write, a \
-                 lift that Redis lost"
-            );
         }
     }
     eprintln!(
