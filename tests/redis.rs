@@ -1876,8 +1876,20 @@ fn an_eviction_lifts_only_a_signals_block_and_a_cut_read_says_so() {
     assert_eq!(removed("source|10.0.2.0/24"), Some(false));
     assert_eq!(put("source|10.0.3.0/24", "evict", 0, ""), ":0\r\n");
     assert_eq!(removed("source|10.0.3.0/24"), None);
+    // An eviction is no operator's lift: an operator's block made before it but held up (its
+    // replica cut off), newer than the signal's, still replaces what is left of the signal's.
+    assert_eq!(
+        put("source|10.0.4.0/24", "signal", 30, "risk:forged"),
+        ":1\r\n"
+    );
+    assert_eq!(put("source|10.0.4.0/24", "evict", 0, ""), ":1\r\n");
+    assert_eq!(
+        put("source|10.0.4.0/24", "operator", 10, "san:ops"),
+        ":1\r\n"
+    );
+    assert_eq!(removed("source|10.0.4.0/24"), Some(false));
 
-    // Three fields read two at a time: cut.
+    // Four fields read two at a time: cut.
     let read = |max: &str| {
         redis
             .command(&resp(&[
@@ -1892,5 +1904,5 @@ fn an_eviction_lifts_only_a_signals_block_and_a_cut_read_says_so() {
             .unwrap_or_default()
     };
     assert!(read("2").ends_with(":1\r\n"), "{}", read("2"));
-    assert!(read("3").ends_with(":0\r\n"), "{}", read("3"));
+    assert!(read("4").ends_with(":0\r\n"), "{}", read("4"));
 }

@@ -5,8 +5,8 @@
 //! - **Changes out.** A block, unblock or revocation made here is applied here first, then
 //!   written to a Redis hash by a script that keeps the newest write per target
 //!   (last-writer-wins by time in milliseconds; but a risk signal's block never shortens a block
-//!   in force, and of two revocations the one that covers more stays, see [`PUT`]) and
-//!   publishes it on the replicas' channel.
+//!   in force, of two revocations the one that covers more stays, and a signal's block evicted
+//!   here lifts only a signal's block, see [`PUT`]) and publishes it on the replicas' channel.
 //! - **Changes in.** The task subscribes to that channel and applies what the other replicas
 //!   publish. Pub/sub delivers at most once, so the task also re-reads both hashes every
 //!   [`RESYNC`] and on every (re)connection.
@@ -19,7 +19,8 @@
 //!   closed, as the policy says), counters count locally, and changes made here wait in a
 //!   bounded queue. The task reconnects with backoff (100 ms doubling to 10 s); it then writes
 //!   the waiting changes (the newest write still wins), re-reads everything, and writes back what
-//!   Redis lost (a restart without persistence).
+//!   Redis lost (a restart without persistence): the blocks held here, each at the time it was
+//!   written, and the lifts known here ([`Lifts`]).
 //!
 //! Redis Cluster and Sentinel are not supported: use one primary (with replicas and persistence
 //! for failover as your platform provides). Every key of one counter shares a hash tag, so a
@@ -176,7 +177,10 @@ if what == 'evict' then
           and tonumber(at) <= written) then
     return 0
   end
+  -- No operator's word: it keeps the signal's record's `operator_at` (0 when it has none), so
+  -- an operator's write held up meanwhile is not taken for older than an operator's lift.
   what = 'lift'
+  record = with_operator_at(record, type(old.operator_at) == 'number' and old.operator_at or 0)
 end
 if cur then
   local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -467,6 +471,10 @@ struct PutMessage {
     /// The write's time in ms ([`Put::at_ms`]); absent from versions before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     at: Option<i64>,
+    /// A signal's block evicted to make room ([`Precedence::Evict`]): a lift that is no
+    /// operator's, not kept as one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    evicted: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -547,20 +555,27 @@ impl Shared {
         let record = BlockRecord::of(block);
         let precedence = Precedence::of_block(&record);
         let field = block_field(block.kind, &block.value);
-        let at_ms = now_ms();
-        self.changed
-            .lifts
-            .blocked(&field, Some((at_ms, block.expires_at)));
+        let at_ms = write_time();
+        let written = BlockWritten {
+            at_ms,
+            created_at: block.created_at,
+            until: block.expires_at,
+        };
+        let now = at_ms.div_euclid(1000);
+        self.changed.lifts.blocked(&field, Some(written), now);
         self.put(Hash::Blocks, field, &record, precedence, at_ms);
     }
 
     /// A risk signal's block evicted here to make room for another: dropped from the store too,
     /// if the store holds it (a replica still holding it drops it rather than writing it back),
-    /// and not kept as a lift here (anonymous traffic can cause evictions, as many as it likes).
+    /// and kept as a lift neither here nor by the other replicas (anonymous traffic can cause
+    /// evictions, as many as it likes; and an eviction is no operator's word).
     pub fn block_evicted(&self, block: &Block) {
-        let at_ms = now_ms();
+        let at_ms = write_time();
         let field = block_field(block.kind, &block.value);
-        self.changed.lifts.blocked(&field, None);
+        self.changed
+            .lifts
+            .blocked(&field, None, at_ms.div_euclid(1000));
         let lift = Lift {
             at_ms,
             until: block.expires_at,
@@ -576,7 +591,7 @@ impl Shared {
 
     /// `value` is normalized.
     pub fn block_removed(&self, kind: Kind, value: &str, expires_at: i64) {
-        let at_ms = now_ms();
+        let at_ms = write_time();
         let field = block_field(kind, value);
         let lift = Lift {
             at_ms,
@@ -607,7 +622,7 @@ impl Shared {
             revocation.subject.clone(),
             &record,
             Precedence::Revocation(revocation.before),
-            now_ms(),
+            write_time(),
         );
     }
 
@@ -756,8 +771,8 @@ struct Changed {
 /// a block the store (or another replica) holds that is older than a lift here is not applied:
 /// the lift is written back, and the store decides between the two.
 ///
-/// Beside them, the time in ms each block held here was written, which its record keeps only to
-/// the second: a block written back to a Redis that lost it takes its own time, not its second's
+/// Beside them, the time in ms each block held here was written, where known to the millisecond
+/// (its record keeps only the second): a block written back to a Redis that lost it takes its own time, not its second's
 /// start, which an older write of that second (a lift that waited out an outage) would beat.
 #[derive(Debug, Default)]
 struct Lifts(Mutex<LiftTable>);
@@ -765,11 +780,21 @@ struct Lifts(Mutex<LiftTable>);
 #[derive(Debug, Default)]
 struct LiftTable {
     lifts: HashMap<String, Lift>,
-    /// The blocks held here, by field: (written in ms, until).
-    blocks: HashMap<String, (i64, i64)>,
+    /// When the blocks held here were written, by field, where known to the millisecond.
+    blocks: HashMap<String, BlockWritten>,
     /// When those over were last swept out to make room (at most once a second: a resync may
     /// read a hundred thousand lifts).
     swept: Option<Instant>,
+}
+
+/// When a block held here was written, to the millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockWritten {
+    at_ms: i64,
+    /// The block's `created_at`, which tells it from another block of the field.
+    created_at: i64,
+    /// When it ends: forgotten then.
+    until: i64,
 }
 
 /// A lift known here.
@@ -812,9 +837,9 @@ impl Lifts {
         table.lifts.insert(field.to_owned(), lift);
     }
 
-    /// A block on `field`, newer than any lift of it here, is held here now, written at
-    /// `written.0` ms and ending at `written.1` (none: not known, or not held after all).
-    fn blocked(&self, field: &str, written: Option<(i64, i64)>) {
+    /// A block on `field`, newer than any lift of it here, is held here now, `written` when
+    /// (none: not known to the millisecond, or not held after all).
+    fn blocked(&self, field: &str, written: Option<BlockWritten>, now: i64) {
         let mut table = self.lock();
         table.lifts.remove(field);
         let Some(written) = written else {
@@ -822,7 +847,6 @@ impl Lifts {
             return;
         };
         if !table.blocks.contains_key(field) && table.blocks.len() >= Self::MAX {
-            let now = written.0.div_euclid(1000);
             table.sweep(now);
             if table.blocks.len() >= Self::MAX {
                 return;
@@ -831,14 +855,14 @@ impl Lifts {
         table.blocks.insert(field.to_owned(), written);
     }
 
-    /// When the block held here on `field`, made in second `created_at`, was written (ms), if
-    /// known.
+    /// When the block held here on `field`, made at `created_at`, was written (ms), if known to
+    /// the millisecond.
     fn block_written(&self, field: &str, created_at: i64) -> Option<i64> {
         self.lock()
             .blocks
             .get(field)
-            .map(|(at_ms, _)| *at_ms)
-            .filter(|at_ms| at_ms.div_euclid(1000) == created_at)
+            .filter(|w| w.created_at == created_at)
+            .map(|w| w.at_ms)
     }
 
     /// The lift of `field` known here that is newer than a write made at `at_ms`, if any.
@@ -854,7 +878,7 @@ impl Lifts {
     fn live(&self, now: i64) -> Vec<(String, Lift)> {
         let mut table = self.lock();
         table.lifts.retain(|_, l| l.until > now);
-        table.blocks.retain(|_, (_, until)| *until > now);
+        table.blocks.retain(|_, w| w.until > now);
         table.lifts.iter().map(|(f, l)| (f.clone(), *l)).collect()
     }
 }
@@ -869,7 +893,7 @@ impl LiftTable {
         {
             self.swept = Some(at);
             self.lifts.retain(|_, l| l.until > now);
-            self.blocks.retain(|_, (_, until)| *until > now);
+            self.blocks.retain(|_, w| w.until > now);
         }
     }
 }
@@ -1414,6 +1438,7 @@ impl Task {
                     record: put.record.clone(),
                     id: Some(put.id),
                     at: Some(put.at_ms),
+                    evicted: put.precedence == Precedence::Evict,
                 }),
                 count: None,
             };
@@ -1626,7 +1651,11 @@ impl Task {
                     && !self.changed.out(&put.field)
                 {
                     let lifts = &self.changed.lifts;
-                    let from = Source::Message;
+                    let from = if put.evicted {
+                        Source::Eviction
+                    } else {
+                        Source::Message
+                    };
                     kept = apply_block(&state, lifts, &put.field, &record, put.at, now, from);
                     if let Some(kept) = &kept {
                         // Its write is out from now on: what was published before it is not
@@ -1915,6 +1944,8 @@ enum Source {
     Resync,
     /// Another replica's message: a write that has just won in the store.
     Message,
+    /// Another replica's message of a signal's block it evicted: a lift, but no operator's.
+    Eviction,
     /// The store, after refusing this replica's block in its favour.
     Refusal,
 }
@@ -1983,16 +2014,17 @@ fn apply_block(
     let here = state.blocks().get(kind, value, now);
     if let Some(here) = &here {
         let here_written = lifts.block_written(field, here.created_at);
-        // Older than the block here: by their times in ms when both are known, else by their
-        // seconds.
-        let older = match (written, here_written) {
+        // Older than the block here: by their times in ms when both are known to the
+        // millisecond, else by their seconds.
+        let exact = written.filter(|written| *written != second_ms);
+        let older = match (exact, here_written) {
             (Some(written), Some(here_written)) => written < here_written,
             _ => record.created_at < here.created_at,
         };
         let kept = match from {
             Source::Resync => older || record.unaware_of(here),
             Source::Message => record.unaware_of(here),
-            Source::Refusal => false,
+            Source::Eviction | Source::Refusal => false,
         };
         if kept {
             return Some(block_put(field.to_owned(), here, here_written));
@@ -2001,7 +2033,11 @@ fn apply_block(
     if record.removed {
         let at_ms = written.unwrap_or(second_ms);
         let until = record.expires_at;
-        lifts.lifted(field, Lift { at_ms, until }, now);
+        if from == Source::Eviction {
+            lifts.blocked(field, None, now);
+        } else {
+            lifts.lifted(field, Lift { at_ms, until }, now);
+        }
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
         // read lock, not removed under the write lock the request path waits on.
         if here.is_some() {
@@ -2009,19 +2045,23 @@ fn apply_block(
         }
         return None;
     }
-    // A block whose time is only its second's (from a version that wrote blocks back at that)
-    // is taken as of the second's end: of a lift and such a block of one second, the block is
-    // taken as the newer (fail closed).
-    let block_ms = match written {
-        Some(written) if written != second_ms => written,
-        _ => second_ms.saturating_add(999),
-    };
+    // A block whose time is only its second's (from a version that wrote blocks back at that,
+    // or a message without its time) is taken as of the second's end against a lift: of a lift
+    // and such a block of one second, the block is taken as the newer (fail closed). Its time
+    // is not kept: it is no more than its second, and is written back as such.
+    let exact = written.filter(|written| *written != second_ms);
+    let block_ms = exact.unwrap_or(second_ms.saturating_add(999));
     if from != Source::Refusal
         && let Some(lift) = lifts.newer_than(field, block_ms, now)
     {
         return Some(lift_put(field.to_owned(), lift));
     }
-    lifts.blocked(field, Some((block_ms, record.expires_at)));
+    let written = exact.map(|at_ms| BlockWritten {
+        at_ms,
+        created_at: record.created_at,
+        until: record.expires_at,
+    });
+    lifts.blocked(field, written, now);
     let block = Block {
         kind,
         value: value.to_owned(),
@@ -2173,6 +2213,14 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The time in ms of a write made here: never a second's first millisecond, which a stored
+/// stamp holds only when its writer knew no more than the second (a block written back by a
+/// version before the blocks' write times were kept).
+fn write_time() -> i64 {
+    let at = now_ms();
+    if at.rem_euclid(1000) == 0 { at + 1 } else { at }
 }
 
 /// A random name for this replica, to recognise its own messages.
@@ -2576,9 +2624,12 @@ mod tests {
             created_by: "san:ops".into(),
         };
         state.blocks().set(held.clone(), now).unwrap();
-        changed
-            .lifts
-            .blocked(&field, Some((second * 1000 + 700, now + 600)));
+        let written = BlockWritten {
+            at_ms: second * 1000 + 700,
+            created_at: second,
+            until: now + 600,
+        };
+        changed.lifts.blocked(&field, Some(written), now);
         let early = lift_record(Lift {
             at_ms: second * 1000 + 500,
             until: now + 600,
@@ -2605,6 +2656,42 @@ mod tests {
         );
         let written_back: Vec<_> = r.missing.iter().map(|p| p.at_ms).collect();
         assert_eq!(written_back, vec![second * 1000 + 700]);
+
+        // A block known only to its second (stamped at its start: written back by a version
+        // that knew no more) is applied, but its time is not kept as the end of the second, nor
+        // taken as older than itself at the next read: nothing is written back over it.
+        let state = RiskState::default();
+        let changed = Changed::default();
+        let stored = HashMap::from([(
+            field.clone(),
+            format!(
+                "{}|{}",
+                second * 1000,
+                serde_json::to_string(&BlockRecord::of(&held)).unwrap()
+            ),
+        )]);
+        for _ in 0..2 {
+            let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
+            assert!(r.contested.is_empty() && r.missing.is_empty());
+            assert!(state.blocks().get(Kind::Subject, "mallory", now).is_some());
+            assert_eq!(changed.lifts.block_written(&field, second), None);
+        }
+
+        // Another replica's eviction of a signal's block is applied, but is no lift to keep.
+        let lifts = Lifts::default();
+        let evicted = lift_record(lift);
+        let from = Source::Eviction;
+        apply_block(
+            &state,
+            &lifts,
+            &field,
+            &evicted,
+            Some(lift.at_ms),
+            now,
+            from,
+        );
+        assert_eq!(lifts.newer_than(&field, 0, now), None);
+        assert!(state.blocks().get(Kind::Subject, "mallory", now).is_none());
 
         // A stored lift newer than the one known here replaces it; an older one does not.
         let lifts = Lifts::default();
