@@ -52,6 +52,16 @@ async fn replica(policy: &TempPolicy) -> (Server, String) {
     common::serve_with_admin(&policy.path, true).await
 }
 
+/// Two replicas on `policy`, once each has read the store: (A, A's admin URL, B, B's).
+async fn two_replicas(policy: &TempPolicy) -> (Server, String, Server, String) {
+    let (a, a_admin) = replica(policy).await;
+    let (b, b_admin) = replica(policy).await;
+    for server in [&a, &b] {
+        store_up(server, true, Duration::from_secs(10)).await;
+    }
+    (a, a_admin, b, b_admin)
+}
+
 /// Blocks `subject` through the admin API at `admin`.
 fn block_subject(admin: &str, subject: &str, reason_id: &str, ttl: &str) -> serde_json::Value {
     admin_ok(
@@ -141,11 +151,7 @@ async fn blocks_revocations_and_signals_are_shared_by_two_replicas_behind_envoy(
       require: { auth_contexts: [c3] }
 "#;
     let policy = policy("redis-shared", &redis, signals);
-    let (a, a_admin) = replica(&policy).await;
-    let (b, b_admin) = replica(&policy).await;
-    for server in [&a, &b] {
-        store_up(server, true, Duration::from_secs(10)).await;
-    }
+    let (a, a_admin, b, b_admin) = two_replicas(&policy).await;
     let echo = envoy::Echo::start().await;
     let proxy = envoy::Envoy::start(envoy::ENVOY_YAML, b.port, echo.port).await;
     let http = reqwest::Client::new();
@@ -354,11 +360,7 @@ async fn a_redis_outage_fails_no_decision_and_blocks_converge_after_it() {
     let mut redis = Redis::start();
     let port = redis.port;
     let policy = policy("redis-outage", &redis, "");
-    let (a, a_admin) = replica(&policy).await;
-    let (b, _) = replica(&policy).await;
-    for server in [&a, &b] {
-        store_up(server, true, Duration::from_secs(10)).await;
-    }
+    let (a, a_admin, b, _) = two_replicas(&policy).await;
     block_subject(&a_admin, "grace", "BEFORE", "1h");
     let grace = entra_token("grace", &[], true);
     eventually("B has the first block", Duration::from_secs(10), || async {
@@ -1547,11 +1549,7 @@ async fn a_later_revocation_covering_less_does_not_shorten_one_in_the_store() {
     let mut redis = Redis::start();
     let port = redis.port;
     let policy = policy("redis-revocation-max", &redis, "");
-    let (a, a_admin) = replica(&policy).await;
-    let (b, b_admin) = replica(&policy).await;
-    for server in [&a, &b] {
-        store_up(server, true, Duration::from_secs(10)).await;
-    }
+    let (a, a_admin, b, b_admin) = two_replicas(&policy).await;
     redis.kill();
     for server in [&a, &b] {
         store_up(server, false, Duration::from_secs(10)).await;
@@ -1689,11 +1687,7 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
     let mut redis = Redis::start();
     let port = redis.port;
     let policy = policy("redis-lost-lift", &redis, "");
-    let (a, a_admin) = replica(&policy).await;
-    let (b, _) = replica(&policy).await;
-    for server in [&a, &b] {
-        store_up(server, true, Duration::from_secs(10)).await;
-    }
+    let (a, a_admin, b, _) = two_replicas(&policy).await;
     let mallory = entra_token("mallory", &[], true);
     block_subject(&a_admin, "mallory", "INC-3", "1d");
     written(&redis, "subject|mallory", &a).await;

@@ -2503,6 +2503,12 @@ mod tests {
         }
     }
 
+    /// A hash as a resync reads it, holding `record` at `field`, written at `at_ms`.
+    fn stored_at(field: &str, at_ms: i64, record: &impl Serialize) -> HashMap<String, String> {
+        let json = serde_json::to_string(record).unwrap();
+        HashMap::from([(field.to_owned(), format!("{at_ms}|{json}"))])
+    }
+
     /// A block older than a lift known here, from a resync (by its stamp) or a message (by its
     /// creation's second: one of the lift's own second is taken as newer), is not applied: the
     /// lift is written back instead. A newer block is applied and the lift forgotten; the block
@@ -2634,14 +2640,7 @@ mod tests {
             at_ms: second * 1000 + 500,
             until: now + 600,
         });
-        let stored = HashMap::from([(
-            field.clone(),
-            format!(
-                "{}|{}",
-                second * 1000 + 500,
-                serde_json::to_string(&early).unwrap()
-            ),
-        )]);
+        let stored = stored_at(&field, second * 1000 + 500, &early);
         let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
         let written_back: Vec<_> = r.contested.iter().map(|p| p.at_ms).collect();
         assert_eq!(written_back, vec![second * 1000 + 700]);
@@ -2662,14 +2661,7 @@ mod tests {
         // taken as older than itself at the next read: nothing is written back over it.
         let state = RiskState::default();
         let changed = Changed::default();
-        let stored = HashMap::from([(
-            field.clone(),
-            format!(
-                "{}|{}",
-                second * 1000,
-                serde_json::to_string(&BlockRecord::of(&held)).unwrap()
-            ),
-        )]);
+        let stored = stored_at(&field, second * 1000, &BlockRecord::of(&held));
         for _ in 0..2 {
             let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
             assert!(r.contested.is_empty() && r.missing.is_empty());
