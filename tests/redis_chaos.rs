@@ -1,22 +1,35 @@
 //! Three stepgate replicas sharing one real `redis-server`, each reaching it through a network of
 //! its own (a relay) that the test cuts and restores: cut, a replica loses every connection to
 //! Redis at once and cannot open another. A seeded random sequence of operators' blocks, lifts
-//! and revocations on three or four subjects goes to random replicas' admin APIs, those cut off
-//! included (their changes wait, and are written once they are back), with random pauses between
-//! them (none at all, often, so that calls on one subject overlap), and random cuts and restores
-//! of the replicas' networks. For half the seeds Redis is also killed in the middle and started
-//! again, empty, on the same port. A revocation names no time (every token issued up to now) or
-//! a time some tens of minutes back (the tokens of before an incident), so that a revocation
-//! made later often covers less than one made before it.
+//! and revocations on three or four subjects, and of trips of a risk signal, goes to random
+//! replicas (their admin APIs, their `Decide`), those cut off included (their changes wait, and
+//! are written once they are back), with random pauses between them (none at all, often, so that
+//! calls on one subject overlap), and random cuts and restores of the replicas' networks. For
+//! half the seeds Redis is also killed in the middle and started again, empty, on the same port.
+//! A revocation names no time (every token issued up to now) or a time some tens of minutes back
+//! (the tokens of before an incident), so that a revocation made later often covers less than one
+//! made before it.
+//!
+//! The replicas' policy has a `block` signal: a subject stepped up twice within a minute is
+//! blocked for ten (reason id `risk.step_ups`, created by `risk:step_ups`). A trip steps a
+//! subject up through one replica's `Decide` (a wire transfer with a token that lacks the
+//! context it needs), one call after the other, until that replica answers `blocked` or four
+//! calls were made: from a count of none, the second call reaches the threshold and the third is
+//! refused by the signal's block. Counts are this replica's first, and shared through Redis while
+//! it is connected. The trip's tokens are issued half a minute ahead, so that no revocation
+//! refuses them (a revoked token counts against no subject). Trips never touch the first subject,
+//! which only operators write; the sequence ends, on each other subject, with nothing more, a
+//! trip, a lift, or both in either order.
 //!
 //! Once the sequence is over, every network is restored and Redis is up, and once every replica
 //! reports the store up again, what the module docs of `src/risk/redis.rs` and `docs/risk.md`
 //! promise is checked, within a few seconds: far less than the 30 s periodic re-read, so that
 //! only the replicas' messages and their re-reads of the store on reconnecting count. (Each seed
 //! starts with every replica reconnected afresh, so that no periodic re-read falls within it.)
-//! - **Agreement.** Every replica holds, for each subject, the same block (the same operation's,
-//!   by its reason id) or none, and the same revocation time or none, and so does Redis. Every
-//!   replica's `Decide` answers `blocked` exactly for the blocked subjects.
+//! - **Agreement.** Every replica holds, for each subject, the same block (the same operation's
+//!   or the signal's, by its reason id, ending at the same second) or none, and the same
+//!   revocation time or none, and so does Redis. Every replica's `Decide` answers `blocked`
+//!   exactly for the blocked subjects.
 //! - **Revocations: the one that covers most stays.** Of a subject's revocations, the one with the
 //!   latest time is what every replica and Redis hold, whichever was made last, on whichever
 //!   replica, cut off or not: a token issued the second before that time is refused
@@ -24,24 +37,35 @@
 //!   revocation that names no time covers the current second, and so stands for the next one.
 //! - **Blocks: last writer wins.** Each write is stamped in milliseconds inside its admin call,
 //!   so an operation that started after another had returned is the newer write, and the older
-//!   one cannot be what is left: the final state of a subject is the outcome of one of its
-//!   operations that no later-started one followed strictly, and of the last one when it followed
-//!   all the others. A replica that was cut off when a newer write was made, and changes written
-//!   while it was away, do not change that.
+//!   one cannot be what is left: the final state of a subject that no trip reached is the outcome
+//!   of one of its operations that no later-started one followed strictly, and of the last one
+//!   when it followed all the others. A replica that was cut off when a newer write was made, and
+//!   changes written while it was away, do not change that.
 //!   That holds through a Redis started again without persistence, which has lost every block
 //!   and lift: the replicas write back the blocks they hold and the lifts they know of, each at
 //!   the time it was written, so a replica that had not heard of a lift (cut off when it was
 //!   made) and writes back the block it lifted does not bring it back, and an older write of the
 //!   same second that waited out the outage does not beat the newest.
+//! - **The signal's blocks.** On a subject trips reached, the rules between operators' writes and
+//!   a signal's differ (a signal's block never shortens a block in force, an operator's held-up
+//!   block replaces a signal's shorter one, a lift holds the signal off while the counts of
+//!   before it last), so what is left is the outcome of one of the operators' newest writes (as
+//!   above), or the signal's block: never an older operator's block. And:
+//!   - a trip whose own step-ups reached the threshold and that its replica then refused by the
+//!     signal's block, made after every operator's block and lift of the subject, leaves it
+//!     blocked: by the signal, or by the operators' newest block when that lasts longer;
+//!   - an operator's lift made after every other block, lift and trip of the subject leaves it
+//!     unblocked.
 //!
-//! The blocks last two minutes at least, so none expires while a sequence is checked; the test
-//! uses no risk signal, so every write is an operator's.
+//! The operators' blocks last two minutes at least, half of them less than twice the signal's
+//! ten minutes, so that either may outlast the other; none expires while a sequence is checked.
 //!
 //! The seeds are fixed, for a repeatable run; every failing seed is said with its plan, what each
 //! replica and Redis held, whether the replicas agreed once made to reconnect (and so re-read the
 //! store), and the replicas' log lines about its subjects. `STEPGATE_CHAOS_SEED=<n>` runs that
 //! seed alone, and `STEPGATE_CHAOS_RUNS=<n>` that many fresh ones. A seed repeats the plan
-//! (operations, replicas, pauses, cuts, outage), not the interleaving the machine makes of it.
+//! (operations, trips, replicas, pauses, cuts, outage), not the interleaving the machine makes of
+//! it.
 
 mod common;
 #[path = "common/envoy.rs"]
@@ -52,9 +76,10 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use redis_server::{
-    Held, Random, Redis, Relay, Replica, as_operator, blocks_listed, decide_for, describe,
-    lines_about, listed, newest_writes, now_ms, policy_through, replica, resp, store_down,
-    store_up, store_view, stored_revocation, subscribed_within, target,
+    Held, Random, Redis, Relay, Replica, STEP_UP_OPERATION, as_operator, blocks_listed, decide_for,
+    describe, lines_about, listed, newest_writes, now_ms, policy_with_signals_through, replica,
+    resp, step_up_for, store_down, store_up, store_view, stored_revocation, subscribed_within,
+    target,
 };
 use stepgate::api::v1::{BlockRequest, Outcome, RevokeRequest, UnblockRequest};
 
@@ -66,6 +91,27 @@ const OPERATIONS: usize = 40;
 const SETTLE: Duration = Duration::from_secs(5);
 /// The periodic re-read of the store, which the check must come well before.
 const RESYNC: Duration = Duration::from_secs(30);
+/// The replicas' risk signal: a subject stepped up twice within a minute is blocked for ten.
+const SIGNAL: &str = "step_ups";
+const THRESHOLD: usize = 2;
+const SIGNAL_BLOCK_SECONDS: u64 = 600;
+/// The most `Decide` calls of a trip: from a count of none, the threshold is reached at the
+/// second and the third is refused; a fourth tells a key the replica holds off (an operator's
+/// lift) from one it blocks.
+const TRIP_CALLS: usize = 4;
+
+/// The `risk.signals` section of the replicas' policy.
+fn signals() -> String {
+    format!(
+        "    {SIGNAL}:\n      count: step_up\n      key: subject\n      window: 1m\n      \
+         threshold: {THRESHOLD}\n      action: block\n      block_for: {SIGNAL_BLOCK_SECONDS}s\n"
+    )
+}
+
+/// The reason id of the signal's blocks.
+fn signal_id() -> String {
+    format!("risk.{SIGNAL}")
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -84,6 +130,10 @@ enum Step {
         replica: usize,
         back: Option<i64>,
     },
+    /// Steps a subject up through a replica's `Decide`, one call after the other, until the
+    /// replica answers `blocked` or [`TRIP_CALLS`] were made: each step-up counts one event of
+    /// the signal, which blocks the subject once it reaches its threshold there.
+    Trip { subject: usize, replica: usize },
     /// Waits this many milliseconds.
     Pause(u64),
     /// Cuts a replica off Redis.
@@ -137,17 +187,29 @@ fn plan(seed: u64) -> (usize, Vec<Step>) {
         }
         let subject = random.below(subjects as u64) as usize;
         let replica = random.below(REPLICAS as u64) as usize;
-        steps.push(match random.below(10) {
+        steps.push(match random.below(13) {
+            // Half of them within twice the signal's block, so that either may outlast the
+            // other.
             0..4 => Step::Block {
                 subject,
                 replica,
-                ttl: 120 + random.below(86_400 - 120) as i64,
+                ttl: 120
+                    + if random.below(2) == 0 {
+                        random.below(2 * SIGNAL_BLOCK_SECONDS - 120)
+                    } else {
+                        random.below(86_400 - 120)
+                    } as i64,
             },
             4..7 => Step::Lift { subject, replica },
-            _ => Step::Revoke {
+            7..10 => Step::Revoke {
                 subject,
                 replica,
                 back: (random.below(2) == 0).then(|| 1 + random.below(5) as i64),
+            },
+            // Never the first subject, which only operators write.
+            _ => Step::Trip {
+                subject: 1 + random.below(subjects as u64 - 1) as usize,
+                replica,
             },
         });
         // None a third of the time (calls in flight together), else up to 150 ms.
@@ -157,6 +219,30 @@ fn plan(seed: u64) -> (usize, Vec<Step>) {
             random.below(151)
         };
         steps.push(Step::Pause(pause));
+    }
+    // Last, on each subject trips may reach, one of: nothing more, a trip, a lift, a lift then
+    // a trip, or a trip then a lift (each through a random replica): what a subject's last
+    // writes leave is checked (a trip the threshold crossed, or a lift).
+    for subject in 1..subjects {
+        let trip = |random: &mut Random| Step::Trip {
+            subject,
+            replica: random.below(REPLICAS as u64) as usize,
+        };
+        let lift = |random: &mut Random| Step::Lift {
+            subject,
+            replica: random.below(REPLICAS as u64) as usize,
+        };
+        let coda = match random.below(5) {
+            0 => vec![],
+            1 => vec![trip(&mut random)],
+            2 => vec![lift(&mut random)],
+            3 => vec![lift(&mut random), trip(&mut random)],
+            _ => vec![trip(&mut random), lift(&mut random)],
+        };
+        for step in coda {
+            steps.push(step);
+            steps.push(Step::Pause(random.below(151)));
+        }
     }
     if outage && restart_at >= OPERATIONS {
         steps.push(Step::Pause(random.below(500)));
@@ -180,6 +266,9 @@ struct Taken {
     sent_ms: i64,
     answered_ms: i64,
     revoked: Option<Revoked>,
+    /// For a trip, what each of its `Decide` calls answered: `step-up`, or `blocked by <reason
+    /// id>`.
+    answers: Vec<String>,
     /// Whether its replica's way to Redis was cut when it was sent. (One restored may still be
     /// waiting to reconnect, its backoff grown while it was cut: its changes wait meanwhile too.)
     cut_off: bool,
@@ -199,13 +288,33 @@ impl Taken {
         match self.step {
             Step::Block { subject, .. }
             | Step::Lift { subject, .. }
-            | Step::Revoke { subject, .. } => subject,
+            | Step::Revoke { subject, .. }
+            | Step::Trip { subject, .. } => subject,
             _ => unreachable!("only operations are taken"),
         }
     }
 
     fn is_block_or_lift(&self) -> bool {
         matches!(self.step, Step::Block { .. } | Step::Lift { .. })
+    }
+
+    fn is_trip(&self) -> bool {
+        matches!(self.step, Step::Trip { .. })
+    }
+
+    /// For a trip: whether its own step-ups reached the threshold, and its replica then refused
+    /// the subject by the signal's block (so it set the block, or held it already from a
+    /// crossing of those same events elsewhere). A trip refused at once, by a block its replica
+    /// held, or whose replica held the key off after an operator's lift, did not.
+    fn crossed(&self) -> bool {
+        let steps = self.answers.iter().take_while(|a| *a == "step-up").count();
+        steps >= THRESHOLD
+            && self.answers.get(steps) == Some(&format!("blocked by {}", signal_id()))
+    }
+
+    /// Whether it started after `other` was answered (and so, for a write, was stamped later).
+    fn follows(&self, other: &Taken) -> bool {
+        self.sent_ms > other.answered_ms
     }
 
     /// What it leaves when it is the newest write: its block (by reason id), or none.
@@ -330,7 +439,8 @@ async fn replicas_converge_through_partitions_outages_and_revocations() {
     let mut relays = Vec::new();
     for r in 0..REPLICAS {
         let relay = Relay::start(redis.port);
-        let policy = policy_through(&format!("redis-chaos-{r}"), &relay.url());
+        let policy =
+            policy_with_signals_through(&format!("redis-chaos-{r}"), &relay.url(), &signals());
         replicas.push(replica(&policy).await);
         relays.push(relay);
     }
@@ -402,15 +512,18 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
             | Step::Lift { subject, replica }
             | Step::Revoke {
                 subject, replica, ..
-            } => {
+            }
+            | Step::Trip { subject, replica } => {
                 number += 1;
                 let (step, number) = (*step, number);
                 let mut admin = cluster.replicas[replica].admin.clone();
+                let decide = cluster.replicas[replica].decide.clone();
                 let subject = subjects[subject].clone();
                 let cut_off = cluster.relays[replica].is_cut();
                 calls.push(tokio::spawn(async move {
                     let sent_ms = now_ms();
                     let mut revoked = None;
+                    let mut answers = Vec::new();
                     match step {
                         Step::Block { ttl, .. } => {
                             let request = BlockRequest {
@@ -448,6 +561,26 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
                                 revoked = Some(Revoked { from, to, kept });
                             })
                         }
+                        Step::Trip { .. } => {
+                            for _ in 0..TRIP_CALLS {
+                                let (outcome, reason, block) = step_up_for(&decide, &subject).await;
+                                let blocked = reason == "blocked";
+                                assert!(
+                                    blocked || outcome == Outcome::StepUp as i32,
+                                    "operation {number} ({step:?}): {STEP_UP_OPERATION} answers \
+                                     {outcome} {reason}, not a step-up: the trip counts nothing"
+                                );
+                                answers.push(if blocked {
+                                    format!("blocked by {block}")
+                                } else {
+                                    "step-up".to_owned()
+                                });
+                                if blocked {
+                                    break;
+                                }
+                            }
+                            Ok(())
+                        }
                         _ => unreachable!("only operations are called"),
                     }
                     .unwrap_or_else(|e| panic!("operation {number} ({step:?}): {e}"));
@@ -457,6 +590,7 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
                         sent_ms,
                         answered_ms: now_ms(),
                         revoked,
+                        answers,
                         cut_off,
                     }
                 }));
@@ -490,6 +624,11 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
                 t.revoked
                     .map(|r| format!(", time {}..={}, the replica kept {}", r.from, r.to, r.kept))
                     .unwrap_or_default()
+                    + &if t.is_trip() {
+                        format!(", answered {:?}", t.answers)
+                    } else {
+                        String::new()
+                    }
             );
         }
         said
@@ -599,10 +738,11 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
         }
     }
 
-    let mut clear = 0;
+    let (mut clear, mut tripped, mut crossed_last, mut lifted_last) = (0, 0, 0, 0);
     // Last writer wins: what is left of each subject is the outcome of an operation that no
     // other one followed strictly (started after it was answered, so stamped later), and of the
-    // last one when it followed all the others.
+    // last one when it followed all the others. With the signal's blocks among them, each
+    // precedence rule the docs state.
     for (i, subject) in subjects.iter().enumerate() {
         let on: Vec<&Taken> = taken
             .iter()
@@ -612,11 +752,60 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
         let newest: Vec<&Taken> = newest_writes(&calls).into_iter().map(|n| on[n]).collect();
         clear += usize::from(newest.len() == 1);
         let left = agreed.blocks[i].as_ref().map(|(id, _)| id.clone());
-        let possible: Vec<Option<String>> = if on.is_empty() {
+        let mut possible: Vec<Option<String>> = if on.is_empty() {
             vec![None]
         } else {
             newest.iter().map(|t| t.outcome()).collect()
         };
+        let trips: Vec<&Taken> = taken
+            .iter()
+            .filter(|t| t.subject() == i && t.is_trip())
+            .collect();
+        if !trips.is_empty() {
+            tripped += 1;
+            // The signal blocks too: over the operators' newest writes' outcomes (a lift, a
+            // block shorter than its own), but an operator's block it never shortens, and an
+            // older operator's block never comes back.
+            possible.push(Some(signal_id()));
+            // A trip that crossed the threshold after every operator's block and lift leaves
+            // the subject blocked: by the signal, or by the operators' newest block when that
+            // lasts longer (a signal's block never shortens one in force). Nothing else writes
+            // after it but other trips, which only block.
+            if let Some(last) = trips
+                .iter()
+                .find(|t| t.crossed() && on.iter().all(|o| t.follows(o)))
+            {
+                crossed_last += 1;
+                possible.retain(Option::is_some);
+                if left.is_none() {
+                    failures.push(format!(
+                        "{subject} is not blocked, though {} crossed the signal's threshold \
+                         after every operator's block and lift of it",
+                        reason_id(last.number)
+                    ));
+                }
+            }
+            // An operator's lift made after everything else on the subject, trips included,
+            // leaves it unblocked.
+            if let Some(lift) = on.iter().find(|l| {
+                matches!(l.step, Step::Lift { .. })
+                    && taken
+                        .iter()
+                        .filter(|t| t.subject() == i && t.number != l.number)
+                        .filter(|t| t.is_block_or_lift() || t.is_trip())
+                        .all(|t| l.follows(t))
+            }) {
+                lifted_last += 1;
+                possible.retain(Option::is_none);
+                if left.is_some() {
+                    failures.push(format!(
+                        "{subject} holds {left:?}, though {} lifted it after every other \
+                         block, lift and trip of it",
+                        reason_id(lift.number)
+                    ));
+                }
+            }
+        }
         if !possible.contains(&left) {
             failures.push(format!(
                 "{subject} holds {left:?}, the outcome of none of its newest writes {:?} ({:?})",
@@ -629,12 +818,15 @@ async fn run(seed: u64, cluster: &mut Cluster) -> Result<(), String> {
         }
     }
     eprintln!(
-        "seed {seed}: {} operations ({} on a replica cut off) on {count} subjects, {cuts} cuts, \
-         outage {outage}, {clear} subjects with one newest write, {} blocked, {} revoked; all up \
-         {up:?} after the last restore, agreed {agreed_after:?} after the seed's fresh \
-         connections",
+        "seed {seed}: {} operations ({} on a replica cut off, {} trips of which {} crossed) on \
+         {count} subjects, {cuts} cuts, outage {outage}, {clear} subjects with one newest write, \
+         {tripped} tripped ({crossed_last} crossed after every operator's write, \
+         {lifted_last} lifted after every write), {} blocked, {} revoked; all up {up:?} after \
+         the last restore, agreed {agreed_after:?} after the seed's fresh connections",
         taken.len(),
         taken.iter().filter(|t| t.cut_off).count(),
+        taken.iter().filter(|t| t.is_trip()).count(),
+        taken.iter().filter(|t| t.crossed()).count(),
         agreed.blocks.iter().filter(|h| h.is_some()).count(),
         agreed.revoked.iter().filter(|h| h.is_some()).count(),
     );

@@ -5,7 +5,7 @@
 //!
 //! Also what the randomized tests share (`tests/redis_convergence.rs`, `tests/redis_chaos.rs`):
 //! their replicas with an admin client, each subject's block as a replica lists it and as Redis
-//! holds it, and the last-writer-wins oracle.
+//! holds it, the last-writer-wins oracle, and a `Decide` call that a step-up signal counts.
 #![allow(dead_code)]
 
 use std::{
@@ -312,9 +312,19 @@ impl Relay {
 /// The demo policy, with the admin API open to the operator, sharing its risk state through the
 /// Redis at `url` (directly, or through a relay).
 pub fn policy_through(name: &str, url: &str) -> TempPolicy {
-    let text = demo_policy_without_risk()
+    policy_with_signals_through(name, url, "")
+}
+
+/// [`policy_through`], with `signals` (the lines of a `risk.signals` section, indented by four
+/// spaces) as its risk signals.
+pub fn policy_with_signals_through(name: &str, url: &str, signals: &str) -> TempPolicy {
+    let mut text = demo_policy_without_risk()
         + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
         + &format!("risk:\n  store: {url}\n");
+    if !signals.is_empty() {
+        text += "  signals:\n";
+        text += signals;
+    }
     TempPolicy::new(name, &text)
 }
 
@@ -572,6 +582,41 @@ pub async fn decide_for(replica: &Replica, subject: &str, iat: Option<i64>) -> (
         .expect("Decide answers")
         .into_inner();
     (answer.outcome, answer.reason)
+}
+
+/// The operation of the demo policy that a token of [`step_up_for`] is asked to step up for: a
+/// wire transfer, which needs the authentication context `c1`.
+pub const STEP_UP_OPERATION: &str = "payments.wire_transfer";
+
+/// A replica's `Decide` (through its client `decide`) on a wire transfer by `subject`, with a token that lacks the context it
+/// needs (and whose client can be asked for it): its outcome, reason, and the reason id of the
+/// block that refused it (empty when none did). Unless the subject is blocked, it is a step-up,
+/// which a `count: step_up` signal counts. The token is issued half a minute ahead (its `iat`
+/// and `auth_time`), so that no revocation, which covers at most the current second, refuses it:
+/// a revoked token would count against no subject.
+pub async fn step_up_for(
+    decide: &DecisionServiceClient<Channel>,
+    subject: &str,
+) -> (i32, String, String) {
+    let mut spec = TokenSpec {
+        subject: subject.to_owned(),
+        xms_cc: vec!["cp1".into()],
+        auth_age: Some(-30),
+        ..TokenSpec::default()
+    };
+    spec.extra
+        .insert("iat".to_owned(), (now_ms() / 1000 + 30).into());
+    let answer = decide
+        .clone()
+        .decide(DecideRequest {
+            credential: Some(Credential::Token(mint(&spec))),
+            operation: STEP_UP_OPERATION.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Decide answers")
+        .into_inner();
+    (answer.outcome, answer.reason, answer.block)
 }
 
 /// Whether `replica`'s `Decide` refuses `subject` as blocked.
