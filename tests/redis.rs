@@ -961,9 +961,10 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
 
     // An operator's hour set 100 s ago and a lift 80 s ago, both held up while a signal blocked
     // for a minute (30 s ago, over an older operator's block since over). The lift is the
-    // operators' last word: in neither order of arrival does the hour come back.
+    // operators' last word, and the signal's minute, newer than both, the last write: in either
+    // order of arrival the signal's minute is what is left, and the hour does not come back.
     for (field, first, second, last) in [
-        ("subject|rita", ("operator", 100), ("lift", 80), "lift"),
+        ("subject|rita", ("operator", 100), ("lift", 80), "signal"),
         ("subject|ravi", ("lift", 80), ("operator", 100), "signal"),
     ] {
         assert_eq!(put(field, "operator", 200, 10), ":1\r\n");
@@ -1899,4 +1900,71 @@ fn an_eviction_lifts_only_a_signals_block_and_a_cut_read_says_so() {
     };
     assert!(read("2").ends_with(":1\r\n"), "{}", read("2"));
     assert!(read("4").ends_with(":0\r\n"), "{}", read("4"));
+}
+
+/// An operator's block and then its lift wait on a replica cut off; meanwhile a risk signal's
+/// block, made after both, is written. The held-up block arrives first and replaces the
+/// signal's shorter one (an operator's longer block wins over a signal's); then the lift, older
+/// than the signal's block, arrives: it lifts the operator's block, but leaves the signal's,
+/// the newest write, in force. Before, the script had forgotten the signal's block once the
+/// operator's replaced it, and the lift left nothing blocked.
+#[test]
+fn a_signals_block_made_after_a_held_up_lift_stays() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let ms = |ago: i64| ((now - ago) * 1000).to_string();
+    let put = |field: &str, what: &str, ago: i64, lasts: i64| -> String {
+        let record = serde_json::json!({
+            "removed": what == "lift", "reason_id": "INC-6", "reason": "",
+            "created_at": now - ago, "expires_at": now - ago + lasts,
+            "created_by": if what == "signal" { "risk:step_ups" } else { "san:ops" },
+        })
+        .to_string();
+        let ends = if what == "lift" { 0 } else { now - ago + lasts };
+        put_script(&redis, field, &ms(ago), &record, what, ends, now)
+    };
+    let held = |field: &str| {
+        stored_block(&redis, field).map(|(_, r)| {
+            if r["removed"] == true {
+                "lift".to_owned()
+            } else {
+                r["created_by"].as_str().unwrap_or_default().to_owned()
+            }
+        })
+    };
+    // The signal's ten minutes (10 s ago), then the operator's held-up hour (30 s ago), then
+    // its held-up lift (20 s ago).
+    assert_eq!(put("subject|sam", "signal", 10, 600), ":1\r\n");
+    assert_eq!(put("subject|sam", "operator", 30, 3600), ":1\r\n");
+    assert_eq!(held("subject|sam").as_deref(), Some("san:ops"));
+    assert_eq!(put("subject|sam", "lift", 20, 3600), ":0\r\n");
+    assert_eq!(held("subject|sam").as_deref(), Some("risk:step_ups"));
+    let (at, record) = stored_block(&redis, "subject|sam").unwrap();
+    assert_eq!(at.to_string(), ms(10), "at the signal's time");
+    assert_eq!(
+        record["operator_at"].as_i64().map(|t| t.to_string()),
+        Some(ms(20))
+    );
+    // An operator's write older than the lift is refused.
+    assert_eq!(put("subject|sam", "operator", 25, 7200), ":0\r\n");
+    assert_eq!(held("subject|sam").as_deref(), Some("risk:step_ups"));
+
+    // A second held-up operator's block that outlasts the signal's replaces it too, and a lift
+    // older than the signal's then still leaves the signal's block.
+    assert_eq!(put("subject|tom", "signal", 10, 600), ":1\r\n");
+    assert_eq!(put("subject|tom", "operator", 30, 3600), ":1\r\n");
+    assert_eq!(put("subject|tom", "operator", 25, 7200), ":1\r\n");
+    assert_eq!(held("subject|tom").as_deref(), Some("san:ops"));
+    assert_eq!(put("subject|tom", "lift", 20, 7200), ":0\r\n");
+    assert_eq!(held("subject|tom").as_deref(), Some("risk:step_ups"));
+    // One that does not outlast it leaves the signal's in force.
+    assert_eq!(put("subject|una", "signal", 10, 600), ":1\r\n");
+    assert_eq!(put("subject|una", "operator", 30, 3600), ":1\r\n");
+    assert_eq!(put("subject|una", "operator", 25, 60), ":0\r\n");
+    assert_eq!(held("subject|una").as_deref(), Some("risk:step_ups"));
+    // A lift newer than the signal's block is the newest write: it lifts everything.
+    assert_eq!(put("subject|vic", "signal", 10, 600), ":1\r\n");
+    assert_eq!(put("subject|vic", "operator", 30, 3600), ":1\r\n");
+    assert_eq!(put("subject|vic", "lift", 5, 3600), ":1\r\n");
+    assert_eq!(held("subject|vic").as_deref(), Some("lift"));
 }

@@ -96,7 +96,10 @@ const BATCH: usize = 1024;
 ///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
 ///   that is refused still raises the stored record's `operator_at`, so that an older one held up
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
-///   stay refused.
+///   stay refused. An operator's block that so replaces a signal's keeps it (`displaced`): an
+///   operator's write older than the signal's block that comes after it (a lift, or a block that
+///   does not outlast the signal's) leaves the signal's block in force, published to the
+///   replicas as the store's (`"from":"store"`), and the write is refused.
 ///
 /// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
 /// record only if that is a signal's block no newer than it: never of an operator's block the
@@ -112,6 +115,10 @@ local function with_operator_at(body, t)
   body = string.gsub(body, '"operator_at":%-?[%d%.eE%+]+,', '')
   if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
   return '{"operator_at":' .. string.format('%d', t) .. ',' .. string.sub(body, 2)
+end
+local function with_displaced(body, displaced)
+  if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
+  return '{"displaced":' .. cjson.encode(displaced) .. ',' .. string.sub(body, 2)
 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
@@ -208,8 +215,34 @@ if cur then
       end
       return 0
     end
+    -- An operator's block that replaces a signal's newer one keeps it (`displaced`, its time
+    -- the record's stamp): an operator's write older than the signal's block that comes after
+    -- (a lift, a block, held up on the same replica) is judged against the signal's block, not
+    -- against the operator's that replaced it. A lift, or a block that does not outlast the
+    -- signal's, leaves the signal's block in force, with this write's time as the operators'.
+    local displaced = nil
+    if over_signal then
+      displaced = body
+    elseif not by_signal and type(old.displaced) == 'string' then
+      local ok, signal = pcall(cjson.decode, old.displaced)
+      if ok and type(signal) == 'table' and int(signal.expires_at) then
+        if what == 'operator' and ends > signal.expires_at then
+          displaced = old.displaced
+        else
+          local kept = with_operator_at(old.displaced, written)
+          redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. kept)
+          redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
+            .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
+            .. ',"at":' .. at .. '}}')
+          return 0
+        end
+      end
+    end
     stamp = at
     record = with_operator_at(record, written)
+    if displaced and #stamp + 1 + #record + #cjson.encode(displaced) + 15 <= tonumber(ARGV[12]) then
+      record = with_displaced(record, displaced)
+    end
   elseif what == 'signal' and operator_at then
     record = with_operator_at(record, operator_at)
   end
