@@ -907,27 +907,30 @@ fn put_script_to(
         .unwrap_or_default()
 }
 
+/// One write as a replica sends it to the write script, made `ago` seconds before `now` and
+/// lasting `lasts` (`what`: `operator`, `signal` or `lift`): its reply.
+fn put_made(redis: &Redis, now: i64, field: &str, what: &str, ago: i64, lasts: i64) -> String {
+    let record = serde_json::json!({
+        "removed": what == "lift", "reason_id": "INC-5", "reason": "",
+        "created_at": now - ago, "expires_at": now - ago + lasts,
+        "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
+    })
+    .to_string();
+    let ends = if what == "lift" { 0 } else { now - ago + lasts };
+    let stamp = ((now - ago) * 1000).to_string();
+    put_script(redis, field, &stamp, &record, what, ends, now)
+}
+
 /// The write script itself, against a real redis-server: a held-up operator's block replaces a
 /// signal's shorter one only when no operator wrote or lifted since it, so that a lift, or a
 /// newer operator's block, is not undone by an older write that waited out an outage.
 #[test]
 fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
     let redis = Redis::start();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = common::unix_now();
     let ms = |seconds_ago: i64| ((now - seconds_ago) * 1000).to_string();
-    // One write as a replica sends it: (what, when in seconds before now, how long it lasts).
-    let put = |field: &str, what: &str, ago: i64, lasts: i64| -> String {
-        let record = serde_json::json!({
-            "removed": what == "lift", "reason_id": "INC-5", "reason": "",
-            "created_at": now - ago, "expires_at": now - ago + lasts,
-            "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
-        })
-        .to_string();
-        let ends = if what == "lift" { 0 } else { now - ago + lasts };
-        put_script(&redis, field, &ms(ago), &record, what, ends, now)
+    let put = |field: &str, what: &str, ago: i64, lasts: i64| {
+        put_made(&redis, now, field, what, ago, lasts)
     };
     let held = |field: &str| stored_block(&redis, field).map(|(_, r)| r["created_by"].clone());
 
@@ -1913,15 +1916,8 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     let redis = Redis::start();
     let now = common::unix_now();
     let ms = |ago: i64| ((now - ago) * 1000).to_string();
-    let put = |field: &str, what: &str, ago: i64, lasts: i64| -> String {
-        let record = serde_json::json!({
-            "removed": what == "lift", "reason_id": "INC-6", "reason": "",
-            "created_at": now - ago, "expires_at": now - ago + lasts,
-            "created_by": if what == "signal" { "risk:step_ups" } else { "san:ops" },
-        })
-        .to_string();
-        let ends = if what == "lift" { 0 } else { now - ago + lasts };
-        put_script(&redis, field, &ms(ago), &record, what, ends, now)
+    let put = |field: &str, what: &str, ago: i64, lasts: i64| {
+        put_made(&redis, now, field, what, ago, lasts)
     };
     let held = |field: &str| {
         stored_block(&redis, field).map(|(_, r)| {
@@ -1938,7 +1934,10 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     assert_eq!(put("subject|sam", "operator", 30, 3600), ":1\r\n");
     assert_eq!(held("subject|sam").as_deref(), Some("san:ops"));
     assert_eq!(put("subject|sam", "lift", 20, 3600), ":0\r\n");
-    assert_eq!(held("subject|sam").as_deref(), Some("risk:step_ups"));
+    assert_eq!(
+        held("subject|sam").as_deref(),
+        Some("risk:repeated_step_ups")
+    );
     let (at, record) = stored_block(&redis, "subject|sam").unwrap();
     assert_eq!(at.to_string(), ms(10), "at the signal's time");
     assert_eq!(
@@ -1947,7 +1946,10 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     );
     // An operator's write older than the lift is refused.
     assert_eq!(put("subject|sam", "operator", 25, 7200), ":0\r\n");
-    assert_eq!(held("subject|sam").as_deref(), Some("risk:step_ups"));
+    assert_eq!(
+        held("subject|sam").as_deref(),
+        Some("risk:repeated_step_ups")
+    );
 
     // A second held-up operator's block that outlasts the signal's replaces it too, and a lift
     // older than the signal's then still leaves the signal's block.
@@ -1956,12 +1958,18 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     assert_eq!(put("subject|tom", "operator", 25, 7200), ":1\r\n");
     assert_eq!(held("subject|tom").as_deref(), Some("san:ops"));
     assert_eq!(put("subject|tom", "lift", 20, 7200), ":0\r\n");
-    assert_eq!(held("subject|tom").as_deref(), Some("risk:step_ups"));
+    assert_eq!(
+        held("subject|tom").as_deref(),
+        Some("risk:repeated_step_ups")
+    );
     // One that does not outlast it leaves the signal's in force.
     assert_eq!(put("subject|una", "signal", 10, 600), ":1\r\n");
     assert_eq!(put("subject|una", "operator", 30, 3600), ":1\r\n");
     assert_eq!(put("subject|una", "operator", 25, 60), ":0\r\n");
-    assert_eq!(held("subject|una").as_deref(), Some("risk:step_ups"));
+    assert_eq!(
+        held("subject|una").as_deref(),
+        Some("risk:repeated_step_ups")
+    );
     // A lift newer than the signal's block is the newest write: it lifts everything.
     assert_eq!(put("subject|vic", "signal", 10, 600), ":1\r\n");
     assert_eq!(put("subject|vic", "operator", 30, 3600), ":1\r\n");
