@@ -104,6 +104,9 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// How long a lift is remembered, to hold a signal off: longer than a signal's two windows.
+const LIFTS_KEPT_SECONDS: i64 = 86_400;
+
 #[derive(Debug, Default)]
 struct Table {
     /// One map per kind but `Source` (indexed by [`exact_slot`]), so a lookup by `&str` needs
@@ -237,14 +240,7 @@ impl Blocks {
     pub fn remove(&self, kind: Kind, value: &str, now: i64) -> Result<bool, BlockError> {
         let value = normalize(kind, value)?;
         let mut table = self.write();
-        if table.lifted.len() >= MAX_BLOCKS {
-            // Kept a day at most: a signal's window is shorter.
-            table.lifted.retain(|_, at| now - *at < 86_400);
-            if table.lifted.len() >= MAX_BLOCKS {
-                table.lifted.clear();
-            }
-        }
-        table.lifted.insert((kind, value.clone()), now);
+        table.note_lift(kind, &value, now, now);
         let removed = if kind == Kind::Source {
             let net: IpNet = value.parse().expect("normalized above");
             let at = table.sources.iter().position(|(n, _)| *n == net);
@@ -260,6 +256,24 @@ impl Blocks {
         self.count.store(table.len(), Relaxed);
         metrics::global().set_blocks_held(table.len());
         Ok(removed)
+    }
+
+    /// A lift made at `at` (unix seconds) by another replica, of a block this one does not
+    /// hold: kept as [`Self::remove`] keeps its own, so that a signal does not block that key
+    /// again here while the counts of before the lift last. Under the read lock alone when it is
+    /// known already (a resync reads every lift the store holds).
+    pub fn note_lifted(&self, kind: Kind, value: &str, at: i64, now: i64) {
+        let Ok(value) = normalize(kind, value) else {
+            return;
+        };
+        if now - at >= LIFTS_KEPT_SECONDS
+            || self
+                .lifted_at(kind, &value)
+                .is_some_and(|known| known >= at)
+        {
+            return;
+        }
+        self.write().note_lift(kind, &value, at, now);
     }
 
     /// When a block on exactly this target (`value` normalized) was last lifted, if it was.
@@ -335,6 +349,18 @@ impl Blocks {
 }
 
 impl Table {
+    /// A lift of `kind`/`value` made at `at`, kept unless a later one is.
+    fn note_lift(&mut self, kind: Kind, value: &str, at: i64, now: i64) {
+        if self.lifted.len() >= MAX_BLOCKS {
+            self.lifted.retain(|_, at| now - *at < LIFTS_KEPT_SECONDS);
+            if self.lifted.len() >= MAX_BLOCKS {
+                self.lifted.clear();
+            }
+        }
+        let known = self.lifted.entry((kind, value.to_owned())).or_insert(at);
+        *known = (*known).max(at);
+    }
+
     fn len(&self) -> usize {
         self.exact.iter().map(HashMap::len).sum::<usize>() + self.sources.len()
     }

@@ -2072,9 +2072,15 @@ fn apply_block(
             lifts.lifted(field, Lift { at_ms, until }, now);
         }
         // Most lifts in the store are of blocks this replica does not hold: looked up under the
-        // read lock, not removed under the write lock the request path waits on.
+        // read lock, not removed under the write lock the request path waits on. Such a lift
+        // holds a signal off here all the same (`RiskState::crossed`): this replica may hold the
+        // counts of before it.
         if here.is_some() {
             let _ = state.blocks().remove(kind, value, now);
+        } else if from != Source::Eviction {
+            state
+                .blocks()
+                .note_lifted(kind, value, record.created_at, now);
         }
         return None;
     }
@@ -2717,6 +2723,24 @@ mod tests {
         );
         assert_eq!(lifts.newer_than(&field, 0, now), None);
         assert!(state.blocks().get(Kind::Subject, "mallory", now).is_none());
+
+        // A lift of a block this replica does not hold still holds a signal off here, from the
+        // lift's time; an eviction does not.
+        let state = RiskState::default();
+        let lifted = lift_record(Lift {
+            at_ms: (now - 30) * 1000,
+            until: now + 600,
+        });
+        let from = Source::Message;
+        apply_block(&state, &Lifts::default(), &field, &lifted, None, now, from);
+        assert_eq!(
+            state.blocks().lifted_at(Kind::Subject, "mallory"),
+            Some(now - 30)
+        );
+        let other = block_field(Kind::Subject, "nina");
+        let from = Source::Eviction;
+        apply_block(&state, &Lifts::default(), &other, &lifted, None, now, from);
+        assert_eq!(state.blocks().lifted_at(Kind::Subject, "nina"), None);
 
         // A stored lift newer than the one known here replaces it; an older one does not.
         let lifts = Lifts::default();
