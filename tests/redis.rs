@@ -1975,4 +1975,55 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     assert_eq!(put("subject|vic", "operator", 30, 3600), ":1\r\n");
     assert_eq!(put("subject|vic", "lift", 5, 3600), ":1\r\n");
     assert_eq!(held("subject|vic").as_deref(), Some("lift"));
+
+    // A signal's block that has ended is not brought back: the held-up lift, arriving once the
+    // signal's minute is over, lifts the operator's hour.
+    let at = |made: i64, what: &str, lasts: i64, writer_now: i64| {
+        let record = serde_json::json!({
+            "removed": what == "lift", "reason_id": "INC-7", "reason": "",
+            "created_at": made, "expires_at": made + lasts,
+            "created_by": if what == "signal" { "risk:repeated_step_ups" } else { "san:ops" },
+        })
+        .to_string();
+        let ends = if what == "lift" { 0 } else { made + lasts };
+        let stamp = (made * 1000).to_string();
+        put_script(
+            &redis,
+            "subject|wes",
+            &stamp,
+            &record,
+            what,
+            ends,
+            writer_now,
+        )
+    };
+    let base = now - 1000;
+    assert_eq!(at(base + 20, "signal", 60, base + 20), ":1\r\n");
+    assert_eq!(at(base, "operator", 3600, base + 30), ":1\r\n");
+    assert_eq!(at(base + 10, "lift", 3600, now), ":1\r\n");
+    assert_eq!(held("subject|wes").as_deref(), Some("lift"));
+
+    // What no replica writes does not stand in a write's way: a `displaced` written by hand (a
+    // lift, or a block ending in 300 000 years) is no signal's block to bring back.
+    for displaced in [
+        r#"{"removed":true,"expires_at":9000000000000}"#.to_owned(),
+        serde_json::json!({
+            "reason_id": "X", "created_at": now, "expires_at": 9_000_000_000_000_i64,
+            "created_by": "risk:repeated_step_ups",
+        })
+        .to_string(),
+    ] {
+        let forged = serde_json::json!({
+            "displaced": displaced, "operator_at": (now - 30) * 1000, "reason_id": "INC-8",
+            "created_at": now - 30, "expires_at": now + 3600, "created_by": "san:ops",
+        });
+        let stored = format!("{}|{forged}", (now - 10) * 1000);
+        redis.command(&resp(&["HSET", "stepgate:blocks", "subject|xia", &stored]));
+        assert_eq!(
+            put("subject|xia", "lift", 20, 3600),
+            ":1\r\n",
+            "{displaced}"
+        );
+        assert_eq!(held("subject|xia").as_deref(), Some("lift"));
+    }
 }

@@ -164,18 +164,23 @@ if what == 'revocation' then
   redis.call('PUBLISH', ARGV[5], ARGV[4])
   return 1
 end
+-- A block a replica could have written (and would apply).
+local function block(t)
+  local made = t.created_at
+  return type(t) == 'table' and t.removed ~= true
+    and (t.removed == nil or type(t.removed) == 'boolean') and int(t.expires_at) and int(made)
+    and made <= now + ahead and t.expires_at <= made + tonumber(ARGV[10]) + ahead
+    and reason_id(t.reason_id)
+    and (t.reason == nil or text(t.reason, tonumber(ARGV[13])))
+    and (t.created_by == nil or text(t.created_by, tonumber(ARGV[14])))
+end
 if cur and old then
   local made, ends_at = old.created_at, old.expires_at
   if (old.removed ~= nil and type(old.removed) ~= 'boolean') or not int(ends_at)
      or (made ~= nil and not int(made)) then
     cur = nil
-  elseif old.removed ~= true then
-    if not int(made) or made > now + ahead or ends_at > made + tonumber(ARGV[10]) + ahead
-       or not reason_id(old.reason_id)
-       or (old.reason ~= nil and not text(old.reason, tonumber(ARGV[13])))
-       or (old.created_by ~= nil and not text(old.created_by, tonumber(ARGV[14]))) then
-      cur = nil
-    end
+  elseif old.removed ~= true and not block(old) then
+    cur = nil
   end
 end
 if what == 'evict' then
@@ -220,12 +225,15 @@ if cur then
     -- (a lift, a block, held up on the same replica) is judged against the signal's block, not
     -- against the operator's that replaced it. A lift, or a block that does not outlast the
     -- signal's, leaves the signal's block in force, with this write's time as the operators'.
+    -- (Only a signal's block a replica could have written, still in force: one that has ended
+    -- is over, and the write goes on as if there were none.)
     local displaced = nil
     if over_signal then
       displaced = body
     elseif not by_signal and type(old.displaced) == 'string' then
       local ok, signal = pcall(cjson.decode, old.displaced)
-      if ok and type(signal) == 'table' and int(signal.expires_at) then
+      if ok and block(signal) and signal.expires_at > now and type(signal.created_by) == 'string'
+         and string.sub(signal.created_by, 1, #ARGV[9]) == ARGV[9] then
         if what == 'operator' and ends > signal.expires_at then
           displaced = old.displaced
         else
@@ -233,7 +241,7 @@ if cur then
           redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. kept)
           redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
             .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
-            .. ',"at":' .. at .. '}}')
+            .. ',"at":' .. string.format('%d', tonumber(at)) .. '}}')
           return 0
         end
       end
@@ -595,7 +603,8 @@ impl Shared {
             until: block.expires_at,
         };
         let now = at_ms.div_euclid(1000);
-        self.changed.lifts.blocked(&field, Some(written), now);
+        let lifts = &self.changed.lifts;
+        lifts.blocked(&field, Some(written), block.expires_at, now);
         self.put(Hash::Blocks, field, &record, precedence, at_ms);
     }
 
@@ -608,7 +617,7 @@ impl Shared {
         let field = block_field(block.kind, &block.value);
         self.changed
             .lifts
-            .blocked(&field, None, at_ms.div_euclid(1000));
+            .blocked(&field, None, 0, at_ms.div_euclid(1000));
         let lift = Lift {
             at_ms,
             until: block.expires_at,
@@ -870,11 +879,16 @@ impl Lifts {
         table.lifts.insert(field.to_owned(), lift);
     }
 
-    /// A block on `field`, newer than any lift of it here, is held here now, `written` when
-    /// (none: not known to the millisecond, or not held after all).
-    fn blocked(&self, field: &str, written: Option<BlockWritten>, now: i64) {
+    /// A block on `field`, newer than any lift of it here, is held here now, ending at `until`,
+    /// `written` when (none: not known to the millisecond, or not held after all). A lift that
+    /// outlasts it is kept: once the block ends, the store forgets it, and the lift, written
+    /// back, keeps the lifted block from coming back (a replica cut off meanwhile still holds
+    /// it).
+    fn blocked(&self, field: &str, written: Option<BlockWritten>, until: i64, now: i64) {
         let mut table = self.lock();
-        table.lifts.remove(field);
+        if table.lifts.get(field).is_some_and(|l| l.until <= until) {
+            table.lifts.remove(field);
+        }
         let Some(written) = written else {
             table.blocks.remove(field);
             return;
@@ -2067,7 +2081,7 @@ fn apply_block(
         let at_ms = written.unwrap_or(second_ms);
         let until = record.expires_at;
         if from == Source::Eviction {
-            lifts.blocked(field, None, now);
+            lifts.blocked(field, None, 0, now);
         } else {
             lifts.lifted(field, Lift { at_ms, until }, now);
         }
@@ -2100,7 +2114,7 @@ fn apply_block(
         created_at: record.created_at,
         until: record.expires_at,
     });
-    lifts.blocked(field, written, now);
+    lifts.blocked(field, written, record.expires_at, now);
     let block = Block {
         kind,
         value: value.to_owned(),
@@ -2674,7 +2688,7 @@ mod tests {
             created_at: second,
             until: now + 600,
         };
-        changed.lifts.blocked(&field, Some(written), now);
+        changed.lifts.blocked(&field, Some(written), now + 600, now);
         let early = lift_record(Lift {
             at_ms: second * 1000 + 500,
             until: now + 600,
@@ -2741,6 +2755,16 @@ mod tests {
         let from = Source::Eviction;
         apply_block(&state, &Lifts::default(), &other, &lifted, None, now, from);
         assert_eq!(state.blocks().lifted_at(Kind::Subject, "nina"), None);
+
+        // A newer block that ends before the lift would have is applied, and the lift kept: once
+        // the block ends and the store forgets it, the lift is written back. One that outlasts
+        // the lift ends it.
+        let lifts = Lifts::default();
+        lifts.lifted(&field, lift, now);
+        lifts.blocked(&field, None, lift.until - 1, now);
+        assert_eq!(lifts.newer_than(&field, 0, now), Some(lift));
+        lifts.blocked(&field, None, lift.until, now);
+        assert_eq!(lifts.newer_than(&field, 0, now), None);
 
         // A stored lift newer than the one known here replaces it; an older one does not.
         let lifts = Lifts::default();
