@@ -2027,3 +2027,70 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
         assert_eq!(held("subject|xia").as_deref(), Some("lift"));
     }
 }
+
+/// A signal's block written over an operator's lift keeps the lift's time (`operator_at`) in the
+/// store. Redis then restarts empty, and the replicas write the signal's block back: with that
+/// time, so that an operator's block older than the lift, held up on a replica cut off, does
+/// not replace it as if no operator had lifted since. Before, the block written back said
+/// nothing of the lift, and the held-up block replaced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signals_block_written_back_keeps_the_operators_last_word() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let policy = policy("redis-signal-write-back", &redis, "");
+    let (a, _, b, _) = two_replicas(&policy).await;
+    let now = common::unix_now();
+    let lifted_ms = (now - 20) * 1000 + 123;
+    let signals = serde_json::json!({
+        "operator_at": lifted_ms, "reason_id": "risk.step_ups", "reason": "",
+        "created_at": now - 10, "expires_at": now + 600, "created_by": "risk:step_ups",
+    });
+    let signal_ms = (now - 10) * 1000 + 456;
+    let stored = format!("{signal_ms}|{signals}");
+    redis.command(&resp(&["HSET", "stepgate:blocks", "subject|yan", &stored]));
+    for kind in ["normal", "pubsub"] {
+        redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
+    }
+    let yan = entra_token("yan", &[], true);
+    eventually(
+        "both replicas read the signal's block",
+        Duration::from_secs(20),
+        || async {
+            decide(&a, &yan, "reports.read").await.reason == "blocked"
+                && decide(&b, &yan, "reports.read").await.reason == "blocked"
+        },
+    )
+    .await;
+
+    redis.kill();
+    let redis = Redis::start_on(port);
+    eventually(
+        "the signal's block is written back",
+        Duration::from_secs(20),
+        || async { stored_block(&redis, "subject|yan").is_some() },
+    )
+    .await;
+    let (at, record) = stored_block(&redis, "subject|yan").unwrap();
+    assert_eq!(
+        (at, record["operator_at"].as_i64()),
+        (signal_ms, Some(lifted_ms)),
+        "{record}"
+    );
+    // An operator's hour, made before the lift and held up: refused.
+    let operators = serde_json::json!({
+        "reason_id": "INC-9", "reason": "", "created_at": now - 30,
+        "expires_at": now + 3600, "created_by": "san:ops",
+    });
+    let reply = put_script(
+        &redis,
+        "subject|yan",
+        &((now - 30) * 1000).to_string(),
+        &operators.to_string(),
+        "operator",
+        now + 3600,
+        now,
+    );
+    assert_eq!(reply, ":0\r\n");
+    let (_, record) = stored_block(&redis, "subject|yan").unwrap();
+    assert_eq!(record["created_by"], "risk:step_ups");
+}

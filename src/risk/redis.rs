@@ -116,6 +116,15 @@ local function with_operator_at(body, t)
   if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
   return '{"operator_at":' .. string.format('%d', t) .. ',' .. string.sub(body, 2)
 end
+-- The writer's message, with the record as stored when the script changed it (its
+-- `operator_at`), so that every replica knows what the store holds, and writes it back so.
+local function message(stored)
+  if stored == ARGV[3] then return ARGV[4] end
+  local ok, m = pcall(cjson.decode, ARGV[4])
+  if not ok or type(m) ~= 'table' or type(m.put) ~= 'table' then return ARGV[4] end
+  m.put.record = stored
+  return cjson.encode(m)
+end
 local function with_displaced(body, displaced)
   if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
   return '{"displaced":' .. cjson.encode(displaced) .. ',' .. string.sub(body, 2)
@@ -256,7 +265,7 @@ if cur then
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
-redis.call('PUBLISH', ARGV[5], ARGV[4])
+redis.call('PUBLISH', ARGV[5], message(record))
 return 1
 "#;
 
@@ -443,7 +452,7 @@ struct BlockRecord {
     created_by: String,
     /// The time (ms) of the newest operator's write the record stands for, which the write
     /// script keeps ([`PUT`]); read as the script reads it, any number.
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     operator_at: Option<serde_json::Number>,
 }
 
@@ -601,6 +610,7 @@ impl Shared {
             at_ms,
             created_at: block.created_at,
             until: block.expires_at,
+            operator_at: None,
         };
         let now = at_ms.div_euclid(1000);
         let lifts = &self.changed.lifts;
@@ -837,6 +847,10 @@ struct BlockWritten {
     created_at: i64,
     /// When it ends: forgotten then.
     until: i64,
+    /// A signal's block's `operator_at` as the store holds it (the time of the operators' last
+    /// word it knows of), written back with it: without it, an operator's write older than
+    /// that word, held up, would replace it in a store that lost it.
+    operator_at: Option<i64>,
 }
 
 /// A lift known here.
@@ -902,14 +916,14 @@ impl Lifts {
         table.blocks.insert(field.to_owned(), written);
     }
 
-    /// When the block held here on `field`, made at `created_at`, was written (ms), if known to
-    /// the millisecond.
-    fn block_written(&self, field: &str, created_at: i64) -> Option<i64> {
+    /// When the block held here on `field`, made at `created_at`, was written, if known to the
+    /// millisecond.
+    fn block_written(&self, field: &str, created_at: i64) -> Option<BlockWritten> {
         self.lock()
             .blocks
             .get(field)
             .filter(|w| w.created_at == created_at)
-            .map(|w| w.at_ms)
+            .copied()
     }
 
     /// The lift of `field` known here that is newer than a write made at `at_ms`, if any.
@@ -1945,14 +1959,15 @@ fn warn_throttled(throttle: &Throttle, what: &str, why: &str, said: &str) {
     }
 }
 
-/// `block` written back to the store as its creator wrote it, at `written` ms when known (else
-/// at its second's start).
-fn block_put(field: String, block: &Block, written: Option<i64>) -> Put {
-    let record = BlockRecord::of(block);
+/// `block` written back to the store as its creator wrote it, at the time it was `written` when
+/// known (else at its second's start), with the `operator_at` the store gave it.
+fn block_put(field: String, block: &Block, written: Option<BlockWritten>) -> Put {
+    let mut record = BlockRecord::of(block);
+    record.operator_at = written.and_then(|w| w.operator_at).map(Into::into);
     Put {
         hash: Hash::Blocks,
         field,
-        at_ms: written.unwrap_or(block.created_at * 1000),
+        at_ms: written.map_or(block.created_at * 1000, |w| w.at_ms),
         record: serde_json::to_string(&record).expect("records serialize"),
         precedence: Precedence::of_block(&record),
         id: put_id(),
@@ -2065,7 +2080,7 @@ fn apply_block(
         // millisecond, else by their seconds.
         let exact = written.filter(|written| *written != second_ms);
         let older = match (exact, here_written) {
-            (Some(written), Some(here_written)) => written < here_written,
+            (Some(written), Some(here_written)) => written < here_written.at_ms,
             _ => record.created_at < here.created_at,
         };
         let kept = match from {
@@ -2113,6 +2128,11 @@ fn apply_block(
         at_ms,
         created_at: record.created_at,
         until: record.expires_at,
+        operator_at: record
+            .operator_at
+            .as_ref()
+            .and_then(serde_json::Number::as_i64)
+            .filter(|_| by_signal),
     });
     lifts.blocked(field, written, record.expires_at, now);
     let block = Block {
@@ -2687,6 +2707,7 @@ mod tests {
             at_ms: second * 1000 + 700,
             created_at: second,
             until: now + 600,
+            operator_at: None,
         };
         changed.lifts.blocked(&field, Some(written), now + 600, now);
         let early = lift_record(Lift {
