@@ -2006,6 +2006,9 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
     // What no replica writes does not stand in a write's way: a `displaced` written by hand (a
     // lift, or a block ending in 300 000 years) is no signal's block to bring back.
     for displaced in [
+        "1".to_owned(),
+        "true".to_owned(),
+        "null".to_owned(),
         r#"{"removed":true,"expires_at":9000000000000}"#.to_owned(),
         serde_json::json!({
             "reason_id": "X", "created_at": now, "expires_at": 9_000_000_000_000_i64,
@@ -2025,6 +2028,23 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
             "{displaced}"
         );
         assert_eq!(held("subject|xia").as_deref(), Some("lift"));
+    }
+    // Nor an operators' time no clock could give: a held-up operator's hour still replaces the
+    // signal's minute that carries it.
+    for operator_at in ["9000000000000000000", "1e300"] {
+        let forged = format!(
+            r#"{{"operator_at":{operator_at},"reason_id":"risk.x","reason":"","created_at":{},"expires_at":{},"created_by":"risk:repeated_step_ups"}}"#,
+            now - 10,
+            now + 50
+        );
+        let stored = format!("{}|{forged}", (now - 10) * 1000);
+        redis.command(&resp(&["HSET", "stepgate:blocks", "subject|yuri", &stored]));
+        assert_eq!(
+            put("subject|yuri", "operator", 30, 3600),
+            ":1\r\n",
+            "{operator_at}"
+        );
+        assert_eq!(held("subject|yuri").as_deref(), Some("san:ops"));
     }
 }
 

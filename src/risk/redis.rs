@@ -175,8 +175,9 @@ if what == 'revocation' then
 end
 -- A block a replica could have written (and would apply).
 local function block(t)
+  if type(t) ~= 'table' then return false end
   local made = t.created_at
-  return type(t) == 'table' and t.removed ~= true
+  return t.removed ~= true
     and (t.removed == nil or type(t.removed) == 'boolean') and int(t.expires_at) and int(made)
     and made <= now + ahead and t.expires_at <= made + tonumber(ARGV[10]) + ahead
     and reason_id(t.reason_id)
@@ -212,7 +213,8 @@ if cur then
     if old.removed ~= true and type(old.expires_at) == 'number' and old.expires_at > now then
       held = old
     end
-    if type(old.operator_at) == 'number' then
+    -- (An operators' time no replica's clock could have given, written by hand, is none.)
+    if int(old.operator_at) and old.operator_at <= (now + ahead) * 1000 then
       operator_at = old.operator_at
     elseif not by_signal and at then
       operator_at = tonumber(at)
@@ -625,6 +627,7 @@ impl Shared {
     pub fn block_evicted(&self, block: &Block) {
         let at_ms = write_time();
         let field = block_field(block.kind, &block.value);
+        // (Ending at 0: no lift known here is forgotten for it.)
         self.changed
             .lifts
             .blocked(&field, None, 0, at_ms.div_euclid(1000));
@@ -914,6 +917,16 @@ impl Lifts {
             }
         }
         table.blocks.insert(field.to_owned(), written);
+    }
+
+    /// The store gave the block held here on `field`, made at `created_at`, the operators' time
+    /// `at` (this replica's own signal's block, written over a lift).
+    fn operator_at(&self, field: &str, created_at: i64, at: i64) {
+        if let Some(written) = self.lock().blocks.get_mut(field)
+            && written.created_at == created_at
+        {
+            written.operator_at = Some(at);
+        }
     }
 
     /// When the block held here on `field`, made at `created_at`, was written, if known to the
@@ -1696,6 +1709,16 @@ impl Task {
             if let Some(put) = message.put.filter(|p| p.hash == Hash::Blocks.key())
                 && let Some(id) = put.id
             {
+                // The record as the store holds it: a signal's block written over an operator's
+                // lift carries the lift's time, which a write-back must carry too.
+                if let Some(record) = record::<BlockRecord>(&put.record)
+                    && record.created_by.starts_with(blocks::RISK_CREATOR_PREFIX)
+                    && let Some(at) = stored_operator_at(&record, unix_now())
+                {
+                    self.changed
+                        .lifts
+                        .operator_at(&put.field, record.created_at, at);
+                }
                 self.changed.back(&put.field, id);
             }
             return None;
@@ -1974,6 +1997,17 @@ fn block_put(field: String, block: &Block, written: Option<BlockWritten>) -> Put
     }
 }
 
+/// A stored record's `operator_at`, if it is one a replica's clock could have given (the script
+/// takes no other: [`PUT`]).
+fn stored_operator_at(record: &BlockRecord, now: i64) -> Option<i64> {
+    let ahead = now.saturating_add(revocations::MAX_CLOCK_AHEAD_SECONDS);
+    record
+        .operator_at
+        .as_ref()
+        .and_then(serde_json::Number::as_i64)
+        .filter(|at| *at <= ahead.saturating_mul(1000))
+}
+
 /// The record of a lift, as stored.
 fn lift_record(lift: Lift) -> BlockRecord {
     BlockRecord {
@@ -2128,11 +2162,7 @@ fn apply_block(
         at_ms,
         created_at: record.created_at,
         until: record.expires_at,
-        operator_at: record
-            .operator_at
-            .as_ref()
-            .and_then(serde_json::Number::as_i64)
-            .filter(|_| by_signal),
+        operator_at: stored_operator_at(record, now).filter(|_| by_signal),
     });
     lifts.blocked(field, written, record.expires_at, now);
     let block = Block {
