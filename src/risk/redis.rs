@@ -78,16 +78,17 @@ const BATCH: usize = 1024;
 /// written.
 ///
 /// A block keeps, across replicas, the rule each replica keeps for itself (`blocks::set_evicting`):
-/// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written
-/// (`signal` or `operator` block, `lift`, `evict`, or `revocation`), `ARGV[7]` when the block ends (a
-/// revocation's time, `before`) and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the signals' `created_by`
-/// prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the writer's clock
-/// another's may be, in seconds, `ARGV[12]` the longest stored value a replica reads, and
-/// `ARGV[13]` and `ARGV[14]` the longest reason and author: a stored block that no replica could
-/// have written under them (which every replica ignores, [`apply_block`]) is written over as if
-/// it were not there. Beside its write time, a stored record keeps the time of the newest operator's write
-/// (block or lift) it stands for, `operator_at` (a member older replicas ignore): an operator's
-/// record its own write time, a signal's the operator's write it replaced. So:
+/// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written (`signal`
+/// or `operator` block, `lift`, `evict`, or `revocation`), `ARGV[7]` when the block ends (a
+/// revocation's time, `before`) and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the
+/// signals' `created_by` prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the
+/// writer's clock another's may be, in seconds, `ARGV[12]` the longest stored value a replica
+/// reads, and `ARGV[13]` and `ARGV[14]` the longest reason and author: a stored block that no
+/// replica could have written under them (which every replica ignores, [`apply_block`]) is written
+/// over as if it were not there. Beside its write time, a stored record keeps the time of the
+/// newest operator's write (block or lift) it stands for, `operator_at` (a member older replicas
+/// ignore): an operator's record its own write time, a signal's the operator's write it replaced.
+/// So:
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
 ///   new the signal's is (a replica that did not know the operator's block, during an outage);
 /// - an operator's write older than the stored one (it waited in a queue while Redis was down)
@@ -827,8 +828,9 @@ struct Changed {
 /// the lift is written back, and the store decides between the two.
 ///
 /// Beside them, the time in ms each block held here was written, where known to the millisecond
-/// (its record keeps only the second): a block written back to a Redis that lost it takes its own time, not its second's
-/// start, which an older write of that second (a lift that waited out an outage) would beat.
+/// (its record keeps only the second): a block written back to a Redis that lost it takes its own
+/// time, not its second's start, which an older write of that second (a lift that waited out an
+/// outage) would beat.
 #[derive(Debug, Default)]
 struct Lifts(Mutex<LiftTable>);
 
