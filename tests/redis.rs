@@ -1970,6 +1970,20 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
         held("subject|una").as_deref(),
         Some("risk:repeated_step_ups")
     );
+    // A signal's block refused because an operator's longer block is in force is kept with it
+    // too: the operator's lift, made before the signal's block but held up, leaves the signal's
+    // block in force; a lift after it lifts everything.
+    for (field, lift_ago, left) in [
+        ("subject|zed", 20, "risk:repeated_step_ups"),
+        ("subject|zoe", 5, "lift"),
+    ] {
+        assert_eq!(put(field, "operator", 30, 3600), ":1\r\n");
+        assert_eq!(put(field, "signal", 10, 600), ":0\r\n");
+        assert_eq!(held(field).as_deref(), Some("san:ops"));
+        put(field, "lift", lift_ago, 3600);
+        assert_eq!(held(field).as_deref(), Some(left), "{field}");
+    }
+
     // A lift newer than the signal's block is the newest write: it lifts everything.
     assert_eq!(put("subject|vic", "signal", 10, 600), ":1\r\n");
     assert_eq!(put("subject|vic", "operator", 30, 3600), ":1\r\n");

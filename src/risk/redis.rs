@@ -97,10 +97,11 @@ const BATCH: usize = 1024;
 ///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
 ///   that is refused still raises the stored record's `operator_at`, so that an older one held up
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
-///   stay refused. An operator's block that so replaces a signal's keeps it (`displaced`): an
-///   operator's write older than the signal's block that comes after it (a lift, or a block that
-///   does not outlast the signal's) leaves the signal's block in force, published to the
-///   replicas as the store's (`"from":"store"`), and the write is refused.
+///   stay refused. An operator's block that so replaces a signal's keeps it (`displaced`, with
+///   its time, `displaced_at`), and so does one in force that a signal's shorter block is
+///   refused over: an operator's write older than the signal's block that comes after it (a
+///   lift, or a block that does not outlast the signal's) leaves the signal's block in force,
+///   published to the replicas as the store's (`"from":"store"`), and the write is refused.
 ///
 /// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
 /// record only if that is a signal's block no newer than it: never of an operator's block the
@@ -126,9 +127,10 @@ local function message(stored)
   m.put.record = stored
   return cjson.encode(m)
 end
-local function with_displaced(body, displaced)
+local function with_displaced(body, displaced, displaced_at)
   if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
-  return '{"displaced":' .. cjson.encode(displaced) .. ',' .. string.sub(body, 2)
+  return '{"displaced":' .. cjson.encode(displaced) .. ',"displaced_at":'
+    .. string.format('%d', displaced_at) .. ',' .. string.sub(body, 2)
 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
@@ -223,7 +225,58 @@ if cur then
   end
   local by_operator = what == 'operator' or what == 'lift'
   local newer_intent = by_operator and (operator_at == nil or operator_at < written)
-  if what == 'signal' and held and held.expires_at >= ends then return 0 end
+  -- The signal's block an operator's record keeps (`displaced`, since `displaced_at`): one it
+  -- replaced, or one refused because it lasted longer. Only one a replica could have written,
+  -- still in force: one that has ended is over.
+  local signal, signal_at, signal_ends = nil, nil, nil
+  if old and not by_signal and type(old.displaced) == 'string' then
+    local ok, kept = pcall(cjson.decode, old.displaced)
+    if ok and block(kept) and kept.expires_at > now and type(kept.created_by) == 'string'
+       and string.sub(kept.created_by, 1, #ARGV[9]) == ARGV[9] then
+      signal, signal_ends = old.displaced, kept.expires_at
+      signal_at = int(old.displaced_at) and old.displaced_at or tonumber(at)
+    end
+  end
+  -- The record without it, to keep another.
+  local function bare(b)
+    if not signal then return b end
+    local prefix = '{"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
+    if string.sub(b, 1, #prefix) ~= prefix then return nil end
+    return (string.gsub(b, '^{"displaced":.-,"displaced_at":%d+,', '{', 1))
+  end
+  local function fits(r, d)
+    return #stamp + 1 + #r + #cjson.encode(d) + 40 <= tonumber(ARGV[12])
+  end
+  if what == 'signal' and held and held.expires_at >= ends then
+    -- Refused, an operator's longer block in force: kept with it, newer than what it keeps, so
+    -- that an operator's lift older than it, held up, leaves it in force.
+    if not by_signal and (not signal or signal_at < written) then
+      local b = bare(body)
+      if b and fits(b, record) then
+        redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. with_displaced(b, record, written))
+      end
+    end
+    return 0
+  end
+  -- An operator's write older than the signal's block kept is judged against that block, the
+  -- newer write: a lift, or a block that does not outlast it, leaves it in force (with this
+  -- write's time as the operators'), published to the replicas as the store's; a block that
+  -- outlasts it is written, keeping it.
+  local keep = nil
+  if signal and by_operator and newer_intent and signal_at > written then
+    if what == 'operator' and ends > signal_ends then
+      keep = signal
+    else
+      local kept = with_operator_at(signal, written)
+      local kept_at = string.format('%d', math.max(tonumber(at), signal_at))
+      redis.call('HSET', KEYS[1], ARGV[1], kept_at .. '|' .. kept)
+      redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
+        .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
+        .. ',"at":' .. kept_at .. '}}')
+      return 0
+    end
+  end
+  local keep_at = signal_at
   if at and tonumber(at) > written then
     local over_signal = by_signal and what == 'operator' and held and ends > held.expires_at
     if not (newer_intent and (over_signal or (old and not by_signal))) then
@@ -232,39 +285,17 @@ if cur then
       end
       return 0
     end
-    -- An operator's block that replaces a signal's newer one keeps it (`displaced`, its time
-    -- the record's stamp): an operator's write older than the signal's block that comes after
-    -- (a lift, a block, held up on the same replica) is judged against the signal's block, not
-    -- against the operator's that replaced it. A lift, or a block that does not outlast the
-    -- signal's, leaves the signal's block in force, with this write's time as the operators'.
-    -- (Only a signal's block a replica could have written, still in force: one that has ended
-    -- is over, and the write goes on as if there were none.)
-    local displaced = nil
+    -- An operator's block that replaces a signal's newer one keeps it.
     if over_signal then
-      displaced = body
-    elseif not by_signal and type(old.displaced) == 'string' then
-      local ok, signal = pcall(cjson.decode, old.displaced)
-      if ok and block(signal) and signal.expires_at > now and type(signal.created_by) == 'string'
-         and string.sub(signal.created_by, 1, #ARGV[9]) == ARGV[9] then
-        if what == 'operator' and ends > signal.expires_at then
-          displaced = old.displaced
-        else
-          local kept = with_operator_at(old.displaced, written)
-          redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. kept)
-          redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
-            .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
-            .. ',"at":' .. string.format('%d', tonumber(at)) .. '}}')
-          return 0
-        end
-      end
+      keep, keep_at = body, tonumber(at)
     end
     stamp = at
     record = with_operator_at(record, written)
-    if displaced and #stamp + 1 + #record + #cjson.encode(displaced) + 15 <= tonumber(ARGV[12]) then
-      record = with_displaced(record, displaced)
-    end
   elseif what == 'signal' and operator_at then
     record = with_operator_at(record, operator_at)
+  end
+  if keep and fits(record, keep) then
+    record = with_displaced(record, keep, keep_at)
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
