@@ -1980,9 +1980,36 @@ fn a_signals_block_made_after_a_held_up_lift_stays() {
         assert_eq!(put(field, "operator", 30, 3600), ":1\r\n");
         assert_eq!(put(field, "signal", 10, 600), ":0\r\n");
         assert_eq!(held(field).as_deref(), Some("san:ops"));
-        put(field, "lift", lift_ago, 3600);
+        let written = if left == "lift" { ":1\r\n" } else { ":0\r\n" };
+        assert_eq!(put(field, "lift", lift_ago, 3600), written, "{field}");
         assert_eq!(held(field).as_deref(), Some(left), "{field}");
     }
+
+    // A kept signal's block that has ended gives way to the next one refused; of two refused,
+    // the longer is kept: the held-up lift older than both leaves it in force. And the record
+    // keeps one, however many are refused.
+    assert_eq!(put("subject|ann", "operator", 1000, 86_400), ":1\r\n");
+    assert_eq!(put("subject|ann", "signal", 900, 60), ":0\r\n");
+    for ago in (30..70).rev() {
+        assert_eq!(put("subject|ann", "signal", ago, 600), ":0\r\n");
+    }
+    let (_, kept) = stored_block(&redis, "subject|ann").unwrap();
+    assert!(kept.to_string().len() < 2048, "{kept}");
+    assert_eq!(put("subject|ann", "lift", 80, 86_400), ":0\r\n");
+    assert_eq!(
+        held("subject|ann").as_deref(),
+        Some("risk:repeated_step_ups")
+    );
+    assert_eq!(put("subject|bea", "operator", 50, 7200), ":1\r\n");
+    assert_eq!(put("subject|bea", "signal", 40, 3600), ":0\r\n");
+    assert_eq!(put("subject|bea", "signal", 30, 60), ":0\r\n");
+    assert_eq!(put("subject|bea", "lift", 45, 7200), ":0\r\n");
+    let (_, record) = stored_block(&redis, "subject|bea").unwrap();
+    assert_eq!(
+        record["expires_at"],
+        now - 40 + 3600,
+        "the longer one: {record}"
+    );
 
     // A lift newer than the signal's block is the newest write: it lifts everything.
     assert_eq!(put("subject|vic", "signal", 10, 600), ":1\r\n");

@@ -234,26 +234,36 @@ if cur then
     if ok and block(kept) and kept.expires_at > now and type(kept.created_by) == 'string'
        and string.sub(kept.created_by, 1, #ARGV[9]) == ARGV[9] then
       signal, signal_ends = old.displaced, kept.expires_at
-      signal_at = int(old.displaced_at) and old.displaced_at or tonumber(at)
+      local since = old.displaced_at
+      signal_at = (int(since) and since <= (now + ahead) * 1000) and since or tonumber(at)
     end
   end
-  -- The record without it, to keep another.
+  -- The record without what it keeps (the pair this script puts first), to keep another; none
+  -- when it holds `displaced` elsewhere (written by hand).
   local function bare(b)
-    if not signal then return b end
-    local prefix = '{"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
-    if string.sub(b, 1, #prefix) ~= prefix then return nil end
-    return (string.gsub(b, '^{"displaced":.-,"displaced_at":%d+,', '{', 1))
+    if type(old.displaced) == 'string' then
+      local prefix = '{"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
+      if string.sub(b, 1, #prefix) == prefix then
+        b = string.gsub(b, '^{"displaced":.-,"displaced_at":%d+,', '{', 1)
+      end
+    end
+    if string.find(b, '"displaced', 1, true) then return nil end
+    return b
   end
-  local function fits(r, d)
-    return #stamp + 1 + #r + #cjson.encode(d) + 40 <= tonumber(ARGV[12])
+  -- `r` keeping `d` written at `d_at`, if a replica would still read it (else `r`).
+  local function keeping(at_text, r, d, d_at)
+    local candidate = with_displaced(r, d, d_at)
+    if #at_text + 1 + #candidate <= tonumber(ARGV[12]) then return candidate end
+    return r
   end
   if what == 'signal' and held and held.expires_at >= ends then
-    -- Refused, an operator's longer block in force: kept with it, newer than what it keeps, so
-    -- that an operator's lift older than it, held up, leaves it in force.
-    if not by_signal and (not signal or signal_at < written) then
+    -- Refused, an operator's longer block in force: kept with it, unless it keeps one as new
+    -- that lasts longer, so that an operator's lift older than it, held up, leaves it in force.
+    if not by_signal and (not signal or (signal_at < written and ends >= signal_ends)) then
       local b = bare(body)
-      if b and fits(b, record) then
-        redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. with_displaced(b, record, written))
+      if b then
+        local kept = keeping(at, b, record, written)
+        if kept ~= b then redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. kept) end
       end
     end
     return 0
@@ -264,11 +274,11 @@ if cur then
   -- outlasts it is written, keeping it.
   local keep = nil
   if signal and by_operator and newer_intent and signal_at > written then
-    if what == 'operator' and ends > signal_ends then
+    if what == 'operator' and ends >= signal_ends then
       keep = signal
     else
       local kept = with_operator_at(signal, written)
-      local kept_at = string.format('%d', math.max(tonumber(at), signal_at))
+      local kept_at = string.format('%d', signal_at)
       redis.call('HSET', KEYS[1], ARGV[1], kept_at .. '|' .. kept)
       redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
         .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
@@ -294,8 +304,9 @@ if cur then
   elseif what == 'signal' and operator_at then
     record = with_operator_at(record, operator_at)
   end
-  if keep and fits(record, keep) then
-    record = with_displaced(record, keep, keep_at)
+  if keep then
+    local b = bare(record)
+    if b then record = keeping(stamp, b, keep, keep_at) end
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
