@@ -2151,12 +2151,14 @@ fn apply_block(
         (stamp, _) => stamp,
     };
     let second_ms = record.created_at.saturating_mul(1000);
+    // Known to the millisecond: not a second's first millisecond, which a write made here is
+    // never stamped at (`write_time`).
+    let exact = written.filter(|written| *written != second_ms);
     let here = state.blocks().get(kind, value, now);
     if let Some(here) = &here {
         let here_written = lifts.block_written(field, here.created_at);
         // Older than the block here: by their times in ms when both are known to the
         // millisecond, else by their seconds.
-        let exact = written.filter(|written| *written != second_ms);
         let older = match (exact, here_written) {
             (Some(written), Some(here_written)) => written < here_written.at_ms,
             _ => record.created_at < here.created_at,
@@ -2195,7 +2197,6 @@ fn apply_block(
     // or a message without its time) is taken as of the second's end against a lift: of a lift
     // and such a block of one second, the block is taken as the newer (fail closed). Its time
     // is not kept: it is no more than its second, and is written back as such.
-    let exact = written.filter(|written| *written != second_ms);
     let block_ms = exact.unwrap_or(second_ms.saturating_add(999));
     if from != Source::Refusal
         && let Some(lift) = lifts.newer_than(field, block_ms, now)
@@ -2650,6 +2651,16 @@ mod tests {
         }
     }
 
+    /// What a resync makes of `blocks` (no revocations), nothing changed here since the read.
+    fn resync_blocks(
+        state: &RiskState,
+        blocks: &HashMap<String, String>,
+        now: i64,
+        changed: &Changed,
+    ) -> Reconciled {
+        reconcile(state, blocks, &HashMap::new(), now, &|_| false, changed)
+    }
+
     /// A hash as a resync reads it, holding `record` at `field`, written at `at_ms`.
     fn stored_at(field: &str, at_ms: i64, record: &impl Serialize) -> HashMap<String, String> {
         let json = serde_json::to_string(record).unwrap();
@@ -2789,18 +2800,11 @@ mod tests {
             until: now + 600,
         });
         let stored = stored_at(&field, second * 1000 + 500, &early);
-        let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
+        let r = resync_blocks(&state, &stored, now, &changed);
         let written_back: Vec<_> = r.contested.iter().map(|p| p.at_ms).collect();
         assert_eq!(written_back, vec![second * 1000 + 700]);
         assert!(state.blocks().get(Kind::Subject, "mallory", now).is_some());
-        let r = reconcile(
-            &state,
-            &HashMap::new(),
-            &HashMap::new(),
-            now,
-            &|_| false,
-            &changed,
-        );
+        let r = resync_blocks(&state, &HashMap::new(), now, &changed);
         let written_back: Vec<_> = r.missing.iter().map(|p| p.at_ms).collect();
         assert_eq!(written_back, vec![second * 1000 + 700]);
 
@@ -2811,7 +2815,7 @@ mod tests {
         let changed = Changed::default();
         let stored = stored_at(&field, second * 1000, &BlockRecord::of(&held));
         for _ in 0..2 {
-            let r = reconcile(&state, &stored, &HashMap::new(), now, &|_| false, &changed);
+            let r = resync_blocks(&state, &stored, now, &changed);
             assert!(r.contested.is_empty() && r.missing.is_empty());
             assert!(state.blocks().get(Kind::Subject, "mallory", now).is_some());
             assert_eq!(changed.lifts.block_written(&field, second), None);
@@ -2876,18 +2880,11 @@ mod tests {
         let changed = Changed::default();
         changed.lifts.lifted(&field, lift, now);
         let missing = |now| {
-            reconcile(
-                &state,
-                &HashMap::new(),
-                &HashMap::new(),
-                now,
-                &|_| false,
-                &changed,
-            )
-            .missing
-            .into_iter()
-            .map(|p| (p.precedence, p.at_ms))
-            .collect::<Vec<_>>()
+            resync_blocks(&state, &HashMap::new(), now, &changed)
+                .missing
+                .into_iter()
+                .map(|p| (p.precedence, p.at_ms))
+                .collect::<Vec<_>>()
         };
         assert_eq!(missing(now), vec![(Precedence::Lift, lift.at_ms)]);
         assert_eq!(missing(now + 3600), vec![]);
