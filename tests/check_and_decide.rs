@@ -345,6 +345,7 @@ impl Scenario {
             }),
             attributes: None,
             explain: false,
+            client_certificate: Vec::new(),
         }
     }
 }

@@ -50,6 +50,11 @@ pub struct DecideArgs {
     /// Include the evaluation steps.
     #[arg(long)]
     explain: bool,
+    /// The certificate (PEM) your client authenticated its TLS connection with, sent as the
+    /// request's `client_certificate`: a token bound to a certificate (`cnf.x5t#S256`) needs it.
+    /// Not --cert, which is stepgate's own client certificate for reaching the server.
+    #[arg(long, value_name = "PEM_FILE")]
+    client_certificate: Option<PathBuf>,
 }
 
 pub fn run(args: DecideArgs) -> ExitCode {
@@ -64,7 +69,13 @@ pub fn run(args: DecideArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let request = build_request(&args);
+        let request = match build_request(&args) {
+            Ok(request) => request,
+            Err(message) => {
+                eprintln!("stepgate decide: {message}");
+                return ExitCode::from(2);
+            }
+        };
         let response = match (&args.server, &args.config) {
             (Some(server), _) => ask(server, &args.tls, request).await,
             (None, Some(config)) => offline(config, request).await,
@@ -86,7 +97,7 @@ pub fn run(args: DecideArgs) -> ExitCode {
     })
 }
 
-fn build_request(args: &DecideArgs) -> DecideRequest {
+fn build_request(args: &DecideArgs) -> Result<DecideRequest, String> {
     let credential = match (&args.token, &args.authorization) {
         (Some(t), _) => Some(Credential::Token(t.clone())),
         (None, Some(a)) => Some(Credential::Authorization(a.clone())),
@@ -100,13 +111,23 @@ fn build_request(args: &DecideArgs) -> DecideRequest {
     });
     let attributes = (!args.attributes.is_empty())
         .then(|| stepgate::api::json_to_struct(&args.attributes.iter().cloned().collect()));
-    DecideRequest {
+    let client_certificate = match &args.client_certificate {
+        None => Vec::new(),
+        Some(path) => {
+            use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+            CertificateDer::from_pem_file(path)
+                .map_err(|e| format!("--client-certificate {}: {e}", path.display()))?
+                .to_vec()
+        }
+    };
+    Ok(DecideRequest {
         credential,
         operation: args.operation.clone(),
         http,
         attributes,
         explain: args.explain,
-    }
+        client_certificate,
+    })
 }
 
 async fn ask(

@@ -308,8 +308,10 @@ pub struct IssuerConfig {
     #[serde(default)]
     pub require_at_jwt: bool,
     /// Accept a token bound to its holder's key (a `cnf` claim: DPoP, RFC 9449; a client
-    /// certificate, RFC 8705) as a bearer token. Off: such a token is refused, since stepgate
-    /// checks no proof of the key. Only where the proxy in front checks the binding itself.
+    /// certificate, RFC 8705) as a bearer token. Off: a token bound to a client certificate
+    /// (`x5t#S256`) is good only with that certificate, and one bound any other way is refused,
+    /// since stepgate checks no other proof. Only where the proxy in front checks the binding
+    /// itself; such a token then meets no `certificate_bound` requirement.
     #[serde(default)]
     pub accept_bound_tokens: bool,
     /// The claim that names the token's subject: the one blocks, revocations, `key: subject`
@@ -540,6 +542,11 @@ pub struct RequireConfig {
     #[serde(default)]
     pub amr: Vec<String>,
     pub max_age: Option<Seconds>,
+    /// Only a token bound to the client certificate the request was made with (`cnf.x5t#S256`,
+    /// RFC 8705), as FAPI 2.0 asks of payment APIs; a bearer token is refused (401
+    /// `token_not_bound`).
+    #[serde(default)]
+    pub certificate_bound: bool,
     /// Claim equality: the claim must equal the value (or contain it, when the claim is an array).
     /// A list of values means any of them.
     #[serde(default, deserialize_with = "unique_keys")]

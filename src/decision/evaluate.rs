@@ -22,7 +22,8 @@ use super::{Decision, ExplainStep, Outcome, Reason, Shadow, StepUp};
 use crate::{
     challenge,
     identity::{
-        self, ChallengeStyle, Credential, CredentialProblem, VerifiedToken, fingerprint_of,
+        self, CertificateProblem, ChallengeStyle, ClientCertificate, Credential,
+        CredentialProblem, Thumbprint, VerifiedToken, fingerprint_of, thumbprint,
     },
     policy::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, PathCase, Policy, Requirement,
@@ -57,6 +58,7 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
         risk: &risk,
         shadows: Vec::new(),
         verified: None,
+        certificate: None,
         head_as_get: false,
         settled: None,
     };
@@ -67,6 +69,7 @@ pub fn decide_at(policy: &Policy, request: &AccessRequest, now: i64, now_ms: i64
     }
     decision.shadow = run.shadows;
     decision.verified = run.verified;
+    decision.client_certificate = run.certificate.map(Box::new);
     decision.risk_counts = risk.read.into_inner();
     if decision.is_allow()
         && let Some(http) = &request.http
@@ -135,6 +138,7 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
         risk: &risk,
         shadows: Vec::new(),
         verified: None,
+        certificate: None,
         head_as_get: false,
         settled: None,
     };
@@ -292,6 +296,8 @@ struct Run<'p> {
     shadows: Vec<Shadow>,
     /// The token, once verified.
     verified: Option<Arc<VerifiedToken>>,
+    /// The thumbprint of the client certificate presented with a token bound to one.
+    certificate: Option<Thumbprint>,
     /// A HEAD's methods read as a GET's, in every reading of the path.
     head_as_get: bool,
     /// The rule the last evaluation settled on (its matcher matched, or its condition could not
@@ -312,6 +318,7 @@ struct Effective<'p> {
     acr: Option<Vec<&'p str>>,
     amr: Vec<&'p str>,
     max_age: Option<u64>,
+    certificate_bound: bool,
 }
 
 impl<'p> Effective<'p> {
@@ -343,6 +350,7 @@ impl<'p> Effective<'p> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.certificate_bound |= r.certificate_bound;
     }
 }
 
@@ -553,6 +561,13 @@ impl<'p> Run<'p> {
                 Credential::Malformed(_) => unreachable!("handled above"),
             },
         };
+
+        // A token bound to a client certificate is good only with it (RFC 8705 §3).
+        if let Some(&bound) = token.as_ref().and_then(|t| t.certificate_binding.as_deref())
+            && let Some(refused) = self.certificate_binding(request, &bound)
+        {
+            return refused;
+        }
 
         // 3. Rule.
         let risk_fingerprint = (!policy.risk.signals.is_empty())
@@ -1037,6 +1052,20 @@ impl<'p> Run<'p> {
                 Some(www),
             ));
         }
+        if effective.certificate_bound && self.certificate.is_none() {
+            let message = "this resource takes only access tokens bound to the client \
+                           certificate (RFC 8705), and this one is a bearer token";
+            self.step("require", || message.to_owned());
+            let www = challenge::invalid_token(realm, message);
+            return Some(self.deny_with(
+                401,
+                Reason::TokenNotBound,
+                message,
+                rule,
+                token,
+                Some(www),
+            ));
+        }
         let missing: Vec<String> = effective
             .scopes
             .iter()
@@ -1327,6 +1356,56 @@ impl<'p> Run<'p> {
                 d
             }
         }
+    }
+
+    /// Whether the request comes with the client certificate its token is bound to (`bound`):
+    /// `None` when it does, else the 401 denial.
+    fn certificate_binding(
+        &mut self,
+        request: &AccessRequest,
+        bound: &Thumbprint,
+    ) -> Option<Decision> {
+        let presented = request
+            .client_certificate
+            .as_ref()
+            .map(ClientCertificate::thumbprint);
+        let (reason, message) = match presented {
+            Some(Ok(presented)) => {
+                self.certificate = Some(presented);
+                if presented == *bound {
+                    self.step("binding", || {
+                        format!(
+                            "the token is bound to the client certificate presented (x5t#S256 {})",
+                            thumbprint::encode(bound)
+                        )
+                    });
+                    return None;
+                }
+                (
+                    Reason::ClientCertificateMismatch,
+                    "the access token is bound to another client certificate than the one this \
+                     request was made with",
+                )
+            }
+            None => (
+                Reason::ClientCertificateMissing,
+                "the access token is bound to a client certificate, and the request was made \
+                 without one",
+            ),
+            Some(Err(CertificateProblem::TooLarge)) => (
+                Reason::ClientCertificateInvalid,
+                "the access token is bound to a client certificate, and the request's is too \
+                 large to read",
+            ),
+            Some(Err(CertificateProblem::NotOnePem)) => (
+                Reason::ClientCertificateInvalid,
+                "the access token is bound to a client certificate, and the request's is not \
+                 one PEM certificate",
+            ),
+        };
+        self.step("binding", || message.to_owned());
+        let www = challenge::invalid_token(&self.policy.realm, message);
+        Some(self.deny(401, reason, message, None, Some(www)))
     }
 
     fn token_missing(&mut self) -> Decision {

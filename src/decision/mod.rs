@@ -110,6 +110,9 @@ pub struct Decision {
     /// `risk.<name>`, a `step_up` signal's), by signal name: its record keeps them, so replay
     /// decides it on the counts the server saw.
     pub risk_counts: Vec<(Arc<str>, u64)>,
+    /// The thumbprint of the client certificate presented with a token bound to one (boxed:
+    /// most tokens are not).
+    pub client_certificate: Option<Box<crate::identity::Thumbprint>>,
 }
 
 impl Decision {
@@ -143,6 +146,7 @@ impl Decision {
             explain: Vec::new(),
             unknown_key: None,
             risk_counts: Vec::new(),
+            client_certificate: None,
         }
     }
 

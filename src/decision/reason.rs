@@ -65,6 +65,14 @@ reasons! {
     IssuerNotAccepted => "issuer_not_accepted",
     TenantMismatch => "tenant_mismatch",
     TenantNotAllowed => "tenant_not_allowed",
+    // 401: a token bound to a client certificate (RFC 8705), on a request without that
+    // certificate: none, another one, or one the proxy's field does not hold as one PEM certificate
+    ClientCertificateMissing => "client_certificate_missing",
+    ClientCertificateMismatch => "client_certificate_mismatch",
+    ClientCertificateInvalid => "client_certificate_invalid",
+    // 401: the rule takes only tokens bound to a client certificate, and the token is a bearer
+    // token
+    TokenNotBound => "token_not_bound",
     // 401 (a claims challenge for Entra clients that handle one): an operator revoked the
     // subject's sessions after this token was issued
     SessionRevoked => "session_revoked",
@@ -122,6 +130,9 @@ impl Reason {
                 | Reason::ClaimInvalid
                 | Reason::TenantMismatch
                 | Reason::TenantNotAllowed
+                | Reason::ClientCertificateMissing
+                | Reason::ClientCertificateMismatch
+                | Reason::ClientCertificateInvalid
         )
     }
 }

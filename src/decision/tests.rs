@@ -20,7 +20,7 @@ use crate::{
         self, DEMO_AUDIENCE, DEMO_EC_KID, DEMO_ENTRA_ISSUER, DEMO_OIDC_ISSUER, DEMO_RSA_KID,
         TokenSpec,
     },
-    identity::{CredentialProblem, KeepClaims},
+    identity::{ClientCertificate, CredentialProblem, KeepClaims, thumbprint},
     policy::{
         Policy,
         testing::{DEMO_POLICY, compile_policy, demo_file},
@@ -2932,10 +2932,12 @@ fn id_tokens_are_refused_unless_the_issuer_allows_their_members() {
     );
 }
 
-/// A token bound to its holder's key (`cnf`: DPoP's `jkt`, a client certificate's `x5t#S256`)
-/// proves nothing as a bearer: refused unless the issuer says the proxy checks the binding.
+/// A token bound to its holder's key by a proof stepgate does not check (DPoP's `jkt`, a `jwk`,
+/// more than one member) proves nothing as a bearer: refused unless the issuer says the proxy
+/// checks the binding. A client certificate's `x5t#S256` in any spelling but its one canonical
+/// one is a malformed claim (RFC 8705's own example sets stray bits in its last character).
 #[test]
-fn a_sender_constrained_token_is_not_a_bearer_token() {
+fn a_token_bound_by_a_proof_stepgate_does_not_check_is_not_a_bearer_token() {
     let spec = entra_user(&[]);
     let bearer = sign_claims(&claims_with(&spec, json!({"typ": "Bearer"})));
     expect(
@@ -2949,14 +2951,32 @@ fn a_sender_constrained_token_is_not_a_bearer_token() {
         "    challenge: entra\n    accept_bound_tokens: true\n",
         1,
     ));
-    for cnf in [
-        json!({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
-        json!({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
+    let canonical = thumbprint::encode(&[7; 32]);
+    for (cnf, reason) in [
+        (
+            json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+            Reason::TokenTypeInvalid,
+        ),
+        (
+            json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I", "x5t#S256": canonical}),
+            Reason::TokenTypeInvalid,
+        ),
+        (json!({"jwk": {"kty": "OKP"}}), Reason::TokenTypeInvalid),
+        (json!({}), Reason::TokenTypeInvalid),
+        (
+            json!({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}),
+            Reason::ClaimInvalid,
+        ),
+        (json!({"x5t#S256": format!("{canonical}=")}), Reason::ClaimInvalid),
+        (json!({"x5t#S256": 5}), Reason::ClaimInvalid),
+        (json!("x5t#S256"), Reason::ClaimInvalid),
     ] {
-        let token = sign_claims(&claims_with(&spec, cnf.clone()));
+        let token = sign_claims(&claims_with(&spec, json!({ "cnf": cnf })));
         let d = decide_op(&token, "inventory.list", json!({}));
-        expect(&d, Outcome::Deny, 401, Reason::TokenTypeInvalid);
-        assert!(d.message.contains("bound to a key"), "{cnf}: {}", d.message);
+        expect(&d, Outcome::Deny, 401, reason);
+        if reason == Reason::TokenTypeInvalid {
+            assert!(d.message.contains("bound to a key"), "{cnf}: {}", d.message);
+        }
         assert!(www(&d).contains("error=\"invalid_token\""), "{}", www(&d));
         let d = decide(
             &accepting,
@@ -2965,6 +2985,243 @@ fn a_sender_constrained_token_is_not_a_bearer_token() {
         );
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
     }
+}
+
+/// A DER stand-in and its PEM as Envoy sends it (`attributes.source.certificate`: URL-encoded).
+/// The thumbprint is of the bytes, whatever they are.
+fn certificate(seed: u8) -> (Vec<u8>, String) {
+    let der: Vec<u8> = (0..600u16).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let body = STANDARD.encode(&der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let encoded: String = pem
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    (der, encoded)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn with_certificate(mut request: AccessRequest, certificate: ClientCertificate) -> AccessRequest {
+    request.client_certificate = Some(certificate);
+    request
+}
+
+/// RFC 8705 §3: a token whose `cnf.x5t#S256` names a client certificate is good only on a
+/// request made with that certificate, however the proxy or the caller gives it, on every
+/// request (the verified-token cache keeps the token, not the request's certificate), and on a
+/// route open to anonymous callers too (a presented token is verified).
+#[test]
+fn a_certificate_bound_token_is_good_only_with_its_certificate() {
+    let policy = demo_policy();
+    let (der, pem) = certificate(3);
+    let (other_der, other_pem) = certificate(5);
+    let bound = sha256(&der);
+    let token = sign_claims(&claims_with(
+        &entra_user(&[]),
+        json!({"cnf": {"x5t#S256": thumbprint::encode(&bound)}}),
+    ));
+    let op = || op_request(&token, "inventory.list", json!({}));
+    for presented in [
+        ClientCertificate::Der(der.clone()),
+        ClientCertificate::UrlEncodedPem(pem.clone()),
+        ClientCertificate::Thumbprint(bound),
+    ] {
+        let mut request = with_certificate(op(), presented.clone());
+        request.explain = true;
+        let d = decide(&policy, &request, NOW);
+        expect(&d, Outcome::Allow, 200, Reason::Allowed);
+        assert_eq!(d.client_certificate.as_deref(), Some(&bound), "{presented:?}");
+        assert!(
+            d.explain.iter().any(|s| s.stage == "binding"
+                && s.detail.contains(&thumbprint::encode(&bound))),
+            "{:?}",
+            d.explain
+        );
+        // Envoy's other request: the cached token, another certificate.
+        for (other, reason) in [
+            (
+                Some(ClientCertificate::Der(other_der.clone())),
+                Reason::ClientCertificateMismatch,
+            ),
+            (
+                Some(ClientCertificate::UrlEncodedPem(other_pem.clone())),
+                Reason::ClientCertificateMismatch,
+            ),
+            (None, Reason::ClientCertificateMissing),
+            (
+                Some(ClientCertificate::UrlEncodedPem("not%20a%20certificate".into())),
+                Reason::ClientCertificateInvalid,
+            ),
+            (
+                Some(ClientCertificate::UrlEncodedPem(format!("{pem}{pem}"))),
+                Reason::ClientCertificateInvalid,
+            ),
+        ] {
+            let mut request = op();
+            request.client_certificate = other.clone();
+            let d = decide(&policy, &request, NOW);
+            expect(&d, Outcome::Deny, 401, reason);
+            assert!(www(&d).contains("error=\"invalid_token\""), "{}", www(&d));
+            assert_eq!(d.rule, None, "no requirement is revealed: {other:?}");
+            assert!(d.verified.is_some(), "the token itself is valid");
+            assert!(reason.is_invalid_token(), "{reason:?} counts as a refused token");
+            if reason == Reason::ClientCertificateMismatch {
+                assert_eq!(
+                    d.client_certificate.as_deref(),
+                    Some(&sha256(&other_der)),
+                    "the record names the certificate presented"
+                );
+            }
+        }
+    }
+    // Through Envoy's door, to the public health route: the token is still held to its binding.
+    let health = || http_request(&bearer(&token), "GET", "/healthz");
+    expect(
+        &decide(&policy, &health(), NOW),
+        Outcome::Deny,
+        401,
+        Reason::ClientCertificateMissing,
+    );
+    expect(
+        &decide(
+            &policy,
+            &with_certificate(health(), ClientCertificate::UrlEncodedPem(pem.clone())),
+            NOW,
+        ),
+        Outcome::Allow,
+        200,
+        Reason::AnonymousAllowed,
+    );
+    // A bearer token ignores a certificate, and never reads it (a malformed one does not matter).
+    let bearer_token = rs256(&entra_user(&[]));
+    let d = decide(
+        &policy,
+        &with_certificate(
+            op_request(&bearer_token, "inventory.list", json!({})),
+            ClientCertificate::UrlEncodedPem("garbage".into()),
+        ),
+        NOW,
+    );
+    expect(&d, Outcome::Allow, 200, Reason::Allowed);
+    assert_eq!(d.client_certificate, None);
+    // An issuer whose proxy checks the binding: the token passes as a bearer token.
+    let accepting = compile_policy(&DEMO_POLICY.replacen(
+        "    challenge: entra\n",
+        "    challenge: entra\n    accept_bound_tokens: true\n",
+        1,
+    ));
+    expect(
+        &decide(&accepting, &op(), NOW),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
+}
+
+/// `require: { certificate_bound: true }` (FAPI 2.0's sender-constrained tokens): a bearer token
+/// is refused before anything else the rule asks is revealed, in a rule and in an escalation; a
+/// token whose binding the proxy checks (`accept_bound_tokens`) does not meet it.
+#[test]
+fn a_rule_may_take_only_certificate_bound_tokens() {
+    let rules = concat!(
+        "  - id: fapi\n",
+        "    match: { operation: fapi.pay }\n",
+        "    require: { certificate_bound: true, scopes: [never.granted] }\n",
+        "  - id: large-pay\n",
+        "    match: { operation: fapi.maybe }\n",
+        "    escalate:\n",
+        "      - when: 'request.attributes.amount > 100'\n",
+        "        require: { certificate_bound: true }\n",
+    );
+    let policy = with_rules(rules);
+    let (der, _) = certificate(9);
+    let bound = sha256(&der);
+    let spec = entra_user(&[]);
+    let bearer_token = rs256(&spec);
+    let bound_token = sign_claims(&claims_with(
+        &spec,
+        json!({"cnf": {"x5t#S256": thumbprint::encode(&bound)}}),
+    ));
+    let d = decide(
+        &policy,
+        &with_certificate(
+            op_request(&bearer_token, "fapi.pay", json!({})),
+            ClientCertificate::Der(der.clone()),
+        ),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 401, Reason::TokenNotBound);
+    assert_eq!(rule(&d), Some("fapi"));
+    assert!(www(&d).contains("error=\"invalid_token\""), "{}", www(&d));
+    assert!(!d.message.contains("never.granted"), "{}", d.message);
+    // Bound and presented: on to the rule's next requirement.
+    let d = decide(
+        &policy,
+        &with_certificate(
+            op_request(&bound_token, "fapi.pay", json!({})),
+            ClientCertificate::Der(der.clone()),
+        ),
+        NOW,
+    );
+    expect(&d, Outcome::Deny, 403, Reason::MissingScope);
+    // The escalation asks for it only when its condition holds.
+    let maybe = |token: &str, amount: i64| {
+        decide(
+            &policy,
+            &with_certificate(
+                op_request(token, "fapi.maybe", json!({ "amount": amount })),
+                ClientCertificate::Der(der.clone()),
+            ),
+            NOW,
+        )
+    };
+    expect(&maybe(&bearer_token, 5), Outcome::Allow, 200, Reason::Allowed);
+    expect(
+        &maybe(&bearer_token, 500),
+        Outcome::Deny,
+        401,
+        Reason::TokenNotBound,
+    );
+    expect(&maybe(&bound_token, 500), Outcome::Allow, 200, Reason::Allowed);
+    let accepting = compile_policy(
+        &DEMO_POLICY
+            .replacen(
+                "    challenge: entra\n",
+                "    challenge: entra\n    accept_bound_tokens: true\n",
+                1,
+            )
+            .replace(
+                "  - id: everything-else\n",
+                &format!("{rules}  - id: everything-else\n"),
+            ),
+    );
+    expect(
+        &decide(
+            &accepting,
+            &with_certificate(
+                op_request(&bound_token, "fapi.maybe", json!({ "amount": 500 })),
+                ClientCertificate::Der(der),
+            ),
+            NOW,
+        ),
+        Outcome::Deny,
+        401,
+        Reason::TokenNotBound,
+    );
 }
 
 /// The client is read from `azp` (Entra v2, OIDC), `appid` (Entra v1), `client_id` (RFC 9068)

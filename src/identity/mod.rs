@@ -14,6 +14,7 @@ pub mod jwks;
 pub mod keys;
 pub mod san;
 pub mod segments;
+pub mod thumbprint;
 pub mod token;
 
 pub use bearer::{Credential, CredentialProblem};
@@ -21,4 +22,5 @@ pub use cache::TokenCache;
 pub use claims::Principal;
 pub use fingerprint::{fingerprint, fingerprint_of, sha256_hex};
 pub use issuer::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource};
+pub use thumbprint::{CertificateProblem, ClientCertificate, Thumbprint};
 pub use token::{KeepClaims, TokenError, VerifiedToken, verify};

@@ -109,11 +109,39 @@ pub struct Claims<'a> {
     pub id_token_members: bool,
     /// A confirmation (`cnf`, RFC 7800) is present: the token is bound to a key its holder must
     /// prove (DPoP, RFC 9449; a client certificate, RFC 8705).
-    pub confirmation: bool,
+    pub confirmation: Option<Confirmation>,
     /// The payload's `typ` (Keycloak writes `Bearer` in access tokens, `ID` in ID tokens).
     pub typ: Option<Raw<'a>>,
     /// The claims [`KeepClaims`] selects, as parsed JSON.
     pub kept: Map<String, Value>,
+}
+
+/// What a token's `cnf` (RFC 7800) binds it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// A client certificate, by the SHA-256 of its DER (RFC 8705 §3.1, `x5t#S256` as the only
+    /// member): the request must come over a TLS connection authenticated with that certificate.
+    Certificate([u8; 32]),
+    /// A key proved another way (DPoP's `jkt`, RFC 9449; `jwk`, `kid`, `jku`, `jwe`; or more than
+    /// one member): stepgate checks no such proof.
+    Unverifiable,
+    /// Not an object, or an `x5t#S256` that is not the unpadded base64url of 32 bytes.
+    Malformed,
+}
+
+impl Confirmation {
+    pub(crate) fn of(cnf: &Value) -> Self {
+        let Value::Object(members) = cnf else {
+            return Confirmation::Malformed;
+        };
+        match members.get("x5t#S256") {
+            None => Confirmation::Unverifiable,
+            Some(_) if members.len() > 1 => Confirmation::Unverifiable,
+            Some(Value::String(thumbprint)) => super::thumbprint::decode(thumbprint)
+                .map_or(Confirmation::Malformed, Confirmation::Certificate),
+            Some(_) => Confirmation::Malformed,
+        }
+    }
 }
 
 impl<'a> Claims<'a> {
@@ -437,7 +465,12 @@ impl<'de> Visitor<'de> for ClaimsVisitor<'_> {
                 *flag = true;
             }
             if name == "cnf" {
-                claims.confirmation = true;
+                let StrictValue(value) = map.next_value()?;
+                claims.confirmation = Some(Confirmation::of(&value));
+                if self.keep.wants(&name) {
+                    claims.kept.insert(name.into_owned(), value);
+                }
+                continue;
             }
             if self.keep.wants(&name) {
                 let StrictValue(value) = map.next_value()?;

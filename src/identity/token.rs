@@ -18,7 +18,7 @@ use super::{
     claims::{Principal, read_principal, str_list},
     intern::Interner,
     issuer::{Issuer, Issuers, Tenants},
-    segments::{self, Claims, Raw},
+    segments::{self, Claims, Confirmation, Raw},
 };
 
 /// A token whose signature, issuer, audience and lifetime were checked.
@@ -45,6 +45,11 @@ pub struct VerifiedToken {
     /// twin with the lower one, so both spellings share one fingerprint, and a block of it or a
     /// risk count keyed by it holds for both. `None`: the token's own SHA-256.
     pub fingerprint_digest: Option<[u8; 32]>,
+    /// The client certificate the token is bound to (`cnf.x5t#S256`, RFC 8705): the request must
+    /// present it. `None` for a bearer token, and for any token of an issuer with
+    /// `accept_bound_tokens` (the proxy in front checks the binding).
+    /// Boxed: most tokens are bearer tokens, and a cached token's size counts.
+    pub certificate_binding: Option<Box<super::Thumbprint>>,
 }
 
 /// Which raw claims a verified token keeps. A parsed claim map costs 2–4 KiB per token (most of a
@@ -121,7 +126,7 @@ pub enum TokenError {
     )]
     IdToken,
     #[error(
-        "the access token is bound to a key (cnf: DPoP or a client certificate) that a bearer does not prove"
+        "the access token is bound to a key (cnf) by a proof stepgate does not check, such as DPoP: only a client certificate's x5t#S256 is checked"
     )]
     Bound,
 }
@@ -266,11 +271,16 @@ pub fn verify(
     if (claims.id_token_members || id_typ) && issuer.refuse_id_tokens {
         return Err(TokenError::IdToken);
     }
-    // A token bound to its holder's key (RFC 9449 §7.1, RFC 8705 §3) presented as a bearer: its
-    // binding is what makes a stolen copy useless, and a bearer proves none.
-    if claims.confirmation && !issuer.accept_bound_tokens {
-        return Err(TokenError::Bound);
-    }
+    // A token bound to its holder's key (RFC 9449 §7.1, RFC 8705 §3): its binding is what makes
+    // a stolen copy useless. A client certificate's is checked on each request (the engine); any
+    // other proof stepgate does not check, so such a token is refused.
+    let certificate_binding = match claims.confirmation {
+        _ if issuer.accept_bound_tokens => None,
+        None => None,
+        Some(Confirmation::Certificate(thumbprint)) => Some(Box::new(thumbprint)),
+        Some(Confirmation::Unverifiable) => return Err(TokenError::Bound),
+        Some(Confirmation::Malformed) => return Err(TokenError::ClaimInvalid("cnf")),
+    };
     if issuer.require_at_jwt && !is_at_jwt(header.typ.as_ref()) {
         return Err(TokenError::WrongType(
             header
@@ -307,6 +317,7 @@ pub fn verify(
         client_capabilities: shared.list(client_capabilities.iter().map(String::as_str)),
         claims: claims.kept,
         fingerprint_digest,
+        certificate_binding,
     })
 }
 

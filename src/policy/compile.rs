@@ -1000,6 +1000,7 @@ pub(super) fn compile_requirement(
         acr: r.acr.clone(),
         amr: r.amr.clone(),
         max_age,
+        certificate_bound: r.certificate_bound,
     })
 }
 

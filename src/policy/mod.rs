@@ -129,6 +129,8 @@ pub struct Requirement {
     pub acr: Vec<String>,
     pub amr: Vec<String>,
     pub max_age: Option<u64>,
+    /// Only a token bound to the client certificate the request was made with (RFC 8705).
+    pub certificate_bound: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,6 +227,7 @@ impl Requirement {
             && self.acr.is_empty()
             && self.amr.is_empty()
             && self.max_age.is_none()
+            && !self.certificate_bound
     }
 }
 

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     decision::{self, Outcome, Reason},
-    identity::{Principal, VerifiedToken, issuer::Tenants},
+    identity::{ClientCertificate, Principal, Thumbprint, VerifiedToken, issuer::Tenants, thumbprint},
     policy::Policy,
     request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
 };
@@ -47,6 +47,9 @@ pub struct Record<'a> {
     pub attributes: Map<String, Value>,
     #[serde(default, borrow)]
     pub source: Option<Cow<'a, str>>,
+    /// The thumbprint (`x5t#S256`) of the client certificate presented with a token bound to one.
+    #[serde(default, borrow)]
+    pub client_certificate: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub token: Option<TokenFacts<'a>>,
     #[serde(borrow)]
@@ -109,6 +112,9 @@ pub struct TokenFacts<'a> {
     pub app_only: bool,
     #[serde(default)]
     pub claims: Map<String, Value>,
+    /// The client certificate the token is bound to (`cnf.x5t#S256`).
+    #[serde(default, borrow, rename = "x5t#S256")]
+    pub x5t_s256: Option<Cow<'a, str>>,
 }
 
 /// A set of subjects (keyed by a seeded fast hash: subjects are many, and not the attacker's).
@@ -587,6 +593,12 @@ fn request_of(record: &Record<'_>) -> AccessRequest {
             .source
             .as_deref()
             .map(|address| Peer::new(address, String::new())),
+        // A spelling the recorder never writes is no certificate.
+        client_certificate: record
+            .client_certificate
+            .as_deref()
+            .and_then(thumbprint::decode)
+            .map(ClientCertificate::Thumbprint),
         proxy_header_count: None,
         explain: false,
         problem: None,
@@ -609,6 +621,7 @@ struct Facts {
     capabilities: Arc<[Arc<str>]>,
     claims: Map<String, Value>,
     issuer: String,
+    certificate_binding: Option<Thumbprint>,
 }
 
 fn principal_of(f: &TokenFacts<'_>) -> Facts {
@@ -642,6 +655,11 @@ fn principal_of(f: &TokenFacts<'_>) -> Facts {
         capabilities: words(&xms_cc),
         claims: f.claims.clone(),
         issuer: f.issuer.to_string(),
+        // A spelling the recorder never writes binds the token to no certificate at all.
+        certificate_binding: f
+            .x5t_s256
+            .as_deref()
+            .map(|t| thumbprint::decode(t).unwrap_or_default()),
     }
 }
 
@@ -682,6 +700,7 @@ fn decide(
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),
                 fingerprint_digest: None,
+                certificate_binding: f.certificate_binding.map(Box::new),
             })))
         }
     };

@@ -245,6 +245,9 @@ pub struct AccessRequest {
     /// The downstream peer as Envoy saw it (CEL `request.source`): with mTLS in a mesh, its
     /// `principal` is the workload's SPIFFE id.
     pub source: Option<Peer>,
+    /// The client certificate the request's TLS connection was authenticated with, as the proxy
+    /// or caller gave it: read only for a token bound to one (RFC 8705).
+    pub client_certificate: Option<crate::identity::ClientCertificate>,
     /// How many header entries the proxy holds for this request (Envoy `Check` only, pseudo-headers
     /// included): with the policy's `max_request_headers`, whether identity headers still fit.
     pub proxy_header_count: Option<usize>,

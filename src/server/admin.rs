@@ -97,6 +97,19 @@ impl Admin {
                 .verify(raw, &policy.issuers, policy.max_token_bytes, now);
         let token = verified
             .map_err(|e| Status::unauthenticated(format!("the bearer token is refused: {e}")))?;
+        // A token bound to a client certificate (RFC 8705) is good only on a connection made
+        // with it.
+        if let Some(&bound) = token.certificate_binding.as_deref() {
+            let presented = peer
+                .and_then(|p| p.client.as_deref())
+                .and_then(|c| c.thumbprint);
+            if presented != Some(bound) {
+                return Err(Status::unauthenticated(
+                    "the bearer token is refused: it is bound to a client certificate (cnf \
+                     x5t#S256) this connection was not made with",
+                ));
+            }
+        }
         let principal = &token.principal;
         let granted = admin.issuers.iter().any(|id| **id == *principal.issuer_id)
             && principal

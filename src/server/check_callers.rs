@@ -142,7 +142,10 @@ mod tests {
         PeerInfo {
             remote: Some(SocketAddr::new(address.parse().unwrap(), 40000)),
             listener: ListenerKind::Main,
-            client: sans.map(|sans| Arc::new(ClientIdentity { sans: names(sans) })),
+            client: sans.map(|sans| Arc::new(ClientIdentity {
+                sans: names(sans),
+                thumbprint: None,
+            })),
         }
     }
 
@@ -205,6 +208,7 @@ mod tests {
         assert!(!callers.allows(&PeerInfo {
             client: Some(Arc::new(ClientIdentity {
                 sans: vec![SanName::dns("spiffe://mesh/ns/gw/sa/envoy")],
+                thumbprint: None,
             })),
             ..peer("10.0.0.1", None)
         }));

@@ -115,6 +115,9 @@ struct RawHeader {
 pub struct Peer {
     address: Address,
     principal: Range<usize>,
+    /// `certificate`: the peer's certificate, URL-encoded PEM (Envoy's
+    /// `include_peer_certificate`).
+    certificate: Range<usize>,
 }
 
 /// `envoy.config.core.v3.Address`, a oneof of which only the socket address is read.
@@ -264,6 +267,14 @@ impl CheckRequest {
         self.source.as_ref().map(|p| self.text(&p.principal))
     }
 
+    /// The source's certificate (URL-encoded PEM); `None` when absent or empty.
+    pub fn source_certificate(&self) -> Option<&str> {
+        self.source
+            .as_ref()
+            .map(|p| self.text(&p.certificate))
+            .filter(|c| !c.is_empty())
+    }
+
     /// `context_extensions` in the order given (a repeated key: the last is in force).
     pub fn context_extensions(&self) -> impl Iterator<Item = (&str, &str)> {
         self.context_extensions
@@ -272,7 +283,7 @@ impl CheckRequest {
     }
 }
 
-/// `AttributeContext.Peer`: `address` and `principal`.
+/// `AttributeContext.Peer`: `address`, `principal` and `certificate`.
 fn read_peer(mut reader: Reader<'_>, peer: &mut Peer) -> Result<(), DecodeError> {
     while let Some((field, wire)) = reader.key()? {
         match field {
@@ -281,6 +292,7 @@ fn read_peer(mut reader: Reader<'_>, peer: &mut Peer) -> Result<(), DecodeError>
                 read_address(address, &mut peer.address)?;
             }
             4 => peer.principal = reader.string(wire, "attributes.source.principal")?,
+            5 => peer.certificate = reader.string(wire, "attributes.source.certificate")?,
             _ => reader.skip(wire)?,
         }
     }

@@ -23,7 +23,7 @@ use crate::{
         },
     },
     decision::{Decision, Outcome},
-    identity::{Credential, CredentialProblem, bearer},
+    identity::{ClientCertificate, Credential, CredentialProblem, bearer},
     policy::Upstream,
     request::{
         AccessRequest, Door, HeaderLimits, Headers, HttpAttributes, PresentedCredential,
@@ -208,6 +208,8 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
         attributes,
         context: Map::new(),
         source: None,
+        client_certificate: (!request.client_certificate.is_empty())
+            .then(|| ClientCertificate::Der(request.client_certificate)),
         proxy_header_count: None,
         explain: request.explain,
         problem,

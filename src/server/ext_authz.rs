@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     decision::{Decision, Reason},
-    identity::CredentialProblem,
+    identity::{ClientCertificate, CredentialProblem},
     request::{AccessRequest, Door, HttpAttributes, Peer, PresentedCredential, RequestProblem},
     telemetry::traces,
 };
@@ -298,6 +298,9 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
             check.source_principal().unwrap_or_default().to_owned(),
         )
     });
+    let client_certificate = check
+        .source_certificate()
+        .map(|pem| ClientCertificate::UrlEncodedPem(pem.to_owned()));
     let context: serde_json::Map<String, serde_json::Value> = check
         .context_extensions()
         .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
@@ -351,6 +354,7 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         attributes: serde_json::Map::new(),
         context,
         source,
+        client_certificate,
         proxy_header_count,
         explain: false,
         problem,

@@ -88,6 +88,9 @@ impl fmt::Debug for Tls {
 pub struct ClientIdentity {
     /// The subject alternative names of the verified client certificate (empty without mTLS).
     pub sans: Vec<SanName>,
+    /// The SHA-256 of the client certificate's DER: an admin token bound to it (RFC 8705) is
+    /// good on this connection.
+    pub thumbprint: Option<crate::identity::Thumbprint>,
 }
 
 impl Tls {
@@ -176,12 +179,15 @@ impl Tls {
 
 /// The client identity of an established TLS connection.
 pub fn client_identity(connection: &rustls::ServerConnection) -> ClientIdentity {
-    let sans = connection
-        .peer_certificates()
-        .and_then(|chain| chain.first())
+    let leaf = connection.peer_certificates().and_then(|chain| chain.first());
+    let sans = leaf
         .and_then(|cert| subject_alt_names(cert).ok())
         .unwrap_or_default();
-    ClientIdentity { sans }
+    let thumbprint = leaf.map(|cert| {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(cert.as_ref()).into()
+    });
+    ClientIdentity { sans, thumbprint }
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -24,7 +24,11 @@ use crate::{
     api::v1::{DecideRequest, HttpRequest, decide_request::Credential},
     config::ConfigError,
     decision::{self, Decision, ExplainStep, Outcome, Reason},
-    identity::issuer::{Discovered, IssuerName, SubjectClaim, Tenants},
+    identity::{
+        ClientCertificate,
+        issuer::{Discovered, IssuerName, SubjectClaim, Tenants},
+        thumbprint,
+    },
     policy::Policy,
     request::Peer,
     server::decide::access_request,
@@ -174,6 +178,17 @@ impl Runner {
                 return Err(fail(
                     at("expect.reason"),
                     format!("{reason:?} is not a reason code (docs/policy.md lists them)"),
+                ));
+            }
+            if let Some(t) = &case.request.client_certificate
+                && thumbprint::decode(t).is_none()
+            {
+                return Err(fail(
+                    at("request.client_certificate"),
+                    format!(
+                        "expected the certificate's x5t#S256 (43 characters of unpadded \
+                         base64url: the SHA-256 of its DER), got {t:?}"
+                    ),
                 ));
             }
             if case.request.operation.is_none() && case.request.path.is_none() {
@@ -417,8 +432,15 @@ impl Runner {
             attributes: (!r.attributes.is_empty())
                 .then(|| crate::api::json_to_struct(&r.attributes)),
             explain: true,
+            client_certificate: Vec::new(),
         };
         let mut access = access_request(request, self.policy.header_limits);
+        // Each read already (`check`).
+        access.client_certificate = r
+            .client_certificate
+            .as_deref()
+            .and_then(thumbprint::decode)
+            .map(ClientCertificate::Thumbprint);
         access.source = r.source.clone().map(|address| Peer {
             address,
             principal: String::new(),

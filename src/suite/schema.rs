@@ -47,6 +47,9 @@ pub struct RequestConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub source: Option<String>,
+    /// The thumbprint (`x5t#S256`: unpadded base64url of the SHA-256 of its DER) of the client
+    /// certificate the request was made with; a token bound to one (`cnf`) needs it.
+    pub client_certificate: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

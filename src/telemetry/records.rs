@@ -37,7 +37,7 @@ use serde_json::{Map, Value};
 use super::{line, metrics};
 use crate::{
     decision::{Decision, Outcome},
-    identity::VerifiedToken,
+    identity::{VerifiedToken, thumbprint},
     request::{AccessRequest, Door},
 };
 
@@ -452,8 +452,9 @@ fn sample_weight(n: u64, rate: u64) -> u64 {
 /// the intermediate structure (a dozen small allocations) cost as much as the writing. The bytes
 /// are serde_json's for the same record (the test module holds that serde form and compares).
 /// Fields: `time`, `door`, `request_id`, `method`, `host`, `path`, `operation`, `attributes`,
-/// `source`, `token` {`issuer`, `subject`, `tenant`, `client_id`, `acrs`, `acr`, `amr`,
-/// `auth_time`, `scopes`, `roles`, `xms_cc`, `app_only`, `claims`}, `outcome`, `reason`,
+/// `source`, `client_certificate` (the thumbprint of the one presented with a token bound to one),
+/// `token` {`issuer`, `subject`, `tenant`, `client_id`, `acrs`, `acr`, `amr`, `auth_time`,
+/// `scopes`, `roles`, `xms_cc`, `app_only`, `x5t#S256`, `claims`}, `outcome`, `reason`,
 /// `status`, `weight` (a sampled ALLOW: how many it stands for), `rule`, `shadow`, `challenge` {`style`, `auth_contexts`, `acr_values`, `max_age`,
 /// `amr`}; absent and empty ones are left out.
 pub fn write_record(
@@ -507,6 +508,9 @@ pub fn write_record(
         record.map(k!("attributes"), &attributes);
     }
     record.maybe(k!("source"), source);
+    if let Some(presented) = &decision.client_certificate {
+        record.text(k!("client_certificate"), &thumbprint::encode(presented));
+    }
     if let Some(t) = &decision.verified {
         record.name(k!("token"));
         write_token_once(policy, t, record.out);
@@ -629,6 +633,9 @@ fn write_token(policy: &RecordsPolicy, t: &VerifiedToken, out: &mut String) {
     if p.app_only {
         token.name(k!("app_only"));
         token.out.push_str("true");
+    }
+    if let Some(bound) = t.certificate_binding.as_deref() {
+        token.text(k!("x5t#S256"), &thumbprint::encode(bound));
     }
     // The raw claims the policy reads (claim requirements, `claim:` headers, CEL); with a
     // subject key, `sub` among them as the subject is, or the hash would stand beside the name,
@@ -1175,6 +1182,8 @@ mod tests {
         #[serde(skip_serializing_if = "Option::is_none")]
         source: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        client_certificate: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         token: Option<TokenFacts<'a>>,
         outcome: &'static str,
         reason: &'static str,
@@ -1213,6 +1222,8 @@ mod tests {
         xms_cc: Vec<&'a str>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         app_only: bool,
+        #[serde(rename = "x5t#S256", skip_serializing_if = "Option::is_none")]
+        x5t_s256: Option<String>,
         #[serde(skip_serializing_if = "Map::is_empty")]
         claims: Map<String, Value>,
     }
@@ -1284,6 +1295,7 @@ mod tests {
                 .iter()
                 .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
                 .collect(),
+            client_certificate: decision.client_certificate.as_deref().map(thumbprint::encode),
             token: decision.verified.as_deref().map(|t| {
                 let p = &t.principal;
                 TokenFacts {
@@ -1302,6 +1314,7 @@ mod tests {
                     roles: words(&p.roles),
                     xms_cc: words(&t.client_capabilities),
                     app_only: p.app_only,
+                    x5t_s256: t.certificate_binding.as_deref().map(thumbprint::encode),
                     claims: {
                         let mut claims = t.claims.clone();
                         if let Some(key) = &policy.subject_key {
@@ -1461,6 +1474,7 @@ mod tests {
         principal: Principal,
         capabilities: Vec<String>,
         claims: Map<String, Value>,
+        certificate_binding: Option<crate::identity::Thumbprint>,
     ) -> Arc<VerifiedToken> {
         static ISSUER: std::sync::LazyLock<Arc<crate::identity::issuer::Issuer>> =
             std::sync::LazyLock::new(|| {
@@ -1478,6 +1492,7 @@ mod tests {
             client_capabilities: arcs(capabilities),
             claims,
             fingerprint_digest: None,
+            certificate_binding: certificate_binding.map(Box::new),
         })
     }
 
@@ -1539,9 +1554,13 @@ mod tests {
             weight in prop_oneof![Just(1u64), 2..1_000_000u64],
             door in 0..3usize,
             nanos in 0..4_102_444_800_000_000_000u64,
+            bound in prop::option::of(any::<u8>()),
+            presented in prop::option::of(any::<u8>()),
         ) {
-            decision.verified =
-                token.map(|(principal, caps, claims)| verified(principal, caps, claims));
+            decision.verified = token.map(|(principal, caps, claims)| {
+                verified(principal, caps, claims, bound.map(|b| [b; 32]))
+            });
+            decision.client_certificate = presented.map(|b| Box::new([b; 32]));
             decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| {
                 Box::new(StepUp {
                     style: "entra",
@@ -1614,6 +1633,7 @@ mod tests {
                 },
                 Vec::new(),
                 claims.as_object().unwrap().clone(),
+                None,
             ));
             let request = AccessRequest::default();
             let line = format_record(&policy, Door::Decide, &request, &decision, UNIX_EPOCH, 1);
@@ -1662,6 +1682,7 @@ mod tests {
                     .as_object()
                     .unwrap()
                     .clone(),
+                None,
             )
         };
         let record = |policy: &RecordsPolicy, token: &Arc<VerifiedToken>| {
