@@ -60,6 +60,9 @@ pub struct TokenArgs {
     /// Key id for the header. Default: the demo key's.
     #[arg(long)]
     kid: Option<String>,
+    /// Bind the token to this client certificate (PEM): `cnf` holds its `x5t#S256` (RFC 8705).
+    #[arg(long, value_name = "PEM_FILE")]
+    bound_to: Option<PathBuf>,
 }
 
 pub fn run(args: TokenArgs) -> ExitCode {
@@ -94,7 +97,7 @@ fn mint(args: TokenArgs) -> Result<String, String> {
         .unwrap_or_else(|| demo_keys_dir().join(default_key));
     let pem =
         std::fs::read(&key_path).map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
-    let spec = TokenSpec {
+    let mut spec = TokenSpec {
         issuer,
         audience: args.aud,
         subject: args.sub,
@@ -120,6 +123,17 @@ fn mint(args: TokenArgs) -> Result<String, String> {
             .0 as i64,
         extra: args.claims.into_iter().collect(),
     };
+    if let Some(path) = &args.bound_to {
+        use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+        use sha2::Digest as _;
+        let der = CertificateDer::from_pem_file(path)
+            .map_err(|e| format!("--bound-to {}: {e}", path.display()))?;
+        let thumbprint: stepgate::identity::Thumbprint = sha2::Sha256::digest(&der).into();
+        spec.extra.insert(
+            "cnf".to_owned(),
+            serde_json::json!({ "x5t#S256": stepgate::identity::thumbprint::encode(&thumbprint) }),
+        );
+    }
     demo::sign(
         &spec.claims(unix_now()),
         &pem,
