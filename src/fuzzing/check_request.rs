@@ -21,7 +21,8 @@ use crate::{
 #[derive(Debug, PartialEq, Eq)]
 pub struct Read {
     http: Option<ReadHttp>,
-    source: Option<(Option<String>, String)>,
+    /// Address, principal and certificate (empty: none).
+    source: Option<(Option<String>, String, String)>,
     context: BTreeMap<String, String>,
 }
 
@@ -57,6 +58,7 @@ pub fn ours(request: &CheckRequest) -> Read {
             (
                 request.source_address().map(str::to_owned),
                 request.source_principal().unwrap_or_default().to_owned(),
+                request.source_certificate().unwrap_or_default().to_owned(),
             )
         }),
         context: request
@@ -93,7 +95,7 @@ pub fn theirs(request: &EnvoyCheckRequest) -> Read {
             Some(EnvoyAddressKind::SocketAddress(socket)) => Some(socket.address),
             _ => None,
         };
-        (ip, peer.principal)
+        (ip, peer.principal, peer.certificate)
     });
     Read {
         http,

@@ -691,6 +691,23 @@ mod tests {
         );
         let source = access.source.expect("source");
         assert_eq!(source.address, "10.1.2.3");
+        assert_eq!(access.client_certificate, None, "none sent");
+    }
+
+    /// Envoy's `source.certificate` (with `include_peer_certificate`) as it comes, for the
+    /// engine to read only if the token is bound to a certificate; empty is none.
+    #[test]
+    fn the_source_certificate_is_kept_as_envoy_sends_it() {
+        let pem = "-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A";
+        for (sent, kept) in [
+            (pem, Some(ClientCertificate::UrlEncodedPem(pem.to_owned()))),
+            ("", None),
+        ] {
+            let mut check = demo_check();
+            let attributes = check.attributes.as_mut().expect("attributes");
+            attributes.source.as_mut().expect("source").certificate = sent.to_owned();
+            assert_eq!(access(check).client_certificate, kept, "{sent:?}");
+        }
     }
 
     fn demo_check() -> EnvoyCheckRequest {

@@ -108,6 +108,27 @@ function toValue(value) {
  * apply (`method` is required with them). At least one of the two is required. `attributes` is a plain object for the policy's
  * conditions, sent as a Struct.
  *
+ * `clientCertificate` is the DER (a Buffer) of the certificate the *end client* authenticated its
+ * TLS connection to this service with (the leaf alone; not the certificate of this service's own
+ * channel to stepgate). A token bound to a certificate (`cnf` holding `x5t#S256`, RFC 8705) is good
+ * only with it: without it the answer is `401 client_certificate_missing`, with another certificate
+ * `401 client_certificate_mismatch`, both with an `error="invalid_token"` challenge. stepgate reads
+ * it for bound tokens only, so pass it whenever you have it. Where it comes from:
+ *
+ * - A Node server terminating TLS itself, asking for client certificates (`https.createServer`
+ *   with `requestCert: true`; `rejectUnauthorized: false` if it must also take self-signed ones,
+ *   RFC 8705 §3): `req.socket.getPeerCertificate()?.raw` (`tlsSocket.getPeerCertificate().raw`),
+ *   `undefined` when the client sent none, which is what to pass then.
+ * - Behind a proxy that terminates TLS (nginx, Envoy, a load balancer): the service's own
+ *   connection is to the proxy, so the certificate must come from the proxy, in a header it
+ *   overwrites on every request (nginx `$ssl_client_escaped_cert`, Envoy's
+ *   `x-forwarded-client-cert` `Cert=`: URL-encoded PEM, so
+ *   `new X509Certificate(decodeURIComponent(value)).raw`). Never read such a header a client could
+ *   set itself.
+ *
+ * Anything but a Buffer or Uint8Array is refused (TypeError): proto-loader would take a string as
+ * base64 of the bytes, so PEM text or hex would not be sent as the certificate it is.
+ *
  * Every request is answered with an OK gRPC status: read `outcome`. That holds for DENY, for a
  * request stepgate cannot decide on (`400 malformed_request`: neither operation nor http) and for
  * a failure inside stepgate (`500 internal_error`). The promise rejects with a gRPC error
@@ -116,13 +137,17 @@ function toValue(value) {
  */
 export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } = {}) {
   const { authorization, token, operation = '', method, path: target, host, headers } = request;
-  const { attributes, explain = false } = request;
+  const { attributes, clientCertificate, explain = false } = request;
   if (authorization !== undefined && token !== undefined) {
     return Promise.reject(new TypeError('pass authorization or token, not both (they are one oneof)'));
   }
   if (!method && [target, host, headers].some((v) => v !== undefined)) {
     // stepgate refuses an HTTP request without a method (400 malformed_request).
     return Promise.reject(new TypeError("pass the HTTP request's method with its path, host or headers"));
+  }
+  const hasCertificate = clientCertificate !== undefined && clientCertificate !== null;
+  if (hasCertificate && !(clientCertificate instanceof Uint8Array)) {
+    return Promise.reject(new TypeError('pass clientCertificate as a Buffer of DER (getPeerCertificate().raw)'));
   }
   const message = { operation, explain };
   if (authorization !== undefined) message.authorization = authorization;
@@ -132,6 +157,7 @@ export function decide(client, request = {}, { timeoutMs = DEFAULT_TIMEOUT_MS } 
     message.http = { method, path: target ?? '', host: host ?? '', headers: headers ?? {} };
   }
   if (attributes !== undefined) message.attributes = toStruct(attributes);
+  if (hasCertificate) message.client_certificate = clientCertificate;
   return new Promise((resolve, reject) => {
     client.Decide(message, { deadline: Date.now() + timeoutMs }, (error, response) =>
       error ? reject(error) : resolve(response),
@@ -227,7 +253,12 @@ export function toHttpReply(response) {
   return { status: response.http_status || 403, headers, body: JSON.stringify(body) };
 }
 
-/** `decide` + `toHttpReply` in one call; never rejects, failing closed on any gRPC error. */
+/**
+ * `decide` + `toHttpReply` in one call, with `decide`'s request fields — among them
+ * `clientCertificate`, the DER of the end client's TLS certificate
+ * (`tlsSocket.getPeerCertificate().raw`) for certificate-bound tokens. Never rejects: a gRPC error
+ * or a request `decide` refuses to send fails closed (503).
+ */
 export async function authorize(client, request, options) {
   try {
     return toHttpReply(await decide(client, request, options));

@@ -1,11 +1,13 @@
 // Live tests of stepgate-client.js against the real stepgate binary and the demo policy.
 //
 // `before` starts `$STEPGATE_BIN serve` on an ephemeral port and waits for gRPC health SERVING;
-// `after` stops it. Tokens are minted with `$STEPGATE_BIN token`.
+// `after` stops it. Tokens are minted with `$STEPGATE_BIN token`; the client certificates of the
+// certificate-bound token tests are made with the `openssl` command into a temporary folder.
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
+import { X509Certificate } from 'node:crypto';
+import { accessSync, constants, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { once } from 'node:events';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -16,6 +18,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import http from 'node:http';
 import net from 'node:net';
+import os from 'node:os';
 import {
   ALLOW, DENY, STEP_UP, authorizationOf, authorize, createClient, decide, toHttpReply, toStruct,
   upstreamHeaders,
@@ -61,6 +64,28 @@ function stepgateBin() {
 /** A demo token from `stepgate token ...args`. */
 function mint(...args) {
   return execFileSync(stepgateBin(), ['token', ...args], { cwd: REPO, encoding: 'utf8', timeout: 30_000 }).trim();
+}
+
+/**
+ * A self-signed EC P-256 certificate made in `dir` by the `openssl` command (node:crypto cannot sign
+ * one): `{pem, der}`, the path of its PEM file (for `stepgate token --bound-to`) and its DER, as
+ * `getPeerCertificate().raw` gives it.
+ */
+function selfSignedCertificate(dir, name) {
+  const pem = path.join(dir, `${name}.crt`);
+  const args = ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-keyout', path.join(dir, `${name}.key`), '-out', pem, '-days', '1', '-subj', `/CN=${name}`];
+  try {
+    execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 30_000 });
+  } catch (error) {
+    if (error.code === 'ENOENT') {
+      throw new Error(
+        'the certificate-bound token tests make their certificates with the `openssl` command: install OpenSSL',
+      );
+    }
+    throw new Error(`openssl ${args.join(' ')} failed: ${error.stderr ?? error.message}`);
+  }
+  return { pem, der: new X509Certificate(readFileSync(pem)).raw };
 }
 
 /** Resolves to the address from stepgate's `stepgate listening on …` JSON log line on stderr. */
@@ -384,5 +409,69 @@ describe('stepgate Decide (live)', () => {
   test('reply: an unknown outcome fails closed', () => {
     assert.equal(toHttpReply({ outcome: 'OUTCOME_UNSPECIFIED', http_status: 0 }).status, 503);
     assert.equal(toHttpReply(undefined).status, 503);
+  });
+
+  // --- certificate-bound tokens (RFC 8705) ---------------------------------------------------------
+
+  describe('certificate-bound tokens', () => {
+    let dir;
+    let made;
+    // Made on first use rather than in `before`, so a missing openssl fails these tests (a failing
+    // hook would only cancel them).
+    const certificates = () => {
+      if (!made) {
+        dir = mkdtempSync(path.join(os.tmpdir(), 'stepgate-node-certs-'));
+        made = { client: selfSignedCertificate(dir, 'client'), other: selfSignedCertificate(dir, 'other') };
+      }
+      return made;
+    };
+    /** A demo token whose `cnf` holds the `x5t#S256` of the `client` certificate. */
+    const boundToken = () => mint('--bound-to', certificates().client.pem);
+    const READ = 'accounts.read'; // the demo policy's `everything-else` rule: any valid token
+    const INVALID_TOKEN_CHALLENGE = /^Bearer realm="stepgate-demo", error="invalid_token", error_description="/;
+
+    after(() => {
+      if (dir) rmSync(dir, { recursive: true, force: true });
+    });
+
+    test('ALLOW: a bound token with its certificate', async () => {
+      const token = boundToken();
+      const { der } = certificates().client;
+      const r = await decide(client, { token, operation: READ, clientCertificate: der });
+      assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [ALLOW, 'everything-else', 'allowed', 200]);
+      const reply = await authorize(client, { authorization: `Bearer ${token}`, operation: READ, clientCertificate: der });
+      assert.deepEqual([reply.status, reply.headers['x-stepgate-subject']], [200, 'alice']);
+    });
+
+    test('DENY: a bound token with another certificate is an invalid token', async () => {
+      const token = boundToken();
+      const { der } = certificates().other;
+      const reply = await authorize(client, { authorization: `Bearer ${token}`, operation: READ, clientCertificate: der });
+      assert.equal(reply.status, 401);
+      assert.match(reply.headers['www-authenticate'], INVALID_TOKEN_CHALLENGE);
+      const body = JSON.parse(reply.body);
+      assert.deepEqual([body.error, body.reason, body.rule], ['invalid_token', 'client_certificate_mismatch', null]);
+    });
+
+    test('DENY: a bound token without a certificate is an invalid token', async () => {
+      const reply = await authorize(client, { authorization: `Bearer ${boundToken()}`, operation: READ });
+      assert.equal(reply.status, 401);
+      assert.match(reply.headers['www-authenticate'], INVALID_TOKEN_CHALLENGE);
+      const body = JSON.parse(reply.body);
+      assert.deepEqual([body.error, body.reason, body.rule], ['invalid_token', 'client_certificate_missing', null]);
+    });
+
+    test('ALLOW: a bearer token ignores a client certificate', async () => {
+      const r = await decide(client, { token: mint(), operation: READ, clientCertificate: certificates().other.der });
+      assert.deepEqual([r.outcome, r.rule, r.reason, r.http_status], [ALLOW, 'everything-else', 'allowed', 200]);
+    });
+
+    test('a client certificate must be DER bytes, not PEM text', async () => {
+      // proto-loader would read a string as base64: the client refuses it, and authorize fails closed.
+      const pem = readFileSync(certificates().client.pem, 'utf8');
+      const request = { token: boundToken(), operation: READ, clientCertificate: pem };
+      await assert.rejects(decide(client, request), TypeError);
+      assert.equal((await authorize(client, request)).status, 503);
+    });
   });
 });

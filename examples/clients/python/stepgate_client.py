@@ -139,6 +139,7 @@ def decide(
     host: str | None = None,
     headers: Mapping[str, str] | None = None,
     attributes: Mapping[str, Any] | None = None,
+    client_certificate: bytes | None = None,
     explain: bool = False,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
 ) -> DecideResponse:
@@ -153,6 +154,26 @@ def decide(
     route rules apply (``method`` is required with them). At least one of the two is required.
     ``attributes`` is a plain dict sent
     as a ``google.protobuf.Struct`` for the policy's conditions (numbers arrive as doubles).
+
+    ``client_certificate`` is the DER of the certificate the *end client* authenticated its TLS
+    connection to this service with (the leaf alone; not the certificate of this service's own
+    channel to stepgate). A token bound to a certificate (``cnf`` holding ``x5t#S256``, RFC 8705)
+    is good only with it: without it the answer is ``401 client_certificate_missing``, with another
+    certificate ``401 client_certificate_mismatch``, both with an ``error="invalid_token"``
+    challenge. stepgate reads it for bound tokens only, so pass it whenever you have it. Where it
+    comes from:
+
+    - A Python server terminating TLS itself, asking for client certificates (``verify_mode``
+      ``CERT_OPTIONAL`` or ``CERT_REQUIRED`` on its ``ssl.SSLContext``):
+      ``ssl_object.getpeercert(binary_form=True)`` -- ``conn.getpeercert(binary_form=True)`` on an
+      ``ssl.SSLSocket``, ``transport.get_extra_info("ssl_object").getpeercert(binary_form=True)``
+      under asyncio. It is None when the client sent no certificate, which is what to pass then.
+    - A WSGI/ASGI app behind a proxy (nginx, Envoy, a load balancer) that terminates TLS: the
+      app's own connection is to the proxy, so the certificate must come from the proxy, which
+      must forward it in a header it overwrites on every request (nginx
+      ``$ssl_client_escaped_cert``, Envoy's ``x-forwarded-client-cert`` ``Cert=``: URL-encoded PEM,
+      so ``ssl.PEM_cert_to_DER_cert(urllib.parse.unquote(value))``). Never read such a header a
+      client could set itself.
 
     Every request is answered with an OK gRPC status: read ``outcome``. That holds for DENY, for a
     request stepgate cannot decide on (``400 malformed_request``: neither operation nor http) and
@@ -178,6 +199,8 @@ def decide(
         request.http.headers.update(headers or {})
     if attributes:
         request.attributes.update(attributes)
+    if client_certificate is not None:
+        request.client_certificate = client_certificate  # TypeError unless bytes (DER, not PEM text)
     return decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=timeout)
 
 
@@ -270,10 +293,13 @@ def to_http_reply(response: DecideResponse | grpc.RpcError) -> HttpReply:
 
 
 def authorize(channel: grpc.Channel, **request: Any) -> HttpReply:
-    """``decide`` + ``to_http_reply`` in one call. Never raises: a gRPC error, a request
-    ``decide`` refuses to send (a path without its method, both a token and an Authorization
-    header) and one protobuf cannot hold (a number past a double, attributes nested past
-    Python's recursion limit) all fail closed (503), as in the Node client."""
+    """``decide`` + ``to_http_reply`` in one call, with ``decide``'s keywords -- among them
+    ``client_certificate``, the DER of the end client's TLS certificate
+    (``ssl_object.getpeercert(binary_form=True)``; see ``decide``) for certificate-bound tokens.
+    Never raises: a gRPC error, a request ``decide`` refuses to send (a path without its method,
+    both a token and an Authorization header) and one protobuf cannot hold (a number past a
+    double, attributes nested past Python's recursion limit, a certificate that is not bytes) all
+    fail closed (503), as in the Node client."""
     try:
         return to_http_reply(decide(channel, **request))
     except Exception:  # noqa: BLE001 - an authorizer that cannot ask answers "not allowed"

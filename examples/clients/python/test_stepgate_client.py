@@ -2,7 +2,8 @@
 
 The session fixtures start ``$STEPGATE_BIN serve`` on ephemeral ports (plaintext, TLS, mutual TLS)
 and stop them at the end; tokens are minted with ``$STEPGATE_BIN token``, and the certificates of
-the TLS tests are made with the ``openssl`` command into a temporary folder.
+the TLS and certificate-bound token tests are made with the ``openssl`` command into a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import queue
 import re
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -525,3 +527,63 @@ def test_connect_refuses_half_a_client_identity(pki):
         sg.connect("127.0.0.1:1", ca_file=pki["ca.crt"], cert_file=pki["client.crt"])
     with pytest.raises(ValueError, match="TLS only"):
         sg.connect("127.0.0.1:1", server_name="localhost")
+
+
+# --- Certificate-bound tokens (RFC 8705) ----------------------------------------------------------
+# The end client's certificate, as the service's own TLS stack hands it over: DER bytes. The test
+# CA's client certificates stand in for it (stepgate hashes it; it does not verify who issued it).
+
+
+def _der(pem_file: Path) -> bytes:
+    """A PEM certificate file as the DER ``getpeercert(binary_form=True)`` returns."""
+    return ssl.PEM_cert_to_DER_cert(pem_file.read_text())
+
+
+#: An operation of the demo policy's ``everything-else`` rule: any valid token.
+READ = "accounts.read"
+#: The start of the challenge of a token refused for its certificate binding.
+INVALID_TOKEN_CHALLENGE_PREFIX = 'Bearer realm="stepgate-demo", error="invalid_token", error_description="'
+
+
+@pytest.fixture
+def bound_token(mint, pki) -> str:
+    """A demo token whose ``cnf`` holds the ``x5t#S256`` of ``client.crt``."""
+    return mint("--bound-to", str(pki["client.crt"]))
+
+
+def test_certificate_bound_token_is_allowed_with_its_certificate(channel, bound_token, pki):
+    der = _der(pki["client.crt"])
+    r = sg.decide(channel, token=bound_token, operation=READ, client_certificate=der)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.DENY, "everything-else", "allowed", 200)
+    reply = sg.authorize(channel, authorization=f"Bearer {bound_token}", operation=READ, client_certificate=der)
+    assert (reply.status, reply.headers["x-stepgate-subject"]) == (200, "alice")
+
+
+def test_certificate_bound_token_with_another_certificate_is_an_invalid_token(channel, bound_token, pki):
+    other = _der(pki["other.crt"])
+    reply = sg.authorize(channel, authorization=f"Bearer {bound_token}", operation=READ, client_certificate=other)
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"].startswith(INVALID_TOKEN_CHALLENGE_PREFIX), reply.headers
+    body = json.loads(reply.body)
+    assert (body["error"], body["reason"], body["rule"]) == ("invalid_token", "client_certificate_mismatch", None)
+
+
+def test_certificate_bound_token_without_a_certificate_is_an_invalid_token(channel, bound_token):
+    reply = sg.authorize(channel, authorization=f"Bearer {bound_token}", operation=READ)
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"].startswith(INVALID_TOKEN_CHALLENGE_PREFIX), reply.headers
+    body = json.loads(reply.body)
+    assert (body["error"], body["reason"], body["rule"]) == ("invalid_token", "client_certificate_missing", None)
+
+
+def test_bearer_token_ignores_a_client_certificate(channel, mint, pki):
+    r = sg.decide(channel, token=mint(), operation=READ, client_certificate=_der(pki["other.crt"]))
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.ALLOW, "everything-else", "allowed", 200)
+
+
+def test_client_certificate_must_be_der_bytes(channel, bound_token, pki):
+    # PEM text is not what stepgate hashes: the client refuses it, and authorize fails closed.
+    pem = pki["client.crt"].read_text()
+    with pytest.raises(TypeError):
+        sg.decide(channel, token=bound_token, operation=READ, client_certificate=pem)
+    assert sg.authorize(channel, token=bound_token, operation=READ, client_certificate=pem).status == 503

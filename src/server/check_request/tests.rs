@@ -43,7 +43,8 @@ fn full_request() -> EnvoyCheckRequest {
                 address: Some(socket("10.1.2.3")),
                 principal: "spiffe://cluster.local/ns/a/sa/b".into(),
                 service: "skipped".into(),
-                certificate: "skipped".into(),
+                certificate: "-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A"
+                    .into(),
                 labels: [("app".to_owned(), "skipped".to_owned())].into(),
             }),
             destination: Some(EnvoyPeer {
@@ -101,6 +102,10 @@ fn every_field_read_agrees_with_envoy_types() {
     assert_eq!(
         request.source_principal(),
         Some("spiffe://cluster.local/ns/a/sa/b")
+    );
+    assert_eq!(
+        request.source_certificate(),
+        Some("-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A")
     );
     let headers = &request.http.as_ref().expect("http").headers;
     assert_eq!(headers.get("x-ü"), Some("wert ✓"));
@@ -428,6 +433,7 @@ impl Random {
                 address,
                 principal: r.text(),
                 service: r.text(),
+                certificate: r.text(),
                 ..Default::default()
             }
         };
