@@ -1542,3 +1542,71 @@ async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
         Ok(format!("san:{responder_san}"))
     );
 }
+
+/// An operator's token bound to a client certificate (`cnf.x5t#S256`, RFC 8705) is good on the
+/// admin API only over a connection made with that certificate: over another one of the same CA
+/// it is refused as a stolen copy would be, naming the binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_made_with_it() {
+    use sha2::Digest as _;
+    use stepgate::api::v1::{ListBlocksRequest, admin_service_client::AdminServiceClient};
+    let ca = Ca::new("stepgate test CA");
+    let files = Scratch::new("admin-bound-token");
+    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let client_ca = files.write("client-ca.crt", &ca.pem());
+    let operator = ca.client(&["spiffe://cluster.local/ns/security/sa/operator-laptop"]);
+    let other = ca.client(&[GATEWAY_SPIFFE]);
+    let policy = common::TempPolicy::new(
+        "admin-bound-token",
+        &format!(
+            "{}\nadmin: {{ issuers: [demo-oidc], roles: [stepgate.admin] }}\n",
+            common::demo_policy_text()
+        ),
+    );
+    let admin_port = envoy::free_port();
+    let _server = start_on(
+        &policy.path,
+        &[
+            "--tls-cert",
+            arg(&cert),
+            "--tls-key",
+            arg(&key),
+            "--client-ca",
+            arg(&client_ca),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+        ],
+        |port| endpoint(port, &[&ca], Some(&other)),
+    )
+    .await;
+    let thumbprint: [u8; 32] = sha2::Sha256::digest(operator.der.as_ref()).into();
+    let mut spec = common::oidc(&["stepgate.admin"], None, &[]);
+    spec.extra.insert(
+        "cnf".to_owned(),
+        serde_json::json!({ "x5t#S256": stepgate::identity::thumbprint::encode(&thumbprint) }),
+    );
+    let token = mint(&spec);
+    let list_as = |leaf: &Leaf| {
+        let endpoint = endpoint(admin_port, &[&ca], Some(leaf));
+        let token = token.clone();
+        async move {
+            let channel = endpoint.connect().await.expect("an mTLS connection");
+            let mut request = tonic::Request::new(ListBlocksRequest {});
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            AdminServiceClient::new(channel)
+                .list_blocks(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        }
+    };
+    assert_eq!(list_as(&operator).await, Ok(()));
+    let refused = list_as(&other).await.expect_err("another certificate");
+    assert_eq!(refused.0, tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.1.contains("bound to a client certificate"),
+        "{refused:?}"
+    );
+}

@@ -22,8 +22,8 @@ use super::{Decision, ExplainStep, Outcome, Reason, Shadow, StepUp};
 use crate::{
     challenge,
     identity::{
-        self, CertificateProblem, ChallengeStyle, ClientCertificate, Credential,
-        CredentialProblem, Thumbprint, VerifiedToken, fingerprint_of, thumbprint,
+        self, CertificateProblem, ChallengeStyle, ClientCertificate, Credential, CredentialProblem,
+        Thumbprint, VerifiedToken, fingerprint_of, thumbprint,
     },
     policy::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, PathCase, Policy, Requirement,
@@ -563,7 +563,9 @@ impl<'p> Run<'p> {
         };
 
         // A token bound to a client certificate is good only with it (RFC 8705 §3).
-        if let Some(&bound) = token.as_ref().and_then(|t| t.certificate_binding.as_deref())
+        if let Some(&bound) = token
+            .as_ref()
+            .and_then(|t| t.certificate_binding.as_deref())
             && let Some(refused) = self.certificate_binding(request, &bound)
         {
             return refused;

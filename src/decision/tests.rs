@@ -2967,7 +2967,10 @@ fn a_token_bound_by_a_proof_stepgate_does_not_check_is_not_a_bearer_token() {
             json!({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}),
             Reason::ClaimInvalid,
         ),
-        (json!({"x5t#S256": format!("{canonical}=")}), Reason::ClaimInvalid),
+        (
+            json!({"x5t#S256": format!("{canonical}=")}),
+            Reason::ClaimInvalid,
+        ),
         (json!({"x5t#S256": 5}), Reason::ClaimInvalid),
         (json!("x5t#S256"), Reason::ClaimInvalid),
     ] {
@@ -3044,10 +3047,15 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
         request.explain = true;
         let d = decide(&policy, &request, NOW);
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
-        assert_eq!(d.client_certificate.as_deref(), Some(&bound), "{presented:?}");
+        assert_eq!(
+            d.client_certificate.as_deref(),
+            Some(&bound),
+            "{presented:?}"
+        );
         assert!(
-            d.explain.iter().any(|s| s.stage == "binding"
-                && s.detail.contains(&thumbprint::encode(&bound))),
+            d.explain
+                .iter()
+                .any(|s| s.stage == "binding" && s.detail.contains(&thumbprint::encode(&bound))),
             "{:?}",
             d.explain
         );
@@ -3063,7 +3071,9 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
             ),
             (None, Reason::ClientCertificateMissing),
             (
-                Some(ClientCertificate::UrlEncodedPem("not%20a%20certificate".into())),
+                Some(ClientCertificate::UrlEncodedPem(
+                    "not%20a%20certificate".into(),
+                )),
                 Reason::ClientCertificateInvalid,
             ),
             (
@@ -3078,7 +3088,10 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
             assert!(www(&d).contains("error=\"invalid_token\""), "{}", www(&d));
             assert_eq!(d.rule, None, "no requirement is revealed: {other:?}");
             assert!(d.verified.is_some(), "the token itself is valid");
-            assert!(reason.is_invalid_token(), "{reason:?} counts as a refused token");
+            assert!(
+                reason.is_invalid_token(),
+                "{reason:?} counts as a refused token"
+            );
             if reason == Reason::ClientCertificateMismatch {
                 assert_eq!(
                     d.client_certificate.as_deref(),
@@ -3189,14 +3202,24 @@ fn a_rule_may_take_only_certificate_bound_tokens() {
             NOW,
         )
     };
-    expect(&maybe(&bearer_token, 5), Outcome::Allow, 200, Reason::Allowed);
+    expect(
+        &maybe(&bearer_token, 5),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
     expect(
         &maybe(&bearer_token, 500),
         Outcome::Deny,
         401,
         Reason::TokenNotBound,
     );
-    expect(&maybe(&bound_token, 500), Outcome::Allow, 200, Reason::Allowed);
+    expect(
+        &maybe(&bound_token, 500),
+        Outcome::Allow,
+        200,
+        Reason::Allowed,
+    );
     let accepting = compile_policy(
         &DEMO_POLICY
             .replacen(

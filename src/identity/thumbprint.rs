@@ -133,10 +133,7 @@ mod tests {
                 .thumbprint(),
             Ok(want)
         );
-        assert_eq!(
-            ClientCertificate::Thumbprint(want).thumbprint(),
-            Ok(want)
-        );
+        assert_eq!(ClientCertificate::Thumbprint(want).thumbprint(), Ok(want));
     }
 
     #[test]

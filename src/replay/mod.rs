@@ -21,7 +21,9 @@ use serde_json::{Map, Value};
 
 use crate::{
     decision::{self, Outcome, Reason},
-    identity::{ClientCertificate, Principal, Thumbprint, VerifiedToken, issuer::Tenants, thumbprint},
+    identity::{
+        ClientCertificate, Principal, Thumbprint, VerifiedToken, issuer::Tenants, thumbprint,
+    },
     policy::Policy,
     request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
 };
@@ -1029,6 +1031,91 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A record keeps a bound token's `x5t#S256` and the thumbprint of the certificate the
+    /// request came with, and replay decides on them as the server did: the same policy changes
+    /// nothing, and one that takes only bound tokens refuses the bearer token alone.
+    #[test]
+    fn a_certificate_bound_token_replays_on_its_recorded_binding() {
+        let live = compile_policy(DEMO_POLICY);
+        let certificate = b"a client certificate's DER".to_vec();
+        let thumbprint: Thumbprint = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(&certificate).into()
+        };
+        let spec = |bound: bool| TokenSpec {
+            extra: if bound {
+                [(
+                    "cnf".to_owned(),
+                    serde_json::json!({ "x5t#S256": thumbprint::encode(&thumbprint) }),
+                )]
+                .into_iter()
+                .collect()
+            } else {
+                Default::default()
+            },
+            ..TokenSpec::default()
+        };
+        let record = |bound: bool, presented: Option<Vec<u8>>| {
+            let token = demo::sign(
+                &spec(bound).claims(NOW),
+                &demo_file("demo-rsa-private.pem"),
+                Algorithm::RS256,
+                DEMO_RSA_KID,
+            )
+            .unwrap();
+            let request = AccessRequest {
+                credential: PresentedCredential::Authorization(format!("Bearer {token}")),
+                http: Some(HttpAttributes::new(
+                    "GET",
+                    "api.example",
+                    "/api/orders/1",
+                    Headers::default(),
+                )),
+                client_certificate: presented.map(ClientCertificate::Der),
+                ..AccessRequest::default()
+            };
+            let decision = decision::decide(&live, &request, NOW);
+            let line = format_record(
+                &live.records,
+                Door::Check,
+                &request,
+                &decision,
+                UNIX_EPOCH + Duration::from_secs(NOW as u64),
+                1,
+            );
+            (decision.reason, line)
+        };
+        let (reason, bound) = record(true, Some(certificate.clone()));
+        assert_eq!(reason, Reason::Allowed);
+        let spelled = thumbprint::encode(&thumbprint);
+        assert!(
+            bound.contains(&format!("\"client_certificate\":\"{spelled}\""))
+                && bound.contains(&format!("\"x5t#S256\":\"{spelled}\"")),
+            "{bound}"
+        );
+        let (reason, missing) = record(true, None);
+        assert_eq!(reason, Reason::ClientCertificateMissing);
+        let (reason, bearer) = record(false, Some(certificate));
+        assert_eq!(reason, Reason::Allowed);
+        assert!(!bearer.contains("client_certificate"), "{bearer}");
+        let lines = [bound, missing, bearer].join("\n");
+        let replay = replayed(&lines, DEMO_POLICY, None);
+        assert!(replay.changes.is_empty(), "the same policy: {replay:?}");
+        let only_bound = DEMO_POLICY.replace(
+            "    require: { authenticated: true }\n",
+            "    require: { certificate_bound: true }\n",
+        );
+        assert_ne!(only_bound, DEMO_POLICY);
+        let replay = replayed(&lines, &only_bound, None);
+        assert_eq!(
+            replay.changes.get(&("ALLOW", "DENY")),
+            Some(&1),
+            "the bearer token alone: {replay:?}"
+        );
+        let ((_, from, to), _) = replay.changed_requests.iter().next().unwrap();
+        assert_eq!((from.reason, to.reason), ("allowed", "token_not_bound"));
     }
 
     /// A sampled ALLOW counts for the ALLOWs it stands for, in the tallies and the changes.

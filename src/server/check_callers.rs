@@ -142,10 +142,12 @@ mod tests {
         PeerInfo {
             remote: Some(SocketAddr::new(address.parse().unwrap(), 40000)),
             listener: ListenerKind::Main,
-            client: sans.map(|sans| Arc::new(ClientIdentity {
-                sans: names(sans),
-                thumbprint: None,
-            })),
+            client: sans.map(|sans| {
+                Arc::new(ClientIdentity {
+                    sans: names(sans),
+                    thumbprint: None,
+                })
+            }),
         }
     }
 

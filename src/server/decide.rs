@@ -209,7 +209,7 @@ pub fn access_request(request: DecideRequest, limits: HeaderLimits) -> AccessReq
         context: Map::new(),
         source: None,
         client_certificate: (!request.client_certificate.is_empty())
-            .then(|| ClientCertificate::Der(request.client_certificate)),
+            .then_some(ClientCertificate::Der(request.client_certificate)),
         proxy_header_count: None,
         explain: request.explain,
         problem,

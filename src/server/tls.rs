@@ -179,7 +179,9 @@ impl Tls {
 
 /// The client identity of an established TLS connection.
 pub fn client_identity(connection: &rustls::ServerConnection) -> ClientIdentity {
-    let leaf = connection.peer_certificates().and_then(|chain| chain.first());
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first());
     let sans = leaf
         .and_then(|cert| subject_alt_names(cert).ok())
         .unwrap_or_default();

@@ -1295,7 +1295,10 @@ mod tests {
                 .iter()
                 .filter_map(|name| Some((name.clone(), request.attributes.get(name)?.clone())))
                 .collect(),
-            client_certificate: decision.client_certificate.as_deref().map(thumbprint::encode),
+            client_certificate: decision
+                .client_certificate
+                .as_deref()
+                .map(thumbprint::encode),
             token: decision.verified.as_deref().map(|t| {
                 let p = &t.principal;
                 TokenFacts {

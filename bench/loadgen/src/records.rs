@@ -250,6 +250,7 @@ pub fn generate(
                     client_capabilities: Arc::clone(&person.capabilities),
                     claims: Map::new(),
                     fingerprint_digest: None,
+                    certificate_binding: None,
                 })));
             seen[who as usize] = true;
         }

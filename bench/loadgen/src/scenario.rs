@@ -418,6 +418,7 @@ pub fn decide_request(call: &Call, token: &str) -> DecideRequest {
             headers: HashMap::new(),
         }),
         attributes: call.attributes.as_ref().map(stepgate::api::json_to_struct),
+        client_certificate: Vec::new(),
         explain: false,
     }
 }

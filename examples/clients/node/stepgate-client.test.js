@@ -420,7 +420,7 @@ describe('stepgate Decide (live)', () => {
     // hook would only cancel them).
     const certificates = () => {
       if (!made) {
-        dir = mkdtempSync(path.join(os.tmpdir(), 'stepgate-node-certs-'));
+        dir ??= mkdtempSync(path.join(os.tmpdir(), 'stepgate-node-certs-'));
         made = { client: selfSignedCertificate(dir, 'client'), other: selfSignedCertificate(dir, 'other') };
       }
       return made;

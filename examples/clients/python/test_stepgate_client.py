@@ -554,7 +554,7 @@ def bound_token(mint, pki) -> str:
 def test_certificate_bound_token_is_allowed_with_its_certificate(channel, bound_token, pki):
     der = _der(pki["client.crt"])
     r = sg.decide(channel, token=bound_token, operation=READ, client_certificate=der)
-    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.DENY, "everything-else", "allowed", 200)
+    assert (r.outcome, r.rule, r.reason, r.http_status) == (sg.ALLOW, "everything-else", "allowed", 200)
     reply = sg.authorize(channel, authorization=f"Bearer {bound_token}", operation=READ, client_certificate=der)
     assert (reply.status, reply.headers["x-stepgate-subject"]) == (200, "alice")
 

@@ -43,8 +43,8 @@ fn full_request() -> EnvoyCheckRequest {
                 address: Some(socket("10.1.2.3")),
                 principal: "spiffe://cluster.local/ns/a/sa/b".into(),
                 service: "skipped".into(),
-                certificate: "-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A"
-                    .into(),
+                certificate:
+                    "-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A".into(),
                 labels: [("app".to_owned(), "skipped".to_owned())].into(),
             }),
             destination: Some(EnvoyPeer {
