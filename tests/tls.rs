@@ -1545,7 +1545,8 @@ async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
 
 /// An operator's token bound to a client certificate (`cnf.x5t#S256`, RFC 8705) is good on the
 /// admin API only over a connection made with that certificate: over another one of the same CA
-/// it is refused as a stolen copy would be, naming the binding.
+/// it is refused as a stolen copy would be, naming the binding. `admin.require:
+/// { certificate_bound: true }` takes such tokens and refuses an operator's bearer token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_made_with_it() {
     use sha2::Digest as _;
@@ -1559,7 +1560,8 @@ async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_ma
     let policy = common::TempPolicy::new(
         "admin-bound-token",
         &format!(
-            "{}\nadmin: {{ issuers: [demo-oidc], roles: [stepgate.admin] }}\n",
+            "{}\nadmin: {{ issuers: [demo-oidc], roles: [stepgate.admin], require: {{ \
+             certificate_bound: true }} }}\n",
             common::demo_policy_text()
         ),
     );
@@ -1586,9 +1588,10 @@ async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_ma
         serde_json::json!({ "x5t#S256": stepgate::identity::thumbprint::encode(&thumbprint) }),
     );
     let token = mint(&spec);
-    let list_as = |leaf: &Leaf| {
+    let bearer = mint(&common::oidc(&["stepgate.admin"], None, &[]));
+    let list_as = |leaf: &Leaf, token: &str| {
         let endpoint = endpoint(admin_port, &[&ca], Some(leaf));
-        let token = token.clone();
+        let token = token.to_owned();
         async move {
             let channel = endpoint.connect().await.expect("an mTLS connection");
             let mut request = tonic::Request::new(ListBlocksRequest {});
@@ -1602,8 +1605,15 @@ async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_ma
                 .map_err(|s| (s.code(), s.message().to_owned()))
         }
     };
-    assert_eq!(list_as(&operator).await, Ok(()));
-    let refused = list_as(&other).await.expect_err("another certificate");
+    assert_eq!(list_as(&operator, &token).await, Ok(()));
+    let refused = list_as(&operator, &bearer)
+        .await
+        .expect_err("a bearer token");
+    assert_eq!(refused.0, tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.1.contains("token_not_bound"), "{refused:?}");
+    let refused = list_as(&other, &token)
+        .await
+        .expect_err("another certificate");
     assert_eq!(refused.0, tonic::Code::Unauthenticated, "{refused:?}");
     assert!(
         refused.1.contains("bound to a client certificate"),

@@ -4,7 +4,8 @@
 //! 1. content, credential shape and path: unusable → 400 `invalid_request` (431 past a header
 //!    limit);
 //! 2. token verification: invalid → 401 `invalid_token` (a presented token is always verified, even
-//!    on anonymous routes);
+//!    on anonymous routes), and a token bound to a client certificate (RFC 8705) held to the one
+//!    the request was made with;
 //! 3. rule matching, first match wins; a condition that cannot be evaluated denies;
 //! 4. no token → 401 with a bare `Bearer realm` (nothing about the route is revealed);
 //! 5. requirement = the rule's + every escalation whose condition holds (or cannot be evaluated:
@@ -23,7 +24,7 @@ use crate::{
     challenge,
     identity::{
         self, CertificateProblem, ChallengeStyle, ClientCertificate, Credential, CredentialProblem,
-        Thumbprint, VerifiedToken, fingerprint_of, thumbprint,
+        Presented, Thumbprint, VerifiedToken, fingerprint_of, thumbprint,
     },
     policy::{
         ClaimRequirement, DefaultAction, HeaderSource, Matcher, PathCase, Policy, Requirement,
@@ -124,7 +125,15 @@ impl RiskReads<'_> {
 
 /// What `rule` answers a token that is already verified, with no request around it: the admin
 /// API's own requirement (`admin.require`), held to exactly what a rule's `require` is held to.
-pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i64) -> Decision {
+/// `certificate`: the connection's client certificate, when the token is bound to it (the
+/// caller checked the binding).
+pub fn decide_token(
+    policy: &Policy,
+    rule: &Rule,
+    token: &VerifiedToken,
+    certificate: Option<Thumbprint>,
+    now: i64,
+) -> Decision {
     let risk = RiskReads {
         recorded: None,
         now_ms: now.saturating_mul(1000),
@@ -138,7 +147,7 @@ pub fn decide_token(policy: &Policy, rule: &Rule, token: &VerifiedToken, now: i6
         risk: &risk,
         shadows: Vec::new(),
         verified: None,
-        certificate: None,
+        certificate: certificate.map(Ok),
         head_as_get: false,
         settled: None,
     };
@@ -296,8 +305,8 @@ struct Run<'p> {
     shadows: Vec<Shadow>,
     /// The token, once verified.
     verified: Option<Arc<VerifiedToken>>,
-    /// The thumbprint of the client certificate presented with a token bound to one.
-    certificate: Option<Thumbprint>,
+    /// The client certificate presented with a token bound to one, as read.
+    certificate: Option<Presented>,
     /// A HEAD's methods read as a GET's, in every reading of the path.
     head_as_get: bool,
     /// The rule the last evaluation settled on (its matcher matched, or its condition could not
@@ -1054,7 +1063,8 @@ impl<'p> Run<'p> {
                 Some(www),
             ));
         }
-        if effective.certificate_bound && self.certificate.is_none() {
+        // Set only for a bound token, whose certificate was the one presented (else refused).
+        if effective.certificate_bound && !matches!(self.certificate, Some(Ok(_))) {
             let message = "this resource takes only access tokens bound to the client \
                            certificate (RFC 8705), and this one is a bearer token";
             self.step("require", || message.to_owned());
@@ -1371,9 +1381,9 @@ impl<'p> Run<'p> {
             .client_certificate
             .as_ref()
             .map(ClientCertificate::thumbprint);
+        self.certificate = presented;
         let (reason, message) = match presented {
             Some(Ok(presented)) => {
-                self.certificate = Some(presented);
                 if presented == *bound {
                     self.step("binding", || {
                         format!(

@@ -110,9 +110,9 @@ pub struct Decision {
     /// `risk.<name>`, a `step_up` signal's), by signal name: its record keeps them, so replay
     /// decides it on the counts the server saw.
     pub risk_counts: Vec<(Arc<str>, u64)>,
-    /// The thumbprint of the client certificate presented with a token bound to one (boxed:
-    /// most tokens are not).
-    pub client_certificate: Option<Box<crate::identity::Thumbprint>>,
+    /// The client certificate presented with a token bound to one, as read: its thumbprint, or
+    /// why it could not be read (boxed: most tokens are not bound).
+    pub client_certificate: Option<Box<crate::identity::Presented>>,
 }
 
 impl Decision {

@@ -3040,7 +3040,7 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
     let op = || op_request(&token, "inventory.list", json!({}));
     for presented in [
         ClientCertificate::Der(der.clone()),
-        ClientCertificate::UrlEncodedPem(pem.clone()),
+        ClientCertificate::UrlEncodedPem(pem.clone().into()),
         ClientCertificate::Thumbprint(bound),
     ] {
         let mut request = with_certificate(op(), presented.clone());
@@ -3049,7 +3049,7 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
         expect(&d, Outcome::Allow, 200, Reason::Allowed);
         assert_eq!(
             d.client_certificate.as_deref(),
-            Some(&bound),
+            Some(&Ok(bound)),
             "{presented:?}"
         );
         assert!(
@@ -3066,7 +3066,7 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
                 Reason::ClientCertificateMismatch,
             ),
             (
-                Some(ClientCertificate::UrlEncodedPem(other_pem.clone())),
+                Some(ClientCertificate::UrlEncodedPem(other_pem.clone().into())),
                 Reason::ClientCertificateMismatch,
             ),
             (None, Reason::ClientCertificateMissing),
@@ -3077,7 +3077,9 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
                 Reason::ClientCertificateInvalid,
             ),
             (
-                Some(ClientCertificate::UrlEncodedPem(format!("{pem}{pem}"))),
+                Some(ClientCertificate::UrlEncodedPem(
+                    format!("{pem}{pem}").into(),
+                )),
                 Reason::ClientCertificateInvalid,
             ),
         ] {
@@ -3095,7 +3097,7 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
             if reason == Reason::ClientCertificateMismatch {
                 assert_eq!(
                     d.client_certificate.as_deref(),
-                    Some(&sha256(&other_der)),
+                    Some(&Ok(sha256(&other_der))),
                     "the record names the certificate presented"
                 );
             }
@@ -3112,7 +3114,10 @@ fn a_certificate_bound_token_is_good_only_with_its_certificate() {
     expect(
         &decide(
             &policy,
-            &with_certificate(health(), ClientCertificate::UrlEncodedPem(pem.clone())),
+            &with_certificate(
+                health(),
+                ClientCertificate::UrlEncodedPem(pem.clone().into()),
+            ),
             NOW,
         ),
         Outcome::Allow,
@@ -3717,7 +3722,7 @@ fn risk_signals_do_not_reach_the_admin_apis_own_requirement() {
     );
     let token = admin.verified.expect("the admin token verifies");
     assert_eq!(token.principal.subject.as_ref(), "bob");
-    let d = super::decide_token(&policy, admin_rule, &token, NOW);
+    let d = super::decide_token(&policy, admin_rule, &token, None, NOW);
     assert_eq!(
         (d.outcome, d.reason),
         (Outcome::Allow, Reason::Allowed),
@@ -3733,7 +3738,7 @@ fn risk_signals_do_not_reach_the_admin_apis_own_requirement() {
         &op_request(&rs256(&password_only), "reports.read", json!({})),
         NOW,
     );
-    let d = super::decide_token(&policy, admin_rule, &weak.verified.unwrap(), NOW);
+    let d = super::decide_token(&policy, admin_rule, &weak.verified.unwrap(), None, NOW);
     // An `amr` alone is no RFC 9470 challenge: refused, naming the method.
     assert_eq!(
         (d.outcome, d.reason),

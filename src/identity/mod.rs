@@ -22,5 +22,5 @@ pub use cache::TokenCache;
 pub use claims::Principal;
 pub use fingerprint::{fingerprint, fingerprint_of, sha256_hex};
 pub use issuer::{ChallengeStyle, EntraChallenge, Issuer, Issuers, KeySource};
-pub use thumbprint::{CertificateProblem, ClientCertificate, Thumbprint};
+pub use thumbprint::{CertificateProblem, ClientCertificate, Presented, Thumbprint};
 pub use token::{KeepClaims, TokenError, VerifiedToken, verify};

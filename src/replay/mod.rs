@@ -21,9 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     decision::{self, Outcome, Reason},
-    identity::{
-        ClientCertificate, Principal, Thumbprint, VerifiedToken, issuer::Tenants, thumbprint,
-    },
+    identity::{Principal, Thumbprint, VerifiedToken, issuer::Tenants, thumbprint},
     policy::Policy,
     request::{AccessRequest, Established, Headers, HttpAttributes, Peer, PresentedCredential},
 };
@@ -599,8 +597,7 @@ fn request_of(record: &Record<'_>) -> AccessRequest {
         client_certificate: record
             .client_certificate
             .as_deref()
-            .and_then(thumbprint::decode)
-            .map(ClientCertificate::Thumbprint),
+            .and_then(thumbprint::presented_from_text),
         proxy_header_count: None,
         explain: false,
         problem: None,
@@ -702,7 +699,12 @@ fn decide(
                 client_capabilities: Arc::clone(&f.capabilities),
                 claims: f.claims.clone(),
                 fingerprint_digest: None,
-                certificate_binding: f.certificate_binding.map(Box::new),
+                // A candidate whose issuer takes bound tokens as bearer tokens checks no binding,
+                // as verification would not.
+                certificate_binding: f
+                    .certificate_binding
+                    .filter(|_| !issuer.accept_bound_tokens)
+                    .map(Box::new),
             })))
         }
     };
@@ -1039,6 +1041,7 @@ mod tests {
     #[test]
     fn a_certificate_bound_token_replays_on_its_recorded_binding() {
         let live = compile_policy(DEMO_POLICY);
+        use crate::identity::ClientCertificate;
         let certificate = b"a client certificate's DER".to_vec();
         let thumbprint: Thumbprint = {
             use sha2::Digest as _;
@@ -1057,7 +1060,7 @@ mod tests {
             },
             ..TokenSpec::default()
         };
-        let record = |bound: bool, presented: Option<Vec<u8>>| {
+        let record = |bound: bool, presented: Option<ClientCertificate>| {
             let token = demo::sign(
                 &spec(bound).claims(NOW),
                 &demo_file("demo-rsa-private.pem"),
@@ -1073,7 +1076,7 @@ mod tests {
                     "/api/orders/1",
                     Headers::default(),
                 )),
-                client_certificate: presented.map(ClientCertificate::Der),
+                client_certificate: presented,
                 ..AccessRequest::default()
             };
             let decision = decision::decide(&live, &request, NOW);
@@ -1087,7 +1090,8 @@ mod tests {
             );
             (decision.reason, line)
         };
-        let (reason, bound) = record(true, Some(certificate.clone()));
+        let der = |bytes: &[u8]| Some(ClientCertificate::Der(bytes.to_vec()));
+        let (reason, bound) = record(true, der(&certificate));
         assert_eq!(reason, Reason::Allowed);
         let spelled = thumbprint::encode(&thumbprint);
         assert!(
@@ -1097,12 +1101,35 @@ mod tests {
         );
         let (reason, missing) = record(true, None);
         assert_eq!(reason, Reason::ClientCertificateMissing);
-        let (reason, bearer) = record(false, Some(certificate));
+        let (reason, other) = record(true, der(b"another certificate"));
+        assert_eq!(reason, Reason::ClientCertificateMismatch);
+        let (reason, unreadable) = record(
+            true,
+            Some(ClientCertificate::UrlEncodedPem("not%20PEM".into())),
+        );
+        assert_eq!(reason, Reason::ClientCertificateInvalid);
+        assert!(
+            unreadable.contains("\"client_certificate\":\"not_one_pem\""),
+            "{unreadable}"
+        );
+        let (reason, bearer) = record(false, der(&certificate));
         assert_eq!(reason, Reason::Allowed);
         assert!(!bearer.contains("client_certificate"), "{bearer}");
-        let lines = [bound, missing, bearer].join("\n");
+        let lines = [bound, missing, other, unreadable, bearer].join("\n");
         let replay = replayed(&lines, DEMO_POLICY, None);
         assert!(replay.changes.is_empty(), "the same policy: {replay:?}");
+        // An issuer that takes bound tokens as bearer tokens: the three refused ALLOW.
+        let accepting = DEMO_POLICY.replacen(
+            "    challenge: entra\n",
+            "    challenge: entra\n    accept_bound_tokens: true\n",
+            1,
+        );
+        let replay = replayed(&lines, &accepting, None);
+        assert_eq!(
+            replay.changes.get(&("DENY", "ALLOW")),
+            Some(&3),
+            "{replay:?}"
+        );
         let only_bound = DEMO_POLICY.replace(
             "    require: { authenticated: true }\n",
             "    require: { certificate_bound: true }\n",

@@ -99,7 +99,8 @@ impl Admin {
             .map_err(|e| Status::unauthenticated(format!("the bearer token is refused: {e}")))?;
         // A token bound to a client certificate (RFC 8705) is good only on a connection made
         // with it.
-        if let Some(&bound) = token.certificate_binding.as_deref() {
+        let bound = token.certificate_binding.as_deref().copied();
+        if let Some(bound) = bound {
             let presented = peer
                 .and_then(|p| p.client.as_deref())
                 .and_then(|c| c.thumbprint);
@@ -133,7 +134,7 @@ impl Admin {
         // A role is not a sign-in: `admin.require` may ask for a step-up (an authentication
         // context, an acr, a recent sign-in) before a block is lifted or a session revoked.
         if let Some(rule) = &admin.rule {
-            let decision = crate::decision::decide_token(&policy, rule, &token, now);
+            let decision = crate::decision::decide_token(&policy, rule, &token, bound, now);
             if !decision.is_allow() {
                 return Err(Status::permission_denied(format!(
                     "the admin API asks for more than this token shows (admin.require): {}: {}",

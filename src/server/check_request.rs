@@ -275,6 +275,14 @@ impl CheckRequest {
             .filter(|c| !c.is_empty())
     }
 
+    /// [`Self::source_certificate`] where the frame holds it (no copy).
+    pub fn source_certificate_bytes(&self) -> Option<Bytes> {
+        self.source
+            .as_ref()
+            .filter(|p| !p.certificate.is_empty())
+            .map(|p| self.buf.slice(p.certificate.clone()))
+    }
+
     /// `context_extensions` in the order given (a repeated key: the last is in force).
     pub fn context_extensions(&self) -> impl Iterator<Item = (&str, &str)> {
         self.context_extensions

@@ -299,8 +299,8 @@ pub fn access_request(check: CheckRequest) -> AccessRequest {
         )
     });
     let client_certificate = check
-        .source_certificate()
-        .map(|pem| ClientCertificate::UrlEncodedPem(pem.to_owned()));
+        .source_certificate_bytes()
+        .map(ClientCertificate::UrlEncodedPem);
     let context: serde_json::Map<String, serde_json::Value> = check
         .context_extensions()
         .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
@@ -700,7 +700,7 @@ mod tests {
     fn the_source_certificate_is_kept_as_envoy_sends_it() {
         let pem = "-----BEGIN%20CERTIFICATE-----%0AAAEC%0A-----END%20CERTIFICATE-----%0A";
         for (sent, kept) in [
-            (pem, Some(ClientCertificate::UrlEncodedPem(pem.to_owned()))),
+            (pem, Some(ClientCertificate::UrlEncodedPem(pem.into()))),
             ("", None),
         ] {
             let mut check = demo_check();

@@ -452,7 +452,8 @@ fn sample_weight(n: u64, rate: u64) -> u64 {
 /// the intermediate structure (a dozen small allocations) cost as much as the writing. The bytes
 /// are serde_json's for the same record (the test module holds that serde form and compares).
 /// Fields: `time`, `door`, `request_id`, `method`, `host`, `path`, `operation`, `attributes`,
-/// `source`, `client_certificate` (the thumbprint of the one presented with a token bound to one),
+/// `source`, `client_certificate` (the one presented with a token bound to one: its thumbprint,
+/// or `too_large` or `not_one_pem`),
 /// `token` {`issuer`, `subject`, `tenant`, `client_id`, `acrs`, `acr`, `amr`, `auth_time`,
 /// `scopes`, `roles`, `xms_cc`, `app_only`, `x5t#S256`, `claims`}, `outcome`, `reason`,
 /// `status`, `weight` (a sampled ALLOW: how many it stands for), `rule`, `shadow`, `challenge` {`style`, `auth_contexts`, `acr_values`, `max_age`,
@@ -509,7 +510,10 @@ pub fn write_record(
     }
     record.maybe(k!("source"), source);
     if let Some(presented) = &decision.client_certificate {
-        record.text(k!("client_certificate"), &thumbprint::encode(presented));
+        record.text(
+            k!("client_certificate"),
+            &thumbprint::presented_text(presented),
+        );
     }
     if let Some(t) = &decision.verified {
         record.name(k!("token"));
@@ -1298,7 +1302,7 @@ mod tests {
             client_certificate: decision
                 .client_certificate
                 .as_deref()
-                .map(thumbprint::encode),
+                .map(thumbprint::presented_text),
             token: decision.verified.as_deref().map(|t| {
                 let p = &t.principal;
                 TokenFacts {
@@ -1563,7 +1567,13 @@ mod tests {
             decision.verified = token.map(|(principal, caps, claims)| {
                 verified(principal, caps, claims, bound.map(|b| [b; 32]))
             });
-            decision.client_certificate = presented.map(|b| Box::new([b; 32]));
+            decision.client_certificate = presented.map(|b| {
+                Box::new(match b {
+                    0 => Err(crate::identity::CertificateProblem::NotOnePem),
+                    1 => Err(crate::identity::CertificateProblem::TooLarge),
+                    b => Ok([b; 32]),
+                })
+            });
             decision.step_up = step_up.map(|(auth_contexts, acr_values, max_age, amr)| {
                 Box::new(StepUp {
                     style: "entra",
