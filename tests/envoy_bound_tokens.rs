@@ -14,21 +14,15 @@
 mod common;
 #[path = "common/envoy.rs"]
 mod envoy;
+#[path = "common/pki.rs"]
+mod pki;
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::{Server, TempPolicy, demo_policy_text, edit, mint, run_bin};
 use envoy::{Echo, Envoy};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use pki::{Ca, Leaf, Scratch};
 use reqwest::header::HeaderMap;
 use sha2::{Digest as _, Sha256};
 use stepgate::demo::TokenSpec;
@@ -67,82 +61,13 @@ const REALM: &str = "stepgate-demo";
 const EVENT_DEADLINE: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
-// Certificates
+// Certificates and tokens
 // ---------------------------------------------------------------------------------------------
-
-/// A private CA made for one test: it signs Envoy's server certificate and the clients'.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, as PEM files would hold them.
-struct Leaf {
-    cert: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "stepgate bound-token test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("a CA key");
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// Envoy's listener certificate, for the address the clients connect to.
-    fn server(&self) -> Leaf {
-        self.leaf(
-            "envoy",
-            vec![
-                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                SanType::DnsName("localhost".try_into().expect("an ASCII name")),
-            ],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate with the common name `cn`.
-    fn client(&self, cn: &str) -> Leaf {
-        self.leaf(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn leaf(&self, cn: &str, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans;
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().expect("a leaf key");
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("signing a leaf certificate");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-}
 
 /// The certificate's `x5t#S256` as RFC 8705 §3.1 spells it: unpadded base64url of the SHA-256 of
 /// its DER.
 fn x5t_s256(leaf: &Leaf) -> String {
-    URL_SAFE_NO_PAD.encode(Sha256::digest(&leaf.der))
+    URL_SAFE_NO_PAD.encode(Sha256::digest(leaf.der.as_ref()))
 }
 
 /// A demo token (alice, demo-entra) bound to `leaf`.
@@ -158,40 +83,6 @@ fn bound_to(leaf: &Leaf) -> String {
 /// A demo token (alice, demo-entra) bound to nothing.
 fn bearer() -> String {
     mint(&TokenSpec::default())
-}
-
-/// A temporary folder, removed on drop.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stepgate-bound-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
-        Self { dir }
-    }
-
-    /// Writes `name` in the folder and returns its path as text (for a config edit).
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.dir.join(name);
-        std::fs::write(&path, text).expect("writing a PEM file");
-        path.to_str().expect("a UTF-8 temporary path").to_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,12 +142,12 @@ impl Stack {
     /// stepgate on the demo policy plus [`BOUND_RULE`], behind the example with `edits` made to
     /// it; returns once Envoy relays stepgate's answer to a client with certificate A.
     async fn start(edits: &[(&str, &str)]) -> Self {
-        let ca = Ca::new();
-        let files = Scratch::new();
-        let server_leaf = ca.server();
-        let cert = files.write("envoy.crt", &server_leaf.cert);
-        let key = files.write("envoy.key", &server_leaf.key);
+        let ca = Ca::new("stepgate bound-token test CA");
+        let files = Scratch::new("bound-tokens");
+        let (cert, key) = files.leaf("envoy", &ca.server(&["localhost", "127.0.0.1"], 2040));
         let client_ca = files.write("client-ca.crt", &ca.pem());
+        let [cert, key, client_ca] = [cert, key, client_ca]
+            .map(|path| path.to_str().expect("a UTF-8 temporary path").to_owned());
         let policy = policy();
         let server = Server::start(&policy.path).await;
         let echo = Echo::start().await;
@@ -271,8 +162,8 @@ impl Stack {
             envoy,
             echo,
             server,
-            a: ca.client("client A"),
-            b: ca.client("client B"),
+            a: ca.client_named("client A", &[]),
+            b: ca.client_named("client B", &[]),
             ca,
             files,
             _policy: policy,
@@ -457,7 +348,8 @@ async fn a_token_bound_to_the_client_certificate_reaches_the_upstream_over_that_
 
     // The token an operator mints to try the example (`stepgate token --bound-to client.pem`).
     let pem = stack.files.write("client-a.pem", &stack.a.cert);
-    let (code, stdout, stderr) = run_bin(["token", "--bound-to", pem.as_str()]);
+    let pem = pem.to_str().expect("a UTF-8 temporary path");
+    let (code, stdout, stderr) = run_bin(["token", "--bound-to", pem]);
     assert_eq!(code, Some(0), "stepgate token --bound-to: {stderr}");
     let reply = stack
         .get(&with_a, "bound-a-cli", "/accounts", Some(stdout.trim()))

@@ -13,18 +13,20 @@
 mod common;
 #[path = "common/envoy.rs"]
 mod envoy;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::{
     future::Future,
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     path::PathBuf,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use common::{Server, Spawn, demo_policy_path, entra, envoy_check, mint};
@@ -34,10 +36,8 @@ use envoy_types::{
     pb::envoy::service::auth::v3::authorization_client::AuthorizationClient,
 };
 use hyper_util::rt::TokioIo;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use pki::{Ca, Leaf, Scratch};
+use rcgen::SanType;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use stepgate::{
@@ -61,6 +61,9 @@ use tonic::{
 const ENVOY_TLS_YAML: &str = "envoy-tls.yaml";
 /// The name Envoy's `sni` asks for and its `match_typed_subject_alt_names` requires.
 const STEPGATE_SNI: &str = "stepgate.stepgate.svc.cluster.local";
+/// The names of stepgate's certificate: `localhost`, 127.0.0.1 and the one the example Envoy
+/// asks for.
+const STEPGATE_NAMES: [&str; 3] = ["localhost", "127.0.0.1", STEPGATE_SNI];
 /// The client identity the example gives Envoy (Istio's ingress gateway, as a SPIFFE ID).
 const GATEWAY_SPIFFE: &str = "spiffe://cluster.local/ns/istio-system/sa/gateway";
 /// The placeholders of `envoy-tls.yaml` that the tests point at generated files.
@@ -89,154 +92,6 @@ const EVENT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The header that names a request's scenario in the echo upstream's record.
 const CASE: &str = "x-e2e-case";
-
-// ---------------------------------------------------------------------------------------------
-// Certificates
-// ---------------------------------------------------------------------------------------------
-
-/// A private CA made for one test.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, as PEM files would hold them.
-struct Leaf {
-    cert: String,
-    key: String,
-    der: CertificateDer<'static>,
-    /// `notAfter`, Unix seconds.
-    not_after: i64,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("a CA key");
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// stepgate's certificate: `localhost`, 127.0.0.1 and the name the example Envoy asks for;
-    /// valid until January 1st of `until_year`.
-    fn server(&self, until_year: i32) -> Leaf {
-        self.leaf(
-            "stepgate",
-            ["localhost", "127.0.0.1", STEPGATE_SNI].map(san).to_vec(),
-            ExtendedKeyUsagePurpose::ServerAuth,
-            until_year,
-        )
-    }
-
-    /// A client certificate naming `sans` (a URI when it has a scheme, an IP address when it
-    /// parses as one, a DNS name otherwise) and nothing else.
-    fn client(&self, sans: &[&str]) -> Leaf {
-        self.client_named("stepgate test client", sans)
-    }
-
-    /// As [`Ca::client`], with the subject's common name `cn`.
-    fn client_named(&self, cn: &str, sans: &[&str]) -> Leaf {
-        self.client_typed(cn, sans.iter().map(|name| san(name)).collect())
-    }
-
-    /// A client certificate naming `sans` as they are typed.
-    fn client_typed(&self, cn: &str, sans: Vec<SanType>) -> Leaf {
-        self.leaf(cn, sans, ExtendedKeyUsagePurpose::ClientAuth, 2040)
-    }
-
-    fn leaf(
-        &self,
-        cn: &str,
-        sans: Vec<SanType>,
-        usage: ExtendedKeyUsagePurpose,
-        until_year: i32,
-    ) -> Leaf {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans;
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        params.not_after = rcgen::date_time_ymd(until_year, 1, 1);
-        let key = KeyPair::generate().expect("a leaf key");
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("signing a leaf certificate");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().clone(),
-            not_after: params.not_after.unix_timestamp(),
-        }
-    }
-}
-
-fn san(name: &str) -> SanType {
-    let ia5 = || name.to_owned().try_into().expect("an ASCII name");
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        SanType::IpAddress(ip)
-    } else if name.contains("://") {
-        SanType::URI(ia5())
-    } else {
-        SanType::DnsName(ia5())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Files
-// ---------------------------------------------------------------------------------------------
-
-/// A temporary folder, removed on drop.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stepgate-tls-{}-{}-{nanos}-{name}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
-        Self { dir }
-    }
-
-    /// Writes `name` in the folder and returns its path.
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, text).expect("writing a PEM file");
-        path
-    }
-
-    /// `(cert, key)` of `leaf` as `<name>.crt` and `<name>.key`.
-    fn leaf(&self, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-        (
-            self.write(&format!("{name}.crt"), &leaf.cert),
-            self.write(&format!("{name}.key"), &leaf.key),
-        )
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A folder laid out as the kubelet mounts a Secret: `tls.crt` → `..data/tls.crt`, `..data` →
 /// `..<version>`. An update writes a new version folder and renames a new `..data` link over the
@@ -653,7 +508,7 @@ async fn envoy_stepgate_handshakes(envoy: &Envoy) -> u64 {
 async fn envoy_asks_stepgate_over_tls_and_relays_its_decisions() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("envoy-tls");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let ca_file = files.write("ca.crt", &ca.pem());
     let server = start(
         &["--tls-cert", arg(&cert), "--tls-key", arg(&key)],
@@ -687,7 +542,7 @@ async fn envoy_asks_stepgate_over_mutual_tls_and_without_its_client_certificate_
     let ca = Ca::new("stepgate test CA");
     let clients = Ca::new("mesh client CA");
     let files = Scratch::new("envoy-mtls");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let ca_file = files.write("ca.crt", &ca.pem());
     let client_ca = files.write("client-ca.crt", &clients.pem());
     let gateway = clients.client(&[GATEWAY_SPIFFE]);
@@ -764,7 +619,7 @@ async fn mutual_tls_refuses_no_certificate_another_ca_an_untrusting_client_and_p
     let ca = Ca::new("stepgate test CA");
     let other = Ca::new("another CA");
     let files = Scratch::new("mtls-refusals");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let member = ca.client(&["envoy.internal"]);
     let stranger = other.client(&["envoy.internal"]);
@@ -853,7 +708,7 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_of_its_type() {
     let ca = Ca::new("stepgate test CA");
     let other = Ca::new("another CA");
     let files = Scratch::new("mtls-sans");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let gateway = ca.client(&[GATEWAY_SPIFFE]);
     // Comma-separated and repeated, a URI, an IP address and a DNS name.
@@ -985,7 +840,7 @@ async fn client_san_admits_only_certificates_naming_a_listed_san_of_its_type() {
 async fn check_client_san_lets_only_the_proxys_certificate_call_check_and_every_client_decide() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("mtls-check-callers");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let gateway = ca.client(&["envoy.internal", GATEWAY_SPIFFE]);
     let service = ca.client(&["spiffe://cluster.local/ns/payments/sa/api"]);
@@ -1050,7 +905,10 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
     // The certificate moves to a new CA as well: clients trust both, as during a CA rotation, so
     // the test can tell from each handshake which certificate the server showed.
     let (ca1, ca2) = (Ca::new("stepgate CA 1"), Ca::new("stepgate CA 2"));
-    let (old, new) = (ca1.server(2040), ca2.server(2041));
+    let (old, new) = (
+        ca1.server(&STEPGATE_NAMES, 2040),
+        ca2.server(&STEPGATE_NAMES, 2041),
+    );
     let mut secret = SecretVolume::new(&[("tls.crt", &old.cert), ("tls.key", &old.key)]);
     let server = start(
         &[
@@ -1148,7 +1006,7 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A broken update (the old key with a new certificate): refused, the new certificate serves on.
-    let mismatched = ca1.server(2042);
+    let mismatched = ca1.server(&STEPGATE_NAMES, 2042);
     secret.update(&[("tls.crt", &mismatched.cert), ("tls.key", &old.key)]);
     wait_for_sample(&server, RELOADS_REFUSED, |n| n >= 1.0).await;
     assert!(
@@ -1211,8 +1069,8 @@ async fn a_secret_update_rotates_the_certificate_under_load_without_a_failed_cal
 fn a_key_that_does_not_match_the_certificate_stops_the_start_naming_both_files() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("mismatch");
-    let cert = files.write("tls.crt", &ca.server(2040).cert);
-    let key = files.write("tls.key", &ca.server(2040).key);
+    let cert = files.write("tls.crt", &ca.server(&STEPGATE_NAMES, 2040).cert);
+    let key = files.write("tls.key", &ca.server(&STEPGATE_NAMES, 2040).key);
     let log = files.write("stderr.log", "");
     let mut child = std::process::Command::new(common::bin())
         .arg("serve")
@@ -1262,7 +1120,7 @@ fn a_key_that_does_not_match_the_certificate_stops_the_start_naming_both_files()
 async fn tls_connections_that_never_speak_after_the_handshake_lose_their_slot() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("tls-idle");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let server = start(
         &[
             "--tls-cert",
@@ -1318,7 +1176,7 @@ async fn tls_connections_that_never_speak_after_the_handshake_lose_their_slot() 
 async fn the_health_and_decide_commands_speak_mutual_tls() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("client-commands");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let ca_file = files.write("ca.crt", &ca.pem());
     let member = ca.client(&["spiffe://cluster.local/ns/stepgate/sa/helm-test"]);
     let (client_cert, client_key) = files.leaf("client", &member);
@@ -1411,7 +1269,7 @@ async fn the_health_and_decide_commands_speak_mutual_tls() {
 async fn explain_is_given_to_the_client_certificates_the_policy_names() {
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("explain-by-san");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let debugger_san = "spiffe://cluster.local/ns/security/sa/policy-debugger";
     let debugger = ca.client(&[debugger_san]);
@@ -1481,7 +1339,7 @@ async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
     };
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("admin-by-san");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let responder_san = "spiffe://cluster.local/ns/security/sa/incident-response";
     let responder = ca.client(&[responder_san]);
@@ -1553,7 +1411,7 @@ async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_ma
     use stepgate::api::v1::{ListBlocksRequest, admin_service_client::AdminServiceClient};
     let ca = Ca::new("stepgate test CA");
     let files = Scratch::new("admin-bound-token");
-    let (cert, key) = files.leaf("stepgate", &ca.server(2040));
+    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
     let operator = ca.client(&["spiffe://cluster.local/ns/security/sa/operator-laptop"]);
     let other = ca.client(&[GATEWAY_SPIFFE]);
