@@ -1330,27 +1330,21 @@ async fn explain_is_given_to_the_client_certificates_the_policy_names() {
     assert_eq!(for_gateway.outcome(), for_debugger.outcome());
 }
 
-/// The admin API over mutual TLS: a client certificate naming a SAN of the policy's
-/// `admin.client_sans` may block; another certificate of the same CA is PERMISSION_DENIED.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
-    use stepgate::api::v1::{
-        BlockKind, BlockRequest, BlockTarget, admin_service_client::AdminServiceClient,
-    };
-    let ca = Ca::new("stepgate test CA");
-    let files = Scratch::new("admin-by-san");
+/// stepgate over mutual TLS (clients of `ca`) with an admin listener, on the demo policy with
+/// `admin` (its `admin:` section) added: the files and policy to keep, the server and the admin
+/// port.
+async fn serve_admin_over_mutual_tls(
+    ca: &Ca,
+    admin: &str,
+) -> (Scratch, common::TempPolicy, Server, u16) {
+    let files = Scratch::new("admin-mtls");
     let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
     let client_ca = files.write("client-ca.crt", &ca.pem());
-    let responder_san = "spiffe://cluster.local/ns/security/sa/incident-response";
-    let responder = ca.client(&[responder_san]);
-    let gateway = ca.client(&[GATEWAY_SPIFFE]);
     let policy = common::TempPolicy::new(
-        "admin-by-san",
-        &format!(
-            "{}\nadmin: {{ client_sans: [\"{responder_san}\"] }}\n",
-            common::demo_policy_text()
-        ),
+        "admin-mtls",
+        &format!("{}\n{admin}\n", common::demo_policy_text()),
     );
+    let probe = ca.client(&[GATEWAY_SPIFFE]);
     let admin_port = envoy::free_port();
     let server = start_on(
         &policy.path,
@@ -1364,9 +1358,25 @@ async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
             "--admin-listen",
             &format!("127.0.0.1:{admin_port}"),
         ],
-        |port| endpoint(port, &[&ca], Some(&gateway)),
+        |port| endpoint(port, &[ca], Some(&probe)),
     )
     .await;
+    (files, policy, server, admin_port)
+}
+
+/// The admin API over mutual TLS: a client certificate naming a SAN of the policy's
+/// `admin.client_sans` may block; another certificate of the same CA is PERMISSION_DENIED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_admits_the_client_certificates_the_policy_names() {
+    use stepgate::api::v1::{
+        BlockKind, BlockRequest, BlockTarget, admin_service_client::AdminServiceClient,
+    };
+    let ca = Ca::new("stepgate test CA");
+    let responder_san = "spiffe://cluster.local/ns/security/sa/incident-response";
+    let responder = ca.client(&[responder_san]);
+    let gateway = ca.client(&[GATEWAY_SPIFFE]);
+    let admin = format!("admin: {{ client_sans: [\"{responder_san}\"] }}");
+    let (_files, _policy, server, admin_port) = serve_admin_over_mutual_tls(&ca, &admin).await;
     let block_as = |leaf: &Leaf, port: u16| {
         let endpoint = endpoint(port, &[&ca], Some(leaf));
         async move {
@@ -1410,35 +1420,11 @@ async fn an_admin_token_bound_to_a_certificate_is_good_only_over_a_connection_ma
     use sha2::Digest as _;
     use stepgate::api::v1::{ListBlocksRequest, admin_service_client::AdminServiceClient};
     let ca = Ca::new("stepgate test CA");
-    let files = Scratch::new("admin-bound-token");
-    let (cert, key) = files.leaf("stepgate", &ca.server(&STEPGATE_NAMES, 2040));
-    let client_ca = files.write("client-ca.crt", &ca.pem());
     let operator = ca.client(&["spiffe://cluster.local/ns/security/sa/operator-laptop"]);
     let other = ca.client(&[GATEWAY_SPIFFE]);
-    let policy = common::TempPolicy::new(
-        "admin-bound-token",
-        &format!(
-            "{}\nadmin: {{ issuers: [demo-oidc], roles: [stepgate.admin], require: {{ \
-             certificate_bound: true }} }}\n",
-            common::demo_policy_text()
-        ),
-    );
-    let admin_port = envoy::free_port();
-    let _server = start_on(
-        &policy.path,
-        &[
-            "--tls-cert",
-            arg(&cert),
-            "--tls-key",
-            arg(&key),
-            "--client-ca",
-            arg(&client_ca),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-        ],
-        |port| endpoint(port, &[&ca], Some(&other)),
-    )
-    .await;
+    let admin = "admin: { issuers: [demo-oidc], roles: [stepgate.admin], require: { \
+                 certificate_bound: true } }";
+    let (_files, _policy, _server, admin_port) = serve_admin_over_mutual_tls(&ca, admin).await;
     let thumbprint: [u8; 32] = sha2::Sha256::digest(operator.der.as_ref()).into();
     let mut spec = common::oidc(&["stepgate.admin"], None, &[]);
     spec.extra.insert(
