@@ -55,6 +55,11 @@ pub enum Scenario {
     /// Allowed request, the same token every time (the verified-token cache answers).
     #[value(name = "a")]
     A,
+    /// As a, the token bound to the client certificate the request comes with (RFC 8705): Envoy's
+    /// URL-encoded PEM in `source.certificate` (a `Decide`'s DER), read and hashed on every
+    /// request.
+    #[value(name = "a-bound")]
+    ABound,
     /// Allowed requests, a distinct RS256 token each (every one is verified).
     #[value(name = "b-rs256")]
     BRs256,
@@ -150,6 +155,34 @@ pub struct Call {
     /// Decide only: the operation and the attributes.
     pub operation: Option<&'static str>,
     pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The client certificate's DER, passed on as Envoy or a `Decide` caller would.
+    pub client_certificate: Option<&'static [u8]>,
+}
+
+/// Scenario a-bound's client certificate: 1200 bytes standing for a DER (a client certificate
+/// is 1–2 KiB; stepgate hashes it and never parses it as X.509).
+pub static BENCH_CERTIFICATE: LazyLock<Vec<u8>> =
+    LazyLock::new(|| (0..1200u32).map(|i| (i * 7 + 3) as u8).collect());
+
+/// `der` as Envoy sends a peer certificate: OpenSSL's PEM, every byte but the unreserved ones
+/// percent-encoded.
+pub fn envoy_certificate(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 pub const HOST: &str = "api.bench.stepgate.invalid";
@@ -158,6 +191,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::A => "a",
+            Scenario::ABound => "a-bound",
             Scenario::BRs256 => "b-rs256",
             Scenario::BEs256 => "b-es256",
             Scenario::C => "c",
@@ -176,6 +210,7 @@ impl Scenario {
     pub fn description(self) -> &'static str {
         match self {
             Scenario::A => "Check, ALLOW, same token (cached)",
+            Scenario::ABound => "Check, ALLOW, same token bound to the client certificate",
             Scenario::BRs256 => "Check, ALLOW, distinct RS256 token per request",
             Scenario::BEs256 => "Check, ALLOW, distinct ES256 token per request",
             Scenario::C => "Check, STEP_UP with Entra claims challenge",
@@ -212,6 +247,18 @@ impl Scenario {
         };
         match self {
             Scenario::A | Scenario::F => one(user()),
+            Scenario::ABound => {
+                use sha2::Digest as _;
+                let thumbprint: [u8; 32] = sha2::Sha256::digest(&*BENCH_CERTIFICATE).into();
+                let mut spec = user();
+                spec.extra.insert(
+                    "cnf".to_owned(),
+                    serde_json::json!({
+                        "x5t#S256": stepgate::identity::thumbprint::encode(&thumbprint)
+                    }),
+                );
+                one(spec)
+            }
             Scenario::BRs256 | Scenario::Rss100k => TokenPlan::Distinct {
                 spec: user(),
                 alg: Algorithm::RS256,
@@ -260,8 +307,13 @@ impl Scenario {
             path: "/api/orders/42?expand=items",
             operation: None,
             attributes: None,
+            client_certificate: None,
         };
         match self {
+            Scenario::ABound => Call {
+                client_certificate: Some(BENCH_CERTIFICATE.as_slice()),
+                ..get
+            },
             Scenario::C => Call {
                 method: "POST",
                 path: "/payments/wire",
@@ -294,6 +346,7 @@ impl Scenario {
     pub fn expect(self) -> Expect {
         match self {
             Scenario::A
+            | Scenario::ABound
             | Scenario::BRs256
             | Scenario::BEs256
             | Scenario::Rss100k
@@ -389,7 +442,13 @@ pub fn envoy_check_anonymous_from(call: &Call, count: u32) -> Vec<Bytes> {
 
 /// A `CheckRequest` as Envoy sends it (see [`stepgate::demo::envoy_check_request`]).
 pub fn envoy_check(call: &Call, token: &str) -> CheckRequest {
-    envoy_check_request(call.method, call.host, call.path, token)
+    let mut check = envoy_check_request(call.method, call.host, call.path, token);
+    if let Some(der) = call.client_certificate
+        && let Some(source) = check.attributes.as_mut().and_then(|a| a.source.as_mut())
+    {
+        source.certificate = envoy_certificate(der);
+    }
+    check
 }
 
 /// [`envoy_check`] for a request that carries no `Authorization` header at all.
@@ -418,7 +477,10 @@ pub fn decide_request(call: &Call, token: &str) -> DecideRequest {
             headers: HashMap::new(),
         }),
         attributes: call.attributes.as_ref().map(stepgate::api::json_to_struct),
-        client_certificate: Vec::new(),
+        client_certificate: call
+            .client_certificate
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
         explain: false,
     }
 }
@@ -710,6 +772,38 @@ mod tests {
         assert_eq!(
             &encode(Rpc::Http, &Scenario::F.call(), "t")[..],
             b"Bearer t"
+        );
+    }
+
+    /// Scenario a-bound's Check carries, as Envoy spells it, the certificate its token is bound
+    /// to, read as stepgate reads it; its Decide carries the same certificate's DER.
+    #[test]
+    fn the_bound_scenario_sends_the_certificate_its_token_is_bound_to() {
+        use sha2::Digest as _;
+        use stepgate::identity::{ClientCertificate, thumbprint};
+        let call = Scenario::ABound.call();
+        let check = envoy_check(&call, "tok");
+        let sent = check.attributes.unwrap().source.unwrap().certificate;
+        let read = ClientCertificate::UrlEncodedPem(sent.into())
+            .thumbprint()
+            .expect("one PEM certificate as Envoy writes it");
+        let TokenPlan::One { spec, .. } = Scenario::ABound.tokens() else {
+            panic!("one token");
+        };
+        assert_eq!(spec.extra["cnf"]["x5t#S256"], thumbprint::encode(&read));
+        let decide = decide_request(&call, "tok");
+        let der: [u8; 32] = sha2::Sha256::digest(&decide.client_certificate).into();
+        assert_eq!(der, read);
+        assert_eq!(Scenario::ABound.expect(), Expect::Allow);
+        let plain = envoy_check(&Scenario::A.call(), "tok");
+        assert!(
+            plain
+                .attributes
+                .unwrap()
+                .source
+                .unwrap()
+                .certificate
+                .is_empty()
         );
     }
 
