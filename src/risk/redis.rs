@@ -92,8 +92,9 @@ const BATCH: usize = 1024;
 /// - a signal's block is not written over a block in force that lasts as long or longer, however
 ///   new the signal's is (a replica that did not know the operator's block, during an outage);
 /// - an operator's write older than the stored one (it waited in a queue while Redis was down)
-///   still counts against the operators' writes: over a signal's shorter block in force, an
-///   operator's newer block than any the signal replaced is written; over an operator's record
+///   still counts against the operators' writes: over a signal's block that lasts no longer (or
+///   has ended), an operator's newer block than any the signal replaced is written, as it would
+///   have stood had it arrived first; over an operator's record
 ///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
 ///   that is refused still raises the stored record's `operator_at`, so that an older one held up
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
@@ -288,15 +289,19 @@ if cur then
   end
   local keep_at = signal_at
   if at and tonumber(at) > written then
-    local over_signal = by_signal and what == 'operator' and held and ends > held.expires_at
+    -- An operator's older block still in force that lasts as long as a signal's newer block or
+    -- longer (or outlives it: that one has ended) stands over it, as it would had it arrived
+    -- first, when it is newer than the operators' last word.
+    local over_signal = by_signal and what == 'operator' and ends > now
+      and (not held or ends >= held.expires_at)
     if not (newer_intent and (over_signal or (old and not by_signal))) then
       if newer_intent and by_signal then
         redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. with_operator_at(body, written))
       end
       return 0
     end
-    -- An operator's block that replaces a signal's newer one keeps it.
-    if over_signal then
+    -- An operator's block that replaces a signal's newer one in force keeps it.
+    if over_signal and held then
       keep, keep_at = body, tonumber(at)
     end
     stamp = at
