@@ -104,13 +104,61 @@ impl ClientCertificate {
                 Err(CertificateProblem::TooLarge)
             }
             ClientCertificate::UrlEncodedPem(pem) => {
-                let pem: Vec<u8> = percent_encoding::percent_decode(pem).collect();
-                let der = one_certificate(&pem).ok_or(CertificateProblem::NotOnePem)?;
-                if der.len() > MAX_CERTIFICATE_BYTES {
-                    return Err(CertificateProblem::TooLarge);
+                if let Some(known) = RECENT.with_borrow(|recent| recent.find(pem)) {
+                    return Ok(known);
                 }
-                Ok(Sha256::digest(der).into())
+                let thumbprint = read_envoys(pem)?;
+                RECENT.with_borrow_mut(|recent| recent.remember(pem, thumbprint));
+                Ok(thumbprint)
             }
+        }
+    }
+}
+
+/// The thumbprint of Envoy's URL-encoded PEM, read.
+fn read_envoys(pem: &Bytes) -> Result<Thumbprint, CertificateProblem> {
+    let pem: Vec<u8> = percent_encoding::percent_decode(pem).collect();
+    let der = one_certificate(&pem).ok_or(CertificateProblem::NotOnePem)?;
+    if der.len() > MAX_CERTIFICATE_BYTES {
+        return Err(CertificateProblem::TooLarge);
+    }
+    Ok(Sha256::digest(der).into())
+}
+
+/// Certificates a thread has read lately, by Envoy's exact text. One client sends the same
+/// certificate with every request of its connection, and reading it (decoding the escapes and
+/// the base64, encoding it again to compare, hashing) costs several times a cached `Check`:
+/// found here, it costs a comparison of its bytes. Only texts read successfully are kept, each
+/// with the thumbprint its own bytes gave, so an entry cannot answer for another text.
+#[derive(Default)]
+struct Recent {
+    entries: Vec<(Bytes, Thumbprint)>,
+    next: usize,
+}
+
+/// How many certificates a thread keeps (a proxy's connections to its clients each carry one).
+const RECENT_CERTIFICATES: usize = 16;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::default();
+}
+
+impl Recent {
+    fn find(&self, pem: &Bytes) -> Option<Thumbprint> {
+        self.entries
+            .iter()
+            .find(|(text, _)| text.len() == pem.len() && text[..] == pem[..])
+            .map(|(_, thumbprint)| *thumbprint)
+    }
+
+    /// Keeps `pem` (its own copy: not the request's frame) in place of the oldest entry.
+    fn remember(&mut self, pem: &Bytes, thumbprint: Thumbprint) {
+        let entry = (Bytes::copy_from_slice(pem), thumbprint);
+        if self.entries.len() < RECENT_CERTIFICATES {
+            self.entries.push(entry);
+        } else {
+            self.entries[self.next] = entry;
+            self.next = (self.next + 1) % RECENT_CERTIFICATES;
         }
     }
 }
@@ -278,6 +326,13 @@ mod tests {
             as_sent(&"%41".repeat(MAX_CERTIFICATE_BYTES + 1)).thumbprint(),
             Err(CertificateProblem::TooLarge)
         );
+        // What a thread has read is found again by its exact text only.
+        let sent = url_encoded_text(PEM);
+        let read = as_sent(&sent).thumbprint().expect("read");
+        assert_eq!(as_sent(&sent).thumbprint(), Ok(read), "found again");
+        let mut other = sent.clone();
+        other.replace_range(40..41, "B");
+        assert_ne!(as_sent(&other).thumbprint(), Ok(read));
         for problem in [CertificateProblem::TooLarge, CertificateProblem::NotOnePem] {
             assert_eq!(
                 CertificateProblem::from_word(problem.as_str()),

@@ -197,7 +197,8 @@ if cur and old then
     cur = nil
   end
 end
-if what == 'evict' then
+local evicting = what == 'evict'
+if evicting then
   if not (cur and old and old.removed ~= true and type(old.created_by) == 'string'
           and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
           and tonumber(at) <= written) then
@@ -226,11 +227,11 @@ if cur then
   end
   local by_operator = what == 'operator' or what == 'lift'
   local newer_intent = by_operator and (operator_at == nil or operator_at < written)
-  -- The signal's block an operator's record keeps (`displaced`, since `displaced_at`): one it
-  -- replaced, or one refused because it lasted longer. Only one a replica could have written,
+  -- The signal's block a record keeps (`displaced`, since `displaced_at`): one it replaced, or
+  -- one refused because the block stored lasted longer. Only one a replica could have written,
   -- still in force: one that has ended is over.
   local signal, signal_at, signal_ends = nil, nil, nil
-  if old and not by_signal and type(old.displaced) == 'string' then
+  if old and type(old.displaced) == 'string' then
     local ok, kept = pcall(cjson.decode, old.displaced)
     if ok and block(kept) and kept.expires_at > now and type(kept.created_by) == 'string'
        and string.sub(kept.created_by, 1, #ARGV[9]) == ARGV[9] then
@@ -257,10 +258,14 @@ if cur then
     if #at_text + 1 + #candidate <= tonumber(ARGV[12]) then return candidate end
     return r
   end
+  -- A signal's record stands for a block written at its own time (its stamp): only writes newer
+  -- than that are judged against the block it keeps.
+  local after_block = not by_signal or tonumber(at) < written
   if what == 'signal' and held and held.expires_at >= ends then
-    -- Refused, an operator's longer block in force: kept with it, unless it keeps one as new
-    -- that lasts longer, so that an operator's lift older than it, held up, leaves it in force.
-    if not by_signal and (not signal or (signal_at < written and ends >= signal_ends)) then
+    -- Refused, a longer block in force: kept with it, unless it keeps one as new that lasts
+    -- longer, so that a lift older than it (an operator's or an eviction), or an operator's
+    -- shorter block, held up, leaves it in force.
+    if after_block and (not signal or (signal_at < written and ends >= signal_ends)) then
       local b = bare(body)
       if b then
         local kept = keeping(at, b, record, written)
@@ -273,12 +278,16 @@ if cur then
   -- newer write: a lift, or a block that does not outlast it, leaves it in force (with this
   -- write's time as the operators'), published to the replicas as the store's; a block that
   -- outlasts it is written, keeping it.
+  -- An eviction lifts only the block it evicted: the block kept stands, whatever its time.
   local keep = nil
-  if signal and by_operator and newer_intent and signal_at > written then
+  if signal and by_operator and newer_intent and after_block
+     and (signal_at > written or evicting) then
     if what == 'operator' and ends >= signal_ends then
       keep = signal
     else
-      local kept = with_operator_at(signal, written)
+      local word = written
+      if evicting then word = int(old.operator_at) and old.operator_at or 0 end
+      local kept = with_operator_at(signal, word)
       local kept_at = string.format('%d', signal_at)
       redis.call('HSET', KEYS[1], ARGV[1], kept_at .. '|' .. kept)
       redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
@@ -288,7 +297,23 @@ if cur then
     end
   end
   local keep_at = signal_at
-  if at and tonumber(at) > written then
+  -- Of the stored block and the one its record keeps, the newer (the one that outlives more
+  -- lifts): what a block written over that record keeps.
+  local function newest_kept()
+    if signal and signal_at > tonumber(at) then return signal, signal_at end
+    return bare(body) or body, tonumber(at)
+  end
+  if what == 'signal' and at and tonumber(at) > written and ends > now
+     and (not held or ends > held.expires_at) and (operator_at == nil or operator_at < written)
+  then
+    -- An older signal's block that outlasts the stored block (or outlives it), newer than the
+    -- operators' last word, stands, as it would had it arrived first: written at its own time,
+    -- keeping the newer block in force (a signal's; an operator's outlasted one is over).
+    if held and by_signal then
+      keep, keep_at = newest_kept()
+    end
+    if operator_at then record = with_operator_at(record, operator_at) end
+  elseif at and tonumber(at) > written then
     -- An operator's older block still in force that lasts as long as a signal's newer block or
     -- longer (or outlives it: that one has ended) stands over it, as it would had it arrived
     -- first, when it is newer than the operators' last word.
@@ -300,14 +325,20 @@ if cur then
       end
       return 0
     end
-    -- An operator's block that replaces a signal's newer one in force keeps it.
+    -- An operator's block that replaces a signal's newer one in force keeps it (or the newer
+    -- one its record keeps).
     if over_signal and held then
-      keep, keep_at = body, tonumber(at)
+      keep, keep_at = newest_kept()
     end
     stamp = at
     record = with_operator_at(record, written)
   elseif what == 'signal' and operator_at then
     record = with_operator_at(record, operator_at)
+  end
+  -- A block written over a record that keeps a newer signal's block keeps it in turn: a lift or
+  -- a shorter block older than that one, arriving later, leaves it in force.
+  if not keep and signal and signal_at > written and (what == 'operator' or what == 'signal') then
+    keep, keep_at = signal, signal_at
   end
   if keep then
     local b = bare(record)
