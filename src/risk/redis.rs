@@ -98,15 +98,23 @@ const BATCH: usize = 1024;
 ///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
 ///   that is refused still raises the stored record's `operator_at`, so that an older one held up
 ///   longer does not undo it. Such a write takes the stored time, so that writes older than it
-///   stay refused. An operator's block that so replaces a signal's keeps it (`displaced`, with
-///   its time, `displaced_at`), and so does one in force that a signal's shorter block is
-///   refused over: an operator's write older than the signal's block that comes after it (a
-///   lift, or a block that does not outlast the signal's) leaves the signal's block in force,
-///   published to the replicas as the store's (`"from":"store"`), and the write is refused.
+///   stay refused;
+/// - a signal's block older than the stored signal's block (or operator's record) that lasts
+///   longer (or outlives it), and newer than the operators' last word, is written too, at its
+///   own time, as it would have stood had it arrived first.
+///
+/// What a record keeps: one signal's block newer than the block it stands for (`displaced`, with
+/// its time, `displaced_at`), still in force: the signal's block an older block written over it
+/// replaced (the newer of it and the one it kept), or one refused over it because it lasted
+/// longer, or the one the record a block is written over kept. A write older than the kept block
+/// that comes after it (a lift, a block that does not outlast it, or an eviction of the record's
+/// block, whatever its time) leaves the kept block in force, published to the replicas as the
+/// store's (`"from":"store"`), and the write is refused. A record keeps one: of two such blocks,
+/// the other is forgotten (`tests/redis_put_order.rs` counts what that leaves apart).
 ///
 /// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
 /// record only if that is a signal's block no newer than it: never of an operator's block the
-/// replica had not heard of.
+/// replica had not heard of, and it is no operator's word.
 ///
 /// A revocation keeps the rule each replica keeps (`revocations::set`): the one that covers more
 /// (the later `before`) stays, however new the other's write; a stored revocation no replica
