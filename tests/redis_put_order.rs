@@ -413,9 +413,33 @@ impl Store {
 }
 
 /// What holds in any order: an eviction that is written lifts a signal's block no newer than
-/// itself, never an operator's block or a lift; and what the store ends on is what a replica
-/// applies.
-fn invariants(set: &[Write], run: &Run) -> Result<(), String> {
+/// itself, never an operator's block or a lift; what the store ends on is what a replica
+/// applies; and the operators' newest word holds: a lift newer than every other write leaves
+/// nothing, an operator's block newer than every other write, in force, stands.
+fn invariants(set: &[Write], run: &Run, now: i64) -> Result<(), String> {
+    if let Some(newest) = set.iter().max_by_key(|w| w.at_ms) {
+        match &newest.what {
+            What::Lift { .. } if run.outcome != Effective::Unblocked => {
+                return Err(format!(
+                    "the newest write, {newest}, leaves {}: an operator's newest lift leaves \
+                     nothing",
+                    run.outcome
+                ));
+            }
+            What::Operator { reason_id, ends } if *ends > now => {
+                let stands = matches!(&run.outcome, Effective::Blocked { reason_id: r, expires_at }
+                    if r == reason_id && expires_at == ends);
+                if !stands {
+                    return Err(format!(
+                        "the newest write, {newest}, leaves {}: an operator's newest block \
+                         stands",
+                        run.outcome
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
     for step in &run.steps {
         let write = &set[step.id];
         if !matches!(write.what, What::Evict { .. }) || !step.written {
@@ -626,7 +650,7 @@ fn compare(
         store.run_blocks(set, orders[1], now),
     ];
     for (order, run) in orders.iter().zip(&runs) {
-        invariants(set, run).map_err(|e| format!("arriving {order:?}: {e}"))?;
+        invariants(set, run, now).map_err(|e| format!("arriving {order:?}: {e}"))?;
     }
     Ok((runs[0].outcome != runs[1].outcome).then(|| Finding {
         set: set.to_vec(),
@@ -735,9 +759,66 @@ const SIGNALS_ENDING_TOGETHER: &str = "of two signals' blocks ending at the same
 /// and an older, longer one), the other is forgotten, and a later write older than it leaves
 /// less than the write-time order does: fail-open. Fixing it means a record keeping every
 /// block no other kept block outdoes (newer and as long), a few at most (docs/risk.md, "Arrival
-/// order"); until then such findings (a write met a record that kept a block) are counted apart.
+/// order"); until then such findings ([`one_kept_block_lost`]) are counted apart.
 const OPEN_A_RECORD_KEEPS_ONE_OTHER_BLOCK: &str = "OPEN DEFECT: a record keeps one other block, \
-     and a write met a record that kept one";
+     and a record that kept one had another to keep";
+
+/// A block a record keeps (`displaced`, as stored) and its time.
+type Kept = (String, i64);
+
+/// A stored value's stamp, record, and the block it keeps.
+fn kept_in(stored: Option<&str>) -> Option<(i64, serde_json::Value, Option<Kept>)> {
+    let (stamp, record) = stored?.split_once('|')?;
+    let record: serde_json::Value = serde_json::from_str(record).ok()?;
+    let kept = record["displaced"]
+        .as_str()
+        .zip(record["displaced_at"].as_i64())
+        .map(|(d, at)| (d.to_owned(), at));
+    Some((stamp.parse().ok()?, record, kept))
+}
+
+/// Whether, in `run`, the one block a record keeps cost another: a signal's block in force,
+/// newer than the record and than the operators' last word, refused and not kept because the
+/// record kept another; or a kept block newer than the write that replaced the record, dropped
+/// for another one; or an older block written over a record that had a block of its own in
+/// force besides the one it kept.
+fn one_kept_block_lost(set: &[Write], run: &Run, now: i64) -> bool {
+    run.steps.iter().enumerate().any(|(k, step)| {
+        let write = &set[step.id];
+        let after = run
+            .steps
+            .get(k + 1)
+            .map_or(run.stored.as_deref(), |next| next.before.as_deref());
+        let Some((stamp, record, Some((kept, kept_at)))) = kept_in(step.before.as_deref()) else {
+            return false;
+        };
+        let kept_after = kept_in(after).and_then(|(_, _, kept)| kept);
+        match write.what {
+            What::Signal { ends, .. } if !step.written => {
+                let operator_at = record["operator_at"].as_i64().unwrap_or(i64::MIN);
+                // A signal's record is stamped with its own time; an operator's record stands
+                // for the operator's write, which may be stamped with a signal's later time.
+                let by_signal = record["created_by"]
+                    .as_str()
+                    .is_some_and(|by| by.starts_with(SIGNAL_PREFIX));
+                let own = if by_signal { stamp } else { operator_at };
+                ends > now
+                    && write.at_ms > own
+                    && write.at_ms > operator_at
+                    && kept_after.is_some_and(|(still, _)| still == kept)
+            }
+            // Or, written under a record whose own block is newer and in force: two blocks to
+            // keep, the record's and the one it kept.
+            What::Signal { .. } | What::Operator { .. } if step.written => {
+                (kept_at > write.at_ms && kept_after.is_none_or(|(other, _)| other != kept))
+                    || (write.at_ms < stamp
+                        && record["removed"] != true
+                        && record["expires_at"].as_i64().is_some_and(|end| end > now))
+            }
+            _ => false,
+        }
+    })
+}
 
 /// Why `finding`'s order-dependence is the documented rules' (or a known open defect), if it
 /// is.
@@ -755,13 +836,11 @@ fn intended(finding: &Finding, now: i64) -> Option<&'static str> {
     {
         return Some(SIGNALS_ENDING_TOGETHER);
     }
-    if finding.runs.iter().any(|run| {
-        run.steps.iter().any(|s| {
-            s.before
-                .as_deref()
-                .is_some_and(|b| b.contains("\"displaced\""))
-        })
-    }) {
+    if finding
+        .runs
+        .iter()
+        .any(|run| one_kept_block_lost(set, run, now))
+    {
         return Some(OPEN_A_RECORD_KEEPS_ONE_OTHER_BLOCK);
     }
     // Which signals' blocks each run's written evictions lifted.
@@ -942,7 +1021,7 @@ fn the_store_ends_on_the_same_block_whatever_order_the_writes_arrive_in() {
         let set = draw_blocks(&mut random, now);
         let orders = orders(&set, &mut random);
         let baseline = store.run_blocks(&set, &orders[0], now);
-        if let Err(broken) = invariants(&set, &baseline) {
+        if let Err(broken) = invariants(&set, &baseline, now) {
             failures.push(format!(
                 "{replay}, in write-time order: {broken}\n  writes: {set:#?}"
             ));
@@ -951,7 +1030,7 @@ fn the_store_ends_on_the_same_block_whatever_order_the_writes_arrive_in() {
         for other in &orders[1..] {
             compared += 1;
             let run = store.run_blocks(&set, other, now);
-            if let Err(broken) = invariants(&set, &run) {
+            if let Err(broken) = invariants(&set, &run, now) {
                 failures.push(format!(
                     "{replay}, arriving {other:?}: {broken}\n  writes: {set:#?}"
                 ));

@@ -113,7 +113,8 @@ const BATCH: usize = 1024;
 /// the other is forgotten (`tests/redis_put_order.rs` counts what that leaves apart).
 ///
 /// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
-/// record only if that is a signal's block no newer than it: never of an operator's block the
+/// record only if that is the signal's block it evicted (by its end, which the eviction's record
+/// keeps), no newer than it: never of an operator's block, nor of a longer signal's block, the
 /// replica had not heard of, and it is no operator's word.
 ///
 /// A revocation keeps the rule each replica keeps (`revocations::set`): the one that covers more
@@ -207,9 +208,13 @@ if cur and old then
 end
 local evicting = what == 'evict'
 if evicting then
+  -- The block evicted, by its end (the eviction's record keeps it): another one stored (a
+  -- longer one the evicting replica did not know) is not lifted.
+  local ok, evicted = pcall(cjson.decode, record)
   if not (cur and old and old.removed ~= true and type(old.created_by) == 'string'
           and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
-          and tonumber(at) <= written) then
+          and tonumber(at) <= written
+          and ok and type(evicted) == 'table' and evicted.expires_at == old.expires_at) then
     return 0
   end
   -- No operator's word: it keeps the signal's record's `operator_at` (0 when it has none), so
@@ -248,13 +253,18 @@ if cur then
       signal_at = (int(since) and since <= (now + ahead) * 1000) and since or tonumber(at)
     end
   end
+  -- One older than the operators' last word: no write that could bring it back is taken.
+  if signal and operator_at and signal_at <= operator_at then signal = nil end
   -- The record without what it keeps (the pair this script puts first), to keep another; none
   -- when it holds `displaced` elsewhere (written by hand).
   local function bare(b)
     if type(old.displaced) == 'string' then
-      local prefix = '{"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
-      if string.sub(b, 1, #prefix) == prefix then
-        b = string.gsub(b, '^{"displaced":.-,"displaced_at":%d+,', '{', 1)
+      -- Wherever it stands (an `operator_at` may have been put before it).
+      local pair = '"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
+      local i, j = string.find(b, pair, 1, true)
+      if i then
+        local digits = string.match(b, '^%d+,', j + 1)
+        if digits then b = string.sub(b, 1, i - 1) .. string.sub(b, j + 1 + #digits) end
       end
     end
     if string.find(b, '"displaced', 1, true) then return nil end
@@ -273,7 +283,8 @@ if cur then
     -- Refused, a longer block in force: kept with it, unless it keeps one as new that lasts
     -- longer, so that a lift older than it (an operator's or an eviction), or an operator's
     -- shorter block, held up, leaves it in force.
-    if after_block and (not signal or (signal_at < written and ends >= signal_ends)) then
+    if after_block and (operator_at == nil or operator_at < written)
+       and (not signal or (signal_at < written and ends >= signal_ends)) then
       local b = bare(body)
       if b then
         local kept = keeping(at, b, record, written)
