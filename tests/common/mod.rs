@@ -169,6 +169,21 @@ pub fn edit(text: &str, from: &str, to: &str) -> String {
 /// The wire-transfer rule's requirement line in the demo policy.
 pub const WIRE_REQUIRE: &str = "require: { auth_contexts: [c1], max_age: 15m }";
 
+/// A new temporary folder of this process, named after `name` (the caller removes it).
+pub fn temp_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "stepgate-test-{}-{}-{nanos}-{name}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("creating a temporary folder");
+    dir
+}
+
 /// A policy file in its own temporary folder, removed on drop.
 #[derive(Debug)]
 pub struct TempPolicy {
@@ -178,16 +193,7 @@ pub struct TempPolicy {
 
 impl TempPolicy {
     pub fn new(name: &str, text: &str) -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stepgate-test-{}-{}-{nanos}-{name}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
+        let dir = temp_dir(name);
         let path = dir.join("policy.yaml");
         let policy = Self { dir, path };
         policy.write(text);

@@ -4,12 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -122,17 +117,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(name: &str) -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stepgate-test-{}-{}-{nanos}-{name}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temporary folder");
-        Self { dir }
+        Self {
+            dir: crate::common::temp_dir(name),
+        }
     }
 
     /// Writes `name` in the folder and returns its path.
