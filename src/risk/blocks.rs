@@ -27,7 +27,8 @@ pub const MAX_SOURCE_BLOCKS: usize = 1024;
 /// Most of those that risk signals may hold: the rest is the operators'. When risk signals hold
 /// this many, a new one replaces the one of theirs that ends first, so that anyone able to trip a
 /// signal from many networks cannot fill the table and stop every later block (and operators'
-/// blocks are never replaced).
+/// blocks are never replaced, nor a signal's block that lengthened an operator's still in force:
+/// evicting it would lift the operator's).
 pub const MAX_RISK_SOURCE_BLOCKS: usize = 768;
 /// Most blocks of the other kinds (subject, tenant, client, token) that risk signals may hold:
 /// the rest of [`MAX_BLOCKS`] is the operators'. Past it a signal's new block is refused (and
@@ -117,6 +118,10 @@ struct Table {
     risk_exact: usize,
     /// When expired blocks were last swept out (unix seconds).
     swept_at: i64,
+    /// An operator's source block that a risk signal's longer block replaced, by network: that
+    /// signal's block is never evicted to make room for another while the operator's would
+    /// still be in force, or the eviction would lift what an operator set.
+    held_under: HashMap<IpNet, Arc<Block>>,
     /// When an operator (or the store, for one) last lifted a block, by kind and value: a risk
     /// signal does not block that key again while the counts of before the lift last
     /// ([`Blocks::lifted_at`]).
@@ -195,8 +200,22 @@ impl Blocks {
         let mut evicted = None;
         if block.kind == Kind::Source {
             let net: IpNet = block.value.parse().expect("normalized above");
-            table.sources.retain(|(n, _)| *n != net);
             let by_risk = block.created_by.starts_with(RISK_CREATOR_PREFIX);
+            let replaced = table
+                .in_force(Kind::Source, &block.value, now)
+                .filter(|_| by_risk);
+            let held = replaced.and_then(|replaced| {
+                if replaced.created_by.starts_with(RISK_CREATOR_PREFIX) {
+                    table.held_under.get(&net).cloned()
+                } else {
+                    Some(replaced)
+                }
+            });
+            table.held_under.remove(&net);
+            if let Some(held) = held.filter(|held| held.expires_at > now) {
+                table.held_under.insert(net, held);
+            }
+            table.sources.retain(|(n, _)| *n != net);
             let full = |table: &Table| {
                 table.sources.len() >= MAX_SOURCE_BLOCKS
                     || (by_risk && table.risk_sources() >= MAX_RISK_SOURCE_BLOCKS)
@@ -205,7 +224,7 @@ impl Blocks {
                 table.sweep(now);
             }
             if full(&table) && by_risk {
-                evicted = table.evict_risk_source();
+                evicted = table.evict_risk_source(now);
                 if evicted.is_some() {
                     metrics::global().record_risk_block_evicted();
                 }
@@ -244,6 +263,7 @@ impl Blocks {
         let removed = if kind == Kind::Source {
             let net: IpNet = value.parse().expect("normalized above");
             let at = table.sources.iter().position(|(n, _)| *n == net);
+            table.held_under.remove(&net);
             at.map(|i| table.sources.remove(i))
                 .is_some_and(|(_, b)| b.expires_at > now)
         } else {
@@ -395,16 +415,23 @@ impl Table {
             .count()
     }
 
-    /// Drops the risk signals' source block that ends first, and returns it.
-    fn evict_risk_source(&mut self) -> Option<Arc<Block>> {
+    /// Drops the risk signals' source block that ends first, and returns it: none that holds
+    /// an operator's block in force under it ([`Table::held_under`]), which an eviction would
+    /// lift.
+    fn evict_risk_source(&mut self, now: i64) -> Option<Arc<Block>> {
         let first = self
             .sources
             .iter()
             .enumerate()
-            .filter(|(_, (_, b))| b.created_by.starts_with(RISK_CREATOR_PREFIX))
+            .filter(|(_, (net, b))| {
+                b.created_by.starts_with(RISK_CREATOR_PREFIX)
+                    && self.held_under.get(net).is_none_or(|h| h.expires_at <= now)
+            })
             .min_by_key(|(_, (_, b))| b.expires_at)
             .map(|(i, _)| i);
-        first.map(|i| self.sources.remove(i).1)
+        let (net, block) = self.sources.remove(first?);
+        self.held_under.remove(&net);
+        Some(block)
     }
 
     fn sweep(&mut self, now: i64) {
@@ -419,6 +446,7 @@ impl Table {
         }
         self.risk_exact -= swept_risk;
         self.sources.retain(|(_, b)| b.expires_at > now);
+        self.held_under.retain(|_, b| b.expires_at > now);
     }
 }
 
@@ -685,6 +713,74 @@ mod tests {
                     .is_some()
             );
         }
+    }
+
+    #[test]
+    fn a_signals_block_that_lengthened_an_operators_is_not_evicted_while_that_one_lasts() {
+        let blocks = Blocks::default();
+        let by = |creator: &str, net: &str, ttl: i64| Block {
+            created_by: creator.to_owned(),
+            ..block(Kind::Source, net, ttl)
+        };
+        // An operator's hour on a network, which a signal then lengthens to two (and a second
+        // signal to three: the operator's block is still under it).
+        blocks
+            .set(by("san:ops", "192.0.2.0/24", 3600), NOW)
+            .unwrap();
+        blocks.set(by("risk:a", "192.0.2.0/24", 7200), NOW).unwrap();
+        blocks
+            .set(by("risk:b", "192.0.2.0/24", 10_800), NOW)
+            .unwrap();
+        // Signals' blocks up to their share, all ending before it: the flood a replica makes
+        // room for by evicting the signal's block that ends first.
+        for i in 1..MAX_RISK_SOURCE_BLOCKS as i64 {
+            let net = format!("2001:db8:{i:x}::/64");
+            blocks.set(by("risk:flood", &net, 600 + i), NOW).unwrap();
+        }
+        for i in 0..MAX_RISK_SOURCE_BLOCKS as i64 {
+            let net = format!("2001:db9:{i:x}::/64");
+            let (_, evicted) = blocks
+                .set_evicting(by("risk:flood", &net, 20_000 + i), NOW, true)
+                .unwrap();
+            let evicted = evicted.expect("room is made by evicting");
+            assert_ne!(evicted.value, "192.0.2.0/24", "evicted at the {i}th");
+        }
+        let held = blocks
+            .matching_source("192.0.2.1", NOW)
+            .expect("still blocked");
+        assert_eq!(held.created_by, "risk:b");
+        // Once the operator's block would have ended, the signal's is a signal's like the rest.
+        let later = NOW + 3600;
+        let (_, evicted) = blocks
+            .set_evicting(by("risk:flood", "198.51.100.0/24", 30_000), later, true)
+            .unwrap();
+        assert_eq!(evicted.unwrap().value, "192.0.2.0/24");
+        // When every signal's block holds an operator's, the next is refused rather than lift
+        // one of them.
+        let blocks = Blocks::default();
+        for i in 0..MAX_RISK_SOURCE_BLOCKS {
+            let net = format!("10.{}.{}.0/24", i / 256, i % 256);
+            blocks.set(by("san:ops", &net, 3600), NOW).unwrap();
+            blocks.set(by("risk:a", &net, 7200), NOW).unwrap();
+        }
+        assert_eq!(
+            blocks.set(by("risk:flood", "198.51.100.0/24", 600), NOW),
+            Err(BlockError::FullOfSources)
+        );
+        // A lift, or an operator's new block, ends what was held: none is kept past them.
+        let blocks = Blocks::default();
+        let net = "203.0.113.0/24";
+        let held = |blocks: &Blocks| blocks.read().held_under.contains_key(&net.parse().unwrap());
+        blocks.set(by("san:ops", net, 60), NOW).unwrap();
+        blocks.set(by("risk:a", net, 120), NOW).unwrap();
+        assert!(held(&blocks));
+        blocks.remove(Kind::Source, net, NOW).unwrap();
+        blocks.set(by("risk:a", net, 120), NOW).unwrap();
+        assert!(!held(&blocks), "lifted");
+        blocks.set(by("san:ops", net, 60), NOW).unwrap();
+        blocks.set(by("risk:a", net, 120), NOW).unwrap();
+        blocks.set(by("san:ops", net, 60), NOW).unwrap();
+        assert!(!held(&blocks), "an operator's block replaced the signal's");
     }
 
     #[test]
