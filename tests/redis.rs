@@ -840,7 +840,14 @@ async fn a_signals_block_never_shortens_an_operators_across_replicas() {
         oscar["expires_at"].as_i64().unwrap() >= now + 3600,
         "the operator's older hour did not replace the signal's newer minute: {oscar}"
     );
-    assert_eq!(at, ahead, "the stored write keeps the newer time");
+    assert!(at < ahead, "stored at the operator's own time: {at}");
+    let writes = redis
+        .command(&resp(&["HGET", "stepgate:blocks:writes", "subject|oscar"]))
+        .unwrap_or_default();
+    assert!(
+        writes.contains(&ahead.to_string()) && writes.contains("risk:repeated_step_ups"),
+        "the signal's newer minute is kept among the field's writes, refused: {writes}"
+    );
     let (_, olga) = stored_block(&redis, "subject|olga").unwrap();
     assert_eq!(
         olga["expires_at"],
@@ -887,8 +894,9 @@ fn put_script_to(
         .command(&resp(&[
             "EVAL",
             stepgate::risk::redis::PUT,
-            "1",
+            "2",
             key,
+            &format!("{key}:writes"),
             field,
             stamp_ms,
             record,
@@ -948,14 +956,15 @@ fn an_operators_held_up_block_never_undoes_a_later_lift_or_block() {
     assert_eq!(put("subject|omar", "operator", 120, 3600), ":0\r\n");
     assert_eq!(held("subject|omar"), Some("risk:repeated_step_ups".into()));
 
-    // With no operator's write under the signal's, the held-up hour replaces it, at the
-    // signal's time; a still older operator's write is then refused.
+    // With no operator's write under the signal's, the held-up hour replaces it (the signal's
+    // minute, newer, is refused over it: it never shortens a block), at its own time; a still
+    // older operator's write is then refused.
     assert_eq!(put("subject|ines", "signal", 30, 60), ":1\r\n");
     assert_eq!(put("subject|ines", "operator", 120, 3600), ":1\r\n");
     let (at, record) = stored_block(&redis, "subject|ines").unwrap();
     assert_eq!(
         (at.to_string(), &record["created_by"]),
-        (ms(30), &"san:ops".into())
+        (ms(120), &"san:ops".into())
     );
     assert_eq!(put("subject|ines", "operator", 150, 7200), ":0\r\n");
     // And a signal never shortens it, however new.
@@ -1812,8 +1821,9 @@ async fn entries_past_their_time_are_deleted_unless_written_since() {
         redis.command(&resp(&[
             "EVAL",
             stepgate::risk::redis::DELETE,
-            "1",
+            "2",
             "stepgate:blocks",
+            "stepgate:blocks:writes",
             "subject|old",
             stored,
         ]))

@@ -3,10 +3,12 @@
 //! The request path never waits on Redis. Each replica keeps its own view in memory (the
 //! [`RiskState`]) and one background task links it to Redis:
 //! - **Changes out.** A block, unblock or revocation made here is applied here first, then
-//!   written to a Redis hash by a script that keeps the newest write per target
-//!   (last-writer-wins by time in milliseconds; but a risk signal's block never shortens a block
-//!   in force, of two revocations the one that covers more stays, and a signal's block evicted
-//!   here lifts only a signal's block, see [`PUT`]) and publishes it on the replicas' channel.
+//!   written to a Redis hash by a script ([`PUT`]) that keeps each block's writes that can still
+//!   change it and folds them in write-time order (by time in milliseconds) by the rules each
+//!   replica keeps (a risk signal's block never shortens a block, an eviction lifts only the
+//!   signal's block it evicted and brings back the operator's block under it), so that the
+//!   order writes arrive in does not matter; of two revocations the one that covers more stays.
+//!   What the field then holds is published on the replicas' channel.
 //! - **Changes in.** The task subscribes to that channel and applies what the other replicas
 //!   publish. Pub/sub delivers at most once, so the task also re-reads both hashes every
 //!   [`RESYNC`] and on every (re)connection.
@@ -73,55 +75,47 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Operations sent in one pipeline.
 const BATCH: usize = 1024;
 
-/// Writes `ARGV[3]` (the record) at `ARGV[1]` (the field) of hash `KEYS[1]` as `"<ms>|<record>"`
-/// unless the field holds a newer write, and publishes `ARGV[4]` on channel `ARGV[5]`. 1 if
-/// written.
+/// Writes a block, a lift or a revocation, `ARGV[3]` (the record), made at `ARGV[2]` (ms), into
+/// field `ARGV[1]` of hash `KEYS[1]` as `"<ms>|<record>"`, and publishes what the field then
+/// holds on channel `ARGV[5]`: `ARGV[4]`, the writer's message, when that is this write (the
+/// reply is then 1), else the store's (`"from":"store"`, and the reply 0: the writer reads the
+/// field back).
 ///
-/// A block keeps, across replicas, the rule each replica keeps for itself (`blocks::set_evicting`):
-/// a risk signal's block never shortens a block in force. `ARGV[6]` says what is written (`signal`
-/// or `operator` block, `lift`, `evict`, or `revocation`), `ARGV[7]` when the block ends (a
-/// revocation's time, `before`) and `ARGV[8]` the writer's time, in seconds; `ARGV[9]` is the
-/// signals' `created_by` prefix; `ARGV[10]` the longest block and `ARGV[11]` how far ahead of the
-/// writer's clock another's may be, in seconds, `ARGV[12]` the longest stored value a replica
-/// reads, and `ARGV[13]` and `ARGV[14]` the longest reason and author: a stored block that no
-/// replica could have written under them (which every replica ignores, [`apply_block`]) is written
-/// over as if it were not there. Beside its write time, a stored record keeps the time of the
-/// newest operator's write (block or lift) it stands for, `operator_at` (a member older replicas
-/// ignore): an operator's record its own write time, a signal's the operator's write it replaced.
-/// So:
-/// - a signal's block is not written over a block in force that lasts as long or longer, however
-///   new the signal's is (a replica that did not know the operator's block, during an outage);
-/// - an operator's write older than the stored one (it waited in a queue while Redis was down)
-///   still counts against the operators' writes: over a signal's block that lasts no longer (or
-///   has ended), an operator's newer block than any the signal replaced is written, as it would
-///   have stood had it arrived first; over an operator's record
-///   that took a signal's time, a newer operator's write (block or lift) is; and a lift or block
-///   that is refused still raises the stored record's `operator_at`, so that an older one held up
-///   longer does not undo it. Such a write takes the stored time, so that writes older than it
-///   stay refused;
-/// - a signal's block older than the stored signal's block (or operator's record) that lasts
-///   longer (or outlives it), and newer than the operators' last word, is written too, at its
-///   own time, as it would have stood had it arrived first.
+/// `ARGV[6]` says what is written (`signal` or `operator` block, `lift`, `evict`, or
+/// `revocation`), `ARGV[7]` when the block ends (a revocation's time, `before`) and `ARGV[8]` the
+/// writer's time, in seconds; `ARGV[9]` is the signals' `created_by` prefix; `ARGV[10]` the
+/// longest block and `ARGV[11]` how far ahead of the writer's clock another's may be, in
+/// seconds, `ARGV[12]` the longest stored value a replica reads, and `ARGV[13]` and `ARGV[14]`
+/// the longest reason and author: a stored block that no replica could have written under them
+/// (which every replica ignores, [`apply_block`]) is written over as if it were not there.
 ///
-/// What a record keeps: one signal's block newer than the block it stands for (`displaced`, with
-/// its time, `displaced_at`), still in force: the signal's block an older block written over it
-/// replaced (the newer of it and the one it kept), or one refused over it because it lasted
-/// longer, or the one the record a block is written over kept. A write older than the kept block
-/// that comes after it (a lift, a block that does not outlast it, or an eviction of the record's
-/// block, whatever its time) leaves the kept block in force, published to the replicas as the
-/// store's (`"from":"store"`), and the write is refused. A record keeps one: of two such blocks,
-/// the other is forgotten (`tests/redis_put_order.rs` counts what that leaves apart).
+/// **Blocks: the field ends on what one replica would hold had every write reached it in
+/// write-time order**, whatever order the writes reach Redis in (a replica cut off writes its
+/// queue when it is back). The script keeps each field's writes that can still change that
+/// (`KEYS[2]`, the field's name: `{"result": <what the field held after them>, "writes": [...]}`)
+/// and folds them in write-time order by the rules each replica keeps (`blocks::set_evicting`):
+/// - an operator's block or lift replaces whatever is there (and is the operators' last word:
+///   no older write changes the fold, so none is kept);
+/// - a risk signal's block (one still in force) never shortens a block: it is refused over one
+///   that lasts as long or longer, and otherwise replaces it, holding under it the operator's
+///   block it replaced;
+/// - an `evict` (a signal's source block a replica evicted to make room) lifts the signal's
+///   block it evicted, if that is the one there (by its end, which the eviction's record keeps),
+///   and brings back the operator's block held under it if that is still in force: it is no
+///   operator's word.
 ///
-/// An `evict` (a signal's source block a replica evicted to make room) is a lift of the stored
-/// record only if that is the signal's block it evicted (by its end, which the eviction's record
-/// keeps), no newer than it: never of an operator's block, nor of a longer signal's block, the
-/// replica had not heard of, and it is no operator's word.
+/// Kept are the operators' last word and, after it, the signals' blocks still in force that no
+/// newer one outlasts (that one replaces them in any order, holding what they held) and the
+/// evictions of those: a few, at most 32 (past that the oldest are folded into one, and a write
+/// older than that arriving later is taken as older than the operators' last word). The record
+/// stored carries `operator_at`, the time of the operators' last word it stands for (its own, for
+/// an operator's record), which replicas write back with a signal's block (a member older
+/// replicas ignore). A field written by a version that kept no writes, or by hand, is taken as
+/// the writes it stands for (a signal's record, its `operator_at` as the operators' last word).
 ///
 /// A revocation keeps the rule each replica keeps (`revocations::set`): the one that covers more
 /// (the later `before`) stays, however new the other's write; a stored revocation no replica
-/// could have written is written over.
-///
-/// Otherwise the newest write wins.
+/// could have written is written over. Otherwise the newest write wins.
 pub const PUT: &str = r#"
 local function with_operator_at(body, t)
   body = string.gsub(body, '"operator_at":%-?[%d%.eE%+]+,', '')
@@ -137,14 +131,8 @@ local function message(stored)
   m.put.record = stored
   return cjson.encode(m)
 end
-local function with_displaced(body, displaced, displaced_at)
-  if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
-  return '{"displaced":' .. cjson.encode(displaced) .. ',"displaced_at":'
-    .. string.format('%d', displaced_at) .. ',' .. string.sub(body, 2)
-end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local stamp, record, what = ARGV[2], ARGV[3], ARGV[6]
-local written = tonumber(ARGV[2])
 local old, at, body = nil, nil, nil
 if cur then
   at, body = string.match(cur, '^(%d+)|(.*)$')
@@ -206,167 +194,210 @@ if cur and old then
     cur = nil
   end
 end
-local evicting = what == 'evict'
-if evicting then
-  -- The block evicted, by its end (the eviction's record keeps it): another one stored (a
-  -- longer one the evicting replica did not know) is not lifted.
-  local ok, evicted = pcall(cjson.decode, record)
-  if not (cur and old and old.removed ~= true and type(old.created_by) == 'string'
-          and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
-          and tonumber(at) <= written
-          and ok and type(evicted) == 'table' and evicted.expires_at == old.expires_at) then
-    return 0
-  end
-  -- No operator's word: it keeps the signal's record's `operator_at` (0 when it has none), so
-  -- an operator's write held up meanwhile is not taken for older than an operator's lift.
-  what = 'lift'
-  record = with_operator_at(record, type(old.operator_at) == 'number' and old.operator_at or 0)
+local prefix = ARGV[9]
+local function signals(t)
+  return type(t.created_by) == 'string' and string.sub(t.created_by, 1, #prefix) == prefix
 end
-if cur then
-  local ends, now = tonumber(ARGV[7]), tonumber(ARGV[8])
-  local by_signal, held, operator_at = false, nil, nil
-  if old then
-    by_signal = type(old.created_by) == 'string'
-      and string.sub(old.created_by, 1, #ARGV[9]) == ARGV[9]
-    if old.removed ~= true and type(old.expires_at) == 'number' and old.expires_at > now then
-      held = old
-    end
-    -- (An operators' time no replica's clock could have given, written by hand, is none.)
-    if int(old.operator_at) and old.operator_at <= (now + ahead) * 1000 then
-      operator_at = old.operator_at
-    elseif not by_signal and at then
-      operator_at = tonumber(at)
-    end
+-- An operators' time a replica's clock could have given.
+local function clock_ms(v)
+  return int(v) and v <= (now + ahead) * 1000 and v or nil
+end
+-- The field's writes (`KEYS[2]`), kept as long as they can change what it ends on: stored with
+-- what the field held once they were folded (`result`, "" for nothing), and taken only while it
+-- still holds that. Otherwise (a version that kept no writes wrote the field, or it was deleted
+-- or written by hand) the writes start again from what it holds.
+local kinds = {operator = true, lift = true, signal = true, evict = true}
+-- A write as this script keeps it (none written by hand stands in the fold's way).
+local function write(e)
+  return type(e) == 'table' and kinds[e.what] and int(e.at) and int(e.ends)
+    and type(e.record) == 'string'
+end
+local function entry(e)
+  if type(e) ~= 'table' or not int(e.at) then return false end
+  if e.what == 'mark' then return true end
+  if e.what == 'state' then
+    return (e.state == nil or write(e.state)) and (e.held == nil or write(e.held))
+      and (e.op == nil or int(e.op)) and (e.state_op == nil or int(e.state_op))
   end
-  local by_operator = what == 'operator' or what == 'lift'
-  local newer_intent = by_operator and (operator_at == nil or operator_at < written)
-  -- The signal's block a record keeps (`displaced`, since `displaced_at`): one it replaced, or
-  -- one refused because the block stored lasted longer. Only one a replica could have written,
-  -- still in force: one that has ended is over.
-  local signal, signal_at, signal_ends = nil, nil, nil
-  if old and type(old.displaced) == 'string' then
-    local ok, kept = pcall(cjson.decode, old.displaced)
-    if ok and block(kept) and kept.expires_at > now and type(kept.created_by) == 'string'
-       and string.sub(kept.created_by, 1, #ARGV[9]) == ARGV[9] then
-      signal, signal_ends = old.displaced, kept.expires_at
-      local since = old.displaced_at
-      signal_at = (int(since) and since <= (now + ahead) * 1000) and since or tonumber(at)
-    end
-  end
-  -- One older than the operators' last word: no write that could bring it back is taken.
-  if signal and operator_at and signal_at <= operator_at then signal = nil end
-  -- The record without what it keeps (the pair this script puts first), to keep another; none
-  -- when it holds `displaced` elsewhere (written by hand).
-  local function bare(b)
-    if type(old.displaced) == 'string' then
-      -- Wherever it stands (an `operator_at` may have been put before it).
-      local pair = '"displaced":' .. cjson.encode(old.displaced) .. ',"displaced_at":'
-      local i, j = string.find(b, pair, 1, true)
-      if i then
-        local digits = string.match(b, '^%d+,', j + 1)
-        if digits then b = string.sub(b, 1, i - 1) .. string.sub(b, j + 1 + #digits) end
-      end
-    end
-    if string.find(b, '"displaced', 1, true) then return nil end
-    return b
-  end
-  -- `r` keeping `d` written at `d_at`, if a replica would still read it (else `r`).
-  local function keeping(at_text, r, d, d_at)
-    local candidate = with_displaced(r, d, d_at)
-    if #at_text + 1 + #candidate <= tonumber(ARGV[12]) then return candidate end
-    return r
-  end
-  -- A signal's record stands for a block written at its own time (its stamp): only writes newer
-  -- than that are judged against the block it keeps.
-  local after_block = not by_signal or tonumber(at) < written
-  if what == 'signal' and held and held.expires_at >= ends then
-    -- Refused, a longer block in force: kept with it, unless it keeps one as new that lasts
-    -- longer, so that a lift older than it (an operator's or an eviction), or an operator's
-    -- shorter block, held up, leaves it in force.
-    if after_block and (operator_at == nil or operator_at < written)
-       and (not signal or (signal_at < written and ends >= signal_ends)) then
-      local b = bare(body)
-      if b then
-        local kept = keeping(at, b, record, written)
-        if kept ~= b then redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. kept) end
-      end
-    end
-    return 0
-  end
-  -- An operator's write older than the signal's block kept is judged against that block, the
-  -- newer write: a lift, or a block that does not outlast it, leaves it in force (with this
-  -- write's time as the operators'), published to the replicas as the store's; a block that
-  -- outlasts it is written, keeping it.
-  -- An eviction lifts only the block it evicted: the block kept stands, whatever its time.
-  local keep = nil
-  if signal and by_operator and newer_intent and after_block
-     and (signal_at > written or evicting) then
-    if what == 'operator' and ends >= signal_ends then
-      keep = signal
-    else
-      local word = written
-      if evicting then word = int(old.operator_at) and old.operator_at or 0 end
-      local kept = with_operator_at(signal, word)
-      local kept_at = string.format('%d', signal_at)
-      redis.call('HSET', KEYS[1], ARGV[1], kept_at .. '|' .. kept)
-      redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
-        .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept)
-        .. ',"at":' .. kept_at .. '}}')
-      return 0
-    end
-  end
-  local keep_at = signal_at
-  -- Of the stored block and the one its record keeps, the newer (the one that outlives more
-  -- lifts): what a block written over that record keeps.
-  local function newest_kept()
-    if signal and signal_at > tonumber(at) then return signal, signal_at end
-    return bare(body) or body, tonumber(at)
-  end
-  if what == 'signal' and at and tonumber(at) > written and ends > now
-     and (not held or ends > held.expires_at) and (operator_at == nil or operator_at < written)
+  return write(e)
+end
+local writes = {}
+local result = cur or ''
+local kept = redis.call('HGET', KEYS[2], ARGV[1])
+if kept then
+  local ok, log = pcall(cjson.decode, kept)
+  if ok and type(log) == 'table' and type(log.writes) == 'table' and (log.result == result or cur)
   then
-    -- An older signal's block that outlasts the stored block (or outlives it), newer than the
-    -- operators' last word, stands, as it would had it arrived first: written at its own time,
-    -- keeping the newer block in force (a signal's; an operator's outlasted one is over).
-    if held and by_signal then
-      keep, keep_at = newest_kept()
+    for _, e in ipairs(log.writes) do
+      if entry(e) then writes[#writes + 1] = e end
     end
-    if operator_at then record = with_operator_at(record, operator_at) end
-  elseif at and tonumber(at) > written then
-    -- An operator's older block still in force that lasts as long as a signal's newer block or
-    -- longer (or outlives it: that one has ended) stands over it, as it would had it arrived
-    -- first, when it is newer than the operators' last word.
-    local over_signal = by_signal and what == 'operator' and ends > now
-      and (not held or ends >= held.expires_at)
-    if not (newer_intent and (over_signal or (old and not by_signal))) then
-      if newer_intent and by_signal then
-        redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. with_operator_at(body, written))
-      end
-      return 0
-    end
-    -- An operator's block that replaces a signal's newer one in force keeps it (or the newer
-    -- one its record keeps).
-    if over_signal and held then
-      keep, keep_at = newest_kept()
-    end
-    stamp = at
-    record = with_operator_at(record, written)
-  elseif what == 'signal' and operator_at then
-    record = with_operator_at(record, operator_at)
   end
-  -- A block written over a record that keeps a newer signal's block keeps it in turn: a lift or
-  -- a shorter block older than that one, arriving later, leaves it in force.
-  if not keep and signal and signal_at > written and (what == 'operator' or what == 'signal') then
-    keep, keep_at = signal, signal_at
+  if not (ok and type(log) == 'table' and log.result == result) then kept = nil end
+end
+-- The record without the script's bookkeeping.
+local function plain(t)
+  t.operator_at, t.displaced, t.displaced_at = nil, nil, nil
+  return cjson.encode(t)
+end
+if cur and not kept then
+  -- What the field holds, as the writes it stands for: its block or lift (at the operators'
+  -- time it keeps, when that is earlier: a held-up operator's write took the stored time), the
+  -- operators' word a signal's record was written over, and the signal's block it kept.
+  local stamp_ms, op_ms = tonumber(at), clock_ms(old.operator_at)
+  local by_signal = signals(old)
+  if by_signal and op_ms then
+    writes[#writes + 1] = {at = op_ms, what = 'mark'}
   end
-  if keep then
-    local b = bare(record)
-    if b then record = keeping(stamp, b, keep, keep_at) end
+  if type(old.displaced) == 'string' then
+    local ok, d = pcall(cjson.decode, old.displaced)
+    local d_at = clock_ms(old.displaced_at)
+    if ok and block(d) and signals(d) and d_at then
+      writes[#writes + 1] = {at = d_at, what = 'signal', ends = d.expires_at, record = plain(d)}
+    end
+  end
+  local what = 'operator'
+  if old.removed == true then what = 'lift' elseif by_signal then what = 'signal' end
+  if not by_signal and op_ms and op_ms < stamp_ms then stamp_ms = op_ms end
+  local ends = old.expires_at
+  if what == 'lift' then ends = 0 end
+  writes[#writes + 1] = {at = stamp_ms, what = what, ends = ends, record = plain(old)}
+end
+-- This write, unless it is one of them already (a block written back).
+local w = {at = tonumber(ARGV[2]), what = ARGV[6], ends = tonumber(ARGV[7]), record = ARGV[3]}
+local ok_record, written_record = pcall(cjson.decode, ARGV[3])
+if w.what == 'evict' then
+  -- The block it evicted, by its end (the eviction's record keeps it).
+  w.ends = ok_record and type(written_record) == 'table' and int(written_record.expires_at)
+    and written_record.expires_at or 0
+end
+local twin = nil
+for _, e in ipairs(writes) do
+  if e.at == w.at and e.what == w.what and e.ends == w.ends and e.record == w.record then
+    twin = e
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], stamp .. '|' .. record)
-redis.call('PUBLISH', ARGV[5], message(record))
-return 1
+if twin then w = twin else writes[#writes + 1] = w end
+-- A signal's block written back with the operators' last word it knew of (the time of the lift
+-- or block it was written over): no operator's write older than that is taken over it.
+if w.what == 'signal' and ok_record and type(written_record) == 'table' then
+  local op_ms = clock_ms(written_record.operator_at)
+  if op_ms and op_ms < w.at then writes[#writes + 1] = {at = op_ms, what = 'mark'} end
+end
+-- In write-time order; at the same millisecond: an eviction, a lift, a signal's block, an
+-- operator's block (fail closed), then by the record.
+local rank = {state = 0, mark = 1, evict = 2, lift = 3, signal = 4, operator = 5}
+table.sort(writes, function(a, b)
+  if a.at ~= b.at then return a.at < b.at end
+  if rank[a.what] ~= rank[b.what] then return (rank[a.what] or 9) < (rank[b.what] or 9) end
+  if (a.ends or 0) ~= (b.ends or 0) then return (a.ends or 0) < (b.ends or 0) end
+  return (a.record or '') < (b.record or '')
+end)
+-- The fold: each write as one replica applies it in that order. An operator's block or lift
+-- replaces whatever is there; a signal's block still in force replaces what is not a block
+-- lasting as long or longer (a signal's block never shortens a block), and holds the operator's
+-- block it replaced under it (one that has ended is over: it is not brought back); an eviction
+-- lifts the signal's block it evicted (by its end) and brings back the operator's block held
+-- under it, if that is still in force, and is no operator's word.
+local function fold(list, upto)
+  local s = {state = nil, held = nil, op = nil, state_op = nil}
+  for i = 1, upto do
+    local e = list[i]
+    if e.what == 'state' then
+      s.state, s.held, s.op, s.state_op = e.state, e.held, e.op, e.state_op
+    elseif e.what == 'mark' then
+      s.state, s.held, s.op = nil, nil, e.at
+    elseif e.what == 'operator' or e.what == 'lift' then
+      s.state, s.held, s.op = e, nil, e.at
+    elseif e.what == 'signal' and e.ends > now then
+      local st = s.state
+      local is_block = st and (st.what == 'operator' or st.what == 'signal')
+      if not (is_block and st.ends >= e.ends) then
+        if st and st.what == 'operator' then
+          s.held = st
+        elseif not (st and st.what == 'signal') then
+          s.held = nil
+        end
+        s.state, s.state_op = e, s.op
+      end
+    elseif e.what == 'evict' then
+      local st = s.state
+      if st and st.what == 'signal' and st.ends == e.ends then
+        if s.held and s.held.ends > now then
+          s.state = s.held
+        else
+          s.state, s.state_op = e, s.op
+        end
+        s.held = nil
+      end
+    end
+  end
+  return s
+end
+local s = fold(writes, #writes)
+-- What the field ends on, with the operators' time a replica reads (`operator_at`): an
+-- operator's record its own, a signal's block the operators' last word it was written over, an
+-- eviction's that word (0 for none).
+local stored = cur
+local st = s.state
+if st then
+  local op = st.at
+  if st.what == 'signal' then op = s.state_op elseif st.what == 'evict' then op = s.op or 0 end
+  local r = string.gsub(st.record, '"operator_at":%-?[%d%.eE%+]+,?', '')
+  r = string.gsub(r, ',}$', '}')
+  if op then r = with_operator_at(r, op) end
+  stored = string.format('%d', st.at) .. '|' .. r
+end
+-- Kept: from the operators' last word on (nothing older can change the fold), less the signals'
+-- blocks that have ended or that a newer one outlasts (whatever a write arriving later does,
+-- that one replaces them, and holds what they would have held), and the evictions of none of
+-- those kept; at most 32 (the oldest folded into one).
+local base = 0
+for i, e in ipairs(writes) do
+  if e.what == 'operator' or e.what == 'lift' or e.what == 'mark' or e.what == 'state' then
+    base = i
+  end
+end
+local longest, ends_kept, keep = 0, {}, {}
+for i = #writes, base + 1, -1 do
+  local e = writes[i]
+  if e.what == 'signal' and e.ends > now and e.ends >= longest then
+    longest, ends_kept[e.ends] = e.ends, true
+    e.keep = true
+  end
+end
+for i = math.max(base, 1), #writes do
+  local e = writes[i]
+  if i == base or e.keep or (e.what == 'evict' and ends_kept[e.ends]) then
+    keep[#keep + 1] = e
+  end
+  e.keep = nil
+end
+if #keep > 32 then
+  local cut = #keep - 31
+  local f = fold(keep, cut)
+  local base = {at = keep[cut].at, what = 'state', state = f.state, held = f.held, op = f.op,
+    state_op = f.state_op}
+  local rest = {base}
+  for i = cut + 1, #keep do rest[#rest + 1] = keep[i] end
+  keep = rest
+end
+local accepted = st == w
+if stored and stored ~= cur then
+  redis.call('HSET', KEYS[1], ARGV[1], stored)
+  if not accepted then
+    local kept_at, kept_record = string.match(stored, '^(%d+)|(.*)$')
+    redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
+      .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept_record)
+      .. ',"at":' .. kept_at .. '}}')
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({result = stored or '', writes = keep}))
+if accepted then
+  local _, r = string.match(stored, '^(%d+)|(.*)$')
+  redis.call('PUBLISH', ARGV[5], message(r))
+  return 1
+end
+return 0
 "#;
 
 /// Adds `ARGV[1]` to counter `KEYS[1]` (expiring after `ARGV[2]` ms) and returns it with the
@@ -389,9 +420,11 @@ return {redis.call('ZCARD', KEYS[1]), 0}
 ";
 
 /// Deletes field `ARGV[1]` of hash `KEYS[1]` if it still holds `ARGV[2]`: an entry a resync read
-/// past its time, unless another replica wrote the field since.
+/// past its time, unless another replica wrote the field since; and the writes [`PUT`] keeps for
+/// it in `KEYS[2]`.
 pub const DELETE: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[1])
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
@@ -529,6 +562,15 @@ impl Hash {
         match self {
             Self::Blocks => "stepgate:blocks",
             Self::Revocations => "stepgate:revocations",
+        }
+    }
+
+    /// Where [`PUT`] keeps the writes of each of the hash's fields that can still change what
+    /// the field ends on (a revocation needs none: the later time stays).
+    fn writes_key(self) -> &'static str {
+        match self {
+            Self::Blocks => "stepgate:blocks:writes",
+            Self::Revocations => "stepgate:revocations:writes",
         }
     }
 }
@@ -1617,8 +1659,9 @@ impl Task {
             };
             pipe.cmd("EVALSHA")
                 .arg(&scripts.put)
-                .arg(1)
+                .arg(2)
                 .arg(put.hash.key())
+                .arg(put.hash.writes_key())
                 .arg(&put.field)
                 .arg(put.at_ms)
                 .arg(&put.record)
@@ -1780,8 +1823,9 @@ impl Task {
             for (hash, field, stored) in &expired {
                 pipe.cmd("EVALSHA")
                     .arg(&scripts.delete)
-                    .arg(1)
+                    .arg(2)
                     .arg(hash.key())
+                    .arg(hash.writes_key())
                     .arg(field)
                     .arg(stored)
                     .ignore();
