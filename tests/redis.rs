@@ -2215,3 +2215,173 @@ async fn a_signals_block_written_back_keeps_the_operators_last_word() {
     let (_, record) = stored_block(&redis, "subject|yan").unwrap();
     assert_eq!(record["created_by"], "risk:step_ups");
 }
+
+/// The writes the script keeps for `field` (`stepgate:blocks:writes`), as stored.
+fn kept_writes(redis: &Redis, field: &str) -> Option<serde_json::Value> {
+    let reply = redis.command(&resp(&["HGET", "stepgate:blocks:writes", field]))?;
+    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
+    serde_json::from_str(value).ok()
+}
+
+/// How many writes the script keeps for `field`.
+fn kept_count(redis: &Redis, field: &str) -> usize {
+    kept_writes(redis, field)
+        .and_then(|log| log["writes"].as_array().map(Vec::len))
+        .unwrap_or_default()
+}
+
+/// The writes the script keeps per field are few and bounded: from the operators' last word on,
+/// the signals' blocks in force that no newer one outlasts. Signals' blocks each newer and
+/// longer than the last keep one; each newer and shorter than the last (every one of them could
+/// still be the one left by a late lift) keep at most 32, the oldest folded into one; and the
+/// field still ends on a block.
+#[test]
+fn the_writes_kept_per_field_are_few_and_bounded() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let put = |field: &str, what: &str, ago: i64, lasts: i64| {
+        put_made(&redis, now, field, what, ago, lasts)
+    };
+    assert_eq!(put("subject|kai", "operator", 500, 3600), ":1\r\n");
+    for ago in (100..400).rev().step_by(10) {
+        assert_eq!(put("subject|kai", "signal", ago, 3600), ":1\r\n", "{ago}");
+    }
+    assert_eq!(
+        kept_count(&redis, "subject|kai"),
+        2,
+        "{:?}",
+        kept_writes(&redis, "subject|kai")
+    );
+
+    assert_eq!(put("subject|lia", "lift", 500, 3600), ":1\r\n");
+    // Made 399 s, 394 s, … 104 s ago, each ending 10 s before the one before it.
+    let ends = |ago: i64| now + 7200 - 10 * (400 - ago);
+    for (i, ago) in (100..400).rev().step_by(5).enumerate() {
+        let written = if i == 0 { ":1\r\n" } else { ":0\r\n" };
+        let lasts = ends(ago) - (now - ago);
+        assert_eq!(put("subject|lia", "signal", ago, lasts), written, "{ago}");
+    }
+    let kept = kept_count(&redis, "subject|lia");
+    assert!(
+        kept <= 32,
+        "{kept}: {:?}",
+        kept_writes(&redis, "subject|lia")
+    );
+    let (_, record) = stored_block(&redis, "subject|lia").unwrap();
+    assert_eq!(
+        record["expires_at"],
+        ends(399),
+        "the first, longest: {record}"
+    );
+    // A lift made between two of them (197 s ago, among the newest kept), arriving late: the
+    // next one stands. (Further back, among the writes folded into one, it would be taken as
+    // older than all of them.)
+    let folded = kept_writes(&redis, "subject|lia").unwrap()["writes"][0].clone();
+    assert_eq!(folded["what"], "state", "{folded}");
+    assert_eq!(put("subject|lia", "lift", 197, 3600), ":0\r\n");
+    let (_, record) = stored_block(&redis, "subject|lia").unwrap();
+    assert_eq!(record["expires_at"], ends(194), "{record}");
+}
+
+/// A field written by the script's previous version (which kept one record, with the operators'
+/// time and one signal's block it kept beside it) is read as the writes it stands for: a lift
+/// older than the kept signal's block, arriving now, leaves that block; an operator's block
+/// older than a signal's record's operators' time is refused.
+#[test]
+fn a_record_the_previous_script_wrote_is_read_as_the_writes_it_stands_for() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let ms = |ago: i64| (now - ago) * 1000;
+    let signal = serde_json::json!({
+        "removed": false, "reason_id": "risk.x", "reason": "", "created_at": now - 20,
+        "expires_at": now + 600, "created_by": "risk:x",
+    });
+    let operators = serde_json::json!({
+        "displaced": signal.to_string(), "displaced_at": ms(20), "operator_at": ms(30),
+        "removed": false, "reason_id": "INC-1", "reason": "", "created_at": now - 30,
+        "expires_at": now + 3600, "created_by": "san:ops",
+    });
+    seed_block(&redis, "subject|old1", ms(20), operators);
+    assert_eq!(
+        put_made(&redis, now, "subject|old1", "lift", 25, 3600),
+        ":0\r\n"
+    );
+    let (_, record) = stored_block(&redis, "subject|old1").unwrap();
+    assert_eq!(record["created_by"], "risk:x", "{record}");
+
+    let signals = serde_json::json!({
+        "operator_at": ms(40), "removed": false, "reason_id": "risk.x", "reason": "",
+        "created_at": now - 10, "expires_at": now + 60, "created_by": "risk:x",
+    });
+    seed_block(&redis, "subject|old2", ms(10), signals);
+    assert_eq!(
+        put_made(&redis, now, "subject|old2", "operator", 50, 3600),
+        ":0\r\n"
+    );
+    let (_, record) = stored_block(&redis, "subject|old2").unwrap();
+    assert_eq!(record["created_by"], "risk:x", "{record}");
+    // One newer than it is written over the signal's shorter block.
+    assert_eq!(
+        put_made(&redis, now, "subject|old2", "operator", 35, 3600),
+        ":1\r\n"
+    );
+}
+
+/// What is kept of a field's writes, written by hand or corrupt, never stops a write (a script
+/// error would refuse every write of the field): it is taken as nothing. And deleting the field
+/// past its time deletes what is kept of it.
+#[test]
+fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let junk = [
+        "not json",
+        "[]",
+        "5",
+        r#"{"writes":5}"#,
+        r#"{"result":"","writes":{"a":1}}"#,
+        r#"{"result":"","writes":[1,"x",null,{"at":"1"},{"at":1,"what":"signal"}]}"#,
+        r#"{"result":"","writes":[{"at":1,"what":"state","state":7}]}"#,
+        r#"{"result":"","writes":[{"at":1,"what":"state","state":{"at":1,"what":"evict"}}]}"#,
+        r#"{"result":"","writes":[{"at":1e300,"what":"operator","ends":1e300,"record":"{}"}]}"#,
+        r#"{"result":"","writes":[{"at":1,"what":"mark"},{"at":2,"what":"signal","ends":9e15,"record":"x"}]}"#,
+    ];
+    for (i, junk) in junk.iter().enumerate() {
+        let field = format!("subject|junk{i}");
+        redis.command(&resp(&["HSET", "stepgate:blocks:writes", &field, junk]));
+        assert_eq!(
+            put_made(&redis, now, &field, "operator", 10, 3600),
+            ":1\r\n",
+            "{junk}"
+        );
+        let (_, record) = stored_block(&redis, &field).unwrap();
+        assert_eq!(record["created_by"], "san:ops", "{junk}: {record}");
+    }
+
+    // Past its time, the field and its writes are deleted together.
+    assert_eq!(
+        put_made(&redis, now, "subject|gone", "operator", 100, 10),
+        ":1\r\n"
+    );
+    assert!(kept_writes(&redis, "subject|gone").is_some());
+    let stored = redis
+        .command(&resp(&["HGET", "stepgate:blocks", "subject|gone"]))
+        .unwrap();
+    let stored = stored
+        .split_once("\r\n")
+        .unwrap()
+        .1
+        .trim_end_matches("\r\n");
+    let deleted = redis.command(&resp(&[
+        "EVAL",
+        stepgate::risk::redis::DELETE,
+        "2",
+        "stepgate:blocks",
+        "stepgate:blocks:writes",
+        "subject|gone",
+        stored,
+    ]));
+    assert_eq!(deleted.as_deref(), Some(":1\r\n"));
+    assert!(stored_block(&redis, "subject|gone").is_none());
+    assert!(kept_writes(&redis, "subject|gone").is_none());
+}
