@@ -92,7 +92,8 @@ const BATCH: usize = 1024;
 /// **Blocks: the field ends on what one replica would hold had every write reached it in
 /// write-time order**, whatever order the writes reach Redis in (a replica cut off writes its
 /// queue when it is back). The script keeps each field's writes that can still change that
-/// (`KEYS[2]`, the field's name: `{"result": <what the field held after them>, "writes": [...]}`)
+/// (`KEYS[2]`, the field's name: `{"result": <SHA-1 of what the field held after them>,
+/// "writes": [...]}`)
 /// and folds them in write-time order by the rules each replica keeps (`blocks::set_evicting`):
 /// - an operator's block or lift replaces whatever is there (and is the operators' last word:
 ///   no older write changes the fold, so none is kept);
@@ -203,9 +204,9 @@ local function clock_ms(v)
   return int(v) and v <= (now + ahead) * 1000 and v or nil
 end
 -- The field's writes (`KEYS[2]`), kept as long as they can change what it ends on: stored with
--- what the field held once they were folded (`result`, "" for nothing), and taken only while it
--- still holds that. Otherwise (a version that kept no writes wrote the field, or it was deleted
--- or written by hand) the writes start again from what it holds.
+-- what the field held once they were folded (`result`, the SHA-1 of it, or of "" for nothing),
+-- and taken only while it still holds that. Otherwise (a version that kept no writes wrote the
+-- field, or it was deleted or written by hand) the writes start again from what it holds.
 local kinds = {operator = true, lift = true, signal = true, evict = true}
 -- A write as this script keeps it (none written by hand stands in the fold's way).
 local function write(e)
@@ -222,7 +223,7 @@ local function entry(e)
   return write(e)
 end
 local writes = {}
-local result = cur or ''
+local result = redis.sha1hex(cur or '')
 local kept = redis.call('HGET', KEYS[2], ARGV[1])
 if kept then
   local ok, log = pcall(cjson.decode, kept)
@@ -391,7 +392,8 @@ if stored and stored ~= cur then
       .. ',"at":' .. kept_at .. '}}')
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({result = stored or '', writes = keep}))
+redis.call('HSET', KEYS[2], ARGV[1],
+  cjson.encode({result = redis.sha1hex(stored or ''), writes = keep}))
 if accepted then
   local _, r = string.match(stored, '^(%d+)|(.*)$')
   redis.call('PUBLISH', ARGV[5], message(r))
