@@ -2385,3 +2385,119 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
     assert!(stored_block(&redis, "subject|gone").is_none());
     assert!(kept_writes(&redis, "subject|gone").is_none());
 }
+
+/// The port of the primary `sentinel` names now.
+fn sentinels_primary(sentinel: &Redis) -> Option<u16> {
+    let reply = sentinel.command(&resp(&["SENTINEL", "get-master-addr-by-name", "primary"]))?;
+    reply.lines().last()?.trim().parse().ok()
+}
+
+/// Whether `sentinel` knows the server on `port` as a replica whose link to the primary is up:
+/// one it would fail over to.
+fn sentinel_knows_replica(sentinel: &Redis, port: u16) -> bool {
+    let reply = sentinel
+        .command(&resp(&["SENTINEL", "replicas", "primary"]))
+        .unwrap_or_default();
+    let fields: Vec<&str> = reply
+        .lines()
+        .filter(|l| !l.starts_with(['$', '*']))
+        .collect();
+    fields.windows(2).any(|w| w == ["port", &port.to_string()])
+        && fields.windows(2).any(|w| w == ["master-link-status", "ok"])
+        && !fields
+            .iter()
+            .any(|f| f.contains("disconnected") || f.contains("s_down"))
+}
+
+/// Redis Sentinel (`redis+sentinel://`): the replicas find the primary through the sentinels,
+/// and follow it through a failover with both servers up (the old primary, now a replica,
+/// would refuse every write: each replica sees it at its next ping and asks the sentinels
+/// again) and through the primary's death. Blocks made before and after each failover are
+/// enforced by the replica that did not make them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_the_primary_sentinel_names_through_failovers() {
+    let mut first = Redis::start();
+    let mut second = Redis::replica_of(first.port);
+    let sentinel = Redis::sentinel_of(first.port);
+    let primary = || sentinels_primary(&sentinel);
+    eventually(
+        "the sentinel knows the replica",
+        Duration::from_secs(15),
+        || async { sentinel_knows_replica(&sentinel, second.port) },
+    )
+    .await;
+    let text = demo_policy_without_risk()
+        + &format!("\nadmin: {{ issuers: [demo-oidc], roles: [\"{ADMIN_ROLE}\"] }}\n")
+        + &format!(
+            "risk:\n  store: redis+sentinel://127.0.0.1:{}/primary\n",
+            sentinel.port
+        );
+    let policy = TempPolicy::new("redis-sentinel", &text);
+    let (a, a_admin, b, _) = two_replicas(&policy).await;
+    let blocked_on_b = |subject: &'static str| {
+        let b = &b;
+        async move {
+            let token = entra_token(subject, &[], true);
+            decide(b, &token, "reports.read").await.reason == "blocked"
+        }
+    };
+    block_subject(&a_admin, "alice", "INC-1", "1h");
+    eventually("alice blocked on B", Duration::from_secs(10), || {
+        blocked_on_b("alice")
+    })
+    .await;
+    assert!(stored_block(&first, "subject|alice").is_some());
+
+    // A failover with both servers up.
+    let reply = sentinel.command(&resp(&["SENTINEL", "FAILOVER", "primary"]));
+    assert_eq!(reply.as_deref(), Some("+OK\r\n"));
+    eventually(
+        "the second server is the primary",
+        Duration::from_secs(15),
+        || async { primary() == Some(second.port) },
+    )
+    .await;
+    block_subject(&a_admin, "bob", "INC-2", "1h");
+    eventually(
+        &format!("bob blocked on B\nA:\n{}", a.logs_text()),
+        Duration::from_secs(15),
+        || blocked_on_b("bob"),
+    )
+    .await;
+    // On the new primary, even when A wrote it to the old one in the moment before that one
+    // was made a replica (which then drops what it held): A writes back what the store lacks.
+    eventually(
+        &format!("bob's block on the new primary\nA:\n{}", a.logs_text()),
+        Duration::from_secs(15),
+        || async { stored_block(&second, "subject|bob").is_some() },
+    )
+    .await;
+
+    // The primary dies, once the first server, now its replica, is one to fail over to.
+    eventually(
+        "the sentinel knows the first server as a replica",
+        Duration::from_secs(20),
+        || async { sentinel_knows_replica(&sentinel, first.port) },
+    )
+    .await;
+    second.kill();
+    eventually(
+        "the first server is the primary again",
+        Duration::from_secs(20),
+        || async { primary() == Some(first.port) },
+    )
+    .await;
+    block_subject(&a_admin, "carol", "INC-3", "1h");
+    eventually(
+        &format!("carol blocked on B\nA:\n{}", a.logs_text()),
+        Duration::from_secs(20),
+        || blocked_on_b("carol"),
+    )
+    .await;
+    for subject in ["alice", "bob"] {
+        assert!(blocked_on_b(subject).await, "{subject} still blocked on B");
+    }
+    assert!(stored_block(&first, "subject|carol").is_some());
+    store_up(&b, true, Duration::from_secs(5)).await;
+    first.kill();
+}

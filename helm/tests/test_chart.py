@@ -2213,6 +2213,18 @@ def test_a_plain_risk_store_url_is_set_and_one_with_a_password_is_refused():
         chart_render.template(values)
 
 
+def test_a_sentinel_risk_store_url_is_set_and_one_with_a_password_is_refused():
+    values = case_values("default")
+    url = "redis+sentinel://redis.redis:26379,redis-1.redis:26379/mymaster/0"
+    values["riskStore"] = {"url": url}
+    assert env_of(chart_render.template(values))["STEPGATE_RISK_STORE"] == url
+    values["riskStore"] = {"url": "redis+sentinel://:hunter2@redis.redis:26379/mymaster/0"}
+    with pytest.raises(HelmError) as refused:
+        chart_render.template(values)
+    assert "riskStore.url holds a password" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("escape", "where"),
     [

@@ -24,9 +24,10 @@
 //!   Redis lost (a restart without persistence): the blocks held here, each at the time it was
 //!   written, and the lifts known here ([`Lifts`]).
 //!
-//! Redis Cluster and Sentinel are not supported: use one primary (with replicas and persistence
-//! for failover as your platform provides). Every key of one counter shares a hash tag, so a
-//! later Cluster client changes only the connection.
+//! The store is one primary, at a fixed address or the one Redis Sentinel names ([`Target`]):
+//! through Sentinel, each connection asks the sentinels and checks the server's `ROLE` at every
+//! ping, so that a failover is followed. Redis Cluster is not supported; every key of one
+//! counter shares a hash tag, so a later Cluster client changes only the connection.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -37,7 +38,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, aio::MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, Role,
+    aio::MultiplexedConnection,
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -1268,16 +1273,106 @@ struct Scripts {
     delete: String,
 }
 
+/// Where the store is: one Redis, or the primary that Redis Sentinel names.
+pub enum Target {
+    Direct(Box<Client>),
+    /// Asked at each connection; a session ends when its server is no longer the primary.
+    Sentinel(Box<SentinelClient>),
+}
+
+/// How long the sentinels may take to name the primary.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Target {
+    /// A `redis://`, `rediss://` or `redis+unix://` URL, or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/<primary name>[/<db>]`
+    /// (`rediss+sentinel://`: TLS to the sentinels and the primary). The user and password are
+    /// the primary's and the sentinels'. The error never holds the password.
+    pub fn open(url: &str) -> Result<Self, String> {
+        let Some((scheme, rest)) = url
+            .strip_prefix("redis+sentinel://")
+            .map(|rest| ("redis", rest))
+            .or_else(|| {
+                url.strip_prefix("rediss+sentinel://")
+                    .map(|rest| ("rediss", rest))
+            })
+        else {
+            return Client::open(url)
+                .map(|client| Self::Direct(Box::new(client)))
+                .map_err(|e| e.to_string());
+        };
+        // The user information ends at the last `@` (as `StoreSpec::redacted` reads it).
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => (format!("{auth}@"), rest),
+            None => (String::new(), rest),
+        };
+        let (hosts, path) = rest.split_once('/').ok_or(
+            "a Sentinel URL names the primary after the sentinels:              redis+sentinel://host:26379,host:26379/<primary name>[/<db>]",
+        )?;
+        let (name, db) = path.split_once('/').unwrap_or((path, "0"));
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the primary's name after the sentinels is empty or not ASCII".into());
+        }
+        let db: i64 = db
+            .parse()
+            .ok()
+            .filter(|db| *db >= 0)
+            .ok_or("the database after the primary's name is not a number")?;
+        let sentinels: Vec<String> = hosts
+            .split(',')
+            .map(|host| format!("{scheme}://{auth}{host}"))
+            .collect();
+        if hosts.is_empty()
+            || sentinels
+                .iter()
+                .any(|s| s.ends_with('@') || s.ends_with("//"))
+        {
+            return Err("a Sentinel URL names at least one sentinel, host:port".into());
+        }
+        let primary = format!(
+            "{scheme}://{auth}{}/{db}",
+            hosts.split(',').next().unwrap_or("")
+        )
+        .into_connection_info()
+        .map_err(|e| format!("not a usable Sentinel URL: {e}"))?;
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(primary.redis_settings().clone());
+        if scheme == "rediss" {
+            node = node.set_tls_mode(redis::TlsMode::Secure);
+        }
+        SentinelClient::build(sentinels, name, Some(node), SentinelServerType::Master)
+            .map(|client| Self::Sentinel(Box::new(client)))
+            .map_err(|e| format!("not a usable Sentinel URL: {e}"))
+    }
+
+    /// A client of the store: for Sentinel, of the primary the sentinels name now.
+    async fn client(&mut self) -> Result<Client, Ended> {
+        match self {
+            Self::Direct(client) => Ok(Client::clone(client)),
+            Self::Sentinel(sentinel) => {
+                tokio::time::timeout(SENTINEL_TIMEOUT, sentinel.async_get_client())
+                    .await
+                    .map_err(|_| Ended::from("asking the sentinels: timed out".to_owned()))?
+                    .map_err(|e| Ended {
+                        said: format!("asking the sentinels for the primary: {e}"),
+                        refused: false,
+                    })
+            }
+        }
+    }
+}
+
 impl Task {
     async fn run(mut self) {
-        let client = match Client::open(self.url.as_str()) {
-            Ok(client) => client,
+        let mut target = match Target::open(self.url.as_str()) {
+            Ok(target) => target,
             Err(err) => {
                 // The policy compiler checked the URL; this is only reached by one it could not.
                 tracing::error!(error = %err, "risk.store: not a usable Redis URL; sharing is off");
                 return;
             }
         };
+        let primary_only = matches!(target, Target::Sentinel(_));
         let mut backoff = BACKOFF_FIRST;
         let mut reported = false;
         loop {
@@ -1285,7 +1380,11 @@ impl Task {
                 return;
             }
             self.read_store = false;
-            match self.session(&client).await {
+            let session = match target.client().await {
+                Ok(client) => self.session(&client, primary_only).await,
+                Err(err) => Err(err),
+            };
+            match session {
                 Ok(()) => return,
                 Err(err) => {
                     self.refused = err.refused;
@@ -1364,8 +1463,9 @@ impl Task {
         }
     }
 
-    /// One connection's life: returns `Err` when it fails.
-    async fn session(&mut self, client: &Client) -> Result<(), Ended> {
+    /// One connection's life: returns `Err` when it fails, or (`primary_only`) when its server
+    /// is no longer the primary (Sentinel failed over to another).
+    async fn session(&mut self, client: &Client, primary_only: bool) -> Result<(), Ended> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
@@ -1470,10 +1570,24 @@ impl Task {
                     self.send(&mut conn, &scripts, batch).await?;
                 }
                 _ = ping.tick() => {
-                    redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .map_err(|e| Ended::redis("ping", &e))?;
+                    if primary_only {
+                        let role = redis::cmd("ROLE")
+                            .query_async::<Role>(&mut conn)
+                            .await
+                            .map_err(|e| Ended::redis("ping", &e))?;
+                        if !matches!(role, Role::Primary { .. }) {
+                            return Err(Ended::from(
+                                "the server is no longer the primary (a failover): asking the \
+                                 sentinels again"
+                                    .to_owned(),
+                            ));
+                        }
+                    } else {
+                        redis::cmd("PING")
+                            .query_async::<String>(&mut conn)
+                            .await
+                            .map_err(|e| Ended::redis("ping", &e))?;
+                    }
                     tokio::time::timeout(TIMEOUT, subscription.ping::<redis::Value>())
                         .await
                         .map_err(|_| Ended::from("ping on the subscription: timed out".to_owned()))?

@@ -39,26 +39,36 @@ impl Default for RiskPolicy {
 pub enum StoreSpec {
     /// In this replica's memory only.
     Memory,
-    /// A Redis server (`redis://` or `rediss://` URL) shared by every replica.
+    /// A Redis server (`redis://` or `rediss://` URL), or the primary Redis Sentinel names
+    /// (`redis+sentinel://`), shared by every replica.
     Redis(String),
 }
 
 impl StoreSpec {
-    /// `memory`, or a `redis://`/`rediss://` URL the Redis client accepts.
+    /// `memory`, or a `redis://`/`rediss://` URL the Redis client accepts, or a Sentinel URL
+    /// (`redis+sentinel://host:26379,host:26379/<primary name>[/<db>]`).
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.trim() {
             "memory" => Ok(Self::Memory),
-            url if ["redis://", "rediss://", "redis+unix://", "unix://"]
-                .iter()
-                .any(|scheme| url.starts_with(scheme)) =>
+            url if [
+                "redis://",
+                "rediss://",
+                "redis+unix://",
+                "unix://",
+                "redis+sentinel://",
+                "rediss+sentinel://",
+            ]
+            .iter()
+            .any(|scheme| url.starts_with(scheme)) =>
             {
                 let spec = Self::Redis(url.to_owned());
-                redis::Client::open(url)
+                super::redis::Target::open(url)
                     .map(|_| spec.clone())
                     .map_err(|e| format!("{} is not a usable Redis URL: {e}", spec.redacted()))
             }
             other => Err(format!(
-                "expected `memory` or a redis://, rediss:// or redis+unix:// URL, got {:?}",
+                "expected `memory` or a redis://, rediss://, redis+unix:// or redis+sentinel:// \
+                 URL, got {:?}",
                 Self::Redis(other.to_owned()).redacted()
             )),
         }
@@ -557,6 +567,40 @@ mod tests {
             }
         }
         assert_eq!(shown("memory"), "memory");
+    }
+
+    #[test]
+    fn a_sentinel_url_names_the_sentinels_and_the_primary() {
+        for url in [
+            "redis+sentinel://sentinel-0:26379/mymaster",
+            "redis+sentinel://:hunter2@s0:26379,s1:26379,s2:26379/mymaster/2",
+            "rediss+sentinel://app:hunter2@[2001:db8::1]:26379/mymaster/0",
+        ] {
+            assert!(StoreSpec::parse(url).is_ok(), "{url}");
+        }
+        assert_eq!(
+            StoreSpec::parse("redis+sentinel://:hunter2@s0:26379,s1:26379/mymaster")
+                .unwrap()
+                .redacted(),
+            "redis+sentinel://***@s0:26379,s1:26379/mymaster"
+        );
+        for (url, says) in [
+            ("redis+sentinel://s0:26379", "names the primary"),
+            ("redis+sentinel://s0:26379/", "name"),
+            ("redis+sentinel://s0:26379/m/x", "database"),
+            ("redis+sentinel://s0:26379/m/-1", "database"),
+            ("redis+sentinel:///m", "at least one sentinel"),
+            (
+                "redis+sentinel://:hunter2@s0:26379,/m",
+                "at least one sentinel",
+            ),
+            ("redis+sentinel://:hunter2@s0:x/m", "not a usable"),
+            ("redis+sentinel://:hunter2@s0:26379,s1:x/m", "not a usable"),
+        ] {
+            let error = StoreSpec::parse(url).unwrap_err();
+            assert!(error.contains(says), "{url}: {error}");
+            assert!(!error.contains("hunter2"), "{url}: {error}");
+        }
     }
 
     /// `stepgate admin counts --source ::ffff:203.0.113.7` names the key the request path counts

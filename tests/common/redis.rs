@@ -37,6 +37,8 @@ use super::common::{
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// A sentinel's folder (its configuration, which it rewrites), removed on drop.
+    dir: Option<PathBuf>,
 }
 
 /// The `redis-server` binary, or a failure saying how to install it.
@@ -63,7 +65,63 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// A replica of the server on `primary`, on a free port.
+    pub fn replica_of(primary: u16) -> Self {
+        Self::start_with(
+            super::envoy::free_port(),
+            &["--replicaof", "127.0.0.1", &primary.to_string()],
+        )
+    }
+
+    /// A Redis Sentinel on a free port, watching the primary on `primary` under the name
+    /// `primary`: it takes a primary for down after 1 s without an answer, and fails over alone
+    /// (a quorum of one).
+    pub fn sentinel_of(primary: u16) -> Self {
+        let dir = common::temp_dir("sentinel");
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "sentinel monitor primary 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds primary 1000\n\
+                 sentinel failover-timeout primary 3000\n"
+            ),
+        )
+        .expect("writing sentinel.conf");
+        let port = super::envoy::free_port();
         let child = Command::new(redis_binary())
+            .arg(&config)
+            .args([
+                "--sentinel",
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server --sentinel");
+        let sentinel = Self {
+            child: Some(child),
+            port,
+            dir: Some(dir),
+        };
+        sentinel.wait_for_ping();
+        sentinel
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Self {
+        let child = Command::new(redis_binary())
+            .args(extra)
             .args([
                 "--port",
                 &port.to_string(),
@@ -86,16 +144,22 @@ impl Redis {
         let redis = Self {
             child: Some(child),
             port,
+            dir: None,
         };
+        redis.wait_for_ping();
+        redis
+    }
+
+    fn wait_for_ping(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis.ping() {
+        while !self.ping() {
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not answer on port {port}"
+                "redis-server did not answer on port {}",
+                self.port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        redis
     }
 
     pub fn url(&self) -> String {
@@ -130,6 +194,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -355,5 +355,5 @@ its query): such a URL belongs in a Secret, never in values rendered into the De
 policy's ConfigMap.
 */}}
 {{- define "stepgate.redisUrlHasPassword" -}}
-{{- if or (regexMatch "^rediss?://[^/@]*:[^/@]*@" .) (regexMatch "[?&](pass|password)=" .) }}true{{ end }}
+{{- if or (regexMatch "^rediss?(\\+sentinel)?://[^/@]*:[^/@]*@" .) (regexMatch "[?&](pass|password)=" .) }}true{{ end }}
 {{- end }}
