@@ -1307,7 +1307,8 @@ impl Target {
             None => (String::new(), rest),
         };
         let (hosts, path) = rest.split_once('/').ok_or(
-            "a Sentinel URL names the primary after the sentinels:              redis+sentinel://host:26379,host:26379/<primary name>[/<db>]",
+            "a Sentinel URL names the primary after the sentinels: \
+             redis+sentinel://host:26379,host:26379/<primary name>[/<db>]",
         )?;
         let (name, db) = path.split_once('/').unwrap_or((path, "0"));
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {

@@ -37,8 +37,9 @@ use super::common::{
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
-    /// A sentinel's folder (its configuration, which it rewrites), removed on drop.
-    dir: Option<PathBuf>,
+    /// Its folder (a replica's copy of the primary's data, a sentinel's configuration, which it
+    /// rewrites), removed on drop: another test's server must not load what this one wrote.
+    dir: PathBuf,
 }
 
 /// The `redis-server` binary, or a failure saying how to install it.
@@ -113,13 +114,14 @@ impl Redis {
         let sentinel = Self {
             child: Some(child),
             port,
-            dir: Some(dir),
+            dir,
         };
         sentinel.wait_for_ping();
         sentinel
     }
 
     fn start_with(port: u16, extra: &[&str]) -> Self {
+        let dir = common::temp_dir("redis");
         let child = Command::new(redis_binary())
             .args(extra)
             .args([
@@ -136,7 +138,7 @@ impl Redis {
                 "--loglevel",
                 "warning",
             ])
-            .current_dir(std::env::temp_dir())
+            .current_dir(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -144,7 +146,7 @@ impl Redis {
         let redis = Self {
             child: Some(child),
             port,
-            dir: None,
+            dir,
         };
         redis.wait_for_ping();
         redis
@@ -182,6 +184,17 @@ impl Redis {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
+    /// Stops the server without ending it (SIGSTOP): a primary that hangs, and keeps its port
+    /// (no other server may take it while a sentinel still knows it).
+    pub fn freeze(&self) {
+        let pid = self.child.as_ref().expect("a server started here").id();
+        let stopped = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(stopped.success(), "kill -STOP {pid}");
+    }
+
     /// Kills the server at once (SIGKILL: an outage, not a shutdown).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -194,9 +207,7 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
