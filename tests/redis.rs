@@ -2216,6 +2216,14 @@ async fn a_signals_block_written_back_keeps_the_operators_last_word() {
     assert_eq!(record["created_by"], "risk:step_ups");
 }
 
+/// The SHA-1 of `text` in hex, as Redis's `redis.sha1hex` gives it.
+fn sha1_hex(text: &str) -> String {
+    let reply = Redis::start()
+        .command(&resp(&["EVAL", "return redis.sha1hex(ARGV[1])", "0", text]))
+        .unwrap_or_default();
+    reply.lines().nth(1).unwrap_or_default().to_owned()
+}
+
 /// The writes the script keeps for `field` (`stepgate:blocks:writes`), as stored.
 fn kept_writes(redis: &Redis, field: &str) -> Option<serde_json::Value> {
     let reply = redis.command(&resp(&["HGET", "stepgate:blocks:writes", field]))?;
@@ -2281,6 +2289,71 @@ fn the_writes_kept_per_field_are_few_and_bounded() {
     assert_eq!(put("subject|lia", "lift", 197, 3600), ":0\r\n");
     let (_, record) = stored_block(&redis, "subject|lia").unwrap();
     assert_eq!(record["expires_at"], ends(194), "{record}");
+}
+
+/// Evictions of one block from many replicas (each evicts the same, the one ending first)
+/// keep one: a late operator's block older than all of them still stands, as it does in
+/// write-time order.
+#[test]
+fn many_evictions_of_one_block_keep_one_and_a_late_operators_block_stands() {
+    let redis = Redis::start();
+    let now = common::unix_now();
+    let field = "source|192.0.2.0/24";
+    let signal = serde_json::json!({
+        "removed": false, "reason_id": "risk.x", "reason": "", "created_at": now - 60,
+        "expires_at": now + 3600, "created_by": "risk:x",
+    })
+    .to_string();
+    let at = |ago_ms: i64| (now * 1000 - ago_ms).to_string();
+    let reply = put_script(
+        &redis,
+        field,
+        &at(60_000),
+        &signal,
+        "signal",
+        now + 3600,
+        now,
+    );
+    assert_eq!(reply, ":1\r\n");
+    let eviction = serde_json::json!({
+        "removed": true, "reason_id": "risk.x", "reason": "", "created_at": now - 50,
+        "expires_at": now + 3600, "created_by": "risk:x", "evicted_created_at": now - 60,
+    })
+    .to_string();
+    for i in 0..40 {
+        put_script(
+            &redis,
+            field,
+            &at(50_000 - i * 100),
+            &eviction,
+            "evict",
+            0,
+            now,
+        );
+    }
+    assert_eq!(
+        kept_count(&redis, field),
+        2,
+        "{:?}",
+        kept_writes(&redis, field)
+    );
+    let operators = serde_json::json!({
+        "removed": false, "reason_id": "INC-1", "reason": "", "created_at": now - 55,
+        "expires_at": now + 7200, "created_by": "san:ops",
+    })
+    .to_string();
+    let reply = put_script(
+        &redis,
+        field,
+        &at(55_000),
+        &operators,
+        "operator",
+        now + 7200,
+        now,
+    );
+    assert_eq!(reply, ":1\r\n");
+    let (_, record) = stored_block(&redis, field).unwrap();
+    assert_eq!(record["created_by"], "san:ops", "{record}");
 }
 
 /// A field written by the script's previous version (which kept one record, with the operators'
@@ -2357,6 +2430,137 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         let (_, record) = stored_block(&redis, &field).unwrap();
         assert_eq!(record["created_by"], "san:ops", "{junk}: {record}");
     }
+
+    // Nor a stored record holding what cjson cannot write again, nor kept writes that do (a
+    // signal's block kept, then a shorter one refused over it, writes them again).
+    let now_ms = now * 1000;
+    let forged = format!(
+        r#"{{"removed":true,"reason_id":"","created_at":{now},"expires_at":{},"x":1e999}}"#,
+        now + 60
+    );
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks",
+        "subject|inf",
+        &format!("{}|{forged}", now_ms - 5000),
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|inf", "operator", 3, 3600),
+        ":1\r\n"
+    );
+    assert_eq!(
+        put_made(&redis, now, "subject|inf", "lift", 2, 3600),
+        ":1\r\n"
+    );
+    assert_eq!(
+        put_made(&redis, now, "subject|kept", "signal", 5, 3600),
+        ":1\r\n"
+    );
+    let mut log = kept_writes(&redis, "subject|kept").unwrap();
+    log["writes"][0]["x"] = serde_json::json!(1);
+    let text = log.to_string().replace("\"x\":1", "\"x\":1e999");
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks:writes",
+        "subject|kept",
+        &text,
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|kept", "signal", 4, 60),
+        ":0\r\n"
+    );
+    assert_eq!(
+        put_made(&redis, now, "subject|kept", "lift", 3, 3600),
+        ":1\r\n"
+    );
+    // Two marks of one millisecond, one of them with a text for an end: no comparison fails.
+    let (at, _) = stored_block(&redis, "subject|kept").unwrap();
+    let sha = redis
+        .command(&resp(&["HGET", "stepgate:blocks", "subject|kept"]))
+        .unwrap();
+    let value = sha.split_once("\r\n").unwrap().1.trim_end_matches("\r\n");
+    let marks = serde_json::json!({
+        "result": sha1_hex(value),
+        "writes": [{"at": at - 10, "what": "mark"}, {"at": at - 10, "what": "mark", "ends": "x"}],
+    });
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks:writes",
+        "subject|kept",
+        &marks.to_string(),
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|kept", "operator", 1, 3600),
+        ":1\r\n"
+    );
+    // A key of another type under the kept writes' name: writes and deletes go on, none kept.
+    redis.command(&resp(&["DEL", "stepgate:blocks:writes"]));
+    redis.command(&resp(&[
+        "SET",
+        "stepgate:blocks:writes",
+        "another client's",
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|typed", "operator", 1, 3600),
+        ":1\r\n"
+    );
+    let stored = redis
+        .command(&resp(&["HGET", "stepgate:blocks", "subject|typed"]))
+        .unwrap();
+    let stored = stored
+        .split_once("\r\n")
+        .unwrap()
+        .1
+        .trim_end_matches("\r\n");
+    let deleted = redis.command(&resp(&[
+        "EVAL",
+        stepgate::risk::redis::DELETE,
+        "2",
+        "stepgate:blocks",
+        "stepgate:blocks:writes",
+        "subject|typed",
+        stored,
+    ]));
+    assert_eq!(deleted.as_deref(), Some(":1\r\n"));
+    redis.command(&resp(&["DEL", "stepgate:blocks:writes"]));
+
+    // A write that leaves the field holding nothing (a signal's block over by the time it
+    // arrives) keeps nothing: no read of the store would find it to delete.
+    assert_eq!(
+        put_made(&redis, now, "subject|late", "signal", 120, 60),
+        ":0\r\n"
+    );
+    assert!(stored_block(&redis, "subject|late").is_none());
+    assert!(kept_writes(&redis, "subject|late").is_none());
+
+    // A field written by a version that kept no writes, after this one: what was kept is
+    // dropped, and the field taken as the writes it stands for.
+    assert_eq!(
+        put_made(&redis, now, "subject|mixed", "operator", 9, 3600),
+        ":1\r\n"
+    );
+    assert_eq!(
+        put_made(&redis, now, "subject|mixed", "signal", 8, 7200),
+        ":1\r\n"
+    );
+    assert_eq!(kept_count(&redis, "subject|mixed"), 2);
+    let lift = serde_json::json!({"removed": true, "created_at": now - 7, "expires_at": now + 60});
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks",
+        "subject|mixed",
+        &format!("{}|{lift}", (now - 7) * 1000),
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|mixed", "signal", 6, 60),
+        ":1\r\n"
+    );
+    assert_eq!(
+        kept_count(&redis, "subject|mixed"),
+        2,
+        "{:?}",
+        kept_writes(&redis, "subject|mixed")
+    );
 
     // Past its time, the field and its writes are deleted together.
     assert_eq!(

@@ -101,7 +101,7 @@ impl Write {
     /// The script's `ARGV[3]`, `ARGV[6]` and `ARGV[7]`: the record as `BlockRecord` serializes
     /// it (its members in that order, `operator_at` left out when none), what it is and when it
     /// ends (`Precedence::args`).
-    fn args(&self) -> (String, &'static str, i64) {
+    fn args(&self, set: &[Write]) -> (String, &'static str, i64) {
         let created_at = self.created_at();
         let tag = format!("w{}", self.id);
         let block = |reason_id: &str, ends: i64, by: &str| {
@@ -132,7 +132,18 @@ impl Write {
                 *ends,
             ),
             What::Lift { until } => (lift(*until), "lift", 0),
-            What::Evict { until, .. } => (lift(*until), "evict", 0),
+            What::Evict { of, until } => {
+                // Naming the block evicted, as `Shared::block_evicted` does.
+                let What::Signal { name, .. } = set[*of].what else {
+                    panic!("#{} evicts #{of}, no signal's block", self.id)
+                };
+                let mut record: serde_json::Value =
+                    serde_json::from_str(&lift(*until)).expect("a lift's record");
+                record["reason_id"] = format!("risk.{name}").into();
+                record["created_by"] = format!("{SIGNAL_PREFIX}{name}").into();
+                record["evicted_created_at"] = set[*of].created_at().into();
+                (record.to_string(), "evict", 0)
+            }
         }
     }
 
@@ -393,7 +404,7 @@ impl Store {
         let mut steps = Vec::new();
         for &id in order {
             let write = &set[id];
-            let (record, what, ends) = write.args();
+            let (record, what, ends) = write.args(set);
             let written = self.put(BLOCKS, &field, write.at_ms, &record, what, ends, now);
             let after = self.get(BLOCKS, &field);
             steps.push(Step { id, written, after });
@@ -730,6 +741,8 @@ struct Held<'a> {
     reason_id: &'a str,
     ends: i64,
     by_signal: bool,
+    /// When it was made (second).
+    made: i64,
 }
 
 /// What the field ends on when one replica applies `set` in write-time order, by the rules of
@@ -737,8 +750,8 @@ struct Held<'a> {
 /// refused over a block that lasts as long or longer (it never shortens one) and otherwise
 /// replaces it, holding an operator's block it replaces under it (or keeping the one held under
 /// the signal's block it replaces); an eviction of a signal's block lifts it only if it is the
-/// block there (by its end), and brings back the operator's block held under it if that is
-/// still in force.
+/// block there (by its end, the signal that set it and when), and brings back the operator's
+/// block held under it if that is still in force.
 fn model(set: &[Write], now: i64) -> Effective {
     let mut by_time: Vec<&Write> = set.iter().collect();
     by_time.sort_by_key(|w| w.at_ms);
@@ -763,6 +776,7 @@ fn model(set: &[Write], now: i64) -> Effective {
                     reason_id,
                     ends: *ends,
                     by_signal: false,
+                    made: write.created_at(),
                 });
                 under = None;
             }
@@ -780,10 +794,18 @@ fn model(set: &[Write], now: i64) -> Effective {
                     reason_id: name(write.id).expect("named above"),
                     ends: *ends,
                     by_signal: true,
+                    made: write.created_at(),
                 });
             }
-            What::Evict { until, .. } => {
-                if there.is_some_and(|b| b.by_signal && b.ends == *until) {
+            What::Evict { of, until } => {
+                let evicted = name(*of);
+                let made = set[*of].created_at();
+                if there.is_some_and(|b| {
+                    b.by_signal
+                        && b.ends == *until
+                        && Some(b.reason_id) == evicted
+                        && b.made == made
+                }) {
                     there = under.take().filter(|b| b.ends > now);
                 }
             }
@@ -1187,6 +1209,17 @@ fn the_smallest_findings_end_alike_in_both_orders() {
                 signal(3, "step_ups", 2123, 7200),
             ],
             [vec![0, 1, 2, 3], vec![0, 2, 1, 3]],
+        ),
+        (
+            "an eviction lifted another signal's block ending in the same second (matched by \
+             its end alone)",
+            vec![
+                signal(0, "forged", 9123, 600),
+                operator(1, 8123, 300),
+                signal(2, "step_ups", 6123, 600),
+                evict(3, 5123, 0, 600),
+            ],
+            [vec![0, 1, 2, 3], vec![0, 1, 3, 2]],
         ),
         (
             "of two signals' blocks ending at the same second, the one that arrived first stayed",

@@ -213,37 +213,49 @@ end
 -- and taken only while it still holds that. Otherwise (a version that kept no writes wrote the
 -- field, or it was deleted or written by hand) the writes start again from what it holds.
 local kinds = {operator = true, lift = true, signal = true, evict = true}
--- A write as this script keeps it (none written by hand stands in the fold's way).
+-- A kept write rebuilt from its checked members alone (nil if it is not one): what was written
+-- by hand (another type, a number cjson cannot write again) never reaches the fold or the encoder.
 local function write(e)
-  return type(e) == 'table' and kinds[e.what] and int(e.at) and int(e.ends)
-    and type(e.record) == 'string'
+  if type(e) == 'table' and kinds[e.what] and int(e.at) and int(e.ends)
+     and type(e.record) == 'string' and #e.record <= tonumber(ARGV[12]) then
+    return {at = e.at, what = e.what, ends = e.ends, record = e.record}
+  end
 end
 local function entry(e)
-  if type(e) ~= 'table' or not int(e.at) then return false end
-  if e.what == 'mark' then return true end
+  if type(e) ~= 'table' or not int(e.at) then return nil end
+  if e.what == 'mark' then return {at = e.at, what = 'mark'} end
   if e.what == 'state' then
-    return (e.state == nil or write(e.state)) and (e.held == nil or write(e.held))
-      and (e.op == nil or int(e.op)) and (e.state_op == nil or int(e.state_op))
+    local st, held = e.state and write(e.state), e.held and write(e.held)
+    if (e.state ~= nil and not st) or (e.held ~= nil and not held)
+       or (e.op ~= nil and not int(e.op)) or (e.state_op ~= nil and not int(e.state_op)) then
+      return nil
+    end
+    return {at = e.at, what = 'state', state = st, held = held, op = e.op, state_op = e.state_op}
   end
   return write(e)
 end
+-- Another client's key of another type under that name: no writes are kept.
+local keeps = redis.call('TYPE', KEYS[2])['ok']
+keeps = keeps == 'hash' or keeps == 'none'
 local writes = {}
 local result = redis.sha1hex(cur or '')
-local kept = redis.call('HGET', KEYS[2], ARGV[1])
+local kept = keeps and redis.call('HGET', KEYS[2], ARGV[1])
 if kept then
   local ok, log = pcall(cjson.decode, kept)
-  if ok and type(log) == 'table' and type(log.writes) == 'table' and (log.result == result or cur)
-  then
+  if ok and type(log) == 'table' and type(log.writes) == 'table' and log.result == result then
     for _, e in ipairs(log.writes) do
-      if entry(e) then writes[#writes + 1] = e end
+      writes[#writes + 1] = entry(e)
     end
+  else
+    kept = nil
   end
-  if not (ok and type(log) == 'table' and log.result == result) then kept = nil end
 end
--- The record without the script's bookkeeping.
+-- A stored block's or lift's record from its checked members alone (no bookkeeping).
 local function plain(t)
-  t.operator_at, t.displaced, t.displaced_at = nil, nil, nil
-  return cjson.encode(t)
+  local function txt(v) return type(v) == 'string' and v or '' end
+  return cjson.encode({removed = t.removed == true, reason_id = txt(t.reason_id),
+    reason = txt(t.reason), created_at = int(t.created_at) and t.created_at or 0,
+    expires_at = t.expires_at, created_by = txt(t.created_by)})
 end
 if cur and not kept then
   -- What the field holds, as the writes it stands for: its block or lift (at the operators'
@@ -298,12 +310,35 @@ table.sort(writes, function(a, b)
   if (a.ends or 0) ~= (b.ends or 0) then return (a.ends or 0) < (b.ends or 0) end
   return (a.record or '') < (b.record or '')
 end)
+-- Which block a signal's block is, or an eviction's record names: its author, reason id and
+-- creation (an eviction written by an older version names none, and is taken for any block of
+-- its end).
+local names = {}
+local function named(e)
+  if names[e] == nil then
+    local ok, r = pcall(cjson.decode, e.record)
+    names[e] = false
+    if ok and type(r) == 'table' and type(r.created_by) == 'string' and r.created_by ~= ''
+       and type(r.reason_id) == 'string' then
+      local made = r.created_at
+      if e.what == 'evict' then made = r.evicted_created_at end
+      names[e] = {by = r.created_by, id = r.reason_id, made = int(made) and made or nil}
+    end
+  end
+  return names[e]
+end
+local function evicts(e, signal)
+  if signal.ends ~= e.ends then return false end
+  local x, b = named(e), named(signal)
+  if not x then return true end
+  return b and x.by == b.by and x.id == b.id and (x.made == nil or x.made == b.made)
+end
 -- The fold: each write as one replica applies it in that order. An operator's block or lift
 -- replaces whatever is there; a signal's block still in force replaces what is not a block
 -- lasting as long or longer (a signal's block never shortens a block), and holds the operator's
 -- block it replaced under it (one that has ended is over: it is not brought back); an eviction
--- lifts the signal's block it evicted (by its end) and brings back the operator's block held
--- under it, if that is still in force, and is no operator's word.
+-- lifts the signal's block it evicted (by its end and name) and brings back the operator's
+-- block held under it, if that is still in force, and is no operator's word.
 local function fold(list, upto)
   local s = {state = nil, held = nil, op = nil, state_op = nil}
   for i = 1, upto do
@@ -327,7 +362,7 @@ local function fold(list, upto)
       end
     elseif e.what == 'evict' then
       local st = s.state
-      if st and st.what == 'signal' and st.ends == e.ends then
+      if st and st.what == 'signal' and evicts(e, st) then
         if s.held and s.held.ends > now then
           s.state = s.held
         else
@@ -355,27 +390,41 @@ if st then
 end
 -- Kept: from the operators' last word on (nothing older can change the fold), less the signals'
 -- blocks that have ended or that a newer one outlasts (whatever a write arriving later does,
--- that one replaces them, and holds what they would have held), and the evictions of none of
--- those kept; at most 32 (the oldest folded into one).
+-- that one replaces them, and holds what they would have held), and the evictions but the first
+-- of each block kept (a second could only lift the same block written again, by the same signal
+-- in the same second: it stays, failing closed); at most 32 (the oldest folded into one).
 local base = 0
 for i, e in ipairs(writes) do
   if e.what == 'operator' or e.what == 'lift' or e.what == 'mark' or e.what == 'state' then
     base = i
   end
 end
-local longest, ends_kept, keep = 0, {}, {}
+local longest, open, keep = 0, {}, {}
 for i = #writes, base + 1, -1 do
   local e = writes[i]
   if e.what == 'signal' and e.ends > now and e.ends >= longest then
-    longest, ends_kept[e.ends] = e.ends, true
+    longest = e.ends
     e.keep = true
   end
 end
+local from = writes[base]
+if from and from.what == 'state' and from.state and from.state.what == 'signal' then
+  open[1] = from.state
+end
 for i = math.max(base, 1), #writes do
   local e = writes[i]
-  if i == base or e.keep or (e.what == 'evict' and ends_kept[e.ends]) then
-    keep[#keep + 1] = e
+  local kept_here = i == base or e.keep
+  if e.keep then open[#open + 1] = e end
+  if not kept_here and e.what == 'evict' then
+    for j, signal in ipairs(open) do
+      if evicts(e, signal) then
+        kept_here = true
+        table.remove(open, j)
+        break
+      end
+    end
   end
+  if kept_here then keep[#keep + 1] = e end
   e.keep = nil
 end
 if #keep > 32 then
@@ -397,8 +446,16 @@ if stored and stored ~= cur then
       .. ',"at":' .. kept_at .. '}}')
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1],
-  cjson.encode({result = redis.sha1hex(stored or ''), writes = keep}))
+-- (None kept for a field that holds nothing: no resync would find them to delete.)
+if keeps then
+  local ok, text = false, nil
+  if stored then ok, text = pcall(cjson.encode, {result = redis.sha1hex(stored), writes = keep}) end
+  if ok then
+    redis.call('HSET', KEYS[2], ARGV[1], text)
+  else
+    redis.call('HDEL', KEYS[2], ARGV[1])
+  end
+end
 if accepted then
   local _, r = string.match(stored, '^(%d+)|(.*)$')
   redis.call('PUBLISH', ARGV[5], message(r))
@@ -431,7 +488,7 @@ return {redis.call('ZCARD', KEYS[1]), 0}
 /// it in `KEYS[2]`.
 pub const DELETE: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[2], ARGV[1])
+  if redis.call('TYPE', KEYS[2])['ok'] == 'hash' then redis.call('HDEL', KEYS[2], ARGV[1]) end
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
@@ -603,6 +660,10 @@ struct BlockRecord {
     /// script keeps ([`PUT`]); read as the script reads it, any number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     operator_at: Option<serde_json::Number>,
+    /// An eviction's: when the block it evicted was made (with its author, reason id and end,
+    /// which block it was: [`PUT`] lifts that one only). Versions before it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    evicted_created_at: Option<i64>,
 }
 
 impl BlockRecord {
@@ -615,6 +676,7 @@ impl BlockRecord {
             expires_at: block.expires_at,
             created_by: block.created_by.clone(),
             operator_at: None,
+            evicted_created_at: None,
         }
     }
 
@@ -782,13 +844,15 @@ impl Shared {
             at_ms,
             until: block.expires_at,
         };
-        self.put(
-            Hash::Blocks,
-            field,
-            &lift_record(lift),
-            Precedence::Evict,
-            at_ms,
-        );
+        // Naming the block evicted (its author and reason id, beside its end): the store lifts
+        // that one only, not another signal's ending in the same second.
+        let record = BlockRecord {
+            reason_id: block.reason_id.to_string(),
+            created_by: block.created_by.clone(),
+            evicted_created_at: Some(block.created_at),
+            ..lift_record(lift)
+        };
+        self.put(Hash::Blocks, field, &record, Precedence::Evict, at_ms);
     }
 
     /// `value` is normalized.
@@ -2278,6 +2342,7 @@ fn lift_record(lift: Lift) -> BlockRecord {
         expires_at: lift.until,
         created_by: String::new(),
         operator_at: None,
+        evicted_created_at: None,
     }
 }
 
@@ -2666,6 +2731,7 @@ mod tests {
             expires_at,
             created_by: "san:ops".into(),
             operator_at: None,
+            evicted_created_at: None,
         };
         for (created_at, expires_at) in [
             (now, now + 10 * 365 * 86_400),
@@ -2900,6 +2966,7 @@ mod tests {
             expires_at: now + 3600,
             created_by: "san:ops".into(),
             operator_at: None,
+            evicted_created_at: None,
         };
         let lift = Lift {
             at_ms: (now - 100) * 1000 + 500,
