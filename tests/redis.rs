@@ -2709,3 +2709,35 @@ async fn replicas_follow_the_primary_sentinel_names_through_failovers() {
     second.kill();
     first.kill();
 }
+
+/// A change the write script fails on, session after session (here: the blocks key turned into
+/// a string by another client), is dropped after three tries, with a line naming its field:
+/// it does not hold up every other change and the replica's reading of the store for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_script_keeps_failing_on_is_dropped_not_retried_for_ever() {
+    let redis = Redis::start();
+    let policy = policy("redis-poison", &redis, "");
+    let (server, admin) = replica(&policy).await;
+    store_up(&server, true, Duration::from_secs(10)).await;
+    redis.command(&resp(&["SET", "stepgate:blocks", "another client's"]));
+    block_subject(&admin, "mallory", "INC-9", "1h");
+    eventually(
+        &format!("the change dropped\n{}", server.logs_text()),
+        Duration::from_secs(20),
+        || async {
+            server
+                .logs_text()
+                .contains("failed 3 times on a change: dropped")
+        },
+    )
+    .await;
+    assert!(server.logs_text().contains("subject|mallory"));
+    // The replica reads the store again (the blocks key it ignores) and is up.
+    store_up(&server, true, Duration::from_secs(20)).await;
+    // Still blocked here: the change holds where it was made.
+    let token = entra_token("mallory", &[], true);
+    assert_eq!(
+        decide(&server, &token, "reports.read").await.reason,
+        "blocked"
+    );
+}

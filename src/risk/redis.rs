@@ -79,6 +79,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Operations sent in one pipeline.
 const BATCH: usize = 1024;
+/// Sessions in a row in which the write script may fail on the same change before it is
+/// dropped.
+const MAX_SCRIPT_FAILURES: u32 = 3;
 
 /// Writes a block, a lift or a revocation, `ARGV[3]` (the record), made at `ARGV[2]` (ms), into
 /// field `ARGV[1]` of hash `KEYS[1]` as `"<ms>|<record>"`, and publishes what the field then
@@ -783,6 +786,7 @@ impl Shared {
             read_store: false,
             refused: false,
             refused_before: false,
+            failing: None,
             changed: Arc::clone(&changed),
         });
         (
@@ -998,6 +1002,9 @@ struct Task {
     refused: bool,
     /// The session before it read the store and was refused too.
     refused_before: bool,
+    /// The change queued first, by number, and how many sessions in a row the write script
+    /// failed on it ([`MAX_SCRIPT_FAILURES`]).
+    failing: Option<(u64, u32)>,
     /// Blocks' fields changed here, and when.
     changed: Arc<Changed>,
 }
@@ -1302,6 +1309,8 @@ impl Changed {
 struct Ended {
     said: String,
     refused: bool,
+    /// A script failed on what it read (a runtime error, not a refusal of Redis's).
+    script: bool,
 }
 
 impl Ended {
@@ -1309,6 +1318,7 @@ impl Ended {
         Self {
             said: format!("{what}: {error}"),
             refused: error.kind() != ErrorKind::Io,
+            script: error.to_string().contains("user_script:"),
         }
     }
 }
@@ -1318,6 +1328,7 @@ impl From<String> for Ended {
         Self {
             said,
             refused: false,
+            script: false,
         }
     }
 }
@@ -1418,10 +1429,7 @@ impl Target {
                 tokio::time::timeout(SENTINEL_TIMEOUT, sentinel.async_get_client())
                     .await
                     .map_err(|_| Ended::from("asking the sentinels: timed out".to_owned()))?
-                    .map_err(|e| Ended {
-                        said: format!("asking the sentinels for the primary: {e}"),
-                        refused: false,
-                    })
+                    .map_err(|e| Ended::from(format!("asking the sentinels for the primary: {e}")))
             }
         }
     }
@@ -1495,6 +1503,17 @@ impl Task {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Counts a failure of the write script on `put`, the change queued first: whether it has
+    /// failed [`MAX_SCRIPT_FAILURES`] times in a row.
+    fn failed_again(&mut self, put: &Put) -> bool {
+        let count = match self.failing {
+            Some((id, count)) if id == put.id => count + 1,
+            _ => 1,
+        };
+        self.failing = Some((put.id, count));
+        count >= MAX_SCRIPT_FAILURES
     }
 
     /// Waits `pause`, queueing the changes that arrive meanwhile. True when the server is gone.
@@ -1575,7 +1594,26 @@ impl Task {
         while let Some(put) = self.pending.front().cloned() {
             let puts = std::slice::from_ref(&put);
             let sent = Instant::now();
-            let written = self.write_puts(&mut conn, &scripts, puts).await?;
+            let written = match self.write_puts(&mut conn, &scripts, puts).await {
+                Ok(written) => written,
+                Err(ended) if ended.script && self.failed_again(&put) => {
+                    // The script fails on what the store holds for this field (written by
+                    // hand, or by a version that reads it otherwise): dropped, so that one field
+                    // does not hold up every other change, and this replica's readiness.
+                    self.pending.pop_front();
+                    self.changed.back(&put.field, put.id);
+                    metrics::global().record_risk_store_error();
+                    tracing::error!(
+                        field = %put.field,
+                        error = %ended,
+                        "the risk store's write script failed {MAX_SCRIPT_FAILURES} times on a \
+                         change: dropped (it holds here); fix or delete the field in Redis"
+                    );
+                    continue;
+                }
+                Err(ended) => return Err(ended),
+            };
+            self.failing = None;
             self.pending.pop_front();
             self.refused_here(&mut conn, puts, &written, Some(sent))
                 .await?;
