@@ -2224,6 +2224,26 @@ fn sha1_hex(text: &str) -> String {
     reply.lines().nth(1).unwrap_or_default().to_owned()
 }
 
+/// What `field` of the blocks hash holds, as stored (`<ms>|<record>`).
+fn stored_value(redis: &Redis, field: &str) -> Option<String> {
+    let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
+    let value = reply.split_once("\r\n")?.1.trim_end_matches("\r\n");
+    (!reply.starts_with("$-1")).then(|| value.to_owned())
+}
+
+/// `DELETE` as a replica calls it on `field`, read as `stored`: its reply.
+fn delete_as_read(redis: &Redis, field: &str, stored: &str) -> Option<String> {
+    redis.command(&resp(&[
+        "EVAL",
+        stepgate::risk::redis::DELETE,
+        "2",
+        "stepgate:blocks",
+        "stepgate:blocks:writes",
+        field,
+        stored,
+    ]))
+}
+
 /// The writes the script keeps for `field` (`stepgate:blocks:writes`), as stored.
 fn kept_writes(redis: &Redis, field: &str) -> Option<serde_json::Value> {
     let reply = redis.command(&resp(&["HGET", "stepgate:blocks:writes", field]))?;
@@ -2475,12 +2495,9 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
     );
     // Two marks of one millisecond, one of them with a text for an end: no comparison fails.
     let (at, _) = stored_block(&redis, "subject|kept").unwrap();
-    let sha = redis
-        .command(&resp(&["HGET", "stepgate:blocks", "subject|kept"]))
-        .unwrap();
-    let value = sha.split_once("\r\n").unwrap().1.trim_end_matches("\r\n");
+    let value = stored_value(&redis, "subject|kept").unwrap();
     let marks = serde_json::json!({
-        "result": sha1_hex(value),
+        "result": sha1_hex(&value),
         "writes": [{"at": at - 10, "what": "mark"}, {"at": at - 10, "what": "mark", "ends": "x"}],
     });
     redis.command(&resp(&[
@@ -2504,24 +2521,11 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         put_made(&redis, now, "subject|typed", "operator", 1, 3600),
         ":1\r\n"
     );
-    let stored = redis
-        .command(&resp(&["HGET", "stepgate:blocks", "subject|typed"]))
-        .unwrap();
-    let stored = stored
-        .split_once("\r\n")
-        .unwrap()
-        .1
-        .trim_end_matches("\r\n");
-    let deleted = redis.command(&resp(&[
-        "EVAL",
-        stepgate::risk::redis::DELETE,
-        "2",
-        "stepgate:blocks",
-        "stepgate:blocks:writes",
-        "subject|typed",
-        stored,
-    ]));
-    assert_eq!(deleted.as_deref(), Some(":1\r\n"));
+    let stored = stored_value(&redis, "subject|typed").unwrap();
+    assert_eq!(
+        delete_as_read(&redis, "subject|typed", &stored).as_deref(),
+        Some(":1\r\n")
+    );
     redis.command(&resp(&["DEL", "stepgate:blocks:writes"]));
 
     // A write that leaves the field holding nothing (a signal's block over by the time it
@@ -2568,24 +2572,11 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         ":1\r\n"
     );
     assert!(kept_writes(&redis, "subject|gone").is_some());
-    let stored = redis
-        .command(&resp(&["HGET", "stepgate:blocks", "subject|gone"]))
-        .unwrap();
-    let stored = stored
-        .split_once("\r\n")
-        .unwrap()
-        .1
-        .trim_end_matches("\r\n");
-    let deleted = redis.command(&resp(&[
-        "EVAL",
-        stepgate::risk::redis::DELETE,
-        "2",
-        "stepgate:blocks",
-        "stepgate:blocks:writes",
-        "subject|gone",
-        stored,
-    ]));
-    assert_eq!(deleted.as_deref(), Some(":1\r\n"));
+    let stored = stored_value(&redis, "subject|gone").unwrap();
+    assert_eq!(
+        delete_as_read(&redis, "subject|gone", &stored).as_deref(),
+        Some(":1\r\n")
+    );
     assert!(stored_block(&redis, "subject|gone").is_none());
     assert!(kept_writes(&redis, "subject|gone").is_none());
 }

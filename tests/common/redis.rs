@@ -92,47 +92,26 @@ impl Redis {
             ),
         )
         .expect("writing sentinel.conf");
-        let port = super::envoy::free_port();
-        let child = Command::new(redis_binary())
-            .arg(&config)
-            .args([
-                "--sentinel",
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting redis-server --sentinel");
-        let sentinel = Self {
-            child: Some(child),
-            port,
-            dir,
-        };
-        sentinel.wait_for_ping();
-        sentinel
+        let config = config.to_string_lossy().into_owned();
+        Self::spawn(dir, super::envoy::free_port(), &[&config, "--sentinel"])
     }
 
     fn start_with(port: u16, extra: &[&str]) -> Self {
-        let dir = common::temp_dir("redis");
+        let mut args = extra.to_vec();
+        args.extend(["--save", "", "--appendonly", "no"]);
+        Self::spawn(common::temp_dir("redis"), port, &args)
+    }
+
+    /// `redis-server` with `args`, on `port` of the loopback, working in `dir` (its own: a
+    /// replica's copy of its primary's data must not be loaded by another test's server).
+    fn spawn(dir: PathBuf, port: u16, args: &[&str]) -> Self {
         let child = Command::new(redis_binary())
-            .args(extra)
+            .args(args)
             .args([
                 "--port",
                 &port.to_string(),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
                 "--protected-mode",
                 "no",
                 "--loglevel",
