@@ -2432,16 +2432,20 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         "[]",
         "5",
         r#"{"writes":5}"#,
-        r#"{"result":"","writes":{"a":1}}"#,
-        r#"{"result":"","writes":[1,"x",null,{"at":"1"},{"at":1,"what":"signal"}]}"#,
-        r#"{"result":"","writes":[{"at":1,"what":"state","state":7}]}"#,
-        r#"{"result":"","writes":[{"at":1,"what":"state","state":{"at":1,"what":"evict"}}]}"#,
-        r#"{"result":"","writes":[{"at":1e300,"what":"operator","ends":1e300,"record":"{}"}]}"#,
-        r#"{"result":"","writes":[{"at":1,"what":"mark"},{"at":2,"what":"signal","ends":9e15,"record":"x"}]}"#,
+        r#"{"result":"{EMPTY}","writes":{"a":1}}"#,
+        r#"{"result":"{EMPTY}","writes":[1,"x",null,{"at":"1"},{"at":1,"what":"signal"}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":1,"what":"state","state":7}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":1,"what":"state","state":{"at":1,"what":"evict"}}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":1e300,"what":"operator","ends":1e300,"record":"{}"}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":1,"what":"mark"},{"at":2,"what":"signal","ends":9e15,"record":"x"}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":-5000,"what":"operator","ends":1,"record":"{}"}]}"#,
+        r#"{"result":"{EMPTY}","writes":[{"at":5,"what":"state","op":-1}]}"#,
     ];
     for (i, junk) in junk.iter().enumerate() {
         let field = format!("subject|junk{i}");
-        redis.command(&resp(&["HSET", "stepgate:blocks:writes", &field, junk]));
+        // Taken as the kept writes of a field that holds nothing: the SHA-1 of "".
+        let junk = junk.replace("{EMPTY}", "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+        redis.command(&resp(&["HSET", "stepgate:blocks:writes", &field, &junk]));
         assert_eq!(
             put_made(&redis, now, &field, "operator", 10, 3600),
             ":1\r\n",
@@ -2491,6 +2495,25 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
     );
     assert_eq!(
         put_made(&redis, now, "subject|kept", "lift", 3, 3600),
+        ":1\r\n"
+    );
+    // An operators' time before 1970 in a stored record: no stamp the script cannot write.
+    let forged = format!(
+        r#"{{"operator_at":-5,"reason_id":"INC-1","created_at":{now},"expires_at":{},"created_by":"san:ops"}}"#,
+        now + 3600
+    );
+    redis.command(&resp(&[
+        "HSET",
+        "stepgate:blocks",
+        "subject|negative",
+        &format!("{}|{forged}", now_ms - 5000),
+    ]));
+    assert_eq!(
+        put_made(&redis, now, "subject|negative", "signal", 2, 60),
+        ":0\r\n"
+    );
+    assert_eq!(
+        put_made(&redis, now, "subject|negative", "lift", 1, 3600),
         ":1\r\n"
     );
     // Two marks of one millisecond, one of them with a text for an end: no comparison fails.

@@ -209,7 +209,7 @@ local function signals(t)
 end
 -- An operators' time a replica's clock could have given.
 local function clock_ms(v)
-  return int(v) and v <= (now + ahead) * 1000 and v or nil
+  return int(v) and v >= 0 and v <= (now + ahead) * 1000 and v or nil
 end
 -- The field's writes (`KEYS[2]`), kept as long as they can change what it ends on: stored with
 -- what the field held once they were folded (`result`, the SHA-1 of it, or of "" for nothing),
@@ -219,18 +219,19 @@ local kinds = {operator = true, lift = true, signal = true, evict = true}
 -- A kept write rebuilt from its checked members alone (nil if it is not one): what was written
 -- by hand (another type, a number cjson cannot write again) never reaches the fold or the encoder.
 local function write(e)
-  if type(e) == 'table' and kinds[e.what] and int(e.at) and int(e.ends)
+  if type(e) == 'table' and kinds[e.what] and clock_ms(e.at) and int(e.ends)
      and type(e.record) == 'string' and #e.record <= tonumber(ARGV[12]) then
     return {at = e.at, what = e.what, ends = e.ends, record = e.record}
   end
 end
 local function entry(e)
-  if type(e) ~= 'table' or not int(e.at) then return nil end
+  if type(e) ~= 'table' or not clock_ms(e.at) then return nil end
   if e.what == 'mark' then return {at = e.at, what = 'mark'} end
   if e.what == 'state' then
     local st, held = e.state and write(e.state), e.held and write(e.held)
     if (e.state ~= nil and not st) or (e.held ~= nil and not held)
-       or (e.op ~= nil and not int(e.op)) or (e.state_op ~= nil and not int(e.state_op)) then
+       or (e.op ~= nil and not clock_ms(e.op))
+       or (e.state_op ~= nil and not clock_ms(e.state_op)) then
       return nil
     end
     return {at = e.at, what = 'state', state = st, held = held, op = e.op, state_op = e.state_op}
@@ -276,8 +277,15 @@ if cur and not kept then
       writes[#writes + 1] = {at = d_at, what = 'signal', ends = d.expires_at, record = plain(d)}
     end
   end
+  -- (A lift a signal's author signed is an eviction: no operator's word.)
   local what = 'operator'
-  if old.removed == true then what = 'lift' elseif by_signal then what = 'signal' end
+  if old.removed == true and by_signal then
+    what = 'evict'
+  elseif old.removed == true then
+    what = 'lift'
+  elseif by_signal then
+    what = 'signal'
+  end
   if not by_signal and op_ms and op_ms < stamp_ms then stamp_ms = op_ms end
   local ends = old.expires_at
   if what == 'lift' then ends = 0 end
@@ -444,9 +452,11 @@ if stored and stored ~= cur then
   redis.call('HSET', KEYS[1], ARGV[1], stored)
   if not accepted then
     local kept_at, kept_record = string.match(stored, '^(%d+)|(.*)$')
-    redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
-      .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept_record)
-      .. ',"at":' .. kept_at .. '}}')
+    if kept_at then
+      redis.call('PUBLISH', ARGV[5], '{"from":"store","put":{"hash":' .. cjson.encode(KEYS[1])
+        .. ',"field":' .. cjson.encode(ARGV[1]) .. ',"record":' .. cjson.encode(kept_record)
+        .. ',"at":' .. kept_at .. '}}')
+    end
   end
 end
 -- (None kept for a field that holds nothing: no resync would find them to delete.)
@@ -461,7 +471,7 @@ if keeps then
 end
 if accepted then
   local _, r = string.match(stored, '^(%d+)|(.*)$')
-  redis.call('PUBLISH', ARGV[5], message(r))
+  redis.call('PUBLISH', ARGV[5], message(r or ARGV[3]))
   return 1
 end
 return 0
@@ -2494,7 +2504,12 @@ fn apply_block(
     if record.removed {
         let at_ms = written.unwrap_or(second_ms);
         let until = record.expires_at;
-        if from == Source::Eviction {
+        // An eviction, however it arrives (its message, a resync's read, a read back): signed
+        // by the signal whose block it names. No operator's lift: an operator's block made
+        // before it but arriving after it must not be refused as older than a lift.
+        let eviction =
+            from == Source::Eviction || record.created_by.starts_with(blocks::RISK_CREATOR_PREFIX);
+        if eviction {
             lifts.blocked(field, None, 0, now);
         } else {
             lifts.lifted(field, Lift { at_ms, until }, now);
@@ -2505,7 +2520,7 @@ fn apply_block(
         // counts of before it.
         if here.is_some() {
             let _ = state.blocks().remove(kind, value, now);
-        } else if from != Source::Eviction {
+        } else if !eviction {
             state
                 .blocks()
                 .note_lifted(kind, value, record.created_at, now);
@@ -2992,6 +3007,51 @@ mod tests {
     /// lift is written back instead. A newer block is applied and the lift forgotten; the block
     /// the store answers a refused write with always applies. A lift the store lacks is written
     /// back, until the block lifted would have ended.
+    #[test]
+    fn an_eviction_read_from_the_store_is_no_operators_lift() {
+        let now = 1_800_000_000;
+        let field = block_field(Kind::Source, "192.0.2.0/24");
+        let ms = |ago: i64| (now - ago) * 1000;
+        // Another replica's eviction of a signal's block, 10 s ago, read by a resync (not its
+        // message, which says so) and read back after a refusal.
+        let eviction = BlockRecord {
+            reason_id: "risk.x".into(),
+            created_by: "risk:x".into(),
+            evicted_created_at: Some(now - 60),
+            ..lift_record(Lift {
+                at_ms: ms(10),
+                until: now + 600,
+            })
+        };
+        let operators = BlockRecord {
+            removed: false,
+            reason_id: "INC-1".into(),
+            reason: String::new(),
+            created_at: now - 20,
+            expires_at: now + 3600,
+            created_by: "san:ops".into(),
+            operator_at: None,
+            evicted_created_at: None,
+        };
+        for from in [Source::Resync, Source::Refusal, Source::Message] {
+            let state = RiskState::default();
+            let lifts = Lifts::default();
+            apply_block(&state, &lifts, &field, &eviction, Some(ms(10)), now, from);
+            assert_eq!(lifts.newer_than(&field, 0, now), None, "{from:?}");
+            // An operator's block made before it, arriving after it: applied, not refused as
+            // older than a lift.
+            let kept = apply_block(&state, &lifts, &field, &operators, Some(ms(20)), now, from);
+            assert!(kept.is_none(), "{from:?}");
+            assert!(
+                state
+                    .blocks()
+                    .get(Kind::Source, "192.0.2.0/24", now)
+                    .is_some(),
+                "{from:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_block_older_than_a_lift_here_is_not_taken_back() {
         let now = 1_800_000_000;
