@@ -2678,15 +2678,23 @@ async fn replicas_follow_the_primary_sentinel_names_through_failovers() {
     block_subject(&a_admin, "bob", "INC-2", "1h");
     eventually(
         &format!("bob blocked on B\nA:\n{}", a.logs_text()),
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || blocked_on_b("bob"),
+    )
+    .await;
+    // Left at a ping: the old primary says it is one for seconds more, until the sentinel
+    // makes it a replica (and takes writes meanwhile, which it then drops).
+    eventually(
+        &format!("A leaves the old primary\n{}", a.logs_text()),
+        Duration::from_secs(8),
+        || async { a.logs_text().contains("the sentinels name another primary") },
     )
     .await;
     // On the new primary, even when A wrote it to the old one in the moment before that one
     // was made a replica (which then drops what it held): A writes back what the store lacks.
     eventually(
         &format!("bob's block on the new primary\nA:\n{}", a.logs_text()),
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || async { stored_block(&second, "subject|bob").is_some() },
     )
     .await;

@@ -39,7 +39,7 @@ use std::{
 };
 
 use redis::{
-    AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, Role,
+    AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError,
     aio::MultiplexedConnection,
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
@@ -1361,8 +1361,28 @@ struct Scripts {
 /// Where the store is: one Redis, or the primary that Redis Sentinel names.
 pub enum Target {
     Direct(Box<Client>),
-    /// Asked at each connection; a session ends when its server is no longer the primary.
-    Sentinel(Box<SentinelClient>),
+    /// Asked at each connection, and at every ping whether they name another primary (a
+    /// session ends when they do, or when its server says it is a replica).
+    Sentinel {
+        client: Box<SentinelClient>,
+        /// The primary's name the sentinels watch.
+        name: String,
+        /// A connection to a sentinel, for the pings' question.
+        watch: Option<MultiplexedConnection>,
+    },
+}
+
+/// Whether a `ROLE` answer says the server is a replica (only its first element is read: what
+/// follows differs between servers speaking Redis's protocol).
+fn says_replica(answer: &redis::Value) -> bool {
+    let redis::Value::Array(items) = answer else {
+        return false;
+    };
+    match items.first() {
+        Some(redis::Value::BulkString(role)) => role == b"slave" || role == b"replica",
+        Some(redis::Value::SimpleString(role)) => role == "slave" || role == "replica",
+        _ => false,
+    }
 }
 
 /// How long the sentinels may take to name the primary.
@@ -1395,18 +1415,38 @@ impl Target {
             "a Sentinel URL names the primary after the sentinels: \
              redis+sentinel://host:26379,host:26379/<primary name>[/<db>]",
         )?;
+        let path = path.strip_suffix('/').unwrap_or(path);
         let (name, db) = path.split_once('/').unwrap_or((path, "0"));
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("the primary's name after the sentinels is empty or not ASCII".into());
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"?#&=".contains(&b))
+        {
+            return Err(
+                "the primary's name after the sentinels is empty, not ASCII, or holds a query"
+                    .into(),
+            );
         }
         let db: i64 = db
             .parse()
             .ok()
             .filter(|db| *db >= 0)
             .ok_or("the database after the primary's name is not a number")?;
+        // A sentinel without a port listens on Sentinel's, not Redis's.
+        let with_port = |host: &str| {
+            let has_port = match host.strip_prefix('[') {
+                Some(v6) => v6.contains("]:"),
+                None => host.contains(':'),
+            };
+            if has_port || host.is_empty() {
+                host.to_owned()
+            } else {
+                format!("{host}:26379")
+            }
+        };
         let sentinels: Vec<String> = hosts
             .split(',')
-            .map(|host| format!("{scheme}://{auth}{host}"))
+            .map(|host| format!("{scheme}://{auth}{}", with_port(host)))
             .collect();
         if hosts.is_empty()
             || sentinels
@@ -1427,16 +1467,62 @@ impl Target {
             node = node.set_tls_mode(redis::TlsMode::Secure);
         }
         SentinelClient::build(sentinels, name, Some(node), SentinelServerType::Master)
-            .map(|client| Self::Sentinel(Box::new(client)))
+            .map(|client| Self::Sentinel {
+                client: Box::new(client),
+                name: name.to_owned(),
+                watch: None,
+            })
             .map_err(|e| format!("not a usable Sentinel URL: {e}"))
+    }
+
+    /// Whether the sentinels now name another primary than the one at `addr`; `None` when
+    /// none answers (the session goes on: its server is the last primary known).
+    async fn names_another(&mut self, addr: &redis::ConnectionAddr) -> Option<bool> {
+        let Self::Sentinel {
+            client,
+            name,
+            watch,
+        } = self
+        else {
+            return Some(false);
+        };
+        if watch.is_none() {
+            let sentinel = tokio::time::timeout(TIMEOUT, client.async_get_sentinel_client())
+                .await
+                .ok()?
+                .ok()?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(TIMEOUT))
+                .set_response_timeout(Some(TIMEOUT));
+            *watch = sentinel
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .ok();
+        }
+        let reply: Result<Option<(String, u16)>, RedisError> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(name.as_str())
+            .query_async(watch.as_mut()?)
+            .await;
+        let Ok(Some((host, port))) = reply else {
+            *watch = None;
+            return None;
+        };
+        Some(match addr {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => *h != host || *p != port,
+            _ => false,
+        })
     }
 
     /// A client of the store: for Sentinel, of the primary the sentinels name now.
     async fn client(&mut self) -> Result<Client, Ended> {
         match self {
             Self::Direct(client) => Ok(Client::clone(client)),
-            Self::Sentinel(sentinel) => {
-                tokio::time::timeout(SENTINEL_TIMEOUT, sentinel.async_get_client())
+            Self::Sentinel { client, .. } => {
+                tokio::time::timeout(SENTINEL_TIMEOUT, client.async_get_client())
                     .await
                     .map_err(|_| Ended::from("asking the sentinels: timed out".to_owned()))?
                     .map_err(|e| Ended::from(format!("asking the sentinels for the primary: {e}")))
@@ -1455,7 +1541,6 @@ impl Task {
                 return;
             }
         };
-        let primary_only = matches!(target, Target::Sentinel(_));
         let mut backoff = BACKOFF_FIRST;
         let mut reported = false;
         loop {
@@ -1464,7 +1549,7 @@ impl Task {
             }
             self.read_store = false;
             let session = match target.client().await {
-                Ok(client) => self.session(&client, primary_only).await,
+                Ok(client) => self.session(&client, &mut target).await,
                 Err(err) => Err(err),
             };
             match session {
@@ -1557,9 +1642,12 @@ impl Task {
         }
     }
 
-    /// One connection's life: returns `Err` when it fails, or (`primary_only`) when its server
-    /// is no longer the primary (Sentinel failed over to another).
-    async fn session(&mut self, client: &Client, primary_only: bool) -> Result<(), Ended> {
+    /// One connection's life: returns `Err` when it fails, or (through Sentinel) when its
+    /// server is no longer the primary.
+    async fn session(&mut self, client: &Client, target: &mut Target) -> Result<(), Ended> {
+        let primary_only = matches!(target, Target::Sentinel { .. });
+        // Whether the server answers `ROLE` (an ACL may deny it, a proxy not know it).
+        let mut role = primary_only;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
@@ -1683,23 +1771,38 @@ impl Task {
                     self.send(&mut conn, &scripts, batch).await?;
                 }
                 _ = ping.tick() => {
-                    if primary_only {
-                        let role = redis::cmd("ROLE")
-                            .query_async::<Role>(&mut conn)
-                            .await
-                            .map_err(|e| Ended::redis("ping", &e))?;
-                        if !matches!(role, Role::Primary { .. }) {
+                    let answer = if role {
+                        redis::cmd("ROLE").query_async::<redis::Value>(&mut conn).await
+                    } else {
+                        redis::cmd("PING").query_async::<redis::Value>(&mut conn).await
+                    };
+                    match answer {
+                        Ok(answer) if role && says_replica(&answer) => {
                             return Err(Ended::from(
-                                "the server is no longer the primary (a failover): asking the \
-                                 sentinels again"
+                                "the server is a replica now (a failover): asking the sentinels \
+                                 again"
                                     .to_owned(),
                             ));
                         }
-                    } else {
-                        redis::cmd("PING")
-                            .query_async::<String>(&mut conn)
-                            .await
-                            .map_err(|e| Ended::redis("ping", &e))?;
+                        Ok(_) => {}
+                        Err(e) if role && e.kind() != ErrorKind::Io && !e.is_timeout() => {
+                            tracing::warn!(
+                                error = %e,
+                                "the risk store does not answer ROLE (an ACL without it, or a \
+                                 proxy): a failover is seen from the sentinels alone"
+                            );
+                            role = false;
+                        }
+                        Err(e) => return Err(Ended::redis("ping", &e)),
+                    }
+                    if primary_only
+                        && target.names_another(client.get_connection_info().addr()).await
+                            == Some(true)
+                    {
+                        return Err(Ended::from(
+                            "the sentinels name another primary (a failover): connecting to it"
+                                .to_owned(),
+                        ));
                     }
                     tokio::time::timeout(TIMEOUT, subscription.ping::<redis::Value>())
                         .await

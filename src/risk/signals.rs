@@ -575,6 +575,7 @@ mod tests {
             "redis+sentinel://sentinel-0:26379/mymaster",
             "redis+sentinel://:hunter2@s0:26379,s1:26379,s2:26379/mymaster/2",
             "rediss+sentinel://app:hunter2@[2001:db8::1]:26379/mymaster/0",
+            "redis+sentinel://s0,[2001:db8::1]/mymaster/",
         ] {
             assert!(StoreSpec::parse(url).is_ok(), "{url}");
         }
@@ -589,6 +590,7 @@ mod tests {
             ("redis+sentinel://s0:26379/", "name"),
             ("redis+sentinel://s0:26379/m/x", "database"),
             ("redis+sentinel://s0:26379/m/-1", "database"),
+            ("redis+sentinel://s0:26379/m?db=1", "query"),
             ("redis+sentinel:///m", "at least one sentinel"),
             (
                 "redis+sentinel://:hunter2@s0:26379,/m",
