@@ -211,11 +211,16 @@ impl Blocks {
                     Some(replaced)
                 }
             });
-            table.held_under.remove(&net);
+            // What was there, put back if there is no room for the new block after all.
+            let previous_held = table.held_under.remove(&net);
             if let Some(held) = held.filter(|held| held.expires_at > now) {
                 table.held_under.insert(net, held);
             }
-            table.sources.retain(|(n, _)| *n != net);
+            let previous = table
+                .sources
+                .iter()
+                .position(|(n, _)| *n == net)
+                .map(|at| table.sources.remove(at));
             let full = |table: &Table| {
                 table.sources.len() >= MAX_SOURCE_BLOCKS
                     || (by_risk && table.risk_sources() >= MAX_RISK_SOURCE_BLOCKS)
@@ -230,6 +235,11 @@ impl Blocks {
                 }
             }
             if full(&table) {
+                table.sources.extend(previous);
+                table.held_under.remove(&net);
+                if let Some(held) = previous_held {
+                    table.held_under.insert(net, held);
+                }
                 return Err(BlockError::FullOfSources);
             }
             table.sources.push((net, Arc::clone(&block)));
@@ -767,6 +777,18 @@ mod tests {
             blocks.set(by("risk:flood", "198.51.100.0/24", 600), NOW),
             Err(BlockError::FullOfSources)
         );
+        // Nor does a refused one lift the operator's block it would have lengthened.
+        blocks
+            .set(by("san:ops", "203.0.113.0/24", 3600), NOW)
+            .unwrap();
+        assert_eq!(
+            blocks.set(by("risk:flood", "203.0.113.0/24", 7200), NOW),
+            Err(BlockError::FullOfSources)
+        );
+        let still = blocks
+            .matching_source("203.0.113.9", NOW)
+            .expect("still blocked");
+        assert_eq!(still.created_by, "san:ops");
         // A lift, or an operator's new block, ends what was held: none is kept past them.
         let blocks = Blocks::default();
         let net = "203.0.113.0/24";
