@@ -1790,12 +1790,7 @@ async fn a_lift_redis_lost_is_written_back_and_the_block_not_taken_back() {
     // Then what a restart from a snapshot of before the lift holds: the older block. Set while
     // the replicas are connected, then read by each as it reconnects.
     let snapshot = format!("{at}|{blocked}");
-    redis.command(&resp(&[
-        "HSET",
-        "stepgate:blocks",
-        "subject|mallory",
-        &snapshot,
-    ]));
+    hset(&redis, "stepgate:blocks", "subject|mallory", &snapshot);
     assert!(!lifted(&redis));
     for kind in ["normal", "pubsub"] {
         redis.command(&resp(&["CLIENT", "KILL", "TYPE", kind]));
@@ -1879,12 +1874,7 @@ async fn entries_past_their_time_are_deleted_unless_written_since() {
         ]))
     };
     let written_since = format!("{}|{}", now * 1000, serde_json::json!({"removed": true}));
-    redis.command(&resp(&[
-        "HSET",
-        "stepgate:blocks",
-        "subject|old",
-        &written_since,
-    ]));
+    hset(&redis, "stepgate:blocks", "subject|old", &written_since);
     assert_eq!(delete(&read).as_deref(), Some(":0\r\n"));
     assert!(fields("stepgate:blocks").contains("subject|old"));
     redis.command(&resp(&["HSET", "stepgate:blocks", "subject|old", &read]));
@@ -2224,6 +2214,11 @@ fn sha1_hex(text: &str) -> String {
     reply.lines().nth(1).unwrap_or_default().to_owned()
 }
 
+/// Sets `field` of hash `key` to `value` as another client would, whatever it holds.
+fn hset(redis: &Redis, key: &str, field: &str, value: &str) {
+    redis.command(&resp(&["HSET", key, field, value]));
+}
+
 /// What `field` of the blocks hash holds, as stored (`<ms>|<record>`).
 fn stored_value(redis: &Redis, field: &str) -> Option<String> {
     let reply = redis.command(&resp(&["HGET", "stepgate:blocks", field]))?;
@@ -2462,12 +2457,12 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         r#"{{"removed":true,"reason_id":"","created_at":{now},"expires_at":{},"x":1e999}}"#,
         now + 60
     );
-    redis.command(&resp(&[
-        "HSET",
+    hset(
+        &redis,
         "stepgate:blocks",
         "subject|inf",
         &format!("{}|{forged}", now_ms - 5000),
-    ]));
+    );
     assert_eq!(
         put_made(&redis, now, "subject|inf", "operator", 3, 3600),
         ":1\r\n"
@@ -2483,12 +2478,7 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
     let mut log = kept_writes(&redis, "subject|kept").unwrap();
     log["writes"][0]["x"] = serde_json::json!(1);
     let text = log.to_string().replace("\"x\":1", "\"x\":1e999");
-    redis.command(&resp(&[
-        "HSET",
-        "stepgate:blocks:writes",
-        "subject|kept",
-        &text,
-    ]));
+    hset(&redis, "stepgate:blocks:writes", "subject|kept", &text);
     assert_eq!(
         put_made(&redis, now, "subject|kept", "signal", 4, 60),
         ":0\r\n"
@@ -2502,12 +2492,12 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         r#"{{"operator_at":-5,"reason_id":"INC-1","created_at":{now},"expires_at":{},"created_by":"san:ops"}}"#,
         now + 3600
     );
-    redis.command(&resp(&[
-        "HSET",
+    hset(
+        &redis,
         "stepgate:blocks",
         "subject|negative",
         &format!("{}|{forged}", now_ms - 5000),
-    ]));
+    );
     assert_eq!(
         put_made(&redis, now, "subject|negative", "signal", 2, 60),
         ":0\r\n"
@@ -2523,12 +2513,12 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
         "result": sha1_hex(&value),
         "writes": [{"at": at - 10, "what": "mark"}, {"at": at - 10, "what": "mark", "ends": "x"}],
     });
-    redis.command(&resp(&[
-        "HSET",
+    hset(
+        &redis,
         "stepgate:blocks:writes",
         "subject|kept",
         &marks.to_string(),
-    ]));
+    );
     assert_eq!(
         put_made(&redis, now, "subject|kept", "operator", 1, 3600),
         ":1\r\n"
@@ -2572,12 +2562,12 @@ fn junk_among_the_writes_kept_stops_no_write_and_goes_with_the_field() {
     );
     assert_eq!(kept_count(&redis, "subject|mixed"), 2);
     let lift = serde_json::json!({"removed": true, "created_at": now - 7, "expires_at": now + 60});
-    redis.command(&resp(&[
-        "HSET",
+    hset(
+        &redis,
         "stepgate:blocks",
         "subject|mixed",
         &format!("{}|{lift}", (now - 7) * 1000),
-    ]));
+    );
     assert_eq!(
         put_made(&redis, now, "subject|mixed", "signal", 6, 60),
         ":1\r\n"

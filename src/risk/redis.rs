@@ -126,9 +126,10 @@ const MAX_SCRIPT_FAILURES: u32 = 3;
 /// (the later `before`) stays, however new the other's write; a stored revocation no replica
 /// could have written is written over. Otherwise the newest write wins.
 pub const PUT: &str = r#"
+-- `body` with `operator_at` (wherever it stood) set to `t`, or left out when `t` is nil.
 local function with_operator_at(body, t)
-  body = string.gsub(body, '"operator_at":%-?[%d%.eE%+]+,', '')
-  if string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
+  body = string.gsub(string.gsub(body, '"operator_at":%-?[%d%.eE%+]+,?', ''), ',}$', '}')
+  if not t or string.sub(body, 1, 1) ~= '{' or string.sub(body, 2, 2) == '}' then return body end
   return '{"operator_at":' .. string.format('%d', t) .. ',' .. string.sub(body, 2)
 end
 -- The writer's message, with the record as stored when the script changed it (its
@@ -394,10 +395,7 @@ local st = s.state
 if st then
   local op = st.at
   if st.what == 'signal' then op = s.state_op elseif st.what == 'evict' then op = s.op or 0 end
-  local r = string.gsub(st.record, '"operator_at":%-?[%d%.eE%+]+,?', '')
-  r = string.gsub(r, ',}$', '}')
-  if op then r = with_operator_at(r, op) end
-  stored = string.format('%d', st.at) .. '|' .. r
+  stored = string.format('%d', st.at) .. '|' .. with_operator_at(st.record, op)
 end
 -- Kept: from the operators' last word on (nothing older can change the fold), less the signals'
 -- blocks that have ended or that a newer one outlasts (whatever a write arriving later does,
